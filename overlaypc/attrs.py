@@ -1,0 +1,131 @@
+"""Attributes and extended attributes: getattr, chmod, chown, utimens, truncate, xattrs.
+
+Owns: what ``stat`` shows for a merged object and every metadata change. Changes copy
+the object up first (``copyup.ensure_upper``) and then act on the upper. Overlay-
+private xattrs (``trusted.overlay.*``, ``user.overlay.*``, ``*.overlaypc.*``) are never
+listed, read, set or removed through the mount; the one exception is the read-only,
+unlisted virtual ``user.overlaypc.stats`` on the mount root.
+
+``utimens`` with ``use_ns``: libfuse passes UTIME_NOW / UTIME_OMIT as bare nanosecond
+values (DESIGN.md §6 trap 11); they are mapped here, so ``touch -m`` leaves atime alone.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from typing import TYPE_CHECKING
+
+from .copyup import is_private_xattr
+
+if TYPE_CHECKING:
+    from .core import OverlayFS
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+STATS_XATTR = "user.overlaypc.stats"
+
+_ST_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_blocks", "st_blksize")
+
+
+def stat_dict(st: os.stat_result, ino: int, nlink: int | None = None) -> dict:
+    d = {name: getattr(st, name) for name in _ST_FIELDS}
+    d["st_ino"] = ino
+    d["st_atime"] = st.st_atime_ns
+    d["st_mtime"] = st.st_mtime_ns
+    d["st_ctime"] = st.st_ctime_ns
+    if nlink is not None:
+        d["st_nlink"] = nlink
+    return d
+
+
+class Attributes:
+    def __init__(self, fs: "OverlayFS") -> None:
+        self.fs = fs
+
+    def getattr(self, rel: str) -> dict:
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "no such file or directory", rel)
+        return stat_dict(node.st, self.fs.inos.ino_of(node))
+
+    # -- changes (copy-up first) ---------------------------------------------------------------
+    def _upper(self, rel: str):
+        self.fs.require_writable()
+        entry = self.fs.copyup.ensure_upper(rel)
+        return entry.layer, entry.rel
+
+    def chmod(self, rel: str, mode: int) -> None:
+        layer, urel = self._upper(rel)
+        layer.do_chmod(urel, stat.S_IMODE(mode))
+
+    def chown(self, rel: str, uid: int, gid: int) -> None:
+        layer, urel = self._upper(rel)
+        layer.do_chown(urel, uid, gid)
+
+    def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
+        layer, urel = self._upper(rel)
+        now = time.time_ns()
+        if times is None:
+            layer.do_utime(urel, (now, now))
+            return
+        atime, mtime = times
+        if UTIME_OMIT in (atime, mtime):
+            st = layer.lstat(urel)
+            assert st is not None
+            atime = st.st_atime_ns if atime == UTIME_OMIT else atime
+            mtime = st.st_mtime_ns if mtime == UTIME_OMIT else mtime
+        atime = now if atime == UTIME_NOW else atime
+        mtime = now if mtime == UTIME_NOW else mtime
+        layer.do_utime(urel, (atime, mtime))
+
+    def truncate(self, rel: str, length: int) -> None:
+        layer, urel = self._upper(rel)
+        layer.do_truncate(urel, length)
+        self.fs.data_changed_by_path(rel)
+
+    # -- xattrs ------------------------------------------------------------------------------------
+    def getxattr(self, rel: str, name: str) -> bytes:
+        if name == STATS_XATTR and not rel:
+            return self.fs.stats_json()
+        node = self.fs.lookup.lookup(rel)
+        top = node.top
+        if is_private_xattr(name):
+            raise OSError(errno.ENODATA, "no such attribute", name)
+        return top.layer.getxattr_strict(top.rel, name)
+
+    def listxattr(self, rel: str) -> list[str]:
+        top = self.fs.lookup.lookup(rel).top
+        return [n for n in top.layer.listxattr(top.rel) if not is_private_xattr(n)]
+
+    def setxattr(self, rel: str, name: str, value: bytes, flags: int) -> None:
+        if is_private_xattr(name):
+            raise OSError(errno.EPERM, "overlay-private attribute", name)
+        layer, urel = self._upper(rel)
+        layer.do_setxattr(urel, name, value, flags)
+
+    def removexattr(self, rel: str, name: str) -> None:
+        if is_private_xattr(name):
+            raise OSError(errno.EPERM, "overlay-private attribute", name)
+        top = self.fs.lookup.lookup(rel).top
+        top.layer.getxattr_strict(top.rel, name)  # ENODATA before any copy-up
+        layer, urel = self._upper(rel)
+        layer.do_removexattr(urel, name)
+
+    # -- filesystem ------------------------------------------------------------------------------
+    def statfs(self) -> dict:
+        layer = self.fs.stack.upper or self.fs.stack.lowers[0]
+        sv = layer.statvfs()
+        return {
+            "f_bsize": sv.f_bsize, "f_frsize": sv.f_frsize, "f_blocks": sv.f_blocks,
+            "f_bfree": sv.f_bfree, "f_bavail": sv.f_bavail, "f_files": sv.f_files,
+            "f_ffree": sv.f_ffree, "f_favail": sv.f_favail, "f_namemax": 255,
+        }
+
+    def access(self, rel: str, mode: int) -> None:
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "no such file or directory", rel)
+        if mode & os.W_OK and not self.fs.writable:
+            raise OSError(errno.EROFS, "read-only overlay")

@@ -1,0 +1,183 @@
+"""Command line: ``overlaypc [-f] [-d] [-o OPTS] [--stack FILE] [SOURCE] MOUNTPOINT``
+and ``overlaypc stats MOUNTPOINT [--json]``.
+
+Owns: argument parsing (also in the form mount(8) uses for helpers: ``overlaypc SOURCE
+MOUNTPOINT -o OPTS``), logging set-up, and exit statuses: bad input prints one line
+``overlaypc: error: ...`` and exits 2 with nothing mounted and nothing written.
+A daemonized mount logs to ``-o logfile=PATH`` or else to syslog.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import sys
+
+from . import faults
+from .config import ConfigError, MountConfig, apply_options, load_stack, validate
+
+USAGE = """overlaypc [-f] [-d] [-o lowerdir=A:B,upperdir=U,workdir=W[,opt...]] [SOURCE] MOUNTPOINT
+       overlaypc --stack FILE.yaml [-f] [-d] [-o opt,...] MOUNTPOINT
+       overlaypc stats MOUNTPOINT [--json]"""
+
+EPILOG = """layer order: lowerdir=A:B:C lists lower layers TOP FIRST (A is the topmost), as the
+kernel's overlay does; stack files list 'lowers' top first too.
+
+overlay options:
+  lowerdir=A:B      lower layers, top first (read-only)
+  upperdir=U        writable upper layer (needs workdir; without it the mount is read-only)
+  workdir=W         empty dir on the same filesystem as upperdir
+  ro / rw           read-only / read-write mount
+  cache=kernel      (default) FUSE page cache per file: fastest warm reads, MAP_SHARED works
+  cache=shared      direct_io: reads served from the layers' own page cache, one copy for
+                    many mounts; MAP_SHARED is not available (ENODEV)
+  handles=reopen    (default) open files follow copy-up; bind-at-open reproduces the old
+                    stale-read bug on purpose (debugging, demos)
+  userxattr         use user.overlay.* instead of trusted.overlay.* (as the kernel)
+  volatile          skip fsyncs in copy-up (as the kernel's option): faster, not crash-safe
+  logfile=PATH      log warnings and errors (everything with -d) to PATH
+generic mount options (defaults, nofail, noatime, nodev, nosuid, noexec, _netdev, x-*,
+...) are accepted."""
+
+KERNEL_FLAGS = {"nodev", "nosuid", "noexec", "noatime", "dirsync", "sync"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        print(f"overlaypc: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _mount_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="overlaypc", usage=USAGE, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Mount an overlay of stacked layers (kernel overlayfs format) with FUSE.")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="log every operation (Python logging)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="comma-separated options (see below)")
+    p.add_argument("--stack", metavar="FILE", help="YAML stack file (lowers, upper, work, options)")
+    p.add_argument("--version", action="version", version="overlaypc " + _version())
+    p.add_argument("targets", nargs="+", metavar="[SOURCE] MOUNTPOINT")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def parse_mount_args(argv: list[str]) -> MountConfig:
+    args = _mount_parser().parse_args(argv)
+    cfg = MountConfig(foreground=args.foreground, debug=args.debug)
+    if len(args.targets) > 2:
+        raise ConfigError(f"too many arguments: {' '.join(args.targets)}")
+    if len(args.targets) == 2:
+        cfg.source = args.targets[0]
+    cfg.mountpoint = args.targets[-1]
+    if args.stack:
+        load_stack(args.stack, cfg)
+    for text in args.options:
+        apply_options(cfg, text)
+    return cfg
+
+
+def _setup_logging(cfg: MountConfig) -> None:
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = []
+    if cfg.logfile:
+        handlers.append(logging.FileHandler(cfg.logfile))
+    if cfg.foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    elif not cfg.logfile:
+        if os.path.exists("/dev/log"):
+            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            syslog.setFormatter(logging.Formatter("overlaypc[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+            syslog.setLevel(level)
+            root.addHandler(syslog)
+        else:
+            print("overlaypc: warning: no syslog (/dev/log) and no -o logfile=PATH: "
+                  "the daemon's warnings will be lost", file=sys.stderr)
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    if not cfg.debug:
+        logging.getLogger("mfusepy").setLevel(logging.WARNING)
+
+
+def mount_main(argv: list[str]) -> int:
+    try:
+        cfg = parse_mount_args(argv)
+        validate(cfg)
+    except ConfigError as e:
+        print(f"overlaypc: error: {e}", file=sys.stderr)
+        return 2
+    os.umask(0)
+    _setup_logging(cfg)
+    faults.configure(os.environ.get("OVERLAYPC_FAULTS"))
+    from .core import OverlayFS  # imports the binding only when mounting
+    try:
+        fs = OverlayFS(cfg)
+    except OSError as e:
+        print(f"overlaypc: error: cannot open layer {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        fs.start()
+    except OSError as e:
+        fs.close()
+        print(f"overlaypc: error: {e.strerror if e.filename is None and e.strerror else e}", file=sys.stderr)
+        return 2
+    from .fuse_adapter import serve
+    flags = [g for g in cfg.generic if g in KERNEL_FLAGS]
+    if os.geteuid() == 0:
+        flags += [f for f in ("dev", "suid") if "no" + f not in flags]
+    if cfg.readonly:
+        flags.append("ro")
+    try:
+        serve(fs, foreground=cfg.foreground, mount_flags=flags)
+    except RuntimeError as e:
+        logging.getLogger("overlaypc").error("mount of %s failed: %s", cfg.mountpoint, e)
+        print(f"overlaypc: error: mount of {cfg.mountpoint} failed (libfuse status {e})", file=sys.stderr)
+        return 1
+    finally:
+        fs.close()
+    return 0
+
+
+def stats_main(argv: list[str]) -> int:
+    p = _Parser(prog="overlaypc stats", description="Show the counters of a live overlaypc mount.")
+    p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    try:
+        raw = os.getxattr(args.mountpoint, "user.overlaypc.stats")
+    except OSError as e:
+        print(f"overlaypc: error: {args.mountpoint} is not an overlaypc mount ({e.strerror})", file=sys.stderr)
+        return 2
+    data = json.loads(raw)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    width = max(map(len, data))
+    for key in sorted(data):
+        value = data[key]
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "stats":
+        return stats_main(argv[1:])
+    return mount_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

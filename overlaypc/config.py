@@ -1,0 +1,269 @@
+"""Mount configuration: the options table, ``-o`` parsing, YAML stack files, validation.
+
+Owns: ``MountConfig`` and every check that runs before anything is mounted or written.
+Each problem raises ``ConfigError`` with one line naming the bad value; the CLI turns
+it into exit status 2.
+
+Layer order: ``lowerdir=A:B:C`` lists lowers top first (A is the top), as the kernel's
+overlay does; YAML stack files list ``lowers`` top first too.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+CACHE_MODES = ("kernel", "shared")
+HANDLE_MODES = ("reopen", "bind-at-open")
+
+
+class ConfigError(Exception):
+    """Bad input from the user: one line, exit status 2."""
+
+
+@dataclass
+class MountConfig:
+    lowers: list[str] = field(default_factory=list)
+    upper: str | None = None
+    work: str | None = None
+    mountpoint: str = ""
+    source: str = "overlaypc"
+    readonly: bool = False
+    cache: str = "kernel"
+    handles: str = "reopen"
+    userxattr: bool = False
+    volatile: bool = False
+    logfile: str | None = None
+    debug: bool = False
+    foreground: bool = False
+    fsync_dirs: bool = True
+    generic: list[str] = field(default_factory=list)
+
+    @property
+    def writable(self) -> bool:
+        return self.upper is not None and not self.readonly
+
+
+def _split_lowers(value: str) -> list[str]:
+    # A literal ':' in a path is written '\:' as the kernel accepts it.
+    parts, cur, esc = [], "", False
+    for ch in value:
+        if esc:
+            cur += ch
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ":":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    if any(not p for p in parts):
+        raise ConfigError(f"empty layer in lowerdir={value!r}")
+    return parts
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[MountConfig, str | None], None]:
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        if value not in choices:
+            raise ConfigError(f"bad value {name}={value!r}: expected one of {', '.join(choices)}")
+        setattr(cfg, name, value)
+    return apply
+
+
+def _path(attr: str) -> Callable[[MountConfig, str | None], None]:
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        if not value:
+            raise ConfigError(f"option {attr}dir needs a path")
+        setattr(cfg, attr, value)
+    return apply
+
+
+def _flag(attr: str, on: bool = True) -> Callable[[MountConfig, str | None], None]:
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        if value is not None:
+            raise ConfigError(f"option {attr} takes no value (got {attr}={value!r})")
+        setattr(cfg, attr, on)
+    return apply
+
+
+def _set_lowers(cfg: MountConfig, value: str | None) -> None:
+    if not value:
+        raise ConfigError("option lowerdir needs at least one path")
+    cfg.lowers = _split_lowers(value)
+
+
+def _set_logfile(cfg: MountConfig, value: str | None) -> None:
+    if not value:
+        raise ConfigError("option logfile needs a path")
+    cfg.logfile = value
+
+
+def _off_only(name: str) -> Callable[[MountConfig, str | None], None]:
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        if value not in ("off", None) and not (name == "xino" and value in ("auto", "on")):
+            raise ConfigError(f"option {name}={value} is not supported yet (only {name}=off)")
+    return apply
+
+
+#: The one table of overlay options: name -> how it changes the config.
+OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
+    "lowerdir": _set_lowers,
+    "upperdir": _path("upper"),
+    "workdir": _path("work"),
+    "ro": _flag("readonly"),
+    "rw": _flag("readonly", False),
+    "cache": _choice("cache", CACHE_MODES),
+    "handles": _choice("handles", HANDLE_MODES),
+    "userxattr": _flag("userxattr"),
+    "volatile": _flag("volatile"),
+    "logfile": _set_logfile,
+    "redirect_dir": _off_only("redirect_dir"),
+    "index": _off_only("index"),
+    "metacopy": _off_only("metacopy"),
+    "xino": _off_only("xino"),
+}
+
+#: Options mount(8), fstab and mount.fuse3 pass along; accepted and left to the kernel/VFS.
+GENERIC = {"defaults", "nofail", "noatime", "relatime", "atime", "strictatime", "nodiratime",
+           "diratime", "lazytime", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "_netdev",
+           "auto", "noauto", "user", "nouser", "users", "owner", "group", "async", "sync",
+           "allow_other", "default_permissions", "silent", "loud"}
+
+
+def apply_options(cfg: MountConfig, text: str) -> None:
+    for item in filter(None, _split_commas(text)):
+        name, eq, value = item.partition("=")
+        if name in OPTIONS:
+            OPTIONS[name](cfg, value if eq else None)
+        elif name in GENERIC or name.startswith(("x-", "comment=")) or name == "comment":
+            cfg.generic.append(item)
+        else:
+            raise ConfigError(f"unknown option {item!r}")
+
+
+def _split_commas(text: str) -> list[str]:
+    # lowerdir paths may contain '\,' escapes
+    out, cur, esc = [], "", False
+    for ch in text:
+        if esc:
+            cur += ("\\" + ch) if ch == ":" else ch
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return out
+
+
+STACK_KEYS = {"lowers", "upper", "work", "options"}
+
+
+def load_stack(path: str, cfg: MountConfig) -> None:
+    """Fill ``cfg`` from a YAML stack file; relative paths resolve against its directory."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"malformed YAML in stack file {path}{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"stack file {path} must be a mapping with 'lowers' (got {type(data).__name__})")
+    unknown = set(data) - STACK_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))} in stack file {path}")
+    base = os.path.dirname(os.path.abspath(path))
+    lowers = data.get("lowers")
+    if isinstance(lowers, str):
+        lowers = [lowers]
+    if not isinstance(lowers, list) or not lowers or not all(isinstance(x, str) and x for x in lowers):
+        raise ConfigError(f"stack file {path}: 'lowers' must be a non-empty list of paths")
+    cfg.lowers = [os.path.join(base, p) for p in lowers]
+    for key in ("upper", "work"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"stack file {path}: '{key}' must be a path")
+        setattr(cfg, key, os.path.join(base, value))
+    options = data.get("options") or []
+    if isinstance(options, str):
+        options = [options]
+    if isinstance(options, dict):
+        options = [k if v is True else f"{k}={v}" for k, v in options.items()]
+    if not isinstance(options, list):
+        raise ConfigError(f"stack file {path}: 'options' must be a list like [cache=shared]")
+    for opt in options:
+        apply_options(cfg, str(opt))
+
+
+# -- validation ------------------------------------------------------------------------------
+def _is_within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _dir(path: str, what: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise ConfigError(f"{what} {path} is a stale FUSE mount; recover with "
+                              f"'umount -l {path}' or 'fusermount3 -u -z {path}'") from None
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is not a directory")
+    del st
+    return os.path.realpath(path)
+
+
+def mounted_paths() -> set[str]:
+    """Mount points currently listed in /proc/self/mountinfo."""
+    out = set()
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            field_ = line.split()[4]
+            out.add(field_.encode().decode("unicode_escape") if "\\" in field_ else field_)
+    return out
+
+
+def validate(cfg: MountConfig) -> None:
+    """Check and canonicalize ``cfg``; raise ConfigError on the first problem."""
+    if not cfg.lowers:
+        raise ConfigError("no lower layer: give -o lowerdir=DIR[:DIR...] or --stack FILE")
+    if (cfg.upper is None) != (cfg.work is None):
+        missing = "workdir" if cfg.work is None else "upperdir"
+        raise ConfigError(f"{missing} is missing: upperdir and workdir go together")
+    cfg.lowers = [_dir(p, "lowerdir") for p in cfg.lowers]
+    if cfg.upper is not None and cfg.work is not None:
+        cfg.upper = _dir(cfg.upper, "upperdir")
+        cfg.work = _dir(cfg.work, "workdir")
+        if os.stat(cfg.upper).st_dev != os.stat(cfg.work).st_dev:
+            raise ConfigError(f"upperdir {cfg.upper} and workdir {cfg.work} are on different filesystems")
+        if _is_within(cfg.work, cfg.upper) or _is_within(cfg.upper, cfg.work):
+            raise ConfigError(f"workdir {cfg.work} and upperdir {cfg.upper} must be separate subtrees")
+        for lower in cfg.lowers:
+            if _is_within(cfg.upper, lower) or _is_within(lower, cfg.upper):
+                raise ConfigError(f"upperdir {cfg.upper} overlaps lowerdir {lower}")
+            if _is_within(cfg.work, lower):
+                raise ConfigError(f"workdir {cfg.work} is inside lowerdir {lower}")
+    if not cfg.mountpoint:
+        raise ConfigError("no mountpoint given")
+    mnt = _dir(cfg.mountpoint, "mountpoint")
+    if mnt in mounted_paths():
+        raise ConfigError(f"mountpoint {mnt} is already in use by another mount")
+    cfg.mountpoint = mnt
+    if cfg.logfile:
+        cfg.logfile = os.path.abspath(cfg.logfile)

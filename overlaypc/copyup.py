@@ -1,0 +1,258 @@
+"""Copy-up: making a lower object (and its ancestors) exist in the upper layer.
+
+Owns the ladder of steps, each a small method sharing one ``CopyUpContext``:
+``ensure_upper`` (find what is missing, ancestors first) -> ``_copy_one`` (under the
+object's lock) -> ``_create_temp`` in ``workdir/work`` -> ``_copy_data`` (reflink, else
+``copy_file_range`` over data segments only, so sparse files stay sparse, else a
+chunked copy) -> ``_copy_metadata`` -> ``_install`` (fsync, atomic rename into the
+upper, fsync of the parent; the fsyncs are skipped under ``-o volatile``).
+
+Order matters: data before xattrs (writing data clears ``security.capability``), owner
+before mode (chown clears setuid/setgid), times last. A crash at any point leaves the
+lower view or the complete upper copy; leftovers in ``workdir/work`` are removed at the
+next mount (``clean_workdir``).
+
+Locking: one copy-up per path at a time (striped locks), taken *without* the
+namespace lock; the final rename takes the namespace lock and re-checks that the
+object is still the same, so a racing unlink or rename is never undone.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import faults, sysapi
+from .layer import Layer, do_rename, join, split
+from .lookup import Entry, Lookup, Node
+from .stack import LayerStack
+from .stats import Stats
+
+log = logging.getLogger("overlaypc.copyup")
+
+WORK_DIR = "work"
+_CHUNK = 8 << 20
+
+
+def is_private_xattr(name: str) -> bool:
+    """Overlay-private xattrs: never shown, set, or copied through the mount."""
+    return name.startswith(("trusted.overlay.", "user.overlay.", "trusted.overlaypc.", "user.overlaypc."))
+
+
+def clean_workdir(work: Layer) -> int:
+    """Create ``workdir/work`` and remove leftovers of interrupted copy-ups; return count."""
+    if work.lstat(WORK_DIR) is None:
+        work.do_mkdir(WORK_DIR, 0o700)
+    leftovers = [name for name, _ in work.listdir(WORK_DIR)]
+    for name in leftovers:
+        work.do_remove_tree(join(WORK_DIR, name))
+    if leftovers:
+        log.warning("removed %d leftover(s) of interrupted operations from %s/%s",
+                    len(leftovers), work.path, WORK_DIR)
+    return len(leftovers)
+
+
+@dataclass
+class CopyUpContext:
+    node: Node
+    src: Entry
+    ino: int
+    tmp: str
+    method: str = "none"
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def kind(self) -> int:
+        return stat.S_IFMT(self.src.st.st_mode)
+
+
+class CopyUp:
+    def __init__(self, stack: LayerStack, lookup: Lookup, ns_lock: threading.RLock, stats: Stats,
+                 *, xattr_prefix: str, volatile: bool, ino_of, on_copied) -> None:
+        assert stack.upper is not None and stack.work is not None
+        self.upper: Layer = stack.upper
+        self.work: Layer = stack.work
+        self.lookup = lookup
+        self.ns_lock = ns_lock
+        self.stats = stats
+        self.prefix = xattr_prefix
+        self.volatile = volatile
+        self._ino_of = ino_of
+        self._on_copied = on_copied
+        self._stripes = [threading.Lock() for _ in range(64)]
+        self._names = itertools.count()
+
+    # -- step 1: what is missing, ancestors first ----------------------------------------
+    def ensure_upper(self, rel: str) -> Entry:
+        """Return the upper entry of merged path ``rel``, copying it up if needed."""
+        node = self.lookup.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "no such file or directory", rel)
+        if node.upper is not None:
+            return node.upper
+        parent, _ = split(rel)
+        self.ensure_upper(parent)
+        return self._copy_one(rel)
+
+    def ensure_parent(self, rel: str) -> Entry:
+        return self.ensure_upper(split(rel)[0])
+
+    # -- step 2: one object, under its lock -----------------------------------------------
+    def _copy_one(self, rel: str) -> Entry:
+        with self._stripes[hash(rel) % len(self._stripes)]:
+            node = self.lookup.lookup(rel)
+            if not node.exists:
+                raise OSError(errno.ENOENT, "vanished during copy-up", rel)
+            if node.upper is not None:
+                return node.upper
+            ctx = CopyUpContext(node, node.top, self._ino_of(node),
+                                join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"))
+            try:
+                self._create_temp(ctx)
+                self._copy_metadata(ctx)
+                return self._install(ctx)
+            except BaseException:
+                self._discard(ctx.tmp)
+                raise
+
+    # -- step 3: the temporary object ----------------------------------------------------
+    def _create_temp(self, ctx: CopyUpContext) -> None:
+        src, kind = ctx.src, ctx.kind
+        if kind == stat.S_IFDIR:
+            self.work.do_mkdir(ctx.tmp, 0o700)
+        elif kind == stat.S_IFREG:
+            dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600)
+            try:
+                src_fd = src.layer.open(src.rel, os.O_RDONLY)
+                try:
+                    self._copy_data(ctx, src_fd, dst_fd, src.st.st_size)
+                finally:
+                    os.close(src_fd)
+                faults.hit("copyup.fsync", ctx.tmp)
+                if not self.volatile:
+                    os.fsync(dst_fd)
+            finally:
+                os.close(dst_fd)
+        elif kind == stat.S_IFLNK:
+            self.work.do_symlink(src.layer.readlink(src.rel), ctx.tmp)
+        else:
+            self.work.do_mknod(ctx.tmp, kind | 0o600, src.st.st_rdev)
+
+    # -- step 4: data ----------------------------------------------------------------------
+    def _copy_data(self, ctx: CopyUpContext, src_fd: int, dst_fd: int, size: int) -> None:
+        faults.hit("copyup.data", ctx.tmp, progress=0)
+        if size:
+            try:
+                sysapi.ficlone(dst_fd, src_fd)
+                ctx.method = "reflink"
+                return
+            except OSError:
+                pass
+        ctx.method = "copy_file_range"
+        done = offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src_fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # only a hole remains
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+            while start < end:
+                n = self._copy_range(ctx, src_fd, dst_fd, start, min(end - start, _CHUNK))
+                if n == 0:
+                    break  # the source shrank underneath us
+                start += n
+                done += n
+                faults.hit("copyup.data", ctx.tmp, progress=done)
+            if start < end:
+                break
+            offset = end
+        os.ftruncate(dst_fd, size)
+
+    def _copy_range(self, ctx: CopyUpContext, src_fd: int, dst_fd: int, pos: int, count: int) -> int:
+        if ctx.method == "copy_file_range":
+            try:
+                return os.copy_file_range(src_fd, dst_fd, count, pos, pos)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                ctx.method = "chunked"
+        data = os.pread(src_fd, count, pos)
+        if data:
+            os.pwrite(dst_fd, data, pos)
+        return len(data)
+
+    # -- step 5: metadata --------------------------------------------------------------------
+    def _copy_metadata(self, ctx: CopyUpContext) -> None:
+        src, st = ctx.src, ctx.src.st
+        for name in src.layer.listxattr(src.rel):
+            if is_private_xattr(name):
+                continue
+            value = src.layer.getxattr(src.rel, name)
+            if value is None:
+                continue
+            try:
+                self.work.do_setxattr(ctx.tmp, name, value)
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                log.warning("copy-up of %s: xattr %s not copied: %s", src.rel, name, e.strerror)
+        origin_fd = src.layer.path_fd(src.rel)
+        try:
+            origin = sysapi.ovl_origin_xattr(origin_fd)
+        finally:
+            os.close(origin_fd)
+        if origin is not None and ctx.kind != stat.S_IFLNK:
+            self._set_private(ctx.tmp, self.prefix + "origin", origin)
+        self._set_private(ctx.tmp, self.prefix.replace("overlay.", "overlaypc.") + "ino",
+                          str(ctx.ino).encode())
+        self.work.do_chown(ctx.tmp, st.st_uid, st.st_gid)
+        if ctx.kind != stat.S_IFLNK:
+            self.work.do_chmod(ctx.tmp, stat.S_IMODE(st.st_mode))
+        self.work.do_utime(ctx.tmp, (st.st_atime_ns, st.st_mtime_ns))
+
+    def _set_private(self, rel: str, name: str, value: bytes) -> None:
+        try:
+            self.work.do_setxattr(rel, name, value)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise  # symlinks refuse user.* xattrs; origin is then simply not recorded
+
+    # -- step 6: install -----------------------------------------------------------------------
+    def _install(self, ctx: CopyUpContext) -> Entry:
+        rel = ctx.node.rel
+        faults.hit("copyup.rename", ctx.tmp)
+        with self.ns_lock:
+            now = self.lookup.lookup(rel)
+            if now.upper is not None or not now.exists or now.top.st.st_ino != ctx.src.st.st_ino \
+                    or now.top.layer is not ctx.src.layer:
+                self._discard(ctx.tmp)
+                if now.upper is not None:
+                    return now.upper
+                raise OSError(errno.ENOENT, "changed during copy-up", rel)
+            do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
+            if not self.volatile:
+                self.upper.fsync_dir(split(rel)[0])
+            self.lookup.invalidate()
+            st = self.upper.lstat(rel)
+            assert st is not None
+            entry = Entry(self.upper, rel, st)
+            self._on_copied(ctx.ino, entry)
+        elapsed = time.monotonic() - ctx.started
+        self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
+        log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
+        return entry
+
+    def _discard(self, tmp: str) -> None:
+        try:
+            self.work.do_remove_tree(tmp)
+        except OSError as e:
+            log.warning("could not remove %s/%s: %s", self.work.path, tmp, e)

@@ -1,0 +1,232 @@
+"""``OverlayFS``: the overlay as an object, driven by the FUSE adapter or by tests.
+
+Owns: the mount's shared state (layer stack, lookup, inode and handle tables, copy-up,
+stats, the namespace lock) and a flat API of operations on *merged relative paths*
+(no leading slash; ``""`` is the root). Each concern lives in its own module
+(``namespace``, ``attrs``, ``files``, ``readdir``, ``copyup``); this class wires them
+together and keeps the few cross-cutting rules: read-only mounts answer EROFS, data
+changes bump an inode's data version, unlinks and renames update live inodes.
+
+Nothing here knows about FUSE: errors are ``OSError`` with an errno, translated by the
+adapter at one boundary.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import threading
+from typing import Callable
+
+from . import whiteout
+from .attrs import Attributes
+from .config import MountConfig
+from .copyup import CopyUp, clean_workdir
+from .files import Files, OpenResult
+from .handles import HandleTable
+from .inodes import InodeTable, OverlayInode
+from .inumbers import InodeNumbers
+from .lookup import Entry, Lookup, Node, check_name
+from .namespace import ROOT, Caller, Namespace
+from .readdir import DirEntry, merged_listing
+from .stack import LayerStack
+from .stats import Stats
+
+log = logging.getLogger("overlaypc.core")
+
+
+class OverlayFS:
+    def __init__(self, config: MountConfig) -> None:
+        self.config = config
+        self.stack = LayerStack(config.lowers, config.upper, config.work)
+        self.prefix = whiteout.xattr_prefix(config.userxattr)
+        self.writable = config.writable
+        self.ns_lock = threading.RLock()
+        self.stats = Stats()
+        self.lookup = Lookup(self.stack, self.prefix)
+        self.inos = InodeNumbers(self.stack.xino, self.prefix.replace("overlay.", "overlaypc.") + "ino")
+        self.inodes = InodeTable()
+        self.handles = HandleTable()
+        self.copyup: CopyUp | None = None
+        if self.stack.upper is not None:
+            self.copyup = CopyUp(self.stack, self.lookup, self.ns_lock, self.stats,
+                                 xattr_prefix=self.prefix, volatile=config.volatile,
+                                 ino_of=self.inos.ino_of, on_copied=self._copied)
+        self.namespace = Namespace(self)
+        self.attrs = Attributes(self)
+        self.files = Files(self)
+        self._dir_handles: dict[int, str] = {}
+        self._dir_fhs = itertools.count(1 << 32)  # distinct from file handles
+        self._dir_lock = threading.Lock()
+        #: set by the FUSE adapter: drop the kernel's cache of another name of an inode
+        self.invalidate_path: Callable[[str], None] = lambda rel: None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Lock upper/workdir against a second mount and clean leftovers in workdir/work."""
+        self.stack.lock()
+        if self.stack.work is not None:
+            clean_workdir(self.stack.work)
+
+    def close(self) -> None:
+        self.stack.close()
+
+    # -- cross-cutting rules ----------------------------------------------------------------------
+    def require_writable(self) -> None:
+        if not self.writable or self.copyup is None:
+            raise OSError(errno.EROFS, "read-only overlay")
+
+    def _copied(self, ino: int, entry: Entry) -> None:
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            inode.rebind(entry)
+
+    def data_changed(self, inode: OverlayInode, via: str) -> None:
+        inode.data_version += 1
+        others = [p for p in inode.seen if p != via]
+        inode.seen = {via: inode.data_version}
+        for path in others:
+            self.invalidate_path(path)
+
+    def data_changed_by_path(self, rel: str) -> None:
+        node = self.lookup.lookup(rel)
+        ino = self.inos.ino_of(node)
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            self.data_changed(inode, rel)
+        else:
+            self.inodes.forget_version(ino)
+
+    def unlinked(self, node: Node) -> None:
+        if node.is_dir or not node.exists:
+            return
+        inode = self.inodes.get(self.inos.ino_of(node))
+        if inode is not None:
+            inode.seen.pop(node.rel, None)
+            if not inode.in_upper:
+                inode.unlinked = True
+
+    def renamed(self, old: str, new: str) -> None:
+        with self._dir_lock:
+            for fh, path in list(self._dir_handles.items()):
+                if path == old or path.startswith(old + "/"):
+                    self._dir_handles[fh] = new + path[len(old):]
+        for inode in self.inodes.live():
+            if inode.rel == old or inode.rel.startswith(old + "/"):
+                inode.moved(new + inode.rel[len(old):])
+            for path in [p for p in inode.seen if p == old or p.startswith(old + "/")]:
+                inode.seen[new + path[len(old):]] = inode.seen.pop(path)
+
+    def stats_json(self) -> bytes:
+        return self.stats.to_json(open_handles=len(self.handles), live_inodes=len(self.inodes))
+
+    # -- the operations ---------------------------------------------------------------------------
+    def getattr(self, rel: str, fh: int | None = None) -> dict:
+        if fh is not None:
+            dir_rel = self._dir_handles.get(fh)
+            if dir_rel is None:
+                return self.files.getattr(fh)
+            rel = dir_rel
+        check_name(rel)
+        return self.attrs.getattr(rel)
+
+    def readlink(self, rel: str) -> str:
+        top = self.lookup.lookup(rel).top
+        return top.layer.readlink(top.rel)
+
+    def opendir(self, rel: str) -> int:
+        """A directory handle: it remembers the path, since libfuse passes none to readdir."""
+        self.lookup.directory(rel)
+        with self._dir_lock:
+            fh = next(self._dir_fhs)
+            self._dir_handles[fh] = rel
+        return fh
+
+    def releasedir(self, fh: int) -> None:
+        with self._dir_lock:
+            self._dir_handles.pop(fh, None)
+
+    def readdir(self, rel: str | None = None, fh: int | None = None) -> list[DirEntry]:
+        if fh is not None:
+            rel = self._dir_handles.get(fh)
+            if rel is None:
+                raise OSError(errno.EBADF, "bad directory handle")
+        return merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix)
+
+    def statfs(self) -> dict:
+        return self.attrs.statfs()
+
+    def access(self, rel: str, mode: int) -> None:
+        self.attrs.access(rel, mode)
+
+    def open(self, rel: str, flags: int) -> OpenResult:
+        return self.files.open(rel, flags)
+
+    def create(self, rel: str, flags: int, mode: int, caller: Caller = ROOT) -> OpenResult:
+        return self.files.create(rel, flags, mode, caller)
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        return self.files.read(fh, size, offset)
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        return self.files.write(fh, data, offset)
+
+    def truncate(self, rel: str, length: int, fh: int | None = None) -> None:
+        if fh is not None:
+            self.files.truncate(fh, length)
+        else:
+            self.attrs.truncate(rel, length)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        self.files.fallocate(fh, mode, offset, length)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        self.files.fsync(fh, datasync)
+
+    def flush(self, fh: int) -> None:
+        self.files.flush(fh)
+
+    def release(self, fh: int) -> None:
+        self.files.release(fh)
+
+    def chmod(self, rel: str, mode: int) -> None:
+        self.attrs.chmod(rel, mode)
+
+    def chown(self, rel: str, uid: int, gid: int) -> None:
+        self.attrs.chown(rel, uid, gid)
+
+    def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
+        self.attrs.utimens(rel, times)
+
+    def getxattr(self, rel: str, name: str) -> bytes:
+        return self.attrs.getxattr(rel, name)
+
+    def listxattr(self, rel: str) -> list[str]:
+        return self.attrs.listxattr(rel)
+
+    def setxattr(self, rel: str, name: str, value: bytes, flags: int = 0) -> None:
+        self.attrs.setxattr(rel, name, value, flags)
+
+    def removexattr(self, rel: str, name: str) -> None:
+        self.attrs.removexattr(rel, name)
+
+    def mkdir(self, rel: str, mode: int, caller: Caller = ROOT) -> None:
+        self.namespace.mkdir(rel, mode, caller)
+
+    def mknod(self, rel: str, mode: int, device: int, caller: Caller = ROOT) -> None:
+        self.namespace.mknod(rel, mode, device, caller)
+
+    def symlink(self, target: str, rel: str, caller: Caller = ROOT) -> None:
+        self.namespace.symlink(target, rel, caller)
+
+    def link(self, src: str, dst: str) -> None:
+        self.namespace.link(src, dst)
+
+    def unlink(self, rel: str) -> None:
+        self.namespace.unlink(rel)
+
+    def rmdir(self, rel: str) -> None:
+        self.namespace.rmdir(rel)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        self.namespace.rename(old, new, flags)

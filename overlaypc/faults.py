@@ -1,0 +1,58 @@
+"""Test-only fault injection at named points (copy-up steps, layer calls).
+
+Owns: a registry of hooks, empty in normal operation, so ``hit()`` costs one dict
+lookup. Tests arm it through the ``OVERLAYPC_FAULTS`` environment variable, read once
+at mount: ``point=action[,point=action]`` where action is ``pause`` (stop the daemon
+with SIGSTOP so a test can kill -9 it exactly there), ``eio`` (raise EIO), ``enospc``,
+or ``crash`` (raise RuntimeError, to test that unexpected errors become EIO).
+Points may carry a byte threshold: ``copyup.data@1048576=pause``.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from typing import Callable
+
+_hooks: dict[str, Callable[..., None]] = {}
+_thresholds: dict[str, int] = {}
+
+
+def hit(point: str, *args: object, progress: int | None = None) -> None:
+    hook = _hooks.get(point)
+    if hook is None:
+        return
+    limit = _thresholds.get(point)
+    if limit is not None and (progress is None or progress < limit):
+        return
+    hook(point, *args)
+
+
+def _action(name: str) -> Callable[..., None]:
+    def pause(point: str, *args: object) -> None:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def raise_errno(code: int) -> Callable[..., None]:
+        def fail(point: str, *args: object) -> None:
+            raise OSError(code, f"injected fault at {point}")
+        return fail
+
+    def crash(point: str, *args: object) -> None:
+        raise RuntimeError(f"injected crash at {point}")
+
+    table = {"pause": pause, "eio": raise_errno(errno.EIO), "enospc": raise_errno(errno.ENOSPC),
+             "crash": crash}
+    if name not in table:
+        raise ValueError(f"unknown fault action {name!r}")
+    return table[name]
+
+
+def configure(spec: str | None) -> None:
+    _hooks.clear()
+    _thresholds.clear()
+    for item in filter(None, (spec or "").split(",")):
+        point, _, action = item.partition("=")
+        point, _, threshold = point.partition("@")
+        _hooks[point] = _action(action)
+        if threshold:
+            _thresholds[point] = int(threshold)

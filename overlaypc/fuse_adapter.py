@@ -1,0 +1,320 @@
+"""The FUSE adapter: the only module that imports the binding (mfusepy on libfuse3).
+
+Owns: translating FUSE calls into ``OverlayFS`` calls and back. It holds no policy:
+paths lose their leading slash, the caller's uid/gid come from the request context,
+``OSError`` becomes the errno answer, and any other exception is logged with its
+traceback and answered with EIO, so the daemon keeps serving (mfusepy itself would
+answer EINVAL).
+
+Traps from DESIGN.md §6 handled here: ``FUSE_LIBRARY_NAME=fuse3`` is set before the
+import (8); rename flags, dropped by mfusepy on libfuse3, are passed through (2);
+readdir entries carry ``st_ino`` and ``st_mode`` (3); no ``copy_file_range``/``lseek``/
+``write_buf`` ops (5, 6); no attribute of the ``Operations`` object is named like a
+FUSE op (7); ``hard_remove`` (10); UTIME_NOW/OMIT are mapped in ``attrs`` (11).
+Reads go straight into libfuse's buffer (``preadv``), with no Python-level copy.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+
+import mfusepy  # noqa: E402  (must follow the environment set-up above)
+
+from .core import OverlayFS  # noqa: E402
+from .namespace import Caller  # noqa: E402
+
+log = logging.getLogger("overlaypc.fuse")
+
+
+def _rel(path: str | None) -> str:
+    return "" if path is None else path.lstrip("/")
+
+
+def _op(func):
+    """Log the call at debug level; map OSError to its errno and anything else to EIO."""
+    name = func.__name__
+
+    @functools.wraps(func)
+    def wrapper(self, *args):
+        try:
+            result = func(self, *args)
+        except OSError as e:
+            code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%r -> %s", name, _short(args), errno.errorcode.get(code, code))
+            raise mfusepy.FuseOSError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s%r; answering EIO", name, _short(args))
+            self._fs.stats.add("errors")
+            raise mfusepy.FuseOSError(errno.EIO) from None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r -> %s", name, _short(args), _short_result(result))
+        return result
+
+    return wrapper
+
+
+def _short(args: tuple) -> tuple:
+    return tuple(f"<{len(a)} bytes>" if isinstance(a, (bytes, memoryview)) else
+                 getattr(a, "fh", a) if isinstance(a, mfusepy.fuse_file_info) else a for a in args)
+
+
+def _short_result(result: object) -> object:
+    if isinstance(result, (bytes, bytearray)):
+        return f"<{len(result)} bytes>"
+    if isinstance(result, list) and len(result) > 8:
+        return f"<{len(result)} entries>"
+    return result
+
+
+def _caller() -> Caller:
+    uid, gid, pid = mfusepy.fuse_get_context()
+    return Caller(uid, gid, pid)
+
+
+def _fh(fi) -> int | None:
+    if fi is None:
+        return None
+    return fi.fh or None  # 0: a directory handle or none of ours
+
+
+class OverlayOperations(mfusepy.Operations):
+    """FUSE operations over an ``OverlayFS``; state lives only in ``_fs``/``_fuse_ptr``."""
+
+    use_ns = True
+    flag_nopath = True
+    flag_nullpath_ok = True
+
+    def __init__(self, fs: OverlayFS) -> None:
+        self._fs = fs
+        self._fuse_ptr: ctypes.c_void_p | None = None
+        fs.invalidate_path = self._invalidate_path
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def init_with_config(self, conn, config) -> None:
+        ctx = mfusepy._libfuse.fuse_get_context()
+        self._fuse_ptr = ctypes.c_void_p(ctx.contents.fuse)
+        log.info("mounted %s", self._fs.config.mountpoint)
+
+    def destroy(self, path) -> None:
+        log.info("unmounting %s", self._fs.config.mountpoint)
+
+    def _invalidate_path(self, rel: str) -> None:
+        if self._fuse_ptr is None:
+            return
+        ret = _invalidate(self._fuse_ptr, os.fsencode("/" + rel))
+        if ret not in (0, -errno.ENOENT):
+            log.debug("fuse_invalidate_path(/%s) -> %d", rel, ret)
+
+    # -- attributes -----------------------------------------------------------------------------
+    @_op
+    def getattr(self, path, fh=None):
+        return self._fs.getattr(_rel(path), _fh(fh))
+
+    @_op
+    def readlink(self, path):
+        return self._fs.readlink(_rel(path))
+
+    @_op
+    def opendir(self, path):
+        return self._fs.opendir(_rel(path))
+
+    @_op
+    def releasedir(self, path, fh):
+        self._fs.releasedir(fh)
+        return 0
+
+    @_op
+    def readdir(self, path, fh):
+        out = [(".", {"st_mode": 0o040000, "st_ino": 1}, 0), ("..", {"st_mode": 0o040000, "st_ino": 1}, 0)]
+        out.extend((e.name, {"st_mode": e.mode, "st_ino": e.ino}, 0) for e in self._fs.readdir(fh=fh))
+        return out
+
+    @_op
+    def statfs(self, path):
+        return self._fs.statfs()
+
+    @_op
+    def access(self, path, amode):
+        self._fs.access(_rel(path), amode)
+        return 0
+
+    @_op
+    def chmod(self, path, mode):
+        self._fs.chmod(_rel(path), mode)
+        return 0
+
+    @_op
+    def chown(self, path, uid, gid):
+        self._fs.chown(_rel(path), uid, gid)
+        return 0
+
+    @_op
+    def utimens(self, path, times=None):
+        self._fs.utimens(_rel(path), None if times is None else (int(times[0]), int(times[1])))
+        return 0
+
+    @_op
+    def truncate(self, path, length, fh=None):
+        self._fs.truncate(_rel(path), length, _fh(fh))
+        return 0
+
+    @_op
+    def getxattr(self, path, name, position=0):
+        return self._fs.getxattr(_rel(path), name)
+
+    @_op
+    def listxattr(self, path):
+        return self._fs.listxattr(_rel(path))
+
+    @_op
+    def setxattr(self, path, name, value, options, position=0):
+        self._fs.setxattr(_rel(path), name, value, options)
+        return 0
+
+    @_op
+    def removexattr(self, path, name):
+        self._fs.removexattr(_rel(path), name)
+        return 0
+
+    # -- files ------------------------------------------------------------------------------------
+    def _fill(self, fi, result) -> int:
+        fi.fh = result.fh
+        fi.keep_cache = 1 if result.keep_cache else 0
+        fi.direct_io = 1 if result.direct_io else 0
+        return 0
+
+    @_op
+    def open(self, path, fi):
+        return self._fill(fi, self._fs.open(_rel(path), fi.flags))
+
+    @_op
+    def create(self, path, mode, fi):
+        return self._fill(fi, self._fs.create(_rel(path), fi.flags, mode, _caller()))
+
+    @_op
+    def read(self, path, size, offset, fi):
+        return self._fs.read(fi.fh, size, offset)
+
+    @_op
+    def readinto(self, fh, buf, offset):
+        return self._fs.files.readinto(fh, buf, offset)
+
+    @_op
+    def write(self, path, data, offset, fi):
+        return self._fs.write(fi.fh, data, offset)
+
+    @_op
+    def fallocate(self, path, mode, offset, size, fi):
+        self._fs.fallocate(fi.fh, mode, offset, size)
+        return 0
+
+    @_op
+    def fsync(self, path, datasync, fi):
+        self._fs.fsync(fi.fh, bool(datasync))
+        return 0
+
+    @_op
+    def flush(self, path, fi):
+        self._fs.flush(fi.fh)
+        return 0
+
+    @_op
+    def release(self, path, fi):
+        self._fs.release(fi.fh)
+        return 0
+
+    # -- namespace --------------------------------------------------------------------------------
+    @_op
+    def mknod(self, path, mode, dev):
+        self._fs.mknod(_rel(path), mode, dev, _caller())
+        return 0
+
+    @_op
+    def mkdir(self, path, mode):
+        self._fs.mkdir(_rel(path), mode, _caller())
+        return 0
+
+    @_op
+    def symlink(self, target, source):
+        # mfusepy passes (link path, link text)
+        self._fs.symlink(source, _rel(target), _caller())
+        return 0
+
+    @_op
+    def link(self, target, source):
+        # mfusepy passes (new name, existing name)
+        self._fs.link(_rel(source), _rel(target))
+        return 0
+
+    @_op
+    def unlink(self, path):
+        self._fs.unlink(_rel(path))
+        return 0
+
+    @_op
+    def rmdir(self, path):
+        self._fs.rmdir(_rel(path))
+        return 0
+
+    @_op
+    def rename(self, old, new, flags=0):
+        self._fs.rename(_rel(old), _rel(new), flags)
+        return 0
+
+
+_libfuse = mfusepy._libfuse
+_libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_libfuse.fuse_invalidate_path.restype = ctypes.c_int
+
+
+def _invalidate(fuse_ptr: ctypes.c_void_p, path: bytes) -> int:
+    return _libfuse.fuse_invalidate_path(fuse_ptr, path)
+
+
+class OverlayFUSE(mfusepy.FUSE):
+    """mfusepy's FUSE with three fixes: rename flags and ftruncate's fh are passed on,
+    and reads land in libfuse's buffer without an intermediate bytes object."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(old.decode(self.encoding, self.errors),
+                                      new.decode(self.encoding, self.errors), flags)
+
+    def truncate_fuse_3(self, path, length: int, fip) -> int:
+        fi = fip.contents if fip else None
+        return self.operations.truncate(None if path is None else path.decode(self.encoding, self.errors),
+                                        length, fi)
+
+    def read(self, path, buf, size: int, offset: int, fip) -> int:
+        addr = ctypes.cast(buf, ctypes.c_void_p).value
+        view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+        return self.operations.readinto(fip.contents.fh, view, offset)
+
+    def write(self, path, buf, size: int, offset: int, fip) -> int:
+        addr = ctypes.cast(buf, ctypes.c_void_p).value
+        view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+        return self.operations.write(None, view, offset, fip.contents)
+
+
+def serve(fs: OverlayFS, *, foreground: bool, mount_flags: list[str]) -> None:
+    """Mount and serve until unmounted (daemonizing first unless ``foreground``)."""
+    cfg = fs.config
+    kwargs = dict(
+        foreground=foreground,
+        raw_fi=True,
+        fsname=cfg.source.replace(",", "_"),
+        subtype="overlaypc",
+        default_permissions=True,
+        hard_remove=True,
+        use_ino=True,
+    )
+    if os.geteuid() == 0:
+        kwargs["allow_other"] = True
+    for flag in mount_flags:
+        kwargs[flag] = True
+    OverlayFUSE(OverlayOperations(fs), cfg.mountpoint, **kwargs)

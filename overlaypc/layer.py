@@ -1,0 +1,267 @@
+"""One layer directory, accessed only through paths confined beneath its root.
+
+Owns: the layer's root fd and every system call the daemon makes on a layer. Each
+path is resolved with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)`` from the root fd (DESIGN.md §3), and the
+final component is always acted on with ``*at`` calls that do not follow it. So no
+symlink or ``..`` inside a layer, and no layer directory swapped for a symlink after
+mount, can make the daemon touch anything outside the layer.
+
+Changes go through the ``do_*`` methods, which log call and result at debug level
+(the kernel's ``ovl_do_*`` idea): one place to trace and to audit.
+
+Paths here are relative, without a leading slash; ``""`` is the layer root.
+
+Caveats: a layer changed underneath a live mount is not supported (as with the
+kernel's overlay); it never leads outside the layer, but the merged view may be stale.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+from typing import Iterator
+
+from . import faults, sysapi
+
+log = logging.getLogger("overlaypc.layer")
+
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV)
+
+
+def split(rel: str) -> tuple[str, str]:
+    """``"a/b/c"`` -> ``("a/b", "c")``; ``"c"`` -> ``("", "c")``."""
+    head, _, tail = rel.rpartition("/")
+    return head, tail
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+class Layer:
+    """A layer root. ``index`` 0 is the upper when there is one; lowers follow, top first."""
+
+    def __init__(self, path: str, index: int, *, writable: bool, name: str | None = None) -> None:
+        self.path = os.path.abspath(path)
+        self.index = index
+        self.writable = writable
+        self.name = name or self.path
+        self.root_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(self.root_fd)
+        self.dev = st.st_dev
+        self.root_ino = st.st_ino
+
+    def __repr__(self) -> str:
+        return f"Layer({self.index}, {self.path!r}, {'rw' if self.writable else 'ro'})"
+
+    def close(self) -> None:
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    # -- resolution ---------------------------------------------------------------------
+    def open(self, rel: str, flags: int, mode: int = 0) -> int:
+        """Open ``rel`` confined to the layer; the final component is never followed."""
+        faults.hit("layer.open", self, rel)
+        return sysapi.openat2(self.root_fd, rel or ".", flags | os.O_NOFOLLOW, mode)
+
+    def path_fd(self, rel: str) -> int:
+        return self.open(rel, os.O_PATH)
+
+    @contextlib.contextmanager
+    def parent(self, rel: str) -> Iterator[tuple[int, str]]:
+        """Yield ``(dirfd, name)`` for acting on the last component of ``rel``."""
+        head, name = split(rel)
+        fd = sysapi.openat2(self.root_fd, head or ".", os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        """``lstat`` of ``rel``, or None when it does not exist inside this layer."""
+        try:
+            fd = self.open(rel, os.O_PATH)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, rel: str) -> list[tuple[str, os.stat_result]]:
+        """Names in directory ``rel`` with their ``lstat``, read while the dir fd is open."""
+        fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            out = []
+            for name in os.listdir(fd):
+                try:
+                    out.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue
+            return out
+        finally:
+            os.close(fd)
+
+    def getxattr_strict(self, rel: str, name: str) -> bytes:
+        """Like ``getxattr`` but raising ENODATA and friends, for answers to callers."""
+        fd = self.path_fd(rel)
+        try:
+            return os.getxattr(f"/proc/self/fd/{fd}", name)
+        finally:
+            os.close(fd)
+
+    def readlink(self, rel: str) -> str:
+        with self.parent(rel) as (dfd, name):
+            return os.readlink(name, dir_fd=dfd)
+
+    # -- xattrs (through an O_PATH fd of the object itself) ------------------------------
+    def getxattr(self, rel: str, name: str) -> bytes | None:
+        fd = self.path_fd(rel)
+        try:
+            return os.getxattr(f"/proc/self/fd/{fd}", name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                return None
+            raise
+        finally:
+            os.close(fd)
+
+    def listxattr(self, rel: str) -> list[str]:
+        fd = self.path_fd(rel)
+        try:
+            return os.listxattr(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            if e.errno == errno.ENOTSUP:
+                return []
+            raise
+        finally:
+            os.close(fd)
+
+    def do_setxattr(self, rel: str, name: str, value: bytes, flags: int = 0) -> None:
+        log.debug("%s: setxattr %s %s (%d bytes)", self.name, rel, name, len(value))
+        fd = self.path_fd(rel)
+        try:
+            os.setxattr(f"/proc/self/fd/{fd}", name, value, flags)
+        finally:
+            os.close(fd)
+
+    def do_removexattr(self, rel: str, name: str) -> None:
+        log.debug("%s: removexattr %s %s", self.name, rel, name)
+        fd = self.path_fd(rel)
+        try:
+            os.removexattr(f"/proc/self/fd/{fd}", name)
+        finally:
+            os.close(fd)
+
+    # -- changes ------------------------------------------------------------------------
+    def _change(self, what: str, rel: str, *args: object) -> None:
+        if not self.writable:
+            raise OSError(errno.EROFS, "layer is read-only", rel)
+        faults.hit(f"layer.{what}", self, rel)
+        log.debug("%s: %s %s %s", self.name, what, rel, " ".join(map(str, args)))
+
+    def do_mkdir(self, rel: str, mode: int) -> None:
+        self._change("mkdir", rel, oct(mode))
+        with self.parent(rel) as (dfd, name):
+            os.mkdir(name, mode, dir_fd=dfd)
+
+    def do_mknod(self, rel: str, mode: int, device: int = 0) -> None:
+        self._change("mknod", rel, oct(mode), device)
+        with self.parent(rel) as (dfd, name):
+            os.mknod(name, mode, device, dir_fd=dfd)
+
+    def do_symlink(self, target: str, rel: str) -> None:
+        self._change("symlink", rel, target)
+        with self.parent(rel) as (dfd, name):
+            os.symlink(target, name, dir_fd=dfd)
+
+    def do_unlink(self, rel: str) -> None:
+        self._change("unlink", rel)
+        with self.parent(rel) as (dfd, name):
+            os.unlink(name, dir_fd=dfd)
+
+    def do_rmdir(self, rel: str) -> None:
+        self._change("rmdir", rel)
+        with self.parent(rel) as (dfd, name):
+            os.rmdir(name, dir_fd=dfd)
+
+    def do_remove_tree(self, rel: str) -> None:
+        """Remove ``rel`` and, for a directory, everything beneath it (no-op if absent)."""
+        st = self.lstat(rel)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            for name, _ in self.listdir(rel):
+                self.do_remove_tree(join(rel, name))
+            self.do_rmdir(rel)
+        else:
+            self.do_unlink(rel)
+
+    def do_remove_tree_contents(self, rel: str) -> None:
+        for name, _ in self.listdir(rel):
+            self.do_remove_tree(join(rel, name))
+
+    def do_create(self, rel: str, flags: int, mode: int) -> int:
+        self._change("create", rel, oct(mode))
+        return self.open(rel, flags | os.O_CREAT, mode)
+
+    def do_chmod(self, rel: str, mode: int) -> None:
+        self._change("chmod", rel, oct(mode))
+        fd = self.path_fd(rel)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise OSError(errno.EOPNOTSUPP, "cannot chmod a symlink", rel)
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+
+    def do_chown(self, rel: str, uid: int, gid: int) -> None:
+        self._change("chown", rel, uid, gid)
+        with self.parent(rel) as (dfd, name):
+            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+
+    def do_utime(self, rel: str, ns: tuple[int, int]) -> None:
+        self._change("utime", rel, ns)
+        with self.parent(rel) as (dfd, name):
+            os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
+
+    def do_truncate(self, rel: str, length: int) -> None:
+        self._change("truncate", rel, length)
+        fd = self.open(rel, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+
+    def fsync_dir(self, rel: str) -> None:
+        fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(f"/proc/self/fd/{self.root_fd}")
+
+
+def do_rename(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int = 0) -> None:
+    """``renameat2`` between two layers on one filesystem (workdir -> upper, or within one)."""
+    dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
+    with src.parent(src_rel) as (sfd, sname), dst.parent(dst_rel) as (dfd, dname):
+        if flags:
+            sysapi.renameat2(sfd, sname, dfd, dname, flags)
+        else:
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+
+def do_link(src: Layer, src_rel: str, dst: Layer, dst_rel: str) -> None:
+    """Hard link between two layers on one filesystem (upper -> workdir, or within one)."""
+    dst._change("link", dst_rel, f"to {src.name}:{src_rel}")
+    with src.parent(src_rel) as (sfd, sname), dst.parent(dst_rel) as (dfd, dname):
+        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)

@@ -1,0 +1,172 @@
+"""Lookup of merged paths across the layer stack.
+
+Owns: turning a merged path into a ``Node``: which layers hold it (top first), its
+type, whether it is opaque, and whether the upper holds a whiteout at its name.
+Rules, as the kernel's ``namei.c``: the search goes top-down through the layers in
+which the parent directory exists; a whiteout stops it; so does an opaque directory
+(after including it) and any non-directory (a lower non-directory below a directory
+is ignored). OCI whiteouts (``.wh.NAME``) and opaque markers count in lower layers.
+
+Caveats: the structure of directories (which layers hold them) is cached and dropped
+whenever the namespace changes (an epoch counter, so a lookup racing a change never
+stores a stale entry); stat data of the final component is always read fresh.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from . import whiteout
+from .layer import Layer, split
+from .stack import LayerStack
+
+NAME_MAX = 255
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One layer's object at a merged path."""
+    layer: Layer
+    rel: str
+    st: os.stat_result
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+@dataclass(frozen=True)
+class Node:
+    """The merged object at ``rel``: its entries top first (empty when absent)."""
+    rel: str
+    entries: tuple[Entry, ...]
+    opaque: bool = False
+    upper_whiteout: bool = False
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def top(self) -> Entry:
+        if not self.entries:
+            raise OSError(errno.ENOENT, "no such file or directory", self.rel)
+        return self.entries[0]
+
+    @property
+    def st(self) -> os.stat_result:
+        return self.top.st
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self.entries) and self.entries[0].is_dir
+
+    @property
+    def upper(self) -> Entry | None:
+        if self.entries and self.entries[0].layer.writable:
+            return self.entries[0]
+        return None
+
+    @property
+    def lowers(self) -> tuple[Entry, ...]:
+        return tuple(e for e in self.entries if not e.layer.writable)
+
+    @property
+    def has_lower(self) -> bool:
+        """Whether any lower layer holds (or held, under a whiteout) something here."""
+        return bool(self.lowers) or self.upper_whiteout
+
+    @property
+    def is_merged_dir(self) -> bool:
+        return self.is_dir and len(self.entries) > 1
+
+
+def check_name(rel: str) -> None:
+    for part in rel.split("/"):
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, "file name too long", rel)
+
+
+class Lookup:
+    def __init__(self, stack: LayerStack, xattr_prefix: str, cache_entries: int = 8192) -> None:
+        self.stack = stack
+        self.prefix = xattr_prefix
+        self._epoch = 0
+        self._dirs: OrderedDict[str, tuple[int, Node]] = OrderedDict()
+        self._limit = cache_entries
+        self._lock = threading.Lock()
+
+    def invalidate(self) -> None:
+        """Forget cached directory structure; call after every namespace change."""
+        with self._lock:
+            self._epoch += 1
+            self._dirs.clear()
+
+    def _root(self) -> Node:
+        entries = []
+        for layer in self.stack.layers:
+            st = layer.lstat("")
+            assert st is not None
+            entries.append(Entry(layer, "", st))
+            # an opaque root is meaningless to the kernel too: all roots merge
+        return Node("", tuple(entries))
+
+    def directory(self, rel: str) -> Node:
+        """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one."""
+        if not rel:
+            return self._root()
+        with self._lock:
+            hit = self._dirs.get(rel)
+            epoch = self._epoch
+        if hit is not None and hit[0] == epoch:
+            return hit[1]
+        node = self.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "no such directory", rel)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory", rel)
+        with self._lock:
+            if epoch == self._epoch:
+                self._dirs[rel] = (epoch, node)
+                if len(self._dirs) > self._limit:
+                    self._dirs.popitem(last=False)
+        return node
+
+    def lookup(self, rel: str) -> Node:
+        """The merged object at ``rel`` (``Node.exists`` is False when absent)."""
+        if not rel:
+            return self._root()
+        parent_rel, name = split(rel)
+        if whiteout.is_oci_name(name):
+            return Node(rel, ())
+        parent = self.directory(parent_rel)
+        entries: list[Entry] = []
+        opaque = upper_whiteout = False
+        for pentry in parent.entries:
+            if not pentry.is_dir:
+                break
+            layer = pentry.layer
+            st = layer.lstat(rel)
+            if st is None:
+                if not layer.writable and whiteout.has_oci_whiteout(layer, rel):
+                    break
+                continue
+            if whiteout.is_whiteout(st):
+                upper_whiteout = upper_whiteout or layer.writable
+                break
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if entries and not is_dir:
+                break  # a lower non-directory below a directory is not merged
+            entries.append(Entry(layer, rel, st))
+            if not is_dir:
+                break
+            if whiteout.is_opaque(layer, rel, self.prefix, oci=not layer.writable):
+                opaque = True
+                break
+        if upper_whiteout is False and entries and entries[0].layer.writable is False:
+            pass
+        return Node(rel, tuple(entries), opaque, upper_whiteout)

@@ -1,0 +1,331 @@
+"""Namespace changes: create, mknod, mkdir, symlink, link, unlink, rmdir, rename.
+
+Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
+  * a name that still exists in a lower layer is deleted with a whiteout (a 0/0
+    character device), put in place atomically (rename over the upper object, or
+    ``RENAME_WHITEOUT``);
+  * a new object over a whiteout is made in ``workdir/work`` and renamed over it; a
+    directory made there is opaque, so an emptied merged dir recreated stays empty;
+  * rename of a directory that exists in a lower layer gives EXDEV (the kernel's
+    default without ``redirect_dir``; ``mv`` then copies); ``RENAME_EXCHANGE`` is
+    refused with EINVAL, ``RENAME_NOREPLACE`` is honoured (DESIGN.md §6 trap 2).
+New objects belong to the caller (FUSE request context), with setgid-directory
+inheritance.
+
+Locking: copy-ups run first, without the namespace lock (they take it only for their
+final rename); the change itself then runs under the namespace lock and re-looks-up
+what it acts on.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import sysapi, whiteout
+from .copyup import WORK_DIR
+from .layer import do_link, do_rename, join, split
+from .lookup import Node, check_name
+from .readdir import merged_listing
+
+if TYPE_CHECKING:
+    from .core import OverlayFS
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: uid/gid of the process behind a FUSE request."""
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+
+
+ROOT = Caller()
+
+
+class Namespace:
+    def __init__(self, fs: "OverlayFS") -> None:
+        self.fs = fs
+        self._names = itertools.count()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _tmp(self) -> str:
+        return join(WORK_DIR, f"#ovlpc-new-{os.getpid()}-{next(self._names)}")
+
+    def _check_new_name(self, rel: str) -> None:
+        check_name(rel)
+        if whiteout.is_oci_name(split(rel)[1]):
+            raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", rel)
+
+    def _owner(self, rel: str, caller: Caller, mode: int) -> tuple[int, int, int]:
+        """(uid, gid, mode) for a new object in the parent of ``rel``."""
+        parent = self.fs.lookup.directory(split(rel)[0]).st
+        gid = caller.gid
+        if parent.st_mode & stat.S_ISGID:
+            gid = parent.st_gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return caller.uid, gid, mode
+
+    def lower_exists(self, rel: str) -> bool:
+        """Whether a lower layer shows something at ``rel`` (below whatever upper has)."""
+        parent_rel, _ = split(rel)
+        for pentry in self.fs.lookup.directory(parent_rel).lowers:
+            st = pentry.layer.lstat(rel)
+            if st is None:
+                if whiteout.has_oci_whiteout(pentry.layer, rel):
+                    return False
+                continue
+            return not whiteout.is_whiteout(st)
+        return False
+
+    def _prepare_new(self, rel: str) -> Node:
+        """Checks for a new name; copies up the parent. Returns the current node."""
+        self.fs.require_writable()
+        self._check_new_name(rel)
+        node = self.fs.lookup.lookup(rel)
+        if node.exists:
+            raise OSError(errno.EEXIST, "file exists", rel)
+        self.fs.copyup.ensure_parent(rel)
+        return node
+
+    def _place_new(self, rel: str, make, caller: Caller | None, mode: int, *, is_dir: bool = False) -> None:
+        """Run ``make(layer, where)`` to create the object at ``rel``, owned by ``caller``
+        (None: keep the owner, for hard links)."""
+        upper, work = self.fs.stack.upper, self.fs.stack.work
+        assert upper is not None and work is not None
+        owner = self._owner(rel, caller, mode) if caller is not None else None
+        node = self.fs.lookup.lookup(rel)
+        if node.exists:
+            raise OSError(errno.EEXIST, "file exists", rel)
+        if not node.upper_whiteout:
+            make(upper, rel)
+            if owner:
+                self._set_owner(upper, rel, *owner)
+            return
+        tmp = self._tmp()
+        try:
+            make(work, tmp)
+            if owner:
+                self._set_owner(work, tmp, *owner)
+            if is_dir:
+                whiteout.set_opaque(work, tmp, self.fs.prefix)
+                do_rename(work, tmp, upper, rel, sysapi.RENAME_EXCHANGE)  # whiteout lands at tmp
+            else:
+                do_rename(work, tmp, upper, rel)
+        finally:
+            work.do_remove_tree(tmp)  # the displaced whiteout, or a failed attempt
+
+    def _set_owner(self, layer, rel: str, uid: int, gid: int, mode: int) -> None:
+        st = layer.lstat(rel)
+        if st is None:
+            return
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            layer.do_chown(rel, uid, gid)
+        if not stat.S_ISLNK(mode) and stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode):
+            layer.do_chmod(rel, stat.S_IMODE(mode))
+
+    def _done(self) -> None:
+        self.fs.lookup.invalidate()
+
+    # -- creation -----------------------------------------------------------------------------
+    def create(self, rel: str, flags: int, mode: int, caller: Caller) -> int:
+        """Create a regular file; return an fd on it opened with ``flags``."""
+        self._prepare_new(rel)
+        fds: list[int] = []
+        access = flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+
+        def make(layer, where: str) -> None:
+            fds.append(layer.do_create(where, access | os.O_EXCL, stat.S_IMODE(mode)))
+
+        with self.fs.ns_lock:
+            try:
+                self._place_new(rel, make, caller, stat.S_IFREG | stat.S_IMODE(mode))
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self._done()
+        return fds[0]
+
+    def mknod(self, rel: str, mode: int, device: int, caller: Caller) -> None:
+        self._prepare_new(rel)
+        if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
+            mode = stat.S_IFREG | stat.S_IMODE(mode)
+        with self.fs.ns_lock:
+            self._place_new(rel, lambda layer, where: layer.do_mknod(where, mode, device), caller, mode)
+            self._done()
+
+    def mkdir(self, rel: str, mode: int, caller: Caller) -> None:
+        self._prepare_new(rel)
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        with self.fs.ns_lock:
+            self._place_new(rel, lambda layer, where: layer.do_mkdir(where, stat.S_IMODE(mode)), caller,
+                            mode, is_dir=True)
+            self._done()
+
+    def symlink(self, target: str, rel: str, caller: Caller) -> None:
+        self._prepare_new(rel)
+        with self.fs.ns_lock:
+            self._place_new(rel, lambda layer, where: layer.do_symlink(target, where), caller,
+                            stat.S_IFLNK | 0o777)
+            self._done()
+
+    def link(self, src_rel: str, dst_rel: str) -> None:
+        self.fs.require_writable()
+        src = self.fs.lookup.lookup(src_rel)
+        if not src.exists:
+            raise OSError(errno.ENOENT, "no such file", src_rel)
+        if src.is_dir:
+            raise OSError(errno.EPERM, "hard link to a directory", src_rel)
+        self._prepare_new(dst_rel)
+        self.fs.copyup.ensure_upper(src_rel)
+        upper = self.fs.stack.upper
+        assert upper is not None
+        with self.fs.ns_lock:
+            src = self.fs.lookup.lookup(src_rel)
+            if src.upper is None:
+                raise OSError(errno.ENOENT, "source changed during link", src_rel)
+            self._place_new(dst_rel, lambda layer, where: do_link(upper, src_rel, layer, where),
+                            None, src.st.st_mode)
+            self._done()
+        self.fs.invalidate_path(src_rel)  # the source's FUSE node caches the old st_nlink
+
+    # -- removal ------------------------------------------------------------------------------
+    def unlink(self, rel: str) -> None:
+        self.fs.require_writable()
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "no such file", rel)
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory", rel)
+        self.fs.copyup.ensure_parent(rel)
+        with self.fs.ns_lock:
+            node = self.fs.lookup.lookup(rel)
+            if not node.exists:
+                raise OSError(errno.ENOENT, "no such file", rel)
+            self._remove(node, self.lower_exists(rel))
+            self.fs.unlinked(node)
+            self._done()
+
+    def rmdir(self, rel: str) -> None:
+        self.fs.require_writable()
+        if not rel:
+            raise OSError(errno.EBUSY, "cannot remove the mount root")
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "no such directory", rel)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory", rel)
+        self.fs.copyup.ensure_parent(rel)
+        with self.fs.ns_lock:
+            node = self.fs.lookup.lookup(rel)
+            if not node.is_dir:
+                raise OSError(errno.ENOENT, "no such directory", rel)
+            if merged_listing(node, self.fs.inos, self.fs.prefix):
+                raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
+            self._remove(node, bool(node.lowers) or self.lower_exists(rel))
+            self._done()
+
+    def _remove(self, node: Node, lower_exists: bool) -> None:
+        """Remove the object at ``node`` from the merged view, leaving a whiteout if needed."""
+        upper, work = self.fs.stack.upper, self.fs.stack.work
+        assert upper is not None and work is not None
+        rel = node.rel
+        if node.upper is None:
+            whiteout.make_whiteout(upper, rel)  # lower-only: the name is free in upper
+            return
+        if node.is_dir:
+            tmp = self._tmp()
+            if lower_exists:
+                whiteout.make_whiteout(work, tmp)
+                do_rename(work, tmp, upper, rel, sysapi.RENAME_EXCHANGE)
+            else:
+                do_rename(upper, rel, work, tmp)
+            work.do_remove_tree(tmp)  # the old upper dir holds at most whiteouts
+            return
+        if lower_exists:
+            tmp = self._tmp()
+            whiteout.make_whiteout(work, tmp)
+            do_rename(work, tmp, upper, rel)  # atomically replaces the upper file
+        else:
+            upper.do_unlink(rel)
+
+    # -- rename -------------------------------------------------------------------------------
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        self.fs.require_writable()
+        if flags & ~sysapi.RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "rename flags other than RENAME_NOREPLACE are not supported")
+        self._check_new_name(new)
+        if old == new:
+            return
+        if new.startswith(old + "/") or not old:
+            raise OSError(errno.EINVAL, "cannot move a directory into itself", new)
+        onode = self.fs.lookup.lookup(old)
+        if not onode.exists:
+            raise OSError(errno.ENOENT, "no such file", old)
+        if onode.is_dir and onode.lowers:
+            raise OSError(errno.EXDEV, "directory exists in a lower layer (redirect_dir=off)", old)
+        nnode = self.fs.lookup.lookup(new)
+        self._check_target(onode, nnode, flags)
+        self.fs.copyup.ensure_upper(old)
+        self.fs.copyup.ensure_parent(new)
+        upper = self.fs.stack.upper
+        assert upper is not None
+        with self.fs.ns_lock:
+            onode = self.fs.lookup.lookup(old)
+            nnode = self.fs.lookup.lookup(new)
+            if onode.upper is None:
+                raise OSError(errno.ENOENT, "source changed during rename", old)
+            self._check_target(onode, nnode, flags)
+            if onode.is_dir and onode.lowers:
+                raise OSError(errno.EXDEV, "directory exists in a lower layer", old)
+            old_lower = self.lower_exists(old)
+            new_lower = bool(nnode.lowers) or nnode.upper_whiteout or self.lower_exists(new)
+            if onode.is_dir and new_lower and not onode.opaque:
+                whiteout.set_opaque(upper, old, self.fs.prefix)
+            if nnode.upper is not None and nnode.is_dir:
+                upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
+            if nnode.upper_whiteout:
+                # swap with the whiteout: it lands at the old name, which needs one if a
+                # lower still has that name, and is dropped otherwise
+                do_rename(upper, old, upper, new, sysapi.RENAME_EXCHANGE)
+                if not old_lower:
+                    upper.do_unlink(old)
+            else:
+                self._move(old, new, old_lower, replace=nnode.upper is not None)
+            if nnode.exists:
+                self.fs.unlinked(nnode)
+            self.fs.renamed(old, new)
+            self._done()
+
+    def _check_target(self, onode: Node, nnode: Node, flags: int) -> None:
+        if not nnode.exists:
+            return
+        if flags & sysapi.RENAME_NOREPLACE:
+            raise OSError(errno.EEXIST, "target exists", nnode.rel)
+        if onode.is_dir and not nnode.is_dir:
+            raise OSError(errno.ENOTDIR, "target is not a directory", nnode.rel)
+        if not onode.is_dir and nnode.is_dir:
+            raise OSError(errno.EISDIR, "target is a directory", nnode.rel)
+        if nnode.is_dir and merged_listing(nnode, self.fs.inos, self.fs.prefix):
+            raise OSError(errno.ENOTEMPTY, "target directory not empty", nnode.rel)
+
+    def _move(self, old: str, new: str, old_lower: bool, *, replace: bool) -> None:
+        upper = self.fs.stack.upper
+        assert upper is not None
+        flags = 0 if replace else sysapi.RENAME_NOREPLACE
+        if old_lower:
+            try:
+                do_rename(upper, old, upper, new, flags | sysapi.RENAME_WHITEOUT)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+            do_rename(upper, old, upper, new, flags)
+            whiteout.make_whiteout(upper, old)
+        else:
+            do_rename(upper, old, upper, new, flags)

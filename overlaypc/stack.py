@@ -1,0 +1,99 @@
+"""The layer stack: upper, workdir and lowers, and the inode-number scheme over them.
+
+Owns: opening the layers, the ``xino`` mapping from (layer filesystem, real inode) to
+an overlay ``st_ino`` that is unique across layers and stable across remounts
+(DESIGN.md §4), and the mount-exclusion locks on upper and workdir.
+
+Inode numbers: when every layer sits on one filesystem ("samefs") the real inode
+number is used unchanged. Otherwise the filesystems are numbered (upper's first, then
+each new lower filesystem, top first) and that number goes in the top bits, as the
+kernel's ``xino`` does; the numbering depends only on the stack, so it is stable across
+remounts of the same stack.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+
+from .layer import Layer
+
+log = logging.getLogger("overlaypc.stack")
+
+
+@dataclass
+class Xino:
+    fsids: dict[int, int] = field(default_factory=dict)
+    bits: int = 0
+    _warned: bool = False
+
+    @classmethod
+    def for_devices(cls, devs: list[int]) -> "Xino":
+        fsids: dict[int, int] = {}
+        for dev in devs:
+            fsids.setdefault(dev, len(fsids))
+        bits = 0 if len(fsids) <= 1 else (len(fsids) - 1).bit_length()
+        return cls(fsids, bits)
+
+    def ino(self, dev: int, ino: int) -> int:
+        if not self.bits:
+            return ino
+        shift = 64 - self.bits
+        if ino >> shift:
+            if not self._warned:
+                log.warning("inode number %d too large for xino; st_ino may collide", ino)
+                self._warned = True
+            ino &= (1 << shift) - 1
+        return ino | (self.fsids.get(dev, 0) << shift)
+
+
+class LayerStack:
+    def __init__(self, lowers: list[str], upper: str | None, work: str | None) -> None:
+        self.upper: Layer | None = None
+        self.work: Layer | None = None
+        self._locks: list[int] = []
+        opened: list[Layer] = []
+        try:
+            if upper:
+                self.upper = Layer(upper, 0, writable=True, name="upper")
+                opened.append(self.upper)
+                assert work is not None
+                self.work = Layer(work, -1, writable=True, name="work")
+                opened.append(self.work)
+            base = 1 if self.upper else 0
+            self.lowers = [Layer(p, base + i, writable=False, name=f"lower{i}") for i, p in enumerate(lowers)]
+            opened.extend(self.lowers)
+        except BaseException:
+            for layer in opened:
+                layer.close()
+            raise
+        self.layers: list[Layer] = ([self.upper] if self.upper else []) + self.lowers
+        self.xino = Xino.for_devices([layer.dev for layer in self.layers])
+
+    @property
+    def samefs(self) -> bool:
+        return self.xino.bits == 0
+
+    def lock(self) -> None:
+        """Take exclusive flocks on upper and workdir; EBUSY if another mount holds them."""
+        for layer in (self.upper, self.work):
+            if layer is None:
+                continue
+            fd = os.open(layer.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise OSError(errno.EBUSY, f"{layer.name}dir {layer.path} is in use by another mount")
+                raise
+            self._locks.append(fd)
+
+    def close(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
+        for layer in self.layers + ([self.work] if self.work else []):
+            layer.close()

@@ -1,0 +1,54 @@
+"""Counters of what the daemon served, for ``overlaypc stats`` and the stats xattr.
+
+Owns: one ``Stats`` object per mount. Counting is a dict update under a lock: cheap
+next to a FUSE round trip.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.counters: Counter[str] = Counter()
+        self.copy_ups: Counter[str] = Counter()
+        self._backing: set[tuple[int, int]] = set()
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += amount
+
+    def copy_up(self, method: str) -> None:
+        with self._lock:
+            self.copy_ups[method] += 1
+
+    def served(self, nbytes: int, backing: tuple[int, int], shared: int = 0) -> None:
+        with self._lock:
+            self.counters["bytes_read"] += nbytes
+            if shared:
+                self.counters["bytes_shared"] += shared
+            if len(self._backing) < 1_000_000:
+                self._backing.add(backing)
+
+    def snapshot(self, **extra: int) -> dict:
+        with self._lock:
+            data = {
+                "uptime_s": round(time.time() - self.started, 1),
+                "bytes_read": self.counters["bytes_read"],
+                "bytes_written": self.counters["bytes_written"],
+                "bytes_shared": self.counters["bytes_shared"],
+                "distinct_backing_inodes": len(self._backing),
+                "handle_switches": self.counters["handle_switches"],
+                "copy_ups": dict(self.copy_ups),
+                "errors": self.counters["errors"],
+            }
+        data.update(extra)
+        return data
+
+    def to_json(self, **extra: int) -> bytes:
+        return json.dumps(self.snapshot(**extra), sort_keys=True).encode()

@@ -1,0 +1,130 @@
+"""Linux system calls the standard library lacks, via ctypes.
+
+Owns: ``openat2`` (confined path resolution), ``renameat2`` (whiteout / exchange /
+noreplace renames), ``name_to_handle_at`` (origin file handles), the ``FICLONE``
+ioctl (reflink) and the filesystem UUID lookup.
+
+Caveats: x86_64 and aarch64 syscall numbers only; every wrapper raises ``OSError``
+with the real errno, nothing else.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import platform
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(platform.machine(), 437)
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}.get(platform.machine(), 316)
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+#: What every layer path is resolved with (DESIGN.md §3).
+RESOLVE_CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
+FICLONE = 0x40049409
+AT_FDCWD = -100
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _check(ret: int, what: str, name: object = None) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", name)
+    return ret
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_CONFINED) -> int:
+    """Open ``path`` beneath ``dirfd`` with ``resolve`` restrictions; return the new fd."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    raw = os.fsencode(path)
+    while True:
+        ret = _libc.syscall(_SYS_OPENAT2, dirfd, raw, ctypes.byref(how), ctypes.sizeof(how))
+        if ret >= 0:
+            return ret
+        err = ctypes.get_errno()
+        if err != 4 and err != 11:  # EINTR, EAGAIN (RESOLVE_CACHED races)
+            raise OSError(err, os.strerror(err), path)
+
+
+def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
+    ret = _libc.syscall(_SYS_RENAMEAT2, olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname),
+                        ctypes.c_uint(flags))
+    _check(ret, "renameat2", oldname)
+
+
+def ficlone(dst_fd: int, src_fd: int) -> None:
+    """Reflink all of ``src_fd`` into ``dst_fd`` (raises OSError when unsupported)."""
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+_AT_EMPTY_PATH = 0x1000
+
+
+def name_to_handle(fd: int) -> tuple[int, bytes]:
+    """Return ``(handle_type, handle_bytes)`` of the object ``fd`` refers to."""
+    fh = _FileHandle(128, 0)
+    mount_id = ctypes.c_int(0)
+    ret = _libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), _AT_EMPTY_PATH)
+    _check(ret, "name_to_handle_at")
+    return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
+
+
+import sys
+_LITTLE = sys.byteorder == "little"
+_FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2), Linux 6.5+
+
+
+def fs_uuid(fd: int) -> bytes:
+    """The 16-byte UUID of the filesystem holding ``fd``; zeros when unknown (e.g. tmpfs)."""
+    buf = bytearray(17)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf)
+    except OSError:
+        return bytes(16)
+    length = buf[0]
+    return bytes(buf[1 : 1 + length]).ljust(16, b"\0")[:16]
+
+
+def ovl_origin_xattr(fd: int) -> bytes | None:
+    """Encode the kernel's ``trusted.overlay.origin`` value (struct ovl_fb, v0) for ``fd``.
+
+    Layout: version(0) magic(0xfb) len flags type uuid[16] fid[]; flags 0 means
+    "CPU byte order, lower inode", which is what a little-endian kernel writes.
+    Returns None where the filesystem cannot export file handles.
+    """
+    try:
+        htype, fid = name_to_handle(fd)
+    except OSError:
+        return None
+    if htype > 255:
+        return None
+    length = 21 + len(fid)
+    header = struct.pack("<BBBBB", 0, 0xFB, length, 0 if _LITTLE else 1, htype)
+    return header + fs_uuid(fd) + fid
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` with any mode (``os.posix_fallocate`` only knows mode 0)."""
+    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")

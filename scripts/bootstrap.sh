@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Set up everything overlaypc needs on this machine, idempotently:
+#   - Debian packages (FUSE 3, filesystem tools, peers to compare with, fio), when root;
+#   - /dev/fuse and the kernel modules fuse, overlay, loop, xfs (best effort);
+#   - a virtualenv at .venv with overlaypc installed editable, plus the test extra
+#     (and the bench extra when called as `bootstrap.sh bench`).
+# A second run with nothing changed does no apt and no pip work.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+EXTRAS="test"
+for arg in "$@"; do
+    case "$arg" in
+        bench) EXTRAS="test,bench" ;;
+        *) echo "usage: $0 [bench]" >&2; exit 2 ;;
+    esac
+done
+
+APT_PACKAGES=(fuse3 libfuse3-3 xfsprogs attr acl e2fsprogs util-linux python3-venv
+              fuse-overlayfs unionfs-fuse fio kmod)
+VENV="$ROOT/.venv"
+STAMP="$VENV/.stamp"
+
+log() { echo "bootstrap: $*"; }
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# Run a noisy command quietly; show its output only if it fails.
+quietly() {
+    local out rc=0
+    out="$(mktemp)"
+    "$@" >"$out" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        cat "$out" >&2
+        log "failed ($rc): $*" >&2
+    fi
+    rm -f "$out"
+    return "$rc"
+}
+
+# --- Debian packages ---------------------------------------------------------
+install_apt_packages() {
+    if ! command -v dpkg-query >/dev/null 2>&1; then
+        log "no dpkg-query (not Debian?): install by hand: ${APT_PACKAGES[*]}"
+        return 0
+    fi
+    local missing=() pkg
+    for pkg in "${APT_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    if ! is_root; then
+        log "not root; missing Debian packages (continuing without them): ${missing[*]}"
+        return 0
+    fi
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    quietly apt-get update
+    quietly apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+# --- /dev/fuse and kernel modules -------------------------------------------
+ensure_dev_fuse() {
+    [ -e /dev/fuse ] && return 0
+    if is_root; then
+        log "creating /dev/fuse"
+        mknod -m 0666 /dev/fuse c 10 229
+    else
+        log "/dev/fuse is missing and we are not root: FUSE mounts will fail"
+    fi
+}
+
+load_modules() {
+    command -v modprobe >/dev/null 2>&1 || return 0
+    is_root || return 0
+    local mod
+    for mod in fuse overlay loop xfs; do
+        modprobe -q "$mod" >/dev/null 2>&1 || true
+    done
+}
+
+# --- virtualenv ----------------------------------------------------------------
+ensure_venv() {
+    # A venv made without ensurepip has no pip: remake it.
+    if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        log "removing broken virtualenv $VENV"
+        rm -rf "$VENV"
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating virtualenv $VENV"
+        if ! quietly python3 -m venv "$VENV"; then
+            rm -rf "$VENV"
+            log "python3 -m venv failed (is python3-venv installed?)" >&2
+            return 1
+        fi
+    fi
+}
+
+# The stamp records which extras were installed; it is current when it is newer
+# than the packaging files and covers every extra asked for now.
+stamp_is_current() {
+    [ -f "$STAMP" ] || return 1
+    [ "$STAMP" -nt setup.cfg ] && [ "$STAMP" -nt pyproject.toml ] || return 1
+    local have extra
+    have="$(cat "$STAMP")"
+    for extra in ${EXTRAS//,/ }; do
+        case ",$have," in *",$extra,"*) ;; *) return 1 ;; esac
+    done
+}
+
+install_python_packages() {
+    if stamp_is_current; then
+        return 0
+    fi
+    log "pip install -e '.[$EXTRAS]' into $VENV"
+    quietly "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
+    # Write the stamp only once the package itself exists: an editable install made
+    # before overlaypc/ existed maps no package and must be redone.
+    if [ -f overlaypc/__init__.py ]; then
+        echo "$EXTRAS" >"$STAMP"
+    else
+        log "warning: overlaypc/ package not found; installed dependencies only"
+    fi
+}
+
+install_apt_packages
+ensure_dev_fuse
+load_modules
+ensure_venv
+install_python_packages
+log "ready ($VENV, extras: $EXTRAS)"

@@ -1,0 +1,241 @@
+"""Bad input to the CLI: exit status 2, one ``overlaypc: error:`` line naming the bad value,
+nothing mounted, nothing written.
+
+Every case runs the daemonizing form (no ``-f``) under a timeout, so a wrongly successful
+mount is noticed and taken down again (helpers.run_overlaypc).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+import helpers
+
+
+@dataclasses.dataclass
+class Env:
+    """A valid stack (lower L, upper U, work W on one filesystem) plus a mountpoint."""
+    tmp: Path
+    lower: Path
+    lower2: Path
+    upper: Path
+    work: Path
+    mnt: Path
+    a_file: Path
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    lower = helpers.build_layer(tmp_path / "lower", {"f.txt": "lower", "d": {"x": "x"}})
+    lower2 = helpers.build_layer(tmp_path / "lower2", {"g.txt": "lower2"})
+    upper = tmp_path / "upper"
+    work = tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    (upper / "kept.txt").write_text("upper content")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("not a directory")
+    return Env(tmp_path, lower, lower2, upper, work, mnt, a_file)
+
+
+def check_refused(env: Env, args: list, bad_values: list, *, watched: tuple = (),
+                  mountpoint: Optional[Path] = None, any_of: bool = False) -> helpers.CliResult:
+    """Run overlaypc with `args` and check the whole error contract.
+
+    `bad_values`: strings the error line must contain (all of them, or one with `any_of`).
+    `watched`: extra directories that must be unchanged (upper, work, lowers, mnt always are).
+    """
+    mnt = mountpoint or env.mnt
+    dirs = {str(p): p for p in (env.lower, env.lower2, env.upper, env.work, env.mnt, mnt,
+                                *watched)}
+    before = {k: helpers.dir_state(p) for k, p in dirs.items()}
+    mounts_before = helpers.mounts_at(mnt)
+
+    res = helpers.run_overlaypc(args, mnt, env.tmp)
+
+    detail = (f"command: {' '.join(res.args)}\nexit status: {res.returncode}\n"
+              f"stderr: {res.stderr!r}\nstdout: {res.stdout!r}")
+    assert not res.timed_out, "overlaypc neither failed nor returned within the timeout\n" + detail
+    assert not res.wrongly_mounted, "overlaypc mounted despite bad input\n" + detail
+    assert res.returncode == 2, detail
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, "expected exactly one line on stderr\n" + detail
+    line = lines[0]
+    assert line.startswith("overlaypc: error:"), detail
+    hits = [v for v in map(str, bad_values) if v in line]
+    if any_of:
+        assert hits, f"error line names none of {bad_values}\n" + detail
+    else:
+        assert hits == [str(v) for v in bad_values], \
+            f"error line must name {bad_values}\n" + detail
+    assert helpers.mounts_at(mnt) == mounts_before, "mount table changed at the mountpoint"
+    for k, p in dirs.items():
+        assert helpers.dir_state(p) == before[k], f"{k} was changed by a refused invocation"
+    return res
+
+
+def opts(*parts: str) -> str:
+    return ",".join(parts)
+
+
+# --- option errors ---------------------------------------------------------------------
+
+def test_missing_lowerdir(env: Env):
+    check_refused(env, ["-o", opts(f"upperdir={env.upper}", f"workdir={env.work}"), env.mnt],
+                  ["lowerdir"])
+
+
+def test_no_options_at_all(env: Env):
+    check_refused(env, [env.mnt], ["lowerdir"])
+
+
+def test_lower_is_a_file(env: Env):
+    check_refused(env, ["-o", f"lowerdir={env.lower}:{env.a_file}", env.mnt], [env.a_file])
+
+
+def test_lower_missing(env: Env):
+    missing = env.tmp / "no-such-lower"
+    check_refused(env, ["-o", f"lowerdir={missing}", env.mnt], [missing])
+    assert not missing.exists()
+
+
+def test_upper_without_work(env: Env):
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}"), env.mnt],
+                  ["workdir"])
+
+
+def test_work_without_upper(env: Env):
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"workdir={env.work}"), env.mnt],
+                  ["upperdir"])
+
+
+def test_upper_missing(env: Env):
+    missing = env.tmp / "no-such-upper"
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={missing}",
+                                   f"workdir={env.work}"), env.mnt], [missing])
+    assert not missing.exists(), "a missing upperdir must not be created"
+
+
+def test_work_missing(env: Env):
+    missing = env.tmp / "no-such-work"
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                   f"workdir={missing}"), env.mnt], [missing])
+    assert not missing.exists(), "a missing workdir must not be created"
+
+
+def test_upper_and_work_on_different_filesystems(env: Env, tmpfs_factory):
+    other_fs_work = tmpfs_factory() / "work"
+    other_fs_work.mkdir()
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                   f"workdir={other_fs_work}"), env.mnt],
+                  [other_fs_work, env.upper], any_of=True, watched=(other_fs_work,))
+
+
+def test_work_inside_upper(env: Env):
+    work = env.upper / "work"
+    work.mkdir()
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                   f"workdir={work}"), env.mnt], [work])
+
+
+def test_upper_inside_a_lower(env: Env):
+    upper = env.lower / "up"
+    upper.mkdir()
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower2}:{env.lower}", f"upperdir={upper}",
+                                   f"workdir={env.work}"), env.mnt], [upper])
+
+
+@pytest.mark.parametrize("option, bad", [
+    ("frobnicate", "frobnicate"),
+    ("frobnicate=1", "frobnicate"),
+    ("cache=bogusmode", "bogusmode"),
+    ("handles=bogushandles", "bogushandles"),
+])
+def test_unknown_or_bad_option(env: Env, option: str, bad: str):
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                   f"workdir={env.work}", option), env.mnt], [bad])
+
+
+# --- mountpoint and exclusivity ----------------------------------------------------------
+
+def test_mountpoint_already_a_mount(env: Env):
+    helpers.require("root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(env.mnt)], check=True)
+    try:
+        assert [m.fstype for m in helpers.mounts_at(env.mnt)] == ["tmpfs"]
+        check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                       f"workdir={env.work}"), env.mnt], [env.mnt])
+        assert [m.fstype for m in helpers.mounts_at(env.mnt)] == ["tmpfs"]
+    finally:
+        helpers.force_unmount(env.mnt)
+
+
+def test_upper_and_work_in_use_by_another_mount(env: Env, overlay_mount, mountpoint):
+    first = overlay_mount(opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                               f"workdir={env.work}"))
+    second_mnt = mountpoint("second")
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                   f"workdir={env.work}"), second_mnt],
+                  [env.upper, env.work], any_of=True, mountpoint=second_mnt)
+    assert helpers.is_mounted(first.path, helpers.FSTYPE), "first mount must be unaffected"
+    assert (first.path / "f.txt").read_text() == "lower"
+
+
+def test_upper_in_use_with_another_workdir(env: Env, overlay_mount, mountpoint):
+    overlay_mount(opts(f"lowerdir={env.lower}", f"upperdir={env.upper}", f"workdir={env.work}"))
+    work2 = env.tmp / "work2"
+    work2.mkdir()
+    second_mnt = mountpoint("second")
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                   f"workdir={work2}"), second_mnt],
+                  [env.upper], mountpoint=second_mnt, watched=(work2,))
+
+
+def test_work_in_use_with_another_upper(env: Env, overlay_mount, mountpoint):
+    overlay_mount(opts(f"lowerdir={env.lower}", f"upperdir={env.upper}", f"workdir={env.work}"))
+    upper2 = env.tmp / "upper2"
+    upper2.mkdir()
+    second_mnt = mountpoint("second")
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={upper2}",
+                                   f"workdir={env.work}"), second_mnt],
+                  [env.work], mountpoint=second_mnt, watched=(upper2,))
+
+
+# --- YAML stack files ----------------------------------------------------------------------
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_stack_yaml_malformed(env: Env):
+    bad = write(env.tmp / "broken.yaml", f"lowers: [{env.lower}, {env.lower2}\nupper: [\n")
+    check_refused(env, ["--stack", bad, env.mnt], [bad])
+
+
+def test_stack_yaml_unknown_key(env: Env):
+    bad = write(env.tmp / "unknown.yaml",
+                f"lowers: [{env.lower}]\nfrobnicate_key: 1\n")
+    check_refused(env, ["--stack", bad, env.mnt], ["frobnicate_key"])
+
+
+def test_stack_yaml_not_a_mapping(env: Env):
+    bad = write(env.tmp / "list.yaml", f"- {env.lower}\n- {env.lower2}\n")
+    check_refused(env, ["--stack", bad, env.mnt], [bad])
+
+
+def test_stack_yaml_missing_file(env: Env):
+    missing = env.tmp / "no-such-stack.yaml"
+    check_refused(env, ["--stack", missing, env.mnt], [missing])
+
+
+def test_stack_yaml_bad_lower(env: Env):
+    bad = write(env.tmp / "badlower.yaml", f"lowers: [{env.lower}, {env.a_file}]\n")
+    check_refused(env, ["--stack", bad, env.mnt], [env.a_file])
