@@ -4,7 +4,8 @@ and ``overlaypc stats MOUNTPOINT [--json]``.
 Owns: argument parsing (also in the form mount(8) uses for helpers: ``overlaypc SOURCE
 MOUNTPOINT -o OPTS``), logging set-up, and exit statuses: bad input prints one line
 ``overlaypc: error: ...`` and exits 2 with nothing mounted and nothing written.
-A daemonized mount logs to ``-o logfile=PATH`` or else to syslog.
+A daemonized mount logs to ``-o logfile=PATH``, else to syslog, else (no ``/dev/log``)
+to ``/var/log/overlaypc.log``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import sys
 
 from . import faults
-from .config import ConfigError, MountConfig, apply_options, load_stack, validate
+from .config import ConfigError, MountConfig, apply_options, load_stack, mounted_paths, validate
 
 USAGE = """overlaypc [-f] [-d] [-o lowerdir=A:B,upperdir=U,workdir=W[,opt...]] [SOURCE] MOUNTPOINT
        overlaypc --stack FILE.yaml [-f] [-d] [-o opt,...] MOUNTPOINT
@@ -41,6 +42,7 @@ overlay options:
 generic mount options (defaults, nofail, noatime, nodev, nosuid, noexec, _netdev, x-*,
 ...) are accepted."""
 
+FALLBACK_LOG = "/var/log/overlaypc.log"
 KERNEL_FLAGS = {"nodev", "nosuid", "noexec", "noatime", "dirsync", "sync"}
 
 
@@ -101,8 +103,11 @@ def _setup_logging(cfg: MountConfig) -> None:
             syslog.setLevel(level)
             root.addHandler(syslog)
         else:
-            print("overlaypc: warning: no syslog (/dev/log) and no -o logfile=PATH: "
-                  "the daemon's warnings will be lost", file=sys.stderr)
+            try:  # no syslog daemon here: keep warnings in a well-known file instead
+                handlers.append(logging.FileHandler(FALLBACK_LOG))
+            except OSError:
+                print("overlaypc: warning: no syslog (/dev/log) and no -o logfile=PATH: "
+                      "the daemon's warnings will be lost", file=sys.stderr)
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
@@ -118,7 +123,6 @@ def mount_main(argv: list[str]) -> int:
         print(f"overlaypc: error: {e}", file=sys.stderr)
         return 2
     os.umask(0)
-    _setup_logging(cfg)
     faults.configure(os.environ.get("OVERLAYPC_FAULTS"))
     from .core import OverlayFS  # imports the binding only when mounting
     try:
@@ -132,6 +136,7 @@ def mount_main(argv: list[str]) -> int:
         fs.close()
         print(f"overlaypc: error: {e.strerror if e.filename is None and e.strerror else e}", file=sys.stderr)
         return 2
+    _setup_logging(cfg)
     from .fuse_adapter import serve
     flags = [g for g in cfg.generic if g in KERNEL_FLAGS]
     if os.geteuid() == 0:
@@ -141,6 +146,10 @@ def mount_main(argv: list[str]) -> int:
     try:
         serve(fs, foreground=cfg.foreground, mount_flags=flags)
     except RuntimeError as e:
+        if str(e) == "8" and cfg.mountpoint not in mounted_paths():
+            # libfuse's loop ended by SIGTERM/SIGINT/SIGHUP and it has unmounted: a clean stop
+            logging.getLogger("overlaypc").info("stopped by signal; %s unmounted", cfg.mountpoint)
+            return 0
         logging.getLogger("overlaypc").error("mount of %s failed: %s", cfg.mountpoint, e)
         print(f"overlaypc: error: mount of {cfg.mountpoint} failed (libfuse status {e})", file=sys.stderr)
         return 1

@@ -39,7 +39,10 @@ def oci_whiteout_for(rel: str) -> str:
 
 
 def has_oci_whiteout(layer: Layer, rel: str) -> bool:
-    return layer.lstat(oci_whiteout_for(rel)) is not None
+    marker = oci_whiteout_for(rel)
+    if len(os.fsencode(split(marker)[1])) > 255:
+        return False  # a name of 252+ bytes cannot have a .wh. marker
+    return layer.lstat(marker) is not None
 
 
 def is_opaque(layer: Layer, rel: str, prefix: str, *, oci: bool) -> bool:
