@@ -82,6 +82,7 @@ class Attributes:
 
     def truncate(self, rel: str, length: int) -> None:
         layer, urel = self._upper(rel)
+        self.fs.drop_extents(rel)
         layer.do_truncate(urel, length)
         self.fs.data_changed_by_path(rel)
 

@@ -34,6 +34,8 @@ overlay options:
   cache=kernel      (default) FUSE page cache per file: fastest warm reads, MAP_SHARED works
   cache=shared      direct_io: reads served from the layers' own page cache, one copy for
                     many mounts; MAP_SHARED is not available (ENODEV)
+  sharing=on|off    (default on) read reflinked (shared) extents from one canonical
+                    lower file, so their pages are cached once
   handles=reopen    (default) open files follow copy-up; bind-at-open reproduces the old
                     stale-read bug on purpose (debugging, demos)
   userxattr         use user.overlay.* instead of trusted.overlay.* (as the kernel)

@@ -37,7 +37,7 @@ class MountConfig:
     logfile: str | None = None
     debug: bool = False
     foreground: bool = False
-    fsync_dirs: bool = True
+    sharing: bool = True
     generic: list[str] = field(default_factory=list)
 
     @property
@@ -89,6 +89,14 @@ def _flag(attr: str, on: bool = True) -> Callable[[MountConfig, str | None], Non
     return apply
 
 
+def _on_off(attr: str) -> Callable[[MountConfig, str | None], None]:
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        if value not in ("on", "off"):
+            raise ConfigError(f"bad value {attr}={value!r}: expected on or off")
+        setattr(cfg, attr, value == "on")
+    return apply
+
+
 def _set_lowers(cfg: MountConfig, value: str | None) -> None:
     if not value:
         raise ConfigError("option lowerdir needs at least one path")
@@ -119,6 +127,7 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "handles": _choice("handles", HANDLE_MODES),
     "userxattr": _flag("userxattr"),
     "volatile": _flag("volatile"),
+    "sharing": _on_off("sharing"),
     "logfile": _set_logfile,
     "redirect_dir": _off_only("redirect_dir"),
     "index": _off_only("index"),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
+import stat
 import logging
 import threading
 from typing import Callable
@@ -26,10 +28,12 @@ from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeTable, OverlayInode
 from .inumbers import InodeNumbers
+from .layer import split
 from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
 from .readdir import DirEntry, merged_listing
 from .stack import LayerStack
+from .sharing import Canonical, ExtentMap, map_file
 from .stats import Stats
 
 log = logging.getLogger("overlaypc.core")
@@ -52,6 +56,7 @@ class OverlayFS:
             self.copyup = CopyUp(self.stack, self.lookup, self.ns_lock, self.stats,
                                  xattr_prefix=self.prefix, volatile=config.volatile,
                                  ino_of=self.inos.ino_of, on_copied=self._copied)
+        self.sharing: ExtentMap | None = ExtentMap() if config.sharing else None
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.files = Files(self)
@@ -69,6 +74,8 @@ class OverlayFS:
             clean_workdir(self.stack.work)
 
     def close(self) -> None:
+        if self.sharing is not None:
+            self.sharing.close()
         self.stack.close()
 
     # -- cross-cutting rules ----------------------------------------------------------------------
@@ -87,6 +94,38 @@ class OverlayFS:
         inode.seen = {via: inode.data_version}
         for path in others:
             self.invalidate_path(path)
+
+    def _live_inode(self, rel: str) -> OverlayInode | None:
+        node = self.lookup.lookup(rel)
+        return self.inodes.get(self.inos.ino_of(node)) if node.exists else None
+
+    def drop_extents(self, rel: str) -> None:
+        """Forget the sharing map of ``rel`` before it changes by path (truncate)."""
+        inode = self._live_inode(rel)
+        if inode is not None:
+            with inode.lock:
+                inode.extents_epoch += 1
+                inode.extents = None
+
+    def register_origin(self, rel: str) -> None:
+        """Make the lower file at ``rel`` (an upper file's copy-up origin) canonical for
+        the extents it shares with it."""
+        if self.sharing is None or not rel:
+            return
+        for pentry in self.lookup.directory(split(rel)[0]).lowers:
+            st = pentry.layer.lstat(rel)
+            if st is None:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                return
+            fd = pentry.layer.open(rel, os.O_RDONLY)
+            try:
+                fx = map_file(fd, writable=False)
+            finally:
+                os.close(fd)
+            if fx is not None:
+                self.sharing.register(Canonical(pentry.layer, rel, fx.dev, fx.ino), fx.extents)
+            return
 
     def data_changed_by_path(self, rel: str) -> None:
         node = self.lookup.lookup(rel)
@@ -118,7 +157,9 @@ class OverlayFS:
                 inode.seen[new + path[len(old):]] = inode.seen.pop(path)
 
     def stats_json(self) -> bytes:
-        return self.stats.to_json(open_handles=len(self.handles), live_inodes=len(self.inodes))
+        return self.stats.to_json(open_handles=len(self.handles), live_inodes=len(self.inodes),
+                                  extent_map_intervals=len(self.sharing) if self.sharing else 0,
+                                  cache_mode=self.config.cache)
 
     # -- the operations ---------------------------------------------------------------------------
     def getattr(self, rel: str, fh: int | None = None) -> dict:

@@ -20,6 +20,7 @@ from .attrs import stat_dict
 from .handles import Handle
 from .inodes import OverlayInode
 from .namespace import Caller
+from .sharing import NOT_SHARED, Canonical, Piece, map_file
 
 if TYPE_CHECKING:
     from .core import OverlayFS
@@ -95,28 +96,92 @@ class Files:
 
     def readinto(self, fh: int, buf: memoryview, offset: int) -> int:
         handle = self.fs.handles.get(fh)
-        n = os.preadv(self._fd(handle), [buf], offset)
-        self.fs.stats.served(n, (handle.inode.layer.index, handle.inode.ino))
+        fd = self._fd(handle)
+        inode = handle.inode
+        sharing = self.fs.sharing
+        if sharing is not None and handle.follow:
+            fx = inode.extents
+            if fx is None:
+                fx = self._map(inode, fd)
+            if fx is not NOT_SHARED:
+                plan = sharing.plan(fx, offset, len(buf))
+                if plan is not None:
+                    return self._read_plan(inode, fd, plan, buf, offset)
+        n = os.preadv(fd, [buf], offset)
+        self.fs.stats.served(n, (inode.layer.index, inode.ino))
         return n
+
+    def _map(self, inode: OverlayInode, fd: int):
+        """Map the inode's backing with FIEMAP; register canonical owners of its extents."""
+        epoch = inode.extents_epoch
+        fx = map_file(fd, writable=inode.in_upper)
+        result: object = NOT_SHARED
+        if fx is not None and fx.has_shared:
+            if inode.in_upper:
+                self.fs.register_origin(inode.rel)
+            else:
+                self.fs.sharing.register(Canonical(inode.layer, inode.rel, fx.dev, fx.ino), fx.extents)
+            result = fx
+        with inode.lock:
+            if inode.extents_epoch == epoch:  # no write raced with the mapping
+                inode.extents = result
+        return result
+
+    def _read_plan(self, inode: OverlayInode, fd: int, plan: list[Piece], buf: memoryview,
+                   offset: int) -> int:
+        done = shared = 0
+        for piece in plan:
+            view = buf[done:done + piece.length]
+            n = 0
+            if piece.fd is not None:
+                n = os.preadv(piece.fd, [view], piece.offset)
+                shared += n
+            if n < piece.length:  # own data, or the canonical file ended early
+                n += os.preadv(fd, [view[n:]], offset + done + n)
+            done += n
+            if n < piece.length:
+                break
+        self.fs.stats.served(done, (inode.layer.index, inode.ino), shared)
+        return done
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self.fs.handles.get(fh)
-        n = os.pwrite(self._fd(handle), data, offset)
+        fd = self._fd(handle)
+        self._unshare(handle, offset, len(data))
+        n = os.pwrite(fd, data, offset)
         self.fs.stats.add("bytes_written", n)
         self.changed(handle)
         return n
+
+    def _unshare(self, handle: Handle, offset: int | None, length: int = 0) -> None:
+        """Drop [offset, offset+length) (None: everything) from the sharing map *before*
+        the file changes, so no read can be redirected over new data."""
+        inode = handle.inode
+        with inode.lock:
+            inode.extents_epoch += 1
+            fx = inode.extents
+            if fx is None or fx is NOT_SHARED:
+                return
+            if offset is None or handle.flags & os.O_APPEND:
+                inode.extents = None
+            else:
+                inode.extents = fx.without(offset, offset + length, max(fx.size, offset + length))
 
     def changed(self, handle: Handle) -> None:
         self.fs.data_changed(handle.inode, handle.path)
 
     def truncate(self, fh: int, length: int) -> None:
         handle = self.fs.handles.get(fh)
-        os.ftruncate(self._fd(handle), length)
+        fd = self._fd(handle)
+        self._unshare(handle, None)
+        os.ftruncate(fd, length)
         self.changed(handle)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         handle = self.fs.handles.get(fh)
-        sysapi.fallocate(self._fd(handle), mode, offset, length)
+        fd = self._fd(handle)
+        self._unshare(handle, None)
+        sysapi.fallocate(fd, mode, offset, length)
         self.changed(handle)
 
     def fsync(self, fh: int, datasync: bool) -> None:

@@ -32,6 +32,10 @@ class OverlayInode:
     refs: int = 0
     data_version: int = 0
     unlinked: bool = False
+    #: extent mapping of the current backing for page-cache sharing: None = not mapped
+    #: yet; ``sharing.NOT_SHARED`` = mapped, nothing shared (the fast path)
+    extents: object = None
+    extents_epoch: int = 0
     #: merged path -> data version the kernel's page cache of that FUSE node holds
     seen: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -47,6 +51,8 @@ class OverlayInode:
             old = self.path_fd
             self.layer, self.rel, self.path_fd = entry.layer, entry.rel, new_fd
             self.generation += 1
+            self.extents = None
+            self.extents_epoch += 1
         os.close(old)
 
     def moved(self, rel: str) -> None:

@@ -35,7 +35,7 @@ class Stats:
             if len(self._backing) < 1_000_000:
                 self._backing.add(backing)
 
-    def snapshot(self, **extra: int) -> dict:
+    def snapshot(self, **extra: object) -> dict:
         with self._lock:
             data = {
                 "uptime_s": round(time.time() - self.started, 1),
@@ -50,5 +50,5 @@ class Stats:
         data.update(extra)
         return data
 
-    def to_json(self, **extra: int) -> bytes:
+    def to_json(self, **extra: object) -> bytes:
         return json.dumps(self.snapshot(**extra), sort_keys=True).encode()
