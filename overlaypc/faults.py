@@ -5,7 +5,10 @@ lookup. Tests arm it through the ``OVERLAYPC_FAULTS`` environment variable, read
 at mount: ``point=action[,point=action]`` where action is ``pause`` (stop the daemon
 with SIGSTOP so a test can kill -9 it exactly there), ``eio`` (raise EIO), ``enospc``,
 or ``crash`` (raise RuntimeError, to test that unexpected errors become EIO).
-Points may carry a byte threshold: ``copyup.data@1048576=pause``.
+Points may carry a byte threshold (``copyup.data@1048576=pause``) and a path filter
+(``file.read~broken=eio``: only when the path involved contains "broken").
+Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.rename``,
+``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Callable
 
 _hooks: dict[str, Callable[..., None]] = {}
 _thresholds: dict[str, int] = {}
+_filters: dict[str, str] = {}
 
 
 def hit(point: str, *args: object, progress: int | None = None) -> None:
@@ -24,6 +28,9 @@ def hit(point: str, *args: object, progress: int | None = None) -> None:
         return
     limit = _thresholds.get(point)
     if limit is not None and (progress is None or progress < limit):
+        return
+    wanted = _filters.get(point)
+    if wanted is not None and not any(isinstance(a, str) and wanted in a for a in args):
         return
     hook(point, *args)
 
@@ -50,9 +57,13 @@ def _action(name: str) -> Callable[..., None]:
 def configure(spec: str | None) -> None:
     _hooks.clear()
     _thresholds.clear()
+    _filters.clear()
     for item in filter(None, (spec or "").split(",")):
         point, _, action = item.partition("=")
+        point, _, wanted = point.partition("~")
         point, _, threshold = point.partition("@")
+        if wanted:
+            _filters[point] = wanted
         _hooks[point] = _action(action)
         if threshold:
             _thresholds[point] = int(threshold)

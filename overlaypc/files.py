@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import sysapi
+from . import faults, sysapi
 from .attrs import stat_dict
 from .handles import Handle
 from .inodes import OverlayInode
@@ -98,6 +98,7 @@ class Files:
         handle = self.fs.handles.get(fh)
         fd = self._fd(handle)
         inode = handle.inode
+        faults.hit("file.read", inode.rel)
         sharing = self.fs.sharing
         if sharing is not None and handle.follow:
             fx = inode.extents
@@ -147,6 +148,7 @@ class Files:
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self.fs.handles.get(fh)
         fd = self._fd(handle)
+        faults.hit("file.write", handle.inode.rel)
         self._unshare(handle, offset, len(data))
         n = os.pwrite(fd, data, offset)
         self.fs.stats.add("bytes_written", n)

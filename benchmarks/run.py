@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""overlaypc benchmark suite (issue 7), side by side with the systems users would pick instead.
+
+    python benchmarks/run.py [--quick] [--systems a,b] [--reps N] [--out results.json]
+
+Systems (each only when present): overlaypc-kernel (default cache=kernel), overlaypc-shared
+(cache=shared), kernel-overlay (mount -t overlay), fuse-overlayfs, unionfs-fuse. Same lower data
+for all; systems interleaved per repetition (the starting system rotates); every repetition
+mounts each system afresh with an empty upper. Prints a markdown table, workload x system,
+"median (min-max) ratio", the ratio being the system's median over fuse-overlayfs's.
+
+Workloads: sequential read of a 1 GiB lower file cold (after drop_caches) and warm (MB/s);
+4 KiB random reads with fio, warm (IOPS); find+stat over 10k files in 100 dirs, cold and warm;
+create+write+close of 5k files, then unlink of them (ops/s); copy-up of a 1 GiB lower file by
+open(O_RDWR) on XFS with reflink and on ext4 (loop images, ms); untar of a ~20 MB source tree
+into the mount and grep -r over it (s). ``--quick`` shrinks the sizes (see QUICK below).
+Needs root (mounts, drop_caches, loop devices).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (ALL_SYSTEMS, GiB, MiB, Metric, Watchdog, Workspace, drop_caches,  # noqa: E402
+                    fs_dev, log, loop_fs, machine_info, markdown_table, read_file, rotated, run,
+                    select_systems, timer, write_file, write_json)
+
+FULL = dict(seq_size=1 * GiB, fio_runtime=10, tree_dirs=100, tree_files=10_000, create_files=5_000,
+            copyup_size=1 * GiB, tar_bytes=20 * MiB, reps=3)
+QUICK = dict(seq_size=256 * MiB, fio_runtime=2, tree_dirs=20, tree_files=2_000, create_files=1_000,
+             copyup_size=256 * MiB, tar_bytes=5 * MiB, reps=3)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+def make_tree(root: str, dirs: int, files: int) -> int:
+    """``files`` small files spread over ``dirs`` directories; returns the number of entries."""
+    per = files // dirs
+    for d in range(dirs):
+        dp = os.path.join(root, f"d{d:03d}")
+        os.makedirs(dp, exist_ok=True)
+        for i in range(per):
+            with open(os.path.join(dp, f"f{i:05d}"), "wb") as f:
+                f.write(b"x" * (64 + i % 512))
+    return dirs + dirs * per + 1
+
+
+def make_tarball(path: str, target: int) -> tuple[int, int]:
+    """A tar of Python source files from the system's stdlib, about ``target`` bytes of data."""
+    srcs = sorted(d for d in (f"/usr/lib/python3.{v}" for v in range(20, 5, -1)) if os.path.isdir(d))
+    if not srcs:
+        srcs = [os.path.dirname(os.__file__)]
+    base = srcs[-1]
+    total = count = 0
+    with tarfile.open(path, "w") as tar:
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            if "site-packages" in dirnames:
+                dirnames.remove("site-packages")
+            for name in sorted(filenames):
+                if not name.endswith((".py", ".txt", ".cfg", ".toml", ".c", ".h")):
+                    continue
+                p = os.path.join(dirpath, name)
+                if not os.path.isfile(p) or os.path.islink(p):
+                    continue
+                tar.add(p, arcname=os.path.relpath(p, os.path.dirname(base)), recursive=False)
+                total += os.path.getsize(p)
+                count += 1
+                if total >= target:
+                    return total, count
+    return total, count
+
+
+# -- workloads ------------------------------------------------------------------------------------
+
+def find_stat(root: str) -> int:
+    """find + stat of every entry below ``root`` (GNU find, -printf needs the stat); entry count."""
+    r = run(["find", root, "-printf", "%s %m %i\n"], timeout=600)
+    return r.stdout.count("\n")
+
+
+def fio_randread(path: str, size: int, runtime: int) -> float:
+    r = run(["fio", "--name=randread", "--rw=randread", "--bs=4k", f"--size={size}",
+             f"--runtime={runtime}", "--time_based", "--ioengine=psync", f"--filename={path}",
+             "--readonly", "--invalidate=0", "--output-format=json"], timeout=runtime + 120)
+    data = json.loads(r.stdout[r.stdout.index("{"):])
+    return float(data["jobs"][0]["read"]["iops"])
+
+
+def create_files(d: str, n: int) -> float:
+    os.makedirs(d, exist_ok=True)
+    payload = b"y" * 1024
+    with timer() as t:
+        for i in range(n):
+            fd = os.open(os.path.join(d, f"n{i:05d}"), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+            os.write(fd, payload)
+            os.close(fd)
+    return n / t[0]
+
+
+def unlink_files(d: str, n: int) -> float:
+    with timer() as t:
+        for i in range(n):
+            os.unlink(os.path.join(d, f"n{i:05d}"))
+    return n / t[0]
+
+
+def step(metric: Metric, system: str, mount, seconds: float, fn):
+    """Run one measurement under a watchdog; record its value or its error."""
+    try:
+        with Watchdog(mount, seconds) as wd:
+            value = fn()
+        if wd.fired:
+            raise TimeoutError(f"hung > {seconds} s; daemon killed")
+        metric.add(system, value)
+        return value
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures and carries on
+        msg = f"{type(e).__name__}: {e}"
+        if isinstance(e, subprocess.CalledProcessError):
+            msg += f" stderr={e.stderr.strip()[-300:]!r}"
+        log(f"{system} {metric.key}: {msg}")
+        metric.error(system, msg)
+        if wd_fired(mount):
+            raise
+        return None
+
+
+def wd_fired(mount) -> bool:
+    return mount.proc is not None and mount.proc.poll() is not None
+
+
+def main_workloads(system, rep: int, ws: Workspace, lower: str, data: dict, cfg: dict,
+                   M: dict[str, Metric], extra: dict) -> None:
+    name = system.name
+    base = ws.sub("runs", f"{rep}-{name}")
+    upper, work, mnt = (os.path.join(base, x) for x in ("upper", "work", "mnt"))
+    t_mount = time.perf_counter()
+    try:
+        with system.mount(lower, upper, work, mnt) as m:
+            M["mount"].add(name, (time.perf_counter() - t_mount) * 1e3)
+            dev = fs_dev(mnt)
+            ra = None
+            if dev and os.path.exists(f"/sys/class/bdi/{dev}/read_ahead_kb"):
+                with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+                    ra = int(f.read())
+            extra.setdefault("read_ahead_kb", {})[name] = ra
+            tree, big = os.path.join(mnt, "tree"), os.path.join(mnt, "big")
+
+            def find_cold():
+                drop_caches()
+                with timer() as t:
+                    n = find_stat(tree)
+                if n != data["tree_entries"]:
+                    raise RuntimeError(f"find saw {n} entries, expected {data['tree_entries']}")
+                return n / t[0]
+
+            def find_warm():
+                with timer() as t:
+                    n = find_stat(tree)
+                return n / t[0]
+
+            def seq_cold():
+                drop_caches()
+                with timer() as t:
+                    n = read_file(big)
+                if n != cfg["seq_size"]:
+                    raise RuntimeError(f"read {n} bytes, expected {cfg['seq_size']}")
+                return n / t[0] / 1e6
+
+            def seq_warm():
+                with timer() as t:
+                    n = read_file(big)
+                return n / t[0] / 1e6
+
+            step(M["find_cold"], name, m, 300, find_cold)
+            step(M["find_warm"], name, m, 300, find_warm)
+            step(M["seq_cold"], name, m, 300, seq_cold)
+            step(M["seq_warm"], name, m, 300, seq_warm)
+            step(M["fio_warm"], name, m, cfg["fio_runtime"] + 120,
+                 lambda: fio_randread(big, cfg["seq_size"], cfg["fio_runtime"]))
+            newdir = os.path.join(mnt, "new")
+            if step(M["create"], name, m, 600, lambda: create_files(newdir, cfg["create_files"])) is not None:
+                step(M["unlink"], name, m, 600, lambda: unlink_files(newdir, cfg["create_files"]))
+
+            src = os.path.join(mnt, "src")
+
+            def untar():
+                os.makedirs(src)
+                with timer() as t:
+                    run(["tar", "-xf", data["tarball"], "-C", src], timeout=600)
+                return t[0]
+
+            def grep():
+                with timer() as t:
+                    r = run(["grep", "-r", "-c", "import", src], check=False, timeout=600)
+                if r.returncode > 1:
+                    raise RuntimeError(f"grep failed: {r.stderr.strip()[-300:]}")
+                return t[0]
+
+            if step(M["untar"], name, m, 600, untar) is not None:
+                step(M["grep"], name, m, 600, grep)
+            st = m.stats()
+            if st is not None:
+                extra.setdefault("overlaypc_stats", {}).setdefault(name, []).append(st)
+                if st.get("errors"):
+                    log(f"{name}: daemon counted {st['errors']} errors (EIO); see {m.logfile}")
+    except Exception as e:  # noqa: BLE001
+        log(f"{name} rep {rep}: mount/run failed: {e}")
+        M["mount"].error(name, str(e))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def copyup_bench(ws: Workspace, systems, fstype: str, size: int, reps: int, metric: Metric) -> dict:
+    """Copy-up of a ``size``-byte lower file by open(O_RDWR), on a fresh loop ``fstype``.
+    The lower file is in the page cache (read once before each open), so the figure is the
+    copy-up's own cost plus its fsync to the (direct-io) loop device, not the disk's read speed.
+    Returns per-system copy-up methods reported by overlaypc's stats."""
+    methods: dict[str, list] = {}
+    img_size = max(4 * GiB, 3 * size + GiB)
+    with loop_fs(ws, f"cu-{fstype}", fstype, img_size) as root:
+        lower = os.path.join(root, "lower")
+        os.makedirs(lower)
+        write_file(os.path.join(lower, "big"), size)
+        for rep in range(reps):
+            for system in rotated(systems, rep):
+                name = system.name
+                upper, work = os.path.join(root, f"u-{rep}-{name}"), os.path.join(root, f"w-{rep}-{name}")
+                mnt = os.path.join(ws.sub("cu-mnt"), f"{fstype}-{rep}-{name}")
+                try:
+                    read_file(os.path.join(lower, "big"))          # lower warm for every system
+                    with system.mount(lower, upper, work, mnt) as m:
+                        path = os.path.join(mnt, "big")
+                        os.stat(path)                               # lookup outside the timing
+
+                        def once():
+                            with timer() as t:
+                                fd = os.open(path, os.O_RDWR)
+                            os.close(fd)
+                            return t[0] * 1e3
+
+                        step(metric, name, m, 600, once)
+                        st = m.stats()
+                        if st is not None:
+                            methods.setdefault(name, []).append(st.get("copy_ups"))
+                    copied = os.path.join(upper, "big")
+                    if not os.path.exists(copied) or os.path.getsize(copied) != size:
+                        msg = "no complete copy in upper after open(O_RDWR)"
+                        log(f"{name} copy-up {fstype}: {msg}")
+                        metric.error(name, msg)
+                except Exception as e:  # noqa: BLE001
+                    log(f"{name} copy-up {fstype} rep {rep}: {e}")
+                    metric.error(name, str(e))
+                finally:
+                    for d in (upper, work):
+                        run(["rm", "-rf", "--one-file-system", d], check=False, timeout=300)
+    for name, lst in methods.items():
+        kinds = sorted({k for d in lst if isinstance(d, dict) for k in d})
+        metric.notes[name] = "+".join(kinds) if kinds else "method?"
+    return methods
+
+
+def new_metrics(cfg: dict) -> dict[str, Metric]:
+    sz = f"{cfg['seq_size'] // MiB} MiB"
+    cu = f"{cfg['copyup_size'] // MiB} MiB"
+    n, nd, nc = cfg["tree_files"], cfg["tree_dirs"], cfg["create_files"]
+    return {m.key: m for m in [
+        Metric("seq_cold", f"seq read {sz}, cold", "MB/s"),
+        Metric("seq_warm", f"seq read {sz}, warm", "MB/s"),
+        Metric("fio_warm", "4k rand read, warm (fio psync)", "IOPS"),
+        Metric("find_cold", f"find+stat {n} files/{nd} dirs, cold", "entries/s"),
+        Metric("find_warm", f"find+stat {n} files/{nd} dirs, warm", "entries/s"),
+        Metric("create", f"create+write 1K+close x{nc}", "ops/s"),
+        Metric("unlink", f"unlink x{nc}", "ops/s"),
+        Metric("copyup_xfs", f"copy-up {cu}, XFS reflink", "ms", higher_is_better=False),
+        Metric("copyup_ext4", f"copy-up {cu}, ext4", "ms", higher_is_better=False),
+        Metric("untar", "untar source tree", "s", higher_is_better=False),
+        Metric("grep", "grep -r over it", "s", higher_is_better=False),
+        Metric("mount", "mount until visible", "ms", higher_is_better=False),
+    ]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes; about 2 minutes")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma-separated subset of "
+                   + ",".join(ALL_SYSTEMS))
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
+    p.add_argument("--out", default="results.json", help="JSON output file")
+    p.add_argument("--only", default="", help="comma-separated workload groups: main,copyup")
+    p.add_argument("--python", default=sys.executable, help="Python that runs overlaypc")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (mounts, drop_caches, loop devices)")
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.reps:
+        cfg["reps"] = args.reps
+    groups = set(filter(None, args.only.split(","))) or {"main", "copyup"}
+    systems, skipped = select_systems([s.strip() for s in args.systems.split(",") if s.strip()], args.python)
+    names = [s.name for s in systems]
+    M = new_metrics(cfg)
+    extra: dict = {}
+    t_start = time.perf_counter()
+    ws = Workspace(keep=args.keep)
+    log(f"workspace {ws.path}; systems {names}; config {cfg}")
+    try:
+        if "main" in groups:
+            lower = ws.sub("lower")
+            write_file(os.path.join(lower, "big"), cfg["seq_size"])
+            entries = make_tree(os.path.join(lower, "tree"), cfg["tree_dirs"], cfg["tree_files"])
+            tarball = os.path.join(ws.path, "src.tar")
+            tar_bytes, tar_files = make_tarball(tarball, cfg["tar_bytes"])
+            data = {"tree_entries": entries, "tarball": tarball}
+            extra["tarball"] = {"bytes": tar_bytes, "files": tar_files}
+            log(f"data ready: {entries} tree entries, tarball {tar_files} files {tar_bytes / MiB:.1f} MiB")
+            for rep in range(cfg["reps"]):
+                for system in rotated(systems, rep):
+                    t0 = time.perf_counter()
+                    main_workloads(system, rep, ws, lower, data, cfg, M, extra)
+                    log(f"rep {rep + 1}/{cfg['reps']} {system.name}: {time.perf_counter() - t0:.1f} s")
+        if "copyup" in groups:
+            for fstype in ("xfs", "ext4"):
+                t0 = time.perf_counter()
+                extra.setdefault("copyup_methods", {})[fstype] = copyup_bench(
+                    ws, systems, fstype, cfg["copyup_size"], cfg["reps"], M[f"copyup_{fstype}"])
+                log(f"copy-up on {fstype}: {time.perf_counter() - t0:.1f} s")
+    finally:
+        ws.cleanup()
+    elapsed = time.perf_counter() - t_start
+    used = [m for m in M.values() if m.values or m.errors]
+    table = markdown_table(used, names)
+    print(f"\n{'QUICK run (--quick): reduced sizes' if args.quick else 'Full run'}; "
+          f"{cfg['reps']} reps; median (min–max) **ratio to fuse-overlayfs** (ratio of medians; "
+          f">1 is better for rates, worse for times); took {elapsed:.0f} s\n")
+    print(table)
+    errs = {m.key: m.errors for m in M.values() if m.errors}
+    if errs:
+        print("\nErrors:")
+        for k, e in errs.items():
+            for s, lst in e.items():
+                print(f"- {k} / {s}: {lst[0]}" + (f" (x{len(lst)})" if len(lst) > 1 else ""))
+    write_json(args.out, {"suite": "run.py", "quick": args.quick, "config": cfg,
+                          "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                          "machine": machine_info(), "systems": names, "skipped": skipped,
+                          "elapsed_s": round(elapsed, 1), "metrics": {k: m.to_json() for k, m in M.items()},
+                          "extra": extra, "table_markdown": table})
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
