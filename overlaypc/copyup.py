@@ -133,7 +133,7 @@ class CopyUp:
                     self._copy_data(ctx, src_fd, dst_fd, src.st.st_size)
                 finally:
                     os.close(src_fd)
-                faults.hit("copyup.fsync", ctx.tmp)
+                faults.hit("copyup.fsync", ctx.tmp, ctx.node.rel)
                 if not self.volatile:
                     os.fsync(dst_fd)
             finally:
@@ -145,7 +145,7 @@ class CopyUp:
 
     # -- step 4: data ----------------------------------------------------------------------
     def _copy_data(self, ctx: CopyUpContext, src_fd: int, dst_fd: int, size: int) -> None:
-        faults.hit("copyup.data", ctx.tmp, progress=0)
+        faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=0)
         if size:
             try:
                 sysapi.ficlone(dst_fd, src_fd)
@@ -171,7 +171,7 @@ class CopyUp:
                     break  # the source shrank underneath us
                 start += n
                 done += n
-                faults.hit("copyup.data", ctx.tmp, progress=done)
+                faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=done)
             if start < end:
                 break
             offset = end
@@ -229,7 +229,7 @@ class CopyUp:
     # -- step 6: install -----------------------------------------------------------------------
     def _install(self, ctx: CopyUpContext) -> Entry:
         rel = ctx.node.rel
-        faults.hit("copyup.rename", ctx.tmp)
+        faults.hit("copyup.rename", ctx.tmp, ctx.node.rel)
         with self.ns_lock:
             now = self.lookup.lookup(rel)
             if now.upper is not None or not now.exists or now.top.st.st_ino != ctx.src.st.st_ino \
