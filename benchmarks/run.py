@@ -19,6 +19,7 @@ Needs root (mounts, drop_caches, loop devices).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -105,11 +106,25 @@ def create_files(d: str, n: int) -> float:
     return n / t[0]
 
 
-def unlink_files(d: str, n: int) -> float:
+def unlink_files(d: str, n: int) -> tuple[float, str | None]:
+    """Unlink the files ``create_files`` made; a failed unlink is counted, not fatal, so the
+    rate is still measured (the failure is reported next to it)."""
+    failed: dict[int, int] = {}
+    first = None
     with timer() as t:
         for i in range(n):
-            os.unlink(os.path.join(d, f"n{i:05d}"))
-    return n / t[0]
+            try:
+                os.unlink(os.path.join(d, f"n{i:05d}"))
+            except OSError as e:
+                failed[e.errno] = failed.get(e.errno, 0) + 1
+                first = first or f"unlink n{i:05d}: {e.strerror}"
+    left = len(os.listdir(d))
+    err = None
+    if failed or left:
+        err = (f"{sum(failed.values())}/{n} unlink calls failed "
+               f"({', '.join(f'{errno.errorcode.get(k, k)} x{v}' for k, v in failed.items())}; first: {first}); "
+               f"{left} names left in the dir afterwards")
+    return n / t[0], err
 
 
 def step(metric: Metric, system: str, mount, seconds: float, fn):
@@ -187,7 +202,12 @@ def main_workloads(system, rep: int, ws: Workspace, lower: str, data: dict, cfg:
                  lambda: fio_randread(big, cfg["seq_size"], cfg["fio_runtime"]))
             newdir = os.path.join(mnt, "new")
             if step(M["create"], name, m, 600, lambda: create_files(newdir, cfg["create_files"])) is not None:
-                step(M["unlink"], name, m, 600, lambda: unlink_files(newdir, cfg["create_files"]))
+                res = step(M["unlink_raw"], name, m, 600, lambda: unlink_files(newdir, cfg["create_files"]))
+                if res is not None:
+                    M["unlink"].add(name, res[0])
+                    if res[1]:
+                        log(f"{name} unlink: {res[1]}")
+                        M["unlink"].error(name, res[1])
 
             src = os.path.join(mnt, "src")
 
@@ -279,6 +299,7 @@ def new_metrics(cfg: dict) -> dict[str, Metric]:
         Metric("find_warm", f"find+stat {n} files/{nd} dirs, warm", "entries/s"),
         Metric("create", f"create+write 1K+close x{nc}", "ops/s"),
         Metric("unlink", f"unlink x{nc}", "ops/s"),
+        Metric("unlink_raw", "(internal) unlink rate and error", ""),
         Metric("copyup_xfs", f"copy-up {cu}, XFS reflink", "ms", higher_is_better=False),
         Metric("copyup_ext4", f"copy-up {cu}, ext4", "ms", higher_is_better=False),
         Metric("untar", "untar source tree", "s", higher_is_better=False),
@@ -340,6 +361,8 @@ def main(argv=None) -> int:
     finally:
         ws.cleanup()
     elapsed = time.perf_counter() - t_start
+    for sysname, errs in M.pop("unlink_raw").errors.items():
+        M["unlink"].errors.setdefault(sysname, []).extend(errs)
     used = [m for m in M.values() if m.values or m.errors]
     table = markdown_table(used, names)
     print(f"\n{'QUICK run (--quick): reduced sizes' if args.quick else 'Full run'}; "

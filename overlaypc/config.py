@@ -16,6 +16,9 @@ from typing import Callable
 
 CACHE_MODES = ("kernel", "shared")
 HANDLE_MODES = ("reopen", "bind-at-open")
+#: on: create and follow redirects; follow / off: follow only (the kernel follows
+#: redirects under "off" too, with its default redirect_always_follow); nofollow: ignore
+REDIRECT_MODES = ("on", "follow", "off", "nofollow")
 
 
 class ConfigError(Exception):
@@ -38,6 +41,9 @@ class MountConfig:
     debug: bool = False
     foreground: bool = False
     sharing: bool = True
+    redirect_dir: str = "off"
+    index: bool = False
+    metacopy: bool = False
     generic: list[str] = field(default_factory=list)
 
     @property
@@ -129,9 +135,9 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "volatile": _flag("volatile"),
     "sharing": _on_off("sharing"),
     "logfile": _set_logfile,
-    "redirect_dir": _off_only("redirect_dir"),
-    "index": _off_only("index"),
-    "metacopy": _off_only("metacopy"),
+    "redirect_dir": _choice("redirect_dir", REDIRECT_MODES),
+    "index": _on_off("index"),
+    "metacopy": _on_off("metacopy"),
     "xino": _off_only("xino"),
 }
 

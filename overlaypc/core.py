@@ -28,7 +28,7 @@ from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeTable, OverlayInode
 from .inumbers import InodeNumbers
-from .layer import split
+from .layer import join, split
 from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
 from .readdir import DirEntry, merged_listing
@@ -47,7 +47,8 @@ class OverlayFS:
         self.writable = config.writable
         self.ns_lock = threading.RLock()
         self.stats = Stats()
-        self.lookup = Lookup(self.stack, self.prefix)
+        self.lookup = Lookup(self.stack, self.prefix, follow_redirects=config.redirect_dir != "nofollow",
+                             follow_metacopy=config.metacopy)
         self.inos = InodeNumbers(self.stack.xino, self.prefix.replace("overlay.", "overlaypc.") + "ino")
         self.inodes = InodeTable()
         self.handles = HandleTable()
@@ -112,19 +113,28 @@ class OverlayFS:
         the extents it shares with it."""
         if self.sharing is None or not rel:
             return
-        for pentry in self.lookup.directory(split(rel)[0]).lowers:
-            st = pentry.layer.lstat(rel)
-            if st is None:
-                continue
-            if not stat.S_ISREG(st.st_mode):
+        node = self.lookup.lookup(rel)
+        if node.data is not None:  # metacopy: the data entry is the origin
+            candidates = [node.data]
+        else:
+            parent_rel, name = split(rel)
+            candidates = []
+            for pentry in self.lookup.directory(parent_rel).lowers:
+                lrel = join(pentry.rel, name)
+                st = pentry.layer.lstat(lrel)
+                if st is not None:
+                    candidates.append(Entry(pentry.layer, lrel, st))
+                    break
+        for entry in candidates:
+            if not stat.S_ISREG(entry.st.st_mode):
                 return
-            fd = pentry.layer.open(rel, os.O_RDONLY)
+            fd = entry.layer.open(entry.rel, os.O_RDONLY)
             try:
                 fx = map_file(fd, writable=False)
             finally:
                 os.close(fd)
             if fx is not None:
-                self.sharing.register(Canonical(pentry.layer, rel, fx.dev, fx.ino), fx.extents)
+                self.sharing.register(Canonical(entry.layer, entry.rel, fx.dev, fx.ino), fx.extents)
             return
 
     def data_changed_by_path(self, rel: str) -> None:
@@ -151,7 +161,7 @@ class OverlayFS:
                 if path == old or path.startswith(old + "/"):
                     self._dir_handles[fh] = new + path[len(old):]
         for inode in self.inodes.live():
-            if inode.rel == old or inode.rel.startswith(old + "/"):
+            if inode.in_upper and inode.rel == old or inode.rel.startswith(old + "/"):
                 inode.moved(new + inode.rel[len(old):])
             for path in [p for p in inode.seen if p == old or p.startswith(old + "/")]:
                 inode.seen[new + path[len(old):]] = inode.seen.pop(path)

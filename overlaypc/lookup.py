@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from . import whiteout
-from .layer import Layer, split
+from .layer import Layer, join, split
 from .stack import LayerStack
 
 NAME_MAX = 255
@@ -46,6 +46,8 @@ class Node:
     entries: tuple[Entry, ...]
     opaque: bool = False
     upper_whiteout: bool = False
+    #: metacopy: the lower entry holding the data of an upper metadata-only copy
+    data: Entry | None = None
 
     @property
     def exists(self) -> bool:
@@ -92,9 +94,12 @@ def check_name(rel: str) -> None:
 
 
 class Lookup:
-    def __init__(self, stack: LayerStack, xattr_prefix: str, cache_entries: int = 8192) -> None:
+    def __init__(self, stack: LayerStack, xattr_prefix: str, cache_entries: int = 8192, *,
+                 follow_redirects: bool = False, follow_metacopy: bool = False) -> None:
         self.stack = stack
         self.prefix = xattr_prefix
+        self.follow_redirects = follow_redirects
+        self.follow_metacopy = follow_metacopy
         self._epoch = 0
         self._dirs: OrderedDict[str, tuple[int, Node]] = OrderedDict()
         self._limit = cache_entries
@@ -144,29 +149,61 @@ class Lookup:
         if whiteout.is_oci_name(name):
             return Node(rel, ())
         parent = self.directory(parent_rel)
+        # where the parent lives in each layer (its path there may differ: redirects)
+        parent_in = {id(p.layer): p.rel for p in parent.entries if p.is_dir}
         entries: list[Entry] = []
         opaque = upper_whiteout = False
-        for pentry in parent.entries:
-            if not pentry.is_dir:
-                break
-            layer = pentry.layer
-            st = layer.lstat(rel)
+        data: Entry | None = None
+        redirect: str | None = None  # layer path to use in the layers below, once redirected
+        metacopy = False
+        for layer in self.stack.layers:
+            if redirect is not None:
+                lrel = redirect
+            elif id(layer) in parent_in:
+                lrel = join(parent_in[id(layer)], name)
+            else:
+                continue
+            st = layer.lstat(lrel)
             if st is None:
-                if not layer.writable and whiteout.has_oci_whiteout(layer, rel):
+                if not layer.writable and whiteout.has_oci_whiteout(layer, lrel):
                     break
                 continue
             if whiteout.is_whiteout(st):
                 upper_whiteout = upper_whiteout or layer.writable
                 break
             is_dir = stat.S_ISDIR(st.st_mode)
+            if metacopy:
+                if stat.S_ISREG(st.st_mode):
+                    data = Entry(layer, lrel, st)
+                break
             if entries and not is_dir:
                 break  # a lower non-directory below a directory is not merged
-            entries.append(Entry(layer, rel, st))
-            if not is_dir:
+            entries.append(Entry(layer, lrel, st))
+            if is_dir:
+                if whiteout.is_opaque(layer, lrel, self.prefix, oci=not layer.writable):
+                    opaque = True
+                    break
+            elif not (self.follow_metacopy and stat.S_ISREG(st.st_mode)
+                      and layer.getxattr(lrel, self.prefix + "metacopy") is not None):
                 break
-            if whiteout.is_opaque(layer, rel, self.prefix, oci=not layer.writable):
-                opaque = True
-                break
-        if upper_whiteout is False and entries and entries[0].layer.writable is False:
-            pass
-        return Node(rel, tuple(entries), opaque, upper_whiteout)
+            else:
+                metacopy = True  # attributes here, data further down
+            target = self._redirect(layer, lrel) if self.follow_redirects else None
+            if target is not None:
+                if target.startswith("/"):
+                    redirect = target.strip("/")  # absolute: from each lower layer's root
+                else:
+                    redirect, name = None, target  # relative: same parent, other name
+        return Node(rel, tuple(entries), opaque, upper_whiteout, data)
+
+    def _redirect(self, layer: Layer, lrel: str) -> str | None:
+        raw = layer.getxattr(lrel, self.prefix + "redirect")
+        if not raw:
+            return None
+        target = os.fsdecode(raw)
+        parts = [p for p in target.split("/") if p]
+        if not parts or any(p in (".", "..") for p in parts):
+            return None  # never let a redirect climb out of the layer
+        if not target.startswith("/") and len(parts) != 1:
+            return None  # a relative redirect is one name
+        return target

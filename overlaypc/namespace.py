@@ -72,11 +72,12 @@ class Namespace:
 
     def lower_exists(self, rel: str) -> bool:
         """Whether a lower layer shows something at ``rel`` (below whatever upper has)."""
-        parent_rel, _ = split(rel)
+        parent_rel, name = split(rel)
         for pentry in self.fs.lookup.directory(parent_rel).lowers:
-            st = pentry.layer.lstat(rel)
+            lrel = join(pentry.rel, name)
+            st = pentry.layer.lstat(lrel)
             if st is None:
-                if whiteout.has_oci_whiteout(pentry.layer, rel):
+                if whiteout.has_oci_whiteout(pentry.layer, lrel):
                     return False
                 continue
             return not whiteout.is_whiteout(st)
@@ -267,7 +268,7 @@ class Namespace:
         onode = self.fs.lookup.lookup(old)
         if not onode.exists:
             raise OSError(errno.ENOENT, "no such file", old)
-        if onode.is_dir and onode.lowers:
+        if onode.is_dir and onode.lowers and not self.fs.config.redirect_dir == "on":
             raise OSError(errno.EXDEV, "directory exists in a lower layer (redirect_dir=off)", old)
         nnode = self.fs.lookup.lookup(new)
         self._check_target(onode, nnode, flags)
@@ -281,11 +282,14 @@ class Namespace:
             if onode.upper is None:
                 raise OSError(errno.ENOENT, "source changed during rename", old)
             self._check_target(onode, nnode, flags)
-            if onode.is_dir and onode.lowers:
-                raise OSError(errno.EXDEV, "directory exists in a lower layer", old)
             old_lower = self.lower_exists(old)
             new_lower = bool(nnode.lowers) or nnode.upper_whiteout or self.lower_exists(new)
-            if onode.is_dir and new_lower and not onode.opaque:
+            if onode.is_dir and onode.lowers:
+                if self.fs.config.redirect_dir != "on":
+                    raise OSError(errno.EXDEV, "directory exists in a lower layer", old)
+                # its lower contents stay where they are: record where (kernel format)
+                upper.do_setxattr(old, self.fs.prefix + "redirect", self._redirect_value(onode, new))
+            elif onode.is_dir and new_lower and not onode.opaque:
                 whiteout.set_opaque(upper, old, self.fs.prefix)
             if nnode.upper is not None and nnode.is_dir:
                 upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
@@ -301,6 +305,18 @@ class Namespace:
                 self.fs.unlinked(nnode)
             self.fs.renamed(old, new)
             self._done()
+
+    def _redirect_value(self, onode: Node, new: str) -> bytes:
+        """``trusted.overlay.redirect`` as the kernel writes it: the lower name alone for a
+        rename within one directory, else the absolute path of the topmost lower dir."""
+        upper = self.fs.stack.upper
+        assert upper is not None and onode.upper is not None
+        existing = upper.getxattr(onode.rel, self.fs.prefix + "redirect")
+        if split(onode.rel)[0] == split(new)[0]:
+            if existing:
+                return existing
+            return os.fsencode(split(onode.lowers[0].rel)[1])
+        return os.fsencode("/" + onode.lowers[0].rel)
 
     def _check_target(self, onode: Node, nnode: Node, flags: int) -> None:
         if not nnode.exists:

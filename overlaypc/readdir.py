@@ -42,9 +42,9 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str) -> list[Di
                 continue
             top = tops.get(name)
             if top is None:
-                tops[name] = Entry(layer, join(node.rel, name), st)
+                tops[name] = Entry(layer, join(parent.rel, name), st)
             elif top.is_dir and stat.S_ISDIR(st.st_mode) and name not in lower_dirs and not layer.writable:
-                lower_dirs[name] = Entry(layer, join(node.rel, name), st)
+                lower_dirs[name] = Entry(layer, join(parent.rel, name), st)
         hidden |= hides
     out = []
     for name, entry in tops.items():
@@ -53,6 +53,6 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str) -> list[Di
         lower = lower_dirs.get(name)
         if lower is not None and whiteout.is_opaque(entry.layer, entry.rel, xattr_prefix, oci=False):
             lower = None  # an opaque upper dir merges nothing: it keeps its own number
-        ino = inos.ino_of(Node(entry.rel, (entry,)), lower)
+        ino = inos.ino_of(Node(join(node.rel, name), (entry,)), lower)
         out.append(DirEntry(name, stat.S_IFMT(entry.st.st_mode), ino))
     return out

@@ -82,6 +82,23 @@ def test_same_view_ignoring_times(layers_factory, kernel_mount, overlay_mount):
     assert o == k, helpers.diff_snapshots(k, o, ("kernel", "overlaypc"))
 
 
+def test_same_view_as_kernel_with_upper_read_only(layers_factory, mountpoint, tmp_path,
+                                                  overlay_mount):
+    """The top layer as an *upper* dir (kernel whiteouts/opaque there too), mounted ``ro`` by
+    each in turn (never both at once on one upper)."""
+    helpers.require("kernel_overlay")
+    layers = layers_factory(KERNEL_LAYERS)
+    upper, lowers = layers["top"], [layers["mid"], layers["bot"]]
+    work = tmp_path / "work"
+    work.mkdir()
+    with helpers.kernel_overlay(mountpoint("kmnt"), lowers, upper, work, ["ro"]) as kmnt:
+        k = helpers.tree_snapshot(kmnt, times=True, ignore_vanished=True)
+    m = overlay_mount(f"lowerdir={layers['mid']}:{layers['bot']},upperdir={upper},"
+                      f"workdir={work},ro")
+    o = helpers.tree_snapshot(m.path, times=True)
+    assert o == k, helpers.diff_snapshots(k, o, ("kernel", "overlaypc"))
+
+
 def test_statfs_matches_kernel(layers_factory, kernel_mount, overlay_mount):
     layers = layers_factory(KERNEL_LAYERS)
     kmnt = kernel_mount(layers.paths)
@@ -116,7 +133,7 @@ LAYER = st.dictionaries(NAMES, entry_strategy(2), max_size=4)
 STACK = st.lists(LAYER, min_size=2, max_size=3)
 
 
-@settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                               HealthCheck.too_slow])
 @given(stack=STACK)
 def test_generated_stacks_match_kernel(tmp_path, stack):

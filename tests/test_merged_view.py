@@ -390,6 +390,29 @@ def test_generic_mount_options_are_accepted(layers_factory, overlay_mount):
     assert (m / "f.txt").read_text() == "content"
 
 
+@pytest.mark.parametrize("extra", ["cache=kernel", "cache=shared", "handles=reopen",
+                                   "handles=bind-at-open", "userxattr", "volatile", "rw"])
+def test_valid_option_values_mount(layers_factory, overlay_mount, tmp_path, extra):
+    layers = layers_factory(RO_SPEC)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    m = overlay_mount(f"lowerdir={layers.lowerdir},upperdir={upper},workdir={work},{extra}")
+    assert (m / "f.txt").read_text() == "content"
+    assert (m / "d" / "x").read_bytes() == b"x"
+    assert sorted(os.listdir(m.path)) == ["b.txt", "d", "empty", "f.txt"]
+
+
+def test_logfile_option_with_debug(layers_factory, overlay_mount, tmp_path):
+    layers = layers_factory(RO_SPEC)
+    logfile = tmp_path / "daemon.log"
+    m = overlay_mount(f"lowerdir={layers.lowerdir},logfile={logfile}", debug=True)
+    assert (m / "f.txt").read_text() == "content"
+    m.unmount()
+    assert logfile.exists(), "-d with logfile= wrote no log file"
+    assert not helpers.unexpected_log_lines(logfile.read_text(errors="replace"))
+
+
 def test_stack_yaml(layers_factory, overlay_mount, tmp_path):
     layers = layers_factory(THREE_LAYERS)
     stack = tmp_path / "stack.yaml"

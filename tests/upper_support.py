@@ -140,11 +140,19 @@ def _drop(uid: int, gid: int, groups: Sequence[int]):
     return preexec
 
 
+def child_python() -> str:
+    """A Python interpreter any user may run (the test venv may live under /root)."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", sys.executable):
+        if os.path.exists(candidate) and os.stat(candidate).st_mode & 0o001:
+            return candidate
+    return sys.executable
+
+
 def run_as(code: str, *, uid: int = NOBODY, gid: int = NOBODY, groups: Sequence[int] = (),
            cwd: Optional[Union[str, os.PathLike]] = None, umask: int = 0o022) -> str:
     """Run Python ``code`` as uid/gid; return its stdout; raise AssertionError on failure."""
     full = f"import os, sys, stat\nos.umask({umask:#o})\n" + textwrap.dedent(code)
-    r = subprocess.run([sys.executable, "-c", full], cwd=cwd, capture_output=True, text=True,
+    r = subprocess.run([child_python(), "-c", full], cwd=cwd, capture_output=True, text=True,
                        preexec_fn=_drop(uid, gid, groups), timeout=60)
     if r.returncode != 0:
         raise AssertionError(f"child as {uid}:{gid} failed ({r.returncode}):\n{r.stderr}")
