@@ -245,7 +245,7 @@ def main(argv=None) -> int:
             os.makedirs(os.path.join(root, "rlower"))
             crc = write_stamped(os.path.join(root, "lower", "file"), size)
             src = os.path.join(root, "rlower", "c0")
-            run(["cp", "--reflink=always", os.path.join(root, "lower", "file"), src])
+            run(["cp", "--reflink=never", os.path.join(root, "lower", "file"), src])  # own extents
             for i in range(1, max(ns)):
                 run(["cp", "--reflink=always", src, os.path.join(root, "rlower", f"c{i}")])
             os.sync()

@@ -484,8 +484,14 @@ def machine_info() -> dict:
     for exe, args in (("fuse-overlayfs", ["--version"]), ("unionfs-fuse", ["--version"]), ("fio", ["--version"])):
         if shutil.which(exe):
             r = run([exe] + args, check=False)
-            versions[exe] = (r.stdout + r.stderr).strip().splitlines()[0] if (r.stdout + r.stderr).strip() else ""
-    return {"nproc": os.cpu_count(), "mem_total_gib": round(meminfo("MemTotal") / GiB, 1),
+            lines = (r.stdout + r.stderr).splitlines()
+            versions[exe] = next((ln.strip() for ln in lines if exe in ln and "version" in ln),
+                                 lines[0].strip() if lines else "")
+    commit = run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
+    dirty = run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "overlaypc"],
+                check=False).stdout.strip()
+    return {"overlaypc_commit": commit + ("+uncommitted changes in overlaypc/" if dirty else ""),
+            "nproc": os.cpu_count(), "mem_total_gib": round(meminfo("MemTotal") / GiB, 1),
             "kernel": platform.release(), "cpu": cpu, "python": sys.version.split()[0],
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "versions": versions}

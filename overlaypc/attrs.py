@@ -48,12 +48,16 @@ class Attributes:
         node = self.fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
-        return stat_dict(node.st, self.fs.inos.ino_of(node))
+        attrs = stat_dict(node.st, self.fs.inos.ino_of(node))
+        if node.data is not None:  # metacopy: the blocks are the lower's
+            attrs["st_blocks"] = node.data.st.st_blocks
+        return attrs
 
     # -- changes (copy-up first) ---------------------------------------------------------------
-    def _upper(self, rel: str):
+    def _upper(self, rel: str, *, data: bool = False):
         self.fs.require_writable()
-        entry = self.fs.copyup.ensure_upper(rel)
+        copyup = self.fs.copyup
+        entry = copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True)
         return entry.layer, entry.rel
 
     def chmod(self, rel: str, mode: int) -> None:
@@ -81,7 +85,7 @@ class Attributes:
         layer.do_utime(urel, (atime, mtime))
 
     def truncate(self, rel: str, length: int) -> None:
-        layer, urel = self._upper(rel)
+        layer, urel = self._upper(rel, data=True)
         self.fs.drop_extents(rel)
         layer.do_truncate(urel, length)
         self.fs.data_changed_by_path(rel)

@@ -19,6 +19,7 @@ HANDLE_MODES = ("reopen", "bind-at-open")
 #: on: create and follow redirects; follow / off: follow only (the kernel follows
 #: redirects under "off" too, with its default redirect_always_follow); nofollow: ignore
 REDIRECT_MODES = ("on", "follow", "off", "nofollow")
+DEFAULT_REDIRECT_DIR = "off"
 
 
 class ConfigError(Exception):
@@ -41,7 +42,7 @@ class MountConfig:
     debug: bool = False
     foreground: bool = False
     sharing: bool = True
-    redirect_dir: str = "off"
+    redirect_dir: str | None = None  # None: "on" with metacopy, else the default
     index: bool = False
     metacopy: bool = False
     generic: list[str] = field(default_factory=list)
@@ -274,6 +275,15 @@ def validate(cfg: MountConfig) -> None:
                 raise ConfigError(f"upperdir {cfg.upper} overlaps lowerdir {lower}")
             if _is_within(cfg.work, lower):
                 raise ConfigError(f"workdir {cfg.work} is inside lowerdir {lower}")
+    if cfg.metacopy:
+        if cfg.userxattr:
+            raise ConfigError("metacopy=on cannot be used with userxattr: metadata-only copies "
+                              "trust the layers' xattrs, which unprivileged users could forge")
+        if cfg.redirect_dir in ("off", "nofollow"):
+            raise ConfigError(f"metacopy=on needs redirect_dir=on (got redirect_dir={cfg.redirect_dir})")
+        cfg.redirect_dir = "on"
+    if cfg.redirect_dir is None:
+        cfg.redirect_dir = DEFAULT_REDIRECT_DIR
     if not cfg.mountpoint:
         raise ConfigError("no mountpoint given")
     mnt = _dir(cfg.mountpoint, "mountpoint")

@@ -64,6 +64,7 @@ class CopyUpContext:
     ino: int
     tmp: str
     method: str = "none"
+    metadata_only: bool = False
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -73,7 +74,7 @@ class CopyUpContext:
 
 class CopyUp:
     def __init__(self, stack: LayerStack, lookup: Lookup, ns_lock: threading.RLock, stats: Stats,
-                 *, xattr_prefix: str, volatile: bool, ino_of, on_copied) -> None:
+                 *, xattr_prefix: str, volatile: bool, ino_of, on_copied, metacopy: bool = False) -> None:
         assert stack.upper is not None and stack.work is not None
         self.upper: Layer = stack.upper
         self.work: Layer = stack.work
@@ -84,12 +85,17 @@ class CopyUp:
         self.volatile = volatile
         self._ino_of = ino_of
         self._on_copied = on_copied
+        self.metacopy = metacopy
         self._stripes = [threading.Lock() for _ in range(64)]
         self._names = itertools.count()
 
     # -- step 1: what is missing, ancestors first ----------------------------------------
-    def ensure_upper(self, rel: str) -> Entry:
-        """Return the upper entry of merged path ``rel``, copying it up if needed."""
+    def ensure_upper(self, rel: str, *, metadata_only: bool = False) -> Entry:
+        """Return the upper entry of merged path ``rel``, copying it up if needed.
+
+        ``metadata_only`` (``-o metacopy=on``, for attribute changes): a regular file gets
+        a sparse upper copy marked ``trusted.overlay.metacopy`` whose data stays below;
+        ``ensure_data`` completes it before anything writes data."""
         node = self.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
@@ -97,13 +103,25 @@ class CopyUp:
             return node.upper
         parent, _ = split(rel)
         self.ensure_upper(parent)
-        return self._copy_one(rel)
+        return self._copy_one(rel, metadata_only and self.metacopy)
+
+    def ensure_data(self, rel: str) -> Entry:
+        """Like ``ensure_upper``, and the upper holds the data (no metacopy left)."""
+        entry = self.ensure_upper(rel)
+        node = self.lookup.lookup(rel)
+        if node.data is None:
+            return entry
+        with self._stripes[hash(rel) % len(self._stripes)]:
+            node = self.lookup.lookup(rel)
+            if node.data is None or node.upper is None:
+                return node.upper or entry
+            return self._copy_data_in_place(node)
 
     def ensure_parent(self, rel: str) -> Entry:
         return self.ensure_upper(split(rel)[0])
 
     # -- step 2: one object, under its lock -----------------------------------------------
-    def _copy_one(self, rel: str) -> Entry:
+    def _copy_one(self, rel: str, metadata_only: bool = False) -> Entry:
         with self._stripes[hash(rel) % len(self._stripes)]:
             node = self.lookup.lookup(rel)
             if not node.exists:
@@ -111,7 +129,8 @@ class CopyUp:
             if node.upper is not None:
                 return node.upper
             ctx = CopyUpContext(node, node.top, self._ino_of(node),
-                                join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"))
+                                join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"),
+                                metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode))
             try:
                 self._create_temp(ctx)
                 self._copy_metadata(ctx)
@@ -128,11 +147,15 @@ class CopyUp:
         elif kind == stat.S_IFREG:
             dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600)
             try:
-                src_fd = src.layer.open(src.rel, os.O_RDONLY)
-                try:
-                    self._copy_data(ctx, src_fd, dst_fd, src.st.st_size)
-                finally:
-                    os.close(src_fd)
+                if ctx.metadata_only:
+                    os.ftruncate(dst_fd, src.st.st_size)  # sparse: the data stays below
+                    ctx.method = "metacopy"
+                else:
+                    src_fd = src.layer.open(src.rel, os.O_RDONLY)
+                    try:
+                        self._copy_data(ctx, src_fd, dst_fd, src.st.st_size)
+                    finally:
+                        os.close(src_fd)
                 faults.hit("copyup.fsync", ctx.tmp, ctx.node.rel)
                 if not self.volatile:
                     os.fsync(dst_fd)
@@ -214,6 +237,10 @@ class CopyUp:
             self._set_private(ctx.tmp, self.prefix + "origin", origin)
         self._set_private(ctx.tmp, self.prefix.replace("overlay.", "overlaypc.") + "ino",
                           str(ctx.ino).encode())
+        if ctx.metadata_only:
+            self._set_private(ctx.tmp, self.prefix + "metacopy", b"")
+            if src.rel != ctx.node.rel:  # data found through a redirected parent
+                self._set_private(ctx.tmp, self.prefix + "redirect", os.fsencode("/" + src.rel))
         self.work.do_chown(ctx.tmp, st.st_uid, st.st_gid)
         if ctx.kind != stat.S_IFLNK:
             self.work.do_chmod(ctx.tmp, stat.S_IMODE(st.st_mode))
@@ -248,7 +275,44 @@ class CopyUp:
             self._on_copied(ctx.ino, entry)
         elapsed = time.monotonic() - ctx.started
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
+        if ctx.metadata_only:
+            self.lookup.invalidate()
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
+        return entry
+
+    def _copy_data_in_place(self, node: Node) -> Entry:
+        """Complete a metacopy upper file: data in, fsync, then drop the metacopy mark.
+
+        Until the mark is removed, lookups keep reading the lower data, which is the same,
+        so a crash in between only leaves a metacopy file as before."""
+        assert node.upper is not None and node.data is not None
+        upper, data = node.upper, node.data
+        ctx = CopyUpContext(node, data, 0, upper.rel)
+        dst_fd = self.upper.open(upper.rel, os.O_WRONLY)
+        try:
+            src_fd = data.layer.open(data.rel, os.O_RDONLY)
+            try:
+                self._copy_data(ctx, src_fd, dst_fd, data.st.st_size)
+            finally:
+                os.close(src_fd)
+            if not self.volatile:
+                os.fsync(dst_fd)
+        finally:
+            os.close(dst_fd)
+        with self.ns_lock:
+            for name in ("metacopy", "redirect"):
+                try:
+                    self.upper.do_removexattr(upper.rel, self.prefix + name)
+                except OSError as e:
+                    if e.errno != errno.ENODATA:
+                        raise
+            self.lookup.invalidate()
+            st = self.upper.lstat(upper.rel)
+            assert st is not None
+            entry = Entry(self.upper, upper.rel, st)
+            self._on_copied(self._ino_of(node), entry)
+        self.stats.copy_up(ctx.method)
+        log.debug("metacopy data copy-up %s: %d bytes by %s", node.rel, data.st.st_size, ctx.method)
         return entry
 
     def _discard(self, tmp: str) -> None:

@@ -47,7 +47,7 @@ class OverlayFS:
         self.writable = config.writable
         self.ns_lock = threading.RLock()
         self.stats = Stats()
-        self.lookup = Lookup(self.stack, self.prefix, follow_redirects=config.redirect_dir != "nofollow",
+        self.lookup = Lookup(self.stack, self.prefix, follow_redirects=(config.redirect_dir or "off") != "nofollow",
                              follow_metacopy=config.metacopy)
         self.inos = InodeNumbers(self.stack.xino, self.prefix.replace("overlay.", "overlaypc.") + "ino")
         self.inodes = InodeTable()
@@ -56,7 +56,8 @@ class OverlayFS:
         if self.stack.upper is not None:
             self.copyup = CopyUp(self.stack, self.lookup, self.ns_lock, self.stats,
                                  xattr_prefix=self.prefix, volatile=config.volatile,
-                                 ino_of=self.inos.ino_of, on_copied=self._copied)
+                                 ino_of=self.inos.ino_of, on_copied=self._copied,
+                                 metacopy=config.metacopy)
         self.sharing: ExtentMap | None = ExtentMap() if config.sharing else None
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)

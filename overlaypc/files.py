@@ -48,10 +48,13 @@ class Files:
             fs.require_writable()
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)
-            if node.upper is None:
-                fs.copyup.ensure_upper(rel)
+            if node.upper is None or node.data is not None:
+                fs.copyup.ensure_data(rel)
                 node = fs.lookup.lookup(rel)
-        inode = fs.inodes.acquire(fs.inos.ino_of(node), node.top)
+        backing = node.data or node.top  # metacopy: data from below until written
+        inode = fs.inodes.acquire(fs.inos.ino_of(node), backing)
+        if node.data is not None:
+            inode.meta_rel = rel
         try:
             fd, generation = inode.reopen(flags & ~(os.O_CREAT | os.O_EXCL))
         except BaseException:
@@ -198,9 +201,14 @@ class Files:
 
     def getattr(self, fh: int) -> dict:
         handle = self.fs.handles.get(fh)
+        inode = handle.inode
+        if inode.meta_rel is not None and not inode.in_upper:
+            node = self.fs.lookup.lookup(inode.meta_rel)  # attributes live in the upper
+            if node.exists and node.data is not None:
+                return self.fs.attrs.getattr(inode.meta_rel)
         st = os.fstat(self._fd(handle))
-        nlink = 0 if handle.inode.unlinked and not handle.inode.in_upper else None
-        return stat_dict(st, handle.inode.ino, nlink)
+        nlink = 0 if inode.unlinked and not inode.in_upper else None
+        return stat_dict(st, inode.ino, nlink)
 
     def release(self, fh: int) -> None:
         handle = self.fs.handles.pop(fh)

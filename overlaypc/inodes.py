@@ -32,6 +32,8 @@ class OverlayInode:
     refs: int = 0
     data_version: int = 0
     unlinked: bool = False
+    #: merged path of a metacopy file whose data is read from below
+    meta_rel: str | None = None
     #: extent mapping of the current backing for page-cache sharing: None = not mapped
     #: yet; ``sharing.NOT_SHARED`` = mapped, nothing shared (the fast path)
     extents: object = None

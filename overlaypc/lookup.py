@@ -194,6 +194,8 @@ class Lookup:
                     redirect = target.strip("/")  # absolute: from each lower layer's root
                 else:
                     redirect, name = None, target  # relative: same parent, other name
+        if metacopy and data is None:
+            raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
         return Node(rel, tuple(entries), opaque, upper_whiteout, data)
 
     def _redirect(self, layer: Layer, lrel: str) -> str | None:

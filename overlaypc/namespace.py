@@ -183,7 +183,7 @@ class Namespace:
         if src.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory", src_rel)
         self._prepare_new(dst_rel)
-        self.fs.copyup.ensure_upper(src_rel)
+        self.fs.copyup.ensure_data(src_rel)  # a metacopy file could not find its data elsewhere
         upper = self.fs.stack.upper
         assert upper is not None
         with self.fs.ns_lock:
@@ -289,6 +289,8 @@ class Namespace:
                     raise OSError(errno.EXDEV, "directory exists in a lower layer", old)
                 # its lower contents stay where they are: record where (kernel format)
                 upper.do_setxattr(old, self.fs.prefix + "redirect", self._redirect_value(onode, new))
+            elif onode.data is not None:  # metacopy: its data must stay findable
+                upper.do_setxattr(old, self.fs.prefix + "redirect", os.fsencode("/" + onode.data.rel))
             elif onode.is_dir and new_lower and not onode.opaque:
                 whiteout.set_opaque(upper, old, self.fs.prefix)
             if nnode.upper is not None and nnode.is_dir:
