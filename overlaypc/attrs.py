@@ -48,7 +48,7 @@ class Attributes:
         node = self.fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
-        attrs = stat_dict(node.st, self.fs.inos.ino_of(node))
+        attrs = stat_dict(node.st, self.fs.inos.ino_of(node), self.fs.overlay_nlink(node))
         if node.data is not None:  # metacopy: the blocks are the lower's
             attrs["st_blocks"] = node.data.st.st_blocks
         return attrs

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import faults, sysapi
-from .layer import Layer, do_rename, join, split
+from .layer import Layer, do_link, do_rename, join, split
 from .lookup import Entry, Lookup, Node
 from .stack import LayerStack
 from .stats import Stats
@@ -65,6 +65,7 @@ class CopyUpContext:
     tmp: str
     method: str = "none"
     metadata_only: bool = False
+    index_key: str | None = None
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -86,6 +87,7 @@ class CopyUp:
         self._ino_of = ino_of
         self._on_copied = on_copied
         self.metacopy = metacopy
+        self.index = None  # an index.IndexDir under -o index=on
         self._stripes = [threading.Lock() for _ in range(64)]
         self._names = itertools.count()
 
@@ -128,9 +130,14 @@ class CopyUp:
                 raise OSError(errno.ENOENT, "vanished during copy-up", rel)
             if node.upper is not None:
                 return node.upper
+            if node.index is not None:  # index=on: another name was copied up already
+                return self._link_index(node, node.index.rel)
             ctx = CopyUpContext(node, node.top, self._ino_of(node),
                                 join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"),
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode))
+            if self.index is not None and self.index.eligible(node.top):
+                ctx.index_key = self.index.key(node.top)
+                ctx.metadata_only = False
             try:
                 self._create_temp(ctx)
                 self._copy_metadata(ctx)
@@ -230,7 +237,7 @@ class CopyUp:
                 log.warning("copy-up of %s: xattr %s not copied: %s", src.rel, name, e.strerror)
         origin_fd = src.layer.path_fd(src.rel)
         try:
-            origin = sysapi.ovl_origin_xattr(origin_fd)
+            origin = sysapi.ovl_origin_xattr(origin_fd, src.layer.uuid)
         finally:
             os.close(origin_fd)
         if origin is not None and ctx.kind != stat.S_IFLNK:
@@ -265,6 +272,8 @@ class CopyUp:
                 if now.upper is not None:
                     return now.upper
                 raise OSError(errno.ENOENT, "changed during copy-up", rel)
+            if ctx.index_key is not None:
+                return self._install_indexed(ctx)
             do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
             if not self.volatile:
                 self.upper.fsync_dir(split(rel)[0])
@@ -278,6 +287,38 @@ class CopyUp:
         if ctx.metadata_only:
             self.lookup.invalidate()
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
+        return entry
+
+    def _install_indexed(self, ctx: CopyUpContext) -> Entry:
+        """index=on: the copy becomes ``index/<key>``, and the name a hard link to it.
+        Called with the namespace lock held."""
+        assert self.index is not None and ctx.index_key is not None
+        index_rel = self.index.rel(ctx.index_key)
+        self.index.set_nlink(ctx.tmp, ctx.src.st.st_nlink)
+        try:
+            do_rename(self.work, ctx.tmp, self.work, index_rel, sysapi.RENAME_NOREPLACE)
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            self._discard(ctx.tmp)  # another name got there first: share its copy
+        self.stats.copy_up(ctx.method)
+        return self._link_index(ctx.node, index_rel)
+
+    def _link_index(self, node: Node, index_rel: str) -> Entry:
+        rel = node.rel
+        with self.ns_lock:
+            now = self.lookup.lookup(rel)
+            if now.upper is not None:
+                return now.upper
+            do_link(self.work, index_rel, self.upper, rel)
+            if not self.volatile:
+                self.upper.fsync_dir(split(rel)[0])
+            self.lookup.invalidate()
+            st = self.upper.lstat(rel)
+            assert st is not None
+            entry = Entry(self.upper, rel, st)
+            self._on_copied(self._ino_of(node), entry)
+        log.debug("copy-up %s: linked to %s", rel, index_rel)
         return entry
 
     def _copy_data_in_place(self, node: Node) -> Entry:

@@ -27,6 +27,7 @@ from .copyup import CopyUp, clean_workdir
 from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeTable, OverlayInode
+from .index import IndexDir
 from .inumbers import InodeNumbers
 from .layer import join, split
 from .lookup import Entry, Lookup, Node, check_name
@@ -58,6 +59,12 @@ class OverlayFS:
                                  xattr_prefix=self.prefix, volatile=config.volatile,
                                  ino_of=self.inos.ino_of, on_copied=self._copied,
                                  metacopy=config.metacopy)
+        self.index: IndexDir | None = None
+        if config.index and self.stack.work is not None:
+            self.index = IndexDir(self.stack.work, self.prefix)
+            self.lookup.index = self.index
+            assert self.copyup is not None
+            self.copyup.index = self.index
         self.sharing: ExtentMap | None = ExtentMap() if config.sharing else None
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
@@ -74,6 +81,8 @@ class OverlayFS:
         self.stack.lock()
         if self.stack.work is not None:
             clean_workdir(self.stack.work)
+        if self.index is not None:
+            self.index.prepare()
 
     def close(self) -> None:
         if self.sharing is not None:
@@ -96,6 +105,33 @@ class OverlayFS:
         inode.seen = {via: inode.data_version}
         for path in others:
             self.invalidate_path(path)
+
+    def index_of(self, node: Node) -> Entry | None:
+        """index=on: the index entry behind ``node`` (a lower name or an upper link)."""
+        if self.index is None or not node.exists:
+            return None
+        if node.index is not None:
+            return node.index
+        return self.index.of_upper(node.upper) if node.upper is not None else None
+
+    def overlay_nlink(self, node: Node) -> int | None:
+        entry = self.index_of(node)
+        if entry is None:
+            if self.index is not None and node.exists and self.index.eligible(node.top) \
+                    and not node.top.layer.writable:
+                key = self.index.key(node.top)  # not indexed yet: remember the name for later
+                if key is not None:
+                    self.index.seen(Entry(self.index.work, self.index.rel(key), node.st), node.rel)
+            return None
+        self.index.seen(entry, node.rel)
+        return self.index.nlink(entry)
+
+    def adjust_nlink(self, entry: Entry, delta: int) -> None:
+        """index=on: a name of an indexed inode came or went; drop every name's cached count."""
+        assert self.index is not None
+        self.index.adjust(entry, delta)
+        for name in list(self.index.names.get(entry.rel, ())):
+            self.invalidate_path(name)
 
     def _live_inode(self, rel: str) -> OverlayInode | None:
         node = self.lookup.lookup(rel)

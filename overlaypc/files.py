@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from . import faults, sysapi
 from .attrs import stat_dict
 from .handles import Handle
 from .inodes import OverlayInode
+from .lookup import Entry
 from .namespace import Caller
 from .sharing import NOT_SHARED, Canonical, Piece, map_file
 
@@ -208,6 +210,12 @@ class Files:
                 return self.fs.attrs.getattr(inode.meta_rel)
         st = os.fstat(self._fd(handle))
         nlink = 0 if inode.unlinked and not inode.in_upper else None
+        index = self.fs.index
+        if index is not None and inode.in_upper and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+            entry = Entry(inode.layer, inode.rel, st)
+            shared = entry if inode.layer is index.work else index.of_upper(entry)
+            if shared is not None:
+                nlink = index.nlink(shared)
         return stat_dict(st, inode.ino, nlink)
 
     def release(self, fh: int) -> None:

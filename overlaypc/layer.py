@@ -53,6 +53,11 @@ class Layer:
         st = os.fstat(self.root_fd)
         self.dev = st.st_dev
         self.root_ino = st.st_ino
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.uuid = sysapi.fs_uuid(fd)
+        finally:
+            os.close(fd)
 
     def __repr__(self) -> str:
         return f"Layer({self.index}, {self.path!r}, {'rw' if self.writable else 'ro'})"

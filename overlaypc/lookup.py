@@ -69,7 +69,16 @@ class Node:
 
     @property
     def upper(self) -> Entry | None:
-        if self.entries and self.entries[0].layer.writable:
+        """The entry in the upper layer itself (not an index entry in the workdir)."""
+        if self.entries and self.entries[0].layer.writable and self.entries[0].layer.index == 0:
+            return self.entries[0]
+        return None
+
+    @property
+    def index(self) -> Entry | None:
+        """index=on: the shared copy-up of a hard-linked lower file this name has not
+        been linked to yet (its data and attributes)."""
+        if self.entries and self.entries[0].layer.index < 0:
             return self.entries[0]
         return None
 
@@ -99,6 +108,7 @@ class Lookup:
         self.stack = stack
         self.prefix = xattr_prefix
         self.follow_redirects = follow_redirects
+        self.index = None  # an index.IndexDir under -o index=on
         self.follow_metacopy = follow_metacopy
         self._epoch = 0
         self._dirs: OrderedDict[str, tuple[int, Node]] = OrderedDict()
@@ -194,6 +204,11 @@ class Lookup:
                     redirect = target.strip("/")  # absolute: from each lower layer's root
                 else:
                     redirect, name = None, target  # relative: same parent, other name
+        if self.index is not None and entries and not entries[0].layer.writable \
+                and self.index.eligible(entries[0]):
+            shared = self.index.find(entries[0])
+            if shared is not None:
+                entries.insert(0, shared)
         if metacopy and data is None:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
         return Node(rel, tuple(entries), opaque, upper_whiteout, data)

@@ -193,6 +193,9 @@ class Namespace:
             self._place_new(dst_rel, lambda layer, where: do_link(upper, src_rel, layer, where),
                             None, src.st.st_mode)
             self._done()
+            shared = self.fs.index_of(self.fs.lookup.lookup(src_rel))
+            if shared is not None:
+                self.fs.adjust_nlink(shared, +1)
         self.fs.invalidate_path(src_rel)  # the source's FUSE node caches the old st_nlink
 
     # -- removal ------------------------------------------------------------------------------
@@ -208,7 +211,10 @@ class Namespace:
             node = self.fs.lookup.lookup(rel)
             if not node.exists:
                 raise OSError(errno.ENOENT, "no such file", rel)
+            shared = self.fs.index_of(node)
             self._remove(node, self.lower_exists(rel))
+            if shared is not None:
+                self.fs.adjust_nlink(shared, -1)
             self.fs.unlinked(node)
             self._done()
 
@@ -295,6 +301,7 @@ class Namespace:
                 whiteout.set_opaque(upper, old, self.fs.prefix)
             if nnode.upper is not None and nnode.is_dir:
                 upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
+            replaced_shared = None if nnode.is_dir else self.fs.index_of(nnode)
             if nnode.upper_whiteout:
                 # swap with the whiteout: it lands at the old name, which needs one if a
                 # lower still has that name, and is dropped otherwise
@@ -303,6 +310,8 @@ class Namespace:
                     upper.do_unlink(old)
             else:
                 self._move(old, new, old_lower, replace=nnode.upper is not None)
+            if replaced_shared is not None:
+                self.fs.adjust_nlink(replaced_shared, -1)
             if nnode.exists:
                 self.fs.unlinked(nnode)
             self.fs.renamed(old, new)

@@ -104,12 +104,13 @@ def fs_uuid(fd: int) -> bytes:
     return bytes(buf[1 : 1 + length]).ljust(16, b"\0")[:16]
 
 
-def ovl_origin_xattr(fd: int) -> bytes | None:
+def ovl_origin_xattr(fd: int, uuid: bytes) -> bytes | None:
     """Encode the kernel's ``trusted.overlay.origin`` value (struct ovl_fb, v0) for ``fd``.
 
     Layout: version(0) magic(0xfb) len flags type uuid[16] fid[]; flags 0 means
     "CPU byte order, lower inode", which is what a little-endian kernel writes.
-    Returns None where the filesystem cannot export file handles.
+    ``uuid`` is the filesystem's (``fs_uuid`` of a normal fd on it: ioctls refuse O_PATH
+    fds). Returns None where the filesystem cannot export file handles.
     """
     try:
         htype, fid = name_to_handle(fd)
@@ -119,7 +120,7 @@ def ovl_origin_xattr(fd: int) -> bytes | None:
         return None
     length = 21 + len(fid)
     header = struct.pack("<BBBBB", 0, 0xFB, length, 0 if _LITTLE else 1, htype)
-    return header + fs_uuid(fd) + fid
+    return header + uuid + fid
 
 
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

@@ -327,7 +327,8 @@ class Mount:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=str(REPO_ROOT), start_new_session=True)
+                                         cwd=str(self.log_path.parent),  # not the checkout:
+                                         start_new_session=True)  # PYTHONPATH decides
         if self.foreground:
             self._wait_foreground_mount()
         else:
@@ -495,7 +496,7 @@ def run_overlaypc(args: Sequence[Union[str, os.PathLike]], mountpoint: Union[str
     before = len(mounts_at(mountpoint))
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=overlaypc_env(), cwd=str(REPO_ROOT), start_new_session=True)
+                                env=overlaypc_env(), cwd=str(log_dir), start_new_session=True)
     timed_out = False
     try:
         rc: Optional[int] = proc.wait(timeout=timeout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 

@@ -22,7 +22,7 @@ import pytest
 import helpers
 from helpers import Dir, File, Symlink
 from upper_support import (NOBODY, RENAME_EXCHANGE, RENAME_NOREPLACE, fuse_hidden, is_whiteout,
-                           make_stack, renameat2, run_as, stack_options, work_leftovers, xattr_dict)
+                           link_groups, make_stack, renameat2, run_as, stack_options, work_leftovers, xattr_dict)
 
 pytestmark = pytest.mark.mount
 
@@ -1079,29 +1079,18 @@ def _snap(root, kernel=False):
     return helpers.tree_snapshot(root, times=True, ignore_vanished=kernel)
 
 
-def _link_groups(root: Path) -> set:
-    groups: dict[int, set] = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            st_ = os.lstat(p)
-            if not stat.S_ISDIR(st_.st_mode) and st_.st_nlink > 1:
-                groups.setdefault(st_.st_ino, set()).add(os.path.relpath(p, root))
-    return {frozenset(g) for g in groups.values()}
-
-
 def test_overlaypc_upper_mounts_under_kernel(layers_factory, overlay_mount, mountpoint):
     helpers.require("kernel_overlay")
     s = make_stack(layers_factory, overlay_mount, INTEROP_LOWER)
     interop_scenario(s.mnt)
     ours = _snap(s.mnt)
-    ours_links = _link_groups(s.mnt)
+    ours_links = link_groups(s.mnt)
     s.mount.unmount()
     with helpers.kernel_overlay(mountpoint("kmnt"), s.lowers, s.upper, s.work) as k:
         theirs = _snap(k, kernel=True)
         assert theirs == ours, "kernel overlayfs shows overlaypc's upper differently:\n" + \
             helpers.diff_snapshots(ours, theirs, ("overlaypc", "kernel"))
-        assert _link_groups(k) == ours_links
+        assert link_groups(k) == ours_links
 
 
 def test_kernel_upper_mounts_under_overlaypc(layers_factory, overlay_mount, mountpoint):
@@ -1111,12 +1100,12 @@ def test_kernel_upper_mounts_under_overlaypc(layers_factory, overlay_mount, moun
     with helpers.kernel_overlay(mountpoint("kmnt"), layers.paths, upper, work) as k:
         interop_scenario(k)
         theirs = _snap(k, kernel=True)
-        their_links = _link_groups(k)
+        their_links = link_groups(k)
     m = overlay_mount(stack_options(layers.paths, upper, work))
     ours = _snap(m.path)
     assert ours == theirs, "overlaypc shows the kernel's upper differently:\n" + \
         helpers.diff_snapshots(theirs, ours, ("kernel", "overlaypc"))
-    assert _link_groups(m.path) == their_links
+    assert link_groups(m.path) == their_links
     # and it keeps working on it
     (m.path / "gone/more").write_bytes(b"more")
     os.unlink(m.path / "dir/three")

@@ -173,3 +173,23 @@ def renameat2(old: Union[str, os.PathLike], new: Union[str, os.PathLike], flags:
     if fn(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), str(old), None, str(new))
+
+
+# --------------------------------------------------------------------------------------
+# Comparing trees beyond helpers.tree_snapshot
+# --------------------------------------------------------------------------------------
+
+def link_groups(root: Union[str, os.PathLike]) -> set:
+    """Hard-link groups under root: sets of relative paths of non-directories sharing one
+    st_ino with st_nlink > 1 (what tar/du/cp -a would see)."""
+    groups: dict[int, set] = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            try:
+                st_ = os.lstat(p)
+            except FileNotFoundError:
+                continue  # a kernel-listed whiteout (see helpers.tree_snapshot)
+            if st_.st_nlink > 1:
+                groups.setdefault(st_.st_ino, set()).add(os.path.relpath(p, root))
+    return {frozenset(g) for g in groups.values()}

@@ -1,0 +1,110 @@
+"""Hard links across copy-up (``-o index=on``): the index directory ``workdir/index``.
+
+Owns: finding and keeping the one upper inode that all names of a hard-linked lower
+file share once any of them is copied up. As the kernel does, the copy goes to
+``workdir/index/<hex of the lower file's origin handle>`` and each name copied up after
+it is a hard link to that file; a name not copied up yet finds its data, attributes and
+``st_ino`` through the index entry, so every name shows the new data at once.
+
+The overlay's ``st_nlink`` of an indexed inode is kept in ``trusted.overlaypc.nlink`` on
+the index file (initially the lower file's nlink, +1 per link and -1 per unlink through
+the mount); the kernel keeps the same count in ``trusted.overlay.nlink`` in its own
+relative encoding. Caveat: overlaypc writes only its own count, so a kernel mounting
+such an upper with ``index=on`` recomputes nlink from the layers.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+
+from . import sysapi
+from .layer import Layer
+from .lookup import Entry
+
+INDEX_DIR = "index"
+
+
+class IndexDir:
+    def __init__(self, work: Layer, xattr_prefix: str) -> None:
+        self.work = work
+        self.nlink_xattr = xattr_prefix.replace("overlay.", "overlaypc.") + "nlink"
+        self.origin_xattr = xattr_prefix + "origin"
+        self._keys: dict[tuple[int, int], str | None] = {}
+        #: index entry -> merged names seen for it, whose cached st_nlink must be dropped
+        #: when a link or unlink changes the count (each name is its own FUSE node)
+        self.names: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        if self.work.lstat(INDEX_DIR) is None:
+            self.work.do_mkdir(INDEX_DIR, 0o700)
+
+    @staticmethod
+    def eligible(entry: Entry) -> bool:
+        return stat.S_ISREG(entry.st.st_mode) and entry.st.st_nlink > 1
+
+    def key(self, lower: Entry) -> str | None:
+        """Index name of a lower file: hex of its origin file handle (as the kernel)."""
+        ident = (lower.st.st_dev, lower.st.st_ino)
+        with self._lock:
+            if ident in self._keys:
+                return self._keys[ident]
+        fd = lower.layer.path_fd(lower.rel)
+        try:
+            origin = sysapi.ovl_origin_xattr(fd, lower.layer.uuid)
+        finally:
+            os.close(fd)
+        key = origin.hex() if origin else None
+        with self._lock:
+            self._keys[ident] = key
+        return key
+
+    def rel(self, key: str) -> str:
+        return f"{INDEX_DIR}/{key}"
+
+    def find(self, lower: Entry) -> Entry | None:
+        """The index entry of a hard-linked lower file, if one of its names was copied up."""
+        key = self.key(lower)
+        if key is None:
+            return None
+        st = self.work.lstat(self.rel(key))
+        return Entry(self.work, self.rel(key), st) if st is not None and stat.S_ISREG(st.st_mode) else None
+
+    def of_upper(self, upper: Entry) -> Entry | None:
+        """The index entry an upper file is a hard link of, if any."""
+        if not stat.S_ISREG(upper.st.st_mode) or upper.st.st_nlink < 2:
+            return None
+        origin = upper.layer.getxattr(upper.rel, self.origin_xattr)
+        if not origin:
+            return None
+        st = self.work.lstat(self.rel(origin.hex()))
+        if st is None or (st.st_dev, st.st_ino) != (upper.st.st_dev, upper.st.st_ino):
+            return None
+        return Entry(self.work, self.rel(origin.hex()), st)
+
+    def seen(self, index: Entry, name: str) -> None:
+        with self._lock:
+            names = self.names.setdefault(index.rel, set())
+            if len(names) < 256:
+                names.add(name)
+            if len(self.names) > 65536:
+                self.names.clear()
+
+    def nlink(self, index: Entry) -> int:
+        raw = self.work.getxattr(index.rel, self.nlink_xattr)
+        try:
+            return max(int(raw or b""), 0)
+        except ValueError:
+            return max(index.st.st_nlink - 1, 1)
+
+    def set_nlink(self, rel: str, value: int) -> None:
+        self.work.do_setxattr(rel, self.nlink_xattr, str(max(value, 0)).encode())
+
+    def adjust(self, index: Entry, delta: int) -> None:
+        try:
+            self.set_nlink(index.rel, self.nlink(index) + delta)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise

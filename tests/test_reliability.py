@@ -1,0 +1,368 @@
+"""Crash and fault safety (issue 8): kill -9 during copy-up, a full upper, EIO and crashes
+injected in the daemon, stale mounts, two daemons on one upper.
+
+Every test checks the backing dirs as well as the merged view: the lower byte for byte,
+the upper for half-copied files, ``workdir/work`` for leftovers. Faults are armed with
+``OVERLAYPC_FAULTS`` (see ``overlaypc/faults.py``); ``pause`` makes the daemon SIGSTOP
+itself at the named point so the kill -9 lands exactly there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import helpers
+from reliability_support import (MiB, errno_name, finish, free_bytes, kill_daemon, lazy_detach,
+                                 loop_fs, pattern, sha256_file, spawn_py, wait_stopped)
+from upper_support import stack_options, work_leftovers
+
+pytestmark = pytest.mark.mount
+
+BIG = 64 * MiB
+
+
+def _stack(base: Path, lower_files: dict[str, bytes]) -> tuple[Path, Path, Path]:
+    lower, upper, work = base / "lower", base / "upper", base / "work"
+    for d in (lower, upper, work):
+        d.mkdir(parents=True)
+    for rel, data in lower_files.items():
+        p = lower / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return lower, upper, work
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _assert_alive(m: helpers.Mount) -> None:
+    assert m.proc is not None and m.proc.poll() is None, f"daemon died:\n{m.log_text()}"
+
+
+# --------------------------------------------------------------------------------------
+# kill -9 during copy-up
+# --------------------------------------------------------------------------------------
+
+# point armed with "pause" -> what must be in workdir/work when the daemon stops there
+KILL_POINTS = {
+    "copyup.data@0": "temp created, no data yet",
+    f"copyup.data@{24 * MiB}": "temp holds a partial copy",
+    "copyup.fsync": "temp complete, not yet fsynced",
+    "copyup.rename": "temp complete and fsynced, not yet renamed",
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS), ids=lambda p: p.replace("copyup.", ""))
+def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory, overlay_mount,
+                                                           mountpoint):
+    """kill -9 at a deterministic point of a 64 MiB non-reflink copy-up (tmpfs): after a lazy
+    unmount and a fresh mount the file is the complete lower data, the temp is gone, the
+    lower is unchanged, and a new copy-up then works."""
+    base = tmpfs_factory("200m")
+    data = pattern(BIG, seed=8)
+    lower, upper, work = _stack(base, {"dir/big.bin": data, "small.txt": b"small\n"})
+    lower_state, lower_hash = helpers.dir_state(lower), sha256_file(lower / "dir/big.bin")
+    opts = stack_options([lower], upper, work)
+
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": f"{point}=pause"})
+    pid = m.proc.pid
+    child = spawn_py(f"""
+        try:
+            fd = os.open({str(m / 'dir/big.bin')!r}, os.O_RDWR)
+        except OSError as e:
+            print(errno.errorcode.get(e.errno, e.errno)); sys.exit(1)
+        os.pwrite(fd, b"NEW", 0)
+        print("opened"); sys.exit(0)
+    """)
+    try:
+        assert wait_stopped(pid), f"daemon never reached {point}:\n{m.log_text()}"
+        temps = work_leftovers(work)
+        assert len(temps) == 1, temps
+        tmp_size = os.lstat(work / "work" / temps[0]).st_size
+        if point.startswith("copyup.data@") and not point.endswith("@0"):
+            assert 0 < tmp_size < BIG, f"{KILL_POINTS[point]}: temp size {tmp_size}"
+        elif point == "copyup.data@0":
+            assert tmp_size == 0
+        else:
+            assert tmp_size == BIG and sha256_file(work / "work" / temps[0]) == lower_hash
+        kill_daemon(m)
+    finally:
+        if m.active:
+            kill_daemon(m)
+    rc, out, err = finish(child)
+    assert rc != 0, f"the open blocked in the killed daemon succeeded: {out} {err}"
+
+    assert not (upper / "dir/big.bin").exists(), "copy landed in upper although never renamed"
+    m2 = overlay_mount(opts)
+    assert work_leftovers(work) == [], "workdir/work not cleaned at mount"
+    assert sha256_file(m2 / "dir/big.bin") == lower_hash, "merged view shows a partial copy"
+    assert _read(m2 / "small.txt") == b"small\n"
+    # the next copy-up completes normally
+    with open(m2 / "dir/big.bin", "r+b") as f:
+        f.write(b"NEW")
+    assert _read(upper / "dir/big.bin") == b"NEW" + data[3:]
+    m2.unmount()
+    assert helpers.dir_state(lower) == lower_state and sha256_file(lower / "dir/big.bin") == lower_hash
+    assert work_leftovers(work) == []
+
+
+def test_kill9_after_completed_copyup_and_fsync_keeps_new_data(tmpfs_factory, overlay_mount):
+    """The other outcome: once copy-up finished and the caller's write was fsynced, a kill -9
+    leaves the complete new data (and still no leftovers, lower unchanged)."""
+    base = tmpfs_factory("200m")
+    data = pattern(BIG, seed=9)
+    lower, upper, work = _stack(base, {"big.bin": data})
+    lower_state = helpers.dir_state(lower)
+    opts = stack_options([lower], upper, work)
+    m = overlay_mount(opts)
+    new = pattern(MiB, seed=10)
+    fd = os.open(m / "big.bin", os.O_RDWR)
+    try:
+        os.pwrite(fd, new, 5 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    kill_daemon(m)
+    expected = data[:5 * MiB] + new + data[6 * MiB:]
+    m2 = overlay_mount(opts)
+    assert _read(m2 / "big.bin") == expected
+    assert work_leftovers(work) == []
+    m2.unmount()
+    assert helpers.dir_state(lower) == lower_state
+
+
+# --------------------------------------------------------------------------------------
+# Stale mounts and a second daemon
+# --------------------------------------------------------------------------------------
+
+def test_stale_mount_is_refused_with_recovery_hint(tmp_path, overlay_mount, mountpoint):
+    """A mount whose daemon was killed: mounting over it (or using it as a layer) exits 2
+    naming ``umount -l`` and ``fusermount3 -u -z``; after that recovery a mount works."""
+    lower, upper, work = _stack(tmp_path / "s", {"f.txt": b"lower\n"})
+    opts = stack_options([lower], upper, work)
+    m = overlay_mount(opts)
+    kill_daemon(m, detach=False)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.stat(m.mountpoint / "f.txt")
+        assert ei.value.errno == errno.ENOTCONN
+        upper_before = helpers.dir_state(upper)
+
+        r = helpers.run_overlaypc(["-o", opts, m.mountpoint], m.mountpoint, tmp_path)
+        assert r.returncode == 2 and not r.wrongly_mounted, r
+        assert "umount -l" in r.stderr and "fusermount3 -u -z" in r.stderr, r.stderr
+        assert str(m.mountpoint) in r.stderr
+
+        other = mountpoint()
+        r2 = helpers.run_overlaypc(["-o", f"lowerdir={m.mountpoint}", other], other, tmp_path)
+        assert r2.returncode == 2 and not r2.wrongly_mounted, r2
+        assert "umount -l" in r2.stderr and "fusermount3 -u -z" in r2.stderr, r2.stderr
+        assert helpers.dir_state(upper) == upper_before
+    finally:
+        lazy_detach(m.mountpoint)
+    m2 = overlay_mount(opts, mnt=m.mountpoint)
+    assert _read(m2 / "f.txt") == b"lower\n"
+
+
+@pytest.mark.parametrize("share", ["upper+work", "upper", "work"])
+def test_second_daemon_on_same_upper_or_workdir_is_refused(share, tmp_path, overlay_mount,
+                                                           mountpoint):
+    lower, upper, work = _stack(tmp_path / "s", {"f.txt": b"lower\n"})
+    upper2, work2 = tmp_path / "s" / "upper2", tmp_path / "s" / "work2"
+    upper2.mkdir()
+    work2.mkdir()
+    m = overlay_mount(stack_options([lower], upper, work))
+    with open(m / "before.txt", "w") as f:
+        f.write("first\n")
+    second = {"upper+work": (upper, work), "upper": (upper, work2), "work": (upper2, work)}[share]
+    other = mountpoint()
+    upper_before = helpers.dir_state(upper)
+    r = helpers.run_overlaypc(["-o", stack_options([lower], *second), other], other, tmp_path)
+    assert r.returncode == 2 and not r.wrongly_mounted, r
+    assert "in use" in r.stderr, r.stderr
+    assert helpers.dir_state(upper) == upper_before
+    # the first daemon is unharmed: it reads, writes and copies up
+    _assert_alive(m)
+    assert _read(m / "before.txt") == b"first\n"
+    with open(m / "f.txt", "a") as f:
+        f.write("appended\n")
+    with open(m / "after.txt", "w") as f:
+        f.write("still writable\n")
+    assert _read(upper / "f.txt") == b"lower\nappended\n"
+    assert _read(upper / "after.txt") == b"still writable\n"
+    m.unmount()
+    assert work_leftovers(work) == []
+
+
+# --------------------------------------------------------------------------------------
+# Full upper
+# --------------------------------------------------------------------------------------
+
+def test_full_upper_enospc(tmp_path, overlay_mount):
+    """A 32 MiB ext4 upper: copy-up of a 48 MiB lower file fails with ENOSPC and leaves
+    nothing behind; writes that fill the disk get ENOSPC; the daemon keeps serving, and
+    once space is freed copy-up works again. The lower is unchanged throughout."""
+    big, mid, tiny = pattern(48 * MiB, 1), pattern(6 * MiB, 2), pattern(200_000, 3)
+    lower = tmp_path / "lower"
+    for rel, data in {"big.bin": big, "mid.bin": mid, "tiny.bin": tiny,
+                      "deep/a/b/c.bin": tiny, "small.txt": b"small\n"}.items():
+        (lower / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lower / rel).write_bytes(data)
+    lower_state = helpers.dir_state(lower)
+    with loop_fs(tmp_path / "loop", 32, "ext4") as fs:
+        upper, work = fs / "upper", fs / "work"
+        upper.mkdir()
+        work.mkdir()
+        m = overlay_mount(stack_options([lower], upper, work))
+        free0 = free_bytes(fs)
+        assert free0 < len(big)
+
+        # copy-up bigger than the free space
+        with pytest.raises(OSError) as ei:
+            os.open(m / "big.bin", os.O_RDWR)
+        assert ei.value.errno == errno.ENOSPC, errno_name(ei.value)
+        assert not (upper / "big.bin").exists() and work_leftovers(work) == []
+        assert sha256_file(m / "big.bin") == sha256_file(lower / "big.bin")
+        assert free_bytes(fs) >= free0 - MiB, "space of the failed copy not given back"
+        _assert_alive(m)
+
+        # a copy-up that fits still works
+        with open(m / "mid.bin", "r+b") as f:
+            f.write(b"M")
+        assert _read(upper / "mid.bin") == b"M" + mid[1:]
+
+        # fill the disk with writes
+        chunk = pattern(MiB, 4)
+        written = 0
+        with pytest.raises(OSError) as ei:
+            with open(m / "fill.bin", "wb", buffering=0) as f:
+                while written < 64 * MiB:
+                    written += f.write(chunk)
+        assert ei.value.errno == errno.ENOSPC, errno_name(ei.value)
+        assert written < 32 * MiB
+        assert (m / "fill.bin").stat().st_size == (upper / "fill.bin").stat().st_size
+
+        # disk full: copy-ups (data, and with ancestors) fail cleanly, the rest is served
+        for rel in ("tiny.bin", "deep/a/b/c.bin"):
+            with pytest.raises(OSError) as ei:
+                with open(m / rel, "r+b") as f:
+                    f.write(b"T")
+            assert ei.value.errno == errno.ENOSPC, (rel, errno_name(ei.value))
+            assert not (upper / rel).exists(), f"half-copied {rel} in upper"
+            assert _read(m / rel) == tiny
+        assert work_leftovers(work) == []
+        assert _read(m / "small.txt") == b"small\n"
+        assert sorted(os.listdir(m)) == ["big.bin", "deep", "fill.bin", "mid.bin", "small.txt",
+                                         "tiny.bin"]
+        _assert_alive(m)
+
+        # space freed: everything works again
+        os.unlink(m / "fill.bin")
+        with open(m / "tiny.bin", "r+b") as f:
+            f.write(b"T")
+        assert _read(m / "tiny.bin") == b"T" + tiny[1:] == _read(upper / "tiny.bin")
+        m.unmount()
+        assert work_leftovers(work) == []
+    assert helpers.dir_state(lower) == lower_state
+
+
+# --------------------------------------------------------------------------------------
+# Injected errors and crashes
+# --------------------------------------------------------------------------------------
+
+def test_eio_from_backing_file_reaches_caller_daemon_keeps_serving(tmp_path, overlay_mount):
+    lower, upper, work = _stack(tmp_path / "s", {"broken.bin": pattern(300_000, 5),
+                                                  "ok.bin": pattern(300_000, 6)})
+    m = overlay_mount(stack_options([lower], upper, work),
+                      env={"OVERLAYPC_FAULTS": "file.read~broken=eio"})
+    for _ in range(2):  # not cached as success, not fatal
+        with pytest.raises(OSError) as ei:
+            _read(m / "broken.bin")
+        assert ei.value.errno == errno.EIO
+        assert _read(m / "ok.bin") == (lower / "ok.bin").read_bytes()
+    assert os.stat(m / "broken.bin").st_size == 300_000
+    # after copy-up the fault still applies to the (upper) backing file, and only to it
+    with open(m / "broken.bin", "r+b") as f:
+        f.write(b"x")
+    with pytest.raises(OSError) as ei:
+        _read(m / "broken.bin")
+    assert ei.value.errno == errno.EIO
+    with open(m / "new.txt", "w") as f:
+        f.write("new\n")
+    assert _read(m / "new.txt") == b"new\n"
+    _assert_alive(m)
+
+
+FAULTED_ERRNO_CASES = {
+    # fault spec -> (operation on MNT, expected errno)
+    "copyup.fsync~nospace=enospc": ("copyup", "nospace.bin", errno.ENOSPC),
+    "copyup.data~nospace=enospc": ("copyup", "nospace.bin", errno.ENOSPC),
+    "layer.rename~nospace=eio": ("copyup", "nospace.bin", errno.EIO),
+    "file.write~nospace=enospc": ("write", "nospace.bin", errno.ENOSPC),
+}
+
+
+@pytest.mark.parametrize("spec", list(FAULTED_ERRNO_CASES))
+def test_injected_errno_during_copyup_and_write_leaves_no_trace(spec, tmp_path, overlay_mount):
+    op, rel, code = FAULTED_ERRNO_CASES[spec]
+    data = pattern(3 * MiB, 7)
+    lower, upper, work = _stack(tmp_path / "s", {rel: data, "other.bin": b"other\n"})
+    lower_state = helpers.dir_state(lower)
+    m = overlay_mount(stack_options([lower], upper, work), env={"OVERLAYPC_FAULTS": spec})
+    with pytest.raises(OSError) as ei:
+        with open(m / rel, "r+b", buffering=0) as f:
+            f.write(b"W")
+    assert ei.value.errno == code, errno_name(ei.value)
+    assert work_leftovers(work) == []
+    if op == "copyup":
+        assert not (upper / rel).exists()
+    else:  # the copy-up itself succeeded; the write did not change a byte
+        assert (upper / rel).read_bytes() == data
+    assert _read(m / rel) == data
+    with open(m / "other.bin", "r+b") as f:  # other copy-ups are unaffected
+        f.write(b"O")
+    assert _read(upper / "other.bin") == b"Other\n"
+    _assert_alive(m)
+    m.unmount()
+    assert helpers.dir_state(lower) == lower_state
+
+
+CRASH_CASES = {
+    # fault spec -> what to do through the mount (must fail with EIO)
+    "file.read~crashme=crash": lambda mnt: _read(mnt / "crashme.bin"),
+    "file.write~crashme=crash": lambda mnt: (mnt / "crashme.bin").write_bytes(b"x"),
+    "layer.mkdir~crashdir=crash": lambda mnt: os.mkdir(mnt / "crashdir"),
+    "layer.unlink~crashme=crash": lambda mnt: os.unlink(mnt / "crashme.bin"),
+    "copyup.rename~crashme=crash": lambda mnt: os.chmod(mnt / "crashme.bin", 0o600),
+}
+
+
+@pytest.mark.daemon_errors_ok
+@pytest.mark.parametrize("spec", list(CRASH_CASES), ids=lambda s: s.split("~")[0])
+def test_unexpected_exception_is_logged_and_answered_eio(spec, tmp_path, overlay_mount):
+    """An exception that is not an OSError (injected RuntimeError) becomes EIO, is logged at
+    ERROR with its traceback, and the daemon goes on serving."""
+    lower, upper, work = _stack(tmp_path / "s", {"crashme.bin": b"crash me\n",
+                                                  "ok.txt": b"ok\n"})
+    m = overlay_mount(stack_options([lower], upper, work), env={"OVERLAYPC_FAULTS": spec})
+    if spec.startswith("layer.unlink"):
+        (m / "crashme.bin").write_bytes(b"in upper\n")  # unlink of an upper file
+    with pytest.raises(OSError) as ei:
+        CRASH_CASES[spec](m.mountpoint)
+    assert ei.value.errno == errno.EIO, errno_name(ei.value)
+    _assert_alive(m)
+    assert _read(m / "ok.txt") == b"ok\n"
+    (m / "fresh.txt").write_bytes(b"fresh\n")
+    assert _read(upper / "fresh.txt") == b"fresh\n"
+    assert work_leftovers(work) == []
+    log = m.log_text()
+    assert "ERROR" in log and "Traceback" in log and "injected crash" in log, log
+    m.unmount()
+    assert m.returncode == 0

@@ -1,0 +1,131 @@
+"""Copy-up by reflink (FICLONE) on a real XFS (reflink=1, loop device; the session
+``xfs_fs`` fixture): a 256 MiB lower file opened O_RDWR through the mount is copied up
+without copying its data. Three independent witnesses: the daemon's copy-up counter
+says "reflink", FIEMAP of the upper file flags its extents shared, and the filesystem's
+used space barely grows. No timing asserts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import helpers
+from upper_support import make_stack, overlay_stats, work_leftovers
+
+pytestmark = [pytest.mark.mount, pytest.mark.reflink]
+
+SIZE = 256 << 20
+FIEMAP_EXTENT_SHARED = 0x2000
+
+
+def _fill(path: Path, size: int) -> str:
+    """Write `size` bytes of non-repeating data (no holes, nothing to dedupe); return sha256."""
+    h = hashlib.sha256()
+    block = hashlib.sha256(b"seed").digest() * (1 << 15)      # 1 MiB
+    with open(path, "wb") as f:
+        for i in range(size >> 20):
+            chunk = i.to_bytes(8, "little") + block[8:]
+            h.update(chunk)
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(4 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _used_bytes(path: Path) -> int:
+    sv = os.statvfs(path)
+    return (sv.f_blocks - sv.f_bfree) * sv.f_frsize
+
+
+def fiemap_extents(path: Path) -> list[tuple[int, int, int]]:
+    """(logical offset, length, flags) of each extent, in bytes, via xfs_io (or filefrag)."""
+    if shutil.which("xfs_io"):
+        out = subprocess.run(["xfs_io", "-r", "-c", "fiemap -v", str(path)], check=True,
+                             capture_output=True, text=True).stdout
+        extents = []
+        # "   0: [0..524287]:     192..524479      0 (192..524479)  524288 0x2000"
+        for line in out.splitlines():
+            m = re.match(r"\s*\d+:\s*\[(\d+)\.\.(\d+)\]:\s*(\S+)\s+.*?\s(\d+)\s+(0x[0-9a-fA-F]+)\s*$",
+                         line)
+            if m and m.group(3) != "hole":
+                start, end = int(m.group(1)), int(m.group(2))
+                extents.append((start * 512, (end - start + 1) * 512, int(m.group(5), 16)))
+        return extents
+    out = subprocess.run(["filefrag", "-v", "-b1", str(path)], check=True, capture_output=True,
+                         text=True).stdout
+    extents = []
+    for line in out.splitlines():
+        m = re.match(r"\s*\d+:\s*(\d+)\.\.\s*(\d+):.*?:\s*(\d+):\s*(.*)$", line)
+        if m:
+            flags = FIEMAP_EXTENT_SHARED if "shared" in m.group(4) else 0
+            extents.append((int(m.group(1)), int(m.group(3)), flags))
+    return extents
+
+
+def test_copy_up_uses_reflink_on_xfs(xfs_dir, layers_factory, overlay_mount):
+    helpers.require(shutil.which("xfs_io") is not None or shutil.which("filefrag") is not None,
+                    "needs xfs_io or filefrag for FIEMAP")
+    digest = {}
+
+    def prepare(layers):
+        digest["lower"] = _fill(layers.paths[0] / "big.bin", SIZE)
+
+    s = make_stack(layers_factory, overlay_mount, {"lower": {"keep.txt": "k"}}, base=xfs_dir,
+                   prepare=prepare)
+    assert os.stat(s.lower).st_dev == os.stat(s.upper).st_dev == os.stat(xfs_dir).st_dev
+    lower_extents = fiemap_extents(s.lo("big.bin"))
+    assert lower_extents and not any(f & FIEMAP_EXTENT_SHARED for _, _, f in lower_extents), \
+        "test set-up: the lower file already shares extents"
+    before = overlay_stats(s.mnt)["copy_ups"]
+    os.sync()
+    used_before = _used_bytes(xfs_dir)
+
+    fd = os.open(s.m("big.bin"), os.O_RDWR)
+    os.close(fd)
+
+    os.sync()
+    grown = _used_bytes(xfs_dir) - used_before
+    after = overlay_stats(s.mnt)["copy_ups"]
+    assert after.get("reflink", 0) == before.get("reflink", 0) + 1, \
+        f"copy-up did not take the reflink path: copy_ups {before} -> {after}"
+    assert os.stat(s.u("big.bin")).st_size == SIZE
+    upper_extents = fiemap_extents(s.u("big.bin"))
+    assert upper_extents, "no extents reported for the upper file"
+    covered = sum(length for _, length, _ in upper_extents)
+    shared = sum(length for _, length, f in upper_extents if f & FIEMAP_EXTENT_SHARED)
+    assert covered >= SIZE and shared == covered, \
+        f"upper extents not all shared: {shared} of {covered} bytes ({upper_extents[:5]} ...)"
+    assert any(f & FIEMAP_EXTENT_SHARED for _, _, f in fiemap_extents(s.lo("big.bin")))
+    assert grown < 16 << 20, f"filesystem grew by {grown} bytes for a reflink copy-up of 256 MiB"
+    assert work_leftovers(s.work) == []
+    assert _sha(s.m("big.bin")) == digest["lower"]
+    assert _sha(s.lo("big.bin")) == digest["lower"]
+
+    # a write unshares only what it touches: the lower keeps its data
+    fd = os.open(s.m("big.bin"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xff" * 4096, 1 << 20)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert _sha(s.lo("big.bin")) == digest["lower"]
+    with open(s.m("big.bin"), "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(4096) == b"\xff" * 4096
+    unshared = sum(length for _, length, f in fiemap_extents(s.u("big.bin"))
+                   if not f & FIEMAP_EXTENT_SHARED)
+    assert 0 < unshared < 16 << 20
