@@ -51,6 +51,7 @@ class Attributes:
         attrs = stat_dict(node.st, self.fs.inos.ino_of(node), self.fs.overlay_nlink(node))
         if node.data is not None:  # metacopy: the blocks are the lower's
             attrs["st_blocks"] = node.data.st.st_blocks
+        self.fs.links.note(node.st, rel)
         return attrs
 
     # -- changes (copy-up first) ---------------------------------------------------------------
@@ -60,19 +61,28 @@ class Attributes:
         entry = copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True)
         return entry.layer, entry.rel
 
+    def _changed(self, layer, urel: str, rel: str) -> None:
+        """After a change: other names of a multiply-linked file drop their cached attrs."""
+        st = layer.lstat(urel)
+        if st is not None:
+            self.fs.links_changed(st, rel)
+
     def chmod(self, rel: str, mode: int) -> None:
         layer, urel = self._upper(rel)
         layer.do_chmod(urel, stat.S_IMODE(mode))
+        self._changed(layer, urel, rel)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         layer, urel = self._upper(rel)
         layer.do_chown(urel, uid, gid)
+        self._changed(layer, urel, rel)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
         layer, urel = self._upper(rel)
         now = time.time_ns()
         if times is None:
             layer.do_utime(urel, (now, now))
+            self._changed(layer, urel, rel)
             return
         atime, mtime = times
         if UTIME_OMIT in (atime, mtime):
@@ -83,12 +93,14 @@ class Attributes:
         atime = now if atime == UTIME_NOW else atime
         mtime = now if mtime == UTIME_NOW else mtime
         layer.do_utime(urel, (atime, mtime))
+        self._changed(layer, urel, rel)
 
     def truncate(self, rel: str, length: int) -> None:
         layer, urel = self._upper(rel, data=True)
         self.fs.drop_extents(rel)
         layer.do_truncate(urel, length)
         self.fs.data_changed_by_path(rel)
+        self._changed(layer, urel, rel)
 
     # -- xattrs ------------------------------------------------------------------------------------
     def getxattr(self, rel: str, name: str) -> bytes:
@@ -109,6 +121,7 @@ class Attributes:
             raise OSError(errno.EPERM, "overlay-private attribute", name)
         layer, urel = self._upper(rel)
         layer.do_setxattr(urel, name, value, flags)
+        self._changed(layer, urel, rel)
 
     def removexattr(self, rel: str, name: str) -> None:
         if is_private_xattr(name):
@@ -117,6 +130,7 @@ class Attributes:
         top.layer.getxattr_strict(top.rel, name)  # ENODATA before any copy-up
         layer, urel = self._upper(rel)
         layer.do_removexattr(urel, name)
+        self._changed(layer, urel, rel)
 
     # -- filesystem ------------------------------------------------------------------------------
     def statfs(self) -> dict:

@@ -40,6 +40,7 @@ overlay options:
                     stale-read bug on purpose (debugging, demos)
   userxattr         use user.overlay.* instead of trusted.overlay.* (as the kernel)
   volatile          skip fsyncs in copy-up (as the kernel's option): faster, not crash-safe
+  timeout=SECONDS   how long the kernel caches names and attributes (default 30)
   logfile=PATH      log warnings and errors (everything with -d) to PATH
 generic mount options (defaults, nofail, noatime, nodev, nosuid, noexec, _netdev, x-*,
 ...) are accepted."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,6 +43,7 @@ class MountConfig:
     debug: bool = False
     foreground: bool = False
     sharing: bool = True
+    timeout: float = 30.0
     redirect_dir: str | None = None  # None: "on" with metacopy, else the default
     index: bool = False
     metacopy: bool = False
@@ -104,6 +106,18 @@ def _on_off(attr: str) -> Callable[[MountConfig, str | None], None]:
     return apply
 
 
+def _seconds(attr: str) -> Callable[[MountConfig, str | None], None]:
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        try:
+            seconds = float(value or "")
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= 86400:
+            raise ConfigError(f"bad value {attr}={value!r}: expected seconds between 0 and 86400")
+        setattr(cfg, attr, seconds)
+    return apply
+
+
 def _set_lowers(cfg: MountConfig, value: str | None) -> None:
     if not value:
         raise ConfigError("option lowerdir needs at least one path")
@@ -136,6 +150,7 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "volatile": _flag("volatile"),
     "sharing": _on_off("sharing"),
     "logfile": _set_logfile,
+    "timeout": _seconds("timeout"),
     "redirect_dir": _choice("redirect_dir", REDIRECT_MODES),
     "index": _on_off("index"),
     "metacopy": _on_off("metacopy"),
@@ -242,7 +257,45 @@ def _dir(path: str, what: str) -> str:
     if not os.path.isdir(path):
         raise ConfigError(f"{what} {path} is not a directory")
     del st
-    return os.path.realpath(path)
+    real = os.path.realpath(path)
+    if _stale_fuse_mount(real):
+        raise ConfigError(f"{what} {real} is a stale FUSE mount (its daemon is gone); recover "
+                          f"with 'umount -l {real}' or 'fusermount3 -u -z {real}'")
+    return real
+
+
+def _stale_fuse_mount(path: str, timeout: float = 2.0) -> bool:
+    """Whether ``path`` is the root of a FUSE mount whose daemon is gone. ``stat`` of such a
+    root may still succeed from cached attributes; ``statfs`` always asks the daemon, and
+    gets ENOTCONN once the connection is aborted. Asked from a thread, so a live but hung
+    daemon cannot hang the CLI (it is then simply "in use")."""
+    if not any(mnt == path and fstype.startswith("fuse") for mnt, fstype in _mounts()):
+        return False
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            result.append(0)
+        except OSError as e:
+            result.append(e.errno or 0)
+
+    t = threading.Thread(target=probe, name="overlaypc-stale-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result == [errno.ENOTCONN]
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, fstype) of every mount in /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            field_ = left.split()[4]
+            out.append((field_.encode().decode("unicode_escape") if "\\" in field_ else field_,
+                        right.split()[0] if right else ""))
+    return out
 
 
 def mounted_paths() -> set[str]:

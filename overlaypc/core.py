@@ -29,6 +29,7 @@ from .handles import HandleTable
 from .inodes import InodeTable, OverlayInode
 from .index import IndexDir
 from .inumbers import InodeNumbers
+from .linknames import LinkNames
 from .layer import join, split
 from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
@@ -52,6 +53,7 @@ class OverlayFS:
                              follow_metacopy=config.metacopy)
         self.inos = InodeNumbers(self.stack.xino, self.prefix.replace("overlay.", "overlaypc.") + "ino")
         self.inodes = InodeTable()
+        self.links = LinkNames()
         self.handles = HandleTable()
         self.copyup: CopyUp | None = None
         if self.stack.upper is not None:
@@ -101,10 +103,18 @@ class OverlayFS:
 
     def data_changed(self, inode: OverlayInode, via: str) -> None:
         inode.data_version += 1
-        others = [p for p in inode.seen if p != via]
+        others = {p for p in inode.seen if p != via}
         inode.seen = {via: inode.data_version}
+        others.update(self.links.others(inode.backing, via))
         for path in others:
             self.invalidate_path(path)
+
+    def links_changed(self, st: os.stat_result, via: str | None) -> None:
+        """A multiply-linked file changed through ``via``: drop its other names' caches."""
+        key = self.links.key(st)
+        if key is not None:
+            for path in self.links.others(key, via):
+                self.invalidate_path(path)
 
     def index_of(self, node: Node) -> Entry | None:
         """index=on: the index entry behind ``node`` (a lower name or an upper link)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 from typing import Callable
 
 _hooks: dict[str, Callable[..., None]] = {}
@@ -37,7 +38,10 @@ def hit(point: str, *args: object, progress: int | None = None) -> None:
 
 def _action(name: str) -> Callable[..., None]:
     def pause(point: str, *args: object) -> None:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # Directed at this thread, so this thread itself takes the group stop on return from
+        # the syscall: a process-directed SIGSTOP may be taken by another (idle) thread,
+        # and this one would run on past the point until the stop reaches it.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
     def raise_errno(code: int) -> Callable[..., None]:
         def fail(point: str, *args: object) -> None:

@@ -347,6 +347,12 @@ def serve(fs: OverlayFS, *, foreground: bool, mount_flags: list[str]) -> None:
         default_permissions=True,
         hard_remove=True,
         use_ino=True,
+        # Layers change only through the mount, and changes made through one name of a
+        # multiply-linked file invalidate its other names (linknames.py): long kernel
+        # caching of names and attributes is safe, as with the kernel's own overlay.
+        entry_timeout=cfg.timeout,
+        attr_timeout=cfg.timeout,
+        negative_timeout=cfg.timeout,
     )
     if os.geteuid() == 0:
         kwargs["allow_other"] = True

@@ -43,13 +43,24 @@ class OverlayInode:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
+    def backing(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the current backing object."""
+        return self._backing
+
+    def __post_init__(self) -> None:
+        st = os.fstat(self.path_fd)
+        self._backing = (st.st_dev, st.st_ino)
+
+    @property
     def in_upper(self) -> bool:
         return self.layer.writable
 
     def rebind(self, entry: Entry) -> None:
         """Point at a new backing (after copy-up); open handles reopen on next I/O."""
         new_fd = entry.layer.path_fd(entry.rel)
+        st = os.fstat(new_fd)
         with self.lock:
+            self._backing = (st.st_dev, st.st_ino)
             old = self.path_fd
             self.layer, self.rel, self.path_fd = entry.layer, entry.rel, new_fd
             self.generation += 1

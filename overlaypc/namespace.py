@@ -197,6 +197,8 @@ class Namespace:
             if shared is not None:
                 self.fs.adjust_nlink(shared, +1)
         self.fs.invalidate_path(src_rel)  # the source's FUSE node caches the old st_nlink
+        st = self.fs.lookup.lookup(src_rel).st
+        self.fs.links_changed(st, None)
 
     # -- removal ------------------------------------------------------------------------------
     def unlink(self, rel: str) -> None:
@@ -213,6 +215,8 @@ class Namespace:
                 raise OSError(errno.ENOENT, "no such file", rel)
             shared = self.fs.index_of(node)
             self._remove(node, self.lower_exists(rel))
+            if node.upper is not None:
+                self.fs.links_changed(node.upper.st, rel)  # the others' st_nlink dropped
             if shared is not None:
                 self.fs.adjust_nlink(shared, -1)
             self.fs.unlinked(node)

@@ -127,9 +127,24 @@ install_python_packages() {
     fi
 }
 
+# mount(8) runs helpers (mount.fuse3 -> `sh -c overlaypc ...`) with a default PATH, so
+# `mount -t fuse.overlaypc` needs the command in /usr/local/bin. Never replace a real file
+# or a link that points somewhere other than a .venv.
+link_mount_helper() {
+    [ "$(id -u)" -eq 0 ] || return 0
+    local target=/usr/local/bin/overlaypc current
+    if [ -e "$target" ] || [ -L "$target" ]; then
+        [ -L "$target" ] || { log "not touching $target (not a symlink)"; return 0; }
+        current="$(readlink "$target")"
+        case "$current" in */.venv/bin/overlaypc) ;; *) log "not touching $target -> $current"; return 0 ;; esac
+    fi
+    ln -sfn "$VENV/bin/overlaypc" "$target"
+}
+
 install_apt_packages
 ensure_dev_fuse
 load_modules
 ensure_venv
 install_python_packages
+link_mount_helper
 log "ready ($VENV, extras: $EXTRAS)"

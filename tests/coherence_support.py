@@ -117,3 +117,33 @@ def write_blocks(path: Union[str, os.PathLike], tag: bytes, count: int, size: in
     with open(path, "wb") as f:
         for i in range(count):
             f.write(block(tag, i, size))
+
+
+# --------------------------------------------------------------------------------------
+# File descriptors that are always closed (an fd left open on the mount makes umount fail)
+# --------------------------------------------------------------------------------------
+
+class Fds:
+    """``with Fds() as fds: fr = fds.open(path, os.O_RDONLY)``; all closed on exit."""
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+
+    def open(self, path: Union[str, os.PathLike], flags: int, mode: int = 0o644) -> int:
+        fd = os.open(path, flags | os.O_CLOEXEC, mode)
+        self._fds.append(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        self._fds.remove(fd)
+        os.close(fd)
+
+    def close_all(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> "Fds":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close_all()

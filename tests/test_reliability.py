@@ -71,7 +71,7 @@ def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory,
     lower_state, lower_hash = helpers.dir_state(lower), sha256_file(lower / "dir/big.bin")
     opts = stack_options([lower], upper, work)
 
-    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": f"{point}=pause"})
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": f"{point}~big=pause"})
     pid = m.proc.pid
     child = spawn_py(f"""
         try:
@@ -87,7 +87,8 @@ def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory,
         assert len(temps) == 1, temps
         tmp_size = os.lstat(work / "work" / temps[0]).st_size
         if point.startswith("copyup.data@") and not point.endswith("@0"):
-            assert 0 < tmp_size < BIG, f"{KILL_POINTS[point]}: temp size {tmp_size}"
+            threshold = int(point.split("@")[1])
+            assert threshold <= tmp_size < BIG, f"{KILL_POINTS[point]}: temp size {tmp_size}"
         elif point == "copyup.data@0":
             assert tmp_size == 0
         else:

@@ -30,6 +30,7 @@ What is compared, and the only known, documented kernel differences left out:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import os
@@ -51,7 +52,7 @@ SEQUENCES = int(os.environ.get("OVERLAYPC_DIFF_SEQUENCES", "240"))
 MIN_SEQUENCES = min(SEQUENCES, 200)
 TEMPLATES = 20
 SLOTS_PER_TEMPLATE = 36
-MAX_OPS = 14
+MAX_OPS = 20
 SEED = 0x0F1A7
 
 T_OLD = 1_234_567_890_123_456_789
@@ -128,32 +129,77 @@ class Op:
         return f"{self.kind}({self.path!r}" + ("" if self.arg is None else f", {self.arg!r}") + ")"
 
 
-PATH = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map("/".join)
+RANDOM_PATH = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map("/".join)
 DATA = st.sampled_from([b"", b"W", b"written data\n", b"\0" * 100, b"Z" * 5000])
 
+#: operation kind -> strategy of its argument (None: no argument; "path": a second path)
+ARGS = {
+    "create": DATA,
+    "write": st.tuples(st.sampled_from([0, 1, 7, 4096]), DATA),
+    "append": DATA,
+    "truncate": st.sampled_from([0, 1, 5, 10000]),
+    "rename": "path",
+    "unlink": None,
+    "mkdir": st.sampled_from(DIR_MODES),
+    "rmdir": None,
+    "link": "path",
+    "symlink": st.sampled_from(SYMLINK_TARGETS),
+    "chmod": st.sampled_from([0o644, 0o600, 0o755, 0o700, 0o2755]),
+    "setxattr": st.tuples(st.sampled_from(XATTR_NAMES), st.sampled_from([b"v", b"other"]),
+                          st.booleans()),
+    "removexattr": st.sampled_from(XATTR_NAMES),
+    "read": None,
+    "lstat": None,
+}
+KINDS = list(ARGS)
 
-def _op(kind: str, arg=st.none()):
-    return st.builds(Op, st.just(kind), PATH, arg)
+
+def current_paths(root: Path) -> tuple[list[str], list[str]]:
+    """(all paths, directory paths incl. "") under root, not following symlinks."""
+    paths, dirs = [], [""]
+
+    def visit(rel: str) -> None:
+        try:
+            names = sorted(os.listdir(root / rel) if rel else os.listdir(root))
+        except OSError:
+            return
+        for name in names:
+            child = f"{rel}/{name}" if rel else name
+            try:
+                st_ = os.lstat(root / child)
+            except OSError:
+                continue  # a kernel-listed whiteout (see helpers.tree_snapshot)
+            paths.append(child)
+            if stat.S_ISDIR(st_.st_mode):
+                dirs.append(child)
+                visit(child)
+
+    visit("")
+    return paths, dirs
 
 
-OP = st.one_of(
-    _op("create", DATA),
-    _op("write", st.tuples(st.sampled_from([0, 1, 7, 4096]), DATA)),
-    _op("append", DATA),
-    _op("truncate", st.sampled_from([0, 1, 5, 10000])),
-    _op("rename", PATH),
-    _op("unlink"),
-    _op("mkdir", st.sampled_from(DIR_MODES)),
-    _op("rmdir"),
-    _op("link", PATH),
-    _op("symlink", st.sampled_from(SYMLINK_TARGETS)),
-    _op("chmod", st.sampled_from([0o644, 0o600, 0o755, 0o700, 0o2755])),
-    _op("setxattr", st.tuples(st.sampled_from(XATTR_NAMES), st.sampled_from([b"v", b"other"]),
-                              st.booleans())),
-    _op("removexattr", st.sampled_from(XATTR_NAMES)),
-    _op("read"),
-    _op("lstat"),
-)
+def path_strategy(root: Path):
+    """Mostly names that exist now or could be created now; sometimes any random path."""
+    paths, dirs = current_paths(root)
+    new = st.tuples(st.sampled_from(dirs), st.sampled_from(NAMES)).map(
+        lambda t: f"{t[0]}/{t[1]}" if t[0] else t[1])
+    choices = [new, RANDOM_PATH]
+    if paths:
+        choices.insert(0, st.sampled_from(paths))
+    return st.one_of(*choices)
+
+
+def draw_op(data, root: Path, i: int) -> "Op":
+    kind = data.draw(st.sampled_from(KINDS), label=f"op{i}")
+    paths = path_strategy(root)
+    path = data.draw(paths, label=f"op{i} path")
+    arg_s = ARGS[kind]
+    arg = None
+    if arg_s == "path":
+        arg = data.draw(paths, label=f"op{i} to")
+    elif arg_s is not None:
+        arg = data.draw(arg_s, label=f"op{i} arg")
+    return Op(kind, path, arg)
 
 
 def _kind_of(mode: int) -> str:
@@ -235,6 +281,57 @@ def full_view(root: Path, slots: list[str], *, kernel: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# Failure collection: every divergence is recorded (a few examples of each kind) and the
+# test fails once at the end with all of them, instead of stopping at the first. Hypothesis
+# therefore generates but does not shrink: its replays would need fresh lower slots, and
+# a diverged slot is retired at once. Each message carries the whole operation sequence.
+# --------------------------------------------------------------------------------------
+
+class FailureReport:
+    def __init__(self, per_kind: int = 2) -> None:
+        self.kinds: collections.Counter = collections.Counter()
+        self.examples: list[str] = []
+        self.per_kind = per_kind
+
+    def add(self, kind: tuple, message: str) -> None:
+        self.kinds[kind] += 1
+        if self.kinds[kind] <= self.per_kind:
+            self.examples.append(message)
+
+    def text(self, sequences: int) -> str:
+        lines = [f"overlaypc differs from kernel overlayfs ({sequences} sequences run); "
+                 "kinds of divergence (count):"]
+        lines += [f"  {n:4d} x {kind}" for kind, n in self.kinds.most_common()]
+        lines.append("examples:")
+        lines += [f"- {m}" for m in self.examples]
+        return "\n".join(lines)
+
+
+def _short(outcome):
+    kind, value = outcome
+    if isinstance(value, bytes) and len(value) > 24:
+        value = value[:24] + b"..."
+    return (kind, value)
+
+
+def _fields_differing(a: dict, b: dict) -> tuple:
+    fields = set()
+    for k in set(a) | set(b):
+        if k not in a or k not in b:
+            fields.add("presence")
+        elif a[k] != b[k]:
+            fields |= {f.name for f in dataclasses.fields(a[k])
+                       if getattr(a[k], f.name) != getattr(b[k], f.name)}
+    return tuple(sorted(fields))
+
+
+def _clip(text: str, lines: int = 24) -> str:
+    parts = text.splitlines()
+    return "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"]
+                                      if len(parts) > lines else []))
+
+
+# --------------------------------------------------------------------------------------
 # The test
 # --------------------------------------------------------------------------------------
 
@@ -261,7 +358,9 @@ def test_random_sequences_match_kernel(tmp_path):
         d.mkdir()
 
     used: list[str] = []
-    counted = {"sequences": 0}
+    counted = collections.Counter()
+    outcomes: collections.Counter = collections.Counter()
+    report = FailureReport()
 
     with helpers.kernel_overlay(tmp_path / "kmnt", lowers, ku, kw) as kmnt, \
             helpers.Mount(tmp_path / "omnt", stack_options(lowers, ou, ow),
@@ -278,19 +377,36 @@ def test_random_sequences_match_kernel(tmp_path):
                 reject()
             slot = pools[t].pop()
             used.append(slot)
-            ops = data.draw(st.lists(OP, min_size=1, max_size=MAX_OPS), label="ops")
-            kroot, oroot = kmnt / slot, omnt / slot
-            for i, op in enumerate(ops):
-                rk, ro = apply(kroot, op), apply(oroot, op)
-                assert ro == rk, (f"{slot} (template {t}), op #{i} {op!r}: kernel {rk!r}, "
-                                  f"overlaypc {ro!r}\nsequence: {ops!r}")
-            k, o = view(kroot, kernel=True), view(oroot, kernel=False)
-            assert o == k, (f"{slot} (template {t}): merged trees differ after {ops!r}\n"
-                            + helpers.diff_snapshots(k, o, ("kernel", "overlaypc")))
-            assert link_groups(oroot) == link_groups(kroot), f"{slot}: hard-link groups differ"
             counted["sequences"] += 1
+            n_ops = data.draw(st.integers(1, MAX_OPS), label="number of ops")
+            kroot, oroot = kmnt / slot, omnt / slot
+            ops: list[Op] = []
+            for i in range(n_ops):
+                op = draw_op(data, kroot, i)
+                ops.append(op)
+                rk, ro = apply(kroot, op), apply(oroot, op)
+                outcomes[(op.kind, rk[0] if rk[0] == "ok" else rk[1])] += 1
+                if ro != rk:
+                    report.add(("outcome", op.kind, _short(rk), _short(ro)),
+                               f"{slot} (template {t}): op #{i} {op!r}: kernel {_short(rk)}, "
+                               f"overlaypc {_short(ro)}\n    sequence: {ops!r}")
+                    return  # this slot has diverged; the next example uses a fresh one
+            k, o = view(kroot, kernel=True), view(oroot, kernel=False)
+            if o != k:
+                report.add(("tree", _fields_differing(k, o)),
+                           f"{slot} (template {t}): merged trees differ after {ops!r}\n"
+                           + _clip(helpers.diff_snapshots(k, o, ("kernel", "overlaypc"))))
+                return
+            if link_groups(oroot) != link_groups(kroot):
+                report.add(("links",), f"{slot} (template {t}): hard-link groups differ after "
+                           f"{ops!r}: kernel {link_groups(kroot)}, overlaypc {link_groups(oroot)}")
+                return
+            counted["matched"] += 1
 
         run()
+        print(f"\n{counted['sequences']} sequences, {counted['matched']} matched; "
+              "outcomes (kernel side):",
+              ", ".join(f"{k}:{v}={n}" for (k, v), n in sorted(outcomes.items())))
         k_final = full_view(kmnt, used, kernel=True)
         o_final = full_view(omnt, used, kernel=False)
         k_links, o_links = link_groups(kmnt), link_groups(omnt)
@@ -299,14 +415,23 @@ def test_random_sequences_match_kernel(tmp_path):
         assert counted["sequences"] >= MIN_SEQUENCES, \
             f"only {counted['sequences']} sequences ran (need {MIN_SEQUENCES})"
 
-    # each upper under the other implementation
+    # each upper under the other implementation, exact mtimes included
     with helpers.kernel_overlay(tmp_path / "kmnt2", lowers, ou, ow) as k2:
         got = full_view(k2, used, kernel=True)
-        assert got == o_final, "kernel overlayfs shows overlaypc's upper differently:\n" + \
-            helpers.diff_snapshots(o_final, got, ("overlaypc", "kernel on overlaypc's upper"))
-        assert link_groups(k2) == o_links
+        if got != o_final:
+            report.add(("cross: kernel on overlaypc's upper", _fields_differing(o_final, got)),
+                       "kernel overlayfs shows overlaypc's upper differently:\n" + _clip(
+                           helpers.diff_snapshots(o_final, got, ("overlaypc", "kernel"))))
+        if link_groups(k2) != o_links:
+            report.add(("cross links 1",), "kernel on overlaypc's upper: link groups differ")
     with helpers.Mount(tmp_path / "omnt2", stack_options(lowers, ku, kw), log_dir=tmp_path) as o2:
         got = full_view(o2.path, used, kernel=False)
-        assert got == k_final, "overlaypc shows the kernel's upper differently:\n" + \
-            helpers.diff_snapshots(k_final, got, ("kernel", "overlaypc on the kernel's upper"))
-        assert link_groups(o2.path) == k_links
+        if got != k_final:
+            report.add(("cross: overlaypc on kernel's upper", _fields_differing(k_final, got)),
+                       "overlaypc shows the kernel's upper differently:\n" + _clip(
+                           helpers.diff_snapshots(k_final, got, ("kernel", "overlaypc"))))
+        if link_groups(o2.path) != k_links:
+            report.add(("cross links 2",), "overlaypc on the kernel's upper: link groups differ")
+
+    if report.kinds:
+        pytest.fail(report.text(counted["sequences"]), pytrace=False)
