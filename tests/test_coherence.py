@@ -1,0 +1,635 @@
+"""Coherence of open files across copy-up (issue 5): the open-foo scenario and its relatives.
+
+    fr = open("foo", O_RDONLY)    # foo lives on a read-only lower layer
+    fw = open("foo", O_RDWR)      # copies foo up
+    write(fw, data)
+    read(fr, buf)                 # buf must equal data
+
+Each of the nine checks of issue 5 is one test, run in both cache modes (``cache=kernel``,
+``cache=shared``; the MAP_SHARED check is kernel-only, DESIGN.md §8) and on two backings:
+the tmp_path filesystem (ext4 here: no reflink, so copy-up copies data) and a directory
+of the session XFS (reflink copy-up). Checks 1-4 also run under ``-o handles=bind-at-open``,
+the debug mode that binds a handle's real fd at open, and there they must observe the
+stale result: proof that these tests can fail.
+
+How staleness is made observable (see coherence_support's docstring): in kernel cache mode
+a write through any handle updates the FUSE inode's cached pages, which hides a stale
+handle until a page is read *through it*; ``dontneed(fr)`` (POSIX_FADV_DONTNEED) forces
+that. Every check does it, so the default mode is tested on the same path.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import helpers
+from coherence_support import (APPENDED, NEW, NEW_HEAD, OLD, Fds, block, dontneed, drop_caches,
+                               fuse_hidden_names, make_stack, pread_all, stats, upper_names,
+                               write_blocks)
+
+pytestmark = pytest.mark.mount
+
+HANDLES = ["reopen", "bind-at-open"]
+
+
+# --------------------------------------------------------------------------------------
+# Parameters: cache mode x backing filesystem
+# --------------------------------------------------------------------------------------
+@pytest.fixture(params=["kernel", "shared"])
+def cache(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=["tmp", pytest.param("xfs", marks=pytest.mark.reflink)])
+def backing(request, tmp_path: Path) -> Path:
+    """Where the lower, upper and work dirs live: tmp_path's filesystem, or the XFS."""
+    if request.param == "xfs":
+        return request.getfixturevalue("xfs_dir")
+    d = tmp_path / "backing"
+    d.mkdir()
+    return d
+
+
+def _is_xfs(path: Path) -> bool:
+    return helpers.mounts_at(_mount_root(path))[-1].fstype == "xfs"
+
+
+def _mount_root(path: Path) -> str:
+    path = Path(os.path.realpath(path))
+    dev = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == dev:
+        path = path.parent
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------
+# Check 1: pread via fr after a write via fw (the scenario)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c1_pread_after_write(overlay_mount, layers_factory, backing, cache, handles):
+    st = make_stack(layers_factory, backing, {"foo": OLD})
+    m = overlay_mount(st.options(cache, handles))
+    with Fds() as fds:
+        fr = fds.open(m / "foo", os.O_RDONLY)
+        assert pread_all(fr) == OLD
+        fw = fds.open(m / "foo", os.O_RDWR)
+        os.pwrite(fw, NEW_HEAD, 0)
+        at_once = pread_all(fr)           # kernel mode: may come from the shared page cache
+        dontneed(fr)
+        through_fr = pread_all(fr)        # always a read through fr's own FUSE handle
+
+    if handles == "reopen":
+        assert at_once == NEW
+        assert through_fr == NEW
+        s = stats(m)
+        assert s["handle_switches"] >= 1, s
+        assert sum(s["copy_ups"].values()) == 1, s
+        if _is_xfs(backing):
+            assert s["copy_ups"] == {"reflink": 1}, s
+        else:
+            assert "reflink" not in s["copy_ups"], s
+        assert (st.upper / "foo").read_bytes() == NEW
+        assert (st.lower / "foo").read_bytes() == OLD
+    else:
+        # The bug, reproduced on purpose: fr still reads the lower file.
+        assert through_fr == OLD, "bind-at-open should have read stale lower data through fr"
+        if cache == "shared":
+            # direct_io: nothing cached, the very first read is already stale.
+            assert at_once == OLD
+        # (kernel mode: `at_once` comes from the page the write updated, so it looks fresh.)
+
+
+# --------------------------------------------------------------------------------------
+# Check 2: a MAP_SHARED mapping made through fr before the copy-up (kernel mode only:
+# cache=shared is direct_io, where libfuse 3.14 refuses MAP_SHARED with ENODEV, §8)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("handles", HANDLES)
+@pytest.mark.parametrize("cache", ["kernel"])
+def test_c2_map_shared_made_before_copy_up(overlay_mount, layers_factory, backing, cache, handles):
+    st = make_stack(layers_factory, backing, {"touched": OLD, "untouched": OLD})
+    m = overlay_mount(st.options(cache, handles))
+    maps: list[mmap.mmap] = []
+    with Fds() as fds:
+        try:
+            fr_t = fds.open(m / "touched", os.O_RDONLY)
+            fr_u = fds.open(m / "untouched", os.O_RDONLY)
+            map_t = mmap.mmap(fr_t, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+            maps.append(map_t)
+            map_u = mmap.mmap(fr_u, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+            maps.append(map_u)
+            assert map_t[:] == OLD            # faulted in (through fr) before the copy-up
+            for name in ("touched", "untouched"):
+                fw = fds.open(m / name, os.O_RDWR)
+                os.pwrite(fw, NEW_HEAD, 0)
+            seen_t, seen_u = map_t[:], map_u[:]
+        finally:
+            for mp in maps:
+                mp.close()
+
+    if handles == "reopen":
+        assert seen_t == NEW
+        assert seen_u == NEW
+    else:
+        # The untouched mapping faults its pages in through fr, still bound to the lower
+        # file. (The touched one holds pages the write-through updated: not observable.)
+        assert seen_u == OLD, "bind-at-open should leave a MAP_SHARED mapping stale"
+
+
+def test_c2_map_shared_refused_in_shared_mode(overlay_mount, layers_factory, tmp_path):
+    """The documented limit (§8) that makes check 2 kernel-only: ENODEV, not stale data."""
+    st = make_stack(layers_factory, tmp_path, {"foo": OLD})
+    m = overlay_mount(st.options("shared"))
+    with Fds() as fds:
+        fr = fds.open(m / "foo", os.O_RDONLY)
+        with pytest.raises(OSError) as e:
+            mmap.mmap(fr, 0, mmap.MAP_SHARED, mmap.PROT_READ).close()
+        assert e.value.errno == errno.ENODEV
+
+
+# --------------------------------------------------------------------------------------
+# Check 3: fstat(fr).st_size after an append via fw; pread of the appended bytes via fr
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c3_fstat_and_append(overlay_mount, layers_factory, backing, cache, handles):
+    st = make_stack(layers_factory, backing, {"foo": OLD})
+    m = overlay_mount(st.options(cache, handles))
+    with Fds() as fds:
+        fr = fds.open(m / "foo", os.O_RDONLY)
+        assert pread_all(fr) == OLD
+        fw = fds.open(m / "foo", os.O_WRONLY | os.O_APPEND)
+        assert os.write(fw, APPENDED) == len(APPENDED)
+        size = os.fstat(fr).st_size
+        dontneed(fr)
+        tail = os.pread(fr, 4096, len(OLD))
+
+    if handles == "reopen":
+        assert size == len(OLD) + len(APPENDED)
+        assert tail == APPENDED
+    else:
+        # Through fr the file still ends at the lower file's EOF: a short (empty) read.
+        # fstat is not asserted stale: FUSE sends GETATTR for fstat without the file
+        # handle, so the daemon answers it from the path, and the size is fresh.
+        assert tail == b"", f"bind-at-open should have hit the lower file's EOF, got {tail!r}"
+
+
+# --------------------------------------------------------------------------------------
+# Check 4: after all handles close, a fresh open reads the new data; also after drop_caches
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c4_fresh_open_after_close(overlay_mount, layers_factory, backing, cache, handles):
+    st = make_stack(layers_factory, backing, {"foo": OLD})
+    m = overlay_mount(st.options(cache, handles))
+    with Fds() as fds:
+        fr = fds.open(m / "foo", os.O_RDONLY)
+        assert pread_all(fr) == OLD
+        fw = fds.open(m / "foo", os.O_RDWR)
+        os.pwrite(fw, NEW_HEAD, 0)
+        dontneed(fr)
+        pread_all(fr)          # a read through fr after the write, as real readers do
+    # every handle is closed now
+    with Fds() as fds:
+        fresh = pread_all(fds.open(m / "foo", os.O_RDONLY))
+    drop_caches()
+    with Fds() as fds:
+        after_drop = pread_all(fds.open(m / "foo", os.O_RDONLY))
+
+    assert after_drop == NEW
+    if handles == "reopen":
+        assert fresh == NEW
+    elif cache == "kernel":
+        # fr's stale read filled the FUSE page cache with lower data, and the next open is
+        # granted keep_cache (the data version did not move): the stale pages outlive
+        # every handle, the fuse-overlayfs failure of DESIGN.md §1.
+        assert fresh == OLD, "bind-at-open should have left stale pages for the next open"
+    else:
+        # cache=shared keeps no FUSE page cache, so a fresh open (bound to the upper file)
+        # cannot see this bug: nothing stale to assert in this mode.
+        assert fresh == NEW
+
+
+# --------------------------------------------------------------------------------------
+# Check 5: truncate via fw or via the path is seen by fr; O_APPEND through two handles
+# --------------------------------------------------------------------------------------
+def test_c5_truncate_seen_by_reader(overlay_mount, layers_factory, backing, cache):
+    st = make_stack(layers_factory, backing, {"by_fd": OLD, "by_path": OLD})
+    m = overlay_mount(st.options(cache))
+    with Fds() as fds:
+        fr = fds.open(m / "by_fd", os.O_RDONLY)
+        assert pread_all(fr) == OLD
+        fw = fds.open(m / "by_fd", os.O_RDWR)
+        os.ftruncate(fw, 100)
+        assert os.fstat(fr).st_size == 100
+        dontneed(fr)
+        assert pread_all(fr) == OLD[:100]
+        os.ftruncate(fw, 8192)                    # grow again: a hole, not old data
+        dontneed(fr)
+        assert pread_all(fr) == OLD[:100] + bytes(8092)
+
+        fr2 = fds.open(m / "by_path", os.O_RDONLY)
+        assert pread_all(fr2) == OLD
+        os.truncate(m / "by_path", 10)            # copy-up by truncate, no writer handle
+        assert os.fstat(fr2).st_size == 10
+        dontneed(fr2)
+        assert pread_all(fr2) == OLD[:10]
+    assert (st.upper / "by_path").read_bytes() == OLD[:10]
+    assert (st.lower / "by_path").read_bytes() == OLD
+
+
+def test_c5_o_append_two_handles_interleave(overlay_mount, layers_factory, backing, cache):
+    head = b"first line from the lower layer\n"
+    st = make_stack(layers_factory, backing, {"log": head})
+    m = overlay_mount(st.options(cache))
+    per_thread, rec_len = 300, 32
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def appender(tag: bytes) -> None:
+        try:
+            fd = os.open(m / "log", os.O_WRONLY | os.O_APPEND)
+            try:
+                start.wait(timeout=10)
+                for i in range(per_thread):
+                    rec = b"%s %08d " % (tag, i)
+                    rec += b"." * (rec_len - len(rec) - 1) + b"\n"
+                    assert os.write(fd, rec) == rec_len
+            finally:
+                os.close(fd)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    with Fds() as fds:
+        fr = fds.open(m / "log", os.O_RDONLY)     # bound to the lower file before copy-up
+        assert pread_all(fr) == head
+        threads = [threading.Thread(target=appender, args=(t,)) for t in (b"AAA", b"BBB")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        dontneed(fr)
+        via_fr = pread_all(fr, 1 << 20)
+    data = (m / "log").read_bytes()
+    assert via_fr == data
+    assert data.startswith(head)
+    body = data[len(head):]
+    assert len(body) == 2 * per_thread * rec_len, "appends were lost or overwritten"
+    records = [body[i:i + rec_len] for i in range(0, len(body), rec_len)]
+    for tag in (b"AAA", b"BBB"):
+        mine = [int(r[4:12]) for r in records if r.startswith(tag + b" ")]
+        assert mine == list(range(per_thread)), f"records of {tag!r} lost or reordered"
+
+
+# --------------------------------------------------------------------------------------
+# Check 6: copy-ups triggered by chmod, utimens, setxattr, truncate and link switch handles
+# --------------------------------------------------------------------------------------
+TRIGGERS = {
+    "chmod": lambda p: os.chmod(p, 0o640),
+    "utimens": lambda p: os.utime(p, ns=(1_000_000_000, 2_000_000_000)),
+    "setxattr": lambda p: os.setxattr(p, "user.coherence", b"1"),
+    "truncate": lambda p: os.truncate(p, 5000),
+    "link": lambda p: os.link(p, p.with_name(p.name + ".link")),
+}
+
+
+def test_c6_metadata_copy_up_switches_handles(overlay_mount, layers_factory, backing, cache):
+    st = make_stack(layers_factory, backing, {f"f_{name}": OLD for name in TRIGGERS})
+    m = overlay_mount(st.options(cache))
+    with Fds() as fds:
+        readers = {}
+        for name in TRIGGERS:
+            readers[name] = fds.open(m / f"f_{name}", os.O_RDONLY)
+            assert pread_all(readers[name]) == OLD
+        for name, trigger in TRIGGERS.items():
+            trigger(m / f"f_{name}")
+        copied = upper_names(st)
+        assert {f"f_{name}" for name in TRIGGERS} <= copied, copied
+        before = stats(m)
+        assert sum(before["copy_ups"].values()) == len(TRIGGERS), before
+        # The file is in the upper now: this open copies nothing up.
+        for name in TRIGGERS:
+            fw = fds.open(m / f"f_{name}", os.O_WRONLY)
+            os.pwrite(fw, NEW_HEAD, 0)
+            fds.close(fw)
+        results = {}
+        for name, fr in readers.items():
+            dontneed(fr)
+            results[name] = pread_all(fr)
+        after = stats(m)
+
+    expected = {name: NEW[:5000] if name == "truncate" else NEW for name in TRIGGERS}
+    assert results == expected
+    assert after["copy_ups"] == before["copy_ups"], "the writer opens must not copy up again"
+    assert after["handle_switches"] - before["handle_switches"] >= len(TRIGGERS), after
+
+
+# --------------------------------------------------------------------------------------
+# Check 7: rename, hard link and unlink while open
+# --------------------------------------------------------------------------------------
+def test_c7_rename_while_open(overlay_mount, layers_factory, backing, cache):
+    st = make_stack(layers_factory, backing, {"foo": OLD, "baz": OLD})
+    m = overlay_mount(st.options(cache))
+    with Fds() as fds:
+        # (a) copied up by the writer's open, then renamed with both handles open
+        fr = fds.open(m / "foo", os.O_RDONLY)
+        assert pread_all(fr) == OLD
+        fw = fds.open(m / "foo", os.O_RDWR)
+        ino = os.fstat(fr).st_ino
+        os.rename(m / "foo", m / "bar")
+        os.pwrite(fw, NEW_HEAD, 0)
+        dontneed(fr)
+        assert pread_all(fr) == NEW
+        os.pwrite(fw, b"after-rename", 100)
+        assert (m / "bar").read_bytes()[100:112] == b"after-rename"
+        assert not (m / "foo").exists()
+        assert os.stat(m / "bar").st_ino == ino == os.fstat(fw).st_ino
+
+        # (b) copied up *by the rename* while only a reader is open
+        fr2 = fds.open(m / "baz", os.O_RDONLY)
+        assert pread_all(fr2) == OLD
+        os.rename(m / "baz", m / "qux")
+        fw2 = fds.open(m / "qux", os.O_RDWR)
+        os.pwrite(fw2, NEW_HEAD, 0)
+        dontneed(fr2)
+        assert pread_all(fr2) == NEW
+    assert (st.upper / "qux").read_bytes() == NEW
+    assert (st.lower / "baz").read_bytes() == OLD
+
+
+def test_c7_hard_link_while_open(overlay_mount, layers_factory, backing, cache):
+    st = make_stack(layers_factory, backing, {"h1": OLD})
+    m = overlay_mount(st.options(cache))
+    with Fds() as fds:
+        f1 = fds.open(m / "h1", os.O_RDWR)            # copy-up
+        os.link(m / "h1", m / "h2")
+        f2 = fds.open(m / "h2", os.O_RDWR)
+        assert pread_all(f1) == OLD                    # both names' caches populated
+        assert pread_all(f2) == OLD
+        os.pwrite(f1, NEW_HEAD, 0)
+        assert pread_all(f2) == NEW, "a write via h1 must be read at once via h2"
+        os.pwrite(f2, b"VIA2", 0)
+        assert pread_all(f1)[:4] == b"VIA2", "a write via h2 must be read at once via h1"
+        # and a fresh open of either name
+        assert (m / "h1").read_bytes()[:4] == b"VIA2"
+        assert (m / "h2").read_bytes()[:4] == b"VIA2"
+        s1, s2 = os.fstat(f1), os.stat(m / "h2")
+        assert s1.st_ino == s2.st_ino and s1.st_nlink == s2.st_nlink == 2
+
+
+def test_c7_unlink_while_open(overlay_mount, layers_factory, backing, cache):
+    st = make_stack(layers_factory, backing, {"u": OLD, "v": OLD})
+    m = overlay_mount(st.options(cache))
+    with Fds() as fds:
+        # (a) copied up, then unlinked with a reader and a writer open
+        fr = fds.open(m / "u", os.O_RDONLY)
+        assert pread_all(fr) == OLD
+        fw = fds.open(m / "u", os.O_RDWR)
+        os.unlink(m / "u")
+        os.pwrite(fw, NEW_HEAD, 0)
+        os.pwrite(fw, APPENDED, len(OLD))
+        dontneed(fr)
+        assert pread_all(fr) == NEW + APPENDED
+        assert os.fstat(fr).st_nlink == 0
+        assert os.fstat(fw).st_nlink == 0
+        assert os.fstat(fw).st_size == len(OLD) + len(APPENDED)
+
+        # (b) a lower-only file unlinked while a reader holds it
+        fv = fds.open(m / "v", os.O_RDONLY)
+        os.unlink(m / "v")
+        dontneed(fv)
+        assert pread_all(fv) == OLD
+        assert os.fstat(fv).st_nlink == 0
+
+        # (c) a file created through the mount, unlinked while open
+        fc = fds.open(m / "c", os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fc, b"created")
+        os.unlink(m / "c")
+        os.pwrite(fc, b"C", 0)
+        assert os.pread(fc, 100, 0) == b"Created"
+        assert os.fstat(fc).st_nlink == 0
+
+        names = set(os.listdir(m))
+        assert not names & {"u", "v", "c"}, names
+        assert fuse_hidden_names(m, st.upper, st.work) == []
+    # the lower files are whited out in the kernel format; nothing else is left behind
+    for name in ("u", "v"):
+        s = os.lstat(st.upper / name)
+        assert stat.S_ISCHR(s.st_mode) and s.st_rdev == os.makedev(0, 0), name
+    assert not (st.upper / "c").exists()
+    assert fuse_hidden_names(m, st.upper, st.work) == []
+
+
+# --------------------------------------------------------------------------------------
+# Check 8: a reader during a long non-reflink copy-up never sees a partial copy
+# --------------------------------------------------------------------------------------
+BIG_BLOCK = 256 << 10
+BIG_BLOCKS = 800                      # 200 MiB
+BIG_REWRITTEN = range(0, BIG_BLOCKS, 7)
+
+
+def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, cache):
+    """On tmp_path (ext4 here, no reflink): copy-up copies 200 MiB and fsyncs it."""
+    st = make_stack(layers_factory, tmp_path, {})
+    write_blocks(st.lower / "big", b"OLD!", BIG_BLOCKS, BIG_BLOCK)
+    m = overlay_mount(st.options(cache))
+    new_ok = set(BIG_REWRITTEN)
+    stop = threading.Event()
+    copying = threading.Event()
+    failures: list[str] = []
+    counts = {"reads": 0, "during_copy_up": 0, "fresh_opens": 0}
+
+    def check(where: str, i: int, data: bytes) -> None:
+        if data == block(b"OLD!", i, BIG_BLOCK):
+            return
+        if i in new_ok and data == block(b"NEW!", i, BIG_BLOCK):
+            return
+        zeros = data.count(0)
+        failures.append(f"{where}: block {i}: {len(data)} bytes, {zeros} zero bytes, "
+                        f"starts {data[:16]!r}")
+
+    def reader(fd: int) -> None:
+        rng = random.Random(1)
+        while not stop.is_set() and len(failures) < 5:
+            i = rng.randrange(BIG_BLOCKS)
+            os.posix_fadvise(fd, i * BIG_BLOCK, BIG_BLOCK, os.POSIX_FADV_DONTNEED)
+            during = copying.is_set()
+            check("held handle", i, pread_all(fd, BIG_BLOCK, i * BIG_BLOCK))
+            counts["reads"] += 1
+            counts["during_copy_up"] += during and copying.is_set()
+
+    def fresh_opener() -> None:
+        rng = random.Random(2)
+        while not stop.is_set() and len(failures) < 5:
+            i = rng.randrange(BIG_BLOCKS)
+            fd = os.open(m / "big", os.O_RDONLY)
+            try:
+                check("fresh open", i, pread_all(fd, BIG_BLOCK, i * BIG_BLOCK))
+            finally:
+                os.close(fd)
+            counts["fresh_opens"] += 1
+
+    with Fds() as fds:
+        fr = fds.open(m / "big", os.O_RDONLY)
+        threads = [threading.Thread(target=reader, args=(fr,)),
+                   threading.Thread(target=fresh_opener)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.2)
+            copying.set()
+            t0 = time.monotonic()
+            fw = fds.open(m / "big", os.O_RDWR)       # the long copy-up happens here
+            copy_s = time.monotonic() - t0
+            copying.clear()
+            for i in BIG_REWRITTEN:
+                os.pwrite(fw, block(b"NEW!", i, BIG_BLOCK), i * BIG_BLOCK)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+
+    assert not failures, "\n".join(failures)
+    s = stats(m)
+    assert sum(s["copy_ups"].values()) == 1 and "reflink" not in s["copy_ups"], s
+    assert counts["during_copy_up"] >= 1, (
+        f"no read overlapped the copy-up ({copy_s:.2f} s): {counts}")
+    with open(st.upper / "big", "rb") as f:
+        for i in range(BIG_BLOCKS):
+            want = block(b"NEW!" if i in new_ok else b"OLD!", i, BIG_BLOCK)
+            assert f.read(BIG_BLOCK) == want, f"upper block {i}"
+
+
+# --------------------------------------------------------------------------------------
+# Check 9: many readers and writers on several handles in threads; final file == model
+# --------------------------------------------------------------------------------------
+MIX_BLOCK = 4096
+MIX_BLOCKS = 64
+MIX_WRITERS = 3
+MIX_SECONDS = 3.0
+
+
+def _tag(writer: int, version: int) -> bytes:
+    return bytes([ord("a") + writer]) + version.to_bytes(3, "big")
+
+
+def _parse_block(i: int, data: bytes) -> list[int]:
+    """Versions of each 16-byte record of block `i` (0 = the lower's INIT); raises
+    AssertionError on anything that is not a record of this block."""
+    assert len(data) == MIX_BLOCK, f"block {i}: short read of {len(data)} bytes"
+    versions = []
+    for off in range(0, MIX_BLOCK, 16):
+        rec = data[off:off + 16]
+        assert rec[4:] == b"%012d" % i, f"block {i}: record of another block {rec!r}"
+        if rec[:4] == b"INIT":
+            versions.append(0)
+            continue
+        assert rec[0] == ord("a") + i % MIX_WRITERS, f"block {i}: wrong writer {rec!r}"
+        versions.append(int.from_bytes(rec[1:4], "big"))
+    return versions
+
+
+def test_c9_threads_match_model(overlay_mount, layers_factory, backing, cache):
+    st = make_stack(layers_factory, backing, {})
+    write_blocks(st.lower / "data", b"INIT", MIX_BLOCKS, MIX_BLOCK)
+    m = overlay_mount(st.options(cache))
+    path = m / "data"
+    model = {i: block(b"INIT", i, MIX_BLOCK) for i in range(MIX_BLOCKS)}
+    model_lock = threading.Lock()
+    deadline = time.monotonic() + MIX_SECONDS
+    errors: list[str] = []
+    counts = {"writes": 0, "reads": 0, "reopens": 0}
+
+    def guarded(fn):
+        def run(*args):
+            try:
+                fn(*args)
+            except BaseException as e:  # reported after join
+                errors.append(f"{fn.__name__}{args}: {e!r}")
+        return run
+
+    @guarded
+    def writer(w: int) -> None:
+        """Owns blocks i with i % MIX_WRITERS == w; versions only grow."""
+        rng = random.Random(w)
+        mine = [i for i in range(MIX_BLOCKS) if i % MIX_WRITERS == w]
+        version = 0
+        fd = os.open(path, os.O_RDWR)          # the first of these opens copies up
+        try:
+            while time.monotonic() < deadline and not errors:
+                i = rng.choice(mine)
+                version += 1
+                data = block(_tag(w, version), i, MIX_BLOCK)
+                with model_lock:                # model and file change in the same order
+                    assert os.pwrite(fd, data, i * MIX_BLOCK) == MIX_BLOCK
+                    model[i] = data
+                counts["writes"] += 1
+                roll = rng.random()
+                if roll < 0.02:
+                    os.fsync(fd)
+                elif roll < 0.05:               # handle churn: a new handle, same file
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open(path, os.O_RDWR)
+                    counts["reopens"] += 1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    @guarded
+    def reader(r: int, fd: int) -> None:
+        """A handle opened before the copy-up; versions it sees never go backwards."""
+        rng = random.Random(100 + r)
+        floor = [0] * MIX_BLOCKS   # highest version this reader saw complete in each block
+        while time.monotonic() < deadline and not errors:
+            i = rng.randrange(MIX_BLOCKS)
+            if rng.random() < 0.2:
+                os.posix_fadvise(fd, i * MIX_BLOCK, MIX_BLOCK, os.POSIX_FADV_DONTNEED)
+            versions = _parse_block(i, os.pread(fd, MIX_BLOCK, i * MIX_BLOCK))
+            assert min(versions) >= floor[i], (
+                f"block {i}: read version {min(versions)} after {floor[i]}: stale read")
+            if min(versions) == max(versions):
+                floor[i] = versions[0]
+            counts["reads"] += 1
+
+    @guarded
+    def fresh_reader() -> None:
+        rng = random.Random(7)
+        while time.monotonic() < deadline and not errors:
+            i = rng.randrange(MIX_BLOCKS)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                _parse_block(i, os.pread(fd, MIX_BLOCK, i * MIX_BLOCK))
+            finally:
+                os.close(fd)
+            counts["reads"] += 1
+
+    with Fds() as fds:
+        held = [fds.open(path, os.O_RDONLY) for _ in range(2)]
+        for fd in held:
+            assert pread_all(fd) == b"".join(model.values())
+        threads = ([threading.Thread(target=writer, args=(w,)) for w in range(MIX_WRITERS)]
+                   + [threading.Thread(target=reader, args=(r, fd)) for r, fd in enumerate(held)]
+                   + [threading.Thread(target=fresh_reader)])
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=MIX_SECONDS + 60)
+        assert not errors, "\n".join(errors)
+        want = b"".join(model[i] for i in range(MIX_BLOCKS))
+        for fd in held:
+            dontneed(fd)
+            assert pread_all(fd) == want, "a handle held across the copy-up disagrees"
+    assert counts["writes"] > 100 and counts["reads"] > 100, counts
+    assert path.read_bytes() == want
+    assert (st.upper / "data").read_bytes() == want
+    assert (st.lower / "data").read_bytes() == b"".join(
+        block(b"INIT", i, MIX_BLOCK) for i in range(MIX_BLOCKS))
