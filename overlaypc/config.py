@@ -332,7 +332,7 @@ def validate(cfg: MountConfig) -> None:
         if cfg.userxattr:
             raise ConfigError("metacopy=on cannot be used with userxattr: metadata-only copies "
                               "trust the layers' xattrs, which unprivileged users could forge")
-        if cfg.redirect_dir in ("off", "nofollow"):
+        if cfg.redirect_dir in ("off", "nofollow", "follow"):  # the kernel refuses these too
             raise ConfigError(f"metacopy=on needs redirect_dir=on (got redirect_dir={cfg.redirect_dir})")
         cfg.redirect_dir = "on"
     if cfg.redirect_dir is None:

@@ -7,10 +7,10 @@ object's lock) -> ``_create_temp`` in ``workdir/work`` -> ``_copy_data`` (reflin
 chunked copy) -> ``_copy_metadata`` -> ``_install`` (fsync, atomic rename into the
 upper, fsync of the parent; the fsyncs are skipped under ``-o volatile``).
 
-Order matters: data before xattrs (writing data clears ``security.capability``), owner
-before mode (chown clears setuid/setgid), times last. A crash at any point leaves the
-lower view or the complete upper copy; leftovers in ``workdir/work`` are removed at the
-next mount (``clean_workdir``).
+Order matters: data, then owner, then xattrs (writing data and chown(2) both clear
+``security.capability``), mode after owner (chown clears setuid/setgid), times last.
+A crash at any point leaves the lower view or the complete upper copy; leftovers in
+``workdir/work`` are removed at the next mount (``clean_workdir``).
 
 Locking: one copy-up per path at a time (striped locks), taken *without* the
 namespace lock; the final rename takes the namespace lock and re-checks that the
@@ -223,6 +223,9 @@ class CopyUp:
     # -- step 5: metadata --------------------------------------------------------------------
     def _copy_metadata(self, ctx: CopyUpContext) -> None:
         src, st = ctx.src, ctx.src.st
+        # chown first: chown(2) drops security.capability (even for root), and the
+        # kernel's copy-up keeps it
+        self.work.do_chown(ctx.tmp, st.st_uid, st.st_gid)
         for name in src.layer.listxattr(src.rel):
             if is_private_xattr(name):
                 continue
@@ -248,7 +251,6 @@ class CopyUp:
             self._set_private(ctx.tmp, self.prefix + "metacopy", b"")
             if src.rel != ctx.node.rel:  # data found through a redirected parent
                 self._set_private(ctx.tmp, self.prefix + "redirect", os.fsencode("/" + src.rel))
-        self.work.do_chown(ctx.tmp, st.st_uid, st.st_gid)
         if ctx.kind != stat.S_IFLNK:
             self.work.do_chmod(ctx.tmp, stat.S_IMODE(st.st_mode))
         self.work.do_utime(ctx.tmp, (st.st_atime_ns, st.st_mtime_ns))
@@ -281,7 +283,8 @@ class CopyUp:
             st = self.upper.lstat(rel)
             assert st is not None
             entry = Entry(self.upper, rel, st)
-            self._on_copied(ctx.ino, entry)
+            if not ctx.metadata_only:  # a metacopy's data stays below: open files keep it
+                self._on_copied(ctx.ino, entry)
         elapsed = time.monotonic() - ctx.started
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
         if ctx.metadata_only:

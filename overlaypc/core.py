@@ -193,10 +193,12 @@ class OverlayFS:
         else:
             self.inodes.forget_version(ino)
 
-    def unlinked(self, node: Node) -> None:
+    def unlinked(self, node: Node, ino: int | None = None) -> None:
+        """``node`` lost its name. Callers pass ``ino``, taken *before* the change: reading it
+        afterwards would read the xattr of whatever now has the name, or of nothing."""
         if node.is_dir or not node.exists:
             return
-        inode = self.inodes.get(self.inos.ino_of(node))
+        inode = self.inodes.get(self.inos.ino_of(node) if ino is None else ino)
         if inode is not None:
             inode.seen.pop(node.rel, None)
             if not inode.in_upper:

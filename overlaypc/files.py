@@ -55,6 +55,14 @@ class Files:
                 node = fs.lookup.lookup(rel)
         backing = node.data or node.top  # metacopy: data from below until written
         inode = fs.inodes.acquire(fs.inos.ino_of(node), backing)
+        if flags & _WRITE_INTENT and not inode.in_upper and backing.layer.writable:
+            # A copy-up by another thread has renamed the upper copy into place but not yet
+            # rebound this live inode (it does that under the namespace lock, after fsyncing
+            # the parent): wait for it, or the fd below would be the *lower* file, opened
+            # for writing.
+            with fs.ns_lock:
+                if not inode.in_upper:
+                    inode.rebind(backing)
         if node.data is not None:
             inode.meta_rel = rel
         try:

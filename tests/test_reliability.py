@@ -256,7 +256,7 @@ def test_full_upper_enospc(tmp_path, overlay_mount):
             if first:
                 break
         assert written < 32 * MiB
-        fills = sorted(n for n in os.listdir(m) if n.startswith("fill"))
+        fills = sorted(n for n in os.listdir(m.path) if n.startswith("fill"))
 
         # disk full: copy-ups (data, and with ancestors) fail cleanly, the rest is served
         for rel in ("tiny.bin", "deep/a/b/c.bin"):
@@ -268,7 +268,7 @@ def test_full_upper_enospc(tmp_path, overlay_mount):
             assert _read(m / rel) == tiny
         assert work_leftovers(work) == []
         assert _read(m / "small.txt") == b"small\n"
-        assert sorted(os.listdir(m)) == sorted(["big.bin", "deep", "mid.bin", "small.txt",
+        assert sorted(os.listdir(m.path)) == sorted(["big.bin", "deep", "mid.bin", "small.txt",
                                                 "tiny.bin", *fills])
         _assert_alive(m)
 

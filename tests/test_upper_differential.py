@@ -4,26 +4,34 @@ DESIGN.md §4) and on overlaypc over the same lower layers; every operation must
 the same outcome (value or errno), the merged trees must match after every sequence,
 and finally each upper, mounted by the *other* implementation, must show the same tree.
 
+Operations: create, write, append, truncate, rename, renameat2(RENAME_NOREPLACE),
+unlink, mkdir, rmdir, link, symlink, mkfifo, chmod, chown, utime (ns), setxattr and
+removexattr (user.*), read, lstat. Paths are drawn mostly from what exists now (or could
+be created now) in the example's directory, sometimes at random (errors matter too).
+
 Batching (to fit the CI budget): one kernel mount and one overlaypc mount host all
 examples. Each example runs in its own subdirectory ``exN``. The lower trees cannot be
 made after mounting, so they are pre-generated: ``TEMPLATES`` random two-layer lower
-trees (seeded ``random.Random``), each built into ``SLOTS_PER_TEMPLATE`` identical
-subdirectories. Hypothesis draws a template and an operation sequence; the example takes
-the next unused slot of that template (replays and shrinking stay deterministic). A
-template whose slots are used up rejects the example.
+trees (seeded ``random.Random``; files, dirs, symlinks, user xattrs, whiteouts and opaque
+dirs in the top lower), each built into ``SLOTS_PER_TEMPLATE`` identical subdirectories.
+Hypothesis draws a template and an operation sequence; the example takes the next unused
+slot of that template. A template whose slots are used up rejects the example.
 
 What is compared, and the only known, documented kernel differences left out:
 - per operation: ``("ok", result)`` or ``("err", errno name)``; results are file
   contents for reads and (type, mode, size, nlink) for lstat of non-directories;
 - per sequence: ``helpers.tree_snapshot`` (types, modes, owners, sizes of non-dirs,
-  contents, symlink targets, rdevs, xattrs) plus, instead of absolute mtimes (the two
-  mounts run each operation at a different moment), whether each mtime is still the
-  lower layer's original one; and the hard-link groups (paths sharing one st_ino).
+  contents, symlink targets, rdevs, xattrs) with mtimes kept exactly when they are
+  known values (the lowers' original T_OLD, or a value a utime op set) and otherwise
+  reduced to "now" (the two mounts run each operation at a different moment); and the
+  hard-link groups (paths sharing one st_ino).
 - left out: st_size and st_nlink of directories (the kernel reports nlink 1 for merged
   dirs and the dir size of whichever layer), atime/ctime, absolute inode numbers and
   st_dev (kernel xino=off vs overlaypc's numbering; only link groups are compared);
-  and the kernel's listing of whiteouts in non-merged directories whose lookup says
-  ENOENT (``tree_snapshot(ignore_vanished=True)`` on the kernel side only).
+  the kernel's listing of whiteouts in non-merged directories whose lookup says
+  ENOENT (``tree_snapshot(ignore_vanished=True)`` on the kernel side only); and
+  RENAME_EXCHANGE, which the kernel supports and overlaypc refuses with EINVAL as
+  issue 4 allows (tested in test_upper_ops.py).
 - the final cross-mount check compares full snapshots *with* exact mtimes, since both
   sides then read the same upper.
 """
@@ -44,18 +52,21 @@ from hypothesis import strategies as st
 
 import helpers
 from helpers import WHITEOUT, Dir, File, Symlink
-from upper_support import link_groups, stack_options
+from upper_support import RENAME_NOREPLACE, link_groups, renameat2, stack_options
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel_overlay, pytest.mark.slow]
 
-SEQUENCES = int(os.environ.get("OVERLAYPC_DIFF_SEQUENCES", "240"))
+SEQUENCES = int(os.environ.get("OVERLAYPC_DIFF_SEQUENCES", "400"))
 MIN_SEQUENCES = min(SEQUENCES, 200)
-TEMPLATES = 20
+TEMPLATES = 24
 SLOTS_PER_TEMPLATE = 36
-MAX_OPS = 20
+MAX_OPS = 24
 SEED = 0x0F1A7
 
 T_OLD = 1_234_567_890_123_456_789
+#: explicit (atime, mtime) pairs for the utime op, ns precision
+SET_TIMES = [(1_111_111_111_000_000_001, 1_222_222_222_999_999_999), (0, 1)]
+KNOWN_MTIMES = {T_OLD} | {m for _, m in SET_TIMES}
 NAMES = ["a", "b", "c", "d", "e"]
 CONTENTS = [b"", b"x", b"hello\n", b"lower content " * 8, bytes(range(256)) * 20]
 FILE_MODES = [0o644, 0o600, 0o755, 0o640]
@@ -150,6 +161,10 @@ ARGS = {
     "removexattr": st.sampled_from(XATTR_NAMES),
     "read": None,
     "lstat": None,
+    "rename_noreplace": "path",
+    "mkfifo": None,
+    "chown": st.sampled_from([(0, 0), (1000, 1000), (65534, 100)]),
+    "utime": st.sampled_from(SET_TIMES),
 }
 KINDS = list(ARGS)
 
@@ -254,6 +269,14 @@ def apply(root: Path, op: Op):
         elif op.kind == "read":
             with open(p, "rb") as f:
                 value = f.read()
+        elif op.kind == "rename_noreplace":
+            renameat2(p, root / op.arg, RENAME_NOREPLACE)
+        elif op.kind == "mkfifo":
+            os.mkfifo(p, 0o640)
+        elif op.kind == "chown":
+            os.chown(p, *op.arg, follow_symlinks=False)
+        elif op.kind == "utime":
+            os.utime(p, ns=op.arg)
         elif op.kind == "lstat":
             s = os.lstat(p)
             value = (_kind_of(s.st_mode), stat.S_IMODE(s.st_mode),
@@ -267,9 +290,11 @@ def apply(root: Path, op: Op):
 
 
 def view(root: Path, *, kernel: bool) -> dict:
-    """tree_snapshot with each absolute mtime replaced by 'still the lower's T_OLD'."""
+    """tree_snapshot with each mtime kept when it is a known value (the lower's T_OLD or
+    one set by a utime op) and replaced by "now" otherwise (set by the op's clock)."""
     snap = helpers.tree_snapshot(root, times=True, ignore_vanished=kernel)
-    return {k: dataclasses.replace(e, mtime_ns=(e.mtime_ns == T_OLD)) for k, e in snap.items()}
+    return {k: dataclasses.replace(e, mtime_ns=e.mtime_ns if e.mtime_ns in KNOWN_MTIMES else "now")
+            for k, e in snap.items()}
 
 
 def full_view(root: Path, slots: list[str], *, kernel: bool) -> dict:
