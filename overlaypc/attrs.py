@@ -40,6 +40,17 @@ def stat_dict(st: os.stat_result, ino: int, nlink: int | None = None) -> dict:
     return d
 
 
+def resolve_times(times: tuple[int, int] | None, st: os.stat_result) -> tuple[int, int]:
+    """(atime, mtime) in ns with UTIME_NOW / UTIME_OMIT resolved against ``st``."""
+    now = time.time_ns()
+    if times is None:
+        return now, now
+    atime, mtime = times
+    atime = st.st_atime_ns if atime == UTIME_OMIT else now if atime == UTIME_NOW else atime
+    mtime = st.st_mtime_ns if mtime == UTIME_OMIT else now if mtime == UTIME_NOW else mtime
+    return atime, mtime
+
+
 class Attributes:
     def __init__(self, fs: "OverlayFS") -> None:
         self.fs = fs
@@ -79,21 +90,14 @@ class Attributes:
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
         layer, urel = self._upper(rel)
-        now = time.time_ns()
-        if times is None:
-            layer.do_utime(urel, (now, now))
-            self._changed(layer, urel, rel)
-            return
-        atime, mtime = times
-        if UTIME_OMIT in (atime, mtime):
-            st = layer.lstat(urel)
-            assert st is not None
-            atime = st.st_atime_ns if atime == UTIME_OMIT else atime
-            mtime = st.st_mtime_ns if mtime == UTIME_OMIT else mtime
-        atime = now if atime == UTIME_NOW else atime
-        mtime = now if mtime == UTIME_NOW else mtime
-        layer.do_utime(urel, (atime, mtime))
+        st = layer.lstat(urel)
+        assert st is not None
+        layer.do_utime(urel, resolve_times(times, st))
         self._changed(layer, urel, rel)
+
+    @staticmethod
+    def utime_fd(fd: int, times: tuple[int, int] | None) -> None:
+        os.utime(fd, ns=resolve_times(times, os.fstat(fd)))
 
     def truncate(self, rel: str, length: int) -> None:
         layer, urel = self._upper(rel, data=True)

@@ -27,6 +27,7 @@ from .copyup import CopyUp, clean_workdir
 from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeTable, OverlayInode
+from .hidden import HiddenNames, is_hidden_name
 from .index import IndexDir
 from .inumbers import InodeNumbers
 from .linknames import LinkNames
@@ -54,6 +55,7 @@ class OverlayFS:
         self.inos = InodeNumbers(self.stack.xino, self.prefix.replace("overlay.", "overlaypc.") + "ino")
         self.inodes = InodeTable()
         self.links = LinkNames()
+        self.hidden = HiddenNames()
         self.handles = HandleTable()
         self.copyup: CopyUp | None = None
         if self.stack.upper is not None:
@@ -205,6 +207,7 @@ class OverlayFS:
                 inode.unlinked = True
 
     def renamed(self, old: str, new: str) -> None:
+        self.hidden.moved(old, new)
         with self._dir_lock:
             for fh, path in list(self._dir_handles.items()):
                 if path == old or path.startswith(old + "/"):
@@ -228,6 +231,9 @@ class OverlayFS:
                 return self.files.getattr(fh)
             rel = dir_rel
         check_name(rel)
+        hidden = self.hidden.get(rel)
+        if hidden is not None:
+            return self.files.getattr_inode(hidden)
         return self.attrs.getattr(rel)
 
     def readlink(self, rel: str) -> str:
@@ -272,8 +278,11 @@ class OverlayFS:
         return self.files.write(fh, data, offset)
 
     def truncate(self, rel: str, length: int, fh: int | None = None) -> None:
+        hidden = self.hidden.get(rel) if fh is None else None
         if fh is not None:
             self.files.truncate(fh, length)
+        elif hidden is not None:
+            self.files.truncate_inode(hidden, length)
         else:
             self.attrs.truncate(rel, length)
 
@@ -290,12 +299,24 @@ class OverlayFS:
         self.files.release(fh)
 
     def chmod(self, rel: str, mode: int) -> None:
+        hidden = self.hidden.get(rel)
+        if hidden is not None:
+            self.files.chmod_inode(hidden, mode)
+            return
         self.attrs.chmod(rel, mode)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
+        hidden = self.hidden.get(rel)
+        if hidden is not None:
+            self.files.chown_inode(hidden, uid, gid)
+            return
         self.attrs.chown(rel, uid, gid)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
+        hidden = self.hidden.get(rel)
+        if hidden is not None:
+            self.files.utimens_inode(hidden, times)
+            return
         self.attrs.utimens(rel, times)
 
     def getxattr(self, rel: str, name: str) -> bytes:
@@ -323,10 +344,21 @@ class OverlayFS:
         self.namespace.link(src, dst)
 
     def unlink(self, rel: str) -> None:
+        hidden = self.hidden.pop(rel)
+        if hidden is not None:  # libfuse's last release of an open, unlinked file
+            self.inodes.release(hidden)
+            return
         self.namespace.unlink(rel)
 
     def rmdir(self, rel: str) -> None:
         self.namespace.rmdir(rel)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
+        if is_hidden_name(new) and not flags:
+            inode = self._live_inode(old)
+            if inode is not None:  # libfuse hides an open file it was asked to unlink
+                self.namespace.unlink(old)
+                self.inodes.hold(inode)
+                self.hidden.add(new, inode)
+                return
         self.namespace.rename(old, new, flags)

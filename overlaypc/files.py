@@ -209,6 +209,40 @@ class Files:
     def flush(self, fh: int) -> None:
         self._fd(self.fs.handles.get(fh))
 
+    def getattr_inode(self, inode: OverlayInode) -> dict:
+        """Attributes of an open file that has no name left (``hidden``)."""
+        st = os.fstat(inode.path_fd)
+        return stat_dict(st, inode.ino, 0)
+
+    # -- attribute changes of an open file with no name left (``hidden``) ---------------------
+    def _nameless(self, inode: OverlayInode) -> str:
+        if not inode.in_upper:
+            raise OSError(errno.EROFS, "an unlinked lower file cannot be copied up")
+        return f"/proc/self/fd/{inode.path_fd}"
+
+    def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
+        os.chmod(self._nameless(inode), stat.S_IMODE(mode))
+
+    def chown_inode(self, inode: OverlayInode, uid: int, gid: int) -> None:
+        os.chown(self._nameless(inode), uid, gid)
+
+    def utimens_inode(self, inode: OverlayInode, times: tuple[int, int] | None) -> None:
+        self._nameless(inode)
+        fd, _ = inode.reopen(os.O_RDONLY)
+        try:
+            self.fs.attrs.utime_fd(fd, times)
+        finally:
+            os.close(fd)
+
+    def truncate_inode(self, inode: OverlayInode, length: int) -> None:
+        self._nameless(inode)
+        fd, _ = inode.reopen(os.O_WRONLY)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+        inode.data_version += 1
+
     def getattr(self, fh: int) -> dict:
         handle = self.fs.handles.get(fh)
         inode = handle.inode

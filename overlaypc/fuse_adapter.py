@@ -10,7 +10,8 @@ Traps from DESIGN.md §6 handled here: ``FUSE_LIBRARY_NAME=fuse3`` is set before
 import (8); rename flags, dropped by mfusepy on libfuse3, are passed through (2);
 readdir entries carry ``st_ino`` and ``st_mode`` (3); no ``copy_file_range``/``lseek``/
 ``write_buf`` ops (5, 6); no attribute of the ``Operations`` object is named like a
-FUSE op (7); ``hard_remove`` (10); UTIME_NOW/OMIT are mapped in ``attrs`` (11).
+FUSE op (7); UTIME_NOW/OMIT are mapped in ``attrs`` (11). Trap 10 is handled without
+``hard_remove``, which breaks ``fstat`` of open unlinked files: see ``hidden``.
 Reads go straight into libfuse's buffer (``preadv``), with no Python-level copy.
 """
 from __future__ import annotations
@@ -345,7 +346,6 @@ def serve(fs: OverlayFS, *, foreground: bool, mount_flags: list[str]) -> None:
         fsname=cfg.source.replace(",", "_"),
         subtype="overlaypc",
         default_permissions=True,
-        hard_remove=True,
         use_ino=True,
         # Layers change only through the mount, and changes made through one name of a
         # multiply-linked file invalidate its other names (linknames.py): long kernel

@@ -103,6 +103,11 @@ class InodeTable:
             inode.refs += 1
             return inode
 
+    def hold(self, inode: OverlayInode) -> None:
+        """One more reference on a live inode (a hidden name of an open, unlinked file)."""
+        with self._lock:
+            inode.refs += 1
+
     def release(self, inode: OverlayInode) -> None:
         with self._lock:
             inode.refs -= 1
