@@ -2,7 +2,7 @@
 
 Owns: what ``stat`` shows for a merged object and every metadata change. Changes copy
 the object up first (``copyup.ensure_upper``) and then act on the upper. Overlay-
-private xattrs (``trusted.overlay.*``, ``user.overlay.*``, ``*.overlaypc.*``) are never
+private xattrs (``trusted.overlay.*``, ``user.overlay.*``, also ``*.overlaypc.*`` for safety) are never
 listed, read, set or removed through the mount; the one exception is the read-only,
 unlisted virtual ``user.overlaypc.stats`` on the mount root.
 

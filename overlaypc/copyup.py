@@ -18,6 +18,7 @@ object is still the same, so a racing unlink or rename is never undone.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import faults, sysapi
+from . import faults, sysapi, whiteout
 from .layer import Layer, do_link, do_rename, join, split
 from .lookup import Entry, Lookup, Node
 from .stack import LayerStack
@@ -245,7 +246,7 @@ class CopyUp:
             os.close(origin_fd)
         if origin is not None and ctx.kind != stat.S_IFLNK:
             self._set_private(ctx.tmp, self.prefix + "origin", origin)
-        self._set_private(ctx.tmp, self.prefix.replace("overlay.", "overlaypc.") + "ino",
+        self._set_private(ctx.tmp, whiteout.own_xattr(self.prefix, "ino"),
                           str(ctx.ino).encode())
         if ctx.metadata_only:
             self._set_private(ctx.tmp, self.prefix + "metacopy", b"")
@@ -276,7 +277,8 @@ class CopyUp:
                 raise OSError(errno.ENOENT, "changed during copy-up", rel)
             if ctx.index_key is not None:
                 return self._install_indexed(ctx)
-            do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
+            with self._parent_times_kept(rel):
+                do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
             if not self.volatile:
                 self.upper.fsync_dir(split(rel)[0])
             self.lookup.invalidate()
@@ -291,6 +293,16 @@ class CopyUp:
             self.lookup.invalidate()
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
         return entry
+
+    @contextlib.contextmanager
+    def _parent_times_kept(self, rel: str):
+        """Copy-up is not a change of the parent directory: keep its atime and mtime
+        (the kernel's ``ovl_set_timestamps``)."""
+        parent = split(rel)[0]
+        st = self.upper.lstat(parent)
+        yield
+        if st is not None:
+            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns))
 
     def _install_indexed(self, ctx: CopyUpContext) -> Entry:
         """index=on: the copy becomes ``index/<key>``, and the name a hard link to it.
@@ -313,7 +325,8 @@ class CopyUp:
             now = self.lookup.lookup(rel)
             if now.upper is not None:
                 return now.upper
-            do_link(self.work, index_rel, self.upper, rel)
+            with self._parent_times_kept(rel):
+                do_link(self.work, index_rel, self.upper, rel)
             if not self.volatile:
                 self.upper.fsync_dir(split(rel)[0])
             self.lookup.invalidate()

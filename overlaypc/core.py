@@ -52,7 +52,7 @@ class OverlayFS:
         self.stats = Stats()
         self.lookup = Lookup(self.stack, self.prefix, follow_redirects=(config.redirect_dir or "off") != "nofollow",
                              follow_metacopy=config.metacopy)
-        self.inos = InodeNumbers(self.stack.xino, self.prefix.replace("overlay.", "overlaypc.") + "ino")
+        self.inos = InodeNumbers(self.stack, self.prefix)
         self.inodes = InodeTable()
         self.links = LinkNames()
         self.hidden = HiddenNames()

@@ -6,7 +6,7 @@ file share once any of them is copied up. As the kernel does, the copy goes to
 it is a hard link to that file; a name not copied up yet finds its data, attributes and
 ``st_ino`` through the index entry, so every name shows the new data at once.
 
-The overlay's ``st_nlink`` of an indexed inode is kept in ``trusted.overlaypc.nlink`` on
+The overlay's ``st_nlink`` of an indexed inode is kept in ``trusted.overlay.overlaypc.nlink`` on
 the index file (initially the lower file's nlink, +1 per link and -1 per unlink through
 the mount); the kernel keeps the same count in ``trusted.overlay.nlink`` in its own
 relative encoding. Caveat: overlaypc writes only its own count, so a kernel mounting
@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 
-from . import sysapi
+from . import sysapi, whiteout
 from .layer import Layer
 from .lookup import Entry
 
@@ -29,7 +29,7 @@ INDEX_DIR = "index"
 class IndexDir:
     def __init__(self, work: Layer, xattr_prefix: str) -> None:
         self.work = work
-        self.nlink_xattr = xattr_prefix.replace("overlay.", "overlaypc.") + "nlink"
+        self.nlink_xattr = whiteout.own_xattr(xattr_prefix, "nlink")
         self.origin_xattr = xattr_prefix + "origin"
         self._keys: dict[tuple[int, int], str | None] = {}
         #: index entry -> merged names seen for it, whose cached st_nlink must be dropped

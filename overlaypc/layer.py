@@ -53,11 +53,9 @@ class Layer:
         st = os.fstat(self.root_fd)
         self.dev = st.st_dev
         self.root_ino = st.st_ino
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self.uuid = sysapi.fs_uuid(fd)
-        finally:
-            os.close(fd)
+        # a normal fd of the root, for what O_PATH fds cannot do (ioctls, open_by_handle_at)
+        self.mount_fd = os.open(f"/proc/self/fd/{self.root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.uuid = sysapi.fs_uuid(self.mount_fd)
 
     def __repr__(self) -> str:
         return f"Layer({self.index}, {self.path!r}, {'rw' if self.writable else 'ro'})"
@@ -65,7 +63,8 @@ class Layer:
     def close(self) -> None:
         if self.root_fd >= 0:
             os.close(self.root_fd)
-            self.root_fd = -1
+            os.close(self.mount_fd)
+            self.root_fd = self.mount_fd = -1
 
     # -- resolution ---------------------------------------------------------------------
     def open(self, rel: str, flags: int, mode: int = 0) -> int:
@@ -233,6 +232,9 @@ class Layer:
 
     def do_utime(self, rel: str, ns: tuple[int, int]) -> None:
         self._change("utime", rel, ns)
+        if not rel:  # the layer root has no parent inside the layer
+            os.utime(f"/proc/self/fd/{self.root_fd}", ns=ns)
+            return
         with self.parent(rel) as (dfd, name):
             os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
 

@@ -90,6 +90,21 @@ def name_to_handle(fd: int) -> tuple[int, bytes]:
 
 import sys
 _LITTLE = sys.byteorder == "little"
+def open_by_handle(mount_fd: int, handle_type: int, fid: bytes, flags: int = os.O_PATH) -> int:
+    """``open_by_handle_at`` (needs CAP_DAC_READ_SEARCH); raises OSError (ESTALE, ...)."""
+    fh = _FileHandle(len(fid), handle_type)
+    ctypes.memmove(fh.f_handle, fid, len(fid))
+    ret = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    return _check(ret, "open_by_handle_at")
+
+
+def parse_ovl_origin(value: bytes) -> tuple[bytes, int, bytes] | None:
+    """(uuid, handle_type, fid) from a ``trusted.overlay.origin`` value, or None if malformed."""
+    if len(value) < 21 or value[0] != 0 or value[1] != 0xFB or value[2] != len(value):
+        return None
+    return value[5:21], value[4], value[21:]
+
+
 _FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2), Linux 6.5+
 
 

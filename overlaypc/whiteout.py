@@ -29,6 +29,12 @@ def xattr_prefix(userxattr: bool) -> str:
     return "user.overlay." if userxattr else "trusted.overlay."
 
 
+def own_xattr(prefix: str, name: str) -> str:
+    """overlaypc's own xattrs live *inside* the kernel's private namespace
+    (``trusted.overlay.overlaypc.NAME``), so the kernel's overlay hides them too."""
+    return f"{prefix}overlaypc.{name}"
+
+
 def is_oci_name(name: str) -> bool:
     return name.startswith(OCI_PREFIX)
 

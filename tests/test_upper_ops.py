@@ -12,9 +12,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import socket
 import stat
+import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ import pytest
 import helpers
 from helpers import Dir, File, Symlink
 from upper_support import (NOBODY, RENAME_EXCHANGE, RENAME_NOREPLACE, fuse_hidden, is_whiteout,
-                           link_groups, make_stack, renameat2, run_as, stack_options, work_leftovers, xattr_dict)
+                           link_groups, make_stack, overlay_stats, renameat2, run_as,
+                           stack_options, work_leftovers, xattr_dict)
 
 pytestmark = pytest.mark.mount
 
@@ -81,8 +83,6 @@ def prepare_lower(layers) -> None:
         if mode is not None:
             os.chmod(p, mode)
         os.utime(p, ns=(mtime, mtime))
-    # chown above cleared the setuid bits of "suid"; put them back
-    os.chmod(lower / "suid", 0o6777)
 
 
 @pytest.fixture
@@ -212,6 +212,116 @@ def test_copy_up_by_operation(stk, op):
 
     assert snapshot_lower(stk) == lower_before, f"{op}: lower layer changed"
     assert_clean_work(stk)
+
+
+# --------------------------------------------------------------------------------------
+# utimens: UTIME_NOW / UTIME_OMIT (DESIGN.md §6 trap 11)
+# --------------------------------------------------------------------------------------
+
+A_OLD, M_OLD = 1_650_000_000_555_555_555, 1_550_000_000_444_444_444
+
+
+@pytest.mark.parametrize("origin", ["lower", "upper"])
+def test_touch_m_and_touch_a_change_only_what_they_name(stk, origin):
+    name = "third.txt" if origin == "lower" else "fresh.txt"
+    if origin == "upper":
+        stk.m(name).write_bytes(b"fresh")
+    os.utime(stk.m(name), ns=(A_OLD, M_OLD))      # copies a lower file up, with ns precision
+    st0 = os.stat(stk.m(name))
+    assert (st0.st_atime_ns, st0.st_mtime_ns) == (A_OLD, M_OLD)
+    subprocess.run(["touch", "-m", str(stk.m(name))], check=True)
+    st1 = os.stat(stk.m(name))
+    assert st1.st_atime_ns == A_OLD, "touch -m changed atime (UTIME_OMIT not honoured)"
+    assert st1.st_mtime_ns > M_OLD + 10**18 // 10, f"touch -m set mtime {st1.st_mtime_ns}, not now"
+    subprocess.run(["touch", "-a", str(stk.m(name))], check=True)
+    st2 = os.stat(stk.m(name))
+    assert st2.st_mtime_ns == st1.st_mtime_ns, "touch -a changed mtime (UTIME_OMIT not honoured)"
+    assert st2.st_atime_ns > A_OLD, "touch -a did not set atime to now"
+    ust = os.stat(stk.u(name))
+    assert (ust.st_atime_ns, ust.st_mtime_ns) == (st2.st_atime_ns, st2.st_mtime_ns)
+    if origin == "lower":
+        assert os.stat(stk.lo(name)).st_mtime_ns == T_LOWER + 2
+
+
+def test_touch_plain_on_lower_file(stk):
+    subprocess.run(["touch", str(stk.m("other.txt"))], check=True)
+    st_ = os.stat(stk.m("other.txt"))
+    assert st_.st_mtime_ns > T_LOWER and st_.st_atime_ns > T_LOWER
+    assert os.stat(stk.u("other.txt")).st_mtime_ns == st_.st_mtime_ns
+    assert os.stat(stk.lo("other.txt")).st_mtime_ns == T_LOWER + 1
+
+
+# --------------------------------------------------------------------------------------
+# security.capability: kept by copy-up, cleared by a data write
+# --------------------------------------------------------------------------------------
+
+# VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE, permitted = CAP_NET_BIND_SERVICE
+CAP_XATTR = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+
+
+def _set_cap(layers):
+    os.setxattr(layers.paths[0] / "capfile", "security.capability", CAP_XATTR)
+
+
+def test_capability_kept_by_copy_up_cleared_by_write(layers_factory, overlay_mount):
+    s = make_stack(layers_factory, overlay_mount,
+                   {"lower": {"capfile": File(b"\x7fELF fake", mode=0o755)}}, prepare=_set_cap)
+    os.setxattr(s.m("capfile"), "user.trigger", b"1")           # metadata copy-up
+    assert os.getxattr(s.u("capfile"), "security.capability") == CAP_XATTR
+    assert os.getxattr(s.m("capfile"), "security.capability") == CAP_XATTR
+    fd = os.open(s.m("capfile"), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"more")
+    finally:
+        os.close(fd)
+    for where in (s.m("capfile"), s.u("capfile")):
+        assert "security.capability" not in os.listxattr(where), f"{where}: write kept file caps"
+    assert os.getxattr(s.lo("capfile"), "security.capability") == CAP_XATTR
+
+
+# --------------------------------------------------------------------------------------
+# One copy-up per inode; leftovers in workdir/work
+# --------------------------------------------------------------------------------------
+
+def test_racing_opens_copy_up_once(stk):
+    before = sum(overlay_stats(stk.mnt)["copy_ups"].values())
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def opener(i: int) -> None:
+        try:
+            barrier.wait()
+            fd = os.open(stk.m("f.txt"), os.O_RDWR)
+            try:
+                os.pwrite(fd, bytes([65 + i]), i)
+            finally:
+                os.close(fd)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=opener, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    after = sum(overlay_stats(stk.mnt)["copy_ups"].values())
+    assert after - before == 1, f"{after - before} copy-ups for one file"
+    data = stk.m("f.txt").read_bytes()
+    assert data[:8] == b"ABCDEFGH" and data[8:] == CONTENT[8:], "a write was lost"
+    assert stk.lo("f.txt").read_bytes() == CONTENT
+    assert_clean_work(stk)
+
+
+def test_workdir_leftovers_removed_at_mount(layers_factory, overlay_mount):
+    layers = layers_factory({"lower": {"f": "f"}})
+    upper, work = layers_factory.empty_dir("upper"), layers_factory.empty_dir("work")
+    os.makedirs(work / "work" / "#ovlpc-old-dir" / "inner")
+    (work / "work" / "#ovlpc-old-file").write_bytes(b"half a copy-up")
+    m = overlay_mount(stack_options(layers.paths, upper, work), allow_daemon_errors=True)
+    assert work_leftovers(work) == []
+    assert sorted(os.listdir(m.path)) == ["f"]
+    assert os.listdir(upper) == []
 
 
 def test_copy_up_records_origin(stk):
@@ -1125,3 +1235,40 @@ def test_same_result_as_kernel_for_interop_scenario(layers_factory, overlay_moun
     interop_scenario(s.mnt)
     ours = helpers.tree_snapshot(s.mnt)
     assert ours == theirs, helpers.diff_snapshots(theirs, ours, ("kernel", "overlaypc"))
+
+
+def _inos(root: Path) -> dict[str, int]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            try:
+                out[os.path.relpath(p, root)] = os.lstat(p).st_ino
+            except FileNotFoundError:
+                continue  # a kernel-listed whiteout (see helpers.tree_snapshot)
+    return out
+
+
+@pytest.mark.parametrize("writer", ["kernel", "overlaypc"])
+def test_inode_numbers_agree_with_kernel_on_one_filesystem(layers_factory, overlay_mount,
+                                                           mountpoint, writer):
+    """All layers on one filesystem (the kernel's samefs case, DESIGN.md §4): every object
+    shows the same st_ino under both implementations, whichever of them made the upper:
+    lower-only objects their own number, copied-up ones their origin's."""
+    helpers.require("kernel_overlay")
+    layers = layers_factory(INTEROP_LOWER)
+    upper, work = layers_factory.empty_dir("upper"), layers_factory.empty_dir("work")
+    if writer == "kernel":
+        with helpers.kernel_overlay(mountpoint("kmnt"), layers.paths, upper, work) as k:
+            interop_scenario(k)
+    else:
+        m = overlay_mount(stack_options(layers.paths, upper, work))
+        interop_scenario(m.path)
+        m.unmount()
+    with helpers.kernel_overlay(mountpoint("kmnt"), layers.paths, upper, work) as k:
+        kernel_inos = _inos(k)
+    m2 = overlay_mount(stack_options(layers.paths, upper, work))
+    ours = _inos(m2.path)
+    assert set(ours) == set(kernel_inos)
+    differ = {p: (kernel_inos[p], ours[p]) for p in ours if ours[p] != kernel_inos[p]}
+    assert not differ, f"st_ino (kernel, overlaypc) differs for {differ}"
