@@ -286,7 +286,7 @@ class CopyUp:
             assert st is not None
             entry = Entry(self.upper, rel, st)
             if not ctx.metadata_only:  # a metacopy's data stays below: open files keep it
-                self._on_copied(ctx.ino, entry)
+                self._on_copied(ctx.ino, entry, ctx.src.st)
         elapsed = time.monotonic() - ctx.started
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
         if ctx.metadata_only:
@@ -309,7 +309,7 @@ class CopyUp:
         Called with the namespace lock held."""
         assert self.index is not None and ctx.index_key is not None
         index_rel = self.index.rel(ctx.index_key)
-        self.index.set_nlink(ctx.tmp, ctx.src.st.st_nlink)
+        self.index.set_nlink(ctx.tmp, ctx.src.st.st_nlink)  # synced again once linked
         try:
             do_rename(self.work, ctx.tmp, self.work, index_rel, sysapi.RENAME_NOREPLACE)
         except OSError as e:
@@ -327,13 +327,15 @@ class CopyUp:
                 return now.upper
             with self._parent_times_kept(rel):
                 do_link(self.work, index_rel, self.upper, rel)
+            self.index.sync(index_rel)  # a name moved from lower to upper: same overlay count
             if not self.volatile:
                 self.upper.fsync_dir(split(rel)[0])
             self.lookup.invalidate()
             st = self.upper.lstat(rel)
             assert st is not None
             entry = Entry(self.upper, rel, st)
-            self._on_copied(self._ino_of(node), entry)
+            lower = next(iter(node.lowers), None)
+            self._on_copied(self._ino_of(node), entry, lower.st if lower else None)
         log.debug("copy-up %s: linked to %s", rel, index_rel)
         return entry
 
@@ -367,7 +369,7 @@ class CopyUp:
             st = self.upper.lstat(upper.rel)
             assert st is not None
             entry = Entry(self.upper, upper.rel, st)
-            self._on_copied(self._ino_of(node), entry)
+            self._on_copied(self._ino_of(node), entry, data.st)
         self.stats.copy_up(ctx.method)
         log.debug("metacopy data copy-up %s: %d bytes by %s", node.rel, data.st.st_size, ctx.method)
         return entry

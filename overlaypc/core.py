@@ -98,10 +98,12 @@ class OverlayFS:
         if not self.writable or self.copyup is None:
             raise OSError(errno.EROFS, "read-only overlay")
 
-    def _copied(self, ino: int, entry: Entry) -> None:
+    def _copied(self, ino: int, entry: Entry, source: os.stat_result | None = None) -> None:
         inode = self.inodes.get(ino)
         if inode is not None:
             inode.rebind(entry)
+        if source is not None:  # names seen for the lower file now name the upper one
+            self.links.alias(source, entry.st)
 
     def data_changed(self, inode: OverlayInode, via: str) -> None:
         inode.data_version += 1
@@ -136,7 +138,8 @@ class OverlayFS:
                     self.index.seen(Entry(self.index.work, self.index.rel(key), node.st), node.rel)
             return None
         self.index.seen(entry, node.rel)
-        return self.index.nlink(entry)
+        lower = next(iter(node.lowers), None)
+        return self.index.nlink(entry, lower.st if lower else None)
 
     def adjust_nlink(self, entry: Entry, delta: int) -> None:
         """index=on: a name of an indexed inode came or went; drop every name's cached count."""

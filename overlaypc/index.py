@@ -6,11 +6,11 @@ file share once any of them is copied up. As the kernel does, the copy goes to
 it is a hard link to that file; a name not copied up yet finds its data, attributes and
 ``st_ino`` through the index entry, so every name shows the new data at once.
 
-The overlay's ``st_nlink`` of an indexed inode is kept in ``trusted.overlay.overlaypc.nlink`` on
-the index file (initially the lower file's nlink, +1 per link and -1 per unlink through
-the mount); the kernel keeps the same count in ``trusted.overlay.nlink`` in its own
-relative encoding. Caveat: overlaypc writes only its own count, so a kernel mounting
-such an upper with ``index=on`` recomputes nlink from the layers.
+The overlay's ``st_nlink`` of an indexed inode is kept in ``trusted.overlay.overlaypc.nlink``
+on the index file (initially the lower file's nlink, +1 per link and -1 per unlink through
+the mount), and also in the kernel's own ``trusted.overlay.nlink`` ("U%+d", relative to the
+index inode's link count), rewritten whenever that count changes, so the kernel mounting
+the upper with ``index=on`` shows the same count; a kernel-made index is read the same way.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class IndexDir:
         self.work = work
         self.nlink_xattr = whiteout.own_xattr(xattr_prefix, "nlink")
         self.origin_xattr = xattr_prefix + "origin"
+        self.kernel_nlink_xattr = xattr_prefix + "nlink"
         self._keys: dict[tuple[int, int], str | None] = {}
         #: index entry -> merged names seen for it, whose cached st_nlink must be dropped
         #: when a link or unlink changes the count (each name is its own FUSE node)
@@ -92,19 +93,41 @@ class IndexDir:
             if len(self.names) > 65536:
                 self.names.clear()
 
-    def nlink(self, index: Entry) -> int:
+    def nlink(self, index: Entry, lower: os.stat_result | None = None) -> int:
+        """The overlay's link count: ours if recorded, else the kernel's relative one."""
         raw = self.work.getxattr(index.rel, self.nlink_xattr)
-        try:
-            return max(int(raw or b""), 0)
-        except ValueError:
-            return max(index.st.st_nlink - 1, 1)
+        if raw is not None and raw.isdigit():
+            return int(raw)
+        kernel = self.work.getxattr(index.rel, self.kernel_nlink_xattr)
+        if kernel and kernel[:1] in (b"U", b"L"):
+            try:
+                delta = int(kernel[1:])
+            except ValueError:
+                delta = None
+            if delta is not None:
+                base = index.st.st_nlink if kernel[:1] == b"U" else lower.st_nlink if lower else None
+                if base is not None and base + delta > 0:
+                    return base + delta
+        return max(index.st.st_nlink - 1, 1)
 
     def set_nlink(self, rel: str, value: int) -> None:
-        self.work.do_setxattr(rel, self.nlink_xattr, str(max(value, 0)).encode())
+        """Record the overlay link count: ours (absolute) and the kernel's ("U%+d": relative
+        to the index inode's own link count, which therefore must be current)."""
+        value = max(value, 0)
+        self.work.do_setxattr(rel, self.nlink_xattr, str(value).encode())
+        st = self.work.lstat(rel)
+        if st is not None:
+            self.work.do_setxattr(rel, self.kernel_nlink_xattr, f"U{value - st.st_nlink:+d}".encode())
+
+    def sync(self, rel: str) -> None:
+        """Rewrite the kernel's relative count after the index inode's links changed."""
+        st = self.work.lstat(rel)
+        if st is not None:
+            self.set_nlink(rel, self.nlink(Entry(self.work, rel, st)))
 
     def adjust(self, index: Entry, delta: int) -> None:
-        try:
-            self.set_nlink(index.rel, self.nlink(index) + delta)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise
+        st = self.work.lstat(index.rel)  # the caller's entry may predate the link/unlink
+        if st is None:
+            return
+        current = Entry(self.work, index.rel, st)
+        self.set_nlink(index.rel, self.nlink(current) + delta)

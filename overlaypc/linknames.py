@@ -43,6 +43,17 @@ class LinkNames:
             if len(names) < self._per_inode:
                 names.add(rel)
 
+    def alias(self, old: os.stat_result, new: os.stat_result) -> None:
+        """Names recorded for ``old`` (a copied-up lower file) now also belong to ``new``."""
+        old_key, new_key = self.key(old), self.key(new)
+        if old_key is None or new_key is None or old_key == new_key:
+            return
+        with self._lock:
+            names = self._names.get(old_key)
+            if names:
+                merged = self._names.setdefault(new_key, set())
+                merged.update(list(names)[: self._per_inode - len(merged)])
+
     def others(self, backing: tuple[int, int], rel: str | None) -> list[str]:
         with self._lock:
             return [n for n in self._names.get(backing, ()) if n != rel]

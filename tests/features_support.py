@@ -4,8 +4,9 @@ What this module owns:
 - ``Stack``: lowers + upper + workdir on one backing dir (the session XFS: these features
   need file handles and a filesystem UUID, which tmpfs lacks), the ``-o`` string for
   overlaypc and the option list for the kernel oracle.
-- ``kernel_options()``: the kernel's options on top of helpers.KERNEL_PINNED_OPTIONS (the
-  kernel parses mount options in order, so a later ``redirect_dir=on`` wins).
+- ``KERNEL_REDIRECT`` / ``KERNEL_INDEX`` / ``KERNEL_METACOPY``: extra options for the kernel
+  oracle, added after helpers.KERNEL_PINNED_OPTIONS (the kernel parses mount options in
+  order, so a later ``redirect_dir=on`` wins over the pinned ``redirect_dir=off``).
 - Backing-dir inspection: ``ovl_xattr()`` (a ``trusted.overlay.*`` value, None if
   absent), ``is_whiteout()``, ``regular_files()``, ``upper_redirects()``.
 - ``snapshot()``: ``helpers.tree_snapshot`` minus overlaypc's own ``trusted.overlaypc.*``
@@ -61,10 +62,6 @@ def new_stack(lowers: Sequence[Path], base: Path, tag: str) -> Stack:
     upper.mkdir()
     work.mkdir()
     return Stack(list(lowers), upper, work)
-
-
-def kernel_options(*extra: str) -> tuple[str, ...]:
-    return tuple(extra)
 
 
 # --------------------------------------------------------------------------------------
@@ -160,16 +157,4 @@ def sha256_of(path: PathLike) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_fd(fd: int, size: int) -> str:
-    h = hashlib.sha256()
-    off = 0
-    while off < size:
-        data = os.pread(fd, min(1 << 20, size - off), off)
-        if not data:
-            break
-        h.update(data)
-        off += len(data)
     return h.hexdigest()

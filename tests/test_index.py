@@ -10,15 +10,13 @@ stat'ed before a change hold cached pages/attributes, which the daemon must inva
 Differential with the kernel (``index=on``, everything else pinned off): the same
 operations give the same observations (content, inode number, nlink per name), and
 each upper is mounted by the other implementation. overlaypc keeps the overlay nlink
-in ``trusted.overlaypc.nlink`` and does not write the kernel's ``trusted.overlay.nlink``,
-so kernel interop is expected to be partial; where it fails the test says so (xfail
-with the reason) instead of leaving the check out.
+in its own xattr and also writes and reads the kernel's relative ``trusted.overlay.nlink``,
+so link counts carry over both ways.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -252,18 +250,9 @@ def test_index_overlaypc_mounts_kernel_upper(seq, xfs_dir, layers_factory, overl
     assert _content_and_links(got) == _content_and_links(k_final)
 
 
-NLINK_XFAIL = {
-    "kernel": "overlaypc writes the overlay nlink only to trusted.overlaypc.nlink, not the "
-              "kernel's trusted.overlay.nlink ('U+n'/'L+n' relative encoding): the kernel "
-              "falls back to the upper inode's link count for overlaypc's index entries",
-    "overlaypc": "overlaypc does not read the kernel's trusted.overlay.nlink: for a "
-                 "kernel-made index entry it falls back to (index file links - 1), which "
-                 "misses lower names not copied up yet",
-}
 
 
-@pytest.mark.parametrize("seq", [pytest.param(q, marks=pytest.mark.xfail(
-    reason=NLINK_XFAIL["kernel"], strict=True)) for q in SEQUENCES])
+@pytest.mark.parametrize("seq", SEQUENCES)
 def test_index_nlink_kernel_on_overlaypc_upper(seq, xfs_dir, layers_factory,
                                                overlay_mount, kernel_mount):
     lowers, ks, os_, k_final, o_final = _ops_on_both(seq, xfs_dir, layers_factory, overlay_mount)
@@ -273,8 +262,7 @@ def test_index_nlink_kernel_on_overlaypc_upper(seq, xfs_dir, layers_factory,
 
 
 @pytest.mark.parametrize("seq", [
-    pytest.param("write_only", marks=pytest.mark.xfail(reason=NLINK_XFAIL["overlaypc"],
-                                                       strict=True)),
+    "write_only",  # names not copied up yet: needs the kernel's relative nlink xattr
     "full",  # every remaining name is in the upper: the index file's link count is right
 ])
 def test_index_nlink_overlaypc_on_kernel_upper(seq, xfs_dir, layers_factory, overlay_mount):

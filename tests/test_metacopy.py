@@ -27,7 +27,7 @@ import pytest
 import helpers
 from coherence_support import dontneed
 from features_support import (KERNEL_METACOPY, assert_same, new_stack, overlay_stats, ovl_xattr,
-                              pattern_file, sha256_fd, sha256_of, snapshot, upper_redirects)
+                              pattern_file, sha256_of, snapshot, upper_redirects)
 
 pytestmark = [pytest.mark.mount]
 
