@@ -234,8 +234,10 @@ class OverlayFS:
                 return self.files.getattr(fh)
             rel = dir_rel
         check_name(rel)
-        hidden = self.hidden.get(rel)
-        if hidden is not None:
+        if rel in self.hidden:
+            hidden = self.hidden.get(rel)
+            if hidden is None:
+                raise OSError(errno.ENOENT, "hidden name of a file no longer open", rel)
             return self.files.getattr_inode(hidden)
         return self.attrs.getattr(rel)
 
@@ -347,9 +349,10 @@ class OverlayFS:
         self.namespace.link(src, dst)
 
     def unlink(self, rel: str) -> None:
-        hidden = self.hidden.pop(rel)
-        if hidden is not None:  # libfuse's last release of an open, unlinked file
-            self.inodes.release(hidden)
+        if rel in self.hidden:  # libfuse's last release of an open, unlinked file
+            hidden = self.hidden.pop(rel)
+            if hidden is not None:
+                self.inodes.release(hidden)
             return
         self.namespace.unlink(rel)
 
@@ -357,11 +360,16 @@ class OverlayFS:
         self.namespace.rmdir(rel)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
-        if is_hidden_name(new) and not flags:
+        if is_hidden_name(new) and not flags:  # libfuse hides a file it was asked to unlink
             inode = self._live_inode(old)
-            if inode is not None:  # libfuse hides an open file it was asked to unlink
+            if inode is not None and not self.inodes.hold(inode):
+                inode = None
+            try:
                 self.namespace.unlink(old)
-                self.inodes.hold(inode)
-                self.hidden.add(new, inode)
-                return
+            except BaseException:
+                if inode is not None:
+                    self.inodes.release(inode)
+                raise
+            self.hidden.add(new, inode)
+            return
         self.namespace.rename(old, new, flags)

@@ -7,10 +7,12 @@ renamed over). Without ``hard_remove`` libfuse renames such a file to
 with ESTALE, since the kernel's GETATTR carries no file handle (DESIGN.md §6 trap 10 said
 otherwise; the coherence tests showed this).
 
-So overlaypc mounts without ``hard_remove`` and treats a rename of an *open* file to a
-name of exactly that form as an unlink: the overlay name goes (whiteout and all, as for
-any unlink) and the hidden name is only a key in this table, pointing at the overlay
-inode, which its open handles keep alive. Nothing named ``.fuse_hidden*`` is ever written
+So overlaypc mounts without ``hard_remove`` and treats a rename to a name of exactly that
+form as an unlink: the overlay name goes (whiteout and all, as for any unlink) and the
+hidden name is only a key in this table, pointing at the overlay inode, which its open
+handles keep alive. libfuse may hide a file whose last release is in flight (it counts
+the file open until our release returns); then no inode is live and the key points at
+nothing: ``fstat`` needs nothing then, and the name is never shown either way. Nothing named ``.fuse_hidden*`` is ever written
 to a layer, listed, or left behind by a crash; ``fstat`` reports ``st_nlink`` 0.
 """
 from __future__ import annotations
@@ -30,12 +32,15 @@ def is_hidden_name(rel: str) -> bool:
 
 class HiddenNames:
     def __init__(self) -> None:
-        self._names: dict[str, OverlayInode] = {}
+        self._names: dict[str, OverlayInode | None] = {}
         self._lock = threading.Lock()
 
-    def add(self, rel: str, inode: OverlayInode) -> None:
+    def add(self, rel: str, inode: OverlayInode | None) -> None:
         with self._lock:
             self._names[rel] = inode
+
+    def __contains__(self, rel: str) -> bool:
+        return rel in self._names
 
     def get(self, rel: str) -> OverlayInode | None:
         return self._names.get(rel)

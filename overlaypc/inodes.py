@@ -103,10 +103,14 @@ class InodeTable:
             inode.refs += 1
             return inode
 
-    def hold(self, inode: OverlayInode) -> None:
-        """One more reference on a live inode (a hidden name of an open, unlinked file)."""
+    def hold(self, inode: OverlayInode) -> bool:
+        """One more reference on a live inode (a hidden name of an open, unlinked file);
+        False if its last reference went meanwhile."""
         with self._lock:
+            if self._live.get(inode.ino) is not inode:
+                return False
             inode.refs += 1
+            return True
 
     def release(self, inode: OverlayInode) -> None:
         with self._lock:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -61,8 +60,7 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS), ids=lambda p: p.replace("copyup.", ""))
-def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory, overlay_mount,
-                                                           mountpoint):
+def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory, overlay_mount):
     """kill -9 at a deterministic point of a 64 MiB non-reflink copy-up (tmpfs): after a lazy
     unmount and a fresh mount the file is the complete lower data, the temp is gone, the
     lower is unchanged, and a new copy-up then works."""

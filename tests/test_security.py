@@ -14,11 +14,9 @@ and the symlinks in the layers point at it, so any escape shows as a changed sen
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -415,7 +413,7 @@ def _build_perm_tree(root: Path) -> None:
 
 
 PERM_SCRIPT = r"""
-import json
+import errno, json
 R = {}
 def rec(label, fn):
     try:
@@ -423,8 +421,6 @@ def rec(label, fn):
         R[label] = "ok"
     except OSError as e:
         R[label] = errno.errorcode.get(e.errno, str(e.errno))
-import errno
-base = sys.argv[1] if len(sys.argv) > 1 else os.getcwd()
 FILES = json.loads(os.environ["PERM_FILES"]); DIRS = json.loads(os.environ["PERM_DIRS"])
 def op_open(p, fl):
     os.close(os.open(p, fl))

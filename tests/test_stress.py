@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from reliability_support import MiB, pattern
+from reliability_support import pattern
 from upper_support import overlay_stats, stack_options, work_leftovers
 
 pytestmark = pytest.mark.mount
