@@ -228,6 +228,9 @@ def make_system(name: str, python: str = sys.executable) -> System:
     table = {
         "overlaypc-kernel": System("overlaypc-kernel", "overlaypc", "", python),
         "overlaypc-shared": System("overlaypc-shared", "overlaypc", "cache=shared", python),
+        # Not in the default set: copy-up without fsyncs, as fuse-overlayfs 1.10 does (strace:
+        # its copy-up is one sendfile, no fsync), for a like-for-like copy-up comparison.
+        "overlaypc-volatile": System("overlaypc-volatile", "overlaypc", "volatile", python),
         "kernel-overlay": System("kernel-overlay", "kernel"),
         "fuse-overlayfs": System("fuse-overlayfs", "fuse-overlayfs"),
         "unionfs-fuse": System("unionfs-fuse", "unionfs-fuse"),
@@ -339,6 +342,16 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
+def drops() -> int:
+    """How many times anyone on this machine has dropped the page cache (/proc/vmstat).
+    Other work on a shared machine does so too, which turns a warm measurement cold."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("drop_pagecache "):
+                return int(line.split()[1])
+    return -1
+
+
 def meminfo(field_name: str = "Cached") -> int:
     """A /proc/meminfo field in bytes."""
     with open("/proc/meminfo") as f:
@@ -423,6 +436,8 @@ class Metric:
     values: dict[str, list[float]] = field(default_factory=dict)   # system -> per-rep values
     errors: dict[str, list[str]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)             # system -> note (e.g. copy-up method)
+    disturbed: dict[str, int] = field(default_factory=dict)         # system -> values kept although
+                                                                    # someone else dropped caches meanwhile
 
     def add(self, system: str, value: float | None) -> None:
         self.values.setdefault(system, []).append(value)
@@ -438,7 +453,7 @@ class Metric:
         return {"label": self.label, "unit": self.unit, "higher_is_better": self.higher_is_better,
                 "values": self.values, "summary": {k: summary(v) for k, v in self.values.items()},
                 "ratio_to_" + REFERENCE: {k: self.ratio(k) for k in self.values},
-                "errors": self.errors, "notes": self.notes}
+                "errors": self.errors, "notes": self.notes, "disturbed": self.disturbed}
 
     def ratio(self, system: str) -> float | None:
         """value / fuse-overlayfs's value (medians); >1 is better for rates, worse for times."""
@@ -460,6 +475,8 @@ class Metric:
             text += f" [{self.notes[system]}]"
         if err:
             text += f" ({len(err)} err)"
+        if self.disturbed.get(system):
+            text += f" ({self.disturbed[system]} disturbed)"
         return text
 
 
@@ -471,6 +488,11 @@ def markdown_table(metrics: list[Metric], systems: list[str]) -> str:
         unit = m.unit + ("" if m.higher_is_better else ", lower is better")
         rows.append(f"| {m.label} | {unit} | " + " | ".join(m.cell(s) for s in systems) + " |")
     return "\n".join(rows)
+
+
+def loadavg() -> list[str]:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
 
 
 def machine_info() -> dict:
@@ -493,6 +515,7 @@ def machine_info() -> dict:
     return {"overlaypc_commit": commit + ("+uncommitted changes in overlaypc/" if dirty else ""),
             "nproc": os.cpu_count(), "mem_total_gib": round(meminfo("MemTotal") / GiB, 1),
             "kernel": platform.release(), "cpu": cpu, "python": sys.version.split()[0],
+            "loadavg_at_start": loadavg(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "versions": versions}
 

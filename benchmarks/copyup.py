@@ -17,7 +17,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MiB, Metric, Workspace, log, machine_info, markdown_table, select_systems, write_json  # noqa: E402
+from common import (MiB, Metric, Workspace, loadavg, log, machine_info, markdown_table,  # noqa: E402
+                    select_systems, write_json)
 from run import copyup_bench  # noqa: E402
 
 DEFAULT_SYSTEMS = "overlaypc-kernel,overlaypc-shared,kernel-overlay,fuse-overlayfs"
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     size = args.size_mib * MiB
     metrics, methods = [], {}
     t0 = time.perf_counter()
+    machine = machine_info()            # overlaypc commit and load at the start
     ws = Workspace()
     try:
         for fstype in args.fs.split(","):
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
           f"[overlaypc copy-up method from its stats]\n")
     print(table)
     write_json(args.out, {"suite": "copyup.py", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                          "machine": machine_info(), "systems": names, "skipped": skipped,
+                          "machine": dict(machine, loadavg_at_end=loadavg()),
+                          "systems": names, "skipped": skipped,
                           "elapsed_s": round(time.perf_counter() - t0, 1),
                           "metrics": {m.key: m.to_json() for m in metrics}, "methods": methods,
                           "table_markdown": table})
