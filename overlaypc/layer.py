@@ -22,7 +22,7 @@ import errno
 import logging
 import os
 import stat
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from . import faults, sysapi
 
@@ -41,6 +41,30 @@ def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+class Listed(NamedTuple):
+    """One directory entry as ``Layer.scandir`` reads it."""
+    name: str
+    fmt: int  # S_IFMT bits
+    ino: int
+    st: os.stat_result | None
+
+
+class DirFd:
+    """An ``O_PATH`` fd of a directory inside a layer, closed when the last reference to
+    it goes. Cached lookups hold these, and a thread using one keeps it alive, so an fd
+    is never closed under a concurrent user (CPython frees on the last reference)."""
+
+    __slots__ = ("fd", "_owned")
+
+    def __init__(self, fd: int, owned: bool = True) -> None:
+        self.fd = fd
+        self._owned = owned
+
+    def __del__(self) -> None:
+        if self._owned:
+            os.close(self.fd)
+
+
 class Layer:
     """A layer root. ``index`` 0 is the upper when there is one; lowers follow, top first."""
 
@@ -56,6 +80,7 @@ class Layer:
         # a normal fd of the root, for what O_PATH fds cannot do (ioctls, open_by_handle_at)
         self.mount_fd = os.open(f"/proc/self/fd/{self.root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.uuid = sysapi.fs_uuid(self.mount_fd)
+        self.root = DirFd(self.root_fd, owned=False)
 
     def __repr__(self) -> str:
         return f"Layer({self.index}, {self.path!r}, {'rw' if self.writable else 'ro'})"
@@ -97,6 +122,62 @@ class Layer:
             return os.fstat(fd)
         finally:
             os.close(fd)
+
+    # -- resolution relative to an open directory (one syscall per step) ------------------
+    # ``name`` is always a single component from a FUSE path (never "", ".", ".." or with
+    # "/"), acted on without following it; a name that is a mount point of another
+    # filesystem is treated as absent, as ``RESOLVE_NO_XDEV`` does.
+    def stat_at(self, parent: DirFd, name: str) -> os.stat_result | None:
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in _ABSENT or e.errno == errno.ENAMETOOLONG:
+                return None
+            raise
+        return st if st.st_dev == self.dev else None
+
+    def dir_at(self, parent: DirFd, name: str) -> DirFd | None:
+        try:
+            return DirFd(sysapi.openat2(parent.fd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW))
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+
+    def dir_fd(self, rel: str) -> DirFd | None:
+        return self.dir_at(self.root, rel or ".")
+
+    def getxattr_at(self, dirfd: DirFd, name: str) -> bytes | None:
+        try:
+            return os.getxattr(f"/proc/self/fd/{dirfd.fd}", name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                return None
+            raise
+
+    def scandir(self, dirfd: DirFd, *, stat_all: bool = False) -> list[Listed]:
+        """Entries of an open directory. Type and inode number come from ``d_type`` and
+        ``d_ino`` without a stat, except for character devices (whiteouts are 0/0 ones),
+        unknown types, and everything when ``stat_all``."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd.fd)
+        out: list[Listed] = []
+        try:
+            with os.scandir(fd) as it:
+                for e in it:
+                    fmt = (stat.S_IFDIR if e.is_dir(follow_symlinks=False) else
+                           stat.S_IFREG if e.is_file(follow_symlinks=False) else
+                           stat.S_IFLNK if e.is_symlink() else 0)
+                    st = None
+                    if stat_all or not fmt:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        fmt = stat.S_IFMT(st.st_mode)
+                    out.append(Listed(e.name, fmt, e.inode(), st))
+        finally:
+            os.close(fd)
+        return out
 
     def listdir(self, rel: str) -> list[tuple[str, os.stat_result]]:
         """Names in directory ``rel`` with their ``lstat``, read while the dir fd is open."""

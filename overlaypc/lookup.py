@@ -18,10 +18,10 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import whiteout
-from .layer import Layer, join, split
+from .layer import DirFd, Layer, join, split
 from .stack import LayerStack
 
 NAME_MAX = 255
@@ -29,10 +29,13 @@ NAME_MAX = 255
 
 @dataclass(frozen=True)
 class Entry:
-    """One layer's object at a merged path."""
+    """One layer's object at a merged path (``rel`` is its path *in that layer*).
+    Directories found by lookup carry an open ``dirfd``, so lookups below them cost one
+    ``fstatat`` per layer instead of a path walk."""
     layer: Layer
     rel: str
     st: os.stat_result
+    dirfd: DirFd | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_dir(self) -> bool:
@@ -124,9 +127,7 @@ class Lookup:
     def _root(self) -> Node:
         entries = []
         for layer in self.stack.layers:
-            st = layer.lstat("")
-            assert st is not None
-            entries.append(Entry(layer, "", st))
+            entries.append(Entry(layer, "", os.fstat(layer.root_fd), layer.root))
             # an opaque root is meaningless to the kernel too: all roots merge
         return Node("", tuple(entries))
 
@@ -158,24 +159,29 @@ class Lookup:
         parent_rel, name = split(rel)
         if whiteout.is_oci_name(name):
             return Node(rel, ())
+        if name in (".", ".."):
+            raise OSError(errno.EINVAL, "invalid name", rel)
         parent = self.directory(parent_rel)
         # where the parent lives in each layer (its path there may differ: redirects)
-        parent_in = {id(p.layer): p.rel for p in parent.entries if p.is_dir}
+        parent_in = {id(p.layer): p for p in parent.entries if p.is_dir}
         entries: list[Entry] = []
         opaque = upper_whiteout = False
         data: Entry | None = None
         redirect: str | None = None  # layer path to use in the layers below, once redirected
         metacopy = False
         for layer in self.stack.layers:
+            pentry = None
             if redirect is not None:
                 lrel = redirect
+                st = layer.lstat(lrel)
             elif id(layer) in parent_in:
-                lrel = join(parent_in[id(layer)], name)
+                pentry = parent_in[id(layer)]
+                lrel = join(pentry.rel, name)
+                st = layer.stat_at(pentry.dirfd, name) if pentry.dirfd else layer.lstat(lrel)
             else:
                 continue
-            st = layer.lstat(lrel)
             if st is None:
-                if not layer.writable and whiteout.has_oci_whiteout(layer, lrel):
+                if not layer.writable and self._oci_whiteout(layer, pentry, lrel, name):
                     break
                 continue
             if whiteout.is_whiteout(st):
@@ -188,9 +194,15 @@ class Lookup:
                 break
             if entries and not is_dir:
                 break  # a lower non-directory below a directory is not merged
-            entries.append(Entry(layer, lrel, st))
+            dirfd = None
             if is_dir:
-                if whiteout.is_opaque(layer, lrel, self.prefix, oci=not layer.writable):
+                dirfd = layer.dir_at(pentry.dirfd, name) if pentry and pentry.dirfd else layer.dir_fd(lrel)
+                if dirfd is None:
+                    continue  # removed underneath us
+            entry = Entry(layer, lrel, st, dirfd)
+            entries.append(entry)
+            if is_dir:
+                if self._opaque(entry):
                     opaque = True
                     break
             elif not (self.follow_metacopy and stat.S_ISREG(st.st_mode)
@@ -198,7 +210,7 @@ class Lookup:
                 break
             else:
                 metacopy = True  # attributes here, data further down
-            target = self._redirect(layer, lrel) if self.follow_redirects else None
+            target = self._redirect(entry) if self.follow_redirects else None
             if target is not None:
                 if target.startswith("/"):
                     redirect = target.strip("/")  # absolute: from each lower layer's root
@@ -213,8 +225,25 @@ class Lookup:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
         return Node(rel, tuple(entries), opaque, upper_whiteout, data)
 
-    def _redirect(self, layer: Layer, lrel: str) -> str | None:
-        raw = layer.getxattr(lrel, self.prefix + "redirect")
+    def _oci_whiteout(self, layer: Layer, pentry: Entry | None, lrel: str, name: str) -> bool:
+        if pentry is None or pentry.dirfd is None:
+            return whiteout.has_oci_whiteout(layer, lrel)
+        marker = whiteout.OCI_PREFIX + name
+        return len(os.fsencode(marker)) <= NAME_MAX and layer.stat_at(pentry.dirfd, marker) is not None
+
+    def _opaque(self, entry: Entry) -> bool:
+        layer = entry.layer
+        if entry.dirfd is None:
+            return whiteout.is_opaque(layer, entry.rel, self.prefix, oci=not layer.writable)
+        if layer.getxattr_at(entry.dirfd, self.prefix + "opaque") == b"y":
+            return True
+        return not layer.writable and layer.stat_at(entry.dirfd, whiteout.OCI_OPAQUE) is not None
+
+    def _redirect(self, entry: Entry) -> str | None:
+        if entry.dirfd is not None:
+            raw = entry.layer.getxattr_at(entry.dirfd, self.prefix + "redirect")
+        else:
+            raw = entry.layer.getxattr(entry.rel, self.prefix + "redirect")
         if not raw:
             return None
         target = os.fsdecode(raw)

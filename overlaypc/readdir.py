@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import whiteout
 from .inumbers import InodeNumbers
-from .layer import join
+from .layer import Listed, join
 from .lookup import Entry, Node
 
 
@@ -24,35 +24,51 @@ class DirEntry:
 
 
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str) -> list[DirEntry]:
-    tops: dict[str, Entry] = {}
-    lower_dirs: dict[str, Entry] = {}
+    """The merged entries of directory ``node``: lower entries cost no stat (``d_type``
+    and ``d_ino`` suffice); upper ones are stat'ed, as a copied-up object shows the
+    inode number it recorded."""
+    tops: dict[str, tuple[Entry, Listed]] = {}
+    lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
     for parent in node.entries:
         layer = parent.layer
+        dirfd = parent.dirfd or layer.dir_fd(parent.rel)
+        if dirfd is None:
+            continue  # removed underneath us
         hides: set[str] = set()
-        for name, st in layer.listdir(parent.rel):
+        for item in layer.scandir(dirfd, stat_all=layer.writable):
+            name = item.name
             if name in hidden:
                 continue
             if not layer.writable and whiteout.is_oci_name(name):
                 if name != whiteout.OCI_OPAQUE:
                     hides.add(name[len(whiteout.OCI_PREFIX):])
                 continue
-            if whiteout.is_whiteout(st):
+            if item.fmt == stat.S_IFCHR and item.st is not None and whiteout.is_whiteout(item.st):
                 hides.add(name)
                 continue
             top = tops.get(name)
             if top is None:
-                tops[name] = Entry(layer, join(parent.rel, name), st)
-            elif top.is_dir and stat.S_ISDIR(st.st_mode) and name not in lower_dirs and not layer.writable:
-                lower_dirs[name] = Entry(layer, join(parent.rel, name), st)
+                tops[name] = (parent, item)
+            elif (top[1].fmt == stat.S_IFDIR and item.fmt == stat.S_IFDIR and not layer.writable
+                  and name not in lower_dir_ino):
+                lower_dir_ino[name] = inos.xino.ino(layer.dev, item.ino)
         hidden |= hides
     out = []
-    for name, entry in tops.items():
+    for name, (parent, item) in tops.items():
         if whiteout.is_oci_name(name):
             continue  # an upper never shows OCI names either; they cannot be created
-        lower = lower_dirs.get(name)
-        if lower is not None and whiteout.is_opaque(entry.layer, entry.rel, xattr_prefix, oci=False):
-            lower = None  # an opaque upper dir merges nothing: it keeps its own number
-        ino = inos.ino_of(Node(join(node.rel, name), (entry,)), lower)
-        out.append(DirEntry(name, stat.S_IFMT(entry.st.st_mode), ino))
+        layer = parent.layer
+        if item.st is None:  # a lower entry: its own number
+            out.append(DirEntry(name, item.fmt, inos.xino.ino(layer.dev, item.ino)))
+            continue
+        entry = Entry(layer, join(parent.rel, name), item.st)
+        recorded = inos.recorded(entry)
+        if recorded is not None:
+            ino = recorded
+        elif name in lower_dir_ino and not whiteout.is_opaque(layer, entry.rel, xattr_prefix, oci=False):
+            ino = lower_dir_ino[name]  # a merged dir shows its topmost lower's number
+        else:
+            ino = inos.of_entry(entry)
+        out.append(DirEntry(name, item.fmt, ino))
     return out
