@@ -281,7 +281,8 @@ class CopyUp:
                 do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
             if not self.volatile:
                 self.upper.fsync_dir(split(rel)[0])
-            self.lookup.invalidate()
+            if ctx.kind == stat.S_IFDIR:
+                self.lookup.invalidate(rel)  # its cached node now misses the upper dir
             st = self.upper.lstat(rel)
             assert st is not None
             entry = Entry(self.upper, rel, st)
@@ -289,8 +290,6 @@ class CopyUp:
                 self._on_copied(ctx.ino, entry, ctx.src.st)
         elapsed = time.monotonic() - ctx.started
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
-        if ctx.metadata_only:
-            self.lookup.invalidate()
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
         return entry
 
@@ -330,7 +329,6 @@ class CopyUp:
             self.index.sync(index_rel)  # a name moved from lower to upper: same overlay count
             if not self.volatile:
                 self.upper.fsync_dir(split(rel)[0])
-            self.lookup.invalidate()
             st = self.upper.lstat(rel)
             assert st is not None
             entry = Entry(self.upper, rel, st)
@@ -365,7 +363,6 @@ class CopyUp:
                 except OSError as e:
                     if e.errno != errno.ENODATA:
                         raise
-            self.lookup.invalidate()
             st = self.upper.lstat(upper.rel)
             assert st is not None
             entry = Entry(self.upper, upper.rel, st)

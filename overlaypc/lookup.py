@@ -118,11 +118,17 @@ class Lookup:
         self._limit = cache_entries
         self._lock = threading.Lock()
 
-    def invalidate(self) -> None:
-        """Forget cached directory structure; call after every namespace change."""
+    def invalidate(self, rel: str | None = None) -> None:
+        """Forget the cached structure of directory ``rel`` and everything below it (all
+        of it when ``rel`` is None or the root); call after a change to a directory."""
         with self._lock:
-            self._epoch += 1
-            self._dirs.clear()
+            self._epoch += 1  # a lookup that raced with the change stores nothing
+            if not rel:
+                self._dirs.clear()
+                return
+            prefix = rel + "/"
+            for key in [k for k in self._dirs if k == rel or k.startswith(prefix)]:
+                del self._dirs[key]
 
     def _root(self) -> Node:
         entries = []

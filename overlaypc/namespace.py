@@ -129,8 +129,11 @@ class Namespace:
         if not stat.S_ISLNK(mode) and stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode):
             layer.do_chmod(rel, stat.S_IMODE(mode))
 
-    def _done(self) -> None:
-        self.fs.lookup.invalidate()
+    def _done(self, *dirs: str) -> None:
+        """After a change: forget the cached structure of the directories it touched (and
+        their subtrees). Creating or removing a non-directory changes no cached directory."""
+        for rel in dirs:
+            self.fs.lookup.invalidate(rel)
 
     # -- creation -----------------------------------------------------------------------------
     def create(self, rel: str, flags: int, mode: int, caller: Caller) -> int:
@@ -149,7 +152,6 @@ class Namespace:
                 for fd in fds:
                     os.close(fd)
                 raise
-            self._done()
         return fds[0]
 
     def mknod(self, rel: str, mode: int, device: int, caller: Caller) -> None:
@@ -158,7 +160,6 @@ class Namespace:
             mode = stat.S_IFREG | stat.S_IMODE(mode)
         with self.fs.ns_lock:
             self._place_new(rel, lambda layer, where: layer.do_mknod(where, mode, device), caller, mode)
-            self._done()
 
     def mkdir(self, rel: str, mode: int, caller: Caller) -> None:
         self._prepare_new(rel)
@@ -166,14 +167,12 @@ class Namespace:
         with self.fs.ns_lock:
             self._place_new(rel, lambda layer, where: layer.do_mkdir(where, stat.S_IMODE(mode)), caller,
                             mode, is_dir=True)
-            self._done()
 
     def symlink(self, target: str, rel: str, caller: Caller) -> None:
         self._prepare_new(rel)
         with self.fs.ns_lock:
             self._place_new(rel, lambda layer, where: layer.do_symlink(target, where), caller,
                             stat.S_IFLNK | 0o777)
-            self._done()
 
     def link(self, src_rel: str, dst_rel: str) -> None:
         self.fs.require_writable()
@@ -192,7 +191,6 @@ class Namespace:
                 raise OSError(errno.ENOENT, "source changed during link", src_rel)
             self._place_new(dst_rel, lambda layer, where: do_link(upper, src_rel, layer, where),
                             None, src.st.st_mode)
-            self._done()
             shared = self.fs.index_of(self.fs.lookup.lookup(src_rel))
             if shared is not None:
                 self.fs.adjust_nlink(shared, +1)
@@ -221,7 +219,6 @@ class Namespace:
             if shared is not None:
                 self.fs.adjust_nlink(shared, -1)
             self.fs.unlinked(node, ino)
-            self._done()
 
     def rmdir(self, rel: str) -> None:
         self.fs.require_writable()
@@ -240,7 +237,7 @@ class Namespace:
             if merged_listing(node, self.fs.inos, self.fs.prefix):
                 raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
             self._remove(node, bool(node.lowers) or self.lower_exists(rel))
-            self._done()
+            self._done(rel)
 
     def _remove(self, node: Node, lower_exists: bool) -> None:
         """Remove the object at ``node`` from the merged view, leaving a whiteout if needed."""
@@ -321,7 +318,8 @@ class Namespace:
             if nnode.exists:
                 self.fs.unlinked(nnode, replaced_ino)
             self.fs.renamed(old, new)
-            self._done()
+            if onode.is_dir or nnode.is_dir:
+                self._done(old, new)
 
     def _redirect_value(self, onode: Node, new: str) -> bytes:
         """``trusted.overlay.redirect`` as the kernel writes it: the lower name alone for a
