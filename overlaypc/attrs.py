@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .copyup import is_private_xattr
 
@@ -29,15 +29,24 @@ STATS_XATTR = "user.overlaypc.stats"
 _ST_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_blocks", "st_blksize")
 
 
-def stat_dict(st: os.stat_result, ino: int, nlink: int | None = None) -> dict:
-    d = {name: getattr(st, name) for name in _ST_FIELDS}
-    d["st_ino"] = ino
-    d["st_atime"] = st.st_atime_ns
-    d["st_mtime"] = st.st_mtime_ns
-    d["st_ctime"] = st.st_ctime_ns
-    if nlink is not None:
-        d["st_nlink"] = nlink
-    return d
+class Attr(NamedTuple):
+    """What ``stat`` shows for a merged object: a backing stat with the overlay's inode
+    number and, where they differ from the backing's, its link count and blocks."""
+    st: os.stat_result
+    ino: int
+    nlink: int | None = None
+    blocks: int | None = None
+
+    def as_dict(self) -> dict:
+        st = self.st
+        d = {name: getattr(st, name) for name in _ST_FIELDS}
+        d.update(st_ino=self.ino, st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns,
+                 st_ctime=st.st_ctime_ns)
+        if self.nlink is not None:
+            d["st_nlink"] = self.nlink
+        if self.blocks is not None:
+            d["st_blocks"] = self.blocks
+        return d
 
 
 def resolve_times(times: tuple[int, int] | None, st: os.stat_result) -> tuple[int, int]:
@@ -55,15 +64,19 @@ class Attributes:
     def __init__(self, fs: "OverlayFS") -> None:
         self.fs = fs
 
-    def getattr(self, rel: str) -> dict:
+    def getattr(self, rel: str) -> Attr:
         node = self.fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
-        attrs = stat_dict(node.st, self.fs.inos.ino_of(node), self.fs.overlay_nlink(node))
-        if node.data is not None:  # metacopy: the blocks are the lower's
-            attrs["st_blocks"] = node.data.st.st_blocks
-        self.fs.links.note(node.st, rel)
-        return attrs
+        st = node.st
+        if st.st_nlink > 1 and not node.is_dir:
+            self.fs.links.note(st, rel)
+            nlink = self.fs.overlay_nlink(node)
+        else:
+            nlink = None
+        # metacopy: the blocks are the lower's
+        return Attr(st, self.fs.inos.ino_of(node), nlink,
+                    None if node.data is None else node.data.st.st_blocks)
 
     # -- changes (copy-up first) ---------------------------------------------------------------
     def _upper(self, rel: str, *, data: bool = False):

@@ -18,10 +18,11 @@ import os
 import stat
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from . import whiteout
-from .attrs import Attributes
+from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import CopyUp, clean_workdir
 from .files import Files, OpenResult
@@ -40,6 +41,14 @@ from .sharing import Canonical, ExtentMap, map_file
 from .stats import Stats
 
 log = logging.getLogger("overlaypc.core")
+
+
+@dataclass
+class DirHandle:
+    """An open directory: its path (libfuse passes none to readdir) and the listing read
+    at offset 0."""
+    rel: str
+    listing: list[DirEntry] | None = None
 
 
 class OverlayFS:
@@ -73,7 +82,7 @@ class OverlayFS:
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.files = Files(self)
-        self._dir_handles: dict[int, str] = {}
+        self._dir_handles: dict[int, DirHandle] = {}
         self._dir_fhs = itertools.count(1 << 32)  # distinct from file handles
         self._dir_lock = threading.Lock()
         #: set by the FUSE adapter: drop the kernel's cache of another name of an inode
@@ -212,9 +221,10 @@ class OverlayFS:
     def renamed(self, old: str, new: str) -> None:
         self.hidden.moved(old, new)
         with self._dir_lock:
-            for fh, path in list(self._dir_handles.items()):
+            for handle in self._dir_handles.values():
+                path = handle.rel
                 if path == old or path.startswith(old + "/"):
-                    self._dir_handles[fh] = new + path[len(old):]
+                    handle.rel = new + path[len(old):]
         for inode in self.inodes.live():
             if inode.in_upper and inode.rel == old or inode.rel.startswith(old + "/"):
                 inode.moved(new + inode.rel[len(old):])
@@ -227,13 +237,13 @@ class OverlayFS:
                                   cache_mode=self.config.cache)
 
     # -- the operations ---------------------------------------------------------------------------
-    def getattr(self, rel: str, fh: int | None = None) -> dict:
+    def getattr(self, rel: str, fh: int | None = None) -> Attr:
         if fh is not None:
-            dir_rel = self._dir_handles.get(fh)
-            if dir_rel is None:
+            dir_handle = self._dir_handles.get(fh)
+            if dir_handle is None:
                 return self.files.getattr(fh)
-            rel = dir_rel
-        check_name(rel)
+            rel = dir_handle.rel
+        check_name(rel, last_only=True)
         if rel in self.hidden:
             hidden = self.hidden.get(rel)
             if hidden is None:
@@ -250,19 +260,42 @@ class OverlayFS:
         self.lookup.directory(rel)
         with self._dir_lock:
             fh = next(self._dir_fhs)
-            self._dir_handles[fh] = rel
+            self._dir_handles[fh] = DirHandle(rel)
         return fh
 
     def releasedir(self, fh: int) -> None:
         with self._dir_lock:
             self._dir_handles.pop(fh, None)
 
-    def readdir(self, rel: str | None = None, fh: int | None = None) -> list[DirEntry]:
+    def readdir(self, rel: str | None = None, fh: int | None = None, *, plus: bool = False,
+                offset: int = 0) -> list[DirEntry]:
+        """The merged listing. ``plus`` also gives each entry's attributes where they are
+        exactly what ``getattr`` would show; entries without (``attr`` None) are looked up
+        by the kernel as usual. Through a handle, the listing read at offset 0 is kept and
+        served for later offsets, so a listing read in several chunks is one snapshot."""
+        handle = None
         if fh is not None:
-            rel = self._dir_handles.get(fh)
-            if rel is None:
+            handle = self._dir_handles.get(fh)
+            if handle is None:
                 raise OSError(errno.EBADF, "bad directory handle")
-        return merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix)
+            if offset and handle.listing is not None:
+                return handle.listing
+            rel = handle.rel
+        entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus)
+        if plus:
+            for i, e in enumerate(entries):
+                if e.attr is None:
+                    continue
+                st = e.attr.st
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    # hard links: index-backed names and link-count bookkeeping need the
+                    # full lookup; the name must be known for later invalidations
+                    entries[i] = DirEntry(e.name, e.mode, e.ino)
+                elif self.config.metacopy and stat.S_ISREG(st.st_mode):
+                    entries[i] = DirEntry(e.name, e.mode, e.ino)  # blocks come from below
+        if handle is not None:
+            handle.listing = entries
+        return entries
 
     def statfs(self) -> dict:
         return self.attrs.statfs()

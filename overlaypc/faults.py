@@ -13,7 +13,6 @@ Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.ren
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import threading
 from typing import Callable

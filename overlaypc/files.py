@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import faults, sysapi
-from .attrs import stat_dict
+from .attrs import Attr
 from .handles import Handle
 from .inodes import OverlayInode
 from .lookup import Entry
@@ -209,10 +209,10 @@ class Files:
     def flush(self, fh: int) -> None:
         self._fd(self.fs.handles.get(fh))
 
-    def getattr_inode(self, inode: OverlayInode) -> dict:
+    def getattr_inode(self, inode: OverlayInode) -> Attr:
         """Attributes of an open file that has no name left (``hidden``)."""
         st = os.fstat(inode.path_fd)
-        return stat_dict(st, inode.ino, 0)
+        return Attr(st, inode.ino, 0)
 
     # -- attribute changes of an open file with no name left (``hidden``) ---------------------
     def _nameless(self, inode: OverlayInode) -> str:
@@ -243,7 +243,7 @@ class Files:
             os.close(fd)
         inode.data_version += 1
 
-    def getattr(self, fh: int) -> dict:
+    def getattr(self, fh: int) -> Attr:
         handle = self.fs.handles.get(fh)
         inode = handle.inode
         if inode.meta_rel is not None and not inode.in_upper:
@@ -258,7 +258,7 @@ class Files:
             shared = entry if inode.layer is index.work else index.of_upper(entry)
             if shared is not None:
                 nlink = index.nlink(shared)
-        return stat_dict(st, inode.ino, nlink)
+        return Attr(st, inode.ino, nlink)
 
     def release(self, fh: int) -> None:
         handle = self.fs.handles.pop(fh)

@@ -21,6 +21,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import threading
 import time
 
@@ -102,6 +103,10 @@ class OverlayOperations(mfusepy.Operations):
     def init_with_config(self, conn, config) -> None:
         ctx = mfusepy._libfuse.fuse_get_context()
         self._fuse_ptr = ctypes.c_void_p(ctx.contents.fuse)
+        if conn is not None:
+            # READDIRPLUS for every chunk of a listing, not only the first ("auto" mode):
+            # each entry then arrives with its attributes and needs no LOOKUP round trip
+            conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
         log.info("mounted %s", self._fs.config.mountpoint)
         # Raising the readahead of the mount's bdi needs the mount to be visible, which it
         # is only after this callback returns: do it from a short-lived thread.
@@ -137,10 +142,8 @@ class OverlayOperations(mfusepy.Operations):
         return 0
 
     @_op
-    def readdir(self, path, fh):
-        out = [(".", {"st_mode": 0o040000, "st_ino": 1}, 0), ("..", {"st_mode": 0o040000, "st_ino": 1}, 0)]
-        out.extend((e.name, {"st_mode": e.mode, "st_ino": e.ino}, 0) for e in self._fs.readdir(fh=fh))
-        return out
+    def readdir(self, path, fh, plus=False, offset=0):
+        return self._fs.readdir(fh=fh, plus=plus, offset=offset)
 
     @_op
     def statfs(self, path):
@@ -284,9 +287,77 @@ def _invalidate(fuse_ptr: ctypes.c_void_p, path: bytes) -> int:
     return _libfuse.fuse_invalidate_path(fuse_ptr, path)
 
 
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
+FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
+
+
+def _fill_stat(s, attr) -> None:
+    """Fill a C ``struct stat`` from an ``Attr``."""
+    ctypes.memset(ctypes.byref(s), 0, ctypes.sizeof(s))
+    st = attr.st
+    s.st_ino = attr.ino
+    s.st_mode = st.st_mode
+    s.st_nlink = st.st_nlink if attr.nlink is None else attr.nlink
+    s.st_uid = st.st_uid
+    s.st_gid = st.st_gid
+    s.st_rdev = st.st_rdev
+    s.st_size = st.st_size
+    s.st_blksize = st.st_blksize
+    s.st_blocks = st.st_blocks if attr.blocks is None else attr.blocks
+    s.st_atimespec.tv_sec, s.st_atimespec.tv_nsec = divmod(st.st_atime_ns, 1_000_000_000)
+    s.st_mtimespec.tv_sec, s.st_mtimespec.tv_nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+    s.st_ctimespec.tv_sec, s.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, 1_000_000_000)
+
+
 class OverlayFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with three fixes: rename flags and ftruncate's fh are passed on,
-    and reads land in libfuse's buffer without an intermediate bytes object."""
+    """mfusepy's FUSE with four fixes: rename flags and ftruncate's fh are passed on,
+    reads land in libfuse's buffer without an intermediate bytes object, and getattr
+    fills the C stat struct straight from an ``Attr`` (no dict, no per-key setattr)."""
+
+    def opendir(self, path: bytes, fip) -> int:
+        # Let the kernel cache listings across opens: it drops them itself whenever the
+        # directory changes through the mount, and layers change only through the mount.
+        fi = fip.contents
+        fi.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
+        fi.cache_readdir = 1
+        fi.keep_cache = 1
+        return 0
+
+    def readdir_fuse_3(self, path, buf, filler, offset: int, fip, flags: int) -> int:
+        """Listings with ``st_ino`` and ``st_mode`` (trap 3) and, for READDIRPLUS, full
+        attributes, so the kernel creates the entries without a LOOKUP per name.
+
+        Entries go out with offsets (position + 1): only in that mode does libfuse take
+        the attributes given here instead of calling getattr for every entry."""
+        plus = bool(flags & FUSE_READDIR_PLUS)
+        entries = self.operations.readdir(None, fip.contents.fh, plus, offset)
+        st = mfusepy.c_stat()
+        for pos in range(offset, len(entries) + 2):
+            if pos < 2:
+                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+                st.st_mode = stat.S_IFDIR
+                name, fill_flags = b"." * (pos + 1), 0
+            else:
+                e = entries[pos - 2]
+                name = e.name.encode(self.encoding, self.errors)
+                if plus and e.attr is not None:
+                    _fill_stat(st, e.attr)
+                    fill_flags = FUSE_FILL_DIR_PLUS
+                else:
+                    ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+                    st.st_mode, st.st_ino = e.mode, e.ino
+                    fill_flags = 0
+            if filler(buf, name, st, pos + 1, fill_flags) != 0:
+                break
+        return 0
+
+    def fgetattr(self, path, buf, fip) -> int:
+        attr = self.operations.getattr(None if path is None else path.decode(self.encoding, self.errors),
+                                       fip.contents if fip else None)
+        _fill_stat(buf.contents, attr)
+        return 0
+
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
@@ -315,17 +386,32 @@ def raise_readahead(mountpoint: str, kb: int = READAHEAD_KB, timeout: float = 5.
     """Set the FUSE bdi's ``read_ahead_kb`` (default 128; the INIT reply can only lower it):
     8x fewer read requests in kernel cache mode (DESIGN.md §7)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    dev = None
+    while dev is None and time.monotonic() < deadline:
         dev = _mount_device(mountpoint)
-        if dev is not None:
-            try:
-                with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
-                    f.write(str(kb))
-                log.debug("read_ahead_kb of %s (bdi %s) set to %d", mountpoint, dev, kb)
-            except OSError as e:
-                log.debug("cannot raise read_ahead_kb of %s: %s", mountpoint, e)
-            return
-        time.sleep(0.02)
+        if dev is None:
+            time.sleep(0.02)
+    if dev is None:
+        return
+    # The kernel applies the INIT reply (which can only lower readahead) asynchronously;
+    # a stat of the mount root waits for it, so the value set after it sticks.
+    try:
+        os.stat(mountpoint)
+    except OSError:
+        return
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    try:
+        for _ in range(3):
+            with open(path, "w") as f:
+                f.write(str(kb))
+            time.sleep(0.05)
+            with open(path) as f:
+                if int(f.read()) == kb:
+                    log.debug("read_ahead_kb of %s (bdi %s) set to %d", mountpoint, dev, kb)
+                    return
+        log.warning("read_ahead_kb of %s did not stay at %d", mountpoint, kb)
+    except (OSError, ValueError) as e:
+        log.debug("cannot raise read_ahead_kb of %s: %s", mountpoint, e)
 
 
 def _mount_device(mountpoint: str) -> str | None:

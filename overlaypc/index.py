@@ -14,7 +14,6 @@ the upper with ``index=on`` shows the same count; a kernel-made index is read th
 """
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading

@@ -99,9 +99,11 @@ class Node:
         return self.is_dir and len(self.entries) > 1
 
 
-def check_name(rel: str) -> None:
-    for part in rel.split("/"):
-        if len(os.fsencode(part)) > NAME_MAX:
+def check_name(rel: str, *, last_only: bool = False) -> None:
+    """ENAMETOOLONG for a name over 255 bytes (FUSE passes up to 1024). ``last_only``: the
+    parents were checked when they were looked up."""
+    for part in (rel.rpartition("/")[2],) if last_only else rel.split("/"):
+        if len(part) > NAME_MAX // 4 and len(os.fsencode(part)) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "file name too long", rel)
 
 

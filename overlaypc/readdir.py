@@ -11,6 +11,7 @@ import stat
 from dataclasses import dataclass
 
 from . import whiteout
+from .attrs import Attr
 from .inumbers import InodeNumbers
 from .layer import Listed, join
 from .lookup import Entry, Node
@@ -21,12 +22,16 @@ class DirEntry:
     name: str
     mode: int
     ino: int
+    #: full attributes (``plus`` listings), as ``stat`` of the entry would show them
+    attr: "Attr | None" = None
 
 
-def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str) -> list[DirEntry]:
+def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
+                   plus: bool = False) -> list[DirEntry]:
     """The merged entries of directory ``node``: lower entries cost no stat (``d_type``
     and ``d_ino`` suffice); upper ones are stat'ed, as a copied-up object shows the
-    inode number it recorded."""
+    inode number it recorded. ``plus`` (READDIRPLUS) stats every entry and returns its
+    attributes too, so the kernel needs no LOOKUP round trip per name."""
     tops: dict[str, tuple[Entry, Listed]] = {}
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
@@ -36,7 +41,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str) -> list[Di
         if dirfd is None:
             continue  # removed underneath us
         hides: set[str] = set()
-        for item in layer.scandir(dirfd, stat_all=layer.writable):
+        for item in layer.scandir(dirfd, stat_all=plus or layer.writable):
             name = item.name
             if name in hidden:
                 continue
@@ -59,9 +64,11 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str) -> list[Di
         if whiteout.is_oci_name(name):
             continue  # an upper never shows OCI names either; they cannot be created
         layer = parent.layer
-        if item.st is None:  # a lower entry: its own number
-            out.append(DirEntry(name, item.fmt, inos.xino.ino(layer.dev, item.ino)))
+        if not layer.writable:  # a lower entry: its own number
+            ino = inos.xino.ino(layer.dev, item.ino)
+            out.append(DirEntry(name, item.fmt, ino, Attr(item.st, ino) if item.st else None))
             continue
+        assert item.st is not None
         entry = Entry(layer, join(parent.rel, name), item.st)
         recorded = inos.recorded(entry)
         if recorded is not None:
@@ -70,5 +77,5 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str) -> list[Di
             ino = lower_dir_ino[name]  # a merged dir shows its topmost lower's number
         else:
             ino = inos.of_entry(entry)
-        out.append(DirEntry(name, item.fmt, ino))
+        out.append(DirEntry(name, item.fmt, ino, Attr(item.st, ino) if plus else None))
     return out
