@@ -20,7 +20,7 @@ HANDLE_MODES = ("reopen", "bind-at-open")
 #: on: create and follow redirects; follow / off: follow only (the kernel follows
 #: redirects under "off" too, with its default redirect_always_follow); nofollow: ignore
 REDIRECT_MODES = ("on", "follow", "off", "nofollow")
-DEFAULT_REDIRECT_DIR = "off"
+DEFAULT_REDIRECT_DIR = "on"
 
 
 class ConfigError(Exception):

@@ -129,10 +129,10 @@ def check_upper(upper: Path) -> None:
 
 # --------------------------------------------------------------------------------------
 
-def test_lower_dir_rename_is_exdev_by_default(xfs_dir, layers_factory, overlay_mount):
+def test_lower_dir_rename_is_exdev_with_redirect_dir_off(xfs_dir, layers_factory, overlay_mount):
     lowers = make_lowers(layers_factory, xfs_dir, {"l": {"D": {"f": "f"}, "file": "x"}})
     s = new_stack(lowers, xfs_dir, "exdev")
-    m = overlay_mount(s.options())
+    m = overlay_mount(s.options("redirect_dir=off"))
     with pytest.raises(OSError) as e:
         os.rename(m / "D", m / "E")
     assert e.value.errno == errno.EXDEV
@@ -141,6 +141,16 @@ def test_lower_dir_rename_is_exdev_by_default(xfs_dir, layers_factory, overlay_m
     os.rename(m / "new", m / "new2")
     assert (m / "D/f").read_bytes() == b"f" and not (m / "E").exists()
     assert upper_redirects(s.upper) == {}
+
+
+def test_lower_dir_rename_works_by_default(xfs_dir, layers_factory, overlay_mount):
+    """redirect_dir=on is overlaypc's default (its differential tests pass)."""
+    lowers = make_lowers(layers_factory, xfs_dir, {"l": {"D": {"f": "f"}}})
+    s = new_stack(lowers, xfs_dir, "default")
+    m = overlay_mount(s.options())
+    os.rename(m / "D", m / "E")
+    assert (m / "E/f").read_bytes() == b"f" and not (m / "D").exists()
+    assert upper_redirects(s.upper) == {"E": b"D"}
 
 
 def test_redirect_renames_overlaypc(xfs_dir, layers_factory, overlay_mount, kernel_mount):

@@ -743,8 +743,16 @@ def test_rename_upper_dir_over_whiteout_of_lower_dir(stk):
     assert_clean_work(stk)
 
 
+@pytest.fixture
+def stk_noredirect(layers_factory, overlay_mount):
+    """The standard stack mounted with redirect_dir=off (the kernel's default)."""
+    return make_stack(layers_factory, overlay_mount, {"lower": LOWER}, prepare=prepare_lower,
+                      options="redirect_dir=off")
+
+
 @pytest.mark.parametrize("src", ["ldir", "merged", "a/b"])
-def test_rename_lower_dir_is_exdev(stk, src):
+def test_rename_lower_dir_is_exdev_with_redirect_dir_off(stk_noredirect, src):
+    stk = stk_noredirect
     if src == "merged":
         stk.m("merged/u").write_bytes(b"u")     # a merged dir (upper + lower)
     before_upper = helpers.dir_state(stk.upper)
