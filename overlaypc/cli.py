@@ -38,6 +38,13 @@ overlay options:
                     lower file, so their pages are cached once
   handles=reopen    (default) open files follow copy-up; bind-at-open reproduces the old
                     stale-read bug on purpose (debugging, demos)
+  redirect_dir=on   (default) rename of lower directories records trusted.overlay.redirect
+                    (kernel format; an upper with redirects needs redirect_dir=on or follow
+                    to be read by the kernel); off/follow: EXDEV on such renames
+  index=on          hard links survive copy-up (workdir/index, kernel format)
+  metacopy=on       attribute changes copy up metadata only; data follows on first write.
+                    Only for trusted layers (crafted xattrs could point files at any lower
+                    data); refused with userxattr and with redirect_dir other than on
   userxattr         use user.overlay.* instead of trusted.overlay.* (as the kernel)
   volatile          skip fsyncs in copy-up (as the kernel's option): faster, not crash-safe
   timeout=SECONDS   how long the kernel caches names and attributes (default 30)
