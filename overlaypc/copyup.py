@@ -159,11 +159,7 @@ class CopyUp:
                     os.ftruncate(dst_fd, src.st.st_size)  # sparse: the data stays below
                     ctx.method = "metacopy"
                 else:
-                    src_fd = src.layer.open(src.rel, os.O_RDONLY)
-                    try:
-                        self._copy_data(ctx, src_fd, dst_fd, src.st.st_size)
-                    finally:
-                        os.close(src_fd)
+                    self._copy_from(ctx, src, dst_fd)
                 faults.hit("copyup.fsync", ctx.tmp, ctx.node.rel)
                 if not self.volatile:
                     os.fsync(dst_fd)
@@ -175,6 +171,13 @@ class CopyUp:
             self.work.do_mknod(ctx.tmp, kind | 0o600, src.st.st_rdev)
 
     # -- step 4: data ----------------------------------------------------------------------
+    def _copy_from(self, ctx: CopyUpContext, src: Entry, dst_fd: int) -> None:
+        src_fd = src.layer.open(src.rel, os.O_RDONLY)
+        try:
+            self._copy_data(ctx, src_fd, dst_fd, src.st.st_size)
+        finally:
+            os.close(src_fd)
+
     def _copy_data(self, ctx: CopyUpContext, src_fd: int, dst_fd: int, size: int) -> None:
         faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=0)
         if size:
@@ -347,11 +350,7 @@ class CopyUp:
         ctx = CopyUpContext(node, data, 0, upper.rel)
         dst_fd = self.upper.open(upper.rel, os.O_WRONLY)
         try:
-            src_fd = data.layer.open(data.rel, os.O_RDONLY)
-            try:
-                self._copy_data(ctx, src_fd, dst_fd, data.st.st_size)
-            finally:
-                os.close(src_fd)
+            self._copy_from(ctx, data, dst_fd)
             if not self.volatile:
                 os.fsync(dst_fd)
         finally:

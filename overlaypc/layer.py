@@ -31,6 +31,16 @@ log = logging.getLogger("overlaypc.layer")
 _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV)
 
 
+def _getxattr_or_none(fd: int, name: str) -> bytes | None:
+    """xattr ``name`` of the object an (``O_PATH``) fd refers to; None when it has none."""
+    try:
+        return os.getxattr(f"/proc/self/fd/{fd}", name)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
 def split(rel: str) -> tuple[str, str]:
     """``"a/b/c"`` -> ``("a/b", "c")``; ``"c"`` -> ``("", "c")``."""
     head, _, tail = rel.rpartition("/")
@@ -148,12 +158,7 @@ class Layer:
         return self.dir_at(self.root, rel or ".")
 
     def getxattr_at(self, dirfd: DirFd, name: str) -> bytes | None:
-        try:
-            return os.getxattr(f"/proc/self/fd/{dirfd.fd}", name)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-                return None
-            raise
+        return _getxattr_or_none(dirfd.fd, name)
 
     def scandir(self, dirfd: DirFd, *, stat_all: bool = False) -> list[Listed]:
         """Entries of an open directory. Type and inode number come from ``d_type`` and
@@ -209,11 +214,7 @@ class Layer:
     def getxattr(self, rel: str, name: str) -> bytes | None:
         fd = self.path_fd(rel)
         try:
-            return os.getxattr(f"/proc/self/fd/{fd}", name)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-                return None
-            raise
+            return _getxattr_or_none(fd, name)
         finally:
             os.close(fd)
 
