@@ -151,7 +151,7 @@ def mount_main(argv: list[str]) -> int:
     flags = [g for g in cfg.generic if g in KERNEL_FLAGS]
     if os.geteuid() == 0:
         flags += [f for f in ("dev", "suid") if "no" + f not in flags]
-    if cfg.readonly:
+    if not cfg.writable:  # -o ro, or no upper: the kernel answers EROFS (also to access(W_OK))
         flags.append("ro")
     try:
         serve(fs, foreground=cfg.foreground, mount_flags=flags)

@@ -115,9 +115,10 @@ class OverlayFS:
             self.links.alias(source, entry.st)
 
     def data_changed(self, inode: OverlayInode, via: str) -> None:
-        inode.data_version += 1
-        others = {p for p in inode.seen if p != via}
-        inode.seen = {via: inode.data_version}
+        with inode.lock:
+            inode.data_version += 1
+            others = {p for p in inode.seen if p != via}
+            inode.seen = {via: inode.data_version}
         others.update(self.links.others(inode.backing, via))
         for path in others:
             self.invalidate_path(path)
@@ -214,7 +215,8 @@ class OverlayFS:
             return
         inode = self.inodes.get(self.inos.ino_of(node) if ino is None else ino)
         if inode is not None:
-            inode.seen.pop(node.rel, None)
+            with inode.lock:
+                inode.seen.pop(node.rel, None)
             if not inode.in_upper:
                 inode.unlinked = True
 
@@ -226,10 +228,11 @@ class OverlayFS:
                 if path == old or path.startswith(old + "/"):
                     handle.rel = new + path[len(old):]
         for inode in self.inodes.live():
-            if inode.in_upper and inode.rel == old or inode.rel.startswith(old + "/"):
+            if inode.in_upper and (inode.rel == old or inode.rel.startswith(old + "/")):
                 inode.moved(new + inode.rel[len(old):])
-            for path in [p for p in inode.seen if p == old or p.startswith(old + "/")]:
-                inode.seen[new + path[len(old):]] = inode.seen.pop(path)
+            with inode.lock:
+                for path in [p for p in inode.seen if p == old or p.startswith(old + "/")]:
+                    inode.seen[new + path[len(old):]] = inode.seen.pop(path)
 
     def stats_json(self) -> bytes:
         return self.stats.to_json(open_handles=len(self.handles), live_inodes=len(self.inodes),

@@ -87,11 +87,13 @@ class Files:
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
         handle = fs.handles.add(inode, flags, rel, fd, generation, follow=fs.config.handles == "reopen")
-        keep = fs.config.cache == "kernel" and inode.seen.get(rel) == inode.data_version
+        with inode.lock:
+            keep = fs.config.cache == "kernel" and inode.seen.get(rel) == inode.data_version
         if flags & os.O_TRUNC:
             keep = False
             self.changed(handle)
-        inode.seen[rel] = inode.data_version
+        with inode.lock:
+            inode.seen[rel] = inode.data_version
         return OpenResult(handle.fh, keep, fs.config.cache == "shared")
 
     # -- I/O ------------------------------------------------------------------------------------
@@ -241,7 +243,8 @@ class Files:
             os.ftruncate(fd, length)
         finally:
             os.close(fd)
-        inode.data_version += 1
+        with inode.lock:
+            inode.data_version += 1
 
     def getattr(self, fh: int) -> Attr:
         handle = self.fs.handles.get(fh)
