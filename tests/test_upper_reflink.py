@@ -113,8 +113,11 @@ def test_copy_up_uses_reflink_on_xfs(xfs_dir, layers_factory, overlay_mount):
     assert upper_extents, "no extents reported for the upper file"
     covered = sum(length for _, length, _ in upper_extents)
     shared = sum(length for _, length, f in upper_extents if f & FIEMAP_EXTENT_SHARED)
-    assert covered >= SIZE and shared == covered, \
-        f"upper extents not all shared: {shared} of {covered} bytes ({upper_extents[:8]} ...)"
+    if not (covered >= SIZE and shared == covered):
+        raw = subprocess.run(["xfs_io", "-r", "-c", "fiemap -v", str(s.u("big.bin"))],
+                             capture_output=True, text=True).stdout
+        raise AssertionError(f"upper extents not all shared: {shared} of {covered} bytes; "
+                             f"fiemap:\n{raw}")
     assert any(f & FIEMAP_EXTENT_SHARED for _, _, f in fiemap_extents(s.lo("big.bin")))
     assert grown < 16 << 20, f"filesystem grew by {grown} bytes for a reflink copy-up of 256 MiB"
     assert work_leftovers(s.work) == []
