@@ -310,10 +310,33 @@ def _fill_stat(s, attr) -> None:
     s.st_ctimespec.tv_sec, s.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, 1_000_000_000)
 
 
+_pinned = threading.local()
+_PyGILState_Ensure = ctypes.pythonapi.PyGILState_Ensure
+_PyGILState_Ensure.restype = ctypes.c_int
+
+
+def _pin_thread_state() -> None:
+    """Keep a Python thread state for this libfuse worker thread for good.
+
+    ctypes creates a thread state for every callback from a foreign thread and destroys it
+    on return (an mmap, munmap and more per FUSE request); one extra, never released
+    ``PyGILState_Ensure`` keeps the first one, and later callbacks reuse it. The GIL is
+    still released after each callback: ctypes' own release restores the state it found.
+    """
+    if not getattr(_pinned, "done", False):
+        _PyGILState_Ensure()
+        _pinned.done = True
+
+
 class OverlayFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with four fixes: rename flags and ftruncate's fh are passed on,
-    reads land in libfuse's buffer without an intermediate bytes object, and getattr
-    fills the C stat struct straight from an ``Attr`` (no dict, no per-key setattr)."""
+    """mfusepy's FUSE with five fixes: rename flags and ftruncate's fh are passed on,
+    reads land in libfuse's buffer without an intermediate bytes object, getattr fills the
+    C stat struct straight from an ``Attr`` (no dict, no per-key setattr), and worker
+    threads keep their Python thread state between requests."""
+
+    def _wrapper(self, func, *args, **kwargs):
+        _pin_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
 
     def opendir(self, path: bytes, fip) -> int:
         # Let the kernel cache listings across opens: it drops them itself whenever the
