@@ -209,6 +209,7 @@ class OverlayOperations(mfusepy.Operations):
 
     @_op
     def read(self, path, size, offset, fi):
+        # registers the FUSE read callback; OverlayFUSE.read serves it through readinto
         return self._fs.read(fi.fh, size, offset)
 
     @_op

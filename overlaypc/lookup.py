@@ -89,14 +89,6 @@ class Node:
     def lowers(self) -> tuple[Entry, ...]:
         return tuple(e for e in self.entries if not e.layer.writable)
 
-    @property
-    def has_lower(self) -> bool:
-        """Whether any lower layer holds (or held, under a whiteout) something here."""
-        return bool(self.lowers) or self.upper_whiteout
-
-    @property
-    def is_merged_dir(self) -> bool:
-        return self.is_dir and len(self.entries) > 1
 
 
 def check_name(rel: str, *, last_only: bool = False) -> None:
