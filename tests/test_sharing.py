@@ -1,0 +1,200 @@
+"""Issue 6: one cached copy of reflinked data (extent sharing), on a real XFS with reflink.
+
+Two lower files that are reflinked copies of each other are read through the mount; the
+second must be served from the first's extents (stats) and its own lower file must stay out
+of the page cache (``fincore``: page-cache residency, not timing). A write through the mount
+unshares exactly the written range; random writes and truncates against reflinked files
+must always read back like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import helpers
+from upper_support import overlay_stats
+from test_upper_reflink import FIEMAP_EXTENT_SHARED, fiemap_extents
+
+pytestmark = [pytest.mark.mount, pytest.mark.reflink]
+
+SIZE = 8 << 20
+PAIR_SIZE = 256 << 10
+PAIRS = 40
+
+
+def _data(size: int, seed: int) -> bytes:
+    block = bytes((i * 131 + seed) % 251 for i in range(4096))
+    return b"".join(i.to_bytes(4, "little") + block[4:] for i in range(size // 4096))
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _reflink(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", "--reflink=always", str(src), str(dst)], check=True)
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux fincore; no pages are faulted in)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _stack(xfs_dir: Path):
+    lower, upper, work = (xfs_dir / n for n in ("lower", "upper", "work"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    return lower, upper, work
+
+
+def _options(lower: Path, upper: Path, work: Path, cache: str) -> str:
+    return f"lowerdir={lower},upperdir={upper},workdir={work},cache={cache}"
+
+
+@pytest.fixture
+def require_tools():
+    helpers.require("xfs")
+    helpers.require(shutil.which("fincore") is not None, "needs fincore (util-linux)")
+    helpers.require(shutil.which("xfs_io") is not None, "needs xfs_io (xfsprogs)")
+
+
+@pytest.mark.parametrize("cache", ["shared", "kernel"])
+def test_reflinked_lower_files_share_one_copy(require_tools, xfs_dir, overlay_mount, cache):
+    lower, upper, work = _stack(xfs_dir)
+    data = _data(SIZE, 1)
+    _write_synced(lower / "a", data)
+    _reflink(lower / "a", lower / "b")
+    assert all(f & FIEMAP_EXTENT_SHARED for _, _, f in fiemap_extents(lower / "b"))
+    for name in ("a", "b"):
+        _evict(lower / name)
+    m = overlay_mount(_options(lower, upper, work, cache))
+
+    assert (m.path / "a").read_bytes() == data
+    before = overlay_stats(m.path)
+    assert (m.path / "b").read_bytes() == data
+    after = overlay_stats(m.path)
+    # the second file was served from the first one's extents
+    assert after["bytes_shared"] - before["bytes_shared"] >= SIZE, (before, after)
+    assert after["extent_map_intervals"] >= 1
+    # ... so its own blocks were never read into the page cache
+    assert _resident(lower / "b") == 0
+    assert _resident(lower / "a") >= SIZE
+
+
+def test_write_unshares_only_the_written_range(require_tools, xfs_dir, overlay_mount):
+    lower, upper, work = _stack(xfs_dir)
+    data = _data(SIZE, 2)
+    _write_synced(lower / "a", data)
+    _reflink(lower / "a", lower / "b")
+    m = overlay_mount(_options(lower, upper, work, "shared"))
+    assert (m.path / "a").read_bytes() == data  # a becomes the canonical owner
+
+    middle = SIZE // 2
+    new = b"\xab" * 4096
+    fd = os.open(m.path / "b", os.O_WRONLY)  # reflink copy-up, then COW of 4 KiB
+    try:
+        assert os.pwrite(fd, new, middle) == 4096
+    finally:
+        os.close(fd)
+    assert overlay_stats(m.path)["copy_ups"].get("reflink") == 1
+
+    expected = data[:middle] + new + data[middle + 4096:]
+    _evict(upper / "b")
+    before = overlay_stats(m.path)
+    assert (m.path / "b").read_bytes() == expected
+    after = overlay_stats(m.path)
+    # everything but the written 4 KiB still comes from a's extents
+    assert after["bytes_shared"] - before["bytes_shared"] >= SIZE - 4096 - (64 << 10), (before, after)
+    assert _resident(upper / "b") <= 64 << 10  # only the private range is the file's own
+    # the upper file still shares all but the written range on disk
+    ext = fiemap_extents(upper / "b")
+    private = sum(length for _, length, f in ext if not f & FIEMAP_EXTENT_SHARED)
+    assert private <= 64 << 10, ext
+    # and the other file is unchanged, through the mount and below it
+    assert (m.path / "a").read_bytes() == data
+    assert (lower / "a").read_bytes() == data and (lower / "b").read_bytes() == data
+
+
+@pytest.fixture
+def reflinked_pairs(require_tools, xfs_dir, overlay_mount):
+    """PAIRS reflinked pairs (pN/a, pN/b) in one lower, one cache=shared mount over them."""
+    lower, upper, work = _stack(xfs_dir)
+    originals = {}
+    for i in range(PAIRS):
+        d = lower / f"p{i}"
+        d.mkdir()
+        originals[i] = _data(PAIR_SIZE, 10 + i)
+        _write_synced(d / "a", originals[i])
+        _reflink(d / "a", d / "b")
+    m = overlay_mount(_options(lower, upper, work, "shared"))
+    pool = list(range(PAIRS))
+    return m.path, originals, pool
+
+
+_op = st.one_of(
+    st.tuples(st.just("write"), st.integers(0, PAIR_SIZE + 8192), st.integers(1, 20000)),
+    st.tuples(st.just("truncate"), st.integers(0, PAIR_SIZE + 8192), st.just(0)),
+    st.tuples(st.just("read"), st.integers(0, PAIR_SIZE + 8192), st.integers(1, 70000)),
+)
+
+
+def test_random_writes_and_truncates_match_a_model(reflinked_pairs):
+    mnt, originals, pool = reflinked_pairs
+
+    @settings(max_examples=PAIRS, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(st.lists(_op, min_size=1, max_size=12), st.sampled_from(["a", "b"]))
+    def run(ops, which):
+        if not pool:
+            return
+        i = pool.pop()
+        model = bytearray(originals[i])
+        path = mnt / f"p{i}" / which
+        other = mnt / f"p{i}" / ("b" if which == "a" else "a")
+        assert other.read_bytes() == originals[i]  # make the other one canonical sometimes
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for kind, off, n in ops:
+                if kind == "write":
+                    chunk = bytes((off + k) % 256 for k in range(n))
+                    os.pwrite(fd, chunk, off)
+                    if off > len(model):
+                        model.extend(b"\0" * (off - len(model)))
+                    model[off:off + n] = chunk
+                elif kind == "truncate":
+                    os.ftruncate(fd, off)
+                    del model[off:]
+                    model.extend(b"\0" * (off - len(model)))
+                else:
+                    assert os.pread(fd, n, off) == bytes(model[off:off + n]), (ops, kind, off, n)
+                assert os.pread(fd, len(model) + 1, 0) == bytes(model), ops
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == bytes(model)
+        assert other.read_bytes() == originals[i], "the other reflinked file changed"
+
+    run()
+    stats = json.loads(os.getxattr(str(mnt), "user.overlaypc.stats"))
+    assert stats["bytes_shared"] > 0, stats
