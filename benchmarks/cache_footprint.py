@@ -32,7 +32,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (GiB, MiB, Watchdog, Workspace, drop_caches, drops, fmt_num, loadavg, log,  # noqa: E402
-                    loop_fs, machine_info, meminfo, rotated, run, select_systems, summary, timer,
+                    loop_fs, machine_info, meminfo, read_file, rotated, run, select_systems, summary, timer,
                     write_json)
 
 DEFAULT_SYSTEMS = "overlaypc-kernel,overlaypc-shared,kernel-overlay,fuse-overlayfs"
@@ -55,18 +55,8 @@ def write_stamped(path: str, size: int) -> int:
 
 
 def timed_read(path: str) -> tuple[int, float]:
-    buf = bytearray(MiB)
-    total = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with timer() as t:
-            while True:
-                n = os.readv(fd, [buf])
-                if n <= 0:
-                    break
-                total += n
-    finally:
-        os.close(fd)
+    with timer() as t:
+        total = read_file(path)
     return total, t[0]
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import helpers
+from upper_support import is_whiteout  # noqa: F401  (re-exported for the feature tests)
 
 PathLike = Union[str, os.PathLike]
 OVL = "trusted.overlay."
@@ -74,14 +75,6 @@ def ovl_xattr(path: PathLike, name: str) -> Optional[bytes]:
         return os.getxattr(path, OVL + name, follow_symlinks=False)
     except OSError:
         return None
-
-
-def is_whiteout(path: PathLike) -> bool:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
 
 
 def regular_files(root: PathLike) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import helpers
+from features_support import sha256_of
 from upper_support import make_stack, overlay_stats, work_leftovers
 
 pytestmark = [pytest.mark.mount, pytest.mark.reflink]
@@ -35,14 +36,6 @@ def _fill(path: Path, size: int) -> str:
             f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
-    return h.hexdigest()
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(4 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -121,8 +114,8 @@ def test_copy_up_uses_reflink_on_xfs(xfs_dir, layers_factory, overlay_mount):
     assert any(f & FIEMAP_EXTENT_SHARED for _, _, f in fiemap_extents(s.lo("big.bin")))
     assert grown < 16 << 20, f"filesystem grew by {grown} bytes for a reflink copy-up of 256 MiB"
     assert work_leftovers(s.work) == []
-    assert _sha(s.m("big.bin")) == digest["lower"]
-    assert _sha(s.lo("big.bin")) == digest["lower"]
+    assert sha256_of(s.m("big.bin")) == digest["lower"]
+    assert sha256_of(s.lo("big.bin")) == digest["lower"]
 
     # a write unshares only what it touches: the lower keeps its data
     fd = os.open(s.m("big.bin"), os.O_WRONLY)
@@ -131,7 +124,7 @@ def test_copy_up_uses_reflink_on_xfs(xfs_dir, layers_factory, overlay_mount):
         os.fsync(fd)
     finally:
         os.close(fd)
-    assert _sha(s.lo("big.bin")) == digest["lower"]
+    assert sha256_of(s.lo("big.bin")) == digest["lower"]
     with open(s.m("big.bin"), "rb") as f:
         f.seek(1 << 20)
         assert f.read(4096) == b"\xff" * 4096
