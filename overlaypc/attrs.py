@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from .copyup import is_private_xattr
+from .lookup import Entry
 
 if TYPE_CHECKING:
     from .core import OverlayFS
@@ -79,45 +80,42 @@ class Attributes:
                     None if node.data is None else node.data.st.st_blocks)
 
     # -- changes (copy-up first) ---------------------------------------------------------------
-    def _upper(self, rel: str, *, data: bool = False):
+    def _upper(self, rel: str, *, data: bool = False) -> Entry:
+        """The upper entry of ``rel``, copied up first (metadata only where allowed)."""
         self.fs.require_writable()
         copyup = self.fs.copyup
-        entry = copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True)
-        return entry.layer, entry.rel
+        return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True)
 
-    def _changed(self, layer, urel: str, rel: str) -> None:
-        """After a change: other names of a multiply-linked file drop their cached attrs."""
-        st = layer.lstat(urel)
-        if st is not None:
-            self.fs.links_changed(st, rel)
+    def _changed(self, entry: Entry, rel: str) -> None:
+        """After a change: other names of a multiply-linked file drop their cached attrs.
+        ``entry.st`` (from before the change) has the identity and link count this needs."""
+        self.fs.links_changed(entry.st, rel)
 
     def chmod(self, rel: str, mode: int) -> None:
-        layer, urel = self._upper(rel)
-        layer.do_chmod(urel, stat.S_IMODE(mode))
-        self._changed(layer, urel, rel)
+        entry = self._upper(rel)
+        entry.layer.do_chmod(entry.rel, stat.S_IMODE(mode))
+        self._changed(entry, rel)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
-        layer, urel = self._upper(rel)
-        layer.do_chown(urel, uid, gid)
-        self._changed(layer, urel, rel)
+        entry = self._upper(rel)
+        entry.layer.do_chown(entry.rel, uid, gid)
+        self._changed(entry, rel)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
-        layer, urel = self._upper(rel)
-        st = layer.lstat(urel)
-        assert st is not None
-        layer.do_utime(urel, resolve_times(times, st))
-        self._changed(layer, urel, rel)
+        entry = self._upper(rel)
+        entry.layer.do_utime(entry.rel, resolve_times(times, entry.st))
+        self._changed(entry, rel)
 
     @staticmethod
     def utime_fd(fd: int, times: tuple[int, int] | None) -> None:
         os.utime(fd, ns=resolve_times(times, os.fstat(fd)))
 
     def truncate(self, rel: str, length: int) -> None:
-        layer, urel = self._upper(rel, data=True)
+        entry = self._upper(rel, data=True)
         self.fs.drop_extents(rel)
-        layer.do_truncate(urel, length)
+        entry.layer.do_truncate(entry.rel, length)
         self.fs.data_changed_by_path(rel)
-        self._changed(layer, urel, rel)
+        self._changed(entry, rel)
 
     # -- xattrs ------------------------------------------------------------------------------------
     def getxattr(self, rel: str, name: str) -> bytes:
@@ -136,18 +134,18 @@ class Attributes:
     def setxattr(self, rel: str, name: str, value: bytes, flags: int) -> None:
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
-        layer, urel = self._upper(rel)
-        layer.do_setxattr(urel, name, value, flags)
-        self._changed(layer, urel, rel)
+        entry = self._upper(rel)
+        entry.layer.do_setxattr(entry.rel, name, value, flags)
+        self._changed(entry, rel)
 
     def removexattr(self, rel: str, name: str) -> None:
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
         top = self.fs.lookup.lookup(rel).top
         top.layer.getxattr_strict(top.rel, name)  # ENODATA before any copy-up
-        layer, urel = self._upper(rel)
-        layer.do_removexattr(urel, name)
-        self._changed(layer, urel, rel)
+        entry = self._upper(rel)
+        entry.layer.do_removexattr(entry.rel, name)
+        self._changed(entry, rel)
 
     # -- filesystem ------------------------------------------------------------------------------
     def statfs(self) -> dict:

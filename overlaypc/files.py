@@ -130,14 +130,18 @@ class Files:
     def _map(self, inode: OverlayInode, fd: int):
         """Map the inode's backing with FIEMAP; register canonical owners of its extents."""
         epoch = inode.extents_epoch
-        fx = map_file(fd, writable=inode.in_upper)
+        sharing = self.fs.sharing
+        known = None if inode.in_upper else sharing.lower_mapping(inode.backing)
+        fx = map_file(fd, writable=inode.in_upper) if known is None else known
         result: object = NOT_SHARED
-        if fx is not None and fx.has_shared:
+        if fx is not None and fx is not NOT_SHARED and fx.has_shared:
             if inode.in_upper:
                 self.fs.register_origin(inode.rel)
-            else:
-                self.fs.sharing.register(Canonical(inode.layer, inode.rel, fx.dev, fx.ino), fx.extents)
+            else:  # a no-op when already registered; redone if the full map was dropped
+                sharing.register(Canonical(inode.layer, inode.rel, fx.dev, fx.ino), fx.extents)
             result = fx
+        if known is None and not inode.in_upper:
+            sharing.remember_lower(inode.backing, result)
         with inode.lock:
             if inode.extents_epoch == epoch:  # no write raced with the mapping
                 inode.extents = result

@@ -37,6 +37,9 @@ from .layer import Layer
 log = logging.getLogger("overlaypc.sharing")
 
 
+#: How many lower files' mappings are remembered (each a few hundred bytes at most).
+LOWER_MAPS = 16384
+
 #: An inode's ``extents`` once mapped with nothing shared: reads take the plain path.
 NOT_SHARED = object()
 
@@ -98,6 +101,9 @@ class ExtentMap:
         self._registered: set[tuple[int, int]] = set()
         self._count = 0
         self._limit = limit
+        #: lower files' mappings (FileExtents or NOT_SHARED): lower data never changes
+        #: through the mount, so each lower file is mapped once, not at every open
+        self._lower: OrderedDict[tuple[int, int], object] = OrderedDict()
         self._fds: OrderedDict[Canonical, int] = OrderedDict()
         self._max_fds = max_fds
         self._retired: list[int] = []
@@ -157,6 +163,16 @@ class ExtentMap:
         if physical >= end:
             return None
         return canon, logical + (physical - starts[i]), end - physical
+
+    def lower_mapping(self, key: tuple[int, int]) -> object | None:
+        with self._lock:
+            return self._lower.get(key)
+
+    def remember_lower(self, key: tuple[int, int], mapping: object) -> None:
+        with self._lock:
+            self._lower[key] = mapping
+            if len(self._lower) > LOWER_MAPS:
+                self._lower.popitem(last=False)
 
     # -- reading ---------------------------------------------------------------------------
     def plan(self, fx: FileExtents, offset: int, length: int) -> list[Piece] | None:
