@@ -20,7 +20,8 @@ Rules that keep it from ever serving wrong data:
   * a read never returns bytes past the referencing file's own size.
 
 Bounds: at most ``limit`` canonical intervals (the map is dropped and rebuilt lazily
-when full) and ``max_fds`` open canonical files (LRU).
+when full), ``max_fds`` open canonical files (LRU), and ``LOWER_MAPS`` remembered
+mappings of lower files (LRU; lower data never changes through the mount).
 """
 from __future__ import annotations
 
