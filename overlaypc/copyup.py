@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from . import faults, sysapi, whiteout
 from .layer import Layer, do_link, do_rename, join, split
+from .inodes import InodeKey
 from .lookup import Entry, Lookup, Node
 from .stack import LayerStack
 from .stats import Stats
@@ -62,7 +63,7 @@ def clean_workdir(work: Layer) -> int:
 class CopyUpContext:
     node: Node
     src: Entry
-    ino: int
+    key: InodeKey
     tmp: str
     method: str = "none"
     metadata_only: bool = False
@@ -76,7 +77,7 @@ class CopyUpContext:
 
 class CopyUp:
     def __init__(self, stack: LayerStack, lookup: Lookup, ns_lock: threading.RLock, stats: Stats,
-                 *, xattr_prefix: str, volatile: bool, ino_of, on_copied, metacopy: bool = False) -> None:
+                 *, xattr_prefix: str, volatile: bool, key_of, on_copied, metacopy: bool = False) -> None:
         assert stack.upper is not None and stack.work is not None
         self.upper: Layer = stack.upper
         self.work: Layer = stack.work
@@ -85,7 +86,7 @@ class CopyUp:
         self.stats = stats
         self.prefix = xattr_prefix
         self.volatile = volatile
-        self._ino_of = ino_of
+        self._key_of = key_of
         self._on_copied = on_copied
         self.metacopy = metacopy
         self.index = None  # an index.IndexDir under -o index=on
@@ -133,7 +134,7 @@ class CopyUp:
                 return node.upper
             if node.index is not None:  # index=on: another name was copied up already
                 return self._link_index(node, node.index.rel)
-            ctx = CopyUpContext(node, node.top, self._ino_of(node),
+            ctx = CopyUpContext(node, node.top, self._key_of(node),
                                 join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"),
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode))
             if self.index is not None and self.index.eligible(node.top):
@@ -247,10 +248,11 @@ class CopyUp:
             origin = sysapi.ovl_origin_xattr(origin_fd, src.layer.uuid)
         finally:
             os.close(origin_fd)
-        if origin is not None and ctx.kind != stat.S_IFLNK:
+        # The origin keeps st_ino across copy-up (``inumbers``); as the kernel, none for
+        # one name of a lower hard link whose link this copy-up breaks (index off).
+        breaks_link = ctx.kind != stat.S_IFDIR and st.st_nlink > 1 and ctx.index_key is None
+        if origin is not None and not breaks_link:
             self._set_private(ctx.tmp, self.prefix + "origin", origin)
-        self._set_private(ctx.tmp, whiteout.own_xattr(self.prefix, "ino"),
-                          str(ctx.ino).encode())
         if ctx.metadata_only:
             self._set_private(ctx.tmp, self.prefix + "metacopy", b"")
             if src.rel != ctx.node.rel:  # data found through a redirected parent
@@ -289,8 +291,7 @@ class CopyUp:
             st = self.upper.lstat(rel)
             assert st is not None
             entry = Entry(self.upper, rel, st)
-            if not ctx.metadata_only:  # a metacopy's data stays below: open files keep it
-                self._on_copied(ctx.ino, entry, ctx.src.st)
+            self._on_copied(ctx.key, entry, ctx.src.st, metadata_only=ctx.metadata_only)
         elapsed = time.monotonic() - ctx.started
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
@@ -336,7 +337,7 @@ class CopyUp:
             assert st is not None
             entry = Entry(self.upper, rel, st)
             lower = next(iter(node.lowers), None)
-            self._on_copied(self._ino_of(node), entry, lower.st if lower else None)
+            self._on_copied(self._key_of(node), entry, lower.st if lower else None)
         log.debug("copy-up %s: linked to %s", rel, index_rel)
         return entry
 
@@ -347,7 +348,7 @@ class CopyUp:
         so a crash in between only leaves a metacopy file as before."""
         assert node.upper is not None and node.data is not None
         upper, data = node.upper, node.data
-        ctx = CopyUpContext(node, data, 0, upper.rel)
+        ctx = CopyUpContext(node, data, self._key_of(node), upper.rel)
         dst_fd = self.upper.open(upper.rel, os.O_WRONLY)
         try:
             self._copy_from(ctx, data, dst_fd)
@@ -365,7 +366,7 @@ class CopyUp:
             st = self.upper.lstat(upper.rel)
             assert st is not None
             entry = Entry(self.upper, upper.rel, st)
-            self._on_copied(self._ino_of(node), entry, data.st)
+            self._on_copied(self._key_of(node), entry, data.st)
         self.stats.copy_up(ctx.method)
         log.debug("metacopy data copy-up %s: %d bytes by %s", node.rel, data.st.st_size, ctx.method)
         return entry

@@ -27,7 +27,7 @@ from .config import MountConfig
 from .copyup import CopyUp, clean_workdir
 from .files import Files, OpenResult
 from .handles import HandleTable
-from .inodes import InodeTable, OverlayInode
+from .inodes import InodeKey, InodeTable, OverlayInode, key_of
 from .hidden import HiddenNames, is_hidden_name
 from .index import IndexDir
 from .inumbers import InodeNumbers
@@ -61,7 +61,7 @@ class OverlayFS:
         self.stats = Stats()
         self.lookup = Lookup(self.stack, self.prefix, follow_redirects=(config.redirect_dir or "off") != "nofollow",
                              follow_metacopy=config.metacopy)
-        self.inos = InodeNumbers(self.stack, self.prefix)
+        self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
         self.links = LinkNames()
         self.hidden = HiddenNames()
@@ -70,7 +70,7 @@ class OverlayFS:
         if self.stack.upper is not None:
             self.copyup = CopyUp(self.stack, self.lookup, self.ns_lock, self.stats,
                                  xattr_prefix=self.prefix, volatile=config.volatile,
-                                 ino_of=self.inos.ino_of, on_copied=self._copied,
+                                 key_of=self.identity, on_copied=self._copied,
                                  metacopy=config.metacopy)
         self.index: IndexDir | None = None
         if config.index and self.stack.work is not None:
@@ -107,11 +107,34 @@ class OverlayFS:
         if not self.writable or self.copyup is None:
             raise OSError(errno.EROFS, "read-only overlay")
 
-    def _copied(self, ino: int, entry: Entry, source: os.stat_result | None = None) -> None:
-        inode = self.inodes.get(ino)
-        if inode is not None:
-            inode.rebind(entry)
-        if source is not None:  # names seen for the lower file now name the upper one
+    def identity(self, node: Node) -> InodeKey:
+        """Which overlay inode the existing ``node`` is (see ``inodes``): each name of a
+        lower hard link is its own inode in a writable mount without index."""
+        return key_of(node, split_links=self.writable and self.index is None)
+
+    def _copied(self, key: InodeKey, entry: Entry, source: os.stat_result | None = None, *,
+                metadata_only: bool = False) -> None:
+        """A copy-up installed ``entry`` for the object that was ``key``. Called under the
+        namespace lock, so ``entry.rel`` names the new backing while handles reopen.
+        ``metadata_only`` (metacopy): the inode is now the upper one, but its data, and so
+        its open handles, stay below until the data copy-up."""
+        inode = self.inodes.get(key)
+        if inode is not None and self.inodes.hold(inode):
+            try:
+                new_key = self.identity(Node(entry.rel, (entry,)))
+                if metadata_only:
+                    with inode.lock:
+                        inode.key, inode.meta_rel = new_key, entry.rel
+                    self.inodes.rekey(inode, key)
+                    return
+                inode.rebind(entry, new_key, self.inos.ino_of(Node(entry.rel, (entry,))))
+                self.inodes.rekey(inode, key)
+                for handle in self.handles.for_inode(inode):
+                    handle.offer()
+            finally:
+                self.inodes.release(inode)
+        if source is not None and source.st_nlink > 1 and self.index is not None:
+            # index=on: names seen for the lower file now name the upper one
             self.links.alias(source, entry.st)
 
     def data_changed(self, inode: OverlayInode, via: str) -> None:
@@ -160,7 +183,7 @@ class OverlayFS:
 
     def _live_inode(self, rel: str) -> OverlayInode | None:
         node = self.lookup.lookup(rel)
-        return self.inodes.get(self.inos.ino_of(node)) if node.exists else None
+        return self.inodes.get(self.identity(node)) if node.exists else None
 
     def drop_extents(self, rel: str) -> None:
         """Forget the sharing map of ``rel`` before it changes by path (truncate)."""
@@ -201,19 +224,18 @@ class OverlayFS:
 
     def data_changed_by_path(self, rel: str) -> None:
         node = self.lookup.lookup(rel)
-        ino = self.inos.ino_of(node)
-        inode = self.inodes.get(ino)
+        key = self.identity(node)
+        inode = self.inodes.get(key)
         if inode is not None:
             self.data_changed(inode, rel)
         else:
-            self.inodes.forget_version(ino)
+            self.inodes.forget_version(key)
 
-    def unlinked(self, node: Node, ino: int | None = None) -> None:
-        """``node`` lost its name. Callers pass ``ino``, taken *before* the change: reading it
-        afterwards would read the xattr of whatever now has the name, or of nothing."""
+    def unlinked(self, node: Node, key: InodeKey | None = None) -> None:
+        """``node`` lost its name. Callers pass its ``key``, taken *before* the change."""
         if node.is_dir or not node.exists:
             return
-        inode = self.inodes.get(self.inos.ino_of(node) if ino is None else ino)
+        inode = self.inodes.get(self.identity(node) if key is None else key)
         if inode is not None:
             with inode.lock:
                 inode.seen.pop(node.rel, None)

@@ -52,24 +52,25 @@ class Files:
                 raise OSError(errno.EISDIR, "is a directory", rel)
             if node.upper is None or node.data is not None:
                 fs.copyup.ensure_data(rel)
-                node = fs.lookup.lookup(rel)
-        backing = node.data or node.top  # metacopy: data from below until written
-        inode = fs.inodes.acquire(fs.inos.ino_of(node), backing)
-        if flags & _WRITE_INTENT and not inode.in_upper and backing.layer.writable:
-            # A copy-up by another thread has renamed the upper copy into place but not yet
-            # rebound this live inode (it does that under the namespace lock, after fsyncing
-            # the parent): wait for it, or the fd below would be the *lower* file, opened
-            # for writing.
-            with fs.ns_lock:
-                if not inode.in_upper:
-                    inode.rebind(backing)
-        if node.data is not None:
-            inode.meta_rel = rel
-        try:
-            fd, generation = inode.reopen(flags & ~(os.O_CREAT | os.O_EXCL))
-        except BaseException:
-            fs.inodes.release(inode)
-            raise
+        # Under the namespace lock, a copy-up is either not installed yet or installed
+        # *and* its live inode rebound to the upper (never a second inode for the upper
+        # copy beside the old one being rebound), and no rename or unlink can move the
+        # name between the lookup and the open.
+        with fs.ns_lock:
+            node = fs.lookup.lookup(rel)
+            if not node.exists:
+                raise OSError(errno.ENOENT, "no such file", rel)
+            if flags & _WRITE_INTENT and (node.upper is None or node.data is not None):
+                raise OSError(errno.EIO, "open for write found no upper copy", rel)
+            backing = node.data or node.top  # metacopy: data from below until written
+            inode = fs.inodes.acquire(fs.identity(node), fs.inos.ino_of(node), backing)
+            try:
+                if node.data is not None:
+                    inode.meta_rel = rel
+                fd, generation = inode.open_backing(flags, via=backing)
+            except BaseException:
+                fs.inodes.release(inode)
+                raise
         return self._register(inode, flags, rel, fd, generation)
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller) -> OpenResult:
@@ -77,11 +78,12 @@ class Files:
         fd = fs.namespace.create(rel, flags, mode, caller)
         try:
             node = fs.lookup.lookup(rel)
-            inode = fs.inodes.acquire(fs.inos.ino_of(node), node.top)
+            key = fs.identity(node)
+            inode = fs.inodes.acquire(key, fs.inos.ino_of(node), node.top)
         except BaseException:
             os.close(fd)
             raise
-        fs.inodes.forget_version(inode.ino)
+        fs.inodes.forget_version(key)
         return self._register(inode, flags, rel, fd, inode.generation)
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
@@ -215,38 +217,42 @@ class Files:
     def flush(self, fh: int) -> None:
         self._fd(self.fs.handles.get(fh))
 
+    # -- an open file with no name left (``hidden``): reached through an open handle's fd --
+    def _handle_fd(self, inode: OverlayInode) -> int:
+        for handle in self.fs.handles.for_inode(inode):
+            return self._fd(handle)
+        raise OSError(errno.ENOENT, "file no longer open")
+
     def getattr_inode(self, inode: OverlayInode) -> Attr:
         """Attributes of an open file that has no name left (``hidden``)."""
-        st = os.fstat(inode.path_fd)
+        st = os.fstat(self._handle_fd(inode))
         return Attr(st, inode.ino, 0)
 
-    # -- attribute changes of an open file with no name left (``hidden``) ---------------------
-    def _nameless(self, inode: OverlayInode) -> str:
+    def _nameless(self, inode: OverlayInode, flags: int = os.O_RDONLY) -> int:
+        """A new fd (``flags``) on the nameless file's backing; the caller closes it."""
         if not inode.in_upper:
             raise OSError(errno.EROFS, "an unlinked lower file cannot be copied up")
-        return f"/proc/self/fd/{inode.path_fd}"
+        # reopening through the magic link works for an unlinked file
+        return os.open(f"/proc/self/fd/{self._handle_fd(inode)}", flags | os.O_CLOEXEC)
+
+    def _on_nameless(self, inode: OverlayInode, action, flags: int = os.O_RDONLY) -> None:
+        fd = self._nameless(inode, flags)
+        try:
+            action(fd)
+        finally:
+            os.close(fd)
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
-        os.chmod(self._nameless(inode), stat.S_IMODE(mode))
+        self._on_nameless(inode, lambda fd: os.chmod(fd, stat.S_IMODE(mode)))
 
     def chown_inode(self, inode: OverlayInode, uid: int, gid: int) -> None:
-        os.chown(self._nameless(inode), uid, gid)
+        self._on_nameless(inode, lambda fd: os.chown(fd, uid, gid))
 
     def utimens_inode(self, inode: OverlayInode, times: tuple[int, int] | None) -> None:
-        self._nameless(inode)
-        fd, _ = inode.reopen(os.O_RDONLY)
-        try:
-            self.fs.attrs.utime_fd(fd, times)
-        finally:
-            os.close(fd)
+        self._on_nameless(inode, lambda fd: self.fs.attrs.utime_fd(fd, times))
 
     def truncate_inode(self, inode: OverlayInode, length: int) -> None:
-        self._nameless(inode)
-        fd, _ = inode.reopen(os.O_WRONLY)
-        try:
-            os.ftruncate(fd, length)
-        finally:
-            os.close(fd)
+        self._on_nameless(inode, lambda fd: os.ftruncate(fd, length), os.O_WRONLY)
         with inode.lock:
             inode.data_version += 1
 

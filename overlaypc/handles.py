@@ -5,6 +5,10 @@ real fd. Nothing binds a backing fd for good at open time: each read, write, fsy
 fstat, fallocate and flush calls ``fd()``, which reopens on the inode's current
 backing when its generation moved since the handle's fd was opened.
 
+A copy-up offers each open handle of the inode an fd on the new backing right away
+(``offer``), while the new path is known to be right; a handle with no offer (opened
+while the copy-up ran) reopens through ``OverlayInode.open_backing``.
+
 ``-o handles=bind-at-open`` turns the check off, reproducing the classic stale-read
 bug on purpose (for the demo and for tests that prove the fix).
 
@@ -34,6 +38,8 @@ class Handle:
     _generation: int
     follow: bool = True
     _retired: list[int] = field(default_factory=list)
+    #: (fd, generation) on a new backing, offered by a copy-up, not switched to yet
+    _offered: tuple[int, int] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -47,15 +53,40 @@ class Handle:
         with self._lock:
             if self._generation == self.inode.generation:
                 return self._fd, False
-            fd, gen = self.inode.reopen(self.flags & ~_CREATION_FLAGS)
+            offered, self._offered = self._offered, None
+            if offered is not None and offered[1] == self.inode.generation:
+                fd, gen = offered
+            else:
+                if offered is not None:
+                    os.close(offered[0])
+                fd, gen = self.inode.open_backing(self.flags & ~_CREATION_FLAGS)
             self._retired.append(self._fd)
             self._fd, self._generation = fd, gen
             return fd, True
 
+    def offer(self) -> None:
+        """A copy-up rebound the inode: open the new backing now, switch at the next I/O."""
+        if not self.follow:
+            return
+        try:
+            fd, gen = self.inode.open_backing(self.flags & ~_CREATION_FLAGS)
+        except OSError:
+            return  # reopened at the next I/O instead
+        with self._lock:
+            old, self._offered = self._offered, (fd, gen)
+        if old is not None:
+            os.close(old[0])
+
+    def current_fd(self) -> int:
+        """The fd as it is, without following a copy-up (fstat of a nameless file)."""
+        return self._fd
+
     def close(self) -> None:
-        for fd in [self._fd, *self._retired]:
+        offered = [self._offered[0]] if self._offered else []
+        for fd in [self._fd, *self._retired, *offered]:
             os.close(fd)
         self._retired.clear()
+        self._offered = None
 
 
 class HandleTable:

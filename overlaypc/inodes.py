@@ -1,10 +1,23 @@
-"""Overlay inodes: stable identity and *current* backing of each open object.
+"""Overlay inodes: identity and *current* backing of each open object.
 
-Owns: the table from overlay ``st_ino`` to ``OverlayInode``. An overlay inode holds an
-``O_PATH`` fd of its current backing object and a ``generation`` that copy-up bumps;
-open handles compare generations at every I/O and reopen through that fd when it moved
-(DESIGN.md §4, the kernel's ``ovl_real_fdget``). Reopening through the ``O_PATH`` fd
-(``/proc/self/fd/N``) needs no path, so it survives renames and unlinks of the file.
+Owns: ``InodeKey`` (what makes two names one overlay inode), the ``OverlayInode`` record
+(current backing layer and path, a ``generation`` that copy-up bumps) and the table of
+live inodes keyed by identity.
+
+Identity comes from the data, never from a displayed number (DESIGN.md §4, the kernel's
+``ovl_hash_bylower``): two names are one inode when they resolve to the same backing
+object. One exception, as in the kernel: in a writable mount without ``index``, each
+*name* of a lower non-directory with ``st_nlink > 1`` is its own inode, since copying up
+one name breaks the link (the other names keep the lower data). Read-only mounts and
+``index=on`` merge those names. ``st_ino`` is only displayed (``OverlayInode.ino``); it
+may change when a hard-linked name is copied up and is never a key.
+
+An inode holds no fd. Open handles hold one fd each; a copy-up (``rebind``) bumps the
+generation, and handles reopen on the new backing (eagerly, while its path is known to
+be right, see ``core._copied``; else at their next I/O through ``open_backing``), the
+kernel's ``ovl_real_fdget`` idea. ``open_backing`` opens the backing by its layer path
+and checks the result is the backing object, so a racing rename never yields another
+file.
 
 Lifetime (the high-level FUSE API has no ``forget``): an entry lives while a handle
 holds it; released entries keep only their data version, in an LRU of at most
@@ -13,21 +26,48 @@ one is always safe: a missing entry means "grant no keep_cache".
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .layer import Layer
-from .lookup import Entry
+from .lookup import Entry, Node
+
+
+@dataclass(frozen=True)
+class InodeKey:
+    """Identity of an overlay inode: its backing object, plus, for one name of a lower
+    hard link that copy-up would split off, the layer and path of that name."""
+    dev: int
+    ino: int
+    name: tuple[int, str] | None = None
+
+
+def key_of(node: Node, *, split_links: bool) -> InodeKey:
+    """The identity of the existing merged object ``node``. ``split_links``: a writable
+    mount without index, where each name of a lower hard link is its own inode."""
+    top = node.top  # the upper, an index entry, or the topmost lower
+    st = top.st
+    if split_links and not top.layer.writable and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+        return InodeKey(st.st_dev, st.st_ino, (top.layer.index, top.rel))
+    return InodeKey(st.st_dev, st.st_ino)
+
+
+class StaleBacking(OSError):
+    """The backing path no longer names the backing object (a racing rename)."""
 
 
 @dataclass(eq=False)
 class OverlayInode:
+    key: InodeKey
     ino: int
     layer: Layer
     rel: str
-    path_fd: int
+    dev: int
+    backing_ino: int
     generation: int = 0
     refs: int = 0
     data_version: int = 0
@@ -45,87 +85,100 @@ class OverlayInode:
     @property
     def backing(self) -> tuple[int, int]:
         """(st_dev, st_ino) of the current backing object."""
-        return self._backing
-
-    def __post_init__(self) -> None:
-        st = os.fstat(self.path_fd)
-        self._backing = (st.st_dev, st.st_ino)
+        return self.dev, self.backing_ino
 
     @property
     def in_upper(self) -> bool:
         return self.layer.writable
 
-    def rebind(self, entry: Entry) -> None:
-        """Point at a new backing (after copy-up); open handles reopen on next I/O."""
-        new_fd = entry.layer.path_fd(entry.rel)
-        st = os.fstat(new_fd)
+    def rebind(self, entry: Entry, key: InodeKey, ino: int) -> int:
+        """Point at a new backing (after copy-up); return the new generation."""
         with self.lock:
-            self._backing = (st.st_dev, st.st_ino)
-            old = self.path_fd
-            self.layer, self.rel, self.path_fd = entry.layer, entry.rel, new_fd
+            self.layer, self.rel = entry.layer, entry.rel
+            self.dev, self.backing_ino = entry.st.st_dev, entry.st.st_ino
+            self.key, self.ino = key, ino
             self.generation += 1
             self.extents = None
             self.extents_epoch += 1
-        os.close(old)
+            return self.generation
 
     def moved(self, rel: str) -> None:
-        self.rel = rel
-
-    def reopen(self, flags: int) -> tuple[int, int]:
-        """A new fd on the current backing and the generation it belongs to."""
         with self.lock:
-            gen, fd = self.generation, self.path_fd
-            # O_NOFOLLOW would refuse the magic link itself; the backing is never a symlink
-            flags &= ~(os.O_NOFOLLOW | os.O_CREAT | os.O_EXCL)
-            return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC), gen
+            self.rel = rel
+
+    def open_backing(self, flags: int, via: Entry | None = None) -> tuple[int, int]:
+        """A new fd on the current backing and the generation it belongs to. ``via``: a
+        name of the backing just looked up (under the namespace lock), which becomes the
+        path later reopens use. Raises ``StaleBacking`` when the path names another
+        object (a rename raced with a reopen outside the namespace lock)."""
+        # creation flags mean nothing here: the backing exists
+        flags &= ~(os.O_CREAT | os.O_EXCL)
+        with self.lock:
+            layer, rel = (via.layer, via.rel) if via is not None else (self.layer, self.rel)
+            fd = layer.open(rel, flags | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self.backing:
+                os.close(fd)
+                raise StaleBacking(errno.ESTALE, "backing file moved", rel)
+            if via is not None:
+                self.layer, self.rel = layer, rel
+            return fd, self.generation
 
 
 class InodeTable:
     def __init__(self, retain: int = 4096) -> None:
-        self._live: dict[int, OverlayInode] = {}
-        self._versions: OrderedDict[int, tuple[int, dict[str, int]]] = OrderedDict()
+        self._live: dict[InodeKey, OverlayInode] = {}
+        self._versions: OrderedDict[InodeKey, tuple[int, dict[str, int]]] = OrderedDict()
         self._retain = retain
         self._lock = threading.Lock()
 
-    def get(self, ino: int) -> OverlayInode | None:
-        return self._live.get(ino)
+    def get(self, key: InodeKey) -> OverlayInode | None:
+        return self._live.get(key)
 
-    def acquire(self, ino: int, entry: Entry) -> OverlayInode:
-        """Take a reference on the inode ``ino``, creating it on ``entry`` if new."""
+    def acquire(self, key: InodeKey, ino: int, entry: Entry) -> OverlayInode:
+        """Take a reference on the inode ``key``, creating it on ``entry`` if new."""
         with self._lock:
-            inode = self._live.get(ino)
+            inode = self._live.get(key)
             if inode is None:
-                inode = OverlayInode(ino, entry.layer, entry.rel, entry.layer.path_fd(entry.rel))
-                kept = self._versions.pop(ino, None)
+                inode = OverlayInode(key, ino, entry.layer, entry.rel, entry.st.st_dev, entry.st.st_ino)
+                kept = self._versions.pop(key, None)
                 if kept is not None:
                     inode.data_version, inode.seen = kept[0], kept[1]
-                self._live[ino] = inode
+                self._live[key] = inode
             inode.refs += 1
             return inode
 
     def hold(self, inode: OverlayInode) -> bool:
-        """One more reference on a live inode (a hidden name of an open, unlinked file);
-        False if its last reference went meanwhile."""
+        """One more reference on a live inode; False if its last reference went meanwhile."""
         with self._lock:
-            if self._live.get(inode.ino) is not inode:
+            if self._live.get(inode.key) is not inode:
                 return False
             inode.refs += 1
             return True
+
+    def rekey(self, inode: OverlayInode, old: InodeKey) -> None:
+        """``inode`` was rebound from identity ``old`` to ``inode.key`` (copy-up)."""
+        with self._lock:
+            if self._live.get(old) is inode:
+                del self._live[old]
+            if inode.key not in self._live:  # else: found under its new identity already
+                self._live[inode.key] = inode
+            self._versions.pop(inode.key, None)
 
     def release(self, inode: OverlayInode) -> None:
         with self._lock:
             inode.refs -= 1
             if inode.refs > 0:
                 return
-            del self._live[inode.ino]
-            self._versions[inode.ino] = (inode.data_version, inode.seen)
+            if self._live.get(inode.key) is inode:
+                del self._live[inode.key]
+            self._versions[inode.key] = (inode.data_version, inode.seen)
             if len(self._versions) > self._retain:
                 self._versions.popitem(last=False)
-        os.close(inode.path_fd)
 
-    def forget_version(self, ino: int) -> None:
+    def forget_version(self, key: InodeKey) -> None:
         with self._lock:
-            self._versions.pop(ino, None)
+            self._versions.pop(key, None)
 
     def live(self) -> list[OverlayInode]:
         with self._lock:

@@ -1,34 +1,42 @@
 """Overlay inode numbers for merged objects (DESIGN.md §4).
 
-Owns: ``ino_of(node)``. Rules, mirroring the kernel's:
-  * a copied-up object keeps the number it had on the lower layer, so copy-up and
-    remount change nothing: overlaypc records it at copy-up in
-    ``trusted.overlay.overlaypc.ino``; an object copied up by the kernel's overlay has only
-    ``trusted.overlay.origin``, whose file handle is opened (``open_by_handle_at``, only
-    to ``fstat`` it) on the lower filesystem with the same UUID;
-  * a directory present in upper and a lower without either xattr takes the topmost
+Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr``):
+  * a copied-up object shows the number of its copy-up origin, so copy-up and remount
+    change nothing: the upper's ``trusted.overlay.origin`` file handle is decoded on the
+    lower filesystem with the same UUID (``open_by_handle_at``, an ``O_PATH`` fd used
+    only to ``fstat`` it: a decoded handle is never used to read data, since it cannot be
+    proven to lie beneath a layer root). A handle that does not decode (a stale origin,
+    an upper copied with ``cp -a`` onto other lowers) is ignored;
+  * a non-directory whose origin has ``st_nlink > 1`` shows the origin's number only
+    with ``index=on``: without an index, copy-up broke the hard link (overlaypc then
+    records no origin, as the kernel), and the copy shows its own upper number;
+  * a directory present in upper and a lower without an origin takes the topmost
     lower's number;
   * anything else takes its own layer's real inode number;
   * each real number is mapped through the stack's ``xino`` scheme, so layers on
     different filesystems never collide.
-Reading the xattrs costs syscalls; results are cached by (dev, ino, ctime), which
-changes whenever the object does, so a reused inode number can never hit a stale entry.
+Decoding costs syscalls; results are cached by (dev, ino, ctime) of the upper object,
+which changes whenever the object does, so a reused inode number never hits a stale entry.
+The ``trusted.overlay.overlaypc.ino`` xattr older versions wrote is not trusted: a
+copied xattr would show a number the file's own origin does not vouch for.
 """
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections import OrderedDict
 
-from . import sysapi, whiteout
+from . import sysapi
 from .lookup import Entry, Node
 from .stack import LayerStack
 
 
 class InodeNumbers:
-    def __init__(self, stack: LayerStack, prefix: str, limit: int = 65536) -> None:
+    def __init__(self, stack: LayerStack, prefix: str, limit: int = 65536, *,
+                 index: bool = False) -> None:
         self.xino = stack.xino
-        self.xattr = whiteout.own_xattr(prefix, "ino")
+        self.index = index
         self.origin_xattr = prefix + "origin"
         self._by_uuid: dict[bytes, list] = {}
         for layer in stack.lowers:  # a null UUID (as the kernel writes on some filesystems) too
@@ -38,21 +46,28 @@ class InodeNumbers:
         self._lock = threading.Lock()
 
     def recorded(self, entry: Entry) -> int | None:
-        """The number an upper object had before copy-up, if it records one."""
+        """The number an upper object shows because of its copy-up origin, if any."""
         st = entry.st
         key = (st.st_dev, st.st_ino, st.st_ctime_ns)
         with self._lock:
             if key in self._cache:
+                self._cache.move_to_end(key)
                 return self._cache[key]
-        raw = entry.layer.getxattr(entry.rel, self.xattr)
-        value = int(raw) if raw and raw.isdigit() else self._from_origin(entry)
+        origin = self._origin(entry)
+        value = None
+        if origin is not None and stat.S_IFMT(origin.st_mode) == stat.S_IFMT(st.st_mode):
+            shared = stat.S_ISDIR(st.st_mode) or origin.st_nlink == 1 \
+                or (self.index and stat.S_ISREG(st.st_mode))
+            if shared:
+                value = self.xino.ino(origin.st_dev, origin.st_ino)
         with self._lock:
             self._cache[key] = value
             if len(self._cache) > self._limit:
                 self._cache.popitem(last=False)
         return value
 
-    def _from_origin(self, entry: Entry) -> int | None:
+    def _origin(self, entry: Entry) -> os.stat_result | None:
+        """``fstat`` of the lower object the upper's origin handle decodes to."""
         raw = entry.layer.getxattr(entry.rel, self.origin_xattr)
         parsed = sysapi.parse_ovl_origin(raw) if raw else None
         if parsed is None:
@@ -68,10 +83,9 @@ class InodeNumbers:
             except OSError:
                 continue  # stale or foreign handle: the kernel ignores it too
             try:
-                st = os.fstat(fd)
+                return os.fstat(fd)
             finally:
                 os.close(fd)
-            return self.xino.ino(st.st_dev, st.st_ino)
         return None
 
     def of_entry(self, entry: Entry) -> int:

@@ -160,6 +160,17 @@ class Layer:
     def getxattr_at(self, dirfd: DirFd, name: str) -> bytes | None:
         return _getxattr_or_none(dirfd.fd, name)
 
+    def getxattr_name(self, parent: DirFd, name: str, attr: str) -> bytes | None:
+        """xattr ``attr`` of entry ``name`` of an open directory, not following it (one
+        ``lgetxattr``; ``name`` is one component); None when it has none or is gone."""
+        try:
+            return os.getxattr(f"/proc/self/fd/{parent.fd}/{name}", attr, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM) or e.errno in _ABSENT \
+                    or e.errno == errno.ENAMETOOLONG:
+                return None
+            raise
+
     def scandir(self, dirfd: DirFd, *, stat_all: bool = False) -> list[Listed]:
         """Entries of an open directory. Type and inode number come from ``d_type`` and
         ``d_ino`` without a stat, except for character devices (whiteouts are 0/0 ones),

@@ -205,9 +205,13 @@ class Lookup:
                 if self._opaque(entry):
                     opaque = True
                     break
-            elif not (self.follow_metacopy and stat.S_ISREG(st.st_mode)
-                      and layer.getxattr(lrel, self.prefix + "metacopy") is not None):
+            elif not (stat.S_ISREG(st.st_mode) and self._metacopy(entry, pentry, name)):
                 break
+            elif not self.follow_metacopy:
+                # its data is below, and nothing here may follow it (the kernel: EPERM,
+                # "refusing to follow metacopy origin"); reading the sparse copy would
+                # serve zeros, and a write would make them permanent
+                raise OSError(errno.EPERM, "metacopy file in a mount without metacopy=on", rel)
             else:
                 metacopy = True  # attributes here, data further down
             target = self._redirect(entry) if self.follow_redirects else None
@@ -238,6 +242,13 @@ class Lookup:
         if layer.getxattr_at(entry.dirfd, self.prefix + "opaque") == b"y":
             return True
         return not layer.writable and layer.stat_at(entry.dirfd, whiteout.OCI_OPAQUE) is not None
+
+    def _metacopy(self, entry: Entry, pentry: Entry | None, name: str) -> bool:
+        """Whether the regular file ``entry`` is a metadata-only copy (kernel format)."""
+        attr = self.prefix + "metacopy"
+        if pentry is not None and pentry.dirfd is not None:
+            return entry.layer.getxattr_name(pentry.dirfd, name, attr) is not None
+        return entry.layer.getxattr(entry.rel, attr) is not None
 
     def _redirect(self, entry: Entry) -> str | None:
         if entry.dirfd is not None:

@@ -212,13 +212,13 @@ class Namespace:
             if not node.exists:
                 raise OSError(errno.ENOENT, "no such file", rel)
             shared = self.fs.index_of(node)
-            ino = self.fs.inos.ino_of(node)  # before the name is gone
+            key = self.fs.identity(node)  # before the name is gone
             self._remove(node, self.lower_exists(rel))
             if node.upper is not None:
                 self.fs.links_changed(node.upper.st, rel)  # the others' st_nlink dropped
             if shared is not None:
                 self.fs.adjust_nlink(shared, -1)
-            self.fs.unlinked(node, ino)
+            self.fs.unlinked(node, key)
 
     def rmdir(self, rel: str) -> None:
         self.fs.require_writable()
@@ -304,7 +304,7 @@ class Namespace:
             if nnode.upper is not None and nnode.is_dir:
                 upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
             replaced_shared = None if nnode.is_dir else self.fs.index_of(nnode)
-            replaced_ino = self.fs.inos.ino_of(nnode) if nnode.exists else None  # before it goes
+            replaced = self.fs.identity(nnode) if nnode.exists else None  # before it goes
             if nnode.upper_whiteout:
                 # swap with the whiteout: it lands at the old name, which needs one if a
                 # lower still has that name, and is dropped otherwise
@@ -316,7 +316,7 @@ class Namespace:
             if replaced_shared is not None:
                 self.fs.adjust_nlink(replaced_shared, -1)
             if nnode.exists:
-                self.fs.unlinked(nnode, replaced_ino)
+                self.fs.unlinked(nnode, replaced)
             self.fs.renamed(old, new)
             if onode.is_dir or nnode.is_dir:
                 self._done(old, new)
