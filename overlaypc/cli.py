@@ -103,7 +103,7 @@ def _setup_logging(cfg: MountConfig) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers: list[logging.Handler] = []
     if cfg.logfile:
-        handlers.append(logging.FileHandler(cfg.logfile))
+        handlers.append(_log_file(cfg.logfile))
     if cfg.foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
     elif not cfg.logfile:
@@ -114,7 +114,7 @@ def _setup_logging(cfg: MountConfig) -> None:
             root.addHandler(syslog)
         else:
             try:  # no syslog daemon here: keep warnings in a well-known file instead
-                handlers.append(logging.FileHandler(FALLBACK_LOG))
+                handlers.append(_log_file(FALLBACK_LOG))
             except OSError:
                 print("overlaypc: warning: no syslog (/dev/log) and no -o logfile=PATH: "
                       "the daemon's warnings will be lost", file=sys.stderr)
@@ -123,6 +123,13 @@ def _setup_logging(cfg: MountConfig) -> None:
         root.addHandler(h)
     if not cfg.debug:
         logging.getLogger("mfusepy").setLevel(logging.WARNING)
+
+
+def _log_file(path: str) -> logging.FileHandler:
+    """A handler appending to ``path``, created 0640 if new: the daemon runs with umask 0
+    (new objects get the caller's mode), which must not make its log world-writable."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
+    return logging.FileHandler(path)
 
 
 def mount_main(argv: list[str]) -> int:

@@ -46,11 +46,42 @@ def is_private_xattr(name: str) -> bool:
     return name.startswith(("trusted.overlay.", "user.overlay.", "trusted.overlaypc.", "user.overlaypc."))
 
 
+INCOMPAT_DIR = join(WORK_DIR, "incompat")
+VOLATILE_MARKER = join(INCOMPAT_DIR, "volatile")
+
+
+def check_incompat(work: Layer) -> None:
+    """Refuse a workdir marked by a feature this mount cannot take, as the kernel does:
+    ``work/incompat/volatile`` stays after a ``-o volatile`` mount, whose upper may be
+    incomplete after a crash. An empty ``incompat`` dir is removed."""
+    if work.lstat(INCOMPAT_DIR) is None:
+        return
+    names = sorted(name for name, _ in work.listdir(INCOMPAT_DIR))
+    if "volatile" in names:
+        raise OSError(errno.EINVAL,
+                      f"workdir {work.path} was used by a volatile mount ({VOLATILE_MARKER} exists): "
+                      f"after a crash its upper may be incomplete, so recreate upperdir and workdir; "
+                      f"if the system has not crashed since, remove {work.path}/{VOLATILE_MARKER}")
+    if names:
+        raise OSError(errno.EINVAL, f"workdir {work.path} has incompatible features: "
+                      f"{', '.join(names)} in {work.path}/{INCOMPAT_DIR}")
+    work.do_rmdir(INCOMPAT_DIR)
+
+
+def mark_volatile(work: Layer) -> None:
+    """Leave the kernel's ``work/incompat/volatile`` marker (the kernel's format): every
+    later mount refuses this workdir until the user removes it."""
+    for rel in (INCOMPAT_DIR, VOLATILE_MARKER):
+        if work.lstat(rel) is None:
+            work.do_mkdir(rel, 0o700)
+
+
 def clean_workdir(work: Layer) -> int:
-    """Create ``workdir/work`` and remove leftovers of interrupted copy-ups; return count."""
+    """Create ``workdir/work`` and remove leftovers of interrupted copy-ups; return count.
+    Call ``check_incompat`` first: markers of incompatible features are never removed."""
     if work.lstat(WORK_DIR) is None:
         work.do_mkdir(WORK_DIR, 0o700)
-    leftovers = [name for name, _ in work.listdir(WORK_DIR)]
+    leftovers = [name for name, _ in work.listdir(WORK_DIR) if join(WORK_DIR, name) != INCOMPAT_DIR]
     for name in leftovers:
         work.do_remove_tree(join(WORK_DIR, name))
     if leftovers:

@@ -24,7 +24,7 @@ from typing import Callable
 from . import whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
-from .copyup import CopyUp, clean_workdir
+from .copyup import CopyUp, check_incompat, clean_workdir, mark_volatile
 from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
@@ -93,7 +93,10 @@ class OverlayFS:
         """Lock upper/workdir against a second mount and clean leftovers in workdir/work."""
         self.stack.lock()
         if self.stack.work is not None:
+            check_incompat(self.stack.work)
             clean_workdir(self.stack.work)
+            if self.config.volatile:
+                mark_volatile(self.stack.work)
         if self.index is not None:
             self.index.prepare()
 
@@ -321,6 +324,17 @@ class OverlayFS:
         if handle is not None:
             handle.listing = entries
         return entries
+
+    def dot_inos(self, fh: int) -> tuple[int, int]:
+        """``st_ino`` of an open directory and of its parent (the root's parent is the
+        root), for the ``.`` and ``..`` entries: glibc drops entries whose d_ino is 0."""
+        handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "bad directory handle")
+        rel = handle.rel
+        own = self.inos.ino_of(self.lookup.directory(rel))
+        parent = self.inos.ino_of(self.lookup.directory(split(rel)[0])) if rel else own
+        return own, parent
 
     def statfs(self) -> dict:
         return self.attrs.statfs()

@@ -146,6 +146,10 @@ class OverlayOperations(mfusepy.Operations):
         return self._fs.readdir(fh=fh, plus=plus, offset=offset)
 
     @_op
+    def dot_inos(self, fh):
+        return self._fs.dot_inos(fh)
+
+    @_op
     def statfs(self, path):
         return self._fs.statfs()
 
@@ -356,11 +360,12 @@ class OverlayFUSE(mfusepy.FUSE):
         the attributes given here instead of calling getattr for every entry."""
         plus = bool(flags & FUSE_READDIR_PLUS)
         entries = self.operations.readdir(None, fip.contents.fh, plus, offset)
+        dots = self.operations.dot_inos(fip.contents.fh) if offset < 2 else (0, 0)
         st = mfusepy.c_stat()
         for pos in range(offset, len(entries) + 2):
             if pos < 2:
                 ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-                st.st_mode = stat.S_IFDIR
+                st.st_mode, st.st_ino = stat.S_IFDIR, dots[pos]
                 name, fill_flags = b"." * (pos + 1), 0
             else:
                 e = entries[pos - 2]

@@ -175,6 +175,29 @@ def test_readdir_inodes_and_types_match_lstat(layers_factory, overlay_mount):
                 assert e.is_symlink() == stat.S_ISLNK(st.st_mode), e.path
 
 
+def test_dot_entries_carry_real_inode_numbers(layers_factory, overlay_mount):
+    """Issue 13.9: ``.`` and ``..`` went out with d_ino 0, which glibc's readdir drops, so
+    ``ls -a`` never showed them. They carry the directory's and its parent's st_ino."""
+    layers = layers_factory(THREE_LAYERS)
+    m = overlay_mount(f"lowerdir={layers.lowerdir}")
+    for rel, parent in (("", None), ("dir1", ""), ("fd", ""), ("mo", "")):
+        out = subprocess.run(["ls", "-ai1", str(m / rel)], capture_output=True, text=True,
+                             check=True).stdout.split("\n")
+        inos = {name: int(ino) for ino, name in (line.split(None, 1) for line in out if line)}
+        assert inos["."] == os.stat(m / rel).st_ino, out
+        if parent is not None:  # ls shows the mount point's own parent for the root's ..
+            assert inos[".."] == os.stat(m / parent).st_ino, out
+
+
+def test_log_file_is_not_world_writable(layers_factory, overlay_mount, tmp_path):
+    """Issue 13.5: the daemon cleared its umask before creating the log file (0666)."""
+    layers = layers_factory(RO_SPEC)
+    logfile = tmp_path / "daemon.log"
+    overlay_mount(f"lowerdir={layers.lowerdir},logfile={logfile}").unmount()
+    assert logfile.exists()
+    assert stat.S_IMODE(os.stat(logfile).st_mode) & 0o022 == 0, oct(os.stat(logfile).st_mode)
+
+
 # --- symlinks ------------------------------------------------------------------------------
 
 def test_symlinks_are_shown_not_followed(layers_factory, overlay_mount, tmp_path):

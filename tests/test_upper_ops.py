@@ -1135,11 +1135,37 @@ def test_volatile_mount(layers_factory, overlay_mount):
     assert s.u("f.txt").read_bytes().startswith(WRITTEN)
     assert s.u("n").read_bytes() == b"n"
     assert is_whiteout(s.u("other.txt"))
-    assert_clean_work(s)
+    assert work_leftovers(s.work) == ["incompat"]  # the kernel's marker, nothing else
     s.mount.unmount()
+    marker = s.work / "work" / "incompat" / "volatile"
+    assert marker.is_dir(), "a volatile mount leaves the kernel's marker"
+    for options in (s.options, s.options.replace(",volatile", "")):
+        r = helpers.run_overlaypc(["-o", options, s.mnt], s.mnt, s.mnt.parent)
+        assert r.returncode == 2 and "volatile" in r.stderr and str(marker.relative_to(s.work)) in r.stderr, r
+        assert not helpers.is_mounted(s.mnt)
+    assert marker.is_dir(), "a refused mount removes nothing"
+    marker.rmdir()  # the recovery the error names: nothing crashed
     with helpers.Mount(s.mnt, s.options, log_dir=s.mnt.parent) as m2:
         assert (m2.path / "f.txt").read_bytes().startswith(WRITTEN)
         assert not (m2.path / "other.txt").exists()
+
+
+@pytest.mark.kernel_overlay
+def test_volatile_marker_is_the_kernels(layers_factory, overlay_mount, kernel_mount):
+    # issue 13.4: overlaypc emptied workdir/work, marker included, and wrote none
+    """The kernel refuses a workdir overlaypc used with -o volatile, and overlaypc refuses
+    one the kernel used so."""
+    s = make_stack(layers_factory, overlay_mount, {"lower": LOWER}, options="volatile",
+                   prepare=prepare_lower)
+    s.mount.unmount()
+    with pytest.raises(AssertionError, match="kernel overlay mount failed"):
+        kernel_mount(s.lowers, s.upper, s.work)
+    (s.work / "work" / "incompat" / "volatile").rmdir()
+    k = kernel_mount(s.lowers, s.upper, s.work, extra_options=("volatile",))
+    helpers.force_unmount(k)
+    assert (s.work / "work" / "incompat" / "volatile").is_dir()
+    r = helpers.run_overlaypc(["-o", s.mount.options, s.mnt], s.mnt, s.mnt.parent)
+    assert r.returncode == 2 and "volatile" in r.stderr, r
 
 
 # ======================================================================================
