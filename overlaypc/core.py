@@ -432,10 +432,11 @@ class OverlayFS:
         self.namespace.rmdir(rel)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
-        if is_hidden_name(new) and not flags:  # libfuse hides a file it was asked to unlink
-            inode = self._live_inode(old)
-            if inode is not None and not self.inodes.hold(inode):
-                inode = None
+        inode = self._live_inode(old) if is_hidden_name(new) and not flags else None
+        if inode is not None and self.inodes.hold(inode):
+            # libfuse hides an *open* file it was asked to unlink; a file nobody has open
+            # is renamed as asked (its last release may be in flight: then libfuse unlinks
+            # the new name right after, through the mount)
             try:
                 self.namespace.unlink(old)
             except BaseException:

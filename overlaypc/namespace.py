@@ -155,6 +155,8 @@ class Namespace:
         return fds[0]
 
     def mknod(self, rel: str, mode: int, device: int, caller: Caller) -> None:
+        if stat.S_ISCHR(mode) and device == 0:  # a whiteout: the name would vanish
+            raise OSError(errno.EPERM, "a 0/0 character device is a whiteout", rel)
         self._prepare_new(rel)
         if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
             mode = stat.S_IFREG | stat.S_IMODE(mode)

@@ -1112,6 +1112,37 @@ def test_rmdir_after_unlinking_open_file(stk):
     assert not os.path.lexists(stk.u("d"))
 
 
+@pytest.mark.kernel_overlay
+def test_mknod_of_a_whiteout_device_is_eperm(stk, kernel_mount):
+    """Issue 13.7: ``mknod c 0 0`` made a whiteout, and the name vanished; the kernel's
+    overlay answers EPERM, and nothing reaches the upper."""
+    ku, kw = stk.upper.parent / "k-upper", stk.upper.parent / "k-work"
+    ku.mkdir()
+    kw.mkdir()
+    for root in (stk.mnt, kernel_mount(stk.lowers, ku, kw)):
+        with pytest.raises(PermissionError):
+            os.mknod(root / "wh", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        assert not os.path.lexists(root / "wh")
+    assert not os.path.lexists(stk.u("wh"))
+    os.mknod(stk.m("dev"), stat.S_IFCHR | 0o600, os.makedev(1, 3))  # other devices work
+    assert os.stat(stk.m("dev")).st_rdev == os.makedev(1, 3)
+
+
+@pytest.mark.parametrize("origin", ["upper", "lower"])
+def test_rename_of_closed_file_to_a_hidden_like_name_is_a_rename(stk, origin):
+    """Issue 13.8: a rename to ``.fuse_hidden`` + 16 hex digits was taken as libfuse's
+    hidden unlink even for a file nobody had open, and deleted it."""
+    name = "closed.txt" if origin == "upper" else "third.txt"
+    if origin == "upper":
+        stk.m(name).write_bytes(b"closed\n")
+    data = stk.m(name).read_bytes()
+    hidden_like = ".fuse_hidden0123456789abcdef"
+    os.rename(stk.m(name), stk.m(hidden_like))
+    assert not os.path.lexists(stk.m(name))
+    assert stk.m(hidden_like).read_bytes() == data
+    assert hidden_like in os.listdir(stk.mnt)
+
+
 def test_lower_file_open_readonly_then_unlinked(stk):
     fd = os.open(stk.m("third.txt"), os.O_RDONLY)
     try:
