@@ -62,7 +62,10 @@ class Namespace:
 
     def _owner(self, rel: str, caller: Caller, mode: int) -> tuple[int, int, int]:
         """(uid, gid, mode) for a new object in the parent of ``rel``."""
-        parent = self.fs.lookup.directory(split(rel)[0]).st
+        top = self.fs.lookup.directory(split(rel)[0]).top
+        # fresh: the cached lookup keeps a directory's structure, not its attributes,
+        # which a chmod or chown of the parent may just have changed
+        parent = os.fstat(top.dirfd.fd) if top.dirfd is not None else top.st
         gid = caller.gid
         if parent.st_mode & stat.S_ISGID:
             gid = parent.st_gid

@@ -1112,6 +1112,27 @@ def test_rmdir_after_unlinking_open_file(stk):
     assert not os.path.lexists(stk.u("d"))
 
 
+@pytest.mark.parametrize("where", ["new", "lower"])
+def test_setgid_dir_after_chmod_and_chown_through_the_mount(stk, where):
+    """Issue 13.3: new objects take the group (subdirs also S_ISGID) of a setgid parent,
+    also right after a chmod/chown of that parent through the mount (the cached lookup
+    kept the parent's old attributes)."""
+    d = "sgnew" if where == "new" else "ldir"
+    if where == "new":
+        os.mkdir(stk.m(d), 0o755)
+    os.listdir(stk.m(d))  # cached by lookup
+    os.chown(stk.m(d), -1, 4242)
+    os.chmod(stk.m(d), 0o2775)
+    stk.m(f"{d}/f").write_bytes(b"f")
+    os.mkdir(stk.m(f"{d}/sdir"))
+    os.mknod(stk.m(f"{d}/fifo"), stat.S_IFIFO | 0o644)
+    for name in ("f", "sdir", "fifo"):
+        assert os.stat(stk.m(f"{d}/{name}")).st_gid == 4242, name
+        assert os.stat(stk.u(f"{d}/{name}")).st_gid == 4242, name
+    assert os.stat(stk.m(f"{d}/sdir")).st_mode & stat.S_ISGID
+    assert not os.stat(stk.m(f"{d}/f")).st_mode & stat.S_ISGID
+
+
 @pytest.mark.kernel_overlay
 def test_mknod_of_a_whiteout_device_is_eperm(stk, kernel_mount):
     """Issue 13.7: ``mknod c 0 0`` made a whiteout, and the name vanished; the kernel's
