@@ -6,8 +6,9 @@ cached attributes and pages (DESIGN.md §6 trap 9); when one name changes the fi
 mode, owner, times, xattrs, link count), every other known name is invalidated with
 ``fuse_invalidate_path``. This is what makes long attribute timeouts safe.
 
-Only regular files with ``st_nlink > 1`` are recorded. Stale names (renamed or unlinked
-since) are harmless: invalidating a missing path is a no-op.
+Non-directories of every type (regular files, fifos, sockets, devices, symlinks) with
+``st_nlink > 1`` are recorded. Stale names (renamed or unlinked since) are harmless:
+invalidating a missing path is a no-op.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class LinkNames:
 
     @staticmethod
     def key(st: os.stat_result) -> tuple[int, int] | None:
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
             return (st.st_dev, st.st_ino)
         return None
 

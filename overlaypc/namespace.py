@@ -322,6 +322,8 @@ class Namespace:
                 self.fs.adjust_nlink(replaced_shared, -1)
             if nnode.exists:
                 self.fs.unlinked(nnode, replaced)
+                if nnode.upper is not None and not nnode.is_dir:
+                    self.fs.links_changed(nnode.upper.st, new)  # other names: st_nlink dropped
             self.fs.renamed(old, new)
             if onode.is_dir or nnode.is_dir:
                 self._done(old, new)

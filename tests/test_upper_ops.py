@@ -1133,6 +1133,38 @@ def test_setgid_dir_after_chmod_and_chown_through_the_mount(stk, where):
     assert not os.stat(stk.m(f"{d}/f")).st_mode & stat.S_ISGID
 
 
+@pytest.mark.parametrize("kind", ["fifo", "chardev", "socket", "regular"])
+def test_other_names_of_hard_linked_special_files_stay_current(stk, kind):
+    """Issue 13.1: link-name tracking knew only regular files, so the other names of a
+    hard-linked fifo, socket or device showed stale attributes for the attribute timeout."""
+    p = stk.m("p")
+    if kind == "fifo":
+        os.mkfifo(p, 0o644)
+    elif kind == "chardev":
+        os.mknod(p, stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    elif kind == "socket":
+        os.mknod(p, stat.S_IFSOCK | 0o644)
+    else:
+        p.write_bytes(b"r")
+        os.chmod(p, 0o644)
+    os.link(p, stk.m("q"))
+    assert os.stat(stk.m("q")).st_nlink == 2  # cached now
+    os.link(p, stk.m("r"))
+    assert os.stat(stk.m("q")).st_nlink == 3, "after link"
+    os.chmod(p, 0o600)
+    assert stat.S_IMODE(os.stat(stk.m("q")).st_mode) == 0o600, "after chmod"
+    os.chown(p, 1234, 5678)
+    assert os.stat(stk.m("q"))[4:6] == (1234, 5678), "after chown"
+    os.unlink(stk.m("r"))
+    assert os.stat(stk.m("q")).st_nlink == 2, "after unlink"
+    stk.m("other").write_bytes(b"o")
+    ctime = os.stat(stk.m("q")).st_ctime_ns
+    os.rename(stk.m("other"), p)  # rename over one name: the other loses a link
+    st = os.stat(stk.m("q"))
+    assert st.st_nlink == 1, "after rename over another name"
+    assert st.st_ctime_ns >= ctime
+
+
 @pytest.mark.kernel_overlay
 def test_mknod_of_a_whiteout_device_is_eperm(stk, kernel_mount):
     """Issue 13.7: ``mknod c 0 0`` made a whiteout, and the name vanished; the kernel's
