@@ -218,8 +218,13 @@ class Lookup:
             if target is not None:
                 if target.startswith("/"):
                     redirect = target.strip("/")  # absolute: from each lower layer's root
+                elif redirect is not None:
+                    # relative, met after an absolute one (a former upper used as a lower):
+                    # same parent as the path followed so far, other name (the kernel's
+                    # ovl_check_redirect prepends the parent path)
+                    redirect = join(split(redirect)[0], target)
                 else:
-                    redirect, name = None, target  # relative: same parent, other name
+                    name = target  # relative: same merged parent, other name
         if self.index is not None and entries and not entries[0].layer.writable \
                 and self.index.eligible(entries[0]):
             shared = self.index.find(entries[0])

@@ -221,6 +221,31 @@ def test_overlaypc_continues_kernel_redirects(xfs_dir, layers_factory, overlay_m
     assert_same(mine, snapshot(k2, kernel=True), ("overlaypc", "kernel"))
 
 
+def test_relative_redirect_in_a_former_upper_reached_by_an_absolute_one(
+        xfs_dir, layers_factory, overlay_mount, kernel_mount):
+    """Issue 13.2: a former upper, now a lower, holds ``a/dir102x`` with the relative
+    redirect ``dir102``; the top upper holds ``a/empty102/dir102`` with the absolute
+    redirect ``/a/dir102x``. The relative redirect is taken from the path followed so far
+    (``a/`` + ``dir102``), not from the merged parent: the original contents show."""
+    lowers = make_lowers(layers_factory, xfs_dir, {"orig": {
+        "a": {"dir102": {"f": "f in dir102", "sub": {"g": "g"}}, "empty102": {}}}})
+    first = new_stack(lowers, xfs_dir, "first")
+    with helpers.kernel_overlay(xfs_dir / "k102a", lowers, first.upper, first.work,
+                                KERNEL_REDIRECT) as k:
+        os.rename(k / "a/dir102", k / "a/dir102x")
+    second = new_stack([first.upper, *lowers], xfs_dir, "second")
+    with helpers.kernel_overlay(xfs_dir / "k102b", second.lowers, second.upper, second.work,
+                                KERNEL_REDIRECT) as k:
+        os.rename(k / "a/dir102x", k / "a/empty102/dir102")
+        expected = snapshot(k, kernel=True)
+    assert upper_redirects(first.upper) == {"a/dir102x": b"dir102"}
+    assert upper_redirects(second.upper) == {"a/empty102/dir102": b"/a/dir102x"}
+    m = overlay_mount(second.options())
+    assert (m / "a/empty102/dir102/f").read_bytes() == b"f in dir102"
+    assert (m / "a/empty102/dir102/sub/g").read_bytes() == b"g"
+    assert_same(snapshot(m.path), expected, ("overlaypc", "kernel"))
+
+
 def test_mv_of_populated_lower_tree_is_one_rename(xfs_dir, layers_factory, overlay_mount):
     lowers = make_lowers(layers_factory, xfs_dir, {"l": {
         "tree": {"a": "a", "d1": {"d2": {"deep": "deep"}, "x": "x"}}}})
