@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -74,6 +75,22 @@ def mark_volatile(work: Layer) -> None:
     for rel in (INCOMPAT_DIR, VOLATILE_MARKER):
         if work.lstat(rel) is None:
             work.do_mkdir(rel, 0o700)
+
+
+def must_copy_xattr(name: str) -> bool:
+    """Xattrs a copy-up must not lose, even where the upper does not support them."""
+    return name in ("system.posix_acl_access", "system.posix_acl_default") \
+        or name.startswith("security.")
+
+
+@functools.lru_cache(maxsize=1)
+def lsm_owned_xattrs() -> frozenset[str]:
+    """Xattrs the kernel's LSM hooks drop at copy-up (``security_inode_copy_up_xattr``):
+    EVM's always, SELinux's label where SELinux is enabled (it labels the copy itself)."""
+    owned = {"security.evm"}
+    if os.path.exists("/sys/fs/selinux/enforce"):
+        owned.add("security.selinux")
+    return frozenset(owned)
 
 
 def clean_workdir(work: Layer) -> int:
@@ -262,18 +279,7 @@ class CopyUp:
         # chown first: chown(2) drops security.capability (even for root), and the
         # kernel's copy-up keeps it
         self.work.do_chown(ctx.tmp, st.st_uid, st.st_gid)
-        for name in src.layer.listxattr(src.rel):
-            if is_private_xattr(name):
-                continue
-            value = src.layer.getxattr(src.rel, name)
-            if value is None:
-                continue
-            try:
-                self.work.do_setxattr(ctx.tmp, name, value)
-            except OSError as e:
-                if e.errno not in (errno.ENOTSUP, errno.EPERM):
-                    raise
-                log.warning("copy-up of %s: xattr %s not copied: %s", src.rel, name, e.strerror)
+        self._copy_xattrs(ctx)
         origin_fd = src.layer.path_fd(src.rel)
         try:
             origin = sysapi.ovl_origin_xattr(origin_fd, src.layer.uuid)
@@ -291,6 +297,27 @@ class CopyUp:
         if ctx.kind != stat.S_IFLNK:
             self.work.do_chmod(ctx.tmp, stat.S_IMODE(st.st_mode))
         self.work.do_utime(ctx.tmp, (st.st_atime_ns, st.st_mtime_ns))
+
+    def _copy_xattrs(self, ctx: CopyUpContext) -> None:
+        """The kernel's rule (``ovl_copy_xattr``): any error fails the copy-up, except
+        EOPNOTSUPP for an xattr that need not be copied (not a POSIX ACL, not
+        ``security.*``): a lost ACL or security label could widen access. Xattrs owned by
+        an LSM that labels the new object itself are not copied."""
+        src = ctx.src
+        for name in src.layer.listxattr(src.rel):
+            if is_private_xattr(name) or name in lsm_owned_xattrs():
+                continue
+            value = src.layer.getxattr(src.rel, name)
+            if value is None:
+                continue  # removed meanwhile
+            try:
+                self.work.do_setxattr(ctx.tmp, name, value)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP or must_copy_xattr(name):
+                    raise OSError(e.errno, f"copy-up of {ctx.node.rel}: xattr {name} not copied: "
+                                  f"{e.strerror}", ctx.node.rel) from None
+                log.info("copy-up of %s: xattr %s not supported by the upper, not copied",
+                         src.rel, name)
 
     def _set_private(self, rel: str, name: str, value: bytes) -> None:
         try:

@@ -18,7 +18,7 @@ for arg in "$@"; do
     esac
 done
 
-APT_PACKAGES=(fuse3 libfuse3-3 xfsprogs attr acl e2fsprogs util-linux python3-venv
+APT_PACKAGES=(fuse3 libfuse3-3 xfsprogs btrfs-progs attr acl e2fsprogs util-linux python3-venv
               fuse-overlayfs unionfs-fuse fio kmod)
 VENV="$ROOT/.venv"
 STAMP="$VENV/.stamp"

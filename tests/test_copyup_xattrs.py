@@ -1,0 +1,83 @@
+"""Copy-up and extended attributes, the kernel's rule (issue 13.6, ``ovl_copy_xattr``).
+
+Any error but EOPNOTSUPP fails the copy-up; EOPNOTSUPP fails it for POSIX ACLs and
+``security.*`` only (a lost ACL could widen access), and is ignored for other xattrs.
+The upper here is a real btrfs mounted ``noacl`` on a loop device, where setting an ACL
+gives EOPNOTSUPP while other xattrs work; the kernel overlay over the same kind of upper
+is the oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import helpers
+
+pytestmark = [pytest.mark.mount]
+
+
+@pytest.fixture
+def noacl_fs(tmp_path: Path):
+    """A small btrfs mounted with ``noacl``: ACL xattrs answer EOPNOTSUPP."""
+    helpers.require("root")
+    helpers.require(shutil.which("mkfs.btrfs") is not None, "needs mkfs.btrfs (btrfs-progs)")
+    image, mnt = tmp_path / "btrfs.img", tmp_path / "noacl"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(128 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    r = subprocess.run(["mount", "-o", "loop,noacl", str(image), str(mnt)], capture_output=True,
+                       text=True)
+    helpers.require(r.returncode == 0, f"cannot loop-mount btrfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        helpers.force_unmount(mnt)
+        with contextlib.suppress(OSError):
+            image.unlink()
+
+
+def lower_with_acl(base: Path) -> Path:
+    lower = base / "lower"
+    lower.mkdir()
+    (lower / "secret").write_bytes(b"not for nobody\n")
+    os.chmod(lower / "secret", 0o644)
+    subprocess.run(["setfacl", "-m", "u:nobody:---", str(lower / "secret")], check=True)
+    (lower / "plain").write_bytes(b"plain\n")
+    os.setxattr(lower / "plain", "user.note", b"kept")
+    return lower
+
+
+def upper_and_work(base: Path, tag: str) -> tuple[Path, Path]:
+    upper, work = base / f"upper-{tag}", base / f"work-{tag}"
+    upper.mkdir()
+    work.mkdir()
+    return upper, work
+
+
+def test_acl_that_cannot_be_copied_fails_the_copy_up(tmp_path, noacl_fs, overlay_mount,
+                                                     kernel_mount):
+    lower = lower_with_acl(tmp_path)
+    upper, work = upper_and_work(noacl_fs, "ours")
+    m = overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work}")
+    with pytest.raises(OSError) as ours:
+        os.chmod(m / "secret", 0o640)
+    assert ours.value.errno == errno.EOPNOTSUPP
+    assert not (upper / "secret").exists(), "a copy without its ACL reached the upper"
+    assert os.listdir(work / "work") == []
+    assert (m / "secret").read_bytes() == b"not for nobody\n"
+    os.chmod(m / "plain", 0o600)  # no ACL: copies up fine, user xattr included
+    assert os.getxattr(upper / "plain", "user.note") == b"kept"
+
+    kupper, kwork = upper_and_work(noacl_fs, "kernel")
+    k = kernel_mount([lower], kupper, kwork)
+    with pytest.raises(OSError) as theirs:
+        os.chmod(k / "secret", 0o640)
+    assert theirs.value.errno == ours.value.errno
