@@ -11,18 +11,27 @@ on the index file (initially the lower file's nlink, +1 per link and -1 per unli
 the mount), and also in the kernel's own ``trusted.overlay.nlink`` ("U%+d", relative to the
 index inode's link count), rewritten whenever that count changes, so the kernel mounting
 the upper with ``index=on`` shows the same count; a kernel-made index is read the same way.
+
+Bounds: index names of lower files are remembered for at most ``KEYS_LIMIT`` files (LRU,
+~300 bytes each: ~5 MiB), merged names seen per index entry for at most ``NAMES_LIMIT``
+entries of ``NAMES_PER_ENTRY`` names (dropped when full; a dropped name only keeps its
+cached st_nlink until the attribute timeout).
 """
 from __future__ import annotations
 
 import os
 import stat
 import threading
+from collections import OrderedDict
 
 from . import sysapi, whiteout
 from .layer import Layer
 from .lookup import Entry
 
 INDEX_DIR = "index"
+KEYS_LIMIT = 16384
+NAMES_LIMIT = 4096
+NAMES_PER_ENTRY = 64
 
 
 class IndexDir:
@@ -31,7 +40,7 @@ class IndexDir:
         self.nlink_xattr = whiteout.own_xattr(xattr_prefix, "nlink")
         self.origin_xattr = xattr_prefix + "origin"
         self.kernel_nlink_xattr = xattr_prefix + "nlink"
-        self._keys: dict[tuple[int, int], str | None] = {}
+        self._keys: OrderedDict[tuple[int, int], str | None] = OrderedDict()
         #: index entry -> merged names seen for it, whose cached st_nlink must be dropped
         #: when a link or unlink changes the count (each name is its own FUSE node)
         self.names: dict[str, set[str]] = {}
@@ -59,6 +68,8 @@ class IndexDir:
         key = origin.hex() if origin else None
         with self._lock:
             self._keys[ident] = key
+            if len(self._keys) > KEYS_LIMIT:
+                self._keys.popitem(last=False)
         return key
 
     def rel(self, key: str) -> str:
@@ -86,11 +97,11 @@ class IndexDir:
 
     def seen(self, index: Entry, name: str) -> None:
         with self._lock:
-            names = self.names.setdefault(index.rel, set())
-            if len(names) < 256:
-                names.add(name)
-            if len(self.names) > 65536:
+            if index.rel not in self.names and len(self.names) >= NAMES_LIMIT:
                 self.names.clear()
+            names = self.names.setdefault(index.rel, set())
+            if len(names) < NAMES_PER_ENTRY:
+                names.add(name)
 
     def nlink(self, index: Entry, lower: os.stat_result | None = None) -> int:
         """The overlay's link count: ours if recorded, else the kernel's relative one."""

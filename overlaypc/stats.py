@@ -2,6 +2,10 @@
 
 Owns: one ``Stats`` object per mount. Counting is a dict update under a lock: cheap
 next to a FUSE round trip.
+
+Bound: the distinct backing inodes served are kept as one small int each, at most
+``DISTINCT_LIMIT`` of them (about 4 MiB); past that the count is reported as a lower
+bound (``distinct_backing_inodes_capped``).
 """
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ import threading
 import time
 from collections import Counter
 
+#: At most this many distinct backing inodes are remembered (~60 bytes each).
+DISTINCT_LIMIT = 65536
+
 
 class Stats:
     def __init__(self) -> None:
@@ -17,7 +24,7 @@ class Stats:
         self.started = time.time()
         self.counters: Counter[str] = Counter()
         self.copy_ups: Counter[str] = Counter()
-        self._backing: set[tuple[int, int]] = set()
+        self._backing: set[int] = set()
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -32,8 +39,8 @@ class Stats:
             self.counters["bytes_read"] += nbytes
             if shared:
                 self.counters["bytes_shared"] += shared
-            if len(self._backing) < 1_000_000:
-                self._backing.add(backing)
+            if len(self._backing) < DISTINCT_LIMIT:
+                self._backing.add(hash(backing))
 
     def snapshot(self, **extra: object) -> dict:
         with self._lock:
@@ -43,6 +50,7 @@ class Stats:
                 "bytes_written": self.counters["bytes_written"],
                 "bytes_shared": self.counters["bytes_shared"],
                 "distinct_backing_inodes": len(self._backing),
+                "distinct_backing_inodes_capped": len(self._backing) >= DISTINCT_LIMIT,
                 "handle_switches": self.counters["handle_switches"],
                 "copy_ups": dict(self.copy_ups),
                 "errors": self.counters["errors"],

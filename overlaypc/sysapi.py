@@ -4,12 +4,14 @@ Owns: ``openat2`` (confined path resolution), ``renameat2`` (whiteout / exchange
 noreplace renames), ``name_to_handle_at`` (origin file handles), the ``FICLONE``
 ioctl (reflink) and the filesystem UUID lookup.
 
-Caveats: x86_64 and aarch64 syscall numbers only; every wrapper raises ``OSError``
-with the real errno, nothing else.
+Caveats: ``openat2`` is called by number (the same on every architecture but alpha);
+``renameat2`` goes through glibc's wrapper. Every wrapper raises ``OSError`` with the
+real errno, nothing else.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import platform
@@ -18,8 +20,14 @@ import struct
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
-_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(platform.machine(), 437)
-_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}.get(platform.machine(), 316)
+# openat2 has one number on every architecture Linux added it to after the syscall tables
+# were unified (5.6), except alpha; glibc has no wrapper for it
+_SYS_OPENAT2 = 547 if platform.machine() == "alpha" else 437
+# renameat2's number differs per architecture: take glibc's wrapper (2.28+), never a guess
+_renameat2 = getattr(_libc, "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    _renameat2.restype = ctypes.c_int
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -61,8 +69,11 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
 
 
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
-    ret = _libc.syscall(_SYS_RENAMEAT2, olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname),
-                        ctypes.c_uint(flags))
+    """``renameat2`` through glibc; ENOSYS where this libc has no wrapper (callers fall
+    back or refuse the flags, never guess a syscall number)."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2: not provided by this C library", oldname)
+    ret = _renameat2(olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname), flags)
     _check(ret, "renameat2", oldname)
 
 
