@@ -192,7 +192,7 @@ class OverlayFS:
                 return
             fd = entry.layer.open(entry.rel, os.O_RDONLY)
             try:
-                fx = map_file(fd, writable=False)
+                fx = map_file(fd)
             finally:
                 os.close(fd)
             if fx is not None:

@@ -132,7 +132,7 @@ class Files:
         epoch = inode.extents_epoch
         sharing = self.fs.sharing
         known = None if inode.in_upper else sharing.lower_mapping(inode.backing)
-        fx = map_file(fd, writable=inode.in_upper) if known is None else known
+        fx = map_file(fd) if known is None else known
         result: object = NOT_SHARED
         if fx is not None and fx is not NOT_SHARED and fx.has_shared:
             if inode.in_upper:
