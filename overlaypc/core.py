@@ -12,6 +12,7 @@ adapter at one boundary.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -19,7 +20,7 @@ import stat
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import whiteout
 from .attrs import Attr, Attributes
@@ -37,7 +38,7 @@ from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
 from .readdir import DirEntry, merged_listing
 from .stack import LayerStack
-from .sharing import Canonical, ExtentMap, map_file
+from .sharing import Canonical, ExtentMap, changing, map_file
 from .stats import Stats
 
 log = logging.getLogger("overlaypc.core")
@@ -162,13 +163,18 @@ class OverlayFS:
         node = self.lookup.lookup(rel)
         return self.inodes.get(self.inos.ino_of(node)) if node.exists else None
 
-    def drop_extents(self, rel: str) -> None:
-        """Forget the sharing map of ``rel`` before it changes by path (truncate)."""
+    @contextlib.contextmanager
+    def drop_extents(self, rel: str) -> Iterator[None]:
+        """Around a size change of ``rel`` by path (truncate): its live inode's sharing map
+        goes before the change (``sharing.changing``); an inode that came alive during the
+        change may have mapped the old file, so its map goes after it."""
         inode = self._live_inode(rel)
-        if inode is not None:
-            with inode.lock:
-                inode.extents_epoch += 1
-                inode.extents = None
+        with changing(inode) if inode is not None else contextlib.nullcontext():
+            yield
+        later = self._live_inode(rel)
+        if later is not None and later is not inode:
+            with changing(later):
+                pass
 
     def register_origin(self, rel: str) -> None:
         """Make the lower file at ``rel`` (an upper file's copy-up origin) canonical for

@@ -12,9 +12,10 @@ Rules that keep it from ever serving wrong data:
   * every file with shared extents, lower or upper, is mapped with ``FIEMAP_FLAG_SYNC``:
     XFS keeps a COW-fork write in the page cache while the data fork still points at the
     shared extent, also for a lower file written (without fsync) before the mount;
-  * a write through the mount drops the written range from the file's map *before* it
-    is written, so no later read can be redirected over it; truncate, fallocate and
-    O_APPEND writes drop the file's whole map;
+  * every change of a file's data through the mount runs inside ``changing``: a write
+    drops the written range from the file's mapping, a size change (truncate, O_TRUNC,
+    fallocate) the whole mapping, *before* the file changes, so no later read can be
+    redirected over it; a mapping made while a change runs is never kept;
   * canonical intervals never overlap: the first lower file seen for an extent (or the
     copy-up origin of an upper file) owns it; FIEMAP's merged extents are handled by
     interval containment, so partial sharing is served piece by piece. Owners are
@@ -31,14 +32,19 @@ files (LRU; lower data never changes through the mount).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
 
 from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
 from .layer import Layer
+
+if TYPE_CHECKING:
+    from .inodes import OverlayInode
 
 log = logging.getLogger("overlaypc.sharing")
 
@@ -297,3 +303,28 @@ def map_file(fd: int) -> FileExtents | None:
         return None
     return FileExtents(st.st_dev, st.st_ino, st.st_size, extents)
 
+
+@contextlib.contextmanager
+def changing(inode: "OverlayInode", start: int | None = None, end: int = 0) -> Iterator[None]:
+    """Run a change of ``inode``'s backing data through the mount (DESIGN.md §5).
+
+    Before the change: the inode's mapping loses the byte range [start, end), growing its
+    size to ``end`` if that is larger; ``start`` None (any size change: truncate, O_TRUNC,
+    fallocate, an O_APPEND write) drops the whole mapping. So no read planned from then on
+    is redirected over the new data. While it runs ``extents_busy`` is non-zero and each
+    end bumps ``extents_epoch``: a mapping made from the file as it was is never stored
+    (see ``Files._map``), whatever the interleaving."""
+    with inode.lock:
+        inode.extents_epoch += 1
+        inode.extents_busy += 1
+        fx = inode.extents
+        if start is None:
+            inode.extents = None
+        elif isinstance(fx, FileExtents):
+            inode.extents = fx.without(start, end, max(fx.size, end))
+    try:
+        yield
+    finally:
+        with inode.lock:
+            inode.extents_busy -= 1
+            inode.extents_epoch += 1

@@ -233,3 +233,66 @@ def test_evicted_canonical_fd_is_closed_once_unused(lower):
         os.fstat(fd)
     m.close()
 
+
+# -- changes of a file: a mapping made while one runs is never kept -----------------------------
+@pytest.fixture
+def upper_file(tmp_path: Path):
+    """An overlay inode on a file of a writable layer, its ``Files``, and an fd of the file."""
+    from types import SimpleNamespace
+
+    from overlaypc.files import Files
+    from overlaypc.inodes import OverlayInode
+
+    root = tmp_path / "upper"
+    root.mkdir()
+    (root / "f").write_bytes(b"x" * BLOCK)
+    layer = Layer(str(root), 0, writable=True)
+    inode = OverlayInode(1, layer, "f", layer.path_fd("f"))
+    files = Files(SimpleNamespace(sharing=ExtentMap(), register_origin=lambda rel: None))
+    fd = os.open(root / "f", os.O_RDONLY)
+    yield inode, files, fd
+    os.close(fd)
+    os.close(inode.path_fd)
+    layer.close()
+
+
+def test_mapping_made_during_a_change_is_not_kept(upper_file, monkeypatch):
+    import overlaypc.files as files_mod
+    from overlaypc.sharing import changing
+
+    inode, files, fd = upper_file
+    with changing(inode):  # e.g. a truncate in flight
+        files._map(inode, fd)
+    assert inode.extents is None
+    # a change that starts and ends while FIEMAP runs
+    real = files_mod.map_file
+
+    def racing(mapped_fd):
+        result = real(mapped_fd)
+        with changing(inode, 0, 10):
+            pass
+        return result
+
+    monkeypatch.setattr(files_mod, "map_file", racing)
+    files._map(inode, fd)
+    assert inode.extents is None
+    monkeypatch.setattr(files_mod, "map_file", real)
+    files._map(inode, fd)
+    assert inode.extents is not None, "with no change around, the mapping is kept"
+
+
+def test_changing_cuts_before_the_change_and_keeps_the_rest(upper_file):
+    from overlaypc.sharing import changing
+
+    inode, _, _ = upper_file
+    fx = FileExtents(1, 2, BLOCK, [Extent(0, 1 << 30, BLOCK, SHARED)])
+    inode.extents = fx
+    with changing(inode, BLOCK - 8, BLOCK + 8):  # a write across the end of the file
+        inside = inode.extents
+        assert [(e.logical, e.length) for e in inside.extents] == [(0, BLOCK - 8)]
+        assert inside.size == BLOCK + 8
+        assert inode.extents_busy == 1
+    assert inode.extents is inside, "a write keeps the rest of the mapping"
+    assert inode.extents_busy == 0
+    with changing(inode):  # any size change
+        assert inode.extents is None
