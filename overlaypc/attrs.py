@@ -112,8 +112,8 @@ class Attributes:
 
     def truncate(self, rel: str, length: int) -> None:
         entry = self._upper(rel, data=True)
-        self.fs.drop_extents(rel)
-        entry.layer.do_truncate(entry.rel, length)
+        with self.fs.drop_extents(rel):
+            entry.layer.do_truncate(entry.rel, length)
         self.fs.data_changed_by_path(rel)
         self._changed(entry, rel)
 

@@ -12,6 +12,7 @@ adapter at one boundary.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -19,7 +20,7 @@ import stat
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import whiteout
 from .attrs import Attr, Attributes
@@ -37,7 +38,7 @@ from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
 from .readdir import DirEntry, merged_listing
 from .stack import LayerStack
-from .sharing import Canonical, ExtentMap, map_file
+from .sharing import Canonical, ExtentMap, changing, map_file
 from .stats import Stats
 
 log = logging.getLogger("overlaypc.core")
@@ -188,13 +189,18 @@ class OverlayFS:
         node = self.lookup.lookup(rel)
         return self.inodes.get(self.identity(node)) if node.exists else None
 
-    def drop_extents(self, rel: str) -> None:
-        """Forget the sharing map of ``rel`` before it changes by path (truncate)."""
+    @contextlib.contextmanager
+    def drop_extents(self, rel: str) -> Iterator[None]:
+        """Around a size change of ``rel`` by path (truncate): its live inode's sharing map
+        goes before the change (``sharing.changing``); an inode that came alive during the
+        change may have mapped the old file, so its map goes after it."""
         inode = self._live_inode(rel)
-        if inode is not None:
-            with inode.lock:
-                inode.extents_epoch += 1
-                inode.extents = None
+        with changing(inode) if inode is not None else contextlib.nullcontext():
+            yield
+        later = self._live_inode(rel)
+        if later is not None and later is not inode:
+            with changing(later):
+                pass
 
     def register_origin(self, rel: str) -> None:
         """Make the lower file at ``rel`` (an upper file's copy-up origin) canonical for
@@ -218,7 +224,7 @@ class OverlayFS:
                 return
             fd = entry.layer.open(entry.rel, os.O_RDONLY)
             try:
-                fx = map_file(fd, writable=False)
+                fx = map_file(fd)
             finally:
                 os.close(fd)
             if fx is not None:
@@ -247,6 +253,7 @@ class OverlayFS:
 
     def renamed(self, old: str, new: str) -> None:
         self.hidden.moved(old, new)
+        self.handles.renamed(old, new)
         with self._dir_lock:
             for handle in self._dir_handles.values():
                 path = handle.rel
@@ -432,17 +439,22 @@ class OverlayFS:
         self.namespace.rmdir(rel)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
-        inode = self._live_inode(old) if is_hidden_name(new) and not flags else None
-        if inode is not None and self.inodes.hold(inode):
-            # libfuse hides an *open* file it was asked to unlink; a file nobody has open
-            # is renamed as asked (its last release may be in flight: then libfuse unlinks
-            # the new name right after, through the mount)
-            try:
-                self.namespace.unlink(old)
-            except BaseException:
-                if inode is not None:
-                    self.inodes.release(inode)
-                raise
-            self.hidden.add(new, inode)
-            return
+        if is_hidden_name(new) and not flags:
+            # libfuse hides an *open* file it was asked to unlink (its open count lasts
+            # until our release returns, so "open" includes a release just done); a file
+            # nobody has open is renamed as asked, whatever the name
+            node = self.lookup.lookup(old)
+            key = self.identity(node) if node.exists else None
+            inode = self.inodes.get(key) if key is not None else None
+            if inode is not None and not self.inodes.hold(inode):
+                inode = None
+            if inode is not None or (key is not None and self.files.just_released(key)):
+                try:
+                    self.namespace.unlink(old)
+                except BaseException:
+                    if inode is not None:
+                        self.inodes.release(inode)
+                    raise
+                self.hidden.add(new, inode)
+                return
         self.namespace.rename(old, new, flags)

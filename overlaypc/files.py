@@ -10,19 +10,23 @@ In ``cache=shared`` mode every open is ``direct_io``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import faults, sysapi
 from .attrs import Attr
 from .handles import Handle
-from .inodes import OverlayInode
+from .inodes import InodeKey, OverlayInode
 from .lookup import Entry
 from .namespace import Caller
-from .sharing import NOT_SHARED, Canonical, Piece, map_file
+from .sharing import NOT_SHARED, Canonical, Piece, changing, map_file
 
 if TYPE_CHECKING:
     from .core import OverlayFS
@@ -37,9 +41,17 @@ class OpenResult:
     direct_io: bool
 
 
+#: How long after its last release a file may still be hidden by libfuse, and how many
+#: such releases are remembered (see ``Files.just_released``).
+RELEASE_WINDOW = 2.0
+RELEASED_KEPT = 1024
+
+
 class Files:
     def __init__(self, fs: "OverlayFS") -> None:
         self.fs = fs
+        self._released: OrderedDict[InodeKey, float] = OrderedDict()
+        self._released_lock = threading.Lock()
 
     def open(self, rel: str, flags: int) -> OpenResult:
         fs = self.fs
@@ -67,7 +79,8 @@ class Files:
             try:
                 if node.data is not None:
                     inode.meta_rel = rel
-                fd, generation = inode.open_backing(flags, via=backing)
+                with self._truncating(inode, flags):
+                    fd, generation = inode.open_backing(flags, via=backing)
             except BaseException:
                 fs.inodes.release(inode)
                 raise
@@ -130,22 +143,30 @@ class Files:
         return n
 
     def _map(self, inode: OverlayInode, fd: int):
-        """Map the inode's backing with FIEMAP; register canonical owners of its extents."""
-        epoch = inode.extents_epoch
+        """Map ``fd`` (the inode's backing) with FIEMAP; register canonical owners of its
+        extents. The result serves this read; it is kept for later reads only if it is
+        current: no data change ran or started meanwhile (``sharing.changing``) and ``fd``
+        is still the inode's backing (a copy-up may have rebound it since)."""
+        with inode.lock:
+            epoch, busy = inode.extents_epoch, inode.extents_busy
+            layer, rel = inode.layer, inode.rel
         sharing = self.fs.sharing
-        known = None if inode.in_upper else sharing.lower_mapping(inode.backing)
-        fx = map_file(fd, writable=inode.in_upper) if known is None else known
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        upper = layer.writable
+        known = None if upper else sharing.lower_mapping(key)
+        fx = map_file(fd) if known is None else known
         result: object = NOT_SHARED
         if fx is not None and fx is not NOT_SHARED and fx.has_shared:
-            if inode.in_upper:
-                self.fs.register_origin(inode.rel)
+            if upper:
+                self.fs.register_origin(rel)
             else:  # a no-op when already registered; redone if the full map was dropped
-                sharing.register(Canonical(inode.layer, inode.rel, fx.dev, fx.ino), fx.extents)
+                sharing.register(Canonical(layer, rel, fx.dev, fx.ino), fx.extents)
             result = fx
-        if known is None and not inode.in_upper:
-            sharing.remember_lower(inode.backing, result)
+        if known is None and not upper:
+            sharing.remember_lower(key, result)
         with inode.lock:
-            if inode.extents_epoch == epoch:  # no write raced with the mapping
+            if not busy and inode.extents_epoch == epoch and inode.backing == key:
                 inode.extents = result
         return result
 
@@ -170,25 +191,25 @@ class Files:
         handle = self.fs.handles.get(fh)
         fd = self._fd(handle)
         faults.hit("file.write", handle.inode.rel)
-        self._unshare(handle, offset, len(data))
-        n = os.pwrite(fd, data, offset)
+        with self._unshare(handle, offset, len(data)):
+            n = os.pwrite(fd, data, offset)
         self.fs.stats.add("bytes_written", n)
         self.changed(handle)
         return n
 
-    def _unshare(self, handle: Handle, offset: int | None, length: int = 0) -> None:
-        """Drop [offset, offset+length) (None: everything) from the sharing map *before*
-        the file changes, so no read can be redirected over new data."""
-        inode = handle.inode
-        with inode.lock:
-            inode.extents_epoch += 1
-            fx = inode.extents
-            if fx is None or fx is NOT_SHARED:
-                return
-            if offset is None or handle.flags & os.O_APPEND:
-                inode.extents = None
-            else:
-                inode.extents = fx.without(offset, offset + length, max(fx.size, offset + length))
+    @staticmethod
+    def _unshare(handle: Handle, offset: int, length: int) -> contextlib.AbstractContextManager:
+        """Around a write: [offset, offset+length) leaves the sharing map *before* the file
+        changes (the whole map for O_APPEND, whose offset the backing file decides)."""
+        if handle.flags & os.O_APPEND:
+            return changing(handle.inode)
+        return changing(handle.inode, offset, offset + length)
+
+    @staticmethod
+    def _truncating(inode: OverlayInode, flags: int) -> contextlib.AbstractContextManager:
+        """Around the reopen of an open(O_TRUNC): the sharing map goes before the backing
+        file is truncated, so no read is redirected to the old data in between."""
+        return changing(inode) if flags & os.O_TRUNC else contextlib.nullcontext()
 
     def changed(self, handle: Handle) -> None:
         self.fs.data_changed(handle.inode, handle.path)
@@ -196,15 +217,15 @@ class Files:
     def truncate(self, fh: int, length: int) -> None:
         handle = self.fs.handles.get(fh)
         fd = self._fd(handle)
-        self._unshare(handle, None)
-        os.ftruncate(fd, length)
+        with changing(handle.inode):  # a size change: the whole sharing map goes first
+            os.ftruncate(fd, length)
         self.changed(handle)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         handle = self.fs.handles.get(fh)
         fd = self._fd(handle)
-        self._unshare(handle, None)
-        sysapi.fallocate(fd, mode, offset, length)
+        with changing(handle.inode):  # punch, zero, collapse, insert: any of them remaps
+            sysapi.fallocate(fd, mode, offset, length)
         self.changed(handle)
 
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -252,7 +273,10 @@ class Files:
         self._on_nameless(inode, lambda fd: self.fs.attrs.utime_fd(fd, times))
 
     def truncate_inode(self, inode: OverlayInode, length: int) -> None:
-        self._on_nameless(inode, lambda fd: os.ftruncate(fd, length), os.O_WRONLY)
+        def cut(fd: int) -> None:
+            with changing(inode):
+                os.ftruncate(fd, length)
+        self._on_nameless(inode, cut, os.O_WRONLY)
         with inode.lock:
             inode.data_version += 1
 
@@ -276,4 +300,18 @@ class Files:
     def release(self, fh: int) -> None:
         handle = self.fs.handles.pop(fh)
         handle.close()
-        self.fs.inodes.release(handle.inode)
+        inode = handle.inode
+        with self._released_lock:
+            self._released[inode.key] = time.monotonic()
+            self._released.move_to_end(inode.key)
+            if len(self._released) > RELEASED_KEPT:
+                self._released.popitem(last=False)
+        self.fs.inodes.release(inode)
+
+    def just_released(self, key: InodeKey) -> bool:
+        """Whether a handle of ``key`` was released within ``RELEASE_WINDOW`` seconds:
+        libfuse counts a file open until our release *returns*, so it may still hide
+        (rename to ``.fuse_hidden*``) a file whose last handle we already let go."""
+        with self._released_lock:
+            at = self._released.get(key)
+        return at is not None and time.monotonic() - at < RELEASE_WINDOW

@@ -113,6 +113,16 @@ class HandleTable:
         with self._lock:
             return self._handles.pop(fh)
 
+    def renamed(self, old: str, new: str) -> None:
+        """Names moved: each handle keeps the name its FUSE node now has, so a change through
+        it never invalidates its own node (the kernel may hold that node's pages locked for
+        the very write being served: a deadlock)."""
+        with self._lock:
+            for handle in self._handles.values():
+                path = handle.path
+                if path == old or path.startswith(old + "/"):
+                    handle.path = new + path[len(old):]
+
     def for_inode(self, inode: OverlayInode) -> list[Handle]:
         with self._lock:
             return [h for h in self._handles.values() if h.inode is inode]

@@ -78,6 +78,8 @@ class OverlayInode:
     #: yet; ``sharing.NOT_SHARED`` = mapped, nothing shared (the fast path)
     extents: object = None
     extents_epoch: int = 0
+    #: data changes in flight (``sharing.changing``): no mapping is stored meanwhile
+    extents_busy: int = 0
     #: merged path -> data version the kernel's page cache of that FUSE node holds
     seen: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)

@@ -9,31 +9,42 @@ Rules that keep it from ever serving wrong data:
   * the map is keyed by ``(st_dev, physical offset)``: offsets repeat across filesystems;
   * only plain extents (flags within SHARED|LAST|MERGED) are used;
   * canonical sources are read-only lower files, whose data never changes;
-  * upper files are mapped with ``FIEMAP_FLAG_SYNC`` (XFS keeps a COW-fork write in the
-    page cache while the data fork still points at the shared extent), and a write
-    through the mount drops the written range from the file's map *before* it is
-    written, so no later read can be redirected over it; truncate, fallocate and
-    O_APPEND writes drop the file's whole map;
+  * every file with shared extents, lower or upper, is mapped with ``FIEMAP_FLAG_SYNC``:
+    XFS keeps a COW-fork write in the page cache while the data fork still points at the
+    shared extent, also for a lower file written (without fsync) before the mount;
+  * every change of a file's data through the mount runs inside ``changing``: a write
+    drops the written range from the file's mapping, a size change (truncate, O_TRUNC,
+    fallocate) the whole mapping, *before* the file changes, so no later read can be
+    redirected over it; a mapping made while a change runs is never kept;
   * canonical intervals never overlap: the first lower file seen for an extent (or the
     copy-up origin of an upper file) owns it; FIEMAP's merged extents are handled by
-    interval containment, so partial sharing is served piece by piece;
-  * a read never returns bytes past the referencing file's own size.
+    interval containment, so partial sharing is served piece by piece. Owners are
+    resolved under the map's lock, which ``register`` holds while it edits the table;
+  * a read never returns bytes past the referencing file's own (mapped) size;
+  * a plan holds its canonical files open (``SharedFd``): evicting one from the LRU
+    never closes an fd a read is about to use, so a reused fd number is never read.
 
 Bounds: at most ``limit`` canonical intervals (the map is dropped and rebuilt lazily
-when full), ``max_fds`` open canonical files (LRU), and ``LOWER_MAPS`` remembered
-mappings of lower files (LRU; lower data never changes through the mount).
+when full), ``max_fds`` canonical files kept open (LRU, plus evicted ones that reads
+in flight still hold), and ``LOWER_MAPS`` remembered mappings of lower
+files (LRU; lower data never changes through the mount).
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
 
-from .extents import Extent, fiemap
+from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
 from .layer import Layer
+
+if TYPE_CHECKING:
+    from .inodes import OverlayInode
 
 log = logging.getLogger("overlaypc.sharing")
 
@@ -85,12 +96,30 @@ class FileExtents:
         return FileExtents(self.dev, self.ino, new_size, kept)
 
 
+class SharedFd:
+    """An open canonical file, closed when the last reference to it goes: the LRU holds
+    one, and so does every ``Piece`` planned from it (CPython frees on the last reference,
+    as with ``layer.DirFd``), so an evicted fd stays open until no read uses it."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass(frozen=True)
 class Piece:
-    """Part of a read: ``length`` bytes from ``fd`` at ``offset`` (fd None: own file)."""
-    fd: int | None
+    """Part of a read: ``length`` bytes at ``offset`` of ``source`` (None: the own file)."""
+    source: SharedFd | None
     offset: int
     length: int
+
+    @property
+    def fd(self) -> int | None:
+        return None if self.source is None else self.source.fd
 
 
 class ExtentMap:
@@ -105,9 +134,8 @@ class ExtentMap:
         #: lower files' mappings (FileExtents or NOT_SHARED): lower data never changes
         #: through the mount, so each lower file is mapped once, not at every open
         self._lower: OrderedDict[tuple[int, int], object] = OrderedDict()
-        self._fds: OrderedDict[Canonical, int] = OrderedDict()
+        self._fds: OrderedDict[Canonical, SharedFd] = OrderedDict()
         self._max_fds = max_fds
-        self._retired: list[int] = []
 
     def __len__(self) -> int:
         return self._count
@@ -154,6 +182,11 @@ class ExtentMap:
 
     def owner(self, dev: int, physical: int) -> tuple[Canonical, int, int] | None:
         """(canonical, its logical offset for ``physical``, bytes until the interval ends)."""
+        with self._lock:
+            return self._owner(dev, physical)
+
+    def _owner(self, dev: int, physical: int) -> tuple[Canonical, int, int] | None:
+        # under self._lock: register() inserts into both lists, and may clear them
         starts = self._starts.get(dev)
         if not starts:
             return None
@@ -177,82 +210,121 @@ class ExtentMap:
 
     # -- reading ---------------------------------------------------------------------------
     def plan(self, fx: FileExtents, offset: int, length: int) -> list[Piece] | None:
-        """How to read [offset, offset+length) of the file mapped by ``fx``; None: all own."""
+        """How to read [offset, offset+length) of the file mapped by ``fx``; None: all own.
+        Never past ``fx.size``. The pieces hold their canonical files open."""
         end = min(offset + length, fx.size)
         if offset >= end:
             return None
+        spans: list[tuple[int, int, Canonical | None, int]] = []  # (pos, length, canon, canon_off)
+        with self._lock:  # one consistent view of the owners for the whole read
+            pos = offset
+            i = max(bisect.bisect_right(fx.starts, pos) - 1, 0)
+            while pos < end:
+                e = fx.extents[i] if i < len(fx.extents) else None
+                if e is None or pos < e.logical:
+                    stop = end if e is None else min(e.logical, end)
+                    spans.append((pos, stop - pos, None, 0))
+                    pos = stop
+                    continue
+                if pos >= e.end:
+                    i += 1
+                    continue
+                stop = min(e.end, end)
+                found = self._owner(fx.dev, e.physical + (pos - e.logical)) if e.shared else None
+                if found is None or (found[0].dev, found[0].ino) == (fx.dev, fx.ino):
+                    spans.append((pos, stop - pos, None, 0))
+                    pos = stop
+                    continue
+                canon, canon_off, avail = found
+                n = min(stop - pos, avail)
+                spans.append((pos, n, canon, canon_off))
+                pos += n
+        if all(canon is None for _, _, canon, _ in spans):
+            return None
         pieces: list[Piece] = []
         redirected = False
-        pos = offset
-        i = max(bisect.bisect_right(fx.starts, pos) - 1, 0)
-        while pos < end:
-            e = fx.extents[i] if i < len(fx.extents) else None
-            if e is None or pos < e.logical:
-                stop = end if e is None else min(e.logical, end)
-                pieces.append(Piece(None, pos, stop - pos))
-                pos = stop
-                continue
-            if pos >= e.end:
-                i += 1
-                continue
-            stop = min(e.end, end)
-            found = self.owner(fx.dev, e.physical + (pos - e.logical)) if e.shared else None
-            if found is None or (found[0].dev, found[0].ino) == (fx.dev, fx.ino):
-                pieces.append(Piece(None, pos, stop - pos))
-                pos = stop
-                continue
-            canon, canon_off, avail = found
-            n = min(stop - pos, avail)
-            fd = self._fd(canon)
-            if fd is None:
+        for pos, n, canon, canon_off in spans:
+            source = self._source(canon) if canon is not None else None
+            if source is None:
                 pieces.append(Piece(None, pos, n))
             else:
-                pieces.append(Piece(fd, canon_off, n))
+                pieces.append(Piece(source, canon_off, n))
                 redirected = True
-            pos += n
         return pieces if redirected else None
 
-    def _fd(self, canon: Canonical) -> int | None:
+    def _source(self, canon: Canonical) -> SharedFd | None:
+        """The canonical file, open (from the LRU, or opened now); None if it is gone."""
         with self._lock:
-            fd = self._fds.get(canon)
-            if fd is not None:
+            source = self._fds.get(canon)
+            if source is not None:
                 self._fds.move_to_end(canon)
-                return fd
+                return source
         try:
             fd = canon.layer.open(canon.rel, os.O_RDONLY)
         except OSError:
             return None
+        source = SharedFd(fd)
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (canon.dev, canon.ino):
-            os.close(fd)  # the lower file was replaced underneath: never read from it
-            return None
+            return None  # the lower file was replaced underneath: never read from it
+        evicted = None
         with self._lock:
             old = self._fds.get(canon)
-            if old is not None:
-                os.close(fd)
+            if old is not None:  # another thread opened it meanwhile
                 return old
-            self._fds[canon] = fd
+            self._fds[canon] = source
             if len(self._fds) > self._max_fds:
-                # an evicted fd may be in use by a concurrent read: retire, don't close
-                _, victim = self._fds.popitem(last=False)
-                self._retired.append(victim)
-                if len(self._retired) > self._max_fds:
-                    os.close(self._retired.pop(0))
-        return fd
+                # plans in flight keep their reference: the fd closes when the last goes
+                _, evicted = self._fds.popitem(last=False)
+        del evicted  # closed (if unused) outside the lock
+        return source
 
     def close(self) -> None:
+        """Let go of the LRU; fds still held by reads in flight close when those end."""
         with self._lock:
-            for fd in list(self._fds.values()) + self._retired:
-                os.close(fd)
+            fds = list(self._fds.values())
             self._fds.clear()
-            self._retired.clear()
+        del fds
 
 
-def map_file(fd: int, *, writable: bool) -> FileExtents | None:
-    """FIEMAP ``fd`` into a ``FileExtents``; None where the filesystem has no FIEMAP."""
+def map_file(fd: int) -> FileExtents | None:
+    """FIEMAP ``fd`` into a ``FileExtents``; None where the filesystem has no FIEMAP.
+
+    A file with any shared extent is mapped (again) with ``FIEMAP_FLAG_SYNC``, lower files
+    too: unwritten-back writes over a shared extent (XFS: in the COW fork) are otherwise
+    reported at the shared location. A file with none needs no flush: writeback never
+    makes an extent shared (reflink and dedupe flush both files first)."""
     st = os.fstat(fd)
     try:
-        extents = fiemap(fd, sync=writable)
+        extents = fiemap(fd, sync=False)
+        if any(e.flags & FIEMAP_EXTENT_SHARED for e in extents):
+            extents = fiemap(fd, sync=True)
     except OSError:
         return None
     return FileExtents(st.st_dev, st.st_ino, st.st_size, extents)
+
+
+@contextlib.contextmanager
+def changing(inode: "OverlayInode", start: int | None = None, end: int = 0) -> Iterator[None]:
+    """Run a change of ``inode``'s backing data through the mount (DESIGN.md §5).
+
+    Before the change: the inode's mapping loses the byte range [start, end), growing its
+    size to ``end`` if that is larger; ``start`` None (any size change: truncate, O_TRUNC,
+    fallocate, an O_APPEND write) drops the whole mapping. So no read planned from then on
+    is redirected over the new data. While it runs ``extents_busy`` is non-zero and each
+    end bumps ``extents_epoch``: a mapping made from the file as it was is never stored
+    (see ``Files._map``), whatever the interleaving."""
+    with inode.lock:
+        inode.extents_epoch += 1
+        inode.extents_busy += 1
+        fx = inode.extents
+        if start is None:
+            inode.extents = None
+        elif isinstance(fx, FileExtents):
+            inode.extents = fx.without(start, end, max(fx.size, end))
+    try:
+        yield
+    finally:
+        with inode.lock:
+            inode.extents_busy -= 1
+            inode.extents_epoch += 1

@@ -198,3 +198,66 @@ def test_random_writes_and_truncates_match_a_model(reflinked_pairs):
     run()
     stats = json.loads(os.getxattr(str(mnt), "user.overlaypc.stats"))
     assert stats["bytes_shared"] > 0, stats
+
+
+# -- issue 12, defect 2: a shared read must never serve bytes the file no longer has ------------
+
+def test_o_trunc_open_drops_the_sharing_map(require_tools, xfs_dir, overlay_mount):
+    """2a: an open(O_TRUNC) of a mapped, reflink-copied-up file, then a 10-byte write: a
+    reader that mapped the file before must read exactly the ten new bytes, not the old
+    megabyte from the copy-up origin after them."""
+    lower, upper, work = _stack(xfs_dir)
+    data = _data(1 << 20, 3)
+    _write_synced(lower / "f", data)
+    m = overlay_mount(_options(lower, upper, work, "shared"))
+    path = m.path / "f"
+    rw = os.open(path, os.O_RDWR)  # reflink copy-up
+    try:
+        reader = os.open(path, os.O_RDONLY)
+        try:
+            before = overlay_stats(m.path)
+            assert os.pread(reader, 2 << 20, 0) == data  # maps the upper file
+            after = overlay_stats(m.path)
+            assert after["copy_ups"].get("reflink") == 1, after
+            assert after["bytes_shared"] - before["bytes_shared"] == len(data), (before, after)
+
+            trunc = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            try:
+                assert os.write(trunc, b"0123456789") == 10
+            finally:
+                os.close(trunc)
+            got = os.pread(reader, 2 << 20, 0)
+            assert len(got) == 10 and got == b"0123456789", (len(got), got[:32])
+        finally:
+            os.close(reader)
+    finally:
+        os.close(rw)
+    assert path.read_bytes() == b"0123456789"
+    assert (lower / "f").read_bytes() == data
+
+
+def test_unflushed_overwrite_of_a_lower_reflink_is_not_shared(require_tools, xfs_dir, overlay_mount):
+    """2b: ``cp --reflink a b``, then b's first 64 KiB overwritten without fsync (XFS keeps
+    the new data in b's COW fork, FIEMAP without SYNC still shows a's extent): through the
+    mount, b must read its own new head, not a's bytes."""
+    from overlaypc.extents import fiemap
+
+    lower, upper, work = _stack(xfs_dir)
+    data = _data(1 << 20, 4)
+    _write_synced(lower / "a", data)
+    _reflink(lower / "a", lower / "b")
+    head = b"\x5a" * (64 << 10)
+    fd = os.open(lower / "b", os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, head, 0) == len(head)  # no fsync: dirty pages over a shared extent
+        # the trap is set: an unsynced FIEMAP still reports b's head as the shared extent
+        # (a plain fiemap, not xfs_io's, which syncs first)
+        first = fiemap(fd, sync=False)[0]
+        assert first.logical == 0 and first.shared, first
+    finally:
+        os.close(fd)
+    m = overlay_mount(_options(lower, upper, work, "shared"))
+    assert (m.path / "a").read_bytes() == data  # a becomes the canonical owner
+    got = (m.path / "b").read_bytes()
+    assert got[:len(head)] == head, "b's unflushed head was read from a's extent"
+    assert got == head + data[len(head):]
