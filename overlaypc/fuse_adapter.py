@@ -292,6 +292,8 @@ def _invalidate(fuse_ptr: ctypes.c_void_p, path: bytes) -> int:
 FUSE_CAP_DONT_MASK = 1 << 6  # libfuse3 fuse_common.h
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 FUSE_CAP_POSIX_ACL = 1 << 19
+FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
+FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
 
 
 def negotiate_acls(conn) -> None:
@@ -304,8 +306,6 @@ def negotiate_acls(conn) -> None:
         conn.want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK
     else:
         log.warning("the kernel offers no FUSE POSIX ACL support: ACLs are not enforced")
-FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
-FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
 
 
 def _fill_stat(s, attr) -> None:

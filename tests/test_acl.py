@@ -51,8 +51,8 @@ def xattr_or_none(path: Path, name: str) -> bytes | None:
 
 def acl_state(path: Path) -> tuple:
     """Mode, owner and both ACLs (as getfacl shows them, and the raw xattrs)."""
-    st = os.lstat(path)
-    return (oct(st.st_mode), st.st_uid, st.st_gid, getfacl(path),
+    s = os.lstat(path)
+    return (oct(s.st_mode), s.st_uid, s.st_gid, getfacl(path),
             xattr_or_none(path, ACCESS), xattr_or_none(path, DEFAULT))
 
 
