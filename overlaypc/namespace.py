@@ -66,8 +66,13 @@ class Namespace:
             raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", rel)
 
     def _owner(self, rel: str, caller: Caller, mode: int) -> tuple[int, int, int]:
-        """(uid, gid, mode) for a new object in the parent of ``rel``."""
-        parent = self.fs.lookup.directory(split(rel)[0]).st
+        """(uid, gid, mode) for a new object in the parent of ``rel``, which is in the upper.
+
+        The parent's mode and group are read fresh from the upper: the cached merged
+        directory node may hold a stat from before a chmod or chown of it."""
+        parent = self.fs.stack.upper.lstat(split(rel)[0])
+        if parent is None:
+            raise OSError(errno.ENOENT, "parent directory vanished", rel)
         gid = caller.gid
         if parent.st_mode & stat.S_ISGID:
             gid = parent.st_gid
