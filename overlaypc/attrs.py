@@ -6,6 +6,12 @@ private xattrs (``trusted.overlay.*``, ``user.overlay.*``, also ``*.overlaypc.*`
 listed, read, set or removed through the mount; the one exception is the read-only,
 unlisted virtual ``user.overlaypc.stats`` on the mount root.
 
+POSIX ACLs (``system.posix_acl_*``) pass through like any xattr: the kernel reads them
+for its permission checks (``FUSE_CAP_POSIX_ACL``), and the upper filesystem keeps the
+mode and the ACL mask in step on setxattr and chmod. A layer without ACL support answers
+EOPNOTSUPP, which the kernel would take as a failed check, so that becomes ENODATA (no
+ACL: the mode bits decide).
+
 ``utimens`` with ``use_ns``: libfuse passes UTIME_NOW / UTIME_OMIT as bare nanosecond
 values (DESIGN.md §6 trap 11); they are mapped here, so ``touch -m`` leaves atime alone.
 """
@@ -17,6 +23,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import acl
 from .copyup import is_private_xattr
 from .lookup import Entry
 
@@ -125,7 +132,12 @@ class Attributes:
         top = node.top
         if is_private_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute", name)
-        return top.layer.getxattr_strict(top.rel, name)
+        try:
+            return top.layer.getxattr_strict(top.rel, name)
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP and name in acl.NAMES:
+                raise OSError(errno.ENODATA, "no POSIX ACL on this layer", name) from None
+            raise
 
     def listxattr(self, rel: str) -> list[str]:
         top = self.fs.lookup.lookup(rel).top

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import faults, sysapi, whiteout
+from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
 from .lookup import Entry, Lookup, Node
@@ -95,9 +96,18 @@ def lsm_owned_xattrs() -> frozenset[str]:
 
 def clean_workdir(work: Layer) -> int:
     """Create ``workdir/work`` and remove leftovers of interrupted copy-ups; return count.
-    Call ``check_incompat`` first: markers of incompatible features are never removed."""
+    Call ``check_incompat`` first: markers of incompatible features are never removed.
+
+    Its POSIX ACLs go too (as the kernel's ``ovl_workdir_create`` does): objects built
+    there must not inherit a default ACL of the workdir."""
     if work.lstat(WORK_DIR) is None:
         work.do_mkdir(WORK_DIR, 0o700)
+    for name in (ACL_DEFAULT, ACL_ACCESS):
+        try:
+            work.do_removexattr(WORK_DIR, name)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
     leftovers = [name for name, _ in work.listdir(WORK_DIR) if join(WORK_DIR, name) != INCOMPAT_DIR]
     for name in leftovers:
         work.do_remove_tree(join(WORK_DIR, name))
@@ -295,6 +305,8 @@ class CopyUp:
             if src.rel != ctx.node.rel:  # data found through a redirected parent
                 self._set_private(ctx.tmp, self.prefix + "redirect", os.fsencode("/" + src.rel))
         if ctx.kind != stat.S_IFLNK:
+            # after the ACL (as in the kernel's copy-up): chmod sets the ACL mask to the
+            # group bits, which for the lower's own mode are the lower's mask already
             self.work.do_chmod(ctx.tmp, stat.S_IMODE(st.st_mode))
         self.work.do_utime(ctx.tmp, (st.st_atime_ns, st.st_mtime_ns))
 

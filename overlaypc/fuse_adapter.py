@@ -77,8 +77,8 @@ def _short_result(result: object) -> object:
 
 
 def _caller() -> Caller:
-    uid, gid, pid = mfusepy.fuse_get_context()
-    return Caller(uid, gid, pid)
+    ctx = _libfuse.fuse_get_context().contents
+    return Caller(ctx.uid, ctx.gid, ctx.pid, ctx.umask)  # umask: set for create/mknod/mkdir
 
 
 def _fh(fi) -> int | None:
@@ -107,6 +107,7 @@ class OverlayOperations(mfusepy.Operations):
             # READDIRPLUS for every chunk of a listing, not only the first ("auto" mode):
             # each entry then arrives with its attributes and needs no LOOKUP round trip
             conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+            negotiate_acls(conn)
         log.info("mounted %s", self._fs.config.mountpoint)
         # Raising the readahead of the mount's bdi needs the mount to be visible, which it
         # is only after this callback returns: do it from a short-lived thread.
@@ -292,9 +293,23 @@ def _invalidate(fuse_ptr: ctypes.c_void_p, path: bytes) -> int:
     return _libfuse.fuse_invalidate_path(fuse_ptr, path)
 
 
+FUSE_CAP_DONT_MASK = 1 << 6  # libfuse3 fuse_common.h
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_CAP_POSIX_ACL = 1 << 19
 FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
 FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
+
+
+def negotiate_acls(conn) -> None:
+    """POSIX ACLs enforced by the kernel: with FUSE_CAP_POSIX_ACL its permission checks
+    read ``system.posix_acl_access`` (through getxattr) instead of the mode bits alone.
+    The kernel then leaves the umask to the filesystem, but would apply it itself even
+    under a parent with a default ACL; FUSE_CAP_DONT_MASK stops that, and ``namespace``
+    applies the caller's umask only where Linux does."""
+    if conn.capable & FUSE_CAP_POSIX_ACL and conn.capable & FUSE_CAP_DONT_MASK:
+        conn.want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK
+    else:
+        log.warning("the kernel offers no FUSE POSIX ACL support: ACLs are not enforced")
 
 
 def _fill_stat(s, attr) -> None:

@@ -10,7 +10,10 @@ Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
     default without ``redirect_dir``; ``mv`` then copies); ``RENAME_EXCHANGE`` is
     refused with EINVAL, ``RENAME_NOREPLACE`` is honoured (DESIGN.md §6 trap 2).
 New objects belong to the caller (FUSE request context), with setgid-directory
-inheritance.
+inheritance, and get the mode and POSIX ACLs Linux gives them (``acl.inherit``): the
+kernel leaves the umask to us (``FUSE_CAP_DONT_MASK``), and it applies only where the
+parent has no default ACL. The upper filesystem does the inheritance itself for objects
+made in place; objects built in ``workdir/work`` get their ACLs set by hand.
 
 Locking: copy-ups run first, without the namespace lock (they take it only for their
 final rename); the change itself then runs under the namespace lock and re-looks-up
@@ -25,7 +28,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import sysapi, whiteout
+from . import acl, sysapi, whiteout
 from .copyup import WORK_DIR
 from .layer import do_link, do_rename, join, split
 from .lookup import Node, check_name
@@ -37,10 +40,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: uid/gid of the process behind a FUSE request."""
+    """Who asks: uid/gid of the process behind a FUSE request, and its umask (for
+    creations; the kernel does not apply it, see ``acl``)."""
     uid: int = 0
     gid: int = 0
     pid: int = 0
+    umask: int = 0
 
 
 ROOT = Caller()
@@ -97,22 +102,29 @@ class Namespace:
         return node
 
     def _place_new(self, rel: str, make, caller: Caller | None, mode: int, *, is_dir: bool = False) -> None:
-        """Run ``make(layer, where)`` to create the object at ``rel``, owned by ``caller``
-        (None: keep the owner, for hard links)."""
+        """Run ``make(layer, where, mode)`` to create the object at ``rel``, owned by
+        ``caller`` (None: keep the owner and mode, for hard links)."""
         upper, work = self.fs.stack.upper, self.fs.stack.work
         assert upper is not None and work is not None
-        owner = self._owner(rel, caller, mode) if caller is not None else None
+        new = owner = None
+        if caller is not None:
+            uid, gid, mode = self._owner(rel, caller, mode)
+            new = acl.inherit(upper.getxattr(split(rel)[0], acl.DEFAULT), mode, caller.umask)
+            owner = (uid, gid, new.mode)
+            mode = new.mode
         node = self.fs.lookup.lookup(rel)
         if node.exists:
             raise OSError(errno.EEXIST, "file exists", rel)
         if not node.upper_whiteout:
-            make(upper, rel)
+            make(upper, rel, mode)  # in its real parent: the filesystem applies the default ACL
             if owner:
                 self._set_owner(upper, rel, *owner)
             return
         tmp = self._tmp()
         try:
-            make(work, tmp)
+            make(work, tmp, mode)
+            if new is not None:
+                self._set_acls(work, tmp, new)
             if owner:
                 self._set_owner(work, tmp, *owner)
             if is_dir:
@@ -123,14 +135,28 @@ class Namespace:
         finally:
             work.do_remove_tree(tmp)  # the displaced whiteout, or a failed attempt
 
+    @staticmethod
+    def _set_acls(layer, rel: str, new: acl.NewObject) -> None:
+        """The inherited ACLs of an object built outside its parent (in workdir/work, whose
+        own ACLs were removed at mount). Setting the access ACL also sets the permission
+        bits from it, to the ones ``new.mode`` already has."""
+        for name, value in ((acl.ACCESS, new.access), (acl.DEFAULT, new.default)):
+            if value is not None:
+                layer.do_setxattr(rel, name, value)
+
     def _set_owner(self, layer, rel: str, uid: int, gid: int, mode: int) -> None:
         st = layer.lstat(rel)
         if st is None:
             return
         if (st.st_uid, st.st_gid) != (uid, gid):
             layer.do_chown(rel, uid, gid)
-        if not stat.S_ISLNK(mode) and stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode):
-            layer.do_chmod(rel, stat.S_IMODE(mode))
+            if mode & 0o7000:
+                st = layer.lstat(rel) or st  # chown cleared setuid/setgid
+        # mkdir ignores S_ISGID and chown clears it: put the special bits back, and only
+        # them. The permission bits are right already, and may hold an ACL mask, which a
+        # chmod to other bits would rewrite.
+        if not stat.S_ISLNK(mode) and st.st_mode & 0o7000 != mode & 0o7000:
+            layer.do_chmod(rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000)
 
     def _done(self, *dirs: str) -> None:
         """After a change: forget the cached structure of the directories it touched (and
@@ -145,7 +171,7 @@ class Namespace:
         fds: list[int] = []
         access = flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
 
-        def make(layer, where: str) -> None:
+        def make(layer, where: str, mode: int) -> None:
             fds.append(layer.do_create(where, access | os.O_EXCL, stat.S_IMODE(mode)))
 
         with self.fs.ns_lock:
@@ -164,19 +190,20 @@ class Namespace:
         if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
             mode = stat.S_IFREG | stat.S_IMODE(mode)
         with self.fs.ns_lock:
-            self._place_new(rel, lambda layer, where: layer.do_mknod(where, mode, device), caller, mode)
+            self._place_new(rel, lambda layer, where, mode: layer.do_mknod(where, mode, device),
+                            caller, mode)
 
     def mkdir(self, rel: str, mode: int, caller: Caller) -> None:
         self._prepare_new(rel)
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
         with self.fs.ns_lock:
-            self._place_new(rel, lambda layer, where: layer.do_mkdir(where, stat.S_IMODE(mode)), caller,
-                            mode, is_dir=True)
+            self._place_new(rel, lambda layer, where, mode: layer.do_mkdir(where, stat.S_IMODE(mode)),
+                            caller, mode, is_dir=True)
 
     def symlink(self, target: str, rel: str, caller: Caller) -> None:
         self._prepare_new(rel)
         with self.fs.ns_lock:
-            self._place_new(rel, lambda layer, where: layer.do_symlink(target, where), caller,
+            self._place_new(rel, lambda layer, where, mode: layer.do_symlink(target, where), caller,
                             stat.S_IFLNK | 0o777)
 
     def link(self, src_rel: str, dst_rel: str) -> None:
@@ -194,7 +221,7 @@ class Namespace:
             src = self.fs.lookup.lookup(src_rel)
             if src.upper is None:
                 raise OSError(errno.ENOENT, "source changed during link", src_rel)
-            self._place_new(dst_rel, lambda layer, where: do_link(upper, src_rel, layer, where),
+            self._place_new(dst_rel, lambda layer, where, mode: do_link(upper, src_rel, layer, where),
                             None, src.st.st_mode)
             shared = self.fs.index_of(self.fs.lookup.lookup(src_rel))
             if shared is not None:

@@ -494,6 +494,26 @@ def test_setgid_inheritance_for_root_too(stk):
     assert os.lstat(stk.u("sg/rootdir")).st_mode & stat.S_ISGID
 
 
+def test_setgid_inheritance_follows_chmod_and_chgrp_of_the_parent(stk):
+    """New objects see the parent's setgid bit and group as they are *now*: set through
+    the mount after the directory was looked up (and cached), then cleared again."""
+    for parent in ("pub", "newdir"):
+        if parent == "newdir":
+            os.mkdir(stk.m(parent), 0o777)
+        os.listdir(stk.m(parent))
+        os.chown(stk.m(parent), -1, 4242)
+        os.chmod(stk.m(parent), 0o2777)
+        os.mkdir(stk.m(f"{parent}/sub"))
+        (stk.m(f"{parent}/file")).write_bytes(b"x")
+        os.chmod(stk.m(parent), 0o777)
+        os.mkdir(stk.m(f"{parent}/plain"))
+        for rel in (f"{parent}/sub", f"{parent}/file"):
+            assert os.lstat(stk.u(rel)).st_gid == 4242, rel
+        assert os.lstat(stk.u(f"{parent}/sub")).st_mode & stat.S_ISGID, parent
+        plain = os.lstat(stk.u(f"{parent}/plain"))
+        assert plain.st_gid == os.getgid() and not plain.st_mode & stat.S_ISGID, parent
+
+
 def test_write_by_non_owner_clears_suid_sgid(stk):
     assert stat.S_IMODE(os.lstat(stk.m("suid")).st_mode) == 0o6777
     run_as("""
