@@ -373,6 +373,8 @@ class Namespace:
                 upper.do_removexattr(rel, name)
             else:
                 upper.do_setxattr(rel, name, previous)
+        except FileNotFoundError:
+            pass  # it did move (a step after the rename failed): the mark is where it belongs
         except OSError as e:
             log.error("cannot restore %s of %s/%s after a failed rename: %s", name, upper.path, rel, e)
 
