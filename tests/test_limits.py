@@ -9,7 +9,8 @@
   ancestors); same results and same trees as the kernel's overlay. So does a path of
   2,045 components (no recursion per level).
 - A creation that fails after its object was made (an injected EIO on its chown) leaves
-  nothing in any layer, at a deep path and at a short one.
+  nothing in any layer, at a deep path and at a short one; a failed rename leaves no
+  redirect behind.
 - Without root (``-m "not mount"``): the budget and the raised limit, the lookup cache
   bounded by the fds it holds, the EMFILE fallback, an ``OverlayFS`` walking a thousand
   directories at a 128-fd limit, and long layer paths that never leave the layer.
@@ -282,7 +283,47 @@ def test_every_op_on_a_4095_byte_relative_path(chain_in, layers_factory, overlay
     assert merged["overlaypc"][deep + leaf("renamed")][1:6] == (0o604, 1234, 5678, 3, b"OPE")
 
 
-def test_2045_component_relative_path(layers_factory, overlay_mount, kernel_mount):
+#: Remove trees of any depth (a child chdirs down: no recursion, no fd per level). pytest's
+#: own clean-up of old temporary dirs (``shutil.rmtree``) recurses per level and would fail
+#: on them, in every later session.
+RMTREE_SCRIPT = r"""
+import os, sys
+for top in sys.argv[1:]:
+    if not os.path.isdir(top):
+        continue
+    os.chdir(top)
+    names = []
+    while True:
+        sub = None
+        with os.scandir(".") as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    sub = e.name
+                    break
+                os.unlink(e.name)
+        if sub is not None:
+            os.chdir(sub)
+            names.append(sub)
+        elif names:
+            os.chdir("..")
+            os.rmdir(names.pop())
+        else:
+            break
+    os.chdir("/")
+    os.rmdir(top)
+"""
+
+
+@pytest.fixture
+def deep_trees():
+    """A list to add directories to; they are removed, however deep, after the test and its
+    mounts are gone (request this fixture before the mount fixtures)."""
+    roots: list[Path] = []
+    yield roots
+    subprocess.run([sys.executable, "-c", RMTREE_SCRIPT, *map(str, roots)], check=True, timeout=300)
+
+
+def test_2045_component_relative_path(deep_trees, layers_factory, overlay_mount, kernel_mount):
     """A 4095-byte relative path of 2,044 one-byte directories and a leaf name, below a
     cwd two levels down, all in a lower: the daemon walks and copies up 2,047 levels
     (neither lookup nor copy-up may recurse per level). Same results as the kernel's."""
@@ -294,6 +335,7 @@ def test_2045_component_relative_path(layers_factory, overlay_mount, kernel_moun
         lower = layers_factory.empty_dir(f"{side}-lower")
         upper = layers_factory.empty_dir(f"{side}-upper")
         work = layers_factory.empty_dir(f"{side}-work")
+        deep_trees += [lower, upper, work]
         make_chain(lower, ["a", "b"] + chain, files={"data".ljust(leaf_len, "_"): b"lower data\n",
                                                      "gone".ljust(leaf_len, "_"): b"gone\n"},
                    dirs=("ldir".ljust(leaf_len, "_"),))
@@ -353,6 +395,25 @@ def test_failed_creation_leaves_no_trace(depth, layers_factory, overlay_mount):
     for root in (upper, m.path):
         names = [k for k in snapshot_of(root) if "notrace" in k]
         assert names == [], f"left in {root}: {[short(n) for n in names]}"
+    assert work_leftovers(work) == []
+
+
+def test_failed_rename_leaves_no_mark(layers_factory, overlay_mount):
+    """A rename of a lower directory sets a redirect on its upper copy before the move; when
+    the move fails (injected EIO), the copy keeps no redirect (the copy-up itself stays, as
+    on the kernel's overlay)."""
+    layers = layers_factory({"lower": {"pub/ldir/f": "f\n"}})
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    m = overlay_mount(stack_options(layers.paths, upper, work),
+                      env={"OVERLAYPC_FAULTS": "layer.rename~notrace=eio"})
+    with pytest.raises(OSError) as e:
+        os.rename(m.path / "pub" / "ldir", m.path / "pub" / "notrace-moved")
+    assert e.value.errno == errno.EIO
+    assert (upper / "pub" / "ldir").is_dir()
+    assert [x for x in os.listxattr(upper / "pub" / "ldir") if x.endswith(".redirect")] == []
+    assert sorted(os.listdir(m.path / "pub")) == ["ldir"]
+    assert (m.path / "pub" / "ldir" / "f").read_text() == "f\n"
     assert work_leftovers(work) == []
 
 
