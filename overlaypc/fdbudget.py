@@ -3,8 +3,9 @@
 Owns: raising ``RLIMIT_NOFILE``'s soft limit to its hard limit at start (``raise_limit``),
 one split of that limit between the caches that hold fds (``FdBudget``), and the fallback
 when the limit is met anyway (``retrying``): every registered cache drops the fds it holds
-and the open is tried once more, so an operation fails with EMFILE only when the fds that
-cannot be cached away (open files) use up the limit.
+and the open is tried once more, so an operation fails with EMFILE only when what no cache
+can give back (open files, operations in flight, the extent map's canonical files, which a
+read may be using and are bounded instead) uses up the limit.
 
 The budget, for a soft limit L (1024 by default on most systems, the hard limit after
 ``raise_limit``):
