@@ -215,15 +215,18 @@ step("unlink-lower", lambda: os.unlink(n("gone")))
 step("rmdir", lambda: os.rmdir(n("mkdir")))
 step("rmdir-lower", lambda: os.rmdir(n("ldir")))
 listing = {}
-for name in sorted(os.listdir(P)):  # what the deepest directory shows afterwards
-    st = os.lstat(P + "/" + name)
-    data = None
-    if stat.S_ISREG(st.st_mode):
-        with open(P + "/" + name, "rb") as f:
-            data = f.read().decode()
-    elif stat.S_ISLNK(st.st_mode):
-        data = os.readlink(P + "/" + name)
-    listing[name] = [st.st_mode, st.st_uid, st.st_gid, st.st_size, data]
+try:
+    for name in sorted(os.listdir(P)):  # what the deepest directory shows afterwards
+        st = os.lstat(P + "/" + name)
+        data = None
+        if stat.S_ISREG(st.st_mode):
+            with open(P + "/" + name, "rb") as f:
+                data = f.read().decode()
+        elif stat.S_ISLNK(st.st_mode):
+            data = os.readlink(P + "/" + name)
+        listing[name] = [st.st_mode, st.st_uid, st.st_gid, st.st_size, data]
+except OSError as e:
+    results.append(["listing", e.errno])
 print(json.dumps({"results": results, "listing": listing}))
 """
 
