@@ -15,7 +15,8 @@ The budget, for a soft limit L (1024 by default on most systems, the hard limit 
   * the rest, at least 3/8 of L, for what no cache holds: one fd per open file, the few
     fds an operation holds while it runs (a parent directory, a file being copied), the
     layer roots, libfuse's and Python's own.
-Inodes and handles hold no cached fd of their own beyond what an open file needs.
+Inodes and handles hold fds only while a file is open (they are not caches), so they
+count against the rest.
 
 Caveats: a cache's fds close on the last reference to them, so the fds of operations in
 flight outlive an eviction (a few per running operation). ENFILE (the system-wide limit)
