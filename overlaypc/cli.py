@@ -5,7 +5,8 @@ Owns: argument parsing (also in the form mount(8) uses for helpers: ``overlaypc 
 MOUNTPOINT -o OPTS``), logging set-up, and exit statuses: bad input prints one line
 ``overlaypc: error: ...`` and exits 2 with nothing mounted and nothing written.
 A daemonized mount logs to ``-o logfile=PATH``, else to syslog, else (no ``/dev/log``)
-to ``/var/log/overlaypc.log``.
+to ``/var/log/overlaypc.log``. A mount raises its soft fd limit to the hard limit first
+(``fdbudget``), since its caches' budgets come from it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import logging.handlers
 import os
 import sys
 
-from . import faults
+from . import faults, fdbudget
 from .config import ConfigError, MountConfig, apply_options, load_stack, mounted_paths, validate
 
 USAGE = """overlaypc [-f] [-d] [-o lowerdir=A:B,upperdir=U,workdir=W[,opt...]] [SOURCE] MOUNTPOINT
@@ -140,6 +141,7 @@ def mount_main(argv: list[str]) -> int:
         print(f"overlaypc: error: {e}", file=sys.stderr)
         return 2
     os.umask(0)
+    fdbudget.raise_limit()  # before OverlayFS: its caches' budgets come from the limit
     faults.configure(os.environ.get("OVERLAYPC_FAULTS"))
     from .core import OverlayFS  # imports the binding only when mounting
     try:

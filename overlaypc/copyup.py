@@ -80,7 +80,7 @@ def mark_volatile(work: Layer) -> None:
 
 def must_copy_xattr(name: str) -> bool:
     """Xattrs a copy-up must not lose, even where the upper does not support them."""
-    return name in ("system.posix_acl_access", "system.posix_acl_default") \
+    return name in (ACL_ACCESS, ACL_DEFAULT) \
         or name.startswith("security.")
 
 
@@ -163,8 +163,15 @@ class CopyUp:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
             return node.upper
-        parent, _ = split(rel)
-        self.ensure_upper(parent)
+        # the ancestors without an upper copy, found bottom-up and copied top-down (a
+        # loop, not recursion: a path may be thousands of levels deep)
+        missing = []
+        parent = split(rel)[0]
+        while parent and self.lookup.directory(parent).upper is None:
+            missing.append(parent)
+            parent = split(parent)[0]
+        for path in reversed(missing):
+            self._copy_one(path)
         return self._copy_one(rel, metadata_only and self.metacopy)
 
     def ensure_data(self, rel: str) -> Entry:

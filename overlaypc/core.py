@@ -26,6 +26,7 @@ from . import whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import CopyUp, check_incompat, clean_workdir, mark_volatile
+from .fdbudget import FdBudget
 from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
@@ -60,7 +61,10 @@ class OverlayFS:
         self.writable = config.writable
         self.ns_lock = threading.RLock()
         self.stats = Stats()
-        self.lookup = Lookup(self.stack, self.prefix, follow_redirects=(config.redirect_dir or "off") != "nofollow",
+        # fd budget (fdbudget.py): every fd cache gets its share of the process's limit
+        self.fd_budget = FdBudget.for_process()
+        self.lookup = Lookup(self.stack, self.prefix, max_fds=self.fd_budget.lookup,
+                             follow_redirects=(config.redirect_dir or "off") != "nofollow",
                              follow_metacopy=config.metacopy)
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
@@ -79,7 +83,7 @@ class OverlayFS:
             self.lookup.index = self.index
             assert self.copyup is not None
             self.copyup.index = self.index
-        self.sharing: ExtentMap | None = ExtentMap() if config.sharing else None
+        self.sharing: ExtentMap | None = ExtentMap(max_fds=self.fd_budget.sharing) if config.sharing else None
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.files = Files(self)

@@ -10,10 +10,20 @@ mount, can make the daemon touch anything outside the layer.
 Changes go through the ``do_*`` methods, which log call and result at debug level
 (the kernel's ``ovl_do_*`` idea): one place to trace and to audit.
 
-Paths here are relative, without a leading slash; ``""`` is the layer root.
+Paths here are relative, without a leading slash; ``""`` is the layer root. They may be
+longer than PATH_MAX (a caller whose cwd is deep inside the mount uses a legal relative
+path, and the daemon sees it from the mount root): such a path is resolved in steps of at
+most ``STEP_BYTES``, each an ``openat2`` with the same confinement from the ``O_PATH``
+directory fd the previous step opened, so each step stays beneath a directory that is
+itself beneath the root.
+
+Every open goes through ``fdbudget.retrying``: at the fd limit the caches are emptied and
+the open is tried once more.
 
 Caveats: a layer changed underneath a live mount is not supported (as with the
 kernel's overlay); it never leads outside the layer, but the merged view may be stale.
+A directory moved out of the layer by another process while a walk in steps holds its fd
+is followed there, as the lookup cache's directory fds are.
 """
 from __future__ import annotations
 
@@ -25,10 +35,15 @@ import stat
 from typing import Iterator, NamedTuple
 
 from . import faults, sysapi
+from .fdbudget import retrying
 
 log = logging.getLogger("overlaypc.layer")
 
 _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV)
+
+#: The longest path one ``openat2`` call resolves (PATH_MAX is 4096 bytes with the NUL);
+#: longer layer paths are walked in steps of whole components.
+STEP_BYTES = 4000
 
 
 def _getxattr_or_none(fd: int, name: str) -> bytes | None:
@@ -49,6 +64,42 @@ def split(rel: str) -> tuple[str, str]:
 
 def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
+
+
+def steps(rel: str) -> list[str]:
+    """``rel`` cut between components into pieces of at most ``STEP_BYTES`` bytes (a
+    component over 255 bytes is left to the kernel's ENAMETOOLONG)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = -1
+    for part in rel.split("/"):
+        n = len(os.fsencode(part)) + 1
+        if current and size + n > STEP_BYTES:
+            pieces.append("/".join(current))
+            current, size = [], -1
+        current.append(part)
+        size += n
+    pieces.append("/".join(current))
+    return pieces
+
+
+def openat_beneath(dirfd: int, rel: str, flags: int, mode: int = 0) -> int:
+    """``openat2`` of ``rel`` confined beneath ``dirfd``, in steps when ``rel`` is too long
+    for one call. Intermediate steps open directories (``O_PATH``) and follow no symlink."""
+    if len(rel) * 4 <= STEP_BYTES or len(os.fsencode(rel)) <= STEP_BYTES:
+        return retrying(sysapi.openat2, dirfd, rel, flags, mode)
+    pieces = steps(rel)
+    fd = dirfd
+    try:
+        for piece in pieces[:-1]:
+            step = retrying(sysapi.openat2, fd, piece, os.O_PATH | os.O_DIRECTORY)
+            if fd != dirfd:
+                os.close(fd)
+            fd = step
+        return retrying(sysapi.openat2, fd, pieces[-1], flags, mode)
+    finally:
+        if fd != dirfd:
+            os.close(fd)
 
 
 class Listed(NamedTuple):
@@ -105,7 +156,7 @@ class Layer:
     def open(self, rel: str, flags: int, mode: int = 0) -> int:
         """Open ``rel`` confined to the layer; the final component is never followed."""
         faults.hit("layer.open", self, rel)
-        return sysapi.openat2(self.root_fd, rel or ".", flags | os.O_NOFOLLOW, mode)
+        return openat_beneath(self.root_fd, rel or ".", flags | os.O_NOFOLLOW, mode)
 
     def path_fd(self, rel: str) -> int:
         return self.open(rel, os.O_PATH)
@@ -114,7 +165,7 @@ class Layer:
     def parent(self, rel: str) -> Iterator[tuple[int, str]]:
         """Yield ``(dirfd, name)`` for acting on the last component of ``rel``."""
         head, name = split(rel)
-        fd = sysapi.openat2(self.root_fd, head or ".", os.O_PATH | os.O_DIRECTORY)
+        fd = openat_beneath(self.root_fd, head or ".", os.O_PATH | os.O_DIRECTORY)
         try:
             yield fd, name
         finally:
@@ -148,14 +199,19 @@ class Layer:
 
     def dir_at(self, parent: DirFd, name: str) -> DirFd | None:
         try:
-            return DirFd(sysapi.openat2(parent.fd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW))
+            return DirFd(retrying(sysapi.openat2, parent.fd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW))
         except OSError as e:
             if e.errno in _ABSENT:
                 return None
             raise
 
     def dir_fd(self, rel: str) -> DirFd | None:
-        return self.dir_at(self.root, rel or ".")
+        try:
+            return DirFd(openat_beneath(self.root_fd, rel or ".", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW))
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
 
     def getxattr_at(self, dirfd: DirFd, name: str) -> bytes | None:
         return _getxattr_or_none(dirfd.fd, name)
@@ -175,10 +231,10 @@ class Layer:
         """Entries of an open directory. Type and inode number come from ``d_type`` and
         ``d_ino`` without a stat, except for character devices (whiteouts are 0/0 ones),
         unknown types, and everything when ``stat_all``."""
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd.fd)
+        fd = retrying(lambda: os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd.fd))
         out: list[Listed] = []
         try:
-            with os.scandir(fd) as it:
+            with retrying(os.scandir, fd) as it:  # scandir dups the fd
                 for e in it:
                     fmt = (stat.S_IFDIR if e.is_dir(follow_symlinks=False) else
                            stat.S_IFREG if e.is_file(follow_symlinks=False) else
@@ -200,7 +256,7 @@ class Layer:
         fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
         try:
             out = []
-            for name in os.listdir(fd):
+            for name in retrying(os.listdir, fd):  # listdir dups the fd
                 try:
                     out.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
                 except FileNotFoundError:

@@ -7,9 +7,18 @@ which the parent directory exists; a whiteout stops it; so does an opaque direct
 (after including it) and any non-directory (a lower non-directory below a directory
 is ignored). OCI whiteouts (``.wh.NAME``) and opaque markers count in lower layers.
 
-Caveats: the structure of directories (which layers hold them) is cached and dropped
-whenever the namespace changes (an epoch counter, so a lookup racing a change never
-stores a stale entry); stat data of the final component is always read fresh.
+Caveats: the structure of directories (which layers hold them) is cached; a change to a
+directory drops its entry and its subtree's (``invalidate``), and an epoch counter keeps a
+lookup that raced with any change from storing what it read; stat data of the final
+component is always read fresh.
+
+Bound: a cached directory holds an ``O_PATH`` fd of itself in each layer that has it, so
+the cache is bounded by the fds it holds (``max_fds``, from ``fdbudget``; LRU), not by
+its entries, and it registers with ``fdbudget`` to be emptied when the process runs out
+of fds. Eviction is always safe: a ``DirFd`` closes on its last reference, so an
+operation holding a node keeps its fds. A directory missing from the cache is found by
+walking down from its deepest cached ancestor one level at a time, holding only the
+parent, so a path thousands of levels deep costs neither recursion nor more fds.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from . import whiteout
+from . import fdbudget, whiteout
 from .layer import DirFd, Layer, join, split
 from .stack import LayerStack
 
@@ -99,8 +108,19 @@ def check_name(rel: str, *, last_only: bool = False) -> None:
             raise OSError(errno.ENAMETOOLONG, "file name too long", rel)
 
 
+def _never_there(name: str, rel: str) -> bool:
+    """True for an OCI whiteout name (never shown); EINVAL for ``.`` and ``..``."""
+    if name in (".", ".."):
+        raise OSError(errno.EINVAL, "invalid name", rel)
+    return whiteout.is_oci_name(name)
+
+
+def _fds_of(node: Node) -> int:
+    return sum(1 for e in node.entries if e.dirfd is not None)
+
+
 class Lookup:
-    def __init__(self, stack: LayerStack, xattr_prefix: str, cache_entries: int = 8192, *,
+    def __init__(self, stack: LayerStack, xattr_prefix: str, *, max_fds: int | None = None,
                  follow_redirects: bool = False, follow_metacopy: bool = False) -> None:
         self.stack = stack
         self.prefix = xattr_prefix
@@ -108,9 +128,19 @@ class Lookup:
         self.index = None  # an index.IndexDir under -o index=on
         self.follow_metacopy = follow_metacopy
         self._epoch = 0
-        self._dirs: OrderedDict[str, tuple[int, Node]] = OrderedDict()
-        self._limit = cache_entries
+        #: merged path -> (node, fds it holds), least recently used first
+        self._dirs: OrderedDict[str, tuple[Node, int]] = OrderedDict()
+        self._fds = 0
+        self.max_fds = fdbudget.FdBudget.for_process().lookup if max_fds is None else max_fds
         self._lock = threading.Lock()
+        fdbudget.register(self)
+
+    @property
+    def cached_fds(self) -> int:
+        return self._fds
+
+    def __len__(self) -> int:
+        return len(self._dirs)
 
     def invalidate(self, rel: str | None = None) -> None:
         """Forget the cached structure of directory ``rel`` and everything below it (all
@@ -119,10 +149,42 @@ class Lookup:
             self._epoch += 1  # a lookup that raced with the change stores nothing
             if not rel:
                 self._dirs.clear()
+                self._fds = 0
                 return
             prefix = rel + "/"
             for key in [k for k in self._dirs if k == rel or k.startswith(prefix)]:
-                del self._dirs[key]
+                self._fds -= self._dirs.pop(key)[1]
+
+    def shed_fds(self) -> int:
+        """Drop the whole cache (the process is out of fds); return the fds it held."""
+        with self._lock:
+            dropped = self._fds
+            self._dirs.clear()
+            self._fds = 0
+        return dropped
+
+    def _cached(self, rel: str) -> Node | None:
+        # an entry stored before a later change is still good unless that change dropped
+        # it: changes drop the subtrees they touch, and nothing else depends on them
+        with self._lock:
+            hit = self._dirs.get(rel)
+            if hit is None:
+                return None
+            self._dirs.move_to_end(rel)
+            return hit[0]
+
+    def _store(self, rel: str, epoch: int, node: Node) -> None:
+        fds = _fds_of(node)
+        with self._lock:
+            if epoch != self._epoch:
+                return
+            old = self._dirs.pop(rel, None)
+            if old is not None:
+                self._fds -= old[1]
+            self._dirs[rel] = (node, fds)
+            self._fds += fds
+            while self._fds > self.max_fds and self._dirs:
+                self._fds -= self._dirs.popitem(last=False)[1][1]
 
     def _root(self) -> Node:
         entries = []
@@ -135,21 +197,30 @@ class Lookup:
         """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one."""
         if not rel:
             return self._root()
-        with self._lock:
-            hit = self._dirs.get(rel)
-            epoch = self._epoch
-        if hit is not None and hit[0] == epoch:
-            return hit[1]
-        node = self.lookup(rel)
-        if not node.exists:
-            raise OSError(errno.ENOENT, "no such directory", rel)
-        if not node.is_dir:
-            raise OSError(errno.ENOTDIR, "not a directory", rel)
-        with self._lock:
-            if epoch == self._epoch:
-                self._dirs[rel] = (epoch, node)
-                if len(self._dirs) > self._limit:
-                    self._dirs.popitem(last=False)
+        epoch = self._epoch  # read before the layers, so a racing change voids the store
+        node = self._cached(rel)
+        if node is not None:
+            return node
+        # the uncached ancestors, deepest first; then down from the deepest cached one
+        missing = [rel]
+        head = split(rel)[0]
+        parent = None
+        while head:
+            parent = self._cached(head)
+            if parent is not None:
+                break
+            missing.append(head)
+            head = split(head)[0]
+        if parent is None:
+            parent = self._root()
+        for path in reversed(missing):
+            node = self._lookup_in(parent, path)
+            if not node.exists:
+                raise OSError(errno.ENOENT, "no such directory", rel)
+            if not node.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory", rel)
+            self._store(path, epoch, node)
+            parent = node
         return node
 
     def lookup(self, rel: str) -> Node:
@@ -157,11 +228,15 @@ class Lookup:
         if not rel:
             return self._root()
         parent_rel, name = split(rel)
-        if whiteout.is_oci_name(name):
+        if _never_there(name, rel):
             return Node(rel, ())
-        if name in (".", ".."):
-            raise OSError(errno.EINVAL, "invalid name", rel)
-        parent = self.directory(parent_rel)
+        return self._lookup_in(self.directory(parent_rel), rel)
+
+    def _lookup_in(self, parent: Node, rel: str) -> Node:
+        """The merged object at ``rel`` inside the merged directory ``parent``."""
+        name = split(rel)[1]
+        if _never_there(name, rel):
+            return Node(rel, ())
         # where the parent lives in each layer (its path there may differ: redirects)
         parent_in = {id(p.layer): p for p in parent.entries if p.is_dir}
         entries: list[Entry] = []

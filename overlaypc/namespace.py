@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from .readdir import merged_listing
 
 if TYPE_CHECKING:
     from .core import OverlayFS
+
+log = logging.getLogger("overlaypc.namespace")
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,12 @@ class Namespace:
             raise OSError(errno.EEXIST, "file exists", rel)
         if not node.upper_whiteout:
             make(upper, rel, mode)  # in its real parent: the filesystem applies the default ACL
-            if owner:
-                self._set_owner(upper, rel, *owner)
+            try:
+                if owner:
+                    self._set_owner(upper, rel, *owner)
+            except BaseException:
+                self._unmake(upper, rel, is_dir)  # a failed operation leaves no trace
+                raise
             return
         tmp = self._tmp()
         try:
@@ -133,7 +140,23 @@ class Namespace:
             else:
                 do_rename(work, tmp, upper, rel)
         finally:
-            work.do_remove_tree(tmp)  # the displaced whiteout, or a failed attempt
+            # the displaced whiteout, or a failed attempt; what cannot go now goes at the next
+            # mount (clean_workdir), and never turns a completed operation into a failure
+            try:
+                work.do_remove_tree(tmp)
+            except OSError as e:
+                log.warning("cannot remove %s/%s: %s", work.path, tmp, e)
+
+    def _unmake(self, layer, rel: str, is_dir: bool) -> None:
+        """Remove the object a failed creation made at ``rel`` (under the namespace lock, so
+        it is still ours); a failure here is logged, the operation's own error is raised."""
+        try:
+            if is_dir:
+                layer.do_rmdir(rel)
+            else:
+                layer.do_unlink(rel)
+        except OSError as e:
+            log.error("cannot remove %s/%s after a failed creation: %s", layer.path, rel, e)
 
     @staticmethod
     def _set_acls(layer, rel: str, new: acl.NewObject) -> None:
@@ -324,27 +347,22 @@ class Namespace:
             self._check_target(onode, nnode, flags)
             old_lower = self.lower_exists(old)
             new_lower = bool(nnode.lowers) or nnode.upper_whiteout or self.lower_exists(new)
-            if onode.is_dir and onode.lowers:
-                if self.fs.config.redirect_dir != "on":
-                    raise OSError(errno.EXDEV, "directory exists in a lower layer", old)
-                # its lower contents stay where they are: record where (kernel format)
-                upper.do_setxattr(old, self.fs.prefix + "redirect", self._redirect_value(onode, new))
-            elif onode.data is not None:  # metacopy: its data must stay findable
-                upper.do_setxattr(old, self.fs.prefix + "redirect", os.fsencode("/" + onode.data.rel))
-            elif onode.is_dir and new_lower and not onode.opaque:
-                whiteout.set_opaque(upper, old, self.fs.prefix)
-            if nnode.upper is not None and nnode.is_dir:
-                upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
-            replaced_shared = None if nnode.is_dir else self.fs.index_of(nnode)
-            replaced = self.fs.identity(nnode) if nnode.exists else None  # before it goes
-            if nnode.upper_whiteout:
-                # swap with the whiteout: it lands at the old name, which needs one if a
-                # lower still has that name, and is dropped otherwise
-                do_rename(upper, old, upper, new, sysapi.RENAME_EXCHANGE)
-                if not old_lower:
-                    upper.do_unlink(old)
-            else:
-                self._move(old, new, old_lower, replace=nnode.upper is not None)
+            mark = self._mark_moved(onode, new, new_lower)
+            try:
+                if nnode.upper is not None and nnode.is_dir:
+                    upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
+                replaced_shared = None if nnode.is_dir else self.fs.index_of(nnode)
+                replaced = self.fs.identity(nnode) if nnode.exists else None  # before it goes
+                if nnode.upper_whiteout:
+                    # swap with the whiteout: it lands at the old name
+                    do_rename(upper, old, upper, new, sysapi.RENAME_EXCHANGE)
+                else:
+                    self._move(old, new, old_lower, replace=nnode.upper is not None)
+            except BaseException:
+                self._unmark(old, mark)  # not moved: a failed rename leaves no mark
+                raise
+            if nnode.upper_whiteout and not old_lower:
+                upper.do_unlink(old)  # the whiteout is needed only if a lower has the old name
             if replaced_shared is not None:
                 self.fs.adjust_nlink(replaced_shared, -1)
             if nnode.exists:
@@ -354,6 +372,45 @@ class Namespace:
             self.fs.renamed(old, new)
             if onode.is_dir or nnode.is_dir:
                 self._done(old, new)
+
+    def _mark_moved(self, onode: Node, new: str, new_lower: bool) -> tuple[str, bytes | None] | None:
+        """Before a move, set the xattr the object needs at its new name: a redirect (a
+        directory with lower parts, whose contents stay where they are; a metacopy file,
+        whose data must stay findable) or the opaque mark (a directory landing over a
+        lower one). Return (xattr, previous value) for ``_unmark``, or None."""
+        upper = self.fs.stack.upper
+        assert upper is not None
+        redirect, opaque = self.fs.prefix + "redirect", self.fs.prefix + "opaque"
+        if onode.is_dir and onode.lowers:
+            if self.fs.config.redirect_dir != "on":
+                raise OSError(errno.EXDEV, "directory exists in a lower layer", onode.rel)
+            name, value = redirect, self._redirect_value(onode, new)  # kernel format
+        elif onode.data is not None:
+            name, value = redirect, os.fsencode("/" + onode.data.rel)
+        elif onode.is_dir and new_lower and not onode.opaque:
+            name, value = opaque, b"y"
+        else:
+            return None
+        previous = upper.getxattr(onode.rel, name)
+        upper.do_setxattr(onode.rel, name, value)
+        return name, previous
+
+    def _unmark(self, rel: str, mark: tuple[str, bytes | None] | None) -> None:
+        """Undo ``_mark_moved`` on the object still at ``rel`` (its move failed)."""
+        if mark is None:
+            return
+        upper = self.fs.stack.upper
+        assert upper is not None
+        name, previous = mark
+        try:
+            if previous is None:
+                upper.do_removexattr(rel, name)
+            else:
+                upper.do_setxattr(rel, name, previous)
+        except FileNotFoundError:
+            pass  # it did move (a step after the rename failed): the mark is where it belongs
+        except OSError as e:
+            log.error("cannot restore %s of %s/%s after a failed rename: %s", name, upper.path, rel, e)
 
     def _redirect_value(self, onode: Node, new: str) -> bytes:
         """``trusted.overlay.redirect`` as the kernel writes it: the lower name alone for a

@@ -254,6 +254,7 @@ class Mount:
       live. ``logfile=`` is added to the options so the daemon's log can be checked; the
       daemon's PID is found from /proc/*/cmdline.
     - ``source="overlaypc"``: the mount-helper form ``python -m overlaypc SOURCE MNT -o OPTS``.
+    ``nofile=N`` starts the daemon with RLIMIT_NOFILE N (soft and hard, like ``ulimit -n N``).
     """
 
     def __init__(self, mountpoint: Union[str, os.PathLike], options: Union[str, Sequence[str]] = "",
@@ -261,8 +262,10 @@ class Mount:
                  stack: Optional[Union[str, os.PathLike]] = None, debug: bool = False,
                  extra_args: Sequence[str] = (), log_dir: Optional[Union[str, os.PathLike]] = None,
                  allow_daemon_errors: bool = False, timeout: float = MOUNT_TIMEOUT,
-                 env: Optional[Mapping[str, str]] = None):
+                 env: Optional[Mapping[str, str]] = None, nofile: Optional[int] = None):
         self.mountpoint = Path(mountpoint)
+        #: RLIMIT_NOFILE (soft and hard, as ``ulimit -n`` sets them) for the daemon
+        self.nofile = nofile
         self.options = options if isinstance(options, str) else ",".join(options)
         self.foreground = foreground
         self.source = source
@@ -328,13 +331,19 @@ class Mount:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=self.env,
                                          cwd=str(self.log_path.parent),  # not the checkout:
-                                         start_new_session=True)  # PYTHONPATH decides
+                                         start_new_session=True,  # PYTHONPATH decides
+                                         preexec_fn=self._limits if self.nofile else None)
         if self.foreground:
             self._wait_foreground_mount()
         else:
             self._wait_daemonized_mount()
         self.active = True
         return self
+
+    def _limits(self) -> None:
+        """In the child, before exec: the daemon's fd limit."""
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _wait_foreground_mount(self) -> None:
         assert self.proc is not None

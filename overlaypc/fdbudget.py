@@ -1,0 +1,129 @@
+"""The daemon's file-descriptor budget.
+
+Owns: raising ``RLIMIT_NOFILE``'s soft limit to its hard limit at start (``raise_limit``),
+one split of that limit between the caches that hold fds (``FdBudget``), and the fallback
+when the limit is met anyway (``retrying``): every registered cache drops the fds it holds
+and the open is tried once more, so an operation fails with EMFILE only when what no cache
+can give back (open files, operations in flight, the extent map's canonical files, which a
+read may be using and are bounded instead) uses up the limit.
+
+The budget, for a soft limit L (1024 by default on most systems, the hard limit after
+``raise_limit``):
+  * the lookup cache's directory fds: L/2, at most ``LOOKUP_CAP``;
+  * the extent map's canonical files: L/16, at most ``SHARING_CAP``; it may keep as many
+    again retired (an evicted fd may still be in a read), so it counts twice;
+  * the rest, at least 3/8 of L, for what no cache holds: one fd per open file, the few
+    fds an operation holds while it runs (a parent directory, a file being copied), the
+    layer roots, libfuse's and Python's own.
+Inodes and handles hold fds only while a file is open (they are not caches), so they
+count against the rest.
+
+Caveats: a cache's fds close on the last reference to them, so the fds of operations in
+flight outlive an eviction (a few per running operation). ENFILE (the system-wide limit)
+gets the same fallback, though there the fds may be other processes'.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Protocol, TypeVar
+
+log = logging.getLogger("overlaypc.fdbudget")
+
+#: The lookup cache never holds more directory fds than this, whatever the limit: each
+#: cached directory also costs memory (its stat results), about 1 KiB.
+LOOKUP_CAP = 16384
+#: Canonical files of the extent map (reads of shared extents), whatever the limit.
+SHARING_CAP = 256
+
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FdBudget:
+    """How a process's fd limit is split: ``lookup`` + 2 * ``sharing`` + ``reserve``."""
+    limit: int
+    lookup: int
+    sharing: int
+    reserve: int
+
+    @classmethod
+    def from_limit(cls, limit: int) -> "FdBudget":
+        lookup = max(1, min(limit // 2, LOOKUP_CAP))
+        sharing = max(1, min(limit // 16, SHARING_CAP))
+        return cls(limit, lookup, sharing, limit - lookup - 2 * sharing)
+
+    @classmethod
+    def for_process(cls) -> "FdBudget":
+        """The budget of this process's current soft limit."""
+        return cls.from_limit(soft_limit())
+
+
+def soft_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:  # not on Linux (fs.nr_open caps it), but be safe
+        soft = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    return soft
+
+
+def raise_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return the soft limit now in force.
+    The default soft limit (1024) exists for ``select(2)``, which the daemon never uses."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:  # e.g. a hard limit above fs.nr_open
+            log.warning("cannot raise the fd limit from %d to %d: %s", soft, hard, e)
+    return soft_limit()
+
+
+# -- the fallback -------------------------------------------------------------------------------
+class FdCache(Protocol):
+    def shed_fds(self) -> int:
+        """Drop every cached fd (closed once no operation uses it); return how many."""
+
+
+_caches: "weakref.WeakSet[FdCache]" = weakref.WeakSet()
+_caches_lock = threading.Lock()
+_warned = False
+
+
+def register(cache: FdCache) -> None:
+    """Let ``cache`` be emptied when the process runs out of fds (held weakly)."""
+    with _caches_lock:
+        _caches.add(cache)
+
+
+def shed() -> int:
+    """Empty every registered cache; return the number of fds they dropped."""
+    with _caches_lock:
+        caches = list(_caches)
+    return sum(cache.shed_fds() for cache in caches)
+
+
+def retrying(open_fn: Callable[..., T], *args: object) -> T:
+    """``open_fn(*args)``; on EMFILE/ENFILE, empty the caches and try once more.
+    ``open_fn`` must have done nothing when it fails (a plain open)."""
+    try:
+        return open_fn(*args)
+    except OSError as e:
+        if e.errno not in _EXHAUSTED:
+            raise
+        code = e.errno  # not the exception: its traceback would keep the callers' frames,
+        # and with them the fds of their nodes, alive in a reference cycle
+    dropped = shed()
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("out of file descriptors (%s, soft limit %d): dropped %d cached fds; "
+                    "raise the limit (ulimit -n) if this repeats", errno.errorcode[code],
+                    soft_limit(), dropped)
+    else:
+        log.info("out of file descriptors: dropped %d cached fds", dropped)
+    return open_fn(*args)

@@ -1,0 +1,664 @@
+"""File-descriptor bounds and paths near PATH_MAX (issue 12, defects 4 and 5).
+
+- A daemon started under ``ulimit -n 256`` walks 5,000 merged directories over 3 lowers and
+  then creates files and directories: every fd cache has a budget and evicts, and an open
+  that meets EMFILE empties the caches and retries instead of failing.
+- With the caller's cwd inside the mount, every operation on a legal 4095-byte relative
+  path works, though the daemon's path from the mount root is longer than PATH_MAX: with
+  the deep chain made through the mount, and with it in a lower (copy-up of deep
+  ancestors); same results and same trees as the kernel's overlay. So does a path of
+  2,045 components (no recursion per level).
+- A creation that fails after its object was made (an injected EIO on its chown) leaves
+  nothing in any layer, at a deep path and at a short one; a failed rename leaves no
+  redirect behind.
+- Without root (``-m "not mount"``): the budget and the raised limit, the lookup cache
+  bounded by the fds it holds, the EMFILE fallback, an ``OverlayFS`` walking a thousand
+  directories at a 128-fd limit, and long layer paths that never leave the layer.
+"""
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import helpers
+from upper_support import NOBODY, child_python, stack_options, work_leftovers
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------------------
+# Deep paths: a cwd two levels down, and below it 20 components of 200 bytes plus a leaf
+# name, 4095 bytes in all; the daemon sees 401 + 1 + 4095 bytes from the mount root.
+# --------------------------------------------------------------------------------------
+COMP = 200
+
+
+def comp(i: int) -> str:
+    return f"c{i:02d}".ljust(COMP, "x")
+
+
+CWD = [comp(0), comp(1)]
+CHAIN = [comp(i) for i in range(2, 22)]
+LEAF = 4095 - len("/".join(CHAIN)) - 1
+
+
+def leaf(tag: str) -> str:
+    return tag.ljust(LEAF, "_")
+
+
+def short(path: str) -> str:
+    """A deep path for messages: long components abbreviated."""
+    return "/".join(p[:3] + "…" if len(p) > 40 else p for p in path.split("/"))
+
+
+def open_deep(root: os.PathLike | str, parts: list[str], flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
+    """An fd of ``root/parts...``, walked one component at a time (no path over PATH_MAX)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for part in parts:
+        try:
+            nfd = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+def make_chain(root: os.PathLike | str, parts: list[str], *, files: dict[str, bytes] = {},
+               dirs: tuple[str, ...] = (), mode: int = 0o755) -> None:
+    """mkdir ``root/parts...`` one level at a time; files and dirs in the last one."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            os.mkdir(part, 0o755, dir_fd=fd)
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        for name, data in files.items():
+            f = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, dir_fd=fd)
+            os.write(f, data)
+            os.close(f)
+        for name in dirs:
+            os.mkdir(name, 0o755, dir_fd=fd)
+        os.chmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def fd_snapshot(fd: int, *, xattrs: bool = False) -> dict[str, tuple]:
+    """Everything below the directory ``fd`` by relative path, read through fds only."""
+    out: dict[str, tuple] = {}
+
+    def visit(dfd: int, rel: str) -> None:
+        for name in sorted(os.listdir(dfd)):
+            path = f"{rel}/{name}" if rel else name
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            kind = stat.S_IFMT(st.st_mode)
+            content = target = rdev = size = None
+            if stat.S_ISREG(st.st_mode):
+                f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+                try:
+                    content = os.read(f, 1 << 16)
+                finally:
+                    os.close(f)
+                size = st.st_size
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(name, dir_fd=dfd)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            out[path] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, content,
+                         target, rdev)
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+                try:
+                    visit(sub, path)
+                finally:
+                    os.close(sub)
+
+    visit(fd, "")
+    return out
+
+
+def snapshot_of(root: os.PathLike | str) -> dict[str, tuple]:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return fd_snapshot(fd)
+    finally:
+        os.close(fd)
+
+
+def tree_diff(a: dict, b: dict, names=("overlaypc", "kernel")) -> str:
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            lines.append(f"{short(k)}:\n   {names[0]}: {a.get(k)}\n   {names[1]}: {b.get(k)}")
+    return "\n".join(lines)
+
+
+#: Run in a child: chdir into the mount one component at a time, then each step on a path
+#: relative to that cwd; prints [[step, errno or 0], ...].
+OPS_SCRIPT = r"""
+import json, os, stat, sys
+root, spec = sys.argv[1], json.loads(sys.argv[2])
+os.umask(0o022)
+os.chdir(root)
+results = []
+
+def step(name, fn):
+    try:
+        fn()
+        results.append([name, 0])
+    except OSError as e:
+        results.append([name, e.errno])
+
+for c in spec["cwd"]:
+    if spec["build"]:
+        step("mkdir-cwd", lambda: os.mkdir(c, 0o755))
+    os.chdir(c)
+chain = spec["chain"]
+if spec["build"]:
+    for i in range(1, len(chain) + 1):
+        step("mkdir-chain", lambda: os.mkdir("/".join(chain[:i]), 0o755))
+P = "/".join(chain)
+
+def n(tag):
+    path = P + "/" + tag.ljust(spec["leaf"], "_")
+    assert len(os.fsencode(path)) == spec["length"], len(os.fsencode(path))
+    return path
+
+def write_new(path, data):
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+def rewrite(path):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"OPENED", 0)
+        if os.pread(fd, 6, 0) != b"OPENED":
+            raise OSError(0, "read back wrong data")
+    finally:
+        os.close(fd)
+
+def check_stat(path, kind):
+    if stat.S_IFMT(os.lstat(path).st_mode) != kind:
+        raise OSError(0, "wrong type")
+
+if spec["build"]:  # what the lower-chain variant finds in its lower
+    step("setup-data", lambda: write_new(n("data"), b"lower data\n"))
+    step("setup-gone", lambda: write_new(n("gone"), b"gone\n"))
+    step("setup-ldir", lambda: os.mkdir(n("ldir"), 0o755))
+step("create", lambda: write_new(n("create"), b"created\n"))
+step("mkdir", lambda: os.mkdir(n("mkdir"), 0o750))
+step("mkfifo", lambda: os.mkfifo(n("fifo"), 0o620))
+step("mknod", lambda: os.mknod(n("chr"), stat.S_IFCHR | 0o600, os.makedev(1, 7)))
+step("open", lambda: rewrite(n("data")))
+step("symlink", lambda: os.symlink("../target", n("symlink")))
+step("link", lambda: os.link(n("create"), n("link")))
+step("rename", lambda: os.rename(n("data"), n("renamed")))
+step("chmod", lambda: os.chmod(n("renamed"), 0o604))
+step("chown", lambda: os.chown(n("renamed"), 1234, 5678))
+step("truncate", lambda: os.truncate(n("renamed"), 3))
+step("stat", lambda: check_stat(n("renamed"), stat.S_IFREG))
+step("readlink", lambda: os.readlink(n("symlink")))
+step("unlink", lambda: os.unlink(n("link")))
+step("unlink-lower", lambda: os.unlink(n("gone")))
+step("rmdir", lambda: os.rmdir(n("mkdir")))
+step("rmdir-lower", lambda: os.rmdir(n("ldir")))
+listing = {}
+try:
+    for name in sorted(os.listdir(P)):  # what the deepest directory shows afterwards
+        st = os.lstat(P + "/" + name)
+        data = None
+        if stat.S_ISREG(st.st_mode):
+            with open(P + "/" + name, "rb") as f:
+                data = f.read().decode()
+        elif stat.S_ISLNK(st.st_mode):
+            data = os.readlink(P + "/" + name)
+        listing[name] = [st.st_mode, st.st_uid, st.st_gid, st.st_size, data]
+except OSError as e:
+    results.append(["listing", e.errno])
+print(json.dumps({"results": results, "listing": listing}))
+"""
+
+
+def run_ops(mnt: Path, *, build: bool, chain: list[str] = CHAIN, cwd: list[str] = CWD,
+            leaf_len: int = LEAF, length: int = 4095) -> tuple[list[list], dict]:
+    """The steps' results ([name, errno or 0]) and the deepest directory's listing after."""
+    spec = {"cwd": cwd, "chain": chain, "build": build, "leaf": leaf_len, "length": length}
+    r = subprocess.run([sys.executable, "-c", OPS_SCRIPT, str(mnt), json.dumps(spec)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"ops child failed:\n{r.stderr}"
+    out = json.loads(r.stdout)
+    return out["results"], out["listing"]
+
+
+def failures(results: list[list]) -> list[str]:
+    return [f"{name}: {errno.errorcode.get(code, code)}" for name, code in results if code]
+
+
+def deep_lower(root: Path) -> None:
+    make_chain(root, CWD + CHAIN, files={leaf("data"): b"lower data\n", leaf("gone"): b"gone\n"},
+               dirs=(leaf("ldir"),))
+
+
+@pytest.mark.parametrize("chain_in", ["upper", "lower"])
+def test_every_op_on_a_4095_byte_relative_path(chain_in, layers_factory, overlay_mount, kernel_mount):
+    """cwd two levels down, each op on a 4095-byte path relative to it (the daemon's path
+    from the root is 4497 bytes); the chain made through the mount, or found in a lower
+    (every op then copies up 22 deep ancestors first). Same per-op results, merged tree
+    and upper tree as the kernel's overlay."""
+    assert len(os.fsencode("/".join(CHAIN) + "/" + leaf("x"))) == 4095
+    results, merged, uppers = {}, {}, {}
+    for side in ("overlaypc", "kernel"):
+        lower = layers_factory.empty_dir(f"{side}-lower")
+        upper = layers_factory.empty_dir(f"{side}-upper")
+        work = layers_factory.empty_dir(f"{side}-work")
+        if chain_in == "lower":
+            deep_lower(lower)
+        if side == "overlaypc":
+            mnt = overlay_mount(stack_options([lower], upper, work)).path
+        else:
+            mnt = kernel_mount([lower], upper, work)
+        results[side], _ = run_ops(mnt, build=chain_in == "upper")
+        assert not failures(results[side]), f"{side}: failed steps {failures(results[side])}"
+        merged[side] = snapshot_of(mnt)
+        uppers[side] = snapshot_of(upper)
+        if side == "overlaypc":
+            assert work_leftovers(work) == []
+    assert results["overlaypc"] == results["kernel"]
+    assert merged["overlaypc"] == merged["kernel"], tree_diff(merged["overlaypc"], merged["kernel"])
+    assert uppers["overlaypc"] == uppers["kernel"], tree_diff(uppers["overlaypc"], uppers["kernel"])
+    deep = "/".join(CWD + CHAIN) + "/"
+    kinds = {k[len(deep):]: v[0] for k, v in merged["overlaypc"].items() if k.startswith(deep)}
+    assert kinds == {leaf("create"): stat.S_IFREG, leaf("fifo"): stat.S_IFIFO,
+                     leaf("chr"): stat.S_IFCHR, leaf("symlink"): stat.S_IFLNK,
+                     leaf("renamed"): stat.S_IFREG}
+    assert merged["overlaypc"][deep + leaf("renamed")][1:6] == (0o604, 1234, 5678, 3, b"OPE")
+
+
+#: Remove trees of any depth (a child chdirs down: no recursion, no fd per level). pytest's
+#: own clean-up of old temporary dirs (``shutil.rmtree``) recurses per level and would fail
+#: on them, in every later session.
+RMTREE_SCRIPT = r"""
+import os, sys
+for top in sys.argv[1:]:
+    if not os.path.isdir(top):
+        continue
+    os.chdir(top)
+    names = []
+    while True:
+        sub = None
+        with os.scandir(".") as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    sub = e.name
+                    break
+                os.unlink(e.name)
+        if sub is not None:
+            os.chdir(sub)
+            names.append(sub)
+        elif names:
+            os.chdir("..")
+            os.rmdir(names.pop())
+        else:
+            break
+    os.chdir("/")
+    os.rmdir(top)
+"""
+
+
+@pytest.fixture
+def deep_trees():
+    """A list to add directories to; they are removed, however deep, after the test and its
+    mounts are gone (request this fixture before the mount fixtures)."""
+    roots: list[Path] = []
+    yield roots
+    subprocess.run([sys.executable, "-c", RMTREE_SCRIPT, *map(str, roots)], check=True, timeout=300)
+
+
+def test_2045_component_relative_path(deep_trees, layers_factory, overlay_mount, kernel_mount):
+    """A 4095-byte relative path of 2,044 one-byte directories and a leaf name, below a
+    cwd two levels down, all in a lower: the daemon walks and copies up 2,047 levels
+    (neither lookup nor copy-up may recurse per level). Same results as the kernel's."""
+    chain = ["d"] * 2044
+    leaf_len = 4095 - len("/".join(chain)) - 1
+    assert leaf_len == len("symlink")
+    results, listings = {}, {}
+    for side in ("overlaypc", "kernel"):
+        lower = layers_factory.empty_dir(f"{side}-lower")
+        upper = layers_factory.empty_dir(f"{side}-upper")
+        work = layers_factory.empty_dir(f"{side}-work")
+        deep_trees += [lower, upper, work]
+        make_chain(lower, ["a", "b"] + chain, files={"data".ljust(leaf_len, "_"): b"lower data\n",
+                                                     "gone".ljust(leaf_len, "_"): b"gone\n"},
+                   dirs=("ldir".ljust(leaf_len, "_"),))
+        if side == "overlaypc":
+            mnt = overlay_mount(stack_options([lower], upper, work) + ",volatile").path
+        else:
+            mnt = kernel_mount([lower], upper, work)
+        results[side], listings[side] = run_ops(mnt, build=False, cwd=["a", "b"], chain=chain,
+                                                leaf_len=leaf_len)
+        assert not failures(results[side]), f"{side}: failed steps {failures(results[side])}"
+    assert results["overlaypc"] == results["kernel"]
+    assert listings["overlaypc"] == listings["kernel"]
+    assert sorted(n.rstrip("_") for n in listings["overlaypc"]) == ["chr", "create", "fifo", "renamed", "symlink"]
+
+
+#: As NOBODY, from a cwd given as components: each creation of a name containing
+#: "notrace" must fail (the daemon's chown of it is made to fail with EIO).
+NOTRACE_SCRIPT = r"""
+import json, os, sys
+cwd, prefix = json.loads(sys.argv[1]), sys.argv[2]
+for c in cwd:  # from the mount root (the child's cwd)
+    os.chdir(c)
+out = {}
+for what, fn in (("mkdir", lambda p: os.mkdir(p, 0o755)),
+                 ("create", lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))),
+                 ("mkfifo", lambda p: os.mkfifo(p, 0o644)),
+                 ("symlink", lambda p: os.symlink("target", p))):
+    try:
+        fn(prefix + f"notrace-{what}")
+        out[what] = 0
+    except OSError as e:
+        out[what] = e.errno
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("depth", ["deep", "short"])
+def test_failed_creation_leaves_no_trace(depth, layers_factory, overlay_mount):
+    """mkdir, create, mkfifo and symlink by a non-root caller whose chown fails (injected
+    EIO): each reports the error, and nothing of it is left in the upper or the workdir,
+    nor visible through the mount."""
+    lower = layers_factory.empty_dir("lower")
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    parts = CWD + CHAIN if depth == "deep" else ["pub"]
+    make_chain(lower, parts, mode=0o777)
+    m = overlay_mount(stack_options([lower], upper, work),
+                      env={"OVERLAYPC_FAULTS": "layer.chown~notrace=eio"})
+    cwd, prefix = (CWD, "/".join(CHAIN) + "/") if depth == "deep" else (["pub"], "")
+    r = subprocess.run([child_python(), "-c", NOTRACE_SCRIPT, json.dumps(cwd), prefix],
+                       cwd=m.path, capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: (os.setgroups([]), os.setgid(NOBODY), os.setuid(NOBODY)))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out == {"mkdir": errno.EIO, "create": errno.EIO, "mkfifo": errno.EIO,
+                   "symlink": errno.EIO}
+    for root in (upper, m.path):
+        names = [k for k in snapshot_of(root) if "notrace" in k]
+        assert names == [], f"left in {root}: {[short(n) for n in names]}"
+    assert work_leftovers(work) == []
+
+
+def test_failed_rename_leaves_no_mark(layers_factory, overlay_mount):
+    """A rename of a lower directory sets a redirect on its upper copy before the move; when
+    the move fails (injected EIO), the copy keeps no redirect (the copy-up itself stays, as
+    on the kernel's overlay)."""
+    layers = layers_factory({"lower": {"pub/ldir/f": "f\n"}})
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    m = overlay_mount(stack_options(layers.paths, upper, work),
+                      env={"OVERLAYPC_FAULTS": "layer.rename~notrace=eio"})
+    with pytest.raises(OSError) as e:
+        os.rename(m.path / "pub" / "ldir", m.path / "pub" / "notrace-moved")
+    assert e.value.errno == errno.EIO
+    assert (upper / "pub" / "ldir").is_dir()
+    assert [x for x in os.listxattr(upper / "pub" / "ldir") if x.endswith(".redirect")] == []
+    assert sorted(os.listdir(m.path / "pub")) == ["ldir"]
+    assert (m.path / "pub" / "ldir" / "f").read_text() == "f\n"
+    assert work_leftovers(work) == []
+
+
+# --------------------------------------------------------------------------------------
+# Many directories under a low fd limit (mounted)
+# --------------------------------------------------------------------------------------
+TOPS, SUBS = 50, 99  # 50 + 50 * 99 = 5,000 directories, each in all three lowers
+
+
+def test_walk_5000_dirs_over_3_lowers_at_256_fds(layers_factory, overlay_mount):
+    """The daemon runs under ``ulimit -n 256``: a full walk (listdir and lstat of every
+    entry) of 5,000 directories merged from 3 lowers, then creations of files and
+    directories across the tree, then the walk again."""
+    lowers = [layers_factory.empty_dir(f"lower{i}") for i in range(3)]
+    for i, low in enumerate(lowers):
+        for t in range(TOPS):
+            for s_ in range(SUBS):
+                os.makedirs(low / f"t{t:02d}" / f"s{s_:02d}")
+            (low / f"t{t:02d}" / f"f{i}").write_text(f"{i}\n")
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    m = overlay_mount(stack_options(lowers, upper, work), nofile=256)
+
+    def walk() -> int:
+        dirs = 0
+
+        def fail(e: OSError) -> None:
+            raise e
+
+        for dirpath, dirnames, filenames in os.walk(m.path, onerror=fail):
+            dirs += 1
+            assert sorted(os.listdir(dirpath)) == sorted(dirnames + filenames)
+            for name in dirnames + filenames:
+                os.lstat(os.path.join(dirpath, name))
+        return dirs
+
+    assert walk() == 1 + TOPS + TOPS * SUBS
+    for t in range(0, TOPS, 3):
+        top = m.path / f"t{t:02d}"
+        (top / "new").mkdir()
+        (top / "new" / "file").write_text(f"new {t}\n")
+        (top / f"s{t:02d}" / "file").write_text(f"sub {t}\n")
+        os.rename(top / "f0", top / "f0-renamed")
+        os.rmdir(top / "s98")
+    for t in range(0, TOPS, 3):
+        top = m.path / f"t{t:02d}"
+        assert (top / "new" / "file").read_text() == f"new {t}\n"
+        assert (top / f"s{t:02d}" / "file").read_text() == f"sub {t}\n"
+        assert (top / "f0-renamed").read_text() == "0\n"
+        assert (upper / f"t{t:02d}" / "new" / "file").read_text() == f"new {t}\n"
+    assert walk() == 1 + TOPS + TOPS * SUBS  # in each top changed: one dir made, one removed
+
+
+# --------------------------------------------------------------------------------------
+# Without root: the budget, the lookup cache, the EMFILE fallback, long layer paths
+# --------------------------------------------------------------------------------------
+def _child(code: str, nofile: tuple[int, int] | None = None) -> str:
+    """Run ``code`` in a child Python with this checkout's package, optionally under an fd
+    limit; return its stdout."""
+    prelude = "import resource\n"
+    if nofile:
+        prelude += f"resource.setrlimit(resource.RLIMIT_NOFILE, {nofile!r})\n"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_budget_splits_the_limit():
+    from overlaypc.fdbudget import LOOKUP_CAP, SHARING_CAP, FdBudget
+    for limit in (32, 64, 256, 1024, 4096, 20000, 1 << 20):
+        b = FdBudget.from_limit(limit)
+        assert b.lookup + 2 * b.sharing + b.reserve == limit
+        assert 1 <= b.lookup <= min(limit // 2, LOOKUP_CAP) or limit < 2
+        assert 1 <= b.sharing <= SHARING_CAP
+        assert b.reserve >= limit * 3 // 8, b  # open files keep at least 3/8 of the limit
+    assert FdBudget.from_limit(1024).lookup == 512
+
+
+def test_raise_limit_lifts_soft_to_hard():
+    out = _child("""
+        from overlaypc import fdbudget
+        print(fdbudget.raise_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))
+        print(fdbudget.FdBudget.for_process().lookup)
+    """, nofile=(100, 800))
+    assert out.split("\n")[:2] == ["800 (800, 800)", "400"]
+
+
+def _wide_layers(base: Path, layers: int, dirs: int) -> list[Path]:
+    out = []
+    for i in range(layers):
+        root = base / f"layer{i}"
+        for d in range(dirs):
+            (root / f"d{d:04d}" / "sub").mkdir(parents=True)
+        out.append(root)
+    return out
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_lookup_cache_is_bounded_by_the_fds_it_holds(tmp_path):
+    from overlaypc.lookup import Lookup
+    from overlaypc.stack import LayerStack
+    roots = _wide_layers(tmp_path, 3, 200)
+    stack = LayerStack([str(r) for r in roots], None, None)
+    try:
+        gc.collect()
+        before = _open_fds()
+        lookup = Lookup(stack, "trusted.overlay.", max_fds=30)
+        for d in range(200):
+            node = lookup.directory(f"d{d:04d}/sub")
+            assert len(node.entries) == 3
+        del node
+        gc.collect()
+        assert lookup.cached_fds <= 30
+        assert _open_fds() - before <= 30
+        assert len(lookup) <= 10  # three fds per directory
+        # the most recently used are kept; an evicted one is looked up again
+        assert lookup._cached("d0199/sub") is not None
+        assert lookup._cached("d0000/sub") is None
+        assert len(lookup.directory("d0000/sub").entries) == 3
+        assert lookup.shed_fds() > 0 and lookup.cached_fds == 0
+        gc.collect()
+        assert _open_fds() == before
+    finally:
+        stack.close()
+
+
+def test_emfile_empties_the_caches_and_retries(tmp_path):
+    """The lookup cache's budget is computed from a limit that other fds then eat up (here
+    dup'ed ones): the walk meets EMFILE, empties the cache and goes on."""
+    roots = _wide_layers(tmp_path, 3, 150)
+    out = _child(f"""
+        import os
+        from overlaypc.lookup import Lookup
+        from overlaypc.stack import LayerStack
+        stack = LayerStack({[str(r) for r in roots]!r}, None, None)
+        lookup = Lookup(stack, "trusted.overlay.")  # budget: half of 256
+        hog = []
+        try:
+            while True:
+                hog.append(os.dup(0))
+        except OSError:
+            pass
+        for fd in hog[:40]:  # leave 40 fds free: fewer than the cache's budget
+            os.close(fd)
+        for d in range(150):
+            assert len(lookup.directory(f"d{{d:04d}}/sub").entries) == 3
+            assert len(lookup.directory(f"d{{d:04d}}").entries) == 3
+        print("ok", lookup.max_fds)
+    """, nofile=(256, 256))
+    assert out.split() == ["ok", "128"]
+
+
+def test_overlayfs_walks_a_thousand_dirs_at_128_fds(tmp_path):
+    """``OverlayFS`` without FUSE, read-only over 3 lowers, under a 128-fd limit: getattr,
+    readdir and a file read in each of 1,000 directories."""
+    roots = _wide_layers(tmp_path, 3, 500)
+    (roots[1] / "d0000" / "f").write_text("x\n")
+    out = _child(f"""
+        import os
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, mountpoint={str(tmp_path)!r})
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        n = 0
+        for d in range(500):
+            for rel in (f"d{{d:04d}}", f"d{{d:04d}}/sub"):
+                fs.getattr(rel)
+                fs.readdir(rel, plus=True)
+                n += 1
+        h = fs.open("d0000/f", os.O_RDONLY)
+        assert fs.read(h.fh, 10, 0) == b"x\\n"
+        fs.release(h.fh)
+        fs.close()
+        print(n)
+    """, nofile=(128, 128))
+    assert out.strip() == "1000"
+
+
+def test_layer_paths_longer_than_path_max(tmp_path):
+    """A writable ``Layer`` acts on paths of 6,000+ bytes (walked in steps), and a symlink
+    at any depth of such a path, at every step boundary included, is never followed."""
+    from overlaypc.layer import Layer, do_rename
+    root = tmp_path / "layer"
+    root.mkdir()
+    parts = [comp(i) for i in range(30)]  # 30 * 201 - 1 = 6029 bytes
+    make_chain(root, parts, files={"f": b"data"})
+    deep = "/".join(parts)
+    layer = Layer(str(root), 0, writable=True)
+    try:
+        assert layer.lstat(deep + "/f").st_size == 4
+        layer.do_mkdir(deep + "/new", 0o700)
+        fd = layer.do_create(deep + "/new/file", os.O_WRONLY | os.O_EXCL, 0o600)
+        os.write(fd, b"hello")
+        os.close(fd)
+        do_rename(layer, deep + "/new/file", layer, deep + "/moved")
+        layer.do_chmod(deep + "/moved", 0o640)
+        layer.do_truncate(deep + "/moved", 2)
+        layer.do_symlink("t", deep + "/ln")
+        assert layer.readlink(deep + "/ln") == "t"
+        assert sorted(n for n, _ in layer.listdir(deep)) == sorted(["f", "new", "moved", "ln"])
+        st = layer.lstat(deep + "/moved")
+        assert (stat.S_IMODE(st.st_mode), st.st_size) == (0o640, 2)
+        layer.do_unlink(deep + "/moved")
+        layer.do_rmdir(deep + "/new")
+        assert layer.lstat(deep + "/new") is None
+
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        for k in range(1, len(parts)):
+            head = "/".join(parts[:k])
+            fd = open_deep(root, parts[:k])
+            try:
+                os.symlink(str(outside), "abs", dir_fd=fd)
+                os.symlink("../" * (k + 2) + "outside", "rel", dir_fd=fd)
+            finally:
+                os.close(fd)
+            for link in ("abs", "rel"):
+                # the link as an intermediate component, long path or short
+                tail = "/".join([link] + parts[k:]) if k < len(parts) else link
+                assert layer.lstat(f"{head}/{link}/x") is None
+                assert layer.lstat(f"{head}/{tail}") is None
+                with pytest.raises(OSError):
+                    layer.do_mkdir(f"{head}/{tail}/made", 0o755)
+                with pytest.raises(OSError):
+                    layer.do_mkdir(f"{head}/{link}/made", 0o755)
+        assert os.listdir(outside) == []
+    finally:
+        layer.close()
+
+
+def test_steps_cut_long_paths_between_components():
+    from overlaypc.layer import STEP_BYTES, steps
+    for path in ("/".join(comp(i) for i in range(30)) + "/f", "/".join(["d"] * 5000),
+                 "é" * 120 + "/" + "/".join(["ü" * 127] * 40), "short/path"):
+        pieces = steps(path)
+        assert "/".join(pieces) == path
+        assert all(0 < len(os.fsencode(p)) <= STEP_BYTES for p in pieces)
+        assert len(pieces) == -(-len(os.fsencode(path)) // (STEP_BYTES + 1)) or len(pieces) > 1
