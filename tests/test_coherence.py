@@ -5,24 +5,38 @@
     write(fw, data)
     read(fr, buf)                 # buf must equal data
 
-Each of the nine checks of issue 5 is one test, run in both cache modes (``cache=kernel``,
-``cache=shared``; the MAP_SHARED check is kernel-only, DESIGN.md §8) and on two backings:
-the tmp_path filesystem (ext4 here: no reflink, so copy-up copies data) and a directory
-of the session XFS (reflink copy-up). Checks 1-4 also run under ``-o handles=bind-at-open``,
-the debug mode that binds a handle's real fd at open, and there they must observe the
-stale result: proof that these tests can fail.
+Each of the nine checks of issue 5 is one test (two for checks 5 and 7), run in both cache
+modes (``cache=kernel``, ``cache=shared``; the MAP_SHARED check is kernel-only, DESIGN.md §8)
+and on two backings: the tmp_path filesystem (ext4 here: no reflink, so copy-up copies
+data) and a directory of the session XFS (reflink copy-up); check 8 (a long copy) runs
+on tmp_path only.
+
+Proof that the checks can fail: they also run under ``-o handles=bind-at-open``, the debug
+mode that binds a handle's real fd at open, and there they assert the stale observation.
+That mode differs from the default only for a handle opened *before* a copy-up of its
+file, so a bind-at-open run observes the bug only where such a handle is read. The
+exceptions, each explained in its test's docstring:
+
+- check 3: a plain ``fstat(fr)`` is answered from the path (FUSE sends it without the file
+  handle), fresh in both modes; the stale size is shown through fr's own handle instead
+  (``lseek(SEEK_END)``, then fstat).
+- check 4 does not run under bind-at-open in cache=shared: direct_io keeps no page cache,
+  so a fresh open after close is fresh in that mode too.
+- check 5: in cache=kernel a shrinking truncate alone looks fresh through a stale handle
+  (the read ends at the kernel's fresh size); the test grows the file again to show it.
+- check 7, hard links: default mode only; both handles are opened after the copy-up.
+  Check 7, unlink: only part (a) copies up; (b) and (c) behave alike in both modes.
+- check 8: its racing part (no partial copy) cannot fail under bind-at-open; the final
+  read of the rewritten blocks through the held handle does.
+- check 9: the racing readers' stale reads depend on timing under bind-at-open and are
+  only counted; the final read through each held handle is asserted.
 
 How staleness is made observable (see coherence_support's docstring): in kernel cache mode
 a write through any handle updates the FUSE inode's cached pages, which hides a stale
 handle until a page is read *through it*; ``dontneed(fr)`` (POSIX_FADV_DONTNEED) forces
 that, and ``drop_caches()`` also drops what DONTNEED leaves (dirty or mapped pages; with it,
 fuse-overlayfs's fr goes stale in examples/stale_read.py). The default mode is tested on
-the same paths. Where a bind-at-open run cannot observe the bug, the test says so in a
-comment and asserts only what holds there (check 4 in cache=shared; check 3's fstat size).
-
-Checks 5-9 run only in the default handle mode; each of them also fails under
-bind-at-open (except the hard-link case of check 7, whose handles are opened after the
-copy-up), but that is not asserted here.
+the same paths.
 """
 
 from __future__ import annotations
@@ -165,26 +179,38 @@ def test_c2_map_shared_refused_in_shared_mode(overlay_mount, layers_factory, tmp
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("handles", HANDLES)
 def test_c3_fstat_and_append(overlay_mount, layers_factory, backing, cache, handles):
+    """fstat reaches the daemon in two ways. A plain ``fstat(fr)`` sends GETATTR *without*
+    fr's file handle (the kernel's ``fuse_getattr`` passes no file), so the daemon answers
+    from the path, and it is fresh even under bind-at-open: that part cannot observe the
+    bug. A GETATTR *with* fr's handle (sent for ``lseek(SEEK_END)`` once a write made the
+    cached size invalid) is answered by an fstat of fr's own backing fd, and the size it
+    returns is what later ``fstat(fr)`` calls show: that part is stale under bind-at-open."""
     st = make_stack(layers_factory, backing, {"foo": OLD})
     m = overlay_mount(st.options(cache, handles)).path
+    fresh_size = len(OLD) + 2 * len(APPENDED)
     with Fds() as fds:
         fr = fds.open(m / "foo", os.O_RDONLY)
         assert pread_all(fr) == OLD
         fw = fds.open(m / "foo", os.O_WRONLY | os.O_APPEND)
         assert os.write(fw, APPENDED) == len(APPENDED)
-        size = os.fstat(fr).st_size
+        size_by_path = os.fstat(fr).st_size           # GETATTR without a file handle
+        assert os.write(fw, APPENDED) == len(APPENDED)  # the cached size is invalid again
+        end = os.lseek(fr, 0, os.SEEK_END)            # GETATTR with fr's file handle
+        size = os.fstat(fr).st_size                   # the size that reply left
         dontneed(fr)
         tail = os.pread(fr, 4096, len(OLD))
         drop_caches()
         tail_after_drop = os.pread(fr, 4096, len(OLD))
 
+    # Not a bind-at-open observation: fresh in both modes (see the docstring).
+    assert size_by_path == len(OLD) + len(APPENDED)
     if handles == "reopen":
-        assert size == len(OLD) + len(APPENDED)
-        assert tail == tail_after_drop == APPENDED
+        assert end == size == fresh_size
+        assert tail == tail_after_drop == APPENDED * 2
     else:
-        # Through fr the file still ends at the lower file's EOF: a short (empty) read.
-        # fstat is not asserted stale: FUSE sends GETATTR for fstat without the file
-        # handle, so the daemon answers it from the path, and the size is fresh.
+        # fr's handle still answers from the lower file: its size, and its EOF.
+        assert (end, size) == (len(OLD), len(OLD)), (
+            f"bind-at-open should have given the lower file's size through fr, got {end}, {size}")
         assert tail == b"", f"bind-at-open should have hit the lower file's EOF, got {tail!r}"
         assert tail_after_drop == b""
 
@@ -192,8 +218,13 @@ def test_c3_fstat_and_append(overlay_mount, layers_factory, backing, cache, hand
 # --------------------------------------------------------------------------------------
 # Check 4: after all handles close, a fresh open reads the new data; also after drop_caches
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("handles", HANDLES)
+@pytest.mark.parametrize("cache,handles", [("kernel", "reopen"), ("kernel", "bind-at-open"),
+                                           ("shared", "reopen")])
 def test_c4_fresh_open_after_close(overlay_mount, layers_factory, backing, cache, handles):
+    """Not run under bind-at-open in cache=shared: that mode is direct_io and keeps no FUSE
+    page cache, so once fr is closed nothing stale is left anywhere, and a fresh open
+    (bound at open to the upper copy) reads the new data in bind-at-open mode too. (fr's own
+    stale read there is check 1's observation.)"""
     st = make_stack(layers_factory, backing, {"foo": OLD})
     m = overlay_mount(st.options(cache, handles)).path
     with Fds() as fds:
@@ -216,23 +247,26 @@ def test_c4_fresh_open_after_close(overlay_mount, layers_factory, backing, cache
     assert after_drop == NEW
     if handles == "reopen":
         assert fresh == NEW
-    elif cache == "kernel":
+    else:
         # fr's stale read filled the FUSE page cache with lower data, and the next open is
         # granted keep_cache (the data version did not move): the stale pages outlive
         # every handle, the fuse-overlayfs failure of DESIGN.md §1.
         assert fresh == OLD, "bind-at-open should have left stale pages for the next open"
-    else:
-        # cache=shared keeps no FUSE page cache, so a fresh open (bound to the upper file)
-        # cannot see this bug: nothing stale to assert in this mode.
-        assert fresh == NEW
 
 
 # --------------------------------------------------------------------------------------
 # Check 5: truncate via fw or via the path is seen by fr; O_APPEND through two handles
 # --------------------------------------------------------------------------------------
-def test_c5_truncate_seen_by_reader(overlay_mount, layers_factory, backing, cache):
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c5_truncate_seen_by_reader(overlay_mount, layers_factory, backing, cache, handles):
+    """Shrinking alone cannot show the bug in cache=kernel: the kernel ends fr's read at its
+    own size, which the truncate's reply made fresh, and the lower and upper files agree
+    on the bytes below it. Growing again can: through fr, the cut-off bytes must read as
+    a hole, not as the lower file's data. So each truncate (via fw, via the path) shrinks
+    and then grows. cache=shared (direct_io) asks the daemon for the whole range, so there
+    the shrink shows it too. ``fstat`` carries no file handle (see check 3): fresh in both."""
     st = make_stack(layers_factory, backing, {"by_fd": OLD, "by_path": OLD})
-    m = overlay_mount(st.options(cache)).path
+    m = overlay_mount(st.options(cache, handles)).path
     with Fds() as fds:
         fr = fds.open(m / "by_fd", os.O_RDONLY)
         assert pread_all(fr) == OLD
@@ -240,25 +274,45 @@ def test_c5_truncate_seen_by_reader(overlay_mount, layers_factory, backing, cach
         os.ftruncate(fw, 100)
         assert os.fstat(fr).st_size == 100
         dontneed(fr)
-        assert pread_all(fr) == OLD[:100]
+        fd_shrunk = pread_all(fr)
         os.ftruncate(fw, 8192)                    # grow again: a hole, not old data
         dontneed(fr)
-        assert pread_all(fr) == OLD[:100] + bytes(8092)
+        fd_grown = pread_all(fr)
 
         fr2 = fds.open(m / "by_path", os.O_RDONLY)
         assert pread_all(fr2) == OLD
         os.truncate(m / "by_path", 10)            # copy-up by truncate, no writer handle
         assert os.fstat(fr2).st_size == 10
         dontneed(fr2)
-        assert pread_all(fr2) == OLD[:10]
-    assert (st.upper / "by_path").read_bytes() == OLD[:10]
+        path_shrunk = pread_all(fr2)
+        os.truncate(m / "by_path", 8192)
+        assert os.fstat(fr2).st_size == 8192
+        dontneed(fr2)
+        path_grown = pread_all(fr2)
+    assert (st.upper / "by_path").read_bytes() == OLD[:10] + bytes(8182)
     assert (st.lower / "by_path").read_bytes() == OLD
 
+    if handles == "reopen":
+        assert fd_shrunk == OLD[:100]
+        assert fd_grown == OLD[:100] + bytes(8092)
+        assert path_shrunk == OLD[:10]
+        assert path_grown == OLD[:10] + bytes(8182)
+    else:
+        # fr and fr2 still read the lower file: its data past the cut, and its EOF.
+        stale_shrunk = {"kernel": (OLD[:100], OLD[:10]), "shared": (OLD, OLD)}[cache]
+        assert (fd_shrunk, path_shrunk) == stale_shrunk
+        assert fd_grown == OLD, "bind-at-open should have read the lower data via fr"
+        assert path_grown == OLD, "bind-at-open should have read the lower data via fr2"
 
-def test_c5_o_append_two_handles_interleave(overlay_mount, layers_factory, backing, cache):
+
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c5_o_append_two_handles_interleave(overlay_mount, layers_factory, backing, cache,
+                                           handles):
+    """The appenders open after the copy-up (the first open does it), so their records
+    interleave correctly in both modes; fr, opened before, must read them all."""
     head = b"first line from the lower layer\n"
     st = make_stack(layers_factory, backing, {"log": head})
-    m = overlay_mount(st.options(cache)).path
+    m = overlay_mount(st.options(cache, handles)).path
     per_thread, rec_len = 300, 32
     errors: list[BaseException] = []
     start = threading.Barrier(2)
@@ -288,8 +342,13 @@ def test_c5_o_append_two_handles_interleave(overlay_mount, layers_factory, backi
         assert not errors, errors
         dontneed(fr)
         via_fr = pread_all(fr, 1 << 20)
-    data = (m / "log").read_bytes()
-    assert via_fr == data
+    data = (st.upper / "log").read_bytes()
+    if handles == "reopen":
+        assert via_fr == data
+        assert (m / "log").read_bytes() == data
+    else:
+        # fr is still bound to the lower file: it ends at the lower's EOF.
+        assert via_fr == head, f"bind-at-open should have read only the lower {len(head)} bytes"
     assert data.startswith(head)
     body = data[len(head):]
     assert len(body) == 2 * per_thread * rec_len, "appends were lost or overwritten"
@@ -311,9 +370,11 @@ TRIGGERS = {
 }
 
 
-def test_c6_metadata_copy_up_switches_handles(overlay_mount, layers_factory, backing, cache):
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c6_metadata_copy_up_switches_handles(overlay_mount, layers_factory, backing, cache,
+                                              handles):
     st = make_stack(layers_factory, backing, {f"f_{name}": OLD for name in TRIGGERS})
-    m = overlay_mount(st.options(cache)).path
+    m = overlay_mount(st.options(cache, handles)).path
     with Fds() as fds:
         readers = {}
         for name in TRIGGERS:
@@ -336,18 +397,28 @@ def test_c6_metadata_copy_up_switches_handles(overlay_mount, layers_factory, bac
             results[name] = pread_all(fr)
         after = stats(m)
 
-    expected = {name: NEW[:5000] if name == "truncate" else NEW for name in TRIGGERS}
-    assert results == expected
     assert after["copy_ups"] == before["copy_ups"], "the writer opens must not copy up again"
-    assert after["handle_switches"] - before["handle_switches"] >= len(TRIGGERS), after
+    if handles == "reopen":
+        expected = {name: NEW[:5000] if name == "truncate" else NEW for name in TRIGGERS}
+        assert results == expected
+        assert after["handle_switches"] - before["handle_switches"] >= len(TRIGGERS), after
+    else:
+        # Every reader still reads the whole lower file (the truncated one too: a read
+        # through fr refreshes the size from fr's own lower fd).
+        assert results == {name: OLD for name in TRIGGERS}, (
+            "bind-at-open should have read the lower file through every reader")
+        assert after["handle_switches"] == before["handle_switches"], after
 
 
 # --------------------------------------------------------------------------------------
 # Check 7: rename, hard link and unlink while open
 # --------------------------------------------------------------------------------------
-def test_c7_rename_while_open(overlay_mount, layers_factory, backing, cache):
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c7_rename_while_open(overlay_mount, layers_factory, backing, cache, handles):
     st = make_stack(layers_factory, backing, {"foo": OLD, "baz": OLD})
-    m = overlay_mount(st.options(cache)).path
+    m = overlay_mount(st.options(cache, handles)).path
+    # under bind-at-open fr and fr2 stay on the lower file
+    want = NEW if handles == "reopen" else OLD
     with Fds() as fds:
         # (a) copied up by the writer's open, then renamed with both handles open
         fr = fds.open(m / "foo", os.O_RDONLY)
@@ -357,7 +428,7 @@ def test_c7_rename_while_open(overlay_mount, layers_factory, backing, cache):
         os.rename(m / "foo", m / "bar")
         os.pwrite(fw, NEW_HEAD, 0)
         dontneed(fr)
-        assert pread_all(fr) == NEW
+        assert pread_all(fr) == want, f"{handles}: read via fr after the rename"
         os.pwrite(fw, b"after-rename", 100)
         assert (m / "bar").read_bytes()[100:112] == b"after-rename"
         assert not (m / "foo").exists()
@@ -370,12 +441,17 @@ def test_c7_rename_while_open(overlay_mount, layers_factory, backing, cache):
         fw2 = fds.open(m / "qux", os.O_RDWR)
         os.pwrite(fw2, NEW_HEAD, 0)
         dontneed(fr2)
-        assert pread_all(fr2) == NEW
+        assert pread_all(fr2) == want, f"{handles}: read via fr2 after the rename"
     assert (st.upper / "qux").read_bytes() == NEW
     assert (st.lower / "baz").read_bytes() == OLD
 
 
 def test_c7_hard_link_while_open(overlay_mount, layers_factory, backing, cache):
+    """Default handle mode only: bind-at-open cannot fail here, and does not (checked).
+    Both handles are opened after the copy-up (f1's own open does it), so binding at open
+    binds them to the upper file, where they stay: bind-at-open differs from reopen only
+    for a handle opened before a copy-up of its file. What this checks is that a write
+    through one name reaches the page cache of the other name's FUSE node."""
     st = make_stack(layers_factory, backing, {"h1": OLD})
     m = overlay_mount(st.options(cache)).path
     with Fds() as fds:
@@ -403,9 +479,14 @@ def _nlink(fd: int) -> object:
         return errno.errorcode.get(e.errno, e.errno)
 
 
-def test_c7_unlink_while_open(overlay_mount, layers_factory, backing, cache):
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c7_unlink_while_open(overlay_mount, layers_factory, backing, cache, handles):
+    """Part (a) is the one bind-at-open can fail: (b) and (c) copy nothing up, so their
+    handles are never bound to a file that stops being current. ``fstat`` of an open
+    unlinked file is answered through an open handle's fd (the name is gone), so in (a)
+    it shows the lower file's size under bind-at-open."""
     st = make_stack(layers_factory, backing, {"u": OLD, "v": OLD})
-    m = overlay_mount(st.options(cache)).path
+    m = overlay_mount(st.options(cache, handles)).path
     nlinks = {}     # asserted last, so one failing call does not hide the other checks
     problems = []
     with Fds() as fds:
@@ -416,8 +497,16 @@ def test_c7_unlink_while_open(overlay_mount, layers_factory, backing, cache):
         os.unlink(m / "u")
         os.pwrite(fw, NEW_HEAD, 0)
         os.pwrite(fw, APPENDED, len(OLD))
+        size = os.fstat(fr).st_size       # before the read: no read refreshed it
         dontneed(fr)
-        assert pread_all(fr) == NEW + APPENDED
+        via_fr = pread_all(fr)
+        if handles == "reopen":
+            assert (size, via_fr) == (len(NEW + APPENDED), NEW + APPENDED)
+        else:
+            # fr is still bound to the lower file, and the fstat of the nameless file is
+            # answered through the inode's first open handle, fr
+            assert (size, via_fr) == (len(OLD), OLD), (
+                "bind-at-open should have shown the lower file through fr")
         nlinks["copied-up reader"] = _nlink(fr)
         nlinks["copied-up writer"] = _nlink(fw)
 
@@ -460,11 +549,19 @@ BIG_BLOCKS = 800                      # 200 MiB
 BIG_REWRITTEN = range(0, BIG_BLOCKS, 7)
 
 
-def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, cache):
-    """On tmp_path (ext4 here, no reflink): copy-up copies 200 MiB and fsyncs it."""
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, cache, handles):
+    """On tmp_path (ext4 here, no reflink): copy-up copies 200 MiB and fsyncs it.
+
+    The racing part (no read ever sees a partial copy; a rewritten block may read old or
+    new while the writes go on) cannot fail under bind-at-open: there fr stays on the
+    lower file, which is complete all along, and the fresh opens made during the copy-up
+    bind to that lower file too. What bind-at-open does fail is the last part: once the
+    writes are done, the rewritten blocks read through fr, held across the long copy-up,
+    must be the new ones."""
     st = make_stack(layers_factory, tmp_path, {})
     write_blocks(st.lower / "big", b"OLD!", BIG_BLOCKS, BIG_BLOCK)
-    m = overlay_mount(st.options(cache)).path
+    m = overlay_mount(st.options(cache, handles)).path
     new_ok = set(BIG_REWRITTEN)
     stop = threading.Event()
     copying = threading.Event()
@@ -521,6 +618,9 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
             stop.set()
             for t in threads:
                 t.join(timeout=60)
+        dontneed(fr)
+        stale_blocks = [i for i in BIG_REWRITTEN
+                        if pread_all(fr, BIG_BLOCK, i * BIG_BLOCK) != block(b"NEW!", i, BIG_BLOCK)]
 
     print(f"copy-up took {copy_s:.2f} s; {counts}")   # shown with -s or on failure
     assert not failures, "\n".join(failures)
@@ -528,6 +628,11 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
     assert sum(s["copy_ups"].values()) == 1 and "reflink" not in s["copy_ups"], s
     assert counts["during_copy_up"] >= 1, (
         f"no read overlapped the copy-up ({copy_s:.2f} s): {counts}")
+    if handles == "reopen":
+        assert stale_blocks == [], "rewritten blocks read old via fr after the copy-up"
+    else:
+        assert stale_blocks == list(BIG_REWRITTEN), (
+            "bind-at-open should have read every rewritten block from the lower file via fr")
     with open(st.upper / "big", "rb") as f:
         for i in range(BIG_BLOCKS):
             want = block(b"NEW!" if i in new_ok else b"OLD!", i, BIG_BLOCK)
@@ -563,15 +668,22 @@ def _parse_block(i: int, data: bytes) -> list[int]:
     return versions
 
 
-def test_c9_threads_match_model(overlay_mount, layers_factory, backing, cache):
+@pytest.mark.parametrize("handles", HANDLES)
+def test_c9_threads_match_model(overlay_mount, layers_factory, backing, cache, handles):
+    """Under bind-at-open the held readers stay on the lower file. Whether their racing
+    reads catch it depends on timing (cache=kernel: a block read new from the page cache,
+    then old from the lower after DONTNEED; cache=shared: always INIT, which never goes
+    backwards), so there the stale reads are counted, not asserted; what is asserted is
+    the final read through each held handle, which returns the lower file's data. The
+    writers and fresh readers open after the copy-up and are right in both modes."""
     st = make_stack(layers_factory, backing, {})
     write_blocks(st.lower / "data", b"INIT", MIX_BLOCKS, MIX_BLOCK)
-    m = overlay_mount(st.options(cache)).path
+    m = overlay_mount(st.options(cache, handles)).path
     path = m / "data"
     model = {i: block(b"INIT", i, MIX_BLOCK) for i in range(MIX_BLOCKS)}
     deadline = time.monotonic() + MIX_SECONDS
     errors: list[str] = []
-    counts = {"writes": 0, "reads": 0, "reopens": 0}
+    counts = {"writes": 0, "reads": 0, "reopens": 0, "stale_reads": 0}
 
     def guarded(fn):
         def run(*args):
@@ -619,9 +731,11 @@ def test_c9_threads_match_model(overlay_mount, layers_factory, backing, cache):
             if rng.random() < 0.2:
                 os.posix_fadvise(fd, i * MIX_BLOCK, MIX_BLOCK, os.POSIX_FADV_DONTNEED)
             versions = _parse_block(i, os.pread(fd, MIX_BLOCK, i * MIX_BLOCK))
-            assert min(versions) >= floor[i], (
-                f"block {i}: read version {min(versions)} after {floor[i]}: stale read")
-            if min(versions) == max(versions):
+            if min(versions) < floor[i]:
+                counts["stale_reads"] += 1
+                assert handles != "reopen", (
+                    f"block {i}: read version {min(versions)} after {floor[i]}: stale read")
+            elif min(versions) == max(versions):
                 floor[i] = versions[0]
             counts["reads"] += 1
 
@@ -650,11 +764,20 @@ def test_c9_threads_match_model(overlay_mount, layers_factory, backing, cache):
             t.join(timeout=MIX_SECONDS + 60)
         assert not errors, "\n".join(errors)
         want = b"".join(model[i] for i in range(MIX_BLOCKS))
+        via_held = []
         for fd in held:
             dontneed(fd)
-            assert pread_all(fd) == want, "a handle held across the copy-up disagrees"
-    assert counts["writes"] > 100 and counts["reads"] > 100, counts
-    assert path.read_bytes() == want
+            via_held.append(pread_all(fd))
+    print(counts)   # shown with -s or on failure
+    init = b"".join(block(b"INIT", i, MIX_BLOCK) for i in range(MIX_BLOCKS))
+    assert want != init and counts["writes"] > 100 and counts["reads"] > 100, counts
     assert (st.upper / "data").read_bytes() == want
-    assert (st.lower / "data").read_bytes() == b"".join(
-        block(b"INIT", i, MIX_BLOCK) for i in range(MIX_BLOCKS))
+    assert (st.lower / "data").read_bytes() == init
+    if handles == "reopen":
+        assert via_held == [want, want], "a handle held across the copy-up disagrees"
+        assert path.read_bytes() == want
+    else:
+        # (no fresh open asserted here: the held handles' stale reads just filled the
+        # page cache in cache=kernel, which check 4 shows outliving the handles)
+        assert via_held == [init, init], (
+            "bind-at-open should have read the lower file through the held handles")
