@@ -55,13 +55,13 @@ def kernel_form(spec: Union[Mapping[str, Spec], Spec]):
 
 
 def deep_dir(roots, stem: str = "deep", tail: int = DEEP_TAIL) -> str:
-    """A relative path of directory names (200 bytes each, the last one shorter) such that
+    """A relative path of directory names (250 bytes each, the last one shorter) such that
     ``ROOT/path`` plus ``tail`` bytes stays under PATH_MAX for the longest of ``roots``."""
     room = PATH_MAX - 1 - max(len(os.fsencode(str(r))) for r in roots) - 1 - tail
     parts: list[str] = []
     used = 0
     while True:
-        name = f"{stem}{len(parts):02d}".ljust(200, "d")
+        name = f"{stem}{len(parts):02d}".ljust(250, "d")
         if used + len(name) + 1 > room:
             break
         parts.append(name)
