@@ -27,7 +27,7 @@ import dataclasses
 import os
 import stat
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import helpers
 from helpers import WHITEOUT, Device, Dir, OciWhiteout, Spec
@@ -93,15 +93,18 @@ class Identity:
         return "\n".join(lines)
 
 
-def identity(root: Union[str, os.PathLike]) -> Identity:
-    """The st_ino classes and link counts under ``root`` (not following symlinks). A name
-    listed but not found (the kernel lists whiteouts in directories it does not merge, see
-    ``helpers.tree_snapshot``) is left out."""
+def identity(root: Union[str, os.PathLike], under: Optional[Iterable[str]] = None) -> Identity:
+    """The st_ino classes and link counts under ``root`` (not following symlinks), or only
+    in its entries named in ``under``. A name listed but not found (the kernel lists
+    whiteouts in directories it does not merge, see ``helpers.tree_snapshot``) is left out."""
     by_ino: dict[int, set[str]] = {}
     nlinks: dict[str, int] = {}
+    only = None if under is None else set(under)
 
     def visit(path: str, rel: str) -> None:
         for name in sorted(os.listdir(path)):
+            if only is not None and not rel and name not in only:
+                continue
             child, child_rel = os.path.join(path, name), f"{rel}/{name}" if rel else name
             try:
                 st = os.lstat(child)
