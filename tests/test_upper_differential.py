@@ -40,7 +40,7 @@ What is compared, and the only known, documented kernel differences left out:
   st_nlink (``links_support.identity``).
 - left out: st_size and st_nlink of directories (the kernel reports nlink 1 for merged
   dirs and the dir size of whichever layer), atime/ctime, absolute inode numbers and
-  st_dev (kernel xino=off vs overlaypc's numbering; only link groups are compared);
+  st_dev (kernel xino=off vs overlaypc's numbering; only inode classes are compared);
   the kernel's listing of whiteouts in non-merged directories whose lookup says
   ENOENT (``tree_snapshot(ignore_vanished=True)`` on the kernel side only); and
   RENAME_EXCHANGE, which the kernel supports and overlaypc refuses with EINVAL as
