@@ -315,3 +315,25 @@ def test_index_nlink_changes_on_a_kernel_index(change, xfs_dir, layers_factory, 
         os.chmod(m / "b", 0o600)           # copies b up as a link: stays 3
         expected = {n: 3 for n in NAMES}
     assert _nlinks_now(m.path, NAMES + ["d"]) == expected
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "IndexDir.eligible indexes regular files only; the kernel (ovl_need_index) indexes "
+    "every multiply-linked non-directory, so a copy-up of one name of a lower fifo or "
+    "device keeps the link there and breaks it in overlaypc"))
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_index_keeps_special_file_links_like_the_kernel(kind, xfs_dir, layers_factory,
+                                                        overlay_mount):
+    item = helpers.Fifo(0o644) if kind == "fifo" else helpers.Device("chr", 1, 3, 0o644)
+    lowers = make_lowers(layers_factory, xfs_dir, {"l": {"p": item, "q": helpers.HardLink("p")}})
+
+    def run(root: Path) -> dict:
+        os.chmod(Path(root) / "p", 0o600)  # copies p up
+        st = {n: os.stat(Path(root) / n) for n in "pq"}
+        return {n: (s.st_mode & 0o777, s.st_nlink, s.st_ino == st["p"].st_ino) for n, s in st.items()}
+
+    ks, os_ = new_stack(lowers, xfs_dir, f"sp-k-{kind}"), new_stack(lowers, xfs_dir, f"sp-o-{kind}")
+    with helpers.kernel_overlay(xfs_dir / f"sp-{kind}-k", lowers, ks.upper, ks.work, KERNEL_INDEX) as k:
+        theirs = run(k)
+    assert theirs == {"p": (0o600, 2, True), "q": (0o600, 2, True)}
+    assert run(overlay_mount(os_.options("index=on")).path) == theirs
