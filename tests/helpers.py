@@ -6,7 +6,8 @@ What this module owns:
 - ``Mount``: one overlaypc daemon started by us, waited for, unmounted and checked
   (exit status, and its log for unexpected ``ERROR``/``Traceback`` lines).
 - ``build_layer()`` and the spec types (``File``, ``Dir``, ``Symlink``, ``Whiteout``,
-  ``OciWhiteout``): layer trees, including both whiteout formats and all opaque-dir forms.
+  ``OciWhiteout``, ``Fifo``, ``Device``, ``HardLink``): layer trees, including both whiteout
+  formats, all opaque-dir forms and hard links.
 - ``kernel_overlay()``: the kernel's overlayfs as an oracle, with pinned options.
 - ``tree_snapshot()``: a comparable picture of a merged tree.
 - ``run_overlaypc()``: one CLI invocation that is expected to fail, cleaned up if it mounts.
@@ -567,7 +568,29 @@ class OciWhiteout:
     """OCI whiteout: an empty ``.wh.NAME`` file next to where NAME would be."""
 
 
-Spec = Union[bytes, str, dict, File, Dir, Symlink, Whiteout, OciWhiteout]
+@dataclasses.dataclass
+class Fifo:
+    mode: int = 0o644
+
+
+@dataclasses.dataclass
+class Device:
+    """A device node: ``kind`` "chr" or "blk". 0/0 character devices are whiteouts: use
+    ``WHITEOUT`` for those."""
+    kind: str
+    major: int
+    minor: int
+    mode: int = 0o644
+
+
+@dataclasses.dataclass
+class HardLink:
+    """Another name of an object of the same layer (``target``: its path from the layer
+    root). Links are made after everything else in the layer, in spec order."""
+    target: str
+
+
+Spec = Union[bytes, str, dict, File, Dir, Symlink, Whiteout, OciWhiteout, Fifo, Device, HardLink]
 LayerSpec = Mapping[str, Spec]
 
 WHITEOUT = Whiteout()
@@ -584,12 +607,15 @@ def build_layer(root: Union[str, os.PathLike], spec: LayerSpec) -> Path:
     directories are created 0755. Nested dicts are directories."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    links: list[tuple[Path, str]] = []
     for rel, item in spec.items():
-        _build_entry(root, rel, item)
+        _build_entry(root, rel, item, links)
+    for path, target in links:
+        os.link(root / target.strip("/"), path, follow_symlinks=False)
     return root
 
 
-def _build_entry(root: Path, rel: str, item: Spec) -> None:
+def _build_entry(root: Path, rel: str, item: Spec, links: list[tuple[Path, str]]) -> None:
     path = root / rel.strip("/")
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(item, (bytes, str)):
@@ -606,7 +632,7 @@ def _build_entry(root: Path, rel: str, item: Spec) -> None:
     elif isinstance(item, Dir):
         path.mkdir(exist_ok=True)
         for name, child in item.children.items():
-            _build_entry(path, name, child)
+            _build_entry(path, name, child, links)
         if item.opaque in (True, "trusted"):
             os.setxattr(path, "trusted.overlay.opaque", b"y")
         elif item.opaque == "user":
@@ -624,6 +650,15 @@ def _build_entry(root: Path, rel: str, item: Spec) -> None:
         os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
     elif isinstance(item, OciWhiteout):
         (path.parent / (".wh." + path.name)).write_bytes(b"")
+    elif isinstance(item, Fifo):
+        os.mkfifo(path)
+        os.chmod(path, item.mode)
+    elif isinstance(item, Device):
+        kind = {"chr": stat.S_IFCHR, "blk": stat.S_IFBLK}[item.kind]
+        os.mknod(path, kind | item.mode, os.makedev(item.major, item.minor))
+        os.chmod(path, item.mode)  # mknod's mode went through the umask
+    elif isinstance(item, HardLink):
+        links.append((path, item.target))
     else:
         raise TypeError(f"bad layer spec item for {rel}: {item!r}")
 

@@ -1,5 +1,14 @@
-"""Differential: the same lowers (kernel-format whiteouts and opaque dirs only), mounted by the
-kernel's overlayfs (options pinned, lowers only) and by overlaypc, must look the same."""
+"""Differential: the same lowers, mounted by the kernel's overlayfs (options pinned, lowers
+only) and by overlaypc, must look the same: the tree (``helpers.tree_snapshot``) and which
+names are one inode (``links_support.identity``: st_ino classes and each name's st_nlink).
+
+The fixed stacks use kernel-format whiteouts and opaque dirs only, or (``LINKED_LAYERS``)
+hard links in the lowers (regular files, fifos, character and block devices; 2-4 names,
+in several directories), OCI whiteouts and opaque markers, devices and a directory chain
+whose paths end near PATH_MAX. The kernel does not read OCI markers, so wherever they
+occur the kernel gets a copy of the layers in kernel format (``links_support.kernel_form``)
+and overlaypc the OCI form; the copies' inode numbers differ, so only classes are compared.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import helpers
-from helpers import WHITEOUT, Dir, File, Symlink
+from helpers import OCI_WHITEOUT, WHITEOUT, Dir, Fifo, File, HardLink, OciWhiteout, Symlink
+from links_support import (DEV_NULL, NO_BLK, NO_CHR, PATH_MAX, SAFE_DEVICES, build_pair, deep_dir,
+                           identity)
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel_overlay]
 
@@ -62,6 +73,8 @@ def assert_same_view(kernel_root: Path, ours_root: Path) -> None:
     o = helpers.tree_snapshot(ours_root, times=True)
     assert o == k, "overlaypc differs from kernel overlayfs:\n" + \
         helpers.diff_snapshots(k, o, ("kernel", "overlaypc"))
+    ki, oi = identity(kernel_root), identity(ours_root)
+    assert oi == ki, "names share inodes differently:\n" + ki.differences(oi, ("kernel", "overlaypc"))
 
 
 def test_same_view_as_kernel(layers_factory, kernel_mount, overlay_mount):
@@ -107,6 +120,74 @@ def test_statfs_matches_kernel(layers_factory, kernel_mount, overlay_mount):
     assert (o.f_bsize, o.f_blocks, o.f_namemax) == (k.f_bsize, k.f_blocks, k.f_namemax)
 
 
+T_LAYERS = 1_300_000_000_123_456_789  # both copies of the layers get this mtime
+
+
+def linked_layers(deep: str) -> dict:
+    """Hard links (regular and special, 2-5 names, some in other directories, some names
+    whited out or shadowed), OCI whiteouts and opaque dirs, devices, and the chain ``deep``
+    (merged in all three layers, with files, a whiteout and links at its end)."""
+    return {
+        "top": {
+            "t1": File("top linked", mode=0o640), "tdir/t2": HardLink("t1"), "t3": HardLink("t1"),
+            "tfifo": Fifo(0o640), "tdir/tfifo2": HardLink("tfifo"),
+            "tnull": DEV_NULL, "tnull2": HardLink("tnull"),
+            "tblk": NO_BLK, "tdir/tblk2": HardLink("tblk"),
+            "gone": OCI_WHITEOUT,                 # a file in mid and bot
+            "gone_dir": OCI_WHITEOUT,             # a directory in bot
+            "m2": OCI_WHITEOUT,                   # one name of mid's link group
+            "odir": Dir({"n": "new"}, opaque="oci"),
+            "shadow": "top file over a name of mid's link group",
+            "mixed": {"c": "c", "sub": Dir({"x": "x"}, opaque="oci")},
+            f"{deep}/top.txt": "top deep",
+            f"{deep}/gone.txt": OCI_WHITEOUT,
+            f"{deep}/tl": HardLink("t1"),         # a fourth name of t1, at the end of the chain
+        },
+        "mid": {
+            "m1": File("mid linked", mode=0o600), "m2": HardLink("m1"), "sub/m3": HardLink("m1"),
+            "shadow": HardLink("m1"),
+            "gone": "mid gone",
+            "odir/old": "hidden by the OCI opaque dir above",
+            "mfifo": Fifo(0o600), "sub/mfifo2": HardLink("mfifo"),
+            "mchr": NO_CHR, "mchr2": HardLink("mchr"),
+            "mixed": {"a": "a", "b": HardLink("mixed/a"), "sub": {"y": "hidden"}},
+            f"{deep}/mid.txt": "mid deep",
+            f"{deep}/ml": HardLink("m1"),
+        },
+        "bot": {
+            "gone": "bot gone", "gone_dir": {"inner": "i"},
+            "b1": "bot linked", "b2": HardLink("b1"), "odir/older": "hidden",
+            "bnull": DEV_NULL, "bblk": NO_BLK, "bfifo": Fifo(),
+            f"{deep}/gone.txt": "whited out by top",
+            f"{deep}/bot.txt": "bot deep",
+            f"{deep}/bl": HardLink("b1"),
+        },
+    }
+
+
+def build_linked(base: Path, mnts) -> tuple[list[Path], list[Path]]:
+    """linked_layers() built as (overlaypc's OCI-form lowers, the kernel's kernel-form
+    lowers), top first, with a deep chain that fits below every root used."""
+    names = ("top", "mid", "bot")
+    deep = deep_dir([base / f"{side}-{n}" for side in "ok" for n in names] + list(mnts))
+    spec = linked_layers(deep)
+    pairs = [build_pair(base, n, spec[n], T_LAYERS) for n in names]
+    return [o for o, _ in pairs], [k for _, k in pairs]
+
+
+def test_links_devices_oci_deep_match_kernel(tmp_path, kernel_mount, overlay_mount):
+    kmnt_path, omnt_path = tmp_path / "kmnt-linked", tmp_path / "omnt-linked"
+    ours, theirs = build_linked(tmp_path, [kmnt_path, omnt_path])
+    kmnt = kernel_mount(theirs)
+    m = overlay_mount("lowerdir=" + ":".join(map(str, ours)), mnt=omnt_path)
+    k_id = identity(kmnt)
+    # the oracle shows what the layers were built for (else the comparison proves little)
+    assert len(k_id.classes) >= 7, k_id
+    deepest = max(len(os.fsencode(f"{kmnt}/{rel}")) for rel, _ in k_id.nlinks)
+    assert PATH_MAX - 100 < deepest < PATH_MAX, deepest
+    assert_same_view(kmnt, m.path)
+
+
 # --- generated stacks -------------------------------------------------------------------------
 
 NAMES = st.sampled_from(["a", "b", "c", "d"])
@@ -119,29 +200,62 @@ def entry_strategy(depth: int):
         st.builds(File, CONTENT, MODES),
         st.builds(Symlink, st.sampled_from(["a", "../b", "/etc/passwd", "c/d", "nowhere"])),
         st.just(WHITEOUT),
+        st.just(OCI_WHITEOUT),
+        st.builds(Fifo, MODES),
+        st.sampled_from(SAFE_DEVICES),
     )
     if depth == 0:
         return leaf
     return st.one_of(
         leaf,
         st.builds(Dir, st.dictionaries(NAMES, entry_strategy(depth - 1), max_size=3),
-                  st.sampled_from([0o755, 0o700]), st.sampled_from([False, "trusted"])),
+                  st.sampled_from([0o755, 0o700]), st.sampled_from([False, "trusted", "oci"])),
     )
 
 
-LAYER = st.dictionaries(NAMES, entry_strategy(2), max_size=4)
+#: extra names of files built elsewhere in the layer: (which file, which dir, name)
+LINKS = st.lists(st.tuples(st.integers(0, 63), st.integers(0, 63), st.sampled_from(["h", "i"])),
+                 max_size=3)
+LAYER = st.builds(lambda spec, links: with_links(spec, links),
+                  st.dictionaries(NAMES, entry_strategy(2), max_size=4), LINKS)
 STACK = st.lists(LAYER, min_size=2, max_size=3)
+
+
+def with_links(spec: dict, links) -> dict:
+    """``spec`` plus hard links: each ``(i, j, name)`` gives the i-th linkable object (file,
+    fifo, device; in spec order) another name ``name`` in the j-th directory (root first)."""
+    linkable, dirs = [], [""]
+
+    def visit(children, prefix: str) -> None:
+        for name, item in children.items():
+            rel = f"{prefix}{name}"
+            if isinstance(item, Dir):
+                dirs.append(rel)
+                visit(item.children, rel + "/")
+            elif not isinstance(item, (Symlink, type(WHITEOUT), OciWhiteout)):
+                linkable.append(rel)
+
+    visit(spec, "")
+    out = dict(spec)
+    for i, j, name in links:
+        if linkable:
+            where = f"{dirs[j % len(dirs)]}/{name}".lstrip("/")
+            out.setdefault(where, HardLink(linkable[i % len(linkable)]))
+    return out
 
 
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                               HealthCheck.too_slow])
 @given(stack=STACK)
 def test_generated_stacks_match_kernel(tmp_path, stack):
+    """Random stacks with both whiteout and opaque formats, hard links, fifos and devices:
+    OCI markers for overlaypc, their kernel form in the kernel's copy of the layers."""
     helpers.require_fuse_mount()
     helpers.require("kernel_overlay")
     base = Path(tempfile.mkdtemp(dir=tmp_path))
-    layers = [helpers.build_layer(base / f"l{i}", spec) for i, spec in enumerate(stack)]
-    with helpers.kernel_overlay(base / "kmnt", layers) as kmnt, \
-            helpers.Mount(base / "mnt", "lowerdir=" + ":".join(map(str, layers)),
+    pairs = [build_pair(base, f"l{i}", spec, T_LAYERS) for i, spec in enumerate(stack)]
+    ours, theirs = [o for o, _ in pairs], [k for _, k in pairs]
+    with helpers.kernel_overlay(base / "kmnt", theirs) as kmnt, \
+            helpers.Mount(base / "mnt", "lowerdir=" + ":".join(map(str, ours)),
                           log_dir=base) as m:
         assert_same_view(kmnt, m.path)

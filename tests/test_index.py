@@ -270,3 +270,70 @@ def test_index_nlink_overlaypc_on_kernel_upper(seq, xfs_dir, layers_factory, ove
     m = overlay_mount(ks.options("index=on"))
     got = _nlinks(observe(m.path, list(k_final)))
     assert got == _nlinks(k_final), f"overlaypc shows {got}, the kernel showed {_nlinks(k_final)}"
+
+
+# --- round trips that change the link count on the other implementation's index ----------
+
+def _nlinks_now(root: Path, names) -> dict:
+    return {n: os.stat(Path(root) / n).st_nlink for n in names if os.path.lexists(Path(root) / n)}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "overlaypc reads its own absolute count (trusted.overlay.overlaypc.nlink) first, and "
+    "the kernel updates only trusted.overlay.nlink: a link made by the kernel is not counted"))
+def test_index_nlink_after_the_kernel_links(xfs_dir, layers_factory, overlay_mount):
+    lowers = make_linked_lower(layers_factory, xfs_dir)
+    s = new_stack(lowers, xfs_dir, "rt1")
+    m = overlay_mount(s.options("index=on"))
+    with open(m / "a", "r+b") as f:
+        f.write(NEW)
+    m.unmount()
+    with helpers.kernel_overlay(xfs_dir / "rt1-k", lowers, s.upper, s.work, KERNEL_INDEX) as k:
+        os.link(k / "a", k / "d")
+        theirs = _nlinks_now(k, NAMES + ["d"])
+    assert theirs == {n: 4 for n in NAMES + ["d"]}
+    again = overlay_mount(s.options("index=on"))
+    assert _nlinks_now(again.path, NAMES + ["d"]) == theirs
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "on an index made by the kernel (relative count only) overlaypc reads the count after "
+    "the index inode's links changed: a link counts twice, a copy-up of another name adds one"))
+@pytest.mark.parametrize("change", ["link", "copy_up"])
+def test_index_nlink_changes_on_a_kernel_index(change, xfs_dir, layers_factory, overlay_mount):
+    lowers = make_linked_lower(layers_factory, xfs_dir)
+    s = new_stack(lowers, xfs_dir, f"rt2-{change}")
+    with helpers.kernel_overlay(xfs_dir / f"rt2-{change}-k", lowers, s.upper, s.work,
+                                KERNEL_INDEX) as k:
+        with open(k / "a", "r+b") as f:
+            f.write(NEW)
+    m = overlay_mount(s.options("index=on"))
+    if change == "link":
+        os.link(m / "a", m / "d")          # 3 -> 4
+        expected = {n: 4 for n in NAMES + ["d"]}
+    else:
+        os.chmod(m / "b", 0o600)           # copies b up as a link: stays 3
+        expected = {n: 3 for n in NAMES}
+    assert _nlinks_now(m.path, NAMES + ["d"]) == expected
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "IndexDir.eligible indexes regular files only; the kernel (ovl_need_index) indexes "
+    "every multiply-linked non-directory, so a copy-up of one name of a lower fifo or "
+    "device keeps the link there and breaks it in overlaypc"))
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_index_keeps_special_file_links_like_the_kernel(kind, xfs_dir, layers_factory,
+                                                        overlay_mount):
+    item = helpers.Fifo(0o644) if kind == "fifo" else helpers.Device("chr", 1, 3, 0o644)
+    lowers = make_lowers(layers_factory, xfs_dir, {"l": {"p": item, "q": helpers.HardLink("p")}})
+
+    def run(root: Path) -> dict:
+        os.chmod(Path(root) / "p", 0o600)  # copies p up
+        st = {n: os.stat(Path(root) / n) for n in "pq"}
+        return {n: (s.st_mode & 0o777, s.st_nlink, s.st_ino == st["p"].st_ino) for n, s in st.items()}
+
+    ks, os_ = new_stack(lowers, xfs_dir, f"sp-k-{kind}"), new_stack(lowers, xfs_dir, f"sp-o-{kind}")
+    with helpers.kernel_overlay(xfs_dir / f"sp-{kind}-k", lowers, ks.upper, ks.work, KERNEL_INDEX) as k:
+        theirs = run(k)
+    assert theirs == {"p": (0o600, 2, True), "q": (0o600, 2, True)}
+    assert run(overlay_mount(os_.options("index=on")).path) == theirs
