@@ -12,7 +12,7 @@ Also reports read throughput per mode. Writes JSON and a PNG plot (two panels).
     python benchmarks/cache_footprint.py [--ns 1,2,4,8] [--reps 3] [--size-mib 256]
         [--systems a,b] [--out cache_footprint.json] [--plot benchmarks/cache_footprint.png]
 
-The layers live on a fresh XFS image attached with ``losetup --direct-io=on`` (DESIGN.md
+The layers live on a fresh XFS image attached with ``losetup --direct-io=on`` (docs/ARCHITECTURE.md
 section 7), so the image file adds no page cache of its own. The file's 1 MiB chunks carry their
 index, and every copy is checked (crc32) after the measurement, so data served from a wrong
 extent or offset is caught.

@@ -7,7 +7,7 @@ Rules kept here so that every script follows them:
 - everything lives under one private temporary directory (``Workspace``);
 - every mount is undone in a ``finally`` block, and only mounts and processes we made are
   touched (by mount path and PID, never by name);
-- loop devices are attached with ``--direct-io=on`` (DESIGN.md section 7: otherwise the image
+- loop devices are attached with ``--direct-io=on`` (docs/ARCHITECTURE.md section 7: otherwise the image
   file's pages are cached on the host filesystem as well) and detached by their own name;
 - a FUSE daemon that stops answering is killed by PID after a timeout (``Watchdog``), so a hang
   turns into an error in the results instead of a stuck benchmark.

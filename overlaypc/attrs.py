@@ -13,7 +13,7 @@ EOPNOTSUPP, which the kernel would take as a failed check, so that becomes ENODA
 ACL: the mode bits decide).
 
 ``utimens`` with ``use_ns``: libfuse passes UTIME_NOW / UTIME_OMIT as bare nanosecond
-values (DESIGN.md §6 trap 11); they are mapped here, so ``touch -m`` leaves atime alone.
+values (docs/ARCHITECTURE.md §6 trap 11); they are mapped here, so ``touch -m`` leaves atime alone.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ up first; every later I/O asks its ``Handle`` for the real fd, which follows the
 to its current backing (see ``handles``). In ``cache=kernel`` mode an open keeps the
 kernel's page cache (``keep_cache``) only while the inode's data version is the one this
 name's FUSE node last saw; a write through one name invalidates the cache of the
-inode's other names (hard links are separate FUSE nodes: DESIGN.md §6 trap 9).
+inode's other names (hard links are separate FUSE nodes: docs/ARCHITECTURE.md §6 trap 9).
 In ``cache=shared`` mode every open is ``direct_io``.
 """
 from __future__ import annotations

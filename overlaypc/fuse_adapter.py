@@ -6,7 +6,7 @@ paths lose their leading slash, the caller's uid/gid come from the request conte
 traceback and answered with EIO, so the daemon keeps serving (mfusepy itself would
 answer EINVAL).
 
-Traps from DESIGN.md §6 handled here: ``FUSE_LIBRARY_NAME=fuse3`` is set before the
+Traps from docs/ARCHITECTURE.md §6 handled here: ``FUSE_LIBRARY_NAME=fuse3`` is set before the
 import (8); rename flags, dropped by mfusepy on libfuse3, are passed through (2);
 readdir entries carry ``st_ino`` and ``st_mode`` (3); no ``copy_file_range``/``lseek``/
 ``write_buf`` ops (5, 6); no attribute of the ``Operations`` object is named like a
@@ -428,7 +428,7 @@ READAHEAD_KB = 1024
 
 def raise_readahead(mountpoint: str, kb: int = READAHEAD_KB, timeout: float = 5.0) -> None:
     """Set the FUSE bdi's ``read_ahead_kb`` (default 128; the INIT reply can only lower it):
-    8x fewer read requests in kernel cache mode (DESIGN.md §7)."""
+    8x fewer read requests in kernel cache mode (docs/ARCHITECTURE.md §7)."""
     deadline = time.monotonic() + timeout
     dev = None
     while dev is None and time.monotonic() < deadline:

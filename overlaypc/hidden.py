@@ -4,7 +4,7 @@ Owns: the names libfuse's high-level API gives to open files that are unlinked (
 renamed over). Without ``hard_remove`` libfuse renames such a file to
 ``DIR/.fuse_hiddenXXXXXXXXXXXXXXXX`` and unlinks that name at the last release; with
 ``hard_remove`` it forgets the path instead, and then ``fstat`` of the open file fails
-with ESTALE, since the kernel's GETATTR carries no file handle (DESIGN.md §6 trap 10 said
+with ESTALE, since the kernel's GETATTR carries no file handle (docs/ARCHITECTURE.md §6 trap 10 said
 otherwise; the coherence tests showed this).
 
 So overlaypc mounts without ``hard_remove`` and treats a rename to a name of exactly that

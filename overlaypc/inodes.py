@@ -4,7 +4,7 @@ Owns: ``InodeKey`` (what makes two names one overlay inode), the ``OverlayInode`
 (current backing layer and path, a ``generation`` that copy-up bumps) and the table of
 live inodes keyed by identity.
 
-Identity comes from the data, never from a displayed number (DESIGN.md §4, the kernel's
+Identity comes from the data, never from a displayed number (docs/ARCHITECTURE.md §4, the kernel's
 ``ovl_hash_bylower``): two names are one inode when they resolve to the same backing
 object. One exception, as in the kernel: in a writable mount without ``index``, each
 *name* of a lower non-directory with ``st_nlink > 1`` is its own inode, since copying up

@@ -1,4 +1,4 @@
-"""Overlay inode numbers for merged objects (DESIGN.md §4).
+"""Overlay inode numbers for merged objects (docs/ARCHITECTURE.md §4).
 
 Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr``):
   * a copied-up object shows the number of its copy-up origin, so copy-up and remount

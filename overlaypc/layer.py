@@ -2,7 +2,7 @@
 
 Owns: the layer's root fd and every system call the daemon makes on a layer. Each
 path is resolved with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
-RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)`` from the root fd (DESIGN.md §3), and the
+RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)`` from the root fd (docs/ARCHITECTURE.md §3), and the
 final component is always acted on with ``*at`` calls that do not follow it. So no
 symlink or ``..`` inside a layer, and no layer directory swapped for a symlink after
 mount, can make the daemon touch anything outside the layer.

@@ -8,7 +8,7 @@ Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
     directory made there is opaque, so an emptied merged dir recreated stays empty;
   * rename of a directory that exists in a lower layer gives EXDEV (the kernel's
     default without ``redirect_dir``; ``mv`` then copies); ``RENAME_EXCHANGE`` is
-    refused with EINVAL, ``RENAME_NOREPLACE`` is honoured (DESIGN.md §6 trap 2).
+    refused with EINVAL, ``RENAME_NOREPLACE`` is honoured (docs/ARCHITECTURE.md §6 trap 2).
 New objects belong to the caller (FUSE request context), with setgid-directory
 inheritance, and get the mode and POSIX ACLs Linux gives them (``acl.inherit``): the
 kernel leaves the umask to us (``FUSE_CAP_DONT_MASK``), and it applies only where the
@@ -22,6 +22,7 @@ what it acts on.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -39,6 +40,17 @@ if TYPE_CHECKING:
     from .core import OverlayFS
 
 log = logging.getLogger("overlaypc.namespace")
+
+
+@functools.lru_cache(maxsize=1)
+def redirect_max() -> int:
+    """The longest redirect the kernel's overlay writes and reads (its ``redirect_max``
+    module parameter, 256 by default): longer ones would make the upper unreadable there."""
+    try:
+        with open("/sys/module/overlay/parameters/redirect_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 256
 
 
 @dataclass(frozen=True)
@@ -385,6 +397,10 @@ class Namespace:
             if self.fs.config.redirect_dir != "on":
                 raise OSError(errno.EXDEV, "directory exists in a lower layer", onode.rel)
             name, value = redirect, self._redirect_value(onode, new)  # kernel format
+            if len(value) > redirect_max():
+                # the kernel refuses what it could not read back (its redirect_max): EXDEV,
+                # and mv copies instead
+                raise OSError(errno.EXDEV, f"redirect longer than {redirect_max()} bytes", onode.rel)
         elif onode.data is not None:
             name, value = redirect, os.fsencode("/" + onode.data.rel)
         elif onode.is_dir and new_lower and not onode.opaque:

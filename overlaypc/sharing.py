@@ -1,6 +1,6 @@
 """Page-cache sharing for reflinked data: one canonical copy per physical extent.
 
-Owns: the extent map (DESIGN.md §5). Files whose extents FIEMAP reports as shared are
+Owns: the extent map (docs/ARCHITECTURE.md §5). Files whose extents FIEMAP reports as shared are
 read, for those ranges, from one *canonical* file that references the same physical
 blocks, so the kernel caches those pages once — for reflinked lower trees and for
 upper files made by a reflink copy-up, until written.
@@ -306,7 +306,7 @@ def map_file(fd: int) -> FileExtents | None:
 
 @contextlib.contextmanager
 def changing(inode: "OverlayInode", start: int | None = None, end: int = 0) -> Iterator[None]:
-    """Run a change of ``inode``'s backing data through the mount (DESIGN.md §5).
+    """Run a change of ``inode``'s backing data through the mount (docs/ARCHITECTURE.md §5).
 
     Before the change: the inode's mapping loses the byte range [start, end), growing its
     size to ``end`` if that is larger; ``start`` None (any size change: truncate, O_TRUNC,

@@ -2,7 +2,7 @@
 
 Owns: opening the layers, the ``xino`` mapping from (layer filesystem, real inode) to
 an overlay ``st_ino`` that is unique across layers and stable across remounts
-(DESIGN.md §4), and the mount-exclusion locks on upper and workdir.
+(docs/ARCHITECTURE.md §4), and the mount-exclusion locks on upper and workdir.
 
 Inode numbers: when every layer sits on one filesystem ("samefs") the real inode
 number is used unchanged. Otherwise the filesystems are numbered (upper's first, then

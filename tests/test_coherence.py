@@ -6,7 +6,7 @@
     read(fr, buf)                 # buf must equal data
 
 Each of the nine checks of issue 5 is one test (two for checks 5 and 7), run in both cache
-modes (``cache=kernel``, ``cache=shared``; the MAP_SHARED check is kernel-only, DESIGN.md §8)
+modes (``cache=kernel``, ``cache=shared``; the MAP_SHARED check is kernel-only, docs/ARCHITECTURE.md §8)
 and on two backings: the tmp_path filesystem (ext4 here: no reflink, so copy-up copies
 data) and a directory of the session XFS (reflink copy-up); check 8 (a long copy) runs
 on tmp_path only.
@@ -250,7 +250,7 @@ def test_c4_fresh_open_after_close(overlay_mount, layers_factory, backing, cache
     else:
         # fr's stale read filled the FUSE page cache with lower data, and the next open is
         # granted keep_cache (the data version did not move): the stale pages outlive
-        # every handle, the fuse-overlayfs failure of DESIGN.md §1.
+        # every handle, the fuse-overlayfs failure of docs/ARCHITECTURE.md §1.
         assert fresh == OLD, "bind-at-open should have left stale pages for the next open"
 
 
@@ -566,12 +566,17 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
     stop = threading.Event()
     copying = threading.Event()
     failures: list[str] = []
-    counts = {"reads": 0, "during_copy_up": 0, "fresh_opens": 0}
+    counts = {"reads": 0, "during_copy_up": 0, "fresh_opens": 0, "mixed_under_bind_at_open": 0}
 
     def check(where: str, i: int, data: bytes) -> None:
         if data == block(b"OLD!", i, BIG_BLOCK):
             return
         if i in new_ok and data == block(b"NEW!", i, BIG_BLOCK):
+            return
+        if handles == "bind-at-open" and where == "fresh open" and not data.count(0):
+            # the bug this mode shows: fr, still bound to the lower file, refills the FUSE
+            # node's page cache with old pages between the new ones a fresh open then reads
+            counts["mixed_under_bind_at_open"] += 1
             return
         zeros = data.count(0)
         failures.append(f"{where}: block {i}: {len(data)} bytes, {zeros} zero bytes, "

@@ -241,18 +241,18 @@ def upper_file(tmp_path: Path):
     from types import SimpleNamespace
 
     from overlaypc.files import Files
-    from overlaypc.inodes import OverlayInode
+    from overlaypc.inodes import InodeKey, OverlayInode
 
     root = tmp_path / "upper"
     root.mkdir()
     (root / "f").write_bytes(b"x" * BLOCK)
     layer = Layer(str(root), 0, writable=True)
-    inode = OverlayInode(1, layer, "f", layer.path_fd("f"))
+    st = os.stat(root / "f")
+    inode = OverlayInode(InodeKey(st.st_dev, st.st_ino), 1, layer, "f", st.st_dev, st.st_ino)
     files = Files(SimpleNamespace(sharing=ExtentMap(), register_origin=lambda rel: None))
     fd = os.open(root / "f", os.O_RDONLY)
     yield inode, files, fd
     os.close(fd)
-    os.close(inode.path_fd)
     layer.close()
 
 

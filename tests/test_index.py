@@ -4,7 +4,7 @@ The lower file has three names (``a``, ``b``, ``sub/c``). Writing through one na
 the data once, to ``workdir/index/<hex origin fh>``; the upper names are hard links to
 that file; every name, looked up before the write or not, shows the new data, the same
 st_ino and the overlay's st_nlink, also after link/unlink through the mount and after a
-remount. FUSE gives each name its own kernel inode (DESIGN.md §6 trap 9): names read or
+remount. FUSE gives each name its own kernel inode (docs/ARCHITECTURE.md §6 trap 9): names read or
 stat'ed before a change hold cached pages/attributes, which the daemon must invalidate.
 
 Differential with the kernel (``index=on``, everything else pinned off): the same

@@ -19,7 +19,7 @@ import pytest
 
 import helpers
 from overlaypc import sysapi, whiteout
-from overlaypc.index import INDEX_DIR, IndexDir
+from overlaypc.index import INDEX_DIR, NAMES_PER_ENTRY, IndexDir
 from overlaypc.layer import Layer
 from overlaypc.lookup import Entry
 
@@ -294,7 +294,7 @@ def test_seen_names_are_bounded(s):
     made = s.copy_up()
     for i in range(300):
         s.index.seen(made, f"name{i}")
-    assert len(s.index.names[made.rel]) == 256
+    assert len(s.index.names[made.rel]) == NAMES_PER_ENTRY
     assert {f"name{i}" for i in range(10)} <= s.index.names[made.rel]
     for i in range(65536 + 1):
         s.index.seen(Entry(s.work, f"{INDEX_DIR}/k{i}", made.st), "n")
@@ -303,9 +303,6 @@ def test_seen_names_are_bounded(s):
     assert s.index.names[made.rel] == {"again"}  # the table was emptied, then refilled
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "IndexDir._keys (lower inode -> index name) grows by one entry per distinct "
-    "multiply-linked lower file ever looked up, without bound"))
 def test_key_cache_is_bounded(s):
     """As bounded as the module's other table (65536): 70,000 distinct lower inodes (one
     real file under fabricated (st_dev, st_ino) identities, which is what the cache keys)."""

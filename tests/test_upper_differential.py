@@ -1,6 +1,6 @@
 """Differential property test of the writable upper (issue 4): random sequences of
 namespace/data/attribute operations run on the kernel's overlayfs (options pinned,
-DESIGN.md §4) and on overlaypc over the same lower layers; every operation must have
+docs/ARCHITECTURE.md §4) and on overlaypc over the same lower layers; every operation must have
 the same outcome (value or errno), the merged trees must match after every sequence,
 and finally each upper, mounted by the *other* implementation, must show the same tree.
 
@@ -704,14 +704,14 @@ def _linked_scenario(root: Path, scenario: str) -> dict:
 @pytest.mark.parametrize("scenario", ["write_same_dir", "write_other_dir", "special_copy_up"])
 def test_lower_hard_links_match_kernel(scenario, layers_factory, kernel_mount, overlay_mount):
     """index=off (both sides): a copy-up of one name of a lower hard link breaks the link
-    (DESIGN.md §4): the other names keep the lower data, st_ino and st_nlink, also through
+    (docs/ARCHITECTURE.md §4): the other names keep the lower data, st_ino and st_nlink, also through
     a file opened before; the copied name is an inode of its own."""
     lower = layers_factory({"l": LINKED_LOWER}).paths
     dirs = [layers_factory.empty_dir(f"{side}-{n}") for side in "ko" for n in ("upper", "work")]
     kmnt = kernel_mount(lower, dirs[0], dirs[1])
     m = overlay_mount(stack_options(lower, dirs[2], dirs[3]))
     theirs, mine = _linked_scenario(kmnt, scenario), _linked_scenario(m.path, scenario)
-    assert theirs["A fd after"] == b"lower data\n"  # the oracle does what DESIGN.md says
+    assert theirs["A fd after"] == b"lower data\n"  # the oracle does what docs/ARCHITECTURE.md says
     assert mine == theirs, "\n".join(
         theirs[k].differences(mine[k], ("kernel", "overlaypc")) if k == "identity"
         else f"{k}: kernel {theirs[k]!r}, overlaypc {mine[k]!r}" for k in theirs if mine[k] != theirs[k])
@@ -723,19 +723,14 @@ def test_lower_hard_links_match_kernel(scenario, layers_factory, kernel_mount, o
 # Other differences the random sequences found, directed
 # --------------------------------------------------------------------------------------
 
-SPECIAL_LINKS_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "linknames.LinkNames records only regular files: a change through one name of a "
-    "multiply-linked fifo or device leaves the other names' cached attributes stale"))
-
-
 @pytest.mark.parametrize("kind", [
     "file",
-    pytest.param("fifo", marks=SPECIAL_LINKS_XFAIL),
-    pytest.param("device", marks=SPECIAL_LINKS_XFAIL),
+    "fifo",
+    "device",
 ])
 def test_changes_through_one_link_reach_the_others(kind, layers_factory, kernel_mount,
                                                    overlay_mount):
-    """Each name is its own FUSE node (DESIGN.md §6 trap 9): after ``x2`` was stat'ed, a
+    """Each name is its own FUSE node (docs/ARCHITECTURE.md §6 trap 9): after ``x2`` was stat'ed, a
     chmod, utime and a new link through ``x`` must show through ``x2`` too."""
     item = {"file": File(b"data"), "fifo": Fifo(0o644), "device": Device("chr", 1, 3, 0o644)}[kind]
     lower = layers_factory({"l": {"x": item}}).paths
@@ -766,9 +761,7 @@ def _redirect_max() -> int:
 
 @pytest.mark.parametrize("over", [
     0,
-    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=(
-        "overlaypc writes absolute redirects of any length; the kernel refuses a rename "
-        "whose redirect would exceed redirect_max (EXDEV, so mv copies instead)"))),
+    1,
 ])
 def test_rename_with_long_redirect_matches_kernel(over, layers_factory, kernel_mount,
                                                   overlay_mount):

@@ -215,7 +215,7 @@ def test_copy_up_by_operation(stk, op):
 
 
 # --------------------------------------------------------------------------------------
-# utimens: UTIME_NOW / UTIME_OMIT (DESIGN.md §6 trap 11)
+# utimens: UTIME_NOW / UTIME_OMIT (docs/ARCHITECTURE.md §6 trap 11)
 # --------------------------------------------------------------------------------------
 
 A_OLD, M_OLD = 1_650_000_000_555_555_555, 1_550_000_000_444_444_444
@@ -325,7 +325,7 @@ def test_workdir_leftovers_removed_at_mount(layers_factory, overlay_mount):
 
 
 def test_copy_up_records_origin(stk):
-    """The kernel's format: trusted.overlay.origin on the copied-up file (DESIGN.md §4)."""
+    """The kernel's format: trusted.overlay.origin on the copied-up file (docs/ARCHITECTURE.md §4)."""
     os.chmod(stk.m("f.txt"), 0o600)
     assert "trusted.overlay.origin" in os.listxattr(stk.u("f.txt"))
     assert "trusted.overlay.origin" not in os.listxattr(stk.m("f.txt"))
@@ -340,7 +340,7 @@ def test_private_xattrs_refused_through_mount(stk):
 
 
 def test_copy_up_preserves_fresh_lower_read_handle(stk):
-    """An fd opened read-only before copy-up sees the new data (DESIGN.md §1)."""
+    """An fd opened read-only before copy-up sees the new data (docs/ARCHITECTURE.md §1)."""
     fr = os.open(stk.m("f.txt"), os.O_RDONLY)
     try:
         assert os.pread(fr, 16, 0) == CONTENT[:16]
@@ -1024,7 +1024,7 @@ def test_hard_links_one_inode_number(stk):
 
 
 # ======================================================================================
-# Hard links in kernel cache mode (DESIGN.md §6 trap 9)
+# Hard links in kernel cache mode (docs/ARCHITECTURE.md §6 trap 9)
 # ======================================================================================
 
 @pytest.mark.parametrize("origin", ["upper", "lower"])
@@ -1066,7 +1066,7 @@ def test_hard_link_truncate_visible_through_other_name(stk):
 
 
 # ======================================================================================
-# Unlink of open files (DESIGN.md §6 trap 10)
+# Unlink of open files (docs/ARCHITECTURE.md §6 trap 10)
 # ======================================================================================
 
 @pytest.mark.parametrize("origin", ["upper", "lower"])
@@ -1394,7 +1394,7 @@ def _inos(root: Path) -> dict[str, int]:
 @pytest.mark.parametrize("writer", ["kernel", "overlaypc"])
 def test_inode_numbers_agree_with_kernel_on_one_filesystem(layers_factory, overlay_mount,
                                                            mountpoint, writer):
-    """All layers on one filesystem (the kernel's samefs case, DESIGN.md §4): every object
+    """All layers on one filesystem (the kernel's samefs case, docs/ARCHITECTURE.md §4): every object
     shows the same st_ino under both implementations, whichever of them made the upper:
     lower-only objects their own number, copied-up ones their origin's."""
     helpers.require("kernel_overlay")
