@@ -26,8 +26,9 @@ Rules that keep it from ever serving wrong data:
 
 Bounds: at most ``limit`` canonical intervals (the map is dropped and rebuilt lazily
 when full), ``max_fds`` canonical files kept open (LRU, plus evicted ones that reads
-in flight still hold), and ``LOWER_MAPS`` remembered mappings of lower
-files (LRU; lower data never changes through the mount).
+in flight still hold), and remembered mappings of lower files (LRU; lower data never
+changes through the mount): at most ``LOWER_MAPS`` files and ``LOWER_MAP_EXTENTS`` extents
+in all (~200 bytes each: ~13 MiB).
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ log = logging.getLogger("overlaypc.sharing")
 
 #: How many lower files' mappings are remembered (each a few hundred bytes at most).
 LOWER_MAPS = 16384
+#: ... holding at most this many extents in all (a fragmented file has thousands).
+LOWER_MAP_EXTENTS = 65536
 
 #: An inode's ``extents`` once mapped with nothing shared: reads take the plain path.
 NOT_SHARED = object()
@@ -134,6 +137,7 @@ class ExtentMap:
         #: lower files' mappings (FileExtents or NOT_SHARED): lower data never changes
         #: through the mount, so each lower file is mapped once, not at every open
         self._lower: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self._lower_extents = 0
         self._fds: OrderedDict[Canonical, SharedFd] = OrderedDict()
         self._max_fds = max_fds
 
@@ -200,13 +204,25 @@ class ExtentMap:
 
     def lower_mapping(self, key: tuple[int, int]) -> object | None:
         with self._lock:
-            return self._lower.get(key)
+            found = self._lower.get(key)
+            if found is not None:
+                self._lower.move_to_end(key)
+            return found
+
+    @staticmethod
+    def _weight(mapping: object) -> int:
+        return len(mapping.extents) if isinstance(mapping, FileExtents) else 0
 
     def remember_lower(self, key: tuple[int, int], mapping: object) -> None:
         with self._lock:
+            old = self._lower.pop(key, None)
+            self._lower_extents -= self._weight(old)
             self._lower[key] = mapping
-            if len(self._lower) > LOWER_MAPS:
-                self._lower.popitem(last=False)
+            self._lower_extents += self._weight(mapping)
+            while self._lower and (len(self._lower) > LOWER_MAPS
+                                   or self._lower_extents > LOWER_MAP_EXTENTS):
+                _, dropped = self._lower.popitem(last=False)
+                self._lower_extents -= self._weight(dropped)
 
     # -- reading ---------------------------------------------------------------------------
     def plan(self, fx: FileExtents, offset: int, length: int) -> list[Piece] | None:

@@ -296,3 +296,20 @@ def test_changing_cuts_before_the_change_and_keeps_the_rest(upper_file):
     assert inode.extents_busy == 0
     with changing(inode):  # any size change
         assert inode.extents is None
+
+
+def test_remembered_lower_mappings_are_bounded_by_extents(monkeypatch):
+    """Issue 13.10: the lower-mapping LRU was bounded in files only, and one fragmented file
+    holds thousands of extents."""
+    import overlaypc.sharing as sharing_mod
+
+    monkeypatch.setattr(sharing_mod, "LOWER_MAP_EXTENTS", 100)
+    emap = ExtentMap()
+    big = FileExtents(1, 1, 1 << 30, [Extent(i * BLOCK, (1 << 30) + i * BLOCK, BLOCK, SHARED)
+                                      for i in range(60)])
+    for ino in range(5):
+        emap.remember_lower((1, ino), FileExtents(1, ino, big.size, big.extents))
+    kept = [ino for ino in range(5) if emap.lower_mapping((1, ino)) is not None]
+    assert kept == [4], kept  # 60 extents each: only the newest fits in 100
+    emap.remember_lower((1, 9), sharing_mod.NOT_SHARED)  # costs no extents
+    assert emap.lower_mapping((1, 4)) is not None
