@@ -135,17 +135,24 @@ def test_open_backing_refuses_a_path_that_names_another_file(layers, tmp_path):
         os.close(fd)
 
 
-def test_handle_switches_to_the_offered_backing(layers, tmp_path):
+def open_then_copy_up(layers, tmp_path, *, follow: bool):
+    """A handle opened on the lower ``single``, then a copy-up that rebinds its inode and
+    offers the handle the upper copy. Returns (table, handles, inode, handle)."""
     upper, lower = layers
     table, handles = InodeTable(), HandleTable()
     low = node(lower, "single")
     inode = table.acquire(key_of(low, split_links=True), 1, low.top)
     fd, gen = inode.open_backing(os.O_RDONLY, via=low.top)
-    handle = handles.add(inode, os.O_RDONLY, "single", fd, gen, follow=True)
+    handle = handles.add(inode, os.O_RDONLY, "single", fd, gen, follow=follow)
     (tmp_path / "upper" / "single").write_bytes(b"upper\n")
     up = node(upper, "single")
     inode.rebind(up.top, key_of(up, split_links=True), 1)
     handle.offer()
+    return table, handles, inode, handle
+
+
+def test_handle_switches_to_the_offered_backing(layers, tmp_path):
+    table, handles, inode, handle = open_then_copy_up(layers, tmp_path, follow=True)
     os.rename(tmp_path / "upper" / "single", tmp_path / "upper" / "moved")  # offer came first
     fd, switched = handle.fd()
     assert switched and os.pread(fd, 10, 0) == b"upper\n"
@@ -155,16 +162,8 @@ def test_handle_switches_to_the_offered_backing(layers, tmp_path):
 
 
 def test_bind_at_open_handle_never_switches(layers, tmp_path):
-    upper, lower = layers
-    table, handles = InodeTable(), HandleTable()
-    low = node(lower, "single")
-    inode = table.acquire(key_of(low, split_links=True), 1, low.top)
-    fd, gen = inode.open_backing(os.O_RDONLY)
-    handle = handles.add(inode, os.O_RDONLY, "single", fd, gen, follow=False)
-    (tmp_path / "upper" / "single").write_bytes(b"upper\n")
-    up = node(upper, "single")
-    inode.rebind(up.top, key_of(up, split_links=True), 1)
-    handle.offer()
+    table, handles, inode, handle = open_then_copy_up(layers, tmp_path, follow=False)
     got, switched = handle.fd()
     assert not switched and os.pread(got, 10, 0) == b"single\n"
     handles.pop(handle.fh).close()
+    table.release(inode)
