@@ -71,10 +71,18 @@ class CoreDriver:
 
     def __init__(self, config: MountConfig) -> None:
         self.fs = OverlayFS(config)
-        self.fs.start()
+        try:
+            self.fs.start()
+        except BaseException:
+            self.fs.close()
+            raise
 
     def close(self) -> None:
         self.fs.close()
+        # The core's objects reference each other, so without this the directory fds its
+        # lookup cache holds would wait for the garbage collector; thousands of runs (a
+        # Hypothesis shrink) then exhaust the fd table.
+        self.fs.lookup.invalidate()
 
     # -- names ----------------------------------------------------------------------------
     def root(self) -> NodeRef:
