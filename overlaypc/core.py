@@ -9,6 +9,9 @@ changes bump an inode's data version, unlinks and renames update live inodes.
 
 Nothing here knows about FUSE: errors are ``OSError`` with an errno, translated by the
 adapter at one boundary.
+
+Caveat: the process umask must be 0 while an ``OverlayFS`` runs (``cli`` sets it): new
+objects get the caller's mode with the caller's umask applied here, not the daemon's.
 """
 from __future__ import annotations
 

@@ -158,8 +158,10 @@ class Files:
         fx = map_file(fd) if known is None else known
         result: object = NOT_SHARED
         if fx is not None and fx is not NOT_SHARED and fx.has_shared:
-            if upper:
-                self.fs.register_origin(rel)
+            if layer is self.fs.stack.upper:
+                self.fs.register_origin(rel)  # a merged path: its lower origin by name
+            elif upper:
+                pass  # an index=on entry in workdir/index: no merged path to find it by
             else:  # a no-op when already registered; redone if the full map was dropped
                 sharing.register(Canonical(layer, rel, fx.dev, fx.ino), fx.extents)
             result = fx

@@ -52,7 +52,7 @@ class IndexDir:
 
     @staticmethod
     def eligible(entry: Entry) -> bool:
-        return stat.S_ISREG(entry.st.st_mode) and entry.st.st_nlink > 1
+        return not stat.S_ISDIR(entry.st.st_mode) and entry.st.st_nlink > 1
 
     def key(self, lower: Entry) -> str | None:
         """Index name of a lower file: hex of its origin file handle (as the kernel)."""
@@ -81,11 +81,11 @@ class IndexDir:
         if key is None:
             return None
         st = self.work.lstat(self.rel(key))
-        return Entry(self.work, self.rel(key), st) if st is not None and stat.S_ISREG(st.st_mode) else None
+        return Entry(self.work, self.rel(key), st) if st is not None and not stat.S_ISDIR(st.st_mode) else None
 
     def of_upper(self, upper: Entry) -> Entry | None:
         """The index entry an upper file is a hard link of, if any."""
-        if not stat.S_ISREG(upper.st.st_mode) or upper.st.st_nlink < 2:
+        if stat.S_ISDIR(upper.st.st_mode) or upper.st.st_nlink < 2:
             return None
         origin = upper.layer.getxattr(upper.rel, self.origin_xattr)
         if not origin:

@@ -8,7 +8,7 @@ Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr
     proven to lie beneath a layer root). A handle that does not decode (a stale origin,
     an upper copied with ``cp -a`` onto other lowers) is ignored;
   * a non-directory whose origin has ``st_nlink > 1`` shows the origin's number only
-    with ``index=on``: without an index, copy-up broke the hard link (overlaypc then
+    with ``index=on`` (any non-directory, as the kernel indexes): without an index, copy-up broke the hard link (overlaypc then
     records no origin, as the kernel), and the copy shows its own upper number;
   * a directory present in upper and a lower without an origin takes the topmost
     lower's number;
@@ -57,7 +57,7 @@ class InodeNumbers:
         value = None
         if origin is not None and stat.S_IFMT(origin.st_mode) == stat.S_IFMT(st.st_mode):
             shared = stat.S_ISDIR(st.st_mode) or origin.st_nlink == 1 \
-                or (self.index and stat.S_ISREG(st.st_mode))
+                or self.index
             if shared:
                 value = self.xino.ino(origin.st_dev, origin.st_ino)
         with self._lock:

@@ -70,14 +70,19 @@ class CoreDriver:
     """Node-style operations over one ``OverlayFS`` (started on construction)."""
 
     def __init__(self, config: MountConfig) -> None:
+        # as in the daemon (cli.py): the core applies each caller's umask itself, so the
+        # process's own must be 0 while it runs
+        self._umask = os.umask(0)
         self.fs = OverlayFS(config)
         try:
             self.fs.start()
         except BaseException:
             self.fs.close()
+            os.umask(self._umask)
             raise
 
     def close(self) -> None:
+        os.umask(self._umask)
         self.fs.close()
         # The core's objects reference each other, so without this the directory fds its
         # lookup cache holds would wait for the garbage collector; thousands of runs (a

@@ -317,10 +317,6 @@ def test_index_nlink_changes_on_a_kernel_index(change, xfs_dir, layers_factory, 
     assert _nlinks_now(m.path, NAMES + ["d"]) == expected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "IndexDir.eligible indexes regular files only; the kernel (ovl_need_index) indexes "
-    "every multiply-linked non-directory, so a copy-up of one name of a lower fifo or "
-    "device keeps the link there and breaks it in overlaypc"))
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_index_keeps_special_file_links_like_the_kernel(kind, xfs_dir, layers_factory,
                                                         overlay_mount):
