@@ -230,6 +230,8 @@ class Files:
 
     def fsync(self, fh: int, datasync: bool) -> None:
         fd = self._fd(self.fs.handles.get(fh))
+        if not self.fs.config.fsync:
+            return  # fsync=0 (fuse-overlayfs): the data reaches the disk at writeback
         if datasync:
             os.fdatasync(fd)
         else:
@@ -244,10 +246,14 @@ class Files:
             return self._fd(handle)
         raise OSError(errno.ENOENT, "file no longer open")
 
+    def _shown(self, attr: Attr, inode: OverlayInode, fd: int) -> Attr:
+        own = self.fs.ownership
+        return own.show(attr, own.stored_fd(inode.layer, attr.st, fd)) if own.active else attr
+
     def getattr_inode(self, inode: OverlayInode) -> Attr:
         """Attributes of an open file that has no name left (``hidden``)."""
-        st = os.fstat(self._handle_fd(inode))
-        return Attr(st, inode.ino, 0)
+        fd = self._handle_fd(inode)
+        return self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd)
 
     def _nameless(self, inode: OverlayInode, flags: int = os.O_RDONLY) -> int:
         """A new fd (``flags``) on the nameless file's backing; the caller closes it."""
@@ -264,10 +270,12 @@ class Files:
             os.close(fd)
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
-        self._on_nameless(inode, lambda fd: os.chmod(fd, stat.S_IMODE(mode)))
+        self._on_nameless(inode, lambda fd: self.fs.ownership.chmod_fd(inode.layer, fd, mode))
 
     def chown_inode(self, inode: OverlayInode, uid: int, gid: int) -> None:
-        self._on_nameless(inode, lambda fd: os.chown(fd, uid, gid))
+        """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""
+        uid, gid = self.fs.ownership.chown_ids(uid, gid)
+        self._on_nameless(inode, lambda fd: self.fs.ownership.chown_fd(inode.layer, fd, uid, gid))
 
     def utimens_inode(self, inode: OverlayInode, times: tuple[int, int] | None) -> None:
         self._on_nameless(inode, lambda fd: self.fs.attrs.utime_fd(fd, times))
@@ -287,7 +295,8 @@ class Files:
             node = self.fs.lookup.lookup(inode.meta_rel)  # attributes live in the upper
             if node.exists and node.data is not None:
                 return self.fs.attrs.getattr(inode.meta_rel)
-        st = os.fstat(self._fd(handle))
+        fd = self._fd(handle)
+        st = os.fstat(fd)
         nlink = 0 if inode.unlinked and not inode.in_upper else None
         index = self.fs.index
         if index is not None and inode.in_upper and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
@@ -295,7 +304,7 @@ class Files:
             shared = entry if inode.layer is index.work else index.of_upper(entry)
             if shared is not None:
                 nlink = index.nlink(shared)
-        return Attr(st, inode.ino, nlink)
+        return self._shown(Attr(st, inode.ino, nlink), inode, fd)
 
     def release(self, fh: int) -> None:
         handle = self.fs.handles.pop(fh)
