@@ -50,6 +50,16 @@ overlay options:
   volatile          skip fsyncs in copy-up (as the kernel's option): faster, not crash-safe
   timeout=SECONDS   how long the kernel caches names and attributes (default 30)
   logfile=PATH      log warnings and errors (everything with -d) to PATH
+fuse-overlayfs options (as containers/storage's mount_program passes them):
+  uidmapping=C:H:N[:...], gidmapping=...   layers hold IDs C..C+N-1, shown as H..H+N-1
+  squash_to_root, squash_to_uid=N, squash_to_gid=N   show every object as owned by N
+  static_nlink      directories show st_nlink 1
+  noacl, noxattrs=1 no POSIX ACLs / no xattrs through the mount
+  fsync=0           no fsync (copy-up or caller's): faster, not crash-safe
+  xattr_permissions=1|2   owner and mode in security.|user.fuseoverlayfs.override_stat
+  context="LABEL"   SELinux label of the mount (dropped when SELinux is off)
+  threaded=, max_idle_threads=, plugins=, fast_ino=, writeback=, ino32_t, allow_root
+                    accepted; logged as having no effect (see README)
 generic mount options (defaults, nofail, noatime, nodev, nosuid, noexec, _netdev, x-*,
 ...) are accepted."""
 
