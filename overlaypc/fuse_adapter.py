@@ -321,10 +321,11 @@ def _fill_stat(s, attr) -> None:
     ctypes.memset(ctypes.byref(s), 0, ctypes.sizeof(s))
     st = attr.st
     s.st_ino = attr.ino
-    s.st_mode = attr.st_mode
-    s.st_nlink = attr.st_nlink
-    s.st_uid = attr.st_uid
-    s.st_gid = attr.st_gid
+    # (the hottest path of all: Attr's fields tested inline, not through its properties)
+    s.st_mode = st.st_mode if attr.mode is None else attr.mode
+    s.st_nlink = st.st_nlink if attr.nlink is None else attr.nlink
+    s.st_uid = st.st_uid if attr.uid is None else attr.uid
+    s.st_gid = st.st_gid if attr.gid is None else attr.gid
     s.st_rdev = st.st_rdev
     s.st_size = st.st_size
     s.st_blksize = st.st_blksize

@@ -12,8 +12,10 @@ FUSE adapter so any front end reuses it (the adapter only passes the caller's ID
   then ``user.containers.override_stat`` (containers/storage's ``force_mask``), then the
   other fuse-overlayfs name. Override layers: every layer under ``xattr_permissions``, else
   the layers whose root directory carries one of these xattrs (fuse-overlayfs decides per
-  layer the same way), so other mounts pay nothing. A malformed value is logged once and
-  the real values stand.
+  layer the same way), so other mounts pay nothing. An upper whose root carries one is
+  written through it even without ``xattr_permissions`` (else a chmod would change the
+  real mode while the xattr goes on deciding the view). A malformed value is logged once
+  and the real values stand.
 * **Shown** (``show``): stored IDs through ``uidmapping``/``gidmapping`` (``idmap``), then
   ``squash_to_uid``/``squash_to_gid``/``squash_to_root``; directories show ``st_nlink`` 1
   under ``static_nlink``.
@@ -84,8 +86,9 @@ def format_override(uid: int, gid: int, mode: int) -> bytes:
     return f"{uid}:{gid}:{stat.S_IMODE(mode):o}".encode()
 
 
-def _has_override(layer: "Layer") -> bool:
-    return any(layer.getxattr("", name) is not None for name in OVERRIDE_NAMES)
+def _root_override(layer: "Layer") -> str | None:
+    """The first override xattr the layer's root directory carries, if any."""
+    return next((name for name in OVERRIDE_NAMES if layer.getxattr("", name) is not None), None)
 
 
 def _kill_suid(mode: int) -> int:
@@ -113,7 +116,12 @@ class Ownership:
     @classmethod
     def for_mount(cls, config: "MountConfig", layers: list["Layer"]) -> "Ownership":
         written = WRITTEN_NAME.get(config.xattr_permissions)
-        override = {layer.index for layer in layers if written or _has_override(layer)}
+        found = {layer.index: _root_override(layer) for layer in layers if layer.index >= 0}
+        override = {index for index, name in found.items() if written or name}
+        if written is None and found.get(0) is not None and layers[0].writable:
+            # an upper whose root carries an override xattr keeps using it: otherwise a
+            # chmod would change the real mode while the xattr goes on deciding the view
+            written = found[0]
         if 0 in override:
             override.add(-1)  # the workdir builds upper objects (creation, copy-up, index)
         root = 0 if config.squash_to_root else None

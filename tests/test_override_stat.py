@@ -204,3 +204,22 @@ def test_chmod_of_an_open_file_without_a_name(tmp_path, overlay_mount):
         os.fchown(f.fileno(), 12, -1)
         st = os.fstat(f.fileno())
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (12, 1001, 0o604)
+
+
+def test_an_upper_marked_at_its_root_is_written_through_its_xattr(tmp_path, overlay_mount):
+    """An upper left by a fuse-overlayfs xattr_permissions=2 mount (it marks the upper's
+    root), mounted without the option: chmod must still change what is shown."""
+    lower, upper, work = _stack(tmp_path, "r")
+    os.setxattr(upper, USER, b"0:0:40755")
+    (upper / "old").write_text("written through fuse-overlayfs\n")
+    os.setxattr(upper / "old", USER, b"50:50:100600")
+    mnt = overlay_mount(mount_options([lower], upper, work)).path
+    assert _stats(mnt, ("old",)) == {"old": (50, 50, stat.S_IFREG | 0o600)}
+    os.chmod(mnt / "old", 0o640)
+    assert _stats(mnt, ("old",)) == {"old": (50, 50, stat.S_IFREG | 0o640)}
+    os.chmod(mnt / "f", 0o604)
+    os.chown(mnt / "exe", 9, 9)
+    assert _stats(mnt, ("f", "exe")) == {"f": (1000, 1001, stat.S_IFREG | 0o604),
+                                         "exe": (9, 9, stat.S_IFREG | 0o755)}
+    assert override_of(upper / "f") == {USER: b"1000:1001:604"}
+    assert stored(upper, "exe")[:2] == (0, 0)

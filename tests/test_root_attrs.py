@@ -93,3 +93,22 @@ def test_root_attribute_change_in_a_read_only_mount_is_erofs(tmp_path, overlay_m
     with pytest.raises(OSError) as e:
         call()
     assert e.value.errno == errno.EROFS
+
+
+def test_root_chown_under_id_mapping_and_xattr_permissions(tmp_path, overlay_mount):
+    """What podman does before a container with --uidmap starts: chown the merged root to
+    the container's root, here host 100000 = stored 0."""
+    lower = helpers.build_layer(tmp_path / "lower", {"f.txt": "x"})
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    os.chown(upper, 5, 5)
+    mnt = overlay_mount(stack_options([lower], upper, work, "uidmapping=:0:100000:65536,"
+                                      "gidmapping=:0:100000:65536,xattr_permissions=2")).path
+    assert os.stat(mnt)[4:6] == (100005, 100005)
+    os.chown(mnt, 100000, 100000)
+    os.chmod(mnt, 0o750)
+    st = os.stat(mnt)
+    assert (st.st_uid, st.st_gid, oct(st.st_mode)) == (100000, 100000, oct(0o40750))
+    assert os.getxattr(upper, "user.fuseoverlayfs.override_stat") == b"0:0:750"
+    assert os.stat(upper)[4:6] == (5, 5)  # the real owner is left alone
