@@ -153,11 +153,10 @@ def _integer(name: str, value: str | None) -> int:
     return int(text)
 
 
-def _switch(attr: str, *, inverted: bool = False) -> Callable[[MountConfig, str | None], None]:
+def _switch(attr: str) -> Callable[[MountConfig, str | None], None]:
     """fuse-overlayfs's ``NAME=N`` switches: 0 is off, anything else on."""
     def apply(cfg: MountConfig, value: str | None) -> None:
-        on = _integer(attr, value) != 0
-        setattr(cfg, attr, not on if inverted else on)
+        setattr(cfg, attr, _integer(attr, value) != 0)
     return apply
 
 
