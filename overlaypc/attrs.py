@@ -2,9 +2,14 @@
 
 Owns: what ``stat`` shows for a merged object and every metadata change. Changes copy
 the object up first (``copyup.ensure_upper``) and then act on the upper. Overlay-
-private xattrs (``trusted.overlay.*``, ``user.overlay.*``, also ``*.overlaypc.*`` for safety) are never
-listed, read, set or removed through the mount; the one exception is the read-only,
-unlisted virtual ``user.overlaypc.stats`` on the mount root.
+private xattrs (``trusted.overlay.*``, ``user.overlay.*``, also ``*.overlaypc.*`` for safety,
+and the override-stat xattrs of ``ownership``) are never listed, read, set or removed
+through the mount; the one exception is the read-only, unlisted virtual
+``user.overlaypc.stats`` on the mount root, which stays readable under ``noxattrs=1``
+(fuse-overlayfs's option: every other xattr operation answers ENOTSUP).
+
+Owner and mode go through ``ownership`` both ways: what ``getattr`` shows and what
+chmod/chown write (ID mapping, squashing, override xattrs).
 
 POSIX ACLs (``system.posix_acl_*``) pass through like any xattr: the kernel reads them
 for its permission checks (``FUSE_CAP_POSIX_ACL``), and the upper filesystem keeps the
@@ -39,19 +44,38 @@ _ST_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "
 
 class Attr(NamedTuple):
     """What ``stat`` shows for a merged object: a backing stat with the overlay's inode
-    number and, where they differ from the backing's, its link count and blocks."""
+    number and, where they differ from the backing's, its link count and blocks, and its
+    owner and mode (``ownership``: ID mapping, squashing, override xattrs)."""
     st: os.stat_result
     ino: int
     nlink: int | None = None
     blocks: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+
+    @property
+    def st_uid(self) -> int:
+        return self.st.st_uid if self.uid is None else self.uid
+
+    @property
+    def st_gid(self) -> int:
+        return self.st.st_gid if self.gid is None else self.gid
+
+    @property
+    def st_mode(self) -> int:
+        return self.st.st_mode if self.mode is None else self.mode
+
+    @property
+    def st_nlink(self) -> int:
+        return self.st.st_nlink if self.nlink is None else self.nlink
 
     def as_dict(self) -> dict:
         st = self.st
         d = {name: getattr(st, name) for name in _ST_FIELDS}
         d.update(st_ino=self.ino, st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns,
-                 st_ctime=st.st_ctime_ns)
-        if self.nlink is not None:
-            d["st_nlink"] = self.nlink
+                 st_ctime=st.st_ctime_ns, st_uid=self.st_uid, st_gid=self.st_gid,
+                 st_mode=self.st_mode, st_nlink=self.st_nlink)
         if self.blocks is not None:
             d["st_blocks"] = self.blocks
         return d
@@ -83,8 +107,9 @@ class Attributes:
         else:
             nlink = None
         # metacopy: the blocks are the lower's
-        return Attr(st, self.fs.inos.ino_of(node), nlink,
+        attr = Attr(st, self.fs.inos.ino_of(node), nlink,
                     None if node.data is None else node.data.st.st_blocks)
+        return self.fs.ownership.show_entry(attr, node.top)
 
     # -- changes (copy-up first) ---------------------------------------------------------------
     def _upper(self, rel: str, *, data: bool = False) -> Entry:
@@ -100,12 +125,14 @@ class Attributes:
 
     def chmod(self, rel: str, mode: int) -> None:
         entry = self._upper(rel)
-        entry.layer.do_chmod(entry.rel, stat.S_IMODE(mode))
+        self.fs.ownership.chmod(entry, mode)
         self._changed(entry, rel)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
+        """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""
+        uid, gid = self.fs.ownership.chown_ids(uid, gid)  # EOVERFLOW before any copy-up
         entry = self._upper(rel)
-        entry.layer.do_chown(entry.rel, uid, gid)
+        self.fs.ownership.chown(entry, uid, gid)
         self._changed(entry, rel)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
@@ -125,9 +152,14 @@ class Attributes:
         self._changed(entry, rel)
 
     # -- xattrs ------------------------------------------------------------------------------------
+    def _xattrs_allowed(self) -> None:
+        if self.fs.config.noxattrs:
+            raise OSError(errno.ENOTSUP, "extended attributes are off (noxattrs=1)")
+
     def getxattr(self, rel: str, name: str) -> bytes:
         if name == STATS_XATTR and not rel:
             return self.fs.stats_json()
+        self._xattrs_allowed()
         node = self.fs.lookup.lookup(rel)
         top = node.top
         if is_private_xattr(name):
@@ -140,10 +172,12 @@ class Attributes:
             raise
 
     def listxattr(self, rel: str) -> list[str]:
+        self._xattrs_allowed()
         top = self.fs.lookup.lookup(rel).top
         return [n for n in top.layer.listxattr(top.rel) if not is_private_xattr(n)]
 
     def setxattr(self, rel: str, name: str, value: bytes, flags: int) -> None:
+        self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
         entry = self._upper(rel)
@@ -151,6 +185,7 @@ class Attributes:
         self._changed(entry, rel)
 
     def removexattr(self, rel: str, name: str) -> None:
+        self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
         top = self.fs.lookup.lookup(rel).top

@@ -50,6 +50,16 @@ overlay options:
   volatile          skip fsyncs in copy-up (as the kernel's option): faster, not crash-safe
   timeout=SECONDS   how long the kernel caches names and attributes (default 30)
   logfile=PATH      log warnings and errors (everything with -d) to PATH
+fuse-overlayfs options (as containers/storage's mount_program passes them):
+  uidmapping=C:H:N[:...], gidmapping=...   layers hold IDs C..C+N-1, shown as H..H+N-1
+  squash_to_root, squash_to_uid=N, squash_to_gid=N   show every object as owned by N
+  static_nlink      directories show st_nlink 1
+  noacl, noxattrs=1 no POSIX ACLs / no xattrs through the mount
+  fsync=0           no fsync (copy-up or caller's): faster, not crash-safe
+  xattr_permissions=1|2   owner and mode in security.|user.fuseoverlayfs.override_stat
+  context="LABEL"   SELinux label of the mount (dropped when SELinux is off)
+  threaded=, max_idle_threads=, plugins=, fast_ino=, writeback=, ino32_t, allow_root
+                    accepted; logged as having no effect (see README)
 generic mount options (defaults, nofail, noatime, nodev, nosuid, noexec, _netdev, x-*,
 ...) are accepted."""
 
@@ -133,6 +143,32 @@ def _log_file(path: str) -> logging.FileHandler:
     return logging.FileHandler(path)
 
 
+SELINUX_ENFORCE = "/sys/fs/selinux/enforce"
+
+
+def _fuse_overlayfs_flags(cfg: MountConfig) -> list[str]:
+    """Mount options for the kernel from fuse-overlayfs's options, and a log line for each
+    accepted option that has no effect here."""
+    log = logging.getLogger("overlaypc")
+    flags = []
+    notes = list(cfg.notes)
+    if cfg.context is not None:
+        if os.path.exists(SELINUX_ENFORCE):
+            # libfuse hands it to mount(2) as it is; the quotes keep its commas together
+            flags.append(f'context="{cfg.context}"')
+        else:
+            notes.append((f"context={cfg.context}", "SELinux is not enabled (no "
+                          f"{SELINUX_ENFORCE}), and the kernel takes no label without it"))
+    if cfg.allow_root:
+        if os.geteuid() == 0:
+            notes.append(("allow_root", "a mount by root is allow_other already"))
+        else:
+            flags.append("allow_root")
+    for option, reason in notes:
+        log.info("option %s has no effect: %s", option, reason)
+    return flags
+
+
 def mount_main(argv: list[str]) -> int:
     try:
         cfg = parse_mount_args(argv)
@@ -157,7 +193,7 @@ def mount_main(argv: list[str]) -> int:
         return 2
     _setup_logging(cfg)
     from .fuse_adapter import serve
-    flags = [g for g in cfg.generic if g in KERNEL_FLAGS]
+    flags = [g for g in cfg.generic if g in KERNEL_FLAGS] + _fuse_overlayfs_flags(cfg)
     if os.geteuid() == 0:
         flags += [f for f in ("dev", "suid") if "no" + f not in flags]
     if not cfg.writable:  # -o ro, or no upper: the kernel answers EROFS (also to access(W_OK))

@@ -6,6 +6,13 @@ it into exit status 2.
 
 Layer order: ``lowerdir=A:B:C`` lists lowers top first (A is the top), as the kernel's
 overlay does; YAML stack files list ``lowers`` top first too.
+
+``-o`` text is split as mount(8) does: at commas outside double quotes (``context="a,b"``
+is one option), empty elements are skipped. Besides overlaypc's own options, every option
+of fuse-overlayfs is accepted (podman, buildah and CRI-O pass them through
+containers/storage's ``mount_program``): with its meaning where overlaypc has one, else
+with a log line at mount saying it has no effect and why (``MountConfig.notes``).
+Anything else is refused.
 """
 from __future__ import annotations
 
@@ -14,6 +21,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
+
+from .idmap import IdMap, overflow_id
 
 CACHE_MODES = ("kernel", "shared")
 HANDLE_MODES = ("reopen", "bind-at-open")
@@ -48,6 +57,22 @@ class MountConfig:
     index: bool = False
     metacopy: bool = False
     generic: list[str] = field(default_factory=list)
+    # fuse-overlayfs options (see README, "fuse-overlayfs options")
+    uidmapping: IdMap | None = None
+    gidmapping: IdMap | None = None
+    squash_to_root: bool = False
+    squash_to_uid: int | None = None
+    squash_to_gid: int | None = None
+    static_nlink: bool = False
+    noacl: bool = False
+    noxattrs: bool = False
+    fsync: bool = True
+    xattr_permissions: int = 0
+    #: an SELinux label for the whole mount, passed to the kernel (``context=``)
+    context: str | None = None
+    allow_root: bool = False
+    #: accepted options that change nothing here: (option as given, why), logged at mount
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def writable(self) -> bool:
@@ -107,14 +132,79 @@ def _on_off(attr: str) -> Callable[[MountConfig, str | None], None]:
 
 
 def _seconds(attr: str) -> Callable[[MountConfig, str | None], None]:
+    # any non-negative number: fuse-overlayfs's default is 1e9 s; the kernel caps what it keeps
     def apply(cfg: MountConfig, value: str | None) -> None:
         try:
             seconds = float(value or "")
         except ValueError:
             seconds = -1.0
-        if not 0 <= seconds <= 86400:
-            raise ConfigError(f"bad value {attr}={value!r}: expected seconds between 0 and 86400")
+        if not 0 <= seconds < float("inf"):
+            raise ConfigError(f"bad value {attr}={value!r}: expected a non-negative number of seconds")
         setattr(cfg, attr, seconds)
+    return apply
+
+
+def _integer(name: str, value: str | None) -> int:
+    """An option's integer value, as fuse-overlayfs's ``%d`` options take it."""
+    text = (value or "").strip()
+    if not text.lstrip("-").isdigit():
+        raise ConfigError(f"bad value {name}={value!r}: expected an integer" if value is not None
+                          else f"option {name} needs an integer value ({name}=N)")
+    return int(text)
+
+
+def _switch(attr: str) -> Callable[[MountConfig, str | None], None]:
+    """fuse-overlayfs's ``NAME=N`` switches: 0 is off, anything else on."""
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        setattr(cfg, attr, _integer(attr, value) != 0)
+    return apply
+
+
+def _id(attr: str) -> Callable[[MountConfig, str | None], None]:
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        n = _integer(attr, value)
+        if not 0 <= n < (1 << 32) - 1:
+            raise ConfigError(f"bad value {attr}={value!r}: expected an ID from 0 to {(1 << 32) - 2}")
+        setattr(cfg, attr, n)
+    return apply
+
+
+def _idmap(attr: str, kind: str) -> Callable[[MountConfig, str | None], None]:
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        try:
+            mapping = IdMap.parse(value or "", overflow_id(kind))
+        except ValueError as e:
+            raise ConfigError(f"bad value {attr}={value!r}: {e}") from None
+        setattr(cfg, attr, mapping)
+    return apply
+
+
+def _xattr_permissions(cfg: MountConfig, value: str | None) -> None:
+    n = _integer("xattr_permissions", value)
+    if n not in (0, 1, 2):
+        raise ConfigError(f"bad value xattr_permissions={value!r}: expected 0 (off), "
+                          f"1 (security.fuseoverlayfs.override_stat) or 2 (user.fuseoverlayfs.override_stat)")
+    cfg.xattr_permissions = n
+
+
+def _context(cfg: MountConfig, value: str | None) -> None:
+    if not value:
+        raise ConfigError("option context needs an SELinux label (context=\"user:role:type:level\")")
+    cfg.context = value  # unquoted; quoted again when passed to the kernel
+
+
+def _no_effect(name: str, reason: str, kind: str = "flag") -> Callable[[MountConfig, str | None], None]:
+    """A fuse-overlayfs option that changes nothing here: its value is checked as
+    fuse-overlayfs parses it (``flag``: none, ``int``: ``%d``, ``text``: ``%s``), then it is
+    noted with ``reason``, which the daemon logs at mount."""
+    def apply(cfg: MountConfig, value: str | None) -> None:
+        if kind == "flag" and value is not None:
+            raise ConfigError(f"option {name} takes no value (got {name}={value!r})")
+        if kind == "int":
+            _integer(name, value)
+        if kind == "text" and not value:
+            raise ConfigError(f"option {name} needs a value ({name}=...)")
+        cfg.notes.append((name if value is None else f"{name}={value}", reason))
     return apply
 
 
@@ -155,6 +245,31 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "index": _on_off("index"),
     "metacopy": _on_off("metacopy"),
     "xino": _off_only("xino"),
+    # -- fuse-overlayfs's options (containers/storage passes them as mount_program options) --
+    "uidmapping": _idmap("uidmapping", "uid"),
+    "gidmapping": _idmap("gidmapping", "gid"),
+    "squash_to_root": _flag("squash_to_root"),
+    "squash_to_uid": _id("squash_to_uid"),
+    "squash_to_gid": _id("squash_to_gid"),
+    "static_nlink": _flag("static_nlink"),
+    "noacl": _flag("noacl"),
+    "noxattrs": _switch("noxattrs"),
+    "fsync": _switch("fsync"),
+    "xattr_permissions": _xattr_permissions,
+    "context": _context,
+    "allow_root": _flag("allow_root"),
+    "threaded": _no_effect("threaded", "libfuse always serves requests on several threads here", "int"),
+    "max_idle_threads": _no_effect("max_idle_threads", "libfuse's multi-threaded loop keeps its own "
+                                   "default number of idle threads", "int"),
+    "plugins": _no_effect("plugins", "fuse-overlayfs's layer plugins are not supported; lower "
+                          "layers are plain directories", "text"),
+    "fast_ino": _no_effect("fast_ino", "inode numbers always come from the layers (with xino bits "
+                           "across filesystems), stable across copy-up and remount", "int"),
+    "writeback": _no_effect("writeback", "the kernel's writeback cache is never used: it would hold "
+                            "writes in one name's page cache, so another name of a hard link "
+                            "could read stale data", "int"),
+    "ino32_t": _no_effect("ino32_t", "inode numbers are not folded to 32 bits: folding could make "
+                          "two files show one number"),
 }
 
 #: Options mount(8), fstab and mount.fuse3 pass along; accepted and left to the kernel/VFS.
@@ -168,7 +283,7 @@ def apply_options(cfg: MountConfig, text: str) -> None:
     for item in filter(None, _split_commas(text)):
         name, eq, value = item.partition("=")
         if name in OPTIONS:
-            OPTIONS[name](cfg, value if eq else None)
+            OPTIONS[name](cfg, _unquote(value) if eq else None)
         elif name in GENERIC or name.startswith(("x-", "comment=")) or name == "comment":
             cfg.generic.append(item)
         else:
@@ -176,21 +291,32 @@ def apply_options(cfg: MountConfig, text: str) -> None:
 
 
 def _split_commas(text: str) -> list[str]:
-    # lowerdir paths may contain '\,' escapes
-    out, cur, esc = [], "", False
+    """Options at commas, as mount(8) splits them: not inside double quotes, not after a
+    backslash (lowerdir paths may contain '\\,'; '\\:' is kept for ``_split_lowers``)."""
+    out, cur, esc, quoted = [], "", False, False
     for ch in text:
         if esc:
             cur += ("\\" + ch) if ch == ":" else ch
             esc = False
         elif ch == "\\":
             esc = True
-        elif ch == ",":
+        elif ch == '"':
+            quoted = not quoted
+            cur += ch
+        elif ch == "," and not quoted:
             out.append(cur)
             cur = ""
         else:
             cur += ch
+    if quoted:
+        raise ConfigError(f"unbalanced double quote in options {text!r}")
     out.append(cur)
     return out
+
+
+def _unquote(value: str) -> str:
+    """A value with its double quotes removed (mount(8) quotes values that hold commas)."""
+    return value.replace('"', "") if '"' in value else value
 
 
 STACK_KEYS = {"lowers", "upper", "work", "options"}
@@ -337,6 +463,9 @@ def validate(cfg: MountConfig) -> None:
         cfg.redirect_dir = "on"
     if cfg.redirect_dir is None:
         cfg.redirect_dir = DEFAULT_REDIRECT_DIR
+    if cfg.xattr_permissions and cfg.upper is None:
+        cfg.notes.append((f"xattr_permissions={cfg.xattr_permissions}", "a mount without upperdir "
+                          "changes no owner or mode; override xattrs in the layers are still shown"))
     if not cfg.mountpoint:
         raise ConfigError("no mountpoint given")
     mnt = _dir(cfg.mountpoint, "mountpoint")

@@ -34,6 +34,7 @@ from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
 from .lookup import Entry, Lookup, Node
+from .ownership import Ownership, is_override_xattr
 from .stack import LayerStack
 from .stats import Stats
 
@@ -44,8 +45,11 @@ _CHUNK = 8 << 20
 
 
 def is_private_xattr(name: str) -> bool:
-    """Overlay-private xattrs: never shown, set, or copied through the mount."""
-    return name.startswith(("trusted.overlay.", "user.overlay.", "trusted.overlaypc.", "user.overlaypc."))
+    """Overlay-private xattrs: never shown, set, or copied through the mount. The override
+    xattrs of fuse-overlayfs and containers/storage (``ownership``) count: a copy-up
+    applies the owner and mode they hold instead of copying them."""
+    return name.startswith(("trusted.overlay.", "user.overlay.", "trusted.overlaypc.", "user.overlaypc.")) \
+        or is_override_xattr(name)
 
 
 INCOMPAT_DIR = join(WORK_DIR, "incompat")
@@ -135,7 +139,8 @@ class CopyUpContext:
 
 class CopyUp:
     def __init__(self, stack: LayerStack, lookup: Lookup, ns_lock: threading.RLock, stats: Stats,
-                 *, xattr_prefix: str, volatile: bool, key_of, on_copied, metacopy: bool = False) -> None:
+                 *, xattr_prefix: str, volatile: bool, key_of, on_copied, metacopy: bool = False,
+                 ownership: Ownership | None = None) -> None:
         assert stack.upper is not None and stack.work is not None
         self.upper: Layer = stack.upper
         self.work: Layer = stack.work
@@ -147,6 +152,7 @@ class CopyUp:
         self._key_of = key_of
         self._on_copied = on_copied
         self.metacopy = metacopy
+        self.ownership = ownership or Ownership()
         self.index = None  # an index.IndexDir under -o index=on
         self._stripes = [threading.Lock() for _ in range(64)]
         self._names = itertools.count()
@@ -293,9 +299,16 @@ class CopyUp:
     # -- step 5: metadata --------------------------------------------------------------------
     def _copy_metadata(self, ctx: CopyUpContext) -> None:
         src, st = ctx.src, ctx.src.st
-        # chown first: chown(2) drops security.capability (even for root), and the
-        # kernel's copy-up keeps it
-        self.work.do_chown(ctx.tmp, st.st_uid, st.st_gid)
+        # the owner and mode the source's layer holds (its override xattr, if it has one);
+        # under xattr_permissions they go to the copy's override xattr, not its inode
+        owner = self.ownership.stored_entry(src)
+        override = self.ownership.writes_override(self.work, owner.mode)
+        if override:
+            self.ownership.set_override(self.work, ctx.tmp, owner.uid, owner.gid, owner.mode)
+        else:
+            # chown first: chown(2) drops security.capability (even for root), and the
+            # kernel's copy-up keeps it
+            self.work.do_chown(ctx.tmp, owner.uid, owner.gid)
         self._copy_xattrs(ctx)
         origin_fd = src.layer.path_fd(src.rel)
         try:
@@ -314,7 +327,7 @@ class CopyUp:
         if ctx.kind != stat.S_IFLNK:
             # after the ACL (as in the kernel's copy-up): chmod sets the ACL mask to the
             # group bits, which for the lower's own mode are the lower's mask already
-            self.work.do_chmod(ctx.tmp, stat.S_IMODE(st.st_mode))
+            self.work.do_chmod(ctx.tmp, stat.S_IMODE(owner.mode) & (0o777 if override else 0o7777))
         self.work.do_utime(ctx.tmp, (st.st_atime_ns, st.st_mtime_ns))
 
     def _copy_xattrs(self, ctx: CopyUpContext) -> None:

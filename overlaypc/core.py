@@ -40,6 +40,7 @@ from .linknames import LinkNames
 from .layer import join, split
 from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
+from .ownership import Ownership
 from .readdir import DirEntry, merged_listing
 from .stack import LayerStack
 from .sharing import Canonical, ExtentMap, changing, map_file
@@ -74,12 +75,17 @@ class OverlayFS:
         self.links = LinkNames()
         self.hidden = HiddenNames()
         self.handles = HandleTable()
+        #: owner and mode shown and written (ID mapping, squashing, override xattrs)
+        self.ownership = Ownership.for_mount(
+            config, self.stack.layers + ([self.stack.work] if self.stack.work else []))
         self.copyup: CopyUp | None = None
         if self.stack.upper is not None:
+            # fsync=0 (fuse-overlayfs): copy-ups skip their fsyncs as under volatile
             self.copyup = CopyUp(self.stack, self.lookup, self.ns_lock, self.stats,
-                                 xattr_prefix=self.prefix, volatile=config.volatile,
+                                 xattr_prefix=self.prefix,
+                                 volatile=config.volatile or not config.fsync,
                                  key_of=self.identity, on_copied=self._copied,
-                                 metacopy=config.metacopy)
+                                 metacopy=config.metacopy, ownership=self.ownership)
         self.index: IndexDir | None = None
         if config.index and self.stack.work is not None:
             self.index = IndexDir(self.stack.work, self.prefix)
@@ -323,7 +329,8 @@ class OverlayFS:
             if offset and handle.listing is not None:
                 return handle.listing
             rel = handle.rel
-        entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus)
+        entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus,
+                                 ownership=self.ownership if self.ownership.active else None)
         if plus:
             for i, e in enumerate(entries):
                 if e.attr is None:

@@ -58,11 +58,16 @@ class Files:
         node = fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file", rel)
+        relinked = False
         if flags & _WRITE_INTENT:
             fs.require_writable()
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)
             if node.upper is None or node.data is not None:
+                # a copy-up that breaks a lower hard link changes this name's st_nlink and
+                # st_ino, which the kernel cached at lookup; no write or setattr may follow
+                # to refresh them (an O_APPEND open, an empty write)
+                relinked = node.upper is None and node.st.st_nlink > 1 and fs.index is None
                 fs.copyup.ensure_data(rel)
         # Under the namespace lock, a copy-up is either not installed yet or installed
         # *and* its live inode rebound to the upper (never a second inode for the upper
@@ -84,6 +89,8 @@ class Files:
             except BaseException:
                 fs.inodes.release(inode)
                 raise
+        if relinked:
+            fs.invalidate_path(rel)
         return self._register(inode, flags, rel, fd, generation)
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller) -> OpenResult:
@@ -232,6 +239,8 @@ class Files:
 
     def fsync(self, fh: int, datasync: bool) -> None:
         fd = self._fd(self.fs.handles.get(fh))
+        if not self.fs.config.fsync:
+            return  # fsync=0 (fuse-overlayfs): the data reaches the disk at writeback
         if datasync:
             os.fdatasync(fd)
         else:
@@ -246,10 +255,14 @@ class Files:
             return self._fd(handle)
         raise OSError(errno.ENOENT, "file no longer open")
 
+    def _shown(self, attr: Attr, inode: OverlayInode, fd: int) -> Attr:
+        own = self.fs.ownership
+        return own.show(attr, own.stored_fd(inode.layer, attr.st, fd)) if own.active else attr
+
     def getattr_inode(self, inode: OverlayInode) -> Attr:
         """Attributes of an open file that has no name left (``hidden``)."""
-        st = os.fstat(self._handle_fd(inode))
-        return Attr(st, inode.ino, 0)
+        fd = self._handle_fd(inode)
+        return self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd)
 
     def _nameless(self, inode: OverlayInode, flags: int = os.O_RDONLY) -> int:
         """A new fd (``flags``) on the nameless file's backing; the caller closes it."""
@@ -266,10 +279,12 @@ class Files:
             os.close(fd)
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
-        self._on_nameless(inode, lambda fd: os.chmod(fd, stat.S_IMODE(mode)))
+        self._on_nameless(inode, lambda fd: self.fs.ownership.chmod_fd(inode.layer, fd, mode))
 
     def chown_inode(self, inode: OverlayInode, uid: int, gid: int) -> None:
-        self._on_nameless(inode, lambda fd: os.chown(fd, uid, gid))
+        """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""
+        uid, gid = self.fs.ownership.chown_ids(uid, gid)
+        self._on_nameless(inode, lambda fd: self.fs.ownership.chown_fd(inode.layer, fd, uid, gid))
 
     def utimens_inode(self, inode: OverlayInode, times: tuple[int, int] | None) -> None:
         self._on_nameless(inode, lambda fd: self.fs.attrs.utime_fd(fd, times))
@@ -289,7 +304,8 @@ class Files:
             node = self.fs.lookup.lookup(inode.meta_rel)  # attributes live in the upper
             if node.exists and node.data is not None:
                 return self.fs.attrs.getattr(inode.meta_rel)
-        st = os.fstat(self._fd(handle))
+        fd = self._fd(handle)
+        st = os.fstat(fd)
         nlink = 0 if inode.unlinked and not inode.in_upper else None
         index = self.fs.index
         if index is not None and inode.in_upper and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
@@ -297,7 +313,7 @@ class Files:
             shared = entry if inode.layer is index.work else index.of_upper(entry)
             if shared is not None:
                 nlink = index.nlink(shared)
-        return Attr(st, inode.ino, nlink)
+        return self._shown(Attr(st, inode.ino, nlink), inode, fd)
 
     def release(self, fh: int) -> None:
         handle = self.fs.handles.pop(fh)

@@ -107,7 +107,11 @@ class OverlayOperations(mfusepy.Operations):
             # READDIRPLUS for every chunk of a listing, not only the first ("auto" mode):
             # each entry then arrives with its attributes and needs no LOOKUP round trip
             conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
-            negotiate_acls(conn)
+            cfg = self._fs.config
+            if cfg.noacl or cfg.noxattrs:  # fuse-overlayfs's options: mode bits alone decide
+                log.info("POSIX ACLs not enforced (%s)", "noacl" if cfg.noacl else "noxattrs=1")
+            else:
+                negotiate_acls(conn)
         log.info("mounted %s", self._fs.config.mountpoint)
         # Raising the readahead of the mount's bdi needs the mount to be visible, which it
         # is only after this callback returns: do it from a short-lived thread.
@@ -317,10 +321,11 @@ def _fill_stat(s, attr) -> None:
     ctypes.memset(ctypes.byref(s), 0, ctypes.sizeof(s))
     st = attr.st
     s.st_ino = attr.ino
-    s.st_mode = st.st_mode
+    # (the hottest path of all: Attr's fields tested inline, not through its properties)
+    s.st_mode = st.st_mode if attr.mode is None else attr.mode
     s.st_nlink = st.st_nlink if attr.nlink is None else attr.nlink
-    s.st_uid = st.st_uid
-    s.st_gid = st.st_gid
+    s.st_uid = st.st_uid if attr.uid is None else attr.uid
+    s.st_gid = st.st_gid if attr.gid is None else attr.gid
     s.st_rdev = st.st_rdev
     s.st_size = st.st_size
     s.st_blksize = st.st_blksize

@@ -376,6 +376,9 @@ class Layer:
 
     def do_chown(self, rel: str, uid: int, gid: int) -> None:
         self._change("chown", rel, uid, gid)
+        if not rel:  # the layer root has no parent inside the layer
+            os.chown(f"/proc/self/fd/{self.root_fd}", uid, gid)
+            return
         with self.parent(rel) as (dfd, name):
             os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from . import acl, sysapi, whiteout
 from .copyup import WORK_DIR
 from .layer import do_link, do_rename, join, split
-from .lookup import Node, check_name
+from .lookup import Entry, Node, check_name
 from .readdir import merged_listing
 
 if TYPE_CHECKING:
@@ -81,17 +81,20 @@ class Namespace:
             raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", rel)
 
     def _owner(self, rel: str, caller: Caller, mode: int) -> tuple[int, int, int]:
-        """(uid, gid, mode) for a new object in the parent of ``rel``."""
+        """(uid, gid, mode) for a new object in the parent of ``rel``, as stored: the
+        caller's IDs mapped back (``ownership``), the group of a setgid parent."""
         top = self.fs.lookup.directory(split(rel)[0]).top
         # fresh: the cached lookup keeps a directory's structure, not its attributes,
         # which a chmod or chown of the parent may just have changed
         parent = os.fstat(top.dirfd.fd) if top.dirfd is not None else top.st
-        gid = caller.gid
-        if parent.st_mode & stat.S_ISGID:
-            gid = parent.st_gid
+        owner = self.fs.ownership
+        stored = owner.stored_entry(Entry(top.layer, top.rel, parent, top.dirfd))
+        uid, gid = owner.new_owner(caller.uid, caller.gid)
+        if stored.mode & stat.S_ISGID:
+            gid = stored.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        return caller.uid, gid, mode
+        return uid, gid, mode
 
     def lower_exists(self, rel: str) -> bool:
         """Whether a lower layer shows something at ``rel`` (below whatever upper has)."""
@@ -180,6 +183,9 @@ class Namespace:
                 layer.do_setxattr(rel, name, value)
 
     def _set_owner(self, layer, rel: str, uid: int, gid: int, mode: int) -> None:
+        if self.fs.ownership.writes_override(layer, mode):
+            self.fs.ownership.set_override(layer, rel, uid, gid, mode)  # xattr_permissions
+            return
         st = layer.lstat(rel)
         if st is None:
             return

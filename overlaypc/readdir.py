@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import whiteout
 from .attrs import Attr
 from .inumbers import InodeNumbers
-from .layer import Listed, join
+from .layer import DirFd, Listed, join
 from .lookup import Entry, Node
+
+if TYPE_CHECKING:
+    from .ownership import Ownership
 
 
 @dataclass(frozen=True)
@@ -27,12 +31,13 @@ class DirEntry:
 
 
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
-                   plus: bool = False) -> list[DirEntry]:
+                   plus: bool = False, ownership: "Ownership | None" = None) -> list[DirEntry]:
     """The merged entries of directory ``node``: lower entries cost no stat (``d_type``
     and ``d_ino`` suffice); upper ones are stat'ed, as a copied-up object shows the
     inode number it recorded. ``plus`` (READDIRPLUS) stats every entry and returns its
-    attributes too, so the kernel needs no LOOKUP round trip per name."""
-    tops: dict[str, tuple[Entry, Listed]] = {}
+    attributes too, so the kernel needs no LOOKUP round trip per name; ``ownership``
+    then turns their owner and mode into what ``getattr`` shows."""
+    tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
     for parent in node.entries:
@@ -54,19 +59,25 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
                 continue
             top = tops.get(name)
             if top is None:
-                tops[name] = (parent, item)
+                tops[name] = (parent, item, dirfd)
             elif (top[1].fmt == stat.S_IFDIR and item.fmt == stat.S_IFDIR and not layer.writable
                   and name not in lower_dir_ino):
                 lower_dir_ino[name] = inos.xino.ino(layer.dev, item.ino)
         hidden |= hides
+    def attr(layer, item: Listed, dirfd: DirFd, ino: int) -> Attr:
+        shown = Attr(item.st, ino)
+        if ownership is None:
+            return shown
+        return ownership.show(shown, ownership.stored_at(layer, item.st, dirfd.fd, item.name))
+
     out = []
-    for name, (parent, item) in tops.items():
+    for name, (parent, item, dirfd) in tops.items():
         if whiteout.is_oci_name(name):
             continue  # an upper never shows OCI names either; they cannot be created
         layer = parent.layer
         if not layer.writable:  # a lower entry: its own number
             ino = inos.xino.ino(layer.dev, item.ino)
-            out.append(DirEntry(name, item.fmt, ino, Attr(item.st, ino) if item.st else None))
+            out.append(DirEntry(name, item.fmt, ino, attr(layer, item, dirfd, ino) if item.st else None))
             continue
         assert item.st is not None
         entry = Entry(layer, join(parent.rel, name), item.st)
@@ -77,5 +88,5 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             ino = lower_dir_ino[name]  # a merged dir shows its topmost lower's number
         else:
             ino = inos.of_entry(entry)
-        out.append(DirEntry(name, item.fmt, ino, Attr(item.st, ino) if plus else None))
+        out.append(DirEntry(name, item.fmt, ino, attr(layer, item, dirfd, ino) if plus else None))
     return out

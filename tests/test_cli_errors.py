@@ -157,6 +157,16 @@ def test_upper_inside_a_lower(env: Env):
     ("frobnicate=1", "frobnicate"),
     ("cache=bogusmode", "bogusmode"),
     ("handles=bogushandles", "bogushandles"),
+    # fuse-overlayfs's options are accepted (issue 14), with their values checked
+    ("uidmapping=0:100000", "uidmapping='0:100000'"),
+    ("gidmapping=0:100000:10:5:100005:10", "overlaps"),
+    ("xattr_permissions=3", "xattr_permissions='3'"),
+    ("squash_to_uid=root", "squash_to_uid='root'"),
+    ("fsync=never", "fsync='never'"),
+    ('context="unbalanced', "unbalanced"),
+    # ... but what is neither overlaypc's nor fuse-overlayfs's still is not
+    ("uid=1000", "uid=1000"),
+    ("squash_to_nobody", "squash_to_nobody"),
 ])
 def test_unknown_or_bad_option(env: Env, option: str, bad: str):
     check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",

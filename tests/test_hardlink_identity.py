@@ -201,3 +201,26 @@ def test_metacopy_upper_without_metacopy_option_is_eperm(xfs_dir, layers_factory
     k = kernel_mount(lowers, st.upper, st.work)
     with pytest.raises(PermissionError):
         read(k / "f")
+
+
+def scenario_open_breaks_link(root: Path) -> dict:
+    """Look a name up, open it for append without writing (the open alone copies it up and
+    breaks the lower link), then stat it: link count and inode class, as the kernel shows."""
+    before = os.lstat(root / "b")
+    os.close(os.open(root / "b", os.O_WRONLY | os.O_APPEND))
+    after = os.lstat(root / "b")
+    return {"nlink": (before.st_nlink, after.st_nlink),
+            "same_ino": before.st_ino == after.st_ino,
+            "a_is_b": os.lstat(root / "a").st_ino == after.st_ino}
+
+
+def test_open_for_write_shows_the_broken_link_at_once(xfs_dir, layers_factory, overlay_mount,
+                                                      kernel_mount):
+    """The kernel cached the name's attributes at lookup (nlink 3, the lower's inode); the
+    open's copy-up changes both, and nothing else (no write, no setattr) refreshes them."""
+    lowers = linked_lowers(layers_factory, xfs_dir)
+    ours = new_stack(lowers, xfs_dir, "ours")
+    got = scenario_open_breaks_link(overlay_mount(ours.options()).path)
+    theirs = new_stack(lowers, xfs_dir, "kernel")
+    assert scenario_open_breaks_link(kernel_mount(lowers, theirs.upper, theirs.work)) == got
+    assert got["nlink"] == (3, 1)
