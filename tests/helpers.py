@@ -216,6 +216,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def thread_report(pid: int) -> str:
+    """Where each thread of a hung process waits: its kernel stack, and its Python stack
+    where py-spy is installed (diagnostics for a daemon that does not exit)."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        stack = _read(str(task / "stack")).strip().splitlines()
+        lines.append(f"thread {task.name}: " + " <- ".join(l.split("] ")[-1] for l in stack[:6]))
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if os.path.exists(spy):
+        r = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                           timeout=30)
+        lines.append(r.stdout[-4000:])
+    return "\n".join(lines)
+
+
 def overlaypc_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """Environment for a daemon: the package from this checkout comes first."""
     env = dict(os.environ)
@@ -440,7 +455,7 @@ class Mount:
                 self.returncode = self.proc.wait(timeout=EXIT_TIMEOUT)
             except subprocess.TimeoutExpired:
                 problems.append(f"daemon (pid {self.proc.pid}) still running {EXIT_TIMEOUT}s "
-                                f"after unmount; killed")
+                                f"after unmount; killed\n{thread_report(self.proc.pid)}")
                 self._kill_our_proc()
                 self.returncode = self.proc.returncode
                 return
@@ -454,7 +469,7 @@ class Mount:
                 return
             if not wait_until(lambda: not pid_alive(pid), EXIT_TIMEOUT):
                 problems.append(f"daemon (pid {pid}) still running {EXIT_TIMEOUT}s after "
-                                f"unmount; killed")
+                                f"unmount; killed\n{thread_report(pid)}")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
