@@ -45,7 +45,8 @@ _CHUNK = 8 << 20
 
 def is_private_xattr(name: str) -> bool:
     """Overlay-private xattrs: never shown, set, or copied through the mount."""
-    return name.startswith(("trusted.overlay.", "user.overlay.", "trusted.overlaypc.", "user.overlaypc."))
+    return name.startswith(("trusted.overlay.", "user.overlay.", "trusted.overlaypc.", "user.overlaypc.",
+                            "user.fuseoverlayfs."))
 
 
 INCOMPAT_DIR = join(WORK_DIR, "incompat")
