@@ -33,6 +33,12 @@ REPO_ROOT = TESTS_DIR.parent
 NOBODY = 65534
 
 
+def package_root() -> str:
+    """Where the daemons import overlaypc from: this checkout, or the copy named by
+    ``OVERLAYPC_TEST_PYTHONPATH`` (as ``helpers.overlaypc_env``)."""
+    return os.environ.get("OVERLAYPC_TEST_PYTHONPATH") or str(REPO_ROOT)
+
+
 def as_user(uid: int, gid: int) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
 
@@ -49,8 +55,8 @@ def _python_works(python: str, env: dict, uid: int, gid: int) -> bool:
 def user_python(uid: int, gid: int) -> Optional[tuple[str, dict]]:
     """(interpreter, environment) with which ``uid`` runs this checkout's overlaypc, or
     None when there is none."""
-    paths = [str(REPO_ROOT)]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    paths = [package_root()]
+    env = dict(os.environ, PYTHONPATH=package_root(), PYTHONUNBUFFERED="1")
     if _python_works(sys.executable, env, uid, gid):
         return sys.executable, env
     paths += site.getsitepackages()  # the venv's packages, for an interpreter of its version
@@ -107,7 +113,7 @@ def userns_session(options: str, mountpoint: str, steps: Sequence[str], report: 
                          "report": report})
     return subprocess.run(["unshare", "--user", "--map-root-user", "--mount",
                            sys.executable, __file__, "session"], input=spec,
-                          env=dict(os.environ, **(env or {}), PYTHONPATH=str(REPO_ROOT)),
+                          env=dict(os.environ, **(env or {}), PYTHONPATH=package_root()),
                           capture_output=True, timeout=120)
 
 
