@@ -13,7 +13,7 @@ demo:
 
 # Run the test suite; pass extra pytest arguments with PYTEST_ARGS="...".
 test:
-	bash scripts/bootstrap.sh
+	bash scripts/bootstrap.sh test
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench:

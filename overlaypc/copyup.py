@@ -47,9 +47,10 @@ _CHUNK = 8 << 20
 def is_private_xattr(name: str) -> bool:
     """Overlay-private xattrs: never shown, set, or copied through the mount. The override
     xattrs of fuse-overlayfs and containers/storage (``ownership``) count: a copy-up
-    applies the owner and mode they hold instead of copying them."""
-    return name.startswith(("trusted.overlay.", "user.overlay.", "trusted.overlaypc.", "user.overlaypc.")) \
-        or is_override_xattr(name)
+    applies the owner and mode they hold instead of copying them; so do fuse-overlayfs's
+    own rootless markers (``user.fuseoverlayfs.*``)."""
+    return name.startswith(("trusted.overlay.", "user.overlay.", "trusted.overlaypc.", "user.overlaypc.",
+                            "user.fuseoverlayfs.")) or is_override_xattr(name)
 
 
 INCOMPAT_DIR = join(WORK_DIR, "incompat")

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from . import whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
-from .copyup import CopyUp, check_incompat, clean_workdir, mark_volatile
+from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
 from .fdbudget import FdBudget
 from .files import Files, OpenResult
 from .handles import HandleTable
@@ -61,7 +61,20 @@ class OverlayFS:
     def __init__(self, config: MountConfig) -> None:
         self.config = config
         self.stack = LayerStack(config.lowers, config.upper, config.work)
-        self.prefix = whiteout.xattr_prefix(config.userxattr)
+        try:
+            #: what this mount writes (whiteout.Format): user.overlay.* where trusted.* cannot
+            #: be set, .wh.NAME files where 0/0 devices cannot be made (decided in start)
+            self.format = whiteout.probe_xattrs(self.stack.work if config.writable else None,
+                                                userxattr=config.userxattr)
+            if self.format.userxattr and not config.userxattr:
+                if config.metacopy:
+                    raise OSError(errno.EPERM, "metacopy=on needs trusted.* xattrs, which this "
+                                  "process cannot set", config.work)
+                config.userxattr = True  # as if given: everything else follows the format
+        except BaseException:
+            self.stack.close()
+            raise
+        self.prefix = self.format.prefix
         self.writable = config.writable
         self.ns_lock = threading.RLock()
         self.stats = Stats()
@@ -109,6 +122,8 @@ class OverlayFS:
         if self.stack.work is not None:
             check_incompat(self.stack.work)
             clean_workdir(self.stack.work)
+            if self.writable:
+                whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
             if self.config.volatile:
                 mark_volatile(self.stack.work)
         if self.index is not None:

@@ -4,11 +4,13 @@ Owns: a registry of hooks, empty in normal operation, so ``hit()`` costs one dic
 lookup. Tests arm it through the ``OVERLAYPC_FAULTS`` environment variable, read once
 at mount: ``point=action[,point=action]`` where action is ``pause`` (stop the daemon
 with SIGSTOP so a test can kill -9 it exactly there), ``eio`` (raise EIO), ``enospc``,
-or ``crash`` (raise RuntimeError, to test that unexpected errors become EIO).
+``eperm``, or ``crash`` (raise RuntimeError, to test that unexpected errors become EIO).
 Points may carry a byte threshold (``copyup.data@1048576=pause``) and a path filter
 (``file.read~broken=eio``: only when the path involved contains "broken").
 Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.rename``,
-``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``.
+``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``,
+``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a kernel or
+filesystem that refuses them).
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def _action(name: str) -> Callable[..., None]:
         raise RuntimeError(f"injected crash at {point}")
 
     table = {"pause": pause, "eio": raise_errno(errno.EIO), "enospc": raise_errno(errno.ENOSPC),
-             "crash": crash}
+             "eperm": raise_errno(errno.EPERM), "crash": crash}
     if name not in table:
         raise ValueError(f"unknown fault action {name!r}")
     return table[name]

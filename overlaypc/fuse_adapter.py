@@ -29,6 +29,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy  # noqa: E402  (must follow the environment set-up above)
 
+from . import autounmount  # noqa: E402
 from .core import OverlayFS  # noqa: E402
 from .namespace import Caller  # noqa: E402
 
@@ -94,9 +95,12 @@ class OverlayOperations(mfusepy.Operations):
     flag_nopath = True
     flag_nullpath_ok = True
 
-    def __init__(self, fs: OverlayFS) -> None:
+    def __init__(self, fs: OverlayFS, *, watch_unmount: bool = False) -> None:
         self._fs = fs
         self._fuse_ptr: ctypes.c_void_p | None = None
+        #: a plain user's mount without allow_other: libfuse's auto_unmount cannot tell
+        #: that the daemon died (see ``autounmount``), so a watcher of ours does
+        self._watch_unmount = watch_unmount
         fs.invalidate_path = self._invalidate_path
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -113,6 +117,13 @@ class OverlayOperations(mfusepy.Operations):
             else:
                 negotiate_acls(conn)
         log.info("mounted %s", self._fs.config.mountpoint)
+        for note in self._fs.format.notes:
+            log.info("%s", note)
+        if self._watch_unmount:
+            try:
+                autounmount.start(self._fs.config.mountpoint)
+            except OSError as e:
+                log.warning("cannot start the auto-unmount watcher: %s", e)
         # Raising the readahead of the mount's bdi needs the mount to be visible, which it
         # is only after this callback returns: do it from a short-lived thread.
         threading.Thread(target=raise_readahead, args=(self._fs.config.mountpoint,),
@@ -472,6 +483,36 @@ def _mount_device(mountpoint: str) -> str | None:
     return None
 
 
+FUSE_CONF = "/etc/fuse.conf"
+
+
+def user_allow_other(path: str = FUSE_CONF) -> bool:
+    """Whether fusermount3 lets unprivileged users ask for ``allow_other``
+    (a ``user_allow_other`` line in /etc/fuse.conf)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def mount_mode(euid: int, fuse_conf: str = FUSE_CONF) -> dict[str, bool]:
+    """The libfuse options that depend on who mounts. libfuse tries mount(2) first, which
+    works for uid 0, also inside a user namespace (rootless podman runs its mount program
+    there), and falls back to the setuid fusermount3 for everyone else. Root (of any
+    namespace) shares the mount with every user, as the kernel's overlay does; a plain
+    user only where /etc/fuse.conf allows it (fusermount3 refuses the mount otherwise),
+    and asks for ``auto_unmount``: fusermount3 then stays behind and unmounts if the
+    daemon dies, so a killed daemon leaves no dead mount (unmount with ``fusermount3 -u``).
+    Without ``allow_other`` that watcher cannot see the daemon die: ``autounmount``."""
+    if euid == 0:
+        return {"allow_other": True}
+    mode = {"auto_unmount": True}
+    if user_allow_other(fuse_conf):
+        mode["allow_other"] = True
+    return mode
+
+
 def serve(fs: OverlayFS, *, foreground: bool, mount_flags: list[str]) -> None:
     """Mount and serve until unmounted (daemonizing first unless ``foreground``)."""
     cfg = fs.config
@@ -489,8 +530,8 @@ def serve(fs: OverlayFS, *, foreground: bool, mount_flags: list[str]) -> None:
         attr_timeout=cfg.timeout,
         negative_timeout=cfg.timeout,
     )
-    if os.geteuid() == 0:
-        kwargs["allow_other"] = True
+    kwargs.update(mount_mode(os.geteuid()))
     for flag in mount_flags:
         kwargs[flag] = True
-    OverlayFUSE(OverlayOperations(fs), cfg.mountpoint, **kwargs)
+    watch = "auto_unmount" in kwargs and "allow_other" not in kwargs
+    OverlayFUSE(OverlayOperations(fs, watch_unmount=watch), cfg.mountpoint, **kwargs)

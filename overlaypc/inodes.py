@@ -36,6 +36,14 @@ from dataclasses import dataclass, field
 from .layer import Layer
 from .lookup import Entry, Node
 
+#: The flags ``openat2`` accepts (its ``VALID_OPEN_FLAGS``): it refuses any other bit with
+#: EINVAL where open(2) ignores it, and FUSE passes the kernel's own ``__FMODE_EXEC``
+#: (0x20) in the flags of the open that ``execve`` makes.
+OPEN_FLAGS = (os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+              | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC | os.O_ASYNC | os.O_DIRECT | os.O_LARGEFILE
+              | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC | os.O_PATH
+              | os.O_TMPFILE)
+
 
 @dataclass(frozen=True)
 class InodeKey:
@@ -114,7 +122,7 @@ class OverlayInode:
         path later reopens use. Raises ``StaleBacking`` when the path names another
         object (a rename raced with a reopen outside the namespace lock)."""
         # creation flags mean nothing here: the backing exists
-        flags &= ~(os.O_CREAT | os.O_EXCL)
+        flags &= OPEN_FLAGS & ~(os.O_CREAT | os.O_EXCL)
         with self.lock:
             layer, rel = (via.layer, via.rel) if via is not None else (self.layer, self.rel)
             fd = layer.open(rel, flags | os.O_CLOEXEC)

@@ -2,7 +2,8 @@
 
 Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr``):
   * a copied-up object shows the number of its copy-up origin, so copy-up and remount
-    change nothing: the upper's ``trusted.overlay.origin`` file handle is decoded on the
+    change nothing (fuse-overlayfs's ``user.fuseoverlayfs.origin``, a lower path, is
+    read where no kernel origin is recorded): the upper's ``trusted.overlay.origin`` file handle is decoded on the
     lower filesystem with the same UUID (``open_by_handle_at``, an ``O_PATH`` fd used
     only to ``fstat`` it: a decoded handle is never used to read data, since it cannot be
     proven to lie beneath a layer root). A handle that does not decode (a stale origin,
@@ -27,7 +28,7 @@ import stat
 import threading
 from collections import OrderedDict
 
-from . import sysapi
+from . import sysapi, whiteout
 from .lookup import Entry, Node
 from .stack import LayerStack
 
@@ -38,6 +39,7 @@ class InodeNumbers:
         self.xino = stack.xino
         self.index = index
         self.origin_xattr = prefix + "origin"
+        self.lowers = list(stack.lowers)
         self._by_uuid: dict[bytes, list] = {}
         for layer in stack.lowers:  # a null UUID (as the kernel writes on some filesystems) too
             self._by_uuid.setdefault(layer.uuid, []).append(layer)
@@ -67,11 +69,12 @@ class InodeNumbers:
         return value
 
     def _origin(self, entry: Entry) -> os.stat_result | None:
-        """``fstat`` of the lower object the upper's origin handle decodes to."""
+        """``fstat`` of the lower object the upper's origin handle decodes to, else
+        ``lstat`` of the lower object fuse-overlayfs's origin names."""
         raw = entry.layer.getxattr(entry.rel, self.origin_xattr)
         parsed = sysapi.parse_ovl_origin(raw) if raw else None
         if parsed is None:
-            return None
+            return self._path_origin(entry)
         uuid, handle_type, fid = parsed
         seen_devs = set()
         for layer in self._by_uuid.get(uuid, ()):
@@ -86,6 +89,22 @@ class InodeNumbers:
                 return os.fstat(fd)
             finally:
                 os.close(fd)
+        return None
+
+    def _path_origin(self, entry: Entry) -> os.stat_result | None:
+        """``user.fuseoverlayfs.origin``: the path, in the lower layers, of the object
+        this one was copied up from (fuse-overlayfs's format), looked up top first."""
+        raw = entry.layer.getxattr(entry.rel, whiteout.FOO_ORIGIN)
+        if not raw:
+            return None
+        parts = [p for p in os.fsdecode(raw.rstrip(b"\0")).split("/") if p]
+        if not parts or any(p in (".", "..") for p in parts):
+            return None
+        rel = "/".join(parts)
+        for layer in self.lowers:
+            st = layer.lstat(rel)  # resolved beneath the layer root, like every layer path
+            if st is not None:
+                return None if whiteout.is_whiteout(st) else st
         return None
 
     def of_entry(self, entry: Entry) -> int:

@@ -5,7 +5,10 @@ type, whether it is opaque, and whether the upper holds a whiteout at its name.
 Rules, as the kernel's ``namei.c``: the search goes top-down through the layers in
 which the parent directory exists; a whiteout stops it; so does an opaque directory
 (after including it) and any non-directory (a lower non-directory below a directory
-is ignored). OCI whiteouts (``.wh.NAME``) and opaque markers count in lower layers.
+is ignored). OCI whiteouts (``.wh.NAME``) and opaque markers (``.wh..wh..opq``,
+``user.fuseoverlayfs.opaque``) count in every layer, the upper too: fuse-overlayfs writes
+them where it cannot make 0/0 devices or set trusted.* xattrs, and so does overlaypc
+(``whiteout.Format``).
 
 Caveats: the structure of directories (which layers hold them) is cached; a change to a
 directory drops its entry and its subtree's (``invalidate``), and an epoch counter keeps a
@@ -60,6 +63,8 @@ class Node:
     upper_whiteout: bool = False
     #: metacopy: the lower entry holding the data of an upper metadata-only copy
     data: Entry | None = None
+    #: the upper's whiteout is a ``.wh.NAME`` file: the name itself is free in the upper
+    upper_marker: bool = False
 
     @property
     def exists(self) -> bool:
@@ -240,7 +245,7 @@ class Lookup:
         # where the parent lives in each layer (its path there may differ: redirects)
         parent_in = {id(p.layer): p for p in parent.entries if p.is_dir}
         entries: list[Entry] = []
-        opaque = upper_whiteout = False
+        opaque = upper_whiteout = upper_marker = False
         data: Entry | None = None
         redirect: str | None = None  # layer path to use in the layers below, once redirected
         metacopy = False
@@ -256,7 +261,10 @@ class Lookup:
             else:
                 continue
             if st is None:
-                if not layer.writable and self._oci_whiteout(layer, pentry, lrel, name):
+                if self._oci_whiteout(layer, pentry, lrel, name):
+                    # in the upper too: fuse-overlayfs writes them where it cannot mknod,
+                    # and so does overlaypc (whiteout.Format.devices)
+                    upper_whiteout = upper_marker = layer.writable
                     break
                 continue
             if whiteout.is_whiteout(st):
@@ -307,7 +315,7 @@ class Lookup:
                 entries.insert(0, shared)
         if metacopy and data is None:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
-        return Node(rel, tuple(entries), opaque, upper_whiteout, data)
+        return Node(rel, tuple(entries), opaque, upper_whiteout, data, upper_marker)
 
     def _oci_whiteout(self, layer: Layer, pentry: Entry | None, lrel: str, name: str) -> bool:
         if pentry is None or pentry.dirfd is None:
@@ -318,10 +326,11 @@ class Lookup:
     def _opaque(self, entry: Entry) -> bool:
         layer = entry.layer
         if entry.dirfd is None:
-            return whiteout.is_opaque(layer, entry.rel, self.prefix, oci=not layer.writable)
-        if layer.getxattr_at(entry.dirfd, self.prefix + "opaque") == b"y":
-            return True
-        return not layer.writable and layer.stat_at(entry.dirfd, whiteout.OCI_OPAQUE) is not None
+            return whiteout.is_opaque(layer, entry.rel, self.prefix)
+        for attr in (self.prefix + "opaque", whiteout.FOO_OPAQUE):
+            if layer.getxattr_at(entry.dirfd, attr) == b"y":
+                return True
+        return layer.stat_at(entry.dirfd, whiteout.OCI_OPAQUE) is not None
 
     def _metacopy(self, entry: Entry, pentry: Entry | None, name: str) -> bool:
         """Whether the regular file ``entry`` is a metadata-only copy (kernel format)."""

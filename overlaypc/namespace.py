@@ -3,7 +3,9 @@
 Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
   * a name that still exists in a lower layer is deleted with a whiteout (a 0/0
     character device), put in place atomically (rename over the upper object, or
-    ``RENAME_WHITEOUT``);
+    ``RENAME_WHITEOUT``); where such devices cannot be made (``whiteout.Format``), a
+    ``.wh.NAME`` file made *before* the upper object goes, which it then hides
+    (fuse-overlayfs's format); such a marker is removed once NAME exists again;
   * a new object over a whiteout is made in ``workdir/work`` and renamed over it; a
     directory made there is opaque, so an emptied merged dir recreated stays empty;
   * rename of a directory that exists in a lower layer gives EXDEV (the kernel's
@@ -133,7 +135,7 @@ class Namespace:
         node = self.fs.lookup.lookup(rel)
         if node.exists:
             raise OSError(errno.EEXIST, "file exists", rel)
-        if not node.upper_whiteout:
+        if not node.upper_whiteout or (node.upper_marker and not is_dir):
             make(upper, rel, mode)  # in its real parent: the filesystem applies the default ACL
             try:
                 if owner:
@@ -141,6 +143,8 @@ class Namespace:
             except BaseException:
                 self._unmake(upper, rel, is_dir)  # a failed operation leaves no trace
                 raise
+            if node.upper_marker:
+                whiteout.clear_marker(upper, rel)  # inert now that the name exists
             return
         tmp = self._tmp()
         try:
@@ -151,7 +155,11 @@ class Namespace:
                 self._set_owner(work, tmp, *owner)
             if is_dir:
                 whiteout.set_opaque(work, tmp, self.fs.prefix)
-                do_rename(work, tmp, upper, rel, sysapi.RENAME_EXCHANGE)  # whiteout lands at tmp
+                if node.upper_marker:  # the name is free: the opaque dir hides the lowers
+                    do_rename(work, tmp, upper, rel, sysapi.RENAME_NOREPLACE)
+                    whiteout.clear_marker(upper, rel)
+                else:
+                    do_rename(work, tmp, upper, rel, sysapi.RENAME_EXCHANGE)  # whiteout lands at tmp
             else:
                 do_rename(work, tmp, upper, rel)
         finally:
@@ -316,6 +324,17 @@ class Namespace:
         """Remove the object at ``node`` from the merged view, leaving a whiteout if needed."""
         upper, work = self.fs.stack.upper, self.fs.stack.work
         assert upper is not None and work is not None
+        if self.fs.format.devices:
+            try:
+                self._remove_with_device(node, lower_exists)
+                return
+            except whiteout.WhiteoutRefused as e:  # before any change
+                self.fs.format.no_devices(upper.path, e.strerror)
+        self._remove_with_marker(node, lower_exists)
+
+    def _remove_with_device(self, node: Node, lower_exists: bool) -> None:
+        upper, work = self.fs.stack.upper, self.fs.stack.work
+        assert upper is not None and work is not None
         rel = node.rel
         if node.upper is None:
             whiteout.make_whiteout(upper, rel)  # lower-only: the name is free in upper
@@ -335,6 +354,29 @@ class Namespace:
             do_rename(work, tmp, upper, rel)  # atomically replaces the upper file
         else:
             upper.do_unlink(rel)
+
+    def _remove_with_marker(self, node: Node, lower_exists: bool) -> None:
+        """``_remove`` where whiteouts are ``.wh.NAME`` files: the marker first (inert while
+        the name exists in the upper), then the upper object goes, which makes it count."""
+        upper, work = self.fs.stack.upper, self.fs.stack.work
+        assert upper is not None and work is not None
+        rel = node.rel
+        made = False
+        if lower_exists:
+            made = whiteout.make_marker(upper, rel)
+        if node.upper is None:
+            return
+        try:
+            if node.is_dir:
+                tmp = self._tmp()
+                do_rename(upper, rel, work, tmp)
+                work.do_remove_tree(tmp)  # the old upper dir holds at most whiteouts
+            else:
+                upper.do_unlink(rel)
+        except BaseException:
+            if made and upper.lstat(rel) is not None:
+                whiteout.clear_marker(upper, rel)  # not removed: leave no trace
+            raise
 
     # -- rename -------------------------------------------------------------------------------
     def rename(self, old: str, new: str, flags: int = 0) -> None:
@@ -371,7 +413,7 @@ class Namespace:
                     upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
                 replaced_shared = None if nnode.is_dir else self.fs.index_of(nnode)
                 replaced = self.fs.identity(nnode) if nnode.exists else None  # before it goes
-                if nnode.upper_whiteout:
+                if nnode.upper_whiteout and not nnode.upper_marker:
                     # swap with the whiteout: it lands at the old name
                     do_rename(upper, old, upper, new, sysapi.RENAME_EXCHANGE)
                 else:
@@ -379,7 +421,9 @@ class Namespace:
             except BaseException:
                 self._unmark(old, mark)  # not moved: a failed rename leaves no mark
                 raise
-            if nnode.upper_whiteout and not old_lower:
+            if nnode.upper_marker:
+                whiteout.clear_marker(upper, new)  # inert now that the name exists
+            elif nnode.upper_whiteout and not old_lower:
                 upper.do_unlink(old)  # the whiteout is needed only if a lower has the old name
             if replaced_shared is not None:
                 self.fs.adjust_nlink(replaced_shared, -1)
@@ -459,17 +503,37 @@ class Namespace:
             raise OSError(errno.ENOTEMPTY, "target directory not empty", nnode.rel)
 
     def _move(self, old: str, new: str, old_lower: bool, *, replace: bool) -> None:
-        upper = self.fs.stack.upper
-        assert upper is not None
+        upper, work = self.fs.stack.upper, self.fs.stack.work
+        assert upper is not None and work is not None
         flags = 0 if replace else sysapi.RENAME_NOREPLACE
-        if old_lower:
+        if old_lower and not self.fs.format.devices:
+            # the marker first: inert until the rename frees the old name
+            made = whiteout.make_marker(upper, old)
+            try:
+                do_rename(upper, old, upper, new, flags)
+            except BaseException:
+                if made:
+                    whiteout.clear_marker(upper, old)
+                raise
+        elif old_lower:
             try:
                 do_rename(upper, old, upper, new, flags | sysapi.RENAME_WHITEOUT)
                 return
             except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                     raise
-            do_rename(upper, old, upper, new, flags)
-            whiteout.make_whiteout(upper, old)
+            # the whiteout first, in the workdir, so a refused mknod changes nothing
+            tmp = self._tmp()
+            try:
+                whiteout.make_whiteout(work, tmp)
+            except whiteout.WhiteoutRefused as e:
+                self.fs.format.no_devices(upper.path, e.strerror)
+                self._move(old, new, old_lower, replace=replace)
+                return
+            try:
+                do_rename(upper, old, upper, new, flags)
+                do_rename(work, tmp, upper, old, sysapi.RENAME_NOREPLACE)
+            finally:
+                work.do_remove_tree(tmp)
         else:
             do_rename(upper, old, upper, new, flags)

@@ -2,7 +2,7 @@
 
 Owns: ``merged_listing`` — the union of a merged directory's layers, top first, with
 no duplicates, no whiteout entries and no OCI marker names. A whiteout (or OCI
-``.wh.NAME``) in one layer hides NAME only in the layers *below* it. Each entry carries
+``.wh.NAME``, in any layer) in one layer hides NAME only in the layers *below* it. Each entry carries
 ``st_mode`` and ``st_ino``: with ``use_ino`` libfuse needs both (docs/ARCHITECTURE.md §6 trap 3).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             name = item.name
             if name in hidden:
                 continue
-            if not layer.writable and whiteout.is_oci_name(name):
+            if whiteout.is_oci_name(name):  # any layer: the upper may hold them too
                 if name != whiteout.OCI_OPAQUE:
                     hides.add(name[len(whiteout.OCI_PREFIX):])
                 continue
@@ -84,7 +84,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         recorded = inos.recorded(entry)
         if recorded is not None:
             ino = recorded
-        elif name in lower_dir_ino and not whiteout.is_opaque(layer, entry.rel, xattr_prefix, oci=False):
+        elif name in lower_dir_ino and not whiteout.is_opaque(layer, entry.rel, xattr_prefix):
             ino = lower_dir_ino[name]  # a merged dir shows its topmost lower's number
         else:
             ino = inos.of_entry(entry)

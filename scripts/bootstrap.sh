@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything overlaypc needs on this machine, idempotently:
 #   - Debian packages (FUSE 3, filesystem tools, peers to compare with, fio), when root;
-#   - /dev/fuse and the kernel modules fuse, overlay, loop, xfs (best effort);
+#   - /dev/fuse (usable by every user, as Debian's udev rule makes it) and the kernel
+#     modules fuse, overlay, loop, xfs (best effort);
+#   - with `test`: podman, buildah and a system user for the rootless tests, with
+#     subordinate uid/gid ranges;
 #   - a virtualenv at .venv with overlaypc installed editable, plus the test extra
 #     (and the bench extra when called as `bootstrap.sh bench`).
 # A second run with nothing changed does no apt and no pip work.
@@ -11,15 +14,27 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 EXTRAS="test"
+CLIENTS=0   # podman, buildah and the rootless test user: only for the test suite
 for arg in "$@"; do
     case "$arg" in
         bench) EXTRAS="test,bench" ;;
-        *) echo "usage: $0 [bench]" >&2; exit 2 ;;
+        test) CLIENTS=1 ;;
+        *) echo "usage: $0 [test] [bench]" >&2; exit 2 ;;
     esac
 done
 
 APT_PACKAGES=(fuse3 libfuse3-3 xfsprogs btrfs-progs attr acl e2fsprogs util-linux python3-venv
               fuse-overlayfs unionfs-fuse fio kmod)
+# tests/test_podman.py: podman and buildah with overlaypc as mount_program
+# (runc: crun rejects this machine's cgroup layout; uidmap: newuidmap and
+# newgidmap for rootless podman; busybox-static: the image the tests build)
+if [ "$CLIENTS" = 1 ]; then
+    APT_PACKAGES+=(podman buildah runc conmon uidmap busybox-static passwd)
+fi
+# The user tests/test_podman.py and tests/test_rootless.py run rootless podman as, and
+# its subordinate ID ranges (65536 each, above the ones useradd hands out).
+ROOTLESS_USER=overlaypc-rootless
+ROOTLESS_SUBIDS=1000000-1065535
 VENV="$ROOT/.venv"
 STAMP="$VENV/.stamp"
 
@@ -65,12 +80,37 @@ install_apt_packages() {
 
 # --- /dev/fuse and kernel modules -------------------------------------------
 ensure_dev_fuse() {
-    [ -e /dev/fuse ] && return 0
-    if is_root; then
-        log "creating /dev/fuse"
-        mknod -m 0666 /dev/fuse c 10 229
-    else
-        log "/dev/fuse is missing and we are not root: FUSE mounts will fail"
+    if [ ! -e /dev/fuse ]; then
+        if is_root; then
+            log "creating /dev/fuse"
+            mknod -m 0666 /dev/fuse c 10 229
+        else
+            log "/dev/fuse is missing and we are not root: FUSE mounts will fail"
+        fi
+        return 0
+    fi
+    # Debian's udev rule makes it 0666: fusermount3 (setuid) opens it for plain users,
+    # but a mount program in a user namespace (rootless podman) opens it itself
+    if is_root && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+        log "making /dev/fuse usable by every user (0666, as Debian's udev rule does)"
+        chmod 0666 /dev/fuse
+    fi
+}
+
+# --- the rootless test user ----------------------------------------------------
+ensure_rootless_user() {
+    is_root || return 0
+    command -v useradd >/dev/null 2>&1 || { log "no useradd: rootless tests will fail"; return 0; }
+    if ! getent passwd "$ROOTLESS_USER" >/dev/null; then
+        log "creating system user $ROOTLESS_USER (rootless podman tests)"
+        useradd --system --user-group --no-create-home --home-dir /nonexistent \
+                --shell /usr/sbin/nologin "$ROOTLESS_USER"
+    fi
+    if ! grep -q "^$ROOTLESS_USER:" /etc/subuid 2>/dev/null; then
+        usermod --add-subuids "$ROOTLESS_SUBIDS" "$ROOTLESS_USER"
+    fi
+    if ! grep -q "^$ROOTLESS_USER:" /etc/subgid 2>/dev/null; then
+        usermod --add-subgids "$ROOTLESS_SUBIDS" "$ROOTLESS_USER"
     fi
 }
 
@@ -143,6 +183,7 @@ link_mount_helper() {
 
 install_apt_packages
 ensure_dev_fuse
+if [ "$CLIENTS" = 1 ]; then ensure_rootless_user; fi
 load_modules
 ensure_venv
 install_python_packages

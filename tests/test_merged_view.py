@@ -566,3 +566,20 @@ def test_sample_readonly_stack(overlay_mount):
     assert not [n for n in names if os.path.basename(n).startswith(".wh.")]
     assert os.listdir(m / "usr/share/doc/base") == []
     assert os.stat(m / "usr/bin/hello").st_mode & 0o111
+
+
+def test_execve_of_lower_and_upper_files(layers_factory, overlay_mount):
+    """execve's open reaches the daemon with the kernel's ``__FMODE_EXEC`` bit in its
+    flags, which openat2 refuses (EINVAL): every program on the mount failed to start
+    (issue 14: no container could run)."""
+    layers = layers_factory({"low": {
+        "bin/true": File(Path("/bin/true").read_bytes(), mode=0o755),
+        "bin/script": File("#!/bin/sh\necho from script\n", mode=0o755)}})
+    upper, work = layers_factory.empty_dir("upper"), layers_factory.empty_dir("work")
+    m = overlay_mount(f"lowerdir={layers.lowerdir},upperdir={upper},workdir={work}")
+    assert subprocess.run([str(m.path / "bin/true")]).returncode == 0
+    r = subprocess.run([str(m.path / "bin/script")], capture_output=True, text=True)
+    assert r.stdout == "from script\n", r.stderr
+    shutil.copy(m.path / "bin/true", m.path / "bin/true2")  # a file of the upper
+    os.chmod(m.path / "bin/true2", 0o755)
+    assert subprocess.run([str(m.path / "bin/true2")]).returncode == 0
