@@ -70,6 +70,17 @@ def build_owned(root: Path, spec: Mapping[str, object], owners: Owned) -> Path:
     return root
 
 
+def owned_stack(tmp_path: Path, name: str, spec: Mapping[str, object], owners: Owned):
+    """A lower built from ``spec`` with ``owners``, and an empty upper and workdir, under
+    ``tmp_path/name``: (lower, upper, work)."""
+    base = tmp_path / name
+    lower = build_owned(base / "lower", spec, owners)
+    upper, work = base / "upper", base / "work"
+    upper.mkdir()
+    work.mkdir()
+    return lower, upper, work
+
+
 def _walk(root: Path) -> Iterator[str]:
     yield ""
     for dirpath, dirnames, filenames in os.walk(root):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ownership_support import build_owned, fuse_overlayfs, mount_options, override_of, shown, stored
+from ownership_support import owned_stack, fuse_overlayfs, mount_options, override_of, shown, stored
 from upper_support import run_as
 
 pytestmark = pytest.mark.mount
@@ -62,12 +62,7 @@ def _stats(mnt: Path, rels) -> dict:
 
 
 def _stack(tmp_path: Path, name: str, owners=FORCE_MASK):
-    base = tmp_path / name
-    lower = build_owned(base / "lower", SPEC, owners)
-    upper, work = base / "upper", base / "work"
-    upper.mkdir()
-    work.mkdir()
-    return lower, upper, work
+    return owned_stack(tmp_path, name, SPEC, owners)
 
 
 @pytest.mark.parametrize("writable", [False, True], ids=["image", "container"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from ownership_support import build_owned, fuse_overlayfs, mount_options, shown, stored
+from ownership_support import owned_stack, fuse_overlayfs, mount_options, shown, stored
 from upper_support import run_as
 
 pytestmark = pytest.mark.mount
@@ -50,12 +50,7 @@ EXPECTED = {
 
 
 def _stack(tmp_path: Path, name: str):
-    base = tmp_path / name
-    lower = build_owned(base / "lower", SPEC, OWNERS)
-    upper, work = base / "upper", base / "work"
-    upper.mkdir()
-    work.mkdir()
-    return lower, upper, work
+    return owned_stack(tmp_path, name, SPEC, OWNERS)
 
 
 def _changes(mnt: Path) -> dict:
