@@ -76,9 +76,10 @@ def check_incompat(work: Layer) -> None:
 
 
 def mark_volatile(work: Layer) -> None:
-    """Leave the kernel's ``work/incompat/volatile`` marker (the kernel's format): every
-    later mount refuses this workdir until the user removes it."""
-    for rel in (INCOMPAT_DIR, VOLATILE_MARKER):
+    """Leave the kernel's marker, ``work/incompat/volatile/dirty`` (directories, as its
+    ``ovl_create_volatile_dirty`` makes them): every later mount refuses this workdir until
+    the user removes ``work/incompat/volatile``."""
+    for rel in (INCOMPAT_DIR, VOLATILE_MARKER, join(VOLATILE_MARKER, "dirty")):  # the kernel's
         if work.lstat(rel) is None:
             work.do_mkdir(rel, 0o700)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -1252,7 +1253,8 @@ def test_volatile_mount(layers_factory, overlay_mount):
         assert r.returncode == 2 and "volatile" in r.stderr and str(marker.relative_to(s.work)) in r.stderr, r
         assert not helpers.is_mounted(s.mnt)
     assert marker.is_dir(), "a refused mount removes nothing"
-    marker.rmdir()  # the recovery the error names: nothing crashed
+    assert (marker / "dirty").is_dir(), "the kernel's own form of the marker"
+    shutil.rmtree(marker)  # the recovery the error names: nothing crashed
     with helpers.Mount(s.mnt, s.options, log_dir=s.mnt.parent) as m2:
         assert (m2.path / "f.txt").read_bytes().startswith(WRITTEN)
         assert not (m2.path / "other.txt").exists()
@@ -1268,7 +1270,7 @@ def test_volatile_marker_is_the_kernels(layers_factory, overlay_mount, kernel_mo
     s.mount.unmount()
     with pytest.raises(AssertionError, match="kernel overlay mount failed"):
         kernel_mount(s.lowers, s.upper, s.work)
-    (s.work / "work" / "incompat" / "volatile").rmdir()
+    shutil.rmtree(s.work / "work" / "incompat" / "volatile")
     k = kernel_mount(s.lowers, s.upper, s.work, extra_options=("volatile",))
     helpers.force_unmount(k)
     assert (s.work / "work" / "incompat" / "volatile").is_dir()
