@@ -37,7 +37,7 @@ from .hidden import HiddenNames, is_hidden_name
 from .index import IndexDir
 from .inumbers import InodeNumbers
 from .linknames import LinkNames
-from .layer import join, split
+from .layer import join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
@@ -153,13 +153,14 @@ class OverlayFS:
         inode = self.inodes.get(key)
         if inode is not None and self.inodes.hold(inode):
             try:
-                new_key = self.identity(Node(entry.rel, (entry,)))
+                copied = Node(entry.rel, (entry,))
+                new_key = self.identity(copied)
                 if metadata_only:
                     with inode.lock:
                         inode.key, inode.meta_rel = new_key, entry.rel
                     self.inodes.rekey(inode, key)
                     return
-                inode.rebind(entry, new_key, self.inos.ino_of(Node(entry.rel, (entry,))))
+                inode.rebind(entry, new_key, self.inos.ino_of(copied))
                 self.inodes.rekey(inode, key)
                 for handle in self.handles.for_inode(inode):
                     handle.offer()
@@ -284,15 +285,18 @@ class OverlayFS:
         self.handles.renamed(old, new)
         with self._dir_lock:
             for handle in self._dir_handles.values():
-                path = handle.rel
-                if path == old or path.startswith(old + "/"):
-                    handle.rel = new + path[len(old):]
+                path = moved(handle.rel, old, new)
+                if path is not None:
+                    handle.rel = path
         for inode in self.inodes.live():
-            if inode.in_upper and (inode.rel == old or inode.rel.startswith(old + "/")):
-                inode.moved(new + inode.rel[len(old):])
+            path = moved(inode.rel, old, new) if inode.in_upper else None
+            if path is not None:
+                inode.moved(path)
             with inode.lock:
-                for path in [p for p in inode.seen if p == old or p.startswith(old + "/")]:
-                    inode.seen[new + path[len(old):]] = inode.seen.pop(path)
+                for seen in list(inode.seen):
+                    path = moved(seen, old, new)
+                    if path is not None:
+                        inode.seen[path] = inode.seen.pop(seen)
 
     def stats_json(self) -> bytes:
         return self.stats.to_json(open_handles=len(self.handles), live_inodes=len(self.inodes),

@@ -165,12 +165,10 @@ class Files:
         fx = map_file(fd) if known is None else known
         result: object = NOT_SHARED
         if fx is not None and fx is not NOT_SHARED and fx.has_shared:
-            if layer is self.fs.stack.upper:
-                self.fs.register_origin(rel)  # a merged path: its lower origin by name
-            elif upper:
-                pass  # an index=on entry in workdir/index: no merged path to find it by
-            else:  # a no-op when already registered; redone if the full map was dropped
+            if not upper:  # a no-op when already registered; redone if the map was dropped
                 sharing.register(Canonical(layer, rel, fx.dev, fx.ino), fx.extents)
+            elif layer is self.fs.stack.upper:  # (not an index=on entry in workdir/index,
+                self.fs.register_origin(rel)   # which has no merged path to find it by)
             result = fx
         if known is None and not upper:
             sharing.remember_lower(key, result)
@@ -264,15 +262,12 @@ class Files:
         fd = self._handle_fd(inode)
         return self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd)
 
-    def _nameless(self, inode: OverlayInode, flags: int = os.O_RDONLY) -> int:
-        """A new fd (``flags``) on the nameless file's backing; the caller closes it."""
+    def _on_nameless(self, inode: OverlayInode, action, flags: int = os.O_RDONLY) -> None:
+        """Run ``action(fd)`` on a new fd (``flags``) of the nameless file's backing."""
         if not inode.in_upper:
             raise OSError(errno.EROFS, "an unlinked lower file cannot be copied up")
         # reopening through the magic link works for an unlinked file
-        return os.open(f"/proc/self/fd/{self._handle_fd(inode)}", flags | os.O_CLOEXEC)
-
-    def _on_nameless(self, inode: OverlayInode, action, flags: int = os.O_RDONLY) -> None:
-        fd = self._nameless(inode, flags)
+        fd = os.open(f"/proc/self/fd/{self._handle_fd(inode)}", flags | os.O_CLOEXEC)
         try:
             action(fd)
         finally:

@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .inodes import OverlayInode
+from .layer import moved
 
 #: Flags that only mean something at creation, never on a reopen.
 _CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
@@ -119,9 +120,9 @@ class HandleTable:
         the very write being served: a deadlock)."""
         with self._lock:
             for handle in self._handles.values():
-                path = handle.path
-                if path == old or path.startswith(old + "/"):
-                    handle.path = new + path[len(old):]
+                path = moved(handle.path, old, new)
+                if path is not None:
+                    handle.path = path
 
     def for_inode(self, inode: OverlayInode) -> list[Handle]:
         with self._lock:

@@ -46,12 +46,16 @@ _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV)
 STEP_BYTES = 4000
 
 
-def _getxattr_or_none(fd: int, name: str) -> bytes | None:
-    """xattr ``name`` of the object an (``O_PATH``) fd refers to; None when it has none."""
+def _getxattr_or_none(fd: int, name: str, child: str | None = None) -> bytes | None:
+    """xattr ``name`` of the object an (``O_PATH``) fd refers to, or of its entry ``child``
+    (one component, not followed; absent counts as no xattr); None when it has none."""
+    path = f"/proc/self/fd/{fd}" if child is None else f"/proc/self/fd/{fd}/{child}"
     try:
-        return os.getxattr(f"/proc/self/fd/{fd}", name)
+        return os.getxattr(path, name, follow_symlinks=child is None)
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        if child is not None and (e.errno in _ABSENT or e.errno == errno.ENAMETOOLONG):
             return None
         raise
 
@@ -64,6 +68,14 @@ def split(rel: str) -> tuple[str, str]:
 
 def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
+
+
+def moved(rel: str, old: str, new: str) -> str | None:
+    """Where ``rel`` is after a rename of ``old`` to ``new`` (itself or below it); None when
+    the rename did not move it."""
+    if rel == old or rel.startswith(old + "/"):
+        return new + rel[len(old):]
+    return None
 
 
 def steps(rel: str) -> list[str]:
@@ -218,14 +230,8 @@ class Layer:
 
     def getxattr_name(self, parent: DirFd, name: str, attr: str) -> bytes | None:
         """xattr ``attr`` of entry ``name`` of an open directory, not following it (one
-        ``lgetxattr``; ``name`` is one component); None when it has none or is gone."""
-        try:
-            return os.getxattr(f"/proc/self/fd/{parent.fd}/{name}", attr, follow_symlinks=False)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM) or e.errno in _ABSENT \
-                    or e.errno == errno.ENAMETOOLONG:
-                return None
-            raise
+        ``lgetxattr``); None when it has none or is gone."""
+        return _getxattr_or_none(parent.fd, attr, name)
 
     def scandir(self, dirfd: DirFd, *, stat_all: bool = False) -> list[Listed]:
         """Entries of an open directory. Type and inode number come from ``d_type`` and
