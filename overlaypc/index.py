@@ -13,7 +13,7 @@ index inode's link count), rewritten whenever that count changes, so the kernel 
 the upper with ``index=on`` shows the same count; a kernel-made index is read the same way.
 
 Bounds: index names of lower files are remembered for at most ``KEYS_LIMIT`` files (LRU,
-~300 bytes each: ~5 MiB), merged names seen per index entry for at most ``NAMES_LIMIT``
+4.4 MiB at the bound, measured with tracemalloc), merged names seen per index entry for at most ``NAMES_LIMIT``
 entries of ``NAMES_PER_ENTRY`` names (dropped when full; a dropped name only keeps its
 cached st_nlink until the attribute timeout).
 """

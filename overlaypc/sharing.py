@@ -28,7 +28,7 @@ Bounds: at most ``limit`` canonical intervals (the map is dropped and rebuilt la
 when full), ``max_fds`` canonical files kept open (LRU, plus evicted ones that reads
 in flight still hold), and remembered mappings of lower files (LRU; lower data never
 changes through the mount): at most ``LOWER_MAPS`` files and ``LOWER_MAP_EXTENTS`` extents
-in all (~200 bytes each: ~13 MiB).
+in all (17 MiB at the bound, measured with tracemalloc).
 """
 from __future__ import annotations
 
