@@ -1,0 +1,175 @@
+"""The operation interface a filesystem gives the engine, and the typed results it returns.
+
+Owns the contract between ``session`` (which decodes requests and encodes replies) and a
+filesystem: one method per FUSE operation, addressed by nodeid or by (parent nodeid,
+name), as the kernel addresses them. A method answers by returning a result object, or
+fails by raising ``OSError`` with an errno; the session turns anything else into EIO
+and logs it. Methods run on worker threads, concurrently.
+
+Reference counting (the kernel's ``nlookup``): every successful ``lookup``, ``create``,
+``mkdir``, ``mknod``, ``symlink`` and ``link``, and every READDIRPLUS entry taken with
+``DirItem.take``, gives the kernel one reference to the returned node, which it hands
+back through ``forget``. The method takes the reference itself, *before* returning (the
+session writes the reply afterwards: a FORGET on another worker can then never free the
+node first). If the reply cannot be delivered (the request was interrupted), the session
+calls ``forget(nodeid, 1)`` for an entry and ``release`` for an opened handle.
+
+Caveat: names are ``bytes`` as the kernel sends them; the filesystem decodes them.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from .protocol import FileAttr, SetAttr
+
+
+@dataclass(frozen=True)
+class Request:
+    """Who asks: the credentials and pid the kernel put in the request header, and the
+    umask of creations (with DONT_MASK negotiated)."""
+    uid: int
+    gid: int
+    pid: int
+    unique: int = 0
+    umask: int = 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A looked-up or created node. ``nodeid`` 0 is a negative entry (cached absence)."""
+    nodeid: int
+    attr: FileAttr | None
+    entry_timeout: float
+    attr_timeout: float
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class AttrReply:
+    attr: FileAttr
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An open file or directory: its handle and how the kernel caches it."""
+    fh: int
+    direct_io: bool = False
+    keep_cache: bool = False
+    cache_dir: bool = False
+    noflush: bool = False
+    nonseekable: bool = False
+    parallel_direct_writes: bool = False
+
+
+@dataclass
+class DirItem:
+    """One listing entry: ``offset`` is where the *next* entry starts (its cookie).
+    ``take`` (READDIRPLUS only) returns the entry with one reference taken; the session
+    calls it only for items that fit in the reply. None: the kernel looks the name up."""
+    name: bytes
+    ino: int
+    mode: int
+    offset: int
+    take: Callable[[], Entry | None] | None = None
+
+
+@dataclass
+class ConnInfo:
+    """INIT: what the kernel offers (``offered``) and what the filesystem asks for
+    (``wanted``, a subset; the session drops anything not offered)."""
+    major: int
+    minor: int
+    offered: int
+    wanted: int = 0
+    max_write: int = 1 << 20
+    max_readahead: int = 1 << 20
+    time_gran: int = 1
+    max_background: int = 64
+    max_stack_depth: int = 0
+    #: set by the session once the INIT reply is written (when backing ioctls work)
+    extras: dict = field(default_factory=dict)
+
+
+class Notifier(Protocol):
+    """Unsolicited messages to the kernel, queued and written by the session's own
+    thread (never from inside a request: the kernel may hold the lock the request holds)."""
+
+    def inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> None: ...
+
+    def inval_entry(self, parent: int, name: bytes) -> None: ...
+
+    def delete(self, parent: int, child: int, name: bytes) -> None: ...
+
+
+class NoNotifier:
+    """Before a session exists (and in tests without a kernel): notifications go nowhere."""
+
+    def inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> None:
+        pass
+
+    def inval_entry(self, parent: int, name: bytes) -> None:
+        pass
+
+    def delete(self, parent: int, child: int, name: bytes) -> None:
+        pass
+
+
+def _nosys(*_args, **_kwargs):
+    raise OSError(errno.ENOSYS, "not implemented")
+
+
+class Operations:
+    """Base class: every operation answers ENOSYS until a filesystem defines it. The
+    kernel remembers an ENOSYS for FLUSH, ACCESS, GETXATTR-family, STATX and more, and
+    stops asking."""
+
+    #: set by the session before INIT
+    notifier: Notifier = NoNotifier()
+
+    def init(self, conn: ConnInfo) -> None:
+        """Choose ``conn.wanted``; nothing else may be sent before the reply."""
+
+    def initialized(self, conn: ConnInfo) -> None:
+        """The INIT reply is written: notifications and backing ioctls may be used."""
+
+    def destroy(self) -> None:
+        """The session ended (unmounted or aborted)."""
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """The kernel dropped ``nlookup`` references to ``nodeid`` (no reply)."""
+
+    lookup: Callable[[Request, int, bytes], Entry] = _nosys
+    getattr: Callable[[Request, int, int | None], AttrReply] = _nosys
+    setattr: Callable[[Request, int, SetAttr], AttrReply] = _nosys
+    readlink: Callable[[Request, int], bytes] = _nosys
+    symlink: Callable[[Request, int, bytes, bytes], Entry] = _nosys     # parent, name, target
+    mknod: Callable[[Request, int, bytes, int, int], Entry] = _nosys    # parent, name, mode, rdev
+    mkdir: Callable[[Request, int, bytes, int], Entry] = _nosys         # parent, name, mode
+    unlink: Callable[[Request, int, bytes], None] = _nosys
+    rmdir: Callable[[Request, int, bytes], None] = _nosys
+    rename: Callable[[Request, int, bytes, int, bytes, int], None] = _nosys  # ..., flags
+    link: Callable[[Request, int, int, bytes], Entry] = _nosys          # node, newparent, name
+    open: Callable[[Request, int, int, int], Opened] = _nosys           # node, flags, open_flags
+    create: Callable[[Request, int, bytes, int, int, int], tuple[Entry, Opened]] = _nosys
+    #: read into the given buffer (the engine's reply buffer), returning the byte count
+    read: Callable[[Request, int, int, memoryview, int], int] = _nosys  # node, fh, buf, offset
+    write: Callable[[Request, int, int, memoryview, int, int], int] = _nosys  # ..., write_flags
+    flush: Callable[[Request, int, int], None] = _nosys
+    release: Callable[[Request, int, int, int], None] = _nosys          # node, fh, flags
+    fsync: Callable[[Request, int, int, bool], None] = _nosys           # node, fh, datasync
+    statfs: Callable[[Request, int], "os.statvfs_result"] = _nosys
+    setxattr: Callable[[Request, int, str, bytes, int], None] = _nosys
+    getxattr: Callable[[Request, int, str], bytes] = _nosys
+    listxattr: Callable[[Request, int], list[str]] = _nosys
+    removexattr: Callable[[Request, int, str], None] = _nosys
+    access: Callable[[Request, int, int], None] = _nosys
+    opendir: Callable[[Request, int, int], Opened] = _nosys
+    #: entries from cookie ``offset`` on, lazily; ``plus``: items carry ``take``
+    readdir: Callable[[Request, int, int, int, bool], Iterable[DirItem]] = _nosys
+    releasedir: Callable[[Request, int, int], None] = _nosys
+    fsyncdir: Callable[[Request, int, int, bool], None] = _nosys
+    fallocate: Callable[[Request, int, int, int, int, int], None] = _nosys  # node fh off len mode
+    lseek: Callable[[Request, int, int, int, int], int] = _nosys

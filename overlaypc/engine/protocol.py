@@ -1,0 +1,383 @@
+"""The FUSE wire protocol (``include/uapi/linux/fuse.h``): layouts, constants, codecs.
+
+Owns every byte layout the engine reads or writes, as ``struct`` formats with their
+sizes checked at import, and small pure functions that encode replies and decode
+request arguments. No I/O here: the session reads requests and writes what these
+functions build, and the unit tests run them without a kernel.
+
+Layouts are the kernel's for protocol 7.31 and later (the header on Debian 12 is
+7.38; the flags above it, passthrough and ``DIRECT_IO_ALLOW_MMAP``, are from 7.39/7.40
+and are defined here by number). Integers are native little-endian.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+KERNEL_MAJOR = 7
+#: the minor version we speak; the kernel's own may be higher (it adapts) or lower
+#: (we adapt: nothing we send depends on a minor above 7.31 unless the kernel offered it)
+KERNEL_MINOR = 45
+MIN_MINOR = 31
+
+ROOT_ID = 1
+
+# -- opcodes ------------------------------------------------------------------------------
+LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
+MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE, STATFS, RELEASE = range(8, 19)
+FSYNC, SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH, INIT, OPENDIR, READDIR = range(20, 29)
+RELEASEDIR, FSYNCDIR, GETLK, SETLK, SETLKW, ACCESS, CREATE, INTERRUPT, BMAP, DESTROY = range(29, 39)
+IOCTL, POLL, NOTIFY_REPLY, BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK = range(39, 47)
+COPY_FILE_RANGE, SETUPMAPPING, REMOVEMAPPING, SYNCFS, TMPFILE, STATX, COPY_FILE_RANGE_64 = range(47, 54)
+
+OPCODE_NAMES = {v: k for k, v in list(globals().items())
+                if k.isupper() and isinstance(v, int) and 1 <= v <= 53 and k not in ("ROOT_ID",)}
+
+#: requests the kernel sends without waiting for a reply
+NO_REPLY = frozenset((FORGET, BATCH_FORGET, INTERRUPT, NOTIFY_REPLY))
+
+# -- INIT flags (flags | flags2 << 32) ---------------------------------------------------
+ASYNC_READ = 1 << 0
+POSIX_LOCKS = 1 << 1
+ATOMIC_O_TRUNC = 1 << 3
+EXPORT_SUPPORT = 1 << 4
+BIG_WRITES = 1 << 5
+DONT_MASK = 1 << 6
+AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
+ASYNC_DIO = 1 << 15
+WRITEBACK_CACHE = 1 << 16
+PARALLEL_DIROPS = 1 << 18
+HANDLE_KILLPRIV = 1 << 19
+POSIX_ACL = 1 << 20
+ABORT_ERROR = 1 << 21
+MAX_PAGES = 1 << 22
+CACHE_SYMLINKS = 1 << 23
+EXPLICIT_INVAL_DATA = 1 << 25
+HANDLE_KILLPRIV_V2 = 1 << 28
+SETXATTR_EXT = 1 << 29
+INIT_EXT = 1 << 30
+SECURITY_CTX = 1 << 32
+CREATE_SUPP_GROUP = 1 << 34
+DIRECT_IO_ALLOW_MMAP = 1 << 36
+PASSTHROUGH = 1 << 37
+NO_EXPORT_SUPPORT = 1 << 38
+
+# -- open flags (fuse_open_out.open_flags) -----------------------------------------------
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NONSEEKABLE = 1 << 2
+FOPEN_CACHE_DIR = 1 << 3
+FOPEN_STREAM = 1 << 4
+FOPEN_NOFLUSH = 1 << 5
+FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
+FOPEN_PASSTHROUGH = 1 << 7
+
+# -- request flags -------------------------------------------------------------------------
+GETATTR_FH = 1
+WRITE_CACHE = 1 << 0
+WRITE_LOCKOWNER = 1 << 1
+WRITE_KILL_SUIDGID = 1 << 2
+OPEN_KILL_SUIDGID = 1 << 0
+FSYNC_FDATASYNC = 1
+RELEASE_FLUSH = 1
+
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+FATTR_LOCKOWNER = 1 << 9
+FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+
+# -- notifications (fuse_out_header.error of an unsolicited message) ------------------------
+NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_ENTRY = 3
+NOTIFY_DELETE = 6
+
+# -- /dev/fuse ioctls ----------------------------------------------------------------------
+DEV_IOC_CLONE = 0x8004E500
+DEV_IOC_BACKING_OPEN = 0x4010E501
+DEV_IOC_BACKING_CLOSE = 0x4004E502
+
+# -- layouts -------------------------------------------------------------------------------
+IN_HEADER = struct.Struct("<IIQQIIIHH")      # len opcode unique nodeid uid gid pid extlen pad
+OUT_HEADER = struct.Struct("<IiQ")           # len error unique
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")    # ino size blocks a/m/ctime a/m/cnsec mode nlink uid gid rdev blksize flags
+ENTRY_HEAD = struct.Struct("<QQQQII")        # nodeid generation entry_valid attr_valid (nsec x2)
+ATTR_HEAD = struct.Struct("<QII")            # attr_valid attr_valid_nsec dummy
+INIT_IN = struct.Struct("<IIII")             # major minor max_readahead flags
+INIT_IN_EXT = struct.Struct("<IIIII")        # ... flags2
+INIT_OUT = struct.Struct("<IIIIHHIIHHIIH22x")
+GETATTR_IN = struct.Struct("<IIQ")           # getattr_flags dummy fh
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+OPEN_IN = struct.Struct("<II")               # flags open_flags
+CREATE_IN = struct.Struct("<IIII")           # flags mode umask open_flags
+OPEN_OUT = struct.Struct("<QIi")             # fh open_flags backing_id
+RELEASE_IN = struct.Struct("<QIIQ")          # fh flags release_flags lock_owner
+FLUSH_IN = struct.Struct("<QIIQ")            # fh unused padding lock_owner
+READ_IN = struct.Struct("<QQIIQII")          # fh offset size read_flags lock_owner flags pad
+WRITE_IN = struct.Struct("<QQIIQII")         # fh offset size write_flags lock_owner flags pad
+WRITE_OUT = struct.Struct("<II")
+STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize
+FSYNC_IN = struct.Struct("<QII")
+SETXATTR_IN = struct.Struct("<II")           # size flags
+SETXATTR_IN_EXT = struct.Struct("<IIII")     # size flags setxattr_flags padding
+GETXATTR_IN = struct.Struct("<II")
+GETXATTR_OUT = struct.Struct("<II")
+ACCESS_IN = struct.Struct("<II")
+MKNOD_IN = struct.Struct("<IIII")            # mode rdev umask padding
+MKDIR_IN = struct.Struct("<II")              # mode umask
+RENAME_IN = struct.Struct("<Q")
+RENAME2_IN = struct.Struct("<QII")           # newdir flags padding
+LINK_IN = struct.Struct("<Q")
+FORGET_IN = struct.Struct("<Q")
+BATCH_FORGET_IN = struct.Struct("<II")
+FORGET_ONE = struct.Struct("<QQ")
+INTERRUPT_IN = struct.Struct("<Q")
+DIRENT = struct.Struct("<QQII")              # ino off namelen type
+FALLOCATE_IN = struct.Struct("<QQQII")       # fh offset length mode padding
+LSEEK_IN = struct.Struct("<QQII")            # fh offset whence padding
+LSEEK_OUT = struct.Struct("<Q")
+COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out len flags
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
+NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")   # parent namelen flags
+NOTIFY_DELETE_OUT = struct.Struct("<QQII")       # parent child namelen padding
+BACKING_MAP = struct.Struct("<iIQ")              # fd flags padding
+
+for _s, _n in ((IN_HEADER, 40), (OUT_HEADER, 16), (ATTR, 88), (ENTRY_HEAD, 40), (ATTR_HEAD, 16),
+               (INIT_OUT, 64), (SETATTR_IN, 88), (OPEN_OUT, 16), (READ_IN, 40), (WRITE_IN, 40),
+               (STATFS_OUT, 80), (DIRENT, 24), (COPY_FILE_RANGE_IN, 56)):
+    assert _s.size == _n, (_s.format, _s.size, _n)
+
+ENTRY_OUT_SIZE = ENTRY_HEAD.size + ATTR.size   # 128
+ATTR_OUT_SIZE = ATTR_HEAD.size + ATTR.size     # 104
+#: where a WRITE's data starts in the request
+WRITE_DATA = IN_HEADER.size + WRITE_IN.size    # 80
+#: the smallest read buffer the kernel accepts
+MIN_BUFFER = 8192
+PAGE = 4096
+
+
+class InHeader(NamedTuple):
+    length: int
+    opcode: int
+    unique: int
+    nodeid: int
+    uid: int
+    gid: int
+    pid: int
+    extlen: int
+
+
+def decode_header(buf) -> InHeader:
+    ln, op, unique, nodeid, uid, gid, pid, extlen, _ = IN_HEADER.unpack_from(buf)
+    return InHeader(ln, op, unique, nodeid, uid, gid, pid, extlen * 8)
+
+
+def out_header(unique: int, error: int, payload_len: int) -> bytes:
+    """The reply header; ``error`` is 0 or a negative errno."""
+    return OUT_HEADER.pack(OUT_HEADER.size + payload_len, error, unique)
+
+
+# -- attributes and entries -----------------------------------------------------------------
+class FileAttr(NamedTuple):
+    """What a reply says about an inode (``struct fuse_attr``); times in nanoseconds."""
+    ino: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    blksize: int
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result, ino: int | None = None) -> "FileAttr":
+        return cls(st.st_ino if ino is None else ino, st.st_size, st.st_blocks, st.st_atime_ns,
+                   st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink, st.st_uid,
+                   st.st_gid, st.st_rdev, st.st_blksize)
+
+
+def _split_ns(ns: int) -> tuple[int, int]:
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return sec & 0xFFFFFFFFFFFFFFFF, nsec
+
+
+def pack_attr(a: FileAttr) -> bytes:
+    asec, ansec = _split_ns(a.atime_ns)
+    msec, mnsec = _split_ns(a.mtime_ns)
+    csec, cnsec = _split_ns(a.ctime_ns)
+    # glibc's dev_t encoding agrees with the kernel's new_encode_dev in the low 32 bits
+    rdev = a.rdev
+    return ATTR.pack(a.ino, a.size, a.blocks, asec, msec, csec, ansec, mnsec, cnsec,
+                     a.mode, a.nlink, a.uid & 0xFFFFFFFF, a.gid & 0xFFFFFFFF, rdev & 0xFFFFFFFF,
+                     a.blksize, 0)
+
+
+def unpack_attr(buf, offset: int = 0) -> FileAttr:
+    (ino, size, blocks, asec, msec, csec, ansec, mnsec, cnsec, mode, nlink, uid, gid, rdev,
+     blksize, _flags) = ATTR.unpack_from(buf, offset)
+    return FileAttr(ino, size, blocks, asec * 10**9 + ansec, msec * 10**9 + mnsec,
+                    csec * 10**9 + cnsec, mode, nlink, uid, gid, rdev, blksize)
+
+
+def _timeout(seconds: float) -> tuple[int, int]:
+    sec = int(seconds)
+    return sec, int((seconds - sec) * 1e9)
+
+
+def pack_entry(nodeid: int, generation: int, attr: FileAttr | None, entry_timeout: float,
+               attr_timeout: float) -> bytes:
+    """``fuse_entry_out``; nodeid 0 with no attributes is a negative entry."""
+    es, ens = _timeout(entry_timeout)
+    as_, ans = _timeout(attr_timeout)
+    head = ENTRY_HEAD.pack(nodeid, generation, es, as_, ens, ans)
+    return head + (pack_attr(attr) if attr is not None else bytes(ATTR.size))
+
+
+def pack_attr_out(attr: FileAttr, timeout: float) -> bytes:
+    s, ns = _timeout(timeout)
+    return ATTR_HEAD.pack(s, ns, 0) + pack_attr(attr)
+
+
+def pack_open(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
+    return OPEN_OUT.pack(fh, open_flags, backing_id)
+
+
+def pack_statfs(st: os.statvfs_result) -> bytes:
+    return STATFS_OUT.pack(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
+                           st.f_bsize, st.f_namemax, st.f_frsize, 0)
+
+
+def dirent_size(name: bytes, plus: bool) -> int:
+    size = DIRENT.size + len(name)
+    size = (size + 7) & ~7
+    return size + (ENTRY_OUT_SIZE if plus else 0)
+
+
+def pack_dirent(name: bytes, ino: int, off: int, mode: int) -> bytes:
+    """One ``fuse_dirent``, padded to 8 bytes; ``mode``'s file type becomes d_type."""
+    raw = DIRENT.pack(ino, off, len(name), stat.S_IFMT(mode) >> 12) + name
+    return raw + bytes(-len(raw) % 8)
+
+
+def pack_direntplus(entry: bytes, name: bytes, ino: int, off: int, mode: int) -> bytes:
+    return entry + pack_dirent(name, ino, off, mode)
+
+
+# -- request arguments ---------------------------------------------------------------------
+def cstrings(body, count: int) -> list[bytes]:
+    """The first ``count`` NUL-terminated strings of ``body``."""
+    parts = bytes(body).split(b"\0", count)
+    if len(parts) <= count:
+        raise ValueError("truncated request: a string without its NUL")
+    return parts[:count]
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """A SETATTR request: which fields are set (``valid``, FATTR_*) and their values."""
+    valid: int
+    fh: int | None
+    size: int
+    atime_ns: int | None   # None with FATTR_ATIME_NOW: now
+    mtime_ns: int | None
+    mode: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def decode(cls, body) -> "SetAttr":
+        (valid, _, fh, size, _lock, atime, mtime, _ctime, ansec, mnsec, _cnsec, mode, _u4,
+         uid, gid, _u5) = SETATTR_IN.unpack_from(body)
+        return cls(valid, fh if valid & FATTR_FH else None, size,
+                   None if valid & FATTR_ATIME_NOW else atime * 10**9 + ansec,
+                   None if valid & FATTR_MTIME_NOW else mtime * 10**9 + mnsec,
+                   mode, uid, gid)
+
+    def encode(self) -> bytes:
+        """For tests and the fake kernel: the request body this object decodes from."""
+        a = self.atime_ns or 0
+        m = self.mtime_ns or 0
+        return SETATTR_IN.pack(self.valid, 0, self.fh or 0, self.size, 0, a // 10**9, m // 10**9,
+                               0, a % 10**9, m % 10**9, 0, self.mode, 0, self.uid, self.gid, 0)
+
+
+@dataclass(frozen=True)
+class InitIn:
+    major: int
+    minor: int
+    max_readahead: int
+    flags: int     # flags | flags2 << 32 (flags2 only with INIT_EXT)
+
+    @classmethod
+    def decode(cls, body) -> "InitIn":
+        major, minor, readahead, flags = INIT_IN.unpack_from(body)
+        if flags & INIT_EXT and len(body) >= INIT_IN_EXT.size:
+            flags |= INIT_IN_EXT.unpack_from(body)[4] << 32
+        return cls(major, minor, readahead, flags)
+
+    def encode(self) -> bytes:
+        return INIT_IN_EXT.pack(self.major, self.minor, self.max_readahead,
+                                self.flags & 0xFFFFFFFF, self.flags >> 32) + bytes(44)
+
+
+@dataclass(frozen=True)
+class InitOut:
+    major: int
+    minor: int
+    max_readahead: int
+    flags: int
+    max_background: int
+    congestion_threshold: int
+    max_write: int
+    time_gran: int
+    max_pages: int
+    max_stack_depth: int = 0
+
+    def encode(self) -> bytes:
+        flags = self.flags
+        if flags >> 32:
+            flags |= INIT_EXT
+        return INIT_OUT.pack(self.major, self.minor, self.max_readahead, flags & 0xFFFFFFFF,
+                             self.max_background, self.congestion_threshold, self.max_write,
+                             self.time_gran, self.max_pages, 0, flags >> 32,
+                             self.max_stack_depth, 0)
+
+    @classmethod
+    def decode(cls, body) -> "InitOut":
+        (major, minor, ra, flags, bg, cong, mw, tg, mp, _align, flags2, depth,
+         _timeout) = INIT_OUT.unpack_from(body)
+        return cls(major, minor, ra, flags | (flags2 << 32 if flags & INIT_EXT else 0), bg, cong,
+                   mw, tg, mp, depth)
+
+
+def notify_inval_inode(nodeid: int, offset: int = 0, length: int = 0) -> bytes:
+    """Drop cached attributes and, from ``offset`` (``length`` 0: to the end; -1: none),
+    the inode's pages."""
+    body = NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length)
+    return out_header(0, NOTIFY_INVAL_INODE, len(body)) + body
+
+
+def notify_inval_entry(parent: int, name: bytes) -> bytes:
+    body = NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
+    return out_header(0, NOTIFY_INVAL_ENTRY, len(body)) + body
+
+
+def notify_delete(parent: int, child: int, name: bytes) -> bytes:
+    body = NOTIFY_DELETE_OUT.pack(parent, child, len(name), 0) + name + b"\0"
+    return out_header(0, NOTIFY_DELETE, len(body)) + body
