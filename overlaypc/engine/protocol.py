@@ -258,9 +258,11 @@ def pack_open(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
     return OPEN_OUT.pack(fh, open_flags, backing_id)
 
 
-def pack_statfs(st: os.statvfs_result) -> bytes:
-    return STATFS_OUT.pack(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
-                           st.f_bsize, st.f_namemax, st.f_frsize, 0)
+def pack_statfs(st) -> bytes:
+    """``fuse_statfs_out`` from an ``os.statvfs_result`` or a dict of its fields."""
+    get = st.__getitem__ if isinstance(st, dict) else st.__getattribute__
+    return STATFS_OUT.pack(get("f_blocks"), get("f_bfree"), get("f_bavail"), get("f_files"),
+                           get("f_ffree"), get("f_bsize"), get("f_namemax"), get("f_frsize"), 0)
 
 
 def dirent_size(name: bytes, plus: bool) -> int:

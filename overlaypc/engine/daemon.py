@@ -1,0 +1,96 @@
+"""Running a filesystem: mount, daemonize, serve, and stop cleanly on a signal.
+
+Owns the life of a daemon process around one ``Session``. ``run`` mounts (so a mount
+error is reported by the command itself, with its exit status), then, unless in the
+foreground, forks: the parent returns only once the child has answered INIT, so the
+mount is live when the command exits, and exits 1 if the child could not get there.
+SIGTERM, SIGINT and SIGHUP unmount (lazily, as libfuse does); the workers then read
+ENODEV and ``run`` returns. ``umount`` by anyone ends it the same way.
+
+Caveat: fork happens before any thread starts (the session's threads start after it);
+callers must not start threads before ``run``.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+from typing import Callable
+
+from . import channel as ch
+from .ops import Operations
+from .session import WORKERS, ProtocolError, Session
+
+log = logging.getLogger("overlaypc.engine")
+
+
+def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: bool = True,
+        workers: int = WORKERS, before_fork: Callable[[], None] | None = None) -> int:
+    """Mount ``ops`` at ``mountpoint`` and serve until unmounted. Returns the exit status;
+    raises ``OSError`` if the mount itself fails."""
+    chan = ch.mount(mountpoint, opts)
+    ready_w = None
+    if not foreground:
+        if before_fork is not None:
+            before_fork()
+        ready_w = _daemonize()
+    deny = os.getuid() if opts.has("allow_root") and os.getuid() != 0 else None
+    session = Session(ops, chan.fd, clone=chan.clone, workers=workers, deny_others=deny)
+    stopping = []
+
+    def stop(signum, _frame) -> None:
+        if not stopping:
+            stopping.append(signum)
+            log.info("signal %d: unmounting %s", signum, chan.mountpoint)
+            try:
+                chan.unmount()
+            except OSError as e:
+                log.error("unmount of %s failed: %s", chan.mountpoint, e)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    try:
+        try:
+            session.handshake()
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # unmounted (by a signal, or by someone) before INIT
+                return 0
+            raise
+        except ProtocolError as e:
+            log.error("%s", e)
+            return 1
+
+        def ready() -> None:
+            if ready_w is not None:
+                os.write(ready_w, b"1")
+                os.close(ready_w)
+
+        session.serve(ready)
+        if stopping:
+            log.info("stopped by signal; %s unmounted", chan.mountpoint)
+        return 0
+    finally:
+        chan.close()
+
+
+def _daemonize() -> int:
+    """Fork; the parent waits for a byte on a pipe (the child's INIT is answered) and
+    exits. The child, in a new session with stdio on /dev/null, gets the pipe's end."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        ok = os.read(r, 1)
+        os._exit(0 if ok else 1)
+    os.close(r)
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the daemon)
+    return w

@@ -1,0 +1,536 @@
+"""The session: INIT, the request loop on worker threads, replies, notifications.
+
+Owns one FUSE connection's conversation. ``handshake`` answers INIT with what both the
+kernel and the filesystem want; ``serve`` then runs worker threads, each reading requests
+from its own fd (the first from the channel's fd, the others from clones) and writing
+every reply to the fd its request came from (cloned fds have their own reply queues).
+Each request is decoded here, handed to the ``Operations`` method by nodeid or
+(parent, name), and its result encoded; ``OSError`` becomes its errno, anything else is
+logged and answered EIO, so no operation ends the daemon.
+
+Protocol rules kept here (the filesystem keeps the rest, see ``ops``): a reply whose write
+fails with ENOENT was to an interrupted request, and the kernel took nothing: the entry's
+reference is forgotten and an opened handle released, since no FORGET or RELEASE will
+come. READDIRPLUS takes references only for the entries that fit in the reply, never for
+``.``/``..``. INTERRUPT is ignored (every operation runs to completion, so no EINTR is
+ever answered after a side effect). Notifications go through a queue to their own
+thread: written from inside a request they could wait on a lock the kernel holds for
+that request. The loop ends when reads fail with ENODEV (unmounted, or the connection
+aborted).
+
+Caveat: with ``deny_others`` (libfuse's ``allow_root`` for a plain user's mount) requests
+from anyone but the owner and root are refused EACCES, except those libfuse lets through.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import protocol as p
+from .ops import ConnInfo, Entry, Opened, Operations, Request
+
+log = logging.getLogger("overlaypc.engine")
+
+#: default request size for READ and WRITE (256 pages)
+MAX_WRITE = 1 << 20
+#: worker threads (one per fd); blocking operations (fsync, a large copy-up) tie up one each
+WORKERS = 4
+
+_DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR, p.FSYNCDIR,
+                          p.RELEASEDIR, p.NOTIFY_REPLY, p.READDIRPLUS, p.FORGET, p.BATCH_FORGET,
+                          p.INTERRUPT, p.DESTROY))
+
+
+class ProtocolError(Exception):
+    """The kernel's INIT cannot be served (an incompatible protocol version)."""
+
+
+@dataclass
+class _Reply:
+    """What a handler answers: buffers to write after the header, and what to undo if
+    the kernel never receives it."""
+    parts: list = field(default_factory=list)
+    undo: Callable[[], None] | None = None
+
+
+_EMPTY = _Reply()
+
+
+class Notifications:
+    """The ``ops.Notifier`` of a session: messages queued, written by one thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="fuse-notify", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> None:
+        self._queue.put(p.notify_inval_inode(nodeid, offset, length))
+
+    def inval_entry(self, parent: int, name: bytes) -> None:
+        self._queue.put(p.notify_inval_entry(parent, name))
+
+    def delete(self, parent: int, child: int, name: bytes) -> None:
+        self._queue.put(p.notify_delete(parent, child, name))
+
+    def _run(self) -> None:
+        while True:
+            msg = self._queue.get()
+            if msg is None:
+                return
+            try:
+                os.write(self._fd, msg)
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    return
+                # ENOENT: the kernel does not cache that inode or name; nothing to drop
+                if e.errno != errno.ENOENT:
+                    log.debug("notification failed: %s", e)
+
+
+class Session:
+    """One connection's request loop over ``ops``; ``fd`` is the channel's fd,
+    ``clone`` makes another fd on the same connection."""
+
+    def __init__(self, ops: Operations, fd: int, *, clone: Callable[[], int] | None = None,
+                 workers: int = WORKERS, max_write: int = MAX_WRITE,
+                 deny_others: int | None = None) -> None:
+        self.ops = ops
+        self.fd = fd
+        self._clone = clone
+        self.workers = max(1, workers if clone is not None else 1)
+        self.max_write = max_write
+        self.deny_others = deny_others
+        self.conn: ConnInfo | None = None
+        self.notifier = Notifications(fd)
+        self._threads: list[threading.Thread] = []
+        self._handlers = self._handler_table()
+        self._setxattr_ext = False
+        ops.notifier = self.notifier
+
+    # -- INIT ---------------------------------------------------------------------------------
+    def handshake(self) -> ConnInfo:
+        """Read INIT and answer it. Returns what was negotiated."""
+        buf = bytearray(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
+        while True:
+            try:
+                n = os.readv(self.fd, [buf])
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                    continue
+                raise
+            hdr = p.decode_header(buf)
+            body = memoryview(buf)[p.IN_HEADER.size:n]
+            if hdr.opcode != p.INIT:
+                log.warning("request %s before INIT; answering EIO", p.OPCODE_NAMES.get(hdr.opcode))
+                self._write(self.fd, hdr.unique, -errno.EIO, ())
+                continue
+            init = p.InitIn.decode(body)
+            if init.major > p.KERNEL_MAJOR:
+                # the kernel retries INIT with our major
+                out = p.InitOut(p.KERNEL_MAJOR, p.KERNEL_MINOR, 0, 0, 0, 0, 0, 0, 0)
+                self._write(self.fd, hdr.unique, 0, (out.encode()[:8],))
+                continue
+            if init.major < p.KERNEL_MAJOR or init.minor < p.MIN_MINOR:
+                self._write(self.fd, hdr.unique, -errno.EPROTO, ())
+                raise ProtocolError(f"kernel FUSE protocol {init.major}.{init.minor} is older "
+                                    f"than 7.{p.MIN_MINOR}")
+            return self._negotiate(hdr.unique, init)
+
+    def _negotiate(self, unique: int, init: p.InitIn) -> ConnInfo:
+        conn = ConnInfo(init.major, init.minor, init.flags, max_write=self.max_write,
+                        max_readahead=init.max_readahead)
+        self.ops.init(conn)
+        wanted = conn.wanted & init.flags
+        if wanted >> 32 and not init.flags & p.INIT_EXT:
+            wanted &= 0xFFFFFFFF
+        conn.wanted = wanted
+        self._setxattr_ext = bool(wanted & p.SETXATTR_EXT)
+        max_write = min(conn.max_write, self.max_write)
+        out = p.InitOut(p.KERNEL_MAJOR, min(p.KERNEL_MINOR, init.minor),
+                        min(conn.max_readahead, init.max_readahead), wanted,
+                        conn.max_background, conn.max_background * 3 // 4, max_write,
+                        conn.time_gran, max_write // p.PAGE if wanted & p.MAX_PAGES else 0,
+                        conn.max_stack_depth)
+        self._write(self.fd, unique, 0, (out.encode(),))
+        self.conn = conn
+        log.debug("INIT: kernel %d.%d, flags %#x of %#x", init.major, init.minor, wanted, init.flags)
+        self.ops.initialized(conn)
+        return conn
+
+    # -- the loop -----------------------------------------------------------------------------
+    def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Run until the connection ends. ``handshake`` must have run. ``ready`` is called
+        once the workers are started."""
+        self.notifier.start()
+        fds = [self.fd]
+        try:
+            for _ in range(self.workers - 1):
+                fds.append(self._clone())
+        except OSError as e:
+            log.warning("cannot clone the FUSE fd (%s); serving with %d worker(s)", e, len(fds))
+        for i, fd in enumerate(fds):
+            t = threading.Thread(target=self._worker, args=(fd,), name=f"fuse-worker-{i}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+        if ready is not None:
+            ready()
+        try:
+            for t in self._threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)  # short waits: signal handlers run in between
+        finally:
+            self.notifier.stop()
+            try:
+                self.ops.destroy()
+            except Exception:
+                log.exception("destroy failed")
+
+    def _worker(self, fd: int) -> None:
+        buf = bytearray(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
+        view = memoryview(buf)
+        out = memoryview(bytearray(self.max_write))
+        while True:
+            try:
+                n = os.readv(fd, [buf])
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                    continue  # ENOENT: the request was interrupted before we read it
+                if e.errno == errno.ENODEV:
+                    return  # unmounted
+                log.error("reading /dev/fuse failed: %s; worker stops", e)
+                return
+            try:
+                self.dispatch(fd, view[:n], out)
+            except Exception:
+                log.exception("request dispatch failed")
+
+    def dispatch(self, fd: int, msg: memoryview, out: memoryview) -> None:
+        """Handle one request read from ``fd``; ``out`` is scratch space for READ data."""
+        hdr = p.decode_header(msg)
+        end = len(msg) - hdr.extlen if hdr.extlen else len(msg)
+        body = msg[p.IN_HEADER.size:end]
+        op = hdr.opcode
+        handler = self._handlers.get(op)
+        if op in p.NO_REPLY:
+            if handler is not None:
+                try:
+                    handler(hdr, body, out)
+                except Exception:
+                    log.exception("%s failed", p.OPCODE_NAMES.get(op, op))
+            return
+        if handler is None:
+            self._write(fd, hdr.unique, -errno.ENOSYS, ())
+            return
+        if self.deny_others is not None and hdr.uid not in (0, self.deny_others) \
+                and op not in _DENY_EXEMPT:
+            self._write(fd, hdr.unique, -errno.EACCES, ())
+            return
+        try:
+            reply = handler(hdr, body, out)
+        except OSError as e:
+            code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s(%d) -> %s", p.OPCODE_NAMES.get(op, op), hdr.nodeid,
+                          errno.errorcode.get(code, code))
+            self._write(fd, hdr.unique, -code, ())
+            return
+        except Exception:
+            log.exception("unexpected error in %s (node %d); answering EIO",
+                          p.OPCODE_NAMES.get(op, op), hdr.nodeid)
+            self._count_error()
+            self._write(fd, hdr.unique, -errno.EIO, ())
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s(%d) -> ok", p.OPCODE_NAMES.get(op, op), hdr.nodeid)
+        if not self._write(fd, hdr.unique, 0, reply.parts) and reply.undo is not None:
+            try:
+                reply.undo()
+            except Exception:
+                log.exception("undoing an undelivered %s reply failed", p.OPCODE_NAMES.get(op, op))
+
+    def _count_error(self) -> None:
+        count = getattr(self.ops, "count_error", None)
+        if count is not None:
+            count()
+
+    @staticmethod
+    def _write(fd: int, unique: int, error: int, parts) -> bool:
+        """Write a reply; False if the kernel no longer waits for it (interrupted)."""
+        size = sum(len(x) for x in parts)
+        try:
+            os.writev(fd, [p.out_header(unique, error, size), *parts])
+            return True
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            if e.errno != errno.ENODEV:
+                log.error("writing a reply failed: %s", e)
+            return False
+
+    # -- decoding and encoding per operation ---------------------------------------------------
+    def _handler_table(self) -> dict[int, Callable]:
+        return {
+            p.LOOKUP: self._lookup, p.FORGET: self._forget, p.BATCH_FORGET: self._batch_forget,
+            p.GETATTR: self._getattr, p.SETATTR: self._setattr, p.READLINK: self._readlink,
+            p.SYMLINK: self._symlink, p.MKNOD: self._mknod, p.MKDIR: self._mkdir,
+            p.UNLINK: self._unlink, p.RMDIR: self._rmdir, p.RENAME: self._rename,
+            p.RENAME2: self._rename2, p.LINK: self._link, p.OPEN: self._open, p.READ: self._read,
+            p.WRITE: self._write_op, p.STATFS: self._statfs, p.RELEASE: self._release,
+            p.FSYNC: self._fsync, p.SETXATTR: self._setxattr, p.GETXATTR: self._getxattr,
+            p.LISTXATTR: self._listxattr, p.REMOVEXATTR: self._removexattr, p.FLUSH: self._flush,
+            p.OPENDIR: self._opendir, p.READDIR: self._readdir, p.READDIRPLUS: self._readdirplus,
+            p.RELEASEDIR: self._releasedir, p.FSYNCDIR: self._fsyncdir, p.ACCESS: self._access,
+            p.CREATE: self._create, p.INTERRUPT: lambda *a: None, p.FALLOCATE: self._fallocate,
+            p.LSEEK: self._lseek, p.DESTROY: lambda *a: _EMPTY,
+        }
+
+    @staticmethod
+    def _req(hdr: p.InHeader, umask: int = 0) -> Request:
+        return Request(hdr.uid, hdr.gid, hdr.pid, hdr.unique, umask)
+
+    @staticmethod
+    def _name(body, offset: int = 0) -> bytes:
+        return p.cstrings(body[offset:], 1)[0]
+
+    def _entry(self, entry: Entry) -> _Reply:
+        undo = (lambda: self.ops.forget(entry.nodeid, 1)) if entry.nodeid else None
+        return _Reply([p.pack_entry(entry.nodeid, entry.generation, entry.attr,
+                                    entry.entry_timeout, entry.attr_timeout)], undo)
+
+    def _lookup(self, hdr, body, out):
+        return self._entry(self.ops.lookup(self._req(hdr), hdr.nodeid, self._name(body)))
+
+    def _forget(self, hdr, body, out):
+        self.ops.forget(hdr.nodeid, p.FORGET_IN.unpack_from(body)[0])
+
+    def _batch_forget(self, hdr, body, out):
+        count = p.BATCH_FORGET_IN.unpack_from(body)[0]
+        for i in range(count):
+            nodeid, nlookup = p.FORGET_ONE.unpack_from(body, p.BATCH_FORGET_IN.size + i * 16)
+            self.ops.forget(nodeid, nlookup)
+
+    def _getattr(self, hdr, body, out):
+        flags, _, fh = p.GETATTR_IN.unpack_from(body)
+        r = self.ops.getattr(self._req(hdr), hdr.nodeid, fh if flags & p.GETATTR_FH else None)
+        return _Reply([p.pack_attr_out(r.attr, r.timeout)])
+
+    def _setattr(self, hdr, body, out):
+        r = self.ops.setattr(self._req(hdr), hdr.nodeid, p.SetAttr.decode(body))
+        return _Reply([p.pack_attr_out(r.attr, r.timeout)])
+
+    def _readlink(self, hdr, body, out):
+        return _Reply([self.ops.readlink(self._req(hdr), hdr.nodeid)])
+
+    def _symlink(self, hdr, body, out):
+        name, target = p.cstrings(body, 2)
+        return self._entry(self.ops.symlink(self._req(hdr), hdr.nodeid, name, target))
+
+    def _mknod(self, hdr, body, out):
+        mode, rdev, umask, _ = p.MKNOD_IN.unpack_from(body)
+        name = self._name(body, p.MKNOD_IN.size)
+        return self._entry(self.ops.mknod(self._req(hdr, umask), hdr.nodeid, name, mode, rdev))
+
+    def _mkdir(self, hdr, body, out):
+        mode, umask = p.MKDIR_IN.unpack_from(body)
+        name = self._name(body, p.MKDIR_IN.size)
+        return self._entry(self.ops.mkdir(self._req(hdr, umask), hdr.nodeid, name, mode))
+
+    def _unlink(self, hdr, body, out):
+        self.ops.unlink(self._req(hdr), hdr.nodeid, self._name(body))
+        return _EMPTY
+
+    def _rmdir(self, hdr, body, out):
+        self.ops.rmdir(self._req(hdr), hdr.nodeid, self._name(body))
+        return _EMPTY
+
+    def _rename(self, hdr, body, out):
+        newdir = p.RENAME_IN.unpack_from(body)[0]
+        old, new = p.cstrings(body[p.RENAME_IN.size:], 2)
+        self.ops.rename(self._req(hdr), hdr.nodeid, old, newdir, new, 0)
+        return _EMPTY
+
+    def _rename2(self, hdr, body, out):
+        newdir, flags, _ = p.RENAME2_IN.unpack_from(body)
+        old, new = p.cstrings(body[p.RENAME2_IN.size:], 2)
+        self.ops.rename(self._req(hdr), hdr.nodeid, old, newdir, new, flags)
+        return _EMPTY
+
+    def _link(self, hdr, body, out):
+        oldnode = p.LINK_IN.unpack_from(body)[0]
+        name = self._name(body, p.LINK_IN.size)
+        return self._entry(self.ops.link(self._req(hdr), oldnode, hdr.nodeid, name))
+
+    @staticmethod
+    def _open_flags(o: Opened) -> int:
+        return ((p.FOPEN_DIRECT_IO if o.direct_io else 0) | (p.FOPEN_KEEP_CACHE if o.keep_cache else 0)
+                | (p.FOPEN_CACHE_DIR if o.cache_dir else 0) | (p.FOPEN_NOFLUSH if o.noflush else 0)
+                | (p.FOPEN_NONSEEKABLE if o.nonseekable else 0)
+                | (p.FOPEN_PARALLEL_DIRECT_WRITES if o.parallel_direct_writes else 0))
+
+    def _open(self, hdr, body, out):
+        flags, open_flags = p.OPEN_IN.unpack_from(body)
+        req = self._req(hdr)
+        o = self.ops.open(req, hdr.nodeid, flags, open_flags)
+        return _Reply([p.pack_open(o.fh, self._open_flags(o))],
+                      lambda: self.ops.release(req, hdr.nodeid, o.fh, flags))
+
+    def _create(self, hdr, body, out):
+        flags, mode, umask, open_flags = p.CREATE_IN.unpack_from(body)
+        name = self._name(body, p.CREATE_IN.size)
+        req = self._req(hdr, umask)
+        entry, o = self.ops.create(req, hdr.nodeid, name, mode, flags)
+
+        def undo() -> None:
+            try:
+                self.ops.release(req, entry.nodeid, o.fh, flags)
+            finally:
+                self.ops.forget(entry.nodeid, 1)
+
+        reply = self._entry(entry)
+        reply.parts.append(p.pack_open(o.fh, self._open_flags(o)))
+        reply.undo = undo
+        return reply
+
+    def _read(self, hdr, body, out):
+        fh, offset, size, _rflags, _lock, _flags, _ = p.READ_IN.unpack_from(body)
+        buf = out[:size] if size <= len(out) else memoryview(bytearray(size))
+        n = self.ops.read(self._req(hdr), hdr.nodeid, fh, buf, offset)
+        return _Reply([buf[:n]])
+
+    def _write_op(self, hdr, body, out):
+        fh, offset, size, wflags, _lock, _flags, _ = p.WRITE_IN.unpack_from(body)
+        data = body[p.WRITE_IN.size:p.WRITE_IN.size + size]
+        n = self.ops.write(self._req(hdr), hdr.nodeid, fh, data, offset, wflags)
+        return _Reply([p.WRITE_OUT.pack(n, 0)])
+
+    def _statfs(self, hdr, body, out):
+        return _Reply([p.pack_statfs(self.ops.statfs(self._req(hdr), hdr.nodeid))])
+
+    def _release(self, hdr, body, out):
+        fh, flags, _rflags, _lock = p.RELEASE_IN.unpack_from(body)
+        self.ops.release(self._req(hdr), hdr.nodeid, fh, flags)
+        return _EMPTY
+
+    def _releasedir(self, hdr, body, out):
+        fh = p.RELEASE_IN.unpack_from(body)[0]
+        self.ops.releasedir(self._req(hdr), hdr.nodeid, fh)
+        return _EMPTY
+
+    def _flush(self, hdr, body, out):
+        self.ops.flush(self._req(hdr), hdr.nodeid, p.FLUSH_IN.unpack_from(body)[0])
+        return _EMPTY
+
+    def _fsync(self, hdr, body, out):
+        fh, fflags, _ = p.FSYNC_IN.unpack_from(body)
+        self.ops.fsync(self._req(hdr), hdr.nodeid, fh, bool(fflags & p.FSYNC_FDATASYNC))
+        return _EMPTY
+
+    def _fsyncdir(self, hdr, body, out):
+        fh, fflags, _ = p.FSYNC_IN.unpack_from(body)
+        self.ops.fsyncdir(self._req(hdr), hdr.nodeid, fh, bool(fflags & p.FSYNC_FDATASYNC))
+        return _EMPTY
+
+    def _setxattr(self, hdr, body, out):
+        layout = p.SETXATTR_IN_EXT if self._setxattr_ext else p.SETXATTR_IN
+        size, flags = layout.unpack_from(body)[:2]
+        rest = bytes(body[layout.size:])
+        name, _, value = rest.partition(b"\0")
+        self.ops.setxattr(self._req(hdr), hdr.nodeid, os.fsdecode(name), value[:size], flags)
+        return _EMPTY
+
+    @staticmethod
+    def _sized(value: bytes, size: int) -> _Reply:
+        """GETXATTR/LISTXATTR: size 0 asks for the length; a short buffer is ERANGE."""
+        if size == 0:
+            return _Reply([p.GETXATTR_OUT.pack(len(value), 0)])
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return _Reply([value])
+
+    def _getxattr(self, hdr, body, out):
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        name = os.fsdecode(self._name(body, p.GETXATTR_IN.size))
+        return self._sized(self.ops.getxattr(self._req(hdr), hdr.nodeid, name), size)
+
+    def _listxattr(self, hdr, body, out):
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        names = self.ops.listxattr(self._req(hdr), hdr.nodeid)
+        return self._sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+
+    def _removexattr(self, hdr, body, out):
+        self.ops.removexattr(self._req(hdr), hdr.nodeid, os.fsdecode(self._name(body)))
+        return _EMPTY
+
+    def _access(self, hdr, body, out):
+        self.ops.access(self._req(hdr), hdr.nodeid, p.ACCESS_IN.unpack_from(body)[0])
+        return _EMPTY
+
+    def _opendir(self, hdr, body, out):
+        flags, _ = p.OPEN_IN.unpack_from(body)
+        req = self._req(hdr)
+        o = self.ops.opendir(req, hdr.nodeid, flags)
+        return _Reply([p.pack_open(o.fh, self._open_flags(o))],
+                      lambda: self.ops.releasedir(req, hdr.nodeid, o.fh))
+
+    def _readdir(self, hdr, body, out):
+        return self._listing(hdr, body, plus=False)
+
+    def _readdirplus(self, hdr, body, out):
+        return self._listing(hdr, body, plus=True)
+
+    def _listing(self, hdr, body, *, plus: bool) -> _Reply:
+        fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        parts: list[bytes] = []
+        taken: list[int] = []
+        room = size
+        try:
+            for item in self.ops.readdir(self._req(hdr), hdr.nodeid, fh, offset, plus):
+                need = p.dirent_size(item.name, plus)
+                if need > room:
+                    break
+                room -= need
+                if not plus:
+                    parts.append(p.pack_dirent(item.name, item.ino, item.offset, item.mode))
+                    continue
+                entry = item.take() if item.take is not None else None
+                if entry is not None and entry.nodeid:
+                    taken.append(entry.nodeid)
+                    head = p.pack_entry(entry.nodeid, entry.generation, entry.attr,
+                                        entry.entry_timeout, entry.attr_timeout)
+                else:
+                    head = bytes(p.ENTRY_OUT_SIZE)
+                parts.append(p.pack_direntplus(head, item.name, item.ino, item.offset, item.mode))
+        except BaseException:
+            for nodeid in taken:
+                self.ops.forget(nodeid, 1)
+            raise
+
+        def undo() -> None:
+            for nodeid in taken:
+                self.ops.forget(nodeid, 1)
+
+        return _Reply([b"".join(parts)], undo if taken else None)
+
+    def _fallocate(self, hdr, body, out):
+        fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(body)
+        self.ops.fallocate(self._req(hdr), hdr.nodeid, fh, offset, length, mode)
+        return _EMPTY
+
+    def _lseek(self, hdr, body, out):
+        fh, offset, whence, _ = p.LSEEK_IN.unpack_from(body)
+        return _Reply([p.LSEEK_OUT.pack(self.ops.lseek(self._req(hdr), hdr.nodeid, fh, offset, whence))])
+
