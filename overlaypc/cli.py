@@ -18,7 +18,7 @@ import os
 import sys
 
 from . import faults, fdbudget
-from .config import ConfigError, MountConfig, apply_options, load_stack, mounted_paths, validate
+from .config import ConfigError, MountConfig, apply_options, load_stack, validate
 
 USAGE = """overlaypc [-f] [-d] [-o lowerdir=A:B,upperdir=U,workdir=W[,opt...]] [SOURCE] MOUNTPOINT
        overlaypc --stack FILE.yaml [-f] [-d] [-o opt,...] MOUNTPOINT
@@ -132,8 +132,6 @@ def _setup_logging(cfg: MountConfig) -> None:
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
-    if not cfg.debug:
-        logging.getLogger("mfusepy").setLevel(logging.WARNING)
 
 
 def _log_file(path: str) -> logging.FileHandler:
@@ -192,25 +190,27 @@ def mount_main(argv: list[str]) -> int:
         print(f"overlaypc: error: {e.strerror if e.filename is None and e.strerror else e}", file=sys.stderr)
         return 2
     _setup_logging(cfg)
-    from .fuse_adapter import serve
+    from .engine import channel, daemon
+    from .mounting import mount_mode
+    from .overlay_ops import OverlayOps
     flags = [g for g in cfg.generic if g in KERNEL_FLAGS] + _fuse_overlayfs_flags(cfg)
     if os.geteuid() == 0:
         flags += [f for f in ("dev", "suid") if "no" + f not in flags]
     if not cfg.writable:  # -o ro, or no upper: the kernel answers EROFS (also to access(W_OK))
         flags.append("ro")
+    mode = mount_mode(os.geteuid())
+    flags += ["default_permissions"] + [name for name, on in mode.items() if on]
+    watch = mode.get("auto_unmount", False) and not mode.get("allow_other", False)
+    ops = OverlayOps(fs, watch_unmount=watch)
+    opts = channel.MountOptions(fsname=cfg.source.replace(",", "_"), options=flags)
     try:
-        serve(fs, foreground=cfg.foreground, mount_flags=flags)
-    except RuntimeError as e:
-        if str(e) == "8" and cfg.mountpoint not in mounted_paths():
-            # libfuse's loop ended by SIGTERM/SIGINT/SIGHUP and it has unmounted: a clean stop
-            logging.getLogger("overlaypc").info("stopped by signal; %s unmounted", cfg.mountpoint)
-            return 0
+        return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground)
+    except OSError as e:
         logging.getLogger("overlaypc").error("mount of %s failed: %s", cfg.mountpoint, e)
-        print(f"overlaypc: error: mount of {cfg.mountpoint} failed (libfuse status {e})", file=sys.stderr)
+        print(f"overlaypc: error: mount of {cfg.mountpoint} failed: {e.strerror or e}", file=sys.stderr)
         return 1
     finally:
         fs.close()
-    return 0
 
 
 def stats_main(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ Caveat: names are ``bytes`` as the kernel sends them; the filesystem decodes the
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from .protocol import FileAttr, SetAttr
@@ -62,6 +62,10 @@ class Opened:
     noflush: bool = False
     nonseekable: bool = False
     parallel_direct_writes: bool = False
+    #: FUSE passthrough: the id ``BackingFiles.open`` gave (0: none). The kernel then
+    #: reads and writes that backing file itself; only DIRECT_IO, NOFLUSH and
+    #: PARALLEL_DIRECT_WRITES may be combined with it (KEEP_CACHE makes the open fail)
+    backing_id: int = 0
 
 
 @dataclass
@@ -89,8 +93,19 @@ class ConnInfo:
     time_gran: int = 1
     max_background: int = 64
     max_stack_depth: int = 0
-    #: set by the session once the INIT reply is written (when backing ioctls work)
-    extras: dict = field(default_factory=dict)
+    #: set by the session once the INIT reply is written, if PASSTHROUGH was negotiated
+    backing: "BackingFiles | None" = None
+
+
+class BackingFiles(Protocol):
+    """Registering backing files for passthrough opens (``FUSE_DEV_IOC_BACKING_*``)."""
+
+    def open(self, fd: int) -> int:
+        """A backing id for ``fd`` (an O_PATH fd suffices). OSError: EPERM without
+        CAP_SYS_ADMIN in the initial user namespace, ELOOP past ``max_stack_depth``."""
+        ...
+
+    def close(self, backing_id: int) -> None: ...
 
 
 class Notifier(Protocol):
@@ -172,4 +187,6 @@ class Operations:
     releasedir: Callable[[Request, int, int], None] = _nosys
     fsyncdir: Callable[[Request, int, int, bool], None] = _nosys
     fallocate: Callable[[Request, int, int, int, int, int], None] = _nosys  # node fh off len mode
-    lseek: Callable[[Request, int, int, int, int], int] = _nosys
+    lseek: Callable[[Request, int, int, int, int], int] = _nosys        # node fh off whence
+    #: (node_in, fh_in, off_in, node_out, fh_out, off_out, length, flags) -> bytes copied
+    copy_file_range: Callable[[Request, int, int, int, int, int, int, int, int], int] = _nosys

@@ -24,9 +24,11 @@ from anyone but the owner and root are refused EACCES, except those libfuse lets
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import queue
+import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -165,6 +167,8 @@ class Session:
                         conn.time_gran, max_write // p.PAGE if wanted & p.MAX_PAGES else 0,
                         conn.max_stack_depth)
         self._write(self.fd, unique, 0, (out.encode(),))
+        if wanted & p.PASSTHROUGH:
+            conn.backing = Backing(self.fd)  # the ioctls work only after the INIT reply
         self.conn = conn
         log.debug("INIT: kernel %d.%d, flags %#x of %#x", init.major, init.minor, wanted, init.flags)
         self.ops.initialized(conn)
@@ -296,6 +300,7 @@ class Session:
             p.RELEASEDIR: self._releasedir, p.FSYNCDIR: self._fsyncdir, p.ACCESS: self._access,
             p.CREATE: self._create, p.INTERRUPT: lambda *a: None, p.FALLOCATE: self._fallocate,
             p.LSEEK: self._lseek, p.DESTROY: lambda *a: _EMPTY,
+            p.COPY_FILE_RANGE: self._copy_file_range,
         }
 
     @staticmethod
@@ -379,13 +384,14 @@ class Session:
         return ((p.FOPEN_DIRECT_IO if o.direct_io else 0) | (p.FOPEN_KEEP_CACHE if o.keep_cache else 0)
                 | (p.FOPEN_CACHE_DIR if o.cache_dir else 0) | (p.FOPEN_NOFLUSH if o.noflush else 0)
                 | (p.FOPEN_NONSEEKABLE if o.nonseekable else 0)
-                | (p.FOPEN_PARALLEL_DIRECT_WRITES if o.parallel_direct_writes else 0))
+                | (p.FOPEN_PARALLEL_DIRECT_WRITES if o.parallel_direct_writes else 0)
+                | (p.FOPEN_PASSTHROUGH if o.backing_id else 0))
 
     def _open(self, hdr, body, out):
         flags, open_flags = p.OPEN_IN.unpack_from(body)
         req = self._req(hdr)
         o = self.ops.open(req, hdr.nodeid, flags, open_flags)
-        return _Reply([p.pack_open(o.fh, self._open_flags(o))],
+        return _Reply([p.pack_open(o.fh, self._open_flags(o), o.backing_id)],
                       lambda: self.ops.release(req, hdr.nodeid, o.fh, flags))
 
     def _create(self, hdr, body, out):
@@ -401,7 +407,7 @@ class Session:
                 self.ops.forget(entry.nodeid, 1)
 
         reply = self._entry(entry)
-        reply.parts.append(p.pack_open(o.fh, self._open_flags(o)))
+        reply.parts.append(p.pack_open(o.fh, self._open_flags(o), o.backing_id))
         reply.undo = undo
         return reply
 
@@ -534,3 +540,22 @@ class Session:
         fh, offset, whence, _ = p.LSEEK_IN.unpack_from(body)
         return _Reply([p.LSEEK_OUT.pack(self.ops.lseek(self._req(hdr), hdr.nodeid, fh, offset, whence))])
 
+    def _copy_file_range(self, hdr, body, out):
+        fh_in, off_in, node_out, fh_out, off_out, length, flags = p.COPY_FILE_RANGE_IN.unpack_from(body)
+        n = self.ops.copy_file_range(self._req(hdr), hdr.nodeid, fh_in, off_in, node_out, fh_out,
+                                     off_out, length, flags)
+        return _Reply([p.WRITE_OUT.pack(n, 0)])
+
+
+class Backing:
+    """``ops.BackingFiles`` on a connection's fd."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def open(self, fd: int) -> int:
+        # a bytearray argument makes ioctl return the call's result (the id), not a buffer
+        return fcntl.ioctl(self._fd, p.DEV_IOC_BACKING_OPEN, bytearray(p.BACKING_MAP.pack(fd, 0, 0)))
+
+    def close(self, backing_id: int) -> None:
+        fcntl.ioctl(self._fd, p.DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("<I", backing_id)))
