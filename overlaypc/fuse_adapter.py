@@ -11,7 +11,8 @@ import (8); rename flags, dropped by mfusepy on libfuse3, are passed through (2)
 readdir entries carry ``st_ino`` and ``st_mode`` (3); no ``copy_file_range``/``lseek``/
 ``write_buf`` ops (5, 6); no attribute of the ``Operations`` object is named like a
 FUSE op (7); UTIME_NOW/OMIT are mapped in ``attrs`` (11). Trap 10 is handled without
-``hard_remove``, which breaks ``fstat`` of open unlinked files: see ``hidden``.
+``hard_remove``, which breaks ``fstat`` of open unlinked files (libfuse then hides them;
+the node-based ``overlay_ops`` replaces this adapter).
 Reads go straight into libfuse's buffer (``preadv``), with no Python-level copy.
 """
 from __future__ import annotations
