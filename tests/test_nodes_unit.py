@@ -300,3 +300,28 @@ def test_init_flags(ops_factory, noacl):
     acl = p.POSIX_ACL | p.DONT_MASK
     assert conn.wanted & WANTED == WANTED and bool(conn.wanted & acl) is not noacl
     assert not conn.wanted & (p.WRITEBACK_CACHE | p.READDIRPLUS_AUTO | p.EXPORT_SUPPORT)
+
+
+def test_concurrent_lookups_during_a_copy_up_yield_one_nodeid(ops_factory):
+    """Lookups of one name on several threads while a copy-up changes its key: the epoch
+    check makes every lookup land on the one node."""
+    ops = ops_factory()
+    got: list[int] = []
+    start = threading.Barrier(5)
+
+    def looker():
+        start.wait()
+        for _ in range(200):
+            got.append(ops.lookup(REQ, ROOT_ID, b"f").nodeid)
+
+    def chmod():
+        start.wait()
+        ops.fs.chmod("f", 0o600)  # the copy-up
+
+    threads = [threading.Thread(target=looker) for _ in range(4)] + [threading.Thread(target=chmod)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(set(got)) == 1 and ops.nodes.nlookup(got[0]) == 800
+    assert ops.nodes.by_key(ops.fs.identity(ops.fs.lookup.lookup("f"))) == got[0]
