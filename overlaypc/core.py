@@ -33,7 +33,6 @@ from .fdbudget import FdBudget
 from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
-from .hidden import HiddenNames, is_hidden_name
 from .index import IndexDir
 from .inumbers import InodeNumbers
 from .linknames import LinkNames
@@ -86,7 +85,6 @@ class OverlayFS:
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
         self.links = LinkNames()
-        self.hidden = HiddenNames()
         self.handles = HandleTable()
         #: owner and mode shown and written (ID mapping, squashing, override xattrs)
         self.ownership = Ownership.for_mount(
@@ -114,6 +112,11 @@ class OverlayFS:
         self._dir_lock = threading.Lock()
         #: set by the FUSE adapter: drop the kernel's cache of another name of an inode
         self.invalidate_path: Callable[[str], None] = lambda rel: None
+        #: set by the node-based adapter: a copy-up changed an object's identity (old, new);
+        #: called under the namespace lock
+        self.on_rekey: Callable[[InodeKey, InodeKey], None] = lambda old, new: None
+        #: set by the node-based adapter: how many nodes the kernel references
+        self.node_count: Callable[[], int] = lambda: 0
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -150,11 +153,13 @@ class OverlayFS:
         namespace lock, so ``entry.rel`` names the new backing while handles reopen.
         ``metadata_only`` (metacopy): the inode is now the upper one, but its data, and so
         its open handles, stay below until the data copy-up."""
+        copied = Node(entry.rel, (entry,))
+        new_key = self.identity(copied)
+        # every copy-up (directories too) changes the identity the kernel's node has
+        self.on_rekey(key, new_key)
         inode = self.inodes.get(key)
         if inode is not None and self.inodes.hold(inode):
             try:
-                copied = Node(entry.rel, (entry,))
-                new_key = self.identity(copied)
                 if metadata_only:
                     with inode.lock:
                         inode.key, inode.meta_rel = new_key, entry.rel
@@ -281,7 +286,6 @@ class OverlayFS:
                 inode.unlinked = True
 
     def renamed(self, old: str, new: str) -> None:
-        self.hidden.moved(old, new)
         self.handles.renamed(old, new)
         with self._dir_lock:
             for handle in self._dir_handles.values():
@@ -300,6 +304,7 @@ class OverlayFS:
 
     def stats_json(self) -> bytes:
         return self.stats.to_json(open_handles=len(self.handles), live_inodes=len(self.inodes),
+                                  nodes=self.node_count(),
                                   extent_map_intervals=len(self.sharing) if self.sharing else 0,
                                   cache_mode=self.config.cache)
 
@@ -311,11 +316,6 @@ class OverlayFS:
                 return self.files.getattr(fh)
             rel = dir_handle.rel
         check_name(rel, last_only=True)
-        if rel in self.hidden:
-            hidden = self.hidden.get(rel)
-            if hidden is None:
-                raise OSError(errno.ENOENT, "hidden name of a file no longer open", rel)
-            return self.files.getattr_inode(hidden)
         return self.attrs.getattr(rel)
 
     def readlink(self, rel: str) -> str:
@@ -395,11 +395,8 @@ class OverlayFS:
         return self.files.write(fh, data, offset)
 
     def truncate(self, rel: str, length: int, fh: int | None = None) -> None:
-        hidden = self.hidden.get(rel) if fh is None else None
         if fh is not None:
             self.files.truncate(fh, length)
-        elif hidden is not None:
-            self.files.truncate_inode(hidden, length)
         else:
             self.attrs.truncate(rel, length)
 
@@ -416,24 +413,12 @@ class OverlayFS:
         self.files.release(fh)
 
     def chmod(self, rel: str, mode: int) -> None:
-        hidden = self.hidden.get(rel)
-        if hidden is not None:
-            self.files.chmod_inode(hidden, mode)
-            return
         self.attrs.chmod(rel, mode)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
-        hidden = self.hidden.get(rel)
-        if hidden is not None:
-            self.files.chown_inode(hidden, uid, gid)
-            return
         self.attrs.chown(rel, uid, gid)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
-        hidden = self.hidden.get(rel)
-        if hidden is not None:
-            self.files.utimens_inode(hidden, times)
-            return
         self.attrs.utimens(rel, times)
 
     def getxattr(self, rel: str, name: str) -> bytes:
@@ -461,33 +446,10 @@ class OverlayFS:
         self.namespace.link(src, dst)
 
     def unlink(self, rel: str) -> None:
-        if rel in self.hidden:  # libfuse's last release of an open, unlinked file
-            hidden = self.hidden.pop(rel)
-            if hidden is not None:
-                self.inodes.release(hidden)
-            return
         self.namespace.unlink(rel)
 
     def rmdir(self, rel: str) -> None:
         self.namespace.rmdir(rel)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
-        if is_hidden_name(new) and not flags:
-            # libfuse hides an *open* file it was asked to unlink (its open count lasts
-            # until our release returns, so "open" includes a release just done); a file
-            # nobody has open is renamed as asked, whatever the name
-            node = self.lookup.lookup(old)
-            key = self.identity(node) if node.exists else None
-            inode = self.inodes.get(key) if key is not None else None
-            if inode is not None and not self.inodes.hold(inode):
-                inode = None
-            if inode is not None or (key is not None and self.files.just_released(key)):
-                try:
-                    self.namespace.unlink(old)
-                except BaseException:
-                    if inode is not None:
-                        self.inodes.release(inode)
-                    raise
-                self.hidden.add(new, inode)
-                return
         self.namespace.rename(old, new, flags)

@@ -14,16 +14,13 @@ import contextlib
 import errno
 import os
 import stat
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import faults, sysapi
 from .attrs import Attr
 from .handles import Handle
-from .inodes import InodeKey, OverlayInode
+from .inodes import OverlayInode
 from .lookup import Entry
 from .namespace import Caller
 from .sharing import NOT_SHARED, Canonical, Piece, changing, map_file
@@ -41,17 +38,9 @@ class OpenResult:
     direct_io: bool
 
 
-#: How long after its last release a file may still be hidden by libfuse, and how many
-#: such releases are remembered (see ``Files.just_released``).
-RELEASE_WINDOW = 2.0
-RELEASED_KEPT = 1024
-
-
 class Files:
     def __init__(self, fs: "OverlayFS") -> None:
         self.fs = fs
-        self._released: OrderedDict[InodeKey, float] = OrderedDict()
-        self._released_lock = threading.Lock()
 
     def open(self, rel: str, flags: int) -> OpenResult:
         fs = self.fs
@@ -247,7 +236,7 @@ class Files:
     def flush(self, fh: int) -> None:
         self._fd(self.fs.handles.get(fh))
 
-    # -- an open file with no name left (``hidden``): reached through an open handle's fd --
+    # -- an open file with no name left (unlinked): reached through an open handle's fd --
     def _handle_fd(self, inode: OverlayInode) -> int:
         for handle in self.fs.handles.for_inode(inode):
             return self._fd(handle)
@@ -258,7 +247,7 @@ class Files:
         return own.show(attr, own.stored_fd(inode.layer, attr.st, fd)) if own.active else attr
 
     def getattr_inode(self, inode: OverlayInode) -> Attr:
-        """Attributes of an open file that has no name left (``hidden``)."""
+        """Attributes of an open file that has no name left."""
         fd = self._handle_fd(inode)
         return self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd)
 
@@ -313,18 +302,4 @@ class Files:
     def release(self, fh: int) -> None:
         handle = self.fs.handles.pop(fh)
         handle.close()
-        inode = handle.inode
-        with self._released_lock:
-            self._released[inode.key] = time.monotonic()
-            self._released.move_to_end(inode.key)
-            if len(self._released) > RELEASED_KEPT:
-                self._released.popitem(last=False)
-        self.fs.inodes.release(inode)
-
-    def just_released(self, key: InodeKey) -> bool:
-        """Whether a handle of ``key`` was released within ``RELEASE_WINDOW`` seconds:
-        libfuse counts a file open until our release *returns*, so it may still hide
-        (rename to ``.fuse_hidden*``) a file whose last handle we already let go."""
-        with self._released_lock:
-            at = self._released.get(key)
-        return at is not None and time.monotonic() - at < RELEASE_WINDOW
+        self.fs.inodes.release(handle.inode)

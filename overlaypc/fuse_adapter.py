@@ -11,7 +11,8 @@ import (8); rename flags, dropped by mfusepy on libfuse3, are passed through (2)
 readdir entries carry ``st_ino`` and ``st_mode`` (3); no ``copy_file_range``/``lseek``/
 ``write_buf`` ops (5, 6); no attribute of the ``Operations`` object is named like a
 FUSE op (7); UTIME_NOW/OMIT are mapped in ``attrs`` (11). Trap 10 is handled without
-``hard_remove``, which breaks ``fstat`` of open unlinked files: see ``hidden``.
+``hard_remove``, which breaks ``fstat`` of open unlinked files (libfuse then hides them;
+the node-based ``overlay_ops`` replaces this adapter).
 Reads go straight into libfuse's buffer (``preadv``), with no Python-level copy.
 """
 from __future__ import annotations
@@ -23,13 +24,13 @@ import logging
 import os
 import stat
 import threading
-import time
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy  # noqa: E402  (must follow the environment set-up above)
 
 from . import autounmount  # noqa: E402
+from .mounting import mount_mode, raise_readahead  # noqa: E402
 from .core import OverlayFS  # noqa: E402
 from .namespace import Caller  # noqa: E402
 
@@ -437,80 +438,6 @@ class OverlayFUSE(mfusepy.FUSE):
         addr = ctypes.cast(buf, ctypes.c_void_p).value
         view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
         return self.operations.write(None, view, offset, fip.contents)
-
-
-READAHEAD_KB = 1024
-
-
-def raise_readahead(mountpoint: str, kb: int = READAHEAD_KB, timeout: float = 5.0) -> None:
-    """Set the FUSE bdi's ``read_ahead_kb`` (default 128; the INIT reply can only lower it):
-    8x fewer read requests in kernel cache mode (docs/ARCHITECTURE.md §7)."""
-    deadline = time.monotonic() + timeout
-    dev = None
-    while dev is None and time.monotonic() < deadline:
-        dev = _mount_device(mountpoint)
-        if dev is None:
-            time.sleep(0.02)
-    if dev is None:
-        return
-    # The kernel applies the INIT reply (which can only lower readahead) asynchronously;
-    # a stat of the mount root waits for it, so the value set after it sticks.
-    try:
-        os.stat(mountpoint)
-    except OSError:
-        return
-    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
-    try:
-        for _ in range(3):
-            with open(path, "w") as f:
-                f.write(str(kb))
-            time.sleep(0.05)
-            with open(path) as f:
-                if int(f.read()) == kb:
-                    log.debug("read_ahead_kb of %s (bdi %s) set to %d", mountpoint, dev, kb)
-                    return
-        log.warning("read_ahead_kb of %s did not stay at %d", mountpoint, kb)
-    except (OSError, ValueError) as e:
-        log.debug("cannot raise read_ahead_kb of %s: %s", mountpoint, e)
-
-
-def _mount_device(mountpoint: str) -> str | None:
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == mountpoint and " - fuse" in line:
-                return fields[2]
-    return None
-
-
-FUSE_CONF = "/etc/fuse.conf"
-
-
-def user_allow_other(path: str = FUSE_CONF) -> bool:
-    """Whether fusermount3 lets unprivileged users ask for ``allow_other``
-    (a ``user_allow_other`` line in /etc/fuse.conf)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return any(line.strip() == "user_allow_other" for line in f)
-    except OSError:
-        return False
-
-
-def mount_mode(euid: int, fuse_conf: str = FUSE_CONF) -> dict[str, bool]:
-    """The libfuse options that depend on who mounts. libfuse tries mount(2) first, which
-    works for uid 0, also inside a user namespace (rootless podman runs its mount program
-    there), and falls back to the setuid fusermount3 for everyone else. Root (of any
-    namespace) shares the mount with every user, as the kernel's overlay does; a plain
-    user only where /etc/fuse.conf allows it (fusermount3 refuses the mount otherwise),
-    and asks for ``auto_unmount``: fusermount3 then stays behind and unmounts if the
-    daemon dies, so a killed daemon leaves no dead mount (unmount with ``fusermount3 -u``).
-    Without ``allow_other`` that watcher cannot see the daemon die: ``autounmount``."""
-    if euid == 0:
-        return {"allow_other": True}
-    mode = {"auto_unmount": True}
-    if user_allow_other(fuse_conf):
-        mode["allow_other"] = True
-    return mode
 
 
 def serve(fs: OverlayFS, *, foreground: bool, mount_flags: list[str]) -> None:

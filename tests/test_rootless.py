@@ -188,12 +188,12 @@ def test_user_namespace_without_mknod_writes_wh_files(tmp_path, layers_factory, 
 # --------------------------------------------------------------------------------------
 
 def _fuse_conf_allows_other() -> bool:
-    from overlaypc.fuse_adapter import user_allow_other
+    from overlaypc.mounting import user_allow_other
     return user_allow_other()
 
 
 def test_mount_mode_follows_fuse_conf(tmp_path):
-    from overlaypc.fuse_adapter import mount_mode
+    from overlaypc.mounting import mount_mode
     conf = tmp_path / "fuse.conf"
     conf.write_text("# user_allow_other\nmount_max = 1000\n")
     assert mount_mode(0, str(conf)) == {"allow_other": True}

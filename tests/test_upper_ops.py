@@ -1202,22 +1202,28 @@ def test_mknod_of_a_whiteout_device_is_eperm(stk, kernel_mount):
     assert os.stat(stk.m("dev")).st_rdev == os.makedev(1, 3)
 
 
+@pytest.mark.parametrize("held_open", [False, True])
 @pytest.mark.parametrize("origin", ["upper", "lower"])
-def test_rename_of_closed_file_to_a_hidden_like_name_is_a_rename(stk, origin):
+def test_rename_of_closed_file_to_a_hidden_like_name_is_a_rename(stk, origin, held_open):
     """Issue 13.8: a rename to ``.fuse_hidden`` + 16 hex digits was taken as libfuse's
-    hidden unlink even for a file nobody had open, and deleted it."""
-    # never opened through the mount: a release just before the rename would count as
-    # libfuse's hiding of a file whose last close is in flight
-    # (a create, or mknod of a regular file, opens and releases it too)
+    hidden unlink even for a file nobody had open, and deleted it. Such names are not
+    special at all any more (the node-based engine gets UNLINK for an open file, not a
+    rename): open or not, the file is renamed as asked."""
     name = "third.txt"
     if origin == "upper":
         os.chmod(stk.m(name), 0o600)  # copied up without an open
         assert stk.u(name).exists()
     data = (stk.lower / name).read_bytes()
     hidden_like = ".fuse_hidden0123456789abcdef"
-    os.rename(stk.m(name), stk.m(hidden_like))
-    assert not os.path.lexists(stk.m(name))
-    assert stk.m(hidden_like).read_bytes() == data
+    fd = os.open(stk.m(name), os.O_RDONLY) if held_open else None
+    try:
+        os.rename(stk.m(name), stk.m(hidden_like))
+        assert not os.path.lexists(stk.m(name))
+        assert stk.m(hidden_like).read_bytes() == data
+        assert hidden_like in os.listdir(stk.mnt)
+    finally:
+        if fd is not None:
+            os.close(fd)
     assert hidden_like in os.listdir(stk.mnt)
 
 

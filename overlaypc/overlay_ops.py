@@ -1,0 +1,426 @@
+"""The engine's operations over an ``OverlayFS``: nodeids in, merged paths to the core.
+
+Owns: translating each FUSE operation (``engine.ops.Operations``, addressed by nodeid or
+(parent nodeid, name)) into the core's path API through ``nodes.NodeTable``, and the
+core's answers into the engine's result types. The policies are the libfuse adapter's
+(``fuse_adapter``): the caller's IDs and umask for creations, ``Attr``'s overrides in
+every attribute reply, reads into the reply buffer, cached directory listings, one
+timeout (``config.timeout``) for entries, attributes and negative entries.
+
+References: every operation that answers an ``Entry`` takes the node's reference before
+returning (see ``engine.ops``). A lookup reads the object's identity from disk and
+registers it under the namespace lock; if a copy-up or a removed name moved identities
+meanwhile (``NodeTable.epoch``), it looks again, so one object never gets two nodeids.
+
+Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
+name left is reached through one of its open handles (``Files.*_inode``); with none
+open, ENOENT. Errors are ``OSError``: the session translates them.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from typing import Iterator
+
+from . import autounmount
+from .attrs import UTIME_NOW, UTIME_OMIT, Attr
+from .core import OverlayFS
+from .engine import protocol as p
+from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
+from .engine.protocol import FileAttr, SetAttr
+from .inodes import InodeKey, OverlayInode
+from .mounting import raise_readahead
+from .namespace import Caller
+from .nodes import ROOT_ID, NodeTable
+
+log = logging.getLogger("overlaypc.fuse")
+
+#: what overlaypc asks of the kernel at INIT (ACLs added by ``_negotiate_acls``). No
+#: WRITEBACK_CACHE (a hard link's other names would read stale data until writeback),
+#: no READDIRPLUS_AUTO (every listing chunk carries attributes), no EXPORT_SUPPORT
+#: (nodeids are not stable across a FORGET).
+WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.MAX_PAGES | p.PARALLEL_DIROPS
+          | p.AUTO_INVAL_DATA | p.ASYNC_DIO | p.DO_READDIRPLUS)
+
+
+def file_attr(attr: Attr) -> FileAttr:
+    """The core's ``Attr`` (a backing stat with the overlay's overrides) as a reply's."""
+    st = attr.st
+    return FileAttr(attr.ino, st.st_size, st.st_blocks if attr.blocks is None else attr.blocks,
+                    st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                    st.st_mode if attr.mode is None else attr.mode,
+                    st.st_nlink if attr.nlink is None else attr.nlink,
+                    st.st_uid if attr.uid is None else attr.uid,
+                    st.st_gid if attr.gid is None else attr.gid,
+                    st.st_rdev, st.st_blksize)
+
+
+def _caller(req: Request) -> Caller:
+    return Caller(req.uid, req.gid, req.pid, req.umask)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _statvfs(d: dict) -> os.statvfs_result:
+    return os.statvfs_result((d["f_bsize"], d["f_frsize"], d["f_blocks"], d["f_bfree"],
+                              d["f_bavail"], d["f_files"], d["f_ffree"], d["f_favail"], 0,
+                              d["f_namemax"]))
+
+
+class OverlayOps(Operations):
+    def __init__(self, fs: OverlayFS, *, watch_unmount: bool = False) -> None:
+        self.fs = fs
+        self.timeout = fs.config.timeout
+        self.nodes = NodeTable(fs.identity(fs.lookup.lookup("")))
+        #: a plain user's mount without allow_other: the watcher of ``autounmount``
+        self._watch_unmount = watch_unmount
+        #: directory handle -> table epoch when its listing was read (READDIRPLUS ``take``)
+        self._listed: dict[int, int] = {}
+        self._listed_lock = threading.Lock()
+        fs.invalidate_path = self._invalidate_path
+        fs.on_rekey = self.nodes.rekey
+        fs.node_count = lambda: len(self.nodes)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def init(self, conn: ConnInfo) -> None:
+        conn.wanted = WANTED
+        cfg = self.fs.config
+        if cfg.noacl or cfg.noxattrs:  # fuse-overlayfs's options: mode bits alone decide
+            log.info("POSIX ACLs not enforced (%s)", "noacl" if cfg.noacl else "noxattrs=1")
+        else:
+            _negotiate_acls(conn)
+
+    def initialized(self, conn: ConnInfo) -> None:
+        log.info("mounted %s", self.fs.config.mountpoint)
+        for note in self.fs.format.notes:
+            log.info("%s", note)
+        if self._watch_unmount:
+            try:
+                autounmount.start(self.fs.config.mountpoint)
+            except OSError as e:
+                log.warning("cannot start the auto-unmount watcher: %s", e)
+        # the mount is visible only once the INIT reply is processed: a short-lived thread
+        threading.Thread(target=raise_readahead, args=(self.fs.config.mountpoint,),
+                         name="overlaypc-readahead", daemon=True).start()
+
+    def destroy(self) -> None:
+        log.info("unmounting %s", self.fs.config.mountpoint)
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        self.nodes.forget(nodeid, nlookup)
+
+    def _invalidate_path(self, rel: str) -> None:
+        """The core drops the kernel's cache of another name: by names only, no disk."""
+        nodeid = self.nodes.resolve(rel)
+        if nodeid is not None:
+            self.notifier.inval_inode(nodeid)
+
+    # -- nodes and names ---------------------------------------------------------------------
+    def _path(self, nodeid: int) -> str:
+        """The node's merged path; ENOENT for a node with no name left."""
+        rel = self.nodes.path(nodeid)
+        if rel is None:
+            raise OSError(errno.ENOENT, f"node {nodeid} has no name left")
+        return rel
+
+    def _child(self, parent: int, name: bytes) -> tuple[str, str]:
+        """(merged path, decoded name) of ``name`` in directory ``parent``."""
+        decoded = os.fsdecode(name)
+        if "/" in decoded or not decoded:
+            raise OSError(errno.EINVAL, "invalid name", decoded)
+        return _join(self._path(parent), decoded), decoded
+
+    def _take(self, parent: int, name: str, rel: str) -> Entry | None:
+        """Look ``rel`` up and take one reference to its node; None if it does not exist."""
+        fs = self.fs
+        while True:
+            epoch = self.nodes.epoch
+            try:
+                attr = fs.getattr(rel)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return None
+                raise
+            node = fs.lookup.lookup(rel)
+            if not node.exists:
+                return None
+            key = fs.identity(node)
+            # copy-ups rekey under the namespace lock: registering under it too, a key
+            # read before a copy-up is caught by the epoch, one read after it finds the
+            # node already rekeyed
+            with fs.ns_lock:
+                if self.nodes.epoch == epoch:
+                    nodeid = self.nodes.take(key, parent, name, node.is_dir)
+                    return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
+
+    def _entry(self, parent: int, name: str, rel: str) -> Entry:
+        entry = self._take(parent, name, rel)
+        if entry is None:
+            raise OSError(errno.ENOENT, "vanished after it was made", rel)
+        return entry
+
+    def _open_inode(self, nodeid: int) -> tuple[int, OverlayInode]:
+        """An open handle of a node with no name left, and its inode (ENOENT: none)."""
+        for fh in self.nodes.handles(nodeid):
+            try:
+                return fh, self.fs.handles.get(fh).inode
+            except (OSError, KeyError):
+                continue
+        raise OSError(errno.ENOENT, "no name left and not open")
+
+    def _links_elsewhere(self, rel: str) -> bool:
+        """Whether the non-directory at ``rel`` has other names on disk (before a removal):
+        its node then keeps its identity even when no name of it is known."""
+        node = self.fs.lookup.lookup(rel)
+        return node.exists and not node.is_dir and node.st.st_nlink > 1
+
+    def lookup(self, req: Request, parent: int, name: bytes) -> Entry:
+        rel, decoded = self._child(parent, name)
+        entry = self._take(parent, decoded, rel)
+        if entry is None:  # a negative entry, cached as long as a positive one
+            return Entry(0, None, self.timeout, self.timeout)
+        return entry
+
+    # -- attributes ---------------------------------------------------------------------------
+    def _attr(self, nodeid: int, fh: int | None) -> Attr:
+        if fh is not None:
+            return self.fs.getattr("", fh)
+        rel = self.nodes.path(nodeid)
+        if rel is None:
+            fh, _ = self._open_inode(nodeid)
+            return self.fs.files.getattr(fh)
+        return self.fs.getattr(rel)
+
+    def getattr(self, req: Request, nodeid: int, fh: int | None = None) -> AttrReply:
+        return AttrReply(file_attr(self._attr(nodeid, fh)), self.timeout)
+
+    def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
+        """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes."""
+        fs, valid = self.fs, sa.valid
+        rel = self.nodes.path(nodeid)
+        inode = None if rel is not None else self._open_inode(nodeid)[1]
+        if valid & p.FATTR_MODE:
+            if inode is None:
+                fs.chmod(rel, sa.mode)
+            else:
+                fs.files.chmod_inode(inode, sa.mode)
+        if valid & (p.FATTR_UID | p.FATTR_GID):
+            uid = sa.uid if valid & p.FATTR_UID else -1
+            gid = sa.gid if valid & p.FATTR_GID else -1
+            if inode is None:
+                fs.chown(rel, uid, gid)
+            else:
+                fs.files.chown_inode(inode, uid, gid)
+        if valid & p.FATTR_SIZE:
+            if sa.fh is not None:
+                fs.truncate(rel or "", sa.size, sa.fh)
+            elif inode is None:
+                fs.truncate(rel, sa.size)
+            else:
+                fs.files.truncate_inode(inode, sa.size)
+        if valid & (p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW):
+            times = (_time(valid, p.FATTR_ATIME, p.FATTR_ATIME_NOW, sa.atime_ns),
+                     _time(valid, p.FATTR_MTIME, p.FATTR_MTIME_NOW, sa.mtime_ns))
+            if inode is None:
+                fs.utimens(rel, times)
+            else:
+                fs.files.utimens_inode(inode, times)
+        return AttrReply(file_attr(self._attr(nodeid, sa.fh)), self.timeout)
+
+    def readlink(self, req: Request, nodeid: int) -> bytes:
+        return os.fsencode(self.fs.readlink(self._path(nodeid)))
+
+    def statfs(self, req: Request, nodeid: int) -> os.statvfs_result:
+        return _statvfs(self.fs.statfs())
+
+    def access(self, req: Request, nodeid: int, mask: int) -> None:
+        self.fs.access(self._path(nodeid), mask)
+
+    def getxattr(self, req: Request, nodeid: int, name: str) -> bytes:
+        return self.fs.getxattr(self._path(nodeid), name)
+
+    def listxattr(self, req: Request, nodeid: int) -> list[str]:
+        return self.fs.listxattr(self._path(nodeid))
+
+    def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int) -> None:
+        self.fs.setxattr(self._path(nodeid), name, value, flags)
+
+    def removexattr(self, req: Request, nodeid: int, name: str) -> None:
+        self.fs.removexattr(self._path(nodeid), name)
+
+    # -- namespace ------------------------------------------------------------------------------
+    def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
+        rel, decoded = self._child(parent, name)
+        self.fs.mknod(rel, mode, rdev, _caller(req))
+        return self._entry(parent, decoded, rel)
+
+    def mkdir(self, req: Request, parent: int, name: bytes, mode: int) -> Entry:
+        rel, decoded = self._child(parent, name)
+        self.fs.mkdir(rel, mode, _caller(req))
+        return self._entry(parent, decoded, rel)
+
+    def symlink(self, req: Request, parent: int, name: bytes, target: bytes) -> Entry:
+        rel, decoded = self._child(parent, name)
+        self.fs.symlink(os.fsdecode(target), rel, _caller(req))
+        return self._entry(parent, decoded, rel)
+
+    def link(self, req: Request, nodeid: int, new_parent: int, new_name: bytes) -> Entry:
+        rel, decoded = self._child(new_parent, new_name)
+        self.fs.link(self._path(nodeid), rel)
+        return self._entry(new_parent, decoded, rel)
+
+    def unlink(self, req: Request, parent: int, name: bytes) -> None:
+        rel, decoded = self._child(parent, name)
+        keep = self._links_elsewhere(rel)
+        self.fs.unlink(rel)
+        self.nodes.unlink(parent, decoded, keep_key=keep)
+
+    def rmdir(self, req: Request, parent: int, name: bytes) -> None:
+        rel, decoded = self._child(parent, name)
+        self.fs.rmdir(rel)
+        self.nodes.unlink(parent, decoded)
+
+    def rename(self, req: Request, parent: int, name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        old, decoded = self._child(parent, name)
+        new, new_decoded = self._child(new_parent, new_name)
+        keep = self._links_elsewhere(new)
+        self.fs.rename(old, new, flags)
+        self.nodes.rename(parent, decoded, new_parent, new_decoded, keep_key=keep)
+
+    # -- files ------------------------------------------------------------------------------------
+    def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
+        result = self.fs.open(self._path(nodeid), flags)
+        self.nodes.opened(nodeid, result.fh)
+        return Opened(result.fh, direct_io=result.direct_io, keep_cache=result.keep_cache)
+
+    def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int,
+               open_flags: int = 0) -> tuple[Entry, Opened]:
+        rel, decoded = self._child(parent, name)
+        result = self.fs.create(rel, flags, mode, _caller(req))
+        try:
+            entry = self._entry(parent, decoded, rel)
+        except BaseException:
+            self.fs.release(result.fh)
+            raise
+        self.nodes.opened(entry.nodeid, result.fh)
+        return entry, Opened(result.fh, direct_io=result.direct_io, keep_cache=result.keep_cache)
+
+    def read(self, req: Request, nodeid: int, fh: int, buf: memoryview, offset: int) -> int:
+        return self.fs.files.readinto(fh, buf, offset)
+
+    def write(self, req: Request, nodeid: int, fh: int, data: memoryview, offset: int,
+              write_flags: int = 0) -> int:
+        return self.fs.write(fh, data, offset)
+
+    def flush(self, req: Request, nodeid: int, fh: int) -> None:
+        self.fs.flush(fh)
+
+    def release(self, req: Request, nodeid: int, fh: int, flags: int = 0) -> None:
+        try:
+            self.fs.release(fh)
+        finally:
+            self.nodes.closed(nodeid, fh)
+
+    def fsync(self, req: Request, nodeid: int, fh: int, datasync: bool) -> None:
+        self.fs.fsync(fh, bool(datasync))
+
+    def fallocate(self, req: Request, nodeid: int, fh: int, offset: int, length: int,
+                  mode: int) -> None:
+        self.fs.fallocate(fh, mode, offset, length)
+
+    # -- directories ------------------------------------------------------------------------------
+    def opendir(self, req: Request, nodeid: int, flags: int = 0) -> Opened:
+        # the kernel may keep listings across opens: it drops them itself whenever the
+        # directory changes through the mount, and layers change only through the mount
+        return Opened(self.fs.opendir(self._path(nodeid)), cache_dir=True, keep_cache=True)
+
+    def releasedir(self, req: Request, nodeid: int, fh: int) -> None:
+        with self._listed_lock:
+            self._listed.pop(fh, None)
+        self.fs.releasedir(fh)
+
+    def readdir(self, req: Request, nodeid: int, fh: int, offset: int,
+                plus: bool = False) -> Iterator[DirItem]:
+        """Entries from cookie ``offset`` (position + 1; positions 0 and 1 are ``.`` and
+        ``..``). The listing is read now (errors raise here); items are made lazily."""
+        if offset == 0:
+            with self._listed_lock:
+                self._listed[fh] = self.nodes.epoch
+        entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
+        dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
+        return self._items(nodeid, fh, entries, dots, offset, plus)
+
+    def _items(self, nodeid: int, fh: int, entries, dots, offset: int, plus: bool) -> Iterator[DirItem]:
+        for pos in range(offset, len(entries) + 2):
+            if pos < 2:
+                yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, pos + 1)
+                continue
+            e = entries[pos - 2]
+            take = None
+            if plus and e.attr is not None:
+                take = _Take(self, nodeid, fh, e.name, e.attr)
+            yield DirItem(os.fsencode(e.name), e.ino, e.mode, pos + 1, take)
+
+    def _take_listed(self, parent: int, fh: int, name: str, attr: Attr) -> Entry | None:
+        """READDIRPLUS: one reference to a listed entry's node. A name the kernel holds
+        already names its node; otherwise the listing's stat gives the identity (hard
+        links and metacopy files come without attributes), unless identities moved since
+        the listing was read: then the name is looked up afresh."""
+        nodeid = self.nodes.child(parent, name)
+        if nodeid is not None and self.nodes.ref(nodeid):
+            return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
+        with self._listed_lock:
+            epoch = self._listed.get(fh)
+        st = attr.st
+        with self.fs.ns_lock:
+            if epoch is not None and self.nodes.epoch == epoch:
+                nodeid = self.nodes.take(InodeKey(st.st_dev, st.st_ino), parent, name,
+                                         stat.S_ISDIR(st.st_mode))
+                return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
+        rel = self.nodes.path(parent)
+        if rel is None:
+            return None
+        try:
+            return self._take(parent, name, _join(rel, name))
+        except OSError:
+            return None  # the kernel looks the name up itself, and gets the error then
+
+
+class _Take:
+    """A READDIRPLUS item's ``take`` (a small object rather than a closure per entry)."""
+    __slots__ = ("ops", "parent", "fh", "name", "attr")
+
+    def __init__(self, ops: OverlayOps, parent: int, fh: int, name: str, attr: Attr) -> None:
+        self.ops, self.parent, self.fh, self.name, self.attr = ops, parent, fh, name, attr
+
+    def __call__(self) -> Entry | None:
+        return self.ops._take_listed(self.parent, self.fh, self.name, self.attr)
+
+
+def _time(valid: int, flag: int, now_flag: int, ns: int | None) -> int:
+    """One SETATTR time: UTIME_OMIT when not set, UTIME_NOW for the kernel's "now"."""
+    if not valid & (flag | now_flag):
+        return UTIME_OMIT
+    if valid & now_flag or ns is None:
+        return UTIME_NOW
+    return ns
+
+
+def _negotiate_acls(conn: ConnInfo) -> None:
+    """POSIX ACLs enforced by the kernel: its permission checks then read
+    ``system.posix_acl_access`` through getxattr. The kernel then applies the umask itself
+    even under a parent with a default ACL; DONT_MASK stops that, and ``namespace``
+    applies the caller's umask only where Linux does."""
+    if conn.offered & p.POSIX_ACL and conn.offered & p.DONT_MASK:
+        conn.wanted |= p.POSIX_ACL | p.DONT_MASK
+    else:
+        log.warning("the kernel offers no FUSE POSIX ACL support: ACLs are not enforced")
+
+
+__all__ = ["OverlayOps", "file_attr", "WANTED", "ROOT_ID"]

@@ -1,0 +1,327 @@
+"""Unit tests of ``overlaypc.nodes.NodeTable`` and of ``OverlayOps`` over a real
+``OverlayFS`` on plain directories (no FUSE, no mount): identity rules, names, forget,
+re-keying on copy-up, open unlinked files, invalidation by path, memory per node."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import threading
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from overlaypc.attrs import STATS_XATTR
+from overlaypc.config import MountConfig, validate
+from overlaypc.core import OverlayFS
+from overlaypc.engine import protocol as p
+from overlaypc.engine.ops import ConnInfo, Request
+from overlaypc.engine.protocol import SetAttr
+from overlaypc.inodes import InodeKey
+from overlaypc.nodes import ROOT_ID, NodeTable
+from overlaypc.overlay_ops import WANTED, OverlayOps
+
+REQ = Request(0, 0, os.getpid())
+
+
+# -- the table alone ----------------------------------------------------------------------
+def K(n: int) -> InodeKey:
+    return InodeKey(1, n)
+
+
+def test_take_counts_references_and_forget_frees():
+    t = NodeTable(K(0))
+    a = t.take(K(1), ROOT_ID, "a", False)
+    assert t.take(K(1), ROOT_ID, "a", False) == a
+    assert t.nlookup(a) == 2 and t.path(a) == "a"
+    t.forget(a, 1)
+    assert a in t
+    t.forget(a, 1)
+    assert a not in t and t.child(ROOT_ID, "a") is None and t.by_key(K(1)) is None
+    b = t.take(K(1), ROOT_ID, "a", False)
+    assert b != a, "nodeids are never reused"
+    t.forget(ROOT_ID, 5)
+    assert ROOT_ID in t
+
+
+def test_rename_moves_names_and_paths_follow_parents():
+    t = NodeTable(K(0))
+    d = t.take(K(1), ROOT_ID, "d", True)
+    f = t.take(K(2), d, "f", False)
+    e = t.take(K(3), ROOT_ID, "e", True)
+    assert t.path(f) == "d/f"
+    t.rename(ROOT_ID, "d", e, "d2")
+    assert t.path(f) == "e/d2/f" and t.resolve("e/d2/f") == f and t.resolve("d/f") is None
+    # renamed over: the target loses its name but stays until FORGET
+    g = t.take(K(4), ROOT_ID, "g", False)
+    t.rename(d, "f", ROOT_ID, "g")
+    assert t.path(f) == "g" and t.path(g) is None and g in t
+    assert t.by_key(K(4)) is None
+
+
+def test_unlink_detaches_the_key_but_keeps_the_node():
+    t = NodeTable(K(0))
+    f = t.take(K(1), ROOT_ID, "f", False)
+    t.opened(f, 7)
+    t.unlink(ROOT_ID, "f")
+    assert f in t and t.path(f) is None and t.handles(f) == [7]
+    # a new object that reuses the backing inode number gets a new node
+    g = t.take(K(1), ROOT_ID, "f", False)
+    assert g != f
+    t.closed(f, 7)
+    t.forget(f, 1)
+    assert f not in t and t.by_key(K(1)) == g
+
+
+def test_two_names_path_after_one_is_unlinked():
+    t = NodeTable(K(0))
+    d = t.take(K(1), ROOT_ID, "d", True)
+    a = t.take(K(2), ROOT_ID, "a", False)
+    assert t.take(K(2), d, "b", False) == a
+    assert t.path(a) == "a"
+    t.unlink(ROOT_ID, "a")
+    assert t.path(a) == "d/b" and t.by_key(K(2)) == a
+    t.unlink(d, "b", keep_key=True)  # other names remain on disk: the key stays
+    assert t.path(a) is None and t.by_key(K(2)) == a
+
+
+def test_rekey():
+    t = NodeTable(K(0))
+    f = t.take(K(1), ROOT_ID, "f", False)
+    epoch = t.epoch
+    t.rekey(K(1), K(9))
+    assert t.by_key(K(9)) == f and t.by_key(K(1)) is None and t.epoch > epoch
+    assert t.take(K(9), ROOT_ID, "f", False) == f
+
+
+def test_concurrent_takes_of_one_name_yield_one_nodeid():
+    t = NodeTable(K(0))
+    got: list[int] = []
+    start = threading.Barrier(8)
+
+    def work():
+        start.wait()
+        for _ in range(500):
+            got.append(t.take(K(1), ROOT_ID, "x", False))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(set(got)) == 1 and t.nlookup(got[0]) == 4000 and len(t) == 2
+
+
+def test_bytes_per_node():
+    """The README's bound: measured with tracemalloc (nodes with one name each)."""
+    count = 20000
+    t = NodeTable(K(0))
+    keys = [K(i) for i in range(1, count + 1)]
+    names = [f"file{i:06d}" for i in range(count)]
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for key, name in zip(keys, names):
+        t.take(key, ROOT_ID, name, False)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    per_node = sum(s.size_diff for s in after.compare_to(before, "filename")) / count
+    print(f"NodeTable: {per_node:.0f} bytes per node (keys and names excluded)")
+    assert 100 < per_node < 600
+
+
+# -- OverlayOps over real layers --------------------------------------------------------------
+class Recorder:
+    def __init__(self) -> None:
+        self.inval: list[int] = []
+
+    def inval_inode(self, nodeid, offset=0, length=0):
+        self.inval.append(nodeid)
+
+    def inval_entry(self, parent, name):
+        pass
+
+    def delete(self, parent, child, name):
+        pass
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    """lower: f, d/g, a + hl (hard links); an empty upper and workdir."""
+    lower = tmp_path / "lower"
+    (lower / "d").mkdir(parents=True)
+    (lower / "f").write_bytes(b"lower f\n")
+    (lower / "d" / "g").write_bytes(b"lower g\n")
+    (lower / "a").write_bytes(b"linked\n")
+    os.link(lower / "a", lower / "hl")
+    for name in ("upper", "work", "mnt"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def make_ops(root: Path, *, writable: bool = True, **options):
+    cfg = MountConfig(lowers=[str(root / "lower")], upper=str(root / "upper") if writable else None,
+                      work=str(root / "work") if writable else None, mountpoint=str(root / "mnt"),
+                      **options)
+    validate(cfg)
+    old = os.umask(0)
+    fs = OverlayFS(cfg)
+    fs.start()
+    ops = OverlayOps(fs)
+    ops.notifier = Recorder()
+    return ops, lambda: (fs.close(), fs.lookup.invalidate(), os.umask(old))
+
+
+@pytest.fixture
+def ops_factory(stack):
+    closers = []
+
+    def make(**kw):
+        ops, close = make_ops(stack, **kw)
+        closers.append(close)
+        return ops
+
+    yield make
+    for close in closers:
+        close()
+
+
+def look(ops, path: str) -> int:
+    nodeid = ROOT_ID
+    for name in path.split("/"):
+        entry = ops.lookup(REQ, nodeid, os.fsencode(name))
+        assert entry.nodeid, f"{path}: negative entry"
+        nodeid = entry.nodeid
+    return nodeid
+
+
+@pytest.mark.parametrize("mode,merged", [("writable", False), ("read-only", True), ("index", True)])
+def test_lower_hard_link_names_split_or_merged(ops_factory, mode, merged):
+    ops = ops_factory(writable=mode != "read-only", **({"index": True} if mode == "index" else {}))
+    a, hl = look(ops, "a"), look(ops, "hl")
+    assert (a == hl) is merged
+    if merged:
+        assert sorted(n for _, n in ops.nodes.names(a)) == ["a", "hl"]
+
+
+def test_negative_lookup_is_a_cached_entry(ops_factory):
+    ops = ops_factory()
+    entry = ops.lookup(REQ, ROOT_ID, b"missing")
+    assert entry.nodeid == 0 and entry.attr is None and entry.entry_timeout == ops.timeout
+
+
+@pytest.mark.parametrize("path", ["f", "d"])
+def test_copy_up_rekeys_the_node(ops_factory, path):
+    """Files and directories alike: the copy-up changes the key, the nodeid stays."""
+    ops = ops_factory()
+    nodeid = look(ops, path)
+    key = ops.nodes.node(nodeid).key
+    ops.setattr(REQ, nodeid, SetAttr(p.FATTR_MODE, None, 0, None, None, 0o700, 0, 0))
+    new_key = ops.nodes.node(nodeid).key
+    assert new_key != key and ops.nodes.by_key(new_key) == nodeid
+    assert look(ops, path) == nodeid
+    if path == "d":
+        assert ops.nodes.path(look(ops, "d/g")) == "d/g"
+
+
+def test_open_unlinked_file_is_served_through_its_handle(ops_factory):
+    ops = ops_factory()
+    d = look(ops, "d")
+    g = look(ops, "d/g")
+    fh = ops.open(REQ, g, os.O_RDWR).fh
+    ops.unlink(REQ, d, b"g")
+    assert ops.nodes.path(g) is None and ops.lookup(REQ, d, b"g").nodeid == 0
+    attr = ops.getattr(REQ, g).attr
+    assert attr.nlink == 0 and attr.size == 8
+    attr = ops.setattr(REQ, g, SetAttr(p.FATTR_MODE | p.FATTR_SIZE, None, 3, None, None,
+                                       stat.S_IFREG | 0o600, 0, 0)).attr
+    assert stat.S_IMODE(attr.mode) == 0o600 and attr.size == 3
+    buf = bytearray(16)
+    assert bytes(buf[:ops.read(REQ, g, fh, memoryview(buf), 0)]) == b"low"
+    ops.release(REQ, g, fh)
+    with pytest.raises(OSError) as e:
+        ops.getattr(REQ, g)
+    assert e.value.errno == errno.ENOENT
+
+
+def test_rename_of_an_open_file_to_a_fuse_hidden_name_is_a_rename(stack):
+    """libfuse's ``.fuse_hidden*`` names are not special any more: the old core took a
+    rename of an open file to such a name as an unlink, and the file vanished."""
+    ops, close = make_ops(stack)
+    fs = ops.fs
+    try:
+        fh = fs.open("f", os.O_RDONLY).fh
+        hidden = ".fuse_hidden0123456789abcdef"
+        fs.rename("f", hidden)
+        assert fs.getattr(hidden).st.st_size == 8
+        assert hidden in [e.name for e in fs.readdir("")]
+        fs.release(fh)
+    finally:
+        close()
+
+
+def test_invalidate_path_resolves_names_only(ops_factory):
+    ops = ops_factory()
+    g = look(ops, "d/g")
+    ops.fs.invalidate_path("d/g")
+    ops.fs.invalidate_path("d/unknown")
+    ops.fs.invalidate_path("f")  # never looked up: the kernel has nothing cached
+    assert ops.notifier.inval == [g]
+
+
+def test_readdirplus_takes_one_reference_per_entry(ops_factory):
+    ops = ops_factory()
+    d = look(ops, "d")
+    fh = ops.opendir(REQ, d).fh
+    items = list(ops.readdir(REQ, d, fh, 0, True))
+    assert [i.name for i in items[:2]] == [b".", b".."] and items[0].take is None
+    (g,) = [i for i in items if i.name == b"g"]
+    entry = g.take()
+    assert ops.nodes.nlookup(entry.nodeid) == 1 and look(ops, "d/g") == entry.nodeid
+    rest = list(ops.readdir(REQ, d, fh, g.offset, True))
+    assert all(i.name != b"g" for i in rest)
+    ops.releasedir(REQ, d, fh)
+
+
+def test_stats_count_nodes(ops_factory):
+    ops = ops_factory()
+    look(ops, "d/g")
+    data = json.loads(ops.getxattr(REQ, ROOT_ID, STATS_XATTR))
+    assert data["nodes"] == 3
+
+
+@pytest.mark.parametrize("noacl", [False, True])
+def test_init_flags(ops_factory, noacl):
+    ops = ops_factory(noacl=noacl)
+    offered = (1 << 40) - 1
+    conn = ConnInfo(7, 45, offered)
+    ops.init(conn)
+    acl = p.POSIX_ACL | p.DONT_MASK
+    assert conn.wanted & WANTED == WANTED and bool(conn.wanted & acl) is not noacl
+    assert not conn.wanted & (p.WRITEBACK_CACHE | p.READDIRPLUS_AUTO | p.EXPORT_SUPPORT)
+
+
+def test_concurrent_lookups_during_a_copy_up_yield_one_nodeid(ops_factory):
+    """Lookups of one name on several threads while a copy-up changes its key: the epoch
+    check makes every lookup land on the one node."""
+    ops = ops_factory()
+    got: list[int] = []
+    start = threading.Barrier(5)
+
+    def looker():
+        start.wait()
+        for _ in range(200):
+            got.append(ops.lookup(REQ, ROOT_ID, b"f").nodeid)
+
+    def chmod():
+        start.wait()
+        ops.fs.chmod("f", 0o600)  # the copy-up
+
+    threads = [threading.Thread(target=looker) for _ in range(4)] + [threading.Thread(target=chmod)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(set(got)) == 1 and ops.nodes.nlookup(got[0]) == 800
+    assert ops.nodes.by_key(ops.fs.identity(ops.fs.lookup.lookup("f"))) == got[0]
