@@ -168,6 +168,7 @@ class Operations:
     rename: Callable[[Request, int, bytes, int, bytes, int], None] = _nosys  # ..., flags
     link: Callable[[Request, int, int, bytes], Entry] = _nosys          # node, newparent, name
     open: Callable[[Request, int, int, int], Opened] = _nosys           # node, flags, open_flags
+    #: (parent, name, flags, mode, open_flags) -> the new node and its open handle
     create: Callable[[Request, int, bytes, int, int, int], tuple[Entry, Opened]] = _nosys
     #: read into the given buffer (the engine's reply buffer), returning the byte count
     read: Callable[[Request, int, int, memoryview, int], int] = _nosys  # node, fh, buf, offset

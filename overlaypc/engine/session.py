@@ -398,7 +398,7 @@ class Session:
         flags, mode, umask, open_flags = p.CREATE_IN.unpack_from(body)
         name = self._name(body, p.CREATE_IN.size)
         req = self._req(hdr, umask)
-        entry, o = self.ops.create(req, hdr.nodeid, name, mode, flags)
+        entry, o = self.ops.create(req, hdr.nodeid, name, flags, mode, open_flags)
 
         def undo() -> None:
             try:
