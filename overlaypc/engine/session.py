@@ -267,12 +267,15 @@ class Session:
         if count is not None:
             count()
 
-    @staticmethod
-    def _write(fd: int, unique: int, error: int, parts) -> bool:
+    #: how a reply is written; the tests' fake kernel replaces it to fail one reply with
+    #: ENOENT, as the kernel does for an interrupted request
+    _writev = staticmethod(os.writev)
+
+    def _write(self, fd: int, unique: int, error: int, parts) -> bool:
         """Write a reply; False if the kernel no longer waits for it (interrupted)."""
         size = sum(len(x) for x in parts)
         try:
-            os.writev(fd, [p.out_header(unique, error, size), *parts])
+            self._writev(fd, [p.out_header(unique, error, size), *parts])
             return True
         except OSError as e:
             if e.errno == errno.ENOENT:
