@@ -213,6 +213,13 @@ class Session:
                     return  # unmounted
                 log.error("reading /dev/fuse failed: %s; worker stops", e)
                 return
+            if n < p.IN_HEADER.size:
+                # end of file (0 bytes: a socket standing in for /dev/fuse was closed) or a
+                # message too short to answer: the connection is gone, and reading again
+                # would spin on it
+                if n:
+                    log.error("a %d-byte request: no FUSE connection; worker stops", n)
+                return
             try:
                 self.dispatch(fd, view[:n], out)
             except Exception:
