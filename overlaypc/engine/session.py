@@ -516,7 +516,10 @@ class Session:
                 if not plus:
                     parts.append(p.pack_dirent(item.name, item.ino, item.offset, item.mode))
                     continue
-                entry = item.take() if item.take is not None else None
+                # the kernel ignores the entry of "." and ".." (fuse_direntplus_link): a
+                # reference taken for them would never be forgotten
+                dots = item.name in (b".", b"..")
+                entry = item.take() if item.take is not None and not dots else None
                 if entry is not None and entry.nodeid:
                     taken.append(entry.nodeid)
                     head = p.pack_entry(entry.nodeid, entry.generation, entry.attr,
