@@ -5,7 +5,9 @@ error is reported by the command itself, with its exit status), then, unless in 
 foreground, forks: the parent returns only once the child has answered INIT, so the
 mount is live when the command exits, and exits 1 if the child could not get there.
 SIGTERM, SIGINT and SIGHUP unmount (lazily, as libfuse does); the workers then read
-ENODEV and ``run`` returns. ``umount`` by anyone ends it the same way.
+ENODEV and ``run`` returns. ``umount`` by anyone ends it the same way. A plain user's
+``auto_unmount`` mount without ``allow_other`` gets the ``autounmount`` watcher as well
+(fusermount3's own cannot see such a mount's daemon die).
 
 Caveat: fork happens before any thread starts (the session's threads start after it);
 callers must not start threads before ``run``.
@@ -19,6 +21,7 @@ import signal
 import sys
 from typing import Callable
 
+from .. import autounmount
 from . import channel as ch
 from .ops import Operations
 from .session import WORKERS, ProtocolError, Session
@@ -61,6 +64,15 @@ def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: 
         except ProtocolError as e:
             log.error("%s", e)
             return 1
+        if chan.via_fusermount and opts.has("auto_unmount") and not opts.has("allow_other"):
+            # fusermount3's own watcher checks for a dead daemon by looking at the mount
+            # as root, which the kernel refuses on a mount without allow_other: a killed
+            # daemon would leave a dead mount. Ours needs no privilege (see autounmount);
+            # started here, in the daemon, before any thread, once the mount is live.
+            try:
+                autounmount.start(chan.mountpoint)
+            except OSError as e:
+                log.warning("cannot start the auto-unmount watcher: %s", e)
 
         def ready() -> None:
             if ready_w is not None:

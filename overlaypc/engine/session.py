@@ -217,6 +217,13 @@ class Session:
                     return  # unmounted
                 log.error("reading /dev/fuse failed: %s; worker stops", e)
                 return
+            if n < p.IN_HEADER.size:
+                # end of file (0 bytes: a socket standing in for /dev/fuse was closed) or a
+                # message too short to answer: the connection is gone, and reading again
+                # would spin on it
+                if n:
+                    log.error("a %d-byte request: no FUSE connection; worker stops", n)
+                return
             try:
                 self.dispatch(fd, view[:n], out)
             except Exception:
@@ -271,12 +278,15 @@ class Session:
         if count is not None:
             count()
 
-    @staticmethod
-    def _write(fd: int, unique: int, error: int, parts) -> bool:
+    #: how a reply is written; the tests' fake kernel replaces it to fail one reply with
+    #: ENOENT, as the kernel does for an interrupted request
+    _writev = staticmethod(os.writev)
+
+    def _write(self, fd: int, unique: int, error: int, parts) -> bool:
         """Write a reply; False if the kernel no longer waits for it (interrupted)."""
         size = sum(len(x) for x in parts)
         try:
-            os.writev(fd, [p.out_header(unique, error, size), *parts])
+            self._writev(fd, [p.out_header(unique, error, size), *parts])
             return True
         except OSError as e:
             if e.errno == errno.ENOENT:
@@ -512,7 +522,10 @@ class Session:
                 if not plus:
                     parts.append(p.pack_dirent(item.name, item.ino, item.offset, item.mode))
                     continue
-                entry = item.take() if item.take is not None else None
+                # the kernel ignores the entry of "." and ".." (fuse_direntplus_link): a
+                # reference taken for them would never be forgotten
+                dots = item.name in (b".", b"..")
+                entry = item.take() if item.take is not None and not dots else None
                 if entry is not None and entry.nodeid:
                     taken.append(entry.nodeid)
                     head = p.pack_entry(entry.nodeid, entry.generation, entry.attr,

@@ -1,0 +1,520 @@
+"""The engine's ``Session`` driven by a fake kernel (``engine_support.FakeKernel``) over
+SOCK_SEQPACKET socket pairs, without root or a mount: INIT negotiation, request and reply
+encoding, the undo of undelivered replies (the one seam: ``Session._writev`` fails a
+chosen reply with ENOENT, as the kernel answers the reply to an interrupted request),
+exact reference counts under concurrent FORGETs, READDIRPLUS references, errors."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+import threading
+
+import pytest
+
+from engine_support import FakeKernel, MemoryOps, entry_of, parse_dirents
+from overlaypc.engine import protocol as p
+from overlaypc.engine.session import ProtocolError
+
+
+@pytest.fixture
+def kernel():
+    """Factory: ``kernel(ops=None, workers=1, **init)`` -> a started FakeKernel."""
+    made: list[FakeKernel] = []
+
+    def make(ops=None, *, workers: int = 1, session_kw=None, **init_kw) -> FakeKernel:
+        fk = FakeKernel(ops or MemoryOps(p.ASYNC_READ | p.DO_READDIRPLUS), workers=workers,
+                        **(session_kw or {}))
+        made.append(fk)
+        fk.start(**init_kw)
+        return fk
+
+    yield make
+    for fk in made:
+        assert fk.close(), "the session's loop did not end when the connection closed"
+
+
+def _mkdir(name: bytes, mode: int = 0o755, umask: int = 0o022) -> bytes:
+    return p.MKDIR_IN.pack(mode, umask) + name + b"\0"
+
+
+def _create(name: bytes, flags: int = os.O_RDWR, mode: int = 0o644) -> bytes:
+    return p.CREATE_IN.pack(flags, mode, 0o022, 0) + name + b"\0"
+
+
+def _readdir(fh: int, offset: int, size: int) -> bytes:
+    return p.READ_IN.pack(fh, offset, size, 0, 0, 0, 0)
+
+
+# ==========================================================================================
+# INIT
+# ==========================================================================================
+def test_init_grants_only_offered_flags():
+    wanted = p.ASYNC_READ | p.MAX_PAGES | p.DO_READDIRPLUS | p.WRITEBACK_CACHE | p.CREATE_SUPP_GROUP
+    offered = p.ASYNC_READ | p.MAX_PAGES | p.DO_READDIRPLUS | p.BIG_WRITES | p.INIT_EXT
+    fk = FakeKernel(MemoryOps(wanted))
+    r = fk.init(flags=offered, max_readahead=1 << 16)
+    assert r.error == 0 and len(r.body) == 64
+    out = p.InitOut.decode(r.body)
+    assert out.flags == p.ASYNC_READ | p.MAX_PAGES | p.DO_READDIRPLUS
+    assert struct.unpack_from("<I", r.body, 32)[0] == 0   # no flags2 asked: none granted
+    assert (out.major, out.minor) == (7, 44)
+    assert out.max_write == 1 << 20 and out.max_pages == 256
+    assert out.max_readahead == 1 << 16          # never more than the kernel's
+    assert out.congestion_threshold <= out.max_background
+    assert fk.session.conn.wanted == out.flags
+    assert fk.close()
+
+
+def test_init_ext_for_flags_above_31():
+    wanted = p.ASYNC_READ | p.CREATE_SUPP_GROUP | p.SECURITY_CTX
+    fk = FakeKernel(MemoryOps(wanted))
+    out = p.InitOut.decode(fk.init(flags=p.ASYNC_READ | p.INIT_EXT | p.CREATE_SUPP_GROUP).body)
+    assert out.flags == p.ASYNC_READ | p.INIT_EXT | p.CREATE_SUPP_GROUP
+    # the same flags offered by a kernel without INIT_EXT (flags2 not read): not granted
+    fk2 = FakeKernel(MemoryOps(wanted))
+    body = p.INIT_IN_EXT.pack(7, 44, 4096, p.ASYNC_READ, p.CREATE_SUPP_GROUP >> 32) + bytes(44)
+    r = fk2.init(body=body)
+    assert p.InitOut.decode(r.body).flags == p.ASYNC_READ
+    assert struct.unpack_from("<II", r.body, 12)[0] & p.INIT_EXT == 0
+    assert fk.close() and fk2.close()
+
+
+def test_init_max_pages_only_when_granted():
+    fk = FakeKernel(MemoryOps(p.ASYNC_READ), max_write=128 << 10)
+    out = p.InitOut.decode(fk.init().body)
+    assert out.max_write == 128 << 10 and out.max_pages == 0
+    fk2 = FakeKernel(MemoryOps(p.MAX_PAGES), max_write=128 << 10)
+    out = p.InitOut.decode(fk2.init().body)
+    assert out.max_pages == 32
+    assert fk.close() and fk2.close()
+
+
+def test_init_older_minor():
+    fk = FakeKernel(MemoryOps(p.ASYNC_READ | p.SETXATTR_EXT))
+    out = p.InitOut.decode(fk.init(minor=31, flags=p.ASYNC_READ).body)
+    assert (out.major, out.minor) == (7, 31)
+    assert out.flags == p.ASYNC_READ
+    assert fk.session._setxattr_ext is False   # the kernel sends the old SETXATTR layout
+    assert fk.close()
+
+
+def test_init_newer_major_answers_our_major_then_retries():
+    fk = FakeKernel(MemoryOps(p.ASYNC_READ))
+    first = fk.send(p.INIT, 0, p.InitIn(8, 0, 4096, p.ASYNC_READ).encode())
+    second = fk.send(p.INIT, 0, p.InitIn(7, 40, 4096, p.ASYNC_READ).encode())
+    conn = fk.session.handshake()
+    r = fk.receive()
+    assert r.unique == first and r.error == 0
+    assert struct.unpack_from("<II", r.body) == (7, p.KERNEL_MINOR)
+    r = fk.receive()
+    assert r.unique == second and r.error == 0
+    assert p.InitOut.decode(r.body).minor == 40 and conn.minor == 40
+    assert fk.close()
+
+
+@pytest.mark.parametrize("major,minor", [(7, 30), (7, 9), (6, 50)])
+def test_init_too_old_is_eproto(major, minor):
+    fk = FakeKernel(MemoryOps())
+    unique = fk.send(p.INIT, 0, p.InitIn(major, minor, 4096, 0).encode())
+    with pytest.raises(ProtocolError):
+        fk.session.handshake()
+    r = fk.receive()
+    assert (r.unique, r.error) == (unique, -errno.EPROTO)
+    assert fk.close()
+
+
+def test_request_before_init_is_eio():
+    fk = FakeKernel(MemoryOps())
+    early = fk.send(p.GETATTR, 1, p.GETATTR_IN.pack(0, 0, 0))
+    init = fk.send(p.INIT, 0, p.InitIn(7, 44, 4096, p.ASYNC_READ).encode())
+    fk.session.handshake()
+    r = fk.receive()
+    assert (r.unique, r.error) == (early, -errno.EIO)
+    r = fk.receive()
+    assert (r.unique, r.error) == (init, 0)
+    assert fk.close()
+
+
+# ==========================================================================================
+# Requests and replies
+# ==========================================================================================
+def test_entry_ops_and_attrs(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    nodeid, attr = entry_of(fk.ok(p.MKDIR, 1, _mkdir(b"d", 0o750, 0o027)))
+    assert stat.S_ISDIR(attr.mode) and attr.ino == nodeid
+    assert ops.called("mkdir") == [(1, b"d", 0o750, 0o027)]
+    body = fk.ok(p.LOOKUP, 1, b"d\0")
+    assert len(body) == 128 and entry_of(body)[0] == nodeid
+    # timeouts: MemoryOps answers 1.0 s
+    assert struct.unpack_from("<QQQQII", body)[2:] == (1, 1, 0, 0)
+    body = fk.ok(p.GETATTR, nodeid, p.GETATTR_IN.pack(0, 0, 0))
+    assert len(body) == 104 and p.unpack_attr(body, 16) == ops.attr(nodeid)
+    assert ops.called("getattr") == [(nodeid, None)]
+    fk.ok(p.GETATTR, nodeid, p.GETATTR_IN.pack(p.GETATTR_FH, 0, 55))
+    assert ops.called("getattr")[-1] == (nodeid, 55)
+    # negative entry: nodeid 0, its timeout, no reference
+    body = fk.ok(p.LOOKUP, 1, b"negative\0")
+    assert struct.unpack_from("<QQQ", body) == (0, 0, 5)
+    assert fk.request(p.LOOKUP, 1, b"missing\0").error == -errno.ENOENT
+    # symlink, link, rename, unlink
+    link_id, _ = entry_of(fk.ok(p.SYMLINK, nodeid, b"ln\0target/path\0"))
+    assert ops.called("symlink") == [(nodeid, b"ln", b"target/path")]
+    assert fk.ok(p.READLINK, link_id) == b"target/path"
+    fk.ok(p.LINK, nodeid, p.LINK_IN.pack(link_id) + b"ln2\0")
+    assert ops.called("link") == [(link_id, nodeid, b"ln2")]
+    assert fk.ok(p.RENAME, nodeid, p.RENAME_IN.pack(1) + b"ln2\0moved\0") == b""
+    fk.ok(p.RENAME2, 1, p.RENAME2_IN.pack(nodeid, 1, 0) + b"moved\0back\0")
+    assert ops.called("rename") == [(nodeid, b"ln2", 1, b"moved", 0), (1, b"moved", nodeid, b"back", 1)]
+    assert fk.ok(p.UNLINK, nodeid, b"back\0") == b""
+    fk.ok(p.MKNOD, 1, p.MKNOD_IN.pack(stat.S_IFIFO | 0o600, 0, 0o002, 0) + b"fifo\0")
+    assert ops.called("mknod") == [(1, b"fifo", stat.S_IFIFO | 0o600, 0, 0o002)]
+    # every reference the kernel got is counted exactly once
+    assert ops.nlookups() == {nodeid: 2, link_id: 2, ops.nodes[1].children[b"fifo"]: 1}
+
+
+def test_file_io_and_setattr(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    body = fk.ok(p.CREATE, 1, _create(b"f", os.O_RDWR | os.O_CREAT, 0o640))
+    assert len(body) == 128 + 16
+    nodeid, _ = entry_of(body)
+    fh, open_flags, backing = p.OPEN_OUT.unpack_from(body, 128)
+    assert open_flags == p.FOPEN_DIRECT_IO and backing == 0
+    data = os.urandom(5000)
+    r = fk.ok(p.WRITE, nodeid, p.WRITE_IN.pack(fh, 10, len(data), p.WRITE_CACHE, 0, 0, 0) + data)
+    assert p.WRITE_OUT.unpack(r) == (5000, 0)
+    assert ops.called("write")[0][1:] == (fh, data, 10, p.WRITE_CACHE)
+    assert fk.ok(p.READ, nodeid, p.READ_IN.pack(fh, 8, 100, 0, 0, 0, 0)) == bytes(2) + data[:98]
+    assert fk.ok(p.READ, nodeid, p.READ_IN.pack(fh, 5000, 4096, 0, 0, 0, 0)) == data[4990:]
+    # a read larger than the session's scratch buffer still answers
+    big = fk.ok(p.READ, nodeid, p.READ_IN.pack(fh, 0, (1 << 20) + 4096, 0, 0, 0, 0))
+    assert big == bytes(10) + data
+    sa = p.SetAttr(p.FATTR_SIZE | p.FATTR_FH | p.FATTR_MTIME_NOW | p.FATTR_MTIME, fh, 7, None,
+                   None, 0, 0, 0)
+    body = fk.ok(p.SETATTR, nodeid, sa.encode())
+    assert p.unpack_attr(body, 16).size == 7
+    assert ops.called("setattr")[0][1].mtime_ns is None and ops.called("setattr")[0][1].fh == fh
+    fk.ok(p.FLUSH, nodeid, p.FLUSH_IN.pack(fh, 0, 0, 0))
+    fk.ok(p.FSYNC, nodeid, p.FSYNC_IN.pack(fh, p.FSYNC_FDATASYNC, 0))
+    assert ops.called("fsync") == [(nodeid, fh, True)]
+    fk.ok(p.RELEASE, nodeid, p.RELEASE_IN.pack(fh, os.O_RDWR, 0, 0))
+    assert ops.handles == {}
+    fh2, flags, _ = p.OPEN_OUT.unpack(fk.ok(p.OPEN, nodeid, p.OPEN_IN.pack(os.O_RDONLY, 0)))
+    assert flags == p.FOPEN_KEEP_CACHE
+    fk.ok(p.RELEASE, nodeid, p.RELEASE_IN.pack(fh2, 0, 0, 0))
+    st = fk.ok(p.STATFS, 1)
+    assert struct.unpack_from("<QQQQQIII", st) == (1000, 500, 400, 100, 50, 4096, 255, 4096)
+
+
+def test_readdir_entries_and_offsets(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    for name in (b"a", b"bb", b"a-much-longer-name"):
+        ops.add(1, name, stat.S_IFREG | 0o644)
+    fh = p.OPEN_OUT.unpack(fk.ok(p.OPENDIR, 1, p.OPEN_IN.pack(os.O_RDONLY, 0)))[0]
+    ents = parse_dirents(fk.ok(p.READDIR, 1, _readdir(fh, 0, 4096)), plus=False)
+    assert [e[0] for e in ents] == [b".", b"..", b"a", b"a-much-longer-name", b"bb"]
+    assert [e[2] for e in ents] == [1, 2, 3, 4, 5]
+    assert [e[3] for e in ents] == [4, 4, 8, 8, 8]
+    # from a cookie, and only what fits in the size asked (two entries of 32 bytes)
+    ents = parse_dirents(fk.ok(p.READDIR, 1, _readdir(fh, 2, 64)), plus=False)
+    assert [e[0] for e in ents] == [b"a"]  # "a-much-longer-name" needs 48 more bytes
+    assert fk.ok(p.READDIR, 1, _readdir(fh, 5, 4096)) == b""
+    fk.ok(p.RELEASEDIR, 1, p.RELEASE_IN.pack(fh, 0, 0, 0))
+    assert ops.handles == {}
+
+
+# ==========================================================================================
+# Undelivered replies are undone (the seam: Session._writev)
+# ==========================================================================================
+def test_undo_lookup_and_entry_creators(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    d = ops.add(1, b"d", stat.S_IFDIR | 0o755)
+    f = ops.add(1, b"f", stat.S_IFREG | 0o644)
+    fk.request(p.LOOKUP, 1, b"d\0", fail=True)
+    assert ops.called("forget") == [(d, 1)] and ops.nlookups() == {}
+    fk.request(p.MKDIR, 1, _mkdir(b"m"), fail=True)
+    m = ops.nodes[1].children[b"m"]
+    fk.request(p.MKNOD, 1, p.MKNOD_IN.pack(stat.S_IFIFO | 0o600, 0, 0, 0) + b"n\0", fail=True)
+    fk.request(p.SYMLINK, 1, b"s\0t\0", fail=True)
+    fk.request(p.LINK, d, p.LINK_IN.pack(f) + b"l\0", fail=True)
+    assert ops.nlookups() == {}, "an undelivered entry kept its reference"
+    assert (m, 1) in ops.called("forget") and (f, 1) in ops.called("forget")
+    # a negative entry has no reference, so nothing to forget
+    n = len(ops.called("forget"))
+    fk.request(p.LOOKUP, 1, b"negative\0", fail=True)
+    assert len(ops.called("forget")) == n
+    # a delivered reply keeps it
+    fk.ok(p.LOOKUP, 1, b"d\0")
+    assert ops.nlookups() == {d: 1}
+
+
+def test_undo_open_opendir_create(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    f = ops.add(1, b"f", stat.S_IFREG | 0o644)
+    fk.request(p.OPEN, f, p.OPEN_IN.pack(os.O_WRONLY, 0), fail=True)
+    assert ops.handles == {}
+    assert [(n, flags) for n, _, flags in ops.called("release")] == [(f, os.O_WRONLY)]
+    fk.request(p.OPENDIR, 1, p.OPEN_IN.pack(os.O_RDONLY, 0), fail=True)
+    assert ops.handles == {} and [n for n, _ in ops.called("releasedir")] == [1]
+    fk.request(p.CREATE, 1, _create(b"new", os.O_RDWR | os.O_CREAT), fail=True)
+    new = ops.nodes[1].children[b"new"]
+    assert ops.handles == {} and ops.nlookups() == {}
+    assert ops.called("release")[-1][0] == new and (new, 1) in ops.called("forget")
+
+
+def test_undo_readdirplus(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    for name in (b"x", b"y"):
+        ops.add(1, name, stat.S_IFREG)
+    fh = p.OPEN_OUT.unpack(fk.ok(p.OPENDIR, 1, p.OPEN_IN.pack(0, 0)))[0]
+    fk.request(p.READDIRPLUS, 1, _readdir(fh, 0, 4096), fail=True)
+    assert ops.taken == [b"x", b"y"] and ops.nlookups() == {}
+
+
+def test_failed_error_reply_needs_no_undo(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    fk.request(p.LOOKUP, 1, b"missing\0", fail=True)
+    assert ops.called("forget") == []
+
+
+# ==========================================================================================
+# READDIRPLUS references
+# ==========================================================================================
+def test_readdirplus_takes_only_what_fits_never_dots(kernel):
+    """Before: the session called ``take`` for ``.`` and ``..`` when the filesystem offered
+    it, and the kernel ignores those entries (``fuse_direntplus_link``): no FORGET ever
+    came for the reference taken."""
+    ops = MemoryOps()
+    fk = kernel(ops)
+    ids = {name: ops.add(1, name, stat.S_IFREG | 0o644) for name in (b"a", b"b", b"c", b"d")}
+    fh = p.OPEN_OUT.unpack(fk.ok(p.OPENDIR, 1, p.OPEN_IN.pack(0, 0)))[0]
+    one = p.dirent_size(b"a", True)                 # 160
+    body = fk.ok(p.READDIRPLUS, 1, _readdir(fh, 0, 4 * one + one // 2))
+    ents = parse_dirents(body, plus=True)
+    assert [e[0] for e in ents] == [b".", b"..", b"a", b"b"]
+    assert [e[4] for e in ents] == [0, 0, ids[b"a"], ids[b"b"]]
+    assert ops.taken == [b"a", b"b"], "take ran for an entry not in the reply, or for . / .."
+    assert ops.nlookups() == {ids[b"a"]: 1, ids[b"b"]: 1}
+    # the rest, from the cookie of the last entry sent
+    ents = parse_dirents(fk.ok(p.READDIRPLUS, 1, _readdir(fh, ents[-1][2], 4096)), plus=True)
+    assert [e[0] for e in ents] == [b"c", b"d"]
+    assert ops.nlookups() == {i: 1 for i in ids.values()}
+    # an entry whose take fails mid-listing: nothing taken is kept
+    fk.batch_forget([(i, 1) for i in ids.values()])
+    fk.ok(p.STATFS, 1)
+    assert ops.nlookups() == {}
+
+
+def test_readdirplus_take_raising_forgets_what_was_taken(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    ops.add(1, b"a", stat.S_IFREG)
+    ops.add(1, b"b", stat.S_IFREG)
+    orig = ops.readdir
+
+    def readdir(req, nodeid, fh, offset, plus):
+        for item in orig(req, nodeid, fh, offset, plus):
+            if item.name == b"b":
+                def bad():
+                    raise OSError(errno.EIO, "disk on fire")
+                item.take = bad
+            yield item
+
+    ops.readdir = readdir
+    fh = p.OPEN_OUT.unpack(fk.ok(p.OPENDIR, 1, p.OPEN_IN.pack(0, 0)))[0]
+    assert fk.request(p.READDIRPLUS, 1, _readdir(fh, 0, 4096)).error == -errno.EIO
+    assert ops.taken == [b"a"] and ops.nlookups() == {}
+
+
+# ==========================================================================================
+# Concurrency: FORGETs interleaved with lookups on several workers
+# ==========================================================================================
+def test_forgets_interleaved_with_lookups_on_workers(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops, workers=4)
+    assert len(fk.kernel_socks) == 4
+    names = [f"n{i}".encode() for i in range(8)]
+    ids = {n: ops.add(1, n, stat.S_IFREG) for n in names}
+    held = [dict.fromkeys(ids.values(), 0) for _ in range(4)]
+    errors = []
+
+    def run(via: int) -> None:
+        try:
+            for i in range(300):
+                name = names[(i * 7 + via) % len(names)]
+                nodeid = entry_of(fk.ok(p.LOOKUP, 1, name + b"\0", via=via))[0]
+                held[via][nodeid] += 1
+                if i % 3 == 2:   # give some back, singly or batched, on this worker's fd
+                    back = [(n, c) for n, c in held[via].items() if c]
+                    if i % 2:
+                        fk.batch_forget(back, via=via)
+                    else:
+                        for n, c in back:
+                            fk.forget(n, c, via=via)
+                    for n, _ in back:
+                        held[via][n] = 0
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    # a last round trip on every fd: every FORGET sent before it has been handled
+    for via in range(4):
+        fk.ok(p.STATFS, 1, via=via)
+    expected = {}
+    for h in held:
+        for n, c in h.items():
+            if c:
+                expected[n] = expected.get(n, 0) + c
+    assert ops.nlookups() == expected
+    # replies came back on the fd of their request (``ok`` matched every unique)
+    workers = {t.name for t in threading.enumerate() if t.name.startswith("fuse-worker-")}
+    assert len(workers) >= 4
+
+
+# ==========================================================================================
+# Errors
+# ==========================================================================================
+@pytest.mark.filterwarnings("ignore")
+def test_non_oserror_is_eio_and_serving_goes_on(kernel, caplog):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    ops.add(1, b"ok", stat.S_IFREG)
+    with caplog.at_level(logging.ERROR, logger="overlaypc.engine"):
+        r = fk.request(p.LOOKUP, 1, b"boom\0")
+    assert r.error == -errno.EIO
+    assert "unexpected error in LOOKUP" in caplog.text and ops.errors == 1
+    assert entry_of(fk.ok(p.LOOKUP, 1, b"ok\0"))[0] == ops.nodes[1].children[b"ok"]
+    # a request whose name lacks its NUL is refused, and the session goes on
+    assert fk.request(p.LOOKUP, 1, b"ok").error != 0
+    fk.ok(p.STATFS, 1)
+
+
+def test_oserror_errno_is_answered(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    assert fk.request(p.UNLINK, 1, b"nothing\0").error == -errno.ENOENT
+    assert fk.request(p.GETATTR, 12345, p.GETATTR_IN.pack(0, 0, 0)).error == -errno.ESTALE
+
+
+def test_xattr_size_probe_and_erange(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    f = ops.add(1, b"f", stat.S_IFREG)
+    fk.ok(p.SETXATTR, f, p.SETXATTR_IN.pack(5, 0) + b"user.a\0hello")
+    fk.ok(p.SETXATTR, f, p.SETXATTR_IN.pack(0, 0) + b"user.empty\0")
+    assert ops.called("setxattr") == [(f, "user.a", b"hello", 0), (f, "user.empty", b"", 0)]
+
+    def get(name: bytes, size: int):
+        return fk.request(p.GETXATTR, f, p.GETXATTR_IN.pack(size, 0) + name + b"\0")
+
+    r = get(b"user.a", 0)
+    assert r.error == 0 and p.GETXATTR_OUT.unpack(r.body) == (5, 0)
+    assert get(b"user.a", 5).body == b"hello"
+    assert get(b"user.a", 64).body == b"hello"
+    assert get(b"user.a", 4).error == -errno.ERANGE
+    assert get(b"user.nope", 0).error == -errno.ENODATA
+    r = get(b"user.empty", 0)
+    assert p.GETXATTR_OUT.unpack(r.body) == (0, 0)
+    names = b"user.a\0user.empty\0"
+    r = fk.request(p.LISTXATTR, f, p.GETXATTR_IN.pack(0, 0))
+    assert p.GETXATTR_OUT.unpack(r.body) == (len(names), 0)
+    assert fk.ok(p.LISTXATTR, f, p.GETXATTR_IN.pack(len(names), 0)) == names
+    assert fk.request(p.LISTXATTR, f, p.GETXATTR_IN.pack(len(names) - 1, 0)).error == -errno.ERANGE
+    fk.ok(p.REMOVEXATTR, f, b"user.a\0")
+    assert fk.request(p.REMOVEXATTR, f, b"user.a\0").error == -errno.ENODATA
+
+
+def test_setxattr_ext_layout(kernel):
+    ops = MemoryOps(p.SETXATTR_EXT)
+    fk = kernel(ops)
+    f = ops.add(1, b"f", stat.S_IFREG)
+    fk.ok(p.SETXATTR, f, p.SETXATTR_IN_EXT.pack(3, 1, 0, 0) + b"user.x\0abc")
+    assert ops.called("setxattr") == [(f, "user.x", b"abc", 1)]
+
+
+@pytest.mark.parametrize("opcode", [p.GETLK, p.IOCTL, p.POLL, p.BMAP, p.COPY_FILE_RANGE, p.SYNCFS,
+                                    p.TMPFILE, p.STATX, 99, 4096])
+def test_unknown_opcodes_are_enosys(kernel, opcode):
+    fk = kernel()
+    assert fk.request(opcode, 1, bytes(64)).error == -errno.ENOSYS
+    fk.ok(p.STATFS, 1)
+
+
+def test_unimplemented_operation_is_enosys(kernel):
+    fk = kernel()   # MemoryOps has no fallocate, lseek or access
+    assert fk.request(p.FALLOCATE, 1, p.FALLOCATE_IN.pack(0, 0, 10, 0, 0)).error == -errno.ENOSYS
+    assert fk.request(p.ACCESS, 1, p.ACCESS_IN.pack(4, 0)).error == -errno.ENOSYS
+
+
+def test_no_reply_requests_get_none(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    f = ops.add(1, b"f", stat.S_IFREG)
+    fk.ok(p.LOOKUP, 1, b"f\0")
+    fk.send(p.INTERRUPT, 0, p.INTERRUPT_IN.pack(12345))
+    fk.send(p.NOTIFY_REPLY, 0, bytes(32))
+    fk.forget(f, 1)
+    # the next answer is STATFS's: nothing was answered in between
+    unique = fk.send(p.STATFS, 1)
+    assert fk.receive().unique == unique
+    assert ops.nlookups() == {}
+
+
+def test_deny_others(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops, session_kw={"deny_others": 1000})
+    f = ops.add(1, b"f", stat.S_IFREG)
+    assert fk.request(p.LOOKUP, 1, b"f\0", uid=2000).error == -errno.EACCES
+    assert fk.request(p.GETATTR, f, p.GETATTR_IN.pack(0, 0, 0), uid=2000).error == -errno.EACCES
+    assert ops.called("lookup") == []
+    fk.ok(p.LOOKUP, 1, b"f\0", uid=1000)
+    fk.ok(p.LOOKUP, 1, b"f\0", uid=0)
+    # what libfuse lets through for anyone: I/O on handles the owner opened, releases
+    fh = p.OPEN_OUT.unpack(fk.ok(p.OPEN, f, p.OPEN_IN.pack(os.O_RDWR, 0), uid=1000))[0]
+    fk.ok(p.WRITE, f, p.WRITE_IN.pack(fh, 0, 2, 0, 0, 0, 0) + b"hi", uid=2000)
+    assert fk.ok(p.READ, f, p.READ_IN.pack(fh, 0, 10, 0, 0, 0, 0), uid=2000) == b"hi"
+    fk.ok(p.RELEASE, f, p.RELEASE_IN.pack(fh, 0, 0, 0), uid=2000)
+    fk.send(p.FORGET, f, p.FORGET_IN.pack(2), uid=2000)
+    fk.ok(p.STATFS, 1, uid=1000)
+    assert ops.nlookups() == {} and ops.handles == {}
+
+
+def test_notifications_are_queued_to_the_channel_fd(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    ops.notifier.inval_inode(5, 0, -1)
+    ops.notifier.inval_entry(1, b"x")
+    ops.notifier.delete(1, 5, b"x")
+    fk.send(p.STATFS, 1)
+    fk.receive()
+    got = list(fk.notifications)
+    while len(got) < 3:
+        msg = fk.kernel_socks[0].recv(4096)
+        got.append(msg)
+    assert got == [p.notify_inval_inode(5, 0, -1), p.notify_inval_entry(1, b"x"),
+                   p.notify_delete(1, 5, b"x")]
+
+
+def test_connection_end_ends_the_loop_and_destroys():
+    """Before: a worker whose fd reached end of file (a read of 0 bytes) dispatched the
+    empty message, failed, and read again forever: ``serve`` never returned."""
+    ops = MemoryOps()
+    fk = FakeKernel(ops, workers=2)
+    fk.start()
+    fk.ok(p.STATFS, 1)
+    assert fk.close(), "serve() still runs after every fd of the connection closed"
+    assert ops.destroyed.is_set()
