@@ -156,7 +156,7 @@ class System:
 
     def available(self) -> tuple[bool, str]:
         if self.kind == "overlaypc":
-            r = run([self.python, "-c", "import overlaypc, mfusepy"], check=False, env=_pc_env())
+            r = run([self.python, "-c", "import overlaypc.cli, overlaypc.engine.session"], check=False, env=_pc_env())
             return (r.returncode == 0, r.stderr.strip()[-200:])
         if self.kind == "kernel":
             with open("/proc/filesystems") as f:

@@ -200,8 +200,7 @@ def mount_main(argv: list[str]) -> int:
         flags.append("ro")
     mode = mount_mode(os.geteuid())
     flags += ["default_permissions"] + [name for name, on in mode.items() if on]
-    watch = mode.get("auto_unmount", False) and not mode.get("allow_other", False)
-    ops = OverlayOps(fs, watch_unmount=watch)
+    ops = OverlayOps(fs)
     opts = channel.MountOptions(fsname=cfg.source.replace(",", "_"), options=flags)
     try:
         return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground)

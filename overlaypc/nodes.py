@@ -192,6 +192,13 @@ class NodeTable:
                     return None
             return "/".join(reversed(parts))
 
+    def named_elsewhere(self, nodeid: int) -> bool:
+        """Whether the object has names on disk that the table may not know (its key
+        was kept when its last known name went, see ``unlink``)."""
+        with self._lock:
+            node = self.node(nodeid)
+            return bool(node.names) or self._by_key.get(node.key) == nodeid
+
     def names(self, nodeid: int) -> list[Name]:
         with self._lock:
             return list(self.node(nodeid).names)

@@ -2,8 +2,7 @@
 
 Owns: translating each FUSE operation (``engine.ops.Operations``, addressed by nodeid or
 (parent nodeid, name)) into the core's path API through ``nodes.NodeTable``, and the
-core's answers into the engine's result types. The policies are the libfuse adapter's
-(``fuse_adapter``): the caller's IDs and umask for creations, ``Attr``'s overrides in
+core's answers into the engine's result types. Policies: the caller's IDs and umask for creations, ``Attr``'s overrides in
 every attribute reply, reads into the reply buffer, cached directory listings, one
 timeout (``config.timeout``) for entries, attributes and negative entries.
 
@@ -25,7 +24,6 @@ import stat
 import threading
 from typing import Iterator
 
-from . import autounmount
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
 from .core import OverlayFS
 from .engine import protocol as p
@@ -73,12 +71,10 @@ def _statvfs(d: dict) -> os.statvfs_result:
 
 
 class OverlayOps(Operations):
-    def __init__(self, fs: OverlayFS, *, watch_unmount: bool = False) -> None:
+    def __init__(self, fs: OverlayFS) -> None:
         self.fs = fs
         self.timeout = fs.config.timeout
         self.nodes = NodeTable(fs.identity(fs.lookup.lookup("")))
-        #: a plain user's mount without allow_other: the watcher of ``autounmount``
-        self._watch_unmount = watch_unmount
         #: directory handle -> table epoch when its listing was read (READDIRPLUS ``take``)
         self._listed: dict[int, int] = {}
         self._listed_lock = threading.Lock()
@@ -99,11 +95,6 @@ class OverlayOps(Operations):
         log.info("mounted %s", self.fs.config.mountpoint)
         for note in self.fs.format.notes:
             log.info("%s", note)
-        if self._watch_unmount:
-            try:
-                autounmount.start(self.fs.config.mountpoint)
-            except OSError as e:
-                log.warning("cannot start the auto-unmount watcher: %s", e)
         # the mount is visible only once the INIT reply is processed: a short-lived thread
         threading.Thread(target=raise_readahead, args=(self.fs.config.mountpoint,),
                          name="overlaypc-readahead", daemon=True).start()
@@ -188,9 +179,14 @@ class OverlayOps(Operations):
 
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
+        rel = self.nodes.path(nodeid)
+        if rel is None and not self.nodes.named_elsewhere(nodeid):
+            # its last name is gone: st_nlink 0, whatever the handle's backing says (a
+            # bind-at-open handle still holds the lower file)
+            _, inode = self._open_inode(nodeid)
+            return self.fs.files.getattr_inode(inode)
         if fh is not None:
             return self.fs.getattr("", fh)
-        rel = self.nodes.path(nodeid)
         if rel is None:
             fh, _ = self._open_inode(nodeid)
             return self.fs.files.getattr(fh)

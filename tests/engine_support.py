@@ -400,7 +400,7 @@ class MemoryOps(Operations):
         self._node(nodeid)
         return Opened(self._open_handle(nodeid), cache_dir=True)
 
-    def create(self, req: Request, parent: int, name: bytes, mode: int, flags: int):
+    def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int, open_flags: int = 0):
         self._rec("create", parent, name, mode, flags, req.umask)
         e = self._make(parent, name, stat.S_IFREG | (mode & 0o7777))
         return e, Opened(self._open_handle(e.nodeid), direct_io=True)
@@ -626,7 +626,7 @@ class PassthroughFS(Operations):
                      flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC)
         return self._opened(nodeid, fd)
 
-    def create(self, req, parent, name, mode, flags):
+    def create(self, req, parent, name, flags, mode, open_flags=0):
         fd = os.open(name, flags | os.O_CREAT | os.O_CLOEXEC, mode & ~req.umask,
                      dir_fd=self._fd(parent))
         try:

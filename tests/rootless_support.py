@@ -47,7 +47,7 @@ def _python_works(python: str, env: dict, uid: int, gid: int) -> bool:
     # through sh: setpriv itself execs with root's capabilities still effective, so it
     # can start an interpreter whose files the user cannot read (a pyenv under /root),
     # which then runs on whatever stdlib it finds; a process of the user cannot
-    r = subprocess.run(as_user(uid, gid) + ["sh", "-c", 'exec "$0" -c "import mfusepy, yaml, overlaypc"',
+    r = subprocess.run(as_user(uid, gid) + ["sh", "-c", 'exec "$0" -c "import yaml, overlaypc"',
                                             python], env=env, cwd="/", capture_output=True)
     return r.returncode == 0
 

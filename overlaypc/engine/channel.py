@@ -24,6 +24,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 
 from . import protocol
@@ -167,14 +168,22 @@ def _mount_fusermount(mountpoint: str, opts: MountOptions, flags: int, rest: lis
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        # with auto_unmount fusermount3 outlives this command: its output goes to a file of
+        # its own, never to our stdout/stderr (a caller reading them to EOF would wait for
+        # the mount to end)
+        errors = tempfile.TemporaryFile()
         proc = subprocess.Popen([_fusermount(), "-o", ",".join(words), "--", mountpoint],
-                                env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                                env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=errors)
         theirs.close()
         _msg, fds, _flags_, _addr = socket.recv_fds(ours, 1, 1)
         if not fds:
-            status = proc.wait()  # it said why on our stderr
-            raise OSError(errno.EPERM, f"fusermount3 could not mount {mountpoint} (status {status})",
+            status = proc.wait()
+            errors.seek(0)
+            why = errors.read().decode(errors="replace").strip() or f"status {status}"
+            raise OSError(errno.EPERM, f"fusermount3 could not mount {mountpoint}: {why}",
                           mountpoint)
+        errors.close()
         if "auto_unmount" not in words:
             proc.wait()
             ours.close()

@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Callable
 
-from .. import autounmount
+from . import autounmount
 from . import channel as ch
 from .ops import Operations
 from .session import WORKERS, ProtocolError, Session

@@ -30,7 +30,7 @@ def start(mountpoint: str) -> None:
     """Start the watcher for ``mountpoint`` (in the daemon, once mounted)."""
     r, w = os.pipe()
     try:
-        subprocess.Popen([sys.executable, "-m", "overlaypc.autounmount"], stdin=r,
+        subprocess.Popen([sys.executable, "-m", "overlaypc.engine.autounmount"], stdin=r,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True, close_fds=True)
     except BaseException:
