@@ -534,18 +534,19 @@ def test_mount_fuse3_helper_via_shim(layers_factory, mountpoint, tmp_path):
                          "-o", f"rw,lowerdir={layers.lowerdir}"], mnt, env)
 
 
-def test_sigterm_unmounts_cleanly(layers_factory, overlay_mount):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_signal_unmounts_cleanly(layers_factory, overlay_mount, sig):
     layers = layers_factory(RO_SPEC)
     m = overlay_mount(f"lowerdir={layers.lowerdir}")
     assert (m / "f.txt").read_text() == "content"
     assert m.proc is not None
-    os.kill(m.proc.pid, signal.SIGTERM)
+    os.kill(m.proc.pid, sig)
     try:
         m.proc.wait(timeout=helpers.EXIT_TIMEOUT)
     except subprocess.TimeoutExpired:
-        pytest.fail("daemon still running 15 s after SIGTERM")
+        pytest.fail(f"daemon still running 15 s after {sig.name}")
     assert helpers.wait_until(lambda: not helpers.is_mounted(m.path), 5), \
-        "still mounted after SIGTERM"
+        f"still mounted after {sig.name}"
     m.unmount()  # nothing left to unmount: checks exit status 0 and a clean log
 
 
