@@ -177,20 +177,36 @@ class NodeTable:
         return node
 
     def path(self, nodeid: int) -> str | None:
-        """The merged path of a node, by first names up to the root; None when it (or an
-        ancestor) has no name left. Raises ESTALE for an unknown nodeid."""
+        """The merged path of a node: its first name whose directories are all still
+        known, up to the root; None when there is none. A name in a directory the
+        kernel has forgotten (it evicts dentries without telling us) is dropped here.
+        Raises ESTALE for an unknown nodeid."""
         with self._lock:
             node = self.node(nodeid)
-            parts = []
-            while node.nodeid != ROOT_ID:
-                if not node.names:
-                    return None
-                parent, name = node.names[0]
-                parts.append(name)
-                node = self._nodes.get(parent)
-                if node is None or len(parts) > 1 << 20:
-                    return None
-            return "/".join(reversed(parts))
+            if nodeid == ROOT_ID:
+                return ""
+            for where in list(node.names):
+                parts = self._walk(where)
+                if parts is not None:
+                    return "/".join(reversed(parts))
+                if self._nodes.get(where[0]) is None:
+                    node.names.remove(where)
+                    if self._by_name.get(where) == nodeid:
+                        del self._by_name[where]
+            return None
+
+    def _walk(self, where: Name) -> list[str] | None:
+        """Names from ``where`` up to the root (lock held), or None if a directory on
+        the way is gone or nameless. Directories have one name each."""
+        parts = [where[1]]
+        parent = self._nodes.get(where[0])
+        while parent is not None and parent.nodeid != ROOT_ID:
+            if not parent.names or len(parts) > 1 << 20:
+                return None
+            up, name = parent.names[0]
+            parts.append(name)
+            parent = self._nodes.get(up)
+        return parts if parent is not None else None
 
     def named_elsewhere(self, nodeid: int) -> bool:
         """Whether the object has names on disk that the table may not know (its key

@@ -147,7 +147,18 @@ class OverlayOps(Operations):
             with fs.ns_lock:
                 if self.nodes.epoch == epoch:
                     nodeid = self.nodes.take(key, parent, name, node.is_dir)
-                    return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
+                    return Entry(nodeid, file_attr(attr), self.timeout, self._attr_timeout(key))
+
+    def _attr_timeout(self, key: InodeKey) -> float:
+        """How long the kernel may cache a node's attributes. A name of a lower hard link
+        that copy-up would split off (a writable mount without index) changes its link
+        count and inode number when an open for writing copies it up, with no request
+        that returns attributes: the kernel must ask every time until then."""
+        return 0.0 if key.name is not None else self.timeout
+
+    def _node_attr_timeout(self, nodeid: int) -> float:
+        key = self.nodes.node(nodeid).key
+        return self._attr_timeout(key) if isinstance(key, InodeKey) else self.timeout
 
     def _entry(self, parent: int, name: str, rel: str) -> Entry:
         entry = self._take(parent, name, rel)
@@ -193,7 +204,7 @@ class OverlayOps(Operations):
         return self.fs.getattr(rel)
 
     def getattr(self, req: Request, nodeid: int, fh: int | None = None) -> AttrReply:
-        return AttrReply(file_attr(self._attr(nodeid, fh)), self.timeout)
+        return AttrReply(file_attr(self._attr(nodeid, fh)), self._node_attr_timeout(nodeid))
 
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes."""
@@ -226,7 +237,7 @@ class OverlayOps(Operations):
                 fs.utimens(rel, times)
             else:
                 fs.files.utimens_inode(inode, times)
-        return AttrReply(file_attr(self._attr(nodeid, sa.fh)), self.timeout)
+        return AttrReply(file_attr(self._attr(nodeid, sa.fh)), self._node_attr_timeout(nodeid))
 
     def readlink(self, req: Request, nodeid: int) -> bytes:
         return os.fsencode(self.fs.readlink(self._path(nodeid)))

@@ -87,6 +87,18 @@ def test_two_names_path_after_one_is_unlinked():
     assert t.path(a) is None and t.by_key(K(2)) == a
 
 
+def test_hard_link_path_survives_the_forget_of_one_names_directory():
+    """The kernel evicts dentries without telling the daemon: a hard link's first known
+    name may sit in a directory the kernel has since forgotten, while the file stays
+    referenced through another name. Its path must come from a name that still resolves."""
+    t = NodeTable(K(0))
+    d = t.take(K(1), ROOT_ID, "d", True)
+    a = t.take(K(2), d, "x", False)
+    assert t.take(K(2), ROOT_ID, "y", False) == a
+    t.forget(d, 1)
+    assert t.path(a) == "y"
+
+
 def test_rekey():
     t = NodeTable(K(0))
     f = t.take(K(1), ROOT_ID, "f", False)
