@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import faults, sysapi
+from . import faults, killpriv, sysapi
 from .attrs import Attr
 from .handles import Handle
 from .inodes import OverlayInode
@@ -193,6 +193,28 @@ class Files:
         self.changed(handle)
         return n
 
+    def kill_privs(self, fh: int, writer: killpriv.Writer) -> bool:
+        """A write, truncate or ``O_TRUNC`` open by ``writer`` without CAP_FSETID (the
+        request's kill flag): strip setuid/setgid and the capability (``killpriv``).
+        Cheap for a burst of writes: once the file has nothing left to strip, the inode
+        remembers it until a chmod or setxattr. True if something was stripped."""
+        handle = self.fs.handles.get(fh)
+        inode = handle.inode
+        with inode.lock:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
+                return False
+        fd = self._fd(handle)
+        done = killpriv.kill_fd(self.fs.ownership, inode.layer, fd, writer)
+        if done.clean:
+            with inode.lock:
+                if inode.privs_epoch == epoch:  # no chmod/setxattr came in between
+                    inode.privs_clean = epoch
+        if done.changed:
+            self.fs.stats.add("privileges_cleared")
+            self.fs.links_changed(os.fstat(fd), handle.path)
+        return done.changed
+
     @staticmethod
     def _unshare(handle: Handle, offset: int, length: int) -> contextlib.AbstractContextManager:
         """Around a write: [offset, offset+length) leaves the sharing map *before* the file
@@ -264,6 +286,7 @@ class Files:
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd: self.fs.ownership.chmod_fd(inode.layer, fd, mode))
+        inode.privs_may_grow()
 
     def chown_inode(self, inode: OverlayInode, uid: int, gid: int) -> None:
         """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""
