@@ -30,7 +30,7 @@ from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
-from .killpriv import Writer
+from .killpriv import Writer, has_fsetid
 from .mounting import raise_readahead
 from .namespace import Caller
 from .nodes import ROOT_ID, NodeTable
@@ -359,6 +359,21 @@ class OverlayOps(Operations):
     def fallocate(self, req: Request, nodeid: int, fh: int, offset: int, length: int,
                   mode: int) -> None:
         self.fs.fallocate(fh, mode, offset, length)
+
+    def lseek(self, req: Request, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        return self.fs.files.lseek(fh, offset, whence)
+
+    def copy_file_range(self, req: Request, node_in: int, fh_in: int, off_in: int,
+                        node_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
+        self.fs.require_writable()
+        # the kernel sends no kill flag with a copy (its file_remove_privs leaves it to
+        # the daemon under handle_killpriv_v2): strip as a write by this caller would
+        if not has_fsetid(req.pid):
+            self._kill_privs(req, node_out, None, fh_out)
+        return self.fs.files.copy_range(fh_in, off_in, fh_out, off_out, length)
 
     # -- directories ------------------------------------------------------------------------------
     def opendir(self, req: Request, nodeid: int, flags: int = 0) -> Opened:
