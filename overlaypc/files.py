@@ -203,6 +203,8 @@ class Files:
         remembers it until a chmod or setxattr. True if something was stripped."""
         handle = self.fs.handles.get(fh)
         inode = handle.inode
+        if not inode.in_upper:  # (a write handle always is; a lower file is never changed)
+            return False
         with inode.lock:
             epoch = inode.privs_epoch
             if inode.privs_clean == epoch:
