@@ -19,7 +19,7 @@ import pytest
 import helpers
 from test_sharing import _data, _write_synced
 from overlaypc.extents import fiemap
-from upper_support import NOBODY, overlay_stats, run_as, stack_options
+from upper_support import overlay_stats, run_as, stack_options
 
 MiB = 1 << 20
 
