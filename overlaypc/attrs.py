@@ -28,7 +28,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import acl
+from . import acl, killpriv
 from .copyup import is_private_xattr
 from .lookup import Entry
 
@@ -126,7 +126,43 @@ class Attributes:
     def chmod(self, rel: str, mode: int) -> None:
         entry = self._upper(rel)
         self.fs.ownership.chmod(entry, mode)
+        self._privs_may_grow(rel)
         self._changed(entry, rel)
+
+    def _privs_may_grow(self, rel: str) -> None:
+        inode = self.fs._live_inode(rel)
+        if inode is not None:
+            inode.privs_may_grow()
+
+    def kill_privs(self, rel: str, writer: "killpriv.Writer") -> bool:
+        """``killpriv`` for a truncate or chown by path (copied up first, as the change
+        that follows would). True if something was stripped."""
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists or not stat.S_ISREG(node.st.st_mode):
+            return False
+        entry = self._upper(rel)
+        fd = entry.layer.open(entry.rel, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            changed = killpriv.kill_fd(self.fs.ownership, entry.layer, fd, writer).changed
+        finally:
+            os.close(fd)
+        if changed:
+            self.fs.stats.add("privileges_cleared")
+            self._changed(entry, rel)
+        return changed
+
+    def kill_sgid(self, rel: str) -> None:
+        """An access ACL set by a caller outside the file's group without CAP_FSETID
+        (FUSE_SETXATTR_ACL_KILL_SGID): S_ISGID goes, as ``posix_acl_update_mode``
+        does; the root daemon's own setxattr kept it."""
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists or node.upper is None:
+            return
+        entry = node.upper
+        mode = self.fs.ownership.stored_entry(entry).mode
+        if mode & stat.S_ISGID:
+            self.fs.ownership.chmod(entry, stat.S_IMODE(mode) & ~stat.S_ISGID)
+            self._changed(entry, rel)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""
@@ -182,6 +218,7 @@ class Attributes:
             raise OSError(errno.EPERM, "overlay-private attribute", name)
         entry = self._upper(rel)
         entry.layer.do_setxattr(entry.rel, name, value, flags)
+        self._privs_may_grow(rel)
         self._changed(entry, rel)
 
     def removexattr(self, rel: str, name: str) -> None:

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from . import whiteout
+from . import killpriv, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
@@ -417,6 +417,23 @@ class OverlayFS:
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         self.attrs.chown(rel, uid, gid)
+
+    def kill_privs(self, rel: str | None, fh: int | None, writer: killpriv.Writer,
+                   chown: tuple[int, int] | None = None) -> bool:
+        """Strip setuid/setgid/capability as ``writer``'s write does (``killpriv``),
+        by path if given (a SETATTR's handle may be a read-only one of a metacopy file
+        whose data is still below), else through the open handle ``fh`` (a WRITE's, or a
+        file with no name left). True if anything went:
+        the caller drops the kernel's cached mode. Before a chown (``chown``: its IDs),
+        which the group test must see the old group for: an ID the chown will refuse
+        (EOVERFLOW) fails here first, before anything is copied up or stripped."""
+        self.require_writable()
+        if chown is not None:
+            self.ownership.chown_ids(*chown)
+        if rel is not None:
+            return self.attrs.kill_privs(rel, writer)
+        assert fh is not None
+        return self.files.kill_privs(fh, writer)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
         self.attrs.utimens(rel, times)

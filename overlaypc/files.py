@@ -1,4 +1,5 @@
-"""Open files: open/create, read, write, fsync, flush, fallocate, fstat, ftruncate, release.
+"""Open files: open/create, read, write, fsync, flush, fallocate, fstat, ftruncate, release,
+lseek (SEEK_DATA/SEEK_HOLE) and copy_file_range.
 
 Owns: the per-open-file flow. Opening for write (or with O_TRUNC) copies a lower file
 up first; every later I/O asks its ``Handle`` for the real fd, which follows the inode
@@ -17,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import faults, sysapi
+from . import faults, killpriv, sysapi
 from .attrs import Attr
 from .handles import Handle
 from .inodes import OverlayInode
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .core import OverlayFS
 
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+#: the most one COPY_FILE_RANGE copies when it has to go through the daemon
+COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,30 @@ class Files:
         self.changed(handle)
         return n
 
+    def kill_privs(self, fh: int, writer: killpriv.Writer) -> bool:
+        """A write, truncate or ``O_TRUNC`` open by ``writer`` without CAP_FSETID (the
+        request's kill flag): strip setuid/setgid and the capability (``killpriv``).
+        Cheap for a burst of writes: once the file has nothing left to strip, the inode
+        remembers it until a chmod or setxattr. True if something was stripped."""
+        handle = self.fs.handles.get(fh)
+        inode = handle.inode
+        if not inode.in_upper:  # (a write handle always is; a lower file is never changed)
+            return False
+        with inode.lock:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
+                return False
+        fd = self._fd(handle)
+        done = killpriv.kill_fd(self.fs.ownership, inode.layer, fd, writer)
+        if done.clean:
+            with inode.lock:
+                if inode.privs_epoch == epoch:  # no chmod/setxattr came in between
+                    inode.privs_clean = epoch
+        if done.changed:
+            self.fs.stats.add("privileges_cleared")
+            self.fs.links_changed(os.fstat(fd), handle.path)
+        return done.changed
+
     @staticmethod
     def _unshare(handle: Handle, offset: int, length: int) -> contextlib.AbstractContextManager:
         """Around a write: [offset, offset+length) leaves the sharing map *before* the file
@@ -209,6 +236,45 @@ class Files:
 
     def changed(self, handle: Handle) -> None:
         self.fs.data_changed(handle.inode, handle.path)
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE (the kernel answers the others itself) on the handle's
+        *current* backing, so a handle opened before a copy-up sees the copy's holes.
+        The position moved is the daemon's fd's, which no I/O uses (all of it is pread/
+        pwrite at the kernel's offsets)."""
+        return os.lseek(self._fd(self.fs.handles.get(fh)), offset, whence)
+
+    def copy_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int) -> int:
+        """COPY_FILE_RANGE between two open files of the mount: ``os.copy_file_range``
+        between their current backings (a reflink where the filesystem can: XFS, btrfs,
+        same filesystem), else a copy through the daemon of at most ``COPY_CHUNK`` bytes
+        (a short count: callers loop). The destination follows every rule of a write:
+        its sharing map loses the range before the data changes, the whole map if the
+        copy may grow the file, and its data version moves."""
+        src, dst = self.fs.handles.get(fh_in), self.fs.handles.get(fh_out)
+        fd_in, fd_out = self._fd(src), self._fd(dst)
+        faults.hit("file.write", dst.inode.rel)
+        grows = off_out + length > os.fstat(fd_out).st_size
+        with changing(dst.inode) if grows else changing(dst.inode, off_out, off_out + length):
+            try:
+                n = os.copy_file_range(fd_in, fd_out, length, off_in, off_out)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                n = self._copy_through(fd_in, off_in, fd_out, off_out, min(length, COPY_CHUNK))
+        self.fs.stats.add("bytes_copied", n)
+        if n:
+            self.changed(dst)
+        return n
+
+    @staticmethod
+    def _copy_through(fd_in: int, off_in: int, fd_out: int, off_out: int, length: int) -> int:
+        """Layers on different filesystems: read and write (at most ``length`` bytes)."""
+        data = os.pread(fd_in, length, off_in)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd_out, memoryview(data)[done:], off_out + done)
+        return done
 
     def truncate(self, fh: int, length: int) -> None:
         handle = self.fs.handles.get(fh)
@@ -264,6 +330,7 @@ class Files:
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd: self.fs.ownership.chmod_fd(inode.layer, fd, mode))
+        inode.privs_may_grow()
 
     def chown_inode(self, inode: OverlayInode, uid: int, gid: int) -> None:
         """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""

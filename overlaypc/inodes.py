@@ -88,6 +88,10 @@ class OverlayInode:
     extents_epoch: int = 0
     #: data changes in flight (``sharing.changing``): no mapping is stored meanwhile
     extents_busy: int = 0
+    #: ``killpriv``: a write has nothing to strip while ``privs_clean == privs_epoch``
+    #: (no setuid/setgid bit, no capability); chmod and setxattr bump the epoch
+    privs_epoch: int = 0
+    privs_clean: int = -1
     #: merged path -> data version the kernel's page cache of that FUSE node holds
     seen: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -110,7 +114,13 @@ class OverlayInode:
             self.generation += 1
             self.extents = None
             self.extents_epoch += 1
+            self.privs_epoch += 1
             return self.generation
+
+    def privs_may_grow(self) -> None:
+        """A chmod or setxattr: the next killing write checks the file again."""
+        with self.lock:
+            self.privs_epoch += 1
 
     def moved(self, rel: str) -> None:
         with self.lock:

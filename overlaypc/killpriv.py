@@ -7,16 +7,37 @@ a mandatory-locking marker, kept) or when the writer is not in the file's group;
 ``security.capability`` xattr. The kernel sets the request's kill flag only when the writer
 lacks ``CAP_FSETID``, so the flag already says "unprivileged", the owner included.
 
+Also owns applying it (``kill_fd``) to an open backing file through ``ownership``, so an
+override xattr (``xattr_permissions``) is what loses the bits where it holds the mode,
+and the group test uses the file's *shown* group, the one the kernel compares.
+
+When the kernel sets the flags (6.18, ``fs/fuse``): WRITE by a writer without
+``CAP_FSETID``; SETATTR with a size (truncate) by such a writer, and *every* chown/chgrp
+of a non-directory, whatever the caller's capabilities, so a chown reads the caller's
+``CapEff`` too (``Writer.may_be_capable``); OPEN with ``O_TRUNC`` by such a writer.
+CREATE sets it for ``O_TRUNC`` too, but a CREATE always makes a new file here (``O_EXCL``
+on the layer), which keeps the mode it was created with, as on any local filesystem.
+
 Caveat: the FUSE protocol carries the writer's uid, gid and pid but not its supplementary
-groups: they are read from ``/proc/PID/status`` of the requester. If that process is gone
-(or the pid belongs to another pid namespace), only the primary gid counts, which can only
-clear more, never less.
+groups (nor its capabilities): they are read from ``/proc/PID/status`` of the requester.
+If that process is gone (or the pid belongs to another pid namespace), only the primary
+gid counts and no capability, which can only clear more, never less.
 """
 from __future__ import annotations
 
+import errno
+import os
 import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .layer import Layer
+    from .ownership import Ownership
 
 CAPABILITY_XATTR = "security.capability"
+CAP_FSETID = 4
+PRIVILEGED_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 def groups_of(pid: int, gid: int, proc: str = "/proc") -> frozenset[int]:
@@ -39,3 +60,68 @@ def killed_mode(mode: int, file_gid: int, writer_groups: frozenset[int]) -> int:
     if mode & stat.S_ISGID and (mode & stat.S_IXGRP or file_gid not in writer_groups):
         mode &= ~stat.S_ISGID
     return mode
+
+
+def has_fsetid(pid: int, proc: str = "/proc") -> bool:
+    """Whether process ``pid`` holds ``CAP_FSETID`` in its effective set (False if gone)."""
+    try:
+        with open(f"{proc}/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+@dataclass
+class Writer:
+    """Who writes, as a request names it. ``may_be_capable``: the kill flag does not
+    already say "no CAP_FSETID" (chown), so the process's capabilities are read.
+    /proc is read lazily, only for a setgid file without group-exec."""
+    uid: int
+    gid: int
+    pid: int
+    may_be_capable: bool = False
+    _groups: frozenset[int] | None = field(default=None, repr=False)
+
+    def keeps_sgid_of(self, file_gid: int) -> bool:
+        """The kernel's ``in_group_or_capable``."""
+        if file_gid == self.gid:
+            return True
+        if self._groups is None:
+            self._groups = groups_of(self.pid, self.gid)
+        return file_gid in self._groups or (self.may_be_capable and has_fsetid(self.pid))
+
+
+@dataclass(frozen=True)
+class Killed:
+    """What ``kill_fd`` did: ``changed`` (a bit or the capability went), ``clean``
+    (nothing is left that any later write could strip)."""
+    changed: bool
+    clean: bool
+
+
+def kill_fd(ownership: "Ownership", layer: "Layer", fd: int, writer: Writer) -> Killed:
+    """Strip from the open regular file ``fd`` of ``layer`` what ``writer``'s write strips."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return Killed(False, True)
+    stored = ownership.stored_fd(layer, st, fd)
+    mode, changed = stored.mode, False
+    if mode & PRIVILEGED_BITS:
+        gid = ownership.shown_gid(stored.gid)
+        groups = frozenset((gid,)) if writer.keeps_sgid_of(gid) else frozenset()
+        new = killed_mode(mode, gid, groups)
+        if new != mode:
+            ownership.chmod_fd(layer, fd, new)
+            mode, changed = new, True
+    try:
+        os.getxattr(fd, CAPABILITY_XATTR)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
+    else:
+        os.removexattr(fd, CAPABILITY_XATTR)
+        changed = True
+    return Killed(changed, not mode & PRIVILEGED_BITS)

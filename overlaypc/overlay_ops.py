@@ -30,6 +30,7 @@ from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
+from .killpriv import Writer, has_fsetid
 from .mounting import raise_readahead
 from .namespace import Caller
 from .nodes import ROOT_ID, NodeTable
@@ -39,9 +40,12 @@ log = logging.getLogger("overlaypc.fuse")
 #: what overlaypc asks of the kernel at INIT (ACLs added by ``_negotiate_acls``). No
 #: WRITEBACK_CACHE (a hard link's other names would read stale data until writeback),
 #: no READDIRPLUS_AUTO (every listing chunk carries attributes), no EXPORT_SUPPORT
-#: (nodeids are not stable across a FORGET).
+#: (nodeids are not stable across a FORGET). HANDLE_KILLPRIV_V2: the daemon strips
+#: setuid/setgid/capabilities itself (``killpriv``: the kernel's own fallback ignores the
+#: writer's groups, and direct-io writes skip it); SETXATTR_EXT carries the ACL's kill flag.
 WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.MAX_PAGES | p.PARALLEL_DIROPS
-          | p.AUTO_INVAL_DATA | p.ASYNC_DIO | p.DO_READDIRPLUS)
+          | p.AUTO_INVAL_DATA | p.ASYNC_DIO | p.DO_READDIRPLUS | p.HANDLE_KILLPRIV_V2
+          | p.SETXATTR_EXT)
 
 
 def file_attr(attr: Attr) -> FileAttr:
@@ -211,6 +215,12 @@ class OverlayOps(Operations):
         fs, valid = self.fs, sa.valid
         rel = self.nodes.path(nodeid)
         inode = None if rel is not None else self._open_inode(nodeid)[1]
+        if valid & p.FATTR_KILL_SUIDGID:  # truncate without CAP_FSETID, or any chown
+            fh = sa.fh if sa.fh is not None or inode is None else self._open_inode(nodeid)[0]
+            chown = None
+            if valid & (p.FATTR_UID | p.FATTR_GID):
+                chown = (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
+            self._kill_privs(req, nodeid, rel, fh, chown)
         if valid & p.FATTR_MODE:
             if inode is None:
                 fs.chmod(rel, sa.mode)
@@ -254,8 +264,12 @@ class OverlayOps(Operations):
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
         return self.fs.listxattr(self._path(nodeid))
 
-    def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int) -> None:
-        self.fs.setxattr(self._path(nodeid), name, value, flags)
+    def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
+                 setxattr_flags: int = 0) -> None:
+        rel = self._path(nodeid)
+        self.fs.setxattr(rel, name, value, flags)
+        if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
+            self.fs.attrs.kill_sgid(rel)
 
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
         self.fs.removexattr(self._path(nodeid), name)
@@ -303,6 +317,12 @@ class OverlayOps(Operations):
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         result = self.fs.open(self._path(nodeid), flags)
+        if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
+            try:
+                self._kill_privs(req, nodeid, None, result.fh)
+            except BaseException:
+                self.fs.release(result.fh)
+                raise
         self.nodes.opened(nodeid, result.fh)
         return Opened(result.fh, direct_io=result.direct_io, keep_cache=result.keep_cache)
 
@@ -323,7 +343,17 @@ class OverlayOps(Operations):
 
     def write(self, req: Request, nodeid: int, fh: int, data: memoryview, offset: int,
               write_flags: int = 0) -> int:
+        if write_flags & p.WRITE_KILL_SUIDGID:  # (a no-op once the file has nothing to strip)
+            self._kill_privs(req, nodeid, None, fh)
         return self.fs.write(fh, data, offset)
+
+    def _kill_privs(self, req: Request, nodeid: int, rel: str | None, fh: int | None,
+                    chown: tuple[int, int] | None = None) -> None:
+        """``killpriv``; the kernel's cached mode goes when a bit went (attributes only).
+        A chown sets the kill flag whatever the caller's capabilities: they are read."""
+        writer = Writer(req.uid, req.gid, req.pid, may_be_capable=chown is not None)
+        if self.fs.kill_privs(rel, fh, writer, chown):
+            self.notifier.inval_inode(nodeid, -1)
 
     def flush(self, req: Request, nodeid: int, fh: int) -> None:
         self.fs.flush(fh)
@@ -340,6 +370,21 @@ class OverlayOps(Operations):
     def fallocate(self, req: Request, nodeid: int, fh: int, offset: int, length: int,
                   mode: int) -> None:
         self.fs.fallocate(fh, mode, offset, length)
+
+    def lseek(self, req: Request, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        return self.fs.files.lseek(fh, offset, whence)
+
+    def copy_file_range(self, req: Request, node_in: int, fh_in: int, off_in: int,
+                        node_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
+        self.fs.require_writable()
+        # the kernel sends no kill flag with a copy (its file_remove_privs leaves it to
+        # the daemon under handle_killpriv_v2): strip as a write by this caller would
+        if not has_fsetid(req.pid):
+            self._kill_privs(req, node_out, None, fh_out)
+        return self.fs.files.copy_range(fh_in, off_in, fh_out, off_out, length)
 
     # -- directories ------------------------------------------------------------------------------
     def opendir(self, req: Request, nodeid: int, flags: int = 0) -> Opened:

@@ -202,12 +202,15 @@ class Ownership:
             uid = self.squash_uid
         else:
             uid = self.uids.to_shown(stored.uid) if self.uids else stored.uid
-        if self.squash_gid is not None:
-            gid = self.squash_gid
-        else:
-            gid = self.gids.to_shown(stored.gid) if self.gids else stored.gid
+        gid = self.shown_gid(stored.gid)
         nlink = 1 if self.static_nlink and stat.S_ISDIR(stored.mode) else attr.nlink
         return attr._replace(uid=uid, gid=gid, mode=stored.mode, nlink=nlink)
+
+    def shown_gid(self, gid: int) -> int:
+        """The group shown for stored ``gid`` (the one the kernel's group checks use)."""
+        if self.squash_gid is not None:
+            return self.squash_gid
+        return self.gids.to_shown(gid) if self.gids else gid
 
     def show_entry(self, attr: "Attr", entry: "Entry") -> "Attr":
         return self.show(attr, self.stored_entry(entry)) if self.active else attr

@@ -52,6 +52,8 @@ class Stats:
                 "distinct_backing_inodes": len(self._backing),
                 "distinct_backing_inodes_capped": len(self._backing) >= DISTINCT_LIMIT,
                 "handle_switches": self.counters["handle_switches"],
+                "bytes_copied": self.counters["bytes_copied"],
+                "privileges_cleared": self.counters["privileges_cleared"],
                 "copy_ups": dict(self.copy_ups),
                 "errors": self.counters["errors"],
             }

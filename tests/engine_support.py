@@ -443,8 +443,9 @@ class MemoryOps(Operations):
         return {"f_blocks": 1000, "f_bfree": 500, "f_bavail": 400, "f_files": 100, "f_ffree": 50,
                 "f_bsize": 4096, "f_namemax": 255, "f_frsize": 4096}
 
-    def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int) -> None:
-        self._rec("setxattr", nodeid, name, value, flags)
+    def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
+                 *setxattr_flags: int) -> None:
+        self._rec("setxattr", nodeid, name, value, flags, *setxattr_flags)
         with self.lock:
             self._node(nodeid).xattrs[name] = value
 

@@ -488,14 +488,12 @@ def test_lower_without_acl_support_still_grants_by_mode(tmp_path, overlay_mount,
         subprocess.run(["umount", "-l", str(ramfs)], capture_output=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Setting an access ACL must clear S_ISGID when the caller is neither in the file's "
-    "group nor holds CAP_FSETID (posix_acl_update_mode). The kernel tells a FUSE daemon so "
-    "only through FUSE_SETXATTR_ACL_KILL_SGID, which libfuse 3.14's API drops, and the root "
-    "daemon's own setxattr keeps the bit; fixing it needs the caller's groups and "
-    "capabilities at setxattr (core.setxattr carries no caller)."))
 def test_acl_set_by_owner_outside_the_group_clears_setgid(tmp_path, overlay_mount,
                                                           kernel_mount):
+    """Setting an access ACL clears S_ISGID when the caller is neither in the file's group
+    nor holds CAP_FSETID (``posix_acl_update_mode``): the kernel says so only through
+    FUSE_SETXATTR_ACL_KILL_SGID (SETXATTR_EXT), and the root daemon's own setxattr keeps
+    the bit, so the daemon clears it."""
     def build(lower, upper):
         for p in (lower / "lf", upper / "uf"):
             p.write_bytes(b"data\n")

@@ -443,7 +443,11 @@ def test_setxattr_ext_layout(kernel):
     fk = kernel(ops)
     f = ops.add(1, b"f", stat.S_IFREG)
     fk.ok(p.SETXATTR, f, p.SETXATTR_IN_EXT.pack(3, 1, 0, 0) + b"user.x\0abc")
-    assert ops.called("setxattr") == [(f, "user.x", b"abc", 1)]
+    fk.ok(p.SETXATTR, f, p.SETXATTR_IN_EXT.pack(2, 0, p.SETXATTR_ACL_KILL_SGID, 0)
+          + b"system.posix_acl_access\0de")
+    # setxattr_flags reach the filesystem only with the extended layout
+    assert ops.called("setxattr") == [(f, "user.x", b"abc", 1, 0),
+                                      (f, "system.posix_acl_access", b"de", 0, 1)]
 
 
 @pytest.mark.parametrize("opcode", [p.GETLK, p.IOCTL, p.POLL, p.BMAP, p.COPY_FILE_RANGE, p.SYNCFS,

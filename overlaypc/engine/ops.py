@@ -177,7 +177,8 @@ class Operations:
     release: Callable[[Request, int, int, int], None] = _nosys          # node, fh, flags
     fsync: Callable[[Request, int, int, bool], None] = _nosys           # node, fh, datasync
     statfs: Callable[[Request, int], "os.statvfs_result"] = _nosys
-    setxattr: Callable[[Request, int, str, bytes, int], None] = _nosys
+    #: (node, name, value, flags[, setxattr_flags]): the last only with SETXATTR_EXT
+    setxattr: Callable[..., None] = _nosys
     getxattr: Callable[[Request, int, str], bytes] = _nosys
     listxattr: Callable[[Request, int], list[str]] = _nosys
     removexattr: Callable[[Request, int, str], None] = _nosys

@@ -465,7 +465,11 @@ class Session:
         size, flags = layout.unpack_from(body)[:2]
         rest = bytes(body[layout.size:])
         name, _, value = rest.partition(b"\0")
-        self.ops.setxattr(self._req(hdr), hdr.nodeid, os.fsdecode(name), value[:size], flags)
+        args = (self._req(hdr), hdr.nodeid, os.fsdecode(name), value[:size], flags)
+        if self._setxattr_ext:  # setxattr_flags (SETXATTR_ACL_KILL_SGID) exist only then
+            self.ops.setxattr(*args, p.SETXATTR_IN_EXT.unpack_from(body)[2])
+        else:
+            self.ops.setxattr(*args)
         return _EMPTY
 
     @staticmethod

@@ -1,0 +1,124 @@
+"""Privilege-clearing writes driven through ``OverlayOps`` without FUSE (``core_driver``):
+the daemon strips at most once per burst of writes, and looks again after a chmod or a
+setxattr. (What is stripped, against the kernel overlay: ``test_security.py``.)"""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from core_driver import REQ, CoreDriver
+from overlaypc import killpriv
+from overlaypc.config import MountConfig, validate
+from overlaypc.engine import protocol as p
+from overlaypc.engine.ops import Request
+from overlaypc.engine.protocol import SetAttr
+
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep, v2
+WRITER = Request(uid=65534, gid=65534, pid=os.getpid())  # (this process: in group 0 only)
+
+
+@pytest.fixture
+def drv(tmp_path):
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    f = tmp_path / "lower" / "f"
+    f.write_bytes(b"data")
+    os.chmod(f, 0o6755)
+    os.setxattr(f, "security.capability", CAP)
+    cfg = MountConfig(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
+                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"))
+    validate(cfg)
+    d = CoreDriver(cfg)
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def kills(monkeypatch):
+    """Counts the checks that read the file's mode and capability."""
+    calls = []
+    real = killpriv.kill_fd
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(killpriv, "kill_fd", counting)
+    return calls
+
+
+def _write(drv: CoreDriver, fh: int, n: int) -> None:
+    for i in range(n):
+        drv.ops.write(WRITER, drv._open[fh], fh, memoryview(b"x"), i, p.WRITE_KILL_SUIDGID)
+
+
+def test_one_check_per_burst_and_again_after_chmod_and_setxattr(drv, tmp_path, kills):
+    node = drv.lookup(drv.root(), "f")
+    fh = drv.open(node, os.O_WRONLY)
+    _write(drv, fh, 50)
+    assert len(kills) == 1
+    upper = tmp_path / "upper" / "f"
+    assert stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
+    assert "security.capability" not in os.listxattr(upper)
+    assert drv.fs.stats.counters["privileges_cleared"] == 1
+
+    drv.setattr(node, mode=0o4755)          # chmod u+s through the mount
+    _write(drv, fh, 10)
+    assert len(kills) == 2 and stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
+
+    drv.ops.setxattr(REQ, node.nodeid, "security.capability", CAP, 0)
+    _write(drv, fh, 10)
+    assert len(kills) == 3 and "security.capability" not in os.listxattr(upper)
+
+    _write(drv, fh, 10)                     # without the flag (CAP_FSETID): nothing at all
+    drv.ops.write(REQ, node.nodeid, fh, memoryview(b"y"), 0, 0)
+    assert len(kills) == 3
+    drv.release(fh)
+    drv.settle()
+
+
+def test_a_setgid_file_the_writer_may_keep_is_checked_each_time(drv, tmp_path, kills):
+    """S_ISGID without group-exec stays for a member of the file's group (here: group 0,
+    the writer's primary group), so the file is never clean; nothing is stripped."""
+    node = drv.lookup(drv.root(), "f")
+    drv.setattr(node, mode=0o2644)
+    member = Request(uid=65534, gid=0, pid=os.getpid())
+    fh = drv.open(node, os.O_WRONLY)
+    for i in range(3):
+        drv.ops.write(member, node.nodeid, fh, memoryview(b"x"), i, p.WRITE_KILL_SUIDGID)
+    assert len(kills) == 3
+    assert stat.S_IMODE(os.lstat(tmp_path / "upper" / "f").st_mode) == 0o2644
+    # (the capability went with the first write)
+    assert "security.capability" not in os.listxattr(tmp_path / "upper" / "f")
+    drv.release(fh)
+    drv.settle()
+
+
+def test_truncate_by_path_and_chown_strip_before_the_change(drv, tmp_path):
+    node = drv.lookup(drv.root(), "f")
+    sa = SetAttr(p.FATTR_SIZE | p.FATTR_KILL_SUIDGID, None, 1, 0, 0, 0, 0, 0)
+    attr = drv.ops.setattr(WRITER, node.nodeid, sa).attr
+    assert stat.S_IMODE(attr.mode) == 0o755 and attr.size == 1
+    drv.setattr(node, mode=0o6755)
+    # a chown by a caller with CAP_FSETID (this process, root) keeps setgid-without-exec
+    # of a group it is not in, as Linux's chown does; setuid always goes
+    drv.setattr(node, mode=0o6745)
+    sa = SetAttr(p.FATTR_GID | p.FATTR_KILL_SUIDGID, None, 0, 0, 0, 0, 0, 4242)
+    attr = drv.ops.setattr(REQ, node.nodeid, sa).attr
+    assert stat.S_IMODE(attr.mode) == 0o2745 and attr.gid == 4242
+    drv.settle()
+
+
+def test_writer_groups_and_capability_come_from_proc(tmp_path):
+    status = tmp_path / "123" / "status"
+    status.parent.mkdir()
+    status.write_text("Name:\tx\nGroups:\t7 8 \nCapEff:\t0000000000000010\n")
+    w = killpriv.Writer(1, 2, 123)
+    assert killpriv.groups_of(123, 2, proc=str(tmp_path)) == {2, 7, 8}
+    assert killpriv.has_fsetid(123, proc=str(tmp_path))
+    status.write_text("Groups:\nCapEff:\t00000000000000ef\n")
+    assert not killpriv.has_fsetid(123, proc=str(tmp_path))
+    assert not killpriv.has_fsetid(999999, proc=str(tmp_path))
+    assert w.keeps_sgid_of(2)
