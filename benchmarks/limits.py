@@ -17,14 +17,17 @@ Three parts, all in one run on the same lower data:
    grep -r (after an unprofiled untar), during 5 warm find+stat passes, and (cache=shared)
    during fio. Per workload: wall time, daemon CPU
    time (user, system), the Python-active samples (py-spy's non-idle samples, as thread-seconds),
-   the top Python frames by self time and the top overlaypc/adapter functions by inclusive time.
+   the top Python frames by self time, the top overlaypc functions by inclusive time, and time
+   per FUSE operation (the handler the engine's ``Session.dispatch`` called).
 4. Syscalls of the daemon per operation (``strace -f -c``, counts only): create+write+close
-   x1000 in kernel mode, 3 s of fio in shared mode; reads of /dev/fuse = FUSE requests.
+   x1000 in kernel mode, 3 s of fio in shared mode; the engine's workers read each FUSE
+   request with one ``readv`` of their /dev/fuse fd, so readv calls = FUSE requests.
 5. ``mv`` of a lower directory tree (100 dirs, 10,000 files) with overlaypc redirect_dir=off
    (EXDEV, so mv copies) and =on (the default since 07bdcc3), and the other systems
    (``--parts rename``; not in the default set).
 
-Needs root, fio, fuse-overlayfs, strace and py-spy (``--py-spy``; default /tmp/v/bin/py-spy).
+Needs root, fio, fuse-overlayfs, strace and py-spy (``--py-spy``; default: the one beside the
+Python that runs this, else /tmp/v/bin/py-spy).
 """
 from __future__ import annotations
 
@@ -95,14 +98,18 @@ class Profiler:
             return self.proc.communicate()[0]
 
 
-# A thread with a Python thread state but no Python frame, not idle: native code of a ctypes
-# callback thread (libfuse reading /dev/fuse, replying, ctypes argument conversion, GIL hand-over).
-NATIVE = "(no Python frame: libfuse/ctypes native code)"
+# A thread sample with no Python frame, not idle: native code outside any Python function
+# (with the engine every worker runs Python from its first frame, so this should stay ~0).
+NATIVE = "(no Python frame: native code)"
+#: the engine's entry for one request (overlaypc/engine/session.py): the frame it calls is the
+#: operation's decoder (``Session._lookup``, ``Session._read``, ...)
+DISPATCH = "dispatch"
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
 def analyse(raw_path: str, rate: int, top: int = 12) -> dict:
-    """Self time by leaf frame, inclusive time by overlaypc/adapter function, from py-spy raw."""
+    """Self time by leaf frame, inclusive time by overlaypc function, and time by FUSE
+    operation (the frame ``Session.dispatch`` called), from py-spy raw."""
     self_t: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
     ops: collections.Counter = collections.Counter()
@@ -123,15 +130,17 @@ def analyse(raw_path: str, rate: int, top: int = 12) -> dict:
             self_t[NATIVE if stack.strip() == "" else f"{leaf[0]} ({leaf[1]})"] += n
             seen = set()
             for func, file in frames:
-                if "overlaypc" in file or "mfusepy" in file:
+                if "overlaypc" in file:
                     key = f"{func} ({file})"
                     if key not in seen:
                         seen.add(key)
                         incl[key] += n
-            # the FUSE operation: the frame FUSE._wrapper (mfusepy's callback entry) called
+            # the FUSE operation: the frame the engine's Session.dispatch called
             names = [func for func, _ in frames]
-            if "FUSE._wrapper" in names and names.index("FUSE._wrapper") + 1 < len(names):
-                op = names[names.index("FUSE._wrapper") + 1]
+            at = next((i for i, (func, file) in enumerate(frames)
+                       if func.rsplit(".", 1)[-1] == DISPATCH and "engine/session" in file), None)
+            if at is not None and at + 1 < len(frames):
+                op = names[at + 1].rsplit(".", 1)[-1].lstrip("_")
             elif stack.strip() == "":
                 op = NATIVE
             else:
@@ -154,7 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="cold,fio,profile,strace")
     p.add_argument("--systems", default="overlaypc-kernel,overlaypc-shared,kernel-overlay,fuse-overlayfs")
     p.add_argument("--python", default=sys.executable, help="Python that runs overlaypc")
-    p.add_argument("--py-spy", default="/tmp/v/bin/py-spy")
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    p.add_argument("--py-spy", default=beside if os.path.exists(beside) else "/tmp/v/bin/py-spy")
     p.add_argument("--keep-profiles", default="", help="directory to keep the raw py-spy files in")
     p.add_argument("--out", default="limits.json")
     return p.parse_args(argv)
@@ -324,7 +334,7 @@ def main(argv=None) -> int:
                             if len(fld) >= 5 and fld[0][0].isdigit() and fld[-1] != "total":
                                 calls[fld[-1]] = int(fld[3])
                     res.setdefault("strace", {})[work] = {
-                        "system": sysname, "ops": n_ops, "fuse_requests": calls.get("read", 0),
+                        "system": sysname, "ops": n_ops, "fuse_requests": calls.get("readv", 0),
                         "per_op": {k: round(v / n_ops, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}}
                     log(f"strace {work}: {res['strace'][work]}")
         # 5. rename of a lower directory tree (100 dirs, 10,000 files) with ``mv``: with
@@ -367,7 +377,7 @@ def main(argv=None) -> int:
                 print(f"    {pct:5.1f}%  {s:7.3f} s  {k}")
     for work, a in res.get("strace", {}).items():
         print(f"\n## syscalls per operation, {work} ({a['system']}): {a['fuse_requests'] / a['ops']:.1f} "
-              f"FUSE requests (reads of /dev/fuse) per operation; " + ", ".join(f"{k} {v}" for k, v in a["per_op"].items()))
+              f"FUSE requests (readv of /dev/fuse) per operation; " + ", ".join(f"{k} {v}" for k, v in a["per_op"].items()))
     for k, lst in res.get("rename", {}).items():
         sm = summary([r["s"] for r in lst])
         print(f"- mv tree, {k}: {sm['median']:.3f} s ({sm['min']:.3f}–{sm['max']:.3f}), "

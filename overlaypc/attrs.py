@@ -17,8 +17,9 @@ mode and the ACL mask in step on setxattr and chmod. A layer without ACL support
 EOPNOTSUPP, which the kernel would take as a failed check, so that becomes ENODATA (no
 ACL: the mode bits decide).
 
-``utimens`` with ``use_ns``: libfuse passes UTIME_NOW / UTIME_OMIT as bare nanosecond
-values (docs/ARCHITECTURE.md §6 trap 11); they are mapped here, so ``touch -m`` leaves atime alone.
+``utimens`` takes UTIME_NOW / UTIME_OMIT as bare nanosecond values (the engine's SETATTR
+maps the kernel's "now" and "unset" to them); they are resolved here, so ``touch -m`` leaves
+atime alone.
 """
 from __future__ import annotations
 
@@ -102,7 +103,6 @@ class Attributes:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         st = node.st
         if st.st_nlink > 1 and not node.is_dir:
-            self.fs.links.note(st, rel)
             nlink = self.fs.overlay_nlink(node)
         else:
             nlink = None
@@ -118,16 +118,10 @@ class Attributes:
         copyup = self.fs.copyup
         return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True)
 
-    def _changed(self, entry: Entry, rel: str) -> None:
-        """After a change: other names of a multiply-linked file drop their cached attrs.
-        ``entry.st`` (from before the change) has the identity and link count this needs."""
-        self.fs.links_changed(entry.st, rel)
-
     def chmod(self, rel: str, mode: int) -> None:
         entry = self._upper(rel)
         self.fs.ownership.chmod(entry, mode)
         self._privs_may_grow(rel)
-        self._changed(entry, rel)
 
     def _privs_may_grow(self, rel: str) -> None:
         inode = self.fs._live_inode(rel)
@@ -148,7 +142,6 @@ class Attributes:
             os.close(fd)
         if changed:
             self.fs.stats.add("privileges_cleared")
-            self._changed(entry, rel)
         return changed
 
     def kill_sgid(self, rel: str) -> None:
@@ -162,19 +155,16 @@ class Attributes:
         mode = self.fs.ownership.stored_entry(entry).mode
         if mode & stat.S_ISGID:
             self.fs.ownership.chmod(entry, stat.S_IMODE(mode) & ~stat.S_ISGID)
-            self._changed(entry, rel)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""
         uid, gid = self.fs.ownership.chown_ids(uid, gid)  # EOVERFLOW before any copy-up
         entry = self._upper(rel)
         self.fs.ownership.chown(entry, uid, gid)
-        self._changed(entry, rel)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
         entry = self._upper(rel)
         entry.layer.do_utime(entry.rel, resolve_times(times, entry.st))
-        self._changed(entry, rel)
 
     @staticmethod
     def utime_fd(fd: int, times: tuple[int, int] | None) -> None:
@@ -185,7 +175,6 @@ class Attributes:
         with self.fs.drop_extents(rel):
             entry.layer.do_truncate(entry.rel, length)
         self.fs.data_changed_by_path(rel)
-        self._changed(entry, rel)
 
     # -- xattrs ------------------------------------------------------------------------------------
     def _xattrs_allowed(self) -> None:
@@ -219,7 +208,6 @@ class Attributes:
         entry = self._upper(rel)
         entry.layer.do_setxattr(entry.rel, name, value, flags)
         self._privs_may_grow(rel)
-        self._changed(entry, rel)
 
     def removexattr(self, rel: str, name: str) -> None:
         self._xattrs_allowed()
@@ -229,7 +217,6 @@ class Attributes:
         top.layer.getxattr_strict(top.rel, name)  # ENODATA before any copy-up
         entry = self._upper(rel)
         entry.layer.do_removexattr(entry.rel, name)
-        self._changed(entry, rel)
 
     # -- filesystem ------------------------------------------------------------------------------
     def statfs(self) -> dict:

@@ -258,9 +258,10 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "xattr_permissions": _xattr_permissions,
     "context": _context,
     "allow_root": _flag("allow_root"),
-    "threaded": _no_effect("threaded", "libfuse always serves requests on several threads here", "int"),
-    "max_idle_threads": _no_effect("max_idle_threads", "libfuse's multi-threaded loop keeps its own "
-                                   "default number of idle threads", "int"),
+    "threaded": _no_effect("threaded", "requests are always served by 4 worker threads, each on "
+                           "its own cloned /dev/fuse fd", "int"),
+    "max_idle_threads": _no_effect("max_idle_threads", "the 4 worker threads live as long as the "
+                                   "mount; none is reaped when idle", "int"),
     "plugins": _no_effect("plugins", "fuse-overlayfs's layer plugins are not supported; lower "
                           "layers are plain directories", "text"),
     "fast_ino": _no_effect("fast_ino", "inode numbers always come from the layers (with xino bits "

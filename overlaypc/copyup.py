@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import faults, sysapi, whiteout
+from . import faults, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
@@ -383,7 +383,7 @@ class CopyUp:
             st = self.upper.lstat(rel)
             assert st is not None
             entry = Entry(self.upper, rel, st)
-            self._on_copied(ctx.key, entry, ctx.src.st, metadata_only=ctx.metadata_only)
+            self._on_copied(ctx.key, entry, metadata_only=ctx.metadata_only)
         elapsed = time.monotonic() - ctx.started
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
@@ -428,8 +428,7 @@ class CopyUp:
             st = self.upper.lstat(rel)
             assert st is not None
             entry = Entry(self.upper, rel, st)
-            lower = next(iter(node.lowers), None)
-            self._on_copied(self._key_of(node), entry, lower.st if lower else None)
+            self._on_copied(self._key_of(node), entry)
         log.debug("copy-up %s: linked to %s", rel, index_rel)
         return entry
 
@@ -458,7 +457,7 @@ class CopyUp:
             st = self.upper.lstat(upper.rel)
             assert st is not None
             entry = Entry(self.upper, upper.rel, st)
-            self._on_copied(self._key_of(node), entry, data.st)
+            self._on_copied(self._key_of(node), entry)
         self.stats.copy_up(ctx.method)
         log.debug("metacopy data copy-up %s: %d bytes by %s", node.rel, data.st.st_size, ctx.method)
         return entry

@@ -35,7 +35,6 @@ from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
 from .index import IndexDir
 from .inumbers import InodeNumbers
-from .linknames import LinkNames
 from .layer import join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
@@ -84,7 +83,6 @@ class OverlayFS:
                              follow_metacopy=config.metacopy)
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
-        self.links = LinkNames()
         self.handles = HandleTable()
         #: owner and mode shown and written (ID mapping, squashing, override xattrs)
         self.ownership = Ownership.for_mount(
@@ -110,7 +108,8 @@ class OverlayFS:
         self._dir_handles: dict[int, DirHandle] = {}
         self._dir_fhs = itertools.count(1 << 32)  # distinct from file handles
         self._dir_lock = threading.Lock()
-        #: set by the FUSE adapter: drop the kernel's cache of another name of an inode
+        #: set by the node-based adapter: drop the kernel's cached attributes and pages of
+        #: the node a merged path names (a change the kernel cannot see from the reply)
         self.invalidate_path: Callable[[str], None] = lambda rel: None
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new);
         #: called under the namespace lock
@@ -147,8 +146,7 @@ class OverlayFS:
         lower hard link is its own inode in a writable mount without index."""
         return key_of(node, split_links=self.writable and self.index is None)
 
-    def _copied(self, key: InodeKey, entry: Entry, source: os.stat_result | None = None, *,
-                metadata_only: bool = False) -> None:
+    def _copied(self, key: InodeKey, entry: Entry, *, metadata_only: bool = False) -> None:
         """A copy-up installed ``entry`` for the object that was ``key``. Called under the
         namespace lock, so ``entry.rel`` names the new backing while handles reopen.
         ``metadata_only`` (metacopy): the inode is now the upper one, but its data, and so
@@ -171,25 +169,14 @@ class OverlayFS:
                     handle.offer()
             finally:
                 self.inodes.release(inode)
-        if source is not None and source.st_nlink > 1 and self.index is not None:
-            # index=on: names seen for the lower file now name the upper one
-            self.links.alias(source, entry.st)
 
-    def data_changed(self, inode: OverlayInode, via: str) -> None:
+    def data_changed(self, inode: OverlayInode) -> None:
+        """The inode's data changed through its kernel node (a write, a truncate): a new
+        data version, which that node's page cache holds. Every name of an overlay inode
+        is one kernel node, so no other node has pages to drop."""
         with inode.lock:
             inode.data_version += 1
-            others = {p for p in inode.seen if p != via}
-            inode.seen = {via: inode.data_version}
-        others.update(self.links.others(inode.backing, via))
-        for path in others:
-            self.invalidate_path(path)
-
-    def links_changed(self, st: os.stat_result, via: str | None) -> None:
-        """A multiply-linked file changed through ``via``: drop its other names' caches."""
-        key = self.links.key(st)
-        if key is not None:
-            for path in self.links.others(key, via):
-                self.invalidate_path(path)
+            inode.cached_version = inode.data_version
 
     def index_of(self, node: Node) -> Entry | None:
         """index=on: the index entry behind ``node`` (a lower name or an upper link)."""
@@ -202,22 +189,15 @@ class OverlayFS:
     def overlay_nlink(self, node: Node) -> int | None:
         entry = self.index_of(node)
         if entry is None:
-            if self.index is not None and node.exists and self.index.eligible(node.top) \
-                    and not node.top.layer.writable:
-                key = self.index.key(node.top)  # not indexed yet: remember the name for later
-                if key is not None:
-                    self.index.seen(Entry(self.index.work, self.index.rel(key), node.st), node.rel)
             return None
-        self.index.seen(entry, node.rel)
         lower = next(iter(node.lowers), None)
         return self.index.nlink(entry, lower.st if lower else None)
 
     def adjust_nlink(self, entry: Entry, delta: int) -> None:
-        """index=on: a name of an indexed inode came or went; drop every name's cached count."""
+        """index=on: a name of an indexed inode came or went. Every name is one kernel node,
+        whose count the kernel changes itself on LINK, UNLINK and RENAME over it."""
         assert self.index is not None
         self.index.adjust(entry, delta)
-        for name in list(self.index.names.get(entry.rel, ())):
-            self.invalidate_path(name)
 
     def _live_inode(self, rel: str) -> OverlayInode | None:
         node = self.lookup.lookup(rel)
@@ -270,7 +250,7 @@ class OverlayFS:
         key = self.identity(node)
         inode = self.inodes.get(key)
         if inode is not None:
-            self.data_changed(inode, rel)
+            self.data_changed(inode)
         else:
             self.inodes.forget_version(key)
 
@@ -280,8 +260,6 @@ class OverlayFS:
             return
         inode = self.inodes.get(self.identity(node) if key is None else key)
         if inode is not None:
-            with inode.lock:
-                inode.seen.pop(node.rel, None)
             if not inode.in_upper:
                 inode.unlinked = True
 
@@ -296,11 +274,6 @@ class OverlayFS:
             path = moved(inode.rel, old, new) if inode.in_upper else None
             if path is not None:
                 inode.moved(path)
-            with inode.lock:
-                for seen in list(inode.seen):
-                    path = moved(seen, old, new)
-                    if path is not None:
-                        inode.seen[path] = inode.seen.pop(seen)
 
     def stats_json(self) -> bytes:
         return self.stats.to_json(open_handles=len(self.handles), live_inodes=len(self.inodes),

@@ -4,9 +4,9 @@ lseek (SEEK_DATA/SEEK_HOLE) and copy_file_range.
 Owns: the per-open-file flow. Opening for write (or with O_TRUNC) copies a lower file
 up first; every later I/O asks its ``Handle`` for the real fd, which follows the inode
 to its current backing (see ``handles``). In ``cache=kernel`` mode an open keeps the
-kernel's page cache (``keep_cache``) only while the inode's data version is the one this
-name's FUSE node last saw; a write through one name invalidates the cache of the
-inode's other names (hard links are separate FUSE nodes: docs/ARCHITECTURE.md §6 trap 9).
+kernel's page cache (``keep_cache``) only while the inode's data version is the one its
+kernel node last saw. Every name of an overlay inode is one kernel node, so a change
+through one name is in the page cache every other name reads.
 In ``cache=shared`` mode every open is ``direct_io``.
 """
 from __future__ import annotations
@@ -102,12 +102,12 @@ class Files:
         fs = self.fs
         handle = fs.handles.add(inode, flags, rel, fd, generation, follow=fs.config.handles == "reopen")
         with inode.lock:
-            keep = fs.config.cache == "kernel" and inode.seen.get(rel) == inode.data_version
+            keep = fs.config.cache == "kernel" and inode.cached_version == inode.data_version
         if flags & os.O_TRUNC:
             keep = False
             self.changed(handle)
         with inode.lock:
-            inode.seen[rel] = inode.data_version
+            inode.cached_version = inode.data_version
         return OpenResult(handle.fh, keep, fs.config.cache == "shared")
 
     # -- I/O ------------------------------------------------------------------------------------
@@ -217,7 +217,6 @@ class Files:
                     inode.privs_clean = epoch
         if done.changed:
             self.fs.stats.add("privileges_cleared")
-            self.fs.links_changed(os.fstat(fd), handle.path)
         return done.changed
 
     @staticmethod
@@ -235,7 +234,7 @@ class Files:
         return changing(inode) if flags & os.O_TRUNC else contextlib.nullcontext()
 
     def changed(self, handle: Handle) -> None:
-        self.fs.data_changed(handle.inode, handle.path)
+        self.fs.data_changed(handle.inode)
 
     def lseek(self, fh: int, offset: int, whence: int) -> int:
         """SEEK_DATA/SEEK_HOLE (the kernel answers the others itself) on the handle's

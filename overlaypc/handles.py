@@ -115,9 +115,7 @@ class HandleTable:
             return self._handles.pop(fh)
 
     def renamed(self, old: str, new: str) -> None:
-        """Names moved: each handle keeps the name its FUSE node now has, so a change through
-        it never invalidates its own node (the kernel may hold that node's pages locked for
-        the very write being served: a deadlock)."""
+        """Names moved: each handle keeps the name it was opened by current (for messages)."""
         with self._lock:
             for handle in self._handles.values():
                 path = moved(handle.path, old, new)

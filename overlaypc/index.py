@@ -13,9 +13,8 @@ index inode's link count), rewritten whenever that count changes, so the kernel 
 the upper with ``index=on`` shows the same count; a kernel-made index is read the same way.
 
 Bounds: index names of lower files are remembered for at most ``KEYS_LIMIT`` files (LRU,
-4.4 MiB at the bound, measured with tracemalloc), merged names seen per index entry for at most ``NAMES_LIMIT``
-entries of ``NAMES_PER_ENTRY`` names (dropped when full; a dropped name only keeps its
-cached st_nlink until the attribute timeout).
+4.4 MiB at the bound, measured with tracemalloc). Every name of an indexed inode is one
+kernel node, so no name needs remembering for a link count change.
 """
 from __future__ import annotations
 
@@ -30,8 +29,6 @@ from .lookup import Entry
 
 INDEX_DIR = "index"
 KEYS_LIMIT = 16384
-NAMES_LIMIT = 4096
-NAMES_PER_ENTRY = 64
 
 
 class IndexDir:
@@ -41,9 +38,6 @@ class IndexDir:
         self.origin_xattr = xattr_prefix + "origin"
         self.kernel_nlink_xattr = xattr_prefix + "nlink"
         self._keys: OrderedDict[tuple[int, int], str | None] = OrderedDict()
-        #: index entry -> merged names seen for it, whose cached st_nlink must be dropped
-        #: when a link or unlink changes the count (each name is its own FUSE node)
-        self.names: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
@@ -94,14 +88,6 @@ class IndexDir:
         if st is None or (st.st_dev, st.st_ino) != (upper.st.st_dev, upper.st.st_ino):
             return None
         return Entry(self.work, self.rel(origin.hex()), st)
-
-    def seen(self, index: Entry, name: str) -> None:
-        with self._lock:
-            if index.rel not in self.names and len(self.names) >= NAMES_LIMIT:
-                self.names.clear()
-            names = self.names.setdefault(index.rel, set())
-            if len(names) < NAMES_PER_ENTRY:
-                names.add(name)
 
     def nlink(self, index: Entry, lower: os.stat_result | None = None) -> int:
         """The overlay's link count: ours if recorded, else the kernel's relative one."""

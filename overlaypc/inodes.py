@@ -19,8 +19,8 @@ kernel's ``ovl_real_fdget`` idea. ``open_backing`` opens the backing by its laye
 and checks the result is the backing object, so a racing rename never yields another
 file.
 
-Lifetime (the high-level FUSE API has no ``forget``): an entry lives while a handle
-holds it; released entries keep only their data version, in an LRU of at most
+Lifetime: an entry lives while a handle holds it (a kernel node without an open file
+needs none); released entries keep only their data versions, in an LRU of at most
 ``retain`` entries, so ``keep_cache`` can be granted again on the next open. Evicting
 one is always safe: a missing entry means "grant no keep_cache".
 """
@@ -92,8 +92,10 @@ class OverlayInode:
     #: (no setuid/setgid bit, no capability); chmod and setxattr bump the epoch
     privs_epoch: int = 0
     privs_clean: int = -1
-    #: merged path -> data version the kernel's page cache of that FUSE node holds
-    seen: dict[str, int] = field(default_factory=dict)
+    #: the data version the page cache of the inode's kernel node holds (one node for
+    #: every name of the inode); ``keep_cache`` only while it is ``data_version`` (-1:
+    #: unknown, a new entry)
+    cached_version: int = -1
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -148,7 +150,7 @@ class OverlayInode:
 class InodeTable:
     def __init__(self, retain: int = 4096) -> None:
         self._live: dict[InodeKey, OverlayInode] = {}
-        self._versions: OrderedDict[InodeKey, tuple[int, dict[str, int]]] = OrderedDict()
+        self._versions: OrderedDict[InodeKey, tuple[int, int]] = OrderedDict()
         self._retain = retain
         self._lock = threading.Lock()
 
@@ -163,7 +165,7 @@ class InodeTable:
                 inode = OverlayInode(key, ino, entry.layer, entry.rel, entry.st.st_dev, entry.st.st_ino)
                 kept = self._versions.pop(key, None)
                 if kept is not None:
-                    inode.data_version, inode.seen = kept[0], kept[1]
+                    inode.data_version, inode.cached_version = kept
                 self._live[key] = inode
             inode.refs += 1
             return inode
@@ -192,7 +194,7 @@ class InodeTable:
                 return
             if self._live.get(inode.key) is inode:
                 del self._live[inode.key]
-            self._versions[inode.key] = (inode.data_version, inode.seen)
+            self._versions[inode.key] = (inode.data_version, inode.cached_version)
             if len(self._versions) > self._retain:
                 self._versions.popitem(last=False)
 

@@ -10,7 +10,7 @@ Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
     directory made there is opaque, so an emptied merged dir recreated stays empty;
   * rename of a directory that exists in a lower layer gives EXDEV (the kernel's
     default without ``redirect_dir``; ``mv`` then copies); ``RENAME_EXCHANGE`` is
-    refused with EINVAL, ``RENAME_NOREPLACE`` is honoured (docs/ARCHITECTURE.md §6 trap 2).
+    refused with EINVAL (never run as a plain rename), ``RENAME_NOREPLACE`` is honoured.
 New objects belong to the caller (FUSE request context), with setgid-directory
 inheritance, and get the mode and POSIX ACLs Linux gives them (``acl.inherit``): the
 kernel leaves the umask to us (``FUSE_CAP_DONT_MASK``), and it applies only where the
@@ -275,9 +275,6 @@ class Namespace:
             shared = self.fs.index_of(self.fs.lookup.lookup(src_rel))
             if shared is not None:
                 self.fs.adjust_nlink(shared, +1)
-        self.fs.invalidate_path(src_rel)  # the source's FUSE node caches the old st_nlink
-        st = self.fs.lookup.lookup(src_rel).st
-        self.fs.links_changed(st, None)
 
     # -- removal ------------------------------------------------------------------------------
     def unlink(self, rel: str) -> None:
@@ -295,8 +292,6 @@ class Namespace:
             shared = self.fs.index_of(node)
             key = self.fs.identity(node)  # before the name is gone
             self._remove(node, self.lower_exists(rel))
-            if node.upper is not None:
-                self.fs.links_changed(node.upper.st, rel)  # the others' st_nlink dropped
             if shared is not None:
                 self.fs.adjust_nlink(shared, -1)
             self.fs.unlinked(node, key)
@@ -429,8 +424,6 @@ class Namespace:
                 self.fs.adjust_nlink(replaced_shared, -1)
             if nnode.exists:
                 self.fs.unlinked(nnode, replaced)
-                if nnode.upper is not None and not nnode.is_dir:
-                    self.fs.links_changed(nnode.upper.st, new)  # other names: st_nlink dropped
             self.fs.renamed(old, new)
             if onode.is_dir or nnode.is_dir:
                 self._done(old, new)

@@ -3,7 +3,7 @@
 Owns: ``merged_listing`` — the union of a merged directory's layers, top first, with
 no duplicates, no whiteout entries and no OCI marker names. A whiteout (or OCI
 ``.wh.NAME``, in any layer) in one layer hides NAME only in the layers *below* it. Each entry carries
-``st_mode`` and ``st_ino``: with ``use_ino`` libfuse needs both (docs/ARCHITECTURE.md §6 trap 3).
+``st_mode`` and ``st_ino``: every READDIR entry carries both (glibc drops an entry whose d_ino is 0).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import pytest
 
 import helpers
 from overlaypc import sysapi, whiteout
-from overlaypc.index import INDEX_DIR, NAMES_PER_ENTRY, IndexDir
+from overlaypc.index import INDEX_DIR, IndexDir
 from overlaypc.layer import Layer
 from overlaypc.lookup import Entry
 
@@ -289,19 +289,6 @@ def test_count_follows_a_change_made_by_the_kernel(s):
 # --------------------------------------------------------------------------------------
 # Bounds
 # --------------------------------------------------------------------------------------
-
-def test_seen_names_are_bounded(s):
-    made = s.copy_up()
-    for i in range(300):
-        s.index.seen(made, f"name{i}")
-    assert len(s.index.names[made.rel]) == NAMES_PER_ENTRY
-    assert {f"name{i}" for i in range(10)} <= s.index.names[made.rel]
-    for i in range(65536 + 1):
-        s.index.seen(Entry(s.work, f"{INDEX_DIR}/k{i}", made.st), "n")
-        assert len(s.index.names) <= 65536
-    s.index.seen(made, "again")
-    assert s.index.names[made.rel] == {"again"}  # the table was emptied, then refilled
-
 
 def test_key_cache_is_bounded(s):
     """As bounded as the module's other table (65536): 70,000 distinct lower inodes (one
