@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+
+from .engine.autounmount import fuse_device
 
 log = logging.getLogger("overlaypc.fuse")
 
@@ -16,45 +17,24 @@ log = logging.getLogger("overlaypc.fuse")
 READAHEAD_KB = 1024
 
 
-def raise_readahead(mountpoint: str, kb: int = READAHEAD_KB, timeout: float = 5.0) -> None:
+def raise_readahead(mountpoint: str, kb: int = READAHEAD_KB) -> None:
     """Set the FUSE bdi's ``read_ahead_kb`` (default 128; the INIT reply can only lower it):
-    8x fewer read requests in kernel cache mode (docs/ARCHITECTURE.md §7)."""
-    deadline = time.monotonic() + timeout
-    dev = None
-    while dev is None and time.monotonic() < deadline:
-        dev = _mount_device(mountpoint)
-        if dev is None:
-            time.sleep(0.02)
+    8x fewer read requests in kernel cache mode (docs/ARCHITECTURE.md §7).
+
+    Call it once the INIT reply is written: the kernel applies that reply inside our write,
+    so nothing it sets can come later. It touches no file on the mount (the workers may not
+    run yet, and a path walk in flight would make an early ``umount`` fail with EBUSY)."""
+    dev = fuse_device(mountpoint)
     if dev is None:
-        return
-    # The kernel applies the INIT reply (which can only lower readahead) asynchronously;
-    # a stat of the mount root waits for it, so the value set after it sticks.
-    try:
-        os.stat(mountpoint)
-    except OSError:
+        log.debug("no FUSE mount at %s in mountinfo; read_ahead_kb left alone", mountpoint)
         return
     path = f"/sys/class/bdi/{dev}/read_ahead_kb"
     try:
-        for _ in range(3):
-            with open(path, "w") as f:
-                f.write(str(kb))
-            time.sleep(0.05)
-            with open(path) as f:
-                if int(f.read()) == kb:
-                    log.debug("read_ahead_kb of %s (bdi %s) set to %d", mountpoint, dev, kb)
-                    return
-        log.warning("read_ahead_kb of %s did not stay at %d", mountpoint, kb)
-    except (OSError, ValueError) as e:
+        with open(path, "w") as f:
+            f.write(str(kb))
+        log.debug("read_ahead_kb of %s (bdi %s) set to %d", mountpoint, dev, kb)
+    except OSError as e:
         log.debug("cannot raise read_ahead_kb of %s: %s", mountpoint, e)
-
-
-def _mount_device(mountpoint: str) -> str | None:
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == mountpoint and " - fuse" in line:
-                return fields[2]
-    return None
 
 
 FUSE_CONF = "/etc/fuse.conf"

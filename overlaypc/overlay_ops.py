@@ -99,9 +99,7 @@ class OverlayOps(Operations):
         log.info("mounted %s", self.fs.config.mountpoint)
         for note in self.fs.format.notes:
             log.info("%s", note)
-        # the mount is visible only once the INIT reply is processed: a short-lived thread
-        threading.Thread(target=raise_readahead, args=(self.fs.config.mountpoint,),
-                         name="overlaypc-readahead", daemon=True).start()
+        raise_readahead(self.fs.config.mountpoint)  # the INIT reply is applied by now
 
     def destroy(self) -> None:
         log.info("unmounting %s", self.fs.config.mountpoint)

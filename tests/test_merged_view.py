@@ -584,3 +584,26 @@ def test_execve_of_lower_and_upper_files(layers_factory, overlay_mount):
     shutil.copy(m.path / "bin/true", m.path / "bin/true2")  # a file of the upper
     os.chmod(m.path / "bin/true2", 0o755)
     assert subprocess.run([str(m.path / "bin/true2")]).returncode == 0
+
+
+def test_readahead_raised_and_an_immediate_umount_is_never_busy(layers_factory, mountpoint, tmp_path):
+    """The bdi's read_ahead_kb is raised to 1024 once INIT is answered, without touching the
+    mount: a daemon thread that stat'ed the root just after INIT made a quick ``umount``
+    fail with EBUSY now and then (seen as flaky teardowns)."""
+    from overlaypc.engine.autounmount import fuse_device
+    helpers.require_fuse_mount()
+    layers = layers_factory(RO_SPEC)
+    for i in range(15):
+        mnt = mountpoint()
+        try:
+            r = subprocess.run(helpers.overlaypc_cmd("-o", f"lowerdir={layers.lowerdir}", mnt),
+                               env=helpers.overlaypc_env(), stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            if i == 0:
+                dev = fuse_device(str(mnt))
+                assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == "1024"
+            u = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+            assert u.returncode == 0, f"cycle {i}: {u.stderr}"
+        finally:
+            helpers.force_unmount(mnt)
