@@ -1,5 +1,8 @@
 """Counters of what the daemon served, for ``overlaypc stats`` and the stats xattr.
 
+Passthrough I/O (``passthrough_opens``) is served by the kernel from the backing file:
+``bytes_read``/``bytes_written`` never see it.
+
 Owns: one ``Stats`` object per mount. Counting is a dict update under a lock: cheap
 next to a FUSE round trip.
 
@@ -52,6 +55,7 @@ class Stats:
                 "distinct_backing_inodes": len(self._backing),
                 "distinct_backing_inodes_capped": len(self._backing) >= DISTINCT_LIMIT,
                 "handle_switches": self.counters["handle_switches"],
+                "passthrough_opens": self.counters["passthrough_opens"],
                 "copy_ups": dict(self.copy_ups),
                 "errors": self.counters["errors"],
             }
