@@ -44,7 +44,7 @@ def _read_twice(path: Path) -> bytes:
     with Fds() as fds:
         a = fds.open(path, os.O_RDONLY)
         b = fds.open(path, os.O_RDONLY)
-        first, second = pread_all(a), pread_all(b)
+        first, second = pread_all(a, 1 << 30), pread_all(b, 1 << 30)
     assert first == second
     return first
 
@@ -145,6 +145,7 @@ def test_concurrent_opens_in_mixed_modes_never_fail(overlay_mount, layers_factor
             for _ in range(60):
                 flags = rng.choice([os.O_RDONLY, os.O_RDONLY, os.O_RDWR])
                 fd = os.open(path, flags)
+                held.append(fd)
                 with lock:
                     opens[0] += 1
                 data = os.pread(fd, len(OLD), 0)
@@ -157,7 +158,6 @@ def test_concurrent_opens_in_mixed_modes_never_fail(overlay_mount, layers_factor
                     if mp[:4] not in (OLD[:4], NEW_HEAD):
                         errors.append(f"mapped {mp[:4]!r}")
                     mp.close()
-                held.append(fd)
                 if len(held) > rng.randrange(1, 4):
                     os.close(held.pop(rng.randrange(len(held))))
         except OSError as e:
@@ -242,3 +242,50 @@ def test_layer_on_a_kernel_overlay_falls_back_for_its_files(overlay_mount, layer
     assert after["bytes_read"] == mid["bytes_read"], after
     assert after["passthrough_opens"] == 2, after
     assert m.log_text().count(ELOOP_LOG) == 1, m.log_text()
+
+
+# --------------------------------------------------------------------------------------
+# cache=shared on reflinked files (XFS)
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.reflink
+def test_reflinked_copies_pass_through_to_one_canonical_file(overlay_mount, xfs_dir):
+    """A read-only cache=shared mount over reflinked copies: a full copy (same map, same
+    size) passes through to the canonical file, so the lower pages are cached once; a
+    partly rewritten copy keeps the daemon path, which serves its shared part from the
+    canonical file."""
+    from test_sharing import _data, _evict, _reflink, _resident, _write_synced
+    import shutil
+    helpers.require(shutil.which("fincore") is not None, "needs fincore (util-linux)")
+    lower = xfs_dir / "lower"
+    lower.mkdir()
+    size = 4 << 20
+    data = _data(size, 3)
+    _write_synced(lower / "a", data)
+    _reflink(lower / "a", lower / "b")
+    _reflink(lower / "a", lower / "c")
+    patch = b"\x5a" * 65536
+    fd = os.open(lower / "c", os.O_WRONLY)
+    try:
+        os.pwrite(fd, patch, size // 2)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for name in "abc":
+        _evict(lower / name)
+    m = overlay_mount(f"lowerdir={lower},cache=shared").path
+    before = stats(m)
+    assert _read_twice(m / "b") == data   # b is seen first: the canonical owner
+    assert _read_twice(m / "a") == data   # a's map equals b's: through to b
+    mid = stats(m)
+    assert mid["bytes_read"] == before["bytes_read"], mid
+    assert mid["passthrough_opens"] == 4, mid
+    assert _resident(lower / "a") == 0
+    assert _resident(lower / "b") >= size
+    expected = data[:size // 2] + patch + data[size // 2 + len(patch):]
+    assert (m / "c").read_bytes() == expected
+    after = stats(m)
+    assert after["passthrough_opens"] == 4, after
+    assert after["bytes_read"] - mid["bytes_read"] >= size, after
+    assert after["bytes_shared"] - mid["bytes_shared"] >= size - len(patch) - (64 << 10), after
+    assert _resident(lower / "c") <= len(patch) + (64 << 10)
