@@ -5,7 +5,8 @@
   * through N = 1, 2, 4, 8 mounts over one lower layer ("mounts"), and
   * as N reflinked copies (cp --reflink=always on XFS) read through one mount ("reflinks"),
 
-for overlaypc cache=kernel and cache=shared and, in the same run, kernel overlayfs and
+for overlaypc cache=kernel and cache=shared (read-only mounts, whose files pass through, with
+``--systems overlaypc-ro,overlaypc-ro-shared``) and, in the same run, kernel overlayfs and
 fuse-overlayfs (unionfs-fuse on request). Footprint is reported as a multiple of the file size.
 Also reports read throughput per mode. Writes JSON and a PNG plot (two panels).
 
@@ -35,7 +36,7 @@ from common import (GiB, MiB, Watchdog, Workspace, drop_caches, drops, fmt_num, 
                     loop_fs, machine_info, meminfo, read_file, rotated, run, select_systems, summary, timer,
                     write_json)
 
-DEFAULT_SYSTEMS = "overlaypc-kernel,overlaypc-shared,kernel-overlay,fuse-overlayfs"
+DEFAULT_SYSTEMS = "overlaypc-kernel,overlaypc-shared,overlaypc-ro,overlaypc-ro-shared,kernel-overlay,fuse-overlayfs"
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_ATTEMPTS = 3
 
@@ -154,14 +155,17 @@ def measure(system, case: str, n: int, rep: int, ws: Workspace, root: str, size:
             res["read_s"] = times
             # Cross-check immune to the rest of the machine: resident pages of every distinct
             # page cache involved: the backing files and, for FUSE systems, each file's FUSE
-            # inode. (Through kernel overlayfs an mmap maps the backing inode itself, so the
-            # mount paths would count the same pages again: only backing files count there.)
+            # inode. (Through kernel overlayfs, and a passthrough file, an mmap maps the backing
+            # inode itself, so the mount paths would count the same pages again: only backing
+            # files count there.)
             if case == "mounts":
                 backing = [os.path.join(root, "lower", "file")]
             else:
                 backing = [os.path.join(root, "rlower", f"c{i}") for i in range(n)]
             res_backing = sum(resident(p) for p in backing)
-            res_fuse = 0 if system.kind == "kernel" else sum(resident(p) for p in paths)
+            # A passthrough file (read-only overlaypc mounts) maps its backing file too.
+            passthrough = system.kind == "overlaypc" and "ro" in system.option.split(",")
+            res_fuse = 0 if system.kind == "kernel" or passthrough else sum(resident(p) for p in paths)
             res["resident_backing"] = res_backing / size
             res["resident_fuse"] = res_fuse / size
             res["resident"] = (res_backing + res_fuse) / size

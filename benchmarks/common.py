@@ -228,6 +228,12 @@ def make_system(name: str, python: str = sys.executable) -> System:
     table = {
         "overlaypc-kernel": System("overlaypc-kernel", "overlaypc", "", python),
         "overlaypc-shared": System("overlaypc-shared", "overlaypc", "cache=shared", python),
+        # Read-only mounts (the upper is then one more read-only layer): every file passes
+        # through (FUSE passthrough, kernel >= 6.9), in either cache mode.
+        "overlaypc-ro": System("overlaypc-ro", "overlaypc", "ro", python),
+        "overlaypc-ro-shared": System("overlaypc-ro-shared", "overlaypc", "ro,cache=shared", python),
+        # The daemon path everywhere, for comparison.
+        "overlaypc-nopt": System("overlaypc-nopt", "overlaypc", "passthrough=off", python),
         # Not in the default set: copy-up without fsyncs, as fuse-overlayfs 1.10 does (strace:
         # its copy-up is one sendfile, no fsync), for a like-for-like copy-up comparison.
         "overlaypc-volatile": System("overlaypc-volatile", "overlaypc", "volatile", python),

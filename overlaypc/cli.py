@@ -34,7 +34,9 @@ overlay options:
   ro / rw           read-only / read-write mount
   cache=kernel      (default) FUSE page cache per file: fastest warm reads, MAP_SHARED works
   cache=shared      direct_io: reads served from the layers' own page cache, one copy for
-                    many mounts; MAP_SHARED is not available (ENODEV)
+                    many mounts; MAP_SHARED works (DIRECT_IO_ALLOW_MMAP, kernel >= 6.6)
+  passthrough=on|off  (default on) the kernel reads and writes upper files (and every file
+                    of a read-only mount) itself, at page-cache speed (kernel >= 6.9, root)
   sharing=on|off    (default on) read reflinked (shared) extents from one canonical
                     lower file, so their pages are cached once
   handles=reopen    (default) open files follow copy-up; bind-at-open reproduces the old

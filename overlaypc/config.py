@@ -52,6 +52,8 @@ class MountConfig:
     debug: bool = False
     foreground: bool = False
     sharing: bool = True
+    #: FUSE passthrough where no copy-up can happen under the open (``passthrough_opens``)
+    passthrough: bool = True
     timeout: float = 30.0
     redirect_dir: str | None = None  # None: "on" with metacopy, else the default
     index: bool = False
@@ -239,6 +241,7 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "userxattr": _flag("userxattr"),
     "volatile": _flag("volatile"),
     "sharing": _on_off("sharing"),
+    "passthrough": _on_off("passthrough"),
     "logfile": _set_logfile,
     "timeout": _seconds("timeout"),
     "redirect_dir": _choice("redirect_dir", REDIRECT_MODES),

@@ -141,6 +141,13 @@ class Files:
         self.fs.stats.served(n, (inode.layer.index, inode.ino))
         return n
 
+    def extents_of(self, handle: Handle):
+        """The sharing map of the handle's current backing, mapped now if not yet (needs
+        ``fs.sharing``): ``FileExtents``, ``NOT_SHARED``, or None without FIEMAP."""
+        fd = self._fd(handle)
+        fx = handle.inode.extents
+        return fx if fx is not None else self._map(handle.inode, fd)
+
     def _map(self, inode: OverlayInode, fd: int):
         """Map ``fd`` (the inode's backing) with FIEMAP; register canonical owners of its
         extents. The result serves this read; it is kept for later reads only if it is

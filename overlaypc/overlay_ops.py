@@ -34,6 +34,7 @@ from .killpriv import Writer, has_fsetid
 from .mounting import raise_readahead
 from .namespace import Caller
 from .nodes import ROOT_ID, NodeTable
+from .passthrough_opens import PassthroughOpens
 
 log = logging.getLogger("overlaypc.fuse")
 
@@ -85,6 +86,7 @@ class OverlayOps(Operations):
         fs.invalidate_path = self._invalidate_path
         fs.on_rekey = self.nodes.rekey
         fs.node_count = lambda: len(self.nodes)
+        self.passthrough = PassthroughOpens(fs)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self, conn: ConnInfo) -> None:
@@ -94,8 +96,10 @@ class OverlayOps(Operations):
             log.info("POSIX ACLs not enforced (%s)", "noacl" if cfg.noacl else "noxattrs=1")
         else:
             _negotiate_acls(conn)
+        _negotiate_io(conn, cfg.cache, cfg.passthrough)
 
     def initialized(self, conn: ConnInfo) -> None:
+        self.passthrough.start(conn.backing)
         log.info("mounted %s", self.fs.config.mountpoint)
         for note in self.fs.format.notes:
             log.info("%s", note)
@@ -314,6 +318,7 @@ class OverlayOps(Operations):
 
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
+        era = self.passthrough.era
         result = self.fs.open(self._path(nodeid), flags)
         if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
             try:
@@ -322,7 +327,15 @@ class OverlayOps(Operations):
                 self.fs.release(result.fh)
                 raise
         self.nodes.opened(nodeid, result.fh)
-        return Opened(result.fh, direct_io=result.direct_io, keep_cache=result.keep_cache)
+        return self._opened(nodeid, result, era)
+
+    def _opened(self, nodeid: int, result, era: int | None) -> Opened:
+        """How the kernel serves a new handle (passthrough or not); a failure releases it."""
+        try:
+            return self.passthrough.open(nodeid, result, era)
+        except BaseException:
+            self.release(None, nodeid, result.fh)
+            raise
 
     def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int,
                open_flags: int = 0) -> tuple[Entry, Opened]:
@@ -334,7 +347,12 @@ class OverlayOps(Operations):
             self.fs.release(result.fh)
             raise
         self.nodes.opened(entry.nodeid, result.fh)
-        return entry, Opened(result.fh, direct_io=result.direct_io, keep_cache=result.keep_cache)
+        try:
+            opened = self._opened(entry.nodeid, result, None)
+        except BaseException:
+            self.forget(entry.nodeid, 1)
+            raise
+        return entry, opened
 
     def read(self, req: Request, nodeid: int, fh: int, buf: memoryview, offset: int) -> int:
         return self.fs.files.readinto(fh, buf, offset)
@@ -356,8 +374,9 @@ class OverlayOps(Operations):
     def flush(self, req: Request, nodeid: int, fh: int) -> None:
         self.fs.flush(fh)
 
-    def release(self, req: Request, nodeid: int, fh: int, flags: int = 0) -> None:
+    def release(self, req: Request | None, nodeid: int, fh: int, flags: int = 0) -> None:
         try:
+            self.passthrough.release(fh)  # first: its bookkeeping reads the core's handle
             self.fs.release(fh)
         finally:
             self.nodes.closed(nodeid, fh)
@@ -460,6 +479,19 @@ def _time(valid: int, flag: int, now_flag: int, ns: int | None) -> int:
     if valid & now_flag or ns is None:
         return UTIME_NOW
     return ns
+
+
+def _negotiate_io(conn: ConnInfo, cache: str, passthrough: bool) -> None:
+    """FUSE passthrough (``passthrough_opens``), and MAP_SHARED on direct-io files in
+    cache=shared. Passthrough needs max_stack_depth 1 or 2 and no WRITEBACK_CACHE (else the
+    kernel turns it off silently). 1: a layer on a stacked filesystem (an overlay) then
+    answers ELOOP and its files fall back to the daemon path (logged once); 2 would make
+    this mount's own stacking depth 2, so no overlayfs could use it as a layer."""
+    if passthrough:
+        conn.wanted |= p.PASSTHROUGH
+        conn.max_stack_depth = 1
+    if cache == "shared":
+        conn.wanted |= p.DIRECT_IO_ALLOW_MMAP
 
 
 def _negotiate_acls(conn: ConnInfo) -> None:

@@ -61,6 +61,14 @@ class Passthrough:
     def __len__(self) -> int:
         return len(self._modes)
 
+    def possible(self, key: Hashable, dev: int) -> bool:
+        """Whether an offer could matter for ``key`` now (a hint, read without the lock:
+        callers use it to skip work that only choosing a backing file needs)."""
+        modes = self._modes.get(key)
+        if modes is not None and (modes.passthrough or modes.cached):
+            return False
+        return self.enabled and dev not in self._off_devs
+
     def open(self, key: Hashable, *, offer: bool, dev: int, fd: Callable[[], int],
              writable: bool) -> int:
         """Count one open of the inode ``key``; return a backing id to pass through, or 0.

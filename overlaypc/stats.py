@@ -1,5 +1,8 @@
 """Counters of what the daemon served, for ``overlaypc stats`` and the stats xattr.
 
+Passthrough I/O (``passthrough_opens``) is served by the kernel from the backing file:
+``bytes_read``/``bytes_written`` never see it.
+
 Owns: one ``Stats`` object per mount. Counting is a dict update under a lock: cheap
 next to a FUSE round trip.
 
@@ -54,6 +57,7 @@ class Stats:
                 "handle_switches": self.counters["handle_switches"],
                 "bytes_copied": self.counters["bytes_copied"],
                 "privileges_cleared": self.counters["privileges_cleared"],
+                "passthrough_opens": self.counters["passthrough_opens"],
                 "copy_ups": dict(self.copy_ups),
                 "errors": self.counters["errors"],
             }

@@ -6,8 +6,8 @@
     read(fr, buf)                 # buf must equal data
 
 Each of the nine checks of issue 5 is one test (two for checks 5 and 7), run in both cache
-modes (``cache=kernel``, ``cache=shared``; the MAP_SHARED check is kernel-only, docs/ARCHITECTURE.md §8)
-and on two backings: the tmp_path filesystem (ext4 here: no reflink, so copy-up copies
+modes (``cache=kernel``, ``cache=shared``: MAP_SHARED on its direct-io files through
+``DIRECT_IO_ALLOW_MMAP``) and on two backings: the tmp_path filesystem (ext4 here: no reflink, so copy-up copies
 data) and a directory of the session XFS (reflink copy-up); check 8 (a long copy) runs
 on tmp_path only.
 
@@ -128,11 +128,10 @@ def test_c1_pread_after_write(overlay_mount, layers_factory, backing, cache, han
 
 
 # --------------------------------------------------------------------------------------
-# Check 2: a MAP_SHARED mapping made through fr before the copy-up (kernel mode only:
-# cache=shared is direct_io, where libfuse 3.14 refuses MAP_SHARED with ENODEV, §8)
+# Check 2: a MAP_SHARED mapping made through fr before the copy-up (cache=shared: the
+# direct-io files map through DIRECT_IO_ALLOW_MMAP)
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("handles", HANDLES)
-@pytest.mark.parametrize("cache", ["kernel"])
 def test_c2_map_shared_made_before_copy_up(overlay_mount, layers_factory, backing, cache, handles):
     st = make_stack(layers_factory, backing, {"touched": OLD, "untouched": OLD})
     m = overlay_mount(st.options(cache, handles)).path
@@ -163,15 +162,36 @@ def test_c2_map_shared_made_before_copy_up(overlay_mount, layers_factory, backin
         assert seen_u == OLD, "bind-at-open should leave a MAP_SHARED mapping stale"
 
 
-def test_c2_map_shared_refused_in_shared_mode(overlay_mount, layers_factory, tmp_path):
-    """The documented limit (§8) that makes check 2 kernel-only: ENODEV, not stale data."""
-    st = make_stack(layers_factory, tmp_path, {"foo": OLD})
-    m = overlay_mount(st.options("shared")).path
+def test_c2_map_shared_both_ways_across_copy_up(overlay_mount, layers_factory, backing, cache):
+    """MAP_SHARED in both modes (cache=shared answered ENODEV before it negotiated
+    DIRECT_IO_ALLOW_MMAP), coherent across copy-up both ways: a read-only mapping made on
+    the lower file sees writes made after the copy-up, through write(2) and through a
+    writable mapping of the copied-up file; read(2) through the old handle sees the
+    mapping's writes."""
+    st = make_stack(layers_factory, backing, {"foo": OLD})
+    m = overlay_mount(st.options(cache)).path
+    maps: list[mmap.mmap] = []
     with Fds() as fds:
-        fr = fds.open(m / "foo", os.O_RDONLY)
-        with pytest.raises(OSError) as e:
-            mmap.mmap(fr, 0, mmap.MAP_SHARED, mmap.PROT_READ).close()
-        assert e.value.errno == errno.ENODEV
+        try:
+            fr = fds.open(m / "foo", os.O_RDONLY)
+            map_r = mmap.mmap(fr, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+            maps.append(map_r)
+            assert map_r[:] == OLD
+            fw = fds.open(m / "foo", os.O_RDWR)          # copies foo up
+            map_w = mmap.mmap(fw, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            maps.append(map_w)
+            map_w[:len(NEW_HEAD)] = NEW_HEAD               # through the mapping of the upper
+            map_w.flush()
+            assert map_r[:] == NEW
+            assert pread_all(fr) == NEW
+            os.pwrite(fw, OLD[:len(NEW_HEAD)], 0)         # and back, through write(2)
+            assert map_r[:] == OLD and map_w[:] == OLD
+            assert pread_all(fr) == OLD
+        finally:
+            for mp in maps:
+                mp.close()
+    assert (st.upper / "foo").read_bytes() == OLD
+    assert stats(m)["copy_ups"] and (st.lower / "foo").read_bytes() == OLD
 
 
 # --------------------------------------------------------------------------------------

@@ -288,7 +288,9 @@ def test_full_upper_enospc(tmp_path, overlay_mount):
 def test_eio_from_backing_file_reaches_caller_daemon_keeps_serving(tmp_path, overlay_mount):
     lower, upper, work = _stack(tmp_path / "s", {"broken.bin": pattern(300_000, 5),
                                                   "ok.bin": pattern(300_000, 6)})
-    m = overlay_mount(stack_options([lower], upper, work),
+    # passthrough=off: the faults are injected into the daemon's reads, which never see an
+    # upper file's I/O with passthrough (the kernel reads the backing file itself)
+    m = overlay_mount(stack_options([lower], upper, work, "passthrough=off"),
                       env={"OVERLAYPC_FAULTS": "file.read~broken=eio"})
     for _ in range(2):  # not cached as success, not fatal
         with pytest.raises(OSError) as ei:
@@ -323,7 +325,9 @@ def test_injected_errno_during_copyup_and_write_leaves_no_trace(spec, tmp_path, 
     data = pattern(3 * MiB, 7)
     lower, upper, work = _stack(tmp_path / "s", {rel: data, "other.bin": b"other\n"})
     lower_state = helpers.dir_state(lower)
-    m = overlay_mount(stack_options([lower], upper, work), env={"OVERLAYPC_FAULTS": spec})
+    # passthrough=off: a write through the open that copied the file up is the daemon's
+    m = overlay_mount(stack_options([lower], upper, work, "passthrough=off"),
+                      env={"OVERLAYPC_FAULTS": spec})
     with pytest.raises(OSError) as ei:
         with open(m / rel, "r+b", buffering=0) as f:
             f.write(b"W")
@@ -359,7 +363,9 @@ def test_unexpected_exception_is_logged_and_answered_eio(spec, tmp_path, overlay
     ERROR with its traceback, and the daemon goes on serving."""
     lower, upper, work = _stack(tmp_path / "s", {"crashme.bin": b"crash me\n",
                                                   "ok.txt": b"ok\n"})
-    m = overlay_mount(stack_options([lower], upper, work), env={"OVERLAYPC_FAULTS": spec})
+    # passthrough=off: a write through the open that copied the file up is the daemon's
+    m = overlay_mount(stack_options([lower], upper, work, "passthrough=off"),
+                      env={"OVERLAYPC_FAULTS": spec})
     if spec.startswith("layer.unlink"):
         (m / "crashme_upper_only.bin").write_bytes(b"in upper\n")  # unlinked, no whiteout
     with pytest.raises(OSError) as ei:
