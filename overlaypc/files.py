@@ -203,6 +203,12 @@ class Files:
         self.changed(handle)
         return n
 
+    def privileges_known_clean(self, fh: int) -> bool:
+        """Whether the handle's file is known to have nothing a write would strip."""
+        inode = self.fs.handles.get(fh).inode
+        with inode.lock:
+            return inode.privs_clean == inode.privs_epoch
+
     def kill_privs(self, fh: int, writer: killpriv.Writer) -> bool:
         """A write, truncate or ``O_TRUNC`` open by ``writer`` without CAP_FSETID (the
         request's kill flag): strip setuid/setgid and the capability (``killpriv``).

@@ -327,15 +327,28 @@ class OverlayOps(Operations):
                 self.fs.release(result.fh)
                 raise
         self.nodes.opened(nodeid, result.fh)
-        return self._opened(nodeid, result, era)
+        return self._opened(nodeid, result, era, req, flags)
 
-    def _opened(self, nodeid: int, result, era: int | None) -> Opened:
+    def _opened(self, nodeid: int, result, era: int | None, req: Request | None = None,
+                flags: int = os.O_RDONLY) -> Opened:
         """How the kernel serves a new handle (passthrough or not); a failure releases it."""
         try:
-            return self.passthrough.open(nodeid, result, era)
+            opened = self.passthrough.open(nodeid, result, era)
+            if opened.backing_id and req is not None and flags & os.O_ACCMODE != os.O_RDONLY:
+                self._strip_for_passthrough(req, nodeid, result.fh)
+            return opened
         except BaseException:
             self.release(None, nodeid, result.fh)
             raise
+
+    def _strip_for_passthrough(self, req: Request, nodeid: int, fh: int) -> None:
+        """A passthrough write never reaches the daemon (nor carries a kill flag), so what
+        the first write by a caller without CAP_FSETID would strip (setuid, setgid,
+        ``security.capability``) goes at its writable open instead: earlier than the
+        kernel overlay, never later."""
+        if self.fs.files.privileges_known_clean(fh) or has_fsetid(req.pid):
+            return
+        self._kill_privs(req, nodeid, None, fh)
 
     def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int,
                open_flags: int = 0) -> tuple[Entry, Opened]:

@@ -68,6 +68,49 @@ def test_upper_file_opened_twice_passes_through(overlay_mount, layers_factory, t
     assert (m / "up").read_bytes() == NEW_HEAD + DATA[4:]
 
 
+def _append_as_nobody(root: Path, name: str) -> int:
+    """Append a byte to ``root/name`` as uid/gid 65534 with no capabilities (the parent
+    directories of a test's tmp dir are 0700: the child opens relative to a dir fd)."""
+    dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)  # all uids nonzero: capabilities go
+                fd = os.open(name, os.O_WRONLY | os.O_APPEND, dir_fd=dirfd)
+                os.write(fd, b"x")
+                os.close(fd)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    finally:
+        os.close(dirfd)
+
+
+def test_unprivileged_passthrough_write_strips_setuid_and_setgid(overlay_mount, layers_factory,
+                                                                tmp_path, cache):
+    """A passthrough write reaches neither the daemon nor its kill flag: what the kernel
+    overlay strips at the first write by a caller without CAP_FSETID (setuid; setgid with
+    group-exec) must go anyway, here at the writable open. Root's write keeps both."""
+    st = make_stack(layers_factory, tmp_path, {"low": OLD})
+    for name in ("nobody", "root"):
+        (st.upper / name).write_bytes(DATA)
+        os.chmod(st.upper / name, 0o6777)
+    os.chmod(st.upper, 0o755)
+    m = overlay_mount(st.options(cache)).path
+    before = stats(m)["passthrough_opens"]
+    assert _append_as_nobody(m, "nobody") == 0
+    with open(m / "root", "ab") as f:
+        f.write(b"x")
+    assert stats(m)["passthrough_opens"] - before == 2  # both writes passed through
+    assert oct(os.stat(m / "nobody").st_mode & 0o7777) == "0o777"
+    assert oct(os.stat(st.upper / "nobody").st_mode & 0o7777) == "0o777"
+    assert oct(os.stat(m / "root").st_mode & 0o7777) == "0o6777"
+
+
 def test_passthrough_off_serves_every_read(overlay_mount, layers_factory, tmp_path):
     st = make_stack(layers_factory, tmp_path, {"low": OLD})
     (st.upper / "up").write_bytes(DATA)
