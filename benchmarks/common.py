@@ -123,6 +123,9 @@ class Mount:
     path: str
     proc: subprocess.Popen | None = None
     logfile: str | None = None
+    #: seconds from starting the mount: "mounted" (in mountinfo), "init" (overlaypc's
+    #: "mounted" log line: INIT answered), "visible" (a stat of the mount point answered)
+    timings: dict = field(default_factory=dict)
 
     def stats(self) -> dict | None:
         """overlaypc's counters (the virtual xattr on the mount root), else None."""
@@ -177,6 +180,7 @@ class System:
         logfile = os.path.join(os.path.dirname(mnt), f".{os.path.basename(mnt)}.{self.name}.log")
         proc = None
         m = Mount(self, mnt, None, logfile)
+        t0, wall0 = time.perf_counter(), time.time()
         try:
             if self.kind == "kernel":
                 run(["mount", "-t", "overlay", "overlay", "-o",
@@ -208,10 +212,46 @@ class System:
                                            + m.log_tail())
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{self.name} did not mount {mnt} within {timeout} s")
-                    time.sleep(0.02)
+                    time.sleep(0.0005)
+            m.timings["mounted"] = time.perf_counter() - t0
+            os.stat(mnt)  # blocks until the daemon has answered INIT and this GETATTR
+            m.timings["visible"] = time.perf_counter() - t0
+            if self.kind == "overlaypc":
+                init = _logged_init(logfile)
+                if init is not None:
+                    m.timings["init"] = init - wall0
             yield m
         finally:
             unmount(mnt, proc)
+
+
+def _logged_init(logfile: str) -> float | None:
+    """Wall time of the last "mounted" line of an overlaypc log (written once INIT is
+    answered), millisecond resolution; None if there is none."""
+    try:
+        with open(logfile, errors="replace") as f:
+            lines = [ln for ln in f if " overlaypc.fuse: mounted " in ln]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    stamp = lines[-1][:23]  # logging's asctime: "YYYY-mm-dd HH:MM:SS,mmm"
+    try:
+        t = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
+        return t + int(stamp[20:23]) / 1000
+    except ValueError:
+        return None
+
+
+def python_start(python: str, reps: int = 7, args: tuple[str, ...] = ("-I", "-c", "pass"),
+                 env: dict | None = None) -> float:
+    """Median wall time (s) of ``python ARGS``."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        subprocess.run([python, *args], check=True, env=env)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _pc_env() -> dict:
