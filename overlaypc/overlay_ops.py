@@ -132,14 +132,11 @@ class OverlayOps(Operations):
         while True:
             epoch = self.nodes.epoch
             try:
-                attr = fs.getattr(rel)
+                node, attr = fs.lookup_attr(rel)
             except OSError as e:
                 if e.errno == errno.ENOENT:
                     return None
                 raise
-            node = fs.lookup.lookup(rel)
-            if not node.exists:
-                return None
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
