@@ -11,6 +11,10 @@ returning (see ``engine.ops``). A lookup reads the object's identity from disk a
 registers it under the namespace lock; if a copy-up or a removed name moved identities
 meanwhile (``NodeTable.epoch``), it looks again, so one object never gets two nodeids.
 
+FLUSH is not defined: answered ENOSYS once, the kernel sends it no more (a round trip per
+close(2) saved). Nothing needs it: writes reach the layer before their reply (no deferred
+errors to report at close), and locks are the kernel's own (no POSIX_LOCKS).
+
 Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
 name left is reached through one of its open handles (``Files.*_inode``); with none
 open, ENOENT. Errors are ``OSError``: the session translates them.
@@ -310,9 +314,6 @@ class OverlayOps(Operations):
     def write(self, req: Request, nodeid: int, fh: int, data: memoryview, offset: int,
               write_flags: int = 0) -> int:
         return self.fs.write(fh, data, offset)
-
-    def flush(self, req: Request, nodeid: int, fh: int) -> None:
-        self.fs.flush(fh)
 
     def release(self, req: Request, nodeid: int, fh: int, flags: int = 0) -> None:
         try:
