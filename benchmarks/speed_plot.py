@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REFERENCE  # noqa: E402
 
 #: workloads shown, in order, with short labels
-SHOWN = [("find_cold", "find+stat\ncold"), ("find_warm", "find+stat\nwarm"), ("grep", "grep -r"),
+SHOWN = [("find_cold", "find+stat\ncold"), ("find_warm", "find+stat\nwarm"), ("grep_lower", "grep -r\nlower, cold"),
+         ("grep", "grep -r\nupper"),
          ("untar", "untar"), ("rm_rf", "rm -rf"), ("create", "create\n+write"),
          ("chmod_r", "chmod -R\n(copy-up)"), ("mount_net", "mount\n(- python)")]
 SYSTEMS = [("overlaypc-kernel", "overlaypc"), (REFERENCE, "fuse-overlayfs"),
