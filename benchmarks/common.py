@@ -157,10 +157,12 @@ class System:
     kind: str                      # overlaypc | kernel | fuse-overlayfs | unionfs-fuse
     option: str = ""               # overlaypc: extra -o options (e.g. cache=shared)
     python: str = sys.executable
+    tree: str = REPO               # overlaypc: the checkout the daemon runs
 
     def available(self) -> tuple[bool, str]:
         if self.kind == "overlaypc":
-            r = run([self.python, "-c", "import overlaypc.cli, overlaypc.engine.session"], check=False, env=_pc_env())
+            r = run([self.python, "-c", "import overlaypc.cli, overlaypc.engine.session"], check=False,
+                    env=_pc_env(self.tree))
             return (r.returncode == 0, r.stderr.strip()[-200:])
         if self.kind == "kernel":
             with open("/proc/filesystems") as f:
@@ -192,7 +194,7 @@ class System:
                     if self.option:
                         opts += "," + self.option
                     cmd = [self.python, "-m", "overlaypc", "-f", "-o", opts, mnt]
-                    env = _pc_env()
+                    env = _pc_env(self.tree)
                 elif self.kind == "fuse-overlayfs":
                     cmd = ["fuse-overlayfs", "-f", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt]
                     env = None
@@ -264,9 +266,9 @@ def python_start(python: str, reps: int = 7, args: tuple[str, ...] = ("-I", "-c"
 PYCACHE = os.path.join(tempfile.gettempdir(), "overlaypc-bench-pycache")
 
 
-def _pc_env() -> dict:
+def _pc_env(tree: str = REPO) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPYCACHEPREFIX"] = PYCACHE
     env.setdefault("FUSE_LIBRARY_NAME", "fuse3")
@@ -287,6 +289,9 @@ def make_system(name: str, python: str = sys.executable) -> System:
         "fuse-overlayfs": System("fuse-overlayfs", "fuse-overlayfs"),
         "unionfs-fuse": System("unionfs-fuse", "unionfs-fuse"),
     }
+    base = os.environ.get("OVERLAYPC_BENCH_BASE")
+    if base:  # another checkout (e.g. `git archive BASE overlaypc`), measured in the same run
+        table["overlaypc-base"] = System("overlaypc-base", "overlaypc", "", python, os.path.abspath(base))
     if name not in table:
         raise SystemExit(f"unknown system {name!r}; choose from {', '.join(table)}")
     return table[name]

@@ -20,7 +20,8 @@ minus the interpreter's own start, with the mountinfo / INIT / first-reply times
 JSON); ``cache=shared`` 4 KiB random reads of a lower file in a writable mount by one and
 two fio jobs (group ``shared``). ``--quick`` shrinks the sizes (see QUICK below);
 ``--only small`` runs the per-mount workloads without the sequential and fio reads.
-Needs root (mounts, drop_caches, loop devices).
+Needs root (mounts, drop_caches, loop devices). ``OVERLAYPC_BENCH_BASE=DIR`` adds the system
+``overlaypc-base``: the overlaypc package in DIR, for before/after ratios within one run.
 """
 from __future__ import annotations
 
