@@ -123,6 +123,10 @@ class Mount:
     path: str
     proc: subprocess.Popen | None = None
     logfile: str | None = None
+    #: seconds from starting the mount: "mounted" (the mount point's st_dev changed: a
+    #: FUSE mount answers that stat only after INIT), "init" (overlaypc's "mounted" log
+    #: line: INIT answered; ms resolution), "visible" (another stat answered)
+    timings: dict = field(default_factory=dict)
 
     def stats(self) -> dict | None:
         """overlaypc's counters (the virtual xattr on the mount root), else None."""
@@ -153,10 +157,12 @@ class System:
     kind: str                      # overlaypc | kernel | fuse-overlayfs | unionfs-fuse
     option: str = ""               # overlaypc: extra -o options (e.g. cache=shared)
     python: str = sys.executable
+    tree: str = REPO               # overlaypc: the checkout the daemon runs
 
     def available(self) -> tuple[bool, str]:
         if self.kind == "overlaypc":
-            r = run([self.python, "-c", "import overlaypc.cli, overlaypc.engine.session"], check=False, env=_pc_env())
+            r = run([self.python, "-c", "import overlaypc.cli, overlaypc.engine.session"], check=False,
+                    env=_pc_env(self.tree))
             return (r.returncode == 0, r.stderr.strip()[-200:])
         if self.kind == "kernel":
             with open("/proc/filesystems") as f:
@@ -177,6 +183,7 @@ class System:
         logfile = os.path.join(os.path.dirname(mnt), f".{os.path.basename(mnt)}.{self.name}.log")
         proc = None
         m = Mount(self, mnt, None, logfile)
+        t0, wall0 = time.perf_counter(), time.time()
         try:
             if self.kind == "kernel":
                 run(["mount", "-t", "overlay", "overlay", "-o",
@@ -187,7 +194,7 @@ class System:
                     if self.option:
                         opts += "," + self.option
                     cmd = [self.python, "-m", "overlaypc", "-f", "-o", opts, mnt]
-                    env = _pc_env()
+                    env = _pc_env(self.tree)
                 elif self.kind == "fuse-overlayfs":
                     cmd = ["fuse-overlayfs", "-f", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt]
                     env = None
@@ -202,21 +209,68 @@ class System:
                                             stdin=subprocess.DEVNULL, start_new_session=True)
                 m.proc = proc
                 deadline = time.monotonic() + timeout
-                while not is_mounted(mnt):
+                # one stat per millisecond (parsing mountinfo this often took CPU from the
+                # starting daemon on 2 vCPUs); the mount point's device changes at mount(2)
+                below = os.stat(mnt).st_dev
+                while os.stat(mnt).st_dev == below:
                     if proc.poll() is not None:
                         raise RuntimeError(f"{self.name} exited with {proc.returncode} before mounting:\n"
                                            + m.log_tail())
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{self.name} did not mount {mnt} within {timeout} s")
-                    time.sleep(0.02)
+                    time.sleep(0.001)
+            m.timings["mounted"] = time.perf_counter() - t0
+            os.stat(mnt)  # blocks until the daemon has answered INIT and this GETATTR
+            m.timings["visible"] = time.perf_counter() - t0
+            if self.kind == "overlaypc":
+                init = _logged_init(logfile)
+                if init is not None:
+                    m.timings["init"] = init - wall0
             yield m
         finally:
             unmount(mnt, proc)
 
 
-def _pc_env() -> dict:
+def _logged_init(logfile: str) -> float | None:
+    """Wall time of the last "mounted" line of an overlaypc log (written once INIT is
+    answered), millisecond resolution; None if there is none."""
+    try:
+        with open(logfile, errors="replace") as f:
+            lines = [ln for ln in f if " overlaypc.fuse: mounted " in ln]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    stamp = lines[-1][:23]  # logging's asctime: "YYYY-mm-dd HH:MM:SS,mmm"
+    try:
+        t = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
+        return t + int(stamp[20:23]) / 1000
+    except ValueError:
+        return None
+
+
+def python_start(python: str, reps: int = 7, args: tuple[str, ...] = ("-I", "-c", "pass"),
+                 env: dict | None = None) -> float:
+    """Median wall time (s) of ``python ARGS``."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        subprocess.run([python, *args], check=True, env=env)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+#: where the daemons keep their bytecode: an installed package has its .pyc files, and a
+#: mount that compiles every module from source (PYTHONDONTWRITEBYTECODE=1 here) spends
+#: ~60 ms more starting; kept out of the checkout
+PYCACHE = os.path.join(tempfile.gettempdir(), "overlaypc-bench-pycache")
+
+
+def _pc_env(tree: str = REPO) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = PYCACHE
     env.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     return env
 
@@ -241,6 +295,9 @@ def make_system(name: str, python: str = sys.executable) -> System:
         "fuse-overlayfs": System("fuse-overlayfs", "fuse-overlayfs"),
         "unionfs-fuse": System("unionfs-fuse", "unionfs-fuse"),
     }
+    base = os.environ.get("OVERLAYPC_BENCH_BASE")
+    if base:  # another checkout (e.g. `git archive BASE overlaypc`), measured in the same run
+        table["overlaypc-base"] = System("overlaypc-base", "overlaypc", "", python, os.path.abspath(base))
     if name not in table:
         raise SystemExit(f"unknown system {name!r}; choose from {', '.join(table)}")
     return table[name]

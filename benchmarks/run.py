@@ -13,8 +13,15 @@ Workloads: sequential read of a 1 GiB lower file cold (after drop_caches) and wa
 4 KiB random reads with fio, warm (IOPS); find+stat over 10k files in 100 dirs, cold and warm;
 create+write+close of 5k files, then unlink of them (ops/s); copy-up of a 1 GiB lower file by
 open(O_RDWR) on XFS with reflink and on ext4 (loop images, ms); untar of a ~20 MB source tree
-into the mount and grep -r over it (s). ``--quick`` shrinks the sizes (see QUICK below).
-Needs root (mounts, drop_caches, loop devices).
+into the mount, grep -r over it and rm -rf of it (s); grep -r over the lower tree after
+dropping caches (s); chmod -R of the lower tree (copy-up
+of every file, s); mount until a stat of the mount point answers (ms; overlaypc's also
+minus the interpreter's own start, with the mountinfo / INIT / first-reply times in the
+JSON); ``cache=shared`` 4 KiB random reads of a lower file in a writable mount by one and
+two fio jobs (group ``shared``). ``--quick`` shrinks the sizes (see QUICK below);
+``--only small`` runs the per-mount workloads without the sequential and fio reads.
+Needs root (mounts, drop_caches, loop devices). ``OVERLAYPC_BENCH_BASE=DIR`` adds the system
+``overlaypc-base``: the overlaypc package in DIR, for before/after ratios within one run.
 """
 from __future__ import annotations
 
@@ -29,9 +36,13 @@ import tarfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ALL_SYSTEMS, GiB, MiB, Metric, Watchdog, Workspace, drop_caches, drops,  # noqa: E402
-                    fs_dev, loadavg, log, loop_fs, machine_info, markdown_table, read_file, rotated, run,
-                    select_systems, timer, write_file, write_json)
+from common import (ALL_SYSTEMS, GiB, MiB, Metric, Watchdog, Workspace, _pc_env, drop_caches,  # noqa: E402
+                    drops, fs_dev, loadavg, log, loop_fs, machine_info, make_system, markdown_table,
+                    python_start, read_file, rotated, run, select_systems, timer, write_file, write_json)
+
+#: what ``cli.mount_main`` imports to mount (its import time is part of the mount's)
+MOUNT_IMPORTS = ("import overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
+                 "overlaypc.engine.daemon, overlaypc.mounting, overlaypc.overlay_ops")
 
 FULL = dict(seq_size=1 * GiB, fio_runtime=10, tree_dirs=100, tree_files=10_000, create_files=5_000,
             copyup_size=1 * GiB, tar_bytes=20 * MiB, reps=3)
@@ -90,12 +101,36 @@ def find_stat(root: str) -> int:
     return r.stdout.count("\n")
 
 
-def fio_randread(path: str, size: int, runtime: int) -> float:
+def fio_randread(path: str, size: int, runtime: int, jobs: int = 1) -> float:
+    """4 KiB random reads (psync) by ``jobs`` processes on one file; total IOPS."""
     r = run(["fio", "--name=randread", "--rw=randread", "--bs=4k", f"--size={size}",
              f"--runtime={runtime}", "--time_based", "--ioengine=psync", f"--filename={path}",
-             "--readonly", "--invalidate=0", "--output-format=json"], timeout=runtime + 120)
+             "--readonly", "--invalidate=0", f"--numjobs={jobs}", "--group_reporting",
+             "--output-format=json"], timeout=runtime + 120)
     data = json.loads(r.stdout[r.stdout.index("{"):])
     return float(data["jobs"][0]["read"]["iops"])
+
+
+def shared_reads(ws: Workspace, lower: str, cfg: dict, M: dict[str, Metric], python: str) -> None:
+    """cache=shared in a writable mount: 4 KiB random reads of a lower file (each one a
+    READ round trip through the daemon) by one reader, then by two."""
+    system = make_system("overlaypc-shared", python)
+    big_lower = os.path.join(lower, "big")
+    for rep in range(cfg["reps"]):
+        base = ws.sub("shared", str(rep))
+        upper, work, mnt = (os.path.join(base, x) for x in ("upper", "work", "mnt"))
+        try:
+            with system.mount(lower, upper, work, mnt) as m:
+                big = os.path.join(mnt, "big")
+                read_file(big_lower)                       # the lower file in the page cache
+                for jobs, key in ((1, "shared_1"), (2, "shared_2")):
+                    step(M[key], system.name, m, cfg["fio_runtime"] + 120,
+                         lambda: fio_randread(big, cfg["seq_size"], cfg["fio_runtime"], jobs))
+        except Exception as e:  # noqa: BLE001
+            log(f"shared reads rep {rep}: {e}")
+            M["shared_1"].error(system.name, str(e))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def create_files(d: str, n: int) -> float:
@@ -172,10 +207,13 @@ def main_workloads(system, rep: int, ws: Workspace, lower: str, data: dict, cfg:
     name = system.name
     base = ws.sub("runs", f"{rep}-{name}")
     upper, work, mnt = (os.path.join(base, x) for x in ("upper", "work", "mnt"))
-    t_mount = time.perf_counter()
     try:
         with system.mount(lower, upper, work, mnt) as m:
-            M["mount"].add(name, (time.perf_counter() - t_mount) * 1e3)
+            M["mount"].add(name, m.timings["visible"] * 1e3)
+            # the goal compares overlaypc minus Python's own start with the others as they are
+            own = data["python_pass"] if system.kind == "overlaypc" else 0.0
+            M["mount_net"].add(name, (m.timings["visible"] - own) * 1e3)
+            extra.setdefault("mount_timings", {}).setdefault(name, []).append(dict(m.timings))
             tree, big = os.path.join(mnt, "tree"), os.path.join(mnt, "big")
 
             def find_cold():
@@ -210,8 +248,17 @@ def main_workloads(system, rep: int, ws: Workspace, lower: str, data: dict, cfg:
                 read_file(big)                             # warm (again, if redone)
                 return fio_randread(big, cfg["seq_size"], cfg["fio_runtime"])
 
+            def grep_lower():
+                drop_caches()
+                with timer() as t:
+                    r = run(["grep", "-r", "-c", "x", tree], check=False, timeout=600)
+                if r.returncode > 1 or r.stdout.count("\n") != data["tree_entries"] - cfg["tree_dirs"] - 1:
+                    raise RuntimeError(f"grep over the lower tree failed: {r.stderr.strip()[-300:]}")
+                return t[0]
+
             step(M["find_cold"], name, m, 300, find_cold, own_drops=1)
             step(M["find_warm"], name, m, 300, find_warm)
+            step(M["grep_lower"], name, m, 300, grep_lower, own_drops=1)
             # The FUSE bdi's readahead as the sequential reads see it (overlaypc raises it
             # from a thread shortly after mounting; files take it at open).
             dev = fs_dev(mnt)
@@ -220,9 +267,10 @@ def main_workloads(system, rep: int, ws: Workspace, lower: str, data: dict, cfg:
                 with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
                     ra = int(f.read())
             extra.setdefault("read_ahead_kb", {}).setdefault(name, []).append(ra)
-            step(M["seq_cold"], name, m, 300, seq_cold, own_drops=1)
-            step(M["seq_warm"], name, m, 300, seq_warm)
-            step(M["fio_warm"], name, m, cfg["fio_runtime"] + 120, fio_warm)
+            if not data["small_only"]:
+                step(M["seq_cold"], name, m, 300, seq_cold, own_drops=1)
+                step(M["seq_warm"], name, m, 300, seq_warm)
+                step(M["fio_warm"], name, m, cfg["fio_runtime"] + 120, fio_warm)
             newdir = os.path.join(mnt, "new")
             if step(M["create"], name, m, 600, lambda: create_files(newdir, cfg["create_files"]),
                     redo=False) is not None:
@@ -249,8 +297,23 @@ def main_workloads(system, rep: int, ws: Workspace, lower: str, data: dict, cfg:
                     raise RuntimeError(f"grep failed: {r.stderr.strip()[-300:]}")
                 return t[0]
 
+            def rm_rf():
+                with timer() as t:
+                    run(["rm", "-rf", src], timeout=600)
+                if os.path.exists(src):
+                    raise RuntimeError("rm -rf left the tree behind")
+                return t[0]
+
+            def chmod_r():
+                # every file of the lower tree is copied up (metadata and data)
+                with timer() as t:
+                    run(["chmod", "-R", "g+w", tree], timeout=600)
+                return t[0]
+
             if step(M["untar"], name, m, 600, untar, redo=False) is not None:
-                step(M["grep"], name, m, 600, grep, redo=False)
+                if step(M["grep"], name, m, 600, grep, redo=False) is not None:
+                    step(M["rm_rf"], name, m, 600, rm_rf, redo=False)
+            step(M["chmod_r"], name, m, 600, chmod_r, redo=False)
             st = m.stats()
             if st is not None:
                 extra.setdefault("overlaypc_stats", {}).setdefault(name, []).append(st)
@@ -328,8 +391,15 @@ def new_metrics(cfg: dict) -> dict[str, Metric]:
         Metric("copyup_xfs", f"copy-up {cu}, XFS reflink", "ms", higher_is_better=False),
         Metric("copyup_ext4", f"copy-up {cu}, ext4", "ms", higher_is_better=False),
         Metric("untar", "untar source tree", "s", higher_is_better=False),
-        Metric("grep", "grep -r over it", "s", higher_is_better=False),
+        Metric("grep", "grep -r over it (upper files)", "s", higher_is_better=False),
+        Metric("grep_lower", f"grep -r over the lower tree ({n} files), cold", "s", higher_is_better=False),
+        Metric("rm_rf", "rm -rf of it", "s", higher_is_better=False),
+        Metric("chmod_r", f"chmod -R of the lower tree ({n} files, copy-up)", "s", higher_is_better=False),
         Metric("mount", "mount until visible", "ms", higher_is_better=False),
+        Metric("mount_net", "mount until visible, overlaypc minus `python3 -I -c pass`", "ms",
+               higher_is_better=False),
+        Metric("shared_1", "cache=shared 4k rand read of a lower file, writable, 1 reader", "reads/s"),
+        Metric("shared_2", "cache=shared 4k rand read of a lower file, writable, 2 readers", "reads/s"),
     ]}
 
 
@@ -341,7 +411,9 @@ def parse_args(argv=None):
                    + ",".join(ALL_SYSTEMS))
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     p.add_argument("--out", default="results.json", help="JSON output file")
-    p.add_argument("--only", default="", help="comma-separated workload groups: main,copyup")
+    p.add_argument("--only", default="", help="comma-separated workload groups: main (all "
+                   "per-mount workloads), small (main without the sequential and fio reads), "
+                   "shared (cache=shared random reads), copyup")
     p.add_argument("--python", default=sys.executable, help="Python that runs overlaypc")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return p.parse_args(argv)
@@ -354,7 +426,7 @@ def main(argv=None) -> int:
     cfg = dict(QUICK if args.quick else FULL)
     if args.reps:
         cfg["reps"] = args.reps
-    groups = set(filter(None, args.only.split(","))) or {"main", "copyup"}
+    groups = set(filter(None, args.only.split(","))) or {"main", "shared", "copyup"}
     systems, skipped = select_systems([s.strip() for s in args.systems.split(",") if s.strip()], args.python)
     names = [s.name for s in systems]
     M = new_metrics(cfg)
@@ -363,14 +435,25 @@ def main(argv=None) -> int:
     machine = machine_info()            # overlaypc commit and load at the start
     ws = Workspace(keep=args.keep)
     log(f"workspace {ws.path}; systems {names}; config {cfg}")
+    # the interpreter's own start, subtracted from overlaypc's mount time (mount_net), and
+    # the imports a mount needs (as the daemon runs: site, PYTHONPATH)
+    run([args.python, "-c", MOUNT_IMPORTS], env=_pc_env())  # bytecode compiled once, as installed
+    py_pass = python_start(args.python)
+    py_site = python_start(args.python, args=("-c", "pass"), env=_pc_env())
+    py_import = python_start(args.python, args=("-c", MOUNT_IMPORTS), env=_pc_env())
+    extra["python_start_ms"] = {"-I -c pass": py_pass * 1e3, "-c pass (site, PYTHONPATH)": py_site * 1e3,
+                                "mount imports": (py_import - py_site) * 1e3}
+    log(f"python start: {extra['python_start_ms']}")
     try:
-        if "main" in groups:
-            lower = ws.sub("lower")
+        lower = ws.sub("lower")
+        if groups & {"main", "shared"}:
             write_file(os.path.join(lower, "big"), cfg["seq_size"])
+        if groups & {"main", "small"}:
             entries = make_tree(os.path.join(lower, "tree"), cfg["tree_dirs"], cfg["tree_files"])
             tarball = os.path.join(ws.path, "src.tar")
             tar_bytes, tar_files = make_tarball(tarball, cfg["tar_bytes"])
-            data = {"tree_entries": entries, "tarball": tarball}
+            data = {"tree_entries": entries, "tarball": tarball, "python_pass": py_pass,
+                    "small_only": "main" not in groups}
             extra["tarball"] = {"bytes": tar_bytes, "files": tar_files}
             log(f"data ready: {entries} tree entries, tarball {tar_files} files {tar_bytes / MiB:.1f} MiB")
             for rep in range(cfg["reps"]):
@@ -378,6 +461,10 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     main_workloads(system, rep, ws, lower, data, cfg, M, extra)
                     log(f"rep {rep + 1}/{cfg['reps']} {system.name}: {time.perf_counter() - t0:.1f} s")
+        if "shared" in groups:
+            t0 = time.perf_counter()
+            shared_reads(ws, lower, cfg, M, args.python)
+            log(f"shared reads: {time.perf_counter() - t0:.1f} s")
         if "copyup" in groups:
             for fstype in ("xfs", "ext4"):
                 t0 = time.perf_counter()
@@ -392,7 +479,8 @@ def main(argv=None) -> int:
         M["unlink"].errors.setdefault(sysname, []).extend(errs)
     M["unlink"].disturbed.update(raw.disturbed)
     used = [m for m in M.values() if m.values or m.errors]
-    table = markdown_table(used, names)
+    shown = names + sorted({s for m in used for s in m.values} - set(names))
+    table = markdown_table(used, shown)
     print(f"\n{'QUICK run (--quick): reduced sizes' if args.quick else 'Full run'}; "
           f"{cfg['reps']} reps; median (min–max) **ratio to fuse-overlayfs** (ratio of medians; "
           f">1 is better for rates, worse for times); took {elapsed:.0f} s\n")

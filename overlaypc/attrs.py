@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from . import acl, killpriv
 from .copyup import is_private_xattr
-from .lookup import Entry
+from .lookup import Entry, Node
 
 if TYPE_CHECKING:
     from .core import OverlayFS
@@ -93,14 +93,25 @@ def resolve_times(times: tuple[int, int] | None, st: os.stat_result) -> tuple[in
     return atime, mtime
 
 
+#: xattr namespaces whose names ``listxattr`` shows whenever ``getxattr`` could read them
+_LISTED = ("user.", "trusted.", "security.capability")
+
+
 class Attributes:
     def __init__(self, fs: "OverlayFS") -> None:
         self.fs = fs
 
     def getattr(self, rel: str) -> Attr:
+        return self.lookup_attr(rel)[1]
+
+    def lookup_attr(self, rel: str) -> tuple[Node, Attr]:
+        """The merged object at ``rel`` and its attributes, from one lookup."""
         node = self.fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
+        return node, self.of_node(node, rel)
+
+    def of_node(self, node: Node, rel: str) -> Attr:
         st = node.st
         if st.st_nlink > 1 and not node.is_dir:
             nlink = self.fs.overlay_nlink(node)
@@ -189,7 +200,16 @@ class Attributes:
         top = node.top
         if is_private_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute", name)
+        if top.lacks(name) and name.startswith(_LISTED):
+            # the lookup listed the file's xattrs (names in these namespaces are listed
+            # whenever they can be read)
+            raise OSError(errno.ENODATA, "no such attribute", name)
         try:
+            if top.dirfd is not None:  # one call through the fd the lookup holds
+                return os.getxattr(f"/proc/self/fd/{top.dirfd.fd}", name)
+            if top.parent is not None:
+                return os.getxattr(f"/proc/self/fd/{top.parent.fd}/{top.name}", name,
+                                   follow_symlinks=False)
             return top.layer.getxattr_strict(top.rel, name)
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP and name in acl.NAMES:

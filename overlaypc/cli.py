@@ -11,9 +11,7 @@ to ``/var/log/overlaypc.log``. A mount raises its soft fd limit to the hard limi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import logging.handlers
 import os
 import sys
 
@@ -121,7 +119,8 @@ def _setup_logging(cfg: MountConfig) -> None:
         handlers.append(logging.StreamHandler(sys.stderr))
     elif not cfg.logfile:
         if os.path.exists("/dev/log"):
-            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            from logging.handlers import SysLogHandler  # only here: a start-up cost otherwise
+            syslog = SysLogHandler(address="/dev/log")
             syslog.setFormatter(logging.Formatter("overlaypc[%(process)d]: %(levelname)s %(name)s: %(message)s"))
             syslog.setLevel(level)
             root.addHandler(syslog)
@@ -215,6 +214,7 @@ def mount_main(argv: list[str]) -> int:
 
 
 def stats_main(argv: list[str]) -> int:
+    import json
     p = _Parser(prog="overlaypc stats", description="Show the counters of a live overlaypc mount.")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="print JSON")

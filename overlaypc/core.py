@@ -291,6 +291,12 @@ class OverlayFS:
         check_name(rel, last_only=True)
         return self.attrs.getattr(rel)
 
+    def lookup_attr(self, rel: str) -> tuple[Node, Attr]:
+        """The merged object at ``rel`` and its attributes (``getattr``'s), one lookup;
+        ENOENT when absent."""
+        check_name(rel, last_only=True)
+        return self.attrs.lookup_attr(rel)
+
     def readlink(self, rel: str) -> str:
         top = self.lookup.lookup(rel).top
         return top.layer.readlink(top.rel)

@@ -33,6 +33,18 @@ from .lookup import Entry, Node
 from .stack import LayerStack
 
 
+def _xattr(entry: Entry, name: str) -> bytes | None:
+    """xattr ``name`` of a layer object: one call through the fd a lookup holds (its own
+    for a directory, its directory's for anything else), else through a path walk."""
+    if entry.lacks(name):
+        return None
+    if entry.dirfd is not None:
+        return entry.layer.getxattr_at(entry.dirfd, name)
+    if entry.parent is not None:
+        return entry.layer.getxattr_name(entry.parent, entry.name, name)
+    return entry.layer.getxattr(entry.rel, name)
+
+
 class InodeNumbers:
     def __init__(self, stack: LayerStack, prefix: str, limit: int = 65536, *,
                  index: bool = False) -> None:
@@ -71,7 +83,7 @@ class InodeNumbers:
     def _origin(self, entry: Entry) -> os.stat_result | None:
         """``fstat`` of the lower object the upper's origin handle decodes to, else
         ``lstat`` of the lower object fuse-overlayfs's origin names."""
-        raw = entry.layer.getxattr(entry.rel, self.origin_xattr)
+        raw = _xattr(entry, self.origin_xattr)
         parsed = sysapi.parse_ovl_origin(raw) if raw else None
         if parsed is None:
             return self._path_origin(entry)
@@ -94,7 +106,7 @@ class InodeNumbers:
     def _path_origin(self, entry: Entry) -> os.stat_result | None:
         """``user.fuseoverlayfs.origin``: the path, in the lower layers, of the object
         this one was copied up from (fuse-overlayfs's format), looked up top first."""
-        raw = entry.layer.getxattr(entry.rel, whiteout.FOO_ORIGIN)
+        raw = _xattr(entry, whiteout.FOO_ORIGIN)
         if not raw:
             return None
         parts = [p for p in os.fsdecode(raw.rstrip(b"\0")).split("/") if p]

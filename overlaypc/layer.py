@@ -233,6 +233,16 @@ class Layer:
         ``lgetxattr``); None when it has none or is gone."""
         return _getxattr_or_none(parent.fd, attr, name)
 
+    def xattr_names_at(self, parent: DirFd, name: str) -> frozenset[str] | None:
+        """The xattr names of entry ``name`` of an open directory, not following it (one
+        ``llistxattr``); None when they cannot be listed (gone, or an error)."""
+        try:
+            return frozenset(os.listxattr(f"/proc/self/fd/{parent.fd}/{name}", follow_symlinks=False))
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return frozenset()
+            return None
+
     def scandir(self, dirfd: DirFd, *, stat_all: bool = False) -> list[Listed]:
         """Entries of an open directory. Type and inode number come from ``d_type`` and
         ``d_ino`` without a stat, except for character devices (whiteouts are 0/0 ones),

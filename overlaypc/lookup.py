@@ -13,7 +13,9 @@ them where it cannot make 0/0 devices or set trusted.* xattrs, and so does overl
 Caveats: the structure of directories (which layers hold them) is cached; a change to a
 directory drops its entry and its subtree's (``invalidate``), and an epoch counter keeps a
 lookup that raced with any change from storing what it read; stat data of the final
-component is always read fresh.
+component is always read fresh (a cached directory's by one ``fstatat`` of its name per
+layer, checked against the cached fd's inode; the layer roots, as parents, by none: only
+their fds are used).
 
 Bound: a cached directory holds an ``O_PATH`` fd of itself in each layer that has it, so
 the cache is bounded by the fds it holds (``max_fds``, from ``fdbudget``; LRU), not by
@@ -48,6 +50,20 @@ class Entry:
     rel: str
     st: os.stat_result
     dirfd: DirFd | None = field(default=None, compare=False, repr=False)
+    #: a non-directory found by name in an open directory: that directory, so its
+    #: xattrs cost one ``lgetxattr`` of ``parent``/name instead of a path walk
+    parent: DirFd | None = field(default=None, compare=False, repr=False)
+    #: a regular file's xattr names as the lookup listed them (None: not listed), so
+    #: absent ones (origin, metacopy, security.capability) cost no call
+    xattrs: frozenset[str] | None = field(default=None, compare=False, repr=False)
+
+    def lacks(self, name: str) -> bool:
+        """Whether the lookup's listing shows xattr ``name`` absent (False: unknown)."""
+        return self.xattrs is not None and name not in self.xattrs
+
+    @property
+    def name(self) -> str:
+        return split(self.rel)[1]
 
     @property
     def is_dir(self) -> bool:
@@ -138,6 +154,7 @@ class Lookup:
         self._fds = 0
         self.max_fds = fdbudget.FdBudget.for_process().lookup if max_fds is None else max_fds
         self._lock = threading.Lock()
+        self._root_node: Node | None = None
         fdbudget.register(self)
 
     @property
@@ -198,6 +215,33 @@ class Lookup:
             # an opaque root is meaningless to the kernel too: all roots merge
         return Node("", tuple(entries))
 
+    def _root_parent(self) -> Node:
+        """The root as the parent of a lookup: its structure never changes, and a parent's
+        stat data is not used, so it is read once."""
+        root = self._root_node
+        if root is None:
+            root = self._root_node = self._root()
+        return root
+
+    @staticmethod
+    def _still_there(node: Node, parent: Node) -> Node | None:
+        """Cached directory ``node`` with fresh stat data, one ``fstatat`` of its name per
+        layer holding it; None (look it up afresh) unless each is still the directory the
+        cache holds an fd of (a layer changed behind the mount's back) at its plain name."""
+        where = {id(p.layer): p for p in parent.entries if p.dirfd is not None}
+        name = split(node.rel)[1]
+        entries = []
+        for e in node.entries:
+            p = where.get(id(e.layer))
+            if p is None or e.dirfd is None or e.rel != join(p.rel, name):
+                return None
+            st = e.layer.stat_at(p.dirfd, name)
+            if st is None or st.st_ino != e.st.st_ino or not stat.S_ISDIR(st.st_mode):
+                return None
+            entries.append(Entry(e.layer, e.rel, st, e.dirfd))
+        return Node(node.rel, tuple(entries), node.opaque, node.upper_whiteout, node.data,
+                    node.upper_marker)
+
     def directory(self, rel: str) -> Node:
         """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one."""
         if not rel:
@@ -217,7 +261,7 @@ class Lookup:
             missing.append(head)
             head = split(head)[0]
         if parent is None:
-            parent = self._root()
+            parent = self._root_parent()
         for path in reversed(missing):
             node = self._lookup_in(parent, path)
             if not node.exists:
@@ -235,7 +279,14 @@ class Lookup:
         parent_rel, name = split(rel)
         if _never_there(name, rel):
             return Node(rel, ())
-        return self._lookup_in(self.directory(parent_rel), rel)
+        parent = self._root_parent() if not parent_rel else self.directory(parent_rel)
+        cached = self._cached(rel)
+        if cached is not None:
+            # a directory whose structure is known (changes through the mount drop it)
+            fresh = self._still_there(cached, parent)
+            if fresh is not None:
+                return fresh
+        return self._lookup_in(parent, rel)
 
     def _lookup_in(self, parent: Node, rel: str) -> Node:
         """The merged object at ``rel`` inside the merged directory ``parent``."""
@@ -282,7 +333,11 @@ class Lookup:
                 dirfd = layer.dir_at(pentry.dirfd, name) if pentry and pentry.dirfd else layer.dir_fd(lrel)
                 if dirfd is None:
                     continue  # removed underneath us
-            entry = Entry(layer, lrel, st, dirfd)
+            parent_fd = pentry.dirfd if pentry is not None and not is_dir else None
+            xattrs = None
+            if parent_fd is not None and stat.S_ISREG(st.st_mode):
+                xattrs = layer.xattr_names_at(parent_fd, name)
+            entry = Entry(layer, lrel, st, dirfd, parent_fd, xattrs)
             entries.append(entry)
             if is_dir:
                 if self._opaque(entry):
@@ -335,6 +390,8 @@ class Lookup:
     def _metacopy(self, entry: Entry, pentry: Entry | None, name: str) -> bool:
         """Whether the regular file ``entry`` is a metadata-only copy (kernel format)."""
         attr = self.prefix + "metacopy"
+        if entry.xattrs is not None:
+            return attr in entry.xattrs
         if pentry is not None and pentry.dirfd is not None:
             return entry.layer.getxattr_name(pentry.dirfd, name, attr) is not None
         return entry.layer.getxattr(entry.rel, attr) is not None

@@ -11,6 +11,10 @@ returning (see ``engine.ops``). A lookup reads the object's identity from disk a
 registers it under the namespace lock; if a copy-up or a removed name moved identities
 meanwhile (``NodeTable.epoch``), it looks again, so one object never gets two nodeids.
 
+FLUSH is not defined: answered ENOSYS once, the kernel sends it no more (a round trip per
+close(2) saved). Nothing needs it: writes reach the layer before their reply (no deferred
+errors to report at close), and locks are the kernel's own (no POSIX_LOCKS).
+
 Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
 name left is reached through one of its open handles (``Files.*_inode``); with none
 open, ENOENT. Errors are ``OSError``: the session translates them.
@@ -138,14 +142,11 @@ class OverlayOps(Operations):
         while True:
             epoch = self.nodes.epoch
             try:
-                attr = fs.getattr(rel)
+                node, attr = fs.lookup_attr(rel)
             except OSError as e:
                 if e.errno == errno.ENOENT:
                     return None
                 raise
-            node = fs.lookup.lookup(rel)
-            if not node.exists:
-                return None
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
@@ -383,9 +384,6 @@ class OverlayOps(Operations):
         writer = Writer(req.uid, req.gid, req.pid, may_be_capable=chown is not None)
         if self.fs.kill_privs(rel, fh, writer, chown):
             self.notifier.inval_inode(nodeid, -1)
-
-    def flush(self, req: Request, nodeid: int, fh: int) -> None:
-        self.fs.flush(fh)
 
     def release(self, req: Request | None, nodeid: int, fh: int, flags: int = 0) -> None:
         try:

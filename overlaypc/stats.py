@@ -12,7 +12,6 @@ bound (``distinct_backing_inodes_capped``).
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -65,4 +64,5 @@ class Stats:
         return data
 
     def to_json(self, **extra: object) -> bytes:
+        import json  # only when asked: a start-up cost otherwise
         return json.dumps(self.snapshot(**extra), sort_keys=True).encode()

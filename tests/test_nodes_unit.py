@@ -337,3 +337,23 @@ def test_concurrent_lookups_during_a_copy_up_yield_one_nodeid(ops_factory):
         th.join()
     assert len(set(got)) == 1 and ops.nodes.nlookup(got[0]) == 800
     assert ops.nodes.by_key(ops.fs.identity(ops.fs.lookup.lookup("f"))) == got[0]
+
+
+def test_lookup_reads_the_object_once(ops_factory):
+    """A LOOKUP takes the attributes and the identity from one lookup of the layers."""
+    ops = ops_factory()
+    calls = []
+    real = ops.fs.lookup.lookup
+    ops.fs.lookup.lookup = lambda rel: calls.append(rel) or real(rel)
+    entry = ops.lookup(REQ, ROOT_ID, b"f")
+    assert entry.nodeid and calls == ["f"]
+
+
+def test_flush_answers_enosys(ops_factory):
+    """FLUSH does nothing a close needs (writes are on the layer before their reply): ENOSYS
+    tells the kernel to stop sending it, a round trip saved per close(2)."""
+    ops = ops_factory()
+    fh = ops.open(REQ, look(ops, "f"), os.O_RDONLY).fh
+    with pytest.raises(OSError) as e:
+        ops.flush(REQ, look(ops, "f"), fh)
+    assert e.value.errno == errno.ENOSYS

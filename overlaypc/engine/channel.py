@@ -15,16 +15,11 @@ only after mount(2) returns, so the session reads it after ``mount``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
 import os
-import shutil
-import socket
 import struct
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 
 from . import protocol
@@ -47,7 +42,8 @@ _FLAG_OPTIONS = {
 #: options the FUSE kernel module itself takes in mount(2)'s data
 _KERNEL_DATA = ("allow_other", "default_permissions")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# the process's own libc (ctypes.util.find_library would run ldconfig: ~10 ms at start)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -74,7 +70,7 @@ class Channel:
     mountpoint: str
     via_fusermount: bool
     #: fusermount3's socket, kept open for the daemon's lifetime (auto_unmount)
-    comm: socket.socket | None = None
+    comm: "socket.socket | None" = None
     clones: list[int] = field(default_factory=list)
 
     def clone(self) -> int:
@@ -98,6 +94,7 @@ class Channel:
                 return
             if e != errno.EPERM:
                 raise OSError(e, os.strerror(e), self.mountpoint)
+        import subprocess  # loaded already when fusermount3 mounted it
         subprocess.run([_fusermount(), "-u", "-q", "-z", "--", self.mountpoint],
                        stdin=subprocess.DEVNULL, capture_output=True)
 
@@ -114,6 +111,7 @@ class Channel:
 
 
 def _fusermount() -> str:
+    import shutil
     path = shutil.which("fusermount3")
     if path is None:
         raise OSError(errno.ENOENT, "fusermount3 not found (Debian package fuse3)")
@@ -158,6 +156,11 @@ def mount(mountpoint: str, opts: MountOptions) -> Channel:
 
 
 def _mount_fusermount(mountpoint: str, opts: MountOptions, flags: int, rest: list[str]) -> Channel:
+    # imported here: a mount by root (mount(2) itself) needs none of them, and they
+    # cost start-up time
+    import socket
+    import subprocess
+    import tempfile
     words = ["ro" if flags & MS_RDONLY else "rw"]
     words += [name for name, (bit, on) in _FLAG_OPTIONS.items()
               if on and bit != MS_RDONLY and flags & bit and name != "sync"]
