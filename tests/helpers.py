@@ -28,6 +28,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -214,6 +215,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def run_threads(target: Callable[[int], None], count: int, timeout: Optional[float] = None) -> None:
+    """Run ``target(i)`` for i in range(count) on as many threads, all started before any
+    is joined (each join waits at most ``timeout``)."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
 
 
 def thread_report(pid: int) -> str:

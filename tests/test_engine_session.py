@@ -14,6 +14,8 @@ import threading
 
 import pytest
 
+import helpers
+
 from engine_support import FakeKernel, MemoryOps, entry_of, parse_dirents
 from overlaypc.engine import protocol as p
 from overlaypc.engine.session import ProtocolError
@@ -365,11 +367,7 @@ def test_forgets_interleaved_with_lookups_on_workers(kernel):
         except BaseException as e:  # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    helpers.run_threads(run, 4, 60)
     assert not errors, errors
     # a last round trip on every fd: every FORGET sent before it has been handled
     for via in range(4):

@@ -209,11 +209,7 @@ def test_concurrent_opens_in_mixed_modes_never_fail(overlay_mount, layers_factor
             for fd in held:
                 os.close(fd)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    helpers.run_threads(worker, 5)
     assert not errors, errors[:5]
     assert opens[0] == 300
     assert (m / "foo").read_bytes() in (OLD, NEW)

@@ -300,11 +300,7 @@ def test_racing_opens_copy_up_once(stk):
         except BaseException as e:  # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=opener, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    helpers.run_threads(opener, 8)
     assert not errors, errors
     after = sum(overlay_stats(stk.mnt)["copy_ups"].values())
     assert after - before == 1, f"{after - before} copy-ups for one file"
