@@ -437,7 +437,8 @@ def main(argv=None) -> int:
     log(f"workspace {ws.path}; systems {names}; config {cfg}")
     # the interpreter's own start, subtracted from overlaypc's mount time (mount_net), and
     # the imports a mount needs (as the daemon runs: site, PYTHONPATH)
-    run([args.python, "-c", MOUNT_IMPORTS], env=_pc_env())  # bytecode compiled once, as installed
+    for tree in sorted({s.tree for s in systems if s.kind == "overlaypc"} | {_pc_env()["PYTHONPATH"].split(os.pathsep)[0]}):
+        run([args.python, "-c", MOUNT_IMPORTS], env=_pc_env(tree))  # bytecode compiled once, as installed
     py_pass = python_start(args.python)
     py_site = python_start(args.python, args=("-c", "pass"), env=_pc_env())
     py_import = python_start(args.python, args=("-c", MOUNT_IMPORTS), env=_pc_env())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -28,6 +27,7 @@ APPEAR_TIMEOUT = 30.0
 
 def start(mountpoint: str) -> None:
     """Start the watcher for ``mountpoint`` (in the daemon, once mounted)."""
+    import subprocess  # only plain users' mounts need it: a start-up cost otherwise
     r, w = os.pipe()
     try:
         subprocess.Popen([sys.executable, "-m", "overlaypc.engine.autounmount"], stdin=r,
@@ -75,6 +75,7 @@ def watch(pipe_fd: int) -> int:
         while pipe.read(4096):
             pass  # nothing more is ever written: this returns when the daemon is gone
     if dev is not None and fuse_device(mountpoint) == dev:
+        import subprocess
         subprocess.run(["fusermount3", "-u", "-z", "-q", mountpoint],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return 0

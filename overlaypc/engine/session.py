@@ -179,17 +179,15 @@ class Session:
         """Run until the connection ends. ``handshake`` must have run. ``ready`` is called
         once the workers are started."""
         self.notifier.start()
-        fds = [self.fd]
+        # the first worker serves the channel's fd at once: the mount's first requests
+        # (the caller's stat that waited for INIT) need not wait for the clones
+        self._start_worker(self.fd)
         try:
             for _ in range(self.workers - 1):
-                fds.append(self._clone())
+                self._start_worker(self._clone())
         except OSError as e:
-            log.warning("cannot clone the FUSE fd (%s); serving with %d worker(s)", e, len(fds))
-        for i, fd in enumerate(fds):
-            t = threading.Thread(target=self._worker, args=(fd,), name=f"fuse-worker-{i}",
-                                 daemon=True)
-            t.start()
-            self._threads.append(t)
+            log.warning("cannot clone the FUSE fd (%s); serving with %d worker(s)", e,
+                        len(self._threads))
         if ready is not None:
             ready()
         try:
@@ -202,6 +200,12 @@ class Session:
                 self.ops.destroy()
             except Exception:
                 log.exception("destroy failed")
+
+    def _start_worker(self, fd: int) -> None:
+        t = threading.Thread(target=self._worker, args=(fd,),
+                             name=f"fuse-worker-{len(self._threads)}", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def _worker(self, fd: int) -> None:
         buf = bytearray(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
