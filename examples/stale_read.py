@@ -362,7 +362,9 @@ def print_table(results: dict[tuple[str, str], str]) -> None:
         version = next((line for line in (r.stdout + r.stderr).splitlines()
                         if "fuse-overlayfs" in line), "fuse-overlayfs")
         notes.append(version.strip())
-    notes.append("n/a: MAP_SHARED refused (ENODEV) on direct_io files, libfuse < 3.17")
+    if "n/a" in results.values():
+        notes.append("n/a: the system refused the operation (e.g. MAP_SHARED on a direct-io "
+                     "file of a FUSE filesystem without DIRECT_IO_ALLOW_MMAP)")
     notes.append("STALE: read old data after the copy-up; -: not on this machine")
     print()
     for n in notes:
