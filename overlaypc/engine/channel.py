@@ -135,8 +135,8 @@ def mount(mountpoint: str, opts: MountOptions) -> Channel:
     """Mount a new FUSE connection at ``mountpoint``; mount(2) first, fusermount3 on EPERM."""
     mountpoint = os.path.abspath(mountpoint)
     flags, rest = _flags(opts)
+    st = os.stat(mountpoint)  # before /dev/fuse is opened: a missing mountpoint leaks no fd
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    st = os.stat(mountpoint)
     data = [f"fd={fd}", f"rootmode={st.st_mode & 0o170000:o}", f"user_id={os.getuid()}",
             f"group_id={os.getgid()}"]
     data += [o for o in rest if o in _KERNEL_DATA or o.startswith("context=")]
