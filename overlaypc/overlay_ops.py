@@ -115,6 +115,9 @@ class OverlayOps(Operations):
     def forget(self, nodeid: int, nlookup: int) -> None:
         self.nodes.forget(nodeid, nlookup)
 
+    def count_error(self) -> None:
+        self.fs.stats.add("errors")
+
     def _invalidate_path(self, rel: str) -> None:
         """The core drops the kernel's cache of another name: by names only, no disk."""
         nodeid = self.nodes.resolve(rel)

@@ -19,6 +19,7 @@ import pytest
 import helpers
 from reliability_support import (MiB, errno_name, finish, free_bytes, kill_daemon, lazy_detach,
                                  loop_fs, pattern, sha256_file, spawn_py, wait_stopped)
+from coherence_support import stats
 from upper_support import stack_options, work_leftovers
 
 pytestmark = pytest.mark.mount
@@ -372,6 +373,7 @@ def test_unexpected_exception_is_logged_and_answered_eio(spec, tmp_path, overlay
         CRASH_CASES[spec](m.mountpoint)
     assert ei.value.errno == errno.EIO, errno_name(ei.value)
     _assert_alive(m)
+    assert stats(m.path)["errors"] >= 1  # counted, as README's stats promise
     assert _read(m / "ok.txt") == b"ok\n"
     (m / "fresh.txt").write_bytes(b"fresh\n")
     assert _read(upper / "fresh.txt") == b"fresh\n"

@@ -156,6 +156,9 @@ class Operations:
     def forget(self, nodeid: int, nlookup: int) -> None:
         """The kernel dropped ``nlookup`` references to ``nodeid`` (no reply)."""
 
+    def count_error(self) -> None:
+        """An operation raised something other than OSError (answered EIO, logged)."""
+
     lookup: Callable[[Request, int, bytes], Entry] = _nosys
     getattr: Callable[[Request, int, int | None], AttrReply] = _nosys
     setattr: Callable[[Request, int, SetAttr], AttrReply] = _nosys

@@ -266,7 +266,7 @@ class Session:
         except Exception:
             log.exception("unexpected error in %s (node %d); answering EIO",
                           p.OPCODE_NAMES.get(op, op), hdr.nodeid)
-            self._count_error()
+            self.ops.count_error()
             self._write(fd, hdr.unique, -errno.EIO, ())
             return
         if log.isEnabledFor(logging.DEBUG):
@@ -276,11 +276,6 @@ class Session:
                 reply.undo()
             except Exception:
                 log.exception("undoing an undelivered %s reply failed", p.OPCODE_NAMES.get(op, op))
-
-    def _count_error(self) -> None:
-        count = getattr(self.ops, "count_error", None)
-        if count is not None:
-            count()
 
     #: how a reply is written; the tests' fake kernel replaces it to fail one reply with
     #: ENOENT, as the kernel does for an interrupted request
