@@ -73,12 +73,6 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def _statvfs(d: dict) -> os.statvfs_result:
-    return os.statvfs_result((d["f_bsize"], d["f_frsize"], d["f_blocks"], d["f_bfree"],
-                              d["f_bavail"], d["f_files"], d["f_ffree"], d["f_favail"], 0,
-                              d["f_namemax"]))
-
-
 class OverlayOps(Operations):
     def __init__(self, fs: OverlayFS) -> None:
         self.fs = fs
@@ -258,8 +252,8 @@ class OverlayOps(Operations):
     def readlink(self, req: Request, nodeid: int) -> bytes:
         return os.fsencode(self.fs.readlink(self._path(nodeid)))
 
-    def statfs(self, req: Request, nodeid: int) -> os.statvfs_result:
-        return _statvfs(self.fs.statfs())
+    def statfs(self, req: Request, nodeid: int) -> dict:
+        return self.fs.statfs()
 
     def access(self, req: Request, nodeid: int, mask: int) -> None:
         self.fs.access(self._path(nodeid), mask)

@@ -179,7 +179,8 @@ class Operations:
     flush: Callable[[Request, int, int], None] = _nosys
     release: Callable[[Request, int, int, int], None] = _nosys          # node, fh, flags
     fsync: Callable[[Request, int, int, bool], None] = _nosys           # node, fh, datasync
-    statfs: Callable[[Request, int], "os.statvfs_result"] = _nosys
+    #: an ``os.statvfs_result`` or a dict of its ``f_*`` fields (``protocol.pack_statfs``)
+    statfs: Callable[[Request, int], object] = _nosys
     #: (node, name, value, flags[, setxattr_flags]): the last only with SETXATTR_EXT
     setxattr: Callable[..., None] = _nosys
     getxattr: Callable[[Request, int, str], bytes] = _nosys
