@@ -109,8 +109,6 @@ class OverlayFS:
         self._dir_fhs = itertools.count(1 << 32)  # distinct from file handles
         self._dir_lock = threading.Lock()
         #: set by the node-based adapter: drop the kernel's cached attributes and pages of
-        #: the node a merged path names (a change the kernel cannot see from the reply)
-        self.invalidate_path: Callable[[str], None] = lambda rel: None
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new);
         #: called under the namespace lock
         self.on_rekey: Callable[[InodeKey, InodeKey], None] = lambda old, new: None

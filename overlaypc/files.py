@@ -50,16 +50,14 @@ class Files:
         node = fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file", rel)
-        relinked = False
         if flags & _WRITE_INTENT:
             fs.require_writable()
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)
             if node.upper is None or node.data is not None:
-                # a copy-up that breaks a lower hard link changes this name's st_nlink and
-                # st_ino, which the kernel cached at lookup; no write or setattr may follow
-                # to refresh them (an O_APPEND open, an empty write)
-                relinked = node.upper is None and node.st.st_nlink > 1 and fs.index is None
+                # (a copy-up that breaks a lower hard link changes this name's st_nlink and
+                # st_ino with no reply carrying them: such names are never cached by the
+                # kernel's attributes, see ``OverlayOps._attr_timeout``)
                 fs.copyup.ensure_data(rel)
         # Under the namespace lock, a copy-up is either not installed yet or installed
         # *and* its live inode rebound to the upper (never a second inode for the upper
@@ -81,8 +79,6 @@ class Files:
             except BaseException:
                 fs.inodes.release(inode)
                 raise
-        if relinked:
-            fs.invalidate_path(rel)
         return self._register(inode, flags, rel, fd, generation)
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller) -> OpenResult:

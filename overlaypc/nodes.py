@@ -225,16 +225,6 @@ class NodeTable:
     def by_key(self, key: Hashable) -> int | None:
         return self._by_key.get(key)
 
-    def resolve(self, rel: str) -> int | None:
-        """The nodeid the kernel knows for merged path ``rel``, by names only (no disk)."""
-        nodeid = ROOT_ID
-        with self._lock:
-            for name in rel.split("/") if rel else ():
-                nodeid = self._by_name.get((nodeid, name))
-                if nodeid is None:
-                    return None
-        return nodeid
-
     def nlookup(self, nodeid: int) -> int:
         with self._lock:
             node = self._nodes.get(nodeid)

@@ -81,7 +81,6 @@ class OverlayOps(Operations):
         #: directory handle -> table epoch when its listing was read (READDIRPLUS ``take``)
         self._listed: dict[int, int] = {}
         self._listed_lock = threading.Lock()
-        fs.invalidate_path = self._invalidate_path
         fs.on_rekey = self.nodes.rekey
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
@@ -111,12 +110,6 @@ class OverlayOps(Operations):
 
     def count_error(self) -> None:
         self.fs.stats.add("errors")
-
-    def _invalidate_path(self, rel: str) -> None:
-        """The core drops the kernel's cache of another name: by names only, no disk."""
-        nodeid = self.nodes.resolve(rel)
-        if nodeid is not None:
-            self.notifier.inval_inode(nodeid)
 
     # -- nodes and names ---------------------------------------------------------------------
     def _path(self, nodeid: int) -> str:
