@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+import helpers
 from core_driver import REQ, CoreDriver
 from overlaypc import killpriv
 from overlaypc.config import MountConfig, validate
@@ -21,6 +22,9 @@ WRITER = Request(uid=65534, gid=65534, pid=os.getpid())  # (this process: in gro
 
 @pytest.fixture
 def drv(tmp_path):
+    # a setuid file with a capability in the lower: setting security.capability needs
+    # CAP_SETFCAP, so this unit tier (not marked ``mount``) needs root for it
+    helpers.require("root")
     for d in ("lower", "upper", "work", "mnt"):
         (tmp_path / d).mkdir()
     f = tmp_path / "lower" / "f"
