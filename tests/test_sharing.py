@@ -261,3 +261,42 @@ def test_unflushed_overwrite_of_a_lower_reflink_is_not_shared(require_tools, xfs
     got = (m.path / "b").read_bytes()
     assert got[:len(head)] == head, "b's unflushed head was read from a's extent"
     assert got == head + data[len(head):]
+
+
+def test_punched_hole_is_read_as_zeros_not_from_the_canonical_file(require_tools, xfs_dir,
+                                                                   overlay_mount):
+    """2, the rule for every size-or-map change: ``fallocate(PUNCH_HOLE)`` through the mount
+    on a mapped, reflink-copied-up file must drop the mapping first, so a reader that mapped
+    the file before reads zeros in the hole, not the copy-up origin's bytes there."""
+    from overlaypc import sysapi
+
+    punch = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+    lower, upper, work = _stack(xfs_dir)
+    data = _data(1 << 20, 5)
+    _write_synced(lower / "f", data)
+    m = overlay_mount(_options(lower, upper, work, "shared"))
+    path = m.path / "f"
+    rw = os.open(path, os.O_RDWR)  # reflink copy-up
+    try:
+        reader = os.open(path, os.O_RDONLY)
+        try:
+            before = overlay_stats(m.path)
+            assert os.pread(reader, 2 << 20, 0) == data  # maps the upper file
+            after = overlay_stats(m.path)
+            assert after["copy_ups"].get("reflink") == 1, after
+            assert after["bytes_shared"] - before["bytes_shared"] == len(data), (before, after)
+
+            start, length = 64 << 10, 128 << 10
+            sysapi.fallocate(rw, punch, start, length)
+            expected = data[:start] + bytes(length) + data[start + length:]
+            got = os.pread(reader, 2 << 20, 0)
+            assert len(got) == len(data)
+            assert got[start:start + length] == bytes(length), "the hole read the origin's bytes"
+            assert got == expected
+        finally:
+            os.close(reader)
+    finally:
+        os.close(rw)
+    assert path.read_bytes() == expected
+    assert (upper / "f").read_bytes() == expected
+    assert (lower / "f").read_bytes() == data
