@@ -1,6 +1,6 @@
 """Copy-up and extended attributes, the kernel's rule (issue 13.6, ``ovl_copy_xattr``).
 
-Any error but EOPNOTSUPP fails the copy-up; EOPNOTSUPP fails it for POSIX ACLs and
+Any error but EOPNOTSUPP fails the copy-up, for any xattr; EOPNOTSUPP fails it for POSIX ACLs and
 ``security.*`` only (a lost ACL could widen access), and is ignored for other xattrs.
 The upper here is a real btrfs mounted ``noacl`` on a loop device, where setting an ACL
 gives EOPNOTSUPP while other xattrs work; the kernel overlay over the same kind of upper
@@ -81,3 +81,57 @@ def test_acl_that_cannot_be_copied_fails_the_copy_up(tmp_path, noacl_fs, overlay
     with pytest.raises(OSError) as theirs:
         os.chmod(k / "secret", 0o640)
     assert theirs.value.errno == ours.value.errno
+
+
+
+@pytest.fixture
+def ext4_fs(tmp_path: Path):
+    """A small ext4 (without ea_inode) on a loop device: all of an inode's xattrs must fit
+    in one 4 KiB block, so a large value fails with ENOSPC."""
+    helpers.require("root")
+    helpers.require(shutil.which("mkfs.ext4") is not None, "needs mkfs.ext4 (e2fsprogs)")
+    image, mnt = tmp_path / "ext4.img", tmp_path / "ext4"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^ea_inode", str(image)],
+                   check=True, capture_output=True)
+    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    helpers.require(r.returncode == 0, f"cannot loop-mount ext4: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        helpers.force_unmount(mnt)
+        with contextlib.suppress(OSError):
+            image.unlink()
+
+
+def test_any_other_xattr_error_fails_the_copy_up(tmp_path, xfs_dir, ext4_fs, overlay_mount,
+                                                kernel_mount):
+    """Not only ACLs: an error other than EOPNOTSUPP fails the copy-up for any xattr. A
+    user.* value of 8000 bytes fits an XFS lower but not an ext4 upper (ENOSPC); a copy
+    without it must not reach the upper, and the kernel overlay answers the same."""
+    lower = xfs_dir / "lower"
+    lower.mkdir()
+    (lower / "big").write_bytes(b"big xattr\n")
+    os.setxattr(lower / "big", "user.big", b"x" * 8000)
+    (lower / "small").write_bytes(b"small xattr\n")
+    os.setxattr(lower / "small", "user.small", b"kept")
+    upper, work = upper_and_work(ext4_fs, "ours")
+    m = overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work}")
+    with pytest.raises(OSError) as ours:
+        os.chmod(m / "big", 0o600)
+    assert ours.value.errno == errno.ENOSPC, ours.value
+    assert not (upper / "big").exists(), "a copy without its xattr reached the upper"
+    assert os.listdir(work / "work") == []
+    assert (m / "big").read_bytes() == b"big xattr\n"
+    assert os.getxattr(m / "big", "user.big") == b"x" * 8000
+    os.chmod(m / "small", 0o600)  # a small one copies up fine
+    assert os.getxattr(upper / "small", "user.small") == b"kept"
+
+    kupper, kwork = upper_and_work(ext4_fs, "kernel")
+    k = kernel_mount([lower], kupper, kwork)
+    with pytest.raises(OSError) as theirs:
+        os.chmod(k / "big", 0o600)
+    assert theirs.value.errno == ours.value.errno
+    assert not (kupper / "big").exists()
