@@ -16,6 +16,7 @@ objects get the caller's mode with the caller's umask applied here, not the daem
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import itertools
 import os
@@ -81,6 +82,8 @@ class OverlayFS:
         self.lookup = Lookup(self.stack, self.prefix, max_fds=self.fd_budget.lookup,
                              follow_redirects=(config.redirect_dir or "off") != "nofollow",
                              follow_metacopy=config.metacopy)
+        for layer in self.stack.layers:  # changes act relative to the cache's directory fds
+            layer.dirs = functools.partial(self.lookup.held_dir, layer)
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
         self.handles = HandleTable()

@@ -24,6 +24,10 @@ Caveats: a layer changed underneath a live mount is not supported (as with the
 kernel's overlay); it never leads outside the layer, but the merged view may be stale.
 A directory moved out of the layer by another process while a walk in steps holds its fd
 is followed there, as the lookup cache's directory fds are.
+
+Changes and opens act relative to their parent's fd when the lookup cache holds it
+(``dirs``, ``parent``): one ``*at`` call on the name, no walk from the root. So they follow
+the directory the cache holds, which is where the mount last saw it.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import errno
 import logging
 import os
 import stat
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from . import faults, sysapi
 from .fdbudget import retrying
@@ -154,6 +158,9 @@ class Layer:
         self.mount_fd = os.open(f"/proc/self/fd/{self.root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.uuid = sysapi.fs_uuid(self.mount_fd)
         self.root = DirFd(self.root_fd, owned=False)
+        #: directory fds of this layer that a cache holds (the lookup cache's), by layer
+        #: path: ``rel -> DirFd | None``; operations act relative to them (``parent``)
+        self.dirs: Callable[[str], DirFd | None] | None = None
 
     def __repr__(self) -> str:
         return f"Layer({self.index}, {self.path!r}, {'rw' if self.writable else 'ro'})"
@@ -165,9 +172,21 @@ class Layer:
             self.root_fd = self.mount_fd = -1
 
     # -- resolution ---------------------------------------------------------------------
+    def _held_dir(self, head: str) -> DirFd | None:
+        """The directory ``head`` of this layer as an fd some cache holds (the root's own,
+        or ``dirs``'), or None: resolve it from the root."""
+        if not head:
+            return self.root
+        return self.dirs(head) if self.dirs is not None else None
+
     def open(self, rel: str, flags: int, mode: int = 0) -> int:
-        """Open ``rel`` confined to the layer; the final component is never followed."""
+        """Open ``rel`` confined to the layer; the final component is never followed.
+        Relative to its parent's fd when a cache holds that, else resolved from the root."""
         faults.hit("layer.open", self, rel)
+        head, name = split(rel)
+        held = self._held_dir(head) if name else None
+        if held is not None:  # ``held`` keeps its fd open for the call
+            return retrying(sysapi.openat2, held.fd, name, flags | os.O_NOFOLLOW, mode)
         return openat_beneath(self.root_fd, rel or ".", flags | os.O_NOFOLLOW, mode)
 
     def path_fd(self, rel: str) -> int:
@@ -175,9 +194,15 @@ class Layer:
 
     @contextlib.contextmanager
     def parent(self, rel: str) -> Iterator[tuple[int, str]]:
-        """Yield ``(dirfd, name)`` for acting on the last component of ``rel``."""
+        """Yield ``(dirfd, name)`` for acting on the last component of ``rel``: the
+        parent's fd from a cache when one holds it (no path walk), else one resolved from
+        the root for this call."""
         head, name = split(rel)
-        fd = openat_beneath(self.root_fd, head or ".", os.O_PATH | os.O_DIRECTORY)
+        held = self._held_dir(head)
+        if held is not None:
+            yield held.fd, name  # ``held`` keeps the fd open until the call is done
+            return
+        fd = openat_beneath(self.root_fd, head, os.O_PATH | os.O_DIRECTORY)
         try:
             yield fd, name
         finally:

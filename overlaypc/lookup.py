@@ -195,6 +195,20 @@ class Lookup:
             self._dirs.move_to_end(rel)
             return hit[0]
 
+    def held_dir(self, layer: Layer, rel: str) -> DirFd | None:
+        """The fd this cache holds of directory ``rel`` *of layer* ``layer`` (a layer
+        path), or None. Found under the merged path of the same name; an entry reached
+        through a redirect, whose layer path differs, does not count. ``Layer.parent``
+        acts relative to it: the cache holds only directories that are where it says
+        (every change through the mount drops the subtrees it touches, and lower layers
+        do not change under a mount)."""
+        node = self._cached(rel)
+        if node is not None:
+            for e in node.entries:
+                if e.layer is layer:
+                    return e.dirfd if e.rel == rel else None
+        return None
+
     def _store(self, rel: str, epoch: int, node: Node) -> None:
         fds = _fds_of(node)
         with self._lock:

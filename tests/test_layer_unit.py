@@ -1,0 +1,110 @@
+"""Unit tests of how a layer resolves what it acts on (``overlaypc.layer``, and the lookup
+cache's ``held_dir``): no mount, no root. Plain directories stand in for layers.
+
+What is pinned here: a change or open whose parent directory the lookup cache holds acts on
+that fd (one ``*at`` call, no walk from the layer root); without it, the parent is resolved
+from the root for the call; a directory reached through a redirect, or dropped from the
+cache, is never handed out for its plain path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from overlaypc import layer as layer_mod
+from overlaypc.layer import DirFd, Layer
+from overlaypc.lookup import Entry, Lookup, Node
+from overlaypc.stack import LayerStack
+
+
+@pytest.fixture
+def walks(monkeypatch) -> list[str]:
+    """Every path resolved from a layer's root (``openat_beneath``), in order."""
+    seen: list[str] = []
+    real = layer_mod.openat_beneath
+
+    def counting(dirfd: int, rel: str, flags: int, mode: int = 0) -> int:
+        seen.append(rel)
+        return real(dirfd, rel, flags, mode)
+
+    monkeypatch.setattr(layer_mod, "openat_beneath", counting)
+    return seen
+
+
+@pytest.fixture
+def upper(tmp_path: Path):
+    (tmp_path / "upper" / "d").mkdir(parents=True)
+    layer = Layer(str(tmp_path / "upper"), 0, writable=True)
+    yield layer
+    layer.close()
+
+
+def test_changes_act_on_the_held_parent_without_a_walk(tmp_path, upper, walks):
+    # the held fd is of a directory elsewhere in the layer: whatever lands there came
+    # through the fd, not through a path walk to "d"
+    (tmp_path / "upper" / "held").mkdir()
+    held = DirFd(os.open(tmp_path / "upper" / "held", os.O_PATH | os.O_DIRECTORY))
+    upper.dirs = lambda rel: held if rel == "d" else None
+    upper.do_mkdir("d/sub", 0o755)
+    upper.do_symlink("target", "d/ln")
+    os.close(upper.do_create("d/f", os.O_WRONLY | os.O_EXCL, 0o644))
+    upper.do_chown("d/f", os.getuid(), os.getgid())
+    upper.do_utime("d/f", (1, 2))
+    upper.do_chmod("d/f", 0o600)
+    layer_mod.do_rename(upper, "d/f", upper, "d/g")
+    upper.do_unlink("d/ln")
+    assert walks == []
+    assert sorted(os.listdir(tmp_path / "upper" / "held")) == ["g", "sub"]
+    assert os.listdir(tmp_path / "upper" / "d") == []
+    st = os.stat(tmp_path / "upper" / "held" / "g")
+    assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, 2)
+
+
+def test_without_a_held_parent_it_is_resolved_from_the_root(tmp_path, upper, walks):
+    upper.dirs = lambda rel: None
+    upper.do_mkdir("d/sub", 0o755)
+    upper.do_rmdir("d/sub")
+    assert walks == ["d", "d"]
+    upper.do_mkdir("top", 0o755)  # the root's own fd: no walk either
+    assert walks == ["d", "d"]
+    assert (tmp_path / "upper" / "top").is_dir()
+
+
+def test_held_dir_is_the_cached_directory_of_that_layer_path(tmp_path):
+    for name in ("upper", "lower", "work"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "lower" / "a" / "b").mkdir(parents=True)
+    stack = LayerStack([str(tmp_path / "lower")], str(tmp_path / "upper"), str(tmp_path / "work"))
+    try:
+        lookup = Lookup(stack, "trusted.overlay.", max_fds=64)
+        upper, lower = stack.layers
+        assert lookup.held_dir(lower, "a/b") is None  # not looked up yet
+        node = lookup.directory("a/b")
+        held = lookup.held_dir(lower, "a/b")
+        assert held is not None and held is node.entries[0].dirfd
+        assert os.path.samestat(os.fstat(held.fd), os.stat(tmp_path / "lower" / "a" / "b"))
+        assert lookup.held_dir(upper, "a/b") is None  # the upper has no such directory
+        lookup.invalidate("a")
+        assert lookup.held_dir(lower, "a/b") is None
+    finally:
+        stack.close()
+
+
+def test_a_redirected_entry_is_not_held_for_its_plain_path(tmp_path):
+    for name in ("upper", "lower", "work"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "lower" / "old").mkdir()
+    stack = LayerStack([str(tmp_path / "lower")], str(tmp_path / "upper"), str(tmp_path / "work"))
+    try:
+        lookup = Lookup(stack, "trusted.overlay.", max_fds=64)
+        lower = stack.layers[1]
+        fd = DirFd(os.open(tmp_path / "lower" / "old", os.O_PATH | os.O_DIRECTORY))
+        # merged "new" comes from lower "old" (a redirect): "new" of the lower is not it
+        entry = Entry(lower, "old", os.fstat(fd.fd), fd)
+        lookup._store("new", lookup._epoch, Node("new", (entry,)))
+        assert lookup.held_dir(lower, "new") is None
+    finally:
+        stack.close()
