@@ -179,6 +179,8 @@ def mount_main(argv: list[str]) -> int:
     fdbudget.raise_limit()  # before OverlayFS: its caches' budgets come from the limit
     faults.configure(os.environ.get("OVERLAYPC_FAULTS"))
     from .core import OverlayFS  # imports the binding only when mounting
+    # before the layers are opened: what the mount decides there is logged (idmapped layers)
+    _setup_logging(cfg)
     try:
         fs = OverlayFS(cfg)
     except OSError as e:
@@ -190,7 +192,6 @@ def mount_main(argv: list[str]) -> int:
         fs.close()
         print(f"overlaypc: error: {e.strerror if e.filename is None and e.strerror else e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg)
     from .engine import channel, daemon
     from .mounting import mount_mode
     from .overlay_ops import OverlayOps

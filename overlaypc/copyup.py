@@ -301,9 +301,10 @@ class CopyUp:
     # -- step 5: metadata --------------------------------------------------------------------
     def _copy_metadata(self, ctx: CopyUpContext) -> None:
         src, st = ctx.src, ctx.src.st
-        # the owner and mode the source's layer holds (its override xattr, if it has one);
-        # under xattr_permissions they go to the copy's override xattr, not its inode
-        owner = self.ownership.stored_entry(src)
+        # the owner and mode the source's layer holds (its override xattr, if it has one),
+        # container-side (a layer on an idmapped mount shows host IDs); under
+        # xattr_permissions they go to the copy's override xattr, not its inode
+        owner = self.ownership.on_disk(self.ownership.stored_entry(src))
         override = self.ownership.writes_override(self.work, owner.mode)
         if override:
             self.ownership.set_override(self.work, ctx.tmp, owner.uid, owner.gid, owner.mode)

@@ -10,6 +10,13 @@ the caller decides: see ``ownership``).
 
 Ranges may not overlap on either side (the kernel refuses such ``uid_map``s too): each ID
 then has at most one image, so showing and storing are inverse to each other.
+
+Also owns ``on_idmapped_mount``: whether a layer directory is on a kernel *idmapped mount*
+(``mount_setattr(MOUNT_ATTR_IDMAP)``), whose stats already show mapped (host) IDs, so the
+mapping above must not be applied to them again (``ownership``). Found by the mount ID of
+the open directory (``mnt_id`` in ``/proc/self/fdinfo``), looked up in
+``/proc/self/mountinfo``, whose per-mount options then carry ``idmapped``: a path prefix
+could name the wrong mount (bind mounts, symlinks, mounts stacked on one path).
 """
 from __future__ import annotations
 
@@ -85,3 +92,37 @@ class IdMap:
 
     def __str__(self) -> str:
         return ":".join(f"{r.disk}:{r.shown}:{r.count}" for r in self.ranges)
+
+
+def mount_id(fd: int) -> int | None:
+    """The ID of the mount the open ``fd`` is on (``mnt_id`` of its fdinfo)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "mnt_id":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def mount_options(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> list[str] | None:
+    """The per-mount options (field 6 of mountinfo) of mount ``mnt_id``; None when this
+    process's mount namespace does not list it."""
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split(" ", 6)
+                if len(fields) > 5 and fields[0] == str(mnt_id):
+                    return fields[5].split(",")
+    except OSError:
+        pass
+    return None
+
+
+def on_idmapped_mount(fd: int) -> bool:
+    """Whether the open ``fd`` is on an idmapped mount (its stats show mapped IDs)."""
+    mid = mount_id(fd)
+    options = mount_options(mid) if mid is not None else None
+    return options is not None and "idmapped" in options

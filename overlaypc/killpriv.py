@@ -110,7 +110,7 @@ def kill_fd(ownership: "Ownership", layer: "Layer", fd: int, writer: Writer) -> 
     stored = ownership.stored_fd(layer, st, fd)
     mode, changed = stored.mode, False
     if mode & PRIVILEGED_BITS:
-        gid = ownership.shown_gid(stored.gid)
+        gid = ownership.shown_gid(stored)
         groups = frozenset((gid,)) if writer.keeps_sgid_of(gid) else frozenset()
         new = killed_mode(mode, gid, groups)
         if new != mode:

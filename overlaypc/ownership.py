@@ -19,6 +19,15 @@ FUSE adapter so any front end reuses it (the adapter only passes the caller's ID
 * **Shown** (``show``): stored IDs through ``uidmapping``/``gidmapping`` (``idmap``), then
   ``squash_to_uid``/``squash_to_gid``/``squash_to_root``; directories show ``st_nlink`` 1
   under ``static_nlink``.
+* **Idmapped layers**: a lower layer whose directory is on a kernel idmapped mount
+  (``idmap.on_idmapped_mount``, decided once at mount) stats with IDs the kernel has mapped
+  already, host-side: its real owners are shown as they are (``Stored.shown``), never
+  through the mapping a second time; its override xattrs hold container-side IDs as in any
+  layer (the kernel maps no xattr value but ACLs'), so they are mapped as usual. A copy-up
+  from it stores container-side IDs (``on_disk``: the mapping backwards; a host ID outside
+  it is stored as the overflow ID, as a new object's caller is). Its ACL entries are read
+  as the kernel shows them through that mount (host IDs) and copied as read, like any
+  layer's. The upper is never treated so: its IDs are container-side.
 * **Written**: IDs from the kernel (a chown's, a caller's) are shown-side; they are mapped
   back before they reach a layer. A chown to an ID outside the mapping answers EOVERFLOW
   (as the kernel's idmapped mounts); a *new* object of a caller outside it is stored as
@@ -41,7 +50,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from .idmap import IdMap
+from .idmap import IdMap, on_idmapped_mount
 
 if TYPE_CHECKING:
     from .attrs import Attr
@@ -65,10 +74,12 @@ def is_override_xattr(name: str) -> bool:
 
 
 class Stored(NamedTuple):
-    """Owner and mode of an object as the layers hold them (container-side IDs)."""
+    """Owner and mode of an object as the layers hold them: container-side IDs, or, with
+    ``shown`` (a layer on an idmapped mount), IDs that the kernel already mapped."""
     uid: int
     gid: int
     mode: int  # st_mode, type bits included
+    shown: bool = False
 
 
 def parse_override(value: bytes) -> tuple[int, int, int] | None:
@@ -89,6 +100,22 @@ def format_override(uid: int, gid: int, mode: int) -> bytes:
 def _root_override(layer: "Layer") -> str | None:
     """The first override xattr the layer's root directory carries, if any."""
     return next((name for name in OVERRIDE_NAMES if layer.getxattr("", name) is not None), None)
+
+
+def _idmapped_lower(layer: "Layer") -> bool:
+    """Whether ``layer`` is a lower on an idmapped mount (logged: one line per layer). An
+    upper or workdir on one is only warned about: IDs written through it are mapped by
+    the kernel too, which this mount does not model."""
+    if layer.index < 0 or not on_idmapped_mount(layer.root_fd):
+        return False
+    if layer.writable:
+        log.warning("%s %s is on an idmapped mount: the kernel maps the IDs written there "
+                    "as well as uidmapping/gidmapping", layer.name, layer.path)
+        return False
+    log.info("%s %s is on an idmapped mount: its owners are shown as the kernel maps them, "
+             "without uidmapping/gidmapping, and stored mapped back on copy-up",
+             layer.name, layer.path)
+    return True
 
 
 def _kill_suid(mode: int) -> int:
@@ -112,6 +139,8 @@ class Ownership:
     written: str | None = None
     #: indices of the layers whose objects may carry override xattrs
     override_layers: frozenset[int] = frozenset()
+    #: indices of the lower layers on idmapped mounts (their real IDs are shown-side)
+    idmapped_layers: frozenset[int] = frozenset()
 
     @classmethod
     def for_mount(cls, config: "MountConfig", layers: list["Layer"]) -> "Ownership":
@@ -125,10 +154,11 @@ class Ownership:
         if 0 in override:
             override.add(-1)  # the workdir builds upper objects (creation, copy-up, index)
         root = 0 if config.squash_to_root else None
+        idmapped = frozenset(layer.index for layer in layers if _idmapped_lower(layer))
         return cls(config.uidmapping, config.gidmapping,
                    config.squash_to_uid if config.squash_to_uid is not None else root,
                    config.squash_to_gid if config.squash_to_gid is not None else root,
-                   config.static_nlink, written, frozenset(override))
+                   config.static_nlink, written, frozenset(override), idmapped)
 
     def __post_init__(self) -> None:
         self.order = ((self.written,) if self.written else ()) + \
@@ -177,7 +207,7 @@ class Ownership:
             if found is not None:
                 uid, gid, perm = found
                 return Stored(uid, gid, stat.S_IFMT(st.st_mode) | perm)
-        return Stored(st.st_uid, st.st_gid, st.st_mode)
+        return Stored(st.st_uid, st.st_gid, st.st_mode, layer.index in self.idmapped_layers)
 
     def stored_entry(self, entry: "Entry") -> Stored:
         """Owner and mode the layers hold for a looked-up entry."""
@@ -200,22 +230,32 @@ class Ownership:
     def show(self, attr: "Attr", stored: Stored) -> "Attr":
         if self.squash_uid is not None:
             uid = self.squash_uid
+        elif self.uids and not stored.shown:
+            uid = self.uids.to_shown(stored.uid)
         else:
-            uid = self.uids.to_shown(stored.uid) if self.uids else stored.uid
-        gid = self.shown_gid(stored.gid)
+            uid = stored.uid
+        gid = self.shown_gid(stored)
         nlink = 1 if self.static_nlink and stat.S_ISDIR(stored.mode) else attr.nlink
         return attr._replace(uid=uid, gid=gid, mode=stored.mode, nlink=nlink)
 
-    def shown_gid(self, gid: int) -> int:
-        """The group shown for stored ``gid`` (the one the kernel's group checks use)."""
+    def shown_gid(self, stored: Stored) -> int:
+        """The group shown for ``stored`` (the one the kernel's group checks use)."""
         if self.squash_gid is not None:
             return self.squash_gid
-        return self.gids.to_shown(gid) if self.gids else gid
+        return self.gids.to_shown(stored.gid) if self.gids and not stored.shown else stored.gid
 
     def show_entry(self, attr: "Attr", entry: "Entry") -> "Attr":
         return self.show(attr, self.stored_entry(entry)) if self.active else attr
 
     # -- written ---------------------------------------------------------------------------------
+    def on_disk(self, stored: Stored) -> Stored:
+        """``stored`` with container-side IDs, as the upper holds them: IDs of an idmapped
+        layer mapped back (one outside the mapping as the overflow ID); others unchanged."""
+        if not stored.shown:
+            return stored
+        uid, gid = self.new_owner(stored.uid, stored.gid)
+        return Stored(uid, gid, stored.mode)
+
     def new_owner(self, uid: int, gid: int) -> tuple[int, int]:
         """Stored IDs for a new object of a caller with (shown-side) ``uid``/``gid``."""
         if self.uids is not None:

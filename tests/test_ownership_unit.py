@@ -12,7 +12,7 @@ from overlaypc import cli
 from overlaypc.attrs import Attr
 from overlaypc.config import OPTIONS, ConfigError, MountConfig, apply_options
 from overlaypc.copyup import is_private_xattr
-from overlaypc.idmap import IdMap
+from overlaypc.idmap import IdMap, mount_options, on_idmapped_mount
 from overlaypc.ownership import (OVERRIDE_NAMES, Ownership, Stored, format_override,
                                  parse_override)
 
@@ -84,6 +84,41 @@ def test_show_maps_then_squashes():
     own = Ownership.for_mount(cfg, [])
     a = own.show(_attr(1, 2, stat.S_IFDIR | 0o755), Stored(5, 3, stat.S_IFDIR | 0o755))
     assert (a.st_uid, a.st_gid, a.st_nlink) == (1000, 0, 1)
+
+
+def test_ids_of_an_idmapped_layer_are_shown_as_they_are_and_stored_mapped_back():
+    """``Stored.shown``: IDs the kernel's idmapped mount mapped already. Shown unmapped
+    (squashing still applies); ``on_disk`` maps them back for the upper, an ID outside the
+    mapping as the overflow ID; container-side values pass unchanged."""
+    cfg = MountConfig()
+    apply_options(cfg, "uidmapping=0:100000:65536,gidmapping=0:200000:10")
+    own = Ownership.for_mount(cfg, [])
+    host = Stored(100005, 200003, stat.S_IFREG | 0o640, shown=True)
+    a = own.show(_attr(1, 2, stat.S_IFREG), host)
+    assert (a.st_uid, a.st_gid) == (100005, 200003)
+    assert own.shown_gid(host) == 200003 and own.shown_gid(Stored(3, 3, 0)) == 200003
+    assert own.on_disk(host) == Stored(5, 3, stat.S_IFREG | 0o640)
+    assert own.on_disk(Stored(65534, 7, stat.S_IFDIR, shown=True)) == Stored(65534, 65534, stat.S_IFDIR)
+    plain = Stored(5, 3, stat.S_IFREG)
+    assert own.on_disk(plain) is plain
+    apply_options(cfg, "squash_to_root")
+    a = Ownership.for_mount(cfg, []).show(_attr(1, 2, stat.S_IFREG), host)
+    assert (a.st_uid, a.st_gid) == (0, 0)
+
+
+def test_idmapped_mount_found_by_mount_id_in_mountinfo(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text("24 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+                    "431 24 254:0 /srv/l /x/mapped/0 rw,relatime,idmapped shared:2 - ext4 /dev/vda rw\n"
+                    "4310 24 0:5 / /idmapped rw shared:3 - tmpfs tmpfs rw\n")
+    assert mount_options(431, str(info)) == ["rw", "relatime", "idmapped"]
+    assert mount_options(4310, str(info)) == ["rw"]  # a path naming it is no option
+    assert mount_options(43, str(info)) is None
+    fd = os.open(tmp_path, os.O_PATH)
+    try:
+        assert not on_idmapped_mount(fd)
+    finally:
+        os.close(fd)
 
 
 def test_written_ids_are_mapped_back():
