@@ -210,3 +210,25 @@ def test_lower_exists_agrees_with_the_stats(lowers):
         assert not held.lower_exists("d/c") and not held.lower_exists("d/missing")
     finally:
         stack.close()
+
+
+def test_read_only_open_looks_the_name_up_once(lowers):
+    """OPEN for reading: one lookup (under the namespace lock), not a second one before it
+    that only an open for writing needs."""
+    from overlaypc.config import MountConfig
+    from overlaypc.core import OverlayFS
+    fs = OverlayFS(MountConfig(lowers=[str(p) for p in lowers]))
+    try:
+        fs.start()
+        real, seen = fs.lookup.lookup, []
+        fs.lookup.lookup = lambda rel: (seen.append(rel), real(rel))[1]
+        fh = fs.open("d/bottom", os.O_RDONLY).fh
+        try:
+            assert fs.read(fh, 100, 0) == b"d/bottom"
+        finally:
+            fs.release(fh)
+        assert seen == ["d/bottom"]  # before: twice
+        with pytest.raises(FileNotFoundError):
+            fs.open("d/gone", os.O_RDONLY)
+    finally:
+        fs.close()
