@@ -329,7 +329,8 @@ class OverlayFS:
                 return handle.listing
             rel = handle.rel
         entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus,
-                                 ownership=self.ownership if self.ownership.active else None)
+                                 ownership=self.ownership if self.ownership.active else None,
+                                 names=self.lookup.names)
         if plus:
             for i, e in enumerate(entries):
                 if e.attr is None:

@@ -47,10 +47,10 @@ class Files:
 
     def open(self, rel: str, flags: int) -> OpenResult:
         fs = self.fs
-        node = fs.lookup.lookup(rel)
-        if not node.exists:
-            raise OSError(errno.ENOENT, "no such file", rel)
-        if flags & _WRITE_INTENT:
+        if flags & _WRITE_INTENT:  # (a read-only open needs only the lookup below)
+            node = fs.lookup.lookup(rel)
+            if not node.exists:
+                raise OSError(errno.ENOENT, "no such file", rel)
             fs.require_writable()
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)

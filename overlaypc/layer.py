@@ -268,6 +268,16 @@ class Layer:
                 return frozenset()
             return None
 
+    def xattr_names_of(self, dirfd: DirFd) -> frozenset[str] | None:
+        """The xattr names of the directory an ``O_PATH`` fd refers to (one ``listxattr``);
+        None when they cannot be listed."""
+        try:
+            return frozenset(os.listxattr(f"/proc/self/fd/{dirfd.fd}"))
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return frozenset()
+            return None
+
     def scandir(self, dirfd: DirFd, *, stat_all: bool = False) -> list[Listed]:
         """Entries of an open directory. Type and inode number come from ``d_type`` and
         ``d_ino`` without a stat, except for character devices (whiteouts are 0/0 ones),
@@ -291,6 +301,21 @@ class Layer:
         finally:
             os.close(fd)
         return out
+
+    def names_at(self, dirfd: DirFd, limit: int) -> list[str] | None:
+        """The entry names of an open directory (no stat); None as soon as there are more
+        than ``limit`` (the rest is not read)."""
+        fd = retrying(lambda: os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd.fd))
+        names: list[str] = []
+        try:
+            with retrying(os.scandir, fd) as it:  # scandir dups the fd
+                for e in it:
+                    if len(names) >= limit:
+                        return None
+                    names.append(e.name)
+        finally:
+            os.close(fd)
+        return names
 
     def listdir(self, rel: str) -> list[tuple[str, os.stat_result]]:
         """Names in directory ``rel`` with their ``lstat``, read while the dir fd is open."""

@@ -10,6 +10,12 @@ is ignored). OCI whiteouts (``.wh.NAME``) and opaque markers (``.wh..wh..opq``,
 them where it cannot make 0/0 devices or set trusted.* xattrs, and so does overlaypc
 (``whiteout.Format``).
 
+System calls per name: a lower layer's directory names are held once read
+(``dirnames.LowerNames``: from a listing, or read when a name is absent there and the
+``.wh.NAME`` question would follow), so an absent name or marker there costs none; no
+``.wh.NAME`` is looked for in the last layer the search reaches (it would hide nothing);
+a directory's marks come from one ``listxattr``.
+
 Caveats: the structure of directories (which layers hold them) is cached; a change to a
 directory drops its entry and its subtree's (``invalidate``), and an epoch counter keeps a
 lookup that raced with any change from storing what it read; stat data of the final
@@ -35,6 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import fdbudget, whiteout
+from .dirnames import LowerNames
 from .layer import DirFd, Layer, join, split
 from .stack import LayerStack
 
@@ -155,6 +162,8 @@ class Lookup:
         self.max_fds = fdbudget.FdBudget.for_process().lookup if max_fds is None else max_fds
         self._lock = threading.Lock()
         self._root_node: Node | None = None
+        #: names of lower-layer directories: absent names cost no system call
+        self.names = LowerNames()
         fdbudget.register(self)
 
     @property
@@ -293,6 +302,7 @@ class Lookup:
         parent_rel, name = split(rel)
         if _never_there(name, rel):
             return Node(rel, ())
+        epoch = self._epoch  # read before the layers, so a racing change voids the store
         parent = self._root_parent() if not parent_rel else self.directory(parent_rel)
         cached = self._cached(rel)
         if cached is not None:
@@ -300,7 +310,33 @@ class Lookup:
             fresh = self._still_there(cached, parent)
             if fresh is not None:
                 return fresh
-        return self._lookup_in(parent, rel)
+        node = self._lookup_in(parent, rel)
+        if node.is_dir:
+            # kept: a lookup below it (the kernel's next request, often) needs its structure
+            self._store(rel, epoch, node)
+        return node
+
+    def lower_exists(self, rel: str) -> bool:
+        """Whether a lower layer shows something at ``rel`` (below whatever the upper has):
+        the first lower layer holding its parent that has the name or a whiteout of it
+        decides."""
+        parent_rel, name = split(rel)
+        lowers = self.directory(parent_rel).lowers
+        for k, pentry in enumerate(lowers):
+            layer = pentry.layer
+            lrel = join(pentry.rel, name)
+            names = None
+            if pentry.dirfd is None:
+                st = layer.lstat(lrel)
+            else:
+                names = self.names.known(layer, pentry.rel)
+                st = None if names is not None and name not in names else layer.stat_at(pentry.dirfd, name)
+            if st is None:
+                if k < len(lowers) - 1 and self._oci_whiteout(layer, pentry, lrel, name, names):
+                    return False
+                continue
+            return not whiteout.is_whiteout(st)
+        return False
 
     def _lookup_in(self, parent: Node, rel: str) -> Node:
         """The merged object at ``rel`` inside the merged directory ``parent``."""
@@ -309,24 +345,37 @@ class Lookup:
             return Node(rel, ())
         # where the parent lives in each layer (its path there may differ: redirects)
         parent_in = {id(p.layer): p for p in parent.entries if p.is_dir}
+        layers = self.stack.layers
+        # the last layer the search reaches unless a redirect is followed: a whiteout
+        # there would hide nothing, so none is looked for
+        last = max((i for i, layer in enumerate(layers) if id(layer) in parent_in), default=-1)
         entries: list[Entry] = []
         opaque = upper_whiteout = upper_marker = False
         data: Entry | None = None
         redirect: str | None = None  # layer path to use in the layers below, once redirected
         metacopy = False
-        for layer in self.stack.layers:
+        for i, layer in enumerate(layers):
             pentry = None
+            names = None  # the parent's names in this layer, when held (lower layers)
             if redirect is not None:
                 lrel = redirect
                 st = layer.lstat(lrel)
             elif id(layer) in parent_in:
                 pentry = parent_in[id(layer)]
                 lrel = join(pentry.rel, name)
-                st = layer.stat_at(pentry.dirfd, name) if pentry.dirfd else layer.lstat(lrel)
+                if pentry.dirfd is None:
+                    st = layer.lstat(lrel)
+                else:
+                    names = self.names.known(layer, pentry.rel)
+                    if names is not None and name not in names:
+                        st = None
+                    else:
+                        st = layer.stat_at(pentry.dirfd, name)
             else:
                 continue
             if st is None:
-                if self._oci_whiteout(layer, pentry, lrel, name):
+                below = i < len(layers) - 1 if redirect is not None else i < last
+                if below and self._oci_whiteout(layer, pentry, lrel, name, names):
                     # in the upper too: fuse-overlayfs writes them where it cannot mknod,
                     # and so does overlaypc (whiteout.Format.devices)
                     upper_whiteout = upper_marker = layer.writable
@@ -354,7 +403,10 @@ class Lookup:
             entry = Entry(layer, lrel, st, dirfd, parent_fd, xattrs)
             entries.append(entry)
             if is_dir:
-                if self._opaque(entry):
+                # its xattr names, listed once here: absent marks cost no call (not kept
+                # in the entry: a cached directory's xattrs may change through the mount)
+                xattrs = layer.xattr_names_of(dirfd) if dirfd is not None else None
+                if self._opaque(entry, xattrs):
                     opaque = True
                     break
             elif not (stat.S_ISREG(st.st_mode) and self._metacopy(entry, pentry, name)):
@@ -366,7 +418,7 @@ class Lookup:
                 raise OSError(errno.EPERM, "metacopy file in a mount without metacopy=on", rel)
             else:
                 metacopy = True  # attributes here, data further down
-            target = self._redirect(entry) if self.follow_redirects else None
+            target = self._redirect(entry, xattrs) if self.follow_redirects else None
             if target is not None:
                 if target.startswith("/"):
                     redirect = target.strip("/")  # absolute: from each lower layer's root
@@ -386,19 +438,35 @@ class Lookup:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
         return Node(rel, tuple(entries), opaque, upper_whiteout, data, upper_marker)
 
-    def _oci_whiteout(self, layer: Layer, pentry: Entry | None, lrel: str, name: str) -> bool:
+    def _oci_whiteout(self, layer: Layer, pentry: Entry | None, lrel: str, name: str,
+                      names: frozenset[str] | None) -> bool:
+        """Whether ``.wh.NAME`` marks NAME deleted in ``layer``. In a lower layer the
+        directory's names answer (read now if not held: the lookups of its other names
+        need them too); a marker they list is ``fstatat``-ed all the same."""
         if pentry is None or pentry.dirfd is None:
             return whiteout.has_oci_whiteout(layer, lrel)
         marker = whiteout.OCI_PREFIX + name
-        return len(os.fsencode(marker)) <= NAME_MAX and layer.stat_at(pentry.dirfd, marker) is not None
+        if len(marker) > NAME_MAX // 4 and len(os.fsencode(marker)) > NAME_MAX:
+            return False
+        if names is None:
+            names = self.names.fill(layer, pentry.rel, pentry.dirfd)
+        if names is not None and marker not in names:
+            return False
+        return layer.stat_at(pentry.dirfd, marker) is not None
 
-    def _opaque(self, entry: Entry) -> bool:
+    def _opaque(self, entry: Entry, xattrs: frozenset[str] | None = None) -> bool:
+        """Whether directory ``entry`` is opaque; ``xattrs``: its xattr names, if listed."""
         layer = entry.layer
         if entry.dirfd is None:
             return whiteout.is_opaque(layer, entry.rel, self.prefix)
         for attr in (self.prefix + "opaque", whiteout.FOO_OPAQUE):
+            if xattrs is not None and attr not in xattrs:
+                continue
             if layer.getxattr_at(entry.dirfd, attr) == b"y":
                 return True
+        names = self.names.known(layer, entry.rel)  # held only once listed or looked in
+        if names is not None and whiteout.OCI_OPAQUE not in names:
+            return False
         return layer.stat_at(entry.dirfd, whiteout.OCI_OPAQUE) is not None
 
     def _metacopy(self, entry: Entry, pentry: Entry | None, name: str) -> bool:
@@ -410,11 +478,14 @@ class Lookup:
             return entry.layer.getxattr_name(pentry.dirfd, name, attr) is not None
         return entry.layer.getxattr(entry.rel, attr) is not None
 
-    def _redirect(self, entry: Entry) -> str | None:
+    def _redirect(self, entry: Entry, xattrs: frozenset[str] | None = None) -> str | None:
+        attr = self.prefix + "redirect"
+        if (xattrs is not None and attr not in xattrs) or entry.lacks(attr):
+            return None
         if entry.dirfd is not None:
-            raw = entry.layer.getxattr_at(entry.dirfd, self.prefix + "redirect")
+            raw = entry.layer.getxattr_at(entry.dirfd, attr)
         else:
-            raw = entry.layer.getxattr(entry.rel, self.prefix + "redirect")
+            raw = entry.layer.getxattr(entry.rel, attr)
         if not raw:
             return None
         target = os.fsdecode(raw)

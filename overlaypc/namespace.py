@@ -100,16 +100,7 @@ class Namespace:
 
     def lower_exists(self, rel: str) -> bool:
         """Whether a lower layer shows something at ``rel`` (below whatever upper has)."""
-        parent_rel, name = split(rel)
-        for pentry in self.fs.lookup.directory(parent_rel).lowers:
-            lrel = join(pentry.rel, name)
-            st = pentry.layer.lstat(lrel)
-            if st is None:
-                if whiteout.has_oci_whiteout(pentry.layer, lrel):
-                    return False
-                continue
-            return not whiteout.is_whiteout(st)
-        return False
+        return self.fs.lookup.lower_exists(rel)
 
     def _prepare_new(self, rel: str) -> Node:
         """Checks for a new name; copies up the parent. Returns the current node."""

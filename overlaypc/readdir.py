@@ -18,6 +18,7 @@ from .layer import DirFd, Listed, join
 from .lookup import Entry, Node
 
 if TYPE_CHECKING:
+    from .dirnames import LowerNames
     from .ownership import Ownership
 
 
@@ -31,12 +32,14 @@ class DirEntry:
 
 
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
-                   plus: bool = False, ownership: "Ownership | None" = None) -> list[DirEntry]:
+                   plus: bool = False, ownership: "Ownership | None" = None,
+                   names: "LowerNames | None" = None) -> list[DirEntry]:
     """The merged entries of directory ``node``: lower entries cost no stat (``d_type``
     and ``d_ino`` suffice); upper ones are stat'ed, as a copied-up object shows the
     inode number it recorded. ``plus`` (READDIRPLUS) stats every entry and returns its
     attributes too, so the kernel needs no LOOKUP round trip per name; ``ownership``
-    then turns their owner and mode into what ``getattr`` shows."""
+    then turns their owner and mode into what ``getattr`` shows. ``names``: where the
+    names of the lower layers' directories, read here anyway, are kept for lookups."""
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
@@ -46,7 +49,10 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         if dirfd is None:
             continue  # removed underneath us
         hides: set[str] = set()
-        for item in layer.scandir(dirfd, stat_all=plus or layer.writable):
+        items = layer.scandir(dirfd, stat_all=plus or layer.writable)
+        if names is not None and not layer.writable:
+            names.offer(layer, parent.rel, [item.name for item in items])
+        for item in items:
             name = item.name
             if name in hidden:
                 continue
