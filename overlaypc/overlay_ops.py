@@ -84,6 +84,7 @@ class OverlayOps(Operations):
         fs.on_rekey = self.nodes.rekey
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
+        self._readinto = fs.files.readinto  # (READ is the hot path: one call less)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self, conn: ConnInfo) -> None:
@@ -359,7 +360,7 @@ class OverlayOps(Operations):
         return entry, opened
 
     def read(self, req: Request, nodeid: int, fh: int, buf: memoryview, offset: int) -> int:
-        return self.fs.files.readinto(fh, buf, offset)
+        return self._readinto(fh, buf, offset)
 
     def write(self, req: Request, nodeid: int, fh: int, data: memoryview, offset: int,
               write_flags: int = 0) -> int:

@@ -27,6 +27,7 @@ class Stats:
         self.counters: Counter[str] = Counter()
         self.copy_ups: Counter[str] = Counter()
         self._backing: set[int] = set()
+        self._bytes_read = 0
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -37,18 +38,22 @@ class Stats:
             self.copy_ups[method] += 1
 
     def served(self, nbytes: int, backing: tuple[int, int], shared: int = 0) -> None:
+        """A read of ``nbytes`` (``shared`` of them from a canonical file) from the backing
+        inode ``backing`` (layer index, ino). Once per READ: kept to the lock and two
+        lookups when the inode was counted already."""
+        key = hash(backing)
         with self._lock:
-            self.counters["bytes_read"] += nbytes
+            self._bytes_read += nbytes
             if shared:
                 self.counters["bytes_shared"] += shared
-            if len(self._backing) < DISTINCT_LIMIT:
-                self._backing.add(hash(backing))
+            if key not in self._backing and len(self._backing) < DISTINCT_LIMIT:
+                self._backing.add(key)
 
     def snapshot(self, **extra: object) -> dict:
         with self._lock:
             data = {
                 "uptime_s": round(time.time() - self.started, 1),
-                "bytes_read": self.counters["bytes_read"],
+                "bytes_read": self._bytes_read,
                 "bytes_written": self.counters["bytes_written"],
                 "bytes_shared": self.counters["bytes_shared"],
                 "distinct_backing_inodes": len(self._backing),

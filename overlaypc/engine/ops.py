@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 from .protocol import FileAttr, SetAttr
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """Who asks: the credentials and pid the kernel put in the request header, and the
-    umask of creations (with DONT_MASK negotiated)."""
+    umask of creations (with DONT_MASK negotiated). A named tuple: one is made per
+    request, and a frozen dataclass costs 2.5x as much to make."""
     uid: int
     gid: int
     pid: int

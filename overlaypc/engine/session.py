@@ -48,6 +48,14 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
                           p.INTERRUPT, p.DESTROY))
 
 
+_unpack_header = p.IN_HEADER.unpack_from
+_pack_out = p.OUT_HEADER.pack
+_OUT_SIZE = p.OUT_HEADER.size
+_BODY = p.IN_HEADER.size
+#: fh, offset, size: the head of ``fuse_read_in``
+_unpack_read = struct.Struct("<QQI").unpack_from
+
+
 class ProtocolError(Exception):
     """The kernel's INIT cannot be served (an incompatible protocol version)."""
 
@@ -119,6 +127,7 @@ class Session:
         self.notifier = Notifications(fd)
         self._threads: list[threading.Thread] = []
         self._handlers = self._handler_table()
+        self._ops_read = ops.read
         self._setxattr_ext = False
         ops.notifier = self.notifier
 
@@ -235,10 +244,28 @@ class Session:
 
     def dispatch(self, fd: int, msg: memoryview, out: memoryview) -> None:
         """Handle one request read from ``fd``; ``out`` is scratch space for READ data."""
-        hdr = p.decode_header(msg)
+        head = _unpack_header(msg)
+        op = head[1]
+        if op == p.READ:
+            # the hot path (cache=shared and direct-io files send every read here): no
+            # handler table, no reply object, the header packed in place. READ is exempt
+            # from ``deny_others`` and carries no extensions.
+            fh, offset, size = _unpack_read(msg, _BODY)
+            buf = out[:size] if size <= len(out) else memoryview(bytearray(size))
+            try:
+                n = self._ops_read(Request(head[4], head[5], head[6], head[2]), head[3], fh, buf,
+                                   offset)
+            except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+                self._failed(fd, head[2], op, head[3], e)
+                return
+            try:
+                self._writev(fd, [_pack_out(_OUT_SIZE + n, 0, head[2]), buf[:n]])
+            except OSError as e:
+                self._write_failed(e)
+            return
+        hdr = p.InHeader(*head[:7], head[7] * 8)
         end = len(msg) - hdr.extlen if hdr.extlen else len(msg)
-        body = msg[p.IN_HEADER.size:end]
-        op = hdr.opcode
+        body = msg[_BODY:end]
         handler = self._handlers.get(op)
         if op in p.NO_REPLY:
             if handler is not None:
@@ -256,18 +283,8 @@ class Session:
             return
         try:
             reply = handler(hdr, body, out)
-        except OSError as e:
-            code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s(%d) -> %s", p.OPCODE_NAMES.get(op, op), hdr.nodeid,
-                          errno.errorcode.get(code, code))
-            self._write(fd, hdr.unique, -code, ())
-            return
-        except Exception:
-            log.exception("unexpected error in %s (node %d); answering EIO",
-                          p.OPCODE_NAMES.get(op, op), hdr.nodeid)
-            self.ops.count_error()
-            self._write(fd, hdr.unique, -errno.EIO, ())
+        except Exception as e:  # noqa: BLE001
+            self._failed(fd, hdr.unique, op, hdr.nodeid, e)
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s(%d) -> ok", p.OPCODE_NAMES.get(op, op), hdr.nodeid)
@@ -277,22 +294,42 @@ class Session:
             except Exception:
                 log.exception("undoing an undelivered %s reply failed", p.OPCODE_NAMES.get(op, op))
 
+    def _failed(self, fd: int, unique: int, op: int, nodeid: int, e: Exception) -> None:
+        """A handler raised: ``OSError`` is answered with its errno, anything else is
+        logged, counted and answered EIO."""
+        if isinstance(e, OSError):
+            code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s(%d) -> %s", p.OPCODE_NAMES.get(op, op), nodeid,
+                          errno.errorcode.get(code, code))
+            self._write(fd, unique, -code, ())
+            return
+        log.error("unexpected error in %s (node %d); answering EIO", p.OPCODE_NAMES.get(op, op),
+                  nodeid, exc_info=e)
+        self.ops.count_error()
+        self._write(fd, unique, -errno.EIO, ())
+
     #: how a reply is written; the tests' fake kernel replaces it to fail one reply with
     #: ENOENT, as the kernel does for an interrupted request
     _writev = staticmethod(os.writev)
 
     def _write(self, fd: int, unique: int, error: int, parts) -> bool:
         """Write a reply; False if the kernel no longer waits for it (interrupted)."""
-        size = sum(len(x) for x in parts)
+        size = _OUT_SIZE
+        for part in parts:
+            size += len(part)
         try:
-            self._writev(fd, [p.out_header(unique, error, size), *parts])
+            self._writev(fd, [_pack_out(size, error, unique), *parts])
             return True
         except OSError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            if e.errno != errno.ENODEV:
-                log.error("writing a reply failed: %s", e)
+            self._write_failed(e)
             return False
+
+    @staticmethod
+    def _write_failed(e: OSError) -> None:
+        # ENOENT: the request was interrupted and the kernel took nothing; ENODEV: unmounted
+        if e.errno not in (errno.ENOENT, errno.ENODEV):
+            log.error("writing a reply failed: %s", e)
 
     # -- decoding and encoding per operation ---------------------------------------------------
     def _handler_table(self) -> dict[int, Callable]:
@@ -301,7 +338,7 @@ class Session:
             p.GETATTR: self._getattr, p.SETATTR: self._setattr, p.READLINK: self._readlink,
             p.SYMLINK: self._symlink, p.MKNOD: self._mknod, p.MKDIR: self._mkdir,
             p.UNLINK: self._unlink, p.RMDIR: self._rmdir, p.RENAME: self._rename,
-            p.RENAME2: self._rename2, p.LINK: self._link, p.OPEN: self._open, p.READ: self._read,
+            p.RENAME2: self._rename2, p.LINK: self._link, p.OPEN: self._open,  # READ: in dispatch
             p.WRITE: self._write_op, p.STATFS: self._statfs, p.RELEASE: self._release,
             p.FSYNC: self._fsync, p.SETXATTR: self._setxattr, p.GETXATTR: self._getxattr,
             p.LISTXATTR: self._listxattr, p.REMOVEXATTR: self._removexattr, p.FLUSH: self._flush,
@@ -419,12 +456,6 @@ class Session:
         reply.parts.append(p.pack_open(o.fh, self._open_flags(o), o.backing_id))
         reply.undo = undo
         return reply
-
-    def _read(self, hdr, body, out):
-        fh, offset, size, _rflags, _lock, _flags, _ = p.READ_IN.unpack_from(body)
-        buf = out[:size] if size <= len(out) else memoryview(bytearray(size))
-        n = self.ops.read(self._req(hdr), hdr.nodeid, fh, buf, offset)
-        return _Reply([buf[:n]])
 
     def _write_op(self, hdr, body, out):
         fh, offset, size, wflags, _lock, _flags, _ = p.WRITE_IN.unpack_from(body)
