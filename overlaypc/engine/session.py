@@ -127,7 +127,7 @@ class Session:
         self.notifier = Notifications(fd)
         self._threads: list[threading.Thread] = []
         self._handlers = self._handler_table()
-        self._ops_read = ops.read
+        self._read_fh = ops.read_fh
         self._setxattr_ext = False
         ops.notifier = self.notifier
 
@@ -253,8 +253,11 @@ class Session:
             fh, offset, size = _unpack_read(msg, _BODY)
             buf = out[:size] if size <= len(out) else memoryview(bytearray(size))
             try:
-                n = self._ops_read(Request(head[4], head[5], head[6], head[2]), head[3], fh, buf,
-                                   offset)
+                if self._read_fh is not None:
+                    n = self._read_fh(fh, buf, offset)
+                else:
+                    n = self.ops.read(Request(head[4], head[5], head[6], head[2]), head[3], fh,
+                                      buf, offset)
             except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
                 self._failed(fd, head[2], op, head[3], e)
                 return
