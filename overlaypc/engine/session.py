@@ -48,6 +48,7 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
                           p.INTERRUPT, p.DESTROY))
 
 
+_READ = p.READ
 _unpack_header = p.IN_HEADER.unpack_from
 _pack_out = p.OUT_HEADER.pack
 _OUT_SIZE = p.OUT_HEADER.size
@@ -219,10 +220,12 @@ class Session:
     def _worker(self, fd: int) -> None:
         buf = bytearray(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
         view = memoryview(buf)
+        bufs = [buf]  # (one list for every read: this loop runs once per request)
         out = memoryview(bytearray(self.max_write))
+        dispatch = self.dispatch
         while True:
             try:
-                n = os.readv(fd, [buf])
+                n = os.readv(fd, bufs)
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
                     continue  # ENOENT: the request was interrupted before we read it
@@ -230,7 +233,7 @@ class Session:
                     return  # unmounted
                 log.error("reading /dev/fuse failed: %s; worker stops", e)
                 return
-            if n < p.IN_HEADER.size:
+            if n < _BODY:
                 # end of file (0 bytes: a socket standing in for /dev/fuse was closed) or a
                 # message too short to answer: the connection is gone, and reading again
                 # would spin on it
@@ -238,7 +241,7 @@ class Session:
                     log.error("a %d-byte request: no FUSE connection; worker stops", n)
                 return
             try:
-                self.dispatch(fd, view[:n], out)
+                dispatch(fd, view[:n], out)
             except Exception:
                 log.exception("request dispatch failed")
 
@@ -246,7 +249,7 @@ class Session:
         """Handle one request read from ``fd``; ``out`` is scratch space for READ data."""
         head = _unpack_header(msg)
         op = head[1]
-        if op == p.READ:
+        if op == _READ:
             # the hot path (cache=shared and direct-io files send every read here): no
             # handler table, no reply object, the header packed in place. READ is exempt
             # from ``deny_others`` and carries no extensions.
