@@ -446,6 +446,20 @@ def test_oserror_errno_is_answered(kernel):
     fk = kernel(ops)
     assert fk.request(p.UNLINK, 1, b"nothing\0").error == -errno.ENOENT
     assert fk.request(p.GETATTR, 12345, p.GETATTR_IN.pack(0, 0, 0)).error == -errno.ESTALE
+    # READ and WRITE, answered in dispatch itself, too
+    assert fk.request(p.READ, 12345, p.READ_IN.pack(1, 0, 10, 0, 0, 0, 0)).error == -errno.ESTALE
+    write = p.WRITE_IN.pack(1, 0, 2, 0, 0, 0, 0) + b"hi"
+    assert fk.request(p.WRITE, 12345, write).error == -errno.ESTALE
+
+
+def test_interrupted_write_reply_goes_nowhere(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    nid = ops.add(1, b"f", stat.S_IFREG)
+    fk.request(p.WRITE, nid, p.WRITE_IN.pack(1, 0, 3, 0, 0, 0, 0) + b"abc", fail=True)
+    r = fk.ok(p.WRITE, nid, p.WRITE_IN.pack(1, 3, 2, 0, 0, 0, 0) + b"de")
+    assert p.WRITE_OUT.unpack(r) == (2, 0)
+    assert ops.nodes[nid].data == b"abcde"
 
 
 def test_xattr_size_probe_and_erange(kernel):

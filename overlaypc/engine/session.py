@@ -48,13 +48,15 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
                           p.INTERRUPT, p.DESTROY))
 
 
-_READ = p.READ
+_READ, _WRITE = p.READ, p.WRITE
 _unpack_header = p.IN_HEADER.unpack_from
 _pack_out = p.OUT_HEADER.pack
 _OUT_SIZE = p.OUT_HEADER.size
 _BODY = p.IN_HEADER.size
 #: fh, offset, size: the head of ``fuse_read_in``
 _unpack_read = struct.Struct("<QQI").unpack_from
+#: fh, offset, size, write_flags: the head of ``fuse_write_in``
+_unpack_write = struct.Struct("<QQII").unpack_from
 
 
 class ProtocolError(Exception):
@@ -269,6 +271,20 @@ class Session:
             except OSError as e:
                 self._write_failed(e)
             return
+        if op == _WRITE:  # the same for writes (WRITE too is exempt from ``deny_others``)
+            fh, offset, size, wflags = _unpack_write(msg, _BODY)
+            try:
+                n = self.ops.write(Request(head[4], head[5], head[6], head[2]), head[3], fh,
+                                   msg[p.WRITE_DATA:p.WRITE_DATA + size], offset, wflags)
+            except Exception as e:  # noqa: BLE001
+                self._failed(fd, head[2], op, head[3], e)
+                return
+            try:
+                self._writev(fd, [_pack_out(_OUT_SIZE + p.WRITE_OUT.size, 0, head[2]),
+                                  p.WRITE_OUT.pack(n, 0)])
+            except OSError as e:
+                self._write_failed(e)
+            return
         hdr = p.InHeader(*head[:7], head[7] * 8)
         end = len(msg) - hdr.extlen if hdr.extlen else len(msg)
         body = msg[_BODY:end]
@@ -339,13 +355,14 @@ class Session:
 
     # -- decoding and encoding per operation ---------------------------------------------------
     def _handler_table(self) -> dict[int, Callable]:
+        # (READ and WRITE are answered in ``dispatch`` itself)
         return {
             p.LOOKUP: self._lookup, p.FORGET: self._forget, p.BATCH_FORGET: self._batch_forget,
             p.GETATTR: self._getattr, p.SETATTR: self._setattr, p.READLINK: self._readlink,
             p.SYMLINK: self._symlink, p.MKNOD: self._mknod, p.MKDIR: self._mkdir,
             p.UNLINK: self._unlink, p.RMDIR: self._rmdir, p.RENAME: self._rename,
-            p.RENAME2: self._rename2, p.LINK: self._link, p.OPEN: self._open,  # READ: in dispatch
-            p.WRITE: self._write_op, p.STATFS: self._statfs, p.RELEASE: self._release,
+            p.RENAME2: self._rename2, p.LINK: self._link, p.OPEN: self._open,
+            p.STATFS: self._statfs, p.RELEASE: self._release,
             p.FSYNC: self._fsync, p.SETXATTR: self._setxattr, p.GETXATTR: self._getxattr,
             p.LISTXATTR: self._listxattr, p.REMOVEXATTR: self._removexattr, p.FLUSH: self._flush,
             p.OPENDIR: self._opendir, p.READDIR: self._readdir, p.READDIRPLUS: self._readdirplus,
@@ -462,12 +479,6 @@ class Session:
         reply.parts.append(p.pack_open(o.fh, self._open_flags(o), o.backing_id))
         reply.undo = undo
         return reply
-
-    def _write_op(self, hdr, body, out):
-        fh, offset, size, wflags, _lock, _flags, _ = p.WRITE_IN.unpack_from(body)
-        data = body[p.WRITE_IN.size:p.WRITE_IN.size + size]
-        n = self.ops.write(self._req(hdr), hdr.nodeid, fh, data, offset, wflags)
-        return _Reply([p.WRITE_OUT.pack(n, 0)])
 
     def _statfs(self, hdr, body, out):
         return _Reply([p.pack_statfs(self.ops.statfs(self._req(hdr), hdr.nodeid))])
