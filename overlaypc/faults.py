@@ -1,10 +1,11 @@
 """Test-only fault injection at named points (copy-up steps, layer calls).
 
 Owns: a registry of hooks, empty in normal operation, so ``hit()`` costs one dict
-lookup. Tests arm it through the ``OVERLAYPC_FAULTS`` environment variable, read once
-at mount: ``point=action[,point=action]`` where action is ``pause`` (stop the daemon
-with SIGSTOP so a test can kill -9 it exactly there), ``eio`` (raise EIO), ``enospc``,
-``eperm``, or ``crash`` (raise RuntimeError, to test that unexpected errors become EIO).
+lookup (a hot path checks ``armed`` first: not even that). Tests arm it through the
+``OVERLAYPC_FAULTS`` environment variable, read once at mount:
+``point=action[,point=action]`` where action is ``pause`` (stop the daemon with SIGSTOP
+so a test can kill -9 it exactly there), ``eio`` (raise EIO), ``enospc``, ``eperm``, or
+``crash`` (raise RuntimeError, to test that unexpected errors become EIO).
 Points may carry a byte threshold (``copyup.data@1048576=pause``) and a path filter
 (``file.read~broken=eio``: only when the path involved contains "broken").
 Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.rename``,
@@ -20,6 +21,8 @@ import threading
 from typing import Callable
 
 _hooks: dict[str, Callable[..., None]] = {}
+#: whether any hook is set: a hot path checks this before calling ``hit``
+armed = False
 _thresholds: dict[str, int] = {}
 _filters: dict[str, str] = {}
 
@@ -60,6 +63,8 @@ def _action(name: str) -> Callable[..., None]:
 
 
 def configure(spec: str | None) -> None:
+    global armed
+    armed = False
     _hooks.clear()
     _thresholds.clear()
     _filters.clear()
@@ -70,5 +75,6 @@ def configure(spec: str | None) -> None:
         if wanted:
             _filters[point] = wanted
         _hooks[point] = _action(action)
+        armed = True
         if threshold:
             _thresholds[point] = int(threshold)

@@ -44,6 +44,10 @@ class OpenResult:
 class Files:
     def __init__(self, fs: "OverlayFS") -> None:
         self.fs = fs
+        # for ``readinto``: set up before Files, never replaced
+        self._find = fs.handles.find
+        self._sharing = fs.sharing
+        self._served = fs.stats.served
 
     def open(self, rel: str, flags: int) -> OpenResult:
         fs = self.fs
@@ -108,6 +112,9 @@ class Files:
 
     # -- I/O ------------------------------------------------------------------------------------
     def _fd(self, handle: Handle) -> int:
+        # ``Handle.fd()`` inlined for the case that needs no switch (see ``Handle.bound_fd``)
+        if handle.bound_generation == handle.inode.generation or not handle.follow:
+            return handle.bound_fd
         fd, switched = handle.fd()
         if switched:
             self.fs.stats.add("handle_switches")
@@ -120,21 +127,33 @@ class Files:
         return data
 
     def readinto(self, fh: int, buf: memoryview, offset: int) -> int:
-        handle = self.fs.handles.get(fh)
-        fd = self._fd(handle)
+        """READ into the engine's reply buffer: the hot path of ``cache=shared`` and of every
+        direct-io file, so the common case (the handle on its inode's current backing,
+        nothing shared, no fault armed) takes no lock and calls no helper but ``preadv``
+        and the stats."""
+        handle = self._find(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "bad file handle")
         inode = handle.inode
-        faults.hit("file.read", inode.rel)
-        sharing = self.fs.sharing
+        # ``Handle.fd()`` inlined for the case that needs no switch (see ``Handle.bound_fd``)
+        if handle.bound_generation == inode.generation or not handle.follow:
+            fd = handle.bound_fd
+        else:
+            fd = self._fd(handle)
+        if faults.armed:
+            faults.hit("file.read", inode.rel)
+        sharing = self._sharing
         if sharing is not None and handle.follow:
             fx = inode.extents
-            if fx is None:
-                fx = self._map(inode, fd)
             if fx is not NOT_SHARED:
-                plan = sharing.plan(fx, offset, len(buf))
-                if plan is not None:
-                    return self._read_plan(inode, fd, plan, buf, offset)
+                if fx is None:
+                    fx = self._map(inode, fd)
+                if fx is not NOT_SHARED:
+                    plan = sharing.plan(fx, offset, len(buf))
+                    if plan is not None:
+                        return self._read_plan(inode, fd, plan, buf, offset)
         n = os.preadv(fd, [buf], offset)
-        self.fs.stats.served(n, (inode.layer.index, inode.ino))
+        self._served(n, (inode.layer.index, inode.ino))
         return n
 
     def extents_of(self, handle: Handle):
@@ -192,7 +211,8 @@ class Files:
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self.fs.handles.get(fh)
         fd = self._fd(handle)
-        faults.hit("file.write", handle.inode.rel)
+        if faults.armed:
+            faults.hit("file.write", handle.inode.rel)
         with self._unshare(handle, offset, len(data)):
             n = os.pwrite(fd, data, offset)
         self.fs.stats.add("bytes_written", n)

@@ -35,8 +35,12 @@ class Handle:
     inode: OverlayInode
     flags: int
     path: str
-    _fd: int
-    _generation: int
+    #: the fd the handle reads through now, and the generation of the backing it is on.
+    #: Read without the lock by the read fast path (``Files.readinto``): generation
+    #: first, then fd; ``fd()`` stores them the other way round, so a matching
+    #: generation is never seen with an older fd.
+    bound_fd: int
+    bound_generation: int
     follow: bool = True
     _retired: list[int] = field(default_factory=list)
     #: (fd, generation) on a new backing, offered by a copy-up, not switched to yet
@@ -49,11 +53,11 @@ class Handle:
 
     def fd(self) -> tuple[int, bool]:
         """The real fd for the next I/O, and whether it had to switch backing."""
-        if not self.follow or self._generation == self.inode.generation:
-            return self._fd, False
+        if not self.follow or self.bound_generation == self.inode.generation:
+            return self.bound_fd, False
         with self._lock:
-            if self._generation == self.inode.generation:
-                return self._fd, False
+            if self.bound_generation == self.inode.generation:
+                return self.bound_fd, False
             offered, self._offered = self._offered, None
             if offered is not None and offered[1] == self.inode.generation:
                 fd, gen = offered
@@ -61,8 +65,8 @@ class Handle:
                 if offered is not None:
                     os.close(offered[0])
                 fd, gen = self.inode.open_backing(self.flags & ~_CREATION_FLAGS)
-            self._retired.append(self._fd)
-            self._fd, self._generation = fd, gen
+            self._retired.append(self.bound_fd)
+            self.bound_fd, self.bound_generation = fd, gen  # (in this order: see above)
             return fd, True
 
     def offer(self) -> None:
@@ -80,11 +84,11 @@ class Handle:
 
     def current_fd(self) -> int:
         """The fd as it is, without following a copy-up (fstat of a nameless file)."""
-        return self._fd
+        return self.bound_fd
 
     def close(self) -> None:
         offered = [self._offered[0]] if self._offered else []
-        for fd in [self._fd, *self._retired, *offered]:
+        for fd in [self.bound_fd, *self._retired, *offered]:
             os.close(fd)
         self._retired.clear()
         self._offered = None
@@ -95,6 +99,8 @@ class HandleTable:
         self._handles: dict[int, Handle] = {}
         self._next = itertools.count(1)
         self._lock = threading.Lock()
+        #: fh -> Handle, or None (the read fast path's lookup: no method in between)
+        self.find = self._handles.get
 
     def add(self, inode: OverlayInode, flags: int, path: str, fd: int, generation: int,
             follow: bool) -> Handle:

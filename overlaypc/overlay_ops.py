@@ -84,6 +84,8 @@ class OverlayOps(Operations):
         fs.on_rekey = self.nodes.rekey
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
+        #: READ: the engine calls the core directly (a read needs only the handle)
+        self.read_fh = fs.files.readinto
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self, conn: ConnInfo) -> None:

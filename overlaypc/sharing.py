@@ -33,13 +33,12 @@ in all (17 MiB at the bound, measured with tracemalloc).
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
 from .layer import Layer
@@ -320,27 +319,36 @@ def map_file(fd: int) -> FileExtents | None:
     return FileExtents(st.st_dev, st.st_ino, st.st_size, extents)
 
 
-@contextlib.contextmanager
-def changing(inode: "OverlayInode", start: int | None = None, end: int = 0) -> Iterator[None]:
-    """Run a change of ``inode``'s backing data through the mount (docs/ARCHITECTURE.md §5).
+class changing:
+    """Run a change of ``inode``'s backing data through the mount (docs/ARCHITECTURE.md §5),
+    as ``with changing(inode, start, end):``.
 
     Before the change: the inode's mapping loses the byte range [start, end), growing its
     size to ``end`` if that is larger; ``start`` None (any size change: truncate, O_TRUNC,
     fallocate, an O_APPEND write) drops the whole mapping. So no read planned from then on
     is redirected over the new data. While it runs ``extents_busy`` is non-zero and each
     end bumps ``extents_epoch``: a mapping made from the file as it was is never stored
-    (see ``Files._map``), whatever the interleaving."""
-    with inode.lock:
-        inode.extents_epoch += 1
-        inode.extents_busy += 1
-        fx = inode.extents
-        if start is None:
-            inode.extents = None
-        elif isinstance(fx, FileExtents):
-            inode.extents = fx.without(start, end, max(fx.size, end))
-    try:
-        yield
-    finally:
+    (see ``Files._map``), whatever the interleaving. (A class, not a generator: every
+    WRITE runs one.)"""
+
+    __slots__ = ("_inode", "_start", "_end")
+
+    def __init__(self, inode: "OverlayInode", start: int | None = None, end: int = 0) -> None:
+        self._inode, self._start, self._end = inode, start, end
+
+    def __enter__(self) -> None:
+        inode, start, end = self._inode, self._start, self._end
+        with inode.lock:
+            inode.extents_epoch += 1
+            inode.extents_busy += 1
+            fx = inode.extents
+            if start is None:
+                inode.extents = None
+            elif isinstance(fx, FileExtents):
+                inode.extents = fx.without(start, end, max(fx.size, end))
+
+    def __exit__(self, *exc: object) -> None:
+        inode = self._inode
         with inode.lock:
             inode.extents_busy -= 1
             inode.extents_epoch += 1

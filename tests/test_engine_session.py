@@ -281,6 +281,46 @@ def test_undo_readdirplus(kernel):
     assert ops.taken == [b"x", b"y"] and ops.nlookups() == {}
 
 
+class HandleReads(MemoryOps):
+    """MemoryOps whose READ goes through ``read_fh`` (the handle alone): fh 1 serves
+    ``DATA``, fh 2 raises RuntimeError, any other fh is EBADF."""
+
+    DATA = bytes(range(256)) * 40
+
+    def read_fh(self, fh: int, buf: memoryview, offset: int) -> int:
+        self._rec("read_fh", fh, len(buf), offset)
+        if fh == 2:
+            raise RuntimeError("boom")
+        if fh != 1:
+            raise OSError(errno.EBADF, "bad file handle")
+        data = self.DATA[offset:offset + len(buf)]
+        buf[:len(data)] = data
+        return len(data)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_read_fh_serves_reads_and_its_failures_are_answered(kernel, caplog):
+    ops = HandleReads()
+    fk = kernel(ops)
+    nid = ops.add(1, b"f", stat.S_IFREG, b"unused")
+    data = HandleReads.DATA
+    assert fk.ok(p.READ, nid, p.READ_IN.pack(1, 100, 300, 0, 0, 0, 0)) == data[100:400]
+    assert fk.ok(p.READ, nid, p.READ_IN.pack(1, len(data) - 5, 4096, 0, 0, 0, 0)) == data[-5:]
+    # larger than the session's scratch buffer
+    big = fk.ok(p.READ, nid, p.READ_IN.pack(1, 0, (1 << 20) + 4096, 0, 0, 0, 0))
+    assert big == data
+    assert fk.request(p.READ, nid, p.READ_IN.pack(9, 0, 10, 0, 0, 0, 0)).error == -errno.EBADF
+    with caplog.at_level(logging.ERROR, logger="overlaypc.engine"):
+        r = fk.request(p.READ, nid, p.READ_IN.pack(2, 0, 10, 0, 0, 0, 0))
+    assert r.error == -errno.EIO
+    assert "unexpected error in READ" in caplog.text and ops.errors == 1
+    # an interrupted READ's reply goes nowhere, and serving goes on
+    fk.request(p.READ, nid, p.READ_IN.pack(1, 0, 10, 0, 0, 0, 0), fail=True)
+    assert fk.ok(p.READ, nid, p.READ_IN.pack(1, 7, 3, 0, 0, 0, 0)) == data[7:10]
+    assert ops.called("read") == []  # ``read`` is for filesystems without ``read_fh``
+    assert ops.called("read_fh")[0] == (1, 300, 100)
+
+
 def test_failed_error_reply_needs_no_undo(kernel):
     ops = MemoryOps()
     fk = kernel(ops)
@@ -406,6 +446,20 @@ def test_oserror_errno_is_answered(kernel):
     fk = kernel(ops)
     assert fk.request(p.UNLINK, 1, b"nothing\0").error == -errno.ENOENT
     assert fk.request(p.GETATTR, 12345, p.GETATTR_IN.pack(0, 0, 0)).error == -errno.ESTALE
+    # READ and WRITE, answered in dispatch itself, too
+    assert fk.request(p.READ, 12345, p.READ_IN.pack(1, 0, 10, 0, 0, 0, 0)).error == -errno.ESTALE
+    write = p.WRITE_IN.pack(1, 0, 2, 0, 0, 0, 0) + b"hi"
+    assert fk.request(p.WRITE, 12345, write).error == -errno.ESTALE
+
+
+def test_interrupted_write_reply_goes_nowhere(kernel):
+    ops = MemoryOps()
+    fk = kernel(ops)
+    nid = ops.add(1, b"f", stat.S_IFREG)
+    fk.request(p.WRITE, nid, p.WRITE_IN.pack(1, 0, 3, 0, 0, 0, 0) + b"abc", fail=True)
+    r = fk.ok(p.WRITE, nid, p.WRITE_IN.pack(1, 3, 2, 0, 0, 0, 0) + b"de")
+    assert p.WRITE_OUT.unpack(r) == (2, 0)
+    assert ops.nodes[nid].data == b"abcde"
 
 
 def test_xattr_size_probe_and_erange(kernel):

@@ -241,7 +241,9 @@ def upper_file(tmp_path: Path):
     from types import SimpleNamespace
 
     from overlaypc.files import Files
+    from overlaypc.handles import HandleTable
     from overlaypc.inodes import InodeKey, OverlayInode
+    from overlaypc.stats import Stats
 
     root = tmp_path / "upper"
     root.mkdir()
@@ -249,7 +251,8 @@ def upper_file(tmp_path: Path):
     layer = Layer(str(root), 0, writable=True)
     st = os.stat(root / "f")
     inode = OverlayInode(InodeKey(st.st_dev, st.st_ino), 1, layer, "f", st.st_dev, st.st_ino)
-    files = Files(SimpleNamespace(sharing=ExtentMap(), register_origin=lambda rel: None))
+    files = Files(SimpleNamespace(sharing=ExtentMap(), register_origin=lambda rel: None,
+                                  handles=HandleTable(), stats=Stats()))
     fd = os.open(root / "f", os.O_RDONLY)
     yield inode, files, fd
     os.close(fd)

@@ -48,6 +48,17 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
                           p.INTERRUPT, p.DESTROY))
 
 
+_READ, _WRITE = p.READ, p.WRITE
+_unpack_header = p.IN_HEADER.unpack_from
+_pack_out = p.OUT_HEADER.pack
+_OUT_SIZE = p.OUT_HEADER.size
+_BODY = p.IN_HEADER.size
+#: fh, offset, size: the head of ``fuse_read_in``
+_unpack_read = struct.Struct("<QQI").unpack_from
+#: fh, offset, size, write_flags: the head of ``fuse_write_in``
+_unpack_write = struct.Struct("<QQII").unpack_from
+
+
 class ProtocolError(Exception):
     """The kernel's INIT cannot be served (an incompatible protocol version)."""
 
@@ -119,6 +130,7 @@ class Session:
         self.notifier = Notifications(fd)
         self._threads: list[threading.Thread] = []
         self._handlers = self._handler_table()
+        self._read_fh = ops.read_fh
         self._setxattr_ext = False
         ops.notifier = self.notifier
 
@@ -210,10 +222,12 @@ class Session:
     def _worker(self, fd: int) -> None:
         buf = bytearray(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
         view = memoryview(buf)
+        bufs = [buf]  # (one list for every read: this loop runs once per request)
         out = memoryview(bytearray(self.max_write))
+        dispatch = self.dispatch
         while True:
             try:
-                n = os.readv(fd, [buf])
+                n = os.readv(fd, bufs)
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
                     continue  # ENOENT: the request was interrupted before we read it
@@ -221,7 +235,7 @@ class Session:
                     return  # unmounted
                 log.error("reading /dev/fuse failed: %s; worker stops", e)
                 return
-            if n < p.IN_HEADER.size:
+            if n < _BODY:
                 # end of file (0 bytes: a socket standing in for /dev/fuse was closed) or a
                 # message too short to answer: the connection is gone, and reading again
                 # would spin on it
@@ -229,16 +243,51 @@ class Session:
                     log.error("a %d-byte request: no FUSE connection; worker stops", n)
                 return
             try:
-                self.dispatch(fd, view[:n], out)
+                dispatch(fd, view[:n], out)
             except Exception:
                 log.exception("request dispatch failed")
 
     def dispatch(self, fd: int, msg: memoryview, out: memoryview) -> None:
         """Handle one request read from ``fd``; ``out`` is scratch space for READ data."""
-        hdr = p.decode_header(msg)
+        head = _unpack_header(msg)
+        op = head[1]
+        if op == _READ:
+            # the hot path (cache=shared and direct-io files send every read here): no
+            # handler table, no reply object, the header packed in place. READ is exempt
+            # from ``deny_others`` and carries no extensions.
+            fh, offset, size = _unpack_read(msg, _BODY)
+            buf = out[:size] if size <= len(out) else memoryview(bytearray(size))
+            try:
+                if self._read_fh is not None:
+                    n = self._read_fh(fh, buf, offset)
+                else:
+                    n = self.ops.read(Request(head[4], head[5], head[6], head[2]), head[3], fh,
+                                      buf, offset)
+            except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+                self._failed(fd, head[2], op, head[3], e)
+                return
+            try:
+                self._writev(fd, [_pack_out(_OUT_SIZE + n, 0, head[2]), buf[:n]])
+            except OSError as e:
+                self._write_failed(e)
+            return
+        if op == _WRITE:  # the same for writes (WRITE too is exempt from ``deny_others``)
+            fh, offset, size, wflags = _unpack_write(msg, _BODY)
+            try:
+                n = self.ops.write(Request(head[4], head[5], head[6], head[2]), head[3], fh,
+                                   msg[p.WRITE_DATA:p.WRITE_DATA + size], offset, wflags)
+            except Exception as e:  # noqa: BLE001
+                self._failed(fd, head[2], op, head[3], e)
+                return
+            try:
+                self._writev(fd, [_pack_out(_OUT_SIZE + p.WRITE_OUT.size, 0, head[2]),
+                                  p.WRITE_OUT.pack(n, 0)])
+            except OSError as e:
+                self._write_failed(e)
+            return
+        hdr = p.InHeader(*head[:7], head[7] * 8)
         end = len(msg) - hdr.extlen if hdr.extlen else len(msg)
-        body = msg[p.IN_HEADER.size:end]
-        op = hdr.opcode
+        body = msg[_BODY:end]
         handler = self._handlers.get(op)
         if op in p.NO_REPLY:
             if handler is not None:
@@ -256,18 +305,8 @@ class Session:
             return
         try:
             reply = handler(hdr, body, out)
-        except OSError as e:
-            code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s(%d) -> %s", p.OPCODE_NAMES.get(op, op), hdr.nodeid,
-                          errno.errorcode.get(code, code))
-            self._write(fd, hdr.unique, -code, ())
-            return
-        except Exception:
-            log.exception("unexpected error in %s (node %d); answering EIO",
-                          p.OPCODE_NAMES.get(op, op), hdr.nodeid)
-            self.ops.count_error()
-            self._write(fd, hdr.unique, -errno.EIO, ())
+        except Exception as e:  # noqa: BLE001
+            self._failed(fd, hdr.unique, op, hdr.nodeid, e)
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s(%d) -> ok", p.OPCODE_NAMES.get(op, op), hdr.nodeid)
@@ -277,32 +316,53 @@ class Session:
             except Exception:
                 log.exception("undoing an undelivered %s reply failed", p.OPCODE_NAMES.get(op, op))
 
+    def _failed(self, fd: int, unique: int, op: int, nodeid: int, e: Exception) -> None:
+        """A handler raised: ``OSError`` is answered with its errno, anything else is
+        logged, counted and answered EIO."""
+        if isinstance(e, OSError):
+            code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s(%d) -> %s", p.OPCODE_NAMES.get(op, op), nodeid,
+                          errno.errorcode.get(code, code))
+            self._write(fd, unique, -code, ())
+            return
+        log.error("unexpected error in %s (node %d); answering EIO", p.OPCODE_NAMES.get(op, op),
+                  nodeid, exc_info=e)
+        self.ops.count_error()
+        self._write(fd, unique, -errno.EIO, ())
+
     #: how a reply is written; the tests' fake kernel replaces it to fail one reply with
     #: ENOENT, as the kernel does for an interrupted request
     _writev = staticmethod(os.writev)
 
     def _write(self, fd: int, unique: int, error: int, parts) -> bool:
         """Write a reply; False if the kernel no longer waits for it (interrupted)."""
-        size = sum(len(x) for x in parts)
+        size = _OUT_SIZE
+        for part in parts:
+            size += len(part)
         try:
-            self._writev(fd, [p.out_header(unique, error, size), *parts])
+            self._writev(fd, [_pack_out(size, error, unique), *parts])
             return True
         except OSError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            if e.errno != errno.ENODEV:
-                log.error("writing a reply failed: %s", e)
+            self._write_failed(e)
             return False
+
+    @staticmethod
+    def _write_failed(e: OSError) -> None:
+        # ENOENT: the request was interrupted and the kernel took nothing; ENODEV: unmounted
+        if e.errno not in (errno.ENOENT, errno.ENODEV):
+            log.error("writing a reply failed: %s", e)
 
     # -- decoding and encoding per operation ---------------------------------------------------
     def _handler_table(self) -> dict[int, Callable]:
+        # (READ and WRITE are answered in ``dispatch`` itself)
         return {
             p.LOOKUP: self._lookup, p.FORGET: self._forget, p.BATCH_FORGET: self._batch_forget,
             p.GETATTR: self._getattr, p.SETATTR: self._setattr, p.READLINK: self._readlink,
             p.SYMLINK: self._symlink, p.MKNOD: self._mknod, p.MKDIR: self._mkdir,
             p.UNLINK: self._unlink, p.RMDIR: self._rmdir, p.RENAME: self._rename,
-            p.RENAME2: self._rename2, p.LINK: self._link, p.OPEN: self._open, p.READ: self._read,
-            p.WRITE: self._write_op, p.STATFS: self._statfs, p.RELEASE: self._release,
+            p.RENAME2: self._rename2, p.LINK: self._link, p.OPEN: self._open,
+            p.STATFS: self._statfs, p.RELEASE: self._release,
             p.FSYNC: self._fsync, p.SETXATTR: self._setxattr, p.GETXATTR: self._getxattr,
             p.LISTXATTR: self._listxattr, p.REMOVEXATTR: self._removexattr, p.FLUSH: self._flush,
             p.OPENDIR: self._opendir, p.READDIR: self._readdir, p.READDIRPLUS: self._readdirplus,
@@ -419,18 +479,6 @@ class Session:
         reply.parts.append(p.pack_open(o.fh, self._open_flags(o), o.backing_id))
         reply.undo = undo
         return reply
-
-    def _read(self, hdr, body, out):
-        fh, offset, size, _rflags, _lock, _flags, _ = p.READ_IN.unpack_from(body)
-        buf = out[:size] if size <= len(out) else memoryview(bytearray(size))
-        n = self.ops.read(self._req(hdr), hdr.nodeid, fh, buf, offset)
-        return _Reply([buf[:n]])
-
-    def _write_op(self, hdr, body, out):
-        fh, offset, size, wflags, _lock, _flags, _ = p.WRITE_IN.unpack_from(body)
-        data = body[p.WRITE_IN.size:p.WRITE_IN.size + size]
-        n = self.ops.write(self._req(hdr), hdr.nodeid, fh, data, offset, wflags)
-        return _Reply([p.WRITE_OUT.pack(n, 0)])
 
     def _statfs(self, hdr, body, out):
         return _Reply([p.pack_statfs(self.ops.statfs(self._req(hdr), hdr.nodeid))])
