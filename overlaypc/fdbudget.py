@@ -29,8 +29,9 @@ import logging
 import resource
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Callable, Protocol, TypeVar
+
+from .records import record
 
 log = logging.getLogger("overlaypc.fdbudget")
 
@@ -44,7 +45,7 @@ _EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FdBudget:
     """How a process's fd limit is split: ``lookup`` + 2 * ``sharing`` + ``reserve``."""
     limit: int

@@ -14,7 +14,8 @@ then has at most one image, so showing and storing are inverse to each other.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+
+from .records import record
 
 ID_MAX = (1 << 32) - 2  # (uid_t)-1 means "unchanged" to chown(2)
 
@@ -29,7 +30,7 @@ def overflow_id(kind: str = "uid") -> int:
         return 65534
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IdRange:
     disk: int   # first ID as stored in the layers (container side)
     shown: int  # first ID as shown through the mount (host side)
@@ -40,7 +41,7 @@ class IdRange:
             or (self.shown < other.shown + other.count and other.shown < self.shown + self.count)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IdMap:
     ranges: tuple[IdRange, ...]
     overflow: int = 65534

@@ -38,10 +38,10 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from .idmap import IdMap
+from .records import record
 
 if TYPE_CHECKING:
     from .attrs import Attr
@@ -101,7 +101,7 @@ def _kill_suid(mode: int) -> int:
     return mode
 
 
-@dataclass
+@record
 class Ownership:
     uids: IdMap | None = None
     gids: IdMap | None = None

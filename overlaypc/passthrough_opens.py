@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .engine.ops import Opened
@@ -39,13 +38,14 @@ from .files import OpenResult
 from .handles import Handle
 from .inodes import OverlayInode
 from .passthrough import Passthrough
+from .records import record
 from .sharing import NOT_SHARED, Canonical, ExtentMap, FileExtents, changing, map_file
 
 if TYPE_CHECKING:
     from .core import OverlayFS
 
 
-@dataclass
+@record
 class _Open:
     """One open handle as counted by ``Passthrough``."""
     nodeid: int

@@ -8,7 +8,6 @@ no duplicates, no whiteout entries and no OCI marker names. A whiteout (or OCI
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import whiteout
@@ -16,12 +15,13 @@ from .attrs import Attr
 from .inumbers import InodeNumbers
 from .layer import DirFd, Listed, join
 from .lookup import Entry, Node
+from .records import record
 
 if TYPE_CHECKING:
     from .ownership import Ownership
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DirEntry:
     name: str
     mode: int

@@ -30,10 +30,10 @@ import os
 import queue
 import struct
 import threading
-from dataclasses import dataclass, field
 from typing import Callable
 
 from . import protocol as p
+from ..records import field, record
 from .ops import ConnInfo, Entry, Opened, Operations, Request
 
 log = logging.getLogger("overlaypc.engine")
@@ -52,7 +52,7 @@ class ProtocolError(Exception):
     """The kernel's INIT cannot be served (an incompatible protocol version)."""
 
 
-@dataclass
+@record
 class _Reply:
     """What a handler answers: buffers to write after the header, and what to undo if
     the kernel never receives it."""

@@ -1,0 +1,102 @@
+"""``overlaypc.records``: the methods it makes behave as dataclasses' do, for every feature
+the package declares with it; and a mount's imports stay clear of the slow modules."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from overlaypc.records import FrozenInstanceError, field, record
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pair(frozen: bool = False, eq: bool = True):
+    """The same declaration made by dataclasses and by records."""
+    made = []
+    for deco, fld in ((dataclasses.dataclass, dataclasses.field), (record, field)):
+        class Thing:
+            """A thing."""
+            a: int
+            b: str = "b"
+            tags: list[str] = fld(default_factory=list)
+            hidden: int | None = fld(default=None, compare=False, repr=False)
+        made.append(deco(frozen=frozen, eq=eq)(Thing))
+    return made
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_init_repr_eq_match_dataclasses(frozen):
+    dc, rc = _pair(frozen=frozen)
+    for args, kwargs in [((1,), {}), ((1, "x"), {"hidden": 3}), ((), {"a": 2, "tags": ["t"]})]:
+        d, r = dc(*args, **kwargs), rc(*args, **kwargs)
+        assert repr(r).replace(rc.__qualname__, "X") == repr(d).replace(dc.__qualname__, "X")
+        assert [getattr(r, n) for n in ("a", "b", "tags", "hidden")] == \
+               [getattr(d, n) for n in ("a", "b", "tags", "hidden")]
+    assert rc(1) == rc(1, hidden=9)            # compare=False fields are not compared
+    assert rc(1) != rc(2) and rc(1) != rc(1, "c")
+    assert rc(1).__eq__(dc(1)) is NotImplemented  # another class is never equal
+    assert rc(1).tags is not rc(1).tags        # a fresh default per instance
+    with pytest.raises(TypeError):
+        rc()                                   # a field without default is required
+    with pytest.raises(TypeError):
+        rc(1, nope=2)
+
+
+def test_frozen_refuses_assignment_and_hashes_compared_fields():
+    _, rc = _pair(frozen=True)
+    r = rc(1, "x")
+    with pytest.raises(FrozenInstanceError):
+        r.a = 2
+    with pytest.raises(AttributeError):        # as dataclasses.FrozenInstanceError is
+        del r.b
+    r, same = rc(1, "x", ()), rc(1, "x", (), hidden=5)   # a tuple: hashable, as dataclasses needs too
+    assert hash(r) == hash(same) and {r: 1}[same] == 1
+
+
+def test_hash_rules_follow_dataclasses():
+    dc, rc = _pair(frozen=False)
+    assert rc.__hash__ is None and dc.__hash__ is None   # eq without frozen: unhashable
+    dc, rc = _pair(eq=False)
+    r = rc(1)
+    assert r != rc(1) and r == r and hash(r) == object.__hash__(r)  # identity
+
+
+def test_own_methods_kept_and_post_init_called():
+    @record
+    class Counted:
+        n: int = 0
+        lock: threading.Lock = field(default_factory=threading.Lock)
+
+        def __post_init__(self) -> None:
+            self.doubled = self.n * 2
+
+        def __repr__(self) -> str:
+            return "mine"
+
+    c = Counted(4)
+    assert c.doubled == 8 and repr(c) == "mine" and Counted.n == 0
+    assert "lock" not in Counted.__dict__       # a factory leaves no class attribute
+
+
+def test_non_default_after_default_is_refused():
+    with pytest.raises(TypeError):
+        @record
+        class Bad:
+            a: int = 0
+            b: int
+
+
+def test_mount_imports_leave_out_dataclasses():
+    """What a mount imports (benchmarks/run.py MOUNT_IMPORTS) does not pull in
+    dataclasses and inspect (~5 ms of start-up, see records)."""
+    code = ("import sys, overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
+            "overlaypc.engine.daemon, overlaypc.mounting, overlaypc.overlay_ops; "
+            "print(' '.join(m for m in ('dataclasses', 'inspect') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.strip()
+    assert out == ""
