@@ -83,6 +83,31 @@ def test_own_methods_kept_and_post_init_called():
     assert "lock" not in Counted.__dict__       # a factory leaves no class attribute
 
 
+def test_methods_made_at_first_use_once_across_threads():
+    @record(frozen=True)
+    class Lazy:
+        a: int
+        b: tuple = ()
+
+    stand_in = Lazy.__dict__["__init__"]
+    assert "<record" not in stand_in.__code__.co_filename   # nothing compiled yet
+    made, barrier = [], threading.Barrier(8)
+
+    def first() -> None:
+        barrier.wait()
+        made.append(Lazy(1, (2,)))
+
+    threads = [threading.Thread(target=first) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 1 and made[0] == Lazy(1, (2,)) and repr(made[0]).endswith(".Lazy(a=1, b=(2,))")
+    methods = {name: Lazy.__dict__[name] for name in ("__init__", "__repr__", "__eq__", "__hash__")}
+    assert all(m.__code__.co_filename == "<record test_methods_made_at_first_use_once_across_threads"
+               ".<locals>.Lazy>" for m in methods.values())
+
+
 def test_non_default_after_default_is_refused():
     with pytest.raises(TypeError):
         @record
