@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .idmap import IdMap, overflow_id
 from .records import field, record

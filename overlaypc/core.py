@@ -22,7 +22,7 @@ import os
 import stat
 import logging
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from . import killpriv, whiteout
 from .attrs import Attr, Attributes

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 _hooks: dict[str, Callable[..., None]] = {}
 _thresholds: dict[str, int] = {}

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from . import faults, killpriv, sysapi
 from .attrs import Attr
@@ -25,6 +24,7 @@ from .lookup import Entry
 from .namespace import Caller
 from .records import record
 from .sharing import NOT_SHARED, Canonical, Piece, changing, map_file
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .core import OverlayFS

@@ -28,9 +28,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from .records import field, record
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .layer import Layer

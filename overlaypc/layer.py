@@ -32,10 +32,11 @@ import errno
 import logging
 import os
 import stat
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
 
 from . import faults, sysapi
 from .fdbudget import retrying
+from .typing_lite import NamedTuple
 
 log = logging.getLogger("overlaypc.layer")
 

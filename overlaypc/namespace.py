@@ -29,7 +29,6 @@ import itertools
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from . import acl, sysapi, whiteout
 from .copyup import WORK_DIR
@@ -37,6 +36,7 @@ from .layer import do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name
 from .readdir import merged_listing
 from .records import record
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .core import OverlayFS

@@ -38,10 +38,11 @@ import errno
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from collections.abc import Callable
 
 from .idmap import IdMap
 from .records import record
+from .typing_lite import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .attrs import Attr

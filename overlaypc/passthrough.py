@@ -31,7 +31,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 from .records import record
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import TYPE_CHECKING
 
 from .engine.ops import Opened
 from .files import OpenResult
@@ -40,6 +39,7 @@ from .inodes import OverlayInode
 from .passthrough import Passthrough
 from .records import record
 from .sharing import NOT_SHARED, Canonical, ExtentMap, FileExtents, changing, map_file
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .core import OverlayFS

@@ -8,7 +8,6 @@ no duplicates, no whiteout entries and no OCI marker names. A whiteout (or OCI
 from __future__ import annotations
 
 import stat
-from typing import TYPE_CHECKING
 
 from . import whiteout
 from .attrs import Attr
@@ -16,6 +15,7 @@ from .inumbers import InodeNumbers
 from .layer import DirFd, Listed, join
 from .lookup import Entry, Node
 from .records import record
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .ownership import Ownership

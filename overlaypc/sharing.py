@@ -38,11 +38,12 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
 
 from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
 from .layer import Layer
 from .records import field, record
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .inodes import OverlayInode

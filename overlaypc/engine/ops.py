@@ -19,9 +19,10 @@ Caveat: names are ``bytes`` as the kernel sends them; the filesystem decodes the
 from __future__ import annotations
 
 import errno
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
 
 from ..records import record
+from ..typing_lite import Protocol
 from .protocol import FileAttr, SetAttr
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from typing import NamedTuple
 
 from ..records import record
+from ..typing_lite import NamedTuple
 
 KERNEL_MAJOR = 7
 #: the minor version we speak; the kernel's own may be higher (it adapts) or lower

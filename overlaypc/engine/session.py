@@ -30,7 +30,7 @@ import os
 import queue
 import struct
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from . import protocol as p
 from ..records import field, record

@@ -1,5 +1,6 @@
 """``overlaypc.records``: the methods it makes behave as dataclasses' do, for every feature
-the package declares with it; and a mount's imports stay clear of the slow modules."""
+the package declares with it; ``overlaypc.typing_lite.NamedTuple`` makes what
+``typing.NamedTuple`` makes; and a mount's imports stay clear of the slow modules."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import threading
 
 import pytest
 
+from overlaypc import typing_lite
 from overlaypc.records import FrozenInstanceError, field, record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,12 +118,44 @@ def test_non_default_after_default_is_refused():
             b: int
 
 
-def test_mount_imports_leave_out_dataclasses():
+def test_named_tuple_matches_typing():
+    import typing
+
+    made = []
+    for base in (typing.NamedTuple, typing_lite.NamedTuple):
+        class Pair(base):
+            """Two numbers."""
+            a: int
+            b: int = 2
+
+            @property
+            def total(self) -> int:
+                return self.a + self.b
+
+            @classmethod
+            def of(cls, n: int) -> "Pair":
+                return cls(n, n)
+        made.append(Pair)
+    ours, theirs = made[1], made[0]
+    for cls in (theirs, ours):
+        p = cls(1)
+        assert p == (1, 2) and p.total == 3 and cls.of(4) == (4, 4) and p._replace(b=5) == (1, 5)
+        assert cls._fields == ("a", "b") and cls.__doc__ == "Two numbers." and isinstance(p, tuple)
+    assert repr(ours(1)) == repr(theirs(1)) and ours.__qualname__ == theirs.__qualname__
+    assert ours.__module__ == theirs.__module__ == __name__
+    with pytest.raises(TypeError):
+        class Bad(typing_lite.NamedTuple):
+            a: int = 0
+            b: int
+
+
+def test_mount_imports_leave_out_dataclasses_and_typing():
     """What a mount imports (benchmarks/run.py MOUNT_IMPORTS) does not pull in
-    dataclasses and inspect (~5 ms of start-up, see records)."""
+    dataclasses and inspect (~5 ms of start-up, see records) nor typing (~2 ms, see
+    typing_lite)."""
     code = ("import sys, overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
             "overlaypc.engine.daemon, overlaypc.mounting, overlaypc.overlay_ops; "
-            "print(' '.join(m for m in ('dataclasses', 'inspect') if m in sys.modules))")
+            "print(' '.join(m for m in ('dataclasses', 'inspect', 'typing') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=REPO)).stdout.strip()
     assert out == ""
