@@ -155,7 +155,39 @@ def test_mount_imports_leave_out_dataclasses_and_typing():
     typing_lite)."""
     code = ("import sys, overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
             "overlaypc.engine.daemon, overlaypc.mounting, overlaypc.overlay_ops; "
-            "print(' '.join(m for m in ('dataclasses', 'inspect', 'typing') if m in sys.modules))")
+            "print(' '.join(m for m in ('dataclasses', 'inspect', 'typing', 'argparse') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=REPO)).stdout.strip()
     assert out == ""
+
+
+def test_plain_command_lines_read_as_argparse_reads_them():
+    """cli._plain_args (the usual mount command lines without argparse) gives argparse's
+    answer wherever it answers, and declines whatever argparse refuses."""
+    import itertools
+    import random
+
+    from overlaypc import cli
+
+    parser = cli._mount_parser()
+    tokens = ["-f", "-d", "--foreground", "--debug", "-o", "lowerdir=/l,upperdir=/u", "-oro",
+              "-o=x", "--stack", "s.yaml", "--stack=t.yaml", "SRC", "MNT", "", "-", "--", "-fd",
+              "--fore", "-x", "-1"]
+    samples = [list(t) for n in range(4) for t in itertools.product(tokens, repeat=n)]
+    rng = random.Random(17)
+    samples += [rng.choices(tokens, k=rng.randint(4, 7)) for _ in range(3000)]
+    answered = 0
+    for argv in samples:
+        ours = cli._plain_args(argv)
+        try:
+            theirs = parser.parse_args(argv)
+        except SystemExit:
+            assert ours is None, argv
+            continue
+        if ours is None:
+            continue
+        answered += 1
+        assert (ours.foreground, ours.debug, ours.options, ours.stack, ours.targets) == \
+               (theirs.foreground, theirs.debug, theirs.options, theirs.stack, theirs.targets), argv
+    assert answered > 1000
+    assert cli._plain_args(["-f", "-o", "lowerdir=/l", "/mnt"]).targets == ["/mnt"]
