@@ -11,9 +11,12 @@ as dataclasses does. A method the class defines itself is kept.
 
 Why not dataclasses: importing it costs ~5 ms (it imports ``inspect``, ``ast``, ``dis``,
 ``tokenize``) and each class ~0.3 ms (six ``exec``s, an ``inspect.signature``); a mount
-declares ~39 such classes before it can answer. Here the declaration is read at import
-(its errors show there) and the methods are compiled at their first call, all of a class's
-in one ``compile`` (~0.2 ms), so a class that start-up never instantiates costs nothing.
+declares ~39 such classes before it can answer, and makes ~17 of them. Here the
+declaration is read at import (its errors show there); the first calls of a class's methods
+are answered by generic ones (a loop over the fields, ~2 us a call), and only a class used
+``COMPILE_AFTER`` times gets its own methods compiled, all in one ``compile`` (~0.2 ms).
+Start-up then compiles nothing, and a class on a hot path soon runs the same code as a
+dataclass's.
 Caveats: no ``__slots__``, ``order``, ``kw_only``, ``InitVar`` or ``ClassVar`` fields, no
 inheritance between records; ``dataclasses.fields``/``replace`` do not apply (nothing in
 the package uses them).
@@ -60,7 +63,7 @@ def _frozen_delattr(self, name):
 
 def _build(cls: type, frozen: bool, eq: bool) -> type:
     """Read the declaration (errors show at import, as with dataclasses) and put the
-    methods' stand-ins on ``cls``; the first call of any of them makes them all."""
+    methods' stand-ins on ``cls`` (see ``_stand_in``)."""
     own = cls.__dict__
     specs: dict[str, _Field] = {}
     seen_default = False
@@ -81,9 +84,9 @@ def _build(cls: type, frozen: bool, eq: bool) -> type:
             seen_default = True
         specs[name] = spec
     made = ["__init__", "__repr__"] + (["__eq__"] + (["__hash__"] if frozen else []) if eq else [])
-    made = [name for name in made if name not in own]
-    for name in made:
-        setattr(cls, name, _stand_in(cls, name, specs, frozen, made))
+    plan = _Plan(cls, specs, frozen, [name for name in made if name not in own])
+    for name in plan.made:
+        setattr(cls, name, _stand_in(plan, name))
     if eq and not frozen and "__hash__" not in own:
         cls.__hash__ = None  # type: ignore[assignment]
     if frozen:
@@ -94,20 +97,92 @@ def _build(cls: type, frozen: bool, eq: bool) -> type:
     return cls
 
 
+#: calls of a class's stand-ins answered by the generic methods before its own are compiled
+COMPILE_AFTER = 32
 _made_lock = threading.Lock()
 
 
-def _stand_in(cls: type, name: str, specs: dict[str, _Field], frozen: bool, made: list[str]):
-    """A method that makes the real ones (once, under a lock: two threads may race to the
-    first instance), then calls its own. Until then the class costs no ``compile``."""
-    def stand_in(*args, **kwargs):
+class _Plan:
+    """A record class's declaration, and how often its stand-ins were called."""
+    __slots__ = ("cls", "specs", "frozen", "made", "names", "compared", "calls")
+
+    def __init__(self, cls: type, specs: dict[str, _Field], frozen: bool, made: list[str]) -> None:
+        self.cls = cls
+        self.specs = specs
+        self.frozen = frozen
+        self.made = made
+        self.names = tuple(specs)
+        self.compared = tuple(n for n, spec in specs.items() if spec.compare)
+        self.calls = 0
+
+
+def _stand_in(plan: _Plan, name: str):
+    """The method ``name`` until the class's own are compiled: the generic one (no
+    ``compile``: start-up makes ~17 records a few times each), and from the
+    ``COMPILE_AFTER``-th call on, the compiled ones (made once, under a lock: threads may
+    race there; a miscounted call only moves the moment)."""
+    cls, generic = plan.cls, _GENERIC[name]
+
+    def stand_in(self, *args, **kwargs):
+        plan.calls += 1
+        if plan.calls < COMPILE_AFTER:
+            return generic(plan, self, *args, **kwargs)
         with _made_lock:
             if cls.__dict__[name] is stand_in:
-                _make_methods(cls, specs, frozen, made)
-        return cls.__dict__[name](*args, **kwargs)
+                _make_methods(cls, plan.specs, plan.frozen, plan.made)
+        return cls.__dict__[name](self, *args, **kwargs)
     stand_in.__qualname__ = f"{cls.__qualname__}.{name}"
     stand_in.__name__ = name
     return stand_in
+
+
+def _generic_init(plan: _Plan, self, *args, **kwargs) -> None:
+    names, where = plan.names, f"{plan.cls.__qualname__}.__init__()"
+    if len(args) > len(names):
+        raise TypeError(f"{where} takes {len(names) + 1} positional arguments but {len(args) + 1} were given")
+    put = object.__setattr__ if plan.frozen else setattr
+    taken = 0
+    for i, name in enumerate(names):
+        if i < len(args):
+            if name in kwargs:
+                raise TypeError(f"{where} got multiple values for argument {name!r}")
+            value = args[i]
+        elif name in kwargs:
+            value = kwargs[name]
+            taken += 1
+        else:
+            spec = plan.specs[name]
+            if spec.default_factory is not _MISSING:
+                value = spec.default_factory()  # type: ignore[operator]
+            elif spec.default is not _MISSING:
+                value = spec.default
+            else:
+                raise TypeError(f"{where} missing required argument: {name!r}")
+        put(self, name, value)
+    if taken != len(kwargs):
+        extra = next(k for k in kwargs if k not in names)
+        raise TypeError(f"{where} got an unexpected keyword argument {extra!r}")
+    if "__post_init__" in plan.cls.__dict__:
+        self.__post_init__()
+
+
+def _generic_repr(plan: _Plan, self) -> str:
+    shown = ", ".join(f"{n}={getattr(self, n)!r}" for n, spec in plan.specs.items() if spec.repr)
+    return f"{type(self).__qualname__}({shown})"
+
+
+def _generic_eq(plan: _Plan, self, other) -> bool:
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return tuple(getattr(self, n) for n in plan.compared) == tuple(getattr(other, n) for n in plan.compared)
+
+
+def _generic_hash(plan: _Plan, self) -> int:
+    return hash(tuple(getattr(self, n) for n in plan.compared))
+
+
+_GENERIC = {"__init__": _generic_init, "__repr__": _generic_repr, "__eq__": _generic_eq,
+            "__hash__": _generic_hash}
 
 
 def _make_methods(cls: type, specs: dict[str, _Field], frozen: bool, made: list[str]) -> None:

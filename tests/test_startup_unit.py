@@ -31,8 +31,17 @@ def _pair(frozen: bool = False, eq: bool = True):
     return made
 
 
+@pytest.fixture(params=["generic", "compiled"])
+def methods(request, monkeypatch):
+    """Every record test runs twice: with the generic methods of a class's first calls,
+    and with the compiled ones (made at the first call)."""
+    from overlaypc import records
+    monkeypatch.setattr(records, "COMPILE_AFTER", 10**9 if request.param == "generic" else 1)
+    return request.param
+
+
 @pytest.mark.parametrize("frozen", [False, True])
-def test_init_repr_eq_match_dataclasses(frozen):
+def test_init_repr_eq_match_dataclasses(frozen, methods):
     dc, rc = _pair(frozen=frozen)
     for args, kwargs in [((1,), {}), ((1, "x"), {"hidden": 3}), ((), {"a": 2, "tags": ["t"]})]:
         d, r = dc(*args, **kwargs), rc(*args, **kwargs)
@@ -47,9 +56,13 @@ def test_init_repr_eq_match_dataclasses(frozen):
         rc()                                   # a field without default is required
     with pytest.raises(TypeError):
         rc(1, nope=2)
+    with pytest.raises(TypeError):
+        rc(1, a=1)
+    with pytest.raises(TypeError):
+        rc(1, "b", [], 4, 5)
 
 
-def test_frozen_refuses_assignment_and_hashes_compared_fields():
+def test_frozen_refuses_assignment_and_hashes_compared_fields(methods):
     _, rc = _pair(frozen=True)
     r = rc(1, "x")
     with pytest.raises(FrozenInstanceError):
@@ -60,7 +73,7 @@ def test_frozen_refuses_assignment_and_hashes_compared_fields():
     assert hash(r) == hash(same) and {r: 1}[same] == 1
 
 
-def test_hash_rules_follow_dataclasses():
+def test_hash_rules_follow_dataclasses(methods):
     dc, rc = _pair(frozen=False)
     assert rc.__hash__ is None and dc.__hash__ is None   # eq without frozen: unhashable
     dc, rc = _pair(eq=False)
@@ -68,7 +81,7 @@ def test_hash_rules_follow_dataclasses():
     assert r != rc(1) and r == r and hash(r) == object.__hash__(r)  # identity
 
 
-def test_own_methods_kept_and_post_init_called():
+def test_own_methods_kept_and_post_init_called(methods):
     @record
     class Counted:
         n: int = 0
@@ -85,29 +98,35 @@ def test_own_methods_kept_and_post_init_called():
     assert "lock" not in Counted.__dict__       # a factory leaves no class attribute
 
 
-def test_methods_made_at_first_use_once_across_threads():
+def test_methods_compiled_after_some_calls_once_across_threads(monkeypatch):
+    from overlaypc import records
+    monkeypatch.setattr(records, "COMPILE_AFTER", 4)
+
     @record(frozen=True)
     class Lazy:
         a: int
         b: tuple = ()
 
-    stand_in = Lazy.__dict__["__init__"]
-    assert "<record" not in stand_in.__code__.co_filename   # nothing compiled yet
+    def compiled() -> dict:
+        return {name: "<record" in Lazy.__dict__[name].__code__.co_filename
+                for name in ("__init__", "__repr__", "__eq__", "__hash__")}
+
+    first = [Lazy(1), Lazy(2, (3,))]
+    assert repr(first[1]).endswith(".Lazy(a=2, b=(3,))") and not any(compiled().values())
     made, barrier = [], threading.Barrier(8)
 
-    def first() -> None:
+    def use() -> None:
         barrier.wait()
         made.append(Lazy(1, (2,)))
 
-    threads = [threading.Thread(target=first) for _ in range(8)]
+    threads = [threading.Thread(target=use) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(set(made)) == 1 and made[0] == Lazy(1, (2,)) and repr(made[0]).endswith(".Lazy(a=1, b=(2,))")
-    methods = {name: Lazy.__dict__[name] for name in ("__init__", "__repr__", "__eq__", "__hash__")}
-    assert all(m.__code__.co_filename == "<record test_methods_made_at_first_use_once_across_threads"
-               ".<locals>.Lazy>" for m in methods.values())
+    assert all(compiled().values())
+    assert len(set(made)) == 1 and made[0] == Lazy(1, (2,)) and first[0] == Lazy(1)
+    assert repr(made[0]).endswith(".Lazy(a=1, b=(2,))")
 
 
 def test_non_default_after_default_is_refused():
