@@ -42,6 +42,8 @@ log = logging.getLogger("overlaypc.engine")
 MAX_WRITE = 1 << 20
 #: worker threads (one per fd); blocking operations (fsync, a large copy-up) tie up one each
 WORKERS = 4
+#: how long ``serve`` waits for the first request's answer before starting the clones
+CLONE_DELAY = 0.05
 
 _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR, p.FSYNCDIR,
                           p.RELEASEDIR, p.NOTIFY_REPLY, p.READDIRPLUS, p.FORGET, p.BATCH_FORGET,
@@ -108,7 +110,7 @@ class Session:
 
     def __init__(self, ops: Operations, fd: int, *, clone: Callable[[], int] | None = None,
                  workers: int = WORKERS, max_write: int = MAX_WRITE,
-                 deny_others: int | None = None) -> None:
+                 deny_others: int | None = None, clone_delay: float = CLONE_DELAY) -> None:
         self.ops = ops
         self.fd = fd
         self._clone = clone
@@ -118,6 +120,9 @@ class Session:
         self.conn: ConnInfo | None = None
         self.notifier = Notifications(fd)
         self._threads: list[threading.Thread] = []
+        #: set once a worker has answered a request, or stopped (``serve`` then clones)
+        self._first_done = threading.Event()
+        self.clone_delay = clone_delay
         self._handlers = self._handler_table()
         self._setxattr_ext = False
         ops.notifier = self.notifier
@@ -177,19 +182,25 @@ class Session:
     # -- the loop -----------------------------------------------------------------------------
     def serve(self, ready: Callable[[], None] | None = None) -> None:
         """Run until the connection ends. ``handshake`` must have run. ``ready`` is called
-        once the workers are started."""
+        once the first worker is started (the mount is served from then on)."""
         self.notifier.start()
         # the first worker serves the channel's fd at once: the mount's first requests
         # (the caller's stat that waited for INIT) need not wait for the clones
         self._start_worker(self.fd)
+        if ready is not None:
+            ready()
+        # ... nor for the clones' threads to start: on 2 vCPUs cloning and starting three
+        # threads while the first request waits delayed its answer by 1-2 ms. They start
+        # once the first worker has answered a request (or stopped), or after clone_delay.
+        self._first_done.wait(self.clone_delay)
         try:
             for _ in range(self.workers - 1):
+                if not self._threads[0].is_alive():
+                    break  # unmounted already: nothing to clone
                 self._start_worker(self._clone())
         except OSError as e:
             log.warning("cannot clone the FUSE fd (%s); serving with %d worker(s)", e,
                         len(self._threads))
-        if ready is not None:
-            ready()
         try:
             for t in self._threads:
                 while t.is_alive():
@@ -208,9 +219,16 @@ class Session:
         self._threads.append(t)
 
     def _worker(self, fd: int) -> None:
+        try:
+            self._serve_fd(fd)
+        finally:
+            self._first_done.set()
+
+    def _serve_fd(self, fd: int) -> None:
         buf = bytearray(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
         view = memoryview(buf)
         out = memoryview(bytearray(self.max_write))
+        first_done = self._first_done
         while True:
             try:
                 n = os.readv(fd, [buf])
@@ -232,6 +250,8 @@ class Session:
                 self.dispatch(fd, view[:n], out)
             except Exception:
                 log.exception("request dispatch failed")
+            if not first_done.is_set():
+                first_done.set()
 
     def dispatch(self, fd: int, msg: memoryview, out: memoryview) -> None:
         """Handle one request read from ``fd``; ``out`` is scratch space for READ data."""
