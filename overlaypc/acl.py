@@ -19,7 +19,8 @@ from __future__ import annotations
 import errno
 import stat
 import struct
-from dataclasses import dataclass
+
+from .records import record
 
 ACCESS = "system.posix_acl_access"
 DEFAULT = "system.posix_acl_default"
@@ -32,7 +33,7 @@ _ENTRY = struct.Struct("<HHI")
 USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
-@dataclass
+@record
 class AclEntry:
     tag: int
     perm: int
@@ -52,7 +53,7 @@ def to_xattr(entries: list[AclEntry]) -> bytes:
     return _HEADER.pack(_VERSION) + b"".join(_ENTRY.pack(e.tag, e.perm, e.id) for e in entries)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NewObject:
     """What a new object gets: its mode, and the ACL xattrs to set (None: none)."""
     mode: int

@@ -27,11 +27,11 @@ import errno
 import os
 import stat
 import time
-from typing import TYPE_CHECKING, NamedTuple
 
 from . import acl, killpriv
 from .copyup import is_private_xattr
 from .lookup import Entry, Node
+from .typing_lite import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .core import OverlayFS

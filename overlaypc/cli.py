@@ -10,7 +10,6 @@ to ``/var/log/overlaypc.log``. A mount raises its soft fd limit to the hard limi
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -67,15 +66,21 @@ FALLBACK_LOG = "/var/log/overlaypc.log"
 KERNEL_FLAGS = {"nodev", "nosuid", "noexec", "noatime", "dirsync", "sync"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        print(f"overlaypc: error: {message}", file=sys.stderr)
-        sys.exit(2)
+def _parser(**kwargs):
+    """An ``argparse`` parser whose errors are one line and exit 2 (argparse is imported
+    only here: a mount's usual command line needs none, see ``_plain_args``)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line, exit 2
+            print(f"overlaypc: error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    return Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
-def _mount_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="overlaypc", usage=USAGE, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
+def _mount_parser():
+    p = _parser(prog="overlaypc", usage=USAGE, epilog=EPILOG,
                 description="Mount an overlay of stacked layers (kernel overlayfs format) with FUSE.")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-d", "--debug", action="store_true", help="log every operation (Python logging)")
@@ -92,8 +97,61 @@ def _version() -> str:
     return __version__
 
 
+class _Args:
+    """What the mount command line says (argparse's ``Namespace`` has the same names)."""
+    __slots__ = ("foreground", "debug", "options", "stack", "targets")
+
+    def __init__(self) -> None:
+        self.foreground = False
+        self.debug = False
+        self.options: list[str] = []
+        self.stack: str | None = None
+        self.targets: list[str] = []
+
+
+def _plain_args(argv: list[str]) -> _Args | None:
+    """The command lines mounts use, read without argparse (importing and setting it up
+    costs a mount ~4 ms: argparse, gettext, locale, shutil): ``-f``, ``-d``,
+    ``--foreground``, ``--debug``, ``-o OPTS``, ``-oOPTS``, ``--stack FILE``,
+    ``--stack=FILE`` and one run of arguments not starting with ``-``. None for anything
+    else (help, version, combined or abbreviated flags, ``--``, errors): argparse reads
+    those, so every answer is argparse's (tests/test_startup_unit.py compares them)."""
+    args = _Args()
+    run_ended = False  # argparse takes the targets as one run; a second run is an error
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("-"):
+            if run_ended:
+                return None
+            args.targets.append(arg)
+            continue
+        if args.targets:
+            run_ended = True
+        if arg in ("-f", "--foreground"):
+            args.foreground = True
+        elif arg in ("-d", "--debug"):
+            args.debug = True
+        elif arg in ("-o", "--stack"):
+            if i == len(argv) or argv[i].startswith("-"):
+                return None
+            if arg == "-o":
+                args.options.append(argv[i])
+            else:
+                args.stack = argv[i]
+            i += 1
+        elif arg.startswith("-o") and not arg.startswith("-o="):
+            args.options.append(arg[2:])
+        elif arg.startswith("--stack="):
+            args.stack = arg[len("--stack="):]
+        else:
+            return None
+    return args if args.targets else None
+
+
 def parse_mount_args(argv: list[str]) -> MountConfig:
-    args = _mount_parser().parse_args(argv)
+    args = _plain_args(argv) or _mount_parser().parse_args(argv)
     cfg = MountConfig(foreground=args.foreground, debug=args.debug)
     if len(args.targets) > 2:
         raise ConfigError(f"too many arguments: {' '.join(args.targets)}")
@@ -216,7 +274,7 @@ def mount_main(argv: list[str]) -> int:
 
 def stats_main(argv: list[str]) -> int:
     import json
-    p = _Parser(prog="overlaypc stats", description="Show the counters of a live overlaypc mount.")
+    p = _parser(prog="overlaypc stats", description="Show the counters of a live overlaypc mount.")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from .idmap import IdMap, overflow_id
+from .records import field, record
 
 CACHE_MODES = ("kernel", "shared")
 HANDLE_MODES = ("reopen", "bind-at-open")
@@ -36,7 +36,7 @@ class ConfigError(Exception):
     """Bad input from the user: one line, exit status 2."""
 
 
-@dataclass
+@record
 class MountConfig:
     lowers: list[str] = field(default_factory=list)
     upper: str | None = None

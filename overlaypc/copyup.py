@@ -27,7 +27,6 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
 
 from . import faults, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
@@ -35,6 +34,7 @@ from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
 from .lookup import Entry, Lookup, Node
 from .ownership import Ownership, is_override_xattr
+from .records import field, record
 from .stack import LayerStack
 from .stats import Stats
 
@@ -123,7 +123,7 @@ def clean_workdir(work: Layer) -> int:
     return len(leftovers)
 
 
-@dataclass
+@record
 class CopyUpContext:
     node: Node
     src: Entry

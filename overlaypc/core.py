@@ -23,8 +23,7 @@ import os
 import stat
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from . import killpriv, whiteout
 from .attrs import Attr, Attributes
@@ -41,6 +40,7 @@ from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
 from .readdir import DirEntry, merged_listing
+from .records import record
 from .stack import LayerStack
 from .sharing import Canonical, ExtentMap, changing, map_file
 from .stats import Stats
@@ -48,7 +48,7 @@ from .stats import Stats
 log = logging.getLogger("overlaypc.core")
 
 
-@dataclass
+@record
 class DirHandle:
     """An open directory: its path (libfuse passes none to readdir) and the listing read
     at offset 0."""

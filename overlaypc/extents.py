@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import struct
-from dataclasses import dataclass
+
+from .records import record
 
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 0x1
@@ -24,7 +25,7 @@ _EXTENT = struct.Struct("=QQQQQIIII")  # logical physical length reserved64[2] f
 _BATCH = 256
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Extent:
     logical: int
     physical: int

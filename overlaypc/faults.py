@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 _hooks: dict[str, Callable[..., None]] = {}
 #: whether any hook is set: a hot path checks this before calling ``hit``

@@ -29,8 +29,10 @@ import logging
 import resource
 import threading
 import weakref
-from dataclasses import dataclass
-from typing import Callable, Protocol, TypeVar
+from collections.abc import Callable
+
+from .records import record
+from .typing_lite import TYPE_CHECKING, Protocol
 
 log = logging.getLogger("overlaypc.fdbudget")
 
@@ -41,10 +43,13 @@ LOOKUP_CAP = 16384
 SHARING_CAP = 256
 
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE)
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FdBudget:
     """How a process's fd limit is split: ``lookup`` + 2 * ``sharing`` + ``reserve``."""
     limit: int

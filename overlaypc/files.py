@@ -15,8 +15,6 @@ import contextlib
 import errno
 import os
 import stat
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import faults, killpriv, sysapi
 from .attrs import Attr
@@ -24,7 +22,9 @@ from .handles import Handle
 from .inodes import OverlayInode
 from .lookup import Entry
 from .namespace import Caller
+from .records import record
 from .sharing import NOT_SHARED, Canonical, Piece, changing, map_file
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .core import OverlayFS
@@ -34,7 +34,7 @@ _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 COPY_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OpenResult:
     fh: int
     keep_cache: bool

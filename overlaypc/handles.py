@@ -20,16 +20,16 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from dataclasses import dataclass, field
 
 from .inodes import OverlayInode
 from .layer import moved
+from .records import field, record
 
 #: Flags that only mean something at creation, never on a reopen.
 _CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class Handle:
     fh: int
     inode: OverlayInode

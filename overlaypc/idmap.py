@@ -21,7 +21,8 @@ could name the wrong mount (bind mounts, symlinks, mounts stacked on one path).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+
+from .records import record
 
 ID_MAX = (1 << 32) - 2  # (uid_t)-1 means "unchanged" to chown(2)
 
@@ -36,7 +37,7 @@ def overflow_id(kind: str = "uid") -> int:
         return 65534
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IdRange:
     disk: int   # first ID as stored in the layers (container side)
     shown: int  # first ID as shown through the mount (host side)
@@ -47,7 +48,7 @@ class IdRange:
             or (self.shown < other.shown + other.count and other.shown < self.shown + self.count)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IdMap:
     ranges: tuple[IdRange, ...]
     overflow: int = 65534

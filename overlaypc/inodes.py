@@ -31,10 +31,10 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from .layer import Layer
 from .lookup import Entry, Node
+from .records import field, record
 
 #: The flags ``openat2`` accepts (its ``VALID_OPEN_FLAGS``): it refuses any other bit with
 #: EINVAL where open(2) ignores it, and FUSE passes the kernel's own ``__FMODE_EXEC``
@@ -45,7 +45,7 @@ OPEN_FLAGS = (os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC |
               | os.O_TMPFILE)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InodeKey:
     """Identity of an overlay inode: its backing object, plus, for one name of a lower
     hard link that copy-up would split off, the layer and path of that name."""
@@ -68,7 +68,7 @@ class StaleBacking(OSError):
     """The backing path no longer names the backing object (a racing rename)."""
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class OverlayInode:
     key: InodeKey
     ino: int

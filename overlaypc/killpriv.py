@@ -28,8 +28,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+
+from .records import field, record
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .layer import Layer
@@ -74,7 +75,7 @@ def has_fsetid(pid: int, proc: str = "/proc") -> bool:
     return False
 
 
-@dataclass
+@record
 class Writer:
     """Who writes, as a request names it. ``may_be_capable``: the kill flag does not
     already say "no CAP_FSETID" (chown), so the process's capabilities are read.
@@ -94,7 +95,7 @@ class Writer:
         return file_gid in self._groups or (self.may_be_capable and has_fsetid(self.pid))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Killed:
     """What ``kill_fd`` did: ``changed`` (a bit or the capability went), ``clean``
     (nothing is left that any later write could strip)."""

@@ -36,10 +36,11 @@ import errno
 import logging
 import os
 import stat
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
 
 from . import faults, sysapi
 from .fdbudget import retrying
+from .typing_lite import NamedTuple
 
 log = logging.getLogger("overlaypc.layer")
 

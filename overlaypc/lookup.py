@@ -38,17 +38,17 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from . import fdbudget, whiteout
 from .dirnames import LowerNames
 from .layer import DirFd, Layer, join, split
+from .records import field, record
 from .stack import LayerStack
 
 NAME_MAX = 255
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Entry:
     """One layer's object at a merged path (``rel`` is its path *in that layer*).
     Directories found by lookup carry an open ``dirfd``, so lookups below them cost one
@@ -77,7 +77,7 @@ class Entry:
         return stat.S_ISDIR(self.st.st_mode)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Node:
     """The merged object at ``rel``: its entries top first (empty when absent)."""
     rel: str

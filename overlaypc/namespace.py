@@ -29,14 +29,14 @@ import itertools
 import logging
 import os
 import stat
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import acl, sysapi, whiteout
 from .copyup import WORK_DIR
 from .layer import do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name
 from .readdir import merged_listing
+from .records import record
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .core import OverlayFS
@@ -55,7 +55,7 @@ def redirect_max() -> int:
         return 256
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Caller:
     """Who asks: uid/gid of the process behind a FUSE request, and its umask (for
     creations; the kernel does not apply it, see ``acl``)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno
 import itertools
 import threading
-from typing import Hashable
+from collections.abc import Hashable
 
 from .engine.protocol import ROOT_ID
 

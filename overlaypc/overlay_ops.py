@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
 from .core import OverlayFS

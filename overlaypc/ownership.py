@@ -47,10 +47,11 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from collections.abc import Callable
 
 from .idmap import IdMap, on_idmapped_mount
+from .records import record
+from .typing_lite import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .attrs import Attr
@@ -128,7 +129,7 @@ def _kill_suid(mode: int) -> int:
     return mode
 
 
-@dataclass
+@record
 class Ownership:
     uids: IdMap | None = None
     gids: IdMap | None = None

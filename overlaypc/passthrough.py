@@ -31,13 +31,14 @@ import errno
 import logging
 import os
 import threading
-from dataclasses import dataclass
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
+
+from .records import record
 
 log = logging.getLogger("overlaypc.passthrough")
 
 
-@dataclass
+@record
 class OpenModes:
     """The unreleased opens of one inode."""
     backing_id: int = 0

@@ -31,21 +31,21 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .engine.ops import Opened
 from .files import OpenResult
 from .handles import Handle
 from .inodes import OverlayInode
 from .passthrough import Passthrough
+from .records import record
 from .sharing import NOT_SHARED, Canonical, ExtentMap, FileExtents, changing, map_file
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .core import OverlayFS
 
 
-@dataclass
+@record
 class _Open:
     """One open handle as counted by ``Passthrough``."""
     nodeid: int

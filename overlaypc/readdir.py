@@ -8,21 +8,21 @@ no duplicates, no whiteout entries and no OCI marker names. A whiteout (or OCI
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import whiteout
 from .attrs import Attr
 from .inumbers import InodeNumbers
 from .layer import DirFd, Listed, join
 from .lookup import Entry, Node
+from .records import record
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .dirnames import LowerNames
     from .ownership import Ownership
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DirEntry:
     name: str
     mode: int

@@ -37,11 +37,12 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
 from .layer import Layer
+from .records import field, record
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .inodes import OverlayInode
@@ -58,7 +59,7 @@ LOWER_MAP_EXTENTS = 65536
 NOT_SHARED = object()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Canonical:
     """A read-only lower file that owns some physical extents."""
     layer: Layer
@@ -67,7 +68,7 @@ class Canonical:
     ino: int
 
 
-@dataclass
+@record
 class FileExtents:
     """One backing file's mapping, replaced (never edited in place) when it changes."""
     dev: int
@@ -112,7 +113,7 @@ class SharedFd:
         os.close(self.fd)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Piece:
     """Part of a read: ``length`` bytes at ``offset`` of ``source`` (None: the own file)."""
     source: SharedFd | None

@@ -16,14 +16,14 @@ import errno
 import fcntl
 import logging
 import os
-from dataclasses import dataclass, field
 
 from .layer import Layer
+from .records import field, record
 
 log = logging.getLogger("overlaypc.stack")
 
 
-@dataclass
+@record
 class Xino:
     fsids: dict[int, int] = field(default_factory=dict)
     bits: int = 0

@@ -14,15 +14,15 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 # openat2 has one number on every architecture Linux added it to after the syscall tables
-# were unified (5.6), except alpha; glibc has no wrapper for it
-_SYS_OPENAT2 = 547 if platform.machine() == "alpha" else 437
+# were unified (5.6), except alpha; glibc has no wrapper for it (os.uname, not platform:
+# importing platform costs a mount ~1 ms)
+_SYS_OPENAT2 = 547 if os.uname().machine == "alpha" else 437
 # renameat2's number differs per architecture: take glibc's wrapper (2.28+), never a guess
 _renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:

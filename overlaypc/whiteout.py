@@ -25,10 +25,10 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
 
 from . import faults
 from .layer import Layer, join, split
+from .records import field, record
 
 log = logging.getLogger("overlaypc.whiteout")
 
@@ -42,7 +42,7 @@ FOO_ORIGIN = FOO_PREFIX + "origin"
 MARKER_MODE = 0o600
 
 
-@dataclass
+@record
 class Format:
     """What this mount writes: the xattr namespace of its marks and the form of its
     whiteouts (``devices``: 0/0 character devices; else ``.wh.NAME`` files)."""

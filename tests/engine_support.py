@@ -72,7 +72,12 @@ class FakeKernel:
         self.ops = ops
         self.kernel_socks: list[socket.socket] = []
         self._session_socks: list[socket.socket] = []
+        self.workers = workers
+        #: every worker's socket exists (the session clones once its first worker answered
+        #: a request, or after ``clone_delay``: 0 here unless a test asks for another)
+        self.all_cloned = threading.Event()
         first = self._pair()
+        session_kw.setdefault("clone_delay", 0)
         self.session = Session(ops, first, clone=self._pair if workers > 1 else None,
                                workers=workers, **session_kw)
         self.session._writev = self._writev  # the seam: see ``fail_reply``
@@ -89,6 +94,8 @@ class FakeKernel:
         k.settimeout(20)  # a session that never answers fails the test instead of hanging
         self.kernel_socks.append(k)
         self._session_socks.append(s)
+        if len(self.kernel_socks) == self.workers:
+            self.all_cloned.set()
         return s.fileno()
 
     def _writev(self, fd: int, buffers) -> int:
@@ -170,6 +177,8 @@ class FakeKernel:
                                         name="fake-kernel-serve", daemon=True)
         self._thread.start()
         assert self.ready.wait(10)
+        if not self.session.clone_delay:
+            assert self.all_cloned.wait(10)
         return p.InitOut.decode(r.body)
 
     def close(self) -> bool:

@@ -378,6 +378,26 @@ def test_readdirplus_take_raising_forgets_what_was_taken(kernel):
 
 
 # ==========================================================================================
+# Start: the first worker answers before the clones start
+# ==========================================================================================
+def test_clones_start_once_the_first_request_is_answered(kernel):
+    """The mount's first request (the stat that waited for INIT) is not delayed by cloning
+    and starting the other workers: they start once the first worker has answered it."""
+    fk = kernel(MemoryOps(), workers=4, session_kw={"clone_delay": 60})
+    assert len(fk.kernel_socks) == 1       # serving: the first worker only, no clone yet
+    fk.ok(p.STATFS, 1)
+    assert fk.all_cloned.wait(10) and len(fk.kernel_socks) == 4
+    for via in range(4):
+        fk.ok(p.STATFS, 1, via=via)
+
+
+def test_unmount_before_any_request_clones_nothing(kernel):
+    fk = kernel(MemoryOps(), workers=4, session_kw={"clone_delay": 60})
+    assert fk.close()                      # the loop ends at once, without waiting for the delay
+    assert len(fk.kernel_socks) == 1
+
+
+# ==========================================================================================
 # Concurrency: FORGETs interleaved with lookups on several workers
 # ==========================================================================================
 def test_forgets_interleaved_with_lookups_on_workers(kernel):

@@ -55,6 +55,8 @@ def fuse_device(mountpoint: str) -> str | None:
 
 def _unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
+    if "\\" not in field:  # most paths: no regex (the mount's start reads every line)
+        return field
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 

@@ -20,9 +20,9 @@ import fcntl
 import logging
 import os
 import struct
-from dataclasses import dataclass, field
 
 from . import protocol
+from ..records import field, record
 
 log = logging.getLogger("overlaypc.engine")
 
@@ -49,7 +49,7 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-@dataclass
+@record
 class MountOptions:
     """What to mount: the source and subtype shown in mountinfo, and options in
     libfuse's spelling (``allow_other``, ``default_permissions``, ``auto_unmount``,
@@ -63,7 +63,7 @@ class MountOptions:
         return name in self.options
 
 
-@dataclass
+@record
 class Channel:
     """A live connection: its fd, where it is mounted, and how (for unmounting)."""
     fd: int

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from . import autounmount
 from . import channel as ch

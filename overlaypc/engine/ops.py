@@ -19,9 +19,10 @@ Caveat: names are ``bytes`` as the kernel sends them; the filesystem decodes the
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Protocol
+from collections.abc import Callable, Iterable
 
+from ..records import record
+from ..typing_lite import NamedTuple, Protocol
 from .protocol import FileAttr, SetAttr
 
 
@@ -36,7 +37,7 @@ class Request(NamedTuple):
     umask: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Entry:
     """A looked-up or created node. ``nodeid`` 0 is a negative entry (cached absence)."""
     nodeid: int
@@ -46,13 +47,13 @@ class Entry:
     generation: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AttrReply:
     attr: FileAttr
     timeout: float
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Opened:
     """An open file or directory: its handle and how the kernel caches it."""
     fh: int
@@ -68,7 +69,7 @@ class Opened:
     backing_id: int = 0
 
 
-@dataclass
+@record
 class DirItem:
     """One listing entry: ``offset`` is where the *next* entry starts (its cookie).
     ``take`` (READDIRPLUS only) returns the entry with one reference taken; the session
@@ -80,7 +81,7 @@ class DirItem:
     take: Callable[[], Entry | None] | None = None
 
 
-@dataclass
+@record
 class ConnInfo:
     """INIT: what the kernel offers (``offered``) and what the filesystem asks for
     (``wanted``, a subset; the session drops anything not offered)."""

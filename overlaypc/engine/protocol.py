@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from dataclasses import dataclass
-from typing import NamedTuple
+
+from ..records import record
+from ..typing_lite import NamedTuple
 
 KERNEL_MAJOR = 7
 #: the minor version we speak; the kernel's own may be higher (it adapts) or lower
@@ -291,7 +292,7 @@ def cstrings(body, count: int) -> list[bytes]:
     return parts[:count]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SetAttr:
     """A SETATTR request: which fields are set (``valid``, FATTR_*) and their values."""
     valid: int
@@ -320,7 +321,7 @@ class SetAttr:
                                0, a % 10**9, m % 10**9, 0, self.mode, 0, self.uid, self.gid, 0)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InitIn:
     major: int
     minor: int
@@ -339,7 +340,7 @@ class InitIn:
                                 self.flags & 0xFFFFFFFF, self.flags >> 32) + bytes(44)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InitOut:
     major: int
     minor: int

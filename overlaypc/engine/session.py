@@ -26,14 +26,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import queue
 import struct
 import threading
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from . import protocol as p
+from ..records import field, record
 from .ops import ConnInfo, Entry, Opened, Operations, Request
 
 log = logging.getLogger("overlaypc.engine")
@@ -42,6 +43,8 @@ log = logging.getLogger("overlaypc.engine")
 MAX_WRITE = 1 << 20
 #: worker threads (one per fd); blocking operations (fsync, a large copy-up) tie up one each
 WORKERS = 4
+#: how long ``serve`` waits for the first request's answer before starting the clones
+CLONE_DELAY = 0.05
 
 _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR, p.FSYNCDIR,
                           p.RELEASEDIR, p.NOTIFY_REPLY, p.READDIRPLUS, p.FORGET, p.BATCH_FORGET,
@@ -63,7 +66,7 @@ class ProtocolError(Exception):
     """The kernel's INIT cannot be served (an incompatible protocol version)."""
 
 
-@dataclass
+@record
 class _Reply:
     """What a handler answers: buffers to write after the header, and what to undo if
     the kernel never receives it."""
@@ -113,13 +116,20 @@ class Notifications:
                     log.debug("notification failed: %s", e)
 
 
+def _buffer(size: int) -> memoryview:
+    """A writable buffer whose pages the kernel supplies as they are first written (an
+    anonymous mapping): a ``bytearray`` is zero-filled at once, ~0.9 ms for a worker's two
+    (1 MiB each) before it could read its first request, and resident for good."""
+    return memoryview(mmap.mmap(-1, size))
+
+
 class Session:
     """One connection's request loop over ``ops``; ``fd`` is the channel's fd,
     ``clone`` makes another fd on the same connection."""
 
     def __init__(self, ops: Operations, fd: int, *, clone: Callable[[], int] | None = None,
                  workers: int = WORKERS, max_write: int = MAX_WRITE,
-                 deny_others: int | None = None) -> None:
+                 deny_others: int | None = None, clone_delay: float = CLONE_DELAY) -> None:
         self.ops = ops
         self.fd = fd
         self._clone = clone
@@ -129,6 +139,9 @@ class Session:
         self.conn: ConnInfo | None = None
         self.notifier = Notifications(fd)
         self._threads: list[threading.Thread] = []
+        #: set once a worker has answered a request, or stopped (``serve`` then clones)
+        self._first_done = threading.Event()
+        self.clone_delay = clone_delay
         self._handlers = self._handler_table()
         self._read_fh = ops.read_fh
         self._setxattr_ext = False
@@ -137,7 +150,7 @@ class Session:
     # -- INIT ---------------------------------------------------------------------------------
     def handshake(self) -> ConnInfo:
         """Read INIT and answer it. Returns what was negotiated."""
-        buf = bytearray(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
+        buf = _buffer(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
         while True:
             try:
                 n = os.readv(self.fd, [buf])
@@ -146,7 +159,7 @@ class Session:
                     continue
                 raise
             hdr = p.decode_header(buf)
-            body = memoryview(buf)[p.IN_HEADER.size:n]
+            body = buf[p.IN_HEADER.size:n]
             if hdr.opcode != p.INIT:
                 log.warning("request %s before INIT; answering EIO", p.OPCODE_NAMES.get(hdr.opcode))
                 self._write(self.fd, hdr.unique, -errno.EIO, ())
@@ -189,19 +202,25 @@ class Session:
     # -- the loop -----------------------------------------------------------------------------
     def serve(self, ready: Callable[[], None] | None = None) -> None:
         """Run until the connection ends. ``handshake`` must have run. ``ready`` is called
-        once the workers are started."""
+        once the first worker is started (the mount is served from then on)."""
         self.notifier.start()
         # the first worker serves the channel's fd at once: the mount's first requests
         # (the caller's stat that waited for INIT) need not wait for the clones
         self._start_worker(self.fd)
+        if ready is not None:
+            ready()
+        # ... nor for the clones' threads to start: on 2 vCPUs cloning and starting three
+        # threads while the first request waits delayed its answer by 1-2 ms. They start
+        # once the first worker has answered a request (or stopped), or after clone_delay.
+        self._first_done.wait(self.clone_delay)
         try:
             for _ in range(self.workers - 1):
+                if not self._threads[0].is_alive():
+                    break  # unmounted already: nothing to clone
                 self._start_worker(self._clone())
         except OSError as e:
             log.warning("cannot clone the FUSE fd (%s); serving with %d worker(s)", e,
                         len(self._threads))
-        if ready is not None:
-            ready()
         try:
             for t in self._threads:
                 while t.is_alive():
@@ -220,10 +239,16 @@ class Session:
         self._threads.append(t)
 
     def _worker(self, fd: int) -> None:
-        buf = bytearray(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
-        view = memoryview(buf)
-        bufs = [buf]  # (one list for every read: this loop runs once per request)
-        out = memoryview(bytearray(self.max_write))
+        try:
+            self._serve_fd(fd)
+        finally:
+            self._first_done.set()
+
+    def _serve_fd(self, fd: int) -> None:
+        view = _buffer(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
+        bufs = [view]  # (one list for every read: this loop runs once per request)
+        out = _buffer(self.max_write)
+        first_done = self._first_done
         dispatch = self.dispatch
         while True:
             try:
@@ -246,6 +271,8 @@ class Session:
                 dispatch(fd, view[:n], out)
             except Exception:
                 log.exception("request dispatch failed")
+            if not first_done.is_set():
+                first_done.set()
 
     def dispatch(self, fd: int, msg: memoryview, out: memoryview) -> None:
         """Handle one request read from ``fd``; ``out`` is scratch space for READ data."""

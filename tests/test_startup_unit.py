@@ -1,0 +1,212 @@
+"""``overlaypc.records``: the methods it makes behave as dataclasses' do, for every feature
+the package declares with it; ``overlaypc.typing_lite.NamedTuple`` makes what
+``typing.NamedTuple`` makes; and a mount's imports stay clear of the slow modules."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from overlaypc import typing_lite
+from overlaypc.records import FrozenInstanceError, field, record
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pair(frozen: bool = False, eq: bool = True):
+    """The same declaration made by dataclasses and by records."""
+    made = []
+    for deco, fld in ((dataclasses.dataclass, dataclasses.field), (record, field)):
+        class Thing:
+            """A thing."""
+            a: int
+            b: str = "b"
+            tags: list[str] = fld(default_factory=list)
+            hidden: int | None = fld(default=None, compare=False, repr=False)
+        made.append(deco(frozen=frozen, eq=eq)(Thing))
+    return made
+
+
+@pytest.fixture(params=["generic", "compiled"])
+def methods(request, monkeypatch):
+    """Every record test runs twice: with the generic methods of a class's first calls,
+    and with the compiled ones (made at the first call)."""
+    from overlaypc import records
+    monkeypatch.setattr(records, "COMPILE_AFTER", 10**9 if request.param == "generic" else 1)
+    return request.param
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_init_repr_eq_match_dataclasses(frozen, methods):
+    dc, rc = _pair(frozen=frozen)
+    for args, kwargs in [((1,), {}), ((1, "x"), {"hidden": 3}), ((), {"a": 2, "tags": ["t"]})]:
+        d, r = dc(*args, **kwargs), rc(*args, **kwargs)
+        assert repr(r).replace(rc.__qualname__, "X") == repr(d).replace(dc.__qualname__, "X")
+        assert [getattr(r, n) for n in ("a", "b", "tags", "hidden")] == \
+               [getattr(d, n) for n in ("a", "b", "tags", "hidden")]
+    assert rc(1) == rc(1, hidden=9)            # compare=False fields are not compared
+    assert rc(1) != rc(2) and rc(1) != rc(1, "c")
+    assert rc(1).__eq__(dc(1)) is NotImplemented  # another class is never equal
+    assert rc(1).tags is not rc(1).tags        # a fresh default per instance
+    with pytest.raises(TypeError):
+        rc()                                   # a field without default is required
+    with pytest.raises(TypeError):
+        rc(1, nope=2)
+    with pytest.raises(TypeError):
+        rc(1, a=1)
+    with pytest.raises(TypeError):
+        rc(1, "b", [], 4, 5)
+
+
+def test_frozen_refuses_assignment_and_hashes_compared_fields(methods):
+    _, rc = _pair(frozen=True)
+    r = rc(1, "x")
+    with pytest.raises(FrozenInstanceError):
+        r.a = 2
+    with pytest.raises(AttributeError):        # as dataclasses.FrozenInstanceError is
+        del r.b
+    r, same = rc(1, "x", ()), rc(1, "x", (), hidden=5)   # a tuple: hashable, as dataclasses needs too
+    assert hash(r) == hash(same) and {r: 1}[same] == 1
+
+
+def test_hash_rules_follow_dataclasses(methods):
+    dc, rc = _pair(frozen=False)
+    assert rc.__hash__ is None and dc.__hash__ is None   # eq without frozen: unhashable
+    dc, rc = _pair(eq=False)
+    r = rc(1)
+    assert r != rc(1) and r == r and hash(r) == object.__hash__(r)  # identity
+
+
+def test_own_methods_kept_and_post_init_called(methods):
+    @record
+    class Counted:
+        n: int = 0
+        lock: threading.Lock = field(default_factory=threading.Lock)
+
+        def __post_init__(self) -> None:
+            self.doubled = self.n * 2
+
+        def __repr__(self) -> str:
+            return "mine"
+
+    c = Counted(4)
+    assert c.doubled == 8 and repr(c) == "mine" and Counted.n == 0
+    assert "lock" not in Counted.__dict__       # a factory leaves no class attribute
+
+
+def test_methods_compiled_after_some_calls_once_across_threads(monkeypatch):
+    from overlaypc import records
+    monkeypatch.setattr(records, "COMPILE_AFTER", 4)
+
+    @record(frozen=True)
+    class Lazy:
+        a: int
+        b: tuple = ()
+
+    def compiled() -> dict:
+        return {name: "<record" in Lazy.__dict__[name].__code__.co_filename
+                for name in ("__init__", "__repr__", "__eq__", "__hash__")}
+
+    first = [Lazy(1), Lazy(2, (3,))]
+    assert repr(first[1]).endswith(".Lazy(a=2, b=(3,))") and not any(compiled().values())
+    made, barrier = [], threading.Barrier(8)
+
+    def use() -> None:
+        barrier.wait()
+        made.append(Lazy(1, (2,)))
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(compiled().values())
+    assert len(set(made)) == 1 and made[0] == Lazy(1, (2,)) and first[0] == Lazy(1)
+    assert repr(made[0]).endswith(".Lazy(a=1, b=(2,))")
+
+
+def test_non_default_after_default_is_refused():
+    with pytest.raises(TypeError):
+        @record
+        class Bad:
+            a: int = 0
+            b: int
+
+
+def test_named_tuple_matches_typing():
+    import typing
+
+    made = []
+    for base in (typing.NamedTuple, typing_lite.NamedTuple):
+        class Pair(base):
+            """Two numbers."""
+            a: int
+            b: int = 2
+
+            @property
+            def total(self) -> int:
+                return self.a + self.b
+
+            @classmethod
+            def of(cls, n: int) -> "Pair":
+                return cls(n, n)
+        made.append(Pair)
+    ours, theirs = made[1], made[0]
+    for cls in (theirs, ours):
+        p = cls(1)
+        assert p == (1, 2) and p.total == 3 and cls.of(4) == (4, 4) and p._replace(b=5) == (1, 5)
+        assert cls._fields == ("a", "b") and cls.__doc__ == "Two numbers." and isinstance(p, tuple)
+    assert repr(ours(1)) == repr(theirs(1)) and ours.__qualname__ == theirs.__qualname__
+    assert ours.__module__ == theirs.__module__ == __name__
+    with pytest.raises(TypeError):
+        class Bad(typing_lite.NamedTuple):
+            a: int = 0
+            b: int
+
+
+def test_mount_imports_leave_out_dataclasses_and_typing():
+    """What a mount imports (benchmarks/run.py MOUNT_IMPORTS) does not pull in
+    dataclasses and inspect (~5 ms of start-up, see records) nor typing (~2 ms, see
+    typing_lite)."""
+    code = ("import sys, overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
+            "overlaypc.engine.daemon, overlaypc.mounting, overlaypc.overlay_ops; "
+            "print(' '.join(m for m in ('dataclasses', 'inspect', 'typing', 'argparse') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.strip()
+    assert out == ""
+
+
+def test_plain_command_lines_read_as_argparse_reads_them():
+    """cli._plain_args (the usual mount command lines without argparse) gives argparse's
+    answer wherever it answers, and declines whatever argparse refuses."""
+    import itertools
+    import random
+
+    from overlaypc import cli
+
+    parser = cli._mount_parser()
+    tokens = ["-f", "-d", "--foreground", "--debug", "-o", "lowerdir=/l,upperdir=/u", "-oro",
+              "-o=x", "--stack", "s.yaml", "--stack=t.yaml", "SRC", "MNT", "", "-", "--", "-fd",
+              "--fore", "-x", "-1"]
+    samples = [list(t) for n in range(4) for t in itertools.product(tokens, repeat=n)]
+    rng = random.Random(17)
+    samples += [rng.choices(tokens, k=rng.randint(4, 7)) for _ in range(3000)]
+    answered = 0
+    for argv in samples:
+        ours = cli._plain_args(argv)
+        try:
+            theirs = parser.parse_args(argv)
+        except SystemExit:
+            assert ours is None, argv
+            continue
+        if ours is None:
+            continue
+        answered += 1
+        assert (ours.foreground, ours.debug, ours.options, ours.stack, ours.targets) == \
+               (theirs.foreground, theirs.debug, theirs.options, theirs.stack, theirs.targets), argv
+    assert answered > 1000
+    assert cli._plain_args(["-f", "-o", "lowerdir=/l", "/mnt"]).targets == ["/mnt"]
