@@ -285,14 +285,28 @@ def stats_main(argv: list[str]) -> int:
         return 2
     data = json.loads(raw)
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-        return 0
+        return _emit(json.dumps(data, indent=2, sort_keys=True) + "\n")
     width = max(map(len, data))
+    lines = []
     for key in sorted(data):
         value = data[key]
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
-        print(f"{key:<{width}}  {value}")
+        lines.append(f"{key:<{width}}  {value}\n")
+    return _emit("".join(lines))
+
+
+def _emit(text: str) -> int:
+    """Write ``text`` to stdout; a reader that stopped early (``| head``) ends it quietly,
+    with status 0, as the rest was not wanted."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the interpreter flushes stdout again at exit: point it at /dev/null first
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 

@@ -607,3 +607,19 @@ def test_readahead_raised_and_an_immediate_umount_is_never_busy(layers_factory, 
             assert u.returncode == 0, f"cycle {i}: {u.stderr}"
         finally:
             helpers.force_unmount(mnt)
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json"]])
+def test_stats_into_a_closed_pipe_ends_quietly(layers_factory, overlay_mount, fmt):
+    """``overlaypc stats MNT | head`` where the reader is gone: no traceback, status 0
+    (it printed a BrokenPipeError traceback before)."""
+    layers = layers_factory({"top": {"a": "a\n"}})
+    m = overlay_mount(f"lowerdir={layers.paths[0]}")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        proc = subprocess.run(helpers.overlaypc_cmd("stats", m.path, *fmt), stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
