@@ -132,10 +132,11 @@ class Attributes:
     def chmod(self, rel: str, mode: int) -> None:
         entry = self._upper(rel)
         self.fs.ownership.chmod(entry, mode)
-        self._privs_may_grow(rel)
+        self._privs_may_grow(entry)
 
-    def _privs_may_grow(self, rel: str) -> None:
-        inode = self.fs._live_inode(rel)
+    def _privs_may_grow(self, entry: Entry) -> None:
+        """The upper object ``entry`` (just changed) may have privileges again."""
+        inode = self.fs.live_inode_of(entry)
         if inode is not None:
             inode.privs_may_grow()
 
@@ -145,7 +146,9 @@ class Attributes:
         node = self.fs.lookup.lookup(rel)
         if not node.exists or not stat.S_ISREG(node.st.st_mode):
             return False
-        entry = self._upper(rel)
+        self.fs.require_writable()
+        # ``_upper`` would look the same up first; copied up (metadata only) if not there
+        entry = node.upper if node.upper is not None else self._upper(rel)
         fd = entry.layer.open(entry.rel, os.O_RDONLY | os.O_NONBLOCK)
         try:
             changed = killpriv.kill_fd(self.fs.ownership, entry.layer, fd, writer).changed
@@ -227,7 +230,7 @@ class Attributes:
             raise OSError(errno.EPERM, "overlay-private attribute", name)
         entry = self._upper(rel)
         entry.layer.do_setxattr(entry.rel, name, value, flags)
-        self._privs_may_grow(rel)
+        self._privs_may_grow(entry)
 
     def removexattr(self, rel: str, name: str) -> None:
         self._xattrs_allowed()

@@ -200,6 +200,10 @@ class OverlayFS:
         assert self.index is not None
         self.index.adjust(entry, delta)
 
+    def live_inode_of(self, entry: Entry) -> OverlayInode | None:
+        """The live inode of the upper object ``entry`` (its identity is its own stat's)."""
+        return self.inodes.get(self.identity(Node(entry.rel, (entry,))))
+
     def _live_inode(self, rel: str) -> OverlayInode | None:
         node = self.lookup.lookup(rel)
         return self.inodes.get(self.identity(node)) if node.exists else None
@@ -367,6 +371,11 @@ class OverlayFS:
         return self.files.open(rel, flags)
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller = ROOT) -> OpenResult:
+        return self.files.create(rel, flags, mode, caller)[0]
+
+    def create_node(self, rel: str, flags: int, mode: int,
+                    caller: Caller = ROOT) -> tuple[OpenResult, Node]:
+        """``create``, and the new file's node as made (its stat read after the change)."""
         return self.files.create(rel, flags, mode, caller)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -443,11 +452,13 @@ class OverlayFS:
     def link(self, src: str, dst: str) -> None:
         self.namespace.link(src, dst)
 
-    def unlink(self, rel: str) -> None:
-        self.namespace.unlink(rel)
+    def unlink(self, rel: str) -> Node:
+        """Remove ``rel``; return its node as it was just before (its link count)."""
+        return self.namespace.unlink(rel)
 
     def rmdir(self, rel: str) -> None:
         self.namespace.rmdir(rel)
 
-    def rename(self, old: str, new: str, flags: int = 0) -> None:
-        self.namespace.rename(old, new, flags)
+    def rename(self, old: str, new: str, flags: int = 0) -> Node | None:
+        """Move ``old`` to ``new``; return what was at ``new`` just before."""
+        return self.namespace.rename(old, new, flags)

@@ -20,7 +20,7 @@ from . import faults, killpriv, sysapi
 from .attrs import Attr
 from .handles import Handle
 from .inodes import OverlayInode
-from .lookup import Entry
+from .lookup import Entry, Node
 from .namespace import Caller
 from .records import record
 from .sharing import NOT_SHARED, Canonical, Piece, changing, map_file
@@ -85,18 +85,18 @@ class Files:
                 raise
         return self._register(inode, flags, rel, fd, generation)
 
-    def create(self, rel: str, flags: int, mode: int, caller: Caller) -> OpenResult:
+    def create(self, rel: str, flags: int, mode: int, caller: Caller) -> tuple[OpenResult, Node]:
+        """A new regular file, opened; and its node as made (``Namespace.create``)."""
         fs = self.fs
-        fd = fs.namespace.create(rel, flags, mode, caller)
+        fd, node = fs.namespace.create(rel, flags, mode, caller)
         try:
-            node = fs.lookup.lookup(rel)
             key = fs.identity(node)
             inode = fs.inodes.acquire(key, fs.inos.ino_of(node), node.top)
         except BaseException:
             os.close(fd)
             raise
         fs.inodes.forget_version(key)
-        return self._register(inode, flags, rel, fd, inode.generation)
+        return self._register(inode, flags, rel, fd, inode.generation), node
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs

@@ -18,6 +18,12 @@ Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr
     different filesystems never collide.
 Decoding costs syscalls; results are cached by (dev, ino, ctime) of the upper object,
 which changes whenever the object does, so a reused inode number never hits a stale entry.
+A change of the object (a chmod, a name made or removed in a directory) changes its ctime
+but rarely its origin: on such a miss the origin xattr is read again (one call) and a
+decoded origin is taken from a second cache keyed by the xattr's bytes and the object's
+type, the only inputs of the result besides the lower layers, which do not change under
+a mount (a documented caveat). A decode that found nothing is not kept there (it may have
+failed for want of fds), only under the object's (dev, ino, ctime).
 The ``trusted.overlay.overlaypc.ino`` xattr older versions wrote is not trusted: a
 copied xattr would show a number the file's own origin does not vouch for.
 """
@@ -56,6 +62,8 @@ class InodeNumbers:
         for layer in stack.lowers:  # a null UUID (as the kernel writes on some filesystems) too
             self._by_uuid.setdefault(layer.uuid, []).append(layer)
         self._cache: OrderedDict[tuple[int, int, int], int | None] = OrderedDict()
+        #: (which xattr, file type, its bytes) -> number shown, for decoded origins only
+        self._decoded: OrderedDict[tuple[str, int, bytes], int] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
 
@@ -67,26 +75,45 @@ class InodeNumbers:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        origin = self._origin(entry)
-        value = None
-        if origin is not None and stat.S_IFMT(origin.st_mode) == stat.S_IFMT(st.st_mode):
-            shared = stat.S_ISDIR(st.st_mode) or origin.st_nlink == 1 \
-                or self.index
-            if shared:
-                value = self.xino.ino(origin.st_dev, origin.st_ino)
+        value = self._from_origin(entry)
         with self._lock:
             self._cache[key] = value
             if len(self._cache) > self._limit:
                 self._cache.popitem(last=False)
         return value
 
-    def _origin(self, entry: Entry) -> os.stat_result | None:
-        """``fstat`` of the lower object the upper's origin handle decodes to, else
-        ``lstat`` of the lower object fuse-overlayfs's origin names."""
-        raw = _xattr(entry, self.origin_xattr)
+    def _from_origin(self, entry: Entry) -> int | None:
+        """The number the upper ``entry``'s origin xattr gives (kernel file handle, else
+        fuse-overlayfs's path), from the cache of decoded origins when it holds it."""
+        kind = stat.S_IFMT(entry.st.st_mode)
+        name = self.origin_xattr
+        raw = _xattr(entry, name)
         parsed = sysapi.parse_ovl_origin(raw) if raw else None
         if parsed is None:
-            return self._path_origin(entry)
+            name = whiteout.FOO_ORIGIN
+            raw = _xattr(entry, name)
+            if not raw:
+                return None
+        vkey = (name, kind, raw)
+        with self._lock:
+            value = self._decoded.get(vkey)
+            if value is not None:
+                self._decoded.move_to_end(vkey)
+                return value
+        origin = self._decode(parsed) if parsed is not None else self._path_origin(raw)
+        if origin is None or stat.S_IFMT(origin.st_mode) != kind:
+            return None
+        if not (kind == stat.S_IFDIR or origin.st_nlink == 1 or self.index):
+            return None
+        value = self.xino.ino(origin.st_dev, origin.st_ino)
+        with self._lock:
+            self._decoded[vkey] = value
+            if len(self._decoded) > self._limit:
+                self._decoded.popitem(last=False)
+        return value
+
+    def _decode(self, parsed: tuple[bytes, int, bytes]) -> os.stat_result | None:
+        """``fstat`` of the lower object a parsed origin file handle decodes to."""
         uuid, handle_type, fid = parsed
         seen_devs = set()
         for layer in self._by_uuid.get(uuid, ()):
@@ -103,12 +130,9 @@ class InodeNumbers:
                 os.close(fd)
         return None
 
-    def _path_origin(self, entry: Entry) -> os.stat_result | None:
-        """``user.fuseoverlayfs.origin``: the path, in the lower layers, of the object
-        this one was copied up from (fuse-overlayfs's format), looked up top first."""
-        raw = _xattr(entry, whiteout.FOO_ORIGIN)
-        if not raw:
-            return None
+    def _path_origin(self, raw: bytes) -> os.stat_result | None:
+        """``user.fuseoverlayfs.origin`` (``raw``): the path, in the lower layers, of the
+        object this one was copied up from (fuse-overlayfs's format), looked up top first."""
         parts = [p for p in os.fsdecode(raw.rstrip(b"\0")).split("/") if p]
         if not parts or any(p in (".", "..") for p in parts):
             return None

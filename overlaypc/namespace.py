@@ -19,7 +19,12 @@ made in place; objects built in ``workdir/work`` get their ACLs set by hand.
 
 Locking: copy-ups run first, without the namespace lock (they take it only for their
 final rename); the change itself then runs under the namespace lock and re-looks-up
-what it acts on.
+what it acts on. That lookup under the lock is the one that decides; the checks before
+the copy-up only keep a doomed change (EEXIST, ENOENT...) from copying up the parent, so
+they are skipped when the parent has its upper copy already (one lookup fewer per
+request). The objects a change acts on, as looked up under the lock, are returned to the
+adapter (a removed node's link count, a created file's node built from its own fd), so
+it need not look them up again.
 """
 from __future__ import annotations
 
@@ -82,10 +87,17 @@ class Namespace:
         if whiteout.is_oci_name(split(rel)[1]):
             raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", rel)
 
-    def _owner(self, rel: str, caller: Caller, mode: int) -> tuple[int, int, int]:
-        """(uid, gid, mode) for a new object in the parent of ``rel``, as stored: the
-        caller's IDs mapped back (``ownership``), the group of a setgid parent."""
+    def _owner(self, rel: str, caller: Caller, mode: int) -> tuple[int, int, int, bytes | None]:
+        """(uid, gid, mode, default ACL) for a new object in the parent of ``rel``, as
+        stored: the caller's IDs mapped back (``ownership``), the group of a setgid parent,
+        the parent's default ACL (the upper parent's, read through the fd the lookup holds)."""
         top = self.fs.lookup.directory(split(rel)[0]).top
+        upper = self.fs.stack.upper
+        assert upper is not None
+        if top.layer is upper and top.dirfd is not None:
+            default = upper.getxattr_at(top.dirfd, acl.DEFAULT)
+        else:
+            default = upper.getxattr(split(rel)[0], acl.DEFAULT)
         # fresh: the cached lookup keeps a directory's structure, not its attributes,
         # which a chmod or chown of the parent may just have changed
         parent = os.fstat(top.dirfd.fd) if top.dirfd is not None else top.st
@@ -96,21 +108,29 @@ class Namespace:
             gid = stored.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        return uid, gid, mode
+        return uid, gid, mode, default
 
     def lower_exists(self, rel: str) -> bool:
         """Whether a lower layer shows something at ``rel`` (below whatever upper has)."""
         return self.fs.lookup.lower_exists(rel)
 
-    def _prepare_new(self, rel: str) -> Node:
-        """Checks for a new name; copies up the parent. Returns the current node."""
+    def _parent_in_upper(self, rel: str) -> bool:
+        """Whether the parent of ``rel`` has its upper copy (from the lookup's cache of
+        directories; ENOENT/ENOTDIR when it is not a directory): then a change in it copies
+        nothing up, and the lookup under the namespace lock is the only check needed."""
+        parent = split(rel)[0]
+        return not parent or self.fs.lookup.directory(parent).upper is not None
+
+    def _prepare_new(self, rel: str) -> None:
+        """Checks for a new name; copies up the parent (an existing name fails first)."""
         self.fs.require_writable()
         self._check_new_name(rel)
+        if self._parent_in_upper(rel):
+            return  # _place_new's lookup under the lock decides
         node = self.fs.lookup.lookup(rel)
         if node.exists:
             raise OSError(errno.EEXIST, "file exists", rel)
         self.fs.copyup.ensure_parent(rel)
-        return node
 
     def _place_new(self, rel: str, make, caller: Caller | None, mode: int, *, is_dir: bool = False) -> None:
         """Run ``make(layer, where, mode)`` to create the object at ``rel``, owned by
@@ -119,8 +139,8 @@ class Namespace:
         assert upper is not None and work is not None
         new = owner = None
         if caller is not None:
-            uid, gid, mode = self._owner(rel, caller, mode)
-            new = acl.inherit(upper.getxattr(split(rel)[0], acl.DEFAULT), mode, caller.umask)
+            uid, gid, mode, default = self._owner(rel, caller, mode)
+            new = acl.inherit(default, mode, caller.umask)
             owner = (uid, gid, new.mode)
             mode = new.mode
         node = self.fs.lookup.lookup(rel)
@@ -185,7 +205,7 @@ class Namespace:
         if self.fs.ownership.writes_override(layer, mode):
             self.fs.ownership.set_override(layer, rel, uid, gid, mode)  # xattr_permissions
             return
-        st = layer.lstat(rel)
+        st = self._lstat(layer, rel)
         if st is None:
             return
         if (st.st_uid, st.st_gid) != (uid, gid):
@@ -198,15 +218,39 @@ class Namespace:
         if not stat.S_ISLNK(mode) and st.st_mode & 0o7000 != mode & 0o7000:
             layer.do_chmod(rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000)
 
+    def _lstat(self, layer, rel: str):
+        """``lstat`` of an object this change just made: one ``fstatat`` through the fd
+        the lookup holds of its parent in ``layer``, else a walk from the layer's root."""
+        head, name = split(rel)
+        parent = (self.fs.lookup.held_dir(layer, head) if head else layer.root) if name else None
+        return layer.lstat(rel) if parent is None else layer.stat_at(parent, name)
+
     def _done(self, *dirs: str) -> None:
         """After a change: forget the cached structure of the directories it touched (and
         their subtrees). Creating or removing a non-directory changes no cached directory."""
         for rel in dirs:
             self.fs.lookup.invalidate(rel)
 
+    def _created(self, rel: str, fd: int) -> Node:
+        """The merged node of the regular file just made at ``rel``, as a lookup under the
+        same namespace lock hold would find it: the upper file alone (a new non-directory
+        hides whatever is below; it has no metacopy mark nor index entry), with the stat
+        and xattr names of the file itself, read through ``fd`` after every change made
+        to it (owner, ACLs, override xattrs)."""
+        upper = self.fs.stack.upper
+        assert upper is not None
+        st = os.fstat(fd)
+        try:
+            names: frozenset[str] | None = frozenset(os.listxattr(fd))
+        except OSError as e:
+            names = frozenset() if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
+        head = split(rel)[0]
+        parent = self.fs.lookup.held_dir(upper, head) if head else upper.root
+        return Node(rel, (Entry(upper, rel, st, None, parent, names),))
+
     # -- creation -----------------------------------------------------------------------------
-    def create(self, rel: str, flags: int, mode: int, caller: Caller) -> int:
-        """Create a regular file; return an fd on it opened with ``flags``."""
+    def create(self, rel: str, flags: int, mode: int, caller: Caller) -> tuple[int, Node]:
+        """Create a regular file; return an fd on it opened with ``flags``, and its node."""
         self._prepare_new(rel)
         fds: list[int] = []
         access = flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
@@ -217,11 +261,12 @@ class Namespace:
         with self.fs.ns_lock:
             try:
                 self._place_new(rel, make, caller, stat.S_IFREG | stat.S_IMODE(mode))
+                node = self._created(rel, fds[0])
             except BaseException:
                 for fd in fds:
                     os.close(fd)
                 raise
-        return fds[0]
+        return fds[0], node
 
     def mknod(self, rel: str, mode: int, device: int, caller: Caller) -> None:
         if stat.S_ISCHR(mode) and device == 0:  # a whiteout: the name would vanish
@@ -268,39 +313,48 @@ class Namespace:
                 self.fs.adjust_nlink(shared, +1)
 
     # -- removal ------------------------------------------------------------------------------
-    def unlink(self, rel: str) -> None:
-        self.fs.require_writable()
-        node = self.fs.lookup.lookup(rel)
+    @staticmethod
+    def _check_unlink(node: Node) -> None:
         if not node.exists:
-            raise OSError(errno.ENOENT, "no such file", rel)
+            raise OSError(errno.ENOENT, "no such file", node.rel)
         if node.is_dir:
-            raise OSError(errno.EISDIR, "is a directory", rel)
-        self.fs.copyup.ensure_parent(rel)
+            raise OSError(errno.EISDIR, "is a directory", node.rel)
+
+    def unlink(self, rel: str) -> Node:
+        """Remove the non-directory at ``rel``; return its node as it was just before."""
+        self.fs.require_writable()
+        if not self._parent_in_upper(rel):
+            self._check_unlink(self.fs.lookup.lookup(rel))  # before copying the parent up
+            self.fs.copyup.ensure_parent(rel)
         with self.fs.ns_lock:
             node = self.fs.lookup.lookup(rel)
-            if not node.exists:
-                raise OSError(errno.ENOENT, "no such file", rel)
+            self._check_unlink(node)
             shared = self.fs.index_of(node)
             key = self.fs.identity(node)  # before the name is gone
-            self._remove(node, self.lower_exists(rel))
+            # a lower entry in the node: a lower layer shows the name (no need to ask again)
+            self._remove(node, bool(node.lowers) or self.lower_exists(rel))
             if shared is not None:
                 self.fs.adjust_nlink(shared, -1)
             self.fs.unlinked(node, key)
+        return node
+
+    @staticmethod
+    def _check_rmdir(node: Node) -> None:
+        if not node.exists:
+            raise OSError(errno.ENOENT, "no such directory", node.rel)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory", node.rel)
 
     def rmdir(self, rel: str) -> None:
         self.fs.require_writable()
         if not rel:
             raise OSError(errno.EBUSY, "cannot remove the mount root")
-        node = self.fs.lookup.lookup(rel)
-        if not node.exists:
-            raise OSError(errno.ENOENT, "no such directory", rel)
-        if not node.is_dir:
-            raise OSError(errno.ENOTDIR, "not a directory", rel)
-        self.fs.copyup.ensure_parent(rel)
+        if not self._parent_in_upper(rel):
+            self._check_rmdir(self.fs.lookup.lookup(rel))  # before copying the parent up
+            self.fs.copyup.ensure_parent(rel)
         with self.fs.ns_lock:
             node = self.fs.lookup.lookup(rel)
-            if not node.is_dir:
-                raise OSError(errno.ENOENT, "no such directory", rel)
+            self._check_rmdir(node)
             if merged_listing(node, self.fs.inos, self.fs.prefix):
                 raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
             self._remove(node, bool(node.lowers) or self.lower_exists(rel))
@@ -365,13 +419,15 @@ class Namespace:
             raise
 
     # -- rename -------------------------------------------------------------------------------
-    def rename(self, old: str, new: str, flags: int = 0) -> None:
+    def rename(self, old: str, new: str, flags: int = 0) -> Node | None:
+        """Move ``old`` to ``new``; return the node that was at ``new`` just before (None
+        when nothing was moved: the same name)."""
         self.fs.require_writable()
         if flags & ~sysapi.RENAME_NOREPLACE:
             raise OSError(errno.EINVAL, "rename flags other than RENAME_NOREPLACE are not supported")
         self._check_new_name(new)
         if old == new:
-            return
+            return None
         if new.startswith(old + "/") or not old:
             raise OSError(errno.EINVAL, "cannot move a directory into itself", new)
         onode = self.fs.lookup.lookup(old)
@@ -418,6 +474,7 @@ class Namespace:
             self.fs.renamed(old, new)
             if onode.is_dir or nnode.is_dir:
                 self._done(old, new)
+        return nnode
 
     def _mark_moved(self, onode: Node, new: str, new_lower: bool) -> tuple[str, bytes | None] | None:
         """Before a move, set the xattr the object needs at its new name: a redirect (a

@@ -34,6 +34,7 @@ from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
+from .lookup import Node
 from .killpriv import Writer, has_fsetid
 from .mounting import raise_readahead
 from .namespace import Caller
@@ -128,17 +129,24 @@ class OverlayOps(Operations):
             raise OSError(errno.EINVAL, "invalid name", decoded)
         return _join(self._path(parent), decoded), decoded
 
-    def _take(self, parent: int, name: str, rel: str) -> Entry | None:
-        """Look ``rel`` up and take one reference to its node; None if it does not exist."""
+    def _take(self, parent: int, name: str, rel: str,
+              made: tuple[int, Node] | None = None) -> Entry | None:
+        """Look ``rel`` up and take one reference to its node; None if it does not exist.
+        ``made``: (table epoch read before the change, the node the change made, read
+        under its namespace lock hold), used instead of a lookup unless the epoch moved."""
         fs = self.fs
         while True:
-            epoch = self.nodes.epoch
-            try:
-                node, attr = fs.lookup_attr(rel)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    return None
-                raise
+            if made is not None:
+                (epoch, node), made = made, None
+                attr = fs.attrs.of_node(node, rel)
+            else:
+                epoch = self.nodes.epoch
+                try:
+                    node, attr = fs.lookup_attr(rel)
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        return None
+                    raise
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
@@ -159,8 +167,9 @@ class OverlayOps(Operations):
         key = self.nodes.node(nodeid).key
         return self._attr_timeout(key) if isinstance(key, InodeKey) else self.timeout
 
-    def _entry(self, parent: int, name: str, rel: str) -> Entry:
-        entry = self._take(parent, name, rel)
+    def _entry(self, parent: int, name: str, rel: str,
+               made: tuple[int, Node] | None = None) -> Entry:
+        entry = self._take(parent, name, rel, made)
         if entry is None:
             raise OSError(errno.ENOENT, "vanished after it was made", rel)
         return entry
@@ -174,11 +183,12 @@ class OverlayOps(Operations):
                 continue
         raise OSError(errno.ENOENT, "no name left and not open")
 
-    def _links_elsewhere(self, rel: str) -> bool:
-        """Whether the non-directory at ``rel`` has other names on disk (before a removal):
-        its node then keeps its identity even when no name of it is known."""
-        node = self.fs.lookup.lookup(rel)
-        return node.exists and not node.is_dir and node.st.st_nlink > 1
+    @staticmethod
+    def _links_elsewhere(node: Node | None) -> bool:
+        """Whether the non-directory ``node`` (as a removal found it, just before) has
+        other names on disk: its node then keeps its identity even when no name of it is
+        known."""
+        return node is not None and node.exists and not node.is_dir and node.st.st_nlink > 1
 
     def lookup(self, req: Request, parent: int, name: bytes) -> Entry:
         rel, decoded = self._child(parent, name)
@@ -292,9 +302,8 @@ class OverlayOps(Operations):
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
         rel, decoded = self._child(parent, name)
-        keep = self._links_elsewhere(rel)
-        self.fs.unlink(rel)
-        self.nodes.unlink(parent, decoded, keep_key=keep)
+        removed = self.fs.unlink(rel)
+        self.nodes.unlink(parent, decoded, keep_key=self._links_elsewhere(removed))
 
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
         rel, decoded = self._child(parent, name)
@@ -305,9 +314,9 @@ class OverlayOps(Operations):
                flags: int = 0) -> None:
         old, decoded = self._child(parent, name)
         new, new_decoded = self._child(new_parent, new_name)
-        keep = self._links_elsewhere(new)
-        self.fs.rename(old, new, flags)
-        self.nodes.rename(parent, decoded, new_parent, new_decoded, keep_key=keep)
+        replaced = self.fs.rename(old, new, flags)
+        self.nodes.rename(parent, decoded, new_parent, new_decoded,
+                          keep_key=self._links_elsewhere(replaced))
 
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
@@ -346,9 +355,10 @@ class OverlayOps(Operations):
     def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int,
                open_flags: int = 0) -> tuple[Entry, Opened]:
         rel, decoded = self._child(parent, name)
-        result = self.fs.create(rel, flags, mode, _caller(req))
+        epoch = self.nodes.epoch  # before the change: any move of identities since voids ``node``
+        result, node = self.fs.create_node(rel, flags, mode, _caller(req))
         try:
-            entry = self._entry(parent, decoded, rel)
+            entry = self._entry(parent, decoded, rel, (epoch, node))
         except BaseException:
             self.fs.release(result.fh)
             raise

@@ -1,0 +1,167 @@
+"""What one namespace request costs the daemon, driven through ``OverlayOps`` without FUSE
+(``core_driver``): how often it looks a name up, walks a layer path, or decodes a copy-up
+origin. Counts, never times. Each reply must still show the object's real state after the
+change (compared with a fresh ``lstat`` of the backing object / a fresh GETATTR)."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import Counter
+
+import pytest
+
+import helpers
+from core_driver import REQ, CoreDriver
+from overlaypc import inumbers, layer, lookup
+from overlaypc.config import MountConfig, validate
+from overlaypc.engine import protocol as p
+from overlaypc.engine.ops import Request
+from overlaypc.engine.protocol import SetAttr
+from overlaypc.nodes import ROOT_ID
+
+N = 20  # names per directory in the lower layer
+
+
+@pytest.fixture
+def env(tmp_path):
+    helpers.require("root")  # trusted.* xattrs, chown to other IDs, open_by_handle_at
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    lower = tmp_path / "lower"
+    (lower / "ld").mkdir()
+    for i in range(N):
+        (lower / "ld" / f"f{i}").write_bytes(b"x")
+    (tmp_path / "upper" / "u").mkdir()
+    cfg = MountConfig(lowers=[str(lower)], upper=str(tmp_path / "upper"),
+                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"))
+    validate(cfg)
+    drv = CoreDriver(cfg)
+    yield drv, tmp_path
+    drv.close()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts: merged lookups (``Lookup.lookup``), layer path walks (``Layer.lstat``,
+    ``Layer.getxattr``) and origin decodes (``open_by_handle``)."""
+    counts: Counter[str] = Counter()
+
+    def counting(owner, name, key):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapper)
+
+    counting(lookup.Lookup, "lookup", "lookup")
+    counting(layer.Layer, "lstat", "walk")
+    counting(layer.Layer, "getxattr", "walk")
+    counting(inumbers.sysapi, "open_by_handle", "decode")
+    return counts
+
+
+def _node(drv: CoreDriver, parent: int, name: str) -> int:
+    return drv.ops.lookup(REQ, parent, name.encode()).nodeid
+
+
+def _same(attr, st: os.stat_result) -> None:
+    assert (attr.mode, attr.uid, attr.gid, attr.size, attr.nlink) == \
+        (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink)
+    assert attr.ctime_ns == st.st_ctime_ns and attr.mtime_ns == st.st_mtime_ns
+
+
+def test_create_looks_its_name_up_once(env, calls):
+    """CREATE in a directory that has its upper copy: one lookup (under the namespace
+    lock, the one that decides EEXIST), no path walk; the reply is the file as made, its
+    owner the caller's (set after creation)."""
+    drv, tmp = env
+    u = _node(drv, ROOT_ID, "u")
+    caller = Request(uid=1234, gid=5678, pid=os.getpid())
+    calls.clear()
+    entry, opened = drv.ops.create(caller, u, b"new", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                   stat.S_IFREG | 0o640)
+    assert calls["lookup"] == 1, calls
+    assert calls["walk"] == 0, calls
+    _same(entry.attr, os.lstat(tmp / "upper" / "u" / "new"))
+    assert (entry.attr.uid, entry.attr.gid) == (1234, 5678)
+    # the node is the one a lookup finds, with the same attributes
+    again = drv.ops.lookup(REQ, u, b"new")
+    assert again.nodeid == entry.nodeid and again.attr == entry.attr
+    drv.ops.release(REQ, entry.nodeid, opened.fh)
+    drv.ops.forget(entry.nodeid, 2)
+    with pytest.raises(FileExistsError):  # the check under the lock still decides
+        drv.ops.create(REQ, u, b"new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IFREG | 0o644)
+
+
+def test_unlink_looks_its_name_up_once(env, calls):
+    """UNLINK in a directory that has its upper copy: one lookup (under the lock), which
+    also gives the link count the node table needs; a directory is refused under it."""
+    drv, tmp = env
+    u = _node(drv, ROOT_ID, "u")
+    (tmp / "upper" / "u" / "a").write_bytes(b"a")
+    os.link(tmp / "upper" / "u" / "a", tmp / "upper" / "u" / "b")
+    a = _node(drv, u, "a")
+    calls.clear()
+    drv.ops.unlink(REQ, u, b"a")
+    assert calls["lookup"] == 1, calls
+    assert not (tmp / "upper" / "u" / "a").exists()
+    # a hard link: the node keeps its identity, and the other name finds it
+    assert _node(drv, u, "b") == a
+    (tmp / "upper" / "u" / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        drv.ops.unlink(REQ, u, b"d")
+    with pytest.raises(NotADirectoryError):
+        drv.ops.rmdir(REQ, u, b"b")
+    with pytest.raises(FileNotFoundError):
+        drv.ops.unlink(REQ, u, b"a")
+
+
+def test_parent_getattr_after_removals_decodes_its_origin_once(env, calls):
+    """rm of a lower tree: every UNLINK changes the copied-up parent's ctime, and the
+    kernel's GETATTR of the parent then asks its inode number again; the origin handle is
+    decoded once, and the number stays the lower directory's."""
+    drv, tmp = env
+    ld = _node(drv, ROOT_ID, "ld")
+    ino = drv.ops.getattr(REQ, ld).attr.ino
+    assert ino == os.lstat(tmp / "lower" / "ld").st_ino
+    calls.clear()
+    for i in range(N):
+        drv.ops.unlink(REQ, ld, f"f{i}".encode())
+        attr = drv.ops.getattr(REQ, ld).attr
+        assert attr.ino == ino
+        _same(attr, os.lstat(tmp / "upper" / "ld"))
+    assert calls["decode"] <= 1, calls
+
+
+def test_chmod_looks_up_for_the_copy_up_check_and_the_reply_only(env, calls):
+    """SETATTR(mode) of an upper file: one lookup to find its upper copy, one fresh for
+    the reply (the inode whose privileges may grow is the changed entry's)."""
+    drv, tmp = env
+    u = _node(drv, ROOT_ID, "u")
+    (tmp / "upper" / "u" / "f").write_bytes(b"f")
+    f = _node(drv, u, "f")
+    calls.clear()
+    reply = drv.ops.setattr(REQ, f, SetAttr(p.FATTR_MODE, None, 0, 0, 0, 0o600, 0, 0))
+    assert calls["lookup"] == 2, calls
+    _same(reply.attr, os.lstat(tmp / "upper" / "u" / "f"))
+    assert stat.S_IMODE(reply.attr.mode) == 0o600
+
+
+def test_create_and_unlink_in_a_lower_directory_copy_it_up_first(env, calls):
+    """A parent without an upper copy: the name is checked before the copy-up (a doomed
+    change copies nothing up), then again under the lock."""
+    drv, tmp = env
+    ld = _node(drv, ROOT_ID, "ld")
+    with pytest.raises(OSError) as e:
+        drv.ops.unlink(REQ, ld, b"missing")
+    assert e.value.errno == errno.ENOENT
+    assert not (tmp / "upper" / "ld").exists()
+    with pytest.raises(FileExistsError):
+        drv.ops.create(REQ, ld, b"f0", os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IFREG | 0o644)
+    assert not (tmp / "upper" / "ld").exists()
+    entry, opened = drv.ops.create(REQ, ld, b"new", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                   stat.S_IFREG | 0o644)
+    _same(entry.attr, os.lstat(tmp / "upper" / "ld" / "new"))
+    drv.ops.release(REQ, entry.nodeid, opened.fh)
