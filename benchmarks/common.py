@@ -270,6 +270,9 @@ def _pc_env(tree: str = REPO) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    # `python -m overlaypc` (and -c) put the working directory first on sys.path: run from
+    # a checkout, every tree would import that checkout's package instead of ``tree``'s
+    env["PYTHONSAFEPATH"] = "1"
     env["PYTHONPYCACHEPREFIX"] = PYCACHE
     env.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     return env

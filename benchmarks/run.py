@@ -207,13 +207,20 @@ def main_workloads(system, rep: int, ws: Workspace, lower: str, data: dict, cfg:
     name = system.name
     base = ws.sub("runs", f"{rep}-{name}")
     upper, work, mnt = (os.path.join(base, x) for x in ("upper", "work", "mnt"))
+    # the goal compares overlaypc minus Python's own start with the others as they are
+    own = data["python_pass"] if system.kind == "overlaypc" else 0.0
     try:
         with system.mount(lower, upper, work, mnt) as m:
+            # cold: the previous system's workloads dropped the page cache, so the mount
+            # program (for overlaypc: the interpreter and every module) is read from disk
             M["mount"].add(name, m.timings["visible"] * 1e3)
-            # the goal compares overlaypc minus Python's own start with the others as they are
-            own = data["python_pass"] if system.kind == "overlaypc" else 0.0
             M["mount_net"].add(name, (m.timings["visible"] - own) * 1e3)
             extra.setdefault("mount_timings", {}).setdefault(name, []).append(dict(m.timings))
+        # warm: the same mount again, its files now in the page cache (as a host that mounts
+        # often, e.g. a container engine, sees it)
+        with system.mount(lower, upper, work, mnt) as m:
+            M["mount_warm"].add(name, m.timings["visible"] * 1e3)
+            M["mount_warm_net"].add(name, (m.timings["visible"] - own) * 1e3)
             tree, big = os.path.join(mnt, "tree"), os.path.join(mnt, "big")
 
             def find_cold():
@@ -398,6 +405,9 @@ def new_metrics(cfg: dict) -> dict[str, Metric]:
         Metric("mount", "mount until visible", "ms", higher_is_better=False),
         Metric("mount_net", "mount until visible, overlaypc minus `python3 -I -c pass`", "ms",
                higher_is_better=False),
+        Metric("mount_warm", "mount until visible, warm page cache", "ms", higher_is_better=False),
+        Metric("mount_warm_net", "mount until visible, warm, overlaypc minus `python3 -I -c pass`",
+               "ms", higher_is_better=False),
         Metric("shared_1", "cache=shared 4k rand read of a lower file, writable, 1 reader", "reads/s"),
         Metric("shared_2", "cache=shared 4k rand read of a lower file, writable, 2 readers", "reads/s"),
     ]}

@@ -23,7 +23,8 @@ from common import REFERENCE  # noqa: E402
 SHOWN = [("find_cold", "find+stat\ncold"), ("find_warm", "find+stat\nwarm"), ("grep_lower", "grep -r\nlower, cold"),
          ("grep", "grep -r\nupper"),
          ("untar", "untar"), ("rm_rf", "rm -rf"), ("create", "create\n+write"),
-         ("chmod_r", "chmod -R\n(copy-up)"), ("mount_net", "mount\n(- python)")]
+         ("chmod_r", "chmod -R\n(copy-up)"), ("mount_net", "mount cold\n(- python)"),
+         ("mount_warm_net", "mount warm\n(- python)")]
 SYSTEMS = [("overlaypc-kernel", "overlaypc"), (REFERENCE, "fuse-overlayfs"),
            ("kernel-overlay", "kernel overlayfs")]
 
