@@ -23,25 +23,30 @@ import helpers
 pytestmark = [pytest.mark.mount]
 
 
-@pytest.fixture
-def noacl_fs(tmp_path: Path):
-    """A small btrfs mounted with ``noacl``: ACL xattrs answer EOPNOTSUPP."""
+def _loop_fs(tmp_path: Path, name: str, size: int, mkfs: list[str], options: str):
+    """A fresh filesystem of ``size`` bytes made by ``mkfs`` (the image path appended) and
+    loop-mounted with ``options`` at ``tmp_path/name``; unmounted and removed after."""
     helpers.require("root")
-    helpers.require(shutil.which("mkfs.btrfs") is not None, "needs mkfs.btrfs (btrfs-progs)")
-    image, mnt = tmp_path / "btrfs.img", tmp_path / "noacl"
+    helpers.require(shutil.which(mkfs[0]) is not None, f"needs {mkfs[0]}")
+    image, mnt = tmp_path / f"{name}.img", tmp_path / name
     mnt.mkdir()
     with open(image, "wb") as f:
-        f.truncate(128 << 20)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    r = subprocess.run(["mount", "-o", "loop,noacl", str(image), str(mnt)], capture_output=True,
-                       text=True)
-    helpers.require(r.returncode == 0, f"cannot loop-mount btrfs: {r.stderr.strip()}")
+        f.truncate(size)
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
+    r = subprocess.run(["mount", "-o", options, str(image), str(mnt)], capture_output=True, text=True)
+    helpers.require(r.returncode == 0, f"cannot loop-mount {name}: {r.stderr.strip()}")
     try:
         yield mnt
     finally:
         helpers.force_unmount(mnt)
         with contextlib.suppress(OSError):
             image.unlink()
+
+
+@pytest.fixture
+def noacl_fs(tmp_path: Path):
+    """A small btrfs mounted with ``noacl``: ACL xattrs answer EOPNOTSUPP."""
+    yield from _loop_fs(tmp_path, "noacl", 128 << 20, ["mkfs.btrfs", "-q"], "loop,noacl")
 
 
 def lower_with_acl(base: Path) -> Path:
@@ -88,22 +93,8 @@ def test_acl_that_cannot_be_copied_fails_the_copy_up(tmp_path, noacl_fs, overlay
 def ext4_fs(tmp_path: Path):
     """A small ext4 (without ea_inode) on a loop device: all of an inode's xattrs must fit
     in one 4 KiB block, so a large value fails with ENOSPC."""
-    helpers.require("root")
-    helpers.require(shutil.which("mkfs.ext4") is not None, "needs mkfs.ext4 (e2fsprogs)")
-    image, mnt = tmp_path / "ext4.img", tmp_path / "ext4"
-    mnt.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^ea_inode", str(image)],
-                   check=True, capture_output=True)
-    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
-    helpers.require(r.returncode == 0, f"cannot loop-mount ext4: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        helpers.force_unmount(mnt)
-        with contextlib.suppress(OSError):
-            image.unlink()
+    yield from _loop_fs(tmp_path, "ext4", 64 << 20,
+                        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^ea_inode"], "loop")
 
 
 def test_any_other_xattr_error_fails_the_copy_up(tmp_path, xfs_dir, ext4_fs, overlay_mount,

@@ -9,6 +9,7 @@ must always read back like a model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -202,12 +203,13 @@ def test_random_writes_and_truncates_match_a_model(reflinked_pairs):
 
 # -- issue 12, defect 2: a shared read must never serve bytes the file no longer has ------------
 
-def test_o_trunc_open_drops_the_sharing_map(require_tools, xfs_dir, overlay_mount):
-    """2a: an open(O_TRUNC) of a mapped, reflink-copied-up file, then a 10-byte write: a
-    reader that mapped the file before must read exactly the ten new bytes, not the old
-    megabyte from the copy-up origin after them."""
+@contextlib.contextmanager
+def _mapped_reflink_copy_up(xfs_dir, overlay_mount, seed: int):
+    """A 1 MiB lower file copied up by reflink (an O_RDWR open) in a cache=shared mount, and
+    a reader whose first read mapped the upper copy to its origin's extents: yields
+    ``(lower, upper, path, rw fd, reader fd, data)``; both fds are closed after."""
     lower, upper, work = _stack(xfs_dir)
-    data = _data(1 << 20, 3)
+    data = _data(1 << 20, seed)
     _write_synced(lower / "f", data)
     m = overlay_mount(_options(lower, upper, work, "shared"))
     path = m.path / "f"
@@ -220,18 +222,25 @@ def test_o_trunc_open_drops_the_sharing_map(require_tools, xfs_dir, overlay_moun
             after = overlay_stats(m.path)
             assert after["copy_ups"].get("reflink") == 1, after
             assert after["bytes_shared"] - before["bytes_shared"] == len(data), (before, after)
-
-            trunc = os.open(path, os.O_WRONLY | os.O_TRUNC)
-            try:
-                assert os.write(trunc, b"0123456789") == 10
-            finally:
-                os.close(trunc)
-            got = os.pread(reader, 2 << 20, 0)
-            assert len(got) == 10 and got == b"0123456789", (len(got), got[:32])
+            yield lower, upper, path, rw, reader, data
         finally:
             os.close(reader)
     finally:
         os.close(rw)
+
+
+def test_o_trunc_open_drops_the_sharing_map(require_tools, xfs_dir, overlay_mount):
+    """2a: an open(O_TRUNC) of a mapped, reflink-copied-up file, then a 10-byte write: a
+    reader that mapped the file before must read exactly the ten new bytes, not the old
+    megabyte from the copy-up origin after them."""
+    with _mapped_reflink_copy_up(xfs_dir, overlay_mount, 3) as (lower, _, path, _, reader, data):
+        trunc = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            assert os.write(trunc, b"0123456789") == 10
+        finally:
+            os.close(trunc)
+        got = os.pread(reader, 2 << 20, 0)
+        assert len(got) == 10 and got == b"0123456789", (len(got), got[:32])
     assert path.read_bytes() == b"0123456789"
     assert (lower / "f").read_bytes() == data
 
@@ -271,32 +280,14 @@ def test_punched_hole_is_read_as_zeros_not_from_the_canonical_file(require_tools
     from overlaypc import sysapi
 
     punch = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-    lower, upper, work = _stack(xfs_dir)
-    data = _data(1 << 20, 5)
-    _write_synced(lower / "f", data)
-    m = overlay_mount(_options(lower, upper, work, "shared"))
-    path = m.path / "f"
-    rw = os.open(path, os.O_RDWR)  # reflink copy-up
-    try:
-        reader = os.open(path, os.O_RDONLY)
-        try:
-            before = overlay_stats(m.path)
-            assert os.pread(reader, 2 << 20, 0) == data  # maps the upper file
-            after = overlay_stats(m.path)
-            assert after["copy_ups"].get("reflink") == 1, after
-            assert after["bytes_shared"] - before["bytes_shared"] == len(data), (before, after)
-
-            start, length = 64 << 10, 128 << 10
-            sysapi.fallocate(rw, punch, start, length)
-            expected = data[:start] + bytes(length) + data[start + length:]
-            got = os.pread(reader, 2 << 20, 0)
-            assert len(got) == len(data)
-            assert got[start:start + length] == bytes(length), "the hole read the origin's bytes"
-            assert got == expected
-        finally:
-            os.close(reader)
-    finally:
-        os.close(rw)
+    with _mapped_reflink_copy_up(xfs_dir, overlay_mount, 5) as (lower, upper, path, rw, reader, data):
+        start, length = 64 << 10, 128 << 10
+        sysapi.fallocate(rw, punch, start, length)
+        expected = data[:start] + bytes(length) + data[start + length:]
+        got = os.pread(reader, 2 << 20, 0)
+        assert len(got) == len(data)
+        assert got[start:start + length] == bytes(length), "the hole read the origin's bytes"
+        assert got == expected
     assert path.read_bytes() == expected
     assert (upper / "f").read_bytes() == expected
     assert (lower / "f").read_bytes() == data
