@@ -67,25 +67,36 @@ def upper_and_work(base: Path, tag: str) -> tuple[Path, Path]:
     return upper, work
 
 
+def assert_copy_up_refused(mnt: Path, upper: Path, work: Path, name: str, errno_: int) -> None:
+    """A chmod of lower file ``name`` (a copy-up) fails with ``errno_`` and leaves nothing in
+    the upper or the workdir."""
+    with pytest.raises(OSError) as refused:
+        os.chmod(mnt / name, 0o600)
+    assert refused.value.errno == errno_, refused.value
+    assert not (upper / name).exists(), "a copy without all its xattrs reached the upper"
+    assert os.listdir(work / "work") == []
+
+
+def assert_kernel_refuses_alike(kernel_mount, lower: Path, fs: Path, name: str, errno_: int) -> None:
+    """The kernel overlay, with upper and workdir on the same filesystem, refuses the same."""
+    kupper, kwork = upper_and_work(fs, "kernel")
+    k = kernel_mount([lower], kupper, kwork)
+    with pytest.raises(OSError) as refused:
+        os.chmod(k / name, 0o600)
+    assert refused.value.errno == errno_, refused.value
+    assert not (kupper / name).exists()
+
+
 def test_acl_that_cannot_be_copied_fails_the_copy_up(tmp_path, noacl_fs, overlay_mount,
                                                      kernel_mount):
     lower = lower_with_acl(tmp_path)
     upper, work = upper_and_work(noacl_fs, "ours")
     m = overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work}")
-    with pytest.raises(OSError) as ours:
-        os.chmod(m / "secret", 0o640)
-    assert ours.value.errno == errno.EOPNOTSUPP
-    assert not (upper / "secret").exists(), "a copy without its ACL reached the upper"
-    assert os.listdir(work / "work") == []
+    assert_copy_up_refused(m, upper, work, "secret", errno.EOPNOTSUPP)
     assert (m / "secret").read_bytes() == b"not for nobody\n"
     os.chmod(m / "plain", 0o600)  # no ACL: copies up fine, user xattr included
     assert os.getxattr(upper / "plain", "user.note") == b"kept"
-
-    kupper, kwork = upper_and_work(noacl_fs, "kernel")
-    k = kernel_mount([lower], kupper, kwork)
-    with pytest.raises(OSError) as theirs:
-        os.chmod(k / "secret", 0o640)
-    assert theirs.value.errno == ours.value.errno
+    assert_kernel_refuses_alike(kernel_mount, lower, noacl_fs, "secret", errno.EOPNOTSUPP)
 
 
 
@@ -110,19 +121,9 @@ def test_any_other_xattr_error_fails_the_copy_up(tmp_path, xfs_dir, ext4_fs, ove
     os.setxattr(lower / "small", "user.small", b"kept")
     upper, work = upper_and_work(ext4_fs, "ours")
     m = overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work}")
-    with pytest.raises(OSError) as ours:
-        os.chmod(m / "big", 0o600)
-    assert ours.value.errno == errno.ENOSPC, ours.value
-    assert not (upper / "big").exists(), "a copy without its xattr reached the upper"
-    assert os.listdir(work / "work") == []
+    assert_copy_up_refused(m, upper, work, "big", errno.ENOSPC)
     assert (m / "big").read_bytes() == b"big xattr\n"
     assert os.getxattr(m / "big", "user.big") == b"x" * 8000
     os.chmod(m / "small", 0o600)  # a small one copies up fine
     assert os.getxattr(upper / "small", "user.small") == b"kept"
-
-    kupper, kwork = upper_and_work(ext4_fs, "kernel")
-    k = kernel_mount([lower], kupper, kwork)
-    with pytest.raises(OSError) as theirs:
-        os.chmod(k / "big", 0o600)
-    assert theirs.value.errno == ours.value.errno
-    assert not (kupper / "big").exists()
+    assert_kernel_refuses_alike(kernel_mount, lower, ext4_fs, "big", errno.ENOSPC)
