@@ -101,12 +101,11 @@ class Files:
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
         handle = fs.handles.add(inode, flags, rel, fd, generation, follow=fs.config.handles == "reopen")
-        with inode.lock:
-            keep = fs.config.cache == "kernel" and inode.cached_version == inode.data_version
         if flags & os.O_TRUNC:
-            keep = False
             self.changed(handle)
-        with inode.lock:
+        with inode.lock:  # (one hold: the version compared is the one recorded)
+            keep = not flags & os.O_TRUNC and fs.config.cache == "kernel" \
+                and inode.cached_version == inode.data_version
             inode.cached_version = inode.data_version
         return OpenResult(handle.fh, keep, fs.config.cache == "shared")
 

@@ -8,7 +8,10 @@ writable mount without index, one inode otherwise), its lookup count (the kernel
 the open handles of it. Two indexes: key -> nodeid and (parent nodeid, name) -> nodeid.
 
 A node's merged path is its first remaining name joined to its parent's path, up to the
-root (``""``). A name removed (unlink, rmdir, renamed over) leaves the node; a node with
+root (``""``). A directory keeps the path it was last given (``Node.dir_path``) while no
+directory's name changed since (``_dirs_gen``: bumped when a directory loses or changes
+a name or leaves the table): every LOOKUP, GETATTR and OPEN asks for a path, and the walk
+up to the root cost 0.6-1.2 us at depths 1-8. A file's name change moves no other path. A name removed (unlink, rmdir, renamed over) leaves the node; a node with
 no names left also leaves the key index (a later object reusing the backing inode must
 not get its nodeid), unless the caller says other names of the object remain, but the
 node itself stays until the kernel forgets it: an open, unlinked file is still used by
@@ -30,11 +33,13 @@ from collections.abc import Hashable
 from .engine.protocol import ROOT_ID
 
 Name = tuple[int, str]
+#: the longest directory path a node keeps (``Node.dir_path``); longer ones are walked
+_KEPT_PATH = 4096
 
 
 class Node:
     """One node of the table (``__slots__``: there may be hundreds of thousands)."""
-    __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs")
+    __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path")
 
     def __init__(self, nodeid: int, key: Hashable, is_dir: bool) -> None:
         self.nodeid = nodeid
@@ -45,6 +50,8 @@ class Node:
         self.names: list[Name] = []
         #: open file handles of this node (None: none, the common case)
         self.fhs: set[int] | None = None
+        #: a directory's path as last walked: (``NodeTable._dirs_gen`` then, path)
+        self.dir_path: tuple[int, str] | None = None
 
     def __repr__(self) -> str:
         return f"Node({self.nodeid}, {self.key!r}, nlookup={self.nlookup}, names={self.names})"
@@ -60,6 +67,9 @@ class NodeTable:
         self._by_key: dict[Hashable, int] = {root_key: ROOT_ID}
         self._by_name: dict[Name, int] = {}
         self.epoch = 0
+        #: moves when a directory's name goes or changes or a directory leaves the table:
+        #: the directories' kept paths (``Node.dir_path``) from before are void
+        self._dirs_gen = 0
 
     # -- references ------------------------------------------------------------------------
     def take(self, key: Hashable, parent: int, name: str, is_dir: bool) -> int:
@@ -103,6 +113,8 @@ class NodeTable:
             if node.nlookup > 0:
                 return
             del self._nodes[nodeid]
+            if node.is_dir:  # the names below it no longer resolve
+                self._dirs_gen += 1
             for where in node.names:
                 if self._by_name.get(where) == nodeid:
                     del self._by_name[where]
@@ -120,6 +132,8 @@ class NodeTable:
         if not node.names and not keep_key and self._by_key.get(node.key) == node.nodeid \
                 and node.nodeid != ROOT_ID:
             del self._by_key[node.key]
+        if node.is_dir:
+            self._dirs_gen += 1
         self.epoch += 1
 
     def unlink(self, parent: int, name: str, *, keep_key: bool = False) -> int | None:
@@ -154,6 +168,8 @@ class NodeTable:
             else:
                 node.names[node.names.index(old)] = new
             self._by_name[new] = moved
+            if node.is_dir:
+                self._dirs_gen += 1
             self.epoch += 1
 
     def rekey(self, old: Hashable, new: Hashable) -> None:
@@ -182,31 +198,53 @@ class NodeTable:
         kernel has forgotten (it evicts dentries without telling us) is dropped here.
         Raises ESTALE for an unknown nodeid."""
         with self._lock:
-            node = self.node(nodeid)
+            node = self._nodes.get(nodeid)
+            if node is None:
+                raise OSError(errno.ESTALE, f"unknown nodeid {nodeid}")
             if nodeid == ROOT_ID:
                 return ""
-            for where in list(node.names):
-                parts = self._walk(where)
-                if parts is not None:
-                    return "/".join(reversed(parts))
+            names = node.names
+            for where in names if len(names) == 1 else list(names):  # (a copy: may drop)
+                up = self._dir_path(where[0])
+                if up is not None:
+                    return f"{up}/{where[1]}" if up else where[1]
                 if self._nodes.get(where[0]) is None:
                     node.names.remove(where)
                     if self._by_name.get(where) == nodeid:
                         del self._by_name[where]
+                    if node.is_dir:
+                        self._dirs_gen += 1
             return None
 
-    def _walk(self, where: Name) -> list[str] | None:
-        """Names from ``where`` up to the root (lock held), or None if a directory on
-        the way is gone or nameless. Directories have one name each."""
-        parts = [where[1]]
-        parent = self._nodes.get(where[0])
-        while parent is not None and parent.nodeid != ROOT_ID:
-            if not parent.names or len(parts) > 1 << 20:
+    def _dir_path(self, nodeid: int) -> str | None:
+        """The path of the directory ``nodeid`` (lock held) by first names up to the root
+        (directories have one name each), or None if it or a directory on the way is gone
+        or nameless. Kept on the node while ``_dirs_gen`` stays (not for a path longer
+        than ``_KEPT_PATH``: a tree thousands of levels deep would keep O(depth²) bytes)."""
+        node = self._nodes.get(nodeid)
+        if node is None:
+            return None
+        if nodeid == ROOT_ID:
+            return ""
+        kept = node.dir_path
+        if kept is not None and kept[0] == self._dirs_gen:
+            return kept[1]
+        parts = []
+        keep = node.is_dir
+        walked = node
+        while walked.nodeid != ROOT_ID:
+            if not walked.names or len(parts) > 1 << 20:
                 return None
-            up, name = parent.names[0]
+            up, name = walked.names[0]
             parts.append(name)
-            parent = self._nodes.get(up)
-        return parts if parent is not None else None
+            keep = keep and walked.is_dir
+            walked = self._nodes.get(up)
+            if walked is None:
+                return None
+        path = "/".join(reversed(parts))
+        if keep and len(path) <= _KEPT_PATH:  # (only directories' names move _dirs_gen)
+            node.dir_path = (self._dirs_gen, path)
+        return path
 
     def named_elsewhere(self, nodeid: int) -> bool:
         """Whether the object has names on disk that the table may not know (its key

@@ -431,14 +431,18 @@ class OverlayOps(Operations):
                 plus: bool = False) -> Iterator[DirItem]:
         """Entries from cookie ``offset`` (position + 1; positions 0 and 1 are ``.`` and
         ``..``). The listing is read now (errors raise here); items are made lazily."""
-        if offset == 0:
-            with self._listed_lock:
+        with self._listed_lock:
+            if offset == 0:
                 self._listed[fh] = self.nodes.epoch
+            # (read once per chunk: the kernel lists one handle at a time, so a later
+            # offset-0 listing of this handle cannot start while these items are taken)
+            listed = self._listed.get(fh)
         entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
         dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
-        return self._items(nodeid, fh, entries, dots, offset, plus)
+        return self._items(nodeid, listed, entries, dots, offset, plus)
 
-    def _items(self, nodeid: int, fh: int, entries, dots, offset: int, plus: bool) -> Iterator[DirItem]:
+    def _items(self, nodeid: int, listed: int | None, entries, dots, offset: int,
+               plus: bool) -> Iterator[DirItem]:
         for pos in range(offset, len(entries) + 2):
             if pos < 2:
                 yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, pos + 1)
@@ -446,19 +450,18 @@ class OverlayOps(Operations):
             e = entries[pos - 2]
             take = None
             if plus and e.attr is not None:
-                take = _Take(self, nodeid, fh, e.name, e.attr)
+                take = _Take(self, nodeid, listed, e.name, e.attr)
             yield DirItem(os.fsencode(e.name), e.ino, e.mode, pos + 1, take)
 
-    def _take_listed(self, parent: int, fh: int, name: str, attr: Attr) -> Entry | None:
+    def _take_listed(self, parent: int, epoch: int | None, name: str, attr: Attr) -> Entry | None:
         """READDIRPLUS: one reference to a listed entry's node. A name the kernel holds
         already names its node; otherwise the listing's stat gives the identity (hard
         links and metacopy files come without attributes), unless identities moved since
-        the listing was read: then the name is looked up afresh."""
+        the listing was read (``epoch``: the table's then; None: not known): then the
+        name is looked up afresh."""
         nodeid = self.nodes.child(parent, name)
         if nodeid is not None and self.nodes.ref(nodeid):
             return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
-        with self._listed_lock:
-            epoch = self._listed.get(fh)
         st = attr.st
         with self.fs.ns_lock:
             if epoch is not None and self.nodes.epoch == epoch:
@@ -476,13 +479,13 @@ class OverlayOps(Operations):
 
 class _Take:
     """A READDIRPLUS item's ``take`` (a small object rather than a closure per entry)."""
-    __slots__ = ("ops", "parent", "fh", "name", "attr")
+    __slots__ = ("ops", "parent", "epoch", "name", "attr")
 
-    def __init__(self, ops: OverlayOps, parent: int, fh: int, name: str, attr: Attr) -> None:
-        self.ops, self.parent, self.fh, self.name, self.attr = ops, parent, fh, name, attr
+    def __init__(self, ops: OverlayOps, parent: int, epoch: int | None, name: str, attr: Attr) -> None:
+        self.ops, self.parent, self.epoch, self.name, self.attr = ops, parent, epoch, name, attr
 
     def __call__(self) -> Entry | None:
-        return self.ops._take_listed(self.parent, self.fh, self.name, self.attr)
+        return self.ops._take_listed(self.parent, self.epoch, self.name, self.attr)
 
 
 def _time(valid: int, flag: int, now_flag: int, ns: int | None) -> int:

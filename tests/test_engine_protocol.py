@@ -308,6 +308,20 @@ def test_entry_and_negative_entry():
     assert neg[40:] == bytes(88)
 
 
+def test_entry_and_attr_out_pack_the_attr_as_pack_attr():
+    """``fuse_entry_out``/``fuse_attr_out`` are packed in one struct with their head: the
+    attribute part is byte for byte ``pack_attr``'s (pre-epoch times, 32-bit IDs), and a
+    timeout seen before (kept split) packs as the first time."""
+    a = _attr(atime_ns=-1, mtime_ns=-1_500_000_000, uid=2**32 - 1, rdev=os.makedev(259, 300))
+    for _ in range(2):
+        entry = p.pack_entry(9, 1, a, 0.1, 0.0)
+        assert struct.unpack_from("<QQQQII", entry) == (9, 1, 0, 0, 100_000_000, 0)
+        assert entry[40:] == p.pack_attr(a)
+        out = p.pack_attr_out(a, 1e-9)
+        assert out[:16] == p.ATTR_HEAD.pack(0, 1, 0) and out[16:] == p.pack_attr(a)
+    assert p.unpack_attr(entry, 40).uid == 2**32 - 1
+
+
 def test_attr_out_open_statfs():
     a = _attr()
     raw = p.pack_attr_out(a, 2.75)

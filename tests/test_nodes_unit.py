@@ -100,6 +100,54 @@ def test_hard_link_path_survives_the_forget_of_one_names_directory():
     assert t.path(a) == "y"
 
 
+def test_kept_directory_paths_follow_every_name_change():
+    """Directories keep their paths between requests (``Node.dir_path``): every change of
+    a directory's name, or a directory leaving the table, must void them all, deeper
+    paths included; a file's rename moves only the file's own path."""
+    t = NodeTable(K(0))
+    a = t.take(K(1), ROOT_ID, "a", True)
+    b = t.take(K(2), a, "b", True)
+    c = t.take(K(3), b, "c", True)
+    f = t.take(K(4), c, "f", False)
+    assert t.path(f) == "a/b/c/f" and t.path(c) == "a/b/c"
+    t.rename(ROOT_ID, "a", ROOT_ID, "a2")           # a grandparent renamed
+    assert t.path(f) == "a2/b/c/f" and t.path(c) == "a2/b/c"
+    t.rename(a, "b", ROOT_ID, "b2")                 # the parent's parent moved up
+    assert t.path(f) == "b2/c/f"
+    t.rename(c, "f", b, "f2")                       # a file moved: directories unchanged
+    assert t.path(f) == "b2/f2" and t.path(c) == "b2/c"
+    t.unlink(b, "c", keep_key=True)                 # its name gone, the object known
+    assert t.path(c) is None
+    assert t.take(K(3), ROOT_ID, "c3", True) == c   # found again elsewhere (same object)
+    assert t.path(c) == "c3"
+    # a hard link's first name in a directory the kernel forgot: the next name serves
+    g = t.take(K(5), c, "x", False)
+    assert t.take(K(5), ROOT_ID, "y", False) == g and t.path(g) == "c3/x"
+    e = t.take(K(9), c, "e", True)
+    i = t.take(K(10), e, "i", False)
+    assert t.path(i) == "c3/e/i"
+    t.forget(c, 2)
+    assert t.path(g) == "y"
+    assert t.path(i) is None  # (its directory's kept path went with the forgotten one)
+    # a directory's first name replaced by another object's take
+    d = t.take(K(6), ROOT_ID, "d", True)
+    h = t.take(K(7), d, "h", False)
+    assert t.path(h) == "d/h"
+    t.take(K(8), ROOT_ID, "d", True)
+    assert t.path(h) is None
+
+
+def test_very_long_directory_paths_are_walked_not_kept():
+    t = NodeTable(K(0))
+    parent = ROOT_ID
+    for i in range(40):
+        parent = t.take(K(i + 1), parent, "n" * 200, True)
+    assert t.path(parent) == "/".join(["n" * 200] * 40)
+    assert t._nodes[parent].dir_path is None  # 8 KiB: recomputed each time
+    t.rename(ROOT_ID, "n" * 200, ROOT_ID, "m")
+    assert t.path(parent) == "/".join(["m"] + ["n" * 200] * 39)
+
+
 def test_rekey():
     t = NodeTable(K(0))
     f = t.take(K(1), ROOT_ID, "f", False)

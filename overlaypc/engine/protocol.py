@@ -117,6 +117,8 @@ OUT_HEADER = struct.Struct("<IiQ")           # len error unique
 ATTR = struct.Struct("<QQQQQQIIIIIIIIII")    # ino size blocks a/m/ctime a/m/cnsec mode nlink uid gid rdev blksize flags
 ENTRY_HEAD = struct.Struct("<QQQQII")        # nodeid generation entry_valid attr_valid (nsec x2)
 ATTR_HEAD = struct.Struct("<QII")            # attr_valid attr_valid_nsec dummy
+ENTRY_OUT = struct.Struct(ENTRY_HEAD.format + ATTR.format[1:])   # fuse_entry_out: both in one
+ATTR_OUT = struct.Struct(ATTR_HEAD.format + ATTR.format[1:])     # fuse_attr_out
 INIT_IN = struct.Struct("<IIII")             # major minor max_readahead flags
 INIT_IN_EXT = struct.Struct("<IIIII")        # ... flags2
 INIT_OUT = struct.Struct("<IIIIHHIIHHIIH22x")
@@ -157,6 +159,7 @@ NOTIFY_DELETE_OUT = struct.Struct("<QQII")       # parent child namelen padding
 BACKING_MAP = struct.Struct("<iIQ")              # fd flags padding
 
 for _s, _n in ((IN_HEADER, 40), (OUT_HEADER, 16), (ATTR, 88), (ENTRY_HEAD, 40), (ATTR_HEAD, 16),
+               (ENTRY_OUT, 128), (ATTR_OUT, 104),
                (INIT_OUT, 64), (SETATTR_IN, 88), (OPEN_OUT, 16), (READ_IN, 40), (WRITE_IN, 40),
                (STATFS_OUT, 80), (DIRENT, 24), (COPY_FILE_RANGE_IN, 56)):
     assert _s.size == _n, (_s.format, _s.size, _n)
@@ -219,15 +222,21 @@ def _split_ns(ns: int) -> tuple[int, int]:
     return sec & 0xFFFFFFFFFFFFFFFF, nsec
 
 
-def pack_attr(a: FileAttr) -> bytes:
-    asec, ansec = _split_ns(a.atime_ns)
-    msec, mnsec = _split_ns(a.mtime_ns)
-    csec, cnsec = _split_ns(a.ctime_ns)
+def _attr_fields(a: FileAttr) -> tuple:
+    """``struct fuse_attr``'s fields in order (every reply with attributes packs them
+    with its head in one ``pack``: the splits are inlined, this runs per LOOKUP, GETATTR
+    and listed entry)."""
+    asec, ansec = divmod(a.atime_ns, 1_000_000_000)
+    msec, mnsec = divmod(a.mtime_ns, 1_000_000_000)
+    csec, cnsec = divmod(a.ctime_ns, 1_000_000_000)
     # glibc's dev_t encoding agrees with the kernel's new_encode_dev in the low 32 bits
-    rdev = a.rdev
-    return ATTR.pack(a.ino, a.size, a.blocks, asec, msec, csec, ansec, mnsec, cnsec,
-                     a.mode, a.nlink, a.uid & 0xFFFFFFFF, a.gid & 0xFFFFFFFF, rdev & 0xFFFFFFFF,
-                     a.blksize, 0)
+    return (a.ino, a.size, a.blocks, asec & 0xFFFFFFFFFFFFFFFF, msec & 0xFFFFFFFFFFFFFFFF,
+            csec & 0xFFFFFFFFFFFFFFFF, ansec, mnsec, cnsec, a.mode, a.nlink, a.uid & 0xFFFFFFFF,
+            a.gid & 0xFFFFFFFF, a.rdev & 0xFFFFFFFF, a.blksize, 0)
+
+
+def pack_attr(a: FileAttr) -> bytes:
+    return ATTR.pack(*_attr_fields(a))
 
 
 def unpack_attr(buf, offset: int = 0) -> FileAttr:
@@ -237,9 +246,18 @@ def unpack_attr(buf, offset: int = 0) -> FileAttr:
                     csec * 10**9 + cnsec, mode, nlink, uid, gid, rdev, blksize)
 
 
+#: a timeout's (seconds, nanoseconds), by its value: a mount uses two or three values
+_TIMEOUTS: dict[float, tuple[int, int]] = {}
+
+
 def _timeout(seconds: float) -> tuple[int, int]:
-    sec = int(seconds)
-    return sec, int((seconds - sec) * 1e9)
+    split = _TIMEOUTS.get(seconds)
+    if split is None:
+        sec = int(seconds)
+        split = sec, int((seconds - sec) * 1e9)
+        if len(_TIMEOUTS) < 64:  # (a dict read and write are atomic: no lock needed)
+            _TIMEOUTS[seconds] = split
+    return split
 
 
 def pack_entry(nodeid: int, generation: int, attr: FileAttr | None, entry_timeout: float,
@@ -247,13 +265,14 @@ def pack_entry(nodeid: int, generation: int, attr: FileAttr | None, entry_timeou
     """``fuse_entry_out``; nodeid 0 with no attributes is a negative entry."""
     es, ens = _timeout(entry_timeout)
     as_, ans = _timeout(attr_timeout)
-    head = ENTRY_HEAD.pack(nodeid, generation, es, as_, ens, ans)
-    return head + (pack_attr(attr) if attr is not None else bytes(ATTR.size))
+    if attr is None:
+        return ENTRY_HEAD.pack(nodeid, generation, es, as_, ens, ans) + bytes(ATTR.size)
+    return ENTRY_OUT.pack(nodeid, generation, es, as_, ens, ans, *_attr_fields(attr))
 
 
 def pack_attr_out(attr: FileAttr, timeout: float) -> bytes:
     s, ns = _timeout(timeout)
-    return ATTR_HEAD.pack(s, ns, 0) + pack_attr(attr)
+    return ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr))
 
 
 def pack_open(fh: int, open_flags: int, backing_id: int = 0) -> bytes:

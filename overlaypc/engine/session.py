@@ -60,6 +60,10 @@ _BODY = p.IN_HEADER.size
 _unpack_read = struct.Struct("<QQI").unpack_from
 #: fh, offset, size, write_flags: the head of ``fuse_write_in``
 _unpack_write = struct.Struct("<QQII").unpack_from
+#: a named tuple made from a tuple of its fields without its ``__new__`` (half the cost;
+#: one header and one ``Request`` per request)
+_tuple_new = tuple.__new__
+_InHeader = p.InHeader
 
 
 class ProtocolError(Exception):
@@ -312,7 +316,9 @@ class Session:
             except OSError as e:
                 self._write_failed(e)
             return
-        hdr = p.InHeader(*head[:7], head[7] * 8)
+        # extensions (total_extlen, in 8-byte units) come only with SECURITY_CTX or
+        # CREATE_SUPP_GROUP, neither negotiated: the common header is taken as read
+        hdr = _tuple_new(_InHeader, head[:8]) if not head[7] else _InHeader(*head[:7], head[7] * 8)
         end = len(msg) - hdr.extlen if hdr.extlen else len(msg)
         body = msg[_BODY:end]
         handler = self._handlers.get(op)
@@ -401,11 +407,16 @@ class Session:
 
     @staticmethod
     def _req(hdr: p.InHeader, umask: int = 0) -> Request:
-        return Request(hdr.uid, hdr.gid, hdr.pid, hdr.unique, umask)
+        # Request(uid, gid, pid, unique, umask) from the header's fields 4, 5, 6 and 2
+        return _tuple_new(Request, (hdr[4], hdr[5], hdr[6], hdr[2], umask))
 
     @staticmethod
     def _name(body, offset: int = 0) -> bytes:
-        return p.cstrings(body[offset:], 1)[0]
+        raw = bytes(body[offset:])
+        end = raw.find(0)
+        if end < 0:
+            raise ValueError("truncated request: a string without its NUL")
+        return raw[:end]
 
     def _entry(self, entry: Entry) -> _Reply:
         undo = (lambda: self.ops.forget(entry.nodeid, 1)) if entry.nodeid else None
