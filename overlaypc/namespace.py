@@ -495,7 +495,13 @@ class Namespace:
         if nnode.upper_marker:
             whiteout.clear_marker(upper, new)  # inert now that the name exists
         elif nnode.upper_whiteout and not old_lower:
-            upper.do_unlink(old)  # the whiteout is needed only if a lower has the old name
+            # the whiteout is needed only if a lower has the old name. The move is done:
+            # a failure here is logged, not answered (the kernel's ovl_cleanup only warns);
+            # a whiteout over no lower name hides nothing
+            try:
+                upper.do_unlink(old)
+            except OSError as e:
+                log.warning("cannot remove the whiteout %s/%s after a rename: %s", upper.path, old, e)
         if replaced_shared is not None:
             self.fs.adjust_nlink(replaced_shared, -1)
         if nnode.exists:
