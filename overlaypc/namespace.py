@@ -121,11 +121,13 @@ class Namespace:
         parent = split(rel)[0]
         return not parent or self.fs.lookup.directory(parent).upper is not None
 
-    def _prepare_new(self, rel: str) -> None:
-        """Checks for a new name; copies up the parent (an existing name fails first)."""
+    def _prepare_new(self, rel: str, *, check: bool = False) -> None:
+        """Checks for a new name; copies up the parent (an existing name fails first).
+        ``check``: look the name up even when the parent has its upper copy, for a change
+        that copies something else up before it takes the lock (link: its source)."""
         self.fs.require_writable()
         self._check_new_name(rel)
-        if self._parent_in_upper(rel):
+        if not check and self._parent_in_upper(rel):
             return  # _place_new's lookup under the lock decides
         node = self.fs.lookup.lookup(rel)
         if node.exists:
@@ -298,7 +300,7 @@ class Namespace:
             raise OSError(errno.ENOENT, "no such file", src_rel)
         if src.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory", src_rel)
-        self._prepare_new(dst_rel)
+        self._prepare_new(dst_rel, check=True)  # a doomed link copies no source up
         self.fs.copyup.ensure_data(src_rel)  # a metacopy file could not find its data elsewhere
         upper = self.fs.stack.upper
         assert upper is not None
@@ -357,8 +359,12 @@ class Namespace:
             self._check_rmdir(node)
             if merged_listing(node, self.fs.inos, self.fs.prefix):
                 raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
-            self._remove(node, bool(node.lowers) or self.lower_exists(rel))
-            self._done(rel)
+            try:
+                self._remove(node, bool(node.lowers) or self.lower_exists(rel))
+            finally:
+                # even after a failure: a step may have moved the upper dir already, and
+                # the cache must never hold its fd under this name (changes act through it)
+                self._done(rel)
 
     def _remove(self, node: Node, lower_exists: bool) -> None:
         """Remove the object at ``node`` from the merged view, leaving a whiteout if needed."""
@@ -386,7 +392,7 @@ class Namespace:
                 do_rename(work, tmp, upper, rel, sysapi.RENAME_EXCHANGE)
             else:
                 do_rename(upper, rel, work, tmp)
-            work.do_remove_tree(tmp)  # the old upper dir holds at most whiteouts
+            self._discard(tmp)  # the old upper dir holds at most whiteouts
             return
         if lower_exists:
             tmp = self._tmp()
@@ -410,13 +416,25 @@ class Namespace:
             if node.is_dir:
                 tmp = self._tmp()
                 do_rename(upper, rel, work, tmp)
-                work.do_remove_tree(tmp)  # the old upper dir holds at most whiteouts
+                self._discard(tmp)  # the old upper dir holds at most whiteouts
             else:
                 upper.do_unlink(rel)
         except BaseException:
             if made and upper.lstat(rel) is not None:
                 whiteout.clear_marker(upper, rel)  # not removed: leave no trace
             raise
+
+    def _discard(self, tmp: str) -> None:
+        """Remove what a completed removal moved to ``workdir/work`` (``tmp``). A failure
+        is logged, never raised: the object is gone from the merged view already (the
+        kernel's ``ovl_cleanup`` only warns too); what is left goes at the next mount
+        (``clean_workdir``)."""
+        work = self.fs.stack.work
+        assert work is not None
+        try:
+            work.do_remove_tree(tmp)
+        except OSError as e:
+            log.warning("cannot remove %s/%s: %s", work.path, tmp, e)
 
     # -- rename -------------------------------------------------------------------------------
     def rename(self, old: str, new: str, flags: int = 0) -> Node | None:
@@ -439,42 +457,56 @@ class Namespace:
         self._check_target(onode, nnode, flags)
         self.fs.copyup.ensure_upper(old)
         self.fs.copyup.ensure_parent(new)
-        upper = self.fs.stack.upper
-        assert upper is not None
         with self.fs.ns_lock:
             onode = self.fs.lookup.lookup(old)
             nnode = self.fs.lookup.lookup(new)
             if onode.upper is None:
                 raise OSError(errno.ENOENT, "source changed during rename", old)
             self._check_target(onode, nnode, flags)
-            old_lower = self.lower_exists(old)
-            new_lower = bool(nnode.lowers) or nnode.upper_whiteout or self.lower_exists(new)
-            mark = self._mark_moved(onode, new, new_lower)
             try:
-                if nnode.upper is not None and nnode.is_dir:
-                    upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
-                replaced_shared = None if nnode.is_dir else self.fs.index_of(nnode)
-                replaced = self.fs.identity(nnode) if nnode.exists else None  # before it goes
-                if nnode.upper_whiteout and not nnode.upper_marker:
-                    # swap with the whiteout: it lands at the old name
-                    do_rename(upper, old, upper, new, sysapi.RENAME_EXCHANGE)
-                else:
-                    self._move(old, new, old_lower, replace=nnode.upper is not None)
-            except BaseException:
-                self._unmark(old, mark)  # not moved: a failed rename leaves no mark
-                raise
-            if nnode.upper_marker:
-                whiteout.clear_marker(upper, new)  # inert now that the name exists
-            elif nnode.upper_whiteout and not old_lower:
-                upper.do_unlink(old)  # the whiteout is needed only if a lower has the old name
-            if replaced_shared is not None:
-                self.fs.adjust_nlink(replaced_shared, -1)
-            if nnode.exists:
-                self.fs.unlinked(nnode, replaced)
-            self.fs.renamed(old, new)
-            if onode.is_dir or nnode.is_dir:
-                self._done(old, new)
+                self._rename_locked(old, new, onode, nnode)
+            finally:
+                if onode.is_dir or nnode.is_dir:
+                    # even after a failure: a step may have moved or emptied a directory
+                    # already, and the cache must never hold a moved one's fd by its old name
+                    self._done(old, new)
         return nnode
+
+    def _rename_locked(self, old: str, new: str, onode: Node, nnode: Node) -> None:
+        """The move itself, under the namespace lock (``rename`` checked the target)."""
+        upper = self.fs.stack.upper
+        assert upper is not None
+        old_lower = self.lower_exists(old)
+        new_lower = bool(nnode.lowers) or nnode.upper_whiteout or self.lower_exists(new)
+        mark = self._mark_moved(onode, new, new_lower)
+        try:
+            if nnode.upper is not None and nnode.is_dir:
+                upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
+            replaced_shared = None if nnode.is_dir else self.fs.index_of(nnode)
+            replaced = self.fs.identity(nnode) if nnode.exists else None  # before it goes
+            if nnode.upper_whiteout and not nnode.upper_marker:
+                # swap with the whiteout: it lands at the old name
+                do_rename(upper, old, upper, new, sysapi.RENAME_EXCHANGE)
+            else:
+                self._move(old, new, old_lower, replace=nnode.upper is not None)
+        except BaseException:
+            self._unmark(old, mark)  # not moved: a failed rename leaves no mark
+            raise
+        if nnode.upper_marker:
+            whiteout.clear_marker(upper, new)  # inert now that the name exists
+        elif nnode.upper_whiteout and not old_lower:
+            # the whiteout is needed only if a lower has the old name. The move is done:
+            # a failure here is logged, not answered (the kernel's ovl_cleanup only warns);
+            # a whiteout over no lower name hides nothing
+            try:
+                upper.do_unlink(old)
+            except OSError as e:
+                log.warning("cannot remove the whiteout %s/%s after a rename: %s", upper.path, old, e)
+        if replaced_shared is not None:
+            self.fs.adjust_nlink(replaced_shared, -1)
+        if nnode.exists:
+            self.fs.unlinked(nnode, replaced)
+        self.fs.renamed(old, new)
 
     def _mark_moved(self, onode: Node, new: str, new_lower: bool) -> tuple[str, bytes | None] | None:
         """Before a move, set the xattr the object needs at its new name: a redirect (a

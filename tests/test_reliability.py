@@ -347,6 +347,68 @@ def test_injected_errno_during_copyup_and_write_leaves_no_trace(spec, tmp_path, 
     assert helpers.dir_state(lower) == lower_state
 
 
+def test_rmdir_is_done_when_the_workdir_cleanup_fails(tmp_path, overlay_mount):
+    """rmdir moves the upper directory into workdir/work, then removes it there. When that
+    cleanup fails (injected EIO) the directory is gone from the merged view all the same:
+    rmdir answers 0 (the kernel's overlay only warns, ovl_cleanup), the lookup cache holds
+    no fd of the moved directory (a file made under the old name would land in the
+    workdir, invisible), and the name takes a new directory."""
+    lower, upper, work = _stack(tmp_path / "s", {"keep.txt": b"k\n"})
+    m = overlay_mount(stack_options([lower], upper, work),
+                      env={"OVERLAYPC_FAULTS": "layer.rmdir~ovlpc-new=eio"})
+    os.mkdir(m / "d")
+    try:
+        os.rmdir(m / "d")
+        answer = 0
+    except OSError as e:
+        answer = e.errno
+    assert not (upper / "d").exists()
+    # whatever the answer was, nothing may be made in the directory that is no longer there
+    with pytest.raises(FileNotFoundError):
+        with open(m / "d" / "f", "xb") as f:
+            f.write(b"lost\n")
+    assert [p for p in (work / "work").rglob("f")] == []
+    assert answer == 0, errno_name(OSError(answer, ""))
+    os.mkdir(m / "d")
+    (m / "d" / "f").write_bytes(b"f\n")
+    assert (upper / "d" / "f").read_bytes() == b"f\n"
+    assert os.listdir(m / "d") == ["f"]
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+
+
+def test_rename_over_a_whiteout_is_done_when_its_cleanup_fails(tmp_path, overlay_mount):
+    """A directory renamed over a whiteout swaps places with it; the whiteout, now at the
+    old name, is then removed when no lower has that name. When that removal fails
+    (injected EIO) the rename has happened all the same: answered 0 (the kernel's
+    ovl_rename only warns, ovl_cleanup), and nothing is made through the old name (the
+    lookup cache held the moved directory's fd under it: a file landed in the new one)."""
+    lower, upper, work = _stack(tmp_path / "s", {"gone/keep.txt": b"k\n"})
+    m = overlay_mount(stack_options([lower], upper, work, "redirect_dir=on"),
+                      env={"OVERLAYPC_FAULTS": "layer.unlink~srcdir=eio"})
+    (m / "gone" / "keep.txt").unlink()
+    os.rmdir(m / "gone")  # a whiteout in the upper: the lower has the name
+    os.mkdir(m / "srcdir")
+    (m / "srcdir" / "inside.txt").write_bytes(b"i\n")
+    try:
+        os.rename(m / "srcdir", m / "gone")
+        answer = 0
+    except OSError as e:
+        answer = e.errno
+    assert (upper / "gone" / "inside.txt").read_bytes() == b"i\n"
+    with pytest.raises(FileNotFoundError):
+        with open(m / "srcdir" / "new.txt", "xb") as f:
+            f.write(b"lost\n")
+    assert not (upper / "gone" / "new.txt").exists()
+    assert answer == 0, errno_name(OSError(answer, ""))
+    assert sorted(os.listdir(m.path)) == ["gone"]
+    assert os.listdir(m / "gone") == ["inside.txt"]
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+
+
 CRASH_CASES = {
     # fault spec -> what to do through the mount (must fail with EIO)
     "file.read~crashme=crash": lambda mnt: _read(mnt / "crashme.bin"),

@@ -165,3 +165,19 @@ def test_create_and_unlink_in_a_lower_directory_copy_it_up_first(env, calls):
                                    stat.S_IFREG | 0o644)
     _same(entry.attr, os.lstat(tmp / "upper" / "ld" / "new"))
     drv.ops.release(REQ, entry.nodeid, opened.fh)
+
+
+def test_link_to_an_existing_name_copies_nothing_up(env):
+    """LINK onto a name that exists, in a directory that has its upper copy: EEXIST, and
+    the source (a lower file) is not copied up first: a failed link leaves the upper as
+    it was (the check before the copy-up must not be skipped for link, whose copy-up is
+    the source's, not the parent's)."""
+    drv, tmp = env
+    u = _node(drv, ROOT_ID, "u")
+    ld = _node(drv, ROOT_ID, "ld")
+    f0 = _node(drv, ld, "f0")
+    (tmp / "upper" / "u" / "taken").write_bytes(b"t")
+    with pytest.raises(FileExistsError):
+        drv.ops.link(REQ, f0, u, b"taken")
+    assert not (tmp / "upper" / "ld").exists(), os.listdir(tmp / "upper" / "ld")
+    assert (tmp / "upper" / "u" / "taken").read_bytes() == b"t"
