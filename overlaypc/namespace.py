@@ -630,6 +630,8 @@ class Namespace:
                 raise
         elif old_lower:
             try:
+                # test-only (faults.py): "eperm" stands for an upper without RENAME_WHITEOUT
+                faults.hit("namespace.rename_whiteout", new)
                 do_rename(upper, old, upper, new, flags | sysapi.RENAME_WHITEOUT)
                 return
             except OSError as e:
@@ -644,9 +646,30 @@ class Namespace:
                 self._move(old, new, old_lower, replace=replace)
                 return
             try:
-                do_rename(upper, old, upper, new, flags)
-                do_rename(work, tmp, upper, old, sysapi.RENAME_NOREPLACE)
+                self._move_then_whiteout(old, new, tmp, replace=replace)
             finally:
-                work.do_remove_tree(tmp)
+                self._discard(tmp)  # what was replaced, or the whiteout of a failed move
         else:
             do_rename(upper, old, upper, new, flags)
+
+    def _move_then_whiteout(self, old: str, new: str, tmp: str, *, replace: bool) -> None:
+        """Move ``old`` to ``new`` leaving the whiteout ``workdir/work/tmp`` at ``old``,
+        without RENAME_WHITEOUT. The whiteout first goes to ``new`` (swapped with what it
+        replaces, which lands at ``tmp``); one exchange of ``new`` and ``old`` then moves
+        the object and puts the whiteout at ``old`` at once, so a failure never shows the
+        lower ``old`` (moving first and placing the whiteout after did) and the first step
+        can be undone."""
+        upper, work = self.fs.stack.upper, self.fs.stack.work
+        assert upper is not None and work is not None
+        do_rename(work, tmp, upper, new, sysapi.RENAME_EXCHANGE if replace else sysapi.RENAME_NOREPLACE)
+        try:
+            do_rename(upper, new, upper, old, sysapi.RENAME_EXCHANGE)  # the move
+        except BaseException:
+            try:  # what was at new goes back (the whiteout to tmp)
+                if replace:
+                    do_rename(work, tmp, upper, new, sysapi.RENAME_EXCHANGE)
+                else:
+                    do_rename(upper, new, work, tmp, sysapi.RENAME_NOREPLACE)
+            except OSError as e:
+                log.error("cannot restore %s/%s after a failed rename: %s", upper.path, new, e)
+            raise

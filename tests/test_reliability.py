@@ -502,6 +502,46 @@ def test_link_count_changes_are_done_when_the_index_update_fails(tmp_path, overl
     assert m.returncode == 0
 
 
+def test_rename_without_rename_whiteout_is_undone_when_the_whiteout_cannot_be_placed(
+        tmp_path, overlay_mount):
+    """Where the upper refuses RENAME_WHITEOUT (injected), a name that a lower also has
+    is moved in steps: a whiteout made in workdir/work, then placed. When a step fails
+    (injected EIO) the rename is answered EIO and changes nothing: the old name shows
+    the upper object, never the lower one again, and a replaced target is still there
+    (the object was moved first and the whiteout put at the old name after: the lower
+    showed through the old name)."""
+    lower, upper, work = _stack(tmp_path / "s", {n: f"lower {n}\n".encode()
+                                                  for n in ("mover", "mover2", "go", "go2")})
+    opts = stack_options([lower], upper, work)
+    m = overlay_mount(opts)
+    for name in ("mover", "mover2", "go", "go2"):  # copied up here: the fault below hits renames
+        (m / name).write_bytes(f"upper {name}\n".encode())
+    (m / "target").write_bytes(b"target\n")
+    (m / "target2").write_bytes(b"target 2\n")
+    m.unmount()
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS":
+                                 "namespace.rename_whiteout=eperm,layer.rename~mover=eio"})
+    answers = {"new name": outcome(lambda: os.rename(m / "mover", m / "dest")),
+               "replace": outcome(lambda: os.rename(m / "mover2", m / "target"))}
+    assert (m / "mover").read_bytes() == b"upper mover\n"
+    assert (m / "mover2").read_bytes() == b"upper mover2\n"
+    assert (m / "target").read_bytes() == b"target\n"
+    assert answers == {"new name": "EIO", "replace": "EIO"}
+    assert work_leftovers(work) == []
+    # the same steps without a failure: moved, a whiteout at the old name
+    os.rename(m / "go", m / "gone")
+    os.rename(m / "go2", m / "target2")
+    assert sorted(os.listdir(m.path)) == ["gone", "mover", "mover2", "target", "target2"]
+    assert (m / "gone").read_bytes() == b"upper go\n"
+    assert (m / "target2").read_bytes() == b"upper go2\n"
+    assert work_leftovers(work) == []
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+    assert sorted(os.listdir(upper)) == ["go", "go2", "gone", "mover", "mover2", "target", "target2"]
+    assert (upper / "go").is_char_device() and (upper / "go2").is_char_device()
+
+
 CRASH_CASES = {
     # fault spec -> what to do through the mount (must fail with EIO)
     "file.read~crashme=crash": lambda mnt: _read(mnt / "crashme.bin"),
