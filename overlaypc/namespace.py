@@ -654,22 +654,28 @@ class Namespace:
 
     def _move_then_whiteout(self, old: str, new: str, tmp: str, *, replace: bool) -> None:
         """Move ``old`` to ``new`` leaving the whiteout ``workdir/work/tmp`` at ``old``,
-        without RENAME_WHITEOUT. The whiteout first goes to ``new`` (swapped with what it
-        replaces, which lands at ``tmp``); one exchange of ``new`` and ``old`` then moves
-        the object and puts the whiteout at ``old`` at once, so a failure never shows the
-        lower ``old`` (moving first and placing the whiteout after did) and the first step
-        can be undone."""
+        without RENAME_WHITEOUT, in two steps: the object goes to ``new`` (an exchange when
+        it replaces something, which then waits at ``old``), then the whiteout to ``old``
+        (what waited there goes to ``tmp``). A failure of the second step undoes the first.
+        A crash between them loses nothing: the lower ``old`` (or the replaced object)
+        shows at ``old`` and the object at ``new``. Putting the whiteout at ``new`` first
+        would lose a replaced object to the next mount's workdir cleanup."""
         upper, work = self.fs.stack.upper, self.fs.stack.work
         assert upper is not None and work is not None
-        do_rename(work, tmp, upper, new, sysapi.RENAME_EXCHANGE if replace else sysapi.RENAME_NOREPLACE)
+        if replace:
+            do_rename(upper, old, upper, new, sysapi.RENAME_EXCHANGE)  # the move
+        else:
+            do_rename(upper, old, upper, new, sysapi.RENAME_NOREPLACE)
         try:
-            do_rename(upper, new, upper, old, sysapi.RENAME_EXCHANGE)  # the move
+            faults.hit("namespace.place_whiteout", old)  # test-only (faults.py)
+            do_rename(work, tmp, upper, old, sysapi.RENAME_EXCHANGE if replace else sysapi.RENAME_NOREPLACE)
         except BaseException:
-            try:  # what was at new goes back (the whiteout to tmp)
+            try:  # the object goes back to old (and a replaced one back to new)
                 if replace:
-                    do_rename(work, tmp, upper, new, sysapi.RENAME_EXCHANGE)
+                    do_rename(upper, new, upper, old, sysapi.RENAME_EXCHANGE)
                 else:
-                    do_rename(upper, new, work, tmp, sysapi.RENAME_NOREPLACE)
+                    do_rename(upper, new, upper, old, sysapi.RENAME_NOREPLACE)
             except OSError as e:
-                log.error("cannot restore %s/%s after a failed rename: %s", upper.path, new, e)
+                log.error("cannot move %s/%s back to %s after a failed rename: %s",
+                          upper.path, new, old, e)
             raise

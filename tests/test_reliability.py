@@ -509,7 +509,8 @@ def test_rename_without_rename_whiteout_is_undone_when_the_whiteout_cannot_be_pl
     (injected EIO) the rename is answered EIO and changes nothing: the old name shows
     the upper object, never the lower one again, and a replaced target is still there
     (the object was moved first and the whiteout put at the old name after: the lower
-    showed through the old name)."""
+    showed through the old name). The steps: the object moves (exchanged with a target it
+    replaces), then the whiteout takes the old name; a crash between them loses nothing."""
     lower, upper, work = _stack(tmp_path / "s", {n: f"lower {n}\n".encode()
                                                   for n in ("mover", "mover2", "go", "go2")})
     opts = stack_options([lower], upper, work)
@@ -520,7 +521,7 @@ def test_rename_without_rename_whiteout_is_undone_when_the_whiteout_cannot_be_pl
     (m / "target2").write_bytes(b"target 2\n")
     m.unmount()
     m = overlay_mount(opts, env={"OVERLAYPC_FAULTS":
-                                 "namespace.rename_whiteout=eperm,layer.rename~mover=eio"})
+                                 "namespace.rename_whiteout=eperm,namespace.place_whiteout~mover=eio"})
     answers = {"new name": outcome(lambda: os.rename(m / "mover", m / "dest")),
                "replace": outcome(lambda: os.rename(m / "mover2", m / "target"))}
     assert (m / "mover").read_bytes() == b"upper mover\n"
