@@ -11,7 +11,9 @@ Points may carry a byte threshold (``copyup.data@1048576=pause``) and a path fil
 Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.rename``,
 ``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``,
 ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a kernel or
-filesystem that refuses them).
+filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper that refuses
+RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a renamed object's old
+name, in that case), ``index.adjust`` (the index's link count after link/unlink/rename).
 """
 from __future__ import annotations
 

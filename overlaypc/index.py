@@ -23,7 +23,7 @@ import stat
 import threading
 from collections import OrderedDict
 
-from . import sysapi, whiteout
+from . import faults, sysapi, whiteout
 from .layer import Layer
 from .lookup import Entry
 
@@ -122,6 +122,7 @@ class IndexDir:
             self.set_nlink(rel, self.nlink(Entry(self.work, rel, st)))
 
     def adjust(self, index: Entry, delta: int) -> None:
+        faults.hit("index.adjust", index.rel)  # test-only (faults.py)
         st = self.work.lstat(index.rel)  # the caller's entry may predate the link/unlink
         if st is None:
             return

@@ -35,7 +35,7 @@ import logging
 import os
 import stat
 
-from . import acl, sysapi, whiteout
+from . import acl, faults, sysapi, whiteout
 from .copyup import WORK_DIR
 from .layer import do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name
@@ -157,7 +157,7 @@ class Namespace:
                 self._unmake(upper, rel, is_dir)  # a failed operation leaves no trace
                 raise
             if node.upper_marker:
-                whiteout.clear_marker(upper, rel)  # inert now that the name exists
+                self._drop_marker(rel)
             return
         tmp = self._tmp()
         try:
@@ -170,7 +170,7 @@ class Namespace:
                 whiteout.set_opaque(work, tmp, self.fs.prefix)
                 if node.upper_marker:  # the name is free: the opaque dir hides the lowers
                     do_rename(work, tmp, upper, rel, sysapi.RENAME_NOREPLACE)
-                    whiteout.clear_marker(upper, rel)
+                    self._drop_marker(rel)
                 else:
                     do_rename(work, tmp, upper, rel, sysapi.RENAME_EXCHANGE)  # whiteout lands at tmp
             else:
@@ -193,6 +193,29 @@ class Namespace:
                 layer.do_unlink(rel)
         except OSError as e:
             log.error("cannot remove %s/%s after a failed creation: %s", layer.path, rel, e)
+
+    def _drop_marker(self, rel: str) -> None:
+        """Remove the ``.wh.`` marker of ``rel`` after a change put an object at ``rel`` in
+        the upper: the marker is inert from then on, so this is cleanup. A failure is
+        logged, never raised (the change is done and visible; the kernel's ``ovl_cleanup``
+        only warns too)."""
+        upper = self.fs.stack.upper
+        assert upper is not None
+        try:
+            whiteout.clear_marker(upper, rel)
+        except OSError as e:
+            log.warning("cannot remove the whiteout marker of %s/%s: %s", upper.path, rel, e)
+
+    def _count_link(self, shared: Entry, delta: int) -> None:
+        """index=on: record on the index entry ``shared`` that a name came or went, after
+        the change is done. A failure is logged, never raised: the name did change, and the
+        kernel's own count is relative to the index inode's links, which the change itself
+        kept right for an upper name; only ours (and the kernel's, for a lower name) is off
+        by one until the next change."""
+        try:
+            self.fs.adjust_nlink(shared, delta)
+        except OSError as e:
+            log.warning("cannot record the link count of %s: %s", shared.rel, e)
 
     @staticmethod
     def _set_acls(layer, rel: str, new: acl.NewObject) -> None:
@@ -312,7 +335,7 @@ class Namespace:
                             None, src.st.st_mode)
             shared = self.fs.index_of(self.fs.lookup.lookup(src_rel))
             if shared is not None:
-                self.fs.adjust_nlink(shared, +1)
+                self._count_link(shared, +1)
 
     # -- removal ------------------------------------------------------------------------------
     @staticmethod
@@ -336,7 +359,7 @@ class Namespace:
             # a lower entry in the node: a lower layer shows the name (no need to ask again)
             self._remove(node, bool(node.lowers) or self.lower_exists(rel))
             if shared is not None:
-                self.fs.adjust_nlink(shared, -1)
+                self._count_link(shared, -1)
             self.fs.unlinked(node, key)
         return node
 
@@ -481,7 +504,7 @@ class Namespace:
         mark = self._mark_moved(onode, new, new_lower)
         try:
             if nnode.upper is not None and nnode.is_dir:
-                upper.do_remove_tree_contents(new)  # merged-empty: holds only whiteouts
+                self._empty_target(new, hides_lowers=bool(nnode.lowers))
             replaced_shared = None if nnode.is_dir else self.fs.index_of(nnode)
             replaced = self.fs.identity(nnode) if nnode.exists else None  # before it goes
             if nnode.upper_whiteout and not nnode.upper_marker:
@@ -492,8 +515,9 @@ class Namespace:
         except BaseException:
             self._unmark(old, mark)  # not moved: a failed rename leaves no mark
             raise
+        # the move is done and visible: what follows is cleanup, logged, never answered
         if nnode.upper_marker:
-            whiteout.clear_marker(upper, new)  # inert now that the name exists
+            self._drop_marker(new)
         elif nnode.upper_whiteout and not old_lower:
             # the whiteout is needed only if a lower has the old name. The move is done:
             # a failure here is logged, not answered (the kernel's ovl_cleanup only warns);
@@ -503,10 +527,26 @@ class Namespace:
             except OSError as e:
                 log.warning("cannot remove the whiteout %s/%s after a rename: %s", upper.path, old, e)
         if replaced_shared is not None:
-            self.fs.adjust_nlink(replaced_shared, -1)
+            self._count_link(replaced_shared, -1)
         if nnode.exists:
             self.fs.unlinked(nnode, replaced)
         self.fs.renamed(old, new)
+
+    def _empty_target(self, rel: str, *, hides_lowers: bool) -> None:
+        """Remove what the merged-empty upper directory ``rel`` holds (whiteouts), so a
+        directory can be renamed over it (rename(2) replaces only an empty one). When they
+        hide lower entries, the directory is made opaque first, so that a failure partway
+        never shows those again (the kernel's ``ovl_clear_empty`` swaps in an opaque
+        directory); the mark stays if the rename then fails: the target shows nothing
+        either way. A ``.wh..wh..opq`` marker (no xattrs there) goes last."""
+        upper = self.fs.stack.upper
+        assert upper is not None
+        if hides_lowers:
+            whiteout.set_opaque(upper, rel, self.fs.prefix)
+        for name, _ in upper.listdir(rel):
+            if name != whiteout.OCI_OPAQUE:
+                upper.do_remove_tree(join(rel, name))
+        upper.do_remove_tree(join(rel, whiteout.OCI_OPAQUE))
 
     def _mark_moved(self, onode: Node, new: str, new_lower: bool) -> tuple[str, bytes | None] | None:
         """Before a move, set the xattr the object needs at its new name: a redirect (a
@@ -590,6 +630,8 @@ class Namespace:
                 raise
         elif old_lower:
             try:
+                # test-only (faults.py): "eperm" stands for an upper without RENAME_WHITEOUT
+                faults.hit("namespace.rename_whiteout", new)
                 do_rename(upper, old, upper, new, flags | sysapi.RENAME_WHITEOUT)
                 return
             except OSError as e:
@@ -604,9 +646,36 @@ class Namespace:
                 self._move(old, new, old_lower, replace=replace)
                 return
             try:
-                do_rename(upper, old, upper, new, flags)
-                do_rename(work, tmp, upper, old, sysapi.RENAME_NOREPLACE)
+                self._move_then_whiteout(old, new, tmp, replace=replace)
             finally:
-                work.do_remove_tree(tmp)
+                self._discard(tmp)  # what was replaced, or the whiteout of a failed move
         else:
             do_rename(upper, old, upper, new, flags)
+
+    def _move_then_whiteout(self, old: str, new: str, tmp: str, *, replace: bool) -> None:
+        """Move ``old`` to ``new`` leaving the whiteout ``workdir/work/tmp`` at ``old``,
+        without RENAME_WHITEOUT, in two steps: the object goes to ``new`` (an exchange when
+        it replaces something, which then waits at ``old``), then the whiteout to ``old``
+        (what waited there goes to ``tmp``). A failure of the second step undoes the first.
+        A crash between them loses nothing: the lower ``old`` (or the replaced object)
+        shows at ``old`` and the object at ``new``. Putting the whiteout at ``new`` first
+        would lose a replaced object to the next mount's workdir cleanup."""
+        upper, work = self.fs.stack.upper, self.fs.stack.work
+        assert upper is not None and work is not None
+        if replace:
+            do_rename(upper, old, upper, new, sysapi.RENAME_EXCHANGE)  # the move
+        else:
+            do_rename(upper, old, upper, new, sysapi.RENAME_NOREPLACE)
+        try:
+            faults.hit("namespace.place_whiteout", old)  # test-only (faults.py)
+            do_rename(work, tmp, upper, old, sysapi.RENAME_EXCHANGE if replace else sysapi.RENAME_NOREPLACE)
+        except BaseException:
+            try:  # the object goes back to old (and a replaced one back to new)
+                if replace:
+                    do_rename(upper, new, upper, old, sysapi.RENAME_EXCHANGE)
+                else:
+                    do_rename(upper, new, upper, old, sysapi.RENAME_NOREPLACE)
+            except OSError as e:
+                log.error("cannot move %s/%s back to %s after a failed rename: %s",
+                          upper.path, new, old, e)
+            raise

@@ -12,13 +12,14 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
 import helpers
 from reliability_support import (MiB, errno_name, finish, free_bytes, kill_daemon, lazy_detach,
-                                 loop_fs, pattern, sha256_file, spawn_py, wait_stopped)
+                                 loop_fs, outcome, pattern, sha256_file, spawn_py, wait_stopped)
 from coherence_support import stats
 from upper_support import stack_options, work_leftovers
 
@@ -407,6 +408,139 @@ def test_rename_over_a_whiteout_is_done_when_its_cleanup_fails(tmp_path, overlay
     _assert_alive(m)
     m.unmount()
     assert m.returncode == 0
+
+
+def test_rename_over_a_merged_empty_dir_hides_its_lowers_when_emptying_fails(tmp_path, overlay_mount):
+    """A directory renamed over a merged-empty one: the target's whiteouts must go first
+    (rename(2) replaces only an empty directory). When removing one fails (injected EIO),
+    the rename fails, and the target still shows none of the lower entries it had hidden:
+    it is made opaque before its whiteouts go, as the kernel's ovl_clear_empty replaces it
+    with an opaque directory before the rename."""
+    names = [f"n{i:02d}" for i in range(8)]
+    lower, upper, work = _stack(tmp_path / "s", {f"t/{n}": b"lower\n" for n in names})
+    (upper / "t").mkdir()
+    for n in names:
+        os.mknod(upper / "t" / n, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+    last = os.listdir(upper / "t")[-1]  # the daemon removes them in this order: all but one go
+    m = overlay_mount(stack_options([lower], upper, work, "redirect_dir=on"),
+                      env={"OVERLAYPC_FAULTS": f"layer.unlink~t/{last}=eio"})
+    assert os.listdir(m / "t") == []
+    os.mkdir(m / "src")
+    (m / "src" / "inside.txt").write_bytes(b"i\n")
+    assert outcome(lambda: os.rename(m / "src", m / "t")) == "EIO"
+    # no lower entry shows again (looked up: the kernel may keep the listing read above)
+    assert [n for n in names if os.path.lexists(m / "t" / n)] == []
+    assert (m / "src" / "inside.txt").read_bytes() == b"i\n"
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+    m = overlay_mount(stack_options([lower], upper, work, "redirect_dir=on"))
+    assert os.listdir(m / "t") == []
+    assert sorted(os.listdir(m.path)) == ["src", "t"]
+
+
+def test_changes_over_a_wh_marker_are_done_when_its_removal_fails(tmp_path, overlay_mount):
+    """Where whiteouts are .wh.NAME files (0/0 devices refused: injected), a name made
+    again (create, mkdir) or renamed onto makes its marker inert; removing it then is
+    cleanup. When that fails (injected EIO) the change is done all the same and answered
+    0 (it was answered EIO though the object was in place)."""
+    lower, upper, work = _stack(tmp_path / "s", {"f": b"f\n", "g": b"g\n", "d/x": b"x\n"})
+    m = overlay_mount(stack_options([lower], upper, work, "redirect_dir=on"),
+                      env={"OVERLAYPC_FAULTS": "whiteout.mknod=eperm,layer.unlink~.wh.=eio"})
+    os.unlink(m / "f")
+    os.unlink(m / "g")
+    os.unlink(m / "d" / "x")
+    os.rmdir(m / "d")
+    assert sorted(p.name for p in upper.iterdir()) == [".wh.d", ".wh.f", ".wh.g"]
+    assert sorted(os.listdir(m.path)) == []
+
+    def create() -> None:
+        with open(m / "f", "xb") as f:
+            f.write(b"new f\n")
+
+    (m / "src").write_bytes(b"moved\n")
+    answers = {"create": outcome(create), "mkdir": outcome(lambda: os.mkdir(m / "d")),
+               "rename": outcome(lambda: os.rename(m / "src", m / "g"))}
+    assert (upper / "f").read_bytes() == b"new f\n"
+    assert (upper / "g").read_bytes() == b"moved\n" and not (upper / "src").exists()
+    assert answers == {"create": "ok", "mkdir": "ok", "rename": "ok"}
+    assert sorted(os.listdir(m.path)) == ["d", "f", "g"]
+    assert os.listdir(m / "d") == []  # opaque: the lower d/x stays hidden
+    assert (m / "f").read_bytes() == b"new f\n" and (m / "g").read_bytes() == b"moved\n"
+    assert "cannot remove" in m.log_text()
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+
+
+def test_link_count_changes_are_done_when_the_index_update_fails(tmp_path, overlay_mount):
+    """index=on: link, unlink and a rename over a name of an indexed inode also record the
+    overlay's link count on the index entry. When that fails (injected EIO) the change is
+    done all the same and answered 0 (the kernel keeps its count relative to the upper
+    inode's, so an upper link change needs no update; a missed one only miscounts)."""
+    lower, upper, work = _stack(tmp_path / "s", {"a": b"shared\n"})
+    os.link(lower / "a", lower / "b")
+    os.link(lower / "a", lower / "c")
+    opts = stack_options([lower], upper, work, "index=on")
+    m = overlay_mount(opts)
+    with open(m / "a", "r+b") as f:  # copied up into workdir/index, upper/a a link to it
+        f.write(b"S")
+    os.chmod(m / "b", 0o600)  # b linked too
+    m.unmount()
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": "index.adjust=eio"})
+    (m / "src").write_bytes(b"src\n")
+    answers = {"link": outcome(lambda: os.link(m / "a", m / "d")),
+               "unlink": outcome(lambda: os.unlink(m / "b")),
+               "rename": outcome(lambda: os.rename(m / "src", m / "a"))}
+    assert os.path.samefile(upper / "d", work / "index" / os.listdir(work / "index")[0])
+    assert (upper / "b").is_char_device() and (upper / "a").read_bytes() == b"src\n"
+    assert answers == {"link": "ok", "unlink": "ok", "rename": "ok"}
+    assert sorted(os.listdir(m.path)) == ["a", "c", "d"]
+    assert (m / "d").read_bytes() == b"Shared\n"
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+
+
+def test_rename_without_rename_whiteout_is_undone_when_the_whiteout_cannot_be_placed(
+        tmp_path, overlay_mount):
+    """Where the upper refuses RENAME_WHITEOUT (injected), a name that a lower also has
+    is moved in steps: a whiteout made in workdir/work, then placed. When a step fails
+    (injected EIO) the rename is answered EIO and changes nothing: the old name shows
+    the upper object, never the lower one again, and a replaced target is still there
+    (the object was moved first and the whiteout put at the old name after: the lower
+    showed through the old name). The steps: the object moves (exchanged with a target it
+    replaces), then the whiteout takes the old name; a crash between them loses nothing."""
+    lower, upper, work = _stack(tmp_path / "s", {n: f"lower {n}\n".encode()
+                                                  for n in ("mover", "mover2", "go", "go2")})
+    opts = stack_options([lower], upper, work)
+    m = overlay_mount(opts)
+    for name in ("mover", "mover2", "go", "go2"):  # copied up here: the fault below hits renames
+        (m / name).write_bytes(f"upper {name}\n".encode())
+    (m / "target").write_bytes(b"target\n")
+    (m / "target2").write_bytes(b"target 2\n")
+    m.unmount()
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS":
+                                 "namespace.rename_whiteout=eperm,namespace.place_whiteout~mover=eio"})
+    answers = {"new name": outcome(lambda: os.rename(m / "mover", m / "dest")),
+               "replace": outcome(lambda: os.rename(m / "mover2", m / "target"))}
+    assert (m / "mover").read_bytes() == b"upper mover\n"
+    assert (m / "mover2").read_bytes() == b"upper mover2\n"
+    assert (m / "target").read_bytes() == b"target\n"
+    assert answers == {"new name": "EIO", "replace": "EIO"}
+    assert work_leftovers(work) == []
+    # the same steps without a failure: moved, a whiteout at the old name
+    os.rename(m / "go", m / "gone")
+    os.rename(m / "go2", m / "target2")
+    assert sorted(os.listdir(m.path)) == ["gone", "mover", "mover2", "target", "target2"]
+    assert (m / "gone").read_bytes() == b"upper go\n"
+    assert (m / "target2").read_bytes() == b"upper go2\n"
+    assert work_leftovers(work) == []
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+    assert sorted(os.listdir(upper)) == ["go", "go2", "gone", "mover", "mover2", "target", "target2"]
+    assert (upper / "go").is_char_device() and (upper / "go2").is_char_device()
 
 
 CRASH_CASES = {
