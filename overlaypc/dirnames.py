@@ -41,6 +41,11 @@ class _TooBig:
 TOO_BIG = _TooBig()
 
 
+def _weight(names: frozenset[str] | _TooBig) -> int:
+    """What a held directory counts against ``max_names`` (at least 1)."""
+    return 1 if names is TOO_BIG else max(1, len(names))  # type: ignore[arg-type]
+
+
 class LowerNames:
     def __init__(self, max_names: int = MAX_NAMES, max_dir: int = MAX_DIR) -> None:
         self.max_names = max_names
@@ -101,16 +106,14 @@ class LowerNames:
         self._put(key, TOO_BIG if len(names) > self.max_dir else frozenset(names))
 
     def _put(self, key: tuple[int, str], names: frozenset[str] | _TooBig) -> None:
-        weight = 1 if names is TOO_BIG else max(1, len(names))  # type: ignore[arg-type]
         with self._lock:
             old = self._dirs.pop(key, None)
             if old is not None:
-                self._count -= 1 if old is TOO_BIG else max(1, len(old))  # type: ignore[arg-type]
+                self._count -= _weight(old)
             self._dirs[key] = names
-            self._count += weight
+            self._count += _weight(names)
             while self._count > self.max_names and self._dirs:
-                _, dropped = self._dirs.popitem(last=False)
-                self._count -= 1 if dropped is TOO_BIG else max(1, len(dropped))  # type: ignore[arg-type]
+                self._count -= _weight(self._dirs.popitem(last=False)[1])
 
     def clear(self) -> None:
         with self._lock:

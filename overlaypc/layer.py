@@ -173,7 +173,7 @@ class Layer:
             self.root_fd = self.mount_fd = -1
 
     # -- resolution ---------------------------------------------------------------------
-    def _held_dir(self, head: str) -> DirFd | None:
+    def held_dir(self, head: str) -> DirFd | None:
         """The directory ``head`` of this layer as an fd some cache holds (the root's own,
         or ``dirs``'), or None: resolve it from the root."""
         if not head:
@@ -185,7 +185,7 @@ class Layer:
         Relative to its parent's fd when a cache holds that, else resolved from the root."""
         faults.hit("layer.open", self, rel)
         head, name = split(rel)
-        held = self._held_dir(head) if name else None
+        held = self.held_dir(head) if name else None
         if held is not None:  # ``held`` keeps its fd open for the call
             return retrying(sysapi.openat2, held.fd, name, flags | os.O_NOFOLLOW, mode)
         return openat_beneath(self.root_fd, rel or ".", flags | os.O_NOFOLLOW, mode)
@@ -199,7 +199,7 @@ class Layer:
         parent's fd from a cache when one holds it (no path walk), else one resolved from
         the root for this call."""
         head, name = split(rel)
-        held = self._held_dir(head)
+        held = self.held_dir(head)
         if held is not None:
             yield held.fd, name  # ``held`` keeps the fd open until the call is done
             return

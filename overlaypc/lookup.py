@@ -143,6 +143,16 @@ def _never_there(name: str, rel: str) -> bool:
     return whiteout.is_oci_name(name)
 
 
+def _stat_listed(layer: Layer, dirfd: DirFd, name: str,
+                 names: frozenset[str] | None) -> os.stat_result | None:
+    """``name`` in the open directory ``dirfd`` of ``layer``: None without a system call
+    when the directory's held names (``names``; None: not held) lack it, else its
+    ``fstatat`` (fresh data; a name the set lists may still be absent, e.g. a mount point)."""
+    if names is not None and name not in names:
+        return None
+    return layer.stat_at(dirfd, name)
+
+
 def _fds_of(node: Node) -> int:
     return sum(1 for e in node.entries if e.dirfd is not None)
 
@@ -330,7 +340,7 @@ class Lookup:
                 st = layer.lstat(lrel)
             else:
                 names = self.names.known(layer, pentry.rel)
-                st = None if names is not None and name not in names else layer.stat_at(pentry.dirfd, name)
+                st = _stat_listed(layer, pentry.dirfd, name, names)
             if st is None:
                 if k < len(lowers) - 1 and self._oci_whiteout(layer, pentry, lrel, name, names):
                     return False
@@ -367,10 +377,7 @@ class Lookup:
                     st = layer.lstat(lrel)
                 else:
                     names = self.names.known(layer, pentry.rel)
-                    if names is not None and name not in names:
-                        st = None
-                    else:
-                        st = layer.stat_at(pentry.dirfd, name)
+                    st = _stat_listed(layer, pentry.dirfd, name, names)
             else:
                 continue
             if st is None:
@@ -450,9 +457,7 @@ class Lookup:
             return False
         if names is None:
             names = self.names.fill(layer, pentry.rel, pentry.dirfd)
-        if names is not None and marker not in names:
-            return False
-        return layer.stat_at(pentry.dirfd, marker) is not None
+        return _stat_listed(layer, pentry.dirfd, marker, names) is not None
 
     def _opaque(self, entry: Entry, xattrs: frozenset[str] | None = None) -> bool:
         """Whether directory ``entry`` is opaque; ``xattrs``: its xattr names, if listed."""
@@ -465,9 +470,7 @@ class Lookup:
             if layer.getxattr_at(entry.dirfd, attr) == b"y":
                 return True
         names = self.names.known(layer, entry.rel)  # held only once listed or looked in
-        if names is not None and whiteout.OCI_OPAQUE not in names:
-            return False
-        return layer.stat_at(entry.dirfd, whiteout.OCI_OPAQUE) is not None
+        return _stat_listed(layer, entry.dirfd, whiteout.OCI_OPAQUE, names) is not None
 
     def _metacopy(self, entry: Entry, pentry: Entry | None, name: str) -> bool:
         """Whether the regular file ``entry`` is a metadata-only copy (kernel format)."""

@@ -60,6 +60,16 @@ def redirect_max() -> int:
         return 256
 
 
+def _cleanup(call, *args: object, what: str) -> None:
+    """Run ``call(*args)``, cleanup after a change that is done and visible: a failure is
+    logged ("cannot WHAT"), never answered (the kernel's ``ovl_cleanup`` only warns too;
+    what is left in ``workdir/work`` goes at the next mount, ``clean_workdir``)."""
+    try:
+        call(*args)
+    except OSError as e:
+        log.warning("cannot %s: %s", what, e)
+
+
 @record(frozen=True)
 class Caller:
     """Who asks: uid/gid of the process behind a FUSE request, and its umask (for
@@ -176,12 +186,7 @@ class Namespace:
             else:
                 do_rename(work, tmp, upper, rel)
         finally:
-            # the displaced whiteout, or a failed attempt; what cannot go now goes at the next
-            # mount (clean_workdir), and never turns a completed operation into a failure
-            try:
-                work.do_remove_tree(tmp)
-            except OSError as e:
-                log.warning("cannot remove %s/%s: %s", work.path, tmp, e)
+            self._discard(tmp)  # the displaced whiteout, or a failed attempt
 
     def _unmake(self, layer, rel: str, is_dir: bool) -> None:
         """Remove the object a failed creation made at ``rel`` (under the namespace lock, so
@@ -196,15 +201,11 @@ class Namespace:
 
     def _drop_marker(self, rel: str) -> None:
         """Remove the ``.wh.`` marker of ``rel`` after a change put an object at ``rel`` in
-        the upper: the marker is inert from then on, so this is cleanup. A failure is
-        logged, never raised (the change is done and visible; the kernel's ``ovl_cleanup``
-        only warns too)."""
+        the upper: the marker is inert from then on, so this is cleanup (``_cleanup``)."""
         upper = self.fs.stack.upper
         assert upper is not None
-        try:
-            whiteout.clear_marker(upper, rel)
-        except OSError as e:
-            log.warning("cannot remove the whiteout marker of %s/%s: %s", upper.path, rel, e)
+        _cleanup(whiteout.clear_marker, upper, rel,
+                 what=f"remove the whiteout marker of {upper.path}/{rel}")
 
     def _count_link(self, shared: Entry, delta: int) -> None:
         """index=on: record on the index entry ``shared`` that a name came or went, after
@@ -212,10 +213,7 @@ class Namespace:
         kernel's own count is relative to the index inode's links, which the change itself
         kept right for an upper name; only ours (and the kernel's, for a lower name) is off
         by one until the next change."""
-        try:
-            self.fs.adjust_nlink(shared, delta)
-        except OSError as e:
-            log.warning("cannot record the link count of %s: %s", shared.rel, e)
+        _cleanup(self.fs.adjust_nlink, shared, delta, what=f"record the link count of {shared.rel}")
 
     @staticmethod
     def _set_acls(layer, rel: str, new: acl.NewObject) -> None:
@@ -243,11 +241,12 @@ class Namespace:
         if not stat.S_ISLNK(mode) and st.st_mode & 0o7000 != mode & 0o7000:
             layer.do_chmod(rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000)
 
-    def _lstat(self, layer, rel: str):
+    @staticmethod
+    def _lstat(layer, rel: str):
         """``lstat`` of an object this change just made: one ``fstatat`` through the fd
         the lookup holds of its parent in ``layer``, else a walk from the layer's root."""
         head, name = split(rel)
-        parent = (self.fs.lookup.held_dir(layer, head) if head else layer.root) if name else None
+        parent = layer.held_dir(head) if name else None
         return layer.lstat(rel) if parent is None else layer.stat_at(parent, name)
 
     def _done(self, *dirs: str) -> None:
@@ -269,9 +268,7 @@ class Namespace:
             names: frozenset[str] | None = frozenset(os.listxattr(fd))
         except OSError as e:
             names = frozenset() if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
-        head = split(rel)[0]
-        parent = self.fs.lookup.held_dir(upper, head) if head else upper.root
-        return Node(rel, (Entry(upper, rel, st, None, parent, names),))
+        return Node(rel, (Entry(upper, rel, st, None, upper.held_dir(split(rel)[0]), names),))
 
     # -- creation -----------------------------------------------------------------------------
     def create(self, rel: str, flags: int, mode: int, caller: Caller) -> tuple[int, Node]:
@@ -448,16 +445,11 @@ class Namespace:
             raise
 
     def _discard(self, tmp: str) -> None:
-        """Remove what a completed removal moved to ``workdir/work`` (``tmp``). A failure
-        is logged, never raised: the object is gone from the merged view already (the
-        kernel's ``ovl_cleanup`` only warns too); what is left goes at the next mount
-        (``clean_workdir``)."""
+        """Remove what a completed removal (or creation) left in ``workdir/work`` (``tmp``);
+        cleanup (``_cleanup``): the object is gone from the merged view already."""
         work = self.fs.stack.work
         assert work is not None
-        try:
-            work.do_remove_tree(tmp)
-        except OSError as e:
-            log.warning("cannot remove %s/%s: %s", work.path, tmp, e)
+        _cleanup(work.do_remove_tree, tmp, what=f"remove {work.path}/{tmp}")
 
     # -- rename -------------------------------------------------------------------------------
     def rename(self, old: str, new: str, flags: int = 0) -> Node | None:
@@ -519,13 +511,9 @@ class Namespace:
         if nnode.upper_marker:
             self._drop_marker(new)
         elif nnode.upper_whiteout and not old_lower:
-            # the whiteout is needed only if a lower has the old name. The move is done:
-            # a failure here is logged, not answered (the kernel's ovl_cleanup only warns);
-            # a whiteout over no lower name hides nothing
-            try:
-                upper.do_unlink(old)
-            except OSError as e:
-                log.warning("cannot remove the whiteout %s/%s after a rename: %s", upper.path, old, e)
+            # the whiteout is needed only if a lower has the old name; one over no lower
+            # name hides nothing
+            _cleanup(upper.do_unlink, old, what=f"remove the whiteout {upper.path}/{old} after a rename")
         if replaced_shared is not None:
             self._count_link(replaced_shared, -1)
         if nnode.exists:
