@@ -5,7 +5,9 @@ What this module owns:
   filesystem or the session XFS), and the ``-o`` string that mounts it.
 - Cache control from the outside: ``dontneed()`` (``posix_fadvise(POSIX_FADV_DONTNEED)``
   on one fd) and ``drop_caches()`` (``echo 3 > /proc/sys/vm/drop_caches``).
-- ``stats()``: the daemon's counters, read from the ``user.overlaypc.stats`` xattr.
+- ``stats()``: the daemon's counters, read from the ``user.overlaypc.stats`` xattr;
+  ``released()`` waits until the daemon has seen every RELEASE (the kernel sends RELEASE
+  in the background: ``close(2)`` returns before the daemon forgets the handle).
 - Block patterns for the large-file and threaded checks: every block of every version is
   distinct, so a torn, zeroed or misplaced block is always recognised.
 
@@ -75,6 +77,16 @@ def drop_caches() -> None:
 
 def stats(mnt: Union[str, os.PathLike]) -> dict:
     return json.loads(os.getxattr(os.fspath(mnt), "user.overlaypc.stats"))
+
+
+def released(mnt: Union[str, os.PathLike], timeout: float = 10.0) -> dict:
+    """Wait until the daemon holds no open handle; return its stats then.
+
+    ``close(2)`` of a FUSE file waits for FLUSH but not for RELEASE, which the kernel
+    queues as a background request: a test that asserts on what the daemon does once a
+    file is closed (passthrough refused while an older open is live) waits here first."""
+    assert helpers.wait_until(lambda: stats(mnt)["open_handles"] == 0, timeout), stats(mnt)
+    return stats(mnt)
 
 
 def pread_all(fd: int, size: int = 1 << 20, offset: int = 0) -> bytes:
