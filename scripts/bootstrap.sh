@@ -140,13 +140,15 @@ ensure_venv() {
     fi
 }
 
-# The stamp records which extras were installed; it is current when it is newer
-# than the packaging files and covers every extra asked for now.
+# The stamp records which extras were installed (first line) and how (second line);
+# it is current when it is newer than the packaging files, covers every extra asked
+# for now, and the install is the path-entry kind.
 stamp_is_current() {
     [ -f "$STAMP" ] || return 1
     [ "$STAMP" -nt setup.cfg ] && [ "$STAMP" -nt pyproject.toml ] || return 1
+    [ "$(sed -n 2p "$STAMP")" = "editable_mode=compat" ] || return 1
     local have extra
-    have="$(cat "$STAMP")"
+    have="$(head -n 1 "$STAMP")"
     for extra in ${EXTRAS//,/ }; do
         case ",$have," in *",$extra,"*) ;; *) return 1 ;; esac
     done
@@ -157,11 +159,15 @@ install_python_packages() {
         return 0
     fi
     log "pip install -e '.[$EXTRAS]' into $VENV"
-    quietly "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
+    # editable_mode=compat: the checkout goes on sys.path through a one-line .pth file.
+    # setuptools' default editable install adds an import finder that loads pathlib, re
+    # and fnmatch at every interpreter start: ~7 ms more for each mount (measured).
+    quietly "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+        --config-settings editable_mode=compat -e ".[$EXTRAS]"
     # Write the stamp only once the package itself exists: an editable install made
     # before overlaypc/ existed maps no package and must be redone.
     if [ -f overlaypc/__init__.py ]; then
-        echo "$EXTRAS" >"$STAMP"
+        printf '%s\neditable_mode=compat\n' "$EXTRAS" >"$STAMP"
     else
         log "warning: overlaypc/ package not found; installed dependencies only"
     fi
