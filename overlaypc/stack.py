@@ -2,7 +2,8 @@
 
 Owns: opening the layers, the ``xino`` mapping from (layer filesystem, real inode) to
 an overlay ``st_ino`` that is unique across layers and stable across remounts
-(docs/ARCHITECTURE.md §4), and the mount-exclusion locks on upper and workdir.
+(docs/ARCHITECTURE.md §4), and the mount-exclusion locks on upper and workdir (flocks,
+held until the daemon exits: a new mount waits ``LOCK_WAIT`` for them).
 
 Inode numbers: when every layer sits on one filesystem ("samefs") the real inode
 number is used unchanged. Otherwise the filesystems are numbered (upper's first, then
@@ -16,11 +17,17 @@ import errno
 import fcntl
 import logging
 import os
+import time
 
 from .layer import Layer
 from .records import field, record
 
 log = logging.getLogger("overlaypc.stack")
+
+#: how long a mount waits for another mount's locks on upper and workdir before EBUSY: a
+#: daemon whose mount was just unmounted drops them when it exits, a few ms after
+#: umount(2) returns, and container engines unmount and remount a layer back to back
+LOCK_WAIT = 2.0
 
 
 @record
@@ -76,18 +83,21 @@ class LayerStack:
     def samefs(self) -> bool:
         return self.xino.bits == 0
 
-    def lock(self) -> None:
-        """Take exclusive flocks on upper and workdir; EBUSY if another mount holds them."""
+    def lock(self, wait: float = LOCK_WAIT) -> None:
+        """Take exclusive flocks on upper and workdir; EBUSY if another mount still holds
+        one after ``wait`` seconds (polled: a blocking flock cannot time out)."""
+        deadline = time.monotonic() + wait
         for layer in (self.upper, self.work):
             if layer is None:
                 continue
             fd = os.open(layer.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
+                while not _try_flock(fd):
+                    if time.monotonic() >= deadline:
+                        raise OSError(errno.EBUSY, f"{layer.name}dir {layer.path} is in use by another mount")
+                    time.sleep(0.01)
+            except BaseException:
                 os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise OSError(errno.EBUSY, f"{layer.name}dir {layer.path} is in use by another mount")
                 raise
             self._locks.append(fd)
 
@@ -97,3 +107,11 @@ class LayerStack:
         self._locks.clear()
         for layer in self.layers + ([self.work] if self.work else []):
             layer.close()
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -8,7 +8,10 @@ mount is noticed and taken down again (helpers.run_overlaypc).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -216,6 +219,27 @@ def test_work_in_use_with_another_upper(env: Env, overlay_mount, mountpoint):
     check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={upper2}",
                                    f"workdir={env.work}"), second_mnt],
                   [env.work], mountpoint=second_mnt, watched=(upper2,))
+
+
+def test_mount_waits_for_a_just_unmounted_daemon_to_let_go(env: Env, overlay_mount):
+    """A daemon drops its locks on upper and workdir when it exits, a moment after
+    umount(2) returned; podman unmounts and remounts a layer back to back (`podman diff`
+    after `podman run`). A lock let go within the wait is no error."""
+    fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in (env.upper, env.work)]
+    timer = threading.Timer(0.3, lambda: [fcntl.flock(fd, fcntl.LOCK_UN) for fd in fds])
+    try:
+        for fd in fds:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        timer.start()
+        m = overlay_mount(opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                               f"workdir={env.work}"))
+        assert (m.path / "f.txt").read_text() == "lower"
+        assert (m.path / "kept.txt").read_text() == "upper content"
+    finally:
+        timer.cancel()
+        timer.join()
+        for fd in fds:
+            os.close(fd)
 
 
 # --- YAML stack files ----------------------------------------------------------------------
