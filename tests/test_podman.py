@@ -281,8 +281,14 @@ def _daemons_in(ns: str) -> list[int]:
 
 @contextlib.contextmanager
 def _holder() -> Iterator[int]:
-    """A process in a new private mount namespace with tmpfs over ``PRIVATE_DIRS``."""
-    script = "; ".join(f"if [ -d {d} ]; then mount -t tmpfs -o mode={'1777' if d == '/var/tmp' else '0755'} "
+    """A process in a new private mount namespace with tmpfs over ``PRIVATE_DIRS``.
+
+    The namespace starts with a copy of every mount there is, FUSE mounts of other test
+    runs on this machine included: a copy keeps its FUSE connection alive after the
+    owner unmounts it, so that daemon would never see the unmount. They are detached."""
+    detach = ("awk '$3 ~ /^fuse/ {print $2}' /proc/self/mounts | "
+              "while read -r m; do umount -l \"$m\" 2>/dev/null; done")
+    script = detach + "; " + "; ".join(f"if [ -d {d} ]; then mount -t tmpfs -o mode={'1777' if d == '/var/tmp' else '0755'} "
                        f"tmpfs {d} || exit 1; fi" for d in PRIVATE_DIRS)
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--",
                              "sh", "-c", script + "; echo ready; exec sleep 86400"],
