@@ -356,7 +356,10 @@ class OverlayFS:
         handle = self._dir_handles.get(fh)
         if handle is None:
             raise OSError(errno.EBADF, "bad directory handle")
-        rel = handle.rel
+        return self.dot_inos_at(handle.rel)
+
+    def dot_inos_at(self, rel: str) -> tuple[int, int]:
+        """``dot_inos`` of the directory at ``rel``."""
         own = self.inos.ino_of(self.lookup.directory(rel))
         parent = self.inos.ino_of(self.lookup.directory(split(rel)[0])) if rel else own
         return own, parent

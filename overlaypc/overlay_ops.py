@@ -38,6 +38,7 @@ from .lookup import Node
 from .killpriv import Writer, has_fsetid
 from .mounting import raise_readahead
 from .namespace import Caller
+from .listings import POSITION_BITS, Snapshot, Snapshots, split_cookie
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 
@@ -82,6 +83,9 @@ class OverlayOps(Operations):
         #: directory handle -> table epoch when its listing was read (READDIRPLUS ``take``)
         self._listed: dict[int, int] = {}
         self._listed_lock = threading.Lock()
+        #: the kernel opens directories itself (``listings``): set at INIT
+        self.zero_opendir = False
+        self._snapshots = Snapshots()
         fs.on_rekey = self.nodes.rekey
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
@@ -97,6 +101,7 @@ class OverlayOps(Operations):
         else:
             _negotiate_acls(conn)
         _negotiate_io(conn, cfg.cache, cfg.passthrough)
+        self.zero_opendir = bool(conn.offered & p.NO_OPENDIR_SUPPORT)
 
     def initialized(self, conn: ConnInfo) -> None:
         self.passthrough.start(conn.backing)
@@ -418,6 +423,10 @@ class OverlayOps(Operations):
 
     # -- directories ------------------------------------------------------------------------------
     def opendir(self, req: Request, nodeid: int, flags: int = 0) -> Opened:
+        if self.zero_opendir:
+            # the kernel then opens every directory itself, as if answered with the flags
+            # below and handle 0, and sends no RELEASEDIR (``listings``)
+            raise OSError(errno.ENOSYS, "the kernel opens directories")
         # the kernel may keep listings across opens: it drops them itself whenever the
         # directory changes through the mount, and layers change only through the mount
         return Opened(self.fs.opendir(self._path(nodeid)), cache_dir=True, keep_cache=True)
@@ -430,7 +439,10 @@ class OverlayOps(Operations):
     def readdir(self, req: Request, nodeid: int, fh: int, offset: int,
                 plus: bool = False) -> Iterator[DirItem]:
         """Entries from cookie ``offset`` (position + 1; positions 0 and 1 are ``.`` and
-        ``..``). The listing is read now (errors raise here); items are made lazily."""
+        ``..``). The listing is read now (errors raise here); items are made lazily.
+        Handle 0: a directory the kernel opened itself (``zero_opendir``)."""
+        if not fh:
+            return self._unopened_items(nodeid, offset, plus)
         with self._listed_lock:
             if offset == 0:
                 self._listed[fh] = self.nodes.epoch
@@ -441,17 +453,31 @@ class OverlayOps(Operations):
         dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
         return self._items(nodeid, listed, entries, dots, offset, plus)
 
+    def _unopened_items(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirItem]:
+        sid, pos = split_cookie(offset)
+        snap = self._snapshots.get(sid, nodeid) if pos else None
+        if snap is None:
+            epoch = self.nodes.epoch  # before the listing: a move since voids its stats
+            rel = self._path(nodeid)
+            snap = Snapshot(nodeid, epoch, self.fs.readdir(rel, plus=plus), self.fs.dot_inos_at(rel))
+            sid = self._snapshots.add(snap)
+        if pos >= len(snap.entries) + 2:
+            self._snapshots.done(sid)
+        return self._items(nodeid, snap.epoch, snap.entries, snap.dots, pos, plus,
+                           sid << POSITION_BITS)
+
     def _items(self, nodeid: int, listed: int | None, entries, dots, offset: int,
-               plus: bool) -> Iterator[DirItem]:
+               plus: bool, base: int = 0) -> Iterator[DirItem]:
+        """Items from position ``offset``; cookies are ``base | position + 1``."""
         for pos in range(offset, len(entries) + 2):
             if pos < 2:
-                yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, pos + 1)
+                yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
                 continue
             e = entries[pos - 2]
             take = None
             if plus and e.attr is not None:
                 take = _Take(self, nodeid, listed, e.name, e.attr)
-            yield DirItem(os.fsencode(e.name), e.ino, e.mode, pos + 1, take)
+            yield DirItem(os.fsencode(e.name), e.ino, e.mode, base | (pos + 1), take)
 
     def _take_listed(self, parent: int, epoch: int | None, name: str, attr: Attr) -> Entry | None:
         """READDIRPLUS: one reference to a listed entry's node. A name the kernel holds

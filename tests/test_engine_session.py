@@ -16,7 +16,7 @@ import pytest
 
 import helpers
 
-from engine_support import FakeKernel, MemoryOps, entry_of, parse_dirents
+from engine_support import KERNEL_FLAGS, FakeKernel, MemoryOps, entry_of, parse_dirents
 from overlaypc.engine import protocol as p
 from overlaypc.engine.session import ProtocolError
 
@@ -567,6 +567,16 @@ def test_deny_others(kernel):
     fk.send(p.FORGET, f, p.FORGET_IN.pack(2), uid=2000)
     fk.ok(p.STATFS, 1, uid=1000)
     assert ops.nlookups() == {} and ops.handles == {}
+
+
+@pytest.mark.parametrize("deny", [None, 1000])
+def test_zero_message_opendir_only_where_opendir_checks_nothing(kernel, deny):
+    """A kernel that opens directories itself sends their listings with handle 0, exempt
+    from ``deny_others`` like every listing: offered to the filesystem only without it."""
+    ops = MemoryOps()
+    kernel(ops, session_kw={"deny_others": deny}, flags=KERNEL_FLAGS | p.NO_OPENDIR_SUPPORT)
+    [(offered,)] = ops.called("init")
+    assert bool(offered & p.NO_OPENDIR_SUPPORT) == (deny is None)
 
 
 def test_notifications_are_queued_to_the_channel_fd(kernel):

@@ -183,6 +183,10 @@ class Session:
     def _negotiate(self, unique: int, init: p.InitIn) -> ConnInfo:
         conn = ConnInfo(init.major, init.minor, init.flags, max_write=self.max_write,
                         max_readahead=init.max_readahead)
+        if self.deny_others is not None:
+            # other users are refused at OPENDIR: a kernel that opened directories itself
+            # would send their listings (handle 0, exempt below) with nothing checked
+            conn.offered &= ~p.NO_OPENDIR_SUPPORT
         self.ops.init(conn)
         wanted = conn.wanted & init.flags
         if wanted >> 32 and not init.flags & p.INIT_EXT:

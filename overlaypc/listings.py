@@ -1,0 +1,90 @@
+"""Directory listings served without an open handle (zero-message OPENDIR).
+
+Owns: the snapshots of merged listings that READDIR and READDIRPLUS serve once the kernel
+opens directories by itself. A kernel that offers ``NO_OPENDIR_SUPPORT`` takes an ENOSYS
+answer to OPENDIR as "always succeed, with KEEP_CACHE and CACHE_DIR, no RELEASEDIR": two
+round trips less for every directory opened, and every listing request then comes with
+handle 0. So the listing's identity travels in the cookies instead: a listing read at
+offset 0 becomes a snapshot with an id, and each entry's cookie (the offset the kernel
+sends back for the next chunk, and telldir(3) gives) is ``id << 32 | position``. Every
+lister continues in its own snapshot, as with a handle, and the snapshot carries the node
+table's epoch read before the listing (READDIRPLUS trusts a listed stat only while no
+identity moved since).
+
+Bound: ``MAX_SNAPSHOTS`` listings, least recently used dropped first; a snapshot is
+dropped when its end has been served (the kernel reads until an empty reply).
+
+Caveat: a lister whose snapshot is gone (more than ``MAX_SNAPSHOTS`` listings in progress,
+or a cookie from seekdir(3) after the end) gets the directory read again from the same
+position: if it changed meanwhile, an entry may be seen twice or missed. A cookie naming
+another directory's snapshot counts as gone.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+
+from .readdir import DirEntry
+from .records import record
+
+#: at most this many listings are kept between READDIR requests
+MAX_SNAPSHOTS = 64
+#: a cookie's low bits: the position in its listing
+POSITION_BITS = 32
+_POSITION_MASK = (1 << POSITION_BITS) - 1
+#: snapshot ids stay below this, so cookies stay positive as a signed 64-bit offset
+_ID_LIMIT = 1 << 31
+
+
+@record
+class Snapshot:
+    """One merged listing as read at offset 0."""
+    nodeid: int
+    #: ``NodeTable.epoch`` read before the listing
+    epoch: int
+    entries: list[DirEntry]
+    #: ``st_ino`` of the directory and of its parent (the "." and ".." entries)
+    dots: tuple[int, int]
+
+
+def split_cookie(offset: int) -> tuple[int, int]:
+    """(snapshot id, position) of a cookie; position 0 starts a listing."""
+    return offset >> POSITION_BITS, offset & _POSITION_MASK
+
+
+class Snapshots:
+    def __init__(self, limit: int = MAX_SNAPSHOTS) -> None:
+        self.limit = limit
+        self._kept: OrderedDict[int, Snapshot] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def add(self, snap: Snapshot) -> int:
+        """Keep ``snap``; its id (the high bits of its entries' cookies)."""
+        with self._lock:
+            sid = next(self._ids)
+            if sid >= _ID_LIMIT:  # (the ids kept are the last MAX_SNAPSHOTS made)
+                self._ids = itertools.count(2)
+                sid = 1
+            self._kept[sid] = snap
+            while len(self._kept) > self.limit:
+                self._kept.popitem(last=False)
+            return sid
+
+    def get(self, sid: int, nodeid: int) -> Snapshot | None:
+        """Snapshot ``sid`` if it is kept and lists directory ``nodeid``."""
+        with self._lock:
+            snap = self._kept.get(sid)
+            if snap is None or snap.nodeid != nodeid:
+                return None
+            self._kept.move_to_end(sid)
+            return snap
+
+    def done(self, sid: int) -> None:
+        """Its end was served."""
+        with self._lock:
+            self._kept.pop(sid, None)

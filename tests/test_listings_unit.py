@@ -1,0 +1,120 @@
+"""Listings of directories the kernel opened itself (zero-message OPENDIR), without FUSE.
+
+``OverlayOps`` answers OPENDIR with ENOSYS once INIT offered ``NO_OPENDIR_SUPPORT``; READDIR
+and READDIRPLUS then come with handle 0 and are served from snapshots named by the
+cookies (``overlaypc.listings``): each lister continues in its own snapshot, which is
+dropped at its end, at most ``MAX_SNAPSHOTS`` kept.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from overlaypc.engine import protocol as p
+from overlaypc.engine.ops import ConnInfo
+from overlaypc.listings import Snapshot, Snapshots, split_cookie
+from overlaypc.nodes import ROOT_ID
+
+from test_nodes_unit import REQ, look, make_ops
+
+FILES = [f"f{i}" for i in range(10)]
+
+
+def _names(items) -> list[str]:
+    return [os.fsdecode(i.name) for i in items]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "lower" / "d").mkdir(parents=True)
+    (tmp_path / "lower" / "e").mkdir()
+    for name in FILES:
+        (tmp_path / "lower" / "d" / name).write_text(name)
+    for name in ("upper", "work", "mnt"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def ops(tree):
+    ops, close = make_ops(tree)
+    ops.init(ConnInfo(7, 45, p.NO_OPENDIR_SUPPORT))
+    yield ops
+    close()
+
+
+def _change(ops, tree) -> None:
+    """A new name in d, made in the upper layer (invisible to a snapshot taken before)."""
+    (tree / "upper" / "d").mkdir(exist_ok=True)
+    (tree / "upper" / "d" / "new").write_text("x")
+    ops.fs.lookup.invalidate("d")
+
+
+def test_opendir_is_left_to_the_kernel(ops):
+    with pytest.raises(OSError) as e:
+        ops.opendir(REQ, ROOT_ID)
+    assert e.value.errno == errno.ENOSYS
+
+
+def test_without_the_offer_directories_are_opened(tree):
+    ops, close = make_ops(tree)
+    try:
+        ops.init(ConnInfo(7, 45, 0))
+        fh = ops.opendir(REQ, ROOT_ID).fh
+        assert fh and sorted(_names(ops.readdir(REQ, ROOT_ID, fh, 0))) == [".", "..", "d", "e"]
+        ops.releasedir(REQ, ROOT_ID, fh)
+    finally:
+        close()
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_a_listing_read_in_chunks_is_one_snapshot(ops, tree, plus):
+    d = look(ops, "d")
+    first = list(ops.readdir(REQ, d, 0, 0, plus))[:5]       # a reply with room for five
+    assert _names(first)[:2] == [".", ".."]
+    _change(ops, tree)
+    rest = list(ops.readdir(REQ, d, 0, first[-1].offset, plus))
+    assert sorted(_names(first + rest)[2:]) == FILES         # no entry lost, none twice
+    cookies = [split_cookie(i.offset) for i in first + rest]
+    assert [pos for _, pos in cookies] == list(range(1, 13)) and len({s for s, _ in cookies}) == 1
+    # the end is served (the kernel's last, empty request): the snapshot is gone
+    assert list(ops.readdir(REQ, d, 0, rest[-1].offset, plus)) == [] and len(ops._snapshots) == 0
+    assert "new" in _names(ops.readdir(REQ, d, 0, 0, plus))
+
+
+def test_each_lister_continues_in_its_own_snapshot(ops, tree):
+    d = look(ops, "d")
+    a = list(ops.readdir(REQ, d, 0, 0))[:6]
+    _change(ops, tree)
+    b = list(ops.readdir(REQ, d, 0, 0))                      # another opener, after the change
+    a += list(ops.readdir(REQ, d, 0, a[-1].offset))
+    assert sorted(_names(a)[2:]) == FILES
+    assert sorted(_names(b)[2:]) == sorted(FILES + ["new"])
+
+
+def test_a_cookie_whose_snapshot_is_gone_reads_the_directory_again(ops):
+    d, e = look(ops, "d"), look(ops, "e")
+    first = list(ops.readdir(REQ, d, 0, 0))[:4]
+    ops._snapshots = Snapshots()                             # dropped (bound, or ended)
+    rest = list(ops.readdir(REQ, d, 0, first[-1].offset))
+    assert sorted(_names(first + rest)[2:]) == FILES
+    # a cookie of d's listing used on e (seekdir(3) with a foreign value): e's own entries
+    mine = list(ops.readdir(REQ, d, 0, 0))[:4]
+    assert _names(ops.readdir(REQ, e, 0, mine[-1].offset)) == []   # e has 2 entries: past its end
+    assert _names(ops.readdir(REQ, e, 0, mine[0].offset)) == [".."]
+
+
+def test_snapshots_are_bounded_and_dropped_at_their_end():
+    snaps = Snapshots(limit=3)
+    made = [Snapshot(n, 0, [], (n, n)) for n in range(5)]
+    ids = [snaps.add(s) for s in made]
+    assert len(set(ids)) == 5 and len(snaps) == 3
+    assert snaps.get(ids[0], 0) is None and snaps.get(ids[4], 4) is made[4]
+    assert snaps.get(ids[2], 2) is made[2]                   # used: now the newest
+    assert snaps.get(ids[2], 3) is None                      # not a listing of node 3
+    snaps.add(Snapshot(9, 0, [], (9, 9)))
+    assert snaps.get(ids[3], 3) is None and snaps.get(ids[2], 2) is made[2]   # the least recent went
+    snaps.done(ids[2])
+    assert snaps.get(ids[2], 2) is None
