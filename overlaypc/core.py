@@ -152,6 +152,7 @@ class OverlayFS:
         namespace lock, so ``entry.rel`` names the new backing while handles reopen.
         ``metadata_only`` (metacopy): the inode is now the upper one, but its data, and so
         its open handles, stay below until the data copy-up."""
+        self.lookup.changed()  # the name resolves to another object now
         copied = Node(entry.rel, (entry,))
         new_key = self.identity(copied)
         # every copy-up (directories too) changes the identity the kernel's node has
@@ -332,9 +333,13 @@ class OverlayFS:
             if offset and handle.listing is not None:
                 return handle.listing
             rel = handle.rel
+        epoch = self.lookup.epoch  # before the layers: a change during the listing voids it
+        files: list | None = [] if plus else None
         entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus,
                                  ownership=self.ownership if self.ownership.active else None,
-                                 names=self.lookup.names)
+                                 names=self.lookup.names, files=files)
+        if files:  # kept for the opens that follow (``Lookup.recent``)
+            self.lookup.keep_listing(rel or "", epoch, files)
         if plus:
             for i, e in enumerate(entries):
                 if e.attr is None:
