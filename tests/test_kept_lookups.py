@@ -93,6 +93,7 @@ def test_open_after_a_lookup_or_listing_does_not_look_up_again(fs_factory, monke
 @pytest.mark.parametrize("keep", KEEPERS)
 def test_open_after_copy_up_by_a_write_open(fs_factory, keep):
     fs = fs_factory({"d/x": b"old\n"})
+    write_new(fs, "d/other", b"")  # d in the upper already: only the file is copied up
     KEEPERS[keep](fs, "d/x")
     fh = fs.open("d/x", os.O_RDWR).fh
     fs.write(fh, b"new\n", 0)
@@ -101,11 +102,28 @@ def test_open_after_copy_up_by_a_write_open(fs_factory, keep):
 
 
 @pytest.mark.parametrize("keep", KEEPERS)
+def test_handle_opened_after_a_chmod_copy_up_sees_later_writes(fs_factory, keep):
+    """A chmod copies the file up and looks it up no more: a read-only open after it must
+    be of the upper copy (the inode a later write open gets), never the lower file."""
+    fs = fs_factory({"d/x": b"old\n"})
+    write_new(fs, "d/other", b"")
+    KEEPERS[keep](fs, "d/x")
+    fs.chmod("d/x", 0o600)
+    reader = fs.open("d/x", os.O_RDONLY).fh
+    writer = fs.open("d/x", os.O_RDWR).fh
+    fs.write(writer, b"new\n", 0)
+    fs.release(writer)
+    assert fs.read(reader, 100, 0) == b"new\n"
+    fs.release(reader)
+
+
+@pytest.mark.parametrize("keep", KEEPERS)
 def test_open_after_copy_up_of_another_name_of_a_hard_link(fs_factory, keep):
     """index=on: two names of a lower hard link are one inode; writing one copies it up to
     the index, which the other name shows from then on."""
     fs = fs_factory({"d/a": b"old\n"}, index=True)
     os.link(fs.root / "lower/d/a", fs.root / "lower/d/b")
+    write_new(fs, "d/other", b"")
     KEEPERS[keep](fs, "d/b")
     KEEPERS[keep](fs, "d/a")
     fh = fs.open("d/a", os.O_RDWR).fh
@@ -118,6 +136,7 @@ def test_open_after_a_hard_link_is_broken_by_copy_up(fs_factory):
     """index off: the written name leaves the link, the other keeps the lower data."""
     fs = fs_factory({"d/a": b"old\n"})
     os.link(fs.root / "lower/d/a", fs.root / "lower/d/b")
+    write_new(fs, "d/other", b"")
     for rel in ("d/a", "d/b"):
         fs.getattr(rel)
     fh = fs.open("d/a", os.O_RDWR).fh
@@ -171,10 +190,18 @@ def test_listed_metacopy_file_reads_the_lower_data(fs_factory):
     """metacopy=on: a chmod copies metadata only; the upper file is sparse and its data is
     below. A listing cannot tell (no xattrs read): the open must."""
     data = b"lower data\n" * 100
-    fs = fs_factory({"d/x": data}, metacopy=True)
+    fs = fs_factory({"d/x": data, "d/y": data}, metacopy=True)
     fs.chmod("d/x", 0o600)
     fs.readdir("d", plus=True)
     assert read_all(fs, "d/x") == data
+    fs.getattr("d/y")  # kept as the lower file; then a metadata copy-up, and its data one
+    fs.chmod("d/y", 0o600)
+    assert read_all(fs, "d/y") == data
+    fh = fs.open("d/y", os.O_RDWR).fh
+    fs.write(fh, b"new", 0)
+    fs.release(fh)
+    fs.getattr("d/y")
+    assert read_all(fs, "d/y") == b"new" + data[3:]
 
 
 def test_listed_metacopy_file_without_metacopy_on_is_refused(fs_factory):
