@@ -334,7 +334,7 @@ class OverlayFS:
                 return handle.listing
             rel = handle.rel
         epoch = self.lookup.epoch  # before the layers: a change during the listing voids it
-        files: list | None = [] if plus else None
+        files: dict | None = {} if plus else None
         entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus,
                                  ownership=self.ownership if self.ownership.active else None,
                                  names=self.lookup.names, files=files)

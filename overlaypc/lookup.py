@@ -50,6 +50,7 @@ hold no fds (an ``Entry`` without ``parent``): at most ``RECENT_MAX``, oldest dr
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import threading
@@ -276,16 +277,16 @@ class Lookup:
         while self._recent_count > RECENT_MAX and recent:
             self._recent_count -= len(recent.popitem(last=False)[1])
 
-    def keep_listing(self, rel: str, epoch: int,
-                     files: list[tuple[str, Layer, str, os.stat_result]]) -> None:
+    def keep_listing(self, rel: str, epoch: int, files: dict[str, Kept]) -> None:
         """A listing of directory ``rel`` read at ``epoch`` (``self.epoch`` read before it)
-        showed ``files`` (name, layer, path there, stat): regular files with one link that
-        are the topmost object at their names. Kept unchecked (their xattrs were not read);
-        at most the first ``RECENT_MAX`` (opens follow the listing's order)."""
-        kept = {name: (layer, lrel, st, None, False) for name, layer, lrel, st in files[:RECENT_MAX]}
+        showed ``files`` (``Kept``, unchecked: their xattrs were not read): regular files
+        with one link that are the topmost object at their names. At most the first
+        ``RECENT_MAX`` are kept (opens follow the listing's order)."""
+        if len(files) > RECENT_MAX:
+            files = dict(itertools.islice(files.items(), RECENT_MAX))
         with self._lock:
             if epoch == self._epoch:
-                self._keep_in(rel, kept)
+                self._keep_in(rel, files)
 
     def recent(self, rel: str) -> tuple[Node, bool] | None:
         """The regular file last found at ``rel`` if no change of the namespace ran since
