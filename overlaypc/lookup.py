@@ -14,7 +14,8 @@ System calls per name: a lower layer's directory names are held once read
 (``dirnames.LowerNames``: from a listing, or read when a name is absent there and the
 ``.wh.NAME`` question would follow), so an absent name or marker there costs none; no
 ``.wh.NAME`` is looked for in the last layer the search reaches (it would hide nothing);
-a directory's marks come from one ``listxattr``.
+a directory's marks come from one ``listxattr``; a lower regular file's xattr names are
+listed once (``xattrnames.LowerXattrs``), an upper one's at each lookup.
 
 Caveats: the structure of directories (which layers hold them) is cached; a change to a
 directory drops its entry and its subtree's (``invalidate``), and an epoch counter keeps a
@@ -58,6 +59,7 @@ from collections import OrderedDict
 
 from . import fdbudget, whiteout
 from .dirnames import LowerNames
+from .xattrnames import LowerXattrs
 from .layer import DirFd, Layer, join, split
 from .records import field, record
 from .stack import LayerStack
@@ -202,6 +204,8 @@ class Lookup:
         self._recent_count = 0
         #: names of lower-layer directories: absent names cost no system call
         self.names = LowerNames()
+        #: xattr names of lower regular files: a lookup after the first lists none
+        self.xattr_names = LowerXattrs()
         fdbudget.register(self)
 
     @property
@@ -525,7 +529,8 @@ class Lookup:
             parent_fd = pentry.dirfd if pentry is not None and not is_dir else None
             xattrs = None
             if parent_fd is not None and stat.S_ISREG(st.st_mode):
-                xattrs = layer.xattr_names_at(parent_fd, name)
+                xattrs = self.xattr_names.of(layer, parent_fd, name, st) if not layer.writable \
+                    else layer.xattr_names_at(parent_fd, name)
             entry = Entry(layer, lrel, st, dirfd, parent_fd, xattrs)
             entries.append(entry)
             if is_dir:

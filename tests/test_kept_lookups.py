@@ -287,6 +287,33 @@ def test_kept_files_hold_no_fds(fs_factory):
     assert read_all(fs, "d7/x") == b"x"
 
 
+def test_kept_files_memory_at_the_bound(fs_factory):
+    """The README's bound: ``RECENT_MAX`` files, measured with tracemalloc (each with its
+    own stat, as lookups keep them; 20-byte names in 100-file directories)."""
+    import tracemalloc
+
+    fs = fs_factory({"d/x": b""})
+    st = os.stat(fs.root / "lower/d/x")
+    layer = fs.stack.lowers[0]
+    epoch = fs.lookup.epoch
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for i in range(lookup_mod.RECENT_MAX // 100 + 1):
+        parent = f"some/directory/{i:05d}"
+        files = {}
+        for j in range(100):
+            name = f"file-name-{i:05d}-{j:04d}"
+            files[name] = (layer, f"{parent}/{name}", os.stat_result(tuple(st)[:10] + (
+                0.5, 0.5, 0.5, 10**18 + j, 10**18 + j, 10**18 + j)), None, False)
+        fs.lookup.keep_listing(parent, epoch, files)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    assert fs.lookup._recent_count <= lookup_mod.RECENT_MAX
+    used = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert used < 2.5 * 2**20, used  # README: 2.2 MiB at the bound
+
+
 def test_kept_files_are_bounded(fs_factory, monkeypatch):
     monkeypatch.setattr(lookup_mod, "RECENT_MAX", 10)
     fs = fs_factory({f"d{i}/f{j}": b"" for i in range(3) for j in range(8)})
@@ -325,3 +352,67 @@ def test_open_after_rename_through_a_mount(layers_factory, overlay_mount):
     assert not errors
     for i in range(20):
         assert (d / f"f{i}").read_text() == (f"new {i}\n" if i % 2 == 0 else f"old {i}\n")
+
+
+# -- xattr names of lower files (``xattrnames.LowerXattrs``) --------------------------------
+def counting_listings(fs: OverlayFS, monkeypatch) -> list[str]:
+    """The names ``Layer.xattr_names_at`` lists from now on (any layer)."""
+    seen: list[str] = []
+    for layer in fs.stack.layers:
+        real = layer.xattr_names_at
+
+        def spy(parent, name, real=real):
+            seen.append(name)
+            return real(parent, name)
+
+        monkeypatch.setattr(layer, "xattr_names_at", spy)
+    return seen
+
+
+def test_a_lower_files_xattr_names_are_listed_once(fs_factory, monkeypatch):
+    fs = fs_factory({"d/x": b"lower\n"}, upper={"d/u": b"upper\n"})
+    seen = counting_listings(fs, monkeypatch)
+    for _ in range(3):
+        fs.getattr("d/x")
+        fs.getattr("d/u")
+    assert seen.count("x") == 1
+    assert seen.count("u") == 3  # the upper changes through the mount: listed every time
+    assert len(fs.lookup.xattr_names) == 1
+
+
+def test_a_lower_file_changed_behind_the_mounts_back_is_listed_again(fs_factory):
+    """A new xattr moves the file's ctime: the kept names are not used for it."""
+    fs = fs_factory({"d/x": b"lower\n"})
+    with pytest.raises(OSError):
+        fs.getxattr("d/x", "user.added")  # listed: absent
+    os.setxattr(fs.root / "lower/d/x", "user.added", b"1")
+    assert fs.getxattr("d/x", "user.added") == b"1"
+
+
+def test_lower_xattr_names_are_bounded(tmp_path):
+    """The README's bound: ``MAX_FILES`` files, least recently used dropped, and their
+    memory at the bound (tracemalloc)."""
+    import tracemalloc
+
+    from overlaypc.layer import Layer
+    from overlaypc.xattrnames import MAX_FILES, LowerXattrs
+
+    (tmp_path / "x").write_bytes(b"")
+    layer = Layer(str(tmp_path), 1, writable=False, name="lower0")
+    try:
+        names = LowerXattrs()
+        st = os.stat(tmp_path / "x")
+        fake = [os.stat_result((st.st_mode, i, st.st_dev, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                10**18 + i, 10**18 + i, 10**18 + i)) for i in range(MAX_FILES + 100)]
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        for one in fake:
+            assert names.of(layer, layer.root, "x", one) is not None
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        assert len(names) == MAX_FILES
+        used = sum(s.size_diff for s in after.compare_to(before, "filename"))
+        assert used < 2.5 * 2**20, used  # README: 2.3 MiB at the bound
+    finally:
+        layer.close()
