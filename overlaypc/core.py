@@ -152,7 +152,6 @@ class OverlayFS:
         namespace lock, so ``entry.rel`` names the new backing while handles reopen.
         ``metadata_only`` (metacopy): the inode is now the upper one, but its data, and so
         its open handles, stay below until the data copy-up."""
-        self.lookup.changed()  # the name resolves to another object now
         copied = Node(entry.rel, (entry,))
         new_key = self.identity(copied)
         # every copy-up (directories too) changes the identity the kernel's node has

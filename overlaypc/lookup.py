@@ -25,19 +25,20 @@ layer, checked against the cached fd's inode; the layer roots, as parents, by no
 their fds are used).
 
 Kept files: the last lookups of regular files, and the regular files a READDIRPLUS listing
-showed, are kept by merged path (``keep_listing``, ``recent``) so that a read-only open of a name
-the kernel just looked up or listed need not look it up again (``files.Files.open``). They are
-kept only for *which object to open* (the layer and path, stat for the identity): attributes
-are always read fresh. What makes reuse safe is ``_epoch``, which counts every change of the
-merged namespace: each namespace change and each copy-up (data copy-up of a metacopy file
-included) calls ``changed`` at its end, after the layers changed and before the namespace lock
-is released; those are the only ways a merged name comes to resolve to another object (private
-xattrs cannot be set through the mount, lower layers do not change under it). A kept file
-counts only while ``_epoch`` is the one read *before* the lookup or listing read the layers,
-and is used under the namespace lock: a change that ran during the lookup voids it, and none
-can run between the check and the open. Changes to the upper layer behind the mount's back are
-not seen (as with the kernel's own dentry cache); the open checks the object it opened is the
-one kept, and looks the name up afresh when not.
+showed, are kept by merged path (``keep_listing``, ``recent``) so that a read-only open of a
+name the kernel just looked up or listed need not look it up again (``files.Files.open``).
+They are kept only for *which object to open* (the layer and path, stat for the identity):
+attributes are always read fresh. What makes reuse safe is ``_epoch``, which counts every
+change of the merged namespace: each namespace change and each copy-up (data copy-up of a
+metacopy file included) calls ``changed`` at its end, failed or not, after the layers
+changed and before the namespace lock is released (``Namespace._changing``,
+``CopyUp._installing``); those are the only ways a merged name comes to resolve to another
+object (private xattrs cannot be set through the mount, lower layers do not change under
+it). A kept file counts only while ``_epoch`` is the one read *before* the lookup or listing
+read the layers, and is used under the namespace lock: a change that ran during the lookup
+voids it, and none can run between the check and the open. Changes to the upper layer behind
+the mount's back are not seen (as with the kernel's own dentry cache); the open checks the
+object it opened is the one kept, and looks the name up afresh when not.
 
 Bound: a cached directory holds an ``O_PATH`` fd of itself in each layer that has it, so
 the cache is bounded by the fds it holds (``max_fds``, from ``fdbudget``; LRU), not by
@@ -69,8 +70,9 @@ NAME_MAX = 255
 RECENT_MAX = 4096
 
 
-#: a kept regular file: (layer, path there, stat, xattr names or None, checked). Not
-#: ``checked`` (from a listing): its xattrs were not read, so a metacopy mark is not ruled out
+#: a kept regular file: from a lookup, (layer, path there, stat, xattr names or None); from
+#: a listing, (layer, its *directory's* path there, stat): its xattrs were not read, so a
+#: metacopy mark is not ruled out (and the path is joined only if it is opened)
 Kept = tuple
 
 
@@ -283,7 +285,7 @@ class Lookup:
 
     def keep_listing(self, rel: str, epoch: int, files: dict[str, Kept]) -> None:
         """A listing of directory ``rel`` read at ``epoch`` (``self.epoch`` read before it)
-        showed ``files`` (``Kept``, unchecked: their xattrs were not read): regular files
+        showed ``files`` (``Kept``, a listing's): regular files
         with one link that are the topmost object at their names. At most the first
         ``RECENT_MAX`` are kept (opens follow the listing's order)."""
         if len(files) > RECENT_MAX:
@@ -301,8 +303,11 @@ class Lookup:
         kept = None if held is None else held.get(name)
         if kept is None:
             return None
-        layer, lrel, st, xattrs, checked = kept
-        return Node(rel, (Entry(layer, lrel, st, None, None, xattrs),)), checked
+        if len(kept) == 3:  # a listing's
+            layer, head, st = kept
+            return Node(rel, (Entry(layer, f"{head}/{name}" if head else name, st),)), False
+        layer, lrel, st, xattrs = kept
+        return Node(rel, (Entry(layer, lrel, st, None, None, xattrs),)), True
 
     def forget_recent(self, rel: str) -> None:
         """``rel`` did not open as kept (changed behind the mount's back)."""
@@ -446,7 +451,7 @@ class Lookup:
                 self._store(rel, epoch, node)
             elif stat.S_ISREG(mode) and len(entries) == 1 and node.data is None:
                 # kept for an open that follows (``recent``; no fd: not the entry's ``parent``)
-                self._keep(parent_rel, name, epoch, (top.layer, top.rel, top.st, top.xattrs, True))
+                self._keep(parent_rel, name, epoch, (top.layer, top.rel, top.st, top.xattrs))
         return node
 
     def lower_exists(self, rel: str) -> bool:

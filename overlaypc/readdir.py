@@ -45,7 +45,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
     then turns their owner and mode into what ``getattr`` shows. ``names``: where the
     names of the lower layers' directories, read here anyway, are kept for lookups.
     ``files`` (with ``plus``) gets each shown regular file with one link, by name, as
-    ``lookup.Kept`` (unchecked): the whole merged object at its name unless it has a metacopy
+    ``lookup.Kept`` (a listing's): the whole merged object at its name unless it has a metacopy
     mark (a hard link may have an index entry), for ``Lookup.keep_listing``."""
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
     lower_dir_ino: dict[str, int] = {}
@@ -90,8 +90,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         layer = parent.layer
         st = item.st
         if files is not None and item.fmt == _S_IFREG and st is not None and st.st_nlink == 1:
-            prel = parent.rel
-            files[name] = (layer, f"{prel}/{name}" if prel else name, st, None, False)
+            files[name] = (layer, parent.rel, st)
         if not layer.writable:  # a lower entry: its own number
             ino = inos.xino.ino(layer.dev, item.ino)
             out.append(DirEntry(name, item.fmt, ino, attr(layer, item, dirfd, ino) if item.st else None))

@@ -117,6 +117,29 @@ def test_handle_opened_after_a_chmod_copy_up_sees_later_writes(fs_factory, keep)
     fs.release(reader)
 
 
+def test_handle_opened_after_a_copy_up_that_failed_late_sees_later_writes(fs_factory, monkeypatch):
+    """A copy-up whose copy is in place when a later step fails (the parent's fsync): the
+    name shows the copy, so what was kept before is not opened either."""
+    fs = fs_factory({"d/x": b"old\n"})
+    write_new(fs, "d/other", b"")
+    fs.getattr("d/x")
+
+    def failing(rel):
+        raise OSError(5, "injected: fsync of the parent failed")
+
+    monkeypatch.setattr(fs.stack.upper, "fsync_dir", failing)
+    with pytest.raises(OSError):
+        fs.chmod("d/x", 0o600)
+    monkeypatch.undo()
+    assert (fs.root / "upper/d/x").exists()  # in place (no lookup here: it would keep it)
+    reader = fs.open("d/x", os.O_RDONLY).fh
+    writer = fs.open("d/x", os.O_RDWR).fh
+    fs.write(writer, b"new\n", 0)
+    fs.release(writer)
+    assert fs.read(reader, 100, 0) == b"new\n"
+    fs.release(reader)
+
+
 @pytest.mark.parametrize("keep", KEEPERS)
 def test_open_after_copy_up_of_another_name_of_a_hard_link(fs_factory, keep):
     """index=on: two names of a lower hard link are one inode; writing one copies it up to
@@ -304,8 +327,8 @@ def test_kept_files_memory_at_the_bound(fs_factory):
         files = {}
         for j in range(100):
             name = f"file-name-{i:05d}-{j:04d}"
-            files[name] = (layer, f"{parent}/{name}", os.stat_result(tuple(st)[:10] + (
-                0.5, 0.5, 0.5, 10**18 + j, 10**18 + j, 10**18 + j)), None, False)
+            files[name] = (layer, parent, os.stat_result(tuple(st)[:10] + (
+                0.5, 0.5, 0.5, 10**18 + j, 10**18 + j, 10**18 + j)))
         fs.lookup.keep_listing(parent, epoch, files)
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
