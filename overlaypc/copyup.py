@@ -362,10 +362,21 @@ class CopyUp:
                 raise  # symlinks refuse user.* xattrs; origin is then simply not recorded
 
     # -- step 6: install -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _installing(self):
+        """The namespace lock, held to put a copy in place; at its end (a failed one too: a
+        step may be done) ``Lookup.changed``: the name may resolve to the copy now, so no
+        file found before is opened as kept."""
+        with self.ns_lock:
+            try:
+                yield
+            finally:
+                self.lookup.changed()
+
     def _install(self, ctx: CopyUpContext) -> Entry:
         rel = ctx.node.rel
         faults.hit("copyup.rename", ctx.tmp, ctx.node.rel)
-        with self.ns_lock:
+        with self._installing():
             now = self.lookup.lookup(rel)
             if now.upper is not None or not now.exists or now.top.st.st_ino != ctx.src.st.st_ino \
                     or now.top.layer is not ctx.src.layer:
@@ -417,7 +428,7 @@ class CopyUp:
 
     def _link_index(self, node: Node, index_rel: str) -> Entry:
         rel = node.rel
-        with self.ns_lock:
+        with self._installing():
             now = self.lookup.lookup(rel)
             if now.upper is not None:
                 return now.upper
@@ -448,7 +459,7 @@ class CopyUp:
                 os.fsync(dst_fd)
         finally:
             os.close(dst_fd)
-        with self.ns_lock:
+        with self._installing():
             for name in ("metacopy", "redirect"):
                 try:
                     self.upper.do_removexattr(upper.rel, self.prefix + name)

@@ -332,9 +332,13 @@ class OverlayFS:
             if offset and handle.listing is not None:
                 return handle.listing
             rel = handle.rel
+        epoch = self.lookup.epoch  # before the layers: a change during the listing voids it
+        files: dict | None = {} if plus else None
         entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus,
                                  ownership=self.ownership if self.ownership.active else None,
-                                 names=self.lookup.names)
+                                 names=self.lookup.names, files=files)
+        if files:  # kept for the opens that follow (``Lookup.recent``)
+            self.lookup.keep_listing(rel or "", epoch, files)
         if plus:
             for i, e in enumerate(entries):
                 if e.attr is None:

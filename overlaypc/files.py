@@ -68,22 +68,60 @@ class Files:
         # copy beside the old one being rebound), and no rename or unlink can move the
         # name between the lookup and the open.
         with fs.ns_lock:
-            node = fs.lookup.lookup(rel)
-            if not node.exists:
-                raise OSError(errno.ENOENT, "no such file", rel)
-            if flags & _WRITE_INTENT and (node.upper is None or node.data is not None):
-                raise OSError(errno.EIO, "open for write found no upper copy", rel)
-            backing = node.data or node.top  # metacopy: data from below until written
-            inode = fs.inodes.acquire(fs.identity(node), fs.inos.ino_of(node), backing)
-            try:
-                if node.data is not None:
-                    inode.meta_rel = rel
-                with self._truncating(inode, flags):
-                    fd, generation = inode.open_backing(flags, via=backing)
-            except BaseException:
-                fs.inodes.release(inode)
-                raise
+            # a read-only open of a name the kernel just looked up or listed: that lookup's
+            # object, if no change of the namespace ran since (``Lookup.recent``)
+            kept = None if flags & _WRITE_INTENT else fs.lookup.recent(rel)
+            opened = None if kept is None else self._open_kept(rel, flags, *kept)
+            if opened is None:
+                node = fs.lookup.lookup(rel)
+                if not node.exists:
+                    raise OSError(errno.ENOENT, "no such file", rel)
+                if flags & _WRITE_INTENT and (node.upper is None or node.data is not None):
+                    raise OSError(errno.EIO, "open for write found no upper copy", rel)
+                opened = self._open_node(node, rel, flags)
+        inode, fd, generation = opened
         return self._register(inode, flags, rel, fd, generation)
+
+    def _open_node(self, node: Node, rel: str, flags: int) -> tuple[OverlayInode, int, int]:
+        """The live inode of ``node`` (a reference taken) and a new fd on its backing, with
+        the generation; under the namespace lock."""
+        fs = self.fs
+        backing = node.data or node.top  # metacopy: data from below until written
+        inode = fs.inodes.acquire(fs.identity(node), fs.inos.ino_of(node), backing)
+        try:
+            if node.data is not None:
+                inode.meta_rel = rel
+            with self._truncating(inode, flags):
+                fd, generation = inode.open_backing(flags, via=backing)
+        except BaseException:
+            fs.inodes.release(inode)
+            raise
+        return inode, fd, generation
+
+    def _open_kept(self, rel: str, flags: int, node: Node,
+                   checked: bool) -> tuple[OverlayInode, int, int] | None:
+        """A read-only open of the kept ``node`` (``Lookup.recent``); None, nothing left open,
+        when it is not what a lookup would find now: the file at its layer path is another
+        one or gone (a change behind the mount's back), or, for a listed file (``checked``
+        False), it has a metacopy mark (its data is below, or the lookup refuses it)."""
+        try:
+            inode, fd, generation = self._open_node(node, rel, flags)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            self.fs.lookup.forget_recent(rel)
+            return None
+        if not checked:
+            try:
+                names = os.listxattr(fd)  # (of the fd just opened: no path walk)
+            except OSError as e:
+                names = () if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
+            if names is None or self.fs.prefix + "metacopy" in names:
+                os.close(fd)
+                self.fs.inodes.release(inode)
+                self.fs.lookup.forget_recent(rel)
+                return None
+        return inode, fd, generation
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller) -> tuple[OpenResult, Node]:
         """A new regular file, opened; and its node as made (``Namespace.create``)."""

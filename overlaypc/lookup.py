@@ -14,7 +14,8 @@ System calls per name: a lower layer's directory names are held once read
 (``dirnames.LowerNames``: from a listing, or read when a name is absent there and the
 ``.wh.NAME`` question would follow), so an absent name or marker there costs none; no
 ``.wh.NAME`` is looked for in the last layer the search reaches (it would hide nothing);
-a directory's marks come from one ``listxattr``.
+a directory's marks come from one ``listxattr``; a lower regular file's xattr names are
+listed once (``xattrnames.LowerXattrs``), an upper one's at each lookup.
 
 Caveats: the structure of directories (which layers hold them) is cached; a change to a
 directory drops its entry and its subtree's (``invalidate``), and an epoch counter keeps a
@@ -23,17 +24,35 @@ component is always read fresh (a cached directory's by one ``fstatat`` of its n
 layer, checked against the cached fd's inode; the layer roots, as parents, by none: only
 their fds are used).
 
+Kept files: the last lookups of regular files, and the regular files a READDIRPLUS listing
+showed, are kept by merged path (``keep_listing``, ``recent``) so that a read-only open of a
+name the kernel just looked up or listed need not look it up again (``files.Files.open``).
+They are kept only for *which object to open* (the layer and path, stat for the identity):
+attributes are always read fresh. What makes reuse safe is ``_epoch``, which counts every
+change of the merged namespace: each namespace change and each copy-up (data copy-up of a
+metacopy file included) calls ``changed`` at its end, failed or not, after the layers
+changed and before the namespace lock is released (``Namespace._changing``,
+``CopyUp._installing``); those are the only ways a merged name comes to resolve to another
+object (private xattrs cannot be set through the mount, lower layers do not change under
+it). A kept file counts only while ``_epoch`` is the one read *before* the lookup or listing
+read the layers, and is used under the namespace lock: a change that ran during the lookup
+voids it, and none can run between the check and the open. Changes to the upper layer behind
+the mount's back are not seen (as with the kernel's own dentry cache); the open checks the
+object it opened is the one kept, and looks the name up afresh when not.
+
 Bound: a cached directory holds an ``O_PATH`` fd of itself in each layer that has it, so
 the cache is bounded by the fds it holds (``max_fds``, from ``fdbudget``; LRU), not by
 its entries, and it registers with ``fdbudget`` to be emptied when the process runs out
 of fds. Eviction is always safe: a ``DirFd`` closes on its last reference, so an
 operation holding a node keeps its fds. A directory missing from the cache is found by
 walking down from its deepest cached ancestor one level at a time, holding only the
-parent, so a path thousands of levels deep costs neither recursion nor more fds.
+parent, so a path thousands of levels deep costs neither recursion nor more fds. Kept files
+hold no fds (an ``Entry`` without ``parent``): at most ``RECENT_MAX``, oldest dropped first.
 """
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import threading
@@ -41,11 +60,20 @@ from collections import OrderedDict
 
 from . import fdbudget, whiteout
 from .dirnames import LowerNames
+from .xattrnames import LowerXattrs
 from .layer import DirFd, Layer, join, split
 from .records import field, record
 from .stack import LayerStack
 
 NAME_MAX = 255
+#: the most regular files ``Lookup`` keeps for a later open (``recent``)
+RECENT_MAX = 4096
+
+
+#: a kept regular file: from a lookup, (layer, path there, stat, xattr names or None); from
+#: a listing, (layer, its *directory's* path there, stat): its xattrs were not read, so a
+#: metacopy mark is not ruled out (and the path is joined only if it is opened)
+Kept = tuple
 
 
 @record(frozen=True)
@@ -172,8 +200,14 @@ class Lookup:
         self.max_fds = fdbudget.FdBudget.for_process().lookup if max_fds is None else max_fds
         self._lock = threading.Lock()
         self._root_node: Node | None = None
+        #: kept files (``recent``): merged directory -> name -> ``Kept``, oldest first; all of
+        #: the current ``_epoch`` (stored only at it, emptied when it moves: both under _lock)
+        self._recent: OrderedDict[str, dict[str, Kept]] = OrderedDict()
+        self._recent_count = 0
         #: names of lower-layer directories: absent names cost no system call
         self.names = LowerNames()
+        #: xattr names of lower regular files: a lookup after the first lists none
+        self.xattr_names = LowerXattrs()
         fdbudget.register(self)
 
     @property
@@ -188,6 +222,8 @@ class Lookup:
         of it when ``rel`` is None or the root); call after a change to a directory."""
         with self._lock:
             self._epoch += 1  # a lookup that raced with the change stores nothing
+            self._recent.clear()
+            self._recent_count = 0
             if not rel:
                 self._dirs.clear()
                 self._fds = 0
@@ -195,6 +231,91 @@ class Lookup:
             prefix = rel + "/"
             for key in [k for k in self._dirs if k == rel or k.startswith(prefix)]:
                 self._fds -= self._dirs.pop(key)[1]
+
+    @property
+    def epoch(self) -> int:
+        """Read before looking at the layers: what ``keep_listing`` is given."""
+        return self._epoch
+
+    def changed(self) -> None:
+        """A change of the merged namespace is done (called at its end, under the namespace
+        lock): no file kept before it is reused."""
+        with self._lock:
+            self._epoch += 1
+            self._recent.clear()
+            self._recent_count = 0
+
+    def _keep_in(self, parent: str, files: dict[str, Kept]) -> None:
+        """Add ``files`` (at most ``RECENT_MAX``) to directory ``parent``'s (lock held)."""
+        recent = self._recent
+        held = recent.get(parent)
+        if held is None:
+            recent[parent] = held = files
+            self._recent_count += len(files)
+        else:
+            recent.move_to_end(parent)
+            before = len(held)
+            held.update(files)
+            self._recent_count += len(held) - before
+        if self._recent_count > RECENT_MAX:
+            self._trim()
+
+    def _keep(self, parent: str, name: str, epoch: int, kept: Kept) -> None:
+        """One file looked up at ``epoch`` (the ``_keep_in`` of a single name)."""
+        with self._lock:
+            if epoch != self._epoch:
+                return
+            held = self._recent.get(parent)
+            if held is None:
+                held = self._recent[parent] = {}
+            if name not in held:
+                held[name] = kept
+                self._recent_count += 1
+                if self._recent_count > RECENT_MAX:
+                    self._trim()
+            else:
+                held[name] = kept
+
+    def _trim(self) -> None:
+        """Drop the oldest directories' files (lock held) down to ``RECENT_MAX`` (the one
+        being added to as well, if it alone holds more)."""
+        recent = self._recent
+        while self._recent_count > RECENT_MAX and recent:
+            self._recent_count -= len(recent.popitem(last=False)[1])
+
+    def keep_listing(self, rel: str, epoch: int, files: dict[str, Kept]) -> None:
+        """A listing of directory ``rel`` read at ``epoch`` (``self.epoch`` read before it)
+        showed ``files`` (``Kept``, a listing's): regular files
+        with one link that are the topmost object at their names. At most the first
+        ``RECENT_MAX`` are kept (opens follow the listing's order)."""
+        if len(files) > RECENT_MAX:
+            files = dict(itertools.islice(files.items(), RECENT_MAX))
+        with self._lock:
+            if epoch == self._epoch:
+                self._keep_in(rel, files)
+
+    def recent(self, rel: str) -> tuple[Node, bool] | None:
+        """The regular file last found at ``rel`` if no change of the namespace ran since
+        (call under the namespace lock, which every change holds), and whether its xattrs
+        were checked (False: the caller rules out a metacopy mark itself); else None."""
+        parent, name = split(rel)
+        held = self._recent.get(parent)
+        kept = None if held is None else held.get(name)
+        if kept is None:
+            return None
+        if len(kept) == 3:  # a listing's
+            layer, head, st = kept
+            return Node(rel, (Entry(layer, f"{head}/{name}" if head else name, st),)), False
+        layer, lrel, st, xattrs = kept
+        return Node(rel, (Entry(layer, lrel, st, None, None, xattrs),)), True
+
+    def forget_recent(self, rel: str) -> None:
+        """``rel`` did not open as kept (changed behind the mount's back)."""
+        parent, name = split(rel)
+        with self._lock:
+            held = self._recent.get(parent)
+            if held is not None and held.pop(name, None) is not None:
+                self._recent_count -= 1
 
     def shed_fds(self) -> int:
         """Drop the whole cache (the process is out of fds); return the fds it held."""
@@ -321,9 +442,16 @@ class Lookup:
             if fresh is not None:
                 return fresh
         node = self._lookup_in(parent, rel)
-        if node.is_dir:
-            # kept: a lookup below it (the kernel's next request, often) needs its structure
-            self._store(rel, epoch, node)
+        entries = node.entries
+        if entries:
+            top = entries[0]
+            mode = top.st.st_mode
+            if stat.S_ISDIR(mode):
+                # kept: a lookup below it (the kernel's next request, often) needs its structure
+                self._store(rel, epoch, node)
+            elif stat.S_ISREG(mode) and len(entries) == 1 and node.data is None:
+                # kept for an open that follows (``recent``; no fd: not the entry's ``parent``)
+                self._keep(parent_rel, name, epoch, (top.layer, top.rel, top.st, top.xattrs))
         return node
 
     def lower_exists(self, rel: str) -> bool:
@@ -406,7 +534,8 @@ class Lookup:
             parent_fd = pentry.dirfd if pentry is not None and not is_dir else None
             xattrs = None
             if parent_fd is not None and stat.S_ISREG(st.st_mode):
-                xattrs = layer.xattr_names_at(parent_fd, name)
+                xattrs = self.xattr_names.of(layer, parent_fd, name, st) if not layer.writable \
+                    else layer.xattr_names_at(parent_fd, name)
             entry = Entry(layer, lrel, st, dirfd, parent_fd, xattrs)
             entries.append(entry)
             if is_dir:

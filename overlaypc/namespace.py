@@ -28,12 +28,14 @@ it need not look them up again.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
 import logging
 import os
 import stat
+from collections.abc import Iterator
 
 from . import acl, faults, sysapi, whiteout
 from .copyup import WORK_DIR
@@ -249,6 +251,16 @@ class Namespace:
         parent = layer.held_dir(head) if name else None
         return layer.lstat(rel) if parent is None else layer.stat_at(parent, name)
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """The namespace lock, held for a change; at its end (even a failed one: a step may
+        be done) ``Lookup.changed``, so no file found before the change is opened as kept."""
+        with self.fs.ns_lock:
+            try:
+                yield
+            finally:
+                self.fs.lookup.changed()
+
     def _done(self, *dirs: str) -> None:
         """After a change: forget the cached structure of the directories it touched (and
         their subtrees). Creating or removing a non-directory changes no cached directory."""
@@ -280,7 +292,7 @@ class Namespace:
         def make(layer, where: str, mode: int) -> None:
             fds.append(layer.do_create(where, access | os.O_EXCL, stat.S_IMODE(mode)))
 
-        with self.fs.ns_lock:
+        with self._changing():
             try:
                 self._place_new(rel, make, caller, stat.S_IFREG | stat.S_IMODE(mode))
                 node = self._created(rel, fds[0])
@@ -296,20 +308,20 @@ class Namespace:
         self._prepare_new(rel)
         if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
             mode = stat.S_IFREG | stat.S_IMODE(mode)
-        with self.fs.ns_lock:
+        with self._changing():
             self._place_new(rel, lambda layer, where, mode: layer.do_mknod(where, mode, device),
                             caller, mode)
 
     def mkdir(self, rel: str, mode: int, caller: Caller) -> None:
         self._prepare_new(rel)
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
-        with self.fs.ns_lock:
+        with self._changing():
             self._place_new(rel, lambda layer, where, mode: layer.do_mkdir(where, stat.S_IMODE(mode)),
                             caller, mode, is_dir=True)
 
     def symlink(self, target: str, rel: str, caller: Caller) -> None:
         self._prepare_new(rel)
-        with self.fs.ns_lock:
+        with self._changing():
             self._place_new(rel, lambda layer, where, mode: layer.do_symlink(target, where), caller,
                             stat.S_IFLNK | 0o777)
 
@@ -324,7 +336,7 @@ class Namespace:
         self.fs.copyup.ensure_data(src_rel)  # a metacopy file could not find its data elsewhere
         upper = self.fs.stack.upper
         assert upper is not None
-        with self.fs.ns_lock:
+        with self._changing():
             src = self.fs.lookup.lookup(src_rel)
             if src.upper is None:
                 raise OSError(errno.ENOENT, "source changed during link", src_rel)
@@ -348,7 +360,7 @@ class Namespace:
         if not self._parent_in_upper(rel):
             self._check_unlink(self.fs.lookup.lookup(rel))  # before copying the parent up
             self.fs.copyup.ensure_parent(rel)
-        with self.fs.ns_lock:
+        with self._changing():
             node = self.fs.lookup.lookup(rel)
             self._check_unlink(node)
             shared = self.fs.index_of(node)
@@ -374,7 +386,7 @@ class Namespace:
         if not self._parent_in_upper(rel):
             self._check_rmdir(self.fs.lookup.lookup(rel))  # before copying the parent up
             self.fs.copyup.ensure_parent(rel)
-        with self.fs.ns_lock:
+        with self._changing():
             node = self.fs.lookup.lookup(rel)
             self._check_rmdir(node)
             if merged_listing(node, self.fs.inos, self.fs.prefix):
@@ -472,7 +484,7 @@ class Namespace:
         self._check_target(onode, nnode, flags)
         self.fs.copyup.ensure_upper(old)
         self.fs.copyup.ensure_parent(new)
-        with self.fs.ns_lock:
+        with self._changing():
             onode = self.fs.lookup.lookup(old)
             nnode = self.fs.lookup.lookup(new)
             if onode.upper is None:

@@ -76,7 +76,9 @@ class Passthrough:
         ``offer``: no copy-up can happen under this open; ``fd()``: the backing file to
         register (called only if needed); ``dev``: its filesystem."""
         with self._lock:
-            modes = self._modes.setdefault(key, OpenModes())
+            modes = self._modes.get(key)
+            if modes is None:
+                modes = self._modes[key] = OpenModes()
             if modes.passthrough:
                 # the kernel accepts only passthrough with the same id now
                 modes.passthrough += 1

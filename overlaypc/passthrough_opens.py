@@ -28,7 +28,6 @@ daemon served); ``passthrough_opens`` counts opens the kernel serves itself.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 
@@ -37,26 +36,25 @@ from .files import OpenResult
 from .handles import Handle
 from .inodes import OverlayInode
 from .passthrough import Passthrough
-from .records import record
-from .sharing import NOT_SHARED, Canonical, ExtentMap, FileExtents, changing, map_file
+from .sharing import Canonical, ExtentMap, FileExtents, changing, map_file
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .core import OverlayFS
 
 
-@record
-class _Open:
-    """One open handle as counted by ``Passthrough``."""
-    nodeid: int
-    backing_id: int
-    inode: OverlayInode
-    #: a writable passthrough open: the inode's sharing map is held as by a write
-    writing: contextlib.AbstractContextManager | None = None
+#: one open handle as counted by ``Passthrough``: (nodeid, backing id, inode, and for a
+#: writable passthrough open the held ``sharing.changing`` of the inode's map, else None).
+#: A tuple: one is made per OPEN.
+_Open = tuple
 
 
 #: ``_choose``: pass through to the handle's own backing file
 _OWN = object()
+
+
+def _no_fd() -> int:
+    raise AssertionError("a backing file was asked for an open that offers none")
 
 
 class PassthroughOpens:
@@ -65,12 +63,18 @@ class PassthroughOpens:
         self.modes = Passthrough(None)  # replaced once INIT negotiated passthrough
         self._opens: dict[int, _Open] = {}
         self._lock = threading.Lock()
+        #: whether opens are counted at all: passthrough negotiated and possible (``start``)
+        self._counting = False
         #: ends of writing passthrough eras; a cached open that saw one begin gets no keep
         self._era_ends = 0
 
     def start(self, backing) -> None:
         """After INIT: ``backing`` registers files (None: passthrough not negotiated)."""
-        self.modes = Passthrough(backing if self.fs.config.passthrough else None)
+        cfg = self.fs.config
+        self.modes = Passthrough(backing if cfg.passthrough else None)
+        # (``_choose`` offers nothing under bind-at-open; a refusal found later, EPERM,
+        # still counts: opens counted before it are released as counted)
+        self._counting = self.modes.enabled and cfg.handles == "reopen"
 
     @property
     def era(self) -> int:
@@ -80,10 +84,25 @@ class PassthroughOpens:
     def open(self, nodeid: int, result: OpenResult, era: int | None) -> Opened:
         """Count the core's new open ``result`` of ``nodeid`` and say how the kernel
         serves it. ``era``: ``self.era`` read before the core opened (None: a new file)."""
+        modes = self.modes
+        if not self._counting:
+            # no open of this mount can pass through: nothing to count, and the era moves
+            # only when a passthrough open ends
+            return Opened(result.fh, direct_io=result.direct_io, keep_cache=result.keep_cache)
         fs = self.fs
         handle = fs.handles.get(result.fh)
         inode = handle.inode
-        target = self._choose(handle) if self.modes.possible(nodeid, inode.dev) else None
+        target = self._choose(handle) if modes.possible(nodeid, inode.dev) else None
+        if target is None:  # (the common case for a lower file: no fd to offer)
+            with self._lock:
+                backing_id = modes.open(nodeid, offer=False, dev=inode.dev, fd=_no_fd,
+                                        writable=handle.writable)
+                keep = result.keep_cache and not backing_id and (era is None or era == self._era_ends)
+                writing = changing(inode) if backing_id and handle.writable else None
+                if writing is not None:
+                    writing.__enter__()
+                self._opens[result.fh] = (nodeid, backing_id, inode, writing)
+            return self._answer(result, backing_id, keep, inode)
         temp: list[int] = []
         if isinstance(target, Canonical):
             try:
@@ -96,21 +115,24 @@ class PassthroughOpens:
 
         try:
             with self._lock:
-                backing_id = self.modes.open(nodeid, offer=target is not None, dev=inode.dev,
-                                             fd=backing_fd, writable=handle.writable)
+                backing_id = modes.open(nodeid, offer=target is not None, dev=inode.dev,
+                                        fd=backing_fd, writable=handle.writable)
                 keep = result.keep_cache and not backing_id and (era is None or era == self._era_ends)
                 writing = changing(inode) if backing_id and handle.writable else None
                 if writing is not None:
                     writing.__enter__()
-                self._opens[result.fh] = _Open(nodeid, backing_id, inode, writing)
+                self._opens[result.fh] = (nodeid, backing_id, inode, writing)
         finally:
             for fd in temp:
                 os.close(fd)  # the kernel holds its own reference to a registered file
+        return self._answer(result, backing_id, keep, inode)
+
+    def _answer(self, result: OpenResult, backing_id: int, keep: bool, inode: OverlayInode) -> Opened:
         if not backing_id:
             return Opened(result.fh, direct_io=result.direct_io, keep_cache=keep)
         with inode.lock:  # the kernel dropped this node's cache: nothing is known kept
             inode.cached_version = -1
-        fs.stats.add("passthrough_opens")
+        self.fs.stats.add("passthrough_opens")
         return Opened(result.fh, backing_id=backing_id)
 
     def release(self, fh: int) -> None:
@@ -119,14 +141,15 @@ class PassthroughOpens:
             o = self._opens.pop(fh, None)
             if o is None:
                 return
-            changed = self.modes.release(o.nodeid, o.backing_id)
+            nodeid, backing_id, inode, writing = o
+            changed = self.modes.release(nodeid, backing_id)
             if changed:  # the data may have changed without the daemon seeing it
                 self._era_ends += 1
-                with o.inode.lock:
-                    o.inode.data_version += 1
-                    o.inode.cached_version = -1
-        if o.writing is not None:
-            o.writing.__exit__(None, None, None)
+                with inode.lock:
+                    inode.data_version += 1
+                    inode.cached_version = -1
+        if writing is not None:
+            writing.__exit__(None, None, None)
 
     def __len__(self) -> int:
         return len(self._opens)

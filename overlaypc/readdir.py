@@ -13,13 +13,16 @@ from . import whiteout
 from .attrs import Attr
 from .inumbers import InodeNumbers
 from .layer import DirFd, Listed, join
-from .lookup import Entry, Node
+from .lookup import Entry, Kept, Node
 from .records import record
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .dirnames import LowerNames
     from .ownership import Ownership
+
+
+_S_IFREG = stat.S_IFREG
 
 
 @record(frozen=True)
@@ -33,13 +36,17 @@ class DirEntry:
 
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
                    plus: bool = False, ownership: "Ownership | None" = None,
-                   names: "LowerNames | None" = None) -> list[DirEntry]:
+                   names: "LowerNames | None" = None,
+                   files: "dict[str, Kept] | None" = None) -> list[DirEntry]:
     """The merged entries of directory ``node``: lower entries cost no stat (``d_type``
     and ``d_ino`` suffice); upper ones are stat'ed, as a copied-up object shows the
     inode number it recorded. ``plus`` (READDIRPLUS) stats every entry and returns its
     attributes too, so the kernel needs no LOOKUP round trip per name; ``ownership``
     then turns their owner and mode into what ``getattr`` shows. ``names``: where the
-    names of the lower layers' directories, read here anyway, are kept for lookups."""
+    names of the lower layers' directories, read here anyway, are kept for lookups.
+    ``files`` (with ``plus``) gets each shown regular file with one link, by name, as
+    ``lookup.Kept`` (a listing's): the whole merged object at its name unless it has a metacopy
+    mark (a hard link may have an index entry), for ``Lookup.keep_listing``."""
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
@@ -81,6 +88,9 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         if whiteout.is_oci_name(name):
             continue  # an upper never shows OCI names either; they cannot be created
         layer = parent.layer
+        st = item.st
+        if files is not None and item.fmt == _S_IFREG and st is not None and st.st_nlink == 1:
+            files[name] = (layer, parent.rel, st)
         if not layer.writable:  # a lower entry: its own number
             ino = inos.xino.ino(layer.dev, item.ino)
             out.append(DirEntry(name, item.fmt, ino, attr(layer, item, dirfd, ino) if item.st else None))

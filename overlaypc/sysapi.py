@@ -55,12 +55,24 @@ def _check(ret: int, what: str, name: object = None) -> int:
     return ret
 
 
+#: (flags, mode, resolve) -> a ready ``open_how`` argument: the kernel only reads it, and a
+#: mount uses a few combinations (at most ``_HOWS_MAX`` kept; the rest made per call)
+_hows: dict[tuple[int, int, int], object] = {}
+_HOWS_MAX = 64
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+
+
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_CONFINED) -> int:
     """Open ``path`` beneath ``dirfd`` with ``resolve`` restrictions; return the new fd."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    key = (flags, mode, resolve)
+    how = _hows.get(key)
+    if how is None:
+        how = ctypes.byref(_OpenHow(flags | os.O_CLOEXEC, mode, resolve))  # (keeps it alive)
+        if len(_hows) < _HOWS_MAX:
+            _hows[key] = how
     raw = os.fsencode(path)
     while True:
-        ret = _libc.syscall(_SYS_OPENAT2, dirfd, raw, ctypes.byref(how), ctypes.sizeof(how))
+        ret = _libc.syscall(_SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)
         if ret >= 0:
             return ret
         err = ctypes.get_errno()
