@@ -386,20 +386,35 @@ class CopyUp:
                 raise OSError(errno.ENOENT, "changed during copy-up", rel)
             if ctx.index_key is not None:
                 return self._install_indexed(ctx)
-            with self._parent_times_kept(rel):
-                do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
-            if not self.volatile:
-                self.upper.fsync_dir(split(rel)[0])
-            if ctx.kind == stat.S_IFDIR:
-                self.lookup.invalidate(rel)  # its cached node now misses the upper dir
-            st = self.upper.lstat(rel)
-            assert st is not None
-            entry = Entry(self.upper, rel, st)
-            self._on_copied(ctx.key, entry, metadata_only=ctx.metadata_only)
+            with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only) as placed:
+                with self._parent_times_kept(rel):
+                    do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
+                    placed()
+                if not self.volatile:
+                    self.upper.fsync_dir(split(rel)[0])
+            entry = placed.result()
         elapsed = time.monotonic() - ctx.started
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
         return entry
+
+    @contextlib.contextmanager
+    def _in_place(self, key, rel: str, *, metadata_only: bool = False):
+        """Yields ``placed``, to call once the copy is at ``rel`` (the point of no return).
+        From then on the name resolves to the copy, so the object's inode and kernel node
+        move to it (``on_copied``) at the end of the block even if a later step fails (a
+        parent's fsync, its times): open handles must follow the name, or one opened
+        before would keep reading the file below while writes go to the copy."""
+        placed = _Placed()
+        try:
+            yield placed
+        finally:
+            st = self.upper.lstat(rel) if placed.done else None
+            if st is not None:
+                if stat.S_ISDIR(st.st_mode):
+                    self.lookup.invalidate(rel)  # its cached node misses the upper dir
+                placed.entry = Entry(self.upper, rel, st)
+                self._on_copied(key, placed.entry, metadata_only=metadata_only)
 
     @contextlib.contextmanager
     def _parent_times_kept(self, rel: str):
@@ -432,15 +447,14 @@ class CopyUp:
             now = self.lookup.lookup(rel)
             if now.upper is not None:
                 return now.upper
-            with self._parent_times_kept(rel):
-                do_link(self.work, index_rel, self.upper, rel)
-            self.index.sync(index_rel)  # a name moved from lower to upper: same overlay count
-            if not self.volatile:
-                self.upper.fsync_dir(split(rel)[0])
-            st = self.upper.lstat(rel)
-            assert st is not None
-            entry = Entry(self.upper, rel, st)
-            self._on_copied(self._key_of(node), entry)
+            with self._in_place(self._key_of(node), rel) as placed:
+                with self._parent_times_kept(rel):
+                    do_link(self.work, index_rel, self.upper, rel)
+                    placed()
+                self.index.sync(index_rel)  # a name moved from lower to upper: same overlay count
+                if not self.volatile:
+                    self.upper.fsync_dir(split(rel)[0])
+            entry = placed.result()
         log.debug("copy-up %s: linked to %s", rel, index_rel)
         return entry
 
@@ -459,17 +473,15 @@ class CopyUp:
                 os.fsync(dst_fd)
         finally:
             os.close(dst_fd)
-        with self._installing():
+        with self._installing(), self._in_place(self._key_of(node), upper.rel) as placed:
             for name in ("metacopy", "redirect"):
                 try:
                     self.upper.do_removexattr(upper.rel, self.prefix + name)
                 except OSError as e:
                     if e.errno != errno.ENODATA:
                         raise
-            st = self.upper.lstat(upper.rel)
-            assert st is not None
-            entry = Entry(self.upper, upper.rel, st)
-            self._on_copied(self._key_of(node), entry)
+                placed()  # without the mark, lookups read the data here
+        entry = placed.result()
         self.stats.copy_up(ctx.method)
         log.debug("metacopy data copy-up %s: %d bytes by %s", node.rel, data.st.st_size, ctx.method)
         return entry
@@ -479,3 +491,21 @@ class CopyUp:
             self.work.do_remove_tree(tmp)
         except OSError as e:
             log.warning("could not remove %s/%s: %s", self.work.path, tmp, e)
+
+
+class _Placed:
+    """``CopyUp._in_place``'s flag: called once the copy is in place; ``entry`` is the
+    copy's entry once the block ends."""
+    __slots__ = ("done", "entry")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.entry: Entry | None = None
+
+    def __call__(self) -> None:
+        self.done = True
+
+    def result(self) -> Entry:
+        if self.entry is None:
+            raise OSError(errno.EIO, "the copy left its place during copy-up")
+        return self.entry

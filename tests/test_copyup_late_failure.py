@@ -1,0 +1,77 @@
+"""A copy-up that fails after its copy is in place (the parent directory's fsync, its
+times, the index count): the name resolves to the copy from then on, so the object's
+inode follows it, and a handle opened before the copy-up reads what is written after it
+(mission 1 of the README on a failure path). Driven without FUSE, each step when the test
+says; the failing step is a layer call replaced by one that raises EIO."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from test_kept_lookups import fs_factory, write_new  # noqa: F401 (a fixture)
+
+
+def _eio(*_args, **_kwargs):
+    raise OSError(errno.EIO, "injected")
+
+
+def _reader_then_failing_copy_up(fs, monkeypatch, rel: str, fail: tuple) -> int:
+    write_new(fs, "d/other", b"")  # its parent is copied up before, without a failure
+    reader = fs.open(rel, os.O_RDONLY).fh
+    assert fs.read(reader, 100, 0) == b"old\n"
+    monkeypatch.setattr(*fail, _eio)
+    with pytest.raises(OSError):
+        fs.open(rel, os.O_RDWR)
+    monkeypatch.undo()
+    return reader
+
+
+def _write_then_read(fs, rel: str, reader: int) -> bytes:
+    writer = fs.open(rel, os.O_RDWR).fh
+    fs.write(writer, b"new\n", 0)
+    fs.release(writer)
+    try:
+        return fs.read(reader, 100, 0)
+    finally:
+        fs.release(reader)
+
+
+@pytest.mark.parametrize("step", ["fsync_dir", "do_utime"])
+def test_handle_opened_before_a_copy_up_failing_after_its_rename(fs_factory, monkeypatch, step):
+    fs = fs_factory({"d/x": b"old\n"})
+    reader = _reader_then_failing_copy_up(fs, monkeypatch, "d/x", (fs.stack.upper, step))
+    assert (fs.root / "upper/d/x").exists()
+    assert _write_then_read(fs, "d/x", reader) == b"new\n"
+
+
+def test_handle_opened_before_an_index_copy_up_failing_after_its_link(fs_factory, monkeypatch):
+    fs = fs_factory({"d/x": b"old\n"}, index=True)
+    os.link(fs.root / "lower/d/x", fs.root / "lower/d/y")
+    reader = _reader_then_failing_copy_up(fs, monkeypatch, "d/x", (fs.stack.upper, "fsync_dir"))
+    assert _write_then_read(fs, "d/x", reader) == b"new\n"
+
+
+def test_handle_opened_before_a_metacopy_data_copy_up_failing_after_the_mark(fs_factory,
+                                                                              monkeypatch):
+    fs = fs_factory({"d/x": b"old\n"}, metacopy=True)
+    write_new(fs, "d/other", b"")
+    fs.chmod("d/x", 0o600)                                   # a metadata-only copy
+    reader = fs.open("d/x", os.O_RDONLY).fh
+    assert fs.read(reader, 100, 0) == b"old\n"
+    removed = []
+    real = fs.stack.upper.do_removexattr
+
+    def second_fails(rel, name):
+        if removed:
+            raise OSError(errno.EIO, "injected")
+        real(rel, name)
+        removed.append(name)
+
+    monkeypatch.setattr(fs.stack.upper, "do_removexattr", second_fails)
+    with pytest.raises(OSError):
+        fs.open("d/x", os.O_RDWR)
+    monkeypatch.undo()
+    assert removed == ["trusted.overlay.metacopy"]
+    assert _write_then_read(fs, "d/x", reader) == b"new\n"
