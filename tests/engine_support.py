@@ -78,8 +78,10 @@ class FakeKernel:
         self.all_cloned = threading.Event()
         first = self._pair()
         session_kw.setdefault("clone_delay", 0)
+        #: the session-side fds of retired workers, as the session closed them
+        self.closed: list[int] = []
         self.session = Session(ops, first, clone=self._pair if workers > 1 else None,
-                               workers=workers, **session_kw)
+                               close_clone=self._close_pair, workers=workers, **session_kw)
         self.session._writev = self._writev  # the seam: see ``fail_reply``
         self.notifications: list[bytes] = []
         self._fail: set[int] = set()
@@ -97,6 +99,15 @@ class FakeKernel:
         if len(self.kernel_socks) == self.workers:
             self.all_cloned.set()
         return s.fileno()
+
+    def _close_pair(self, fd: int) -> None:
+        """The session retires a worker: its socket closes (its kernel side reads EOF)."""
+        for s in self._session_socks:
+            if s.fileno() == fd:
+                s.close()
+                self.closed.append(fd)
+                return
+        raise AssertionError(f"fd {fd} is not one of the session's sockets")
 
     def _writev(self, fd: int, buffers) -> int:
         unique = p.OUT_HEADER.unpack_from(bytes(buffers[0]))[2]
