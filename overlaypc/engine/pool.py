@@ -3,42 +3,73 @@
 Owns the rule, not the threads (``session`` starts and ends them). The pool starts with
 ``base`` workers, one per CPU this process may run on: with more, two readers' wake-ups
 land on workers whose CPU is busy and the READ rate scatters (benchmarks/RESULTS.md,
-"Worker count"). A request that blocks (an fsync, a cold disk read, a slow lower layer)
-ties up its worker, so the pool adds one when both of these hold as a worker picks up a
-request:
+"Worker count"). A request that blocks (a slow disk, a lower layer on a network or FUSE
+file system, an fsync) ties up its worker, so the pool adds one when, as a worker picks up
+a request, no other worker is waiting for one and another one is *blocked*: on its
+current request for longer than ``blocked`` and, by /proc/self/task/TID/syscall, asleep
+in a system call other than ``futex``. The second test tells a worker that waits for the
+kernel from one that is only preempted (running, on a 2-vCPU machine shared with the
+reader) or waiting for the GIL or a lock (a futex: another worker holds it, and more
+workers would wait as well); a worker waiting for a lock held by a blocked worker is
+covered by that one. So a worker is waiting again soon after one blocks, and fast
+requests never grow the pool. At most ``bound`` workers.
 
-  * no other worker is waiting for a request (the one just read took the last), and
-  * some other worker has been on its current request longer than ``blocked`` (a request
-    that blocks, not a READ of some microseconds).
+An added ("extra") worker retires after answering a request once nothing has been seen
+blocked for ``linger`` seconds and no other worker is blocked now (libfuse's
+max_idle_threads idea, with a delay so that a run of blocking requests does not start
+and end a thread each time). The ``base`` workers never retire.
 
-and never beyond ``bound`` workers. So a worker is waiting again whenever one blocks,
-and fast requests never grow it. An added ("extra") worker retires after answering a
-request once no request has been seen blocked for ``linger`` seconds (libfuse's
-max_idle_threads idea, with a delay so that a run of fsyncs does not start and end a
-thread each time); the ``base`` workers never retire.
+Nothing polls: every decision is made by a worker as it picks up or answers a request,
+from one time stamp per worker (written only by its own thread; the others read it,
+which the GIL makes safe for a float attribute). /proc is read only when every worker is
+busy and one has been busy long, at most once per ``blocked`` per worker.
 
-Nothing polls: every decision is made by a worker as it picks up or finishes a request,
-from a time stamp per worker (written only by its own thread; the others read it,
-which the GIL makes safe for a float attribute). Two time readings per request.
-
-Caveat: if every worker blocks at once before any of them has been seen blocked, the
-pool cannot grow (no worker is free to see it) until one of them returns, as a fixed
-pool of ``base`` workers would.
+Caveats: if every worker blocks before any of them has been seen blocked, the pool
+cannot grow (no worker is free to see it) until one returns, as a fixed pool of ``base``
+workers would. An extra worker that gets no request never retires (it holds a thread, a
+cloned fd and buffers of ``session``'s size until the next request or the unmount).
 """
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 from ..records import field, record
 
-#: a request running longer than this (seconds) counts as blocked; a READ takes ~20 µs,
-#: a LOOKUP ~15-30 µs, a copy-up with its two fsyncs ~0.5-1 ms on this project's VMs
+#: a request running longer than this (seconds) may be blocked (see ``in_io``); a READ
+#: takes ~20 µs, a LOOKUP 15-30 µs, a copy-up with its two fsyncs ~0.5-1 ms here
 BLOCKED = 0.002
 #: extra workers retire once nothing has been seen blocked for this long (seconds)
 LINGER = 2.0
 #: at most this many workers beyond the base count
 MAX_EXTRA = 8
+
+#: the ``futex`` system call's numbers (and ``futex_time64``'s on 32-bit machines), which
+#: /proc/PID/task/TID/syscall shows first: a thread waiting for the GIL or a lock
+_FUTEX = {"x86_64": {202}, "aarch64": {98}, "riscv64": {98}, "loongarch64": {98},
+          "ppc64le": {221}, "ppc64": {221}, "s390x": {238}, "i686": {240, 422},
+          "i386": {240, 422}, "armv7l": {240, 422}, "armv6l": {240, 422}}
+_futex = frozenset(str(n).encode() for n in _FUTEX.get(os.uname().machine, ()))
+
+
+def in_io(tid: int) -> bool:
+    """Whether thread ``tid`` of this process is asleep in a system call other than a
+    futex wait: waiting for a disk, another file system, the kernel. False while it runs
+    or is runnable (/proc shows ``running`` or ``-1``, user space) and when it is gone."""
+    try:
+        fd = os.open(f"/proc/self/task/{tid}/syscall", os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # ended
+    except OSError:
+        return True   # no /proc: trust the time alone
+    try:
+        first = os.read(fd, 64).split(b" ", 1)[0]
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return first[:1].isdigit() and first not in _futex
 
 
 def usable_cpus() -> int:
@@ -52,9 +83,13 @@ def usable_cpus() -> int:
 @record(eq=False)
 class Slot:
     """One worker's state. ``since`` is when its current request was read (monotonic), 0.0
-    while it waits for one; only its own thread writes it."""
+    while it waits for one; only its own thread writes it (``looked``: the others)."""
     extra: bool = False
     since: float = 0.0
+    #: the thread's id for /proc (set by the thread as it starts)
+    tid: int = 0
+    #: when another worker last looked in /proc whether this one is blocked
+    looked: float = 0.0
 
 
 @record(eq=False)
@@ -64,14 +99,17 @@ class Pool:
     bound: int
     blocked: float = BLOCKED
     linger: float = LINGER
+    #: whether a thread is blocked in the kernel (a seam for the fake kernel's tests,
+    #: whose handlers block on a lock or event)
+    in_io: "Callable[[int], bool]" = in_io
     #: the live workers; replaced (never changed in place) under ``lock``, so a worker can
     #: scan it without the lock
     slots: tuple = ()
-    #: when a request was last seen blocked (monotonic)
+    #: when a worker was last seen blocked (monotonic)
     last_blocked: float = float("-inf")
     #: no growth before this time: cloning failed (e.g. EMFILE) and is not retried per request
     grow_after: float = 0.0
-    #: counts, for tests and ``overlaypc stats``: extra workers started, retired; most at once
+    #: counts: extra workers started and retired, the most workers at once
     grown: int = 0
     retired: int = 0
     peak: int = 0
@@ -83,7 +121,7 @@ class Pool:
         return cls(base, base + max(0, extra), **kw)
 
     def join(self, extra: bool) -> Slot | None:
-        """A slot for a new worker; None if the pool is full (an extra past ``bound``)."""
+        """A slot for a new worker; None for an extra if the pool is full or a worker waits."""
         with self.lock:
             # an extra only while every worker is busy: of two workers that saw that at
             # once, the second finds the first one's new (waiting) worker here
@@ -104,7 +142,7 @@ class Pool:
 
     def wants_more(self, now: float) -> bool:
         """Called by a worker that has just read a request (its ``since`` set to ``now``):
-        True if no other worker waits and one has been on its request over ``blocked``."""
+        True if no other worker waits and one is blocked."""
         slots = self.slots
         if len(slots) >= self.bound or now < self.grow_after:
             return False
@@ -116,19 +154,23 @@ class Pool:
                 return False  # a worker waits: it takes the next request
             if since < limit:
                 old = True
-        if old:
-            self.last_blocked = now
-        return old
+        # (the common case ends above: a worker waits, or every busy one is recent)
+        return old and self._any_blocked(slots, None, now)
 
     def should_retire(self, slot: Slot, now: float) -> bool:
         """Called by an extra worker that has answered a request at ``now``: True once
         nothing has been seen blocked for ``linger`` and no other worker is blocked now."""
-        if now - self.last_blocked <= self.linger:
-            return False
+        return now - self.last_blocked > self.linger and \
+            not self._any_blocked(self.slots, slot, now)
+
+    def _any_blocked(self, slots: tuple, me: Slot | None, now: float) -> bool:
         limit = now - self.blocked
-        for s in self.slots:
+        for s in slots:
             since = s.since
-            if since and since < limit and s is not slot:
-                self.last_blocked = now  # still blocked: keep the spare, look again later
-                return False
-        return True
+            if s is me or not since or since >= limit or now - s.looked < self.blocked:
+                continue
+            s.looked = now
+            if s.since == since and self.in_io(s.tid):
+                self.last_blocked = now
+                return True
+        return False

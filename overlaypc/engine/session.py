@@ -306,8 +306,8 @@ class Session:
         dispatch = self.dispatch
         pool = self.pool
         grows = pool.bound > pool.base
-        blocked = pool.blocked
         monotonic = time.monotonic
+        slot.tid = threading.get_native_id()
         while True:
             slot.since = 0.0  # waiting: the others see a free worker
             try:
@@ -335,10 +335,7 @@ class Session:
                 log.exception("request dispatch failed")
             if not first_done.is_set():
                 first_done.set()
-            end = monotonic()
-            if end - now > blocked:
-                pool.last_blocked = end
-            elif slot.extra and pool.should_retire(slot, end):
+            if slot.extra and pool.should_retire(slot, monotonic()):
                 # answered, and nothing blocks: a spare no longer needed. Its fd holds no
                 # request (each is answered before the next read), so closing it drops none.
                 pool.leave(slot)
