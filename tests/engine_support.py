@@ -11,10 +11,14 @@ What this module owns:
 - ``MemoryOps``: an ``Operations`` over a dict of nodes with exact lookup counts and
   open handles, recording every call; ``boom`` raises a non-OSError, ``gate`` blocks.
 - ``PassthroughFS``: a filesystem mirroring a directory by O_PATH fds (one per kernel
-  node, closed on the last FORGET), with three test hooks: the virtual xattr
+  node, closed on the last FORGET), with four test hooks: the virtual xattr
   ``user.pt.max_write`` (the largest WRITE seen), ``user.pt.inval`` (set it: the node's
-  cache is invalidated by notification) and files named ``barrier``, whose reads wait
-  until two of them are in progress (two workers serving at once).
+  cache is invalidated by notification), files named ``barrier``, whose reads wait
+  until two of them are in progress (two workers serving at once), and files named
+  ``hold*``, whose reads at offset 0 block in a system call (``poll`` of a pipe, as a read from a
+  slow disk or file system would, not on a lock) until released: ``user.pt.held`` on any
+  node says how many are held, setting ``user.pt.release`` to N releases N (each gives
+  up after 30 s).
 - run as a script: mount a ``PassthroughFS`` through ``daemon.run``
   (``engine_support.py SRC MNT [--daemon] [--workers N] [--log FILE] [-o opt,...]``);
   a mount error is printed on stderr with status 2.
@@ -509,6 +513,7 @@ class PtNode:
     key: tuple[int, int]
     nlookup: int = 0
     barrier: bool = False
+    hold: bool = False
 
 
 class PassthroughFS(Operations):
@@ -530,6 +535,8 @@ class PassthroughFS(Operations):
         self.dirs: dict[int, list[tuple[bytes, int, int]]] = {}
         self._dir_ids = itertools.count(1)
         self.barrier = threading.Barrier(2, timeout=20)
+        self._release_r, self._release_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.held = 0
 
     # -- nodes --------------------------------------------------------------------------------
     def _fd(self, nodeid: int) -> int:
@@ -558,7 +565,8 @@ class PassthroughFS(Operations):
                 os.close(fd)
             else:
                 nid = next(self._ids)
-                node = self.nodes[nid] = PtNode(fd, key, barrier=name == b"barrier")
+                node = self.nodes[nid] = PtNode(fd, key, barrier=name == b"barrier",
+                                                hold=name.startswith(b"hold"))
                 self.by_key[key] = nid
             node.nlookup += 1  # before the reply goes out: see ops
         return Entry(nid, self._attr(st), self.TIMEOUT, self.TIMEOUT)
@@ -639,8 +647,29 @@ class PassthroughFS(Operations):
 
     def _opened(self, nodeid: int, fd: int) -> Opened:
         with self.lock:
-            barrier = self.nodes[nodeid].barrier
-        return Opened(fd, direct_io=barrier, keep_cache=not barrier)
+            node = self.nodes[nodeid]
+            direct = node.barrier or node.hold  # every read reaches the daemon
+        return Opened(fd, direct_io=direct, keep_cache=not direct)
+
+    def _hold(self) -> None:
+        """Block in ``poll`` until a release byte is ours (or 30 s pass)."""
+        import select
+        with self.lock:
+            self.held += 1
+        try:
+            deadline = time.monotonic() + 30
+            poller = select.poll()
+            poller.register(self._release_r, select.POLLIN)
+            while time.monotonic() < deadline:
+                poller.poll(1000)
+                try:
+                    os.read(self._release_r, 1)
+                    return
+                except BlockingIOError:
+                    continue  # another held read took that byte
+        finally:
+            with self.lock:
+                self.held -= 1
 
     def open(self, req, nodeid, flags, open_flags):
         fd = os.open(self._proc(self._fd(nodeid)),
@@ -660,6 +689,9 @@ class PassthroughFS(Operations):
     def read(self, req, nodeid, fh, buf, offset):
         with self.lock:
             barrier = self.nodes[nodeid].barrier
+            hold = self.nodes[nodeid].hold
+        if hold and offset == 0:  # (not the read that finds the end of the file)
+            self._hold()
         if barrier:
             try:
                 self.barrier.wait()
@@ -688,12 +720,18 @@ class PassthroughFS(Operations):
         if name == "user.pt.max_write":
             with self.lock:
                 return str(self.max_write).encode()
+        if name == "user.pt.held":
+            with self.lock:
+                return str(self.held).encode()
         return os.getxattr(self._proc(self._fd(nodeid)), name)
 
     def setxattr(self, req, nodeid, name, value, flags):
         if name == "user.pt.inval":
             # queued: the notification is written after this reply, by the notify thread
             self.notifier.inval_inode(nodeid, 0, 0)
+            return
+        if name == "user.pt.release":
+            os.write(self._release_w, b"r" * int(value))
             return
         os.setxattr(self._proc(self._fd(nodeid)), name, value, flags)
 
