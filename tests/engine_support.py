@@ -274,6 +274,8 @@ class MemoryOps(Operations):
         self.calls: list[tuple[str, tuple]] = []
         self.taken: list[bytes] = []          # names whose READDIRPLUS take ran
         self.gate_open = threading.Event()
+        #: the threads waiting at the gate (what the pool's tests count as blocked)
+        self.at_gate: set[int] = set()
         self.destroyed = threading.Event()
         self.conn: ConnInfo | None = None
         self.errors = 0
@@ -338,7 +340,14 @@ class MemoryOps(Operations):
         if name == b"boom":
             raise RuntimeError("a bug in the filesystem")
         if name == b"gate":
-            self.gate_open.wait(20)
+            tid = threading.get_native_id()
+            with self.lock:
+                self.at_gate.add(tid)
+            try:
+                self.gate_open.wait(20)
+            finally:
+                with self.lock:
+                    self.at_gate.discard(tid)
         with self.lock:
             nid = self._node(parent).children.get(name)
             if nid is None:

@@ -409,72 +409,90 @@ def _blocked_lookup(fk: FakeKernel, ops: MemoryOps, via: int, count: int) -> int
     return unique
 
 
-def _pool_kernel(kernel, ops, **kw):
-    # in_io: the fake's handlers block on an event (a futex wait), which the real test
-    # (asleep in another system call) would not count: here every busy worker is blocked
-    kw.setdefault("in_io", lambda tid: True)
-    kw.setdefault("blocked", 0.0)
-    return kernel(ops, workers=2, session_kw=kw)
+def _settled(fk: FakeKernel, ops: MemoryOps) -> None:
+    """Wait until every worker not at the gate waits for a request (one that has just
+    answered may not be back yet, and would count as busy)."""
+    pool = fk.session.pool
+    assert helpers.wait_until(
+        lambda: all(not s.since or s.tid in ops.at_gate for s in pool.slots), 10)
 
 
-def test_a_blocked_worker_makes_the_pool_grow(kernel):
+@pytest.fixture
+def pool_kernel(kernel):
+    """Factory: ``pool_kernel(**session_kw)`` -> (FakeKernel with 2 workers, its MemoryOps
+    with a ``gate`` file). The gate opens at teardown, before the connection closes."""
+    made: list[MemoryOps] = []
+
+    def make(**kw):
+        ops = MemoryOps()
+        ops.add(1, b"gate", stat.S_IFREG)
+        made.append(ops)
+        # the fake's handlers block on an event (a futex wait), which /proc would not show
+        # as blocked: here a worker at the gate is the one blocked
+        kw.setdefault("in_io", lambda tid: tid in ops.at_gate)
+        kw.setdefault("blocked", 0.0)
+        return kernel(ops, workers=2, session_kw=kw), ops
+
+    yield make
+    for ops in made:
+        ops.gate_open.set()
+
+
+def test_a_blocked_worker_makes_the_pool_grow(pool_kernel):
     """Worker 0 blocks; worker 1, picking up a request with no other worker waiting,
     starts a third on a new clone before answering, and that one serves."""
-    ops = MemoryOps()
-    ops.add(1, b"gate", stat.S_IFREG)
-    fk = _pool_kernel(kernel, ops)
+    fk, ops = pool_kernel()
     pool = fk.session.pool
     assert (pool.base, len(fk.kernel_socks)) == (2, 2)
     unique = _blocked_lookup(fk, ops, 0, 1)
     fk.ok(p.STATFS, 1, via=1)
     assert len(fk.kernel_socks) == 3 and pool.grown == 1
+    _settled(fk, ops)
     fk.ok(p.STATFS, 1, via=2)              # the new worker serves its fd
-    fk.ok(p.STATFS, 1, via=1)              # a worker waits now (the third): no growth
-    assert len(fk.kernel_socks) == 3
+    assert len(fk.kernel_socks) == 3       # ... and finds the third waiting: no growth
     ops.gate_open.set()
     assert fk.receive(0).unique == unique
 
 
-def test_a_busy_worker_that_is_not_blocked_grows_nothing(kernel):
+def test_a_busy_worker_that_is_not_blocked_grows_nothing(pool_kernel):
     """A long request that /proc does not show asleep in a system call (preempted, or
     waiting for the GIL or a lock) is no reason for another worker."""
-    ops = MemoryOps()
-    ops.add(1, b"gate", stat.S_IFREG)
-    fk = _pool_kernel(kernel, ops, in_io=lambda tid: False)
+    fk, ops = pool_kernel(in_io=lambda tid: False)
     unique = _blocked_lookup(fk, ops, 0, 1)
     for _ in range(3):
+        _settled(fk, ops)
         fk.ok(p.STATFS, 1, via=1)
     assert len(fk.kernel_socks) == 2 and fk.session.pool.grown == 0
     ops.gate_open.set()
     assert fk.receive(0).unique == unique
 
 
-def test_the_pool_grows_to_its_bound_only(kernel):
-    ops = MemoryOps()
-    ops.add(1, b"gate", stat.S_IFREG)
-    fk = _pool_kernel(kernel, ops, max_extra=1)
+def test_the_pool_grows_to_its_bound_only(pool_kernel):
+    fk, ops = pool_kernel(max_extra=1)
     first = _blocked_lookup(fk, ops, 0, 1)
     fk.ok(p.STATFS, 1, via=1)
     assert len(fk.kernel_socks) == 3
     second = _blocked_lookup(fk, ops, 1, 2)
+    _settled(fk, ops)
     fk.ok(p.STATFS, 1, via=2)              # every other worker blocked, but the pool is full
     assert len(fk.kernel_socks) == 3 and fk.session.pool.peak == 3
     ops.gate_open.set()
     assert {fk.receive(0).unique, fk.receive(1).unique} == {first, second}
 
 
-def test_a_spare_retires_and_closes_its_fd_once_nothing_blocks(kernel):
-    ops = MemoryOps()
-    ops.add(1, b"gate", stat.S_IFREG)
-    fk = _pool_kernel(kernel, ops, linger=0.0)
+def test_a_spare_retires_and_closes_its_fd_once_nothing_blocks(pool_kernel):
+    fk, ops = pool_kernel(linger=0.0)
     unique = _blocked_lookup(fk, ops, 0, 1)
     fk.ok(p.STATFS, 1, via=1)
     assert len(fk.kernel_socks) == 3
     extra_fd = fk._session_socks[2].fileno()
+    _settled(fk, ops)
     fk.ok(p.STATFS, 1, via=2)              # worker 0 still blocked: the spare stays
-    assert fk.closed == []
+    _settled(fk, ops)                      # (its decision to stay made, before the gate opens)
+    assert fk.closed == [] and len(fk.kernel_socks) == 3
     ops.gate_open.set()
     assert fk.receive(0).unique == unique
+    _settled(fk, ops)
     fk.ok(p.STATFS, 1, via=2)              # answered, then nothing blocks: it retires
     assert helpers.wait_until(lambda: fk.closed == [extra_fd], 10), fk.closed
     assert fk.kernel_socks[2].recv(100) == b""   # its fd is closed: end of file
@@ -484,12 +502,10 @@ def test_a_spare_retires_and_closes_its_fd_once_nothing_blocks(kernel):
     fk.ok(p.STATFS, 1, via=1)
 
 
-def test_the_connection_end_ends_the_workers_started_later(kernel):
+def test_the_connection_end_ends_the_workers_started_later(pool_kernel):
     """``serve`` returns only once every worker has ended, those started while it was
     already waiting for the first ones included."""
-    ops = MemoryOps()
-    ops.add(1, b"gate", stat.S_IFREG)
-    fk = _pool_kernel(kernel, ops)
+    fk, ops = pool_kernel()
     unique = _blocked_lookup(fk, ops, 0, 1)
     fk.ok(p.STATFS, 1, via=1)
     assert len(fk.kernel_socks) == 3

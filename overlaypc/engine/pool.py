@@ -22,7 +22,8 @@ and end a thread each time). The ``base`` workers never retire.
 Nothing polls: every decision is made by a worker as it picks up or answers a request,
 from one time stamp per worker (written only by its own thread; the others read it,
 which the GIL makes safe for a float attribute). /proc is read only when every worker is
-busy and one has been busy long, at most once per ``blocked`` per worker.
+busy and one has been busy long; a worker found not blocked is not looked at again for
+``blocked`` seconds.
 
 Caveats: if every worker blocks before any of them has been seen blocked, the pool
 cannot grow (no worker is free to see it) until one returns, as a fixed pool of ``base``
@@ -88,7 +89,7 @@ class Slot:
     since: float = 0.0
     #: the thread's id for /proc (set by the thread as it starts)
     tid: int = 0
-    #: when another worker last looked in /proc whether this one is blocked
+    #: when another worker last found in /proc that this one is not blocked
     looked: float = 0.0
 
 
@@ -134,10 +135,11 @@ class Pool:
                 self.grown += 1
             return slot
 
-    def leave(self, slot: Slot) -> None:
+    def leave(self, slot: Slot, retired: bool = False) -> None:
+        """``slot``'s worker ends (``retired``: as a spare no longer needed); idempotent."""
         with self.lock:
             self.slots = tuple(s for s in self.slots if s is not slot)
-            if slot.extra:
+            if retired:
                 self.retired += 1
 
     def wants_more(self, now: float) -> bool:
@@ -169,8 +171,8 @@ class Pool:
             since = s.since
             if s is me or not since or since >= limit or now - s.looked < self.blocked:
                 continue
-            s.looked = now
             if s.since == since and self.in_io(s.tid):
                 self.last_blocked = now
                 return True
+            s.looked = now  # not blocked (preempted, or waiting for a lock): not again for a while
         return False

@@ -296,6 +296,7 @@ class Session:
         try:
             self._serve_fd(fd, slot)
         finally:
+            self.pool.leave(slot)  # (however it ended: a slot left behind would look busy)
             self._first_done.set()
 
     def _serve_fd(self, fd: int, slot: Slot) -> None:
@@ -316,16 +317,16 @@ class Session:
                 if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
                     continue  # ENOENT: the request was interrupted before we read it
                 if e.errno == errno.ENODEV:
-                    return self.pool.leave(slot)  # unmounted
+                    return  # unmounted
                 log.error("reading /dev/fuse failed: %s; worker stops", e)
-                return self.pool.leave(slot)
+                return
             if n < _BODY:
                 # end of file (0 bytes: a socket standing in for /dev/fuse was closed) or a
                 # message too short to answer: the connection is gone, and reading again
                 # would spin on it
                 if n:
                     log.error("a %d-byte request: no FUSE connection; worker stops", n)
-                return self.pool.leave(slot)
+                return
             now = slot.since = monotonic()
             if grows and pool.wants_more(now):
                 self._grow(now)  # before this request, which may block as well
@@ -338,7 +339,7 @@ class Session:
             if slot.extra and pool.should_retire(slot, monotonic()):
                 # answered, and nothing blocks: a spare no longer needed. Its fd holds no
                 # request (each is answered before the next read), so closing it drops none.
-                pool.leave(slot)
+                pool.leave(slot, retired=True)
                 self._close_clone(fd)
                 log.debug("nothing blocks: %d workers", len(pool.slots))
                 return
