@@ -25,7 +25,8 @@ which the GIL makes safe for a float attribute). /proc is read only when every w
 busy and one has been busy long; a worker found not blocked is not looked at again for
 ``blocked`` seconds.
 
-Caveats: if every worker blocks before any of them has been seen blocked, the pool
+Caveats: a worker preempted inside a system call (not asleep) looks blocked too. If
+every worker blocks before any of them has been seen blocked, the pool
 cannot grow (no worker is free to see it) until one returns, as a fixed pool of ``base``
 workers would. An extra worker that gets no request never retires (it holds a thread, a
 cloned fd and buffers of ``session``'s size until the next request or the unmount).
@@ -39,7 +40,9 @@ from collections.abc import Callable
 from ..records import field, record
 
 #: a request running longer than this (seconds) may be blocked (see ``in_io``); a READ
-#: takes ~20 µs, a LOOKUP 15-30 µs, a copy-up with its two fsyncs ~0.5-1 ms here
+#: takes ~20 µs, a LOOKUP 15-30 µs, an fsync here ~0.15 ms, a copy-up with its two ~1 ms.
+#: A block much shorter is over before a new worker (a clone, a thread start) could help;
+#: 0.3 ms grew the pool about once per run of the small-file benchmarks, 2 ms not at all
 BLOCKED = 0.002
 #: extra workers retire once nothing has been seen blocked for this long (seconds)
 LINGER = 2.0
