@@ -681,8 +681,10 @@ class PassthroughFS(Operations):
                 self.held -= 1
 
     def open(self, req, nodeid, flags, open_flags):
+        # (O_NOFOLLOW: the kernel has resolved the name already; on the /proc magic link it
+        # would be ELOOP)
         fd = os.open(self._proc(self._fd(nodeid)),
-                     flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC)
+                     flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW) | os.O_CLOEXEC)
         return self._opened(nodeid, fd)
 
     def create(self, req, parent, name, flags, mode, open_flags=0):
