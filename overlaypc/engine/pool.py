@@ -25,7 +25,10 @@ which the GIL makes safe for a float attribute). /proc is read only when every w
 busy and one has been busy long; a worker found not blocked is not looked at again for
 ``blocked`` seconds.
 
-Caveats: a worker preempted inside a system call (not asleep) looks blocked too. If
+Caveats: a preempted worker is runnable, which /proc shows as ``running`` even inside a
+system call, but a fast request that sleeps a moment in the kernel (a page lock under
+load) is seen as blocked if it has also run past ``blocked``: under fio with the machine
+loaded by others (load 5-7 on 2 vCPUs) the pool grew by one worker in some runs. If
 every worker blocks before any of them has been seen blocked, the pool
 cannot grow (no worker is free to see it) until one returns, as a fixed pool of ``base``
 workers would. An extra worker that gets no request never retires (it holds a thread, a
@@ -60,7 +63,8 @@ _futex = frozenset(str(n).encode() for n in _FUTEX.get(os.uname().machine, ()))
 def in_io(tid: int) -> bool:
     """Whether thread ``tid`` of this process is asleep in a system call other than a
     futex wait: waiting for a disk, another file system, the kernel. False while it runs
-    or is runnable (/proc shows ``running`` or ``-1``, user space) and when it is gone."""
+    or is runnable, preempted or not (/proc shows ``running``), asleep outside a system
+    call (``-1``) and when it is gone."""
     try:
         fd = os.open(f"/proc/self/task/{tid}/syscall", os.O_RDONLY)
     except FileNotFoundError:
