@@ -261,10 +261,12 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "xattr_permissions": _xattr_permissions,
     "context": _context,
     "allow_root": _flag("allow_root"),
-    "threaded": _no_effect("threaded", "requests are always served by 4 worker threads, each on "
-                           "its own cloned /dev/fuse fd", "int"),
-    "max_idle_threads": _no_effect("max_idle_threads", "the 4 worker threads live as long as the "
-                                   "mount; none is reaped when idle", "int"),
+    "threaded": _no_effect("threaded", "requests are always served by worker threads, one per "
+                           "CPU and more while requests block, each on its own cloned /dev/fuse "
+                           "fd", "int"),
+    "max_idle_threads": _no_effect("max_idle_threads", "one worker per CPU lives as long as the "
+                                   "mount; those added while requests block retire once nothing "
+                                   "blocks", "int"),
     "plugins": _no_effect("plugins", "fuse-overlayfs's layer plugins are not supported; lower "
                           "layers are plain directories", "text"),
     "fast_ino": _no_effect("fast_ino", "inode numbers always come from the layers (with xino bits "

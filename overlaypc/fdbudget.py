@@ -14,7 +14,8 @@ The budget, for a soft limit L (1024 by default on most systems, the hard limit 
     again retired (an evicted fd may still be in a read), so it counts twice;
   * the rest, at least 3/8 of L, for what no cache holds: one fd per open file, the few
     fds an operation holds while it runs (a parent directory, a file being copied), the
-    layer roots, libfuse's and Python's own.
+    layer roots, the workers' cloned /dev/fuse fds (one per CPU, 8 more while requests
+    block: ``engine/pool.py``), Python's own.
 Inodes and handles hold fds only while a file is open (they are not caches), so they
 count against the rest.
 

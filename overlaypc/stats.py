@@ -29,7 +29,10 @@ class Stats:
         self.copy_ups: Counter[str] = Counter()
         self._backing: set[int] = set()
         self._tls = threading.local()
-        self._tallies: list[list[int]] = []
+        #: each reading thread's tally; a thread that ended is folded into ``_ended``
+        #: (workers come and go: the pool retires the ones it added)
+        self._tallies: list[tuple[threading.Thread, list[int]]] = []
+        self._ended = [0, 0]
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -58,16 +61,26 @@ class Stats:
                     self._backing.add(key)
 
     def _new_tally(self) -> list[int]:
-        """A reading thread's [bytes_read, bytes_shared], kept after the thread ends (one
-        per thread that ever read: the session's workers)."""
+        """A reading thread's [bytes_read, bytes_shared]. The tallies of threads that have
+        ended are added up into one here (nothing writes them any more), so there are as
+        many as live reading threads, plus those ended since the last new one."""
         tally = [0, 0]
         with self._lock:
-            self._tallies.append(tally)
+            live = []
+            for thread, t in self._tallies:
+                if thread.is_alive():
+                    live.append((thread, t))
+                else:
+                    self._ended[0] += t[0]
+                    self._ended[1] += t[1]
+            live.append((threading.current_thread(), tally))
+            self._tallies = live
         return tally
 
     def _read_totals(self) -> tuple[int, int]:
         # each tally is written by its own thread only; an int read is atomic
-        return sum(t[0] for t in self._tallies), sum(t[1] for t in self._tallies)
+        return (self._ended[0] + sum(t[0] for _, t in self._tallies),
+                self._ended[1] + sum(t[1] for _, t in self._tallies))
 
     def snapshot(self, **extra: object) -> dict:
         with self._lock:

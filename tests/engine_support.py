@@ -11,10 +11,14 @@ What this module owns:
 - ``MemoryOps``: an ``Operations`` over a dict of nodes with exact lookup counts and
   open handles, recording every call; ``boom`` raises a non-OSError, ``gate`` blocks.
 - ``PassthroughFS``: a filesystem mirroring a directory by O_PATH fds (one per kernel
-  node, closed on the last FORGET), with three test hooks: the virtual xattr
+  node, closed on the last FORGET), with four test hooks: the virtual xattr
   ``user.pt.max_write`` (the largest WRITE seen), ``user.pt.inval`` (set it: the node's
-  cache is invalidated by notification) and files named ``barrier``, whose reads wait
-  until two of them are in progress (two workers serving at once).
+  cache is invalidated by notification), files named ``barrier``, whose reads wait
+  until two of them are in progress (two workers serving at once), and files named
+  ``hold*``, whose reads at offset 0 block in a system call (``poll`` of a pipe, as a read from a
+  slow disk or file system would, not on a lock) until released: ``user.pt.held`` on any
+  node says how many are held, setting ``user.pt.release`` to N releases N (each gives
+  up after 30 s).
 - run as a script: mount a ``PassthroughFS`` through ``daemon.run``
   (``engine_support.py SRC MNT [--daemon] [--workers N] [--log FILE] [-o opt,...]``);
   a mount error is printed on stderr with status 2.
@@ -78,8 +82,10 @@ class FakeKernel:
         self.all_cloned = threading.Event()
         first = self._pair()
         session_kw.setdefault("clone_delay", 0)
+        #: the session-side fds of retired workers, as the session closed them
+        self.closed: list[int] = []
         self.session = Session(ops, first, clone=self._pair if workers > 1 else None,
-                               workers=workers, **session_kw)
+                               close_clone=self._close_pair, workers=workers, **session_kw)
         self.session._writev = self._writev  # the seam: see ``fail_reply``
         self.notifications: list[bytes] = []
         self._fail: set[int] = set()
@@ -97,6 +103,15 @@ class FakeKernel:
         if len(self.kernel_socks) == self.workers:
             self.all_cloned.set()
         return s.fileno()
+
+    def _close_pair(self, fd: int) -> None:
+        """The session retires a worker: its socket closes (its kernel side reads EOF)."""
+        for s in self._session_socks:
+            if s.fileno() == fd:
+                s.close()
+                self.closed.append(fd)
+                return
+        raise AssertionError(f"fd {fd} is not one of the session's sockets")
 
     def _writev(self, fd: int, buffers) -> int:
         unique = p.OUT_HEADER.unpack_from(bytes(buffers[0]))[2]
@@ -259,6 +274,8 @@ class MemoryOps(Operations):
         self.calls: list[tuple[str, tuple]] = []
         self.taken: list[bytes] = []          # names whose READDIRPLUS take ran
         self.gate_open = threading.Event()
+        #: the threads waiting at the gate (what the pool's tests count as blocked)
+        self.at_gate: set[int] = set()
         self.destroyed = threading.Event()
         self.conn: ConnInfo | None = None
         self.errors = 0
@@ -323,7 +340,14 @@ class MemoryOps(Operations):
         if name == b"boom":
             raise RuntimeError("a bug in the filesystem")
         if name == b"gate":
-            self.gate_open.wait(20)
+            tid = threading.get_native_id()
+            with self.lock:
+                self.at_gate.add(tid)
+            try:
+                self.gate_open.wait(20)
+            finally:
+                with self.lock:
+                    self.at_gate.discard(tid)
         with self.lock:
             nid = self._node(parent).children.get(name)
             if nid is None:
@@ -498,6 +522,7 @@ class PtNode:
     key: tuple[int, int]
     nlookup: int = 0
     barrier: bool = False
+    hold: bool = False
 
 
 class PassthroughFS(Operations):
@@ -519,6 +544,8 @@ class PassthroughFS(Operations):
         self.dirs: dict[int, list[tuple[bytes, int, int]]] = {}
         self._dir_ids = itertools.count(1)
         self.barrier = threading.Barrier(2, timeout=20)
+        self._release_r, self._release_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.held = 0
 
     # -- nodes --------------------------------------------------------------------------------
     def _fd(self, nodeid: int) -> int:
@@ -547,7 +574,8 @@ class PassthroughFS(Operations):
                 os.close(fd)
             else:
                 nid = next(self._ids)
-                node = self.nodes[nid] = PtNode(fd, key, barrier=name == b"barrier")
+                node = self.nodes[nid] = PtNode(fd, key, barrier=name == b"barrier",
+                                                hold=name.startswith(b"hold"))
                 self.by_key[key] = nid
             node.nlookup += 1  # before the reply goes out: see ops
         return Entry(nid, self._attr(st), self.TIMEOUT, self.TIMEOUT)
@@ -628,12 +656,35 @@ class PassthroughFS(Operations):
 
     def _opened(self, nodeid: int, fd: int) -> Opened:
         with self.lock:
-            barrier = self.nodes[nodeid].barrier
-        return Opened(fd, direct_io=barrier, keep_cache=not barrier)
+            node = self.nodes[nodeid]
+            direct = node.barrier or node.hold  # every read reaches the daemon
+        return Opened(fd, direct_io=direct, keep_cache=not direct)
+
+    def _hold(self) -> None:
+        """Block in ``poll`` until a release byte is ours (or 30 s pass)."""
+        import select
+        with self.lock:
+            self.held += 1
+        try:
+            deadline = time.monotonic() + 30
+            poller = select.poll()
+            poller.register(self._release_r, select.POLLIN)
+            while time.monotonic() < deadline:
+                poller.poll(1000)
+                try:
+                    os.read(self._release_r, 1)
+                    return
+                except BlockingIOError:
+                    continue  # another held read took that byte
+        finally:
+            with self.lock:
+                self.held -= 1
 
     def open(self, req, nodeid, flags, open_flags):
+        # (O_NOFOLLOW: the kernel has resolved the name already; on the /proc magic link it
+        # would be ELOOP)
         fd = os.open(self._proc(self._fd(nodeid)),
-                     flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC)
+                     flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW) | os.O_CLOEXEC)
         return self._opened(nodeid, fd)
 
     def create(self, req, parent, name, flags, mode, open_flags=0):
@@ -649,6 +700,9 @@ class PassthroughFS(Operations):
     def read(self, req, nodeid, fh, buf, offset):
         with self.lock:
             barrier = self.nodes[nodeid].barrier
+            hold = self.nodes[nodeid].hold
+        if hold and offset == 0:  # (not the read that finds the end of the file)
+            self._hold()
         if barrier:
             try:
                 self.barrier.wait()
@@ -677,12 +731,18 @@ class PassthroughFS(Operations):
         if name == "user.pt.max_write":
             with self.lock:
                 return str(self.max_write).encode()
+        if name == "user.pt.held":
+            with self.lock:
+                return str(self.held).encode()
         return os.getxattr(self._proc(self._fd(nodeid)), name)
 
     def setxattr(self, req, nodeid, name, value, flags):
         if name == "user.pt.inval":
             # queued: the notification is written after this reply, by the notify thread
             self.notifier.inval_inode(nodeid, 0, 0)
+            return
+        if name == "user.pt.release":
+            os.write(self._release_w, b"r" * int(value))
             return
         os.setxattr(self._proc(self._fd(nodeid)), name, value, flags)
 

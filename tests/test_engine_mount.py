@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -243,6 +244,69 @@ def test_cloned_fd_workers_serve_concurrently(pt_mount):
     assert results == [b"b" * 100, b"b" * 100]
 
 
+def _within(fn, timeout: float = 15.0):
+    """``fn()``'s result, run in a thread: an AssertionError if it has not returned within
+    ``timeout`` (a request no worker picks up would hang the test instead)."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # reported below
+            box.append((False, e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert box, f"no answer within {timeout} s"
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def test_the_mount_answers_while_more_requests_block_than_it_started_workers(pt_mount):
+    """Reads that block in the filesystem (asleep in a system call) tie up a worker each:
+    with 2 workers started and 5 reads blocked, the mount still answers a stat and a
+    getxattr, because the pool adds a worker whenever the last waiting one picks up a
+    request while another is blocked. Before: a fixed pool of 2 (4 by default) stopped
+    answering once as many reads were held."""
+    m = pt_mount(workers=2)
+    count = 5
+    for i in range(count):
+        (m.source / f"hold{i}").write_bytes(b"%d" % i * 10)
+    results: dict = {}
+
+    def read(i: int) -> None:
+        try:
+            results[i] = (m.mountpoint / f"hold{i}").read_bytes()
+        except OSError as e:
+            results[i] = e
+
+    def held() -> int:
+        return int(os.getxattr(m.mountpoint, "user.pt.held"))
+
+    threads = []
+    try:
+        for i in range(count):
+            threads.append(threading.Thread(target=read, args=(i,), daemon=True))
+            threads[-1].start()
+            # each answer here needs a worker that is not held
+            assert _within(lambda: helpers.wait_until(lambda: held() == i + 1, 10)), \
+                f"{held()} reads held, {i + 1} expected"
+            time.sleep(0.01)  # the held ones now count as blocked (2 ms), whatever the load
+        (m.source / "fresh").write_bytes(b"new")
+        assert _within(lambda: os.stat(m.mountpoint / "fresh").st_size) == 3  # a LOOKUP
+        assert _within(held) == count
+    finally:
+        # released (each read gives up after 30 s anyway, so the daemon can end)
+        with contextlib.suppress(AssertionError, OSError):
+            _within(lambda: os.setxattr(m.mountpoint, "user.pt.release", b"%d" % count))
+        for t in threads:
+            t.join(60)
+    assert results == {i: b"%d" % i * 10 for i in range(count)}
+
+
 def test_inval_inode_refreshes_cached_data(pt_mount):
     m = pt_mount()
     f = m.mountpoint / "f"
@@ -310,3 +374,49 @@ def test_plain_user_mounts_through_fusermount3(nobody):
             proc.wait(timeout=10)
         helpers.force_unmount(mnt)
     assert not helpers.unexpected_log_lines(log.read_text() if log.exists() else "")
+
+
+def test_overlaypc_answers_while_reads_of_a_slow_lower_layer_block(pt_mount, overlay_mount,
+                                                                  tmp_path):
+    """overlaypc over a lower layer whose reads block (a FUSE file system, the engine's
+    test passthrough, holding them): with ``cache=shared`` each read is the daemon's
+    ``pread`` of the lower file, asleep in the kernel until the lower layer answers. With
+    two more reads held than overlaypc starts workers (one per CPU), it still answers a
+    LOOKUP of a new name. Before: a fixed pool of 4 workers stopped answering once four
+    reads were held."""
+    count = len(os.sched_getaffinity(0)) + 2   # overlaypc starts one worker per usable CPU
+    lower = pt_mount(workers=count + 2)   # the lower layer's own workers never run out
+    for i in range(count):
+        (lower.source / f"hold{i}").write_bytes(b"%d" % i * 10)
+    upper, work, merged = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
+    for d in (upper, work, merged):
+        d.mkdir()
+    overlay_mount(f"lowerdir={lower.mountpoint},upperdir={upper},workdir={work},cache=shared",
+                  mnt=merged)
+    results: dict = {}
+
+    def read(i: int) -> None:
+        try:
+            results[i] = (merged / f"hold{i}").read_bytes()
+        except OSError as e:
+            results[i] = e
+
+    def held() -> int:  # asked of the lower layer itself
+        return int(os.getxattr(lower.mountpoint, "user.pt.held"))
+
+    threads = []
+    try:
+        for i in range(count):
+            threads.append(threading.Thread(target=read, args=(i,), daemon=True))
+            threads[-1].start()
+            assert _within(lambda: helpers.wait_until(lambda: held() == i + 1, 10)), \
+                f"{held()} reads held, {i + 1} expected: overlaypc stopped picking them up"
+            time.sleep(0.01)  # the held ones now count as blocked (2 ms), whatever the load
+        (upper / "fresh").write_bytes(b"new")
+        assert _within(lambda: os.stat(merged / "fresh").st_size) == 3
+    finally:
+        with contextlib.suppress(AssertionError, OSError):
+            _within(lambda: os.setxattr(lower.mountpoint, "user.pt.release", b"%d" % count))
+        for t in threads:
+            t.join(60)
+    assert results == {i: b"%d" % i * 10 for i in range(count)}

@@ -18,6 +18,7 @@ import helpers
 
 from engine_support import KERNEL_FLAGS, FakeKernel, MemoryOps, entry_of, parse_dirents
 from overlaypc.engine import protocol as p
+from overlaypc.engine.pool import in_io
 from overlaypc.engine.session import ProtocolError
 
 
@@ -395,6 +396,167 @@ def test_unmount_before_any_request_clones_nothing(kernel):
     fk = kernel(MemoryOps(), workers=4, session_kw={"clone_delay": 60})
     assert fk.close()                      # the loop ends at once, without waiting for the delay
     assert len(fk.kernel_socks) == 1
+
+
+# ==========================================================================================
+# The pool: more workers while requests block, retired when nothing does (engine/pool.py)
+# ==========================================================================================
+def _blocked_lookup(fk: FakeKernel, ops: MemoryOps, via: int, count: int) -> int:
+    """LOOKUP of ``gate`` on worker ``via``, which blocks until ``ops.gate_open``; returns
+    once ``count`` lookups of it have begun."""
+    unique = fk.send(p.LOOKUP, 1, b"gate\0", via=via)
+    assert helpers.wait_until(lambda: len(ops.called("lookup")) >= count, 10)
+    return unique
+
+
+def _settled(fk: FakeKernel, ops: MemoryOps) -> None:
+    """Wait until every worker not at the gate waits for a request (one that has just
+    answered may not be back yet, and would count as busy)."""
+    pool = fk.session.pool
+    assert helpers.wait_until(
+        lambda: all(not s.since or s.tid in ops.at_gate for s in pool.slots), 10)
+
+
+@pytest.fixture
+def pool_kernel(kernel):
+    """Factory: ``pool_kernel(**session_kw)`` -> (FakeKernel with 2 workers, its MemoryOps
+    with a ``gate`` file). The gate opens at teardown, before the connection closes."""
+    made: list[MemoryOps] = []
+
+    def make(**kw):
+        ops = MemoryOps()
+        ops.add(1, b"gate", stat.S_IFREG)
+        made.append(ops)
+        # the fake's handlers block on an event (a futex wait), which /proc would not show
+        # as blocked: here a worker at the gate is the one blocked
+        kw.setdefault("in_io", lambda tid: tid in ops.at_gate)
+        kw.setdefault("blocked", 0.0)
+        return kernel(ops, workers=2, session_kw=kw), ops
+
+    yield make
+    for ops in made:
+        ops.gate_open.set()
+
+
+def test_a_blocked_worker_makes_the_pool_grow(pool_kernel):
+    """Worker 0 blocks; worker 1, picking up a request with no other worker waiting,
+    starts a third on a new clone before answering, and that one serves."""
+    fk, ops = pool_kernel()
+    pool = fk.session.pool
+    assert (pool.base, len(fk.kernel_socks)) == (2, 2)
+    unique = _blocked_lookup(fk, ops, 0, 1)
+    fk.ok(p.STATFS, 1, via=1)
+    assert len(fk.kernel_socks) == 3 and pool.grown == 1
+    _settled(fk, ops)
+    fk.ok(p.STATFS, 1, via=2)              # the new worker serves its fd
+    assert len(fk.kernel_socks) == 3       # ... and finds the third waiting: no growth
+    ops.gate_open.set()
+    assert fk.receive(0).unique == unique
+
+
+def test_a_busy_worker_that_is_not_blocked_grows_nothing(pool_kernel):
+    """A long request that /proc does not show asleep in a system call (preempted, or
+    waiting for the GIL or a lock) is no reason for another worker."""
+    fk, ops = pool_kernel(in_io=lambda tid: False)
+    unique = _blocked_lookup(fk, ops, 0, 1)
+    for _ in range(3):
+        _settled(fk, ops)
+        fk.ok(p.STATFS, 1, via=1)
+    assert len(fk.kernel_socks) == 2 and fk.session.pool.grown == 0
+    ops.gate_open.set()
+    assert fk.receive(0).unique == unique
+
+
+def test_the_pool_grows_to_its_bound_only(pool_kernel):
+    fk, ops = pool_kernel(max_extra=1)
+    first = _blocked_lookup(fk, ops, 0, 1)
+    fk.ok(p.STATFS, 1, via=1)
+    assert len(fk.kernel_socks) == 3
+    second = _blocked_lookup(fk, ops, 1, 2)
+    _settled(fk, ops)
+    fk.ok(p.STATFS, 1, via=2)              # every other worker blocked, but the pool is full
+    assert len(fk.kernel_socks) == 3 and fk.session.pool.peak == 3
+    ops.gate_open.set()
+    assert {fk.receive(0).unique, fk.receive(1).unique} == {first, second}
+
+
+def test_a_spare_retires_and_closes_its_fd_once_nothing_blocks(pool_kernel):
+    fk, ops = pool_kernel(linger=0.0)
+    unique = _blocked_lookup(fk, ops, 0, 1)
+    fk.ok(p.STATFS, 1, via=1)
+    assert len(fk.kernel_socks) == 3
+    extra_fd = fk._session_socks[2].fileno()
+    _settled(fk, ops)
+    fk.ok(p.STATFS, 1, via=2)              # worker 0 still blocked: the spare stays
+    _settled(fk, ops)                      # (its decision to stay made, before the gate opens)
+    assert fk.closed == [] and len(fk.kernel_socks) == 3
+    ops.gate_open.set()
+    assert fk.receive(0).unique == unique
+    _settled(fk, ops)
+    fk.ok(p.STATFS, 1, via=2)              # answered, then nothing blocks: it retires
+    assert helpers.wait_until(lambda: fk.closed == [extra_fd], 10), fk.closed
+    assert fk.kernel_socks[2].recv(100) == b""   # its fd is closed: end of file
+    pool = fk.session.pool
+    assert (pool.retired, len(pool.slots)) == (1, 2)
+    fk.ok(p.STATFS, 1, via=0)              # the base workers serve on
+    fk.ok(p.STATFS, 1, via=1)
+
+
+def test_the_connection_end_ends_the_workers_started_later(pool_kernel):
+    """``serve`` returns only once every worker has ended, those started while it was
+    already waiting for the first ones included."""
+    fk, ops = pool_kernel()
+    unique = _blocked_lookup(fk, ops, 0, 1)
+    fk.ok(p.STATFS, 1, via=1)
+    assert len(fk.kernel_socks) == 3
+    threads = list(fk.session._threads)
+    ops.gate_open.set()
+    assert fk.receive(0).unique == unique
+    assert fk.close()
+    assert not [t.name for t in threads if t.is_alive()]
+    assert ops.destroyed.is_set()
+
+
+def test_in_io_tells_a_thread_blocked_in_the_kernel_from_one_waiting_for_a_lock():
+    """The real test of ``pool.in_io`` on this process's own threads: a read of an empty
+    pipe is blocked, a wait on an event (a futex) is not, nor is a thread that ended."""
+    r, w = os.pipe()
+    event = threading.Event()
+    tids: dict[str, int] = {}
+    started = threading.Barrier(3, timeout=10)
+
+    def reader() -> None:
+        tids["read"] = threading.get_native_id()
+        started.wait()
+        os.read(r, 1)
+
+    def waiter() -> None:
+        tids["wait"] = threading.get_native_id()
+        started.wait()
+        event.wait(20)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (reader, waiter)]
+    for t in threads:
+        t.start()
+    try:
+        started.wait()
+        # both are asleep once /proc shows a system call for them
+        assert helpers.wait_until(lambda: in_io(tids["read"]), 10)
+        assert helpers.wait_until(lambda: _syscall(tids["wait"])[:1].isdigit(), 10)
+        assert not in_io(tids["wait"])
+    finally:
+        os.write(w, b"x")
+        event.set()
+        for t in threads:
+            t.join(10)
+        os.close(r)
+        os.close(w)
+    assert not in_io(tids["read"])         # ended
+
+
+def _syscall(tid: int) -> bytes:
+    with open(f"/proc/self/task/{tid}/syscall", "rb") as f:
+        return f.read()
 
 
 # ==========================================================================================

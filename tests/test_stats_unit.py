@@ -42,3 +42,21 @@ def test_distinct_backing_inodes_stop_at_the_cap(monkeypatch):
     snap = s.snapshot()
     assert snap["distinct_backing_inodes"] == 5 and snap["distinct_backing_inodes_capped"]
     assert snap["bytes_read"] == 20
+
+
+def test_tallies_of_ended_threads_are_folded_not_kept():
+    """Workers come and go (the session's pool retires the ones it added): each reading
+    thread's tally must not outlive it. Before: one tally per thread that ever read, kept
+    for the mount's life."""
+    import threading
+
+    s = Stats()
+    for i in range(50):
+        t = threading.Thread(target=s.served, args=(100 + i, (0, i)), kwargs={"shared": 1})
+        t.start()
+        t.join()
+    s.served(7, (0, 0))  # a new tally: the ended threads' are folded now
+    assert len(s._tallies) <= 2, len(s._tallies)
+    snap = s.snapshot()
+    assert snap["bytes_read"] == sum(100 + i for i in range(50)) + 7
+    assert snap["bytes_shared"] == 50

@@ -84,6 +84,11 @@ class Channel:
         self.clones.append(fd)
         return fd
 
+    def close_clone(self, fd: int) -> None:
+        """Close a clone made by ``clone`` (a retired worker's) and forget it."""
+        self.clones.remove(fd)  # first: ``close`` must never close its number again
+        os.close(fd)
+
     def unmount(self) -> None:
         """Detach the mount (lazily: open files keep being served until closed)."""
         if not self.via_fusermount:

@@ -24,15 +24,16 @@ from collections.abc import Callable
 from . import autounmount
 from . import channel as ch
 from .ops import Operations
-from .session import WORKERS, ProtocolError, Session
+from .session import ProtocolError, Session
 
 log = logging.getLogger("overlaypc.engine")
 
 
 def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: bool = True,
-        workers: int = WORKERS, before_fork: Callable[[], None] | None = None) -> int:
+        workers: int | None = None, before_fork: Callable[[], None] | None = None) -> int:
     """Mount ``ops`` at ``mountpoint`` and serve until unmounted. Returns the exit status;
-    raises ``OSError`` if the mount itself fails."""
+    raises ``OSError`` if the mount itself fails. ``workers``: the session's base worker
+    count (default: one per usable CPU)."""
     chan = ch.mount(mountpoint, opts)
     ready_w = None
     if not foreground:
@@ -40,7 +41,8 @@ def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: 
             before_fork()
         ready_w = _daemonize()
     deny = os.getuid() if opts.has("allow_root") and os.getuid() != 0 else None
-    session = Session(ops, chan.fd, clone=chan.clone, workers=workers, deny_others=deny)
+    session = Session(ops, chan.fd, clone=chan.clone, close_clone=chan.close_clone, workers=workers,
+                      deny_others=deny)
     stopping = []
 
     def stop(signum, _frame) -> None:

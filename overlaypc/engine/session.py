@@ -4,6 +4,8 @@ Owns one FUSE connection's conversation. ``handshake`` answers INIT with what bo
 kernel and the filesystem want; ``serve`` then runs worker threads, each reading requests
 from its own fd (the first from the channel's fd, the others from clones) and writing
 every reply to the fd its request came from (cloned fds have their own reply queues).
+How many workers run is ``pool``'s rule: one per usable CPU, more while requests block;
+a worker added for that retires later and closes its clone.
 Each request is decoded here, handed to the ``Operations`` method by nodeid or
 (parent, name), and its result encoded; ``OSError`` becomes its errno, anything else is
 logged and answered EIO, so no operation ends the daemon.
@@ -31,18 +33,18 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from . import protocol as p
 from ..records import field, record
 from .ops import ConnInfo, Entry, Opened, Operations, Request
+from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
 
 log = logging.getLogger("overlaypc.engine")
 
 #: default request size for READ and WRITE (256 pages)
 MAX_WRITE = 1 << 20
-#: worker threads (one per fd); blocking operations (fsync, a large copy-up) tie up one each
-WORKERS = 4
 #: how long ``serve`` waits for the first request's answer before starting the clones
 CLONE_DELAY = 0.05
 
@@ -129,20 +131,30 @@ def _buffer(size: int) -> memoryview:
 
 class Session:
     """One connection's request loop over ``ops``; ``fd`` is the channel's fd,
-    ``clone`` makes another fd on the same connection."""
+    ``clone`` makes another fd on the same connection and ``close_clone`` closes one
+    (a retired worker's). ``workers``: how many always run (default: one per usable CPU);
+    up to ``max_extra`` more run while requests block (see ``pool``)."""
 
     def __init__(self, ops: Operations, fd: int, *, clone: Callable[[], int] | None = None,
-                 workers: int = WORKERS, max_write: int = MAX_WRITE,
-                 deny_others: int | None = None, clone_delay: float = CLONE_DELAY) -> None:
+                 close_clone: Callable[[int], None] | None = None,
+                 workers: int | None = None, max_extra: int = MAX_EXTRA,
+                 max_write: int = MAX_WRITE, deny_others: int | None = None,
+                 clone_delay: float = CLONE_DELAY, **pool_kw) -> None:
         self.ops = ops
         self.fd = fd
         self._clone = clone
-        self.workers = max(1, workers if clone is not None else 1)
+        self._close_clone = close_clone if close_clone is not None else os.close
+        base = usable_cpus() if workers is None else workers
+        self.pool = Pool.sized(base if clone is not None else 1,
+                               max_extra if clone is not None else 0, **pool_kw)
         self.max_write = max_write
         self.deny_others = deny_others
         self.conn: ConnInfo | None = None
         self.notifier = Notifications(fd)
+        #: the worker threads started (those ended are dropped as new ones start)
         self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
+        self._names = iter(range(1 << 62))
         #: set once a worker has answered a request, or stopped (``serve`` then clones)
         self._first_done = threading.Event()
         self.clone_delay = clone_delay
@@ -214,7 +226,7 @@ class Session:
         self.notifier.start()
         # the first worker serves the channel's fd at once: the mount's first requests
         # (the caller's stat that waited for INIT) need not wait for the clones
-        self._start_worker(self.fd)
+        first = self._start_worker(self.fd, self.pool.join(extra=False))
         if ready is not None:
             ready()
         # ... nor for the clones' threads to start: on 2 vCPUs cloning and starting three
@@ -222,17 +234,22 @@ class Session:
         # once the first worker has answered a request (or stopped), or after clone_delay.
         self._first_done.wait(self.clone_delay)
         try:
-            for _ in range(self.workers - 1):
-                if not self._threads[0].is_alive():
+            for _ in range(self.pool.base - 1):
+                if not first.is_alive():
                     break  # unmounted already: nothing to clone
-                self._start_worker(self._clone())
+                self._start_worker(self._clone(), self.pool.join(extra=False))
         except OSError as e:
             log.warning("cannot clone the FUSE fd (%s); serving with %d worker(s)", e,
-                        len(self._threads))
+                        len(self.pool.slots))
         try:
-            for t in self._threads:
-                while t.is_alive():
-                    t.join(timeout=0.5)  # short waits: signal handlers run in between
+            # workers start later too (while others block): look again until none is alive.
+            # A worker starts another before it can end, so the last look sees every one.
+            while True:
+                with self._threads_lock:
+                    alive = [t for t in self._threads if t.is_alive()]
+                if not alive:
+                    break
+                alive[0].join(timeout=0.5)  # short waits: signal handlers run in between
         finally:
             self.notifier.stop()
             try:
@@ -240,25 +257,64 @@ class Session:
             except Exception:
                 log.exception("destroy failed")
 
-    def _start_worker(self, fd: int) -> None:
-        t = threading.Thread(target=self._worker, args=(fd,),
-                             name=f"fuse-worker-{len(self._threads)}", daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def _worker(self, fd: int) -> None:
+    def _start_worker(self, fd: int, slot: Slot) -> threading.Thread:
+        t = threading.Thread(target=self._worker, args=(fd, slot),
+                             name=f"fuse-worker-{next(self._names)}", daemon=True)
+        with self._threads_lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)  # before it runs: ``serve``'s join loop must see it
         try:
-            self._serve_fd(fd)
+            t.start()
+        except BaseException:
+            with self._threads_lock:
+                self._threads.remove(t)
+            raise
+        return t
+
+    def _grow(self, now: float) -> None:
+        """Start one more worker on a new clone (called by a worker that found every
+        other one busy and one of them blocked)."""
+        pool = self.pool
+        slot = pool.join(extra=True)
+        if slot is None:
+            return  # another worker grew the pool first, or it is full
+        try:
+            fd = self._clone()
+        except OSError as e:
+            pool.leave(slot)
+            pool.grow_after = now + pool.linger
+            log.warning("cannot clone the FUSE fd for another worker (%s); %d serving", e,
+                        len(pool.slots))
+            return
+        try:
+            self._start_worker(fd, slot)
+        except Exception as e:  # noqa: BLE001 (RuntimeError: can't start new thread)
+            pool.leave(slot)
+            pool.grow_after = now + pool.linger
+            self._close_clone(fd)
+            log.warning("cannot start another worker (%s); %d serving", e, len(pool.slots))
+            return
+        log.debug("a request blocks: %d workers", len(pool.slots))
+
+    def _worker(self, fd: int, slot: Slot) -> None:
+        try:
+            self._serve_fd(fd, slot)
         finally:
+            self.pool.leave(slot)  # (however it ended: a slot left behind would look busy)
             self._first_done.set()
 
-    def _serve_fd(self, fd: int) -> None:
+    def _serve_fd(self, fd: int, slot: Slot) -> None:
         view = _buffer(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
         bufs = [view]  # (one list for every read: this loop runs once per request)
         out = _buffer(self.max_write)
         first_done = self._first_done
         dispatch = self.dispatch
+        pool = self.pool
+        grows = pool.bound > pool.base
+        monotonic = time.monotonic
+        slot.tid = threading.get_native_id()
         while True:
+            slot.since = 0.0  # waiting: the others see a free worker
             try:
                 n = os.readv(fd, bufs)
             except OSError as e:
@@ -275,12 +331,22 @@ class Session:
                 if n:
                     log.error("a %d-byte request: no FUSE connection; worker stops", n)
                 return
+            now = slot.since = monotonic()
+            if grows and pool.wants_more(now):
+                self._grow(now)  # before this request, which may block as well
             try:
                 dispatch(fd, view[:n], out)
             except Exception:
                 log.exception("request dispatch failed")
             if not first_done.is_set():
                 first_done.set()
+            if slot.extra and pool.should_retire(slot, monotonic()):
+                # answered, and nothing blocks: a spare no longer needed. Its fd holds no
+                # request (each is answered before the next read), so closing it drops none.
+                pool.leave(slot, retired=True)
+                self._close_clone(fd)
+                log.debug("nothing blocks: %d workers", len(pool.slots))
+                return
 
     def dispatch(self, fd: int, msg: memoryview, out: memoryview) -> None:
         """Handle one request read from ``fd``; ``out`` is scratch space for READ data."""
