@@ -135,6 +135,40 @@ def test_parent_getattr_after_removals_decodes_its_origin_once(env, calls):
     assert calls["decode"] <= 1, calls
 
 
+def test_parent_getattr_after_changes_reads_its_origin_xattrs_once(env, monkeypatch):
+    """untar and rm -rf: after each CREATE or UNLINK the kernel asks the parent's
+    attributes again (its ctime moved). The directory's origin xattrs (none for a
+    directory made through the mount, a decodable handle for a copied-up one) are read
+    once while the lookup holds its fd, not at every GETATTR; the number stays right."""
+    drv, tmp = env
+    reads: Counter[str] = Counter()
+    real = layer.Layer.getxattr_at
+
+    def counting(self, dirfd, name):
+        reads[name] += 1
+        return real(self, dirfd, name)
+    monkeypatch.setattr(layer.Layer, "getxattr_at", counting)
+    u = _node(drv, ROOT_ID, "u")
+    ld = _node(drv, ROOT_ID, "ld")
+    drv.ops.unlink(REQ, ld, b"f0")  # copies ld up: its origin is the lower ld
+    lower_ino = os.lstat(tmp / "lower" / "ld").st_ino
+    for parent, ino in ((u, os.lstat(tmp / "upper" / "u").st_ino), (ld, lower_ino)):
+        assert drv.ops.getattr(REQ, parent).attr.ino == ino
+        reads.clear()
+        for i in range(N):
+            entry, opened = drv.ops.create(REQ, parent, f"n{i}".encode(),
+                                           os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IFREG | 0o644)
+            drv.ops.release(REQ, entry.nodeid, opened.fh)
+            drv.ops.forget(entry.nodeid, 1)
+            assert drv.ops.getattr(REQ, parent).attr.ino == ino
+            drv.ops.unlink(REQ, parent, f"n{i}".encode())
+            attr = drv.ops.getattr(REQ, parent).attr
+            assert attr.ino == ino
+        _same(attr, os.lstat(tmp / "upper" / drv.ops.nodes.path(parent)))
+        origin_reads = sum(n for name, n in reads.items() if name.endswith("origin"))
+        assert origin_reads == 0, reads  # read before the loop, at the first GETATTR
+
+
 def test_chmod_looks_up_for_the_copy_up_check_and_the_reply_only(env, calls):
     """SETATTR(mode) of an upper file: one lookup to find its upper copy, one fresh for
     the reply (the inode whose privileges may grow is the changed entry's)."""
