@@ -169,6 +169,39 @@ def test_parent_getattr_after_changes_reads_its_origin_xattrs_once(env, monkeypa
         assert origin_reads == 0, reads  # read before the loop, at the first GETATTR
 
 
+def test_rmdir_of_an_empty_upper_only_directory_is_one_rmdir(env, monkeypatch):
+    """rm -rf of a tree made through the mount: a directory with no lower name to hide
+    goes with one ``rmdir`` (as the kernel's ``ovl_remove_upper``), not a rename into the
+    workdir and a removal there. One that holds only whiteouts (an image layer's) still
+    goes (the workdir way), and one with entries is ENOTEMPTY, both unchanged."""
+    drv, tmp = env
+    moves: Counter[str] = Counter()
+    real = layer.do_rename
+
+    def counting(*args, **kwargs):
+        moves["rename"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr("overlaypc.namespace.do_rename", counting)
+    u = _node(drv, ROOT_ID, "u")
+    drv.ops.mkdir(REQ, u, b"e", 0o755)
+    drv.ops.rmdir(REQ, u, b"e")
+    assert moves["rename"] == 0, moves
+    assert not (tmp / "upper" / "u" / "e").exists()
+    assert drv.ops.lookup(REQ, u, b"e").nodeid == 0
+    up = tmp / "upper" / "u"
+    (up / "w").mkdir()
+    os.mknod(up / "w" / "gone", stat.S_IFCHR | 0o600, 0)  # a whiteout: hides nothing here
+    (up / "full").mkdir()
+    (up / "full" / "x").write_bytes(b"x")
+    with pytest.raises(OSError) as e:
+        drv.ops.rmdir(REQ, u, b"full")
+    assert e.value.errno == errno.ENOTEMPTY
+    assert (up / "full" / "x").read_bytes() == b"x"
+    drv.ops.rmdir(REQ, u, b"w")
+    assert not (up / "w").exists()
+    assert os.listdir(tmp / "work" / "work") == []
+
+
 def test_chmod_looks_up_for_the_copy_up_check_and_the_reply_only(env, calls):
     """SETATTR(mode) of an upper file: one lookup to find its upper copy, one fresh for
     the reply (the inode whose privileges may grow is the changed entry's)."""
