@@ -202,18 +202,41 @@ def test_rmdir_of_an_empty_upper_only_directory_is_one_rmdir(env, monkeypatch):
     assert os.listdir(tmp / "work" / "work") == []
 
 
-def test_chmod_looks_up_for_the_copy_up_check_and_the_reply_only(env, calls):
-    """SETATTR(mode) of an upper file: one lookup to find its upper copy, one fresh for
-    the reply (the inode whose privileges may grow is the changed entry's)."""
+def test_setattr_of_an_upper_file_looks_it_up_once(env, calls, monkeypatch):
+    """untar's three SETATTRs of every file (utimens, chown with the kill flag, chmod) of
+    an upper file: one lookup each, for the copy-up check, the privileges and the reply
+    (its stat read again); the chown opens nothing when the lookup shows nothing to
+    strip. Each reply is the file's real state after the change."""
     drv, tmp = env
+    opens: Counter[str] = Counter()
+    real_open = layer.Layer.open
+
+    def counting(self, rel, flags, mode=0):
+        opens[rel] += 1
+        return real_open(self, rel, flags, mode)
+    monkeypatch.setattr(layer.Layer, "open", counting)
     u = _node(drv, ROOT_ID, "u")
-    (tmp / "upper" / "u" / "f").write_bytes(b"f")
+    path = tmp / "upper" / "u" / "f"
+    path.write_bytes(b"f")
     f = _node(drv, u, "f")
-    calls.clear()
-    reply = drv.ops.setattr(REQ, f, SetAttr(p.FATTR_MODE, None, 0, 0, 0, 0o600, 0, 0))
-    assert calls["lookup"] == 2, calls
-    _same(reply.attr, os.lstat(tmp / "upper" / "u" / "f"))
-    assert stat.S_IMODE(reply.attr.mode) == 0o600
+    t = 1_600_000_000
+    for sa in (SetAttr(p.FATTR_MTIME, None, 0, None, t * 10**9, 0, 0, 0),
+               SetAttr(p.FATTR_UID | p.FATTR_GID | p.FATTR_KILL_SUIDGID, None, 0, None, None, 0, 0, 0),
+               SetAttr(p.FATTR_MODE, None, 0, None, None, 0o600, 0, 0)):
+        calls.clear()
+        opens.clear()
+        reply = drv.ops.setattr(REQ, f, sa)
+        assert calls["lookup"] == 1, (sa, calls)
+        _same(reply.attr, os.lstat(path))
+        if sa.valid & p.FATTR_KILL_SUIDGID:
+            assert opens == {}, opens
+    assert stat.S_IMODE(reply.attr.mode) == 0o600 and reply.attr.mtime_ns == t * 10**9
+    # a setuid file: the chown with the kill flag strips the bit (and says so)
+    os.chmod(path, 0o4755)
+    reply = drv.ops.setattr(REQ, f, SetAttr(p.FATTR_UID | p.FATTR_GID | p.FATTR_KILL_SUIDGID,
+                                            None, 0, None, None, 0, 0, 0))
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o755
+    _same(reply.attr, os.lstat(path))
 
 
 def test_create_and_unlink_in_a_lower_directory_copy_it_up_first(env, calls):
