@@ -140,15 +140,23 @@ class Attributes:
         if inode is not None:
             inode.privs_may_grow()
 
-    def kill_privs(self, rel: str, writer: "killpriv.Writer") -> bool:
+    def kill_privs(self, rel: str, writer: "killpriv.Writer", node: Node | None = None) -> bool:
         """``killpriv`` for a truncate or chown by path (copied up first, as the change
-        that follows would). True if something was stripped."""
-        node = self.fs.lookup.lookup(rel)
+        that follows would); ``node``: ``rel`` as just looked up. True if something was
+        stripped."""
+        if node is None:
+            node = self.fs.lookup.lookup(rel)
         if not node.exists or not stat.S_ISREG(node.st.st_mode):
             return False
         self.fs.require_writable()
+        entry = node.upper
+        if entry is not None and entry.lacks(killpriv.CAPABILITY_XATTR) \
+                and not self.fs.ownership.stored_entry(entry).mode & killpriv.PRIVILEGED_BITS:
+            # untar's chown of every file: the lookup's stat and xattr names show
+            # nothing a write would strip (what ``kill_fd`` would find, without opening)
+            return False
         # ``_upper`` would look the same up first; copied up (metadata only) if not there
-        entry = node.upper if node.upper is not None else self._upper(rel)
+        entry = entry if entry is not None else self._upper(rel)
         fd = entry.layer.open(entry.rel, os.O_RDONLY | os.O_NONBLOCK)
         try:
             changed = killpriv.kill_fd(self.fs.ownership, entry.layer, fd, writer).changed
@@ -169,6 +177,61 @@ class Attributes:
         mode = self.fs.ownership.stored_entry(entry).mode
         if mode & stat.S_ISGID:
             self.fs.ownership.chmod(entry, stat.S_IMODE(mode) & ~stat.S_ISGID)
+
+    def setattr(self, rel: str, *, mode: int | None = None, ids: tuple[int, int] | None = None,
+                times: tuple[int, int] | None = None,
+                writer: "killpriv.Writer | None" = None) -> tuple[Attr | None, bool]:
+        """A SETATTR by path without a size: strip privileges as ``writer``'s chown or
+        write would (``writer`` given), then chmod, chown (shown-side ``ids``, -1:
+        unchanged), utimens (``times``: ``utimens``'s), each as its own method does, from
+        one lookup. Returns the attributes after the change and whether anything was
+        stripped. The attributes are the looked-up node's with its top entry's stat read
+        again (the changes alter no structure, xattr names aside, which only ever
+        shrink: security.capability); None when that cannot be had (the object was
+        copied up or replaced meanwhile: the caller looks it up afresh)."""
+        fs = self.fs
+        node = fs.lookup.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "no such file or directory", rel)
+        killed = False
+        if writer is not None:
+            fs.require_writable()
+            if ids is not None:
+                fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is stripped
+            killed = self.kill_privs(rel, writer, node)
+        entry = node.upper
+        if mode is None and ids is None and times is None:
+            return self._refreshed(node, rel), killed
+        if entry is None:
+            entry = self._upper(rel)
+            node = None  # copied up: its structure changed
+        else:
+            fs.require_writable()
+        if mode is not None:
+            fs.ownership.chmod(entry, mode)
+            self._privs_may_grow(entry)
+        if ids is not None:
+            uid, gid = fs.ownership.chown_ids(*ids)
+            fs.ownership.chown(entry, uid, gid)
+        if times is not None:
+            entry.layer.do_utime(entry.rel, resolve_times(times, entry.st))
+        return (None if node is None else self._refreshed(node, rel)), killed
+
+    def _refreshed(self, node: Node, rel: str) -> Attr | None:
+        """``node``'s attributes with its top entry's stat read again (through the fd the
+        lookup holds of it, or of its parent); None unless that finds the same object."""
+        top = node.top
+        if top.dirfd is not None:
+            st = os.stat(top.dirfd.fd)
+        elif top.parent is not None:
+            st = top.layer.stat_at(top.parent, top.name)
+        else:
+            return None
+        if st is None or st.st_ino != top.st.st_ino or stat.S_IFMT(st.st_mode) != stat.S_IFMT(top.st.st_mode):
+            return None
+        fresh = Entry(top.layer, top.rel, st, top.dirfd, top.parent, top.xattrs)
+        return self.of_node(Node(node.rel, (fresh,) + node.entries[1:], node.opaque,
+                                 node.upper_whiteout, node.data, node.upper_marker), rel)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""

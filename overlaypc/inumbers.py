@@ -35,6 +35,7 @@ import threading
 from collections import OrderedDict
 
 from . import sysapi, whiteout
+from .layer import UNKNOWN
 from .lookup import Entry, Node
 from .stack import LayerStack
 
@@ -68,23 +69,35 @@ class InodeNumbers:
         self._lock = threading.Lock()
 
     def recorded(self, entry: Entry) -> int | None:
-        """The number an upper object shows because of its copy-up origin, if any."""
+        """The number an upper object shows because of its copy-up origin, if any. A
+        directory's answer is kept on the fd the lookup holds of it (``DirFd.origin_ino``),
+        unless it came from a decode that failed (it may have failed for want of fds): a
+        name made or removed in it changes its ctime, not its origin."""
+        dirfd = entry.dirfd
+        if dirfd is not None:
+            known = dirfd.origin_ino
+            if known is not UNKNOWN:
+                return known  # type: ignore[return-value]
         st = entry.st
         key = (st.st_dev, st.st_ino, st.st_ctime_ns)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        value = self._from_origin(entry)
+        value, final = self._from_origin(entry)
+        if dirfd is not None and final:
+            dirfd.origin_ino = value
         with self._lock:
             self._cache[key] = value
             if len(self._cache) > self._limit:
                 self._cache.popitem(last=False)
         return value
 
-    def _from_origin(self, entry: Entry) -> int | None:
+    def _from_origin(self, entry: Entry) -> tuple[int | None, bool]:
         """The number the upper ``entry``'s origin xattr gives (kernel file handle, else
-        fuse-overlayfs's path), from the cache of decoded origins when it holds it."""
+        fuse-overlayfs's path), from the cache of decoded origins when it holds it; and
+        whether that answer is final for the object (False: an origin that did not
+        decode, which may decode later)."""
         kind = stat.S_IFMT(entry.st.st_mode)
         name = self.origin_xattr
         raw = _xattr(entry, name)
@@ -93,24 +106,26 @@ class InodeNumbers:
             name = whiteout.FOO_ORIGIN
             raw = _xattr(entry, name)
             if not raw:
-                return None
+                return None, True
         vkey = (name, kind, raw)
         with self._lock:
             value = self._decoded.get(vkey)
             if value is not None:
                 self._decoded.move_to_end(vkey)
-                return value
+                return value, True
         origin = self._decode(parsed) if parsed is not None else self._path_origin(raw)
-        if origin is None or stat.S_IFMT(origin.st_mode) != kind:
-            return None
+        if origin is None:
+            return None, False
+        if stat.S_IFMT(origin.st_mode) != kind:
+            return None, True
         if not (kind == stat.S_IFDIR or origin.st_nlink == 1 or self.index):
-            return None
+            return None, True
         value = self.xino.ino(origin.st_dev, origin.st_ino)
         with self._lock:
             self._decoded[vkey] = value
             if len(self._decoded) > self._limit:
                 self._decoded.popitem(last=False)
-        return value
+        return value, True
 
     def _decode(self, parsed: tuple[bytes, int, bytes]) -> os.stat_result | None:
         """``fstat`` of the lower object a parsed origin file handle decodes to."""

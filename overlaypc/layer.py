@@ -127,16 +127,24 @@ class Listed(NamedTuple):
     st: os.stat_result | None
 
 
+#: ``DirFd.origin_ino`` before anyone read it
+UNKNOWN = object()
+
+
 class DirFd:
     """An ``O_PATH`` fd of a directory inside a layer, closed when the last reference to
     it goes. Cached lookups hold these, and a thread using one keeps it alive, so an fd
-    is never closed under a concurrent user (CPython frees on the last reference)."""
+    is never closed under a concurrent user (CPython frees on the last reference).
+    ``origin_ino``: what ``inumbers`` read of the directory's copy-up origin (UNKNOWN until
+    then); the fd pins the inode, whose origin xattr is written only before it gets its
+    name (copy-up), so the answer holds as long as the fd."""
 
-    __slots__ = ("fd", "_owned")
+    __slots__ = ("fd", "_owned", "origin_ino")
 
     def __init__(self, fd: int, owned: bool = True) -> None:
         self.fd = fd
         self._owned = owned
+        self.origin_ino: object = UNKNOWN
 
     def __del__(self) -> None:
         if self._owned:

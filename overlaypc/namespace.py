@@ -389,14 +389,32 @@ class Namespace:
         with self._changing():
             node = self.fs.lookup.lookup(rel)
             self._check_rmdir(node)
-            if merged_listing(node, self.fs.inos, self.fs.prefix):
-                raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
             try:
-                self._remove(node, bool(node.lowers) or self.lower_exists(rel))
+                lower_exists = bool(node.lowers) or self.lower_exists(rel)
+                if not lower_exists and self._rmdir_if_empty(node):
+                    return
+                if merged_listing(node, self.fs.inos, self.fs.prefix):
+                    raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
+                self._remove(node, lower_exists)
             finally:
                 # even after a failure: a step may have moved the upper dir already, and
                 # the cache must never hold its fd under this name (changes act through it)
                 self._done(rel)
+
+    def _rmdir_if_empty(self, node: Node) -> bool:
+        """rm -rf's common case, as the kernel's ``ovl_remove_upper``: a directory only the
+        upper holds, with no lower name to hide, goes with one ``rmdir`` when it is empty.
+        False (nothing changed) when it holds something (whiteouts, markers, or real
+        entries: the caller lists it and decides)."""
+        upper = self.fs.stack.upper
+        assert upper is not None and node.upper is not None
+        try:
+            upper.do_rmdir(node.rel)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+        return True
 
     def _remove(self, node: Node, lower_exists: bool) -> None:
         """Remove the object at ``node`` from the merged view, leaving a whiteout if needed."""

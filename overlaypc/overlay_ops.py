@@ -224,6 +224,8 @@ class OverlayOps(Operations):
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes."""
         fs, valid = self.fs, sa.valid
         rel = self.nodes.path(nodeid)
+        if rel is not None and sa.fh is None and not valid & p.FATTR_SIZE:
+            return self._setattr_named(req, nodeid, rel, sa)
         inode = None if rel is not None else self._open_inode(nodeid)[1]
         if valid & p.FATTR_KILL_SUIDGID:  # truncate without CAP_FSETID, or any chown
             fh = sa.fh if sa.fh is not None or inode is None else self._open_inode(nodeid)[0]
@@ -258,6 +260,28 @@ class OverlayOps(Operations):
             else:
                 fs.files.utimens_inode(inode, times)
         return AttrReply(file_attr(self._attr(nodeid, sa.fh)), self._node_attr_timeout(nodeid))
+
+    def _setattr_named(self, req: Request, nodeid: int, rel: str, sa: SetAttr) -> AttrReply:
+        """``setattr`` of a named node without a size nor a handle (untar's utimens, chown
+        and chmod of every file): the same steps in the same order, from one lookup."""
+        valid = sa.valid
+        ids = None
+        if valid & (p.FATTR_UID | p.FATTR_GID):
+            ids = (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
+        writer = None
+        if valid & p.FATTR_KILL_SUIDGID:  # any chown (see ``_kill_privs``)
+            writer = Writer(req.uid, req.gid, req.pid, may_be_capable=ids is not None)
+        times = None
+        if valid & (p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW):
+            times = (_time(valid, p.FATTR_ATIME, p.FATTR_ATIME_NOW, sa.atime_ns),
+                     _time(valid, p.FATTR_MTIME, p.FATTR_MTIME_NOW, sa.mtime_ns))
+        attr, killed = self.fs.setattr(rel, mode=sa.mode if valid & p.FATTR_MODE else None,
+                                       ids=ids, times=times, writer=writer)
+        if killed:
+            self.notifier.inval_inode(nodeid, -1)
+        if attr is None:
+            attr = self._attr(nodeid, None)
+        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
 
     def readlink(self, req: Request, nodeid: int) -> bytes:
         return os.fsencode(self.fs.readlink(self._path(nodeid)))

@@ -135,18 +135,108 @@ def test_parent_getattr_after_removals_decodes_its_origin_once(env, calls):
     assert calls["decode"] <= 1, calls
 
 
-def test_chmod_looks_up_for_the_copy_up_check_and_the_reply_only(env, calls):
-    """SETATTR(mode) of an upper file: one lookup to find its upper copy, one fresh for
-    the reply (the inode whose privileges may grow is the changed entry's)."""
+def test_parent_getattr_after_changes_reads_its_origin_xattrs_once(env, monkeypatch):
+    """untar and rm -rf: after each CREATE or UNLINK the kernel asks the parent's
+    attributes again (its ctime moved). The directory's origin xattrs (none for a
+    directory made through the mount, a decodable handle for a copied-up one) are read
+    once while the lookup holds its fd, not at every GETATTR; the number stays right."""
     drv, tmp = env
+    reads: Counter[str] = Counter()
+    real = layer.Layer.getxattr_at
+
+    def counting(self, dirfd, name):
+        reads[name] += 1
+        return real(self, dirfd, name)
+    monkeypatch.setattr(layer.Layer, "getxattr_at", counting)
     u = _node(drv, ROOT_ID, "u")
-    (tmp / "upper" / "u" / "f").write_bytes(b"f")
+    ld = _node(drv, ROOT_ID, "ld")
+    drv.ops.unlink(REQ, ld, b"f0")  # copies ld up: its origin is the lower ld
+    lower_ino = os.lstat(tmp / "lower" / "ld").st_ino
+    for parent, ino in ((u, os.lstat(tmp / "upper" / "u").st_ino), (ld, lower_ino)):
+        assert drv.ops.getattr(REQ, parent).attr.ino == ino
+        reads.clear()
+        for i in range(N):
+            entry, opened = drv.ops.create(REQ, parent, f"n{i}".encode(),
+                                           os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IFREG | 0o644)
+            drv.ops.release(REQ, entry.nodeid, opened.fh)
+            drv.ops.forget(entry.nodeid, 1)
+            assert drv.ops.getattr(REQ, parent).attr.ino == ino
+            drv.ops.unlink(REQ, parent, f"n{i}".encode())
+            attr = drv.ops.getattr(REQ, parent).attr
+            assert attr.ino == ino
+        _same(attr, os.lstat(tmp / "upper" / drv.ops.nodes.path(parent)))
+        origin_reads = sum(n for name, n in reads.items() if name.endswith("origin"))
+        assert origin_reads == 0, reads  # read before the loop, at the first GETATTR
+
+
+def test_rmdir_of_an_empty_upper_only_directory_is_one_rmdir(env, monkeypatch):
+    """rm -rf of a tree made through the mount: a directory with no lower name to hide
+    goes with one ``rmdir`` (as the kernel's ``ovl_remove_upper``), not a rename into the
+    workdir and a removal there. One that holds only whiteouts (an image layer's) still
+    goes (the workdir way), and one with entries is ENOTEMPTY, both unchanged."""
+    drv, tmp = env
+    moves: Counter[str] = Counter()
+    real = layer.do_rename
+
+    def counting(*args, **kwargs):
+        moves["rename"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr("overlaypc.namespace.do_rename", counting)
+    u = _node(drv, ROOT_ID, "u")
+    drv.ops.mkdir(REQ, u, b"e", 0o755)
+    drv.ops.rmdir(REQ, u, b"e")
+    assert moves["rename"] == 0, moves
+    assert not (tmp / "upper" / "u" / "e").exists()
+    assert drv.ops.lookup(REQ, u, b"e").nodeid == 0
+    up = tmp / "upper" / "u"
+    (up / "w").mkdir()
+    os.mknod(up / "w" / "gone", stat.S_IFCHR | 0o600, 0)  # a whiteout: hides nothing here
+    (up / "full").mkdir()
+    (up / "full" / "x").write_bytes(b"x")
+    with pytest.raises(OSError) as e:
+        drv.ops.rmdir(REQ, u, b"full")
+    assert e.value.errno == errno.ENOTEMPTY
+    assert (up / "full" / "x").read_bytes() == b"x"
+    drv.ops.rmdir(REQ, u, b"w")
+    assert not (up / "w").exists()
+    assert os.listdir(tmp / "work" / "work") == []
+
+
+def test_setattr_of_an_upper_file_looks_it_up_once(env, calls, monkeypatch):
+    """untar's three SETATTRs of every file (utimens, chown with the kill flag, chmod) of
+    an upper file: one lookup each, for the copy-up check, the privileges and the reply
+    (its stat read again); the chown opens nothing when the lookup shows nothing to
+    strip. Each reply is the file's real state after the change."""
+    drv, tmp = env
+    opens: Counter[str] = Counter()
+    real_open = layer.Layer.open
+
+    def counting(self, rel, flags, mode=0):
+        opens[rel] += 1
+        return real_open(self, rel, flags, mode)
+    monkeypatch.setattr(layer.Layer, "open", counting)
+    u = _node(drv, ROOT_ID, "u")
+    path = tmp / "upper" / "u" / "f"
+    path.write_bytes(b"f")
     f = _node(drv, u, "f")
-    calls.clear()
-    reply = drv.ops.setattr(REQ, f, SetAttr(p.FATTR_MODE, None, 0, 0, 0, 0o600, 0, 0))
-    assert calls["lookup"] == 2, calls
-    _same(reply.attr, os.lstat(tmp / "upper" / "u" / "f"))
-    assert stat.S_IMODE(reply.attr.mode) == 0o600
+    t = 1_600_000_000
+    for sa in (SetAttr(p.FATTR_MTIME, None, 0, None, t * 10**9, 0, 0, 0),
+               SetAttr(p.FATTR_UID | p.FATTR_GID | p.FATTR_KILL_SUIDGID, None, 0, None, None, 0, 0, 0),
+               SetAttr(p.FATTR_MODE, None, 0, None, None, 0o600, 0, 0)):
+        calls.clear()
+        opens.clear()
+        reply = drv.ops.setattr(REQ, f, sa)
+        assert calls["lookup"] == 1, (sa, calls)
+        _same(reply.attr, os.lstat(path))
+        if sa.valid & p.FATTR_KILL_SUIDGID:
+            assert opens == {}, opens
+    assert stat.S_IMODE(reply.attr.mode) == 0o600 and reply.attr.mtime_ns == t * 10**9
+    # a setuid file: the chown with the kill flag strips the bit (and says so)
+    os.chmod(path, 0o4755)
+    reply = drv.ops.setattr(REQ, f, SetAttr(p.FATTR_UID | p.FATTR_GID | p.FATTR_KILL_SUIDGID,
+                                            None, 0, None, None, 0, 0, 0))
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o755
+    _same(reply.attr, os.lstat(path))
 
 
 def test_create_and_unlink_in_a_lower_directory_copy_it_up_first(env, calls):
