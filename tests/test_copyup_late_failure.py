@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from test_kept_lookups import fs_factory, write_new  # noqa: F401 (a fixture)
+from test_kept_lookups import fs_factory, write_new, write_then_read  # noqa: F401 (a fixture)
 
 
 def _eio(*_args, **_kwargs):
@@ -28,29 +28,19 @@ def _reader_then_failing_copy_up(fs, monkeypatch, rel: str, fail: tuple) -> int:
     return reader
 
 
-def _write_then_read(fs, rel: str, reader: int) -> bytes:
-    writer = fs.open(rel, os.O_RDWR).fh
-    fs.write(writer, b"new\n", 0)
-    fs.release(writer)
-    try:
-        return fs.read(reader, 100, 0)
-    finally:
-        fs.release(reader)
-
-
 @pytest.mark.parametrize("step", ["fsync_dir", "do_utime"])
 def test_handle_opened_before_a_copy_up_failing_after_its_rename(fs_factory, monkeypatch, step):
     fs = fs_factory({"d/x": b"old\n"})
     reader = _reader_then_failing_copy_up(fs, monkeypatch, "d/x", (fs.stack.upper, step))
     assert (fs.root / "upper/d/x").exists()
-    assert _write_then_read(fs, "d/x", reader) == b"new\n"
+    assert write_then_read(fs, "d/x", reader) == b"new\n"
 
 
 def test_handle_opened_before_an_index_copy_up_failing_after_its_link(fs_factory, monkeypatch):
     fs = fs_factory({"d/x": b"old\n"}, index=True)
     os.link(fs.root / "lower/d/x", fs.root / "lower/d/y")
     reader = _reader_then_failing_copy_up(fs, monkeypatch, "d/x", (fs.stack.upper, "fsync_dir"))
-    assert _write_then_read(fs, "d/x", reader) == b"new\n"
+    assert write_then_read(fs, "d/x", reader) == b"new\n"
 
 
 def test_handle_opened_before_a_metacopy_data_copy_up_failing_after_the_mark(fs_factory,
@@ -74,4 +64,4 @@ def test_handle_opened_before_a_metacopy_data_copy_up_failing_after_the_mark(fs_
         fs.open("d/x", os.O_RDWR)
     monkeypatch.undo()
     assert removed == ["trusted.overlay.metacopy"]
-    assert _write_then_read(fs, "d/x", reader) == b"new\n"
+    assert write_then_read(fs, "d/x", reader) == b"new\n"

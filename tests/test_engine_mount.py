@@ -275,16 +275,26 @@ def test_the_mount_answers_while_more_requests_block_than_it_started_workers(pt_
     count = 5
     for i in range(count):
         (m.source / f"hold{i}").write_bytes(b"%d" % i * 10)
+    _answers_while_reads_block(count, m.mountpoint, m.mountpoint, m.source / "fresh",
+                               m.mountpoint / "fresh")
+
+
+def _answers_while_reads_block(count: int, reads: Path, pt: Path, fresh: Path,
+                               fresh_seen: Path) -> None:
+    """Read ``reads/hold<i>`` for i < count from threads, each held by the test passthrough
+    mounted at ``pt`` until released, each picked up while the earlier ones are held; then
+    a name written at ``fresh`` must be seen at ``fresh_seen`` (a LOOKUP) with every read
+    still held. Releases them and checks what they read (``b"<i>" * 10``, as written)."""
     results: dict = {}
 
     def read(i: int) -> None:
         try:
-            results[i] = (m.mountpoint / f"hold{i}").read_bytes()
+            results[i] = (reads / f"hold{i}").read_bytes()
         except OSError as e:
             results[i] = e
 
     def held() -> int:
-        return int(os.getxattr(m.mountpoint, "user.pt.held"))
+        return int(os.getxattr(pt, "user.pt.held"))
 
     threads = []
     try:
@@ -293,15 +303,15 @@ def test_the_mount_answers_while_more_requests_block_than_it_started_workers(pt_
             threads[-1].start()
             # each answer here needs a worker that is not held
             assert _within(lambda: helpers.wait_until(lambda: held() == i + 1, 10)), \
-                f"{held()} reads held, {i + 1} expected"
+                f"{held()} reads held, {i + 1} expected: the mount stopped picking them up"
             time.sleep(0.01)  # the held ones now count as blocked (2 ms), whatever the load
-        (m.source / "fresh").write_bytes(b"new")
-        assert _within(lambda: os.stat(m.mountpoint / "fresh").st_size) == 3  # a LOOKUP
+        fresh.write_bytes(b"new")
+        assert _within(lambda: os.stat(fresh_seen).st_size) == 3  # a LOOKUP
         assert _within(held) == count
     finally:
         # released (each read gives up after 30 s anyway, so the daemon can end)
         with contextlib.suppress(AssertionError, OSError):
-            _within(lambda: os.setxattr(m.mountpoint, "user.pt.release", b"%d" % count))
+            _within(lambda: os.setxattr(pt, "user.pt.release", b"%d" % count))
         for t in threads:
             t.join(60)
     assert results == {i: b"%d" % i * 10 for i in range(count)}
@@ -393,30 +403,5 @@ def test_overlaypc_answers_while_reads_of_a_slow_lower_layer_block(pt_mount, ove
         d.mkdir()
     overlay_mount(f"lowerdir={lower.mountpoint},upperdir={upper},workdir={work},cache=shared",
                   mnt=merged)
-    results: dict = {}
+    _answers_while_reads_block(count, merged, lower.mountpoint, upper / "fresh", merged / "fresh")
 
-    def read(i: int) -> None:
-        try:
-            results[i] = (merged / f"hold{i}").read_bytes()
-        except OSError as e:
-            results[i] = e
-
-    def held() -> int:  # asked of the lower layer itself
-        return int(os.getxattr(lower.mountpoint, "user.pt.held"))
-
-    threads = []
-    try:
-        for i in range(count):
-            threads.append(threading.Thread(target=read, args=(i,), daemon=True))
-            threads[-1].start()
-            assert _within(lambda: helpers.wait_until(lambda: held() == i + 1, 10)), \
-                f"{held()} reads held, {i + 1} expected: overlaypc stopped picking them up"
-            time.sleep(0.01)  # the held ones now count as blocked (2 ms), whatever the load
-        (upper / "fresh").write_bytes(b"new")
-        assert _within(lambda: os.stat(merged / "fresh").st_size) == 3
-    finally:
-        with contextlib.suppress(AssertionError, OSError):
-            _within(lambda: os.setxattr(lower.mountpoint, "user.pt.release", b"%d" % count))
-        for t in threads:
-            t.join(60)
-    assert results == {i: b"%d" % i * 10 for i in range(count)}

@@ -61,6 +61,18 @@ def write_new(fs: OverlayFS, rel: str, data: bytes) -> None:
     fs.release(fh.fh)
 
 
+def write_then_read(fs: OverlayFS, rel: str, reader: int) -> bytes:
+    """Write b"new\\n" through a write open of ``rel``, then read through ``reader`` (an
+    open handle, released after)."""
+    writer = fs.open(rel, os.O_RDWR).fh
+    fs.write(writer, b"new\n", 0)
+    fs.release(writer)
+    try:
+        return fs.read(reader, 100, 0)
+    finally:
+        fs.release(reader)
+
+
 def counting_lookups(fs: OverlayFS, monkeypatch) -> list[str]:
     """The merged paths ``Lookup._lookup_in`` is asked about from now on."""
     seen: list[str] = []
@@ -110,11 +122,7 @@ def test_handle_opened_after_a_chmod_copy_up_sees_later_writes(fs_factory, keep)
     KEEPERS[keep](fs, "d/x")
     fs.chmod("d/x", 0o600)
     reader = fs.open("d/x", os.O_RDONLY).fh
-    writer = fs.open("d/x", os.O_RDWR).fh
-    fs.write(writer, b"new\n", 0)
-    fs.release(writer)
-    assert fs.read(reader, 100, 0) == b"new\n"
-    fs.release(reader)
+    assert write_then_read(fs, "d/x", reader) == b"new\n"
 
 
 def test_handle_opened_after_a_copy_up_that_failed_late_sees_later_writes(fs_factory, monkeypatch):
@@ -133,11 +141,7 @@ def test_handle_opened_after_a_copy_up_that_failed_late_sees_later_writes(fs_fac
     monkeypatch.undo()
     assert (fs.root / "upper/d/x").exists()  # in place (no lookup here: it would keep it)
     reader = fs.open("d/x", os.O_RDONLY).fh
-    writer = fs.open("d/x", os.O_RDWR).fh
-    fs.write(writer, b"new\n", 0)
-    fs.release(writer)
-    assert fs.read(reader, 100, 0) == b"new\n"
-    fs.release(reader)
+    assert write_then_read(fs, "d/x", reader) == b"new\n"
 
 
 @pytest.mark.parametrize("keep", KEEPERS)
