@@ -218,19 +218,20 @@ class Files:
         else:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
-            result = self._map_fd(fd, key, layer, rel) if sharing.shares_on(key[0], fd) else NOT_SHARED
+            result = self._map_fd(fd, st, layer, rel) if sharing.shares_on(key[0], fd) else NOT_SHARED
         with inode.lock:
             if not busy and inode.extents_epoch == epoch and inode.backing == key:
                 inode.extents = result
         return result
 
-    def _map_fd(self, fd: int, key: tuple[int, int], layer, rel: str) -> object:
-        """FIEMAP ``fd`` (of ``layer``'s ``rel``, identity ``key``) unless a lower file's
-        mapping is remembered; register what it shares. ``FileExtents`` or NOT_SHARED."""
+    def _map_fd(self, fd: int, st: os.stat_result, layer, rel: str) -> object:
+        """FIEMAP ``fd`` (``layer``'s ``rel``, ``st`` its fstat just taken) unless a lower
+        file's mapping is remembered; register what it shares. ``FileExtents`` or NOT_SHARED."""
         sharing = self.fs.sharing
         upper = layer.writable
+        key = (st.st_dev, st.st_ino)
         known = None if upper else sharing.lower_mapping(key)
-        fx = map_file(fd) if known is None else known
+        fx = map_file(fd, st) if known is None else known
         result: object = NOT_SHARED
         if fx is not None and fx is not NOT_SHARED and fx.has_shared:
             if not upper:  # a no-op when already registered; redone if the map was dropped

@@ -340,14 +340,16 @@ class ExtentMap:
         del fds
 
 
-def map_file(fd: int) -> FileExtents | None:
+def map_file(fd: int, st: os.stat_result | None = None) -> FileExtents | None:
     """FIEMAP ``fd`` into a ``FileExtents``; None where the filesystem has no FIEMAP.
+    ``st``: ``fd``'s stat if the caller just took it (before the mapping, as here).
 
     A file with any shared extent is mapped (again) with ``FIEMAP_FLAG_SYNC``, lower files
     too: unwritten-back writes over a shared extent (XFS: in the COW fork) are otherwise
     reported at the shared location. A file with none needs no flush: writeback never
     makes an extent shared (reflink and dedupe flush both files first)."""
-    st = os.fstat(fd)
+    if st is None:
+        st = os.fstat(fd)
     try:
         extents = fiemap(fd, sync=False)
         if any(e.flags & FIEMAP_EXTENT_SHARED for e in extents):

@@ -274,8 +274,8 @@ def test_mapping_made_during_a_change_is_not_kept(upper_file, monkeypatch):
     # a change that starts and ends while FIEMAP runs
     real = files_mod.map_file
 
-    def racing(mapped_fd):
-        result = real(mapped_fd)
+    def racing(mapped_fd, st=None):
+        result = real(mapped_fd, st)
         with changing(inode, 0, 10):
             pass
         return result
