@@ -204,16 +204,34 @@ class Files:
         """Map ``fd`` (the inode's backing) with FIEMAP; register canonical owners of its
         extents. The result serves this read; it is kept for later reads only if it is
         current: no data change ran or started meanwhile (``sharing.changing``) and ``fd``
-        is still the inode's backing (a copy-up may have rebound it since)."""
+        is still the inode's backing (a copy-up may have rebound it since). A backing on a
+        filesystem that never shares extents (``ExtentMap.shares_on``) is not mapped."""
         with inode.lock:
             epoch, busy = inode.extents_epoch, inode.extents_busy
-            layer, rel = inode.layer, inode.rel
+            layer, rel, backing = inode.layer, inode.rel, inode.backing
         sharing = self.fs.sharing
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
+        if sharing.never_shares(backing[0]):
+            # (whatever ``fd`` is, a plain read of it is right; what is kept below is said
+            # of ``backing``, kept only while that is still the inode's backing)
+            key: tuple[int, int] = backing
+            result: object = NOT_SHARED
+        else:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            result = self._map_fd(fd, st, layer, rel) if sharing.shares_on(key[0], fd) else NOT_SHARED
+        with inode.lock:
+            if not busy and inode.extents_epoch == epoch and inode.backing == key:
+                inode.extents = result
+        return result
+
+    def _map_fd(self, fd: int, st: os.stat_result, layer, rel: str) -> object:
+        """FIEMAP ``fd`` (``layer``'s ``rel``, ``st`` its fstat just taken) unless a lower
+        file's mapping is remembered; register what it shares. ``FileExtents`` or NOT_SHARED."""
+        sharing = self.fs.sharing
         upper = layer.writable
+        key = (st.st_dev, st.st_ino)
         known = None if upper else sharing.lower_mapping(key)
-        fx = map_file(fd) if known is None else known
+        fx = map_file(fd, st) if known is None else known
         result: object = NOT_SHARED
         if fx is not None and fx is not NOT_SHARED and fx.has_shared:
             if not upper:  # a no-op when already registered; redone if the map was dropped
@@ -223,9 +241,6 @@ class Files:
             result = fx
         if known is None and not upper:
             sharing.remember_lower(key, result)
-        with inode.lock:
-            if not busy and inode.extents_epoch == epoch and inode.backing == key:
-                inode.extents = result
         return result
 
     def _read_plan(self, inode: OverlayInode, fd: int, plan: list[Piece], buf: memoryview,

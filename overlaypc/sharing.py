@@ -24,6 +24,12 @@ Rules that keep it from ever serving wrong data:
   * a plan holds its canonical files open (``SharedFd``): evicting one from the LRU
     never closes an fd a read is about to use, so a reused fd number is never read.
 
+Filesystems that cannot share extents (ext2/3/4: no reflink; tmpfs: no FIEMAP) are known
+by their ``statfs`` magic number, once per device: their files are never FIEMAP-mapped, and
+their reads take the plain path at once (a cold ``grep -r`` of an ext4 lower paid one FIEMAP
+per file for nothing). Skipping a mapping never serves wrong data: a file read unmapped is
+read from itself.
+
 Bounds: at most ``limit`` canonical intervals (the map is dropped and rebuilt lazily
 when full), ``max_fds`` canonical files kept open (LRU, plus evicted ones that reads
 in flight still hold), and remembered mappings of lower files (LRU; lower data never
@@ -39,6 +45,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from . import sysapi
 from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
 from .layer import Layer
 from .records import field, record
@@ -57,6 +64,12 @@ LOWER_MAP_EXTENTS = 65536
 
 #: An inode's ``extents`` once mapped with nothing shared: reads take the plain path.
 NOT_SHARED = object()
+
+#: ``statfs`` magic numbers of filesystems whose files never have shared extents: ext2/3/4
+#: (no reflink or dedupe), tmpfs (no FIEMAP at all). Any other type is mapped.
+NEVER_SHARED_FS = frozenset((0xEF53, 0x01021994))
+#: How many devices' answers ``ExtentMap.shares_on`` keeps (forgotten all at once beyond).
+MAX_DEVICES = 1024
 
 
 @record(frozen=True)
@@ -140,9 +153,33 @@ class ExtentMap:
         self._lower_extents = 0
         self._fds: OrderedDict[Canonical, SharedFd] = OrderedDict()
         self._max_fds = max_fds
+        #: st_dev -> whether files there can have shared extents (``shares_on``)
+        self._devices: dict[int, bool] = {}
 
     def __len__(self) -> int:
         return self._count
+
+    def never_shares(self, dev: int) -> bool:
+        """Whether ``dev`` is known (from an earlier ``shares_on``) to hold no shared extents."""
+        return self._devices.get(dev) is False
+
+    def shares_on(self, dev: int, fd: int) -> bool:
+        """Whether files on ``dev`` (that of ``fd``) can have shared extents; decided from
+        the filesystem type once per device. An ``fstatfs`` that fails says "can".
+        (A device number is not reused under a mount: layer paths never cross into another
+        filesystem, ``RESOLVE_NO_XDEV``, and each layer's root is held open. Devices are few,
+        one per layer at most; the bound is a backstop.)"""
+        known = self._devices.get(dev)
+        if known is None:
+            try:
+                known = sysapi.fs_type(fd) not in NEVER_SHARED_FS
+            except OSError:
+                return True
+            devices = self._devices
+            if len(devices) >= MAX_DEVICES:
+                devices.clear()  # (a dict item set or clear is atomic under the GIL)
+            devices[dev] = known
+        return known
 
     # -- building --------------------------------------------------------------------------
     def register(self, canon: Canonical, extents: list[Extent]) -> None:
@@ -303,14 +340,16 @@ class ExtentMap:
         del fds
 
 
-def map_file(fd: int) -> FileExtents | None:
+def map_file(fd: int, st: os.stat_result | None = None) -> FileExtents | None:
     """FIEMAP ``fd`` into a ``FileExtents``; None where the filesystem has no FIEMAP.
+    ``st``: ``fd``'s stat if the caller just took it (before the mapping, as here).
 
     A file with any shared extent is mapped (again) with ``FIEMAP_FLAG_SYNC``, lower files
     too: unwritten-back writes over a shared extent (XFS: in the COW fork) are otherwise
     reported at the shared location. A file with none needs no flush: writeback never
     makes an extent shared (reflink and dedupe flush both files first)."""
-    st = os.fstat(fd)
+    if st is None:
+        st = os.fstat(fd)
     try:
         extents = fiemap(fd, sync=False)
         if any(e.flags & FIEMAP_EXTENT_SHARED for e in extents):

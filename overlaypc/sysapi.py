@@ -2,7 +2,7 @@
 
 Owns: ``openat2`` (confined path resolution), ``renameat2`` (whiteout / exchange /
 noreplace renames), ``name_to_handle_at`` (origin file handles), the ``FICLONE``
-ioctl (reflink) and the filesystem UUID lookup.
+ioctl (reflink), the filesystem UUID lookup and ``fstatfs``'s filesystem type.
 
 Caveats: ``openat2`` is called by number (the same on every architecture but alpha);
 ``renameat2`` goes through glibc's wrapper. Every wrapper raises ``OSError`` with the
@@ -159,6 +159,15 @@ def ovl_origin_xattr(fd: int, uuid: bytes) -> bytes | None:
     length = 21 + len(fid)
     header = struct.pack("<BBBBB", 0, 0xFB, length, 0 if _LITTLE else 1, htype)
     return header + uuid + fid
+
+
+def fs_type(fd: int) -> int:
+    """``f_type`` of ``fstatfs(fd)`` (the filesystem's magic number). Read as a C long at
+    the struct's start, which it is on the usual ABIs; where it is not (s390x: an int) the
+    value matches no magic number, which callers must treat as "unknown"."""
+    buf = (ctypes.c_long * 32)()  # struct statfs is 120 bytes on 64-bit Linux
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return buf[0] & 0xFFFFFFFF
 
 
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

@@ -236,15 +236,19 @@ def test_evicted_canonical_fd_is_closed_once_unused(lower):
 
 # -- changes of a file: a mapping made while one runs is never kept -----------------------------
 @pytest.fixture
-def upper_file(tmp_path: Path):
-    """An overlay inode on a file of a writable layer, its ``Files``, and an fd of the file."""
+def upper_file(tmp_path: Path, monkeypatch):
+    """An overlay inode on a file of a writable layer, its ``Files``, and an fd of the file.
+    The file is mapped whatever filesystem tmp_path is (ext4 would not be: no sharing)."""
     from types import SimpleNamespace
+
+    import overlaypc.sharing as sharing_mod
 
     from overlaypc.files import Files
     from overlaypc.handles import HandleTable
     from overlaypc.inodes import InodeKey, OverlayInode
     from overlaypc.stats import Stats
 
+    monkeypatch.setattr(sharing_mod, "NEVER_SHARED_FS", frozenset())
     root = tmp_path / "upper"
     root.mkdir()
     (root / "f").write_bytes(b"x" * BLOCK)
@@ -270,8 +274,8 @@ def test_mapping_made_during_a_change_is_not_kept(upper_file, monkeypatch):
     # a change that starts and ends while FIEMAP runs
     real = files_mod.map_file
 
-    def racing(mapped_fd):
-        result = real(mapped_fd)
+    def racing(mapped_fd, st=None):
+        result = real(mapped_fd, st)
         with changing(inode, 0, 10):
             pass
         return result
