@@ -73,7 +73,8 @@ class Opened:
 class DirItem:
     """One listing entry: ``offset`` is where the *next* entry starts (its cookie).
     ``take`` (READDIRPLUS only) returns the entry with one reference taken; the session
-    calls it only for items that fit in the reply. None: the kernel looks the name up."""
+    calls it (through ``Operations.take_entries``) only for items that fit in the reply.
+    None: the kernel looks the name up."""
     name: bytes
     ino: int
     mode: int
@@ -159,6 +160,22 @@ class Operations:
 
     def count_error(self) -> None:
         """An operation raised something other than OSError (answered EIO, logged)."""
+
+    def take_entries(self, req: Request, parent: int, items: list[DirItem]) -> list[Entry | None]:
+        """READDIRPLUS: what each item's ``take`` gives, for the items of one reply that
+        carry a ``take`` (never ``.`` or ``..``), in order; all or nothing (a failure forgets
+        the references taken). A filesystem may take a reply's entries at once (one lock
+        for all rather than one per entry)."""
+        out: list[Entry | None] = []
+        try:
+            for item in items:
+                out.append(item.take())  # type: ignore[misc]
+        except BaseException:
+            for entry in out:
+                if entry is not None and entry.nodeid:
+                    self.forget(entry.nodeid, 1)
+            raise
+        return out
 
     lookup: Callable[[Request, int, bytes], Entry] = _nosys
     getattr: Callable[[Request, int, int | None], AttrReply] = _nosys

@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 from . import protocol as p
 from ..records import field, record
-from .ops import ConnInfo, Entry, Opened, Operations, Request
+from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
 
 log = logging.getLogger("overlaypc.engine")
@@ -81,6 +81,8 @@ class _Reply:
 
 
 _EMPTY = _Reply()
+#: the names of the entries READDIRPLUS never takes a reference for
+_DOTS = (b".", b"..")
 
 
 class Notifications:
@@ -669,30 +671,40 @@ class Session:
 
     def _listing(self, hdr, body, *, plus: bool) -> _Reply:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        parts: list[bytes] = []
-        taken: list[int] = []
+        req = self._req(hdr)
+        fitting: list[DirItem] = []
         room = size
+        extra = p.DIRENT.size + 7 + (p.ENTRY_OUT_SIZE if plus else 0)  # (p.dirent_size inlined)
+        for item in self.ops.readdir(req, hdr.nodeid, fh, offset, plus):
+            need = (extra + len(item.name)) & ~7
+            if need > room:
+                break
+            room -= need
+            fitting.append(item)
+        if not plus:
+            return _Reply([b"".join([p.pack_dirent(item.name, item.ino, item.offset, item.mode)
+                                     for item in fitting])])
+        # the kernel ignores the entry of "." and ".." (fuse_direntplus_link): a reference
+        # taken for them would never be forgotten. References are taken for the items that
+        # fit only, all at once
+        wanted = [item for item in fitting if item.take is not None and item.name not in _DOTS]
+        entries = iter(self.ops.take_entries(req, hdr.nodeid, wanted) if wanted else ())
+        taken: list[int] = []
+        pack = p.pack_direntplus_entry
+        parts: list[bytes] = []
         try:
-            for item in self.ops.readdir(self._req(hdr), hdr.nodeid, fh, offset, plus):
-                need = p.dirent_size(item.name, plus)
-                if need > room:
-                    break
-                room -= need
-                if not plus:
-                    parts.append(p.pack_dirent(item.name, item.ino, item.offset, item.mode))
+            for item in fitting:
+                entry = next(entries) if item.take is not None and item.name not in _DOTS else None
+                if entry is None or not entry.nodeid:
+                    parts.append(pack(0, 0, None, 0.0, 0.0, item.name, item.ino, item.offset, item.mode))
                     continue
-                # the kernel ignores the entry of "." and ".." (fuse_direntplus_link): a
-                # reference taken for them would never be forgotten
-                dots = item.name in (b".", b"..")
-                entry = item.take() if item.take is not None and not dots else None
+                taken.append(entry.nodeid)
+                parts.append(pack(entry.nodeid, entry.generation, entry.attr, entry.entry_timeout,
+                                  entry.attr_timeout, item.name, item.ino, item.offset, item.mode))
+        except BaseException:
+            for entry in [*entries]:  # (taken, not yet packed)
                 if entry is not None and entry.nodeid:
                     taken.append(entry.nodeid)
-                    head = p.pack_entry(entry.nodeid, entry.generation, entry.attr,
-                                        entry.entry_timeout, entry.attr_timeout)
-                else:
-                    head = bytes(p.ENTRY_OUT_SIZE)
-                parts.append(p.pack_direntplus(head, item.name, item.ino, item.offset, item.mode))
-        except BaseException:
             for nodeid in taken:
                 self.ops.forget(nodeid, 1)
             raise
