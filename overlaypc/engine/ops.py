@@ -37,9 +37,10 @@ class Request(NamedTuple):
     umask: int = 0
 
 
-@record(frozen=True)
-class Entry:
-    """A looked-up or created node. ``nodeid`` 0 is a negative entry (cached absence)."""
+class Entry(NamedTuple):
+    """A looked-up or created node. ``nodeid`` 0 is a negative entry (cached absence). A
+    named tuple: one is made per LOOKUP and per READDIRPLUS entry, and a frozen record
+    costs 2.5x as much to make."""
     nodeid: int
     attr: FileAttr | None
     entry_timeout: float
