@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -70,6 +71,8 @@ def file_attr(attr: Attr) -> FileAttr:
 #: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
 _new_tuple = tuple.__new__
 _S_ISDIR = stat.S_ISDIR
+#: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
+_FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 def _caller(req: Request) -> Caller:
@@ -498,15 +501,13 @@ class OverlayOps(Operations):
     def _items(self, nodeid: int, listed: int | None, entries, dots, offset: int,
                plus: bool, base: int = 0) -> Iterator[DirItem]:
         """Items from position ``offset``; cookies are ``base | position + 1``."""
-        for pos in range(offset, len(entries) + 2):
-            if pos < 2:
-                yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
-                continue
-            e = entries[pos - 2]
-            take = None
-            if plus and e.attr is not None:
-                take = _Take(self, nodeid, listed, e.name, e.attr)
-            yield DirItem(os.fsencode(e.name), e.ino, e.mode, base | (pos + 1), take)
+        for pos in range(offset, min(2, len(entries) + 2)):
+            yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
+        encoding, errors = _FS_ENCODING
+        for pos in range(max(offset, 2), len(entries) + 2):
+            name, mode, ino, attr = entries[pos - 2]
+            take = None if attr is None or not plus else _Take(self, nodeid, listed, name, attr)
+            yield DirItem(name.encode(encoding, errors), ino, mode, base | (pos + 1), take)
 
     def take_entries(self, req: Request, parent: int, items: list[DirItem]) -> list[Entry | None]:
         """READDIRPLUS: ``_take_listed`` for one reply's items, under one hold of the
