@@ -70,7 +70,7 @@ def file_attr(attr: Attr) -> FileAttr:
 
 #: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
 _new_tuple = tuple.__new__
-_S_ISDIR = stat.S_ISDIR
+_S_IFDIR = stat.S_IFDIR
 #: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
 _FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
@@ -515,17 +515,17 @@ class OverlayOps(Operations):
         trusted (identities moved since the listing) are looked up afresh after."""
         takes = [item.take for item in items]
         epoch = takes[0].epoch if takes else None
-        if any(type(t) is not _Take or t.ops is not self or t.parent != parent or t.epoch != epoch
-               for t in takes):
-            return super().take_entries(req, parent, items)
+        listed = []
+        for t in takes:
+            if type(t) is not _Take or t.ops is not self or t.parent != parent or t.epoch != epoch:
+                return super().take_entries(req, parent, items)  # (not one listing's items)
+            st = t.attr.st
+            # (a named tuple from its fields, without its Python-level ``__new__``)
+            listed.append((t.name, _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
+                           st.st_mode & 0o170000 == _S_IFDIR))
         out: list[Entry | None] = []
+        nodeids = [0] * len(takes)
         try:
-            nodeids = [0] * len(takes)
-            listed = []
-            for t in takes:
-                st = t.attr.st
-                listed.append((t.name, _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
-                               _S_ISDIR(st.st_mode)))
             with self.fs.ns_lock:  # (epoch None: names the table holds only)
                 nodeids = self.nodes.take_listed(parent, listed, epoch)
             timeout = self.timeout

@@ -310,6 +310,8 @@ _DIRENTPLUS_FORMAT = ENTRY_OUT.format + DIRENT.format[1:]
 _DIRENTPLUS: dict[int, struct.Struct] = {}
 _NO_ENTRY = (0,) * (len(ENTRY_OUT.format) - 1)
 _NO_ATTR = (0,) * (len(ATTR.format) - 1)
+#: ``fuse_entry_out``'s four timeout fields, by (entry timeout, attribute timeout)
+_TIMEOUT_PAIRS: dict[tuple[float, float], tuple[int, int, int, int]] = {}
 
 
 def _direntplus_layout(padded: int) -> struct.Struct:
@@ -326,10 +328,14 @@ def pack_direntplus_entry(nodeid: int, generation: int, attr: FileAttr | None, e
     layout = _direntplus_layout((len(name) + 7) & ~7)
     if not nodeid:
         return layout.pack(*_NO_ENTRY, ino, off, len(name), (mode & 0o170000) >> 12, name)
-    es, ens = _timeout(entry_timeout)
-    as_, ans = _timeout(attr_timeout)
+    timeouts = _TIMEOUT_PAIRS.get((entry_timeout, attr_timeout))
+    if timeouts is None:
+        (es, ens), (as_, ans) = _timeout(entry_timeout), _timeout(attr_timeout)
+        timeouts = es, as_, ens, ans
+        if len(_TIMEOUT_PAIRS) < 64:
+            _TIMEOUT_PAIRS[entry_timeout, attr_timeout] = timeouts
     fields = _NO_ATTR if attr is None else _attr_fields(attr)
-    return layout.pack(nodeid, generation, es, as_, ens, ans, *fields, ino, off,
+    return layout.pack(nodeid, generation, *timeouts, *fields, ino, off,
                        len(name), (mode & 0o170000) >> 12, name)
 
 

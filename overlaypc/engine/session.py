@@ -694,7 +694,9 @@ class Session:
         parts: list[bytes] = []
         try:
             for item in fitting:
-                entry = next(entries) if item.take is not None and item.name not in _DOTS else None
+                entry = None
+                if item.take is not None and item.name not in _DOTS:
+                    entry = next(entries)
                 if entry is None or not entry.nodeid:
                     parts.append(pack(0, 0, None, 0.0, 0.0, item.name, item.ino, item.offset, item.mode))
                     continue
