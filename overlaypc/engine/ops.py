@@ -8,7 +8,7 @@ and logs it. Methods run on worker threads, concurrently.
 
 Reference counting (the kernel's ``nlookup``): every successful ``lookup``, ``create``,
 ``mkdir``, ``mknod``, ``symlink`` and ``link``, and every READDIRPLUS entry taken with
-``DirItem.take``, gives the kernel one reference to the returned node, which it hands
+``DirItem.take`` (through ``take_entries``), gives the kernel one reference to the returned node, which it hands
 back through ``forget``. The method takes the reference itself, *before* returning (the
 session writes the reply afterwards: a FORGET on another worker can then never free the
 node first). If the reply cannot be delivered (the request was interrupted), the session
