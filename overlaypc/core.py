@@ -334,22 +334,12 @@ class OverlayFS:
             rel = handle.rel
         epoch = self.lookup.epoch  # before the layers: a change during the listing voids it
         files: dict | None = {} if plus else None
+        # (hard links come without attributes: the name must be known for later invalidations)
         entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus,
                                  ownership=self.ownership if self.ownership.active else None,
-                                 names=self.lookup.names, files=files)
+                                 names=self.lookup.names, files=files, metacopy=self.config.metacopy)
         if files:  # kept for the opens that follow (``Lookup.recent``)
             self.lookup.keep_listing(rel or "", epoch, files)
-        if plus:
-            for i, e in enumerate(entries):
-                if e.attr is None:
-                    continue
-                st = e.attr.st
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    # hard links: index-backed names and link-count bookkeeping need the
-                    # full lookup; the name must be known for later invalidations
-                    entries[i] = DirEntry(e.name, e.mode, e.ino)
-                elif self.config.metacopy and stat.S_ISREG(st.st_mode):
-                    entries[i] = DirEntry(e.name, e.mode, e.ino)  # blocks come from below
         if handle is not None:
             handle.listing = entries
         return entries

@@ -127,6 +127,11 @@ class Listed(NamedTuple):
     st: os.stat_result | None
 
 
+#: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
+_new_tuple = tuple.__new__
+_S_IFMT = 0o170000
+
+
 #: ``DirFd.origin_ino`` before anyone read it
 UNKNOWN = object()
 
@@ -296,12 +301,20 @@ class Layer:
         out: list[Listed] = []
         try:
             with retrying(os.scandir, fd) as it:  # scandir dups the fd
+                if stat_all:  # (per entry of a READDIRPLUS: no d_type tests, the stat says)
+                    for e in it:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        out.append(_new_tuple(Listed, (e.name, st.st_mode & _S_IFMT, e.inode(), st)))
+                    return out
                 for e in it:
                     fmt = (stat.S_IFDIR if e.is_dir(follow_symlinks=False) else
                            stat.S_IFREG if e.is_file(follow_symlinks=False) else
                            stat.S_IFLNK if e.is_symlink() else 0)
                     st = None
-                    if stat_all or not fmt:
+                    if not fmt:
                         try:
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:

@@ -94,6 +94,37 @@ class NodeTable:
             node.nlookup += 1
             return nodeid
 
+    def take_listed(self, parent: int, listed: list[tuple[str, Hashable, bool]],
+                    epoch: int | None) -> list[int]:
+        """READDIRPLUS, one reply's entries under one lock hold: for each (name, key,
+        is_dir) listed in directory ``parent``, one more reference to the node the name
+        names already, else, if the table's epoch is still ``epoch``, ``take``'s; 0 where
+        neither (the key may be stale: the caller looks the name up)."""
+        out: list[int] = []
+        nodes, by_name, by_key = self._nodes, self._by_name, self._by_key
+        with self._lock:
+            for name, key, is_dir in listed:
+                where = (parent, name)
+                holder = by_name.get(where)
+                node = None if holder is None else nodes.get(holder)
+                if node is None:
+                    if self.epoch != epoch:  # (``take`` itself may move it)
+                        out.append(0)
+                        continue
+                    nodeid = by_key.get(key)
+                    if nodeid is None:
+                        nodeid = next(self._ids)
+                        node = nodes[nodeid] = Node(nodeid, key, is_dir)
+                        by_key[key] = nodeid
+                    else:
+                        node = nodes[nodeid]
+                    if holder != nodeid:  # (``forget`` leaves no name of a node gone)
+                        node.names.append(where)
+                        by_name[where] = nodeid
+                node.nlookup += 1
+                out.append(node.nodeid)
+        return out
+
     def ref(self, nodeid: int) -> bool:
         """One more kernel reference to a node the name index gave; False if it is gone."""
         with self._lock:

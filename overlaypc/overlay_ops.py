@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -57,14 +58,21 @@ WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.MAX_PAGES | p.PARAL
 
 def file_attr(attr: Attr) -> FileAttr:
     """The core's ``Attr`` (a backing stat with the overlay's overrides) as a reply's."""
-    st = attr.st
-    return FileAttr(attr.ino, st.st_size, st.st_blocks if attr.blocks is None else attr.blocks,
-                    st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
-                    st.st_mode if attr.mode is None else attr.mode,
-                    st.st_nlink if attr.nlink is None else attr.nlink,
-                    st.st_uid if attr.uid is None else attr.uid,
-                    st.st_gid if attr.gid is None else attr.gid,
-                    st.st_rdev, st.st_blksize)
+    st, ino, nlink, blocks, uid, gid, mode = attr  # (per LOOKUP, GETATTR, listed entry)
+    return _new_tuple(FileAttr, (ino, st.st_size, st.st_blocks if blocks is None else blocks,
+                                 st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                                 st.st_mode if mode is None else mode,
+                                 st.st_nlink if nlink is None else nlink,
+                                 st.st_uid if uid is None else uid,
+                                 st.st_gid if gid is None else gid,
+                                 st.st_rdev, st.st_blksize))
+
+
+#: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
+_new_tuple = tuple.__new__
+_S_IFDIR = stat.S_IFDIR
+#: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
+_FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 def _caller(req: Request) -> Caller:
@@ -493,15 +501,48 @@ class OverlayOps(Operations):
     def _items(self, nodeid: int, listed: int | None, entries, dots, offset: int,
                plus: bool, base: int = 0) -> Iterator[DirItem]:
         """Items from position ``offset``; cookies are ``base | position + 1``."""
-        for pos in range(offset, len(entries) + 2):
-            if pos < 2:
-                yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
-                continue
-            e = entries[pos - 2]
-            take = None
-            if plus and e.attr is not None:
-                take = _Take(self, nodeid, listed, e.name, e.attr)
-            yield DirItem(os.fsencode(e.name), e.ino, e.mode, base | (pos + 1), take)
+        for pos in range(offset, min(2, len(entries) + 2)):
+            yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
+        encoding, errors = _FS_ENCODING
+        for pos in range(max(offset, 2), len(entries) + 2):
+            name, mode, ino, attr = entries[pos - 2]
+            take = None if attr is None or not plus else _Take(self, nodeid, listed, name, attr)
+            yield DirItem(name.encode(encoding, errors), ino, mode, base | (pos + 1), take)
+
+    def take_entries(self, req: Request, parent: int, items: list[DirItem]) -> list[Entry | None]:
+        """READDIRPLUS: ``_take_listed`` for one reply's items, under one hold of the
+        namespace lock and one of the node table's; the names whose listed stat cannot be
+        trusted (identities moved since the listing) are looked up afresh after."""
+        takes = [item.take for item in items]
+        epoch = takes[0].epoch if takes else None
+        listed = []
+        for t in takes:
+            if type(t) is not _Take or t.ops is not self or t.parent != parent or t.epoch != epoch:
+                return super().take_entries(req, parent, items)  # (not one listing's items)
+            st = t.attr.st
+            # (a named tuple from its fields, without its Python-level ``__new__``)
+            listed.append((t.name, _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
+                           st.st_mode & 0o170000 == _S_IFDIR))
+        out: list[Entry | None] = []
+        nodeids = [0] * len(takes)
+        try:
+            with self.fs.ns_lock:  # (epoch None: names the table holds only)
+                nodeids = self.nodes.take_listed(parent, listed, epoch)
+            timeout = self.timeout
+            for t, nodeid in zip(takes, nodeids):
+                if nodeid:
+                    out.append(_new_tuple(Entry, (nodeid, file_attr(t.attr), timeout, timeout, 0)))
+                else:  # rare: identities moved since the listing
+                    out.append(self._take_afresh(parent, t.name))
+        except BaseException:
+            for entry in out:
+                if entry is not None:
+                    self.forget(entry.nodeid, 1)
+            for nodeid in nodeids[len(out):]:
+                if nodeid:
+                    self.forget(nodeid, 1)
+            raise
+        return out
 
     def _take_listed(self, parent: int, epoch: int | None, name: str, attr: Attr) -> Entry | None:
         """READDIRPLUS: one reference to a listed entry's node. A name the kernel holds
@@ -518,6 +559,10 @@ class OverlayOps(Operations):
                 nodeid = self.nodes.take(InodeKey(st.st_dev, st.st_ino), parent, name,
                                          stat.S_ISDIR(st.st_mode))
                 return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
+        return self._take_afresh(parent, name)
+
+    def _take_afresh(self, parent: int, name: str) -> Entry | None:
+        """A listed name looked up again, with one reference taken; None on an error."""
         rel = self.nodes.path(parent)
         if rel is None:
             return None

@@ -14,8 +14,7 @@ from .attrs import Attr
 from .inumbers import InodeNumbers
 from .layer import DirFd, Listed, join
 from .lookup import Entry, Kept, Node
-from .records import record
-from .typing_lite import TYPE_CHECKING
+from .typing_lite import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .dirnames import LowerNames
@@ -23,10 +22,12 @@ if TYPE_CHECKING:
 
 
 _S_IFREG = stat.S_IFREG
+_S_IFDIR = stat.S_IFDIR
+_S_IFCHR = stat.S_IFCHR
 
 
-@record(frozen=True)
-class DirEntry:
+class DirEntry(NamedTuple):
+    """One merged entry (a named tuple: one is made per entry listed)."""
     name: str
     mode: int
     ino: int
@@ -34,15 +35,22 @@ class DirEntry:
     attr: "Attr | None" = None
 
 
+#: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
+_new_tuple = tuple.__new__
+
+
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
                    plus: bool = False, ownership: "Ownership | None" = None,
                    names: "LowerNames | None" = None,
-                   files: "dict[str, Kept] | None" = None) -> list[DirEntry]:
+                   files: "dict[str, Kept] | None" = None, metacopy: bool = False) -> list[DirEntry]:
     """The merged entries of directory ``node``: lower entries cost no stat (``d_type``
     and ``d_ino`` suffice); upper ones are stat'ed, as a copied-up object shows the
-    inode number it recorded. ``plus`` (READDIRPLUS) stats every entry and returns its
-    attributes too, so the kernel needs no LOOKUP round trip per name; ``ownership``
-    then turns their owner and mode into what ``getattr`` shows. ``names``: where the
+    inode number it recorded. ``plus`` (READDIRPLUS) stats every entry and gives its
+    attributes too where they are exactly what ``getattr`` shows, so the kernel needs no
+    LOOKUP round trip per name: not for hard links (index-backed names and link-count
+    bookkeeping need the full lookup) nor, with ``metacopy`` (the mount's option), for
+    regular files (their blocks may come from below). ``ownership`` then turns their owner
+    and mode into what ``getattr`` shows. ``names``: where the
     names of the lower layers' directories, read here anyway, are kept for lookups.
     ``files`` (with ``plus``) gets each shown regular file with one link, by name, as
     ``lookup.Kept`` (a listing's): the whole merged object at its name unless it has a metacopy
@@ -50,6 +58,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
+    oci_prefix = whiteout.OCI_PREFIX
     for parent in node.entries:
         layer = parent.layer
         dirfd = parent.dirfd or layer.dir_fd(parent.rel)
@@ -63,46 +72,47 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             name = item.name
             if name in hidden:
                 continue
-            if whiteout.is_oci_name(name):  # any layer: the upper may hold them too
+            if name.startswith(oci_prefix):  # any layer: the upper may hold them too
                 if name != whiteout.OCI_OPAQUE:
-                    hides.add(name[len(whiteout.OCI_PREFIX):])
-                continue
-            if item.fmt == stat.S_IFCHR and item.st is not None and whiteout.is_whiteout(item.st):
+                    hides.add(name[len(oci_prefix):])
+                continue  # (an upper never shows OCI names either; they cannot be created)
+            if item.fmt == _S_IFCHR and item.st is not None and whiteout.is_whiteout(item.st):
                 hides.add(name)
                 continue
             top = tops.get(name)
             if top is None:
                 tops[name] = (parent, item, dirfd)
-            elif (top[1].fmt == stat.S_IFDIR and item.fmt == stat.S_IFDIR and not layer.writable
+            elif (top[1].fmt == _S_IFDIR and item.fmt == _S_IFDIR and not layer.writable
                   and name not in lower_dir_ino):
                 lower_dir_ino[name] = inos.xino.ino(layer.dev, item.ino)
         hidden |= hides
-    def attr(layer, item: Listed, dirfd: DirFd, ino: int) -> Attr:
-        shown = Attr(item.st, ino)
-        if ownership is None:
-            return shown
-        return ownership.show(shown, ownership.stored_at(layer, item.st, dirfd.fd, item.name))
 
-    out = []
+    out: list[DirEntry] = []
+    append = out.append
+    xino = inos.xino.ino
     for name, (parent, item, dirfd) in tops.items():
-        if whiteout.is_oci_name(name):
-            continue  # an upper never shows OCI names either; they cannot be created
         layer = parent.layer
         st = item.st
-        if files is not None and item.fmt == _S_IFREG and st is not None and st.st_nlink == 1:
+        fmt = item.fmt
+        if files is not None and fmt == _S_IFREG and st is not None and st.st_nlink == 1:
             files[name] = (layer, parent.rel, st)
         if not layer.writable:  # a lower entry: its own number
-            ino = inos.xino.ino(layer.dev, item.ino)
-            out.append(DirEntry(name, item.fmt, ino, attr(layer, item, dirfd, ino) if item.st else None))
-            continue
-        assert item.st is not None
-        entry = Entry(layer, join(parent.rel, name), item.st)
-        recorded = inos.recorded(entry)
-        if recorded is not None:
-            ino = recorded
-        elif name in lower_dir_ino and not whiteout.is_opaque(layer, entry.rel, xattr_prefix):
-            ino = lower_dir_ino[name]  # a merged dir shows its topmost lower's number
+            ino = xino(layer.dev, item.ino)
         else:
-            ino = inos.of_entry(entry)
-        out.append(DirEntry(name, item.fmt, ino, attr(layer, item, dirfd, ino) if plus else None))
+            assert st is not None
+            entry = Entry(layer, join(parent.rel, name), st)
+            recorded = inos.recorded(entry)
+            if recorded is not None:
+                ino = recorded
+            elif name in lower_dir_ino and not whiteout.is_opaque(layer, entry.rel, xattr_prefix):
+                ino = lower_dir_ino[name]  # a merged dir shows its topmost lower's number
+            else:
+                ino = inos.of_entry(entry)
+        attr = None
+        if plus and st is not None and (st.st_nlink == 1 or fmt == _S_IFDIR) \
+                and not (metacopy and fmt == _S_IFREG):
+            attr = _new_tuple(Attr, (st, ino, None, None, None, None, None))
+            if ownership is not None:
+                attr = ownership.show(attr, ownership.stored_at(layer, st, dirfd.fd, name))
+        append(_new_tuple(DirEntry, (name, fmt, ino, attr)))
     return out

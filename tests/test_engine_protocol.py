@@ -352,6 +352,18 @@ def test_dirent_padding(name):
     assert struct.unpack_from("<QQII", plus, 128) == (12, 3, len(name), 10)  # DT_LNK
 
 
+@pytest.mark.parametrize("name", [b"a", b"abcdefg", b"abcdefgh", b"abcdefghi", b"x" * 255])
+def test_direntplus_entry_in_one_pack_is_entry_then_dirent(name):
+    a = p.FileAttr(77, 5, 8, -1_500_000_000, 2_000_000_001, 3, stat.S_IFREG | 0o644, 1, 1000,
+                   1000, 0, 4096)
+    one = p.pack_direntplus_entry(9, 2, a, 1.5, 0.25, name, 77, 3, a.mode)
+    assert one == p.pack_direntplus(p.pack_entry(9, 2, a, 1.5, 0.25), name, 77, 3, a.mode)
+    assert len(one) == p.dirent_size(name, True)
+    # nodeid 0: no entry at all (the kernel looks the name up), the dirent still there
+    none = p.pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, 77, 3, stat.S_IFDIR)
+    assert none == p.pack_direntplus(bytes(128), name, 77, 3, stat.S_IFDIR)
+
+
 @pytest.mark.parametrize("mode,dtype", [(stat.S_IFREG, 8), (stat.S_IFDIR, 4), (stat.S_IFLNK, 10),
                                         (stat.S_IFCHR, 2), (stat.S_IFBLK, 6), (stat.S_IFIFO, 1),
                                         (stat.S_IFSOCK, 12)])

@@ -175,6 +175,24 @@ def test_concurrent_takes_of_one_name_yield_one_nodeid():
     assert len(set(got)) == 1 and t.nlookup(got[0]) == 4000 and len(t) == 2
 
 
+def test_take_listed_refs_held_names_and_takes_keys_only_at_the_listing_epoch():
+    t = NodeTable(InodeKey(0, 0))
+    held = t.take(K(1), ROOT_ID, "held", False)
+    epoch = t.epoch
+    got = t.take_listed(ROOT_ID, [("held", K(99), False), ("new", K(2), False),
+                                  ("dir", K(3), True), ("again", K(2), False)], epoch)
+    # a held name keeps its node whatever the listed key; a key seen twice is one node
+    assert got[0] == held and t.nlookup(held) == 2
+    assert got[1] == got[3] != got[2] and t.nlookup(got[1]) == 2 and t.nlookup(got[2]) == 1
+    assert t.child(ROOT_ID, "again") == got[1] and t.path(got[2]) == "dir"
+    # identities moved since the listing: only the names already held are trusted
+    t.unlink(ROOT_ID, "dir")
+    assert t.epoch != epoch
+    got2 = t.take_listed(ROOT_ID, [("new", K(2), False), ("other", K(4), False)], epoch)
+    assert got2 == [got[1], 0] and t.by_key(K(4)) is None and t.nlookup(got[1]) == 3
+    assert t.take_listed(ROOT_ID, [("other", K(4), False)], None) == [0]
+
+
 def test_bytes_per_node():
     """The README's bound: measured with tracemalloc (nodes with one name each)."""
     count = 20000
@@ -347,6 +365,38 @@ def test_readdirplus_takes_one_reference_per_entry(ops_factory):
     rest = list(ops.readdir(REQ, d, fh, g.offset, True))
     assert all(i.name != b"g" for i in rest)
     ops.releasedir(REQ, d, fh)
+
+
+def test_readdirplus_takes_a_replys_entries_at_once_as_one_by_one(stack, ops_factory):
+    """``take_entries`` (one reply's items at once) gives what each item's ``take`` gives:
+    the lookup's node and getattr's attributes, and a name listed before identities
+    moved (here: a rename over another listed name) is looked up afresh."""
+    seen = []
+    for batch in (False, True):  # (one mount of the layers at a time)
+        ops, close = make_ops(stack)
+        try:
+            items = [i for i in ops.readdir(REQ, ROOT_ID, ops.opendir(REQ, ROOT_ID).fh, 0, True)
+                     if i.take is not None]
+            assert sorted(i.name for i in items) == [b"d", b"f"]  # a, hl: hard links, none
+            entries = (ops.take_entries(REQ, ROOT_ID, items) if batch
+                       else [i.take() for i in items])
+            for item, entry in zip(items, entries):
+                assert look(ops, os.fsdecode(item.name)) == entry.nodeid
+                assert ops.nodes.nlookup(entry.nodeid) == 2
+                assert entry.attr == ops.getattr(REQ, entry.nodeid, None).attr
+            seen.append([(i.name, e.attr.ino, e.attr.mode, e.entry_timeout, e.attr_timeout)
+                         for i, e in zip(items, entries)])
+        finally:
+            close()
+    assert seen[0] == seen[1]
+    # a listing read, then "a" renamed over "f" (a name the table holds: its epoch moves):
+    # the listed stat of "f" is stale
+    ops = ops_factory()
+    old = look(ops, "f")
+    items = {i.name: i for i in ops.readdir(REQ, ROOT_ID, ops.opendir(REQ, ROOT_ID).fh, 0, True)}
+    ops.rename(REQ, ROOT_ID, b"a", ROOT_ID, b"f", 0)
+    (entry,) = ops.take_entries(REQ, ROOT_ID, [items[b"f"]])
+    assert entry.nodeid == look(ops, "f") != old and entry.attr.size == len(b"linked\n")
 
 
 def test_stats_count_nodes(ops_factory):

@@ -226,14 +226,15 @@ def _split_ns(ns: int) -> tuple[int, int]:
 def _attr_fields(a: FileAttr) -> tuple:
     """``struct fuse_attr``'s fields in order (every reply with attributes packs them
     with its head in one ``pack``: the splits are inlined, this runs per LOOKUP, GETATTR
-    and listed entry)."""
-    asec, ansec = divmod(a.atime_ns, 1_000_000_000)
-    msec, mnsec = divmod(a.mtime_ns, 1_000_000_000)
-    csec, cnsec = divmod(a.ctime_ns, 1_000_000_000)
+    and listed entry; the named tuple is unpacked at once, not read field by field)."""
+    ino, size, blocks, atime, mtime, ctime, mode, nlink, uid, gid, rdev, blksize = a
+    asec, ansec = divmod(atime, 1_000_000_000)
+    msec, mnsec = divmod(mtime, 1_000_000_000)
+    csec, cnsec = divmod(ctime, 1_000_000_000)
     # glibc's dev_t encoding agrees with the kernel's new_encode_dev in the low 32 bits
-    return (a.ino, a.size, a.blocks, asec & 0xFFFFFFFFFFFFFFFF, msec & 0xFFFFFFFFFFFFFFFF,
-            csec & 0xFFFFFFFFFFFFFFFF, ansec, mnsec, cnsec, a.mode, a.nlink, a.uid & 0xFFFFFFFF,
-            a.gid & 0xFFFFFFFF, a.rdev & 0xFFFFFFFF, a.blksize, 0)
+    return (ino, size, blocks, asec & 0xFFFFFFFFFFFFFFFF, msec & 0xFFFFFFFFFFFFFFFF,
+            csec & 0xFFFFFFFFFFFFFFFF, ansec, mnsec, cnsec, mode, nlink, uid & 0xFFFFFFFF,
+            gid & 0xFFFFFFFF, rdev & 0xFFFFFFFF, blksize, 0)
 
 
 def pack_attr(a: FileAttr) -> bytes:
@@ -301,6 +302,41 @@ def pack_dirent(name: bytes, ino: int, off: int, mode: int) -> bytes:
 
 def pack_direntplus(entry: bytes, name: bytes, ino: int, off: int, mode: int) -> bytes:
     return entry + pack_dirent(name, ino, off, mode)
+
+
+#: ``fuse_direntplus`` (``fuse_entry_out``, ``fuse_dirent``, the name NUL-padded to 8 bytes)
+#: in one layout per padded name length ("Ns" pads with NULs): one ``pack`` per listed entry
+_DIRENTPLUS_FORMAT = ENTRY_OUT.format + DIRENT.format[1:]
+_DIRENTPLUS: dict[int, struct.Struct] = {}
+_NO_ENTRY = (0,) * (len(ENTRY_OUT.format) - 1)
+_NO_ATTR = (0,) * (len(ATTR.format) - 1)
+#: ``fuse_entry_out``'s four timeout fields, by (entry timeout, attribute timeout)
+_TIMEOUT_PAIRS: dict[tuple[float, float], tuple[int, int, int, int]] = {}
+
+
+def _direntplus_layout(padded: int) -> struct.Struct:
+    layout = _DIRENTPLUS.get(padded)
+    if layout is None:  # (names are at most 1 KiB: at most 128 layouts; a dict write is atomic)
+        layout = _DIRENTPLUS[padded] = struct.Struct(f"{_DIRENTPLUS_FORMAT}{padded}s")
+    return layout
+
+
+def pack_direntplus_entry(nodeid: int, generation: int, attr: FileAttr | None, entry_timeout: float,
+                          attr_timeout: float, name: bytes, ino: int, off: int, mode: int) -> bytes:
+    """One ``fuse_direntplus``: ``pack_direntplus(pack_entry(...), ...)`` in one ``pack``,
+    except that nodeid 0 makes an all-zero entry (none: the kernel looks the name up)."""
+    layout = _direntplus_layout((len(name) + 7) & ~7)
+    if not nodeid:
+        return layout.pack(*_NO_ENTRY, ino, off, len(name), (mode & 0o170000) >> 12, name)
+    timeouts = _TIMEOUT_PAIRS.get((entry_timeout, attr_timeout))
+    if timeouts is None:
+        (es, ens), (as_, ans) = _timeout(entry_timeout), _timeout(attr_timeout)
+        timeouts = es, as_, ens, ans
+        if len(_TIMEOUT_PAIRS) < 64:
+            _TIMEOUT_PAIRS[entry_timeout, attr_timeout] = timeouts
+    fields = _NO_ATTR if attr is None else _attr_fields(attr)
+    return layout.pack(nodeid, generation, *timeouts, *fields, ino, off,
+                       len(name), (mode & 0o170000) >> 12, name)
 
 
 # -- request arguments ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ Protocol rules kept here (the filesystem keeps the rest, see ``ops``): a reply w
 fails with ENOENT was to an interrupted request, and the kernel took nothing: the entry's
 reference is forgotten and an opened handle released, since no FORGET or RELEASE will
 come. READDIRPLUS takes references only for the entries that fit in the reply, never for
-``.``/``..``. INTERRUPT is ignored (every operation runs to completion, so no EINTR is
+``.``/``..``, all in one ``Operations.take_entries`` call per reply. INTERRUPT is ignored (every operation runs to completion, so no EINTR is
 ever answered after a side effect). Notifications go through a queue to their own
 thread: written from inside a request they could wait on a lock the kernel holds for
 that request. The loop ends when reads fail with ENODEV (unmounted, or the connection
@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 from . import protocol as p
 from ..records import field, record
-from .ops import ConnInfo, Entry, Opened, Operations, Request
+from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
 
 log = logging.getLogger("overlaypc.engine")
@@ -81,6 +81,8 @@ class _Reply:
 
 
 _EMPTY = _Reply()
+#: the names of the entries READDIRPLUS never takes a reference for
+_DOTS = (b".", b"..")
 
 
 class Notifications:
@@ -669,30 +671,42 @@ class Session:
 
     def _listing(self, hdr, body, *, plus: bool) -> _Reply:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        parts: list[bytes] = []
-        taken: list[int] = []
+        req = self._req(hdr)
+        fitting: list[DirItem] = []
         room = size
+        extra = p.DIRENT.size + 7 + (p.ENTRY_OUT_SIZE if plus else 0)  # (p.dirent_size inlined)
+        for item in self.ops.readdir(req, hdr.nodeid, fh, offset, plus):
+            need = (extra + len(item.name)) & ~7
+            if need > room:
+                break
+            room -= need
+            fitting.append(item)
+        if not plus:
+            return _Reply([b"".join([p.pack_dirent(item.name, item.ino, item.offset, item.mode)
+                                     for item in fitting])])
+        # the kernel ignores the entry of "." and ".." (fuse_direntplus_link): a reference
+        # taken for them would never be forgotten. References are taken for the items that
+        # fit only, all at once
+        wanted = [item for item in fitting if item.take is not None and item.name not in _DOTS]
+        entries = iter(self.ops.take_entries(req, hdr.nodeid, wanted) if wanted else ())
+        taken: list[int] = []
+        pack = p.pack_direntplus_entry
+        parts: list[bytes] = []
         try:
-            for item in self.ops.readdir(self._req(hdr), hdr.nodeid, fh, offset, plus):
-                need = p.dirent_size(item.name, plus)
-                if need > room:
-                    break
-                room -= need
-                if not plus:
-                    parts.append(p.pack_dirent(item.name, item.ino, item.offset, item.mode))
+            for item in fitting:
+                entry = None
+                if item.take is not None and item.name not in _DOTS:
+                    entry = next(entries)
+                if entry is None or not entry.nodeid:
+                    parts.append(pack(0, 0, None, 0.0, 0.0, item.name, item.ino, item.offset, item.mode))
                     continue
-                # the kernel ignores the entry of "." and ".." (fuse_direntplus_link): a
-                # reference taken for them would never be forgotten
-                dots = item.name in (b".", b"..")
-                entry = item.take() if item.take is not None and not dots else None
+                taken.append(entry.nodeid)
+                parts.append(pack(entry.nodeid, entry.generation, entry.attr, entry.entry_timeout,
+                                  entry.attr_timeout, item.name, item.ino, item.offset, item.mode))
+        except BaseException:
+            for entry in [*entries]:  # (taken, not yet packed)
                 if entry is not None and entry.nodeid:
                     taken.append(entry.nodeid)
-                    head = p.pack_entry(entry.nodeid, entry.generation, entry.attr,
-                                        entry.entry_timeout, entry.attr_timeout)
-                else:
-                    head = bytes(p.ENTRY_OUT_SIZE)
-                parts.append(p.pack_direntplus(head, item.name, item.ino, item.offset, item.mode))
-        except BaseException:
             for nodeid in taken:
                 self.ops.forget(nodeid, 1)
             raise
