@@ -7,9 +7,9 @@ round trips less for every directory opened, and every listing request then come
 handle 0. So the listing's identity travels in the cookies instead: a listing read at
 offset 0 becomes a snapshot with an id, and each entry's cookie (the offset the kernel
 sends back for the next chunk, and telldir(3) gives) is ``id << 32 | position``. Every
-lister continues in its own snapshot, as with a handle, and the snapshot carries the node
-table's epoch read before the listing (READDIRPLUS trusts a listed stat only while no
-identity moved since).
+lister continues in its own snapshot, as with a handle, and the snapshot carries the
+epochs read before the listing (READDIRPLUS trusts a listed stat only while no identity
+moved and no name changed since).
 
 Bound: ``MAX_SNAPSHOTS`` listings, least recently used dropped first; a snapshot is
 dropped when its end has been served (the kernel reads until an empty reply).
@@ -41,8 +41,8 @@ _ID_LIMIT = 1 << 31
 class Snapshot:
     """One merged listing as read at offset 0."""
     nodeid: int
-    #: ``NodeTable.epoch`` read before the listing
-    epoch: int
+    #: ``OverlayOps._listing_epoch`` read before the listing
+    epoch: tuple[int, int]
     entries: list[DirEntry]
     #: ``st_ino`` of the directory and of its parent (the "." and ".." entries)
     dots: tuple[int, int]

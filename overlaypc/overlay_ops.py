@@ -88,8 +88,8 @@ class OverlayOps(Operations):
         self.fs = fs
         self.timeout = fs.config.timeout
         self.nodes = NodeTable(fs.identity(fs.lookup.lookup("")))
-        #: directory handle -> table epoch when its listing was read (READDIRPLUS ``take``)
-        self._listed: dict[int, int] = {}
+        #: directory handle -> ``_listing_epoch`` when its listing was read (READDIRPLUS ``take``)
+        self._listed: dict[int, tuple[int, int]] = {}
         self._listed_lock = threading.Lock()
         #: the kernel opens directories itself (``listings``): set at INIT
         self.zero_opendir = False
@@ -477,7 +477,7 @@ class OverlayOps(Operations):
             return self._unopened_items(nodeid, offset, plus)
         with self._listed_lock:
             if offset == 0:
-                self._listed[fh] = self.nodes.epoch
+                self._listed[fh] = self._listing_epoch()
             # (read once per chunk: the kernel lists one handle at a time, so a later
             # offset-0 listing of this handle cannot start while these items are taken)
             listed = self._listed.get(fh)
@@ -489,7 +489,7 @@ class OverlayOps(Operations):
         sid, pos = split_cookie(offset)
         snap = self._snapshots.get(sid, nodeid) if pos else None
         if snap is None:
-            epoch = self.nodes.epoch  # before the listing: a move since voids its stats
+            epoch = self._listing_epoch()  # before the listing: a change since voids its stats
             rel = self._path(nodeid)
             snap = Snapshot(nodeid, epoch, self.fs.readdir(rel, plus=plus), self.fs.dot_inos_at(rel))
             sid = self._snapshots.add(snap)
@@ -527,7 +527,7 @@ class OverlayOps(Operations):
         nodeids = [0] * len(takes)
         try:
             with self.fs.ns_lock:  # (epoch None: names the table holds only)
-                nodeids = self.nodes.take_listed(parent, listed, epoch)
+                nodeids = self.nodes.take_listed(parent, listed, self._table_epoch(epoch))
             timeout = self.timeout
             for t, nodeid in zip(takes, nodeids):
                 if nodeid:
@@ -544,18 +544,33 @@ class OverlayOps(Operations):
             raise
         return out
 
-    def _take_listed(self, parent: int, epoch: int | None, name: str, attr: Attr) -> Entry | None:
+    def _listing_epoch(self) -> tuple[int, int]:
+        """Read before a listing: (the node table's epoch, the lookup's), see ``_table_epoch``."""
+        return self.nodes.epoch, self.fs.lookup.epoch
+
+    def _table_epoch(self, listed: tuple[int, int] | None) -> int | None:
+        """The table epoch under which a listing's stats give identities, or None when a
+        change of the namespace or a copy-up ran since it was read: a name the table did not
+        hold may name another object now (a rename over it moves no table epoch; the
+        lookup's moves at every change). Under the namespace lock."""
+        if listed is None or listed[1] != self.fs.lookup.epoch:
+            return None
+        return listed[0]
+
+    def _take_listed(self, parent: int, epoch: tuple[int, int] | None, name: str,
+                     attr: Attr) -> Entry | None:
         """READDIRPLUS: one reference to a listed entry's node. A name the kernel holds
         already names its node; otherwise the listing's stat gives the identity (hard
-        links and metacopy files come without attributes), unless identities moved since
-        the listing was read (``epoch``: the table's then; None: not known): then the
+        links and metacopy files come without attributes), unless identities moved or the
+        namespace changed since the listing was read (``epoch``: ``_listing_epoch`` then; None: not known): then the
         name is looked up afresh."""
         nodeid = self.nodes.child(parent, name)
         if nodeid is not None and self.nodes.ref(nodeid):
             return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
         st = attr.st
         with self.fs.ns_lock:
-            if epoch is not None and self.nodes.epoch == epoch:
+            table = self._table_epoch(epoch)
+            if table is not None and self.nodes.epoch == table:
                 nodeid = self.nodes.take(InodeKey(st.st_dev, st.st_ino), parent, name,
                                          stat.S_ISDIR(st.st_mode))
                 return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
@@ -576,7 +591,7 @@ class _Take:
     """A READDIRPLUS item's ``take`` (a small object rather than a closure per entry)."""
     __slots__ = ("ops", "parent", "epoch", "name", "attr")
 
-    def __init__(self, ops: OverlayOps, parent: int, epoch: int | None, name: str, attr: Attr) -> None:
+    def __init__(self, ops: OverlayOps, parent: int, epoch: tuple[int, int] | None, name: str, attr: Attr) -> None:
         self.ops, self.parent, self.epoch, self.name, self.attr = ops, parent, epoch, name, attr
 
     def __call__(self) -> Entry | None:

@@ -399,6 +399,25 @@ def test_readdirplus_takes_a_replys_entries_at_once_as_one_by_one(stack, ops_fac
     assert entry.nodeid == look(ops, "f") != old and entry.attr.size == len(b"linked\n")
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_listed_name_replaced_by_a_rename_the_table_did_not_see_is_looked_up(ops_factory,
+                                                                              batch):
+    """A listing read, then "b" renamed over "f" where the node table holds neither name
+    (its epoch does not move): the listed stat of "f" is stale all the same, so the entry
+    is looked up afresh (before: keyed by the lower file's stat, a node no lookup gives,
+    with the old attributes)."""
+    ops = ops_factory()
+    entry, opened = ops.create(REQ, ROOT_ID, b"b", os.O_WRONLY, 0o644)
+    ops.write(REQ, entry.nodeid, opened.fh, b"four", 0, 0)
+    ops.release(REQ, entry.nodeid, opened.fh)
+    ops.forget(entry.nodeid, 1)
+    items = {i.name: i for i in ops.readdir(REQ, ROOT_ID, ops.opendir(REQ, ROOT_ID).fh, 0, True)}
+    assert ops.nodes.child(ROOT_ID, "f") is None and ops.nodes.child(ROOT_ID, "b") is None
+    ops.rename(REQ, ROOT_ID, b"b", ROOT_ID, b"f", 0)
+    (got,) = ops.take_entries(REQ, ROOT_ID, [items[b"f"]]) if batch else [items[b"f"].take()]
+    assert got.nodeid == look(ops, "f") and got.attr.size == 4
+
+
 def test_stats_count_nodes(ops_factory):
     ops = ops_factory()
     look(ops, "d/g")
