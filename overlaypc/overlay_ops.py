@@ -498,7 +498,7 @@ class OverlayOps(Operations):
         return self._items(nodeid, snap.epoch, snap.entries, snap.dots, pos, plus,
                            sid << POSITION_BITS)
 
-    def _items(self, nodeid: int, listed: int | None, entries, dots, offset: int,
+    def _items(self, nodeid: int, listed: tuple[int, int] | None, entries, dots, offset: int,
                plus: bool, base: int = 0) -> Iterator[DirItem]:
         """Items from position ``offset``; cookies are ``base | position + 1``."""
         for pos in range(offset, min(2, len(entries) + 2)):
