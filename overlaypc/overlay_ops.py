@@ -510,15 +510,38 @@ class OverlayOps(Operations):
             yield DirItem(name.encode(encoding, errors), ino, mode, base | (pos + 1), take)
 
     def take_entries(self, req: Request, parent: int, items: list[DirItem]) -> list[Entry | None]:
-        """READDIRPLUS: ``_take_listed`` for one reply's items, under one hold of the
-        namespace lock and one of the node table's; the names whose listed stat cannot be
-        trusted (identities moved since the listing) are looked up afresh after."""
+        """READDIRPLUS: one reply's items taken at once (``_take_listed``), when they are one
+        listing's; else each by its own ``take``."""
         takes = [item.take for item in items]
         epoch = takes[0].epoch if takes else None
-        listed = []
         for t in takes:
             if type(t) is not _Take or t.ops is not self or t.parent != parent or t.epoch != epoch:
                 return super().take_entries(req, parent, items)  # (not one listing's items)
+        return self._take_listed(parent, epoch, takes)
+
+    def _listing_epoch(self) -> tuple[int, int]:
+        """Read before a listing: (the node table's epoch, the lookup's), see ``_table_epoch``."""
+        return self.nodes.epoch, self.fs.lookup.epoch
+
+    def _table_epoch(self, listed: tuple[int, int] | None) -> int | None:
+        """The table epoch under which a listing's stats give identities, or None when a
+        change of the namespace or a copy-up ran since it was read: a name the table did not
+        hold may name another object now (a rename over it moves no table epoch; the
+        lookup's moves at every change). Under the namespace lock."""
+        if listed is None or listed[1] != self.fs.lookup.epoch:
+            return None
+        return listed[0]
+
+    def _take_listed(self, parent: int, epoch: tuple[int, int] | None,
+                     takes: list["_Take"]) -> list[Entry | None]:
+        """One reference to the node of each listed entry of directory ``parent``, under
+        one hold of the namespace lock and one of the node table's. A name the kernel holds
+        already names its node; otherwise the listing's stat gives the identity (hard links
+        and metacopy files come without attributes), unless identities moved or the
+        namespace changed since the listing was read (``epoch``: ``_listing_epoch`` then;
+        None: not known): then the name is looked up afresh."""
+        listed = []
+        for t in takes:
             st = t.attr.st
             # (a named tuple from its fields, without its Python-level ``__new__``)
             listed.append((t.name, _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
@@ -544,38 +567,6 @@ class OverlayOps(Operations):
             raise
         return out
 
-    def _listing_epoch(self) -> tuple[int, int]:
-        """Read before a listing: (the node table's epoch, the lookup's), see ``_table_epoch``."""
-        return self.nodes.epoch, self.fs.lookup.epoch
-
-    def _table_epoch(self, listed: tuple[int, int] | None) -> int | None:
-        """The table epoch under which a listing's stats give identities, or None when a
-        change of the namespace or a copy-up ran since it was read: a name the table did not
-        hold may name another object now (a rename over it moves no table epoch; the
-        lookup's moves at every change). Under the namespace lock."""
-        if listed is None or listed[1] != self.fs.lookup.epoch:
-            return None
-        return listed[0]
-
-    def _take_listed(self, parent: int, epoch: tuple[int, int] | None, name: str,
-                     attr: Attr) -> Entry | None:
-        """READDIRPLUS: one reference to a listed entry's node. A name the kernel holds
-        already names its node; otherwise the listing's stat gives the identity (hard
-        links and metacopy files come without attributes), unless identities moved or the
-        namespace changed since the listing was read (``epoch``: ``_listing_epoch`` then; None: not known): then the
-        name is looked up afresh."""
-        nodeid = self.nodes.child(parent, name)
-        if nodeid is not None and self.nodes.ref(nodeid):
-            return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
-        st = attr.st
-        with self.fs.ns_lock:
-            table = self._table_epoch(epoch)
-            if table is not None and self.nodes.epoch == table:
-                nodeid = self.nodes.take(InodeKey(st.st_dev, st.st_ino), parent, name,
-                                         stat.S_ISDIR(st.st_mode))
-                return Entry(nodeid, file_attr(attr), self.timeout, self.timeout)
-        return self._take_afresh(parent, name)
-
     def _take_afresh(self, parent: int, name: str) -> Entry | None:
         """A listed name looked up again, with one reference taken; None on an error."""
         rel = self.nodes.path(parent)
@@ -591,11 +582,12 @@ class _Take:
     """A READDIRPLUS item's ``take`` (a small object rather than a closure per entry)."""
     __slots__ = ("ops", "parent", "epoch", "name", "attr")
 
-    def __init__(self, ops: OverlayOps, parent: int, epoch: tuple[int, int] | None, name: str, attr: Attr) -> None:
+    def __init__(self, ops: OverlayOps, parent: int, epoch: tuple[int, int] | None, name: str,
+                 attr: Attr) -> None:
         self.ops, self.parent, self.epoch, self.name, self.attr = ops, parent, epoch, name, attr
 
     def __call__(self) -> Entry | None:
-        return self.ops._take_listed(self.parent, self.epoch, self.name, self.attr)
+        return self.ops._take_listed(self.parent, self.epoch, [self])[0]
 
 
 def _time(valid: int, flag: int, now_flag: int, ns: int | None) -> int:
