@@ -227,7 +227,8 @@ class Attributes:
             st = top.layer.stat_at(top.parent, top.name)
         else:
             return None
-        if st is None or st.st_ino != top.st.st_ino or stat.S_IFMT(st.st_mode) != stat.S_IFMT(top.st.st_mode):
+        if st is None or st.st_ino != top.st.st_ino \
+                or stat.S_IFMT(st.st_mode) != stat.S_IFMT(top.st.st_mode):
             return None
         fresh = Entry(top.layer, top.rel, st, top.dirfd, top.parent, top.xattrs)
         return self.of_node(Node(node.rel, (fresh,) + node.entries[1:], node.opaque,

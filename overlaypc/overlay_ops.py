@@ -35,11 +35,11 @@ from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
-from .lookup import Node
 from .killpriv import Writer, has_fsetid
+from .listings import POSITION_BITS, Snapshot, Snapshots, split_cookie
+from .lookup import Node
 from .mounting import raise_readahead
 from .namespace import Caller
-from .listings import POSITION_BITS, Snapshot, Snapshots, split_cookie
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 

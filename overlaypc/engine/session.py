@@ -14,11 +14,11 @@ Protocol rules kept here (the filesystem keeps the rest, see ``ops``): a reply w
 fails with ENOENT was to an interrupted request, and the kernel took nothing: the entry's
 reference is forgotten and an opened handle released, since no FORGET or RELEASE will
 come. READDIRPLUS takes references only for the entries that fit in the reply, never for
-``.``/``..``, all in one ``Operations.take_entries`` call per reply. INTERRUPT is ignored (every operation runs to completion, so no EINTR is
-ever answered after a side effect). Notifications go through a queue to their own
-thread: written from inside a request they could wait on a lock the kernel holds for
-that request. The loop ends when reads fail with ENODEV (unmounted, or the connection
-aborted).
+``.``/``..``, all in one ``Operations.take_entries`` call per reply. INTERRUPT is ignored
+(every operation runs to completion, so no EINTR is ever answered after a side effect).
+Notifications go through a queue to their own thread: written from inside a request they
+could wait on a lock the kernel holds for that request. The loop ends when reads fail
+with ENODEV (unmounted, or the connection aborted).
 
 Caveat: with ``deny_others`` (libfuse's ``allow_root`` for a plain user's mount) requests
 from anyone but the owner and root are refused EACCES, except those libfuse lets through.
