@@ -221,9 +221,7 @@ class Lookup:
         """Forget the cached structure of directory ``rel`` and everything below it (all
         of it when ``rel`` is None or the root); call after a change to a directory."""
         with self._lock:
-            self._epoch += 1  # a lookup that raced with the change stores nothing
-            self._recent.clear()
-            self._recent_count = 0
+            self._moved()  # a lookup that raced with the change stores nothing
             if not rel:
                 self._dirs.clear()
                 self._fds = 0
@@ -241,9 +239,13 @@ class Lookup:
         """A change of the merged namespace is done (called at its end, under the namespace
         lock): no file kept before it is reused."""
         with self._lock:
-            self._epoch += 1
-            self._recent.clear()
-            self._recent_count = 0
+            self._moved()
+
+    def _moved(self) -> None:
+        """A new epoch, and no kept file (lock held)."""
+        self._epoch += 1
+        self._recent.clear()
+        self._recent_count = 0
 
     def _keep_in(self, parent: str, files: dict[str, Kept]) -> None:
         """Add ``files`` (at most ``RECENT_MAX``) to directory ``parent``'s (lock held)."""
