@@ -454,6 +454,26 @@ def test_a_blocked_worker_makes_the_pool_grow(pool_kernel):
     assert fk.receive(0).unique == unique
 
 
+def test_workers_that_all_block_at_once_get_a_spare(pool_kernel):
+    """Both workers pick up a request while the other still waits (so neither sees the
+    other blocked), then both block: the watch adds a third worker, which serves. Before:
+    no worker was free to see them blocked, and nothing was answered until one returned.
+    (A worker counts as blocked only once both are at the gate: the second picked up its
+    request before the first had blocked.)"""
+    ops_box: list = []
+    fk, ops = pool_kernel(in_io=lambda tid: len(ops_box[0].at_gate) == 2
+                          and tid in ops_box[0].at_gate)
+    ops_box.append(ops)
+    first = fk.send(p.LOOKUP, 1, b"gate\0", via=0)
+    second = fk.send(p.LOOKUP, 1, b"gate\0", via=1)
+    assert helpers.wait_until(lambda: len(ops.at_gate) == 2, 10)
+    assert helpers.wait_until(lambda: len(fk.kernel_socks) == 3, 10), "no spare worker"
+    assert fk.session.pool.grown == 1
+    fk.ok(p.STATFS, 1, via=2)
+    ops.gate_open.set()
+    assert {fk.receive(0).unique, fk.receive(1).unique} == {first, second}
+
+
 def test_a_busy_worker_that_is_not_blocked_grows_nothing(pool_kernel):
     """A long request that /proc does not show asleep in a system call (preempted, or
     waiting for the GIL or a lock) is no reason for another worker."""

@@ -19,20 +19,24 @@ blocked for ``linger`` seconds and no other worker is blocked now (libfuse's
 max_idle_threads idea, with a delay so that a run of blocking requests does not start
 and end a thread each time). The ``base`` workers never retire.
 
-Nothing polls: every decision is made by a worker as it picks up or answers a request,
-from one time stamp per worker (written only by its own thread; the others read it,
-which the GIL makes safe for a float attribute). /proc is read only when every worker is
-busy and one has been busy long; a worker found not blocked is not looked at again for
+Nothing polls while a worker waits: the decisions are made by a worker as it picks up or
+answers a request, from one time stamp per worker (written only by its own thread; the
+others read it, which the GIL makes safe for a float attribute), and by the *watch*, a
+thread that sleeps until a worker picks up a request with no other worker waiting
+(``all_busy``). It then looks every ``blocked`` seconds, for as long as no worker waits,
+and adds one if a worker is blocked: so workers that all block at once, before any of
+them could see another blocked, still get a spare. /proc is read only when every worker
+is busy and one has been busy long; a worker found not blocked is not looked at again for
 ``blocked`` seconds.
 
 Caveats: a preempted worker is runnable, which /proc shows as ``running`` even inside a
 system call, but a fast request that sleeps a moment in the kernel (a page lock under
 load) is seen as blocked if it has also run past ``blocked``: under fio with the machine
-loaded by others (load 5-7 on 2 vCPUs) the pool grew by one worker in some runs. If
-every worker blocks before any of them has been seen blocked, the pool
-cannot grow (no worker is free to see it) until one returns, as a fixed pool of ``base``
-workers would. An extra worker that gets no request never retires (it holds a thread, a
-cloned fd and buffers of ``session``'s size until the next request or the unmount).
+loaded by others (load 5-7 on 2 vCPUs) the pool grew by one worker in some runs. While
+every worker stays busy (more concurrent requests than workers) the watch wakes every
+``blocked`` seconds. An extra worker that gets no request never retires (it holds a
+thread, a cloned fd and buffers of ``session``'s size until the next request or the
+unmount).
 """
 from __future__ import annotations
 
@@ -122,6 +126,9 @@ class Pool:
     retired: int = 0
     peak: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: set by a worker that picked up a request while no other worker waited: the watch
+    #: looks then whether they all block
+    all_busy: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def sized(cls, base: int, extra: int = MAX_EXTRA, **kw) -> "Pool":
@@ -164,7 +171,26 @@ class Pool:
             if since < limit:
                 old = True
         # (the common case ends above: a worker waits, or every busy one is recent)
-        return old and self._any_blocked(slots, None, now)
+        if old and self._any_blocked(slots, None, now):
+            return True
+        if not self.all_busy.is_set():
+            self.all_busy.set()  # every worker busy: the watch looks again later
+        return False
+
+    def waiting(self) -> bool:
+        """Whether a worker waits for a request."""
+        return any(not s.since for s in self.slots)
+
+    def full(self) -> bool:
+        return len(self.slots) >= self.bound
+
+    def stalled(self, now: float) -> bool:
+        """Called by the watch: True if no worker waits, the pool may grow and one is
+        blocked."""
+        slots = self.slots
+        if len(slots) >= self.bound or now < self.grow_after or self.waiting():
+            return False
+        return self._any_blocked(slots, None, now)
 
     def should_retire(self, slot: Slot, now: float) -> bool:
         """Called by an extra worker that has answered a request at ``now``: True once

@@ -163,6 +163,8 @@ class Session:
         self._handlers = self._handler_table()
         self._read_fh = ops.read_fh
         self._setxattr_ext = False
+        #: set when the connection has ended (the watch ends)
+        self._stopped = False
         ops.notifier = self.notifier
 
     # -- INIT ---------------------------------------------------------------------------------
@@ -226,6 +228,8 @@ class Session:
         """Run until the connection ends. ``handshake`` must have run. ``ready`` is called
         once the first worker is started (the mount is served from then on)."""
         self.notifier.start()
+        if self.pool.bound > self.pool.base:
+            threading.Thread(target=self._watch, name="fuse-pool-watch", daemon=True).start()
         # the first worker serves the channel's fd at once: the mount's first requests
         # (the caller's stat that waited for INIT) need not wait for the clones
         first = self._start_worker(self.fd, self.pool.join(extra=False))
@@ -253,6 +257,8 @@ class Session:
                     break
                 alive[0].join(timeout=0.5)  # short waits: signal handlers run in between
         finally:
+            self._stopped = True
+            self.pool.all_busy.set()  # the watch ends
             self.notifier.stop()
             try:
                 self.ops.destroy()
@@ -297,6 +303,27 @@ class Session:
             log.warning("cannot start another worker (%s); %d serving", e, len(pool.slots))
             return
         log.debug("a request blocks: %d workers", len(pool.slots))
+
+    def _watch(self) -> None:
+        """Add a worker when every worker has blocked since it picked up its request (none
+        is free then to see it). Sleeps until a worker finds no other waiting, then looks
+        every ``blocked`` seconds until one waits, the pool grew, or it is full."""
+        pool = self.pool
+        period = max(pool.blocked, 0.0005)
+        monotonic = time.monotonic
+        while True:
+            pool.all_busy.wait()
+            pool.all_busy.clear()  # (before looking: an arming from now on is not lost)
+            while not self._stopped:
+                time.sleep(period)
+                now = monotonic()
+                if pool.stalled(now):
+                    self._grow(now)
+                    break
+                if pool.waiting() or pool.full() or not pool.slots:
+                    break
+            if self._stopped:
+                return
 
     def _worker(self, fd: int, slot: Slot) -> None:
         try:
