@@ -279,12 +279,25 @@ def test_the_mount_answers_while_more_requests_block_than_it_started_workers(pt_
                                m.mountpoint / "fresh")
 
 
+def test_the_mount_answers_when_every_worker_blocks_at_once(pt_mount):
+    """Two reads held at once on a mount of 2 workers: each worker picked up its read
+    while the other one was not blocked yet, so neither saw a reason to add one; the pool's
+    watch adds a third, which answers the stat and getxattr. Before: nothing answered until
+    a read returned."""
+    m = pt_mount(workers=2)
+    for i in range(2):
+        (m.source / f"hold{i}").write_bytes(b"%d" % i * 10)
+    _answers_while_reads_block(2, m.mountpoint, m.mountpoint, m.source / "fresh",
+                               m.mountpoint / "fresh", together=True)
+
+
 def _answers_while_reads_block(count: int, reads: Path, pt: Path, fresh: Path,
-                               fresh_seen: Path) -> None:
+                               fresh_seen: Path, together: bool = False) -> None:
     """Read ``reads/hold<i>`` for i < count from threads, each held by the test passthrough
-    mounted at ``pt`` until released, each picked up while the earlier ones are held; then
-    a name written at ``fresh`` must be seen at ``fresh_seen`` (a LOOKUP) with every read
-    still held. Releases them and checks what they read (``b"<i>" * 10``, as written)."""
+    mounted at ``pt`` until released, each picked up while the earlier ones are held (all
+    at once if ``together``); then a name written at ``fresh`` must be seen at
+    ``fresh_seen`` (a LOOKUP) with every read still held. Releases them and checks what
+    they read (``b"<i>" * 10``, as written)."""
     results: dict = {}
 
     def read(i: int) -> None:
@@ -301,10 +314,14 @@ def _answers_while_reads_block(count: int, reads: Path, pt: Path, fresh: Path,
         for i in range(count):
             threads.append(threading.Thread(target=read, args=(i,), daemon=True))
             threads[-1].start()
+            if together:
+                continue
             # each answer here needs a worker that is not held
             assert _within(lambda: helpers.wait_until(lambda: held() == i + 1, 10)), \
                 f"{held()} reads held, {i + 1} expected: the mount stopped picking them up"
             time.sleep(0.01)  # the held ones now count as blocked (2 ms), whatever the load
+        assert _within(lambda: helpers.wait_until(lambda: held() == count, 10)), \
+            f"{held()} reads held, {count} expected"
         fresh.write_bytes(b"new")
         assert _within(lambda: os.stat(fresh_seen).st_size) == 3  # a LOOKUP
         assert _within(held) == count
