@@ -318,9 +318,11 @@ for top in sys.argv[1:]:
 
 
 @pytest.fixture
-def deep_trees():
+def deep_trees(tmp_path):
     """A list to add directories to; they are removed, however deep, after the test and its
-    mounts are gone (request this fixture before the mount fixtures)."""
+    mounts are gone (request this fixture before the mount fixtures), and before pytest
+    removes ``tmp_path`` (whose ``shutil.rmtree`` recurses per level: set up first, so torn
+    down last)."""
     roots: list[Path] = []
     yield roots
     subprocess.run([sys.executable, "-c", RMTREE_SCRIPT, *map(str, roots)], check=True, timeout=300)
