@@ -26,16 +26,16 @@ gets the same fallback, though there the fds may be other processes'.
 from __future__ import annotations
 
 import errno
-import logging
 import resource
 import threading
 import weakref
 from collections.abc import Callable
 
+from . import logs
 from .records import record
 from .typing_lite import TYPE_CHECKING, Protocol
 
-log = logging.getLogger("overlaypc.fdbudget")
+log = logs.get("overlaypc.fdbudget")
 
 #: The lookup cache never holds more directory fds than this, whatever the limit: each
 #: cached directory also costs memory (its stat results), about 1 KiB.

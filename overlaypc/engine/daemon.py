@@ -15,18 +15,18 @@ callers must not start threads before ``run``.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
 
+from .. import logs
 from . import autounmount
 from . import channel as ch
 from .ops import Operations
 from .session import ProtocolError, Session
 
-log = logging.getLogger("overlaypc.engine")
+log = logs.get("overlaypc.engine")
 
 
 def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: bool = True,
