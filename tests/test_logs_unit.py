@@ -25,7 +25,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_mount_start_imports_no_logging():
     """The mount's modules imported and its logging set up (foreground: stderr), with the
     records a start checks for (debug off): ``logging`` is not loaded, nor what it brings,
-    nor ``signal``'s enums (engine.daemon takes CPython's ``_signal``)."""
+    nor ``signal``'s enums (engine.daemon takes CPython's ``_signal``), nor ``weakref``
+    (fdbudget takes its ``WeakSet`` from ``_weakrefset``)."""
     out = _python(
         "import sys, overlaypc.cli as cli, overlaypc.core, overlaypc.engine.channel, "
         "overlaypc.engine.daemon, overlaypc.mounting, overlaypc.overlay_ops, overlaypc.engine.session\n"
@@ -34,7 +35,7 @@ def test_mount_start_imports_no_logging():
         "log = overlaypc.engine.session.log\n"
         "assert not log.isEnabledFor(10) and log.isEnabledFor(20)\n"
         "log.debug('not emitted')\n"
-        "print(' '.join(m for m in ('logging', 're', 'traceback', 'enum') if m in sys.modules))").stdout
+        "print(' '.join(m for m in ('logging', 're', 'traceback', 'enum', 'weakref') if m in sys.modules))").stdout
     assert out.strip() == ""
 
 
