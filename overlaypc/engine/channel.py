@@ -20,8 +20,8 @@ import fcntl
 import os
 import struct
 
-from .. import logs
 from . import protocol
+from .. import logs
 from ..records import field, record
 
 log = logs.get("overlaypc.engine")

@@ -19,9 +19,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from .. import logs
 from . import autounmount
 from . import channel as ch
+from .. import logs
 from .ops import Operations
 from .session import ProtocolError, Session
 

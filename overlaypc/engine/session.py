@@ -35,8 +35,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .. import logs
 from . import protocol as p
+from .. import logs
 from ..records import field, record
 from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
