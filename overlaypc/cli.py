@@ -193,15 +193,12 @@ def _setup_logging(cfg: MountConfig) -> None:
             handlers.append(logging.StreamHandler(stderr))
         if syslog:
             from logging.handlers import SysLogHandler
-            try:
-                handler = SysLogHandler(address="/dev/log")
-            except OSError:  # here at the first record, maybe in the daemon: not fatal
-                handler = None
-            if handler is not None:
-                handler.setFormatter(logging.Formatter(
-                    "overlaypc[%(process)d]: %(levelname)s %(name)s: %(message)s"))
-                handler.setLevel(level)
-                root.addHandler(handler)
+            # (it raises nothing when /dev/log refuses: emit then reports to stderr, as before)
+            handler = SysLogHandler(address="/dev/log")
+            handler.setFormatter(logging.Formatter(
+                "overlaypc[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+            handler.setLevel(level)
+            root.addHandler(handler)
         for h in handlers:
             h.setFormatter(fmt)
             root.addHandler(h)

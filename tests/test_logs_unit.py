@@ -113,3 +113,25 @@ def test_with_logging_loaded_records_follow_its_levels(caplog):
     assert [r.getMessage() for r in caplog.records] == ["loud here", "detail"]
     assert all(r.name == "overlaypc.test_logs" for r in caplog.records)
     assert caplog.records[0].funcName == "test_with_logging_loaded_records_follow_its_levels"
+
+
+def test_a_daemonized_mount_logs_to_syslog_from_its_first_record(tmp_path):
+    """No logfile=, not in the foreground, /dev/log there: the syslog handler (made at the
+    first record) sends ``overlaypc[PID]: LEVEL name: message``. /dev/log is stood in
+    for by a socket of our own (the connect is redirected in the child)."""
+    sock = tmp_path / "log"
+    res = _python(
+        "import os, socket\n"
+        "from overlaypc import cli, logs\n"
+        "from overlaypc.config import MountConfig\n"
+        f"sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); sink.bind({str(sock)!r})\n"
+        "real_exists, real_connect = os.path.exists, socket.socket.connect\n"
+        "os.path.exists = lambda p: p == '/dev/log' or real_exists(p)\n"
+        f"socket.socket.connect = lambda s, a: real_connect(s, {str(sock)!r} if a == '/dev/log' else a)\n"
+        "cli._setup_logging(MountConfig(foreground=False))\n"
+        "logs.get('overlaypc.fuse').debug('hidden')\n"
+        "logs.get('overlaypc.fuse').info('mounted %s', '/m')\n"
+        "print(os.getpid(), sink.recv(4096))\n")
+    pid, got = res.stdout.split(" ", 1)
+    assert got.strip() == repr(f"<14>overlaypc[{pid}]: INFO overlaypc.fuse: mounted /m\x00".encode())
+    assert res.stderr == ""
