@@ -125,7 +125,8 @@ class Mount:
     logfile: str | None = None
     #: seconds from starting the mount: "mounted" (the mount point's st_dev changed: a
     #: FUSE mount answers that stat only after INIT), "init" (overlaypc's "mounted" log
-    #: line: INIT answered; ms resolution), "visible" (another stat answered)
+    #: line: written once the first request is answered, so after INIT; ms resolution),
+    #: "visible" (another stat answered)
     timings: dict = field(default_factory=dict)
 
     def stats(self) -> dict | None:

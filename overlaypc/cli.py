@@ -10,11 +10,10 @@ to ``/var/log/overlaypc.log``. A mount raises its soft fd limit to the hard limi
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-from . import faults, fdbudget
+from . import faults, fdbudget, logs
 from .config import ConfigError, MountConfig, apply_options, load_stack, validate
 
 USAGE = """overlaypc [-f] [-d] [-o lowerdir=A:B,upperdir=U,workdir=W[,opt...]] [SOURCE] MOUNTPOINT
@@ -166,38 +165,53 @@ def parse_mount_args(argv: list[str]) -> MountConfig:
 
 
 def _setup_logging(cfg: MountConfig) -> None:
-    level = logging.DEBUG if cfg.debug else logging.INFO
-    root = logging.getLogger()
-    root.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = []
+    """Decide where the mount logs and create its log file now (so a failure is reported
+    here, and the file exists with our mode); ``logging`` itself and its handlers come at
+    the first record (``logs``)."""
+    level = logs.DEBUG if cfg.debug else logs.INFO
+    files: list[str] = []
     if cfg.logfile:
-        handlers.append(_log_file(cfg.logfile))
-    if cfg.foreground:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    elif not cfg.logfile:
+        files.append(_log_file(cfg.logfile))
+    syslog = False
+    if not cfg.foreground and not cfg.logfile:
         if os.path.exists("/dev/log"):
-            from logging.handlers import SysLogHandler  # only here: a start-up cost otherwise
-            syslog = SysLogHandler(address="/dev/log")
-            syslog.setFormatter(logging.Formatter("overlaypc[%(process)d]: %(levelname)s %(name)s: %(message)s"))
-            syslog.setLevel(level)
-            root.addHandler(syslog)
+            syslog = True
         else:
             try:  # no syslog daemon here: keep warnings in a well-known file instead
-                handlers.append(_log_file(FALLBACK_LOG))
+                files.append(_log_file(FALLBACK_LOG))
             except OSError:
                 print("overlaypc: warning: no syslog (/dev/log) and no -o logfile=PATH: "
                       "the daemon's warnings will be lost", file=sys.stderr)
-    for h in handlers:
-        h.setFormatter(fmt)
-        root.addHandler(h)
+    stderr = sys.stderr if cfg.foreground else None
+
+    def setup(logging) -> None:
+        root = logging.getLogger()
+        root.setLevel(level)
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handlers = [logging.FileHandler(path) for path in files]
+        if stderr is not None:
+            handlers.append(logging.StreamHandler(stderr))
+        if syslog:
+            from logging.handlers import SysLogHandler
+            # (it raises nothing when /dev/log refuses: emit then reports to stderr, as before)
+            handler = SysLogHandler(address="/dev/log")
+            handler.setFormatter(logging.Formatter(
+                "overlaypc[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+            handler.setLevel(level)
+            root.addHandler(handler)
+        for h in handlers:
+            h.setFormatter(fmt)
+            root.addHandler(h)
+
+    logs.configure(level, setup)
 
 
-def _log_file(path: str) -> logging.FileHandler:
-    """A handler appending to ``path``, created 0640 if new: the daemon runs with umask 0
-    (new objects get the caller's mode), which must not make its log world-writable."""
+def _log_file(path: str) -> str:
+    """Create ``path`` 0640 if new and return it (the ``logging.FileHandler`` that appends
+    to it comes later): the daemon runs with umask 0 (new objects get the caller's mode),
+    which must not make its log world-writable."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
-    return logging.FileHandler(path)
+    return path
 
 
 SELINUX_ENFORCE = "/sys/fs/selinux/enforce"
@@ -206,7 +220,7 @@ SELINUX_ENFORCE = "/sys/fs/selinux/enforce"
 def _fuse_overlayfs_flags(cfg: MountConfig) -> list[str]:
     """Mount options for the kernel from fuse-overlayfs's options, and a log line for each
     accepted option that has no effect here."""
-    log = logging.getLogger("overlaypc")
+    log = logs.get("overlaypc")
     flags = []
     notes = list(cfg.notes)
     if cfg.context is not None:
@@ -265,7 +279,7 @@ def mount_main(argv: list[str]) -> int:
     try:
         return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground)
     except OSError as e:
-        logging.getLogger("overlaypc").error("mount of %s failed: %s", cfg.mountpoint, e)
+        logs.get("overlaypc").error("mount of %s failed: %s", cfg.mountpoint, e)
         print(f"overlaypc: error: mount of {cfg.mountpoint} failed: {e.strerror or e}", file=sys.stderr)
         return 1
     finally:

@@ -22,13 +22,12 @@ import contextlib
 import errno
 import functools
 import itertools
-import logging
 import os
 import stat
 import threading
 import time
 
-from . import faults, sysapi
+from . import faults, logs, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
@@ -38,7 +37,7 @@ from .records import field, record
 from .stack import LayerStack
 from .stats import Stats
 
-log = logging.getLogger("overlaypc.copyup")
+log = logs.get("overlaypc.copyup")
 
 WORK_DIR = "work"
 _CHUNK = 8 << 20

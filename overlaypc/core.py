@@ -21,11 +21,10 @@ import errno
 import itertools
 import os
 import stat
-import logging
 import threading
 from collections.abc import Callable, Iterator
 
-from . import killpriv, whiteout
+from . import killpriv, logs, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
@@ -45,7 +44,7 @@ from .stack import LayerStack
 from .sharing import Canonical, ExtentMap, changing, map_file
 from .stats import Stats
 
-log = logging.getLogger("overlaypc.core")
+log = logs.get("overlaypc.core")
 
 
 @record

@@ -33,16 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
 
-from . import faults, sysapi
+from . import faults, logs, sysapi
 from .fdbudget import retrying
 from .typing_lite import NamedTuple
 
-log = logging.getLogger("overlaypc.layer")
+log = logs.get("overlaypc.layer")
 
 _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV)
 

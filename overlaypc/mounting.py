@@ -6,12 +6,12 @@ Owns: raising the FUSE bdi's readahead after the mount appears (docs/DESIGN-NOTE
 """
 from __future__ import annotations
 
-import logging
 import os
 
+from . import logs
 from .engine.autounmount import fuse_device
 
-log = logging.getLogger("overlaypc.fuse")
+log = logs.get("overlaypc.fuse")
 
 
 READAHEAD_KB = 1024

@@ -32,12 +32,11 @@ import contextlib
 import errno
 import functools
 import itertools
-import logging
 import os
 import stat
 from collections.abc import Iterator
 
-from . import acl, faults, sysapi, whiteout
+from . import acl, faults, logs, sysapi, whiteout
 from .copyup import WORK_DIR
 from .layer import do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name
@@ -48,7 +47,7 @@ from .typing_lite import TYPE_CHECKING
 if TYPE_CHECKING:
     from .core import OverlayFS
 
-log = logging.getLogger("overlaypc.namespace")
+log = logs.get("overlaypc.namespace")
 
 
 @functools.lru_cache(maxsize=1)

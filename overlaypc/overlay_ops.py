@@ -22,13 +22,13 @@ open, ENOENT. Errors are ``OSError``: the session translates them.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 import sys
 import threading
 from collections.abc import Iterator
 
+from . import logs
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
 from .core import OverlayFS
 from .engine import protocol as p
@@ -43,7 +43,7 @@ from .namespace import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 
-log = logging.getLogger("overlaypc.fuse")
+log = logs.get("overlaypc.fuse")
 
 #: what overlaypc asks of the kernel at INIT (ACLs added by ``_negotiate_acls``). No
 #: WRITEBACK_CACHE (a hard link's other names would read stale data until writeback),
@@ -113,10 +113,14 @@ class OverlayOps(Operations):
 
     def initialized(self, conn: ConnInfo) -> None:
         self.passthrough.start(conn.backing)
+        raise_readahead(self.fs.config.mountpoint)  # the INIT reply is applied by now
+
+    def served(self) -> None:
+        # not in ``initialized``: the first record imports ``logging`` (~5 ms, ``logs``),
+        # which the mount's first reply (the caller's stat that waited for INIT) need not wait for
         log.info("mounted %s", self.fs.config.mountpoint)
         for note in self.fs.format.notes:
             log.info("%s", note)
-        raise_readahead(self.fs.config.mountpoint)  # the INIT reply is applied by now
 
     def destroy(self) -> None:
         log.info("unmounting %s", self.fs.config.mountpoint)

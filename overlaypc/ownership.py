@@ -44,11 +44,11 @@ of ``security.capability`` v3 are not mapped: they are stored and shown as they 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 from collections.abc import Callable
 
+from . import logs
 from .idmap import IdMap, on_idmapped_mount
 from .records import record
 from .typing_lite import TYPE_CHECKING, NamedTuple
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from .layer import Layer
     from .lookup import Entry
 
-log = logging.getLogger("overlaypc.ownership")
+log = logs.get("overlaypc.ownership")
 
 OVERRIDE_PRIVILEGED = "security.fuseoverlayfs.override_stat"
 OVERRIDE_USER = "user.fuseoverlayfs.override_stat"

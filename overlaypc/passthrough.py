@@ -28,14 +28,14 @@ open must not keep stale pages), and the stats count no passthrough I/O.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import threading
 from collections.abc import Callable, Hashable
 
+from . import logs
 from .records import record
 
-log = logging.getLogger("overlaypc.passthrough")
+log = logs.get("overlaypc.passthrough")
 
 
 @record

@@ -39,13 +39,12 @@ in all (17 MiB at the bound, measured with tracemalloc).
 from __future__ import annotations
 
 import bisect
-import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from . import sysapi
+from . import logs, sysapi
 from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
 from .layer import Layer
 from .records import field, record
@@ -54,7 +53,7 @@ from .typing_lite import TYPE_CHECKING
 if TYPE_CHECKING:
     from .inodes import OverlayInode
 
-log = logging.getLogger("overlaypc.sharing")
+log = logs.get("overlaypc.sharing")
 
 
 #: How many lower files' mappings are remembered (each a few hundred bytes at most).

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import time
 
+from . import logs
 from .layer import Layer
 from .records import field, record
 
-log = logging.getLogger("overlaypc.stack")
+log = logs.get("overlaypc.stack")
 
 #: how long a mount waits for another mount's locks on upper and workdir before EBUSY: a
 #: daemon whose mount was just unmounted drops them when it exits, a few ms after

@@ -22,15 +22,14 @@ removed right after), so every step order below leaves a consistent view after a
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 
-from . import faults
+from . import faults, logs
 from .layer import Layer, join, split
 from .records import field, record
 
-log = logging.getLogger("overlaypc.whiteout")
+log = logs.get("overlaypc.whiteout")
 
 OCI_PREFIX = ".wh."
 OCI_OPAQUE = ".wh..wh..opq"

@@ -198,6 +198,19 @@ def test_log_file_is_not_world_writable(layers_factory, overlay_mount, tmp_path)
     assert stat.S_IMODE(os.stat(logfile).st_mode) & 0o022 == 0, oct(os.stat(logfile).st_mode)
 
 
+def test_log_file_has_the_mount_and_unmount_lines(layers_factory, overlay_mount, tmp_path):
+    """A log file gets "mounted" (written once the first request is answered, when
+    ``logging`` is loaded: overlaypc.logs) and "unmounting", and nothing else."""
+    layers = layers_factory(RO_SPEC)
+    logfile = tmp_path / "daemon.log"
+    m = overlay_mount(f"lowerdir={layers.lowerdir},logfile={logfile}")
+    os.stat(m.path)
+    m.unmount()
+    lines = [line.split(" ", 2)[2] for line in logfile.read_text().splitlines()]
+    assert lines == [f"INFO overlaypc.fuse: mounted {m.path}",
+                     f"INFO overlaypc.fuse: unmounting {m.path}"], logfile.read_text()
+
+
 # --- symlinks ------------------------------------------------------------------------------
 
 def test_symlinks_are_shown_not_followed(layers_factory, overlay_mount, tmp_path):

@@ -13,13 +13,13 @@ there, it runs ``fusermount3 -u -z``. After a normal unmount there is nothing le
 """
 from __future__ import annotations
 
-import logging
 import os
-import re
 import sys
 import time
 
-log = logging.getLogger("overlaypc.autounmount")
+from .. import logs
+
+log = logs.get("overlaypc.autounmount")
 
 #: how long the watcher waits for the mount to show in mountinfo
 APPEAR_TIMEOUT = 30.0
@@ -57,6 +57,7 @@ def _unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
     if "\\" not in field:  # most paths: no regex (the mount's start reads every line)
         return field
+    import re  # only here: importing it costs a mount's start ~1 ms
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 

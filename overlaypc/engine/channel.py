@@ -17,14 +17,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import struct
 
 from . import protocol
+from .. import logs
 from ..records import field, record
 
-log = logging.getLogger("overlaypc.engine")
+log = logs.get("overlaypc.engine")
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
 MS_DIRSYNC, MS_NOATIME = 128, 1024

@@ -15,18 +15,22 @@ callers must not start threads before ``run``.
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 
 from . import autounmount
 from . import channel as ch
+from .. import logs
 from .ops import Operations
 from .session import ProtocolError, Session
 
-log = logging.getLogger("overlaypc.engine")
+try:  # CPython's ``signal`` is this module with enums added: enum costs a start ~1.3 ms
+    import _signal as signal
+except ImportError:  # not CPython
+    import signal
+
+log = logs.get("overlaypc.engine")
 
 
 def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: bool = True,

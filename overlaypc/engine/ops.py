@@ -153,6 +153,10 @@ class Operations:
     def initialized(self, conn: ConnInfo) -> None:
         """The INIT reply is written: notifications and backing ioctls may be used."""
 
+    def served(self) -> None:
+        """The mount's first request is answered (or none came in ``clone_delay``): work
+        the mount's first reply should not wait for goes here (logging "mounted")."""
+
     def destroy(self) -> None:
         """The session ended (unmounted or aborted)."""
 

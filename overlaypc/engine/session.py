@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import mmap
 import os
 import queue
@@ -37,11 +36,12 @@ import time
 from collections.abc import Callable
 
 from . import protocol as p
+from .. import logs
 from ..records import field, record
 from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
 
-log = logging.getLogger("overlaypc.engine")
+log = logs.get("overlaypc.engine")
 
 #: default request size for READ and WRITE (256 pages)
 MAX_WRITE = 1 << 20
@@ -239,6 +239,10 @@ class Session:
         # threads while the first request waits delayed its answer by 1-2 ms. They start
         # once the first worker has answered a request (or stopped), or after clone_delay.
         self._first_done.wait(self.clone_delay)
+        try:
+            self.ops.served()
+        except Exception:
+            log.exception("served failed")
         try:
             for _ in range(self.pool.base - 1):
                 if not first.is_alive():
@@ -440,7 +444,7 @@ class Session:
         except Exception as e:  # noqa: BLE001
             self._failed(fd, hdr.unique, op, hdr.nodeid, e)
             return
-        if log.isEnabledFor(logging.DEBUG):
+        if log.isEnabledFor(logs.DEBUG):
             log.debug("%s(%d) -> ok", p.OPCODE_NAMES.get(op, op), hdr.nodeid)
         if not self._write(fd, hdr.unique, 0, reply.parts) and reply.undo is not None:
             try:
@@ -453,7 +457,7 @@ class Session:
         logged, counted and answered EIO."""
         if isinstance(e, OSError):
             code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
-            if log.isEnabledFor(logging.DEBUG):
+            if log.isEnabledFor(logs.DEBUG):
                 log.debug("%s(%d) -> %s", p.OPCODE_NAMES.get(op, op), nodeid,
                           errno.errorcode.get(code, code))
             self._write(fd, unique, -code, ())
