@@ -25,7 +25,6 @@ import errno
 import os
 import stat
 import sys
-import threading
 from collections.abc import Iterator
 
 from . import logs
@@ -88,9 +87,6 @@ class OverlayOps(Operations):
         self.fs = fs
         self.timeout = fs.config.timeout
         self.nodes = NodeTable(fs.identity(fs.lookup.lookup("")))
-        #: directory handle -> ``_listing_epoch`` when its listing was read (READDIRPLUS ``take``)
-        self._listed: dict[int, tuple[int, int]] = {}
-        self._listed_lock = threading.Lock()
         #: the kernel opens directories itself (``listings``): set at INIT
         self.zero_opendir = False
         self._snapshots = Snapshots()
@@ -468,23 +464,19 @@ class OverlayOps(Operations):
         return Opened(self.fs.opendir(self._path(nodeid)), cache_dir=True, keep_cache=True)
 
     def releasedir(self, req: Request, nodeid: int, fh: int) -> None:
-        with self._listed_lock:
-            self._listed.pop(fh, None)
         self.fs.releasedir(fh)
 
     def readdir(self, req: Request, nodeid: int, fh: int, offset: int,
                 plus: bool = False) -> Iterator[DirItem]:
         """Entries from cookie ``offset`` (position + 1; positions 0 and 1 are ``.`` and
         ``..``). The listing is read now (errors raise here); items are made lazily.
-        Handle 0: a directory the kernel opened itself (``zero_opendir``)."""
+        Handle 0: a directory the kernel opened itself (``zero_opendir``). A READDIRPLUS
+        entry's listed stat is given only in the request that read the listing (offset 0,
+        see ``_take_listed``); a later chunk's entries are looked up afresh."""
         if not fh:
             return self._unopened_items(nodeid, offset, plus)
-        with self._listed_lock:
-            if offset == 0:
-                self._listed[fh] = self._listing_epoch()
-            # (read once per chunk: the kernel lists one handle at a time, so a later
-            # offset-0 listing of this handle cannot start while these items are taken)
-            listed = self._listed.get(fh)
+        # (offset 0 reads the listing now; a later offset is served the one kept then)
+        listed = self._listing_epoch() if offset == 0 else None
         entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
         dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
         return self._items(nodeid, listed, entries, dots, offset, plus)
@@ -492,14 +484,16 @@ class OverlayOps(Operations):
     def _unopened_items(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirItem]:
         sid, pos = split_cookie(offset)
         snap = self._snapshots.get(sid, nodeid) if pos else None
+        listed = None  # a snapshot read by an earlier request: its stats are not given
         if snap is None:
             epoch = self._listing_epoch()  # before the listing: a change since voids its stats
             rel = self._path(nodeid)
             snap = Snapshot(nodeid, epoch, self.fs.readdir(rel, plus=plus), self.fs.dot_inos_at(rel))
             sid = self._snapshots.add(snap)
+            listed = epoch
         if pos >= len(snap.entries) + 2:
             self._snapshots.done(sid)
-        return self._items(nodeid, snap.epoch, snap.entries, snap.dots, pos, plus,
+        return self._items(nodeid, listed, snap.entries, snap.dots, pos, plus,
                            sid << POSITION_BITS)
 
     def _items(self, nodeid: int, listed: tuple[int, int] | None, entries, dots, offset: int,
@@ -542,8 +536,15 @@ class OverlayOps(Operations):
         one hold of the namespace lock and one of the node table's. A name the kernel holds
         already names its node; otherwise the listing's stat gives the identity (hard links
         and metacopy files come without attributes), unless identities moved or the
-        namespace changed since the listing was read (``epoch``: ``_listing_epoch`` then;
-        None: not known): then the name is looked up afresh."""
+        namespace changed since the listing was read (``epoch``: ``_listing_epoch`` then):
+        then the name is looked up afresh. ``epoch`` None: the listing was read by an
+        earlier request (a later chunk), and every name, held or not, is looked up afresh:
+        the kernel takes a reply's attributes as newer than any change of its own made
+        before it sent the request (its attr_version), so a stat read before that request
+        (a file written or chmodded since) would become its view for the attribute
+        timeout: a stale size, and reads stop at it."""
+        if epoch is None:
+            return self._take_all_afresh(parent, takes)
         listed = []
         for t in takes:
             st = t.attr.st
@@ -568,6 +569,19 @@ class OverlayOps(Operations):
             for nodeid in nodeids[len(out):]:
                 if nodeid:
                     self.forget(nodeid, 1)
+            raise
+        return out
+
+    def _take_all_afresh(self, parent: int, takes: list["_Take"]) -> list[Entry | None]:
+        """``_take_afresh`` of each listed name; a failure forgets what was taken."""
+        out: list[Entry | None] = []
+        try:
+            for t in takes:
+                out.append(self._take_afresh(parent, t.name))
+        except BaseException:
+            for entry in out:
+                if entry is not None:
+                    self.forget(entry.nodeid, 1)
             raise
         return out
 
