@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import itertools
 import stat
 import sys
 from collections.abc import Iterator
@@ -82,6 +83,20 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+def _changes(method):
+    """An operation that may change a file's data or attributes without a namespace
+    change (those move the lookup's epoch): once it has run (failed too, a part may be
+    done), before its reply, ``OverlayOps._change`` takes a new value, which voids the
+    stats of a listing read before (``_take_later``)."""
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._change = next(self._change_ids)  # (unique values: no lost update hides one)
+    run.__name__, run.__qualname__, run.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return run
+
+
 class OverlayOps(Operations):
     def __init__(self, fs: OverlayFS) -> None:
         self.fs = fs
@@ -90,6 +105,11 @@ class OverlayOps(Operations):
         #: the kernel opens directories itself (``listings``): set at INIT
         self.zero_opendir = False
         self._snapshots = Snapshots()
+        #: directory handle -> ``_listing_epoch`` before its listing was read (offset 0)
+        self._listed: dict[int, tuple[int, int, int]] = {}
+        #: moved by every change of data or attributes (``_changes``)
+        self._change_ids = itertools.count(1)
+        self._change = 0
         fs.on_rekey = self.nodes.rekey
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
@@ -228,6 +248,7 @@ class OverlayOps(Operations):
     def getattr(self, req: Request, nodeid: int, fh: int | None = None) -> AttrReply:
         return AttrReply(file_attr(self._attr(nodeid, fh)), self._node_attr_timeout(nodeid))
 
+    @_changes
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes."""
         fs, valid = self.fs, sa.valid
@@ -306,6 +327,7 @@ class OverlayOps(Operations):
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
         return self.fs.listxattr(self._path(nodeid))
 
+    @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
                  setxattr_flags: int = 0) -> None:
         rel = self._path(nodeid)
@@ -313,6 +335,7 @@ class OverlayOps(Operations):
         if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
             self.fs.attrs.kill_sgid(rel)
 
+    @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
         self.fs.removexattr(self._path(nodeid), name)
 
@@ -358,7 +381,11 @@ class OverlayOps(Operations):
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
-        result = self.fs.open(self._path(nodeid), flags)
+        try:
+            result = self.fs.open(self._path(nodeid), flags)
+        finally:
+            if flags & os.O_TRUNC:  # (a size change without a namespace change: ``_changes``)
+                self._change = next(self._change_ids)
         if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
             try:
                 self._kill_privs(req, nodeid, None, result.fh)
@@ -410,6 +437,7 @@ class OverlayOps(Operations):
     def read(self, req: Request, nodeid: int, fh: int, buf: memoryview, offset: int) -> int:
         return self.fs.files.readinto(fh, buf, offset)
 
+    @_changes
     def write(self, req: Request, nodeid: int, fh: int, data: memoryview, offset: int,
               write_flags: int = 0) -> int:
         if write_flags & p.WRITE_KILL_SUIDGID:  # (a no-op once the file has nothing to strip)
@@ -430,10 +458,14 @@ class OverlayOps(Operations):
             self.fs.release(fh)
         finally:
             self.nodes.closed(nodeid, fh)
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                # (a passthrough open's writes bypassed the daemon: they count as of now)
+                self._change = next(self._change_ids)
 
     def fsync(self, req: Request, nodeid: int, fh: int, datasync: bool) -> None:
         self.fs.fsync(fh, bool(datasync))
 
+    @_changes
     def fallocate(self, req: Request, nodeid: int, fh: int, offset: int, length: int,
                   mode: int) -> None:
         self.fs.fallocate(fh, mode, offset, length)
@@ -441,6 +473,7 @@ class OverlayOps(Operations):
     def lseek(self, req: Request, nodeid: int, fh: int, offset: int, whence: int) -> int:
         return self.fs.files.lseek(fh, offset, whence)
 
+    @_changes
     def copy_file_range(self, req: Request, node_in: int, fh_in: int, off_in: int,
                         node_out: int, fh_out: int, off_out: int, length: int,
                         flags: int) -> int:
@@ -464,47 +497,52 @@ class OverlayOps(Operations):
         return Opened(self.fs.opendir(self._path(nodeid)), cache_dir=True, keep_cache=True)
 
     def releasedir(self, req: Request, nodeid: int, fh: int) -> None:
+        self._listed.pop(fh, None)
         self.fs.releasedir(fh)
 
     def readdir(self, req: Request, nodeid: int, fh: int, offset: int,
                 plus: bool = False) -> Iterator[DirItem]:
         """Entries from cookie ``offset`` (position + 1; positions 0 and 1 are ``.`` and
         ``..``). The listing is read now (errors raise here); items are made lazily.
-        Handle 0: a directory the kernel opened itself (``zero_opendir``). A READDIRPLUS
-        entry's listed stat is given only in the request that read the listing (offset 0,
-        see ``_take_listed``); a later chunk's entries are looked up afresh."""
+        Handle 0: a directory the kernel opened itself (``zero_opendir``). READDIRPLUS
+        entries of a later chunk than the one that read the listing: ``_take_later``."""
         if not fh:
             return self._unopened_items(nodeid, offset, plus)
-        # (offset 0 reads the listing now; a later offset is served the one kept then)
-        listed = self._listing_epoch() if offset == 0 else None
+        # offset 0 reads the listing now; a later offset is served the one kept then (the
+        # kernel lists one handle at a time: no offset-0 read of it runs meanwhile)
+        if offset == 0:
+            listed = self._listed[fh] = self._listing_epoch()
+        else:
+            listed = self._listed.get(fh)
         entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
         dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
-        return self._items(nodeid, listed, entries, dots, offset, plus)
+        return self._items(nodeid, listed, offset == 0, entries, dots, offset, plus)
 
     def _unopened_items(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirItem]:
         sid, pos = split_cookie(offset)
         snap = self._snapshots.get(sid, nodeid) if pos else None
-        listed = None  # a snapshot read by an earlier request: its stats are not given
-        if snap is None:
+        first = snap is None  # (else a snapshot read by an earlier request)
+        if first:
             epoch = self._listing_epoch()  # before the listing: a change since voids its stats
             rel = self._path(nodeid)
             snap = Snapshot(nodeid, epoch, self.fs.readdir(rel, plus=plus), self.fs.dot_inos_at(rel))
             sid = self._snapshots.add(snap)
-            listed = epoch
         if pos >= len(snap.entries) + 2:
             self._snapshots.done(sid)
-        return self._items(nodeid, listed, snap.entries, snap.dots, pos, plus,
+        return self._items(nodeid, snap.epoch, first, snap.entries, snap.dots, pos, plus,
                            sid << POSITION_BITS)
 
-    def _items(self, nodeid: int, listed: tuple[int, int] | None, entries, dots, offset: int,
-               plus: bool, base: int = 0) -> Iterator[DirItem]:
-        """Items from position ``offset``; cookies are ``base | position + 1``."""
+    def _items(self, nodeid: int, listed: tuple[int, int, int] | None, first: bool, entries,
+               dots, offset: int, plus: bool, base: int = 0) -> Iterator[DirItem]:
+        """Items from position ``offset``; cookies are ``base | position + 1``. ``listed``:
+        the ``_listing_epoch`` before the listing was read, ``first``: read by this request."""
         for pos in range(offset, min(2, len(entries) + 2)):
             yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
         encoding, errors = _FS_ENCODING
         for pos in range(max(offset, 2), len(entries) + 2):
             name, mode, ino, attr = entries[pos - 2]
-            take = None if attr is None or not plus else _Take(self, nodeid, listed, name, attr)
+            take = None if attr is None or not plus else _Take(self, nodeid, listed, first, name,
+                                                                attr)
             yield DirItem(name.encode(encoding, errors), ino, mode, base | (pos + 1), take)
 
     def take_entries(self, req: Request, parent: int, items: list[DirItem]) -> list[Entry | None]:
@@ -512,14 +550,19 @@ class OverlayOps(Operations):
         listing's; else each by its own ``take``."""
         takes = [item.take for item in items]
         epoch = takes[0].epoch if takes else None
+        first = takes[0].first if takes else True
         for t in takes:
-            if type(t) is not _Take or t.ops is not self or t.parent != parent or t.epoch != epoch:
+            if type(t) is not _Take or t.ops is not self or t.parent != parent or \
+                    t.epoch != epoch or t.first is not first:
                 return super().take_entries(req, parent, items)  # (not one listing's items)
+        if not first:
+            return self._take_later(parent, epoch, takes)
         return self._take_listed(parent, epoch, takes)
 
-    def _listing_epoch(self) -> tuple[int, int]:
-        """Read before a listing: (the node table's epoch, the lookup's), see ``_table_epoch``."""
-        return self.nodes.epoch, self.fs.lookup.epoch
+    def _listing_epoch(self) -> tuple[int, int, int]:
+        """Read before a listing: (the node table's epoch, the lookup's, ``_change``), see
+        ``_table_epoch`` and ``_take_later``."""
+        return self.nodes.epoch, self.fs.lookup.epoch, self._change
 
     def _table_epoch(self, listed: tuple[int, int] | None) -> int | None:
         """The table epoch under which a listing's stats give identities, or None when a
@@ -530,21 +573,15 @@ class OverlayOps(Operations):
             return None
         return listed[0]
 
-    def _take_listed(self, parent: int, epoch: tuple[int, int] | None,
+    def _take_listed(self, parent: int, epoch: tuple[int, int, int] | None,
                      takes: list["_Take"]) -> list[Entry | None]:
         """One reference to the node of each listed entry of directory ``parent``, under
         one hold of the namespace lock and one of the node table's. A name the kernel holds
         already names its node; otherwise the listing's stat gives the identity (hard links
         and metacopy files come without attributes), unless identities moved or the
-        namespace changed since the listing was read (``epoch``: ``_listing_epoch`` then):
-        then the name is looked up afresh. ``epoch`` None: the listing was read by an
-        earlier request (a later chunk), and every name, held or not, is looked up afresh:
-        the kernel takes a reply's attributes as newer than any change of its own made
-        before it sent the request (its attr_version), so a stat read before that request
-        (a file written or chmodded since) would become its view for the attribute
-        timeout: a stale size, and reads stop at it."""
-        if epoch is None:
-            return self._take_all_afresh(parent, takes)
+        namespace changed since the listing was read (``epoch``: ``_listing_epoch`` then;
+        None: not known): then the name is looked up afresh. For a listing read by this
+        request: a later chunk's go through ``_take_later``."""
         listed = []
         for t in takes:
             st = t.attr.st
@@ -572,18 +609,36 @@ class OverlayOps(Operations):
             raise
         return out
 
-    def _take_all_afresh(self, parent: int, takes: list["_Take"]) -> list[Entry | None]:
-        """``_take_afresh`` of each listed name; a failure forgets what was taken."""
-        out: list[Entry | None] = []
-        try:
-            for t in takes:
-                out.append(self._take_afresh(parent, t.name))
-        except BaseException:
-            for entry in out:
-                if entry is not None:
-                    self.forget(entry.nodeid, 1)
-            raise
-        return out
+    def _take_later(self, parent: int, epoch: tuple[int, int, int] | None,
+                    takes: list["_Take"]) -> list[Entry | None]:
+        """A later chunk's entries: the listing was read by an earlier request. The kernel
+        takes a reply's attributes as newer than any change of its own made before it
+        sent the request (its attr_version), so a stat read before that request for a file
+        written or chmodded since would become its view for the attribute timeout (a stale
+        size, and reads stop at it). So a name the kernel holds gets no attributes (None:
+        it keeps its own, which every change kept current, passthrough writes included);
+        the others get the listing's stats while nothing changed since it was read
+        (``_listing_epoch``: namespace, copy-ups, data and attributes), else are looked up
+        afresh. (A name the kernel takes meanwhile was looked up since the listing: with
+        nothing changed, the listing's stat is still what that lookup saw.)"""
+        child = self.nodes.child
+        rest = [t for t in takes if child(parent, t.name) is None]
+        if not rest:
+            return [None] * len(takes)
+        if epoch is not None and epoch == self._listing_epoch():
+            taken = self._take_listed(parent, epoch, rest)
+        else:
+            taken = []
+            try:
+                for t in rest:
+                    taken.append(self._take_afresh(parent, t.name))
+            except BaseException:
+                for entry in taken:
+                    if entry is not None:
+                        self.forget(entry.nodeid, 1)
+                raise
+        got = dict(zip([t.name for t in rest], taken))
+        return [got.get(t.name) for t in takes]
 
     def _take_afresh(self, parent: int, name: str) -> Entry | None:
         """A listed name looked up again, with one reference taken; None on an error."""
@@ -598,13 +653,16 @@ class OverlayOps(Operations):
 
 class _Take:
     """A READDIRPLUS item's ``take`` (a small object rather than a closure per entry)."""
-    __slots__ = ("ops", "parent", "epoch", "name", "attr")
+    __slots__ = ("ops", "parent", "epoch", "first", "name", "attr")
 
-    def __init__(self, ops: OverlayOps, parent: int, epoch: tuple[int, int] | None, name: str,
-                 attr: Attr) -> None:
-        self.ops, self.parent, self.epoch, self.name, self.attr = ops, parent, epoch, name, attr
+    def __init__(self, ops: OverlayOps, parent: int, epoch: tuple[int, int, int] | None,
+                 first: bool, name: str, attr: Attr) -> None:
+        self.ops, self.parent, self.epoch, self.first = ops, parent, epoch, first
+        self.name, self.attr = name, attr
 
     def __call__(self) -> Entry | None:
+        if not self.first:
+            return self.ops._take_later(self.parent, self.epoch, [self])[0]
         return self.ops._take_listed(self.parent, self.epoch, [self])[0]
 
 
