@@ -277,6 +277,27 @@ class Files:
         with inode.lock:
             return inode.privs_clean == inode.privs_epoch
 
+    def capability(self, fh: int) -> bytes | None:
+        """``security.capability`` of the file open as ``fh``, read through the handle's
+        fd (ENODATA when absent) rather than by a lookup of a name: the kernel asks for it
+        before every write and chown of an open file (``file_remove_privs``,
+        ``notify_change``). None when the handle cannot answer for its inode: a backing
+        not in the upper (a lower or metacopy file: the name's top entry decides), or a
+        handle left on an older backing (``handles=`` other than reopen). An upper
+        backing never moves again, and a file known to have nothing a write would strip
+        (``kill_privs``) has no capability until a chmod or setxattr says otherwise."""
+        handle = self.fs.handles.get(fh)
+        inode = handle.inode
+        if not inode.in_upper:
+            return None
+        with inode.lock:
+            if inode.privs_clean == inode.privs_epoch:
+                raise OSError(errno.ENODATA, "no such attribute", killpriv.CAPABILITY_XATTR)
+        fd = self._fd(handle)
+        if handle.bound_generation != inode.generation:
+            return None
+        return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
+
     def kill_privs(self, fh: int, writer: killpriv.Writer) -> bool:
         """A write, truncate or ``O_TRUNC`` open by ``writer`` without CAP_FSETID (the
         request's kill flag): strip setuid/setgid and the capability (``killpriv``).
