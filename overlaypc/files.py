@@ -17,7 +17,7 @@ import os
 import stat
 
 from . import faults, killpriv, sysapi
-from .attrs import Attr
+from .attrs import Attr, resolve_times
 from .handles import Handle
 from .inodes import OverlayInode
 from .lookup import Entry, Node
@@ -297,6 +297,45 @@ class Files:
         if handle.bound_generation != inode.generation:
             return None
         return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
+
+    def setattr_open(self, fh: int, *, mode: int | None, ids: tuple[int, int] | None,
+                     times: tuple[int, int] | None,
+                     writer: killpriv.Writer | None) -> tuple[Attr, bool] | None:
+        """``Attributes.setattr`` of a named file done through its open handle ``fh``
+        instead of a lookup of the name (untar's utimens, chown and chmod of each file come
+        before its close): the same steps in the same order, then the attributes after
+        the change and whether anything was stripped. None, nothing done, unless the
+        handle is on its inode's current upper backing, a regular file with one link,
+        and owners and modes are shown as stored (no mapping, squashing or override
+        xattr): those take the name's path, which computes link counts and shown owners."""
+        fs = self.fs
+        if fs.ownership.active:
+            return None
+        handle = fs.handles.get(fh)
+        inode = handle.inode
+        if not inode.in_upper or inode.meta_rel is not None:
+            return None
+        fd = self._fd(handle)
+        if handle.bound_generation != inode.generation:
+            return None
+        st = os.fstat(fd)
+        if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+            return None
+        fs.require_writable()
+        if ids is not None:
+            ids = fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is stripped
+        killed = False
+        if writer is not None:
+            killed = self.kill_privs(fh, writer)
+        if mode is not None:
+            os.chmod(fd, stat.S_IMODE(mode))
+            inode.privs_may_grow()
+        if ids is not None:
+            os.chown(fd, *ids)
+        if times is not None:
+            # (the stat before the chmod and chown: they change neither time)
+            os.utime(fd, ns=resolve_times(times, st))
+        return Attr(os.fstat(fd), inode.ino), killed
 
     def kill_privs(self, fh: int, writer: killpriv.Writer) -> bool:
         """A write, truncate or ``O_TRUNC`` open by ``writer`` without CAP_FSETID (the

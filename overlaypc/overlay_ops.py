@@ -283,8 +283,19 @@ class OverlayOps(Operations):
         if valid & (p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW):
             times = (_time(valid, p.FATTR_ATIME, p.FATTR_ATIME_NOW, sa.atime_ns),
                      _time(valid, p.FATTR_MTIME, p.FATTR_MTIME_NOW, sa.mtime_ns))
-        attr, killed = self.fs.setattr(rel, mode=sa.mode if valid & p.FATTR_MODE else None,
-                                       ids=ids, times=times, writer=writer)
+        mode = sa.mode if valid & p.FATTR_MODE else None
+        done = None
+        fhs = self.nodes.handles(nodeid)
+        if fhs:  # an open file: through its handle, no lookup (``Files.setattr_open``)
+            try:
+                done = self.fs.files.setattr_open(fhs[0], mode=mode, ids=ids, times=times,
+                                                  writer=writer)
+            except OSError as e:
+                if e.errno != errno.EBADF:  # (released meanwhile: by name)
+                    raise
+        if done is None:
+            done = self.fs.setattr(rel, mode=mode, ids=ids, times=times, writer=writer)
+        attr, killed = done
         if killed:
             self.notifier.inval_inode(nodeid, -1)
         if attr is None:
