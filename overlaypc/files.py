@@ -335,7 +335,23 @@ class Files:
         if times is not None:
             # (the stat before the chmod and chown: they change neither time)
             os.utime(fd, ns=resolve_times(times, st))
-        return Attr(os.fstat(fd), inode.ino), killed
+        after = os.fstat(fd)
+        self._numbered(inode, fd, st, after)
+        return Attr(after, inode.ino), killed
+
+    def _numbered(self, inode: OverlayInode, fd: int, before: os.stat_result,
+                  after: os.stat_result) -> None:
+        """Keep the inode-number answer of the changed upper file under its new ctime (as
+        a change by name does when it answers with ``of_node``): from the one kept under
+        ``before``, else read afresh with the file's xattr names listed through ``fd``
+        (absent origin marks then cost no call)."""
+        if self.fs.inos.carry(before, after):
+            return
+        try:
+            names: frozenset[str] | None = frozenset(os.listxattr(fd))
+        except OSError as e:
+            names = frozenset() if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
+        self.fs.inos.recorded(Entry(inode.layer, inode.rel, after, None, None, names))
 
     def kill_privs(self, fh: int, writer: killpriv.Writer) -> bool:
         """A write, truncate or ``O_TRUNC`` open by ``writer`` without CAP_FSETID (the

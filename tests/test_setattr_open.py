@@ -123,3 +123,21 @@ def test_an_open_file_under_squashed_owners_is_changed_by_name(tmp_path):
         drv.settle()
     finally:
         drv.close()
+
+
+def test_a_listing_after_the_changes_reads_no_origin_of_the_file(drv, monkeypatch):
+    """The inode-number answer of the changed file is kept under its new ctime, as a
+    change by name keeps it: a listing (rm -rf's READDIRPLUS after untar) need not read
+    the file's origin xattrs again."""
+    root = drv.root()
+    node, fh = drv.create(root, "f", os.O_WRONLY, 0o644)
+    drv.write(fh, b"data", 0)               # (a write changes the ctime first)
+    for step in STEPS[:4]:
+        drv.ops.setattr(REQ, node.nodeid, SetAttr(step[0], None, 0, *step[1:]))
+    drv.release(fh)
+    read: list[str] = []
+    real = drv.fs.inos._from_origin
+    monkeypatch.setattr(drv.fs.inos, "_from_origin", lambda e: read.append(e.rel) or real(e))
+    assert "f" in drv.readdir(root)
+    assert read == []
+    drv.settle()
