@@ -95,6 +95,37 @@ def test_create_looks_its_name_up_once(env, calls):
         drv.ops.create(REQ, u, b"new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IFREG | 0o644)
 
 
+def test_create_reads_the_new_file_stat_once(env, monkeypatch):
+    """CREATE by a caller the file is made for as it is (no chown needed): the stat read
+    to decide the owner is the one the reply and the node are made of."""
+    drv, tmp = env
+    u = _node(drv, ROOT_ID, "u")
+    stats: list[int] = []
+    real_fstat, real_stat_at = os.fstat, layer.Layer.stat_at
+
+    def fstat(fd):
+        st = real_fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            stats.append(st.st_ino)
+        return st
+
+    def stat_at(self, parent, name):
+        st = real_stat_at(self, parent, name)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            stats.append(st.st_ino)
+        return st
+    monkeypatch.setattr(os, "fstat", fstat)
+    monkeypatch.setattr(layer.Layer, "stat_at", stat_at)
+    entry, opened = drv.ops.create(REQ, u, b"new", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                   stat.S_IFREG | 0o640)
+    monkeypatch.undo()
+    st = os.lstat(tmp / "upper" / "u" / "new")
+    assert stats == [st.st_ino], stats
+    _same(entry.attr, st)
+    drv.ops.release(REQ, entry.nodeid, opened.fh)
+    drv.ops.forget(entry.nodeid, 1)
+
+
 def test_unlink_looks_its_name_up_once(env, calls):
     """UNLINK in a directory that has its upper copy: one lookup (under the lock), which
     also gives the link count the node table needs; a directory is refused under it."""
