@@ -200,6 +200,30 @@ def test_parent_getattr_after_changes_reads_its_origin_xattrs_once(env, monkeypa
         assert origin_reads == 0, reads  # read before the loop, at the first GETATTR
 
 
+def test_mkdir_reads_no_origin_xattr_of_the_new_directory(env, monkeypatch):
+    """untar's MKDIR: the lookup that answers it lists the new directory's xattr names
+    (for its opaque mark); with no origin among them its inode number needs no origin read.
+    A copied-up directory (origin set) still shows its lower's number."""
+    drv, tmp = env
+    reads: Counter[str] = Counter()
+    real = layer.Layer.getxattr_at
+
+    def counting(self, dirfd, name):
+        reads[name] += 1
+        return real(self, dirfd, name)
+    monkeypatch.setattr(layer.Layer, "getxattr_at", counting)
+    u = _node(drv, ROOT_ID, "u")
+    entry = drv.ops.mkdir(REQ, u, b"new", 0o755)
+    assert entry.attr.ino == os.lstat(tmp / "upper" / "u" / "new").st_ino
+    assert not [name for name in reads if name.endswith("origin")], reads
+    drv.ops.forget(entry.nodeid, 1)
+    ld = _node(drv, ROOT_ID, "ld")
+    drv.ops.unlink(REQ, ld, b"f0")  # copies ld up: its origin is the lower ld
+    drv.ops.forget(ld, 1)
+    drv.fs.lookup.invalidate()
+    assert drv.ops.lookup(REQ, ROOT_ID, b"ld").attr.ino == os.lstat(tmp / "lower" / "ld").st_ino
+
+
 def test_rmdir_of_an_empty_upper_only_directory_is_one_rmdir(env, monkeypatch):
     """rm -rf of a tree made through the mount: a directory with no lower name to hide
     goes with one ``rmdir`` (as the kernel's ``ovl_remove_upper``), not a rename into the
