@@ -141,3 +141,15 @@ def test_a_listing_after_the_changes_reads_no_origin_of_the_file(drv, monkeypatc
     assert "f" in drv.readdir(root)
     assert read == []
     drv.settle()
+
+
+def test_a_released_handle_lends_no_fd(drv):
+    """A SETATTR or GETXATTR by node borrows the fd of one of the node's open handles,
+    whose RELEASE may run at the same time: once closed, the handle lends nothing (its fd
+    number may name another open file by then)."""
+    node, fh = drv.create(drv.root(), "f", os.O_WRONLY, 0o644)
+    handle = drv.fs.handles.get(fh)
+    assert handle.with_fd(lambda fd: os.fstat(fd).st_ino) == os.fstat(handle.bound_fd).st_ino
+    drv.release(fh)
+    assert handle.with_fd(lambda fd: pytest.fail(f"lent fd {fd} of a released handle")) is None
+    drv.settle()
