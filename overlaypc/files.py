@@ -17,7 +17,7 @@ import os
 import stat
 
 from . import faults, killpriv, sysapi
-from .attrs import Attr
+from .attrs import Attr, resolve_times
 from .handles import Handle
 from .inodes import OverlayInode
 from .lookup import Entry, Node
@@ -27,6 +27,8 @@ from .sharing import NOT_SHARED, Canonical, Piece, changing, map_file
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .core import OverlayFS
 
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
@@ -277,21 +279,101 @@ class Files:
         with inode.lock:
             return inode.privs_clean == inode.privs_epoch
 
+    def capability(self, fh: int) -> bytes | None:
+        """``security.capability`` of the file open as ``fh``, read through the handle's
+        fd (ENODATA when absent) rather than by a lookup of a name: the kernel asks for it
+        before every write and chown of an open file (``file_remove_privs``,
+        ``notify_change``). None when the handle cannot answer for its inode: a backing
+        not in the upper (a lower or metacopy file: the name's top entry decides), a
+        handle left on an older backing (``handles=`` other than reopen) or closed
+        meanwhile. An upper backing never moves again, and a file known to have nothing
+        a write would strip (``kill_privs``) has no capability until a chmod or setxattr
+        says otherwise."""
+        handle = self.fs.handles.get(fh)
+        inode = handle.inode
+        if not inode.in_upper:
+            return None
+        with inode.lock:
+            if inode.privs_clean == inode.privs_epoch:
+                raise OSError(errno.ENODATA, "no such attribute", killpriv.CAPABILITY_XATTR)
+        return handle.with_fd(_get_capability)
+
+    def setattr_open(self, fh: int, *, mode: int | None, ids: tuple[int, int] | None,
+                     times: tuple[int, int] | None,
+                     writer: killpriv.Writer | None) -> tuple[Attr, bool] | None:
+        """``Attributes.setattr`` of a named file done through its open handle ``fh``
+        instead of a lookup of the name (untar's utimens, chown and chmod of each file come
+        before its close): the same steps in the same order, then the attributes after
+        the change and whether anything was stripped. None, nothing done, unless the
+        handle is open on its inode's current upper backing, a regular file with one
+        link, and owners and modes are shown as stored (no mapping, squashing or override
+        xattr): those take the name's path, which computes link counts and shown owners."""
+        if self.fs.ownership.active:
+            return None
+        handle = self.fs.handles.get(fh)
+        inode = handle.inode
+        if not inode.in_upper or inode.meta_rel is not None:
+            return None
+        return handle.with_fd(lambda fd: self._setattr_fd(inode, fd, mode, ids, times, writer))
+
+    def _setattr_fd(self, inode: OverlayInode, fd: int, mode: int | None,
+                    ids: tuple[int, int] | None, times: tuple[int, int] | None,
+                    writer: killpriv.Writer | None) -> tuple[Attr, bool] | None:
+        fs = self.fs
+        st = os.fstat(fd)
+        if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+            return None
+        if writer is not None or mode is not None or ids is not None or times is not None:
+            fs.require_writable()
+        if ids is not None:
+            ids = fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is stripped
+        killed = False
+        if writer is not None:
+            killed = self._kill(inode, lambda: fd, writer)
+        if mode is not None:
+            os.chmod(fd, stat.S_IMODE(mode))
+            inode.privs_may_grow()
+        if ids is not None:
+            os.chown(fd, *ids)
+        if times is not None:
+            # (the stat before the chmod and chown: they change neither time)
+            os.utime(fd, ns=resolve_times(times, st))
+        after = os.fstat(fd)
+        self._numbered(inode, fd, st, after)
+        return Attr(after, inode.ino), killed
+
+    def _numbered(self, inode: OverlayInode, fd: int, before: os.stat_result,
+                  after: os.stat_result) -> None:
+        """Keep the inode-number answer of the changed upper file under its new ctime (as
+        a change by name does when it answers with ``of_node``): from the one kept under
+        ``before``, else read afresh with the file's xattr names listed through ``fd``
+        (absent origin marks then cost no call)."""
+        if self.fs.inos.carry(before, after):
+            return
+        try:
+            names: frozenset[str] | None = frozenset(os.listxattr(fd))
+        except OSError as e:
+            names = frozenset() if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
+        self.fs.inos.recorded(Entry(inode.layer, inode.rel, after, None, None, names))
+
     def kill_privs(self, fh: int, writer: killpriv.Writer) -> bool:
         """A write, truncate or ``O_TRUNC`` open by ``writer`` without CAP_FSETID (the
         request's kill flag): strip setuid/setgid and the capability (``killpriv``).
         Cheap for a burst of writes: once the file has nothing left to strip, the inode
         remembers it until a chmod or setxattr. True if something was stripped."""
         handle = self.fs.handles.get(fh)
-        inode = handle.inode
+        return self._kill(handle.inode, lambda: self._fd(handle), writer)
+
+    def _kill(self, inode: OverlayInode, fd_of: Callable[[], int], writer: killpriv.Writer) -> bool:
+        """``kill_privs`` of ``inode`` through the fd ``fd_of()`` gives (asked only if the
+        file is not known clean)."""
         if not inode.in_upper:  # (a write handle always is; a lower file is never changed)
             return False
         with inode.lock:
             epoch = inode.privs_epoch
             if inode.privs_clean == epoch:
                 return False
-        fd = self._fd(handle)
-        done = killpriv.kill_fd(self.fs.ownership, inode.layer, fd, writer)
+        done = killpriv.kill_fd(self.fs.ownership, inode.layer, fd_of(), writer)
         if done.clean:
             with inode.lock:
                 if inode.privs_epoch == epoch:  # no chmod/setxattr came in between
@@ -450,3 +532,7 @@ class Files:
         handle = self.fs.handles.pop(fh)
         handle.close()
         self.fs.inodes.release(handle.inode)
+
+
+def _get_capability(fd: int) -> bytes:
+    return os.getxattr(fd, killpriv.CAPABILITY_XATTR)

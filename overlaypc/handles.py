@@ -24,6 +24,13 @@ import threading
 from .inodes import OverlayInode
 from .layer import moved
 from .records import field, record
+from .typing_lite import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 #: Flags that only mean something at creation, never on a reopen.
 _CREATION_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
@@ -46,6 +53,8 @@ class Handle:
     #: (fd, generation) on a new backing, offered by a copy-up, not switched to yet
     _offered: tuple[int, int] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: set by ``close``, under ``_lock`` (see ``with_fd``)
+    closed: bool = False
 
     @property
     def writable(self) -> bool:
@@ -86,12 +95,25 @@ class Handle:
         """The fd as it is, without following a copy-up (fstat of a nameless file)."""
         return self.bound_fd
 
+    def with_fd(self, action: Callable[[int], T]) -> T | None:
+        """``action(fd)`` on the handle's fd, for a request other than the ones the kernel
+        sends with this handle (a SETATTR or GETXATTR by node, whose handle's RELEASE may
+        run meanwhile): held against ``close``, so the fd number is never one reused by
+        another open. None, nothing run, when the handle is closed or its fd is not on
+        the inode's current backing (it does not switch here)."""
+        with self._lock:
+            if self.closed or self.bound_generation != self.inode.generation:
+                return None
+            return action(self.bound_fd)
+
     def close(self) -> None:
-        offered = [self._offered[0]] if self._offered else []
-        for fd in [self.bound_fd, *self._retired, *offered]:
-            os.close(fd)
-        self._retired.clear()
-        self._offered = None
+        with self._lock:
+            self.closed = True
+            offered = [self._offered[0]] if self._offered else []
+            for fd in [self.bound_fd, *self._retired, *offered]:
+                os.close(fd)
+            self._retired.clear()
+            self._offered = None
 
 
 class HandleTable:

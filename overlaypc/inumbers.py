@@ -93,6 +93,20 @@ class InodeNumbers:
                 self._cache.popitem(last=False)
         return value
 
+    def carry(self, before: os.stat_result, after: os.stat_result) -> bool:
+        """An upper object changed only in mode, owner or times (``before`` -> ``after``):
+        its ``recorded`` answer, if kept under the old stat, is kept under the new one
+        too (its origin is unchanged), so a listing after the change reads no xattrs
+        for it. False when nothing was kept under ``before``."""
+        old = (before.st_dev, before.st_ino, before.st_ctime_ns)
+        with self._lock:
+            if old not in self._cache:
+                return False
+            self._cache[(after.st_dev, after.st_ino, after.st_ctime_ns)] = self._cache[old]
+            if len(self._cache) > self._limit:
+                self._cache.popitem(last=False)
+        return True
+
     def _from_origin(self, entry: Entry) -> tuple[int | None, bool]:
         """The number the upper ``entry``'s origin xattr gives (kernel file handle, else
         fuse-overlayfs's path), from the cache of decoded origins when it holds it; and

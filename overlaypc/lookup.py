@@ -190,6 +190,8 @@ class Lookup:
                  follow_redirects: bool = False, follow_metacopy: bool = False) -> None:
         self.stack = stack
         self.prefix = xattr_prefix
+        #: the copy-up origin marks ``inumbers`` reads (kernel's, fuse-overlayfs's)
+        self._origins = frozenset((xattr_prefix + "origin", whiteout.FOO_ORIGIN))
         self.follow_redirects = follow_redirects
         self.index = None  # an index.IndexDir under -o index=on
         self.follow_metacopy = follow_metacopy
@@ -544,6 +546,10 @@ class Lookup:
                 # its xattr names, listed once here: absent marks cost no call (not kept
                 # in the entry: a cached directory's xattrs may change through the mount)
                 xattrs = layer.xattr_names_of(dirfd) if dirfd is not None else None
+                if xattrs is not None and layer.writable and self._origins.isdisjoint(xattrs):
+                    # no copy-up origin: what ``inumbers`` would read of it, known now
+                    # (one pinned by the fd; a new upper dir, e.g. one MKDIR made)
+                    dirfd.origin_ino = None  # type: ignore[union-attr]
                 if self._opaque(entry, xattrs):
                     opaque = True
                     break

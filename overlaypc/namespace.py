@@ -145,9 +145,12 @@ class Namespace:
             raise OSError(errno.EEXIST, "file exists", rel)
         self.fs.copyup.ensure_parent(rel)
 
-    def _place_new(self, rel: str, make, caller: Caller | None, mode: int, *, is_dir: bool = False) -> None:
+    def _place_new(self, rel: str, make, caller: Caller | None, mode: int, *,
+                   is_dir: bool = False) -> os.stat_result | None:
         """Run ``make(layer, where, mode)`` to create the object at ``rel``, owned by
-        ``caller`` (None: keep the owner and mode, for hard links)."""
+        ``caller`` (None: keep the owner and mode, for hard links). Returns the object's
+        stat when the last step read it after every change (made in place, owner and
+        mode right as made), else None."""
         upper, work = self.fs.stack.upper, self.fs.stack.work
         assert upper is not None and work is not None
         new = owner = None
@@ -161,15 +164,16 @@ class Namespace:
             raise OSError(errno.EEXIST, "file exists", rel)
         if not node.upper_whiteout or (node.upper_marker and not is_dir):
             make(upper, rel, mode)  # in its real parent: the filesystem applies the default ACL
+            made = None
             try:
                 if owner:
-                    self._set_owner(upper, rel, *owner)
+                    made = self._set_owner(upper, rel, *owner)
             except BaseException:
                 self._unmake(upper, rel, is_dir)  # a failed operation leaves no trace
                 raise
             if node.upper_marker:
                 self._drop_marker(rel)
-            return
+            return made
         tmp = self._tmp()
         try:
             make(work, tmp, mode)
@@ -188,6 +192,7 @@ class Namespace:
                 do_rename(work, tmp, upper, rel)
         finally:
             self._discard(tmp)  # the displaced whiteout, or a failed attempt
+        return None
 
     def _unmake(self, layer, rel: str, is_dir: bool) -> None:
         """Remove the object a failed creation made at ``rel`` (under the namespace lock, so
@@ -225,15 +230,19 @@ class Namespace:
             if value is not None:
                 layer.do_setxattr(rel, name, value)
 
-    def _set_owner(self, layer, rel: str, uid: int, gid: int, mode: int) -> None:
+    def _set_owner(self, layer, rel: str, uid: int, gid: int, mode: int) -> os.stat_result | None:
+        """Owner and special mode bits of the object just made at ``rel``; its stat when
+        nothing needed changing (the stat read to decide is then current), else None."""
         if self.fs.ownership.writes_override(layer, mode):
             self.fs.ownership.set_override(layer, rel, uid, gid, mode)  # xattr_permissions
-            return
+            return None
         st = self._lstat(layer, rel)
         if st is None:
-            return
+            return None
+        current: os.stat_result | None = st
         if (st.st_uid, st.st_gid) != (uid, gid):
             layer.do_chown(rel, uid, gid)
+            current = None
             if mode & 0o7000:
                 st = layer.lstat(rel) or st  # chown cleared setuid/setgid
         # mkdir ignores S_ISGID and chown clears it: put the special bits back, and only
@@ -241,6 +250,8 @@ class Namespace:
         # chmod to other bits would rewrite.
         if not stat.S_ISLNK(mode) and st.st_mode & 0o7000 != mode & 0o7000:
             layer.do_chmod(rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000)
+            current = None
+        return current
 
     @staticmethod
     def _lstat(layer, rel: str):
@@ -266,15 +277,16 @@ class Namespace:
         for rel in dirs:
             self.fs.lookup.invalidate(rel)
 
-    def _created(self, rel: str, fd: int) -> Node:
+    def _created(self, rel: str, fd: int, st: os.stat_result | None = None) -> Node:
         """The merged node of the regular file just made at ``rel``, as a lookup under the
         same namespace lock hold would find it: the upper file alone (a new non-directory
         hides whatever is below; it has no metacopy mark nor index entry), with the stat
         and xattr names of the file itself, read through ``fd`` after every change made
-        to it (owner, ACLs, override xattrs)."""
+        to it (owner, ACLs, override xattrs); ``st``: its stat read after them already."""
         upper = self.fs.stack.upper
         assert upper is not None
-        st = os.fstat(fd)
+        if st is None:
+            st = os.fstat(fd)
         try:
             names: frozenset[str] | None = frozenset(os.listxattr(fd))
         except OSError as e:
@@ -293,8 +305,8 @@ class Namespace:
 
         with self._changing():
             try:
-                self._place_new(rel, make, caller, stat.S_IFREG | stat.S_IMODE(mode))
-                node = self._created(rel, fds[0])
+                made = self._place_new(rel, make, caller, stat.S_IFREG | stat.S_IMODE(mode))
+                node = self._created(rel, fds[0], made)
             except BaseException:
                 for fd in fds:
                     os.close(fd)

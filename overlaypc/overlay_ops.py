@@ -35,7 +35,7 @@ from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
-from .killpriv import Writer, has_fsetid
+from .killpriv import CAPABILITY_XATTR, Writer, has_fsetid
 from .listings import POSITION_BITS, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
@@ -304,8 +304,19 @@ class OverlayOps(Operations):
         if valid & (p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW):
             times = (_time(valid, p.FATTR_ATIME, p.FATTR_ATIME_NOW, sa.atime_ns),
                      _time(valid, p.FATTR_MTIME, p.FATTR_MTIME_NOW, sa.mtime_ns))
-        attr, killed = self.fs.setattr(rel, mode=sa.mode if valid & p.FATTR_MODE else None,
-                                       ids=ids, times=times, writer=writer)
+        mode = sa.mode if valid & p.FATTR_MODE else None
+        done = None
+        fhs = self.nodes.handles(nodeid)
+        if fhs:  # an open file: through its handle, no lookup (``Files.setattr_open``)
+            try:
+                done = self.fs.files.setattr_open(fhs[0], mode=mode, ids=ids, times=times,
+                                                  writer=writer)
+            except OSError as e:
+                if e.errno != errno.EBADF:  # (released meanwhile: by name)
+                    raise
+        if done is None:
+            done = self.fs.setattr(rel, mode=mode, ids=ids, times=times, writer=writer)
+        attr, killed = done
         if killed:
             self.notifier.inval_inode(nodeid, -1)
         if attr is None:
@@ -322,7 +333,20 @@ class OverlayOps(Operations):
         self.fs.access(self._path(nodeid), mask)
 
     def getxattr(self, req: Request, nodeid: int, name: str) -> bytes:
-        return self.fs.getxattr(self._path(nodeid), name)
+        rel = self._path(nodeid)
+        if name == CAPABILITY_XATTR and not self.fs.config.noxattrs:
+            # asked before each write and chown of an open file (untar: twice per file):
+            # its open handle answers without a lookup of the name
+            for fh in self.nodes.handles(nodeid):
+                try:
+                    value = self.fs.files.capability(fh)
+                except OSError as e:
+                    if e.errno == errno.EBADF:  # released meanwhile
+                        continue
+                    raise
+                if value is not None:
+                    return value
+        return self.fs.getxattr(rel, name)
 
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
         return self.fs.listxattr(self._path(nodeid))

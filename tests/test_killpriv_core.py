@@ -3,6 +3,7 @@ the daemon strips at most once per burst of writes, and looks again after a chmo
 setxattr. (What is stripped, against the kernel overlay: ``test_security.py``.)"""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -20,8 +21,7 @@ CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+e
 WRITER = Request(uid=65534, gid=65534, pid=os.getpid())  # (this process: in group 0 only)
 
 
-@pytest.fixture
-def drv(tmp_path):
+def _driver(tmp_path, **options) -> CoreDriver:
     # a setuid file with a capability in the lower: setting security.capability needs
     # CAP_SETFCAP, so this unit tier (not marked ``mount``) needs root for it
     helpers.require("root")
@@ -32,9 +32,14 @@ def drv(tmp_path):
     os.chmod(f, 0o6755)
     os.setxattr(f, "security.capability", CAP)
     cfg = MountConfig(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
-                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"))
+                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"), **options)
     validate(cfg)
-    d = CoreDriver(cfg)
+    return CoreDriver(cfg)
+
+
+@pytest.fixture
+def drv(tmp_path):
+    d = _driver(tmp_path)
     yield d
     d.close()
 
@@ -126,3 +131,65 @@ def test_writer_groups_and_capability_come_from_proc(tmp_path):
     assert not killpriv.has_fsetid(123, proc=str(tmp_path))
     assert not killpriv.has_fsetid(999999, proc=str(tmp_path))
     assert w.keeps_sgid_of(2)
+
+
+def _capability(drv: CoreDriver, nodeid: int) -> bytes | None:
+    """GETXATTR security.capability as the kernel asks before a write or chown."""
+    try:
+        return drv.ops.getxattr(REQ, nodeid, "security.capability")
+    except OSError as e:
+        assert e.errno == errno.ENODATA, e
+        return None
+
+
+def test_the_capability_of_an_open_file_is_read_through_its_handle(drv, tmp_path, monkeypatch):
+    """The kernel asks for security.capability before each write and chown of an open
+    file (untar: twice per file): an open upper file answers through its handle, with no
+    lookup of its name, and still shows what was set or removed through any name."""
+    node, fh = drv.create(drv.root(), "new", os.O_WRONLY, 0o644)
+    looked: list[str] = []
+    real = drv.fs.lookup.lookup
+    monkeypatch.setattr(drv.fs.lookup, "lookup", lambda rel: looked.append(rel) or real(rel))
+
+    def shown() -> bytes | None:
+        looked.clear()
+        value = _capability(drv, node.nodeid)
+        assert looked == [], "looked the name up"
+        return value
+
+    assert shown() is None
+    drv.ops.setxattr(REQ, node.nodeid, "security.capability", CAP, 0)
+    assert shown() == CAP
+    alias = drv.link(node, drv.root(), "alias")
+    drv.ops.removexattr(REQ, alias.nodeid, "security.capability")
+    assert shown() is None
+    drv.ops.setxattr(REQ, alias.nodeid, "security.capability", CAP, 0)
+    _write(drv, fh, 1)                      # strips it: the file is known clean now
+    assert "security.capability" not in os.listxattr(tmp_path / "upper" / "new")
+    assert shown() is None
+    drv.ops.setxattr(REQ, alias.nodeid, "security.capability", CAP, 0)
+    assert shown() == CAP                   # (a setxattr voids "clean")
+    drv.release(fh)
+    looked.clear()
+    assert _capability(drv, node.nodeid) == CAP   # no handle: by its name
+    assert looked == ["new"]
+    drv.settle()
+
+
+def test_a_handle_left_on_the_lower_file_does_not_answer_for_its_copy(tmp_path):
+    """handles=bind-at-open: a read-only handle stays on the lower file after a copy-up;
+    the capability shown is the upper copy's (removed here), not the lower file's."""
+    drv = _driver(tmp_path, handles="bind-at-open")
+    try:
+        node = drv.lookup(drv.root(), "f")
+        reader = drv.open(node, os.O_RDONLY)
+        assert _capability(drv, node.nodeid) == CAP
+        writer = drv.open(node, os.O_WRONLY)   # copy-up, the capability with it
+        drv.ops.removexattr(REQ, node.nodeid, "security.capability")
+        drv.release(writer)
+        assert os.getxattr(tmp_path / "lower" / "f", "security.capability") == CAP
+        assert _capability(drv, node.nodeid) is None
+        drv.release(reader)
+        drv.settle()
+    finally:
+        drv.close()

@@ -95,6 +95,37 @@ def test_create_looks_its_name_up_once(env, calls):
         drv.ops.create(REQ, u, b"new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IFREG | 0o644)
 
 
+def test_create_reads_the_new_file_stat_once(env, monkeypatch):
+    """CREATE by a caller the file is made for as it is (no chown needed): the stat read
+    to decide the owner is the one the reply and the node are made of."""
+    drv, tmp = env
+    u = _node(drv, ROOT_ID, "u")
+    stats: list[int] = []
+    real_fstat, real_stat_at = os.fstat, layer.Layer.stat_at
+
+    def fstat(fd):
+        st = real_fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            stats.append(st.st_ino)
+        return st
+
+    def stat_at(self, parent, name):
+        st = real_stat_at(self, parent, name)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            stats.append(st.st_ino)
+        return st
+    monkeypatch.setattr(os, "fstat", fstat)
+    monkeypatch.setattr(layer.Layer, "stat_at", stat_at)
+    entry, opened = drv.ops.create(REQ, u, b"new", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                   stat.S_IFREG | 0o640)
+    monkeypatch.undo()
+    st = os.lstat(tmp / "upper" / "u" / "new")
+    assert stats == [st.st_ino], stats
+    _same(entry.attr, st)
+    drv.ops.release(REQ, entry.nodeid, opened.fh)
+    drv.ops.forget(entry.nodeid, 1)
+
+
 def test_unlink_looks_its_name_up_once(env, calls):
     """UNLINK in a directory that has its upper copy: one lookup (under the lock), which
     also gives the link count the node table needs; a directory is refused under it."""
@@ -167,6 +198,30 @@ def test_parent_getattr_after_changes_reads_its_origin_xattrs_once(env, monkeypa
         _same(attr, os.lstat(tmp / "upper" / drv.ops.nodes.path(parent)))
         origin_reads = sum(n for name, n in reads.items() if name.endswith("origin"))
         assert origin_reads == 0, reads  # read before the loop, at the first GETATTR
+
+
+def test_mkdir_reads_no_origin_xattr_of_the_new_directory(env, monkeypatch):
+    """untar's MKDIR: the lookup that answers it lists the new directory's xattr names
+    (for its opaque mark); with no origin among them its inode number needs no origin read.
+    A copied-up directory (origin set) still shows its lower's number."""
+    drv, tmp = env
+    reads: Counter[str] = Counter()
+    real = layer.Layer.getxattr_at
+
+    def counting(self, dirfd, name):
+        reads[name] += 1
+        return real(self, dirfd, name)
+    monkeypatch.setattr(layer.Layer, "getxattr_at", counting)
+    u = _node(drv, ROOT_ID, "u")
+    entry = drv.ops.mkdir(REQ, u, b"new", 0o755)
+    assert entry.attr.ino == os.lstat(tmp / "upper" / "u" / "new").st_ino
+    assert not [name for name in reads if name.endswith("origin")], reads
+    drv.ops.forget(entry.nodeid, 1)
+    ld = _node(drv, ROOT_ID, "ld")
+    drv.ops.unlink(REQ, ld, b"f0")  # copies ld up: its origin is the lower ld
+    drv.ops.forget(ld, 1)
+    drv.fs.lookup.invalidate()
+    assert drv.ops.lookup(REQ, ROOT_ID, b"ld").attr.ino == os.lstat(tmp / "lower" / "ld").st_ino
 
 
 def test_rmdir_of_an_empty_upper_only_directory_is_one_rmdir(env, monkeypatch):

@@ -1,0 +1,155 @@
+"""SETATTR of an open file (untar's utimens, chown and chmod of each file come before its
+close) is done through the file's handle, without a lookup of its name
+(``Files.setattr_open``): driven through ``OverlayOps`` without FUSE (``core_driver``),
+each sequence of changes is made on an open file and on a closed one, and both must end
+the same, in the replies and on disk."""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import replace
+
+import pytest
+
+import helpers
+from core_driver import REQ, CoreDriver, NodeRef
+from overlaypc.config import MountConfig, validate
+from overlaypc.engine import protocol as p
+from overlaypc.engine.protocol import SetAttr
+
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep, v2
+T = 1_600_000_000_123_456_789
+
+
+def _driver(tmp_path, **options) -> CoreDriver:
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    cfg = MountConfig(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
+                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"), **options)
+    validate(cfg)
+    return CoreDriver(cfg)
+
+
+@pytest.fixture
+def drv(tmp_path):
+    helpers.require("root")  # chown, and security.capability (CAP_SETFCAP)
+    d = _driver(tmp_path)
+    yield d
+    d.close()
+
+
+#: (valid, atime, mtime, mode, uid, gid): as tar sends them, then others
+STEPS = [
+    (p.FATTR_ATIME | p.FATTR_MTIME, T - 9, T - 9, 0, 0, 0),           # (both alike from here)
+    (p.FATTR_MODE, 0, 0, 0o6755, 0, 0),
+    (p.FATTR_MTIME, 0, T, 0, 0, 0),                                   # atime UTIME_OMIT
+    (p.FATTR_UID | p.FATTR_GID | p.FATTR_KILL_SUIDGID, 0, 0, 0, 1234, 5678),
+    (p.FATTR_MODE, 0, 0, 0o2640, 0, 0),
+    (p.FATTR_GID | p.FATTR_KILL_SUIDGID, 0, 0, 0, 0, 4242),
+    (p.FATTR_ATIME | p.FATTR_MTIME, T - 5, T + 7, 0, 0, 0),
+    (p.FATTR_MODE | p.FATTR_UID | p.FATTR_ATIME_NOW | p.FATTR_MTIME, 0, T, 0o4711, 99, 0),
+]
+
+
+def _apply(drv: CoreDriver, node: NodeRef, step) -> tuple:
+    valid, atime, mtime, mode, uid, gid = step
+    if valid & p.FATTR_KILL_SUIDGID:  # a capability for the kill to strip
+        drv.ops.setxattr(REQ, node.nodeid, "security.capability", CAP, 0)
+    attr = drv.ops.setattr(REQ, node.nodeid, SetAttr(valid, None, 0, atime, mtime, mode, uid, gid)).attr
+    # atime NOW differs between the two files; ctime always does
+    return (attr.mode, attr.uid, attr.gid, attr.nlink, attr.size, attr.mtime_ns,
+            None if valid & p.FATTR_ATIME_NOW else attr.atime_ns)
+
+
+def _on_disk(path) -> tuple:
+    st = os.lstat(path)
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size, st.st_mtime_ns,
+            sorted(os.listxattr(path)))
+
+
+def test_setattr_of_an_open_file_needs_no_lookup_and_ends_as_by_name(drv, tmp_path, monkeypatch):
+    root = drv.root()
+    shut, fh = drv.create(root, "shut", os.O_WRONLY, 0o644)
+    drv.write(fh, b"data", 0)
+    drv.release(fh)
+    held, fh = drv.create(root, "held", os.O_WRONLY, 0o644)
+    drv.write(fh, b"data", 0)
+    looked: list[str] = []
+    real = drv.fs.lookup.lookup
+    monkeypatch.setattr(drv.fs.lookup, "lookup", lambda rel: looked.append(rel) or real(rel))
+    for step in STEPS:
+        by_name = _apply(drv, shut, step)
+        looked.clear()
+        valid = step[0]
+        if valid & p.FATTR_KILL_SUIDGID:
+            drv.ops.setxattr(REQ, held.nodeid, "security.capability", CAP, 0)
+            looked.clear()
+        attr = drv.ops.setattr(REQ, held.nodeid, SetAttr(valid, None, 0, *step[1:])).attr
+        assert looked == [], f"SETATTR {valid:#x} of an open file looked its name up"
+        through_handle = (attr.mode, attr.uid, attr.gid, attr.nlink, attr.size, attr.mtime_ns,
+                          None if valid & p.FATTR_ATIME_NOW else attr.atime_ns)
+        assert through_handle == by_name, f"SETATTR {valid:#x}"
+        assert _on_disk(tmp_path / "upper" / "held") == _on_disk(tmp_path / "upper" / "shut")
+        assert replace(drv.getattr(held), ino=0) == replace(drv.getattr(shut), ino=0)
+    # the last chown (after its chmod) cleared setuid, as Linux's chown does for anyone
+    assert stat.S_IMODE(os.lstat(tmp_path / "upper" / "held").st_mode) == 0o711
+    assert os.lstat(tmp_path / "upper" / "held").st_uid == 99
+    drv.release(fh)
+    drv.settle()
+
+
+def test_an_open_file_with_other_links_is_changed_by_name(drv, tmp_path):
+    """A second link: the reply's link count is the overlay's (computed by name)."""
+    root = drv.root()
+    node, fh = drv.create(root, "a", os.O_WRONLY, 0o644)
+    drv.link(node, root, "b")
+    attr = drv.ops.setattr(REQ, node.nodeid, SetAttr(p.FATTR_MODE, None, 0, 0, 0, 0o600, 0, 0)).attr
+    assert attr.nlink == 2 and stat.S_IMODE(attr.mode) == 0o600
+    assert stat.S_IMODE(os.lstat(tmp_path / "upper" / "b").st_mode) == 0o600
+    drv.release(fh)
+    drv.settle()
+
+
+def test_an_open_file_under_squashed_owners_is_changed_by_name(tmp_path):
+    """Shown owners differ from the stored ones: the name's path decides what is shown."""
+    helpers.require("root")
+    drv = _driver(tmp_path, squash_to_uid=4321)
+    try:
+        node, fh = drv.create(drv.root(), "f", os.O_WRONLY, 0o644)
+        attr = drv.ops.setattr(REQ, node.nodeid,
+                               SetAttr(p.FATTR_MTIME, None, 0, 0, T, 0, 0, 0)).attr
+        assert attr.uid == 4321 and attr.mtime_ns == T
+        drv.release(fh)
+        drv.settle()
+    finally:
+        drv.close()
+
+
+def test_a_listing_after_the_changes_reads_no_origin_of_the_file(drv, monkeypatch):
+    """The inode-number answer of the changed file is kept under its new ctime, as a
+    change by name keeps it: a listing (rm -rf's READDIRPLUS after untar) need not read
+    the file's origin xattrs again."""
+    root = drv.root()
+    node, fh = drv.create(root, "f", os.O_WRONLY, 0o644)
+    drv.write(fh, b"data", 0)               # (a write changes the ctime first)
+    for step in STEPS[:4]:
+        drv.ops.setattr(REQ, node.nodeid, SetAttr(step[0], None, 0, *step[1:]))
+    drv.release(fh)
+    read: list[str] = []
+    real = drv.fs.inos._from_origin
+    monkeypatch.setattr(drv.fs.inos, "_from_origin", lambda e: read.append(e.rel) or real(e))
+    assert "f" in drv.readdir(root)
+    assert read == []
+    drv.settle()
+
+
+def test_a_released_handle_lends_no_fd(drv):
+    """A SETATTR or GETXATTR by node borrows the fd of one of the node's open handles,
+    whose RELEASE may run at the same time: once closed, the handle lends nothing (its fd
+    number may name another open file by then)."""
+    node, fh = drv.create(drv.root(), "f", os.O_WRONLY, 0o644)
+    handle = drv.fs.handles.get(fh)
+    assert handle.with_fd(lambda fd: os.fstat(fd).st_ino) == os.fstat(handle.bound_fd).st_ino
+    drv.release(fh)
+    assert handle.with_fd(lambda fd: pytest.fail(f"lent fd {fd} of a released handle")) is None
+    drv.settle()
