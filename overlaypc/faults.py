@@ -10,7 +10,8 @@ Points may carry a byte threshold (``copyup.data@1048576=pause``) and a path fil
 (``file.read~broken=eio``: only when the path involved contains "broken").
 Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.rename``,
 ``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``,
-``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a kernel or
+``files.nameless`` (a change of an open file with no name left, on the fd of one of
+its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a kernel or
 filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper that refuses
 RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a renamed object's old
 name, in that case), ``index.adjust`` (the index's link count after link/unlink/rename).
@@ -62,6 +63,14 @@ def _action(name: str) -> Callable[..., None]:
     if name not in table:
         raise ValueError(f"unknown fault action {name!r}")
     return table[name]
+
+
+def install(point: str, hook: Callable[..., None]) -> None:
+    """Set ``hook(point, *args)`` at ``point`` (in-process tests: a hook that waits lets a
+    test run another thread at exactly that step); ``configure(None)`` removes it."""
+    global armed
+    _hooks[point] = hook
+    armed = True
 
 
 def configure(spec: str | None) -> None:

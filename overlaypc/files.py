@@ -28,8 +28,11 @@ from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import TypeVar
 
     from .core import OverlayFS
+
+    T = TypeVar("T")
 
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 #: the most one COPY_FILE_RANGE copies when it has to go through the daemon
@@ -465,9 +468,19 @@ class Files:
         self._fd(self.fs.handles.get(fh))
 
     # -- an open file with no name left (unlinked): reached through an open handle's fd --
-    def _handle_fd(self, inode: OverlayInode) -> int:
+    def _with_handle_fd(self, inode: OverlayInode, action: Callable[[int], T]) -> T:
+        """``action(fd)`` on the fd of one of the inode's open handles (moved to the current
+        backing first), held against that handle's close: its RELEASE, running meanwhile,
+        cannot free the fd number for another open to take before ``action`` is done (which
+        would then change that file). ENOENT when none is open."""
         for handle in self.fs.handles.for_inode(inode):
-            return self._fd(handle)
+            try:
+                self._fd(handle)
+            except OSError:
+                continue  # closed meanwhile
+            done = handle.with_fd(lambda fd: (action(fd),))
+            if done is not None:
+                return done[0]
         raise OSError(errno.ENOENT, "file no longer open")
 
     def _shown(self, attr: Attr, inode: OverlayInode, fd: int) -> Attr:
@@ -476,19 +489,22 @@ class Files:
 
     def getattr_inode(self, inode: OverlayInode) -> Attr:
         """Attributes of an open file that has no name left."""
-        fd = self._handle_fd(inode)
-        return self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd)
+        return self._with_handle_fd(
+            inode, lambda fd: self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd))
 
     def _on_nameless(self, inode: OverlayInode, action, flags: int = os.O_RDONLY) -> None:
         """Run ``action(fd)`` on a new fd (``flags``) of the nameless file's backing."""
         if not inode.in_upper:
             raise OSError(errno.EROFS, "an unlinked lower file cannot be copied up")
-        # reopening through the magic link works for an unlinked file
-        fd = os.open(f"/proc/self/fd/{self._handle_fd(inode)}", flags | os.O_CLOEXEC)
-        try:
-            action(fd)
-        finally:
-            os.close(fd)
+        def reopened(handle_fd: int) -> None:
+            faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
+            # reopening through the magic link works for an unlinked file
+            fd = os.open(f"/proc/self/fd/{handle_fd}", flags | os.O_CLOEXEC)
+            try:
+                action(fd)
+            finally:
+                os.close(fd)
+        self._with_handle_fd(inode, reopened)
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd: self.fs.ownership.chmod_fd(inode.layer, fd, mode))

@@ -17,6 +17,7 @@ in a ``pread`` on it; that is at most one extra fd per copy-up of an open file.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
@@ -65,6 +66,8 @@ class Handle:
         if not self.follow or self.bound_generation == self.inode.generation:
             return self.bound_fd, False
         with self._lock:
+            if self.closed:  # (a request by node that found it open: a switch would leak)
+                raise OSError(errno.EBADF, "handle closed")
             if self.bound_generation == self.inode.generation:
                 return self.bound_fd, False
             offered, self._offered = self._offered, None

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from dataclasses import replace
 
 import pytest
 
 import helpers
 from core_driver import REQ, CoreDriver, NodeRef
+from overlaypc import faults
 from overlaypc.config import MountConfig, validate
 from overlaypc.engine import protocol as p
 from overlaypc.engine.protocol import SetAttr
@@ -153,3 +155,53 @@ def test_a_released_handle_lends_no_fd(drv):
     drv.release(fh)
     assert handle.with_fd(lambda fd: pytest.fail(f"lent fd {fd} of a released handle")) is None
     drv.settle()
+
+
+def test_a_nameless_file_changed_while_its_handle_is_released_changes_no_other_file(drv, tmp_path):
+    """A truncate by node of an open file with no name left runs on the fd of one of its
+    handles; that handle's RELEASE comes at the same time, and another open takes the fd
+    number it freed. The truncate must still reach the file, not the other one. Before:
+    the fd number was read, then reopened through /proc with nothing held, so the other
+    file ("victim") was truncated."""
+    node, fh = drv.create(drv.root(), "f", os.O_RDWR, 0o644)
+    drv.write(fh, b"nameless data", 0)
+    keep = drv.open(node, os.O_RDONLY)  # (open after the handle lent: stays open)
+    drv.unlink(drv.root(), "f")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"victim data")
+    reached, go = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def hook(point, *args):
+        reached.set()
+        go.wait(10)
+
+    def truncate():
+        try:
+            results["truncate"] = drv.setattr(node, size=4)  # SETATTR by node: no name
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results["truncate"] = e
+
+    def release_and_open():
+        drv.release(fh)                                      # the lent handle's fd goes...
+        results["fd"] = os.open(victim, os.O_RDWR)          # ...and its number is taken
+
+    faults.install("files.nameless", hook)
+    threads = [threading.Thread(target=truncate), threading.Thread(target=release_and_open)]
+    try:
+        threads[0].start()
+        assert reached.wait(10)
+        threads[1].start()
+        threads[1].join(0.5)  # before: released and reopened at once; now it waits
+        go.set()
+        for t in threads:
+            t.join(10)
+    finally:
+        go.set()
+        faults.configure(None)
+        if isinstance(results.get("fd"), int):
+            os.close(results["fd"])
+    assert victim.read_bytes() == b"victim data"
+    assert not isinstance(results["truncate"], Exception), results["truncate"]
+    assert results["truncate"].size == 4 and drv.read(keep, 100, 0) == b"name"
+    drv.release(keep)
