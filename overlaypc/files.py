@@ -470,15 +470,16 @@ class Files:
     # -- an open file with no name left (unlinked): reached through an open handle's fd --
     def _with_handle_fd(self, inode: OverlayInode, action: Callable[[int], T]) -> T:
         """``action(fd)`` on the fd of one of the inode's open handles (moved to the current
-        backing first), held against that handle's close: its RELEASE, running meanwhile,
-        cannot free the fd number for another open to take before ``action`` is done (which
-        would then change that file). ENOENT when none is open."""
+        backing first where handles follow copy-ups), held against that handle's close: its
+        RELEASE, running meanwhile, cannot free the fd number for another open to take
+        before ``action`` is done (which would then change that file). ENOENT when none is
+        open."""
         for handle in self.fs.handles.for_inode(inode):
             try:
                 self._fd(handle)
             except OSError:
                 continue  # closed meanwhile
-            done = handle.with_fd(lambda fd: (action(fd),))
+            done = handle.with_fd(lambda fd: (action(fd),), current=False)
             if done is not None:
                 return done[0]
         raise OSError(errno.ENOENT, "file no longer open")

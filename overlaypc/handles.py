@@ -98,14 +98,14 @@ class Handle:
         """The fd as it is, without following a copy-up (fstat of a nameless file)."""
         return self.bound_fd
 
-    def with_fd(self, action: Callable[[int], T]) -> T | None:
+    def with_fd(self, action: Callable[[int], T], current: bool = True) -> T | None:
         """``action(fd)`` on the handle's fd, for a request other than the ones the kernel
         sends with this handle (a SETATTR or GETXATTR by node, whose handle's RELEASE may
         run meanwhile): held against ``close``, so the fd number is never one reused by
-        another open. None, nothing run, when the handle is closed or its fd is not on
-        the inode's current backing (it does not switch here)."""
+        another open. None, nothing run, when the handle is closed or (``current``) its fd
+        is not on the inode's current backing (it does not switch here)."""
         with self._lock:
-            if self.closed or self.bound_generation != self.inode.generation:
+            if self.closed or current and self.bound_generation != self.inode.generation:
                 return None
             return action(self.bound_fd)
 
