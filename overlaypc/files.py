@@ -398,17 +398,29 @@ class Files:
 
     def getattr_inode(self, inode: OverlayInode) -> Attr:
         """Attributes of an open file that has no name left."""
+        if inode.meta_file is not None and not inode.in_upper:
+            return self._nameless_metacopy_attr(inode)
         fd = self._handle_fd(inode)
-        meta = inode.meta_file
-        if meta is not None and not inode.in_upper:
-            return self._metacopy_attr(inode, meta, fd)
         return self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd)
 
-    def _metacopy_attr(self, inode: OverlayInode, meta: MetaFile, data_fd: int) -> Attr:
+    def _nameless_metacopy_attr(self, inode: OverlayInode) -> Attr:
+        # held: the last release, in another thread, closes the inode's ``meta_file``
+        if not self.fs.inodes.hold(inode):
+            raise OSError(errno.ENOENT, "file no longer open")
+        try:
+            meta = inode.meta_file
+            if meta is None:
+                raise OSError(errno.ENOENT, "file no longer open")
+            data = inode.layer.lstat(inode.rel)  # a lower file: its path never changes
+            return self._metacopy_attr(inode, meta, 0 if data is None else data.st_blocks)
+        finally:
+            self.fs.inodes.release(inode)
+
+    def _metacopy_attr(self, inode: OverlayInode, meta: MetaFile, blocks: int) -> Attr:
         """A metacopy file's attributes, from its upper file, whatever happened to its name
-        (nlink 0 when it has none left); the blocks are its data's (``data_fd``)."""
+        (nlink 0 when it has none left); ``blocks`` are its data's."""
         st = os.fstat(meta.fd)
-        attr = Attr(st, inode.ino, 0 if st.st_nlink == 0 else None, os.fstat(data_fd).st_blocks)
+        attr = Attr(st, inode.ino, 0 if st.st_nlink == 0 else None, blocks)
         own = self.fs.ownership
         return own.show(attr, own.stored_fd(meta.layer, st, meta.fd)) if own.active else attr
 
@@ -456,7 +468,7 @@ class Files:
             if same:
                 return self.fs.attrs.of_node(node, rel)
             if meta is not None:
-                return self._metacopy_attr(inode, meta, self._fd(handle))
+                return self._metacopy_attr(inode, meta, os.fstat(self._fd(handle)).st_blocks)
         fd = self._fd(handle)
         st = os.fstat(fd)
         nlink = 0 if inode.unlinked and not inode.in_upper else None
