@@ -160,7 +160,11 @@ class OverlayFS:
             try:
                 if metadata_only:
                     with inode.lock:
-                        inode.key, inode.meta_rel = new_key, entry.rel
+                        inode.key = new_key
+                    try:
+                        inode.metacopy_at(entry.rel, entry)
+                    except OSError:
+                        pass  # the copy-up is done; only a rename of the name loses its attributes
                     self.inodes.rekey(inode, key)
                     return
                 inode.rebind(entry, new_key, self.inos.ino_of(copied))

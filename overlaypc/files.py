@@ -19,7 +19,7 @@ import stat
 from . import faults, killpriv, sysapi
 from .attrs import Attr, resolve_times
 from .handles import Handle
-from .inodes import OverlayInode
+from .inodes import MetaFile, OverlayInode
 from .lookup import Entry, Node
 from .namespace import Caller
 from .records import record
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 #: the most one COPY_FILE_RANGE copies when it has to go through the daemon
 COPY_CHUNK = 1 << 20
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 @record(frozen=True)
@@ -95,7 +99,7 @@ class Files:
         inode = fs.inodes.acquire(fs.identity(node), fs.inos.ino_of(node), backing)
         try:
             if node.data is not None:
-                inode.meta_rel = rel
+                inode.metacopy_at(rel, node.top)
             with self._truncating(inode, flags):
                 fd, generation = inode.open_backing(flags, via=backing)
         except BaseException:
@@ -490,8 +494,31 @@ class Files:
 
     def getattr_inode(self, inode: OverlayInode) -> Attr:
         """Attributes of an open file that has no name left."""
+        if inode.meta_file is not None and not inode.in_upper:
+            return self._nameless_metacopy_attr(inode)
         return self._with_handle_fd(
             inode, lambda fd: self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd))
+
+    def _nameless_metacopy_attr(self, inode: OverlayInode) -> Attr:
+        # held: the last release, in another thread, closes the inode's ``meta_file``
+        if not self.fs.inodes.hold(inode):
+            raise OSError(errno.ENOENT, "file no longer open")
+        try:
+            meta = inode.meta_file
+            if meta is None:
+                raise OSError(errno.ENOENT, "file no longer open")
+            data = inode.layer.lstat(inode.rel)  # a lower file: its path never changes
+            return self._metacopy_attr(inode, meta, 0 if data is None else data.st_blocks)
+        finally:
+            self.fs.inodes.release(inode)
+
+    def _metacopy_attr(self, inode: OverlayInode, meta: MetaFile, blocks: int) -> Attr:
+        """A metacopy file's attributes, from its upper file, whatever happened to its name
+        (nlink 0 when it has none left); ``blocks`` are its data's."""
+        st = os.fstat(meta.fd)
+        attr = Attr(st, inode.ino, 0 if st.st_nlink == 0 else None, blocks)
+        own = self.fs.ownership
+        return own.show(attr, own.stored_fd(meta.layer, st, meta.fd)) if own.active else attr
 
     def _on_nameless(self, inode: OverlayInode, action, flags: int = os.O_RDONLY) -> None:
         """Run ``action(fd)`` on a new fd (``flags``) of the nameless file's backing."""
@@ -530,10 +557,17 @@ class Files:
     def getattr(self, fh: int) -> Attr:
         handle = self.fs.handles.get(fh)
         inode = handle.inode
-        if inode.meta_rel is not None and not inode.in_upper:
-            node = self.fs.lookup.lookup(inode.meta_rel)  # attributes live in the upper
-            if node.exists and node.data is not None:
-                return self.fs.attrs.getattr(inode.meta_rel)
+        rel, meta = inode.meta_rel, inode.meta_file
+        if rel is not None and not inode.in_upper:  # attributes live in the upper
+            node = self.fs.lookup.lookup(rel)
+            # by its name while that still shows this file (a merged hard link's count
+            # is the name's); a name replaced, moved or removed: by the held upper file
+            same = node.exists and node.data is not None and (
+                meta is None or _same_file(node.st, os.fstat(meta.fd)))
+            if same:
+                return self.fs.attrs.of_node(node, rel)
+            if meta is not None:
+                return self._metacopy_attr(inode, meta, os.fstat(self._fd(handle)).st_blocks)
         fd = self._fd(handle)
         st = os.fstat(fd)
         nlink = 0 if inode.unlinked and not inode.in_upper else None

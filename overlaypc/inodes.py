@@ -12,7 +12,12 @@ one name breaks the link (the other names keep the lower data). Read-only mounts
 ``index=on`` merge those names. ``st_ino`` is only displayed (``OverlayInode.ino``); it
 may change when a hard-linked name is copied up and is never a key.
 
-An inode holds no fd. Open handles hold one fd each; a copy-up (``rebind``) bumps the
+An inode holds no fd, but for one exception: a metacopy file whose data is still below
+keeps an ``O_PATH`` fd of its upper file (``MetaFile``), where its attributes live, until
+its last reference goes: that file may lose its name (a rename over it, an unlink) while
+the file is open, and its open file still shows its attributes (the kernel's overlay inode
+keeps its upper dentry). At most one per live inode, so bounded by the open handles. Open
+handles hold one fd each; a copy-up (``rebind``) bumps the
 generation, and handles reopen on the new backing (eagerly, while its path is known to
 be right, see ``core._copied``; else at their next I/O through ``open_backing``), the
 kernel's ``ovl_real_fdget`` idea. ``open_backing`` opens the backing by its layer path
@@ -71,6 +76,13 @@ class StaleBacking(OSError):
     """The backing path no longer names the backing object (a racing rename)."""
 
 
+@record(frozen=True)
+class MetaFile:
+    """A metacopy file's upper object (its attributes): ``fd`` is ``O_PATH``."""
+    layer: Layer
+    fd: int
+
+
 @record(eq=False)
 class OverlayInode:
     key: InodeKey
@@ -85,6 +97,8 @@ class OverlayInode:
     unlinked: bool = False
     #: merged path of a metacopy file whose data is read from below
     meta_rel: str | None = None
+    #: ... and its upper file, held while the inode lives (see the module docstring)
+    meta_file: MetaFile | None = None
     #: extent mapping of the current backing for page-cache sharing: None = not mapped
     #: yet; ``sharing.NOT_SHARED`` = mapped, nothing shared (the fast path)
     extents: object = None
@@ -126,6 +140,20 @@ class OverlayInode:
         """A chmod or setxattr: the next killing write checks the file again."""
         with self.lock:
             self.privs_epoch += 1
+
+    def metacopy_at(self, rel: str, upper: Entry) -> None:
+        """The inode is the metacopy file at ``rel`` whose attributes are in ``upper`` (just
+        looked up, under the namespace lock). Its fd is kept until the last release;
+        never replaced before: another thread may be using it."""
+        with self.lock:
+            self.meta_rel = rel
+            if self.meta_file is None:
+                fd = upper.layer.path_fd(upper.rel)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (upper.st.st_dev, upper.st.st_ino):
+                    os.close(fd)
+                    raise StaleBacking(errno.ESTALE, "metacopy file moved", upper.rel)
+                self.meta_file = MetaFile(upper.layer, fd)
 
     def moved(self, rel: str) -> None:
         with self.lock:
@@ -195,6 +223,9 @@ class InodeTable:
             inode.refs -= 1
             if inode.refs > 0:
                 return
+            if inode.meta_file is not None:  # no handle left that could use it
+                os.close(inode.meta_file.fd)
+                inode.meta_file = None
             if self._live.get(inode.key) is inode:
                 del self._live[inode.key]
             self._versions[inode.key] = (inode.data_version, inode.cached_version)

@@ -40,6 +40,11 @@ settings.register_profile(
 settings.register_profile(
     "dev", deadline=None, max_examples=20,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+#: defect hunts: dev's settings with a large budget (``OVERLAYPC_HUNT_EXAMPLES``, default 500);
+#: pass ``--hypothesis-seed=<n>`` for another seed
+settings.register_profile(
+    "hunt", settings.get_profile("dev"),
+    max_examples=int(os.environ.get("OVERLAYPC_HUNT_EXAMPLES", "500")))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 

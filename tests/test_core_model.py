@@ -574,6 +574,23 @@ SCENARIOS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
         step("remount", index=False, metacopy=True),
         step("lookup", path="mc"),
     ]),
+    # found by this test (hunt, seed 2): fstat through an open metacopy file whose name was
+    # replaced, moved or removed showed its lower data file's permissions (0o644, not 0o600)
+    "metacopy-open-file-replaced-by-rename": ("tmpfs", [
+        step("remount", index=False, metacopy=True),
+        step("open_file", path="mc", flags="RDONLY", then_read=False),
+        step("rename", old="a", new="mc"),
+    ]),
+    "metacopy-open-file-renamed": ("tmpfs", [
+        step("remount", index=False, metacopy=True),
+        step("open_file", path="mc", flags="RDONLY", then_read=True),
+        step("rename", old="mc", new="n1"),
+    ]),
+    "metacopy-open-file-unlinked": ("tmpfs", [
+        step("remount", index=False, metacopy=True),
+        step("open_file", path="mc", flags="RDONLY", then_read=False),
+        step("unlink", path="mc"),
+    ]),
     # found by this test: index=on merges lower hard links of any non-directory
     "index-on-special-file-hard-links": ("tmpfs", [
         step("remount", index=True, metacopy=False),

@@ -288,3 +288,36 @@ def test_metacopy_option_conflicts(extra, words, lower, stack, mountpoint, tmp_p
     assert len(lines) == 1 and lines[0].startswith("overlaypc: error:"), r.stderr
     assert all(w in lines[0] for w in words), lines[0]
     assert (helpers.dir_state(stack.upper), helpers.dir_state(stack.work)) == before
+
+
+def _fstat_after_losing_names(root: Path) -> dict:
+    """fstat of open metacopy files (data still below) after their names went: one
+    replaced by a rename over it, one unlinked."""
+    r = Path(root)
+    os.chmod(r / "small", 0o600)      # metadata-only copy-ups
+    os.chmod(r / "d/inner", 0o640)
+    out = {}
+    for rel, lose in (("small", lambda: os.rename(r / "x", r / "small")),
+                      ("d/inner", lambda: os.unlink(r / "d/inner"))):
+        fd = os.open(r / rel, os.O_RDONLY)
+        try:
+            lose()
+            st = os.fstat(fd)
+            out[rel] = (oct(stat.S_IMODE(st.st_mode)), st.st_nlink, st.st_size, os.read(fd, 5))
+        finally:
+            os.close(fd)
+    return out
+
+
+def test_open_metacopy_file_keeps_its_attributes_without_a_name(lower, stack, xfs_dir,
+                                                                  overlay_mount, kernel_mount):
+    """The attributes of an open metacopy file are its upper file's even after its name is
+    replaced or removed (they were the lower data file's: mode 0o644), as in the kernel."""
+    root, _ = lower
+    m = overlay_mount(stack.options("metacopy=on"))
+    mine = _fstat_after_losing_names(m.path)
+    m.unmount()
+    ks = new_stack([root], xfs_dir, "kmc")
+    theirs = _fstat_after_losing_names(kernel_mount([root], ks.upper, ks.work, KERNEL_METACOPY))
+    assert mine == theirs
+    assert mine == {"small": ("0o600", 0, 17, b"small"), "d/inner": ("0o640", 0, 11, b"inner")}
