@@ -521,33 +521,54 @@ class Files:
         return own.show(attr, own.stored_fd(meta.layer, st, meta.fd)) if own.active else attr
 
     def _on_nameless(self, inode: OverlayInode, action, flags: int = os.O_RDONLY) -> None:
-        """Run ``action(fd)`` on a new fd (``flags``) of the nameless file's backing."""
+        """Run ``action(fd, layer)`` on a new fd (``flags``) of the nameless file's backing
+        in ``layer``; for a metacopy file whose data is still below, on its upper file
+        (its attributes; a change of its data, ``O_WRONLY``, is refused EROFS)."""
         if not inode.in_upper:
+            if flags == os.O_RDONLY and inode.meta_file is not None:
+                return self._on_nameless_metacopy(inode, action)
             raise OSError(errno.EROFS, "an unlinked lower file cannot be copied up")
         def reopened(handle_fd: int) -> None:
             faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
             # reopening through the magic link works for an unlinked file
             fd = os.open(f"/proc/self/fd/{handle_fd}", flags | os.O_CLOEXEC)
             try:
-                action(fd)
+                action(fd, inode.layer)
             finally:
                 os.close(fd)
         self._with_handle_fd(inode, reopened)
 
+    def _on_nameless_metacopy(self, inode: OverlayInode, action) -> None:
+        # held: the last release, in another thread, closes the inode's ``meta_file``
+        if not self.fs.inodes.hold(inode):
+            raise OSError(errno.ENOENT, "file no longer open")
+        try:
+            meta = inode.meta_file
+            if meta is None:
+                raise OSError(errno.ENOENT, "file no longer open")
+            fd = os.open(f"/proc/self/fd/{meta.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                action(fd, meta.layer)
+            finally:
+                os.close(fd)
+        finally:
+            self.fs.inodes.release(inode)
+
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
-        self._on_nameless(inode, lambda fd: self.fs.ownership.chmod_fd(inode.layer, fd, mode))
+        self._on_nameless(inode, lambda fd, layer: self.fs.ownership.chmod_fd(layer, fd, mode))
         inode.privs_may_grow()
 
     def chown_inode(self, inode: OverlayInode, uid: int, gid: int) -> None:
         """``uid``/``gid`` as the kernel gives them (shown side, -1: unchanged)."""
         uid, gid = self.fs.ownership.chown_ids(uid, gid)
-        self._on_nameless(inode, lambda fd: self.fs.ownership.chown_fd(inode.layer, fd, uid, gid))
+        self._on_nameless(inode,
+                          lambda fd, layer: self.fs.ownership.chown_fd(layer, fd, uid, gid))
 
     def utimens_inode(self, inode: OverlayInode, times: tuple[int, int] | None) -> None:
-        self._on_nameless(inode, lambda fd: self.fs.attrs.utime_fd(fd, times))
+        self._on_nameless(inode, lambda fd, layer: self.fs.attrs.utime_fd(fd, times))
 
     def truncate_inode(self, inode: OverlayInode, length: int) -> None:
-        def cut(fd: int) -> None:
+        def cut(fd: int, layer) -> None:
             with changing(inode):
                 os.ftruncate(fd, length)
         self._on_nameless(inode, cut, os.O_WRONLY)

@@ -17,6 +17,7 @@ own ``trusted.overlaypc.*`` xattrs, which the kernel lists on an upper overlaypc
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import stat
 import tempfile
@@ -307,6 +308,50 @@ def _fstat_after_losing_names(root: Path) -> dict:
         finally:
             os.close(fd)
     return out
+
+
+def _change_after_losing_names(root: Path) -> dict:
+    """fchmod, fchown and futimens of open metacopy files after their names went (a
+    change of the upper file, the data staying below): each call's errno (0: done) and
+    the fstat after."""
+    r = Path(root)
+    os.chmod(r / "small", 0o600)
+    os.chmod(r / "d/inner", 0o640)
+    out = {}
+    for rel, lose in (("small", lambda: os.rename(r / "x", r / "small")),
+                      ("d/inner", lambda: os.unlink(r / "d/inner"))):
+        fd = os.open(r / rel, os.O_RDONLY)
+        try:
+            lose()
+            done = []
+            for call in (lambda: os.fchmod(fd, 0o604), lambda: os.fchown(fd, 7, 8),
+                         lambda: os.utime(fd, ns=(1_000_000_000, 2_000_000_000))):
+                try:
+                    call()
+                    done.append(0)
+                except OSError as e:
+                    done.append(errno.errorcode[e.errno])
+            st = os.fstat(fd)
+            out[rel] = (done, oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid,
+                        st.st_mtime_ns, st.st_nlink, os.read(fd, 5))
+        finally:
+            os.close(fd)
+    return out
+
+
+def test_open_metacopy_file_without_a_name_takes_metadata_changes(lower, stack, xfs_dir,
+                                                                 overlay_mount, kernel_mount):
+    """fchmod, fchown and futimens of an open metacopy file (data still below) whose name
+    was replaced or removed change its upper file, as in the kernel. Before: EROFS ("an
+    unlinked lower file cannot be copied up")."""
+    root, _ = lower
+    m = overlay_mount(stack.options("metacopy=on"))
+    mine = _change_after_losing_names(m.path)
+    m.unmount()
+    ks = new_stack([root], xfs_dir, "kmc2")
+    theirs = _change_after_losing_names(kernel_mount([root], ks.upper, ks.work, KERNEL_METACOPY))
+    assert mine == theirs
+    assert mine["small"] == ([0, 0, 0], "0o604", 7, 8, 2_000_000_000, 0, b"small")
 
 
 def test_open_metacopy_file_keeps_its_attributes_without_a_name(lower, stack, xfs_dir,
