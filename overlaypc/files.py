@@ -500,15 +500,21 @@ class Files:
             inode, lambda fd: self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd))
 
     def _nameless_metacopy_attr(self, inode: OverlayInode) -> Attr:
-        # held: the last release, in another thread, closes the inode's ``meta_file``
+        def attr(meta: MetaFile) -> Attr:
+            data = inode.layer.lstat(inode.rel)  # a lower file: its path never changes
+            return self._metacopy_attr(inode, meta, 0 if data is None else data.st_blocks)
+        return self._with_meta_file(inode, attr)
+
+    def _with_meta_file(self, inode: OverlayInode, action: Callable[[MetaFile], T]) -> T:
+        """``action(meta)`` with the upper file of an open metacopy file (data still below)
+        held against the inode's last release, which, in another thread, closes it."""
         if not self.fs.inodes.hold(inode):
             raise OSError(errno.ENOENT, "file no longer open")
         try:
             meta = inode.meta_file
             if meta is None:
                 raise OSError(errno.ENOENT, "file no longer open")
-            data = inode.layer.lstat(inode.rel)  # a lower file: its path never changes
-            return self._metacopy_attr(inode, meta, 0 if data is None else data.st_blocks)
+            return action(meta)
         finally:
             self.fs.inodes.release(inode)
 
@@ -526,33 +532,14 @@ class Files:
         (its attributes; a change of its data, ``O_WRONLY``, is refused EROFS)."""
         if not inode.in_upper:
             if flags == os.O_RDONLY and inode.meta_file is not None:
-                return self._on_nameless_metacopy(inode, action)
+                return self._with_meta_file(
+                    inode, lambda meta: _reopened(meta.fd, flags, action, meta.layer))
             raise OSError(errno.EROFS, "an unlinked lower file cannot be copied up")
-        def reopened(handle_fd: int) -> None:
-            faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
-            # reopening through the magic link works for an unlinked file
-            fd = os.open(f"/proc/self/fd/{handle_fd}", flags | os.O_CLOEXEC)
-            try:
-                action(fd, inode.layer)
-            finally:
-                os.close(fd)
-        self._with_handle_fd(inode, reopened)
 
-    def _on_nameless_metacopy(self, inode: OverlayInode, action) -> None:
-        # held: the last release, in another thread, closes the inode's ``meta_file``
-        if not self.fs.inodes.hold(inode):
-            raise OSError(errno.ENOENT, "file no longer open")
-        try:
-            meta = inode.meta_file
-            if meta is None:
-                raise OSError(errno.ENOENT, "file no longer open")
-            fd = os.open(f"/proc/self/fd/{meta.fd}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                action(fd, meta.layer)
-            finally:
-                os.close(fd)
-        finally:
-            self.fs.inodes.release(inode)
+        def run(handle_fd: int) -> None:
+            faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
+            _reopened(handle_fd, flags, action, inode.layer)
+        self._with_handle_fd(inode, run)
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd, layer: self.fs.ownership.chmod_fd(layer, fd, mode))
@@ -608,3 +595,14 @@ class Files:
 
 def _get_capability(fd: int) -> bytes:
     return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
+
+
+def _reopened(fd: int, flags: int, action, layer) -> None:
+    """``action(new_fd, layer)`` on a new fd (``flags``) of the file open as ``fd`` (or
+    held as an ``O_PATH`` fd): through the /proc magic link, which also reaches a file
+    with no name left."""
+    new = os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+    try:
+        action(new, layer)
+    finally:
+        os.close(new)

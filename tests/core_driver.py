@@ -29,7 +29,7 @@ import stat
 from collections import Counter
 from dataclasses import dataclass
 
-from overlaypc.config import MountConfig
+from overlaypc.config import MountConfig, validate
 from overlaypc.core import OverlayFS
 from overlaypc.engine import protocol as p
 from overlaypc.engine.ops import Entry, Request
@@ -92,6 +92,18 @@ class CoreDriver:
             raise
         self._refs: Counter[int] = Counter()   # references taken, not yet forgotten
         self._open: dict[int, int] = {}        # fh -> nodeid
+
+    @classmethod
+    def in_dir(cls, base, **options) -> "CoreDriver":
+        """A driver over ``base``/lower (made if absent), with a fresh upper, workdir and
+        mount point there; ``options`` are ``MountConfig``'s."""
+        for d in ("lower", "upper", "work", "mnt"):
+            os.makedirs(os.path.join(base, d), exist_ok=d == "lower")
+        cfg = MountConfig(lowers=[os.path.join(base, "lower")], upper=os.path.join(base, "upper"),
+                          work=os.path.join(base, "work"), mountpoint=os.path.join(base, "mnt"),
+                          **options)
+        validate(cfg)
+        return cls(cfg)
 
     def close(self) -> None:
         os.umask(self._umask)

@@ -12,7 +12,6 @@ import pytest
 import helpers
 from core_driver import REQ, CoreDriver
 from overlaypc import killpriv
-from overlaypc.config import MountConfig, validate
 from overlaypc.engine import protocol as p
 from overlaypc.engine.ops import Request
 from overlaypc.engine.protocol import SetAttr
@@ -25,16 +24,12 @@ def _driver(tmp_path, **options) -> CoreDriver:
     # a setuid file with a capability in the lower: setting security.capability needs
     # CAP_SETFCAP, so this unit tier (not marked ``mount``) needs root for it
     helpers.require("root")
-    for d in ("lower", "upper", "work", "mnt"):
-        (tmp_path / d).mkdir()
+    (tmp_path / "lower").mkdir()
     f = tmp_path / "lower" / "f"
     f.write_bytes(b"data")
     os.chmod(f, 0o6755)
     os.setxattr(f, "security.capability", CAP)
-    cfg = MountConfig(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
-                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"), **options)
-    validate(cfg)
-    return CoreDriver(cfg)
+    return CoreDriver.in_dir(tmp_path, **options)
 
 
 @pytest.fixture

@@ -291,9 +291,9 @@ def test_metacopy_option_conflicts(extra, words, lower, stack, mountpoint, tmp_p
     assert (helpers.dir_state(stack.upper), helpers.dir_state(stack.work)) == before
 
 
-def _fstat_after_losing_names(root: Path) -> dict:
-    """fstat of open metacopy files (data still below) after their names went: one
-    replaced by a rename over it, one unlinked."""
+def _after_losing_names(root: Path, probe) -> dict:
+    """``probe(fd)`` of open metacopy files (data still below) after their names went:
+    one replaced by a rename over it, one unlinked."""
     r = Path(root)
     os.chmod(r / "small", 0o600)      # metadata-only copy-ups
     os.chmod(r / "d/inner", 0o640)
@@ -303,40 +303,57 @@ def _fstat_after_losing_names(root: Path) -> dict:
         fd = os.open(r / rel, os.O_RDONLY)
         try:
             lose()
-            st = os.fstat(fd)
-            out[rel] = (oct(stat.S_IMODE(st.st_mode)), st.st_nlink, st.st_size, os.read(fd, 5))
+            out[rel] = probe(fd)
         finally:
             os.close(fd)
     return out
+
+
+def _fstat_after_losing_names(root: Path) -> dict:
+    def probe(fd: int) -> tuple:
+        st = os.fstat(fd)
+        return oct(stat.S_IMODE(st.st_mode)), st.st_nlink, st.st_size, os.read(fd, 5)
+    return _after_losing_names(root, probe)
 
 
 def _change_after_losing_names(root: Path) -> dict:
     """fchmod, fchown and futimens of open metacopy files after their names went (a
     change of the upper file, the data staying below): each call's errno (0: done) and
     the fstat after."""
-    r = Path(root)
-    os.chmod(r / "small", 0o600)
-    os.chmod(r / "d/inner", 0o640)
-    out = {}
-    for rel, lose in (("small", lambda: os.rename(r / "x", r / "small")),
-                      ("d/inner", lambda: os.unlink(r / "d/inner"))):
-        fd = os.open(r / rel, os.O_RDONLY)
-        try:
-            lose()
-            done = []
-            for call in (lambda: os.fchmod(fd, 0o604), lambda: os.fchown(fd, 7, 8),
-                         lambda: os.utime(fd, ns=(1_000_000_000, 2_000_000_000))):
-                try:
-                    call()
-                    done.append(0)
-                except OSError as e:
-                    done.append(errno.errorcode[e.errno])
-            st = os.fstat(fd)
-            out[rel] = (done, oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid,
-                        st.st_mtime_ns, st.st_nlink, os.read(fd, 5))
-        finally:
-            os.close(fd)
-    return out
+    def probe(fd: int) -> tuple:
+        done = []
+        for call in (lambda: os.fchmod(fd, 0o604), lambda: os.fchown(fd, 7, 8),
+                     lambda: os.utime(fd, ns=(1_000_000_000, 2_000_000_000))):
+            try:
+                call()
+                done.append(0)
+            except OSError as e:
+                done.append(errno.errorcode[e.errno])
+        st = os.fstat(fd)
+        return (done, oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid, st.st_mtime_ns,
+                st.st_nlink, os.read(fd, 5))
+    return _after_losing_names(root, probe)
+
+
+def _ours_and_kernels(run, lower, stack, xfs_dir, overlay_mount, kernel_mount, name: str):
+    """``run(mount root)`` on an overlaypc mount with ``metacopy=on`` over ``lower``, then
+    on the kernel's over the same lower (a fresh upper ``name``): both results."""
+    root, _ = lower
+    m = overlay_mount(stack.options("metacopy=on"))
+    mine = run(m.path)
+    m.unmount()
+    ks = new_stack([root], xfs_dir, name)
+    return mine, run(kernel_mount([root], ks.upper, ks.work, KERNEL_METACOPY))
+
+
+def test_open_metacopy_file_keeps_its_attributes_without_a_name(lower, stack, xfs_dir,
+                                                                  overlay_mount, kernel_mount):
+    """The attributes of an open metacopy file are its upper file's even after its name is
+    replaced or removed (they were the lower data file's: mode 0o644), as in the kernel."""
+    mine, theirs = _ours_and_kernels(_fstat_after_losing_names, lower, stack, xfs_dir,
+                                     overlay_mount, kernel_mount, "kmc")
+    assert mine == theirs
+    assert mine == {"small": ("0o600", 0, 17, b"small"), "d/inner": ("0o640", 0, 11, b"inner")}
 
 
 def test_open_metacopy_file_without_a_name_takes_metadata_changes(lower, stack, xfs_dir,
@@ -344,25 +361,7 @@ def test_open_metacopy_file_without_a_name_takes_metadata_changes(lower, stack, 
     """fchmod, fchown and futimens of an open metacopy file (data still below) whose name
     was replaced or removed change its upper file, as in the kernel. Before: EROFS ("an
     unlinked lower file cannot be copied up")."""
-    root, _ = lower
-    m = overlay_mount(stack.options("metacopy=on"))
-    mine = _change_after_losing_names(m.path)
-    m.unmount()
-    ks = new_stack([root], xfs_dir, "kmc2")
-    theirs = _change_after_losing_names(kernel_mount([root], ks.upper, ks.work, KERNEL_METACOPY))
+    mine, theirs = _ours_and_kernels(_change_after_losing_names, lower, stack, xfs_dir,
+                                     overlay_mount, kernel_mount, "kmc2")
     assert mine == theirs
     assert mine["small"] == ([0, 0, 0], "0o604", 7, 8, 2_000_000_000, 0, b"small")
-
-
-def test_open_metacopy_file_keeps_its_attributes_without_a_name(lower, stack, xfs_dir,
-                                                                  overlay_mount, kernel_mount):
-    """The attributes of an open metacopy file are its upper file's even after its name is
-    replaced or removed (they were the lower data file's: mode 0o644), as in the kernel."""
-    root, _ = lower
-    m = overlay_mount(stack.options("metacopy=on"))
-    mine = _fstat_after_losing_names(m.path)
-    m.unmount()
-    ks = new_stack([root], xfs_dir, "kmc")
-    theirs = _fstat_after_losing_names(kernel_mount([root], ks.upper, ks.work, KERNEL_METACOPY))
-    assert mine == theirs
-    assert mine == {"small": ("0o600", 0, 17, b"small"), "d/inner": ("0o640", 0, 11, b"inner")}

@@ -166,12 +166,8 @@ def test_parent_getattr_after_removals_decodes_its_origin_once(env, calls):
     assert calls["decode"] <= 1, calls
 
 
-def test_parent_getattr_after_changes_reads_its_origin_xattrs_once(env, monkeypatch):
-    """untar and rm -rf: after each CREATE or UNLINK the kernel asks the parent's
-    attributes again (its ctime moved). The directory's origin xattrs (none for a
-    directory made through the mount, a decodable handle for a copied-up one) are read
-    once while the lookup holds its fd, not at every GETATTR; the number stays right."""
-    drv, tmp = env
+def _count_xattr_reads(monkeypatch) -> Counter[str]:
+    """Counts of ``Layer.getxattr_at`` calls by xattr name, from now on."""
     reads: Counter[str] = Counter()
     real = layer.Layer.getxattr_at
 
@@ -179,6 +175,16 @@ def test_parent_getattr_after_changes_reads_its_origin_xattrs_once(env, monkeypa
         reads[name] += 1
         return real(self, dirfd, name)
     monkeypatch.setattr(layer.Layer, "getxattr_at", counting)
+    return reads
+
+
+def test_parent_getattr_after_changes_reads_its_origin_xattrs_once(env, monkeypatch):
+    """untar and rm -rf: after each CREATE or UNLINK the kernel asks the parent's
+    attributes again (its ctime moved). The directory's origin xattrs (none for a
+    directory made through the mount, a decodable handle for a copied-up one) are read
+    once while the lookup holds its fd, not at every GETATTR; the number stays right."""
+    drv, tmp = env
+    reads = _count_xattr_reads(monkeypatch)
     u = _node(drv, ROOT_ID, "u")
     ld = _node(drv, ROOT_ID, "ld")
     drv.ops.unlink(REQ, ld, b"f0")  # copies ld up: its origin is the lower ld
@@ -205,13 +211,7 @@ def test_mkdir_reads_no_origin_xattr_of_the_new_directory(env, monkeypatch):
     (for its opaque mark); with no origin among them its inode number needs no origin read.
     A copied-up directory (origin set) still shows its lower's number."""
     drv, tmp = env
-    reads: Counter[str] = Counter()
-    real = layer.Layer.getxattr_at
-
-    def counting(self, dirfd, name):
-        reads[name] += 1
-        return real(self, dirfd, name)
-    monkeypatch.setattr(layer.Layer, "getxattr_at", counting)
+    reads = _count_xattr_reads(monkeypatch)
     u = _node(drv, ROOT_ID, "u")
     entry = drv.ops.mkdir(REQ, u, b"new", 0o755)
     assert entry.attr.ino == os.lstat(tmp / "upper" / "u" / "new").st_ino

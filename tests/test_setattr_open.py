@@ -15,7 +15,6 @@ import pytest
 import helpers
 from core_driver import REQ, CoreDriver, NodeRef
 from overlaypc import faults
-from overlaypc.config import MountConfig, validate
 from overlaypc.engine import protocol as p
 from overlaypc.engine.protocol import SetAttr
 
@@ -23,19 +22,10 @@ CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+e
 T = 1_600_000_000_123_456_789
 
 
-def _driver(tmp_path, **options) -> CoreDriver:
-    for d in ("lower", "upper", "work", "mnt"):
-        (tmp_path / d).mkdir()
-    cfg = MountConfig(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
-                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"), **options)
-    validate(cfg)
-    return CoreDriver(cfg)
-
-
 @pytest.fixture
 def drv(tmp_path):
     helpers.require("root")  # chown, and security.capability (CAP_SETFCAP)
-    d = _driver(tmp_path)
+    d = CoreDriver.in_dir(tmp_path)
     yield d
     d.close()
 
@@ -115,7 +105,7 @@ def test_an_open_file_with_other_links_is_changed_by_name(drv, tmp_path):
 def test_an_open_file_under_squashed_owners_is_changed_by_name(tmp_path):
     """Shown owners differ from the stored ones: the name's path decides what is shown."""
     helpers.require("root")
-    drv = _driver(tmp_path, squash_to_uid=4321)
+    drv = CoreDriver.in_dir(tmp_path, squash_to_uid=4321)
     try:
         node, fh = drv.create(drv.root(), "f", os.O_WRONLY, 0o644)
         attr = drv.ops.setattr(REQ, node.nodeid,
