@@ -407,15 +407,17 @@ class OverlayOps(Operations):
         era = self.passthrough.era
         try:
             result = self.fs.open(self._path(nodeid), flags)
+            if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
+                try:
+                    self._kill_privs(req, nodeid, None, result.fh)
+                except BaseException:
+                    self.fs.release(result.fh)
+                    raise
         finally:
-            if flags & os.O_TRUNC:  # (a size change without a namespace change: ``_changes``)
+            # a change of size, and of mode, without a namespace change (``_changes``):
+            # counted once both are done, so a listing read in between is voided as well
+            if flags & os.O_TRUNC:
                 self._change = next(self._change_ids)
-        if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
-            try:
-                self._kill_privs(req, nodeid, None, result.fh)
-            except BaseException:
-                self.fs.release(result.fh)
-                raise
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
 
