@@ -409,11 +409,13 @@ class OverlayFS:
         self.attrs.chown(rel, uid, gid)
 
     def kill_privs(self, rel: str | None, fh: int | None, writer: killpriv.Writer,
-                   chown: tuple[int, int] | None = None) -> bool:
+                   chown: tuple[int, int] | None = None,
+                   inode: OverlayInode | None = None) -> bool:
         """Strip setuid/setgid/capability as ``writer``'s write does (``killpriv``),
         by path if given (a SETATTR's handle may be a read-only one of a metacopy file
         whose data is still below), else through the open handle ``fh`` (a WRITE's, or a
-        file with no name left). True if anything went:
+        SETATTR's of a file with no name left), else through one of ``inode``'s (a
+        request by node: held against that handle's RELEASE). True if anything went:
         the caller drops the kernel's cached mode. Before a chown (``chown``: its IDs),
         which the group test must see the old group for: an ID the chown will refuse
         (EOVERFLOW) fails here first, before anything is copied up or stripped."""
@@ -422,7 +424,9 @@ class OverlayFS:
             self.ownership.chown_ids(*chown)
         if rel is not None:
             return self.attrs.kill_privs(rel, writer)
-        assert fh is not None
+        if fh is None:
+            assert inode is not None
+            return self.files.kill_privs_open(inode, writer)
         return self.files.kill_privs(fh, writer)
 
     def setattr(self, rel: str, *, mode: int | None = None, ids: tuple[int, int] | None = None,

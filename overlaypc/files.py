@@ -371,6 +371,11 @@ class Files:
         handle = self.fs.handles.get(fh)
         return self._kill(handle.inode, lambda: self._fd(handle), writer)
 
+    def kill_privs_open(self, inode: OverlayInode, writer: killpriv.Writer) -> bool:
+        """``kill_privs`` of an open file by node (no name left, no fh in the request),
+        through one of its handles held against that handle's close."""
+        return self._with_handle_fd(inode, lambda fd: self._kill(inode, lambda: fd, writer))
+
     def _kill(self, inode: OverlayInode, fd_of: Callable[[], int], writer: killpriv.Writer) -> bool:
         """``kill_privs`` of ``inode`` through the fd ``fd_of()`` gives (asked only if the
         file is not known clean)."""
@@ -564,7 +569,15 @@ class Files:
 
     def getattr(self, fh: int) -> Attr:
         handle = self.fs.handles.get(fh)
-        inode = handle.inode
+        return self._getattr(handle.inode, self._fd(handle))
+
+    def getattr_open(self, inode: OverlayInode) -> Attr:
+        """``getattr`` of an open file by node (its kernel node has no name the table
+        knows), through one of its handles held against that handle's close."""
+        return self._with_handle_fd(inode, lambda fd: self._getattr(inode, fd))
+
+    def _getattr(self, inode: OverlayInode, fd: int) -> Attr:
+        """Attributes of the file open as ``fd`` (a handle's of ``inode``)."""
         rel, meta = inode.meta_rel, inode.meta_file
         if rel is not None and not inode.in_upper:  # attributes live in the upper
             node = self.fs.lookup.lookup(rel)
@@ -575,8 +588,7 @@ class Files:
             if same:
                 return self.fs.attrs.of_node(node, rel)
             if meta is not None:
-                return self._metacopy_attr(inode, meta, os.fstat(self._fd(handle)).st_blocks)
-        fd = self._fd(handle)
+                return self._metacopy_attr(inode, meta, os.fstat(fd).st_blocks)
         st = os.fstat(fd)
         nlink = 0 if inode.unlinked and not inode.in_upper else None
         index = self.fs.index

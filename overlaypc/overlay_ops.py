@@ -240,9 +240,9 @@ class OverlayOps(Operations):
             return self.fs.files.getattr_inode(inode)
         if fh is not None:
             return self.fs.getattr("", fh)
-        if rel is None:
-            fh, _ = self._open_inode(nodeid)
-            return self.fs.files.getattr(fh)
+        if rel is None:  # (no fh: a handle's RELEASE may run meanwhile, see ``getattr_open``)
+            _, inode = self._open_inode(nodeid)
+            return self.fs.files.getattr_open(inode)
         return self.fs.getattr(rel)
 
     def getattr(self, req: Request, nodeid: int, fh: int | None = None) -> AttrReply:
@@ -257,11 +257,11 @@ class OverlayOps(Operations):
             return self._setattr_named(req, nodeid, rel, sa)
         inode = None if rel is not None else self._open_inode(nodeid)[1]
         if valid & p.FATTR_KILL_SUIDGID:  # truncate without CAP_FSETID, or any chown
-            fh = sa.fh if sa.fh is not None or inode is None else self._open_inode(nodeid)[0]
             chown = None
             if valid & (p.FATTR_UID | p.FATTR_GID):
                 chown = (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
-            self._kill_privs(req, nodeid, rel, fh, chown)
+            # no name, no fh: one of the inode's handles, held against its RELEASE
+            self._kill_privs(req, nodeid, rel, sa.fh, chown, inode)
         if valid & p.FATTR_MODE:
             if inode is None:
                 fs.chmod(rel, sa.mode)
@@ -407,15 +407,17 @@ class OverlayOps(Operations):
         era = self.passthrough.era
         try:
             result = self.fs.open(self._path(nodeid), flags)
+            if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
+                try:
+                    self._kill_privs(req, nodeid, None, result.fh)
+                except BaseException:
+                    self.fs.release(result.fh)
+                    raise
         finally:
-            if flags & os.O_TRUNC:  # (a size change without a namespace change: ``_changes``)
+            # a change of size, and of mode, without a namespace change (``_changes``):
+            # counted once both are done, so a listing read in between is voided as well
+            if flags & os.O_TRUNC:
                 self._change = next(self._change_ids)
-        if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
-            try:
-                self._kill_privs(req, nodeid, None, result.fh)
-            except BaseException:
-                self.fs.release(result.fh)
-                raise
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
 
@@ -469,11 +471,12 @@ class OverlayOps(Operations):
         return self.fs.write(fh, data, offset)
 
     def _kill_privs(self, req: Request, nodeid: int, rel: str | None, fh: int | None,
-                    chown: tuple[int, int] | None = None) -> None:
+                    chown: tuple[int, int] | None = None,
+                    inode: OverlayInode | None = None) -> None:
         """``killpriv``; the kernel's cached mode goes when a bit went (attributes only).
         A chown sets the kill flag whatever the caller's capabilities: they are read."""
         writer = Writer(req.uid, req.gid, req.pid, may_be_capable=chown is not None)
-        if self.fs.kill_privs(rel, fh, writer, chown):
+        if self.fs.kill_privs(rel, fh, writer, chown, inode):
             self.notifier.inval_inode(nodeid, -1)
 
     def release(self, req: Request | None, nodeid: int, fh: int, flags: int = 0) -> None:

@@ -89,6 +89,38 @@ def test_a_name_truncated_by_open_between_two_chunks_gets_its_new_size(ops):
     assert got is not None and got.attr.size == 0, got
 
 
+def test_a_name_stripped_by_a_truncating_open_between_two_chunks_gets_its_new_mode(
+        ops, monkeypatch):
+    """A read-only open with O_TRUNC by a caller without CAP_FSETID truncates, then strips
+    the setuid bit (OPEN_KILL_SUIDGID); the listing is read between the two, and the
+    kernel forgets the file after its close (a read-only release counts nothing): the next
+    chunk must give the mode without setuid. Before: the change was counted after the
+    truncate only, so the listing's 0o4755 came back as current."""
+    entry, opened = ops.create(REQ, ROOT_ID, b"u", os.O_WRONLY, 0o644)
+    ops.write(REQ, entry.nodeid, opened.fh, memoryview(b"content"), 0, 0)
+    ops.setattr(REQ, entry.nodeid, SetAttr(p.FATTR_MODE, None, 0, None, None, 0o104755, 0, 0))
+    ops.release(REQ, entry.nodeid, opened.fh, os.O_WRONLY)
+    ops.forget(entry.nodeid, 1)
+    u = look(ops, "u")
+    chunk = []
+    real = ops._kill_privs
+
+    def listed_first(*args, **kwargs):  # the listing read right before the strip
+        if not chunk:
+            chunk.append(_first_chunk(ops))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_kill_privs", listed_first)
+    opened = ops.open(REQ, u, os.O_RDONLY | os.O_TRUNC, p.OPEN_KILL_SUIDGID)
+    monkeypatch.undo()
+    ops.release(REQ, u, opened.fh, os.O_RDONLY)
+    ops.forget(u, 1)
+    (fh, offset), = chunk
+    got = _next_chunk(ops, fh, offset, b"u")
+    assert got is not None and got.attr.mode & 0o7777 == 0o755, got
+    assert got.attr.size == 0
+
+
 def test_a_later_chunk_with_nothing_changed_gives_the_listed_entries(ops):
     """Nothing changed since the listing: a later chunk's names the kernel does not hold
     come with their attributes (no LOOKUP round trip each), those it holds without."""
