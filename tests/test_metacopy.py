@@ -321,3 +321,26 @@ def test_open_metacopy_file_keeps_its_attributes_without_a_name(lower, stack, xf
     theirs = _fstat_after_losing_names(kernel_mount([root], ks.upper, ks.work, KERNEL_METACOPY))
     assert mine == theirs
     assert mine == {"small": ("0o600", 0, 17, b"small"), "d/inner": ("0o640", 0, 11, b"inner")}
+
+
+def _times_after_link(root: Path) -> dict:
+    """utimens on the lower file small (a metacopy copy-up), then a hard link to it:
+    the mtimes of both names (the link changes only the ctime)."""
+    os.utime(root / "small", ns=(T, T))
+    os.link(root / "small", root / "small2")
+    return {n: os.lstat(root / n).st_mtime_ns for n in ("small", "small2")}
+
+
+def test_link_to_metacopy_file_keeps_its_times(lower, stack, xfs_dir, overlay_mount, kernel_mount):
+    """A hard link to a metacopy file (overlaypc copies its data up first) keeps the
+    file's mtime, as in the kernel (found by a concurrency stress, hunt5: the data copy
+    in place wrote the upper file and left the time of the copy)."""
+    root, _ = lower
+    m = overlay_mount(stack.options("metacopy=on"))
+    mine = _times_after_link(m.path)
+    m.unmount()
+    on_disk = os.lstat(stack.upper / "small").st_mtime_ns
+    ks = new_stack([root], xfs_dir, "kmcl")
+    theirs = _times_after_link(kernel_mount([root], ks.upper, ks.work, KERNEL_METACOPY))
+    assert mine == theirs == {"small": T, "small2": T}
+    assert on_disk == T
