@@ -467,7 +467,11 @@ class CopyUp:
         ctx = CopyUpContext(node, data, self._key_of(node), upper.rel)
         dst_fd = self.upper.open(upper.rel, os.O_WRONLY)
         try:
+            kept = os.fstat(dst_fd)
             self._copy_from(ctx, data, dst_fd)
+            # copying the data in is no change of the file: its times stay (a hard link
+            # copies the data in first, and the kernel's link keeps the mtime)
+            os.utime(dst_fd, ns=(kept.st_atime_ns, kept.st_mtime_ns))
             if not self.volatile:
                 os.fsync(dst_fd)
         finally:

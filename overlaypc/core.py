@@ -472,6 +472,8 @@ class OverlayFS:
     def rmdir(self, rel: str) -> None:
         self.namespace.rmdir(rel)
 
-    def rename(self, old: str, new: str, flags: int = 0) -> Node | None:
-        """Move ``old`` to ``new``; return what was at ``new`` just before."""
-        return self.namespace.rename(old, new, flags)
+    def rename(self, old: str, new: str, flags: int = 0,
+               then: Callable[[Node | None], None] | None = None) -> Node | None:
+        """Move ``old`` to ``new``; return what was at ``new`` just before. ``then(that)``
+        runs after the move under the same namespace lock hold."""
+        return self.namespace.rename(old, new, flags, then)

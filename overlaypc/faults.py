@@ -14,7 +14,8 @@ Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.ren
 its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a kernel or
 filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper that refuses
 RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a renamed object's old
-name, in that case), ``index.adjust`` (the index's link count after link/unlink/rename).
+name, in that case), ``index.adjust`` (the index's link count after link/unlink/rename), ``ops.lookup`` (a LOOKUP
+with its merged path made, before the layers are read).
 """
 from __future__ import annotations
 

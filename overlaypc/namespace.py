@@ -34,7 +34,7 @@ import functools
 import itertools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import acl, faults, logs, sysapi, whiteout
 from .copyup import WORK_DIR
@@ -493,9 +493,12 @@ class Namespace:
         _cleanup(work.do_remove_tree, tmp, what=f"remove {work.path}/{tmp}")
 
     # -- rename -------------------------------------------------------------------------------
-    def rename(self, old: str, new: str, flags: int = 0) -> Node | None:
+    def rename(self, old: str, new: str, flags: int = 0,
+               then: Callable[[Node | None], None] | None = None) -> Node | None:
         """Move ``old`` to ``new``; return the node that was at ``new`` just before (None
-        when nothing was moved: the same name)."""
+        when nothing was moved: the same name). ``then(that node)``: after a move, under
+        the namespace lock hold that made it (the adapter's node table follows there, so
+        no one holding the lock sees the move on disk but not in the table)."""
         self.fs.require_writable()
         if flags & ~sysapi.RENAME_NOREPLACE:
             raise OSError(errno.EINVAL, "rename flags other than RENAME_NOREPLACE are not supported")
@@ -526,6 +529,8 @@ class Namespace:
                     # even after a failure: a step may have moved or emptied a directory
                     # already, and the cache must never hold a moved one's fd by its old name
                     self._done(old, new)
+            if then is not None:
+                then(nnode)
         return nnode
 
     def _rename_locked(self, old: str, new: str, onode: Node, nnode: Node) -> None:

@@ -67,6 +67,10 @@ class NodeTable:
         self._by_key: dict[Hashable, int] = {root_key: ROOT_ID}
         self._by_name: dict[Name, int] = {}
         self.epoch = 0
+        #: counts directories' name changes (renames): a path made before one may be stale
+        #: (``OverlayOps.lookup`` looks again; renames update the table under the core's
+        #: namespace lock, so a count read under it matches the layers)
+        self.moves = 0
         #: moves when a directory's name goes or changes or a directory leaves the table:
         #: the directories' kept paths (``Node.dir_path``) from before are void
         self._dirs_gen = 0
@@ -201,6 +205,7 @@ class NodeTable:
             self._by_name[new] = moved
             if node.is_dir:
                 self._dirs_gen += 1
+                self.moves += 1
             self.epoch += 1
 
     def rekey(self, old: Hashable, new: Hashable) -> None:

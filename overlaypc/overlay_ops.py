@@ -28,7 +28,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from . import logs
+from . import faults, logs
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
 from .core import OverlayFS
 from .engine import protocol as p
@@ -71,6 +71,8 @@ def file_attr(attr: Attr) -> FileAttr:
 #: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
 _new_tuple = tuple.__new__
 _S_IFDIR = stat.S_IFDIR
+#: ``_take``'s answer when a directory was renamed after the path it read was made
+_MOVED: Entry = Entry(0, None, 0.0, 0.0)
 #: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
 _FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
@@ -163,10 +165,12 @@ class OverlayOps(Operations):
         return _join(self._path(parent), decoded), decoded
 
     def _take(self, parent: int, name: str, rel: str,
-              made: tuple[int, Node] | None = None) -> Entry | None:
+              made: tuple[int, Node] | None = None, moves: int | None = None) -> Entry | None:
         """Look ``rel`` up and take one reference to its node; None if it does not exist.
         ``made``: (table epoch read before the change, the node the change made, read
-        under its namespace lock hold), used instead of a lookup unless the epoch moved."""
+        under its namespace lock hold), used instead of a lookup unless the epoch moved.
+        ``moves``: ``NodeTable.moves`` read before ``rel`` was made; if a directory was
+        renamed since, ``rel`` may be stale: ``_MOVED``, nothing taken."""
         fs = self.fs
         while True:
             if made is not None:
@@ -177,14 +181,22 @@ class OverlayOps(Operations):
                 try:
                     node, attr = fs.lookup_attr(rel)
                 except OSError as e:
-                    if e.errno == errno.ENOENT:
+                    if e.errno != errno.ENOENT:
+                        raise
+                    if moves is None:
                         return None
-                    raise
+                    # a rename of a directory above moves it on disk and in the table
+                    # under one lock hold: under it, an unchanged count says the path was
+                    # right when the lookup read the layers
+                    with fs.ns_lock:
+                        return None if self.nodes.moves == moves else _MOVED
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
             # node already rekeyed
             with fs.ns_lock:
+                if moves is not None and self.nodes.moves != moves:
+                    return _MOVED
                 if self.nodes.epoch == epoch:
                     nodeid = self.nodes.take(key, parent, name, node.is_dir)
                     return Entry(nodeid, file_attr(attr), self.timeout, self._attr_timeout(key))
@@ -224,8 +236,16 @@ class OverlayOps(Operations):
         return node is not None and node.exists and not node.is_dir and node.st.st_nlink > 1
 
     def lookup(self, req: Request, parent: int, name: bytes) -> Entry:
-        rel, decoded = self._child(parent, name)
-        entry = self._take(parent, decoded, rel)
+        # the kernel lets a rename of a directory above ``parent`` run meanwhile: a path
+        # made before it names nothing (or another object) by the time the layers are read
+        while True:
+            moves = self.nodes.moves
+            rel, decoded = self._child(parent, name)
+            if faults.armed:
+                faults.hit("ops.lookup", rel)  # test-only (faults.py)
+            entry = self._take(parent, decoded, rel, moves=moves)
+            if entry is not _MOVED:
+                break
         if entry is None:  # a negative entry, cached as long as a positive one
             return Entry(0, None, self.timeout, self.timeout)
         return entry
@@ -398,9 +418,9 @@ class OverlayOps(Operations):
                flags: int = 0) -> None:
         old, decoded = self._child(parent, name)
         new, new_decoded = self._child(new_parent, new_name)
-        replaced = self.fs.rename(old, new, flags)
-        self.nodes.rename(parent, decoded, new_parent, new_decoded,
-                          keep_key=self._links_elsewhere(replaced))
+        # the table follows under the namespace lock hold that moved the object (see lookup)
+        self.fs.rename(old, new, flags, lambda replaced: self.nodes.rename(
+            parent, decoded, new_parent, new_decoded, keep_key=self._links_elsewhere(replaced)))
 
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:

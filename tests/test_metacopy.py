@@ -365,3 +365,21 @@ def test_open_metacopy_file_without_a_name_takes_metadata_changes(lower, stack, 
                                      overlay_mount, kernel_mount, "kmc2")
     assert mine == theirs
     assert mine["small"] == ([0, 0, 0], "0o604", 7, 8, 2_000_000_000, 0, b"small")
+
+
+def _times_after_link(root: Path) -> dict:
+    """utimens on the lower file small (a metacopy copy-up), then a hard link to it:
+    the mtimes of both names (the link changes only the ctime)."""
+    os.utime(root / "small", ns=(T, T))
+    os.link(root / "small", root / "small2")
+    return {n: os.lstat(root / n).st_mtime_ns for n in ("small", "small2")}
+
+
+def test_link_to_metacopy_file_keeps_its_times(lower, stack, xfs_dir, overlay_mount, kernel_mount):
+    """A hard link to a metacopy file (overlaypc copies its data up first) keeps the
+    file's mtime, as in the kernel (found by a concurrency stress, hunt5: the data copy
+    in place wrote the upper file and left the time of the copy)."""
+    mine, theirs = _ours_and_kernels(_times_after_link, lower, stack, xfs_dir,
+                                     overlay_mount, kernel_mount, "kmcl")
+    assert mine == theirs == {"small": T, "small2": T}
+    assert os.lstat(stack.upper / "small").st_mtime_ns == T  # on disk

@@ -1,0 +1,69 @@
+"""A request by nodeid while a directory above the node is renamed (driven without FUSE).
+
+The kernel locks a rename's parent directories only: a LOOKUP in ``d/sub`` runs while
+another thread renames ``d``. overlaypc turns the nodeid into a merged path first; when
+the rename lands between that and the lookup on disk, the old path names nothing. The
+answer must still be the object (here: the file that is at ``dx/sub/f`` now), never a
+negative entry the kernel would cache for an existing name (a later ``open(O_CREAT)``
+of it then fails EEXIST, a ``stat`` ENOENT). Found by a concurrency stress through a
+mount (hunt5): ls -l in one process, directory renames in another.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import helpers
+from core_driver import REQ, CoreDriver
+from overlaypc import faults
+from overlaypc.config import MountConfig, validate
+
+
+@pytest.fixture
+def drv(tmp_path):
+    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "lower data\n"})
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    cfg = MountConfig(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
+                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"))
+    validate(cfg)
+    d = CoreDriver(cfg)
+    yield d
+    faults.configure(None)
+    d.close()
+
+
+def test_lookup_during_rename_of_a_directory_above_finds_the_object(drv):
+    sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
+    reached, go = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def hook(point, *args):
+        if not reached.is_set():  # the first lookup only: stopped with its path made
+            reached.set()
+            go.wait(10)
+
+    def lookup():
+        try:
+            results["entry"] = drv.ops.lookup(REQ, sub.nodeid, b"f")
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results["entry"] = e
+
+    faults.install("ops.lookup", hook)
+    t = threading.Thread(target=lookup)
+    try:
+        t.start()
+        assert reached.wait(10)
+        drv.rename(drv.root(), "d", drv.root(), "dx")  # the kernel lets it run meanwhile
+    finally:
+        go.set()
+        t.join(10)
+        faults.configure(None)
+    entry = results["entry"]
+    assert not isinstance(entry, Exception), entry
+    assert entry.nodeid != 0, "a negative entry for dx/sub/f, which exists"
+    drv.ops.forget(entry.nodeid, 1)
+    assert drv.lookup(sub, "f") is not None
+    drv.settle()
