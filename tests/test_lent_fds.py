@@ -10,22 +10,11 @@ import os
 import stat
 import threading
 
-import pytest
-
-import helpers
-from core_driver import REQ, CoreDriver
+from core_driver import REQ
 from overlaypc.engine import protocol as p
 from overlaypc.engine.protocol import SetAttr
 
-CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep, v2
-
-
-@pytest.fixture
-def drv(tmp_path):
-    helpers.require("root")  # chown, and security.capability (CAP_SETFCAP)
-    d = CoreDriver.in_dir(tmp_path)
-    yield d
-    d.close()
+from test_setattr_open import CAP, drv  # noqa: F401 (a fixture)
 
 
 def _race(drv, monkeypatch, lent_fh: int, request, victim) -> dict:
