@@ -38,6 +38,7 @@ from .layer import join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
+from .pathguard import PathGuard
 from .readdir import DirEntry, merged_listing
 from .records import record
 from .stack import LayerStack
@@ -75,6 +76,8 @@ class OverlayFS:
         self.prefix = self.format.prefix
         self.writable = config.writable
         self.ns_lock = threading.RLock()
+        #: whether a request's paths are still right when its change holds ``ns_lock``
+        self.paths = PathGuard()
         self.stats = Stats()
         # fd budget (fdbudget.py): every fd cache gets its share of the process's limit
         self.fd_budget = FdBudget.for_process()

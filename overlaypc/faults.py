@@ -10,7 +10,8 @@ Points may carry a byte threshold (``copyup.data@1048576=pause``) and a path fil
 (``file.read~broken=eio``: only when the path involved contains "broken").
 Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.rename``,
 ``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``,
-``files.nameless`` (a change of an open file with no name left, on the fd of one of
+``namespace.changing`` (a namespace change about to take the namespace lock, its paths
+made), ``files.nameless`` (a change of an open file with no name left, on the fd of one of
 its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a kernel or
 filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper that refuses
 RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a renamed object's old

@@ -265,7 +265,10 @@ class Namespace:
     def _changing(self) -> Iterator[None]:
         """The namespace lock, held for a change; at its end (even a failed one: a step may
         be done) ``Lookup.changed``, so no file found before the change is opened as kept."""
+        if faults.armed:
+            faults.hit("namespace.changing")  # test-only (faults.py)
         with self.fs.ns_lock:
+            self.fs.paths.check()  # (before any change: PathsMoved leaves nothing done)
             try:
                 yield
             finally:

@@ -42,6 +42,7 @@ from .mounting import raise_readahead
 from .namespace import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
+from .pathguard import PathsMoved
 
 log = logs.get("overlaypc.fuse")
 
@@ -113,6 +114,7 @@ class OverlayOps(Operations):
         self._change_ids = itertools.count(1)
         self._change = 0
         fs.on_rekey = self.nodes.rekey
+        fs.paths.moves = lambda: self.nodes.moves
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
         #: READ: the engine calls the core directly (a read needs only the handle)
@@ -218,6 +220,17 @@ class OverlayOps(Operations):
         if entry is None:
             raise OSError(errno.ENOENT, "vanished after it was made", rel)
         return entry
+
+    def _at_paths(self, change):
+        """``change()``, which makes its paths from the node table and then one namespace
+        change with them, again while a directory above was renamed between the two
+        (``pathguard``: nothing was changed then)."""
+        while True:
+            with self.fs.paths.expect(self.nodes.moves):
+                try:
+                    return change()
+                except PathsMoved:
+                    continue
 
     def _open_inode(self, nodeid: int) -> tuple[int, OverlayInode]:
         """An open handle of a node with no name left, and its inode (ENOENT: none)."""
@@ -385,42 +398,70 @@ class OverlayOps(Operations):
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
-        rel, decoded = self._child(parent, name)
-        self.fs.mknod(rel, mode, rdev, _caller(req))
-        return self._entry(parent, decoded, rel)
+        def change() -> tuple[str, str]:
+            rel, decoded = self._child(parent, name)
+            self.fs.mknod(rel, mode, rdev, _caller(req))
+            return rel, decoded
+        return self._made(parent, self._at_paths(change))
 
     def mkdir(self, req: Request, parent: int, name: bytes, mode: int) -> Entry:
-        rel, decoded = self._child(parent, name)
-        self.fs.mkdir(rel, mode, _caller(req))
-        return self._entry(parent, decoded, rel)
+        def change() -> tuple[str, str]:
+            rel, decoded = self._child(parent, name)
+            self.fs.mkdir(rel, mode, _caller(req))
+            return rel, decoded
+        return self._made(parent, self._at_paths(change))
 
     def symlink(self, req: Request, parent: int, name: bytes, target: bytes) -> Entry:
-        rel, decoded = self._child(parent, name)
-        self.fs.symlink(os.fsdecode(target), rel, _caller(req))
-        return self._entry(parent, decoded, rel)
+        def change() -> tuple[str, str]:
+            rel, decoded = self._child(parent, name)
+            self.fs.symlink(os.fsdecode(target), rel, _caller(req))
+            return rel, decoded
+        return self._made(parent, self._at_paths(change))
 
     def link(self, req: Request, nodeid: int, new_parent: int, new_name: bytes) -> Entry:
-        rel, decoded = self._child(new_parent, new_name)
-        self.fs.link(self._path(nodeid), rel)
-        return self._entry(new_parent, decoded, rel)
+        def change() -> tuple[str, str]:
+            rel, decoded = self._child(new_parent, new_name)
+            self.fs.link(self._path(nodeid), rel)
+            return rel, decoded
+        return self._made(new_parent, self._at_paths(change))
+
+    def _made(self, parent: int, made: tuple[str, str]) -> Entry:
+        """The entry of what a change just made at (``rel``, ``name``) in ``parent``,
+        looked up with a path made again if a directory above was renamed since."""
+        rel, decoded = made
+        while True:
+            moves = self.nodes.moves
+            entry = self._take(parent, decoded, rel, moves=moves)
+            if entry is None:
+                raise OSError(errno.ENOENT, "vanished after it was made", rel)
+            if entry is not _MOVED:
+                return entry
+            rel = self._child(parent, os.fsencode(decoded))[0]
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
-        rel, decoded = self._child(parent, name)
-        removed = self.fs.unlink(rel)
-        self.nodes.unlink(parent, decoded, keep_key=self._links_elsewhere(removed))
+        def change() -> Node:
+            rel, decoded = self._child(parent, name)
+            return self.fs.unlink(rel)
+        removed = self._at_paths(change)
+        self.nodes.unlink(parent, os.fsdecode(name), keep_key=self._links_elsewhere(removed))
 
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
-        rel, decoded = self._child(parent, name)
-        self.fs.rmdir(rel)
-        self.nodes.unlink(parent, decoded)
+        def change() -> None:
+            self.fs.rmdir(self._child(parent, name)[0])
+        self._at_paths(change)
+        self.nodes.unlink(parent, os.fsdecode(name))
 
     def rename(self, req: Request, parent: int, name: bytes, new_parent: int, new_name: bytes,
                flags: int = 0) -> None:
-        old, decoded = self._child(parent, name)
-        new, new_decoded = self._child(new_parent, new_name)
-        # the table follows under the namespace lock hold that moved the object (see lookup)
-        self.fs.rename(old, new, flags, lambda replaced: self.nodes.rename(
-            parent, decoded, new_parent, new_decoded, keep_key=self._links_elsewhere(replaced)))
+        def change() -> None:
+            old, decoded = self._child(parent, name)
+            new, new_decoded = self._child(new_parent, new_name)
+            # the table follows under the namespace lock hold that moved the object (see
+            # lookup)
+            self.fs.rename(old, new, flags, lambda replaced: self.nodes.rename(
+                parent, decoded, new_parent, new_decoded,
+                keep_key=self._links_elsewhere(replaced)))
+        self._at_paths(change)
 
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:

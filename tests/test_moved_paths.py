@@ -67,3 +67,48 @@ def test_lookup_during_rename_of_a_directory_above_finds_the_object(drv):
     drv.ops.forget(entry.nodeid, 1)
     assert drv.lookup(sub, "f") is not None
     drv.settle()
+
+
+def test_unlink_during_rename_of_its_directory_removes_the_file_not_its_successor(drv):
+    """UNLINK of ``f`` in ``d/sub`` stops with its path (``d/sub/f``) made; meanwhile ``d``
+    is renamed to ``dx`` and a new ``d/sub/f`` is made. The unlink must remove the file
+    it was asked for (now ``dx/sub/f``), not the new one. Before: the new file went and
+    the old one stayed."""
+    sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
+    drv.lookup(sub, "f")
+    reached, go = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+    unlinker: list[threading.Thread] = []
+
+    def hook(point, *args):
+        if threading.current_thread() in unlinker and not reached.is_set():
+            reached.set()
+            go.wait(10)
+
+    def unlink():
+        try:
+            results["unlink"] = drv.ops.unlink(REQ, sub.nodeid, b"f")
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results["unlink"] = e
+
+    faults.install("namespace.changing", hook)
+    unlinker.append(threading.Thread(target=unlink))
+    try:
+        unlinker[0].start()
+        assert reached.wait(10)
+        drv.rename(drv.root(), "d", drv.root(), "dx")  # the kernel lets it run meanwhile
+        d = drv.mkdir(drv.root(), "d", 0o755)
+        new_sub = drv.mkdir(d, "sub", 0o755)
+        node, fh = drv.create(new_sub, "f", os.O_WRONLY, 0o644)
+        drv.write(fh, b"successor\n", 0)
+        drv.release(fh)
+    finally:
+        go.set()
+        unlinker[0].join(10)
+        faults.configure(None)
+    assert not isinstance(results["unlink"], Exception), results["unlink"]
+    merged = drv.fs.config.mountpoint  # (not mounted: the layers tell)
+    upper = os.path.join(os.path.dirname(merged), "upper")
+    assert open(os.path.join(upper, "d/sub/f"), "rb").read() == b"successor\n"
+    assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "dx"), "sub"), "f") is None
+    drv.settle()
