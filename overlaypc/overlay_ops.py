@@ -505,9 +505,11 @@ class OverlayOps(Operations):
 
     def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int,
                open_flags: int = 0) -> tuple[Entry, Opened]:
-        rel, decoded = self._child(parent, name)
-        epoch = self.nodes.epoch  # before the change: any move of identities since voids ``node``
-        result, node = self.fs.create_node(rel, flags, mode, _caller(req))
+        def change():
+            rel, decoded = self._child(parent, name)
+            epoch = self.nodes.epoch  # before the change: a move of identities since voids ``node``
+            return rel, decoded, epoch, self.fs.create_node(rel, flags, mode, _caller(req))
+        rel, decoded, epoch, (result, node) = self._at_paths(change)
         try:
             entry = self._entry(parent, decoded, rel, (epoch, node))
         except BaseException:

@@ -112,3 +112,41 @@ def test_unlink_during_rename_of_its_directory_removes_the_file_not_its_successo
     assert open(os.path.join(upper, "d/sub/f"), "rb").read() == b"successor\n"
     assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "dx"), "sub"), "f") is None
     drv.settle()
+
+
+def test_create_during_rename_of_its_directory_makes_the_file_where_it_was_asked(drv):
+    """CREATE of ``g`` in ``d/sub`` stops with its path made; meanwhile ``d`` is renamed to
+    ``dx`` and a new ``d/sub`` made. The file must appear in the directory it was asked
+    for (now ``dx/sub``), not in the new ``d/sub``."""
+    sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
+    reached, go = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+    creator: list[threading.Thread] = []
+
+    def hook(point, *args):
+        if threading.current_thread() in creator and not reached.is_set():
+            reached.set()
+            go.wait(10)
+
+    def create():
+        try:
+            results["create"] = drv.create(sub, "g", os.O_WRONLY, 0o644)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results["create"] = e
+
+    faults.install("namespace.changing", hook)
+    creator.append(threading.Thread(target=create))
+    try:
+        creator[0].start()
+        assert reached.wait(10)
+        drv.rename(drv.root(), "d", drv.root(), "dx")
+        drv.mkdir(drv.mkdir(drv.root(), "d", 0o755), "sub", 0o755)
+    finally:
+        go.set()
+        creator[0].join(10)
+        faults.configure(None)
+    assert not isinstance(results["create"], Exception), results["create"]
+    drv.release(results["create"][1])
+    assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "dx"), "sub"), "g") is not None
+    assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "d"), "sub"), "g") is None
+    drv.settle()
