@@ -35,33 +35,42 @@ def drv(tmp_path):
     d.close()
 
 
-def test_lookup_during_rename_of_a_directory_above_finds_the_object(drv):
-    sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
+def _paused_at(point: str, request, meanwhile):
+    """``request()`` in a thread, stopped at fault point ``point`` (its first hit there)
+    while ``meanwhile()`` runs in this one; then what ``request`` returned or raised."""
     reached, go = threading.Event(), threading.Event()
-    results: dict[str, object] = {}
+    results: list[object] = []
+    worker: list[threading.Thread] = []
 
     def hook(point, *args):
-        if not reached.is_set():  # the first lookup only: stopped with its path made
+        if threading.current_thread() in worker and not reached.is_set():
             reached.set()
             go.wait(10)
 
-    def lookup():
+    def run():
         try:
-            results["entry"] = drv.ops.lookup(REQ, sub.nodeid, b"f")
-        except Exception as e:  # noqa: BLE001 (reported below)
-            results["entry"] = e
+            results.append(request())
+        except Exception as e:  # noqa: BLE001 (returned to the test)
+            results.append(e)
 
-    faults.install("ops.lookup", hook)
-    t = threading.Thread(target=lookup)
+    faults.install(point, hook)
+    worker.append(threading.Thread(target=run))
     try:
-        t.start()
+        worker[0].start()
         assert reached.wait(10)
-        drv.rename(drv.root(), "d", drv.root(), "dx")  # the kernel lets it run meanwhile
+        meanwhile()
     finally:
         go.set()
-        t.join(10)
+        worker[0].join(10)
         faults.configure(None)
-    entry = results["entry"]
+    assert results, "the request did not end"
+    return results[0]
+
+
+def test_lookup_during_rename_of_a_directory_above_finds_the_object(drv):
+    sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
+    entry = _paused_at("ops.lookup", lambda: drv.ops.lookup(REQ, sub.nodeid, b"f"),
+                       lambda: drv.rename(drv.root(), "d", drv.root(), "dx"))
     assert not isinstance(entry, Exception), entry
     assert entry.nodeid != 0, "a negative entry for dx/sub/f, which exists"
     drv.ops.forget(entry.nodeid, 1)
@@ -76,39 +85,17 @@ def test_unlink_during_rename_of_its_directory_removes_the_file_not_its_successo
     the old one stayed."""
     sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
     drv.lookup(sub, "f")
-    reached, go = threading.Event(), threading.Event()
-    results: dict[str, object] = {}
-    unlinker: list[threading.Thread] = []
 
-    def hook(point, *args):
-        if threading.current_thread() in unlinker and not reached.is_set():
-            reached.set()
-            go.wait(10)
-
-    def unlink():
-        try:
-            results["unlink"] = drv.ops.unlink(REQ, sub.nodeid, b"f")
-        except Exception as e:  # noqa: BLE001 (reported below)
-            results["unlink"] = e
-
-    faults.install("namespace.changing", hook)
-    unlinker.append(threading.Thread(target=unlink))
-    try:
-        unlinker[0].start()
-        assert reached.wait(10)
-        drv.rename(drv.root(), "d", drv.root(), "dx")  # the kernel lets it run meanwhile
-        d = drv.mkdir(drv.root(), "d", 0o755)
-        new_sub = drv.mkdir(d, "sub", 0o755)
-        node, fh = drv.create(new_sub, "f", os.O_WRONLY, 0o644)
+    def meanwhile():
+        drv.rename(drv.root(), "d", drv.root(), "dx")
+        node, fh = drv.create(drv.mkdir(drv.mkdir(drv.root(), "d", 0o755), "sub", 0o755), "f",
+                              os.O_WRONLY, 0o644)
         drv.write(fh, b"successor\n", 0)
         drv.release(fh)
-    finally:
-        go.set()
-        unlinker[0].join(10)
-        faults.configure(None)
-    assert not isinstance(results["unlink"], Exception), results["unlink"]
-    merged = drv.fs.config.mountpoint  # (not mounted: the layers tell)
-    upper = os.path.join(os.path.dirname(merged), "upper")
+    done = _paused_at("namespace.changing", lambda: drv.ops.unlink(REQ, sub.nodeid, b"f"),
+                      meanwhile)
+    assert not isinstance(done, Exception), done
+    upper = os.path.join(os.path.dirname(drv.fs.config.mountpoint), "upper")
     assert open(os.path.join(upper, "d/sub/f"), "rb").read() == b"successor\n"
     assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "dx"), "sub"), "f") is None
     drv.settle()
@@ -119,34 +106,14 @@ def test_create_during_rename_of_its_directory_makes_the_file_where_it_was_asked
     ``dx`` and a new ``d/sub`` made. The file must appear in the directory it was asked
     for (now ``dx/sub``), not in the new ``d/sub``."""
     sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
-    reached, go = threading.Event(), threading.Event()
-    results: dict[str, object] = {}
-    creator: list[threading.Thread] = []
 
-    def hook(point, *args):
-        if threading.current_thread() in creator and not reached.is_set():
-            reached.set()
-            go.wait(10)
-
-    def create():
-        try:
-            results["create"] = drv.create(sub, "g", os.O_WRONLY, 0o644)
-        except Exception as e:  # noqa: BLE001 (reported below)
-            results["create"] = e
-
-    faults.install("namespace.changing", hook)
-    creator.append(threading.Thread(target=create))
-    try:
-        creator[0].start()
-        assert reached.wait(10)
+    def meanwhile():
         drv.rename(drv.root(), "d", drv.root(), "dx")
         drv.mkdir(drv.mkdir(drv.root(), "d", 0o755), "sub", 0o755)
-    finally:
-        go.set()
-        creator[0].join(10)
-        faults.configure(None)
-    assert not isinstance(results["create"], Exception), results["create"]
-    drv.release(results["create"][1])
+    made = _paused_at("namespace.changing", lambda: drv.create(sub, "g", os.O_WRONLY, 0o644),
+                      meanwhile)
+    assert not isinstance(made, Exception), made
+    drv.release(made[1])
     assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "dx"), "sub"), "g") is not None
     assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "d"), "sub"), "g") is None
     drv.settle()
