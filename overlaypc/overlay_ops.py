@@ -225,12 +225,15 @@ class OverlayOps(Operations):
         """``change()``, which makes its paths from the node table and then one namespace
         change with them, again while a directory above was renamed between the two
         (``pathguard``: nothing was changed then)."""
+        paths = self.fs.paths
         while True:
-            with self.fs.paths.expect(self.nodes.moves):
-                try:
-                    return change()
-                except PathsMoved:
-                    continue
+            paths.expect(self.nodes.moves)
+            try:
+                return change()
+            except PathsMoved:
+                continue
+            finally:
+                paths.expect(None)
 
     def _open_inode(self, nodeid: int) -> tuple[int, OverlayInode]:
         """An open handle of a node with no name left, and its inode (ENOENT: none)."""

@@ -7,9 +7,10 @@ between the path being made and the change being made with it, which would then 
 nothing (a spurious ENOENT) or on whatever took the old path meanwhile. Renames of
 directories are counted (``moves``: the adapter's ``NodeTable.moves``, moved under the
 namespace lock hold that moved the directory on disk). A request says at which count it
-made its paths (``expect``); its first namespace change checks the count once it holds
-the namespace lock, before changing anything, and raises ``PathsMoved`` if it moved:
-the request then makes its paths again and starts over.
+made its paths (``expect``: a plain call, a context manager's cost showed per request);
+its first namespace change checks the count once it holds the namespace lock, before
+changing anything, and raises ``PathsMoved`` if it moved: the request then makes its
+paths again and starts over.
 
 Caveat: only namespace changes check (``namespace.Namespace._changing``); LOOKUP checks
 the count itself (``OverlayOps.lookup``), other requests (OPEN, SETATTR, GETATTR,
@@ -17,9 +18,8 @@ xattrs) still use their path unchecked.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 
 class PathsMoved(Exception):
@@ -33,14 +33,10 @@ class PathGuard:
         self.moves: Callable[[], int] | None = None
         self._local = threading.local()
 
-    @contextlib.contextmanager
-    def expect(self, count: int) -> Iterator[None]:
-        """Within: this thread's next ``check`` compares against ``count``."""
+    def expect(self, count: int | None) -> None:
+        """This thread's next ``check`` compares against ``count`` (None: none; a caller
+        sets it back to None when its change is over, in a ``finally``)."""
         self._local.count = count
-        try:
-            yield
-        finally:
-            self._local.count = None
 
     def check(self) -> None:
         """Under the namespace lock, before a change: ``PathsMoved`` if a directory was
