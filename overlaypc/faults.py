@@ -12,11 +12,12 @@ Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.ren
 ``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``,
 ``namespace.changing`` (a namespace change about to take the namespace lock, its paths
 made), ``files.nameless`` (a change of an open file with no name left, on the fd of one of
-its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a kernel or
-filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper that refuses
-RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a renamed object's old
-name, in that case), ``index.adjust`` (the index's link count after link/unlink/rename), ``ops.lookup`` (a LOOKUP
-with its merged path made, before the layers are read).
+its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a
+kernel or filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper
+that refuses RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a
+renamed object's old name, in that case), ``index.adjust`` (the index's link count after
+link/unlink/rename), ``ops.lookup`` (a LOOKUP with its merged path made, before the layers
+are read).
 """
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def _changes(method):
             return method(self, *args, **kwargs)
         finally:
             self._change = next(self._change_ids)  # (unique values: no lost update hides one)
-    run.__name__, run.__qualname__, run.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    run.__name__, run.__qualname__ = method.__name__, method.__qualname__
+    run.__doc__ = method.__doc__
     return run
 
 
