@@ -16,8 +16,8 @@ its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there 
 kernel or filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper
 that refuses RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a
 renamed object's old name, in that case), ``index.adjust`` (the index's link count after
-link/unlink/rename), ``ops.lookup`` (a LOOKUP with its merged path made, before the layers
-are read).
+link/unlink/rename), ``ops.lookup`` (a LOOKUP, or the lookup of what a change made, with
+its merged path made, before the layers are read).
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ open, ENOENT. Errors are ``OSError``: the session translates them.
 from __future__ import annotations
 
 import errno
-import os
 import itertools
+import os
 import stat
 import sys
 from collections.abc import Iterator
@@ -95,7 +95,7 @@ def _changes(method):
         try:
             return method(self, *args, **kwargs)
         finally:
-            self._change = next(self._change_ids)  # (unique values: no lost update hides one)
+            self._changed()
     run.__name__, run.__qualname__ = method.__name__, method.__qualname__
     run.__doc__ = method.__doc__
     return run
@@ -236,6 +236,11 @@ class OverlayOps(Operations):
             finally:
                 paths.expect(None)
 
+    def _changed(self) -> None:
+        """A change of data or attributes is done (``_changes``): ``_change`` takes a new
+        value (unique values: no lost update between threads hides one)."""
+        self._change = next(self._change_ids)
+
     def _open_inode(self, nodeid: int) -> tuple[int, OverlayInode]:
         """An open handle of a node with no name left, and its inode (ENOENT: none)."""
         for fh in self.nodes.handles(nodeid):
@@ -253,8 +258,15 @@ class OverlayOps(Operations):
         return node is not None and node.exists and not node.is_dir and node.st.st_nlink > 1
 
     def lookup(self, req: Request, parent: int, name: bytes) -> Entry:
-        # the kernel lets a rename of a directory above ``parent`` run meanwhile: a path
-        # made before it names nothing (or another object) by the time the layers are read
+        entry = self._take_current(parent, name)
+        if entry is None:  # a negative entry, cached as long as a positive one
+            return Entry(0, None, self.timeout, self.timeout)
+        return entry
+
+    def _take_current(self, parent: int, name: bytes) -> Entry | None:
+        """``_take`` of ``name`` in ``parent`` with its path made again while a directory
+        above was renamed meanwhile (the kernel lets such a rename run: a path made before
+        it names nothing, or another object, by the time the layers are read)."""
         while True:
             moves = self.nodes.moves
             rel, decoded = self._child(parent, name)
@@ -262,10 +274,7 @@ class OverlayOps(Operations):
                 faults.hit("ops.lookup", rel)  # test-only (faults.py)
             entry = self._take(parent, decoded, rel, moves=moves)
             if entry is not _MOVED:
-                break
-        if entry is None:  # a negative entry, cached as long as a positive one
-            return Entry(0, None, self.timeout, self.timeout)
-        return entry
+                return entry
 
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
@@ -402,57 +411,37 @@ class OverlayOps(Operations):
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
-        def change() -> tuple[str, str]:
-            rel, decoded = self._child(parent, name)
-            self.fs.mknod(rel, mode, rdev, _caller(req))
-            return rel, decoded
-        return self._made(parent, self._at_paths(change))
+        self._at_paths(lambda: self.fs.mknod(self._child(parent, name)[0], mode, rdev,
+                                             _caller(req)))
+        return self._made(parent, name)
 
     def mkdir(self, req: Request, parent: int, name: bytes, mode: int) -> Entry:
-        def change() -> tuple[str, str]:
-            rel, decoded = self._child(parent, name)
-            self.fs.mkdir(rel, mode, _caller(req))
-            return rel, decoded
-        return self._made(parent, self._at_paths(change))
+        self._at_paths(lambda: self.fs.mkdir(self._child(parent, name)[0], mode, _caller(req)))
+        return self._made(parent, name)
 
     def symlink(self, req: Request, parent: int, name: bytes, target: bytes) -> Entry:
-        def change() -> tuple[str, str]:
-            rel, decoded = self._child(parent, name)
-            self.fs.symlink(os.fsdecode(target), rel, _caller(req))
-            return rel, decoded
-        return self._made(parent, self._at_paths(change))
+        self._at_paths(lambda: self.fs.symlink(os.fsdecode(target), self._child(parent, name)[0],
+                                               _caller(req)))
+        return self._made(parent, name)
 
     def link(self, req: Request, nodeid: int, new_parent: int, new_name: bytes) -> Entry:
-        def change() -> tuple[str, str]:
-            rel, decoded = self._child(new_parent, new_name)
-            self.fs.link(self._path(nodeid), rel)
-            return rel, decoded
-        return self._made(new_parent, self._at_paths(change))
+        self._at_paths(lambda: self.fs.link(self._path(nodeid),
+                                            self._child(new_parent, new_name)[0]))
+        return self._made(new_parent, new_name)
 
-    def _made(self, parent: int, made: tuple[str, str]) -> Entry:
-        """The entry of what a change just made at (``rel``, ``name``) in ``parent``,
-        looked up with a path made again if a directory above was renamed since."""
-        rel, decoded = made
-        while True:
-            moves = self.nodes.moves
-            entry = self._take(parent, decoded, rel, moves=moves)
-            if entry is None:
-                raise OSError(errno.ENOENT, "vanished after it was made", rel)
-            if entry is not _MOVED:
-                return entry
-            rel = self._child(parent, os.fsencode(decoded))[0]
+    def _made(self, parent: int, name: bytes) -> Entry:
+        """The entry of what a change just made as ``name`` in ``parent``."""
+        entry = self._take_current(parent, name)
+        if entry is None:
+            raise OSError(errno.ENOENT, "vanished after it was made", os.fsdecode(name))
+        return entry
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
-        def change() -> Node:
-            rel, decoded = self._child(parent, name)
-            return self.fs.unlink(rel)
-        removed = self._at_paths(change)
+        removed = self._at_paths(lambda: self.fs.unlink(self._child(parent, name)[0]))
         self.nodes.unlink(parent, os.fsdecode(name), keep_key=self._links_elsewhere(removed))
 
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
-        def change() -> None:
-            self.fs.rmdir(self._child(parent, name)[0])
-        self._at_paths(change)
+        self._at_paths(lambda: self.fs.rmdir(self._child(parent, name)[0]))
         self.nodes.unlink(parent, os.fsdecode(name))
 
     def rename(self, req: Request, parent: int, name: bytes, new_parent: int, new_name: bytes,
@@ -482,7 +471,7 @@ class OverlayOps(Operations):
             # a change of size, and of mode, without a namespace change (``_changes``):
             # counted once both are done, so a listing read in between is voided as well
             if flags & os.O_TRUNC:
-                self._change = next(self._change_ids)
+                self._changed()
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
 
@@ -554,7 +543,7 @@ class OverlayOps(Operations):
             self.nodes.closed(nodeid, fh)
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 # (a passthrough open's writes bypassed the daemon: they count as of now)
-                self._change = next(self._change_ids)
+                self._changed()
 
     def fsync(self, req: Request, nodeid: int, fh: int, datasync: bool) -> None:
         self.fs.fsync(fh, bool(datasync))
@@ -649,9 +638,15 @@ class OverlayOps(Operations):
             if type(t) is not _Take or t.ops is not self or t.parent != parent or \
                     t.epoch != epoch or t.first is not first:
                 return super().take_entries(req, parent, items)  # (not one listing's items)
-        if not first:
-            return self._take_later(parent, epoch, takes)
-        return self._take_listed(parent, epoch, takes)
+        return self._take_chunk(parent, epoch, first, takes)
+
+    def _take_chunk(self, parent: int, epoch: tuple[int, int, int] | None, first: bool,
+                    takes: list["_Take"]) -> list[Entry | None]:
+        """A reply's listed entries: of the listing read by this request (``first``) or
+        by an earlier one (``_take_later``)."""
+        if first:
+            return self._take_listed(parent, epoch, takes)
+        return self._take_later(parent, epoch, takes)
 
     def _listing_epoch(self) -> tuple[int, int, int]:
         """Read before a listing: (the node table's epoch, the lookup's, ``_change``), see
@@ -694,14 +689,15 @@ class OverlayOps(Operations):
                 else:  # rare: identities moved since the listing
                     out.append(self._take_afresh(parent, t.name))
         except BaseException:
-            for entry in out:
-                if entry is not None:
-                    self.forget(entry.nodeid, 1)
-            for nodeid in nodeids[len(out):]:
-                if nodeid:
-                    self.forget(nodeid, 1)
+            self._forget_taken([e.nodeid for e in out if e is not None] + nodeids[len(out):])
             raise
         return out
+
+    def _forget_taken(self, nodeids: list[int]) -> None:
+        """The references a failed READDIRPLUS took (0: none taken there) are given back."""
+        for nodeid in nodeids:
+            if nodeid:
+                self.forget(nodeid, 1)
 
     def _take_later(self, parent: int, epoch: tuple[int, int, int] | None,
                     takes: list["_Take"]) -> list[Entry | None]:
@@ -727,9 +723,7 @@ class OverlayOps(Operations):
                 for t in rest:
                     taken.append(self._take_afresh(parent, t.name))
             except BaseException:
-                for entry in taken:
-                    if entry is not None:
-                        self.forget(entry.nodeid, 1)
+                self._forget_taken([e.nodeid for e in taken if e is not None])
                 raise
         got = dict(zip([t.name for t in rest], taken))
         return [got.get(t.name) for t in takes]
@@ -755,9 +749,7 @@ class _Take:
         self.name, self.attr = name, attr
 
     def __call__(self) -> Entry | None:
-        if not self.first:
-            return self.ops._take_later(self.parent, self.epoch, [self])[0]
-        return self.ops._take_listed(self.parent, self.epoch, [self])[0]
+        return self.ops._take_chunk(self.parent, self.epoch, self.first, [self])[0]
 
 
 def _time(valid: int, flag: int, now_flag: int, ns: int | None) -> int:
