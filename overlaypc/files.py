@@ -20,6 +20,7 @@ from . import faults, killpriv, sysapi
 from .attrs import Attr, resolve_times
 from .handles import Handle
 from .inodes import MetaFile, OverlayInode
+from .layer import same_file
 from .lookup import Entry, Node
 from .namespace import Caller
 from .records import record
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 #: the most one COPY_FILE_RANGE copies when it has to go through the daemon
 COPY_CHUNK = 1 << 20
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 @record(frozen=True)
@@ -584,7 +581,7 @@ class Files:
             # by its name while that still shows this file (a merged hard link's count
             # is the name's); a name replaced, moved or removed: by the held upper file
             same = node.exists and node.data is not None and (
-                meta is None or _same_file(node.st, os.fstat(meta.fd)))
+                meta is None or same_file(node.st, os.fstat(meta.fd)))
             if same:
                 return self.fs.attrs.of_node(node, rel)
             if meta is not None:

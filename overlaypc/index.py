@@ -24,7 +24,7 @@ import threading
 from collections import OrderedDict
 
 from . import faults, sysapi, whiteout
-from .layer import Layer
+from .layer import Layer, same_file
 from .lookup import Entry
 
 INDEX_DIR = "index"
@@ -85,7 +85,7 @@ class IndexDir:
         if not origin:
             return None
         st = self.work.lstat(self.rel(origin.hex()))
-        if st is None or (st.st_dev, st.st_ino) != (upper.st.st_dev, upper.st.st_ino):
+        if st is None or not same_file(st, upper.st):
             return None
         return Entry(self.work, self.rel(origin.hex()), st)
 

@@ -37,7 +37,7 @@ import stat
 import threading
 from collections import OrderedDict
 
-from .layer import Layer
+from .layer import Layer, same_file
 from .lookup import Entry, Node
 from .records import field, record
 from .typing_lite import NamedTuple
@@ -150,7 +150,7 @@ class OverlayInode:
             if self.meta_file is None:
                 fd = upper.layer.path_fd(upper.rel)
                 st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != (upper.st.st_dev, upper.st.st_ino):
+                if not same_file(st, upper.st):
                     os.close(fd)
                     raise StaleBacking(errno.ESTALE, "metacopy file moved", upper.rel)
                 self.meta_file = MetaFile(upper.layer, fd)

@@ -82,6 +82,11 @@ def moved(rel: str, old: str, new: str) -> str | None:
     return None
 
 
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two stats are of one object (device and inode number)."""
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def steps(rel: str) -> list[str]:
     """``rel`` cut between components into pieces of at most ``STEP_BYTES`` bytes (a
     component over 255 bytes is left to the kernel's ENAMETOOLONG)."""

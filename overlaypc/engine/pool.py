@@ -187,10 +187,9 @@ class Pool:
     def stalled(self, now: float) -> bool:
         """Called by the watch: True if no worker waits, the pool may grow and one is
         blocked."""
-        slots = self.slots
-        if len(slots) >= self.bound or now < self.grow_after or self.waiting():
+        if self.full() or now < self.grow_after or self.waiting():
             return False
-        return self._any_blocked(slots, None, now)
+        return self._any_blocked(self.slots, None, now)
 
     def should_retire(self, slot: Slot, now: float) -> bool:
         """Called by an extra worker that has answered a request at ``now``: True once
