@@ -202,9 +202,11 @@ class InodeTable:
             return inode
 
     def hold(self, inode: OverlayInode) -> bool:
-        """One more reference on a live inode; False if its last reference went meanwhile."""
+        """One more reference on a live inode; False if its last reference went meanwhile.
+        Judged by its count, not by the table's entry for ``inode.key``: a copy-up sets the
+        new key before ``rekey`` moves the entry (it holds the inode meanwhile)."""
         with self._lock:
-            if self._live.get(inode.key) is not inode:
+            if inode.refs <= 0:
                 return False
             inode.refs += 1
             return True

@@ -398,6 +398,48 @@ def test_unmount_before_any_request_clones_nothing(kernel):
     assert len(fk.kernel_socks) == 1
 
 
+def test_a_first_worker_that_cannot_start_leaves_no_thread_running(monkeypatch):
+    """Before: ``serve`` started the notifier and the pool's watch, then raised from the
+    first worker's start without stopping them (two threads left per failed session)."""
+    fk = FakeKernel(MemoryOps(), workers=2)
+    fk.init()
+
+    def no_thread(fd, slot):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(fk.session, "_start_worker", no_thread)
+    with pytest.raises(RuntimeError):
+        fk.session.serve()
+    threads = (fk.session.notifier._thread, fk.session._watcher)
+    assert helpers.wait_until(lambda: not any(t.is_alive() for t in threads), 10), threads
+    fk.close()
+
+
+def test_a_failing_ready_callback_leaves_the_mount_served(kernel):
+    """``ready`` (the daemon's word to its waiting parent) failing is logged; the mount,
+    live since the first worker started, is still answered and ends cleanly. Before:
+    ``serve`` raised, and the daemon exited leaving a dead mount (ENOTCONN)."""
+    fk = FakeKernel(MemoryOps(), workers=2)
+    fk.init()
+    called = threading.Event()
+    raised: list[BaseException] = []
+
+    def ready():
+        called.set()
+        raise BrokenPipeError("the parent is gone")
+
+    def serve():
+        try:
+            fk.session.serve(ready)
+        except BaseException as e:  # noqa: BLE001 (the test's finding)
+            raised.append(e)
+    fk._thread = threading.Thread(target=serve, daemon=True)
+    fk._thread.start()
+    assert called.wait(10)
+    fk.ok(p.STATFS, 1)
+    assert fk.close(), "serve() did not end with the connection"
+    assert not raised, raised
+
+
 # ==========================================================================================
 # The pool: more workers while requests block, retired when nothing does (engine/pool.py)
 # ==========================================================================================

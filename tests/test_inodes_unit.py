@@ -92,6 +92,26 @@ def test_hold_fails_after_the_last_release(layers):
     assert not table.hold(inode)
 
 
+def test_hold_succeeds_while_a_copy_up_rekeys_the_inode(layers, tmp_path):
+    """Between a copy-up setting the inode's new key and the table's rekey, the inode is
+    live (the copy-up holds it): a nameless file's fstat there must not be told ENOENT."""
+    upper, lower = layers
+    table = InodeTable()
+    old = key_of(node(lower, "single"), split_links=True)
+    inode = table.acquire(old, 7, node(lower, "single").top)
+    (tmp_path / "upper" / "single").write_bytes(b"copied\n")
+    up = node(upper, "single")
+    assert table.hold(inode)  # the copy-up's own reference
+    inode.rebind(up.top, key_of(up, split_links=True), 7)
+    assert table.hold(inode), "a live inode refused in the rekey window"
+    table.release(inode)
+    table.rekey(inode, old)
+    table.release(inode)
+    assert table.get(inode.key) is inode
+    table.release(inode)
+    assert len(table) == 0 and not table.hold(inode)
+
+
 def test_rekey_after_copy_up_and_release_under_the_new_key(layers, tmp_path):
     upper, lower = layers
     table = InodeTable()

@@ -165,6 +165,7 @@ class Session:
         self._setxattr_ext = False
         #: set when the connection has ended (the watch ends)
         self._stopped = False
+        self._watcher: threading.Thread | None = None  # the pool's watch, while it runs
         ops.notifier = self.notifier
 
     # -- INIT ---------------------------------------------------------------------------------
@@ -229,12 +230,21 @@ class Session:
         once the first worker is started (the mount is served from then on)."""
         self.notifier.start()
         if self.pool.bound > self.pool.base:
-            threading.Thread(target=self._watch, name="fuse-pool-watch", daemon=True).start()
+            self._watcher = threading.Thread(target=self._watch, name="fuse-pool-watch",
+                                             daemon=True)
+            self._watcher.start()
         # the first worker serves the channel's fd at once: the mount's first requests
         # (the caller's stat that waited for INIT) need not wait for the clones
-        first = self._start_worker(self.fd, self.pool.join(extra=False))
+        try:
+            first = self._start_worker(self.fd, self.pool.join(extra=False))
+        except BaseException:
+            self._end_threads()  # no worker runs: nothing else to wait for
+            raise
         if ready is not None:
-            ready()
+            try:
+                ready()
+            except Exception:  # the mount is live and served: keep serving it
+                log.exception("telling the mount command it is ready failed")
         # ... nor for the clones' threads to start: on 2 vCPUs cloning and starting three
         # threads while the first request waits delayed its answer by 1-2 ms. They start
         # once the first worker has answered a request (or stopped), or after clone_delay.
@@ -261,13 +271,17 @@ class Session:
                     break
                 alive[0].join(timeout=0.5)  # short waits: signal handlers run in between
         finally:
-            self._stopped = True
-            self.pool.all_busy.set()  # the watch ends
-            self.notifier.stop()
+            self._end_threads()
             try:
                 self.ops.destroy()
             except Exception:
                 log.exception("destroy failed")
+
+    def _end_threads(self) -> None:
+        """End the session's own threads: the pool's watch and the notifier."""
+        self._stopped = True
+        self.pool.all_busy.set()  # the watch ends
+        self.notifier.stop()
 
     def _start_worker(self, fd: int, slot: Slot) -> threading.Thread:
         t = threading.Thread(target=self._worker, args=(fd, slot),
