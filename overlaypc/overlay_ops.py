@@ -160,6 +160,13 @@ class OverlayOps(Operations):
             raise OSError(errno.ENOENT, f"node {nodeid} has no name left")
         return rel
 
+    def _node_path(self, nodeid: int) -> str:
+        """``_path`` of the node a request by nodeid acts on."""
+        rel = self._path(nodeid)
+        if faults.armed:
+            faults.hit("ops.path", rel)  # test-only (faults.py)
+        return rel
+
     def _child(self, parent: int, name: bytes) -> tuple[str, str]:
         """(merged path, decoded name) of ``name`` in directory ``parent``."""
         decoded = os.fsdecode(name)
@@ -279,6 +286,8 @@ class OverlayOps(Operations):
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
         rel = self.nodes.path(nodeid)
+        if faults.armed and rel is not None:
+            faults.hit("ops.path", rel)  # test-only (faults.py)
         if rel is None and not self.nodes.named_elsewhere(nodeid):
             # its last name is gone: st_nlink 0, whatever the handle's backing says (a
             # bind-at-open handle still holds the lower file)
@@ -299,6 +308,8 @@ class OverlayOps(Operations):
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes."""
         fs, valid = self.fs, sa.valid
         rel = self.nodes.path(nodeid)
+        if faults.armed and rel is not None:
+            faults.hit("ops.path", rel)  # test-only (faults.py)
         if rel is not None and sa.fh is None and not valid & p.FATTR_SIZE:
             return self._setattr_named(req, nodeid, rel, sa)
         inode = None if rel is not None else self._open_inode(nodeid)[1]
@@ -370,16 +381,16 @@ class OverlayOps(Operations):
         return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
 
     def readlink(self, req: Request, nodeid: int) -> bytes:
-        return os.fsencode(self.fs.readlink(self._path(nodeid)))
+        return os.fsencode(self.fs.readlink(self._node_path(nodeid)))
 
     def statfs(self, req: Request, nodeid: int) -> dict:
         return self.fs.statfs()
 
     def access(self, req: Request, nodeid: int, mask: int) -> None:
-        self.fs.access(self._path(nodeid), mask)
+        self.fs.access(self._node_path(nodeid), mask)
 
     def getxattr(self, req: Request, nodeid: int, name: str) -> bytes:
-        rel = self._path(nodeid)
+        rel = self._node_path(nodeid)
         if name == CAPABILITY_XATTR and not self.fs.config.noxattrs:
             # asked before each write and chown of an open file (untar: twice per file):
             # its open handle answers without a lookup of the name
@@ -395,19 +406,19 @@ class OverlayOps(Operations):
         return self.fs.getxattr(rel, name)
 
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
-        return self.fs.listxattr(self._path(nodeid))
+        return self.fs.listxattr(self._node_path(nodeid))
 
     @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
                  setxattr_flags: int = 0) -> None:
-        rel = self._path(nodeid)
+        rel = self._node_path(nodeid)
         self.fs.setxattr(rel, name, value, flags)
         if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
             self.fs.attrs.kill_sgid(rel)
 
     @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
-        self.fs.removexattr(self._path(nodeid), name)
+        self.fs.removexattr(self._node_path(nodeid), name)
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
@@ -460,7 +471,7 @@ class OverlayOps(Operations):
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
         try:
-            result = self.fs.open(self._path(nodeid), flags)
+            result = self.fs.open(self._node_path(nodeid), flags)
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
                 try:
                     self._kill_privs(req, nodeid, None, result.fh)
@@ -503,6 +514,8 @@ class OverlayOps(Operations):
             epoch = self.nodes.epoch  # before the change: a move of identities since voids ``node``
             return rel, decoded, epoch, self.fs.create_node(rel, flags, mode, _caller(req))
         rel, decoded, epoch, (result, node) = self._at_paths(change)
+        if faults.armed:
+            faults.hit("ops.created", rel)  # test-only (faults.py)
         try:
             entry = self._entry(parent, decoded, rel, (epoch, node))
         except BaseException:
@@ -577,7 +590,7 @@ class OverlayOps(Operations):
             raise OSError(errno.ENOSYS, "the kernel opens directories")
         # the kernel may keep listings across opens: it drops them itself whenever the
         # directory changes through the mount, and layers change only through the mount
-        return Opened(self.fs.opendir(self._path(nodeid)), cache_dir=True, keep_cache=True)
+        return Opened(self.fs.opendir(self._node_path(nodeid)), cache_dir=True, keep_cache=True)
 
     def releasedir(self, req: Request, nodeid: int, fh: int) -> None:
         self._listed.pop(fh, None)
@@ -607,7 +620,7 @@ class OverlayOps(Operations):
         first = snap is None  # (else a snapshot read by an earlier request)
         if first:
             epoch = self._listing_epoch()  # before the listing: a change since voids its stats
-            rel = self._path(nodeid)
+            rel = self._node_path(nodeid)
             snap = Snapshot(nodeid, epoch, self.fs.readdir(rel, plus=plus), self.fs.dot_inos_at(rel))
             sid = self._snapshots.add(snap)
         if pos >= len(snap.entries) + 2:
