@@ -17,7 +17,10 @@ kernel or filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm`
 that refuses RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a
 renamed object's old name, in that case), ``index.adjust`` (the index's link count after
 link/unlink/rename), ``ops.lookup`` (a LOOKUP, or the lookup of what a change made, with
-its merged path made, before the layers are read).
+its merged path made, before the layers are read), ``ops.path`` (a request by nodeid:
+GETATTR, SETATTR, OPEN, OPENDIR, a listing without a handle, READLINK, ACCESS, the xattr
+requests, with the node's merged path made, before the layers are read or changed),
+``ops.created`` (a CREATE's file made, before its reply's entry is taken).
 """
 from __future__ import annotations
 

@@ -525,15 +525,19 @@ class Namespace:
             if onode.upper is None:
                 raise OSError(errno.ENOENT, "source changed during rename", old)
             self._check_target(onode, nnode, flags)
-            try:
-                self._rename_locked(old, new, onode, nnode)
-            finally:
-                if onode.is_dir or nnode.is_dir:
-                    # even after a failure: a step may have moved or emptied a directory
-                    # already, and the cache must never hold a moved one's fd by its old name
-                    self._done(old, new)
-            if then is not None:
-                then(nnode)
+            # a directory's move makes the paths below it stale: counted (``pathguard``)
+            # from before its first step until the adapter's table followed
+            with self.fs.paths.moving() if onode.is_dir else contextlib.nullcontext():
+                try:
+                    self._rename_locked(old, new, onode, nnode)
+                finally:
+                    if onode.is_dir or nnode.is_dir:
+                        # even after a failure: a step may have moved or emptied a directory
+                        # already, and the cache must never hold a moved one's fd by its old
+                        # name
+                        self._done(old, new)
+                if then is not None:
+                    then(nnode)
         return nnode
 
     def _rename_locked(self, old: str, new: str, onode: Node, nnode: Node) -> None:

@@ -67,10 +67,6 @@ class NodeTable:
         self._by_key: dict[Hashable, int] = {root_key: ROOT_ID}
         self._by_name: dict[Name, int] = {}
         self.epoch = 0
-        #: counts directories' name changes (renames): a path made before one may be stale
-        #: (``OverlayOps.lookup`` looks again; renames update the table under the core's
-        #: namespace lock, so a count read under it matches the layers)
-        self.moves = 0
         #: moves when a directory's name goes or changes or a directory leaves the table:
         #: the directories' kept paths (``Node.dir_path``) from before are void
         self._dirs_gen = 0
@@ -203,9 +199,8 @@ class NodeTable:
             else:
                 node.names[node.names.index(old)] = new
             self._by_name[new] = moved
-            if node.is_dir:
+            if node.is_dir:  # (paths below it made before are stale: ``pathguard``)
                 self._dirs_gen += 1
-                self.moves += 1
             self.epoch += 1
 
     def rekey(self, old: Hashable, new: Hashable) -> None:

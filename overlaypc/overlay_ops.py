@@ -30,12 +30,14 @@ from collections.abc import Iterator
 
 from . import faults, logs
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
+from .copyup import is_private_xattr
 from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR, Writer, has_fsetid
+from .layer import split
 from .listings import POSITION_BITS, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
@@ -43,6 +45,14 @@ from .namespace import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 from .pathguard import PathsMoved
+from .typing_lite import TYPE_CHECKING
+from .whiteout import is_whiteout
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 log = logs.get("overlaypc.fuse")
 
@@ -76,6 +86,10 @@ _S_IFDIR = stat.S_IFDIR
 _MOVED: Entry = Entry(0, None, 0.0, 0.0)
 #: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
 _FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+#: open flags that may change the file (``Files.open`` copies it up first)
+_WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+_PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.FATTR_MTIME
+                  | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW)
 
 
 def _caller(req: Request) -> Caller:
@@ -115,7 +129,8 @@ class OverlayOps(Operations):
         self._change_ids = itertools.count(1)
         self._change = 0
         fs.on_rekey = self.nodes.rekey
-        fs.paths.moves = lambda: self.nodes.moves
+        #: the count of directory moves (``pathguard``): paths made before one may be stale
+        self._paths = fs.paths
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
         #: READ: the engine calls the core directly (a read needs only the handle)
@@ -160,6 +175,13 @@ class OverlayOps(Operations):
             raise OSError(errno.ENOENT, f"node {nodeid} has no name left")
         return rel
 
+    def _node_path(self, nodeid: int) -> str:
+        """``_path`` of the node a request by nodeid acts on."""
+        rel = self._path(nodeid)
+        if faults.armed:
+            faults.hit("ops.path", rel)  # test-only (faults.py)
+        return rel
+
     def _child(self, parent: int, name: bytes) -> tuple[str, str]:
         """(merged path, decoded name) of ``name`` in directory ``parent``."""
         decoded = os.fsdecode(name)
@@ -172,8 +194,9 @@ class OverlayOps(Operations):
         """Look ``rel`` up and take one reference to its node; None if it does not exist.
         ``made``: (table epoch read before the change, the node the change made, read
         under its namespace lock hold), used instead of a lookup unless the epoch moved.
-        ``moves``: ``NodeTable.moves`` read before ``rel`` was made; if a directory was
-        renamed since, ``rel`` may be stale: ``_MOVED``, nothing taken."""
+        ``moves``: ``PathGuard.moves`` read before ``rel`` was made; if a directory was
+        renamed since (or was being renamed then), ``rel`` may be stale: ``_MOVED``,
+        nothing taken."""
         fs = self.fs
         while True:
             if made is not None:
@@ -192,13 +215,13 @@ class OverlayOps(Operations):
                     # under one lock hold: under it, an unchanged count says the path was
                     # right when the lookup read the layers
                     with fs.ns_lock:
-                        return None if self.nodes.moves == moves else _MOVED
+                        return None if self._paths.moves == moves else _MOVED
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
             # node already rekeyed
             with fs.ns_lock:
-                if moves is not None and self.nodes.moves != moves:
+                if moves is not None and self._paths.moves != moves:
                     return _MOVED
                 if self.nodes.epoch == epoch:
                     nodeid = self.nodes.take(key, parent, name, node.is_dir)
@@ -215,26 +238,75 @@ class OverlayOps(Operations):
         key = self.nodes.node(nodeid).key
         return self._attr_timeout(key) if isinstance(key, InodeKey) else self.timeout
 
-    def _entry(self, parent: int, name: str, rel: str,
-               made: tuple[int, Node] | None = None) -> Entry:
-        entry = self._take(parent, name, rel, made)
-        if entry is None:
-            raise OSError(errno.ENOENT, "vanished after it was made", rel)
-        return entry
-
     def _at_paths(self, change):
         """``change()``, which makes its paths from the node table and then one namespace
         change with them, again while a directory above was renamed between the two
         (``pathguard``: nothing was changed then)."""
-        paths = self.fs.paths
+        paths = self._paths
         while True:
-            paths.expect(self.nodes.moves)
+            paths.expect(paths.moves)
             try:
                 return change()
             except PathsMoved:
                 continue
             finally:
                 paths.expect(None)
+
+    def _moved(self, moves: int) -> bool:
+        """Whether a directory moved since ``moves`` was read (``pathguard``), or was being
+        moved then: a path made since may have been stale while it was used. Waits out a
+        move in progress (it holds the namespace lock), so a caller that starts over does
+        not spin."""
+        now = self._paths.moves
+        if now == moves and not moves & 1:
+            return False
+        if now & 1:
+            with self.fs.ns_lock:
+                pass
+        return True
+
+    def _read_at(self, nodeid: int, read: "Callable[[str], T]") -> "T":
+        """``read(path of the node)``, again while a directory above moved meanwhile (a read
+        of a stale path answered for nothing, or for what took it: nothing changed)."""
+        while True:
+            moves = self._paths.moves
+            try:
+                result = read(self._node_path(nodeid))
+            except OSError:
+                if not self._moved(moves):
+                    raise
+                continue
+            if not self._moved(moves):
+                return result
+
+    def _at_node(self, nodeid: int, act: "Callable[[str], T]",
+                 copy_up: "Callable[[str], Callable[[], object] | None] | None" = None) -> "T":
+        """``act(path of the node)`` in a namespace lock hold under which that path is
+        current (the count of directory moves is the one read before it was made): no move
+        lands between the path and the act. ``copy_up(path)``, in the same hold before
+        ``act``: None when ``act`` copies nothing up, else the copy-up it needs, run first
+        without the lock (a copy-up takes its own lock, then the namespace lock: never
+        under it); then all over again. A read-only mount moves nothing."""
+        fs = self.fs
+        if not fs.writable:
+            return act(self._node_path(nodeid))
+        paths = self._paths
+        while True:
+            moves = paths.moves
+            rel = self._node_path(nodeid)
+            with fs.ns_lock:
+                if paths.moves != moves:
+                    continue
+                copy = None if copy_up is None else copy_up(rel)
+                if copy is None:
+                    return act(rel)
+            # (of what ``rel`` names now: if a move lands first, another object's copy-up,
+            # which changes no merged content)
+            try:
+                copy()
+            except OSError:
+                if not self._moved(moves):
+                    raise
 
     def _changed(self) -> None:
         """A change of data or attributes is done (``_changes``): ``_change`` takes a new
@@ -268,7 +340,7 @@ class OverlayOps(Operations):
         above was renamed meanwhile (the kernel lets such a rename run: a path made before
         it names nothing, or another object, by the time the layers are read)."""
         while True:
-            moves = self.nodes.moves
+            moves = self._paths.moves
             rel, decoded = self._child(parent, name)
             if faults.armed:
                 faults.hit("ops.lookup", rel)  # test-only (faults.py)
@@ -279,6 +351,8 @@ class OverlayOps(Operations):
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
         rel = self.nodes.path(nodeid)
+        if faults.armed and rel is not None:
+            faults.hit("ops.path", rel)  # test-only (faults.py)
         if rel is None and not self.nodes.named_elsewhere(nodeid):
             # its last name is gone: st_nlink 0, whatever the handle's backing says (a
             # bind-at-open handle still holds the lower file)
@@ -292,16 +366,43 @@ class OverlayOps(Operations):
         return self.fs.getattr(rel)
 
     def getattr(self, req: Request, nodeid: int, fh: int | None = None) -> AttrReply:
-        return AttrReply(file_attr(self._attr(nodeid, fh)), self._node_attr_timeout(nodeid))
+        paths = self._paths
+        while True:  # (``_read_at`` inlined: the hot path of find+stat)
+            moves = paths.moves
+            try:
+                attr = self._attr(nodeid, fh)
+            except OSError:
+                if not self._moved(moves):
+                    raise
+                continue
+            if paths.moves == moves and not moves & 1 or not self._moved(moves):
+                return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
 
     @_changes
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
-        """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes."""
-        fs, valid = self.fs, sa.valid
+        """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes.
+        By path in a namespace lock hold where the path is current (``_at_node``)."""
+        valid = sa.valid
         rel = self.nodes.path(nodeid)
-        if rel is not None and sa.fh is None and not valid & p.FATTR_SIZE:
-            return self._setattr_named(req, nodeid, rel, sa)
-        inode = None if rel is not None else self._open_inode(nodeid)[1]
+        if rel is None:  # no name left: through one of its handles
+            return self._setattr_steps(req, nodeid, None, sa, self._open_inode(nodeid)[1])
+        if sa.fh is None and not valid & p.FATTR_SIZE:
+            return self._setattr_named(req, nodeid, sa)
+        if sa.fh is not None and not valid & (_PATH_SETATTRS | p.FATTR_KILL_SUIDGID):
+            return self._setattr_steps(req, nodeid, rel, sa, None)  # an ftruncate: no path
+        data = sa.fh is None  # (a size is set) a truncate by path needs the data above
+        ids = None
+        if valid & (p.FATTR_UID | p.FATTR_GID):
+            ids = (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
+        return self._at_node(
+            nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None),
+            lambda rel: self._copy_up_for(rel, bool(valid & _PATH_SETATTRS or data),
+                                          bool(valid & p.FATTR_KILL_SUIDGID), ids, data))
+
+    def _setattr_steps(self, req: Request, nodeid: int, rel: str | None, sa: SetAttr,
+                       inode: OverlayInode | None) -> AttrReply:
+        """``setattr``'s steps, by ``rel`` or (no name left) on ``inode``."""
+        fs, valid = self.fs, sa.valid
         if valid & p.FATTR_KILL_SUIDGID:  # truncate without CAP_FSETID, or any chown
             chown = None
             if valid & (p.FATTR_UID | p.FATTR_GID):
@@ -336,7 +437,45 @@ class OverlayOps(Operations):
                 fs.files.utimens_inode(inode, times)
         return AttrReply(file_attr(self._attr(nodeid, sa.fh)), self._node_attr_timeout(nodeid))
 
-    def _setattr_named(self, req: Request, nodeid: int, rel: str, sa: SetAttr) -> AttrReply:
+    def _copy_up_for(self, rel: str, changes: bool, kill: bool,
+                     ids: tuple[int, int] | None = None,
+                     data: bool = False) -> "Callable[[], object] | None":
+        """The copy-up a change by path of ``rel`` makes before it changes anything
+        (``_at_node``'s ``copy_up``, under the namespace lock), as ``attrs`` decides it:
+        None for an object in the upper already (with its data, for ``data``), one that
+        does not exist (the change fails), or when nothing changes (``changes`` False) but
+        a kill flag (``kill``) on a lower regular file, which is copied up before its
+        privileges are looked at. The errors ``attrs`` answers before a copy-up are
+        answered here first (a chown's IDs the kill flag checks)."""
+        fs = self.fs
+        if self._in_upper(rel, data):
+            return None
+        node = fs.lookup.lookup(rel)
+        if not node.exists or node.upper is not None and not (data and node.data is not None):
+            return None
+        if not changes and not (kill and stat.S_ISREG(node.st.st_mode)):
+            return None
+        if kill and ids is not None:
+            fs.ownership.chown_ids(*ids)  # (EOVERFLOW: ``OverlayFS.kill_privs``)
+        copyup = fs.copyup
+        if data:
+            return lambda: copyup.ensure_data(rel)
+        return lambda: copyup.ensure_upper(rel, metadata_only=True)
+
+    def _in_upper(self, rel: str, data: bool) -> bool:
+        """Whether ``rel`` is an object of the upper layer (a lookup's top entry: no copy-up
+        then), known without a lookup: one ``fstatat`` through the fd the lookup cache holds
+        of its upper parent. False when not known so (absent, a whiteout, or ``data``
+        asked of a mount with metacopy files, whose data may be below)."""
+        if data and self.fs.config.metacopy:
+            return False
+        upper = self.fs.stack.upper
+        head, name = split(rel)
+        parent = upper.held_dir(head) if name else None
+        st = upper.lstat(rel) if parent is None else upper.stat_at(parent, name)
+        return st is not None and not is_whiteout(st)
+
+    def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """``setattr`` of a named node without a size nor a handle (untar's utimens, chown
         and chmod of every file): the same steps in the same order, from one lookup."""
         valid = sa.valid
@@ -361,25 +500,31 @@ class OverlayOps(Operations):
                 if e.errno != errno.EBADF:  # (released meanwhile: by name)
                     raise
         if done is None:
-            done = self.fs.setattr(rel, mode=mode, ids=ids, times=times, writer=writer)
+            def by_path(rel: str) -> tuple[Attr, bool]:
+                attr, killed = self.fs.setattr(rel, mode=mode, ids=ids, times=times,
+                                               writer=writer)
+                return (self._attr(nodeid, None) if attr is None else attr), killed
+            changes = mode is not None or ids is not None or times is not None
+            done = self._at_node(nodeid, by_path, lambda rel: self._copy_up_for(
+                rel, changes, writer is not None, ids))
         attr, killed = done
         if killed:
             self.notifier.inval_inode(nodeid, -1)
-        if attr is None:
-            attr = self._attr(nodeid, None)
         return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
 
     def readlink(self, req: Request, nodeid: int) -> bytes:
-        return os.fsencode(self.fs.readlink(self._path(nodeid)))
+        return os.fsencode(self._read_at(nodeid, self.fs.readlink))
 
     def statfs(self, req: Request, nodeid: int) -> dict:
         return self.fs.statfs()
 
     def access(self, req: Request, nodeid: int, mask: int) -> None:
-        self.fs.access(self._path(nodeid), mask)
+        self._read_at(nodeid, lambda rel: self.fs.access(rel, mask))
 
     def getxattr(self, req: Request, nodeid: int, name: str) -> bytes:
-        rel = self._path(nodeid)
+        return self._read_at(nodeid, lambda rel: self._getxattr(nodeid, rel, name))
+
+    def _getxattr(self, nodeid: int, rel: str, name: str) -> bytes:
         if name == CAPABILITY_XATTR and not self.fs.config.noxattrs:
             # asked before each write and chown of an open file (untar: twice per file):
             # its open handle answers without a lookup of the name
@@ -395,19 +540,33 @@ class OverlayOps(Operations):
         return self.fs.getxattr(rel, name)
 
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
-        return self.fs.listxattr(self._path(nodeid))
+        return self._read_at(nodeid, self.fs.listxattr)
 
     @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
                  setxattr_flags: int = 0) -> None:
-        rel = self._path(nodeid)
-        self.fs.setxattr(rel, name, value, flags)
-        if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
-            self.fs.attrs.kill_sgid(rel)
+        def act(rel: str) -> None:
+            self.fs.setxattr(rel, name, value, flags)
+            if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
+                self.fs.attrs.kill_sgid(rel)
+        self._at_node(nodeid, act, lambda rel: self._xattr_copy_up(rel, name))
 
     @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
-        self.fs.removexattr(self._path(nodeid), name)
+        self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name),
+                      lambda rel: self._xattr_copy_up(rel, name, removed=True))
+
+    def _xattr_copy_up(self, rel: str, name: str,
+                       removed: bool = False) -> "Callable[[], object] | None":
+        """``_copy_up_for`` of an xattr change: none for one ``attrs`` refuses first (xattrs
+        off, a private name); a removed xattr must exist first (ENODATA, no copy-up)."""
+        if self.fs.config.noxattrs or is_private_xattr(name):
+            return None
+        copy = self._copy_up_for(rel, True, False)
+        if copy is not None and removed:
+            top = self.fs.lookup.lookup(rel).top
+            top.layer.getxattr_strict(top.rel, name)
+        return copy
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
@@ -460,7 +619,8 @@ class OverlayOps(Operations):
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
         try:
-            result = self.fs.open(self._path(nodeid), flags)
+            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags),
+                                   self._open_copy_up if flags & _WRITE_INTENT else None)
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
                 try:
                     self._kill_privs(req, nodeid, None, result.fh)
@@ -474,6 +634,17 @@ class OverlayOps(Operations):
                 self._changed()
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
+
+    def _open_copy_up(self, rel: str) -> "Callable[[], object] | None":
+        """``_copy_up_for`` of an open for writing: ``Files.open``'s (a file below, or its
+        data, copied up; a directory fails first)."""
+        if self._in_upper(rel, True):
+            return None
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists or node.is_dir or node.upper is not None and node.data is None:
+            return None
+        copyup = self.fs.copyup
+        return lambda: copyup.ensure_data(rel)
 
     def _opened(self, nodeid: int, result, era: int | None, req: Request | None = None,
                 flags: int = os.O_RDONLY) -> Opened:
@@ -499,12 +670,20 @@ class OverlayOps(Operations):
     def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int,
                open_flags: int = 0) -> tuple[Entry, Opened]:
         def change():
+            moves = self._paths.moves  # (the count ``_at_paths`` expects, if it changes)
             rel, decoded = self._child(parent, name)
             epoch = self.nodes.epoch  # before the change: a move of identities since voids ``node``
-            return rel, decoded, epoch, self.fs.create_node(rel, flags, mode, _caller(req))
-        rel, decoded, epoch, (result, node) = self._at_paths(change)
+            return rel, decoded, epoch, moves, self.fs.create_node(rel, flags, mode, _caller(req))
+        rel, decoded, epoch, moves, (result, node) = self._at_paths(change)
+        if faults.armed:
+            faults.hit("ops.created", rel)  # test-only (faults.py)
         try:
-            entry = self._entry(parent, decoded, rel, (epoch, node))
+            # (``rel`` is stale once a directory above moved: then looked up afresh)
+            entry = self._take(parent, decoded, rel, (epoch, node), moves)
+            if entry is _MOVED:
+                entry = self._take_current(parent, name)
+            if entry is None:
+                raise OSError(errno.ENOENT, "vanished after it was made", rel)
         except BaseException:
             self.fs.release(result.fh)
             raise
@@ -576,8 +755,9 @@ class OverlayOps(Operations):
             # below and handle 0, and sends no RELEASEDIR (``listings``)
             raise OSError(errno.ENOSYS, "the kernel opens directories")
         # the kernel may keep listings across opens: it drops them itself whenever the
-        # directory changes through the mount, and layers change only through the mount
-        return Opened(self.fs.opendir(self._path(nodeid)), cache_dir=True, keep_cache=True)
+        # directory changes through the mount, and layers change only through the mount.
+        # The handle keeps its path, which later moves update (``OverlayFS.renamed``).
+        return Opened(self._at_node(nodeid, self.fs.opendir), cache_dir=True, keep_cache=True)
 
     def releasedir(self, req: Request, nodeid: int, fh: int) -> None:
         self._listed.pop(fh, None)
@@ -592,23 +772,32 @@ class OverlayOps(Operations):
         if not fh:
             return self._unopened_items(nodeid, offset, plus)
         # offset 0 reads the listing now; a later offset is served the one kept then (the
-        # kernel lists one handle at a time: no offset-0 read of it runs meanwhile)
-        if offset == 0:
-            listed = self._listed[fh] = self._listing_epoch()
-        else:
-            listed = self._listed.get(fh)
-        entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
-        dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
-        return self._items(nodeid, listed, offset == 0, entries, dots, offset, plus)
+        # kernel lists one handle at a time: no offset-0 read of it runs meanwhile). Read
+        # again if a directory moved meanwhile: the handle's path may have been stale.
+        while True:
+            moves = self._paths.moves
+            if offset == 0:
+                listed = self._listed[fh] = self._listing_epoch()
+            else:
+                listed = self._listed.get(fh)
+            try:
+                entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
+                dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
+            except OSError:
+                if not self._moved(moves):
+                    raise
+                continue
+            if not self._moved(moves):
+                return self._items(nodeid, listed, offset == 0, entries, dots, offset, plus)
 
     def _unopened_items(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirItem]:
         sid, pos = split_cookie(offset)
         snap = self._snapshots.get(sid, nodeid) if pos else None
         first = snap is None  # (else a snapshot read by an earlier request)
         if first:
-            epoch = self._listing_epoch()  # before the listing: a change since voids its stats
-            rel = self._path(nodeid)
-            snap = Snapshot(nodeid, epoch, self.fs.readdir(rel, plus=plus), self.fs.dot_inos_at(rel))
+            snap = self._read_at(nodeid, lambda rel: Snapshot(
+                nodeid, self._listing_epoch(), self.fs.readdir(rel, plus=plus),
+                self.fs.dot_inos_at(rel)))
             sid = self._snapshots.add(snap)
         if pos >= len(snap.entries) + 2:
             self._snapshots.done(sid)
@@ -729,14 +918,17 @@ class OverlayOps(Operations):
         return [got.get(t.name) for t in takes]
 
     def _take_afresh(self, parent: int, name: str) -> Entry | None:
-        """A listed name looked up again, with one reference taken; None on an error."""
+        """A listed name looked up again, with one reference taken; None on an error, or
+        when a directory above moved meanwhile (``rel`` may have named another object)."""
+        moves = self._paths.moves
         rel = self.nodes.path(parent)
         if rel is None:
             return None
         try:
-            return self._take(parent, name, _join(rel, name))
+            entry = self._take(parent, name, _join(rel, name), moves=moves)
         except OSError:
             return None  # the kernel looks the name up itself, and gets the error then
+        return None if entry is _MOVED else entry
 
 
 class _Take:

@@ -1,25 +1,43 @@
 """Whether the paths a request made from the node table still name what they named.
 
-Owns ``PathGuard`` and ``PathsMoved``. The adapter makes a request's layer paths from
-its node table (``a/b/name`` from a parent nodeid), but the kernel holds only the
-parent directory's lock for a request in it: a rename of a directory further up may run
-between the path being made and the change being made with it, which would then act on
-nothing (a spurious ENOENT) or on whatever took the old path meanwhile. Renames of
-directories are counted (``moves``: the adapter's ``NodeTable.moves``, moved under the
-namespace lock hold that moved the directory on disk). A request says at which count it
-made its paths (``expect``: a plain call, a context manager's cost showed per request);
-its first namespace change checks the count once it holds the namespace lock, before
-changing anything, and raises ``PathsMoved`` if it moved: the request then makes its
-paths again and starts over.
+Owns ``PathGuard`` (the count of directory moves, ``moves``) and ``PathsMoved``. The
+adapter makes a request's layer paths from its node table (``a/b/name`` from a nodeid),
+but the kernel holds only the locks of the parent directory (or of the node itself) for a
+request: a rename of a directory further up may run between the path being made and the
+layers being read or changed with it, which then act on nothing (a spurious ENOENT) or on
+whatever took the old path meanwhile (another file chmodded, opened, truncated...).
 
-Caveat: only namespace changes check (``namespace.Namespace._changing``); LOOKUP checks
-the count itself (``OverlayOps.lookup``), other requests (OPEN, SETATTR, GETATTR,
-xattrs) still use their path unchecked.
+The count, a sequence lock: a rename of a directory (``Namespace.rename``) makes it odd,
+under the namespace lock, before it moves anything on disk, and even again once the move
+is done and the adapter's node table followed (``moving``). So a request that read an
+even count before making its paths and reads the same count after acting used paths
+that named what they named when made, for the whole time; otherwise it may have acted on
+a stale path. Three ways to use it (``OverlayOps``):
+
+- namespace changes say at which count they made their paths (``expect``: a plain call, a
+  context manager's cost showed per request); their first change checks the count once it
+  holds the namespace lock, before changing anything (``check``), and raises
+  ``PathsMoved``: the request makes its paths again and starts over (``_at_paths``);
+- other changes by nodeid (SETATTR, SETXATTR, REMOVEXATTR, OPEN, OPENDIR) compare the count
+  under the namespace lock themselves and act in that hold (``_at_node``); a copy-up they
+  need runs first, without the lock (a copy-up takes its own lock, then the namespace lock),
+  of whatever the path names then, and the request starts over;
+- reads (GETATTR, GETXATTR, LISTXATTR, READLINK, ACCESS, a listing) compare the count
+  before and after, without a lock, and are redone when it moved (``_moved``: after waiting
+  out a rename in progress); LOOKUP and the entry a change answers with register under the
+  namespace lock and compare there (``_take``).
+
+Caveats: the count moves with renames of directories only. A copy-up started on a stale
+path copies up whatever took it (the object that path names then): that changes no merged
+content, and the request then starts over on its new path. A rename of the node's own name
+(not a directory above) is not counted: the kernel serializes it with the requests that
+change the node (SETATTR, xattrs: it holds the node's lock), not with GETATTR or OPEN.
 """
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class PathsMoved(Exception):
@@ -29,9 +47,20 @@ class PathsMoved(Exception):
 
 class PathGuard:
     def __init__(self) -> None:
-        #: the count of directory renames (set by the adapter); None: nothing checked
-        self.moves: Callable[[], int] | None = None
+        #: directory moves, twice each: odd while one is in progress (see the module doc);
+        #: changed only under the namespace lock
+        self.moves = 0
         self._local = threading.local()
+
+    @contextmanager
+    def moving(self) -> Iterator[None]:
+        """Around the move of a directory, under the namespace lock: from before anything
+        moves on disk until the node table followed (a failed move counts as well)."""
+        self.moves += 1
+        try:
+            yield
+        finally:
+            self.moves += 1
 
     def expect(self, count: int | None) -> None:
         """This thread's next ``check`` compares against ``count`` (None: none; a caller
@@ -40,11 +69,11 @@ class PathGuard:
 
     def check(self) -> None:
         """Under the namespace lock, before a change: ``PathsMoved`` if a directory was
-        renamed since this thread's ``expect``. Once per ``expect`` (a change's own later
-        steps, which may rename, are not checked again)."""
+        renamed since this thread's ``expect`` (or was being renamed then). Once per
+        ``expect`` (a change's own later steps, which may rename, are not checked again)."""
         count = getattr(self._local, "count", None)
-        if count is None or self.moves is None:
+        if count is None:
             return
         self._local.count = None
-        if self.moves() != count:
+        if self.moves != count:
             raise PathsMoved

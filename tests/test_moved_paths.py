@@ -7,9 +7,15 @@ answer must still be the object (here: the file that is at ``dx/sub/f`` now), ne
 negative entry the kernel would cache for an existing name (a later ``open(O_CREAT)``
 of it then fails EEXIST, a ``stat`` ENOENT). Found by a concurrency stress through a
 mount (hunt5): ls -l in one process, directory renames in another.
+
+Every request by nodeid makes such a path too (fault point ``ops.path``): GETATTR,
+SETATTR, OPEN, OPENDIR and listings, READLINK, ACCESS and the xattr requests must act on
+the object the node is (now at ``dx/sub``), never on whatever took the old path meanwhile
+(``_successor``), nor answer ENOENT for it.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -19,11 +25,15 @@ import helpers
 from core_driver import REQ, CoreDriver
 from overlaypc import faults
 from overlaypc.config import MountConfig, validate
+from overlaypc.engine import protocol as p
+from overlaypc.engine.protocol import SetAttr
 
 
 @pytest.fixture
 def drv(tmp_path):
-    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "lower data\n"})
+    helpers.build_layer(tmp_path / "lower", {
+        "d/sub/f": helpers.File("lower data\n", xattrs={"user.who": b"lower"}),
+        "d/sub/l": helpers.Symlink("one")})
     for d in ("upper", "work", "mnt"):
         (tmp_path / d).mkdir()
     cfg = MountConfig(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
@@ -117,3 +127,293 @@ def test_create_during_rename_of_its_directory_makes_the_file_where_it_was_asked
     assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "dx"), "sub"), "g") is not None
     assert drv.lookup(drv.lookup(drv.lookup(drv.root(), "d"), "sub"), "g") is None
     drv.settle()
+
+
+# -- requests by nodeid ----------------------------------------------------------------------
+
+def _upper(drv, rel: str) -> str:
+    return os.path.join(drv.fs.config.upper, rel)
+
+
+def _node(drv, name: str):
+    """(``d/sub``'s node, the node of ``name`` in it)."""
+    sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
+    return sub, drv.lookup(sub, name)
+
+
+def _successor(drv, name: str = "f", kind: str = "file"):
+    """What runs while the request is stopped with its path made: ``d`` is renamed to
+    ``dx``, then a new ``d/sub/NAME`` is made (a file "successor\n" with user.who=succ,
+    a symlink to "two", or a directory with one entry "new")."""
+    def run() -> None:
+        drv.rename(drv.root(), "d", drv.root(), "dx")
+        sub = drv.mkdir(drv.mkdir(drv.root(), "d", 0o755), "sub", 0o755)
+        if kind == "file":
+            node, fh = drv.create(sub, name, os.O_WRONLY, 0o644)
+            drv.write(fh, b"successor\n", 0)
+            drv.release(fh)
+            drv.ops.setxattr(REQ, node.nodeid, "user.who", b"succ", 0)
+        elif kind == "symlink":
+            drv.symlink(sub, name, "two")
+        else:
+            drv.release(drv.create(drv.mkdir(sub, name, 0o755) if name else sub, "new",
+                                   os.O_WRONLY, 0o644)[1])
+    return run
+
+
+def _renamed_only(drv):
+    def run() -> None:
+        drv.rename(drv.root(), "d", drv.root(), "dx")
+    return run
+
+
+_SETATTRS = {
+    "mode": SetAttr(p.FATTR_MODE, None, 0, None, None, 0o600, 0, 0),
+    "size": SetAttr(p.FATTR_SIZE, None, 4, None, None, 0, 0, 0),
+    "times": SetAttr(p.FATTR_ATIME | p.FATTR_MTIME, None, 0, 10**18, 10**18, 0, 0, 0),
+    "owner": SetAttr(p.FATTR_UID | p.FATTR_GID, None, 0, None, None, 0, 4321, 4321),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_SETATTRS))
+def test_setattr_during_rename_above_changes_the_file_not_its_successor(drv, change):
+    """SETATTR of ``f`` (a lower file: copied up first) stops with its path made; ``d``
+    is renamed and a new ``d/sub/f`` made. The change must land on ``dx/sub/f``, the
+    successor stay as it was made. Before: the successor was chmodded, truncated..."""
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: drv.ops.setattr(REQ, f.nodeid, _SETATTRS[change]),
+                     _successor(drv))
+    assert not isinstance(got, Exception), got
+    succ = os.stat(_upper(drv, "d/sub/f"))
+    assert (succ.st_mode & 0o777, succ.st_size, succ.st_uid) == (0o644, 10, 0), \
+        f"the successor was changed: {succ}"
+    assert succ.st_mtime_ns != 10**18, "the successor was changed"
+    moved = os.stat(_upper(drv, "dx/sub/f"))
+    assert {"mode": moved.st_mode & 0o777 == 0o600, "size": moved.st_size == 4,
+            "times": moved.st_mtime_ns == 10**18,
+            "owner": (moved.st_uid, moved.st_gid) == (4321, 4321)}[change], moved
+    assert got.attr.ino == f.attr.ino, "the reply's attributes are another file's"
+    drv.settle()
+
+
+def test_setxattr_during_rename_above_sets_it_on_the_file_not_its_successor(drv):
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path",
+                     lambda: drv.ops.setxattr(REQ, f.nodeid, "user.new", b"1", 0), _successor(drv))
+    assert not isinstance(got, Exception), got
+    assert "user.new" not in os.listxattr(_upper(drv, "d/sub/f")), "set on the successor"
+    assert os.getxattr(_upper(drv, "dx/sub/f"), "user.new") == b"1"
+    drv.settle()
+
+
+def test_removexattr_during_rename_above_removes_it_from_the_file_not_its_successor(drv):
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: drv.ops.removexattr(REQ, f.nodeid, "user.who"),
+                     _successor(drv))
+    assert not isinstance(got, Exception), got
+    assert "user.who" in os.listxattr(_upper(drv, "d/sub/f")), "removed from the successor"
+    assert "user.who" not in os.listxattr(_upper(drv, "dx/sub/f"))
+    drv.settle()
+
+
+@pytest.mark.parametrize("flags", [os.O_RDONLY, os.O_WRONLY, os.O_RDWR | os.O_TRUNC],
+                         ids=["rdonly", "wronly", "trunc"])
+def test_open_during_rename_above_opens_the_file_not_its_successor(drv, flags):
+    """OPEN of ``f`` stops with its path made; ``d`` is renamed and a new ``d/sub/f``
+    made. The handle must be on ``f`` (reads its data, writes go to ``dx/sub/f``), and an
+    O_TRUNC must not truncate the successor. Before: the handle was the successor's."""
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: drv.ops.open(REQ, f.nodeid, flags), _successor(drv))
+    assert not isinstance(got, Exception), got
+    drv._open[got.fh] = f.nodeid
+    try:
+        if flags == os.O_RDONLY:
+            assert drv.read(got.fh, 100, 0) == b"lower data\n"
+        else:
+            drv.write(got.fh, b"W", 0)
+    finally:
+        drv.release(got.fh)
+    with open(_upper(drv, "d/sub/f"), "rb") as succ:
+        assert succ.read() == b"successor\n", "the successor was opened"
+    if flags != os.O_RDONLY:
+        with open(_upper(drv, "dx/sub/f"), "rb") as moved:
+            assert moved.read() == (b"W" if flags & os.O_TRUNC else b"Wower data\n")
+    drv.settle()
+
+
+def test_getattr_during_rename_above_answers_the_file_not_its_successor(drv):
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid), _successor(drv))
+    assert not isinstance(got, Exception), got
+    assert got.attr.size == len(b"lower data\n"), "the successor's attributes"
+    assert got.attr.ino == f.attr.ino
+    drv.settle()
+
+
+def test_getxattr_during_rename_above_reads_the_file_not_its_successor(drv):
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: drv.ops.getxattr(REQ, f.nodeid, "user.who"),
+                     _successor(drv))
+    assert got == b"lower", got
+    drv.settle()
+
+
+def test_listxattr_during_rename_above_lists_the_file_not_its_successor(drv):
+    _, f = _node(drv, "f")
+    drv.ops.setxattr(REQ, f.nodeid, "user.mine", b"1", 0)
+
+    def meanwhile() -> None:
+        _successor(drv)()
+        drv.ops.removexattr(REQ, drv.lookup(drv.lookup(drv.lookup(drv.root(), "d"), "sub"),
+                                            "f").nodeid, "user.who")
+    got = _paused_at("ops.path", lambda: drv.ops.listxattr(REQ, f.nodeid), meanwhile)
+    assert not isinstance(got, Exception), got
+    assert {"user.who", "user.mine"} <= set(got), got
+    drv.settle()
+
+
+def test_readlink_during_rename_above_reads_the_link_not_its_successor(drv):
+    _, link = _node(drv, "l")
+    got = _paused_at("ops.path", lambda: drv.ops.readlink(REQ, link.nodeid),
+                     _successor(drv, "l", "symlink"))
+    assert got == b"one", got
+    drv.settle()
+
+
+def test_opendir_during_rename_above_lists_the_directory_not_its_successor(drv):
+    """OPENDIR of ``d/sub`` stops with its path made; ``d`` is renamed and a new
+    ``d/sub`` made with one entry ``new``. The handle must list ``dx/sub`` (f, l).
+    Before: it listed the successor."""
+    sub, _ = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: drv.ops.opendir(REQ, sub.nodeid),
+                     _successor(drv, "", "dir"))
+    assert not isinstance(got, Exception), got
+    try:
+        names = [i.name for i in drv.ops.readdir(REQ, sub.nodeid, got.fh, 0)]
+    finally:
+        drv.ops.releasedir(REQ, sub.nodeid, got.fh)
+    assert sorted(names) == [b".", b"..", b"f", b"l"], names
+    drv.settle()
+
+
+def test_listing_without_handle_during_rename_above_lists_the_directory_not_its_successor(drv):
+    """READDIRPLUS of a directory the kernel opened itself (no OPENDIR: the listing makes
+    its path): as with OPENDIR, and its entries are the listed directory's nodes."""
+    sub, f = _node(drv, "f")
+    drv.ops.zero_opendir = True
+
+    def listing():
+        items = list(drv.ops.readdir(REQ, sub.nodeid, 0, 0, True))
+        taken = {}
+        for item in items:
+            if item.take is not None:
+                entry = item.take()
+                if entry is not None:
+                    drv._ref(entry)
+                    taken[item.name] = entry.nodeid
+        return items, taken
+    got = _paused_at("ops.path", listing, _successor(drv, "", "dir"))
+    assert not isinstance(got, Exception), got
+    items, taken = got
+    assert sorted(i.name for i in items) == [b".", b"..", b"f", b"l"], items
+    assert taken.get(b"f") == f.nodeid, taken
+    drv.settle()
+
+
+_READS = {
+    "getattr": lambda drv, node: drv.ops.getattr(REQ, node.nodeid),
+    "getxattr": lambda drv, node: drv.ops.getxattr(REQ, node.nodeid, "user.who"),
+    "listxattr": lambda drv, node: drv.ops.listxattr(REQ, node.nodeid),
+    "access": lambda drv, node: drv.ops.access(REQ, node.nodeid, os.R_OK),
+    "open": lambda drv, node: drv.ops.open(REQ, node.nodeid, os.O_RDONLY),
+}
+
+
+@pytest.mark.parametrize("request_kind", sorted(_READS))
+def test_read_during_rename_above_answers_no_spurious_enoent(drv, request_kind):
+    """The same stop with only the rename meanwhile: the old path names nothing. The
+    answer must be the file's, not ENOENT (the kernel would drop a node that exists)."""
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: _READS[request_kind](drv, f), _renamed_only(drv))
+    assert not (isinstance(got, OSError) and got.errno == errno.ENOENT), got
+    assert not isinstance(got, Exception), got
+    if request_kind == "open":
+        drv.ops.release(REQ, f.nodeid, got.fh)
+    drv.settle()
+
+
+def test_create_reply_during_rename_above_answers_the_file_made(drv):
+    """CREATE of ``g`` in ``d/sub`` made the file; before its reply's entry is taken, ``d``
+    is renamed. The reply must be the new file (at ``dx/sub/g`` now), not "vanished after
+    it was made" for a file that exists (its handle then released, the file left)."""
+    sub, _ = _node(drv, "f")
+    got = _paused_at("ops.created", lambda: drv.create(sub, "g", os.O_WRONLY, 0o644),
+                     _renamed_only(drv))
+    assert not isinstance(got, Exception), got
+    node, fh = got
+    drv.release(fh)
+    again = drv.lookup(drv.lookup(drv.lookup(drv.root(), "dx"), "sub"), "g")
+    assert again is not None and again.nodeid == node.nodeid
+    drv.settle()
+
+
+def test_requests_by_nodeid_while_directories_above_are_renamed_never_fail_enoent(tmp_path):
+    """Threads chmod, open and stat files by nodeid (lower files: chmod and open for write
+    copy them up first) while another renames their grandparents back and forth, for a
+    second. No request for a node that was just looked up answers ENOENT, and nothing
+    deadlocks (a copy-up takes its stripe lock, then the namespace lock). Before: dozens of
+    ENOENTs in such a run."""
+    helpers.build_layer(tmp_path / "lower",
+                        {f"d{i}/sub/f{j}": "x" * 100 for i in range(2) for j in range(10)})
+    drv = CoreDriver.in_dir(tmp_path)
+    ops, stop, failures = drv.ops, threading.Event(), []
+    modes = [SetAttr(p.FATTR_MODE, None, 0, None, None, 0o600 | k, 0, 0) for k in range(8)]
+
+    def requests(seed: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            top = ops.lookup(REQ, 1, f"{'de'[n % 2]}{seed % 2}".encode()).nodeid
+            if not top:
+                continue  # (renamed away meanwhile: a negative entry is right)
+            sub = ops.lookup(REQ, top, b"sub").nodeid
+            f = sub and ops.lookup(REQ, sub, f"f{n % 10}".encode()).nodeid
+            if not f:
+                continue
+            try:
+                if n % 3 == 0:
+                    ops.setattr(REQ, f, modes[n % 8])
+                elif n % 3 == 1:
+                    ops.release(REQ, f, ops.open(REQ, f, (os.O_RDONLY, os.O_WRONLY)[n % 2]).fh,
+                                os.O_WRONLY)
+                else:
+                    ops.getattr(REQ, f)
+            except OSError as e:
+                failures.append(e)
+
+    def renames() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            i = n % 2
+            for old, new in ((f"d{i}", f"e{i}"), (f"e{i}", f"d{i}")):
+                try:
+                    ops.rename(REQ, 1, old.encode(), 1, new.encode(), 0)
+                except OSError as e:
+                    failures.append(e)
+
+    threads = [threading.Thread(target=requests, args=(k,)) for k in range(3)]
+    threads.append(threading.Thread(target=renames))
+    try:
+        for t in threads:
+            t.start()
+        stop.wait(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        stuck = [t for t in threads if t.is_alive()]
+        if not stuck:
+            drv.close()
+    assert not stuck, "deadlocked"
+    assert not failures, failures[:5]
