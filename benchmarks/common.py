@@ -140,6 +140,20 @@ class Mount:
         except OSError:
             return None
 
+    def disk_read_bytes(self) -> int | None:
+        """Bytes the daemon has had read from storage so far (``read_bytes`` of /proc/PID/io,
+        all its threads; page-cache hits do not count); None without a daemon."""
+        if self.proc is None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/io") as f:
+                for line in f:
+                    if line.startswith("read_bytes:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
     def stats(self) -> dict | None:
         """overlaypc's counters (the virtual xattr on the mount root), else None."""
         if not self.system.name.startswith("overlaypc"):
