@@ -116,6 +116,17 @@ def fio_randread(path: str, size: int, runtime: int, jobs: int = 1) -> float:
     return float(data["jobs"][0]["read"]["iops"])
 
 
+def shared_cold(run_: dict) -> str | None:
+    """Why a cache=shared run measured more than the daemon on a warm file (None: it did not)."""
+    low = min(run_["resident_before"], run_["resident_after"])
+    if low < SHARED_RESIDENT:
+        return f"lower file {low:.1%} resident around fio"
+    if run_["daemon_disk_read"] > 1 - SHARED_RESIDENT:
+        return (f"the daemon read {run_['daemon_disk_read']:.1%} of the lower file from disk "
+                f"during fio (evicted meanwhile)")
+    return None
+
+
 def shared_reads(ws: Workspace, lower: str, cfg: dict, M: dict[str, Metric], python: str,
                  extra: dict) -> None:
     """cache=shared in a writable mount: 4 KiB random reads of a lower file (each one a
@@ -156,16 +167,8 @@ def shared_reads(ws: Workspace, lower: str, cfg: dict, M: dict[str, Metric], pyt
                         runs.append(dict(run_))
                         return iops
 
-                    def cold(run_=run_):
-                        low = min(run_["resident_before"], run_["resident_after"])
-                        if low < SHARED_RESIDENT:
-                            return f"lower file {low:.1%} resident around fio"
-                        if run_["daemon_disk_read"] > 1 - SHARED_RESIDENT:
-                            return (f"the daemon read {run_['daemon_disk_read']:.1%} of the lower file "
-                                    f"from disk during fio (evicted meanwhile)")
-                        return None
-
-                    step(M[key], system.name, m, cfg["fio_runtime"] + 180, measure, cold=cold)
+                    step(M[key], system.name, m, cfg["fio_runtime"] + 180, measure,
+                         cold=lambda run_=run_: shared_cold(run_))
         except Exception as e:  # noqa: BLE001
             log(f"shared reads rep {rep}: {e}")
             M["shared_1"].error(system.name, str(e))

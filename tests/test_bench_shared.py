@@ -77,3 +77,12 @@ def test_resident_counts_the_page_cache_of_a_file(tmp_path):
         if common.drops() == before:
             break
     assert seen == size
+
+
+def test_a_shared_run_is_cold_when_its_file_was_evicted_or_read_from_disk():
+    run = _bench("run")
+    warm = dict(resident_before=1.0, resident_after=0.9995, daemon_disk_read=0.0004)
+    assert run.shared_cold(warm) is None
+    assert "resident" in run.shared_cold(dict(warm, resident_before=0.04))    # dropped before fio
+    assert "resident" in run.shared_cold(dict(warm, resident_after=0.35))     # evicted, not read back
+    assert "from disk" in run.shared_cold(dict(warm, daemon_disk_read=0.3))   # evicted, read back
