@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
-import mmap
 import os
 import subprocess
 import sys
@@ -33,7 +31,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (GiB, MiB, Watchdog, Workspace, drop_caches, drops, fmt_num, loadavg, log,  # noqa: E402
-                    loop_fs, machine_info, meminfo, read_file, rotated, run, select_systems, summary, timer,
+                    loop_fs, machine_info, meminfo, read_file, resident, rotated, run, select_systems, summary, timer,
                     write_json)
 
 DEFAULT_SYSTEMS = "overlaypc-kernel,overlaypc-shared,overlaypc-ro,overlaypc-ro-shared,kernel-overlay,fuse-overlayfs"
@@ -67,43 +65,6 @@ def crc_of(path: str) -> int:
         while chunk := f.read(MiB):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def resident(path: str) -> int:
-    """Bytes of ``path``'s own page cache that are resident (mmap + mincore, nothing faulted
-    in). Through a FUSE mount this is the FUSE inode's cache; MAP_PRIVATE is the fallback where
-    MAP_SHARED is refused (direct_io files give ENODEV)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 0
-        addr = None
-        for flags in (mmap.MAP_SHARED, mmap.MAP_PRIVATE):
-            a = _libc.mmap(None, size, mmap.PROT_READ, flags, fd, 0)
-            if a not in (None, MAP_FAILED):
-                addr = a
-                break
-        if addr is None:
-            raise OSError(ctypes.get_errno(), f"mmap {path}")
-        try:
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vec = (ctypes.c_ubyte * pages)()
-            if _libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore {path}")
-            return sum(b & 1 for b in bytes(vec)) * mmap.PAGESIZE
-        finally:
-            _libc.munmap(addr, size)
-    finally:
-        os.close(fd)
 
 
 def settle_cached() -> tuple[int, int]:

@@ -15,8 +15,10 @@ Rules kept here so that every script follows them:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -128,6 +130,29 @@ class Mount:
     #: line: written once the first request is answered, so after INIT; ms resolution),
     #: "visible" (another stat answered)
     timings: dict = field(default_factory=dict)
+
+    def threads(self) -> int | None:
+        """How many threads the daemon runs now (None without a daemon, or when it is gone)."""
+        if self.proc is None:
+            return None
+        try:
+            return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+        except OSError:
+            return None
+
+    def disk_read_bytes(self) -> int | None:
+        """Bytes the daemon has had read from storage so far (``read_bytes`` of /proc/PID/io,
+        all its threads; page-cache hits do not count); None without a daemon."""
+        if self.proc is None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/io") as f:
+                for line in f:
+                    if line.startswith("read_bytes:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
 
     def stats(self) -> dict | None:
         """overlaypc's counters (the virtual xattr on the mount root), else None."""
@@ -407,6 +432,44 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+MAP_FAILED = ctypes.c_void_p(-1).value
+_LOW_BIT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each byte
+
+
+def resident(path: str) -> int:
+    """Bytes of ``path``'s own page cache that are resident (mmap + mincore, nothing faulted
+    in). Through a FUSE mount this is the FUSE inode's cache; MAP_PRIVATE is the fallback where
+    MAP_SHARED is refused (direct_io files give ENODEV)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        addr = None
+        for flags in (mmap.MAP_SHARED, mmap.MAP_PRIVATE):
+            a = _libc.mmap(None, size, mmap.PROT_READ, flags, fd, 0)
+            if a not in (None, MAP_FAILED):
+                addr = a
+                break
+        if addr is None:
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+            return bytes(vec).translate(_LOW_BIT).count(1) * mmap.PAGESIZE
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
 
 
 def drops() -> int:

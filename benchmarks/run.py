@@ -38,7 +38,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ALL_SYSTEMS, GiB, MiB, Metric, Watchdog, Workspace, _pc_env, drop_caches,  # noqa: E402
                     drops, fs_dev, loadavg, log, loop_fs, machine_info, make_system, markdown_table,
-                    python_start, read_file, rotated, run, select_systems, timer, write_file, write_json)
+                    python_start, read_file, resident, rotated, run, select_systems, timer, write_file,
+                    write_json)
 
 #: what ``cli.mount_main`` imports to mount (its import time is part of the mount's)
 MOUNT_IMPORTS = ("import overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
@@ -46,6 +47,10 @@ MOUNT_IMPORTS = ("import overlaypc.cli, overlaypc.core, overlaypc.engine.channel
 
 FULL = dict(seq_size=1 * GiB, fio_runtime=10, tree_dirs=100, tree_files=10_000, create_files=5_000,
             copyup_size=1 * GiB, tar_bytes=20 * MiB, reps=3)
+#: the share of the lower file that must be in the page cache before and after a
+#: cache=shared measurement, and at most 1 - this read from disk by the daemon during it
+#: (reclaim here takes a few MiB of a warm 1 GiB file in 10 s)
+SHARED_RESIDENT = 0.99
 QUICK = dict(seq_size=256 * MiB, fio_runtime=2, tree_dirs=20, tree_files=2_000, create_files=1_000,
              copyup_size=256 * MiB, tar_bytes=5 * MiB, reps=3)
 
@@ -111,21 +116,59 @@ def fio_randread(path: str, size: int, runtime: int, jobs: int = 1) -> float:
     return float(data["jobs"][0]["read"]["iops"])
 
 
-def shared_reads(ws: Workspace, lower: str, cfg: dict, M: dict[str, Metric], python: str) -> None:
+def shared_cold(run_: dict) -> str | None:
+    """Why a cache=shared run measured more than the daemon on a warm file (None: it did not)."""
+    low = min(run_["resident_before"], run_["resident_after"])
+    if low < SHARED_RESIDENT:
+        return f"lower file {low:.1%} resident around fio"
+    if run_["daemon_disk_read"] > 1 - SHARED_RESIDENT:
+        return (f"the daemon read {run_['daemon_disk_read']:.1%} of the lower file from disk "
+                f"during fio (evicted meanwhile)")
+    return None
+
+
+def shared_reads(ws: Workspace, lower: str, cfg: dict, M: dict[str, Metric], python: str,
+                 extra: dict) -> None:
     """cache=shared in a writable mount: 4 KiB random reads of a lower file (each one a
-    READ round trip through the daemon) by one reader, then by two."""
+    READ round trip through the daemon) by one reader, then by two.
+
+    The goal is the daemon's rate on a lower file in the page cache, so each measurement
+    reads the file whole first, inside the guarded step (a drop between that read and fio
+    is seen), and is redone when the file was not wholly resident before and after fio:
+    other work here drops caches every few seconds at times, and reclaim evicts pages
+    without a drop; or when the daemon read more than 1 % of the file from disk during
+    fio (evicted and read again in between). Per fio run (redone ones too),
+    ``extra["shared_runs"]`` keeps the residency, the share of the file the daemon read
+    from disk, the daemon's threads afterwards (the main thread, the notifier, the pool's
+    watch and one worker per CPU: more means the pool grew because reads blocked) and the
+    load."""
     system = make_system("overlaypc-shared", python)
     big_lower = os.path.join(lower, "big")
+    size = os.path.getsize(big_lower)
+    runs = extra.setdefault("shared_runs", [])
     for rep in range(cfg["reps"]):
         base = ws.sub("shared", str(rep))
         upper, work, mnt = (os.path.join(base, x) for x in ("upper", "work", "mnt"))
         try:
             with system.mount(lower, upper, work, mnt) as m:
                 big = os.path.join(mnt, "big")
-                read_file(big_lower)                       # the lower file in the page cache
                 for jobs, key in ((1, "shared_1"), (2, "shared_2")):
-                    step(M[key], system.name, m, cfg["fio_runtime"] + 120,
-                         lambda: fio_randread(big, cfg["seq_size"], cfg["fio_runtime"], jobs))
+                    run_ = {}
+
+                    def measure(jobs=jobs, run_=run_):
+                        read_file(big_lower)                       # the lower file in the page cache
+                        run_.clear()
+                        run_.update(rep=rep, jobs=jobs, resident_before=round(resident(big_lower) / size, 4))
+                        io0 = m.disk_read_bytes() or 0
+                        iops = fio_randread(big, cfg["seq_size"], cfg["fio_runtime"], jobs)
+                        run_.update(iops=round(iops), resident_after=round(resident(big_lower) / size, 4),
+                                    daemon_disk_read=round(((m.disk_read_bytes() or 0) - io0) / size, 4),
+                                    daemon_threads=m.threads(), load=float(loadavg()[0]))
+                        runs.append(dict(run_))
+                        return iops
+
+                    step(M[key], system.name, m, cfg["fio_runtime"] + 180, measure,
+                         cold=lambda run_=run_: shared_cold(run_))
         except Exception as e:  # noqa: BLE001
             log(f"shared reads rep {rep}: {e}")
             M["shared_1"].error(system.name, str(e))
@@ -165,12 +208,15 @@ def unlink_files(d: str, n: int) -> tuple[float, str | None]:
     return n / t[0], err
 
 
-def step(metric: Metric, system: str, mount, seconds: float, fn, own_drops: int = 0, redo: bool = True):
+def step(metric: Metric, system: str, mount, seconds: float, fn, own_drops: int = 0, redo: bool = True,
+         cold=None):
     """Run one measurement under a watchdog; record its value or its error.
 
     Other work on this shared machine drops the page cache now and then (seen in /proc/vmstat):
-    a measurement during which that happened (beyond ``own_drops``, the drops ``fn`` does itself)
-    is redone up to twice when ``redo`` (the step is repeatable), else kept and marked."""
+    a measurement during which that happened (beyond ``own_drops``, the drops ``fn`` does itself),
+    or after which ``cold()`` (if given) says that data it needed warm was not all in the page
+    cache (reclaim evicts pages too, without a drop), is redone up to twice when ``redo`` (the
+    step is repeatable), else kept and marked."""
     try:
         for attempt in range(3 if redo else 1):
             d0 = drops()
@@ -178,10 +224,12 @@ def step(metric: Metric, system: str, mount, seconds: float, fn, own_drops: int 
                 value = fn()
             if wd.fired:
                 raise TimeoutError(f"hung > {seconds} s; daemon killed")
-            disturbed = drops() - d0 > own_drops
+            dropped = drops() - d0 > own_drops
+            why = cold() if cold is not None and not dropped else None
+            disturbed = dropped or bool(why)
             if not disturbed:
                 break
-            log(f"{system} {metric.key}: page cache dropped by someone else meanwhile"
+            log(f"{system} {metric.key}: " + (why or "page cache dropped by someone else meanwhile")
                 + ("; redoing" if redo and attempt < 2 else "; keeping the value, marked"))
         if disturbed:
             metric.disturbed[system] = metric.disturbed.get(system, 0) + 1
@@ -474,7 +522,7 @@ def main(argv=None) -> int:
                     log(f"rep {rep + 1}/{cfg['reps']} {system.name}: {time.perf_counter() - t0:.1f} s")
         if "shared" in groups:
             t0 = time.perf_counter()
-            shared_reads(ws, lower, cfg, M, args.python)
+            shared_reads(ws, lower, cfg, M, args.python, extra)
             log(f"shared reads: {time.perf_counter() - t0:.1f} s")
         if "copyup" in groups:
             for fstype in ("xfs", "ext4"):
