@@ -443,6 +443,13 @@ class Mount:
         self.active = False
         if is_mounted(self.mountpoint):
             r = subprocess.run(["umount", str(self.mountpoint)], capture_output=True, text=True)
+            deadline = time.monotonic() + 3
+            while r.returncode != 0 and "busy" in r.stderr and time.monotonic() < deadline:
+                # another process walking the machine's /tmp (a find, a scan of the
+                # mount table's paths) may hold the mount for a moment: look again
+                time.sleep(0.1)
+                r = subprocess.run(["umount", str(self.mountpoint)], capture_output=True,
+                                   text=True)
             if r.returncode != 0:
                 problems.append(f"umount {self.mountpoint} failed: {r.stderr.strip()}")
                 subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
