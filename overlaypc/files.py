@@ -591,7 +591,7 @@ class Files:
         index = self.fs.index
         if index is not None and inode.in_upper and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
             entry = Entry(inode.layer, inode.rel, st)
-            shared = entry if inode.layer is index.work else index.of_upper(entry)
+            shared = entry if inode.layer is index.work else index.of_upper(entry, fd)
             if shared is not None:
                 nlink = index.nlink(shared)
         return self._shown(Attr(st, inode.ino, nlink), inode, fd)
