@@ -17,7 +17,8 @@ kernel or filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm`
 that refuses RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a
 renamed object's old name, in that case), ``index.adjust`` (the index's link count after
 link/unlink/rename), ``ops.lookup`` (a LOOKUP, or the lookup of what a change made, with
-its merged path made, before the layers are read).
+its merged path made, before the layers are read), ``readdir.scanned`` (a listing with its
+layers' directories read, before its entries are numbered).
 """
 from __future__ import annotations
 
