@@ -18,7 +18,8 @@ that refuses RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteou
 renamed object's old name, in that case), ``index.adjust`` (the index's link count after
 link/unlink/rename), ``ops.lookup`` (a LOOKUP, or the lookup of what a change made, with
 its merged path made, before the layers are read), ``readdir.scanned`` (a listing with its
-layers' directories read, before its entries are numbered).
+layers' directories read, before its entries are numbered), ``attrs.found`` (a lookup for
+attributes with the object found, before its attributes are made).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ old name gone instead the listing failed (ENOENT/ENOTDIR). Found by tests/stress
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -113,4 +114,64 @@ def test_listing_during_rename_above_to_a_new_name_lists(copied):
     listed = _list_paused(drv, d, lambda: drv.rename(root, "a", root, "ax"))
     assert not isinstance(listed, Exception), listed
     assert listed[b"f"] == numbers["a"]
+    drv.settle()
+
+
+@pytest.fixture
+def indexed(tmp_path):
+    """index=on over a lower hard link ``d/sub/a``, ``d/sub/b``; ``a`` copied up (an index
+    entry, to which the upper ``a`` is a link)."""
+    helpers.build_layer(tmp_path / "lower", {"d/sub/a": "linked\n"})
+    os.link(tmp_path / "lower" / "d" / "sub" / "a", tmp_path / "lower" / "d" / "sub" / "b")
+    drv = CoreDriver.in_dir(tmp_path, index=True, redirect_dir="on")
+    a = drv.lookup(drv.lookup(drv.lookup(drv.root(), "d"), "sub"), "a")
+    drv.setattr(a, mode=0o600)
+    yield drv
+    faults.configure(None)
+    drv.close()
+
+
+def _paused(point: str, request, meanwhile):
+    """``request()`` in a thread, stopped at fault point ``point`` while ``meanwhile()``
+    runs here; what it returned or raised."""
+    reached, go = threading.Event(), threading.Event()
+    results: list[object] = []
+    worker: list[threading.Thread] = []
+
+    def hook(point, *args):
+        if threading.current_thread() in worker and not reached.is_set():
+            reached.set()
+            go.wait(10)
+
+    def run():
+        try:
+            results.append(request())
+        except Exception as e:  # noqa: BLE001 (returned to the test)
+            results.append(e)
+
+    faults.install(point, hook)
+    worker.append(threading.Thread(target=run))
+    try:
+        worker[0].start()
+        assert reached.wait(10)
+        meanwhile()
+    finally:
+        go.set()
+        worker[0].join(10)
+        faults.configure(None)
+    assert results, "the request did not end"
+    return results[0]
+
+
+def test_getattr_of_an_indexed_link_found_before_a_rename_above(indexed):
+    """GETATTR found the object through the lookup's directory fds (which follow a moved
+    directory); its index entry was then looked for by the path, which a rename of ``d``
+    had made a whiteout's: ENOTDIR (tests/stress_mount.py, hunt6)."""
+    drv = indexed
+    root = drv.root()
+    a = drv.lookup(drv.lookup(drv.lookup(root, "d"), "sub"), "a")
+    got = _paused("attrs.found", lambda: drv.ops.getattr(REQ, a.nodeid),
+                  lambda: drv.rename(root, "d", root, "dx"))
+    assert not isinstance(got, Exception), got
+    assert got.attr.nlink == 2
     drv.settle()
