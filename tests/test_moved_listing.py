@@ -1,4 +1,4 @@
-"""A directory listing while a directory above it is renamed (driven without FUSE).
+"""A listing, and a GETATTR, while a directory above is renamed (driven without FUSE).
 
 The kernel holds only the listed directory's lock for READDIR(PLUS): a rename of a
 directory further up runs meanwhile. The listing reads the layers through the directory's
@@ -7,7 +7,8 @@ fd (which follows it), but each upper entry's copy-up origin (its ``st_ino``) wa
 origin was then shown for this file and kept for it (by device, inode and ctime, none of
 which an ancestor rename changes), so ``stat`` of it kept the wrong inode number; with the
 old name gone instead the listing failed (ENOENT/ENOTDIR). Found by tests/stress_mount.py
-(hunt6): ENOTDIR from READDIRPLUS.
+(hunt6): ENOTDIR from READDIRPLUS. The same for the origin of an ``index=on`` upper link, read
+after its lookup (GETATTR's link count).
 """
 from __future__ import annotations
 
