@@ -28,7 +28,7 @@ import os
 import stat
 import time
 
-from . import acl, killpriv
+from . import acl, faults, killpriv
 from .copyup import is_private_xattr
 from .lookup import Entry, Node
 from .typing_lite import TYPE_CHECKING, NamedTuple
@@ -109,6 +109,8 @@ class Attributes:
         node = self.fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
+        if faults.armed:
+            faults.hit("attrs.found", rel)  # test-only (faults.py)
         return node, self.of_node(node, rel)
 
     def of_node(self, node: Node, rel: str) -> Attr:

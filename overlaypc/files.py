@@ -20,7 +20,7 @@ from . import faults, killpriv, sysapi
 from .attrs import Attr, resolve_times
 from .handles import Handle
 from .inodes import MetaFile, OverlayInode
-from .layer import same_file
+from .layer import DirFd, same_file
 from .lookup import Entry, Node
 from .namespace import Caller
 from .records import record
@@ -350,15 +350,18 @@ class Files:
                   after: os.stat_result) -> None:
         """Keep the inode-number answer of the changed upper file under its new ctime (as
         a change by name does when it answers with ``of_node``): from the one kept under
-        ``before``, else read afresh with the file's xattr names listed through ``fd``
-        (absent origin marks then cost no call)."""
+        ``before``, else read afresh through ``fd``, its xattr names listed first (absent
+        origin marks then cost no call). Never by ``inode.rel``: the name the file was
+        opened by may be gone, or another file's by now, whose origin would be kept as
+        this file's."""
         if self.fs.inos.carry(before, after):
             return
         try:
             names: frozenset[str] | None = frozenset(os.listxattr(fd))
         except OSError as e:
             names = frozenset() if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
-        self.fs.inos.recorded(Entry(inode.layer, inode.rel, after, None, None, names))
+        own = DirFd(fd, owned=False)  # (the file's own fd, read as ``Entry.dirfd`` is)
+        self.fs.inos.recorded(Entry(inode.layer, inode.rel, after, own, None, names))
 
     def kill_privs(self, fh: int, writer: killpriv.Writer) -> bool:
         """A write, truncate or ``O_TRUNC`` open by ``writer`` without CAP_FSETID (the
@@ -591,7 +594,7 @@ class Files:
         index = self.fs.index
         if index is not None and inode.in_upper and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
             entry = Entry(inode.layer, inode.rel, st)
-            shared = entry if inode.layer is index.work else index.of_upper(entry)
+            shared = entry if inode.layer is index.work else index.of_upper(entry, fd)
             if shared is not None:
                 nlink = index.nlink(shared)
         return self._shown(Attr(st, inode.ino, nlink), inode, fd)

@@ -18,6 +18,7 @@ kernel node, so no name needs remembering for a link count change.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -77,11 +78,25 @@ class IndexDir:
         st = self.work.lstat(self.rel(key))
         return Entry(self.work, self.rel(key), st) if st is not None and not stat.S_ISDIR(st.st_mode) else None
 
-    def of_upper(self, upper: Entry) -> Entry | None:
-        """The index entry an upper file is a hard link of, if any."""
+    def of_upper(self, upper: Entry, fd: int | None = None) -> Entry | None:
+        """The index entry an upper file is a hard link of, if any. Its origin is read
+        from the file open as ``fd`` if given (the name an open file was found by may be
+        gone or name another file by now), else through the directory fd its lookup held
+        (a directory above may have been renamed since: its path names nothing, or
+        another object), by path only for an entry found without one."""
         if stat.S_ISDIR(upper.st.st_mode) or upper.st.st_nlink < 2:
             return None
-        origin = upper.layer.getxattr(upper.rel, self.origin_xattr)
+        if fd is None and upper.parent is None:
+            origin = upper.layer.getxattr(upper.rel, self.origin_xattr)
+        else:
+            # (a name gone since its lookup raises, as a path would: nothing to show)
+            where = fd if fd is not None else f"/proc/self/fd/{upper.parent.fd}/{upper.name}"
+            try:
+                origin = os.getxattr(where, self.origin_xattr, follow_symlinks=fd is not None)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    raise
+                origin = None
         if not origin:
             return None
         st = self.work.lstat(self.rel(origin.hex()))

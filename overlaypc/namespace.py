@@ -601,16 +601,16 @@ class Namespace:
             if self.fs.config.redirect_dir != "on":
                 raise OSError(errno.EXDEV, "directory exists in a lower layer", onode.rel)
             name, value = redirect, self._redirect_value(onode, new)  # kernel format
-            if len(value) > redirect_max():
-                # the kernel refuses what it could not read back (its redirect_max): EXDEV,
-                # and mv copies instead
-                raise OSError(errno.EXDEV, f"redirect longer than {redirect_max()} bytes", onode.rel)
         elif onode.data is not None:
             name, value = redirect, os.fsencode("/" + onode.data.rel)
         elif onode.is_dir and new_lower and not onode.opaque:
             name, value = opaque, b"y"
         else:
             return None
+        if name == redirect and len(value) > redirect_max():
+            # (a directory's, or a metacopy file's absolute one) the kernel refuses what it
+            # could not read back (its redirect_max): EXDEV, and mv copies instead
+            raise OSError(errno.EXDEV, f"redirect longer than {redirect_max()} bytes", onode.rel)
         previous = upper.getxattr(onode.rel, name)
         upper.do_setxattr(onode.rel, name, value)
         return name, previous

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat
 
-from . import whiteout
+from . import faults, whiteout
 from .attrs import Attr
 from .inumbers import InodeNumbers
 from .layer import DirFd, Listed, join
@@ -86,6 +86,8 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
                   and name not in lower_dir_ino):
                 lower_dir_ino[name] = inos.xino.ino(layer.dev, item.ino)
         hidden |= hides
+    if faults.armed:
+        faults.hit("readdir.scanned", node.rel)  # test-only (faults.py)
 
     out: list[DirEntry] = []
     append = out.append
@@ -100,11 +102,15 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             ino = xino(layer.dev, item.ino)
         else:
             assert st is not None
-            entry = Entry(layer, join(parent.rel, name), st)
+            # its xattrs through the listed directory's fd, never by path: a directory
+            # above may be renamed meanwhile, and the path then names another object
+            # (whose origin ``recorded`` would keep for this one) or nothing
+            entry = Entry(layer, join(parent.rel, name), st, None, dirfd)
             recorded = inos.recorded(entry)
             if recorded is not None:
                 ino = recorded
-            elif name in lower_dir_ino and not whiteout.is_opaque(layer, entry.rel, xattr_prefix):
+            elif name in lower_dir_ino and not whiteout.is_opaque_at(layer, dirfd, name,
+                                                                     xattr_prefix):
                 ino = lower_dir_ino[name]  # a merged dir shows its topmost lower's number
             else:
                 ino = inos.of_entry(entry)

@@ -26,7 +26,7 @@ import os
 import stat
 
 from . import faults, logs
-from .layer import Layer, join, split
+from .layer import DirFd, Layer, join, split
 from .records import field, record
 
 log = logs.get("overlaypc.whiteout")
@@ -102,6 +102,17 @@ def is_opaque(layer: Layer, rel: str, prefix: str) -> bool:
     if layer.getxattr(rel, prefix + "opaque") == b"y" or layer.getxattr(rel, FOO_OPAQUE) == b"y":
         return True
     return layer.lstat(join(rel, OCI_OPAQUE)) is not None
+
+
+def is_opaque_at(layer: Layer, parent: DirFd, name: str, prefix: str) -> bool:
+    """``is_opaque`` of directory ``name`` in the open directory ``parent`` (no path walk:
+    right while a directory above is renamed); False when it is gone."""
+    dirfd = layer.dir_at(parent, name)
+    if dirfd is None:
+        return False
+    if layer.getxattr_at(dirfd, prefix + "opaque") == b"y" or layer.getxattr_at(dirfd, FOO_OPAQUE) == b"y":
+        return True
+    return layer.stat_at(dirfd, OCI_OPAQUE) is not None
 
 
 def make_whiteout(layer: Layer, rel: str) -> None:

@@ -383,3 +383,31 @@ def test_link_to_metacopy_file_keeps_its_times(lower, stack, xfs_dir, overlay_mo
                                      overlay_mount, kernel_mount, "kmcl")
     assert mine == theirs == {"small": T, "small2": T}
     assert os.lstat(stack.upper / "small").st_mtime_ns == T  # on disk
+
+
+def test_rename_needing_a_redirect_past_redirect_max_is_exdev(tmp_path, overlay_mount, kernel_mount):
+    """A metacopy file moved out of a deep directory needs an absolute redirect to its data;
+    one longer than the kernel's ``redirect_max`` (256) the kernel refuses with EXDEV (mv
+    then copies), as overlaypc already did for directories. overlaypc wrote it (on ext4, one
+    past ~4 KiB failed ENOSPC, which mv does not fall back from). Found in hunt6."""
+    helpers.require("kernel_overlay")
+    rel = "/".join(f"{i:03d}" + "d" * 60 for i in range(5))  # a 322-byte redirect
+    results = []
+    for who in ("kernel", "overlaypc"):
+        base = tmp_path / who
+        for d in (f"lower/{rel}", "upper", "work"):
+            (base / d).mkdir(parents=True)
+        (base / "lower" / rel / "f").write_bytes(b"deep data\n")
+        if who == "kernel":
+            mnt = kernel_mount([base / "lower"], base / "upper", base / "work",
+                               ["metacopy=on", "redirect_dir=on"])
+        else:
+            mnt = overlay_mount(f"lowerdir={base / 'lower'},upperdir={base / 'upper'},"
+                                f"workdir={base / 'work'},metacopy=on").path
+        os.chmod(mnt / rel / "f", 0o600)  # a metadata-only copy-up
+        with pytest.raises(OSError) as refused:
+            os.rename(mnt / rel / "f", mnt / "top")
+        results.append(refused.value.errno)
+        assert (mnt / rel / "f").read_bytes() == b"deep data\n"
+        assert not (mnt / "top").exists()
+    assert results == [errno.EXDEV, errno.EXDEV]
