@@ -213,6 +213,18 @@ class Namespace:
         _cleanup(whiteout.clear_marker, upper, rel,
                  what=f"remove the whiteout marker of {upper.path}/{rel}")
 
+    def _index_before_removal(self, rel: str) -> None:
+        """index=on, before a name of a lower hard link goes (unlink, a rename over it):
+        copy it up if no name of its inode was yet, as the kernel's ``ovl_nlink_start``,
+        so that the index entry exists to count the name that goes (``_count_link``).
+        Without it the other names would go on showing the lower file's ``st_nlink``."""
+        index = self.fs.index
+        if index is None:
+            return
+        node = self.fs.lookup.lookup(rel)
+        if node.exists and node.upper is None and node.index is None and index.eligible(node.top):
+            self.fs.copyup.ensure_upper(rel)
+
     def _count_link(self, shared: Entry, delta: int) -> None:
         """index=on: record on the index entry ``shared`` that a name came or went, after
         the change is done. A failure is logged, never raised: the name did change, and the
@@ -374,6 +386,7 @@ class Namespace:
         if not self._parent_in_upper(rel):
             self._check_unlink(self.fs.lookup.lookup(rel))  # before copying the parent up
             self.fs.copyup.ensure_parent(rel)
+        self._index_before_removal(rel)
         with self._changing():
             node = self.fs.lookup.lookup(rel)
             self._check_unlink(node)
@@ -519,6 +532,8 @@ class Namespace:
         self._check_target(onode, nnode, flags)
         self.fs.copyup.ensure_upper(old)
         self.fs.copyup.ensure_parent(new)
+        if nnode.exists and not nnode.is_dir:
+            self._index_before_removal(new)
         with self._changing():
             onode = self.fs.lookup.lookup(old)
             nnode = self.fs.lookup.lookup(new)

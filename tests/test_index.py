@@ -200,6 +200,31 @@ def test_index_kernel_same_observations(xfs_dir, layers_factory, overlay_mount, 
     assert index_entries(ks.work) == index_entries(os_.work)
 
 
+@pytest.mark.parametrize("change", ["unlink", "rename_over"])
+def test_index_removing_a_lower_name_counts_like_the_kernel(change, xfs_dir, layers_factory,
+                                                            overlay_mount, kernel_mount):
+    """A name of a lower hard link goes (unlink, or a rename over it) before any name was
+    copied up: the kernel copies that name up first (``ovl_nlink_start``), so the index
+    entry exists to count the name that goes, and every other name shows one link less,
+    also after a remount."""
+    lowers = make_linked_lower(layers_factory, xfs_dir)
+    ks, os_ = new_stack(lowers, xfs_dir, "krm"), new_stack(lowers, xfs_dir, "orm")
+
+    def run(root: Path) -> dict:
+        if change == "unlink":
+            os.unlink(Path(root) / "b")
+        else:
+            os.rename(Path(root) / "other", Path(root) / "b")
+        return observe(root, NAMES)
+
+    theirs = run(kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX))
+    assert [theirs[n][2] for n in ("a", "sub/c")] == [2, 2]  # the oracle counts the name gone
+    m = overlay_mount(os_.options("index=on"))
+    assert run(m.path) == theirs
+    m.unmount()
+    assert observe(overlay_mount(os_.options("index=on")).path, NAMES) == theirs
+
+
 def write_only(root: Path) -> dict:
     """Only ``a`` is copied up; ``b`` and ``sub/c`` stay lower names of the indexed inode."""
     with open(Path(root) / "a", "r+b") as f:
@@ -207,7 +232,15 @@ def write_only(root: Path) -> dict:
     return observe(root, NAMES)
 
 
-SEQUENCES = {"write_only": write_only, "full": lambda root: run_ops(root)[-1]}
+def unlink_only(root: Path) -> dict:
+    """``b`` goes before any name was copied up: the kernel copies it up first, so the
+    index entry is left with no upper name, and counts the two lower names left."""
+    os.unlink(Path(root) / "b")
+    return observe(root, NAMES)
+
+
+SEQUENCES = {"write_only": write_only, "unlink_only": unlink_only,
+             "full": lambda root: run_ops(root)[-1]}
 
 
 def _ops_on_both(seq, xfs_dir, layers_factory, overlay_mount):
@@ -267,6 +300,7 @@ def test_index_nlink_kernel_on_overlaypc_upper(seq, xfs_dir, layers_factory,
 
 @pytest.mark.parametrize("seq", [
     "write_only",  # names not copied up yet: needs the kernel's relative nlink xattr
+    "unlink_only",  # the index entry has no upper name: its own link count is 1
     "full",  # every remaining name is in the upper: the index file's link count is right
 ])
 def test_index_nlink_overlaypc_on_kernel_upper(seq, xfs_dir, layers_factory, overlay_mount):
