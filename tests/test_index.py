@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 import helpers
-from features_support import KERNEL_INDEX, is_whiteout, make_lowers, new_stack, ovl_xattr
+from features_support import (KERNEL_INDEX, KERNEL_METACOPY, is_whiteout, make_lowers, new_stack,
+                              ovl_xattr)
 
 pytestmark = [pytest.mark.mount]
 
@@ -223,6 +224,26 @@ def test_index_removing_a_lower_name_counts_like_the_kernel(change, xfs_dir, lay
     assert run(m.path) == theirs
     m.unmount()
     assert observe(overlay_mount(os_.options("index=on")).path, NAMES) == theirs
+
+
+def test_index_metacopy_entry_made_by_the_kernel(xfs_dir, layers_factory, overlay_mount):
+    """With index and metacopy the kernel's metadata copy-up of one name of a lower hard
+    link makes a metacopy index entry (sparse, marked ``metacopy``): every name, those not
+    in the upper too, reads the lower data through it, and a write goes to all names."""
+    lowers = make_linked_lower(layers_factory, xfs_dir)
+    s = new_stack(lowers, xfs_dir, "imeta")
+    with helpers.kernel_overlay(xfs_dir / "imeta-k", lowers, s.upper, s.work,
+                                KERNEL_INDEX + KERNEL_METACOPY) as k:
+        os.chmod(k / "sub/c", 0o600)  # overlaypc then looks up a lower name first: a
+        theirs = observe(k, NAMES)
+    [entry] = index_entries(s.work)
+    assert ovl_xattr(s.work / "index" / entry, "metacopy") is not None  # the case at hand
+    m = overlay_mount(s.options("index=on,redirect_dir=on,metacopy=on"))
+    assert observe(m.path, NAMES) == theirs
+    assert theirs["b"][0] == OLD
+    with open(m / "b", "r+b") as f:
+        f.write(NEW)
+    assert {n: (m / n).read_bytes() for n in NAMES} == {n: NEW for n in NAMES}
 
 
 def write_only(root: Path) -> dict:
