@@ -225,13 +225,13 @@ class Namespace:
         if node.exists and node.upper is None and node.index is None and index.eligible(node.top):
             self.fs.copyup.ensure_upper(rel)
 
-    def _count_link(self, shared: Entry, delta: int) -> None:
+    def _count_link(self, shared: Entry, delta: int, links: int | None = None) -> None:
         """index=on: record on the index entry ``shared`` that a name came or went, after
         the change is done. A failure is logged, never raised: the name did change, and the
         kernel's own count is relative to the index inode's links, which the change itself
         kept right for an upper name; only ours (and the kernel's, for a lower name) is off
         by one until the next change."""
-        _cleanup(self.fs.adjust_nlink, shared, delta, what=f"record the link count of {shared.rel}")
+        _cleanup(self.fs.adjust_nlink, shared, delta, links, what=f"record the link count of {shared.rel}")
 
     @staticmethod
     def _set_acls(layer, rel: str, new: acl.NewObject) -> None:
@@ -395,7 +395,8 @@ class Namespace:
             # a lower entry in the node: a lower layer shows the name (no need to ask again)
             self._remove(node, bool(node.lowers) or self.lower_exists(rel))
             if shared is not None:
-                self._count_link(shared, -1)
+                # a lower name not linked up goes by a whiteout: the index inode keeps its links
+                self._count_link(shared, -1, -1 if node.upper is not None else 0)
             self.fs.unlinked(node, key)
         return node
 
@@ -579,7 +580,7 @@ class Namespace:
             # name hides nothing
             _cleanup(upper.do_unlink, old, what=f"remove the whiteout {upper.path}/{old} after a rename")
         if replaced_shared is not None:
-            self._count_link(replaced_shared, -1)
+            self._count_link(replaced_shared, -1, -1 if nnode.upper is not None else 0)
         if nnode.exists:
             self.fs.unlinked(nnode, replaced)
         self.fs.renamed(old, new)

@@ -337,9 +337,6 @@ def _nlinks_now(root: Path, names) -> dict:
     return {n: os.stat(Path(root) / n).st_nlink for n in names if os.path.lexists(Path(root) / n)}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "overlaypc reads its own absolute count (trusted.overlay.overlaypc.nlink) first, and "
-    "the kernel updates only trusted.overlay.nlink: a link made by the kernel is not counted"))
 def test_index_nlink_after_the_kernel_links(xfs_dir, layers_factory, overlay_mount):
     lowers = make_linked_lower(layers_factory, xfs_dir)
     s = new_stack(lowers, xfs_dir, "rt1")
@@ -355,9 +352,6 @@ def test_index_nlink_after_the_kernel_links(xfs_dir, layers_factory, overlay_mou
     assert _nlinks_now(again.path, NAMES + ["d"]) == theirs
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on an index made by the kernel (relative count only) overlaypc reads the count after "
-    "the index inode's links changed: a link counts twice, a copy-up of another name adds one"))
 @pytest.mark.parametrize("change", ["link", "copy_up"])
 def test_index_nlink_changes_on_a_kernel_index(change, xfs_dir, layers_factory, overlay_mount):
     lowers = make_linked_lower(layers_factory, xfs_dir)
