@@ -115,7 +115,9 @@ class Attributes:
 
     def of_node(self, node: Node, rel: str) -> Attr:
         st = node.st
-        if st.st_nlink > 1 and not node.is_dir:
+        # an index entry with no upper name left has one link of its own, yet it may
+        # count lower names (index=on: an unlink of a name copied up, as the kernel does)
+        if not node.is_dir and (st.st_nlink > 1 or node.index is not None):
             nlink = self.fs.overlay_nlink(node)
         else:
             nlink = None

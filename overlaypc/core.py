@@ -200,11 +200,12 @@ class OverlayFS:
         lower = next(iter(node.lowers), None)
         return self.index.nlink(entry, lower.st if lower else None)
 
-    def adjust_nlink(self, entry: Entry, delta: int) -> None:
-        """index=on: a name of an indexed inode came or went. Every name is one kernel node,
-        whose count the kernel changes itself on LINK, UNLINK and RENAME over it."""
+    def adjust_nlink(self, entry: Entry, delta: int, links: int | None = None) -> None:
+        """index=on: a name of an indexed inode came or went (``links``: see
+        ``IndexDir.adjust``). Every name is one kernel node, whose count the kernel changes
+        itself on LINK, UNLINK and RENAME over it."""
         assert self.index is not None
-        self.index.adjust(entry, delta)
+        self.index.adjust(entry, delta, links=links)
 
     def live_inode_of(self, entry: Entry) -> OverlayInode | None:
         """The live inode of the upper object ``entry`` (its identity is its own stat's)."""

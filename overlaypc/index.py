@@ -6,11 +6,14 @@ file share once any of them is copied up. As the kernel does, the copy goes to
 it is a hard link to that file; a name not copied up yet finds its data, attributes and
 ``st_ino`` through the index entry, so every name shows the new data at once.
 
-The overlay's ``st_nlink`` of an indexed inode is kept in ``trusted.overlay.overlaypc.nlink``
-on the index file (initially the lower file's nlink, +1 per link and -1 per unlink through
-the mount), and also in the kernel's own ``trusted.overlay.nlink`` ("U%+d", relative to the
-index inode's link count), rewritten whenever that count changes, so the kernel mounting
-the upper with ``index=on`` shows the same count; a kernel-made index is read the same way.
+The overlay's ``st_nlink`` of an indexed inode is kept in the kernel's own
+``trusted.overlay.nlink`` on the index file ("U%+d", relative to the index inode's link
+count: initially the lower file's nlink, +1 per link and -1 per unlink through the mount),
+rewritten after every change of either count, so a kernel mounting the upper with
+``index=on`` shows the same count, and overlaypc the count after the kernel's changes. It
+is read before ``trusted.overlay.overlaypc.nlink`` (the same count, absolute), which only
+stands in when the kernel's is missing or unreadable. Each change is recorded from the
+count before it, read with the index inode's link count before it (``links``).
 
 Bounds: index names of lower files are remembered for at most ``KEYS_LIMIT`` files (LRU,
 4.4 MiB at the bound, measured with tracemalloc). Every name of an indexed inode is one
@@ -104,11 +107,11 @@ class IndexDir:
             return None
         return Entry(self.work, self.rel(origin.hex()), st)
 
-    def nlink(self, index: Entry, lower: os.stat_result | None = None) -> int:
-        """The overlay's link count: ours if recorded, else the kernel's relative one."""
-        raw = self.work.getxattr(index.rel, self.nlink_xattr)
-        if raw is not None and raw.isdigit():
-            return int(raw)
+    def nlink(self, index: Entry, lower: os.stat_result | None = None, *, links: int = 0) -> int:
+        """The overlay's link count: the kernel's relative one, which a kernel mounting the
+        upper keeps current (it does not know ours), else ours, else the index inode's
+        links less its own. ``links``: by how much the index inode's link count changed
+        since the count was last written (a change made, whose count is being recorded)."""
         kernel = self.work.getxattr(index.rel, self.kernel_nlink_xattr)
         if kernel and kernel[:1] in (b"U", b"L"):
             try:
@@ -116,10 +119,14 @@ class IndexDir:
             except ValueError:
                 delta = None
             if delta is not None:
-                base = index.st.st_nlink if kernel[:1] == b"U" else lower.st_nlink if lower else None
+                base = (index.st.st_nlink - links if kernel[:1] == b"U"
+                        else lower.st_nlink if lower else None)
                 if base is not None and base + delta > 0:
                     return base + delta
-        return max(index.st.st_nlink - 1, 1)
+        raw = self.work.getxattr(index.rel, self.nlink_xattr)
+        if raw is not None and raw.isdigit():
+            return int(raw)
+        return max(index.st.st_nlink - links - 1, 1)
 
     def set_nlink(self, rel: str, value: int) -> None:
         """Record the overlay link count: ours (absolute) and the kernel's ("U%+d": relative
@@ -131,15 +138,21 @@ class IndexDir:
             self.work.do_setxattr(rel, self.kernel_nlink_xattr, f"U{value - st.st_nlink:+d}".encode())
 
     def sync(self, rel: str) -> None:
-        """Rewrite the kernel's relative count after the index inode's links changed."""
-        st = self.work.lstat(rel)
-        if st is not None:
-            self.set_nlink(rel, self.nlink(Entry(self.work, rel, st)))
+        """A name was just linked to the index inode with the overlay count unchanged (the
+        copy-up of another name of the file): the kernel's relative count moves by one."""
+        self._record(rel, 0, links=1)
 
-    def adjust(self, index: Entry, delta: int) -> None:
+    def adjust(self, index: Entry, delta: int, *, links: int | None = None) -> None:
+        """A change just made moved the overlay count by ``delta`` and the index inode's own
+        links by ``links`` (default ``delta``: a name linked to it or unlinked from the
+        upper; 0 for a whiteout over a lower name not linked up)."""
         faults.hit("index.adjust", index.rel)  # test-only (faults.py)
-        st = self.work.lstat(index.rel)  # the caller's entry may predate the link/unlink
+        self._record(index.rel, delta, links=delta if links is None else links)
+
+    def _record(self, rel: str, delta: int, *, links: int) -> None:
+        # the count before the change, read with the index inode's links before it (the
+        # caller's entry may predate the change: stat again)
+        st = self.work.lstat(rel)
         if st is None:
             return
-        current = Entry(self.work, index.rel, st)
-        self.set_nlink(index.rel, self.nlink(current) + delta)
+        self.set_nlink(rel, self.nlink(Entry(self.work, rel, st), links=links) + delta)

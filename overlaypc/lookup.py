@@ -577,6 +577,12 @@ class Lookup:
                 and self.index.eligible(entries[0]):
             shared = self.index.find(entries[0])
             if shared is not None:
+                if data is None and stat.S_ISREG(shared.st.st_mode) and self._metacopy(shared, None, name):
+                    # the kernel's metadata copy-up with index and metacopy: the entry is
+                    # sparse, its data is the lower file it is the index of
+                    if not self.follow_metacopy:
+                        raise OSError(errno.EPERM, "metacopy index entry in a mount without metacopy=on", rel)
+                    data = entries[0]
                 entries.insert(0, shared)
         if metacopy and data is None:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)

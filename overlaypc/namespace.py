@@ -213,13 +213,25 @@ class Namespace:
         _cleanup(whiteout.clear_marker, upper, rel,
                  what=f"remove the whiteout marker of {upper.path}/{rel}")
 
-    def _count_link(self, shared: Entry, delta: int) -> None:
+    def _index_before_removal(self, rel: str) -> None:
+        """index=on, before a name of a lower hard link goes (unlink, a rename over it):
+        copy it up if no name of its inode was yet, as the kernel's ``ovl_nlink_start``,
+        so that the index entry exists to count the name that goes (``_count_link``).
+        Without it the other names would go on showing the lower file's ``st_nlink``."""
+        index = self.fs.index
+        if index is None:
+            return
+        node = self.fs.lookup.lookup(rel)
+        if node.exists and node.upper is None and node.index is None and index.eligible(node.top):
+            self.fs.copyup.ensure_upper(rel)
+
+    def _count_link(self, shared: Entry, delta: int, links: int | None = None) -> None:
         """index=on: record on the index entry ``shared`` that a name came or went, after
         the change is done. A failure is logged, never raised: the name did change, and the
         kernel's own count is relative to the index inode's links, which the change itself
         kept right for an upper name; only ours (and the kernel's, for a lower name) is off
         by one until the next change."""
-        _cleanup(self.fs.adjust_nlink, shared, delta, what=f"record the link count of {shared.rel}")
+        _cleanup(self.fs.adjust_nlink, shared, delta, links, what=f"record the link count of {shared.rel}")
 
     @staticmethod
     def _set_acls(layer, rel: str, new: acl.NewObject) -> None:
@@ -374,6 +386,7 @@ class Namespace:
         if not self._parent_in_upper(rel):
             self._check_unlink(self.fs.lookup.lookup(rel))  # before copying the parent up
             self.fs.copyup.ensure_parent(rel)
+        self._index_before_removal(rel)
         with self._changing():
             node = self.fs.lookup.lookup(rel)
             self._check_unlink(node)
@@ -382,7 +395,8 @@ class Namespace:
             # a lower entry in the node: a lower layer shows the name (no need to ask again)
             self._remove(node, bool(node.lowers) or self.lower_exists(rel))
             if shared is not None:
-                self._count_link(shared, -1)
+                # a lower name not linked up goes by a whiteout: the index inode keeps its links
+                self._count_link(shared, -1, -1 if node.upper is not None else 0)
             self.fs.unlinked(node, key)
         return node
 
@@ -519,6 +533,8 @@ class Namespace:
         self._check_target(onode, nnode, flags)
         self.fs.copyup.ensure_upper(old)
         self.fs.copyup.ensure_parent(new)
+        if nnode.exists and not nnode.is_dir:
+            self._index_before_removal(new)
         with self._changing():
             onode = self.fs.lookup.lookup(old)
             nnode = self.fs.lookup.lookup(new)
@@ -568,7 +584,7 @@ class Namespace:
             # name hides nothing
             _cleanup(upper.do_unlink, old, what=f"remove the whiteout {upper.path}/{old} after a rename")
         if replaced_shared is not None:
-            self._count_link(replaced_shared, -1)
+            self._count_link(replaced_shared, -1, -1 if nnode.upper is not None else 0)
         if nnode.exists:
             self.fs.unlinked(nnode, replaced)
         self.fs.renamed(old, new)
