@@ -123,11 +123,12 @@ class Attributes:
         return self.fs.ownership.show_entry(attr, node.top)
 
     # -- changes (copy-up first) ---------------------------------------------------------------
-    def _upper(self, rel: str, *, data: bool = False) -> Entry:
-        """The upper entry of ``rel``, copied up first (metadata only where allowed)."""
+    def _upper(self, rel: str, *, data: bool = False, node: Node | None = None) -> Entry:
+        """The upper entry of ``rel``, copied up first (metadata only where allowed);
+        ``node``: ``rel`` as just looked up."""
         self.fs.require_writable()
         copyup = self.fs.copyup
-        return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True)
+        return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True, node=node)
 
     def chmod(self, rel: str, mode: int) -> None:
         entry = self._upper(rel)
@@ -203,7 +204,8 @@ class Attributes:
         if mode is None and ids is None and times is None:
             return self._refreshed(node, rel), killed
         if entry is None:
-            entry = self._upper(rel)
+            # (``kill_privs`` may have copied it up: then it is looked up again)
+            entry = self._upper(rel, node=node if writer is None else None)
             node = None  # copied up: its structure changed
         else:
             fs.require_writable()

@@ -127,6 +127,10 @@ class OverlayFS:
         if self.stack.work is not None:
             check_incompat(self.stack.work)
             clean_workdir(self.stack.work)
+            # copy-ups and new objects are built in workdir/work: its fd, held, spares them
+            # the walk from the workdir's root (nothing replaces it while mounted)
+            work_dir = self.stack.work.dir_fd(WORK_DIR)
+            self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
             if self.writable:
                 whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
             if self.config.volatile:

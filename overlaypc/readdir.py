@@ -100,7 +100,9 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             ino = xino(layer.dev, item.ino)
         else:
             assert st is not None
-            entry = Entry(layer, join(parent.rel, name), st)
+            # found in the open directory ``dirfd``: its origin xattrs cost one
+            # ``lgetxattr`` of dirfd/name each (``inumbers``), no path walk
+            entry = Entry(layer, join(parent.rel, name), st, None, dirfd)
             recorded = inos.recorded(entry)
             if recorded is not None:
                 ino = recorded
