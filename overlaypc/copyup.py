@@ -37,6 +37,7 @@ from .ownership import Ownership, is_override_xattr
 from .records import field, record
 from .stack import LayerStack
 from .stats import Stats
+from .typing_lite import NamedTuple
 
 log = logs.get("overlaypc.copyup")
 
@@ -123,6 +124,14 @@ def clean_workdir(work: Layer) -> int:
     return len(leftovers)
 
 
+class Seen(NamedTuple):
+    """A caller's lookup of a name: its node, and ``Lookup.epoch`` read before it. While
+    the epoch has not moved, no change of the namespace or copy-up ran since (lower
+    layers do not change under a mount), so a lookup now would find the same object."""
+    node: Node
+    epoch: int
+
+
 @record
 class CopyUpContext:
     node: Node
@@ -162,15 +171,14 @@ class CopyUp:
         self._names = itertools.count()
 
     # -- step 1: what is missing, ancestors first ----------------------------------------
-    def ensure_upper(self, rel: str, *, metadata_only: bool = False, node: Node | None = None) -> Entry:
+    def ensure_upper(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
         """Return the upper entry of merged path ``rel``, copying it up if needed.
 
         ``metadata_only`` (``-o metacopy=on``, for attribute changes): a regular file gets
         a sparse upper copy marked ``trusted.overlay.metacopy`` whose data stays below;
-        ``ensure_data`` completes it before anything writes data. ``node``: ``rel`` as the
-        caller just looked it up (``_copy_one`` looks again under the object's lock)."""
-        if node is None:
-            node = self.lookup.lookup(rel)
+        ``ensure_data`` completes it before anything writes data. ``seen``: ``rel`` as the
+        caller just looked it up, not looked up again while no change ran since."""
+        node = seen.node if seen is not None else self.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
@@ -184,7 +192,7 @@ class CopyUp:
             parent = split(parent)[0]
         for path in reversed(missing):
             self._copy_one(path)
-        return self._copy_one(rel, metadata_only and self.metacopy)
+        return self._copy_one(rel, metadata_only and self.metacopy, seen)
 
     def ensure_data(self, rel: str) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left)."""
@@ -202,9 +210,14 @@ class CopyUp:
         return self.ensure_upper(split(rel)[0])
 
     # -- step 2: one object, under its lock -----------------------------------------------
-    def _copy_one(self, rel: str, metadata_only: bool = False) -> Entry:
+    def _copy_one(self, rel: str, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
         with self._stripes[hash(rel) % len(self._stripes)]:
-            node = self.lookup.lookup(rel)
+            # under the object's lock: a copy-up of it that finished meanwhile (or any other
+            # change) moved the epoch, and then the name is looked up again
+            if seen is not None and seen.epoch == self.lookup.epoch:
+                node = seen.node
+            else:
+                node = self.lookup.lookup(rel)
             if not node.exists:
                 raise OSError(errno.ENOENT, "vanished during copy-up", rel)
             if node.upper is not None:
