@@ -165,6 +165,7 @@ class CopyUp:
         self.metacopy = metacopy
         self.ownership = ownership or Ownership()
         self.index = None  # an index.IndexDir under -o index=on
+        self.inos = None  # the mount's inumbers.InodeNumbers, told of each origin written
         self._stripes = [threading.Lock() for _ in range(64)]
         #: indices of source layers whose files cannot be reflinked to the upper
         self._no_reflink: set[int] = set()
@@ -370,6 +371,8 @@ class CopyUp:
         breaks_link = ctx.kind != stat.S_IFDIR and st.st_nlink > 1 and ctx.index_key is None
         if origin is not None and not breaks_link:
             self._set_private(tmp, self.prefix + "origin", origin, fd)
+            if self.inos is not None:  # what the copy's first GETATTR would decode
+                self.inos.copied(origin, st, src.layer)
         if ctx.metadata_only:
             self._set_private(tmp, self.prefix + "metacopy", b"", fd)
             if src.rel != ctx.node.rel:  # data found through a redirected parent

@@ -100,6 +100,8 @@ class OverlayFS:
                                  volatile=config.volatile or not config.fsync,
                                  key_of=self.identity, on_copied=self._copied,
                                  metacopy=config.metacopy, ownership=self.ownership)
+        if self.copyup is not None:
+            self.copyup.inos = self.inos
         self.index: IndexDir | None = None
         if config.index and self.stack.work is not None:
             self.index = IndexDir(self.stack.work, self.prefix)

@@ -379,6 +379,7 @@ def test_copy_up_builds_the_file_through_its_fd_and_fsyncs_it_complete(env, call
     # opens: the temporary file, the source, the parent to fsync, the chmod's O_PATH
     assert len(opened) <= 4, opened
     assert calls["lookup"] <= 3, calls
+    assert calls["decode"] == 0, calls  # the copy-up told the origin's number
 
 
 def test_listing_of_an_upper_directory_walks_no_path_for_origins(env, calls):
