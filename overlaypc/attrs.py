@@ -29,7 +29,7 @@ import stat
 import time
 
 from . import acl, faults, killpriv
-from .copyup import is_private_xattr
+from .copyup import Seen, is_private_xattr
 from .lookup import Entry, Node
 from .typing_lite import TYPE_CHECKING, NamedTuple
 
@@ -127,11 +127,12 @@ class Attributes:
         return self.fs.ownership.show_entry(attr, node.top)
 
     # -- changes (copy-up first) ---------------------------------------------------------------
-    def _upper(self, rel: str, *, data: bool = False) -> Entry:
-        """The upper entry of ``rel``, copied up first (metadata only where allowed)."""
+    def _upper(self, rel: str, *, data: bool = False, seen: Seen | None = None) -> Entry:
+        """The upper entry of ``rel``, copied up first (metadata only where allowed);
+        ``seen``: ``rel`` as just looked up (``copyup.Seen``)."""
         self.fs.require_writable()
         copyup = self.fs.copyup
-        return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True)
+        return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True, seen=seen)
 
     def chmod(self, rel: str, mode: int) -> None:
         entry = self._upper(rel)
@@ -194,6 +195,7 @@ class Attributes:
         shrink: security.capability); None when that cannot be had (the object was
         copied up or replaced meanwhile: the caller looks it up afresh)."""
         fs = self.fs
+        epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
         node = fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
@@ -207,7 +209,8 @@ class Attributes:
         if mode is None and ids is None and times is None:
             return self._refreshed(node, rel), killed
         if entry is None:
-            entry = self._upper(rel)
+            # (a copy-up by ``kill_privs`` moved the epoch: then it is looked up again)
+            entry = self._upper(rel, seen=Seen(node, epoch))
             node = None  # copied up: its structure changed
         else:
             fs.require_writable()

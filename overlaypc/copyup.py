@@ -2,10 +2,11 @@
 
 Owns the ladder of steps, each a small method sharing one ``CopyUpContext``:
 ``ensure_upper`` (find what is missing, ancestors first) -> ``_copy_one`` (under the
-object's lock) -> ``_create_temp`` in ``workdir/work`` -> ``_copy_data`` (reflink, else
-``copy_file_range`` over data segments only, so sparse files stay sparse, else a
-chunked copy) -> ``_copy_metadata`` -> ``_install`` (fsync, atomic rename into the
-upper, fsync of the parent; the fsyncs are skipped under ``-o volatile``).
+object's lock) -> ``_build`` in ``workdir/work``: ``_build_file`` (``_copy_data``:
+reflink, else ``copy_file_range`` over data segments only, so sparse files stay sparse,
+else a chunked copy; ``_copy_metadata`` through the same fd; fsync of data and metadata)
+or ``_create_other`` and ``_copy_metadata`` by path -> ``_install`` (atomic rename into
+the upper, fsync of the parent; the fsyncs are skipped under ``-o volatile``).
 
 Order matters: data, then owner, then xattrs (writing data and chown(2) both clear
 ``security.capability``), mode after owner (chown clears setuid/setgid), times last.
@@ -36,6 +37,7 @@ from .ownership import Ownership, is_override_xattr
 from .records import field, record
 from .stack import LayerStack
 from .stats import Stats
+from .typing_lite import NamedTuple
 
 log = logs.get("overlaypc.copyup")
 
@@ -122,6 +124,14 @@ def clean_workdir(work: Layer) -> int:
     return len(leftovers)
 
 
+class Seen(NamedTuple):
+    """A caller's lookup of a name: its node, and ``Lookup.epoch`` read before it. While
+    the epoch has not moved, no change of the namespace or copy-up ran since (lower
+    layers do not change under a mount), so a lookup now would find the same object."""
+    node: Node
+    epoch: int
+
+
 @record
 class CopyUpContext:
     node: Node
@@ -155,17 +165,21 @@ class CopyUp:
         self.metacopy = metacopy
         self.ownership = ownership or Ownership()
         self.index = None  # an index.IndexDir under -o index=on
+        self.inos = None  # the mount's inumbers.InodeNumbers, told of each origin written
         self._stripes = [threading.Lock() for _ in range(64)]
+        #: indices of source layers whose files cannot be reflinked to the upper
+        self._no_reflink: set[int] = set()
         self._names = itertools.count()
 
     # -- step 1: what is missing, ancestors first ----------------------------------------
-    def ensure_upper(self, rel: str, *, metadata_only: bool = False) -> Entry:
+    def ensure_upper(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
         """Return the upper entry of merged path ``rel``, copying it up if needed.
 
         ``metadata_only`` (``-o metacopy=on``, for attribute changes): a regular file gets
         a sparse upper copy marked ``trusted.overlay.metacopy`` whose data stays below;
-        ``ensure_data`` completes it before anything writes data."""
-        node = self.lookup.lookup(rel)
+        ``ensure_data`` completes it before anything writes data. ``seen``: ``rel`` as the
+        caller just looked it up, not looked up again while no change ran since."""
+        node = seen.node if seen is not None else self.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
@@ -179,7 +193,7 @@ class CopyUp:
             parent = split(parent)[0]
         for path in reversed(missing):
             self._copy_one(path)
-        return self._copy_one(rel, metadata_only and self.metacopy)
+        return self._copy_one(rel, metadata_only and self.metacopy, seen)
 
     def ensure_data(self, rel: str) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left)."""
@@ -197,9 +211,14 @@ class CopyUp:
         return self.ensure_upper(split(rel)[0])
 
     # -- step 2: one object, under its lock -----------------------------------------------
-    def _copy_one(self, rel: str, metadata_only: bool = False) -> Entry:
+    def _copy_one(self, rel: str, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
         with self._stripes[hash(rel) % len(self._stripes)]:
-            node = self.lookup.lookup(rel)
+            # under the object's lock: a copy-up of it that finished meanwhile (or any other
+            # change) moved the epoch, and then the name is looked up again
+            if seen is not None and seen.epoch == self.lookup.epoch:
+                node = seen.node
+            else:
+                node = self.lookup.lookup(rel)
             if not node.exists:
                 raise OSError(errno.ENOENT, "vanished during copy-up", rel)
             if node.upper is not None:
@@ -213,31 +232,48 @@ class CopyUp:
                 ctx.index_key = self.index.key(node.top)
                 ctx.metadata_only = False
             try:
-                self._create_temp(ctx)
-                self._copy_metadata(ctx)
+                self._build(ctx)
                 return self._install(ctx)
             except BaseException:
                 self._discard(ctx.tmp)
                 raise
 
     # -- step 3: the temporary object ----------------------------------------------------
-    def _create_temp(self, ctx: CopyUpContext) -> None:
-        src, kind = ctx.src, ctx.kind
-        if kind == stat.S_IFDIR:
-            self.work.do_mkdir(ctx.tmp, 0o700)
-        elif kind == stat.S_IFREG:
-            dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600)
+    def _build(self, ctx: CopyUpContext) -> None:
+        """The complete temporary copy at ``ctx.tmp``: object, data, metadata."""
+        if ctx.kind == stat.S_IFREG:
+            self._build_file(ctx)
+        else:
+            self._create_other(ctx)
+            self._copy_metadata(ctx)
+
+    def _build_file(self, ctx: CopyUpContext) -> None:
+        """A regular file, built through the fd it is created with and one fd of the
+        source (its data, xattrs and file handle): no path walk per step. The fsync comes
+        last, so it makes data and metadata durable together, before the rename."""
+        src = ctx.src
+        dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600)
+        try:
+            src_fd = src.layer.open(src.rel, os.O_PATH if ctx.metadata_only else os.O_RDONLY)
             try:
                 if ctx.metadata_only:
                     os.ftruncate(dst_fd, src.st.st_size)  # sparse: the data stays below
                     ctx.method = "metacopy"
                 else:
-                    self._copy_from(ctx, src, dst_fd)
-                faults.hit("copyup.fsync", ctx.tmp, ctx.node.rel)
-                if not self.volatile:
-                    os.fsync(dst_fd)
+                    self._copy_data(ctx, src_fd, dst_fd, src.st.st_size)
+                self._copy_metadata(ctx, dst_fd, src_fd)
             finally:
-                os.close(dst_fd)
+                os.close(src_fd)
+            faults.hit("copyup.fsync", ctx.tmp, ctx.node.rel)
+            if not self.volatile:
+                os.fsync(dst_fd)
+        finally:
+            os.close(dst_fd)
+
+    def _create_other(self, ctx: CopyUpContext) -> None:
+        src, kind = ctx.src, ctx.kind
+        if kind == stat.S_IFDIR:
+            self.work.do_mkdir(ctx.tmp, 0o700)
         elif kind == stat.S_IFLNK:
             self.work.do_symlink(src.layer.readlink(src.rel), ctx.tmp)
         else:
@@ -253,15 +289,18 @@ class CopyUp:
 
     def _copy_data(self, ctx: CopyUpContext, src_fd: int, dst_fd: int, size: int) -> None:
         faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=0)
-        if size:
+        layer = ctx.src.layer
+        if size and layer.index not in self._no_reflink:
             try:
                 sysapi.ficlone(dst_fd, src_fd)
                 ctx.method = "reflink"
                 return
-            except OSError:
-                pass
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.EXDEV):
+                    # the filesystems' answer, not the file's: not asked again
+                    self._no_reflink.add(layer.index)
         ctx.method = "copy_file_range"
-        done = offset = 0
+        done = offset = written = 0
         while offset < size:
             try:
                 start = os.lseek(src_fd, offset, os.SEEK_DATA)
@@ -278,11 +317,13 @@ class CopyUp:
                     break  # the source shrank underneath us
                 start += n
                 done += n
+                written = start
                 faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=done)
             if start < end:
                 break
             offset = end
-        os.ftruncate(dst_fd, size)
+        if written != size:  # a hole at the end, or the source shrank (a new copy is empty)
+            os.ftruncate(dst_fd, size)
 
     def _copy_range(self, ctx: CopyUpContext, src_fd: int, dst_fd: int, pos: int, count: int) -> int:
         if ctx.method == "copy_file_range":
@@ -298,54 +339,82 @@ class CopyUp:
         return len(data)
 
     # -- step 5: metadata --------------------------------------------------------------------
-    def _copy_metadata(self, ctx: CopyUpContext) -> None:
-        src, st = ctx.src, ctx.src.st
+    def _copy_metadata(self, ctx: CopyUpContext, fd: int | None = None, src_fd: int | None = None) -> None:
+        """Owner, xattrs, origin (and metacopy marks), mode, times of the copy: through
+        ``fd`` (the copy's, a regular file) when given, else by path; the source's xattrs
+        and file handle through ``src_fd`` when given."""
+        src, st, work, tmp = ctx.src, ctx.src.st, self.work, ctx.tmp
         # the owner and mode the source's layer holds (its override xattr, if it has one),
         # container-side (a layer on an idmapped mount shows host IDs); under
         # xattr_permissions they go to the copy's override xattr, not its inode
         owner = self.ownership.on_disk(self.ownership.stored_entry(src))
-        override = self.ownership.writes_override(self.work, owner.mode)
+        override = self.ownership.writes_override(work, owner.mode)
         if override:
-            self.ownership.set_override(self.work, ctx.tmp, owner.uid, owner.gid, owner.mode)
-        else:
+            self.ownership.set_override(work, tmp, owner.uid, owner.gid, owner.mode)
+        elif fd is not None:
             # chown first: chown(2) drops security.capability (even for root), and the
             # kernel's copy-up keeps it
-            self.work.do_chown(ctx.tmp, owner.uid, owner.gid)
-        self._copy_xattrs(ctx)
-        origin_fd = src.layer.path_fd(src.rel)
-        try:
-            origin = sysapi.ovl_origin_xattr(origin_fd, src.layer.uuid)
-        finally:
-            os.close(origin_fd)
+            work.do_fchown(fd, tmp, owner.uid, owner.gid)
+        else:
+            work.do_chown(tmp, owner.uid, owner.gid)
+        self._copy_xattrs(ctx, fd, src_fd)
+        if src_fd is not None:
+            origin = sysapi.ovl_origin_xattr(src_fd, src.layer.uuid)
+        else:
+            origin_fd = src.layer.path_fd(src.rel)
+            try:
+                origin = sysapi.ovl_origin_xattr(origin_fd, src.layer.uuid)
+            finally:
+                os.close(origin_fd)
         # The origin keeps st_ino across copy-up (``inumbers``); as the kernel, none for
         # one name of a lower hard link whose link this copy-up breaks (index off).
         breaks_link = ctx.kind != stat.S_IFDIR and st.st_nlink > 1 and ctx.index_key is None
         if origin is not None and not breaks_link:
-            self._set_private(ctx.tmp, self.prefix + "origin", origin)
+            self._set_private(tmp, self.prefix + "origin", origin, fd)
+            if self.inos is not None:  # what the copy's first GETATTR would decode
+                self.inos.copied(origin, st, src.layer)
         if ctx.metadata_only:
-            self._set_private(ctx.tmp, self.prefix + "metacopy", b"")
+            self._set_private(tmp, self.prefix + "metacopy", b"", fd)
             if src.rel != ctx.node.rel:  # data found through a redirected parent
-                self._set_private(ctx.tmp, self.prefix + "redirect", os.fsencode("/" + src.rel))
+                self._set_private(tmp, self.prefix + "redirect", os.fsencode("/" + src.rel), fd)
         if ctx.kind != stat.S_IFLNK:
             # after the ACL (as in the kernel's copy-up): chmod sets the ACL mask to the
             # group bits, which for the lower's own mode are the lower's mask already
-            self.work.do_chmod(ctx.tmp, stat.S_IMODE(owner.mode) & (0o777 if override else 0o7777))
-        self.work.do_utime(ctx.tmp, (st.st_atime_ns, st.st_mtime_ns))
+            mode = stat.S_IMODE(owner.mode) & (0o777 if override else 0o7777)
+            if fd is not None:
+                work.do_fchmod(fd, tmp, mode)
+            else:
+                work.do_chmod(tmp, mode)
+        if fd is not None:
+            work.do_futime(fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
+        else:
+            work.do_utime(tmp, (st.st_atime_ns, st.st_mtime_ns))
 
-    def _copy_xattrs(self, ctx: CopyUpContext) -> None:
+    def _copy_xattrs(self, ctx: CopyUpContext, fd: int | None = None, src_fd: int | None = None) -> None:
         """The kernel's rule (``ovl_copy_xattr``): any error fails the copy-up, except
         EOPNOTSUPP for an xattr that need not be copied (not a POSIX ACL, not
         ``security.*``): a lost ACL or security label could widen access. Xattrs owned by
-        an LSM that labels the new object itself are not copied."""
+        an LSM that labels the new object itself are not copied.
+
+        The names are the lookup's listing where it has one (``Entry.xattrs``: a lower
+        regular file's, read under the object's lock by ``_copy_one``); lower layers do
+        not change under a mount (``xattrnames``)."""
         src = ctx.src
-        for name in src.layer.listxattr(src.rel):
+        names = src.xattrs if src.xattrs is not None else src.layer.listxattr(src.rel)
+        for name in names:
             if is_private_xattr(name) or name in lsm_owned_xattrs():
                 continue
-            value = src.layer.getxattr(src.rel, name)
+            if src_fd is not None:
+                value = src.layer.getxattr_fd(src_fd, name)
+            else:
+                value = src.layer.getxattr(src.rel, name)
             if value is None:
                 continue  # removed meanwhile
             try:
-                self.work.do_setxattr(ctx.tmp, name, value)
+                if fd is not None:
+                    self.work.do_fsetxattr(fd, ctx.tmp, name, value)
+                else:
+                    self.work.do_setxattr(ctx.tmp, name, value)
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP or must_copy_xattr(name):
                     raise OSError(e.errno, f"copy-up of {ctx.node.rel}: xattr {name} not copied: "
@@ -353,9 +422,12 @@ class CopyUp:
                 log.info("copy-up of %s: xattr %s not supported by the upper, not copied",
                          src.rel, name)
 
-    def _set_private(self, rel: str, name: str, value: bytes) -> None:
+    def _set_private(self, rel: str, name: str, value: bytes, fd: int | None = None) -> None:
         try:
-            self.work.do_setxattr(rel, name, value)
+            if fd is not None:
+                self.work.do_fsetxattr(fd, rel, name, value)
+            else:
+                self.work.do_setxattr(rel, name, value)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise  # symlinks refuse user.* xattrs; origin is then simply not recorded

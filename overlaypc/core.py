@@ -100,6 +100,8 @@ class OverlayFS:
                                  volatile=config.volatile or not config.fsync,
                                  key_of=self.identity, on_copied=self._copied,
                                  metacopy=config.metacopy, ownership=self.ownership)
+        if self.copyup is not None:
+            self.copyup.inos = self.inos
         self.index: IndexDir | None = None
         if config.index and self.stack.work is not None:
             self.index = IndexDir(self.stack.work, self.prefix)
@@ -127,6 +129,10 @@ class OverlayFS:
         if self.stack.work is not None:
             check_incompat(self.stack.work)
             clean_workdir(self.stack.work)
+            # copy-ups and new objects are built in workdir/work: its fd, held, spares them
+            # the walk from the workdir's root (nothing replaces it while mounted)
+            work_dir = self.stack.work.dir_fd(WORK_DIR)
+            self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
             if self.writable:
                 whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
             if self.config.volatile:

@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict
 
 from . import sysapi, whiteout
-from .layer import UNKNOWN
+from .layer import UNKNOWN, Layer
 from .lookup import Entry, Node
 from .stack import LayerStack
 
@@ -106,6 +106,23 @@ class InodeNumbers:
             if len(self._cache) > self._limit:
                 self._cache.popitem(last=False)
         return True
+
+    def copied(self, raw: bytes, source: os.stat_result, layer: Layer) -> None:
+        """A copy-up recorded ``raw`` as the origin of a copy of ``source`` (its stat, in
+        lower ``layer``): keep the number a decode of ``raw`` gives, so the copy's first
+        GETATTR decodes nothing. Only where no other layer's filesystem shares the UUID
+        (a decode tries each of them), and only for what ``_from_origin`` keeps."""
+        kind = stat.S_IFMT(source.st_mode)
+        if not (kind == stat.S_IFDIR or source.st_nlink == 1 or self.index):
+            return
+        if any(other.dev != layer.dev for other in self._by_uuid.get(layer.uuid, ())) \
+                or sysapi.parse_ovl_origin(raw) is None:
+            return
+        vkey = (self.origin_xattr, kind, raw)
+        with self._lock:
+            self._decoded[vkey] = self.xino.ino(source.st_dev, source.st_ino)
+            if len(self._decoded) > self._limit:
+                self._decoded.popitem(last=False)
 
     def _from_origin(self, entry: Entry) -> tuple[int | None, bool]:
         """The number the upper ``entry``'s origin xattr gives (kernel file handle, else

@@ -228,7 +228,19 @@ class Layer:
             os.close(fd)
 
     def lstat(self, rel: str) -> os.stat_result | None:
-        """``lstat`` of ``rel``, or None when it does not exist inside this layer."""
+        """``lstat`` of ``rel``, or None when it does not exist inside this layer. One
+        ``fstatat`` when a cache holds the parent's fd (a name that is a mount point of
+        another filesystem counts as absent, as ``RESOLVE_NO_XDEV`` has it)."""
+        head, name = split(rel)
+        held = self.held_dir(head) if name else None
+        if held is not None:  # ``held`` keeps its fd open for the call
+            try:
+                st = os.stat(name, dir_fd=held.fd, follow_symlinks=False)
+            except OSError as e:
+                if e.errno in _ABSENT:
+                    return None
+                raise
+            return st if st.st_dev == self.dev else None
         try:
             fd = self.open(rel, os.O_PATH)
         except OSError as e:
@@ -378,6 +390,11 @@ class Layer:
         finally:
             os.close(fd)
 
+    def getxattr_fd(self, fd: int, name: str) -> bytes | None:
+        """xattr ``name`` of the object ``fd`` (any fd, ``O_PATH`` too) refers to; None
+        when it has none."""
+        return _getxattr_or_none(fd, name)
+
     def listxattr(self, rel: str) -> list[str]:
         fd = self.path_fd(rel)
         try:
@@ -482,6 +499,24 @@ class Layer:
             return
         with self.parent(rel) as (dfd, name):
             os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
+
+    # -- changes through an open fd of the object (``rel``: its path, for faults and the
+    # debug log); for a file the daemon just opened through this layer, so no path walk
+    def do_fchown(self, fd: int, rel: str, uid: int, gid: int) -> None:
+        self._change("chown", rel, uid, gid)
+        os.chown(fd, uid, gid)
+
+    def do_fchmod(self, fd: int, rel: str, mode: int) -> None:
+        self._change("chmod", rel, oct(mode))
+        os.chmod(fd, mode)
+
+    def do_futime(self, fd: int, rel: str, ns: tuple[int, int]) -> None:
+        self._change("utime", rel, ns)
+        os.utime(fd, ns=ns)
+
+    def do_fsetxattr(self, fd: int, rel: str, name: str, value: bytes) -> None:
+        log.debug("%s: setxattr %s %s (%d bytes)", self.name, rel, name, len(value))
+        os.setxattr(fd, name, value)
 
     def do_truncate(self, rel: str, length: int) -> None:
         self._change("truncate", rel, length)

@@ -102,9 +102,10 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             ino = xino(layer.dev, item.ino)
         else:
             assert st is not None
-            # its xattrs through the listed directory's fd, never by path: a directory
-            # above may be renamed meanwhile, and the path then names another object
-            # (whose origin ``recorded`` would keep for this one) or nothing
+            # its xattrs through the listed directory's fd (one ``lgetxattr`` of dirfd/name
+            # each), never by path: a directory above may be renamed meanwhile, and the
+            # path then names another object (whose origin ``recorded`` would keep for
+            # this one) or nothing
             entry = Entry(layer, join(parent.rel, name), st, None, dirfd)
             recorded = inos.recorded(entry)
             if recorded is not None:

@@ -326,3 +326,107 @@ def test_link_to_an_existing_name_copies_nothing_up(env):
         drv.ops.link(REQ, f0, u, b"taken")
     assert not (tmp / "upper" / "ld").exists(), os.listdir(tmp / "upper" / "ld")
     assert (tmp / "upper" / "u" / "taken").read_bytes() == b"t"
+
+
+def test_copy_up_builds_the_file_through_its_fd_and_fsyncs_it_complete(env, calls, monkeypatch):
+    """chmod -R of a lower tree: each SETATTR copies a file up. The copy is built through
+    the fd it is created with (owner, xattrs, origin, mode, times: no path walk per step,
+    ``workdir/work`` held open), the lookup the request made is not repeated before the
+    copy-up's own check under the object's lock, and the copy's fsync comes once it is
+    complete, so it makes its metadata durable with its data, before the rename. The
+    reply and the copy are the file's real state."""
+    drv, tmp = env
+    lf = tmp / "lower" / "ld" / "f3"
+    os.chown(lf, 1234, 5678)
+    os.chmod(lf, 0o2755)
+    os.setxattr(lf, "user.note", b"kept")
+    os.utime(lf, ns=(1_500_000_000 * 10**9, 1_600_000_000 * 10**9))
+    ld = _node(drv, ROOT_ID, "ld")
+    drv.ops.unlink(REQ, ld, b"f0")  # copies the parent up: only the file's copy-up is left
+    f = _node(drv, ld, "f3")
+    opened: list[str] = []
+    real_openat2 = layer.sysapi.openat2
+
+    def counting_openat2(dirfd, path, flags, mode=0, *args):
+        opened.append(path)
+        return real_openat2(dirfd, path, flags, mode, *args)
+    monkeypatch.setattr(layer.sysapi, "openat2", counting_openat2)
+    synced: list[os.stat_result] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.fstat(fd))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    calls.clear()
+    reply = drv.ops.setattr(REQ, f, SetAttr(p.FATTR_MODE, None, 0, None, None, 0o2750, 0, 0))
+    monkeypatch.undo()
+    uf = tmp / "upper" / "ld" / "f3"
+    st = os.lstat(uf)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o2750, 1234, 5678)
+    assert st.st_mtime_ns == 1_600_000_000 * 10**9
+    assert os.getxattr(uf, "user.note") == b"kept"
+    assert os.getxattr(uf, "trusted.overlay.origin")
+    _same(reply.attr, st)
+    assert reply.attr.ino == os.lstat(lf).st_ino  # the origin's number
+    assert os.listdir(tmp / "work" / "work") == []
+    # the copy's fsync saw it complete (the lower's mode: the chmod comes after the copy-up)
+    copy = [s for s in synced if stat.S_ISREG(s.st_mode)]
+    assert len(copy) == 1, synced
+    assert (stat.S_IMODE(copy[0].st_mode), copy[0].st_uid, copy[0].st_gid,
+            copy[0].st_mtime_ns) == (0o2755, 1234, 5678, 1_600_000_000 * 10**9), copy[0]
+    assert len(synced) == 2 and stat.S_ISDIR(synced[1].st_mode)  # then the parent's
+    # opens: the temporary file, the source, the parent to fsync, the chmod's O_PATH
+    assert len(opened) <= 4, opened
+    assert calls["lookup"] <= 3, calls
+    assert calls["decode"] == 0, calls  # the copy-up told the origin's number
+
+
+def test_listing_of_an_upper_directory_walks_no_path_for_origins(env, calls):
+    """rm -rf after untar: READDIRPLUS of an upper directory whose subdirectories'
+    numbers are not known yet reads their origin xattrs through the listed directory's
+    fd (one call each), with no path walk; the numbers are their own."""
+    drv, tmp = env
+    up = tmp / "upper" / "u"
+    for i in range(5):
+        (up / f"sub{i}").mkdir()
+    u = _node(drv, ROOT_ID, "u")
+    calls.clear()
+    fh = drv.ops.opendir(REQ, u).fh
+    items = [i for i in drv.ops.readdir(REQ, u, fh, 0, True) if i.name not in (b".", b"..")]
+    drv.ops.releasedir(REQ, u, fh)
+    assert calls["walk"] == 0, calls
+    for item in items:
+        assert item.ino == os.lstat(up / os.fsdecode(item.name)).st_ino
+        if item.take is not None:
+            taken = item.take()
+            if taken is not None:
+                drv.ops.forget(taken.nodeid, 1)
+    assert len(items) == 5
+
+
+def test_copy_up_after_a_change_since_the_callers_lookup_looks_again(env, monkeypatch):
+    """The caller's lookup stands in for the copy-up's own only while no change ran
+    since (``copyup.Seen``): a file another request copied up meanwhile is found
+    copied, and not built a second time."""
+    from overlaypc import copyup
+    drv, tmp = env
+    fs = drv.fs
+    fs.copyup.ensure_upper("ld")
+    epoch = fs.lookup.epoch
+    node = fs.lookup.lookup("ld/f5")
+    assert node.upper is None
+    first = fs.copyup.ensure_upper("ld/f5")  # another request, in between
+    builds: list[str] = []
+    real = copyup.CopyUp._build
+    monkeypatch.setattr(copyup.CopyUp, "_build", lambda self, ctx: (builds.append(ctx.node.rel), real(self, ctx)))
+    again = fs.copyup.ensure_upper("ld/f5", seen=copyup.Seen(node, epoch))
+    assert builds == []
+    assert again.st.st_ino == first.st.st_ino == os.lstat(tmp / "upper" / "ld" / "f5").st_ino
+    # unchanged since: the caller's node is used, and the copy is built once
+    epoch = fs.lookup.epoch
+    node = fs.lookup.lookup("ld/f6")
+    made = fs.copyup.ensure_upper("ld/f6", seen=copyup.Seen(node, epoch))
+    assert builds == ["ld/f6"]
+    assert made.st.st_ino == os.lstat(tmp / "upper" / "ld" / "f6").st_ino
+    assert os.listdir(tmp / "work" / "work") == []
