@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 from . import faults, logs
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
-from .copyup import is_private_xattr
+from .copyup import Seen, is_private_xattr
 from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
@@ -450,6 +450,7 @@ class OverlayOps(Operations):
         fs = self.fs
         if self._in_upper(rel, data):
             return None
+        epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
         node = fs.lookup.lookup(rel)
         if not node.exists or node.upper is not None and not (data and node.data is not None):
             return None
@@ -460,7 +461,8 @@ class OverlayOps(Operations):
         copyup = fs.copyup
         if data:
             return lambda: copyup.ensure_data(rel)
-        return lambda: copyup.ensure_upper(rel, metadata_only=True)
+        seen = Seen(node, epoch)
+        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=seen)
 
     def _in_upper(self, rel: str, data: bool) -> bool:
         """Whether ``rel`` is an object of the upper layer (a lookup's top entry: no copy-up
