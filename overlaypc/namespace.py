@@ -392,8 +392,11 @@ class Namespace:
             self._check_unlink(node)
             shared = self.fs.index_of(node)
             key = self.fs.identity(node)  # before the name is gone
-            # a lower entry in the node: a lower layer shows the name (no need to ask again)
-            self._remove(node, bool(node.lowers) or self.lower_exists(rel))
+            # a lower entry in the node: a lower layer shows the name (no need to ask again);
+            # counted (``pathguard``): a GETATTR or OPEN of the node made its path before,
+            # and once the UNLINK replied a new object may take the name
+            with self.fs.paths.moving():
+                self._remove(node, bool(node.lowers) or self.lower_exists(rel))
             if shared is not None:
                 # a lower name not linked up goes by a whiteout: the index inode keeps its links
                 self._count_link(shared, -1, -1 if node.upper is not None else 0)
@@ -418,12 +421,13 @@ class Namespace:
             node = self.fs.lookup.lookup(rel)
             self._check_rmdir(node)
             try:
-                lower_exists = bool(node.lowers) or self.lower_exists(rel)
-                if not lower_exists and self._rmdir_if_empty(node):
-                    return
-                if merged_listing(node, self.fs.inos, self.fs.prefix):
-                    raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
-                self._remove(node, lower_exists)
+                with self.fs.paths.moving():  # (``pathguard``: as an unlink's)
+                    lower_exists = bool(node.lowers) or self.lower_exists(rel)
+                    if not lower_exists and self._rmdir_if_empty(node):
+                        return
+                    if merged_listing(node, self.fs.inos, self.fs.prefix):
+                        raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
+                    self._remove(node, lower_exists)
             finally:
                 # even after a failure: a step may have moved the upper dir already, and
                 # the cache must never hold its fd under this name (changes act through it)
@@ -541,9 +545,11 @@ class Namespace:
             if onode.upper is None:
                 raise OSError(errno.ENOENT, "source changed during rename", old)
             self._check_target(onode, nnode, flags)
-            # a directory's move makes the paths below it stale: counted (``pathguard``)
-            # from before its first step until the adapter's table followed
-            with self.fs.paths.moving() if onode.is_dir else contextlib.nullcontext():
+            # counted (``pathguard``) from before its first step until the adapter's table
+            # followed: a directory's move makes the paths below it stale, any move the
+            # path of the object renamed over (a GETATTR or OPEN of it holds no lock the
+            # rename takes: its path would name the object that took its name)
+            with self.fs.paths.moving():
                 try:
                     self._rename_locked(old, new, onode, nnode)
                 finally:

@@ -21,6 +21,7 @@ open, ENOENT. Errors are ``OSError``: the session translates them.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -266,18 +267,21 @@ class OverlayOps(Operations):
         return True
 
     def _read_at(self, nodeid: int, read: "Callable[[str], T]") -> "T":
-        """``read(path of the node)``, again while a directory above moved meanwhile (a read
-        of a stale path answered for nothing, or for what took it: nothing changed)."""
-        while True:
-            moves = self._paths.moves
-            try:
-                result = read(self._node_path(nodeid))
-            except OSError:
-                if not self._moved(moves):
-                    raise
-                continue
+        """``read(path of the node)``, again if a rename or removal ran meanwhile (a read of
+        a stale path answered for nothing, or for what took it: nothing changed); then
+        under the namespace lock, where none runs (``pathguard``: renames that keep
+        coming would redo it for as long as they come)."""
+        moves = self._paths.moves
+        try:
+            result = read(self._node_path(nodeid))
+        except OSError:
+            if not self._moved(moves):
+                raise
+        else:
             if not self._moved(moves):
                 return result
+        with self.fs.ns_lock:
+            return read(self._node_path(nodeid))
 
     def _at_node(self, nodeid: int, act: "Callable[[str], T]",
                  copy_up: "Callable[[str], Callable[[], object] | None] | None" = None) -> "T":
@@ -291,11 +295,17 @@ class OverlayOps(Operations):
         if not fs.writable:
             return act(self._node_path(nodeid))
         paths = self._paths
+        stale = False
         while True:
             moves = paths.moves
-            rel = self._node_path(nodeid)
+            # (after a move landed between the path and the lock: the path made under it,
+            # so renames that keep coming cannot redo the request for as long as they come)
+            rel = None if stale else self._node_path(nodeid)
             with fs.ns_lock:
-                if paths.moves != moves:
+                if rel is None:
+                    moves, rel = paths.moves, self._node_path(nodeid)
+                elif paths.moves != moves:
+                    stale = True
                     continue
                 copy = None if copy_up is None else copy_up(rel)
                 if copy is None:
@@ -339,14 +349,17 @@ class OverlayOps(Operations):
         """``_take`` of ``name`` in ``parent`` with its path made again while a directory
         above was renamed meanwhile (the kernel lets such a rename run: a path made before
         it names nothing, or another object, by the time the layers are read)."""
-        while True:
-            moves = self._paths.moves
+        moves = self._paths.moves
+        rel, decoded = self._child(parent, name)
+        if faults.armed:
+            faults.hit("ops.lookup", rel)  # test-only (faults.py)
+        entry = self._take(parent, decoded, rel, moves=moves)
+        if entry is not _MOVED:
+            return entry
+        # again under the namespace lock, where no move lands (``pathguard``)
+        with self.fs.ns_lock:
             rel, decoded = self._child(parent, name)
-            if faults.armed:
-                faults.hit("ops.lookup", rel)  # test-only (faults.py)
-            entry = self._take(parent, decoded, rel, moves=moves)
-            if entry is not _MOVED:
-                return entry
+            return self._take(parent, decoded, rel)
 
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
@@ -367,16 +380,17 @@ class OverlayOps(Operations):
 
     def getattr(self, req: Request, nodeid: int, fh: int | None = None) -> AttrReply:
         paths = self._paths
-        while True:  # (``_read_at`` inlined: the hot path of find+stat)
-            moves = paths.moves
-            try:
-                attr = self._attr(nodeid, fh)
-            except OSError:
-                if not self._moved(moves):
-                    raise
-                continue
+        moves = paths.moves  # (``_read_at`` inlined: the hot path of find+stat)
+        try:
+            attr = self._attr(nodeid, fh)
+        except OSError:
+            if not self._moved(moves):
+                raise
+        else:
             if paths.moves == moves and not moves & 1 or not self._moved(moves):
                 return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
+        with self.fs.ns_lock:  # (again where no move lands)
+            return AttrReply(file_attr(self._attr(nodeid, fh)), self._node_attr_timeout(nodeid))
 
     @_changes
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
@@ -776,21 +790,25 @@ class OverlayOps(Operations):
         # offset 0 reads the listing now; a later offset is served the one kept then (the
         # kernel lists one handle at a time: no offset-0 read of it runs meanwhile). Read
         # again if a directory moved meanwhile: the handle's path may have been stale.
-        while True:
-            moves = self._paths.moves
-            if offset == 0:
-                listed = self._listed[fh] = self._listing_epoch()
-            else:
-                listed = self._listed.get(fh)
-            try:
-                entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
-                dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
-            except OSError:
-                if not self._moved(moves):
-                    raise
-                continue
-            if not self._moved(moves):
-                return self._items(nodeid, listed, offset == 0, entries, dots, offset, plus)
+        # (the second time under the namespace lock, where no move lands: renames that
+        # keep coming would redo it for as long as they come)
+        for locked in (False, True):
+            with self.fs.ns_lock if locked else contextlib.nullcontext():
+                moves = self._paths.moves
+                if offset == 0:
+                    listed = self._listed[fh] = self._listing_epoch()
+                else:
+                    listed = self._listed.get(fh)
+                try:
+                    entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
+                    dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
+                except OSError:
+                    if locked or not self._moved(moves):
+                        raise
+                    continue
+                if locked or not self._moved(moves):
+                    return self._items(nodeid, listed, offset == 0, entries, dots, offset, plus)
+        raise AssertionError("unreachable")
 
     def _unopened_items(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirItem]:
         sid, pos = split_cookie(offset)

@@ -1,16 +1,20 @@
 """Whether the paths a request made from the node table still name what they named.
 
-Owns ``PathGuard`` (the count of directory moves, ``moves``) and ``PathsMoved``. The
+Owns ``PathGuard`` (the count of renames and removals, ``moves``) and ``PathsMoved``. The
 adapter makes a request's layer paths from its node table (``a/b/name`` from a nodeid),
 but the kernel holds only the locks of the parent directory (or of the node itself) for a
 request: a rename of a directory further up may run between the path being made and the
 layers being read or changed with it, which then act on nothing (a spurious ENOENT) or on
 whatever took the old path meanwhile (another file chmodded, opened, truncated...).
 
-The count, a sequence lock: a rename of a directory (``Namespace.rename``) makes it odd,
-under the namespace lock, before it moves anything on disk, and even again once the move
-is done and the adapter's node table followed (``moving``). So a request that read an
-even count before making its paths and reads the same count after acting used paths
+The count, a sequence lock: a rename (``Namespace.rename``) makes it odd, under the
+namespace lock, before it moves anything on disk, and even again once the move is done
+and the adapter's node table followed (``moving``). Every rename counts, not only a
+directory's (which makes the paths below it stale): the kernel holds no lock of a node
+for its GETATTR or OPEN, so the node's own name may be renamed over meanwhile, and its
+path then names the object that took it (an OPEN would open a file the kernel checked
+no permission on: it checked the caller's on the node). So a request that read an even
+count before making its paths and reads the same count after acting used paths
 that named what they named when made, for the whole time; otherwise it may have acted on
 a stale path. Three ways to use it (``OverlayOps``):
 
@@ -25,13 +29,17 @@ a stale path. Three ways to use it (``OverlayOps``):
 - reads (GETATTR, GETXATTR, LISTXATTR, READLINK, ACCESS, a listing) compare the count
   before and after, without a lock, and are redone when it moved (``_moved``: after waiting
   out a rename in progress); LOOKUP and the entry a change answers with register under the
-  namespace lock and compare there (``_take``).
+  namespace lock and compare there (``_take``). A request redone once is redone under the
+  namespace lock, where no rename can land: renames that keep coming, one in each
+  attempt, would otherwise redo it for as long as they come.
 
-Caveats: the count moves with renames of directories only. A copy-up started on a stale
-path copies up whatever took it (the object that path names then): that changes no merged
-content, and the request then starts over on its new path. A rename of the node's own name
-(not a directory above) is not counted: the kernel serializes it with the requests that
-change the node (SETATTR, xattrs: it holds the node's lock), not with GETATTR or OPEN.
+Removals (unlink, rmdir) count too, around their change on disk: the node table drops
+the name after that lock hold, but the kernel holds the directory's lock until the reply,
+so no new object takes the name (which a read whose path was made before would answer
+for) before the table followed. A copy-up started on a stale path copies up whatever
+took it (the object that path names then): that changes no merged content, and the
+request then starts over on its new path. Namespace changes (``_at_paths``) are not
+redone under the lock (a copy-up they need takes its own lock first).
 """
 from __future__ import annotations
 
@@ -47,14 +55,14 @@ class PathsMoved(Exception):
 
 class PathGuard:
     def __init__(self) -> None:
-        #: directory moves, twice each: odd while one is in progress (see the module doc);
+        #: renames and removals, twice each: odd while one is in progress (module doc);
         #: changed only under the namespace lock
         self.moves = 0
         self._local = threading.local()
 
     @contextmanager
     def moving(self) -> Iterator[None]:
-        """Around the move of a directory, under the namespace lock: from before anything
+        """Around a rename or a removal, under the namespace lock: from before anything
         moves on disk until the node table followed (a failed move counts as well)."""
         self.moves += 1
         try:

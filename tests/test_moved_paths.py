@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 
 import pytest
@@ -417,3 +418,176 @@ def test_requests_by_nodeid_while_directories_above_are_renamed_never_fail_enoen
             drv.close()
     assert not stuck, "deadlocked"
     assert not failures, failures[:5]
+
+
+# -- the node's own name replaced (review7b) ----------------------------------------------------
+
+def _replaced_by(drv, name: str, kind: str):
+    """What runs while the request is stopped with its path made: a new object ``s`` is
+    made in ``d/sub`` (a file "secret\n" of mode 0600, or a symlink to "two") and renamed
+    over ``NAME``. The kernel holds no lock of the node for GETATTR or OPEN (the VFS
+    resolved the path to it, and checked the caller's permission on it, before)."""
+    def run() -> None:
+        sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
+        if kind == "file":
+            _, fh = drv.create(sub, "s", os.O_WRONLY, 0o600)
+            drv.write(fh, b"secret\n", 0)
+            drv.release(fh)
+        else:
+            drv.symlink(sub, "s", "two")
+        drv.rename(sub, "s", sub, name)
+    return run
+
+
+@pytest.mark.parametrize("flags", [os.O_RDONLY, os.O_RDWR], ids=["rdonly", "rdwr"])
+def test_open_while_its_name_is_renamed_over_never_opens_the_other_file(drv, flags):
+    """OPEN of ``f`` stops with its path made; another file is renamed over ``f``. The
+    handle must never be that file: the kernel checked the caller's permission on ``f``
+    only, so the caller would read (or write) a file it may not open. (A FIFO renamed over
+    the name made the daemon's open block, holding the namespace lock.) ``f`` has no name
+    left then: ENOENT is the answer (its object is gone). Before: the handle read
+    "secret"."""
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: drv.ops.open(REQ, f.nodeid, flags),
+                     _replaced_by(drv, "f", "file"))
+    if isinstance(got, OSError):
+        assert got.errno == errno.ENOENT, got
+    else:
+        assert not isinstance(got, Exception), got
+        drv._open[got.fh] = f.nodeid
+        try:
+            data = drv.read(got.fh, 100, 0)
+        finally:
+            drv.release(got.fh)
+        assert data != b"secret\n", "the handle opened the file renamed over the name"
+    with open(_upper(drv, "d/sub/f"), "rb") as now:
+        assert now.read() == b"secret\n"
+    drv.settle()
+
+
+def test_getattr_while_its_name_is_renamed_over_never_answers_the_other_object(drv):
+    """GETATTR of ``f`` (a regular file) stops with its path made; a symlink is renamed
+    over ``f``. The reply must not be the symlink's attributes: the kernel would take them
+    for ``f``'s inode and, the type differing, mark it bad (EIO for every open fd of it).
+    Before: a symlink's mode for a regular file's node."""
+    _, f = _node(drv, "f")
+    got = _paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid),
+                     _replaced_by(drv, "f", "symlink"))
+    if isinstance(got, OSError):
+        assert got.errno == errno.ENOENT, got
+    else:
+        assert not isinstance(got, Exception), got
+        assert stat.S_ISREG(got.attr.mode), f"a regular file's node answered {got.attr}"
+    drv.settle()
+
+
+# -- renames that keep coming (review7b) ---------------------------------------------------------
+
+_KEEP_COMING = 200
+
+
+def _renames_at(drv, point: str):
+    """A hook for fault point ``point``: each time the request passes it (in a thread not
+    holding the namespace lock, so not blocked by this thread), directory ``e`` is renamed
+    to ``e2`` or back, up to ``_KEEP_COMING`` times: a rename lands in every attempt.
+    Returns (the hook, the list of renames made)."""
+    made: list[int] = []
+    root = drv.root()
+    drv.mkdir(root, "e", 0o755)
+
+    def hook(point, *args):
+        if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING:
+            return
+        old, new = ("e", "e2") if len(made) % 2 == 0 else ("e2", "e")
+        drv.rename(root, old, root, new)
+        made.append(1)
+    faults.install(point, hook)
+    return made
+
+
+@pytest.mark.parametrize("request_kind", ["getattr", "getxattr", "listing"])
+def test_read_ends_while_directory_renames_keep_coming(drv, request_kind):
+    """A read by nodeid is redone when a directory was renamed meanwhile (its path may
+    have been stale). While such renames keep coming (here: one during every attempt),
+    it must still end, not start over for as long as they come. Before: it ended only
+    once the renames stopped."""
+    sub, f = _node(drv, "f")
+    made = _renames_at(drv, "readdir.scanned" if request_kind == "listing" else "ops.path")
+    try:
+        if request_kind == "getattr":
+            got = drv.ops.getattr(REQ, f.nodeid).attr.size
+            assert got == len(b"lower data\n")
+        elif request_kind == "getxattr":
+            assert drv.ops.getxattr(REQ, f.nodeid, "user.who") == b"lower"
+        else:
+            fh = drv.ops.opendir(REQ, sub.nodeid).fh
+            try:
+                names = sorted(i.name for i in drv.ops.readdir(REQ, sub.nodeid, fh, 0))
+            finally:
+                drv.ops.releasedir(REQ, sub.nodeid, fh)
+            assert names == [b".", b"..", b"f", b"l"], names
+    finally:
+        faults.configure(None)
+    assert len(made) < _KEEP_COMING, f"the request ended only once the renames stopped"
+    drv.settle()
+
+
+@pytest.mark.parametrize("request_kind", ["setattr", "open", "lookup"])
+def test_change_or_lookup_ends_while_directory_renames_keep_coming(drv, request_kind):
+    """As above for requests that compare the count under the namespace lock (SETATTR,
+    OPEN, LOOKUP): a rename between their path and the lock each time."""
+    sub, f = _node(drv, "f")
+    made = _renames_at(drv, "ops.lookup" if request_kind == "lookup" else "ops.path")
+    try:
+        if request_kind == "setattr":
+            drv.ops.setattr(REQ, f.nodeid, _SETATTRS["mode"])
+        elif request_kind == "open":
+            fh = drv.ops.open(REQ, f.nodeid, os.O_RDONLY).fh
+            drv.ops.release(REQ, f.nodeid, fh)
+        else:
+            drv._ref(drv.ops.lookup(REQ, sub.nodeid, b"l"))
+    finally:
+        faults.configure(None)
+    assert len(made) < _KEEP_COMING, f"the request ended only once the renames stopped"
+    drv.settle()
+
+
+def test_getattr_while_its_name_is_unlinked_and_taken_never_answers_the_new_object(drv):
+    """GETATTR of ``f`` stops with its path made; ``f`` is unlinked and, once the UNLINK
+    replied (the kernel then lets the name be taken), a symlink is made as ``f``. The reply
+    must not be the symlink's (the kernel would mark ``f``'s inode bad). Before: it was."""
+    sub, f = _node(drv, "f")
+
+    def meanwhile() -> None:
+        drv.unlink(sub, "f")
+        drv.symlink(sub, "f", "two")
+    got = _paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid), meanwhile)
+    if isinstance(got, OSError):
+        assert got.errno == errno.ENOENT, got
+    else:
+        assert not isinstance(got, Exception), got
+        assert stat.S_ISREG(got.attr.mode), f"a regular file's node answered {got.attr}"
+    drv.settle()
+
+
+def test_opendir_while_its_name_is_removed_and_taken_never_lists_the_new_directory(drv):
+    """OPENDIR of the empty directory ``d/sub/e`` stops with its path made; ``e`` is
+    removed and a new ``e`` made with an entry. The handle must not list the new directory
+    (whose entries the kernel checked no permission for). Before: it listed ``new``."""
+    sub, _ = _node(drv, "f")
+    e = drv.mkdir(sub, "e", 0o755)
+
+    def meanwhile() -> None:
+        drv.rmdir(sub, "e")
+        drv.release(drv.create(drv.mkdir(sub, "e", 0o700), "new", os.O_WRONLY, 0o600)[1])
+    got = _paused_at("ops.path", lambda: drv.ops.opendir(REQ, e.nodeid), meanwhile)
+    if isinstance(got, OSError):
+        assert got.errno == errno.ENOENT, got
+    else:
+        assert not isinstance(got, Exception), got
+        try:
+            names = [i.name for i in drv.ops.readdir(REQ, e.nodeid, got.fh, 0)]
+        finally:
+            drv.ops.releasedir(REQ, e.nodeid, got.fh)
+        assert b"new" not in names, names
+    drv.settle()
