@@ -8,9 +8,10 @@ lowers, or a workdir used with another upper, would serve wrong links: such a mo
 refused (ESTALE, as the kernel's "failed to verify upper root origin" / "failed to verify
 index dir 'upper' xattr"), and absent values are written, so a stack first mounted by
 overlaypc is checked by the kernel and the other way round. Stored values are judged as
-the kernel's ``ovl_check_fb_len``/``ovl_verify_fh`` judge them: the whole ``ovl_fb`` is
+the kernel's ``ovl_get_fh``/``ovl_verify_fh`` judge them: the whole ``ovl_fb`` is
 compared; a value the kernel reads as "origin unknown" (empty, a newer version, unknown
-flags, the other byte order) is overwritten as if absent; a malformed one refuses (EINVAL).
+flags, the other byte order) is overwritten as if absent, and so is a malformed one, with a
+warning (the kernel's "invalid origin").
 
 Order: ``verify`` runs before the mount writes anything, so a refused stack is left as it
 was (the kernel writes the upper root's origin before it checks the index dir; an accepted
@@ -52,7 +53,8 @@ ABSENT, MATCH, OTHER, MALFORMED = "absent", "match", "other", "malformed"
 
 def judge(stored: bytes | None, wanted: bytes) -> str:
     """How the kernel reads a stored handle against the one it wants: ABSENT (none, or
-    one it treats as unknown: it overwrites it), MATCH, OTHER (ESTALE) or MALFORMED (EINVAL)."""
+    one it treats as unknown), MALFORMED (warned about), both overwritten; MATCH; or OTHER
+    (refused: ESTALE)."""
     if not stored:
         return ABSENT
     if len(stored) < _FB_HEADER or len(stored) < stored[2] or stored[1] != _FB_MAGIC:
@@ -107,8 +109,8 @@ class RootCheck:
 
 def verify(stack: LayerStack, prefix: str) -> RootCheck:
     """Check the upper root's origin and the index dir's upper handle against this stack;
-    raise OSError (ESTALE: another stack's, EINVAL: malformed) with a message naming the
-    option and the directories. Writes nothing."""
+    raise OSError (ESTALE) with a message naming the option and the directories when
+    either is another stack's. Writes nothing."""
     upper, work, lower = stack.upper, stack.work, stack.lowers[0]
     assert upper is not None and work is not None
     origin_name, upper_name = prefix + "origin", prefix + "upper"
@@ -126,10 +128,9 @@ def verify(stack: LayerStack, prefix: str) -> RootCheck:
                       f"directory); mount it over the lower layers it was made with, or with "
                       f"index=off")
     if state == MALFORMED:
-        raise OSError(errno.EINVAL,
-                      f"index=on: upperdir {upper.path} has a malformed {origin_name} on its "
-                      f"root (not an overlay file handle); remove it, or mount with index=off")
-    if state == ABSENT:
+        log.warning("index=on: the %s of upperdir %s is not an overlay file handle; "
+                    "overwritten, as the kernel does", origin_name, upper.path)
+    if state in (ABSENT, MALFORMED):
         check.pending.append(Pending(upper, "", origin_name, wanted_origin))
 
     index_path = f"{work.path}/{INDEX_DIR}"
@@ -144,11 +145,9 @@ def verify(stack: LayerStack, prefix: str) -> RootCheck:
                       f"directory); use it with its own upperdir, or remove {index_path}, or "
                       f"mount with index=off")
     if state == MALFORMED:
-        raise OSError(errno.EINVAL,
-                      f"index=on: workdir {work.path} has a malformed {upper_name} on "
-                      f"{index_path} (not an overlay file handle); remove {index_path}, or "
-                      f"mount with index=off")
-    if state == ABSENT:
+        log.warning("index=on: the %s of %s is not an overlay file handle; overwritten, as "
+                    "the kernel does", upper_name, index_path)
+    if state in (ABSENT, MALFORMED):
         check.pending.append(Pending(work, INDEX_DIR, upper_name, wanted_upper))
     legacy = work.getxattr(INDEX_DIR, origin_name)
     if legacy is not None and judge(legacy, wanted_upper) != MATCH:
