@@ -24,7 +24,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 
-from . import killpriv, logs, whiteout
+from . import indexroots, killpriv, logs, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
@@ -70,6 +70,13 @@ class OverlayFS:
                     raise OSError(errno.EPERM, "metacopy=on needs trusted.* xattrs, which this "
                                   "process cannot set", config.work)
                 config.userxattr = True  # as if given: everything else follows the format
+            if config.index and self.stack.work is not None:
+                # as the kernel: index needs file handles of every layer, else it is off
+                lacking = indexroots.without_handles(self.stack)
+                if lacking is not None:
+                    log.warning("index=on: %s cannot encode file handles; falling back to "
+                                "index=off, as the kernel does", lacking)
+                    config.index = False
         except BaseException:
             self.stack.close()
             raise
@@ -124,8 +131,11 @@ class OverlayFS:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Lock upper/workdir against a second mount and clean leftovers in workdir/work."""
+        """Lock upper/workdir against a second mount, check that an index belongs to this
+        stack (``indexroots``: refused before anything is written), and clean leftovers in
+        workdir/work."""
         self.stack.lock()
+        roots = indexroots.verify(self.stack, self.prefix) if self.index is not None else None
         if self.stack.work is not None:
             check_incompat(self.stack.work)
             clean_workdir(self.stack.work)
@@ -139,6 +149,8 @@ class OverlayFS:
                 mark_volatile(self.stack.work)
         if self.index is not None:
             self.index.prepare()
+        if roots is not None:
+            roots.record()
 
     def close(self) -> None:
         if self.sharing is not None:

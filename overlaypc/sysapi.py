@@ -142,11 +142,19 @@ def fs_uuid(fd: int) -> bytes:
     return bytes(buf[1 : 1 + length]).ljust(16, b"\0")[:16]
 
 
-def ovl_origin_xattr(fd: int, uuid: bytes) -> bytes | None:
+#: ``struct ovl_fb`` flags: big-endian fid, fid of any byte order, fid of an upper inode
+OVL_FH_FLAG_BIG_ENDIAN = 1 << 0
+OVL_FH_FLAG_ANY_ENDIAN = 1 << 1
+OVL_FH_FLAG_PATH_UPPER = 1 << 2
+
+
+def ovl_origin_xattr(fd: int, uuid: bytes, *, upper: bool = False) -> bytes | None:
     """Encode the kernel's ``trusted.overlay.origin`` value (struct ovl_fb, v0) for ``fd``.
 
     Layout: version(0) magic(0xfb) len flags type uuid[16] fid[]; flags 0 means
     "CPU byte order, lower inode", which is what a little-endian kernel writes.
+    ``upper``: the handle of an upper inode (``OVL_FH_FLAG_PATH_UPPER``), as the kernel's
+    ``trusted.overlay.upper`` of the index dir holds it.
     ``uuid`` is the filesystem's (``fs_uuid`` of a normal fd on it: ioctls refuse O_PATH
     fds). Returns None where the filesystem cannot export file handles.
     """
@@ -157,7 +165,8 @@ def ovl_origin_xattr(fd: int, uuid: bytes) -> bytes | None:
     if htype > 255:
         return None
     length = 21 + len(fid)
-    header = struct.pack("<BBBBB", 0, 0xFB, length, 0 if _LITTLE else 1, htype)
+    flags = (0 if _LITTLE else OVL_FH_FLAG_BIG_ENDIAN) | (OVL_FH_FLAG_PATH_UPPER if upper else 0)
+    header = struct.pack("<BBBBB", 0, 0xFB, length, flags, htype)
     return header + uuid + fid
 
 

@@ -221,6 +221,26 @@ def test_work_in_use_with_another_upper(env: Env, overlay_mount, mountpoint):
                   [env.work], mountpoint=second_mnt, watched=(upper2,))
 
 
+def test_index_upper_used_over_other_lowers(env: Env, overlay_mount):
+    """index=on: the upper root records the lower it was made over (as the kernel's)."""
+    overlay_mount(opts(f"lowerdir={env.lower}", f"upperdir={env.upper}", f"workdir={env.work}",
+                       "index=on")).unmount()
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower2}", f"upperdir={env.upper}",
+                                   f"workdir={env.work}", "index=on"), env.mnt],
+                  ["index=on", env.upper, env.lower2])
+
+
+def test_index_workdir_used_with_another_upper(env: Env, overlay_mount):
+    """index=on: the index dir records the upper it indexes (as the kernel's)."""
+    overlay_mount(opts(f"lowerdir={env.lower}", f"upperdir={env.upper}", f"workdir={env.work}",
+                       "index=on")).unmount()
+    upper2 = env.tmp / "upper2"
+    upper2.mkdir()
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={upper2}",
+                                   f"workdir={env.work}", "index=on"), env.mnt],
+                  ["index=on", env.work, upper2], watched=(upper2,))
+
+
 def test_mount_waits_for_a_just_unmounted_daemon_to_let_go(env: Env, overlay_mount):
     """A daemon drops its locks on upper and workdir when it exits, a moment after
     umount(2) returned; podman unmounts and remounts a layer back to back (`podman diff`
