@@ -32,6 +32,7 @@ from . import faults, logs, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
+from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
 from .ownership import Ownership, is_override_xattr
 from .records import field, record
@@ -540,7 +541,14 @@ class CopyUp:
         dst_fd = self.upper.open(upper.rel, os.O_WRONLY)
         try:
             kept = os.fstat(dst_fd)
+            # writing the data drops security.capability (a write kills privileges, even
+            # the root daemon's): read before, set again after, as the kernel's
+            # ``ovl_copy_up_meta_inode_data``; before the mark goes, so a crash leaves a
+            # metacopy file with it
+            capability = self.upper.getxattr_fd(dst_fd, CAPABILITY_XATTR)
             self._copy_from(ctx, data, dst_fd)
+            if capability is not None:
+                self.upper.do_fsetxattr(dst_fd, upper.rel, CAPABILITY_XATTR, capability)
             # copying the data in is no change of the file: its times stay (a hard link
             # copies the data in first, and the kernel's link keeps the mtime)
             os.utime(dst_fd, ns=(kept.st_atime_ns, kept.st_mtime_ns))

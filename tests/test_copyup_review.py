@@ -1,0 +1,58 @@
+"""Review of copy-up (session 5): integrity of attributes across the steps of a copy-up.
+
+- metacopy=on: the data copy-up of a metadata-only copy (the first open for write) keeps
+  the file's ``security.capability``; writing the data into the upper file drops it (a
+  write kills privileges, even the root daemon's), so the kernel reads it before and
+  sets it again after (``ovl_copy_up_meta_inode_data``). The kernel is the oracle.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import helpers
+from features_support import KERNEL_METACOPY, new_stack
+
+pytestmark = [pytest.mark.mount]
+
+#: a v2 file capability (cap_net_raw permitted+effective)
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")
+
+
+def _lower_with_capability(base: Path) -> Path:
+    lower = base / "lower"
+    lower.mkdir()
+    f = lower / "ping"
+    f.write_bytes(b"binary data\n" * 1000)
+    os.chmod(f, 0o755)
+    os.setxattr(f, "security.capability", CAP)
+    return lower
+
+
+def _chmod_then_write(root: Path) -> tuple[bytes | None, bytes | None]:
+    """chmod (a metadata-only copy-up), then an open for write (the data copy-up): the
+    capability after each. The open writes nothing: only the copy-up may drop it."""
+    os.chmod(root / "ping", 0o750)
+    after_chmod = os.getxattr(root / "ping", "security.capability")
+    os.close(os.open(root / "ping", os.O_WRONLY))
+    try:
+        after_open = os.getxattr(root / "ping", "security.capability")
+    except OSError:
+        after_open = None
+    return after_chmod, after_open
+
+
+def test_metacopy_data_copy_up_keeps_the_capability(tmp_path, overlay_mount, kernel_mount):
+    helpers.require("root")
+    lower = _lower_with_capability(tmp_path)
+    ks = new_stack([lower], tmp_path, "k")
+    theirs = _chmod_then_write(kernel_mount([lower], ks.upper, ks.work, KERNEL_METACOPY))
+    ours_stack = new_stack([lower], tmp_path, "o")
+    m = overlay_mount(ours_stack.options("metacopy=on"))
+    mine = _chmod_then_write(m.path)
+    assert theirs == (CAP, CAP)
+    assert mine == theirs
+    m.unmount()
+    assert os.getxattr(ours_stack.upper / "ping", "security.capability") == CAP
