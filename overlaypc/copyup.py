@@ -519,11 +519,16 @@ class CopyUp:
             now = self.lookup.lookup(rel)
             if now.upper is not None:
                 return now.upper
+            # a name moved from lower to upper: the same overlay count, one more link of the
+            # index inode; the count is relative to the lower file's links across the link
+            lower = next(iter(node.lowers), None)
+            if lower is not None:
+                self.index.before_link_up(index_rel, lower.st)
             with self._in_place(self._key_of(node), rel) as placed:
                 with self._parent_times_kept(rel):
                     do_link(self.work, index_rel, self.upper, rel)
                     placed()
-                self.index.sync(index_rel)  # a name moved from lower to upper: same overlay count
+                self.index.sync(index_rel, lower.st if lower is not None else None)
                 if not self.volatile:
                     self.upper.fsync_dir(split(rel)[0])
             entry = placed.result()
