@@ -97,3 +97,46 @@ def test_kill9_between_link_up_and_its_count_keeps_the_link_count(tmp_path, over
     assert {n: os.lstat(kernel / "hl" / n).st_nlink for n in ("a", "b")} == {"a": 2, "b": 2}
     os.unlink(kernel / "hl" / "b")
     assert os.lstat(kernel / "hl" / "a").st_nlink == 1
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename_over"])
+def test_kill9_after_removing_a_lower_name_of_an_indexed_file_keeps_the_count(
+        how, tmp_path, overlay_mount, kernel_mount):
+    """index=on, a lower hard link of three names whose index entry exists (``hl/a`` was
+    copied up): ``hl/b`` goes (unlink, or a rename over it) by a whiteout, and the count
+    was rewritten after it (-1, the index inode's links unchanged). A kill -9 between the
+    two left the count one too high for good (3 names shown for 2). As the kernel's
+    ``ovl_nlink_start``, the name is linked up first, so what goes is an upper name, whose
+    unlink moves the index inode's links with the count (the relative count holds)."""
+    from reliability_support import finish, kill_daemon, spawn_py, wait_stopped
+    from upper_support import stack_options
+
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for d in (lower / "hl", upper, work):
+        d.mkdir(parents=True)
+    (lower / "hl" / "a").write_bytes(b"shared\n")
+    os.link(lower / "hl" / "a", lower / "hl" / "b")
+    os.link(lower / "hl" / "a", lower / "hl" / "c")
+    (lower / "hl" / "new").write_bytes(b"other\n")
+    opts = stack_options([lower], upper, work) + ",index=on"
+    m = overlay_mount(opts)
+    os.chmod(m / "hl" / "a", 0o600)  # the index entry, hl/a linked to it
+    m.unmount()
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": "index.adjust=pause"})
+    pid = m.proc.pid
+    change = (f"os.unlink({str(m / 'hl' / 'b')!r})" if how == "unlink"
+              else f"os.rename({str(m / 'hl' / 'new')!r}, {str(m / 'hl' / 'b')!r})")
+    child = spawn_py(change)
+    try:
+        assert wait_stopped(pid), f"daemon never reached the pause:\n{m.log_text()}"
+        kill_daemon(m)
+    finally:
+        if m.active:
+            kill_daemon(m)
+    finish(child)
+    again = overlay_mount(opts)
+    names = ("a", "c")
+    assert {n: os.lstat(again / "hl" / n).st_nlink for n in names} == {"a": 2, "c": 2}
+    again.unmount()
+    kernel = kernel_mount([lower], upper, work, KERNEL_INDEX)  # the same count
+    assert {n: os.lstat(kernel / "hl" / n).st_nlink for n in names} == {"a": 2, "c": 2}
