@@ -335,8 +335,12 @@ class CopyUp:
                     raise
                 ctx.method = "chunked"
         data = os.pread(src_fd, count, pos)
-        if data:
-            os.pwrite(dst_fd, data, pos)
+        done = 0
+        while done < len(data):  # a short write (the upper filled up) is no copy: write on
+            n = os.pwrite(dst_fd, memoryview(data)[done:], pos + done)
+            if n == 0:
+                raise OSError(errno.ENOSPC, "no progress writing the copy", ctx.node.rel)
+            done += n
         return len(data)
 
     # -- step 5: metadata --------------------------------------------------------------------

@@ -1,12 +1,17 @@
-"""Review of copy-up (session 5): integrity of attributes across the steps of a copy-up.
+"""Review of copy-up and index changes (session 5): integrity across the steps of a copy-up.
 
 - metacopy=on: the data copy-up of a metadata-only copy (the first open for write) keeps
   the file's ``security.capability``; writing the data into the upper file drops it (a
   write kills privileges, even the root daemon's), so the kernel reads it before and
   sets it again after (``ovl_copy_up_meta_inode_data``). The kernel is the oracle.
+- index=on: a kill -9 between a link-up and the rewrite of the link count, or between a
+  lower name's removal and the count's rewrite, leaves the count right (the kernel,
+  mounting the same layers afterwards, agrees).
+- a copy-up that does not fit in the upper fails ENOSPC, never installs a short copy.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -140,3 +145,31 @@ def test_kill9_after_removing_a_lower_name_of_an_indexed_file_keeps_the_count(
     again.unmount()
     kernel = kernel_mount([lower], upper, work, KERNEL_INDEX)  # the same count
     assert {n: os.lstat(kernel / "hl" / n).st_nlink for n in names} == {"a": 2, "c": 2}
+
+
+# --------------------------------------------------------------------------------------
+# a short write in the chunked copy (the upper runs out of space partway through a chunk)
+# --------------------------------------------------------------------------------------
+def test_copy_up_that_does_not_fit_fails_enospc_not_short(tmp_path, tmpfs_factory, overlay_mount):
+    """Copy-up of a 5 MiB lower file to a 4 MiB tmpfs upper, by the chunked copy (another
+    filesystem: copy_file_range says EXDEV). The one pwrite(2) of the chunk wrote what
+    fitted and returned that count, which was taken for the whole chunk: the copy-up
+    "succeeded" with a file short of its data (before the copy ended at the size, it was
+    extended with zeros instead). The kernel answers ENOSPC, and so must we, leaving no
+    copy behind."""
+    data = os.urandom(5 << 20)
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "f.bin").write_bytes(data)
+    fs = tmpfs_factory("4m")
+    upper, work = fs / "upper", fs / "work"
+    upper.mkdir()
+    work.mkdir()
+    m = overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work}")
+    with pytest.raises(OSError) as refused:
+        os.chmod(m / "f.bin", 0o600)
+    assert refused.value.errno == errno.ENOSPC, refused.value
+    assert not (upper / "f.bin").exists()
+    assert os.listdir(work / "work") == []
+    with open(m / "f.bin", "rb") as f:
+        assert f.read() == data
