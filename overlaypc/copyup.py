@@ -552,10 +552,17 @@ class CopyUp:
             kept = os.fstat(dst_fd)
             # writing the data drops security.capability (a write kills privileges, even
             # the root daemon's): read before, set again after, as the kernel's
-            # ``ovl_copy_up_meta_inode_data``; before the mark goes, so a crash leaves a
-            # metacopy file with it
+            # ``ovl_copy_up_meta_inode_data``, before the mark goes; after a failed copy
+            # too, so the file stays the metacopy file it was (a kill -9 between the
+            # copy and the setxattr loses it: the kernel has the same window)
             capability = self.upper.getxattr_fd(dst_fd, CAPABILITY_XATTR)
-            self._copy_from(ctx, data, dst_fd)
+            try:
+                self._copy_from(ctx, data, dst_fd)
+            except BaseException:
+                if capability is not None:
+                    with contextlib.suppress(OSError):  # (the copy's own error is answered)
+                        self.upper.do_fsetxattr(dst_fd, upper.rel, CAPABILITY_XATTR, capability)
+                raise
             if capability is not None:
                 self.upper.do_fsetxattr(dst_fd, upper.rel, CAPABILITY_XATTR, capability)
             # copying the data in is no change of the file: its times stay (a hard link

@@ -175,3 +175,26 @@ def test_copy_up_that_does_not_fit_fails_enospc_not_short(tmp_path, tmpfs_factor
     assert os.listdir(work / "work") == []
     with open(m / "f.bin", "rb") as f:
         assert f.read() == data
+
+
+def test_failed_metacopy_data_copy_up_keeps_the_capability(tmp_path, tmpfs_factory, overlay_mount):
+    """metacopy=on, a data copy-up that fails partway (ENOSPC: the upper fills up) leaves
+    the metadata-only copy as it was, its capability too: the part of the data written
+    had dropped it, and it was put back only after a complete copy."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    f = lower / "ping"
+    f.write_bytes(os.urandom(5 << 20))
+    os.chmod(f, 0o755)
+    os.setxattr(f, "security.capability", CAP)
+    fs = tmpfs_factory("4m")
+    upper, work = fs / "upper", fs / "work"
+    upper.mkdir()
+    work.mkdir()
+    m = overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work},metacopy=on,redirect_dir=on")
+    os.chmod(m / "ping", 0o750)  # metadata only: fits
+    with pytest.raises(OSError) as refused:
+        os.close(os.open(m / "ping", os.O_WRONLY))
+    assert refused.value.errno == errno.ENOSPC, refused.value
+    assert os.getxattr(m / "ping", "security.capability") == CAP
+    assert os.getxattr(upper / "ping", "security.capability") == CAP
