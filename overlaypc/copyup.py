@@ -32,6 +32,7 @@ from . import faults, logs, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
+from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
 from .ownership import Ownership, is_override_xattr
 from .records import field, record
@@ -334,8 +335,12 @@ class CopyUp:
                     raise
                 ctx.method = "chunked"
         data = os.pread(src_fd, count, pos)
-        if data:
-            os.pwrite(dst_fd, data, pos)
+        done = 0
+        while done < len(data):  # a short write (the upper filled up) is no copy: write on
+            n = os.pwrite(dst_fd, memoryview(data)[done:], pos + done)
+            if n == 0:
+                raise OSError(errno.ENOSPC, "no progress writing the copy", ctx.node.rel)
+            done += n
         return len(data)
 
     # -- step 5: metadata --------------------------------------------------------------------
@@ -518,11 +523,16 @@ class CopyUp:
             now = self.lookup.lookup(rel)
             if now.upper is not None:
                 return now.upper
+            # a name moved from lower to upper: the same overlay count, one more link of the
+            # index inode; the count is relative to the lower file's links across the link
+            lower = next(iter(node.lowers), None)
+            if lower is not None:
+                self.index.before_link_up(index_rel, lower.st)
             with self._in_place(self._key_of(node), rel) as placed:
                 with self._parent_times_kept(rel):
                     do_link(self.work, index_rel, self.upper, rel)
                     placed()
-                self.index.sync(index_rel)  # a name moved from lower to upper: same overlay count
+                self.index.sync(index_rel, lower.st if lower is not None else None)
                 if not self.volatile:
                     self.upper.fsync_dir(split(rel)[0])
             entry = placed.result()
@@ -540,7 +550,21 @@ class CopyUp:
         dst_fd = self.upper.open(upper.rel, os.O_WRONLY)
         try:
             kept = os.fstat(dst_fd)
-            self._copy_from(ctx, data, dst_fd)
+            # writing the data drops security.capability (a write kills privileges, even
+            # the root daemon's): read before, set again after, as the kernel's
+            # ``ovl_copy_up_meta_inode_data``, before the mark goes; after a failed copy
+            # too, so the file stays the metacopy file it was (a kill -9 between the
+            # copy and the setxattr loses it: the kernel has the same window)
+            capability = self.upper.getxattr_fd(dst_fd, CAPABILITY_XATTR)
+            try:
+                self._copy_from(ctx, data, dst_fd)
+            except BaseException:
+                if capability is not None:
+                    with contextlib.suppress(OSError):  # (the copy's own error is answered)
+                        self.upper.do_fsetxattr(dst_fd, upper.rel, CAPABILITY_XATTR, capability)
+                raise
+            if capability is not None:
+                self.upper.do_fsetxattr(dst_fd, upper.rel, CAPABILITY_XATTR, capability)
             # copying the data in is no change of the file: its times stay (a hard link
             # copies the data in first, and the kernel's link keeps the mtime)
             os.utime(dst_fd, ns=(kept.st_atime_ns, kept.st_mtime_ns))

@@ -13,7 +13,10 @@ rewritten after every change of either count, so a kernel mounting the upper wit
 ``index=on`` shows the same count, and overlaypc the count after the kernel's changes. It
 is read before ``trusted.overlay.overlaypc.nlink`` (the same count, absolute), which only
 stands in when the kernel's is missing or unreadable. Each change is recorded from the
-count before it, read with the index inode's link count before it (``links``).
+count before it, read with the index inode's link count before it (``links``). Around a
+link-up (another name copied up: the index inode gains a link, the count stays) the
+kernel's count is written relative to the lower file's links ("L%+d", which the link does
+not move) and then as "U" again, so a kill -9 at any point leaves it right.
 
 Bounds: index names of lower files are remembered for at most ``KEYS_LIMIT`` files (LRU,
 4.4 MiB at the bound, measured with tracemalloc). Every name of an indexed inode is one
@@ -137,10 +140,25 @@ class IndexDir:
         if st is not None:
             self.work.do_setxattr(rel, self.kernel_nlink_xattr, f"U{value - st.st_nlink:+d}".encode())
 
-    def sync(self, rel: str) -> None:
+    def before_link_up(self, rel: str, lower: os.stat_result) -> None:
+        """Before a name is linked to index entry ``rel`` with the overlay count unchanged
+        (the copy-up of another name of the file): the kernel's count made relative to the
+        lower file's links ("L%+d", its other form), which that link does not move, so a
+        kill between the link and ``sync`` leaves the count right (relative to the index
+        inode's links it would be one too high until the next change)."""
+        st = self.work.lstat(rel)
+        if st is None:
+            return
+        count = self.nlink(Entry(self.work, rel, st), lower)
+        self.work.do_setxattr(rel, self.nlink_xattr, str(count).encode())
+        self.work.do_setxattr(rel, self.kernel_nlink_xattr, f"L{count - lower.st_nlink:+d}".encode())
+
+    def sync(self, rel: str, lower: os.stat_result | None = None) -> None:
         """A name was just linked to the index inode with the overlay count unchanged (the
-        copy-up of another name of the file): the kernel's relative count moves by one."""
-        self._record(rel, 0, links=1)
+        copy-up of another name of the file; ``lower``: its lower file's stat, which a
+        count ``before_link_up`` wrote is relative to): written relative to the index
+        inode's links again."""
+        self._record(rel, 0, links=1, lower=lower)
 
     def adjust(self, index: Entry, delta: int, *, links: int | None = None) -> None:
         """A change just made moved the overlay count by ``delta`` and the index inode's own
@@ -149,10 +167,10 @@ class IndexDir:
         faults.hit("index.adjust", index.rel)  # test-only (faults.py)
         self._record(index.rel, delta, links=delta if links is None else links)
 
-    def _record(self, rel: str, delta: int, *, links: int) -> None:
+    def _record(self, rel: str, delta: int, *, links: int, lower: os.stat_result | None = None) -> None:
         # the count before the change, read with the index inode's links before it (the
         # caller's entry may predate the change: stat again)
         st = self.work.lstat(rel)
         if st is None:
             return
-        self.set_nlink(rel, self.nlink(Entry(self.work, rel, st), links=links) + delta)
+        self.set_nlink(rel, self.nlink(Entry(self.work, rel, st), lower, links=links) + delta)

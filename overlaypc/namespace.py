@@ -215,14 +215,17 @@ class Namespace:
 
     def _index_before_removal(self, rel: str) -> None:
         """index=on, before a name of a lower hard link goes (unlink, a rename over it):
-        copy it up if no name of its inode was yet, as the kernel's ``ovl_nlink_start``,
+        copy it up (link it up, if another name was), as the kernel's ``ovl_nlink_start``,
         so that the index entry exists to count the name that goes (``_count_link``).
-        Without it the other names would go on showing the lower file's ``st_nlink``."""
+        Without it the other names would go on showing the lower file's ``st_nlink``. And
+        what goes is then an upper name, whose removal moves the index inode's links with
+        the count: the kernel's relative count holds at once, so a kill -9 before
+        ``_count_link`` leaves it right (a whiteout over a lower name moves no link)."""
         index = self.fs.index
         if index is None:
             return
         node = self.fs.lookup.lookup(rel)
-        if node.exists and node.upper is None and node.index is None and index.eligible(node.top):
+        if node.exists and node.upper is None and (node.index is not None or index.eligible(node.top)):
             self.fs.copyup.ensure_upper(rel)
 
     def _count_link(self, shared: Entry, delta: int, links: int | None = None) -> None:
