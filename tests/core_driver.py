@@ -26,9 +26,11 @@ import errno
 import functools
 import os
 import stat
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
+from overlaypc import faults
 from overlaypc.config import MountConfig, validate
 from overlaypc.core import OverlayFS
 from overlaypc.engine import protocol as p
@@ -398,3 +400,36 @@ class Walker:
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory", path)
         return self.drv.readdir(node)
+
+
+def paused_at(point: str, request, meanwhile):
+    """``request()`` in a thread, stopped at fault point ``point`` (its first hit there, in
+    that thread) while ``meanwhile()`` runs in this one; then what ``request`` returned or
+    raised. Removes every fault hook when done."""
+    reached, go = threading.Event(), threading.Event()
+    results: list[object] = []
+    worker: list[threading.Thread] = []
+
+    def hook(point, *args):
+        if threading.current_thread() in worker and not reached.is_set():
+            reached.set()
+            go.wait(10)
+
+    def run():
+        try:
+            results.append(request())
+        except Exception as e:  # noqa: BLE001 (returned to the test)
+            results.append(e)
+
+    faults.install(point, hook)
+    worker.append(threading.Thread(target=run))
+    try:
+        worker[0].start()
+        assert reached.wait(10), f"the request never reached {point}"
+        meanwhile()
+    finally:
+        go.set()
+        worker[0].join(10)
+        faults.configure(None)
+    assert results, "the request did not end"
+    return results[0]

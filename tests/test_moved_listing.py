@@ -13,12 +13,11 @@ after its lookup (GETATTR's link count).
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
 import helpers
-from core_driver import REQ, CoreDriver
+from core_driver import REQ, CoreDriver, paused_at
 from overlaypc import faults
 from overlaypc.config import MountConfig, validate
 
@@ -57,36 +56,13 @@ def copied(tmp_path):
 def _list_paused(drv: CoreDriver, dir_node, meanwhile):
     """READDIRPLUS of ``dir_node`` in a thread, stopped once the layers are scanned while
     ``meanwhile()`` runs here; its items (or what it raised)."""
-    reached, go = threading.Event(), threading.Event()
-    results: list[object] = []
-    worker: list[threading.Thread] = []
-
-    def hook(point, *args):
-        if threading.current_thread() in worker and not reached.is_set():
-            reached.set()
-            go.wait(10)
-
-    def run():
+    def listing():
         fh = drv.ops.opendir(REQ, dir_node.nodeid).fh
         try:
-            results.append({i.name: i.ino for i in drv.ops.readdir(REQ, dir_node.nodeid, fh, 0, False)})
-        except Exception as e:  # noqa: BLE001 (returned to the test)
-            results.append(e)
+            return {i.name: i.ino for i in drv.ops.readdir(REQ, dir_node.nodeid, fh, 0, False)}
         finally:
             drv.ops.releasedir(REQ, dir_node.nodeid, fh)
-
-    faults.install("readdir.scanned", hook)
-    worker.append(threading.Thread(target=run))
-    try:
-        worker[0].start()
-        assert reached.wait(10)
-        meanwhile()
-    finally:
-        go.set()
-        worker[0].join(10)
-        faults.configure(None)
-    assert results, "the listing did not end"
-    return results[0]
+    return paused_at("readdir.scanned", listing, meanwhile)
 
 
 def test_listing_during_rename_above_shows_each_files_own_number(copied):
@@ -132,38 +108,6 @@ def indexed(tmp_path):
     drv.close()
 
 
-def _paused(point: str, request, meanwhile):
-    """``request()`` in a thread, stopped at fault point ``point`` while ``meanwhile()``
-    runs here; what it returned or raised."""
-    reached, go = threading.Event(), threading.Event()
-    results: list[object] = []
-    worker: list[threading.Thread] = []
-
-    def hook(point, *args):
-        if threading.current_thread() in worker and not reached.is_set():
-            reached.set()
-            go.wait(10)
-
-    def run():
-        try:
-            results.append(request())
-        except Exception as e:  # noqa: BLE001 (returned to the test)
-            results.append(e)
-
-    faults.install(point, hook)
-    worker.append(threading.Thread(target=run))
-    try:
-        worker[0].start()
-        assert reached.wait(10)
-        meanwhile()
-    finally:
-        go.set()
-        worker[0].join(10)
-        faults.configure(None)
-    assert results, "the request did not end"
-    return results[0]
-
-
 def test_getattr_of_an_indexed_link_found_before_a_rename_above(indexed):
     """GETATTR found the object through the lookup's directory fds (which follow a moved
     directory); its index entry was then looked for by the path, which a rename of ``d``
@@ -171,7 +115,7 @@ def test_getattr_of_an_indexed_link_found_before_a_rename_above(indexed):
     drv = indexed
     root = drv.root()
     a = drv.lookup(drv.lookup(drv.lookup(root, "d"), "sub"), "a")
-    got = _paused("attrs.found", lambda: drv.ops.getattr(REQ, a.nodeid),
+    got = paused_at("attrs.found", lambda: drv.ops.getattr(REQ, a.nodeid),
                   lambda: drv.rename(root, "d", root, "dx"))
     assert not isinstance(got, Exception), got
     assert got.attr.nlink == 2

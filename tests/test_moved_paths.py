@@ -23,7 +23,7 @@ import threading
 import pytest
 
 import helpers
-from core_driver import REQ, CoreDriver
+from core_driver import REQ, CoreDriver, paused_at
 from overlaypc import faults
 from overlaypc.config import MountConfig, validate
 from overlaypc.engine import protocol as p
@@ -46,41 +46,9 @@ def drv(tmp_path):
     d.close()
 
 
-def _paused_at(point: str, request, meanwhile):
-    """``request()`` in a thread, stopped at fault point ``point`` (its first hit there)
-    while ``meanwhile()`` runs in this one; then what ``request`` returned or raised."""
-    reached, go = threading.Event(), threading.Event()
-    results: list[object] = []
-    worker: list[threading.Thread] = []
-
-    def hook(point, *args):
-        if threading.current_thread() in worker and not reached.is_set():
-            reached.set()
-            go.wait(10)
-
-    def run():
-        try:
-            results.append(request())
-        except Exception as e:  # noqa: BLE001 (returned to the test)
-            results.append(e)
-
-    faults.install(point, hook)
-    worker.append(threading.Thread(target=run))
-    try:
-        worker[0].start()
-        assert reached.wait(10)
-        meanwhile()
-    finally:
-        go.set()
-        worker[0].join(10)
-        faults.configure(None)
-    assert results, "the request did not end"
-    return results[0]
-
-
 def test_lookup_during_rename_of_a_directory_above_finds_the_object(drv):
     sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
-    entry = _paused_at("ops.lookup", lambda: drv.ops.lookup(REQ, sub.nodeid, b"f"),
+    entry = paused_at("ops.lookup", lambda: drv.ops.lookup(REQ, sub.nodeid, b"f"),
                        lambda: drv.rename(drv.root(), "d", drv.root(), "dx"))
     assert not isinstance(entry, Exception), entry
     assert entry.nodeid != 0, "a negative entry for dx/sub/f, which exists"
@@ -103,7 +71,7 @@ def test_unlink_during_rename_of_its_directory_removes_the_file_not_its_successo
                               os.O_WRONLY, 0o644)
         drv.write(fh, b"successor\n", 0)
         drv.release(fh)
-    done = _paused_at("namespace.changing", lambda: drv.ops.unlink(REQ, sub.nodeid, b"f"),
+    done = paused_at("namespace.changing", lambda: drv.ops.unlink(REQ, sub.nodeid, b"f"),
                       meanwhile)
     assert not isinstance(done, Exception), done
     upper = os.path.join(os.path.dirname(drv.fs.config.mountpoint), "upper")
@@ -121,7 +89,7 @@ def test_create_during_rename_of_its_directory_makes_the_file_where_it_was_asked
     def meanwhile():
         drv.rename(drv.root(), "d", drv.root(), "dx")
         drv.mkdir(drv.mkdir(drv.root(), "d", 0o755), "sub", 0o755)
-    made = _paused_at("namespace.changing", lambda: drv.create(sub, "g", os.O_WRONLY, 0o644),
+    made = paused_at("namespace.changing", lambda: drv.create(sub, "g", os.O_WRONLY, 0o644),
                       meanwhile)
     assert not isinstance(made, Exception), made
     drv.release(made[1])
@@ -182,7 +150,7 @@ def test_setattr_during_rename_above_changes_the_file_not_its_successor(drv, cha
     is renamed and a new ``d/sub/f`` made. The change must land on ``dx/sub/f``, the
     successor stay as it was made. Before: the successor was chmodded, truncated..."""
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: drv.ops.setattr(REQ, f.nodeid, _SETATTRS[change]),
+    got = paused_at("ops.path", lambda: drv.ops.setattr(REQ, f.nodeid, _SETATTRS[change]),
                      _successor(drv))
     assert not isinstance(got, Exception), got
     succ = os.stat(_upper(drv, "d/sub/f"))
@@ -199,7 +167,7 @@ def test_setattr_during_rename_above_changes_the_file_not_its_successor(drv, cha
 
 def test_setxattr_during_rename_above_sets_it_on_the_file_not_its_successor(drv):
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path",
+    got = paused_at("ops.path",
                      lambda: drv.ops.setxattr(REQ, f.nodeid, "user.new", b"1", 0), _successor(drv))
     assert not isinstance(got, Exception), got
     assert "user.new" not in os.listxattr(_upper(drv, "d/sub/f")), "set on the successor"
@@ -209,7 +177,7 @@ def test_setxattr_during_rename_above_sets_it_on_the_file_not_its_successor(drv)
 
 def test_removexattr_during_rename_above_removes_it_from_the_file_not_its_successor(drv):
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: drv.ops.removexattr(REQ, f.nodeid, "user.who"),
+    got = paused_at("ops.path", lambda: drv.ops.removexattr(REQ, f.nodeid, "user.who"),
                      _successor(drv))
     assert not isinstance(got, Exception), got
     assert "user.who" in os.listxattr(_upper(drv, "d/sub/f")), "removed from the successor"
@@ -224,7 +192,7 @@ def test_open_during_rename_above_opens_the_file_not_its_successor(drv, flags):
     made. The handle must be on ``f`` (reads its data, writes go to ``dx/sub/f``), and an
     O_TRUNC must not truncate the successor. Before: the handle was the successor's."""
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: drv.ops.open(REQ, f.nodeid, flags), _successor(drv))
+    got = paused_at("ops.path", lambda: drv.ops.open(REQ, f.nodeid, flags), _successor(drv))
     assert not isinstance(got, Exception), got
     drv._open[got.fh] = f.nodeid
     try:
@@ -244,7 +212,7 @@ def test_open_during_rename_above_opens_the_file_not_its_successor(drv, flags):
 
 def test_getattr_during_rename_above_answers_the_file_not_its_successor(drv):
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid), _successor(drv))
+    got = paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid), _successor(drv))
     assert not isinstance(got, Exception), got
     assert got.attr.size == len(b"lower data\n"), "the successor's attributes"
     assert got.attr.ino == f.attr.ino
@@ -253,7 +221,7 @@ def test_getattr_during_rename_above_answers_the_file_not_its_successor(drv):
 
 def test_getxattr_during_rename_above_reads_the_file_not_its_successor(drv):
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: drv.ops.getxattr(REQ, f.nodeid, "user.who"),
+    got = paused_at("ops.path", lambda: drv.ops.getxattr(REQ, f.nodeid, "user.who"),
                      _successor(drv))
     assert got == b"lower", got
     drv.settle()
@@ -267,7 +235,7 @@ def test_listxattr_during_rename_above_lists_the_file_not_its_successor(drv):
         _successor(drv)()
         drv.ops.removexattr(REQ, drv.lookup(drv.lookup(drv.lookup(drv.root(), "d"), "sub"),
                                             "f").nodeid, "user.who")
-    got = _paused_at("ops.path", lambda: drv.ops.listxattr(REQ, f.nodeid), meanwhile)
+    got = paused_at("ops.path", lambda: drv.ops.listxattr(REQ, f.nodeid), meanwhile)
     assert not isinstance(got, Exception), got
     assert {"user.who", "user.mine"} <= set(got), got
     drv.settle()
@@ -275,7 +243,7 @@ def test_listxattr_during_rename_above_lists_the_file_not_its_successor(drv):
 
 def test_readlink_during_rename_above_reads_the_link_not_its_successor(drv):
     _, link = _node(drv, "l")
-    got = _paused_at("ops.path", lambda: drv.ops.readlink(REQ, link.nodeid),
+    got = paused_at("ops.path", lambda: drv.ops.readlink(REQ, link.nodeid),
                      _successor(drv, "l", "symlink"))
     assert got == b"one", got
     drv.settle()
@@ -286,7 +254,7 @@ def test_opendir_during_rename_above_lists_the_directory_not_its_successor(drv):
     ``d/sub`` made with one entry ``new``. The handle must list ``dx/sub`` (f, l).
     Before: it listed the successor."""
     sub, _ = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: drv.ops.opendir(REQ, sub.nodeid),
+    got = paused_at("ops.path", lambda: drv.ops.opendir(REQ, sub.nodeid),
                      _successor(drv, "", "dir"))
     assert not isinstance(got, Exception), got
     try:
@@ -313,7 +281,7 @@ def test_listing_without_handle_during_rename_above_lists_the_directory_not_its_
                     drv._ref(entry)
                     taken[item.name] = entry.nodeid
         return items, taken
-    got = _paused_at("ops.path", listing, _successor(drv, "", "dir"))
+    got = paused_at("ops.path", listing, _successor(drv, "", "dir"))
     assert not isinstance(got, Exception), got
     items, taken = got
     assert sorted(i.name for i in items) == [b".", b"..", b"f", b"l"], items
@@ -335,7 +303,7 @@ def test_read_during_rename_above_answers_no_spurious_enoent(drv, request_kind):
     """The same stop with only the rename meanwhile: the old path names nothing. The
     answer must be the file's, not ENOENT (the kernel would drop a node that exists)."""
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: _READS[request_kind](drv, f), _renamed_only(drv))
+    got = paused_at("ops.path", lambda: _READS[request_kind](drv, f), _renamed_only(drv))
     assert not (isinstance(got, OSError) and got.errno == errno.ENOENT), got
     assert not isinstance(got, Exception), got
     if request_kind == "open":
@@ -348,7 +316,7 @@ def test_create_reply_during_rename_above_answers_the_file_made(drv):
     is renamed. The reply must be the new file (at ``dx/sub/g`` now), not "vanished after
     it was made" for a file that exists (its handle then released, the file left)."""
     sub, _ = _node(drv, "f")
-    got = _paused_at("ops.created", lambda: drv.create(sub, "g", os.O_WRONLY, 0o644),
+    got = paused_at("ops.created", lambda: drv.create(sub, "g", os.O_WRONLY, 0o644),
                      _renamed_only(drv))
     assert not isinstance(got, Exception), got
     node, fh = got
@@ -448,7 +416,7 @@ def test_open_while_its_name_is_renamed_over_never_opens_the_other_file(drv, fla
     left then: ENOENT is the answer (its object is gone). Before: the handle read
     "secret"."""
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: drv.ops.open(REQ, f.nodeid, flags),
+    got = paused_at("ops.path", lambda: drv.ops.open(REQ, f.nodeid, flags),
                      _replaced_by(drv, "f", "file"))
     if isinstance(got, OSError):
         assert got.errno == errno.ENOENT, got
@@ -471,7 +439,7 @@ def test_getattr_while_its_name_is_renamed_over_never_answers_the_other_object(d
     for ``f``'s inode and, the type differing, mark it bad (EIO for every open fd of it).
     Before: a symlink's mode for a regular file's node."""
     _, f = _node(drv, "f")
-    got = _paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid),
+    got = paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid),
                      _replaced_by(drv, "f", "symlink"))
     if isinstance(got, OSError):
         assert got.errno == errno.ENOENT, got
@@ -561,7 +529,7 @@ def test_getattr_while_its_name_is_unlinked_and_taken_never_answers_the_new_obje
     def meanwhile() -> None:
         drv.unlink(sub, "f")
         drv.symlink(sub, "f", "two")
-    got = _paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid), meanwhile)
+    got = paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid), meanwhile)
     if isinstance(got, OSError):
         assert got.errno == errno.ENOENT, got
     else:
@@ -580,7 +548,7 @@ def test_opendir_while_its_name_is_removed_and_taken_never_lists_the_new_directo
     def meanwhile() -> None:
         drv.rmdir(sub, "e")
         drv.release(drv.create(drv.mkdir(sub, "e", 0o700), "new", os.O_WRONLY, 0o600)[1])
-    got = _paused_at("ops.path", lambda: drv.ops.opendir(REQ, e.nodeid), meanwhile)
+    got = paused_at("ops.path", lambda: drv.ops.opendir(REQ, e.nodeid), meanwhile)
     if isinstance(got, OSError):
         assert got.errno == errno.ENOENT, got
     else:
