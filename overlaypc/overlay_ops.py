@@ -322,12 +322,17 @@ class OverlayOps(Operations):
                 continue
         raise OSError(errno.ENOENT, "no name left and not open")
 
-    @staticmethod
-    def _links_elsewhere(node: Node | None) -> bool:
+    def _links_elsewhere(self, node: Node | None) -> bool:
         """Whether the non-directory ``node`` (as a removal found it, just before) has
         other names on disk: its node then keeps its identity even when no name of it is
-        known."""
-        return node is not None and node.exists and not node.is_dir and node.st.st_nlink > 1
+        known. index=on: a lower name of an indexed hard link (its index entry has one
+        link of its own) has others while the index counts any (read after the removal,
+        which, a whiteout, left the entry's links as they were)."""
+        if node is None or not node.exists or node.is_dir:
+            return False
+        if node.st.st_nlink > 1:
+            return True
+        return node.index is not None and (self.fs.overlay_nlink(node) or 0) > 0
 
     def lookup(self, req: Request, parent: int, name: bytes) -> Entry:
         entry = self._take_current(parent, name)
