@@ -6,6 +6,14 @@ defects (see test_metacopy, test_moved_paths). Run as root from the checkout:
 Usage: stress_mount.py BASE OPTIONS SEED [OPS_PER_WORKER] [WORKERS] (BASE is deleted first).
 Environment: ONLY=k,.. (those writers), NOAUX=1 (no lister/reader), NODIRRENAME=1
 (redirect_dir=off), oplogs of failing writers go to BASE/../oplog-K.txt.
+PAIRS=N (hunt7) adds N pair trees p{j}: a mover renames their directories (and moves two
+into the others) while a filer writes through long-lived fds, links across the moving
+directories, renames files over open files and unlinks, and a watcher lists them (ls -l);
+with index=on the lowers hold hard links across two directories. Their model is checked
+on overlaypc's view, the kernel's read-only view and (index=on) the kernel mounted with the
+same upper, work and index; oplogs of failing filers go to BASE/../oplog-pJ.txt. Found the
+GETATTR-after-rename-over and index=on open-file link-count defects (test_getattr_renamed_name,
+test_index_open_names).
 Each writer process owns its files (single writer per file) and keeps a model; it checks
 every read/stat against the model.  Listing and reader processes run concurrently.
 At the end: model vs merged view, stat vs fstat, kernel overlay (ro) on the same layers.
