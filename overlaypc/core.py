@@ -191,7 +191,8 @@ class OverlayFS:
                 inode.rebind(entry, new_key, self.inos.ino_of(copied))
                 self.inodes.rekey(inode, key)
                 for handle in self.handles.for_inode(inode):
-                    handle.offer()
+                    if handle.offer():
+                        self.stats.add("handle_switches")
             finally:
                 self.inodes.release(inode)
 

@@ -592,7 +592,11 @@ class Files:
         st = os.fstat(fd)
         nlink = 0 if inode.unlinked and not inode.in_upper else None
         index = self.fs.index
-        if index is not None and inode.in_upper and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+        # (an index entry whose upper names are all gone has one link: its count is the
+        # names left below, 0 when none is)
+        if index is not None and inode.in_upper and (st.st_nlink > 1 or inode.linked) \
+                and stat.S_ISREG(st.st_mode):
+            inode.linked = True
             entry = Entry(inode.layer, inode.rel, st)
             shared = entry if inode.layer is index.work else index.of_upper(entry, fd)
             if shared is not None:

@@ -5,15 +5,18 @@ real fd. Nothing binds a backing fd for good at open time: each read, write, fsy
 fstat, fallocate and flush calls ``fd()``, which reopens on the inode's current
 backing when its generation moved since the handle's fd was opened.
 
-A copy-up offers each open handle of the inode an fd on the new backing right away
-(``offer``), while the new path is known to be right; a handle with no offer (opened
-while the copy-up ran) reopens through ``OverlayInode.open_backing``.
+A copy-up switches each open handle of the inode to the new backing right away
+(``offer``), while the new path is known to be right; a handle it could not switch (its
+reopen failed) reopens through ``OverlayInode.open_backing`` at its next I/O.
 
 ``-o handles=bind-at-open`` turns the check off, reproducing the classic stale-read
 bug on purpose (for the demo and for tests that prove the fix).
 
-Caveats: a replaced fd is closed only at release, because another thread may still be
-in a ``pread`` on it; that is at most one extra fd per copy-up of an open file.
+A switch puts the new file at the handle's own fd number (``dup2``): another thread may
+still be in a ``pread`` on the old file, which finishes on it, and the number is never
+free meanwhile; so a handle holds one fd, however many copy-ups it follows (it kept each
+replaced fd until its release: at the fd limit, ``ulimit -n 1024``, 900 open files whose
+names were renamed, so copied up, ran the daemon out of fds: hunt7).
 """
 from __future__ import annotations
 
@@ -43,16 +46,13 @@ class Handle:
     inode: OverlayInode
     flags: int
     path: str
-    #: the fd the handle reads through now, and the generation of the backing it is on.
-    #: Read without the lock by the read fast path (``Files.readinto``): generation
-    #: first, then fd; ``fd()`` stores them the other way round, so a matching
-    #: generation is never seen with an older fd.
+    #: the fd the handle reads through, and the generation of the backing it is on. Read
+    #: without the lock by the read fast path (``Files.readinto``); a switch keeps the fd
+    #: number (``_switch``) and stores the generation after the new file is behind it, so
+    #: a matching generation is never seen with the older file.
     bound_fd: int
     bound_generation: int
     follow: bool = True
-    _retired: list[int] = field(default_factory=list)
-    #: (fd, generation) on a new backing, offered by a copy-up, not switched to yet
-    _offered: tuple[int, int] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: set by ``close``, under ``_lock`` (see ``with_fd``)
     closed: bool = False
@@ -70,29 +70,36 @@ class Handle:
                 raise OSError(errno.EBADF, "handle closed")
             if self.bound_generation == self.inode.generation:
                 return self.bound_fd, False
-            offered, self._offered = self._offered, None
-            if offered is not None and offered[1] == self.inode.generation:
-                fd, gen = offered
-            else:
-                if offered is not None:
-                    os.close(offered[0])
-                fd, gen = self.inode.open_backing(self.flags & ~_CREATION_FLAGS)
-            self._retired.append(self.bound_fd)
-            self.bound_fd, self.bound_generation = fd, gen  # (in this order: see above)
-            return fd, True
+            self._switch(*self.inode.open_backing(self.flags & ~_CREATION_FLAGS))
+            return self.bound_fd, True
 
-    def offer(self) -> None:
-        """A copy-up rebound the inode: open the new backing now, switch at the next I/O."""
+    def offer(self) -> bool:
+        """A copy-up rebound the inode: switch to the new backing now, while its path is
+        known to be right (else at the next I/O). True if it switched."""
         if not self.follow:
-            return
+            return False
         try:
             fd, gen = self.inode.open_backing(self.flags & ~_CREATION_FLAGS)
         except OSError:
-            return  # reopened at the next I/O instead
+            return False  # reopened at the next I/O instead
         with self._lock:
-            old, self._offered = self._offered, (fd, gen)
-        if old is not None:
-            os.close(old[0])
+            if self.closed or self.bound_generation >= gen:
+                os.close(fd)
+                return False
+            self._switch(fd, gen)
+            return True
+
+    def _switch(self, fd: int, generation: int) -> None:
+        """Put the new backing ``fd`` at the handle's fd number, then take its generation
+        (lock held). ``dup2`` replaces the file behind the number at once: a read in flight
+        on the old file finishes on it (it holds its own reference), one after reads the
+        new one, and the number is never free for another open to take meanwhile; so the
+        handle keeps one fd whatever number of copy-ups it follows."""
+        try:
+            os.dup2(fd, self.bound_fd, inheritable=False)
+        finally:
+            os.close(fd)
+        self.bound_generation = generation
 
     def current_fd(self) -> int:
         """The fd as it is, without following a copy-up (fstat of a nameless file)."""
@@ -112,11 +119,7 @@ class Handle:
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            offered = [self._offered[0]] if self._offered else []
-            for fd in [self.bound_fd, *self._retired, *offered]:
-                os.close(fd)
-            self._retired.clear()
-            self._offered = None
+            os.close(self.bound_fd)
 
 
 class HandleTable:

@@ -89,8 +89,9 @@ class IndexDir:
         from the file open as ``fd`` if given (the name an open file was found by may be
         gone or name another file by now), else through the directory fd its lookup held
         (a directory above may have been renamed since: its path names nothing, or
-        another object), by path only for an entry found without one."""
-        if stat.S_ISDIR(upper.st.st_mode) or upper.st.st_nlink < 2:
+        another object), by path only for an entry found without one. An open file (``fd``)
+        with one link may be an index entry whose upper names are all gone."""
+        if stat.S_ISDIR(upper.st.st_mode) or upper.st.st_nlink < 2 and fd is None:
             return None
         if fd is None and upper.parent is None:
             origin = upper.layer.getxattr(upper.rel, self.origin_xattr)

@@ -95,6 +95,9 @@ class OverlayInode:
     refs: int = 0
     data_version: int = 0
     unlinked: bool = False
+    #: its backing had more than one link once (index=on: an upper hard link of an index
+    #: entry keeps being one when its names are gone and the entry has one link left)
+    linked: bool = False
     #: merged path of a metacopy file whose data is read from below
     meta_rel: str | None = None
     #: ... and its upper file, held while the inode lives (see the module docstring)
@@ -129,6 +132,7 @@ class OverlayInode:
         with self.lock:
             self.layer, self.rel = entry.layer, entry.rel
             self.dev, self.backing_ino = entry.st.st_dev, entry.st.st_ino
+            self.linked = self.linked or entry.st.st_nlink > 1
             self.key, self.ino = key, ino
             self.generation += 1
             self.extents = None
@@ -193,7 +197,8 @@ class InodeTable:
         with self._lock:
             inode = self._live.get(key)
             if inode is None:
-                inode = OverlayInode(key, ino, entry.layer, entry.rel, entry.st.st_dev, entry.st.st_ino)
+                inode = OverlayInode(key, ino, entry.layer, entry.rel, entry.st.st_dev, entry.st.st_ino,
+                                     linked=entry.st.st_nlink > 1)
                 kept = self._versions.pop(key, None)
                 if kept is not None:
                     inode.data_version, inode.cached_version = kept

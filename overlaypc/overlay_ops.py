@@ -89,6 +89,8 @@ _MOVED: Entry = Entry(0, None, 0.0, 0.0)
 _FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 #: open flags that may change the file (``Files.open`` copies it up first)
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+#: lookups a GETATTR by path makes before it answers for what its path names (``_attr_at``)
+_SAME_NODE_TRIES = 3
 _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.FATTR_MTIME
                   | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW)
 
@@ -332,12 +334,17 @@ class OverlayOps(Operations):
                 continue
         raise OSError(errno.ENOENT, "no name left and not open")
 
-    @staticmethod
-    def _links_elsewhere(node: Node | None) -> bool:
+    def _links_elsewhere(self, node: Node | None) -> bool:
         """Whether the non-directory ``node`` (as a removal found it, just before) has
         other names on disk: its node then keeps its identity even when no name of it is
-        known."""
-        return node is not None and node.exists and not node.is_dir and node.st.st_nlink > 1
+        known. index=on: a lower name of an indexed hard link (its index entry has one
+        link of its own) has others while the index counts any (read after the removal,
+        which, a whiteout, left the entry's links as they were)."""
+        if node is None or not node.exists or node.is_dir:
+            return False
+        if node.st.st_nlink > 1:
+            return True
+        return node.index is not None and (self.fs.overlay_nlink(node) or 0) > 0
 
     def lookup(self, req: Request, parent: int, name: bytes) -> Entry:
         entry = self._take_current(parent, name)
@@ -376,7 +383,38 @@ class OverlayOps(Operations):
         if rel is None:  # (no fh: a handle's RELEASE may run meanwhile, see ``getattr_open``)
             _, inode = self._open_inode(nodeid)
             return self.fs.files.getattr_open(inode)
-        return self.fs.getattr(rel)
+        return self._attr_at(nodeid, rel)
+
+    def _attr_at(self, nodeid: int, rel: str) -> Attr:
+        """The attributes of the node by its path ``rel``, if the object there is still
+        the node's. A rename over, or an unlink of, the node's own name is not counted by
+        ``pathguard`` and may land between the path being made and the lookup: the path
+        then names another object (whose attributes the kernel would cache for this node
+        and show at its other names) or nothing (ENOENT to an ``fstat``). Then again, once
+        the change is done and the table followed it (it does so in, or right after, the
+        change's namespace lock hold); an open node with no name left answers from its
+        handle. A mismatch that stays (a change behind the mount's back) answers what the
+        path names, as before."""
+        fs, nodes = self.fs, self.nodes
+        for tries in range(_SAME_NODE_TRIES - 1, -1, -1):
+            try:
+                node, attr = fs.lookup_attr(rel)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                node = None
+            if node is not None and (not tries or fs.identity(node) == nodes.node(nodeid).key):
+                return attr
+            with fs.ns_lock:  # (waits out a change in progress)
+                pass
+            again = nodes.path(nodeid)
+            if again is None or not tries:
+                _, inode = self._open_inode(nodeid)  # (ENOENT when not open)
+                if again is None and not nodes.named_elsewhere(nodeid):
+                    return fs.files.getattr_inode(inode)  # no name left: st_nlink 0
+                return fs.files.getattr_open(inode)
+            rel = again
+        raise AssertionError("unreachable")
 
     def getattr(self, req: Request, nodeid: int, fh: int | None = None) -> AttrReply:
         paths = self._paths

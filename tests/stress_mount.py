@@ -6,6 +6,14 @@ defects (see test_metacopy, test_moved_paths). Run as root from the checkout:
 Usage: stress_mount.py BASE OPTIONS SEED [OPS_PER_WORKER] [WORKERS] (BASE is deleted first).
 Environment: ONLY=k,.. (those writers), NOAUX=1 (no lister/reader), NODIRRENAME=1
 (redirect_dir=off), oplogs of failing writers go to BASE/../oplog-K.txt.
+PAIRS=N (hunt7) adds N pair trees p{j}: a mover renames their directories (and moves two
+into the others) while a filer writes through long-lived fds, links across the moving
+directories, renames files over open files and unlinks, and a watcher lists them (ls -l);
+with index=on the lowers hold hard links across two directories. Their model is checked
+on overlaypc's view, the kernel's read-only view and (index=on) the kernel mounted with the
+same upper, work and index; oplogs of failing filers go to BASE/../oplog-pJ.txt. Found the
+GETATTR-after-rename-over and index=on open-file link-count defects (test_getattr_renamed_name,
+test_index_open_names).
 Each writer process owns its files (single writer per file) and keeps a model; it checks
 every read/stat against the model.  Listing and reader processes run concurrently.
 At the end: model vs merged view, stat vs fstat, kernel overlay (ro) on the same layers.
@@ -338,6 +346,339 @@ def reader(root: str, stop, q, seed):
         q.put(("reader", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
+
+# --- pair groups (PAIRS=N): one process renames directories while another writes, links and
+# renames files in them through long-lived fds; a watcher lists them (ls -l) meanwhile.
+# Each file object carries a fixed identity: its first 8 bytes "ID%05d\n", uid = gid = 2000+ID
+# and mode PAIR_MODES[ID % 4], none ever changed; so any stat or read can say which object it saw.
+PAIR_MODES = [0o640, 0o755, 0o600, 0o644]
+PAIR_HDR = 8
+TOP_DIRS = ("A", "C")      # renamed X <-> X2 at the top of p{j}
+SUB_DIRS = ("E", "G")      # renamed X <-> X2 and moved between the top and into A/A2/C/C2
+
+
+def pair_header(ident: int) -> bytes:
+    return b"ID%05d\n" % ident
+
+
+def pair_dir_paths(did: str) -> list:
+    names = [did, did + "2"]
+    if did in TOP_DIRS:
+        return names
+    parents = [""] + [t + "/" for d in TOP_DIRS for t in (d, d + "2")]
+    return [par + n for par in parents for n in names]
+
+
+def build_pairs(base: Path, lower: Path, upper: Path, npairs: int, rng: random.Random, links: bool):
+    """Pair trees p{j}: A, C, E in the lower (E moves: needs redirect_dir), G upper-only.
+    Returns per pair {ident: (data, names)} with names as (dir id, file name)."""
+    models = []
+    ident = 0
+    for j in range(npairs):
+        objs = {}
+        for did, layer in (("A", lower), ("C", lower), ("E", lower), ("G", upper)):
+            (layer / f"p{j}" / did).mkdir(parents=True)
+        (upper / f"p{j}" / "A").mkdir(parents=True, exist_ok=True)  # A merged
+        for did, layer in (("A", lower), ("A", upper), ("C", lower), ("E", lower), ("G", upper)):
+            for i in range(3):
+                data = pair_header(ident) + os.urandom(rng.choice([0, 10, 4096, 70000]))
+                name = f"f{ident}"
+                pth = layer / f"p{j}" / did / name
+                pth.write_bytes(data)
+                os.chown(pth, 2000 + ident, 2000 + ident)
+                os.chmod(pth, PAIR_MODES[ident % 4])
+                objs[ident] = (bytearray(data), {(did, name)})
+                ident += 1
+        if links:  # lower hard links across two directories (index=on unites them)
+            for ident_ in [i for i, (_, n) in objs.items() if next(iter(n))[0] in ("A", "C")
+                           and (lower / f"p{j}" / next(iter(n))[0] / next(iter(n))[1]).exists()][:4]:
+                did, name = next(iter(objs[ident_][1]))
+                other = "C" if did == "A" else "A"
+                os.link(lower / f"p{j}" / did / name, lower / f"p{j}" / other / f"l{name}")
+                objs[ident_][1].add((other, f"l{name}"))
+        models.append(objs)
+    return models, ident
+
+
+def pair_mover(j: int, root: str, stop, q, seed: int):
+    """Renames p{j}'s directories until stopped, then puts them back (A, C, E, G at the top)."""
+    rng = random.Random(seed)
+    top = Path(root) / f"p{j}"
+    where = {d: d for d in TOP_DIRS + SUB_DIRS}  # dir id -> path below p{j}
+    stuck = set()  # dirs whose rename said EXDEV (redirect_dir=off)
+    n = 0
+    try:
+        def move(did, new):
+            os.rename(top / where[did], top / new)
+            where[did] = new
+            if did in TOP_DIRS:  # sub dirs inside it moved along
+                for s_ in SUB_DIRS:
+                    head, _, tail = where[s_].partition("/")
+                    if tail and head.rstrip("2") == did:
+                        where[s_] = new + "/" + tail
+        while not stop.is_set():
+            did = rng.choice([d for d in TOP_DIRS + SUB_DIRS if d not in stuck] or [None])
+            if did is None:
+                break
+            cur = where[did]
+            if did in TOP_DIRS:
+                new = did if cur.endswith("2") else did + "2"
+            else:
+                new = rng.choice([p_ for p_ in pair_dir_paths(did) if p_ != cur
+                                  and (p_.count("/") == 0 or p_.split("/")[0] in
+                                       (where["A"], where["C"]))])
+            try:
+                move(did, new)
+                n += 1
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                stuck.add(did)
+        for did in SUB_DIRS:
+            if where[did] != did:
+                move(did, did)
+        for did in TOP_DIRS:
+            if where[did] != did:
+                move(did, did)
+        q.put((f"mover{j}", "ok", n))
+    except BaseException as e:  # noqa
+        q.put((f"mover{j}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nwhere {where}"))
+
+
+def pair_watcher(j: int, root: str, stop, q):
+    """ls -l of p{j} while it churns: an inode number always names the same object, and an
+    object read through a fd has that object's owner and mode."""
+    top = Path(root) / f"p{j}"
+    seen = {}  # st_ino -> uid
+    n = 0
+    try:
+        while not stop.is_set():
+            for dirpath, _dirs, files in os.walk(top):
+                for f in files:
+                    pth = os.path.join(dirpath, f)
+                    try:
+                        st = os.lstat(pth)
+                    except FileNotFoundError:
+                        continue
+                    if st.st_uid < 2000:
+                        if f.startswith("n") and st.st_uid == 0:
+                            continue  # being created (pair_filer sets the owner last)
+                        raise Failure(f"lstat {pth}: uid {st.st_uid}")
+                    if seen.setdefault(st.st_ino, st.st_uid) != st.st_uid:
+                        raise Failure(f"lstat {pth}: ino {st.st_ino} uid {st.st_uid}, "
+                                      f"before uid {seen[st.st_ino]}")
+                    if stat.S_IMODE(st.st_mode) != PAIR_MODES[(st.st_uid - 2000) % 4]:
+                        raise Failure(f"lstat {pth}: mode {oct(st.st_mode)} uid {st.st_uid}")
+                    try:
+                        fd = os.open(pth, os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        hdr = os.pread(fd, PAIR_HDR, 0)
+                        fst = os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                    if fst.st_uid == 0 and f.startswith("n"):
+                        continue
+                    if hdr != pair_header(fst.st_uid - 2000):
+                        raise Failure(f"open {pth}: header {hdr!r} but uid {fst.st_uid}")
+                    if seen.setdefault(fst.st_ino, fst.st_uid) != fst.st_uid:
+                        raise Failure(f"fstat {pth}: ino {fst.st_ino} uid {fst.st_uid}, "
+                                      f"before uid {seen[fst.st_ino]}")
+                    n += 1
+        q.put((f"watcher{j}", "ok", n))
+    except BaseException as e:  # noqa
+        q.put((f"watcher{j}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def pair_filer(j: int, root: str, objs: dict, next_id: int, seed: int, nops: int, q, done):
+    """Writes through long-lived fds, stats, reads, renames, links and unlinks files of p{j}
+    while the mover renames their directories; every fd stays open until the end, so no
+    inode is freed (the watcher's inode numbers stay unique)."""
+    rng = random.Random(seed)
+    top = Path(root) / f"p{j}"
+    objs = {i: [bytearray(d), set(n)] for i, (d, n) in objs.items()}
+    fds = []  # (fd, ident)
+    log = []
+    dids = TOP_DIRS + SUB_DIRS
+
+    def names_of(i):
+        return objs[i][1]
+
+    def at(did, fname, fn, tries=400):
+        """fn(path) at the first candidate path of dir `did` that exists (the mover renames)."""
+        for _ in range(tries):
+            for cand in pair_dir_paths(did):
+                try:
+                    return True, fn(top / cand / fname)
+                except FileNotFoundError:
+                    continue
+        return False, None
+
+    def at2(a, b, fn, tries=60):
+        for _ in range(tries):
+            for ca in pair_dir_paths(a[0]):
+                for cb in pair_dir_paths(b[0]):
+                    try:
+                        return True, fn(top / ca / a[1], top / cb / b[1])
+                    except FileNotFoundError:
+                        continue
+        return False, None
+
+    def check(st, i, what, byfd=False):
+        data, names = objs[i]
+        want = (PAIR_MODES[i % 4], 2000 + i, len(data), len(names) if names or not byfd else 0)
+        have = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_size, st.st_nlink)
+        if want != have:
+            raise Failure(f"{what} of ID {i} {sorted(names)}: (mode, uid, size, nlink) {have} != {want}")
+
+    def check_data(got, i, what):
+        if bytes(got) != bytes(objs[i][0]):
+            raise Failure(f"{what} of ID {i} {sorted(names_of(i))}: {len(got)} bytes "
+                          f"(header {bytes(got[:PAIR_HDR])!r}) != model {len(objs[i][0])}")
+
+    def owner(loc):
+        return next((i for i, (_, n) in objs.items() if loc in n), None)
+
+    try:
+        for i in list(objs):  # a long-lived fd on every object
+            ok, fd = at(*next(iter(names_of(i))), lambda p_: os.open(p_, os.O_RDWR))
+            if not ok:
+                raise Failure(f"open of ID {i}: no path found")
+            fds.append((fd, i))
+        for step in range(nops):
+            op = rng.choice(["pwrite", "pwrite", "fstat", "fread", "stat", "read", "rename",
+                             "rename", "link", "unlink", "create", "truncate"])
+            live = [i for i in objs if names_of(i)]
+            if op in ("pwrite", "fstat", "fread"):
+                fd, i = rng.choice(fds)
+                log.append((op, i, sorted(names_of(i))))
+                if op == "pwrite":
+                    off = rng.randint(PAIR_HDR, len(objs[i][0]) + 100)
+                    data = os.urandom(rng.choice([1, 100, 5000, 70000]))
+                    os.pwrite(fd, data, off)
+                    d = objs[i][0]
+                    if off > len(d):
+                        d.extend(b"\0" * (off - len(d)))
+                    d[off:off + len(data)] = data
+                elif op == "fstat":
+                    check(os.fstat(fd), i, "fstat", byfd=True)
+                else:
+                    check_data(os.pread(fd, len(objs[i][0]) + 10, 0), i, "fd read")
+                continue
+            if op == "create":
+                did = rng.choice(dids)
+                i = next_id
+                loc = (did, f"n{i}")
+                log.append((op, i, loc))
+
+                def mk(p_, i=i):
+                    # the owner last: the watcher skips a file owned by root (not made yet)
+                    fd_ = os.open(p_, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                    os.fchmod(fd_, PAIR_MODES[i % 4])
+                    os.pwrite(fd_, pair_header(i), 0)
+                    os.fchown(fd_, 2000 + i, 2000 + i)
+                    return fd_
+                ok, fd = at(did, loc[1], mk)
+                if ok:
+                    next_id += 1
+                    objs[i] = [bytearray(pair_header(i)), {loc}]
+                    fds.append((fd, i))
+                continue
+            if not live:
+                continue
+            i = rng.choice(live)
+            loc = rng.choice(sorted(names_of(i)))
+            log.append((op, i, loc))
+            if op == "stat":
+                ok, st = at(*loc, os.lstat)
+                if ok:
+                    check(st, i, f"lstat {loc}")
+            elif op == "read":
+                ok, got = at(*loc, lambda p_: p_.read_bytes())
+                if ok:
+                    check_data(got, i, f"read {loc}")
+            elif op == "truncate":
+                n = rng.randint(PAIR_HDR, len(objs[i][0]) + 100)
+                ok, _ = at(*loc, lambda p_: os.truncate(p_, n))
+                if ok:
+                    d = objs[i][0]
+                    objs[i][0] = (d + bytearray(max(0, n - len(d))))[:n]
+            elif op == "unlink":
+                if len(names_of(i)) < 2 and rng.random() < 0.7:
+                    continue
+                ok, _ = at(*loc, os.unlink)
+                if ok:
+                    names_of(i).discard(loc)
+            elif op in ("rename", "link"):
+                # to a name in another (or the same) dir: a new name, or another object's name
+                did = rng.choice(dids)
+                tgt_obj = rng.choice(live) if rng.random() < 0.4 else None
+                dst = (rng.choice(sorted(names_of(tgt_obj))) if tgt_obj is not None
+                       else (did, f"{'r' if op == 'rename' else 'h'}{i}_{step}"))
+                if op == "link" and owner(dst) is not None:
+                    continue
+                log[-1] = (op, i, loc, dst)
+                try:
+                    ok, _ = at2(loc, dst, os.rename if op == "rename" else os.link)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    log[-1] += ("EXDEV",)
+                    continue
+                if ok:
+                    prev = owner(dst)
+                    if op == "rename" and prev == i:
+                        continue  # a link of the same object: no-op
+                    if prev is not None:
+                        names_of(prev).discard(dst)
+                    if op == "rename":
+                        names_of(i).discard(loc)
+                    names_of(i).add(dst)
+        done.set()  # stop the mover: final checks at the canonical names
+        for fd, i in fds:
+            check_data(os.pread(fd, len(objs[i][0]) + 10, 0), i, "final fd read")
+            check(os.fstat(fd), i, "final fstat", byfd=True)
+        out = {i: (bytes(d), sorted(n)) for i, (d, n) in objs.items()}
+        q.put((f"filer{j}", "ok", out))
+    except BaseException as e:  # noqa
+        done.set()
+        q.put((f"filer{j}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nlast ops: {log[-12:]}"))
+        with open(Path(root).parent.parent / f"oplog-p{j}.txt", "w") as f:
+            f.write("\n".join(map(repr, log)))
+
+
+def pair_view(root: Path, j: int, out: dict) -> list:
+    """The model of pair j against a view: content, owner, mode, nlink and which names share
+    one inode (by st_ino)."""
+    problems = []
+    for i, (data, names) in out.items():
+        inos = set()
+        for did, fname in names:
+            p_ = root / f"p{j}" / did / fname
+            try:
+                st = os.lstat(p_)
+                got = p_.read_bytes()
+            except OSError as e:
+                problems.append(f"{p_}: {e}")
+                continue
+            inos.add(st.st_ino)
+            have = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_nlink, got == data)
+            want = (PAIR_MODES[i % 4], 2000 + i, len(names), True)
+            if have != want:
+                problems.append(f"{p_} (ID {i}): (mode, uid, nlink, same data) {have} != {want}"
+                                f" size {len(got)} vs {len(data)}")
+        if len(inos) > 1:
+            problems.append(f"ID {i} {names}: names on {len(inos)} inode numbers {sorted(inos)}")
+    want_names = {f"{did}/{fname}" for _, names in out.values() for did, fname in names}
+    for dirpath, _dirs, files in os.walk(root / f"p{j}"):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), root / f"p{j}")
+            if rel not in want_names:
+                problems.append(f"p{j}/{rel} listed, not in the model")
+    return problems
+
+
 def snapshot_model(models_out):
     snap = {}
     for k, files in models_out.items():
@@ -357,6 +698,9 @@ def main():
     base.mkdir(parents=True)
     rng = random.Random(seed)
     lower, lower2, upper, work, models = build(base, workers, rng)
+    npairs = int(os.environ.get("PAIRS", "0"))
+    pair_models, next_id = build_pairs(base, lower, upper, npairs, random.Random(seed + 7),
+                                       links="index=on" in options)
     opts = f"lowerdir={lower2}:{lower},upperdir={upper},workdir={work}"
     if options:
         opts += "," + options
@@ -374,12 +718,21 @@ def main():
                  for k in ks]
         aux = [] if os.environ.get("NOAUX") else [mp.Process(target=lister, args=(str(mnt), stop, q, 0)),
                mp.Process(target=reader, args=(str(mnt), stop, q, seed))]
-        for p in procs + aux:
+        pair_procs, pair_aux = [], []
+        for j in range(npairs):
+            done = mp.Event()
+            pair_procs.append(mp.Process(target=pair_filer, args=(
+                j, str(mnt), pair_models[j], next_id + 10000 * j, seed * 100 + 50 + j, nops, q, done)))
+            pair_aux += [mp.Process(target=pair_mover, args=(j, str(mnt), done, q, seed * 100 + 70 + j)),
+                         mp.Process(target=pair_watcher, args=(j, str(mnt), stop, q))]
+        for p in procs + aux + pair_procs + pair_aux:
             p.start()
-        for _ in procs:
+        for _ in range(len(procs) + len(pair_procs) + npairs):  # writers, filers, movers
             k, status, out = q.get(timeout=600)
             results[k] = (status, out)
         stop.set()
+        aux += pair_aux[1::2]
+        procs += pair_procs + pair_aux[0::2]
         for _ in aux:
             k, status, out = q.get(timeout=120)
             results[k] = (status, out)
@@ -414,6 +767,10 @@ def main():
                 st_, out = results.get(k, ("fail", None))
                 if st_ == "ok" and key not in out:
                     problems.append(f"merged view has {key}, model does not")
+        for j in range(npairs):
+            st_, out = results.get(f"filer{j}", ("fail", None))
+            if st_ == "ok" and results.get(f"mover{j}", ("fail",))[0] == "ok":
+                problems += [f"overlaypc: {x}" for x in pair_view(mnt, j, out)]
     finally:
         p2 = m.unmount(check=False)
         problems += p2
@@ -435,6 +792,11 @@ def main():
     except AssertionError as e:
         problems.append(f"kernel mount: {e}")
         ksnap = None
+    if ksnap is not None and npairs and "index=on" in options:
+        # lower hard links of the pair trees: a name not copied up shows the lower's data to a
+        # kernel without the index; pair_view checks them with the kernel's index below
+        ksnap = {k_: v for k_, v in ksnap.items() if not k_.startswith("p")}
+        merged_before = {k_: v for k_, v in merged_before.items() if not k_.startswith("p")}
     if ksnap is not None and ksnap != merged_before:
         problems.append("kernel view differs from overlaypc's:\n" +
                         helpers.diff_snapshots(ksnap, merged_before, ("kernel", "overlaypc"))[:4000])
@@ -455,6 +817,23 @@ def main():
                                     f"{(mode, uid, uid, len(data))}, content same: {e.content == want}")
                 if mtime is not None and e.mtime_ns != mtime:
                     problems.append(f"kernel: {key}: mtime {e.mtime_ns} vs model {mtime}")
+    pairs_ok = [j for j in range(npairs) if results.get(f"filer{j}", ("fail",))[0] == "ok"
+                and results.get(f"mover{j}", ("fail",))[0] == "ok"]
+    if pairs_ok and ksnap is not None:  # the kernel reads the same objects at the same names
+        with helpers.kernel_overlay(kmnt, [upper, lower2, lower], None, None, kopts) as km:
+            for j in pairs_ok:
+                found = pair_view(km, j, results[f"filer{j}"][1])
+                if "index=on" in options:  # no index read-only: lower links not copied up split
+                    found = [x for x in found if "nlink" not in x and "inode numbers" not in x]
+                problems += [f"kernel ro: {x}" for x in found]
+    if pairs_ok and "index=on" in options:  # the kernel with the same upper, work and index
+        kw = ["index=on"] + kopts + [o for o in options.split(",") if o.startswith("xino")]
+        try:
+            with helpers.kernel_overlay(kmnt, [lower2, lower], upper, work, kw) as km:
+                for j in pairs_ok:
+                    problems += [f"kernel index=on: {x}" for x in pair_view(km, j, results[f"filer{j}"][1])]
+        except AssertionError as e:
+            problems.append(f"kernel index=on mount: {e}")
     print(f"options={options!r} seed={seed}: {len(problems)} problems; results "
           + ", ".join(f"{k}:{v[0]}" for k, v in results.items()))
     for p in problems:

@@ -66,3 +66,51 @@ def test_open_file_whose_name_went_shows_its_own_links(tmp_path, overlay_mount, 
     k = kernel_mount([theirs[0]], theirs[1], theirs[2], ["index=on"])
     expected = _run(k, lower_links, change)
     assert _run(m.path, lower_links, change) == expected
+
+
+def _lower_links(base: Path, names: tuple[str, ...]) -> tuple[Path, Path, Path]:
+    lower, upper, work = base / "lower", base / "upper", base / "work"
+    for d in (lower / "A", lower / "C", upper, work):
+        d.mkdir(parents=True)
+    (lower / names[0]).write_bytes(b"lower data\n")
+    for name in names[1:]:
+        os.link(lower / names[0], lower / name)
+    return lower, upper, work
+
+
+def _counts(mnt: Path, steps: list) -> list:
+    """fstat's st_nlink of the open ``A/f`` after each step (a rename or an unlink)."""
+    fd = os.open(mnt / "A" / "f", os.O_RDWR)  # (copy-up: an index entry, A/f linked to it)
+    try:
+        seen = [os.fstat(fd).st_nlink]
+        for step in steps:
+            if len(step) == 2:
+                os.rename(mnt / step[0], mnt / step[1])
+            else:
+                os.unlink(mnt / step[0])
+            seen.append(os.fstat(fd).st_nlink)
+    finally:
+        os.close(fd)
+    return seen
+
+
+@pytest.mark.parametrize("names,steps", [
+    # a lower name moved (copied up: linked to the index), removed, then the open name
+    (("A/f", "C/lf"), [("C/lf", "C/m"), ("C/m",), ("A/f",)]),
+    # the lower name removed first (a whiteout), then the open name
+    (("A/f", "C/lf"), [("C/lf",), ("A/f",)]),
+    # three lower names: the open one removed while two stay below
+    (("A/f", "C/lf", "C/lg"), [("A/f",), ("C/lf",), ("C/lg",)]),
+], ids=["moved-removed-then-open-name", "lower-name-then-open-name", "three-lower-names"])
+def test_open_index_entry_with_no_upper_name_counts_lower_names(tmp_path, overlay_mount, kernel_mount,
+                                                                names, steps):
+    """An open file whose index entry is its only link left (every upper name gone) shows
+    the index's count: the names still below, 0 when none is left; it showed the index
+    inode's own one link (found by tests/stress_mount.py with PAIRS, hunt7)."""
+    helpers.require("kernel_overlay")
+    mine = _lower_links(tmp_path / "mine", names)
+    theirs = _lower_links(tmp_path / "theirs", names)
+    m = overlay_mount(f"lowerdir={mine[0]},upperdir={mine[1]},workdir={mine[2]},index=on,redirect_dir=on")
+    k = kernel_mount([theirs[0]], theirs[1], theirs[2], ["index=on", "redirect_dir=on"])
+    expected = _counts(k, steps)
+    assert _counts(m.path, steps) == expected

@@ -423,6 +423,38 @@ def test_failed_rename_leaves_no_mark(layers_factory, overlay_mount):
 
 
 # --------------------------------------------------------------------------------------
+# Open files that copy-ups switch, under a low fd limit (mounted)
+# --------------------------------------------------------------------------------------
+def test_200_open_files_renamed_under_them_at_256_fds(layers_factory, overlay_mount):
+    """The daemon runs under ``ulimit -n 256`` with 200 lower files open read-only through
+    the mount; each is then renamed (a copy-up: its handle follows the copy), and every
+    open file still reads its data. A handle kept the fd it replaced until its release,
+    so the daemon needed 400 fds and the reads, renames and opens failed with EMFILE
+    (hunt7: 900 files open at ``ulimit -n 1024`` while another process renamed them)."""
+    lower = layers_factory.empty_dir("lower")
+    for i in range(10):
+        for j in range(20):
+            helpers.build_layer(lower, {f"d{i}/f{j}": f"{i}/{j}\n"})
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    m = overlay_mount(stack_options([lower], upper, work), nofile=256)
+    fds = {}
+    try:
+        for i in range(10):
+            for j in range(20):
+                fds[(i, j)] = os.open(m.path / f"d{i}" / f"f{j}", os.O_RDONLY)
+        for (i, j) in fds:
+            os.rename(m.path / f"d{i}" / f"f{j}", m.path / f"d{i}" / f"g{j}")
+        for (i, j), fd in fds.items():
+            assert os.pread(fd, 100, 0) == f"{i}/{j}\n".encode()
+            assert os.fstat(fd).st_size == len(f"{i}/{j}\n")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert sorted(os.listdir(m.path / "d3")) == sorted(f"g{j}" for j in range(20))
+
+
+# --------------------------------------------------------------------------------------
 # Many directories under a low fd limit (mounted)
 # --------------------------------------------------------------------------------------
 TOPS, SUBS = 50, 99  # 50 + 50 * 99 = 5,000 directories, each in all three lowers

@@ -1,0 +1,94 @@
+"""GETATTR by nodeid racing a rename over, or an unlink of, the node's own name.
+
+GETATTR (a ``stat`` whose dentry is cached, and ``fstat``) makes the node's layer path
+from the node table, then looks it up. ``pathguard`` redoes it when a directory above
+moved meanwhile, but a change of the node's own name is not counted (the kernel holds the
+node's lock for the requests that change it, not for GETATTR): a rename of another file
+over that name between the two answered with the other file's attributes, which the
+kernel then cached for this node and showed at its other names (hunt6 saw it once under
+tests/stress_mount.py: ``stat`` of a hard-linked file showed another object's mode, size
+and nlink); an unlink of the name of an open file answered its ``fstat`` with ENOENT
+(hunt7, stress_mount.py with PAIRS, default options). Driven without FUSE
+(``core_driver``), the GETATTR stopped at the ``ops.path`` fault point while the other
+request runs.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+
+import helpers
+from core_driver import REQ, CoreDriver, Stat
+from overlaypc import faults
+
+
+@pytest.fixture
+def drv(tmp_path):
+    helpers.build_layer(tmp_path / "lower", {"d/a": "a's data, longer\n", "d/x": "x\n"})
+    os.chmod(tmp_path / "lower" / "d" / "a", 0o640)
+    os.chmod(tmp_path / "lower" / "d" / "x", 0o755)
+    d = CoreDriver.in_dir(tmp_path)
+    yield d
+    faults.configure(None)
+    d.close()
+
+
+def _getattr_paused(drv: CoreDriver, nodeid: int, meanwhile, fh: int | None = None) -> Stat:
+    """GETATTR of ``nodeid`` in a thread, stopped with its path made while ``meanwhile()``
+    runs here; what it answered (or raises what it raised)."""
+    reached, go = threading.Event(), threading.Event()
+    results: list[object] = []
+    worker: list[threading.Thread] = []
+
+    def hook(point, *args):
+        if threading.current_thread() in worker and not reached.is_set():
+            reached.set()
+            go.wait(10)
+
+    def run():
+        try:
+            results.append(Stat.of(drv.ops.getattr(REQ, nodeid, fh).attr))
+        except Exception as e:  # noqa: BLE001 (returned to the test)
+            results.append(e)
+
+    faults.install("ops.path", hook)
+    thread = threading.Thread(target=run)
+    worker.append(thread)
+    thread.start()
+    try:
+        assert reached.wait(10), "the GETATTR never reached ops.path"
+        meanwhile()
+    finally:
+        go.set()
+        thread.join(10)
+        faults.configure(None)
+    (result,) = results
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def test_getattr_racing_a_rename_over_the_name_answers_for_its_own_node(drv):
+    d = drv.lookup(drv.root(), "d")
+    a = drv.lookup(d, "a")
+    drv.link(a, d, "b")  # a second name, at which the kernel shows what GETATTR answered
+    want = drv.getattr(a)
+    assert (stat.S_IMODE(want.mode), want.nlink, want.size) == (0o640, 2, len("a's data, longer\n"))
+    got = _getattr_paused(drv, a.nodeid, lambda: drv.rename(d, "x", d, "a"))
+    assert (stat.S_IMODE(got.mode), got.nlink, got.size, got.ino) == \
+        (0o640, 1, want.size, want.ino)  # the node's object, its name "a" gone: one left
+
+
+def test_fstat_racing_the_unlink_of_an_open_files_name_answers(drv):
+    d = drv.lookup(drv.root(), "d")
+    a = drv.lookup(d, "a")
+    fh = drv.open(a, os.O_RDONLY)
+    try:
+        # fstat: a GETATTR by nodeid without a handle (the kernel's fuse_getattr passes none)
+        got = _getattr_paused(drv, a.nodeid, lambda: drv.unlink(d, "a"))
+        assert (stat.S_IMODE(got.mode), got.size, got.nlink) == (0o640, len("a's data, longer\n"), 0)
+    finally:
+        drv.release(fh)
