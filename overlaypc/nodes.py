@@ -208,13 +208,15 @@ class NodeTable:
         if old == new:
             return
         with self._lock:
+            # the epoch moves even when no node has ``old``: a lookup that read the layers
+            # before the copy-up may be about to register one under it, and must look again
+            self.epoch += 1
             nodeid = self._by_key.get(old)
             if nodeid is None:
                 return
             del self._by_key[old]
             self._nodes[nodeid].key = new
             self._by_key.setdefault(new, nodeid)
-            self.epoch += 1
 
     # -- queries ----------------------------------------------------------------------------
     def node(self, nodeid: int) -> Node:
