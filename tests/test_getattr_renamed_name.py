@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 
 import pytest
 
 import helpers
-from core_driver import REQ, CoreDriver, Stat
+from core_driver import REQ, CoreDriver, Stat, paused_at
 from overlaypc import faults
 
 
@@ -39,33 +38,8 @@ def drv(tmp_path):
 def _getattr_paused(drv: CoreDriver, nodeid: int, meanwhile, fh: int | None = None) -> Stat:
     """GETATTR of ``nodeid`` in a thread, stopped with its path made while ``meanwhile()``
     runs here; what it answered (or raises what it raised)."""
-    reached, go = threading.Event(), threading.Event()
-    results: list[object] = []
-    worker: list[threading.Thread] = []
-
-    def hook(point, *args):
-        if threading.current_thread() in worker and not reached.is_set():
-            reached.set()
-            go.wait(10)
-
-    def run():
-        try:
-            results.append(Stat.of(drv.ops.getattr(REQ, nodeid, fh).attr))
-        except Exception as e:  # noqa: BLE001 (returned to the test)
-            results.append(e)
-
-    faults.install("ops.path", hook)
-    thread = threading.Thread(target=run)
-    worker.append(thread)
-    thread.start()
-    try:
-        assert reached.wait(10), "the GETATTR never reached ops.path"
-        meanwhile()
-    finally:
-        go.set()
-        thread.join(10)
-        faults.configure(None)
-    (result,) = results
+    result = paused_at("ops.path", lambda: Stat.of(drv.ops.getattr(REQ, nodeid, fh).attr),
+                       meanwhile)
     if isinstance(result, Exception):
         raise result
     return result

@@ -433,6 +433,16 @@ def test_open_while_its_name_is_renamed_over_never_opens_the_other_file(drv, fla
     drv.settle()
 
 
+def _assert_regular_or_gone(got) -> None:
+    """A GETATTR of a regular file's node answered ENOENT (its object is gone) or that
+    file's attributes, never another object's."""
+    if isinstance(got, OSError):
+        assert got.errno == errno.ENOENT, got
+    else:
+        assert not isinstance(got, Exception), got
+        assert stat.S_ISREG(got.attr.mode), f"a regular file's node answered {got.attr}"
+
+
 def test_getattr_while_its_name_is_renamed_over_never_answers_the_other_object(drv):
     """GETATTR of ``f`` (a regular file) stops with its path made; a symlink is renamed
     over ``f``. The reply must not be the symlink's attributes: the kernel would take them
@@ -441,11 +451,7 @@ def test_getattr_while_its_name_is_renamed_over_never_answers_the_other_object(d
     _, f = _node(drv, "f")
     got = paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid),
                      _replaced_by(drv, "f", "symlink"))
-    if isinstance(got, OSError):
-        assert got.errno == errno.ENOENT, got
-    else:
-        assert not isinstance(got, Exception), got
-        assert stat.S_ISREG(got.attr.mode), f"a regular file's node answered {got.attr}"
+    _assert_regular_or_gone(got)
     drv.settle()
 
 
@@ -530,11 +536,7 @@ def test_getattr_while_its_name_is_unlinked_and_taken_never_answers_the_new_obje
         drv.unlink(sub, "f")
         drv.symlink(sub, "f", "two")
     got = paused_at("ops.path", lambda: drv.ops.getattr(REQ, f.nodeid), meanwhile)
-    if isinstance(got, OSError):
-        assert got.errno == errno.ENOENT, got
-    else:
-        assert not isinstance(got, Exception), got
-        assert stat.S_ISREG(got.attr.mode), f"a regular file's node answered {got.attr}"
+    _assert_regular_or_gone(got)
     drv.settle()
 
 
