@@ -584,7 +584,8 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
     """On tmp_path (ext4 here, no reflink): copy-up copies 200 MiB and fsyncs it.
 
     The racing part (no read ever sees a partial copy; a rewritten block may read old or
-    new while the writes go on) cannot fail under bind-at-open: there fr stays on the
+    new while the writes go on, page by page for a read racing its block's write: the
+    backing filesystem's buffered read is atomic per page only) cannot fail under bind-at-open: there fr stays on the
     lower file, which is complete all along, and the fresh opens made during the copy-up
     bind to that lower file too; a read there may get old and new pages of a rewritten
     block at once (that mode's bug, accepted page by page). What bind-at-open does fail
@@ -597,9 +598,13 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
     stop = threading.Event()
     copying = threading.Event()
     failures: list[str] = []
-    counts = {"reads": 0, "during_copy_up": 0, "fresh_opens": 0, "mixed_under_bind_at_open": 0}
+    counts = {"reads": 0, "during_copy_up": 0, "fresh_opens": 0, "mixed_under_bind_at_open": 0,
+              "torn_by_a_racing_write": 0}
 
-    def check(where: str, i: int, data: bytes) -> None:
+    writes_done = threading.Event()
+
+    def check(where: str, i: int, data: bytes, overlapped: bool) -> None:
+        """``overlapped``: the read began before the rewrites were all done."""
         if data == block(b"OLD!", i, BIG_BLOCK):
             return
         if i in new_ok and data == block(b"NEW!", i, BIG_BLOCK):
@@ -611,6 +616,12 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
             # block) gets some of each
             counts["mixed_under_bind_at_open"] += 1
             return
+        if overlapped and i in new_ok and _pages_old_or_new(data, i):
+            # a read racing the rewrite of its block: the backing filesystem's buffered read
+            # is atomic per page only (ext4 takes no lock for it), so whole old and new pages
+            # may mix, in every mode (seen once in CI under cache=shared)
+            counts["torn_by_a_racing_write"] += 1
+            return
         zeros = data.count(0)
         failures.append(f"{where}: block {i}: {len(data)} bytes, {zeros} zero bytes, "
                         f"starts {data[:16]!r}")
@@ -621,7 +632,8 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
             i = rng.randrange(BIG_BLOCKS)
             os.posix_fadvise(fd, i * BIG_BLOCK, BIG_BLOCK, os.POSIX_FADV_DONTNEED)
             during = copying.is_set()
-            check("held handle", i, pread_all(fd, BIG_BLOCK, i * BIG_BLOCK))
+            overlapped = not writes_done.is_set()
+            check("held handle", i, pread_all(fd, BIG_BLOCK, i * BIG_BLOCK), overlapped)
             counts["reads"] += 1
             counts["during_copy_up"] += during and copying.is_set()
 
@@ -631,7 +643,8 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
             i = rng.randrange(BIG_BLOCKS)
             fd = os.open(m / "big", os.O_RDONLY)
             try:
-                check("fresh open", i, pread_all(fd, BIG_BLOCK, i * BIG_BLOCK))
+                overlapped = not writes_done.is_set()
+                check("fresh open", i, pread_all(fd, BIG_BLOCK, i * BIG_BLOCK), overlapped)
             finally:
                 os.close(fd)
             counts["fresh_opens"] += 1
@@ -651,6 +664,7 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
             copying.clear()
             for i in BIG_REWRITTEN:
                 os.pwrite(fw, block(b"NEW!", i, BIG_BLOCK), i * BIG_BLOCK)
+            writes_done.set()
             time.sleep(0.3)
         finally:
             stop.set()
