@@ -387,14 +387,15 @@ class OverlayOps(Operations):
 
     def _attr_at(self, nodeid: int, rel: str) -> Attr:
         """The attributes of the node by its path ``rel``, if the object there is still
-        the node's. A rename over, or an unlink of, the node's own name is not counted by
-        ``pathguard`` and may land between the path being made and the lookup: the path
-        then names another object (whose attributes the kernel would cache for this node
-        and show at its other names) or nothing (ENOENT to an ``fstat``). Then again, once
-        the change is done and the table followed it (it does so in, or right after, the
-        change's namespace lock hold); an open node with no name left answers from its
-        handle. A mismatch that stays (a change behind the mount's back) answers what the
-        path names, as before."""
+        the node's. A rename over, or an unlink of, the node's own name may land between
+        the path being made and the lookup: the path then names another object (whose
+        attributes the kernel would cache for this node and show at its other names) or
+        nothing (ENOENT to an ``fstat``). ``pathguard`` counts those changes too (GETATTR
+        is then redone under the namespace lock); this check came first (hunt7) and is
+        kept as a second line, at the cost of one key comparison. On a mismatch: again,
+        once the change is done and the table followed it; an open node with no name left
+        answers from its handle. A mismatch that stays (a change behind the mount's back)
+        answers what the path names, as before."""
         fs, nodes = self.fs, self.nodes
         for tries in range(_SAME_NODE_TRIES - 1, -1, -1):
             try:
