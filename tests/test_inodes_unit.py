@@ -92,15 +92,21 @@ def test_hold_fails_after_the_last_release(layers):
     assert not table.hold(inode)
 
 
-def test_hold_succeeds_while_a_copy_up_rekeys_the_inode(layers, tmp_path):
-    """Between a copy-up setting the inode's new key and the table's rekey, the inode is
-    live (the copy-up holds it): a nameless file's fstat there must not be told ENOENT."""
+def _copied_single(layers, tmp_path):
+    """A table with the inode of lower ``single`` and an upper copy of it: (table, inode,
+    its old key, the copy's node)."""
     upper, lower = layers
     table = InodeTable()
     old = key_of(node(lower, "single"), split_links=True)
     inode = table.acquire(old, 7, node(lower, "single").top)
     (tmp_path / "upper" / "single").write_bytes(b"copied\n")
-    up = node(upper, "single")
+    return table, inode, old, node(upper, "single")
+
+
+def test_hold_succeeds_while_a_copy_up_rekeys_the_inode(layers, tmp_path):
+    """Between a copy-up setting the inode's new key and the table's rekey, the inode is
+    live (the copy-up holds it): a nameless file's fstat there must not be told ENOENT."""
+    table, inode, old, up = _copied_single(layers, tmp_path)
     assert table.hold(inode)  # the copy-up's own reference
     inode.rebind(up.top, key_of(up, split_links=True), 7)
     assert table.hold(inode), "a live inode refused in the rekey window"
@@ -113,12 +119,7 @@ def test_hold_succeeds_while_a_copy_up_rekeys_the_inode(layers, tmp_path):
 
 
 def test_rekey_after_copy_up_and_release_under_the_new_key(layers, tmp_path):
-    upper, lower = layers
-    table = InodeTable()
-    old = key_of(node(lower, "single"), split_links=True)
-    inode = table.acquire(old, 7, node(lower, "single").top)
-    (tmp_path / "upper" / "single").write_bytes(b"copied\n")
-    up = node(upper, "single")
+    table, inode, old, up = _copied_single(layers, tmp_path)
     inode.rebind(up.top, key_of(up, split_links=True), 7)
     table.rekey(inode, old)
     assert table.get(old) is None and table.get(inode.key) is inode
