@@ -38,7 +38,6 @@ from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations,
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR, Writer, has_fsetid
-from .layer import split
 from .listings import POSITION_BITS, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
@@ -93,6 +92,14 @@ _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 _SAME_NODE_TRIES = 3
 _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.FATTR_MTIME
                   | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW)
+
+
+def _chown_ids(sa: SetAttr) -> tuple[int, int] | None:
+    """The (uid, gid) a SETATTR sets, -1 for the one it leaves; None when it sets neither."""
+    valid = sa.valid
+    if not valid & (p.FATTR_UID | p.FATTR_GID):
+        return None
+    return (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
 
 
 def _caller(req: Request) -> Caller:
@@ -444,9 +451,7 @@ class OverlayOps(Operations):
         if sa.fh is not None and not valid & (_PATH_SETATTRS | p.FATTR_KILL_SUIDGID):
             return self._setattr_steps(req, nodeid, rel, sa, None)  # an ftruncate: no path
         data = sa.fh is None  # (a size is set) a truncate by path needs the data above
-        ids = None
-        if valid & (p.FATTR_UID | p.FATTR_GID):
-            ids = (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
+        ids = _chown_ids(sa)
         return self._at_node(
             nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None),
             lambda rel: self._copy_up_for(rel, bool(valid & _PATH_SETATTRS or data),
@@ -457,19 +462,16 @@ class OverlayOps(Operations):
         """``setattr``'s steps, by ``rel`` or (no name left) on ``inode``."""
         fs, valid = self.fs, sa.valid
         if valid & p.FATTR_KILL_SUIDGID:  # truncate without CAP_FSETID, or any chown
-            chown = None
-            if valid & (p.FATTR_UID | p.FATTR_GID):
-                chown = (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
             # no name, no fh: one of the inode's handles, held against its RELEASE
-            self._kill_privs(req, nodeid, rel, sa.fh, chown, inode)
+            self._kill_privs(req, nodeid, rel, sa.fh, _chown_ids(sa), inode)
         if valid & p.FATTR_MODE:
             if inode is None:
                 fs.chmod(rel, sa.mode)
             else:
                 fs.files.chmod_inode(inode, sa.mode)
-        if valid & (p.FATTR_UID | p.FATTR_GID):
-            uid = sa.uid if valid & p.FATTR_UID else -1
-            gid = sa.gid if valid & p.FATTR_GID else -1
+        ids = _chown_ids(sa)
+        if ids is not None:
+            uid, gid = ids
             if inode is None:
                 fs.chown(rel, uid, gid)
             else:
@@ -524,19 +526,14 @@ class OverlayOps(Operations):
         asked of a mount with metacopy files, whose data may be below)."""
         if data and self.fs.config.metacopy:
             return False
-        upper = self.fs.stack.upper
-        head, name = split(rel)
-        parent = upper.held_dir(head) if name else None
-        st = upper.lstat(rel) if parent is None else upper.stat_at(parent, name)
+        st = self.fs.stack.upper.lstat(rel)  # (one fstatat when the parent's fd is held)
         return st is not None and not is_whiteout(st)
 
     def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """``setattr`` of a named node without a size nor a handle (untar's utimens, chown
         and chmod of every file): the same steps in the same order, from one lookup."""
         valid = sa.valid
-        ids = None
-        if valid & (p.FATTR_UID | p.FATTR_GID):
-            ids = (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
+        ids = _chown_ids(sa)
         writer = None
         if valid & p.FATTR_KILL_SUIDGID:  # any chown (see ``_kill_privs``)
             writer = Writer(req.uid, req.gid, req.pid, may_be_capable=ids is not None)
