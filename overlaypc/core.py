@@ -28,7 +28,8 @@ from . import indexroots, killpriv, logs, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
-from .fdbudget import FdBudget
+from .engine.pool import MAX_EXTRA, usable_cpus
+from .fdbudget import FdBudget, open_count
 from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
@@ -96,6 +97,10 @@ class OverlayFS:
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
         self.handles = HandleTable()
+        #: the most fds open files may hold (``fdbudget``): an OPEN or CREATE beyond fails
+        #: with ENFILE, so that other requests keep the fds they need
+        self.open_file_fds = self.fd_budget.open_files(
+            held=open_count(), workers=usable_cpus() + MAX_EXTRA)
         #: owner and mode shown and written (ID mapping, squashing, override xattrs)
         self.ownership = Ownership.for_mount(
             config, self.stack.layers + ([self.stack.work] if self.stack.work else []))
@@ -116,6 +121,7 @@ class OverlayFS:
             assert self.copyup is not None
             self.copyup.index = self.index
         self.sharing: ExtentMap | None = ExtentMap(max_fds=self.fd_budget.sharing) if config.sharing else None
+        self.lookup.fd_room = lambda: self.open_file_fds - self.open_fds()
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.files = Files(self)
@@ -158,6 +164,20 @@ class OverlayFS:
         self.stack.close()
 
     # -- cross-cutting rules ----------------------------------------------------------------------
+    def open_fds(self) -> int:
+        """The fds open files hold: one per handle, one per metacopy file being read, and
+        the extent map's canonical files twice (as many may still be in reads)."""
+        shared = 0 if self.sharing is None else 2 * self.sharing.open_fds
+        return len(self.handles) + self.inodes.meta_fds + shared
+
+    def room_for_open(self, rel: str) -> None:
+        """Raise ENFILE when open files hold their whole share of the fd limit (checked
+        before an OPEN or CREATE does anything; a few racing opens may pass at once, which
+        the per-request reserve absorbs)."""
+        if self.open_fds() >= self.open_file_fds:
+            raise OSError(errno.ENFILE, f"{self.open_file_fds} fds held by open files "
+                          "(raise the daemon's ulimit -n)", rel)
+
     def require_writable(self) -> None:
         if not self.writable or self.copyup is None:
             raise OSError(errno.EROFS, "read-only overlay")
@@ -183,7 +203,7 @@ class OverlayFS:
                     with inode.lock:
                         inode.key = new_key
                     try:
-                        inode.metacopy_at(entry.rel, entry)
+                        self.inodes.metacopy_at(inode, entry.rel, entry)
                     except OSError:
                         pass  # the copy-up is done; only a rename of the name loses its attributes
                     self.inodes.rekey(inode, key)

@@ -17,7 +17,17 @@ The budget, for a soft limit L (1024 by default on most systems, the hard limit 
     layer roots, the workers' cloned /dev/fuse fds (one per CPU, 8 more while requests
     block: ``engine/pool.py``), Python's own.
 Inodes and handles hold fds only while a file is open (they are not caches), so they
-count against the rest.
+count against the rest; and they are bounded (``FdBudget.open_files``): past
+``limit - held - workers * (PER_REQUEST + 1) - LOOKUP_FLOOR`` fds for open files and the
+extent map's canonical files (``held``: what the daemon had open when it started, the
+layer roots and Python's own; ``workers``: the most worker threads, each with its cloned
+``/dev/fuse`` fd), an OPEN or CREATE fails
+with ENFILE (the file server's table is full) before it does anything. So a client that
+holds as many files as the daemon's limit allows leaves every other request its fds: a
+lookup, listing, rename or copy-up of another client never fails with EMFILE (hunt8a:
+1,009 files held open through a daemon at ``ulimit -n 1024`` made every other client's
+chmod, rename, mkdir and listing fail with EMFILE). The lookup cache then holds only what
+the open files leave (``Lookup.fd_room``).
 
 Caveats: a cache's fds close on the last reference to them, so the fds of operations in
 flight outlive an eviction (a few per running operation). ENFILE (the system-wide limit)
@@ -26,6 +36,7 @@ gets the same fallback, though there the fds may be other processes'.
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import threading
 from _weakrefset import WeakSet  # weakref.WeakSet itself: weakref.py adds ~0.7 ms to a start
@@ -42,6 +53,11 @@ log = logs.get("overlaypc.fdbudget")
 LOOKUP_CAP = 16384
 #: Canonical files of the extent map (reads of shared extents), whatever the limit.
 SHARING_CAP = 256
+#: fds one running request may hold beside the open files and the caches: a copy-up's
+#: source and target, their parents, a step of a path longer than PATH_MAX
+PER_REQUEST = 6
+#: the lookup cache keeps this many directory fds however many files are open
+LOOKUP_FLOOR = 16
 
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 if TYPE_CHECKING:
@@ -64,10 +80,25 @@ class FdBudget:
         sharing = max(1, min(limit // 16, SHARING_CAP))
         return cls(limit, lookup, sharing, limit - lookup - 2 * sharing)
 
+    def open_files(self, *, held: int, workers: int) -> int:
+        """How many fds open files (handles, metacopy upper files, and the extent map's
+        canonical files, counted twice) may hold: what is left when ``held`` fds are open,
+        ``workers`` threads run a request each and the lookup cache keeps its floor; at
+        least 16."""
+        return max(16, self.limit - held - workers * (PER_REQUEST + 1) - LOOKUP_FLOOR)
+
     @classmethod
     def for_process(cls) -> "FdBudget":
         """The budget of this process's current soft limit."""
         return cls.from_limit(soft_limit())
+
+
+def open_count() -> int:
+    """How many fds this process has open now (one listing of /proc/self/fd)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # (less the listing's own)
+    except OSError:
+        return 16
 
 
 def soft_limit() -> int:

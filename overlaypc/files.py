@@ -57,6 +57,7 @@ class Files:
 
     def open(self, rel: str, flags: int) -> OpenResult:
         fs = self.fs
+        fs.room_for_open(rel)
         if flags & _WRITE_INTENT:  # (a read-only open needs only the lookup below)
             node = fs.lookup.lookup(rel)
             if not node.exists:
@@ -96,7 +97,7 @@ class Files:
         inode = fs.inodes.acquire(fs.identity(node), fs.inos.ino_of(node), backing)
         try:
             if node.data is not None:
-                inode.metacopy_at(rel, node.top)
+                fs.inodes.metacopy_at(inode, rel, node.top)
             with self._truncating(inode, flags):
                 fd, generation = inode.open_backing(flags, via=backing)
         except BaseException:
@@ -132,6 +133,7 @@ class Files:
     def create(self, rel: str, flags: int, mode: int, caller: Caller) -> tuple[OpenResult, Node]:
         """A new regular file, opened; and its node as made (``Namespace.create``)."""
         fs = self.fs
+        fs.room_for_open(rel)
         fd, node = fs.namespace.create(rel, flags, mode, caller)
         try:
             key = fs.identity(node)

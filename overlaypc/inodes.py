@@ -145,19 +145,22 @@ class OverlayInode:
         with self.lock:
             self.privs_epoch += 1
 
-    def metacopy_at(self, rel: str, upper: Entry) -> None:
+    def metacopy_at(self, rel: str, upper: Entry) -> bool:
         """The inode is the metacopy file at ``rel`` whose attributes are in ``upper`` (just
         looked up, under the namespace lock). Its fd is kept until the last release;
-        never replaced before: another thread may be using it."""
+        never replaced before: another thread may be using it. Whether it opened the fd
+        (``InodeTable.metacopy_at`` counts them)."""
         with self.lock:
             self.meta_rel = rel
-            if self.meta_file is None:
-                fd = upper.layer.path_fd(upper.rel)
-                st = os.fstat(fd)
-                if not same_file(st, upper.st):
-                    os.close(fd)
-                    raise StaleBacking(errno.ESTALE, "metacopy file moved", upper.rel)
-                self.meta_file = MetaFile(upper.layer, fd)
+            if self.meta_file is not None:
+                return False
+            fd = upper.layer.path_fd(upper.rel)
+            st = os.fstat(fd)
+            if not same_file(st, upper.st):
+                os.close(fd)
+                raise StaleBacking(errno.ESTALE, "metacopy file moved", upper.rel)
+            self.meta_file = MetaFile(upper.layer, fd)
+            return True
 
     def moved(self, rel: str) -> None:
         with self.lock:
@@ -188,6 +191,8 @@ class InodeTable:
         self._versions: OrderedDict[InodeKey, tuple[int, int]] = OrderedDict()
         self._retain = retain
         self._lock = threading.Lock()
+        #: how many live inodes hold a metacopy upper file's fd (``fdbudget``'s open files)
+        self.meta_fds = 0
 
     def get(self, key: InodeKey) -> OverlayInode | None:
         return self._live.get(key)
@@ -205,6 +210,13 @@ class InodeTable:
                 self._live[key] = inode
             inode.refs += 1
             return inode
+
+    def metacopy_at(self, inode: OverlayInode, rel: str, upper: Entry) -> None:
+        """``inode.metacopy_at(rel, upper)``, counting the fd it opens; the caller holds a
+        reference, so ``release`` cannot close that fd before it is counted."""
+        if inode.metacopy_at(rel, upper):
+            with self._lock:
+                self.meta_fds += 1
 
     def hold(self, inode: OverlayInode) -> bool:
         """One more reference on a live inode; False if its last reference went meanwhile.
@@ -233,6 +245,7 @@ class InodeTable:
             if inode.meta_file is not None:  # no handle left that could use it
                 os.close(inode.meta_file.fd)
                 inode.meta_file = None
+                self.meta_fds -= 1
             if self._live.get(inode.key) is inode:
                 del self._live[inode.key]
             self._versions[inode.key] = (inode.data_version, inode.cached_version)

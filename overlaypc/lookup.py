@@ -41,8 +41,8 @@ the mount's back are not seen (as with the kernel's own dentry cache); the open 
 object it opened is the one kept, and looks the name up afresh when not.
 
 Bound: a cached directory holds an ``O_PATH`` fd of itself in each layer that has it, so
-the cache is bounded by the fds it holds (``max_fds``, from ``fdbudget``; LRU), not by
-its entries, and it registers with ``fdbudget`` to be emptied when the process runs out
+the cache is bounded by the fds it holds (``max_fds``, from ``fdbudget``, less what open files
+hold beyond their share: ``fd_room``; LRU), not by its entries, and it registers with ``fdbudget`` to be emptied when the process runs out
 of fds. Eviction is always safe: a ``DirFd`` closes on its last reference, so an
 operation holding a node keeps its fds. A directory missing from the cache is found by
 walking down from its deepest cached ancestor one level at a time, holding only the
@@ -57,6 +57,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 from . import fdbudget, whiteout
 from .dirnames import LowerNames
@@ -200,6 +201,9 @@ class Lookup:
         self._dirs: OrderedDict[str, tuple[Node, int]] = OrderedDict()
         self._fds = 0
         self.max_fds = fdbudget.FdBudget.for_process().lookup if max_fds is None else max_fds
+        #: how many fds of their share the open files leave now (set by ``OverlayFS``): the
+        #: cache holds no more than that and ``fdbudget.LOOKUP_FLOOR``, within ``max_fds``
+        self.fd_room: Callable[[], int] | None = None
         self._lock = threading.Lock()
         self._root_node: Node | None = None
         #: kept files (``recent``): merged directory -> name -> ``Kept``, oldest first; all of
@@ -363,7 +367,10 @@ class Lookup:
                 self._fds -= old[1]
             self._dirs[rel] = (node, fds)
             self._fds += fds
-            while self._fds > self.max_fds and self._dirs:
+            bound = self.max_fds
+            if self.fd_room is not None:  # (a length and an int read: no lock taken)
+                bound = max(fdbudget.LOOKUP_FLOOR, min(bound, fdbudget.LOOKUP_FLOOR + self.fd_room()))
+            while self._fds > bound and self._dirs:
                 self._fds -= self._dirs.popitem(last=False)[1][1]
 
     def _root(self) -> Node:

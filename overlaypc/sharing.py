@@ -158,6 +158,11 @@ class ExtentMap:
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def open_fds(self) -> int:
+        """The canonical files held open (as many again may still be in reads in flight)."""
+        return len(self._fds)
+
     def never_shares(self, dev: int) -> bool:
         """Whether ``dev`` is known (from an earlier ``shares_on``) to hold no shared extents."""
         return self._devices.get(dev) is False

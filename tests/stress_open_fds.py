@@ -3,7 +3,7 @@ the client and the daemon under ``ulimit -n 1024``, while another process rename
 directories and renames files over them (copy-ups), with a walk now and then.
 
 Written in hunt7: found that a handle kept each fd a copy-up replaced until its release
-(EMFILE; see test_limits.test_200_open_files_renamed_under_them_at_256_fds). Run as root:
+(EMFILE; see test_limits.test_150_open_files_renamed_under_them_at_256_fds). Run as root:
   python tests/stress_open_fds.py /tmp/scratch/fds "redirect_dir=on" 1
 Usage: stress_open_fds.py BASE OPTIONS SEED (BASE is deleted first). The client reads,
 fstats and (30% of the files, opened O_RDWR) writes every fd in rounds and checks each

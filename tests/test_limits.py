@@ -425,15 +425,16 @@ def test_failed_rename_leaves_no_mark(layers_factory, overlay_mount):
 # --------------------------------------------------------------------------------------
 # Open files that copy-ups switch, under a low fd limit (mounted)
 # --------------------------------------------------------------------------------------
-def test_200_open_files_renamed_under_them_at_256_fds(layers_factory, overlay_mount):
-    """The daemon runs under ``ulimit -n 256`` with 200 lower files open read-only through
-    the mount; each is then renamed (a copy-up: its handle follows the copy), and every
-    open file still reads its data. A handle kept the fd it replaced until its release,
-    so the daemon needed 400 fds and the reads, renames and opens failed with EMFILE
-    (hunt7: 900 files open at ``ulimit -n 1024`` while another process renamed them)."""
+def test_150_open_files_renamed_under_them_at_256_fds(layers_factory, overlay_mount):
+    """The daemon runs under ``ulimit -n 256`` with 150 lower files open read-only through
+    the mount (what open files may hold there: ``FdBudget.open_files``); each is then
+    renamed (a copy-up: its handle follows the copy), and every open file still reads its
+    data. A handle kept the fd it replaced until its release, so the daemon needed 300 fds
+    and the reads, renames and opens failed with EMFILE (hunt7: 900 files open at
+    ``ulimit -n 1024`` while another process renamed them)."""
     lower = layers_factory.empty_dir("lower")
     for i in range(10):
-        for j in range(20):
+        for j in range(15):
             helpers.build_layer(lower, {f"d{i}/f{j}": f"{i}/{j}\n"})
     upper = layers_factory.empty_dir("upper")
     work = layers_factory.empty_dir("work")
@@ -441,7 +442,7 @@ def test_200_open_files_renamed_under_them_at_256_fds(layers_factory, overlay_mo
     fds = {}
     try:
         for i in range(10):
-            for j in range(20):
+            for j in range(15):
                 fds[(i, j)] = os.open(m.path / f"d{i}" / f"f{j}", os.O_RDONLY)
         for (i, j) in fds:
             os.rename(m.path / f"d{i}" / f"f{j}", m.path / f"d{i}" / f"g{j}")
@@ -451,7 +452,7 @@ def test_200_open_files_renamed_under_them_at_256_fds(layers_factory, overlay_mo
     finally:
         for fd in fds.values():
             os.close(fd)
-    assert sorted(os.listdir(m.path / "d3")) == sorted(f"g{j}" for j in range(20))
+    assert sorted(os.listdir(m.path / "d3")) == sorted(f"g{j}" for j in range(15))
 
 
 # --------------------------------------------------------------------------------------
@@ -696,3 +697,51 @@ def test_steps_cut_long_paths_between_components():
         assert "/".join(pieces) == path
         assert all(0 < len(os.fsencode(p)) <= STEP_BYTES for p in pieces)
         assert len(pieces) == -(-len(os.fsencode(path)) // (STEP_BYTES + 1)) or len(pieces) > 1
+
+
+# --------------------------------------------------------------------------------------
+# A client holding as many files as the daemon's limit allows (mounted)
+# --------------------------------------------------------------------------------------
+def test_files_held_to_the_limit_leave_other_requests_their_fds(layers_factory, overlay_mount):
+    """The daemon runs under ``ulimit -n 256``; a client opens lower files until an open
+    fails. That open fails with ENFILE (the daemon's open files have their share), and
+    every other request still has the fds it needs: copy-ups (chmod, truncate, rename),
+    mkdir, listings of directories not looked up yet, hard links; the held files read
+    right, and once they are closed opens work again. Open files took every fd, so all of
+    those failed with EMFILE (hunt8a: 1,009 files held through a daemon at 1024)."""
+    lower = layers_factory.empty_dir("lower")
+    helpers.build_layer(lower, {**{f"held/f{i:03d}": f"{i}\n" for i in range(300)},
+                                **{f"other/d{i}/f": f"other {i}\n" for i in range(20)}})
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    m = overlay_mount(stack_options([lower], upper, work), nofile=256)
+    held: list[int] = []
+    refused = None
+    try:
+        for i in range(300):
+            try:
+                held.append(os.open(m.path / "held" / f"f{i:03d}", os.O_RDONLY))
+            except OSError as e:
+                refused = e.errno
+                break
+        assert refused is not None, "300 files opened through a daemon limited to 256 fds"
+        other = m.path / "other"
+        done = []
+        for i in range(20):
+            d = other / f"d{i}"
+            assert os.listdir(d) == ["f"]
+            os.chmod(d / "f", 0o600)            # a copy-up (data and all: metacopy is off)
+            os.truncate(d / "f", 3)
+            os.link(d / "f", d / "g")
+            os.rename(d / "g", d / "h")
+            os.mkdir(d / "new")
+            done.append(i)
+        assert done == list(range(20))
+        assert (upper / "other" / "d7" / "h").read_text() == "oth"
+        assert refused == errno.ENFILE, errno.errorcode[refused]
+        for i, fd in enumerate(held):
+            assert os.pread(fd, 10, 0) == f"{i}\n".encode()
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert (m.path / "held" / "f299").read_text() == "299\n"
