@@ -648,12 +648,24 @@ class OverlayOps(Operations):
         return entry
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
-        removed = self._at_paths(lambda: self.fs.unlink(self._child(parent, name)[0]))
-        self.nodes.unlink(parent, os.fsdecode(name), keep_key=self._links_elsewhere(removed))
+        # the table drops the name under the namespace lock hold that removed it (as a
+        # rename's): a request by nodeid made in between would use a name that names
+        # nothing, or what took it
+        def change() -> None:
+            rel, decoded = self._child(parent, name)
+            self.fs.unlink(rel, lambda removed: self.nodes.unlink(
+                parent, decoded, keep_key=self._links_elsewhere(removed)))
+        self._at_paths(change)
+        if faults.armed:
+            faults.hit("ops.removed", os.fsdecode(name))  # test-only (faults.py)
 
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
-        self._at_paths(lambda: self.fs.rmdir(self._child(parent, name)[0]))
-        self.nodes.unlink(parent, os.fsdecode(name))
+        def change() -> None:
+            rel, decoded = self._child(parent, name)
+            self.fs.rmdir(rel, lambda removed: self.nodes.unlink(parent, decoded))
+        self._at_paths(change)
+        if faults.armed:
+            faults.hit("ops.removed", os.fsdecode(name))  # test-only (faults.py)
 
     def rename(self, req: Request, parent: int, name: bytes, new_parent: int, new_name: bytes,
                flags: int = 0) -> None:

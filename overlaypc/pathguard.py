@@ -33,10 +33,10 @@ a stale path. Three ways to use it (``OverlayOps``):
   namespace lock, where no rename can land: renames that keep coming, one in each
   attempt, would otherwise redo it for as long as they come.
 
-Removals (unlink, rmdir) count too, around their change on disk: the node table drops
-the name after that lock hold, but the kernel holds the directory's lock until the reply,
-so no new object takes the name (which a read whose path was made before would answer
-for) before the table followed. A copy-up started on a stale path copies up whatever
+Removals (unlink, rmdir) count too, from before their change on disk until the node
+table dropped the name, in the same lock hold (as a rename's table update): a request
+whose path was made from the table after the count went even again names what is there.
+A copy-up started on a stale path copies up whatever
 took it (the object that path names then): that changes no merged content, and the
 request then starts over on its new path. Namespace changes (``_at_paths``) are not
 redone under the lock (a copy-up they need takes its own lock first).
