@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 from . import faults, logs
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
-from .copyup import Seen, is_private_xattr
+from .copyup import CopyUpFirst, Seen, is_private_xattr
 from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
@@ -248,17 +248,39 @@ class OverlayOps(Operations):
 
     def _at_paths(self, change):
         """``change()``, which makes its paths from the node table and then one namespace
-        change with them, again while a directory above was renamed between the two
-        (``pathguard``: nothing was changed then)."""
-        paths = self._paths
+        change with them, again when they went stale meanwhile (``pathguard``: a rename or
+        removal landed before its lock hold; nothing was changed): then with its paths made
+        under the namespace lock, where none lands (renames that keep coming would redo it
+        for as long as they come). A copy-up the change needs cannot run under that lock
+        (``CopyUp.refusing``): then all over again without it, which copies it up."""
+        fs, paths = self.fs, self._paths
+        locked = False
         while True:
-            paths.expect(paths.moves)
-            try:
-                return change()
-            except PathsMoved:
+            if not locked:
+                moves = paths.moves
+                paths.expect(moves)
+                try:
+                    return change()
+                except PathsMoved:
+                    pass
+                except OSError:
+                    # failed before its lock hold (a lookup, a copy-up), with paths that
+                    # went stale meanwhile: not the change's own answer
+                    if not paths.unchecked() or not self._moved(moves):
+                        raise
+                finally:
+                    paths.expect(None)
+                locked = True
                 continue
-            finally:
-                paths.expect(None)
+            refusing = fs.copyup.refusing() if fs.copyup is not None else contextlib.nullcontext()
+            with fs.ns_lock, refusing:  # (reentrant: the change takes it again)
+                paths.expect(paths.moves)
+                try:
+                    return change()
+                except CopyUpFirst:
+                    locked = False
+                finally:
+                    paths.expect(None)
 
     def _moved(self, moves: int) -> bool:
         """Whether a directory moved since ``moves`` was read (``pathguard``), or was being

@@ -21,7 +21,11 @@ a stale path. Three ways to use it (``OverlayOps``):
 - namespace changes say at which count they made their paths (``expect``: a plain call, a
   context manager's cost showed per request); their first change checks the count once it
   holds the namespace lock, before changing anything (``check``), and raises
-  ``PathsMoved``: the request makes its paths again and starts over (``_at_paths``);
+  ``PathsMoved``: the request makes its paths again and starts over (``_at_paths``), as
+  after an error before that hold with the count moved (a lookup or copy-up of a stale
+  path); the second time with its paths made and its change run in one namespace lock
+  hold (the lock is reentrant), where a copy-up it needs is refused (``CopyUp.refusing``:
+  it would take its stripe lock under the namespace lock) and run without the lock first;
 - other changes by nodeid (SETATTR, SETXATTR, REMOVEXATTR, OPEN, OPENDIR) compare the count
   under the namespace lock themselves and act in that hold (``_at_node``); a copy-up they
   need runs first, without the lock (a copy-up takes its own lock, then the namespace lock),
@@ -38,8 +42,7 @@ table dropped the name, in the same lock hold (as a rename's table update): a re
 whose path was made from the table after the count went even again names what is there.
 A copy-up started on a stale path copies up whatever
 took it (the object that path names then): that changes no merged content, and the
-request then starts over on its new path. Namespace changes (``_at_paths``) are not
-redone under the lock (a copy-up they need takes its own lock first).
+request then starts over on its new path.
 """
 from __future__ import annotations
 
@@ -74,6 +77,11 @@ class PathGuard:
         """This thread's next ``check`` compares against ``count`` (None: none; a caller
         sets it back to None when its change is over, in a ``finally``)."""
         self._local.count = count
+
+    def unchecked(self) -> bool:
+        """Whether this thread's ``expect`` was not ``check``ed yet: a change that failed
+        then failed before its namespace lock hold, on paths that may have been stale."""
+        return getattr(self._local, "count", None) is not None
 
     def check(self) -> None:
         """Under the namespace lock, before a change: ``PathsMoved`` if a directory was
