@@ -15,7 +15,10 @@ A crash at any point leaves the lower view or the complete upper copy; leftovers
 
 Locking: one copy-up per path at a time (striped locks), taken *without* the
 namespace lock; the final rename takes the namespace lock and re-checks that the
-object is still the same, so a racing unlink or rename is never undone.
+object is still the same, so a racing unlink or rename is never undone. A thread that
+holds the namespace lock while it runs code that may ask for a copy-up says so
+(``refusing``): a copy-up asked for then raises ``CopyUpFirst`` before taking any lock
+(under the namespace lock, its stripe lock would be taken in the other order).
 """
 from __future__ import annotations
 
@@ -149,6 +152,11 @@ class CopyUpContext:
         return stat.S_IFMT(self.src.st.st_mode)
 
 
+class CopyUpFirst(Exception):
+    """A copy-up was asked for in a thread that holds the namespace lock (``refusing``):
+    nothing was copied; the caller runs again without the lock."""
+
+
 class CopyUp:
     def __init__(self, stack: LayerStack, lookup: Lookup, ns_lock: threading.RLock, stats: Stats,
                  *, xattr_prefix: str, volatile: bool, key_of, on_copied, metacopy: bool = False,
@@ -171,6 +179,24 @@ class CopyUp:
         #: indices of source layers whose files cannot be reflinked to the upper
         self._no_reflink: set[int] = set()
         self._names = itertools.count()
+        #: ``refusing``'s flag, per thread
+        self._refused = threading.local()
+
+    @contextlib.contextmanager
+    def refusing(self):
+        """Copy-ups asked for in this thread (which holds the namespace lock) meanwhile
+        raise ``CopyUpFirst`` instead of running."""
+        self._refused.on = True
+        try:
+            yield
+        finally:
+            self._refused.on = False
+
+    def _stripe(self, rel: str) -> threading.Lock:
+        """The lock of copy-ups of ``rel``; ``CopyUpFirst`` under ``refusing``."""
+        if getattr(self._refused, "on", False):
+            raise CopyUpFirst(rel)
+        return self._stripes[hash(rel) % len(self._stripes)]
 
     # -- step 1: what is missing, ancestors first ----------------------------------------
     def ensure_upper(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
@@ -202,7 +228,7 @@ class CopyUp:
         node = self.lookup.lookup(rel)
         if node.data is None:
             return entry
-        with self._stripes[hash(rel) % len(self._stripes)]:
+        with self._stripe(rel):
             node = self.lookup.lookup(rel)
             if node.data is None or node.upper is None:
                 return node.upper or entry
@@ -213,7 +239,7 @@ class CopyUp:
 
     # -- step 2: one object, under its lock -----------------------------------------------
     def _copy_one(self, rel: str, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
-        with self._stripes[hash(rel) % len(self._stripes)]:
+        with self._stripe(rel):
             # under the object's lock: a copy-up of it that finished meanwhile (or any other
             # change) moved the epoch, and then the name is looked up again
             if seen is not None and seen.epoch == self.lookup.epoch:

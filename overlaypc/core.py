@@ -508,12 +508,14 @@ class OverlayFS:
     def link(self, src: str, dst: str) -> None:
         self.namespace.link(src, dst)
 
-    def unlink(self, rel: str) -> Node:
-        """Remove ``rel``; return its node as it was just before (its link count)."""
-        return self.namespace.unlink(rel)
+    def unlink(self, rel: str, then: Callable[[Node], None] | None = None) -> Node:
+        """Remove ``rel``; return its node as it was just before (its link count).
+        ``then(that node)`` runs after the removal under the same namespace lock hold."""
+        return self.namespace.unlink(rel, then)
 
-    def rmdir(self, rel: str) -> None:
-        self.namespace.rmdir(rel)
+    def rmdir(self, rel: str, then: Callable[[Node], None] | None = None) -> None:
+        """Remove the directory ``rel``; ``then(its node)`` as ``unlink``'s."""
+        self.namespace.rmdir(rel, then)
 
     def rename(self, old: str, new: str, flags: int = 0,
                then: Callable[[Node | None], None] | None = None) -> Node | None:

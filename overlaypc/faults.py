@@ -20,7 +20,8 @@ link/unlink/rename), ``ops.lookup`` (a LOOKUP, or the lookup of what a change ma
 its merged path made, before the layers are read), ``ops.path`` (a request by nodeid:
 GETATTR, SETATTR, OPEN, OPENDIR, a listing without a handle, READLINK, ACCESS, the xattr
 requests, with the node's merged path made, before the layers are read or changed),
-``ops.created`` (a CREATE's file made, before its reply's entry is taken),
+``ops.created`` (a CREATE's file made, before its reply's entry is taken), ``ops.removed``
+(an UNLINK or RMDIR with its namespace lock hold over, before its reply),
 ``readdir.scanned`` (a listing with its layers' directories read, before its entries are
 numbered), ``attrs.found`` (a lookup for attributes with the object found, before its
 attributes are made).

@@ -383,8 +383,10 @@ class Namespace:
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory", node.rel)
 
-    def unlink(self, rel: str) -> Node:
-        """Remove the non-directory at ``rel``; return its node as it was just before."""
+    def unlink(self, rel: str, then: Callable[[Node], None] | None = None) -> Node:
+        """Remove the non-directory at ``rel``; return its node as it was just before.
+        ``then(that node)``: after the removal, under the namespace lock hold that made it
+        (the adapter's node table drops the name there, as ``rename``'s ``then``)."""
         self.fs.require_writable()
         if not self._parent_in_upper(rel):
             self._check_unlink(self.fs.lookup.lookup(rel))  # before copying the parent up
@@ -396,14 +398,18 @@ class Namespace:
             shared = self.fs.index_of(node)
             key = self.fs.identity(node)  # before the name is gone
             # a lower entry in the node: a lower layer shows the name (no need to ask again);
-            # counted (``pathguard``): a GETATTR or OPEN of the node made its path before,
-            # and once the UNLINK replied a new object may take the name
+            # counted (``pathguard``) until the table followed: a GETATTR or OPEN of the
+            # node made its path before, and once the UNLINK replied a new object may take
+            # the name
             with self.fs.paths.moving():
                 self._remove(node, bool(node.lowers) or self.lower_exists(rel))
-            if shared is not None:
-                # a lower name not linked up goes by a whiteout: the index inode keeps its links
-                self._count_link(shared, -1, -1 if node.upper is not None else 0)
-            self.fs.unlinked(node, key)
+                if shared is not None:
+                    # a lower name not linked up goes by a whiteout: the index inode keeps
+                    # its links
+                    self._count_link(shared, -1, -1 if node.upper is not None else 0)
+                self.fs.unlinked(node, key)
+                if then is not None:  # (after the count: ``then`` may read it)
+                    then(node)
         return node
 
     @staticmethod
@@ -413,7 +419,8 @@ class Namespace:
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory", node.rel)
 
-    def rmdir(self, rel: str) -> None:
+    def rmdir(self, rel: str, then: Callable[[Node], None] | None = None) -> None:
+        """Remove the directory at ``rel``; ``then(its node)`` as ``unlink``'s."""
         self.fs.require_writable()
         if not rel:
             raise OSError(errno.EBUSY, "cannot remove the mount root")
@@ -423,18 +430,19 @@ class Namespace:
         with self._changing():
             node = self.fs.lookup.lookup(rel)
             self._check_rmdir(node)
-            try:
-                with self.fs.paths.moving():  # (``pathguard``: as an unlink's)
+            with self.fs.paths.moving():  # (``pathguard``: as an unlink's)
+                try:
                     lower_exists = bool(node.lowers) or self.lower_exists(rel)
-                    if not lower_exists and self._rmdir_if_empty(node):
-                        return
-                    if merged_listing(node, self.fs.inos, self.fs.prefix):
-                        raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
-                    self._remove(node, lower_exists)
-            finally:
-                # even after a failure: a step may have moved the upper dir already, and
-                # the cache must never hold its fd under this name (changes act through it)
-                self._done(rel)
+                    if lower_exists or not self._rmdir_if_empty(node):
+                        if merged_listing(node, self.fs.inos, self.fs.prefix):
+                            raise OSError(errno.ENOTEMPTY, "directory not empty", rel)
+                        self._remove(node, lower_exists)
+                finally:
+                    # even after a failure: a step may have moved the upper dir already, and
+                    # the cache must never hold its fd under this name (changes act through it)
+                    self._done(rel)
+                if then is not None:
+                    then(node)
 
     def _rmdir_if_empty(self, node: Node) -> bool:
         """rm -rf's common case, as the kernel's ``ovl_remove_upper``: a directory only the

@@ -21,7 +21,11 @@ a stale path. Three ways to use it (``OverlayOps``):
 - namespace changes say at which count they made their paths (``expect``: a plain call, a
   context manager's cost showed per request); their first change checks the count once it
   holds the namespace lock, before changing anything (``check``), and raises
-  ``PathsMoved``: the request makes its paths again and starts over (``_at_paths``);
+  ``PathsMoved``: the request makes its paths again and starts over (``_at_paths``), as
+  after an error before that hold with the count moved (a lookup or copy-up of a stale
+  path); the second time with its paths made and its change run in one namespace lock
+  hold (the lock is reentrant), where a copy-up it needs is refused (``CopyUp.refusing``:
+  it would take its stripe lock under the namespace lock) and run without the lock first;
 - other changes by nodeid (SETATTR, SETXATTR, REMOVEXATTR, OPEN, OPENDIR) compare the count
   under the namespace lock themselves and act in that hold (``_at_node``); a copy-up they
   need runs first, without the lock (a copy-up takes its own lock, then the namespace lock),
@@ -33,13 +37,12 @@ a stale path. Three ways to use it (``OverlayOps``):
   namespace lock, where no rename can land: renames that keep coming, one in each
   attempt, would otherwise redo it for as long as they come.
 
-Removals (unlink, rmdir) count too, around their change on disk: the node table drops
-the name after that lock hold, but the kernel holds the directory's lock until the reply,
-so no new object takes the name (which a read whose path was made before would answer
-for) before the table followed. A copy-up started on a stale path copies up whatever
+Removals (unlink, rmdir) count too, from before their change on disk until the node
+table dropped the name, in the same lock hold (as a rename's table update): a request
+whose path was made from the table after the count went even again names what is there.
+A copy-up started on a stale path copies up whatever
 took it (the object that path names then): that changes no merged content, and the
-request then starts over on its new path. Namespace changes (``_at_paths``) are not
-redone under the lock (a copy-up they need takes its own lock first).
+request then starts over on its new path.
 """
 from __future__ import annotations
 
@@ -74,6 +77,11 @@ class PathGuard:
         """This thread's next ``check`` compares against ``count`` (None: none; a caller
         sets it back to None when its change is over, in a ``finally``)."""
         self._local.count = count
+
+    def unchecked(self) -> bool:
+        """Whether this thread's ``expect`` was not ``check``ed yet: a change that failed
+        then failed before its namespace lock hold, on paths that may have been stale."""
+        return getattr(self._local, "count", None) is not None
 
     def check(self) -> None:
         """Under the namespace lock, before a change: ``PathsMoved`` if a directory was

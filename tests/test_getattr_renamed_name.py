@@ -2,8 +2,9 @@
 
 GETATTR (a ``stat`` whose dentry is cached, and ``fstat``) makes the node's layer path
 from the node table, then looks it up. ``pathguard`` redoes it when a directory above
-moved meanwhile, but a change of the node's own name is not counted (the kernel holds the
-node's lock for the requests that change it, not for GETATTR): a rename of another file
+moved meanwhile; a change of the node's own name was not counted at first (the kernel
+holds the node's lock for the requests that change it, not for GETATTR; it is now, and
+these tests fail without it): a rename of another file
 over that name between the two answered with the other file's attributes, which the
 kernel then cached for this node and showed at its other names (hunt6 saw it once under
 tests/stress_mount.py: ``stat`` of a hard-linked file showed another object's mode, size

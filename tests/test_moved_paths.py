@@ -28,6 +28,7 @@ from overlaypc import faults
 from overlaypc.config import MountConfig, validate
 from overlaypc.engine import protocol as p
 from overlaypc.engine.protocol import SetAttr
+from overlaypc.namespace import Caller
 
 
 @pytest.fixture
@@ -464,16 +465,25 @@ def _renames_at(drv, point: str):
     """A hook for fault point ``point``: each time the request passes it (in a thread not
     holding the namespace lock, so not blocked by this thread), directory ``e`` is renamed
     to ``e2`` or back, up to ``_KEEP_COMING`` times: a rename lands in every attempt.
-    Returns (the hook, the list of renames made)."""
+    The rename runs in a thread of its own (a request's expected count is per thread:
+    ``PathGuard.expect``), which the hook leaves alone. Returns the list of renames made."""
     made: list[int] = []
     root = drv.root()
     drv.mkdir(root, "e", 0o755)
+    renamers: set[int] = set()
+
+    def rename(old: str, new: str) -> None:
+        renamers.add(threading.get_ident())
+        drv.rename(root, old, root, new)
 
     def hook(point, *args):
-        if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING:
+        if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING or \
+                threading.get_ident() in renamers:
             return
-        old, new = ("e", "e2") if len(made) % 2 == 0 else ("e2", "e")
-        drv.rename(root, old, root, new)
+        t = threading.Thread(target=rename,
+                             args=("e", "e2") if len(made) % 2 == 0 else ("e2", "e"))
+        t.start()
+        t.join()
         made.append(1)
     faults.install(point, hook)
     return made
@@ -523,6 +533,36 @@ def test_change_or_lookup_ends_while_directory_renames_keep_coming(drv, request_
     finally:
         faults.configure(None)
     assert len(made) < _KEEP_COMING, f"the request ended only once the renames stopped"
+    drv.settle()
+
+
+_CHANGES = {
+    "mkdir": lambda drv, sub: drv.mkdir(sub, "g", 0o755),
+    "create": lambda drv, sub: drv.release(drv.create(sub, "g", os.O_WRONLY, 0o644)[1]),
+    "symlink": lambda drv, sub: drv.symlink(sub, "g", "t"),
+    "link": lambda drv, sub: drv.link(drv.lookup(sub, "f"), sub, "g"),
+    "unlink": lambda drv, sub: drv.unlink(sub, "f"),
+    "rmdir": lambda drv, sub: drv.rmdir(sub, "e"),
+    "rename": lambda drv, sub: drv.rename(sub, "f", sub, "g"),
+}
+
+
+@pytest.mark.parametrize("request_kind", sorted(_CHANGES))
+def test_namespace_change_ends_while_renames_keep_coming(drv, request_kind):
+    """A namespace change whose paths went stale (a rename landed between them and its
+    lock: ``namespace.changing``) makes them again; while such renames keep coming (one in
+    every attempt here), it must make them at most twice (the second time under the
+    namespace lock), not start over for as long as they come. Before: once per rename."""
+    sub, _ = _node(drv, "f")
+    drv.mkdir(sub, "e", 0o755)
+    made = _renames_at(drv, "namespace.changing")
+    try:
+        _CHANGES[request_kind](drv, sub)
+    finally:
+        faults.configure(None)
+    assert len(made) <= 2, f"made its paths {len(made) + 1} times: once per rename"
+    names = {"unlink": {"l", "e"}, "rmdir": {"f", "l"}, "rename": {"e", "g", "l"}}
+    assert set(drv.readdir(sub)) == names.get(request_kind, {"e", "f", "g", "l"})
     drv.settle()
 
 
@@ -583,3 +623,40 @@ def test_lookup_that_read_the_layers_before_a_copy_up_registers_no_stale_identit
     for entry in (f, sub, again, first):
         drv.ops.forget(entry.nodeid, 1)
     drv.settle()
+
+
+def test_namespace_change_whose_paths_went_stale_before_its_lookup_is_made_again(tmp_path):
+    """A MKDIR in ``d/sub`` (a lower directory) made its path, then ``d`` was renamed to
+    ``dx`` (redirect_dir=on: ``sub`` stays below, not copied up) before the change looked
+    the parent up: that lookup's ENOENT is not the change's answer (the kernel let the
+    rename run: it holds ``sub``'s lock only). The change is made again with its paths
+    made under the namespace lock; the copy-up of ``dx/sub`` it then needs must run
+    without that lock (its stripe lock is taken first elsewhere: a deadlock), so once
+    more without it. Before: ENOENT."""
+    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "f\n"})
+    drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
+    try:
+        root = drv.root()
+        sub = drv.lookup(drv.lookup(root, "d"), "sub")
+        attempts: list[str] = []
+        locked_copies: list[bool] = []
+        faults.install("copyup.rename",
+                       lambda point, *a: locked_copies.append(drv.fs.ns_lock._is_owned()))
+
+        def change() -> None:
+            rel = drv.ops._child(sub.nodeid, b"g")[0]
+            attempts.append(rel)
+            if len(attempts) == 1:  # (another thread: a request's expected count is its own)
+                t = threading.Thread(target=drv.rename, args=(root, "d", root, "dx"))
+                t.start()
+                t.join()
+            drv.fs.mkdir(rel, 0o755, Caller())
+        drv.ops._at_paths(change)
+        faults.configure(None)
+        assert attempts == ["d/sub/g", "dx/sub/g", "dx/sub/g"], attempts
+        assert locked_copies and not any(locked_copies), "copied up under the namespace lock"
+        assert drv.lookup(drv.lookup(drv.lookup(root, "dx"), "sub"), "g") is not None
+        drv.settle()
+    finally:
+        faults.configure(None)
+        drv.close()
