@@ -46,15 +46,15 @@ class Extent:
         return self.plain and bool(self.flags & FIEMAP_EXTENT_SHARED)
 
 
-def fiemap(fd: int, *, sync: bool) -> list[Extent]:
-    """All extents of ``fd``, logical order. ``sync`` flushes dirty data first, so a file
-    with unwritten-back writes is not reported at its old (shared) location."""
+def fiemap(fd: int, *, sync: bool, start: int = 0, end: int = (1 << 64) - 1) -> list[Extent]:
+    """The extents of ``fd`` that meet the byte range [start, end) (all by default), logical
+    order. ``sync`` flushes dirty data first, so a file with unwritten-back writes is not
+    reported at its old (shared) location."""
     out: list[Extent] = []
-    start = 0
     flags = FIEMAP_FLAG_SYNC if sync else 0
     while True:
         buf = bytearray(_HEADER.size + _BATCH * _EXTENT.size)
-        _HEADER.pack_into(buf, 0, start, (1 << 64) - 1 - start, flags, 0, _BATCH, 0)
+        _HEADER.pack_into(buf, 0, start, end - start, flags, 0, _BATCH, 0)
         fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
         mapped = _HEADER.unpack_from(buf, 0)[3]
         last = False
@@ -65,3 +65,5 @@ def fiemap(fd: int, *, sync: bool) -> list[Extent]:
         if mapped < _BATCH or last or not mapped:
             return out
         start = out[-1].end
+        if start >= end:
+            return out

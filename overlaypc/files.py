@@ -246,7 +246,9 @@ class Files:
                 sharing.register(Canonical(layer, rel, fx.dev, fx.ino), fx.extents)
             elif layer is self.fs.stack.upper:  # (not an index=on entry in workdir/index,
                 self.fs.register_origin(rel)   # which has no merged path to find it by)
-            result = fx
+            # (owners whose blocks changed behind the mount are forgotten: reads never go to
+            # blocks another file may hold by now; if they keep changing, read the own file)
+            result = fx if sharing.verify(fx) else NOT_SHARED
         if known is None and not upper:
             sharing.remember_lower(key, result)
         return result

@@ -8,7 +8,14 @@ upper files made by a reflink copy-up, until written.
 Rules that keep it from ever serving wrong data:
   * the map is keyed by ``(st_dev, physical offset)``: offsets repeat across filesystems;
   * only plain extents (flags within SHARED|LAST|MERGED) are used;
-  * canonical sources are read-only lower files, whose data never changes;
+  * canonical sources are read-only lower files, whose data never changes through the
+    mount; their *blocks* may change behind it without a change of data (deduplication by
+    duperemove or bees, defragmentation), and the freed blocks may then hold another file's
+    data. So each new mapping with shared extents is checked (``verify``): every canonical
+    its reads would be redirected to must still reference those physical blocks now (one
+    range FIEMAP per canonical); an owner that does not is forgotten. Once checked, a
+    mapping stays right while its file keeps it: the file holds those blocks, so they are
+    not reused, and a canonical's bytes never change;
   * every file with shared extents, lower or upper, is mapped with ``FIEMAP_FLAG_SYNC``:
     XFS keeps a COW-fork write in the page cache while the data fork still points at the
     shared extent, also for a lower file written (without fsync) before the mount;
@@ -265,6 +272,75 @@ class ExtentMap:
                 _, dropped = self._lower.popitem(last=False)
                 self._lower_extents -= self._weight(dropped)
 
+    # -- checking owners against their files now -------------------------------------------
+    def claims(self, fx: FileExtents) -> dict[tuple[int, int], tuple[Canonical, list[tuple[int, int, int]]]]:
+        """What reads of ``fx`` would take from other files now: per canonical (by device
+        and inode), the canonical and its ``(logical, physical, length)`` runs."""
+        out: dict[tuple[int, int], tuple[Canonical, list[tuple[int, int, int]]]] = {}
+        with self._lock:
+            starts = self._starts.get(fx.dev)
+            if not starts:
+                return out
+            owners = self._owners[fx.dev]
+            for e in fx.extents:
+                if not e.shared:
+                    continue
+                lo, hi = e.physical, e.physical + e.length
+                i = max(bisect.bisect_right(starts, lo) - 1, 0)
+                while i < len(starts) and starts[i] < hi:
+                    end, logical, canon = owners[i]
+                    a, b = max(lo, starts[i]), min(hi, end)
+                    key = (canon.dev, canon.ino)
+                    if a < b and key != (fx.dev, fx.ino):
+                        out.setdefault(key, (canon, []))[1].append((logical + (a - starts[i]), a, b - a))
+                    i += 1
+        return out
+
+    def _holds(self, canon: Canonical, runs: list[tuple[int, int, int]]) -> bool:
+        """Whether ``canon`` references each run's physical bytes at its logical offset now."""
+        source = self._source(canon)
+        if source is None:
+            return False
+        lo = min(logical for logical, _, _ in runs)
+        hi = max(logical + length for logical, _, length in runs)
+        try:
+            extents = fiemap(source.fd, sync=False, start=lo, end=hi)
+        except OSError:
+            return False
+        return all(_covers(extents, *run) for run in runs)
+
+    def verify(self, fx: FileExtents) -> bool:
+        """Whether every canonical file that reads of ``fx`` (just mapped) would be redirected
+        to still references those physical blocks; an owner found not to is forgotten, and
+        the owners are looked at again. False if they keep changing (then read ``fx``'s file
+        itself)."""
+        for _ in range(3):
+            stale = [canon for canon, runs in self.claims(fx).values() if not self._holds(canon, runs)]
+            if not stale:
+                return True
+            for canon in stale:
+                self.forget(canon)
+        return False
+
+    def forget(self, canon: Canonical) -> None:
+        """``canon``'s blocks changed behind the mount: it owns nothing any more (until it is
+        registered again from a new mapping), and no remembered lower mapping is trusted."""
+        key = (canon.dev, canon.ino)
+        with self._lock:
+            starts, owners = self._starts.get(canon.dev, []), self._owners.get(canon.dev, [])
+            kept = [(start, owner) for start, owner in zip(starts, owners)
+                    if (owner[2].dev, owner[2].ino) != key]
+            self._count -= len(starts) - len(kept)
+            self._starts[canon.dev] = [start for start, _ in kept]
+            self._owners[canon.dev] = [owner for _, owner in kept]
+            self._registered.discard(key)
+            source = self._fds.pop(canon, None)
+            self._lower.clear()
+            self._lower_extents = 0
+        del source  # closed (if no read holds it) outside the lock
+        log.info("canonical %s no longer holds its extents (changed behind the mount): forgotten",
+                 canon.rel)
+
     # -- reading ---------------------------------------------------------------------------
     def plan(self, fx: FileExtents, offset: int, length: int) -> list[Piece] | None:
         """How to read [offset, offset+length) of the file mapped by ``fx``; None: all own.
@@ -342,6 +418,21 @@ class ExtentMap:
             fds = list(self._fds.values())
             self._fds.clear()
         del fds
+
+
+def _covers(extents: list[Extent], logical: int, physical: int, length: int) -> bool:
+    """Whether ``extents`` (logical order) map [logical, logical+length) plainly onto
+    [physical, physical+length)."""
+    pos, end = logical, logical + length
+    for e in extents:
+        if e.end <= pos:
+            continue
+        if e.logical > pos or not e.plain or e.physical - e.logical != physical - logical:
+            return False
+        pos = e.end
+        if pos >= end:
+            return True
+    return False
 
 
 def map_file(fd: int, st: os.stat_result | None = None) -> FileExtents | None:

@@ -320,3 +320,34 @@ def test_remembered_lower_mappings_are_bounded_by_extents(monkeypatch):
     assert kept == [4], kept  # 60 extents each: only the newest fits in 100
     emap.remember_lower((1, 9), sharing_mod.NOT_SHARED)  # costs no extents
     assert emap.lower_mapping((1, 4)) is not None
+
+
+def test_forget_drops_only_that_canonicals_intervals(tmp_path):
+    """hunt 8b: an owner whose blocks changed behind the mount (dedupe) is forgotten: its
+    intervals go, the others' stay, the count follows, and it can be registered again."""
+    lower = Lower(tmp_path / "lower", 3)
+    m = ExtentMap()
+    for k in range(3):
+        m.register(lower.canons[k], lower.extents(k))
+    assert len(m) == 3
+    m.forget(lower.canons[1])
+    assert len(m) == 2
+    assert m.owner(lower.dev, lower.phys(1)) is None
+    assert m.owner(lower.dev, lower.phys(0))[0] == lower.canons[0]
+    assert m.owner(lower.dev, lower.phys(2) + 5)[:2] == (lower.canons[2], 5)
+    ref = lower.referencing([0, 1, 2])
+    assert set(m.claims(ref)) == {(c.dev, c.ino) for c in (lower.canons[0], lower.canons[2])}
+    m.register(lower.canons[1], lower.extents(1))
+    assert len(m) == 3 and m.owner(lower.dev, lower.phys(1))[0] == lower.canons[1]
+    lower.layer.close()
+
+
+def test_covers_needs_every_byte_at_its_physical_offset():
+    from overlaypc.sharing import _covers
+
+    ext = [Extent(0, 1000, 100, SHARED), Extent(100, 1100, 50, 0), Extent(150, 5000, 50, 0)]
+    assert _covers(ext, 10, 1010, 140)        # across two adjacent extents
+    assert not _covers(ext, 10, 1010, 141)    # one byte into an extent elsewhere
+    assert not _covers(ext, 0, 2000, 10)      # the canonical's blocks moved
+    assert not _covers(ext, 190, 5040, 20)    # past its last extent
+    assert not _covers([Extent(0, 1000, 100, 0x800)], 0, 1000, 10)  # unwritten: not plain

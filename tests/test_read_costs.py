@@ -30,9 +30,9 @@ def fiemaps(monkeypatch):
     calls = [0]
     real = sharing.fiemap
 
-    def counting(fd: int, *, sync: bool):
+    def counting(fd: int, *, sync: bool, **limits: int):
         calls[0] += 1
-        return real(fd, sync=sync)
+        return real(fd, sync=sync, **limits)
     monkeypatch.setattr(sharing, "fiemap", counting)
     return calls
 

@@ -291,3 +291,102 @@ def test_punched_hole_is_read_as_zeros_not_from_the_canonical_file(require_tools
     assert path.read_bytes() == expected
     assert (upper / "f").read_bytes() == expected
     assert (lower / "f").read_bytes() == data
+
+
+# -- hunt 8b: a lower file deduplicated behind the mount (duperemove, bees) --------------------
+
+def _physical(path: Path) -> list[tuple[int, int, int]]:
+    """(logical, physical, length) of each extent of ``path``, dirty data flushed first."""
+    from overlaypc.extents import fiemap
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [(e.logical, e.physical, e.length) for e in fiemap(fd, sync=True)]
+    finally:
+        os.close(fd)
+
+
+def _ag_bytes(path: Path) -> int:
+    out = subprocess.run(["xfs_io", "-c", "statfs", str(path)], check=True, capture_output=True,
+                         text=True).stdout
+    fields = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
+    return int(fields["geom.agblocks"]) * int(fields["geom.bsize"])
+
+
+def _dirs_in_one_allocation_group(base: Path) -> tuple[Path, Path]:
+    """Two new directories whose files XFS allocates in one allocation group (XFS spreads
+    new directories over the groups and allocates a file's data near its directory)."""
+    ag = _ag_bytes(base)
+    seen: dict[int, Path] = {}
+    for i in range(32):
+        d = base / f"d{i}"
+        d.mkdir()
+        _write_synced(d / "probe", b"p" * 4096)
+        group = _physical(d / "probe")[0][1] // ag
+        (d / "probe").unlink()
+        if group in seen:
+            return seen[group], d
+        seen[group] = d
+    raise AssertionError(f"no two directories in one allocation group: {seen}")
+
+
+def _dedupe(src: Path, dst: Path, length: int) -> None:
+    """FIDEDUPERANGE: ``dst``'s first ``length`` bytes (equal to ``src``'s) now reference
+    ``src``'s blocks. Its data does not change."""
+    r = subprocess.run(["xfs_io", "-c", f"dedupe {src} 0 0 {length}", str(dst)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "deduped" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_dedupe_behind_the_mount_never_serves_a_freed_extent(require_tools, xfs_dir, overlay_mount):
+    """Lower a and b (a reflink of a) are read through a cache=shared mount: a becomes the
+    canonical owner of their physical extent P. Behind the mount, both are deduplicated
+    against an identical file outside the layers (their data unchanged): P is freed, and
+    files then written through the mount get P. Once such a file shares its extent (a
+    copy_file_range through the mount), its reads must come from its own data, not from a's
+    bytes that the stale owner entry for P points at."""
+    lower, upper = _dirs_in_one_allocation_group(xfs_dir)  # so P is reused for upper files
+    work, outside = xfs_dir / "work", xfs_dir / "outside"
+    work.mkdir()
+    outside.mkdir()
+    size = 1 << 20
+    data = _data(size, 21)
+    _write_synced(lower / "a", data)
+    _reflink(lower / "a", lower / "b")
+    _write_synced(outside / "x", data)
+    freed = _physical(lower / "a")[0][1]
+    m = overlay_mount(_options(lower, upper, work, "shared"))
+    assert (m.path / "a").read_bytes() == data  # a owns P
+    assert (m.path / "b").read_bytes() == data  # b is served from a
+
+    _dedupe(outside / "x", lower / "a", size)
+    _dedupe(outside / "x", lower / "b", size)
+    assert (lower / "a").read_bytes() == data and (lower / "b").read_bytes() == data
+    subprocess.run(["sync"], check=True)  # freed extents become reusable once the log commits
+    reused = []
+    for k in range(16):
+        new = _data(64 << 10, 100 + k)
+        fd = os.open(m.path / f"n{k}", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            os.write(fd, new)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if freed <= _physical(upper / f"n{k}")[0][1] < freed + size:
+            reused.append((k, new))
+    # the trap is set: XFS gave a file written through the mount a's old blocks
+    assert reused, "XFS reused none of the freed extent"
+    for k, new in reused:
+        src = os.open(m.path / f"n{k}", os.O_RDONLY)
+        dst = os.open(m.path / f"c{k}", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            assert os.copy_file_range(src, dst, len(new), 0, 0) == len(new)  # a reflink
+        finally:
+            os.close(src)
+            os.close(dst)
+    for k, new in reused:
+        got = (m.path / f"n{k}").read_bytes()
+        assert got == new, f"n{k} read {'a' if got == data[:len(got)] else 'other'}'s bytes"
+        assert (m.path / f"c{k}").read_bytes() == new
+    # and the deduplicated files still read right, through the mount
+    assert (m.path / "a").read_bytes() == data and (m.path / "b").read_bytes() == data
