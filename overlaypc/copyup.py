@@ -139,6 +139,8 @@ class CopyUpContext:
     src: Entry
     key: InodeKey
     tmp: str
+    #: ``Lookup.epoch`` read before the lookup that found ``node`` (``Seen``); -1: unknown
+    epoch: int = -1
     method: str = "none"
     metadata_only: bool = False
     index_key: str | None = None
@@ -217,8 +219,9 @@ class CopyUp:
             # under the object's lock: a copy-up of it that finished meanwhile (or any other
             # change) moved the epoch, and then the name is looked up again
             if seen is not None and seen.epoch == self.lookup.epoch:
-                node = seen.node
+                node, epoch = seen
             else:
+                epoch = self.lookup.epoch  # (read before the layers: ``Seen``)
                 node = self.lookup.lookup(rel)
             if not node.exists:
                 raise OSError(errno.ENOENT, "vanished during copy-up", rel)
@@ -227,7 +230,7 @@ class CopyUp:
             if node.index is not None:  # index=on: another name was copied up already
                 return self._link_index(node, node.index.rel)
             ctx = CopyUpContext(node, node.top, self._key_of(node),
-                                join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"),
+                                join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"), epoch,
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode))
             if self.index is not None and self.index.eligible(node.top):
                 ctx.index_key = self.index.key(node.top)
@@ -453,7 +456,10 @@ class CopyUp:
         rel = ctx.node.rel
         faults.hit("copyup.rename", ctx.tmp, ctx.node.rel)
         with self._installing():
-            now = self.lookup.lookup(rel)
+            # what the name resolves to now, under the namespace lock: the node the copy was
+            # made of while the epoch read before finding it has not moved (no change of the
+            # namespace and no copy-up ran since: ``Seen``), else a lookup
+            now = ctx.node if ctx.epoch == self.lookup.epoch else self.lookup.lookup(rel)
             if now.upper is not None or not now.exists or now.top.st.st_ino != ctx.src.st.st_ino \
                     or now.top.layer is not ctx.src.layer:
                 self._discard(ctx.tmp)
