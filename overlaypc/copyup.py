@@ -13,9 +13,24 @@ Order matters: data, then owner, then xattrs (writing data and chown(2) both cle
 A crash at any point leaves the lower view or the complete upper copy; leftovers in
 ``workdir/work`` are removed at the next mount (``clean_workdir``).
 
+Durability: the reply to a request that copied up comes after the copy's data, metadata
+and name are durable. That takes two barriers on any filesystem that does not order its
+writes (ext4 without a journal, where the benchmarks' layers live): the copy's fsync
+*before* the rename (else the name could reach the disk before the inode it names), and
+the parent's fsync after it. Each is one device flush there, and the copy's fsync also
+writes ``workdir/work``'s block and inode (ext4's ``ext4_sync_parent``: the copy is a
+new entry there). Measured and not taken (chmod8 helper, docs/DESIGN-NOTES.md): one
+fsync after the rename (the name may land before the data); a parent fsync per N
+copy-ups (replies before their names are durable); ``sync_file_range`` of the data
+before the rename and only the parent's fsync after it, which is one journal commit
+instead of two on ext4 with a journal and on XFS (their logs commit in order, and the
+commit's flush covers data written before) but leaves the copy's inode unwritten on
+ext4 without one.
+
 Locking: one copy-up per path at a time (striped locks), taken *without* the
 namespace lock; the final rename takes the namespace lock and re-checks that the
-object is still the same, so a racing unlink or rename is never undone.
+object is still the same (a lookup, unless ``Lookup.epoch`` shows no change ran since
+the one that found it), so a racing unlink or rename is never undone.
 """
 from __future__ import annotations
 
