@@ -29,8 +29,7 @@ ext4 without one.
 
 Locking: one copy-up per path at a time (striped locks), taken *without* the
 namespace lock; the final rename takes the namespace lock and re-checks that the
-object is still the same (a lookup, unless ``Lookup.epoch`` shows no change ran since
-the one that found it), so a racing unlink or rename is never undone.
+object is still the same, so a racing unlink or rename is never undone.
 """
 from __future__ import annotations
 
