@@ -13,6 +13,20 @@ Order matters: data, then owner, then xattrs (writing data and chown(2) both cle
 A crash at any point leaves the lower view or the complete upper copy; leftovers in
 ``workdir/work`` are removed at the next mount (``clean_workdir``).
 
+Durability: the reply to a request that copied up comes after the copy's data, metadata
+and name are durable. That takes two barriers on any filesystem that does not order its
+writes (ext4 without a journal, where the benchmarks' layers live): the copy's fsync
+*before* the rename (else the name could reach the disk before the inode it names), and
+the parent's fsync after it. Each is one device flush there, and the copy's fsync also
+writes ``workdir/work``'s block and inode (ext4's ``ext4_sync_parent``: the copy is a
+new entry there). Measured and not taken (chmod8 helper, docs/DESIGN-NOTES.md): one
+fsync after the rename (the name may land before the data); a parent fsync per N
+copy-ups (replies before their names are durable); ``sync_file_range`` of the data
+before the rename and only the parent's fsync after it, which is one journal commit
+instead of two on ext4 with a journal and on XFS (their logs commit in order, and the
+commit's flush covers data written before) but leaves the copy's inode unwritten on
+ext4 without one.
+
 Locking: one copy-up per path at a time (striped locks), taken *without* the
 namespace lock; the final rename takes the namespace lock and re-checks that the
 object is still the same, so a racing unlink or rename is never undone. A thread that
@@ -142,6 +156,8 @@ class CopyUpContext:
     src: Entry
     key: InodeKey
     tmp: str
+    #: ``Lookup.epoch`` read before the lookup that found ``node`` (``Seen``); -1: unknown
+    epoch: int = -1
     method: str = "none"
     metadata_only: bool = False
     index_key: str | None = None
@@ -243,8 +259,9 @@ class CopyUp:
             # under the object's lock: a copy-up of it that finished meanwhile (or any other
             # change) moved the epoch, and then the name is looked up again
             if seen is not None and seen.epoch == self.lookup.epoch:
-                node = seen.node
+                node, epoch = seen
             else:
+                epoch = self.lookup.epoch  # (read before the layers: ``Seen``)
                 node = self.lookup.lookup(rel)
             if not node.exists:
                 raise OSError(errno.ENOENT, "vanished during copy-up", rel)
@@ -253,7 +270,7 @@ class CopyUp:
             if node.index is not None:  # index=on: another name was copied up already
                 return self._link_index(node, node.index.rel)
             ctx = CopyUpContext(node, node.top, self._key_of(node),
-                                join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"),
+                                join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"), epoch,
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode))
             if self.index is not None and self.index.eligible(node.top):
                 ctx.index_key = self.index.key(node.top)
@@ -479,7 +496,10 @@ class CopyUp:
         rel = ctx.node.rel
         faults.hit("copyup.rename", ctx.tmp, ctx.node.rel)
         with self._installing():
-            now = self.lookup.lookup(rel)
+            # what the name resolves to now, under the namespace lock: the node the copy was
+            # made of while the epoch read before finding it has not moved (no change of the
+            # namespace and no copy-up ran since: ``Seen``), else a lookup
+            now = ctx.node if ctx.epoch == self.lookup.epoch else self.lookup.lookup(rel)
             if now.upper is not None or not now.exists or now.top.st.st_ino != ctx.src.st.st_ino \
                     or now.top.layer is not ctx.src.layer:
                 self._discard(ctx.tmp)
