@@ -80,6 +80,9 @@ class FakeKernel:
         #: every worker's socket exists (the session clones once its first worker answered
         #: a request, or after ``clone_delay``: 0 here unless a test asks for another)
         self.all_cloned = threading.Event()
+        #: the connection ended (``close``): a clone then fails, as the kernel's does
+        self._ended = False
+        self._pairs_lock = threading.Lock()
         first = self._pair()
         session_kw.setdefault("clone_delay", 0)
         #: the session-side fds of retired workers, as the session closed them
@@ -96,10 +99,13 @@ class FakeKernel:
         self.ready = threading.Event()
 
     def _pair(self) -> int:
-        k, s = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        k.settimeout(20)  # a session that never answers fails the test instead of hanging
-        self.kernel_socks.append(k)
-        self._session_socks.append(s)
+        with self._pairs_lock:
+            if self._ended:  # (the kernel: a clone of an ended connection fails)
+                raise OSError(errno.ENODEV, "the connection has ended")
+            k, s = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            k.settimeout(20)  # a session that never answers fails the test instead of hanging
+            self.kernel_socks.append(k)
+            self._session_socks.append(s)
         if len(self.kernel_socks) == self.workers:
             self.all_cloned.set()
         return s.fileno()
@@ -197,7 +203,10 @@ class FakeKernel:
         return p.InitOut.decode(r.body)
 
     def close(self) -> bool:
-        """End the connection; True if the session's loop ended."""
+        """End the connection; True if the session's loop ended. A clone made while it
+        closes would keep a worker waiting for ever: none is made after (``_pair``)."""
+        with self._pairs_lock:
+            self._ended = True
         for s in self.kernel_socks:
             s.close()
         ended = True

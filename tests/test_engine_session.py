@@ -414,6 +414,33 @@ def test_a_first_worker_that_cannot_start_leaves_no_thread_running(monkeypatch):
     fk.close()
 
 
+def test_a_clone_racing_the_end_of_the_connection_lets_serve_end():
+    """The harness's own race (seen under load: ``test_a_failing_ready_callback...`` timed
+    out in ``close``): a clone made after the connection ended gave a worker a socket
+    nobody closed, and ``serve`` waited for it for ever. A clone of an ended connection
+    fails, as the kernel's does (ENODEV), and ``serve`` ends."""
+    fk = FakeKernel(MemoryOps(), workers=2, clone_delay=30)
+    fk.init()
+    make_pair, cloning, closed = fk._pair, threading.Event(), threading.Event()
+
+    def late_pair() -> int:  # the session's clone, held until the connection has ended
+        cloning.set()
+        assert closed.wait(10)
+        return make_pair()
+    fk.session._clone = late_pair
+    fk._thread = threading.Thread(target=fk.session.serve, daemon=True)
+    fk._thread.start()
+    fk.ok(p.STATFS, 1)  # the first answer: ``serve`` clones now
+    assert cloning.wait(10)
+    for s in fk.kernel_socks:  # ``close``'s first step, before the clone is made
+        s.close()
+    fk._ended = True
+    closed.set()
+    fk._thread.join(timeout=10)
+    assert not fk._thread.is_alive(), "serve() did not end: a late clone's worker waits"
+    assert fk.close()
+
+
 def test_a_failing_ready_callback_leaves_the_mount_served(kernel):
     """``ready`` (the daemon's word to its waiting parent) failing is logged; the mount,
     live since the first worker started, is still answered and ends cleanly. Before:
