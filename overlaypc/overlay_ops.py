@@ -251,8 +251,9 @@ class OverlayOps(Operations):
         change with them, again when they went stale meanwhile (``pathguard``: a rename or
         removal landed before its lock hold; nothing was changed): then with its paths made
         under the namespace lock, where none lands (renames that keep coming would redo it
-        for as long as they come). A copy-up the change needs cannot run under that lock
-        (``CopyUp.refusing``): then all over again without it, which copies it up."""
+        for as long as they come). A copy-up the change needs runs there only if its stripe
+        lock is free (``CopyUp.refusing``): else all over again without the lock, which
+        copies it up."""
         fs, paths = self.fs, self._paths
         locked = False
         while True:
