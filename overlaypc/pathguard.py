@@ -30,7 +30,8 @@ a stale path. Three ways to use it (``OverlayOps``):
 - other changes by nodeid (SETATTR, SETXATTR, REMOVEXATTR, OPEN, OPENDIR) compare the count
   under the namespace lock themselves and act in that hold (``_at_node``); a copy-up they
   need runs first, without the lock (a copy-up takes its own lock, then the namespace lock),
-  of whatever the path names then, and the request starts over;
+  of whatever the path names then, and the request starts over; once a move landed, in
+  the hold where the path is made if its stripe lock is free (``CopyUp.refusing``);
 - reads (GETATTR, GETXATTR, LISTXATTR, READLINK, ACCESS, a listing) compare the count
   before and after, without a lock, and are redone when it moved (``_moved``: after waiting
   out a rename in progress); LOOKUP and the entry a change answers with register under the

@@ -730,3 +730,54 @@ def test_change_that_copies_up_ends_while_renames_above_keep_coming(tmp_path, re
     finally:
         faults.configure(None)
         drv.close()
+
+
+_COPYING_NODE_CHANGES = {
+    "chmod": lambda drv, f: drv.ops.setattr(REQ, f.nodeid, _SETATTRS["mode"]),
+    "truncate": lambda drv, f: drv.ops.setattr(REQ, f.nodeid, _SETATTRS["size"]),
+    "open for write": lambda drv, f: drv.release(drv.open(f, os.O_WRONLY)),
+    "setxattr": lambda drv, f: drv.ops.setxattr(REQ, f.nodeid, "user.who", b"x", 0),
+}
+
+
+@pytest.mark.parametrize("request_kind", sorted(_COPYING_NODE_CHANGES))
+def test_change_by_node_that_copies_up_ends_while_renames_above_keep_coming(
+        tmp_path, request_kind):
+    """As ``test_change_that_copies_up_ends_while_renames_above_keep_coming``, for the
+    changes by nodeid (``_at_node``) of ``d/sub/f``, a lower file: a rename of ``d`` during
+    each copy-up failed it and the request started over, once per rename (copied up 201
+    times before). Once a move landed, the copy-up runs in the namespace lock hold where
+    the path is made (its stripe lock free): at most twice."""
+    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "lower data\n"})
+    drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
+    try:
+        root = drv.root()
+        drv.rename(root, "d", root, "dx")  # d's own copy-up, before the hook
+        drv.rename(root, "dx", root, "d")
+        f = drv.lookup(drv.lookup(drv.lookup(root, "d"), "sub"), "f")
+        made: list[int] = []
+        renamers: set[int] = set()
+
+        def rename(old: str, new: str) -> None:
+            renamers.add(threading.get_ident())
+            drv.rename(root, old, root, new)
+
+        def hook(point, *args):
+            if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING or \
+                    threading.get_ident() in renamers:
+                return
+            t = threading.Thread(target=rename,
+                                 args=("d", "dx") if len(made) % 2 == 0 else ("dx", "d"))
+            t.start()
+            t.join()
+            made.append(1)
+        faults.install("copyup.rename", hook)
+        _COPYING_NODE_CHANGES[request_kind](drv, f)
+        faults.configure(None)
+        assert len(made) <= 2, f"copied up {len(made) + 1} times: once per rename"
+        top = "dx" if len(made) % 2 else "d"
+        assert os.path.exists(_upper(drv, f"{top}/sub/f")), "not copied up"
+        drv.settle()
+    finally:
+        faults.configure(None)
+        drv.close()
