@@ -251,10 +251,12 @@ def mount_main(argv: list[str]) -> int:
     fdbudget.raise_limit()  # before OverlayFS: its caches' budgets come from the limit
     faults.configure(os.environ.get("OVERLAYPC_FAULTS"))
     from .core import OverlayFS  # imports the binding only when mounting
+    from .engine.pool import MAX_EXTRA, usable_cpus
     # before the layers are opened: what the mount decides there is logged (idmapped layers)
     _setup_logging(cfg)
     try:
-        fs = OverlayFS(cfg)
+        # (the session's bound: its default base count of workers, and the extra ones)
+        fs = OverlayFS(cfg, workers=usable_cpus() + MAX_EXTRA)
     except OSError as e:
         print(f"overlaypc: error: cannot open layer {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2

@@ -31,8 +31,12 @@ Locking: one copy-up per path at a time (striped locks), taken *without* the
 namespace lock; the final rename takes the namespace lock and re-checks that the
 object is still the same, so a racing unlink or rename is never undone. A thread that
 holds the namespace lock while it runs code that may ask for a copy-up says so
-(``refusing``): a copy-up asked for then raises ``CopyUpFirst`` before taking any lock
-(under the namespace lock, its stripe lock would be taken in the other order).
+(``refusing``): a copy-up asked for then never waits for its stripe lock (under the
+namespace lock that would be the other order: a deadlock); it runs, under the namespace
+lock, if that lock is free, else raises ``CopyUpFirst`` before taking any. Run there, it
+cannot be made stale by a rename of a directory above, which otherwise fails its install
+("changed during copy-up") and has the request start over: renames that keep coming, one
+per copy-up, would do that for as long as they come.
 """
 from __future__ import annotations
 
@@ -169,8 +173,9 @@ class CopyUpContext:
 
 
 class CopyUpFirst(Exception):
-    """A copy-up was asked for in a thread that holds the namespace lock (``refusing``):
-    nothing was copied; the caller runs again without the lock."""
+    """A copy-up was asked for in a thread that holds the namespace lock (``refusing``)
+    while another copy-up held its stripe lock: nothing was copied; the caller runs again
+    without the lock."""
 
 
 class CopyUp:
@@ -201,18 +206,28 @@ class CopyUp:
     @contextlib.contextmanager
     def refusing(self):
         """Copy-ups asked for in this thread (which holds the namespace lock) meanwhile
-        raise ``CopyUpFirst`` instead of running."""
+        never wait for their stripe lock: they raise ``CopyUpFirst`` when it is held."""
         self._refused.on = True
         try:
             yield
         finally:
             self._refused.on = False
 
-    def _stripe(self, rel: str) -> threading.Lock:
-        """The lock of copy-ups of ``rel``; ``CopyUpFirst`` under ``refusing``."""
-        if getattr(self._refused, "on", False):
+    @contextlib.contextmanager
+    def _stripe(self, rel: str):
+        """Hold the lock of copy-ups of ``rel``; under ``refusing``, only if it is free
+        (else ``CopyUpFirst``: module doc)."""
+        lock = self._stripes[hash(rel) % len(self._stripes)]
+        if not getattr(self._refused, "on", False):
+            with lock:
+                yield
+            return
+        if not lock.acquire(blocking=False):
             raise CopyUpFirst(rel)
-        return self._stripes[hash(rel) % len(self._stripes)]
+        try:
+            yield
+        finally:
+            lock.release()
 
     # -- step 1: what is missing, ancestors first ----------------------------------------
     def ensure_upper(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None) -> Entry:

@@ -28,8 +28,7 @@ from . import indexroots, killpriv, logs, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
-from .engine.pool import MAX_EXTRA, usable_cpus
-from .fdbudget import FdBudget, open_count
+from .fdbudget import DEFAULT_WORKERS, FdBudget, open_count
 from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
@@ -58,7 +57,10 @@ class DirHandle:
 
 
 class OverlayFS:
-    def __init__(self, config: MountConfig) -> None:
+    def __init__(self, config: MountConfig, *, workers: int = DEFAULT_WORKERS) -> None:
+        """``workers``: the most threads that run requests at once (each keeps a few fds
+        beside the open files, ``fdbudget``): the engine's bound, passed in by the mount
+        (the core knows no engine)."""
         self.config = config
         self.stack = LayerStack(config.lowers, config.upper, config.work)
         try:
@@ -100,7 +102,7 @@ class OverlayFS:
         #: the most fds open files may hold (``fdbudget``): an OPEN or CREATE beyond fails
         #: with ENFILE, so that other requests keep the fds they need
         self.open_file_fds = self.fd_budget.open_files(
-            held=open_count(), workers=usable_cpus() + MAX_EXTRA)
+            held=open_count(), workers=workers)
         #: owner and mode shown and written (ID mapping, squashing, override xattrs)
         self.ownership = Ownership.for_mount(
             config, self.stack.layers + ([self.stack.work] if self.stack.work else []))

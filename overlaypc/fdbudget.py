@@ -58,6 +58,11 @@ SHARING_CAP = 256
 PER_REQUEST = 6
 #: the lookup cache keeps this many directory fds however many files are open
 LOOKUP_FLOOR = 16
+#: worker threads ``OverlayFS`` reserves fds for when its caller does not say: the
+#: engine's bound on 2 CPUs (one worker per CPU and 8 more, ``engine/pool.py``); a mount
+#: passes the engine's own bound (``cli``), a core driven without the engine runs its
+#: requests in its own threads
+DEFAULT_WORKERS = 10
 
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 if TYPE_CHECKING:

@@ -251,8 +251,9 @@ class OverlayOps(Operations):
         change with them, again when they went stale meanwhile (``pathguard``: a rename or
         removal landed before its lock hold; nothing was changed): then with its paths made
         under the namespace lock, where none lands (renames that keep coming would redo it
-        for as long as they come). A copy-up the change needs cannot run under that lock
-        (``CopyUp.refusing``): then all over again without it, which copies it up."""
+        for as long as they come). A copy-up the change needs runs there only if its stripe
+        lock is free (``CopyUp.refusing``): else all over again without the lock, which
+        copies it up."""
         fs, paths = self.fs, self._paths
         locked = False
         while True:
@@ -319,7 +320,9 @@ class OverlayOps(Operations):
         lands between the path and the act. ``copy_up(path)``, in the same hold before
         ``act``: None when ``act`` copies nothing up, else the copy-up it needs, run first
         without the lock (a copy-up takes its own lock, then the namespace lock: never
-        under it); then all over again. A read-only mount moves nothing."""
+        waited for under it); then all over again. Once a move landed (before the lock,
+        or during a copy-up, whose install it fails), in the hold where the path is made,
+        if its stripe lock is free (``CopyUp.refusing``). A read-only mount moves nothing."""
         fs = self.fs
         if not fs.writable:
             return act(self._node_path(nodeid))
@@ -337,6 +340,8 @@ class OverlayOps(Operations):
                     stale = True
                     continue
                 copy = None if copy_up is None else copy_up(rel)
+                if copy is not None and stale and self._copied_here(copy):
+                    copy = copy_up(rel)
                 if copy is None:
                     return act(rel)
             # (of what ``rel`` names now: if a move lands first, another object's copy-up,
@@ -346,6 +351,18 @@ class OverlayOps(Operations):
             except OSError:
                 if not self._moved(moves):
                     raise
+                stale = True  # (a rename during the copy-up failed it: where none lands)
+
+    def _copied_here(self, copy: "Callable[[], object]") -> bool:
+        """Run the copy-up ``copy`` in this thread's namespace lock hold if its stripe lock
+        is free (``CopyUp.refusing``); whether it ran."""
+        assert self.fs.copyup is not None
+        with self.fs.copyup.refusing():
+            try:
+                copy()
+            except CopyUpFirst:
+                return False
+        return True
 
     def _changed(self) -> None:
         """A change of data or attributes is done (``_changes``): ``_change`` takes a new

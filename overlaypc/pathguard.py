@@ -24,12 +24,14 @@ a stale path. Three ways to use it (``OverlayOps``):
   ``PathsMoved``: the request makes its paths again and starts over (``_at_paths``), as
   after an error before that hold with the count moved (a lookup or copy-up of a stale
   path); the second time with its paths made and its change run in one namespace lock
-  hold (the lock is reentrant), where a copy-up it needs is refused (``CopyUp.refusing``:
-  it would take its stripe lock under the namespace lock) and run without the lock first;
+  hold (the lock is reentrant), where a copy-up it needs runs if its stripe lock is free,
+  else is refused (``CopyUp.refusing``: never waited for under the namespace lock) and run
+  without the lock first;
 - other changes by nodeid (SETATTR, SETXATTR, REMOVEXATTR, OPEN, OPENDIR) compare the count
   under the namespace lock themselves and act in that hold (``_at_node``); a copy-up they
   need runs first, without the lock (a copy-up takes its own lock, then the namespace lock),
-  of whatever the path names then, and the request starts over;
+  of whatever the path names then, and the request starts over; once a move landed, in
+  the hold where the path is made if its stripe lock is free (``CopyUp.refusing``);
 - reads (GETATTR, GETXATTR, LISTXATTR, READLINK, ACCESS, a listing) compare the count
   before and after, without a lock, and are redone when it moved (``_moved``: after waiting
   out a rename in progress); LOOKUP and the entry a change answers with register under the

@@ -532,6 +532,30 @@ def test_budget_splits_the_limit():
     assert FdBudget.from_limit(1024).lookup == 512
 
 
+def test_core_reserves_fds_for_the_workers_it_is_told_of_and_imports_no_engine(tmp_path):
+    """The open-file bound keeps ``PER_REQUEST + 1`` fds per worker thread: ``OverlayFS``
+    is told how many (the mount passes the engine's bound); the core is driven without
+    the engine and imports none of it (hunt8a's bound imported ``engine.pool``)."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    out = _child(f"""
+        import sys
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        from overlaypc.fdbudget import PER_REQUEST
+        print(sorted(m for m in sys.modules if m.startswith("overlaypc.engine")))
+        cfg = MountConfig(lowers=[{str(lower)!r}], mountpoint={str(tmp_path)!r})
+        validate(cfg)
+        bounds = []
+        for workers in (4, 6):
+            fs = OverlayFS(cfg, workers=workers)
+            bounds.append(fs.open_file_fds)
+            fs.close()
+        print(bounds[0] - bounds[1] == 2 * (PER_REQUEST + 1))
+    """, nofile=(1024, 1024))
+    assert out.split("\n")[:2] == ["[]", "True"]
+
+
 def test_raise_limit_lifts_soft_to_hard():
     out = _child("""
         from overlaypc import fdbudget

@@ -630,9 +630,9 @@ def test_namespace_change_whose_paths_went_stale_before_its_lookup_is_made_again
     ``dx`` (redirect_dir=on: ``sub`` stays below, not copied up) before the change looked
     the parent up: that lookup's ENOENT is not the change's answer (the kernel let the
     rename run: it holds ``sub``'s lock only). The change is made again with its paths
-    made under the namespace lock; the copy-up of ``dx/sub`` it then needs must run
-    without that lock (its stripe lock is taken first elsewhere: a deadlock), so once
-    more without it. Before: ENOENT."""
+    made under the namespace lock; the copy-up of ``dx/sub`` it then needs must not wait
+    there for its stripe lock, which another copy-up holds here (it takes the namespace
+    lock after it: a deadlock), so once more without the lock. Before: ENOENT."""
     helpers.build_layer(tmp_path / "lower", {"d/sub/f": "f\n"})
     drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
     try:
@@ -642,6 +642,13 @@ def test_namespace_change_whose_paths_went_stale_before_its_lookup_is_made_again
         locked_copies: list[bool] = []
         faults.install("copyup.rename",
                        lambda point, *a: locked_copies.append(drv.fs.ns_lock._is_owned()))
+        held, release = threading.Event(), threading.Event()
+
+        def other_copy_up() -> None:  # holds dx/sub's stripe lock, as a copy-up of it would
+            with drv.fs.copyup._stripe("dx/sub"):
+                held.set()
+                release.wait(30)
+        other = threading.Thread(target=other_copy_up)
 
         def change() -> None:
             rel = drv.ops._child(sub.nodeid, b"g")[0]
@@ -650,12 +657,126 @@ def test_namespace_change_whose_paths_went_stale_before_its_lookup_is_made_again
                 t = threading.Thread(target=drv.rename, args=(root, "d", root, "dx"))
                 t.start()
                 t.join()
+            elif len(attempts) == 2:  # under the namespace lock
+                other.start()
+                held.wait(30)
+            else:
+                release.set()
             drv.fs.mkdir(rel, 0o755, Caller())
-        drv.ops._at_paths(change)
+        try:
+            drv.ops._at_paths(change)
+        finally:
+            release.set()
+            if other.ident is not None:
+                other.join()
         faults.configure(None)
         assert attempts == ["d/sub/g", "dx/sub/g", "dx/sub/g"], attempts
         assert locked_copies and not any(locked_copies), "copied up under the namespace lock"
         assert drv.lookup(drv.lookup(drv.lookup(root, "dx"), "sub"), "g") is not None
+        drv.settle()
+    finally:
+        faults.configure(None)
+        drv.close()
+
+
+_COPYING_CHANGES = {
+    "mkdir": lambda drv, sub: drv.mkdir(sub, "g", 0o755),
+    "unlink": lambda drv, sub: drv.unlink(sub, "f"),
+    "rename": lambda drv, sub: drv.rename(sub, "f", sub, "g"),
+    "link": lambda drv, sub: drv.link(drv.lookup(sub, "f"), sub, "g"),
+}
+
+
+@pytest.mark.parametrize("request_kind", sorted(_COPYING_CHANGES))
+def test_change_that_copies_up_ends_while_renames_above_keep_coming(tmp_path, request_kind):
+    """A change in ``d/sub`` (a lower directory: copied up first) while ``d`` is renamed to
+    ``dx`` and back during each of its copy-ups (``copyup.rename``, a rename landing in
+    every attempt: the copy's path is stale by its install, which then fails). The
+    change's paths, made again under the namespace lock, went stale no more there, but
+    its copy-up ran without the lock each time and failed again: once per rename (so a
+    big file's copy-up under a directory renamed more often than the copy takes would
+    never end). A copy-up whose stripe lock is free runs under the namespace lock then:
+    at most twice."""
+    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "lower data\n"})
+    drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
+    try:
+        root = drv.root()
+        drv.rename(root, "d", root, "dx")  # d's own copy-up, before the hook
+        drv.rename(root, "dx", root, "d")
+        sub = drv.lookup(drv.lookup(root, "d"), "sub")
+        made: list[int] = []
+        renamers: set[int] = set()
+
+        def rename(old: str, new: str) -> None:
+            renamers.add(threading.get_ident())
+            drv.rename(root, old, root, new)
+
+        def hook(point, *args):
+            if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING or \
+                    threading.get_ident() in renamers:
+                return  # (under the lock a rename would wait: it lands after the change)
+            t = threading.Thread(target=rename,
+                                 args=("d", "dx") if len(made) % 2 == 0 else ("dx", "d"))
+            t.start()
+            t.join()
+            made.append(1)
+        faults.install("copyup.rename", hook)
+        _COPYING_CHANGES[request_kind](drv, sub)
+        faults.configure(None)
+        assert len(made) <= 2, f"copied up {len(made) + 1} times: once per rename"
+        names = {"unlink": set(), "rename": {"g"}}.get(request_kind, {"f", "g"})
+        assert set(drv.readdir(sub)) == names
+        drv.settle()
+    finally:
+        faults.configure(None)
+        drv.close()
+
+
+_COPYING_NODE_CHANGES = {
+    "chmod": lambda drv, f: drv.ops.setattr(REQ, f.nodeid, _SETATTRS["mode"]),
+    "truncate": lambda drv, f: drv.ops.setattr(REQ, f.nodeid, _SETATTRS["size"]),
+    "open for write": lambda drv, f: drv.release(drv.open(f, os.O_WRONLY)),
+    "setxattr": lambda drv, f: drv.ops.setxattr(REQ, f.nodeid, "user.who", b"x", 0),
+}
+
+
+@pytest.mark.parametrize("request_kind", sorted(_COPYING_NODE_CHANGES))
+def test_change_by_node_that_copies_up_ends_while_renames_above_keep_coming(
+        tmp_path, request_kind):
+    """As ``test_change_that_copies_up_ends_while_renames_above_keep_coming``, for the
+    changes by nodeid (``_at_node``) of ``d/sub/f``, a lower file: a rename of ``d`` during
+    each copy-up failed it and the request started over, once per rename (copied up 201
+    times before). Once a move landed, the copy-up runs in the namespace lock hold where
+    the path is made (its stripe lock free): at most twice."""
+    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "lower data\n"})
+    drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
+    try:
+        root = drv.root()
+        drv.rename(root, "d", root, "dx")  # d's own copy-up, before the hook
+        drv.rename(root, "dx", root, "d")
+        f = drv.lookup(drv.lookup(drv.lookup(root, "d"), "sub"), "f")
+        made: list[int] = []
+        renamers: set[int] = set()
+
+        def rename(old: str, new: str) -> None:
+            renamers.add(threading.get_ident())
+            drv.rename(root, old, root, new)
+
+        def hook(point, *args):
+            if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING or \
+                    threading.get_ident() in renamers:
+                return
+            t = threading.Thread(target=rename,
+                                 args=("d", "dx") if len(made) % 2 == 0 else ("dx", "d"))
+            t.start()
+            t.join()
+            made.append(1)
+        faults.install("copyup.rename", hook)
+        _COPYING_NODE_CHANGES[request_kind](drv, f)
+        faults.configure(None)
+        assert len(made) <= 2, f"copied up {len(made) + 1} times: once per rename"
+        top = "dx" if len(made) % 2 else "d"
+        assert os.path.exists(_upper(drv, f"{top}/sub/f")), "not copied up"
         drv.settle()
     finally:
         faults.configure(None)
