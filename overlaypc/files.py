@@ -112,8 +112,19 @@ class Files:
                 node = kept[0]
         inode, fd, generation = opened
         if not flags & _NO_PREFETCH:
-            prefetch(fd, (node.data or node.top).st)
+            self._prefetch(inode, fd, (node.data or node.top).st)
         return self._register(inode, flags, rel, fd, generation)
+
+    def _prefetch(self, inode: OverlayInode, fd: int, st: os.stat_result) -> None:
+        """``prefetch`` a file opened for reading whose reads come from its own pages: not
+        one whose extents may be shared with another file (page-cache sharing serves those
+        from the canonical file, and reading its own pages would cache the data twice);
+        known from the filesystem type (ext4, tmpfs never share), the inode's map, or the
+        map a lower file's first READ left (``ExtentMap.lower_mapping``)."""
+        sharing = self._sharing
+        if sharing is None or inode.extents is NOT_SHARED or not sharing.shares_on(st.st_dev, fd) \
+                or not inode.in_upper and sharing.lower_mapping((st.st_dev, st.st_ino)) is NOT_SHARED:
+            prefetch(fd, st)
 
     def _open_node(self, node: Node, rel: str, flags: int) -> tuple[OverlayInode, int, int]:
         """The live inode of ``node`` (a reference taken) and a new fd on its backing, with

@@ -212,3 +212,33 @@ def test_only_read_only_opens_of_files_with_data_prefetch(tmp_path, tmpfs_factor
         assert advice_of("big", os.O_RDONLY) == [(0, files_mod.PREFETCH)]  # now the upper copy
     finally:
         drv.close()
+
+
+@pytest.mark.reflink
+def test_no_prefetch_where_page_cache_sharing_may_serve_the_file(tmp_path, xfs_dir, advised):
+    """On a filesystem that can share extents (XFS with reflink), a file's reads may come
+    from the canonical copy's pages: its first read-only open asks for none of its own
+    (they would be cached twice); once its first READ mapped it as sharing nothing, its
+    next open prefetches. With ``sharing=off`` every read-only open does."""
+    lower = xfs_dir / "lower"
+    files = _lower_files(lower)
+    for sharing_opt, first in (("on", []), ("off", [(0, len(files["f5"]))])):
+        base = tmp_path / f"stack-{sharing_opt}"
+        for d in ("upper", "work", "mnt"):
+            (base / d).mkdir(parents=True)
+        cfg = MountConfig(lowers=[str(lower)], upper=str(base / "upper"), work=str(base / "work"),
+                          mountpoint=str(base / "mnt"), sharing=sharing_opt == "on")
+        validate(cfg)
+        drv = CoreDriver(cfg)
+        try:
+            f5 = drv.lookup(drv.lookup(drv.root(), "d"), "f5")
+            advised.clear()
+            fh = drv.open(f5, os.O_RDONLY)
+            assert advised == first, sharing_opt
+            assert drv.read(fh, 1 << 19, 0) == files["f5"]
+            drv.release(fh)
+            advised.clear()
+            drv.release(drv.open(f5, os.O_RDONLY))
+            assert advised == [(0, len(files["f5"]))], sharing_opt
+        finally:
+            drv.close()
