@@ -162,7 +162,8 @@ class Namespace:
         node = self.fs.lookup.lookup(rel)
         if node.exists:
             raise OSError(errno.EEXIST, "file exists", rel)
-        if not node.upper_whiteout or (node.upper_marker and not is_dir):
+        over_whiteout = node.upper_whiteout and not (node.upper_marker and not is_dir)
+        if not over_whiteout and not self._owned_after(upper, owner):
             make(upper, rel, mode)  # in its real parent: the filesystem applies the default ACL
             made = None
             try:
@@ -181,7 +182,11 @@ class Namespace:
                 self._set_acls(work, tmp, new)
             if owner:
                 self._set_owner(work, tmp, *owner)
-            if is_dir:
+            if not over_whiteout:  # the name is free in the upper
+                do_rename(work, tmp, upper, rel, sysapi.RENAME_NOREPLACE)
+                if node.upper_marker:
+                    self._drop_marker(rel)
+            elif is_dir:
                 whiteout.set_opaque(work, tmp, self.fs.prefix)
                 if node.upper_marker:  # the name is free: the opaque dir hides the lowers
                     do_rename(work, tmp, upper, rel, sysapi.RENAME_NOREPLACE)
@@ -193,6 +198,18 @@ class Namespace:
         finally:
             self._discard(tmp)  # the displaced whiteout, or a failed attempt
         return None
+
+    def _owned_after(self, upper, owner: tuple[int, int, int] | None) -> bool:
+        """Whether a new object's owner, special mode bits or override xattr would be set
+        after it is made (a caller other than the daemon's user, a setgid parent, setuid
+        bits...). Such an object is built in ``workdir/work`` and renamed into place: made
+        in place, a kill -9 before those steps would leave it the daemon's (hunt8c; the
+        kernel makes it with the caller's fsuid at once)."""
+        if owner is None:
+            return False
+        uid, gid, mode = owner
+        return (uid, gid) != (os.geteuid(), os.getegid()) or bool(mode & 0o7000) \
+            or self.fs.ownership.writes_override(upper, mode)
 
     def _unmake(self, layer, rel: str, is_dir: bool) -> None:
         """Remove the object a failed creation made at ``rel`` (under the namespace lock, so
