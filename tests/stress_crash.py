@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
-from reliability_support import kill_daemon, lazy_detach  # noqa: E402
+from reliability_support import daemon_pid, lazy_detach  # noqa: E402
 
 DIRS = ["", "a", "a/b", "c", "n", "a/m", "c/x"]
 FILES = [f"{d}/{f}".lstrip("/") for d in DIRS for f in ("f0", "f1", "f2", "f3")]
@@ -178,7 +178,7 @@ def worker(k: int, root: str, seed: int, logpath: str, nops: int, ready) -> None
     for i in range(nops):
         op = rn.next_op()
         out = rn.run(op)
-        os.write(log, f"{i} {out}\n".encode())
+        os.write(log, f"{i} {time.monotonic():.6f} {out}\n".encode())
         if out in ("ENOTCONN", "ECONNABORTED"):
             break
     os.close(log)
@@ -346,7 +346,11 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
         ready.acquire(timeout=30)
     delay = rng.uniform(0, 0.3)
     time.sleep(delay)
-    kill_daemon(m, detach=False)
+    pid = daemon_pid(m)  # (checked against our mountpoint before the clock is read)
+    killed_at = time.monotonic()  # an op answered after this may not have reached the daemon
+    os.kill(pid, signal.SIGKILL)
+    m.returncode = m.proc.wait(timeout=15)
+    m.active = False
     # the workers stop at their first ENOTCONN; only then the dead mount is detached (after
     # it, their paths would name the empty mountpoint directory)
     for pr in procs:
@@ -374,33 +378,41 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
         problems += m2.unmount(check=False)
     # 4. oracle per worker
     for k in range(workers):
-        outs = [ln.split(" ", 1)[1] for ln in (base / f"log-{k}").read_text().splitlines()]
-        counts.append(len(outs))
+        # ops answered before the kill must have the replay's answers. After it, an op may
+        # still work without the daemon (I/O on a passthrough fd, an answer from the kernel's
+        # caches): such ops are taken while their answers are the replay's; the first one
+        # that differs (ENOTCONN, ECONNABORTED, EIO, a short read or write of a direct I/O
+        # in several requests) is the one in flight, which may or may not have happened
+        logged = [ln.split(" ", 2) for ln in (base / f"log-{k}").read_text().splitlines()]
+        counts.append(len(logged))
         tree = f"w{k}"
         a_dir = base / "A"
         copy_view(pre / tree, a_dir)
         rn = Runner(a_dir, seeds[k])
         inflight = None
         ok = True
-        for i, seen in enumerate(outs):
+        for i, (_, when, seen) in enumerate(logged):
             op = rn.next_op()
-            if seen in ("ENOTCONN", "ECONNABORTED"):
-                inflight = (i, op)
-                break
             got = rn.run(op)
-            if got != seen:
+            if got == seen:
+                continue
+            if float(when) >= killed_at:
+                inflight = (i, op)
+            else:
                 problems.append(f"round {rnd} w{k} op {i} {op[:5]}: mount answered {seen}, replay {got}")
                 ok = False
-                break
+            break
         rn.close_all()
-        mine = sub(ov, tree)
-        a_view = view(a_dir)
-        b_view = None
-        if inflight is not None:
+        if inflight is not None:  # A without it, B with it
+            copy_view(pre / tree, a_dir)
+            run_ops(a_dir, seeds[k], inflight[0])
             b_dir = base / "B"
             copy_view(pre / tree, b_dir)
             run_ops(b_dir, seeds[k], inflight[0] + 1)
-            b_view = view(b_dir)
+        outs = logged
+        mine = sub(ov, tree)
+        a_view = view(a_dir)
+        b_view = view(base / "B") if inflight is not None else None
         if not ok:
             continue
         if mine == a_view:
@@ -451,7 +463,7 @@ def replay_main(base: Path, mopts: str, k: int, upto: int) -> int:
     for x in ("lower", "upper", "work"):
         subprocess.run(["cp", "-a", "--preserve=all", str(saved / x), str(run / x)], check=True)
     opts = f"lowerdir={run}/lower,upperdir={run}/upper,workdir={run}/work" + (f",{mopts}" if mopts else "")
-    logged = [ln.split(" ", 1)[1] for ln in (base / f"log-{k}").read_text().splitlines()]
+    logged = [ln.split(" ", 2)[2] for ln in (base / f"log-{k}").read_text().splitlines()]
     with helpers.Mount(run / "mnt", opts, log_dir=run) as m:
         rn = Runner(m.path / f"w{k}", seeds[k])
         for i in range(upto):
