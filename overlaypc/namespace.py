@@ -7,7 +7,9 @@ Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
     ``.wh.NAME`` file made *before* the upper object goes, which it then hides
     (fuse-overlayfs's format); such a marker is removed once NAME exists again;
   * a new object over a whiteout is made in ``workdir/work`` and renamed over it; a
-    directory made there is opaque, so an emptied merged dir recreated stays empty;
+    directory made there is opaque, so an emptied merged dir recreated stays empty; so is
+    one whose owner or special bits differ from what the daemon's own creation gives
+    (another user's), so that a kill -9 never leaves it the daemon's;
   * rename of a directory that exists in a lower layer gives EXDEV (the kernel's
     default without ``redirect_dir``; ``mv`` then copies); ``RENAME_EXCHANGE`` is
     refused with EINVAL (never run as a plain rename), ``RENAME_NOREPLACE`` is honoured.
