@@ -7,7 +7,9 @@ Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
     ``.wh.NAME`` file made *before* the upper object goes, which it then hides
     (fuse-overlayfs's format); such a marker is removed once NAME exists again;
   * a new object over a whiteout is made in ``workdir/work`` and renamed over it; a
-    directory made there is opaque, so an emptied merged dir recreated stays empty;
+    directory made there is opaque, so an emptied merged dir recreated stays empty; so is
+    one whose owner or special bits differ from what the daemon's own creation gives
+    (another user's), so that a kill -9 never leaves it the daemon's;
   * rename of a directory that exists in a lower layer gives EXDEV (the kernel's
     default without ``redirect_dir``; ``mv`` then copies); ``RENAME_EXCHANGE`` is
     refused with EINVAL (never run as a plain rename), ``RENAME_NOREPLACE`` is honoured.
@@ -162,7 +164,8 @@ class Namespace:
         node = self.fs.lookup.lookup(rel)
         if node.exists:
             raise OSError(errno.EEXIST, "file exists", rel)
-        if not node.upper_whiteout or (node.upper_marker and not is_dir):
+        over_whiteout = node.upper_whiteout and not (node.upper_marker and not is_dir)
+        if not over_whiteout and not self._owned_after(upper, owner):
             make(upper, rel, mode)  # in its real parent: the filesystem applies the default ACL
             made = None
             try:
@@ -181,7 +184,11 @@ class Namespace:
                 self._set_acls(work, tmp, new)
             if owner:
                 self._set_owner(work, tmp, *owner)
-            if is_dir:
+            if not over_whiteout:  # the name is free in the upper
+                do_rename(work, tmp, upper, rel, sysapi.RENAME_NOREPLACE)
+                if node.upper_marker:
+                    self._drop_marker(rel)
+            elif is_dir:
                 whiteout.set_opaque(work, tmp, self.fs.prefix)
                 if node.upper_marker:  # the name is free: the opaque dir hides the lowers
                     do_rename(work, tmp, upper, rel, sysapi.RENAME_NOREPLACE)
@@ -193,6 +200,18 @@ class Namespace:
         finally:
             self._discard(tmp)  # the displaced whiteout, or a failed attempt
         return None
+
+    def _owned_after(self, upper, owner: tuple[int, int, int] | None) -> bool:
+        """Whether a new object's owner, special mode bits or override xattr would be set
+        after it is made (a caller other than the daemon's user, a setgid parent, setuid
+        bits...). Such an object is built in ``workdir/work`` and renamed into place: made
+        in place, a kill -9 before those steps would leave it the daemon's (hunt8c; the
+        kernel makes it with the caller's fsuid at once)."""
+        if owner is None:
+            return False
+        uid, gid, mode = owner
+        return (uid, gid) != (os.geteuid(), os.getegid()) or bool(mode & 0o7000) \
+            or self.fs.ownership.writes_override(upper, mode)
 
     def _unmake(self, layer, rel: str, is_dir: bool) -> None:
         """Remove the object a failed creation made at ``rel`` (under the namespace lock, so

@@ -381,14 +381,15 @@ print(json.dumps(out))
 def test_failed_creation_leaves_no_trace(depth, layers_factory, overlay_mount):
     """mkdir, create, mkfifo and symlink by a non-root caller whose chown fails (injected
     EIO): each reports the error, and nothing of it is left in the upper or the workdir,
-    nor visible through the mount."""
+    nor visible through the mount. (Such objects are built in workdir/work, so that a kill
+    -9 never leaves one the daemon's: the chown there is the one that fails.)"""
     lower = layers_factory.empty_dir("lower")
     upper = layers_factory.empty_dir("upper")
     work = layers_factory.empty_dir("work")
     parts = CWD + CHAIN if depth == "deep" else ["pub"]
     make_chain(lower, parts, mode=0o777)
     m = overlay_mount(stack_options([lower], upper, work),
-                      env={"OVERLAYPC_FAULTS": "layer.chown~notrace=eio"})
+                      env={"OVERLAYPC_FAULTS": "layer.chown~#ovlpc-new=eio"})
     cwd, prefix = (CWD, "/".join(CHAIN) + "/") if depth == "deep" else (["pub"], "")
     r = subprocess.run([child_python(), "-c", NOTRACE_SCRIPT, json.dumps(cwd), prefix],
                        cwd=m.path, capture_output=True, text=True, timeout=60,

@@ -140,6 +140,52 @@ def test_kill9_after_completed_copyup_and_fsync_keeps_new_data(tmpfs_factory, ov
     assert helpers.dir_state(lower) == lower_state
 
 
+CREATIONS = {  # what a non-root user makes in d/, as a child that blocks on the mount
+    "create": "fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)",
+    "mkdir": "os.mkdir(p, 0o750)",
+    "symlink": "os.symlink('target', p)",
+}
+
+
+@pytest.mark.parametrize("kind", list(CREATIONS))
+def test_kill9_during_creation_by_another_user_leaves_no_daemon_owned_object(
+        kind, tmp_path, overlay_mount):
+    """A user's new object gets its owner from the daemon after it is made (chown); kill -9
+    at that chown (hunt8c's random crashes as one deterministic point): after recovery the
+    name is absent or the object is the user's, never root's (the kernel makes it with the
+    caller's fsuid at once). Built in workdir/work and renamed into place, it is."""
+    lower, upper, work = _stack(tmp_path / "s", {"keep.txt": b"keep\n"})
+    (upper / "d").mkdir(mode=0o777)
+    os.chmod(upper / "d", 0o777)
+    opts = stack_options([lower], upper, work)
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": "layer.chown~new=pause"})
+    child = spawn_py(f"""
+        os.chdir({str(m / 'd')!r})  # as root: the test's base directory is 0700
+        os.setgid(1000); os.setuid(1000)
+        p = "new"
+        {CREATIONS[kind]}
+        print("made")
+    """)
+    try:
+        assert wait_stopped(m.proc.pid), f"daemon never reached the chown:\n{m.log_text()}"
+        kill_daemon(m)
+    finally:
+        if m.active:
+            kill_daemon(m)
+    rc, out, err = finish(child)
+    assert rc != 0, f"the creation blocked in the killed daemon succeeded: {out} {err}"
+    m2 = overlay_mount(opts)
+    assert work_leftovers(work) == []
+    names = os.listdir(m2 / "d")
+    assert names in ([], ["new"]), names
+    if names:
+        st = os.lstat(m2 / "d" / "new")
+        assert (st.st_uid, st.st_gid) == (1000, 1000), \
+            f"{kind}: a kill -9 left the user's new object owned by {st.st_uid}:{st.st_gid}"
+    (m2 / "d" / "after").write_bytes(b"after\n")  # the directory still takes new names
+    assert sorted(os.listdir(m2 / "d")) == sorted(names + ["after"])
+
+
 # --------------------------------------------------------------------------------------
 # Stale mounts and a second daemon
 # --------------------------------------------------------------------------------------

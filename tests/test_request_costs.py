@@ -74,8 +74,10 @@ def _same(attr, st: os.stat_result) -> None:
 
 def test_create_looks_its_name_up_once(env, calls):
     """CREATE in a directory that has its upper copy: one lookup (under the namespace
-    lock, the one that decides EEXIST), no path walk; the reply is the file as made, its
-    owner the caller's (set after creation)."""
+    lock, the one that decides EEXIST), no path walk in the upper; the reply is the file
+    as made, its owner the caller's (set after creation, in workdir/work, where the one
+    walk is: the ``lstat`` of the file built there, so a kill -9 never leaves it the
+    daemon's)."""
     drv, tmp = env
     u = _node(drv, ROOT_ID, "u")
     caller = Request(uid=1234, gid=5678, pid=os.getpid())
@@ -83,9 +85,10 @@ def test_create_looks_its_name_up_once(env, calls):
     entry, opened = drv.ops.create(caller, u, b"new", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                                    stat.S_IFREG | 0o640)
     assert calls["lookup"] == 1, calls
-    assert calls["walk"] == 0, calls
+    assert calls["walk"] == 1, calls
     _same(entry.attr, os.lstat(tmp / "upper" / "u" / "new"))
     assert (entry.attr.uid, entry.attr.gid) == (1234, 5678)
+    assert os.listdir(tmp / "work" / "work") == []
     # the node is the one a lookup finds, with the same attributes
     again = drv.ops.lookup(REQ, u, b"new")
     assert again.nodeid == entry.nodeid and again.attr == entry.attr

@@ -1,0 +1,514 @@
+"""Manual tool (not collected by pytest): kill -9 of the daemon at random moments of a busy
+mixed workload, then recovery and checks (hunt8c).
+
+Run as root from the checkout:
+  python tests/stress_crash.py BASE OPTIONS SEED [ROUNDS] [WORKERS]
+  e.g. python tests/stress_crash.py /tmp/scratch/c1 "index=on,metacopy=on" 3 8 3
+BASE is deleted first. Each seed builds its own layers (lower files 0 B .. 6 MiB, lower
+directories, with index=on lower hard links, some upper files, whiteouts), then ROUNDS times:
+  1. mount overlaypc; WORKERS processes run a random workload of single syscalls in their own
+     trees w{k} (copy-up by chmod/chown/open-for-write/truncate/setxattr, writes through held
+     fds, fsync, renames of files and lower directories, mkdir/rmdir, link, symlink, unlink);
+     each logs every syscall's outcome to BASE/log-{k} (not on the mount);
+  2. after a random 0-300 ms, kill -9 of the daemon; ``umount -l`` of the dead mount (as the
+     stale-mount error tells a user);
+  3. remount overlaypc on the same layers: it must mount, and leave ``workdir/work`` empty;
+     the merged view must hold no ``#ovlpc-`` names, no duplicate names in a listing, no
+     overlay xattr;
+  4. the oracle: the same syscalls replayed on a plain directory (a copy of the merged view
+     made at the start): the ops answered before the kill give state A, the op in flight at
+     the kill (the one answered ENOTCONN/ECONNABORTED) applied too gives state B; each
+     worker's tree must equal A or B (type, mode, owner, content, symlink target, user
+     xattrs, which names share an inode, st_nlink of files); every outcome the workload saw
+     must be the replay's too;
+  5. the kernel overlay mounted read-only and read-write on the same layers with matching
+     options must mount and show what overlaypc shows.
+Environment: KEEP=1 keeps BASE; NOKERNEL=1 skips step 5. Exit status 1 on any problem.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import helpers  # noqa: E402
+from reliability_support import daemon_pid, lazy_detach  # noqa: E402
+
+DIRS = ["", "a", "a/b", "c", "n", "a/m", "c/x"]
+FILES = [f"{d}/{f}".lstrip("/") for d in DIRS for f in ("f0", "f1", "f2", "f3")]
+LINKNAMES = [f"{d}/s0".lstrip("/") for d in ("", "a", "c")]
+MODES = [0o644, 0o600, 0o755, 0o640, 0o4755]
+SIZES = [0, 5, 4096, 70_000, 1 << 20, 6 << 20]
+SLOTS = 4
+DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+# ---------------------------------------------------------------------------------------
+# The workload: a deterministic sequence of single syscalls (choices depend on the seed
+# only; fd slots on the outcomes, which the replay must reproduce)
+# ---------------------------------------------------------------------------------------
+
+def _ename(e: OSError) -> str:
+    return errno.errorcode.get(e.errno, str(e.errno))
+
+
+class Runner:
+    """Runs op ``i`` of a worker's sequence under ``root``; keeps the fd slots."""
+
+    def __init__(self, root: Path, seed: int) -> None:
+        self.root = root
+        self.rng = random.Random(seed)
+        self.slots: list[int | None] = [None] * SLOTS
+
+    def close_all(self) -> None:
+        for i, fd in enumerate(self.slots):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                self.slots[i] = None
+
+    def p(self, rel: str) -> str:
+        return str(self.root / rel) if rel else str(self.root)
+
+    def next_op(self) -> tuple:
+        """The next op, a tuple of plain values (drawn before it runs: replay draws the same)."""
+        r = self.rng
+        kind = r.choice(["chmod", "chmod", "chown", "truncate", "setxattr", "removexattr",
+                         "open_rw", "open_rw", "open_ro", "open_trunc", "create", "pwrite",
+                         "pwrite", "pwrite", "fsync", "ftruncate", "pread", "close", "rename",
+                         "rename", "renamedir", "renamedir", "mkdir", "rmdir", "rmdir",
+                         "unlink", "unlink", "link", "symlink", "fchmod"])
+        f, g = r.choice(FILES), r.choice(FILES + LINKNAMES)
+        d, e = r.choice(DIRS[1:]), r.choice(DIRS[1:] + ["z", "a/z", "c/x/z", "n/y"])
+        slot = r.randrange(SLOTS)
+        size = r.choice(SIZES)
+        off = r.randrange(0, 8 << 20) if r.random() < 0.3 else r.randrange(0, 80_000)
+        n = r.choice([1, 100, 5000, 70_000])
+        mode = r.choice(MODES)
+        uid = r.choice([0, 1000, 1001])
+        xname = f"user.k{r.randrange(3)}"
+        dseed = r.randrange(1 << 30)
+        return (kind, f, g, d, e, slot, size, off, n, mode, uid, xname, dseed)
+
+    def run(self, op: tuple) -> str:
+        kind, f, g, d, e, slot, size, off, n, mode, uid, xname, dseed = op
+        p = self.p
+        fd = self.slots[slot]
+        try:
+            if kind == "chmod":
+                os.chmod(p(f), mode)
+            elif kind == "fchmod":
+                if fd is None:
+                    return "skip"
+                os.fchmod(fd, mode)
+            elif kind == "chown":
+                os.chown(p(f), uid, uid)
+            elif kind == "truncate":
+                os.truncate(p(f), size)
+            elif kind == "setxattr":
+                os.setxattr(p(f), xname, random.Random(dseed).randbytes(20))
+            elif kind == "removexattr":
+                os.removexattr(p(f), xname)
+            elif kind in ("open_rw", "open_ro", "open_trunc", "create"):
+                if fd is not None:
+                    return "skip"
+                flags = {"open_rw": os.O_RDWR, "open_ro": os.O_RDONLY,
+                         "open_trunc": os.O_RDWR | os.O_TRUNC,
+                         "create": os.O_RDWR | os.O_CREAT | os.O_EXCL}[kind]
+                self.slots[slot] = os.open(p(f), flags, 0o640)
+            elif kind == "pwrite":
+                if fd is None:
+                    return "skip"
+                return f"ok:{os.pwrite(fd, random.Random(dseed).randbytes(n), off)}"
+            elif kind == "fsync":
+                if fd is None:
+                    return "skip"
+                os.fsync(fd)
+            elif kind == "ftruncate":
+                if fd is None:
+                    return "skip"
+                os.ftruncate(fd, size)
+            elif kind == "pread":
+                if fd is None:
+                    return "skip"
+                got = os.pread(fd, 8 << 20, 0)
+                return f"ok:{len(got)}:{hashlib.sha256(got).hexdigest()[:12]}"
+            elif kind == "close":
+                if fd is None:
+                    return "skip"
+                self.slots[slot] = None
+                os.close(fd)
+            elif kind == "rename":
+                os.rename(p(f), p(g))
+            elif kind == "renamedir":
+                os.rename(p(d), p(e))
+            elif kind == "mkdir":
+                os.mkdir(p(e), 0o755)
+            elif kind == "rmdir":
+                os.rmdir(p(d))
+            elif kind == "unlink":
+                os.unlink(p(g))
+            elif kind == "link":
+                os.link(p(f), p(g), follow_symlinks=False)
+            elif kind == "symlink":
+                os.symlink(f"target-{dseed % 7}", p(g))
+        except OSError as ex:
+            return _ename(ex)
+        return "ok"
+
+
+def worker(k: int, root: str, seed: int, logpath: str, nops: int, ready) -> None:
+    """Run the sequence in the mount until the daemon dies (or nops), logging outcomes."""
+    rn = Runner(Path(root), seed)
+    log = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    ready.release()
+    for i in range(nops):
+        op = rn.next_op()
+        out = rn.run(op)
+        os.write(log, f"{i} {time.monotonic():.6f} {out}\n".encode())
+        if out in ("ENOTCONN", "ECONNABORTED"):
+            break
+    os.close(log)
+    os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------
+
+def build(base: Path, workers: int, rng: random.Random, index: bool) -> tuple[Path, Path, Path]:
+    lower, upper, work = base / "lower", base / "upper", base / "work"
+    for x in (lower, upper, work):
+        x.mkdir(parents=True)
+    for k in range(workers):
+        t = lower / f"w{k}"
+        for d in DIRS:
+            if d and rng.random() < 0.8:
+                (t / d).mkdir(parents=True, exist_ok=True)
+        t.mkdir(exist_ok=True)
+        for f in FILES:
+            if (t / f).parent.is_dir() and rng.random() < 0.5:
+                (t / f).write_bytes(rng.randbytes(rng.choice(SIZES)))
+                os.chmod(t / f, rng.choice(MODES))
+                if rng.random() < 0.3:
+                    os.setxattr(t / f, "user.k0", b"lower")
+        if index:  # hard links in the lower, within the tree
+            names = [f for f in FILES if (t / f).is_file()]
+            for f in names[:6]:
+                g = rng.choice(FILES)
+                if not (t / g).exists() and (t / g).parent.is_dir():
+                    os.link(t / f, t / g)
+        u = upper / f"w{k}"
+        u.mkdir()
+        for f in FILES:  # upper files over lower ones, whiteouts of some lower names
+            if (t / f).parent.is_dir() and (u / f).parent != u and not (u / f).parent.exists():
+                continue
+            if (t / f).is_file() and rng.random() < 0.15 and (t / f).stat().st_nlink == 1:
+                if rng.random() < 0.5:
+                    (u / f).parent.mkdir(parents=True, exist_ok=True)
+                    (u / f).write_bytes(b"upper " + f.encode())
+                else:
+                    (u / f).parent.mkdir(parents=True, exist_ok=True)
+                    os.mknod(u / f, stat.S_IFCHR | 0o600, 0)
+    return lower, upper, work
+
+
+# ---------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------
+
+def view(root: Path, problems: list[str] | None = None, label: str = "") -> dict:
+    """rel -> (type, mode, uid, gid, content hash/target, user xattrs, nlink, link group)."""
+    out: dict = {}
+    inos: dict = {}
+
+    def visit(path: str, rel: str) -> None:
+        st = os.lstat(path)
+        xs = []
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            names = []
+        for x in sorted(names):
+            if problems is not None and not x.startswith(("user.k", "security.", "system.")):
+                problems.append(f"{label}: xattr {x} visible on {rel}")
+            if x.startswith("user.k"):
+                try:
+                    xs.append((x, os.getxattr(path, x, follow_symlinks=False)))
+                except OSError as ex:
+                    xs.append((x, _ename(ex)))
+        kind = stat.S_IFMT(st.st_mode)
+        body = None
+        nlink = None
+        if stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as fh:
+                data = fh.read()
+            if len(data) != st.st_size and problems is not None:
+                problems.append(f"{label}: {rel}: read {len(data)} bytes, st_size {st.st_size}")
+            body = f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
+            nlink = st.st_nlink
+            inos.setdefault(st.st_ino, []).append(rel)
+        elif stat.S_ISLNK(st.st_mode):
+            body = os.readlink(path)
+        out[rel] = [kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body, tuple(xs), nlink, None]
+        if stat.S_ISDIR(st.st_mode):
+            names = os.listdir(path)
+            if problems is not None:
+                if len(set(names)) != len(names):
+                    problems.append(f"{label}: {rel or '.'} lists a name twice: {sorted(names)}")
+                for nm in names:
+                    if nm.startswith(("#ovlpc", ".wh.")):
+                        problems.append(f"{label}: internal name {rel}/{nm} visible")
+            for nm in sorted(set(names)):
+                visit(os.path.join(path, nm), f"{rel}/{nm}".lstrip("/"))
+
+    visit(str(root), "")
+    for rels in inos.values():
+        group = tuple(sorted(rels))
+        for r_ in rels:
+            out[r_][7] = group
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def sub(v: dict, prefix: str) -> dict:
+    return {k[len(prefix):].lstrip("/"): (*e[:7], tuple(x[len(prefix):].lstrip("/") for x in e[7])
+                                           if e[7] else None)
+            for k, e in v.items() if k == prefix or k.startswith(prefix + "/")}
+
+
+def diff(a: dict, b: dict, names=("a", "b"), limit=30) -> str:
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            lines.append(f"  {k}:\n    {names[0]}: {a.get(k)}\n    {names[1]}: {b.get(k)}")
+    return "\n".join(lines[:limit])
+
+
+def copy_view(src: Path, dst: Path) -> None:
+    """A plain copy of a merged view: modes, owners, user xattrs, hard links, symlinks."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    r = subprocess.run(["cp", "-a", "--preserve=all", str(src), str(dst)], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"cp -a failed: {r.stderr}")
+
+
+# ---------------------------------------------------------------------------------------
+# Rounds
+# ---------------------------------------------------------------------------------------
+
+def run_ops(root: Path, seed: int, count: int) -> None:
+    rn = Runner(root, seed)
+    for _ in range(count):
+        rn.run(rn.next_op())
+    rn.close_all()
+
+
+def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int, problems: list[str],
+           kopts: list[str], layers) -> bool:
+    lower, upper, work = layers
+    mnt = base / "mnt"
+    model = base / "model"
+    rng = random.Random(seed * 1000 + rnd)
+    saved = base / "layers-start"  # for --replay of a failing round
+    if saved.exists():
+        shutil.rmtree(saved)
+    saved.mkdir()
+    for x in (lower, upper, work):
+        subprocess.run(["cp", "-a", "--preserve=all", str(x), str(saved / x.name)], check=True)
+    (saved / "round").write_text(f"{rnd} {' '.join(map(str, [seed * 7919 + rnd * 104729 + k for k in range(workers)]))}\n")
+    logs = base / f"logs-{rnd}"  # each daemon's log, kept
+    logs.mkdir(exist_ok=True)
+    m = helpers.Mount(mnt, opts, log_dir=logs)
+    m.start()
+    pre = base / f"pre-{rnd}"  # the model before the round (to replay A and B from)
+    copy_view(model, pre)
+    ready = mp.Semaphore(0)
+    seeds = [seed * 7919 + rnd * 104729 + k for k in range(workers)]
+    procs = [mp.Process(target=worker, args=(k, str(mnt / f"w{k}"), seeds[k], str(base / f"log-{k}"),
+                                             100000, ready)) for k in range(workers)]
+    for pr in procs:
+        pr.start()
+    for _ in procs:
+        ready.acquire(timeout=30)
+    delay = rng.uniform(0, 0.3)
+    time.sleep(delay)
+    pid = daemon_pid(m)  # (checked against our mountpoint before the clock is read)
+    killed_at = time.monotonic()  # an op answered after this may not have reached the daemon
+    os.kill(pid, signal.SIGKILL)
+    m.returncode = m.proc.wait(timeout=15)
+    m.active = False
+    # the workers stop at their first ENOTCONN; only then the dead mount is detached (after
+    # it, their paths would name the empty mountpoint directory)
+    for pr in procs:
+        pr.join(60)
+        if pr.exitcode is None:
+            problems.append(f"round {rnd}: worker {pr.pid} hung after the kill")
+            pr.kill()
+    lazy_detach(mnt)
+    counts = []
+    # 3. remount
+    try:
+        (logs / "remount").mkdir(exist_ok=True)
+        m2 = helpers.Mount(mnt, opts, log_dir=logs / "remount", allow_daemon_errors=False)
+        m2.start()
+    except helpers.MountError as ex:
+        problems.append(f"round {rnd}: remount failed: {ex}")
+        return False
+    left = sorted(os.listdir(work / "work")) if (work / "work").is_dir() else []
+    left = [x for x in left if x != "incompat"]
+    if left:
+        problems.append(f"round {rnd}: workdir/work not cleaned at mount: {left}")
+    try:
+        ov = view(mnt, problems, f"round {rnd} overlaypc")
+    finally:
+        problems += m2.unmount(check=False)
+    # 4. oracle per worker
+    for k in range(workers):
+        # ops answered before the kill must have the replay's answers. After it, an op may
+        # still work without the daemon (I/O on a passthrough fd, an answer from the kernel's
+        # caches): such ops are taken while their answers are the replay's; the first one
+        # that differs (ENOTCONN, ECONNABORTED, EIO, a short read or write of a direct I/O
+        # in several requests) is the one in flight, which may or may not have happened
+        logged = [ln.split(" ", 2) for ln in (base / f"log-{k}").read_text().splitlines()]
+        counts.append(len(logged))
+        tree = f"w{k}"
+        a_dir = base / "A"
+        copy_view(pre / tree, a_dir)
+        rn = Runner(a_dir, seeds[k])
+        inflight = None
+        ok = True
+        for i, (_, when, seen) in enumerate(logged):
+            op = rn.next_op()
+            got = rn.run(op)
+            if got == seen:
+                continue
+            if float(when) >= killed_at:
+                inflight = (i, op)
+            else:
+                problems.append(f"round {rnd} w{k} op {i} {op[:5]}: mount answered {seen}, replay {got}")
+                ok = False
+            break
+        rn.close_all()
+        if inflight is not None:  # A without it, B with it
+            copy_view(pre / tree, a_dir)
+            run_ops(a_dir, seeds[k], inflight[0])
+            b_dir = base / "B"
+            copy_view(pre / tree, b_dir)
+            run_ops(b_dir, seeds[k], inflight[0] + 1)
+        outs = logged
+        mine = sub(ov, tree)
+        a_view = view(a_dir)
+        b_view = view(base / "B") if inflight is not None else None
+        if not ok:
+            continue
+        if mine == a_view:
+            chosen = a_dir
+        elif b_view is not None and mine == b_view:
+            chosen = base / "B"
+        else:
+            last = f"in flight: op {inflight[0]} {inflight[1][:6]}" if inflight else "nothing in flight"
+            problems.append(f"round {rnd} w{k}: state after the kill is neither A nor B ({last}; "
+                            f"{len(outs)} ops, kill after {delay * 1000:.0f} ms):\n"
+                            + diff(a_view, mine, ("A (answered ops)", "overlaypc"))
+                            + ("\n  vs B:\n" + diff(b_view, mine, ("B (+in flight)", "overlaypc"))
+                               if b_view is not None else ""))
+            continue
+        # the model goes on from the state seen
+        copy_view(chosen, model / tree)
+    shutil.rmtree(pre)
+    # 5. kernel overlay on the same layers
+    if not os.environ.get("NOKERNEL"):
+        kmnt = base / "kmnt"
+        for ro in (True, False):
+            ko = kopts + (["ro"] if ro else [])
+            try:
+                with helpers.kernel_overlay(kmnt, [lower], upper, work, ko) as km:
+                    kv = view(km, problems, f"round {rnd} kernel {'ro' if ro else 'rw'}")
+            except AssertionError as ex:
+                problems.append(f"round {rnd}: kernel {'ro' if ro else 'rw'} mount: {ex}")
+                continue
+            if kv != ov:
+                problems.append(f"round {rnd}: kernel ({'ro' if ro else 'rw'}) view differs from "
+                                f"overlaypc's:\n" + diff(kv, ov, ("kernel", "overlaypc")))
+        # the kernel's rw mount may leave its own work dir: overlaypc's next mount takes it
+    print(f"  round {rnd}: kill after {delay * 1000:.0f} ms, ops per worker {counts}, "
+          f"problems so far {len(problems)}", flush=True)
+    return True
+
+
+def replay_main(base: Path, mopts: str, k: int, upto: int) -> int:
+    """``--replay BASE OPTIONS K N``: worker K's first N ops of the failing round again, on a
+    copy of the layers as the round started, through a fresh mount, without a kill; prints
+    each op with both outcomes (the logged one, the one now)."""
+    saved = base / "layers-start"
+    rnd, *seeds = map(int, (saved / "round").read_text().split())
+    run = base.parent / (base.name + "-replay")
+    if run.exists():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(run)], check=True)
+    run.mkdir()
+    for x in ("lower", "upper", "work"):
+        subprocess.run(["cp", "-a", "--preserve=all", str(saved / x), str(run / x)], check=True)
+    opts = f"lowerdir={run}/lower,upperdir={run}/upper,workdir={run}/work" + (f",{mopts}" if mopts else "")
+    logged = [ln.split(" ", 2)[2] for ln in (base / f"log-{k}").read_text().splitlines()]
+    with helpers.Mount(run / "mnt", opts, log_dir=run) as m:
+        rn = Runner(m.path / f"w{k}", seeds[k])
+        for i in range(upto):
+            op = rn.next_op()
+            got = rn.run(op)
+            seen = logged[i] if i < len(logged) else "-"
+            print(f"{i} {op[:6]} logged={seen} now={got}" + ("   <<<" if seen != got else ""))
+        rn.close_all()
+    return 0
+
+
+def main() -> int:
+    if sys.argv[1] == "--replay":
+        return replay_main(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    base = Path(sys.argv[1])
+    mopts = sys.argv[2]
+    seed = int(sys.argv[3])
+    rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 5
+    workers = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+    if base.exists():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=True)
+    base.mkdir(parents=True)
+    index = "index=on" in mopts
+    layers = build(base, workers, random.Random(seed), index)
+    lower, upper, work = layers
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}" + (f",{mopts}" if mopts else "")
+    kopts = ["redirect_dir=on"] + [o for o in mopts.split(",") if o.split("=")[0] in ("index", "metacopy")]
+    # the model starts as the kernel's read-only view of the layers
+    kmnt = base / "kmnt"
+    with helpers.kernel_overlay(kmnt, [upper, lower], None, None, ["redirect_dir=on"]) as km:
+        copy_view(km, base / "model")
+    problems: list[str] = []
+    print(f"options={mopts!r} seed={seed}", flush=True)
+    for rnd in range(rounds):
+        if not round_(base, opts, mopts, seed, rnd, workers, problems, kopts, layers):
+            break
+        if problems:
+            break
+    print(f"options={mopts!r} seed={seed}: {len(problems)} problems")
+    for p in problems:
+        print("PROBLEM:", p[:8000])
+    if not os.environ.get("KEEP") and not problems:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)])
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
