@@ -32,7 +32,8 @@ namespace lock; the final rename takes the namespace lock and re-checks that the
 object is still the same, so a racing unlink or rename is never undone. A thread that
 holds the namespace lock while it runs code that may ask for a copy-up says so
 (``refusing``): a copy-up asked for then raises ``CopyUpFirst`` before taking any lock
-(under the namespace lock, its stripe lock would be taken in the other order).
+(under the namespace lock, its stripe lock would be taken in the other order), carrying
+the ``ensure_*`` call it refused, for the caller to run once it let go of the lock.
 """
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ from .ownership import Ownership, is_override_xattr
 from .records import field, record
 from .stack import LayerStack
 from .stats import Stats
-from .typing_lite import NamedTuple
+from .typing_lite import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logs.get("overlaypc.copyup")
 
@@ -170,7 +174,33 @@ class CopyUpContext:
 
 class CopyUpFirst(Exception):
     """A copy-up was asked for in a thread that holds the namespace lock (``refusing``):
-    nothing was copied; the caller runs again without the lock."""
+    nothing was copied. ``copy``: the refused ``ensure_*`` call, for the caller to run
+    without the lock before it runs its change again (None: refused below them)."""
+
+    def __init__(self, rel: str, copy: "Callable[[], Entry] | None" = None) -> None:
+        super().__init__(rel)
+        self.copy = copy
+
+
+class _Refused(threading.local):
+    """``CopyUp.refusing``'s per-thread depth (nested holds: the namespace lock is
+    reentrant)."""
+    depth = 0
+
+
+class _Refusing:
+    """``CopyUp.refusing``'s context manager: one object for every use (its state is the
+    thread's ``_Refused``), cheaper than a generator's per request."""
+    __slots__ = ("_refused",)
+
+    def __init__(self, refused: _Refused) -> None:
+        self._refused = refused
+
+    def __enter__(self) -> None:
+        self._refused.depth += 1
+
+    def __exit__(self, *exc) -> None:
+        self._refused.depth -= 1
 
 
 class CopyUp:
@@ -195,22 +225,19 @@ class CopyUp:
         #: indices of source layers whose files cannot be reflinked to the upper
         self._no_reflink: set[int] = set()
         self._names = itertools.count()
-        #: ``refusing``'s flag, per thread
-        self._refused = threading.local()
+        #: ``refusing``'s depth, per thread
+        self._refused = _Refused()
+        self._refusing = _Refusing(self._refused)
 
-    @contextlib.contextmanager
-    def refusing(self):
-        """Copy-ups asked for in this thread (which holds the namespace lock) meanwhile
-        raise ``CopyUpFirst`` instead of running."""
-        self._refused.on = True
-        try:
-            yield
-        finally:
-            self._refused.on = False
+    def refusing(self) -> _Refusing:
+        """A context: copy-ups asked for in this thread (which holds the namespace lock)
+        meanwhile raise ``CopyUpFirst`` instead of running."""
+        return self._refusing
 
     def _stripe(self, rel: str) -> threading.Lock:
-        """The lock of copy-ups of ``rel``; ``CopyUpFirst`` under ``refusing``."""
-        if getattr(self._refused, "on", False):
+        """The lock of copy-ups of ``rel``; ``CopyUpFirst`` under ``refusing`` (a backstop:
+        the ``ensure_*`` calls refuse first, with themselves to run)."""
+        if self._refused.depth:
             raise CopyUpFirst(rel)
         return self._stripes[hash(rel) % len(self._stripes)]
 
@@ -227,6 +254,9 @@ class CopyUp:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
             return node.upper
+        if self._refused.depth:
+            raise CopyUpFirst(rel, functools.partial(self.ensure_upper, rel,
+                                                     metadata_only=metadata_only, seen=seen))
         # the ancestors without an upper copy, found bottom-up and copied top-down (a
         # loop, not recursion: a path may be thousands of levels deep)
         missing = []
@@ -244,6 +274,8 @@ class CopyUp:
         node = self.lookup.lookup(rel)
         if node.data is None:
             return entry
+        if self._refused.depth:
+            raise CopyUpFirst(rel, functools.partial(self.ensure_data, rel))
         with self._stripe(rel):
             node = self.lookup.lookup(rel)
             if node.data is None or node.upper is None:
