@@ -194,12 +194,17 @@ class Attributes:
                seen: Seen | None = None) -> Entry:
         """The upper entry of ``rel``, after the copy-up ``copy_up_for_setattr`` decides
         (metadata only where allowed); ``seen``: ``rel`` as just looked up."""
+        return self._after(rel, self.copy_up_for_setattr(rel, changes=changes, kill=kill,
+                                                         data=data, seen=seen), data, seen)
+
+    def _after(self, rel: str, copy: "Callable[[], Entry] | None", data: bool = False,
+               seen: Seen | None = None) -> Entry:
+        """The upper entry of ``rel`` once ``copy`` (the change's decision) ran. None: in the
+        upper already (a copy-up it needs all the same, the decision being wrong, runs
+        here: or ``CopyUpFirst`` under the namespace lock, and the request runs it)."""
         self.fs.require_writable()
-        copy = self.copy_up_for_setattr(rel, changes=changes, kill=kill, data=data, seen=seen)
         if copy is not None:
             return copy()
-        # in the upper already (a copy-up it needs all the same, the decision being wrong,
-        # runs here: or ``CopyUpFirst`` under the namespace lock, and the request runs it)
         copyup = self.fs.copyup
         return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True, seen=seen)
 
@@ -376,7 +381,7 @@ class Attributes:
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
         copy = self.copy_up_for_xattr(rel, name)  # (None on a read-only mount: EROFS below)
-        entry = copy() if copy is not None else self._upper(rel)
+        entry = self._after(rel, copy)
         entry.layer.do_setxattr(entry.rel, name, value, flags)
         self._privs_may_grow(entry)
 
@@ -388,7 +393,7 @@ class Attributes:
         if copy is None:
             top = self.fs.lookup.lookup(rel).top
             top.layer.getxattr_strict(top.rel, name)  # ENODATA
-        entry = copy() if copy is not None else self._upper(rel)
+        entry = self._after(rel, copy)
         entry.layer.do_removexattr(entry.rel, name)
 
     # -- filesystem ------------------------------------------------------------------------------
