@@ -31,9 +31,15 @@ Locking: one copy-up per path at a time (striped locks), taken *without* the
 namespace lock; the final rename takes the namespace lock and re-checks that the
 object is still the same, so a racing unlink or rename is never undone. A thread that
 holds the namespace lock while it runs code that may ask for a copy-up says so
-(``refusing``): a copy-up asked for then raises ``CopyUpFirst`` before taking any lock
-(under the namespace lock, its stripe lock would be taken in the other order), carrying
-the ``ensure_*`` call it refused, for the caller to run once it let go of the lock.
+(``refusing``): a copy-up asked for then never waits for its stripe lock (under the
+namespace lock that would be the other order: a deadlock). ``refusing(here=False)``: it
+raises ``CopyUpFirst`` before taking any lock, carrying the ``ensure_*`` call it refused,
+for the caller to run once it let go of the lock (a change's first try: the namespace
+lock is not held for a copy's length). ``refusing()``: it runs, under the namespace lock,
+if its stripe lock is free, else raises ``CopyUpFirst`` the same way. Run there, it
+cannot be made stale by a rename of a directory above, which otherwise fails its install
+("changed during copy-up") and has the request start over: renames that keep coming, one
+per copy-up, would do that for as long as they come.
 """
 from __future__ import annotations
 
@@ -173,9 +179,10 @@ class CopyUpContext:
 
 
 class CopyUpFirst(Exception):
-    """A copy-up was asked for in a thread that holds the namespace lock (``refusing``):
-    nothing was copied. ``copy``: the refused ``ensure_*`` call, for the caller to run
-    without the lock before it runs its change again (None: refused below them)."""
+    """A copy-up was asked for in a thread that holds the namespace lock (``refusing``),
+    and refused (``here`` False, or its stripe lock held): nothing was copied. ``copy``:
+    the refused ``ensure_*`` call, for the caller to run without the lock before it runs
+    its change again."""
 
     def __init__(self, rel: str, copy: "Callable[[], Entry] | None" = None) -> None:
         super().__init__(rel)
@@ -183,24 +190,25 @@ class CopyUpFirst(Exception):
 
 
 class _Refused(threading.local):
-    """``CopyUp.refusing``'s per-thread depth (nested holds: the namespace lock is
-    reentrant)."""
-    depth = 0
+    """``CopyUp.refusing``'s per-thread state: the ``here`` of each hold, innermost last
+    (holds nest: the namespace lock is reentrant). Empty: copy-ups run as asked."""
+    def __init__(self) -> None:
+        self.holds: list[bool] = []
 
 
 class _Refusing:
-    """``CopyUp.refusing``'s context manager: one object for every use (its state is the
-    thread's ``_Refused``), cheaper than a generator's per request."""
-    __slots__ = ("_refused",)
+    """``CopyUp.refusing``'s context manager: one object per mode for every use (its state
+    is the thread's ``_Refused``), cheaper than a generator's per request."""
+    __slots__ = ("_refused", "_here")
 
-    def __init__(self, refused: _Refused) -> None:
-        self._refused = refused
+    def __init__(self, refused: _Refused, here: bool) -> None:
+        self._refused, self._here = refused, here
 
     def __enter__(self) -> None:
-        self._refused.depth += 1
+        self._refused.holds.append(self._here)
 
     def __exit__(self, *exc) -> None:
-        self._refused.depth -= 1
+        self._refused.holds.pop()
 
 
 class CopyUp:
@@ -225,21 +233,36 @@ class CopyUp:
         #: indices of source layers whose files cannot be reflinked to the upper
         self._no_reflink: set[int] = set()
         self._names = itertools.count()
-        #: ``refusing``'s depth, per thread
+        #: ``refusing``'s holds, per thread
         self._refused = _Refused()
-        self._refusing = _Refusing(self._refused)
+        self._refusings = (_Refusing(self._refused, False), _Refusing(self._refused, True))
 
-    def refusing(self) -> _Refusing:
+    def refusing(self, here: bool = True) -> _Refusing:
         """A context: copy-ups asked for in this thread (which holds the namespace lock)
-        meanwhile raise ``CopyUpFirst`` instead of running."""
-        return self._refusing
+        meanwhile never wait for their stripe lock. ``here``: one runs if that lock is
+        free, else raises ``CopyUpFirst``; False: every one raises it (module doc)."""
+        return self._refusings[here]
 
-    def _stripe(self, rel: str) -> threading.Lock:
-        """The lock of copy-ups of ``rel``; ``CopyUpFirst`` under ``refusing`` (a backstop:
-        the ``ensure_*`` calls refuse first, with themselves to run)."""
-        if self._refused.depth:
+    def _refuses(self) -> bool:
+        """Whether a copy-up asked for now raises ``CopyUpFirst`` whatever its stripe lock."""
+        holds = self._refused.holds
+        return bool(holds) and not holds[-1]
+
+    @contextlib.contextmanager
+    def _stripe(self, rel: str):
+        """Hold the lock of copy-ups of ``rel``; under ``refusing``, only if it is free
+        (else ``CopyUpFirst``: module doc)."""
+        lock = self._stripes[hash(rel) % len(self._stripes)]
+        if not self._refused.holds:
+            with lock:
+                yield
+            return
+        if not self._refused.holds[-1] or not lock.acquire(blocking=False):
             raise CopyUpFirst(rel)
-        return self._stripes[hash(rel) % len(self._stripes)]
+        try:
+            yield
+        finally:
+            lock.release()
 
     # -- step 1: what is missing, ancestors first ----------------------------------------
     def ensure_upper(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
@@ -254,33 +277,42 @@ class CopyUp:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
             return node.upper
-        if self._refused.depth:
-            raise CopyUpFirst(rel, functools.partial(self.ensure_upper, rel,
-                                                     metadata_only=metadata_only, seen=seen))
-        # the ancestors without an upper copy, found bottom-up and copied top-down (a
-        # loop, not recursion: a path may be thousands of levels deep)
-        missing = []
-        parent = split(rel)[0]
-        while parent and self.lookup.directory(parent).upper is None:
-            missing.append(parent)
-            parent = split(parent)[0]
-        for path in reversed(missing):
-            self._copy_one(path)
-        return self._copy_one(rel, metadata_only and self.metacopy, seen)
+        try:
+            if self._refuses():
+                raise CopyUpFirst(rel)
+            # the ancestors without an upper copy, found bottom-up and copied top-down (a
+            # loop, not recursion: a path may be thousands of levels deep)
+            missing = []
+            parent = split(rel)[0]
+            while parent and self.lookup.directory(parent).upper is None:
+                missing.append(parent)
+                parent = split(parent)[0]
+            for path in reversed(missing):
+                self._copy_one(path)
+            return self._copy_one(rel, metadata_only and self.metacopy, seen)
+        except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
+            if first.copy is None:
+                first.copy = functools.partial(self.ensure_upper, rel,
+                                               metadata_only=metadata_only, seen=seen)
+            raise
 
     def ensure_data(self, rel: str) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left)."""
-        entry = self.ensure_upper(rel)
-        node = self.lookup.lookup(rel)
-        if node.data is None:
-            return entry
-        if self._refused.depth:
-            raise CopyUpFirst(rel, functools.partial(self.ensure_data, rel))
-        with self._stripe(rel):
+        try:
+            entry = self.ensure_upper(rel)
             node = self.lookup.lookup(rel)
-            if node.data is None or node.upper is None:
-                return node.upper or entry
-            return self._copy_data_in_place(node)
+            if node.data is None:
+                return entry
+            if self._refuses():
+                raise CopyUpFirst(rel)
+            with self._stripe(rel):
+                node = self.lookup.lookup(rel)
+                if node.data is None or node.upper is None:
+                    return node.upper or entry
+                return self._copy_data_in_place(node)
+        except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
+            first.copy = functools.partial(self.ensure_data, rel)
+            raise
 
     def ensure_parent(self, rel: str) -> Entry:
         return self.ensure_upper(split(rel)[0])

@@ -312,18 +312,20 @@ class OverlayOps(Operations):
     def _at_node(self, nodeid: int, act: "Callable[[str], T]") -> "T":
         """``act(path of the node)`` in a namespace lock hold under which that path is
         current (the count of directory moves is the one read before it was made): no move
-        lands between the path and the act. A copy-up ``act`` needs cannot run under that
-        lock (a copy-up takes its own lock, then the namespace lock): the core's change
-        decides which one it needs (``Attributes.copy_up_for_setattr``,
+        lands between the path and the act. A copy-up ``act`` needs is never waited for
+        under that lock (a copy-up takes its own lock, then the namespace lock): the core's
+        change decides which one it needs (``Attributes.copy_up_for_setattr``,
         ``Files.copy_up_for_open``...) and asks for it before it changes anything; refused
         in this hold (``CopyUp.refusing``), it comes back as ``CopyUpFirst`` with that
         copy-up, run here without the lock; then all over again. Nothing here decides
-        whether one is needed. A read-only mount moves nothing."""
+        whether one is needed. Once a move landed (before the lock, or during a copy-up,
+        whose install it fails), the copy-up runs in the hold where the path is made if its
+        stripe lock is free (``refusing()``). A read-only mount moves nothing."""
         fs = self.fs
         if not fs.writable:
             return act(self._node_path(nodeid))
         paths = self._paths
-        refusing = fs.copyup.refusing()
+        copyup = fs.copyup
         stale = False
         while True:
             moves = paths.moves
@@ -337,10 +339,10 @@ class OverlayOps(Operations):
                     stale = True
                     continue
                 try:
-                    with refusing:
+                    with copyup.refusing(here=stale):
                         return act(rel)
                 except CopyUpFirst as first:
-                    if first.copy is None:  # (refused below the ``ensure_*`` calls: a bug)
+                    if first.copy is None:  # (refused outside the ``ensure_*`` calls: a bug)
                         raise OSError(errno.EDEADLK, "copy-up refused under the namespace "
                                       "lock with nothing to run first", rel) from first
                     copy = first.copy
@@ -351,6 +353,7 @@ class OverlayOps(Operations):
             except OSError:
                 if not self._moved(moves):
                     raise
+                stale = True  # (a rename during the copy-up failed it: where none lands)
 
     def _changed(self) -> None:
         """A change of data or attributes is done (``_changes``): ``_change`` takes a new

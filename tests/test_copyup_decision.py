@@ -170,25 +170,36 @@ def test_a_change_under_the_namespace_lock_hands_back_its_copy_up(drv, tmp_path,
         "setxattr": lambda: fs.setxattr("f", "user.y", b"2"),
         "removexattr": lambda: fs.removexattr("f", "user.x"),
     }[change]
-    with fs.ns_lock, fs.copyup.refusing():
+    with fs.ns_lock, fs.copyup.refusing(here=False):
         with pytest.raises(CopyUpFirst) as first:
             run()
     assert first.value.copy is not None
     assert _upper(tmp_path, "f") is None  # nothing copied, nothing changed
     first.value.copy()
     assert _upper(tmp_path, "f") is not None
-    with fs.ns_lock, fs.copyup.refusing():
+    with fs.ns_lock, fs.copyup.refusing(here=False):
         run()  # nothing left to copy up
 
 
-def test_refusing_nests(drv):
-    refusing = drv.fs.copyup.refusing()
-    with refusing:
-        with refusing:
+def test_refusing_nests_and_runs_here_when_the_stripe_lock_is_free(drv, tmp_path):
+    copyup = drv.fs.copyup
+    with copyup.refusing(here=False):
+        with copyup.refusing():
             pass
-        with pytest.raises(CopyUpFirst):
-            drv.fs.copyup.ensure_upper("f")
-    drv.fs.copyup.ensure_upper("f")  # refused no more
+        with pytest.raises(CopyUpFirst) as first:
+            copyup.ensure_upper("f")
+        assert first.value.copy is not None
+    stripe = copyup._stripes[hash("d") % len(copyup._stripes)]
+    with drv.fs.ns_lock, copyup.refusing():
+        with stripe:  # (another copy-up holds it): refused, with the copy-up to run
+            with pytest.raises(CopyUpFirst) as first:
+                copyup.ensure_data("d")
+        assert _upper(tmp_path, "d") is None
+        copyup.ensure_upper("d")  # free: runs here
+    assert _upper(tmp_path, "d") is not None
+    first.value.copy()  # (nothing left)
+    copyup.ensure_upper("f")  # refused no more
+    assert _upper(tmp_path, "f") is not None
 
 
 # -- a copy-up nothing announced: never under the namespace lock ----------------------------
