@@ -28,9 +28,8 @@ a stale path. Three ways to use it (``OverlayOps``):
   it would take its stripe lock under the namespace lock) and run without the lock first;
 - other changes by nodeid (SETATTR, SETXATTR, REMOVEXATTR, OPEN, OPENDIR) compare the count
   under the namespace lock themselves and act in that hold (``_at_node``); a copy-up they
-  need is refused there (``CopyUpFirst``, with the copy-up) and runs first, without the lock
-  (a copy-up takes its own lock, then the namespace lock), of whatever the path names then,
-  and the request starts over;
+  need runs first, without the lock (a copy-up takes its own lock, then the namespace lock),
+  of whatever the path names then, and the request starts over;
 - reads (GETATTR, GETXATTR, LISTXATTR, READLINK, ACCESS, a listing) compare the count
   before and after, without a lock, and are redone when it moved (``_moved``: after waiting
   out a rename in progress); LOOKUP and the entry a change answers with register under the
