@@ -55,6 +55,25 @@ class Files:
         self._sharing = fs.sharing
         self._served = fs.stats.served
 
+    def copy_up_for_open(self, rel: str, flags: int,
+                         node: Node | None = None) -> "Callable[[], Entry] | None":
+        """The copy-up ``open`` makes first (``Attributes.copy_up_for_setattr``'s kind): the
+        file with its data, for an open that may change it (write access or ``O_TRUNC``) of
+        a file not in the upper or whose data is still below (metacopy); None otherwise (a
+        read-only open, a read-only mount, an absent object or a directory: the open fails
+        first). ``node``: ``rel`` as the open just looked it up."""
+        fs = self.fs
+        if not flags & _WRITE_INTENT or not fs.writable or fs.copyup is None:
+            return None
+        if node is None:
+            if fs.attrs.known_upper(rel, True):
+                return None
+            node = fs.lookup.lookup(rel)
+        if not node.exists or node.is_dir or node.upper is not None and node.data is None:
+            return None
+        copyup = fs.copyup
+        return lambda: copyup.ensure_data(rel)
+
     def open(self, rel: str, flags: int) -> OpenResult:
         fs = self.fs
         fs.room_for_open(rel)
@@ -89,25 +108,6 @@ class Files:
                 opened = self._open_node(node, rel, flags)
         inode, fd, generation = opened
         return self._register(inode, flags, rel, fd, generation)
-
-    def copy_up_for_open(self, rel: str, flags: int,
-                         node: Node | None = None) -> "Callable[[], Entry] | None":
-        """The copy-up ``open`` makes first (``Attributes.copy_up_for_setattr``'s kind): the
-        file with its data, for an open that may change it (write access or ``O_TRUNC``) of
-        a file not in the upper or whose data is still below (metacopy); None otherwise (a
-        read-only open, a read-only mount, an absent object or a directory: the open fails
-        first). ``node``: ``rel`` as the open just looked it up."""
-        fs = self.fs
-        if not flags & _WRITE_INTENT or not fs.writable or fs.copyup is None:
-            return None
-        if node is None:
-            if fs.attrs.known_upper(rel, True):
-                return None
-            node = fs.lookup.lookup(rel)
-        if not node.exists or node.is_dir or node.upper is not None and node.data is None:
-            return None
-        copyup = fs.copyup
-        return lambda: copyup.ensure_data(rel)
 
     def _open_node(self, node: Node, rel: str, flags: int) -> tuple[OverlayInode, int, int]:
         """The live inode of ``node`` (a reference taken) and a new fd on its backing, with
