@@ -1,7 +1,11 @@
 """Attributes and extended attributes: getattr, chmod, chown, utimens, truncate, xattrs.
 
 Owns: what ``stat`` shows for a merged object and every metadata change. Changes copy
-the object up first (``copyup.ensure_upper``) and then act on the upper. Overlay-
+the object up first (``copyup.ensure_upper``) and then act on the upper. Which copy-up a
+change makes is decided once, here, by the function beside it (``copy_up_for_setattr``,
+``copy_up_for_xattr``), which the change itself runs: the adapter decides nothing. Under
+the namespace lock (``OverlayOps._at_node``) the copy-up is refused (``CopyUp.refusing``)
+and the request runs it without the lock, then the change again, which finds it done. Overlay-
 private xattrs (``trusted.overlay.*``, ``user.overlay.*``, also ``*.overlaypc.*`` for safety,
 and the override-stat xattrs of ``ownership``) are never listed, read, set or removed
 through the mount; the one exception is the read-only, unlisted virtual
@@ -32,8 +36,11 @@ from . import acl, faults, killpriv
 from .copyup import Seen, is_private_xattr
 from .lookup import Entry, Node
 from .typing_lite import TYPE_CHECKING, NamedTuple
+from .whiteout import is_whiteout
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .core import OverlayFS
 
 UTIME_NOW = (1 << 30) - 1
@@ -126,11 +133,78 @@ class Attributes:
                     None if node.data is None else node.data.st.st_blocks)
         return self.fs.ownership.show_entry(attr, node.top)
 
+    # -- which copy-up a change makes first ------------------------------------------------------
+    def copy_up_for_setattr(self, rel: str, *, changes: bool = True, kill: bool = False,
+                            ids: tuple[int, int] | None = None, data: bool = False,
+                            seen: Seen | None = None) -> "Callable[[], Entry] | None":
+        """The copy-up a SETATTR (or any attribute change) by path of ``rel`` makes before it
+        changes anything: a call that makes it and returns the upper entry, or None. None for
+        an object in the upper already (with its data, for ``data``: a truncate), one that
+        does not exist (the change fails), a read-only mount (EROFS), or when nothing changes
+        (``changes`` False) but a kill flag (``kill``) on a lower regular file, which is
+        copied up (metadata only where allowed) before its privileges are looked at. The
+        errors the change answers before a copy-up are answered here first (a chown's IDs the
+        kill flag checks: EOVERFLOW). ``seen``: ``rel`` as the change just looked it up;
+        without it, one ``fstatat`` answers for an upper object (``known_upper``)."""
+        fs = self.fs
+        copyup = fs.copyup
+        if not fs.writable or copyup is None:
+            return None
+        if seen is None:
+            if self.known_upper(rel, data):
+                return None
+            epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
+            seen = Seen(fs.lookup.lookup(rel), epoch)
+        node = seen.node
+        if not node.exists or node.upper is not None and not (data and node.data is not None):
+            return None
+        if not changes and not (kill and stat.S_ISREG(node.st.st_mode)):
+            return None
+        if kill and ids is not None:
+            fs.ownership.chown_ids(*ids)  # (EOVERFLOW: ``OverlayFS.kill_privs``)
+        if data:
+            return lambda: copyup.ensure_data(rel)
+        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=seen)
+
+    def copy_up_for_xattr(self, rel: str, name: str, *,
+                          removed: bool = False) -> "Callable[[], Entry] | None":
+        """``copy_up_for_setattr`` of a SETXATTR (REMOVEXATTR: ``removed``): none for one
+        refused first (xattrs off, a private name); a removed xattr must exist first
+        (ENODATA, before any copy-up)."""
+        if self.fs.config.noxattrs or is_private_xattr(name):
+            return None
+        copy = self.copy_up_for_setattr(rel)
+        if copy is not None and removed:
+            top = self.fs.lookup.lookup(rel).top
+            top.layer.getxattr_strict(top.rel, name)
+        return copy
+
+    def known_upper(self, rel: str, data: bool) -> bool:
+        """Whether ``rel`` is an object of the upper layer (a lookup's top entry: no copy-up
+        then), known without a lookup: one ``fstatat`` through the fd the lookup cache holds
+        of its upper parent. False when not known so (absent, a whiteout, or ``data``
+        asked of a mount with metacopy files, whose data may be below)."""
+        if data and self.fs.config.metacopy:
+            return False
+        st = self.fs.stack.upper.lstat(rel)  # (one fstatat when the parent's fd is held)
+        return st is not None and not is_whiteout(st)
+
     # -- changes (copy-up first) ---------------------------------------------------------------
-    def _upper(self, rel: str, *, data: bool = False, seen: Seen | None = None) -> Entry:
-        """The upper entry of ``rel``, copied up first (metadata only where allowed);
-        ``seen``: ``rel`` as just looked up (``copyup.Seen``)."""
+    def _upper(self, rel: str, *, data: bool = False, changes: bool = True, kill: bool = False,
+               seen: Seen | None = None) -> Entry:
+        """The upper entry of ``rel``, after the copy-up ``copy_up_for_setattr`` decides
+        (metadata only where allowed); ``seen``: ``rel`` as just looked up."""
+        return self._after(rel, self.copy_up_for_setattr(rel, changes=changes, kill=kill,
+                                                         data=data, seen=seen), data, seen)
+
+    def _after(self, rel: str, copy: "Callable[[], Entry] | None", data: bool = False,
+               seen: Seen | None = None) -> Entry:
+        """The upper entry of ``rel`` once ``copy`` (the change's decision) ran. None: in the
+        upper already (a copy-up it needs all the same, the decision being wrong, runs
+        here: or ``CopyUpFirst`` under the namespace lock, and the request runs it)."""
         self.fs.require_writable()
+        if copy is not None:
+            return copy()
         copyup = self.fs.copyup
         return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True, seen=seen)
 
@@ -145,12 +219,14 @@ class Attributes:
         if inode is not None:
             inode.privs_may_grow()
 
-    def kill_privs(self, rel: str, writer: "killpriv.Writer", node: Node | None = None) -> bool:
-        """``killpriv`` for a truncate or chown by path (copied up first, as the change
-        that follows would); ``node``: ``rel`` as just looked up. True if something was
-        stripped."""
-        if node is None:
-            node = self.fs.lookup.lookup(rel)
+    def kill_privs(self, rel: str, writer: "killpriv.Writer", seen: Seen | None = None) -> bool:
+        """``killpriv`` for a truncate or chown by path (a lower file copied up first:
+        ``copy_up_for_setattr`` with ``kill``); ``seen``: ``rel`` as just looked up. True if
+        something was stripped."""
+        if seen is None:
+            epoch = self.fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
+            seen = Seen(self.fs.lookup.lookup(rel), epoch)
+        node = seen.node
         if not node.exists or not stat.S_ISREG(node.st.st_mode):
             return False
         self.fs.require_writable()
@@ -160,8 +236,8 @@ class Attributes:
             # untar's chown of every file: the lookup's stat and xattr names show
             # nothing a write would strip (what ``kill_fd`` would find, without opening)
             return False
-        # ``_upper`` would look the same up first; copied up (metadata only) if not there
-        entry = entry if entry is not None else self._upper(rel)
+        if entry is None:  # a lower file: copied up (metadata only) before it is looked at
+            entry = self._upper(rel, changes=False, kill=True, seen=seen)
         fd = entry.layer.open(entry.rel, os.O_RDONLY | os.O_NONBLOCK)
         try:
             changed = killpriv.kill_fd(self.fs.ownership, entry.layer, fd, writer).changed
@@ -199,21 +275,26 @@ class Attributes:
         node = fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
+        changes = mode is not None or ids is not None or times is not None
+        if writer is None and not changes:
+            return self._refreshed(node, rel), False
+        fs.require_writable()
+        if writer is not None and ids is not None:
+            fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is copied up or stripped
+        entry = node.upper
+        copy = self.copy_up_for_setattr(rel, changes=changes, kill=writer is not None, ids=ids,
+                                        seen=Seen(node, epoch))
+        if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
+            entry = copy()
+            node = None  # copied up: its structure changed
         killed = False
         if writer is not None:
-            fs.require_writable()
-            if ids is not None:
-                fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is stripped
-            killed = self.kill_privs(rel, writer, node)
-        entry = node.upper
-        if mode is None and ids is None and times is None:
-            return self._refreshed(node, rel), killed
-        if entry is None:
-            # (a copy-up by ``kill_privs`` moved the epoch: then it is looked up again)
-            entry = self._upper(rel, seen=Seen(node, epoch))
-            node = None  # copied up: its structure changed
-        else:
-            fs.require_writable()
+            killed = self.kill_privs(rel, writer, None if node is None else Seen(node, epoch))
+        if not changes:
+            return (None if node is None else self._refreshed(node, rel)), killed
+        if entry is None:  # (the decision and the lookup disagree: ``_upper`` copies it up)
+            entry = self._upper(rel)
+            node = None
         if mode is not None:
             fs.ownership.chmod(entry, mode)
             self._privs_may_grow(entry)
@@ -299,7 +380,8 @@ class Attributes:
         self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
-        entry = self._upper(rel)
+        copy = self.copy_up_for_xattr(rel, name)  # (None on a read-only mount: EROFS below)
+        entry = self._after(rel, copy)
         entry.layer.do_setxattr(entry.rel, name, value, flags)
         self._privs_may_grow(entry)
 
@@ -307,9 +389,11 @@ class Attributes:
         self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
-        top = self.fs.lookup.lookup(rel).top
-        top.layer.getxattr_strict(top.rel, name)  # ENODATA before any copy-up
-        entry = self._upper(rel)
+        copy = self.copy_up_for_xattr(rel, name, removed=True)  # (ENODATA before it)
+        if copy is None:
+            top = self.fs.lookup.lookup(rel).top
+            top.layer.getxattr_strict(top.rel, name)  # ENODATA
+        entry = self._after(rel, copy)
         entry.layer.do_removexattr(entry.rel, name)
 
     # -- filesystem ------------------------------------------------------------------------------

@@ -32,8 +32,11 @@ namespace lock; the final rename takes the namespace lock and re-checks that the
 object is still the same, so a racing unlink or rename is never undone. A thread that
 holds the namespace lock while it runs code that may ask for a copy-up says so
 (``refusing``): a copy-up asked for then never waits for its stripe lock (under the
-namespace lock that would be the other order: a deadlock); it runs, under the namespace
-lock, if that lock is free, else raises ``CopyUpFirst`` before taking any. Run there, it
+namespace lock that would be the other order: a deadlock). ``refusing(here=False)``: it
+raises ``CopyUpFirst`` before taking any lock, carrying the ``ensure_*`` call it refused,
+for the caller to run once it let go of the lock (a change's first try: the namespace
+lock is not held for a copy's length). ``refusing()``: it runs, under the namespace lock,
+if its stripe lock is free, else raises ``CopyUpFirst`` the same way. Run there, it
 cannot be made stale by a rename of a directory above, which otherwise fails its install
 ("changed during copy-up") and has the request start over: renames that keep coming, one
 per copy-up, would do that for as long as they come.
@@ -59,7 +62,10 @@ from .ownership import Ownership, is_override_xattr
 from .records import field, record
 from .stack import LayerStack
 from .stats import Stats
-from .typing_lite import NamedTuple
+from .typing_lite import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logs.get("overlaypc.copyup")
 
@@ -173,9 +179,36 @@ class CopyUpContext:
 
 
 class CopyUpFirst(Exception):
-    """A copy-up was asked for in a thread that holds the namespace lock (``refusing``)
-    while another copy-up held its stripe lock: nothing was copied; the caller runs again
-    without the lock."""
+    """A copy-up was asked for in a thread that holds the namespace lock (``refusing``),
+    and refused (``here`` False, or its stripe lock held): nothing was copied. ``copy``:
+    the refused ``ensure_*`` call, for the caller to run without the lock before it runs
+    its change again."""
+
+    def __init__(self, rel: str, copy: "Callable[[], Entry] | None" = None) -> None:
+        super().__init__(rel)
+        self.copy = copy
+
+
+class _Refused(threading.local):
+    """``CopyUp.refusing``'s per-thread state: the ``here`` of each hold, innermost last
+    (holds nest: the namespace lock is reentrant). Empty: copy-ups run as asked."""
+    def __init__(self) -> None:
+        self.holds: list[bool] = []
+
+
+class _Refusing:
+    """``CopyUp.refusing``'s context manager: one object per mode for every use (its state
+    is the thread's ``_Refused``), cheaper than a generator's per request."""
+    __slots__ = ("_refused", "_here")
+
+    def __init__(self, refused: _Refused, here: bool) -> None:
+        self._refused, self._here = refused, here
+
+    def __enter__(self) -> None:
+        self._refused.holds.append(self._here)
+
+    def __exit__(self, *exc) -> None:
+        self._refused.holds.pop()
 
 
 class CopyUp:
@@ -200,29 +233,31 @@ class CopyUp:
         #: indices of source layers whose files cannot be reflinked to the upper
         self._no_reflink: set[int] = set()
         self._names = itertools.count()
-        #: ``refusing``'s flag, per thread
-        self._refused = threading.local()
+        #: ``refusing``'s holds, per thread
+        self._refused = _Refused()
+        self._refusings = (_Refusing(self._refused, False), _Refusing(self._refused, True))
 
-    @contextlib.contextmanager
-    def refusing(self):
-        """Copy-ups asked for in this thread (which holds the namespace lock) meanwhile
-        never wait for their stripe lock: they raise ``CopyUpFirst`` when it is held."""
-        self._refused.on = True
-        try:
-            yield
-        finally:
-            self._refused.on = False
+    def refusing(self, here: bool = True) -> _Refusing:
+        """A context: copy-ups asked for in this thread (which holds the namespace lock)
+        meanwhile never wait for their stripe lock. ``here``: one runs if that lock is
+        free, else raises ``CopyUpFirst``; False: every one raises it (module doc)."""
+        return self._refusings[here]
+
+    def _refuses(self) -> bool:
+        """Whether a copy-up asked for now raises ``CopyUpFirst`` whatever its stripe lock."""
+        holds = self._refused.holds
+        return bool(holds) and not holds[-1]
 
     @contextlib.contextmanager
     def _stripe(self, rel: str):
         """Hold the lock of copy-ups of ``rel``; under ``refusing``, only if it is free
         (else ``CopyUpFirst``: module doc)."""
         lock = self._stripes[hash(rel) % len(self._stripes)]
-        if not getattr(self._refused, "on", False):
+        if not self._refused.holds:
             with lock:
                 yield
             return
-        if not lock.acquire(blocking=False):
+        if not self._refused.holds[-1] or not lock.acquire(blocking=False):
             raise CopyUpFirst(rel)
         try:
             yield
@@ -242,28 +277,42 @@ class CopyUp:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
             return node.upper
-        # the ancestors without an upper copy, found bottom-up and copied top-down (a
-        # loop, not recursion: a path may be thousands of levels deep)
-        missing = []
-        parent = split(rel)[0]
-        while parent and self.lookup.directory(parent).upper is None:
-            missing.append(parent)
-            parent = split(parent)[0]
-        for path in reversed(missing):
-            self._copy_one(path)
-        return self._copy_one(rel, metadata_only and self.metacopy, seen)
+        try:
+            if self._refuses():
+                raise CopyUpFirst(rel)
+            # the ancestors without an upper copy, found bottom-up and copied top-down (a
+            # loop, not recursion: a path may be thousands of levels deep)
+            missing = []
+            parent = split(rel)[0]
+            while parent and self.lookup.directory(parent).upper is None:
+                missing.append(parent)
+                parent = split(parent)[0]
+            for path in reversed(missing):
+                self._copy_one(path)
+            return self._copy_one(rel, metadata_only and self.metacopy, seen)
+        except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
+            if first.copy is None:
+                first.copy = functools.partial(self.ensure_upper, rel,
+                                               metadata_only=metadata_only, seen=seen)
+            raise
 
     def ensure_data(self, rel: str) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left)."""
-        entry = self.ensure_upper(rel)
-        node = self.lookup.lookup(rel)
-        if node.data is None:
-            return entry
-        with self._stripe(rel):
+        try:
+            entry = self.ensure_upper(rel)
             node = self.lookup.lookup(rel)
-            if node.data is None or node.upper is None:
-                return node.upper or entry
-            return self._copy_data_in_place(node)
+            if node.data is None:
+                return entry
+            if self._refuses():
+                raise CopyUpFirst(rel)
+            with self._stripe(rel):
+                node = self.lookup.lookup(rel)
+                if node.data is None or node.upper is None:
+                    return node.upper or entry
+                return self._copy_data_in_place(node)
+        except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
+            first.copy = functools.partial(self.ensure_data, rel)
+            raise
 
     def ensure_parent(self, rel: str) -> Entry:
         return self.ensure_upper(split(rel)[0])

@@ -78,6 +78,25 @@ class Files:
         self._sharing = fs.sharing
         self._served = fs.stats.served
 
+    def copy_up_for_open(self, rel: str, flags: int,
+                         node: Node | None = None) -> "Callable[[], Entry] | None":
+        """The copy-up ``open`` makes first (``Attributes.copy_up_for_setattr``'s kind): the
+        file with its data, for an open that may change it (write access or ``O_TRUNC``) of
+        a file not in the upper or whose data is still below (metacopy); None otherwise (a
+        read-only open, a read-only mount, an absent object or a directory: the open fails
+        first). ``node``: ``rel`` as the open just looked it up."""
+        fs = self.fs
+        if not flags & _WRITE_INTENT or not fs.writable or fs.copyup is None:
+            return None
+        if node is None:
+            if fs.attrs.known_upper(rel, True):
+                return None
+            node = fs.lookup.lookup(rel)
+        if not node.exists or node.is_dir or node.upper is not None and node.data is None:
+            return None
+        copyup = fs.copyup
+        return lambda: copyup.ensure_data(rel)
+
     def open(self, rel: str, flags: int) -> OpenResult:
         fs = self.fs
         fs.room_for_open(rel)
@@ -88,11 +107,12 @@ class Files:
             fs.require_writable()
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)
-            if node.upper is None or node.data is not None:
+            copy = self.copy_up_for_open(rel, flags, node)
+            if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
                 # (a copy-up that breaks a lower hard link changes this name's st_nlink and
                 # st_ino with no reply carrying them: such names are never cached by the
                 # kernel's attributes, see ``OverlayOps._attr_timeout``)
-                fs.copyup.ensure_data(rel)
+                copy()
         # Under the namespace lock, a copy-up is either not installed yet or installed
         # *and* its live inode rebound to the upper (never a second inode for the upper
         # copy beside the old one being rebound), and no rename or unlink can move the

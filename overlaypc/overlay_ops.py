@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 from . import faults, logs
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
-from .copyup import CopyUpFirst, Seen, is_private_xattr
+from .copyup import CopyUpFirst
 from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
@@ -46,7 +46,6 @@ from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 from .pathguard import PathsMoved
 from .typing_lite import TYPE_CHECKING
-from .whiteout import is_whiteout
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -86,8 +85,6 @@ _S_IFDIR = stat.S_IFDIR
 _MOVED: Entry = Entry(0, None, 0.0, 0.0)
 #: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
 _FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
-#: open flags that may change the file (``Files.open`` copies it up first)
-_WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.FATTR_MTIME
                   | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW)
 
@@ -313,20 +310,23 @@ class OverlayOps(Operations):
         with self.fs.ns_lock:
             return read(self._node_path(nodeid))
 
-    def _at_node(self, nodeid: int, act: "Callable[[str], T]",
-                 copy_up: "Callable[[str], Callable[[], object] | None] | None" = None) -> "T":
+    def _at_node(self, nodeid: int, act: "Callable[[str], T]") -> "T":
         """``act(path of the node)`` in a namespace lock hold under which that path is
         current (the count of directory moves is the one read before it was made): no move
-        lands between the path and the act. ``copy_up(path)``, in the same hold before
-        ``act``: None when ``act`` copies nothing up, else the copy-up it needs, run first
-        without the lock (a copy-up takes its own lock, then the namespace lock: never
-        waited for under it); then all over again. Once a move landed (before the lock,
-        or during a copy-up, whose install it fails), in the hold where the path is made,
-        if its stripe lock is free (``CopyUp.refusing``). A read-only mount moves nothing."""
+        lands between the path and the act. A copy-up ``act`` needs is never waited for
+        under that lock (a copy-up takes its own lock, then the namespace lock): the core's
+        change decides which one it needs (``Attributes.copy_up_for_setattr``,
+        ``Files.copy_up_for_open``...) and asks for it before it changes anything; refused
+        in this hold (``CopyUp.refusing``), it comes back as ``CopyUpFirst`` with that
+        copy-up, run here without the lock; then all over again. Nothing here decides
+        whether one is needed. Once a move landed (before the lock, or during a copy-up,
+        whose install it fails), the copy-up runs in the hold where the path is made if its
+        stripe lock is free (``refusing()``). A read-only mount moves nothing."""
         fs = self.fs
         if not fs.writable:
             return act(self._node_path(nodeid))
         paths = self._paths
+        copyup = fs.copyup
         stale = False
         while True:
             moves = paths.moves
@@ -339,11 +339,14 @@ class OverlayOps(Operations):
                 elif paths.moves != moves:
                     stale = True
                     continue
-                copy = None if copy_up is None else copy_up(rel)
-                if copy is not None and stale and self._copied_here(copy):
-                    copy = copy_up(rel)
-                if copy is None:
-                    return act(rel)
+                try:
+                    with copyup.refusing(here=stale):
+                        return act(rel)
+                except CopyUpFirst as first:
+                    if first.copy is None:  # (refused outside the ``ensure_*`` calls: a bug)
+                        raise OSError(errno.EDEADLK, "copy-up refused under the namespace "
+                                      "lock with nothing to run first", rel) from first
+                    copy = first.copy
             # (of what ``rel`` names now: if a move lands first, another object's copy-up,
             # which changes no merged content)
             try:
@@ -352,17 +355,6 @@ class OverlayOps(Operations):
                 if not self._moved(moves):
                     raise
                 stale = True  # (a rename during the copy-up failed it: where none lands)
-
-    def _copied_here(self, copy: "Callable[[], object]") -> bool:
-        """Run the copy-up ``copy`` in this thread's namespace lock hold if its stripe lock
-        is free (``CopyUp.refusing``); whether it ran."""
-        assert self.fs.copyup is not None
-        with self.fs.copyup.refusing():
-            try:
-                copy()
-            except CopyUpFirst:
-                return False
-        return True
 
     def _changed(self) -> None:
         """A change of data or attributes is done (``_changes``): ``_change`` takes a new
@@ -461,17 +453,22 @@ class OverlayOps(Operations):
             return self._setattr_named(req, nodeid, sa)
         if sa.fh is not None and not valid & (_PATH_SETATTRS | p.FATTR_KILL_SUIDGID):
             return self._setattr_steps(req, nodeid, rel, sa, None)  # an ftruncate: no path
-        data = sa.fh is None  # (a size is set) a truncate by path needs the data above
-        ids = _chown_ids(sa)
-        return self._at_node(
-            nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None),
-            lambda rel: self._copy_up_for(rel, bool(valid & _PATH_SETATTRS or data),
-                                          bool(valid & p.FATTR_KILL_SUIDGID), ids, data))
+        return self._at_node(nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None))
 
     def _setattr_steps(self, req: Request, nodeid: int, rel: str | None, sa: SetAttr,
                        inode: OverlayInode | None) -> AttrReply:
-        """``setattr``'s steps, by ``rel`` or (no name left) on ``inode``."""
+        """``setattr``'s steps, by ``rel`` or (no name left) on ``inode``. By ``rel``, the
+        copy-up all of them need comes first (``Attributes.copy_up_for_setattr``): the
+        steps then find the object in the upper (a step's own copy-up would come between
+        the steps before it and the rest, done again when the request starts over)."""
         fs, valid = self.fs, sa.valid
+        if rel is not None and inode is None:
+            data = sa.fh is None and bool(valid & p.FATTR_SIZE)  # a truncate by path
+            copy = fs.attrs.copy_up_for_setattr(
+                rel, changes=bool(valid & _PATH_SETATTRS) or data,
+                kill=bool(valid & p.FATTR_KILL_SUIDGID), ids=_chown_ids(sa), data=data)
+            if copy is not None:  # (in ``_at_node``: ``CopyUpFirst``, nothing done)
+                copy()
         if valid & p.FATTR_KILL_SUIDGID:  # truncate without CAP_FSETID, or any chown
             # no name, no fh: one of the inode's handles, held against its RELEASE
             self._kill_privs(req, nodeid, rel, sa.fh, _chown_ids(sa), inode)
@@ -503,43 +500,6 @@ class OverlayOps(Operations):
                 fs.files.utimens_inode(inode, times)
         return AttrReply(file_attr(self._attr(nodeid, sa.fh)), self._node_attr_timeout(nodeid))
 
-    def _copy_up_for(self, rel: str, changes: bool, kill: bool,
-                     ids: tuple[int, int] | None = None,
-                     data: bool = False) -> "Callable[[], object] | None":
-        """The copy-up a change by path of ``rel`` makes before it changes anything
-        (``_at_node``'s ``copy_up``, under the namespace lock), as ``attrs`` decides it:
-        None for an object in the upper already (with its data, for ``data``), one that
-        does not exist (the change fails), or when nothing changes (``changes`` False) but
-        a kill flag (``kill``) on a lower regular file, which is copied up before its
-        privileges are looked at. The errors ``attrs`` answers before a copy-up are
-        answered here first (a chown's IDs the kill flag checks)."""
-        fs = self.fs
-        if self._in_upper(rel, data):
-            return None
-        epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
-        node = fs.lookup.lookup(rel)
-        if not node.exists or node.upper is not None and not (data and node.data is not None):
-            return None
-        if not changes and not (kill and stat.S_ISREG(node.st.st_mode)):
-            return None
-        if kill and ids is not None:
-            fs.ownership.chown_ids(*ids)  # (EOVERFLOW: ``OverlayFS.kill_privs``)
-        copyup = fs.copyup
-        if data:
-            return lambda: copyup.ensure_data(rel)
-        seen = Seen(node, epoch)
-        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=seen)
-
-    def _in_upper(self, rel: str, data: bool) -> bool:
-        """Whether ``rel`` is an object of the upper layer (a lookup's top entry: no copy-up
-        then), known without a lookup: one ``fstatat`` through the fd the lookup cache holds
-        of its upper parent. False when not known so (absent, a whiteout, or ``data``
-        asked of a mount with metacopy files, whose data may be below)."""
-        if data and self.fs.config.metacopy:
-            return False
-        st = self.fs.stack.upper.lstat(rel)  # (one fstatat when the parent's fd is held)
-        return st is not None and not is_whiteout(st)
-
     def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """``setattr`` of a named node without a size nor a handle (untar's utimens, chown
         and chmod of every file): the same steps in the same order, from one lookup."""
@@ -567,9 +527,7 @@ class OverlayOps(Operations):
                 attr, killed = self.fs.setattr(rel, mode=mode, ids=ids, times=times,
                                                writer=writer)
                 return (self._attr(nodeid, None) if attr is None else attr), killed
-            changes = mode is not None or ids is not None or times is not None
-            done = self._at_node(nodeid, by_path, lambda rel: self._copy_up_for(
-                rel, changes, writer is not None, ids))
+            done = self._at_node(nodeid, by_path)
         attr, killed = done
         if killed:
             self.notifier.inval_inode(nodeid, -1)
@@ -612,24 +570,11 @@ class OverlayOps(Operations):
             self.fs.setxattr(rel, name, value, flags)
             if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
                 self.fs.attrs.kill_sgid(rel)
-        self._at_node(nodeid, act, lambda rel: self._xattr_copy_up(rel, name))
+        self._at_node(nodeid, act)
 
     @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
-        self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name),
-                      lambda rel: self._xattr_copy_up(rel, name, removed=True))
-
-    def _xattr_copy_up(self, rel: str, name: str,
-                       removed: bool = False) -> "Callable[[], object] | None":
-        """``_copy_up_for`` of an xattr change: none for one ``attrs`` refuses first (xattrs
-        off, a private name); a removed xattr must exist first (ENODATA, no copy-up)."""
-        if self.fs.config.noxattrs or is_private_xattr(name):
-            return None
-        copy = self._copy_up_for(rel, True, False)
-        if copy is not None and removed:
-            top = self.fs.lookup.lookup(rel).top
-            top.layer.getxattr_strict(top.rel, name)
-        return copy
+        self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
@@ -694,8 +639,7 @@ class OverlayOps(Operations):
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
         try:
-            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags),
-                                   self._open_copy_up if flags & _WRITE_INTENT else None)
+            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags))
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
                 try:
                     self._kill_privs(req, nodeid, None, result.fh)
@@ -709,17 +653,6 @@ class OverlayOps(Operations):
                 self._changed()
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
-
-    def _open_copy_up(self, rel: str) -> "Callable[[], object] | None":
-        """``_copy_up_for`` of an open for writing: ``Files.open``'s (a file below, or its
-        data, copied up; a directory fails first)."""
-        if self._in_upper(rel, True):
-            return None
-        node = self.fs.lookup.lookup(rel)
-        if not node.exists or node.is_dir or node.upper is not None and node.data is None:
-            return None
-        copyup = self.fs.copyup
-        return lambda: copyup.ensure_data(rel)
 
     def _opened(self, nodeid: int, result, era: int | None, req: Request | None = None,
                 flags: int = os.O_RDONLY) -> Opened:
