@@ -42,6 +42,7 @@ the same paths.
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import random
@@ -588,6 +589,20 @@ def _pages_old_or_new(data: bytes, i: int) -> bool:
     return True
 
 
+def _page_kinds(data: bytes, i: int) -> str:
+    """What each page of block ``i`` read as ``data`` is, for a failure's message: o(ld),
+    n(ew), t(orn: each byte old or new), x (anything else), run-length coded."""
+    old, new = block(b"OLD!", i, PAGE), block(b"NEW!", i, PAGE)
+    kinds = []
+    for o in range(0, len(data), PAGE):
+        page = data[o:o + PAGE]
+        kinds.append("o" if page == old else "n" if page == new else
+                     "t" if len(page) == PAGE and all(b in (x, y) for b, x, y in zip(page, old, new))
+                     else "x")
+    runs = itertools.groupby(kinds)
+    return " ".join(f"{k}{len(list(g))}" for k, g in runs)
+
+
 @pytest.mark.parametrize("handles", HANDLES)
 def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, cache, handles):
     """On tmp_path (ext4 here, no reflink): copy-up copies 200 MiB and fsyncs it.
@@ -633,7 +648,8 @@ def test_c8_reader_during_long_copy_up(overlay_mount, layers_factory, tmp_path, 
             return
         zeros = data.count(0)
         failures.append(f"{where}: block {i}: {len(data)} bytes, {zeros} zero bytes, "
-                        f"starts {data[:16]!r}")
+                        f"starts {data[:16]!r}, pages {_page_kinds(data, i)}, "
+                        f"overlapped {overlapped}")
 
     def reader(fd: int) -> None:
         rng = random.Random(1)
