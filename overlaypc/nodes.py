@@ -39,7 +39,7 @@ _KEPT_PATH = 4096
 
 class Node:
     """One node of the table (``__slots__``: there may be hundreds of thousands)."""
-    __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path")
+    __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path", "gone")
 
     def __init__(self, nodeid: int, key: Hashable, is_dir: bool) -> None:
         self.nodeid = nodeid
@@ -52,6 +52,10 @@ class Node:
         self.fhs: set[int] | None = None
         #: a directory's path as last walked: (``NodeTable._dirs_gen`` then, path)
         self.dir_path: tuple[int, str] | None = None
+        #: a directory whose last name went (rmdir, a rename over it): its attributes then
+        #: (opaque here), what a GETATTR of it answers while the kernel still holds it (an
+        #: open fd's ``fstat``); None otherwise
+        self.gone: object | None = None
 
     def __repr__(self) -> str:
         return f"Node({self.nodeid}, {self.key!r}, nlookup={self.nlookup}, names={self.names})"
@@ -153,11 +157,14 @@ class NodeTable:
                 del self._by_key[node.key]
 
     # -- names -------------------------------------------------------------------------------
-    def _drop_name(self, node: Node, where: Name, *, keep_key: bool) -> None:
+    def _drop_name(self, node: Node, where: Name, *, keep_key: bool,
+                   gone: object | None = None) -> None:
         try:
             node.names.remove(where)
         except ValueError:
             pass
+        if not node.names and node.is_dir and gone is not None:
+            node.gone = gone
         if self._by_name.get(where) == node.nodeid:
             del self._by_name[where]
         if not node.names and not keep_key and self._by_key.get(node.key) == node.nodeid \
@@ -167,20 +174,23 @@ class NodeTable:
             self._dirs_gen += 1
         self.epoch += 1
 
-    def unlink(self, parent: int, name: str, *, keep_key: bool = False) -> int | None:
+    def unlink(self, parent: int, name: str, *, keep_key: bool = False,
+               gone: object | None = None) -> int | None:
         """The name (``parent``, ``name``) is gone (unlink, rmdir). ``keep_key``: other
         names of the object remain on disk (a hard link), so it keeps its nodeid even
-        with no name known. Returns the node that had the name, if any."""
+        with no name known. ``gone``: a removed directory's attributes (``Node.gone``).
+        Returns the node that had the name, if any."""
         with self._lock:
             nodeid = self._by_name.get((parent, name))
             if nodeid is not None:
-                self._drop_name(self._nodes[nodeid], (parent, name), keep_key=keep_key)
+                self._drop_name(self._nodes[nodeid], (parent, name), keep_key=keep_key,
+                                gone=gone)
             return nodeid
 
     def rename(self, parent: int, name: str, new_parent: int, new_name: str, *,
-               keep_key: bool = False) -> None:
-        """A plain rename: the node at the new name (if any) loses it (``keep_key`` as in
-        ``unlink``), the moved node's name changes in place."""
+               keep_key: bool = False, gone: object | None = None) -> None:
+        """A plain rename: the node at the new name (if any) loses it (``keep_key`` and
+        ``gone`` as in ``unlink``), the moved node's name changes in place."""
         old, new = (parent, name), (new_parent, new_name)
         if old == new:
             return
@@ -188,7 +198,7 @@ class NodeTable:
             target = self._by_name.get(new)
             moved = self._by_name.get(old)
             if target is not None and target != moved:
-                self._drop_name(self._nodes[target], new, keep_key=keep_key)
+                self._drop_name(self._nodes[target], new, keep_key=keep_key, gone=gone)
             if moved is None:
                 self._by_name.pop(new, None)
                 return
@@ -285,6 +295,10 @@ class NodeTable:
         with self._lock:
             node = self.node(nodeid)
             return bool(node.names) or self._by_key.get(node.key) == nodeid
+
+    def gone(self, nodeid: int) -> object | None:
+        """A removed directory's attributes at its removal (``Node.gone``), else None."""
+        return self.node(nodeid).gone
 
     def names(self, nodeid: int) -> list[Name]:
         with self._lock:

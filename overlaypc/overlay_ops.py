@@ -411,7 +411,11 @@ class OverlayOps(Operations):
             faults.hit("ops.path", rel)  # test-only (faults.py)
         if rel is None and not self.nodes.named_elsewhere(nodeid):
             # its last name is gone: st_nlink 0, whatever the handle's backing says (a
-            # bind-at-open handle still holds the lower file)
+            # bind-at-open handle still holds the lower file); a directory (opened by the
+            # kernel itself, no handle here) as it was at its removal
+            gone = self.nodes.gone(nodeid)
+            if gone is not None:
+                return gone  # type: ignore[return-value]
             _, inode = self._open_inode(nodeid)
             return self.fs.files.getattr_inode(inode)
         if fh is not None:
@@ -618,7 +622,8 @@ class OverlayOps(Operations):
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
         def change() -> None:
             rel, decoded = self._child(parent, name)
-            self.fs.rmdir(rel, lambda removed: self.nodes.unlink(parent, decoded))
+            self.fs.rmdir(rel, lambda removed: self.nodes.unlink(
+                parent, decoded, gone=self._gone_dir(removed)))
         self._at_paths(change)
         if faults.armed:
             faults.hit("ops.removed", os.fsdecode(name))  # test-only (faults.py)
@@ -632,8 +637,21 @@ class OverlayOps(Operations):
             # lookup)
             self.fs.rename(old, new, flags, lambda replaced: self.nodes.rename(
                 parent, decoded, new_parent, new_decoded,
-                keep_key=self._links_elsewhere(replaced)))
+                keep_key=self._links_elsewhere(replaced), gone=self._gone_dir(replaced)))
         self._at_paths(change)
+
+    def _gone_dir(self, node: Node | None) -> Attr | None:
+        """What the node of a directory a removal (or a rename over it) just took away
+        answers to GETATTR while the kernel holds it (an open fd's ``fstat``: the kernel
+        opens directories itself, so no handle here keeps it): its attributes as the
+        removal found them, with no links, as a plain directory's and the kernel overlay's
+        (hunt8d). Changes of it (``fchmod``) answer ENOENT: no name, no handle."""
+        if node is None or not node.exists or not node.is_dir:
+            return None
+        try:
+            return self.fs.attrs.of_node(node, node.rel)._replace(nlink=0)
+        except OSError:
+            return None
 
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:

@@ -2,12 +2,10 @@
 it) still answers ``fstat`` (hunt8d lead 3): FUSE sends GETATTR by node for a directory,
 without its handle, and that node has no name left. The kernel overlay and a plain
 filesystem answer its stat, st_nlink 0 for an upper directory (checked by hand against
-``mount -t overlay``: same mode, st_nlink 0). overlaypc answers ENOENT: NOT FIXED yet,
-hence the strict xfail (it fails loudly once fixed; drop the mark then). Why a simple fix
-does not do: the kernel offers NO_OPENDIR_SUPPORT, so it opens directories itself (no
-OPENDIR, no handle the daemon could keep an fd in), and the upper directory's inode is
-freed by the rmdir: its attributes must be kept (an fd of it, from the lookup cache's
-``DirFd``) at the removal, on the table's node, while the kernel references it.
+``mount -t overlay``: same mode, st_nlink 0). The kernel opens directories itself here
+(NO_OPENDIR_SUPPORT: no handle the daemon could keep an fd in) and the upper directory's
+inode is freed by the removal: the node keeps the attributes the removal found
+(``Node.gone``). Before: ENOENT.
 """
 from __future__ import annotations
 
@@ -26,8 +24,6 @@ def mnt(overlay_mount, layers_factory):
     return m.path
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="hunt8d lead 3: GETATTR of a directory node with no name answers ENOENT")
 @pytest.mark.parametrize("how", ["rmdir", "rename_over"])
 def test_fstat_of_an_open_directory_with_no_name_left(mnt, how):
     os.mkdir(mnt / "d")

@@ -46,6 +46,26 @@ def test_take_counts_references_and_forget_frees():
     assert ROOT_ID in t
 
 
+def test_a_directory_keeps_its_removal_attributes_only_once_nameless():
+    """``gone`` (a removed directory's attributes, for ``fstat`` of an open fd of it) is
+    kept by a directory node that lost its last name, never by a file or a node with a
+    name left; a rename over a directory keeps it for the replaced one."""
+    t = NodeTable(("root",))
+    d = t.take(("d",), ROOT_ID, "d", True)
+    t.take(("d",), ROOT_ID, "d2", True)  # (a second name: never for a directory, but be safe)
+    f = t.take(("f",), ROOT_ID, "f", False)
+    t.unlink(ROOT_ID, "d", gone="attrs of d")
+    assert t.gone(d) is None  # a name is left
+    t.unlink(ROOT_ID, "d2", gone="attrs of d")
+    assert t.gone(d) == "attrs of d"
+    t.unlink(ROOT_ID, "f", gone="attrs of f")
+    assert t.gone(f) is None
+    x = t.take(("x",), ROOT_ID, "x", True)
+    y = t.take(("y",), ROOT_ID, "y", True)
+    t.rename(ROOT_ID, "x", ROOT_ID, "y", gone="attrs of y")
+    assert (t.gone(y), t.gone(x), t.path(x)) == ("attrs of y", None, "y")
+
+
 def test_rename_moves_names_and_paths_follow_parents():
     t = NodeTable(K(0))
     d = t.take(K(1), ROOT_ID, "d", True)
