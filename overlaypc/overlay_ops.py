@@ -608,22 +608,21 @@ class OverlayOps(Operations):
         return entry
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
-        # the table drops the name under the namespace lock hold that removed it (as a
-        # rename's): a request by nodeid made in between would use a name that names
-        # nothing, or what took it
-        def change() -> None:
-            rel, decoded = self._child(parent, name)
-            self.fs.unlink(rel, lambda removed: self.nodes.unlink(
-                parent, decoded, keep_key=self._links_elsewhere(removed)))
-        self._at_paths(change)
-        if faults.armed:
-            faults.hit("ops.removed", os.fsdecode(name))  # test-only (faults.py)
+        self._removal(parent, name, self.fs.unlink)
 
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
+        self._removal(parent, name, self.fs.rmdir)
+
+    def _removal(self, parent: int, name: bytes,
+                 remove: "Callable[[str, Callable[[Node], None]], object]") -> None:
+        """UNLINK or RMDIR (``remove``: ``fs.unlink`` or ``fs.rmdir``). The table drops the
+        name under the namespace lock hold that removed it (as a rename's): a request by
+        nodeid made in between would use a name that names nothing, or what took it."""
         def change() -> None:
             rel, decoded = self._child(parent, name)
-            self.fs.rmdir(rel, lambda removed: self.nodes.unlink(
-                parent, decoded, gone=self._gone_dir(removed)))
+            remove(rel, lambda removed: self.nodes.unlink(
+                parent, decoded, keep_key=self._links_elsewhere(removed),
+                gone=self._gone_dir(removed)))
         self._at_paths(change)
         if faults.armed:
             faults.hit("ops.removed", os.fsdecode(name))  # test-only (faults.py)

@@ -461,15 +461,17 @@ def test_getattr_while_its_name_is_renamed_over_never_answers_the_other_object(d
 _KEEP_COMING = 200
 
 
-def _renames_at(drv, point: str):
+def _renames_at(drv, point: str, name: str = "e"):
     """A hook for fault point ``point``: each time the request passes it (in a thread not
-    holding the namespace lock, so not blocked by this thread), directory ``e`` is renamed
-    to ``e2`` or back, up to ``_KEEP_COMING`` times: a rename lands in every attempt.
-    The rename runs in a thread of its own (a request's expected count is per thread:
-    ``PathGuard.expect``), which the hook leaves alone. Returns the list of renames made."""
+    holding the namespace lock, so not blocked by this thread), directory ``name`` of the
+    root (made here when ``e``) is renamed to ``name``2 or back, up to ``_KEEP_COMING``
+    times: a rename lands in every attempt. The rename runs in a thread of its own (a
+    request's expected count is per thread: ``PathGuard.expect``), which the hook leaves
+    alone. Returns the list of renames made."""
     made: list[int] = []
     root = drv.root()
-    drv.mkdir(root, "e", 0o755)
+    if name == "e":
+        drv.mkdir(root, "e", 0o755)
     renamers: set[int] = set()
 
     def rename(old: str, new: str) -> None:
@@ -480,8 +482,8 @@ def _renames_at(drv, point: str):
         if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING or \
                 threading.get_ident() in renamers:
             return
-        t = threading.Thread(target=rename,
-                             args=("e", "e2") if len(made) % 2 == 0 else ("e2", "e"))
+        t = threading.Thread(target=rename, args=(name, name + "2") if len(made) % 2 == 0
+                             else (name + "2", name))
         t.start()
         t.join()
         made.append(1)
@@ -752,30 +754,14 @@ def test_change_by_node_that_copies_up_ends_while_renames_above_keep_coming(
     drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
     try:
         root = drv.root()
-        drv.rename(root, "d", root, "dx")  # d's own copy-up, before the hook
-        drv.rename(root, "dx", root, "d")
+        drv.rename(root, "d", root, "d2")  # d's own copy-up, before the hook
+        drv.rename(root, "d2", root, "d")
         f = drv.lookup(drv.lookup(drv.lookup(root, "d"), "sub"), "f")
-        made: list[int] = []
-        renamers: set[int] = set()
-
-        def rename(old: str, new: str) -> None:
-            renamers.add(threading.get_ident())
-            drv.rename(root, old, root, new)
-
-        def hook(point, *args):
-            if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING or \
-                    threading.get_ident() in renamers:
-                return
-            t = threading.Thread(target=rename,
-                                 args=("d", "dx") if len(made) % 2 == 0 else ("dx", "d"))
-            t.start()
-            t.join()
-            made.append(1)
-        faults.install("copyup.rename", hook)
+        made = _renames_at(drv, "copyup.rename", "d")
         _COPYING_NODE_CHANGES[request_kind](drv, f)
         faults.configure(None)
         assert len(made) <= 2, f"copied up {len(made) + 1} times: once per rename"
-        top = "dx" if len(made) % 2 else "d"
+        top = "d2" if len(made) % 2 else "d"
         assert os.path.exists(_upper(drv, f"{top}/sub/f")), "not copied up"
         drv.settle()
     finally:
