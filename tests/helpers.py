@@ -217,6 +217,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def evict(path: Union[str, os.PathLike]) -> None:
+    """Write ``path``'s dirty pages, then drop its page-cache pages (the next read goes to
+    the disk: a cold read of that one file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def run_threads(target: Callable[[int], None], count: int, timeout: Optional[float] = None) -> None:
     """Run ``target(i)`` for i in range(count) on as many threads, all started before any
     is joined (each join waits at most ``timeout``)."""

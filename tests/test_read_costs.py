@@ -130,15 +130,6 @@ def _cached(path: Path) -> bool:
             del anchor  # (the mapping closes only once no buffer points into it)
 
 
-def _uncache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_a_read_only_open_of_a_cold_lower_file_starts_its_disk_read(tmp_path):
     """A cold ``grep -r`` of lower files waited for one disk read per file after the OPEN
     reply and the first READ's round trip: a read-only OPEN now asks the backing
@@ -154,7 +145,7 @@ def test_a_read_only_open_of_a_cold_lower_file_starts_its_disk_read(tmp_path):
             d = drv.lookup(drv.root(), "d")
             for name in ("f3", "f7"):
                 path = lower / "d" / name
-                _uncache(path)
+                helpers.evict(path)
                 assert not _cached(path), "precondition: the file's pages were dropped"
                 fh = drv.open(drv.lookup(d, name), os.O_RDONLY)
                 try:

@@ -54,15 +54,6 @@ def _resident(path: Path) -> int:
     return int(out.split()[0])
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _stack(xfs_dir: Path):
     lower, upper, work = (xfs_dir / n for n in ("lower", "upper", "work"))
     for d in (lower, upper, work):
@@ -89,7 +80,7 @@ def test_reflinked_lower_files_share_one_copy(require_tools, xfs_dir, overlay_mo
     _reflink(lower / "a", lower / "b")
     assert all(f & FIEMAP_EXTENT_SHARED for _, _, f in fiemap_extents(lower / "b"))
     for name in ("a", "b"):
-        _evict(lower / name)
+        helpers.evict(lower / name)
     m = overlay_mount(_options(lower, upper, work, cache))
 
     assert (m.path / "a").read_bytes() == data
@@ -122,7 +113,7 @@ def test_write_unshares_only_the_written_range(require_tools, xfs_dir, overlay_m
     assert overlay_stats(m.path)["copy_ups"].get("reflink") == 1
 
     expected = data[:middle] + new + data[middle + 4096:]
-    _evict(upper / "b")
+    helpers.evict(upper / "b")
     before = overlay_stats(m.path)
     assert (m.path / "b").read_bytes() == expected
     after = overlay_stats(m.path)
