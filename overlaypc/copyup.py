@@ -170,6 +170,8 @@ class CopyUpContext:
     epoch: int = -1
     method: str = "none"
     metadata_only: bool = False
+    #: a regular file copied without its data (size 0): an open with ``O_TRUNC`` empties it
+    empty: bool = False
     index_key: str | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -272,6 +274,11 @@ class CopyUp:
         a sparse upper copy marked ``trusted.overlay.metacopy`` whose data stays below;
         ``ensure_data`` completes it before anything writes data. ``seen``: ``rel`` as the
         caller just looked it up, not looked up again while no change ran since."""
+        return self._ensure(rel, metadata_only=metadata_only, seen=seen)
+
+    def _ensure(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None,
+                empty: bool = False) -> Entry:
+        """``ensure_upper``; ``empty``: a regular file copied without its data."""
         node = seen.node if seen is not None else self.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
@@ -289,17 +296,20 @@ class CopyUp:
                 parent = split(parent)[0]
             for path in reversed(missing):
                 self._copy_one(path)
-            return self._copy_one(rel, metadata_only and self.metacopy, seen)
+            return self._copy_one(rel, metadata_only and self.metacopy, seen, empty=empty)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
             if first.copy is None:
-                first.copy = functools.partial(self.ensure_upper, rel,
-                                               metadata_only=metadata_only, seen=seen)
+                first.copy = functools.partial(self._ensure, rel, metadata_only=metadata_only,
+                                               seen=seen, empty=empty)
             raise
 
-    def ensure_data(self, rel: str) -> Entry:
-        """Like ``ensure_upper``, and the upper holds the data (no metacopy left)."""
+    def ensure_data(self, rel: str, *, empty: bool = False) -> Entry:
+        """Like ``ensure_upper``, and the upper holds the data (no metacopy left).
+        ``empty``: for an open with ``O_TRUNC``, a regular file not in the upper yet is
+        copied with no data (size 0), as the kernel overlay does; the open truncates it
+        anyway (and marks its times)."""
         try:
-            entry = self.ensure_upper(rel)
+            entry = self._ensure(rel, empty=True) if empty else self.ensure_upper(rel)
             node = self.lookup.lookup(rel)
             if node.data is None:
                 return entry
@@ -311,14 +321,15 @@ class CopyUp:
                     return node.upper or entry
                 return self._copy_data_in_place(node)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
-            first.copy = functools.partial(self.ensure_data, rel)
+            first.copy = functools.partial(self.ensure_data, rel, empty=empty)
             raise
 
     def ensure_parent(self, rel: str) -> Entry:
         return self.ensure_upper(split(rel)[0])
 
     # -- step 2: one object, under its lock -----------------------------------------------
-    def _copy_one(self, rel: str, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
+    def _copy_one(self, rel: str, metadata_only: bool = False, seen: Seen | None = None,
+                  empty: bool = False) -> Entry:
         with self._stripe(rel):
             # under the object's lock: a copy-up of it that finished meanwhile (or any other
             # change) moved the epoch, and then the name is looked up again
@@ -335,7 +346,8 @@ class CopyUp:
                 return self._link_index(node, node.index.rel)
             ctx = CopyUpContext(node, node.top, self._key_of(node),
                                 join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"), epoch,
-                                metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode))
+                                metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode),
+                                empty=empty and stat.S_ISREG(node.st.st_mode))
             if self.index is not None and self.index.eligible(node.top):
                 ctx.index_key = self.index.key(node.top)
                 ctx.metadata_only = False
@@ -367,6 +379,8 @@ class CopyUp:
                 if ctx.metadata_only:
                     os.ftruncate(dst_fd, src.st.st_size)  # sparse: the data stays below
                     ctx.method = "metacopy"
+                elif ctx.empty:
+                    ctx.method = "empty"  # (O_TRUNC: the open empties it)
                 else:
                     self._copy_data(ctx, src_fd, dst_fd, src.st.st_size)
                 self._copy_metadata(ctx, dst_fd, src_fd)

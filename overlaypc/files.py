@@ -95,6 +95,10 @@ class Files:
         if not node.exists or node.is_dir or node.upper is not None and node.data is None:
             return None
         copyup = fs.copyup
+        if flags & os.O_TRUNC and node.upper is None and stat.S_ISREG(node.st.st_mode):
+            # the open empties it: a copy without the data the truncate would drop (the
+            # kernel overlay's copy-up for O_TRUNC too)
+            return lambda: copyup.ensure_data(rel, empty=True)
         return lambda: copyup.ensure_data(rel)
 
     def open(self, rel: str, flags: int) -> OpenResult:

@@ -99,6 +99,42 @@ def test_open(drv, tmp_path):
     assert files.copy_up_for_open("f", os.O_WRONLY) is None
 
 
+@pytest.mark.parametrize("index", ["off", "on"])
+def test_an_open_with_o_trunc_copies_up_no_data(tmp_path, index):
+    """An open that empties a lower file (``O_TRUNC``) copies it up without the data the
+    truncate drops (the kernel overlay's copy-up sets the size to 0 for O_TRUNC too), with
+    its metadata; the open then truncates it and marks its times. Before: every byte was
+    copied, then truncated. A plain open for writing still copies the data."""
+    if index == "on":
+        helpers.require("root")  # (trusted.* xattrs)
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "big").write_bytes(b"x" * (1 << 20))
+    (lower / "kept").write_bytes(b"kept data")
+    os.chmod(lower / "big", 0o640)
+    old_mtime = os.stat(lower / "big").st_mtime_ns - 10**9
+    os.utime(lower / "big", ns=(old_mtime, old_mtime))
+    drv = CoreDriver.in_dir(tmp_path, index=index)
+    try:
+        root = drv.root()
+        fh = drv.open(drv.lookup(root, "big"), os.O_WRONLY | os.O_TRUNC)
+        drv.write(fh, b"new", 0)
+        drv.release(fh)
+        fh = drv.open(drv.lookup(root, "kept"), os.O_WRONLY)
+        drv.release(fh)
+        ups = drv.fs.stats.copy_ups  # big: no data; kept: its data, by whatever method
+        assert (ups["empty"], sum(ups.values())) == (1, 2), ups
+        up = tmp_path / "upper"
+        assert (up / "big").read_bytes() == b"new"
+        st = os.stat(up / "big")
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns > old_mtime) == (0o640, True)
+        assert (up / "kept").read_bytes() == b"kept data"
+        assert (lower / "big").stat().st_size == 1 << 20
+        drv.settle()
+    finally:
+        drv.close()
+
+
 def test_kill_flag_without_changes(drv, tmp_path):
     attrs = drv.fs.attrs
     # a lower regular file is copied up before its privileges are looked at; a FIFO and a
