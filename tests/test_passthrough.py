@@ -293,7 +293,7 @@ def test_reflinked_copies_pass_through_to_one_canonical_file(overlay_mount, xfs_
     size) passes through to the canonical file, so the lower pages are cached once; a
     partly rewritten copy keeps the daemon path, which serves its shared part from the
     canonical file."""
-    from test_sharing import _data, _evict, _reflink, _resident, _write_synced
+    from test_sharing import _data, _reflink, _resident, _write_synced
     import shutil
     helpers.require(shutil.which("fincore") is not None, "needs fincore (util-linux)")
     lower = xfs_dir / "lower"
@@ -311,7 +311,7 @@ def test_reflinked_copies_pass_through_to_one_canonical_file(overlay_mount, xfs_
     finally:
         os.close(fd)
     for name in "abc":
-        _evict(lower / name)
+        helpers.evict(lower / name)
     m = overlay_mount(f"lowerdir={lower},cache=shared").path
     before = stats(m)
     assert _read_twice(m / "b") == data   # b is seen first: the canonical owner
