@@ -11,11 +11,13 @@ A node's merged path is its first remaining name joined to its parent's path, up
 root (``""``). A directory keeps the path it was last given (``Node.dir_path``) while no
 directory's name changed since (``_dirs_gen``: bumped when a directory loses or changes
 a name or leaves the table): every LOOKUP, GETATTR and OPEN asks for a path, and the walk
-up to the root cost 0.6-1.2 us at depths 1-8. A file's name change moves no other path. A name removed (unlink, rmdir, renamed over) leaves the node; a node with
-no names left also leaves the key index (a later object reusing the backing inode must
-not get its nodeid), unless the caller says other names of the object remain, but the
-node itself stays until the kernel forgets it: an open, unlinked file is still used by
-nodeid. Copy-up changes an object's key (``rekey``).
+up to the root cost 0.6-1.2 us at depths 1-8. A file's name change moves no other path.
+A name removed (unlink, rmdir, renamed over) leaves the node; a node with no names left
+(names in directories the kernel forgot count as none) also leaves the key index (a later
+object reusing the backing inode must not get its nodeid), unless the caller says other
+names of the object remain, but the node itself stays until the kernel forgets it: an
+open, unlinked file is still used by nodeid. A directory has one name (the kernel's
+``d_splice_alias`` moves its dentry): one found at a new name loses the others. Copy-up changes an object's key (``rekey``).
 
 Bound: nodes live exactly as long as the kernel references them (``forget``); the
 memory per node is measured in ``tests/test_nodes_unit.py``. One lock; every method is
@@ -93,10 +95,25 @@ class NodeTable:
             if holder != nodeid:
                 if holder is not None:  # the name now names another object
                     self._drop_name(self._nodes[holder], where, keep_key=False)
+                if is_dir and node.names:
+                    self._one_dir_name(node)
                 node.names.append(where)
                 self._by_name[where] = nodeid
             node.nlookup += 1
             return nodeid
+
+    def _one_dir_name(self, node: Node) -> None:
+        """Directory ``node``, found at a new name, loses its others (lock held): the
+        kernel keeps one dentry of a directory (``d_splice_alias`` moves it). The other is
+        stale: in a directory node the kernel forgot (its FORGET ran before the child's, on
+        another worker thread, and it was looked up again under a new nodeid), or changed
+        behind the mount's back. Kept, it would keep the key when the current name goes, and
+        a directory made next on the same inode number would get this nodeid (hunt9)."""
+        for old in node.names:
+            if self._by_name.get(old) == node.nodeid:
+                del self._by_name[old]
+        node.names.clear()
+        self._dirs_gen += 1  # (no key moved: ``epoch`` stays)
 
     def take_listed(self, parent: int, listed: list[tuple[str, Hashable, bool]],
                     epoch: int | None) -> list[int]:
@@ -123,6 +140,8 @@ class NodeTable:
                     else:
                         node = nodes[nodeid]
                     if holder != nodeid:  # (``forget`` leaves no name of a node gone)
+                        if is_dir and node.names:
+                            self._one_dir_name(node)
                         node.names.append(where)
                         by_name[where] = nodeid
                 node.nlookup += 1
@@ -163,6 +182,11 @@ class NodeTable:
             node.names.remove(where)
         except ValueError:
             pass
+        if node.names:  # names in directories the kernel forgot are no names (see ``path``)
+            for stale in [n for n in node.names if n[0] not in self._nodes]:
+                node.names.remove(stale)
+                if self._by_name.get(stale) == node.nodeid:
+                    del self._by_name[stale]
         if not node.names and node.is_dir and gone is not None:
             node.gone = gone
         if self._by_name.get(where) == node.nodeid:

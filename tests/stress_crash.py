@@ -20,10 +20,22 @@ directories, with index=on lower hard links, some upper files, whiteouts), then 
      the kill (the one answered ENOTCONN/ECONNABORTED) applied too gives state B; each
      worker's tree must equal A or B (type, mode, owner, content, symlink target, user
      xattrs, which names share an inode, st_nlink of files); every outcome the workload saw
-     must be the replay's too;
+     must be the replay's too (but for the known differences ``accepted`` lists);
   5. the kernel overlay mounted read-only and read-write on the same layers with matching
      options must mount and show what overlaypc shows.
-Environment: KEEP=1 keeps BASE; NOKERNEL=1 skips step 5. Exit status 1 on any problem.
+Environment: KEEP=1 keeps BASE; NOKERNEL=1 skips step 5; NOKILL=1: no kill (the leads of
+hunt8 came from a live daemon): each worker runs NOPS ops (default 400) to the end, the mount is
+unmounted cleanly, and every answer must be the replay's and each tree must equal A. Exit status
+1 on any problem.
+
+Each round's starting layers are kept (``layers-start-{round}``, ``cp -a --reflink=auto``) until
+the round passes, so the failing round's are there for ``--replay``:
+  python tests/stress_crash.py --replay BASE OPTIONS K N [ROUND]
+runs, on a copy of them through a fresh mount, every worker's logged ops in the order their
+answers were logged (ALL=0: worker K's alone) up to worker K's op N, and prints worker K's ops
+with both outcomes. Caveat: a copy has other inode numbers than the layers the round ran on;
+a defect that depends on which inode number the upper filesystem hands out again may need
+the exact interleaving, or may not come back at all.
 """
 from __future__ import annotations
 
@@ -70,6 +82,8 @@ class Runner:
         self.root = root
         self.rng = random.Random(seed)
         self.slots: list[int | None] = [None] * SLOTS
+        #: the last fchmod's file had no name left (``accepted``)
+        self.nameless = False
 
     def close_all(self) -> None:
         for i, fd in enumerate(self.slots):
@@ -113,6 +127,7 @@ class Runner:
             elif kind == "fchmod":
                 if fd is None:
                     return "skip"
+                self.nameless = os.fstat(fd).st_nlink == 0
                 os.fchmod(fd, mode)
             elif kind == "chown":
                 os.chown(p(f), uid, uid)
@@ -168,6 +183,15 @@ class Runner:
         except OSError as ex:
             return _ename(ex)
         return "ok"
+
+
+def accepted(op: tuple, seen: str, got: str, rn: Runner) -> bool:
+    """A known difference from the plain directory, not a defect: ``fchmod`` through an
+    fd of a file with no name left answers EROFS when it is a lower file (overlaypc cannot
+    copy up what has no name: ``files._on_nameless``; the kernel overlay answers EEXIST),
+    where the replay changed the mode. Caveat: the replay cannot tell a lower file from a
+    copied-up one, so an EROFS for an unlinked upper file would pass here too."""
+    return op[0] == "fchmod" and seen == "EROFS" and got == "ok" and rn.nameless
 
 
 def worker(k: int, root: str, seed: int, logpath: str, nops: int, ready) -> None:
@@ -323,12 +347,15 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
     mnt = base / "mnt"
     model = base / "model"
     rng = random.Random(seed * 1000 + rnd)
-    saved = base / "layers-start"  # for --replay of a failing round
+    nokill = bool(os.environ.get("NOKILL"))
+    nops = int(os.environ.get("NOPS", "400")) if nokill else 100000
+    saved = base / f"layers-start-{rnd}"  # for --replay of a failing round (dropped once it passed)
     if saved.exists():
         shutil.rmtree(saved)
     saved.mkdir()
     for x in (lower, upper, work):
-        subprocess.run(["cp", "-a", "--preserve=all", str(x), str(saved / x.name)], check=True)
+        subprocess.run(["cp", "-a", "--preserve=all", "--reflink=auto", str(x), str(saved / x.name)],
+                       check=True)
     (saved / "round").write_text(f"{rnd} {' '.join(map(str, [seed * 7919 + rnd * 104729 + k for k in range(workers)]))}\n")
     logs = base / f"logs-{rnd}"  # each daemon's log, kept
     logs.mkdir(exist_ok=True)
@@ -339,26 +366,36 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
     ready = mp.Semaphore(0)
     seeds = [seed * 7919 + rnd * 104729 + k for k in range(workers)]
     procs = [mp.Process(target=worker, args=(k, str(mnt / f"w{k}"), seeds[k], str(base / f"log-{k}"),
-                                             100000, ready)) for k in range(workers)]
+                                             nops, ready)) for k in range(workers)]
     for pr in procs:
         pr.start()
     for _ in procs:
         ready.acquire(timeout=30)
-    delay = rng.uniform(0, 0.3)
-    time.sleep(delay)
-    pid = daemon_pid(m)  # (checked against our mountpoint before the clock is read)
-    killed_at = time.monotonic()  # an op answered after this may not have reached the daemon
-    os.kill(pid, signal.SIGKILL)
-    m.returncode = m.proc.wait(timeout=15)
-    m.active = False
-    # the workers stop at their first ENOTCONN; only then the dead mount is detached (after
-    # it, their paths would name the empty mountpoint directory)
-    for pr in procs:
-        pr.join(60)
-        if pr.exitcode is None:
-            problems.append(f"round {rnd}: worker {pr.pid} hung after the kill")
-            pr.kill()
-    lazy_detach(mnt)
+    if nokill:
+        delay = 0.0
+        killed_at = float("inf")  # every answer must be the replay's
+        for pr in procs:
+            pr.join(600)
+            if pr.exitcode is None:
+                problems.append(f"round {rnd}: worker {pr.pid} hung")
+                pr.kill()
+        problems += m.unmount(check=False)
+    else:
+        delay = rng.uniform(0, 0.3)
+        time.sleep(delay)
+        pid = daemon_pid(m)  # (checked against our mountpoint before the clock is read)
+        killed_at = time.monotonic()  # an op answered after this may not have reached the daemon
+        os.kill(pid, signal.SIGKILL)
+        m.returncode = m.proc.wait(timeout=15)
+        m.active = False
+        # the workers stop at their first ENOTCONN; only then the dead mount is detached (after
+        # it, their paths would name the empty mountpoint directory)
+        for pr in procs:
+            pr.join(60)
+            if pr.exitcode is None:
+                problems.append(f"round {rnd}: worker {pr.pid} hung after the kill")
+                pr.kill()
+        lazy_detach(mnt)
     counts = []
     # 3. remount
     try:
@@ -394,7 +431,7 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
         for i, (_, when, seen) in enumerate(logged):
             op = rn.next_op()
             got = rn.run(op)
-            if got == seen:
+            if got == seen or accepted(op, seen, got, rn):
                 continue
             if float(when) >= killed_at:
                 inflight = (i, op)
@@ -445,39 +482,67 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
                 problems.append(f"round {rnd}: kernel ({'ro' if ro else 'rw'}) view differs from "
                                 f"overlaypc's:\n" + diff(kv, ov, ("kernel", "overlaypc")))
         # the kernel's rw mount may leave its own work dir: overlaypc's next mount takes it
-    print(f"  round {rnd}: kill after {delay * 1000:.0f} ms, ops per worker {counts}, "
-          f"problems so far {len(problems)}", flush=True)
+    print(f"  round {rnd}: " + ("no kill" if nokill else f"kill after {delay * 1000:.0f} ms")
+          + f", ops per worker {counts}, problems so far {len(problems)}", flush=True)
+    if not problems:  # (a failing round's layers stay for --replay)
+        shutil.rmtree(saved)
     return True
 
 
-def replay_main(base: Path, mopts: str, k: int, upto: int) -> int:
-    """``--replay BASE OPTIONS K N``: worker K's first N ops of the failing round again, on a
-    copy of the layers as the round started, through a fresh mount, without a kill; prints
-    each op with both outcomes (the logged one, the one now)."""
-    saved = base / "layers-start"
+def replay_main(base: Path, mopts: str, k: int, upto: int, rnd: int | None = None) -> int:
+    """``--replay BASE OPTIONS K N [ROUND]``: the failing round again (the last one kept if
+    ROUND is not given), on a copy of its starting layers, through a fresh mount, without a
+    kill: every worker's logged ops in the order their answers were logged (``ALL=0``: worker
+    K's alone), up to worker K's op N; prints worker K's ops with both outcomes (the logged
+    one, the one now) and any other worker's that differ."""
+    if rnd is None:
+        kept = sorted(base.glob("layers-start-*"), key=lambda x: int(x.name.rsplit("-", 1)[1]))
+        saved = kept[-1]
+    else:
+        saved = base / f"layers-start-{rnd}"
     rnd, *seeds = map(int, (saved / "round").read_text().split())
+    print(f"replaying round {rnd} from {saved}")
     run = base.parent / (base.name + "-replay")
     if run.exists():
         subprocess.run(["rm", "-rf", "--one-file-system", str(run)], check=True)
     run.mkdir()
     for x in ("lower", "upper", "work"):
-        subprocess.run(["cp", "-a", "--preserve=all", str(saved / x), str(run / x)], check=True)
+        subprocess.run(["cp", "-a", "--preserve=all", "--reflink=auto", str(saved / x), str(run / x)],
+                       check=True)
     opts = f"lowerdir={run}/lower,upperdir={run}/upper,workdir={run}/work" + (f",{mopts}" if mopts else "")
-    logged = [ln.split(" ", 2)[2] for ln in (base / f"log-{k}").read_text().splitlines()]
+    every = os.environ.get("ALL", "1") != "0"
+    order = []  # (time answered, worker, op index, outcome logged)
+    for w in range(len(seeds)) if every else (k,):
+        for ln in (base / f"log-{w}").read_text().splitlines():
+            i, when, seen = ln.split(" ", 2)
+            order.append((float(when), w, int(i), seen))
+    order.sort()
     with helpers.Mount(run / "mnt", opts, log_dir=run) as m:
-        rn = Runner(m.path / f"w{k}", seeds[k])
-        for i in range(upto):
+        runners = {w: Runner(m.path / f"w{w}", seeds[w]) for w in {o[1] for o in order} | {k}}
+        done = 0
+        for _, w, i, seen in order:
+            if w == k and i >= upto:
+                break
+            rn = runners[w]
             op = rn.next_op()
             got = rn.run(op)
-            seen = logged[i] if i < len(logged) else "-"
-            print(f"{i} {op[:6]} logged={seen} now={got}" + ("   <<<" if seen != got else ""))
-        rn.close_all()
+            if w == k:
+                done = i + 1
+            if w == k or seen != got:
+                print(f"w{w} {i} {op[:6]} logged={seen} now={got}" + ("   <<<" if seen != got else ""))
+        rn = runners[k]
+        for i in range(done, upto):  # beyond what was logged
+            op = rn.next_op()
+            print(f"w{k} {i} {op[:6]} logged=- now={rn.run(op)}")
+        for rn in runners.values():
+            rn.close_all()
     return 0
 
 
 def main() -> int:
     if sys.argv[1] == "--replay":
-        return replay_main(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return replay_main(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+                           int(sys.argv[6]) if len(sys.argv) > 6 else None)
     base = Path(sys.argv[1])
     mopts = sys.argv[2]
     seed = int(sys.argv[3])
