@@ -703,26 +703,10 @@ def test_change_that_copies_up_ends_while_renames_above_keep_coming(tmp_path, re
     drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
     try:
         root = drv.root()
-        drv.rename(root, "d", root, "dx")  # d's own copy-up, before the hook
-        drv.rename(root, "dx", root, "d")
+        drv.rename(root, "d", root, "d2")  # d's own copy-up, before the hook
+        drv.rename(root, "d2", root, "d")
         sub = drv.lookup(drv.lookup(root, "d"), "sub")
-        made: list[int] = []
-        renamers: set[int] = set()
-
-        def rename(old: str, new: str) -> None:
-            renamers.add(threading.get_ident())
-            drv.rename(root, old, root, new)
-
-        def hook(point, *args):
-            if drv.fs.ns_lock._is_owned() or len(made) >= _KEEP_COMING or \
-                    threading.get_ident() in renamers:
-                return  # (under the lock a rename would wait: it lands after the change)
-            t = threading.Thread(target=rename,
-                                 args=("d", "dx") if len(made) % 2 == 0 else ("dx", "d"))
-            t.start()
-            t.join()
-            made.append(1)
-        faults.install("copyup.rename", hook)
+        made = _renames_at(drv, "copyup.rename", "d")
         _COPYING_CHANGES[request_kind](drv, sub)
         faults.configure(None)
         assert len(made) <= 2, f"copied up {len(made) + 1} times: once per rename"
