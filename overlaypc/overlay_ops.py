@@ -644,13 +644,17 @@ class OverlayOps(Operations):
         answers to GETATTR while the kernel holds it (an open fd's ``fstat``: the kernel
         opens directories itself, so no handle here keeps it): its attributes as the
         removal found them, with no links, as a plain directory's and the kernel overlay's
-        (hunt8d). Changes of it (``fchmod``) answer ENOENT: no name, no handle."""
+        (hunt8d). Changes of it (``fchmod``) answer ENOENT: no name, no handle. A directory
+        with a lower part keeps its link count: the kernel overlay's answer comes from the
+        lower directory (still there under the whiteout), or is a merged directory's."""
         if node is None or not node.exists or not node.is_dir:
             return None
         try:
-            return self.fs.attrs.of_node(node, node.rel)._replace(nlink=0)
+            attr = self.fs.attrs.of_node(node, node.rel)
         except OSError:
             return None
+        upper_only = len(node.entries) == 1 and node.upper is not None
+        return attr._replace(nlink=0) if upper_only else attr
 
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
