@@ -689,22 +689,30 @@ _COPYING_CHANGES = {
 }
 
 
+def _renamed_d(tmp_path) -> CoreDriver:
+    """A redirect_dir=on driver over lower ``d/sub/f`` with ``d`` copied up (renamed away
+    and back), so that only what a test asks for copies up under ``d`` later."""
+    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "lower data\n"})
+    drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
+    root = drv.root()
+    drv.rename(root, "d", root, "d2")
+    drv.rename(root, "d2", root, "d")
+    return drv
+
+
 @pytest.mark.parametrize("request_kind", sorted(_COPYING_CHANGES))
 def test_change_that_copies_up_ends_while_renames_above_keep_coming(tmp_path, request_kind):
     """A change in ``d/sub`` (a lower directory: copied up first) while ``d`` is renamed to
-    ``dx`` and back during each of its copy-ups (``copyup.rename``, a rename landing in
+    ``d2`` and back during each of its copy-ups (``copyup.rename``, a rename landing in
     every attempt: the copy's path is stale by its install, which then fails). The
     change's paths, made again under the namespace lock, went stale no more there, but
     its copy-up ran without the lock each time and failed again: once per rename (so a
     big file's copy-up under a directory renamed more often than the copy takes would
     never end). A copy-up whose stripe lock is free runs under the namespace lock then:
     at most twice."""
-    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "lower data\n"})
-    drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
+    drv = _renamed_d(tmp_path)
     try:
         root = drv.root()
-        drv.rename(root, "d", root, "d2")  # d's own copy-up, before the hook
-        drv.rename(root, "d2", root, "d")
         sub = drv.lookup(drv.lookup(root, "d"), "sub")
         made = _renames_at(drv, "copyup.rename", "d")
         _COPYING_CHANGES[request_kind](drv, sub)
@@ -734,12 +742,9 @@ def test_change_by_node_that_copies_up_ends_while_renames_above_keep_coming(
     each copy-up failed it and the request started over, once per rename (copied up 201
     times before). Once a move landed, the copy-up runs in the namespace lock hold where
     the path is made (its stripe lock free): at most twice."""
-    helpers.build_layer(tmp_path / "lower", {"d/sub/f": "lower data\n"})
-    drv = CoreDriver.in_dir(tmp_path, redirect_dir="on")
+    drv = _renamed_d(tmp_path)
     try:
         root = drv.root()
-        drv.rename(root, "d", root, "d2")  # d's own copy-up, before the hook
-        drv.rename(root, "d2", root, "d")
         f = drv.lookup(drv.lookup(drv.lookup(root, "d"), "sub"), "f")
         made = _renames_at(drv, "copyup.rename", "d")
         _COPYING_NODE_CHANGES[request_kind](drv, f)
