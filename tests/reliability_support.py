@@ -9,6 +9,8 @@ What this module owns:
 - ``wait_stopped()``: wait until a daemon paused itself (fault action ``pause`` = SIGSTOP).
 - ``spawn_py()``: run a Python snippet in a child that may block on the mount (an open that
   triggers a paused copy-up), with a result we can read afterwards.
+- ``kill_at_pause()``: both together: a child's request paused at a fault point, checks
+  while it is paused, kill -9 of the daemon, the child's result.
 - ``pattern()``: deterministic, position-dependent bytes (a shifted copy never matches).
 - ``Sentinel``: a host directory outside every layer with known contents, times and
   xattrs, and ``assert_untouched()``.
@@ -181,6 +183,22 @@ def spawn_py(code: str, *, cwd: Optional[Union[str, os.PathLike]] = None) -> sub
     return subprocess.Popen([sys.executable, "-c", full], cwd=cwd, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def kill_at_pause(m: helpers.Mount, code: str, point: str = "the pause",
+                  while_paused: Optional[Callable[[], None]] = None) -> tuple[int, str, str]:
+    """Run ``code`` in a child (``spawn_py``) whose request the daemon of ``m`` (mounted with
+    a ``pause`` fault) stops at ``point``; once it is stopped, ``while_paused()``, then kill
+    -9 of the daemon (also when a check failed). Returns the child's ``finish()``."""
+    child = spawn_py(code)
+    try:
+        assert wait_stopped(daemon_pid(m)), f"daemon never reached {point}:\n{m.log_text()}"
+        if while_paused is not None:
+            while_paused()
+    finally:
+        if m.active:
+            kill_daemon(m)
+    return finish(child)
 
 
 def finish(child: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str, str]:

@@ -77,7 +77,7 @@ def test_kill9_around_a_link_up_keeps_the_link_count(point, linked, tmp_path, ov
     it one too high for good, and every name showed st_nlink 3 after the next mount (the
     kernel mounting that upper too). The pauses: just before the link, and the parent's
     times being put back, just after it."""
-    from reliability_support import finish, kill_daemon, spawn_py, wait_stopped
+    from reliability_support import kill_at_pause
     from upper_support import stack_options
 
     lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
@@ -87,16 +87,10 @@ def test_kill9_around_a_link_up_keeps_the_link_count(point, linked, tmp_path, ov
     os.link(lower / "hl" / "a", lower / "hl" / "b")
     opts = stack_options([lower], upper, work) + ",index=on"
     m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": f"{point}=pause"})
-    pid = m.proc.pid
-    child = spawn_py(f"os.chmod({str(m / 'hl' / 'a')!r}, 0o600)")
-    try:
-        assert wait_stopped(pid), f"daemon never reached the pause:\n{m.log_text()}"
+
+    def linked_yet() -> None:
         assert (upper / "hl" / "a").exists() == linked  # (linked to its index entry)
-        kill_daemon(m)
-    finally:
-        if m.active:
-            kill_daemon(m)
-    finish(child)
+    kill_at_pause(m, f"os.chmod({str(m / 'hl' / 'a')!r}, 0o600)", point, linked_yet)
     again = overlay_mount(opts)
     assert {n: os.lstat(again / "hl" / n).st_nlink for n in ("a", "b")} == {"a": 2, "b": 2}
     again.unmount()
@@ -115,7 +109,7 @@ def test_kill9_after_removing_a_lower_name_of_an_indexed_file_keeps_the_count(
     two left the count one too high for good (3 names shown for 2). As the kernel's
     ``ovl_nlink_start``, the name is linked up first, so what goes is an upper name, whose
     unlink moves the index inode's links with the count (the relative count holds)."""
-    from reliability_support import finish, kill_daemon, spawn_py, wait_stopped
+    from reliability_support import kill_at_pause
     from upper_support import stack_options
 
     lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
@@ -130,17 +124,9 @@ def test_kill9_after_removing_a_lower_name_of_an_indexed_file_keeps_the_count(
     os.chmod(m / "hl" / "a", 0o600)  # the index entry, hl/a linked to it
     m.unmount()
     m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": "index.adjust=pause"})
-    pid = m.proc.pid
     change = (f"os.unlink({str(m / 'hl' / 'b')!r})" if how == "unlink"
               else f"os.rename({str(m / 'hl' / 'new')!r}, {str(m / 'hl' / 'b')!r})")
-    child = spawn_py(change)
-    try:
-        assert wait_stopped(pid), f"daemon never reached the pause:\n{m.log_text()}"
-        kill_daemon(m)
-    finally:
-        if m.active:
-            kill_daemon(m)
-    finish(child)
+    kill_at_pause(m, change, "index.adjust")
     again = overlay_mount(opts)
     names = ("a", "c")
     assert {n: os.lstat(again / "hl" / n).st_nlink for n in names} == {"a": 2, "c": 2}

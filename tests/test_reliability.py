@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import helpers
-from reliability_support import (MiB, errno_name, finish, free_bytes, kill_daemon, lazy_detach,
-                                 loop_fs, outcome, pattern, sha256_file, spawn_py, wait_stopped)
+from reliability_support import (MiB, errno_name, free_bytes, kill_at_pause, kill_daemon,
+                                 lazy_detach, loop_fs, outcome, pattern, sha256_file)
 from coherence_support import stats
 from upper_support import stack_options, work_leftovers
 
@@ -73,17 +73,8 @@ def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory,
     opts = stack_options([lower], upper, work)
 
     m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": f"{point}~big=pause"})
-    pid = m.proc.pid
-    child = spawn_py(f"""
-        try:
-            fd = os.open({str(m / 'dir/big.bin')!r}, os.O_RDWR)
-        except OSError as e:
-            print(errno.errorcode.get(e.errno, e.errno)); sys.exit(1)
-        os.pwrite(fd, b"NEW", 0)
-        print("opened"); sys.exit(0)
-    """)
-    try:
-        assert wait_stopped(pid), f"daemon never reached {point}:\n{m.log_text()}"
+
+    def the_temp_copy_so_far() -> None:
         temps = work_leftovers(work)
         assert len(temps) == 1, temps
         tmp_size = os.lstat(work / "work" / temps[0]).st_size
@@ -94,11 +85,14 @@ def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory,
             assert tmp_size == 0
         else:
             assert tmp_size == BIG and sha256_file(work / "work" / temps[0]) == lower_hash
-        kill_daemon(m)
-    finally:
-        if m.active:
-            kill_daemon(m)
-    rc, out, err = finish(child)
+    rc, out, err = kill_at_pause(m, f"""
+        try:
+            fd = os.open({str(m / 'dir/big.bin')!r}, os.O_RDWR)
+        except OSError as e:
+            print(errno.errorcode.get(e.errno, e.errno)); sys.exit(1)
+        os.pwrite(fd, b"NEW", 0)
+        print("opened"); sys.exit(0)
+    """, point, the_temp_copy_so_far)
     assert rc != 0, f"the open blocked in the killed daemon succeeded: {out} {err}"
 
     assert not (upper / "dir/big.bin").exists(), "copy landed in upper although never renamed"
@@ -159,20 +153,13 @@ def test_kill9_during_creation_by_another_user_leaves_no_daemon_owned_object(
     os.chmod(upper / "d", 0o777)
     opts = stack_options([lower], upper, work)
     m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": "layer.chown~new=pause"})
-    child = spawn_py(f"""
+    rc, out, err = kill_at_pause(m, f"""
         os.chdir({str(m / 'd')!r})  # as root: the test's base directory is 0700
         os.setgid(1000); os.setuid(1000)
         p = "new"
         {CREATIONS[kind]}
         print("made")
-    """)
-    try:
-        assert wait_stopped(m.proc.pid), f"daemon never reached the chown:\n{m.log_text()}"
-        kill_daemon(m)
-    finally:
-        if m.active:
-            kill_daemon(m)
-    rc, out, err = finish(child)
+    """, "the chown")
     assert rc != 0, f"the creation blocked in the killed daemon succeeded: {out} {err}"
     m2 = overlay_mount(opts)
     assert work_leftovers(work) == []
