@@ -12,7 +12,7 @@ as expected), and nothing else fails. Run as root from the checkout:
   python tests/stress_held_fds.py /tmp/scratch/held "cache=shared,metacopy=on,index=on" 1150
 Usage: stress_held_fds.py BASE OPTIONS NOPEN [NOFILE] (BASE is deleted first).
 """
-import errno, mmap, multiprocessing as mp, os, random, resource, shutil, subprocess, sys, time, traceback
+import errno, mmap, multiprocessing as mp, os, random, resource, shutil, subprocess, sys, traceback
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

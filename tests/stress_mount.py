@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import stat
-import subprocess
 import sys
 import time
 import traceback
@@ -306,7 +305,7 @@ def lister(root: str, stop, q, idx):
             for dirpath, dirnames, filenames in os.walk(root):
                 for e in list(dirnames) + filenames:
                     try:
-                        st = os.lstat(os.path.join(dirpath, e))
+                        os.lstat(os.path.join(dirpath, e))
                     except FileNotFoundError:
                         continue
                     if e.startswith(".wh.") or e.startswith("#"):

@@ -514,7 +514,7 @@ def test_read_ends_while_directory_renames_keep_coming(drv, request_kind):
             assert names == [b".", b"..", b"f", b"l"], names
     finally:
         faults.configure(None)
-    assert len(made) < _KEEP_COMING, f"the request ended only once the renames stopped"
+    assert len(made) < _KEEP_COMING, "the request ended only once the renames stopped"
     drv.settle()
 
 
@@ -534,7 +534,7 @@ def test_change_or_lookup_ends_while_directory_renames_keep_coming(drv, request_
             drv._ref(drv.ops.lookup(REQ, sub.nodeid, b"l"))
     finally:
         faults.configure(None)
-    assert len(made) < _KEEP_COMING, f"the request ended only once the renames stopped"
+    assert len(made) < _KEEP_COMING, "the request ended only once the renames stopped"
     drv.settle()
 
 

@@ -12,7 +12,6 @@ lock hold, before its reply (where the table used to follow).
 """
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
