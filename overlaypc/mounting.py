@@ -6,8 +6,6 @@ Owns: raising the FUSE bdi's readahead after the mount appears (docs/DESIGN-NOTE
 """
 from __future__ import annotations
 
-import os
-
 from . import logs
 from .engine.autounmount import fuse_device
 

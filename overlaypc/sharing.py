@@ -49,7 +49,6 @@ import bisect
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 
 from . import logs, sysapi
 from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
