@@ -676,8 +676,12 @@ class OverlayOps(Operations):
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
+        # admitted once, before anything is done: ``_at_node`` runs the open again after
+        # a copy-up it ran first, and an O_TRUNC open's copy-up holds no data, so a refusal
+        # then would lose the lower data for an open that failed
+        self.fs.room_for_open(None)
         try:
-            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags))
+            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True))
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
                 try:
                     self._kill_privs(req, nodeid, None, result.fh)
