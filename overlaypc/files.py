@@ -138,6 +138,10 @@ class Files:
                     raise OSError(errno.ENOENT, "no such file", rel)
                 if flags & _WRITE_INTENT and (node.upper is None or node.data is not None):
                     raise OSError(errno.EIO, "open for write found no upper copy", rel)
+                if faults.armed and flags & _WRITE_INTENT:
+                    faults.hit("files.opening", rel)  # test-only (faults.py)
+                # (the window left: a failure opening the upper copy, after an O_TRUNC
+                # open's empty copy-up, answers the error with the lower data hidden)
                 opened = self._open_node(node, rel, flags)
             else:
                 node = kept[0]

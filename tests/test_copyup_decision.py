@@ -171,6 +171,25 @@ def test_an_o_trunc_open_admitted_before_its_copy_up_is_not_refused_after_it(drv
     drv.settle()
 
 
+def test_the_window_left_an_o_trunc_open_failing_at_its_upper_open(drv, tmp_path):
+    """What README's copy-up section says is left: an ``O_TRUNC`` open of a lower file whose
+    open of the upper copy fails (fault point ``files.opening``, standing for EMFILE left
+    after the caches shed their fds, or EIO) answers the error, and its empty copy-up
+    stays: the file reads empty (the lower file keeps its data, hidden). A plain open for
+    writing copies the data, so its failure there loses nothing."""
+    root = drv.root()
+    faults.configure("files.opening=eio")
+    try:
+        with pytest.raises(OSError) as failed:
+            drv.open(drv.lookup(root, "f"), os.O_WRONLY | os.O_TRUNC)
+    finally:
+        faults.configure(None)
+    assert failed.value.errno == errno.EIO
+    assert (tmp_path / "upper" / "f").read_bytes() == b""
+    assert (tmp_path / "lower" / "f").read_bytes() == b"data"
+    drv.settle()
+
+
 def test_kill_flag_without_changes(drv, tmp_path):
     attrs = drv.fs.attrs
     # a lower regular file is copied up before its privileges are looked at; a FIFO and a
