@@ -172,13 +172,13 @@ class OverlayFS:
         shared = 0 if self.sharing is None else 2 * self.sharing.open_fds
         return len(self.handles) + self.inodes.meta_fds + shared
 
-    def room_for_open(self, rel: str) -> None:
+    def room_for_open(self, rel: str | None) -> None:
         """Raise ENFILE when open files hold their whole share of the fd limit (checked
-        before an OPEN or CREATE does anything; a few racing opens may pass at once, which
-        the per-request reserve absorbs)."""
+        once per OPEN or CREATE, before it does anything: never after an open's copy-up;
+        a few racing opens may pass at once, which the per-request reserve absorbs)."""
         if self.open_fds() >= self.open_file_fds:
             raise OSError(errno.ENFILE, f"{self.open_file_fds} fds held by open files "
-                          "(raise the daemon's ulimit -n)", rel)
+                          "(raise the daemon's ulimit -n)", *(() if rel is None else (rel,)))
 
     def require_writable(self) -> None:
         if not self.writable or self.copyup is None:
@@ -412,8 +412,8 @@ class OverlayFS:
     def access(self, rel: str, mode: int) -> None:
         self.attrs.access(rel, mode)
 
-    def open(self, rel: str, flags: int) -> OpenResult:
-        return self.files.open(rel, flags)
+    def open(self, rel: str, flags: int, *, admitted: bool = False) -> OpenResult:
+        return self.files.open(rel, flags, admitted=admitted)
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller = ROOT) -> OpenResult:
         return self.files.create(rel, flags, mode, caller)[0]

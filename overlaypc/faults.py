@@ -21,8 +21,11 @@ its merged path made, before the layers are read), ``ops.path`` (a request by no
 GETATTR, SETATTR, OPEN, OPENDIR, a listing without a handle, READLINK, ACCESS, the xattr
 requests, with the node's merged path made, before the layers are read or changed),
 ``ops.created`` (a CREATE's file made, before its reply's entry is taken), ``ops.removed``
-(an UNLINK or RMDIR with its namespace lock hold over, before its reply),
-``readdir.scanned`` (a listing with its layers' directories read, before its entries are
+(an UNLINK or RMDIR with its namespace lock hold over, before its reply), ``ops.keep_key``
+(the node-table update of an UNLINK or a rename over a non-directory, in its lock hold
+after the change on disk, before it reads whether the object has other links),
+``files.opening`` (an open for writing or with ``O_TRUNC``, its copy-up done, under the
+namespace lock before the upper copy is opened), ``readdir.scanned`` (a listing with its layers' directories read, before its entries are
 numbered), ``attrs.found`` (a lookup for attributes with the object found, before its
 attributes are made).
 """

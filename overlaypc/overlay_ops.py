@@ -370,6 +370,21 @@ class OverlayOps(Operations):
                 continue
         raise OSError(errno.ENOENT, "no name left and not open")
 
+    def _keeps_key(self, node: Node | None) -> bool:
+        """``_links_elsewhere`` for the table update of a removal or a rename over a name,
+        which runs after the change on disk (in its lock hold): it never raises, or the
+        request would answer an error for a change that happened (and the table would not
+        follow it). A failed read (the index's count: EMFILE, EIO, ENOENT) keeps no key:
+        a node without names then leaves the key index, and a later lookup of another
+        name of the object gives it a new nodeid (a second inode for the kernel, no wrong
+        object)."""
+        try:
+            return self._links_elsewhere(node)
+        except OSError as e:
+            log.debug("other links of %s unknown (%s): its node keeps no key",
+                      node.rel if node is not None else "?", e)
+            return False
+
     def _links_elsewhere(self, node: Node | None) -> bool:
         """Whether the non-directory ``node`` (as a removal found it, just before) has
         other names on disk: its node then keeps its identity even when no name of it is
@@ -378,6 +393,8 @@ class OverlayOps(Operations):
         which, a whiteout, left the entry's links as they were)."""
         if node is None or not node.exists or node.is_dir:
             return False
+        if faults.armed:
+            faults.hit("ops.keep_key", node.rel)  # test-only (faults.py)
         if node.st.st_nlink > 1:
             return True
         return node.index is not None and (self.fs.overlay_nlink(node) or 0) > 0
@@ -621,7 +638,7 @@ class OverlayOps(Operations):
         def change() -> None:
             rel, decoded = self._child(parent, name)
             remove(rel, lambda removed: self.nodes.unlink(
-                parent, decoded, keep_key=self._links_elsewhere(removed),
+                parent, decoded, keep_key=self._keeps_key(removed),
                 gone=self._gone_dir(removed)))
         self._at_paths(change)
         if faults.armed:
@@ -636,7 +653,7 @@ class OverlayOps(Operations):
             # lookup)
             self.fs.rename(old, new, flags, lambda replaced: self.nodes.rename(
                 parent, decoded, new_parent, new_decoded,
-                keep_key=self._links_elsewhere(replaced), gone=self._gone_dir(replaced)))
+                keep_key=self._keeps_key(replaced), gone=self._gone_dir(replaced)))
         self._at_paths(change)
 
     def _gone_dir(self, node: Node | None) -> Attr | None:
@@ -659,8 +676,12 @@ class OverlayOps(Operations):
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
+        # admitted once, before anything is done: ``_at_node`` runs the open again after
+        # a copy-up it ran first, and an O_TRUNC open's copy-up holds no data, so a refusal
+        # then would lose the lower data for an open that failed
+        self.fs.room_for_open(None)
         try:
-            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags))
+            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True))
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
                 try:
                     self._kill_privs(req, nodeid, None, result.fh)

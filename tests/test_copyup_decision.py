@@ -14,6 +14,7 @@ import pytest
 import helpers
 from core_driver import REQ, CoreDriver
 from overlaypc.copyup import CopyUpFirst
+from overlaypc import faults
 from overlaypc.engine import protocol as p
 from overlaypc.engine.protocol import SetAttr
 from overlaypc.idmap import IdMap
@@ -133,6 +134,60 @@ def test_an_open_with_o_trunc_copies_up_no_data(tmp_path, index):
         drv.settle()
     finally:
         drv.close()
+
+
+def test_an_o_trunc_open_admitted_before_its_copy_up_is_not_refused_after_it(drv, tmp_path):
+    """The open-file budget (``room_for_open``: ENFILE once open files hold their share of
+    the fd limit, here one file) admits an OPEN once, before anything is done. An open
+    with ``O_TRUNC`` of lower ``f`` copies it up empty; while it copies (fault point
+    ``copyup.fsync``), another client's open takes the last room. The OPEN must still
+    succeed: its empty copy-up hides the lower data, so failing now would lose the data
+    for an open that failed. Before: the adapter ran the open again after the copy-up
+    (``_at_node``), whose budget check answered ENFILE, and ``f`` read empty."""
+    drv.fs.open_file_fds = 1
+    root = drv.root()
+    other = drv.lookup(root, "d")
+    drv.release(drv.create(other, "g", os.O_WRONLY, 0o644)[1])
+    g = drv.lookup(other, "g")
+    others: list[int] = []
+
+    def another_open(point, *args) -> None:
+        if not others:
+            others.append(drv.open(g, os.O_RDONLY))
+    faults.install("copyup.fsync", another_open)
+    try:
+        fh = drv.open(drv.lookup(root, "f"), os.O_RDWR | os.O_TRUNC)
+    except OSError as e:
+        fh = e
+    finally:
+        faults.configure(None)
+    assert others, "the other open never ran during the copy-up"
+    drv.release(others[0])
+    assert (tmp_path / "upper" / "f").read_bytes() == b""  # the empty copy-up is done
+    assert not isinstance(fh, OSError), f"O_TRUNC open failed after its copy-up: {fh}"
+    drv.write(fh, b"new", 0)
+    drv.release(fh)
+    assert (tmp_path / "upper" / "f").read_bytes() == b"new"
+    drv.settle()
+
+
+def test_the_window_left_an_o_trunc_open_failing_at_its_upper_open(drv, tmp_path):
+    """What README's copy-up section says is left: an ``O_TRUNC`` open of a lower file whose
+    open of the upper copy fails (fault point ``files.opening``, standing for EMFILE left
+    after the caches shed their fds, or EIO) answers the error, and its empty copy-up
+    stays: the file reads empty (the lower file keeps its data, hidden). A plain open for
+    writing copies the data, so its failure there loses nothing."""
+    root = drv.root()
+    faults.configure("files.opening=eio")
+    try:
+        with pytest.raises(OSError) as failed:
+            drv.open(drv.lookup(root, "f"), os.O_WRONLY | os.O_TRUNC)
+    finally:
+        faults.configure(None)
+    assert failed.value.errno == errno.EIO
+    assert (tmp_path / "upper" / "f").read_bytes() == b""
+    assert (tmp_path / "lower" / "f").read_bytes() == b"data"
+    drv.settle()
 
 
 def test_kill_flag_without_changes(drv, tmp_path):

@@ -157,3 +157,51 @@ def test_getattr_of_a_removed_directory_while_its_rmdir_replies(drv):
     assert not isinstance(got[0], OSError), got[0]
     assert (got[0].ino, stat.S_ISDIR(got[0].mode), got[0].nlink) == (ino, True, 0)
     drv.settle()
+
+
+_REMOVALS = {
+    "unlink": lambda drv, d: drv.unlink(d, "a"),
+    "rename-over": lambda drv, d: drv.rename(d, "c", d, "a"),
+}
+
+
+@pytest.mark.parametrize("removal", sorted(_REMOVALS))
+def test_a_failed_table_update_does_not_fail_a_done_removal(tmp_path, removal):
+    """index=on, ``d/a`` and ``d/b`` one lower hard link (an index entry made by a copy-up
+    of ``a``). An UNLINK of ``d/a`` (or a rename of ``d/c`` over it) removes the name on
+    disk, then its node-table update, in the same lock hold, reads whether the object has
+    other links (the index's count); fault point ``ops.keep_key`` fails that read (EIO,
+    standing for the EMFILE/EIO/ENOENT of the index read). The removal is done: its answer
+    must be success, and the table must not keep the name. Before: the request answered
+    EIO (the kernel then keeps the name it just lost) and the table kept ``d/a``."""
+    helpers.build_layer(tmp_path / "lower", {"d/a": "shared\n", "d/b": helpers.HardLink("d/a"),
+                                             "d/c": "c\n"})
+    drv = CoreDriver.in_dir(tmp_path, index=True)
+    try:
+        d = drv.lookup(drv.root(), "d")
+        a = drv.lookup(d, "a")
+        drv.release(drv.open(a, os.O_WRONLY))  # the index entry, a linked up
+        held = drv.ops.nodes.child(d.nodeid, "a")
+        faults.configure("ops.keep_key=eio")
+        try:
+            _REMOVALS[removal](drv, d)
+            answer = None
+        except OSError as e:
+            answer = e
+        faults.configure(None)
+        # the change is done on disk either way
+        assert drv.lookup(d, "a" if removal == "unlink" else "c") is None
+        assert answer is None, f"{removal} answered {answer} for a removal that happened"
+        # the table dropped the removed object's name (what took it is looked up afresh)
+        assert drv.ops.nodes.child(d.nodeid, "a") != held
+        if removal == "unlink":
+            assert drv.lookup(d, "a") is None
+        else:
+            assert drv.read(fh := drv.open(drv.lookup(d, "a"), os.O_RDONLY), 100, 0) == b"c\n"
+            drv.release(fh)
+        assert drv.read(fh := drv.open(drv.lookup(d, "b"), os.O_RDONLY), 100, 0) == b"shared\n"
+        drv.release(fh)
+        drv.settle()
+    finally:
+        faults.configure(None)
+        drv.close()
