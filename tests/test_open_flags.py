@@ -136,3 +136,32 @@ def test_o_direct_writes(options, held, tmp_path, overlay_mount, kernel_mount):
     assert results[0][:3] == [8192, 4096, "EINVAL"]
     assert results[1] == results[0]
     assert uppers[1] == uppers[0]
+
+
+def test_what_fuse_does_not_carry(tmp_path, overlay_mount):
+    """Documented (README, "What FUSE does not carry"): ``O_TMPFILE`` and
+    COLLAPSE/INSERT_RANGE answer EOPNOTSUPP, and change nothing."""
+    lowers, upper, work = _layers(tmp_path)
+    m = overlay_mount(stack_options(lowers, upper, work))
+    with pytest.raises(OSError) as e:
+        os.open(m.path, os.O_TMPFILE | os.O_RDWR, 0o600)
+    assert e.value.errno == errno.EOPNOTSUPP
+    fd = os.open(m / "d", os.O_RDWR)
+    try:
+        for mode in (0x08, 0x20):  # FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE
+            with pytest.raises(OSError) as e:
+                _fallocate(fd, mode, 4096, 4096)
+            assert e.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    assert (m / "d").read_bytes() == LOWER["d"]
+    assert sorted(os.listdir(m.path)) == ["a", "d"]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, mode, offset, length) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
