@@ -42,10 +42,15 @@ from .lookup import Entry, Node
 from .records import field, record
 from .typing_lite import NamedTuple
 
-#: The flags ``openat2`` accepts (its ``VALID_OPEN_FLAGS``): it refuses any other bit with
-#: EINVAL where open(2) ignores it, and FUSE passes the kernel's own ``__FMODE_EXEC``
-#: (0x20) in the flags of the open that ``execve`` makes.
-OPEN_FLAGS = (os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+#: The flags a backing fd is opened with: those ``openat2`` accepts (its
+#: ``VALID_OPEN_FLAGS``; it refuses any other bit with EINVAL where open(2) ignores it, and
+#: FUSE passes the kernel's own ``__FMODE_EXEC`` (0x20) in the flags of the open that
+#: ``execve`` makes), less ``O_APPEND``: that is the open file's state, which
+#: ``fcntl(F_SETFL)`` changes without telling the daemon, and the kernel gives every write
+#: its offset itself (the size, while the flag is set; a passthrough write carries the
+#: flag to the backing file), so an ``O_APPEND`` backing fd would append after the flag
+#: was cleared.
+OPEN_FLAGS = (os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC
               | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC | os.O_ASYNC | os.O_DIRECT | os.O_LARGEFILE
               | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC | os.O_PATH
               | os.O_TMPFILE)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 
 from . import acl, faults, logs, sysapi, whiteout
 from .copyup import WORK_DIR
+from .inodes import OPEN_FLAGS
 from .layer import do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name
 from .readdir import merged_listing
@@ -335,7 +336,7 @@ class Namespace:
         """Create a regular file; return an fd on it opened with ``flags``, and its node."""
         self._prepare_new(rel)
         fds: list[int] = []
-        access = flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        access = flags & OPEN_FLAGS & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)  # (no O_APPEND)
 
         def make(layer, where: str, mode: int) -> None:
             fds.append(layer.do_create(where, access | os.O_EXCL, stat.S_IMODE(mode)))

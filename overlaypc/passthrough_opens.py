@@ -4,7 +4,9 @@ Owns the policy around ``passthrough.Passthrough`` (the kernel's per-inode open 
 
 - **Offered** exactly where no copy-up can happen under the open file: a file whose data
   is in the upper layer (not a metacopy upper whose data is still below: its backing is
-  the lower file) and every file of a read-only mount. Never under ``handles=bind-at-open``
+  the lower file) and every file of a read-only mount; not to an ``O_APPEND`` open (the
+  kernel's backing file keeps the flag when ``fcntl`` clears it; such an open made while
+  the inode passes through must pass through too, and keeps appending). Never under ``handles=bind-at-open``
   (that debug mode exists to show the daemon's own handle binding; passthrough would
   hide it) nor with ``passthrough=off``.
 - **cache=shared with sharing=on** (one cached copy of reflinked data): a file with
@@ -162,6 +164,11 @@ class PassthroughOpens:
             return None
         if fs.writable and not handle.inode.in_upper:
             return None  # a lower (or metacopy) file: a copy-up may come under the open
+        if handle.flags & os.O_APPEND:
+            # the kernel opens the passthrough's own backing file with the open's flags and
+            # never follows a later fcntl(F_SETFL) that clears O_APPEND (its writes would
+            # go on appending); through the daemon the kernel gives each write its offset
+            return None
         if fs.sharing is None or fs.config.cache != "shared":
             return _OWN
         fx = fs.files.extents_of(handle)

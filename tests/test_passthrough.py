@@ -70,7 +70,8 @@ def test_upper_file_opened_twice_passes_through(overlay_mount, layers_factory, t
 
 def _append_as_nobody(root: Path, name: str) -> int:
     """Append a byte to ``root/name`` as uid/gid 65534 with no capabilities (the parent
-    directories of a test's tmp dir are 0700: the child opens relative to a dir fd)."""
+    directories of a test's tmp dir are 0700: the child opens relative to a dir fd), at
+    its end without ``O_APPEND`` (an ``O_APPEND`` open does not pass through)."""
     dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         pid = os.fork()
@@ -79,8 +80,8 @@ def _append_as_nobody(root: Path, name: str) -> int:
                 os.setgroups([])
                 os.setresgid(65534, 65534, 65534)
                 os.setresuid(65534, 65534, 65534)  # all uids nonzero: capabilities go
-                fd = os.open(name, os.O_WRONLY | os.O_APPEND, dir_fd=dirfd)
-                os.write(fd, b"x")
+                fd = os.open(name, os.O_WRONLY, dir_fd=dirfd)
+                os.pwrite(fd, b"x", os.fstat(fd).st_size)
                 os.close(fd)
                 os._exit(0)
             except BaseException:
@@ -103,7 +104,8 @@ def test_unprivileged_passthrough_write_strips_setuid_and_setgid(overlay_mount, 
     m = overlay_mount(st.options(cache)).path
     before = stats(m)["passthrough_opens"]
     assert _append_as_nobody(m, "nobody") == 0
-    with open(m / "root", "ab") as f:
+    with open(m / "root", "r+b") as f:
+        f.seek(0, os.SEEK_END)
         f.write(b"x")
     assert stats(m)["passthrough_opens"] - before == 2  # both writes passed through
     assert oct(os.stat(m / "nobody").st_mode & 0o7777) == "0o777"

@@ -351,7 +351,10 @@ class Session:
             self._first_done.set()
 
     def _serve_fd(self, fd: int, slot: Slot) -> None:
-        view = _buffer(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)
+        # requests are read to ``WRITE_DATA`` bytes before a page boundary, so a WRITE's
+        # data starts page-aligned: a backing file opened with O_DIRECT takes it as it is
+        # (from the header's end it failed with EINVAL), and copies from it are aligned
+        view = _buffer(max(p.MIN_BUFFER, p.WRITE_DATA + self.max_write) + p.PAGE)[p.PAGE - p.WRITE_DATA:]
         bufs = [view]  # (one list for every read: this loop runs once per request)
         out = _buffer(self.max_write)
         first_done = self._first_done
