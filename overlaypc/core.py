@@ -36,6 +36,7 @@ from .index import IndexDir
 from .inumbers import InodeNumbers
 from .layer import join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
+from .nameless import NamelessDirs
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
 from .pathguard import PathGuard
@@ -99,6 +100,8 @@ class OverlayFS:
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
         self.handles = HandleTable()
+        #: removed directories the kernel still holds (``nameless``): their held fds
+        self.nameless = NamelessDirs(self)
         #: the most fds open files may hold (``fdbudget``): an OPEN or CREATE beyond fails
         #: with ENFILE, so that other requests keep the fds they need
         self.open_file_fds = self.fd_budget.open_files(
@@ -167,10 +170,11 @@ class OverlayFS:
 
     # -- cross-cutting rules ----------------------------------------------------------------------
     def open_fds(self) -> int:
-        """The fds open files hold: one per handle, one per metacopy file being read, and
-        the extent map's canonical files twice (as many may still be in reads)."""
+        """The fds open files hold: one per handle, one per metacopy file being read, one
+        per removed directory the kernel still holds (``nameless``), and the extent map's
+        canonical files twice (as many may still be in reads)."""
         shared = 0 if self.sharing is None else 2 * self.sharing.open_fds
-        return len(self.handles) + self.inodes.meta_fds + shared
+        return len(self.handles) + self.inodes.meta_fds + self.nameless.fds + shared
 
     def room_for_open(self, rel: str) -> None:
         """Raise ENFILE when open files hold their whole share of the fd limit (checked
