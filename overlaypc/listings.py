@@ -16,7 +16,7 @@ dropped first, but never the one just kept (its lister needs it for its next chu
 large: the kernel overlay keeps a directory's whole merged listing too); a snapshot is
 dropped when its end has been served (the kernel reads until an empty reply). One entry
 costs about 200 bytes, 790 with the attributes a READDIRPLUS listing keeps (every listing
-here: no READDIRPLUS_AUTO), measured with tracemalloc (20-byte names). The same budget
+here: no READDIRPLUS_AUTO), measured with tracemalloc (17-byte names). The same budget
 bounds the listings open directory handles keep (``OverlayFS.readdir``, where the kernel
 does not open directories itself).
 
