@@ -22,9 +22,10 @@ import itertools
 import os
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
-from . import indexroots, killpriv, logs, whiteout
+from . import indexroots, killpriv, listings, logs, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
@@ -36,6 +37,7 @@ from .index import IndexDir
 from .inumbers import InodeNumbers
 from .layer import join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
+from .nameless import NamelessDirs
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
 from .pathguard import PathGuard
@@ -99,6 +101,8 @@ class OverlayFS:
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
         self.handles = HandleTable()
+        #: removed directories the kernel still holds (``nameless``): their held fds
+        self.nameless = NamelessDirs(self)
         #: the most fds open files may hold (``fdbudget``): an OPEN or CREATE beyond fails
         #: with ENFILE, so that other requests keep the fds they need
         self.open_file_fds = self.fd_budget.open_files(
@@ -128,6 +132,10 @@ class OverlayFS:
         self.attrs = Attributes(self)
         self.files = Files(self)
         self._dir_handles: dict[int, DirHandle] = {}
+        #: the handles that keep a listing, least recently used first, and its entries in
+        #: all (bound: ``listings.MAX_ENTRIES``, see ``readdir``)
+        self._listed_handles: OrderedDict[int, None] = OrderedDict()
+        self._listed_entries = 0
         self._dir_fhs = itertools.count(1 << 32)  # distinct from file handles
         self._dir_lock = threading.Lock()
         #: set by the node-based adapter: drop the kernel's cached attributes and pages of
@@ -167,10 +175,11 @@ class OverlayFS:
 
     # -- cross-cutting rules ----------------------------------------------------------------------
     def open_fds(self) -> int:
-        """The fds open files hold: one per handle, one per metacopy file being read, and
-        the extent map's canonical files twice (as many may still be in reads)."""
+        """The fds open files hold: one per handle, one per metacopy file being read, one
+        per removed directory the kernel still holds (``nameless``), and the extent map's
+        canonical files twice (as many may still be in reads)."""
         shared = 0 if self.sharing is None else 2 * self.sharing.open_fds
-        return len(self.handles) + self.inodes.meta_fds + shared
+        return len(self.handles) + self.inodes.meta_fds + self.nameless.fds + shared
 
     def room_for_open(self, rel: str | None) -> None:
         """Raise ENFILE when open files hold their whole share of the fd limit (checked
@@ -364,21 +373,31 @@ class OverlayFS:
 
     def releasedir(self, fh: int) -> None:
         with self._dir_lock:
-            self._dir_handles.pop(fh, None)
+            handle = self._dir_handles.pop(fh, None)
+            self._listed_handles.pop(fh, None)
+            if handle is not None and handle.listing is not None:
+                self._listed_entries -= len(handle.listing)
 
     def readdir(self, rel: str | None = None, fh: int | None = None, *, plus: bool = False,
                 offset: int = 0) -> list[DirEntry]:
         """The merged listing. ``plus`` also gives each entry's attributes where they are
         exactly what ``getattr`` would show; entries without (``attr`` None) are looked up
         by the kernel as usual. Through a handle, the listing read at offset 0 is kept and
-        served for later offsets, so a listing read in several chunks is one snapshot."""
+        served for later offsets, so a listing read in several chunks is one snapshot.
+        Bound: past ``listings.MAX_ENTRIES`` entries kept in all, the least recently used
+        other handles' listings go; such a handle's next chunk reads the directory again
+        (as a snapshot's lister whose snapshot went, ``listings``)."""
         handle = None
         if fh is not None:
             handle = self._dir_handles.get(fh)
             if handle is None:
                 raise OSError(errno.EBADF, "bad directory handle")
-            if offset and handle.listing is not None:
-                return handle.listing
+            listing = handle.listing  # (read once: another handle's listing may drop it)
+            if offset and listing is not None:
+                with self._dir_lock:
+                    if fh in self._listed_handles:
+                        self._listed_handles.move_to_end(fh)
+                return listing
             rel = handle.rel
         epoch = self.lookup.epoch  # before the layers: a change during the listing voids it
         files: dict | None = {} if plus else None
@@ -389,8 +408,26 @@ class OverlayFS:
         if files:  # kept for the opens that follow (``Lookup.recent``)
             self.lookup.keep_listing(rel or "", epoch, files)
         if handle is not None:
-            handle.listing = entries
+            self._keep_listing(fh, handle, entries)
         return entries
+
+    def _keep_listing(self, fh: int, handle: DirHandle, entries: list[DirEntry]) -> None:
+        """``entries`` become the listing ``handle`` keeps; past ``listings.MAX_ENTRIES``
+        in all, the least recently used others' go."""
+        with self._dir_lock:
+            if self._dir_handles.get(fh) is not handle:
+                return  # released meanwhile
+            if handle.listing is not None:
+                self._listed_entries -= len(handle.listing)
+            handle.listing = entries
+            self._listed_entries += len(entries)
+            self._listed_handles[fh] = None
+            self._listed_handles.move_to_end(fh)
+            while self._listed_entries > listings.MAX_ENTRIES and len(self._listed_handles) > 1:
+                other = self._dir_handles.get(self._listed_handles.popitem(last=False)[0])
+                if other is not None and other.listing is not None:
+                    self._listed_entries -= len(other.listing)
+                    other.listing = None
 
     def dot_inos(self, fh: int) -> tuple[int, int]:
         """``st_ino`` of an open directory and of its parent (the root's parent is the

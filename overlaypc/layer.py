@@ -455,16 +455,25 @@ class Layer:
             os.rmdir(name, dir_fd=dfd)
 
     def do_remove_tree(self, rel: str) -> None:
-        """Remove ``rel`` and, for a directory, everything beneath it (no-op if absent)."""
+        """Remove ``rel`` and, for a directory, everything beneath it (no-op if absent):
+        ``_TreeRemoval``, iterative and with a bounded number of fds at any depth."""
         st = self.lstat(rel)
         if st is None:
             return
-        if stat.S_ISDIR(st.st_mode):
-            for name, _ in self.listdir(rel):
-                self.do_remove_tree(join(rel, name))
-            self.do_rmdir(rel)
-        else:
+        if not stat.S_ISDIR(st.st_mode):
             self.do_unlink(rel)
+            return
+        if not self.writable:
+            raise OSError(errno.EROFS, "layer is read-only", rel)
+        with self.parent(rel) as (top_fd, name):
+            _TreeRemoval(self, top_fd, rel, name).run()
+
+    def _step(self, what: str, path: "Callable[[], str]") -> None:
+        """``_change`` of one step of a tree removal, its path made only when a fault
+        point or the debug log can use it (a path thousands of levels deep costs as many
+        bytes, at each step)."""
+        if faults.armed or log.isEnabledFor(logs.DEBUG):
+            self._change(what, path())
 
     def do_remove_tree_contents(self, rel: str) -> None:
         for name, _ in self.listdir(rel):
@@ -535,6 +544,114 @@ class Layer:
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(f"/proc/self/fd/{self.root_fd}")
+
+
+#: directory fds a tree removal (``_TreeRemoval``) holds at most, whatever the depth
+REMOVAL_FDS = 16
+_REMOVAL_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+class _Level:
+    """One directory on a tree removal's way down: its name in the one above, its fd
+    (-1: not held) and its names not yet removed (None: not listed yet)."""
+    __slots__ = ("name", "fd", "names")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fd = -1
+        self.names: list[str] | None = None
+
+
+class _TreeRemoval:
+    """``Layer.do_remove_tree`` of a directory: depth first, with a list of the
+    directories on the way down instead of recursion (a tree left in workdir/work may be
+    thousands of levels deep). Only the ``REMOVAL_FDS`` deepest directories on the way
+    keep their fds; going back up to one that let its fd go opens it again by its path
+    from the removal's top (``openat_beneath``: confined beneath that directory, no
+    symlink followed, no other filesystem entered, in steps when the path is long), with
+    the levels below it, ``REMOVAL_FDS`` at a time. Every entry is acted on by name in its
+    open directory without being followed (a symlink is unlinked, a directory of another
+    filesystem is refused with EBUSY: ``rmdir`` could not remove it). Memory: the names
+    not yet removed of each directory on the way."""
+
+    def __init__(self, layer: Layer, top_fd: int, rel: str, name: str) -> None:
+        self.layer = layer
+        self.top_fd = top_fd  # the removed directory's parent (held by the caller)
+        self.rel = rel
+        self.levels = [_Level(name)]
+
+    def _path(self, child: str | None = None) -> str:
+        """The layer path of the deepest level (or of ``child`` in it)."""
+        parts = [self.rel] + [level.name for level in self.levels[1:]]
+        return "/".join(parts if child is None else parts + [child])
+
+    def run(self) -> None:
+        layer, levels = self.layer, self.levels
+        try:
+            while levels:
+                level = levels[-1]
+                fd = self._fd()
+                if level.names is None:
+                    level.names = retrying(os.listdir, fd)  # (it dups the fd)
+                if self._down(level, fd):
+                    continue
+                # empty now: it goes from the directory above
+                levels.pop()
+                os.close(level.fd)
+                layer._step("rmdir", lambda: self._path(level.name) if levels else self.rel)
+                os.rmdir(level.name, dir_fd=self._fd() if levels else self.top_fd)
+        finally:
+            for level in levels:
+                if level.fd >= 0:
+                    os.close(level.fd)
+
+    def _down(self, level: _Level, fd: int) -> bool:
+        """Remove the non-directories left in ``level`` (open as ``fd``) up to its next
+        directory, which becomes the deepest level: True; False when none is left."""
+        names = level.names
+        assert names is not None
+        while names:
+            name = names.pop()
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if st.st_dev != self.layer.dev:
+                    raise OSError(errno.EBUSY, "another filesystem is mounted there",
+                                  self._path(name))
+                self.levels.append(_Level(name))
+                return True
+            self.layer._step("unlink", lambda: self._path(name))
+            os.unlink(name, dir_fd=fd)
+        return False
+
+    def _fd(self) -> int:
+        """The deepest level's fd, opened if it is not held: from the level above when
+        that one is held, else the levels from ``REMOVAL_FDS`` above it down to it, the
+        first by its path from the top. At most ``REMOVAL_FDS`` are held after."""
+        levels = self.levels
+        deepest = levels[-1]
+        if deepest.fd >= 0:
+            return deepest.fd
+        at = len(levels) - 1
+        if at == 0:
+            deepest.fd = retrying(sysapi.openat2, self.top_fd, deepest.name, _REMOVAL_OPEN)
+        elif levels[at - 1].fd >= 0:
+            deepest.fd = retrying(sysapi.openat2, levels[at - 1].fd, deepest.name, _REMOVAL_OPEN)
+            # the held levels are the deepest ones, one after the other: one goes
+            beyond = levels[at - REMOVAL_FDS] if at >= REMOVAL_FDS else None
+            if beyond is not None and beyond.fd >= 0:
+                os.close(beyond.fd)
+                beyond.fd = -1
+        else:  # back up to a level that let its fd go: the window again, from the top
+            first = max(0, at - REMOVAL_FDS + 1)
+            path = "/".join(level.name for level in levels[:first + 1])
+            levels[first].fd = openat_beneath(self.top_fd, path, _REMOVAL_OPEN)
+            for i in range(first + 1, at + 1):
+                levels[i].fd = retrying(sysapi.openat2, levels[i - 1].fd, levels[i].name,
+                                        _REMOVAL_OPEN)
+        return deepest.fd
 
 
 def do_rename(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int = 0) -> None:

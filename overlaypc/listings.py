@@ -11,13 +11,21 @@ lister continues in its own snapshot, as with a handle, and the snapshot carries
 epochs read before the listing (READDIRPLUS trusts a listed stat only while no identity
 moved and no name changed since).
 
-Bound: ``MAX_SNAPSHOTS`` listings, least recently used dropped first; a snapshot is
-dropped when its end has been served (the kernel reads until an empty reply).
+Bound: ``MAX_SNAPSHOTS`` listings and ``MAX_ENTRIES`` entries in all, least recently used
+dropped first, but never the one just kept (its lister needs it for its next chunk, however
+large: the kernel overlay keeps a directory's whole merged listing too); a snapshot is
+dropped when its end has been served (the kernel reads until an empty reply). One entry
+costs about 200 bytes, 790 with the attributes a READDIRPLUS listing keeps (every listing
+here: no READDIRPLUS_AUTO), measured with tracemalloc (17-byte names). The same budget
+bounds the listings open directory handles keep (``OverlayFS.readdir``, where the kernel
+does not open directories itself).
 
 Caveat: a lister whose snapshot is gone (more than ``MAX_SNAPSHOTS`` listings in progress,
-or a cookie from seekdir(3) after the end) gets the directory read again from the same
-position: if it changed meanwhile, an entry may be seen twice or missed. A cookie naming
-another directory's snapshot counts as gone.
+or more than ``MAX_ENTRIES`` entries in them, or a cookie from seekdir(3) after the end) gets
+the directory read again from the same position: if it changed meanwhile, an entry may be
+seen twice or missed; and listers of large directories whose listings together pass
+``MAX_ENTRIES`` each read the directory again at each chunk while the others go on. A
+cookie naming another directory's snapshot counts as gone.
 """
 from __future__ import annotations
 
@@ -30,6 +38,10 @@ from .records import record
 
 #: at most this many listings are kept between READDIR requests
 MAX_SNAPSHOTS = 64
+#: at most this many entries in all (about 200 MiB at READDIRPLUS), less the listing just
+#: read, are kept between READDIR requests: by the snapshots, and apart from them by the
+#: open directory handles (a mount uses one or the other)
+MAX_ENTRIES = 1 << 18
 #: a cookie's low bits: the position in its listing
 POSITION_BITS = 32
 _POSITION_MASK = (1 << POSITION_BITS) - 1
@@ -54,8 +66,11 @@ def split_cookie(offset: int) -> tuple[int, int]:
 
 
 class Snapshots:
-    def __init__(self, limit: int = MAX_SNAPSHOTS) -> None:
+    def __init__(self, limit: int = MAX_SNAPSHOTS, max_entries: int | None = None) -> None:
         self.limit = limit
+        self.max_entries = MAX_ENTRIES if max_entries is None else max_entries
+        #: entries of the snapshots kept
+        self.entries = 0
         self._kept: OrderedDict[int, Snapshot] = OrderedDict()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -71,8 +86,10 @@ class Snapshots:
                 self._ids = itertools.count(2)
                 sid = 1
             self._kept[sid] = snap
-            while len(self._kept) > self.limit:
-                self._kept.popitem(last=False)
+            self.entries += len(snap.entries)
+            while len(self._kept) > 1 and (len(self._kept) > self.limit
+                                           or self.entries > self.max_entries):
+                self.entries -= len(self._kept.popitem(last=False)[1].entries)
             return sid
 
     def get(self, sid: int, nodeid: int) -> Snapshot | None:
@@ -87,4 +104,6 @@ class Snapshots:
     def done(self, sid: int) -> None:
         """Its end was served."""
         with self._lock:
-            self._kept.pop(sid, None)
+            snap = self._kept.pop(sid, None)
+            if snap is not None:
+                self.entries -= len(snap.entries)

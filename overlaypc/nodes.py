@@ -54,9 +54,9 @@ class Node:
         self.fhs: set[int] | None = None
         #: a directory's path as last walked: (``NodeTable._dirs_gen`` then, path)
         self.dir_path: tuple[int, str] | None = None
-        #: a directory whose last name went (rmdir, a rename over it): its attributes then
-        #: (opaque here), what a GETATTR of it answers while the kernel still holds it (an
-        #: open fd's ``fstat``); None otherwise
+        #: a directory whose last name went (rmdir, a rename over it): what it keeps while
+        #: the kernel still holds it (opaque here; ``nameless.GoneDir``: its attributes then
+        #: and the fd its changes go through), released at FORGET; None otherwise
         self.gone: object | None = None
 
     def __repr__(self) -> str:
@@ -202,7 +202,7 @@ class NodeTable:
                gone: object | None = None) -> int | None:
         """The name (``parent``, ``name``) is gone (unlink, rmdir). ``keep_key``: other
         names of the object remain on disk (a hard link), so it keeps its nodeid even
-        with no name known. ``gone``: a removed directory's attributes (``Node.gone``).
+        with no name known. ``gone``: what a removed directory keeps (``Node.gone``).
         Returns the node that had the name, if any."""
         with self._lock:
             nodeid = self._by_name.get((parent, name))
@@ -321,7 +321,7 @@ class NodeTable:
             return bool(node.names) or self._by_key.get(node.key) == nodeid
 
     def gone(self, nodeid: int) -> object | None:
-        """A removed directory's attributes at its removal (``Node.gone``), else None."""
+        """What a removed directory keeps (``Node.gone``), else None."""
         return self.node(nodeid).gone
 
     def names(self, nodeid: int) -> list[Name]:

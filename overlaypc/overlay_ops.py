@@ -17,7 +17,9 @@ errors to report at close), and locks are the kernel's own (no POSIX_LOCKS).
 
 Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
 name left is reached through one of its open handles (``Files.*_inode``); with none
-open, ENOENT. Errors are ``OSError``: the session translates them.
+open, ENOENT. A directory with no name left (the kernel opens directories itself: no
+handle) through what its node kept at the removal (``nameless``). Errors are ``OSError``:
+the session translates them.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from .killpriv import CAPABILITY_XATTR, Writer, has_fsetid
 from .listings import POSITION_BITS, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
+from .nameless import GoneDir
 from .namespace import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
@@ -95,6 +98,11 @@ def _chown_ids(sa: SetAttr) -> tuple[int, int] | None:
     if not valid & (p.FATTR_UID | p.FATTR_GID):
         return None
     return (sa.uid if valid & p.FATTR_UID else -1, sa.gid if valid & p.FATTR_GID else -1)
+
+
+class NoNameLeft(FileNotFoundError):
+    """ENOENT for a request by nodeid whose node has no name left (``OverlayOps._path``):
+    a removed directory's node answers through what it kept instead (``nameless``)."""
 
 
 def _caller(req: Request) -> Caller:
@@ -177,8 +185,16 @@ class OverlayOps(Operations):
         """The node's merged path; ENOENT for a node with no name left."""
         rel = self.nodes.path(nodeid)
         if rel is None:
-            raise OSError(errno.ENOENT, f"node {nodeid} has no name left")
+            raise NoNameLeft(errno.ENOENT, f"node {nodeid} has no name left")
         return rel
+
+    def _gone(self, nodeid: int, error: NoNameLeft) -> GoneDir:
+        """What the node of a removed directory kept (``nameless``); ``error`` (the
+        node has no name left) re-raised for any other node."""
+        gone = self.nodes.gone(nodeid)
+        if not isinstance(gone, GoneDir):
+            raise error
+        return gone
 
     def _node_path(self, nodeid: int) -> str:
         """``_path`` of the node a request by nodeid acts on."""
@@ -431,8 +447,8 @@ class OverlayOps(Operations):
             # bind-at-open handle still holds the lower file); a directory (opened by the
             # kernel itself, no handle here) as it was at its removal
             gone = self.nodes.gone(nodeid)
-            if gone is not None:
-                return gone  # type: ignore[return-value]
+            if isinstance(gone, GoneDir):
+                return self.fs.nameless.attr(gone)
             _, inode = self._open_inode(nodeid)
             return self.fs.files.getattr_inode(inode)
         if fh is not None:
@@ -466,15 +482,40 @@ class OverlayOps(Operations):
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes.
         By path in a namespace lock hold where the path is current (``_at_node``)."""
+        try:
+            return self._setattr(req, nodeid, sa)
+        except NoNameLeft as e:  # (before any step: the name went since it was looked at)
+            return self._setattr_gone(nodeid, self._gone(nodeid, e), sa)
+
+    def _setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         valid = sa.valid
         rel = self.nodes.path(nodeid)
         if rel is None:  # no name left: through one of its handles
+            gone = self.nodes.gone(nodeid)
+            if isinstance(gone, GoneDir):
+                return self._setattr_gone(nodeid, gone, sa)
             return self._setattr_steps(req, nodeid, None, sa, self._open_inode(nodeid)[1])
         if sa.fh is None and not valid & p.FATTR_SIZE:
             return self._setattr_named(req, nodeid, sa)
         if sa.fh is not None and not valid & (_PATH_SETATTRS | p.FATTR_KILL_SUIDGID):
             return self._setattr_steps(req, nodeid, rel, sa, None)  # an ftruncate: no path
         return self._at_node(nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None))
+
+    def _setattr_gone(self, nodeid: int, gone: GoneDir, sa: SetAttr) -> AttrReply:
+        """``setattr`` of a removed directory the kernel still holds (``nameless``): the
+        same steps on its removed upper directory (ESTALE for a lower one)."""
+        valid, nameless = sa.valid, self.fs.nameless
+        if valid & p.FATTR_SIZE:
+            raise OSError(errno.EISDIR, "is a directory")
+        if valid & p.FATTR_MODE:
+            nameless.chmod(gone, sa.mode)
+        ids = _chown_ids(sa)
+        if ids is not None:
+            nameless.chown(gone, *ids)
+        if valid & (p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW):
+            nameless.utimens(gone, (_time(valid, p.FATTR_ATIME, p.FATTR_ATIME_NOW, sa.atime_ns),
+                                    _time(valid, p.FATTR_MTIME, p.FATTR_MTIME_NOW, sa.mtime_ns)))
+        return AttrReply(file_attr(nameless.attr(gone)), self._node_attr_timeout(nodeid))
 
     def _setattr_steps(self, req: Request, nodeid: int, rel: str | None, sa: SetAttr,
                        inode: OverlayInode | None) -> AttrReply:
@@ -564,7 +605,10 @@ class OverlayOps(Operations):
         self._read_at(nodeid, lambda rel: self.fs.access(rel, mask))
 
     def getxattr(self, req: Request, nodeid: int, name: str) -> bytes:
-        return self._read_at(nodeid, lambda rel: self._getxattr(nodeid, rel, name))
+        try:
+            return self._read_at(nodeid, lambda rel: self._getxattr(nodeid, rel, name))
+        except NoNameLeft as e:
+            return self.fs.nameless.getxattr(self._gone(nodeid, e), name)
 
     def _getxattr(self, nodeid: int, rel: str, name: str) -> bytes:
         if name == CAPABILITY_XATTR and not self.fs.config.noxattrs:
@@ -582,7 +626,10 @@ class OverlayOps(Operations):
         return self.fs.getxattr(rel, name)
 
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
-        return self._read_at(nodeid, self.fs.listxattr)
+        try:
+            return self._read_at(nodeid, self.fs.listxattr)
+        except NoNameLeft as e:
+            return self.fs.nameless.listxattr(self._gone(nodeid, e))
 
     @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
@@ -591,11 +638,18 @@ class OverlayOps(Operations):
             self.fs.setxattr(rel, name, value, flags)
             if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
                 self.fs.attrs.kill_sgid(rel)
-        self._at_node(nodeid, act)
+        try:
+            self._at_node(nodeid, act)
+        except NoNameLeft as e:
+            self.fs.nameless.setxattr(self._gone(nodeid, e), name, value, flags,
+                                      kill_sgid=bool(setxattr_flags & p.SETXATTR_ACL_KILL_SGID))
 
     @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
-        self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
+        try:
+            self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
+        except NoNameLeft as e:
+            self.fs.nameless.removexattr(self._gone(nodeid, e), name)
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
@@ -656,14 +710,15 @@ class OverlayOps(Operations):
                 keep_key=self._keeps_key(replaced), gone=self._gone_dir(replaced)))
         self._at_paths(change)
 
-    def _gone_dir(self, node: Node | None) -> Attr | None:
+    def _gone_dir(self, node: Node | None) -> GoneDir | None:
         """What the node of a directory a removal (or a rename over it) just took away
-        answers to GETATTR while the kernel holds it (an open fd's ``fstat``: the kernel
-        opens directories itself, so no handle here keeps it): its attributes as the
-        removal found them, with no links, as a plain directory's and the kernel overlay's
-        (hunt8d). Changes of it (``fchmod``) answer ENOENT: no name, no handle. A directory
-        with a lower part keeps its link count: the kernel overlay's answer comes from the
-        lower directory (still there under the whiteout), or is a merged directory's."""
+        keeps while the kernel holds it (the kernel opens directories itself, so no handle
+        here keeps it; ``nameless``): its attributes as the removal found them, with no
+        links, as a plain directory's and the kernel overlay's (hunt8d), and the fd of its
+        top directory, through which its changes go (an upper one's) and its xattrs are
+        read. A directory with a lower part keeps its link count: the kernel overlay's
+        answer comes from the lower directory (still there under the whiteout), or is a
+        merged directory's."""
         if node is None or not node.exists or not node.is_dir:
             return None
         try:
@@ -671,7 +726,7 @@ class OverlayOps(Operations):
         except OSError:
             return None
         upper_only = len(node.entries) == 1 and node.upper is not None
-        return attr._replace(nlink=0) if upper_only else attr
+        return self.fs.nameless.keep(node, attr._replace(nlink=0) if upper_only else attr)
 
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:

@@ -10,6 +10,7 @@ cache, is never handed out for its plain path.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,50 @@ def test_a_redirected_entry_is_not_held_for_its_plain_path(tmp_path):
         assert lookup.held_dir(lower, "new") is None
     finally:
         stack.close()
+
+
+def _deep_tree(top: Path, depth: int) -> None:
+    """``top``/d/d/... ``depth`` directories deep (deeper than PATH_MAX and Python's
+    recursion limit), made through dir fds; every 500th level also holds a file, a
+    symlink and an empty directory."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for level in range(depth):
+            if level % 500 == 0:
+                os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+                os.symlink("/", "ln", dir_fd=fd)
+                os.mkdir("empty", dir_fd=fd)
+            os.mkdir("d", dir_fd=fd)
+            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    finally:
+        os.close(fd)
+
+
+def test_remove_tree_of_a_deep_tree_holds_few_fds_and_stays_in_the_layer(tmp_path, upper):
+    """``do_remove_tree`` of a tree 3,000 levels deep (a copied tree a killed daemon left in
+    workdir/work): removed without recursion (before: RecursionError), holding a bounded
+    number of fds whatever the depth, and a symlink inside (to a directory outside the
+    layer) is removed, never followed."""
+    from overlaypc import faults
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"k")
+    top = tmp_path / "upper" / "deep"
+    top.mkdir()
+    _deep_tree(top, 3000)
+    os.symlink(outside, top / "out")
+    counts: list[int] = []
+    faults.install("layer.rmdir", lambda point, *args: counts.append(len(os.listdir("/proc/self/fd"))))
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        upper.do_remove_tree("deep")
+    finally:
+        faults.configure(None)
+        # (a tree left behind would fail pytest's own clean-up of old base directories)
+        subprocess.run(["rm", "-rf", str(top)], check=True)
+    assert not top.exists() and os.listdir(tmp_path / "upper") == ["d"]
+    assert (outside / "keep").read_bytes() == b"k"
+    assert len(counts) == 3000 + 6 + 1  # every directory: the chain, the empties, the top
+    assert max(counts) - before <= layer_mod.REMOVAL_FDS + 2

@@ -15,6 +15,7 @@ import pytest
 from overlaypc.engine import protocol as p
 from overlaypc.engine.ops import ConnInfo
 from overlaypc.listings import Snapshot, Snapshots, split_cookie
+from overlaypc.readdir import DirEntry
 from overlaypc.nodes import ROOT_ID
 
 from test_nodes_unit import REQ, look, make_ops
@@ -118,3 +119,49 @@ def test_snapshots_are_bounded_and_dropped_at_their_end():
     assert snaps.get(ids[3], 3) is None and snaps.get(ids[2], 2) is made[2]   # the least recent went
     snaps.done(ids[2])
     assert snaps.get(ids[2], 2) is None
+
+
+def _entries(n: int) -> list:
+    return [DirEntry(f"n{i}", 0o100644, i) for i in range(n)]
+
+
+def test_snapshots_are_bounded_by_their_entries_in_all():
+    """Past ``max_entries`` in all, the least recently used others go; the one just kept
+    stays, however large (its lister needs it for its next chunk)."""
+    snaps = Snapshots(limit=10, max_entries=100)
+    a, b = snaps.add(Snapshot(1, 0, _entries(40), (1, 1))), snaps.add(Snapshot(2, 0, _entries(40), (2, 2)))
+    assert snaps.get(a, 1) is not None and snaps.entries == 80  # a used: b the least recent
+    c = snaps.add(Snapshot(3, 0, _entries(40), (3, 3)))
+    assert (snaps.get(b, 2), len(snaps), snaps.entries) == (None, 2, 80)
+    big = snaps.add(Snapshot(4, 0, _entries(500), (4, 4)))
+    assert snaps.get(a, 1) is None and snaps.get(c, 3) is None
+    assert (snaps.get(big, 4).nodeid, snaps.entries) == (4, 500)
+    snaps.done(big)
+    assert (len(snaps), snaps.entries) == (0, 0)
+
+
+def test_open_handles_listings_are_bounded_by_their_entries_in_all(tree, monkeypatch):
+    """OPENDIR handles (a kernel without NO_OPENDIR_SUPPORT) keep the listing read at
+    offset 0 for their later chunks: past ``listings.MAX_ENTRIES`` in all, the least
+    recently used other handles' listings go (before: one per open handle, however many
+    and however large), and such a handle's next chunk reads the directory again."""
+    from overlaypc import listings
+    monkeypatch.setattr(listings, "MAX_ENTRIES", 15, raising=False)
+    ops, close = make_ops(tree)
+
+    def kept() -> list[int]:  # the lengths of the listings the handles keep
+        return [len(h.listing) for h in ops.fs._dir_handles.values() if h.listing is not None]
+    try:
+        ops.init(ConnInfo(7, 45, 0))
+        d = look(ops, "d")
+        fhs = [ops.opendir(REQ, d).fh for _ in range(3)]
+        firsts = [list(ops.readdir(REQ, d, fh, 0))[:4] for fh in fhs]
+        assert kept() == [10]                                # the last one read
+        rest = list(ops.readdir(REQ, d, fhs[0], firsts[0][-1].offset))
+        assert sorted(_names(firsts[0] + rest)[2:]) == FILES
+        assert kept() == [10]
+        for fh in fhs:
+            ops.releasedir(REQ, d, fh)
+        assert kept() == [] and ops.fs._listed_entries == 0
+    finally:
+        close()

@@ -10,18 +10,29 @@ mode, st_nlink 0). A directory from a lower layer answers as the kernel overlay'
 (differential; review10): the kernel's answer comes from the lower directory, still there,
 so the link count stays as it was (a merged directory's live count differs already, 2 here
 against the kernel's 1: the test compares whether it stays). Before that fix: st_nlink 0.
+
+Changes of such a directory through its fd (``fchmod``, ``fchown``, ``futimens``, xattrs)
+come by node too. One with an upper part (upper-only, or merged) is changed as the kernel
+overlay changes it: its removed upper directory, held by the node until FORGET (review11;
+before: ENOENT). A lower-only one answers ESTALE (the kernel copies it up into its workdir,
+a leftover): nothing is copied up, the directory that took the name is never touched.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 
 import pytest
 
+from helpers import Dir
 
-def _taken_away(mnt, name: str, how: str):
-    """Open directory ``name`` of the mount, take its name away (``how``): (stat before,
-    fstat after, listing after)."""
+
+@contextlib.contextmanager
+def _open_taken_away(mnt, name: str, how: str):
+    """Open directory ``name`` of the mount and take its name away (``how``: ``rmdir``,
+    then a new directory takes the name, or ``rename_over``): yields (stat before, fd)."""
     before = os.stat(mnt / name)
     fd = os.open(mnt / name, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -30,9 +41,42 @@ def _taken_away(mnt, name: str, how: str):
         else:
             os.mkdir(mnt / "other")
             os.rename(mnt / "other", mnt / name)
-        return before, os.fstat(fd), os.listdir(fd)
+        yield before, fd
     finally:
         os.close(fd)
+
+
+def _taken_away(mnt, name: str, how: str):
+    """Open directory ``name`` of the mount, take its name away (``how``): (stat before,
+    fstat after, listing after)."""
+    with _open_taken_away(mnt, name, how) as (before, fd):
+        return before, os.fstat(fd), os.listdir(fd)
+
+
+def _answer(call):
+    try:
+        result = call()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    return "ok" if result is None else result
+
+
+def _changed_through(fd: int) -> list:
+    """Each change of the directory open as ``fd`` and what ``fstat``/xattrs show after."""
+    out = []
+    for what, call in [("chmod", lambda: os.chmod(fd, 0o705)),
+                       ("chown", lambda: os.chown(fd, 1234, 4321)),
+                       ("utime", lambda: os.utime(fd, ns=(10**9, 2 * 10**9))),
+                       ("setxattr", lambda: os.setxattr(fd, "user.x", b"1")),
+                       ("getxattr", lambda: os.getxattr(fd, "user.x")),
+                       ("listxattr", lambda: sorted(os.listxattr(fd))),
+                       ("removexattr", lambda: os.removexattr(fd, "user.x")),
+                       ("listxattr", lambda: sorted(os.listxattr(fd)))]:
+        answer = _answer(call)
+        st = os.fstat(fd)
+        out.append((what, answer, stat.filemode(st.st_mode), st.st_uid, st.st_gid,
+                    "set" if st.st_mtime_ns == 2 * 10**9 else "not set"))
+    return out
 
 
 @pytest.mark.parametrize("how", ["rmdir", "rename_over"])
@@ -72,3 +116,109 @@ def test_fstat_of_an_open_lower_directory_with_no_name_left(overlay_mount, kerne
                         "nlink_kept": after.st_nlink == before.st_nlink,
                         "same_ino": after.st_ino == before.st_ino, "listing": listing})
     assert answers[1] == answers[0]
+
+
+def _new_owner(mnt, name: str) -> tuple:
+    st = os.stat(mnt / name)
+    return stat.filemode(st.st_mode), st.st_uid, st.st_gid, sorted(os.listxattr(mnt / name))
+
+
+@pytest.mark.parametrize("which", ["upper", "merged"])
+@pytest.mark.parametrize("how", ["rmdir", "rename_over"])
+def test_changes_of_an_open_directory_with_no_name_left(overlay_mount, kernel_mount,
+                                                        layers_factory, how, which):
+    """``d`` (``upper``: made through the mount; ``merged``: a lower directory whose one
+    file was unlinked) changed through an fd after its name went: as the kernel overlay,
+    which changes its removed upper directory; the directory that took the name is not
+    touched."""
+    answers = []
+    for kind in ("kernel", "overlaypc"):
+        layers = layers_factory({"lower": {"d/f": "x\n"} if which == "merged" else {"l": "l\n"}})
+        upper = layers_factory.empty_dir(f"upper-{kind}")
+        work = layers_factory.empty_dir(f"work-{kind}")
+        if kind == "kernel":
+            mnt = kernel_mount([layers["lower"]], upper, work)
+        else:
+            mnt = overlay_mount(f"lowerdir={layers['lower']},upperdir={upper},workdir={work}").path
+        if which == "merged":
+            os.unlink(mnt / "d" / "f")
+        else:
+            os.mkdir(mnt / "d")
+        with _open_taken_away(mnt, "d", how) as (_, fd):
+            if how == "rmdir":
+                os.mkdir(mnt / "d")
+            owner = _new_owner(mnt, "d")
+            changes = _changed_through(fd)
+            answers.append({"changes": changes, "new owner kept": _new_owner(mnt, "d") == owner})
+    assert answers[1] == answers[0]
+    assert answers[1]["changes"][0][1:3] == ("ok", "drwx---r-x")
+
+
+@pytest.mark.parametrize("how", ["rmdir", "rename_over"])
+def test_changes_of_an_open_lower_directory_with_no_name_left(overlay_mount, layers_factory,
+                                                              how):
+    """A lower-only directory whose name went: reads of its xattrs answer from the lower
+    directory, changes answer ESTALE; nothing is copied up, the upper and the directory
+    that took the name are left as they were."""
+    layers = layers_factory({"lower": {"low": Dir(xattrs={"user.low": b"1"})}})
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    mnt = overlay_mount(f"lowerdir={layers['lower']},upperdir={upper},workdir={work}").path
+    with _open_taken_away(mnt, "low", how) as (before, fd):
+        if how == "rmdir":
+            os.mkdir(mnt / "low")
+        owner = _new_owner(mnt, "low")
+        upper_before = sorted(os.listdir(upper))
+        assert _answer(lambda: os.getxattr(fd, "user.low")) == b"1"
+        assert _answer(lambda: os.listxattr(fd)) == ["user.low"]
+        changes = _changed_through(fd)
+        kept = (stat.filemode(before.st_mode), before.st_uid, before.st_gid, "not set")
+        assert changes == [
+            ("chmod", "ESTALE", *kept), ("chown", "ESTALE", *kept), ("utime", "ESTALE", *kept),
+            ("setxattr", "ESTALE", *kept), ("getxattr", "ENODATA", *kept),
+            ("listxattr", ["user.low"], *kept), ("removexattr", "ESTALE", *kept),
+            ("listxattr", ["user.low"], *kept)]
+        assert _new_owner(mnt, "low") == owner
+        assert sorted(os.listdir(upper)) == upper_before
+        assert os.listdir(upper / "low") == []
+        assert os.listdir(work / "work") == []
+
+
+def _fds_to(path: str) -> int:
+    """How many of this process's fds are open on ``path`` (unlinked)."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found += os.readlink(f"/proc/self/fd/{fd}") == f"{path} (deleted)"
+    return found
+
+
+def test_a_removed_directory_holds_one_fd_until_forget_none_past_the_bound(tmp_path):
+    """The removed upper directory's fd is held from the RMDIR to the node's FORGET and
+    counts with the open files' fds; a removal while those hold their share keeps none:
+    GETATTR answers the removal's attributes, a change ESTALE."""
+    from core_driver import CoreDriver
+    drv = CoreDriver.in_dir(tmp_path)
+    try:
+        root = drv.root()
+        d = drv.mkdir(root, "d", 0o755)
+        open_fds = drv.fs.open_fds()
+        drv.rmdir(root, "d")
+        assert (drv.fs.nameless.fds, drv.fs.open_fds()) == (1, open_fds + 1)
+        assert _fds_to(f"{tmp_path}/upper/d") == 1
+        assert stat.S_IMODE(drv.setattr(d, mode=0o700).mode) == 0o700
+        assert stat.S_IMODE(drv.getattr(d).mode) == 0o700
+        drv.settle()  # the kernel's FORGET
+        assert (drv.fs.nameless.fds, _fds_to(f"{tmp_path}/upper/d")) == (0, 0)
+
+        e = drv.mkdir(root, "e", 0o751)
+        drv.fs.open_file_fds = drv.fs.open_fds()  # open files hold their whole share
+        drv.rmdir(root, "e")
+        assert (drv.fs.nameless.fds, _fds_to(f"{tmp_path}/upper/e")) == (0, 0)
+        assert (stat.S_IMODE(drv.getattr(e).mode), drv.getattr(e).nlink) == (0o751, 0)
+        with pytest.raises(OSError) as raised:
+            drv.setattr(e, mode=0o700)
+        assert raised.value.errno == errno.ESTALE
+        drv.settle()
+    finally:
+        drv.close()

@@ -13,6 +13,7 @@ import errno
 import itertools
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,37 @@ def test_kill9_after_completed_copyup_and_fsync_keeps_new_data(tmpfs_factory, ov
     assert work_leftovers(work) == []
     m2.unmount()
     assert helpers.dir_state(lower) == lower_state
+
+
+def test_kill9_leaves_a_deep_tree_in_the_workdir_the_next_mount_removes(tmp_path, overlay_mount):
+    """A tree 3,000 directories deep in workdir/work when the daemon is killed (deeper than
+    Python's recursion limit): the next mount's clean-up removes it and leaves work/ empty.
+    Before: the clean-up recursed per level (RecursionError) and the mount failed."""
+    lower, upper, work = _stack(tmp_path / "s", {"keep.txt": b"keep\n"})
+    opts = stack_options([lower], upper, work)
+    m = overlay_mount(opts)
+    fd = os.open(work / "work", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.mkdir("#left", dir_fd=fd)
+        for level in range(3000):
+            below = os.open("#left" if level == 0 else "d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+            os.mkdir("d", dir_fd=fd)
+            if level % 1000 == 0:
+                os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    kill_daemon(m)
+    try:
+        m2 = overlay_mount(opts)
+        assert work_leftovers(work) == []
+        assert _read(m2 / "keep.txt") == b"keep\n"
+        m2.unmount()
+        assert m2.returncode == 0
+    finally:
+        # (a tree left behind would fail pytest's own clean-up of old base directories)
+        subprocess.run(["rm", "-rf", str(work / "work" / "#left")], check=True)
 
 
 CREATIONS = {  # what a non-root user makes in d/, as a child that blocks on the mount
