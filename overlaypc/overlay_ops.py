@@ -228,15 +228,23 @@ class OverlayOps(Operations):
                 try:
                     node, attr = fs.lookup_attr(rel)
                 except OSError as e:
-                    if e.errno != errno.ENOENT:
+                    # (ENOTDIR: a stale path whose component is no directory now, as a
+                    # whiteout left at the old place of a moved directory, a file made there)
+                    if e.errno not in (errno.ENOENT, errno.ENOTDIR):
                         raise
                     if moves is None:
-                        return None
+                        if e.errno == errno.ENOENT:
+                            return None
+                        raise
                     # a rename of a directory above moves it on disk and in the table
                     # under one lock hold: under it, an unchanged count says the path was
                     # right when the lookup read the layers
                     with fs.ns_lock:
-                        return None if self._paths.moves == moves else _MOVED
+                        if self._paths.moves != moves:
+                            return _MOVED
+                    if e.errno == errno.ENOENT:
+                        return None
+                    raise
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
