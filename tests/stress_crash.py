@@ -393,13 +393,14 @@ def copy_view(src: Path, dst: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 def partly_written(op: tuple, a_dir: Path, a_view: dict, mine: dict) -> bool:
-    """Whether ``mine`` is state A with a leading part of the ``pwrite`` in flight applied:
+    """Whether ``mine`` is state A with a leading part of the ``pwrite`` (or ``write``) in
+    flight applied:
     the kernel splits a write into several WRITE requests (at page boundaries through the
     page cache, at max_write in direct I/O), and a kill between them leaves the first ones
     done. Only the written file (all its names) may differ, in its content alone; the part
     ends at a page boundary. (Linux's pwrite on an O_APPEND fd writes at the end: both
     starts are tried.)"""
-    if op[0] != "pwrite":
+    if op[0] not in ("pwrite", "write"):  # (``write``: at its seek, or at the end under O_APPEND)
         return False
     differ = [k for k in set(a_view) | set(mine) if a_view.get(k) != mine.get(k)]
     if not differ or any(k not in a_view or k not in mine for k in differ):
