@@ -50,8 +50,10 @@ PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 # --------------------------------------------------------------------------------------
 
 def _read(path: str) -> str:
+    # (surrogateescape: another mount's path in /proc/self/mountinfo may be no UTF-8, and
+    # decodes as os.fsdecode decodes paths)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except OSError:
         return ""
