@@ -950,7 +950,8 @@ def main():
         except AssertionError as e:
             problems.append(f"kernel index=on mount: {e}")
     print(f"options={options!r} seed={seed}: {len(problems)} problems; results "
-          + ", ".join(f"{k}:{v[0]}" for k, v in results.items()))
+          + ", ".join(f"{k}:{v[0]}" + (f"({v[1]})" if isinstance(v[1], int) else "")
+                      for k, v in results.items()))
     for p in problems:
         print("PROBLEM:", p[:6000])
     return 1 if problems else 0
