@@ -619,6 +619,9 @@ class OverlayOps(Operations):
 
     def _made(self, parent: int, name: bytes) -> Entry:
         """The entry of what a change just made as ``name`` in ``parent``."""
+        if faults.armed:
+            faults.hit("ops.created", os.fsdecode(name))
+            faults.hit("ops.made", os.fsdecode(name))
         entry = self._take_current(parent, name)
         if entry is None:
             raise OSError(errno.ENOENT, "vanished after it was made", os.fsdecode(name))
@@ -727,6 +730,7 @@ class OverlayOps(Operations):
         rel, decoded, epoch, moves, (result, node) = self._at_paths(change)
         if faults.armed:
             faults.hit("ops.created", rel)  # test-only (faults.py)
+            faults.hit("ops.made", rel)
         try:
             # (``rel`` is stale once a directory above moved: then looked up afresh)
             entry = self._take(parent, decoded, rel, (epoch, node), moves)
