@@ -624,7 +624,7 @@ class OverlayOps(Operations):
         ``rel``), with one reference taken: in the namespace lock hold that made it, where
         no copy-up rekeys and no rename or removal lands (no table epoch nor count of moves
         to check). Built from the node the creation holds (its stat read after every
-        change; a new object has no origin, nor other links): no lookup. Every call that
+        change; MKDIR, MKNOD, SYMLINK and CREATE look nothing up). Every call that
         can fail comes before the reference: a failure here undoes the creation
         (``Namespace._named``), which then must leave nothing in the table. A rename of
         the new name after the hold is the table's to follow, as any rename."""
