@@ -202,19 +202,35 @@ class Files:
                 return None
         return inode, fd, generation
 
-    def create(self, rel: str, flags: int, mode: int, caller: Caller) -> tuple[OpenResult, Node]:
-        """A new regular file, opened; and its node as made (``Namespace.create``)."""
+    def create(self, rel: str, flags: int, mode: int, caller: Caller,
+               then: "Callable[[OpenResult, Node], T] | None" = None
+               ) -> "tuple[OpenResult, Node, T | None]":
+        """A new regular file, opened; its node as made (``Namespace.create``), and
+        ``then(the open, the node)``. The handle and ``then`` are made in the creation's
+        lock hold: if either fails, the file goes again (nothing made, nothing open)."""
         fs = self.fs
         fs.room_for_open(rel)
-        fd, node = fs.namespace.create(rel, flags, mode, caller)
-        try:
-            key = fs.identity(node)
-            inode = fs.inodes.acquire(key, fs.inos.ino_of(node), node.top)
-        except BaseException:
-            os.close(fd)
-            raise
-        fs.inodes.forget_version(key)
-        return self._register(inode, flags, rel, fd, inode.generation), node
+
+        def opened(fd: int, node: Node):
+            try:
+                key = fs.identity(node)
+                inode = fs.inodes.acquire(key, fs.inos.ino_of(node), node.top)
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                fs.inodes.forget_version(key)
+                result = self._register(inode, flags, rel, fd, inode.generation)
+            except BaseException:
+                os.close(fd)
+                fs.inodes.release(inode)
+                raise
+            try:
+                return result, node, None if then is None else then(result, node)
+            except BaseException:
+                fs.release(result.fh)  # (closes the fd)
+                raise
+        return fs.namespace.create(rel, flags, mode, caller, opened)
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
