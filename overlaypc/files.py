@@ -204,7 +204,35 @@ class Files:
             os.close(fd)
             raise
         fs.inodes.forget_version(key)
+        self._note_clean(inode, fd)
         return self._register(inode, flags, rel, fd, inode.generation), node
+
+    def _note_clean(self, inode: OverlayInode, fd: int) -> None:
+        """The file CREATE just made (``fd``): known clean (``kill_privs``) when it has no
+        setuid/setgid bit and no capability, so the kernel's capability questions before its
+        writes and chown (untar: two per file) and that chown's kill cost no call. As in
+        ``_kill``, the epoch is read before the file: a chmod or setxattr landing meanwhile
+        (the name can be looked up once made) is either seen or voids the mark; the inode is
+        registered already, so such a change bumps its epoch. Not under an ownership mapping
+        or override (the stored mode decides there: ``kill_fd``)."""
+        if self.fs.ownership.active or not inode.in_upper:
+            return
+        with inode.lock:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
+                return
+        try:
+            if os.fstat(fd).st_mode & killpriv.PRIVILEGED_BITS:
+                return
+            os.getxattr(fd, killpriv.CAPABILITY_XATTR)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                return  # (unknown: left to the first kill, as before)
+        else:
+            return  # a capability (set by another name meanwhile)
+        with inode.lock:
+            if inode.privs_epoch == epoch:
+                inode.privs_clean = epoch
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
@@ -399,7 +427,8 @@ class Files:
             ids = fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is stripped
         killed = False
         if writer is not None:
-            killed = self._kill(inode, lambda: fd, writer)
+            # (``st``, read above, is still the file's: nothing changed it since)
+            killed = self._kill(inode, lambda: fd, writer, st)
         if mode is not None:
             os.chmod(fd, stat.S_IMODE(mode))
             inode.privs_may_grow()
@@ -442,16 +471,17 @@ class Files:
         through one of its handles held against that handle's close."""
         return self._with_handle_fd(inode, lambda fd: self._kill(inode, lambda: fd, writer))
 
-    def _kill(self, inode: OverlayInode, fd_of: Callable[[], int], writer: killpriv.Writer) -> bool:
+    def _kill(self, inode: OverlayInode, fd_of: Callable[[], int], writer: killpriv.Writer,
+              st: os.stat_result | None = None) -> bool:
         """``kill_privs`` of ``inode`` through the fd ``fd_of()`` gives (asked only if the
-        file is not known clean)."""
+        file is not known clean); ``st``: that fd's ``fstat`` if the caller just read it."""
         if not inode.in_upper:  # (a write handle always is; a lower file is never changed)
             return False
         with inode.lock:
             epoch = inode.privs_epoch
             if inode.privs_clean == epoch:
                 return False
-        done = killpriv.kill_fd(self.fs.ownership, inode.layer, fd_of(), writer)
+        done = killpriv.kill_fd(self.fs.ownership, inode.layer, fd_of(), writer, st)
         if done.clean:
             with inode.lock:
                 if inode.privs_epoch == epoch:  # no chmod/setxattr came in between

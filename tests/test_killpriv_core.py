@@ -188,3 +188,64 @@ def test_a_handle_left_on_the_lower_file_does_not_answer_for_its_copy(tmp_path):
         drv.settle()
     finally:
         drv.close()
+
+
+def test_a_new_file_is_known_clean_until_a_chmod_or_setxattr(drv, tmp_path, kills, monkeypatch):
+    """A file CREATE made without a setuid/setgid bit or capability is known clean from
+    the start: the kernel's capability questions (through the handle) and a killing write
+    read nothing of the file; a setxattr or chmod through any name voids that."""
+    node, fh = drv.create(drv.root(), "new", os.O_WRONLY, 0o755)
+    upper = tmp_path / "upper" / "new"
+    reads: list[str] = []
+    real_getxattr = os.getxattr
+    monkeypatch.setattr(os, "getxattr", lambda *a, **k: reads.append(a[1]) or real_getxattr(*a, **k))
+    assert _capability(drv, node.nodeid) is None
+    _write(drv, fh, 3)
+    assert kills == [] and reads == []
+    monkeypatch.setattr(os, "getxattr", real_getxattr)
+
+    alias = drv.link(node, drv.root(), "alias")
+    drv.ops.setxattr(REQ, alias.nodeid, "security.capability", CAP, 0)
+    assert _capability(drv, node.nodeid) == CAP
+    _write(drv, fh, 1)
+    assert len(kills) == 1 and "security.capability" not in os.listxattr(upper)
+    drv.setattr(alias, mode=0o4755)
+    _write(drv, fh, 1)
+    assert len(kills) == 2 and stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
+    drv.release(fh)
+    drv.settle()
+
+
+def test_a_new_setuid_file_is_not_known_clean(drv, tmp_path, kills):
+    node, fh = drv.create(drv.root(), "suid", os.O_WRONLY, 0o4755)
+    upper = tmp_path / "upper" / "suid"
+    assert stat.S_IMODE(os.lstat(upper).st_mode) == 0o4755
+    _write(drv, fh, 1)
+    assert len(kills) == 1 and stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
+    drv.release(fh)
+    drv.settle()
+
+
+@pytest.mark.parametrize("bump", [False, True])
+def test_a_capability_set_while_a_file_is_created_is_seen(drv, tmp_path, kills, monkeypatch, bump):
+    """A capability that lands between the file's creation and the check that marks it
+    clean (before its inode was registered: nothing bumped; or after, with a bump) is
+    seen: the file is not marked clean, and a killing write strips it."""
+    upper = tmp_path / "upper" / "new"
+    real_acquire = drv.fs.inodes.acquire
+
+    def acquire(*args, **kwargs):
+        inode = real_acquire(*args, **kwargs)
+        os.setxattr(upper, "security.capability", CAP)
+        if bump:
+            inode.privs_may_grow()
+        return inode
+
+    monkeypatch.setattr(drv.fs.inodes, "acquire", acquire)
+    node, fh = drv.create(drv.root(), "new", os.O_WRONLY, 0o644)
+    monkeypatch.setattr(drv.fs.inodes, "acquire", real_acquire)
+    assert _capability(drv, node.nodeid) == CAP
+    _write(drv, fh, 1)
+    assert len(kills) == 1 and "security.capability" not in os.listxattr(upper)
+    drv.release(fh)
+    drv.settle()
