@@ -204,35 +204,7 @@ class Files:
             os.close(fd)
             raise
         fs.inodes.forget_version(key)
-        self._note_clean(inode, fd)
         return self._register(inode, flags, rel, fd, inode.generation), node
-
-    def _note_clean(self, inode: OverlayInode, fd: int) -> None:
-        """The file CREATE just made (``fd``): known clean (``kill_privs``) when it has no
-        setuid/setgid bit and no capability, so the kernel's capability questions before its
-        writes and chown (untar: two per file) and that chown's kill cost no call. As in
-        ``_kill``, the epoch is read before the file: a chmod or setxattr landing meanwhile
-        (the name can be looked up once made) is either seen or voids the mark; the inode is
-        registered already, so such a change bumps its epoch. Not under an ownership mapping
-        or override (the stored mode decides there: ``kill_fd``)."""
-        if self.fs.ownership.active or not inode.in_upper:
-            return
-        with inode.lock:
-            epoch = inode.privs_epoch
-            if inode.privs_clean == epoch:
-                return
-        try:
-            if os.fstat(fd).st_mode & killpriv.PRIVILEGED_BITS:
-                return
-            os.getxattr(fd, killpriv.CAPABILITY_XATTR)
-        except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
-                return  # (unknown: left to the first kill, as before)
-        else:
-            return  # a capability (set by another name meanwhile)
-        with inode.lock:
-            if inode.privs_epoch == epoch:
-                inode.privs_clean = epoch
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
@@ -392,9 +364,28 @@ class Files:
         if not inode.in_upper:
             return None
         with inode.lock:
-            if inode.privs_clean == inode.privs_epoch:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
                 raise OSError(errno.ENODATA, "no such attribute", killpriv.CAPABILITY_XATTR)
-        return handle.with_fd(_get_capability)
+        return handle.with_fd(lambda fd: self._capability_fd(inode, fd, epoch))
+
+    def _capability_fd(self, inode: OverlayInode, fd: int, epoch: int) -> bytes:
+        """``capability`` read through ``fd``; when absent and the file has no setuid/setgid
+        bit either, the file is known clean (``kill_privs``) from then on, so the next
+        question (untar: the kernel asks before the write and again before the chown) and
+        a killing write or chown read nothing. ``epoch``: ``privs_epoch`` read before the
+        file, as in ``_kill``: a chmod or setxattr meanwhile voids the mark (the handle is
+        open, so its inode is the one they bump). Not under an ownership mapping or
+        override, where the stored mode decides (``killpriv.kill_fd``)."""
+        try:
+            return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
+        except OSError as e:
+            if e.errno == errno.ENODATA and not self.fs.ownership.active \
+                    and not os.fstat(fd).st_mode & killpriv.PRIVILEGED_BITS:
+                with inode.lock:
+                    if inode.privs_epoch == epoch:
+                        inode.privs_clean = epoch
+            raise
 
     def setattr_open(self, fh: int, *, mode: int | None, ids: tuple[int, int] | None,
                      times: tuple[int, int] | None,
@@ -703,10 +694,6 @@ class Files:
         handle = self.fs.handles.pop(fh)
         handle.close()
         self.fs.inodes.release(handle.inode)
-
-
-def _get_capability(fd: int) -> bytes:
-    return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
 
 
 def _reopened(fd: int, flags: int, action, layer) -> None:
