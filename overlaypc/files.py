@@ -418,8 +418,7 @@ class Files:
             ids = fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is stripped
         killed = False
         if writer is not None:
-            # (``st``, read above, is still the file's: nothing changed it since)
-            killed = self._kill(inode, lambda: fd, writer, st)
+            killed = self._kill(inode, lambda: fd, writer)
         if mode is not None:
             os.chmod(fd, stat.S_IMODE(mode))
             inode.privs_may_grow()
@@ -462,17 +461,16 @@ class Files:
         through one of its handles held against that handle's close."""
         return self._with_handle_fd(inode, lambda fd: self._kill(inode, lambda: fd, writer))
 
-    def _kill(self, inode: OverlayInode, fd_of: Callable[[], int], writer: killpriv.Writer,
-              st: os.stat_result | None = None) -> bool:
+    def _kill(self, inode: OverlayInode, fd_of: Callable[[], int], writer: killpriv.Writer) -> bool:
         """``kill_privs`` of ``inode`` through the fd ``fd_of()`` gives (asked only if the
-        file is not known clean); ``st``: that fd's ``fstat`` if the caller just read it."""
+        file is not known clean)."""
         if not inode.in_upper:  # (a write handle always is; a lower file is never changed)
             return False
         with inode.lock:
             epoch = inode.privs_epoch
             if inode.privs_clean == epoch:
                 return False
-        done = killpriv.kill_fd(self.fs.ownership, inode.layer, fd_of(), writer, st)
+        done = killpriv.kill_fd(self.fs.ownership, inode.layer, fd_of(), writer)
         if done.clean:
             with inode.lock:
                 if inode.privs_epoch == epoch:  # no chmod/setxattr came in between

@@ -103,13 +103,9 @@ class Killed:
     clean: bool
 
 
-def kill_fd(ownership: "Ownership", layer: "Layer", fd: int, writer: Writer,
-            st: os.stat_result | None = None) -> Killed:
-    """Strip from the open regular file ``fd`` of ``layer`` what ``writer``'s write strips.
-    ``st``: ``fd``'s ``fstat``, when the caller just read it in the same request (read here
-    otherwise)."""
-    if st is None:
-        st = os.fstat(fd)
+def kill_fd(ownership: "Ownership", layer: "Layer", fd: int, writer: Writer) -> Killed:
+    """Strip from the open regular file ``fd`` of ``layer`` what ``writer``'s write strips."""
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         return Killed(False, True)
     stored = ownership.stored_fd(layer, st, fd)
