@@ -390,9 +390,28 @@ class Files:
         if not inode.in_upper:
             return None
         with inode.lock:
-            if inode.privs_clean == inode.privs_epoch:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
                 raise OSError(errno.ENODATA, "no such attribute", killpriv.CAPABILITY_XATTR)
-        return handle.with_fd(_get_capability)
+        return handle.with_fd(lambda fd: self._capability_fd(inode, fd, epoch))
+
+    def _capability_fd(self, inode: OverlayInode, fd: int, epoch: int) -> bytes:
+        """``capability`` read through ``fd``; when absent and the file has no setuid/setgid
+        bit either, the file is known clean (``kill_privs``) from then on, so the next
+        question (untar: the kernel asks before the write and again before the chown) and
+        a killing write or chown read nothing. ``epoch``: ``privs_epoch`` read before the
+        file, as in ``_kill``: a chmod or setxattr meanwhile voids the mark (the handle is
+        open, so its inode is the one they bump). Not under an ownership mapping or
+        override, where the stored mode decides (``killpriv.kill_fd``)."""
+        try:
+            return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
+        except OSError as e:
+            if e.errno == errno.ENODATA and not self.fs.ownership.active \
+                    and not os.fstat(fd).st_mode & killpriv.PRIVILEGED_BITS:
+                with inode.lock:
+                    if inode.privs_epoch == epoch:
+                        inode.privs_clean = epoch
+            raise
 
     def setattr_open(self, fh: int, *, mode: int | None, ids: tuple[int, int] | None,
                      times: tuple[int, int] | None,
@@ -699,10 +718,6 @@ class Files:
         handle = self.fs.handles.pop(fh)
         handle.close()
         self.fs.inodes.release(handle.inode)
-
-
-def _get_capability(fd: int) -> bytes:
-    return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
 
 
 def _reopened(fd: int, flags: int, action, layer) -> None:
