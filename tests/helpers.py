@@ -50,8 +50,8 @@ PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 # --------------------------------------------------------------------------------------
 
 def _read(path: str) -> str:
-    try:
-        with open(path) as f:
+    try:  # (mountinfo may list paths that are not UTF-8)
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except OSError:
         return ""
