@@ -112,6 +112,7 @@ def mount_options(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> list[
     """The per-mount options (field 6 of mountinfo) of mount ``mnt_id``; None when this
     process's mount namespace does not list it."""
     try:
+        # (paths there are bytes: one mount at a name that is not UTF-8 must not hide the rest)
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split(" ", 6)
