@@ -35,7 +35,7 @@ from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
 from .index import IndexDir
 from .inumbers import InodeNumbers
-from .layer import join, moved, split
+from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
 from .nameless import NamelessDirs
 from .namespace import ROOT, Caller, Namespace
@@ -46,6 +46,12 @@ from .records import record
 from .stack import LayerStack
 from .sharing import Canonical, ExtentMap, changing, map_file
 from .stats import Stats
+from .typing_lite import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 log = logs.get("overlaypc.core")
 
@@ -56,6 +62,19 @@ class DirHandle:
     at offset 0."""
     rel: str
     listing: list[DirEntry] | None = None
+
+
+@contextlib.contextmanager
+def _naming(layer: Layer) -> Iterator[None]:
+    """Errors of the layer's relative paths told with the layer's path (the CLI prints
+    them: 'workdir /w/work: Not a directory', not "[Errno 20] ...: 'work'")."""
+    try:
+        yield
+    except OSError as e:
+        if not isinstance(e.filename, str) or os.path.isabs(e.filename):
+            raise
+        where = os.path.join(layer.path, e.filename) if e.filename else layer.path
+        raise OSError(e.errno, f"{layer.name}dir {where}: {e.strerror}") from None
 
 
 class OverlayFS:
@@ -154,15 +173,16 @@ class OverlayFS:
         roots = indexroots.verify(self.stack, self.prefix) if self.index is not None else None
         if self.stack.work is not None:
             check_incompat(self.stack.work)
-            clean_workdir(self.stack.work)
-            # copy-ups and new objects are built in workdir/work: its fd, held, spares them
-            # the walk from the workdir's root (nothing replaces it while mounted)
-            work_dir = self.stack.work.dir_fd(WORK_DIR)
-            self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
-            if self.writable:
-                whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
-            if self.config.volatile:
-                mark_volatile(self.stack.work)
+            with _naming(self.stack.work):
+                clean_workdir(self.stack.work)
+                # copy-ups and new objects are built in workdir/work: its fd, held, spares
+                # them the walk from the workdir's root (nothing replaces it while mounted)
+                work_dir = self.stack.work.dir_fd(WORK_DIR)
+                self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
+                if self.writable:
+                    whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
+                if self.config.volatile:
+                    mark_volatile(self.stack.work)
         if self.index is not None:
             self.index.prepare()
         if roots is not None:
@@ -455,10 +475,13 @@ class OverlayFS:
     def create(self, rel: str, flags: int, mode: int, caller: Caller = ROOT) -> OpenResult:
         return self.files.create(rel, flags, mode, caller)[0]
 
-    def create_node(self, rel: str, flags: int, mode: int,
-                    caller: Caller = ROOT) -> tuple[OpenResult, Node]:
-        """``create``, and the new file's node as made (its stat read after the change)."""
-        return self.files.create(rel, flags, mode, caller)
+    def create_node(self, rel: str, flags: int, mode: int, caller: Caller = ROOT,
+                    then: "Callable[[OpenResult, Node], T] | None" = None
+                    ) -> "tuple[OpenResult, Node, T | None]":
+        """``create``, the new file's node as made (its stat read after the change), and
+        ``then(the open, the node)`` in the creation's lock hold (if it fails, the file
+        goes again: ``Files.create``)."""
+        return self.files.create(rel, flags, mode, caller, then)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         return self.files.read(fh, size, offset)
@@ -535,17 +558,22 @@ class OverlayFS:
     def removexattr(self, rel: str, name: str) -> None:
         self.attrs.removexattr(rel, name)
 
-    def mkdir(self, rel: str, mode: int, caller: Caller = ROOT) -> None:
-        self.namespace.mkdir(rel, mode, caller)
+    # a creation answers ``then(the new object's node)``, run in the lock hold that made
+    # it; if ``then`` fails, the object goes again (``Namespace._named``)
+    def mkdir(self, rel: str, mode: int, caller: Caller = ROOT,
+              then: "Callable[[Node], T] | None" = None) -> "T | None":
+        return self.namespace.mkdir(rel, mode, caller, then)
 
-    def mknod(self, rel: str, mode: int, device: int, caller: Caller = ROOT) -> None:
-        self.namespace.mknod(rel, mode, device, caller)
+    def mknod(self, rel: str, mode: int, device: int, caller: Caller = ROOT,
+              then: "Callable[[Node], T] | None" = None) -> "T | None":
+        return self.namespace.mknod(rel, mode, device, caller, then)
 
-    def symlink(self, target: str, rel: str, caller: Caller = ROOT) -> None:
-        self.namespace.symlink(target, rel, caller)
+    def symlink(self, target: str, rel: str, caller: Caller = ROOT,
+                then: "Callable[[Node], T] | None" = None) -> "T | None":
+        return self.namespace.symlink(target, rel, caller, then)
 
-    def link(self, src: str, dst: str) -> None:
-        self.namespace.link(src, dst)
+    def link(self, src: str, dst: str, then: "Callable[[Node], T] | None" = None) -> "T | None":
+        return self.namespace.link(src, dst, then)
 
     def unlink(self, rel: str, then: Callable[[Node], None] | None = None) -> Node:
         """Remove ``rel``; return its node as it was just before (its link count).

@@ -16,11 +16,14 @@ its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there 
 kernel or filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper
 that refuses RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a
 renamed object's old name, in that case), ``index.adjust`` (the index's link count after
-link/unlink/rename), ``ops.lookup`` (a LOOKUP, or the lookup of what a change made, with
+link/unlink/rename), ``ops.lookup`` (a LOOKUP, with
 its merged path made, before the layers are read), ``ops.path`` (a request by nodeid:
 GETATTR, SETATTR, OPEN, OPENDIR, a listing without a handle, READLINK, ACCESS, the xattr
 requests, with the node's merged path made, before the layers are read or changed),
-``ops.created`` (a CREATE's file made, before its reply's entry is taken), ``ops.removed``
+``ops.made`` (a MKDIR, MKNOD, SYMLINK, LINK or CREATE with its object made and named, in
+its namespace lock hold, before its reply's entry is read: a failure there undoes the
+creation), ``ops.created`` (such a creation with its lock hold over and its entry taken,
+before its reply), ``ops.removed``
 (an UNLINK or RMDIR with its namespace lock hold over, before its reply), ``ops.keep_key``
 (the node-table update of an UNLINK or a rename over a non-directory, in its lock hold
 after the change on disk, before it reads whether the object has other links),

@@ -203,19 +203,35 @@ class Files:
                 return None
         return inode, fd, generation
 
-    def create(self, rel: str, flags: int, mode: int, caller: Caller) -> tuple[OpenResult, Node]:
-        """A new regular file, opened; and its node as made (``Namespace.create``)."""
+    def create(self, rel: str, flags: int, mode: int, caller: Caller,
+               then: "Callable[[OpenResult, Node], T] | None" = None
+               ) -> "tuple[OpenResult, Node, T | None]":
+        """A new regular file, opened; its node as made (``Namespace.create``), and
+        ``then(the open, the node)``. The handle and ``then`` are made in the creation's
+        lock hold: if either fails, the file goes again (nothing made, nothing open)."""
         fs = self.fs
         fs.room_for_open(rel)
-        fd, node = fs.namespace.create(rel, flags, mode, caller)
-        try:
-            key = fs.identity(node)
-            inode = fs.inodes.acquire(key, fs.inos.ino_of(node), node.top)
-        except BaseException:
-            os.close(fd)
-            raise
-        fs.inodes.forget_version(key)
-        return self._register(inode, flags, rel, fd, inode.generation), node
+
+        def opened(fd: int, node: Node):
+            try:
+                key = fs.identity(node)
+                inode = fs.inodes.acquire(key, fs.inos.ino_of(node), node.top)
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                fs.inodes.forget_version(key)
+                result = self._register(inode, flags, rel, fd, inode.generation)
+            except BaseException:
+                os.close(fd)
+                fs.inodes.release(inode)
+                raise
+            try:
+                return result, node, None if then is None else then(result, node)
+            except BaseException:
+                fs.release(result.fh)  # (closes the fd)
+                raise
+        return fs.namespace.create(rel, flags, mode, caller, opened)
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
@@ -375,9 +391,28 @@ class Files:
         if not inode.in_upper:
             return None
         with inode.lock:
-            if inode.privs_clean == inode.privs_epoch:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
                 raise OSError(errno.ENODATA, "no such attribute", killpriv.CAPABILITY_XATTR)
-        return handle.with_fd(_get_capability)
+        return handle.with_fd(lambda fd: self._capability_fd(inode, fd, epoch))
+
+    def _capability_fd(self, inode: OverlayInode, fd: int, epoch: int) -> bytes:
+        """``capability`` read through ``fd``; when absent and the file has no setuid/setgid
+        bit either, the file is known clean (``kill_privs``) from then on, so the next
+        question (untar: the kernel asks before the write and again before the chown) and
+        a killing write or chown read nothing. ``epoch``: ``privs_epoch`` read before the
+        file, as in ``_kill``: a chmod or setxattr meanwhile voids the mark (the handle is
+        open, so its inode is the one they bump). Not under an ownership mapping or
+        override, where the stored mode decides (``killpriv.kill_fd``)."""
+        try:
+            return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
+        except OSError as e:
+            if e.errno == errno.ENODATA and not self.fs.ownership.active \
+                    and not os.fstat(fd).st_mode & killpriv.PRIVILEGED_BITS:
+                with inode.lock:
+                    if inode.privs_epoch == epoch:
+                        inode.privs_clean = epoch
+            raise
 
     def setattr_open(self, fh: int, *, mode: int | None, ids: tuple[int, int] | None,
                      times: tuple[int, int] | None,
@@ -739,10 +774,6 @@ class Files:
         handle = self.fs.handles.pop(fh)
         handle.close()
         self.fs.inodes.release(handle.inode)
-
-
-def _get_capability(fd: int) -> bytes:
-    return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
 
 
 def _reopened(fd: int, flags: int, action, layer) -> None:

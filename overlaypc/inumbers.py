@@ -93,6 +93,15 @@ class InodeNumbers:
                 self._cache.popitem(last=False)
         return value
 
+    def made(self, st: os.stat_result) -> None:
+        """The upper object of stat ``st`` was just made by the mount: it has no copy-up
+        origin. Kept so under that stat, its reply and the GETATTRs until its next change
+        read no xattrs for it."""
+        with self._lock:
+            self._cache[(st.st_dev, st.st_ino, st.st_ctime_ns)] = None
+            if len(self._cache) > self._limit:
+                self._cache.popitem(last=False)
+
     def carry(self, before: os.stat_result, after: os.stat_result) -> bool:
         """An upper object changed only in mode, owner or times (``before`` -> ``after``):
         its ``recorded`` answer, if kept under the old stat, is kept under the new one

@@ -18,7 +18,9 @@ directory alive:
   that took the name is never touched.
 
 Bound: the fds count as open files' (``OverlayFS.open_fds``), so they share that budget
-(``fdbudget``): a removal while open files hold their whole share keeps no fd, and then
+(``fdbudget``), and they are at most ``SHARE`` of it (held removed directories never take
+the fds open files need): a removal past that, or while open files hold their whole share,
+keeps no fd, and then
 the node answers GETATTR with the removal's attributes, xattr reads and changes with
 ESTALE. A fd is held from the removal until FORGET; for a directory nothing holds (``rm
 -rf``) the kernel sends that FORGET right after the RMDIR.
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 
     from .core import OverlayFS
     from .lookup import Node
+
+
+#: removed directories hold at most one in this many of the open files' fds
+SHARE = 4
 
 
 class GoneDir:
@@ -85,6 +91,8 @@ class NamelessDirs:
         if top.dirfd is None or fs.open_fds() >= fs.open_file_fds:
             return GoneDir(attr, None, None, upper, None)
         with self._lock:
+            if self.fds >= fs.open_file_fds // SHARE:
+                return GoneDir(attr, None, None, upper, None)
             self.fds += 1
         return GoneDir(attr, top.layer, top.dirfd, upper, self)
 

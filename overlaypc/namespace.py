@@ -48,7 +48,11 @@ from .records import record
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     from .core import OverlayFS
+
+    T = TypeVar("T")
 
 log = logs.get("overlaypc.namespace")
 
@@ -148,12 +152,12 @@ class Namespace:
             raise OSError(errno.EEXIST, "file exists", rel)
         self.fs.copyup.ensure_parent(rel)
 
-    def _place_new(self, rel: str, make, caller: Caller | None, mode: int, *,
-                   is_dir: bool = False) -> os.stat_result | None:
+    def _place_new(self, rel: str, make, caller: Caller | None, mode: int,
+                   then: "Callable[[os.stat_result | None], T]", *, is_dir: bool = False) -> "T":
         """Run ``make(layer, where, mode)`` to create the object at ``rel``, owned by
-        ``caller`` (None: keep the owner and mode, for hard links). Returns the object's
-        stat when the last step read it after every change (made in place, owner and
-        mode right as made), else None."""
+        ``caller`` (None: keep the owner and mode, for hard links); then ``then(its stat
+        when the last step read it after every change — made in place, owner and mode
+        right as made — else None)``, what the request answers (``_named``)."""
         upper, work = self.fs.stack.upper, self.fs.stack.work
         assert upper is not None and work is not None
         new = owner = None
@@ -177,7 +181,7 @@ class Namespace:
                 raise
             if node.upper_marker:
                 self._drop_marker(rel)
-            return made
+            return self._named(rel, made, node, then)
         tmp = self._tmp()
         try:
             make(work, tmp, mode)
@@ -200,7 +204,45 @@ class Namespace:
                 do_rename(work, tmp, upper, rel)
         finally:
             self._discard(tmp)  # the displaced whiteout, or a failed attempt
-        return None
+        return self._named(rel, None, node, then)
+
+    def _named(self, rel: str, made: os.stat_result | None, before: Node,
+               then: "Callable[[os.stat_result | None], T]") -> "T":
+        """``then(made)`` once the new object has its name ``rel`` (``before``: the lookup
+        of ``rel`` before it was made), in the creation's lock hold: what the request
+        answers (the object's node, the adapter's entry). If it fails, the object goes
+        again (``_unmake_new``) and the error is answered: a creation answers an error only
+        when nothing was made (a client that is told nothing was made retries, and got
+        EEXIST; the kernel's overlay removes an object it cannot set up, too)."""
+        try:
+            return then(made)
+        except BaseException:
+            self._unmake_new(rel, made, hides=before.upper_whiteout)
+            raise
+
+    def _unmake_new(self, rel: str, made: os.stat_result | None, *, hides: bool) -> None:
+        """Remove the object a creation just named ``rel`` after a failure that followed,
+        in the same namespace lock hold, only if ``rel`` still names it (``made``: its
+        stat, when read; else the lock hold is the check: every change through the mount
+        takes it). ``hides``: the name hid a lower object (a whiteout was there), so a
+        whiteout takes it back (``_remove``). A failure here is logged; the creation's own
+        error is raised."""
+        upper = self.fs.stack.upper
+        assert upper is not None
+        try:
+            st = self._lstat(upper, rel)
+            if st is None or made is not None and (st.st_dev, st.st_ino) != (made.st_dev, made.st_ino):
+                log.error("not removing %s/%s after a failed creation: it is not the object "
+                          "made", upper.path, rel)
+                return
+            node = Node(rel, (Entry(upper, rel, st),))
+            try:
+                self._remove(node, hides or self.lower_exists(rel))
+            finally:
+                if node.is_dir:
+                    self._done(rel)
+        except OSError as e:
+            log.error("cannot remove %s/%s after a failed creation: %s", upper.path, rel, e)
 
     def _owned_after(self, upper, owner: tuple[int, int, int] | None) -> bool:
         """Whether a new object's owner, special mode bits or override xattr would be set
@@ -315,6 +357,21 @@ class Namespace:
         for rel in dirs:
             self.fs.lookup.invalidate(rel)
 
+    def _made_node(self, rel: str, st: os.stat_result | None) -> Node:
+        """The merged node of the non-directory or directory just made at ``rel``, for the
+        reply (its attributes and identity), as a lookup under the same lock hold would
+        find it: the upper object alone (a new object hides whatever is below: made over a
+        whiteout, a directory is opaque), with ``st`` (read after every change made to it)
+        or one ``fstatat`` now. It has no copy-up origin (``InodeNumbers.made``)."""
+        upper = self.fs.stack.upper
+        assert upper is not None
+        if st is None:
+            st = self._lstat(upper, rel)
+            if st is None:
+                raise OSError(errno.ENOENT, "vanished while it was made", rel)
+        self.fs.inos.made(st)
+        return Node(rel, (Entry(upper, rel, st, None, upper.held_dir(split(rel)[0])),))
+
     def _created(self, rel: str, fd: int, st: os.stat_result | None = None) -> Node:
         """The merged node of the regular file just made at ``rel``, as a lookup under the
         same namespace lock hold would find it: the upper file alone (a new non-directory
@@ -332,8 +389,12 @@ class Namespace:
         return Node(rel, (Entry(upper, rel, st, None, upper.held_dir(split(rel)[0]), names),))
 
     # -- creation -----------------------------------------------------------------------------
-    def create(self, rel: str, flags: int, mode: int, caller: Caller) -> tuple[int, Node]:
-        """Create a regular file; return an fd on it opened with ``flags``, and its node."""
+    # Each creation answers ``then(its node)``, run in the lock hold that made the object,
+    # after every change; if ``then`` fails, the object goes again (``_named``).
+    def create(self, rel: str, flags: int, mode: int, caller: Caller,
+               then: "Callable[[int, Node], T]") -> "T":
+        """Create a regular file; answer ``then(an fd on it opened with flags, its node)``.
+        ``then`` owns the fd: it closes it if it fails."""
         self._prepare_new(rel)
         fds: list[int] = []
         access = flags & OPEN_FLAGS & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)  # (no O_APPEND)
@@ -341,40 +402,58 @@ class Namespace:
         def make(layer, where: str, mode: int) -> None:
             fds.append(layer.do_create(where, access | os.O_EXCL, stat.S_IMODE(mode)))
 
+        def made(st: os.stat_result | None) -> "T":
+            fd = fds.pop()  # (``then``'s from here on)
+            try:
+                node = self._created(rel, fd, st)
+            except BaseException:
+                os.close(fd)
+                raise
+            return then(fd, node)
+
         with self._changing():
             try:
-                made = self._place_new(rel, make, caller, stat.S_IFREG | stat.S_IMODE(mode))
-                node = self._created(rel, fds[0], made)
-            except BaseException:
-                for fd in fds:
+                return self._place_new(rel, make, caller, stat.S_IFREG | stat.S_IMODE(mode), made)
+            finally:
+                for fd in fds:  # a failed creation's (the object is gone again)
                     os.close(fd)
-                raise
-        return fds[0], node
 
-    def mknod(self, rel: str, mode: int, device: int, caller: Caller) -> None:
+    def _then_made(self, rel: str, then: "Callable[[Node], T] | None"):
+        """``_place_new``'s ``then`` for mkdir, mknod and symlink."""
+        if then is None:
+            return lambda st: None
+        return lambda st: then(self._made_node(rel, st))
+
+    def mknod(self, rel: str, mode: int, device: int, caller: Caller,
+              then: "Callable[[Node], T] | None" = None) -> "T | None":
         if stat.S_ISCHR(mode) and device == 0:  # a whiteout: the name would vanish
             raise OSError(errno.EPERM, "a 0/0 character device is a whiteout", rel)
         self._prepare_new(rel)
         if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
             mode = stat.S_IFREG | stat.S_IMODE(mode)
         with self._changing():
-            self._place_new(rel, lambda layer, where, mode: layer.do_mknod(where, mode, device),
-                            caller, mode)
+            return self._place_new(rel, lambda layer, where, mode: layer.do_mknod(where, mode, device),
+                                   caller, mode, self._then_made(rel, then))
 
-    def mkdir(self, rel: str, mode: int, caller: Caller) -> None:
+    def mkdir(self, rel: str, mode: int, caller: Caller,
+              then: "Callable[[Node], T] | None" = None) -> "T | None":
         self._prepare_new(rel)
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
         with self._changing():
-            self._place_new(rel, lambda layer, where, mode: layer.do_mkdir(where, stat.S_IMODE(mode)),
-                            caller, mode, is_dir=True)
+            return self._place_new(rel, lambda layer, where, mode: layer.do_mkdir(where, stat.S_IMODE(mode)),
+                                   caller, mode, self._then_made(rel, then), is_dir=True)
 
-    def symlink(self, target: str, rel: str, caller: Caller) -> None:
+    def symlink(self, target: str, rel: str, caller: Caller,
+                then: "Callable[[Node], T] | None" = None) -> "T | None":
         self._prepare_new(rel)
         with self._changing():
-            self._place_new(rel, lambda layer, where, mode: layer.do_symlink(target, where), caller,
-                            stat.S_IFLNK | 0o777)
+            return self._place_new(rel, lambda layer, where, mode: layer.do_symlink(target, where),
+                                   caller, stat.S_IFLNK | 0o777, self._then_made(rel, then))
 
-    def link(self, src_rel: str, dst_rel: str) -> None:
+    def link(self, src_rel: str, dst_rel: str,
+             then: "Callable[[Node], T] | None" = None) -> "T | None":
+        """A hard link; ``then(the node of the new name)``, after index=on's count moved
+        (the reply's link count reads it)."""
         self.fs.require_writable()
         src = self.fs.lookup.lookup(src_rel)
         if not src.exists:
@@ -389,11 +468,27 @@ class Namespace:
             src = self.fs.lookup.lookup(src_rel)
             if src.upper is None:
                 raise OSError(errno.ENOENT, "source changed during link", src_rel)
-            self._place_new(dst_rel, lambda layer, where, mode: do_link(upper, src_rel, layer, where),
-                            None, src.st.st_mode)
-            shared = self.fs.index_of(self.fs.lookup.lookup(src_rel))
-            if shared is not None:
-                self._count_link(shared, +1)
+            # index=on: the entry is read before the link (the link changes no xattr of the
+            # source), so that a failed read leaves nothing linked
+            shared = self.fs.index_of(src)
+
+            def linked(st: os.stat_result | None):
+                if shared is not None:
+                    self._count_link(shared, +1)
+                try:
+                    if then is None:
+                        return None
+                    node = self.fs.lookup.lookup(dst_rel)
+                    if not node.exists:
+                        raise OSError(errno.ENOENT, "vanished while it was linked", dst_rel)
+                    return then(node)
+                except BaseException:
+                    if shared is not None:  # (the upper name goes again: the inode's links too)
+                        self._count_link(shared, -1, -1)
+                    raise
+
+            return self._place_new(dst_rel, lambda layer, where, mode: do_link(upper, src_rel, layer, where),
+                                   None, src.st.st_mode, linked)
 
     # -- removal ------------------------------------------------------------------------------
     @staticmethod

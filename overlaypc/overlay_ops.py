@@ -210,41 +210,34 @@ class OverlayOps(Operations):
             raise OSError(errno.EINVAL, "invalid name", decoded)
         return _join(self._path(parent), decoded), decoded
 
-    def _take(self, parent: int, name: str, rel: str,
-              made: tuple[int, Node] | None = None, moves: int | None = None) -> Entry | None:
+    def _take(self, parent: int, name: str, rel: str, moves: int | None = None) -> Entry | None:
         """Look ``rel`` up and take one reference to its node; None if it does not exist.
-        ``made``: (table epoch read before the change, the node the change made, read
-        under its namespace lock hold), used instead of a lookup unless the epoch moved.
         ``moves``: ``PathGuard.moves`` read before ``rel`` was made; if a directory was
         renamed since (or was being renamed then), ``rel`` may be stale: ``_MOVED``,
-        nothing taken."""
+        nothing taken. (What a creation made: ``_made``.)"""
         fs = self.fs
         while True:
-            if made is not None:
-                (epoch, node), made = made, None
-                attr = fs.attrs.of_node(node, rel)
-            else:
-                epoch = self.nodes.epoch
-                try:
-                    node, attr = fs.lookup_attr(rel)
-                except OSError as e:
-                    # (ENOTDIR: a stale path whose component is no directory now, as a
-                    # whiteout left at the old place of a moved directory, a file made there)
-                    if e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                        raise
-                    if moves is None:
-                        if e.errno == errno.ENOENT:
-                            return None
-                        raise
-                    # a rename of a directory above moves it on disk and in the table
-                    # under one lock hold: under it, an unchanged count says the path was
-                    # right when the lookup read the layers
-                    with fs.ns_lock:
-                        if self._paths.moves != moves:
-                            return _MOVED
+            epoch = self.nodes.epoch
+            try:
+                node, attr = fs.lookup_attr(rel)
+            except OSError as e:
+                # (ENOTDIR: a stale path whose component is no directory now, as a
+                # whiteout left at the old place of a moved directory, a file made there)
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+                if moves is None:
                     if e.errno == errno.ENOENT:
                         return None
                     raise
+                # a rename of a directory above moves it on disk and in the table under
+                # one lock hold: under it, an unchanged count says the path was right when
+                # the lookup read the layers
+                with fs.ns_lock:
+                    if self._paths.moves != moves:
+                        return _MOVED
+                if e.errno == errno.ENOENT:
+                    return None
+                raise
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
@@ -680,30 +673,49 @@ class OverlayOps(Operations):
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
-        self._at_paths(lambda: self.fs.mknod(self._child(parent, name)[0], mode, rdev,
-                                             _caller(req)))
-        return self._made(parent, name)
+        return self._new(parent, name, lambda rel, then: self.fs.mknod(rel, mode, rdev, _caller(req),
+                                                                      then))
 
     def mkdir(self, req: Request, parent: int, name: bytes, mode: int) -> Entry:
-        self._at_paths(lambda: self.fs.mkdir(self._child(parent, name)[0], mode, _caller(req)))
-        return self._made(parent, name)
+        return self._new(parent, name, lambda rel, then: self.fs.mkdir(rel, mode, _caller(req), then))
 
     def symlink(self, req: Request, parent: int, name: bytes, target: bytes) -> Entry:
-        self._at_paths(lambda: self.fs.symlink(os.fsdecode(target), self._child(parent, name)[0],
-                                               _caller(req)))
-        return self._made(parent, name)
+        return self._new(parent, name, lambda rel, then: self.fs.symlink(
+            os.fsdecode(target), rel, _caller(req), then))
 
     def link(self, req: Request, nodeid: int, new_parent: int, new_name: bytes) -> Entry:
-        self._at_paths(lambda: self.fs.link(self._path(nodeid),
-                                            self._child(new_parent, new_name)[0]))
-        return self._made(new_parent, new_name)
+        return self._new(new_parent, new_name,
+                         lambda rel, then: self.fs.link(self._path(nodeid), rel, then))
 
-    def _made(self, parent: int, name: bytes) -> Entry:
-        """The entry of what a change just made as ``name`` in ``parent``."""
-        entry = self._take_current(parent, name)
-        if entry is None:
-            raise OSError(errno.ENOENT, "vanished after it was made", os.fsdecode(name))
+    def _new(self, parent: int, name: bytes,
+             make: "Callable[[str, Callable[[Node], Entry]], Entry]") -> Entry:
+        """MKNOD, MKDIR, SYMLINK, LINK: ``make(path, then)`` makes ``name`` in ``parent``
+        and answers ``then(the new object's node)``, the reply's entry, made in the lock
+        hold that made the object (``_made``; if it fails, the object goes again)."""
+        def change() -> Entry:
+            rel, decoded = self._child(parent, name)
+            return make(rel, lambda node: self._made(parent, decoded, rel, node))
+        entry = self._at_paths(change)
+        if faults.armed:
+            faults.hit("ops.created", os.fsdecode(name))  # test-only (faults.py)
         return entry
+
+    def _made(self, parent: int, name: str, rel: str, node: Node) -> Entry:
+        """The entry of what a creation just made as ``name`` in ``parent`` (``node``, at
+        ``rel``), with one reference taken: in the namespace lock hold that made it, where
+        no copy-up rekeys and no rename or removal lands (no table epoch nor count of moves
+        to check). Built from the node the creation holds (its stat read after every
+        change; MKDIR, MKNOD, SYMLINK and CREATE look nothing up). Every call that
+        can fail comes before the reference: a failure here undoes the creation
+        (``Namespace._named``), which then must leave nothing in the table. A rename of
+        the new name after the hold is the table's to follow, as any rename."""
+        if faults.armed:
+            faults.hit("ops.made", rel)  # test-only (faults.py)
+        attr = file_attr(self.fs.attrs.of_node(node, rel))
+        key = self.fs.identity(node)
+        timeout = self._attr_timeout(key)
+        nodeid = self.nodes.take(key, parent, name, node.is_dir)
+        return Entry(nodeid, attr, self.timeout, timeout)
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
         self._removal(parent, name, self.fs.unlink)
@@ -802,23 +814,12 @@ class OverlayOps(Operations):
     def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int,
                open_flags: int = 0) -> tuple[Entry, Opened]:
         def change():
-            moves = self._paths.moves  # (the count ``_at_paths`` expects, if it changes)
             rel, decoded = self._child(parent, name)
-            epoch = self.nodes.epoch  # before the change: a move of identities since voids ``node``
-            return rel, decoded, epoch, moves, self.fs.create_node(rel, flags, mode, _caller(req))
-        rel, decoded, epoch, moves, (result, node) = self._at_paths(change)
+            return self.fs.create_node(rel, flags, mode, _caller(req),
+                                       lambda result, node: self._made(parent, decoded, rel, node))
+        result, _, entry = self._at_paths(change)
         if faults.armed:
-            faults.hit("ops.created", rel)  # test-only (faults.py)
-        try:
-            # (``rel`` is stale once a directory above moved: then looked up afresh)
-            entry = self._take(parent, decoded, rel, (epoch, node), moves)
-            if entry is _MOVED:
-                entry = self._take_current(parent, name)
-            if entry is None:
-                raise OSError(errno.ENOENT, "vanished after it was made", rel)
-        except BaseException:
-            self.fs.release(result.fh)
-            raise
+            faults.hit("ops.created", os.fsdecode(name))  # test-only (faults.py)
         self.nodes.opened(entry.nodeid, result.fh)
         try:
             opened = self._opened(entry.nodeid, result, None)

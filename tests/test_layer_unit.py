@@ -156,3 +156,38 @@ def test_remove_tree_of_a_deep_tree_holds_few_fds_and_stays_in_the_layer(tmp_pat
     assert (outside / "keep").read_bytes() == b"k"
     assert len(counts) == 3000 + 6 + 1  # every directory: the chain, the empties, the top
     assert max(counts) - before <= layer_mod.REMOVAL_FDS + 2
+
+
+def _branchy_tree(top: Path, depth: int, width: int, side: int) -> None:
+    """A chain ``depth`` deep whose every level holds ``width`` side chains ``side``
+    deep (every third level's mode 000), each of their levels a file and a symlink loop
+    (``..``); each chain level also a fifo and a symlink to ``/``."""
+    p = top
+    for level in range(depth):
+        for w in range(width):
+            q = p / f"side{w}"
+            for _ in range(side):
+                q.mkdir()
+                (q / "f").write_text("x")
+                os.symlink("..", q / "loop")
+                q = q / "n"
+            if level % 3 == 0:
+                os.chmod(p / f"side{w}", 0)
+        os.mkfifo(p / "fifo")
+        os.symlink("/", p / "root")
+        p = p / "d"
+        p.mkdir()
+
+
+def test_remove_tree_goes_back_up_past_its_held_fds_into_side_branches(tmp_path, upper):
+    """review11: ``_TreeRemoval`` going back up past the ``REMOVAL_FDS`` levels it holds
+    (reopened by path from the top) and down again into side chains longer than that
+    window: everything goes, mode-000 directories and symlink loops included, and no fd
+    is left open."""
+    top = tmp_path / "upper" / "t"
+    top.mkdir()
+    _branchy_tree(top, 40, 2, layer_mod.REMOVAL_FDS + 4)
+    before = sorted(os.listdir("/proc/self/fd"))
+    upper.do_remove_tree("t")
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert os.listdir(tmp_path / "upper") == ["d"]

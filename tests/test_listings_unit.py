@@ -165,3 +165,46 @@ def test_open_handles_listings_are_bounded_by_their_entries_in_all(tree, monkeyp
         assert kept() == [] and ops.fs._listed_entries == 0
     finally:
         close()
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_two_listings_past_the_entry_bound_read_in_turns(tmp_path, plus):
+    """review11: two listings that together pass the entry bound, read in turns 3
+    entries at a time: each lister's snapshot goes at the other's next chunk and is read
+    again from its position; with nothing changed, each gets every entry exactly once."""
+    for d, n in (("d", 37), ("e", 41)):
+        (tmp_path / "lower" / d).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "lower" / d / f"{d}{i}").write_text("x")
+    (tmp_path / "upper" / "d").mkdir(parents=True)  # d merged: entries from both layers
+    for i in range(5):
+        (tmp_path / "upper" / "d" / f"u{i}").write_text("u")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "mnt").mkdir()
+    ops, close = make_ops(tmp_path)
+    try:
+        ops.init(ConnInfo(7, 45, p.NO_OPENDIR_SUPPORT))
+        ops._snapshots.max_entries = 50
+        nodes = {x: look(ops, x) for x in ("d", "e")}
+        got: dict[str, list[str]] = {"d": [], "e": []}
+        offsets = {"d": 0, "e": 0}
+        reread = 0
+        while nodes:
+            for x in list(nodes):
+                items = []
+                for item in ops.readdir(REQ, nodes[x], 0, offsets[x], plus=plus):
+                    items.append(item)
+                    if len(items) == 3:
+                        break
+                if not items:
+                    del nodes[x]
+                    continue
+                reread += offsets[x] and split_cookie(items[0].offset)[0] != split_cookie(offsets[x])[0]
+                got[x] += _names(items)
+                offsets[x] = items[-1].offset
+        assert reread > 10  # (the bound was in play)
+        assert sorted(got["d"]) == sorted([".", ".."] + [f"d{i}" for i in range(37)]
+                                          + [f"u{i}" for i in range(5)])
+        assert sorted(got["e"]) == sorted([".", ".."] + [f"e{i}" for i in range(41)])
+    finally:
+        close()

@@ -222,3 +222,125 @@ def test_a_removed_directory_holds_one_fd_until_forget_none_past_the_bound(tmp_p
         drv.settle()
     finally:
         drv.close()
+
+
+def test_removed_directories_hold_at_most_a_quarter_of_the_open_files_share(tmp_path):
+    """Removed directories the kernel still holds keep fds only up to a quarter of the
+    open files' share (``nameless.SHARE``): past it a removal keeps none, so held removed
+    directories never take the fds open files need."""
+    from core_driver import CoreDriver
+    drv = CoreDriver.in_dir(tmp_path)
+    try:
+        root = drv.root()
+        drv.fs.open_file_fds = 40
+        assert drv.fs.open_fds() < 20  # (room is not what stops them)
+        nodes = [drv.mkdir(root, f"d{i}", 0o755) for i in range(12)]
+        for i in range(12):
+            drv.rmdir(root, f"d{i}")
+        assert drv.fs.nameless.fds == 10  # 40 // 4
+        assert all(drv.getattr(n).nlink == 0 for n in nodes)
+        drv.settle()
+        assert drv.fs.nameless.fds == 0
+    finally:
+        drv.close()
+
+
+def _open_until_refused(mnt, names: list[str], most: int = 4000) -> list[int]:
+    """Read-only opens of ``names`` in turn until the mount refuses one (ENFILE)."""
+    fds: list[int] = []
+    try:
+        while len(fds) < most:
+            fds.append(os.open(mnt / names[len(fds) % len(names)], os.O_RDONLY))
+    except OSError as e:
+        assert e.errno == errno.ENFILE, e
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("full_first", [False, True], ids=["room", "budget_full"])
+def test_rm_rf_with_removed_directories_held_under_a_low_fd_limit(overlay_mount,
+                                                                  layers_factory,
+                                                                  full_first):
+    """review11: under ``ulimit -n 256``, ``rm -rf`` of a tree of 300 directories, 100 of
+    them held open by this process ("budget_full": while open files hold the whole
+    open-file budget). The removal succeeds; the held ones answer fstat, and fchmod
+    (ESTALE for those removed with no room for their fd, or past a quarter of the open
+    files' fds: open files keep three quarters); once they are closed (FORGET),
+    open files get the whole budget back: nothing keeps the fds of removed directories."""
+    import shutil
+    import time
+    files = [f"f{i}" for i in range(20)]
+    layers = layers_factory({"lower": {name: "x" for name in files}})
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    m = overlay_mount(f"lowerdir={layers['lower']},upperdir={upper},workdir={work}", nofile=256)
+    budget = _open_until_refused(m.path, files)
+    _close_all(budget)
+    top = m.path / "top"
+    for i in range(300):
+        (top / f"s{i}" / "below").mkdir(parents=True)
+        (top / f"s{i}" / "file").write_text("y")
+    held = [os.open(top / f"s{i}", os.O_RDONLY | os.O_DIRECTORY) for i in range(0, 300, 3)]
+    full = _open_until_refused(m.path, files) if full_first else []
+    try:
+        shutil.rmtree(top)
+        answers = []
+        for fd in held:
+            assert stat.S_ISDIR(os.fstat(fd).st_mode)
+            answers.append(_answer(lambda: os.fchmod(fd, 0o700)))
+        if full_first:
+            assert answers == ["ESTALE"] * len(held)
+        else:  # each held removed directory takes one open file's fd, up to a quarter of
+            # them (``nameless.SHARE``); past it, changes answer ESTALE (the others'
+            # FORGETs, queued by the kernel, may not all have come yet)
+            kept = answers.count("ok")
+            assert 0 < kept <= len(budget) // 4 + 1 and set(answers) <= {"ok", "ESTALE"}
+            fewer = _open_until_refused(m.path, files)
+            _close_all(fewer)
+            assert len(budget) * 3 // 4 - 1 <= len(fewer) <= len(budget) - kept
+    finally:
+        _close_all(full)
+        _close_all(held)
+    time.sleep(0.2)  # (FORGETs are queued)
+    after = []
+    for _ in range(50):  # the kernel's FORGETs of the closed ones reach the daemon
+        after = _open_until_refused(m.path, files)
+        _close_all(after)
+        if len(after) == len(budget):
+            break
+        time.sleep(0.1)
+    assert len(after) == len(budget)
+    assert not (upper / "top").exists()
+
+
+@pytest.mark.parametrize("options", ["xattr_permissions=1", "xattr_permissions=2", "index=on"])
+def test_changes_of_a_renamed_over_directory_under_options(overlay_mount, layers_factory,
+                                                          options):
+    """review11: an open upper directory renamed over, then changed through its fd under
+    ``xattr_permissions`` (the owner and mode kept in an override xattr, never listed)
+    and ``index=on``: the changes show through the fd, and the directory that took the
+    name keeps its own."""
+    layers = layers_factory({"lower": {"l": "l\n"}})
+    upper = layers_factory.empty_dir("upper")
+    work = layers_factory.empty_dir("work")
+    m = overlay_mount(f"lowerdir={layers['lower']},upperdir={upper},workdir={work},{options}")
+    os.mkdir(m.path / "d", 0o755)
+    os.mkdir(m.path / "e", 0o755)
+    fd = os.open(m.path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(m.path / "e", m.path / "d")
+        os.fchmod(fd, 0o710)
+        os.fchown(fd, 1234, 4321)
+        os.setxattr(fd, "user.x", b"1")
+        st = os.fstat(fd)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o710, 1234, 4321)
+        assert os.listxattr(fd) == ["user.x"]
+        now = os.stat(m.path / "d")
+        assert (stat.S_IMODE(now.st_mode), now.st_uid, now.st_gid) == (0o755, 0, 0)
+        assert os.listxattr(m.path / "d") == []
+    finally:
+        os.close(fd)

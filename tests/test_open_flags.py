@@ -21,6 +21,9 @@ import fcntl
 import mmap
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -197,3 +200,98 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, mode, offset, length) < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+# review11: the kernel gives every O_APPEND write its offset from its own i_size (the
+# daemon's backing fds have no O_APPEND since hunt10a); these check that size is current
+APPENDS = 1500
+_APPENDER = textwrap.dedent("""
+    import os, sys
+    path, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    for i in range(n):
+        os.write(fd, f"{tag}{i:07d}\\n".encode())
+    os.close(fd)
+""")
+
+
+def _appenders(held: str):
+    def scenario(mnt: Path) -> list:
+        p = mnt / "a"
+        # "writer": an O_WRONLY open first (copies up; the inode passes through, and so do
+        # the O_APPEND opens that follow)
+        fd = {"none": None, "writer": os.O_WRONLY, "reader": os.O_RDONLY}[held]
+        fd = None if fd is None else os.open(p, fd)
+        try:
+            procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(p), tag, str(APPENDS)])
+                     for tag in "xyz"]
+            codes = [pr.wait() for pr in procs]
+        finally:
+            if fd is not None:
+                os.close(fd)
+        data = p.read_bytes()
+        records = data[4:].split(b"\n")
+        return [codes, data[:4], len(data), records[-1], len(set(records[:-1])),
+                {len(r) for r in records[:-1]}]
+    return scenario
+
+
+@pytest.mark.parametrize("held", ["none", "writer", "reader"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["default", "shared", "no_passthrough"])
+def test_concurrent_appends_of_three_processes(options, held, tmp_path, overlay_mount,
+                                               kernel_mount):
+    """Three processes append 8-byte records through one mount at once: none lost, none
+    overlapping, as on the kernel overlay."""
+    results, _ = _both(tmp_path, overlay_mount, kernel_mount, options, _appenders(held))
+    assert results[0] == [[0, 0, 0], b"aaaa", 4 + 3 * APPENDS * 9, b"", 3 * APPENDS, {8}]
+    assert results[1] == results[0]
+
+
+def _appends_between_changes(append_first: bool):
+    def scenario(mnt: Path) -> list:
+        p = mnt / "a"
+        opens = [(os.O_WRONLY | os.O_APPEND), os.O_RDWR]
+        fds = [os.open(p, f) for f in (opens if append_first else opens[::-1])]
+        a, b = fds if append_first else fds[::-1]
+        try:
+            os.write(a, b"1")
+            os.pwrite(b, b"XX", 10)             # extended by another fd, a hole between
+            os.write(a, b"2")
+            os.ftruncate(b, 3)                  # truncated by another fd
+            os.write(a, b"3")
+            _fallocate(b, 0, 0, 40)             # extended by fallocate
+            os.write(a, b"4")
+            m = mmap.mmap(b, 0)                 # an mmap'd write (extends nothing)
+            m[0:2] = b"MM"
+            m.flush()
+            m.close()
+            os.write(a, b"5")
+            os.truncate(p, 50)                  # by path
+            os.write(a, b"6")
+            src = os.open(mnt / "d", os.O_RDONLY)
+            try:
+                os.copy_file_range(src, b, 100, 0, 60)   # extended by copy_file_range
+            finally:
+                os.close(src)
+            os.write(a, b"7")
+            size = os.fstat(a).st_size
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return [size, p.read_bytes()]
+    return scenario
+
+
+@pytest.mark.parametrize("append_first", [True, False], ids=["append_first", "other_first"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["default", "shared", "no_passthrough"])
+def test_appends_after_changes_through_another_fd(options, append_first, tmp_path,
+                                                  overlay_mount, kernel_mount):
+    """O_APPEND writes between size changes made through another fd of the file (a
+    write past the end, ftruncate, fallocate, an mmap'd write, truncate by path,
+    copy_file_range) land at the end as on the kernel overlay; "other_first": that fd
+    opened first, so the inode passes through."""
+    results, uppers = _both(tmp_path, overlay_mount, kernel_mount, options,
+                            _appends_between_changes(append_first))
+    assert results[0][0] == 161
+    assert results[1] == results[0]
+    assert uppers[1] == uppers[0]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -532,6 +534,71 @@ def test_uidmap(engine):
     assert calls, engine.argv_calls()[-3:]
     assert any("/mapped/" in a for c in calls for a in c), calls  # the idmapped lowers
     assert "is on an idmapped mount" in engine.daemon_log(), engine.daemon_log_tail()
+
+
+def _layer_tar(entries: list[tuple[str, str, bytes]]) -> bytes:
+    """A layer tar: (name, 'd' or 'f', content)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind, data in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime, info.mode = 1_700_000_000, 0o755 if kind == "d" else 0o644
+            info.type, info.size = (tarfile.DIRTYPE, 0) if kind == "d" else (tarfile.REGTYPE, len(data))
+            tar.addfile(info, io.BytesIO(data) if kind == "f" else None)
+    return buf.getvalue()
+
+
+def _docker_archive(path: Path, base: bytes, layers: list[bytes], tag: str) -> None:
+    """``podman load`` input: a docker-archive of ``base`` and ``layers``, bottom first."""
+    blobs = [base] + layers
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
+                         "rootfs": {"type": "layers",
+                                    "diff_ids": ["sha256:" + hashlib.sha256(b).hexdigest() for b in blobs]},
+                         "history": [{"created_by": f"layer {i}"} for i in range(len(blobs))]}).encode()
+    files = {"config.json": config,
+             "manifest.json": json.dumps([{"Config": "config.json", "RepoTags": [tag],
+                                           "Layers": [f"{i}.tar" for i in range(len(blobs))]}]).encode()}
+    files.update({f"{i}.tar": b for i, b in enumerate(blobs)})
+    with tarfile.open(path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_loaded_image_oci_whiteouts(engine, podman_session):
+    """An image made elsewhere (``podman load``) keeps its layers' OCI whiteouts as they
+    are under a mount program: ``.wh..wh..opq``, and ``.wh.NAME`` of a directory that a
+    later layer makes again without an opaque marker (the whiteout still hides the old
+    one). The merged view is the kernel's (checked against the storage driver without a
+    mount program), and so is a commit on top of it. (``.wh.NAME`` and a directory NAME in
+    one layer are left out: containers/storage itself merges that NAME with the lower one,
+    with or without a mount program.)"""
+    d, f = "d", "f"
+    low = _layer_tar([("o", d, b""), ("o/a", d, b""), ("o/a/1", f, b"1"), ("o/b", d, b""), ("o/b/x", f, b"x"),
+                      ("k", d, b""), ("k/sub", d, b""), ("k/sub/old", f, b"old")])
+    mid = _layer_tar([("o", d, b""), ("o/.wh..wh..opq", f, b""), ("o/new", f, b"new"),
+                      ("k", d, b""), ("k/.wh.sub", f, b""), ("k/.wh.nothing", f, b"")])
+    top = _layer_tar([("o", d, b""), ("o/a", d, b""), ("o/a/3", f, b"3"),
+                      ("k", d, b""), ("k/sub", d, b""), ("k/sub/n", f, b"n")])
+    archive = podman_session.root / "whiteouts.tar"
+    _docker_archive(archive, (podman_session.root / "image.tar").read_bytes(), [low, mid, top],
+                    "localhost/overlaypc-test:whiteouts")
+    engine.podman("load", "--quiet", "--input", str(archive))
+    listing = "find /o /k | sort"
+    want = ["/k", "/k/sub", "/k/sub/n", "/o", "/o/a", "/o/a/3", "/o/new"]
+    out = engine.podman("run", "--rm", "localhost/overlaypc-test:whiteouts", "sh", "-c", listing)
+    assert out.split() == want, out
+    name = "whiteouts"
+    engine.podman("run", "--name", name, "localhost/overlaypc-test:whiteouts", "sh", "-c",
+                  "rm -rf /o/a && mkdir /o/a && echo 4 > /o/a/4 && mv /k/sub /k/sub.m")
+    try:
+        engine.podman("commit", "--quiet", name, "localhost/overlaypc-test:whiteouts2")
+    finally:
+        engine.podman("rm", "-f", name)
+    out = engine.podman("run", "--rm", "localhost/overlaypc-test:whiteouts2", "sh", "-c", listing)
+    assert out.split() == ["/k", "/k/sub.m", "/k/sub.m/n", "/o", "/o/a",
+                           "/o/a/4", "/o/new"], out
 
 
 def test_mount_program_arguments(engine):
