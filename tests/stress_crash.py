@@ -25,7 +25,7 @@ directories, with index=on lower hard links, some upper files, whiteouts), then 
      options must mount and show what overlaypc shows (under ``xattr_permissions`` but for
      owners and modes, which the kernel reads from the objects themselves, not from the
      override xattrs, and which it lists).
-Environment: KEEP=1 keeps BASE; NOKERNEL=1 skips step 5; NOKILL=1: no kill (the leads of
+Environment: DAEMON_NOFILE=N (soak13) starts each daemon under ``ulimit -n N``; KEEP=1 keeps BASE; NOKERNEL=1 skips step 5; NOKILL=1: no kill (the leads of
 hunt8 came from a live daemon): each worker runs NOPS ops (default 400) to the end, the mount is
 unmounted cleanly, and every answer must be the replay's and each tree must equal A. Exit status
 1 on any problem.
@@ -68,6 +68,8 @@ LINKNAMES = [f"{d}/s0".lstrip("/") for d in ("", "a", "c")]
 MODES = [0o644, 0o600, 0o755, 0o640, 0o4755]
 SIZES = [0, 5, 4096, 70_000, 1 << 20, 6 << 20]
 SLOTS = 4
+#: the daemon's RLIMIT_NOFILE (DAEMON_NOFILE=N, soak13), else the tool's own
+NOFILE = int(os.environ["DAEMON_NOFILE"]) if os.environ.get("DAEMON_NOFILE") else None
 DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
 #: EXTRA=1 (soak11) adds ops for O_APPEND toggled by fcntl (``open_append``, ``setfl``, and
 #: ``write`` at the file offset after an lseek), directories held open while removed then
@@ -457,7 +459,7 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
     (saved / "round").write_text(f"{rnd} {' '.join(map(str, [seed * 7919 + rnd * 104729 + k for k in range(workers)]))}\n")
     logs = base / f"logs-{rnd}"  # each daemon's log, kept
     logs.mkdir(exist_ok=True)
-    m = helpers.Mount(mnt, opts, log_dir=logs)
+    m = helpers.Mount(mnt, opts, log_dir=logs, nofile=NOFILE)
     m.start()
     pre = base / f"pre-{rnd}"  # the model before the round (to replay A and B from)
     copy_view(model, pre)
@@ -498,7 +500,8 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
     # 3. remount
     try:
         (logs / "remount").mkdir(exist_ok=True)
-        m2 = helpers.Mount(mnt, opts, log_dir=logs / "remount", allow_daemon_errors=False)
+        m2 = helpers.Mount(mnt, opts, log_dir=logs / "remount", allow_daemon_errors=False,
+                           nofile=NOFILE)
         m2.start()
     except helpers.MountError as ex:
         problems.append(f"round {rnd}: remount failed: {ex}")
