@@ -210,3 +210,65 @@ def test_plain_command_lines_read_as_argparse_reads_them():
                (theirs.foreground, theirs.debug, theirs.options, theirs.stack, theirs.targets), argv
     assert answered > 1000
     assert cli._plain_args(["-f", "-o", "lowerdir=/l", "/mnt"]).targets == ["/mnt"]
+
+
+@pytest.mark.parametrize("phase", ["generic", "compiled"])
+def test_named_tuple_construction_matches_collections(phase, monkeypatch):
+    """A ``typing_lite.NamedTuple`` class is built without compiling its ``__new__``
+    (compiled after ``COMPILE_AFTER`` constructions): both ``__new__``s take the same
+    arguments, make the same tuples and refuse the same calls as ``collections.namedtuple``'s,
+    and the class has its methods and attributes."""
+    import collections
+    import pickle
+
+    monkeypatch.setattr(typing_lite, "COMPILE_AFTER", 10**9 if phase == "generic" else 1)
+
+    class Three(typing_lite.NamedTuple):
+        a: int
+        b: str = "b"
+        c: tuple = ()
+
+    class One(typing_lite.NamedTuple):
+        only: int
+
+    theirs = collections.namedtuple("Three", ["a", "b", "c"], defaults=["b", ()])
+    theirs_one = collections.namedtuple("One", ["only"])
+    calls = [((1,), {}), ((1, "x"), {}), ((1, "x", (2,)), {}), ((), {"a": 1, "c": (3,)}),
+             ((1,), {"c": 4, "b": "y"}), ((), {}), ((1, 2, 3, 4), {}), ((1,), {"a": 2}),
+             ((1,), {"nope": 2}), ((), {"b": 1})]
+    for args, kwargs in calls + calls:  # the second round runs the compiled one (phase "compiled")
+        try:
+            expected = tuple(theirs(*args, **kwargs))
+        except TypeError:
+            with pytest.raises(TypeError):
+                Three(*args, **kwargs)
+            continue
+        made = Three(*args, **kwargs)
+        assert type(made) is Three and tuple(made) == expected
+        assert repr(made) == repr(theirs(*args, **kwargs))
+    compiled = "<lambda>" in Three.__dict__["__new__"].__func__.__code__.co_name
+    assert compiled == (phase == "compiled")
+    assert One(5) == (5,) and One(only=6).only == 6 and repr(One(1)) == "One(only=1)"
+    with pytest.raises(TypeError):
+        One(1, 2)
+    t = Three(1)
+    assert (t.a, t.b, t.c) == (1, "b", ()) and Three._fields == theirs._fields
+    assert Three._field_defaults == theirs._field_defaults and Three.__match_args__ == ("a", "b", "c")
+    assert t._replace(b="z") == (1, "z", ()) and type(t._replace(b="z")) is Three
+    assert t._asdict() == {"a": 1, "b": "b", "c": ()} and Three._make([1, 2, 3]) == (1, 2, 3)
+    with pytest.raises(TypeError):
+        Three._make([1])
+    with pytest.raises(ValueError):
+        t._replace(d=1)
+    with pytest.raises(AttributeError):
+        t.a = 2
+    with pytest.raises(AttributeError):
+        t.other = 2                              # __slots__ = (): no instance dict
+    assert t.__getnewargs__() == (1, "b", ()) and One(1)._fields == theirs_one._fields
+    assert Three.a.__doc__ == theirs.a.__doc__ and Three.__doc__ == theirs.__doc__
+    globals()["Three"] = Three                  # pickle finds it by module and name
+    Three.__qualname__ = "Three"
+    try:
+        assert pickle.loads(pickle.dumps(t)) == t
+    finally:
+        del globals()["Three"]
