@@ -272,3 +272,36 @@ def test_named_tuple_construction_matches_collections(phase, monkeypatch):
         assert pickle.loads(pickle.dumps(t)) == t
     finally:
         del globals()["Three"]
+
+
+#: modules a mount imports only when its options need them (``core``)
+NOT_AT_START = ("overlaypc.index", "overlaypc.indexroots")
+
+
+@pytest.mark.parametrize("options", ["", ",index=on"])
+def test_mount_start_up_leaves_out_modules_its_options_do_not_need(tmp_path, options):
+    """A default stack's start-up (what ``cli.mount_main`` does before the kernel's first
+    request: options, validation, ``OverlayFS()``, ``start()``, ``OverlayOps()``) does not
+    import the modules of ``NOT_AT_START``; ``index=on`` imports them there (at the mount,
+    where a broken install fails it, not at a later request)."""
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work{options}"
+    code = "\n".join([
+        "import sys, " + ", ".join(("overlaypc.cli", "overlaypc.core", "overlaypc.engine.channel",
+                                    "overlaypc.engine.daemon", "overlaypc.mounting",
+                                    "overlaypc.overlay_ops")),
+        "from overlaypc import cli",
+        "from overlaypc.core import OverlayFS",
+        "from overlaypc.overlay_ops import OverlayOps",
+        f"cfg = cli.parse_mount_args(['-o', {opts!r}, {str(tmp_path / 'mnt')!r}])",
+        "cli.validate(cfg)",
+        "fs = OverlayFS(cfg)",
+        "fs.start()",
+        "OverlayOps(fs)",
+        "fs.close()",
+        f"print(' '.join(m for m in {NOT_AT_START!r} if m in sys.modules))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.split()
+    assert out == ([] if not options else list(NOT_AT_START))
