@@ -305,3 +305,33 @@ def test_mount_start_up_leaves_out_modules_its_options_do_not_need(tmp_path, opt
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=REPO)).stdout.split()
     assert out == ([] if not options else list(NOT_AT_START))
+
+
+def test_collector_paused_for_start_up_is_on_when_requests_run(tmp_path, monkeypatch):
+    """``python -m overlaypc`` pauses garbage collection for its start-up; the mount runs
+    its requests (``daemon.run``) with it on again, start-up's objects frozen. A caller
+    of ``cli.main`` that did not pause it (tests, embedding) keeps its own setting."""
+    import gc
+
+    from overlaypc import cli
+    from overlaypc.engine import daemon
+
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    argv = ["-f", "-o", f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work",
+            str(tmp_path / "mnt")]
+    seen = []
+    monkeypatch.setattr(daemon, "run", lambda *a, **k: seen.append((gc.isenabled(), gc.get_freeze_count())) or 0)
+    monkeypatch.setattr(cli, "_setup_logging", lambda cfg: None)
+    umask = os.umask(0o022)
+    try:
+        gc.disable()
+        monkeypatch.setattr(cli, "gc_paused", True)
+        assert cli.main(argv) == 0
+        assert seen[-1][0] is True and seen[-1][1] > 0 and cli.gc_paused is False
+        gc.disable()                      # a caller's own choice stays as it is
+        assert cli.main(argv) == 0 and seen[-1][0] is False
+    finally:
+        gc.unfreeze()
+        gc.enable()
+        os.umask(umask)
