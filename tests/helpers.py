@@ -50,8 +50,10 @@ PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 # --------------------------------------------------------------------------------------
 
 def _read(path: str) -> str:
+    # (surrogateescape: /proc/self/mountinfo lists every mount on the machine, and another
+    # session's mount point may be named with bytes that are not UTF-8)
     try:
-        with open(path) as f:
+        with open(path, errors="surrogateescape") as f:
             return f.read()
     except OSError:
         return ""
@@ -371,10 +373,15 @@ class Mount:
                                          cwd=str(self.log_path.parent),  # not the checkout:
                                          start_new_session=True,  # PYTHONPATH decides
                                          preexec_fn=self._limits if self.nofile else None)
-        if self.foreground:
-            self._wait_foreground_mount()
-        else:
-            self._wait_daemonized_mount()
+        try:
+            if self.foreground:
+                self._wait_foreground_mount()
+            else:
+                self._wait_daemonized_mount()
+        except BaseException:  # whatever failed while waiting, nothing stays mounted
+            self._kill_our_proc()
+            self._cleanup_after_failure()
+            raise
         self.active = True
         return self
 
