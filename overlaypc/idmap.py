@@ -111,8 +111,8 @@ def mount_id(fd: int) -> int | None:
 def mount_options(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> list[str] | None:
     """The per-mount options (field 6 of mountinfo) of mount ``mnt_id``; None when this
     process's mount namespace does not list it."""
-    try:
-        with open(mountinfo) as f:
+    try:  # (another mount's point may be named with bytes that are not UTF-8)
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split(" ", 6)
                 if len(fields) > 5 and fields[0] == str(mnt_id):
