@@ -102,6 +102,19 @@ class NodeTable:
             node.nlookup += 1
             return nodeid
 
+    def take_unnamed(self, key: Hashable) -> int:
+        """A new node for the file ``key`` made without a name (O_TMPFILE), with one kernel
+        reference: reached by nodeid only (through its open handles) until a LINK names
+        it, whose ``take`` of the key then gives this node. A node the key index held
+        (one left behind by a change outside the mount) gives up the key: the object
+        with that identity is this new file."""
+        with self._lock:
+            nodeid = next(self._ids)
+            node = self._nodes[nodeid] = Node(nodeid, key, False)
+            self._by_key[key] = nodeid
+            node.nlookup = 1
+            return nodeid
+
     def _one_dir_name(self, node: Node) -> None:
         """Directory ``node``, found at a new name, loses its others (lock held): the
         kernel keeps one dentry of a directory (``d_splice_alias`` moves it). The other is
