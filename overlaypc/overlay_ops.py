@@ -17,7 +17,8 @@ errors to report at close), and locks are the kernel's own (no POSIX_LOCKS).
 
 Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
 name left is reached through one of its open handles (``Files.*_inode``); with none
-open, ENOENT. A directory with no name left (the kernel opens directories itself: no
+open, ENOENT. So is a file made by TMPFILE (O_TMPFILE), which never had one until a LINK
+names it through its fd (``_link_tmpfile``). A directory with no name left (the kernel opens directories itself: no
 handle) through what its node kept at the removal (``nameless``). Errors are ``OSError``:
 the session translates them.
 """
