@@ -35,7 +35,7 @@ from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
 from .index import IndexDir
 from .inumbers import InodeNumbers
-from .layer import join, moved, split
+from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
 from .nameless import NamelessDirs
 from .namespace import ROOT, Caller, Namespace
@@ -62,6 +62,19 @@ class DirHandle:
     at offset 0."""
     rel: str
     listing: list[DirEntry] | None = None
+
+
+@contextlib.contextmanager
+def _naming(layer: Layer) -> Iterator[None]:
+    """Errors of the layer's relative paths told with the layer's path (the CLI prints
+    them: 'workdir /w/work: Not a directory', not "[Errno 20] ...: 'work'")."""
+    try:
+        yield
+    except OSError as e:
+        if not isinstance(e.filename, str) or os.path.isabs(e.filename):
+            raise
+        where = os.path.join(layer.path, e.filename) if e.filename else layer.path
+        raise OSError(e.errno, f"{layer.name}dir {where}: {e.strerror}") from None
 
 
 class OverlayFS:
@@ -160,15 +173,16 @@ class OverlayFS:
         roots = indexroots.verify(self.stack, self.prefix) if self.index is not None else None
         if self.stack.work is not None:
             check_incompat(self.stack.work)
-            clean_workdir(self.stack.work)
-            # copy-ups and new objects are built in workdir/work: its fd, held, spares them
-            # the walk from the workdir's root (nothing replaces it while mounted)
-            work_dir = self.stack.work.dir_fd(WORK_DIR)
-            self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
-            if self.writable:
-                whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
-            if self.config.volatile:
-                mark_volatile(self.stack.work)
+            with _naming(self.stack.work):
+                clean_workdir(self.stack.work)
+                # copy-ups and new objects are built in workdir/work: its fd, held, spares
+                # them the walk from the workdir's root (nothing replaces it while mounted)
+                work_dir = self.stack.work.dir_fd(WORK_DIR)
+                self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
+                if self.writable:
+                    whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
+                if self.config.volatile:
+                    mark_volatile(self.stack.work)
         if self.index is not None:
             self.index.prepare()
         if roots is not None:

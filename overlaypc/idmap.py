@@ -112,7 +112,8 @@ def mount_options(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> list[
     """The per-mount options (field 6 of mountinfo) of mount ``mnt_id``; None when this
     process's mount namespace does not list it."""
     try:
-        with open(mountinfo) as f:
+        # (paths there are bytes: one mount at a name that is not UTF-8 must not hide the rest)
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split(" ", 6)
                 if len(fields) > 5 and fields[0] == str(mnt_id):

@@ -222,15 +222,23 @@ class OverlayOps(Operations):
             try:
                 node, attr = fs.lookup_attr(rel)
             except OSError as e:
-                if e.errno != errno.ENOENT:
+                # (ENOTDIR: a stale path whose component is no directory now, as a
+                # whiteout left at the old place of a moved directory, a file made there)
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
                     raise
                 if moves is None:
-                    return None
+                    if e.errno == errno.ENOENT:
+                        return None
+                    raise
                 # a rename of a directory above moves it on disk and in the table under
                 # one lock hold: under it, an unchanged count says the path was right when
                 # the lookup read the layers
                 with fs.ns_lock:
-                    return None if self._paths.moves == moves else _MOVED
+                    if self._paths.moves != moves:
+                        return _MOVED
+                if e.errno == errno.ENOENT:
+                    return None
+                raise
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
@@ -598,11 +606,26 @@ class OverlayOps(Operations):
     def access(self, req: Request, nodeid: int, mask: int) -> None:
         self._read_at(nodeid, lambda rel: self.fs.access(rel, mask))
 
+    def _nameless(self, nodeid: int, error: NoNameLeft, on_dir: "Callable[[GoneDir], T]",
+                  on_file: "Callable[[OverlayInode], T]") -> "T":
+        """A request by nodeid for a node with no name left: a removed directory through
+        what its node kept (``nameless``), an open file through one of its handles
+        (``files``, as its SETATTR); ``error`` re-raised for any other node."""
+        gone = self.nodes.gone(nodeid)
+        if isinstance(gone, GoneDir):
+            return on_dir(gone)
+        try:
+            _, inode = self._open_inode(nodeid)
+        except OSError:
+            raise error from None
+        return on_file(inode)
+
     def getxattr(self, req: Request, nodeid: int, name: str) -> bytes:
         try:
             return self._read_at(nodeid, lambda rel: self._getxattr(nodeid, rel, name))
         except NoNameLeft as e:
-            return self.fs.nameless.getxattr(self._gone(nodeid, e), name)
+            return self._nameless(nodeid, e, lambda gone: self.fs.nameless.getxattr(gone, name),
+                                  lambda inode: self.fs.files.getxattr_inode(inode, name))
 
     def _getxattr(self, nodeid: int, rel: str, name: str) -> bytes:
         if name == CAPABILITY_XATTR and not self.fs.config.noxattrs:
@@ -623,7 +646,8 @@ class OverlayOps(Operations):
         try:
             return self._read_at(nodeid, self.fs.listxattr)
         except NoNameLeft as e:
-            return self.fs.nameless.listxattr(self._gone(nodeid, e))
+            return self._nameless(nodeid, e, self.fs.nameless.listxattr,
+                                  self.fs.files.listxattr_inode)
 
     @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
@@ -635,15 +659,18 @@ class OverlayOps(Operations):
         try:
             self._at_node(nodeid, act)
         except NoNameLeft as e:
-            self.fs.nameless.setxattr(self._gone(nodeid, e), name, value, flags,
-                                      kill_sgid=bool(setxattr_flags & p.SETXATTR_ACL_KILL_SGID))
+            kill = bool(setxattr_flags & p.SETXATTR_ACL_KILL_SGID)
+            self._nameless(nodeid, e, lambda gone: self.fs.nameless.setxattr(
+                gone, name, value, flags, kill_sgid=kill), lambda inode: self.fs.files.setxattr_inode(
+                inode, name, value, flags, kill_sgid=kill))
 
     @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
         try:
             self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
         except NoNameLeft as e:
-            self.fs.nameless.removexattr(self._gone(nodeid, e), name)
+            self._nameless(nodeid, e, lambda gone: self.fs.nameless.removexattr(gone, name),
+                           lambda inode: self.fs.files.removexattr_inode(inode, name))
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:

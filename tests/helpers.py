@@ -50,8 +50,11 @@ PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 # --------------------------------------------------------------------------------------
 
 def _read(path: str) -> str:
+    """The text of ``path``; "" if unreadable. Bytes that are not UTF-8 (a mount point
+    elsewhere on the machine named so, in mountinfo) are kept as surrogates, as
+    ``os.fsdecode`` keeps them."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except OSError:
         return ""
