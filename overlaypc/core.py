@@ -483,6 +483,18 @@ class OverlayFS:
         goes again: ``Files.create``)."""
         return self.files.create(rel, flags, mode, caller, then)
 
+    def tmpfile(self, rel: str, flags: int, mode: int, caller: Caller = ROOT,
+                then: "Callable[[OpenResult, Node], T] | None" = None
+                ) -> "tuple[OpenResult, Node, T | None]":
+        """``O_TMPFILE`` in the directory ``rel``: an open regular file with no name
+        (``Files.tmpfile``), its node, and ``then(the open, the node)`` in the lock hold
+        that made it."""
+        return self.files.tmpfile(rel, flags, mode, caller, then)
+
+    def link_open(self, fd: int, dst: str, then: "Callable[[Node], T] | None" = None) -> "T | None":
+        """A name ``dst`` for the open upper file ``fd`` that has none (``tmpfile``'s)."""
+        return self.namespace.link_open(fd, dst, then)
+
     def read(self, fh: int, size: int, offset: int) -> bytes:
         return self.files.read(fh, size, offset)
 

@@ -209,8 +209,27 @@ class Files:
         """A new regular file, opened; its node as made (``Namespace.create``), and
         ``then(the open, the node)``. The handle and ``then`` are made in the creation's
         lock hold: if either fails, the file goes again (nothing made, nothing open)."""
+        self.fs.room_for_open(rel)
+        return self.fs.namespace.create(rel, flags, mode, caller, self._opened_new(flags, then))
+
+    def tmpfile(self, rel: str, flags: int, mode: int, caller: Caller,
+                then: "Callable[[OpenResult, Node], T] | None" = None
+                ) -> "tuple[OpenResult, Node, T | None]":
+        """``O_TMPFILE`` in the directory ``rel``: a new regular file with no name, opened
+        (``Namespace.tmpfile``; counted in the open-file budget as any open), its node as
+        made (its path names nothing), and ``then(the open, the node)``. Its inode is
+        marked ``tmpfile``: LINK gives it names through its fd (``link_open``)."""
+        self.fs.room_for_open(rel)
+        # (no O_TMPFILE in the handle's flags: a reopen must never make another file)
+        return self.fs.namespace.tmpfile(rel, flags, mode, caller,
+                                         self._opened_new(flags & ~os.O_TMPFILE, then, tmpfile=True))
+
+    def _opened_new(self, flags: int, then: "Callable[[OpenResult, Node], T] | None", *,
+                    tmpfile: bool = False):
+        """The ``then`` of a creation that opens (``create``, ``tmpfile``): the new file's
+        handle, then ``then(the open, the node)``, made in the creation's lock hold; a
+        failure closes what was opened (and the creation undoes the file)."""
         fs = self.fs
-        fs.room_for_open(rel)
 
         def opened(fd: int, node: Node):
             try:
@@ -220,8 +239,10 @@ class Files:
                 os.close(fd)
                 raise
             try:
+                if tmpfile:
+                    inode.tmpfile = True
                 fs.inodes.forget_version(key)
-                result = self._register(inode, flags, rel, fd, inode.generation)
+                result = self._register(inode, flags, node.rel, fd, inode.generation)
             except BaseException:
                 os.close(fd)
                 fs.inodes.release(inode)
@@ -231,7 +252,13 @@ class Files:
             except BaseException:
                 fs.release(result.fh)  # (closes the fd)
                 raise
-        return fs.namespace.create(rel, flags, mode, caller, opened)
+        return opened
+
+    def dup_fd(self, inode: OverlayInode) -> int:
+        """A new fd of an open file (one of its handles', on its current backing): for a
+        change that takes the namespace lock, which a handle's lock is never held around
+        (a copy-up takes that inside it). ENOENT when none is open."""
+        return self._with_handle_fd(inode, os.dup)
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs

@@ -17,7 +17,8 @@ errors to report at close), and locks are the kernel's own (no POSIX_LOCKS).
 
 Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
 name left is reached through one of its open handles (``Files.*_inode``); with none
-open, ENOENT. A directory with no name left (the kernel opens directories itself: no
+open, ENOENT. So is a file made by TMPFILE (O_TMPFILE), which never had one until a LINK
+names it through its fd (``_link_tmpfile``). A directory with no name left (the kernel opens directories itself: no
 handle) through what its node kept at the removal (``nameless``). Errors are ``OSError``:
 the session translates them.
 """
@@ -684,8 +685,36 @@ class OverlayOps(Operations):
             os.fsdecode(target), rel, _caller(req), then))
 
     def link(self, req: Request, nodeid: int, new_parent: int, new_name: bytes) -> Entry:
+        if self.nodes.path(nodeid) is None:
+            inode = self._tmpfile_inode(nodeid)
+            if inode is not None:
+                return self._link_tmpfile(inode, new_parent, new_name)
         return self._new(new_parent, new_name,
                          lambda rel, then: self.fs.link(self._path(nodeid), rel, then))
+
+    def _tmpfile_inode(self, nodeid: int) -> OverlayInode | None:
+        """The inode of a node made by TMPFILE (``Files.tmpfile``), through its open
+        handles; None for any other node, or one with none open."""
+        for fh in self.nodes.handles(nodeid):
+            try:
+                inode = self.fs.handles.get(fh).inode
+            except OSError:
+                continue  # released meanwhile
+            return inode if inode.tmpfile else None
+        return None
+
+    def _link_tmpfile(self, inode: OverlayInode, new_parent: int, new_name: bytes) -> Entry:
+        """LINK of a node with no name made by TMPFILE (``linkat`` of its fd, by
+        ``AT_EMPTY_PATH`` or ``/proc/self/fd``): its upper file linked through an fd of it
+        (``Namespace.link_open``); the new name's entry is the node's own (its key).
+        The kernel refuses to link an ``O_EXCL`` one itself (ENOENT), and so does the
+        upper filesystem."""
+        fd = self.fs.files.dup_fd(inode)
+        try:
+            return self._new(new_parent, new_name,
+                             lambda rel, then: self.fs.link_open(fd, rel, then))
+        finally:
+            os.close(fd)
 
     def _new(self, parent: int, name: bytes,
              make: "Callable[[str, Callable[[Node], Entry]], Entry]") -> Entry:
@@ -827,6 +856,31 @@ class OverlayOps(Operations):
             self.forget(entry.nodeid, 1)
             raise
         return entry, opened
+
+    def tmpfile(self, req: Request, parent: int, flags: int, mode: int,
+                open_flags: int = 0) -> tuple[Entry, Opened]:
+        """TMPFILE (``open(dir, O_TMPFILE)``): an open file with no name in directory
+        ``parent`` (``Files.tmpfile``), a node the table knows by its key only (no name:
+        reached by its handles, as an unlinked open file's; ``NodeTable.take_unnamed``),
+        with its entry's reference; LINK names it later (``_link_tmpfile``)."""
+        def change():
+            return self.fs.tmpfile(self._path(parent), flags, mode, _caller(req),
+                                   lambda result, node: self._made_unnamed(result, node))
+        result, _, entry = self._at_paths(change)
+        self.nodes.opened(entry.nodeid, result.fh)
+        try:
+            opened = self._opened(entry.nodeid, result, None)
+        except BaseException:
+            self.forget(entry.nodeid, 1)
+            raise
+        return entry, opened
+
+    def _made_unnamed(self, result, node: Node) -> Entry:
+        """``_made`` of a file made without a name: its attributes through its new handle
+        (its node's path names nothing), a node under its key alone."""
+        attr = file_attr(self.fs.files.getattr(result.fh))
+        nodeid = self.nodes.take_unnamed(self.fs.identity(node))
+        return Entry(nodeid, attr, self.timeout, self.timeout)
 
     def read(self, req: Request, nodeid: int, fh: int, buf: memoryview, offset: int) -> int:
         return self.fs.files.readinto(fh, buf, offset)
