@@ -62,7 +62,7 @@ def _unescape_mountinfo(s: str) -> str:
 
 
 def mount_points() -> set[str]:
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         return {_unescape_mountinfo(line.split()[4]) for line in f}
 
 
@@ -73,7 +73,7 @@ def is_mounted(path: str) -> bool:
 def fs_dev(path: str) -> str | None:
     """major:minor of the filesystem mounted exactly at ``path`` (for /sys/class/bdi)."""
     real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             parts = line.split()
             if _unescape_mountinfo(parts[4]) == real:

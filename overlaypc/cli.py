@@ -25,6 +25,7 @@ kernel's overlay does; stack files list 'lowers' top first too.
 
 overlay options:
   lowerdir=A:B      lower layers, top first (read-only)
+  lowerdir+=A       one lower layer more, below those given (path as it is: no ':' escaping)
   upperdir=U        writable upper layer (needs workdir; without it the mount is read-only)
   workdir=W         empty dir on the same filesystem as upperdir
   ro / rw           read-only / read-write mount

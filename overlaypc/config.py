@@ -75,6 +75,8 @@ class MountConfig:
     allow_root: bool = False
     #: accepted options that change nothing here: (option as given, why), logged at mount
     notes: list[tuple[str, str]] = field(default_factory=list)
+    #: ``lowerdir=`` was given (``lowerdir+=`` may not follow it, as in the kernel)
+    lowerdir_given: bool = False
 
     @property
     def writable(self) -> bool:
@@ -96,7 +98,10 @@ def _split_lowers(value: str) -> list[str]:
         else:
             cur += ch
     parts.append(cur)
-    if any(not p for p in parts):
+    if any(not p for p in parts[1:-1]):
+        raise ConfigError(f"data-only lower layers are not supported (lowerdir={value!r}: "
+                          f"'::' starts them)")
+    if not parts[0] or not parts[-1]:
         raise ConfigError(f"empty layer in lowerdir={value!r}")
     return parts
 
@@ -211,9 +216,25 @@ def _no_effect(name: str, reason: str, kind: str = "flag") -> Callable[[MountCon
 
 
 def _set_lowers(cfg: MountConfig, value: str | None) -> None:
+    # as the kernel's: it replaces the layers given so far (also by lowerdir+=)
     if not value:
         raise ConfigError("option lowerdir needs at least one path")
     cfg.lowers = _split_lowers(value)
+    cfg.lowerdir_given = True
+
+
+def _add_lower(cfg: MountConfig, value: str | None) -> None:
+    """``lowerdir+=PATH`` (kernel 6.8+): one more layer below those given, the path as it
+    is (no ':' escaping). As the kernel's, it cannot follow ``lowerdir=``."""
+    if not value:
+        raise ConfigError("option lowerdir+ needs a path (lowerdir+=DIR)")
+    if cfg.lowerdir_given:
+        raise ConfigError(f"lowerdir+={value} cannot follow lowerdir=: give every layer one way")
+    cfg.lowers.append(value)
+
+
+def _data_only(cfg: MountConfig, value: str | None) -> None:
+    raise ConfigError(f"data-only lower layers are not supported (datadir+={value})")
 
 
 def _set_logfile(cfg: MountConfig, value: str | None) -> None:
@@ -232,6 +253,8 @@ def _off_only(name: str) -> Callable[[MountConfig, str | None], None]:
 #: The one table of overlay options: name -> how it changes the config.
 OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "lowerdir": _set_lowers,
+    "lowerdir+": _add_lower,
+    "datadir+": _data_only,
     "upperdir": _path("upper"),
     "workdir": _path("work"),
     "ro": _flag("readonly"),
@@ -326,21 +349,18 @@ def _unquote(value: str) -> str:
 
 
 STACK_KEYS = {"lowers", "upper", "work", "options"}
+#: A stack file is a few lines: anything larger (or a device) is refused, not parsed
+MAX_STACK_BYTES = 1 << 20
 
 
 def load_stack(path: str, cfg: MountConfig) -> None:
-    """Fill ``cfg`` from a YAML stack file; relative paths resolve against its directory."""
-    import yaml
+    """Fill ``cfg`` from a YAML stack file; relative paths resolve against its directory.
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"malformed YAML in stack file {path}{where}") from None
+    Hostile files are refused with one line: over ``MAX_STACK_BYTES``, not UTF-8, nested
+    too deeply for the parser, a key given twice, or a value of the wrong type. Aliases
+    (``&a``/``*a``) share one object, so a "billion laughs" file costs nothing until
+    something expands it: nothing here turns a value into text before its type is checked."""
+    data = _parse_stack(path)
     if not isinstance(data, dict):
         raise ConfigError(f"stack file {path} must be a mapping with 'lowers' (got {type(data).__name__})")
     unknown = set(data) - STACK_KEYS
@@ -360,15 +380,77 @@ def load_stack(path: str, cfg: MountConfig) -> None:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"stack file {path}: '{key}' must be a path")
         setattr(cfg, key, os.path.join(base, value))
-    options = data.get("options") or []
+    if any("\0" in p for p in (*cfg.lowers, cfg.upper or "", cfg.work or "")):
+        raise ConfigError(f"stack file {path}: a path contains a NUL byte")
+    for opt in _stack_options(path, data.get("options")):
+        apply_options(cfg, opt)
+
+
+def _parse_stack(path: str) -> object:
+    import yaml
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_STACK_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
+    if len(raw) > MAX_STACK_BYTES:
+        raise ConfigError(f"stack file {path} is too large (over {MAX_STACK_BYTES} bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"stack file {path} is not UTF-8 text (byte {e.start})") from None
+    try:
+        return yaml.load(text, Loader=_stack_loader())  # a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None)
+        what = f": {' '.join(str(problem).split())}" if problem else ""
+        raise ConfigError(f"malformed YAML in stack file {path}{where}{what}") from None
+    except RecursionError:  # the parser recurses per level of nesting
+        raise ConfigError(f"stack file {path} is nested too deeply") from None
+
+
+def _stack_options(path: str, options: object) -> list[str]:
+    """The ``options`` of a stack file as option strings: a list of strings (or numbers),
+    one string, or a mapping of names to scalar values (``true``: the bare name)."""
+    if options is None:
+        return []
     if isinstance(options, str):
-        options = [options]
+        return [options]
+    scalar = (str, int, float)  # (bool is an int)
     if isinstance(options, dict):
-        options = [k if v is True else f"{k}={v}" for k, v in options.items()]
-    if not isinstance(options, list):
-        raise ConfigError(f"stack file {path}: 'options' must be a list like [cache=shared]")
-    for opt in options:
-        apply_options(cfg, str(opt))
+        if all(isinstance(k, str) and isinstance(v, scalar) for k, v in options.items()):
+            return [k if v is True else f"{k}={v}" for k, v in options.items()]
+    elif isinstance(options, list) and all(isinstance(o, scalar) for o in options):
+        return [str(o) for o in options]
+    raise ConfigError(f"stack file {path}: 'options' must be a list of strings like [cache=shared]")
+
+
+_LOADER: list[type] = []
+
+
+def _stack_loader() -> type:
+    """yaml's SafeLoader that refuses a mapping key given twice (YAML says keys are
+    unique; PyYAML would keep the last silently)."""
+    if _LOADER:
+        return _LOADER[0]
+    import yaml
+
+    class StackLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: set[str] = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key.value!r} is given twice", key.start_mark)
+                    seen.add(key.value)
+            return super().construct_mapping(node, deep)
+
+    _LOADER.append(StackLoader)
+    return StackLoader
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -381,6 +463,8 @@ def _dir(path: str, what: str) -> str:
         st = os.stat(path)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
+    except ValueError:  # a NUL byte (a stack file's path)
+        raise ConfigError(f"{what} {path!r} contains a NUL byte") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise ConfigError(f"{what} {path} is a stale FUSE mount; recover with "
@@ -419,25 +503,41 @@ def _stale_fuse_mount(path: str, timeout: float = 2.0) -> bool:
 
 
 def _mounts() -> list[tuple[str, str]]:
-    """(mount point, fstype) of every mount in /proc/self/mountinfo."""
+    """(mount point, fstype) of every mount in /proc/self/mountinfo. Its paths are bytes
+    (read as ``os.fsdecode`` would), with space, tab, newline and backslash written as
+    ``\\ooo``: only those four are unescaped, never other bytes or ``\\x`` sequences."""
     out = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            field_ = left.split()[4]
-            out.append((field_.encode().decode("unicode_escape") if "\\" in field_ else field_,
-                        right.split()[0] if right else ""))
+            out.append((_unescape(left.split()[4]), right.split()[0] if right else ""))
     return out
+
+
+def _unescape(field_: str) -> str:
+    if "\\" not in field_:
+        return field_
+    for code in ("\\040", "\\011", "\\012", "\\134"):  # the backslash last
+        field_ = field_.replace(code, chr(int(code[1:], 8)))
+    return field_
 
 
 def mounted_paths() -> set[str]:
     """Mount points currently listed in /proc/self/mountinfo."""
-    out = set()
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            field_ = line.split()[4]
-            out.add(field_.encode().decode("unicode_escape") if "\\" in field_ else field_)
-    return out
+    return {mnt for mnt, _ in _mounts()}
+
+
+def _check_lowers_apart(lowers: list[str]) -> None:
+    """Refuse a lower layer given twice or inside another (the kernel: ELOOP). A nested one
+    would show its objects at two paths with one inode number, and a copy-up through one
+    path would leave the other showing the lower data. Sorted by components, a directory's
+    descendants follow it at once, so comparing neighbours finds every nesting."""
+    ordered = sorted(lowers, key=lambda p: p.split("/"))
+    for outer, inner in zip(ordered, ordered[1:]):
+        if inner == outer:
+            raise ConfigError(f"lowerdir {inner} is given twice")
+        if _is_within(inner, outer):
+            raise ConfigError(f"lowerdir {inner} is inside lowerdir {outer}")
 
 
 def validate(cfg: MountConfig) -> None:
@@ -448,6 +548,7 @@ def validate(cfg: MountConfig) -> None:
         missing = "workdir" if cfg.work is None else "upperdir"
         raise ConfigError(f"{missing} is missing: upperdir and workdir go together")
     cfg.lowers = [_dir(p, "lowerdir") for p in cfg.lowers]
+    _check_lowers_apart(cfg.lowers)
     if cfg.upper is not None and cfg.work is not None:
         cfg.upper = _dir(cfg.upper, "upperdir")
         cfg.work = _dir(cfg.work, "workdir")
@@ -455,11 +556,16 @@ def validate(cfg: MountConfig) -> None:
             raise ConfigError(f"upperdir {cfg.upper} and workdir {cfg.work} are on different filesystems")
         if _is_within(cfg.work, cfg.upper) or _is_within(cfg.upper, cfg.work):
             raise ConfigError(f"workdir {cfg.work} and upperdir {cfg.upper} must be separate subtrees")
+        for path, what in ((cfg.upper, "upperdir"), (cfg.work, "workdir")):
+            if os.statvfs(path).f_flag & os.ST_RDONLY:  # also for -o ro, as the kernel
+                raise ConfigError(f"{what} {path} is on a read-only filesystem")
         for lower in cfg.lowers:
             if _is_within(cfg.upper, lower) or _is_within(lower, cfg.upper):
                 raise ConfigError(f"upperdir {cfg.upper} overlaps lowerdir {lower}")
             if _is_within(cfg.work, lower):
                 raise ConfigError(f"workdir {cfg.work} is inside lowerdir {lower}")
+            if _is_within(lower, cfg.work):  # its work/ and index/ are emptied at mount
+                raise ConfigError(f"lowerdir {lower} is inside workdir {cfg.work}")
     if cfg.metacopy:
         if cfg.userxattr:
             raise ConfigError("metacopy=on cannot be used with userxattr: metadata-only copies "

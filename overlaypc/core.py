@@ -34,7 +34,7 @@ from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
 from .inumbers import InodeNumbers
-from .layer import join, moved, split
+from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
 from .nameless import NamelessDirs
 from .namespace import ROOT, Caller, Namespace
@@ -63,6 +63,19 @@ class DirHandle:
     at offset 0."""
     rel: str
     listing: list[DirEntry] | None = None
+
+
+@contextlib.contextmanager
+def _naming(layer: Layer) -> Iterator[None]:
+    """Errors of the layer's relative paths told with the layer's path (the CLI prints
+    them: 'workdir /w/work: Not a directory', not "[Errno 20] ...: 'work'")."""
+    try:
+        yield
+    except OSError as e:
+        if not isinstance(e.filename, str) or os.path.isabs(e.filename):
+            raise
+        where = os.path.join(layer.path, e.filename) if e.filename else layer.path
+        raise OSError(e.errno, f"{layer.name}dir {where}: {e.strerror}") from None
 
 
 class OverlayFS:
@@ -168,15 +181,16 @@ class OverlayFS:
             roots = indexroots.verify(self.stack, self.prefix)
         if self.stack.work is not None:
             check_incompat(self.stack.work)
-            clean_workdir(self.stack.work)
-            # copy-ups and new objects are built in workdir/work: its fd, held, spares them
-            # the walk from the workdir's root (nothing replaces it while mounted)
-            work_dir = self.stack.work.dir_fd(WORK_DIR)
-            self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
-            if self.writable:
-                whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
-            if self.config.volatile:
-                mark_volatile(self.stack.work)
+            with _naming(self.stack.work):
+                clean_workdir(self.stack.work)
+                # copy-ups and new objects are built in workdir/work: its fd, held, spares
+                # them the walk from the workdir's root (nothing replaces it while mounted)
+                work_dir = self.stack.work.dir_fd(WORK_DIR)
+                self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
+                if self.writable:
+                    whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
+                if self.config.volatile:
+                    mark_volatile(self.stack.work)
         if self.index is not None:
             self.index.prepare()
         if roots is not None:
@@ -476,6 +490,18 @@ class OverlayFS:
         ``then(the open, the node)`` in the creation's lock hold (if it fails, the file
         goes again: ``Files.create``)."""
         return self.files.create(rel, flags, mode, caller, then)
+
+    def tmpfile(self, rel: str, flags: int, mode: int, caller: Caller = ROOT,
+                then: "Callable[[OpenResult, Node], T] | None" = None
+                ) -> "tuple[OpenResult, Node, T | None]":
+        """``O_TMPFILE`` in the directory ``rel``: an open regular file with no name
+        (``Files.tmpfile``), its node, and ``then(the open, the node)`` in the lock hold
+        that made it."""
+        return self.files.tmpfile(rel, flags, mode, caller, then)
+
+    def link_open(self, fd: int, dst: str, then: "Callable[[Node], T] | None" = None) -> "T | None":
+        """A name ``dst`` for the open upper file ``fd`` that has none (``tmpfile``'s)."""
+        return self.namespace.link_open(fd, dst, then)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         return self.files.read(fh, size, offset)

@@ -16,8 +16,9 @@ import errno
 import os
 import stat
 
-from . import faults, killpriv, sysapi
+from . import acl, faults, killpriv, sysapi
 from .attrs import Attr, resolve_times
+from .copyup import is_private_xattr
 from .handles import Handle
 from .inodes import MetaFile, OverlayInode
 from .layer import DirFd, same_file
@@ -208,8 +209,27 @@ class Files:
         """A new regular file, opened; its node as made (``Namespace.create``), and
         ``then(the open, the node)``. The handle and ``then`` are made in the creation's
         lock hold: if either fails, the file goes again (nothing made, nothing open)."""
+        self.fs.room_for_open(rel)
+        return self.fs.namespace.create(rel, flags, mode, caller, self._opened_new(flags, then))
+
+    def tmpfile(self, rel: str, flags: int, mode: int, caller: Caller,
+                then: "Callable[[OpenResult, Node], T] | None" = None
+                ) -> "tuple[OpenResult, Node, T | None]":
+        """``O_TMPFILE`` in the directory ``rel``: a new regular file with no name, opened
+        (``Namespace.tmpfile``; counted in the open-file budget as any open), its node as
+        made (its path names nothing), and ``then(the open, the node)``. Its inode is
+        marked ``tmpfile``: LINK gives it names through its fd (``link_open``)."""
+        self.fs.room_for_open(rel)
+        # (no O_TMPFILE in the handle's flags: a reopen must never make another file)
+        return self.fs.namespace.tmpfile(rel, flags, mode, caller,
+                                         self._opened_new(flags & ~os.O_TMPFILE, then, tmpfile=True))
+
+    def _opened_new(self, flags: int, then: "Callable[[OpenResult, Node], T] | None", *,
+                    tmpfile: bool = False):
+        """The ``then`` of a creation that opens (``create``, ``tmpfile``): the new file's
+        handle, then ``then(the open, the node)``, made in the creation's lock hold; a
+        failure closes what was opened (and the creation undoes the file)."""
         fs = self.fs
-        fs.room_for_open(rel)
 
         def opened(fd: int, node: Node):
             try:
@@ -219,8 +239,10 @@ class Files:
                 os.close(fd)
                 raise
             try:
+                if tmpfile:
+                    inode.tmpfile = True
                 fs.inodes.forget_version(key)
-                result = self._register(inode, flags, rel, fd, inode.generation)
+                result = self._register(inode, flags, node.rel, fd, inode.generation)
             except BaseException:
                 os.close(fd)
                 fs.inodes.release(inode)
@@ -230,7 +252,13 @@ class Files:
             except BaseException:
                 fs.release(result.fh)  # (closes the fd)
                 raise
-        return fs.namespace.create(rel, flags, mode, caller, opened)
+        return opened
+
+    def dup_fd(self, inode: OverlayInode) -> int:
+        """A new fd of an open file (one of its handles', on its current backing): for a
+        change that takes the namespace lock, which a handle's lock is never held around
+        (a copy-up takes that inside it). ENOENT when none is open."""
+        return self._with_handle_fd(inode, os.dup)
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
@@ -390,9 +418,28 @@ class Files:
         if not inode.in_upper:
             return None
         with inode.lock:
-            if inode.privs_clean == inode.privs_epoch:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
                 raise OSError(errno.ENODATA, "no such attribute", killpriv.CAPABILITY_XATTR)
-        return handle.with_fd(_get_capability)
+        return handle.with_fd(lambda fd: self._capability_fd(inode, fd, epoch))
+
+    def _capability_fd(self, inode: OverlayInode, fd: int, epoch: int) -> bytes:
+        """``capability`` read through ``fd``; when absent and the file has no setuid/setgid
+        bit either, the file is known clean (``kill_privs``) from then on, so the next
+        question (untar: the kernel asks before the write and again before the chown) and
+        a killing write or chown read nothing. ``epoch``: ``privs_epoch`` read before the
+        file, as in ``_kill``: a chmod or setxattr meanwhile voids the mark (the handle is
+        open, so its inode is the one they bump). Not under an ownership mapping or
+        override, where the stored mode decides (``killpriv.kill_fd``)."""
+        try:
+            return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
+        except OSError as e:
+            if e.errno == errno.ENODATA and not self.fs.ownership.active \
+                    and not os.fstat(fd).st_mode & killpriv.PRIVILEGED_BITS:
+                with inode.lock:
+                    if inode.privs_epoch == epoch:
+                        inode.privs_clean = epoch
+            raise
 
     def setattr_open(self, fh: int, *, mode: int | None, ids: tuple[int, int] | None,
                      times: tuple[int, int] | None,
@@ -651,6 +698,61 @@ class Files:
     def utimens_inode(self, inode: OverlayInode, times: tuple[int, int] | None) -> None:
         self._on_nameless(inode, lambda fd, layer: self.fs.attrs.utime_fd(fd, times))
 
+    # -- xattrs of an open file with no name left (FUSE sends them by node, without a handle)
+    def _nameless_xattr_read(self, inode: OverlayInode, read: Callable[[str], T]) -> T:
+        """``read(magic link)`` of the file whose xattrs the nameless file shows: its upper
+        file (a metacopy one's whose data is still below too), else its lower file."""
+        if self.fs.config.noxattrs:
+            raise OSError(errno.ENOTSUP, "extended attributes are off (noxattrs=1)")
+        if not inode.in_upper and inode.meta_file is not None:
+            return self._with_meta_file(inode, lambda meta: read(f"/proc/self/fd/{meta.fd}"))
+        return self._with_handle_fd(inode, lambda fd: read(f"/proc/self/fd/{fd}"))
+
+    def getxattr_inode(self, inode: OverlayInode, name: str) -> bytes:
+        if is_private_xattr(name):
+            raise OSError(errno.ENODATA, "no such attribute", name)
+        try:
+            return self._nameless_xattr_read(inode, lambda link: os.getxattr(link, name))
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP and name in acl.NAMES:
+                raise OSError(errno.ENODATA, "no POSIX ACL on this layer", name) from None
+            raise
+
+    def listxattr_inode(self, inode: OverlayInode) -> list[str]:
+        try:
+            names = self._nameless_xattr_read(inode, os.listxattr)
+        except OSError as e:
+            if e.errno != errno.ENOTSUP or self.fs.config.noxattrs:
+                raise
+            return []
+        return [n for n in names if not is_private_xattr(n)]
+
+    def setxattr_inode(self, inode: OverlayInode, name: str, value: bytes, flags: int,
+                       kill_sgid: bool = False) -> None:
+        """As ``Attributes.setxattr`` (``kill_sgid``: ``Attributes.kill_sgid``'s case), on
+        the upper file; EROFS for a lower one (as ``chmod_inode``)."""
+        self._nameless_change(name)
+
+        def act(fd: int, layer) -> None:
+            os.setxattr(fd, name, value, flags)
+            own = self.fs.ownership
+            mode = own.stored_fd(layer, os.fstat(fd), fd).mode if kill_sgid else 0
+            if mode & stat.S_ISGID:
+                own.chmod_fd(layer, fd, stat.S_IMODE(mode) & ~stat.S_ISGID)
+        self._on_nameless(inode, act)
+        inode.privs_may_grow()
+
+    def removexattr_inode(self, inode: OverlayInode, name: str) -> None:
+        self._nameless_change(name)
+        self._on_nameless(inode, lambda fd, layer: os.removexattr(fd, name))
+
+    def _nameless_change(self, name: str) -> None:
+        self.fs.require_writable()
+        if self.fs.config.noxattrs:
+            raise OSError(errno.ENOTSUP, "extended attributes are off (noxattrs=1)")
+        if is_private_xattr(name):
+            raise OSError(errno.EPERM, "overlay-private attribute", name)
+
     def truncate_inode(self, inode: OverlayInode, length: int) -> None:
         def cut(fd: int, layer) -> None:
             with changing(inode):
@@ -699,10 +801,6 @@ class Files:
         handle = self.fs.handles.pop(fh)
         handle.close()
         self.fs.inodes.release(handle.inode)
-
-
-def _get_capability(fd: int) -> bytes:
-    return os.getxattr(fd, killpriv.CAPABILITY_XATTR)
 
 
 def _reopened(fd: int, flags: int, action, layer) -> None:

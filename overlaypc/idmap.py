@@ -111,7 +111,8 @@ def mount_id(fd: int) -> int | None:
 def mount_options(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> list[str] | None:
     """The per-mount options (field 6 of mountinfo) of mount ``mnt_id``; None when this
     process's mount namespace does not list it."""
-    try:  # (another mount's point may be named with bytes that are not UTF-8)
+    try:
+        # (paths there are bytes: one mount at a name that is not UTF-8 must not hide the rest)
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split(" ", 6)

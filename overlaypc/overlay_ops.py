@@ -17,7 +17,8 @@ errors to report at close), and locks are the kernel's own (no POSIX_LOCKS).
 
 Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
 name left is reached through one of its open handles (``Files.*_inode``); with none
-open, ENOENT. A directory with no name left (the kernel opens directories itself: no
+open, ENOENT. So is a file made by TMPFILE (O_TMPFILE), which never had one until a LINK
+names it through its fd (``_link_tmpfile``). A directory with no name left (the kernel opens directories itself: no
 handle) through what its node kept at the removal (``nameless``). Errors are ``OSError``:
 the session translates them.
 """
@@ -221,15 +222,23 @@ class OverlayOps(Operations):
             try:
                 node, attr = fs.lookup_attr(rel)
             except OSError as e:
-                if e.errno != errno.ENOENT:
+                # (ENOTDIR: a stale path whose component is no directory now, as a
+                # whiteout left at the old place of a moved directory, a file made there)
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
                     raise
                 if moves is None:
-                    return None
+                    if e.errno == errno.ENOENT:
+                        return None
+                    raise
                 # a rename of a directory above moves it on disk and in the table under
                 # one lock hold: under it, an unchanged count says the path was right when
                 # the lookup read the layers
                 with fs.ns_lock:
-                    return None if self._paths.moves == moves else _MOVED
+                    if self._paths.moves != moves:
+                        return _MOVED
+                if e.errno == errno.ENOENT:
+                    return None
+                raise
             key = fs.identity(node)
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
@@ -597,11 +606,26 @@ class OverlayOps(Operations):
     def access(self, req: Request, nodeid: int, mask: int) -> None:
         self._read_at(nodeid, lambda rel: self.fs.access(rel, mask))
 
+    def _nameless(self, nodeid: int, error: NoNameLeft, on_dir: "Callable[[GoneDir], T]",
+                  on_file: "Callable[[OverlayInode], T]") -> "T":
+        """A request by nodeid for a node with no name left: a removed directory through
+        what its node kept (``nameless``), an open file through one of its handles
+        (``files``, as its SETATTR); ``error`` re-raised for any other node."""
+        gone = self.nodes.gone(nodeid)
+        if isinstance(gone, GoneDir):
+            return on_dir(gone)
+        try:
+            _, inode = self._open_inode(nodeid)
+        except OSError:
+            raise error from None
+        return on_file(inode)
+
     def getxattr(self, req: Request, nodeid: int, name: str) -> bytes:
         try:
             return self._read_at(nodeid, lambda rel: self._getxattr(nodeid, rel, name))
         except NoNameLeft as e:
-            return self.fs.nameless.getxattr(self._gone(nodeid, e), name)
+            return self._nameless(nodeid, e, lambda gone: self.fs.nameless.getxattr(gone, name),
+                                  lambda inode: self.fs.files.getxattr_inode(inode, name))
 
     def _getxattr(self, nodeid: int, rel: str, name: str) -> bytes:
         if name == CAPABILITY_XATTR and not self.fs.config.noxattrs:
@@ -622,7 +646,8 @@ class OverlayOps(Operations):
         try:
             return self._read_at(nodeid, self.fs.listxattr)
         except NoNameLeft as e:
-            return self.fs.nameless.listxattr(self._gone(nodeid, e))
+            return self._nameless(nodeid, e, self.fs.nameless.listxattr,
+                                  self.fs.files.listxattr_inode)
 
     @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
@@ -634,15 +659,18 @@ class OverlayOps(Operations):
         try:
             self._at_node(nodeid, act)
         except NoNameLeft as e:
-            self.fs.nameless.setxattr(self._gone(nodeid, e), name, value, flags,
-                                      kill_sgid=bool(setxattr_flags & p.SETXATTR_ACL_KILL_SGID))
+            kill = bool(setxattr_flags & p.SETXATTR_ACL_KILL_SGID)
+            self._nameless(nodeid, e, lambda gone: self.fs.nameless.setxattr(
+                gone, name, value, flags, kill_sgid=kill), lambda inode: self.fs.files.setxattr_inode(
+                inode, name, value, flags, kill_sgid=kill))
 
     @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
         try:
             self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
         except NoNameLeft as e:
-            self.fs.nameless.removexattr(self._gone(nodeid, e), name)
+            self._nameless(nodeid, e, lambda gone: self.fs.nameless.removexattr(gone, name),
+                           lambda inode: self.fs.files.removexattr_inode(inode, name))
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
@@ -657,8 +685,36 @@ class OverlayOps(Operations):
             os.fsdecode(target), rel, _caller(req), then))
 
     def link(self, req: Request, nodeid: int, new_parent: int, new_name: bytes) -> Entry:
+        if self.nodes.path(nodeid) is None:
+            inode = self._tmpfile_inode(nodeid)
+            if inode is not None:
+                return self._link_tmpfile(inode, new_parent, new_name)
         return self._new(new_parent, new_name,
                          lambda rel, then: self.fs.link(self._path(nodeid), rel, then))
+
+    def _tmpfile_inode(self, nodeid: int) -> OverlayInode | None:
+        """The inode of a node made by TMPFILE (``Files.tmpfile``), through its open
+        handles; None for any other node, or one with none open."""
+        for fh in self.nodes.handles(nodeid):
+            try:
+                inode = self.fs.handles.get(fh).inode
+            except OSError:
+                continue  # released meanwhile
+            return inode if inode.tmpfile else None
+        return None
+
+    def _link_tmpfile(self, inode: OverlayInode, new_parent: int, new_name: bytes) -> Entry:
+        """LINK of a node with no name made by TMPFILE (``linkat`` of its fd, by
+        ``AT_EMPTY_PATH`` or ``/proc/self/fd``): its upper file linked through an fd of it
+        (``Namespace.link_open``); the new name's entry is the node's own (its key).
+        The kernel refuses to link an ``O_EXCL`` one itself (ENOENT), and so does the
+        upper filesystem."""
+        fd = self.fs.files.dup_fd(inode)
+        try:
+            return self._new(new_parent, new_name,
+                             lambda rel, then: self.fs.link_open(fd, rel, then))
+        finally:
+            os.close(fd)
 
     def _new(self, parent: int, name: bytes,
              make: "Callable[[str, Callable[[Node], Entry]], Entry]") -> Entry:
@@ -800,6 +856,31 @@ class OverlayOps(Operations):
             self.forget(entry.nodeid, 1)
             raise
         return entry, opened
+
+    def tmpfile(self, req: Request, parent: int, flags: int, mode: int,
+                open_flags: int = 0) -> tuple[Entry, Opened]:
+        """TMPFILE (``open(dir, O_TMPFILE)``): an open file with no name in directory
+        ``parent`` (``Files.tmpfile``), a node the table knows by its key only (no name:
+        reached by its handles, as an unlinked open file's; ``NodeTable.take_unnamed``),
+        with its entry's reference; LINK names it later (``_link_tmpfile``)."""
+        def change():
+            return self.fs.tmpfile(self._path(parent), flags, mode, _caller(req),
+                                   lambda result, node: self._made_unnamed(result, node))
+        result, _, entry = self._at_paths(change)
+        self.nodes.opened(entry.nodeid, result.fh)
+        try:
+            opened = self._opened(entry.nodeid, result, None)
+        except BaseException:
+            self.forget(entry.nodeid, 1)
+            raise
+        return entry, opened
+
+    def _made_unnamed(self, result, node: Node) -> Entry:
+        """``_made`` of a file made without a name: its attributes through its new handle
+        (its node's path names nothing), a node under its key alone."""
+        attr = file_attr(self.fs.files.getattr(result.fh))
+        nodeid = self.nodes.take_unnamed(self.fs.identity(node))
+        return Entry(nodeid, attr, self.timeout, self.timeout)
 
     def read(self, req: Request, nodeid: int, fh: int, buf: memoryview, offset: int) -> int:
         return self.fs.files.readinto(fh, buf, offset)

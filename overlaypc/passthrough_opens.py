@@ -6,7 +6,8 @@ Owns the policy around ``passthrough.Passthrough`` (the kernel's per-inode open 
   is in the upper layer (not a metacopy upper whose data is still below: its backing is
   the lower file) and every file of a read-only mount; not to an ``O_APPEND`` open (the
   kernel's backing file keeps the flag when ``fcntl`` clears it; such an open made while
-  the inode passes through must pass through too, and keeps appending). Never under ``handles=bind-at-open``
+  the inode passes through must pass through too: it is DIRECT_IO as well, which the
+  kernel serves through the daemon before passthrough). Never under ``handles=bind-at-open``
   (that debug mode exists to show the daemon's own handle binding; passthrough would
   hide it) nor with ``passthrough=off``.
 - **cache=shared with sharing=on** (one cached copy of reflinked data): a file with
@@ -104,7 +105,7 @@ class PassthroughOpens:
                 if writing is not None:
                     writing.__enter__()
                 self._opens[result.fh] = (nodeid, backing_id, inode, writing)
-            return self._answer(result, backing_id, keep, inode)
+            return self._answer(result, backing_id, keep, inode, handle.flags & os.O_APPEND)
         temp: list[int] = []
         if isinstance(target, Canonical):
             try:
@@ -129,11 +130,19 @@ class PassthroughOpens:
                 os.close(fd)  # the kernel holds its own reference to a registered file
         return self._answer(result, backing_id, keep, inode)
 
-    def _answer(self, result: OpenResult, backing_id: int, keep: bool, inode: OverlayInode) -> Opened:
+    def _answer(self, result: OpenResult, backing_id: int, keep: bool, inode: OverlayInode,
+                append: int = 0) -> Opened:
+        """``append``: an ``O_APPEND`` open, passing through only because its inode does
+        (``_choose`` offers none): the kernel's backing file for it would keep
+        ``O_APPEND`` after a ``fcntl`` cleared it, so it is DIRECT_IO too, which the kernel
+        serves before passthrough (its reads and writes come to the daemon, each write at
+        the offset the kernel gives it; mmap still maps the backing file)."""
         if not backing_id:
             return Opened(result.fh, direct_io=result.direct_io, keep_cache=keep)
         with inode.lock:  # the kernel dropped this node's cache: nothing is known kept
             inode.cached_version = -1
+        if append:
+            return Opened(result.fh, direct_io=True, backing_id=backing_id)
         self.fs.stats.add("passthrough_opens")
         return Opened(result.fh, backing_id=backing_id)
 

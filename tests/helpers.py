@@ -50,10 +50,11 @@ PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 # --------------------------------------------------------------------------------------
 
 def _read(path: str) -> str:
-    # (surrogateescape: /proc/self/mountinfo lists every mount on the machine, and another
-    # session's mount point may be named with bytes that are not UTF-8)
+    """The text of ``path``; "" if unreadable. Bytes that are not UTF-8 (a mount point
+    elsewhere on the machine named so, in mountinfo) are kept as surrogates, as
+    ``os.fsdecode`` keeps them."""
     try:
-        with open(path, errors="surrogateescape") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except OSError:
         return ""

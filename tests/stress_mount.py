@@ -14,10 +14,14 @@ on overlaypc's view, the kernel's read-only view and (index=on) the kernel mount
 same upper, work and index; oplogs of failing filers go to BASE/../oplog-pJ.txt. Found the
 GETATTR-after-rename-over and index=on open-file link-count defects (test_getattr_renamed_name,
 test_index_open_names).
+BIGDIR=N (soak11) adds a directory big/ of N lower names (some whited out) and N/10 upper
+ones, changed by a mutator while two listers list it, several listings open at once read in
+interleaved steps (``big_lister``: no name twice, every untouched name there).
 Each writer process owns its files (single writer per file) and keeps a model; it checks
 every read/stat against the model.  Listing and reader processes run concurrently.
 At the end: model vs merged view, stat vs fstat, kernel overlay (ro) on the same layers.
 """
+import dataclasses
 import errno
 import multiprocessing as mp
 import os
@@ -647,9 +651,9 @@ def pair_filer(j: int, root: str, objs: dict, next_id: int, seed: int, nops: int
             f.write("\n".join(map(repr, log)))
 
 
-def pair_view(root: Path, j: int, out: dict) -> list:
-    """The model of pair j against a view: content, owner, mode, nlink and which names share
-    one inode (by st_ino)."""
+def pair_view(root: Path, j: int, out: dict, owners: bool = True) -> list:
+    """The model of pair j against a view: content, owner, mode (unless not ``owners``),
+    nlink and which names share one inode (by st_ino)."""
     problems = []
     for i, (data, names) in out.items():
         inos = set()
@@ -664,6 +668,8 @@ def pair_view(root: Path, j: int, out: dict) -> list:
             inos.add(st.st_ino)
             have = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_nlink, got == data)
             want = (PAIR_MODES[i % 4], 2000 + i, len(names), True)
+            if not owners:
+                have, want = have[2:], want[2:]
             if have != want:
                 problems.append(f"{p_} (ID {i}): (mode, uid, nlink, same data) {have} != {want}"
                                 f" size {len(got)} vs {len(data)}")
@@ -676,6 +682,98 @@ def pair_view(root: Path, j: int, out: dict) -> list:
             if rel not in want_names:
                 problems.append(f"p{j}/{rel} listed, not in the model")
     return problems
+
+
+# --- a large directory (BIGDIR=N, soak11): listed while it changes. The lower holds b0..b{N-1},
+# the upper (merged) u0..u{N/10-1} and whiteouts of every b{i} with i % 17 == 0. "Stable" names
+# (b{i} with i < N/2 not whited out, even u{i}) are never touched; a mutator unlinks, creates
+# and renames among the others and c0..c{N/10-1}; listers hold several listings open at once,
+# read them in steps interleaved with each other, and check each whole one: no name twice,
+# every stable name there, nothing outside the names that can exist, no internal name.
+
+def big_names(n: int) -> tuple[set, set]:
+    """(stable names, every name that can exist) of the large directory."""
+    m = max(1, n // 10)
+    stable = {f"b{i}" for i in range(n // 2) if i % 17} | {f"u{i}" for i in range(0, m, 2)}
+    universe = ({f"b{i}" for i in range(n) if i % 17} | {f"u{i}" for i in range(m)}
+                | {f"c{i}" for i in range(m)})
+    return stable, universe
+
+
+def build_big(lower: Path, upper: Path, n: int) -> None:
+    (lower / "big").mkdir()
+    (upper / "big").mkdir()
+    for i in range(n):
+        (lower / "big" / f"b{i}").write_bytes(b"")
+        if i % 17 == 0:
+            os.mknod(upper / "big" / f"b{i}", stat.S_IFCHR | 0o600, 0)
+    for i in range(max(1, n // 10)):
+        (upper / "big" / f"u{i}").write_bytes(b"u")
+
+
+def big_mutator(root: str, n: int, stop, q, seed: int):
+    rng = random.Random(seed)
+    stable, universe = big_names(n)
+    volatile = sorted(universe - stable)
+    top = Path(root) / "big"
+    done = 0
+    try:
+        while not stop.is_set():
+            a, b = rng.choice(volatile), rng.choice(volatile)
+            op = rng.choice(["unlink", "create", "rename", "rename"])
+            try:
+                if op == "unlink":
+                    os.unlink(top / a)
+                elif op == "create":
+                    os.close(os.open(top / a, os.O_CREAT | os.O_WRONLY, 0o644))
+                else:
+                    os.rename(top / a, top / b)
+                done += 1
+            except FileNotFoundError:
+                pass
+        q.put(("bigmutator", "ok", done))
+    except BaseException as e:  # noqa
+        q.put(("bigmutator", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def big_lister(root: str, n: int, stop, q, idx: int, seed: int):
+    rng = random.Random(seed)
+    stable, universe = big_names(n)
+    top = Path(root) / "big"
+    listed = 0
+
+    def check(names, how):
+        if len(set(names)) != len(names):
+            twice = sorted({x for x in names if names.count(x) > 1})[:10]
+            raise Failure(f"{how}: names listed twice: {twice}")
+        bad = [x for x in names if x not in universe]
+        if bad:
+            raise Failure(f"{how}: names that cannot exist listed: {sorted(bad)[:10]}")
+        missing = stable - set(names)
+        if missing:
+            raise Failure(f"{how}: {len(missing)} stable names missing, e.g. {sorted(missing)[:10]}")
+    try:
+        while not stop.is_set():
+            its = [(os.scandir(top), []) for _ in range(rng.randint(1, 6))]
+            while its:  # interleaved, a random number of entries of one at a time
+                j = rng.randrange(len(its))
+                it, got = its[j]
+                end = False
+                for _ in range(rng.choice([1, 50, 500])):
+                    de = next(it, None)
+                    if de is None:
+                        end = True
+                        break
+                    got.append(de.name)
+                if end:
+                    it.close()
+                    its.pop(j)
+                    check(got, f"lister{idx} scandir ({len(got)} entries)")
+                    listed += 1
+            check(os.listdir(top), f"lister{idx} listdir")
+        q.put((f"biglister{idx}", "ok", listed))
+    except BaseException as e:  # noqa
+        q.put((f"biglister{idx}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
 def snapshot_model(models_out):
@@ -700,6 +798,9 @@ def main():
     npairs = int(os.environ.get("PAIRS", "0"))
     pair_models, next_id = build_pairs(base, lower, upper, npairs, random.Random(seed + 7),
                                        links="index=on" in options)
+    nbig = int(os.environ.get("BIGDIR", "0"))
+    if nbig:
+        build_big(lower, upper, nbig)
     opts = f"lowerdir={lower2}:{lower},upperdir={upper},workdir={work}"
     if options:
         opts += "," + options
@@ -724,6 +825,10 @@ def main():
                 j, str(mnt), pair_models[j], next_id + 10000 * j, seed * 100 + 50 + j, nops, q, done)))
             pair_aux += [mp.Process(target=pair_mover, args=(j, str(mnt), done, q, seed * 100 + 70 + j)),
                          mp.Process(target=pair_watcher, args=(j, str(mnt), stop, q))]
+        if nbig:
+            aux += [mp.Process(target=big_mutator, args=(str(mnt), nbig, stop, q, seed * 100 + 90))]
+            aux += [mp.Process(target=big_lister, args=(str(mnt), nbig, stop, q, i, seed * 100 + 91 + i))
+                    for i in range(2)]
         for p in procs + aux + pair_procs + pair_aux:
             p.start()
         for _ in range(len(procs) + len(pair_procs) + npairs):  # writers, filers, movers
@@ -796,6 +901,14 @@ def main():
         # kernel without the index; pair_view checks them with the kernel's index below
         ksnap = {k_: v for k_, v in ksnap.items() if not k_.startswith("p")}
         merged_before = {k_: v for k_, v in merged_before.items() if not k_.startswith("p")}
+    # under xattr_permissions overlaypc keeps owners and modes in override xattrs, which the
+    # kernel knows nothing of: it shows the objects' own, so those are not compared with it
+    masked = any(o.split("=", 1)[0] == "xattr_permissions" and o.split("=", 1)[-1] not in ("", "0")
+                 for o in options.split(","))
+    if ksnap is not None and masked:
+        ksnap = {k_: dataclasses.replace(v, mode=0, uid=0, gid=0) for k_, v in ksnap.items()}
+        merged_before = {k_: dataclasses.replace(v, mode=0, uid=0, gid=0)
+                         for k_, v in merged_before.items()}
     if ksnap is not None and ksnap != merged_before:
         problems.append("kernel view differs from overlaypc's:\n" +
                         helpers.diff_snapshots(ksnap, merged_before, ("kernel", "overlaypc"))[:4000])
@@ -811,6 +924,8 @@ def main():
                     continue
                 import hashlib
                 want = data if len(data) <= 4096 else "sha256:" + hashlib.sha256(data).hexdigest()
+                if masked:
+                    mode = uid = 0
                 if (e.content, e.mode, e.uid, e.gid) != (want, mode, uid, uid):
                     problems.append(f"kernel: {key}: {(e.mode, e.uid, e.gid, e.size)} vs model "
                                     f"{(mode, uid, uid, len(data))}, content same: {e.content == want}")
@@ -821,7 +936,7 @@ def main():
     if pairs_ok and ksnap is not None:  # the kernel reads the same objects at the same names
         with helpers.kernel_overlay(kmnt, [upper, lower2, lower], None, None, kopts) as km:
             for j in pairs_ok:
-                found = pair_view(km, j, results[f"filer{j}"][1])
+                found = pair_view(km, j, results[f"filer{j}"][1], owners=not masked)
                 if "index=on" in options:  # no index read-only: lower links not copied up split
                     found = [x for x in found if "nlink" not in x and "inode numbers" not in x]
                 problems += [f"kernel ro: {x}" for x in found]
@@ -830,11 +945,13 @@ def main():
         try:
             with helpers.kernel_overlay(kmnt, [lower2, lower], upper, work, kw) as km:
                 for j in pairs_ok:
-                    problems += [f"kernel index=on: {x}" for x in pair_view(km, j, results[f"filer{j}"][1])]
+                    problems += [f"kernel index=on: {x}" for x in pair_view(
+                        km, j, results[f"filer{j}"][1], owners=not masked)]
         except AssertionError as e:
             problems.append(f"kernel index=on mount: {e}")
     print(f"options={options!r} seed={seed}: {len(problems)} problems; results "
-          + ", ".join(f"{k}:{v[0]}" for k, v in results.items()))
+          + ", ".join(f"{k}:{v[0]}" + (f"({v[1]})" if isinstance(v[1], int) else "")
+                      for k, v in results.items()))
     for p in problems:
         print("PROBLEM:", p[:6000])
     return 1 if problems else 0

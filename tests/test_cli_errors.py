@@ -293,3 +293,140 @@ def test_stack_yaml_missing_file(env: Env):
 def test_stack_yaml_bad_lower(env: Env):
     bad = write(env.tmp / "badlower.yaml", f"lowers: [{env.lower}, {env.a_file}]\n")
     check_refused(env, ["--stack", bad, env.mnt], [env.a_file])
+
+
+# --- overlapping layers (hunt12) -----------------------------------------------------------
+
+def test_lower_inside_workdir(env: Env):
+    """workdir/work is emptied at mount: a lower layer in it must be refused before that
+    (the kernel refuses it as an overlapping lowerdir, but only after emptying work/)."""
+    precious = env.work / "work" / "precious"
+    precious.mkdir(parents=True)
+    (precious / "data").write_text("keep me")
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}:{precious}", f"upperdir={env.upper}",
+                                   f"workdir={env.work}"), env.mnt], [precious, env.work])
+    assert (precious / "data").read_text() == "keep me"
+
+
+def test_lower_inside_another_lower(env: Env):
+    """A lower inside another would show its objects at two paths with one inode number,
+    and a change through one path would not show at the other (the kernel: ELOOP)."""
+    inner = env.lower / "d"
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}:{inner}", f"upperdir={env.upper}",
+                                   f"workdir={env.work}"), env.mnt], [inner, env.lower])
+
+
+def test_lower_given_twice(env: Env):
+    check_refused(env, ["-o", f"lowerdir={env.lower}:{env.lower2}:{env.lower}", env.mnt],
+                  [env.lower])
+
+
+# --- mountinfo with escaped, non-ASCII and non-UTF-8 paths (hunt12) -------------------------
+
+@pytest.mark.parametrize("name", ["caf\u00e9 mnt", os.fsdecode(b"\xff mnt")], ids=["utf8", "not-utf8"])
+def test_mountpoint_already_a_mount_with_an_escaped_name(env: Env, name: str):
+    """mountinfo writes a space as \\040 and other bytes as they are: a mountpoint whose
+    name has both is still found in use (no traceback on a name that is not UTF-8)."""
+    helpers.require("root")
+    mnt = env.tmp / name
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        check_refused(env, ["-o", f"lowerdir={env.lower}", mnt], ["already in use"],
+                      mountpoint=mnt)
+        assert [m.fstype for m in helpers.mounts_at(mnt)] == ["tmpfs"]
+    finally:
+        helpers.force_unmount(mnt)
+
+
+def test_idmapped_mount_options_past_a_name_that_is_not_utf8(tmp_path: Path):
+    """The idmapped-layer check reads mountinfo too: a line it cannot decode as UTF-8 must
+    not make it miss the mount it looks for (it answered None: not idmapped)."""
+    from overlaypc import idmap
+    info = tmp_path / "mountinfo"
+    info.write_bytes(b"30 1 0:40 / /tmp/\xff\040x rw - tmpfs tmpfs rw\n"
+                     b"31 1 0:41 / /srv/layer rw,idmapped - ext4 /dev/sda1 rw\n")
+    assert idmap.mount_options(31, str(info)) == ["rw", "idmapped"]
+
+
+# --- read-only or unwritable upper (hunt12) --------------------------------------------------
+
+def test_upper_on_a_read_only_filesystem(env: Env, tmpfs_factory):
+    """As the kernel ("filesystem on U is read-only"), also for -o ro: named, not '[Errno 30] ... work'."""
+    fs = tmpfs_factory()
+    (fs / "u").mkdir()
+    (fs / "w").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    for extra in ([], ["ro"]):
+        check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={fs / 'u'}",
+                                       f"workdir={fs / 'w'}", *extra), env.mnt],
+                      [f"{fs / 'u'}", "read-only"])
+
+
+def test_workdir_not_writable_names_it(env: Env):
+    """A workdir/work that cannot be made (here: a file in its place, EEXIST/ENOTDIR) is
+    named with the workdir's path, not as a bare relative 'work'."""
+    (env.work / "work").write_text("in the way")
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                   f"workdir={env.work}"), env.mnt], [f"{env.work}/work"])
+
+
+# --- lowerdir+=, datadir+= and data-only layers (kernel 6.7+; hunt12) ------------------------
+
+@pytest.mark.parametrize("option, bad", [
+    ("lowerdir={lower}::{lower2}", "data-only"),
+    ("lowerdir+={lower},datadir+={lower2}", "data-only"),
+    ("lowerdir={lower},lowerdir+={lower2}", "lowerdir+"),
+    ("lowerdir+=", "lowerdir+"),
+])
+def test_kernel_layer_options_refused(env: Env, option: str, bad: str):
+    check_refused(env, ["-o", option.format(lower=env.lower, lower2=env.lower2), env.mnt], [bad])
+
+
+def test_lowerdir_plus_takes_paths_as_they_are(tmp_path: Path, overlay_mount):
+    """``lowerdir+=`` (kernel 6.8+) adds one layer, top first, with no ':' escaping; a later
+    ``lowerdir=`` replaces the layers given so far, as the kernel's."""
+    top = helpers.build_layer(tmp_path / "top:1", {"f": "top", "t": "t"})
+    bottom = helpers.build_layer(tmp_path / "bottom", {"f": "bottom", "b": "b"})
+    m = overlay_mount(f"lowerdir+={top},lowerdir+={bottom}")
+    assert (m.path / "f").read_text() == "top"
+    assert sorted(os.listdir(m.path)) == ["b", "f", "t"]
+    m.unmount()
+    m = overlay_mount(f"lowerdir+={top},lowerdir={bottom}")
+    assert sorted(os.listdir(m.path)) == ["b", "f"]
+
+
+# --- YAML stack files: hostile or broken input (hunt12) --------------------------------------
+
+ALIAS_BOMB = ", ".join(["&a [x, x, x, x, x, x, x, x, x]"] + [
+    f"&{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("text, bad", [
+    # aliases share one object: a billion-laughs bomb must not be expanded (to text) anywhere
+    (f"lowers: [{{lower}}]\noptions: {{{{k: [{ALIAS_BOMB}]}}}}\n", "options"),
+    (f"lowers: [{{lower}}]\noptions: [[{ALIAS_BOMB}]]\n", "options"),
+    ("lowers: [{lower}]\noptions: [[cache=shared]]\n", "options"),
+    ("lowers: " + "[" * 20000 + "]" * 20000 + "\n", "nested"),
+    ('lowers: ["{lower}\\0x"]\n', "NUL"),
+    ("lowers: [{lower}]\nlowers: [{lower2}]\n", "lowers"),
+], ids=["alias-bomb-dict", "alias-bomb-list", "nested-option", "deep", "nul-byte", "duplicate-key"])
+def test_stack_yaml_hostile(env: Env, text: str, bad: str):
+    stack = write(env.tmp / "hostile.yaml", text.format(lower=env.lower, lower2=env.lower2))
+    check_refused(env, ["--stack", stack, env.mnt], [bad])
+
+
+def test_stack_yaml_not_utf8(env: Env):
+    stack = env.tmp / "latin1.yaml"
+    stack.write_bytes(f"lowers: [{env.lower}]\n# caf\xe9\n".encode("latin-1"))
+    check_refused(env, ["--stack", stack, env.mnt], [stack, "UTF-8"])
+
+
+def test_stack_yaml_too_large(env: Env):
+    """A stack file is a few lines: a huge one (or a device) is refused, not parsed for minutes."""
+    stack = env.tmp / "huge.yaml"
+    with open(stack, "w") as f:
+        f.write(f"lowers: [{env.lower}]\n")
+        f.write(("#" + "x" * 1023 + "\n") * 2048)
+    check_refused(env, ["--stack", stack, env.mnt], [stack, "too large"])
+    check_refused(env, ["--stack", "/dev/zero", env.mnt], ["/dev/zero"])

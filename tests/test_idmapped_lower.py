@@ -143,3 +143,21 @@ def test_idmapped_lower_without_mapping_is_shown_as_it_is(idmapped_stack, overla
     assert _ids(mnt / "five") == (100005, 100006) and _ids(mnt / "plain") == (5, 6)
     os.chmod(mnt / "five", 0o600)
     assert stored(upper, "five")[:3] == (100005, 100006, 0o600)
+
+
+def test_a_mount_point_named_in_other_bytes_than_utf8_does_not_stop_a_mount(tmp_path, overlay_mount):
+    """Every mount reads mountinfo (is a lower on an idmapped mount?): a mount point
+    elsewhere on the machine whose name is not UTF-8 made that read raise
+    UnicodeDecodeError, and no mount could be made while it was there."""
+    odd = os.path.join(os.fsencode(tmp_path), b"mnt-\xff\xfe")
+    os.mkdir(odd)
+    subprocess.run([b"mount", b"-t", b"tmpfs", b"-o", b"size=1m", b"tmpfs", odd], check=True)
+    try:
+        lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+        for d in (lower, upper, work):
+            d.mkdir()
+        (lower / "f").write_text("lower")
+        mnt = overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work}").path
+        assert (mnt / "f").read_text() == "lower"
+    finally:
+        subprocess.run([b"umount", odd], check=True)

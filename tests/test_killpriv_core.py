@@ -188,3 +188,82 @@ def test_a_handle_left_on_the_lower_file_does_not_answer_for_its_copy(tmp_path):
         drv.settle()
     finally:
         drv.close()
+
+
+def test_a_capability_question_answered_absent_makes_the_file_known_clean(drv, tmp_path, kills,
+                                                                          monkeypatch):
+    """The kernel asks for security.capability before a write and again before a chown
+    (untar: twice per new file): once the handle found none, and no setuid/setgid bit, the
+    file is known clean; the next question and a killing write read nothing of the file.
+    A setxattr or chmod through any name voids that."""
+    node, fh = drv.create(drv.root(), "new", os.O_WRONLY, 0o755)
+    upper = tmp_path / "upper" / "new"
+    reads: list[str] = []
+    real_getxattr = os.getxattr
+    monkeypatch.setattr(os, "getxattr", lambda *a, **k: reads.append(a[1]) or real_getxattr(*a, **k))
+    assert _capability(drv, node.nodeid) is None
+    assert reads == ["security.capability"]
+    assert _capability(drv, node.nodeid) is None
+    _write(drv, fh, 3)
+    assert kills == [] and reads == ["security.capability"]
+    monkeypatch.setattr(os, "getxattr", real_getxattr)
+
+    alias = drv.link(node, drv.root(), "alias")
+    drv.ops.setxattr(REQ, alias.nodeid, "security.capability", CAP, 0)
+    assert _capability(drv, node.nodeid) == CAP
+    _write(drv, fh, 1)
+    assert len(kills) == 1 and "security.capability" not in os.listxattr(upper)
+    assert _capability(drv, node.nodeid) is None
+    drv.setattr(alias, mode=0o4755)
+    _write(drv, fh, 1)
+    assert len(kills) == 2 and stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
+    drv.release(fh)
+    drv.settle()
+
+
+def test_a_setuid_file_without_capability_is_not_known_clean(drv, tmp_path, kills):
+    node, fh = drv.create(drv.root(), "suid", os.O_WRONLY, 0o4755)
+    upper = tmp_path / "upper" / "suid"
+    assert stat.S_IMODE(os.lstat(upper).st_mode) == 0o4755
+    assert _capability(drv, node.nodeid) is None
+    _write(drv, fh, 1)
+    assert len(kills) == 1 and stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
+    drv.release(fh)
+    drv.settle()
+
+
+@pytest.mark.parametrize("change", ["chmod", "setxattr"])
+def test_a_change_while_the_capability_is_read_voids_the_mark(drv, tmp_path, kills, monkeypatch,
+                                                             change):
+    """A chmod u+s or a setxattr of the capability that lands while the handle reads the
+    capability (after the absent answer, before the mark) leaves the file not known clean:
+    a killing write strips what it set."""
+    node, fh = drv.create(drv.root(), "new", os.O_WRONLY, 0o755)
+    upper = tmp_path / "upper" / "new"
+    inode = drv.fs.handles.get(fh).inode
+    real_fstat = os.fstat
+    fired: list[bool] = []
+
+    def fstat(fd):
+        # what a chmod or setxattr by another thread does, in its order: the file
+        # changes, then the inode's epoch moves (here: in this thread, which holds the
+        # handle's lock, that a change through the handle would wait for)
+        if not fired:
+            fired.append(True)
+            if change == "chmod":
+                os.chmod(upper, 0o4755)
+            else:
+                os.setxattr(upper, "security.capability", CAP)
+            inode.privs_may_grow()
+        return real_fstat(fd)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    assert _capability(drv, node.nodeid) is None   # (read before the change)
+    monkeypatch.setattr(os, "fstat", real_fstat)
+    assert fired
+    _write(drv, fh, 1)
+    assert len(kills) == 1
+    assert stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
+    assert "security.capability" not in os.listxattr(upper)
+    drv.release(fh)
+    drv.settle()

@@ -756,3 +756,26 @@ def test_change_by_node_that_copies_up_ends_while_renames_above_keep_coming(
     finally:
         faults.configure(None)
         drv.close()
+
+
+def test_lookup_whose_directory_moved_before_its_entry_was_read_answers_the_entry(drv):
+    """LOOKUP of ``f`` in ``d/sub``: before its entry is read (``ops.lookup``, the path
+    ``d/sub/f`` made), ``d`` is renamed to ``dx`` and a file takes the name ``d``: the
+    stale path then has a component that is not a directory (ENOTDIR, where a name gone
+    gives ENOENT). Found by stress_mount PAIRS=1 xattr_permissions=2 seed 2001 (soak11,
+    then through a LINK's read-back, which main now makes in its lock hold): the request
+    answered ENOTDIR for a name that is there. The entry must be read again at the
+    current path."""
+    sub = drv.lookup(drv.lookup(drv.root(), "d"), "sub")
+    f = drv.lookup(sub, "f")
+
+    def meanwhile():
+        drv.rename(drv.root(), "d", drv.root(), "dx")
+        drv.release(drv.create(drv.root(), "d", os.O_WRONLY, 0o644)[1])
+    entry = paused_at("ops.lookup", lambda: drv.ops.lookup(REQ, sub.nodeid, b"f"), meanwhile)
+    assert not isinstance(entry, Exception), f"lookup answered {entry!r}"
+    assert entry.nodeid == f.nodeid
+    drv.ops.forget(entry.nodeid, 1)
+    dx = drv.lookup(drv.root(), "dx")
+    assert drv.lookup(drv.lookup(dx, "sub"), "f").nodeid == f.nodeid
+    drv.settle()
