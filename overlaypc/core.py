@@ -145,8 +145,8 @@ class OverlayFS:
             self.copyup.inos = self.inos
         self.index: IndexDir | None = None
         if config.index and self.stack.work is not None:
-            from .index import IndexDir
-            self.index = IndexDir(self.stack.work, self.prefix)
+            from . import index  # (only with index=on: not imported at a default mount)
+            self.index = index.IndexDir(self.stack.work, self.prefix)
             self.lookup.index = self.index
             assert self.copyup is not None
             self.copyup.index = self.index
