@@ -787,9 +787,9 @@ class Files:
             raise OSError(errno.ENOENT, "file no longer open")
         try:
             with self._truncating(inode, flags):
-                fd, generation = self._reopen_current(inode, flags)
+                fd, generation, path = self._reopen_current(inode, flags)
             try:
-                return self._register(inode, flags, inode.rel, fd, generation)
+                return self._register(inode, flags, path, fd, generation)
             except BaseException:
                 os.close(fd)
                 raise
@@ -797,11 +797,13 @@ class Files:
             fs.inodes.release(inode)
             raise
 
-    def _reopen_current(self, inode: OverlayInode, flags: int) -> tuple[int, int]:
+    def _reopen_current(self, inode: OverlayInode, flags: int) -> tuple[int, int, str]:
         """A new fd (``flags``, filtered as any backing fd's) of the inode's current backing
-        through one of its handles on it, and the generation it belongs to; the new fd is
-        checked to be that backing (a copy-up through another name of the object may rebind
-        the inode meanwhile: the new handle then follows it as any other)."""
+        through one of its handles on it, the generation it belongs to, and the name that
+        handle was opened by (for messages). The new fd is checked to be that backing: a
+        copy-up through another name of the object (index=on) may rebind the inode between
+        the generation read and the open (then again, through a handle moved to the new
+        backing), or after the check (the new handle then follows it as any other)."""
         flags = flags & OPEN_FLAGS | os.O_CLOEXEC
 
         def reopen(fd: int) -> tuple[int, int]:
@@ -813,15 +815,23 @@ class Files:
                 raise StaleBacking(errno.ESTALE, "backing file moved", inode.rel)
             return new, generation
 
-        for handle in self.fs.handles.for_inode(inode):
-            if handle.follow:
+        for attempt in (1, 2, 3):
+            for handle in self.fs.handles.for_inode(inode):
+                if handle.follow:
+                    try:
+                        self._fd(handle)  # (a following handle moves to the current backing)
+                    except OSError:
+                        continue  # closed meanwhile
                 try:
-                    self._fd(handle)  # (a following handle moves to the current backing)
-                except OSError:
-                    continue  # closed meanwhile
-            done = handle.with_fd(reopen, current=True)
-            if done is not None:
-                return done
+                    done = handle.with_fd(reopen, current=True)
+                except StaleBacking:
+                    if attempt == 3:
+                        raise
+                    break  # (rebound meanwhile: all over again)
+                if done is not None:
+                    return (*done, handle.path)
+            else:
+                break
         raise OSError(errno.ENOENT, "no open handle on the file's current backing")
 
     def getattr(self, fh: int) -> Attr:
