@@ -1,4 +1,4 @@
-"""Review12: an ``O_APPEND`` open of an upper file another open passes through is answered
+"""An ``O_APPEND`` open of an upper file another open passes through is answered
 passthrough with DIRECT_IO (soak11, ``PassthroughOpens._answer``). What else that open
 does, against the kernel overlay: ``mmap`` of it (``MAP_SHARED`` stores seen by the other
 open's reads and by its own), its writes seen by a mapping of the other open and by the

@@ -1,4 +1,4 @@
-"""Review12: a creation's reply entry (built in its lock hold from the stat it holds,
+"""A creation's reply entry (built in its lock hold from the stat it holds,
 ``OverlayOps._made``) says what a later LOOKUP and GETATTR say, in every configuration
 that changes inode numbers or shown attributes: xino (lower on another filesystem),
 index=on, metacopy=on, xattr_permissions=1/2, uidmapping, another user's object (built in

@@ -1,4 +1,4 @@
-"""Review12: a file marked known-clean of privileges at its first capability question
+"""A file marked known-clean of privileges at its first capability question
 (speed10, ``Files._capability_fd``) is checked again after privileges came back through
 another name of the same inode: an upper hard link's other name, an index=on lower hard
 link's other name (the change reaches the shared index entry), the file's new name

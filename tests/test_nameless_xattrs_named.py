@@ -1,4 +1,4 @@
-"""Review12: xattr changes of an open file whose last name went (soak11,
+"""Xattr changes of an open file whose last name went (
 ``Files.setxattr_inode``) do what the same changes by name do: an access ACL set with
 SETXATTR_ACL_KILL_SGID drops S_ISGID, security.capability set through the handle is
 stripped by the next killing write (no stale known-clean mark), override xattrs

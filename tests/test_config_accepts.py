@@ -1,4 +1,4 @@
-"""Review12: invocations valid before hunt12's checks are still accepted (layers given with
+"""Invocations valid before the overlap and data-only checks are still accepted (layers given with
 trailing slashes and ``./``, relative paths, symlinked layers that resolve to distinct
 directories, a layer named like a sibling's prefix, ``lowerdir+=``, a stack file with a YAML
 merge key in its options and ``~`` for no upper), and the refusals match the kernel's
