@@ -1,5 +1,5 @@
-"""Xattr changes of an open file whose last name went (
-``Files.setxattr_inode``) do what the same changes by name do: an access ACL set with
+"""Xattr changes of an open file whose last name went
+(``Files.setxattr_inode``) do what the same changes by name do: an access ACL set with
 SETXATTR_ACL_KILL_SGID drops S_ISGID, security.capability set through the handle is
 stripped by the next killing write (no stale known-clean mark), override xattrs
 (xattr_permissions) stay hidden and refused. Each step on a named and a nameless copy of
