@@ -17,11 +17,11 @@ Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr
   * each real number is mapped through the stack's ``xino`` scheme, so layers on
     different filesystems never collide.
 Decoding costs syscalls; results are cached by (dev, ino, ctime) of the upper object,
-which changes whenever the object does. Caveat: a reused inode number hits a stale entry
-only if the new object's ctime equals the old one's to the nanosecond (a filesystem with
-coarse timestamps, an object removed and its number reused within one tick; multigrain
-timestamps since Linux 6.13 make that practically impossible; a probe of 300 reuses on ext4
-saw none). The entry would then show the old object's inode number.
+which changes whenever the object does. An object the mount makes (a creation: ``made``; a
+copy-up: ``copied``) sets its own entry, so a reused inode number whose new object has the
+old one's ctime to the nanosecond (coarse timestamps before Linux 6.13's multigrain ones, a
+number reused within one tick) cannot hit the old entry; only an object made behind the
+mount's back could (a documented caveat).
 A change of the object (a chmod, a name made or removed in a directory) changes its ctime
 but rarely its origin: on such a miss the origin xattr is read again (one call) and a
 decoded origin is taken from a second cache keyed by the xattr's bytes and the object's
