@@ -7,7 +7,6 @@ chmod u+s and setxattr security.capability; then a killing write through the han
 clean must strip them. Driven without FUSE (``core_driver``)."""
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
@@ -15,19 +14,12 @@ import pytest
 
 import helpers
 from core_driver import REQ, CoreDriver
+from test_killpriv_core import _capability
 from overlaypc.engine import protocol as p
 from overlaypc.engine.ops import Request
 
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep, v2
 WRITER = Request(uid=65534, gid=65534, pid=os.getpid())
-
-
-def _capability(drv: CoreDriver, nodeid: int) -> bytes | None:
-    try:
-        return drv.ops.getxattr(REQ, nodeid, "security.capability")
-    except OSError as e:
-        assert e.errno == errno.ENODATA, e
-        return None
 
 
 @pytest.mark.parametrize("change", ["chmod", "setcap"])
