@@ -492,15 +492,17 @@ class Namespace:
         self._prepare_new(dst_rel)
         with self._changing():
             def linked(st: os.stat_result | None):
-                if then is None:
-                    return None
-                node = self.fs.lookup.lookup(dst_rel)
-                if not node.exists:
-                    raise OSError(errno.ENOENT, "vanished while it was linked", dst_rel)
-                return then(node)
+                return None if then is None else then(self._linked_node(dst_rel))
 
             return self._place_new(dst_rel, lambda layer, where, mode: layer.do_link_fd(fd, where),
                                    None, os.fstat(fd).st_mode, linked)
+
+    def _linked_node(self, rel: str) -> Node:
+        """The node of the name a link just made (looked up in the link's lock hold)."""
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "vanished while it was linked", rel)
+        return node
 
     def _then_made(self, rel: str, then: "Callable[[Node], T] | None"):
         """``_place_new``'s ``then`` for mkdir, mknod and symlink."""
@@ -560,12 +562,7 @@ class Namespace:
                 if shared is not None:
                     self._count_link(shared, +1)
                 try:
-                    if then is None:
-                        return None
-                    node = self.fs.lookup.lookup(dst_rel)
-                    if not node.exists:
-                        raise OSError(errno.ENOENT, "vanished while it was linked", dst_rel)
-                    return then(node)
+                    return None if then is None else then(self._linked_node(dst_rel))
                 except BaseException:
                     if shared is not None:  # (the upper name goes again: the inode's links too)
                         self._count_link(shared, -1, -1)
