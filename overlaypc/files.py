@@ -20,7 +20,7 @@ from . import acl, faults, killpriv, sysapi
 from .attrs import Attr, resolve_times
 from .copyup import is_private_xattr
 from .handles import Handle
-from .inodes import MetaFile, OverlayInode
+from .inodes import OPEN_FLAGS, MetaFile, OverlayInode, StaleBacking
 from .layer import DirFd, same_file
 from .lookup import Entry, Node
 from .namespace import Caller
@@ -760,6 +760,79 @@ class Files:
         self._on_nameless(inode, cut, os.O_WRONLY)
         with inode.lock:
             inode.data_version += 1
+
+    def open_inode(self, inode: OverlayInode, flags: int) -> OpenResult:
+        """OPEN of a file with no name left (``open("/proc/self/fd/N")`` of an unlinked,
+        renamed-over or unnamed ``O_TMPFILE`` file): a new handle of ``inode`` on a new fd
+        of its *current* backing, opened through the magic link of one of its handles' fd
+        that is on that backing (never by path, never an older backing a handle kept under
+        ``handles=bind-at-open``; ENOENT when none is). ``O_TRUNC`` empties it (an upper
+        file). Write access to a file whose data is still below needs a copy-up, which
+        needs a name: EEXIST for a lower file, as the kernel overlay answers (its copy-up
+        finds the name taken by the whiteout or the file renamed over it); EROFS for a
+        metacopy one (the kernel overlay copies the data into its unlinked upper file).
+        The open-file budget was checked by the caller (``OverlayOps.open``)."""
+        fs = self.fs
+        if flags & _WRITE_INTENT:
+            fs.require_writable()
+            if not inode.in_upper:
+                if inode.meta_file is not None:
+                    raise OSError(errno.EROFS, "a metacopy file with no name left cannot "
+                                  "have its data copied up")
+                raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")
+        # creation flags mean nothing here (the file exists; O_TMPFILE would make another),
+        # and O_NOFOLLOW would refuse the magic link itself
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_TMPFILE | os.O_NOFOLLOW)
+        if not fs.inodes.hold(inode):  # (the reference the new handle keeps)
+            raise OSError(errno.ENOENT, "file no longer open")
+        try:
+            with self._truncating(inode, flags):
+                fd, generation, path = self._reopen_current(inode, flags)
+            try:
+                return self._register(inode, flags, path, fd, generation)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            fs.inodes.release(inode)
+            raise
+
+    def _reopen_current(self, inode: OverlayInode, flags: int) -> tuple[int, int, str]:
+        """A new fd (``flags``, filtered as any backing fd's) of the inode's current backing
+        through one of its handles on it, the generation it belongs to, and the name that
+        handle was opened by (for messages). The new fd is checked to be that backing: a
+        copy-up through another name of the object (index=on) may rebind the inode between
+        the generation read and the open (then again, through a handle moved to the new
+        backing), or after the check (the new handle then follows it as any other)."""
+        flags = flags & OPEN_FLAGS | os.O_CLOEXEC
+
+        def reopen(fd: int) -> tuple[int, int]:
+            generation = inode.generation  # (the handle is on it: ``with_fd(current=True)``)
+            new = os.open(f"/proc/self/fd/{fd}", flags)
+            st = os.fstat(new)
+            if (st.st_dev, st.st_ino) != inode.backing:
+                os.close(new)
+                raise StaleBacking(errno.ESTALE, "backing file moved", inode.rel)
+            return new, generation
+
+        for attempt in (1, 2, 3):
+            for handle in self.fs.handles.for_inode(inode):
+                if handle.follow:
+                    try:
+                        self._fd(handle)  # (a following handle moves to the current backing)
+                    except OSError:
+                        continue  # closed meanwhile
+                try:
+                    done = handle.with_fd(reopen, current=True)
+                except StaleBacking:
+                    if attempt == 3:
+                        raise
+                    break  # (rebound meanwhile: all over again)
+                if done is not None:
+                    return (*done, handle.path)
+            else:
+                break
+        raise OSError(errno.ENOENT, "no open handle on the file's current backing")
 
     def getattr(self, fh: int) -> Attr:
         handle = self.fs.handles.get(fh)

@@ -17,7 +17,8 @@ errors to report at close), and locks are the kernel's own (no POSIX_LOCKS).
 
 Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
 name left is reached through one of its open handles (``Files.*_inode``); with none
-open, ENOENT. So is a file made by TMPFILE (O_TMPFILE), which never had one until a LINK
+open, ENOENT. OPEN of it (``open("/proc/self/fd/N")``) makes another handle of the same
+inode through one of those handles' fd (``Files.open_inode``). So is a file made by TMPFILE (O_TMPFILE), which never had one until a LINK
 names it through its fd (``_link_tmpfile``). A directory with no name left (the kernel opens directories itself: no
 handle) through what its node kept at the removal (``nameless``). Errors are ``OSError``:
 the session translates them.
@@ -804,7 +805,10 @@ class OverlayOps(Operations):
         # then would lose the lower data for an open that failed
         self.fs.room_for_open(None)
         try:
-            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True))
+            try:
+                result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True))
+            except NoNameLeft:  # (raised before anything was done)
+                result = self._open_nameless(nodeid, flags)
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
                 try:
                     self._kill_privs(req, nodeid, None, result.fh)
@@ -818,6 +822,12 @@ class OverlayOps(Operations):
                 self._changed()
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
+
+    def _open_nameless(self, nodeid: int, flags: int):
+        """OPEN of a node with no name left (``open("/proc/self/fd/N")``): a new handle of
+        the inode one of its open handles holds (``Files.open_inode``); ENOENT with none."""
+        _, inode = self._open_inode(nodeid)
+        return self.fs.files.open_inode(inode, flags)
 
     def _opened(self, nodeid: int, result, era: int | None, req: Request | None = None,
                 flags: int = os.O_RDONLY) -> Opened:
