@@ -241,6 +241,23 @@ def _fuse_overlayfs_flags(cfg: MountConfig) -> list[str]:
     return flags
 
 
+#: set by ``__main__``, which paused garbage collection for the start-up's imports
+gc_paused = False
+
+
+def resume_gc() -> None:
+    """Turn garbage collection back on, if ``__main__`` paused it, once the mount is built:
+    what start-up made first goes to the collector's permanent generation (``gc.freeze``:
+    it lives as long as the mount, and no collection ever walks it again; collecting it
+    now would cost what pausing saved). Caveat: cyclic garbage start-up left stays."""
+    global gc_paused
+    if gc_paused:
+        import gc
+        gc.freeze()
+        gc.enable()
+        gc_paused = False
+
+
 def mount_main(argv: list[str]) -> int:
     try:
         cfg = parse_mount_args(argv)
@@ -279,6 +296,7 @@ def mount_main(argv: list[str]) -> int:
     flags += ["default_permissions"] + [name for name, on in mode.items() if on]
     ops = OverlayOps(fs)
     opts = channel.MountOptions(fsname=cfg.source.replace(",", "_"), options=flags)
+    resume_gc()  # before the mount: requests run with the collector on
     try:
         return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground)
     except OSError as e:

@@ -20,7 +20,7 @@ from . import acl, faults, killpriv, sysapi
 from .attrs import Attr, resolve_times
 from .copyup import is_private_xattr
 from .handles import Handle
-from .inodes import MetaFile, OverlayInode
+from .inodes import OPEN_FLAGS, MetaFile, OverlayInode, StaleBacking
 from .layer import DirFd, same_file
 from .lookup import Entry, Node
 from .namespace import Caller
@@ -209,8 +209,27 @@ class Files:
         """A new regular file, opened; its node as made (``Namespace.create``), and
         ``then(the open, the node)``. The handle and ``then`` are made in the creation's
         lock hold: if either fails, the file goes again (nothing made, nothing open)."""
+        self.fs.room_for_open(rel)
+        return self.fs.namespace.create(rel, flags, mode, caller, self._opened_new(flags, then))
+
+    def tmpfile(self, rel: str, flags: int, mode: int, caller: Caller,
+                then: "Callable[[OpenResult, Node], T] | None" = None
+                ) -> "tuple[OpenResult, Node, T | None]":
+        """``O_TMPFILE`` in the directory ``rel``: a new regular file with no name, opened
+        (``Namespace.tmpfile``; counted in the open-file budget as any open), its node as
+        made (its path names nothing), and ``then(the open, the node)``. Its inode is
+        marked ``tmpfile``: LINK gives it names through its fd (``link_open``)."""
+        self.fs.room_for_open(rel)
+        # (no O_TMPFILE in the handle's flags: a reopen must never make another file)
+        return self.fs.namespace.tmpfile(rel, flags, mode, caller,
+                                         self._opened_new(flags & ~os.O_TMPFILE, then, tmpfile=True))
+
+    def _opened_new(self, flags: int, then: "Callable[[OpenResult, Node], T] | None", *,
+                    tmpfile: bool = False):
+        """The ``then`` of a creation that opens (``create``, ``tmpfile``): the new file's
+        handle, then ``then(the open, the node)``, made in the creation's lock hold; a
+        failure closes what was opened (and the creation undoes the file)."""
         fs = self.fs
-        fs.room_for_open(rel)
 
         def opened(fd: int, node: Node):
             try:
@@ -220,8 +239,10 @@ class Files:
                 os.close(fd)
                 raise
             try:
+                if tmpfile:
+                    inode.tmpfile = True
                 fs.inodes.forget_version(key)
-                result = self._register(inode, flags, rel, fd, inode.generation)
+                result = self._register(inode, flags, node.rel, fd, inode.generation)
             except BaseException:
                 os.close(fd)
                 fs.inodes.release(inode)
@@ -231,7 +252,13 @@ class Files:
             except BaseException:
                 fs.release(result.fh)  # (closes the fd)
                 raise
-        return fs.namespace.create(rel, flags, mode, caller, opened)
+        return opened
+
+    def dup_fd(self, inode: OverlayInode) -> int:
+        """A new fd of an open file (one of its handles', on its current backing): for a
+        change that takes the namespace lock, which a handle's lock is never held around
+        (a copy-up takes that inside it). ENOENT when none is open."""
+        return self._with_handle_fd(inode, os.dup)
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
@@ -733,6 +760,79 @@ class Files:
         self._on_nameless(inode, cut, os.O_WRONLY)
         with inode.lock:
             inode.data_version += 1
+
+    def open_inode(self, inode: OverlayInode, flags: int) -> OpenResult:
+        """OPEN of a file with no name left (``open("/proc/self/fd/N")`` of an unlinked,
+        renamed-over or unnamed ``O_TMPFILE`` file): a new handle of ``inode`` on a new fd
+        of its *current* backing, opened through the magic link of one of its handles' fd
+        that is on that backing (never by path, never an older backing a handle kept under
+        ``handles=bind-at-open``; ENOENT when none is). ``O_TRUNC`` empties it (an upper
+        file). Write access to a file whose data is still below needs a copy-up, which
+        needs a name: EEXIST for a lower file, as the kernel overlay answers (its copy-up
+        finds the name taken by the whiteout or the file renamed over it); EROFS for a
+        metacopy one (the kernel overlay copies the data into its unlinked upper file).
+        The open-file budget was checked by the caller (``OverlayOps.open``)."""
+        fs = self.fs
+        if flags & _WRITE_INTENT:
+            fs.require_writable()
+            if not inode.in_upper:
+                if inode.meta_file is not None:
+                    raise OSError(errno.EROFS, "a metacopy file with no name left cannot "
+                                  "have its data copied up")
+                raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")
+        # creation flags mean nothing here (the file exists; O_TMPFILE would make another),
+        # and O_NOFOLLOW would refuse the magic link itself
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_TMPFILE | os.O_NOFOLLOW)
+        if not fs.inodes.hold(inode):  # (the reference the new handle keeps)
+            raise OSError(errno.ENOENT, "file no longer open")
+        try:
+            with self._truncating(inode, flags):
+                fd, generation, path = self._reopen_current(inode, flags)
+            try:
+                return self._register(inode, flags, path, fd, generation)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            fs.inodes.release(inode)
+            raise
+
+    def _reopen_current(self, inode: OverlayInode, flags: int) -> tuple[int, int, str]:
+        """A new fd (``flags``, filtered as any backing fd's) of the inode's current backing
+        through one of its handles on it, the generation it belongs to, and the name that
+        handle was opened by (for messages). The new fd is checked to be that backing: a
+        copy-up through another name of the object (index=on) may rebind the inode between
+        the generation read and the open (then again, through a handle moved to the new
+        backing), or after the check (the new handle then follows it as any other)."""
+        flags = flags & OPEN_FLAGS | os.O_CLOEXEC
+
+        def reopen(fd: int) -> tuple[int, int]:
+            generation = inode.generation  # (the handle is on it: ``with_fd(current=True)``)
+            new = os.open(f"/proc/self/fd/{fd}", flags)
+            st = os.fstat(new)
+            if (st.st_dev, st.st_ino) != inode.backing:
+                os.close(new)
+                raise StaleBacking(errno.ESTALE, "backing file moved", inode.rel)
+            return new, generation
+
+        for attempt in (1, 2, 3):
+            for handle in self.fs.handles.for_inode(inode):
+                if handle.follow:
+                    try:
+                        self._fd(handle)  # (a following handle moves to the current backing)
+                    except OSError:
+                        continue  # closed meanwhile
+                try:
+                    done = handle.with_fd(reopen, current=True)
+                except StaleBacking:
+                    if attempt == 3:
+                        raise
+                    break  # (rebound meanwhile: all over again)
+                if done is not None:
+                    return (*done, handle.path)
+            else:
+                break
+        raise OSError(errno.ENOENT, "no open handle on the file's current backing")
 
     def getattr(self, fh: int) -> Attr:
         handle = self.fs.handles.get(fh)

@@ -103,6 +103,9 @@ class OverlayInode:
     #: its backing had more than one link once (index=on: an upper hard link of an index
     #: entry keeps being one when its names are gone and the entry has one link left)
     linked: bool = False
+    #: made with O_TMPFILE (``Files.tmpfile``): an upper file made without a name, which
+    #: LINK names through its fd
+    tmpfile: bool = False
     #: merged path of a metacopy file whose data is read from below
     meta_rel: str | None = None
     #: ... and its upper file, held while the inode lives (see the module docstring)

@@ -17,7 +17,11 @@ Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr
   * each real number is mapped through the stack's ``xino`` scheme, so layers on
     different filesystems never collide.
 Decoding costs syscalls; results are cached by (dev, ino, ctime) of the upper object,
-which changes whenever the object does, so a reused inode number never hits a stale entry.
+which changes whenever the object does. An object the mount makes (a creation: ``made``; a
+copy-up: ``copied``) sets its own entry, so a reused inode number whose new object has the
+old one's ctime to the nanosecond (coarse timestamps before Linux 6.13's multigrain ones, a
+number reused within one tick) cannot hit the old entry; only an object made behind the
+mount's back could (a documented caveat).
 A change of the object (a chmod, a name made or removed in a directory) changes its ctime
 but rarely its origin: on such a miss the origin xattr is read again (one call) and a
 decoded origin is taken from a second cache keyed by the xattr's bytes and the object's

@@ -483,6 +483,19 @@ class Layer:
         self._change("create", rel, oct(mode))
         return self.open(rel, flags | os.O_CREAT, mode)
 
+    def do_tmpfile(self, rel: str, flags: int, mode: int) -> int:
+        """An unnamed regular file in the directory ``rel`` (``O_TMPFILE``), open with
+        ``flags``: it goes with its last fd unless ``do_link_fd`` names it (never one
+        opened with ``O_EXCL``)."""
+        self._change("tmpfile", rel, oct(mode))
+        return self.open(rel, flags | os.O_TMPFILE, mode)
+
+    def do_link_fd(self, fd: int, rel: str) -> None:
+        """Name the open file ``fd`` of this layer ``rel`` (``sysapi.link_fd``)."""
+        self._change("link", rel, f"fd {fd}")
+        with self.parent(rel) as (dfd, name):
+            sysapi.link_fd(fd, dfd, name)
+
     def do_chmod(self, rel: str, mode: int) -> None:
         self._change("chmod", rel, oct(mode))
         fd = self.path_fd(rel)

@@ -109,13 +109,18 @@ class Namespace:
         """(uid, gid, mode, default ACL) for a new object in the parent of ``rel``, as
         stored: the caller's IDs mapped back (``ownership``), the group of a setgid parent,
         the parent's default ACL (the upper parent's, read through the fd the lookup holds)."""
-        top = self.fs.lookup.directory(split(rel)[0]).top
+        return self._owner_in(split(rel)[0], caller, mode)
+
+    def _owner_in(self, parent_rel: str, caller: Caller,
+                  mode: int) -> tuple[int, int, int, bytes | None]:
+        """``_owner`` of a new object in the directory ``parent_rel``."""
+        top = self.fs.lookup.directory(parent_rel).top
         upper = self.fs.stack.upper
         assert upper is not None
         if top.layer is upper and top.dirfd is not None:
             default = upper.getxattr_at(top.dirfd, acl.DEFAULT)
         else:
-            default = upper.getxattr(split(rel)[0], acl.DEFAULT)
+            default = upper.getxattr(parent_rel, acl.DEFAULT)
         # fresh: the cached lookup keeps a directory's structure, not its attributes,
         # which a chmod or chown of the parent may just have changed
         parent = os.fstat(top.dirfd.fd) if top.dirfd is not None else top.st
@@ -330,6 +335,26 @@ class Namespace:
             current = None
         return current
 
+    def _own_fd(self, layer, fd: int, rel: str, uid: int, gid: int,
+                mode: int) -> os.stat_result | None:
+        """``_set_owner`` of the unnamed file open as ``fd`` (``tmpfile``; ``rel``: where it
+        was made, for the debug log), through its fd; its stat when nothing needed changing."""
+        own = self.fs.ownership
+        if own.writes_override(layer, mode):
+            own.set_override_fd(layer, fd, uid, gid, mode)  # xattr_permissions
+            return None
+        st = os.fstat(fd)
+        current: os.stat_result | None = st
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            layer.do_fchown(fd, rel, uid, gid)
+            current = None
+            if mode & 0o7000:
+                st = os.fstat(fd)  # chown cleared setuid/setgid
+        if st.st_mode & 0o7000 != mode & 0o7000:  # (as ``_set_owner``: the special bits only)
+            layer.do_fchmod(fd, rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000)
+            current = None
+        return current
+
     @staticmethod
     def _lstat(layer, rel: str):
         """``lstat`` of an object this change just made: one ``fstatat`` through the fd
@@ -418,6 +443,67 @@ class Namespace:
                 for fd in fds:  # a failed creation's (the object is gone again)
                     os.close(fd)
 
+    def tmpfile(self, rel: str, flags: int, mode: int, caller: Caller,
+                then: "Callable[[int, Node], T]") -> "T":
+        """An unnamed regular file in the directory ``rel`` (``O_TMPFILE``); answer
+        ``then(an fd on it opened with flags, its node)``, which owns the fd. Made in the
+        upper directory itself (copied up first, as for any creation: the kernel
+        overlay's ``ovl_tmpfile``), so the upper filesystem applies the parent's default
+        ACL; owner and special bits go on through the fd before ``then``: the file has no
+        name anyone could find it by meanwhile, and a kill -9 leaves nothing (no
+        ``workdir/work`` detour, as other users' objects take). ``O_EXCL`` reaches the
+        upper filesystem: such a file can never be linked. The node's path is where a
+        name would be (``#`` and its inode number, the kernel's ``d_path`` of it): no
+        lookup of the merged view gives it."""
+        fs = self.fs
+        fs.require_writable()
+        check_name(rel, last_only=True)
+        if fs.lookup.directory(rel).upper is None:  # (ENOENT/ENOTDIR for no directory)
+            fs.copyup.ensure_upper(rel)
+        upper = fs.stack.upper
+        assert upper is not None
+        access = flags & OPEN_FLAGS & ~(os.O_CREAT | os.O_TRUNC | os.O_TMPFILE | os.O_NOCTTY
+                                        | os.O_NOFOLLOW | os.O_PATH)
+        with self._changing():
+            if fs.lookup.directory(rel).upper is None:
+                raise OSError(errno.ENOENT, "directory changed during O_TMPFILE", rel)
+            uid, gid, mode, default = self._owner_in(rel, caller, stat.S_IFREG | stat.S_IMODE(mode))
+            new = acl.inherit(default, mode, caller.umask)
+            fd = upper.do_tmpfile(rel, access, stat.S_IMODE(new.mode))
+            try:
+                st = self._own_fd(upper, fd, rel, uid, gid, new.mode)
+                if st is None:
+                    st = os.fstat(fd)
+                fs.inos.made(st)  # (no origin: nothing read by a path it has not)
+                node = self._created(join(rel, f"#{st.st_ino}"), fd, st)
+            except BaseException:
+                os.close(fd)  # (the file goes with it)
+                raise
+            return then(fd, node)
+
+    def link_open(self, fd: int, dst_rel: str,
+                  then: "Callable[[Node], T] | None" = None) -> "T | None":
+        """A name for the open upper file ``fd`` that has none (``tmpfile``'s): ``linkat`` of
+        the fd (``Layer.do_link_fd``), in any directory of the mount (copied up first) and
+        over a whiteout, as any new name; ``then(the node of the new name)``. ENOENT (the
+        upper filesystem's) for a file that cannot be linked: made with ``O_EXCL``, or
+        its last name gone."""
+        self.fs.require_writable()
+        self._prepare_new(dst_rel)
+        with self._changing():
+            def linked(st: os.stat_result | None):
+                return None if then is None else then(self._linked_node(dst_rel))
+
+            return self._place_new(dst_rel, lambda layer, where, mode: layer.do_link_fd(fd, where),
+                                   None, os.fstat(fd).st_mode, linked)
+
+    def _linked_node(self, rel: str) -> Node:
+        """The node of the name a link just made (looked up in the link's lock hold)."""
+        node = self.fs.lookup.lookup(rel)
+        if not node.exists:
+            raise OSError(errno.ENOENT, "vanished while it was linked", rel)
+        return node
+
     def _then_made(self, rel: str, then: "Callable[[Node], T] | None"):
         """``_place_new``'s ``then`` for mkdir, mknod and symlink."""
         if then is None:
@@ -476,12 +562,7 @@ class Namespace:
                 if shared is not None:
                     self._count_link(shared, +1)
                 try:
-                    if then is None:
-                        return None
-                    node = self.fs.lookup.lookup(dst_rel)
-                    if not node.exists:
-                        raise OSError(errno.ENOENT, "vanished while it was linked", dst_rel)
-                    return then(node)
+                    return None if then is None else then(self._linked_node(dst_rel))
                 except BaseException:
                     if shared is not None:  # (the upper name goes again: the inode's links too)
                         self._count_link(shared, -1, -1)

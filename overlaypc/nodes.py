@@ -16,7 +16,8 @@ A name removed (unlink, rmdir, renamed over) leaves the node; a node with no nam
 (names in directories the kernel forgot count as none) also leaves the key index (a later
 object reusing the backing inode must not get its nodeid), unless the caller says other
 names of the object remain, but the node itself stays until the kernel forgets it: an
-open, unlinked file is still used by nodeid. A directory has one name (the kernel's
+open, unlinked file is still used by nodeid. A file made by O_TMPFILE starts with none
+(``take_unnamed``: in the key index only, so a LINK's ``take`` finds it). A directory has one name (the kernel's
 ``d_splice_alias`` moves its dentry): one found at a new name loses the others. Copy-up changes an object's key (``rekey``).
 
 Bound: nodes live exactly as long as the kernel references them (``forget``); the
@@ -100,6 +101,19 @@ class NodeTable:
                 node.names.append(where)
                 self._by_name[where] = nodeid
             node.nlookup += 1
+            return nodeid
+
+    def take_unnamed(self, key: Hashable) -> int:
+        """A new node for the file ``key`` made without a name (O_TMPFILE), with one kernel
+        reference: reached by nodeid only (through its open handles) until a LINK names
+        it, whose ``take`` of the key then gives this node. A node the key index held
+        (one left behind by a change outside the mount) gives up the key: the object
+        with that identity is this new file."""
+        with self._lock:
+            nodeid = next(self._ids)
+            node = self._nodes[nodeid] = Node(nodeid, key, False)
+            self._by_key[key] = nodeid
+            node.nlookup = 1
             return nodeid
 
     def _one_dir_name(self, node: Node) -> None:

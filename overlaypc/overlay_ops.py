@@ -17,7 +17,9 @@ errors to report at close), and locks are the kernel's own (no POSIX_LOCKS).
 
 Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node with no
 name left is reached through one of its open handles (``Files.*_inode``); with none
-open, ENOENT. A directory with no name left (the kernel opens directories itself: no
+open, ENOENT. OPEN of it (``open("/proc/self/fd/N")``) makes another handle of the same
+inode through one of those handles' fd (``Files.open_inode``). So is a file made by TMPFILE (O_TMPFILE), which never had one until a LINK
+names it through its fd (``_link_tmpfile``). A directory with no name left (the kernel opens directories itself: no
 handle) through what its node kept at the removal (``nameless``). Errors are ``OSError``:
 the session translates them.
 """
@@ -684,8 +686,36 @@ class OverlayOps(Operations):
             os.fsdecode(target), rel, _caller(req), then))
 
     def link(self, req: Request, nodeid: int, new_parent: int, new_name: bytes) -> Entry:
+        if self.nodes.path(nodeid) is None:
+            inode = self._tmpfile_inode(nodeid)
+            if inode is not None:
+                return self._link_tmpfile(inode, new_parent, new_name)
         return self._new(new_parent, new_name,
                          lambda rel, then: self.fs.link(self._path(nodeid), rel, then))
+
+    def _tmpfile_inode(self, nodeid: int) -> OverlayInode | None:
+        """The inode of a node made by TMPFILE (``Files.tmpfile``), through its open
+        handles; None for any other node, or one with none open."""
+        for fh in self.nodes.handles(nodeid):
+            try:
+                inode = self.fs.handles.get(fh).inode
+            except OSError:
+                continue  # released meanwhile
+            return inode if inode.tmpfile else None
+        return None
+
+    def _link_tmpfile(self, inode: OverlayInode, new_parent: int, new_name: bytes) -> Entry:
+        """LINK of a node with no name made by TMPFILE (``linkat`` of its fd, by
+        ``AT_EMPTY_PATH`` or ``/proc/self/fd``): its upper file linked through an fd of it
+        (``Namespace.link_open``); the new name's entry is the node's own (its key).
+        The kernel refuses to link an ``O_EXCL`` one itself (ENOENT), and so does the
+        upper filesystem."""
+        fd = self.fs.files.dup_fd(inode)
+        try:
+            return self._new(new_parent, new_name,
+                             lambda rel, then: self.fs.link_open(fd, rel, then))
+        finally:
+            os.close(fd)
 
     def _new(self, parent: int, name: bytes,
              make: "Callable[[str, Callable[[Node], Entry]], Entry]") -> Entry:
@@ -775,7 +805,10 @@ class OverlayOps(Operations):
         # then would lose the lower data for an open that failed
         self.fs.room_for_open(None)
         try:
-            result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True))
+            try:
+                result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True))
+            except NoNameLeft:  # (raised before anything was done)
+                result = self._open_nameless(nodeid, flags)
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
                 try:
                     self._kill_privs(req, nodeid, None, result.fh)
@@ -789,6 +822,12 @@ class OverlayOps(Operations):
                 self._changed()
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
+
+    def _open_nameless(self, nodeid: int, flags: int):
+        """OPEN of a node with no name left (``open("/proc/self/fd/N")``): a new handle of
+        the inode one of its open handles holds (``Files.open_inode``); ENOENT with none."""
+        _, inode = self._open_inode(nodeid)
+        return self.fs.files.open_inode(inode, flags)
 
     def _opened(self, nodeid: int, result, era: int | None, req: Request | None = None,
                 flags: int = os.O_RDONLY) -> Opened:
@@ -827,6 +866,31 @@ class OverlayOps(Operations):
             self.forget(entry.nodeid, 1)
             raise
         return entry, opened
+
+    def tmpfile(self, req: Request, parent: int, flags: int, mode: int,
+                open_flags: int = 0) -> tuple[Entry, Opened]:
+        """TMPFILE (``open(dir, O_TMPFILE)``): an open file with no name in directory
+        ``parent`` (``Files.tmpfile``), a node the table knows by its key only (no name:
+        reached by its handles, as an unlinked open file's; ``NodeTable.take_unnamed``),
+        with its entry's reference; LINK names it later (``_link_tmpfile``)."""
+        def change():
+            return self.fs.tmpfile(self._path(parent), flags, mode, _caller(req),
+                                   lambda result, node: self._made_unnamed(result, node))
+        result, _, entry = self._at_paths(change)
+        self.nodes.opened(entry.nodeid, result.fh)
+        try:
+            opened = self._opened(entry.nodeid, result, None)
+        except BaseException:
+            self.forget(entry.nodeid, 1)
+            raise
+        return entry, opened
+
+    def _made_unnamed(self, result, node: Node) -> Entry:
+        """``_made`` of a file made without a name: its attributes through its new handle
+        (its node's path names nothing), a node under its key alone."""
+        attr = file_attr(self.fs.files.getattr(result.fh))
+        nodeid = self.nodes.take_unnamed(self.fs.identity(node))
+        return Entry(nodeid, attr, self.timeout, self.timeout)
 
     def read(self, req: Request, nodeid: int, fh: int, buf: memoryview, offset: int) -> int:
         return self.fs.files.readinto(fh, buf, offset)

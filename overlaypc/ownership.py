@@ -294,6 +294,14 @@ class Ownership:
         if real is not None and stat.S_IMODE(real.st_mode) & 0o7000:
             layer.do_chmod(rel, stat.S_IMODE(real.st_mode) & 0o777)
 
+    def set_override_fd(self, layer: "Layer", fd: int, uid: int, gid: int, mode: int) -> None:
+        """``set_override`` of the file open as ``fd`` (one with no name: ``O_TMPFILE``)."""
+        assert self.written is not None
+        layer.do_fsetxattr(fd, "", self.written, format_override(uid, gid, mode))
+        real = os.fstat(fd)
+        if stat.S_IMODE(real.st_mode) & 0o7000:
+            os.chmod(fd, stat.S_IMODE(real.st_mode) & 0o777)
+
     def chown(self, entry: "Entry", uid: int, gid: int) -> None:
         """chown of the upper ``entry`` to stored IDs (-1: unchanged)."""
         layer, rel = entry.layer, entry.rel

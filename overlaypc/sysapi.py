@@ -1,7 +1,7 @@
 """Linux system calls the standard library lacks, via ctypes.
 
 Owns: ``openat2`` (confined path resolution), ``renameat2`` (whiteout / exchange /
-noreplace renames), ``name_to_handle_at`` (origin file handles), the ``FICLONE``
+noreplace renames), ``linkat`` of an open fd (``link_fd``), ``name_to_handle_at`` (origin file handles), the ``FICLONE``
 ioctl (reflink), the filesystem UUID lookup and ``fstatfs``'s filesystem type.
 
 Caveats: ``openat2`` is called by number (the same on every architecture but alpha);
@@ -42,6 +42,7 @@ RENAME_WHITEOUT = 1 << 2
 
 FICLONE = 0x40049409
 AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
 
 
 class _OpenHow(ctypes.Structure):
@@ -89,6 +90,28 @@ def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: i
     _check(ret, "renameat2", oldname)
 
 
+_linkat = _libc.linkat
+_linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_linkat.restype = ctypes.c_int
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def link_fd(fd: int, newdirfd: int, newname: str) -> None:
+    """Give the open file ``fd`` the name ``newname`` in ``newdirfd`` (``linkat`` of an fd:
+    a file made with ``O_TMPFILE`` has no name to link from). ``AT_EMPTY_PATH`` needs
+    CAP_DAC_READ_SEARCH (the kernel answers ENOENT without it): then through the fd's
+    ``/proc/self/fd`` link with ``AT_SYMLINK_FOLLOW``, which a plain user may use. ENOENT
+    from both: the file cannot be linked (made with ``O_EXCL``, or its last name went)."""
+    raw = os.fsencode(newname)
+    if _linkat(fd, b"", newdirfd, raw, _AT_EMPTY_PATH) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.ENOENT, errno.EPERM):
+        raise OSError(err, f"linkat: {os.strerror(err)}", newname)
+    via = os.fsencode(f"/proc/self/fd/{fd}")
+    _check(_linkat(AT_FDCWD, via, newdirfd, raw, _AT_SYMLINK_FOLLOW), "linkat", newname)
+
+
 def ficlone(dst_fd: int, src_fd: int) -> None:
     """Reflink all of ``src_fd`` into ``dst_fd`` (raises OSError when unsupported)."""
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
@@ -98,8 +121,6 @@ class _FileHandle(ctypes.Structure):
     _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
                 ("f_handle", ctypes.c_ubyte * 128)]
 
-
-_AT_EMPTY_PATH = 0x1000
 
 
 def name_to_handle(fd: int) -> tuple[int, bytes]:

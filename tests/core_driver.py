@@ -187,6 +187,13 @@ class CoreDriver:
         self._open[opened.fh] = entry.nodeid
         return self._ref(entry), opened.fh
 
+    def tmpfile(self, parent: NodeRef, flags: int, mode: int,
+                req: Request = REQ) -> tuple[NodeRef, int]:
+        """TMPFILE (``open(dir, O_TMPFILE)``): the unnamed file's node and open handle."""
+        entry, opened = self.ops.tmpfile(req, parent.nodeid, flags, stat.S_IFREG | mode)
+        self._open[opened.fh] = entry.nodeid
+        return self._ref(entry), opened.fh
+
     def mkdir(self, parent: NodeRef, name: str, mode: int) -> NodeRef:
         return self._ref(self.ops.mkdir(REQ, parent.nodeid, _name(name), mode))
 

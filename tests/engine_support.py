@@ -447,6 +447,16 @@ class MemoryOps(Operations):
         e = self._make(parent, name, stat.S_IFREG | (mode & 0o7777))
         return e, Opened(self._open_handle(e.nodeid), direct_io=True)
 
+    def tmpfile(self, req: Request, parent: int, flags: int, mode: int, open_flags: int = 0):
+        """A node in no directory's children (O_TMPFILE), open."""
+        self._rec("tmpfile", parent, mode, flags, req.umask, open_flags)
+        self._node(parent)
+        with self.lock:
+            nid = next(self._ids)
+            self.nodes[nid] = MemNode(nid, stat.S_IFREG | (mode & 0o7777), parent)
+            entry = self._entry_locked(nid)
+        return entry, Opened(self._open_handle(nid), keep_cache=True)
+
     def _close_handle(self, nodeid: int, fh: int) -> None:
         with self.lock:
             assert self.handles.pop(fh) == nodeid, (fh, nodeid)

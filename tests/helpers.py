@@ -374,10 +374,15 @@ class Mount:
                                          cwd=str(self.log_path.parent),  # not the checkout:
                                          start_new_session=True,  # PYTHONPATH decides
                                          preexec_fn=self._limits if self.nofile else None)
-        if self.foreground:
-            self._wait_foreground_mount()
-        else:
-            self._wait_daemonized_mount()
+        try:
+            if self.foreground:
+                self._wait_foreground_mount()
+            else:
+                self._wait_daemonized_mount()
+        except BaseException:  # whatever failed while waiting, nothing stays mounted
+            self._kill_our_proc()
+            self._cleanup_after_failure()
+            raise
         self.active = True
         return self
 

@@ -18,6 +18,7 @@ import helpers
 
 from engine_support import KERNEL_FLAGS, FakeKernel, MemoryOps, entry_of, parse_dirents
 from overlaypc.engine import protocol as p
+from overlaypc.engine.ops import Operations
 from overlaypc.engine.pool import in_io
 from overlaypc.engine.session import ProtocolError
 
@@ -270,6 +271,38 @@ def test_undo_open_opendir_create(kernel):
     new = ops.nodes[1].children[b"new"]
     assert ops.handles == {} and ops.nlookups() == {}
     assert ops.called("release")[-1][0] == new and (new, 1) in ops.called("forget")
+
+
+def test_tmpfile_is_decoded_and_answered_as_create(kernel):
+    """TMPFILE (``open(dir, O_TMPFILE)``, 7.37) carries ``fuse_create_in`` and the kernel's
+    placeholder name "/" and is answered as CREATE: entry, then open. Its flags, mode and
+    umask reach ``Operations.tmpfile``; an undelivered reply releases the handle and
+    forgets the reference. A filesystem without ``tmpfile`` answers ENOSYS (the kernel
+    then answers EOPNOTSUPP and asks no more)."""
+    ops = MemoryOps()
+    fk = kernel(ops)
+    d = ops.add(1, b"d", stat.S_IFDIR | 0o755)
+    flags = os.O_TMPFILE | os.O_RDWR | os.O_EXCL
+    body = fk.ok(p.TMPFILE, d, p.CREATE_IN.pack(flags, stat.S_IFREG | 0o600, 0o027, 0) + b"/\0")
+    assert len(body) == 128 + 16
+    nodeid, attr = entry_of(body)
+    fh, open_flags, backing = p.OPEN_OUT.unpack_from(body, 128)
+    assert open_flags == p.FOPEN_KEEP_CACHE and backing == 0 and ops.handles == {fh: nodeid}
+    assert stat.S_ISREG(attr.mode) and ops.nodes[d].children == {}
+    assert ops.called("tmpfile") == [(d, stat.S_IFREG | 0o600, flags, 0o027, 0)]
+    assert ops.nlookups() == {nodeid: 1}
+    fk.request(p.TMPFILE, d, p.CREATE_IN.pack(os.O_TMPFILE | os.O_WRONLY, stat.S_IFREG | 0o644,
+                                              0, 0) + b"/\0", fail=True)
+    undone = ops.called("tmpfile")[-1]
+    assert undone[2] == os.O_TMPFILE | os.O_WRONLY
+    assert ops.handles == {fh: nodeid} and ops.nlookups() == {nodeid: 1}
+    (released,) = ops.called("release")
+    assert released[0] != nodeid and (released[0], 1) in ops.called("forget")
+    plain_ops = MemoryOps()
+    plain_ops.tmpfile = Operations.tmpfile.__get__(plain_ops)  # (the base class's: none)
+    plain = kernel(plain_ops)
+    assert plain.request(p.TMPFILE, 1, p.CREATE_IN.pack(flags, stat.S_IFREG | 0o600, 0, 0)
+                         + b"/\0").error == -errno.ENOSYS
 
 
 def test_undo_readdirplus(kernel):
@@ -777,7 +810,7 @@ def test_setxattr_ext_layout(kernel):
 
 
 @pytest.mark.parametrize("opcode", [p.GETLK, p.IOCTL, p.POLL, p.BMAP, p.COPY_FILE_RANGE, p.SYNCFS,
-                                    p.TMPFILE, p.STATX, 99, 4096])
+                                    p.STATX, 99, 4096])
 def test_unknown_opcodes_are_enosys(kernel, opcode):
     fk = kernel()
     assert fk.request(opcode, 1, bytes(64)).error == -errno.ENOSYS

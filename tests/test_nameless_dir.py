@@ -102,13 +102,8 @@ def test_fstat_of_an_open_lower_directory_with_no_name_left(overlay_mount, kerne
     ``lower``: empty below, never copied up), as the kernel overlay answers."""
     answers = []
     for kind in ("kernel", "overlaypc"):
-        layers = layers_factory({"lower": {"low/f": "x\n"} if which == "merged" else {"low": {}}})
-        upper = layers_factory.empty_dir(f"upper-{kind}")
-        work = layers_factory.empty_dir(f"work-{kind}")
-        if kind == "kernel":
-            mnt = kernel_mount([layers["lower"]], upper, work)
-        else:
-            mnt = overlay_mount(f"lowerdir={layers['lower']},upperdir={upper},workdir={work}").path
+        tree = {"low/f": "x\n"} if which == "merged" else {"low": {}}
+        mnt, upper = _mounted(kind, tree, layers_factory, kernel_mount, overlay_mount)
         if which == "merged":
             os.unlink(mnt / "low" / "f")
         before, after, listing = _taken_away(mnt, "low", how)
@@ -116,6 +111,17 @@ def test_fstat_of_an_open_lower_directory_with_no_name_left(overlay_mount, kerne
                         "nlink_kept": after.st_nlink == before.st_nlink,
                         "same_ino": after.st_ino == before.st_ino, "listing": listing})
     assert answers[1] == answers[0]
+
+
+def _mounted(kind: str, tree: dict, layers_factory, kernel_mount, overlay_mount):
+    """(mount point, upper dir) of a fresh mount of lower ``tree`` by ``kind`` ("kernel":
+    the kernel overlay; "overlaypc")."""
+    lower = layers_factory({"lower": tree})["lower"]
+    upper = layers_factory.empty_dir(f"upper-{kind}")
+    work = layers_factory.empty_dir(f"work-{kind}")
+    if kind == "kernel":
+        return kernel_mount([lower], upper, work), upper
+    return overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work}").path, upper
 
 
 def _new_owner(mnt, name: str) -> tuple:
@@ -133,13 +139,8 @@ def test_changes_of_an_open_directory_with_no_name_left(overlay_mount, kernel_mo
     touched."""
     answers = []
     for kind in ("kernel", "overlaypc"):
-        layers = layers_factory({"lower": {"d/f": "x\n"} if which == "merged" else {"l": "l\n"}})
-        upper = layers_factory.empty_dir(f"upper-{kind}")
-        work = layers_factory.empty_dir(f"work-{kind}")
-        if kind == "kernel":
-            mnt = kernel_mount([layers["lower"]], upper, work)
-        else:
-            mnt = overlay_mount(f"lowerdir={layers['lower']},upperdir={upper},workdir={work}").path
+        tree = {"d/f": "x\n"} if which == "merged" else {"l": "l\n"}
+        mnt, upper = _mounted(kind, tree, layers_factory, kernel_mount, overlay_mount)
         if which == "merged":
             os.unlink(mnt / "d" / "f")
         else:

@@ -210,3 +210,128 @@ def test_plain_command_lines_read_as_argparse_reads_them():
                (theirs.foreground, theirs.debug, theirs.options, theirs.stack, theirs.targets), argv
     assert answered > 1000
     assert cli._plain_args(["-f", "-o", "lowerdir=/l", "/mnt"]).targets == ["/mnt"]
+
+
+@pytest.mark.parametrize("phase", ["generic", "compiled"])
+def test_named_tuple_construction_matches_collections(phase, monkeypatch):
+    """A ``typing_lite.NamedTuple`` class is built without compiling its ``__new__``
+    (compiled after ``COMPILE_AFTER`` constructions): both ``__new__``s take the same
+    arguments, make the same tuples and refuse the same calls as ``collections.namedtuple``'s,
+    and the class has its methods and attributes."""
+    import collections
+    import pickle
+
+    monkeypatch.setattr(typing_lite, "COMPILE_AFTER", 10**9 if phase == "generic" else 1)
+
+    class Three(typing_lite.NamedTuple):
+        a: int
+        b: str = "b"
+        c: tuple = ()
+
+    class One(typing_lite.NamedTuple):
+        only: int
+
+    theirs = collections.namedtuple("Three", ["a", "b", "c"], defaults=["b", ()])
+    theirs_one = collections.namedtuple("One", ["only"])
+    calls = [((1,), {}), ((1, "x"), {}), ((1, "x", (2,)), {}), ((), {"a": 1, "c": (3,)}),
+             ((1,), {"c": 4, "b": "y"}), ((), {}), ((1, 2, 3, 4), {}), ((1,), {"a": 2}),
+             ((1,), {"nope": 2}), ((), {"b": 1})]
+    for args, kwargs in calls + calls:  # the second round runs the compiled one (phase "compiled")
+        try:
+            expected = tuple(theirs(*args, **kwargs))
+        except TypeError:
+            with pytest.raises(TypeError):
+                Three(*args, **kwargs)
+            continue
+        made = Three(*args, **kwargs)
+        assert type(made) is Three and tuple(made) == expected
+        assert repr(made) == repr(theirs(*args, **kwargs))
+    compiled = "<lambda>" in Three.__dict__["__new__"].__func__.__code__.co_name
+    assert compiled == (phase == "compiled")
+    assert One(5) == (5,) and One(only=6).only == 6 and repr(One(1)) == "One(only=1)"
+    with pytest.raises(TypeError):
+        One(1, 2)
+    t = Three(1)
+    assert (t.a, t.b, t.c) == (1, "b", ()) and Three._fields == theirs._fields
+    assert Three._field_defaults == theirs._field_defaults and Three.__match_args__ == ("a", "b", "c")
+    assert t._replace(b="z") == (1, "z", ()) and type(t._replace(b="z")) is Three
+    assert t._asdict() == {"a": 1, "b": "b", "c": ()} and Three._make([1, 2, 3]) == (1, 2, 3)
+    with pytest.raises(TypeError):
+        Three._make([1])
+    with pytest.raises(ValueError):
+        t._replace(d=1)
+    with pytest.raises(AttributeError):
+        t.a = 2
+    with pytest.raises(AttributeError):
+        t.other = 2                              # __slots__ = (): no instance dict
+    assert t.__getnewargs__() == (1, "b", ()) and One(1)._fields == theirs_one._fields
+    assert Three.a.__doc__ == theirs.a.__doc__ and Three.__doc__ == theirs.__doc__
+    globals()["Three"] = Three                  # pickle finds it by module and name
+    Three.__qualname__ = "Three"
+    try:
+        assert pickle.loads(pickle.dumps(t)) == t
+    finally:
+        del globals()["Three"]
+
+
+#: modules a mount imports only when its options need them (``core``)
+NOT_AT_START = ("overlaypc.index", "overlaypc.indexroots")
+
+
+@pytest.mark.parametrize("options", ["", ",index=on"])
+def test_mount_start_up_leaves_out_modules_its_options_do_not_need(tmp_path, options):
+    """A default stack's start-up (what ``cli.mount_main`` does before the kernel's first
+    request: options, validation, ``OverlayFS()``, ``start()``, ``OverlayOps()``) does not
+    import the modules of ``NOT_AT_START``; ``index=on`` imports them there (at the mount,
+    where a broken install fails it, not at a later request)."""
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work{options}"
+    code = "\n".join([
+        "import sys, " + ", ".join(("overlaypc.cli", "overlaypc.core", "overlaypc.engine.channel",
+                                    "overlaypc.engine.daemon", "overlaypc.mounting",
+                                    "overlaypc.overlay_ops")),
+        "from overlaypc import cli",
+        "from overlaypc.core import OverlayFS",
+        "from overlaypc.overlay_ops import OverlayOps",
+        f"cfg = cli.parse_mount_args(['-o', {opts!r}, {str(tmp_path / 'mnt')!r}])",
+        "cli.validate(cfg)",
+        "fs = OverlayFS(cfg)",
+        "fs.start()",
+        "OverlayOps(fs)",
+        "fs.close()",
+        f"print(' '.join(m for m in {NOT_AT_START!r} if m in sys.modules))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.split()
+    assert out == ([] if not options else list(NOT_AT_START))
+
+
+def test_collector_paused_for_start_up_is_on_when_requests_run(tmp_path, monkeypatch):
+    """``python -m overlaypc`` pauses garbage collection for its start-up; the mount runs
+    its requests (``daemon.run``) with it on again, start-up's objects frozen. A caller
+    of ``cli.main`` that did not pause it (tests, embedding) keeps its own setting."""
+    import gc
+
+    from overlaypc import cli
+    from overlaypc.engine import daemon
+
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    argv = ["-f", "-o", f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work",
+            str(tmp_path / "mnt")]
+    seen = []
+    monkeypatch.setattr(daemon, "run", lambda *a, **k: seen.append((gc.isenabled(), gc.get_freeze_count())) or 0)
+    monkeypatch.setattr(cli, "_setup_logging", lambda cfg: None)
+    umask = os.umask(0o022)
+    try:
+        gc.disable()
+        monkeypatch.setattr(cli, "gc_paused", True)
+        assert cli.main(argv) == 0
+        assert seen[-1][0] is True and seen[-1][1] > 0 and cli.gc_paused is False
+        gc.disable()                      # a caller's own choice stays as it is
+        assert cli.main(argv) == 0 and seen[-1][0] is False
+    finally:
+        gc.unfreeze()
+        gc.enable()
+        os.umask(umask)

@@ -7,7 +7,7 @@ fails by raising ``OSError`` with an errno; the session turns anything else into
 and logs it. Methods run on worker threads, concurrently.
 
 Reference counting (the kernel's ``nlookup``): every successful ``lookup``, ``create``,
-``mkdir``, ``mknod``, ``symlink`` and ``link``, and every READDIRPLUS entry taken with
+``tmpfile``, ``mkdir``, ``mknod``, ``symlink`` and ``link``, and every READDIRPLUS entry taken with
 ``DirItem.take`` (through ``take_entries``), gives the kernel one reference to the returned node, which it hands
 back through ``forget``. The method takes the reference itself, *before* returning (the
 session writes the reply afterwards: a FORGET on another worker can then never free the
@@ -196,6 +196,9 @@ class Operations:
     open: Callable[[Request, int, int, int], Opened] = _nosys           # node, flags, open_flags
     #: (parent, name, flags, mode, open_flags) -> the new node and its open handle
     create: Callable[[Request, int, bytes, int, int, int], tuple[Entry, Opened]] = _nosys
+    #: O_TMPFILE: (directory, flags, mode, open_flags) -> a new node with no name and its
+    #: open handle (the entry's reference as a CREATE's; LINK may name the node later)
+    tmpfile: Callable[[Request, int, int, int, int], tuple[Entry, Opened]] = _nosys
     #: read into the given buffer (the engine's reply buffer), returning the byte count
     read: Callable[[Request, int, int, memoryview, int], int] = _nosys  # node, fh, buf, offset
     #: if set, READ calls this instead of ``read``: (fh, buf, offset) -> byte count, for a

@@ -522,7 +522,7 @@ class Session:
             p.RELEASEDIR: self._releasedir, p.FSYNCDIR: self._fsyncdir, p.ACCESS: self._access,
             p.CREATE: self._create, p.INTERRUPT: lambda *a: None, p.FALLOCATE: self._fallocate,
             p.LSEEK: self._lseek, p.DESTROY: lambda *a: _EMPTY,
-            p.COPY_FILE_RANGE: self._copy_file_range,
+            p.COPY_FILE_RANGE: self._copy_file_range, p.TMPFILE: self._tmpfile,
         }
 
     @staticmethod
@@ -625,8 +625,19 @@ class Session:
         flags, mode, umask, open_flags = p.CREATE_IN.unpack_from(body)
         name = self._name(body, p.CREATE_IN.size)
         req = self._req(hdr, umask)
-        entry, o = self.ops.create(req, hdr.nodeid, name, flags, mode, open_flags)
+        return self._created(req, flags, *self.ops.create(req, hdr.nodeid, name, flags, mode,
+                                                          open_flags))
 
+    def _tmpfile(self, hdr, body, out):
+        # CREATE's layout and reply; the name is the kernel's placeholder ("/"), unused
+        flags, mode, umask, open_flags = p.CREATE_IN.unpack_from(body)
+        req = self._req(hdr, umask)
+        return self._created(req, flags, *self.ops.tmpfile(req, hdr.nodeid, flags, mode,
+                                                           open_flags))
+
+    def _created(self, req: Request, flags: int, entry: Entry, o: Opened) -> _Reply:
+        """CREATE's and TMPFILE's reply: the entry, then the open; undone (the handle
+        released, the reference forgotten) if the kernel never receives it."""
         def undo() -> None:
             try:
                 self.ops.release(req, entry.nodeid, o.fh, flags)
