@@ -6,10 +6,22 @@ answer to OPENDIR as "always succeed, with KEEP_CACHE and CACHE_DIR, no RELEASED
 round trips less for every directory opened, and every listing request then comes with
 handle 0. So the listing's identity travels in the cookies instead: a listing read at
 offset 0 becomes a snapshot with an id, and each entry's cookie (the offset the kernel
-sends back for the next chunk, and telldir(3) gives) is ``id << 32 | position``. Every
-lister continues in its own snapshot, as with a handle, and the snapshot carries the
-epochs read before the listing (READDIRPLUS trusts a listed stat only while no identity
-moved and no name changed since).
+sends back for the next chunk, and telldir(3) gives) is ``id << KEY_BITS | key``, where
+the key comes from the entry's name alone (``name_key``; "." and ".." are 1 and 2) and a
+snapshot lists its entries in key order. Every lister continues in its own snapshot, as
+with a handle, and the snapshot carries the epochs read before the listing (READDIRPLUS
+trusts a listed stat only while no identity moved and no name changed since).
+
+Keys, not positions (soak13): a lister whose snapshot is gone continues in a fresh reading
+of the directory after its cookie's key, so a name there all along is listed once, however
+the directory changed before it. That happens without any seekdir(3): the kernel keeps a
+directory's listing in its page cache (CACHE_DIR) with the cookies of the snapshot that
+filled it, dropped at its end; when a change voids that cache, a lister reading from it
+goes on with READDIR at such a cookie. With positions, every name removed (added) before
+the position meanwhile made one name later on missed (listed twice): hundreds in a large
+directory under change (stress_mount BIGDIR). Two names of one key (1 in 2**43 a pair) are
+told apart in a snapshot (the second takes the next free key); a fresh reading may then
+miss one of them at a chunk's boundary.
 
 Bound: ``MAX_SNAPSHOTS`` listings and ``MAX_ENTRIES`` entries in all, least recently used
 dropped first, but never the one just kept (its lister needs it for its next chunk, however
@@ -21,14 +33,16 @@ bounds the listings open directory handles keep (``OverlayFS.readdir``, where th
 does not open directories itself).
 
 Caveat: a lister whose snapshot is gone (more than ``MAX_SNAPSHOTS`` listings in progress,
-or more than ``MAX_ENTRIES`` entries in them, or a cookie from seekdir(3) after the end) gets
-the directory read again from the same position: if it changed meanwhile, an entry may be
-seen twice or missed; and listers of large directories whose listings together pass
-``MAX_ENTRIES`` each read the directory again at each chunk while the others go on. A
-cookie naming another directory's snapshot counts as gone.
+or more than ``MAX_ENTRIES`` entries in them, or a cookie from the kernel's cache or
+seekdir(3) after the end) gets the directory read again from its cookie's key, as above;
+listers of large directories whose listings together pass ``MAX_ENTRIES`` each read the
+directory again at each chunk while the others go on. A cookie naming another directory's
+snapshot counts as gone. The keys come from Python's ``hash`` of the name, salted per
+process: cookies mean nothing to another daemon (nor do snapshot ids).
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 from collections import OrderedDict
@@ -42,11 +56,15 @@ MAX_SNAPSHOTS = 64
 #: read, are kept between READDIR requests: by the snapshots, and apart from them by the
 #: open directory handles (a mount uses one or the other)
 MAX_ENTRIES = 1 << 18
-#: a cookie's low bits: the position in its listing
-POSITION_BITS = 32
-_POSITION_MASK = (1 << POSITION_BITS) - 1
+#: a cookie's low bits: the key of its entry's name (0: the start of a listing)
+KEY_BITS = 43
+_KEY_MASK = (1 << KEY_BITS) - 1
+#: the keys of "." and "..", then the first of the names'
+_FIRST_KEY = 3
+#: keys left free at the top, for names whose key an earlier one has (``ordered``)
+_ROOM = 1 << 16
 #: snapshot ids stay below this, so cookies stay positive as a signed 64-bit offset
-_ID_LIMIT = 1 << 31
+_ID_LIMIT = 1 << (63 - KEY_BITS)
 
 
 @record
@@ -58,11 +76,47 @@ class Snapshot:
     entries: list[DirEntry]
     #: ``st_ino`` of the directory and of its parent (the "." and ".." entries)
     dots: tuple[int, int]
+    #: the entries' keys, ascending (``ordered``)
+    keys: list[int]
+
+    @classmethod
+    def of(cls, nodeid: int, epoch: tuple[int, int], entries: list[DirEntry],
+           dots: tuple[int, int]) -> "Snapshot":
+        """A snapshot of ``entries``, put in key order."""
+        entries, keys = ordered(entries)
+        return cls(nodeid, epoch, entries, dots, keys)
+
+    def after(self, key: int) -> int:
+        """Position (0, 1: the dots; 2 on: the entries) of the first item after ``key``."""
+        if key < _FIRST_KEY:
+            return key
+        return 2 + bisect.bisect_right(self.keys, key)
+
+    def cookie_key(self, pos: int) -> int:
+        """The key of position ``pos`` (as ``after`` counts)."""
+        return pos + 1 if pos < 2 else self.keys[pos - 2]
+
+
+def name_key(name: str) -> int:
+    """The key of a name: from its hash alone, so any reading of the directory agrees."""
+    return _FIRST_KEY + hash(name) % ((1 << KEY_BITS) - _FIRST_KEY - _ROOM)
+
+
+def ordered(entries: list[DirEntry]) -> tuple[list[DirEntry], list[int]]:
+    """``entries`` in key order, and their keys (a name whose key an earlier one has
+    takes the next free one: distinct within a snapshot)."""
+    keyed = sorted((name_key(e.name), e.name, e) for e in entries)
+    keys: list[int] = []
+    last = 0
+    for key, _name, _e in keyed:
+        last = key if key > last else last + 1
+        keys.append(last)
+    return [e for _k, _n, e in keyed], keys
 
 
 def split_cookie(offset: int) -> tuple[int, int]:
-    """(snapshot id, position) of a cookie; position 0 starts a listing."""
-    return offset >> POSITION_BITS, offset & _POSITION_MASK
+    """(snapshot id, key) of a cookie; key 0 starts a listing."""
+    return offset >> KEY_BITS, offset & _KEY_MASK
 
 
 class Snapshots:

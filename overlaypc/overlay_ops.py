@@ -42,7 +42,7 @@ from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations,
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR, Writer, has_fsetid
-from .listings import POSITION_BITS, Snapshot, Snapshots, split_cookie
+from .listings import KEY_BITS, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
 from .nameless import GoneDir
@@ -992,23 +992,28 @@ class OverlayOps(Operations):
         raise AssertionError("unreachable")
 
     def _unopened_items(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirItem]:
-        sid, pos = split_cookie(offset)
-        snap = self._snapshots.get(sid, nodeid) if pos else None
+        """Items after cookie ``offset`` (``listings``): of its snapshot, or of a fresh
+        reading after its key when that snapshot is gone."""
+        sid, key = split_cookie(offset)
+        snap = self._snapshots.get(sid, nodeid) if key else None
         first = snap is None  # (else a snapshot read by an earlier request)
         if first:
-            snap = self._read_at(nodeid, lambda rel: Snapshot(
+            snap = self._read_at(nodeid, lambda rel: Snapshot.of(
                 nodeid, self._listing_epoch(), self.fs.readdir(rel, plus=plus),
                 self.fs.dot_inos_at(rel)))
             sid = self._snapshots.add(snap)
+        pos = snap.after(key)
         if pos >= len(snap.entries) + 2:
             self._snapshots.done(sid)
         return self._items(nodeid, snap.epoch, first, snap.entries, snap.dots, pos, plus,
-                           sid << POSITION_BITS)
+                           sid << KEY_BITS, snap.cookie_key)
 
     def _items(self, nodeid: int, listed: tuple[int, int, int] | None, first: bool, entries,
-               dots, offset: int, plus: bool, base: int = 0) -> Iterator[DirItem]:
-        """Items from position ``offset``; cookies are ``base | position + 1``. ``listed``:
-        the ``_listing_epoch`` before the listing was read, ``first``: read by this request."""
+               dots, offset: int, plus: bool, base: int = 0,
+               key: "Callable[[int], int] | None" = None) -> Iterator[DirItem]:
+        """Items from position ``offset``; cookies are ``base | key(position)`` (default:
+        position + 1). ``listed``: the ``_listing_epoch`` before the listing was read,
+        ``first``: read by this request."""
         for pos in range(offset, min(2, len(entries) + 2)):
             yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
         encoding, errors = _FS_ENCODING
@@ -1016,7 +1021,8 @@ class OverlayOps(Operations):
             name, mode, ino, attr = entries[pos - 2]
             take = None if attr is None or not plus else _Take(self, nodeid, listed, first, name,
                                                                 attr)
-            yield DirItem(name.encode(encoding, errors), ino, mode, base | (pos + 1), take)
+            yield DirItem(name.encode(encoding, errors), ino, mode,
+                          base | (pos + 1 if key is None else key(pos)), take)
 
     def take_entries(self, req: Request, parent: int, items: list[DirItem]) -> list[Entry | None]:
         """READDIRPLUS: one reply's items taken at once (``_take_listed``), when they are one

@@ -25,7 +25,7 @@ directories, with index=on lower hard links, some upper files, whiteouts), then 
      options must mount and show what overlaypc shows (under ``xattr_permissions`` but for
      owners and modes, which the kernel reads from the objects themselves, not from the
      override xattrs, and which it lists).
-Environment: KEEP=1 keeps BASE; NOKERNEL=1 skips step 5; NOKILL=1: no kill (the leads of
+Environment: DAEMON_NOFILE=N (soak13) starts each daemon under ``ulimit -n N``; KEEP=1 keeps BASE; NOKERNEL=1 skips step 5; NOKILL=1: no kill (the leads of
 hunt8 came from a live daemon): each worker runs NOPS ops (default 400) to the end, the mount is
 unmounted cleanly, and every answer must be the replay's and each tree must equal A. Exit status
 1 on any problem.
@@ -68,6 +68,8 @@ LINKNAMES = [f"{d}/s0".lstrip("/") for d in ("", "a", "c")]
 MODES = [0o644, 0o600, 0o755, 0o640, 0o4755]
 SIZES = [0, 5, 4096, 70_000, 1 << 20, 6 << 20]
 SLOTS = 4
+#: the daemon's RLIMIT_NOFILE (DAEMON_NOFILE=N, soak13), else the tool's own
+NOFILE = int(os.environ["DAEMON_NOFILE"]) if os.environ.get("DAEMON_NOFILE") else None
 DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
 #: EXTRA=1 (soak11) adds ops for O_APPEND toggled by fcntl (``open_append``, ``setfl``, and
 #: ``write`` at the file offset after an lseek), directories held open while removed then
@@ -299,14 +301,23 @@ def build(base: Path, workers: int, rng: random.Random, index: bool) -> tuple[Pa
 # ---------------------------------------------------------------------------------------
 
 def view(root: Path, problems: list[str] | None = None, label: str = "",
-         shown: tuple[str, ...] = ()) -> dict:
+         shown: tuple[str, ...] = (), ignore_vanished: bool = False) -> dict:
     """rel -> (type, mode, uid, gid, content hash/target, user xattrs, nlink, link group).
-    ``shown``: xattr names that may be listed (else a problem, but for user.k*)."""
+    ``shown``: xattr names that may be listed (else a problem, but for user.k*).
+    ``ignore_vanished`` (the kernel's views, soak13): a listed name whose lookup says ENOENT
+    is left out: the kernel lists a whiteout in a directory it does not merge (an opaque
+    one), which a kill between a rename's exchange with a whiteout and the removal of
+    that whiteout from the source leaves (the kernel overlay's rename has the same window)."""
     out: dict = {}
     inos: dict = {}
 
     def visit(path: str, rel: str) -> None:
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if ignore_vanished and rel:
+                return
+            raise
         xs = []
         try:
             names = os.listxattr(path, follow_symlinks=False)
@@ -457,7 +468,7 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
     (saved / "round").write_text(f"{rnd} {' '.join(map(str, [seed * 7919 + rnd * 104729 + k for k in range(workers)]))}\n")
     logs = base / f"logs-{rnd}"  # each daemon's log, kept
     logs.mkdir(exist_ok=True)
-    m = helpers.Mount(mnt, opts, log_dir=logs)
+    m = helpers.Mount(mnt, opts, log_dir=logs, nofile=NOFILE)
     m.start()
     pre = base / f"pre-{rnd}"  # the model before the round (to replay A and B from)
     copy_view(model, pre)
@@ -498,7 +509,8 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
     # 3. remount
     try:
         (logs / "remount").mkdir(exist_ok=True)
-        m2 = helpers.Mount(mnt, opts, log_dir=logs / "remount", allow_daemon_errors=False)
+        m2 = helpers.Mount(mnt, opts, log_dir=logs / "remount", allow_daemon_errors=False,
+                           nofile=NOFILE)
         m2.start()
     except helpers.MountError as ex:
         problems.append(f"round {rnd}: remount failed: {ex}")
@@ -580,7 +592,7 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
             try:
                 with helpers.kernel_overlay(kmnt, [lower], upper, work, ko) as km:
                     kv = view(km, problems, f"round {rnd} kernel {'ro' if ro else 'rw'}",
-                              OVERRIDE_NAMES if masked else ())
+                              OVERRIDE_NAMES if masked else (), ignore_vanished=True)
             except AssertionError as ex:
                 problems.append(f"round {rnd}: kernel {'ro' if ro else 'rw'} mount: {ex}")
                 continue

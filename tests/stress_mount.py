@@ -17,6 +17,11 @@ test_index_open_names).
 BIGDIR=N (soak11) adds a directory big/ of N lower names (some whited out) and N/10 upper
 ones, changed by a mutator while two listers list it, several listings open at once read in
 interleaved steps (``big_lister``: no name twice, every untouched name there).
+uidmapping=0:H:N,gidmapping=0:H:N (soak13) in OPTIONS: the model's owners are shown + H,
+the kernel's views (the layers' IDs) are compared shifted. DAEMON_NOFILE=N (soak13) starts
+the daemon under ``ulimit -n N``.
+RACE=N (soak13): N creators (odd ones as another uid) make objects in directories that
+another process renames and moves, while a third renames the new names (``race_creator``).
 Each writer process owns its files (single writer per file) and keeps a model; it checks
 every read/stat against the model.  Listing and reader processes run concurrently.
 At the end: model vs merged view, stat vs fstat, kernel overlay (ro) on the same layers.
@@ -39,14 +44,41 @@ import helpers  # noqa: E402
 
 MODES = [0o644, 0o600, 0o755, 0o640]
 UIDS = [0, 1000, 1001]
+#: uidmapping=C:H:N (soak13): shown IDs are the layers' + IDSHIFT (H - C, one range, the
+#: same for gids); the tool's IDs are the layers' (set in main, before the workers fork)
+IDSHIFT = 0
+#: the shown owner of an object a root caller creates: root has no stored form under a
+#: mapping, so the layers get the overflow ID (``ownership.new_owner``)
+NEWUID = 0
+
+
+#: DAEMON_NOFILE set: an open answered ENFILE is skipped (the daemon's fd budget is spent by
+#: the filers, which hold an fd on every object they made, hundreds in all)
+LOWFD = bool(os.environ.get("DAEMON_NOFILE"))
+
+
+def id_shift(options: str) -> tuple[int, int]:
+    """(IDSHIFT, NEWUID) for the mount options (uidmapping/gidmapping of one range each)."""
+    maps = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in options.split(",")
+            if o.startswith(("uidmapping=", "gidmapping="))}
+    if not maps:
+        return 0, 0
+    shifts = set()
+    for v in maps.values():
+        c, h, _n = map(int, v.lstrip(":").split(":"))
+        shifts.add(h - c)
+    if len(maps) != 2 or len(shifts) != 1:
+        raise SystemExit("stress_mount: uidmapping and gidmapping of one range, the same shift")
+    shift = shifts.pop()
+    return shift, shift + 65534
 
 
 class Inode:
     def __init__(self, data=b"", mode=0o644, uid=0, gid=0):
         self.data = bytearray(data)
         self.mode = mode
-        self.uid = uid
-        self.gid = gid
+        self.uid = uid + IDSHIFT
+        self.gid = gid + IDSHIFT
         self.mtime = None  # known mtime_ns after utime, else None
         self.names = set()
 
@@ -159,7 +191,7 @@ def writer(k, root: str, files: dict, seed: int, nops: int, q):
                     os.fchmod(fd, m)
                     fino.mode = m
                 elif sub == "fchown":
-                    u = rng.choice(UIDS)
+                    u = rng.choice(UIDS) + IDSHIFT
                     os.fchown(fd, u, u)
                     fino.uid = fino.gid = u
                 elif sub == "futime":
@@ -188,6 +220,7 @@ def writer(k, root: str, files: dict, seed: int, nops: int, q):
                 fd = os.open(path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, m)
                 os.fchmod(fd, m)
                 ino = Inode(b"", m)
+                ino.uid = ino.gid = NEWUID
                 ino.names.add(key)
                 files[key] = ino
                 if len(fds) < 6:
@@ -237,7 +270,7 @@ def writer(k, root: str, files: dict, seed: int, nops: int, q):
                 os.chmod(path(name), m)
                 ino.mode = m
             elif op == "chown":
-                u = rng.choice(UIDS)
+                u = rng.choice(UIDS) + IDSHIFT
                 os.chown(path(name), u, u)
                 ino.uid = ino.gid = u
             elif op == "utime":
@@ -337,12 +370,23 @@ def reader(root: str, stop, q, seed):
             for dirpath, dirnames, filenames in os.walk(root):
                 for f in filenames:
                     if rng.random() < 0.3:
+                        # regular files only (RACE's FIFOs would block an open, its
+                        # devices refuse one): O_NONBLOCK, and the fd's own type decides
                         try:
-                            with open(os.path.join(dirpath, f), "rb") as fh:
-                                fh.read()
-                                os.fstat(fh.fileno())
-                        except FileNotFoundError:
-                            pass
+                            fd = os.open(os.path.join(dirpath, f),
+                                         os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+                        except (FileNotFoundError, PermissionError):
+                            continue
+                        except OSError as e:
+                            if e.errno != errno.ELOOP:  # (a symlink)
+                                raise
+                            continue
+                        try:
+                            if stat.S_ISREG(os.fstat(fd).st_mode):
+                                with open(fd, "rb", closefd=False) as fh:
+                                    fh.read()
+                        finally:
+                            os.close(fd)
                         n += 1
         q.put(("reader", "ok", n))
     except BaseException as e:  # noqa
@@ -463,27 +507,31 @@ def pair_watcher(j: int, root: str, stop, q):
                         st = os.lstat(pth)
                     except FileNotFoundError:
                         continue
-                    if st.st_uid < 2000:
-                        if f.startswith("n") and st.st_uid == 0:
+                    if st.st_uid < 2000 + IDSHIFT or st.st_uid == NEWUID:
+                        if f.startswith("n") and st.st_uid == NEWUID:
                             continue  # being created (pair_filer sets the owner last)
                         raise Failure(f"lstat {pth}: uid {st.st_uid}")
                     if seen.setdefault(st.st_ino, st.st_uid) != st.st_uid:
                         raise Failure(f"lstat {pth}: ino {st.st_ino} uid {st.st_uid}, "
                                       f"before uid {seen[st.st_ino]}")
-                    if stat.S_IMODE(st.st_mode) != PAIR_MODES[(st.st_uid - 2000) % 4]:
+                    if stat.S_IMODE(st.st_mode) != PAIR_MODES[(st.st_uid - 2000 - IDSHIFT) % 4]:
                         raise Failure(f"lstat {pth}: mode {oct(st.st_mode)} uid {st.st_uid}")
                     try:
                         fd = os.open(pth, os.O_RDONLY)
                     except FileNotFoundError:
+                        continue
+                    except OSError as e:
+                        if not (LOWFD and e.errno == errno.ENFILE):
+                            raise
                         continue
                     try:
                         hdr = os.pread(fd, PAIR_HDR, 0)
                         fst = os.fstat(fd)
                     finally:
                         os.close(fd)
-                    if fst.st_uid == 0 and f.startswith("n"):
+                    if fst.st_uid == NEWUID and f.startswith("n"):
                         continue
-                    if hdr != pair_header(fst.st_uid - 2000):
+                    if hdr != pair_header(fst.st_uid - 2000 - IDSHIFT):
                         raise Failure(f"open {pth}: header {hdr!r} but uid {fst.st_uid}")
                     if seen.setdefault(fst.st_ino, fst.st_uid) != fst.st_uid:
                         raise Failure(f"fstat {pth}: ino {fst.st_ino} uid {fst.st_uid}, "
@@ -509,13 +557,19 @@ def pair_filer(j: int, root: str, objs: dict, next_id: int, seed: int, nops: int
         return objs[i][1]
 
     def at(did, fname, fn, tries=400):
-        """fn(path) at the first candidate path of dir `did` that exists (the mover renames)."""
+        """fn(path) at the first candidate path of dir `did` that exists (the mover renames).
+        Under DAEMON_NOFILE an ENFILE counts as not done (the final views check that)."""
         for _ in range(tries):
             for cand in pair_dir_paths(did):
                 try:
                     return True, fn(top / cand / fname)
                 except FileNotFoundError:
                     continue
+                except OSError as e:
+                    if LOWFD and e.errno == errno.ENFILE:
+                        log.append(("ENFILE",))
+                        return False, None
+                    raise
         return False, None
 
     def at2(a, b, fn, tries=60):
@@ -526,11 +580,16 @@ def pair_filer(j: int, root: str, objs: dict, next_id: int, seed: int, nops: int
                         return True, fn(top / ca / a[1], top / cb / b[1])
                     except FileNotFoundError:
                         continue
+                    except OSError as e:
+                        if LOWFD and e.errno == errno.ENFILE:
+                            log.append(("ENFILE",))
+                            return False, None
+                        raise
         return False, None
 
     def check(st, i, what, byfd=False):
         data, names = objs[i]
-        want = (PAIR_MODES[i % 4], 2000 + i, len(data), len(names) if names or not byfd else 0)
+        want = (PAIR_MODES[i % 4], 2000 + IDSHIFT + i, len(data), len(names) if names or not byfd else 0)
         have = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_size, st.st_nlink)
         if want != have:
             raise Failure(f"{what} of ID {i} {sorted(names)}: (mode, uid, size, nlink) {have} != {want}")
@@ -580,7 +639,7 @@ def pair_filer(j: int, root: str, objs: dict, next_id: int, seed: int, nops: int
                     fd_ = os.open(p_, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
                     os.fchmod(fd_, PAIR_MODES[i % 4])
                     os.pwrite(fd_, pair_header(i), 0)
-                    os.fchown(fd_, 2000 + i, 2000 + i)
+                    os.fchown(fd_, 2000 + IDSHIFT + i, 2000 + IDSHIFT + i)
                     return fd_
                 ok, fd = at(did, loc[1], mk)
                 if ok:
@@ -651,9 +710,10 @@ def pair_filer(j: int, root: str, objs: dict, next_id: int, seed: int, nops: int
             f.write("\n".join(map(repr, log)))
 
 
-def pair_view(root: Path, j: int, out: dict, owners: bool = True) -> list:
+def pair_view(root: Path, j: int, out: dict, owners: bool = True, shift: int = 0) -> list:
     """The model of pair j against a view: content, owner, mode (unless not ``owners``),
-    nlink and which names share one inode (by st_ino)."""
+    nlink and which names share one inode (by st_ino). ``shift``: shown owners are the
+    layers' + shift (overlaypc's view under uidmapping; the kernel's views show the layers')."""
     problems = []
     for i, (data, names) in out.items():
         inos = set()
@@ -667,7 +727,7 @@ def pair_view(root: Path, j: int, out: dict, owners: bool = True) -> list:
                 continue
             inos.add(st.st_ino)
             have = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_nlink, got == data)
-            want = (PAIR_MODES[i % 4], 2000 + i, len(names), True)
+            want = (PAIR_MODES[i % 4], 2000 + shift + i, len(names), True)
             if not owners:
                 have, want = have[2:], want[2:]
             if have != want:
@@ -775,6 +835,265 @@ def big_lister(root: str, n: int, stop, q, idx: int, seed: int):
     except BaseException as e:  # noqa
         q.put((f"biglister{idx}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
+# --- creations racing renames (RACE=N, soak13): N creators make objects (mkdir, mknod of a
+# FIFO or (as root) of /dev/null's numbers, symlink, link of one of their files, O_CREAT|O_EXCL)
+# named n{id} in race/D0..D3 (D0 merged, D1 D2 lower, D3 upper only) while race_mover renames
+# those directories and moves them into race/P and back, and race_namer renames the new
+# names (n{id} <-> n{id}r). Odd creators run as uid 1000+c (+IDSHIFT) through setresuid (the
+# directories are 0777). Each creator checks its object right after making it (type, mode,
+# owner, nlink: what the creation's reply entry gave the kernel) and records its inode
+# number; at the end each object is at one of its names (no other), with the same inode
+# number, type, mode, owner, target, link group, and no name made by a failed creation.
+
+RACE_DIRS = 4
+
+
+def race_paths(i: int) -> list:
+    return [f"D{i}", f"D{i}x", f"P/D{i}", f"P/D{i}x"]
+
+
+def build_race(lower: Path, upper: Path) -> None:
+    for d in ("race", "race/P", "race/D0", "race/D1", "race/D2"):
+        (lower / d).mkdir()
+        os.chmod(lower / d, 0o777)
+    (lower / "race" / "D2" / "l0").write_bytes(b"lower l0")
+    for d in ("race", "race/D0", "race/D3"):
+        (upper / d).mkdir()
+        os.chmod(upper / d, 0o777)
+
+
+def race_owner(c: int) -> int:
+    """The uid creator c runs as (shown side)."""
+    return 0 if c % 2 == 0 else 1000 + c + IDSHIFT
+
+
+def race_creator(c: int, root: str, seed: int, nops: int, q):
+    rng = random.Random(seed)
+    top = Path(root) / "race"
+    uid = race_owner(c)
+    shown = NEWUID if uid == 0 else uid  # root has no stored form under a mapping
+    objs = {}  # id -> [kind, dir index, mode, target, st_ino, link group (ids)]
+    log = []
+    try:
+        if uid:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        os.umask(0)
+
+        def where(i, ident):
+            return [top / d / f"n{ident}{r}" for d in race_paths(i) for r in ("", "r")]
+
+        def find(i, ident, fn, tries=200):
+            """fn(path) at the object's current path (dir moved, name renamed)."""
+            for _ in range(tries):
+                for pth in where(i, ident):
+                    try:
+                        return fn(pth)
+                    except FileNotFoundError:
+                        continue
+            return None
+
+        def check(st, ident, what):
+            kind, _i, mode, _t, ino, group = objs[ident]
+            want = (kind, mode, shown, shown, len(group))
+            have = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                    st.st_nlink if kind == stat.S_IFREG else len(group))
+            if want != have:
+                raise Failure(f"{what} n{ident}: (type, mode, uid, gid, nlink) {have} != {want}")
+            if ino is not None and st.st_ino != ino:
+                raise Failure(f"{what} n{ident}: st_ino {st.st_ino} != {ino} seen before")
+
+        for step in range(nops):
+            kind = rng.choice(["mkdir", "mknod", "symlink", "link", "create", "create", "stat"])
+            i = rng.randrange(RACE_DIRS)
+            ident = c * 100000 + step
+            mode = rng.choice([0o755, 0o700, 0o640, 0o604])
+            log.append((kind, i, ident))
+            if kind == "stat":
+                if objs:
+                    o = rng.choice(sorted(objs))
+                    st = find(objs[o][1], o, os.lstat)
+                    if st is None:
+                        raise Failure(f"n{o} (D{objs[o][1]}) not found")
+                    check(st, o, "lstat")
+                continue
+            srcs = [o for o, v in objs.items() if v[0] == stat.S_IFREG]
+            if kind == "link" and not srcs:
+                continue
+            made = None
+            for _ in range(50):  # the directory moves: ENOENT until a path of it is hit
+                for d in race_paths(i):
+                    pth = top / d / f"n{ident}"
+                    try:
+                        if kind == "mkdir":
+                            os.mkdir(pth, mode)
+                            made = [stat.S_IFDIR, i, mode, None, None, (ident,)]
+                        elif kind == "mknod":
+                            dev = c % 2 == 0 and rng.random() < 0.5
+                            os.mknod(pth, (stat.S_IFCHR if dev else stat.S_IFIFO) | mode,
+                                     os.makedev(1, 3) if dev else 0)
+                            made = [stat.S_IFCHR if dev else stat.S_IFIFO, i, mode, None, None, (ident,)]
+                        elif kind == "symlink":
+                            tgt = f"t{ident}/{'x' * rng.randrange(50)}"
+                            os.symlink(tgt, pth)
+                            made = [stat.S_IFLNK, i, 0o777, tgt, None, (ident,)]
+                        elif kind == "create":
+                            fd = os.open(pth, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
+                            try:
+                                os.pwrite(fd, b"n%d" % ident, 0)
+                                made = [stat.S_IFREG, i, mode, b"n%d" % ident, None, (ident,)]
+                                objs[ident] = made
+                                st = os.fstat(fd)
+                                check(st, ident, "fstat after create")
+                                made[4] = st.st_ino
+                            finally:
+                                os.close(fd)
+                        elif kind == "link":
+                            src = rng.choice(srcs)
+                            # the source's path, then the link in its own directory
+                            sp = next((x for x in where(objs[src][1], src) if os.path.lexists(x)), None)
+                            if sp is None:
+                                continue
+                            os.link(sp, pth)
+                            group = objs[src][5] + (ident,)
+                            made = list(objs[src])
+                            made[1] = i
+                            made[5] = group
+                            for g in group[:-1]:
+                                objs[g][5] = group
+                        break
+                    except FileNotFoundError:
+                        continue
+                if made is not None:
+                    break
+            if made is None:
+                log[-1] += ("not made",)
+                continue
+            objs[ident] = made
+            if kind != "create":  # right away: what the creation's reply left in the kernel
+                st = find(i, ident, os.lstat)
+                if st is not None:
+                    check(st, ident, f"lstat after {kind}")
+                    made[4] = st.st_ino
+                    if kind == "link" and st.st_ino != objs[made[5][0]][4]:
+                        raise Failure(f"link n{ident} of n{made[5][0]}: st_ino {st.st_ino} != "
+                                      f"{objs[made[5][0]][4]}")
+        q.put((f"creator{c}", "ok", {o: tuple(v) for o, v in objs.items()}))
+    except BaseException as e:  # noqa
+        q.put((f"creator{c}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nlast ops: {log[-12:]}"))
+        with open(Path(root).parent.parent / f"oplog-creator{c}.txt", "w") as f:
+            f.write("\n".join(map(repr, log)))
+
+
+def race_mover(root: str, stop, q, seed: int):
+    """Renames race/D{i} <-> D{i}x and moves them into race/P and back; puts them back at
+    the end (EXDEV, redirect_dir=off: that directory stays)."""
+    rng = random.Random(seed)
+    top = Path(root) / "race"
+    where = {i: f"D{i}" for i in range(RACE_DIRS)}
+    stuck = set()
+    n = 0
+    try:
+        while not stop.is_set():
+            i = rng.choice([x for x in range(RACE_DIRS) if x not in stuck] or [None])
+            if i is None:
+                break
+            new = rng.choice([x for x in race_paths(i) if x != where[i]])
+            try:
+                os.rename(top / where[i], top / new)
+                where[i] = new
+                n += 1
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                stuck.add(i)
+        for i in range(RACE_DIRS):
+            if where[i] != f"D{i}":
+                os.rename(top / where[i], top / f"D{i}")
+        q.put(("racemover", "ok", n))
+    except BaseException as e:  # noqa
+        q.put(("racemover", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nwhere {where}"))
+
+
+def race_namer(root: str, stop, q):
+    """Renames the new names in race/'s directories, n{id} <-> n{id}r, as it finds them."""
+    top = Path(root) / "race"
+    n = 0
+    try:
+        while not stop.is_set():
+            for dirpath, _dirs, files in os.walk(top):
+                if os.path.basename(dirpath).startswith("n"):
+                    continue
+                for nm in list(_dirs) + files:
+                    if not nm.startswith("n"):
+                        continue
+                    new = nm[:-1] if nm.endswith("r") else nm + "r"
+                    try:
+                        os.rename(os.path.join(dirpath, nm), os.path.join(dirpath, new))
+                        n += 1
+                    except FileNotFoundError:
+                        pass
+                _dirs[:] = [x for x in _dirs if not x.startswith("n")]
+        q.put(("racenamer", "ok", n))
+    except BaseException as e:  # noqa
+        q.put(("racenamer", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def race_view(root: Path, made: dict, shown_of: dict, owners: bool = True, shift: int = 0,
+              inos: bool = False) -> list:
+    """The creators' objects against a view: each at one name, same type, mode, owner (the
+    view shows IDs - ``shift``), target or content, link group (st_ino, nlink); nothing else
+    named n*. ``made``: id -> record; ``shown_of``: id -> the creator's shown uid; ``inos``:
+    the st_ino seen when made must be the view's (overlaypc's own, same mount)."""
+    problems = []
+    found = {}
+    top = root / "race"
+    for i in range(RACE_DIRS):
+        d = top / f"D{i}"
+        for nm in os.listdir(d):
+            if not nm.startswith("n"):
+                if (i, nm) != (2, "l0"):  # (the lower's own)
+                    problems.append(f"race/D{i}/{nm}: not made by a creator")
+                continue
+            ident = int(nm[1:].rstrip("r"))
+            if ident in found:
+                problems.append(f"n{ident} at two names: {found[ident]} and {d / nm}")
+            found[ident] = d / nm
+    for ident, (kind, i, mode, tgt, ino, group) in made.items():
+        pth = found.pop(ident, None)
+        if pth is None:
+            problems.append(f"n{ident} (D{i}, type {oct(kind)}) missing")
+            continue
+        if pth.parent.name != f"D{i}":
+            problems.append(f"n{ident} in {pth.parent.name}, made in D{i}")
+        st = os.lstat(pth)
+        uid = shown_of[ident] - shift
+        have = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        want = (kind, mode, uid, uid)
+        if not owners:
+            have, want = have[:1], want[:1]
+        if have != want:
+            problems.append(f"{pth}: (type, mode, uid, gid) {have} != {want}")
+        if kind == stat.S_IFLNK and os.readlink(pth) != tgt:
+            problems.append(f"{pth}: target {os.readlink(pth)!r} != {tgt!r}")
+        if kind == stat.S_IFREG:
+            if pth.read_bytes() != tgt:
+                problems.append(f"{pth}: content {pth.read_bytes()[:20]!r} != {tgt!r}")
+            if st.st_nlink != len(group):
+                problems.append(f"{pth}: nlink {st.st_nlink} != {len(group)} {group}")
+            others = {os.lstat(found_path).st_ino for g in group if g != ident
+                      for found_path in [next((top / f"D{made[g][1]}" / f"n{g}{r}" for r in ("", "r")
+                                               if os.path.lexists(top / f"D{made[g][1]}" / f"n{g}{r}")),
+                                              None)] if found_path is not None}
+            if others - {st.st_ino}:
+                problems.append(f"{pth}: link group {group} on inode numbers {others | {st.st_ino}}")
+        if ino is not None and inos and st.st_ino != ino:
+            problems.append(f"{pth}: st_ino {st.st_ino} != {ino} when made")
+    for ident, pth in found.items():
+        problems.append(f"{pth}: listed, made by no creation that succeeded")
+    return problems
+
 
 def snapshot_model(models_out):
     snap = {}
@@ -785,8 +1104,10 @@ def snapshot_model(models_out):
 
 
 def main():
+    global IDSHIFT, NEWUID
     base = Path(sys.argv[1])
     options = sys.argv[2]
+    IDSHIFT, NEWUID = id_shift(options)
     seed = int(sys.argv[3])
     nops = int(sys.argv[4]) if len(sys.argv) > 4 else 400
     workers = int(sys.argv[5]) if len(sys.argv) > 5 else 4
@@ -801,12 +1122,17 @@ def main():
     nbig = int(os.environ.get("BIGDIR", "0"))
     if nbig:
         build_big(lower, upper, nbig)
+    nrace = int(os.environ.get("RACE", "0"))
+    race_ok, race_made, race_shown = False, {}, {}
+    if nrace:
+        build_race(lower, upper)
     opts = f"lowerdir={lower2}:{lower},upperdir={upper},workdir={work}"
     if options:
         opts += "," + options
     mnt = base / "mnt"
     problems = []
-    m = helpers.Mount(mnt, opts, log_dir=base)
+    nofile = int(os.environ["DAEMON_NOFILE"]) if os.environ.get("DAEMON_NOFILE") else None
+    m = helpers.Mount(mnt, opts, log_dir=base, nofile=nofile)
     m.start()
     results = {}
     try:
@@ -829,6 +1155,11 @@ def main():
             aux += [mp.Process(target=big_mutator, args=(str(mnt), nbig, stop, q, seed * 100 + 90))]
             aux += [mp.Process(target=big_lister, args=(str(mnt), nbig, stop, q, i, seed * 100 + 91 + i))
                     for i in range(2)]
+        if nrace:
+            procs += [mp.Process(target=race_creator, args=(c, str(mnt), seed * 100 + 30 + c, nops, q))
+                      for c in range(nrace)]
+            aux += [mp.Process(target=race_mover, args=(str(mnt), stop, q, seed * 100 + 40)),
+                    mp.Process(target=race_namer, args=(str(mnt), stop, q))]
         for p in procs + aux + pair_procs + pair_aux:
             p.start()
         for _ in range(len(procs) + len(pair_procs) + npairs):  # writers, filers, movers
@@ -874,7 +1205,18 @@ def main():
         for j in range(npairs):
             st_, out = results.get(f"filer{j}", ("fail", None))
             if st_ == "ok" and results.get(f"mover{j}", ("fail",))[0] == "ok":
-                problems += [f"overlaypc: {x}" for x in pair_view(mnt, j, out)]
+                problems += [f"overlaypc: {x}" for x in pair_view(mnt, j, out, shift=IDSHIFT)]
+        race_made, race_shown = {}, {}
+        for c in range(nrace):
+            st_, out = results.get(f"creator{c}", ("fail", None))
+            if st_ == "ok":
+                race_made.update(out)
+                race_shown.update({o: NEWUID if race_owner(c) == 0 else race_owner(c) for o in out})
+        race_ok = nrace and len(race_made) and all(
+            results.get(f"creator{c}", ("fail",))[0] == "ok" for c in range(nrace)) \
+            and results.get("racemover", ("fail",))[0] == "ok"
+        if race_ok:
+            problems += [f"overlaypc race: {x}" for x in race_view(mnt, race_made, race_shown, inos=True)]
     finally:
         p2 = m.unmount(check=False)
         problems += p2
@@ -896,6 +1238,9 @@ def main():
     except AssertionError as e:
         problems.append(f"kernel mount: {e}")
         ksnap = None
+    if ksnap is not None and IDSHIFT:  # the kernel shows the layers' IDs
+        ksnap = {k_: dataclasses.replace(v, uid=v.uid + IDSHIFT, gid=v.gid + IDSHIFT)
+                 for k_, v in ksnap.items()}
     if ksnap is not None and npairs and "index=on" in options:
         # lower hard links of the pair trees: a name not copied up shows the lower's data to a
         # kernel without the index; pair_view checks them with the kernel's index below
@@ -931,6 +1276,10 @@ def main():
                                     f"{(mode, uid, uid, len(data))}, content same: {e.content == want}")
                 if mtime is not None and e.mtime_ns != mtime:
                     problems.append(f"kernel: {key}: mtime {e.mtime_ns} vs model {mtime}")
+    if race_ok and ksnap is not None:  # the kernel's read-only view of the layers
+        with helpers.kernel_overlay(kmnt, [upper, lower2, lower], None, None, kopts) as km:
+            problems += [f"kernel ro race: {x}" for x in race_view(
+                km, race_made, race_shown, owners=not masked, shift=IDSHIFT)]
     pairs_ok = [j for j in range(npairs) if results.get(f"filer{j}", ("fail",))[0] == "ok"
                 and results.get(f"mover{j}", ("fail",))[0] == "ok"]
     if pairs_ok and ksnap is not None:  # the kernel reads the same objects at the same names

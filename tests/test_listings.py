@@ -76,3 +76,25 @@ def test_readers_see_unchanged_entries_once_while_the_directory_changes(big):
         stop.set()
         t.join()
     assert not bad, bad[:5]
+
+
+def test_a_reader_of_the_kernels_cached_listing_misses_nothing_after_a_change(big):
+    """soak13 (stress_mount BIGDIR: hundreds of unchanged names missing from a listing).
+    A whole listing fills the kernel's cache of the directory (CACHE_DIR) with the cookies
+    of its snapshot, which is dropped at its end; a second reader reads part of it from
+    that cache. Names go, and a third listing voids the cache: the second reader goes on
+    with READDIR at the gone snapshot's cookie, which the daemon served from that position
+    in a fresh reading, so that as many unchanged names as had gone before it were missed."""
+    assert sorted(_listing(big)) == sorted(LOWER + UPPER)   # the cache filled, snapshot done
+    it = os.scandir(big)
+    try:
+        got = [next(it).name for _ in range(1500)]          # from the cache: 2 getdents
+        for n in UPPER[:60]:
+            os.unlink(big / n)
+        assert len(_listing(big)) == len(LOWER) + 40        # the cache read anew
+        got += [e.name for e in it]
+    finally:
+        it.close()
+    stable = set(LOWER) | set(UPPER[60:])
+    assert not stable - set(got), f"{len(stable - set(got))} unchanged names missed"
+    assert len(got) == len(set(got))

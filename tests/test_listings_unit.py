@@ -3,7 +3,8 @@
 ``OverlayOps`` answers OPENDIR with ENOSYS once INIT offered ``NO_OPENDIR_SUPPORT``; READDIR
 and READDIRPLUS then come with handle 0 and are served from snapshots named by the
 cookies (``overlaypc.listings``): each lister continues in its own snapshot, which is
-dropped at its end, at most ``MAX_SNAPSHOTS`` kept.
+dropped at its end, at most ``MAX_SNAPSHOTS`` kept; a lister whose snapshot went continues
+after its cookie's key, in a fresh reading.
 """
 from __future__ import annotations
 
@@ -79,7 +80,9 @@ def test_a_listing_read_in_chunks_is_one_snapshot(ops, tree, plus):
     rest = list(ops.readdir(REQ, d, 0, first[-1].offset, plus))
     assert sorted(_names(first + rest)[2:]) == FILES         # no entry lost, none twice
     cookies = [split_cookie(i.offset) for i in first + rest]
-    assert [pos for _, pos in cookies] == list(range(1, 13)) and len({s for s, _ in cookies}) == 1
+    # one snapshot; "." and ".." at keys 1 and 2, then the names' keys, ascending
+    keys = [key for _, key in cookies]
+    assert keys[:2] == [1, 2] and keys == sorted(set(keys)) and len({s for s, _ in cookies}) == 1
     # the end is served (the kernel's last, empty request): the snapshot is gone
     assert list(ops.readdir(REQ, d, 0, rest[-1].offset, plus)) == [] and len(ops._snapshots) == 0
     assert "new" in _names(ops.readdir(REQ, d, 0, 0, plus))
@@ -107,15 +110,49 @@ def test_a_cookie_whose_snapshot_is_gone_reads_the_directory_again(ops):
     assert _names(ops.readdir(REQ, e, 0, mine[0].offset)) == [".."]
 
 
+def test_a_cookie_whose_snapshot_is_gone_goes_on_after_its_name(tmp_path):
+    """soak13: the kernel's cache of a listing (CACHE_DIR) keeps the cookies of a snapshot
+    dropped at its end; when a change voids that cache, a lister reading from it goes on
+    with READDIR at such a cookie. The fresh reading then served from the cookie's
+    position: names removed before it meanwhile made as many names after it missed (a
+    cookie now names the entry's key: every name there all along comes once)."""
+    (tmp_path / "lower" / "d").mkdir(parents=True)
+    (tmp_path / "upper" / "d").mkdir(parents=True)
+    lower = [f"b{i}" for i in range(60)]
+    for name in lower:
+        (tmp_path / "lower" / "d" / name).write_text("x")
+    for i in range(30):
+        (tmp_path / "upper" / "d" / f"u{i}").write_text("u")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "mnt").mkdir()
+    ops, close = make_ops(tmp_path)
+    try:
+        ops.init(ConnInfo(7, 45, p.NO_OPENDIR_SUPPORT))
+        d = look(ops, "d")
+        items = list(ops.readdir(REQ, d, 0, 0))
+        half = items[:len(items) // 2]                       # the part a lister has read
+        assert list(ops.readdir(REQ, d, 0, items[-1].offset)) == []   # the end: dropped
+        for i in range(20):                                  # names go, at any key
+            os.unlink(tmp_path / "upper" / "d" / f"u{i}")
+        ops.fs.lookup.invalidate("d")
+        rest = list(ops.readdir(REQ, d, 0, half[-1].offset))  # the snapshot's cookie
+        got = _names(half + rest)
+        stable = set(lower) | {f"u{i}" for i in range(20, 30)}
+        assert not stable - set(got), f"missed: {sorted(stable - set(got))}"
+        assert len(got) == len(set(got))
+    finally:
+        close()
+
+
 def test_snapshots_are_bounded_and_dropped_at_their_end():
     snaps = Snapshots(limit=3)
-    made = [Snapshot(n, 0, [], (n, n)) for n in range(5)]
+    made = [Snapshot.of(n, 0, [], (n, n)) for n in range(5)]
     ids = [snaps.add(s) for s in made]
     assert len(set(ids)) == 5 and len(snaps) == 3
     assert snaps.get(ids[0], 0) is None and snaps.get(ids[4], 4) is made[4]
     assert snaps.get(ids[2], 2) is made[2]                   # used: now the newest
     assert snaps.get(ids[2], 3) is None                      # not a listing of node 3
-    snaps.add(Snapshot(9, 0, [], (9, 9)))
+    snaps.add(Snapshot.of(9, 0, [], (9, 9)))
     assert snaps.get(ids[3], 3) is None and snaps.get(ids[2], 2) is made[2]   # the least recent went
     snaps.done(ids[2])
     assert snaps.get(ids[2], 2) is None
@@ -129,11 +166,11 @@ def test_snapshots_are_bounded_by_their_entries_in_all():
     """Past ``max_entries`` in all, the least recently used others go; the one just kept
     stays, however large (its lister needs it for its next chunk)."""
     snaps = Snapshots(limit=10, max_entries=100)
-    a, b = snaps.add(Snapshot(1, 0, _entries(40), (1, 1))), snaps.add(Snapshot(2, 0, _entries(40), (2, 2)))
+    a, b = snaps.add(Snapshot.of(1, 0, _entries(40), (1, 1))), snaps.add(Snapshot.of(2, 0, _entries(40), (2, 2)))
     assert snaps.get(a, 1) is not None and snaps.entries == 80  # a used: b the least recent
-    c = snaps.add(Snapshot(3, 0, _entries(40), (3, 3)))
+    c = snaps.add(Snapshot.of(3, 0, _entries(40), (3, 3)))
     assert (snaps.get(b, 2), len(snaps), snaps.entries) == (None, 2, 80)
-    big = snaps.add(Snapshot(4, 0, _entries(500), (4, 4)))
+    big = snaps.add(Snapshot.of(4, 0, _entries(500), (4, 4)))
     assert snaps.get(a, 1) is None and snaps.get(c, 3) is None
     assert (snaps.get(big, 4).nodeid, snaps.entries) == (4, 500)
     snaps.done(big)
