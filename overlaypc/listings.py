@@ -1,10 +1,13 @@
-"""Directory listings served without an open handle (zero-message OPENDIR).
+"""Directory listings served without a directory handle (handle 0).
 
-Owns: the snapshots of merged listings that READDIR and READDIRPLUS serve once the kernel
-opens directories by itself. A kernel that offers ``NO_OPENDIR_SUPPORT`` takes an ENOSYS
-answer to OPENDIR as "always succeed, with KEEP_CACHE and CACHE_DIR, no RELEASEDIR": two
-round trips less for every directory opened, and every listing request then comes with
-handle 0. So the listing's identity travels in the cookies instead: a listing read at
+Owns: the snapshots of merged listings that READDIR and READDIRPLUS serve where the kernel
+offers ``NO_OPENDIR_SUPPORT``, and the count of open directories that decides which handle
+gets the kernel's listing cache (``OpenDirs``). OPENDIR was answered ENOSYS there once (the
+kernel then opens every directory itself with KEEP_CACHE and CACHE_DIR, no RELEASEDIR: two
+round trips less per directory opened), but a reader of the kernel's cache could then be
+cut short by another's refill (``OpenDirs``); OPENDIR is answered since (dircache14), still
+with handle 0, so every listing request comes with handle 0. The listing's identity
+travels in the cookies instead: a listing read at
 offset 0 becomes a snapshot with an id, and each entry's cookie (the offset the kernel
 sends back for the next chunk, and telldir(3) gives) is ``id << KEY_BITS | key``, where
 the key comes from the entry's name alone (``name_key``; "." and ".." are 1 and 2) and a
