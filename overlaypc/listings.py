@@ -1,10 +1,13 @@
-"""Directory listings served without an open handle (zero-message OPENDIR).
+"""Directory listings served without a directory handle (handle 0).
 
-Owns: the snapshots of merged listings that READDIR and READDIRPLUS serve once the kernel
-opens directories by itself. A kernel that offers ``NO_OPENDIR_SUPPORT`` takes an ENOSYS
-answer to OPENDIR as "always succeed, with KEEP_CACHE and CACHE_DIR, no RELEASEDIR": two
-round trips less for every directory opened, and every listing request then comes with
-handle 0. So the listing's identity travels in the cookies instead: a listing read at
+Owns: the snapshots of merged listings that READDIR and READDIRPLUS serve where the kernel
+offers ``NO_OPENDIR_SUPPORT``, and the count of open directories that decides which handle
+gets the kernel's listing cache (``OpenDirs``). OPENDIR was answered ENOSYS there once (the
+kernel then opens every directory itself with KEEP_CACHE and CACHE_DIR, no RELEASEDIR: two
+round trips less per directory opened), but a reader of the kernel's cache could then be
+cut short by another's refill (``OpenDirs``); OPENDIR is answered since (dircache14), still
+with handle 0, so every listing request comes with handle 0. The listing's identity
+travels in the cookies instead: a listing read at
 offset 0 becomes a snapshot with an id, and each entry's cookie (the offset the kernel
 sends back for the next chunk, and telldir(3) gives) is ``id << KEY_BITS | key``, where
 the key comes from the entry's name alone (``name_key``; "." and ".." are 1 and 2) and a
@@ -161,3 +164,41 @@ class Snapshots:
             snap = self._kept.pop(sid, None)
             if snap is not None:
                 self.entries -= len(snap.entries)
+
+
+class OpenDirs:
+    """The directories open through the mount, counted per nodeid (OPENDIR less
+    RELEASEDIR), to grant the kernel's listing cache (CACHE_DIR) to one handle at a time.
+
+    Why (dircache14): a CACHE_DIR reader at offset 0 that sees the directory changed voids
+    the kernel's cache and fills it anew; another CACHE_DIR reader in the middle of the old
+    one then starts the new cache from its beginning, skipping entries until one has its
+    cookie. If none has (its name went), the kernel asks the daemon from that cookie, except
+    where the new cache ends exactly at a page's end: then it answers the end of the
+    directory, and every name after the reader's position is missed. A handle without
+    CACHE_DIR neither reads, voids nor fills the cache (its chunks come from the snapshots
+    here), so with one CACHE_DIR handle per directory at a time no reader can be overtaken
+    by a refill. A RELEASEDIR may come after the close(2) that caused it: the next open
+    meanwhile goes without the cache, which is only slower."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def open(self, nodeid: int) -> bool:
+        """Count one more handle of ``nodeid``; whether it is the only one (may cache)."""
+        with self._lock:
+            n = self._open.get(nodeid, 0)
+            self._open[nodeid] = n + 1
+            return n == 0
+
+    def release(self, nodeid: int) -> None:
+        with self._lock:
+            n = self._open.get(nodeid, 0) - 1
+            if n > 0:
+                self._open[nodeid] = n
+            else:
+                self._open.pop(nodeid, None)
+
+    def __len__(self) -> int:
+        return len(self._open)

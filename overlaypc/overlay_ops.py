@@ -42,7 +42,7 @@ from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations,
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR, Writer, has_fsetid
-from .listings import KEY_BITS, Snapshot, Snapshots, split_cookie
+from .listings import KEY_BITS, OpenDirs, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
 from .nameless import GoneDir
@@ -135,9 +135,11 @@ class OverlayOps(Operations):
         self.fs = fs
         self.timeout = fs.config.timeout
         self.nodes = NodeTable(fs.identity(fs.lookup.lookup("")))
-        #: the kernel opens directories itself (``listings``): set at INIT
+        #: listings served from snapshots, handle 0 (``listings``): set at INIT
         self.zero_opendir = False
         self._snapshots = Snapshots()
+        #: handles of each directory, where ``zero_opendir`` (``listings.OpenDirs``)
+        self._open_dirs = OpenDirs()
         #: directory handle -> ``_listing_epoch`` before its listing was read (offset 0)
         self._listed: dict[int, tuple[int, int, int]] = {}
         #: moved by every change of data or attributes (``_changes``)
@@ -948,15 +950,20 @@ class OverlayOps(Operations):
     # -- directories ------------------------------------------------------------------------------
     def opendir(self, req: Request, nodeid: int, flags: int = 0) -> Opened:
         if self.zero_opendir:
-            # the kernel then opens every directory itself, as if answered with the flags
-            # below and handle 0, and sends no RELEASEDIR (``listings``)
-            raise OSError(errno.ENOSYS, "the kernel opens directories")
+            # handle 0: the listing is served from snapshots named by the cookies, as the
+            # kernel would open the directory itself after an ENOSYS; but the kernel's
+            # listing cache goes only to a handle opened while no other of the directory
+            # is (``listings.OpenDirs``): OPENDIR and RELEASEDIR are answered for that
+            return Opened(0, cache_dir=self._open_dirs.open(nodeid), keep_cache=True)
         # the kernel may keep listings across opens: it drops them itself whenever the
         # directory changes through the mount, and layers change only through the mount.
         # The handle keeps its path, which later moves update (``OverlayFS.renamed``).
         return Opened(self._at_node(nodeid, self.fs.opendir), cache_dir=True, keep_cache=True)
 
     def releasedir(self, req: Request, nodeid: int, fh: int) -> None:
+        if not fh:
+            self._open_dirs.release(nodeid)
+            return
         self._listed.pop(fh, None)
         self.fs.releasedir(fh)
 

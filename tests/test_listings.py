@@ -98,3 +98,58 @@ def test_a_reader_of_the_kernels_cached_listing_misses_nothing_after_a_change(bi
     stable = set(LOWER) | set(UPPER[60:])
     assert not stable - set(got), f"{len(stable - set(got))} unchanged names missed"
     assert len(got) == len(set(got))
+
+
+#: 40-byte names: a cached entry (``struct fuse_dirent``) takes 64 bytes, "." and ".." 32
+#: each, so 2047 names and the dots fill 32 pages of the kernel's listing cache exactly
+ALIGNED = [f"aligned-{i:04d}-{'y' * 27}" for i in range(2048)]
+_SYS_GETDENTS64 = 217 if os.uname().machine == "x86_64" else 61
+
+
+def _getdents(fd: int, size: int = 1024) -> list[str]:
+    """One getdents64(2) with a ``size``-byte buffer: the names it gave ([] at the end)."""
+    import ctypes
+    import struct
+    buf = ctypes.create_string_buffer(size)
+    n = ctypes.CDLL(None, use_errno=True).syscall(_SYS_GETDENTS64, fd, buf, size)
+    if n < 0:
+        raise OSError(ctypes.get_errno(), "getdents64")
+    names, at = [], 0
+    while at < n:
+        reclen = struct.unpack_from("<H", buf.raw, at + 16)[0]
+        names.append(buf.raw[at + 19:at + reclen].split(b"\0", 1)[0].decode())
+        at += reclen
+    return names
+
+
+def test_a_reader_in_the_kernels_cache_is_not_cut_short_when_another_refills_it(
+        layers_factory, overlay_mount):
+    """dircache14 (stress_mount BIGDIR: a listing ended at a chunk's boundary, the daemon
+    never asked for the next chunk). Reader A reads part of the directory from the kernel's
+    cached listing; the name at A's position goes; reader B, at offset 0, sees the change,
+    voids the cache and fills it anew to its end. A's next getdents starts the new cache
+    from its beginning looking for A's cookie; no entry has it, and where the cache ends at
+    a page's end (the names here are sized so) the kernel answers the end of the directory
+    instead of asking the daemon: every name after A's position was missed."""
+    assert len(ALIGNED[0]) == 40
+    layers = layers_factory({"low": {"big": {n: "" for n in ALIGNED}}})
+    upper, work = layers_factory.empty_dir("upper"), layers_factory.empty_dir("work")
+    m = overlay_mount(f"lowerdir={layers.lowerdir},upperdir={upper},workdir={work}")
+    big = m.path / "big"
+    assert sorted(os.listdir(big)) == ALIGNED               # the cache filled, complete
+    fd = os.open(big, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        got: list[str] = []
+        while len(got) < 1000:                              # A: from the cache
+            got += _getdents(fd)
+        gone = got[-1]
+        os.unlink(big / gone)                               # the name at A's cookie goes
+        assert len(os.listdir(big)) == len(ALIGNED) - 1     # B: voids the cache, refills it
+        while chunk := _getdents(fd):                       # A goes on
+            got += chunk
+    finally:
+        os.close(fd)
+    names = [n for n in got if n not in (".", "..")]
+    missed = set(ALIGNED) - {gone} - set(names)
+    assert not missed, f"{len(missed)} unchanged names missed ({len(names)} listed)"
+    assert len(names) == len(set(names))

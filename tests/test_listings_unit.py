@@ -8,7 +8,6 @@ after its cookie's key, in a fresh reading.
 """
 from __future__ import annotations
 
-import errno
 import os
 
 import pytest
@@ -54,10 +53,22 @@ def _change(ops, tree) -> None:
     ops.fs.lookup.invalidate("d")
 
 
-def test_opendir_is_left_to_the_kernel(ops):
-    with pytest.raises(OSError) as e:
-        ops.opendir(REQ, ROOT_ID)
-    assert e.value.errno == errno.ENOSYS
+def test_the_kernels_listing_cache_goes_to_one_handle_of_a_directory_at_a_time(ops):
+    """dircache14: OPENDIR answers handle 0 (listings come from snapshots); CACHE_DIR only
+    to a handle opened while no other of that directory is, so no reader of the kernel's
+    cached listing is overtaken by another's refill (``listings.OpenDirs``)."""
+    d = ops.lookup(REQ, ROOT_ID, b"d").nodeid
+    first, second = ops.opendir(REQ, ROOT_ID), ops.opendir(REQ, ROOT_ID)
+    other = ops.opendir(REQ, d)
+    assert (first.fh, second.fh, other.fh) == (0, 0, 0)
+    assert (first.cache_dir, second.cache_dir, other.cache_dir) == (True, False, True)
+    assert first.keep_cache and second.keep_cache
+    ops.releasedir(REQ, ROOT_ID, 0)
+    assert not ops.opendir(REQ, ROOT_ID).cache_dir       # the second is still open
+    ops.releasedir(REQ, ROOT_ID, 0)
+    ops.releasedir(REQ, ROOT_ID, 0)
+    assert ops.opendir(REQ, ROOT_ID).cache_dir           # none open: the cache again
+    assert sorted(_names(ops.readdir(REQ, ROOT_ID, 0, 0))) == [".", "..", "d", "e"]
 
 
 def test_without_the_offer_directories_are_opened(tree):
