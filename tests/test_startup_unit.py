@@ -335,3 +335,36 @@ def test_collector_paused_for_start_up_is_on_when_requests_run(tmp_path, monkeyp
         gc.unfreeze()
         gc.enable()
         os.umask(umask)
+
+
+def test_the_console_script_pauses_the_collector_before_start_up_imports():
+    """The ``overlaypc`` console script (what podman runs as its mount_program) enters
+    through ``entry.main``, which pauses garbage collection before ``cli`` and what it
+    imports are loaded, as ``python -m overlaypc`` does (before: ``cli:main``, imported
+    by the script itself with the collector on)."""
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    scripts = cfg["options.entry_points"]["console_scripts"].split()
+    assert scripts == ["overlaypc", "=", "overlaypc.entry:main"]
+    code = "\n".join([
+        "import gc, sys",
+        "import overlaypc.entry as entry",
+        "assert 'overlaypc.cli' not in sys.modules",
+        "seen = []",
+        "class Watch:",
+        "    def find_spec(self, name, path=None, target=None):",
+        "        if name == 'overlaypc.cli':",
+        "            seen.append(gc.isenabled())",
+        "        return None",
+        "sys.meta_path.insert(0, Watch())",
+        "sys.argv = ['overlaypc', '--help']",
+        "try:",
+        "    entry.main()",
+        "except SystemExit:",
+        "    pass",
+        "print(seen)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.split("\n")
+    assert out[-2] == "[False]", out
