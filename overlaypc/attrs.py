@@ -50,6 +50,41 @@ STATS_XATTR = "user.overlaypc.stats"
 _ST_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_blocks", "st_blksize")
 
 
+
+# -- xattrs of a file reached by fd, not by path (nameless files and directories) ------------
+def getxattr_at(link: str, name: str) -> bytes:
+    """getxattr of the file ``link`` (a /proc magic link) names: a layer without POSIX
+    ACLs answers ENODATA for them, as ``Attributes.getxattr``."""
+    try:
+        return os.getxattr(link, name)
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP and name in acl.NAMES:
+            raise OSError(errno.ENODATA, "no POSIX ACL on this layer", name) from None
+        raise
+
+
+def listxattr_at(link: str) -> list[str]:
+    """The xattr names a user sees of the file ``link`` names (none on a layer without
+    xattrs; overlay-private ones never)."""
+    try:
+        names = os.listxattr(link)
+    except OSError as e:
+        if e.errno != errno.ENOTSUP:
+            raise
+        return []
+    return [n for n in names if not is_private_xattr(n)]
+
+
+def setxattr_fd(ownership, layer, fd: int, name: str, value: bytes, flags: int,
+                kill_sgid: bool) -> None:
+    """setxattr through ``fd``; ``kill_sgid`` (an access ACL set by a caller outside the
+    group without CAP_FSETID: ``Attributes.kill_sgid``) then drops S_ISGID."""
+    os.setxattr(fd, name, value, flags)
+    if kill_sgid:
+        mode = ownership.stored_fd(layer, os.fstat(fd), fd).mode
+        if mode & stat.S_ISGID:
+            ownership.chmod_fd(layer, fd, stat.S_IMODE(mode) & ~stat.S_ISGID)
+
 class Attr(NamedTuple):
     """What ``stat`` shows for a merged object: a backing stat with the overlay's inode
     number and, where they differ from the backing's, its link count and blocks, and its

@@ -16,8 +16,8 @@ import errno
 import os
 import stat
 
-from . import acl, faults, killpriv, sysapi
-from .attrs import Attr, resolve_times
+from . import faults, killpriv, sysapi
+from .attrs import Attr, getxattr_at, listxattr_at, resolve_times, setxattr_fd
 from .copyup import is_private_xattr
 from .handles import Handle
 from .inodes import OPEN_FLAGS, MetaFile, OverlayInode, StaleBacking
@@ -711,21 +711,10 @@ class Files:
     def getxattr_inode(self, inode: OverlayInode, name: str) -> bytes:
         if is_private_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute", name)
-        try:
-            return self._nameless_xattr_read(inode, lambda link: os.getxattr(link, name))
-        except OSError as e:
-            if e.errno == errno.EOPNOTSUPP and name in acl.NAMES:
-                raise OSError(errno.ENODATA, "no POSIX ACL on this layer", name) from None
-            raise
+        return self._nameless_xattr_read(inode, lambda link: getxattr_at(link, name))
 
     def listxattr_inode(self, inode: OverlayInode) -> list[str]:
-        try:
-            names = self._nameless_xattr_read(inode, os.listxattr)
-        except OSError as e:
-            if e.errno != errno.ENOTSUP or self.fs.config.noxattrs:
-                raise
-            return []
-        return [n for n in names if not is_private_xattr(n)]
+        return self._nameless_xattr_read(inode, listxattr_at)
 
     def setxattr_inode(self, inode: OverlayInode, name: str, value: bytes, flags: int,
                        kill_sgid: bool = False) -> None:
@@ -733,13 +722,8 @@ class Files:
         the upper file; EROFS for a lower one (as ``chmod_inode``)."""
         self._nameless_change(name)
 
-        def act(fd: int, layer) -> None:
-            os.setxattr(fd, name, value, flags)
-            own = self.fs.ownership
-            mode = own.stored_fd(layer, os.fstat(fd), fd).mode if kill_sgid else 0
-            if mode & stat.S_ISGID:
-                own.chmod_fd(layer, fd, stat.S_IMODE(mode) & ~stat.S_ISGID)
-        self._on_nameless(inode, act)
+        self._on_nameless(inode, lambda fd, layer: setxattr_fd(
+            self.fs.ownership, layer, fd, name, value, flags, kill_sgid))
         inode.privs_may_grow()
 
     def removexattr_inode(self, inode: OverlayInode, name: str) -> None:

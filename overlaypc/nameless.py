@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import threading
 
-from . import acl
-from .attrs import Attr
+from .attrs import Attr, getxattr_at, listxattr_at, setxattr_fd
 from .copyup import is_private_xattr
 from .layer import DirFd, Layer
 from .typing_lite import TYPE_CHECKING
@@ -119,22 +117,11 @@ class NamelessDirs:
         self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute", name)
-        try:
-            return os.getxattr(f"/proc/self/fd/{self._held(gone).fd}", name)
-        except OSError as e:
-            if e.errno == errno.EOPNOTSUPP and name in acl.NAMES:
-                raise OSError(errno.ENODATA, "no POSIX ACL on this layer", name) from None
-            raise
+        return getxattr_at(f"/proc/self/fd/{self._held(gone).fd}", name)
 
     def listxattr(self, gone: GoneDir) -> list[str]:
         self._xattrs_allowed()
-        try:
-            names = os.listxattr(f"/proc/self/fd/{self._held(gone).fd}")
-        except OSError as e:
-            if e.errno == errno.ENOTSUP:
-                return []
-            raise
-        return [n for n in names if not is_private_xattr(n)]
+        return listxattr_at(f"/proc/self/fd/{self._held(gone).fd}")
 
     def _xattrs_allowed(self) -> None:
         if self.fs.config.noxattrs:
@@ -176,14 +163,8 @@ class NamelessDirs:
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
 
-        def act(fd: int, layer: Layer) -> None:
-            os.setxattr(fd, name, value, flags)
-            if kill_sgid:
-                own = self.fs.ownership
-                mode = own.stored_fd(layer, os.fstat(fd), fd).mode
-                if mode & stat.S_ISGID:
-                    own.chmod_fd(layer, fd, stat.S_IMODE(mode) & ~stat.S_ISGID)
-        self._change(gone, act)
+        self._change(gone, lambda fd, layer: setxattr_fd(
+            self.fs.ownership, layer, fd, name, value, flags, kill_sgid))
 
     def removexattr(self, gone: GoneDir, name: str) -> None:
         self._xattrs_allowed()

@@ -31,6 +31,7 @@ import pytest
 
 import helpers
 from core_driver import REQ, CoreDriver, Walker
+from test_nameless_file_xattrs import _open_unlinked
 from upper_support import is_whiteout, overlay_stats, stack_options
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -289,15 +290,6 @@ def test_an_upper_reopen_passes_through(tmp_path, overlay_mount):
 
 
 # -- in-process (core_driver) ---------------------------------------------------------------
-def _unlinked(drv: CoreDriver, name: str, flags: int) -> tuple[int, int]:
-    """Open ``name`` (``flags``), unlink it: (its nodeid, the handle)."""
-    w = Walker(drv)
-    fh = w.open(name, flags)
-    nodeid = drv._open[fh]
-    w.unlink(name)
-    return nodeid, fh
-
-
 def _reopen(drv: CoreDriver, nodeid: int, flags: int) -> int:
     """OPEN of ``nodeid`` as the kernel sends it for a magic link."""
     fh = drv.ops.open(REQ, nodeid, flags).fh
@@ -315,7 +307,7 @@ def test_a_reopen_is_a_handle_of_the_same_inode(tmp_path):
     try:
         w = Walker(drv)
         fro = w.open("f", os.O_RDONLY)
-        nodeid, frw = _unlinked(drv, "f", os.O_RDWR)
+        nodeid, frw = _open_unlinked(drv, "f", os.O_RDWR)
         again = _reopen(drv, nodeid, os.O_RDONLY)
         assert drv.fs.handles.get(again).inode is drv.fs.handles.get(frw).inode
         assert drv.write(frw, b"NEW", 0) == 3
@@ -343,7 +335,7 @@ def test_a_nameless_lower_file_reopens_read_only_only(tmp_path):
     helpers.build_layer(tmp_path / "lower", {"f": "lower data\n"})
     drv = CoreDriver.in_dir(tmp_path)
     try:
-        nodeid, fh = _unlinked(drv, "f", os.O_RDONLY)
+        nodeid, fh = _open_unlinked(drv, "f", os.O_RDONLY)
         again = _reopen(drv, nodeid, os.O_RDONLY)
         assert drv.read(again, 100, 0) == b"lower data\n"
         handles = len(drv.fs.handles)
@@ -366,7 +358,7 @@ def test_a_reopen_counts_in_the_open_file_budget(tmp_path):
     helpers.build_layer(tmp_path / "lower", {"f": "lower data\n"})
     drv = CoreDriver.in_dir(tmp_path)
     try:
-        nodeid, fh = _unlinked(drv, "f", os.O_RDWR)
+        nodeid, fh = _open_unlinked(drv, "f", os.O_RDWR)
         again = _reopen(drv, nodeid, os.O_RDONLY)
         assert drv.fs.open_fds() == 2
         drv.fs.open_file_fds = 2
@@ -389,7 +381,7 @@ def test_a_handle_left_on_the_lower_is_never_reopened(tmp_path):
     try:
         w = Walker(drv)
         fro = w.open("f", os.O_RDONLY)
-        nodeid, frw = _unlinked(drv, "f", os.O_RDWR)
+        nodeid, frw = _open_unlinked(drv, "f", os.O_RDWR)
         drv.release(frw)
         handles = len(drv.fs.handles)
         with pytest.raises(OSError) as e:
