@@ -211,6 +211,14 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
                             del data[n:]
                     check_fd(fd, data, mode, 0, ino, f"{op} {ident} after write through reopen")
                     check_fd(fd2, data, mode, 0, ino, f"{op} {ident} reopened fd")
+                    # an xattr set through one fd of the nameless file, read through the other
+                    xv = os.urandom(rng.choice([0, 8, 300]))
+                    os.setxattr(rng.choice([fd, fd2]), "user.t", xv)
+                    for x in (fd, fd2):
+                        if "user.t" not in os.listxattr(x) or os.getxattr(x, "user.t") != xv:
+                            raise Failure(f"{op} {ident}: user.t not read back through fd "
+                                          f"{'reopened' if x == fd2 else 'first'}: "
+                                          f"{os.listxattr(x)}")
                     # link: an unlinked file (nlink 0, not O_TMPFILE) or an O_EXCL tmpfile must not
                     j = rng.randrange(TMP_DIRS)
                     tdfd = _open_dir(top, j)
@@ -236,6 +244,9 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
                     objs[ident] = [data, mode, ino, names]
                     check_fd(fd, data, mode, 1, ino, f"tmpfile {ident} after link {how}")
                     st2 = os.stat(name, dir_fd=tdfd, follow_symlinks=False)
+                    lp = f"/proc/self/fd/{tdfd}/{name}"
+                    if os.getxattr(lp, "user.t") != xv:
+                        raise Failure(f"tmpfile {ident}: user.t set before the link not at its name")
                     if (st2.st_ino, st2.st_size, st2.st_nlink) != (ino, len(data), 1):
                         raise Failure(f"tmpfile {ident}: stat of its name {(st2.st_ino, st2.st_size, st2.st_nlink)}"
                                       f" != {(ino, len(data), 1)}")
