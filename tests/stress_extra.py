@@ -372,6 +372,14 @@ def big_seeker(root: str, n: int, stop, q, idx: int, seed: int, names_of):
                 hist.append((act, len(got)))
                 if act == "read":
                     ents = getdents(fd, rng.choice([100, 1024, 4096, 32768, 32768, 32768]))
+                    if not ents and moves < 4 and got and rng.random() < 0.3:
+                        # seekdir back after the end: that listing's snapshot is dropped, the
+                        # rest comes from a fresh reading after the cookie's key
+                        p = rng.randrange(len(got) + 1)
+                        os.lseek(fd, got[p - 1][1] if p else 0, os.SEEK_SET)
+                        del got[p:]
+                        hist.append(("seek", p))
+                        continue
                     if not ents:
                         os.close(fd)
                         del fds[fd]
