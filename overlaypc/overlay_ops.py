@@ -163,6 +163,11 @@ class OverlayOps(Operations):
             _negotiate_acls(conn)
         _negotiate_io(conn, cfg.cache, cfg.passthrough)
         self.zero_opendir = bool(conn.offered & p.NO_OPENDIR_SUPPORT)
+        # the engine's short path for ``opendir``/``releasedir`` of handle 0: the count of
+        # open handles alone (``listings.OpenDirs``), as those two methods do
+        zero = self.zero_opendir
+        self.opendir_zero = self._open_dirs.open if zero else None
+        self.releasedir_zero = self._open_dirs.release if zero else None
 
     def initialized(self, conn: ConnInfo) -> None:
         self.passthrough.start(conn.backing)
