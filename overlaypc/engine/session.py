@@ -53,7 +53,7 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
                           p.INTERRUPT, p.DESTROY))
 
 
-_READ, _WRITE, _OPENDIR, _RELEASEDIR = p.READ, p.WRITE, p.OPENDIR, p.RELEASEDIR
+_READ, _WRITE, _FORGET, _OPENDIR, _RELEASEDIR = p.READ, p.WRITE, p.FORGET, p.OPENDIR, p.RELEASEDIR
 _unpack_header = p.IN_HEADER.unpack_from
 _pack_out = p.OUT_HEADER.pack
 _OUT_SIZE = p.OUT_HEADER.size
@@ -62,8 +62,8 @@ _BODY = p.IN_HEADER.size
 _unpack_read = struct.Struct("<QQI").unpack_from
 #: fh, offset, size, write_flags: the head of ``fuse_write_in``
 _unpack_write = struct.Struct("<QQII").unpack_from
-#: fh: the head of ``fuse_release_in``
-_unpack_fh = struct.Struct("<Q").unpack_from
+#: fh: the head of ``fuse_release_in``; nlookup: ``fuse_forget_in``
+_unpack_fh = _unpack_nlookup = struct.Struct("<Q").unpack_from
 #: a reply with no body (its header only)
 _EMPTY_SIZE = p.OUT_HEADER.size
 #: the replies to an OPENDIR through ``Operations.opendir_zero`` (handle 0): without and
@@ -456,6 +456,12 @@ class Session:
                                   p.WRITE_OUT.pack(n, 0)])
             except OSError as e:
                 self._write_failed(e)
+            return
+        if op == _FORGET:  # one per file an ``rm -rf`` removes (no reply, no extensions)
+            try:
+                self.ops.forget(head[3], _unpack_nlookup(msg, _BODY)[0])
+            except Exception:
+                log.exception("FORGET failed")
             return
         # a directory opened and released with handle 0 (``Operations.opendir_zero``): one
         # of each per directory a warm ``find`` lists from the kernel's cache, so answered
