@@ -59,10 +59,18 @@ log = logs.get("overlaypc.core")
 
 @record
 class DirHandle:
-    """An open directory: its path (libfuse passes none to readdir) and the listing read
-    at offset 0."""
-    rel: str
+    """An open directory: its path (READDIR carries none) and the listing read at offset
+    0. ``rel`` None: a removed directory the kernel still held, opened through its fd
+    (``OverlayFS.opendir``)."""
+    rel: str | None
     listing: list[DirEntry] | None = None
+
+    def path(self) -> str:
+        """``rel``; ENOENT for a removed directory, as getdents of a removed directory
+        answers on any filesystem (glibc's ``readdir`` ends the listing there)."""
+        if self.rel is None:
+            raise OSError(errno.ENOENT, "a removed directory has no entries")
+        return self.rel
 
 
 @contextlib.contextmanager
@@ -357,6 +365,8 @@ class OverlayFS:
         self.handles.renamed(old, new)
         with self._dir_lock:
             for handle in self._dir_handles.values():
+                if handle.rel is None:
+                    continue  # (a removed directory's)
                 path = moved(handle.rel, old, new)
                 if path is not None:
                     handle.rel = path
@@ -377,7 +387,7 @@ class OverlayFS:
             dir_handle = self._dir_handles.get(fh)
             if dir_handle is None:
                 return self.files.getattr(fh)
-            rel = dir_handle.rel
+            rel = dir_handle.path()
         check_name(rel, last_only=True)
         return self.attrs.getattr(rel)
 
@@ -391,9 +401,14 @@ class OverlayFS:
         top = self.lookup.lookup(rel).top
         return top.layer.readlink(top.rel)
 
-    def opendir(self, rel: str) -> int:
-        """A directory handle: it remembers the path, since libfuse passes none to readdir."""
-        self.lookup.directory(rel)
+    def opendir(self, rel: str | None) -> int:
+        """A directory handle: it remembers the path, since READDIR carries none. ``rel``
+        None: a removed directory the kernel still holds (``nameless``), opened again
+        through its fd (``open("/proc/self/fd/N")``, ``fchdir`` then ``open(".")``), which
+        opens as on the kernel overlay; its listing answers ENOENT (``DirHandle.path``),
+        as the kernel's own check answers before a READDIR of it is sent."""
+        if rel is not None:
+            self.lookup.directory(rel)
         with self._dir_lock:
             fh = next(self._dir_fhs)
             self._dir_handles[fh] = DirHandle(rel)
@@ -426,7 +441,7 @@ class OverlayFS:
                     if fh in self._listed_handles:
                         self._listed_handles.move_to_end(fh)
                 return listing
-            rel = handle.rel
+            rel = handle.path()
         epoch = self.lookup.epoch  # before the layers: a change during the listing voids it
         files: dict | None = {} if plus else None
         # (hard links come without attributes: the name must be known for later invalidations)
@@ -463,7 +478,7 @@ class OverlayFS:
         handle = self._dir_handles.get(fh)
         if handle is None:
             raise OSError(errno.EBADF, "bad directory handle")
-        return self.dot_inos_at(handle.rel)
+        return self.dot_inos_at(handle.path())
 
     def dot_inos_at(self, rel: str) -> tuple[int, int]:
         """``dot_inos`` of the directory at ``rel``."""

@@ -958,7 +958,15 @@ class OverlayOps(Operations):
         # the kernel may keep listings across opens: it drops them itself whenever the
         # directory changes through the mount, and layers change only through the mount.
         # The handle keeps its path, which later moves update (``OverlayFS.renamed``).
-        return Opened(self._at_node(nodeid, self.fs.opendir), cache_dir=True, keep_cache=True)
+        try:
+            fh = self._at_node(nodeid, self.fs.opendir)
+        except NoNameLeft as e:  # (raised before anything was done)
+            # a removed directory the kernel still holds, opened through its fd: it opens
+            # (as on the kernel overlay; no READDIR of it comes, the kernel answers ENOENT
+            # for a removed directory itself); any other node's error is re-raised
+            self._gone(nodeid, e)
+            fh = self.fs.opendir(None)
+        return Opened(fh, cache_dir=True, keep_cache=True)
 
     def releasedir(self, req: Request, nodeid: int, fh: int) -> None:
         if not fh:

@@ -196,3 +196,52 @@ def test_an_unlinked_lower_file_shown_linked_is_still_forgotten(tmp_path, overla
             break
         time.sleep(0.05)
     assert nodes == base
+
+
+@pytest.mark.parametrize("run", ["plain", "metacopy"])
+def test_a_removed_directory_opened_again(run, tmp_path, overlay_mount, kernel_mount):
+    kernel, ours = _both(tmp_path, overlay_mount, kernel_mount, run, _removed_dirs)
+    assert kernel[0][2] == ("ok", [])  # (the oracle)
+    assert ours == kernel
+
+
+# -- in-process: OPENDIR with a handle -------------------------------------------------------
+@pytest.mark.parametrize("which", ["upper", "lower", "merged"])
+def test_opendir_of_a_removed_directory_by_handle(tmp_path, which):
+    """OPENDIR of a removed directory's node (the kernel sends it for ``open`` of its magic
+    link where it did not offer ``NO_OPENDIR_SUPPORT``): a handle, as the kernel overlay
+    opens it; READDIR of it answers ENOENT, as getdents of a removed directory does (the
+    kernel answers so itself before sending one; glibc ends the listing there: empty);
+    RELEASEDIR drops it. Before: ENOENT at OPENDIR. A file with no name left is no
+    directory: ENOENT still."""
+    helpers.build_layer(tmp_path / "lower", {"low": helpers.Dir(), "mrg/f": "x\n", "g": "g\n"})
+    drv = CoreDriver.in_dir(tmp_path)
+    try:
+        assert not drv.ops.zero_opendir
+        w = Walker(drv)
+        root = drv.root()
+        if which == "upper":
+            drv.mkdir(root, "d", 0o755)
+            name = "d"
+        elif which == "merged":
+            w.unlink("mrg/f")
+            name = "mrg"
+        else:
+            name = "low"
+        nodeid = drv.lookup(root, name).nodeid
+        drv.rmdir(root, name)
+        fh = drv.ops.opendir(REQ, nodeid).fh
+        assert fh != 0
+        with pytest.raises(OSError) as e:
+            list(drv.ops.readdir(REQ, nodeid, fh, 0))
+        assert e.value.errno == errno.ENOENT
+        drv.ops.releasedir(REQ, nodeid, fh)
+        assert len(drv.fs._dir_handles) == 0
+        gone_file = drv.lookup(root, "g").nodeid
+        drv.unlink(root, "g")
+        with pytest.raises(OSError) as e:
+            drv.ops.opendir(REQ, gone_file)
+        assert e.value.errno == errno.ENOENT
+        drv.settle()
+    finally:
+        drv.close()
