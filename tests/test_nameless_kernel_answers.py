@@ -157,6 +157,8 @@ def test_an_unlinked_lower_file_shown_linked_is_still_forgotten(tmp_path, overla
     try:
         os.unlink(m / "lo")
         assert os.fstat(fd).st_nlink == 1
+        # (what tells a tool it has no name left: its magic link, tests/stress_crash.py)
+        assert os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)")
     finally:
         os.close(fd)
     nodes = None
