@@ -585,7 +585,9 @@ def test_getattr_while_its_name_is_unlinked_and_taken_never_answers_the_new_obje
 def test_opendir_while_its_name_is_removed_and_taken_never_lists_the_new_directory(drv):
     """OPENDIR of the empty directory ``d/sub/e`` stops with its path made; ``e`` is
     removed and a new ``e`` made with an entry. The handle must not list the new directory
-    (whose entries the kernel checked no permission for). Before: it listed ``new``."""
+    (whose entries the kernel checked no permission for). Before: it listed ``new``. The
+    OPENDIR answers ENOENT, or opens the removed directory (``nameless``), whose listing
+    answers ENOENT, as getdents of a removed directory does."""
     sub, _ = _node(drv, "f")
     e = drv.mkdir(sub, "e", 0o755)
 
@@ -599,6 +601,9 @@ def test_opendir_while_its_name_is_removed_and_taken_never_lists_the_new_directo
         assert not isinstance(got, Exception), got
         try:
             names = [i.name for i in drv.ops.readdir(REQ, e.nodeid, got.fh, 0)]
+        except OSError as listed:
+            assert listed.errno == errno.ENOENT, listed
+            names = []
         finally:
             drv.ops.releasedir(REQ, e.nodeid, got.fh)
         assert b"new" not in names, names
