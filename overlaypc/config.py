@@ -540,6 +540,21 @@ def _check_lowers_apart(lowers: list[str]) -> None:
             raise ConfigError(f"lowerdir {inner} is inside lowerdir {outer}")
 
 
+def _check_distinct(named: list[tuple[str, str]]) -> None:
+    """Refuse one directory given as two layers at different paths (a bind mount of it, or
+    a path through another mount of its filesystem): the same (st_dev, st_ino) at two of
+    ``named`` ((what, canonical path) pairs, in order). The kernel refuses these as
+    conflicting paths; paths alone cannot tell (``_check_lowers_apart`` compares those).
+    Caveat: a layer nested inside another through a bind mount is not found."""
+    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    for what, path in named:
+        st = os.stat(path)
+        first = seen.setdefault((st.st_dev, st.st_ino), (what, path))
+        if first != (what, path):
+            raise ConfigError(f"{what} {path} is {first[0]} {first[1]} at another path "
+                              f"(a bind mount?): one directory cannot be two layers")
+
+
 def validate(cfg: MountConfig) -> None:
     """Check and canonicalize ``cfg``; raise ConfigError on the first problem."""
     if not cfg.lowers:
@@ -549,6 +564,7 @@ def validate(cfg: MountConfig) -> None:
         raise ConfigError(f"{missing} is missing: upperdir and workdir go together")
     cfg.lowers = [_dir(p, "lowerdir") for p in cfg.lowers]
     _check_lowers_apart(cfg.lowers)
+    _check_distinct([("lowerdir", p) for p in cfg.lowers])
     if cfg.upper is not None and cfg.work is not None:
         cfg.upper = _dir(cfg.upper, "upperdir")
         cfg.work = _dir(cfg.work, "workdir")
@@ -566,6 +582,8 @@ def validate(cfg: MountConfig) -> None:
                 raise ConfigError(f"workdir {cfg.work} is inside lowerdir {lower}")
             if _is_within(lower, cfg.work):  # its work/ and index/ are emptied at mount
                 raise ConfigError(f"lowerdir {lower} is inside workdir {cfg.work}")
+        _check_distinct([("upperdir", cfg.upper), ("workdir", cfg.work),
+                         *(("lowerdir", p) for p in cfg.lowers)])
     if cfg.metacopy:
         if cfg.userxattr:
             raise ConfigError("metacopy=on cannot be used with userxattr: metadata-only copies "
