@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections.abc import Callable
 
@@ -389,11 +390,7 @@ def load_stack(path: str, cfg: MountConfig) -> None:
 def _parse_stack(path: str) -> object:
     import yaml
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_STACK_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
+    raw = _read_stack(path)
     if len(raw) > MAX_STACK_BYTES:
         raise ConfigError(f"stack file {path} is too large (over {MAX_STACK_BYTES} bytes)")
     try:
@@ -410,6 +407,33 @@ def _parse_stack(path: str) -> object:
         raise ConfigError(f"malformed YAML in stack file {path}{where}{what}") from None
     except RecursionError:  # the parser recurses per level of nesting
         raise ConfigError(f"stack file {path} is nested too deeply") from None
+
+
+def _read_stack(path: str) -> bytes:
+    """The first ``MAX_STACK_BYTES + 1`` bytes of the regular file at ``path``. Anything else
+    is refused by ``fstat`` of the opened fd; ``O_NONBLOCK`` keeps the open of a FIFO from
+    waiting for a writer (a socket cannot be opened at all: ENXIO, also named)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket, or a device with no driver behind it
+            raise ConfigError(f"stack file {path} is not a regular file") from None
+        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
+            raise ConfigError(f"stack file {path} is not a regular file (a {kind})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_STACK_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+_FILE_KINDS = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
+               stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}
 
 
 def _stack_options(path: str, options: object) -> list[str]:
