@@ -438,7 +438,7 @@ _FILE_KINDS = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFCHR: "c
 
 def _stack_options(path: str, options: object) -> list[str]:
     """The ``options`` of a stack file as option strings: a list of strings (or numbers),
-    one string, or a mapping of names to scalar values (``true``: the bare name)."""
+    one string, or a mapping of names to scalar values (booleans: ``_boolean_option``)."""
     if options is None:
         return []
     if isinstance(options, str):
@@ -446,10 +446,47 @@ def _stack_options(path: str, options: object) -> list[str]:
     scalar = (str, int, float)  # (bool is an int)
     if isinstance(options, dict):
         if all(isinstance(k, str) and isinstance(v, scalar) for k, v in options.items()):
-            return [k if v is True else f"{k}={v}" for k, v in options.items()]
+            return [_boolean_option(path, k, v) if isinstance(v, bool) else f"{k}={v}"
+                    for k, v in options.items()]
     elif isinstance(options, list) and all(isinstance(o, scalar) for o in options):
         return [str(o) for o in options]
     raise ConfigError(f"stack file {path}: 'options' must be a list of strings like [cache=shared]")
+
+
+def _yaml_booleans() -> dict[str, tuple[str, str | None]]:
+    """How a YAML boolean is written for each option that takes one: (true, false);
+    a false of None is refused (a flag with no opposite: leave it out)."""
+    table: dict[str, tuple[str, str | None]] = {
+        name: (f"{name}=on", f"{name}=off")
+        for name in ("sharing", "passthrough", "index", "metacopy", "xino", "redirect_dir")}
+    table.update({name: (f"{name}=1", f"{name}=0") for name in ("noxattrs", "fsync")})
+    table.update({name: (name, None) for name in ("userxattr", "volatile", "squash_to_root",
+                                                  "static_nlink", "noacl", "allow_root", "ino32_t")})
+    for name in ("ro", *GENERIC):
+        opposite = {"ro": "rw", "rw": "ro"}.get(name) or (
+            "no" + name if "no" + name in GENERIC else
+            name[2:] if name.startswith("no") and name[2:] in GENERIC else None)
+        table[name] = (name, opposite)
+    table["rw"] = ("rw", "ro")
+    return table
+
+
+#: YAML 1.1 reads unquoted true/false, yes/no and on/off as booleans (``index: on``)
+YAML_BOOLEANS = _yaml_booleans()
+
+
+def _boolean_option(path: str, name: str, value: bool) -> str:
+    """A stack file's ``NAME: <boolean>`` as the option's own spelling: ``index: on`` is
+    index=on, ``fsync: no`` fsync=0, ``ro: yes`` ro, ``nodev: no`` dev. Refused where a
+    boolean means nothing (``lowerdir: yes``, ``volatile: no``)."""
+    spelling = YAML_BOOLEANS[name][0 if value else 1] if name in YAML_BOOLEANS else None
+    if spelling is None and value and name not in OPTIONS:
+        return name  # an option unknown here (refused later) or x-* / comment
+    if spelling is None:
+        raise ConfigError(f"stack file {path}: option {name} does not take a boolean "
+                          f"({name}: {'true' if value else 'false'}; YAML reads unquoted "
+                          f"yes/no/on/off as booleans too: quote the value, or leave a flag out)")
+    return spelling
 
 
 _LOADER: list[type] = []
