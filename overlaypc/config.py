@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable
@@ -385,6 +386,12 @@ def load_stack(path: str, cfg: MountConfig) -> None:
         raise ConfigError(f"stack file {path}: a path contains a NUL byte")
     for opt in _stack_options(path, data.get("options")):
         apply_options(cfg, opt)
+    # the paths its options give (lowerdir=, upperdir=, logfile=...) resolve against its
+    # directory too; -o options, applied after it, resolve against the cwd
+    cfg.lowers = [os.path.join(base, p) for p in cfg.lowers]
+    for attr in ("upper", "work", "logfile"):
+        if getattr(cfg, attr):
+            setattr(cfg, attr, os.path.join(base, getattr(cfg, attr)))
 
 
 def _parse_stack(path: str) -> object:
@@ -510,6 +517,14 @@ def _stack_loader() -> type:
                     seen.add(key.value)
             return super().construct_mapping(node, deep)
 
+    # YAML 1.1 reads digits joined by colons as base 60 (1:10:5 is 4205, 1:30 is 90): an
+    # ID mapping or a time would change silently. Such scalars stay text (the first
+    # resolver that matches decides); quoted ones always were.
+    colon_digits = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-9_]*)+(?:\.[0-9_]*)?$")
+    resolvers = {first: list(found) for first, found in StackLoader.yaml_implicit_resolvers.items()}
+    for first in "-+0123456789":
+        resolvers[first] = [("tag:yaml.org,2002:str", colon_digits), *resolvers.get(first, [])]
+    StackLoader.yaml_implicit_resolvers = resolvers
     _LOADER.append(StackLoader)
     return StackLoader
 
