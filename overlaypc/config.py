@@ -310,10 +310,17 @@ GENERIC = {"defaults", "nofail", "noatime", "relatime", "atime", "strictatime", 
            "allow_other", "default_permissions", "silent", "loud"}
 
 
+#: options whose values keep their backslashes, as the kernel's: ``lowerdir=`` unescapes
+#: each layer itself (after splitting at ``:``), ``lowerdir+=`` takes its path as it is
+RAW_VALUES = {"lowerdir", "lowerdir+", "datadir+"}
+
+
 def apply_options(cfg: MountConfig, text: str) -> None:
     for item in filter(None, _split_commas(text)):
         name, eq, value = item.partition("=")
         if name in OPTIONS:
+            if name not in RAW_VALUES:
+                value = _unescape_value(value)
             OPTIONS[name](cfg, _unquote(value) if eq else None)
         elif name in GENERIC or name.startswith(("x-", "comment=")) or name == "comment":
             cfg.generic.append(item)
@@ -322,12 +329,12 @@ def apply_options(cfg: MountConfig, text: str) -> None:
 
 
 def _split_commas(text: str) -> list[str]:
-    """Options at commas, as mount(8) splits them: not inside double quotes, not after a
-    backslash (lowerdir paths may contain '\\,'; '\\:' is kept for ``_split_lowers``)."""
+    """Options at commas, as mount(8) and the kernel split them: not inside double quotes,
+    not after a backslash. Escapes are kept: each option unescapes its value (or not)."""
     out, cur, esc, quoted = [], "", False, False
     for ch in text:
         if esc:
-            cur += ("\\" + ch) if ch == ":" else ch
+            cur += "\\" + ch
             esc = False
         elif ch == "\\":
             esc = True
@@ -342,6 +349,21 @@ def _split_commas(text: str) -> list[str]:
     if quoted:
         raise ConfigError(f"unbalanced double quote in options {text!r}")
     out.append(cur)
+    return out
+
+
+def _unescape_value(value: str) -> str:
+    """``value`` with each backslash escape replaced by the character it escapes, as the
+    kernel does for ``upperdir=``/``workdir=`` (``\\,`` is a comma, ``\\\\`` a backslash)."""
+    if "\\" not in value:
+        return value
+    out, esc = "", False
+    for ch in value:
+        if esc or ch != "\\":
+            out += ch
+            esc = False
+        else:
+            esc = True
     return out
 
 

@@ -94,3 +94,22 @@ def test_stack_file_colon_numbers_are_text(base):
     cfg = _config(["--stack", str(base / "s.yaml"), "m"])
     given = _config(["-o", "lowerdir=a,uidmapping=1:10:5,gidmapping=1:10:5", "m"])
     assert (cfg.uidmapping, cfg.gidmapping) == (given.uidmapping, given.gidmapping)
+
+
+@pytest.mark.parametrize("opts, lowers, upper", [
+    ("lowerdir=x\\\\y:b", ["x\\y", "b"], None),
+    ("lowerdir=p\\,q:b", ["p,q", "b"], None),
+    ("lowerdir+=p\\,q,lowerdir+=b", ["p\\,q", "b"], None),
+    ("lowerdir=b,upperdir=ux\\\\y,workdir=w", ["b"], "ux\\y"),
+    ("lowerdir=b,upperdir=u\\,q,workdir=w", ["b"], "u,q"),
+])
+def test_backslashes_in_option_values_as_the_kernel(base, opts, lowers, upper):
+    """Backslash escapes as the kernel's overlay reads them (checked with mount -t overlay
+    on 6.18): a comma after a backslash never splits options; lowerdir= and upperdir=
+    unescape their paths (\\\\ is one backslash), lowerdir+= takes its path as it is. Two
+    backslashes were unescaped twice (x\\\\y was xy), and lowerdir+= lost its backslashes."""
+    for d in ("x\\y", "p,q", "p\\,q", "ux\\y", "u,q"):
+        (base / d).mkdir()
+    cfg = _config(["-o", opts, "overlay", "m"])
+    assert cfg.lowers == [str(base / p) for p in lowers]
+    assert cfg.upper == (upper and str(base / upper))
