@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable
@@ -526,6 +525,8 @@ def _stack_loader() -> type:
     unique; PyYAML would keep the last silently)."""
     if _LOADER:
         return _LOADER[0]
+    import re  # (only here: a mount without a stack file imports neither re nor yaml)
+
     import yaml
 
     class StackLoader(yaml.SafeLoader):
