@@ -1,0 +1,46 @@
+"""The kernel overlay's ``impure`` mark on upper directories (``<prefix>impure`` = ``y``).
+
+Owns ``mark`` and ``has_origin``. The kernel's readdir gives a listed object the inode
+number ``stat`` shows (its copy-up origin's) as ``d_ino`` only in an upper directory so
+marked (in a merged one too when it uses xino bits); elsewhere the upper file's own number
+shows, and ``find``, ``du`` or ``ls -i`` see two inodes. overlaypc's own listings stat their
+upper entries and need no mark: it is written for the kernel mounting the upper later.
+
+Written where the kernel writes it: on the parent of every copy-up, before the copy takes
+its name (a crash then leaves a mark with nothing behind it, which costs the kernel a
+lookup per entry, never a missing one); on the new parent of a rename to another directory
+and of a link, when the object has a copy-up origin. Never removed here (the kernel drops a
+mark it finds unneeded while listing). An upper that takes no such xattr gets no mark, as
+with the kernel.
+"""
+from __future__ import annotations
+
+import errno
+
+from . import logs
+from .layer import Layer
+
+log = logs.get("overlaypc.impure")
+
+IMPURE = "impure"
+ORIGIN = "origin"
+
+
+def mark(upper: Layer, dir_rel: str, prefix: str) -> None:
+    """Mark upper directory ``dir_rel`` impure unless it is already (one read, and one write
+    the first time)."""
+    name = prefix + IMPURE
+    if upper.getxattr(dir_rel, name) is not None:
+        return
+    try:
+        upper.do_setxattr(dir_rel, name, b"y")
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EPERM):
+            raise
+        log.debug("%s/%s: no %s mark: %s", upper.path, dir_rel, name, e.strerror)
+
+
+def has_origin(upper: Layer, rel: str, prefix: str) -> bool:
+    """Whether upper object ``rel`` records a copy-up origin (its inode number is the
+    origin's, so a directory it moves or is linked into needs the mark)."""
+    return upper.getxattr(rel, prefix + ORIGIN) is not None
