@@ -111,3 +111,39 @@ def test_kernel_lists_our_upper_with_stat_inode_numbers(run, tmp_path, layers_fa
     assert seen["ours"] == [], f"the kernel over overlaypc's upper: {seen['ours']}"
     # the same directories marked as the kernel marks them
     assert impure["ours"] == impure["kernel"]
+
+
+@pytest.mark.parametrize("userxattr", [False, True], ids=["trusted", "userxattr"])
+def test_kernel_gives_our_upper_its_own_fsid(userxattr, tmp_path, layers_factory, overlay_mount):
+    """The kernel (``uuid=auto``, its default) keeps a uuid for an upper in ``<prefix>uuid``
+    on the upper root, written at the first mount of a new upper (root not marked impure),
+    and shows it as ``f_fsid``; an upper without one that holds copy-ups (root impure) gets
+    the null uuid: the upper filesystem's ``f_fsid``, shared by every overlay on it.
+    Before: over overlaypc's upper, ``f_fsid`` was the upper filesystem's."""
+    lower = layers_factory({"l": LOWER})["l"]
+    prefix = "user.overlay." if userxattr else "trusted.overlay."
+    ours_opts = "userxattr,redirect_dir=nofollow" if userxattr else "redirect_dir=on"
+    kernel_opts = ("userxattr", "redirect_dir=nofollow") if userxattr else ("redirect_dir=on",)
+    fsids, uuids = {}, {}
+    for side in ("kernel", "ours"):
+        upper = layers_factory.empty_dir(f"upper-{side}")
+        work = layers_factory.empty_dir(f"work-{side}")
+        if side == "kernel":
+            with helpers.kernel_overlay(tmp_path / "kbuild", [lower], upper, work, kernel_opts) as mnt:
+                _operations(mnt, False)
+        else:
+            m = overlay_mount(stack_options([lower], upper, work, ours_opts))
+            _operations(m.path, False)
+            m.unmount()
+        uuids[side] = os.getxattr(upper, prefix + "uuid") if (prefix + "uuid") in os.listxattr(upper) else None
+        with helpers.kernel_overlay(tmp_path / f"kview-{side}", [lower], upper, work, kernel_opts) as mnt:
+            fsids[side] = os.statvfs(mnt).f_fsid
+        # a later mount keeps the uuid
+        m = overlay_mount(stack_options([lower], upper, work, ours_opts))
+        m.unmount()
+        assert (os.getxattr(upper, prefix + "uuid") if uuids[side] else None) == uuids[side]
+    assert uuids["kernel"] is not None and len(uuids["kernel"]) == 16
+    assert uuids["ours"] is not None and len(uuids["ours"]) == 16, "no uuid on overlaypc's upper root"
+    upper_fsid = os.statvfs(tmp_path).f_fsid
+    assert fsids["kernel"] != upper_fsid
+    assert fsids["ours"] != upper_fsid
