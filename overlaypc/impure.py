@@ -1,6 +1,7 @@
-"""The kernel overlay's ``impure`` mark on upper directories (``<prefix>impure`` = ``y``).
+"""The kernel overlay's ``impure`` mark on upper directories (``<prefix>impure`` = ``y``),
+and the upper root's ``<prefix>uuid``, which the kernel writes by the same mark.
 
-Owns ``mark`` and ``has_origin``. The kernel's readdir gives a listed object the inode
+Owns ``mark``, ``has_origin`` and ``first_mount_uuid``. The kernel's readdir gives a listed object the inode
 number ``stat`` shows (its copy-up origin's) as ``d_ino`` only in an upper directory so
 marked (in a merged one too when it uses xino bits); elsewhere the upper file's own number
 shows, and ``find``, ``du`` or ``ls -i`` see two inodes. overlaypc's own listings stat their
@@ -12,10 +13,18 @@ lookup per entry, never a missing one); on the new parent of a rename to another
 and of a link, when the object has a copy-up origin. Never removed here (the kernel drops a
 mark it finds unneeded while listing). An upper that takes no such xattr gets no mark, as
 with the kernel.
+
+The kernel's default ``uuid=auto`` gives an upper whose root has ``<prefix>uuid`` that
+uuid (its ``f_fsid``, fanotify's file ids); it writes one at the first mount of a new upper,
+known by its root not being marked impure yet; an upper without one whose root is marked
+gets the null uuid (the upper filesystem's ``f_fsid``, shared by every overlay there).
+overlaypc marks the root at its first copy-up, so it writes the uuid at mount as the kernel
+does (``first_mount_uuid``), else the kernel would take its upper for an old one.
 """
 from __future__ import annotations
 
 import errno
+import uuid
 
 from . import logs
 from .layer import Layer
@@ -24,6 +33,7 @@ log = logs.get("overlaypc.impure")
 
 IMPURE = "impure"
 ORIGIN = "origin"
+UUID = "uuid"
 
 
 def mark(upper: Layer, dir_rel: str, prefix: str) -> None:
@@ -44,3 +54,15 @@ def has_origin(upper: Layer, rel: str, prefix: str) -> bool:
     """Whether upper object ``rel`` records a copy-up origin (its inode number is the
     origin's, so a directory it moves or is linked into needs the mark)."""
     return upper.getxattr(rel, prefix + ORIGIN) is not None
+
+
+def first_mount_uuid(upper: Layer, prefix: str) -> None:
+    """At a writable mount: write a new random uuid on the upper root unless it has one or
+    is marked impure (an upper that was mounted before: it keeps the null uuid, as with the
+    kernel). Nothing, logged, where the upper takes no such xattr or refuses it."""
+    if upper.getxattr("", prefix + UUID) is not None or upper.getxattr("", prefix + IMPURE) is not None:
+        return
+    try:
+        upper.do_setxattr("", prefix + UUID, uuid.uuid4().bytes)
+    except OSError as e:  # (never a reason to refuse the mount: the kernel's is optional too)
+        log.info("%s: no %s written: %s", upper.path, prefix + UUID, e.strerror)
