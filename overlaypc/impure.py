@@ -24,7 +24,7 @@ does (``first_mount_uuid``), else the kernel would take its upper for an old one
 from __future__ import annotations
 
 import errno
-import uuid
+import os
 
 from . import logs
 from .layer import Layer
@@ -38,12 +38,12 @@ UUID = "uuid"
 
 def mark(upper: Layer, dir_rel: str, prefix: str) -> None:
     """Mark upper directory ``dir_rel`` impure unless it is already (one read, and one write
-    the first time)."""
+    the first time; no open where a cache holds its parent)."""
     name = prefix + IMPURE
-    if upper.getxattr(dir_rel, name) is not None:
+    if upper.getxattr_entry(dir_rel, name) is not None:
         return
     try:
-        upper.do_setxattr(dir_rel, name, b"y")
+        upper.do_setxattr_entry(dir_rel, name, b"y")
     except OSError as e:
         if e.errno not in (errno.ENOTSUP, errno.EPERM):
             raise
@@ -53,16 +53,22 @@ def mark(upper: Layer, dir_rel: str, prefix: str) -> None:
 def has_origin(upper: Layer, rel: str, prefix: str) -> bool:
     """Whether upper object ``rel`` records a copy-up origin (its inode number is the
     origin's, so a directory it moves or is linked into needs the mark)."""
-    return upper.getxattr(rel, prefix + ORIGIN) is not None
+    return upper.getxattr_entry(rel, prefix + ORIGIN) is not None
 
 
 def first_mount_uuid(upper: Layer, prefix: str) -> None:
     """At a writable mount: write a new random uuid on the upper root unless it has one or
     is marked impure (an upper that was mounted before: it keeps the null uuid, as with the
     kernel). Nothing, logged, where the upper takes no such xattr or refuses it."""
-    if upper.getxattr("", prefix + UUID) is not None or upper.getxattr("", prefix + IMPURE) is not None:
+    if upper.getxattr_entry("", prefix + UUID) is not None \
+            or upper.getxattr_entry("", prefix + IMPURE) is not None:
         return
+    # a random (version 4) uuid, as the kernel's uuid_gen; not the ``uuid`` module, which
+    # imports ``re`` and ``enum`` at start-up
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
     try:
-        upper.do_setxattr("", prefix + UUID, uuid.uuid4().bytes)
+        upper.do_setxattr_entry("", prefix + UUID, bytes(raw))
     except OSError as e:  # (never a reason to refuse the mount: the kernel's is optional too)
         log.info("%s: no %s written: %s", upper.path, prefix + UUID, e.strerror)
