@@ -23,7 +23,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 
-from . import logs, whiteout
+from . import impure, logs, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
@@ -154,8 +154,8 @@ class OverlayFS:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         """Lock upper/workdir against a second mount, check that an index belongs to this
-        stack (``indexroots``: refused before anything is written), and clean leftovers in
-        workdir/work."""
+        stack (``indexroots``: refused before anything is written), clean leftovers in
+        workdir/work, and give a new upper its uuid (``impure.first_mount_uuid``)."""
         self.stack.lock()
         roots = None
         if self.index is not None:
@@ -173,6 +173,8 @@ class OverlayFS:
                     whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
                 if self.config.volatile:
                     mark_volatile(self.stack.work)
+        if self.writable and self.stack.upper is not None:
+            impure.first_mount_uuid(self.stack.upper, self.prefix)  # (before any copy-up)
         if self.index is not None:
             self.index.prepare()
         if roots is not None:
