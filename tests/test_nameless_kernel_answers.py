@@ -7,9 +7,8 @@
   copied-up file its upper file's 0;
 - a removed directory opened again through its fd (``/proc/self/fd/N``, ``fchdir`` then
   ``open(".")``, ``openat(fd, ".")``): it opens, its listing is empty (a removed upper
-  directory, a lower-only one, a merged one); also in-process where OPENDIR gets a handle
-  (the kernel offered no ``NO_OPENDIR_SUPPORT``, or the mount refuses others: ``allow_root``
-  for a plain user), where it answered ENOENT.
+  directory, a lower-only one, a merged one); also in-process, where OPENDIR reaches the
+  daemon (it does wherever the kernel sends it: handle 0, ``listings``).
 
 (A metacopy file whose data is still below, unlinked, then opened again for writing: the
 kernel overlay copies its data into the unlinked upper file; overlaypc answers EROFS,
@@ -177,19 +176,17 @@ def test_a_removed_directory_opened_again(run, tmp_path, overlay_mount, kernel_m
     assert ours == kernel
 
 
-# -- in-process: OPENDIR with a handle -------------------------------------------------------
+# -- in-process: OPENDIR of a removed directory ------------------------------------------------
 @pytest.mark.parametrize("which", ["upper", "lower", "merged"])
-def test_opendir_of_a_removed_directory_by_handle(tmp_path, which):
+def test_opendir_of_a_removed_directory(tmp_path, which):
     """OPENDIR of a removed directory's node (the kernel sends it for ``open`` of its magic
-    link where it did not offer ``NO_OPENDIR_SUPPORT``): a handle, as the kernel overlay
-    opens it; READDIR of it answers ENOENT, as getdents of a removed directory does (the
-    kernel answers so itself before sending one; glibc ends the listing there: empty);
-    RELEASEDIR drops it. Before: ENOENT at OPENDIR. A file with no name left is no
-    directory: ENOENT still."""
-    helpers.build_layer(tmp_path / "lower", {"low": helpers.Dir(), "mrg/f": "x\n", "g": "g\n"})
+    link where OPENDIR reaches the daemon): it opens (handle 0), as the kernel overlay
+    opens it; READDIR answers ENOENT, as getdents of a removed directory does (the kernel
+    answers so itself before sending one; glibc ends the listing there: empty); RELEASEDIR
+    leaves no open directory counted (``listings.OpenDirs``)."""
+    helpers.build_layer(tmp_path / "lower", {"low": helpers.Dir(), "mrg/f": "x\n"})
     drv = CoreDriver.in_dir(tmp_path)
     try:
-        assert not drv.ops.zero_opendir
         w = Walker(drv)
         root = drv.root()
         if which == "upper":
@@ -203,17 +200,12 @@ def test_opendir_of_a_removed_directory_by_handle(tmp_path, which):
         nodeid = drv.lookup(root, name).nodeid
         drv.rmdir(root, name)
         fh = drv.ops.opendir(REQ, nodeid).fh
-        assert fh != 0
+        assert fh == 0
         with pytest.raises(OSError) as e:
             list(drv.ops.readdir(REQ, nodeid, fh, 0))
         assert e.value.errno == errno.ENOENT
         drv.ops.releasedir(REQ, nodeid, fh)
-        assert len(drv.fs._dir_handles) == 0
-        gone_file = drv.lookup(root, "g").nodeid
-        drv.unlink(root, "g")
-        with pytest.raises(OSError) as e:
-            drv.ops.opendir(REQ, gone_file)
-        assert e.value.errno == errno.ENOENT
+        assert len(drv.ops._open_dirs) == 0
         drv.settle()
     finally:
         drv.close()
