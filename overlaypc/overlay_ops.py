@@ -444,9 +444,9 @@ class OverlayOps(Operations):
         if faults.armed and rel is not None:
             faults.hit("ops.path", rel)  # test-only (faults.py)
         if rel is None and not self.nodes.named_elsewhere(nodeid):
-            # its last name is gone: st_nlink 0, whatever the handle's backing says (a
-            # bind-at-open handle still holds the lower file); a directory (opened by the
-            # kernel itself, no handle here) as it was at its removal
+            # its last name is gone: through a handle (``Files.getattr_inode``: an upper
+            # file's st_nlink 0, whatever a bind-at-open handle's lower file says); a
+            # directory (opened by the kernel itself, no handle here) as it was at its removal
             gone = self.nodes.gone(nodeid)
             if isinstance(gone, GoneDir):
                 return self.fs.nameless.attr(gone)
