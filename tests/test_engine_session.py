@@ -894,8 +894,8 @@ def test_connection_end_ends_the_loop_and_destroys():
 
 
 class _ZeroOpendirOps(MemoryOps):
-    """MemoryOps with ``opendir_zero``/``releasedir_zero`` set at INIT (as OverlayOps does
-    where the kernel offers NO_OPENDIR_SUPPORT): the first open of a node may cache, the
+    """MemoryOps with ``opendir_zero``/``releasedir_zero`` set at INIT (OverlayOps sets
+    them at its start, for every mode): the first open of a node may cache, the
     hooks' calls are recorded, node 99 fails."""
 
     def init(self, conn) -> None:
