@@ -149,6 +149,10 @@ class OverlayOps(Operations):
         self.passthrough = PassthroughOpens(fs)
         #: READ: the engine calls the core directly (a read needs only the handle)
         self.read_fh = fs.files.readinto
+        #: OPENDIR and RELEASEDIR (handle 0 in every mode): the engine's short path, the
+        #: count of open handles alone (``listings.OpenDirs``), as ``opendir``/``releasedir``
+        self.opendir_zero = self._open_dirs.open
+        self.releasedir_zero = self._open_dirs.release
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self, conn: ConnInfo) -> None:

@@ -71,6 +71,21 @@ def test_the_kernels_listing_cache_goes_to_one_handle_of_a_directory_at_a_time(o
     assert sorted(_names(ops.readdir(REQ, ROOT_ID, 0, 0))) == [".", "..", "d", "e"]
 
 
+def test_the_engines_short_path_counts_the_same_handles(ops):
+    """``opendir_zero``/``releasedir_zero`` (the engine's OPENDIR and RELEASEDIR of
+    handle 0, no ``Request``) count the handles ``opendir``/``releasedir`` count: one
+    CACHE_DIR handle of a directory at a time whichever path opened or released it."""
+    assert ops.opendir_zero(ROOT_ID) is True
+    assert ops.opendir(REQ, ROOT_ID).cache_dir is False   # opened through the short path
+    ops.releasedir_zero(ROOT_ID)
+    assert ops.opendir_zero(ROOT_ID) is False             # ... and the other is still open
+    ops.releasedir(REQ, ROOT_ID, 0)
+    ops.releasedir_zero(ROOT_ID)
+    assert ops.opendir(REQ, ROOT_ID).cache_dir is True    # none open
+    ops.releasedir_zero(ROOT_ID)
+    assert len(ops._open_dirs) == 0
+
+
 def test_without_the_offer_directories_get_handle_0_too(tree):
     """fix15a: where the kernel does not offer NO_OPENDIR_SUPPORT (an old kernel, or a
     plain user's ``allow_root`` mount: the session withdraws the offer), directories got
@@ -80,6 +95,7 @@ def test_without_the_offer_directories_get_handle_0_too(tree):
     ops, close = make_ops(tree)
     try:
         ops.init(ConnInfo(7, 45, 0))
+        assert ops.opendir_zero is not None   # (the engine's short path too)
         first, second = ops.opendir(REQ, ROOT_ID), ops.opendir(REQ, ROOT_ID)
         assert (first.fh, second.fh) == (0, 0)
         assert (first.cache_dir, second.cache_dir) == (True, False)
