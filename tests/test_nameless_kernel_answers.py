@@ -23,7 +23,7 @@ import pytest
 
 import helpers
 from core_driver import REQ, CoreDriver, Walker
-from upper_support import stack_options
+from upper_support import on_both, stack_options
 
 LOWER = {"lo": "lower one\n", "hl": "hard link\n", "hl2": helpers.HardLink("hl"),
          "gone": "both names\n", "gone2": helpers.HardLink("gone"), "cu": "copied\n",
@@ -97,35 +97,9 @@ def _removed_dirs(m: str) -> list:
 
 
 def _both(tmp_path, overlay_mount, kernel_mount, run: str, scenario) -> list:
-    """``scenario(mount)`` on the kernel overlay and on overlaypc: (kernel's, ours); each
-    lower unchanged, the merged trees alike."""
     ours_opts, kernel_opts = RUNS[run]
-    results, trees = [], []
-    for side in ("kernel", "ours"):
-        base = tmp_path / side
-        lower = helpers.build_layer(base / "lower", LOWER)
-        before = helpers.tree_snapshot(lower)
-        upper, work = base / "upper", base / "work"
-        upper.mkdir()
-        work.mkdir()
-        if side == "kernel":
-            mnt = kernel_mount([lower], upper, work, kernel_opts)
-            results.append(scenario(str(mnt)))
-            trees.append(_merged(str(mnt)))
-            helpers.force_unmount(mnt)
-        else:
-            mo = overlay_mount(stack_options([lower], upper, work, ours_opts))
-            results.append(scenario(str(mo.path)))
-            trees.append(_merged(str(mo.path)))
-            mo.unmount()
-        assert helpers.tree_snapshot(lower) == before, f"{side} changed the lower"
-    assert trees[1] == trees[0]
-    return results
-
-
-def _merged(m: str) -> dict:
-    return {rel: (e.type, e.mode, e.size, e.content)
-            for rel, e in helpers.tree_snapshot(m, xattrs=False).items() if rel != "."}
+    return on_both(tmp_path, overlay_mount, kernel_mount, LOWER, ours_opts, kernel_opts,
+                   scenario)
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))
