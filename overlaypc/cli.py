@@ -10,6 +10,7 @@ to ``/var/log/overlaypc.log``. A mount raises its soft fd limit to the hard limi
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -258,6 +259,15 @@ def resume_gc() -> None:
         gc_paused = False
 
 
+def _too_many_layers(cfg: MountConfig, limit: int, workers: int) -> str:
+    """The error for a stack that needs more fds than the limit: both numbers."""
+    layers = len(cfg.lowers) + (2 if cfg.upper else 0)
+    need = fdbudget.mount_needs(layers, 2 if cfg.upper else 0, workers)
+    return (f"{layers} layers{' (upper and workdir counted)' if cfg.upper else ''} need at "
+            f"least {need} open files, more than the fd limit of {limit} (ulimit -n) allows: "
+            f"raise the hard limit (ulimit -Hn, LimitNOFILE=) or mount fewer layers")
+
+
 def mount_main(argv: list[str]) -> int:
     try:
         cfg = parse_mount_args(argv)
@@ -266,17 +276,24 @@ def mount_main(argv: list[str]) -> int:
         print(f"overlaypc: error: {e}", file=sys.stderr)
         return 2
     os.umask(0)
-    fdbudget.raise_limit()  # before OverlayFS: its caches' budgets come from the limit
+    limit = fdbudget.raise_limit()  # before OverlayFS: its caches' budgets come from the limit
+    from .engine.pool import MAX_EXTRA, usable_cpus
+    workers = usable_cpus() + MAX_EXTRA  # the session's bound: base workers and extra ones
+    layers = len(cfg.lowers) + (2 if cfg.upper else 0)
+    if fdbudget.mount_needs(layers, 2 if cfg.upper else 0, workers) > limit:
+        print(f"overlaypc: error: {_too_many_layers(cfg, limit, workers)}", file=sys.stderr)
+        return 2
     faults.configure(os.environ.get("OVERLAYPC_FAULTS"))
     from .core import OverlayFS  # imports the binding only when mounting
-    from .engine.pool import MAX_EXTRA, usable_cpus
     # before the layers are opened: what the mount decides there is logged (idmapped layers)
     _setup_logging(cfg)
     try:
-        # (the session's bound: its default base count of workers, and the extra ones)
-        fs = OverlayFS(cfg, workers=usable_cpus() + MAX_EXTRA)
+        fs = OverlayFS(cfg, workers=workers)
     except OSError as e:
-        print(f"overlaypc: error: cannot open layer {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        if e.errno == errno.EMFILE:  # (its filename would be /proc/self/fd/N)
+            print(f"overlaypc: error: {_too_many_layers(cfg, limit, workers)}", file=sys.stderr)
+        else:
+            print(f"overlaypc: error: cannot open layer {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2
     try:
         fs.start()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections.abc import Callable
 
@@ -308,10 +309,17 @@ GENERIC = {"defaults", "nofail", "noatime", "relatime", "atime", "strictatime", 
            "allow_other", "default_permissions", "silent", "loud"}
 
 
+#: options whose values keep their backslashes, as the kernel's: ``lowerdir=`` unescapes
+#: each layer itself (after splitting at ``:``), ``lowerdir+=`` takes its path as it is
+RAW_VALUES = {"lowerdir", "lowerdir+", "datadir+"}
+
+
 def apply_options(cfg: MountConfig, text: str) -> None:
     for item in filter(None, _split_commas(text)):
         name, eq, value = item.partition("=")
         if name in OPTIONS:
+            if name not in RAW_VALUES:
+                value = _unescape_value(value)
             OPTIONS[name](cfg, _unquote(value) if eq else None)
         elif name in GENERIC or name.startswith(("x-", "comment=")) or name == "comment":
             cfg.generic.append(item)
@@ -320,12 +328,12 @@ def apply_options(cfg: MountConfig, text: str) -> None:
 
 
 def _split_commas(text: str) -> list[str]:
-    """Options at commas, as mount(8) splits them: not inside double quotes, not after a
-    backslash (lowerdir paths may contain '\\,'; '\\:' is kept for ``_split_lowers``)."""
+    """Options at commas, as mount(8) and the kernel split them: not inside double quotes,
+    not after a backslash. Escapes are kept: each option unescapes its value (or not)."""
     out, cur, esc, quoted = [], "", False, False
     for ch in text:
         if esc:
-            cur += ("\\" + ch) if ch == ":" else ch
+            cur += "\\" + ch
             esc = False
         elif ch == "\\":
             esc = True
@@ -340,6 +348,21 @@ def _split_commas(text: str) -> list[str]:
     if quoted:
         raise ConfigError(f"unbalanced double quote in options {text!r}")
     out.append(cur)
+    return out
+
+
+def _unescape_value(value: str) -> str:
+    """``value`` with each backslash escape replaced by the character it escapes, as the
+    kernel does for ``upperdir=``/``workdir=`` (``\\,`` is a comma, ``\\\\`` a backslash)."""
+    if "\\" not in value:
+        return value
+    out, esc = "", False
+    for ch in value:
+        if esc or ch != "\\":
+            out += ch
+            esc = False
+        else:
+            esc = True
     return out
 
 
@@ -384,16 +407,18 @@ def load_stack(path: str, cfg: MountConfig) -> None:
         raise ConfigError(f"stack file {path}: a path contains a NUL byte")
     for opt in _stack_options(path, data.get("options")):
         apply_options(cfg, opt)
+    # the paths its options give (lowerdir=, upperdir=, logfile=...) resolve against its
+    # directory too; -o options, applied after it, resolve against the cwd
+    cfg.lowers = [os.path.join(base, p) for p in cfg.lowers]
+    for attr in ("upper", "work", "logfile"):
+        if getattr(cfg, attr):
+            setattr(cfg, attr, os.path.join(base, getattr(cfg, attr)))
 
 
 def _parse_stack(path: str) -> object:
     import yaml
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_STACK_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
+    raw = _read_stack(path)
     if len(raw) > MAX_STACK_BYTES:
         raise ConfigError(f"stack file {path} is too large (over {MAX_STACK_BYTES} bytes)")
     try:
@@ -412,9 +437,36 @@ def _parse_stack(path: str) -> object:
         raise ConfigError(f"stack file {path} is nested too deeply") from None
 
 
+def _read_stack(path: str) -> bytes:
+    """The first ``MAX_STACK_BYTES + 1`` bytes of the regular file at ``path``. Anything else
+    is refused by ``fstat`` of the opened fd; ``O_NONBLOCK`` keeps the open of a FIFO from
+    waiting for a writer (a socket cannot be opened at all: ENXIO, also named)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket, or a device with no driver behind it
+            raise ConfigError(f"stack file {path} is not a regular file") from None
+        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
+            raise ConfigError(f"stack file {path} is not a regular file (a {kind})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_STACK_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read stack file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+_FILE_KINDS = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
+               stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}
+
+
 def _stack_options(path: str, options: object) -> list[str]:
     """The ``options`` of a stack file as option strings: a list of strings (or numbers),
-    one string, or a mapping of names to scalar values (``true``: the bare name)."""
+    one string, or a mapping of names to scalar values (booleans: ``_boolean_option``)."""
     if options is None:
         return []
     if isinstance(options, str):
@@ -422,10 +474,47 @@ def _stack_options(path: str, options: object) -> list[str]:
     scalar = (str, int, float)  # (bool is an int)
     if isinstance(options, dict):
         if all(isinstance(k, str) and isinstance(v, scalar) for k, v in options.items()):
-            return [k if v is True else f"{k}={v}" for k, v in options.items()]
+            return [_boolean_option(path, k, v) if isinstance(v, bool) else f"{k}={v}"
+                    for k, v in options.items()]
     elif isinstance(options, list) and all(isinstance(o, scalar) for o in options):
         return [str(o) for o in options]
     raise ConfigError(f"stack file {path}: 'options' must be a list of strings like [cache=shared]")
+
+
+def _yaml_booleans() -> dict[str, tuple[str, str | None]]:
+    """How a YAML boolean is written for each option that takes one: (true, false);
+    a false of None is refused (a flag with no opposite: leave it out)."""
+    table: dict[str, tuple[str, str | None]] = {
+        name: (f"{name}=on", f"{name}=off")
+        for name in ("sharing", "passthrough", "index", "metacopy", "xino", "redirect_dir")}
+    table.update({name: (f"{name}=1", f"{name}=0") for name in ("noxattrs", "fsync")})
+    table.update({name: (name, None) for name in ("userxattr", "volatile", "squash_to_root",
+                                                  "static_nlink", "noacl", "allow_root", "ino32_t")})
+    for name in ("ro", *GENERIC):
+        opposite = {"ro": "rw", "rw": "ro"}.get(name) or (
+            "no" + name if "no" + name in GENERIC else
+            name[2:] if name.startswith("no") and name[2:] in GENERIC else None)
+        table[name] = (name, opposite)
+    table["rw"] = ("rw", "ro")
+    return table
+
+
+#: YAML 1.1 reads unquoted true/false, yes/no and on/off as booleans (``index: on``)
+YAML_BOOLEANS = _yaml_booleans()
+
+
+def _boolean_option(path: str, name: str, value: bool) -> str:
+    """A stack file's ``NAME: <boolean>`` as the option's own spelling: ``index: on`` is
+    index=on, ``fsync: no`` fsync=0, ``ro: yes`` ro, ``nodev: no`` dev. Refused where a
+    boolean means nothing (``lowerdir: yes``, ``volatile: no``)."""
+    spelling = YAML_BOOLEANS[name][0 if value else 1] if name in YAML_BOOLEANS else None
+    if spelling is None and value and name not in OPTIONS:
+        return name  # an option unknown here (refused later) or x-* / comment
+    if spelling is None:
+        raise ConfigError(f"stack file {path}: option {name} does not take a boolean "
+                          f"({name}: {'true' if value else 'false'}; YAML reads unquoted "
+                          f"yes/no/on/off as booleans too: quote the value, or leave a flag out)")
+    return spelling
 
 
 _LOADER: list[type] = []
@@ -436,6 +525,8 @@ def _stack_loader() -> type:
     unique; PyYAML would keep the last silently)."""
     if _LOADER:
         return _LOADER[0]
+    import re  # (only here: a mount without a stack file imports neither re nor yaml)
+
     import yaml
 
     class StackLoader(yaml.SafeLoader):
@@ -449,6 +540,14 @@ def _stack_loader() -> type:
                     seen.add(key.value)
             return super().construct_mapping(node, deep)
 
+    # YAML 1.1 reads digits joined by colons as base 60 (1:10:5 is 4205, 1:30 is 90): an
+    # ID mapping or a time would change silently. Such scalars stay text (the first
+    # resolver that matches decides); quoted ones always were.
+    colon_digits = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-9_]*)+(?:\.[0-9_]*)?$")
+    resolvers = {first: list(found) for first, found in StackLoader.yaml_implicit_resolvers.items()}
+    for first in "-+0123456789":
+        resolvers[first] = [("tag:yaml.org,2002:str", colon_digits), *resolvers.get(first, [])]
+    StackLoader.yaml_implicit_resolvers = resolvers
     _LOADER.append(StackLoader)
     return StackLoader
 
@@ -540,6 +639,21 @@ def _check_lowers_apart(lowers: list[str]) -> None:
             raise ConfigError(f"lowerdir {inner} is inside lowerdir {outer}")
 
 
+def _check_distinct(named: list[tuple[str, str]]) -> None:
+    """Refuse one directory given as two layers at different paths (a bind mount of it, or
+    a path through another mount of its filesystem): the same (st_dev, st_ino) at two of
+    ``named`` ((what, canonical path) pairs, in order). The kernel refuses these as
+    conflicting paths; paths alone cannot tell (``_check_lowers_apart`` compares those).
+    Caveat: a layer nested inside another through a bind mount is not found."""
+    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    for what, path in named:
+        st = os.stat(path)
+        first = seen.setdefault((st.st_dev, st.st_ino), (what, path))
+        if first != (what, path):
+            raise ConfigError(f"{what} {path} is {first[0]} {first[1]} at another path "
+                              f"(a bind mount?): one directory cannot be two layers")
+
+
 def validate(cfg: MountConfig) -> None:
     """Check and canonicalize ``cfg``; raise ConfigError on the first problem."""
     if not cfg.lowers:
@@ -549,6 +663,7 @@ def validate(cfg: MountConfig) -> None:
         raise ConfigError(f"{missing} is missing: upperdir and workdir go together")
     cfg.lowers = [_dir(p, "lowerdir") for p in cfg.lowers]
     _check_lowers_apart(cfg.lowers)
+    _check_distinct([("lowerdir", p) for p in cfg.lowers])
     if cfg.upper is not None and cfg.work is not None:
         cfg.upper = _dir(cfg.upper, "upperdir")
         cfg.work = _dir(cfg.work, "workdir")
@@ -566,6 +681,8 @@ def validate(cfg: MountConfig) -> None:
                 raise ConfigError(f"workdir {cfg.work} is inside lowerdir {lower}")
             if _is_within(lower, cfg.work):  # its work/ and index/ are emptied at mount
                 raise ConfigError(f"lowerdir {lower} is inside workdir {cfg.work}")
+        _check_distinct([("upperdir", cfg.upper), ("workdir", cfg.work),
+                         *(("lowerdir", p) for p in cfg.lowers)])
     if cfg.metacopy:
         if cfg.userxattr:
             raise ConfigError("metacopy=on cannot be used with userxattr: metadata-only copies "

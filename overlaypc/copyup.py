@@ -6,7 +6,8 @@ object's lock) -> ``_build`` in ``workdir/work``: ``_build_file`` (``_copy_data`
 reflink, else ``copy_file_range`` over data segments only, so sparse files stay sparse,
 else a chunked copy; ``_copy_metadata`` through the same fd; fsync of data and metadata)
 or ``_create_other`` and ``_copy_metadata`` by path -> ``_install`` (atomic rename into
-the upper, fsync of the parent; the fsyncs are skipped under ``-o volatile``).
+the upper, fsync of the parent; the fsyncs are skipped under ``-o volatile``), the parent
+marked ``impure`` first, as the kernel marks it (``impure.py``).
 
 Order matters: data, then owner, then xattrs (writing data and chown(2) both clear
 ``security.capability``), mode after owner (chown clears setuid/setgid), times last.
@@ -52,7 +53,7 @@ import stat
 import threading
 import time
 
-from . import faults, logs, sysapi
+from . import faults, impure, logs, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
@@ -586,6 +587,7 @@ class CopyUp:
                 raise OSError(errno.ENOENT, "changed during copy-up", rel)
             if ctx.index_key is not None:
                 return self._install_indexed(ctx)
+            impure.mark(self.upper, split(rel)[0], self.prefix)  # before the name: ``impure``
             with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only) as placed:
                 with self._parent_times_kept(rel):
                     do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
@@ -650,6 +652,7 @@ class CopyUp:
             # a name moved from lower to upper: the same overlay count, one more link of the
             # index inode; the count is relative to the lower file's links across the link
             lower = next(iter(node.lowers), None)
+            impure.mark(self.upper, split(rel)[0], self.prefix)  # before the name: ``impure``
             if lower is not None:
                 self.index.before_link_up(index_rel, lower.st)
             with self._in_place(self._key_of(node), rel) as placed:

@@ -18,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import errno
-import itertools
 import os
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
-from . import listings, logs, whiteout
+from . import impure, logs, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
@@ -41,7 +39,6 @@ from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
 from .pathguard import PathGuard
 from .readdir import DirEntry, merged_listing
-from .records import record
 from .stack import LayerStack
 from .sharing import Canonical, ExtentMap, changing, map_file
 from .stats import Stats
@@ -55,14 +52,6 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 log = logs.get("overlaypc.core")
-
-
-@record
-class DirHandle:
-    """An open directory: its path (libfuse passes none to readdir) and the listing read
-    at offset 0."""
-    rel: str
-    listing: list[DirEntry] | None = None
 
 
 @contextlib.contextmanager
@@ -155,13 +144,6 @@ class OverlayFS:
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.files = Files(self)
-        self._dir_handles: dict[int, DirHandle] = {}
-        #: the handles that keep a listing, least recently used first, and its entries in
-        #: all (bound: ``listings.MAX_ENTRIES``, see ``readdir``)
-        self._listed_handles: OrderedDict[int, None] = OrderedDict()
-        self._listed_entries = 0
-        self._dir_fhs = itertools.count(1 << 32)  # distinct from file handles
-        self._dir_lock = threading.Lock()
         #: set by the node-based adapter: drop the kernel's cached attributes and pages of
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new);
         #: called under the namespace lock
@@ -172,8 +154,8 @@ class OverlayFS:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         """Lock upper/workdir against a second mount, check that an index belongs to this
-        stack (``indexroots``: refused before anything is written), and clean leftovers in
-        workdir/work."""
+        stack (``indexroots``: refused before anything is written), clean leftovers in
+        workdir/work, and give a new upper its uuid (``impure.first_mount_uuid``)."""
         self.stack.lock()
         roots = None
         if self.index is not None:
@@ -191,6 +173,8 @@ class OverlayFS:
                     whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
                 if self.config.volatile:
                     mark_volatile(self.stack.work)
+        if self.writable and self.stack.upper is not None:
+            impure.first_mount_uuid(self.stack.upper, self.prefix)  # (before any copy-up)
         if self.index is not None:
             self.index.prepare()
         if roots is not None:
@@ -355,11 +339,6 @@ class OverlayFS:
 
     def renamed(self, old: str, new: str) -> None:
         self.handles.renamed(old, new)
-        with self._dir_lock:
-            for handle in self._dir_handles.values():
-                path = moved(handle.rel, old, new)
-                if path is not None:
-                    handle.rel = path
         for inode in self.inodes.live():
             path = moved(inode.rel, old, new) if inode.in_upper else None
             if path is not None:
@@ -374,10 +353,7 @@ class OverlayFS:
     # -- the operations ---------------------------------------------------------------------------
     def getattr(self, rel: str, fh: int | None = None) -> Attr:
         if fh is not None:
-            dir_handle = self._dir_handles.get(fh)
-            if dir_handle is None:
-                return self.files.getattr(fh)
-            rel = dir_handle.rel
+            return self.files.getattr(fh)
         check_name(rel, last_only=True)
         return self.attrs.getattr(rel)
 
@@ -391,82 +367,24 @@ class OverlayFS:
         top = self.lookup.lookup(rel).top
         return top.layer.readlink(top.rel)
 
-    def opendir(self, rel: str) -> int:
-        """A directory handle: it remembers the path, since libfuse passes none to readdir."""
-        self.lookup.directory(rel)
-        with self._dir_lock:
-            fh = next(self._dir_fhs)
-            self._dir_handles[fh] = DirHandle(rel)
-        return fh
-
-    def releasedir(self, fh: int) -> None:
-        with self._dir_lock:
-            handle = self._dir_handles.pop(fh, None)
-            self._listed_handles.pop(fh, None)
-            if handle is not None and handle.listing is not None:
-                self._listed_entries -= len(handle.listing)
-
-    def readdir(self, rel: str | None = None, fh: int | None = None, *, plus: bool = False,
-                offset: int = 0) -> list[DirEntry]:
+    def readdir(self, rel: str, *, plus: bool = False) -> list[DirEntry]:
         """The merged listing. ``plus`` also gives each entry's attributes where they are
         exactly what ``getattr`` would show; entries without (``attr`` None) are looked up
-        by the kernel as usual. Through a handle, the listing read at offset 0 is kept and
-        served for later offsets, so a listing read in several chunks is one snapshot.
-        Bound: past ``listings.MAX_ENTRIES`` entries kept in all, the least recently used
-        other handles' listings go; such a handle's next chunk reads the directory again
-        (as a snapshot's lister whose snapshot went, ``listings``)."""
-        handle = None
-        if fh is not None:
-            handle = self._dir_handles.get(fh)
-            if handle is None:
-                raise OSError(errno.EBADF, "bad directory handle")
-            listing = handle.listing  # (read once: another handle's listing may drop it)
-            if offset and listing is not None:
-                with self._dir_lock:
-                    if fh in self._listed_handles:
-                        self._listed_handles.move_to_end(fh)
-                return listing
-            rel = handle.rel
+        by the kernel as usual. (A listing read in several chunks is one snapshot:
+        ``listings``.)"""
         epoch = self.lookup.epoch  # before the layers: a change during the listing voids it
         files: dict | None = {} if plus else None
         # (hard links come without attributes: the name must be known for later invalidations)
-        entries = merged_listing(self.lookup.directory(rel or ""), self.inos, self.prefix, plus=plus,
+        entries = merged_listing(self.lookup.directory(rel), self.inos, self.prefix, plus=plus,
                                  ownership=self.ownership if self.ownership.active else None,
                                  names=self.lookup.names, files=files, metacopy=self.config.metacopy)
         if files:  # kept for the opens that follow (``Lookup.recent``)
-            self.lookup.keep_listing(rel or "", epoch, files)
-        if handle is not None:
-            self._keep_listing(fh, handle, entries)
+            self.lookup.keep_listing(rel, epoch, files)
         return entries
 
-    def _keep_listing(self, fh: int, handle: DirHandle, entries: list[DirEntry]) -> None:
-        """``entries`` become the listing ``handle`` keeps; past ``listings.MAX_ENTRIES``
-        in all, the least recently used others' go."""
-        with self._dir_lock:
-            if self._dir_handles.get(fh) is not handle:
-                return  # released meanwhile
-            if handle.listing is not None:
-                self._listed_entries -= len(handle.listing)
-            handle.listing = entries
-            self._listed_entries += len(entries)
-            self._listed_handles[fh] = None
-            self._listed_handles.move_to_end(fh)
-            while self._listed_entries > listings.MAX_ENTRIES and len(self._listed_handles) > 1:
-                other = self._dir_handles.get(self._listed_handles.popitem(last=False)[0])
-                if other is not None and other.listing is not None:
-                    self._listed_entries -= len(other.listing)
-                    other.listing = None
-
-    def dot_inos(self, fh: int) -> tuple[int, int]:
-        """``st_ino`` of an open directory and of its parent (the root's parent is the
-        root), for the ``.`` and ``..`` entries: glibc drops entries whose d_ino is 0."""
-        handle = self._dir_handles.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, "bad directory handle")
-        return self.dot_inos_at(handle.rel)
-
     def dot_inos_at(self, rel: str) -> tuple[int, int]:
-        """``dot_inos`` of the directory at ``rel``."""
+        """``st_ino`` of the directory at ``rel`` and of its parent (the root's parent is
+        the root), for the ``.`` and ``..`` entries: glibc drops entries whose d_ino is 0."""
         own = self.inos.ino_of(self.lookup.directory(rel))
         parent = self.inos.ino_of(self.lookup.directory(split(rel)[0])) if rel else own
         return own, parent

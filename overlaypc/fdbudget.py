@@ -58,6 +58,11 @@ SHARING_CAP = 256
 PER_REQUEST = 6
 #: the lookup cache keeps this many directory fds however many files are open
 LOOKUP_FLOOR = 16
+#: open files always get this many fds, however few the limit leaves (``open_files``)
+OPEN_FILES_FLOOR = 16
+#: fds a layer root holds for the life of the mount (``layer.Layer``: an O_PATH fd and a
+#: normal one); upper and workdir hold one more each, their mount-exclusion lock
+FDS_PER_LAYER = 2
 #: worker threads ``OverlayFS`` reserves fds for when its caller does not say: the
 #: engine's bound on 2 CPUs (one worker per CPU and 8 more, ``engine/pool.py``); a mount
 #: passes the engine's own bound (``cli``), a core driven without the engine runs its
@@ -89,13 +94,23 @@ class FdBudget:
         """How many fds open files (handles, metacopy upper files, and the extent map's
         canonical files, counted twice) may hold: what is left when ``held`` fds are open,
         ``workers`` threads run a request each and the lookup cache keeps its floor; at
-        least 16."""
-        return max(16, self.limit - held - workers * (PER_REQUEST + 1) - LOOKUP_FLOOR)
+        least ``OPEN_FILES_FLOOR``."""
+        return max(OPEN_FILES_FLOOR, self.limit - held - workers * (PER_REQUEST + 1) - LOOKUP_FLOOR)
 
     @classmethod
     def for_process(cls) -> "FdBudget":
         """The budget of this process's current soft limit."""
         return cls.from_limit(soft_limit())
+
+
+def mount_needs(layers: int, locks: int, workers: int) -> int:
+    """The fewest fds a mount of ``layers`` layer roots (upper and workdir included) and
+    ``locks`` lock fds can start with: those, what this process has open now, and the
+    least ``FdBudget.open_files`` works with (each worker's request, the lookup cache's
+    floor, ``OPEN_FILES_FLOOR`` open files). A limit below it fails at start (EMFILE
+    opening a layer) or leaves requests no fds at all."""
+    return (FDS_PER_LAYER * layers + locks + open_count() + workers * (PER_REQUEST + 1)
+            + LOOKUP_FLOOR + OPEN_FILES_FLOOR)
 
 
 def open_count() -> int:

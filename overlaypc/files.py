@@ -637,11 +637,25 @@ class Files:
         return own.show(attr, own.stored_fd(inode.layer, attr.st, fd)) if own.active else attr
 
     def getattr_inode(self, inode: OverlayInode) -> Attr:
-        """Attributes of an open file that has no name left."""
+        """Attributes of an open file that has no name left: an upper file's with no links
+        (whatever a bind-at-open handle's lower file says), a lower file's with the count
+        ``_nameless_lower_nlink`` gives."""
         if inode.meta_file is not None and not inode.in_upper:
             return self._nameless_metacopy_attr(inode)
-        return self._with_handle_fd(
-            inode, lambda fd: self._shown(Attr(os.fstat(fd), inode.ino, 0), inode, fd))
+
+        def attr(fd: int) -> Attr:
+            st = os.fstat(fd)
+            nlink = 0 if inode.in_upper else self._nameless_lower_nlink(st)
+            return self._shown(Attr(st, inode.ino, nlink), inode, fd)
+        return self._with_handle_fd(inode, attr)
+
+    def _nameless_lower_nlink(self, st: os.stat_result) -> int | None:
+        """The link count of a lower file (``st``: its stat) whose names in the mount went,
+        never copied up: the lower file's own (None), as the kernel overlay shows it (its
+        names below are hidden by whiteouts, not gone; the overlay's on-disk format is the
+        kernel's, and tools on it see this count there already); a lower hard link under
+        index=on, whose count is the index's names left, all gone: 0."""
+        return 0 if self.fs.index is not None and st.st_nlink > 1 else None
 
     def _nameless_metacopy_attr(self, inode: OverlayInode) -> Attr:
         def attr(meta: MetaFile) -> Attr:
@@ -841,7 +855,7 @@ class Files:
             if meta is not None:
                 return self._metacopy_attr(inode, meta, os.fstat(fd).st_blocks)
         st = os.fstat(fd)
-        nlink = 0 if inode.unlinked and not inode.in_upper else None
+        nlink = self._nameless_lower_nlink(st) if inode.unlinked and not inode.in_upper else None
         index = self.fs.index
         # (an index entry whose upper names are all gone has one link: its count is the
         # names left below, 0 when none is)

@@ -536,6 +536,24 @@ class Layer:
         self._change("utime", rel, ns)
         os.utime(fd, ns=ns)
 
+    def getxattr_entry(self, rel: str, name: str) -> bytes | None:
+        """xattr ``name`` of ``rel`` itself (not followed) through its parent's fd: no open
+        when a cache holds the parent (a top-level name: the root's); None when it has none."""
+        if not rel:
+            return _getxattr_or_none(self.root_fd, name)
+        with self.parent(rel) as (dfd, last):
+            return _getxattr_or_none(dfd, name, last)
+
+    def do_setxattr_entry(self, rel: str, name: str, value: bytes) -> None:
+        """Set xattr ``name`` of ``rel`` itself (not followed) through its parent's fd, as
+        ``getxattr_entry`` reads it."""
+        log.debug("%s: setxattr %s %s (%d bytes)", self.name, rel, name, len(value))
+        if not rel:
+            os.setxattr(f"/proc/self/fd/{self.root_fd}", name, value)
+            return
+        with self.parent(rel) as (dfd, last):
+            os.setxattr(f"/proc/self/fd/{dfd}/{last}", name, value, follow_symlinks=False)
+
     def do_fsetxattr(self, fd: int, rel: str, name: str, value: bytes) -> None:
         log.debug("%s: setxattr %s %s (%d bytes)", self.name, rel, name, len(value))
         os.setxattr(fd, name, value)

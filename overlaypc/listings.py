@@ -1,12 +1,15 @@
 """Directory listings served without a directory handle (handle 0).
 
-Owns: the snapshots of merged listings that READDIR and READDIRPLUS serve where the kernel
-offers ``NO_OPENDIR_SUPPORT``, and the count of open directories that decides which handle
-gets the kernel's listing cache (``OpenDirs``). OPENDIR was answered ENOSYS there once (the
-kernel then opens every directory itself with KEEP_CACHE and CACHE_DIR, no RELEASEDIR: two
-round trips less per directory opened), but a reader of the kernel's cache could then be
-cut short by another's refill (``OpenDirs``); OPENDIR is answered since (dircache14), still
-with handle 0, so every listing request comes with handle 0. The listing's identity
+Owns: the snapshots of merged listings that READDIR and READDIRPLUS serve, and the count of
+open directories that decides which handle gets the kernel's listing cache (``OpenDirs``).
+OPENDIR was answered ENOSYS once where the kernel offers ``NO_OPENDIR_SUPPORT`` (it then
+opens every directory itself with KEEP_CACHE and CACHE_DIR, no RELEASEDIR: two round trips
+less per directory opened), but a reader of the kernel's cache could then be cut short by
+another's refill (``OpenDirs``); OPENDIR is answered since (dircache14), with handle 0, and
+in every mode since fix15a: a plain user's ``allow_root`` mount (``deny_others``, which
+refuses other users at OPENDIR) and a kernel without NO_OPENDIR_SUPPORT had real handles
+whose listings kept positions as cookies and all got the cache, so both defects below stayed
+there. Every listing request comes with handle 0. The listing's identity
 travels in the cookies instead: a listing read at
 offset 0 becomes a snapshot with an id, and each entry's cookie (the offset the kernel
 sends back for the next chunk, and telldir(3) gives) is ``id << KEY_BITS | key``, where
@@ -31,9 +34,7 @@ dropped first, but never the one just kept (its lister needs it for its next chu
 large: the kernel overlay keeps a directory's whole merged listing too); a snapshot is
 dropped when its end has been served (the kernel reads until an empty reply). One entry
 costs about 200 bytes, 790 with the attributes a READDIRPLUS listing keeps (every listing
-here: no READDIRPLUS_AUTO), measured with tracemalloc (17-byte names). The same budget
-bounds the listings open directory handles keep (``OverlayFS.readdir``, where the kernel
-does not open directories itself).
+here: no READDIRPLUS_AUTO), measured with tracemalloc (17-byte names).
 
 Caveat: a lister whose snapshot is gone (more than ``MAX_SNAPSHOTS`` listings in progress,
 or more than ``MAX_ENTRIES`` entries in them, or a cookie from the kernel's cache or
@@ -56,8 +57,7 @@ from .records import record
 #: at most this many listings are kept between READDIR requests
 MAX_SNAPSHOTS = 64
 #: at most this many entries in all (about 200 MiB at READDIRPLUS), less the listing just
-#: read, are kept between READDIR requests: by the snapshots, and apart from them by the
-#: open directory handles (a mount uses one or the other)
+#: read, are kept by the snapshots between READDIR requests
 MAX_ENTRIES = 1 << 18
 #: a cookie's low bits: the key of its entry's name (0: the start of a listing)
 KEY_BITS = 43

@@ -38,7 +38,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 
-from . import acl, faults, logs, sysapi, whiteout
+from . import acl, faults, impure, logs, sysapi, whiteout
 from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import do_link, do_rename, join, split
@@ -557,6 +557,8 @@ class Namespace:
             # index=on: the entry is read before the link (the link changes no xattr of the
             # source), so that a failed read leaves nothing linked
             shared = self.fs.index_of(src)
+            if impure.has_origin(upper, src_rel, self.fs.prefix):  # (the kernel's, ``impure``)
+                impure.mark(upper, split(dst_rel)[0], self.fs.prefix)
 
             def linked(st: os.stat_result | None):
                 if shared is not None:
@@ -775,6 +777,9 @@ class Namespace:
         assert upper is not None
         old_lower = self.lower_exists(old)
         new_lower = bool(nnode.lowers) or nnode.upper_whiteout or self.lower_exists(new)
+        if split(old)[0] != split(new)[0] and impure.has_origin(upper, old, self.fs.prefix):
+            # before the move, as the kernel (``impure``); left if the move then fails
+            impure.mark(upper, split(new)[0], self.fs.prefix)
         mark = self._mark_moved(onode, new, new_lower)
         try:
             if nnode.upper is not None and nnode.is_dir:

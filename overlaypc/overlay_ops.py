@@ -19,7 +19,7 @@ Open, unlinked files: the kernel keeps using the nodeid after UNLINK. A node wit
 name left is reached through one of its open handles (``Files.*_inode``); with none
 open, ENOENT. OPEN of it (``open("/proc/self/fd/N")``) makes another handle of the same
 inode through one of those handles' fd (``Files.open_inode``). So is a file made by TMPFILE (O_TMPFILE), which never had one until a LINK
-names it through its fd (``_link_tmpfile``). A directory with no name left (the kernel opens directories itself: no
+names it through its fd (``_link_tmpfile``). A directory with no name left (handle 0, ``listings``: no
 handle) through what its node kept at the removal (``nameless``). Errors are ``OSError``:
 the session translates them.
 """
@@ -135,13 +135,10 @@ class OverlayOps(Operations):
         self.fs = fs
         self.timeout = fs.config.timeout
         self.nodes = NodeTable(fs.identity(fs.lookup.lookup("")))
-        #: listings served from snapshots, handle 0 (``listings``): set at INIT
-        self.zero_opendir = False
+        #: listings, served with handle 0 from snapshots (``listings``)
         self._snapshots = Snapshots()
-        #: handles of each directory, where ``zero_opendir`` (``listings.OpenDirs``)
+        #: handles of each directory (``listings.OpenDirs``)
         self._open_dirs = OpenDirs()
-        #: directory handle -> ``_listing_epoch`` before its listing was read (offset 0)
-        self._listed: dict[int, tuple[int, int, int]] = {}
         #: moved by every change of data or attributes (``_changes``)
         self._change_ids = itertools.count(1)
         self._change = 0
@@ -152,6 +149,10 @@ class OverlayOps(Operations):
         self.passthrough = PassthroughOpens(fs)
         #: READ: the engine calls the core directly (a read needs only the handle)
         self.read_fh = fs.files.readinto
+        #: OPENDIR and RELEASEDIR (handle 0 in every mode): the engine's short path, the
+        #: count of open handles alone (``listings.OpenDirs``), as ``opendir``/``releasedir``
+        self.opendir_zero = self._open_dirs.open
+        self.releasedir_zero = self._open_dirs.release
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self, conn: ConnInfo) -> None:
@@ -162,7 +163,6 @@ class OverlayOps(Operations):
         else:
             _negotiate_acls(conn)
         _negotiate_io(conn, cfg.cache, cfg.passthrough)
-        self.zero_opendir = bool(conn.offered & p.NO_OPENDIR_SUPPORT)
 
     def initialized(self, conn: ConnInfo) -> None:
         self.passthrough.start(conn.backing)
@@ -448,9 +448,9 @@ class OverlayOps(Operations):
         if faults.armed and rel is not None:
             faults.hit("ops.path", rel)  # test-only (faults.py)
         if rel is None and not self.nodes.named_elsewhere(nodeid):
-            # its last name is gone: st_nlink 0, whatever the handle's backing says (a
-            # bind-at-open handle still holds the lower file); a directory (opened by the
-            # kernel itself, no handle here) as it was at its removal
+            # its last name is gone: through a handle (``Files.getattr_inode``: an upper
+            # file's st_nlink 0, whatever a bind-at-open handle's lower file says); a
+            # directory (opened by the kernel itself, no handle here) as it was at its removal
             gone = self.nodes.gone(nodeid)
             if isinstance(gone, GoneDir):
                 return self.fs.nameless.attr(gone)
@@ -959,54 +959,26 @@ class OverlayOps(Operations):
 
     # -- directories ------------------------------------------------------------------------------
     def opendir(self, req: Request, nodeid: int, flags: int = 0) -> Opened:
-        if self.zero_opendir:
-            # handle 0: the listing is served from snapshots named by the cookies, as the
-            # kernel would open the directory itself after an ENOSYS; but the kernel's
-            # listing cache goes only to a handle opened while no other of the directory
-            # is (``listings.OpenDirs``): OPENDIR and RELEASEDIR are answered for that
-            return Opened(0, cache_dir=self._open_dirs.open(nodeid), keep_cache=True)
-        # the kernel may keep listings across opens: it drops them itself whenever the
-        # directory changes through the mount, and layers change only through the mount.
-        # The handle keeps its path, which later moves update (``OverlayFS.renamed``).
-        return Opened(self._at_node(nodeid, self.fs.opendir), cache_dir=True, keep_cache=True)
+        """Handle 0, in every mode (``listings``): the listing is served from snapshots
+        named by the cookies, as the kernel would open the directory itself after an ENOSYS
+        (where it offers NO_OPENDIR_SUPPORT); but OPENDIR is answered, so that the kernel's
+        listing cache goes only to a handle opened while no other of the directory is
+        (``listings.OpenDirs``), and so that ``deny_others`` refuses other users here (the
+        session's check: their READDIR would come with handle 0, exempt from it, but the
+        kernel sends none for a file whose OPENDIR failed). The kernel may keep listings
+        across opens (KEEP_CACHE): it drops them itself whenever the directory changes
+        through the mount, and layers change only through the mount."""
+        return Opened(0, cache_dir=self._open_dirs.open(nodeid), keep_cache=True)
 
     def releasedir(self, req: Request, nodeid: int, fh: int) -> None:
-        if not fh:
-            self._open_dirs.release(nodeid)
-            return
-        self._listed.pop(fh, None)
-        self.fs.releasedir(fh)
+        self._open_dirs.release(nodeid)
 
     def readdir(self, req: Request, nodeid: int, fh: int, offset: int,
                 plus: bool = False) -> Iterator[DirItem]:
-        """Entries from cookie ``offset`` (position + 1; positions 0 and 1 are ``.`` and
-        ``..``). The listing is read now (errors raise here); items are made lazily.
-        Handle 0: a directory the kernel opened itself (``zero_opendir``). READDIRPLUS
+        """Entries after cookie ``offset`` (``listings``; ``fh`` is 0, ``opendir``). The
+        listing is read now (errors raise here); items are made lazily. READDIRPLUS
         entries of a later chunk than the one that read the listing: ``_take_later``."""
-        if not fh:
-            return self._unopened_items(nodeid, offset, plus)
-        # offset 0 reads the listing now; a later offset is served the one kept then (the
-        # kernel lists one handle at a time: no offset-0 read of it runs meanwhile). Read
-        # again if a directory moved meanwhile: the handle's path may have been stale.
-        # (the second time under the namespace lock, where no move lands: renames that
-        # keep coming would redo it for as long as they come)
-        for locked in (False, True):
-            with self.fs.ns_lock if locked else contextlib.nullcontext():
-                moves = self._paths.moves
-                if offset == 0:
-                    listed = self._listed[fh] = self._listing_epoch()
-                else:
-                    listed = self._listed.get(fh)
-                try:
-                    entries = self.fs.readdir(fh=fh, plus=plus, offset=offset)
-                    dots = self.fs.dot_inos(fh) if offset < 2 else (0, 0)
-                except OSError:
-                    if locked or not self._moved(moves):
-                        raise
-                    continue
-                if locked or not self._moved(moves):
-                    return self._items(nodeid, listed, offset == 0, entries, dots, offset, plus)
-        raise AssertionError("unreachable")
+        return self._unopened_items(nodeid, offset, plus)
 
     def _unopened_items(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirItem]:
         """Items after cookie ``offset`` (``listings``): of its snapshot, or of a fresh
@@ -1026,11 +998,11 @@ class OverlayOps(Operations):
                            sid << KEY_BITS, snap.cookie_key)
 
     def _items(self, nodeid: int, listed: tuple[int, int, int] | None, first: bool, entries,
-               dots, offset: int, plus: bool, base: int = 0,
-               key: "Callable[[int], int] | None" = None) -> Iterator[DirItem]:
-        """Items from position ``offset``; cookies are ``base | key(position)`` (default:
-        position + 1). ``listed``: the ``_listing_epoch`` before the listing was read,
-        ``first``: read by this request."""
+               dots, offset: int, plus: bool, base: int,
+               key: "Callable[[int], int]") -> Iterator[DirItem]:
+        """Items from position ``offset``; cookies are ``base | key(position)``.
+        ``listed``: the ``_listing_epoch`` before the listing was read, ``first``: read by
+        this request."""
         for pos in range(offset, min(2, len(entries) + 2)):
             yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
         encoding, errors = _FS_ENCODING
@@ -1038,8 +1010,7 @@ class OverlayOps(Operations):
             name, mode, ino, attr = entries[pos - 2]
             take = None if attr is None or not plus else _Take(self, nodeid, listed, first, name,
                                                                 attr)
-            yield DirItem(name.encode(encoding, errors), ino, mode,
-                          base | (pos + 1 if key is None else key(pos)), take)
+            yield DirItem(name.encode(encoding, errors), ino, mode, base | key(pos), take)
 
     def take_entries(self, req: Request, parent: int, items: list[DirItem]) -> list[Entry | None]:
         """READDIRPLUS: one reply's items taken at once (``_take_listed``), when they are one

@@ -546,13 +546,15 @@ class CliResult:
 
 
 def run_overlaypc(args: Sequence[Union[str, os.PathLike]], mountpoint: Union[str, os.PathLike],
-                  log_dir: Union[str, os.PathLike], timeout: float = MOUNT_TIMEOUT) -> CliResult:
+                  log_dir: Union[str, os.PathLike], timeout: float = MOUNT_TIMEOUT,
+                  prefix: Sequence[str] = ()) -> CliResult:
     """Run the (daemonizing) CLI once; if it mounts anything new on `mountpoint`, undo it.
+    `prefix`: a command that runs it (``prlimit --nofile=N:N --``).
 
     Output goes to files, not pipes: a wrongly detached daemon holding a pipe open would
     otherwise hang us until the timeout.
     """
-    cmd = overlaypc_cmd(*args)
+    cmd = [*prefix, *overlaypc_cmd(*args)]
     log_dir = Path(log_dir)
     out_path, err_path = log_dir / "cli.stdout", log_dir / "cli.stderr"
     before = len(mounts_at(mountpoint))

@@ -147,12 +147,12 @@ class Runner:
             elif kind == "fchmod":
                 if fd is None:
                     return "skip"
-                self.nameless = os.fstat(fd).st_nlink == 0
+                self.nameless = _nameless(fd)
                 os.fchmod(fd, mode)
             elif kind == "fsetxattr":
                 if fd is None:
                     return "skip"
-                self.nameless = os.fstat(fd).st_nlink == 0
+                self.nameless = _nameless(fd)
                 os.setxattr(fd, xname, random.Random(dseed).randbytes(20))
             elif kind == "opendir":
                 if fd is not None:
@@ -252,6 +252,16 @@ class Runner:
         except OSError as ex:
             return _ename(ex)
         return "ok"
+
+
+def _nameless(fd: int) -> bool:
+    """Whether the file open as ``fd`` has no name left: its magic link says "(deleted)"
+    (not its link count: an unlinked lower file shows the lower file's own, as on the
+    kernel overlay, and a removed lower directory keeps its count)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)")
+    except OSError:
+        return False
 
 
 def accepted(op: tuple, seen: str, got: str, rn: Runner) -> bool:

@@ -49,11 +49,13 @@ def env(tmp_path: Path) -> Env:
 
 
 def check_refused(env: Env, args: list, bad_values: list, *, watched: tuple = (),
-                  mountpoint: Optional[Path] = None, any_of: bool = False) -> helpers.CliResult:
+                  mountpoint: Optional[Path] = None, any_of: bool = False,
+                  prefix: tuple = ()) -> helpers.CliResult:
     """Run overlaypc with `args` and check the whole error contract.
 
     `bad_values`: strings the error line must contain (all of them, or one with `any_of`).
     `watched`: extra directories that must be unchanged (upper, work, lowers, mnt always are).
+    `prefix`: a command that runs overlaypc (``prlimit ...``).
     """
     mnt = mountpoint or env.mnt
     dirs = {str(p): p for p in (env.lower, env.lower2, env.upper, env.work, env.mnt, mnt,
@@ -61,7 +63,7 @@ def check_refused(env: Env, args: list, bad_values: list, *, watched: tuple = ()
     before = {k: helpers.dir_state(p) for k, p in dirs.items()}
     mounts_before = helpers.mounts_at(mnt)
 
-    res = helpers.run_overlaypc(args, mnt, env.tmp)
+    res = helpers.run_overlaypc(args, mnt, env.tmp, prefix=prefix)
 
     detail = (f"command: {' '.join(res.args)}\nexit status: {res.returncode}\n"
               f"stderr: {res.stderr!r}\nstdout: {res.stdout!r}")
@@ -430,3 +432,96 @@ def test_stack_yaml_too_large(env: Env):
         f.write(("#" + "x" * 1023 + "\n") * 2048)
     check_refused(env, ["--stack", stack, env.mnt], [stack, "too large"])
     check_refused(env, ["--stack", "/dev/zero", env.mnt], ["/dev/zero"])
+
+
+# --- one directory at two paths, layer counts, stack files that are not files (fix15c) -------
+
+@pytest.fixture
+def bind_mount():
+    """``bind_mount(src, dst)``: bind-mount directory `src` on a new directory `dst`;
+    every bind is unmounted in teardown."""
+    made: list = []
+
+    def bind(src: Path, dst: Path) -> Path:
+        helpers.require("root")
+        dst.mkdir()
+        subprocess.run(["mount", "--bind", str(src), str(dst)], check=True)
+        made.append(dst)
+        return dst
+
+    yield bind
+    for dst in reversed(made):
+        helpers.force_unmount(dst)
+
+
+def test_lower_given_twice_through_a_bind_mount(env: Env, bind_mount):
+    """A bind mount of a lower is the same directory at another path (same st_dev and
+    st_ino): the kernel refuses it ("conflicting lowerdir path"), and so must the check
+    of lowers given twice, which compared paths only."""
+    again = bind_mount(env.lower, env.tmp / "lower-again")
+    check_refused(env, ["-o", f"lowerdir={env.lower}:{env.lower2}:{again}", env.mnt],
+                  [again, env.lower])
+
+
+@pytest.mark.parametrize("upper_of, work_of", [("lower", None), (None, "lower"), (None, "upper")],
+                         ids=["upper-is-lower", "work-is-lower", "work-is-upper"])
+def test_upper_or_work_a_bind_mount_of_another_layer(env: Env, bind_mount, upper_of, work_of):
+    """An upper or workdir that is a lower (or workdir the upper) at another path: the
+    mount would write into a read-only layer, or its workdir's work/ and index/ into the
+    upper; refused by naming both paths."""
+    upper, work = env.upper, env.work
+    if upper_of:
+        upper = bind_mount(getattr(env, upper_of), env.tmp / "upper-alias")
+    if work_of:
+        work = bind_mount(getattr(env, work_of), env.tmp / "work-alias")
+    same = upper if upper_of else work
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={upper}",
+                                   f"workdir={work}"), env.mnt],
+                  [same, getattr(env, upper_of or work_of)])
+
+
+def test_too_many_layers_for_the_fd_limit(env: Env, tmp_path: Path):
+    """Each layer holds open files: a stack that needs more than ``ulimit -n`` is refused by
+    saying so, with both numbers (it named /proc/self/fd/127: the open that failed)."""
+    lowers = [tmp_path / "many" / f"l{i}" for i in range(100)]
+    for d in lowers:
+        d.mkdir(parents=True)
+    res = check_refused(env, ["-o", "lowerdir=" + ":".join(map(str, lowers)), env.mnt],
+                        ["100 layers", "ulimit -n", "128"],
+                        prefix=("prlimit", "--nofile=128:128", "--"))
+    assert "/proc/self/fd" not in res.stderr
+
+
+def _socket(path: Path) -> Path:
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # the socket file stays
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: (os.mkfifo(p), p)[1],
+    lambda p: (p.mkdir(), p)[1],
+    _socket,
+    lambda p: Path("/dev/null"),
+], ids=["fifo", "directory", "socket", "device"])
+def test_stack_file_not_a_regular_file(env: Env, make):
+    """A stack file that is a FIFO blocked the CLI forever (an open waits for a writer);
+    a directory, socket or device gave an unrelated error (EISDIR, ENXIO, 'must be a
+    mapping'). Anything but a regular file is refused, a FIFO without blocking."""
+    stack = make(env.tmp / "stack.yaml")
+    check_refused(env, ["--stack", stack, env.mnt], [stack, "not a regular file"])
+
+
+@pytest.mark.parametrize("option, bad", [
+    ("lowerdir: yes", "lowerdir"),
+    ("cache: on", "cache"),
+    ("timeout: off", "timeout"),
+    ("volatile: no", "volatile"),
+])
+def test_stack_yaml_boolean_where_none_fits(env: Env, option: str, bad: str):
+    """YAML 1.1 reads unquoted yes/no/on/off as booleans: accepted where an option is
+    on/off (test_config_accepts), refused by name where a boolean means nothing."""
+    stack = write(env.tmp / "bool.yaml", f"lowers: [{env.lower}]\noptions: {{{option}}}\n")
+    check_refused(env, ["--stack", stack, env.mnt], [bad, "boolean"])

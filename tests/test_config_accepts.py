@@ -55,3 +55,61 @@ def test_stack_file_merge_key_and_no_upper(base):
     cfg = _config(["--stack", str(base / "s.yaml"), "m"])
     assert cfg.lowers == [str(base / "a/sub"), str(base / "b")]
     assert cfg.upper is None and cfg.cache == "shared" and cfg.timeout == 5
+
+
+@pytest.mark.parametrize("yaml_options, expected", [
+    ("{index: on, metacopy: yes}", dict(index=True, metacopy=True, redirect_dir="on")),
+    ("{index: off, sharing: no, passthrough: false, xino: off}",
+     dict(index=False, sharing=False, passthrough=False)),
+    ("{redirect_dir: off}", dict(redirect_dir="off")),
+    ("{fsync: no, noxattrs: yes}", dict(fsync=False, noxattrs=True)),
+    ("{ro: yes, volatile: true, static_nlink: on}", dict(readonly=True, volatile=True,
+                                                         static_nlink=True)),
+    ("{rw: no}", dict(readonly=True)),
+    ("{nodev: yes, suid: no}", dict(generic=["nodev", "nosuid"])),
+])
+def test_stack_file_yaml_booleans(base, yaml_options, expected):
+    """In the mapping form of a stack file's options, YAML 1.1 turns unquoted on/off/yes/no
+    into booleans: each is written as the option's own spelling (index: on is index=on)."""
+    (base / "s.yaml").write_text(f"lowers: [a]\nupper: u\nwork: w\noptions: {yaml_options}\n")
+    cfg = _config(["--stack", str(base / "s.yaml"), "m"])
+    assert {name: getattr(cfg, name) for name in expected} == expected
+
+
+def test_stack_file_option_paths_resolve_against_its_directory(base, monkeypatch):
+    """Relative paths in a stack file resolve against its directory, also those its
+    options give (they resolved against the cwd: upperdir ../u did not exist)."""
+    (base / "a" / "sub" / "s.yaml").write_text(
+        "lowers: [..]\noptions: [upperdir=../../u, 'workdir=../../w', lowerdir+=../../b]\n")
+    monkeypatch.chdir("/")
+    cfg = _config(["--stack", str(base / "a" / "sub" / "s.yaml"), str(base / "m")])
+    assert (cfg.upper, cfg.work) == (str(base / "u"), str(base / "w"))
+    assert cfg.lowers == [str(base / "a"), str(base / "b")]
+
+
+def test_stack_file_colon_numbers_are_text(base):
+    """YAML 1.1 reads 1:10:5 as a base-60 number (4205): an ID mapping in a stack file's
+    options mapping must reach the option as it was written."""
+    (base / "s.yaml").write_text("lowers: [a]\noptions: {uidmapping: 1:10:5, gidmapping: '1:10:5'}\n")
+    cfg = _config(["--stack", str(base / "s.yaml"), "m"])
+    given = _config(["-o", "lowerdir=a,uidmapping=1:10:5,gidmapping=1:10:5", "m"])
+    assert (cfg.uidmapping, cfg.gidmapping) == (given.uidmapping, given.gidmapping)
+
+
+@pytest.mark.parametrize("opts, lowers, upper", [
+    ("lowerdir=x\\\\y:b", ["x\\y", "b"], None),
+    ("lowerdir=p\\,q:b", ["p,q", "b"], None),
+    ("lowerdir+=p\\,q,lowerdir+=b", ["p\\,q", "b"], None),
+    ("lowerdir=b,upperdir=ux\\\\y,workdir=w", ["b"], "ux\\y"),
+    ("lowerdir=b,upperdir=u\\,q,workdir=w", ["b"], "u,q"),
+])
+def test_backslashes_in_option_values_as_the_kernel(base, opts, lowers, upper):
+    """Backslash escapes as the kernel's overlay reads them (checked with mount -t overlay
+    on 6.18): a comma after a backslash never splits options; lowerdir= and upperdir=
+    unescape their paths (\\\\ is one backslash), lowerdir+= takes its path as it is. Two
+    backslashes were unescaped twice (x\\\\y was xy), and lowerdir+= lost its backslashes."""
+    for d in ("x\\y", "p,q", "p\\,q", "ux\\y", "u,q"):
+        (base / d).mkdir()
+    cfg = _config(["-o", opts, "overlay", "m"])
+    assert cfg.lowers == [str(base / p) for p in lowers]
+    assert cfg.upper == (upper and str(base / upper))

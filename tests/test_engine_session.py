@@ -891,3 +891,69 @@ def test_connection_end_ends_the_loop_and_destroys():
     fk.ok(p.STATFS, 1)
     assert fk.close(), "serve() still runs after every fd of the connection closed"
     assert ops.destroyed.is_set()
+
+
+class _ZeroOpendirOps(MemoryOps):
+    """MemoryOps with ``opendir_zero``/``releasedir_zero`` set at INIT (OverlayOps sets
+    them at its start, for every mode): the first open of a node may cache, the
+    hooks' calls are recorded, node 99 fails."""
+
+    def init(self, conn) -> None:
+        super().init(conn)
+        self.open_zero: dict[int, int] = {}
+        self.opendir_zero = self._opendir_zero
+        self.releasedir_zero = self._releasedir_zero
+
+    def _opendir_zero(self, nodeid: int) -> bool:
+        self._rec("opendir_zero", nodeid)
+        if nodeid == 99:
+            raise OSError(errno.ESTALE, "no such node")
+        n = self.open_zero.get(nodeid, 0)
+        self.open_zero[nodeid] = n + 1
+        return n == 0
+
+    def _releasedir_zero(self, nodeid: int) -> None:
+        self._rec("releasedir_zero", nodeid)
+        n = self.open_zero.pop(nodeid) - 1
+        if n:
+            self.open_zero[nodeid] = n
+
+
+def test_opendir_zero_answers_handle_zero_without_opendir(kernel):
+    """OPENDIR through ``opendir_zero``: handle 0, KEEP_CACHE, CACHE_DIR as the hook says;
+    RELEASEDIR of handle 0 through ``releasedir_zero``, of another handle through
+    ``releasedir``; a hook's OSError is its errno; an undelivered OPENDIR reply is released."""
+    ops = _ZeroOpendirOps()
+    fk = kernel(ops)
+    d = ops.add(1, b"d", stat.S_IFDIR | 0o755)
+    first = fk.ok(p.OPENDIR, d, p.OPEN_IN.pack(os.O_RDONLY | os.O_DIRECTORY, 0))
+    second = fk.ok(p.OPENDIR, d, p.OPEN_IN.pack(os.O_RDONLY | os.O_DIRECTORY, 0))
+    assert p.OPEN_OUT.unpack(first) == (0, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR, 0)
+    assert p.OPEN_OUT.unpack(second) == (0, p.FOPEN_KEEP_CACHE, 0)
+    assert ops.called("opendir") == [] and ops.open_zero == {d: 2}
+    assert fk.ok(p.RELEASEDIR, d, p.RELEASE_IN.pack(0, 0, 0, 0)) == b""
+    assert fk.ok(p.RELEASEDIR, d, p.RELEASE_IN.pack(0, 0, 0, 0)) == b""
+    assert ops.open_zero == {} and ops.called("releasedir") == []
+    assert ops.called("releasedir_zero") == [(d,), (d,)]
+    # a handle the filesystem made (not 0) is still released through ``releasedir``
+    fh = p.OPEN_OUT.unpack(fk.ok(p.OPEN, d, p.OPEN_IN.pack(os.O_RDONLY, 0)))[0]
+    fk.ok(p.RELEASEDIR, d, p.RELEASE_IN.pack(fh, 0, 0, 0))
+    assert ops.called("releasedir") == [(d, fh)] and len(ops.called("releasedir_zero")) == 2
+    assert fk.request(p.OPENDIR, 99, p.OPEN_IN.pack(os.O_RDONLY, 0)).error == -errno.ESTALE
+    # an OPENDIR reply the kernel never took: its handle is released (no RELEASEDIR comes)
+    fk.request(p.OPENDIR, d, p.OPEN_IN.pack(os.O_RDONLY, 0), fail=True)
+    assert ops.open_zero == {} and ops.called("releasedir_zero")[-1] == (d,)
+    assert ops.handles == {}
+
+
+def test_opendir_zero_not_used_with_deny_others(kernel):
+    """``deny_others`` must see OPENDIR's caller: the hooks are not used with it."""
+    ops = _ZeroOpendirOps()
+    fk = kernel(ops, session_kw={"deny_others": 1000})
+    d = ops.add(1, b"d", stat.S_IFDIR | 0o755)
+    assert fk.request(p.OPENDIR, d, p.OPEN_IN.pack(os.O_RDONLY, 0), uid=2000).error == -errno.EACCES
+    fh = p.OPEN_OUT.unpack(fk.ok(p.OPENDIR, d, p.OPEN_IN.pack(os.O_RDONLY, 0), uid=1000))[0]
+    assert fh and ops.called("opendir") == [(d, os.O_RDONLY)]
+    fk.ok(p.RELEASEDIR, d, p.RELEASE_IN.pack(fh, 0, 0, 0), uid=2000)
+    assert ops.called("opendir_zero") == [] and ops.called("releasedir_zero") == []
+    assert ops.handles == {}

@@ -1,7 +1,7 @@
 """READDIRPLUS attributes of a listing served in several chunks, without FUSE.
 
 A listing is read once, by the request for its first chunk (offset 0), and the later chunks
-are served from it (a directory handle's listing, or a zero-OPENDIR snapshot). The kernel
+are served from it (its snapshot, ``listings``). The kernel
 takes an entry's attributes as current unless a change of its own came after it *sent* the
 request (``fuse_change_attributes``' attr_version check): a stat read by an earlier request
 is older than that. So a later chunk gives each entry attributes read in its own request;
@@ -22,7 +22,7 @@ from overlaypc.nodes import ROOT_ID
 from test_nodes_unit import REQ, look, make_ops, stack  # noqa: F401 (a fixture)
 
 
-@pytest.fixture(params=["handle", "zero-opendir"])
+@pytest.fixture(params=["not-offered", "zero-opendir"])
 def ops(stack, request):  # noqa: F811
     ops, close = make_ops(stack)
     ops.init(ConnInfo(7, 45, p.NO_OPENDIR_SUPPORT if request.param == "zero-opendir" else 0))
@@ -33,7 +33,7 @@ def ops(stack, request):  # noqa: F811
 def _first_chunk(ops) -> tuple[int, int]:
     """(handle, cookie after ".."): a listing of the root read by its first chunk's request,
     which ended before the files (none of its entries taken)."""
-    fh = 0 if ops.zero_opendir else ops.opendir(REQ, ROOT_ID).fh
+    fh = ops.opendir(REQ, ROOT_ID).fh   # (0 either way: ``listings``)
     items = list(ops.readdir(REQ, ROOT_ID, fh, 0, True))
     assert [i.name for i in items[:2]] == [b".", b".."]
     return fh, items[1].offset

@@ -71,13 +71,39 @@ def test_the_kernels_listing_cache_goes_to_one_handle_of_a_directory_at_a_time(o
     assert sorted(_names(ops.readdir(REQ, ROOT_ID, 0, 0))) == [".", "..", "d", "e"]
 
 
-def test_without_the_offer_directories_are_opened(tree):
+def test_the_engines_short_path_counts_the_same_handles(ops):
+    """``opendir_zero``/``releasedir_zero`` (the engine's OPENDIR and RELEASEDIR of
+    handle 0, no ``Request``) count the handles ``opendir``/``releasedir`` count: one
+    CACHE_DIR handle of a directory at a time whichever path opened or released it."""
+    assert ops.opendir_zero(ROOT_ID) is True
+    assert ops.opendir(REQ, ROOT_ID).cache_dir is False   # opened through the short path
+    ops.releasedir_zero(ROOT_ID)
+    assert ops.opendir_zero(ROOT_ID) is False             # ... and the other is still open
+    ops.releasedir(REQ, ROOT_ID, 0)
+    ops.releasedir_zero(ROOT_ID)
+    assert ops.opendir(REQ, ROOT_ID).cache_dir is True    # none open
+    ops.releasedir_zero(ROOT_ID)
+    assert len(ops._open_dirs) == 0
+
+
+def test_without_the_offer_directories_get_handle_0_too(tree):
+    """fix15a: where the kernel does not offer NO_OPENDIR_SUPPORT (an old kernel, or a
+    plain user's ``allow_root`` mount: the session withdraws the offer), directories got
+    real handles whose listings kept positions as cookies, and every one got the kernel's
+    cache: both listing defects of soak13 and dircache14 stayed there. Now the same as
+    with the offer: handle 0, the cache to one handle at a time."""
     ops, close = make_ops(tree)
     try:
         ops.init(ConnInfo(7, 45, 0))
-        fh = ops.opendir(REQ, ROOT_ID).fh
-        assert fh and sorted(_names(ops.readdir(REQ, ROOT_ID, fh, 0))) == [".", "..", "d", "e"]
-        ops.releasedir(REQ, ROOT_ID, fh)
+        assert ops.opendir_zero is not None   # (the engine's short path too)
+        first, second = ops.opendir(REQ, ROOT_ID), ops.opendir(REQ, ROOT_ID)
+        assert (first.fh, second.fh) == (0, 0)
+        assert (first.cache_dir, second.cache_dir) == (True, False)
+        items = list(ops.readdir(REQ, ROOT_ID, 0, 0))
+        assert sorted(_names(items)) == [".", "..", "d", "e"]
+        assert all(split_cookie(i.offset)[0] for i in items)   # a snapshot's cookies
+        ops.releasedir(REQ, ROOT_ID, 0)
+        ops.releasedir(REQ, ROOT_ID, 0)
     finally:
         close()
 
@@ -186,33 +212,6 @@ def test_snapshots_are_bounded_by_their_entries_in_all():
     assert (snaps.get(big, 4).nodeid, snaps.entries) == (4, 500)
     snaps.done(big)
     assert (len(snaps), snaps.entries) == (0, 0)
-
-
-def test_open_handles_listings_are_bounded_by_their_entries_in_all(tree, monkeypatch):
-    """OPENDIR handles (a kernel without NO_OPENDIR_SUPPORT) keep the listing read at
-    offset 0 for their later chunks: past ``listings.MAX_ENTRIES`` in all, the least
-    recently used other handles' listings go (before: one per open handle, however many
-    and however large), and such a handle's next chunk reads the directory again."""
-    from overlaypc import listings
-    monkeypatch.setattr(listings, "MAX_ENTRIES", 15, raising=False)
-    ops, close = make_ops(tree)
-
-    def kept() -> list[int]:  # the lengths of the listings the handles keep
-        return [len(h.listing) for h in ops.fs._dir_handles.values() if h.listing is not None]
-    try:
-        ops.init(ConnInfo(7, 45, 0))
-        d = look(ops, "d")
-        fhs = [ops.opendir(REQ, d).fh for _ in range(3)]
-        firsts = [list(ops.readdir(REQ, d, fh, 0))[:4] for fh in fhs]
-        assert kept() == [10]                                # the last one read
-        rest = list(ops.readdir(REQ, d, fhs[0], firsts[0][-1].offset))
-        assert sorted(_names(firsts[0] + rest)[2:]) == FILES
-        assert kept() == [10]
-        for fh in fhs:
-            ops.releasedir(REQ, d, fh)
-        assert kept() == [] and ops.fs._listed_entries == 0
-    finally:
-        close()
 
 
 @pytest.mark.parametrize("plus", [False, True])

@@ -250,27 +250,10 @@ def test_readlink_during_rename_above_reads_the_link_not_its_successor(drv):
     drv.settle()
 
 
-def test_opendir_during_rename_above_lists_the_directory_not_its_successor(drv):
-    """OPENDIR of ``d/sub`` stops with its path made; ``d`` is renamed and a new
-    ``d/sub`` made with one entry ``new``. The handle must list ``dx/sub`` (f, l).
-    Before: it listed the successor."""
-    sub, _ = _node(drv, "f")
-    got = paused_at("ops.path", lambda: drv.ops.opendir(REQ, sub.nodeid),
-                     _successor(drv, "", "dir"))
-    assert not isinstance(got, Exception), got
-    try:
-        names = [i.name for i in drv.ops.readdir(REQ, sub.nodeid, got.fh, 0)]
-    finally:
-        drv.ops.releasedir(REQ, sub.nodeid, got.fh)
-    assert sorted(names) == [b".", b"..", b"f", b"l"], names
-    drv.settle()
-
-
 def test_listing_without_handle_during_rename_above_lists_the_directory_not_its_successor(drv):
-    """READDIRPLUS of a directory the kernel opened itself (no OPENDIR: the listing makes
+    """READDIRPLUS of ``d/sub`` (handle 0: the listing makes its path, ``listings``)
     its path): as with OPENDIR, and its entries are the listed directory's nodes."""
     sub, f = _node(drv, "f")
-    drv.ops.zero_opendir = True
 
     def listing():
         items = list(drv.ops.readdir(REQ, sub.nodeid, 0, 0, True))
@@ -582,26 +565,28 @@ def test_getattr_while_its_name_is_unlinked_and_taken_never_answers_the_new_obje
     drv.settle()
 
 
-def test_opendir_while_its_name_is_removed_and_taken_never_lists_the_new_directory(drv):
-    """OPENDIR of the empty directory ``d/sub/e`` stops with its path made; ``e`` is
-    removed and a new ``e`` made with an entry. The handle must not list the new directory
-    (whose entries the kernel checked no permission for). Before: it listed ``new``."""
+def test_listing_while_its_name_is_removed_and_taken_never_lists_the_new_directory(drv):
+    """The listing of the open, empty directory ``d/sub/e`` (handle 0) stops with its path
+    made; ``e`` is removed and a new ``e`` made with an entry. It must not list the new
+    directory (whose entries the kernel checked no permission for). (Once OPENDIR of a
+    real handle, which made the path: before, it listed ``new``.)"""
     sub, _ = _node(drv, "f")
     e = drv.mkdir(sub, "e", 0o755)
+    fh = drv.ops.opendir(REQ, e.nodeid).fh
 
     def meanwhile() -> None:
         drv.rmdir(sub, "e")
         drv.release(drv.create(drv.mkdir(sub, "e", 0o700), "new", os.O_WRONLY, 0o600)[1])
-    got = paused_at("ops.path", lambda: drv.ops.opendir(REQ, e.nodeid), meanwhile)
+    try:
+        got = paused_at("ops.path", lambda: [i.name for i in drv.ops.readdir(REQ, e.nodeid, fh, 0)],
+                        meanwhile)
+    finally:
+        drv.ops.releasedir(REQ, e.nodeid, fh)
     if isinstance(got, OSError):
         assert got.errno == errno.ENOENT, got
     else:
         assert not isinstance(got, Exception), got
-        try:
-            names = [i.name for i in drv.ops.readdir(REQ, e.nodeid, got.fh, 0)]
-        finally:
-            drv.ops.releasedir(REQ, e.nodeid, got.fh)
-        assert b"new" not in names, names
+        assert b"new" not in got, got
     drv.settle()
 
 

@@ -32,7 +32,7 @@ import pytest
 import helpers
 from core_driver import REQ, CoreDriver, Walker
 from test_nameless_file_xattrs import _open_unlinked
-from upper_support import is_whiteout, overlay_stats, stack_options
+from upper_support import is_whiteout, on_both, overlay_stats, stack_options
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_EMPTY_PATH = 0x1000
@@ -126,8 +126,7 @@ def scenario(m: str, metacopy_data_below: bool) -> list:
         ro = r.reopen("lower ro", lo, os.O_RDONLY)
         if ro is not None:
             r.read("lower read", ro)
-            # (no link count: the kernel overlay shows the lower file's, 1; overlaypc 0)
-            r.out.append(("lower fstat", [_fstat(fd)[::2] for fd in (lo, ro)]))
+            r.fstat("lower fstat", lo, ro)  # (the lower file's link count, 1)
         r.reopen("lower rw", lo, os.O_RDWR)
         r.reopen("lower trunc", lo, os.O_WRONLY | os.O_TRUNC)
         r.read("lower unchanged", lo)
@@ -198,41 +197,17 @@ RUNS = {"plain": ("", ()), "index": ("index=on", ("index=on",)),
         "metacopy": ("metacopy=on,redirect_dir=on", ("redirect_dir=on", "metacopy=on"))}
 
 
-def _merged(m: str) -> dict:
-    return {rel: (e.type, e.mode, e.size, e.content)
-            for rel, e in helpers.tree_snapshot(m, xattrs=False).items() if rel != "."}
-
-
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_reopen_against_the_kernel_overlay(run, tmp_path, overlay_mount, kernel_mount):
     """Every reopen of ``scenario`` answers, reads and shows as on the kernel overlay; the
     merged trees match and the lowers are unchanged. Before: every reopen answered ENOENT."""
     ours_opts, kernel_opts = RUNS[run]
-    results, trees = [], []
-    for side in ("kernel", "ours"):
-        base = tmp_path / side
-        lower = helpers.build_layer(base / "lower", LOWER)
-        before = helpers.tree_snapshot(lower)
-        upper, work = base / "upper", base / "work"
-        upper.mkdir()
-        work.mkdir()
-        if side == "kernel":
-            mnt = kernel_mount([lower], upper, work, kernel_opts)
-            results.append(scenario(str(mnt), run == "metacopy"))
-            trees.append(_merged(str(mnt)))
-            helpers.force_unmount(mnt)
-        else:
-            mo = overlay_mount(stack_options([lower], upper, work, ours_opts))
-            results.append(scenario(str(mo.path), run == "metacopy"))
-            trees.append(_merged(str(mo.path)))
-            mo.unmount()
-        assert helpers.tree_snapshot(lower) == before, f"{side} changed the lower"
-    kernel, ours = results
+    kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, ours_opts,
+                           kernel_opts, lambda mnt: scenario(mnt, run == "metacopy"))
     assert ("upper ro", "ok") in kernel and ("lower rw", "EEXIST") in kernel  # (the oracle)
     for k, o in zip(kernel, ours):
         assert o == k
     assert ours == kernel
-    assert trees[1] == trees[0]
 
 
 def test_metacopy_data_below_is_refused_for_writing(tmp_path, overlay_mount):

@@ -9,6 +9,8 @@ What this module owns:
 - ``renameat2()``: the raw syscall through libc, with the RENAME_* flags.
 - Backing-dir checks: ``is_whiteout()``, ``work_leftovers()``, ``fuse_hidden()``.
 - ``overlay_stats()``: the JSON counters on the mount root.
+- ``on_both()``: one scenario on the kernel overlay and on overlaypc, each over its own copy
+  of one lower tree (differential tests).
 
 Caveats: everything assumes root (the suite gates on it through ``helpers.require``).
 """
@@ -193,3 +195,37 @@ def link_groups(root: Union[str, os.PathLike]) -> set:
             if st_.st_nlink > 1:
                 groups.setdefault(st_.st_ino, set()).add(os.path.relpath(p, root))
     return {frozenset(g) for g in groups.values()}
+
+
+def merged_tree(mnt: Union[str, os.PathLike]) -> dict:
+    """Type, mode, size and content of every entry below ``mnt`` (no xattrs)."""
+    return {rel: (e.type, e.mode, e.size, e.content)
+            for rel, e in helpers.tree_snapshot(mnt, xattrs=False).items() if rel != "."}
+
+
+def on_both(tmp_path: Path, overlay_mount, kernel_mount, tree: dict, ours_opts: str,
+            kernel_opts: Sequence[str], scenario) -> list:
+    """``scenario(mountpoint)`` on the kernel overlay, then on overlaypc, each over its own
+    copy of the lower ``tree`` with an empty upper: [kernel's result, ours]. Asserts that
+    neither changed its lower and that the merged trees end alike."""
+    results, trees = [], []
+    for side in ("kernel", "ours"):
+        base = tmp_path / side
+        lower = helpers.build_layer(base / "lower", tree)
+        before = helpers.tree_snapshot(lower)
+        upper, work = base / "upper", base / "work"
+        upper.mkdir()
+        work.mkdir()
+        if side == "kernel":
+            mnt = kernel_mount([lower], upper, work, kernel_opts)
+            results.append(scenario(str(mnt)))
+            trees.append(merged_tree(mnt))
+            helpers.force_unmount(mnt)
+        else:
+            mo = overlay_mount(stack_options([lower], upper, work, ours_opts))
+            results.append(scenario(str(mo.path)))
+            trees.append(merged_tree(mo.path))
+            mo.unmount()
+        assert helpers.tree_snapshot(lower) == before, f"{side} changed the lower"
+    assert trees[1] == trees[0]
+    return results

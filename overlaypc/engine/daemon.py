@@ -9,6 +9,12 @@ ENODEV and ``run`` returns. ``umount`` by anyone ends it the same way. A plain u
 ``auto_unmount`` mount without ``allow_other`` gets the ``autounmount`` watcher as well
 (fusermount3's own cannot see such a mount's daemon die).
 
+Test-only: ``OVERLAYPC_DENY_OTHERS=UID`` in the environment makes a daemon run by root
+serve as a plain user's ``allow_root`` mount by UID would (``Session``'s ``deny_others``,
+the one thing that option changes in the daemon: a root mount is ``allow_other`` already),
+so tests reach that mode without a plain user's mount (which needs ``user_allow_other`` in
+/etc/fuse.conf). It only ever refuses more.
+
 Caveat: fork happens before any thread starts (the session's threads start after it);
 callers must not start threads before ``run``.
 """
@@ -32,6 +38,9 @@ except ImportError:  # not CPython
 
 log = logs.get("overlaypc.engine")
 
+#: test-only: the owner uid a root daemon serves as (module docstring)
+DENY_OTHERS_ENV = "OVERLAYPC_DENY_OTHERS"
+
 
 def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: bool = True,
         workers: int | None = None, before_fork: Callable[[], None] | None = None) -> int:
@@ -45,6 +54,8 @@ def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: 
             before_fork()
         ready_w = _daemonize()
     deny = os.getuid() if opts.has("allow_root") and os.getuid() != 0 else None
+    if deny is None and os.environ.get(DENY_OTHERS_ENV):  # test-only (above)
+        deny = int(os.environ[DENY_OTHERS_ENV])
     session = Session(ops, chan.fd, clone=chan.clone, close_clone=chan.close_clone, workers=workers,
                       deny_others=deny)
     stopping = []

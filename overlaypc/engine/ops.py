@@ -218,6 +218,15 @@ class Operations:
     removexattr: Callable[[Request, int, str], None] = _nosys
     access: Callable[[Request, int, int], None] = _nosys
     opendir: Callable[[Request, int, int], Opened] = _nosys
+    #: if set, OPENDIR calls this instead of ``opendir``, with the node alone (no
+    #: ``Request`` is made; not called where ``deny_others`` refuses other users): the
+    #: directory is opened with handle 0 and KEEP_CACHE, and CACHE_DIR if it returns True.
+    #: For a filesystem whose listings need no directory handle; a warm ``find`` sends
+    #: little else, one OPENDIR and one RELEASEDIR per directory
+    opendir_zero: Callable[[int], bool] | None = None
+    #: with ``opendir_zero``: a RELEASEDIR of handle 0 calls this (with the node) instead
+    #: of ``releasedir``, also when an OPENDIR reply never reached the kernel
+    releasedir_zero: Callable[[int], None] | None = None
     #: entries from cookie ``offset`` on, lazily; ``plus``: items carry ``take``
     readdir: Callable[[Request, int, int, int, bool], Iterable[DirItem]] = _nosys
     releasedir: Callable[[Request, int, int], None] = _nosys

@@ -53,7 +53,7 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
                           p.INTERRUPT, p.DESTROY))
 
 
-_READ, _WRITE = p.READ, p.WRITE
+_READ, _WRITE, _FORGET, _OPENDIR, _RELEASEDIR = p.READ, p.WRITE, p.FORGET, p.OPENDIR, p.RELEASEDIR
 _unpack_header = p.IN_HEADER.unpack_from
 _pack_out = p.OUT_HEADER.pack
 _OUT_SIZE = p.OUT_HEADER.size
@@ -62,6 +62,15 @@ _BODY = p.IN_HEADER.size
 _unpack_read = struct.Struct("<QQI").unpack_from
 #: fh, offset, size, write_flags: the head of ``fuse_write_in``
 _unpack_write = struct.Struct("<QQII").unpack_from
+#: fh: the head of ``fuse_release_in``; nlookup: ``fuse_forget_in``
+_unpack_fh = _unpack_nlookup = struct.Struct("<Q").unpack_from
+#: a reply with no body (its header only)
+_EMPTY_SIZE = p.OUT_HEADER.size
+#: the replies to an OPENDIR through ``Operations.opendir_zero`` (handle 0): without and
+#: with the kernel's listing cache, and their length with the header
+_OPEN_ZERO = (p.pack_open(0, p.FOPEN_KEEP_CACHE),
+              p.pack_open(0, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR))
+_OPEN_ZERO_SIZE = p.OUT_HEADER.size + p.OPEN_OUT.size
 #: a named tuple made from a tuple of its fields without its ``__new__`` (half the cost;
 #: one header and one ``Request`` per request)
 _tuple_new = tuple.__new__
@@ -162,6 +171,9 @@ class Session:
         self.clone_delay = clone_delay
         self._handlers = self._handler_table()
         self._read_fh = ops.read_fh
+        self._opendir_zero: Callable[[int], bool] | None = None
+        self._releasedir_zero: Callable[[int], None] | None = None
+        self._bind_zero_opendir()
         self._setxattr_ext = False
         #: set when the connection has ended (the watch ends)
         self._stopped = False
@@ -205,6 +217,7 @@ class Session:
             # would send their listings (handle 0, exempt below) with nothing checked
             conn.offered &= ~p.NO_OPENDIR_SUPPORT
         self.ops.init(conn)
+        self._bind_zero_opendir()  # (the filesystem may set its hooks at ``init``)
         wanted = conn.wanted & init.flags
         if wanted >> 32 and not init.flags & p.INIT_EXT:
             wanted &= 0xFFFFFFFF
@@ -223,6 +236,14 @@ class Session:
         log.debug("INIT: kernel %d.%d, flags %#x of %#x", init.major, init.minor, wanted, init.flags)
         self.ops.initialized(conn)
         return conn
+
+    def _bind_zero_opendir(self) -> None:
+        """Take the filesystem's ``opendir_zero``/``releasedir_zero`` hooks (both or
+        neither); never with ``deny_others``, which must see OPENDIR's caller."""
+        opendir, releasedir = self.ops.opendir_zero, self.ops.releasedir_zero
+        if opendir is None or releasedir is None or self.deny_others is not None:
+            opendir = releasedir = None
+        self._opendir_zero, self._releasedir_zero = opendir, releasedir
 
     # -- the loop -----------------------------------------------------------------------------
     def serve(self, ready: Callable[[], None] | None = None) -> None:
@@ -436,6 +457,31 @@ class Session:
             except OSError as e:
                 self._write_failed(e)
             return
+        if op == _FORGET:  # one per file an ``rm -rf`` removes (no reply, no extensions)
+            try:
+                self.ops.forget(head[3], _unpack_nlookup(msg, _BODY)[0])
+            except Exception:
+                log.exception("FORGET failed")
+            return
+        # a directory opened and released with handle 0 (``Operations.opendir_zero``): one
+        # of each per directory a warm ``find`` lists from the kernel's cache, so answered
+        # as READ is (neither carries extensions; RELEASEDIR is exempt from ``deny_others``,
+        # the hooks are unset with it)
+        if op == _OPENDIR and self._opendir_zero is not None:
+            self._open_zero(fd, head)
+            return
+        if op == _RELEASEDIR and self._releasedir_zero is not None \
+                and not _unpack_fh(msg, _BODY)[0]:
+            try:
+                self._releasedir_zero(head[3])
+            except Exception as e:  # noqa: BLE001
+                self._failed(fd, head[2], op, head[3], e)
+                return
+            try:
+                self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, head[2])])
+            except OSError as e:
+                self._write_failed(e)
+            return
         # extensions (total_extlen, in 8-byte units) come only with SECURITY_CTX or
         # CREATE_SUPP_GROUP, neither negotiated: the common header is taken as read
         hdr = _tuple_new(_InHeader, head[:8]) if not head[7] else _InHeader(*head[:7], head[7] * 8)
@@ -468,6 +514,25 @@ class Session:
                 reply.undo()
             except Exception:
                 log.exception("undoing an undelivered %s reply failed", p.OPCODE_NAMES.get(op, op))
+
+    def _open_zero(self, fd: int, head: tuple) -> None:
+        """OPENDIR through ``opendir_zero``; released again if the reply never reaches
+        the kernel (no RELEASEDIR will come for it)."""
+        nodeid = head[3]
+        try:
+            cached = self._opendir_zero(nodeid)
+        except Exception as e:  # noqa: BLE001
+            self._failed(fd, head[2], _OPENDIR, nodeid, e)
+            return
+        try:
+            self._writev(fd, [_pack_out(_OPEN_ZERO_SIZE, 0, head[2]), _OPEN_ZERO[bool(cached)]])
+            return
+        except OSError as e:
+            self._write_failed(e)
+        try:
+            self._releasedir_zero(nodeid)
+        except Exception:
+            log.exception("undoing an undelivered OPENDIR reply failed")
 
     def _failed(self, fd: int, unique: int, op: int, nodeid: int, e: Exception) -> None:
         """A handler raised: ``OSError`` is answered with its errno, anything else is
