@@ -689,29 +689,39 @@ class OverlayOps(Operations):
 
     def link(self, req: Request, nodeid: int, new_parent: int, new_name: bytes) -> Entry:
         if self.nodes.path(nodeid) is None:
-            inode = self._tmpfile_inode(nodeid)
+            inode = self._linkable_inode(nodeid)
             if inode is not None:
                 return self._link_tmpfile(inode, new_parent, new_name)
         return self._new(new_parent, new_name,
                          lambda rel, then: self.fs.link(self._path(nodeid), rel, then))
 
-    def _tmpfile_inode(self, nodeid: int) -> OverlayInode | None:
-        """The inode of a node made by TMPFILE (``Files.tmpfile``), through its open
-        handles; None for any other node, or one with none open."""
+    def _linkable_inode(self, nodeid: int) -> OverlayInode | None:
+        """The inode of a node with no name that LINK names through its fd, through its
+        open handles: one made by TMPFILE (``Files.tmpfile``), or an upper file whose data
+        is there (no metacopy) that may have names the table never held (soak15: a file
+        opened by one name of two, that name unlinked; the kernel still sees a link and
+        asks). Not under index=on, whose shared link count such a name would have to move.
+        None for any other node (ENOENT then), or one with none open."""
         for fh in self.nodes.handles(nodeid):
             try:
                 inode = self.fs.handles.get(fh).inode
             except OSError:
                 continue  # released meanwhile
-            return inode if inode.tmpfile else None
+            if inode.tmpfile:
+                return inode
+            upper = self.fs.stack.upper
+            if self.fs.index is None and upper is not None and inode.layer is upper \
+                    and inode.meta_rel is None:
+                return inode
+            return None
         return None
 
     def _link_tmpfile(self, inode: OverlayInode, new_parent: int, new_name: bytes) -> Entry:
-        """LINK of a node with no name made by TMPFILE (``linkat`` of its fd, by
+        """LINK of a node with no name (``_linkable_inode``; ``linkat`` of its fd, by
         ``AT_EMPTY_PATH`` or ``/proc/self/fd``): its upper file linked through an fd of it
         (``Namespace.link_open``); the new name's entry is the node's own (its key).
         The kernel refuses to link an ``O_EXCL`` one itself (ENOENT), and so does the
-        upper filesystem."""
+        upper filesystem, as one whose last link is gone."""
         fd = self.fs.files.dup_fd(inode)
         try:
             return self._new(new_parent, new_name,

@@ -78,6 +78,12 @@ DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
 #: (the replay reads the same environment)
 EXTRA_KINDS = (["open_append", "open_append", "setfl", "setfl", "write", "write", "opendir",
                 "opendir", "fsetxattr", "fsetxattr", "listdir"] if os.environ.get("EXTRA") else [])
+#: EXTRA2=1 (soak15) adds O_TMPFILE files in a slot (``tmpfile``), links of a slot's file
+#: through /proc/self/fd/N (``linkslot``: a tmpfile gets a name, an unlinked file ENOENT) and
+#: reopens of a slot's file through /proc/self/fd/N into the next slot (``reopen``), named
+#: or not. Apart from EXTRA for the same reason
+EXTRA2_KINDS = (["tmpfile", "tmpfile", "linkslot", "linkslot", "reopen", "reopen"]
+                if os.environ.get("EXTRA2") else [])
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,7 +124,7 @@ class Runner:
                          "open_rw", "open_rw", "open_ro", "open_trunc", "create", "pwrite",
                          "pwrite", "pwrite", "fsync", "ftruncate", "pread", "close", "rename",
                          "rename", "renamedir", "renamedir", "mkdir", "rmdir", "rmdir",
-                         "unlink", "unlink", "link", "symlink", "fchmod"] + EXTRA_KINDS)
+                         "unlink", "unlink", "link", "symlink", "fchmod"] + EXTRA_KINDS + EXTRA2_KINDS)
         f, g = r.choice(FILES), r.choice(FILES + LINKNAMES)
         d, e = r.choice(DIRS[1:]), r.choice(DIRS[1:] + ["z", "a/z", "c/x/z", "n/y"])
         slot = r.randrange(SLOTS)
@@ -168,6 +174,27 @@ class Runner:
                 os.lseek(fd, off, os.SEEK_SET)
                 got = os.write(fd, random.Random(dseed).randbytes(n))
                 return f"ok:{got}:{os.lseek(fd, 0, os.SEEK_CUR)}"
+            elif kind == "tmpfile":
+                if fd is not None:
+                    return "skip"
+                self.slots[slot] = os.open(p(d), os.O_TMPFILE | os.O_RDWR, 0o640)
+            elif kind == "linkslot":
+                if fd is None:
+                    return "skip"
+                # (os.link calls link(2), which does not follow /proc's link, without dir fds)
+                dfd = os.open(os.path.dirname(p(g)), os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.link(f"/proc/self/fd/{fd}", os.path.basename(p(g)), dst_dir_fd=dfd,
+                            follow_symlinks=True)
+                finally:
+                    os.close(dfd)
+            elif kind == "reopen":
+                to = (slot + 1) % SLOTS
+                if fd is None or self.slots[to] is not None:
+                    return "skip"
+                self.nameless = os.fstat(fd).st_nlink == 0
+                self.slots[to] = os.open(f"/proc/self/fd/{fd}",
+                                         os.O_RDWR if n > 100 else os.O_RDONLY)
             elif kind == "listdir":
                 names = sorted(os.listdir(p(d)))
                 return f"ok:{len(names)}:{hashlib.sha256(chr(0).join(names).encode()).hexdigest()[:12]}"
@@ -247,6 +274,14 @@ def accepted(op: tuple, seen: str, got: str, rn: Runner) -> bool:
         # EROFS as above; ESTALE: a directory of the lower alone, removed (``nameless``: the
         # kernel overlay copies it up into its workdir)
         return seen in ("EROFS", "ESTALE")
+    if op[0] == "reopen" and got == "ok" and rn.nameless and op[8] > 100 and seen == "EEXIST":
+        # write access to a lower file with no name left: EEXIST, as the kernel overlay's
+        # copy-up finds the name taken (README, test_reopen_nameless); the same caveat. The
+        # replay drops its new fd, so that its slots stay the mount's
+        to = (op[5] + 1) % SLOTS
+        os.close(rn.slots[to])
+        rn.slots[to] = None
+        return True
     return False
 
 
@@ -453,10 +488,15 @@ def mnt_copy_of(base: Path, rnd: int, opts: str, tree: str) -> Path:
     return out
 
 
-def run_ops(root: Path, seed: int, count: int) -> None:
+def run_ops(root: Path, seed: int, count: int, seen: list[str] | None = None) -> None:
+    """The first ``count`` ops; ``seen``: the mount's answers, whose ``accepted``
+    differences the replay follows (its fd slots)."""
     rn = Runner(root, seed)
-    for _ in range(count):
-        rn.run(rn.next_op())
+    for i in range(count):
+        op = rn.next_op()
+        got = rn.run(op)
+        if seen is not None and i < len(seen) and got != seen[i]:
+            accepted(op, seen[i], got, rn)
     rn.close_all()
 
 
@@ -562,10 +602,11 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
         rn.close_all()
         if inflight is not None:  # A without it, B with it
             copy_view(pre / tree, a_dir)
-            run_ops(a_dir, seeds[k], inflight[0])
+            answers = [x[2] for x in logged]
+            run_ops(a_dir, seeds[k], inflight[0], answers)
             b_dir = base / "B"
             copy_view(pre / tree, b_dir)
-            run_ops(b_dir, seeds[k], inflight[0] + 1)
+            run_ops(b_dir, seeds[k], inflight[0] + 1, answers)
         outs = logged
         mine = sub(ov, tree)
         a_view = view(a_dir)

@@ -20,6 +20,8 @@ interleaved steps (``big_lister``: no name twice, every untouched name there).
 uidmapping=0:H:N,gidmapping=0:H:N (soak13) in OPTIONS: the model's owners are shown + H,
 the kernel's views (the layers' IDs) are compared shifted. DAEMON_NOFILE=N (soak13) starts
 the daemon under ``ulimit -n N``.
+TMPFILE=N, SEEKERS=N (with BIGDIR), HELDDIRS=1 (soak15): O_TMPFILE + linkat and reopens through
+/proc/self/fd, seekdir/telldir listers, directories held open while removed (``stress_extra``).
 RACE=N (soak13): N creators (odd ones as another uid) make objects in directories that
 another process renames and moves, while a third renames the new names (``race_creator``).
 Each writer process owns its files (single writer per file) and keeps a model; it checks
@@ -41,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
+import stress_extra  # noqa: E402
 
 MODES = [0o644, 0o600, 0o755, 0o640]
 UIDS = [0, 1000, 1001]
@@ -378,8 +381,8 @@ def reader(root: str, stop, q, seed):
                         except (FileNotFoundError, PermissionError):
                             continue
                         except OSError as e:
-                            if e.errno != errno.ELOOP:  # (a symlink)
-                                raise
+                            if e.errno != errno.ELOOP and not (LOWFD and e.errno == errno.ENFILE):
+                                raise  # (ELOOP: a symlink)
                             continue
                         try:
                             if stat.S_ISREG(os.fstat(fd).st_mode):
@@ -791,6 +794,9 @@ def big_mutator(root: str, n: int, stop, q, seed: int):
                 done += 1
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                if not (LOWFD and e.errno == errno.ENFILE):
+                    raise
         q.put(("bigmutator", "ok", done))
     except BaseException as e:  # noqa
         q.put(("bigmutator", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -1126,6 +1132,13 @@ def main():
     race_ok, race_made, race_shown = False, {}, {}
     if nrace:
         build_race(lower, upper)
+    ntmp = int(os.environ.get("TMPFILE", "0"))
+    nseek = int(os.environ.get("SEEKERS", "0")) if nbig else 0
+    nheld = bool(os.environ.get("HELDDIRS"))
+    if ntmp:
+        stress_extra.build_tmp(lower, upper)
+    if nheld:
+        stress_extra.build_held(lower, upper)
     opts = f"lowerdir={lower2}:{lower},upperdir={upper},workdir={work}"
     if options:
         opts += "," + options
@@ -1160,6 +1173,15 @@ def main():
                       for c in range(nrace)]
             aux += [mp.Process(target=race_mover, args=(str(mnt), stop, q, seed * 100 + 40)),
                     mp.Process(target=race_namer, args=(str(mnt), stop, q))]
+        if ntmp:
+            procs += [mp.Process(target=stress_extra.tmper, args=(c, str(mnt), seed * 100 + 60 + c, nops, q))
+                      for c in range(ntmp)]
+            aux += [mp.Process(target=stress_extra.tmp_mover, args=(str(mnt), stop, q, seed * 100 + 65))]
+        aux += [mp.Process(target=stress_extra.big_seeker, args=(
+            str(mnt), nbig, stop, q, i, seed * 100 + 80 + i, big_names)) for i in range(nseek)]
+        if nheld:
+            aux += [mp.Process(target=stress_extra.dir_remover, args=(str(mnt), stop, q, seed * 100 + 85)),
+                    mp.Process(target=stress_extra.dir_holder, args=(str(mnt), stop, q, seed * 100 + 86))]
         for p in procs + aux + pair_procs + pair_aux:
             p.start()
         for _ in range(len(procs) + len(pair_procs) + npairs):  # writers, filers, movers
@@ -1217,6 +1239,13 @@ def main():
             and results.get("racemover", ("fail",))[0] == "ok"
         if race_ok:
             problems += [f"overlaypc race: {x}" for x in race_view(mnt, race_made, race_shown, inos=True)]
+        tmp_made = {}
+        for c in range(ntmp):
+            out = results.get(f"tmper{c}", ("fail", None))[1]
+            tmp_made.update(out if isinstance(out, dict) else {})
+        if ntmp and all(results.get(k, ("fail",))[0] == "ok"
+                        for k in [f"tmper{c}" for c in range(ntmp)] + ["tmpmover"]):
+            problems += [f"overlaypc tmp: {x}" for x in stress_extra.tmp_view(mnt, tmp_made)]
     finally:
         p2 = m.unmount(check=False)
         problems += p2
