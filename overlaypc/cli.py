@@ -259,10 +259,18 @@ def resume_gc() -> None:
         gc_paused = False
 
 
+def _fds_needed(cfg: MountConfig, workers: int) -> int:
+    """``fdbudget.mount_needs`` of ``cfg``'s stack: its layers, upper and workdir counted
+    (a lookup searches the lowers and the upper)."""
+    upper = 1 if cfg.upper else 0
+    return fdbudget.mount_needs(len(cfg.lowers) + 2 * upper, len(cfg.lowers) + upper,
+                                2 * upper, workers)
+
+
 def _too_many_layers(cfg: MountConfig, limit: int, workers: int) -> str:
     """The error for a stack that needs more fds than the limit: both numbers."""
+    need = _fds_needed(cfg, workers)
     layers = len(cfg.lowers) + (2 if cfg.upper else 0)
-    need = fdbudget.mount_needs(layers, 2 if cfg.upper else 0, workers)
     return (f"{layers} layers{' (upper and workdir counted)' if cfg.upper else ''} need at "
             f"least {need} open files, more than the fd limit of {limit} (ulimit -n) allows: "
             f"raise the hard limit (ulimit -Hn, LimitNOFILE=) or mount fewer layers")
@@ -279,8 +287,7 @@ def mount_main(argv: list[str]) -> int:
     limit = fdbudget.raise_limit()  # before OverlayFS: its caches' budgets come from the limit
     from .engine.pool import MAX_EXTRA, usable_cpus
     workers = usable_cpus() + MAX_EXTRA  # the session's bound: base workers and extra ones
-    layers = len(cfg.lowers) + (2 if cfg.upper else 0)
-    if fdbudget.mount_needs(layers, 2 if cfg.upper else 0, workers) > limit:
+    if _fds_needed(cfg, workers) > limit:
         print(f"overlaypc: error: {_too_many_layers(cfg, limit, workers)}", file=sys.stderr)
         return 2
     faults.configure(os.environ.get("OVERLAYPC_FAULTS"))

@@ -63,6 +63,10 @@ OPEN_FILES_FLOOR = 16
 #: fds a layer root holds for the life of the mount (``layer.Layer``: an O_PATH fd and a
 #: normal one); upper and workdir hold one more each, their mount-exclusion lock
 FDS_PER_LAYER = 2
+#: fds a lookup holds in each layer it searches (lowers and upper) while it walks down a
+#: directory merged across all of them (``lookup``): the directory's ``O_PATH`` fd and
+#: its parent's, which the walk holds until the child is found
+WALK_FDS_PER_LAYER = 2
 #: worker threads ``OverlayFS`` reserves fds for when its caller does not say: the
 #: engine's bound on 2 CPUs (one worker per CPU and 8 more, ``engine/pool.py``); a mount
 #: passes the engine's own bound (``cli``), a core driven without the engine runs its
@@ -103,14 +107,18 @@ class FdBudget:
         return cls.from_limit(soft_limit())
 
 
-def mount_needs(layers: int, locks: int, workers: int) -> int:
-    """The fewest fds a mount of ``layers`` layer roots (upper and workdir included) and
-    ``locks`` lock fds can start with: those, what this process has open now, and the
-    least ``FdBudget.open_files`` works with (each worker's request, the lookup cache's
-    floor, ``OPEN_FILES_FLOOR`` open files). A limit below it fails at start (EMFILE
-    opening a layer) or leaves requests no fds at all."""
-    return (FDS_PER_LAYER * layers + locks + open_count() + workers * (PER_REQUEST + 1)
-            + LOOKUP_FLOOR + OPEN_FILES_FLOOR)
+def mount_needs(layers: int, searched: int, locks: int, workers: int) -> int:
+    """The fewest fds a mount of ``layers`` layer roots (upper and workdir included),
+    ``searched`` of them searched by lookups (lowers and upper), and ``locks`` lock fds
+    can work with: those, a lookup's walk down a directory merged across every searched
+    layer (``WALK_FDS_PER_LAYER``), what this process has open now, and the least
+    ``FdBudget.open_files`` works with (each worker's request, the lookup cache's floor,
+    ``OPEN_FILES_FLOOR`` open files). A limit below it fails at start (EMFILE opening a
+    layer), or later: a lookup of such a directory with EMFILE (review16: 100 lowers were
+    admitted at 318 fds, and needed about 420). Caveat: lookups of such directories
+    running at once need a walk's fds each; past the limit they fail with EMFILE."""
+    return (FDS_PER_LAYER * layers + WALK_FDS_PER_LAYER * searched + locks + open_count()
+            + workers * (PER_REQUEST + 1) + LOOKUP_FLOOR + OPEN_FILES_FLOOR)
 
 
 def open_count() -> int:
