@@ -47,6 +47,12 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 STATS_XATTR = "user.overlaypc.stats"
 
+#: ``st_nlink`` of a merged directory, as the kernel overlay shows it: "unknown". Its real
+#: count, the upper's or a lower's alone, may undercount its subdirectories, and a tool
+#: that trusts ``nlink - 2`` as that count (fts's leaf optimisation, ``find`` without
+#: ``-noleaf``) would skip some; 1 tells them not to.
+MERGED_DIR_NLINK = 1
+
 _ST_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_blocks", "st_blksize")
 
 
@@ -161,6 +167,8 @@ class Attributes:
         # count lower names (index=on: an unlink of a name copied up, as the kernel does)
         if not node.is_dir and (st.st_nlink > 1 or node.index is not None):
             nlink = self.fs.overlay_nlink(node)
+        elif node.merged_dir:
+            nlink = MERGED_DIR_NLINK
         else:
             nlink = None
         # metacopy: the blocks are the lower's

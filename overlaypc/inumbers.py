@@ -12,7 +12,9 @@ Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr
     with ``index=on`` (any non-directory, as the kernel indexes): without an index, copy-up broke the hard link (overlaypc then
     records no origin, as the kernel), and the copy shows its own upper number;
   * a directory present in upper and a lower without an origin takes the topmost
-    lower's number;
+    lower's number; not the root, which shows its top layer's root's own number (with an
+    upper, the upper root's: the kernel gives the root no copy-up identity, even where
+    ``index=on`` recorded the lower root as the upper root's origin);
   * anything else takes its own layer's real inode number;
   * each real number is mapped through the stack's ``xino`` scheme, so layers on
     different filesystems never collide.
@@ -206,9 +208,11 @@ class InodeNumbers:
         return self.xino.ino(entry.st.st_dev, entry.st.st_ino)
 
     def ino_of(self, node: Node, lower_dir: Entry | None = None) -> int:
-        """``st_ino`` of ``node``; ``lower_dir`` stands in for ``node.lowers[0]`` when known."""
+        """``st_ino`` of ``node``; ``lower_dir`` stands in for ``node.lowers[0]`` when known.
+        The root shows its top layer's root (the kernel's ``ovl_get_root``: the upper
+        root's number, never a copy-up origin, the top lower root's without an upper)."""
         top = node.top
-        if top.layer.writable:
+        if top.layer.writable and node.rel:
             recorded = self.recorded(top)
             if recorded is not None:
                 return recorded

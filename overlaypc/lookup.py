@@ -155,6 +155,12 @@ class Node:
     def lowers(self) -> tuple[Entry, ...]:
         return tuple(e for e in self.entries if not e.layer.writable)
 
+    @property
+    def merged_dir(self) -> bool:
+        """A directory with parts in two layers or more (the root of a stack of two layers
+        or more always): the kernel's merged directory (``OVL_TYPE_MERGE``)."""
+        return len(self.entries) > 1 and self.entries[0].is_dir
+
 
 
 def check_name(rel: str, *, last_only: bool = False) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import stat
 
 from . import faults, whiteout
-from .attrs import Attr
+from .attrs import MERGED_DIR_NLINK, Attr
 from .inumbers import InodeNumbers
 from .layer import DirFd, Listed, join
 from .lookup import Entry, Kept, Node
@@ -18,6 +18,7 @@ from .typing_lite import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .dirnames import LowerNames
+    from .layer import Layer
     from .ownership import Ownership
 
 
@@ -42,7 +43,8 @@ _new_tuple = tuple.__new__
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
                    plus: bool = False, ownership: "Ownership | None" = None,
                    names: "LowerNames | None" = None,
-                   files: "dict[str, Kept] | None" = None, metacopy: bool = False) -> list[DirEntry]:
+                   files: "dict[str, Kept] | None" = None, metacopy: bool = False,
+                   redirects: bool = True) -> list[DirEntry]:
     """The merged entries of directory ``node``: lower entries cost no stat (``d_type``
     and ``d_ino`` suffice); upper ones are stat'ed, as a copied-up object shows the
     inode number it recorded. ``plus`` (READDIRPLUS) stats every entry and gives its
@@ -54,7 +56,12 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
     names of the lower layers' directories, read here anyway, are kept for lookups.
     ``files`` (with ``plus``) gets each shown regular file with one link, by name, as
     ``lookup.Kept`` (a listing's): the whole merged object at its name unless it has a metacopy
-    mark (a hard link may have an index entry), for ``Lookup.keep_listing``."""
+    mark (a hard link may have an index entry), for ``Lookup.keep_listing``.
+
+    A directory's attributes show ``st_nlink`` 1 where it is merged (``Node.merged_dir``,
+    the kernel's): a directory of its name in a layer below, and the top one not opaque.
+    One that may be merged through a ``redirect`` xattr (``redirects``: the mount follows
+    them) instead comes without attributes: the kernel's LOOKUP decides."""
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
@@ -98,6 +105,8 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         fmt = item.fmt
         if files is not None and fmt == _S_IFREG and st is not None and st.st_nlink == 1:
             files[name] = (layer, parent.rel, st)
+        below = name in lower_dir_ino
+        opaque: bool | None = None  # (read once, where needed)
         if not layer.writable:  # a lower entry: its own number
             ino = xino(layer.dev, item.ino)
         else:
@@ -110,16 +119,41 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             recorded = inos.recorded(entry)
             if recorded is not None:
                 ino = recorded
-            elif name in lower_dir_ino and not whiteout.is_opaque_at(layer, dirfd, name,
-                                                                     xattr_prefix):
+            elif below and not (opaque := whiteout.is_opaque_at(layer, dirfd, name,
+                                                                xattr_prefix)):
                 ino = lower_dir_ino[name]  # a merged dir shows its topmost lower's number
             else:
                 ino = inos.of_entry(entry)
         attr = None
         if plus and st is not None and (st.st_nlink == 1 or fmt == _S_IFDIR) \
                 and not (metacopy and fmt == _S_IFREG):
-            attr = _new_tuple(Attr, (st, ino, None, None, None, None, None))
+            nlink = None
+            if fmt == _S_IFDIR:
+                merged = _merged_dir(layer, dirfd, name, below, opaque, inos, xattr_prefix,
+                                     redirects)
+                if merged is None:
+                    append(_new_tuple(DirEntry, (name, fmt, ino, None)))
+                    continue
+                nlink = MERGED_DIR_NLINK if merged else None
+            attr = _new_tuple(Attr, (st, ino, nlink, None, None, None, None))
             if ownership is not None:
                 attr = ownership.show(attr, ownership.stored_at(layer, st, dirfd.fd, name))
         append(_new_tuple(DirEntry, (name, fmt, ino, attr)))
     return out
+
+
+def _merged_dir(layer: "Layer", dirfd: DirFd, name: str, below: bool, opaque: bool | None,
+                inos: InodeNumbers, prefix: str, redirects: bool) -> bool | None:
+    """Whether the listed directory ``name`` (in ``layer``, listed through ``dirfd``) is
+    merged, as its lookup would find it: ``below`` (a directory of its name in a lower
+    layer below, not hidden) and it is not opaque (``opaque``: None if not read yet). None
+    where it may be merged through a ``redirect`` xattr (``redirects``: followed) though
+    no directory of its name lies below: only a LOOKUP tells. A directory of the bottom
+    layer is never merged."""
+    if below:
+        if opaque is None:
+            opaque = whiteout.is_opaque_at(layer, dirfd, name, prefix)
+        return not opaque
+    if not redirects or not inos.lowers or layer is inos.lowers[-1]:
+        return False
+    return None if layer.getxattr_name(dirfd, name, prefix + "redirect") else False
