@@ -408,7 +408,11 @@ class Lookup:
                     node.upper_marker)
 
     def directory(self, rel: str) -> Node:
-        """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one."""
+        """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one. At the fd
+        limit the walk waits for fds (``fdbudget.patiently``)."""
+        return fdbudget.patiently(self._directory, rel)
+
+    def _directory(self, rel: str) -> Node:
         if not rel:
             return self._root()
         epoch = self._epoch  # read before the layers, so a racing change voids the store
@@ -438,14 +442,18 @@ class Lookup:
         return node
 
     def lookup(self, rel: str) -> Node:
-        """The merged object at ``rel`` (``Node.exists`` is False when absent)."""
+        """The merged object at ``rel`` (``Node.exists`` is False when absent). At the fd
+        limit the walk waits for fds (``fdbudget.patiently``)."""
+        return fdbudget.patiently(self._lookup, rel)
+
+    def _lookup(self, rel: str) -> Node:
         if not rel:
             return self._root()
         parent_rel, name = split(rel)
         if _never_there(name, rel):
             return Node(rel, ())
         epoch = self._epoch  # read before the layers, so a racing change voids the store
-        parent = self._root_parent() if not parent_rel else self.directory(parent_rel)
+        parent = self._root_parent() if not parent_rel else self._directory(parent_rel)
         cached = self._cached(rel)
         if cached is not None:
             # a directory whose structure is known (changes through the mount drop it)
