@@ -85,7 +85,8 @@ WAIT_SECONDS = 10.0
 #: the longest sleep between two tries of a waiting operation
 WAIT_STEP = 0.05
 
-_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+#: the errors of a process (or system) out of fds
+EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 if TYPE_CHECKING:
     from typing import TypeVar
 
@@ -198,7 +199,7 @@ def retrying(open_fn: Callable[..., T], *args: object) -> T:
     try:
         return open_fn(*args)
     except OSError as e:
-        if e.errno not in _EXHAUSTED:
+        if e.errno not in EXHAUSTED:
             raise
         code = e.errno  # not the exception: its traceback would keep the callers' frames,
         # and with them the fds of their nodes, alive in a reference cycle
@@ -236,9 +237,15 @@ def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None)
     try:
         return fn(*args)
     except OSError as e:
-        if e.errno not in _EXHAUSTED:
+        if e.errno not in EXHAUSTED:
             raise
         # (the exception, and with it the frames that held the fds, goes at the block's end)
+    return waited(fn, *args, seconds=seconds)
+
+
+def waited(fn: Callable[..., T], *args: object, seconds: float | None = None) -> T:
+    """``patiently`` after its first try failed with EMFILE/ENFILE (for a caller that made
+    that try itself, without the call ``patiently`` costs, and let the exception go)."""
     seconds = WAIT_SECONDS if seconds is None else seconds
     end = time.monotonic() + seconds
     if not _waiting.acquire(timeout=seconds):
@@ -250,7 +257,7 @@ def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None)
             try:
                 return fn(*args)
             except OSError as e:
-                if e.errno not in _EXHAUSTED:
+                if e.errno not in EXHAUSTED:
                     raise
             if time.monotonic() >= end:
                 break

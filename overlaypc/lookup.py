@@ -409,8 +409,14 @@ class Lookup:
 
     def directory(self, rel: str) -> Node:
         """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one. At the fd
-        limit the walk waits for fds (``fdbudget.patiently``)."""
-        return fdbudget.patiently(self._directory, rel)
+        limit the walk waits for fds (``fdbudget.patiently``, inlined)."""
+        try:
+            return self._directory(rel)
+        except OSError as e:
+            if e.errno not in fdbudget.EXHAUSTED:
+                raise
+            # (the walk's frames, and the fds they held, go with the exception here)
+        return fdbudget.waited(self._directory, rel)
 
     def _directory(self, rel: str) -> Node:
         if not rel:
@@ -443,8 +449,13 @@ class Lookup:
 
     def lookup(self, rel: str) -> Node:
         """The merged object at ``rel`` (``Node.exists`` is False when absent). At the fd
-        limit the walk waits for fds (``fdbudget.patiently``)."""
-        return fdbudget.patiently(self._lookup, rel)
+        limit the walk waits for fds (``fdbudget.patiently``, inlined)."""
+        try:
+            return self._lookup(rel)
+        except OSError as e:
+            if e.errno not in fdbudget.EXHAUSTED:
+                raise
+        return fdbudget.waited(self._lookup, rel)
 
     def _lookup(self, rel: str) -> Node:
         if not rel:
