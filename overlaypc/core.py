@@ -23,11 +23,11 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 
-from . import impure, logs, whiteout
+from . import fdbudget, impure, logs, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
-from .fdbudget import DEFAULT_WORKERS, FdBudget, open_count
+from .fdbudget import DEFAULT_WORKERS, WALK_FDS_PER_LAYER, FdBudget, open_count
 from .files import Files, OpenResult
 from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
@@ -116,9 +116,11 @@ class OverlayFS:
         #: removed directories the kernel still holds (``nameless``): their held fds
         self.nameless = NamelessDirs(self)
         #: the most fds open files may hold (``fdbudget``): an OPEN or CREATE beyond fails
-        #: with ENFILE, so that other requests keep the fds they need
+        #: with ENFILE, so that other requests keep the fds they need (a lookup's walk down a
+        #: directory merged across every layer too)
         self.open_file_fds = self.fd_budget.open_files(
-            held=open_count(), workers=workers)
+            held=open_count(), workers=workers,
+            walk=WALK_FDS_PER_LAYER * len(self.stack.layers))
         #: owner and mode shown and written (ID mapping, squashing, override xattrs)
         self.ownership = Ownership.for_mount(
             config, self.stack.layers + ([self.stack.work] if self.stack.work else []))
@@ -371,7 +373,11 @@ class OverlayFS:
         """The merged listing. ``plus`` also gives each entry's attributes where they are
         exactly what ``getattr`` would show; entries without (``attr`` None) are looked up
         by the kernel as usual. (A listing read in several chunks is one snapshot:
-        ``listings``.)"""
+        ``listings``.) At the fd limit it waits for fds (``fdbudget.patiently``): a listing
+        holds one of the directory in each layer and reads one at a time."""
+        return fdbudget.patiently(self._readdir, rel, plus)
+
+    def _readdir(self, rel: str, plus: bool) -> list[DirEntry]:
         epoch = self.lookup.epoch  # before the layers: a change during the listing voids it
         files: dict | None = {} if plus else None
         # (hard links come without attributes: the name must be known for later invalidations)

@@ -5,7 +5,10 @@ one split of that limit between the caches that hold fds (``FdBudget``), and the
 when the limit is met anyway (``retrying``): every registered cache drops the fds it holds
 and the open is tried once more, so an operation fails with EMFILE only when what no cache
 can give back (open files, operations in flight, the extent map's canonical files, which a
-read may be using and are bounded instead) uses up the limit.
+read may be using and are bounded instead) uses up the limit. Lookups and listings, which
+need an fd per layer a directory is merged across, then wait for other operations' fds
+instead (``patiently``): one walk always fits (``mount_needs`` counts it, and open files
+leave it room), several at once may not.
 
 The budget, for a soft limit L (1024 by default on most systems, the hard limit after
 ``raise_limit``):
@@ -39,6 +42,7 @@ import errno
 import os
 import resource
 import threading
+import time
 from _weakrefset import WeakSet  # weakref.WeakSet itself: weakref.py adds ~0.7 ms to a start
 from collections.abc import Callable
 
@@ -65,7 +69,8 @@ OPEN_FILES_FLOOR = 16
 FDS_PER_LAYER = 2
 #: fds a lookup holds in each layer it searches (lowers and upper) while it walks down a
 #: directory merged across all of them (``lookup``): the directory's ``O_PATH`` fd and
-#: its parent's, which the walk holds until the child is found
+#: its parent's, which the walk holds until the child is found. Counted for one walk:
+#: walks that do not fit at once wait for each other's fds (``patiently``)
 WALK_FDS_PER_LAYER = 2
 #: worker threads ``OverlayFS`` reserves fds for when its caller does not say: the
 #: engine's bound on 2 CPUs (one worker per CPU and 8 more, ``engine/pool.py``); a mount
@@ -73,7 +78,15 @@ WALK_FDS_PER_LAYER = 2
 #: requests in its own threads
 DEFAULT_WORKERS = 10
 
-_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+#: how long an operation that needs many fds at once (``patiently``: a lookup walking down a
+#: directory merged across many layers, a listing of one) waits at the fd limit for other
+#: operations to let theirs go before it fails with EMFILE
+WAIT_SECONDS = 10.0
+#: the longest sleep between two tries of a waiting operation
+WAIT_STEP = 0.05
+
+#: the errors of a process (or system) out of fds
+EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 if TYPE_CHECKING:
     from typing import TypeVar
 
@@ -94,12 +107,16 @@ class FdBudget:
         sharing = max(1, min(limit // 16, SHARING_CAP))
         return cls(limit, lookup, sharing, limit - lookup - 2 * sharing)
 
-    def open_files(self, *, held: int, workers: int) -> int:
+    def open_files(self, *, held: int, workers: int, walk: int = 0) -> int:
         """How many fds open files (handles, metacopy upper files, and the extent map's
         canonical files, counted twice) may hold: what is left when ``held`` fds are open,
-        ``workers`` threads run a request each and the lookup cache keeps its floor; at
-        least ``OPEN_FILES_FLOOR``."""
-        return max(OPEN_FILES_FLOOR, self.limit - held - workers * (PER_REQUEST + 1) - LOOKUP_FLOOR)
+        ``workers`` threads run a request each, a lookup walks down a directory merged
+        across every layer (``walk``: ``WALK_FDS_PER_LAYER`` per searched layer) and the
+        lookup cache keeps its floor; at least ``OPEN_FILES_FLOOR``. Without ``walk``,
+        open files at their bound left no room for such a walk at a limit the mount check
+        admits, and every lookup of such a directory failed with EMFILE (walk17)."""
+        return max(OPEN_FILES_FLOOR,
+                   self.limit - held - walk - workers * (PER_REQUEST + 1) - LOOKUP_FLOOR)
 
     @classmethod
     def for_process(cls) -> "FdBudget":
@@ -115,8 +132,12 @@ def mount_needs(layers: int, searched: int, locks: int, workers: int) -> int:
     ``FdBudget.open_files`` works with (each worker's request, the lookup cache's floor,
     ``OPEN_FILES_FLOOR`` open files). A limit below it fails at start (EMFILE opening a
     layer), or later: a lookup of such a directory with EMFILE (review16: 100 lowers were
-    admitted at 318 fds, and needed about 420). Caveat: lookups of such directories
-    running at once need a walk's fds each; past the limit they fail with EMFILE."""
+    admitted at 318 fds, and needed about 420). One walk is counted: lookups of such
+    directories running at once need a walk's fds each, and past the limit they wait for
+    each other (``patiently``: walk17, they answered EMFILE); open files leave a walk its
+    fds (``FdBudget.open_files``). Caveat: an operation that holds such a directory while
+    it looks up another (a rename between two of them) needs more, and may wait and then
+    fail with EMFILE at the lowest admitted limit."""
     return (FDS_PER_LAYER * layers + WALK_FDS_PER_LAYER * searched + locks + open_count()
             + workers * (PER_REQUEST + 1) + LOOKUP_FLOOR + OPEN_FILES_FLOOR)
 
@@ -178,7 +199,7 @@ def retrying(open_fn: Callable[..., T], *args: object) -> T:
     try:
         return open_fn(*args)
     except OSError as e:
-        if e.errno not in _EXHAUSTED:
+        if e.errno not in EXHAUSTED:
             raise
         code = e.errno  # not the exception: its traceback would keep the callers' frames,
         # and with them the fds of their nodes, alive in a reference cycle
@@ -192,3 +213,59 @@ def retrying(open_fn: Callable[..., T], *args: object) -> T:
     else:
         log.info("out of file descriptors: dropped %d cached fds", dropped)
     return open_fn(*args)
+
+
+# -- operations that need many fds at once ------------------------------------------------------
+#: held by the one operation that waits for fds (``patiently``): the fds the others let go of
+#: go to it, not to whichever operation of those waiting tries first (reentrant: a waiting
+#: listing's tries look its directory up, ``patiently`` too)
+_waiting = threading.RLock()
+
+
+def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None) -> T:
+    """``fn(*args)``, which may need many fds at once (one per layer a directory is merged
+    across, and its parent's) and holds them only while it runs or in caches that
+    ``shed`` empties; ``fn`` must have changed nothing when it fails (a lookup, a listing).
+    At the fd limit (EMFILE/ENFILE, after ``retrying``'s shed) it lets go of what it held
+    (its frames are gone once the exception is) and waits its turn: one waiting operation
+    at a time empties the caches and tries again, sleeping between tries while other
+    operations run and let go of their fds, for at most ``seconds`` (``WAIT_SECONDS``), and
+    only then fails with EMFILE. So lookups that each fit the limit alone but not all at
+    once wait for each other instead of failing (walk17: three ``ls`` of directories
+    merged across 200 lowers at once answered EMFILE at a limit the mount check admits).
+    Caveat: fds the caller itself holds (a parent it looked up first) are not let go."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        if e.errno not in EXHAUSTED:
+            raise
+        # (the exception, and with it the frames that held the fds, goes at the block's end)
+    return waited(fn, *args, seconds=seconds)
+
+
+def waited(fn: Callable[..., T], *args: object, seconds: float | None = None) -> T:
+    """``patiently`` after its first try failed with EMFILE/ENFILE (for a caller that made
+    that try itself, without the call ``patiently`` costs, and let the exception go)."""
+    seconds = WAIT_SECONDS if seconds is None else seconds
+    end = time.monotonic() + seconds
+    if not _waiting.acquire(timeout=seconds):
+        raise OSError(errno.EMFILE, f"out of file descriptors for {seconds:g} s")
+    try:
+        step = 0.001
+        while True:
+            shed()
+            try:
+                return fn(*args)
+            except OSError as e:
+                if e.errno not in EXHAUSTED:
+                    raise
+            if time.monotonic() >= end:
+                break
+            time.sleep(step)
+            step = min(2 * step, WAIT_STEP)
+    finally:
+        _waiting.release()
+    # (raised out of the except block: the last try's frames, and their fds, are gone)
+    log.warning("out of file descriptors for %g s (soft limit %d): raise the limit (ulimit -n)",
+                seconds, soft_limit())
+    raise OSError(errno.EMFILE, f"out of file descriptors for {seconds:g} s")

@@ -414,7 +414,17 @@ class Lookup:
                     node.upper_marker)
 
     def directory(self, rel: str) -> Node:
-        """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one."""
+        """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one. At the fd
+        limit the walk waits for fds (``fdbudget.patiently``, inlined)."""
+        try:
+            return self._directory(rel)
+        except OSError as e:
+            if e.errno not in fdbudget.EXHAUSTED:
+                raise
+            # (the walk's frames, and the fds they held, go with the exception here)
+        return fdbudget.waited(self._directory, rel)
+
+    def _directory(self, rel: str) -> Node:
         if not rel:
             return self._root()
         epoch = self._epoch  # read before the layers, so a racing change voids the store
@@ -444,14 +454,23 @@ class Lookup:
         return node
 
     def lookup(self, rel: str) -> Node:
-        """The merged object at ``rel`` (``Node.exists`` is False when absent)."""
+        """The merged object at ``rel`` (``Node.exists`` is False when absent). At the fd
+        limit the walk waits for fds (``fdbudget.patiently``, inlined)."""
+        try:
+            return self._lookup(rel)
+        except OSError as e:
+            if e.errno not in fdbudget.EXHAUSTED:
+                raise
+        return fdbudget.waited(self._lookup, rel)
+
+    def _lookup(self, rel: str) -> Node:
         if not rel:
             return self._root()
         parent_rel, name = split(rel)
         if _never_there(name, rel):
             return Node(rel, ())
         epoch = self._epoch  # read before the layers, so a racing change voids the store
-        parent = self._root_parent() if not parent_rel else self.directory(parent_rel)
+        parent = self._root_parent() if not parent_rel else self._directory(parent_rel)
         cached = self._cached(rel)
         if cached is not None:
             # a directory whose structure is known (changes through the mount drop it)

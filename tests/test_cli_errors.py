@@ -8,6 +8,7 @@ mount is noticed and taken down again (helpers.run_overlaypc).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import re
 import os
@@ -560,3 +561,87 @@ def test_a_stack_the_fd_limit_admits_works(env: Env, tmp_path: Path, overlay_mou
     os.rename(d / "top2", d / "e" / "g" / "new" / "top2")
     assert (d / "e" / "g" / "new" / "top2").read_text() == "2"
     assert sum(len(files) for _, _, files in os.walk(d)) == 2 * count
+
+
+def test_lookups_at_once_across_a_stack_the_fd_limit_admits(env: Env, tmp_path: Path, overlay_mount):
+    """Lookups running at once of directories merged across every layer of a stack the
+    mount check admits all answer (walk17). Before: each walk held two fds per layer (the
+    directory's in each layer and its parent's) and several ran at once on the engine's
+    workers, past the limit the check had counted for one: with 200 lowers at the lowest
+    admitted limit, ``ls a/x``, ``b/y``, ``c/z`` in parallel answered EMFILE."""
+    count, threads, rounds = 200, 6, 4
+    names = [f"d{k}" for k in range(threads * rounds)]
+    lowers = []
+    for i in range(count):
+        lower = tmp_path / "many" / f"l{i}"
+        for name in names:
+            (lower / name / "s").mkdir(parents=True)
+        (lower / names[i % len(names)] / "s" / f"f{i}").write_text(str(i))
+        lowers.append(lower)
+    options = opts("lowerdir=" + ":".join(map(str, lowers)), f"upperdir={env.upper}",
+                   f"workdir={env.work}")
+    res = check_refused(env, ["-o", options, env.mnt], [f"{count + 2} layers", "ulimit -n"],
+                        prefix=("prlimit", "--nofile=200:200", "--"))
+    found = re.search(r"need at least (\d+) open files", res.stderr)
+    assert found, res.stderr
+    m = overlay_mount(options, nofile=int(found.group(1)))
+    start = threading.Barrier(threads)
+    failed: list[str] = []
+
+    def walk(t: int) -> None:
+        for r in range(rounds):
+            name = names[r * threads + t]  # a directory no lookup walked down yet
+            start.wait()
+            try:
+                listed = sorted(os.listdir(m.path / name / "s"))
+            except OSError as e:
+                failed.append(f"ls {name}/s: {e}")
+                continue
+            want = sorted(f"f{i}" for i in range(count) if names[i % len(names)] == name)
+            if listed != want:
+                failed.append(f"ls {name}/s: {listed} != {want}")
+
+    workers = [threading.Thread(target=walk, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not failed, f"{len(failed)} of {threads * rounds} listings failed: {failed}"
+
+
+def test_open_files_leave_a_walk_its_fds_at_a_limit_the_check_admits(env: Env, tmp_path: Path,
+                                                                     overlay_mount):
+    """At the lowest limit the mount check admits for 200 lowers, a client holding as many
+    files open as the daemon lets it (ENFILE past that) leaves a lookup of a directory
+    merged across every layer its walk's fds (walk17). Before: open files could take them
+    (their bound kept none for a walk), and ``ls`` of such a directory answered EMFILE."""
+    count = 200
+    lowers = []
+    for i in range(count):
+        lower = tmp_path / "many" / f"l{i}"
+        (lower / "a" / "x").mkdir(parents=True)
+        (lower / "b" / "y").mkdir(parents=True)
+        (lower / "a" / "x" / f"f{i}").write_text(str(i))
+        lowers.append(lower)
+    options = opts("lowerdir=" + ":".join(map(str, lowers)), f"upperdir={env.upper}",
+                   f"workdir={env.work}")
+    res = check_refused(env, ["-o", options, env.mnt], [f"{count + 2} layers", "ulimit -n"],
+                        prefix=("prlimit", "--nofile=200:200", "--"))
+    found = re.search(r"need at least (\d+) open files", res.stderr)
+    assert found, res.stderr
+    m = overlay_mount(options, nofile=int(found.group(1)))
+    held: list[int] = []
+    try:
+        refused = None
+        for _ in range(2 * int(found.group(1))):  # (bounded: the daemon refuses before)
+            try:
+                held.append(os.open(m.path / "a" / "x" / "f7", os.O_RDONLY))
+            except OSError as e:
+                refused = e.errno
+                break
+        assert refused == errno.ENFILE, (refused, len(held))
+        assert sorted(os.listdir(m.path / "b" / "y")) == []  # a walk across every layer
+        assert len(os.listdir(m.path / "a" / "x")) == count
+    finally:
+        for fd in held:
+            os.close(fd)

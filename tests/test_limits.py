@@ -770,3 +770,84 @@ def test_files_held_to_the_limit_leave_other_requests_their_fds(layers_factory, 
         for fd in held:
             os.close(fd)
     assert (m.path / "held" / "f299").read_text() == "299\n"
+
+
+def test_a_walk_at_the_fd_limit_waits_for_another_to_let_go(tmp_path):
+    """Two walks down directories merged across 60 layers, with room for one: the second
+    meets EMFILE while the first's directory is held, lets go of what it opened and waits
+    (``fdbudget.patiently``) until the first lets go, then answers (walk17: lookups at
+    once of such directories answered EMFILE). The holder lets go only once the waiting
+    walk has met the limit (its cache emptying is the signal), so the wait is exercised."""
+    roots = _wide_layers(tmp_path, 60, 2)
+    out = _child(f"""
+        import os, threading
+        from overlaypc import fdbudget
+        from overlaypc.lookup import Lookup
+        from overlaypc.stack import LayerStack
+        stack = LayerStack({[str(r) for r in roots]!r}, None, None)
+        lookup = Lookup(stack, "trusted.overlay.", max_fds=16)
+
+        met = threading.Event()
+        class Signal:  # a registered cache: emptied when a walk meets the limit, once by
+            calls = 0  # ``retrying``, then by each try of a waiting walk
+            def shed_fds(self):
+                Signal.calls += 1
+                if Signal.calls >= 2:
+                    met.set()
+                return 0
+        signal = Signal()
+        fdbudget.register(signal)
+        held = [lookup.directory("d0000/sub")]  # 120 fds: the walk's, then the node's 60
+        assert len(held[0].entries) == 60
+        hog = []
+        try:
+            while True:
+                hog.append(os.dup(0))
+        except OSError:
+            pass
+        for fd in hog[:100]:  # room for one walk (120), not while another's 60 are held
+            os.close(fd)
+        result = []
+        def walk():
+            try:
+                result.append(len(lookup.directory("d0001/sub").entries))
+            except OSError as e:
+                result.append(os.strerror(e.errno))
+            met.set()
+        walker = threading.Thread(target=walk)
+        walker.start()
+        met.wait(60)
+        held.clear()  # the first operation is done: its fds close
+        walker.join()
+        print(result[0], Signal.calls >= 2)
+    """, nofile=(512, 512))
+    assert out.strip() == "60 True"
+
+
+def test_patiently_tries_again_until_fds_are_free_and_then_gives_up():
+    """``patiently``: EMFILE/ENFILE are tried again, other errors at once; past its wait
+    it fails with EMFILE."""
+    import errno
+
+    from overlaypc.fdbudget import patiently
+    tries = []
+
+    def short(n: int, code: int):
+        def fn() -> str:
+            tries.append(code)
+            if len(tries) <= n:
+                raise OSError(code, "no")
+            return "done"
+        return fn
+
+    assert patiently(short(3, errno.EMFILE), seconds=30) == "done" and len(tries) == 4
+    tries.clear()
+    assert patiently(short(2, errno.ENFILE), seconds=30) == "done" and len(tries) == 3
+    tries.clear()
+    with pytest.raises(FileNotFoundError):
+        patiently(short(3, errno.ENOENT), seconds=30)
+    assert len(tries) == 1
+    tries.clear()
+    with pytest.raises(OSError) as e:
+        patiently(short(10 ** 9, errno.EMFILE), seconds=0.05)
+    assert e.value.errno == errno.EMFILE and len(tries) > 1
