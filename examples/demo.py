@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from stale_read import signals_deferred, stop_overlaypc, wait_mounted  # same directory
+from stale_read import (mount_points, signals_deferred, stop_overlaypc,  # same directory
+                        wait_mounted)
 
 REPO = Path(__file__).resolve().parent.parent
 STACK = REPO / "layers" / "demo.yaml"
@@ -169,9 +170,8 @@ def main() -> int:
     try:
         ok = demo(mnt)
     finally:
-        with open("/proc/self/mountinfo") as f:
-            if not any(line.split()[4] == str(mnt) for line in f):
-                shutil.rmtree(tmp, ignore_errors=True)
+        if str(mnt) not in mount_points():
+            shutil.rmtree(tmp, ignore_errors=True)
     rule("examples/stale_read.py: the open-foo scenario, side by side")
     sys.stdout.flush()
     r = subprocess.run([sys.executable, str(REPO / "examples" / "stale_read.py")], env=env())

@@ -57,10 +57,16 @@ def _unescape(field: str) -> str:
             .replace("\\134", "\\"))
 
 
+def mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Every mount point on the machine, unescaped. A name that is not UTF-8 (anyone's
+    mount, anywhere) is kept as surrogates, as ``os.fsdecode`` keeps it, never an error."""
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        return [_unescape(fields[4]) for fields in (line.split() for line in f)
+                if len(fields) > 4]
+
+
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == target for line in f)
+    return os.path.realpath(path) in mount_points()
 
 
 def unmount(path: Path) -> None:
@@ -386,9 +392,7 @@ def main() -> int:
         results = run(base, args.verbose)
     finally:
         # Remove the scratch tree only if none of our mounts survived under it.
-        with open("/proc/self/mountinfo") as f:
-            left = [m for m in (_unescape(line.split()[4]) for line in f)
-                    if m.startswith(str(base) + "/")]
+        left = [m for m in mount_points() if m.startswith(str(base) + "/")]
         if left:
             print(f"stale_read.py: still mounted, left in place: {', '.join(left)}",
                   file=sys.stderr)

@@ -143,6 +143,13 @@ class MountEntry:
     super_options: str
 
 
+def mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Every mount point in ``mountinfo``, unescaped; bytes that are not UTF-8 kept as
+    surrogates (``os.fsdecode``'s form), so another mount named so never makes it raise."""
+    fields = (line.split() for line in _read(mountinfo).splitlines())
+    return [_unescape_mountinfo(f[4]) for f in fields if len(f) > 4]
+
+
 def mounts_at(path: Union[str, os.PathLike]) -> list[MountEntry]:
     """All mounts stacked on `path` (resolved), bottom first."""
     target = os.path.realpath(path)

@@ -69,14 +69,10 @@ def user_python(uid: int, gid: int) -> Optional[tuple[str, dict]]:
 
 
 def mounts_below(root: Path) -> list[str]:
+    import helpers  # (tests/ is on the path of every process that calls this)
+
     prefix = str(root) + "/"
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = line.split()[4]
-            if mnt.startswith(prefix):
-                out.append(mnt)
-    return out
+    return [mnt for mnt in helpers.mount_points() if mnt.startswith(prefix)]
 
 
 @contextlib.contextmanager
@@ -118,8 +114,9 @@ def userns_session(options: str, mountpoint: str, steps: Sequence[str], report: 
 
 
 def _is_mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    import helpers
+
+    return path in helpers.mount_points()
 
 
 def session() -> int:
