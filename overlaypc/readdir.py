@@ -89,8 +89,13 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             top = tops.get(name)
             if top is None:
                 tops[name] = (parent, item, dirfd)
-            elif (top[1].fmt == _S_IFDIR and item.fmt == _S_IFDIR and not layer.writable
-                  and name not in lower_dir_ino):
+            elif top[1].fmt != _S_IFDIR or name in lower_dir_ino:
+                pass
+            elif item.fmt != _S_IFDIR:
+                # a non-directory below a directory ends its lookup (``Lookup._lookup_in``,
+                # the kernel's): a directory of the name further down is not merged with it
+                hides.add(name)
+            elif not layer.writable:
                 lower_dir_ino[name] = inos.xino.ino(layer.dev, item.ino)
         hidden |= hides
     if faults.armed:

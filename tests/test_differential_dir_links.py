@@ -274,3 +274,61 @@ def test_listed_directory_attributes_are_what_getattr_shows(tmp_path):
         assert fs.getattr("").st_nlink == 1
     finally:
         drv.close()
+
+
+#: review18: a directory over a non-directory in a layer below it, and a directory of the
+#: same name further down: the lookup stops at the non-directory (the kernel's
+#: ``ovl_lookup_single``: a non-directory below a directory ends the search), so the
+#: directory is not merged; a listing must not take the one further down for its lower part
+STOPPED = {
+    "l0": {"ud": File("x"), "md": Dir({"a": Dir(), "b": Dir()}), "wd": File("y")},
+    "l1": {"ud": Dir({"a": Dir()}), "md": File("z"), "wd": Dir({"a": Dir()})},
+    "l2": {"md": Dir({"c": Dir()})},
+}
+
+
+def _stopped_operations(mnt: Path) -> None:
+    os.unlink(mnt / "ud")  # a whiteout over l0's file; the upper directory made over it
+    os.mkdir(mnt / "ud")
+    os.mkdir(mnt / "ud/s")
+    os.mkdir(mnt / "ud/t")
+
+
+@pytest.mark.parametrize("crafted", [False, True])
+def test_a_directory_over_a_non_directory_below_is_not_merged(
+        crafted, tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """A lower-only directory (``md``) over a file in the next lower, over a directory
+    again, is not merged: its real ``st_nlink`` and own number, listed (READDIRPLUS) as
+    ``stat`` shows it; so is an upper directory over a lower file (``crafted``: the
+    upper made directly, not opaque, as another tool may leave it). Before: ``md`` listed
+    (and then ``stat``) with ``st_nlink`` 1 against the kernel's 4, and the crafted ``ud``
+    with the lowest directory's ``st_ino``."""
+    seen = {}
+    for side in ("kernel", "ours"):
+        base = tmp_path / side
+        layers = layers_factory(STOPPED, where={name: base for name in STOPPED})
+        upper = layers_factory.empty_dir(f"upper-{side}")
+        work = layers_factory.empty_dir(f"work-{side}")
+        if crafted:
+            helpers.build_layer(upper, {"ud": Dir({"s": Dir(), "t": Dir()})})
+        lowers = [layers[name] for name in STOPPED]
+        if side == "kernel":
+            mnt = kernel_mount(lowers, upper, work)
+        else:
+            mnt = overlay_mount(stack_options(lowers, upper, work, "")).path
+        if not crafted:
+            _stopped_operations(mnt)
+        obs = {}
+        # the root listed (READDIRPLUS), each entry's ``stat`` at once: the listing's
+        # attributes (listing a directory would void its own: the kernel marks its atime)
+        for rel in os.listdir(mnt):
+            st = os.lstat(mnt / rel)
+            where = "?"
+            for role, root in (("upper", upper), *zip(STOPPED, lowers)):
+                p = root / rel
+                if os.path.lexists(p) and os.lstat(p).st_ino == st.st_ino:
+                    where = role
+            obs[rel] = (where, st.st_nlink)
+        seen[side] = obs
+        assert listing_mismatches(mnt, root_parent=side == "ours") == []
+    assert seen["ours"] == seen["kernel"]
