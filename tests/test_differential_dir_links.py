@@ -332,3 +332,38 @@ def test_a_directory_over_a_non_directory_below_is_not_merged(
         seen[side] = obs
         assert listing_mismatches(mnt, root_parent=side == "ours") == []
     assert seen["ours"] == seen["kernel"]
+
+
+def test_listed_directory_with_a_redirect_over_its_own_name_below(tmp_path):
+    """review18: a directory with a ``redirect`` xattr over a directory of its own name
+    below: the lookup follows the redirect, not the name, so whether it is merged is the
+    redirect target's to say; the listing gives no attributes (a LOOKUP decides), never
+    ``st_nlink`` 1 for a directory ``stat`` shows unmerged (core, no FUSE). Before: ``rb``
+    (its redirect names nothing below) listed with ``st_nlink`` 1 where ``stat`` shows 3."""
+    from core_driver import CoreDriver
+    from overlaypc.config import MountConfig, validate
+    helpers.require("root")  # trusted.* xattrs
+    x = "trusted.overlay."
+    layers = {
+        "upper": {"rb": Dir({"s": Dir()}, xattrs={x + "redirect": b"/nowhere"}),
+                  "ra": Dir({"s": Dir()}, xattrs={x + "redirect": b"src"})},
+        "l0": {"rb": Dir({"a": Dir()}), "ra": Dir({"a": Dir()}), "src": Dir({"t": Dir()})},
+    }
+    for name, spec in layers.items():
+        helpers.build_layer(tmp_path / name, spec)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "mnt").mkdir()
+    cfg = MountConfig(lowers=[str(tmp_path / "l0")], upper=str(tmp_path / "upper"),
+                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"),
+                      redirect_dir="on")
+    validate(cfg)
+    drv = CoreDriver(cfg)
+    try:
+        fs = drv.fs
+        listed = {e.name: e for e in fs.readdir("", plus=True) if stat.S_ISDIR(e.mode)}
+        shown = {name: fs.getattr(name) for name in listed}
+        assert {n: a.st_nlink for n, a in shown.items()} == {"rb": 3, "ra": 1, "src": 3}
+        got = {n: e.attr.st_nlink for n, e in listed.items() if e.attr is not None}
+        assert got == {n: shown[n].st_nlink for n in got}
+    finally:
+        drv.close()
