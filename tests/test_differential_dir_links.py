@@ -127,13 +127,31 @@ class Layout:
 
 def observe(mnt: Path, layout: Layout, paths: list[str] | None = None) -> dict:
     """path -> (layer object of its st_ino, st_nlink, st_dev is the mount's) by
-    ``lstat`` (``paths``: only these, without listing anything first)."""
+    ``lstat`` (``paths``: only these, without listing anything first). Otherwise each
+    directory is listed and its entries ``lstat``'ed at once, before any of them is listed:
+    what ``stat`` shows then are the listing's (READDIRPLUS) attributes, directories' too
+    (listing a directory voids its own: the kernel marks its atime stale)."""
     root_dev = os.lstat(mnt).st_dev
     out = {}
-    for rel in paths if paths is not None else _paths(mnt):
+
+    def see(rel: str) -> os.stat_result:
         st = os.lstat(mnt / rel)
         out[rel] = (layout.label(st.st_ino), st.st_nlink, st.st_dev == root_dev)
-    return out
+        return st
+
+    if paths is not None:
+        for rel in paths:
+            see(rel)
+        return out
+    see("")
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        for name in sorted(os.listdir(mnt / rel)):
+            child = f"{rel}/{name}" if rel else name
+            if stat.S_ISDIR(see(child).st_mode):
+                todo.append(child)
+    return dict(sorted(out.items()))
 
 
 def listing_mismatches(mnt: Path, *, root_parent: bool = True) -> list[str]:
