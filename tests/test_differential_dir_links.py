@@ -385,3 +385,27 @@ def test_listed_directory_with_a_redirect_over_its_own_name_below(tmp_path):
         assert got == {n: shown[n].st_nlink for n in got}
     finally:
         drv.close()
+
+
+def test_a_directory_copied_up_by_a_write_below_it_shows_merged_at_once(
+        tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """review18: a lower-only directory (real ``st_nlink``), seen by ``stat``, then copied
+    up by a write to a file two levels below it: a merged directory from then on, shown
+    with ``st_nlink`` 1 at once, as the kernel overlay (no attribute cache may keep the
+    count it had while lower-only)."""
+    spec = {"l": {"lo": Dir({"sub": Dir({"f": File("f"), "d": Dir()}), "e": Dir()})}}
+    seen = {}
+    for side in ("kernel", "ours"):
+        lower = layers_factory(spec, where={"l": tmp_path / side})["l"]
+        upper = layers_factory.empty_dir(f"upper-{side}")
+        work = layers_factory.empty_dir(f"work-{side}")
+        mnt = kernel_mount([lower], upper, work) if side == "kernel" else \
+            overlay_mount(stack_options([lower], upper, work)).path
+        before = [os.lstat(mnt / rel).st_nlink for rel in ("lo", "lo/sub")]
+        os.listdir(mnt)  # (READDIRPLUS attributes of lo too)
+        os.listdir(mnt / "lo")
+        with open(mnt / "lo/sub/f", "ab") as f:
+            f.write(b"more")
+        after = [os.lstat(mnt / rel).st_nlink for rel in ("lo", "lo/sub")]
+        seen[side] = (before, after)
+    assert seen["ours"] == seen["kernel"]
