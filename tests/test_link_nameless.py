@@ -163,3 +163,33 @@ def test_a_nameless_copied_up_node_never_reaches_the_lower_file(tmp_path, writer
         drv.settle()
     finally:
         drv.close()
+
+
+def test_fchmod_of_an_unlinked_copied_up_file_through_the_mount_leaves_the_lower_file(
+        tmp_path, overlay_mount):
+    """review18, through the kernel: ``fchmod`` comes as a SETATTR by node (no handle);
+    the file was opened read-only before its copy-up (``handles=bind-at-open``: that
+    handle stays on the lower file) and its name unlinked. Before: the lower layer's file
+    became 0o600. (The kernel overlay chmods the upper copy; here, with no handle on it
+    open, the chmod fails ENOENT.)"""
+    base = tmp_path / "s"
+    for d in ("lower", "upper", "work"):
+        (base / d).mkdir(parents=True)
+    lower_f = base / "lower" / "f"
+    lower_f.write_bytes(b"lower data")
+    os.chmod(lower_f, 0o644)
+    m = overlay_mount(f"lowerdir={base / 'lower'},upperdir={base / 'upper'},"
+                      f"workdir={base / 'work'},handles=bind-at-open")
+    fd = os.open(m.path / "f", os.O_RDONLY)
+    try:
+        with open(m.path / "f", "r+b") as w:  # the copy-up
+            w.write(b"UPPER")
+        os.unlink(m.path / "f")
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as e:
+            assert e.errno == errno.ENOENT
+    finally:
+        os.close(fd)
+    assert os.stat(lower_f).st_mode & 0o7777 == 0o644
+    assert lower_f.read_bytes() == b"lower data"
