@@ -146,10 +146,9 @@ class OverlayFS:
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.files = Files(self)
-        #: set by the node-based adapter: drop the kernel's cached attributes and pages of
-        #: set by the node-based adapter: a copy-up changed an object's identity (old, new);
-        #: called under the namespace lock
-        self.on_rekey: Callable[[InodeKey, InodeKey], None] = lambda old, new: None
+        #: set by the node-based adapter: a copy-up changed an object's identity (old, new,
+        #: whether it is a directory); called under the namespace lock
+        self.on_rekey: Callable[[InodeKey, InodeKey, bool], None] = lambda old, new, is_dir: None
         #: set by the node-based adapter: how many nodes the kernel references
         self.node_count: Callable[[], int] = lambda: 0
 
@@ -220,7 +219,7 @@ class OverlayFS:
         copied = Node(entry.rel, (entry,))
         new_key = self.identity(copied)
         # every copy-up (directories too) changes the identity the kernel's node has
-        self.on_rekey(key, new_key)
+        self.on_rekey(key, new_key, entry.is_dir)
         inode = self.inodes.get(key)
         if inode is not None and self.inodes.hold(inode):
             try:

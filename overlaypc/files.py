@@ -257,8 +257,8 @@ class Files:
     def dup_fd(self, inode: OverlayInode) -> int:
         """A new fd of an open file (one of its handles', on its current backing): for a
         change that takes the namespace lock, which a handle's lock is never held around
-        (a copy-up takes that inside it). ENOENT when none is open."""
-        return self._with_handle_fd(inode, os.dup)
+        (a copy-up takes that inside it). ENOENT when none is open there."""
+        return self._with_handle_fd(inode, os.dup, current=True)
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
@@ -513,7 +513,8 @@ class Files:
     def kill_privs_open(self, inode: OverlayInode, writer: killpriv.Writer) -> bool:
         """``kill_privs`` of an open file by node (no name left, no fh in the request),
         through one of its handles held against that handle's close."""
-        return self._with_handle_fd(inode, lambda fd: self._kill(inode, lambda: fd, writer))
+        return self._with_handle_fd(inode, lambda fd: self._kill(inode, lambda: fd, writer),
+                                    current=True)
 
     def _kill(self, inode: OverlayInode, fd_of: Callable[[], int], writer: killpriv.Writer) -> bool:
         """``kill_privs`` of ``inode`` through the fd ``fd_of()`` gives (asked only if the
@@ -616,18 +617,22 @@ class Files:
         self._fd(self.fs.handles.get(fh))
 
     # -- an open file with no name left (unlinked): reached through an open handle's fd --
-    def _with_handle_fd(self, inode: OverlayInode, action: Callable[[int], T]) -> T:
+    def _with_handle_fd(self, inode: OverlayInode, action: Callable[[int], T],
+                        current: bool = False) -> T:
         """``action(fd)`` on the fd of one of the inode's open handles (moved to the current
         backing first where handles follow copy-ups), held against that handle's close: its
         RELEASE, running meanwhile, cannot free the fd number for another open to take
         before ``action`` is done (which would then change that file). ENOENT when none is
-        open."""
+        open. ``current``: only a handle on the inode's current backing, for a change (a
+        ``bind-at-open`` handle opened before a copy-up stays on the lower file, which a
+        change must never reach: review18, a chmod or LINK of a nameless copied-up file);
+        ENOENT when none is."""
         for handle in self.fs.handles.for_inode(inode):
             try:
                 self._fd(handle)
             except OSError:
                 continue  # closed meanwhile
-            done = handle.with_fd(lambda fd: (action(fd),), current=False)
+            done = handle.with_fd(lambda fd: (action(fd),), current=current)
             if done is not None:
                 return done[0]
         raise OSError(errno.ENOENT, "file no longer open")
@@ -697,7 +702,7 @@ class Files:
         def run(handle_fd: int) -> None:
             faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
             _reopened(handle_fd, flags, action, inode.layer)
-        self._with_handle_fd(inode, run)
+        self._with_handle_fd(inode, run, current=True)
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd, layer: self.fs.ownership.chmod_fd(layer, fd, mode))

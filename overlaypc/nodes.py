@@ -251,20 +251,23 @@ class NodeTable:
                 self._dirs_gen += 1
             self.epoch += 1
 
-    def rekey(self, old: Hashable, new: Hashable) -> None:
-        """Copy-up: the object that was ``old`` is now ``new``."""
+    def rekey(self, old: Hashable, new: Hashable) -> int | None:
+        """Copy-up: the object that was ``old`` is now ``new``; its nodeid, if the
+        kernel holds one."""
         if old == new:
-            return
+            with self._lock:
+                return self._by_key.get(old)
         with self._lock:
             # the epoch moves even when no node has ``old``: a lookup that read the layers
             # before the copy-up may be about to register one under it, and must look again
             self.epoch += 1
             nodeid = self._by_key.get(old)
             if nodeid is None:
-                return
+                return None
             del self._by_key[old]
             self._nodes[nodeid].key = new
             self._by_key.setdefault(new, nodeid)
+            return nodeid
 
     # -- queries ----------------------------------------------------------------------------
     def node(self, nodeid: int) -> Node:

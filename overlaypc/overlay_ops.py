@@ -142,7 +142,7 @@ class OverlayOps(Operations):
         #: moved by every change of data or attributes (``_changes``)
         self._change_ids = itertools.count(1)
         self._change = 0
-        fs.on_rekey = self.nodes.rekey
+        fs.on_rekey = self._copied_up
         #: the count of directory moves (``pathguard``): paths made before one may be stale
         self._paths = fs.paths
         fs.node_count = lambda: len(self.nodes)
@@ -153,6 +153,16 @@ class OverlayOps(Operations):
         #: count of open handles alone (``listings.OpenDirs``), as ``opendir``/``releasedir``
         self.opendir_zero = self._open_dirs.open
         self.releasedir_zero = self._open_dirs.release
+
+    def _copied_up(self, old: InodeKey, new: InodeKey, is_dir: bool) -> None:
+        """A copy-up (``OverlayFS.on_rekey``, under the namespace lock): the node follows
+        its new identity. A directory's attributes change with it (a lower-only one is
+        merged now: ``st_nlink`` 1), though nothing the kernel sent for it did: a copy-up of
+        a file below, or a chmod, copies its ancestors up. Its cached attributes go
+        (queued, attributes only)."""
+        nodeid = self.nodes.rekey(old, new)
+        if is_dir and nodeid is not None:
+            self.notifier.inval_inode(nodeid, -1)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self, conn: ConnInfo) -> None:

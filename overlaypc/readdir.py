@@ -89,8 +89,13 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             top = tops.get(name)
             if top is None:
                 tops[name] = (parent, item, dirfd)
-            elif (top[1].fmt == _S_IFDIR and item.fmt == _S_IFDIR and not layer.writable
-                  and name not in lower_dir_ino):
+            elif top[1].fmt != _S_IFDIR or name in lower_dir_ino:
+                pass
+            elif item.fmt != _S_IFDIR:
+                # a non-directory below a directory ends its lookup (``Lookup._lookup_in``,
+                # the kernel's): a directory of the name further down is not merged with it
+                hides.add(name)
+            elif not layer.writable:
                 lower_dir_ino[name] = inos.xino.ino(layer.dev, item.ino)
         hidden |= hides
     if faults.armed:
@@ -147,13 +152,18 @@ def _merged_dir(layer: "Layer", dirfd: DirFd, name: str, below: bool, opaque: bo
     """Whether the listed directory ``name`` (in ``layer``, listed through ``dirfd``) is
     merged, as its lookup would find it: ``below`` (a directory of its name in a lower
     layer below, not hidden) and it is not opaque (``opaque``: None if not read yet). None
-    where it may be merged through a ``redirect`` xattr (``redirects``: followed) though
-    no directory of its name lies below: only a LOOKUP tells. A directory of the bottom
-    layer is never merged."""
+    where it has a ``redirect`` xattr (``redirects``: followed), a directory of its name
+    below or not: its lookup follows the redirect, not the name; only a LOOKUP tells. A
+    directory of the bottom layer is never merged."""
     if below:
         if opaque is None:
             opaque = whiteout.is_opaque_at(layer, dirfd, name, prefix)
-        return not opaque
-    if not redirects or not inos.lowers or layer is inos.lowers[-1]:
+        if opaque:
+            return False
+        if not redirects:
+            return True
+    elif not redirects or not inos.lowers or layer is inos.lowers[-1]:
         return False
-    return None if layer.getxattr_name(dirfd, name, prefix + "redirect") else False
+    if layer.getxattr_name(dirfd, name, prefix + "redirect"):
+        return None
+    return below

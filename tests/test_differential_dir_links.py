@@ -127,13 +127,31 @@ class Layout:
 
 def observe(mnt: Path, layout: Layout, paths: list[str] | None = None) -> dict:
     """path -> (layer object of its st_ino, st_nlink, st_dev is the mount's) by
-    ``lstat`` (``paths``: only these, without listing anything first)."""
+    ``lstat`` (``paths``: only these, without listing anything first). Otherwise each
+    directory is listed and its entries ``lstat``'ed at once, before any of them is listed:
+    what ``stat`` shows then are the listing's (READDIRPLUS) attributes, directories' too
+    (listing a directory voids its own: the kernel marks its atime stale)."""
     root_dev = os.lstat(mnt).st_dev
     out = {}
-    for rel in paths if paths is not None else _paths(mnt):
+
+    def see(rel: str) -> os.stat_result:
         st = os.lstat(mnt / rel)
         out[rel] = (layout.label(st.st_ino), st.st_nlink, st.st_dev == root_dev)
-    return out
+        return st
+
+    if paths is not None:
+        for rel in paths:
+            see(rel)
+        return out
+    see("")
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        for name in sorted(os.listdir(mnt / rel)):
+            child = f"{rel}/{name}" if rel else name
+            if stat.S_ISDIR(see(child).st_mode):
+                todo.append(child)
+    return dict(sorted(out.items()))
 
 
 def listing_mismatches(mnt: Path, *, root_parent: bool = True) -> list[str]:
@@ -274,3 +292,120 @@ def test_listed_directory_attributes_are_what_getattr_shows(tmp_path):
         assert fs.getattr("").st_nlink == 1
     finally:
         drv.close()
+
+
+#: review18: a directory over a non-directory in a layer below it, and a directory of the
+#: same name further down: the lookup stops at the non-directory (the kernel's
+#: ``ovl_lookup_single``: a non-directory below a directory ends the search), so the
+#: directory is not merged; a listing must not take the one further down for its lower part
+STOPPED = {
+    "l0": {"ud": File("x"), "md": Dir({"a": Dir(), "b": Dir()}), "wd": File("y")},
+    "l1": {"ud": Dir({"a": Dir()}), "md": File("z"), "wd": Dir({"a": Dir()})},
+    "l2": {"md": Dir({"c": Dir()})},
+}
+
+
+def _stopped_operations(mnt: Path) -> None:
+    os.unlink(mnt / "ud")  # a whiteout over l0's file; the upper directory made over it
+    os.mkdir(mnt / "ud")
+    os.mkdir(mnt / "ud/s")
+    os.mkdir(mnt / "ud/t")
+
+
+@pytest.mark.parametrize("crafted", [False, True])
+def test_a_directory_over_a_non_directory_below_is_not_merged(
+        crafted, tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """A lower-only directory (``md``) over a file in the next lower, over a directory
+    again, is not merged: its real ``st_nlink`` and own number, listed (READDIRPLUS) as
+    ``stat`` shows it; so is an upper directory over a lower file (``crafted``: the
+    upper made directly, not opaque, as another tool may leave it). Before: ``md`` listed
+    (and then ``stat``) with ``st_nlink`` 1 against the kernel's 4, and the crafted ``ud``
+    with the lowest directory's ``st_ino``."""
+    seen = {}
+    for side in ("kernel", "ours"):
+        base = tmp_path / side
+        layers = layers_factory(STOPPED, where={name: base for name in STOPPED})
+        upper = layers_factory.empty_dir(f"upper-{side}")
+        work = layers_factory.empty_dir(f"work-{side}")
+        if crafted:
+            helpers.build_layer(upper, {"ud": Dir({"s": Dir(), "t": Dir()})})
+        lowers = [layers[name] for name in STOPPED]
+        if side == "kernel":
+            mnt = kernel_mount(lowers, upper, work)
+        else:
+            mnt = overlay_mount(stack_options(lowers, upper, work, "")).path
+        if not crafted:
+            _stopped_operations(mnt)
+        obs = {}
+        # the root listed (READDIRPLUS), each entry's ``stat`` at once: the listing's
+        # attributes (listing a directory would void its own: the kernel marks its atime)
+        for rel in os.listdir(mnt):
+            st = os.lstat(mnt / rel)
+            where = "?"
+            for role, root in (("upper", upper), *zip(STOPPED, lowers)):
+                p = root / rel
+                if os.path.lexists(p) and os.lstat(p).st_ino == st.st_ino:
+                    where = role
+            obs[rel] = (where, st.st_nlink)
+        seen[side] = obs
+        assert listing_mismatches(mnt, root_parent=side == "ours") == []
+    assert seen["ours"] == seen["kernel"]
+
+
+def test_listed_directory_with_a_redirect_over_its_own_name_below(tmp_path):
+    """review18: a directory with a ``redirect`` xattr over a directory of its own name
+    below: the lookup follows the redirect, not the name, so whether it is merged is the
+    redirect target's to say; the listing gives no attributes (a LOOKUP decides), never
+    ``st_nlink`` 1 for a directory ``stat`` shows unmerged (core, no FUSE). Before: ``rb``
+    (its redirect names nothing below) listed with ``st_nlink`` 1 where ``stat`` shows 3."""
+    from core_driver import CoreDriver
+    from overlaypc.config import MountConfig, validate
+    helpers.require("root")  # trusted.* xattrs
+    x = "trusted.overlay."
+    layers = {
+        "upper": {"rb": Dir({"s": Dir()}, xattrs={x + "redirect": b"/nowhere"}),
+                  "ra": Dir({"s": Dir()}, xattrs={x + "redirect": b"src"})},
+        "l0": {"rb": Dir({"a": Dir()}), "ra": Dir({"a": Dir()}), "src": Dir({"t": Dir()})},
+    }
+    for name, spec in layers.items():
+        helpers.build_layer(tmp_path / name, spec)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "mnt").mkdir()
+    cfg = MountConfig(lowers=[str(tmp_path / "l0")], upper=str(tmp_path / "upper"),
+                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"),
+                      redirect_dir="on")
+    validate(cfg)
+    drv = CoreDriver(cfg)
+    try:
+        fs = drv.fs
+        listed = {e.name: e for e in fs.readdir("", plus=True) if stat.S_ISDIR(e.mode)}
+        shown = {name: fs.getattr(name) for name in listed}
+        assert {n: a.st_nlink for n, a in shown.items()} == {"rb": 3, "ra": 1, "src": 3}
+        got = {n: e.attr.st_nlink for n, e in listed.items() if e.attr is not None}
+        assert got == {n: shown[n].st_nlink for n in got}
+    finally:
+        drv.close()
+
+
+def test_a_directory_copied_up_by_a_write_below_it_shows_merged_at_once(
+        tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """review18: a lower-only directory (real ``st_nlink``), seen by ``stat``, then copied
+    up by a write to a file two levels below it: a merged directory from then on, shown
+    with ``st_nlink`` 1 at once, as the kernel overlay (no attribute cache may keep the
+    count it had while lower-only)."""
+    spec = {"l": {"lo": Dir({"sub": Dir({"f": File("f"), "d": Dir()}), "e": Dir()})}}
+    seen = {}
+    for side in ("kernel", "ours"):
+        lower = layers_factory(spec, where={"l": tmp_path / side})["l"]
+        upper = layers_factory.empty_dir(f"upper-{side}")
+        work = layers_factory.empty_dir(f"work-{side}")
+        mnt = kernel_mount([lower], upper, work) if side == "kernel" else \
+            overlay_mount(stack_options([lower], upper, work)).path
+        before = [os.lstat(mnt / rel).st_nlink for rel in ("lo", "lo/sub")]
+        os.listdir(mnt)  # (READDIRPLUS attributes of lo too)
+        os.listdir(mnt / "lo")
+        with open(mnt / "lo/sub/f", "ab") as f:
+            f.write(b"more")
+        after = [os.lstat(mnt / rel).st_nlink for rel in ("lo", "lo/sub")]
+        seen[side] = (before, after)
+    assert seen["ours"] == seen["kernel"]

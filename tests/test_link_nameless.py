@@ -14,6 +14,8 @@ import errno
 import os
 import subprocess
 
+import pytest
+
 import helpers
 from core_driver import CoreDriver
 
@@ -98,3 +100,96 @@ def test_link_of_a_nameless_node_with_a_linked_upper_file_in_process(tmp_path):
         drv.settle()
     finally:
         drv.close()
+
+
+def _nameless_copied_up(drv, *, writer_open: bool):
+    """``f`` opened read-only (bound to the lower file), copied up by a write, linked as
+    ``d/g``, ``d`` forgotten (the table holds no name ``d/g``), ``f`` unlinked: (the node,
+    the read-only handle, the writer's handle or None)."""
+    root = drv.root()
+    node = drv.lookup(root, "f")
+    fh_r = drv.open(node, os.O_RDONLY)  # bound to the lower file
+    fh_w = drv.open(node, os.O_WRONLY)  # the copy-up
+    drv.write(fh_w, b"UPPER", 0)
+    if not writer_open:
+        drv.release(fh_w)
+        fh_w = None
+    d = drv.mkdir(root, "d", 0o755)
+    drv.link(node, d, "g")
+    drv.ops.forget(d.nodeid, 1)  # the kernel forgot d: the table holds no name d/g
+    drv.unlink(root, "f")
+    return node, fh_r, fh_w
+
+
+@pytest.mark.parametrize("writer_open", [True, False])
+def test_a_nameless_copied_up_node_never_reaches_the_lower_file(tmp_path, writer_open):
+    """review18: a handle opened on the lower file before its copy-up stays on it
+    (``handles=bind-at-open``); the node's inode is the upper copy then, which has a
+    second name the table does not hold. A chmod or LINK of the node (no name left in the
+    table) must act on the upper copy (as the kernel overlay), through a handle on it
+    (``writer_open``), or fail: never on the lower file through the other handle's fd,
+    which changed a lower layer (its mode; on one filesystem, a hard link of the lower
+    file into the upper, which writes through the mount would change). Before: the chmod
+    made the lower file 0o600, and ``z`` in the upper was the lower file's inode."""
+    helpers.build_layer(tmp_path / "lower", {"f": "lower data"})
+    drv = CoreDriver.in_dir(tmp_path, handles="bind-at-open")
+    lower_f = tmp_path / "lower" / "f"
+    mode = os.stat(lower_f).st_mode & 0o7777
+    try:
+        node, fh_r, fh_w = _nameless_copied_up(drv, writer_open=writer_open)
+        try:
+            drv.setattr(node, mode=0o600)
+            chmod = "ok"
+        except OSError as e:
+            chmod = errno.errorcode[e.errno]
+        assert os.stat(lower_f).st_mode & 0o7777 == mode
+        try:
+            drv.link(node, drv.root(), "z")
+            linked = "ok"
+        except OSError as e:
+            linked = errno.errorcode[e.errno]
+        upper_z = tmp_path / "upper" / "z"
+        assert os.stat(lower_f).st_nlink == 1
+        assert lower_f.read_bytes() == b"lower data"
+        if writer_open:  # a handle on the upper copy: as the kernel overlay
+            assert (chmod, linked) == ("ok", "ok")
+            assert os.stat(upper_z).st_ino == os.stat(tmp_path / "upper/d/g").st_ino
+            assert os.stat(upper_z).st_mode & 0o7777 == 0o600
+        else:  # (the kernel links the upper inode; no fd of it is open here)
+            assert (chmod, linked) == ("ENOENT", "ENOENT") and not upper_z.exists()
+        for fh in (fh_r, fh_w):
+            if fh is not None:
+                drv.release(fh)
+        drv.settle()
+    finally:
+        drv.close()
+
+
+def test_fchmod_of_an_unlinked_copied_up_file_through_the_mount_leaves_the_lower_file(
+        tmp_path, overlay_mount):
+    """review18, through the kernel: ``fchmod`` comes as a SETATTR by node (no handle);
+    the file was opened read-only before its copy-up (``handles=bind-at-open``: that
+    handle stays on the lower file) and its name unlinked. Before: the lower layer's file
+    became 0o600. (The kernel overlay chmods the upper copy; here, with no handle on it
+    open, the chmod fails ENOENT.)"""
+    base = tmp_path / "s"
+    for d in ("lower", "upper", "work"):
+        (base / d).mkdir(parents=True)
+    lower_f = base / "lower" / "f"
+    lower_f.write_bytes(b"lower data")
+    os.chmod(lower_f, 0o644)
+    m = overlay_mount(f"lowerdir={base / 'lower'},upperdir={base / 'upper'},"
+                      f"workdir={base / 'work'},handles=bind-at-open")
+    fd = os.open(m.path / "f", os.O_RDONLY)
+    try:
+        with open(m.path / "f", "r+b") as w:  # the copy-up
+            w.write(b"UPPER")
+        os.unlink(m.path / "f")
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as e:
+            assert e.errno == errno.ENOENT
+    finally:
+        os.close(fd)
+    assert os.stat(lower_f).st_mode & 0o7777 == 0o644
+    assert lower_f.read_bytes() == b"lower data"
