@@ -626,15 +626,19 @@ class Files:
         open. ``current``: only a handle on the inode's current backing, for a change (a
         ``bind-at-open`` handle opened before a copy-up stays on the lower file, which a
         change must never reach: review18, a chmod or LINK of a nameless copied-up file);
-        ENOENT when none is."""
-        for handle in self.fs.handles.for_inode(inode):
-            try:
-                self._fd(handle)
-            except OSError:
-                continue  # closed meanwhile
-            done = handle.with_fd(lambda fd: (action(fd),), current=current)
-            if done is not None:
-                return done[0]
+        ENOENT when none is. Else (a read) one on the current backing too where one is open,
+        any other only where none is (review18: a GETATTR by node showed the lower file's
+        size through a bind-at-open handle while the writer's handle was on the upper copy)."""
+        handles = self.fs.handles.for_inode(inode)
+        for on_current in (True,) if current else (True, False):
+            for handle in handles:
+                try:
+                    self._fd(handle)
+                except OSError:
+                    continue  # closed meanwhile
+                done = handle.with_fd(lambda fd: (action(fd),), current=on_current)
+                if done is not None:
+                    return done[0]
         raise OSError(errno.ENOENT, "file no longer open")
 
     def _shown(self, attr: Attr, inode: OverlayInode, fd: int) -> Attr:

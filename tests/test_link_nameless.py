@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 import helpers
-from core_driver import CoreDriver
+from core_driver import REQ, CoreDriver
 
 
 def _open_unlink_link(mnt, flags=os.O_RDONLY) -> tuple[int, str]:
@@ -193,3 +193,23 @@ def test_fchmod_of_an_unlinked_copied_up_file_through_the_mount_leaves_the_lower
         os.close(fd)
     assert os.stat(lower_f).st_mode & 0o7777 == 0o644
     assert lower_f.read_bytes() == b"lower data"
+
+
+def test_attributes_of_a_nameless_copied_up_node_are_the_upper_copys(tmp_path):
+    """review18's left-over: reads by node of a nameless file (GETATTR, xattrs) went
+    through any open handle, under ``handles=bind-at-open`` the read-only one still on the
+    lower file: its size and xattrs showed where the upper copy's are the file's. A handle
+    on the current backing is taken first."""
+    helpers.build_layer(tmp_path / "lower", {"f": "lower data"})
+    drv = CoreDriver.in_dir(tmp_path, handles="bind-at-open")
+    try:
+        node, fh_r, fh_w = _nameless_copied_up(drv, writer_open=True)
+        drv.write(fh_w, b"U" * 30, 0)
+        os.setxattr(tmp_path / "upper" / "d" / "g", "user.where", b"upper")
+        assert drv.getattr(node).size == 30
+        assert drv.ops.getxattr(REQ, node.nodeid, "user.where") == b"upper"
+        for fh in (fh_r, fh_w):
+            drv.release(fh)
+        drv.settle()
+    finally:
+        drv.close()
