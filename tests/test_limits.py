@@ -851,3 +851,65 @@ def test_patiently_tries_again_until_fds_are_free_and_then_gives_up():
     with pytest.raises(OSError) as e:
         patiently(short(10 ** 9, errno.EMFILE), seconds=0.05)
     assert e.value.errno == errno.EMFILE and len(tries) > 1
+
+
+def test_a_lookup_waiting_for_the_namespace_lock_holds_no_walk_fds(tmp_path):
+    """A LOOKUP of a directory merged across 60 layers that waits for the namespace lock
+    (``OverlayOps._take`` registers the node under it) holds none of the directory's fds
+    meanwhile: the lock's holder may be a change that looks another such directory up at
+    the fd limit and waits for fds (``fdbudget.patiently``), which the LOOKUP would then
+    hold until the wait gave up (review19: the holder answered EMFILE after the whole wait,
+    every other change stalled behind it)."""
+    roots = _wide_layers(tmp_path, 60, 2)
+    (tmp_path / "mnt").mkdir()
+    out = _child(f"""
+        import os, threading
+        from overlaypc import fdbudget
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        from overlaypc.engine.ops import Request
+        from overlaypc.overlay_ops import OverlayOps
+        fdbudget.WAIT_SECONDS = 1.0  # (the holder's wait: EMFILE after it on failure)
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, mountpoint={str(tmp_path / "mnt")!r})
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        ops = OverlayOps(fs)
+        lock = fs.ns_lock
+        waiting = threading.Event()
+        class Watched:  # the namespace lock, telling when the LOOKUP's thread waits for it
+            def __enter__(self):
+                if threading.current_thread() is not threading.main_thread():
+                    waiting.set()
+                return lock.__enter__()
+            def __exit__(self, *exc):
+                return lock.__exit__(*exc)
+        fs.ns_lock = Watched()
+        result = []
+        def look():
+            try:
+                result.append(ops.lookup(Request(0, 0, os.getpid()), 1, b"d0000").nodeid > 0)
+            except OSError as e:
+                result.append(os.strerror(e.errno))
+        with lock:  # a change's hold
+            looker = threading.Thread(target=look)
+            looker.start()
+            assert waiting.wait(60)
+            hog = []
+            try:
+                while True:
+                    hog.append(os.dup(0))
+            except OSError:
+                pass
+            for fd in hog[:30]:  # a walk of 60 fits once the LOOKUP's 60 are let go
+                os.close(fd)
+            try:
+                found = len(fs.lookup.lookup("d0001").entries)
+            except OSError as e:
+                found = os.strerror(e.errno)
+            for fd in hog[30:]:
+                os.close(fd)
+        looker.join()
+        print(found, result[0])
+    """, nofile=(400, 400))
+    assert out.strip() == "60 True"
