@@ -217,9 +217,11 @@ def retrying(open_fn: Callable[..., T], *args: object) -> T:
 
 # -- operations that need many fds at once ------------------------------------------------------
 #: held by the one operation that waits for fds (``patiently``): the fds the others let go of
-#: go to it, not to whichever operation of those waiting tries first (reentrant: a waiting
-#: listing's tries look its directory up, ``patiently`` too)
-_waiting = threading.RLock()
+#: go to it, not to whichever operation of those waiting tries first
+_waiting = threading.Lock()
+#: ``patient``: whether this thread runs a try of a ``patiently`` operation, which waits
+#: itself if it fails (its tries may meet the wait again: a listing's look its directory up)
+_turn = threading.local()
 
 
 def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None) -> T:
@@ -234,12 +236,18 @@ def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None)
     once wait for each other instead of failing (walk17: three ``ls`` of directories
     merged across 200 lowers at once answered EMFILE at a limit the mount check admits).
     Caveat: fds the caller itself holds (a parent it looked up first) are not let go."""
+    if getattr(_turn, "patient", False):
+        return fn(*args)  # (a try of a patient operation: that one waits)
+    _turn.patient = True
     try:
-        return fn(*args)
-    except OSError as e:
-        if e.errno not in EXHAUSTED:
-            raise
-        # (the exception, and with it the frames that held the fds, goes at the block's end)
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.errno not in EXHAUSTED:
+                raise
+            # (the exception, and with it the frames that held the fds, goes at the block's end)
+    finally:
+        _turn.patient = False
     return waited(fn, *args, seconds=seconds)
 
 
@@ -247,9 +255,14 @@ def waited(fn: Callable[..., T], *args: object, seconds: float | None = None) ->
     """``patiently`` after its first try failed with EMFILE/ENFILE (for a caller that made
     that try itself, without the call ``patiently`` costs, and let the exception go)."""
     seconds = WAIT_SECONDS if seconds is None else seconds
+    if getattr(_turn, "patient", False):
+        # a try of a patient operation: that one tries again, within its own time (a wait
+        # here too made a listing wait twice as long: review19)
+        raise OSError(errno.EMFILE, "out of file descriptors")
     end = time.monotonic() + seconds
     if not _waiting.acquire(timeout=seconds):
         raise OSError(errno.EMFILE, f"out of file descriptors for {seconds:g} s")
+    _turn.patient = True
     try:
         step = 0.001
         while True:
@@ -264,6 +277,7 @@ def waited(fn: Callable[..., T], *args: object, seconds: float | None = None) ->
             time.sleep(step)
             step = min(2 * step, WAIT_STEP)
     finally:
+        _turn.patient = False
         _waiting.release()
     # (raised out of the except block: the last try's frames, and their fds, are gone)
     log.warning("out of file descriptors for %g s (soft limit %d): raise the limit (ulimit -n)",

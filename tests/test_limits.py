@@ -913,3 +913,31 @@ def test_a_lookup_waiting_for_the_namespace_lock_holds_no_walk_fds(tmp_path):
         print(found, result[0])
     """, nofile=(400, 400))
     assert out.strip() == "60 True"
+
+
+def test_a_listing_at_the_fd_limit_waits_once_not_once_per_level(tmp_path, monkeypatch):
+    """A listing whose directory cannot be looked up at the fd limit waits at most
+    ``WAIT_SECONDS`` in all: ``readdir`` waits (``patiently``) and so does each try's
+    ``Lookup.directory`` inside it; the inner wait, in the outer one's turn, must not start
+    a wait of its own (review19: 20 s of the clock, then EMFILE). The clock is a fake one
+    that only sleeps advance, so the count is exact whatever the machine's load."""
+    import errno
+    import types
+
+    from core_driver import CoreDriver
+    from overlaypc import fdbudget
+
+    clock = [0.0]
+    monkeypatch.setattr(fdbudget, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    driver = CoreDriver.in_dir(tmp_path)
+    try:
+        def exhausted(rel: str):
+            raise OSError(errno.EMFILE, "out of fds", rel)
+        monkeypatch.setattr(driver.fs.lookup, "_directory", exhausted)
+        with pytest.raises(OSError) as e:
+            driver.fs.readdir("")
+        assert e.value.errno == errno.EMFILE
+        assert clock[0] <= fdbudget.WAIT_SECONDS + fdbudget.WAIT_STEP, clock[0]
+    finally:
+        driver.close()
