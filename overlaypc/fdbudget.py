@@ -219,6 +219,26 @@ def retrying(open_fn: Callable[..., T], *args: object) -> T:
 #: held by the one operation that waits for fds (``patiently``): the fds the others let go of
 #: go to it, not to whichever operation of those waiting tries first
 _waiting = threading.Lock()
+#: locks whose holder never waits for fds (``unwaited_under``): held weakly
+_unwaited: "WeakSet" = WeakSet()
+
+
+def unwaited_under(lock: "threading.RLock") -> None:
+    """An operation holding ``lock`` (an ``RLock``: the namespace lock) fails with EMFILE
+    at the fd limit instead of waiting (``patiently``): a thread waiting for the lock may
+    hold the fds it waits for (a copy-up of a directory merged across many layers holds
+    one in each until it installs the copy under the lock), and every other operation
+    that needs the lock would wait with it (review19)."""
+    with _caches_lock:
+        _unwaited.add(lock)
+
+
+def _under_unwaited() -> bool:
+    with _caches_lock:
+        locks = list(_unwaited)
+    return any(lock._is_owned() for lock in locks)  # (RLock's, as threading.Condition's)
+
+
 #: ``patient``: whether this thread runs a try of a ``patiently`` operation, which waits
 #: itself if it fails (its tries may meet the wait again: a listing's look its directory up)
 _turn = threading.local()
@@ -255,9 +275,10 @@ def waited(fn: Callable[..., T], *args: object, seconds: float | None = None) ->
     """``patiently`` after its first try failed with EMFILE/ENFILE (for a caller that made
     that try itself, without the call ``patiently`` costs, and let the exception go)."""
     seconds = WAIT_SECONDS if seconds is None else seconds
-    if getattr(_turn, "patient", False):
+    if getattr(_turn, "patient", False) or _under_unwaited():
         # a try of a patient operation: that one tries again, within its own time (a wait
-        # here too made a listing wait twice as long: review19)
+        # here too made a listing wait twice as long: review19); or a holder of a lock
+        # that must not wait (``unwaited_under``)
         raise OSError(errno.EMFILE, "out of file descriptors")
     end = time.monotonic() + seconds
     if not _waiting.acquire(timeout=seconds):

@@ -941,3 +941,70 @@ def test_a_listing_at_the_fd_limit_waits_once_not_once_per_level(tmp_path, monke
         assert clock[0] <= fdbudget.WAIT_SECONDS + fdbudget.WAIT_STEP, clock[0]
     finally:
         driver.close()
+
+
+def test_a_change_at_the_fd_limit_does_not_wait_under_the_namespace_lock(tmp_path):
+    """A change that holds the namespace lock and meets the fd limit fails with EMFILE at
+    once: it does not wait for fds (``fdbudget.patiently``), which may be held by a thread
+    waiting for that lock. Here a copy-up of a directory merged across 60 layers (a chmod)
+    holds an fd in each while it waits to install its copy (``CopyUp._install``; the
+    copy-up's callers keep its node too). Before (review19): the holder waited its whole
+    time, every change behind it (a FUSE mount with 24 listings and 4 such chmods at once
+    at the lowest admitted limit: a mkdir answered after 30-40 s). The clock is a fake one
+    that only the wait's sleeps advance: it stays at 0 unless the holder waited."""
+    roots = _wide_layers(tmp_path, 60, 2)
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    out = _child(f"""
+        import os, threading, types
+        from overlaypc import fdbudget
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        clock = [0.0]
+        fdbudget.time = types.SimpleNamespace(
+            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+        os.umask(0)
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
+                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r})
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        lock = fs.ns_lock
+        waiting = threading.Event()
+        class Watched:  # the namespace lock, telling when the copy-up's thread waits for it
+            def __enter__(self):
+                if threading.current_thread() is not threading.main_thread():
+                    waiting.set()
+                return lock.__enter__()
+            def __exit__(self, *exc):
+                return lock.__exit__(*exc)
+        fs.ns_lock = fs.copyup.ns_lock = Watched()
+        result = []
+        def chmod():
+            try:
+                fs.chmod("d0000", 0o700)
+                result.append("done")
+            except OSError as e:
+                result.append(os.strerror(e.errno))
+        with lock:  # a change's hold
+            changer = threading.Thread(target=chmod)
+            changer.start()
+            assert waiting.wait(60)
+            hog = []
+            try:
+                while True:
+                    hog.append(os.dup(0))
+            except OSError:
+                pass
+            for fd in hog[:30]:  # a walk of 60 fits only once the copy-up's 60 are let go
+                os.close(fd)
+            try:
+                found = len(fs.lookup.lookup("d0001").entries)
+            except OSError as e:
+                found = os.strerror(e.errno)
+            for fd in hog[30:]:
+                os.close(fd)
+        changer.join()
+        print(found, clock[0], result[0], oct(os.stat({str(tmp_path / "upper" / "d0000")!r}).st_mode & 0o777))
+    """, nofile=(400, 400))
+    assert out.split() == ["Too", "many", "open", "files", "0.0", "done", "0o700"]
