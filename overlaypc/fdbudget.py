@@ -136,8 +136,9 @@ def mount_needs(layers: int, searched: int, locks: int, workers: int) -> int:
     directories running at once need a walk's fds each, and past the limit they wait for
     each other (``patiently``: walk17, they answered EMFILE); open files leave a walk its
     fds (``FdBudget.open_files``). Caveat: an operation that holds such a directory while
-    it looks up another (a rename between two of them) needs more, and may wait and then
-    fail with EMFILE at the lowest admitted limit."""
+    it looks up another (a rename between two of them) needs more, and may fail with
+    EMFILE at the lowest admitted limit (at once: changes hold the namespace lock, under
+    which nothing waits for fds, ``unwaited_under``)."""
     return (FDS_PER_LAYER * layers + WALK_FDS_PER_LAYER * searched + locks + open_count()
             + workers * (PER_REQUEST + 1) + LOOKUP_FLOOR + OPEN_FILES_FLOOR)
 
