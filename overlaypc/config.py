@@ -318,9 +318,10 @@ def apply_options(cfg: MountConfig, text: str) -> None:
     for item in filter(None, _split_commas(text)):
         name, eq, value = item.partition("=")
         if name in OPTIONS:
+            value = _unquote(value)  # (before the unescaping: a ``\"`` is no quote)
             if name not in RAW_VALUES:
                 value = _unescape_value(value)
-            OPTIONS[name](cfg, _unquote(value) if eq else None)
+            OPTIONS[name](cfg, value if eq else None)
         elif name in GENERIC or name.startswith(("x-", "comment=")) or name == "comment":
             cfg.generic.append(item)
         else:
@@ -367,8 +368,21 @@ def _unescape_value(value: str) -> str:
 
 
 def _unquote(value: str) -> str:
-    """A value with its double quotes removed (mount(8) quotes values that hold commas)."""
-    return value.replace('"', "") if '"' in value else value
+    """A value with its double quotes removed (mount(8) quotes values that hold commas);
+    a quote after a backslash is no quote (as ``_split_commas`` reads it) and stays, with
+    the escape: review19, ``q\\"x`` named the directory ``qx``."""
+    if '"' not in value:
+        return value
+    out, esc = "", False
+    for ch in value:
+        if esc:
+            out += "\\" + ch
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch != '"':
+            out += ch
+    return out + "\\" if esc else out
 
 
 STACK_KEYS = {"lowers", "upper", "work", "options"}

@@ -100,6 +100,7 @@ class OverlayFS:
         self.prefix = self.format.prefix
         self.writable = config.writable
         self.ns_lock = threading.RLock()
+        fdbudget.unwaited_under(self.ns_lock)  # (its holder fails at the fd limit, never waits)
         #: whether a request's paths are still right when its change holds ``ns_lock``
         self.paths = PathGuard()
         self.stats = Stats()

@@ -136,8 +136,9 @@ def mount_needs(layers: int, searched: int, locks: int, workers: int) -> int:
     directories running at once need a walk's fds each, and past the limit they wait for
     each other (``patiently``: walk17, they answered EMFILE); open files leave a walk its
     fds (``FdBudget.open_files``). Caveat: an operation that holds such a directory while
-    it looks up another (a rename between two of them) needs more, and may wait and then
-    fail with EMFILE at the lowest admitted limit."""
+    it looks up another (a rename between two of them) needs more, and may fail with
+    EMFILE at the lowest admitted limit (at once: changes hold the namespace lock, under
+    which nothing waits for fds, ``unwaited_under``)."""
     return (FDS_PER_LAYER * layers + WALK_FDS_PER_LAYER * searched + locks + open_count()
             + workers * (PER_REQUEST + 1) + LOOKUP_FLOOR + OPEN_FILES_FLOOR)
 
@@ -217,9 +218,31 @@ def retrying(open_fn: Callable[..., T], *args: object) -> T:
 
 # -- operations that need many fds at once ------------------------------------------------------
 #: held by the one operation that waits for fds (``patiently``): the fds the others let go of
-#: go to it, not to whichever operation of those waiting tries first (reentrant: a waiting
-#: listing's tries look its directory up, ``patiently`` too)
-_waiting = threading.RLock()
+#: go to it, not to whichever operation of those waiting tries first
+_waiting = threading.Lock()
+#: locks whose holder never waits for fds (``unwaited_under``): held weakly
+_unwaited: "WeakSet" = WeakSet()
+
+
+def unwaited_under(lock: "threading.RLock") -> None:
+    """An operation holding ``lock`` (an ``RLock``: the namespace lock) fails with EMFILE
+    at the fd limit instead of waiting (``patiently``): a thread waiting for the lock may
+    hold the fds it waits for (a copy-up of a directory merged across many layers holds
+    one in each until it installs the copy under the lock), and every other operation
+    that needs the lock would wait with it (review19)."""
+    with _caches_lock:
+        _unwaited.add(lock)
+
+
+def _under_unwaited() -> bool:
+    with _caches_lock:
+        locks = list(_unwaited)
+    return any(lock._is_owned() for lock in locks)  # (RLock's, as threading.Condition's)
+
+
+#: ``patient``: whether this thread runs a try of a ``patiently`` operation, which waits
+#: itself if it fails (its tries may meet the wait again: a listing's look its directory up)
+_turn = threading.local()
 
 
 def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None) -> T:
@@ -234,12 +257,18 @@ def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None)
     once wait for each other instead of failing (walk17: three ``ls`` of directories
     merged across 200 lowers at once answered EMFILE at a limit the mount check admits).
     Caveat: fds the caller itself holds (a parent it looked up first) are not let go."""
+    if getattr(_turn, "patient", False):
+        return fn(*args)  # (a try of a patient operation: that one waits)
+    _turn.patient = True
     try:
-        return fn(*args)
-    except OSError as e:
-        if e.errno not in EXHAUSTED:
-            raise
-        # (the exception, and with it the frames that held the fds, goes at the block's end)
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.errno not in EXHAUSTED:
+                raise
+            # (the exception, and with it the frames that held the fds, goes at the block's end)
+    finally:
+        _turn.patient = False
     return waited(fn, *args, seconds=seconds)
 
 
@@ -247,9 +276,15 @@ def waited(fn: Callable[..., T], *args: object, seconds: float | None = None) ->
     """``patiently`` after its first try failed with EMFILE/ENFILE (for a caller that made
     that try itself, without the call ``patiently`` costs, and let the exception go)."""
     seconds = WAIT_SECONDS if seconds is None else seconds
+    if getattr(_turn, "patient", False) or _under_unwaited():
+        # a try of a patient operation: that one tries again, within its own time (a wait
+        # here too made a listing wait twice as long: review19); or a holder of a lock
+        # that must not wait (``unwaited_under``)
+        raise OSError(errno.EMFILE, "out of file descriptors")
     end = time.monotonic() + seconds
     if not _waiting.acquire(timeout=seconds):
         raise OSError(errno.EMFILE, f"out of file descriptors for {seconds:g} s")
+    _turn.patient = True
     try:
         step = 0.001
         while True:
@@ -264,6 +299,7 @@ def waited(fn: Callable[..., T], *args: object, seconds: float | None = None) ->
             time.sleep(step)
             step = min(2 * step, WAIT_STEP)
     finally:
+        _turn.patient = False
         _waiting.release()
     # (raised out of the except block: the last try's frames, and their fds, are gone)
     log.warning("out of file descriptors for %g s (soft limit %d): raise the limit (ulimit -n)",

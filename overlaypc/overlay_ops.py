@@ -252,7 +252,11 @@ class OverlayOps(Operations):
                 if e.errno == errno.ENOENT:
                     return None
                 raise
-            key = fs.identity(node)
+            key, is_dir = fs.identity(node), node.is_dir
+            # not held while waiting for the lock: a directory's node holds an fd in each
+            # layer, and the lock's holder may be a change waiting at the fd limit for
+            # those (``fdbudget.patiently``: it would wait in vain, all others behind it)
+            del node
             # copy-ups rekey under the namespace lock: registering under it too, a key
             # read before a copy-up is caught by the epoch, one read after it finds the
             # node already rekeyed
@@ -260,7 +264,7 @@ class OverlayOps(Operations):
                 if moves is not None and self._paths.moves != moves:
                     return _MOVED
                 if self.nodes.epoch == epoch:
-                    nodeid = self.nodes.take(key, parent, name, node.is_dir)
+                    nodeid = self.nodes.take(key, parent, name, is_dir)
                     return Entry(nodeid, file_attr(attr), self.timeout, self._attr_timeout(key))
 
     def _attr_timeout(self, key: InodeKey) -> float:

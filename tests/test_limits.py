@@ -851,3 +851,160 @@ def test_patiently_tries_again_until_fds_are_free_and_then_gives_up():
     with pytest.raises(OSError) as e:
         patiently(short(10 ** 9, errno.EMFILE), seconds=0.05)
     assert e.value.errno == errno.EMFILE and len(tries) > 1
+
+
+def test_a_lookup_waiting_for_the_namespace_lock_holds_no_walk_fds(tmp_path):
+    """A LOOKUP of a directory merged across 60 layers that waits for the namespace lock
+    (``OverlayOps._take`` registers the node under it) holds none of the directory's fds
+    meanwhile: the lock's holder may be a change that looks another such directory up at
+    the fd limit and waits for fds (``fdbudget.patiently``), which the LOOKUP would then
+    hold until the wait gave up (review19: the holder answered EMFILE after the whole wait,
+    every other change stalled behind it)."""
+    roots = _wide_layers(tmp_path, 60, 2)
+    (tmp_path / "mnt").mkdir()
+    out = _child(f"""
+        import os, threading
+        from overlaypc import fdbudget
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        from overlaypc.engine.ops import Request
+        from overlaypc.overlay_ops import OverlayOps
+        fdbudget.WAIT_SECONDS = 1.0  # (the holder's wait: EMFILE after it on failure)
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, mountpoint={str(tmp_path / "mnt")!r})
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        ops = OverlayOps(fs)
+        lock = fs.ns_lock
+        waiting = threading.Event()
+        class Watched:  # the namespace lock, telling when the LOOKUP's thread waits for it
+            def __enter__(self):
+                if threading.current_thread() is not threading.main_thread():
+                    waiting.set()
+                return lock.__enter__()
+            def __exit__(self, *exc):
+                return lock.__exit__(*exc)
+        fs.ns_lock = Watched()
+        result = []
+        def look():
+            try:
+                result.append(ops.lookup(Request(0, 0, os.getpid()), 1, b"d0000").nodeid > 0)
+            except OSError as e:
+                result.append(os.strerror(e.errno))
+        with lock:  # a change's hold
+            looker = threading.Thread(target=look)
+            looker.start()
+            assert waiting.wait(60)
+            hog = []
+            try:
+                while True:
+                    hog.append(os.dup(0))
+            except OSError:
+                pass
+            for fd in hog[:30]:  # a walk of 60 fits once the LOOKUP's 60 are let go
+                os.close(fd)
+            try:
+                found = len(fs.lookup.lookup("d0001").entries)
+            except OSError as e:
+                found = os.strerror(e.errno)
+            for fd in hog[30:]:
+                os.close(fd)
+        looker.join()
+        print(found, result[0])
+    """, nofile=(400, 400))
+    assert out.strip() == "60 True"
+
+
+def test_a_listing_at_the_fd_limit_waits_once_not_once_per_level(tmp_path, monkeypatch):
+    """A listing whose directory cannot be looked up at the fd limit waits at most
+    ``WAIT_SECONDS`` in all: ``readdir`` waits (``patiently``) and so does each try's
+    ``Lookup.directory`` inside it; the inner wait, in the outer one's turn, must not start
+    a wait of its own (review19: 20 s of the clock, then EMFILE). The clock is a fake one
+    that only sleeps advance, so the count is exact whatever the machine's load."""
+    import errno
+    import types
+
+    from core_driver import CoreDriver
+    from overlaypc import fdbudget
+
+    clock = [0.0]
+    monkeypatch.setattr(fdbudget, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    driver = CoreDriver.in_dir(tmp_path)
+    try:
+        def exhausted(rel: str):
+            raise OSError(errno.EMFILE, "out of fds", rel)
+        monkeypatch.setattr(driver.fs.lookup, "_directory", exhausted)
+        with pytest.raises(OSError) as e:
+            driver.fs.readdir("")
+        assert e.value.errno == errno.EMFILE
+        assert clock[0] <= fdbudget.WAIT_SECONDS + fdbudget.WAIT_STEP, clock[0]
+    finally:
+        driver.close()
+
+
+def test_a_change_at_the_fd_limit_does_not_wait_under_the_namespace_lock(tmp_path):
+    """A change that holds the namespace lock and meets the fd limit fails with EMFILE at
+    once: it does not wait for fds (``fdbudget.patiently``), which may be held by a thread
+    waiting for that lock. Here a copy-up of a directory merged across 60 layers (a chmod)
+    holds an fd in each while it waits to install its copy (``CopyUp._install``; the
+    copy-up's callers keep its node too). Before (review19): the holder waited its whole
+    time, every change behind it (a FUSE mount with 24 listings and 4 such chmods at once
+    at the lowest admitted limit: a mkdir answered after 30-40 s). The clock is a fake one
+    that only the wait's sleeps advance: it stays at 0 unless the holder waited."""
+    roots = _wide_layers(tmp_path, 60, 2)
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    out = _child(f"""
+        import os, threading, types
+        from overlaypc import fdbudget
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        clock = [0.0]
+        fdbudget.time = types.SimpleNamespace(
+            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+        os.umask(0)
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
+                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r})
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        lock = fs.ns_lock
+        waiting = threading.Event()
+        class Watched:  # the namespace lock, telling when the copy-up's thread waits for it
+            def __enter__(self):
+                if threading.current_thread() is not threading.main_thread():
+                    waiting.set()
+                return lock.__enter__()
+            def __exit__(self, *exc):
+                return lock.__exit__(*exc)
+        fs.ns_lock = fs.copyup.ns_lock = Watched()
+        result = []
+        def chmod():
+            try:
+                fs.chmod("d0000", 0o700)
+                result.append("done")
+            except OSError as e:
+                result.append(os.strerror(e.errno))
+        with lock:  # a change's hold
+            changer = threading.Thread(target=chmod)
+            changer.start()
+            assert waiting.wait(60)
+            hog = []
+            try:
+                while True:
+                    hog.append(os.dup(0))
+            except OSError:
+                pass
+            for fd in hog[:30]:  # a walk of 60 fits only once the copy-up's 60 are let go
+                os.close(fd)
+            try:
+                found = len(fs.lookup.lookup("d0001").entries)
+            except OSError as e:
+                found = os.strerror(e.errno)
+            for fd in hog[30:]:
+                os.close(fd)
+        changer.join()
+        print(found, clock[0], result[0], oct(os.stat({str(tmp_path / "upper" / "d0000")!r}).st_mode & 0o777))
+    """, nofile=(400, 400))
+    assert out.split() == ["Too", "many", "open", "files", "0.0", "done", "0o700"]
