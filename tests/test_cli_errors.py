@@ -529,6 +529,20 @@ def test_stack_yaml_boolean_where_none_fits(env: Env, option: str, bad: str):
     check_refused(env, ["--stack", stack, env.mnt], [bad, "boolean"])
 
 
+def _mounted_at_the_lowest_admitted_limit(env: Env, overlay_mount, lowers: list[Path]):
+    """``lowers`` over the env's upper, mounted with the fd limit the mount check names as
+    the least it works with (read from its refusal at 200 fds): (the mount, that limit)."""
+    options = opts("lowerdir=" + ":".join(map(str, lowers)), f"upperdir={env.upper}",
+                   f"workdir={env.work}")
+    res = check_refused(env, ["-o", options, env.mnt],
+                        [f"{len(lowers) + 2} layers", "ulimit -n"],
+                        prefix=("prlimit", "--nofile=200:200", "--"))
+    found = re.search(r"need at least (\d+) open files", res.stderr)
+    assert found, res.stderr
+    limit = int(found.group(1))
+    return overlay_mount(options, nofile=limit), limit
+
+
 def test_a_stack_the_fd_limit_admits_works(env: Env, tmp_path: Path, overlay_mount):
     """The fewest fds the CLI says a stack needs are enough to use it (review16): a lookup
     of a directory merged across every layer holds an fd of it in each layer, and of its
@@ -543,13 +557,7 @@ def test_a_stack_the_fd_limit_admits_works(env: Env, tmp_path: Path, overlay_mou
         (lower / "d" / "e" / "g" / f"f{i}").write_text(str(i))
         (lower / "d" / f"top{i}").write_text(str(i))
         lowers.append(lower)
-    options = opts("lowerdir=" + ":".join(map(str, lowers)), f"upperdir={env.upper}",
-                   f"workdir={env.work}")
-    res = check_refused(env, ["-o", options, env.mnt], [f"{count + 2} layers", "ulimit -n"],
-                        prefix=("prlimit", "--nofile=200:200", "--"))
-    found = re.search(r"need at least (\d+) open files", res.stderr)
-    assert found, res.stderr
-    m = overlay_mount(options, nofile=int(found.group(1)))
+    m, _ = _mounted_at_the_lowest_admitted_limit(env, overlay_mount, lowers)
     d = m.path / "d"
     assert len(os.listdir(d)) == count + 1  # (every top file, and e)
     assert sorted(os.listdir(d / "e" / "g")) == sorted(f"f{i}" for i in range(count))
@@ -578,13 +586,7 @@ def test_lookups_at_once_across_a_stack_the_fd_limit_admits(env: Env, tmp_path: 
             (lower / name / "s").mkdir(parents=True)
         (lower / names[i % len(names)] / "s" / f"f{i}").write_text(str(i))
         lowers.append(lower)
-    options = opts("lowerdir=" + ":".join(map(str, lowers)), f"upperdir={env.upper}",
-                   f"workdir={env.work}")
-    res = check_refused(env, ["-o", options, env.mnt], [f"{count + 2} layers", "ulimit -n"],
-                        prefix=("prlimit", "--nofile=200:200", "--"))
-    found = re.search(r"need at least (\d+) open files", res.stderr)
-    assert found, res.stderr
-    m = overlay_mount(options, nofile=int(found.group(1)))
+    m, _ = _mounted_at_the_lowest_admitted_limit(env, overlay_mount, lowers)
     start = threading.Barrier(threads)
     failed: list[str] = []
 
@@ -623,17 +625,11 @@ def test_open_files_leave_a_walk_its_fds_at_a_limit_the_check_admits(env: Env, t
         (lower / "b" / "y").mkdir(parents=True)
         (lower / "a" / "x" / f"f{i}").write_text(str(i))
         lowers.append(lower)
-    options = opts("lowerdir=" + ":".join(map(str, lowers)), f"upperdir={env.upper}",
-                   f"workdir={env.work}")
-    res = check_refused(env, ["-o", options, env.mnt], [f"{count + 2} layers", "ulimit -n"],
-                        prefix=("prlimit", "--nofile=200:200", "--"))
-    found = re.search(r"need at least (\d+) open files", res.stderr)
-    assert found, res.stderr
-    m = overlay_mount(options, nofile=int(found.group(1)))
+    m, limit = _mounted_at_the_lowest_admitted_limit(env, overlay_mount, lowers)
     held: list[int] = []
     try:
         refused = None
-        for _ in range(2 * int(found.group(1))):  # (bounded: the daemon refuses before)
+        for _ in range(2 * limit):  # (bounded: the daemon refuses before)
             try:
                 held.append(os.open(m.path / "a" / "x" / "f7", os.O_RDONLY))
             except OSError as e:
