@@ -346,23 +346,32 @@ def build(base: Path, workers: int, rng: random.Random, index: bool) -> tuple[Pa
 # ---------------------------------------------------------------------------------------
 
 def view(root: Path, problems: list[str] | None = None, label: str = "",
-         shown: tuple[str, ...] = (), ignore_vanished: bool = False) -> dict:
+         shown: tuple[str, ...] = (), ignore_vanished: bool = False,
+         attrs: dict | None = None, excused=None) -> dict:
     """rel -> (type, mode, uid, gid, content hash/target, user xattrs, nlink, link group).
     ``shown``: xattr names that may be listed (else a problem, but for user.k*).
     ``ignore_vanished`` (the kernel's views, soak13): a listed name whose lookup says ENOENT
     is left out: the kernel lists a whiteout in a directory it does not merge (an opaque
     one), which a kill between a rename's exchange with a whiteout and the removal of
-    that whiteout from the source leaves (the kernel overlay's rename has the same window)."""
+    that whiteout from the source leaves (the kernel overlay's rename has the same window).
+    ``attrs`` (soak19) gets rel -> (st_ino, st_nlink of a directory, else None), compared
+    with the kernel's; with ``problems``, every listed d_ino must be the st_ino lstat gives,
+    but where ``excused(rel)`` says why not."""
     out: dict = {}
     inos: dict = {}
 
-    def visit(path: str, rel: str) -> None:
+    def visit(path: str, rel: str, d_ino: int | None = None) -> None:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             if ignore_vanished and rel:
                 return
             raise
+        if problems is not None and d_ino is not None and d_ino != st.st_ino \
+                and not (excused and excused(rel)):
+            problems.append(f"{label}: {rel}: listed d_ino {d_ino}, st_ino {st.st_ino}")
+        if attrs is not None:
+            attrs[rel] = (st.st_ino, st.st_nlink if stat.S_ISDIR(st.st_mode) else None)
         xs = []
         try:
             names = os.listxattr(path, follow_symlinks=False)
@@ -392,15 +401,17 @@ def view(root: Path, problems: list[str] | None = None, label: str = "",
             body = os.readlink(path)
         out[rel] = [kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body, tuple(xs), nlink, None]
         if stat.S_ISDIR(st.st_mode):
-            names = os.listdir(path)
+            with os.scandir(path) as it:
+                listed = [(e.name, e.inode()) for e in it]
+            names = [nm for nm, _ in listed]
             if problems is not None:
                 if len(set(names)) != len(names):
                     problems.append(f"{label}: {rel or '.'} lists a name twice: {sorted(names)}")
                 for nm in names:
                     if nm.startswith(("#ovlpc", ".wh.")):
                         problems.append(f"{label}: internal name {rel}/{nm} visible")
-            for nm in sorted(set(names)):
-                visit(os.path.join(path, nm), f"{rel}/{nm}".lstrip("/"))
+            for nm, d_ino in sorted(dict(listed).items()):
+                visit(os.path.join(path, nm), f"{rel}/{nm}".lstrip("/"), d_ino)
 
     visit(str(root), "")
     for rels in inos.values():
@@ -569,8 +580,9 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
     left = [x for x in left if x != "incompat"]
     if left:
         problems.append(f"round {rnd}: workdir/work not cleaned at mount: {left}")
+    ov_attrs: dict = {}
     try:
-        ov = view(mnt, problems, f"round {rnd} overlaypc")
+        ov = view(mnt, problems, f"round {rnd} overlaypc", attrs=ov_attrs)
     finally:
         problems += m2.unmount(check=False)
     # 4. oracle per worker
@@ -638,12 +650,23 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
         # under xattr_permissions the kernel shows the objects' own owners and modes, and
         # lists the override xattrs: those are not compared
         masked = overrides(mopts)
+        # merged directories the tool made in the upper (``build``: no origin xattr), taken
+        # before the kernel mounts: its first listing of their parent shows the upper's
+        # number while its lookup (which writes the origin and marks the parent impure,
+        # ``ovl_fix_origin``, even on a read-only overlay) gives them the lower's in stat;
+        # overlaypc writes no origin on a lookup
+        handmade = {os.path.relpath(d, upper) for d, _, _ in os.walk(upper)
+                    if d != str(upper) and (lower / os.path.relpath(d, upper)).is_dir()
+                    and not os.path.islink(d) and "trusted.overlay.origin" not in os.listxattr(d)}
         for ro in (True, False):
             ko = kopts + (["ro"] if ro else [])
+            k_attrs: dict = {}
+
             try:
                 with helpers.kernel_overlay(kmnt, [lower], upper, work, ko) as km:
                     kv = view(km, problems, f"round {rnd} kernel {'ro' if ro else 'rw'}",
-                              OVERRIDE_NAMES if masked else (), ignore_vanished=True)
+                              OVERRIDE_NAMES if masked else (), ignore_vanished=True,
+                              attrs=k_attrs, excused=handmade.__contains__ if ro else None)
             except AssertionError as ex:
                 problems.append(f"round {rnd}: kernel {'ro' if ro else 'rw'} mount: {ex}")
                 continue
@@ -653,6 +676,12 @@ def round_(base: Path, opts: str, mopts: str, seed: int, rnd: int, workers: int,
             if kv != ours:
                 problems.append(f"round {rnd}: kernel ({'ro' if ro else 'rw'}) view differs from "
                                 f"overlaypc's:\n" + diff(kv, ours, ("kernel", "overlaypc")))
+            # (st_ino, st_nlink of directories) of the names both show (soak19)
+            odd = [f"{r_}: kernel {k_attrs[r_]}, overlaypc {ov_attrs[r_]}"
+                   for r_ in sorted(set(k_attrs) & set(ov_attrs)) if k_attrs[r_] != ov_attrs[r_]]
+            if odd:
+                problems.append(f"round {rnd}: kernel ({'ro' if ro else 'rw'}) (st_ino, dir nlink) "
+                                f"differ from overlaypc's:\n  " + "\n  ".join(odd[:30]))
         # the kernel's rw mount may leave its own work dir: overlaypc's next mount takes it
     print(f"  round {rnd}: " + ("no kill" if nokill else f"kill after {delay * 1000:.0f} ms")
           + f", ops per worker {counts}, problems so far {len(problems)}", flush=True)
@@ -733,7 +762,7 @@ def main() -> int:
     layers = build(base, workers, random.Random(seed), index)
     lower, upper, work = layers
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}" + (f",{mopts}" if mopts else "")
-    kopts = ["redirect_dir=on"] + [o for o in mopts.split(",") if o.split("=")[0] in ("index", "metacopy")]
+    kopts = ["redirect_dir=on"] + [o for o in mopts.split(",") if o.split("=")[0] in ("index", "metacopy", "xino")]
     # the model starts as the kernel's read-only view of the layers
     kmnt = base / "kmnt"
     with helpers.kernel_overlay(kmnt, [upper, lower], None, None, ["redirect_dir=on"]) as km:

@@ -20,11 +20,19 @@ import helpers
 
 ND, NF = 40, 30   # 1200 lower files
 
+def raise_nofile():
+    """The clients' own soft RLIMIT_NOFILE up to 8192 as the hard limit allows (soak19: under
+    ``ulimit -n 1024``, which sets the hard limit too, setrlimit to 8192 raised ValueError
+    in the holders, before their try, and main waited 900 s for their answers)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 8192 if hard == resource.RLIM_INFINITY else min(8192, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
 def content(i, j):
     return (b"%02d/%02d:" % (i, j)) * (1 + j * 7)
 
 def holder(mnt, nopen, q, go, stop):
-    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+    raise_nofile()
     fds, errs = [], {}
     try:
         k = 0
@@ -64,7 +72,7 @@ def holder(mnt, nopen, q, go, stop):
         q.put(("holder", f"FAIL {e!r}\n{traceback.format_exc()}"))
 
 def dirholder(mnt, q, go, stop):
-    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+    raise_nofile()
     go.wait(300)
     fds, errs = [], {}
     try:

@@ -19,7 +19,8 @@ ones, changed by a mutator while two listers list it, several listings open at o
 interleaved steps (``big_lister``: no name twice, every untouched name there).
 uidmapping=0:H:N,gidmapping=0:H:N (soak13) in OPTIONS: the model's owners are shown + H,
 the kernel's views (the layers' IDs) are compared shifted. DAEMON_NOFILE=N (soak13) starts
-the daemon under ``ulimit -n N``.
+the daemon under ``ulimit -n N``. LOWER3=1 (soak19): a third lower (names w{k}L4, w{k}L5).
+At the end (soak19) every listed d_ino must be the st_ino lstat gives (overlaypc, kernel ro).
 TMPFILE=N, SEEKERS=N (with BIGDIR), HELDDIRS=1 (soak15): O_TMPFILE + linkat and reopens through
 /proc/self/fd, seekdir/telldir listers, directories held open while removed (``stress_extra``).
 RACE=N (soak13): N creators (odd ones as another uid) make objects in directories that
@@ -58,6 +59,8 @@ NEWUID = 0
 #: DAEMON_NOFILE set: an open answered ENFILE is skipped (the daemon's fd budget is spent by
 #: the filers, which hold an fd on every object they made, hundreds in all)
 LOWFD = bool(os.environ.get("DAEMON_NOFILE"))
+#: LOWER3=1 (soak19): a third lower layer below the two
+LOWER3 = bool(os.environ.get("LOWER3"))
 
 
 def id_shift(options: str) -> tuple[int, int]:
@@ -91,7 +94,7 @@ def build(base: Path, workers: int, rng: random.Random):
     lower2 = base / "lower2"
     upper = base / "upper"
     work = base / "work"
-    for d in (lower, lower2, upper, work):
+    for d in (lower, lower2, upper, work) + ((base / "lower3",) if LOWER3 else ()):
         d.mkdir(parents=True)
     (lower / "s").mkdir()
     (upper / "s").mkdir()
@@ -117,8 +120,46 @@ def build(base: Path, workers: int, rng: random.Random):
                     ino = Inode(data, mode)
                     ino.names.add(name)
                     files[name] = ino
+        if LOWER3:  # a third lower below the others: names L4, L5, merged s/ and d{k}/
+            bottom = base / "lower3"
+            for i in (4, 5):
+                for d in ("", "s/", f"d{k}/", f"d{k}/sub/"):
+                    if rng.random() < 0.5:
+                        continue
+                    name = f"{d}w{k}L{i}"
+                    data = os.urandom(rng.choice([0, 10, 4096, 70000]))
+                    mode = rng.choice(MODES)
+                    p = bottom / name
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(data)
+                    os.chmod(p, mode)
+                    ino = Inode(data, mode)
+                    ino.names.add(name)
+                    files[name] = ino
         models.append(files)
     return lower, lower2, upper, work, models
+
+
+def lowers(base: Path) -> list[Path]:
+    """The lower layers, top first (``LOWER3=1``: three)."""
+    return [base / "lower2", base / "lower"] + ([base / "lower3"] if LOWER3 else [])
+
+
+def listed_inos(root: Path) -> list[str]:
+    """Every listed d_ino against the st_ino lstat gives afterwards (soak19): what differs.
+    A name gone between the listing and the lstat is left out."""
+    bad = []
+    for dirpath, dirnames, _ in os.walk(root):
+        with os.scandir(dirpath) as it:
+            listed = [(e.path, e.inode()) for e in it]
+        for path, d_ino in listed:
+            try:
+                st_ino = os.lstat(path).st_ino
+            except FileNotFoundError:
+                continue
+            if st_ino != d_ino:
+                bad.append(f"{os.path.relpath(path, root)}: listed d_ino {d_ino}, st_ino {st_ino}")
+    return bad
 
 
 class Failure(Exception):
@@ -1139,7 +1180,7 @@ def main():
         stress_extra.build_tmp(lower, upper)
     if nheld:
         stress_extra.build_held(lower, upper)
-    opts = f"lowerdir={lower2}:{lower},upperdir={upper},workdir={work}"
+    opts = f"lowerdir={':'.join(map(str, lowers(base)))},upperdir={upper},workdir={work}"
     if options:
         opts += "," + options
     mnt = base / "mnt"
@@ -1246,6 +1287,7 @@ def main():
         if ntmp and all(results.get(k, ("fail",))[0] == "ok"
                         for k in [f"tmper{c}" for c in range(ntmp)] + ["tmpmover"]):
             problems += [f"overlaypc tmp: {x}" for x in stress_extra.tmp_view(mnt, tmp_made)]
+        problems += [f"overlaypc: {x}" for x in listed_inos(mnt)]
     finally:
         p2 = m.unmount(check=False)
         problems += p2
@@ -1262,8 +1304,9 @@ def main():
         ["redirect_dir=on"] if "redirect_dir=off" not in options else ["redirect_dir=follow"])
     kmnt = base / "kmnt"
     try:
-        with helpers.kernel_overlay(kmnt, [upper, lower2, lower], None, None, kopts) as km:
+        with helpers.kernel_overlay(kmnt, [upper, *lowers(base)], None, None, kopts) as km:
             ksnap = helpers.tree_snapshot(km, xattrs=False, times=True, ignore_vanished=True)
+            problems += [f"kernel ro: {x}" for x in listed_inos(km)]
     except AssertionError as e:
         problems.append(f"kernel mount: {e}")
         ksnap = None
@@ -1306,13 +1349,13 @@ def main():
                 if mtime is not None and e.mtime_ns != mtime:
                     problems.append(f"kernel: {key}: mtime {e.mtime_ns} vs model {mtime}")
     if race_ok and ksnap is not None:  # the kernel's read-only view of the layers
-        with helpers.kernel_overlay(kmnt, [upper, lower2, lower], None, None, kopts) as km:
+        with helpers.kernel_overlay(kmnt, [upper, *lowers(base)], None, None, kopts) as km:
             problems += [f"kernel ro race: {x}" for x in race_view(
                 km, race_made, race_shown, owners=not masked, shift=IDSHIFT)]
     pairs_ok = [j for j in range(npairs) if results.get(f"filer{j}", ("fail",))[0] == "ok"
                 and results.get(f"mover{j}", ("fail",))[0] == "ok"]
     if pairs_ok and ksnap is not None:  # the kernel reads the same objects at the same names
-        with helpers.kernel_overlay(kmnt, [upper, lower2, lower], None, None, kopts) as km:
+        with helpers.kernel_overlay(kmnt, [upper, *lowers(base)], None, None, kopts) as km:
             for j in pairs_ok:
                 found = pair_view(km, j, results[f"filer{j}"][1], owners=not masked)
                 if "index=on" in options:  # no index read-only: lower links not copied up split
@@ -1321,7 +1364,7 @@ def main():
     if pairs_ok and "index=on" in options:  # the kernel with the same upper, work and index
         kw = ["index=on"] + kopts + [o for o in options.split(",") if o.startswith("xino")]
         try:
-            with helpers.kernel_overlay(kmnt, [lower2, lower], upper, work, kw) as km:
+            with helpers.kernel_overlay(kmnt, lowers(base), upper, work, kw) as km:
                 for j in pairs_ok:
                     problems += [f"kernel index=on: {x}" for x in pair_view(
                         km, j, results[f"filer{j}"][1], owners=not masked)]
