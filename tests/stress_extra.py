@@ -278,19 +278,20 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
         q.put((f"tmper{c}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nlast ops: {log[-12:]}"))
 
 
-def tmp_mover(root: str, stop, q, seed: int):
-    """Renames tmp/T{i} <-> T{i}x and moves them into tmp/P and back; back at the end."""
+def move_dirs(top: Path, paths, count: int, label: str, stop, q, seed: int) -> None:
+    """Renames ``top``'s directories 0..count-1 among their names ``paths(i)`` (the first
+    is the home name: X{i} <-> X{i}x, into P/ and back) until ``stop``; back home at the
+    end (EXDEV, redirect_dir=off: that directory stays). Reports ``(label, "ok", moves)``."""
     rng = random.Random(seed)
-    top = Path(root) / "tmp"
-    where = {i: f"T{i}" for i in range(TMP_DIRS)}
+    where = {i: paths(i)[0] for i in range(count)}
     stuck = set()
     n = 0
     try:
         while not stop.is_set():
-            i = rng.choice([x for x in range(TMP_DIRS) if x not in stuck] or [None])
+            i = rng.choice([x for x in range(count) if x not in stuck] or [None])
             if i is None:
                 break
-            new = rng.choice([x for x in tmp_paths(i) if x != where[i]])
+            new = rng.choice([x for x in paths(i) if x != where[i]])
             try:
                 os.rename(top / where[i], top / new)
                 where[i] = new
@@ -299,12 +300,17 @@ def tmp_mover(root: str, stop, q, seed: int):
                 if e.errno != errno.EXDEV:
                     raise
                 stuck.add(i)
-        for i in range(TMP_DIRS):
-            if where[i] != f"T{i}":
-                os.rename(top / where[i], top / f"T{i}")
-        q.put(("tmpmover", "ok", n))
+        for i in range(count):
+            if where[i] != paths(i)[0]:
+                os.rename(top / where[i], top / paths(i)[0])
+        q.put((label, "ok", n))
     except BaseException as e:  # noqa
-        q.put(("tmpmover", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nwhere {where}"))
+        q.put((label, "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nwhere {where}"))
+
+
+def tmp_mover(root: str, stop, q, seed: int):
+    """Renames tmp/T{i} <-> T{i}x and moves them into tmp/P and back; back at the end."""
+    move_dirs(Path(root) / "tmp", tmp_paths, TMP_DIRS, "tmpmover", stop, q, seed)
 
 
 def tmp_view(root: Path, made: dict) -> list:

@@ -1036,31 +1036,7 @@ def race_creator(c: int, root: str, seed: int, nops: int, q):
 def race_mover(root: str, stop, q, seed: int):
     """Renames race/D{i} <-> D{i}x and moves them into race/P and back; puts them back at
     the end (EXDEV, redirect_dir=off: that directory stays)."""
-    rng = random.Random(seed)
-    top = Path(root) / "race"
-    where = {i: f"D{i}" for i in range(RACE_DIRS)}
-    stuck = set()
-    n = 0
-    try:
-        while not stop.is_set():
-            i = rng.choice([x for x in range(RACE_DIRS) if x not in stuck] or [None])
-            if i is None:
-                break
-            new = rng.choice([x for x in race_paths(i) if x != where[i]])
-            try:
-                os.rename(top / where[i], top / new)
-                where[i] = new
-                n += 1
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                stuck.add(i)
-        for i in range(RACE_DIRS):
-            if where[i] != f"D{i}":
-                os.rename(top / where[i], top / f"D{i}")
-        q.put(("racemover", "ok", n))
-    except BaseException as e:  # noqa
-        q.put(("racemover", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nwhere {where}"))
+    stress_extra.move_dirs(Path(root) / "race", race_paths, RACE_DIRS, "racemover", stop, q, seed)
 
 
 def race_namer(root: str, stop, q):
