@@ -283,6 +283,9 @@ def mount_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"overlaypc: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a layer removed or changed while it was checked
+        print(f"overlaypc: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     os.umask(0)
     limit = fdbudget.raise_limit()  # before OverlayFS: its caches' budgets come from the limit
     from .engine.pool import MAX_EXTRA, usable_cpus

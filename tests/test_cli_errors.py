@@ -641,3 +641,23 @@ def test_open_files_leave_a_walk_its_fds_at_a_limit_the_check_admits(env: Env, t
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_layer_gone_while_it_is_checked_gives_one_line(tmp_path, monkeypatch, capsys):
+    """validate() stats each layer several times (its checks of paths, then of identity):
+    a layer removed between two of them raised a bare OSError, a traceback instead of the
+    error line (review19). The race is made here by removing the lower at the identity
+    check."""
+    from overlaypc import cli, config
+
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    checked = config._check_distinct
+
+    def removed_meanwhile(named):
+        lower.rmdir()
+        return checked(named)
+    monkeypatch.setattr(config, "_check_distinct", removed_meanwhile)
+    assert cli.mount_main(["-o", f"lowerdir={lower}", str(tmp_path / "mnt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("overlaypc: error:") and str(lower) in err[0], err
