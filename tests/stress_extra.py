@@ -185,7 +185,6 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
                             os.rename(nm, nm + "m", src_dir_fd=dfd, dst_dir_fd=dfd)
                             nm += "m"
                         os.unlink(nm, dir_fd=dfd)
-                        nlink = 0
                     else:
                         excl = rng.random() < 0.15
                         fd = os.open(".", os.O_TMPFILE | os.O_RDWR | (os.O_EXCL if excl else 0),
@@ -193,7 +192,6 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
                         fds.append(fd)
                         os.fchmod(fd, mode)  # the umask
                         os.pwrite(fd, data, 0)
-                        nlink = 0
                     st = check_fd(fd, data, mode, 0, None, f"{op} {ident} before reopen")
                     ino = st.st_ino
                     fd2 = os.open(f"/proc/self/fd/{fd}", rng.choice([os.O_RDWR, os.O_RDONLY]))
