@@ -1008,3 +1008,105 @@ def test_a_change_at_the_fd_limit_does_not_wait_under_the_namespace_lock(tmp_pat
         print(found, clock[0], result[0], oct(os.stat({str(tmp_path / "upper" / "d0000")!r}).st_mode & 0o777))
     """, nofile=(400, 400))
     assert out.split() == ["Too", "many", "open", "files", "0.0", "done", "0o700"]
+
+
+def test_a_copy_up_run_after_the_namespace_lock_holds_no_node_while_it_waits_for_fds(tmp_path):
+    """A chmod of a directory merged across 60 layers, refused under the namespace lock
+    (``CopyUpFirst``) and run after it (``OverlayOps._at_node``), whose name is looked up
+    again because the epoch moved meanwhile, holds none of the node it looked up under the
+    lock while it waits for fds at the limit: the refused call kept that node (one fd per
+    layer), and the thread queued for the wait with them, so the thread whose turn it was,
+    needing them, gave up after the whole wait with EMFILE (stall20). Here that thread is
+    the main one, in its wait (it holds the turn) when the copy-up reaches its lookup; it
+    goes on once the copy-up has queued for the turn or done its copy. The clock is a fake
+    one that only the waits' sleeps advance."""
+    roots = _wide_layers(tmp_path, 60, 2)
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    out = _child(f"""
+        import os, threading, types
+        from overlaypc import fdbudget
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        from overlaypc.engine.ops import Request
+        from overlaypc.overlay_ops import OverlayOps
+        clock = [0.0]
+        fdbudget.time = types.SimpleNamespace(
+            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+        os.umask(0)
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
+                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r})
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        ops = OverlayOps(fs)
+        main = threading.main_thread()
+        at_copy, go, queued, copied, main_done = (threading.Event() for _ in range(5))
+        turn = fdbudget._waiting
+        mine = []  # the main thread holds the turn
+        class Turn:  # ``fdbudget``'s turn, telling who waits for it
+            def acquire(self, timeout=-1):
+                if threading.current_thread() is main:
+                    got = turn.acquire(timeout=timeout)
+                    mine.append(got)
+                    return got
+                queued.set()
+                return turn.acquire(timeout=timeout)
+            def release(self):
+                if threading.current_thread() is main:
+                    mine.clear()
+                turn.release()
+        fdbudget._waiting = Turn()
+        class Signal:  # a registered cache: emptied at each try of the main thread's wait
+            def shed_fds(self):
+                if mine and not go.is_set():
+                    go.set()  # the copy-up goes on to its lookup, at the limit
+                    while not (queued.wait(0.01) or copied.is_set()):
+                        pass
+                return 0
+        signal = Signal()
+        fdbudget.register(signal)
+        copy_one = fs.copyup._copy_one
+        def paused(*args, **kwargs):  # the copy-up's own step, after the namespace lock
+            at_copy.set()
+            go.wait(60)
+            entry = copy_one(*args, **kwargs)
+            copied.set()
+            main_done.wait(60)
+            return entry
+        fs.copyup._copy_one = paused
+        nodeid = ops.lookup(Request(0, 0, os.getpid()), 1, b"d0000").nodeid
+        result = []
+        def chmod():
+            try:
+                ops._at_node(nodeid, lambda rel: fs.chmod(rel, 0o700))
+                result.append("done")
+            except OSError as e:
+                result.append(os.strerror(e.errno))
+        changer = threading.Thread(target=chmod)
+        changer.start()
+        assert at_copy.wait(60)  # refused under the lock (the node kept), run after it
+        with fs.ns_lock:
+            fs.lookup.changed()  # a change meanwhile: the copy-up looks the name up again
+        fs.lookup.shed_fds()  # (that lookup walks: the cache's fds close with the node)
+        hog = []
+        try:
+            while True:
+                hog.append(os.dup(0))
+        except OSError:
+            pass
+        for fd in hog[:30]:  # a walk of 60 fits only once the copy-up's node is let go
+            os.close(fd)
+        try:
+            found = len(fs.lookup.lookup("d0001").entries)
+        except OSError as e:
+            found = os.strerror(e.errno)
+        main_done.set()
+        for fd in hog[30:]:
+            os.close(fd)
+        changer.join()
+        copy = {str(tmp_path / "upper" / "d0000")!r}
+        print(found, clock[0] < fdbudget.WAIT_SECONDS, result[0],
+              oct(os.stat(copy).st_mode & 0o777) if os.path.exists(copy) else "none")
+    """, nofile=(400, 400))
+    assert out.split() == ["60", "True", "done", "0o700"]
