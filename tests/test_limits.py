@@ -1010,16 +1010,30 @@ def test_a_change_at_the_fd_limit_does_not_wait_under_the_namespace_lock(tmp_pat
     assert out.split() == ["Too", "many", "open", "files", "0.0", "done", "0o700"]
 
 
-def test_a_copy_up_run_after_the_namespace_lock_holds_no_node_while_it_waits_for_fds(tmp_path):
-    """A chmod of a directory merged across 60 layers, refused under the namespace lock
-    (``CopyUpFirst``) and run after it (``OverlayOps._at_node``), whose name is looked up
-    again because the epoch moved meanwhile, holds none of the node it looked up under the
-    lock while it waits for fds at the limit: the refused call kept that node (one fd per
+#: how the copy-up of a directory merged across 60 layers is asked for: the action's code
+#: (``ops``, ``fs``, ``nodeid`` of d0000) and the upper path it makes
+_COPY_UP_ASKS = {
+    # refused under the namespace lock (``CopyUpFirst``), run after it: the refused call
+    # kept the node looked up under the lock
+    "refused": ("ops._at_node(nodeid, lambda rel: fs.chmod(rel, 0o700))", "d0000"),
+    # the core's chmod, no lock held: the copy-up's call kept the node
+    "chmod": ("fs.chmod('d0000', 0o700)", "d0000"),
+    # a rename's copy-up of its source, which it had looked up to check it
+    "rename": ("fs.rename('d0000', 'moved')", "moved"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_COPY_UP_ASKS))
+def test_a_copy_up_holds_no_node_while_it_waits_for_fds(how, tmp_path):
+    """A copy-up of a directory merged across 60 layers whose name is looked up again (the
+    epoch moved meanwhile), outside the namespace lock, holds none of the node its caller
+    looked up before while it waits for fds at the limit: it kept that node (one fd per
     layer), and the thread queued for the wait with them, so the thread whose turn it was,
     needing them, gave up after the whole wait with EMFILE (stall20). Here that thread is
     the main one, in its wait (it holds the turn) when the copy-up reaches its lookup; it
     goes on once the copy-up has queued for the turn or done its copy. The clock is a fake
     one that only the waits' sleeps advance."""
+    act, made = _COPY_UP_ASKS[how]
     roots = _wide_layers(tmp_path, 60, 2)
     for d in ("upper", "work", "mnt"):
         (tmp_path / d).mkdir()
@@ -1035,7 +1049,8 @@ def test_a_copy_up_run_after_the_namespace_lock_holds_no_node_while_it_waits_for
             monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
         os.umask(0)
         cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
-                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r})
+                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r},
+                          redirect_dir="on")
         validate(cfg)
         fs = OverlayFS(cfg)
         fs.start()
@@ -1076,10 +1091,12 @@ def test_a_copy_up_run_after_the_namespace_lock_holds_no_node_while_it_waits_for
             return entry
         fs.copyup._copy_one = paused
         nodeid = ops.lookup(Request(0, 0, os.getpid()), 1, b"d0000").nodeid
+        fs.lookup.shed_fds()
+        before = len(os.listdir("/proc/self/fd"))
         result = []
         def chmod():
             try:
-                ops._at_node(nodeid, lambda rel: fs.chmod(rel, 0o700))
+                {act}
                 result.append("done")
             except OSError as e:
                 result.append(os.strerror(e.errno))
@@ -1089,24 +1106,28 @@ def test_a_copy_up_run_after_the_namespace_lock_holds_no_node_while_it_waits_for
         with fs.ns_lock:
             fs.lookup.changed()  # a change meanwhile: the copy-up looks the name up again
         fs.lookup.shed_fds()  # (that lookup walks: the cache's fds close with the node)
+        held = len(os.listdir("/proc/self/fd")) - before  # the node the copy-up's thread holds
         hog = []
         try:
             while True:
                 hog.append(os.dup(0))
         except OSError:
             pass
-        for fd in hog[:30]:  # a walk of 60 fits only once the copy-up's node is let go
+        free = 30 + 60 - held  # a walk of 60 fits only once what that thread holds is let go
+        for fd in hog[:free]:
             os.close(fd)
         try:
             found = len(fs.lookup.lookup("d0001").entries)
         except OSError as e:
             found = os.strerror(e.errno)
+        go.set()  # (if the main thread did not wait)
         main_done.set()
-        for fd in hog[30:]:
+        for fd in hog[free:]:
             os.close(fd)
         changer.join()
-        copy = {str(tmp_path / "upper" / "d0000")!r}
-        print(found, clock[0] < fdbudget.WAIT_SECONDS, result[0],
-              oct(os.stat(copy).st_mode & 0o777) if os.path.exists(copy) else "none")
+        copy = os.path.join({str(tmp_path / "upper")!r}, {made!r})
+        print(found, clock[0] < fdbudget.WAIT_SECONDS, result[0], os.path.isdir(copy))
     """, nofile=(400, 400))
-    assert out.split() == ["60", "True", "done", "0o700"]
+    assert out.split() == ["60", "True", "done", "True"]
+    if how != "rename":
+        assert stat.S_IMODE((tmp_path / "upper" / made).stat().st_mode) == 0o700
