@@ -207,7 +207,10 @@ class Attributes:
             fs.ownership.chown_ids(*ids)  # (EOVERFLOW: ``OverlayFS.kill_privs``)
         if data:
             return lambda: copyup.ensure_data(rel)
-        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=seen)
+        # (in a box: the copy-up lets go of the node before it may wait for fds, stall20)
+        held = copyup.holding(seen)
+        del seen, node
+        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=held)
 
     def copy_up_for_xattr(self, rel: str, name: str, *,
                           removed: bool = False) -> "Callable[[], Entry] | None":
@@ -328,8 +331,8 @@ class Attributes:
         copy = self.copy_up_for_setattr(rel, changes=changes, kill=writer is not None, ids=ids,
                                         seen=Seen(node, epoch))
         if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
+            node = None  # copied up: its structure changed (and not held while it may wait)
             entry = copy()
-            node = None  # copied up: its structure changed
         killed = False
         if writer is not None:
             killed = self.kill_privs(rel, writer, None if node is None else Seen(node, epoch))

@@ -53,7 +53,7 @@ import stat
 import threading
 import time
 
-from . import faults, impure, logs, sysapi
+from . import faults, fdbudget, impure, logs, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey
@@ -161,6 +161,24 @@ class Seen(NamedTuple):
     epoch: int
 
 
+class _Held:
+    """A caller's ``Seen``, passed down a copy-up in this box so the copy-up can let go of
+    its node (an ``O_PATH`` fd per layer a directory is found in) before a lookup that may
+    wait for fds (``fdbudget.patiently``): once the epoch moved it is of no use, and a
+    thread that queued for the wait holding it kept those fds from the thread whose turn
+    it was, which answered EMFILE after the whole wait (stall20: the refused call of a
+    ``CopyUpFirst``, run after the namespace lock, kept it). Only a holder that keeps no
+    other reference lets go of it this way (the refused call: the box alone)."""
+    __slots__ = ("seen",)
+
+    def __init__(self, seen: Seen | None) -> None:
+        self.seen = seen
+
+    def take(self) -> Seen | None:
+        seen, self.seen = self.seen, None
+        return seen
+
+
 @record
 class CopyUpContext:
     node: Node
@@ -252,13 +270,21 @@ class CopyUp:
         return bool(holds) and not holds[-1]
 
     @contextlib.contextmanager
-    def _stripe(self, rel: str):
+    def _stripe(self, rel: str, held: _Held | None = None):
         """Hold the lock of copy-ups of ``rel``; under ``refusing``, only if it is free
-        (else ``CopyUpFirst``: module doc)."""
+        (else ``CopyUpFirst``: module doc). ``held``: let go of before waiting for the lock,
+        whose holder may be a copy-up waiting for fds (its lookup, at the limit); it moves
+        the epoch anyway once it installs its copy (``_Held``)."""
         lock = self._stripes[hash(rel) % len(self._stripes)]
         if not self._refused.holds:
-            with lock:
+            if not lock.acquire(blocking=False):
+                if held is not None:
+                    held.take()
+                lock.acquire()
+            try:
                 yield
+            finally:
+                lock.release()
             return
         if not self._refused.holds[-1] or not lock.acquire(blocking=False):
             raise CopyUpFirst(rel)
@@ -268,23 +294,38 @@ class CopyUp:
             lock.release()
 
     # -- step 1: what is missing, ancestors first ----------------------------------------
-    def ensure_upper(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None) -> Entry:
+    def holding(self, seen: Seen) -> "_Held":
+        """``seen`` in a box, for a caller that keeps no other reference to it: passed as
+        ``ensure_upper``'s ``seen``, its node is let go of before any wait for fds
+        (``_Held``); a second call with the box looks the name up again."""
+        return _Held(seen)
+
+    def ensure_upper(self, rel: str, *, metadata_only: bool = False,
+                     seen: "Seen | _Held | None" = None) -> Entry:
         """Return the upper entry of merged path ``rel``, copying it up if needed.
 
         ``metadata_only`` (``-o metacopy=on``, for attribute changes): a regular file gets
         a sparse upper copy marked ``trusted.overlay.metacopy`` whose data stays below;
         ``ensure_data`` completes it before anything writes data. ``seen``: ``rel`` as the
-        caller just looked it up, not looked up again while no change ran since."""
+        caller just looked it up, not looked up again while no change ran since (``holding``:
+        in a box)."""
+        if isinstance(seen, _Held):
+            return self._ensure(rel, metadata_only=metadata_only, held=seen)
         return self._ensure(rel, metadata_only=metadata_only, seen=seen)
 
     def _ensure(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None,
-                empty: bool = False) -> Entry:
-        """``ensure_upper``; ``empty``: a regular file copied without its data."""
-        node = seen.node if seen is not None else self.lookup.lookup(rel)
+                empty: bool = False, held: _Held | None = None) -> Entry:
+        """``ensure_upper``; ``empty``: a regular file copied without its data; ``held``:
+        ``seen`` in a box (the refused call of a ``CopyUpFirst``: ``_Held``)."""
+        if held is None:
+            held = _Held(seen)
+        del seen  # (from here in ``held`` alone, which lets go of it before any wait)
+        node = held.seen.node if held.seen is not None else self.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
             return node.upper
+        del node
         try:
             if self._refuses():
                 raise CopyUpFirst(rel)
@@ -292,17 +333,27 @@ class CopyUp:
             # loop, not recursion: a path may be thousands of levels deep)
             missing = []
             parent = split(rel)[0]
-            while parent and self.lookup.directory(parent).upper is None:
+            while parent and self._looked_up(self.lookup.directory, parent, held).upper is None:
                 missing.append(parent)
                 parent = split(parent)[0]
+            if missing:
+                held.take()  # (stale once an ancestor is copied: each copy moves the epoch)
             for path in reversed(missing):
                 self._copy_one(path)
-            return self._copy_one(rel, metadata_only and self.metacopy, seen, empty=empty)
+            return self._copy_one(rel, metadata_only and self.metacopy, held, empty=empty)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
             if first.copy is None:
                 first.copy = functools.partial(self._ensure, rel, metadata_only=metadata_only,
-                                               seen=seen, empty=empty)
+                                               empty=empty, held=held)
             raise
+
+    @staticmethod
+    def _looked_up(find: "Callable[[str], Node]", rel: str, held: _Held | None) -> Node:
+        """``find(rel)`` (``Lookup.lookup``, ``Lookup.directory``: at the fd limit they wait
+        for fds), letting go of ``held``'s node before any wait (``_Held``)."""
+        if held is None or held.seen is None:
+            return find(rel)
+        return fdbudget.patiently(find, rel, letting_go=held.take)
 
     def ensure_data(self, rel: str, *, empty: bool = False) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left).
@@ -316,6 +367,7 @@ class CopyUp:
                 return entry
             if self._refuses():
                 raise CopyUpFirst(rel)
+            node = None  # (not held while the lock or the lookup below may wait)
             with self._stripe(rel):
                 node = self.lookup.lookup(rel)
                 if node.data is None or node.upper is None:
@@ -329,14 +381,17 @@ class CopyUp:
         return self.ensure_upper(split(rel)[0])
 
     # -- step 2: one object, under its lock -----------------------------------------------
-    def _copy_one(self, rel: str, metadata_only: bool = False, seen: Seen | None = None,
+    def _copy_one(self, rel: str, metadata_only: bool = False, held: _Held | None = None,
                   empty: bool = False) -> Entry:
-        with self._stripe(rel):
+        with self._stripe(rel, held):
             # under the object's lock: a copy-up of it that finished meanwhile (or any other
-            # change) moved the epoch, and then the name is looked up again
+            # change) moved the epoch, and then the name is looked up again, the node seen
+            # let go of first (``_Held``: the lookup may wait for fds)
+            seen = held.take() if held is not None else None
             if seen is not None and seen.epoch == self.lookup.epoch:
                 node, epoch = seen
             else:
+                seen = None
                 epoch = self.lookup.epoch  # (read before the layers: ``Seen``)
                 node = self.lookup.lookup(rel)
             if not node.exists:

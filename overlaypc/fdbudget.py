@@ -245,7 +245,8 @@ def _under_unwaited() -> bool:
 _turn = threading.local()
 
 
-def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None) -> T:
+def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None,
+              letting_go: Callable[[], object] | None = None) -> T:
     """``fn(*args)``, which may need many fds at once (one per layer a directory is merged
     across, and its parent's) and holds them only while it runs or in caches that
     ``shed`` empties; ``fn`` must have changed nothing when it fails (a lookup, a listing).
@@ -256,7 +257,9 @@ def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None)
     only then fails with EMFILE. So lookups that each fit the limit alone but not all at
     once wait for each other instead of failing (walk17: three ``ls`` of directories
     merged across 200 lowers at once answered EMFILE at a limit the mount check admits).
-    Caveat: fds the caller itself holds (a parent it looked up first) are not let go."""
+    Caveat: fds the caller itself holds (a parent it looked up first) are not let go, unless
+    ``letting_go`` lets go of them: it is called once, before the wait (stall20: a copy-up
+    queued for the wait holding a node the thread whose turn it was needed the fds of)."""
     if getattr(_turn, "patient", False):
         return fn(*args)  # (a try of a patient operation: that one waits)
     _turn.patient = True
@@ -269,6 +272,8 @@ def patiently(fn: Callable[..., T], *args: object, seconds: float | None = None)
             # (the exception, and with it the frames that held the fds, goes at the block's end)
     finally:
         _turn.patient = False
+    if letting_go is not None:
+        letting_go()
     return waited(fn, *args, seconds=seconds)
 
 

@@ -744,9 +744,13 @@ class Namespace:
             raise OSError(errno.EXDEV, "directory exists in a lower layer (redirect_dir=off)", old)
         nnode = self.fs.lookup.lookup(new)
         self._check_target(onode, nnode, flags)
+        replaces_file = nnode.exists and not nnode.is_dir
+        # (looked up again under the lock: not held while the copy-ups, whose lookups may
+        # wait for fds at the limit, run; a merged directory holds an fd per layer: stall20)
+        del onode, nnode
         self.fs.copyup.ensure_upper(old)
         self.fs.copyup.ensure_parent(new)
-        if nnode.exists and not nnode.is_dir:
+        if replaces_file:
             self._index_before_removal(new)
         with self._changing():
             onode = self.fs.lookup.lookup(old)

@@ -1008,3 +1008,126 @@ def test_a_change_at_the_fd_limit_does_not_wait_under_the_namespace_lock(tmp_pat
         print(found, clock[0], result[0], oct(os.stat({str(tmp_path / "upper" / "d0000")!r}).st_mode & 0o777))
     """, nofile=(400, 400))
     assert out.split() == ["Too", "many", "open", "files", "0.0", "done", "0o700"]
+
+
+#: how the copy-up of a directory merged across 60 layers is asked for: the action's code
+#: (``ops``, ``fs``, ``nodeid`` of d0000) and the upper path it makes
+_COPY_UP_ASKS = {
+    # refused under the namespace lock (``CopyUpFirst``), run after it: the refused call
+    # kept the node looked up under the lock
+    "refused": ("ops._at_node(nodeid, lambda rel: fs.chmod(rel, 0o700))", "d0000"),
+    # the core's chmod, no lock held: the copy-up's call kept the node
+    "chmod": ("fs.chmod('d0000', 0o700)", "d0000"),
+    # a rename's copy-up of its source, which it had looked up to check it
+    "rename": ("fs.rename('d0000', 'moved')", "moved"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_COPY_UP_ASKS))
+def test_a_copy_up_holds_no_node_while_it_waits_for_fds(how, tmp_path):
+    """A copy-up of a directory merged across 60 layers whose name is looked up again (the
+    epoch moved meanwhile), outside the namespace lock, holds none of the node its caller
+    looked up before while it waits for fds at the limit: it kept that node (one fd per
+    layer), and the thread queued for the wait with them, so the thread whose turn it was,
+    needing them, gave up after the whole wait with EMFILE (stall20). Here that thread is
+    the main one, in its wait (it holds the turn) when the copy-up reaches its lookup; it
+    goes on once the copy-up has queued for the turn or done its copy. The clock is a fake
+    one that only the waits' sleeps advance."""
+    act, made = _COPY_UP_ASKS[how]
+    roots = _wide_layers(tmp_path, 60, 2)
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    out = _child(f"""
+        import os, threading, types
+        from overlaypc import fdbudget
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        from overlaypc.engine.ops import Request
+        from overlaypc.overlay_ops import OverlayOps
+        clock = [0.0]
+        fdbudget.time = types.SimpleNamespace(
+            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+        os.umask(0)
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
+                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r},
+                          redirect_dir="on")
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        ops = OverlayOps(fs)
+        main = threading.main_thread()
+        at_copy, go, queued, copied, main_done = (threading.Event() for _ in range(5))
+        turn = fdbudget._waiting
+        mine = []  # the main thread holds the turn
+        class Turn:  # ``fdbudget``'s turn, telling who waits for it
+            def acquire(self, timeout=-1):
+                if threading.current_thread() is main:
+                    got = turn.acquire(timeout=timeout)
+                    mine.append(got)
+                    return got
+                queued.set()
+                return turn.acquire(timeout=timeout)
+            def release(self):
+                if threading.current_thread() is main:
+                    mine.clear()
+                turn.release()
+        fdbudget._waiting = Turn()
+        class Signal:  # a registered cache: emptied at each try of the main thread's wait
+            def shed_fds(self):
+                if mine and not go.is_set():
+                    go.set()  # the copy-up goes on to its lookup, at the limit
+                    while not (queued.wait(0.01) or copied.is_set()):
+                        pass
+                return 0
+        signal = Signal()
+        fdbudget.register(signal)
+        copy_one = fs.copyup._copy_one
+        def paused(*args, **kwargs):  # the copy-up's own step, after the namespace lock
+            at_copy.set()
+            go.wait(60)
+            entry = copy_one(*args, **kwargs)
+            copied.set()
+            main_done.wait(60)
+            return entry
+        fs.copyup._copy_one = paused
+        nodeid = ops.lookup(Request(0, 0, os.getpid()), 1, b"d0000").nodeid
+        fs.lookup.shed_fds()
+        before = len(os.listdir("/proc/self/fd"))
+        result = []
+        def chmod():
+            try:
+                {act}
+                result.append("done")
+            except OSError as e:
+                result.append(os.strerror(e.errno))
+        changer = threading.Thread(target=chmod)
+        changer.start()
+        assert at_copy.wait(60)  # refused under the lock (the node kept), run after it
+        with fs.ns_lock:
+            fs.lookup.changed()  # a change meanwhile: the copy-up looks the name up again
+        fs.lookup.shed_fds()  # (that lookup walks: the cache's fds close with the node)
+        held = len(os.listdir("/proc/self/fd")) - before  # the node the copy-up's thread holds
+        hog = []
+        try:
+            while True:
+                hog.append(os.dup(0))
+        except OSError:
+            pass
+        free = 30 + 60 - held  # a walk of 60 fits only once what that thread holds is let go
+        for fd in hog[:free]:
+            os.close(fd)
+        try:
+            found = len(fs.lookup.lookup("d0001").entries)
+        except OSError as e:
+            found = os.strerror(e.errno)
+        go.set()  # (if the main thread did not wait)
+        main_done.set()
+        for fd in hog[free:]:
+            os.close(fd)
+        changer.join()
+        copy = os.path.join({str(tmp_path / "upper")!r}, {made!r})
+        print(found, clock[0] < fdbudget.WAIT_SECONDS, result[0], os.path.isdir(copy))
+    """, nofile=(400, 400))
+    assert out.split() == ["60", "True", "done", "True"]
+    if how != "rename":
+        assert stat.S_IMODE((tmp_path / "upper" / made).stat().st_mode) == 0o700
