@@ -341,6 +341,19 @@ def tmp_view(root: Path, made: dict) -> list:
 
 # --- seekdir/telldir/rewinddir on big/ (SEEKERS=N) ------------------------------------------
 
+def check_listing(names: list, how: str, stable: set, universe: set) -> None:
+    """A listing of big/: no name twice, none that cannot exist, every stable name there."""
+    if len(set(names)) != len(names):
+        twice = sorted({x for x in names if names.count(x) > 1})[:10]
+        raise Failure(f"{how}: names listed twice: {twice}")
+    bad = [x for x in names if x not in universe]
+    if bad:
+        raise Failure(f"{how}: names that cannot exist listed: {sorted(bad)[:10]}")
+    missing = stable - set(names)
+    if missing:
+        raise Failure(f"{how}: {len(missing)} stable names missing, e.g. {sorted(missing)[:10]}")
+
+
 def big_seeker(root: str, n: int, stop, q, idx: int, seed: int, names_of):
     rng = random.Random(seed)
     stable, universe = names_of(n)
@@ -348,15 +361,7 @@ def big_seeker(root: str, n: int, stop, q, idx: int, seed: int, names_of):
     done = 0
 
     def check(names, how):
-        if len(set(names)) != len(names):
-            twice = sorted({x for x in names if names.count(x) > 1})[:10]
-            raise Failure(f"{how}: names listed twice: {twice}")
-        bad = [x for x in names if x not in universe]
-        if bad:
-            raise Failure(f"{how}: names that cannot exist listed: {sorted(bad)[:10]}")
-        missing = stable - set(names)
-        if missing:
-            raise Failure(f"{how}: {len(missing)} stable names missing, e.g. {sorted(missing)[:10]}")
+        check_listing(names, how, stable, universe)
     try:
         while not stop.is_set():
             fds = {}  # fd -> (entries [(name, cookie)], history)

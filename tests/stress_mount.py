@@ -850,15 +850,7 @@ def big_lister(root: str, n: int, stop, q, idx: int, seed: int):
     listed = 0
 
     def check(names, how):
-        if len(set(names)) != len(names):
-            twice = sorted({x for x in names if names.count(x) > 1})[:10]
-            raise Failure(f"{how}: names listed twice: {twice}")
-        bad = [x for x in names if x not in universe]
-        if bad:
-            raise Failure(f"{how}: names that cannot exist listed: {sorted(bad)[:10]}")
-        missing = stable - set(names)
-        if missing:
-            raise Failure(f"{how}: {len(missing)} stable names missing, e.g. {sorted(missing)[:10]}")
+        stress_extra.check_listing(names, how, stable, universe)
     try:
         while not stop.is_set():
             its = [(os.scandir(top), []) for _ in range(rng.randint(1, 6))]
