@@ -33,8 +33,15 @@ LIBC.syscall.restype = ctypes.c_long
 SYS_GETDENTS64 = 217  # x86_64
 AT_EMPTY_PATH = 0x1000
 AT_FDCWD = -100
-#: DAEMON_NOFILE set: an open answered ENFILE (the daemon's fd budget spent) is skipped
+#: DAEMON_NOFILE set: an open answered ENFILE is skipped (the daemon's fd budget is spent by
+#: the filers, which hold an fd on every object they made, hundreds in all)
 LOWFD = bool(os.environ.get("DAEMON_NOFILE"))
+
+
+def budget_spent(e: OSError) -> bool:
+    """``e`` is the ENFILE of a daemon whose fd budget is spent, which a worker skips
+    under DAEMON_NOFILE (``LOWFD``)."""
+    return LOWFD and e.errno == errno.ENFILE
 
 
 class Failure(Exception):
@@ -268,7 +275,7 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
             try:
                 one(step)
             except OSError as e:
-                if not (LOWFD and e.errno == errno.ENFILE):
+                if not budget_spent(e):
                     raise
                 log.append(("ENFILE",))
         q.put((f"tmper{c}", "ok", {o: (bytes(v[0]), v[1], v[2], sorted(v[3])) for o, v in objs.items()}))
@@ -369,7 +376,7 @@ def big_seeker(root: str, n: int, stop, q, idx: int, seed: int, names_of):
                 try:
                     fds[os.open(top, os.O_RDONLY | os.O_DIRECTORY)] = ([], [])
                 except OSError as e:
-                    if not (LOWFD and e.errno == errno.ENFILE):
+                    if not budget_spent(e):
                         raise
             while fds:
                 fd = rng.choice(sorted(fds))
@@ -464,7 +471,7 @@ def dir_remover(root: str, stop, q, seed: int):
             except (FileNotFoundError, FileExistsError):
                 pass
             except OSError as e:
-                if e.errno != errno.ENOTEMPTY and not (LOWFD and e.errno == errno.ENFILE):  # the holder made a file in it meanwhile
+                if e.errno != errno.ENOTEMPTY and not budget_spent(e):  # the holder made a file in it meanwhile
                     raise
         q.put(("dirremover", "ok", n))
     except BaseException as e:  # noqa
@@ -503,7 +510,7 @@ def dir_holder(root: str, stop, q, seed: int):
                 except FileNotFoundError:
                     continue
                 except OSError as e:
-                    if not (LOWFD and e.errno == errno.ENFILE):
+                    if not budget_spent(e):
                         raise
                     continue
                 try:
@@ -567,7 +574,7 @@ def dir_holder(root: str, stop, q, seed: int):
                 # removed before or meanwhile: a dead directory lists and creates ENOENT
                 if e.errno in (errno.ENOENT, errno.ESTALE) and (gone or _dead(fd)):
                     continue
-                if LOWFD and e.errno == errno.ENFILE:
+                if budget_spent(e):
                     continue
                 raise Failure(f"held dir {op} (removed: {gone}): {e!r}") from e
         for fd in held:

@@ -56,9 +56,7 @@ IDSHIFT = 0
 NEWUID = 0
 
 
-#: DAEMON_NOFILE set: an open answered ENFILE is skipped (the daemon's fd budget is spent by
-#: the filers, which hold an fd on every object they made, hundreds in all)
-LOWFD = bool(os.environ.get("DAEMON_NOFILE"))
+budget_spent = stress_extra.budget_spent  # (DAEMON_NOFILE: a spent daemon fd budget's ENFILE)
 #: LOWER3=1 (soak19): a third lower layer below the two
 LOWER3 = bool(os.environ.get("LOWER3"))
 
@@ -422,7 +420,7 @@ def reader(root: str, stop, q, seed):
                         except (FileNotFoundError, PermissionError):
                             continue
                         except OSError as e:
-                            if e.errno != errno.ELOOP and not (LOWFD and e.errno == errno.ENFILE):
+                            if e.errno != errno.ELOOP and not budget_spent(e):
                                 raise  # (ELOOP: a symlink)
                             continue
                         try:
@@ -565,7 +563,7 @@ def pair_watcher(j: int, root: str, stop, q):
                     except FileNotFoundError:
                         continue
                     except OSError as e:
-                        if not (LOWFD and e.errno == errno.ENFILE):
+                        if not budget_spent(e):
                             raise
                         continue
                     try:
@@ -610,7 +608,7 @@ def pair_filer(j: int, root: str, objs: dict, next_id: int, seed: int, nops: int
                 except FileNotFoundError:
                     continue
                 except OSError as e:
-                    if LOWFD and e.errno == errno.ENFILE:
+                    if budget_spent(e):
                         log.append(("ENFILE",))
                         return False, None
                     raise
@@ -625,7 +623,7 @@ def pair_filer(j: int, root: str, objs: dict, next_id: int, seed: int, nops: int
                     except FileNotFoundError:
                         continue
                     except OSError as e:
-                        if LOWFD and e.errno == errno.ENFILE:
+                        if budget_spent(e):
                             log.append(("ENFILE",))
                             return False, None
                         raise
@@ -836,7 +834,7 @@ def big_mutator(root: str, n: int, stop, q, seed: int):
             except FileNotFoundError:
                 pass
             except OSError as e:
-                if not (LOWFD and e.errno == errno.ENFILE):
+                if not budget_spent(e):
                     raise
         q.put(("bigmutator", "ok", done))
     except BaseException as e:  # noqa
