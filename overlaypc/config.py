@@ -316,16 +316,21 @@ RAW_VALUES = {"lowerdir", "lowerdir+", "datadir+"}
 
 def apply_options(cfg: MountConfig, text: str) -> None:
     for item in filter(None, _split_commas(text)):
-        name, eq, value = item.partition("=")
-        if name in OPTIONS:
-            value = _unquote(value)  # (before the unescaping: a ``\"`` is no quote)
-            if name not in RAW_VALUES:
-                value = _unescape_value(value)
-            OPTIONS[name](cfg, value if eq else None)
-        elif name in GENERIC or name.startswith(("x-", "comment=")) or name == "comment":
-            cfg.generic.append(item)
-        else:
-            raise ConfigError(f"unknown option {item!r}")
+        _apply_option(cfg, item)
+
+
+def _apply_option(cfg: MountConfig, item: str) -> None:
+    """One option, ``name`` or ``name=value``, its value still quoted and escaped."""
+    name, eq, value = item.partition("=")
+    if name in OPTIONS:
+        value = _unquote(value)  # (before the unescaping: a ``\"`` is no quote)
+        if name not in RAW_VALUES:
+            value = _unescape_value(value)
+        OPTIONS[name](cfg, value if eq else None)
+    elif name in GENERIC or name.startswith(("x-", "comment=")) or name == "comment":
+        cfg.generic.append(item)
+    else:
+        raise ConfigError(f"unknown option {item!r}")
 
 
 def _split_commas(text: str) -> list[str]:
@@ -419,8 +424,8 @@ def load_stack(path: str, cfg: MountConfig) -> None:
         setattr(cfg, key, os.path.join(base, value))
     if any("\0" in p for p in (*cfg.lowers, cfg.upper or "", cfg.work or "")):
         raise ConfigError(f"stack file {path}: a path contains a NUL byte")
-    for opt in _stack_options(path, data.get("options")):
-        apply_options(cfg, opt)
+    for item in filter(None, _stack_options(path, data.get("options"))):
+        _apply_option(cfg, item)
     # the paths its options give (lowerdir=, upperdir=, logfile=...) resolve against its
     # directory too; -o options, applied after it, resolve against the cwd
     cfg.lowers = [os.path.join(base, p) for p in cfg.lowers]
@@ -479,19 +484,21 @@ _FILE_KINDS = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFCHR: "c
 
 
 def _stack_options(path: str, options: object) -> list[str]:
-    """The ``options`` of a stack file as option strings: a list of strings (or numbers),
-    one string, or a mapping of names to scalar values (booleans: ``_boolean_option``)."""
+    """The ``options`` of a stack file, one option per item: a list of option strings (or
+    numbers) and one string split at commas as ``-o`` is; a mapping of names to scalar
+    values gives one option per key, its value whole (``context: "...:c1,c2"`` holds a
+    comma that separates nothing); booleans: ``_boolean_option``."""
     if options is None:
         return []
     if isinstance(options, str):
-        return [options]
+        return _split_commas(options)
     scalar = (str, int, float)  # (bool is an int)
     if isinstance(options, dict):
         if all(isinstance(k, str) and isinstance(v, scalar) for k, v in options.items()):
             return [_boolean_option(path, k, v) if isinstance(v, bool) else f"{k}={v}"
                     for k, v in options.items()]
     elif isinstance(options, list) and all(isinstance(o, scalar) for o in options):
-        return [str(o) for o in options]
+        return [item for o in options for item in _split_commas(str(o))]
     raise ConfigError(f"stack file {path}: 'options' must be a list of strings like [cache=shared]")
 
 

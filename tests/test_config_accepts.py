@@ -131,3 +131,24 @@ def test_an_escaped_double_quote_is_part_of_the_path(base, opts, lowers, upper):
     cfg = _config(["-o", opts, "overlay", "m"])
     assert cfg.lowers == [str(base / p) for p in lowers]
     assert cfg.upper == (upper and str(base / upper))
+
+
+def test_stack_file_mapping_values_keep_their_commas(base):
+    """In the mapping form of a stack file's options a value is one option's value: an SELinux
+    context with categories (``c1,c2``) or a path with a comma was split at the comma (the
+    mapping was joined into ``name=value`` text and read as ``-o``: unknown option 'c2')."""
+    (base / "u,q").mkdir()
+    (base / "s.yaml").write_text("lowers: [a]\noptions: {upperdir: 'u,q', workdir: w,\n"
+                                 "  context: 'system_u:object_r:container_file_t:s0:c1,c2'}\n")
+    cfg = _config(["--stack", str(base / "s.yaml"), "m"])
+    given = _config(["-o", 'lowerdir=a,upperdir=u\\,q,workdir=w,'
+                     'context="system_u:object_r:container_file_t:s0:c1,c2"', "m"])
+    assert cfg.upper == str(base / "u,q") == given.upper
+    assert cfg.generic == given.generic and cfg.context == given.context
+
+
+def test_stack_file_option_strings_split_as_dash_o(base):
+    """A list item or a single string of options is split at commas as ``-o`` is."""
+    (base / "s.yaml").write_text("lowers: [a]\noptions: ['upperdir=u,workdir=w', ',cache=shared,']\n")
+    cfg = _config(["--stack", str(base / "s.yaml"), "m"])
+    assert (cfg.upper, cfg.work, cfg.cache) == (str(base / "u"), str(base / "w"), "shared")
