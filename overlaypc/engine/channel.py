@@ -23,6 +23,10 @@ import struct
 from . import protocol
 from .. import logs
 from ..records import field, record
+from ..typing_lite import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
 
 log = logs.get("overlaypc.engine")
 
@@ -70,7 +74,7 @@ class Channel:
     mountpoint: str
     via_fusermount: bool
     #: fusermount3's socket, kept open for the daemon's lifetime (auto_unmount)
-    comm: "socket.socket | None" = None
+    comm: socket.socket | None = None
     clones: list[int] = field(default_factory=list)
 
     def clone(self) -> int:
