@@ -368,3 +368,35 @@ def test_the_console_script_pauses_the_collector_before_start_up_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=REPO)).stdout.split("\n")
     assert out[-2] == "[False]", out
+
+
+def test_a_mount_reads_the_mount_table_once_to_validate_and_once_to_open_its_layers(tmp_path):
+    """``validate`` reads /proc/self/mountinfo once for all its checks (stale FUSE layers,
+    the mount point in use), and ``OverlayFS()`` once for the idmapped check of all its
+    layers: each read costs ~0.3 ms on a host with a few hundred mounts (before: once per
+    layer and twice for the mount point in validate, once per layer in ``OverlayFS()``:
+    7 and 4 reads for this three-lower stack; fails there with ['7', '4'] != ['1', '1']).
+    Counted with an audit hook."""
+    for d in ("l1", "l2", "l3", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    opts = (f"lowerdir={tmp_path}/l1:{tmp_path}/l2:{tmp_path}/l3,upperdir={tmp_path}/upper,"
+            f"workdir={tmp_path}/work")
+    code = "\n".join([
+        "import sys",
+        "from overlaypc import cli",
+        "from overlaypc.core import OverlayFS",
+        "reads = []",
+        "def hook(event, args):",
+        "    if event == 'open' and args[0] == '/proc/self/mountinfo':",
+        "        reads.append(1)",
+        "sys.addaudithook(hook)",
+        f"cfg = cli.parse_mount_args(['-o', {opts!r}, {str(tmp_path / 'mnt')!r}])",
+        "cli.validate(cfg)",
+        "validated = len(reads)",
+        "fs = OverlayFS(cfg)",
+        "fs.close()",
+        "print(validated, len(reads) - validated)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.split()
+    assert out == ["1", "1"]
