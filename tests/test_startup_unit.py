@@ -168,13 +168,22 @@ def test_named_tuple_matches_typing():
             b: int
 
 
-def test_mount_imports_leave_out_dataclasses_and_typing():
-    """What a mount imports (benchmarks/run.py MOUNT_IMPORTS) does not pull in
-    dataclasses and inspect (~5 ms of start-up, see records) nor typing (~2 ms, see
-    typing_lite)."""
-    code = ("import sys, overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
+#: standard modules a mount's imports leave out, and why: dataclasses and inspect (~5 ms of
+#: start-up, see records), typing (~2 ms, see typing_lite), argparse (~4 ms, cli._plain_args),
+#: re and enum (~4 ms beyond what a mount imports anyway: only logging, after the first
+#: reply, and a stack file need re), queue and heapq (~0.3 ms: the session takes
+#: ``_queue.SimpleQueue``), weakref (~0.7 ms: fdbudget takes ``_weakrefset``)
+SLOW_STDLIB = ("dataclasses", "inspect", "typing", "argparse", "re", "enum", "queue", "heapq",
+               "weakref")
+
+
+def test_mount_imports_leave_out_slow_standard_modules():
+    """What a mount imports (benchmarks/run.py MOUNT_IMPORTS) pulls in none of
+    ``SLOW_STDLIB`` (queue and heapq came with the session's notification queue before)."""
+    code = ("import sys; before = set(sys.modules); "  # (what site imported is no mount's cost)
+            "import overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
             "overlaypc.engine.daemon, overlaypc.mounting, overlaypc.overlay_ops; "
-            "print(' '.join(m for m in ('dataclasses', 'inspect', 'typing', 'argparse') if m in sys.modules))")
+            f"print(' '.join(m for m in {SLOW_STDLIB!r} if m in set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=REPO)).stdout.strip()
     assert out == ""
