@@ -123,8 +123,34 @@ def mount_options(mnt_id: int, mountinfo: str = "/proc/self/mountinfo") -> list[
     return None
 
 
-def on_idmapped_mount(fd: int) -> bool:
-    """Whether the open ``fd`` is on an idmapped mount (its stats show mapped IDs)."""
+def idmapped_mount_ids(mountinfo: str = "/proc/self/mountinfo") -> frozenset[int]:
+    """The IDs of the idmapped mounts this process's mount namespace lists: one read of the
+    mount table for all of a stack's layers (``ownership``), not one per layer (each read
+    costs ~0.3 ms on a host with a few hundred mounts). Empty when it cannot be read."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError:
+        return frozenset()
+    if "idmapped" not in text:  # (the usual answer, without splitting a line)
+        return frozenset()
+    found = set()
+    for line in text.splitlines():
+        fields = line.split(" ", 6)
+        if len(fields) > 5 and "idmapped" in fields[5].split(","):
+            found.add(int(fields[0]))
+    return frozenset(found)
+
+
+def on_idmapped_mount(fd: int, idmapped: frozenset[int] | None = None) -> bool:
+    """Whether the open ``fd`` is on an idmapped mount (its stats show mapped IDs);
+    ``idmapped``: the table's idmapped mount IDs (``idmapped_mount_ids``) if already read."""
+    if idmapped is not None and not idmapped:
+        return False
     mid = mount_id(fd)
-    options = mount_options(mid) if mid is not None else None
+    if mid is None:
+        return False
+    if idmapped is not None:
+        return mid in idmapped
+    options = mount_options(mid)
     return options is not None and "idmapped" in options

@@ -49,7 +49,7 @@ import stat
 from collections.abc import Callable
 
 from . import logs
-from .idmap import IdMap, on_idmapped_mount
+from .idmap import IdMap, idmapped_mount_ids, on_idmapped_mount
 from .records import record
 from .typing_lite import TYPE_CHECKING, NamedTuple
 
@@ -103,11 +103,11 @@ def _root_override(layer: "Layer") -> str | None:
     return next((name for name in OVERRIDE_NAMES if layer.getxattr("", name) is not None), None)
 
 
-def _idmapped_lower(layer: "Layer") -> bool:
-    """Whether ``layer`` is a lower on an idmapped mount (logged: one line per layer). An
-    upper or workdir on one is only warned about: IDs written through it are mapped by
-    the kernel too, which this mount does not model."""
-    if layer.index < 0 or not on_idmapped_mount(layer.root_fd):
+def _idmapped_lower(layer: "Layer", idmapped: frozenset[int]) -> bool:
+    """Whether ``layer`` is a lower on an idmapped mount (one of ``idmapped``: logged, one
+    line per layer). An upper or workdir on one is only warned about: IDs written through
+    it are mapped by the kernel too, which this mount does not model."""
+    if layer.index < 0 or not on_idmapped_mount(layer.root_fd, idmapped):
         return False
     if layer.writable:
         log.warning("%s %s is on an idmapped mount: the kernel maps the IDs written there "
@@ -155,7 +155,8 @@ class Ownership:
         if 0 in override:
             override.add(-1)  # the workdir builds upper objects (creation, copy-up, index)
         root = 0 if config.squash_to_root else None
-        idmapped = frozenset(layer.index for layer in layers if _idmapped_lower(layer))
+        ids = idmapped_mount_ids() if any(layer.index >= 0 for layer in layers) else frozenset()
+        idmapped = frozenset(layer.index for layer in layers if _idmapped_lower(layer, ids))
         return cls(config.uidmapping, config.gidmapping,
                    config.squash_to_uid if config.squash_to_uid is not None else root,
                    config.squash_to_gid if config.squash_to_gid is not None else root,

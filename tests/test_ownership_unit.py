@@ -208,3 +208,22 @@ def test_context_goes_to_the_kernel_only_with_selinux(tmp_path, monkeypatch, cap
     (tmp_path / "enforce").write_text("1")
     # libfuse passes kernel options on to mount(2) as they are: the quotes keep c1,c2 together
     assert cli._fuse_overlayfs_flags(cfg) == ['context="system_u:object_r:container_file_t:s0:c1,c2"']
+
+
+def test_idmapped_mount_ids_are_read_from_the_options_field_only(tmp_path):
+    """``idmapped_mount_ids`` (one read of the mount table for all layers) finds the mounts
+    whose per-mount options say ``idmapped``, not a path or a superblock option that does."""
+    from overlaypc.idmap import idmapped_mount_ids
+    info = tmp_path / "mountinfo"
+    info.write_text("24 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+                    "431 24 254:0 /srv/l /x/mapped/0 rw,relatime,idmapped shared:2 - ext4 /dev/vda rw\n"
+                    "4310 24 0:5 / /idmapped rw shared:3 - tmpfs tmpfs rw,idmapped\n"
+                    "432 24 254:0 /srv/m /y idmapped - ext4 /dev/vda rw\n")
+    assert idmapped_mount_ids(str(info)) == {431, 432}
+    assert idmapped_mount_ids(str(tmp_path / "none")) == frozenset()
+    fd = os.open(tmp_path, os.O_PATH)
+    try:
+        assert not on_idmapped_mount(fd, frozenset())
+        assert not on_idmapped_mount(fd, idmapped_mount_ids())
+    finally:
+        os.close(fd)

@@ -168,13 +168,22 @@ def test_named_tuple_matches_typing():
             b: int
 
 
-def test_mount_imports_leave_out_dataclasses_and_typing():
-    """What a mount imports (benchmarks/run.py MOUNT_IMPORTS) does not pull in
-    dataclasses and inspect (~5 ms of start-up, see records) nor typing (~2 ms, see
-    typing_lite)."""
-    code = ("import sys, overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
+#: standard modules a mount's imports leave out, and why: dataclasses and inspect (~5 ms of
+#: start-up, see records), typing (~2 ms, see typing_lite), argparse (~4 ms, cli._plain_args),
+#: re and enum (~4 ms beyond what a mount imports anyway: only logging, after the first
+#: reply, and a stack file need re), queue and heapq (~0.3 ms: the session takes
+#: ``_queue.SimpleQueue``), weakref (~0.7 ms: fdbudget takes ``_weakrefset``)
+SLOW_STDLIB = ("dataclasses", "inspect", "typing", "argparse", "re", "enum", "queue", "heapq",
+               "weakref")
+
+
+def test_mount_imports_leave_out_slow_standard_modules():
+    """What a mount imports (benchmarks/run.py MOUNT_IMPORTS) pulls in none of
+    ``SLOW_STDLIB`` (queue and heapq came with the session's notification queue before)."""
+    code = ("import sys; before = set(sys.modules); "  # (what site imported is no mount's cost)
+            "import overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
             "overlaypc.engine.daemon, overlaypc.mounting, overlaypc.overlay_ops; "
-            "print(' '.join(m for m in ('dataclasses', 'inspect', 'typing', 'argparse') if m in sys.modules))")
+            f"print(' '.join(m for m in {SLOW_STDLIB!r} if m in set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=REPO)).stdout.strip()
     assert out == ""
@@ -337,34 +346,71 @@ def test_collector_paused_for_start_up_is_on_when_requests_run(tmp_path, monkeyp
         os.umask(umask)
 
 
-def test_the_console_script_pauses_the_collector_before_start_up_imports():
-    """The ``overlaypc`` console script (what podman runs as its mount_program) enters
-    through ``entry.main``, which pauses garbage collection before ``cli`` and what it
-    imports are loaded, as ``python -m overlaypc`` does (before: ``cli:main``, imported
-    by the script itself with the collector on)."""
+def test_the_command_pauses_the_collector_and_imports_no_re_before_start_up():
+    """The ``overlaypc`` command (what podman runs as its mount_program) is ``bin/overlaypc``,
+    installed as a script: it enters through ``entry.main``, which pauses garbage collection
+    before ``cli`` and what it imports are loaded, as ``python -m overlaypc`` does; and
+    nothing before start-up imports ``re`` (the wrapper installers generate for a
+    console_scripts entry point does, and ``enum`` with it: ~4 ms of every mount's start).
+    Failed before: setup.cfg declared an entry point (KeyError: 'scripts'), and its
+    generated wrapper run here gives ``[(False, ['enum', 're'])]``."""
     import configparser
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(REPO, "setup.cfg"))
-    scripts = cfg["options.entry_points"]["console_scripts"].split()
-    assert scripts == ["overlaypc", "=", "overlaypc.entry:main"]
+    assert cfg["options"]["scripts"].split() == ["bin/overlaypc"]
+    assert "options.entry_points" not in cfg
+    script = os.path.join(REPO, "bin", "overlaypc")
+    assert os.access(script, os.X_OK)
     code = "\n".join([
         "import gc, sys",
-        "import overlaypc.entry as entry",
-        "assert 'overlaypc.cli' not in sys.modules",
+        "before = set(sys.modules)",
         "seen = []",
         "class Watch:",
         "    def find_spec(self, name, path=None, target=None):",
         "        if name == 'overlaypc.cli':",
-        "            seen.append(gc.isenabled())",
+        "            seen.append((gc.isenabled(), sorted({'re', 'enum'} & (set(sys.modules) - before))))",
         "        return None",
         "sys.meta_path.insert(0, Watch())",
-        "sys.argv = ['overlaypc', '--help']",
+        f"sys.argv = [{script!r}, '--help']",
         "try:",
-        "    entry.main()",
+        f"    with open({script!r}) as f:",
+        f"        exec(compile(f.read(), {script!r}, 'exec'), {{'__name__': '__main__'}})",
         "except SystemExit:",
         "    pass",
         "print(seen)",
     ])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=REPO)).stdout.split("\n")
-    assert out[-2] == "[False]", out
+    assert out[-2] == "[(False, [])]", out
+
+
+def test_a_mount_reads_the_mount_table_once_to_validate_and_once_to_open_its_layers(tmp_path):
+    """``validate`` reads /proc/self/mountinfo once for all its checks (stale FUSE layers,
+    the mount point in use), and ``OverlayFS()`` once for the idmapped check of all its
+    layers: each read costs ~0.3 ms on a host with a few hundred mounts (before: once per
+    layer and twice for the mount point in validate, once per layer in ``OverlayFS()``:
+    7 and 4 reads for this three-lower stack; fails there with ['7', '4'] != ['1', '1']).
+    Counted with an audit hook."""
+    for d in ("l1", "l2", "l3", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    opts = (f"lowerdir={tmp_path}/l1:{tmp_path}/l2:{tmp_path}/l3,upperdir={tmp_path}/upper,"
+            f"workdir={tmp_path}/work")
+    code = "\n".join([
+        "import sys",
+        "from overlaypc import cli",
+        "from overlaypc.core import OverlayFS",
+        "reads = []",
+        "def hook(event, args):",
+        "    if event == 'open' and args[0] == '/proc/self/mountinfo':",
+        "        reads.append(1)",
+        "sys.addaudithook(hook)",
+        f"cfg = cli.parse_mount_args(['-o', {opts!r}, {str(tmp_path / 'mnt')!r}])",
+        "cli.validate(cfg)",
+        "validated = len(reads)",
+        "fs = OverlayFS(cfg)",
+        "fs.close()",
+        "print(validated, len(reads) - validated)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.split()
+    assert out == ["1", "1"]
