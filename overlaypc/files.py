@@ -698,7 +698,9 @@ class Files:
         in ``layer``; for a metacopy file whose data is still below, on its upper file
         (its attributes; a change of its data, ``O_WRONLY``, copies the data in first:
         ``copy_data_nameless``). A lower file: EEXIST, as the kernel overlay answers (its
-        copy-up finds the name taken by the whiteout or the file renamed over it)."""
+        copy-up finds the name taken by the whiteout or the file renamed over it). EROFS
+        first on a read-only mount (every caller changes the file)."""
+        self.fs.require_writable()
         if not inode.in_upper:
             if inode.meta_file is None:
                 raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")

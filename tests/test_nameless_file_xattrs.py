@@ -3,7 +3,7 @@ op 100, ``fsetxattr`` through a fd of a copied-up file unlinked meanwhile answer
 the plain directory and the kernel overlay set it). FUSE sends GETXATTR, LISTXATTR,
 SETXATTR and REMOVEXATTR by node, without a handle, and that node has no name left: they go
 through one of its open handles, as its SETATTR does (``Files``: an upper file is changed,
-an unlinked lower one answers EROFS as to ``fchmod``, and its xattrs are read from it).
+an unlinked lower one answers EEXIST as to ``fchmod``, and its xattrs are read from it).
 Driven without FUSE (``core_driver``): the requests as the kernel sends them."""
 from __future__ import annotations
 
