@@ -56,7 +56,7 @@ import time
 from . import faults, fdbudget, impure, logs, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
-from .inodes import InodeKey
+from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
 from .ownership import Ownership, is_override_xattr
@@ -731,27 +731,7 @@ class CopyUp:
         ctx = CopyUpContext(node, data, self._key_of(node), upper.rel)
         dst_fd = self.upper.open(upper.rel, os.O_WRONLY)
         try:
-            kept = os.fstat(dst_fd)
-            # writing the data drops security.capability (a write kills privileges, even
-            # the root daemon's): read before, set again after, as the kernel's
-            # ``ovl_copy_up_meta_inode_data``, before the mark goes; after a failed copy
-            # too, so the file stays the metacopy file it was (a kill -9 between the
-            # copy and the setxattr loses it: the kernel has the same window)
-            capability = self.upper.getxattr_fd(dst_fd, CAPABILITY_XATTR)
-            try:
-                self._copy_from(ctx, data, dst_fd)
-            except BaseException:
-                if capability is not None:
-                    with contextlib.suppress(OSError):  # (the copy's own error is answered)
-                        self.upper.do_fsetxattr(dst_fd, upper.rel, CAPABILITY_XATTR, capability)
-                raise
-            if capability is not None:
-                self.upper.do_fsetxattr(dst_fd, upper.rel, CAPABILITY_XATTR, capability)
-            # copying the data in is no change of the file: its times stay (a hard link
-            # copies the data in first, and the kernel's link keeps the mtime)
-            os.utime(dst_fd, ns=(kept.st_atime_ns, kept.st_mtime_ns))
-            if not self.volatile:
-                os.fsync(dst_fd)
+            self._fill_metacopy(ctx, dst_fd, durable=not self.volatile)
         finally:
             os.close(dst_fd)
         with self._installing(), self._in_place(self._key_of(node), upper.rel) as placed:
@@ -766,6 +746,79 @@ class CopyUp:
         self.stats.copy_up(ctx.method)
         log.debug("metacopy data copy-up %s: %d bytes by %s", node.rel, data.st.st_size, ctx.method)
         return entry
+
+    def _fill_metacopy(self, ctx: CopyUpContext, dst_fd: int, *, durable: bool) -> None:
+        """The data of ``ctx.src`` (a metacopy file's lower data) into its upper file, open
+        as ``dst_fd``, its times and ``security.capability`` kept; fsynced if ``durable``.
+        The metacopy mark stays: the caller drops it after (the crash argument above)."""
+        rel = ctx.tmp  # (the upper file's name, for messages)
+        kept = os.fstat(dst_fd)
+        # writing the data drops security.capability (a write kills privileges, even
+        # the root daemon's): read before, set again after, as the kernel's
+        # ``ovl_copy_up_meta_inode_data``, before the mark goes; after a failed copy
+        # too, so the file stays the metacopy file it was (a kill -9 between the
+        # copy and the setxattr loses it: the kernel has the same window)
+        capability = self.upper.getxattr_fd(dst_fd, CAPABILITY_XATTR)
+        try:
+            self._copy_from(ctx, ctx.src, dst_fd)
+        except BaseException:
+            if capability is not None:
+                with contextlib.suppress(OSError):  # (the copy's own error is answered)
+                    self.upper.do_fsetxattr(dst_fd, rel, CAPABILITY_XATTR, capability)
+            raise
+        if capability is not None:
+            self.upper.do_fsetxattr(dst_fd, rel, CAPABILITY_XATTR, capability)
+        # copying the data in is no change of the file: its times stay (a hard link
+        # copies the data in first, and the kernel's link keeps the mtime)
+        os.utime(dst_fd, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+        if durable:
+            os.fsync(dst_fd)
+
+    def copy_data_nameless(self, inode: OverlayInode, rebound: "Callable[[Entry], None]") -> None:
+        """The data copy-up of an open metacopy file whose name went (its data still below,
+        ``inode.meta_file`` its upper file): the data into that upper file, reached
+        through its held ``O_PATH`` fd (it has no name to open it by), then its metacopy
+        mark dropped, as ``_copy_data_in_place``; then ``rebound(the upper file's entry)``
+        under the namespace lock (the inode moves to it, its handles follow). Nothing to
+        do when another thread did it first. Serialised with copy-ups of the name it had
+        (the stripe of ``inode.meta_rel``). Crash: the same order as a named file's; an
+        upper file with no name left is freed by the upper filesystem anyway, and one that
+        has one (a name the kernel never looked up) stays a metacopy file until the mark
+        goes."""
+        meta, rel = inode.meta_file, inode.meta_rel
+        if meta is None or rel is None:
+            raise OSError(errno.EROFS, "a metacopy file whose upper file was not kept")
+        with self._stripe(rel):
+            if inode.in_upper:
+                return  # (copied meanwhile)
+            data_st = inode.layer.lstat(inode.rel)  # a lower file: its path never changes
+            if data_st is None or (data_st.st_dev, data_st.st_ino) != inode.backing:
+                raise OSError(errno.ESTALE, "the lower data of a metacopy file moved", rel)
+            data = Entry(inode.layer, inode.rel, data_st)
+            dst_fd = os.open(f"/proc/self/fd/{meta.fd}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(dst_fd)
+                with self.ns_lock:  # (a data copy-up by a name of it drops the mark under it)
+                    if inode.in_upper:
+                        return  # (done by a name the table never held, meanwhile)
+                    if self.upper.getxattr_fd(dst_fd, self.prefix + "metacopy") is None:
+                        raise OSError(errno.ESTALE, "the upper file of a metacopy file lost "
+                                      "its mark behind the mount", rel)
+                ctx = CopyUpContext(Node(rel, (data,)), data, inode.key, rel)
+                self._fill_metacopy(ctx, dst_fd, durable=not self.volatile and st.st_nlink > 0)
+                with self._installing():
+                    for name in ("metacopy", "redirect"):
+                        try:
+                            os.removexattr(dst_fd, self.prefix + name)
+                        except OSError as e:
+                            if e.errno != errno.ENODATA:
+                                raise
+                    rebound(Entry(meta.layer, rel, os.fstat(dst_fd)))
+            finally:
+                os.close(dst_fd)
+        self.stats.copy_up(ctx.method)
+        log.debug("metacopy data copy-up of nameless %s: %d bytes by %s", rel, data_st.st_size,
+                  ctx.method)
 
     def _discard(self, tmp: str) -> None:
         try:

@@ -241,6 +241,17 @@ class OverlayFS:
             finally:
                 self.inodes.release(inode)
 
+    def nameless_data_copied(self, inode: OverlayInode, entry: Entry) -> None:
+        """The data copy-up of the nameless metacopy file ``inode`` (held by the caller)
+        put its data into its upper file ``entry`` (``CopyUp.copy_data_nameless``, under
+        the namespace lock): the inode moves there, its identity and shown inode number
+        as they were (its key was the upper file's since the metadata copy-up), and its
+        handles follow it now, through the upper file's held fd (``open_backing``)."""
+        inode.rebind(entry, inode.key, inode.ino)
+        for handle in self.handles.for_inode(inode):
+            if handle.offer():
+                self.stats.add("handle_switches")
+
     def data_changed(self, inode: OverlayInode) -> None:
         """The inode's data changed through its kernel node (a write, a truncate): a new
         data version, which that node's page cache holds. Every name of an overlay inode

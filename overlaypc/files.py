@@ -696,12 +696,18 @@ class Files:
     def _on_nameless(self, inode: OverlayInode, action, flags: int = os.O_RDONLY) -> None:
         """Run ``action(fd, layer)`` on a new fd (``flags``) of the nameless file's backing
         in ``layer``; for a metacopy file whose data is still below, on its upper file
-        (its attributes; a change of its data, ``O_WRONLY``, is refused EROFS)."""
+        (its attributes; a change of its data, ``O_WRONLY``, copies the data in first:
+        ``copy_data_nameless``). A lower file: EEXIST, as the kernel overlay answers (its
+        copy-up finds the name taken by the whiteout or the file renamed over it). EROFS
+        first on a read-only mount (every caller changes the file)."""
+        self.fs.require_writable()
         if not inode.in_upper:
-            if flags == os.O_RDONLY and inode.meta_file is not None:
+            if inode.meta_file is None:
+                raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")
+            if flags == os.O_RDONLY:
                 return self._with_meta_file(
                     inode, lambda meta: _reopened(meta.fd, flags, action, meta.layer))
-            raise OSError(errno.EROFS, "an unlinked lower file cannot be copied up")
+            self.copy_data_nameless(inode)
 
         def run(handle_fd: int) -> None:
             faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
@@ -742,7 +748,7 @@ class Files:
     def setxattr_inode(self, inode: OverlayInode, name: str, value: bytes, flags: int,
                        kill_sgid: bool = False) -> None:
         """As ``Attributes.setxattr`` (``kill_sgid``: ``Attributes.kill_sgid``'s case), on
-        the upper file; EROFS for a lower one (as ``chmod_inode``)."""
+        the upper file; EEXIST for a lower one (``_on_nameless``)."""
         self._nameless_change(name)
 
         self._on_nameless(inode, lambda fd, layer: setxattr_fd(
@@ -768,24 +774,36 @@ class Files:
         with inode.lock:
             inode.data_version += 1
 
+    def copy_data_nameless(self, inode: OverlayInode) -> None:
+        """The data copy-up of an open metacopy file whose name went, before a change of its
+        data (an open for writing, a truncate): the lower data into its upper file, which
+        the inode holds (``MetaFile``), as the kernel overlay copies it into the unlinked
+        upper file; the inode and its handles move there (``OverlayFS.nameless_data_copied``),
+        so every handle reads what is written after. ENOENT when no handle holds it."""
+        fs = self.fs
+        if not fs.inodes.hold(inode):
+            raise OSError(errno.ENOENT, "file no longer open")
+        try:
+            fs.copyup.copy_data_nameless(
+                inode, lambda entry: fs.nameless_data_copied(inode, entry))
+        finally:
+            fs.inodes.release(inode)
+
     def open_inode(self, inode: OverlayInode, flags: int) -> OpenResult:
         """OPEN of a file with no name left (``open("/proc/self/fd/N")`` of an unlinked,
         renamed-over or unnamed ``O_TMPFILE`` file): a new handle of ``inode`` on a new fd
         of its *current* backing, opened through the magic link of one of its handles' fd
         that is on that backing (never by path, never an older backing a handle kept under
         ``handles=bind-at-open``; ENOENT when none is). ``O_TRUNC`` empties it (an upper
-        file). Write access to a file whose data is still below needs a copy-up, which
-        needs a name: EEXIST for a lower file, as the kernel overlay answers (its copy-up
-        finds the name taken by the whiteout or the file renamed over it); EROFS for a
-        metacopy one (the kernel overlay copies the data into its unlinked upper file).
+        file). Write access to a file whose data is still below needs a copy-up: EEXIST
+        for a lower file, as the kernel overlay answers (its copy-up needs the name, taken
+        by the whiteout or the file renamed over it); a metacopy one has its data copied
+        into its upper file first, as the kernel overlay does (``copy_data_nameless``).
         The open-file budget was checked by the caller (``OverlayOps.open``)."""
         fs = self.fs
         if flags & _WRITE_INTENT:
             fs.require_writable()
-            if not inode.in_upper:
-                if inode.meta_file is not None:
-                    raise OSError(errno.EROFS, "a metacopy file with no name left cannot "
-                                  "have its data copied up")
+            if not inode.in_upper and inode.meta_file is None:
                 raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")
         # creation flags mean nothing here (the file exists; O_TMPFILE would make another),
         # and O_NOFOLLOW would refuse the magic link itself
@@ -793,6 +811,8 @@ class Files:
         if not fs.inodes.hold(inode):  # (the reference the new handle keeps)
             raise OSError(errno.ENOENT, "file no longer open")
         try:
+            if flags & _WRITE_INTENT and not inode.in_upper:
+                self.copy_data_nameless(inode)  # (a metacopy file: its data in first)
             with self._truncating(inode, flags):
                 fd, generation, path = self._reopen_current(inode, flags)
             try:
@@ -839,6 +859,10 @@ class Files:
                     return (*done, handle.path)
             else:
                 break
+        if inode.meta_file is not None and inode.in_upper and inode.meta_rel is not None:
+            # a metacopy file's upper file, its data copied in, no handle on it (all bound
+            # to the lower data, ``handles=bind-at-open``): through the fd the inode holds
+            return (*inode.open_backing(flags), inode.meta_rel)
         raise OSError(errno.ENOENT, "no open handle on the file's current backing")
 
     def getattr(self, fh: int) -> Attr:

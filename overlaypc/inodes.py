@@ -183,7 +183,15 @@ class OverlayInode:
         flags &= OPEN_FLAGS & ~(os.O_CREAT | os.O_EXCL)
         with self.lock:
             layer, rel = (via.layer, via.rel) if via is not None else (self.layer, self.rel)
-            fd = layer.open(rel, flags | os.O_CLOEXEC)
+            meta = self.meta_file
+            if via is None and meta is not None and meta.layer is layer:
+                # a metacopy file's upper file, its data copied in since: through the fd
+                # held of it (``Files.open_inode``: its name may be gone, or another's);
+                # O_NOFOLLOW would refuse the magic link itself
+                fd = os.open(f"/proc/self/fd/{meta.fd}",
+                             flags & ~os.O_NOFOLLOW | os.O_CLOEXEC)
+            else:
+                fd = layer.open(rel, flags | os.O_CLOEXEC)
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != self.backing:
                 os.close(fd)

@@ -483,19 +483,43 @@ class Namespace:
 
     def link_open(self, fd: int, dst_rel: str,
                   then: "Callable[[Node], T] | None" = None) -> "T | None":
-        """A name for the open upper file ``fd`` that has none (``tmpfile``'s): ``linkat`` of
-        the fd (``Layer.do_link_fd``), in any directory of the mount (copied up first) and
-        over a whiteout, as any new name; ``then(the node of the new name)``. ENOENT (the
-        upper filesystem's) for a file that cannot be linked: made with ``O_EXCL``, or
-        its last name gone."""
+        """A name for the open upper file ``fd`` that has none the mount knows
+        (``tmpfile``'s, or one whose names went): ``linkat`` of the fd
+        (``Layer.do_link_fd``), in any directory of the mount (copied up first) and over a
+        whiteout, as any new name; ``then(the node of the new name)``. ENOENT (the upper
+        filesystem's) for a file that cannot be linked: made with ``O_EXCL``, or its last
+        name gone. index=on: an index entry, or an upper link of one, moves the shared
+        count as ``link`` does; one whose count is 0 (every name gone) answers ENOENT, as
+        the kernel's link of a file with no link left (the index keeps its entry
+        linked)."""
         self.fs.require_writable()
         self._prepare_new(dst_rel)
+        upper = self.fs.stack.upper
+        assert upper is not None
         with self._changing():
+            st = os.fstat(fd)
+            # index=on: the entry is read before the link, so that a failed read leaves
+            # nothing linked
+            shared = None
+            if self.fs.index is not None:
+                shared = self.fs.index.of_upper(Entry(upper, dst_rel, st), fd)
+                if shared is not None and self.fs.index.nlink(shared) <= 0:
+                    raise OSError(errno.ENOENT, "no link left", dst_rel)
+            if upper.getxattr_fd(fd, self.fs.prefix + impure.ORIGIN) is not None:
+                impure.mark(upper, split(dst_rel)[0], self.fs.prefix)  # (as ``link``)
+
             def linked(st: os.stat_result | None):
-                return None if then is None else then(self._linked_node(dst_rel))
+                if shared is not None:
+                    self._count_link(shared, +1)
+                try:
+                    return None if then is None else then(self._linked_node(dst_rel))
+                except BaseException:
+                    if shared is not None:  # (the upper name goes again: the inode's links too)
+                        self._count_link(shared, -1, -1)
+                    raise
 
             return self._place_new(dst_rel, lambda layer, where, mode: layer.do_link_fd(fd, where),
-                                   None, os.fstat(fd).st_mode, linked)
+                                   None, st.st_mode, linked)
 
     def _linked_node(self, rel: str) -> Node:
         """The node of the name a link just made (looked up in the link's lock hold)."""

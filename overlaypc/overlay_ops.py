@@ -711,21 +711,20 @@ class OverlayOps(Operations):
 
     def _linkable_inode(self, nodeid: int) -> OverlayInode | None:
         """The inode of a node with no name that LINK names through its fd, through its
-        open handles: one made by TMPFILE (``Files.tmpfile``), or an upper file whose data
-        is there (no metacopy) that may have names the table never held (soak15: a file
+        open handles: one made by TMPFILE (``Files.tmpfile``), or one whose data is in the
+        upper (no metacopy) that may have names the table never held (soak15: a file
         opened by one name of two, that name unlinked; the kernel still sees a link and
-        asks). Not under index=on, whose shared link count such a name would have to move.
-        None for any other node (ENOENT then), or one with none open."""
+        asks), an index entry too (index=on: a lower hard link whose unlinked name was
+        copied up into the index, its other lower names left; the kernel overlay links
+        its index inode, ``Namespace.link_open`` moves the shared count). None for any
+        other node (ENOENT then: a lower file, whose copy-up needs a name, as the
+        kernel's), or one with none open."""
         for fh in self.nodes.handles(nodeid):
             try:
                 inode = self.fs.handles.get(fh).inode
             except OSError:
                 continue  # released meanwhile
-            if inode.tmpfile:
-                return inode
-            upper = self.fs.stack.upper
-            if self.fs.index is None and upper is not None and inode.layer is upper \
-                    and inode.meta_rel is None:
+            if inode.tmpfile or self.fs.writable and inode.in_upper:
                 return inode
             return None
         return None

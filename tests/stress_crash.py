@@ -266,14 +266,14 @@ def _nameless(fd: int) -> bool:
 
 def accepted(op: tuple, seen: str, got: str, rn: Runner) -> bool:
     """A known difference from the plain directory, not a defect: ``fchmod`` through an
-    fd of a file with no name left answers EROFS when it is a lower file (overlaypc cannot
-    copy up what has no name: ``files._on_nameless``; the kernel overlay answers EEXIST),
-    where the replay changed the mode. Caveat: the replay cannot tell a lower file from a
-    copied-up one, so an EROFS for an unlinked upper file would pass here too."""
+    fd of a file with no name left answers EEXIST when it is a lower file (its copy-up
+    needs a name: ``files._on_nameless``; the kernel overlay answers so too), where the
+    replay changed the mode. Caveat: the replay cannot tell a lower file from a copied-up
+    one, so an EEXIST for an unlinked upper file would pass here too."""
     if op[0] in ("fchmod", "fsetxattr") and got == "ok" and rn.nameless:
-        # EROFS as above; ESTALE: a directory of the lower alone, removed (``nameless``: the
-        # kernel overlay copies it up into its workdir)
-        return seen in ("EROFS", "ESTALE")
+        # EEXIST as above; ESTALE: a directory of the lower alone, removed (``nameless``:
+        # the kernel overlay copies it up into its workdir)
+        return seen in ("EEXIST", "ESTALE")
     if op[0] == "reopen" and got == "ok" and rn.nameless and op[8] > 100 and seen == "EEXIST":
         # write access to a lower file with no name left: EEXIST, as the kernel overlay's
         # copy-up finds the name taken (README, test_reopen_nameless); the same caveat. The

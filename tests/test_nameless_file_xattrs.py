@@ -3,7 +3,7 @@ op 100, ``fsetxattr`` through a fd of a copied-up file unlinked meanwhile answer
 the plain directory and the kernel overlay set it). FUSE sends GETXATTR, LISTXATTR,
 SETXATTR and REMOVEXATTR by node, without a handle, and that node has no name left: they go
 through one of its open handles, as its SETATTR does (``Files``: an upper file is changed,
-an unlinked lower one answers EROFS as to ``fchmod``, and its xattrs are read from it).
+an unlinked lower one answers EEXIST as to ``fchmod``, and its xattrs are read from it).
 Driven without FUSE (``core_driver``): the requests as the kernel sends them."""
 from __future__ import annotations
 
@@ -69,12 +69,13 @@ def test_xattrs_of_an_open_upper_file_with_no_name(drv, how):
 
 def test_xattrs_of_an_open_lower_file_with_no_name(drv, tmp_path):
     """Read-only open of a lower file, unlinked (a whiteout now): its xattrs read from the
-    lower file; a change answers EROFS (as ``fchmod``: no name to copy it up by)."""
+    lower file; a change answers EEXIST (as ``fchmod``, and as the kernel overlay: its
+    copy-up finds the name taken by the whiteout)."""
     nodeid, fh = _open_unlinked(drv, "f", os.O_RDONLY)
     ops = drv.ops
     assert _answer(lambda: ops.getxattr(REQ, nodeid, "user.low")) == b"from the lower"
     assert _answer(lambda: ops.listxattr(REQ, nodeid)) == ["user.low"]
-    assert _answer(lambda: ops.setxattr(REQ, nodeid, "user.k", b"v", 0)) == "EROFS"
-    assert _answer(lambda: ops.removexattr(REQ, nodeid, "user.low")) == "EROFS"
+    assert _answer(lambda: ops.setxattr(REQ, nodeid, "user.k", b"v", 0)) == "EEXIST"
+    assert _answer(lambda: ops.removexattr(REQ, nodeid, "user.low")) == "EEXIST"
     assert os.listxattr(tmp_path / "lower" / "f") == ["user.low"]
     drv.release(fh)

@@ -10,9 +10,9 @@
   directory, a lower-only one, a merged one); also in-process, where OPENDIR reaches the
   daemon (it does wherever the kernel sends it: handle 0, ``listings``).
 
-(A metacopy file whose data is still below, unlinked, then opened again for writing: the
-kernel overlay copies its data into the unlinked upper file; overlaypc answers EROFS,
-tests/test_reopen_nameless.py pins it, README says why.)
+(A metacopy file whose data is still below, unlinked, then opened again for writing: its
+data is copied into the unlinked upper file, as the kernel overlay does:
+tests/test_nameless_copyup.py.)
 """
 from __future__ import annotations
 

@@ -85,9 +85,8 @@ def _fstat(fd: int) -> tuple:
     return oct(st.st_mode), st.st_nlink, st.st_size
 
 
-def scenario(m: str, metacopy_data_below: bool) -> list:
-    """Every reopen case on mount ``m``. ``metacopy_data_below``: the mount keeps the data
-    of a chmodded lower file below (metacopy=on)."""
+def scenario(m: str) -> list:
+    """Every reopen case on mount ``m``."""
     r = _Run(m)
     try:
         # an upper file, unlinked: read, write, O_TRUNC, /dev/fd
@@ -171,11 +170,11 @@ def scenario(m: str, metacopy_data_below: bool) -> list:
         if ro is not None:
             r.read("meta read", ro)
             r.fstat("meta fstat", mc, ro)
-        if not metacopy_data_below:  # (see test_metacopy_data_below_is_refused_for_writing)
-            rw = r.reopen("meta rw", mc, os.O_RDWR)
-            if rw is not None:
-                os.pwrite(rw, b"MC", 0)
-                r.read("meta seen", mc, rw)
+        # (metacopy=on: its data still below, copied into the unlinked upper file first)
+        rw = r.reopen("meta rw", mc, os.O_RDWR)
+        if rw is not None:
+            os.pwrite(rw, b"MC", 0)
+            r.read("meta seen", mc, rw, *(() if ro is None else (ro,)))
         # a lower hard link, unlinked while open (index=on: one inode with hl2)
         h = r.open(f"{m}/hl", os.O_RDONLY)
         os.unlink(f"{m}/hl")
@@ -203,18 +202,19 @@ def test_reopen_against_the_kernel_overlay(run, tmp_path, overlay_mount, kernel_
     merged trees match and the lowers are unchanged. Before: every reopen answered ENOENT."""
     ours_opts, kernel_opts = RUNS[run]
     kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, ours_opts,
-                           kernel_opts, lambda mnt: scenario(mnt, run == "metacopy"))
+                           kernel_opts, scenario)
     assert ("upper ro", "ok") in kernel and ("lower rw", "EEXIST") in kernel  # (the oracle)
     for k, o in zip(kernel, ours):
         assert o == k
     assert ours == kernel
 
 
-def test_metacopy_data_below_is_refused_for_writing(tmp_path, overlay_mount):
+def test_metacopy_data_below_is_copied_in_for_writing(tmp_path, overlay_mount):
     """A metacopy file whose data is still below, unlinked while open: a read-only reopen
-    reads the lower data; one for writing answers EROFS (the kernel overlay copies the data
-    into the unlinked upper file; overlaypc's data copy-up goes through a name, see README),
-    and neither the lower nor any fd's data changes."""
+    reads the lower data; one for writing copies the data into the unlinked upper file
+    first, as the kernel overlay does (``CopyUp.copy_data_nameless``): the write is read
+    through every fd, the lower never changes, and nothing is left in the layers once the
+    fds are closed. Before: EROFS (nameless21)."""
     lower = helpers.build_layer(tmp_path / "lower", {"mc": "lower metacopy\n"})
     upper, work = tmp_path / "upper", tmp_path / "work"
     upper.mkdir()
@@ -228,15 +228,21 @@ def test_metacopy_data_below_is_refused_for_writing(tmp_path, overlay_mount):
         try:
             assert os.pread(ro, 100, 0) == b"lower metacopy\n"
             assert stat.S_IMODE(os.fstat(ro).st_mode) == 0o640 and os.fstat(ro).st_nlink == 0
+            rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+            try:
+                os.pwrite(rw, b"MC", 0)
+                for each in (fd, ro, rw):
+                    assert os.pread(each, 100, 0) == b"MCwer metacopy\n"
+                    assert stat.S_IMODE(os.fstat(each).st_mode) == 0o640
+            finally:
+                os.close(rw)
         finally:
             os.close(ro)
-        with pytest.raises(OSError) as e:
-            os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
-        assert e.value.errno == errno.EROFS
-        assert os.pread(fd, 100, 0) == b"lower metacopy\n"
     finally:
         os.close(fd)
     assert (lower / "mc").read_bytes() == b"lower metacopy\n"
+    assert os.listdir(upper) == ["mc"] and is_whiteout(upper / "mc")
+    assert os.listdir(work / "work") == []
 
 
 def test_an_upper_reopen_passes_through(tmp_path, overlay_mount):

@@ -1,0 +1,263 @@
+"""Copy-ups of open files whose names are all gone (nameless21), against the kernel overlay
+(``kernel_mount``, each side over its own copy of one lower: ``upper_support.on_both``):
+
+- LINK of a nameless lower hard link under ``index=on`` (soak15's seed 7510): its unlink
+  copied it up into the index (``ovl_nlink_start``), and ``linkat`` of its
+  ``/proc/self/fd/N`` (AT_SYMLINK_FOLLOW) links that index inode, as the kernel overlay
+  does; a lower file not copied up answers ENOENT there and here (its copy-up needs a
+  name). Before: ENOENT for the index entry too.
+- ``metacopy=on``: a metacopy file (data still below) whose name went, then changed
+  through its fd: reopened for writing (``O_RDWR``, ``O_WRONLY|O_TRUNC``) or truncated
+  through its magic link. The kernel overlay copies the data into the unlinked upper file;
+  so does overlaypc now (``CopyUp.copy_data_nameless``), and every handle of the file reads
+  what is written after. Before: EROFS.
+- a change of a nameless lower file (fchmod, fchown, utimens, setxattr, truncate): EEXIST,
+  the kernel overlay's answer (its copy-up finds the name taken). Before: EROFS.
+
+(``os.link`` with ``follow_symlinks`` but no ``dst_dir_fd`` calls link(2), which links the
+magic link itself: EXDEV from procfs on any filesystem. The scenarios use ``linkat``.)
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import helpers
+from core_driver import REQ, CoreDriver
+from test_nameless_file_xattrs import _open_unlinked
+from upper_support import is_whiteout, on_both
+
+LOWER = {"hl": "hard link\n", "hl2": helpers.HardLink("hl"),
+         "gone": "both gone\n", "gone2": helpers.HardLink("gone"), "lo": "lower one\n",
+         "mc": "lower metacopy\n", "mt": "metacopy trunc\n", "mx": "metacopy cut\n",
+         "mo": "metacopy over\n"}
+for _op in ("chmod", "chown", "utime", "setxattr", "truncate"):
+    LOWER[f"c_{_op}"] = f"lower {_op}\n"
+
+RUNS = {"plain": ("", ()), "index": ("index=on", ("index=on",)),
+        "metacopy": ("metacopy=on,redirect_dir=on", ("redirect_dir=on", "metacopy=on")),
+        "mcindex": ("metacopy=on,redirect_dir=on,index=on",
+                    ("redirect_dir=on", "metacopy=on", "index=on"))}
+
+
+def _err(call):
+    try:
+        call()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    return "ok"
+
+
+def _linkat(m: str, fd: int, name: str) -> str:
+    dfd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return _err(lambda: os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd,
+                                    follow_symlinks=True))
+    finally:
+        os.close(dfd)
+
+
+def _links(m: str) -> list:
+    """Nameless files linked through their fd: a lower hard link with another name left, one
+    with none, a plain lower file."""
+    out = []
+    for name, names in (("hl", ["hl"]), ("gone", ["gone", "gone2"]), ("lo", ["lo"])):
+        fd = os.open(f"{m}/{name}", os.O_RDONLY)
+        try:
+            for n in names:
+                os.unlink(f"{m}/{n}")
+            answer = _linkat(m, fd, f"z{name}")
+            row = [name, answer, os.fstat(fd).st_nlink]
+            if answer == "ok":
+                z = f"{m}/z{name}"
+                with open(z, "rb") as f:
+                    row.append(f.read())
+                row.append(os.stat(z).st_nlink)
+                # one inode: the name left below and the new one
+                row.append(os.stat(z).st_ino == os.stat(f"{m}/{name}2").st_ino)
+                with open(z, "r+b") as f:  # a write through the new name is seen by the fd
+                    f.write(b"HL")
+                row.append(os.pread(fd, 100, 0))
+                with open(f"{m}/{name}2", "rb") as f:
+                    row.append(f.read())
+            out.append(row)
+        finally:
+            os.close(fd)
+    return out
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_link_of_a_nameless_lower_hard_link(run, tmp_path, overlay_mount, kernel_mount):
+    ours_opts, kernel_opts = RUNS[run]
+    kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, ours_opts,
+                           kernel_opts, _links)
+    indexed = "index" in run
+    assert kernel[0][1] == ("ok" if indexed else "ENOENT")  # (the oracle)
+    assert kernel[2][1] == "ENOENT"
+    assert ours == kernel
+
+
+def _metacopy_writes(m: str) -> list:
+    """Metacopy files (chmodded: data below under metacopy=on) whose names went, changed
+    through their fds: what each answers, what every fd of each reads and shows after."""
+    out = []
+    fds: list[int] = []
+
+    def opened(path: str, flags: int) -> int:
+        fd = os.open(path, flags)
+        fds.append(fd)
+        return fd
+
+    try:
+        for name in ("mc", "mt", "mx", "mo"):
+            os.chmod(f"{m}/{name}", 0o640)
+        # reopened for writing: a read-only fd before, one reopened before the write
+        first = opened(f"{m}/mc", os.O_RDONLY)
+        os.unlink(f"{m}/mc")
+        again = opened(f"/proc/self/fd/{first}", os.O_RDONLY)
+        try:
+            rw = opened(f"/proc/self/fd/{first}", os.O_RDWR)
+            os.pwrite(rw, b"MC", 0)
+            out.append(("rw", "ok", [os.pread(fd, 100, 0) for fd in (first, again, rw)],
+                        [(oct(os.fstat(fd).st_mode), os.fstat(fd).st_nlink,
+                          os.fstat(fd).st_size) for fd in (first, again, rw)]))
+            os.pwrite(rw, b"more", 20)  # past the end: the size moves for every fd
+            out.append(("grown", [os.pread(fd, 100, 0) for fd in (first, again)],
+                        [os.fstat(fd).st_size for fd in (first, again)]))
+        except OSError as e:
+            out.append(("rw", errno.errorcode[e.errno],
+                        [os.pread(fd, 100, 0) for fd in (first, again)]))
+        # reopened with O_TRUNC
+        first = opened(f"{m}/mt", os.O_RDONLY)
+        os.unlink(f"{m}/mt")
+        try:
+            tr = opened(f"/proc/self/fd/{first}", os.O_WRONLY | os.O_TRUNC)
+            os.write(tr, b"cut")
+            out.append(("trunc", "ok", os.pread(first, 100, 0), os.fstat(first).st_size))
+        except OSError as e:
+            out.append(("trunc", errno.errorcode[e.errno], os.pread(first, 100, 0)))
+        # truncated through its magic link (SETATTR by node)
+        first = opened(f"{m}/mx", os.O_RDONLY)
+        os.unlink(f"{m}/mx")
+        out.append(("truncate", _err(lambda: os.truncate(f"/proc/self/fd/{first}", 4)),
+                    os.pread(first, 100, 0), os.fstat(first).st_size))
+        # renamed over, then reopened for writing
+        first = opened(f"{m}/mo", os.O_RDONLY)
+        with open(f"{m}/new", "w") as f:
+            f.write("replacement\n")
+        os.rename(f"{m}/new", f"{m}/mo")
+        try:
+            rw = opened(f"/proc/self/fd/{first}", os.O_RDWR)
+            os.pwrite(rw, b"MO", 0)
+            out.append(("over", "ok", os.pread(first, 100, 0)))
+        except OSError as e:
+            out.append(("over", errno.errorcode[e.errno], os.pread(first, 100, 0)))
+        with open(f"{m}/mo", "rb") as f:
+            out.append(("over name", f.read()))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return out
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_a_nameless_metacopy_file_changed_through_its_fd(run, tmp_path, overlay_mount,
+                                                         kernel_mount):
+    """Before (metacopy=on): ``rw``, ``trunc``, ``truncate`` and ``over`` answered EROFS."""
+    ours_opts, kernel_opts = RUNS[run]
+    kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, ours_opts,
+                           kernel_opts, _metacopy_writes)
+    assert kernel[0][:3] == ("rw", "ok", [b"MCwer metacopy\n"] * 3)  # (the oracle)
+    for k, o in zip(kernel, ours):
+        assert o == k
+    assert ours == kernel
+
+
+def _lower_changes(m: str) -> list:
+    out = []
+    for op, change in (("chmod", lambda fd: os.fchmod(fd, 0o600)),
+                       ("chown", lambda fd: os.fchown(fd, 123, 456)),
+                       ("utime", lambda fd: os.utime(fd, ns=(10**18, 10**18))),
+                       ("setxattr", lambda fd: os.setxattr(fd, "user.x", b"v")),
+                       ("truncate", lambda fd: os.truncate(f"/proc/self/fd/{fd}", 3))):
+        fd = os.open(f"{m}/c_{op}", os.O_RDONLY)
+        try:
+            os.unlink(f"{m}/c_{op}")
+            st = os.fstat(fd)
+            out.append((op, _err(lambda: change(fd)), os.pread(fd, 100, 0),
+                        (st.st_mode, st.st_uid, st.st_gid, st.st_size) == (
+                            os.fstat(fd).st_mode, os.fstat(fd).st_uid, os.fstat(fd).st_gid,
+                            os.fstat(fd).st_size)))
+        finally:
+            os.close(fd)
+    return out
+
+
+@pytest.mark.parametrize("run", ["plain", "metacopy"])
+def test_a_change_of_a_nameless_lower_file(run, tmp_path, overlay_mount, kernel_mount):
+    """Before: EROFS for each (errno only: nothing changed on either side)."""
+    ours_opts, kernel_opts = RUNS[run]
+    kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, ours_opts,
+                           kernel_opts, _lower_changes)
+    assert kernel[0][1] == "EEXIST"  # (the oracle)
+    assert ours == kernel
+
+
+# -- in-process (core_driver) -----------------------------------------------------------------
+def test_nameless_metacopy_data_copy_up_moves_every_handle(tmp_path):
+    """The data copy-up of a nameless metacopy file moves the inode to its upper file and
+    switches every handle there (two read-only ones on the lower data); the upper file
+    loses its metacopy mark; the lower file is untouched."""
+    helpers.build_layer(tmp_path / "lower", {"f": "lower data\n"})
+    drv = CoreDriver.in_dir(tmp_path, metacopy=True, redirect_dir="on")
+    try:
+        from core_driver import Walker
+        w = Walker(drv)
+        w.setattr("f", mode=0o640)
+        assert os.getxattr(tmp_path / "upper" / "f", "trusted.overlay.metacopy") == b""
+        fro = w.open("f", os.O_RDONLY)
+        nodeid, fro2 = _open_unlinked(drv, "f", os.O_RDONLY)
+        inode = drv.fs.handles.get(fro).inode
+        assert not inode.in_upper and inode.meta_file is not None
+        fh = drv.ops.open(REQ, nodeid, os.O_RDWR).fh
+        drv._open[fh] = nodeid
+        assert inode.in_upper
+        assert drv.write(fh, b"NEW", 0) == 3
+        for h in (fro, fro2, fh):
+            assert drv.read(h, 100, 0) == b"NEWer data\n"
+            assert drv.fs.handles.get(h).bound_generation == inode.generation
+        meta = drv.fs.handles.get(fh).bound_fd
+        assert "trusted.overlay.metacopy" not in os.listxattr(meta)
+        assert os.fstat(meta).st_nlink == 0
+        assert drv.ops.getattr(REQ, nodeid).attr.nlink == 0
+        assert (tmp_path / "lower" / "f").read_bytes() == b"lower data\n"
+        assert is_whiteout(tmp_path / "upper" / "f")
+        for h in (fro, fro2, fh):
+            drv.release(h)
+        drv.settle()
+        assert drv.fs.inodes.meta_fds == 0
+    finally:
+        drv.close()
+
+
+def test_link_of_an_index_entry_with_no_name_left_in_process(tmp_path):
+    """LINK of the node of a lower hard link whose names are all gone (index=on: its
+    index entry, count 0): ENOENT, nothing linked (the kernel refuses it before asking,
+    by the count 0 the node shows)."""
+    helpers.build_layer(tmp_path / "lower", {"hl": "x\n", "hl2": helpers.HardLink("hl")})
+    drv = CoreDriver.in_dir(tmp_path, index=True)
+    try:
+        from core_driver import Walker
+        nodeid, fh = _open_unlinked(drv, "hl", os.O_RDONLY)
+        Walker(drv).unlink("hl2")
+        assert drv.ops.getattr(REQ, nodeid).attr.nlink == 0
+        with pytest.raises(OSError) as e:
+            drv.ops.link(REQ, nodeid, 1, b"z")
+        assert e.value.errno == errno.ENOENT
+        assert not (tmp_path / "upper" / "z").exists()
+        drv.release(fh)
+        drv.settle()
+    finally:
+        drv.close()
