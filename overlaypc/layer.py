@@ -505,6 +505,12 @@ class Layer:
 
     def do_chmod(self, rel: str, mode: int) -> None:
         self._change("chmod", rel, oct(mode))
+        head, name = split(rel)
+        held = self.held_dir(head) if name else None
+        # through the parent's fd a cache holds, not followed (as ``do_chown``): one
+        # system call where the kernel has ``fchmodat2`` (EOPNOTSUPP for a symlink)
+        if held is not None and sysapi.chmod_nofollow(held.fd, name, mode):
+            return
         fd = self.path_fd(rel)
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
