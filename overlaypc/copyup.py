@@ -74,6 +74,20 @@ WORK_DIR = "work"
 _CHUNK = 8 << 20
 
 
+class _Pid:
+    """This process's id for the names of copies in ``workdir/work``, read once and again
+    in a forked child (daemonizing forks after the mount is set up): not a ``getpid``
+    system call per copy-up."""
+    value = os.getpid()
+
+    @classmethod
+    def reread(cls) -> None:
+        cls.value = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Pid.reread)
+
+
 def is_private_xattr(name: str) -> bool:
     """Overlay-private xattrs: never shown, set, or copied through the mount. The override
     xattrs of fuse-overlayfs and containers/storage (``ownership``) count: a copy-up
@@ -401,7 +415,7 @@ class CopyUp:
             if node.index is not None:  # index=on: another name was copied up already
                 return self._link_index(node, node.index.rel)
             ctx = CopyUpContext(node, node.top, self._key_of(node),
-                                join(WORK_DIR, f"#ovlpc-{os.getpid()}-{next(self._names)}"), epoch,
+                                join(WORK_DIR, f"#ovlpc-{_Pid.value}-{next(self._names)}"), epoch,
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode),
                                 empty=empty and stat.S_ISREG(node.st.st_mode))
             if self.index is not None and self.index.eligible(node.top):

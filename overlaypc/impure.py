@@ -38,12 +38,31 @@ UUID = "uuid"
 
 def mark(upper: Layer, dir_rel: str, prefix: str) -> None:
     """Mark upper directory ``dir_rel`` impure unless it is already (one read, and one write
-    the first time; no open where a cache holds its parent)."""
+    the first time; no open where a cache holds its parent). Where a cache holds the
+    directory's own fd, through that fd, and only once per fd (``DirFd.impure_settled``:
+    the fd pins the inode the answer is about, and nothing removes the mark under a mount:
+    a ``chmod -R`` of lower files read it once per copy-up)."""
     name = prefix + IMPURE
-    if upper.getxattr_entry(dir_rel, name) is not None:
+    held = upper.held_dir(dir_rel)
+    if held is not None:
+        if held.impure_settled:
+            return
+        # (the object the fd holds, not the name: a flag set on it says what it read)
+        _mark(upper, dir_rel, name, lambda: upper.getxattr_fd(held.fd, name),
+              lambda: upper.do_setxattr_held(held.fd, dir_rel, name, b"y"))
+        held.impure_settled = True
+        return
+    _mark(upper, dir_rel, name, lambda: upper.getxattr_entry(dir_rel, name),
+          lambda: upper.do_setxattr_entry(dir_rel, name, b"y"))
+
+
+def _mark(upper: Layer, dir_rel: str, name: str, read, write) -> None:
+    """``mark``'s read, then its write if no mark was found (none where the upper takes
+    no such xattr, as the kernel)."""
+    if read() is not None:
         return
     try:
-        upper.do_setxattr_entry(dir_rel, name, b"y")
+        write()
     except OSError as e:
         if e.errno not in (errno.ENOTSUP, errno.EPERM):
             raise

@@ -146,14 +146,18 @@ class DirFd:
     is never closed under a concurrent user (CPython frees on the last reference).
     ``origin_ino``: what ``inumbers`` read of the directory's copy-up origin (UNKNOWN until
     then); the fd pins the inode, whose origin xattr is written only before it gets its
-    name (copy-up), so the answer holds as long as the fd."""
+    name (copy-up), so the answer holds as long as the fd. ``impure_settled``: an upper
+    directory's ``impure`` mark was found or written through this fd, or the upper takes
+    none (``impure.mark``); the mark is never removed under a mount, so that holds as long
+    as the fd too."""
 
-    __slots__ = ("fd", "_owned", "origin_ino")
+    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled")
 
     def __init__(self, fd: int, owned: bool = True) -> None:
         self.fd = fd
         self._owned = owned
         self.origin_ino: object = UNKNOWN
+        self.impure_settled = False
 
     def __del__(self) -> None:
         if self._owned:
@@ -426,8 +430,11 @@ class Layer:
     def _change(self, what: str, rel: str, *args: object) -> None:
         if not self.writable:
             raise OSError(errno.EROFS, "layer is read-only", rel)
-        faults.hit(f"layer.{what}", self, rel)
-        log.debug("%s: %s %s %s", self.name, what, rel, " ".join(map(str, args)))
+        # (the point's name and the log line made only where used: ~7 changes per copy-up)
+        if faults.armed:
+            faults.hit(f"layer.{what}", self, rel)
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("%s: %s %s %s", self.name, what, rel, " ".join(map(str, args)))
 
     def do_mkdir(self, rel: str, mode: int) -> None:
         self._change("mkdir", rel, oct(mode))
@@ -498,6 +505,12 @@ class Layer:
 
     def do_chmod(self, rel: str, mode: int) -> None:
         self._change("chmod", rel, oct(mode))
+        head, name = split(rel)
+        held = self.held_dir(head) if name else None
+        # through the parent's fd a cache holds, not followed (as ``do_chown``): one
+        # system call where the kernel has ``fchmodat2`` (EOPNOTSUPP for a symlink)
+        if held is not None and sysapi.chmod_nofollow(held.fd, name, mode):
+            return
         fd = self.path_fd(rel)
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
@@ -553,6 +566,11 @@ class Layer:
             return
         with self.parent(rel) as (dfd, last):
             os.setxattr(f"/proc/self/fd/{dfd}/{last}", name, value, follow_symlinks=False)
+
+    def do_setxattr_held(self, fd: int, rel: str, name: str, value: bytes) -> None:
+        """Set xattr ``name`` of the object an ``O_PATH`` fd (a cache's, of ``rel``) refers to."""
+        log.debug("%s: setxattr %s %s (%d bytes)", self.name, rel, name, len(value))
+        os.setxattr(f"/proc/self/fd/{fd}", name, value)
 
     def do_fsetxattr(self, fd: int, rel: str, name: str, value: bytes) -> None:
         log.debug("%s: setxattr %s %s (%d bytes)", self.name, rel, name, len(value))

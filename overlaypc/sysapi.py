@@ -1,10 +1,10 @@
 """Linux system calls the standard library lacks, via ctypes.
 
-Owns: ``openat2`` (confined path resolution), ``renameat2`` (whiteout / exchange /
+Owns: ``openat2`` (confined path resolution), ``fchmodat2`` (``chmod_nofollow``), ``renameat2`` (whiteout / exchange /
 noreplace renames), ``linkat`` of an open fd (``link_fd``), ``name_to_handle_at`` (origin file handles), the ``FICLONE``
 ioctl (reflink), the filesystem UUID lookup and ``fstatfs``'s filesystem type.
 
-Caveats: ``openat2`` is called by number (the same on every architecture but alpha);
+Caveats: ``openat2`` and ``fchmodat2`` are called by number (the same on every architecture but alpha);
 ``renameat2`` goes through glibc's wrapper. Every wrapper raises ``OSError`` with the
 real errno, nothing else.
 """
@@ -23,6 +23,13 @@ _libc.syscall.restype = ctypes.c_long
 # were unified (5.6), except alpha; glibc has no wrapper for it (os.uname, not platform:
 # importing platform costs a mount ~1 ms)
 _SYS_OPENAT2 = 547 if os.uname().machine == "alpha" else 437
+# fchmodat2 (6.6): 452 in the unified tables, taken only on architectures known to use them
+# plainly (not mips, whose ABIs add an offset, nor alpha); elsewhere ``chmod_nofollow``
+# declines and the caller chmods its own way
+_SYS_FCHMODAT2 = 452 if os.uname().machine in (
+    "x86_64", "i386", "i686", "aarch64", "armv7l", "armv8l", "riscv64", "s390x", "ppc64le",
+    "ppc64", "loongarch64") else None
+_AT_SYMLINK_NOFOLLOW = 0x100
 # renameat2's number differs per architecture: take glibc's wrapper (2.28+), never a guess
 _renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:
@@ -79,6 +86,27 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
         err = ctypes.get_errno()
         if err != 4 and err != 11:  # EINTR, EAGAIN (RESOLVE_CACHED races)
             raise OSError(err, os.strerror(err), path)
+
+
+class _Fchmodat2:
+    """Whether the kernel has ``fchmodat2`` (False once it answered ENOSYS)."""
+    present = _SYS_FCHMODAT2 is not None
+
+
+def chmod_nofollow(dirfd: int, name: str, mode: int) -> bool:
+    """``chmod`` of entry ``name`` (one component) of directory ``dirfd``, not followed
+    (``fchmodat2`` with ``AT_SYMLINK_NOFOLLOW``: one system call, where glibc's
+    ``fchmodat`` opens, stats and closes; a symlink gives EOPNOTSUPP). False, nothing
+    done, where the kernel has no ``fchmodat2`` (before 6.6): the caller does it its way."""
+    if not _Fchmodat2.present:
+        return False
+    if _libc.syscall(_SYS_FCHMODAT2, dirfd, os.fsencode(name), mode, _AT_SYMLINK_NOFOLLOW) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:
+        _Fchmodat2.present = False
+        return False
+    raise OSError(err, os.strerror(err), name)
 
 
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:

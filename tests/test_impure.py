@@ -147,3 +147,46 @@ def test_kernel_gives_our_upper_its_own_fsid(userxattr, tmp_path, layers_factory
     upper_fsid = os.statvfs(tmp_path).f_fsid
     assert fsids["kernel"] != upper_fsid
     assert fsids["ours"] != upper_fsid
+
+
+def test_the_mark_is_read_once_per_directory_the_lookup_holds(tmp_path, monkeypatch):
+    """Copy-ups into one directory read its ``impure`` mark once, not once each (a ``chmod
+    -R`` of lower files paid one ``getxattr`` per file; chmod21); one into a directory
+    copied up since (a new inode, a new held fd) reads and writes it again. In-process,
+    on a real ``OverlayFS`` (no FUSE), counting the daemon's reads of the mark."""
+    from overlaypc.config import MountConfig, validate
+    from overlaypc.core import OverlayFS
+
+    root = tmp_path / "m"
+    for rel in ("lower/d/sub", "upper/d", "work", "mnt"):
+        (root / rel).mkdir(parents=True)
+    for rel in ("d/f0", "d/f1", "d/f2", "d/sub/g0", "d/sub/g1"):
+        (root / "lower" / rel).write_bytes(b"x")
+    cfg = MountConfig(lowers=[str(root / "lower")], upper=str(root / "upper"),
+                      work=str(root / "work"), mountpoint=str(root / "mnt"))
+    validate(cfg)
+    fs = OverlayFS(cfg)
+    fs.start()
+    reads: list[str] = []
+    real = os.getxattr
+
+    def counting(path, name, *args, **kwargs):
+        if name.endswith("overlay.impure"):
+            reads.append(str(path))
+        return real(path, name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "getxattr", counting)
+    try:
+        for name in ("f0", "f1", "f2"):
+            fs.chmod(f"d/{name}", 0o600)
+        assert len(reads) == 1, reads
+        del reads[:]
+        for name in ("g0", "g1"):  # d/sub: copied up (a directory) by the first
+            fs.chmod(f"d/sub/{name}", 0o600)
+        assert len(reads) == 1, reads
+    finally:
+        fs.close()
+    for rel in ("d", "d/sub"):
+        assert os.getxattr(root / "upper" / rel, "trusted.overlay.impure") == b"y", rel
+    for rel in ("d/f0", "d/f1", "d/f2", "d/sub/g0", "d/sub/g1"):
+        assert (root / "upper" / rel).stat().st_mode & 0o777 == 0o600, rel

@@ -9,6 +9,7 @@ cache, is never handed out for its plain path.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -191,3 +192,26 @@ def test_remove_tree_goes_back_up_past_its_held_fds_into_side_branches(tmp_path,
     upper.do_remove_tree("t")
     assert sorted(os.listdir("/proc/self/fd")) == before
     assert os.listdir(tmp_path / "upper") == ["d"]
+
+
+@pytest.mark.parametrize("fchmodat2", [True, False], ids=["fchmodat2", "without"])
+def test_chmod_through_the_held_parent_never_follows_a_symlink(tmp_path, upper, walks, monkeypatch,
+                                                              fchmodat2):
+    """``do_chmod`` by the held parent (one ``fchmodat2``; chmod21) or, where the kernel has
+    none, by an ``O_PATH`` fd: a symlink gives EOPNOTSUPP and its target keeps its mode."""
+    from overlaypc import sysapi
+    monkeypatch.setattr(sysapi._Fchmodat2, "present", fchmodat2)
+    held = DirFd(os.open(tmp_path / "upper" / "d", os.O_PATH | os.O_DIRECTORY))
+    upper.dirs = lambda rel: held if rel == "d" else None
+    target = tmp_path / "target"
+    target.write_bytes(b"t")
+    target.chmod(0o644)
+    (tmp_path / "upper" / "d" / "ln").symlink_to(target)
+    (tmp_path / "upper" / "d" / "f").write_bytes(b"f")
+    with pytest.raises(OSError) as e:
+        upper.do_chmod("d/ln", 0o600)
+    assert e.value.errno == errno.EOPNOTSUPP
+    assert target.stat().st_mode & 0o777 == 0o644
+    upper.do_chmod("d/f", 0o640)
+    assert (tmp_path / "upper" / "d" / "f").stat().st_mode & 0o777 == 0o640
+    assert walks == []
