@@ -55,7 +55,8 @@ SHARED_RESIDENT = 0.99
 #: the most of the machine's CPU time that anything but fio and the daemon may take during a
 #: cache=shared measurement: the goal is the daemon's rate on a quiet machine, and one busy
 #: process (another session's tests) halves two readers' rate (the load balancer then puts
-#: both workers on the other CPU: benchmarks/RESULTS.md, ninth round)
+#: both workers on the other CPU: benchmarks/RESULTS.md, "cache=shared, two readers: what
+#: decides the rate")
 SHARED_OTHER_CPU = 0.1
 #: fio's IOPS are logged per this many milliseconds in a cache=shared measurement
 RATE_WINDOW_MS = 500
@@ -181,7 +182,8 @@ def shared_reads(ws: Workspace, lower: str, cfg: dict, M: dict[str, Metric], pyt
     load, the shares of the machine's CPU time that the daemon, fio, other tasks and the
     hypervisor (steal) took during fio, and the rate per ``RATE_WINDOW_MS`` window: two
     readers' rate switches between ~70k and ~150k/s as the scheduler places the workers
-    (RESULTS.md, ninth round), and the windows show which states a run's figure averages."""
+    (RESULTS.md, "cache=shared, two readers: what decides the rate"), and the windows show
+    which states a run's figure averages."""
     system = make_system("overlaypc-shared", python)
     big_lower = os.path.join(lower, "big")
     size = os.path.getsize(big_lower)

@@ -93,8 +93,9 @@ def test_a_shared_run_is_cold_when_its_file_was_evicted_or_read_from_disk():
 
 def test_a_shared_run_is_disturbed_when_other_work_took_the_cpus():
     """Another process busy on one of two CPUs makes the scheduler put both workers on the
-    other one, and two readers' rate halves (RESULTS.md, ninth round): such a run measured
-    the machine's load, not the daemon, and is redone like a cold one."""
+    other one, and two readers' rate halves (RESULTS.md, "cache=shared, two readers: what
+    decides the rate"): such a run measured the machine's load, not the daemon, and is
+    redone like a cold one."""
     run = _bench("run")
     quiet = dict(resident_before=1.0, resident_after=1.0, daemon_disk_read=0.0, other_cpu=0.03)
     assert run.shared_disturbed(quiet) is None
