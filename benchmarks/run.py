@@ -38,9 +38,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ALL_SYSTEMS, GiB, MiB, Metric, Watchdog, Workspace, _pc_env, cpu_ticks,  # noqa: E402
-                    drop_caches, drops, fs_dev, loadavg, log, loop_fs, machine_info, make_system, markdown_table,
-                    python_start, read_file, resident, rotated, run, select_systems, timer, write_file,
-                    write_json)
+                    drop_caches, drops, fs_dev, loadavg, log, loop_fs, machine_info, make_system,
+                    markdown_table, python_start, read_file, resident, rotated, run, select_systems,
+                    timer, write_file, write_json)
 
 #: what ``cli.mount_main`` imports to mount (its import time is part of the mount's)
 MOUNT_IMPORTS = ("import overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
