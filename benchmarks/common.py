@@ -154,6 +154,13 @@ class Mount:
             pass
         return None
 
+    def cpu_ticks(self) -> int | None:
+        """CPU time the daemon has used so far, all its threads (clock ticks); None without a
+        daemon, or when it is gone."""
+        if self.proc is None:
+            return None
+        return proc_cpu_ticks(self.proc.pid)
+
     def stats(self) -> dict | None:
         """overlaypc's counters (the virtual xattr on the mount root), else None."""
         if not self.system.name.startswith("overlaypc"):
@@ -618,6 +625,29 @@ def markdown_table(metrics: list[Metric], systems: list[str]) -> str:
         unit = m.unit + ("" if m.higher_is_better else ", lower is better")
         rows.append(f"| {m.label} | {unit} | " + " | ".join(m.cell(s) for s in systems) + " |")
     return "\n".join(rows)
+
+
+def cpu_ticks() -> tuple[int, int, int]:
+    """The machine's CPU time so far in clock ticks (/proc/stat, all CPUs): (run by tasks:
+    user, nice and system; stolen by the hypervisor for other guests; all of it, idle too).
+    Interrupt time is left out of the first: it is no task's, and a workload's wake-ups
+    cause their own."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v + [0] * (8 - len(v))
+    return user + nice + system, steal, sum(v)
+
+
+def proc_cpu_ticks(pid: int) -> int | None:
+    """User and system time of process ``pid``, all its threads (clock ticks); None when it
+    is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return None
+    fields = st[st.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def loadavg() -> list[str]:

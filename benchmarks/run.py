@@ -33,13 +33,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ALL_SYSTEMS, GiB, MiB, Metric, Watchdog, Workspace, _pc_env, drop_caches,  # noqa: E402
-                    drops, fs_dev, loadavg, log, loop_fs, machine_info, make_system, markdown_table,
-                    python_start, read_file, resident, rotated, run, select_systems, timer, write_file,
-                    write_json)
+from common import (ALL_SYSTEMS, GiB, MiB, Metric, Watchdog, Workspace, _pc_env, cpu_ticks,  # noqa: E402
+                    drop_caches, drops, fs_dev, loadavg, log, loop_fs, machine_info, make_system,
+                    markdown_table, python_start, read_file, resident, rotated, run, select_systems,
+                    timer, write_file, write_json)
 
 #: what ``cli.mount_main`` imports to mount (its import time is part of the mount's)
 MOUNT_IMPORTS = ("import overlaypc.cli, overlaypc.core, overlaypc.engine.channel, "
@@ -51,6 +52,14 @@ FULL = dict(seq_size=1 * GiB, fio_runtime=10, tree_dirs=100, tree_files=10_000, 
 #: cache=shared measurement, and at most 1 - this read from disk by the daemon during it
 #: (reclaim here takes a few MiB of a warm 1 GiB file in 10 s)
 SHARED_RESIDENT = 0.99
+#: the most of the machine's CPU time that anything but fio and the daemon may take during a
+#: cache=shared measurement: the goal is the daemon's rate on a quiet machine, and one busy
+#: process (another session's tests) halves two readers' rate (the load balancer then puts
+#: both workers on the other CPU: benchmarks/RESULTS.md, "cache=shared, two readers: what
+#: decides the rate")
+SHARED_OTHER_CPU = 0.1
+#: fio's IOPS are logged per this many milliseconds in a cache=shared measurement
+RATE_WINDOW_MS = 500
 QUICK = dict(seq_size=256 * MiB, fio_runtime=2, tree_dirs=20, tree_files=2_000, create_files=1_000,
              copyup_size=256 * MiB, tar_bytes=5 * MiB, reps=3)
 
@@ -106,24 +115,51 @@ def find_stat(root: str) -> int:
     return r.stdout.count("\n")
 
 
-def fio_randread(path: str, size: int, runtime: int, jobs: int = 1) -> float:
-    """4 KiB random reads (psync) by ``jobs`` processes on one file; total IOPS."""
-    r = run(["fio", "--name=randread", "--rw=randread", "--bs=4k", f"--size={size}",
-             f"--runtime={runtime}", "--time_based", "--ioengine=psync", f"--filename={path}",
-             "--readonly", "--invalidate=0", f"--numjobs={jobs}", "--group_reporting",
-             "--output-format=json"], timeout=runtime + 120)
+def fio_randread(path: str, size: int, runtime: int, jobs: int = 1,
+                 rates: list[int] | None = None) -> float:
+    """4 KiB random reads (psync) by ``jobs`` processes on one file; total IOPS. With
+    ``rates``, the total IOPS of each ``RATE_WINDOW_MS`` window are appended to it."""
+    cmd = ["fio", "--name=randread", "--rw=randread", "--bs=4k", f"--size={size}",
+           f"--runtime={runtime}", "--time_based", "--ioengine=psync", f"--filename={path}",
+           "--readonly", "--invalidate=0", f"--numjobs={jobs}", "--group_reporting",
+           "--output-format=json"]
+    with tempfile.TemporaryDirectory(prefix="fio-log-") as logs:
+        if rates is not None:
+            cmd += [f"--write_iops_log={os.path.join(logs, 'r')}", f"--log_avg_msec={RATE_WINDOW_MS}"]
+        r = run(cmd, timeout=runtime + 120)
+        if rates is not None:
+            rates.extend(window_rates([os.path.join(logs, n) for n in sorted(os.listdir(logs))]))
     data = json.loads(r.stdout[r.stdout.index("{"):])
     return float(data["jobs"][0]["read"]["iops"])
 
 
-def shared_cold(run_: dict) -> str | None:
-    """Why a cache=shared run measured more than the daemon on a warm file (None: it did not)."""
+def window_rates(logs: list[str]) -> list[int]:
+    """The IOPS of all jobs together per ``RATE_WINDOW_MS`` window, from fio's IOPS logs (one
+    per job: "msec, IOPS, direction, ..." per line, the window's end first); a window not
+    every job logged is left out."""
+    per: dict[int, list[int]] = {}
+    for path in logs:
+        with open(path) as f:
+            for line in f:
+                parts = line.split(",")
+                if len(parts) >= 2 and parts[0].strip().isdigit():
+                    w = round(int(parts[0]) / RATE_WINDOW_MS)  # (stamps drift: 499, 1000, 1501)
+                    per.setdefault(w, []).append(int(parts[1]))
+    return [sum(v) for _, v in sorted(per.items()) if len(v) == len(logs)]
+
+
+def shared_disturbed(run_: dict) -> str | None:
+    """Why a cache=shared run measured more than the daemon on a warm file and a quiet
+    machine (None: it did not)."""
     low = min(run_["resident_before"], run_["resident_after"])
     if low < SHARED_RESIDENT:
         return f"lower file {low:.1%} resident around fio"
     if run_["daemon_disk_read"] > 1 - SHARED_RESIDENT:
         return (f"the daemon read {run_['daemon_disk_read']:.1%} of the lower file from disk "
                 f"during fio (evicted meanwhile)")
+    if run_.get("other_cpu", 0.0) > SHARED_OTHER_CPU:
+        return (f"other work took {run_['other_cpu']:.0%} of the CPUs during fio "
+                f"(the machine was not quiet)")
     return None
 
 
@@ -137,11 +173,17 @@ def shared_reads(ws: Workspace, lower: str, cfg: dict, M: dict[str, Metric], pyt
     is seen), and is redone when the file was not wholly resident before and after fio:
     other work here drops caches every few seconds at times, and reclaim evicts pages
     without a drop; or when the daemon read more than 1 % of the file from disk during
-    fio (evicted and read again in between). Per fio run (redone ones too),
+    fio (evicted and read again in between); or when other work took more than
+    ``SHARED_OTHER_CPU`` of the CPUs meanwhile (redone up to twice, as after a page-cache
+    drop, then kept and marked disturbed). Per fio run (redone ones too),
     ``extra["shared_runs"]`` keeps the residency, the share of the file the daemon read
     from disk, the daemon's threads afterwards (the main thread, the notifier, the pool's
-    watch and one worker per CPU: more means the pool grew because reads blocked) and the
-    load."""
+    watch and one worker per CPU: more means the pool grew because reads blocked), the
+    load, the shares of the machine's CPU time that the daemon, fio, other tasks and the
+    hypervisor (steal) took during fio, and the rate per ``RATE_WINDOW_MS`` window: two
+    readers' rate switches between ~70k and ~150k/s as the scheduler places the workers
+    (RESULTS.md, "cache=shared, two readers: what decides the rate"), and the windows show
+    which states a run's figure averages."""
     system = make_system("overlaypc-shared", python)
     big_lower = os.path.join(lower, "big")
     size = os.path.getsize(big_lower)
@@ -160,20 +202,35 @@ def shared_reads(ws: Workspace, lower: str, cfg: dict, M: dict[str, Metric], pyt
                         run_.clear()
                         run_.update(rep=rep, jobs=jobs, resident_before=round(resident(big_lower) / size, 4))
                         io0 = m.disk_read_bytes() or 0
-                        iops = fio_randread(big, cfg["seq_size"], cfg["fio_runtime"], jobs)
+                        rates: list[int] = []
+                        cpu0, daemon0, fio0 = cpu_ticks(), m.cpu_ticks() or 0, _children_ticks()
+                        iops = fio_randread(big, cfg["seq_size"], cfg["fio_runtime"], jobs, rates)
+                        cpu1, daemon1, fio1 = cpu_ticks(), m.cpu_ticks() or 0, _children_ticks()
+                        total = max(1, cpu1[2] - cpu0[2])
+                        daemon, fio = daemon1 - daemon0, fio1 - fio0
                         run_.update(iops=round(iops), resident_after=round(resident(big_lower) / size, 4),
                                     daemon_disk_read=round(((m.disk_read_bytes() or 0) - io0) / size, 4),
-                                    daemon_threads=m.threads(), load=float(loadavg()[0]))
+                                    daemon_threads=m.threads(), load=float(loadavg()[0]),
+                                    daemon_cpu=round(daemon / total, 3), fio_cpu=round(fio / total, 3),
+                                    other_cpu=round(max(0, cpu1[0] - cpu0[0] - daemon - fio) / total, 3),
+                                    steal=round((cpu1[1] - cpu0[1]) / total, 3), rates=rates)
                         runs.append(dict(run_))
                         return iops
 
                     step(M[key], system.name, m, cfg["fio_runtime"] + 180, measure,
-                         cold=lambda run_=run_: shared_cold(run_))
+                         cold=lambda run_=run_: shared_disturbed(run_))
         except Exception as e:  # noqa: BLE001
             log(f"shared reads rep {rep}: {e}")
             M["shared_1"].error(system.name, str(e))
         finally:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _children_ticks() -> int:
+    """CPU time (clock ticks) of this process's children that have been waited for: fio and
+    its job processes, once fio has exited."""
+    t = os.times()
+    return round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
 
 
 def create_files(d: str, n: int) -> float:

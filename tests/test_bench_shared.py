@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+
+import helpers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.join(os.path.dirname(HERE), "benchmarks")
@@ -82,7 +85,41 @@ def test_resident_counts_the_page_cache_of_a_file(tmp_path):
 def test_a_shared_run_is_cold_when_its_file_was_evicted_or_read_from_disk():
     run = _bench("run")
     warm = dict(resident_before=1.0, resident_after=0.9995, daemon_disk_read=0.0004)
-    assert run.shared_cold(warm) is None
-    assert "resident" in run.shared_cold(dict(warm, resident_before=0.04))    # dropped before fio
-    assert "resident" in run.shared_cold(dict(warm, resident_after=0.35))     # evicted, not read back
-    assert "from disk" in run.shared_cold(dict(warm, daemon_disk_read=0.3))   # evicted, read back
+    assert run.shared_disturbed(warm) is None
+    assert "resident" in run.shared_disturbed(dict(warm, resident_before=0.04))    # dropped before fio
+    assert "resident" in run.shared_disturbed(dict(warm, resident_after=0.35))     # evicted, not read back
+    assert "from disk" in run.shared_disturbed(dict(warm, daemon_disk_read=0.3))   # evicted, read back
+
+
+def test_a_shared_run_is_disturbed_when_other_work_took_the_cpus():
+    """Another process busy on one of two CPUs makes the scheduler put both workers on the
+    other one, and two readers' rate halves (RESULTS.md, "cache=shared, two readers: what
+    decides the rate"): such a run measured the machine's load, not the daemon, and is
+    redone like a cold one."""
+    run = _bench("run")
+    quiet = dict(resident_before=1.0, resident_after=1.0, daemon_disk_read=0.0, other_cpu=0.03)
+    assert run.shared_disturbed(quiet) is None
+    assert "not quiet" in run.shared_disturbed(dict(quiet, other_cpu=0.45))
+
+
+def test_window_rates_add_the_jobs_per_window(tmp_path):
+    """fio's IOPS logs (one per job, stamps drifting by a few ms) summed per window; a
+    window only some jobs logged is left out."""
+    run = _bench("run")
+    one, two = tmp_path / "r_iops.1.log", tmp_path / "r_iops.2.log"
+    one.write_text("499, 70000, 0, 0, 0\n1000, 71000, 0, 0, 0\n1501, 30000, 0, 0, 0\n"
+                   "2003, 35000, 0, 0, 0\n")
+    two.write_text("503, 69000, 0, 0, 0\n1003, 72000, 0, 0, 0\n1504, 31000, 0, 0, 0\n")
+    assert run.window_rates([str(one), str(two)]) == [139000, 143000, 61000]
+
+
+def test_fio_randread_logs_its_rate_per_window(tmp_path):
+    helpers.require(shutil.which("fio") is not None, "fio not installed")
+    run = _bench("run")
+    path = tmp_path / "f"
+    path.write_bytes(b"\0" * (1 << 20))
+    rates: list[int] = []
+    iops = run.fio_randread(str(path), 1 << 20, 2, jobs=2, rates=rates)
+    assert len(rates) >= 3  # 500 ms windows of a 2 s run (fio leaves out the last)
+    assert all(r > 0 for r in rates)
+    assert min(rates) <= 2 * iops and max(rates) >= iops / 2
