@@ -1121,6 +1121,7 @@ def main():
     base = Path(sys.argv[1])
     options = sys.argv[2]
     IDSHIFT, NEWUID = id_shift(options)
+    stress_extra.BIND_AT_OPEN = "handles=bind-at-open" in options.split(",")
     seed = int(sys.argv[3])
     nops = int(sys.argv[4]) if len(sys.argv) > 4 else 400
     workers = int(sys.argv[5]) if len(sys.argv) > 5 else 4
