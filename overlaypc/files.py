@@ -656,6 +656,9 @@ class Files:
             st = os.fstat(fd)
             nlink = 0 if inode.in_upper else self._nameless_lower_nlink(st)
             return self._shown(Attr(st, inode.ino, nlink), inode, fd)
+        if inode.meta_file is not None and not self._on_current(inode):
+            # (its data copied in, every handle bound to the lower data: as ``_on_nameless``)
+            return self._with_meta_file(inode, lambda meta: attr(meta.fd))
         return self._with_handle_fd(inode, attr)
 
     def _nameless_lower_nlink(self, st: os.stat_result) -> int | None:
@@ -712,7 +715,19 @@ class Files:
         def run(handle_fd: int) -> None:
             faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
             _reopened(handle_fd, flags, action, inode.layer)
+        if inode.meta_file is not None and not self._on_current(inode):
+            # a metacopy file's upper file, its data copied in, no handle on it (all bound
+            # to the lower data, ``handles=bind-at-open``): through the fd the inode holds
+            # (its current backing: the inode moved to it, ``copy_data_nameless``)
+            self._with_meta_file(inode, lambda meta: run(meta.fd))
+            return
         self._with_handle_fd(inode, run, current=True)
+
+    def _on_current(self, inode: OverlayInode) -> bool:
+        """Whether one of the inode's open handles is on its current backing (or follows
+        copy-ups, and so moves there)."""
+        return any(h.follow or h.bound_generation == inode.generation
+                   for h in self.fs.handles.for_inode(inode))
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd, layer: self.fs.ownership.chmod_fd(layer, fd, mode))
