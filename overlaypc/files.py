@@ -918,8 +918,14 @@ class Files:
 
     def release(self, fh: int) -> None:
         handle = self.fs.handles.pop(fh)
-        handle.close()
-        self.fs.inodes.release(handle.inode)
+        # the inode leaves the table first: the handle's fd may be the last reference of
+        # an unlinked file, whose inode number the upper filesystem may give a file made
+        # meanwhile (another worker's create) as soon as it closes; the table is keyed by
+        # that number, and the new file must not find the dying inode there
+        try:
+            self.fs.inodes.release(handle.inode)
+        finally:
+            handle.close()
 
 
 def _reopened(fd: int, flags: int, action, layer) -> None:
