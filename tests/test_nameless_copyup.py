@@ -261,3 +261,147 @@ def test_link_of_an_index_entry_with_no_name_left_in_process(tmp_path):
         drv.settle()
     finally:
         drv.close()
+
+
+# -- review22 ---------------------------------------------------------------------------------
+def _kernel_linked_metacopy(base, kernel_mount):
+    """Layers where ``f`` and ``g`` are upper hard links of one metacopy file, as the
+    kernel overlay's ``ln`` of a metacopy file leaves them (an absolute redirect on the
+    file, its data still below): (lower, upper, work)."""
+    lower = helpers.build_layer(base / "lower", {"f": "lower data\n" * 3})
+    upper, work = base / "upper", base / "work"
+    upper.mkdir()
+    work.mkdir()
+    k = kernel_mount([lower], upper, work, RUNS["metacopy"][1])
+    try:
+        os.chmod(k / "f", 0o640)
+        os.link(k / "f", k / "g")
+    finally:
+        helpers.force_unmount(k)
+    assert os.lstat(upper / "g").st_nlink == 2
+    assert "trusted.overlay.metacopy" in os.listxattr(upper / "g")
+    return lower, upper, work
+
+
+def _write_nameless_linked(m: str) -> list:
+    """``f`` of the kernel-linked metacopy pair opened, unlinked (``g`` left: a name the
+    mount has not looked up), reopened for writing through its fd, written."""
+    fd = os.open(f"{m}/f", os.O_RDONLY)
+    try:
+        os.unlink(f"{m}/f")
+        rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        os.pwrite(rw, b"NEW", 0)
+        os.close(rw)
+        out = [os.pread(fd, 100, 0)]
+    finally:
+        os.close(fd)
+    with open(f"{m}/g", "rb") as f:
+        out.append((f.read(), os.stat(f"{m}/g").st_nlink))
+    return out
+
+
+def test_a_nameless_metacopy_file_with_an_upper_link_written(tmp_path, overlay_mount,
+                                                             kernel_mount):
+    """The upper file of a nameless metacopy file keeps a name the mount never looked up
+    (the kernel's ``ln`` made it): its data copy-up and a write through the fd, seen by
+    that name, then by the kernel overlay over the same layers after."""
+    from upper_support import stack_options
+    results = []
+    for side in ("kernel", "ours"):
+        lower, upper, work = _kernel_linked_metacopy(tmp_path / side, kernel_mount)
+        if side == "kernel":
+            k = kernel_mount([lower], upper, work, RUNS["metacopy"][1])
+            results.append(_write_nameless_linked(str(k)))
+            helpers.force_unmount(k)
+        else:
+            mo = overlay_mount(stack_options([lower], upper, work, RUNS["metacopy"][0]))
+            results.append(_write_nameless_linked(str(mo.path)))
+            mo.unmount()
+        k = kernel_mount([lower], upper, work, RUNS["metacopy"][1])
+        with open(k / "g", "rb") as f:
+            results[-1].append(("remounted", f.read(), sorted(os.listdir(k))))
+        helpers.force_unmount(k)
+    assert results[0][0].startswith(b"NEW")  # (the oracle)
+    assert results[1] == results[0]
+
+
+def test_a_named_data_copy_up_racing_a_nameless_one_keeps_the_write(tmp_path, kernel_mount):
+    """review22: the data copy-ups of one metacopy upper file through two of its names (the
+    nameless ``f``, ``copy_data_nameless``, and its upper hard link ``g``,
+    ``_copy_data_in_place``) took different stripe locks, so both copied the lower data
+    in: ``g``'s, past its look at the mark before ``f``'s copy dropped it, copied over a
+    write through ``f``'s new handle. Paused with fault hooks: ``f``'s copy in its data
+    step, ``g``'s open of the upper file (its look at the mark done), then ``f``'s copy
+    let go and written through, then ``g``'s. Now one data copy-up per upper file at a
+    time, the mark looked at under that lock (``CopyUp._filling``). Failed before:
+    ``assert b'lower data\\nlower...' == b'NEWer data\\nlower...'``."""
+    import sys
+    import threading
+
+    from overlaypc import faults
+    from overlaypc.config import MountConfig, validate
+    from core_driver import Walker
+
+    lower, upper, work = _kernel_linked_metacopy(tmp_path, kernel_mount)
+    (tmp_path / "mnt").mkdir()
+    cfg = MountConfig(lowers=[str(lower)], upper=str(upper), work=str(work),
+                      mountpoint=str(tmp_path / "mnt"), metacopy=True, redirect_dir="on")
+    validate(cfg)
+    drv = CoreDriver(cfg)
+    events = {k: threading.Event() for k in ("in_f", "go_f", "go_g", "g_opens")}
+
+    def copying(point, tmp, rel, *rest):
+        if rel == "f":
+            events["in_f"].set()
+        if rel in ("f", "g"):
+            assert events["go_" + rel].wait(20)
+
+    def opening(point, layer, rel):
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name == "_copy_data_in_place":
+                events["g_opens"].set()
+            frame = frame.f_back
+
+    faults.install("copyup.data", copying)
+    faults.install("layer.open", opening)
+    got: dict = {}
+
+    def run(key, call):
+        try:
+            got[key] = call()
+        except BaseException as e:  # (reported by the asserts below)
+            got[key] = e
+
+    try:
+        nodeid, fro = _open_unlinked(drv, "f", os.O_RDONLY)
+
+        def write_f():
+            fh = drv.ops.open(REQ, nodeid, os.O_RDWR).fh
+            drv._open[fh] = nodeid
+            drv.write(fh, b"NEW", 0)
+            return fh
+        a = threading.Thread(target=run, args=("f", write_f))
+        a.start()
+        assert events["in_f"].wait(20)
+        b = threading.Thread(target=run, args=("g", lambda: Walker(drv).open("g", os.O_RDWR)))
+        b.start()
+        assert events["g_opens"].wait(20)
+        events["go_f"].set()
+        a.join(20)
+        assert isinstance(got["f"], int), got
+        events["go_g"].set()
+        b.join(20)
+        assert isinstance(got["g"], int), got
+        for fh in (fro, got["f"], got["g"]):
+            assert drv.read(fh, 100, 0) == b"NEWer data\n" + b"lower data\n" * 2
+        assert "trusted.overlay.metacopy" not in os.listxattr(upper / "g")
+        for fh in (fro, got["f"], got["g"]):
+            drv.release(fh)
+        drv.settle()
+    finally:
+        for event in events.values():
+            event.set()
+        faults.configure(None)
+        drv.close()
+    assert (upper / "g").read_bytes() == b"NEWer data\n" + b"lower data\n" * 2
