@@ -618,7 +618,7 @@ class Files:
 
     # -- an open file with no name left (unlinked): reached through an open handle's fd --
     def _with_handle_fd(self, inode: OverlayInode, action: Callable[[int], T],
-                        current: bool = False) -> T:
+                        current: bool = False, fallback: Callable[[], T] | None = None) -> T:
         """``action(fd)`` on the fd of one of the inode's open handles (moved to the current
         backing first where handles follow copy-ups), held against that handle's close: its
         RELEASE, running meanwhile, cannot free the fd number for another open to take
@@ -628,7 +628,8 @@ class Files:
         change must never reach: review18, a chmod or LINK of a nameless copied-up file);
         ENOENT when none is. Else (a read) one on the current backing too where one is open,
         any other only where none is (review18: a GETATTR by node showed the lower file's
-        size through a bind-at-open handle while the writer's handle was on the upper copy)."""
+        size through a bind-at-open handle while the writer's handle was on the upper copy).
+        ``fallback()`` is answered instead of ENOENT when one is given."""
         handles = self.fs.handles.for_inode(inode)
         for on_current in (True,) if current else (True, False):
             for handle in handles:
@@ -639,6 +640,8 @@ class Files:
                 done = handle.with_fd(lambda fd: (action(fd),), current=on_current)
                 if done is not None:
                     return done[0]
+        if fallback is not None:
+            return fallback()
         raise OSError(errno.ENOENT, "file no longer open")
 
     def _shown(self, attr: Attr, inode: OverlayInode, fd: int) -> Attr:
@@ -712,7 +715,16 @@ class Files:
         def run(handle_fd: int) -> None:
             faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
             _reopened(handle_fd, flags, action, inode.layer)
-        self._with_handle_fd(inode, run, current=True)
+
+        def on_meta_file(meta: MetaFile) -> None:
+            # a metacopy file's upper file, its data copied in, no handle on it (each bound
+            # to the lower data, ``handles=bind-at-open``): through the fd the inode holds,
+            # as ``_reopen_current`` opens it
+            if not inode.in_upper or meta.layer is not inode.layer:
+                raise OSError(errno.ENOENT, "file no longer open")
+            run(meta.fd)
+        self._with_handle_fd(inode, run, current=True,
+                             fallback=lambda: self._with_meta_file(inode, on_meta_file))
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd, layer: self.fs.ownership.chmod_fd(layer, fd, mode))
