@@ -258,7 +258,8 @@ class Files:
         """A new fd of an open file (one of its handles', on its current backing): for a
         change that takes the namespace lock, which a handle's lock is never held around
         (a copy-up takes that inside it). ENOENT when none is open there."""
-        return self._with_handle_fd(inode, os.dup, current=True)
+        return self._with_handle_fd(inode, os.dup, current=True, fallback=lambda: self._on_held_upper(
+            inode, lambda fd: os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)))
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
@@ -716,15 +717,19 @@ class Files:
             faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
             _reopened(handle_fd, flags, action, inode.layer)
 
-        def on_meta_file(meta: MetaFile) -> None:
-            # a metacopy file's upper file, its data copied in, no handle on it (each bound
-            # to the lower data, ``handles=bind-at-open``): through the fd the inode holds,
-            # as ``_reopen_current`` opens it
+        self._with_handle_fd(inode, run, current=True,
+                             fallback=lambda: self._on_held_upper(inode, run))
+
+    def _on_held_upper(self, inode: OverlayInode, action: Callable[[int], T]) -> T:
+        """``action(fd)`` on the upper file a metacopy file's inode holds (``MetaFile``, an
+        ``O_PATH`` fd), its data copied in since, where no handle is on it (each bound to
+        the lower data, ``handles=bind-at-open``): as ``_reopen_current`` reopens it.
+        ENOENT for any other inode."""
+        def on(meta: MetaFile) -> T:
             if not inode.in_upper or meta.layer is not inode.layer:
                 raise OSError(errno.ENOENT, "file no longer open")
-            run(meta.fd)
-        self._with_handle_fd(inode, run, current=True,
-                             fallback=lambda: self._with_meta_file(inode, on_meta_file))
+            return action(meta.fd)
+        return self._with_meta_file(inode, on)
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd, layer: self.fs.ownership.chmod_fd(layer, fd, mode))
@@ -800,6 +805,17 @@ class Files:
                 inode, lambda entry: fs.nameless_data_copied(inode, entry))
         finally:
             fs.inodes.release(inode)
+
+    def copy_data_to_link(self, inode: OverlayInode) -> bool:
+        """Before LINK of an open metacopy file whose data is below and whose names the mount
+        knows all went: its data copied in (``copy_data_nameless``), as a link of a named
+        one copies it first, if its upper file has a name left (an upper hard link the
+        kernel's ``ln`` of a metacopy file made, never looked up); whether it has. With
+        none left the link fails anyway (ENOENT, the kernel's answer too)."""
+        if not self._with_meta_file(inode, lambda meta: os.fstat(meta.fd).st_nlink > 0):
+            return False
+        self.copy_data_nameless(inode)
+        return True
 
     def open_inode(self, inode: OverlayInode, flags: int) -> OpenResult:
         """OPEN of a file with no name left (``open("/proc/self/fd/N")`` of an unlinked,
