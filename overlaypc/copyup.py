@@ -800,7 +800,8 @@ class CopyUp:
         mark dropped, as ``_copy_data_in_place``; then ``rebound(the upper file's entry)``
         under the namespace lock (the inode moves to it, its handles follow). Nothing to
         do when another thread did it first. Serialised with copy-ups of the name it had
-        (the stripe of ``inode.meta_rel``). Crash: the same order as a named file's; an
+        (the stripe of ``inode.meta_rel``) and with data copy-ups of the upper file through
+        any name of it (``_filling``). Crash: the same order as a named file's; an
         upper file with no name left is freed by the upper filesystem anyway, and one that
         has one (a name the kernel never looked up) stays a metacopy file until the mark
         goes."""
