@@ -258,8 +258,10 @@ class Files:
         """A new fd of an open file (one of its handles', on its current backing): for a
         change that takes the namespace lock, which a handle's lock is never held around
         (a copy-up takes that inside it). ENOENT when none is open there."""
-        return self._with_handle_fd(inode, os.dup, current=True, fallback=lambda: self._on_held_upper(
-            inode, lambda fd: os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)))
+        def reopened(fd: int) -> int:  # (the held upper file's fd is O_PATH)
+            return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return self._with_handle_fd(inode, os.dup, current=True,
+                                    fallback=lambda: self._on_held_upper(inode, reopened))
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
