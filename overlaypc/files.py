@@ -257,7 +257,8 @@ class Files:
     def dup_fd(self, inode: OverlayInode) -> int:
         """A new fd of an open file (one of its handles', on its current backing): for a
         change that takes the namespace lock, which a handle's lock is never held around
-        (a copy-up takes that inside it). ENOENT when none is open there."""
+        (a copy-up takes that inside it); else of the upper file a metacopy file's inode
+        holds, its data copied in (``_on_held_upper``). ENOENT when none is open there."""
         def reopened(fd: int) -> int:  # (the held upper file's fd is O_PATH)
             return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         return self._with_handle_fd(inode, os.dup, current=True,
