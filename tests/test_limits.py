@@ -1133,23 +1133,27 @@ def test_a_copy_up_holds_no_node_while_it_waits_for_fds(how, tmp_path):
         assert stat.S_IMODE((tmp_path / "upper" / made).stat().st_mode) == 0o700
 
 
-#: requests that keep a node while they look another name up or copy up, and may wait for
-#: fds there (limits23): where the request is paused (an attribute of ``fs``, wrapped: the
+#: requests that kept a node while they looked another name up or copied up, and may wait
+#: for fds there (limits23): where the request is paused (an attribute of ``fs``, wrapped: the
 #: lookup or copy-up that may wait), for which first argument (None: any), the request's
-#: code, and what it leaves in the upper (the path, and the mode bits it must not have)
+#: code, what it leaves in the upper (the path, and the mode bits it must not have), and
+#: the fds of the node it kept
 _HOLDING_ASKS = {
     # a rename between two directories merged across all layers: it held the old name's
     # node (an fd per layer) while it looked the new one up
     "rename": ("lookup.lookup", "d0001/moved", "fs.rename('d0000/sub', 'd0001/moved')",
-               "d0001/moved", 0),
+               "d0001/moved", 0, 60),
     # a truncate's or chown's kill of privileges by path: it held the file's node (an fd
     # of its parent in its layer) during the copy-up (metadata only where allowed)
     "kill_privs": ("copyup.ensure_upper", None,
                    "fs.kill_privs('d0000/f', None, Writer(1000, 1000, os.getpid()))",
-                   "d0000/f", stat.S_ISUID),
+                   "d0000/f", stat.S_ISUID, 1),
+    # a hard link of a lower file into another merged directory: it held the source's node
+    # while it looked the new name up (and during the copy-up)
+    "link": ("lookup.lookup", "d0001/f2", "fs.link('d0000/f', 'd0001/f2')", "d0001/f2", 0, 1),
     # an open for writing of a lower file: it held the file's node during the copy-up
     "open": ("copyup.ensure_data", None, "fs.release(fs.open('d0000/f', os.O_WRONLY).fh)",
-             "d0000/f", 0),
+             "d0000/f", 0, 1),
 }
 
 
@@ -1160,9 +1164,9 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
     kept them (an fd per layer of a merged directory, a file's parent fd), and the thread
     whose turn it was, needing them, answered EMFILE after the whole wait (limits23). The
     main thread holds the turn, in its wait, when the request reaches its lookup; its walk
-    fits (measured, one fd at a time) only once what the request holds is let go. The
-    clock is a fake one that only the waits' sleeps advance."""
-    where, arg, act, made, gone = _HOLDING_ASKS[how]
+    fits (its need measured one fd at a time) only if the request does not hold that node
+    then. The clock is a fake one that only the waits' sleeps advance."""
+    where, arg, act, made, gone, kept = _HOLDING_ASKS[how]
     roots = _wide_layers(tmp_path, 60, 3)
     (roots[0] / "d0000" / "f").write_text("data\n")
     (roots[0] / "d0000" / "f").chmod(0o4755)
@@ -1220,13 +1224,14 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
                     and {arg!r} in (None, args[0]):
                 at_point.set()
                 go.wait(60)
-                try:
-                    return call(*args, **kwargs)
-                finally:
-                    passed.set()
+                done = call(*args, **kwargs)
+                passed.set()
+                main_done.wait(60)  # (nothing more of the request while the main thread tries)
+                return done
             return call(*args, **kwargs)
         setattr(owner, name, paused)
         fs.lookup.shed_fds()
+        before = len(os.listdir("/proc/self/fd"))
         result = []
         def request():
             try:
@@ -1238,6 +1243,7 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
         changer.start()
         assert at_point.wait(60)
         fs.lookup.shed_fds()  # (the request's walk walks again: the cache's fds close)
+        held = len(os.listdir("/proc/self/fd")) - before  # what the request holds now
         hog = []
         try:
             while True:
@@ -1253,7 +1259,12 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
             fs.lookup.shed_fds()
             os.close(hog.pop())
         fs.lookup.shed_fds()
-        hog.append(os.dup(0))  # one fewer: it fits only once what the request holds is let go
+        # the walk's need less one, and the fds of the node the request kept (``kept``) if it
+        # holds none of them now: it fits only if the request lets go of that node
+        for _ in range({kept} - held - 1):
+            os.close(hog.pop())
+        for _ in range(held + 1 - {kept}):
+            hog.append(os.dup(0))
         try:
             found = len(fs.lookup.lookup("d0002").entries)
         except OSError as e:
