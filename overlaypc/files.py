@@ -119,6 +119,7 @@ class Files:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)
             copy = self.copy_up_for_open(rel, flags, node)
+            node = None  # (not held while the copy-up may wait for fds: limits23)
             if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
                 # (a copy-up that breaks a lower hard link changes this name's st_nlink and
                 # st_ino with no reply carrying them: such names are never cached by the
