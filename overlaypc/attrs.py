@@ -236,15 +236,12 @@ class Attributes:
         return st is not None and not is_whiteout(st)
 
     # -- changes (copy-up first) ---------------------------------------------------------------
-    def _upper(self, rel: str, *, data: bool = False, changes: bool = True, kill: bool = False,
-               seen: Seen | None = None) -> Entry:
+    def _upper(self, rel: str, *, data: bool = False) -> Entry:
         """The upper entry of ``rel``, after the copy-up ``copy_up_for_setattr`` decides
-        (metadata only where allowed); ``seen``: ``rel`` as just looked up."""
-        return self._after(rel, self.copy_up_for_setattr(rel, changes=changes, kill=kill,
-                                                         data=data, seen=seen), data, seen)
+        (metadata only where allowed)."""
+        return self._after(rel, self.copy_up_for_setattr(rel, data=data), data)
 
-    def _after(self, rel: str, copy: "Callable[[], Entry] | None", data: bool = False,
-               seen: Seen | None = None) -> Entry:
+    def _after(self, rel: str, copy: "Callable[[], Entry] | None", data: bool = False) -> Entry:
         """The upper entry of ``rel`` once ``copy`` (the change's decision) ran. None: in the
         upper already (a copy-up it needs all the same, the decision being wrong, runs
         here: or ``CopyUpFirst`` under the namespace lock, and the request runs it)."""
@@ -252,7 +249,7 @@ class Attributes:
         if copy is not None:
             return copy()
         copyup = self.fs.copyup
-        return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True, seen=seen)
+        return copyup.ensure_data(rel) if data else copyup.ensure_upper(rel, metadata_only=True)
 
     def chmod(self, rel: str, mode: int) -> None:
         entry = self._upper(rel)
@@ -283,7 +280,12 @@ class Attributes:
             # nothing a write would strip (what ``kill_fd`` would find, without opening)
             return False
         if entry is None:  # a lower file: copied up (metadata only) before it is looked at
-            entry = self._upper(rel, changes=False, kill=True, seen=seen)
+            copy = self.copy_up_for_setattr(rel, changes=False, kill=True, seen=seen)
+            # (the node is not held while the copy-up may wait for fds: the box ``copy``
+            # holds it in lets go of it first; kept here, the thread whose turn it was
+            # could lack its fd and answer EMFILE after the whole wait: limits23)
+            del seen, node
+            entry = self._after(rel, copy)
         fd = entry.layer.open(entry.rel, os.O_RDONLY | os.O_NONBLOCK)
         try:
             changed = killpriv.kill_fd(self.fs.ownership, entry.layer, fd, writer).changed

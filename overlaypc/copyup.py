@@ -265,6 +265,9 @@ class CopyUp:
         self.index = None  # an index.IndexDir under -o index=on
         self.inos = None  # the mount's inumbers.InodeNumbers, told of each origin written
         self._stripes = [threading.Lock() for _ in range(64)]
+        #: one data copy-up of a metacopy upper file at a time, keyed by the file
+        #: (``_filling``): its names take different stripes
+        self._fills = [threading.Lock() for _ in range(64)]
         #: indices of source layers whose files cannot be reflinked to the upper
         self._no_reflink: set[int] = set()
         self._names = itertools.count()
@@ -284,12 +287,14 @@ class CopyUp:
         return bool(holds) and not holds[-1]
 
     @contextlib.contextmanager
-    def _stripe(self, rel: str, held: _Held | None = None):
+    def _stripe(self, rel: str, held: _Held | None = None, *, fill: tuple[int, int] | None = None):
         """Hold the lock of copy-ups of ``rel``; under ``refusing``, only if it is free
         (else ``CopyUpFirst``: module doc). ``held``: let go of before waiting for the lock,
         whose holder may be a copy-up waiting for fds (its lookup, at the limit); it moves
-        the epoch anyway once it installs its copy (``_Held``)."""
-        lock = self._stripes[hash(rel) % len(self._stripes)]
+        the epoch anyway once it installs its copy (``_Held``). ``fill``: instead, the lock
+        of data copy-ups of the metacopy upper file (st_dev, st_ino) (``_filling``)."""
+        locks = self._stripes if fill is None else self._fills
+        lock = locks[hash(rel if fill is None else fill) % len(locks)]
         if not self._refused.holds:
             if not lock.acquire(blocking=False):
                 if held is not None:
@@ -745,21 +750,35 @@ class CopyUp:
         ctx = CopyUpContext(node, data, self._key_of(node), upper.rel)
         dst_fd = self.upper.open(upper.rel, os.O_WRONLY)
         try:
-            self._fill_metacopy(ctx, dst_fd, durable=not self.volatile)
+            with self._filling(upper.rel, os.fstat(dst_fd)):
+                # the mark, looked at under the file's lock: gone when the data came in
+                # through another name of the file meanwhile (an upper hard link, the
+                # kernel's ``ln`` of a metacopy file; a nameless one, ``copy_data_nameless``),
+                # which may have been written since: not copied over again
+                if self.upper.getxattr_fd(dst_fd, self.prefix + "metacopy") is not None:
+                    self._fill_metacopy(ctx, dst_fd, durable=not self.volatile)
+                with self._installing(), self._in_place(self._key_of(node), upper.rel) as placed:
+                    for name in ("metacopy", "redirect"):
+                        try:
+                            self.upper.do_removexattr(upper.rel, self.prefix + name)
+                        except OSError as e:
+                            if e.errno != errno.ENODATA:
+                                raise
+                        placed()  # without the mark, lookups read the data here
         finally:
             os.close(dst_fd)
-        with self._installing(), self._in_place(self._key_of(node), upper.rel) as placed:
-            for name in ("metacopy", "redirect"):
-                try:
-                    self.upper.do_removexattr(upper.rel, self.prefix + name)
-                except OSError as e:
-                    if e.errno != errno.ENODATA:
-                        raise
-                placed()  # without the mark, lookups read the data here
         entry = placed.result()
         self.stats.copy_up(ctx.method)
         log.debug("metacopy data copy-up %s: %d bytes by %s", node.rel, data.st.st_size, ctx.method)
         return entry
+
+    def _filling(self, rel: str, st: os.stat_result):
+        """The lock of data copy-ups of the metacopy upper file ``st`` (at ``rel``), held
+        from the look at its mark to the mark's removal: its names (an upper hard link
+        the kernel's ``ln`` made, the name a nameless one had) take different stripes,
+        and a second copy of the lower data, after the first one's mark went and a write
+        came, would overwrite that write. Under ``refusing`` as a stripe lock is."""
+        return self._stripe(rel, fill=(st.st_dev, st.st_ino))
 
     def _fill_metacopy(self, ctx: CopyUpContext, dst_fd: int, *, durable: bool) -> None:
         """The data of ``ctx.src`` (a metacopy file's lower data) into its upper file, open
@@ -795,7 +814,8 @@ class CopyUp:
         mark dropped, as ``_copy_data_in_place``; then ``rebound(the upper file's entry)``
         under the namespace lock (the inode moves to it, its handles follow). Nothing to
         do when another thread did it first. Serialised with copy-ups of the name it had
-        (the stripe of ``inode.meta_rel``). Crash: the same order as a named file's; an
+        (the stripe of ``inode.meta_rel``) and with data copy-ups of the upper file through
+        any name of it (``_filling``). Crash: the same order as a named file's; an
         upper file with no name left is freed by the upper filesystem anyway, and one that
         has one (a name the kernel never looked up) stays a metacopy file until the mark
         goes."""
@@ -812,22 +832,24 @@ class CopyUp:
             dst_fd = os.open(f"/proc/self/fd/{meta.fd}", os.O_WRONLY | os.O_CLOEXEC)
             try:
                 st = os.fstat(dst_fd)
-                with self.ns_lock:  # (a data copy-up by a name of it drops the mark under it)
-                    if inode.in_upper:
-                        return  # (done by a name the table never held, meanwhile)
-                    if self.upper.getxattr_fd(dst_fd, self.prefix + "metacopy") is None:
-                        raise OSError(errno.ESTALE, "the upper file of a metacopy file lost "
-                                      "its mark behind the mount", rel)
-                ctx = CopyUpContext(Node(rel, (data,)), data, inode.key, rel)
-                self._fill_metacopy(ctx, dst_fd, durable=not self.volatile and st.st_nlink > 0)
-                with self._installing():
-                    for name in ("metacopy", "redirect"):
-                        try:
-                            os.removexattr(dst_fd, self.prefix + name)
-                        except OSError as e:
-                            if e.errno != errno.ENODATA:
-                                raise
-                    rebound(Entry(meta.layer, rel, os.fstat(dst_fd)))
+                with self._filling(rel, st):
+                    with self.ns_lock:  # (a data copy-up by a name of it rebinds under it)
+                        if inode.in_upper:
+                            return  # (done by a name the table never held, meanwhile)
+                        if self.upper.getxattr_fd(dst_fd, self.prefix + "metacopy") is None:
+                            raise OSError(errno.ESTALE, "the upper file of a metacopy file "
+                                          "lost its mark behind the mount", rel)
+                    ctx = CopyUpContext(Node(rel, (data,)), data, inode.key, rel)
+                    self._fill_metacopy(ctx, dst_fd,
+                                        durable=not self.volatile and st.st_nlink > 0)
+                    with self._installing():
+                        for name in ("metacopy", "redirect"):
+                            try:
+                                os.removexattr(dst_fd, self.prefix + name)
+                            except OSError as e:
+                                if e.errno != errno.ENODATA:
+                                    raise
+                        rebound(Entry(meta.layer, rel, os.fstat(dst_fd)))
             finally:
                 os.close(dst_fd)
         self.stats.copy_up(ctx.method)

@@ -135,10 +135,14 @@ def mount_needs(layers: int, searched: int, locks: int, workers: int) -> int:
     admitted at 318 fds, and needed about 420). One walk is counted: lookups of such
     directories running at once need a walk's fds each, and past the limit they wait for
     each other (``patiently``: walk17, they answered EMFILE); open files leave a walk its
-    fds (``FdBudget.open_files``). Caveat: an operation that holds such a directory while
-    it looks up another (a rename between two of them) needs more, and may fail with
-    EMFILE at the lowest admitted limit (at once: changes hold the namespace lock, under
-    which nothing waits for fds, ``unwaited_under``)."""
+    fds (``FdBudget.open_files``). Requests hold no node across a lookup or copy-up that may
+    wait (a rename keeps the old name's node without its fds, ``Node.without_fds``, while
+    it looks the new name up; a link, an open for writing, a kill of privileges by path
+    and a copy-up let go of theirs: stall20, limits23), so a rename between two such
+    directories no longer holds one while it walks down the other. Caveat: a rename *over*
+    such a directory holds it while it looks the source's parent up under the namespace
+    lock (``lower_exists``), and may fail with EMFILE at the lowest admitted limit (at
+    once: nothing waits for fds under that lock, ``unwaited_under``)."""
     return (FDS_PER_LAYER * layers + WALK_FDS_PER_LAYER * searched + locks + open_count()
             + workers * (PER_REQUEST + 1) + LOOKUP_FLOOR + OPEN_FILES_FLOOR)
 

@@ -119,6 +119,7 @@ class Files:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)
             copy = self.copy_up_for_open(rel, flags, node)
+            node = None  # (not held while the copy-up may wait for fds: limits23)
             if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
                 # (a copy-up that breaks a lower hard link changes this name's st_nlink and
                 # st_ino with no reply carrying them: such names are never cached by the
@@ -257,8 +258,12 @@ class Files:
     def dup_fd(self, inode: OverlayInode) -> int:
         """A new fd of an open file (one of its handles', on its current backing): for a
         change that takes the namespace lock, which a handle's lock is never held around
-        (a copy-up takes that inside it). ENOENT when none is open there."""
-        return self._with_handle_fd(inode, os.dup, current=True)
+        (a copy-up takes that inside it); else of the upper file a metacopy file's inode
+        holds, its data copied in (``_on_held_upper``). ENOENT when none is open there."""
+        def reopened(fd: int) -> int:  # (the held upper file's fd is O_PATH)
+            return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return self._with_handle_fd(inode, os.dup, current=True,
+                                    fallback=lambda: self._on_held_upper(inode, reopened))
 
     def _register(self, inode: OverlayInode, flags: int, rel: str, fd: int, generation: int) -> OpenResult:
         fs = self.fs
@@ -618,7 +623,7 @@ class Files:
 
     # -- an open file with no name left (unlinked): reached through an open handle's fd --
     def _with_handle_fd(self, inode: OverlayInode, action: Callable[[int], T],
-                        current: bool = False) -> T:
+                        current: bool = False, fallback: Callable[[], T] | None = None) -> T:
         """``action(fd)`` on the fd of one of the inode's open handles (moved to the current
         backing first where handles follow copy-ups), held against that handle's close: its
         RELEASE, running meanwhile, cannot free the fd number for another open to take
@@ -628,7 +633,8 @@ class Files:
         change must never reach: review18, a chmod or LINK of a nameless copied-up file);
         ENOENT when none is. Else (a read) one on the current backing too where one is open,
         any other only where none is (review18: a GETATTR by node showed the lower file's
-        size through a bind-at-open handle while the writer's handle was on the upper copy)."""
+        size through a bind-at-open handle while the writer's handle was on the upper copy).
+        ``fallback()`` is answered instead of ENOENT when one is given."""
         handles = self.fs.handles.for_inode(inode)
         for on_current in (True,) if current else (True, False):
             for handle in handles:
@@ -639,6 +645,8 @@ class Files:
                 done = handle.with_fd(lambda fd: (action(fd),), current=on_current)
                 if done is not None:
                     return done[0]
+        if fallback is not None:
+            return fallback()
         raise OSError(errno.ENOENT, "file no longer open")
 
     def _shown(self, attr: Attr, inode: OverlayInode, fd: int) -> Attr:
@@ -715,13 +723,20 @@ class Files:
         def run(handle_fd: int) -> None:
             faults.hit("files.nameless", inode.rel)  # test-only (faults.py)
             _reopened(handle_fd, flags, action, inode.layer)
-        if inode.meta_file is not None and not self._on_current(inode):
-            # a metacopy file's upper file, its data copied in, no handle on it (all bound
-            # to the lower data, ``handles=bind-at-open``): through the fd the inode holds
-            # (its current backing: the inode moved to it, ``copy_data_nameless``)
-            self._with_meta_file(inode, lambda meta: run(meta.fd))
-            return
-        self._with_handle_fd(inode, run, current=True)
+
+        self._with_handle_fd(inode, run, current=True,
+                             fallback=lambda: self._on_held_upper(inode, run))
+
+    def _on_held_upper(self, inode: OverlayInode, action: Callable[[int], T]) -> T:
+        """``action(fd)`` on the upper file a metacopy file's inode holds (``MetaFile``, an
+        ``O_PATH`` fd), its data copied in since, where no handle is on it (each bound to
+        the lower data, ``handles=bind-at-open``): as ``_reopen_current`` reopens it.
+        ENOENT for any other inode."""
+        def on(meta: MetaFile) -> T:
+            if not inode.in_upper or meta.layer is not inode.layer:
+                raise OSError(errno.ENOENT, "file no longer open")
+            return action(meta.fd)
+        return self._with_meta_file(inode, on)
 
     def _on_current(self, inode: OverlayInode) -> bool:
         """Whether one of the inode's open handles is on its current backing (or follows
@@ -803,6 +818,17 @@ class Files:
                 inode, lambda entry: fs.nameless_data_copied(inode, entry))
         finally:
             fs.inodes.release(inode)
+
+    def copy_data_to_link(self, inode: OverlayInode) -> bool:
+        """Before LINK of an open metacopy file whose data is below and whose names the mount
+        knows all went: its data copied in (``copy_data_nameless``), as a link of a named
+        one copies it first, if its upper file has a name left (an upper hard link the
+        kernel's ``ln`` of a metacopy file made, never looked up); whether it has. With
+        none left the link fails anyway (ENOENT, the kernel's answer too)."""
+        if not self._with_meta_file(inode, lambda meta: os.fstat(meta.fd).st_nlink > 0):
+            return False
+        self.copy_data_nameless(inode)
+        return True
 
     def open_inode(self, inode: OverlayInode, flags: int) -> OpenResult:
         """OPEN of a file with no name left (``open("/proc/self/fd/N")`` of an unlinked,

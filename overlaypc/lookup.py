@@ -155,6 +155,16 @@ class Node:
     def lowers(self) -> tuple[Entry, ...]:
         return tuple(e for e in self.entries if not e.layer.writable)
 
+    def without_fds(self) -> "Node":
+        """This node holding no fds (its entries' layers, paths, stat and xattr names
+        alone): what a caller keeps of it while it looks another name up, which may wait
+        for fds (``fdbudget.patiently``); a directory merged across many layers holds one
+        in each, which the thread whose turn it is may need (limits23)."""
+        return Node(self.rel, tuple(Entry(e.layer, e.rel, e.st, None, None, e.xattrs) for e in self.entries),
+                    self.opaque, self.upper_whiteout,
+                    None if self.data is None else Entry(self.data.layer, self.data.rel, self.data.st),
+                    self.upper_marker)
+
     @property
     def merged_dir(self) -> bool:
         """A directory with parts in two layers or more (the root of a stack of two layers

@@ -570,6 +570,10 @@ class Namespace:
             raise OSError(errno.ENOENT, "no such file", src_rel)
         if src.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory", src_rel)
+        # (looked up again under the lock: not held while the new name's lookup and the
+        # copy-ups, which may wait for fds, run; its parent's fd may be what the thread whose
+        # turn it is needs: limits23)
+        del src
         self._prepare_new(dst_rel, check=True)  # a doomed link copies no source up
         self.fs.copyup.ensure_data(src_rel)  # a metacopy file could not find its data elsewhere
         upper = self.fs.stack.upper
@@ -761,7 +765,10 @@ class Namespace:
             return None
         if new.startswith(old + "/") or not old:
             raise OSError(errno.EINVAL, "cannot move a directory into itself", new)
-        onode = self.fs.lookup.lookup(old)
+        # (the old name's node without its fds while the new one is looked up: that lookup
+        # may wait for fds, and a directory merged across many layers holds one in each,
+        # which the thread whose turn it is may need: limits23)
+        onode = self.fs.lookup.lookup(old).without_fds()
         if not onode.exists:
             raise OSError(errno.ENOENT, "no such file", old)
         if onode.is_dir and onode.lowers and not self.fs.config.redirect_dir == "on":
@@ -777,10 +784,13 @@ class Namespace:
         if replaces_file:
             self._index_before_removal(new)
         with self._changing():
-            onode = self.fs.lookup.lookup(old)
-            nnode = self.fs.lookup.lookup(new)
+            # (here too without its fds: under the lock nothing waits for them, the new
+            # name's walk fails with EMFILE at once, and it fits the one walk the admitted
+            # limit leaves room for only with the old name's fds let go: ``mount_needs``)
+            onode = self.fs.lookup.lookup(old).without_fds()
             if onode.upper is None:
                 raise OSError(errno.ENOENT, "source changed during rename", old)
+            nnode = self.fs.lookup.lookup(new)
             self._check_target(onode, nnode, flags)
             # counted (``pathguard``) from before its first step until the adapter's table
             # followed: a directory's move makes the paths below it stale, any move the

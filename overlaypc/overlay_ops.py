@@ -716,7 +716,9 @@ class OverlayOps(Operations):
         opened by one name of two, that name unlinked; the kernel still sees a link and
         asks), an index entry too (index=on: a lower hard link whose unlinked name was
         copied up into the index, its other lower names left; the kernel overlay links
-        its index inode, ``Namespace.link_open`` moves the shared count). None for any
+        its index inode, ``Namespace.link_open`` moves the shared count), and a metacopy
+        file whose upper file has a name left, its data copied in first
+        (``Files.copy_data_to_link``; the kernel overlay links it as it is). None for any
         other node (ENOENT then: a lower file, whose copy-up needs a name, as the
         kernel's), or one with none open."""
         for fh in self.nodes.handles(nodeid):
@@ -725,6 +727,9 @@ class OverlayOps(Operations):
             except OSError:
                 continue  # released meanwhile
             if inode.tmpfile or self.fs.writable and inode.in_upper:
+                return inode
+            if self.fs.writable and inode.meta_file is not None \
+                    and self.fs.files.copy_data_to_link(inode):
                 return inode
             return None
         return None

@@ -1131,3 +1131,150 @@ def test_a_copy_up_holds_no_node_while_it_waits_for_fds(how, tmp_path):
     assert out.split() == ["60", "True", "done", "True"]
     if how != "rename":
         assert stat.S_IMODE((tmp_path / "upper" / made).stat().st_mode) == 0o700
+
+
+#: requests that kept a node while they looked another name up or copied up, and may wait
+#: for fds there (limits23): where the request is paused (an attribute of ``fs``, wrapped: the
+#: lookup or copy-up that may wait), for which first argument (None: any), the request's
+#: code, what it leaves in the upper (the path, and the mode bits it must not have), and
+#: the fds of the node it kept
+_HOLDING_ASKS = {
+    # a rename between two directories merged across all layers: it held the old name's
+    # node (an fd per layer) while it looked the new one up
+    "rename": ("lookup.lookup", "d0001/moved", "fs.rename('d0000/sub', 'd0001/moved')",
+               "d0001/moved", 0, 60),
+    # a truncate's or chown's kill of privileges by path: it held the file's node (an fd
+    # of its parent in its layer) during the copy-up (metadata only where allowed)
+    "kill_privs": ("copyup.ensure_upper", None,
+                   "fs.kill_privs('d0000/f', None, Writer(1000, 1000, os.getpid()))",
+                   "d0000/f", stat.S_ISUID, 1),
+    # a hard link of a lower file into another merged directory: it held the source's node
+    # while it looked the new name up (and during the copy-up)
+    "link": ("lookup.lookup", "d0001/f2", "fs.link('d0000/f', 'd0001/f2')", "d0001/f2", 0, 1),
+    # an open for writing of a lower file: it held the file's node during the copy-up
+    "open": ("copyup.ensure_data", None, "fs.release(fs.open('d0000/f', os.O_WRONLY).fh)",
+             "d0000/f", 0, 1),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_HOLDING_ASKS))
+def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
+    """A request that looked a name up and then looks another up, or copies up, at the fd
+    limit (``fdbudget.patiently``) holds none of the first node's fds while it waits: it
+    kept them (an fd per layer of a merged directory, a file's parent fd), and the thread
+    whose turn it was, needing them, answered EMFILE after the whole wait (limits23). The
+    main thread holds the turn, in its wait, when the request reaches its lookup; its walk
+    fits (its need measured one fd at a time) only if the request does not hold that node
+    then. The clock is a fake one that only the waits' sleeps advance."""
+    where, arg, act, made, gone, kept = _HOLDING_ASKS[how]
+    roots = _wide_layers(tmp_path, 60, 3)
+    (roots[0] / "d0000" / "f").write_text("data\n")
+    (roots[0] / "d0000" / "f").chmod(0o4755)
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    out = _child(f"""
+        import errno, os, threading, types
+        from overlaypc import fdbudget
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        from overlaypc.killpriv import Writer
+        clock = [0.0]
+        fdbudget.time = types.SimpleNamespace(
+            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+        os.umask(0)
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
+                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r},
+                          redirect_dir="on")
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        main = threading.main_thread()
+        at_point, go, queued, passed, main_done = (threading.Event() for _ in range(5))
+        turn = fdbudget._waiting
+        mine = []  # the main thread holds the turn
+        class Turn:  # ``fdbudget``'s turn, telling who waits for it
+            def acquire(self, timeout=-1):
+                if threading.current_thread() is main:
+                    got = turn.acquire(timeout=timeout)
+                    mine.append(got)
+                    return got
+                queued.set()
+                got = turn.acquire(timeout=timeout)
+                main_done.wait(60)  # (its tries once the main thread let go of its fds)
+                return got
+            def release(self):
+                if threading.current_thread() is main:
+                    mine.clear()
+                turn.release()
+        fdbudget._waiting = Turn()
+        class Signal:  # a registered cache: emptied at each try of the main thread's wait
+            def shed_fds(self):
+                if mine and not go.is_set():
+                    go.set()  # the request goes on to its lookup, at the limit
+                    while not (queued.wait(0.01) or passed.is_set()):
+                        pass
+                return 0
+        signal = Signal()
+        fdbudget.register(signal)
+        owner, name = {where!r}.split(".")
+        owner = getattr(fs, owner)
+        call = getattr(owner, name)
+        def paused(*args, **kwargs):  # the request's lookup or copy-up that may wait
+            if threading.current_thread() is not main and not at_point.is_set() \\
+                    and {arg!r} in (None, args[0]):
+                at_point.set()
+                go.wait(60)
+                done = call(*args, **kwargs)
+                passed.set()
+                main_done.wait(60)  # (nothing more of the request while the main thread tries)
+                return done
+            return call(*args, **kwargs)
+        setattr(owner, name, paused)
+        fs.lookup.shed_fds()
+        before = len(os.listdir("/proc/self/fd"))
+        result = []
+        def request():
+            try:
+                {act}
+                result.append("done")
+            except OSError as e:
+                result.append(os.strerror(e.errno))
+        changer = threading.Thread(target=request)
+        changer.start()
+        assert at_point.wait(60)
+        fs.lookup.shed_fds()  # (the request's walk walks again: the cache's fds close)
+        held = len(os.listdir("/proc/self/fd")) - before  # what the request holds now
+        hog = []
+        try:
+            while True:
+                hog.append(os.dup(0))
+        except OSError:
+            pass
+        while True:  # the fewest free fds the main thread's walk fits in, now
+            try:
+                fs.lookup._lookup("d0002")
+                break
+            except OSError as e:
+                assert e.errno == errno.EMFILE, e
+            fs.lookup.shed_fds()
+            os.close(hog.pop())
+        fs.lookup.shed_fds()
+        # the walk's need less one, and the fds of the node the request kept (``kept``) if it
+        # holds none of them now: it fits only if the request lets go of that node
+        for _ in range({kept} - held - 1):
+            os.close(hog.pop())
+        for _ in range(held + 1 - {kept}):
+            hog.append(os.dup(0))
+        try:
+            found = len(fs.lookup.lookup("d0002").entries)
+        except OSError as e:
+            found = os.strerror(e.errno)
+        go.set()  # (if the main thread did not wait)
+        for fd in hog:
+            os.close(fd)
+        main_done.set()
+        changer.join()
+        st = os.lstat(os.path.join({str(tmp_path / "upper")!r}, {made!r}))
+        print(found, clock[0] < fdbudget.WAIT_SECONDS, result[0], st.st_mode & {gone} == 0)
+    """, nofile=(400, 400))
+    assert out.split() == ["60", "True", "done", "True"], out
