@@ -664,6 +664,9 @@ class Files:
             st = os.fstat(fd)
             nlink = 0 if inode.in_upper else self._nameless_lower_nlink(st)
             return self._shown(Attr(st, inode.ino, nlink), inode, fd)
+        if inode.meta_file is not None and not self._on_current(inode):
+            # (its data copied in, every handle bound to the lower data: as ``_on_nameless``)
+            return self._with_meta_file(inode, lambda meta: attr(meta.fd))
         return self._with_handle_fd(inode, attr)
 
     def _nameless_lower_nlink(self, st: os.stat_result) -> int | None:
@@ -734,6 +737,12 @@ class Files:
                 raise OSError(errno.ENOENT, "file no longer open")
             return action(meta.fd)
         return self._with_meta_file(inode, on)
+
+    def _on_current(self, inode: OverlayInode) -> bool:
+        """Whether one of the inode's open handles is on its current backing (or follows
+        copy-ups, and so moves there)."""
+        return any(h.follow or h.bound_generation == inode.generation
+                   for h in self.fs.handles.for_inode(inode))
 
     def chmod_inode(self, inode: OverlayInode, mode: int) -> None:
         self._on_nameless(inode, lambda fd, layer: self.fs.ownership.chmod_fd(layer, fd, mode))
@@ -935,8 +944,14 @@ class Files:
 
     def release(self, fh: int) -> None:
         handle = self.fs.handles.pop(fh)
-        handle.close()
-        self.fs.inodes.release(handle.inode)
+        # the inode leaves the table first: the handle's fd may be the last reference of
+        # an unlinked file, whose inode number the upper filesystem may give a file made
+        # meanwhile (another worker's create) as soon as it closes; the table is keyed by
+        # that number, and the new file must not find the dying inode there
+        try:
+            self.fs.inodes.release(handle.inode)
+        finally:
+            handle.close()
 
 
 def _reopened(fd: int, flags: int, action, layer) -> None:

@@ -9,6 +9,13 @@ into a directory held open by fd while ``tmp_mover`` renames and moves those dir
 O_EXCL ones must not link (ENOENT). They also unlink named files (upper, and lower ones:
 copy-up impossible without a name) while open and reopen them through /proc/self/fd/N.
 At the end every linked object is at its names only (``tmp_view``), same inode, data, mode.
+REOPENMETA=1 (soak23, with TMPFILE): ``reopen_meta``: a lower file of T1 (m{i}) is chmodded
+(under metacopy=on a metacopy copy-up: its data stays below), opened read-only, unlinked, then
+changed through its fd: reopened through /proc/self/fd/N ``O_RDWR`` (and written) or
+``O_WRONLY|O_TRUNC``, or truncated through that magic link. The kernel overlay's answer is
+"ok" (it copies the data into the unlinked upper file: tests/test_nameless_copyup.py); every
+fd (one opened before the chmod too) must read the new data, at the chmodded mode, nlink 0
+(under handles=bind-at-open the fds open before the change keep the lower data: not read).
 SEEKERS=N (with BIGDIR): N ``big_seeker`` processes read big/ with getdents64 on several fds
 in small steps, lseek back to saved cookies (seekdir), check telldir (lseek SEEK_CUR) is the
 last entry's cookie, rewind; each whole listing: no name twice, every stable name there.
@@ -36,6 +43,12 @@ AT_FDCWD = -100
 #: DAEMON_NOFILE set: an open answered ENFILE is skipped (the daemon's fd budget is spent by
 #: the filers, which hold an fd on every object they made, hundreds in all)
 LOWFD = bool(os.environ.get("DAEMON_NOFILE"))
+#: REOPENMETA=1 (soak23): tmpers change nameless (metacopy) copied-up lower files through
+#: their fd. Apart so that the sequences of older seeds stay the same
+REOPENMETA = bool(os.environ.get("REOPENMETA"))
+#: the mount has ``handles=bind-at-open`` (set by stress_mount before the workers fork): an
+#: fd opened before a copy-up keeps reading the lower data (the stale read it is for)
+BIND_AT_OPEN = False
 
 
 def budget_spent(e: OSError) -> bool:
@@ -84,6 +97,8 @@ def build_tmp(lower: Path, upper: Path) -> None:
         (lower / d).mkdir()
     for i in range(40):
         (lower / "tmp" / "T1" / f"l{i}").write_bytes(b"lower %d " % i * (1 + i * 50))
+        if REOPENMETA:
+            (lower / "tmp" / "T1" / f"m{i}").write_bytes(b"meta %d " % i * (1 + i * 300))
     for d in ("tmp", "tmp/T0", "tmp/T2"):
         (upper / d).mkdir(exist_ok=True)
 
@@ -104,6 +119,7 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
     objs = {}  # ident -> [data, mode, st_ino, names (set of (dir index, name))]
     log = []
     lowers = [f"l{i}" for i in range(40) if i % 4 == c % 4]
+    metas = [f"m{i}" for i in range(40) if i % 4 == c % 4] if REOPENMETA else []
 
     def check_fd(fd, data, mode, nlink, ino, what):
         st = os.fstat(fd)
@@ -118,7 +134,8 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
 
     try:
         def one(step):
-                op = rng.choice(["tmpfile", "tmpfile", "tmpfile", "reopen", "reopen_lower", "stat"])
+                op = rng.choice(["tmpfile", "tmpfile", "tmpfile", "reopen", "reopen_lower", "stat"]
+                                + (["reopen_meta", "reopen_meta"] if REOPENMETA else []))
                 ident = c * 100000 + step
                 log.append((op, ident))
                 if op == "stat":
@@ -135,6 +152,11 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
                             check_fd(fd, data, mode, len(names), ino, f"open of {nm}")
                         finally:
                             os.close(fd)
+                    return
+                if op == "reopen_meta":
+                    if metas:
+                        nm = metas.pop(rng.randrange(len(metas)))
+                        reopen_meta(_open_dir(top, 1), nm, rng, log)
                     return
                 if op == "reopen_lower":  # a lower file unlinked while open, reopened
                     if not lowers:
@@ -281,6 +303,66 @@ def tmper(c: int, root: str, seed: int, nops: int, q):
         q.put((f"tmper{c}", "ok", {o: (bytes(v[0]), v[1], v[2], sorted(v[3])) for o, v in objs.items()}))
     except BaseException as e:  # noqa
         q.put((f"tmper{c}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nlast ops: {log[-12:]}"))
+
+
+def reopen_meta(dfd: int, nm: str, rng: random.Random, log: list) -> None:
+    """REOPENMETA: lower file ``nm`` of the directory ``dfd`` (closed here) copied up by a
+    chmod (metacopy=on: its data stays below), opened read-only, unlinked, changed through
+    its fd; the kernel overlay answers each change "ok" (it copies the data up first)."""
+    fds = []
+    try:
+        early = rng.random() < 0.5  # an fd opened before the copy-up (on the lower data)
+        if early:
+            fds.append(os.open(nm, os.O_RDONLY, dir_fd=dfd))
+        mode = rng.choice([0o600, 0o640, 0o604])
+        os.chmod(nm, mode, dir_fd=dfd)
+        fd = os.open(nm, os.O_RDONLY, dir_fd=dfd)
+        fds.append(fd)
+        data = bytearray(os.pread(fd, 1 << 20, 0))
+        ino = os.fstat(fd).st_ino
+        os.unlink(nm, dir_fd=dfd)
+        how = rng.choice(["rw", "rw", "wtrunc", "truncate"])
+        log[-1] += (nm, how, early, len(data))
+        magic = f"/proc/self/fd/{fd}"
+        before = len(fds)  # (fds[:before] were open before the change)
+        try:
+            if how == "rw":
+                fds.append(os.open(magic, os.O_RDWR))
+                extra = os.urandom(rng.choice([1, 100, 9000]))
+                off = rng.randint(0, len(data))
+                os.pwrite(fds[-1], extra, off)
+                data[off:off + len(extra)] = extra
+            elif how == "wtrunc":
+                fds.append(os.open(magic, os.O_WRONLY | os.O_TRUNC))
+                del data[:]
+                extra = os.urandom(rng.choice([0, 7, 5000]))
+                os.write(fds[-1], extra)
+                data += extra
+            else:
+                n = rng.randint(0, len(data) + 100)
+                os.truncate(magic, n)
+                data = data[:n] + bytes(max(0, n - len(data)))
+        except OSError as e:
+            raise Failure(f"reopen_meta {nm} {how}: {errno.errorcode.get(e.errno)}, the "
+                          f"kernel overlay's answer is ok") from e
+        for j, x in enumerate(fds):
+            which = f"fd {j} of {len(fds)} ({before} open before the change; early fd {early})"
+            st = os.fstat(x)
+            have = (stat.S_IMODE(st.st_mode), st.st_size, st.st_nlink, st.st_ino)
+            if have != (mode, len(data), 0, ino):
+                raise Failure(f"reopen_meta {nm} {how}, {which}: fstat (mode, size, "
+                              f"nlink, ino) {have} != {(mode, len(data), 0, ino)}")
+            if BIND_AT_OPEN and j < before:
+                continue  # (bound to the lower data at open)
+            if fcntl.fcntl(x, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY:
+                got = os.pread(x, len(data) + 10, 0)
+                if got != bytes(data):
+                    raise Failure(f"reopen_meta {nm} {how}, {which}: read {len(got)} bytes, "
+                                  f"not the {len(data)} written")
+    finally:
+        for x in fds:
+            os.close(x)
+        os.close(dfd)
 
 
 def move_dirs(top: Path, paths, count: int, label: str, stop, q, seed: int) -> None:

@@ -958,7 +958,7 @@ def race_creator(c: int, root: str, seed: int, nops: int, q):
             srcs = [o for o, v in objs.items() if v[0] == stat.S_IFREG]
             if kind == "link" and not srcs:
                 continue
-            made = None
+            made, spent = None, False
             for _ in range(50):  # the directory moves: ENOENT until a path of it is hit
                 for d in race_paths(i):
                     pth = top / d / f"n{ident}"
@@ -1002,10 +1002,16 @@ def race_creator(c: int, root: str, seed: int, nops: int, q):
                         break
                     except FileNotFoundError:
                         continue
-                if made is not None:
+                    except OSError as e:
+                        # DAEMON_NOFILE: not made (nothing else named n*: the final views)
+                        if not budget_spent(e):
+                            raise
+                        spent = True
+                        break
+                if made is not None or spent:
                     break
             if made is None:
-                log[-1] += ("not made",)
+                log[-1] += ("ENFILE" if spent else "not made",)
                 continue
             objs[ident] = made
             if kind != "create":  # right away: what the creation's reply left in the kernel
@@ -1019,8 +1025,11 @@ def race_creator(c: int, root: str, seed: int, nops: int, q):
         q.put((f"creator{c}", "ok", {o: tuple(v) for o, v in objs.items()}))
     except BaseException as e:  # noqa
         q.put((f"creator{c}", "fail", f"{type(e).__name__}: {e}\n{traceback.format_exc()}\nlast ops: {log[-12:]}"))
-        with open(Path(root).parent.parent / f"oplog-creator{c}.txt", "w") as f:
-            f.write("\n".join(map(repr, log)))
+        try:  # (an odd creator's uid may not write there; the last ops went with the report)
+            with open(Path(root).parent.parent / f"oplog-creator{c}.txt", "w") as f:
+                f.write("\n".join(map(repr, log)))
+        except OSError:
+            pass
 
 
 def race_mover(root: str, stop, q, seed: int):
@@ -1121,6 +1130,7 @@ def main():
     base = Path(sys.argv[1])
     options = sys.argv[2]
     IDSHIFT, NEWUID = id_shift(options)
+    stress_extra.BIND_AT_OPEN = "handles=bind-at-open" in options.split(",")
     seed = int(sys.argv[3])
     nops = int(sys.argv[4]) if len(sys.argv) > 4 else 400
     workers = int(sys.argv[5]) if len(sys.argv) > 5 else 4

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
 import helpers
 from core_driver import REQ, CoreDriver
+from overlaypc.engine import protocol as p
+from overlaypc.engine.protocol import SetAttr
 from test_nameless_file_xattrs import _open_unlinked
 from upper_support import is_whiteout, on_both
 
@@ -259,6 +262,45 @@ def test_link_of_an_index_entry_with_no_name_left_in_process(tmp_path):
         assert not (tmp_path / "upper" / "z").exists()
         drv.release(fh)
         drv.settle()
+    finally:
+        drv.close()
+
+
+@pytest.mark.parametrize("change", ["truncate", "chmod"])
+def test_a_nameless_metacopy_file_with_handles_bound_to_its_lower_data(tmp_path, change):
+    """``handles=bind-at-open`` (soak23 seed 9210, stress_extra's ``reopen_meta``): a
+    metacopy file opened read-only (its handle bound to the lower data), unlinked, then
+    truncated by node (``truncate("/proc/self/fd/N")``): its data is copied into its held
+    upper file, which the truncate then cuts, as the kernel overlay answers it (ok). A
+    later change by node (chmod) reaches that upper file too; the handle keeps the lower
+    data (the stale read bind-at-open is for), the lower file is untouched. Before:
+    ENOENT (no handle on the current backing)."""
+    helpers.build_layer(tmp_path / "lower", {"f": "lower data\n"})
+    drv = CoreDriver.in_dir(tmp_path, metacopy=True, redirect_dir="on", handles="bind-at-open")
+    try:
+        from core_driver import Walker
+        Walker(drv).setattr("f", mode=0o640)
+        nodeid, fro = _open_unlinked(drv, "f", os.O_RDONLY)
+        inode = drv.fs.handles.get(fro).inode
+        assert not inode.in_upper and inode.meta_file is not None
+        sa = SetAttr(p.FATTR_SIZE, None, 5, 0, 0, 0, 0, 0)
+        assert drv.ops.setattr(REQ, nodeid, sa).attr.size == 5
+        assert inode.in_upper
+        if change == "chmod":
+            sa = SetAttr(p.FATTR_MODE, None, 0, 0, 0, stat.S_IFREG | 0o600, 0, 0)
+            assert drv.ops.setattr(REQ, nodeid, sa).attr.mode & 0o7777 == 0o600
+        fh = drv.ops.open(REQ, nodeid, os.O_RDONLY).fh
+        drv._open[fh] = nodeid
+        assert drv.read(fh, 100, 0) == b"lower"
+        st = os.fstat(drv.fs.handles.get(fh).bound_fd)
+        assert (st.st_size, st.st_nlink, stat.S_IMODE(st.st_mode)) == (
+            5, 0, 0o600 if change == "chmod" else 0o640)
+        assert drv.read(fro, 100, 0) == b"lower data\n"
+        assert (tmp_path / "lower" / "f").read_bytes() == b"lower data\n"
+        for h in (fro, fh):
+            drv.release(h)
+        drv.settle()
+        assert drv.fs.inodes.meta_fds == 0
     finally:
         drv.close()
 
