@@ -198,8 +198,8 @@ class Files:
             except OSError as e:
                 names = () if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
             if names is None or self.fs.prefix + "metacopy" in names:
+                self.fs.inodes.release(inode)  # (before its fd closes: ``release``)
                 os.close(fd)
-                self.fs.inodes.release(inode)
                 self.fs.lookup.forget_recent(rel)
                 return None
         return inode, fd, generation
@@ -245,8 +245,8 @@ class Files:
                 fs.inodes.forget_version(key)
                 result = self._register(inode, flags, node.rel, fd, inode.generation)
             except BaseException:
+                fs.inodes.release(inode)  # (before its fd closes: ``release``)
                 os.close(fd)
-                fs.inodes.release(inode)
                 raise
             try:
                 return result, node, None if then is None else then(result, node)
