@@ -295,9 +295,13 @@ class Layer:
 
     def xattr_names_at(self, parent: DirFd, name: str) -> frozenset[str] | None:
         """The xattr names of entry ``name`` of an open directory, not following it (one
-        ``llistxattr``); None when they cannot be listed (gone, or an error)."""
+        ``listxattrat``, or ``llistxattr`` through ``/proc/self/fd`` where the kernel has
+        none or the list is long); None when they cannot be listed (gone, or an error)."""
         try:
-            return frozenset(os.listxattr(f"/proc/self/fd/{parent.fd}/{name}", follow_symlinks=False))
+            names = sysapi.listxattr_at(parent.fd, name)
+            if names is None:
+                names = os.listxattr(f"/proc/self/fd/{parent.fd}/{name}", follow_symlinks=False)
+            return frozenset(names)
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 return frozenset()
