@@ -457,11 +457,21 @@ class Layer:
 
     def do_unlink(self, rel: str) -> None:
         self._change("unlink", rel)
+        head, name = split(rel)
+        held = self.held_dir(head)
+        if held is not None:  # (``parent``'s first case inlined: one per file of an rm -rf)
+            os.unlink(name, dir_fd=held.fd)
+            return
         with self.parent(rel) as (dfd, name):
             os.unlink(name, dir_fd=dfd)
 
     def do_rmdir(self, rel: str) -> None:
         self._change("rmdir", rel)
+        head, name = split(rel)
+        held = self.held_dir(head)
+        if held is not None:  # (as ``do_unlink``'s)
+            os.rmdir(name, dir_fd=held.fd)
+            return
         with self.parent(rel) as (dfd, name):
             os.rmdir(name, dir_fd=dfd)
 

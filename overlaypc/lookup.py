@@ -463,17 +463,19 @@ class Lookup:
             parent = node
         return node
 
-    def lookup(self, rel: str) -> Node:
+    def lookup(self, rel: str, *, keep: bool = True) -> Node:
         """The merged object at ``rel`` (``Node.exists`` is False when absent). At the fd
-        limit the walk waits for fds (``fdbudget.patiently``, inlined)."""
+        limit the walk waits for fds (``fdbudget.patiently``, inlined). ``keep`` False: a
+        regular file found is not kept for an open (``recent``): a removal's lookup, whose
+        change voids it at once."""
         try:
-            return self._lookup(rel)
+            return self._lookup(rel, keep)
         except OSError as e:
             if e.errno not in fdbudget.EXHAUSTED:
                 raise
-        return fdbudget.waited(self._lookup, rel)
+        return fdbudget.waited(self._lookup, rel, keep)
 
-    def _lookup(self, rel: str) -> Node:
+    def _lookup(self, rel: str, keep: bool = True) -> Node:
         if not rel:
             return self._root()
         parent_rel, name = split(rel)
@@ -495,7 +497,7 @@ class Lookup:
             if stat.S_ISDIR(mode):
                 # kept: a lookup below it (the kernel's next request, often) needs its structure
                 self._store(rel, epoch, node)
-            elif stat.S_ISREG(mode) and len(entries) == 1 and node.data is None:
+            elif keep and stat.S_ISREG(mode) and len(entries) == 1 and node.data is None:
                 # kept for an open that follows (``recent``; no fd: not the entry's ``parent``)
                 self._keep(parent_rel, name, epoch, (top.layer, top.rel, top.st, top.xattrs))
         return node

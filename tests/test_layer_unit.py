@@ -64,6 +64,9 @@ def test_changes_act_on_the_held_parent_without_a_walk(tmp_path, upper, walks):
     assert os.listdir(tmp_path / "upper" / "d") == []
     st = os.stat(tmp_path / "upper" / "held" / "g")
     assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, 2)
+    upper.do_rmdir("d/sub")
+    assert walks == []
+    assert os.listdir(tmp_path / "upper" / "held") == ["g"]
 
 
 def test_without_a_held_parent_it_is_resolved_from_the_root(tmp_path, upper, walks):
