@@ -216,6 +216,11 @@ class Lookup:
         #: merged path -> (node, fds it holds), least recently used first
         self._dirs: OrderedDict[str, tuple[Node, int]] = OrderedDict()
         self._fds = 0
+        #: merged path -> how many directories ``_dirs`` holds strictly below it (none:
+        #: absent): ``invalidate`` of a directory with none below drops its entry alone,
+        #: without looking at every key (one per RMDIR, and an rm -rf empties each
+        #: directory before removing it: ~18 us a time with 300 directories cached)
+        self._below: dict[str, int] = {}
         self.max_fds = fdbudget.FdBudget.for_process().lookup if max_fds is None else max_fds
         #: how many fds of their share the open files leave now (set by ``OverlayFS``): the
         #: cache holds no more than that and ``fdbudget.LOOKUP_FLOOR``, within ``max_fds``
@@ -246,11 +251,31 @@ class Lookup:
             self._moved()  # a lookup that raced with the change stores nothing
             if not rel:
                 self._dirs.clear()
+                self._below.clear()
                 self._fds = 0
                 return
-            prefix = rel + "/"
-            for key in [k for k in self._dirs if k == rel or k.startswith(prefix)]:
-                self._fds -= self._dirs.pop(key)[1]
+            dirs = self._dirs
+            if self._below.get(rel):
+                prefix = rel + "/"
+                keys = [k for k in dirs if k == rel or k.startswith(prefix)]
+            else:
+                keys = [rel] if rel in dirs else []
+            for key in keys:
+                self._fds -= dirs.pop(key)[1]
+                self._count(key, -1)
+
+    def _count(self, rel: str, delta: int) -> None:
+        """Directory ``rel`` entered (``delta`` 1) or left (-1) ``_dirs``: its ancestors'
+        ``_below`` counts follow (lock held)."""
+        below = self._below
+        head = rel.rpartition("/")[0]
+        while head:
+            n = below.get(head, 0) + delta
+            if n:
+                below[head] = n
+            else:
+                del below[head]
+            head = head.rpartition("/")[0]
 
     @property
     def epoch(self) -> int:
@@ -346,6 +371,7 @@ class Lookup:
         with self._lock:
             dropped = self._fds
             self._dirs.clear()
+            self._below.clear()
             self._fds = 0
         return dropped
 
@@ -381,13 +407,17 @@ class Lookup:
             old = self._dirs.pop(rel, None)
             if old is not None:
                 self._fds -= old[1]
+            else:
+                self._count(rel, 1)
             self._dirs[rel] = (node, fds)
             self._fds += fds
             bound = self.max_fds
             if self.fd_room is not None:  # (a length and an int read: no lock taken)
                 bound = max(fdbudget.LOOKUP_FLOOR, min(bound, fdbudget.LOOKUP_FLOOR + self.fd_room()))
             while self._fds > bound and self._dirs:
-                self._fds -= self._dirs.popitem(last=False)[1][1]
+                key, (_, held) = self._dirs.popitem(last=False)
+                self._fds -= held
+                self._count(key, -1)
 
     def _root(self) -> Node:
         entries = []
