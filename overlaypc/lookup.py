@@ -439,8 +439,24 @@ class Lookup:
         """Cached directory ``node`` with fresh stat data, one ``fstatat`` of its name per
         layer holding it; None (look it up afresh) unless each is still the directory the
         cache holds an fd of (a layer changed behind the mount's back) at its plain name."""
+        name = node.rel.rpartition("/")[2]
+        if len(node.entries) == 1:
+            # a directory of one layer (an upper-only one: each GETATTR of a parent after
+            # a change in it), as the loop below, without its table
+            e = node.entries[0]
+            for p in parent.entries:
+                if p.layer is e.layer:
+                    break
+            else:
+                return None
+            if p.dirfd is None or e.dirfd is None or e.rel != join(p.rel, name):
+                return None
+            st = e.layer.stat_at(p.dirfd, name)
+            if st is None or st.st_ino != e.st.st_ino or not stat.S_ISDIR(st.st_mode):
+                return None
+            return Node(node.rel, (Entry(e.layer, e.rel, st, e.dirfd),), node.opaque,
+                        node.upper_whiteout, node.data, node.upper_marker)
         where = {id(p.layer): p for p in parent.entries if p.dirfd is not None}
-        name = split(node.rel)[1]
         entries = []
         for e in node.entries:
             p = where.get(id(e.layer))
