@@ -27,7 +27,9 @@ is followed there, as the lookup cache's directory fds are.
 
 Changes and opens act relative to their parent's fd when the lookup cache holds it
 (``dirs``, ``parent``): one ``*at`` call on the name, no walk from the root. So they follow
-the directory the cache holds, which is where the mount last saw it.
+the directory the cache holds, which is where the mount last saw it. An ``*at`` call on a
+name crosses a mount point there (no ``RESOLVE_NO_XDEV``): chmod, chown and utime of a name
+the mount looked up go through an ``O_PATH`` fd opened confined instead (``do_chmod``).
 """
 from __future__ import annotations
 
