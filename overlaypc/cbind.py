@@ -43,12 +43,14 @@ class c_ulong(_SimpleCData):  # noqa: N801
     _type_ = "L"
 
 
-class c_int64(_SimpleCData):  # noqa: N801
-    _type_ = "q"
+if sizeof(c_long) == 8:  # LP64: the 64-bit types are long's, as in ctypes (a type costs ~10 us)
+    c_int64, c_uint64 = c_long, c_ulong
+else:
+    class c_int64(_SimpleCData):  # noqa: N801
+        _type_ = "q"
 
-
-class c_uint64(_SimpleCData):  # noqa: N801
-    _type_ = "Q"
+    class c_uint64(_SimpleCData):  # noqa: N801
+        _type_ = "Q"
 
 
 class c_ubyte(_SimpleCData):  # noqa: N801
