@@ -30,7 +30,6 @@ it need not look them up again.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import itertools
@@ -38,7 +37,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 
-from . import acl, faults, impure, logs, sysapi, whiteout
+from . import acl, faults, impure, logs, scopes, sysapi, whiteout
 from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import do_link, do_rename, join, split
@@ -363,7 +362,7 @@ class Namespace:
         parent = layer.held_dir(head) if name else None
         return layer.lstat(rel) if parent is None else layer.stat_at(parent, name)
 
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def _changing(self) -> Iterator[None]:
         """The namespace lock, held for a change; at its end (even a failed one: a step may
         be done) ``Lookup.changed``, so no file found before the change is opened as kept."""
