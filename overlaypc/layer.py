@@ -33,13 +33,12 @@ the mount looked up go through an ``O_PATH`` fd opened confined instead (``do_ch
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
 
-from . import faults, logs, sysapi
+from . import faults, logs, scopes, sysapi
 from .fdbudget import retrying
 from .typing_lite import NamedTuple
 
@@ -217,7 +216,7 @@ class Layer:
     def path_fd(self, rel: str) -> int:
         return self.open(rel, os.O_PATH)
 
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def parent(self, rel: str) -> Iterator[tuple[int, str]]:
         """Yield ``(dirfd, name)`` for acting on the last component of ``rel``: the
         parent's fd from a cache when one holds it (no path walk), else one resolved from

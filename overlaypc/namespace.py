@@ -30,7 +30,6 @@ it need not look them up again.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import itertools
@@ -38,7 +37,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 
-from . import acl, faults, impure, logs, sysapi, whiteout
+from . import acl, faults, impure, logs, scopes, sysapi, whiteout
 from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import do_link, do_rename, join, split
@@ -364,7 +363,7 @@ class Namespace:
         parent = layer.held_dir(head) if name else None
         return layer.lstat(rel) if parent is None else layer.stat_at(parent, name)
 
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def _changing(self) -> Iterator[None]:
         """The namespace lock, held for a change; at its end (even a failed one: a step may
         be done) ``Lookup.changed``, so no file found before the change is opened as kept."""
@@ -509,18 +508,24 @@ class Namespace:
             if upper.getxattr_fd(fd, self.fs.prefix + impure.ORIGIN) is not None:
                 impure.mark(upper, split(dst_rel)[0], self.fs.prefix)  # (as ``link``)
 
-            def linked(st: os.stat_result | None):
-                if shared is not None:
-                    self._count_link(shared, +1)
-                try:
-                    return None if then is None else then(self._linked_node(dst_rel))
-                except BaseException:
-                    if shared is not None:  # (the upper name goes again: the inode's links too)
-                        self._count_link(shared, -1, -1)
-                    raise
-
             return self._place_new(dst_rel, lambda layer, where, mode: layer.do_link_fd(fd, where),
-                                   None, st.st_mode, linked)
+                                   None, st.st_mode, self._then_linked(dst_rel, shared, then))
+
+    def _then_linked(self, dst_rel: str, shared: Entry | None,
+                     then: "Callable[[Node], T] | None"):
+        """The ``then`` of a new link's ``_place_new``: index=on's shared count moved up (back
+        down if ``then`` fails: the upper name goes again, the inode's links too), then
+        ``then(the node of the new name)``."""
+        def linked(st: os.stat_result | None):
+            if shared is not None:
+                self._count_link(shared, +1)
+            try:
+                return None if then is None else then(self._linked_node(dst_rel))
+            except BaseException:
+                if shared is not None:
+                    self._count_link(shared, -1, -1)
+                raise
+        return linked
 
     def _linked_node(self, rel: str) -> Node:
         """The node of the name a link just made (looked up in the link's lock hold)."""
@@ -589,18 +594,8 @@ class Namespace:
             if impure.has_origin(upper, src_rel, self.fs.prefix):  # (the kernel's, ``impure``)
                 impure.mark(upper, split(dst_rel)[0], self.fs.prefix)
 
-            def linked(st: os.stat_result | None):
-                if shared is not None:
-                    self._count_link(shared, +1)
-                try:
-                    return None if then is None else then(self._linked_node(dst_rel))
-                except BaseException:
-                    if shared is not None:  # (the upper name goes again: the inode's links too)
-                        self._count_link(shared, -1, -1)
-                    raise
-
             return self._place_new(dst_rel, lambda layer, where, mode: do_link(upper, src_rel, layer, where),
-                                   None, src.st.st_mode, linked)
+                                   None, src.st.st_mode, self._then_linked(dst_rel, shared, then))
 
     # -- removal ------------------------------------------------------------------------------
     @staticmethod

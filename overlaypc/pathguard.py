@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+
+from .scopes import contextmanager
 
 
 class PathsMoved(Exception):

@@ -1,4 +1,4 @@
-"""Linux system calls the standard library lacks, via ctypes.
+"""Linux system calls the standard library lacks, via ``_ctypes`` (``cbind``).
 
 Owns: ``openat2`` (confined path resolution), ``fchmodat2`` (``chmod_nofollow``), ``renameat2`` (whiteout / exchange /
 noreplace renames), ``linkat`` of an open fd (``link_fd``), ``name_to_handle_at`` (origin file handles), the ``FICLONE``
@@ -10,14 +10,16 @@ real errno, nothing else.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 import struct
+import sys
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from . import cbind
+
+_libc = cbind.Library()
+_libc.syscall.restype = cbind.c_long
 
 # openat2 has one number on every architecture Linux added it to after the syscall tables
 # were unified (5.6), except alpha; glibc has no wrapper for it (os.uname, not platform:
@@ -33,8 +35,8 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 # renameat2's number differs per architecture: take glibc's wrapper (2.28+), never a guess
 _renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:
-    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    _renameat2.restype = ctypes.c_int
+    _renameat2.argtypes = [cbind.c_int, cbind.c_char_p, cbind.c_int, cbind.c_char_p, cbind.c_uint]
+    _renameat2.restype = cbind.c_int
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -52,13 +54,13 @@ AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+class _OpenHow(cbind.Structure):
+    _fields_ = [("flags", cbind.c_uint64), ("mode", cbind.c_uint64), ("resolve", cbind.c_uint64)]
 
 
 def _check(ret: int, what: str, name: object = None) -> int:
     if ret < 0:
-        err = ctypes.get_errno()
+        err = cbind.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}", name)
     return ret
 
@@ -67,7 +69,7 @@ def _check(ret: int, what: str, name: object = None) -> int:
 #: mount uses a few combinations (at most ``_HOWS_MAX`` kept; the rest made per call)
 _hows: dict[tuple[int, int, int], object] = {}
 _HOWS_MAX = 64
-_HOW_SIZE = ctypes.sizeof(_OpenHow)
+_HOW_SIZE = cbind.sizeof(_OpenHow)
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_CONFINED) -> int:
@@ -75,7 +77,7 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
     key = (flags, mode, resolve)
     how = _hows.get(key)
     if how is None:
-        how = ctypes.byref(_OpenHow(flags | os.O_CLOEXEC, mode, resolve))  # (keeps it alive)
+        how = cbind.byref(_OpenHow(flags | os.O_CLOEXEC, mode, resolve))  # (keeps it alive)
         if len(_hows) < _HOWS_MAX:
             _hows[key] = how
     raw = os.fsencode(path)
@@ -83,7 +85,7 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
         ret = _libc.syscall(_SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)
         if ret >= 0:
             return ret
-        err = ctypes.get_errno()
+        err = cbind.get_errno()
         if err != 4 and err != 11:  # EINTR, EAGAIN (RESOLVE_CACHED races)
             raise OSError(err, os.strerror(err), path)
 
@@ -105,7 +107,7 @@ def chmod_nofollow(dirfd: int, name: str, mode: int) -> bool:
     flags = _AT_SYMLINK_NOFOLLOW if name else _AT_SYMLINK_NOFOLLOW | _AT_EMPTY_PATH
     if _libc.syscall(_SYS_FCHMODAT2, dirfd, os.fsencode(name), mode, flags) == 0:
         return True
-    err = ctypes.get_errno()
+    err = cbind.get_errno()
     if err == errno.ENOSYS:
         _Fchmodat2.present = False
         return False
@@ -122,8 +124,8 @@ def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: i
 
 
 _linkat = _libc.linkat
-_linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-_linkat.restype = ctypes.c_int
+_linkat.argtypes = [cbind.c_int, cbind.c_char_p, cbind.c_int, cbind.c_char_p, cbind.c_int]
+_linkat.restype = cbind.c_int
 _AT_SYMLINK_FOLLOW = 0x400
 
 
@@ -136,7 +138,7 @@ def link_fd(fd: int, newdirfd: int, newname: str) -> None:
     raw = os.fsencode(newname)
     if _linkat(fd, b"", newdirfd, raw, _AT_EMPTY_PATH) == 0:
         return
-    err = ctypes.get_errno()
+    err = cbind.get_errno()
     if err not in (errno.ENOENT, errno.EPERM):
         raise OSError(err, f"linkat: {os.strerror(err)}", newname)
     via = os.fsencode(f"/proc/self/fd/{fd}")
@@ -148,28 +150,31 @@ def ficlone(dst_fd: int, src_fd: int) -> None:
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
 
 
-class _FileHandle(ctypes.Structure):
-    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
-                ("f_handle", ctypes.c_ubyte * 128)]
-
+class _FileHandle(cbind.Structure):
+    _fields_ = [("handle_bytes", cbind.c_uint), ("handle_type", cbind.c_int),
+                ("f_handle", cbind.c_ubyte * 128)]
 
 
 def name_to_handle(fd: int) -> tuple[int, bytes]:
     """Return ``(handle_type, handle_bytes)`` of the object ``fd`` refers to."""
     fh = _FileHandle(128, 0)
-    mount_id = ctypes.c_int(0)
-    ret = _libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), _AT_EMPTY_PATH)
+    mount_id = cbind.c_int(0)
+    ret = _libc.name_to_handle_at(fd, b"", cbind.byref(fh), cbind.byref(mount_id), _AT_EMPTY_PATH)
     _check(ret, "name_to_handle_at")
     return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
 
-
-import sys
 _LITTLE = sys.byteorder == "little"
+#: the most bytes a file handle has (the kernel's MAX_HANDLE_SZ, and ``_FileHandle``'s room)
+_HANDLE_MAX = 128
+
+
 def open_by_handle(mount_fd: int, handle_type: int, fid: bytes, flags: int = os.O_PATH) -> int:
     """``open_by_handle_at`` (needs CAP_DAC_READ_SEARCH); raises OSError (ESTALE, ...)."""
+    if len(fid) > _HANDLE_MAX:  # as the kernel answers (and the copy below would not fit)
+        raise OSError(errno.EINVAL, f"open_by_handle_at: {os.strerror(errno.EINVAL)}")
     fh = _FileHandle(len(fid), handle_type)
-    ctypes.memmove(fh.f_handle, fid, len(fid))
-    ret = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    fh.f_handle[:len(fid)] = fid
+    ret = _libc.open_by_handle_at(mount_fd, cbind.byref(fh), flags | os.O_CLOEXEC)
     return _check(ret, "open_by_handle_at")
 
 
@@ -226,12 +231,12 @@ def fs_type(fd: int) -> int:
     """``f_type`` of ``fstatfs(fd)`` (the filesystem's magic number). Read as a C long at
     the struct's start, which it is on the usual ABIs; where it is not (s390x: an int) the
     value matches no magic number, which callers must treat as "unknown"."""
-    buf = (ctypes.c_long * 32)()  # struct statfs is 120 bytes on 64-bit Linux
+    buf = (cbind.c_long * 32)()  # struct statfs is 120 bytes on 64-bit Linux
     _check(_libc.fstatfs(fd, buf), "fstatfs")
     return buf[0] & 0xFFFFFFFF
 
 
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.argtypes = [cbind.c_int, cbind.c_int, cbind.c_int64, cbind.c_int64]
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
