@@ -556,7 +556,7 @@ class CopyUp:
             # kernel's copy-up keeps it
             work.do_fchown(fd, tmp, owner.uid, owner.gid)
         else:
-            work.do_chown(tmp, owner.uid, owner.gid)
+            work.do_chown(tmp, owner.uid, owner.gid, by_name=True)
         self._copy_xattrs(ctx, fd, src_fd)
         if src_fd is not None:
             origin = sysapi.ovl_origin_xattr(src_fd, src.layer.uuid)
@@ -584,11 +584,11 @@ class CopyUp:
             if fd is not None:
                 work.do_fchmod(fd, tmp, mode)
             else:
-                work.do_chmod(tmp, mode)
+                work.do_chmod(tmp, mode, by_name=True)
         if fd is not None:
             work.do_futime(fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
         else:
-            work.do_utime(tmp, (st.st_atime_ns, st.st_mtime_ns))
+            work.do_utime(tmp, (st.st_atime_ns, st.st_mtime_ns), by_name=True)
 
     def _copy_xattrs(self, ctx: CopyUpContext, fd: int | None = None, src_fd: int | None = None) -> None:
         """The kernel's rule (``ovl_copy_xattr``): any error fails the copy-up, except
@@ -699,7 +699,7 @@ class CopyUp:
         st = self.upper.lstat(parent)
         yield
         if st is not None:
-            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns))
+            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True)
 
     def _install_indexed(self, ctx: CopyUpContext) -> Entry:
         """index=on: the copy becomes ``index/<key>``, and the name a hard link to it.

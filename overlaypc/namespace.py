@@ -322,7 +322,7 @@ class Namespace:
             return None
         current: os.stat_result | None = st
         if (st.st_uid, st.st_gid) != (uid, gid):
-            layer.do_chown(rel, uid, gid)
+            layer.do_chown(rel, uid, gid, by_name=True)  # (made just now: ``Layer.do_chown``)
             current = None
             if mode & 0o7000:
                 st = layer.lstat(rel) or st  # chown cleared setuid/setgid
@@ -330,7 +330,8 @@ class Namespace:
         # them. The permission bits are right already, and may hold an ACL mask, which a
         # chmod to other bits would rewrite.
         if not stat.S_ISLNK(mode) and st.st_mode & 0o7000 != mode & 0o7000:
-            layer.do_chmod(rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000)
+            layer.do_chmod(rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000,
+                           by_name=True)
             current = None
         return current
 

@@ -98,11 +98,14 @@ class _Fchmodat2:
 def chmod_nofollow(dirfd: int, name: str, mode: int) -> bool:
     """``chmod`` of entry ``name`` (one component) of directory ``dirfd``, not followed
     (``fchmodat2`` with ``AT_SYMLINK_NOFOLLOW``: one system call, where glibc's
-    ``fchmodat`` opens, stats and closes; a symlink gives EOPNOTSUPP). False, nothing
-    done, where the kernel has no ``fchmodat2`` (before 6.6): the caller does it its way."""
+    ``fchmodat`` opens, stats and closes; a symlink gives EOPNOTSUPP); ``name`` "": the
+    object ``dirfd`` (any fd, ``O_PATH`` too) refers to (``AT_EMPTY_PATH``). False, nothing
+    done, where the kernel has no ``fchmodat2`` (before 6.6): the caller does it its way.
+    Caveat: a ``name`` that is a mount point is crossed (no ``RESOLVE_NO_XDEV`` here)."""
     if not _Fchmodat2.present:
         return False
-    if _libc.syscall(_SYS_FCHMODAT2, dirfd, os.fsencode(name), mode, _AT_SYMLINK_NOFOLLOW) == 0:
+    flags = _AT_SYMLINK_NOFOLLOW if name else _AT_SYMLINK_NOFOLLOW | _AT_EMPTY_PATH
+    if _libc.syscall(_SYS_FCHMODAT2, dirfd, os.fsencode(name), mode, flags) == 0:
         return True
     err = cbind.get_errno()
     if err == errno.ENOSYS:
