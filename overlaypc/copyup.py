@@ -44,7 +44,6 @@ per copy-up, would do that for as long as they come.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import itertools
@@ -53,7 +52,7 @@ import stat
 import threading
 import time
 
-from . import faults, fdbudget, impure, logs, sysapi
+from . import faults, fdbudget, impure, logs, scopes, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, split
 from .inodes import InodeKey, OverlayInode
@@ -286,7 +285,7 @@ class CopyUp:
         holds = self._refused.holds
         return bool(holds) and not holds[-1]
 
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def _stripe(self, rel: str, held: _Held | None = None, *, fill: tuple[int, int] | None = None):
         """Hold the lock of copy-ups of ``rel``; under ``refusing``, only if it is free
         (else ``CopyUpFirst``: module doc). ``held``: let go of before waiting for the lock,
@@ -557,7 +556,7 @@ class CopyUp:
             # kernel's copy-up keeps it
             work.do_fchown(fd, tmp, owner.uid, owner.gid)
         else:
-            work.do_chown(tmp, owner.uid, owner.gid)
+            work.do_chown(tmp, owner.uid, owner.gid, by_name=True)
         self._copy_xattrs(ctx, fd, src_fd)
         if src_fd is not None:
             origin = sysapi.ovl_origin_xattr(src_fd, src.layer.uuid)
@@ -585,11 +584,11 @@ class CopyUp:
             if fd is not None:
                 work.do_fchmod(fd, tmp, mode)
             else:
-                work.do_chmod(tmp, mode)
+                work.do_chmod(tmp, mode, by_name=True)
         if fd is not None:
             work.do_futime(fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
         else:
-            work.do_utime(tmp, (st.st_atime_ns, st.st_mtime_ns))
+            work.do_utime(tmp, (st.st_atime_ns, st.st_mtime_ns), by_name=True)
 
     def _copy_xattrs(self, ctx: CopyUpContext, fd: int | None = None, src_fd: int | None = None) -> None:
         """The kernel's rule (``ovl_copy_xattr``): any error fails the copy-up, except
@@ -634,7 +633,7 @@ class CopyUp:
                 raise  # symlinks refuse user.* xattrs; origin is then simply not recorded
 
     # -- step 6: install -----------------------------------------------------------------------
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def _installing(self):
         """The namespace lock, held to put a copy in place; at its end (a failed one too: a
         step may be done) ``Lookup.changed``: the name may resolve to the copy now, so no
@@ -674,7 +673,7 @@ class CopyUp:
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
         return entry
 
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def _in_place(self, key, rel: str, *, metadata_only: bool = False):
         """Yields ``placed``, to call once the copy is at ``rel`` (the point of no return).
         From then on the name resolves to the copy, so the object's inode and kernel node
@@ -692,7 +691,7 @@ class CopyUp:
                 placed.entry = Entry(self.upper, rel, st)
                 self._on_copied(key, placed.entry, metadata_only=metadata_only)
 
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def _parent_times_kept(self, rel: str):
         """Copy-up is not a change of the parent directory: keep its atime and mtime
         (the kernel's ``ovl_set_timestamps``)."""
@@ -700,7 +699,7 @@ class CopyUp:
         st = self.upper.lstat(parent)
         yield
         if st is not None:
-            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns))
+            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True)
 
     def _install_indexed(self, ctx: CopyUpContext) -> Entry:
         """index=on: the copy becomes ``index/<key>``, and the name a hard link to it.
@@ -796,7 +795,7 @@ class CopyUp:
             self._copy_from(ctx, ctx.src, dst_fd)
         except BaseException:
             if capability is not None:
-                with contextlib.suppress(OSError):  # (the copy's own error is answered)
+                with scopes.suppress(OSError):  # (the copy's own error is answered)
                     self.upper.do_fsetxattr(dst_fd, rel, CAPABILITY_XATTR, capability)
             raise
         if capability is not None:

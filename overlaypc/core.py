@@ -15,7 +15,6 @@ objects get the caller's mode with the caller's umask applied here, not the daem
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import errno
 import os
@@ -23,7 +22,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 
-from . import fdbudget, impure, logs, whiteout
+from . import fdbudget, impure, logs, scopes, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
 from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
@@ -54,7 +53,7 @@ if TYPE_CHECKING:
 log = logs.get("overlaypc.core")
 
 
-@contextlib.contextmanager
+@scopes.contextmanager
 def _naming(layer: Layer) -> Iterator[None]:
     """Errors of the layer's relative paths told with the layer's path (the CLI prints
     them: 'workdir /w/work: Not a directory', not "[Errno 20] ...: 'work'")."""
@@ -290,13 +289,13 @@ class OverlayFS:
         node = self.lookup.lookup(rel)
         return self.inodes.get(self.identity(node)) if node.exists else None
 
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def drop_extents(self, rel: str) -> Iterator[None]:
         """Around a size change of ``rel`` by path (truncate): its live inode's sharing map
         goes before the change (``sharing.changing``); an inode that came alive during the
         change may have mapped the old file, so its map goes after it."""
         inode = self._live_inode(rel)
-        with changing(inode) if inode is not None else contextlib.nullcontext():
+        with changing(inode) if inode is not None else scopes.nullcontext():
             yield
         later = self._live_inode(rel)
         if later is not None and later is not inode:

@@ -11,12 +11,11 @@ In ``cache=shared`` mode every open is ``direct_io``.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 
-from . import faults, killpriv, sysapi
+from . import faults, killpriv, scopes, sysapi
 from .attrs import Attr, getxattr_at, listxattr_at, resolve_times, setxattr_fd
 from .copyup import is_private_xattr
 from .handles import Handle
@@ -30,6 +29,7 @@ from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
     from typing import TypeVar
 
     from .core import OverlayFS
@@ -540,7 +540,7 @@ class Files:
         return done.changed
 
     @staticmethod
-    def _unshare(handle: Handle, offset: int, length: int) -> contextlib.AbstractContextManager:
+    def _unshare(handle: Handle, offset: int, length: int) -> AbstractContextManager:
         """Around a write: [offset, offset+length) leaves the sharing map *before* the file
         changes (the whole map for O_APPEND, whose offset the backing file decides)."""
         if handle.flags & os.O_APPEND:
@@ -548,10 +548,10 @@ class Files:
         return changing(handle.inode, offset, offset + length)
 
     @staticmethod
-    def _truncating(inode: OverlayInode, flags: int) -> contextlib.AbstractContextManager:
+    def _truncating(inode: OverlayInode, flags: int) -> AbstractContextManager:
         """Around the reopen of an open(O_TRUNC): the sharing map goes before the backing
         file is truncated, so no read is redirected to the old data in between."""
-        return changing(inode) if flags & os.O_TRUNC else contextlib.nullcontext()
+        return changing(inode) if flags & os.O_TRUNC else scopes.nullcontext()
 
     def changed(self, handle: Handle) -> None:
         self.fs.data_changed(handle.inode)

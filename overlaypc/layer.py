@@ -27,17 +27,18 @@ is followed there, as the lookup cache's directory fds are.
 
 Changes and opens act relative to their parent's fd when the lookup cache holds it
 (``dirs``, ``parent``): one ``*at`` call on the name, no walk from the root. So they follow
-the directory the cache holds, which is where the mount last saw it.
+the directory the cache holds, which is where the mount last saw it. An ``*at`` call on a
+name crosses a mount point there (no ``RESOLVE_NO_XDEV``): chmod, chown and utime of a name
+the mount looked up go through an ``O_PATH`` fd opened confined instead (``do_chmod``).
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
 
-from . import faults, logs, sysapi
+from . import faults, logs, scopes, sysapi
 from .fdbudget import retrying
 from .typing_lite import NamedTuple
 
@@ -215,7 +216,7 @@ class Layer:
     def path_fd(self, rel: str) -> int:
         return self.open(rel, os.O_PATH)
 
-    @contextlib.contextmanager
+    @scopes.contextmanager
     def parent(self, rel: str) -> Iterator[tuple[int, str]]:
         """Yield ``(dirfd, name)`` for acting on the last component of ``rel``: the
         parent's fd from a cache when one holds it (no path walk), else one resolved from
@@ -517,37 +518,61 @@ class Layer:
         with self.parent(rel) as (dfd, name):
             sysapi.link_fd(fd, dfd, name)
 
-    def do_chmod(self, rel: str, mode: int) -> None:
+    # chmod, chown and utime of a name act through an ``O_PATH`` fd of the object, opened
+    # confined (``path_fd``): a name that is a mount point (a bind mount from elsewhere on
+    # the layer's filesystem passes the lookup's ``st_dev`` check) is refused with EXDEV,
+    # where an ``*at`` call on the name would cross it and change the mount's source,
+    # outside the layer (review24). ``by_name``: for a name no mount can be on, one that
+    # the daemon made itself in this lock hold (a copy in ``workdir/work``, a new object)
+    # or a directory (the lookup's ``dir_at`` refuses one that is a mount point): one call
+    # on the name through the parent's fd a cache holds.
+    def do_chmod(self, rel: str, mode: int, *, by_name: bool = False) -> None:
         self._change("chmod", rel, oct(mode))
         head, name = split(rel)
-        held = self.held_dir(head) if name else None
-        # through the parent's fd a cache holds, not followed (as ``do_chown``): one
-        # system call where the kernel has ``fchmodat2`` (EOPNOTSUPP for a symlink)
+        held = self.held_dir(head) if by_name and name else None
+        # not followed: one system call where the kernel has ``fchmodat2`` (EOPNOTSUPP for
+        # a symlink)
         if held is not None and sysapi.chmod_nofollow(held.fd, name, mode):
             return
         fd = self.path_fd(rel)
         try:
+            if sysapi.chmod_nofollow(fd, "", mode):
+                return
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise OSError(errno.EOPNOTSUPP, "cannot chmod a symlink", rel)
             os.chmod(f"/proc/self/fd/{fd}", mode)
         finally:
             os.close(fd)
 
-    def do_chown(self, rel: str, uid: int, gid: int) -> None:
+    def do_chown(self, rel: str, uid: int, gid: int, *, by_name: bool = False) -> None:
         self._change("chown", rel, uid, gid)
         if not rel:  # the layer root has no parent inside the layer
             os.chown(f"/proc/self/fd/{self.root_fd}", uid, gid)
             return
-        with self.parent(rel) as (dfd, name):
-            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+        if by_name:
+            with self.parent(rel) as (dfd, name):
+                os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            return
+        fd = self.path_fd(rel)
+        try:  # (the magic link leads to the object the fd holds, a symlink itself too)
+            os.chown(f"/proc/self/fd/{fd}", uid, gid)
+        finally:
+            os.close(fd)
 
-    def do_utime(self, rel: str, ns: tuple[int, int]) -> None:
+    def do_utime(self, rel: str, ns: tuple[int, int], *, by_name: bool = False) -> None:
         self._change("utime", rel, ns)
         if not rel:  # the layer root has no parent inside the layer
             os.utime(f"/proc/self/fd/{self.root_fd}", ns=ns)
             return
-        with self.parent(rel) as (dfd, name):
-            os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
+        if by_name:
+            with self.parent(rel) as (dfd, name):
+                os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
+            return
+        fd = self.path_fd(rel)
+        try:
+            os.utime(f"/proc/self/fd/{fd}", ns=ns)
+        finally:
+            os.close(fd)
 
     # -- changes through an open fd of the object (``rel``: its path, for faults and the
     # debug log); for a file the daemon just opened through this layer, so no path walk

@@ -46,9 +46,9 @@ process: cookies mean nothing to another daemon (nor do snapshot ids).
 """
 from __future__ import annotations
 
-import bisect
 import itertools
 import threading
+from _bisect import bisect_right  # bisect.py itself adds ~0.06 ms to a mount's start
 from collections import OrderedDict
 
 from .readdir import DirEntry
@@ -93,7 +93,7 @@ class Snapshot:
         """Position (0, 1: the dots; 2 on: the entries) of the first item after ``key``."""
         if key < _FIRST_KEY:
             return key
-        return 2 + bisect.bisect_right(self.keys, key)
+        return 2 + bisect_right(self.keys, key)
 
     def cookie_key(self, pos: int) -> int:
         """The key of position ``pos`` (as ``after`` counts)."""

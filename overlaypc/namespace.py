@@ -345,7 +345,7 @@ class Namespace:
             return None
         current: os.stat_result | None = st
         if (st.st_uid, st.st_gid) != (uid, gid):
-            layer.do_chown(rel, uid, gid)
+            layer.do_chown(rel, uid, gid, by_name=True)  # (made just now: ``Layer.do_chown``)
             current = None
             if mode & 0o7000:
                 st = layer.lstat(rel) or st  # chown cleared setuid/setgid
@@ -353,7 +353,8 @@ class Namespace:
         # them. The permission bits are right already, and may hold an ACL mask, which a
         # chmod to other bits would rewrite.
         if not stat.S_ISLNK(mode) and st.st_mode & 0o7000 != mode & 0o7000:
-            layer.do_chmod(rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000)
+            layer.do_chmod(rel, stat.S_IMODE(st.st_mode) & 0o777 | mode & 0o7000,
+                           by_name=True)
             current = None
         return current
 
@@ -525,18 +526,24 @@ class Namespace:
             if upper.getxattr_fd(fd, self.fs.prefix + impure.ORIGIN) is not None:
                 impure.mark(upper, split(dst_rel)[0], self.fs.prefix)  # (as ``link``)
 
-            def linked(st: os.stat_result | None):
-                if shared is not None:
-                    self._count_link(shared, +1)
-                try:
-                    return None if then is None else then(self._linked_node(dst_rel))
-                except BaseException:
-                    if shared is not None:  # (the upper name goes again: the inode's links too)
-                        self._count_link(shared, -1, -1)
-                    raise
-
             return self._place_new(dst_rel, lambda layer, where, mode: layer.do_link_fd(fd, where),
-                                   None, st.st_mode, linked)
+                                   None, st.st_mode, self._then_linked(dst_rel, shared, then))
+
+    def _then_linked(self, dst_rel: str, shared: Entry | None,
+                     then: "Callable[[Node], T] | None"):
+        """The ``then`` of a new link's ``_place_new``: index=on's shared count moved up (back
+        down if ``then`` fails: the upper name goes again, the inode's links too), then
+        ``then(the node of the new name)``."""
+        def linked(st: os.stat_result | None):
+            if shared is not None:
+                self._count_link(shared, +1)
+            try:
+                return None if then is None else then(self._linked_node(dst_rel))
+            except BaseException:
+                if shared is not None:
+                    self._count_link(shared, -1, -1)
+                raise
+        return linked
 
     def _linked_node(self, rel: str) -> Node:
         """The node of the name a link just made (looked up in the link's lock hold)."""
@@ -605,18 +612,8 @@ class Namespace:
             if impure.has_origin(upper, src_rel, self.fs.prefix):  # (the kernel's, ``impure``)
                 impure.mark(upper, split(dst_rel)[0], self.fs.prefix)
 
-            def linked(st: os.stat_result | None):
-                if shared is not None:
-                    self._count_link(shared, +1)
-                try:
-                    return None if then is None else then(self._linked_node(dst_rel))
-                except BaseException:
-                    if shared is not None:  # (the upper name goes again: the inode's links too)
-                        self._count_link(shared, -1, -1)
-                    raise
-
             return self._place_new(dst_rel, lambda layer, where, mode: do_link(upper, src_rel, layer, where),
-                                   None, src.st.st_mode, linked)
+                                   None, src.st.st_mode, self._then_linked(dst_rel, shared, then))
 
     # -- removal ------------------------------------------------------------------------------
     @staticmethod

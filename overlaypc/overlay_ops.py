@@ -25,7 +25,6 @@ the session translates them.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
@@ -33,7 +32,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from . import faults, logs
+from . import faults, logs, scopes
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -305,7 +304,7 @@ class OverlayOps(Operations):
                     paths.expect(None)
                 locked = True
                 continue
-            refusing = fs.copyup.refusing() if fs.copyup is not None else contextlib.nullcontext()
+            refusing = fs.copyup.refusing() if fs.copyup is not None else scopes.nullcontext()
             with fs.ns_lock, refusing:  # (reentrant: the change takes it again)
                 paths.expect(paths.moves)
                 try:

@@ -45,9 +45,9 @@ in all (17 MiB at the bound, measured with tracemalloc).
 """
 from __future__ import annotations
 
-import bisect
 import os
 import threading
+from _bisect import bisect_right  # bisect.py itself adds ~0.06 ms to a mount's start
 from collections import OrderedDict
 
 from . import logs, sysapi
@@ -213,7 +213,7 @@ class ExtentMap:
     def _insert_uncovered(self, starts, owners, lo: int, hi: int, logical: int, canon: Canonical) -> None:
         """Add the parts of physical [lo, hi) that no interval covers yet."""
         pos = lo
-        i = bisect.bisect_right(starts, pos) - 1
+        i = bisect_right(starts, pos) - 1
         if i < 0 or owners[i][0] <= pos:
             i += 1
         while pos < hi:
@@ -241,7 +241,7 @@ class ExtentMap:
         starts = self._starts.get(dev)
         if not starts:
             return None
-        i = bisect.bisect_right(starts, physical) - 1
+        i = bisect_right(starts, physical) - 1
         if i < 0:
             return None
         end, logical, canon = self._owners[dev][i]
@@ -285,7 +285,7 @@ class ExtentMap:
                 if not e.shared:
                     continue
                 lo, hi = e.physical, e.physical + e.length
-                i = max(bisect.bisect_right(starts, lo) - 1, 0)
+                i = max(bisect_right(starts, lo) - 1, 0)
                 while i < len(starts) and starts[i] < hi:
                     end, logical, canon = owners[i]
                     a, b = max(lo, starts[i]), min(hi, end)
@@ -350,7 +350,7 @@ class ExtentMap:
         spans: list[tuple[int, int, Canonical | None, int]] = []  # (pos, length, canon, canon_off)
         with self._lock:  # one consistent view of the owners for the whole read
             pos = offset
-            i = max(bisect.bisect_right(fx.starts, pos) - 1, 0)
+            i = max(bisect_right(fx.starts, pos) - 1, 0)
             while pos < end:
                 e = fx.extents[i] if i < len(fx.extents) else None
                 if e is None or pos < e.logical:

@@ -1,4 +1,4 @@
-"""Linux system calls the standard library lacks, via ctypes.
+"""Linux system calls the standard library lacks, via ``_ctypes`` (``cbind``).
 
 Owns: ``openat2`` (confined path resolution), ``fchmodat2`` (``chmod_nofollow``),
 ``listxattrat`` (``listxattr_at``), ``renameat2`` (whiteout / exchange / noreplace renames),
@@ -13,14 +13,16 @@ real errno, nothing else.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 import struct
+import sys
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from . import cbind
+
+_libc = cbind.Library()
+_libc.syscall.restype = cbind.c_long
 
 # openat2 has one number on every architecture Linux added it to after the syscall tables
 # were unified (5.6), except alpha; glibc has no wrapper for it (os.uname, not platform:
@@ -40,8 +42,8 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 # renameat2's number differs per architecture: take glibc's wrapper (2.28+), never a guess
 _renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:
-    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    _renameat2.restype = ctypes.c_int
+    _renameat2.argtypes = [cbind.c_int, cbind.c_char_p, cbind.c_int, cbind.c_char_p, cbind.c_uint]
+    _renameat2.restype = cbind.c_int
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -59,13 +61,13 @@ AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+class _OpenHow(cbind.Structure):
+    _fields_ = [("flags", cbind.c_uint64), ("mode", cbind.c_uint64), ("resolve", cbind.c_uint64)]
 
 
 def _check(ret: int, what: str, name: object = None) -> int:
     if ret < 0:
-        err = ctypes.get_errno()
+        err = cbind.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}", name)
     return ret
 
@@ -74,7 +76,7 @@ def _check(ret: int, what: str, name: object = None) -> int:
 #: mount uses a few combinations (at most ``_HOWS_MAX`` kept; the rest made per call)
 _hows: dict[tuple[int, int, int], object] = {}
 _HOWS_MAX = 64
-_HOW_SIZE = ctypes.sizeof(_OpenHow)
+_HOW_SIZE = cbind.sizeof(_OpenHow)
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_CONFINED) -> int:
@@ -82,7 +84,7 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
     key = (flags, mode, resolve)
     how = _hows.get(key)
     if how is None:
-        how = ctypes.byref(_OpenHow(flags | os.O_CLOEXEC, mode, resolve))  # (keeps it alive)
+        how = cbind.byref(_OpenHow(flags | os.O_CLOEXEC, mode, resolve))  # (keeps it alive)
         if len(_hows) < _HOWS_MAX:
             _hows[key] = how
     raw = os.fsencode(path)
@@ -90,7 +92,7 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
         ret = _libc.syscall(_SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)
         if ret >= 0:
             return ret
-        err = ctypes.get_errno()
+        err = cbind.get_errno()
         if err != 4 and err != 11:  # EINTR, EAGAIN (RESOLVE_CACHED races)
             raise OSError(err, os.strerror(err), path)
 
@@ -103,13 +105,16 @@ class _Fchmodat2:
 def chmod_nofollow(dirfd: int, name: str, mode: int) -> bool:
     """``chmod`` of entry ``name`` (one component) of directory ``dirfd``, not followed
     (``fchmodat2`` with ``AT_SYMLINK_NOFOLLOW``: one system call, where glibc's
-    ``fchmodat`` opens, stats and closes; a symlink gives EOPNOTSUPP). False, nothing
-    done, where the kernel has no ``fchmodat2`` (before 6.6): the caller does it its way."""
+    ``fchmodat`` opens, stats and closes; a symlink gives EOPNOTSUPP); ``name`` "": the
+    object ``dirfd`` (any fd, ``O_PATH`` too) refers to (``AT_EMPTY_PATH``). False, nothing
+    done, where the kernel has no ``fchmodat2`` (before 6.6): the caller does it its way.
+    Caveat: a ``name`` that is a mount point is crossed (no ``RESOLVE_NO_XDEV`` here)."""
     if not _Fchmodat2.present:
         return False
-    if _libc.syscall(_SYS_FCHMODAT2, dirfd, os.fsencode(name), mode, _AT_SYMLINK_NOFOLLOW) == 0:
+    flags = _AT_SYMLINK_NOFOLLOW if name else _AT_SYMLINK_NOFOLLOW | _AT_EMPTY_PATH
+    if _libc.syscall(_SYS_FCHMODAT2, dirfd, os.fsencode(name), mode, flags) == 0:
         return True
-    err = ctypes.get_errno()
+    err = cbind.get_errno()
     if err == errno.ENOSYS:
         _Fchmodat2.present = False
         return False
@@ -123,6 +128,7 @@ class _Listxattrat:
 
 #: the list ``listxattr_at`` reads in one call (an upper file's names: none, or a few marks)
 _XATTR_LIST_SHORT = 256
+_XattrList = cbind.c_ubyte * _XATTR_LIST_SHORT
 
 
 def listxattr_at(dirfd: int, name: str) -> list[str] | None:
@@ -134,14 +140,14 @@ def listxattr_at(dirfd: int, name: str) -> list[str] | None:
     Other failures raise ``OSError`` with the errno (ENOENT, ENOTSUP...)."""
     if not _Listxattrat.present:
         return None
-    buf = ctypes.create_string_buffer(_XATTR_LIST_SHORT)
+    buf = _XattrList()
     n = _libc.syscall(_SYS_LISTXATTRAT, dirfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW, buf,
                       _XATTR_LIST_SHORT)
     if n > 0:
-        return [os.fsdecode(x) for x in buf.raw[:n - 1].split(b"\0")]  # (NUL-terminated names)
+        return [os.fsdecode(x) for x in bytes(buf)[:n - 1].split(b"\0")]  # (NUL-terminated names)
     if n == 0:
         return []
-    err = ctypes.get_errno()
+    err = cbind.get_errno()
     if err == errno.ENOSYS:
         _Listxattrat.present = False
         return None
@@ -160,8 +166,8 @@ def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: i
 
 
 _linkat = _libc.linkat
-_linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-_linkat.restype = ctypes.c_int
+_linkat.argtypes = [cbind.c_int, cbind.c_char_p, cbind.c_int, cbind.c_char_p, cbind.c_int]
+_linkat.restype = cbind.c_int
 _AT_SYMLINK_FOLLOW = 0x400
 
 
@@ -174,7 +180,7 @@ def link_fd(fd: int, newdirfd: int, newname: str) -> None:
     raw = os.fsencode(newname)
     if _linkat(fd, b"", newdirfd, raw, _AT_EMPTY_PATH) == 0:
         return
-    err = ctypes.get_errno()
+    err = cbind.get_errno()
     if err not in (errno.ENOENT, errno.EPERM):
         raise OSError(err, f"linkat: {os.strerror(err)}", newname)
     via = os.fsencode(f"/proc/self/fd/{fd}")
@@ -186,28 +192,31 @@ def ficlone(dst_fd: int, src_fd: int) -> None:
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
 
 
-class _FileHandle(ctypes.Structure):
-    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
-                ("f_handle", ctypes.c_ubyte * 128)]
-
+class _FileHandle(cbind.Structure):
+    _fields_ = [("handle_bytes", cbind.c_uint), ("handle_type", cbind.c_int),
+                ("f_handle", cbind.c_ubyte * 128)]
 
 
 def name_to_handle(fd: int) -> tuple[int, bytes]:
     """Return ``(handle_type, handle_bytes)`` of the object ``fd`` refers to."""
     fh = _FileHandle(128, 0)
-    mount_id = ctypes.c_int(0)
-    ret = _libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), _AT_EMPTY_PATH)
+    mount_id = cbind.c_int(0)
+    ret = _libc.name_to_handle_at(fd, b"", cbind.byref(fh), cbind.byref(mount_id), _AT_EMPTY_PATH)
     _check(ret, "name_to_handle_at")
     return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
 
-
-import sys
 _LITTLE = sys.byteorder == "little"
+#: the most bytes a file handle has (the kernel's MAX_HANDLE_SZ, and ``_FileHandle``'s room)
+_HANDLE_MAX = 128
+
+
 def open_by_handle(mount_fd: int, handle_type: int, fid: bytes, flags: int = os.O_PATH) -> int:
     """``open_by_handle_at`` (needs CAP_DAC_READ_SEARCH); raises OSError (ESTALE, ...)."""
+    if len(fid) > _HANDLE_MAX:  # as the kernel answers (and the copy below would not fit)
+        raise OSError(errno.EINVAL, f"open_by_handle_at: {os.strerror(errno.EINVAL)}")
     fh = _FileHandle(len(fid), handle_type)
-    ctypes.memmove(fh.f_handle, fid, len(fid))
-    ret = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    fh.f_handle[:len(fid)] = fid
+    ret = _libc.open_by_handle_at(mount_fd, cbind.byref(fh), flags | os.O_CLOEXEC)
     return _check(ret, "open_by_handle_at")
 
 
@@ -264,12 +273,12 @@ def fs_type(fd: int) -> int:
     """``f_type`` of ``fstatfs(fd)`` (the filesystem's magic number). Read as a C long at
     the struct's start, which it is on the usual ABIs; where it is not (s390x: an int) the
     value matches no magic number, which callers must treat as "unknown"."""
-    buf = (ctypes.c_long * 32)()  # struct statfs is 120 bytes on 64-bit Linux
+    buf = (cbind.c_long * 32)()  # struct statfs is 120 bytes on 64-bit Linux
     _check(_libc.fstatfs(fd, buf), "fstatfs")
     return buf[0] & 0xFFFFFFFF
 
 
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.argtypes = [cbind.c_int, cbind.c_int, cbind.c_int64, cbind.c_int64]
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -198,11 +198,14 @@ def test_remove_tree_goes_back_up_past_its_held_fds_into_side_branches(tmp_path,
     assert os.listdir(tmp_path / "upper") == ["d"]
 
 
+@pytest.mark.parametrize("by_name", [True, False], ids=["by-name", "confined"])
 @pytest.mark.parametrize("fchmodat2", [True, False], ids=["fchmodat2", "without"])
 def test_chmod_through_the_held_parent_never_follows_a_symlink(tmp_path, upper, walks, monkeypatch,
-                                                              fchmodat2):
-    """``do_chmod`` by the held parent (one ``fchmodat2``; chmod21) or, where the kernel has
-    none, by an ``O_PATH`` fd: a symlink gives EOPNOTSUPP and its target keeps its mode."""
+                                                              fchmodat2, by_name):
+    """``do_chmod`` by the held parent (``by_name``: one ``fchmodat2`` on the name; chmod21),
+    by an ``O_PATH`` fd opened from it (review24: ``fchmodat2`` of that fd), or, where the
+    kernel has none, by chmod of that fd's magic link: a symlink gives EOPNOTSUPP and its
+    target keeps its mode; no path walk from the root."""
     from overlaypc import sysapi
     monkeypatch.setattr(sysapi._Fchmodat2, "present", fchmodat2)
     held = DirFd(os.open(tmp_path / "upper" / "d", os.O_PATH | os.O_DIRECTORY))
@@ -213,10 +216,10 @@ def test_chmod_through_the_held_parent_never_follows_a_symlink(tmp_path, upper, 
     (tmp_path / "upper" / "d" / "ln").symlink_to(target)
     (tmp_path / "upper" / "d" / "f").write_bytes(b"f")
     with pytest.raises(OSError) as e:
-        upper.do_chmod("d/ln", 0o600)
+        upper.do_chmod("d/ln", 0o600, by_name=by_name)
     assert e.value.errno == errno.EOPNOTSUPP
     assert target.stat().st_mode & 0o777 == 0o644
-    upper.do_chmod("d/f", 0o640)
+    upper.do_chmod("d/f", 0o640, by_name=by_name)
     assert (tmp_path / "upper" / "d" / "f").stat().st_mode & 0o777 == 0o640
     assert walks == []
 

@@ -382,27 +382,38 @@ def _write_nameless_linked(m: str) -> list:
     return out
 
 
-def test_a_nameless_metacopy_file_with_an_upper_link_written(tmp_path, overlay_mount,
-                                                             kernel_mount):
-    """The upper file of a nameless metacopy file keeps a name the mount never looked up
-    (the kernel's ``ln`` made it): its data copy-up and a write through the fd, seen by
-    that name, then by the kernel overlay over the same layers after."""
+def _on_both_kernel_linked(tmp_path, overlay_mount, kernel_mount, scenario, ours_extra: str,
+                           remounted) -> list:
+    """``scenario(mountpoint)`` on the kernel overlay, then on overlaypc (metacopy=on, plus
+    ``ours_extra``), each over its own kernel-linked metacopy pair
+    (``_kernel_linked_metacopy``); each result ends with ``remounted(a kernel overlay over
+    the same layers after)``: [kernel's, ours]."""
     from upper_support import stack_options
     results = []
     for side in ("kernel", "ours"):
         lower, upper, work = _kernel_linked_metacopy(tmp_path / side, kernel_mount)
         if side == "kernel":
             k = kernel_mount([lower], upper, work, RUNS["metacopy"][1])
-            results.append(_write_nameless_linked(str(k)))
+            results.append(scenario(str(k)))
             helpers.force_unmount(k)
         else:
-            mo = overlay_mount(stack_options([lower], upper, work, RUNS["metacopy"][0]))
-            results.append(_write_nameless_linked(str(mo.path)))
+            mo = overlay_mount(stack_options([lower], upper, work, RUNS["metacopy"][0] + ours_extra))
+            results.append(scenario(str(mo.path)))
             mo.unmount()
         k = kernel_mount([lower], upper, work, RUNS["metacopy"][1])
-        with open(k / "g", "rb") as f:
-            results[-1].append(("remounted", f.read(), sorted(os.listdir(k))))
+        results[-1].append(remounted(k))
         helpers.force_unmount(k)
+    return results
+
+
+def test_a_nameless_metacopy_file_with_an_upper_link_written(tmp_path, overlay_mount,
+                                                             kernel_mount):
+    """The upper file of a nameless metacopy file keeps a name the mount never looked up
+    (the kernel's ``ln`` made it): its data copy-up and a write through the fd, seen by
+    that name, then by the kernel overlay over the same layers after."""
+    results = _on_both_kernel_linked(
+        tmp_path, overlay_mount, kernel_mount, _write_nameless_linked, "",
+        lambda k: ("remounted", (k / "g").read_bytes(), sorted(os.listdir(k))))
     assert results[0][0].startswith(b"NEW")  # (the oracle)
     assert results[1] == results[0]
 
@@ -435,23 +446,10 @@ def test_link_of_a_nameless_metacopy_file_with_an_upper_link(handles, tmp_path, 
     copied in first, as overlaypc's own link of a metacopy file does); one with no name
     left answers ENOENT on both. Failed before: ``At index 0 diff: ('f', 1, 'ENOENT', 1,
     ...) != ('f', 1, 'ok', 2, ...)``."""
-    from upper_support import stack_options
-    results = []
-    for side in ("kernel", "ours"):
-        lower, upper, work = _kernel_linked_metacopy(tmp_path / side, kernel_mount)
-        if side == "kernel":
-            k = kernel_mount([lower], upper, work, RUNS["metacopy"][1])
-            results.append(_link_nameless_linked(str(k)))
-            helpers.force_unmount(k)
-        else:
-            mo = overlay_mount(stack_options([lower], upper, work,
-                                             f"{RUNS['metacopy'][0]},handles={handles}"))
-            results.append(_link_nameless_linked(str(mo.path)))
-            mo.unmount()
-        k = kernel_mount([lower], upper, work, RUNS["metacopy"][1])
-        results[-1].append(("remounted", sorted(
+    results = _on_both_kernel_linked(
+        tmp_path, overlay_mount, kernel_mount, _link_nameless_linked, f",handles={handles}",
+        lambda k: ("remounted", sorted(
             (n, os.stat(k / n).st_nlink, (k / n).read_bytes()) for n in os.listdir(k))))
-        helpers.force_unmount(k)
     assert results[0][:2] == [("f", 1, "ok", 2, b"lower data\n" * 3),
                               ("p", 0, "ENOENT", 0, b"plain\n")]  # (the oracle)
     assert results[1] == results[0]

@@ -272,7 +272,8 @@ def test_setattr_of_an_upper_file_looks_it_up_once(env, calls, monkeypatch):
     real_open = layer.Layer.open
 
     def counting(self, rel, flags, mode=0):
-        opens[rel] += 1
+        if not flags & os.O_PATH:  # (chown, chmod, utime by an O_PATH fd: review24)
+            opens[rel] += 1
         return real_open(self, rel, flags, mode)
     monkeypatch.setattr(layer.Layer, "open", counting)
     u = _node(drv, ROOT_ID, "u")

@@ -14,14 +14,13 @@ only after mount(2) returns, so the session reads it after ``mount``.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 import struct
 
 from . import protocol
-from .. import logs
+from .. import cbind, logs
 from ..records import field, record
 from ..typing_lite import TYPE_CHECKING
 
@@ -47,10 +46,10 @@ _FLAG_OPTIONS = {
 _KERNEL_DATA = ("allow_other", "default_permissions")
 
 # the process's own libc (ctypes.util.find_library would run ldconfig: ~10 ms at start)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc = cbind.Library()
+_libc.mount.argtypes = [cbind.c_char_p, cbind.c_char_p, cbind.c_char_p, cbind.c_ulong,
+                        cbind.c_char_p]
+_libc.umount2.argtypes = [cbind.c_char_p, cbind.c_int]
 
 
 @record
@@ -98,7 +97,7 @@ class Channel:
         if not self.via_fusermount:
             if _libc.umount2(os.fsencode(self.mountpoint), MNT_DETACH) == 0:
                 return
-            e = ctypes.get_errno()
+            e = cbind.get_errno()
             if e in (errno.EINVAL, errno.ENOENT):  # already gone
                 return
             if e != errno.EPERM:
@@ -157,7 +156,7 @@ def mount(mountpoint: str, opts: MountOptions) -> Channel:
     if _libc.mount(os.fsencode(opts.fsname), os.fsencode(mountpoint), fstype.encode(), flags,
                    ",".join(data).encode()) == 0:
         return Channel(fd, mountpoint, via_fusermount=False)
-    e = ctypes.get_errno()
+    e = cbind.get_errno()
     os.close(fd)
     if e != errno.EPERM:
         raise OSError(e, f"mount(2) of {mountpoint}: {os.strerror(e)}", mountpoint)
