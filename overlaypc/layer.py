@@ -296,9 +296,13 @@ class Layer:
 
     def xattr_names_at(self, parent: DirFd, name: str) -> frozenset[str] | None:
         """The xattr names of entry ``name`` of an open directory, not following it (one
-        ``llistxattr``); None when they cannot be listed (gone, or an error)."""
+        ``listxattrat``, or ``llistxattr`` through ``/proc/self/fd`` where the kernel has
+        none or the list is long); None when they cannot be listed (gone, or an error)."""
         try:
-            return frozenset(os.listxattr(f"/proc/self/fd/{parent.fd}/{name}", follow_symlinks=False))
+            names = sysapi.listxattr_at(parent.fd, name)
+            if names is None:
+                names = os.listxattr(f"/proc/self/fd/{parent.fd}/{name}", follow_symlinks=False)
+            return frozenset(names)
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 return frozenset()
@@ -454,11 +458,21 @@ class Layer:
 
     def do_unlink(self, rel: str) -> None:
         self._change("unlink", rel)
+        head, name = split(rel)
+        held = self.held_dir(head)
+        if held is not None:  # (``parent``'s first case inlined: one per file of an rm -rf)
+            os.unlink(name, dir_fd=held.fd)
+            return
         with self.parent(rel) as (dfd, name):
             os.unlink(name, dir_fd=dfd)
 
     def do_rmdir(self, rel: str) -> None:
         self._change("rmdir", rel)
+        head, name = split(rel)
+        held = self.held_dir(head)
+        if held is not None:  # (as ``do_unlink``'s)
+            os.rmdir(name, dir_fd=held.fd)
+            return
         with self.parent(rel) as (dfd, name):
             os.rmdir(name, dir_fd=dfd)
 

@@ -216,6 +216,11 @@ class Lookup:
         #: merged path -> (node, fds it holds), least recently used first
         self._dirs: OrderedDict[str, tuple[Node, int]] = OrderedDict()
         self._fds = 0
+        #: merged path -> how many directories ``_dirs`` holds strictly below it (none:
+        #: absent): ``invalidate`` of a directory with none below drops its entry alone,
+        #: without looking at every key (one per RMDIR, and an rm -rf empties each
+        #: directory before removing it: ~18 us a time with 300 directories cached)
+        self._below: dict[str, int] = {}
         self.max_fds = fdbudget.FdBudget.for_process().lookup if max_fds is None else max_fds
         #: how many fds of their share the open files leave now (set by ``OverlayFS``): the
         #: cache holds no more than that and ``fdbudget.LOOKUP_FLOOR``, within ``max_fds``
@@ -246,11 +251,31 @@ class Lookup:
             self._moved()  # a lookup that raced with the change stores nothing
             if not rel:
                 self._dirs.clear()
+                self._below.clear()
                 self._fds = 0
                 return
-            prefix = rel + "/"
-            for key in [k for k in self._dirs if k == rel or k.startswith(prefix)]:
-                self._fds -= self._dirs.pop(key)[1]
+            dirs = self._dirs
+            if self._below.get(rel):
+                prefix = rel + "/"
+                keys = [k for k in dirs if k == rel or k.startswith(prefix)]
+            else:
+                keys = [rel] if rel in dirs else []
+            for key in keys:
+                self._fds -= dirs.pop(key)[1]
+                self._count(key, -1)
+
+    def _count(self, rel: str, delta: int) -> None:
+        """Directory ``rel`` entered (``delta`` 1) or left (-1) ``_dirs``: its ancestors'
+        ``_below`` counts follow (lock held)."""
+        below = self._below
+        head = rel.rpartition("/")[0]
+        while head:
+            n = below.get(head, 0) + delta
+            if n:
+                below[head] = n
+            else:
+                del below[head]
+            head = head.rpartition("/")[0]
 
     @property
     def epoch(self) -> int:
@@ -346,6 +371,7 @@ class Lookup:
         with self._lock:
             dropped = self._fds
             self._dirs.clear()
+            self._below.clear()
             self._fds = 0
         return dropped
 
@@ -381,13 +407,17 @@ class Lookup:
             old = self._dirs.pop(rel, None)
             if old is not None:
                 self._fds -= old[1]
+            else:
+                self._count(rel, 1)
             self._dirs[rel] = (node, fds)
             self._fds += fds
             bound = self.max_fds
             if self.fd_room is not None:  # (a length and an int read: no lock taken)
                 bound = max(fdbudget.LOOKUP_FLOOR, min(bound, fdbudget.LOOKUP_FLOOR + self.fd_room()))
             while self._fds > bound and self._dirs:
-                self._fds -= self._dirs.popitem(last=False)[1][1]
+                key, (_, held) = self._dirs.popitem(last=False)
+                self._fds -= held
+                self._count(key, -1)
 
     def _root(self) -> Node:
         entries = []
@@ -409,8 +439,24 @@ class Lookup:
         """Cached directory ``node`` with fresh stat data, one ``fstatat`` of its name per
         layer holding it; None (look it up afresh) unless each is still the directory the
         cache holds an fd of (a layer changed behind the mount's back) at its plain name."""
+        name = node.rel.rpartition("/")[2]
+        if len(node.entries) == 1:
+            # a directory of one layer (an upper-only one: each GETATTR of a parent after
+            # a change in it), as the loop below, without its table
+            e = node.entries[0]
+            for p in parent.entries:
+                if p.layer is e.layer:
+                    break
+            else:
+                return None
+            if p.dirfd is None or e.dirfd is None or e.rel != join(p.rel, name):
+                return None
+            st = e.layer.stat_at(p.dirfd, name)
+            if st is None or st.st_ino != e.st.st_ino or not stat.S_ISDIR(st.st_mode):
+                return None
+            return Node(node.rel, (Entry(e.layer, e.rel, st, e.dirfd),), node.opaque,
+                        node.upper_whiteout, node.data, node.upper_marker)
         where = {id(p.layer): p for p in parent.entries if p.dirfd is not None}
-        name = split(node.rel)[1]
         entries = []
         for e in node.entries:
             p = where.get(id(e.layer))
@@ -463,17 +509,19 @@ class Lookup:
             parent = node
         return node
 
-    def lookup(self, rel: str) -> Node:
+    def lookup(self, rel: str, *, keep: bool = True) -> Node:
         """The merged object at ``rel`` (``Node.exists`` is False when absent). At the fd
-        limit the walk waits for fds (``fdbudget.patiently``, inlined)."""
+        limit the walk waits for fds (``fdbudget.patiently``, inlined). ``keep`` False: a
+        regular file found is not kept for an open (``recent``): a removal's lookup, whose
+        change voids it at once."""
         try:
-            return self._lookup(rel)
+            return self._lookup(rel, keep)
         except OSError as e:
             if e.errno not in fdbudget.EXHAUSTED:
                 raise
-        return fdbudget.waited(self._lookup, rel)
+        return fdbudget.waited(self._lookup, rel, keep)
 
-    def _lookup(self, rel: str) -> Node:
+    def _lookup(self, rel: str, keep: bool = True) -> Node:
         if not rel:
             return self._root()
         parent_rel, name = split(rel)
@@ -495,7 +543,7 @@ class Lookup:
             if stat.S_ISDIR(mode):
                 # kept: a lookup below it (the kernel's next request, often) needs its structure
                 self._store(rel, epoch, node)
-            elif stat.S_ISREG(mode) and len(entries) == 1 and node.data is None:
+            elif keep and stat.S_ISREG(mode) and len(entries) == 1 and node.data is None:
                 # kept for an open that follows (``recent``; no fd: not the entry's ``parent``)
                 self._keep(parent_rel, name, epoch, (top.layer, top.rel, top.st, top.xattrs))
         return node

@@ -35,9 +35,9 @@ import functools
 import itertools
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from . import acl, faults, impure, logs, scopes, sysapi, whiteout
+from . import acl, faults, impure, logs, sysapi, whiteout
 from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import do_link, do_rename, join, split
@@ -88,6 +88,29 @@ class Caller:
 
 
 ROOT = Caller()
+
+
+class _Changing:
+    """``Namespace._changing``'s context manager."""
+    __slots__ = ("fs",)
+
+    def __init__(self, fs: "OverlayFS") -> None:
+        self.fs = fs
+
+    def __enter__(self) -> None:
+        fs = self.fs
+        fs.ns_lock.acquire()
+        try:
+            fs.paths.check()  # (before any change: PathsMoved leaves nothing done)
+        except BaseException:
+            fs.ns_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.fs.lookup.changed()
+        finally:
+            self.fs.ns_lock.release()
 
 
 class Namespace:
@@ -363,18 +386,13 @@ class Namespace:
         parent = layer.held_dir(head) if name else None
         return layer.lstat(rel) if parent is None else layer.stat_at(parent, name)
 
-    @scopes.contextmanager
-    def _changing(self) -> Iterator[None]:
+    def _changing(self) -> "_Changing":
         """The namespace lock, held for a change; at its end (even a failed one: a step may
-        be done) ``Lookup.changed``, so no file found before the change is opened as kept."""
+        be done) ``Lookup.changed``, so no file found before the change is opened as kept.
+        (A plain object, not a generator's context manager: one per UNLINK of an ``rm -rf``.)"""
         if faults.armed:
             faults.hit("namespace.changing")  # test-only (faults.py)
-        with self.fs.ns_lock:
-            self.fs.paths.check()  # (before any change: PathsMoved leaves nothing done)
-            try:
-                yield
-            finally:
-                self.fs.lookup.changed()
+        return _Changing(self.fs)
 
     def _done(self, *dirs: str) -> None:
         """After a change: forget the cached structure of the directories it touched (and
@@ -615,7 +633,7 @@ class Namespace:
             self.fs.copyup.ensure_parent(rel)
         self._index_before_removal(rel)
         with self._changing():
-            node = self.fs.lookup.lookup(rel)
+            node = self.fs.lookup.lookup(rel, keep=False)
             self._check_unlink(node)
             shared = self.fs.index_of(node)
             key = self.fs.identity(node)  # before the name is gone

@@ -49,9 +49,6 @@ request then starts over on its new path.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-
-from .scopes import contextmanager
 
 
 class PathsMoved(Exception):
@@ -65,16 +62,14 @@ class PathGuard:
         #: changed only under the namespace lock
         self.moves = 0
         self._local = threading.local()
+        self._moving = _Moving(self)
 
-    @contextmanager
-    def moving(self) -> Iterator[None]:
+    def moving(self) -> "_Moving":
         """Around a rename or a removal, under the namespace lock: from before anything
-        moves on disk until the node table followed (a failed move counts as well)."""
-        self.moves += 1
-        try:
-            yield
-        finally:
-            self.moves += 1
+        moves on disk until the node table followed (a failed move counts as well). (A
+        plain object, not a generator's context manager: one per UNLINK of an ``rm -rf``;
+        one serves all, as it holds no state and the lock orders its users.)"""
+        return self._moving
 
     def expect(self, count: int | None) -> None:
         """This thread's next ``check`` compares against ``count`` (None: none; a caller
@@ -96,3 +91,17 @@ class PathGuard:
         self._local.count = None
         if self.moves != count:
             raise PathsMoved
+
+
+class _Moving:
+    """``PathGuard.moving``'s context manager."""
+    __slots__ = ("guard",)
+
+    def __init__(self, guard: PathGuard) -> None:
+        self.guard = guard
+
+    def __enter__(self) -> None:
+        self.guard.moves += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.guard.moves += 1

@@ -1,11 +1,14 @@
 """Linux system calls the standard library lacks, via ``_ctypes`` (``cbind``).
 
-Owns: ``openat2`` (confined path resolution), ``fchmodat2`` (``chmod_nofollow``), ``renameat2`` (whiteout / exchange /
-noreplace renames), ``linkat`` of an open fd (``link_fd``), ``name_to_handle_at`` (origin file handles), the ``FICLONE``
-ioctl (reflink), the filesystem UUID lookup and ``fstatfs``'s filesystem type.
+Owns: ``openat2`` (confined path resolution), ``fchmodat2`` (``chmod_nofollow``),
+``listxattrat`` (``listxattr_at``), ``renameat2`` (whiteout / exchange / noreplace renames),
+``linkat`` of an open fd (``link_fd``), ``name_to_handle_at`` (origin file handles), the
+``FICLONE`` ioctl (reflink), the filesystem UUID lookup and ``fstatfs``'s filesystem type.
 
-Caveats: ``openat2`` and ``fchmodat2`` are called by number (the same on every architecture but alpha);
-``renameat2`` goes through glibc's wrapper. Every wrapper raises ``OSError`` with the
+Caveats: ``openat2`` is called by number (the same on every architecture but alpha), as are
+``fchmodat2`` and ``listxattrat`` on architectures with the unified syscall table (elsewhere,
+or on a kernel without them, their wrappers decline); ``renameat2`` goes through glibc's
+wrapper. Every wrapper raises ``OSError`` with the
 real errno, nothing else.
 """
 from __future__ import annotations
@@ -25,12 +28,16 @@ _libc.syscall.restype = cbind.c_long
 # were unified (5.6), except alpha; glibc has no wrapper for it (os.uname, not platform:
 # importing platform costs a mount ~1 ms)
 _SYS_OPENAT2 = 547 if os.uname().machine == "alpha" else 437
-# fchmodat2 (6.6): 452 in the unified tables, taken only on architectures known to use them
-# plainly (not mips, whose ABIs add an offset, nor alpha); elsewhere ``chmod_nofollow``
-# declines and the caller chmods its own way
-_SYS_FCHMODAT2 = 452 if os.uname().machine in (
+# architectures known to use the unified syscall table plainly (not mips, whose ABIs add an
+# offset, nor alpha): the newer calls below are taken by number only there; elsewhere their
+# wrappers decline and the caller does it its own way
+_UNIFIED_TABLE = os.uname().machine in (
     "x86_64", "i386", "i686", "aarch64", "armv7l", "armv8l", "riscv64", "s390x", "ppc64le",
-    "ppc64", "loongarch64") else None
+    "ppc64", "loongarch64")
+# fchmodat2 (6.6): 452 in the unified tables (``chmod_nofollow``)
+_SYS_FCHMODAT2 = 452 if _UNIFIED_TABLE else None
+# listxattrat (6.13): 465 in the unified tables (``listxattr_at``)
+_SYS_LISTXATTRAT = 465 if _UNIFIED_TABLE else None
 _AT_SYMLINK_NOFOLLOW = 0x100
 # renameat2's number differs per architecture: take glibc's wrapper (2.28+), never a guess
 _renameat2 = getattr(_libc, "renameat2", None)
@@ -111,6 +118,41 @@ def chmod_nofollow(dirfd: int, name: str, mode: int) -> bool:
     if err == errno.ENOSYS:
         _Fchmodat2.present = False
         return False
+    raise OSError(err, os.strerror(err), name)
+
+
+class _Listxattrat:
+    """Whether the kernel has ``listxattrat`` (False once it answered ENOSYS)."""
+    present = _SYS_LISTXATTRAT is not None
+
+
+#: the list ``listxattr_at`` reads in one call (an upper file's names: none, or a few marks)
+_XATTR_LIST_SHORT = 256
+_XattrList = cbind.c_ubyte * _XATTR_LIST_SHORT
+
+
+def listxattr_at(dirfd: int, name: str) -> list[str] | None:
+    """The xattr names of entry ``name`` (one component) of directory ``dirfd``, not
+    followed: one ``listxattrat`` with ``AT_SYMLINK_NOFOLLOW`` (where the ``llistxattr`` of
+    ``/proc/self/fd/N/name`` resolves three more components through procfs: ~1.5 us more).
+    None, nothing read, where the kernel has no ``listxattrat`` (before 6.13) or the list
+    is longer than ``_XATTR_LIST_SHORT`` bytes (ERANGE): the caller lists its own way.
+    Other failures raise ``OSError`` with the errno (ENOENT, ENOTSUP...)."""
+    if not _Listxattrat.present:
+        return None
+    buf = _XattrList()
+    n = _libc.syscall(_SYS_LISTXATTRAT, dirfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW, buf,
+                      _XATTR_LIST_SHORT)
+    if n > 0:
+        return [os.fsdecode(x) for x in bytes(buf)[:n - 1].split(b"\0")]  # (NUL-terminated names)
+    if n == 0:
+        return []
+    err = cbind.get_errno()
+    if err == errno.ENOSYS:
+        _Listxattrat.present = False
+        return None
+    if err == errno.ERANGE:
+        return None
     raise OSError(err, os.strerror(err), name)
 
 

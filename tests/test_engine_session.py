@@ -957,3 +957,28 @@ def test_opendir_zero_not_used_with_deny_others(kernel):
     fk.ok(p.RELEASEDIR, d, p.RELEASE_IN.pack(fh, 0, 0, 0), uid=2000)
     assert ops.called("opendir_zero") == [] and ops.called("releasedir_zero") == []
     assert ops.handles == {}
+
+
+def test_getattr_short_path_answers_as_the_generic_one(kernel):
+    """GETATTR is answered in ``dispatch`` without the handler table (rm24: one per file of
+    an rm -rf) where it carries no extensions and ``deny_others`` is off: the same reply
+    bytes as the generic path (which a request with extensions still takes), the handle
+    only with GETATTR_FH, an error answered with its errno, and a truncated body answered
+    EIO with the session going on."""
+    ops = MemoryOps()
+    fk = kernel(ops)
+    f = ops.add(1, b"f", stat.S_IFREG)
+    short = fk.ok(p.GETATTR, f, p.GETATTR_IN.pack(0, 0, 77))
+    assert ops.called("getattr")[-1] == (f, None)
+    assert len(short) == p.ATTR_OUT.size and p.unpack_attr(short, 16) == ops.attr(f)
+    # the generic path: a request with extensions (total_extlen 1: 8 bytes after the body)
+    unique = fk.next_unique()
+    body = p.GETATTR_IN.pack(p.GETATTR_FH, 0, 55)
+    msg = p.IN_HEADER.pack(p.IN_HEADER.size + len(body) + 8, p.GETATTR, unique, f, 0, 0, 1, 1, 0)
+    fk.kernel_socks[0].send(msg + body + bytes(8))
+    r = fk.receive()
+    assert (r.unique, r.error, r.body) == (unique, 0, short)
+    assert ops.called("getattr")[-1] == (f, 55)
+    assert fk.request(p.GETATTR, 12345, p.GETATTR_IN.pack(0, 0, 0)).error == -errno.ESTALE
+    assert fk.request(p.GETATTR, f, b"\0\0\0").error == -errno.EIO
+    assert fk.ok(p.GETATTR, f, p.GETATTR_IN.pack(0, 0, 0)) == short

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require
 from overlaypc import layer as layer_mod
 from overlaypc.layer import DirFd, Layer
 from overlaypc.lookup import Entry, Lookup, Node
@@ -63,6 +64,9 @@ def test_changes_act_on_the_held_parent_without_a_walk(tmp_path, upper, walks):
     assert os.listdir(tmp_path / "upper" / "d") == []
     st = os.stat(tmp_path / "upper" / "held" / "g")
     assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, 2)
+    upper.do_rmdir("d/sub")
+    assert walks == []
+    assert os.listdir(tmp_path / "upper" / "held") == ["g"]
 
 
 def test_without_a_held_parent_it_is_resolved_from_the_root(tmp_path, upper, walks):
@@ -218,3 +222,37 @@ def test_chmod_through_the_held_parent_never_follows_a_symlink(tmp_path, upper, 
     upper.do_chmod("d/f", 0o640, by_name=by_name)
     assert (tmp_path / "upper" / "d" / "f").stat().st_mode & 0o777 == 0o640
     assert walks == []
+
+
+@pytest.mark.parametrize("listxattrat", [True, False], ids=["listxattrat", "without"])
+def test_xattr_names_of_an_entry_never_follow_it(tmp_path, upper, monkeypatch, listxattrat):
+    """``xattr_names_at`` (a lookup's listing of an upper file's xattr names): one
+    ``listxattrat`` where the kernel has it (rm24), else ``llistxattr`` through procfs; the
+    same answer either way. A symlink's own names (not its target's), a long list read in
+    full (more than ``listxattr_at``'s buffer: the procfs way), an absent entry None."""
+    from overlaypc import sysapi
+    d = tmp_path / "upper" / "d"
+    held = DirFd(os.open(d, os.O_PATH | os.O_DIRECTORY))
+    target = d / "target"
+    target.write_bytes(b"t")
+    os.setxattr(target, "user.a", b"1")
+    os.setxattr(target, "user.overlay.origin", b"")
+    if listxattrat:
+        require(sysapi.listxattr_at(held.fd, "target") is not None, "the kernel has listxattrat (6.13)")
+    monkeypatch.setattr(sysapi._Listxattrat, "present", listxattrat)
+    (d / "ln").symlink_to(target)
+    (d / "plain").write_bytes(b"p")
+    many = d / "many"
+    many.write_bytes(b"m")
+    long_names = {f"user.{'n' * 40}{i}" for i in range(8)}  # > 256 bytes of names
+    for n in long_names:
+        os.setxattr(many, n, b"")
+    assert upper.xattr_names_at(held, "target") == {"user.a", "user.overlay.origin"}
+    assert upper.xattr_names_at(held, "ln") == frozenset(os.listxattr(d / "ln", follow_symlinks=False))
+    assert "user.a" not in upper.xattr_names_at(held, "ln")
+    assert upper.xattr_names_at(held, "plain") == frozenset(os.listxattr(d / "plain"))
+    assert upper.xattr_names_at(held, "many") >= long_names
+    assert upper.xattr_names_at(held, "absent") is None
+    if listxattrat:
+        assert sysapi.listxattr_at(held.fd, "many") is None  # (ERANGE: the caller's way)
+        assert sorted(sysapi.listxattr_at(held.fd, "target")) == ["user.a", "user.overlay.origin"]
