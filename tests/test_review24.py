@@ -98,7 +98,6 @@ def _file_fds(pid: int, roots: tuple[Path, ...]) -> list[str]:
 
 @pytest.mark.parametrize("handles", ["follow", "bind-at-open"])
 def test_burst_of_nameless_metacopy_files_leaves_no_fd_or_inode(handles, tmp_path, overlay_mount):
-    from features_support import overlay_stats
     lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
     files = 96
     helpers.build_layer(lower, {f"f{i}": f"lower data {i}\n" * 50 for i in range(files)})
@@ -130,22 +129,7 @@ def test_burst_of_nameless_metacopy_files_leaves_no_fd_or_inode(handles, tmp_pat
             for fd in fds:
                 os.close(fd)
 
-    errors: list[BaseException] = []
-
-    def worker(t: int) -> None:
-        try:
-            for i in range(t, files, 4):
-                one(i)
-        except BaseException as e:  # (reported below: a thread's failure fails the test)
-            errors.append(e)
-
-    helpers.run_threads(worker, 4, timeout=120)
-    assert [repr(e) for e in errors] == []
-    assert helpers.wait_until(lambda: overlay_stats(mnt)["open_handles"] == 0, 20), \
-        overlay_stats(mnt)
-    stats = overlay_stats(mnt)
-    assert stats["live_inodes"] == 0, stats
-    assert _file_fds(m.proc.pid, (lower, upper, work)) == []
+    _burst_leaves_nothing(one, files, m, (lower, upper, work))
 
 
 @pytest.mark.parametrize("handles", ["follow", "bind-at-open"])
@@ -154,7 +138,6 @@ def test_burst_of_index_links_and_tmpfiles_leaves_no_fd_or_inode(handles, tmp_pa
     """index=on: lower hard links opened by one name, written by the other (copied up into
     the index), unlinked while open, given a name again through the open fd (LINK of a
     nameless node), and O_TMPFILE files named by linkat; all closed, nothing is held."""
-    from features_support import overlay_stats
     base = xfs_dir
     lower, upper, work = (base / n for n in ("lower", "upper", "work"))
     files = 48
@@ -197,22 +180,30 @@ def test_burst_of_index_links_and_tmpfiles_leaves_no_fd_or_inode(handles, tmp_pa
             for fd in fds:
                 os.close(fd)
 
+    _burst_leaves_nothing(one, files, m, (lower, upper, work))
+
+
+def _burst_leaves_nothing(one, files: int, m, layers) -> None:
+    """``one(i)`` for every ``i < files`` on 4 threads (a thread's failure fails the test);
+    then the mount ``m`` holds no handle, no inode and no fd of a file in ``layers``."""
+    from features_support import overlay_stats
     errors: list[BaseException] = []
 
     def worker(t: int) -> None:
         try:
             for i in range(t, files, 4):
                 one(i)
-        except BaseException as e:  # (reported below: a thread's failure fails the test)
+        except BaseException as e:  # (reported below)
             errors.append(e)
 
     helpers.run_threads(worker, 4, timeout=120)
     assert [repr(e) for e in errors] == []
+    mnt = m.mountpoint
     assert helpers.wait_until(lambda: overlay_stats(mnt)["open_handles"] == 0, 20), \
         overlay_stats(mnt)
     stats = overlay_stats(mnt)
     assert stats["live_inodes"] == 0, stats
-    assert _file_fds(m.proc.pid, (lower, upper, work)) == []
+    assert _file_fds(m.proc.pid, layers) == []
 
 
 # -- limits23: renames, links and kill_privs with fd-less nodes, against the kernel ---------
