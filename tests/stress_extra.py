@@ -57,6 +57,19 @@ def budget_spent(e: OSError) -> bool:
     return LOWFD and e.errno == errno.ENFILE
 
 
+def open_unless_skipped(path, flags: int) -> int | None:
+    """``os.open(path, flags)``; None where a worker skips it: the file is gone (another
+    worker's change) or the daemon's fd budget is spent (``budget_spent``)."""
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if not budget_spent(e):
+            raise
+        return None
+
+
 class Failure(Exception):
     pass
 
@@ -587,13 +600,8 @@ def dir_holder(root: str, stop, q, seed: int):
     try:
         while not stop.is_set():
             if len(held) < 20 and rng.random() < 0.4:
-                try:
-                    fd = os.open(top / f"h{rng.randrange(HELD)}", os.O_RDONLY | os.O_DIRECTORY)
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    if not budget_spent(e):
-                        raise
+                fd = open_unless_skipped(top / f"h{rng.randrange(HELD)}", os.O_RDONLY | os.O_DIRECTORY)
+                if fd is None:
                     continue
                 try:
                     getdents(fd, rng.choice([100, 4096]))  # a listing left half read

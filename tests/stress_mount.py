@@ -57,6 +57,7 @@ NEWUID = 0
 
 
 budget_spent = stress_extra.budget_spent  # (DAEMON_NOFILE: a spent daemon fd budget's ENFILE)
+open_unless_skipped = stress_extra.open_unless_skipped
 #: LOWER3=1 (soak19): a third lower layer below the two
 LOWER3 = bool(os.environ.get("LOWER3"))
 
@@ -558,13 +559,8 @@ def pair_watcher(j: int, root: str, stop, q):
                                       f"before uid {seen[st.st_ino]}")
                     if stat.S_IMODE(st.st_mode) != PAIR_MODES[(st.st_uid - 2000 - IDSHIFT) % 4]:
                         raise Failure(f"lstat {pth}: mode {oct(st.st_mode)} uid {st.st_uid}")
-                    try:
-                        fd = os.open(pth, os.O_RDONLY)
-                    except FileNotFoundError:
-                        continue
-                    except OSError as e:
-                        if not budget_spent(e):
-                            raise
+                    fd = open_unless_skipped(pth, os.O_RDONLY)
+                    if fd is None:
                         continue
                     try:
                         hdr = os.pread(fd, PAIR_HDR, 0)
