@@ -247,13 +247,34 @@ def test_directory_links_of_a_read_only_stack_of_two_lowers(kind, tmp_path, laye
     assert seen["ours"] == seen["kernel"]
 
 
+def _core_over(tmp_path: Path, layers: dict):
+    """A core driver (no FUSE, redirect_dir=on) over ``layers`` built in ``tmp_path``:
+    ``upper`` and the lowers ``l0``, ``l1``... (top first) as given."""
+    from core_driver import CoreDriver
+    from overlaypc.config import MountConfig, validate
+    for name, spec in layers.items():
+        helpers.build_layer(tmp_path / name, spec)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "mnt").mkdir()
+    cfg = MountConfig(lowers=[str(tmp_path / n) for n in layers if n != "upper"],
+                      upper=str(tmp_path / "upper"), work=str(tmp_path / "work"),
+                      mountpoint=str(tmp_path / "mnt"), redirect_dir="on")
+    validate(cfg)
+    return CoreDriver(cfg)
+
+
+def _root_directories(fs) -> tuple[dict, dict]:
+    """The root's directories as a READDIRPLUS listing gives them ({name: entry}) and as
+    GETATTR shows them after it ({name: attributes})."""
+    listed = {e.name: e for e in fs.readdir("", plus=True) if stat.S_ISDIR(e.mode)}
+    return listed, {name: fs.getattr(name) for name in listed}
+
+
 def test_listed_directory_attributes_are_what_getattr_shows(tmp_path):
     """READDIRPLUS attributes of directories (core, no FUSE): merged ones (upper over lower,
     two lowers) with ``st_nlink`` 1, opaque and single-layer ones with their own; one with a
     ``redirect`` xattr and no directory of its name below comes without attributes (a
     LOOKUP decides). Before: ``m`` listed with ``st_nlink`` 3 where ``stat`` shows 1."""
-    from core_driver import CoreDriver
-    from overlaypc.config import MountConfig, validate
     helpers.require("root")  # trusted.* xattrs
     x = "trusted.overlay."
     layers = {
@@ -266,19 +287,10 @@ def test_listed_directory_attributes_are_what_getattr_shows(tmp_path):
         "l1": {"lm": Dir({"b": Dir(), "c": Dir()}), "lop": Dir({"b": Dir()}),
                "other": Dir({"o": Dir()}), "b1": Dir({"a": Dir()})},
     }
-    for name, spec in layers.items():
-        helpers.build_layer(tmp_path / name, spec)
-    (tmp_path / "work").mkdir()
-    (tmp_path / "mnt").mkdir()
-    cfg = MountConfig(lowers=[str(tmp_path / "l0"), str(tmp_path / "l1")],
-                      upper=str(tmp_path / "upper"), work=str(tmp_path / "work"),
-                      mountpoint=str(tmp_path / "mnt"), redirect_dir="on")
-    validate(cfg)
-    drv = CoreDriver(cfg)
+    drv = _core_over(tmp_path, layers)
     try:
         fs = drv.fs
-        listed = {e.name: e for e in fs.readdir("", plus=True) if stat.S_ISDIR(e.mode)}
-        shown = {name: fs.getattr(name) for name in listed}
+        listed, shown = _root_directories(fs)
         links = {name: attr.st_nlink for name, attr in shown.items()}
         assert links == {"m": 1, "lm": 1, "rd": 1, "lr": 1, "pu": 3, "op": 3, "lo": 3,
                          "lop": 3, "src": 3, "other": 3, "b1": 3}
@@ -358,8 +370,6 @@ def test_listed_directory_with_a_redirect_over_its_own_name_below(tmp_path):
     redirect target's to say; the listing gives no attributes (a LOOKUP decides), never
     ``st_nlink`` 1 for a directory ``stat`` shows unmerged (core, no FUSE). Before: ``rb``
     (its redirect names nothing below) listed with ``st_nlink`` 1 where ``stat`` shows 3."""
-    from core_driver import CoreDriver
-    from overlaypc.config import MountConfig, validate
     helpers.require("root")  # trusted.* xattrs
     x = "trusted.overlay."
     layers = {
@@ -367,19 +377,9 @@ def test_listed_directory_with_a_redirect_over_its_own_name_below(tmp_path):
                   "ra": Dir({"s": Dir()}, xattrs={x + "redirect": b"src"})},
         "l0": {"rb": Dir({"a": Dir()}), "ra": Dir({"a": Dir()}), "src": Dir({"t": Dir()})},
     }
-    for name, spec in layers.items():
-        helpers.build_layer(tmp_path / name, spec)
-    (tmp_path / "work").mkdir()
-    (tmp_path / "mnt").mkdir()
-    cfg = MountConfig(lowers=[str(tmp_path / "l0")], upper=str(tmp_path / "upper"),
-                      work=str(tmp_path / "work"), mountpoint=str(tmp_path / "mnt"),
-                      redirect_dir="on")
-    validate(cfg)
-    drv = CoreDriver(cfg)
+    drv = _core_over(tmp_path, layers)
     try:
-        fs = drv.fs
-        listed = {e.name: e for e in fs.readdir("", plus=True) if stat.S_ISDIR(e.mode)}
-        shown = {name: fs.getattr(name) for name in listed}
+        listed, shown = _root_directories(drv.fs)
         assert {n: a.st_nlink for n, a in shown.items()} == {"rb": 3, "ra": 1, "src": 3}
         got = {n: e.attr.st_nlink for n, e in listed.items() if e.attr is not None}
         assert got == {n: shown[n].st_nlink for n in got}
