@@ -509,14 +509,14 @@ def test_walk_5000_dirs_over_3_lowers_at_256_fds(layers_factory, overlay_mount):
 # --------------------------------------------------------------------------------------
 # Without root: the budget, the lookup cache, the EMFILE fallback, long layer paths
 # --------------------------------------------------------------------------------------
-def _child(code: str, nofile: tuple[int, int] | None = None) -> str:
-    """Run ``code`` in a child Python with this checkout's package, optionally under an fd
-    limit; return its stdout."""
+def _child(code: str, nofile: tuple[int, int] | None = None, setup: str = "") -> str:
+    """Run ``setup`` then ``code`` (dedented) in a child Python with this checkout's
+    package, optionally under an fd limit; return its stdout."""
     prelude = "import resource\n"
     if nofile:
         prelude += f"resource.setrlimit(resource.RLIMIT_NOFILE, {nofile!r})\n"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env,
+    r = subprocess.run([sys.executable, "-c", prelude + setup + textwrap.dedent(code)], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
@@ -943,6 +943,29 @@ def test_a_listing_at_the_fd_limit_waits_once_not_once_per_level(tmp_path, monke
         driver.close()
 
 
+def _fake_clock_core(tmp_path: Path, roots: list[Path], options: str = "") -> str:
+    """Child code (``_child``'s ``setup``): ``fdbudget``'s clock a fake one that only its
+    waits' sleeps advance (``clock[0]``), umask 0, and ``fs``, a started ``OverlayFS`` over
+    ``roots`` with ``tmp_path``'s upper, work and mnt (``options``: more ``MountConfig``
+    keywords, as code)."""
+    return textwrap.dedent(f"""\
+        import os, threading, types
+        from overlaypc import fdbudget
+        from overlaypc.config import MountConfig, validate
+        from overlaypc.core import OverlayFS
+        clock = [0.0]
+        fdbudget.time = types.SimpleNamespace(
+            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+        os.umask(0)
+        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
+                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r},
+                          {options})
+        validate(cfg)
+        fs = OverlayFS(cfg)
+        fs.start()
+        """)
+
+
 def test_a_change_at_the_fd_limit_does_not_wait_under_the_namespace_lock(tmp_path):
     """A change that holds the namespace lock and meets the fd limit fails with EMFILE at
     once: it does not wait for fds (``fdbudget.patiently``), which may be held by a thread
@@ -956,19 +979,6 @@ def test_a_change_at_the_fd_limit_does_not_wait_under_the_namespace_lock(tmp_pat
     for d in ("upper", "work", "mnt"):
         (tmp_path / d).mkdir()
     out = _child(f"""
-        import os, threading, types
-        from overlaypc import fdbudget
-        from overlaypc.config import MountConfig, validate
-        from overlaypc.core import OverlayFS
-        clock = [0.0]
-        fdbudget.time = types.SimpleNamespace(
-            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
-        os.umask(0)
-        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
-                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r})
-        validate(cfg)
-        fs = OverlayFS(cfg)
-        fs.start()
         lock = fs.ns_lock
         waiting = threading.Event()
         class Watched:  # the namespace lock, telling when the copy-up's thread waits for it
@@ -1006,7 +1016,7 @@ def test_a_change_at_the_fd_limit_does_not_wait_under_the_namespace_lock(tmp_pat
                 os.close(fd)
         changer.join()
         print(found, clock[0], result[0], oct(os.stat({str(tmp_path / "upper" / "d0000")!r}).st_mode & 0o777))
-    """, nofile=(400, 400))
+    """, nofile=(400, 400), setup=_fake_clock_core(tmp_path, roots))
     assert out.split() == ["Too", "many", "open", "files", "0.0", "done", "0o700"]
 
 
@@ -1038,22 +1048,8 @@ def test_a_copy_up_holds_no_node_while_it_waits_for_fds(how, tmp_path):
     for d in ("upper", "work", "mnt"):
         (tmp_path / d).mkdir()
     out = _child(f"""
-        import os, threading, types
-        from overlaypc import fdbudget
-        from overlaypc.config import MountConfig, validate
-        from overlaypc.core import OverlayFS
         from overlaypc.engine.ops import Request
         from overlaypc.overlay_ops import OverlayOps
-        clock = [0.0]
-        fdbudget.time = types.SimpleNamespace(
-            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
-        os.umask(0)
-        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
-                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r},
-                          redirect_dir="on")
-        validate(cfg)
-        fs = OverlayFS(cfg)
-        fs.start()
         ops = OverlayOps(fs)
         main = threading.main_thread()
         at_copy, go, queued, copied, main_done = (threading.Event() for _ in range(5))
@@ -1127,7 +1123,7 @@ def test_a_copy_up_holds_no_node_while_it_waits_for_fds(how, tmp_path):
         changer.join()
         copy = os.path.join({str(tmp_path / "upper")!r}, {made!r})
         print(found, clock[0] < fdbudget.WAIT_SECONDS, result[0], os.path.isdir(copy))
-    """, nofile=(400, 400))
+    """, nofile=(400, 400), setup=_fake_clock_core(tmp_path, roots, 'redirect_dir="on"'))
     assert out.split() == ["60", "True", "done", "True"]
     if how != "rename":
         assert stat.S_IMODE((tmp_path / "upper" / made).stat().st_mode) == 0o700
@@ -1173,21 +1169,8 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
     for d in ("upper", "work", "mnt"):
         (tmp_path / d).mkdir()
     out = _child(f"""
-        import errno, os, threading, types
-        from overlaypc import fdbudget
-        from overlaypc.config import MountConfig, validate
-        from overlaypc.core import OverlayFS
+        import errno
         from overlaypc.killpriv import Writer
-        clock = [0.0]
-        fdbudget.time = types.SimpleNamespace(
-            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
-        os.umask(0)
-        cfg = MountConfig(lowers={[str(r) for r in roots]!r}, upper={str(tmp_path / "upper")!r},
-                          work={str(tmp_path / "work")!r}, mountpoint={str(tmp_path / "mnt")!r},
-                          redirect_dir="on")
-        validate(cfg)
-        fs = OverlayFS(cfg)
-        fs.start()
         main = threading.main_thread()
         at_point, go, queued, passed, main_done = (threading.Event() for _ in range(5))
         turn = fdbudget._waiting
@@ -1280,5 +1263,5 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
         changer.join()
         st = os.lstat(os.path.join({str(tmp_path / "upper")!r}, {made!r}))
         print(found, clock[0] < fdbudget.WAIT_SECONDS, result[0], st.st_mode & {gone} == 0)
-    """, nofile=(400, 400))
+    """, nofile=(400, 400), setup=_fake_clock_core(tmp_path, roots, 'redirect_dir="on"'))
     assert out.split() == ["60", "True", "done", "True"], out
