@@ -99,6 +99,20 @@ def build(base: Path, workers: int, rng: random.Random):
     (upper / "s").mkdir()
     (lower2 / "s").mkdir()
     models = []
+
+    def put(files: dict, layer: Path, name: str) -> None:
+        """A file of random size and mode at ``name`` in ``layer`` (its directories made),
+        and its model in ``files``."""
+        data = os.urandom(rng.choice([0, 10, 4096, 70000]))
+        mode = rng.choice(MODES)
+        p = layer / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chmod(p, mode)
+        ino = Inode(data, mode)
+        ino.names.add(name)
+        files[name] = ino
+
     for k in range(workers):
         files = {}
         (lower / f"d{k}").mkdir()
@@ -110,31 +124,14 @@ def build(base: Path, workers: int, rng: random.Random):
                         continue
                     if rng.random() < 0.5:
                         continue
-                    name = f"{d}w{k}{where}{i}"
-                    data = os.urandom(rng.choice([0, 10, 4096, 70000]))
-                    mode = rng.choice(MODES)
-                    p = layer / name
-                    p.write_bytes(data)
-                    os.chmod(p, mode)
-                    ino = Inode(data, mode)
-                    ino.names.add(name)
-                    files[name] = ino
+                    put(files, layer, f"{d}w{k}{where}{i}")
         if LOWER3:  # a third lower below the others: names L4, L5, merged s/ and d{k}/
             bottom = base / "lower3"
             for i in (4, 5):
                 for d in ("", "s/", f"d{k}/", f"d{k}/sub/"):
                     if rng.random() < 0.5:
                         continue
-                    name = f"{d}w{k}L{i}"
-                    data = os.urandom(rng.choice([0, 10, 4096, 70000]))
-                    mode = rng.choice(MODES)
-                    p = bottom / name
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    p.write_bytes(data)
-                    os.chmod(p, mode)
-                    ino = Inode(data, mode)
-                    ino.names.add(name)
-                    files[name] = ino
+                    put(files, bottom, f"{d}w{k}L{i}")
         models.append(files)
     return lower, lower2, upper, work, models
 
