@@ -459,8 +459,8 @@ class OverlayFS:
     def flush(self, fh: int) -> None:
         self.files.flush(fh)
 
-    def release(self, fh: int) -> None:
-        self.files.release(fh)
+    def release(self, fh: int, dying: "Callable[[], None] | None" = None) -> None:
+        self.files.release(fh, dying)
 
     def chmod(self, rel: str, mode: int) -> None:
         self.attrs.chmod(rel, mode)

@@ -942,16 +942,32 @@ class Files:
                 nlink = index.nlink(shared)
         return self._shown(Attr(st, inode.ino, nlink), inode, fd)
 
-    def release(self, fh: int) -> None:
+    def release(self, fh: int, dying: "Callable[[], None] | None" = None) -> None:
+        """Close the handle ``fh``. ``dying``: called before its fd closes when that fd is
+        the last reference of an upper file with no link left (an O_TMPFILE file never
+        linked, an unlinked one), which the close frees."""
         handle = self.fs.handles.pop(fh)
         # the inode leaves the table first: the handle's fd may be the last reference of
         # an unlinked file, whose inode number the upper filesystem may give a file made
         # meanwhile (another worker's create) as soon as it closes; the table is keyed by
-        # that number, and the new file must not find the dying inode there
+        # that number, and the new file must not find the dying inode there (nor the
+        # kernel's node table its node: ``dying``)
         try:
-            self.fs.inodes.release(handle.inode)
+            inode = handle.inode
+            self.fs.inodes.release(inode)
+            if dying is not None and inode.refs <= 0 and inode.in_upper \
+                    and _links(handle.current_fd()) == 0:
+                dying()
         finally:
             handle.close()
+
+
+def _links(fd: int) -> int | None:
+    """The link count of the file open as ``fd``; None when unknown."""
+    try:
+        return os.fstat(fd).st_nlink
+    except OSError:
+        return None
 
 
 def _reopened(fd: int, flags: int, action, layer) -> None:
