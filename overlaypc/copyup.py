@@ -54,7 +54,7 @@ import time
 
 from . import faults, fdbudget, impure, logs, scopes, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
-from .layer import Layer, do_link, do_rename, join, split
+from .layer import Layer, do_link, do_rename, join, same_file, split
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
@@ -164,6 +164,13 @@ def clean_workdir(work: Layer) -> int:
         log.warning("removed %d leftover(s) of interrupted operations from %s/%s",
                     len(leftovers), work.path, WORK_DIR)
     return len(leftovers)
+
+
+def _without_fds(entry: Entry) -> Entry:
+    """``entry`` holding no fd (its layer, path, stat and xattr names alone)."""
+    if entry.dirfd is None and entry.parent is None:
+        return entry
+    return Entry(entry.layer, entry.rel, entry.st, None, None, entry.xattrs)
 
 
 class Seen(NamedTuple):
@@ -380,9 +387,13 @@ class CopyUp:
         anyway (and marks its times)."""
         try:
             entry = self._ensure(rel, empty=True) if empty else self.ensure_upper(rel)
+            # kept without its parent's fd across the lookup below, which may wait for fds
+            # (``fdbudget.patiently``): the thread whose turn it is may need that one (left26)
+            entry = _without_fds(entry)
             node = self.lookup.lookup(rel)
-            if node.data is None:
-                return entry
+            if node.data is None:  # (the lookup's entry, with its fds, if it is the same file)
+                upper = node.upper
+                return upper if upper is not None and same_file(upper.st, entry.st) else entry
             if self._refuses():
                 raise CopyUpFirst(rel)
             node = None  # (not held while the lock or the lookup below may wait)
