@@ -714,7 +714,7 @@ class Files:
         self.fs.require_writable()
         if not inode.in_upper:
             if inode.meta_file is None:
-                raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")
+                raise _not_copied_up(inode)
             if flags == os.O_RDONLY:
                 return self._with_meta_file(
                     inode, lambda meta: _reopened(meta.fd, flags, action, meta.layer))
@@ -845,7 +845,7 @@ class Files:
         if flags & _WRITE_INTENT:
             fs.require_writable()
             if not inode.in_upper and inode.meta_file is None:
-                raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")
+                raise _not_copied_up(inode)
         # creation flags mean nothing here (the file exists; O_TMPFILE would make another),
         # and O_NOFOLLOW would refuse the magic link itself
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_TMPFILE | os.O_NOFOLLOW)
@@ -960,6 +960,15 @@ class Files:
                 dying()
         finally:
             handle.close()
+
+
+def _not_copied_up(inode: OverlayInode) -> OSError:
+    """The error of a change of a lower file with no name left, which needs a copy-up: the
+    kernel overlay's answers, EEXIST (its copy-up finds the name taken: the whiteout, or
+    the file renamed over it), ENOENT when its directory was removed too (the copy-up of
+    that parent fails first)."""
+    return OSError(errno.ENOENT if inode.parent_gone else errno.EEXIST,
+                   "a lower file with no name left cannot be copied up")
 
 
 def _links(fd: int) -> int | None:
