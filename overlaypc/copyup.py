@@ -768,13 +768,14 @@ class CopyUp:
                 if self.upper.getxattr_fd(dst_fd, self.prefix + "metacopy") is not None:
                     self._fill_metacopy(ctx, dst_fd, durable=not self.volatile)
                 with self._installing(), self._in_place(self._key_of(node), upper.rel) as placed:
-                    for name in ("metacopy", "redirect"):
-                        try:
-                            self.upper.do_removexattr(upper.rel, self.prefix + name)
-                        except OSError as e:
-                            if e.errno != errno.ENODATA:
-                                raise
-                        placed()  # without the mark, lookups read the data here
+                    # the mark alone goes: a redirect (a renamed file's, to its data) stays,
+                    # as the kernel's (never followed from a file without the mark)
+                    try:
+                        self.upper.do_removexattr(upper.rel, self.prefix + "metacopy")
+                    except OSError as e:
+                        if e.errno != errno.ENODATA:
+                            raise
+                    placed()  # without the mark, lookups read the data here
         finally:
             os.close(dst_fd)
         entry = placed.result()
@@ -853,12 +854,11 @@ class CopyUp:
                     self._fill_metacopy(ctx, dst_fd,
                                         durable=not self.volatile and st.st_nlink > 0)
                     with self._installing():
-                        for name in ("metacopy", "redirect"):
-                            try:
-                                os.removexattr(dst_fd, self.prefix + name)
-                            except OSError as e:
-                                if e.errno != errno.ENODATA:
-                                    raise
+                        try:  # (the mark alone, as ``_copy_data_in_place``)
+                            os.removexattr(dst_fd, self.prefix + "metacopy")
+                        except OSError as e:
+                            if e.errno != errno.ENODATA:
+                                raise
                         rebound(Entry(meta.layer, rel, os.fstat(dst_fd)))
             finally:
                 os.close(dst_fd)
