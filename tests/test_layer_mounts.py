@@ -5,12 +5,11 @@ layer filesystem's own tree: a bind mount on ``lower/d/x`` or ``upper/d/f`` is n
 crossed, it shows the object the mount covers. overlaypc holds each layer root beneath a
 private, non-recursive clone of its mount (``layerroots``) and answers alike.
 
-Failed before (main at 6b7f049), with a bind mount from the same filesystem: the lookup's
-``fstatat`` through the held parent showed the mount source's stat and its xattrs (``d/f``:
-size 19, mode 0600, ``user.who`` b"source" where the kernel shows the covered file), the
-directory ``d/x`` was absent (ENOENT: the confined open refused it) where the kernel shows
-the covered directory, its ``inner``/``link`` with it, and a chmod/chown/utime of ``d/f``
-was refused with EXDEV; with a tmpfs source, ``d/f`` and ``d/x`` were both absent (ENOENT).
+Failed before (main at f4c9cfe2), every case. Same-filesystem source, lower or upper: the
+lookup's ``fstatat`` through the held parent showed the source file's stat (``lstat f``: mode
+0600, size 19, where the kernel shows 0644, 8) and its xattrs (``user.who`` b"source"), the
+file could not be read or changed (EXDEV) and the directory ``d/x`` was absent (ENOENT) where
+the kernel shows the covered one; tmpfs source: ``d/f`` and ``d/x`` both absent (ENOENT).
 """
 from __future__ import annotations
 
