@@ -28,6 +28,7 @@ import errno
 import os
 
 from . import logs, sysapi
+from .idmap import mount_id
 from .records import record
 
 log = logs.get("overlaypc.layer")
@@ -50,8 +51,10 @@ def open_roots(sets: list[list[str]]) -> list[RootFds]:
     opened beneath a clone of its mount, each fd of the object its path names now (device
     and inode). The sets on one filesystem share one clone, of their deepest common
     directory (a clone costs ~50 us: a stack of 100 lowers under containers/storage's
-    ``overlay/`` makes one); where a root is not found in that clone, each set of them gets
-    its own; where a set cannot be cloned, it is opened on the real mounts."""
+    ``overlay/`` makes one; and older kernels' ``FICLONE`` refuses files on two mounts: a
+    copy-up's reflink from a lower to the upper; 6.18 takes them). Where a root is not found in that clone, the sets
+    are split by real mount, then taken one by one; where a set cannot be cloned, it is
+    opened on the real mounts."""
     real: list[list[int]] = []
     out: list[RootFds | None] = [None] * len(sets)
     try:
@@ -62,12 +65,15 @@ def open_roots(sets: list[list[str]]) -> list[RootFds]:
         by_dev: dict[int, list[int]] = {}
         for i, fds in enumerate(real):
             by_dev.setdefault(os.fstat(fds[0]).st_dev, []).append(i)
-        for members in by_dev.values():
-            refused = _clone_sets(sets, real, members, out)
-            if refused is None and len(members) > 1:
-                for i in members:
-                    if _clone_sets(sets, real, [i], out) is False:
-                        break  # (no privilege: none will be cloned)
+        # (a group whose clone misses a root is split: by real mount, then one set each)
+        queue = [(members, 0) for members in by_dev.values()]
+        while queue:
+            members, stage = queue.pop()
+            done = _clone_sets(sets, real, members, out)
+            if done is False:
+                break  # no privilege: none will be cloned
+            if done is None and len(members) > 1 and stage < 2:
+                queue.extend((sub, stage + 1) for sub in _split(real, members, stage + 1))
     except BaseException:
         for fds in real + [o.fds for o in out if o is not None]:
             for fd in fds:
@@ -78,6 +84,16 @@ def open_roots(sets: list[list[str]]) -> list[RootFds]:
             for fd in real[i]:
                 os.close(fd)
     return [o if o is not None else RootFds(real[i], False) for i, o in enumerate(out)]
+
+
+def _split(real: list[list[int]], members: list[int], stage: int) -> list[list[int]]:
+    """``members`` by the real mount of their first root (stage 1), or one each."""
+    if stage > 1:
+        return [[i] for i in members]
+    by_mount: dict[int | None, list[int]] = {}
+    for i in members:
+        by_mount.setdefault(mount_id(real[i][0]), []).append(i)
+    return list(by_mount.values())
 
 
 def _clone_sets(sets: list[list[str]], real: list[list[int]], members: list[int],

@@ -264,7 +264,8 @@ def test_a_root_behind_another_mount_is_opened_on_the_real_mount(tmp_path, binds
     """An upper that is itself a mount (a bind mount of a directory elsewhere) under the
     directory it shares with the workdir: the clone of that directory shows what the mount
     covers, so the roots are opened on the real mounts, each the directory its path names.
-    Lowers (sets of one) then get a clone each."""
+    Lowers (sets of one) are then grouped by their real mount."""
+    from overlaypc.idmap import mount_id
     from overlaypc.layerroots import open_roots
     real, upper, work = tmp_path / "real", tmp_path / "upper", tmp_path / "work"
     for p in (real, upper, work):
@@ -279,13 +280,18 @@ def test_a_root_behind_another_mount_is_opened_on_the_real_mount(tmp_path, binds
     finally:
         for fd in roots.fds:
             os.close(fd)
-    # two lowers, one of them the bind mount: each gets a clone of its own mount
-    sets = open_roots([[str(upper)], [str(work)]])
+    # three lowers, one of them the bind mount: the two others still share a clone
+    # (FICLONE needs one mount), the bind mount gets its own
+    third = tmp_path / "third"
+    third.mkdir()
+    sets = open_roots([[str(upper)], [str(work)], [str(third)]])
     try:
-        assert [r.cloned for r in sets] == [True, True]
-        for r, path in zip(sets, (real, work)):
+        assert [r.cloned for r in sets] == [True, True, True]
+        for r, path in zip(sets, (real, work, third)):
             a, b = os.fstat(r.fds[0]), os.stat(path)
             assert (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        ids = [mount_id(r.fds[0]) for r in sets]
+        assert ids[1] == ids[2] != ids[0]
     finally:
         for r in sets:
             os.close(r.fds[0])
