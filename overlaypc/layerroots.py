@@ -51,10 +51,10 @@ def open_roots(sets: list[list[str]]) -> list[RootFds]:
     opened beneath a clone of its mount, each fd of the object its path names now (device
     and inode). The sets on one filesystem share one clone, of their deepest common
     directory (a clone costs ~50 us: a stack of 100 lowers under containers/storage's
-    ``overlay/`` makes one; and older kernels' ``FICLONE`` refuses files on two mounts: a
-    copy-up's reflink from a lower to the upper; 6.18 takes them). Where a root is not found in that clone, the sets
-    are split by real mount, then taken one by one; where a set cannot be cloned, it is
-    opened on the real mounts."""
+    ``overlay/`` makes one; and older kernels' ``FICLONE`` refuses files on two mounts, a
+    copy-up's reflink from a lower to the upper; 6.18 takes them). Where a root is not
+    found in that clone, the sets are split by real mount, then taken one by one; where a
+    set cannot be cloned, it is opened on the real mounts."""
     real: list[list[int]] = []
     out: list[RootFds | None] = [None] * len(sets)
     try:
