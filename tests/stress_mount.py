@@ -162,6 +162,47 @@ class Failure(Exception):
     pass
 
 
+class Skipped(Exception):
+    """An open a writer skips: the daemon's fd budget is spent (DAEMON_NOFILE), so its
+    OPEN or CREATE failed with ENFILE before it did anything (the model stays)."""
+
+
+def open_or_skip(path, flags: int, mode: int = 0o777) -> int:
+    """``os.open``; ``Skipped`` where the daemon's fd budget is spent (``budget_spent``):
+    the pair filers and tmpers hold an fd on every object they made until their end, and
+    at 1500 ops that is past a 256-fd daemon's budget for open files (soak26 seed 9415)."""
+    try:
+        return os.open(path, flags, mode)
+    except OSError as e:
+        if budget_spent(e):
+            raise Skipped from e
+        raise
+
+
+def open_when_room(path, flags: int) -> int:
+    """``os.open`` for the final checks, waiting while the daemon's fd budget is spent
+    (``budget_spent``: the pair filers still hold theirs until they end)."""
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            return os.open(path, flags)
+        except OSError as e:
+            if not budget_spent(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
+def read_all(fd: int) -> bytes:
+    """The whole content of ``fd`` from offset 0 (and close it)."""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def writer(k, root: str, files: dict, seed: int, nops: int, q):
     rng = random.Random(seed)
     root = Path(root)
@@ -192,6 +233,164 @@ def writer(k, root: str, files: dict, seed: int, nops: int, q):
         if ino.mtime is not None and st.st_mtime_ns != ino.mtime:
             raise Failure(f"{what}: mtime {st.st_mtime_ns} != {ino.mtime}")
 
+    def writer_op(op, name, key, ino):
+        """One step of the loop below (``Skipped``: an open the daemon's spent fd budget
+        refused, nothing done)."""
+        nonlocal dirname
+        if op == "fdop":
+            if not fds:
+                return
+            fd, fino = rng.choice(fds)
+            sub = rng.choice(["pwrite", "read", "fstat", "ftruncate", "fchmod", "fchown",
+                              "futime", "fsync"])
+            log[-1] = ("fd" + sub, sorted(fino.names))
+            if sub == "pwrite":
+                off = rng.randint(0, len(fino.data) + 100)
+                data = os.urandom(rng.choice([1, 100, 5000, 70000]))
+                os.pwrite(fd, data, off)
+                if off > len(fino.data):
+                    fino.data.extend(b"\0" * (off - len(fino.data)))
+                fino.data[off:off + len(data)] = data
+                fino.mtime = None
+            elif sub == "read":
+                got = os.pread(fd, len(fino.data) + 10, 0)
+                check_content(got, fino, f"fd read of {sorted(fino.names)}")
+            elif sub == "fstat":
+                check_stat(os.fstat(fd), fino, f"fstat of {sorted(fino.names)}")
+            elif sub == "ftruncate":
+                n = rng.randint(0, len(fino.data) + 100)
+                os.ftruncate(fd, n)
+                fino.data = (fino.data + bytearray(max(0, n - len(fino.data))))[:n]
+                fino.mtime = None
+            elif sub == "fchmod":
+                m = rng.choice(MODES)
+                os.fchmod(fd, m)
+                fino.mode = m
+            elif sub == "fchown":
+                u = rng.choice(UIDS) + IDSHIFT
+                os.fchown(fd, u, u)
+                fino.uid = fino.gid = u
+            elif sub == "futime":
+                t = rng.randint(10**18, 2 * 10**18)
+                os.utime(fd, ns=(t, t))
+                fino.mtime = t
+            else:
+                os.fsync(fd)
+            return
+        if op == "close":
+            if fds:
+                fd, _ = fds.pop(rng.randrange(len(fds)))
+                os.close(fd)
+            return
+        if op == "dirrename":
+            if os.environ.get("NODIRRENAME"):
+                return
+            new = f"d{k}x" if dirname == f"d{k}" else f"d{k}"
+            os.rename(root / dirname, root / new)
+            dirname = new
+            return
+        if op == "create":
+            if ino is not None:
+                return
+            m = rng.choice(MODES)
+            fd = open_or_skip(path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, m)
+            os.fchmod(fd, m)
+            ino = Inode(b"", m)
+            ino.uid = ino.gid = NEWUID
+            ino.names.add(key)
+            files[key] = ino
+            if len(fds) < 6:
+                fds.append((fd, ino))
+            else:
+                os.close(fd)
+            return
+        if ino is None:
+            if op in ("link", "rename"):
+                pass
+            else:
+                try:
+                    os.lstat(path(name))
+                except FileNotFoundError:
+                    return
+                raise Failure(f"{name} exists but model says no")
+        if op == "open":
+            if len(fds) >= 6:
+                return
+            fd = open_or_skip(path(name), os.O_RDWR)
+            fds.append((fd, ino))
+        elif op == "write":
+            off = rng.randint(0, len(ino.data) + 100)
+            data = os.urandom(rng.choice([1, 100, 5000, 70000]))
+            fd = open_or_skip(path(name), os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, off)
+            finally:
+                os.close(fd)
+            if off > len(ino.data):
+                ino.data.extend(b"\0" * (off - len(ino.data)))
+            ino.data[off:off + len(data)] = data
+            ino.mtime = None
+        elif op == "append":
+            data = os.urandom(rng.choice([1, 100, 5000]))
+            # (the flags of open(..., "ab"))
+            with open(open_or_skip(path(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666),
+                      "ab") as f:
+                f.write(data)
+            ino.data.extend(data)
+            ino.mtime = None
+        elif op == "truncate":
+            n = rng.randint(0, len(ino.data) + 100)
+            os.truncate(path(name), n)
+            ino.data = (ino.data + bytearray(max(0, n - len(ino.data))))[:n]
+            ino.mtime = None
+        elif op == "chmod":
+            m = rng.choice(MODES)
+            os.chmod(path(name), m)
+            ino.mode = m
+        elif op == "chown":
+            u = rng.choice(UIDS) + IDSHIFT
+            os.chown(path(name), u, u)
+            ino.uid = ino.gid = u
+        elif op == "utime":
+            t = rng.randint(10**18, 2 * 10**18)
+            os.utime(path(name), ns=(t, t))
+            ino.mtime = t
+        elif op == "read":
+            check_content(read_all(open_or_skip(path(name), os.O_RDONLY)), ino, f"read {name}")
+        elif op == "stat":
+            check_stat(os.lstat(path(name)), ino, f"stat {name}")
+        elif op == "fsync":
+            fd = open_or_skip(path(name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        elif op in ("rename", "link"):
+            src = rng.choice([n for n in names if mname(n) in files] or [None])
+            if src is None or mname(src) == key:
+                return
+            sino = files[mname(src)]
+            log[-1] = (op, mname(src), key)
+            if op == "link":
+                if ino is not None:
+                    return
+                os.link(path(src), path(name))
+                sino.names.add(key)
+                files[key] = sino
+            else:
+                if ino is sino:
+                    os.rename(path(src), path(name))  # same inode: no-op
+                    return
+                os.rename(path(src), path(name))
+                if ino is not None:
+                    ino.names.discard(key)
+                sino.names.discard(mname(src))
+                del files[mname(src)]
+                sino.names.add(key)
+                files[key] = sino
+        elif op == "unlink":
+            os.unlink(path(name))
+            ino.names.discard(key)
+            del files[key]
+
     try:
         for step in range(nops):
             name = rng.choice(names)
@@ -201,157 +400,10 @@ def writer(k, root: str, files: dict, seed: int, nops: int, q):
                              "utime", "rename", "unlink", "link", "read", "read", "stat",
                              "fsync", "create", "close", "dirrename", "fdop", "fdop", "fdop"])
             log.append((op, key))
-            if op == "fdop":
-                if not fds:
-                    continue
-                fd, fino = rng.choice(fds)
-                sub = rng.choice(["pwrite", "read", "fstat", "ftruncate", "fchmod", "fchown",
-                                  "futime", "fsync"])
-                log[-1] = ("fd" + sub, sorted(fino.names))
-                if sub == "pwrite":
-                    off = rng.randint(0, len(fino.data) + 100)
-                    data = os.urandom(rng.choice([1, 100, 5000, 70000]))
-                    os.pwrite(fd, data, off)
-                    if off > len(fino.data):
-                        fino.data.extend(b"\0" * (off - len(fino.data)))
-                    fino.data[off:off + len(data)] = data
-                    fino.mtime = None
-                elif sub == "read":
-                    got = os.pread(fd, len(fino.data) + 10, 0)
-                    check_content(got, fino, f"fd read of {sorted(fino.names)}")
-                elif sub == "fstat":
-                    check_stat(os.fstat(fd), fino, f"fstat of {sorted(fino.names)}")
-                elif sub == "ftruncate":
-                    n = rng.randint(0, len(fino.data) + 100)
-                    os.ftruncate(fd, n)
-                    fino.data = (fino.data + bytearray(max(0, n - len(fino.data))))[:n]
-                    fino.mtime = None
-                elif sub == "fchmod":
-                    m = rng.choice(MODES)
-                    os.fchmod(fd, m)
-                    fino.mode = m
-                elif sub == "fchown":
-                    u = rng.choice(UIDS) + IDSHIFT
-                    os.fchown(fd, u, u)
-                    fino.uid = fino.gid = u
-                elif sub == "futime":
-                    t = rng.randint(10**18, 2 * 10**18)
-                    os.utime(fd, ns=(t, t))
-                    fino.mtime = t
-                else:
-                    os.fsync(fd)
-                continue
-            if op == "close":
-                if fds:
-                    fd, _ = fds.pop(rng.randrange(len(fds)))
-                    os.close(fd)
-                continue
-            if op == "dirrename":
-                if os.environ.get("NODIRRENAME"):
-                    continue
-                new = f"d{k}x" if dirname == f"d{k}" else f"d{k}"
-                os.rename(root / dirname, root / new)
-                dirname = new
-                continue
-            if op == "create":
-                if ino is not None:
-                    continue
-                m = rng.choice(MODES)
-                fd = os.open(path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, m)
-                os.fchmod(fd, m)
-                ino = Inode(b"", m)
-                ino.uid = ino.gid = NEWUID
-                ino.names.add(key)
-                files[key] = ino
-                if len(fds) < 6:
-                    fds.append((fd, ino))
-                else:
-                    os.close(fd)
-                continue
-            if ino is None:
-                if op in ("link", "rename"):
-                    pass
-                else:
-                    try:
-                        os.lstat(path(name))
-                    except FileNotFoundError:
-                        continue
-                    raise Failure(f"{name} exists but model says no")
-            if op == "open":
-                if len(fds) >= 6:
-                    continue
-                fd = os.open(path(name), os.O_RDWR)
-                fds.append((fd, ino))
-            elif op == "write":
-                off = rng.randint(0, len(ino.data) + 100)
-                data = os.urandom(rng.choice([1, 100, 5000, 70000]))
-                fd = os.open(path(name), os.O_WRONLY)
-                try:
-                    os.pwrite(fd, data, off)
-                finally:
-                    os.close(fd)
-                if off > len(ino.data):
-                    ino.data.extend(b"\0" * (off - len(ino.data)))
-                ino.data[off:off + len(data)] = data
-                ino.mtime = None
-            elif op == "append":
-                data = os.urandom(rng.choice([1, 100, 5000]))
-                with open(path(name), "ab") as f:
-                    f.write(data)
-                ino.data.extend(data)
-                ino.mtime = None
-            elif op == "truncate":
-                n = rng.randint(0, len(ino.data) + 100)
-                os.truncate(path(name), n)
-                ino.data = (ino.data + bytearray(max(0, n - len(ino.data))))[:n]
-                ino.mtime = None
-            elif op == "chmod":
-                m = rng.choice(MODES)
-                os.chmod(path(name), m)
-                ino.mode = m
-            elif op == "chown":
-                u = rng.choice(UIDS) + IDSHIFT
-                os.chown(path(name), u, u)
-                ino.uid = ino.gid = u
-            elif op == "utime":
-                t = rng.randint(10**18, 2 * 10**18)
-                os.utime(path(name), ns=(t, t))
-                ino.mtime = t
-            elif op == "read":
-                check_content(path(name).read_bytes(), ino, f"read {name}")
-            elif op == "stat":
-                check_stat(os.lstat(path(name)), ino, f"stat {name}")
-            elif op == "fsync":
-                fd = os.open(path(name), os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-            elif op in ("rename", "link"):
-                src = rng.choice([n for n in names if mname(n) in files] or [None])
-                if src is None or mname(src) == key:
-                    continue
-                sino = files[mname(src)]
-                log[-1] = (op, mname(src), key)
-                if op == "link":
-                    if ino is not None:
-                        continue
-                    os.link(path(src), path(name))
-                    sino.names.add(key)
-                    files[key] = sino
-                else:
-                    if ino is sino:
-                        os.rename(path(src), path(name))  # same inode: no-op
-                        continue
-                    os.rename(path(src), path(name))
-                    if ino is not None:
-                        ino.names.discard(key)
-                    sino.names.discard(mname(src))
-                    del files[mname(src)]
-                    sino.names.add(key)
-                    files[key] = sino
-            elif op == "unlink":
-                os.unlink(path(name))
-                ino.names.discard(key)
-                del files[key]
+            try:
+                writer_op(op, name, key, ino)
+            except Skipped:
+                log.append(("ENFILE",))
         # final: everything by name and by fd
         for fd, fino in fds:
             check_content(os.pread(fd, len(fino.data) + 10, 0), fino, f"final fd read {sorted(fino.names)}")
@@ -359,9 +411,9 @@ def writer(k, root: str, files: dict, seed: int, nops: int, q):
             os.close(fd)
         for key, ino in files.items():
             p = path(key.replace(f"d{k}/", "@/", 1) if key.startswith(f"d{k}/") else key)
-            check_content(p.read_bytes(), ino, f"final read {key}")
+            check_content(read_all(open_when_room(p, os.O_RDONLY)), ino, f"final read {key}")
             check_stat(os.lstat(p), ino, f"final stat {key}")
-            fd = os.open(p, os.O_RDONLY)
+            fd = open_when_room(p, os.O_RDONLY)
             check_stat(os.fstat(fd), ino, f"fstat final open {key}")
             os.close(fd)
         # report the final model (in d{k} naming: rename dir back)
