@@ -18,8 +18,11 @@ user namespace that owns its mount namespace, as rootless podman's); where it is
 on the real mounts as before (``RootFds.cloned`` False; logged at debug level), and a name
 that is a mount point is then crossed by ``*at`` calls (``Layer``'s docstring). A path
 that crosses a mount between the common directory and a layer root (an upper on another
-mount than its workdir's parent) cannot be reached in the clone: detected by comparing the
-objects, and those roots are opened on the real mounts too. The real mount's unmount no
+mount than its workdir's parent) cannot be reached in the clone: detected by the mount ID
+of each root's real fd (the common directory's mount, or not cloned with it: a mount of the
+same directory on itself shows the same object in the clone, without that mount's flags)
+and by comparing the objects, and those roots are split by mount, else opened on the real
+mounts too. The real mount's unmount no
 longer waits for the daemon (the clone holds the filesystem), as with the kernel's overlay.
 """
 from __future__ import annotations
@@ -122,6 +125,15 @@ def _beneath_clone(paths: list[str], real: list[int]) -> list[int] | bool | None
         log.debug("layer roots %s: cannot open %s (%s)", ", ".join(paths), top, e.strerror)
         return None
     try:
+        # each root on the mount of ``top`` itself: a root on another mount of the same
+        # directory (``mount --bind x x``, then ``remount,bind,rw`` inside a read-only
+        # mount, or idmapped) is the same object in the clone, but not with its mount's
+        # flags (review27)
+        top_mount = mount_id(top_fd)
+        other = next((p for p, fd in zip(paths, real) if mount_id(fd) != top_mount), None)
+        if other is not None:
+            log.debug("layer root %s: on another mount than %s", other, top)
+            return None
         clone = sysapi.clone_tree(top_fd)
     except OSError as e:
         if e.errno not in _DECLINED:

@@ -80,11 +80,19 @@ class NodeTable:
         self._dirs_gen = 0
 
     # -- references ------------------------------------------------------------------------
-    def take(self, key: Hashable, parent: int, name: str, is_dir: bool) -> int:
+    def take(self, key: Hashable, parent: int, name: str, is_dir: bool,
+             linked: int | None = None) -> int:
         """The node of the object ``key`` found at (``parent``, ``name``), created if new,
-        with one more kernel reference and that name recorded."""
+        with one more kernel reference and that name recorded. ``linked``: the node a
+        LINK of a node with no name names (its file held open by the LINK), taken back
+        into the key index if ``dying`` took it out (its last handle's RELEASE racing the
+        LINK, review27): the kernel links that inode, not a new one."""
         with self._lock:
             nodeid = self._by_key.get(key)
+            if nodeid is None and linked is not None:
+                node = self._nodes.get(linked)
+                if node is not None and node.key == key:
+                    nodeid = self._by_key[key] = linked
             if nodeid is None:
                 nodeid = next(self._ids)
                 node = Node(nodeid, key, is_dir)

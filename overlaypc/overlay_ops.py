@@ -704,7 +704,7 @@ class OverlayOps(Operations):
         if self.nodes.path(nodeid) is None:
             inode = self._linkable_inode(nodeid)
             if inode is not None:
-                return self._link_tmpfile(inode, new_parent, new_name)
+                return self._link_tmpfile(inode, nodeid, new_parent, new_name)
         return self._new(new_parent, new_name,
                          lambda rel, then: self.fs.link(self._path(nodeid), rel, then))
 
@@ -733,33 +733,37 @@ class OverlayOps(Operations):
             return None
         return None
 
-    def _link_tmpfile(self, inode: OverlayInode, new_parent: int, new_name: bytes) -> Entry:
+    def _link_tmpfile(self, inode: OverlayInode, nodeid: int, new_parent: int,
+                      new_name: bytes) -> Entry:
         """LINK of a node with no name (``_linkable_inode``; ``linkat`` of its fd, by
         ``AT_EMPTY_PATH`` or ``/proc/self/fd``): its upper file linked through an fd of it
         (``Namespace.link_open``); the new name's entry is the node's own (its key).
         The kernel refuses to link an ``O_EXCL`` one itself (ENOENT), and so does the
         upper filesystem, as one whose last link is gone."""
-        fd = self.fs.files.dup_fd(inode)
+        fd = self.fs.files.dup_fd(inode)  # (keeps the file: a RELEASE meanwhile frees nothing)
         try:
             return self._new(new_parent, new_name,
-                             lambda rel, then: self.fs.link_open(fd, rel, then))
+                             lambda rel, then: self.fs.link_open(fd, rel, then), linked=nodeid)
         finally:
             os.close(fd)
 
     def _new(self, parent: int, name: bytes,
-             make: "Callable[[str, Callable[[Node], Entry]], Entry]") -> Entry:
+             make: "Callable[[str, Callable[[Node], Entry]], Entry]",
+             linked: int | None = None) -> Entry:
         """MKNOD, MKDIR, SYMLINK, LINK: ``make(path, then)`` makes ``name`` in ``parent``
         and answers ``then(the new object's node)``, the reply's entry, made in the lock
-        hold that made the object (``_made``; if it fails, the object goes again)."""
+        hold that made the object (``_made``; if it fails, the object goes again).
+        ``linked``: the node with no name a LINK names (``NodeTable.take``)."""
         def change() -> Entry:
             rel, decoded = self._child(parent, name)
-            return make(rel, lambda node: self._made(parent, decoded, rel, node))
+            return make(rel, lambda node: self._made(parent, decoded, rel, node, linked))
         entry = self._at_paths(change)
         if faults.armed:
             faults.hit("ops.created", os.fsdecode(name))  # test-only (faults.py)
         return entry
 
-    def _made(self, parent: int, name: str, rel: str, node: Node) -> Entry:
+    def _made(self, parent: int, name: str, rel: str, node: Node,
+              linked: int | None = None) -> Entry:
         """The entry of what a creation just made as ``name`` in ``parent`` (``node``, at
         ``rel``), with one reference taken: in the namespace lock hold that made it, where
         no copy-up rekeys and no rename or removal lands (no table epoch nor count of moves
@@ -773,7 +777,7 @@ class OverlayOps(Operations):
         attr = file_attr(self.fs.attrs.of_node(node, rel))
         key = self.fs.identity(node)
         timeout = self._attr_timeout(key)
-        nodeid = self.nodes.take(key, parent, name, node.is_dir)
+        nodeid = self.nodes.take(key, parent, name, node.is_dir, linked)
         return Entry(nodeid, attr, self.timeout, timeout)
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:

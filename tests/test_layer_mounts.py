@@ -308,3 +308,39 @@ def test_a_read_only_bind_mounted_upper_is_still_refused(tmp_path, binds):
     cfg = MountConfig(lowers=[str(lower)], upper=str(upper), work=str(work))
     with pytest.raises(ConfigError, match="read-only"):
         validate(cfg)
+
+
+def test_a_writable_mount_inside_a_read_only_one_keeps_the_upper_writable(
+        tmp_path, binds, overlay_mount, kernel_mount):
+    """review27: the layers on one filesystem share a clone of their deepest common
+    directory's mount, which passed its check (the same device and inode at each root's
+    path) where a root lies on another mount of the same directory (``mount --bind x x``,
+    then ``remount,bind,rw``) inside a read-only mount: the upper was held beneath the clone
+    of the read-only mount above it, and every change failed with EROFS. The kernel's
+    overlay clones the upper's own mount (writable); so must overlaypc (each root on the
+    mount its path names: same mount ID as the common directory's, or split).
+
+    Failed before: the mount itself (``MountError``: ``overlaypc: error: workdir
+    .../ours-work/work: Read-only file system``)."""
+    base = tmp_path / "fs"
+    lower, x = base / "lower", base / "x"
+    helpers.build_layer(lower, {"a": "from the lower\n"})
+    dirs = {side: (x / f"{side}-upper", x / f"{side}-work") for side in ("kernel", "ours")}
+    for upper, work in dirs.values():
+        upper.mkdir(parents=True)
+        work.mkdir()
+    binds(base, base, "ro")
+    binds(x, x, "rw")
+    assert os.statvfs(base).f_flag & os.ST_RDONLY and not os.statvfs(x).f_flag & os.ST_RDONLY
+
+    def write(mnt: Path) -> object:
+        return _try(lambda: (Path(mnt, "new").write_text("new\n"), _append(f"{mnt}/a"))[1])
+
+    mnt = kernel_mount([lower], *dirs["kernel"])
+    kernel = write(mnt)
+    helpers.force_unmount(mnt)
+    assert kernel == b"from the lower\nmore\n"
+    m = overlay_mount(stack_options([lower], *dirs["ours"]))
+    ours = write(m.mountpoint)
+    assert ours == kernel
+    assert (dirs["ours"][0] / "new").read_text() == "new\n"

@@ -257,12 +257,14 @@ def _parent_gone_changes(m: str) -> list:
     return out
 
 
-def test_a_change_of_a_nameless_lower_file_whose_directory_went(tmp_path, overlay_mount,
+@pytest.mark.parametrize("index", ["", "index=on"])
+def test_a_change_of_a_nameless_lower_file_whose_directory_went(index, tmp_path, overlay_mount,
                                                                  kernel_mount):
     """Before: EEXIST where the kernel answers ENOENT (errno only: nothing changes on either
-    side)."""
-    kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, "redirect_dir=on",
-                           ("redirect_dir=on",), _parent_gone_changes)
+    side). Also with index=on (review27: a guard, it agreed already)."""
+    opts = ("redirect_dir=on",) + ((index,) if index else ())
+    kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, ",".join(opts),
+                           opts, _parent_gone_changes)
     assert kernel[0][2] == "ENOENT" and kernel[-1][2] == "EEXIST"  # (the oracle)
     for k, o in zip(kernel, ours):
         assert o == k

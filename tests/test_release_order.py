@@ -140,3 +140,40 @@ def test_a_removed_files_key_goes_with_its_name(tmp_path, held):
         drv.settle()
     finally:
         drv.close()
+
+
+def test_a_link_racing_the_last_close_names_the_tmpfiles_own_node(tmp_path):
+    """review27: ``linkat`` of an O_TMPFILE fd in one thread while another closes it: the
+    kernel sends LINK (the path it holds) and RELEASE (the last file reference) at once.
+    LINK took an fd of the file from the open handle, then the RELEASE found the file with
+    no link yet and took the node out of the key index (``dying``), then LINK linked the
+    file and its ``take`` of the key made a second node for it: the kernel got a new
+    nodeid, a second inode (attributes, page cache) for the file it linked. Here the
+    RELEASE runs inside LINK, between the two. Failed before: ``assert 4 == 3`` (the
+    LINK reply's nodeid is not the tmpfile's)."""
+    helpers.build_layer(tmp_path / "lower", {"d/f": "lower\n"})
+    drv = CoreDriver.in_dir(tmp_path)
+    try:
+        w = Walker(drv)
+        d = w.node("d")
+        node, fh = drv.tmpfile(d, os.O_RDWR, 0o644)
+        drv.write(fh, b"tmp data\n", 0)
+        key = drv.fs.handles.get(fh).inode.key
+        real_link_open = drv.fs.link_open
+        index_then = []
+
+        def link_open(fd, rel, then):
+            drv.release(fh)  # (the LINK holds an fd of the file: nothing is freed)
+            index_then.append(drv.ops.nodes.by_key(key))
+            return real_link_open(fd, rel, then)
+        drv.fs.link_open = link_open
+        named = drv.link(node, d, "named")
+        assert index_then == [None]  # (the race: the RELEASE found no link, ``dying`` ran)
+        assert named.nodeid == node.nodeid
+        assert drv.ops.nodes.by_key(key) == node.nodeid
+        fh = drv.open(named, os.O_RDONLY)
+        assert drv.read(fh, 100, 0) == b"tmp data\n"
+        drv.release(fh)
+        drv.settle()
+    finally:
+        drv.close()
