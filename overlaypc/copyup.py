@@ -371,6 +371,9 @@ class CopyUp:
         parent = self.upper.held_dir(split(entry.rel)[0])  # (the root's own, or the cache's)
         if parent is None:
             return False  # (evicted: the request looks it up)
+        # (held by this thread already, in ``_installing``: one more level never waits. The
+        # order is every copy-up's: this copy's stripe lock, taken first, is let go of on the
+        # way out with the namespace lock still held, and a release waits for nothing)
         self.ns_lock.acquire()
         h.held = True
         h.entry = Entry(entry.layer, entry.rel, entry.st, None, parent)
