@@ -69,7 +69,7 @@ import time
 
 from . import faults, fdbudget, impure, logs, scopes, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
-from .layer import Layer, do_link, do_rename, join, split
+from .layer import Layer, do_link, do_rename, join, same_file, split
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
@@ -179,6 +179,13 @@ def clean_workdir(work: Layer) -> int:
         log.warning("removed %d leftover(s) of interrupted operations from %s/%s",
                     len(leftovers), work.path, WORK_DIR)
     return len(leftovers)
+
+
+def _without_fds(entry: Entry) -> Entry:
+    """``entry`` holding no fd (its layer, path, stat and xattr names alone)."""
+    if entry.dirfd is None and entry.parent is None:
+        return entry
+    return Entry(entry.layer, entry.rel, entry.st, None, None, entry.xattrs)
 
 
 class Seen(NamedTuple):
@@ -478,9 +485,13 @@ class CopyUp:
             h = self._handover
             if h.held and h.rel == rel:
                 return entry  # (copied whole by this call, which hands its hold over)
+            # kept without its parent's fd across the lookup below, which may wait for fds
+            # (``fdbudget.patiently``): the thread whose turn it is may need that one (left26)
+            entry = _without_fds(entry)
             node = self.lookup.lookup(rel)
-            if node.data is None:
-                return entry
+            if node.data is None:  # (the lookup's entry, with its fds, if it is the same file)
+                upper = node.upper
+                return upper if upper is not None and same_file(upper.st, entry.st) else entry
             if self._refuses():
                 raise CopyUpFirst(rel)
             node = None  # (not held while the lock or the lookup below may wait)
@@ -867,13 +878,14 @@ class CopyUp:
                 if self.upper.getxattr_fd(dst_fd, self.prefix + "metacopy") is not None:
                     self._fill_metacopy(ctx, dst_fd, durable=not self.volatile)
                 with self._installing(), self._in_place(self._key_of(node), upper.rel) as placed:
-                    for name in ("metacopy", "redirect"):
-                        try:
-                            self.upper.do_removexattr(upper.rel, self.prefix + name)
-                        except OSError as e:
-                            if e.errno != errno.ENODATA:
-                                raise
-                        placed()  # without the mark, lookups read the data here
+                    # the mark alone goes: a redirect (a renamed file's, to its data) stays,
+                    # as the kernel's (never followed from a file without the mark)
+                    try:
+                        self.upper.do_removexattr(upper.rel, self.prefix + "metacopy")
+                    except OSError as e:
+                        if e.errno != errno.ENODATA:
+                            raise
+                    placed()  # without the mark, lookups read the data here
         finally:
             os.close(dst_fd)
         entry = placed.result()
@@ -952,12 +964,11 @@ class CopyUp:
                     self._fill_metacopy(ctx, dst_fd,
                                         durable=not self.volatile and st.st_nlink > 0)
                     with self._installing():
-                        for name in ("metacopy", "redirect"):
-                            try:
-                                os.removexattr(dst_fd, self.prefix + name)
-                            except OSError as e:
-                                if e.errno != errno.ENODATA:
-                                    raise
+                        try:  # (the mark alone, as ``_copy_data_in_place``)
+                            os.removexattr(dst_fd, self.prefix + "metacopy")
+                        except OSError as e:
+                            if e.errno != errno.ENODATA:
+                                raise
                         rebound(Entry(meta.layer, rel, os.fstat(dst_fd)))
             finally:
                 os.close(dst_fd)

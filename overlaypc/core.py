@@ -113,6 +113,9 @@ class OverlayFS:
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
         self.handles = HandleTable()
+        #: the lower files with no name left that were live when their name went
+        #: (``unlinked``), while a change may still reach them (pruned as they are released)
+        self._nameless_lowers: set[OverlayInode] = set()
         #: removed directories the kernel still holds (``nameless``): their held fds
         self.nameless = NamelessDirs(self)
         #: the most fds open files may hold (``fdbudget``): an OPEN or CREATE beyond fails
@@ -345,13 +348,30 @@ class OverlayFS:
             self.inodes.forget_version(key)
 
     def unlinked(self, node: Node, key: InodeKey | None = None) -> None:
-        """``node`` lost its name. Callers pass its ``key``, taken *before* the change."""
-        if node.is_dir or not node.exists:
+        """``node`` lost its name (unlink, rmdir, a rename over it). Callers pass its
+        ``key``, taken *before* the change. A directory: the lower files with no name
+        left that were in it have their directory gone (``OverlayInode.parent_gone``)."""
+        if not node.exists:
+            return
+        if node.is_dir:
+            for inode in self._live_nameless_lowers() if self._nameless_lowers else ():
+                if moved(inode.unlinked_from, node.rel, node.rel) is not None:
+                    inode.parent_gone = True
             return
         inode = self.inodes.get(self.identity(node) if key is None else key)
         if inode is not None:
             if not inode.in_upper:
                 inode.unlinked = True
+                inode.unlinked_from = split(node.rel)[0]
+                self._nameless_lowers.add(inode)
+
+    def _live_nameless_lowers(self) -> list[OverlayInode]:
+        """The lower files with no name left whose directory may still go or move (under
+        the namespace lock, as every change that calls this); the released ones leave."""
+        kept = self._nameless_lowers
+        gone = [i for i in kept if i.refs <= 0 or i.parent_gone or i.in_upper]
+        kept.difference_update(gone)
+        return list(kept)
 
     def renamed(self, old: str, new: str) -> None:
         self.handles.renamed(old, new)
@@ -359,6 +379,10 @@ class OverlayFS:
             path = moved(inode.rel, old, new) if inode.in_upper else None
             if path is not None:
                 inode.moved(path)
+        for inode in self._live_nameless_lowers() if self._nameless_lowers else ():
+            path = moved(inode.unlinked_from, old, new)
+            if path is not None:
+                inode.unlinked_from = path
 
     def stats_json(self) -> bytes:
         return self.stats.to_json(open_handles=len(self.handles), live_inodes=len(self.inodes),
@@ -465,8 +489,8 @@ class OverlayFS:
     def flush(self, fh: int) -> None:
         self.files.flush(fh)
 
-    def release(self, fh: int) -> None:
-        self.files.release(fh)
+    def release(self, fh: int, dying: "Callable[[], None] | None" = None) -> None:
+        self.files.release(fh, dying)
 
     def chmod(self, rel: str, mode: int) -> None:
         self.attrs.chmod(rel, mode)

@@ -714,7 +714,7 @@ class Files:
         self.fs.require_writable()
         if not inode.in_upper:
             if inode.meta_file is None:
-                raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")
+                raise _not_copied_up(inode)
             if flags == os.O_RDONLY:
                 return self._with_meta_file(
                     inode, lambda meta: _reopened(meta.fd, flags, action, meta.layer))
@@ -845,7 +845,7 @@ class Files:
         if flags & _WRITE_INTENT:
             fs.require_writable()
             if not inode.in_upper and inode.meta_file is None:
-                raise OSError(errno.EEXIST, "a lower file with no name left cannot be copied up")
+                raise _not_copied_up(inode)
         # creation flags mean nothing here (the file exists; O_TMPFILE would make another),
         # and O_NOFOLLOW would refuse the magic link itself
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_TMPFILE | os.O_NOFOLLOW)
@@ -942,16 +942,41 @@ class Files:
                 nlink = index.nlink(shared)
         return self._shown(Attr(st, inode.ino, nlink), inode, fd)
 
-    def release(self, fh: int) -> None:
+    def release(self, fh: int, dying: "Callable[[], None] | None" = None) -> None:
+        """Close the handle ``fh``. ``dying``: called before its fd closes when that fd is
+        the last reference of an upper file with no link left (an O_TMPFILE file never
+        linked, an unlinked one), which the close frees."""
         handle = self.fs.handles.pop(fh)
         # the inode leaves the table first: the handle's fd may be the last reference of
         # an unlinked file, whose inode number the upper filesystem may give a file made
         # meanwhile (another worker's create) as soon as it closes; the table is keyed by
-        # that number, and the new file must not find the dying inode there
+        # that number, and the new file must not find the dying inode there (nor the
+        # kernel's node table its node: ``dying``)
         try:
-            self.fs.inodes.release(handle.inode)
+            inode = handle.inode
+            self.fs.inodes.release(inode)
+            if dying is not None and inode.refs <= 0 and inode.in_upper \
+                    and _links(handle.current_fd()) == 0:
+                dying()
         finally:
             handle.close()
+
+
+def _not_copied_up(inode: OverlayInode) -> OSError:
+    """The error of a change of a lower file with no name left, which needs a copy-up: the
+    kernel overlay's answers, EEXIST (its copy-up finds the name taken: the whiteout, or
+    the file renamed over it), ENOENT when its directory was removed too (the copy-up of
+    that parent fails first)."""
+    return OSError(errno.ENOENT if inode.parent_gone else errno.EEXIST,
+                   "a lower file with no name left cannot be copied up")
+
+
+def _links(fd: int) -> int | None:
+    """The link count of the file open as ``fd``; None when unknown."""
+    try:
+        return os.fstat(fd).st_nlink
+    except OSError:
+        return None
 
 
 def _reopened(fd: int, flags: int, action, layer) -> None:

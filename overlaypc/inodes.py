@@ -100,6 +100,12 @@ class OverlayInode:
     refs: int = 0
     data_version: int = 0
     unlinked: bool = False
+    #: a lower file with no name left (``unlinked``): the merged path of the directory its
+    #: last name was in (moved by renames, ``OverlayFS.renamed``), and whether that
+    #: directory was removed since (a change through its fd answers ENOENT then, as the
+    #: kernel overlay's copy-up of the removed parent does, else EEXIST)
+    unlinked_from: str | None = None
+    parent_gone: bool = False
     #: its backing had more than one link once (index=on: an upper hard link of an index
     #: entry keeps being one when its names are gone and the entry has one link left)
     linked: bool = False

@@ -27,9 +27,16 @@ is followed there, as the lookup cache's directory fds are.
 
 Changes and opens act relative to their parent's fd when the lookup cache holds it
 (``dirs``, ``parent``): one ``*at`` call on the name, no walk from the root. So they follow
-the directory the cache holds, which is where the mount last saw it. An ``*at`` call on a
-name crosses a mount point there (no ``RESOLVE_NO_XDEV``): chmod, chown and utime of a name
-the mount looked up go through an ``O_PATH`` fd opened confined instead (``do_chmod``).
+the directory the cache holds, which is where the mount last saw it.
+
+Mounts inside a layer: the root is normally held beneath a private, non-recursive clone of
+the layer's mount (``layerroots``; ``cloned``), which has no mount on any name beneath it:
+every call sees the object a mount made on a name covers, as the kernel's overlay does.
+Where no clone could be made, an ``*at`` call on a name crosses a mount point there (no
+``RESOLVE_NO_XDEV``): lookups count a name whose ``st_dev`` is another filesystem's as
+absent, and chmod, chown and utime of a name the mount looked up go through an ``O_PATH``
+fd opened confined instead (``do_chmod``); a bind mount from the same filesystem still
+shows its source to stat, xattr reads, readlink and listings.
 """
 from __future__ import annotations
 
@@ -168,12 +175,18 @@ class DirFd:
 class Layer:
     """A layer root. ``index`` 0 is the upper when there is one; lowers follow, top first."""
 
-    def __init__(self, path: str, index: int, *, writable: bool, name: str | None = None) -> None:
+    def __init__(self, path: str, index: int, *, writable: bool, name: str | None = None,
+                 root_fd: int | None = None, cloned: bool = False) -> None:
         self.path = os.path.abspath(path)
         self.index = index
         self.writable = writable
         self.name = name or self.path
-        self.root_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        #: ``root_fd``: the root opened by ``layerroots`` (owned from here on); ``cloned``:
+        #: it is beneath a private clone of the layer's mount, where no mount on a name is
+        self.cloned = cloned
+        if root_fd is None:
+            root_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_fd = root_fd
         st = os.fstat(self.root_fd)
         self.dev = st.st_dev
         self.root_ino = st.st_ino
@@ -518,18 +531,20 @@ class Layer:
         with self.parent(rel) as (dfd, name):
             sysapi.link_fd(fd, dfd, name)
 
-    # chmod, chown and utime of a name act through an ``O_PATH`` fd of the object, opened
-    # confined (``path_fd``): a name that is a mount point (a bind mount from elsewhere on
-    # the layer's filesystem passes the lookup's ``st_dev`` check) is refused with EXDEV,
-    # where an ``*at`` call on the name would cross it and change the mount's source,
-    # outside the layer (review24). ``by_name``: for a name no mount can be on, one that
-    # the daemon made itself in this lock hold (a copy in ``workdir/work``, a new object)
-    # or a directory (the lookup's ``dir_at`` refuses one that is a mount point): one call
-    # on the name through the parent's fd a cache holds.
+    # chmod, chown and utime of a name: one call on the name through its parent's fd where
+    # no mount can be on the name: beneath a private clone of the layer's mount
+    # (``cloned``: the call acts on the object a mount on the name covers, as the kernel's
+    # overlay does), or ``by_name``, for a name the daemon made itself in this lock hold (a
+    # copy in ``workdir/work``, a new object) or a directory (the lookup's ``dir_at``
+    # refuses one that is a mount point). Else through an ``O_PATH`` fd of the object,
+    # opened confined (``path_fd``): a name that is a mount point (a bind mount from
+    # elsewhere on the layer's filesystem passes the lookup's ``st_dev`` check) is refused
+    # with EXDEV, where an ``*at`` call on the name would cross it and change the mount's
+    # source, outside the layer (review24).
     def do_chmod(self, rel: str, mode: int, *, by_name: bool = False) -> None:
         self._change("chmod", rel, oct(mode))
         head, name = split(rel)
-        held = self.held_dir(head) if by_name and name else None
+        held = self.held_dir(head) if (by_name or self.cloned) and name else None
         # not followed: one system call where the kernel has ``fchmodat2`` (EOPNOTSUPP for
         # a symlink)
         if held is not None and sysapi.chmod_nofollow(held.fd, name, mode):
@@ -549,7 +564,7 @@ class Layer:
         if not rel:  # the layer root has no parent inside the layer
             os.chown(f"/proc/self/fd/{self.root_fd}", uid, gid)
             return
-        if by_name:
+        if by_name or self.cloned:
             with self.parent(rel) as (dfd, name):
                 os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
             return
@@ -564,7 +579,7 @@ class Layer:
         if not rel:  # the layer root has no parent inside the layer
             os.utime(f"/proc/self/fd/{self.root_fd}", ns=ns)
             return
-        if by_name:
+        if by_name or self.cloned:
             with self.parent(rel) as (dfd, name):
                 os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
             return

@@ -681,6 +681,7 @@ class Namespace:
                     # even after a failure: a step may have moved the upper dir already, and
                     # the cache must never hold its fd under this name (changes act through it)
                     self._done(rel)
+                self.fs.unlinked(node)
                 if then is not None:
                     then(node)
 

@@ -17,7 +17,8 @@ A name removed (unlink, rmdir, renamed over) leaves the node; a node with no nam
 object reusing the backing inode must not get its nodeid), unless the caller says other
 names of the object remain, but the node itself stays until the kernel forgets it: an
 open, unlinked file is still used by nodeid. A file made by O_TMPFILE starts with none
-(``take_unnamed``: in the key index only, so a LINK's ``take`` finds it). A directory has one name (the kernel's
+(``take_unnamed``: in the key index only, so a LINK's ``take`` finds it) and leaves the
+key index when its last fd closes unlinked (``dying``, before the close frees the number). A directory has one name (the kernel's
 ``d_splice_alias`` moves its dentry): one found at a new name loses the others. Copy-up changes an object's key (``rekey``).
 
 Bound: nodes live exactly as long as the kernel references them (``forget``); the
@@ -269,6 +270,18 @@ class NodeTable:
             self._by_key.setdefault(new, nodeid)
             return nodeid
 
+    def dying(self, nodeid: int) -> None:
+        """The file of a node with no name is about to be freed (its last fd closes:
+        an O_TMPFILE file never linked): the node leaves the key index now, not at its
+        FORGET, or a file made meanwhile on the freed inode number would get its nodeid."""
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is None or node.names or nodeid == ROOT_ID:
+                return
+            if self._by_key.get(node.key) == nodeid:
+                del self._by_key[node.key]
+                self.epoch += 1
+
     # -- queries ----------------------------------------------------------------------------
     def node(self, nodeid: int) -> Node:
         node = self._nodes.get(nodeid)
@@ -340,6 +353,11 @@ class NodeTable:
     def gone(self, nodeid: int) -> object | None:
         """What a removed directory keeps (``Node.gone``), else None."""
         return self.node(nodeid).gone
+
+    def has_names(self, nodeid: int) -> bool:
+        """Whether a node has a name (True for an unknown one: nothing to do for it)."""
+        node = self._nodes.get(nodeid)
+        return node is None or bool(node.names)
 
     def names(self, nodeid: int) -> list[Name]:
         with self._lock:

@@ -971,7 +971,10 @@ class OverlayOps(Operations):
     def release(self, req: Request | None, nodeid: int, fh: int, flags: int = 0) -> None:
         try:
             self.passthrough.release(fh)  # first: its bookkeeping reads the core's handle
-            self.fs.release(fh)
+            # a node with no name (O_TMPFILE, never linked) whose file this close frees
+            # leaves the key index before the fd closes (``NodeTable.dying``)
+            dying = None if self.nodes.has_names(nodeid) else lambda: self.nodes.dying(nodeid)
+            self.fs.release(fh, dying)
         finally:
             self.nodes.closed(nodeid, fh)
             if flags & os.O_ACCMODE != os.O_RDONLY:

@@ -107,7 +107,7 @@ def _idmapped_lower(layer: "Layer", idmapped: frozenset[int]) -> bool:
     """Whether ``layer`` is a lower on an idmapped mount (one of ``idmapped``: logged, one
     line per layer). An upper or workdir on one is only warned about: IDs written through
     it are mapped by the kernel too, which this mount does not model."""
-    if layer.index < 0 or not on_idmapped_mount(layer.root_fd, idmapped):
+    if layer.index < 0 or not idmapped or not _on_idmapped(layer, idmapped):
         return False
     if layer.writable:
         log.warning("%s %s is on an idmapped mount: the kernel maps the IDs written there "
@@ -117,6 +117,23 @@ def _idmapped_lower(layer: "Layer", idmapped: frozenset[int]) -> bool:
              "without uidmapping/gidmapping, and stored mapped back on copy-up",
              layer.name, layer.path)
     return True
+
+
+def _on_idmapped(layer: "Layer", idmapped: frozenset[int]) -> bool:
+    """``on_idmapped_mount`` of the layer's real mount: a root held beneath a private clone
+    (``layerroots``) is on a detached mount the mount table does not list (it carries the
+    same idmapping), so its path is opened again, and used only if it is still the root."""
+    if not layer.cloned:
+        return on_idmapped_mount(layer.root_fd, idmapped)
+    try:
+        fd = os.open(layer.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        a, b = os.fstat(fd), os.fstat(layer.root_fd)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and on_idmapped_mount(fd, idmapped)
+    finally:
+        os.close(fd)
 
 
 def _kill_suid(mode: int) -> int:

@@ -20,6 +20,7 @@ import time
 
 from . import logs
 from .layer import Layer
+from .layerroots import open_roots
 from .records import field, record
 
 log = logs.get("overlaypc.stack")
@@ -61,20 +62,33 @@ class LayerStack:
         self.upper: Layer | None = None
         self.work: Layer | None = None
         self._locks: list[int] = []
+        # every root at once: the layers on one filesystem share a clone (``layerroots``;
+        # upper and workdir always, a rename from work to upper across two is EXDEV)
+        sets = ([[os.path.abspath(upper), os.path.abspath(str(work))]] if upper else []) + \
+            [[os.path.abspath(p)] for p in lowers]
+        roots = open_roots(sets)
         opened: list[Layer] = []
         try:
             if upper:
-                self.upper = Layer(upper, 0, writable=True, name="upper")
+                self.upper = Layer(upper, 0, writable=True, name="upper",
+                                   root_fd=roots[0].fds[0], cloned=roots[0].cloned)
                 opened.append(self.upper)
-                assert work is not None
-                self.work = Layer(work, -1, writable=True, name="work")
+                self.work = Layer(str(work), -1, writable=True, name="work",
+                                  root_fd=roots[0].fds[1], cloned=roots[0].cloned)
                 opened.append(self.work)
             base = 1 if self.upper else 0
-            self.lowers = [Layer(p, base + i, writable=False, name=f"lower{i}") for i, p in enumerate(lowers)]
-            opened.extend(self.lowers)
+            self.lowers = []
+            for i, p in enumerate(lowers):
+                root = roots[base + i]
+                self.lowers.append(Layer(p, base + i, writable=False, name=f"lower{i}",
+                                         root_fd=root.fds[0], cloned=root.cloned))
+                opened.append(self.lowers[-1])
         except BaseException:
+            owned = {layer.root_fd for layer in opened}
             for layer in opened:
                 layer.close()
+            for fd in (fd for r in roots for fd in r.fds if fd not in owned):
+                os.close(fd)
             raise
         self.layers: list[Layer] = ([self.upper] if self.upper else []) + self.lowers
         self.xino = Xino.for_devices([layer.dev for layer in self.layers])

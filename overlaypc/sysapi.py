@@ -1,12 +1,13 @@
 """Linux system calls the standard library lacks, via ``_ctypes`` (``cbind``).
 
-Owns: ``openat2`` (confined path resolution), ``fchmodat2`` (``chmod_nofollow``),
+Owns: ``openat2`` (confined path resolution), ``open_tree`` (``clone_tree``: a detached
+copy of a layer's mount), ``fchmodat2`` (``chmod_nofollow``),
 ``listxattrat`` (``listxattr_at``), ``renameat2`` (whiteout / exchange / noreplace renames),
 ``linkat`` of an open fd (``link_fd``), ``name_to_handle_at`` (origin file handles), the
 ``FICLONE`` ioctl (reflink), the filesystem UUID lookup and ``fstatfs``'s filesystem type.
 
 Caveats: ``openat2`` is called by number (the same on every architecture but alpha), as are
-``fchmodat2`` and ``listxattrat`` on architectures with the unified syscall table (elsewhere,
+``open_tree``, ``fchmodat2`` and ``listxattrat`` on architectures with the unified syscall table (elsewhere,
 or on a kernel without them, their wrappers decline); ``renameat2`` goes through glibc's
 wrapper. Every wrapper raises ``OSError`` with the
 real errno, nothing else.
@@ -34,6 +35,9 @@ _SYS_OPENAT2 = 547 if os.uname().machine == "alpha" else 437
 _UNIFIED_TABLE = os.uname().machine in (
     "x86_64", "i386", "i686", "aarch64", "armv7l", "armv8l", "riscv64", "s390x", "ppc64le",
     "ppc64", "loongarch64")
+# open_tree (5.2): 428 in the unified tables (``clone_tree``)
+_SYS_OPEN_TREE = 428 if _UNIFIED_TABLE else None
+_OPEN_TREE_CLONE = 1
 # fchmodat2 (6.6): 452 in the unified tables (``chmod_nofollow``)
 _SYS_FCHMODAT2 = 452 if _UNIFIED_TABLE else None
 # listxattrat (6.13): 465 in the unified tables (``listxattr_at``)
@@ -95,6 +99,21 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
         err = cbind.get_errno()
         if err != 4 and err != 11:  # EINTR, EAGAIN (RESOLVE_CACHED races)
             raise OSError(err, os.strerror(err), path)
+
+
+def clone_tree(fd: int) -> int:
+    """An ``O_PATH`` fd of a detached, non-recursive copy of the mount at the directory
+    ``fd`` refers to (``open_tree(OPEN_TREE_CLONE)`` without ``AT_RECURSIVE``): the copy
+    has none of the mounts beneath that directory, so every path resolved from the new fd
+    sees the objects they cover, and no mount made later propagates into it. It keeps the
+    mount's flags (ro, nosuid...) and idmapping, and it goes when the last fd beneath it
+    does. Raises ``OSError``: EPERM without CAP_SYS_ADMIN over the mount namespace, EINVAL
+    where the mount has locked mounts beneath it (a less privileged namespace's), ENOSYS
+    where the kernel (before 5.2) or this architecture's table has no ``open_tree``."""
+    if _SYS_OPEN_TREE is None:
+        raise OSError(errno.ENOSYS, "open_tree: not taken by number on this architecture")
+    flags = _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH
+    return _check(_libc.syscall(_SYS_OPEN_TREE, fd, b"", flags), "open_tree")
 
 
 class _Fchmodat2:

@@ -1133,7 +1133,8 @@ def test_a_copy_up_holds_no_node_while_it_waits_for_fds(how, tmp_path):
 #: for fds there (limits23): where the request is paused (an attribute of ``fs``, wrapped: the
 #: lookup or copy-up that may wait), for which first argument (None: any), the request's
 #: code, what it leaves in the upper (the path, and the mode bits it must not have), and
-#: the fds of the node it kept
+#: the fds of the node it kept; optionally (``_Holding``) more ``MountConfig`` keywords, code
+#: run first (in the main thread), and the function the paused call must be made from
 _HOLDING_ASKS = {
     # a rename between two directories merged across all layers: it held the old name's
     # node (an fd per layer) while it looked the new one up
@@ -1150,7 +1151,17 @@ _HOLDING_ASKS = {
     # an open for writing of a lower file: it held the file's node during the copy-up
     "open": ("copyup.ensure_data", None, "fs.release(fs.open('d0000/f', os.O_WRONLY).fh)",
              "d0000/f", 0, 1),
+    # an open for writing of a metacopy file: ``CopyUp.ensure_data`` held the upper entry
+    # ``_ensure`` gave (its parent's fd) while it looked the name up again (left26)
+    "open_metacopy": ("lookup.lookup", "d0000/f", "fs.release(fs.open('d0000/f', os.O_WRONLY).fh)",
+                      "d0000/f", 0, 1, 'metacopy=True', "fs.chmod('d0000/f', 0o4750)",
+                      "ensure_data"),
 }
+
+
+def _holding(ask: tuple) -> tuple:
+    """An ``_HOLDING_ASKS`` entry with its optional fields filled in."""
+    return ask + ("", "", None)[len(ask) - 6:]
 
 
 @pytest.mark.parametrize("how", sorted(_HOLDING_ASKS))
@@ -1162,15 +1173,16 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
     main thread holds the turn, in its wait, when the request reaches its lookup; its walk
     fits (its need measured one fd at a time) only if the request does not hold that node
     then. The clock is a fake one that only the waits' sleeps advance."""
-    where, arg, act, made, gone, kept = _HOLDING_ASKS[how]
+    where, arg, act, made, gone, kept, options, prep, caller = _holding(_HOLDING_ASKS[how])
     roots = _wide_layers(tmp_path, 60, 3)
     (roots[0] / "d0000" / "f").write_text("data\n")
     (roots[0] / "d0000" / "f").chmod(0o4755)
     for d in ("upper", "work", "mnt"):
         (tmp_path / d).mkdir()
     out = _child(f"""
-        import errno
+        import errno, sys
         from overlaypc.killpriv import Writer
+        {prep}
         main = threading.main_thread()
         at_point, go, queued, passed, main_done = (threading.Event() for _ in range(5))
         turn = fdbudget._waiting
@@ -1204,7 +1216,8 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
         call = getattr(owner, name)
         def paused(*args, **kwargs):  # the request's lookup or copy-up that may wait
             if threading.current_thread() is not main and not at_point.is_set() \\
-                    and {arg!r} in (None, args[0]):
+                    and {arg!r} in (None, args[0]) \\
+                    and {caller!r} in (None, sys._getframe(1).f_code.co_name):
                 at_point.set()
                 go.wait(60)
                 done = call(*args, **kwargs)
@@ -1263,5 +1276,6 @@ def test_a_request_holds_no_node_while_it_waits_for_fds(how, tmp_path):
         changer.join()
         st = os.lstat(os.path.join({str(tmp_path / "upper")!r}, {made!r}))
         print(found, clock[0] < fdbudget.WAIT_SECONDS, result[0], st.st_mode & {gone} == 0)
-    """, nofile=(400, 400), setup=_fake_clock_core(tmp_path, roots, 'redirect_dir="on"'))
+    """, nofile=(400, 400), setup=_fake_clock_core(tmp_path, roots,
+                                                   ", ".join(('redirect_dir="on"', options)).rstrip(", ")))
     assert out.split() == ["60", "True", "done", "True"], out

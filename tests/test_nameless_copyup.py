@@ -12,7 +12,10 @@
   so does overlaypc now (``CopyUp.copy_data_nameless``), and every handle of the file reads
   what is written after. Before: EROFS.
 - a change of a nameless lower file (fchmod, fchown, utimens, setxattr, truncate): EEXIST,
-  the kernel overlay's answer (its copy-up finds the name taken). Before: EROFS.
+  the kernel overlay's answer (its copy-up finds the name taken). Before: EROFS. Its
+  directory removed too (rmdir, a rename over it; also after a rename of it, or with a new
+  directory made at its name; a grandparent gone): ENOENT, the kernel's (its copy-up of the
+  removed parent); a directory renamed, not removed: EEXIST still (left26).
 
 (``os.link`` with ``follow_symlinks`` but no ``dst_dir_fd`` calls link(2), which links the
 magic link itself: EXDEV from procfs on any filesystem. The scenarios use ``linkat``.)
@@ -32,12 +35,18 @@ from overlaypc.engine.protocol import SetAttr
 from test_nameless_file_xattrs import _open_unlinked
 from upper_support import is_whiteout, on_both
 
+#: the nameless lower files whose directory goes too (``_parent_gone_changes``)
+_PARENT_GONE = ("removed", "merged", "moved_removed", "renamed_over", "recreated", "grand",
+                "renamed")
 LOWER = {"hl": "hard link\n", "hl2": helpers.HardLink("hl"),
          "gone": "both gone\n", "gone2": helpers.HardLink("gone"), "lo": "lower one\n",
          "mc": "lower metacopy\n", "mt": "metacopy trunc\n", "mx": "metacopy cut\n",
          "mo": "metacopy over\n"}
 for _op in ("chmod", "chown", "utime", "setxattr", "truncate"):
     LOWER[f"c_{_op}"] = f"lower {_op}\n"
+for _case in _PARENT_GONE:
+    for _op in ("chmod", "reopen", "truncate", "setxattr"):
+        LOWER[f"p_{_case}_{_op}/d/f"] = f"{_case} {_op}\n"
 
 RUNS = {"plain": ("", ()), "index": ("index=on", ("index=on",)),
         "metacopy": ("metacopy=on,redirect_dir=on", ("redirect_dir=on", "metacopy=on")),
@@ -205,6 +214,58 @@ def test_a_change_of_a_nameless_lower_file(run, tmp_path, overlay_mount, kernel_
     kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, ours_opts,
                            kernel_opts, _lower_changes)
     assert kernel[0][1] == "EEXIST"  # (the oracle)
+    assert ours == kernel
+
+
+def _parent_gone_changes(m: str) -> list:
+    """A lower file open, unlinked, then its directory removed (or moved, see
+    ``_PARENT_GONE``), then changed through its fd: the answer, and its data and
+    attributes as they stay."""
+    changes = {"chmod": lambda fd: os.fchmod(fd, 0o600),
+               "reopen": lambda fd: os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR)),
+               "truncate": lambda fd: os.truncate(f"/proc/self/fd/{fd}", 3),
+               "setxattr": lambda fd: os.setxattr(fd, "user.x", b"v")}
+    out = []
+    for case in _PARENT_GONE:
+        for op, change in changes.items():
+            top = f"{m}/p_{case}_{op}"
+            d = f"{top}/d"
+            fd = os.open(f"{d}/f", os.O_RDONLY)
+            try:
+                if case == "merged":  # (its directory copied up first)
+                    os.mknod(f"{d}/x")
+                    os.unlink(f"{d}/x")
+                os.unlink(f"{d}/f")
+                if case in ("moved_removed", "renamed"):
+                    os.rename(d, f"{top}/e")
+                    d = f"{top}/e"
+                if case == "renamed_over":
+                    os.mkdir(f"{top}/o")
+                    os.rename(f"{top}/o", d)
+                elif case != "renamed":
+                    os.rmdir(d)
+                if case == "grand":
+                    os.rmdir(top)
+                if case == "recreated":
+                    os.mkdir(d)
+                st = os.fstat(fd)
+                out.append((case, op, _err(lambda: change(fd)), os.pread(fd, 100, 0),
+                            (st.st_mode, st.st_size) == (os.fstat(fd).st_mode,
+                                                         os.fstat(fd).st_size)))
+            finally:
+                os.close(fd)
+    return out
+
+
+def test_a_change_of_a_nameless_lower_file_whose_directory_went(tmp_path, overlay_mount,
+                                                                 kernel_mount):
+    """Before: EEXIST where the kernel answers ENOENT (errno only: nothing changes on either
+    side)."""
+    kernel, ours = on_both(tmp_path, overlay_mount, kernel_mount, LOWER, "redirect_dir=on",
+                           ("redirect_dir=on",), _parent_gone_changes)
+    assert kernel[0][2] == "ENOENT" and kernel[-1][2] == "EEXIST"  # (the oracle)
+    for k, o in zip(kernel, ours):
+        assert o == k
     assert ours == kernel
 
 
