@@ -443,6 +443,9 @@ class CopyUp:
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
+            # (the box let go of: ``ensure_data`` looks the name up next, which may wait
+            # for fds, and a refused call of it runs again with the box, after a change)
+            held.take()
             return node.upper
         del node
         try:
