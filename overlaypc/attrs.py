@@ -205,11 +205,11 @@ class Attributes:
             return None
         if kill and ids is not None:
             fs.ownership.chown_ids(*ids)  # (EOVERFLOW: ``OverlayFS.kill_privs``)
-        if data:
-            return lambda: copyup.ensure_data(rel)
         # (in a box: the copy-up lets go of the node before it may wait for fds, stall20)
         held = copyup.holding(seen)
         del seen, node
+        if data:
+            return lambda: copyup.ensure_data(rel, seen=held)
         return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=held)
 
     def copy_up_for_xattr(self, rel: str, name: str, *,
@@ -274,6 +274,11 @@ class Attributes:
             return False
         self.fs.require_writable()
         entry = node.upper
+        if entry is not None and entry.xattrs is None and entry.parent is not None \
+                and stat.S_ISREG(entry.st.st_mode):
+            # (a copy its copy-up handed over: its names, as a lookup lists them)
+            entry = Entry(entry.layer, entry.rel, entry.st, None, entry.parent,
+                          entry.layer.xattr_names_at(entry.parent, entry.name))
         if entry is not None and entry.lacks(killpriv.CAPABILITY_XATTR) \
                 and not self.fs.ownership.stored_entry(entry).mode & killpriv.PRIVILEGED_BITS:
             # untar's chown of every file: the lookup's stat and xattr names show
@@ -317,10 +322,16 @@ class Attributes:
         stripped. The attributes are the looked-up node's with its top entry's stat read
         again (the changes alter no structure, xattr names aside, which only ever
         shrink: security.capability); None when that cannot be had (the object was
-        copied up or replaced meanwhile: the caller looks it up afresh)."""
+        copied up or replaced meanwhile: the caller looks it up afresh). A copy of ``rel``
+        its copy-up handed over to this lock hold (``CopyUp.handing_over``: the request's
+        retry after a refused copy-up) is that lookup."""
         fs = self.fs
-        epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
-        node = fs.lookup.lookup(rel)
+        handed = fs.copyup.handed(rel) if fs.copyup is not None else None
+        if handed is not None:
+            node, epoch = handed
+        else:
+            epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
+            node = fs.lookup.lookup(rel)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         changes = mode is not None or ids is not None or times is not None
@@ -353,6 +364,13 @@ class Attributes:
             entry.layer.do_utime(entry.rel, resolve_times(times, entry.st))
         return (None if node is None else self._refreshed(node, rel)), killed
 
+    def refreshed(self, seen: Seen, rel: str) -> Attr | None:
+        """The attributes of ``seen``'s node after a change in this lock hold (``setattr``'s
+        reply), while no change of the namespace ran since it was looked up; else None."""
+        if seen.epoch != self.fs.lookup.epoch:
+            return None
+        return self._refreshed(seen.node, rel)
+
     def _refreshed(self, node: Node, rel: str) -> Attr | None:
         """``node``'s attributes with its top entry's stat read again (through the fd the
         lookup holds of it, or of its parent); None unless that finds the same object."""
@@ -366,6 +384,11 @@ class Attributes:
         if st is None or st.st_ino != top.st.st_ino \
                 or stat.S_IFMT(st.st_mode) != stat.S_IFMT(top.st.st_mode):
             return None
+        if top.layer.writable and st.st_ctime_ns != top.st.st_ctime_ns:
+            # the same object (same name, inode, in the hold that changed it), changed in
+            # mode, owner, times or privileges only: its origin, so the number it shows, is
+            # what it was (no origin is changed through the mount)
+            self.fs.inos.carry(top.st, st)
         fresh = Entry(top.layer, top.rel, st, top.dirfd, top.parent, top.xattrs)
         return self.of_node(Node(node.rel, (fresh,) + node.entries[1:], node.opaque,
                                  node.upper_whiteout, node.data, node.upper_marker), rel)
@@ -384,11 +407,18 @@ class Attributes:
     def utime_fd(fd: int, times: tuple[int, int] | None) -> None:
         os.utime(fd, ns=resolve_times(times, os.fstat(fd)))
 
-    def truncate(self, rel: str, length: int) -> None:
-        entry = self._upper(rel, data=True)
-        with self.fs.drop_extents(rel):
+    def truncate(self, rel: str, length: int, seen: Seen | None = None) -> None:
+        """truncate by path. ``seen``: ``rel`` as looked up in this lock hold (``handed``),
+        used when it is an upper file holding its data (else looked up)."""
+        node = None if seen is None else seen.node
+        if node is not None and node.upper is not None and node.data is None \
+                and seen.epoch == self.fs.lookup.epoch:
+            entry = node.upper
+        else:
+            entry, node = self._upper(rel, data=True), None
+        with self.fs.drop_extents(rel, node):
             entry.layer.do_truncate(entry.rel, length)
-        self.fs.data_changed_by_path(rel)
+        self.fs.data_changed_by_path(rel, node)
 
     # -- xattrs ------------------------------------------------------------------------------------
     def _xattrs_allowed(self) -> None:

@@ -41,6 +41,21 @@ if its stripe lock is free, else raises ``CopyUpFirst`` the same way. Run there,
 cannot be made stale by a rename of a directory above, which otherwise fails its install
 ("changed during copy-up") and has the request start over: renames that keep coming, one
 per copy-up, would do that for as long as they come.
+
+Handover (``handing_over``): a request that ran a refused copy-up unlocked then takes the
+namespace lock again to make its change, and would look the name up again to find the
+copy. Instead the install of that copy keeps the namespace lock it put the copy in place
+under (one more level of the reentrant lock, taken before its hold ends) and hands it, with
+the copy's node, to the request: between the copy's install and the change no other
+request's change of the namespace or of the copy (every change by path holds that lock)
+can land, so the node is what a lookup would find, stat and all. Order: the stripe lock,
+then the namespace lock (as every copy-up); the stripe lock is let go of while the
+namespace lock is held, which waits for nothing. Changes through an open handle take
+neither lock (as before: they could land between a lookup and the change just as well);
+the kernel holds the inode's lock over a SETATTR, which keeps its own node's writes and
+changes out meanwhile. Handed over: a regular file, symlink or special file copied
+whole by plain rename (a directory merges layers; a metadata-only copy has its data
+below; an ``index=on`` copy is linked, and may take another name's copy).
 """
 from __future__ import annotations
 
@@ -212,6 +227,9 @@ class CopyUpContext:
     #: a regular file copied without its data (size 0): an open with ``O_TRUNC`` empties it
     empty: bool = False
     index_key: str | None = None
+    #: the number ``inumbers`` shows for the copy because of the origin written
+    #: (``InodeNumbers.copied``), None when none is known that way
+    origin_ino: int | None = None
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -235,6 +253,19 @@ class _Refused(threading.local):
     (holds nest: the namespace lock is reentrant). Empty: copy-ups run as asked."""
     def __init__(self) -> None:
         self.holds: list[bool] = []
+
+
+class _Handover(threading.local):
+    """``CopyUp.handing_over``'s per-thread state: the merged path whose install hands
+    its namespace lock hold over (None: none asked), and once one did, the copy's entry
+    and the epoch after its install (``held``: the extra lock level is this thread's)."""
+    def __init__(self) -> None:
+        self.rel: str | None = None
+        self.held = False
+        self.entry: Entry | None = None
+        self.epoch = -1
+        #: the copy handed over, offered to the change the request makes in that hold
+        self.offered: Seen | None = None
 
 
 class _Refusing:
@@ -280,6 +311,8 @@ class CopyUp:
         #: ``refusing``'s holds, per thread
         self._refused = _Refused()
         self._refusings = (_Refusing(self._refused, False), _Refusing(self._refused, True))
+        #: ``handing_over``'s state, per thread
+        self._handover = _Handover()
 
     def refusing(self, here: bool = True) -> _Refusing:
         """A context: copy-ups asked for in this thread (which holds the namespace lock)
@@ -291,6 +324,67 @@ class CopyUp:
         """Whether a copy-up asked for now raises ``CopyUpFirst`` whatever its stripe lock."""
         holds = self._refused.holds
         return bool(holds) and not holds[-1]
+
+    def handing_over(self, copy: "Callable[[], Entry]", rel: str) -> Seen | None:
+        """Run ``copy`` (a refused ``ensure_*`` call of merged path ``rel``, the caller not
+        holding the namespace lock). If it installed ``rel``'s copy itself, a regular file,
+        symlink or special file copied whole, return that copy's node and the epoch after
+        the install, with the namespace lock *held* by this thread (the install's hold,
+        handed over: module doc); the caller releases it. Else None, the lock not held (a
+        directory, a metadata-only copy, one another thread made, nothing to copy)."""
+        h = self._handover
+        h.rel, h.held, h.entry = rel, False, None
+        try:
+            copy()
+        except BaseException:
+            if h.held:  # (failed after the install handed its hold over: a late step)
+                h.held = False
+                self.ns_lock.release()
+            raise
+        finally:
+            h.rel = None
+            entry, h.entry = h.entry, None  # (no fd kept here past the call)
+        if not h.held:
+            return None
+        h.held = False
+        return Seen(Node(rel, (entry,)), h.epoch)
+
+    def offer(self, seen: Seen | None) -> None:
+        """``handing_over``'s answer, offered (None: withdrawn) to the change this thread
+        makes in the hold it was handed over in (``handed``)."""
+        self._handover.offered = seen
+
+    def handed(self, rel: str) -> Seen | None:
+        """The copy of ``rel`` handed over to this thread's hold and offered to its change
+        (``offer``), once; None when none is, or the epoch moved since (a change of the
+        namespace in this hold: look it up)."""
+        h = self._handover
+        seen = h.offered
+        if seen is None or seen.node.rel != rel or seen.epoch != self.lookup.epoch:
+            return None
+        h.offered = None
+        return seen
+
+    def _hand_over(self, ctx: CopyUpContext, entry: Entry) -> bool:
+        """In ``_install``'s namespace lock hold, once the copy is in place: if this
+        thread's request asked for ``ctx``'s path (``handing_over``) and the copy is what a
+        lookup finds whole at the name (no directory, whose node merges layers; no
+        metadata-only copy, whose data is below), one more level of the lock, kept past the
+        hold's end, and the copy's entry as a lookup gives it: relative to the parent's fd
+        the lookup holds (its xattr names not listed: unknown)."""
+        h = self._handover
+        if h.rel != ctx.node.rel or h.held or ctx.metadata_only or ctx.kind == stat.S_IFDIR:
+            return False
+        parent = self.upper.held_dir(split(entry.rel)[0])  # (the root's own, or the cache's)
+        if parent is None:
+            return False  # (evicted: the request looks it up)
+        # (held by this thread already, in ``_installing``: one more level never waits. The
+        # order is every copy-up's: this copy's stripe lock, taken first, is let go of on the
+        # way out with the namespace lock still held, and a release waits for nothing)
+        self.ns_lock.acquire()
+        h.held = True
+        h.entry = Entry(entry.layer, entry.rel, entry.st, None, parent)
+        return True
 
     @scopes.contextmanager
     def _stripe(self, rel: str, held: _Held | None = None, *, fill: tuple[int, int] | None = None):
@@ -349,6 +443,9 @@ class CopyUp:
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if node.upper is not None:
+            # (the box let go of: ``ensure_data`` looks the name up next, which may wait
+            # for fds, and a refused call of it runs again with the box, after a change)
+            held.take()
             return node.upper
         del node
         try:
@@ -380,13 +477,17 @@ class CopyUp:
             return find(rel)
         return fdbudget.patiently(find, rel, letting_go=held.take)
 
-    def ensure_data(self, rel: str, *, empty: bool = False) -> Entry:
+    def ensure_data(self, rel: str, *, empty: bool = False,
+                    seen: "Seen | _Held | None" = None) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left).
         ``empty``: for an open with ``O_TRUNC``, a regular file not in the upper yet is
         copied with no data (size 0), as the kernel overlay does; the open truncates it
-        anyway (and marks its times)."""
+        anyway (and marks its times). ``seen``: as ``ensure_upper``'s."""
         try:
-            entry = self._ensure(rel, empty=True) if empty else self.ensure_upper(rel)
+            entry = self._ensure(rel, empty=True) if empty else self.ensure_upper(rel, seen=seen)
+            h = self._handover
+            if h.held and h.rel == rel:
+                return entry  # (copied whole by this call, which hands its hold over)
             # kept without its parent's fd across the lookup below, which may wait for fds
             # (``fdbudget.patiently``): the thread whose turn it is may need that one (left26)
             entry = _without_fds(entry)
@@ -403,7 +504,8 @@ class CopyUp:
                     return node.upper or entry
                 return self._copy_data_in_place(node)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
-            first.copy = functools.partial(self.ensure_data, rel, empty=empty)
+            first.copy = functools.partial(self.ensure_data, rel, empty=empty,
+                                           seen=seen if isinstance(seen, _Held) else None)
             raise
 
     def ensure_parent(self, rel: str) -> Entry:
@@ -471,7 +573,8 @@ class CopyUp:
                 self._copy_metadata(ctx, dst_fd, src_fd)
             finally:
                 os.close(src_fd)
-            faults.hit("copyup.fsync", ctx.tmp, ctx.node.rel)
+            if faults.armed:  # (test-only: no call per copy-up otherwise)
+                faults.hit("copyup.fsync", ctx.tmp, ctx.node.rel)
             if not self.volatile:
                 os.fsync(dst_fd)
         finally:
@@ -495,7 +598,8 @@ class CopyUp:
             os.close(src_fd)
 
     def _copy_data(self, ctx: CopyUpContext, src_fd: int, dst_fd: int, size: int) -> None:
-        faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=0)
+        if faults.armed:
+            faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=0)
         layer = ctx.src.layer
         if size and layer.index not in self._no_reflink:
             try:
@@ -525,7 +629,8 @@ class CopyUp:
                 start += n
                 done += n
                 written = start
-                faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=done)
+                if faults.armed:
+                    faults.hit("copyup.data", ctx.tmp, ctx.node.rel, progress=done)
             if start < end:
                 break
             offset = end
@@ -583,7 +688,7 @@ class CopyUp:
         if origin is not None and not breaks_link:
             self._set_private(tmp, self.prefix + "origin", origin, fd)
             if self.inos is not None:  # what the copy's first GETATTR would decode
-                self.inos.copied(origin, st, src.layer)
+                ctx.origin_ino = self.inos.copied(origin, st, src.layer)
         if ctx.metadata_only:
             self._set_private(tmp, self.prefix + "metacopy", b"", fd)
             if src.rel != ctx.node.rel:  # data found through a redirected parent
@@ -657,7 +762,8 @@ class CopyUp:
 
     def _install(self, ctx: CopyUpContext) -> Entry:
         rel = ctx.node.rel
-        faults.hit("copyup.rename", ctx.tmp, ctx.node.rel)
+        if faults.armed:
+            faults.hit("copyup.rename", ctx.tmp, ctx.node.rel)
         with self._installing():
             # what the name resolves to now, under the namespace lock: the node the copy was
             # made of while the epoch read before finding it has not moved (no change of the
@@ -679,6 +785,13 @@ class CopyUp:
                 if not self.volatile:
                     self.upper.fsync_dir(split(rel)[0])
             entry = placed.result()
+            if ctx.origin_ino is not None and self.inos is not None:
+                # the copy's number, kept under its stat: its first GETATTR (or a change's
+                # reply, ``InodeNumbers.carry``) reads no origin xattr
+                self.inos.known(entry.st, ctx.origin_ino)
+            handed = self._hand_over(ctx, entry)
+        if handed:  # (the epoch ``lookup.changed`` moved to as the hold ended)
+            self._handover.epoch = self.lookup.epoch
         elapsed = time.monotonic() - ctx.started
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)

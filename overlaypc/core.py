@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from . import fdbudget, impure, logs, scopes, whiteout
 from .attrs import Attr, Attributes
 from .config import MountConfig
-from .copyup import WORK_DIR, CopyUp, check_incompat, clean_workdir, mark_volatile
+from .copyup import WORK_DIR, CopyUp, Seen, check_incompat, clean_workdir, mark_volatile
 from .fdbudget import DEFAULT_WORKERS, WALK_FDS_PER_LAYER, FdBudget, open_count
 from .files import Files, OpenResult
 from .handles import HandleTable
@@ -288,19 +288,21 @@ class OverlayFS:
         """The live inode of the upper object ``entry`` (its identity is its own stat's)."""
         return self.inodes.get(self.identity(Node(entry.rel, (entry,))))
 
-    def _live_inode(self, rel: str) -> OverlayInode | None:
-        node = self.lookup.lookup(rel)
+    def _live_inode(self, rel: str, node: Node | None = None) -> OverlayInode | None:
+        if node is None:
+            node = self.lookup.lookup(rel)
         return self.inodes.get(self.identity(node)) if node.exists else None
 
     @scopes.contextmanager
-    def drop_extents(self, rel: str) -> Iterator[None]:
+    def drop_extents(self, rel: str, node: Node | None = None) -> Iterator[None]:
         """Around a size change of ``rel`` by path (truncate): its live inode's sharing map
         goes before the change (``sharing.changing``); an inode that came alive during the
-        change may have mapped the old file, so its map goes after it."""
-        inode = self._live_inode(rel)
+        change may have mapped the old file, so its map goes after it. ``node``: ``rel`` as
+        looked up in this lock hold (a size change keeps its identity), else looked up."""
+        inode = self._live_inode(rel, node)
         with changing(inode) if inode is not None else scopes.nullcontext():
             yield
-        later = self._live_inode(rel)
+        later = self._live_inode(rel, node)
         if later is not None and later is not inode:
             with changing(later):
                 pass
@@ -334,8 +336,10 @@ class OverlayFS:
                 self.sharing.register(Canonical(entry.layer, entry.rel, fx.dev, fx.ino), fx.extents)
             return
 
-    def data_changed_by_path(self, rel: str) -> None:
-        node = self.lookup.lookup(rel)
+    def data_changed_by_path(self, rel: str, node: Node | None = None) -> None:
+        """The data of ``rel`` changed by path; ``node``: as ``drop_extents``'s."""
+        if node is None:
+            node = self.lookup.lookup(rel)
         key = self.identity(node)
         inode = self.inodes.get(key)
         if inode is not None:
@@ -468,11 +472,13 @@ class OverlayFS:
     def write(self, fh: int, data: bytes, offset: int) -> int:
         return self.files.write(fh, data, offset)
 
-    def truncate(self, rel: str, length: int, fh: int | None = None) -> None:
+    def truncate(self, rel: str, length: int, fh: int | None = None,
+                 seen: Seen | None = None) -> None:
+        """``seen``: ``rel`` as looked up in this lock hold (``Attributes.truncate``)."""
         if fh is not None:
             self.files.truncate(fh, length)
         else:
-            self.attrs.truncate(rel, length)
+            self.attrs.truncate(rel, length, seen)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         self.files.fallocate(fh, mode, offset, length)

@@ -122,22 +122,34 @@ class InodeNumbers:
                 self._cache.popitem(last=False)
         return True
 
-    def copied(self, raw: bytes, source: os.stat_result, layer: Layer) -> None:
+    def copied(self, raw: bytes, source: os.stat_result, layer: Layer) -> int | None:
         """A copy-up recorded ``raw`` as the origin of a copy of ``source`` (its stat, in
         lower ``layer``): keep the number a decode of ``raw`` gives, so the copy's first
         GETATTR decodes nothing. Only where no other layer's filesystem shares the UUID
-        (a decode tries each of them), and only for what ``_from_origin`` keeps."""
+        (a decode tries each of them), and only for what ``_from_origin`` keeps. Returns
+        that number (what ``recorded`` answers for the copy), None when not kept."""
         kind = stat.S_IFMT(source.st_mode)
         if not (kind == stat.S_IFDIR or source.st_nlink == 1 or self.index):
-            return
+            return None
         if any(other.dev != layer.dev for other in self._by_uuid.get(layer.uuid, ())) \
                 or sysapi.parse_ovl_origin(raw) is None:
-            return
+            return None
         vkey = (self.origin_xattr, kind, raw)
+        value = self.xino.ino(source.st_dev, source.st_ino)
         with self._lock:
-            self._decoded[vkey] = self.xino.ino(source.st_dev, source.st_ino)
+            self._decoded[vkey] = value
             if len(self._decoded) > self._limit:
                 self._decoded.popitem(last=False)
+        return value
+
+    def known(self, st: os.stat_result, value: int) -> None:
+        """The upper object of stat ``st``, just made by a copy-up that wrote its origin,
+        shows ``value`` (``copied``'s answer): kept under that stat, as ``made`` keeps
+        None, so its first GETATTR reads no xattr, nor a change's reply (``carry``)."""
+        with self._lock:
+            self._cache[(st.st_dev, st.st_ino, st.st_ctime_ns)] = value
+            if len(self._cache) > self._limit:
+                self._cache.popitem(last=False)
 
     def _from_origin(self, entry: Entry) -> tuple[int | None, bool]:
         """The number the upper ``entry``'s origin xattr gives (kernel file handle, else

@@ -355,24 +355,36 @@ class OverlayOps(Operations):
         copy-up, run here without the lock; then all over again. Nothing here decides
         whether one is needed. Once a move landed (before the lock, or during a copy-up,
         whose install it fails), the copy-up runs in the hold where the path is made if its
-        stripe lock is free (``refusing()``). A read-only mount moves nothing."""
+        stripe lock is free (``refusing()``). A read-only mount moves nothing.
+
+        The copy-up run without the lock hands the hold its install put the copy in place
+        under over to the next try (``CopyUp.handing_over``): that try starts in it, with
+        no other request's change between the install and ``act`` (each holds the lock),
+        and ``act`` may take the copy as its lookup (``CopyUp.handed``, ``offer``ed for
+        this hold only). The path is checked as in any hold (a move before the install)."""
         fs = self.fs
         if not fs.writable:
             return act(self._node_path(nodeid))
         paths = self._paths
         copyup = fs.copyup
+        lock = fs.ns_lock
         stale = False
+        handed = None  # (with one, this thread holds ``lock`` already: the install's hold)
         while True:
-            moves = paths.moves
-            # (after a move landed between the path and the lock: the path made under it,
-            # so renames that keep coming cannot redo the request for as long as they come)
-            rel = None if stale else self._node_path(nodeid)
-            with fs.ns_lock:
+            if handed is None:
+                moves = paths.moves
+                # (after a move landed between the path and the lock: the path made under
+                # it, so renames that keep coming cannot redo the request for as long as
+                # they come)
+                rel = None if stale else self._node_path(nodeid)
+                lock.acquire()
+            try:
                 if rel is None:
                     moves, rel = paths.moves, self._node_path(nodeid)
                 elif paths.moves != moves:
                     stale = True
                     continue
+                copyup.offer(handed)
                 try:
                     with copyup.refusing(here=stale):
                         return act(rel)
@@ -381,10 +393,15 @@ class OverlayOps(Operations):
                         raise OSError(errno.EDEADLK, "copy-up refused under the namespace "
                                       "lock with nothing to run first", rel) from first
                     copy = first.copy
+            finally:
+                if handed is not None:
+                    handed = None
+                    copyup.offer(None)
+                lock.release()
             # (of what ``rel`` names now: if a move lands first, another object's copy-up,
             # which changes no merged content)
             try:
-                copy()
+                handed = copyup.handing_over(copy, rel)
             except OSError:
                 if not self._moved(moves):
                     raise
@@ -542,12 +559,18 @@ class OverlayOps(Operations):
         steps then find the object in the upper (a step's own copy-up would come between
         the steps before it and the rest, done again when the request starts over)."""
         fs, valid = self.fs, sa.valid
+        seen = None
         if rel is not None and inode is None:
             data = sa.fh is None and bool(valid & p.FATTR_SIZE)  # a truncate by path
+            # (the copy its copy-up handed over to this hold: the lookup of the steps, a
+            # truncate's and the reply's; ``_at_node``)
+            seen = fs.copyup.handed(rel) if fs.copyup is not None else None
             copy = fs.attrs.copy_up_for_setattr(
                 rel, changes=bool(valid & _PATH_SETATTRS) or data,
-                kill=bool(valid & p.FATTR_KILL_SUIDGID), ids=_chown_ids(sa), data=data)
+                kill=bool(valid & p.FATTR_KILL_SUIDGID), ids=_chown_ids(sa), data=data,
+                seen=seen)
             if copy is not None:  # (in ``_at_node``: ``CopyUpFirst``, nothing done)
+                seen = None
                 copy()
         if valid & p.FATTR_KILL_SUIDGID:  # truncate without CAP_FSETID, or any chown
             # no name, no fh: one of the inode's handles, held against its RELEASE
@@ -568,7 +591,7 @@ class OverlayOps(Operations):
             if sa.fh is not None:
                 fs.truncate(rel or "", sa.size, sa.fh)
             elif inode is None:
-                fs.truncate(rel, sa.size)
+                fs.truncate(rel, sa.size, seen=seen)
             else:
                 fs.files.truncate_inode(inode, sa.size)
         if valid & (p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW):
@@ -578,7 +601,12 @@ class OverlayOps(Operations):
                 fs.utimens(rel, times)
             else:
                 fs.files.utimens_inode(inode, times)
-        return AttrReply(file_attr(self._attr(nodeid, sa.fh)), self._node_attr_timeout(nodeid))
+        attr = None
+        if seen is not None and sa.fh is None:
+            attr = fs.attrs.refreshed(seen, rel)
+        if attr is None:
+            attr = self._attr(nodeid, sa.fh)
+        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
 
     def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """``setattr`` of a named node without a size nor a handle (untar's utimens, chown

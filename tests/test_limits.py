@@ -1156,6 +1156,12 @@ _HOLDING_ASKS = {
     "open_metacopy": ("lookup.lookup", "d0000/f", "fs.release(fs.open('d0000/f', os.O_WRONLY).fh)",
                       "d0000/f", 0, 1, 'metacopy=True', "fs.chmod('d0000/f', 0o4750)",
                       "ensure_data"),
+    # a truncate by path of a metacopy file: ``CopyUp.ensure_data`` held the node the
+    # truncate looked up (its upper's parent fd), boxed in its ``seen``, while it looked
+    # the name up again (review28)
+    "truncate_metacopy": ("lookup.lookup", "d0000/f", "fs.truncate('d0000/f', 2)",
+                          "d0000/f", 0, 1, 'metacopy=True', "fs.chmod('d0000/f', 0o4750)",
+                          "ensure_data"),
 }
 
 
