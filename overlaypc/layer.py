@@ -315,6 +315,16 @@ class Layer:
         finally:
             os.close(fd)
 
+    def entry_xattr_path(self, dirfd: int, name: str) -> tuple[str, bool, int | None]:
+        """Where to read the xattrs of entry ``name`` of ``dirfd`` itself: ``(path, follow,
+        fd to close after)``. ``/proc/self/fd/DIRFD/NAME`` not followed where the root is
+        ``cloned``, else the magic link of an ``_entry_fd`` (EXDEV where the name is a
+        mount point: no read follows it)."""
+        if self.cloned:
+            return f"/proc/self/fd/{dirfd}/{name}", False, None
+        fd = self._entry_fd(dirfd, name)
+        return f"/proc/self/fd/{fd}", True, fd
+
     def _entry_fd(self, dirfd: int, name: str) -> int:
         """An ``O_PATH`` fd of entry ``name`` of ``dirfd`` itself (not followed), opened
         confined: EXDEV where the name is a mount point. For reads by name where the root

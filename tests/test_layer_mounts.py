@@ -391,7 +391,16 @@ def test_without_a_clone_a_mount_on_a_name_is_absent_to_reads(where, source_fs, 
         assert layer.getxattr_entry("d/g", "user.who") == b"covered"
         assert "user.who" in layer.xattr_names_at(d, "g")
         assert layer.readlink("d/l") == "covered-target"
+        path, follow, fd = layer.entry_xattr_path(d.fd, "g")  # (attrs', index's, ownership's)
+        try:
+            assert os.getxattr(path, "user.who", follow_symlinks=follow) == b"covered"
+        finally:
+            if fd is not None:
+                os.close(fd)
         for name in ("f", "x"):
+            with pytest.raises(OSError) as e:
+                layer.entry_xattr_path(d.fd, name)
+            assert e.value.errno == errno.EXDEV, name
             assert layer.stat_at(d, name) is None, name
             assert layer.lstat(f"d/{name}") is None, name
             assert layer.getxattr_name(d, name, "user.who") is None, name
