@@ -440,9 +440,13 @@ class Attributes:
         try:
             if top.dirfd is not None:  # one call through the fd the lookup holds
                 return os.getxattr(f"/proc/self/fd/{top.dirfd.fd}", name)
-            if top.parent is not None:
-                return os.getxattr(f"/proc/self/fd/{top.parent.fd}/{top.name}", name,
-                                   follow_symlinks=False)
+            if top.parent is not None:  # (``entry_xattr_path``: never through a mount)
+                path, follow, fd = top.layer.entry_xattr_path(top.parent.fd, top.name)
+                try:
+                    return os.getxattr(path, name, follow_symlinks=follow)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
             return top.layer.getxattr_strict(top.rel, name)
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP and name in acl.NAMES:

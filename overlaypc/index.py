@@ -97,13 +97,18 @@ class IndexDir:
             origin = upper.layer.getxattr(upper.rel, self.origin_xattr)
         else:
             # (a name gone since its lookup raises, as a path would: nothing to show)
-            where = fd if fd is not None else f"/proc/self/fd/{upper.parent.fd}/{upper.name}"
+            # (by name: ``entry_xattr_path``, no read through a mount on the name)
+            where, follow, held = ((fd, True, None) if fd is not None else
+                                   upper.layer.entry_xattr_path(upper.parent.fd, upper.name))
             try:
-                origin = os.getxattr(where, self.origin_xattr, follow_symlinks=fd is not None)
+                origin = os.getxattr(where, self.origin_xattr, follow_symlinks=follow)
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                     raise
                 origin = None
+            finally:
+                if held is not None:
+                    os.close(held)
         if not origin:
             return None
         st = self.work.lstat(self.rel(origin.hex()))

@@ -33,10 +33,15 @@ Mounts inside a layer: the root is normally held beneath a private, non-recursiv
 the layer's mount (``layerroots``; ``cloned``), which has no mount on any name beneath it:
 every call sees the object a mount made on a name covers, as the kernel's overlay does.
 Where no clone could be made, an ``*at`` call on a name crosses a mount point there (no
-``RESOLVE_NO_XDEV``): lookups count a name whose ``st_dev`` is another filesystem's as
-absent, and chmod, chown and utime of a name the mount looked up go through an ``O_PATH``
-fd opened confined instead (``do_chmod``); a bind mount from the same filesystem still
-shows its source to stat, xattr reads, readlink and listings.
+``RESOLVE_NO_XDEV`` for them), so every read by name counts a name that is a mount point
+as absent, as an open does: the lookup's ``fstatat`` (``stat_at``, ``lstat``) and a
+listing's stat are checked by one ``statx`` after them (``_crossed``:
+``STATX_ATTR_MOUNT_ROOT``, and the same object), and xattr reads and ``readlink`` by name
+go through an ``O_PATH`` fd of the name opened confined (``_entry_fd``: EXDEV on a mount
+point); chmod, chown and utime of a name the mount looked up go through such an fd too
+(``do_chmod``). The cloned path pays none of this. Caveat: a listing that stats nothing (a
+lower's plain ``getdents``) still names a mount point, with the type and number of the
+object it covers; its lookup then finds it absent.
 """
 from __future__ import annotations
 
@@ -247,8 +252,9 @@ class Layer:
 
     def lstat(self, rel: str) -> os.stat_result | None:
         """``lstat`` of ``rel``, or None when it does not exist inside this layer. One
-        ``fstatat`` when a cache holds the parent's fd (a name that is a mount point of
-        another filesystem counts as absent, as ``RESOLVE_NO_XDEV`` has it)."""
+        ``fstatat`` when a cache holds the parent's fd (a name that is a mount point counts
+        as absent, as ``RESOLVE_NO_XDEV`` has it: ``_crossed`` where the root is not
+        ``cloned``)."""
         head, name = split(rel)
         held = self.held_dir(head) if name else None
         if held is not None:  # ``held`` keeps its fd open for the call
@@ -258,7 +264,9 @@ class Layer:
                 if e.errno in _ABSENT:
                     return None
                 raise
-            return st if st.st_dev == self.dev else None
+            if st.st_dev != self.dev or (not self.cloned and self._crossed(held.fd, name, st)):
+                return None
+            return st
         try:
             fd = self.open(rel, os.O_PATH)
         except OSError as e:
@@ -272,8 +280,9 @@ class Layer:
 
     # -- resolution relative to an open directory (one syscall per step) ------------------
     # ``name`` is always a single component from a FUSE path (never "", ".", ".." or with
-    # "/"), acted on without following it; a name that is a mount point of another
-    # filesystem is treated as absent, as ``RESOLVE_NO_XDEV`` does.
+    # "/"), acted on without following it; a name that is a mount point is treated as
+    # absent, as ``RESOLVE_NO_XDEV`` does (another filesystem's by ``st_dev``; where the
+    # root is not ``cloned``, any, ``_crossed``; xattr reads through ``_entry_fd`` there).
     def stat_at(self, parent: DirFd, name: str) -> os.stat_result | None:
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -281,7 +290,46 @@ class Layer:
             if e.errno in _ABSENT or e.errno == errno.ENAMETOOLONG:
                 return None
             raise
-        return st if st.st_dev == self.dev else None
+        if st.st_dev != self.dev or (not self.cloned and self._crossed(parent.fd, name, st)):
+            return None
+        return st
+
+    def _crossed(self, dirfd: int, name: str, st: os.stat_result) -> bool:
+        """Whether the ``fstatat`` of entry ``name`` of ``dirfd`` that gave ``st`` crossed a
+        mount on the name (roots not ``cloned`` only: beneath a clone no name is a mount
+        point). One ``statx`` after it: the name is a mount's root, or is another object
+        than ``st`` (a mount made or gone between the two calls) -- or gone. Where the
+        kernel does not say (before 5.8), an ``O_PATH`` open of the name confined
+        (``RESOLVE_NO_XDEV``: EXDEV on a mount point) and its ``fstat``."""
+        try:
+            seen = sysapi.mount_root_at(dirfd, name)
+            if seen is not None:
+                return seen[2] or (seen[0], seen[1]) != (st.st_dev, st.st_ino)
+            fd = retrying(sysapi.openat2, dirfd, name, os.O_PATH | os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno in _ABSENT or e.errno == errno.ENAMETOOLONG:
+                return True
+            raise
+        try:
+            return not same_file(os.fstat(fd), st)
+        finally:
+            os.close(fd)
+
+    def entry_xattr_path(self, dirfd: int, name: str) -> tuple[str, bool, int | None]:
+        """Where to read the xattrs of entry ``name`` of ``dirfd`` itself: ``(path, follow,
+        fd to close after)``. ``/proc/self/fd/DIRFD/NAME`` not followed where the root is
+        ``cloned``, else the magic link of an ``_entry_fd`` (EXDEV where the name is a
+        mount point: no read follows it)."""
+        if self.cloned:
+            return f"/proc/self/fd/{dirfd}/{name}", False, None
+        fd = self._entry_fd(dirfd, name)
+        return f"/proc/self/fd/{fd}", True, fd
+
+    def _entry_fd(self, dirfd: int, name: str) -> int:
+        """An ``O_PATH`` fd of entry ``name`` of ``dirfd`` itself (not followed), opened
+        confined: EXDEV where the name is a mount point. For reads by name where the root
+        is not ``cloned`` (a path through ``/proc/self/fd/N/name`` would cross the mount)."""
+        return retrying(sysapi.openat2, dirfd, name, os.O_PATH | os.O_NOFOLLOW)
 
     def dir_at(self, parent: DirFd, name: str) -> DirFd | None:
         try:
@@ -304,14 +352,38 @@ class Layer:
 
     def getxattr_name(self, parent: DirFd, name: str, attr: str) -> bytes | None:
         """xattr ``attr`` of entry ``name`` of an open directory, not following it (one
-        ``lgetxattr``); None when it has none or is gone."""
-        return _getxattr_or_none(parent.fd, attr, name)
+        ``lgetxattr``); None when it has none or is gone (or is a mount point, where the
+        root is not ``cloned``: an ``O_PATH`` open, the read, a close)."""
+        if self.cloned:
+            return _getxattr_or_none(parent.fd, attr, name)
+        return self._getxattr_entry_fd(parent.fd, name, attr)
+
+    def _getxattr_entry_fd(self, dirfd: int, name: str, attr: str) -> bytes | None:
+        """xattr ``attr`` of entry ``name`` of ``dirfd`` through ``_entry_fd``; None when
+        it has none, is gone or is a mount point."""
+        try:
+            fd = self._entry_fd(dirfd, name)
+        except OSError as e:
+            if e.errno in _ABSENT or e.errno == errno.ENAMETOOLONG:
+                return None
+            raise
+        try:  # (the magic link of an O_PATH fd of a symlink leads to the symlink itself)
+            return _getxattr_or_none(fd, attr)
+        finally:
+            os.close(fd)
 
     def xattr_names_at(self, parent: DirFd, name: str) -> frozenset[str] | None:
         """The xattr names of entry ``name`` of an open directory, not following it (one
         ``listxattrat``, or ``llistxattr`` through ``/proc/self/fd`` where the kernel has
-        none or the list is long); None when they cannot be listed (gone, or an error)."""
+        none or the list is long; through ``_entry_fd`` where the root is not ``cloned``);
+        None when they cannot be listed (gone, a mount point, or an error)."""
         try:
+            if not self.cloned:  # (a mount point: EXDEV, None)
+                fd = self._entry_fd(parent.fd, name)
+                try:
+                    return frozenset(os.listxattr(f"/proc/self/fd/{fd}"))
+                finally:
+                    os.close(fd)
             names = sysapi.listxattr_at(parent.fd, name)
             if names is None:
                 names = os.listxattr(f"/proc/self/fd/{parent.fd}/{name}", follow_symlinks=False)
@@ -334,17 +406,23 @@ class Layer:
     def scandir(self, dirfd: DirFd, *, stat_all: bool = False) -> list[Listed]:
         """Entries of an open directory. Type and inode number come from ``d_type`` and
         ``d_ino`` without a stat, except for character devices (whiteouts are 0/0 ones),
-        unknown types, and everything when ``stat_all``."""
+        unknown types, and everything when ``stat_all``. Where the root is not ``cloned``,
+        an entry stat-ed that is a mount point is left out (absent, as to a lookup); one
+        not stat-ed shows the type and number of the object it covers, as ``getdents``
+        does."""
         fd = retrying(lambda: os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd.fd))
         out: list[Listed] = []
         try:
             with retrying(os.scandir, fd) as it:  # scandir dups the fd
+                crossed = None if self.cloned else self._crossed
                 if stat_all:  # (per entry of a READDIRPLUS: no d_type tests, the stat says)
                     for e in it:
                         try:
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue
+                        if crossed is not None and crossed(fd, e.name, st):
+                            continue  # a mount point: absent, as to a lookup
                         out.append(_new_tuple(Listed, (e.name, st.st_mode & _S_IFMT, e.inode(), st)))
                     return out
                 for e in it:
@@ -356,6 +434,8 @@ class Layer:
                         try:
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
+                            continue
+                        if crossed is not None and crossed(fd, e.name, st):
                             continue
                         fmt = stat.S_IFMT(st.st_mode)
                     out.append(Listed(e.name, fmt, e.inode(), st))
@@ -379,15 +459,19 @@ class Layer:
         return names
 
     def listdir(self, rel: str) -> list[tuple[str, os.stat_result]]:
-        """Names in directory ``rel`` with their ``lstat``, read while the dir fd is open."""
+        """Names in directory ``rel`` with their ``lstat``, read while the dir fd is open
+        (a name that is a mount point left out where the root is not ``cloned``)."""
         fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
         try:
             out = []
             for name in retrying(os.listdir, fd):  # listdir dups the fd
                 try:
-                    out.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                if not self.cloned and self._crossed(fd, name, st):
+                    continue  # a mount point: absent, as to a lookup
+                out.append((name, st))
             return out
         finally:
             os.close(fd)
@@ -401,8 +485,16 @@ class Layer:
             os.close(fd)
 
     def readlink(self, rel: str) -> str:
+        """The target of symlink ``rel``; where the root is not ``cloned``, through a
+        confined ``O_PATH`` fd (EXDEV where the name is a mount point)."""
         with self.parent(rel) as (dfd, name):
-            return os.readlink(name, dir_fd=dfd)
+            if self.cloned or not name:
+                return os.readlink(name, dir_fd=dfd)
+            fd = self._entry_fd(dfd, name)
+            try:
+                return os.readlink("", dir_fd=fd)  # (readlinkat of the fd itself)
+            finally:
+                os.close(fd)
 
     # -- xattrs (through an O_PATH fd of the object itself) ------------------------------
     def getxattr(self, rel: str, name: str) -> bytes | None:
@@ -609,7 +701,9 @@ class Layer:
         if not rel:
             return _getxattr_or_none(self.root_fd, name)
         with self.parent(rel) as (dfd, last):
-            return _getxattr_or_none(dfd, name, last)
+            if self.cloned:
+                return _getxattr_or_none(dfd, name, last)
+            return self._getxattr_entry_fd(dfd, last, name)
 
     def do_setxattr_entry(self, rel: str, name: str, value: bytes) -> None:
         """Set xattr ``name`` of ``rel`` itself (not followed) through its parent's fd, as

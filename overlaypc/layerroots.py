@@ -16,7 +16,8 @@ Caveats: the clone needs CAP_SYS_ADMIN over the mount namespace (root, and root 
 user namespace that owns its mount namespace, as rootless podman's); where it is refused
 (a plain user, a mount with locked mounts beneath it, an old kernel) the roots are opened
 on the real mounts as before (``RootFds.cloned`` False; logged at debug level), and a name
-that is a mount point is then crossed by ``*at`` calls (``Layer``'s docstring). A path
+that is a mount point then counts as absent to every read and change by name, where the
+clone would show the object it covers (``Layer``'s docstring: checked per call there). A path
 that crosses a mount between the common directory and a layer root (an upper on another
 mount than its workdir's parent) cannot be reached in the clone: detected by the mount ID
 of each root's real fd (the common directory's mount, or not cloned with it: a mount of the

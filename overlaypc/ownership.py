@@ -239,7 +239,7 @@ class Ownership:
 
     def stored_at(self, layer: "Layer", st: os.stat_result, dirfd: int, name: str) -> Stored:
         """... for entry ``name`` of an open directory of ``layer``."""
-        return self._stored(layer, st, lambda: (f"/proc/self/fd/{dirfd}/{name}", False, None))
+        return self._stored(layer, st, lambda: layer.entry_xattr_path(dirfd, name))
 
     def stored_fd(self, layer: "Layer", st: os.stat_result, fd: int) -> Stored:
         """... for an open file (possibly one without a name left)."""

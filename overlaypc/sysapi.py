@@ -2,7 +2,7 @@
 
 Owns: ``openat2`` (confined path resolution), ``open_tree`` (``clone_tree``: a detached
 copy of a layer's mount), ``fchmodat2`` (``chmod_nofollow``),
-``listxattrat`` (``listxattr_at``), ``renameat2`` (whiteout / exchange / noreplace renames),
+``listxattrat`` (``listxattr_at``), ``statx`` (``mount_root_at``), ``renameat2`` (whiteout / exchange / noreplace renames),
 ``linkat`` of an open fd (``link_fd``), ``name_to_handle_at`` (origin file handles), the
 ``FICLONE`` ioctl (reflink), the filesystem UUID lookup and ``fstatfs``'s filesystem type.
 
@@ -173,6 +173,33 @@ def listxattr_at(dirfd: int, name: str) -> list[str] | None:
     if err == errno.ERANGE:
         return None
     raise OSError(err, os.strerror(err), name)
+
+
+_STATX_TYPE_INO = 0x001 | 0x100  # STATX_TYPE | STATX_INO
+_STATX_ATTR_MOUNT_ROOT = 0x2000  # (5.8)
+_AT_STATX_DONT_SYNC = 0x4000
+_STATX_SIZE = 256
+_StatxBuf = cbind.c_ubyte * _STATX_SIZE
+# stx_attributes at 8, stx_ino at 32, stx_attributes_mask at 56, stx_dev_major/minor at 136
+_STATX_FIELDS = struct.Struct("=8xQ16xQ16xQ72xII")
+
+
+def mount_root_at(dirfd: int, name: str) -> tuple[int, int, bool] | None:
+    """``(st_dev, st_ino, is a mount's root)`` of entry ``name`` (one component) of
+    directory ``dirfd``, not followed: one ``statx`` with ``AT_SYMLINK_NOFOLLOW`` whose
+    ``STATX_ATTR_MOUNT_ROOT`` says whether the name is a mount point (a lookup by name
+    crosses it to the mounted root; ``RESOLVE_NO_XDEV`` has no ``*at`` stat). None where
+    the kernel does not report that attribute (before 5.8): the caller checks its own
+    way. Failures raise ``OSError`` with the errno (ENOENT...)."""
+    buf = _StatxBuf()
+    if _libc.statx(dirfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW | _AT_STATX_DONT_SYNC,
+                   _STATX_TYPE_INO, buf) != 0:
+        err = cbind.get_errno()
+        raise OSError(err, f"statx: {os.strerror(err)}", name)
+    attributes, ino, mask, major, minor = _STATX_FIELDS.unpack_from(bytes(buf))
+    if not mask & _STATX_ATTR_MOUNT_ROOT:
+        return None
+    return os.makedev(major, minor), ino, bool(attributes & _STATX_ATTR_MOUNT_ROOT)
 
 
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:

@@ -344,3 +344,80 @@ def test_a_writable_mount_inside_a_read_only_one_keeps_the_upper_writable(
     ours = write(m.mountpoint)
     assert ours == kernel
     assert (dirs["ours"][0] / "new").read_text() == "new\n"
+
+
+@pytest.mark.parametrize("source_fs", ["samefs", "tmpfs"])
+@pytest.mark.parametrize("where", ["lower", "upper"])
+def test_without_a_clone_a_mount_on_a_name_is_absent_to_reads(where, source_fs, tmp_path, binds,
+                                                              tmpfs_factory, monkeypatch):
+    """fallback31: where no clone can be made, every read by name through a parent's fd
+    (the lookup's ``fstatat``, a listing's stat, getxattr, listxattr, readlink) counts a
+    name that is a mount point as absent, as ``RESOLVE_NO_XDEV`` does for opens: never the
+    source's values. Names beside them read as before.
+
+    Failed before (main at ec682e4), samefs: ``stat_at(d, "f")`` gave the source file's stat
+    (mode 0600); tmpfs: ``getxattr_name(d, "f", "user.who")`` gave b"source"."""
+    from overlaypc import sysapi
+    from overlaypc.stack import LayerStack
+
+    def refused(fd: int) -> int:
+        raise OSError(errno.EPERM, "open_tree: not permitted")
+
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    for p in (lower, upper, work):
+        p.mkdir()
+    held = lower if where == "lower" else upper
+    helpers.build_layer(held, COVERED)
+    helpers.build_layer(held, {"d": Dir(children={
+        "g": File("beside\n", xattrs={"user.who": b"covered"}),
+        "l": Symlink("covered-target")})})
+    source_base = tmpfs_factory() if source_fs == "tmpfs" else tmp_path / "sources"
+    source = helpers.build_layer(source_base / "src", SOURCE)
+    before = _source_state(source)
+    binds(source / "sfile", held / "d" / "f")
+    binds(source / "sdir", held / "d" / "x")
+    monkeypatch.setattr(sysapi, "clone_tree", refused)
+    stack = LayerStack([str(lower)], str(upper), str(work))
+    try:
+        layer = stack.upper if where == "upper" else stack.lowers[0]
+        assert not layer.cloned
+        d = layer.dir_fd("d")
+        assert d is not None
+        layer.dirs = lambda head: d if head == "d" else None  # (the lookup cache's parent)
+        # names beside the mount points read as before (the test compares something)
+        assert layer.stat_at(d, "g").st_size == len(b"beside\n")
+        assert layer.lstat("d/g").st_size == len(b"beside\n")
+        assert layer.getxattr_name(d, "g", "user.who") == b"covered"
+        assert layer.getxattr_entry("d/g", "user.who") == b"covered"
+        assert "user.who" in layer.xattr_names_at(d, "g")
+        assert layer.readlink("d/l") == "covered-target"
+        path, follow, fd = layer.entry_xattr_path(d.fd, "g")  # (attrs', index's, ownership's)
+        try:
+            assert os.getxattr(path, "user.who", follow_symlinks=follow) == b"covered"
+        finally:
+            if fd is not None:
+                os.close(fd)
+        for name in ("f", "x"):
+            with pytest.raises(OSError) as e:
+                layer.entry_xattr_path(d.fd, name)
+            assert e.value.errno == errno.EXDEV, name
+            assert layer.stat_at(d, name) is None, name
+            assert layer.lstat(f"d/{name}") is None, name
+            assert layer.getxattr_name(d, name, "user.who") is None, name
+            assert layer.getxattr_entry(f"d/{name}", "user.who") is None, name
+            assert layer.xattr_names_at(d, name) is None, name
+            with pytest.raises(OSError) as e:
+                layer.readlink(f"d/{name}")  # (not EINVAL: the source's type)
+            assert e.value.errno == errno.EXDEV, name
+        for stat_all in (True, False):  # (a stat-ed listing leaves them out)
+            listed = {item.name: item for item in layer.scandir(d, stat_all=stat_all)}
+            assert {"g", "l"} <= set(listed)
+            if stat_all:
+                assert "f" not in listed and "x" not in listed
+            for item in listed.values():
+                assert item.st is None or item.st.st_mode != 0o100600  # never the source's
+        assert sorted(name for name, _ in layer.listdir("d")) == ["g", "l"]
+        layer.dirs = None
+    finally:
+        stack.close()
+    assert _source_state(source) == before
