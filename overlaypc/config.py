@@ -78,6 +78,9 @@ class MountConfig:
     notes: list[tuple[str, str]] = field(default_factory=list)
     #: ``lowerdir=`` was given (``lowerdir+=`` may not follow it, as in the kernel)
     lowerdir_given: bool = False
+    #: (st_dev, st_ino) of each layer directory (canonical path) as ``validate`` checked
+    #: it: the mount refuses a root that is another object when it opens it (``LayerStack``)
+    checked: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def writable(self) -> bool:
@@ -578,9 +581,11 @@ def _is_within(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def _dir(path: str, what: str, mounts: list[tuple[str, str]]) -> str:
+def _dir(path: str, what: str, mounts: list[tuple[str, str]],
+         checked: dict[str, tuple[int, int]] | None = None) -> str:
     """``path``'s canonical form, refused unless it is a directory (and not a stale FUSE
-    mount: ``mounts`` is the mount table ``validate`` read once)."""
+    mount: ``mounts`` is the mount table ``validate`` read once); its (st_dev, st_ino)
+    into ``checked``, under that form."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -594,11 +599,12 @@ def _dir(path: str, what: str, mounts: list[tuple[str, str]]) -> str:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
     if not os.path.isdir(path):
         raise ConfigError(f"{what} {path} is not a directory")
-    del st
     real = os.path.realpath(path)
     if _stale_fuse_mount(real, mounts):
         raise ConfigError(f"{what} {real} is a stale FUSE mount (its daemon is gone); recover "
                           f"with 'umount -l {real}' or 'fusermount3 -u -z {real}'")
+    if checked is not None:
+        checked[real] = (st.st_dev, st.st_ino)
     return real
 
 
@@ -686,12 +692,12 @@ def validate(cfg: MountConfig) -> None:
         missing = "workdir" if cfg.work is None else "upperdir"
         raise ConfigError(f"{missing} is missing: upperdir and workdir go together")
     mounts = _mounts()
-    cfg.lowers = [_dir(p, "lowerdir", mounts) for p in cfg.lowers]
+    cfg.lowers = [_dir(p, "lowerdir", mounts, cfg.checked) for p in cfg.lowers]
     _check_lowers_apart(cfg.lowers)
     _check_distinct([("lowerdir", p) for p in cfg.lowers])
     if cfg.upper is not None and cfg.work is not None:
-        cfg.upper = _dir(cfg.upper, "upperdir", mounts)
-        cfg.work = _dir(cfg.work, "workdir", mounts)
+        cfg.upper = _dir(cfg.upper, "upperdir", mounts, cfg.checked)
+        cfg.work = _dir(cfg.work, "workdir", mounts, cfg.checked)
         if os.stat(cfg.upper).st_dev != os.stat(cfg.work).st_dev:
             raise ConfigError(f"upperdir {cfg.upper} and workdir {cfg.work} are on different filesystems")
         if _is_within(cfg.work, cfg.upper) or _is_within(cfg.upper, cfg.work):

@@ -72,7 +72,7 @@ class OverlayFS:
         beside the open files, ``fdbudget``): the engine's bound, passed in by the mount
         (the core knows no engine)."""
         self.config = config
-        self.stack = LayerStack(config.lowers, config.upper, config.work)
+        self.stack = LayerStack(config.lowers, config.upper, config.work, checked=config.checked)
         try:
             #: what this mount writes (whiteout.Format): user.overlay.* where trusted.* cannot
             #: be set, .wh.NAME files where 0/0 devices cannot be made (decided in start)

@@ -57,8 +57,24 @@ class Xino:
         return ino | (self.fsids.get(dev, 0) << shift)
 
 
+def _as_checked(layer: Layer, checked: dict[str, tuple[int, int]]) -> None:
+    """Refuse ``layer`` if its root is not the directory validation checked at its path."""
+    seen = checked.get(os.path.abspath(layer.path))
+    if seen is None:
+        return
+    st = os.fstat(layer.root_fd)
+    if (st.st_dev, st.st_ino) != seen:
+        raise OSError(errno.ESTALE, f"{layer.name}dir replaced while the mount was being set "
+                      "up (not the directory that was checked)", layer.path)
+
+
 class LayerStack:
-    def __init__(self, lowers: list[str], upper: str | None, work: str | None) -> None:
+    def __init__(self, lowers: list[str], upper: str | None, work: str | None, *,
+                 checked: dict[str, tuple[int, int]] | None = None) -> None:
+        """``checked``: (st_dev, st_ino) of layer directories as validation saw them (by
+        path); a root opened that is another object now (a directory or a parent swapped
+        between the checks and the open) is refused (ESTALE), so the checks hold for
+        what the daemon serves."""
         self.upper: Layer | None = None
         self.work: Layer | None = None
         self._locks: list[int] = []
@@ -83,6 +99,8 @@ class LayerStack:
                 self.lowers.append(Layer(p, base + i, writable=False, name=f"lower{i}",
                                          root_fd=root.fds[0], cloned=root.cloned))
                 opened.append(self.lowers[-1])
+            for layer in opened if checked else ():
+                _as_checked(layer, checked)
         except BaseException:
             owned = {layer.root_fd for layer in opened}
             for layer in opened:
