@@ -94,19 +94,21 @@ class InodeNumbers:
         if dirfd is not None and final:
             dirfd.origin_ino = value
         with self._lock:
-            self._cache[key] = value
-            if len(self._cache) > self._limit:
-                self._cache.popitem(last=False)
+            self._keep(key, value)
         return value
+
+    def _keep(self, key: tuple[int, int, int], value: int | None) -> None:
+        """``value`` kept under stat key ``key``, the least recently used going past the
+        bound (the caller holds ``_lock``)."""
+        self._cache[key] = value
+        if len(self._cache) > self._limit:
+            self._cache.popitem(last=False)
 
     def made(self, st: os.stat_result) -> None:
         """The upper object of stat ``st`` was just made by the mount: it has no copy-up
         origin. Kept so under that stat, its reply and the GETATTRs until its next change
         read no xattrs for it."""
-        with self._lock:
-            self._cache[(st.st_dev, st.st_ino, st.st_ctime_ns)] = None
-            if len(self._cache) > self._limit:
-                self._cache.popitem(last=False)
+        self.known(st, None)
 
     def carry(self, before: os.stat_result, after: os.stat_result) -> bool:
         """An upper object changed only in mode, owner or times (``before`` -> ``after``):
@@ -117,9 +119,7 @@ class InodeNumbers:
         with self._lock:
             if old not in self._cache:
                 return False
-            self._cache[(after.st_dev, after.st_ino, after.st_ctime_ns)] = self._cache[old]
-            if len(self._cache) > self._limit:
-                self._cache.popitem(last=False)
+            self._keep((after.st_dev, after.st_ino, after.st_ctime_ns), self._cache[old])
         return True
 
     def copied(self, raw: bytes, source: os.stat_result, layer: Layer) -> int | None:
@@ -142,14 +142,12 @@ class InodeNumbers:
                 self._decoded.popitem(last=False)
         return value
 
-    def known(self, st: os.stat_result, value: int) -> None:
-        """The upper object of stat ``st``, just made by a copy-up that wrote its origin,
-        shows ``value`` (``copied``'s answer): kept under that stat, as ``made`` keeps
-        None, so its first GETATTR reads no xattr, nor a change's reply (``carry``)."""
+    def known(self, st: os.stat_result, value: int | None) -> None:
+        """The upper object of stat ``st``, just made, shows ``value``: a copy-up that wrote
+        its origin, ``copied``'s answer; None for one with no origin (``made``). Kept under
+        that stat, so its first GETATTR reads no xattr, nor a change's reply (``carry``)."""
         with self._lock:
-            self._cache[(st.st_dev, st.st_ino, st.st_ctime_ns)] = value
-            if len(self._cache) > self._limit:
-                self._cache.popitem(last=False)
+            self._keep((st.st_dev, st.st_ino, st.st_ctime_ns), value)
 
     def _from_origin(self, entry: Entry) -> tuple[int | None, bool]:
         """The number the upper ``entry``'s origin xattr gives (kernel file handle, else

@@ -305,7 +305,7 @@ class Layer:
             seen = sysapi.mount_root_at(dirfd, name)
             if seen is not None:
                 return seen[2] or (seen[0], seen[1]) != (st.st_dev, st.st_ino)
-            fd = retrying(sysapi.openat2, dirfd, name, os.O_PATH | os.O_NOFOLLOW)
+            fd = self._entry_fd(dirfd, name)
         except OSError as e:
             if e.errno in _ABSENT or e.errno == errno.ENAMETOOLONG:
                 return True
@@ -354,13 +354,14 @@ class Layer:
         """xattr ``attr`` of entry ``name`` of an open directory, not following it (one
         ``lgetxattr``); None when it has none or is gone (or is a mount point, where the
         root is not ``cloned``: an ``O_PATH`` open, the read, a close)."""
-        if self.cloned:
-            return _getxattr_or_none(parent.fd, attr, name)
-        return self._getxattr_entry_fd(parent.fd, name, attr)
+        return self._entry_getxattr(parent.fd, name, attr)
 
-    def _getxattr_entry_fd(self, dirfd: int, name: str, attr: str) -> bytes | None:
-        """xattr ``attr`` of entry ``name`` of ``dirfd`` through ``_entry_fd``; None when
-        it has none, is gone or is a mount point."""
+    def _entry_getxattr(self, dirfd: int, name: str, attr: str) -> bytes | None:
+        """xattr ``attr`` of entry ``name`` of ``dirfd`` itself: by name where the root is
+        ``cloned``, else through ``_entry_fd``; None when it has none, is gone or is a
+        mount point."""
+        if self.cloned:
+            return _getxattr_or_none(dirfd, attr, name)
         try:
             fd = self._entry_fd(dirfd, name)
         except OSError as e:
@@ -701,9 +702,7 @@ class Layer:
         if not rel:
             return _getxattr_or_none(self.root_fd, name)
         with self.parent(rel) as (dfd, last):
-            if self.cloned:
-                return _getxattr_or_none(dfd, name, last)
-            return self._getxattr_entry_fd(dfd, last, name)
+            return self._entry_getxattr(dfd, last, name)
 
     def do_setxattr_entry(self, rel: str, name: str, value: bytes) -> None:
         """Set xattr ``name`` of ``rel`` itself (not followed) through its parent's fd, as

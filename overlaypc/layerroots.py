@@ -33,6 +33,7 @@ import os
 
 from . import logs, sysapi
 from .idmap import mount_id
+from .layer import same_file
 from .records import record
 
 log = logs.get("overlaypc.layer")
@@ -150,8 +151,7 @@ def _beneath_clone(paths: list[str], real: list[int]) -> list[int] | bool | None
             rel = os.path.relpath(path, top)
             mine = sysapi.openat2(clone, rel, _ROOT_OPEN)
             fds.append(mine)
-            a, b = os.fstat(mine), os.fstat(fd)
-            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            if not same_file(os.fstat(mine), os.fstat(fd)):
                 # a mount between ``top`` and ``path``: the clone shows what it covers
                 raise OSError(errno.EXDEV, "another mount lies between it and " + top)
     except OSError as e:  # (ELOOP: a symlink on the way, for a path not canonical)

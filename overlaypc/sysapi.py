@@ -192,10 +192,8 @@ def mount_root_at(dirfd: int, name: str) -> tuple[int, int, bool] | None:
     the kernel does not report that attribute (before 5.8): the caller checks its own
     way. Failures raise ``OSError`` with the errno (ENOENT...)."""
     buf = _StatxBuf()
-    if _libc.statx(dirfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW | _AT_STATX_DONT_SYNC,
-                   _STATX_TYPE_INO, buf) != 0:
-        err = cbind.get_errno()
-        raise OSError(err, f"statx: {os.strerror(err)}", name)
+    _check(_libc.statx(dirfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW | _AT_STATX_DONT_SYNC,
+                       _STATX_TYPE_INO, buf), "statx", name)
     attributes, ino, mask, major, minor = _STATX_FIELDS.unpack_from(bytes(buf))
     if not mask & _STATX_ATTR_MOUNT_ROOT:
         return None
