@@ -15,7 +15,7 @@ import os
 import sys
 
 from . import faults, fdbudget, logs
-from .config import ConfigError, MountConfig, apply_options, load_stack, validate
+from .config import ConfigError, MountConfig, apply_options, validate
 
 USAGE = """overlaypc [-f] [-d] [-o lowerdir=A:B,upperdir=U,workdir=W[,opt...]] [SOURCE] MOUNTPOINT
        overlaypc --stack FILE.yaml [-f] [-d] [-o opt,...] MOUNTPOINT
@@ -160,6 +160,7 @@ def parse_mount_args(argv: list[str]) -> MountConfig:
         cfg.source = args.targets[0]
     cfg.mountpoint = args.targets[-1]
     if args.stack:
+        from .stackfile import load_stack  # (only with a stack file: not at a plain mount)
         load_stack(args.stack, cfg)
     for text in args.options:
         apply_options(cfg, text)

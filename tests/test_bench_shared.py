@@ -123,3 +123,23 @@ def test_fio_randread_logs_its_rate_per_window(tmp_path):
     assert len(rates) >= 3  # 500 ms windows of a 2 s run (fio leaves out the last)
     assert all(r > 0 for r in rates)
     assert min(rates) <= 2 * iops and max(rates) >= iops / 2
+
+
+def test_startup_breakdown_finds_every_step_it_marks(tmp_path):
+    """benchmarks/startup.py marks a mount's steps by wrapping functions of ``cli``,
+    ``core`` and the engine by name; one renamed would silently fold its step into the
+    next. One mount of this tree: every step is marked, each at most the total (the first
+    worker may answer before the main thread marks its start: the order of those may vary)."""
+    helpers.require_fuse_mount()
+    startup = _bench("startup")
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "f").write_text("x")
+    steps = startup.one_mount(sys.executable, os.path.dirname(HERE), str(lower), str(tmp_path / "run"))
+    assert set(steps) == {"interpreter", "cli imported", "options parsed", "validated",
+                          "core imported", "OverlayFS() built", "start() done",
+                          "engine imported, OverlayOps()", "mount(2) done", "INIT read start",
+                          "INIT answered", "a worker started", "first request dispatched",
+                          "first reply written", "visible (stat answered)", "total",
+                          "CPU time to the first reply"}
+    assert all(v <= steps["total"] for k, v in steps.items() if k != "CPU time to the first reply")
