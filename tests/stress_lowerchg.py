@@ -340,7 +340,8 @@ def lc_remover(root: str, nchangers: int, stop, q, seed: int) -> None:
 def lc_holder(root: str, stop, q, seed: int, bind_at_open: bool) -> None:
     """Keeps a few lc/ files open for reading, reads and fstats them, closes them (fstats
     only under handles=bind-at-open: a read through a handle opened before a copy-up fills
-    the inode's page cache with the lower data, which a later open keeps, race40)."""
+    the inode's page cache with the lower data, which later opens keep on purpose, the
+    fuse-overlayfs failure it reproduces: test_coherence's check 4)."""
     rng = random.Random(seed)
     top = Path(root) / "lc"
     held: list[int] = []
