@@ -25,6 +25,10 @@ TMPFILE=N, SEEKERS=N (with BIGDIR), HELDDIRS=1 (soak15): O_TMPFILE + linkat and 
 /proc/self/fd, seekdir/telldir listers, directories held open while removed (``stress_extra``).
 RACE=N (soak13): N creators (odd ones as another uid) make objects in directories that
 another process renames and moves, while a third renames the new names (``race_creator``).
+LOWERCHG=N (race40): N changers change lower files never copied up by path (chmod, chown,
+utime, truncate, setxattr, O_TRUNC opens: the copy-up hand-over), fds opened on them before,
+while their directories move, their names are renamed and moved, holders keep them open
+(``stress_lowerchg``; LOWERCHG_FILES=M files per changer, 120). WORKERS may be 0 with it.
 Each writer process owns its files (single writer per file) and keeps a model; it checks
 every read/stat against the model.  Listing and reader processes run concurrently.
 At the end: model vs merged view, stat vs fstat, kernel overlay (ro) on the same layers.
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
 import stress_extra  # noqa: E402
+import stress_lowerchg  # noqa: E402
 
 MODES = [0o644, 0o600, 0o755, 0o640]
 UIDS = [0, 1000, 1001]
@@ -1207,6 +1212,11 @@ def main():
         stress_extra.build_tmp(lower, upper)
     if nheld:
         stress_extra.build_held(lower, upper)
+    nlc = int(os.environ.get("LOWERCHG", "0"))
+    stress_lowerchg.SHIFT = IDSHIFT
+    lc_models = stress_lowerchg.build_lowerchg(lower, lower2, nlc, random.Random(seed + 11)) \
+        if nlc else []
+    lc_ok, lc_made = False, {}
     opts = f"lowerdir={':'.join(map(str, lowers(base)))},upperdir={upper},workdir={work}"
     if options:
         opts += "," + options
@@ -1247,6 +1257,15 @@ def main():
             aux += [mp.Process(target=stress_extra.tmp_mover, args=(str(mnt), stop, q, seed * 100 + 65))]
         aux += [mp.Process(target=stress_extra.big_seeker, args=(
             str(mnt), nbig, stop, q, i, seed * 100 + 80 + i, big_names)) for i in range(nseek)]
+        if nlc:
+            procs += [mp.Process(target=stress_lowerchg.lc_changer, args=(
+                c, str(mnt), lc_models[c], seed * 100 + 20 + c, q, stress_extra.BIND_AT_OPEN,
+                "metacopy=on" in options)) for c in range(nlc)]
+            aux += [mp.Process(target=stress_lowerchg.lc_mover, args=(str(mnt), stop, q, seed * 100 + 17)),
+                    mp.Process(target=stress_lowerchg.lc_namer, args=(str(mnt), stop, q, seed * 100 + 18)),
+                    mp.Process(target=stress_lowerchg.lc_holder, args=(str(mnt), stop, q, seed * 100 + 19,
+                                                                   stress_extra.BIND_AT_OPEN)),
+                    mp.Process(target=stress_lowerchg.lc_remover, args=(str(mnt), nlc, stop, q, seed * 100 + 16))]
         if nheld:
             aux += [mp.Process(target=stress_extra.dir_remover, args=(str(mnt), stop, q, seed * 100 + 85)),
                     mp.Process(target=stress_extra.dir_holder, args=(str(mnt), stop, q, seed * 100 + 86))]
@@ -1314,6 +1333,14 @@ def main():
         if ntmp and all(results.get(k, ("fail",))[0] == "ok"
                         for k in [f"tmper{c}" for c in range(ntmp)] + ["tmpmover"]):
             problems += [f"overlaypc tmp: {x}" for x in stress_extra.tmp_view(mnt, tmp_made)]
+        lc_made = {}
+        for c in range(nlc):
+            out = results.get(f"lc{c}", ("fail", None))[1]
+            lc_made.update(out if isinstance(out, dict) else {})
+        lc_ok = nlc and all(results.get(k_, ("fail",))[0] == "ok" for k_ in
+                            [f"lc{c}" for c in range(nlc)] + ["lcmover", "lcnamer", "lcremover"])
+        if lc_ok:
+            problems += [f"overlaypc lc: {x}" for x in stress_lowerchg.lc_view(mnt, lc_made)]
         problems += [f"overlaypc: {x}" for x in listed_inos(mnt)]
     finally:
         p2 = m.unmount(check=False)
@@ -1379,6 +1406,10 @@ def main():
         with helpers.kernel_overlay(kmnt, [upper, *lowers(base)], None, None, kopts) as km:
             problems += [f"kernel ro race: {x}" for x in race_view(
                 km, race_made, race_shown, owners=not masked, shift=IDSHIFT)]
+    if lc_ok and ksnap is not None:  # the kernel's read-only view of the layers
+        with helpers.kernel_overlay(kmnt, [upper, *lowers(base)], None, None, kopts) as km:
+            problems += [f"kernel ro lc: {x}" for x in stress_lowerchg.lc_view(
+                km, lc_made, owners=not masked, shift=IDSHIFT)]
     pairs_ok = [j for j in range(npairs) if results.get(f"filer{j}", ("fail",))[0] == "ok"
                 and results.get(f"mover{j}", ("fail",))[0] == "ok"]
     if pairs_ok and ksnap is not None:  # the kernel reads the same objects at the same names

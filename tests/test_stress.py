@@ -11,6 +11,8 @@ import ctypes
 import mmap
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -461,3 +463,25 @@ def test_fsx_on_a_lower_file(layers_factory, overlay_mount):
     assert (upper / "fsx.bin").read_bytes() == fsx.model
     assert (lower / "fsx.bin").read_bytes() == initial
     print(f"fsx: {FSX_OPS} ops in {elapsed:.1f}s: {fsx.counts}")
+
+
+def test_changes_of_never_copied_lower_files_match_model_briefly(tmp_path):
+    """tests/stress_mount.py's LOWERCHG mode, briefly (race40): two processes change lower
+    files never copied up by path (chmod, chown, utime, truncate, setxattr, O_TRUNC opens:
+    the copy-up hand-over, ``CopyUp.handing_over``), with fds opened on them before, while
+    their directories move and other processes rename, hold open and unlink them; each
+    change against a model, the tree at the end against the model and the kernel's
+    overlay on the same layers. The soak runs it longer (several seeds, option sets)."""
+    helpers.require("root")
+    helpers.require("kernel_overlay")
+    base = tmp_path / "lowerchg"
+    env = helpers.overlaypc_env({"LOWERCHG": "2", "LOWERCHG_FILES": "48", "NOAUX": "1"})
+    cmd = [sys.executable, str(Path(__file__).with_name("stress_mount.py")), str(base), "", str(SEED),
+           "0", "0"]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        if os.path.ismount(base / "mnt"):  # (the tool unmounts; a timeout leaves it)
+            subprocess.run(["fusermount3", "-u", str(base / "mnt")], check=False)
+    assert done.returncode == 0 and " 0 problems" in done.stdout, \
+        f"seed {SEED}:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
