@@ -325,7 +325,7 @@ def mount_main(argv: list[str]) -> int:
     opts = channel.MountOptions(fsname=cfg.source.replace(",", "_"), options=flags)
     resume_gc()  # before the mount: requests run with the collector on
     try:
-        return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground)
+        return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground, uring=cfg.uring)
     except OSError as e:
         logs.get("overlaypc").error("mount of %s failed: %s", cfg.mountpoint, e)
         print(f"overlaypc: error: mount of {cfg.mountpoint} failed: {e.strerror or e}", file=sys.stderr)

@@ -26,6 +26,8 @@ from .idmap import IdMap, overflow_id
 from .records import field, record
 
 CACHE_MODES = ("kernel", "shared")
+#: ``uring=``: FUSE over io_uring when the kernel offers it (``fuse.enable_uring=Y``), or never
+URING_MODES = ("auto", "off")
 HANDLE_MODES = ("reopen", "bind-at-open")
 #: on: create and follow redirects; follow / off: follow only (the kernel follows
 #: redirects under "off" too, with its default redirect_always_follow); nofollow: ignore
@@ -55,6 +57,7 @@ class MountConfig:
     sharing: bool = True
     #: FUSE passthrough where no copy-up can happen under the open (``passthrough_opens``)
     passthrough: bool = True
+    uring: str = "off"
     timeout: float = 30.0
     redirect_dir: str | None = None  # None: "on" with metacopy, else the default
     index: bool = False
@@ -265,6 +268,7 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "rw": _flag("readonly", False),
     "cache": _choice("cache", CACHE_MODES),
     "handles": _choice("handles", HANDLE_MODES),
+    "uring": _choice("uring", URING_MODES),
     "userxattr": _flag("userxattr"),
     "volatile": _flag("volatile"),
     "sharing": _on_off("sharing"),

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from _queue import SimpleQueue  # queue.SimpleQueue itself: queue.py (and heapq) add ~0.25 ms to a start
 
 from . import protocol as p
+from . import uring as ur
 from .. import logs
 from ..records import field, record
 from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request
@@ -154,7 +155,7 @@ class Session:
                  close_clone: Callable[[int], None] | None = None,
                  workers: int | None = None, max_extra: int = MAX_EXTRA,
                  max_write: int = MAX_WRITE, deny_others: int | None = None,
-                 clone_delay: float = CLONE_DELAY, **pool_kw) -> None:
+                 clone_delay: float = CLONE_DELAY, uring: str = "off", **pool_kw) -> None:
         self.ops = ops
         self.fd = fd
         self._clone = clone
@@ -182,6 +183,10 @@ class Session:
         #: set when the connection has ended (the watch ends)
         self._stopped = False
         self._watcher: threading.Thread | None = None  # the pool's watch, while it runs
+        #: ``auto``: FUSE over io_uring when the kernel offers it (``uring``); ``off``
+        self.uring = uring
+        #: the io_uring queues, once INIT accepted them
+        self.rings: ur.Rings | None = None
         ops.notifier = self.notifier
 
     # -- INIT ---------------------------------------------------------------------------------
@@ -228,12 +233,25 @@ class Session:
         conn.wanted = wanted
         self._setxattr_ext = bool(wanted & p.SETXATTR_EXT)
         max_write = min(conn.max_write, self.max_write)
+        if self.uring == "auto" and init.flags & ur.OVER_IO_URING and init.flags & p.INIT_EXT:
+            # the rings are made before the reply: once it accepts the flag, the kernel
+            # holds every request back until each queue has an entry
+            try:
+                self.rings = ur.Rings.create(self.fd, max(p.MIN_BUFFER, max_write))
+                wanted |= ur.OVER_IO_URING
+            except OSError as e:
+                log.warning("FUSE over io_uring unavailable (%s): serving through /dev/fuse", e)
         out = p.InitOut(p.KERNEL_MAJOR, min(p.KERNEL_MINOR, init.minor),
                         min(conn.max_readahead, init.max_readahead), wanted,
                         conn.max_background, conn.max_background * 3 // 4, max_write,
                         conn.time_gran, max_write // p.PAGE if wanted & p.MAX_PAGES else 0,
                         conn.max_stack_depth)
         self._write(self.fd, unique, 0, (out.encode(),))
+        if self.rings is not None:
+            # FORGET and INTERRUPT still come by read(2): one classic worker reads them
+            self.pool = Pool.sized(1, 0)
+            self._writev = _reply_to
+            log.info("serving through FUSE over io_uring: %d queues", len(self.rings.queues))
         if wanted & p.PASSTHROUGH:
             conn.backing = Backing(self.fd)  # the ioctls work only after the INIT reply
         self.conn = conn
@@ -254,6 +272,10 @@ class Session:
         """Run until the connection ends. ``handshake`` must have run. ``ready`` is called
         once the first worker is started (the mount is served from then on)."""
         self.notifier.start()
+        if self.rings is not None:
+            for queue in self.rings.queues:
+                queue.thread = self._start_thread(self.rings.run, (queue, self.dispatch),
+                                                  f"fuse-uring-{queue.qid}")
         if self.pool.bound > self.pool.base:
             self._watcher = threading.Thread(target=self._watch, name="fuse-pool-watch",
                                              daemon=True)
@@ -297,6 +319,8 @@ class Session:
                 alive[0].join(timeout=0.5)  # short waits: signal handlers run in between
         finally:
             self._end_threads()
+            if self.rings is not None:
+                log.info("the io_uring queues served %d requests", self.rings.served())
             try:
                 self.ops.destroy()
             except Exception:
@@ -309,8 +333,10 @@ class Session:
         self.notifier.stop()
 
     def _start_worker(self, fd: int, slot: Slot) -> threading.Thread:
-        t = threading.Thread(target=self._worker, args=(fd, slot),
-                             name=f"fuse-worker-{next(self._names)}", daemon=True)
+        return self._start_thread(self._worker, (fd, slot), f"fuse-worker-{next(self._names)}")
+
+    def _start_thread(self, target: Callable, args: tuple, name: str) -> threading.Thread:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
         with self._threads_lock:
             self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)  # before it runs: ``serve``'s join loop must see it
@@ -883,6 +909,15 @@ class Session:
         n = self.ops.copy_file_range(self._req(hdr), hdr.nodeid, fh_in, off_in, node_out, fh_out,
                                      off_out, length, flags)
         return _Reply([p.WRITE_OUT.pack(n, 0)])
+
+
+def _reply_to(dest, parts) -> None:
+    """A reply's writer once io_uring serves the connection: to a /dev/fuse fd (FORGET
+    and INTERRUPT need none, but a request read before may) or into a ring entry."""
+    if dest.__class__ is int:
+        os.writev(dest, parts)
+    else:
+        dest.commit(parts)
 
 
 class Backing:
