@@ -6,8 +6,12 @@ the queues served. Root only; a kernel without the parameter (before 6.14, or bu
 without CONFIG_FUSE_IO_URING) skips, and fails under OVERLAYPC_REQUIRE_MOUNT=1."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
+import subprocess
+import threading
 
 import pytest
 
@@ -64,7 +68,8 @@ def test_requests_come_through_the_ring(enable_uring, overlay_mount, layers_fact
         for off in (0, 4096 * 7, (1 << 20) - 4096):
             assert os.pread(fd, 4096, off) == want[off:off + 4096]
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):  # (its FLUSH: ENOTCONN; the fd is closed)
+            os.close(fd)
     # writes, a large one too (one request up to max_write), listings, renames, removal
     data = os.urandom(3 << 20)
     (mnt / "new").write_bytes(data)
@@ -100,3 +105,49 @@ def test_uring_off_stays_classic(enable_uring, overlay_mount, layers_factory):
     assert (m.mountpoint / "f").read_bytes() == b"x"
     m.unmount()
     assert "io_uring" not in m.log_text()
+
+
+def test_the_daemon_killed_during_reads_leaves_a_mount_that_unmounts(enable_uring, tmp_path,
+                                                                      layers_factory):
+    """The daemon's end cancels its queues' commands: a reader in flight gets an error (no
+    hang), the mount answers ENOTCONN, and ``umount`` returns."""
+    helpers.require_fuse_mount()
+    layers = layers_factory({"low": {"big": os.urandom(1 << 20)}})
+    upper, work = layers_factory.empty_dir("upper"), layers_factory.empty_dir("work")
+    m = helpers.Mount(tmp_path / "mnt", f"lowerdir={layers.dirs['low']},upperdir={upper},"
+                      f"workdir={work},cache=shared,uring=auto", log_dir=tmp_path,
+                      allow_daemon_errors=True)
+    m.start()
+    try:
+        assert "serving through FUSE over io_uring" in m.log_text()
+        errors: list[int] = []
+        reading = threading.Event()
+        fd = os.open(m.mountpoint / "big", os.O_RDONLY)
+
+        def read_on() -> None:
+            try:
+                for i in range(10 ** 7):
+                    os.pread(fd, 4096, (i % 256) * 4096)
+                    reading.set()
+            except OSError as e:
+                errors.append(e.errno)
+
+        reader = threading.Thread(target=read_on, daemon=True)
+        reader.start()
+        assert reading.wait(10)
+        m.proc.kill()
+        reader.join(30)
+        assert not reader.is_alive(), "a read hung after the daemon died"
+        with contextlib.suppress(OSError):  # (its FLUSH: ENOTCONN; the fd is closed)
+            os.close(fd)
+        assert errors and errors[0] in (errno.ECONNABORTED, errno.ENOTCONN)
+        with pytest.raises(OSError) as e:
+            os.stat(m.mountpoint / "big")
+        assert e.value.errno == errno.ENOTCONN
+        r = subprocess.run(["umount", str(m.mountpoint)], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert not helpers.is_mounted(m.mountpoint)
+    finally:
+        m.unmount(check=False)
+        helpers.force_unmount(m.mountpoint)
