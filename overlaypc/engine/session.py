@@ -36,11 +36,14 @@ from collections.abc import Callable
 from _queue import SimpleQueue  # queue.SimpleQueue itself: queue.py (and heapq) add ~0.25 ms to a start
 
 from . import protocol as p
-from . import uring as ur
 from .. import logs
 from ..records import field, record
 from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
+from ..typing_lite import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .uring import Rings
 
 log = logs.get("overlaypc.engine")
 
@@ -186,7 +189,7 @@ class Session:
         #: ``auto``: FUSE over io_uring when the kernel offers it (``uring``); ``off``
         self.uring = uring
         #: the io_uring queues, once INIT accepted them
-        self.rings: ur.Rings | None = None
+        self.rings: Rings | None = None
         ops.notifier = self.notifier
 
     # -- INIT ---------------------------------------------------------------------------------
@@ -233,12 +236,13 @@ class Session:
         conn.wanted = wanted
         self._setxattr_ext = bool(wanted & p.SETXATTR_EXT)
         max_write = min(conn.max_write, self.max_write)
-        if self.uring == "auto" and init.flags & ur.OVER_IO_URING and init.flags & p.INIT_EXT:
+        if self.uring == "auto" and init.flags & p.OVER_IO_URING and init.flags & p.INIT_EXT:
             # the rings are made before the reply: once it accepts the flag, the kernel
             # holds every request back until each queue has an entry
+            from . import uring  # (only then: a mount without it imports none of it)
             try:
-                self.rings = ur.Rings.create(self.fd, max(p.MIN_BUFFER, max_write))
-                wanted |= ur.OVER_IO_URING
+                self.rings = uring.Rings.create(self.fd, max(p.MIN_BUFFER, max_write))
+                wanted |= p.OVER_IO_URING
             except OSError as e:
                 log.warning("FUSE over io_uring unavailable (%s): serving through /dev/fuse", e)
         out = p.InitOut(p.KERNEL_MAJOR, min(p.KERNEL_MINOR, init.minor),

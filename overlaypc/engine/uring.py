@@ -49,6 +49,7 @@ import threading
 from _ctypes import addressof
 from collections.abc import Callable
 
+from . import protocol as p
 from .. import cbind, logs
 from ..records import field, record
 
@@ -72,7 +73,7 @@ OP_URING_CMD = 46
 OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
 CMD_REGISTER, CMD_COMMIT_AND_FETCH = 1, 2
 #: INIT flag (flags2 bit 9)
-OVER_IO_URING = 1 << 41
+OVER_IO_URING = p.OVER_IO_URING
 
 PAGE = 4096
 #: ``io_uring_params``: sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle,
