@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -107,7 +108,7 @@ def main() -> int:
             rows = [r for r in res if r["jobs"] == jobs and r["mode"] == mode]
             v = sorted(r["iops"] for r in rows)
             us = sorted(r["daemon_us"] for r in rows)
-            print(f"{jobs} reader(s) uring={mode}: {v} median {v[len(v) // 2]}; "
+            print(f"{jobs} reader(s) uring={mode}: {v} median {statistics.median(v):.0f}; "
                   f"daemon CPU per read {us} us")
     return 0
 
