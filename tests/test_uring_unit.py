@@ -146,3 +146,112 @@ def test_init_accepts_io_uring_with_rings(monkeypatch):
     assert fk.session.rings is not None and fk.session.pool.bound == 1
     fk.session.rings = None  # (no queue threads here: the fake has no ring)
     assert fk.close()
+
+
+class _FakeRing:
+    """A ring whose completions come from ``steps``: each fills the entry as the kernel
+    would and returns the completions; the SQEs put are kept."""
+
+    def __init__(self, steps) -> None:
+        self.steps = list(steps)
+        self.sqes: list[bytes] = []
+        self.closed = False
+
+    def enable(self) -> None:
+        pass
+
+    def put(self, sqe) -> None:
+        self.sqes.append(bytes(sqe))
+
+    def enter(self, wait: int = 1) -> None:
+        pass
+
+    def completions(self):
+        return self.steps.pop(0)()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _serve(steps, dispatch, read, error_code) -> tuple[_FakeRing, ur.Entry]:
+    """Run one queue's loop over ``steps`` in a thread of its own (it pins itself)."""
+    import threading
+    e = ur.Entry(0, 1 << 16)
+    ring = _FakeRing([step(e) for step in steps])
+    queue = ur.Queue(0, ring, [e])
+    t = threading.Thread(target=ur.Rings(7, [queue]).run,
+                         args=(queue, dispatch, read, error_code))
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and ring.closed
+    return ring, e
+
+
+def test_a_queue_answers_read_itself_and_the_rest_through_dispatch():
+    seen: dict = {"dispatch": [], "reads": [], "codes": []}
+    replies = []
+
+    def read(fh, buf, offset):
+        seen["reads"].append((fh, len(buf), offset))
+        if offset == 1:
+            raise OSError(errno.ENOENT, "gone")
+        if offset == 2:
+            raise ValueError("a bug")
+        buf[:10] = b"0123456789"
+        return 10
+
+    def error_code(op, nodeid, err):
+        seen["codes"].append((op, nodeid, type(err).__name__))
+        return err.errno if isinstance(err, OSError) else errno.EIO
+
+    def dispatch(dest, msg, out):
+        seen["dispatch"].append(bytes(msg))
+        dest.commit([p.OUT_HEADER.pack(16 + 4, 0, p.IN_HEADER.unpack_from(msg)[2]), b"attr"])
+
+    def read_req(unique, offset):
+        def fill(e):
+            def step():
+                _kernel_sends(e, p.READ, unique, p.READ_IN.pack(3, offset, 10, 0, 0, 0, 0), b"")
+                return [(0, 0)]
+            return step
+        return fill
+
+    def snapshot():
+        def fill(e):
+            def step():
+                replies.append((p.OUT_HEADER.unpack_from(e.header, 0),
+                                struct.unpack_from("<QQI", e.header, ur.ENT_IN_OUT),
+                                bytes(e.out[:10])))
+                return []
+            return step
+        return fill
+
+    getattr_msg = []
+
+    def getattr_req(e):
+        def step():
+            getattr_msg.append(_kernel_sends(e, p.GETATTR, 20, bytes(16), b""))
+            return [(0, 0)]
+        return step
+
+    def gone(e):
+        return lambda: [(0, -errno.ENOTCONN)]
+
+    ring, e = _serve([read_req(8, 4096), snapshot(), read_req(10, 1), snapshot(),
+                      read_req(12, 2), snapshot(), getattr_req, gone], dispatch, read, error_code)
+    try:
+        assert seen["reads"] == [(3, 10, 4096), (3, 10, 1), (3, 10, 2)]
+        (h1, ent1, data1), (h2, ent2, _), (h3, ent3, _) = replies
+        assert h1 == (26, 0, 8) and ent1 == (0, 8, 10) and data1 == b"0123456789"
+        assert h2 == (16, -errno.ENOENT, 10) and ent2 == (0, 10, 0)
+        assert h3 == (16, -errno.EIO, 12) and ent3 == (0, 12, 0)
+        assert seen["codes"] == [(p.READ, 5, "FileNotFoundError"), (p.READ, 5, "ValueError")]
+        # the GETATTR went to dispatch, laid out as read(2) gives it, its reply in the entry
+        assert seen["dispatch"] == getattr_msg
+        assert p.OUT_HEADER.unpack_from(e.header, 0) == (20, 0, 20) and bytes(e.out[:4]) == b"attr"
+        # SQEs: the REGISTER, then a COMMIT_AND_FETCH per request with its unique
+        ops = [(struct.unpack_from("<I", s, 8)[0], struct.unpack_from("<Q", s, ur._COMMIT_ID)[0])
+               for s in ring.sqes]
+        assert ops == [(ur.CMD_REGISTER, 0)] + [(ur.CMD_COMMIT_AND_FETCH, u) for u in (8, 10, 12, 20)]
+    finally:
+        e.close()

@@ -278,8 +278,9 @@ class Session:
         self.notifier.start()
         if self.rings is not None:
             for queue in self.rings.queues:
-                queue.thread = self._start_thread(self.rings.run, (queue, self.dispatch),
-                                                  f"fuse-uring-{queue.qid}")
+                queue.thread = self._start_thread(
+                    self.rings.run, (queue, self.dispatch, self._read_fh, self.error_code),
+                    f"fuse-uring-{queue.qid}")
         if self.pool.bound > self.pool.base:
             self._watcher = threading.Thread(target=self._watch, name="fuse-pool-watch",
                                              daemon=True)
@@ -593,19 +594,22 @@ class Session:
             log.exception("undoing an undelivered OPENDIR reply failed")
 
     def _failed(self, fd: int, unique: int, op: int, nodeid: int, e: Exception) -> None:
-        """A handler raised: ``OSError`` is answered with its errno, anything else is
-        logged, counted and answered EIO."""
+        """A handler raised: answered with ``error_code``'s errno."""
+        self._write(fd, unique, -self.error_code(op, nodeid, e), ())
+
+    def error_code(self, op: int, nodeid: int, e: Exception) -> int:
+        """The errno a request that raised ``e`` is answered with: an ``OSError``'s own;
+        anything else is logged, counted and answered EIO."""
         if isinstance(e, OSError):
             code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
             if log.isEnabledFor(logs.DEBUG):
                 log.debug("%s(%d) -> %s", p.OPCODE_NAMES.get(op, op), nodeid,
                           errno.errorcode.get(code, code))
-            self._write(fd, unique, -code, ())
-            return
+            return code
         log.error("unexpected error in %s (node %d); answering EIO", p.OPCODE_NAMES.get(op, op),
                   nodeid, exc_info=e)
         self.ops.count_error()
-        self._write(fd, unique, -errno.EIO, ())
+        return errno.EIO
 
     #: how a reply is written; the tests' fake kernel replaces it to fail one reply with
     #: ENOENT, as the kernel does for an interrupted request
