@@ -140,7 +140,8 @@ def test_the_daemon_killed_during_reads_leaves_a_mount_that_unmounts(enable_urin
         assert not reader.is_alive(), "a read hung after the daemon died"
         with contextlib.suppress(OSError):  # (its FLUSH: ENOTCONN; the fd is closed)
             os.close(fd)
-        assert errors and errors[0] in (errno.ECONNABORTED, errno.ENOTCONN)
+        # (ECANCELED: the request was on its way to a queue whose thread had died)
+        assert errors and errors[0] in (errno.ECONNABORTED, errno.ENOTCONN, errno.ECANCELED)
         with pytest.raises(OSError) as e:
             os.stat(m.mountpoint / "big")
         assert e.value.errno == errno.ENOTCONN
