@@ -15,7 +15,7 @@ import os
 import sys
 
 from . import faults, fdbudget, logs
-from .config import ConfigError, MountConfig, apply_options, load_stack, validate
+from .config import ConfigError, MountConfig, apply_options, validate
 
 USAGE = """overlaypc [-f] [-d] [-o lowerdir=A:B,upperdir=U,workdir=W[,opt...]] [SOURCE] MOUNTPOINT
        overlaypc --stack FILE.yaml [-f] [-d] [-o opt,...] MOUNTPOINT
@@ -160,6 +160,7 @@ def parse_mount_args(argv: list[str]) -> MountConfig:
         cfg.source = args.targets[0]
     cfg.mountpoint = args.targets[-1]
     if args.stack:
+        from .stackfile import load_stack  # (only with a stack file: not at a plain mount)
         load_stack(args.stack, cfg)
     for text in args.options:
         apply_options(cfg, text)
@@ -325,7 +326,7 @@ def mount_main(argv: list[str]) -> int:
     opts = channel.MountOptions(fsname=cfg.source.replace(",", "_"), options=flags)
     resume_gc()  # before the mount: requests run with the collector on
     try:
-        return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground, uring=cfg.uring)
+        return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground)
     except OSError as e:
         logs.get("overlaypc").error("mount of %s failed: %s", cfg.mountpoint, e)
         print(f"overlaypc: error: mount of {cfg.mountpoint} failed: {e.strerror or e}", file=sys.stderr)

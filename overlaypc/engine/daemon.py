@@ -43,12 +43,10 @@ DENY_OTHERS_ENV = "OVERLAYPC_DENY_OTHERS"
 
 
 def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: bool = True,
-        workers: int | None = None, before_fork: Callable[[], None] | None = None,
-        uring: str = "off") -> int:
+        workers: int | None = None, before_fork: Callable[[], None] | None = None) -> int:
     """Mount ``ops`` at ``mountpoint`` and serve until unmounted. Returns the exit status;
     raises ``OSError`` if the mount itself fails. ``workers``: the session's base worker
-    count (default: one per usable CPU). ``uring``: ``auto`` serves through FUSE over
-    io_uring when the kernel offers it (``session``)."""
+    count (default: one per usable CPU)."""
     chan = ch.mount(mountpoint, opts)
     ready_w = None
     if not foreground:
@@ -59,7 +57,7 @@ def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: 
     if deny is None and os.environ.get(DENY_OTHERS_ENV):  # test-only (above)
         deny = int(os.environ[DENY_OTHERS_ENV])
     session = Session(ops, chan.fd, clone=chan.clone, close_clone=chan.close_clone, workers=workers,
-                      deny_others=deny, uring=uring)
+                      deny_others=deny)
     stopping = []
 
     def stop(signum, _frame) -> None:

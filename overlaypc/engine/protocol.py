@@ -68,7 +68,6 @@ CREATE_SUPP_GROUP = 1 << 34
 DIRECT_IO_ALLOW_MMAP = 1 << 36
 PASSTHROUGH = 1 << 37
 NO_EXPORT_SUPPORT = 1 << 38
-OVER_IO_URING = 1 << 41  # 7.42: requests through io_uring queues (``uring``)
 
 # -- open flags (fuse_open_out.open_flags) -----------------------------------------------
 FOPEN_DIRECT_IO = 1 << 0

@@ -40,10 +40,6 @@ from .. import logs
 from ..records import field, record
 from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
-from ..typing_lite import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .uring import Rings
 
 log = logs.get("overlaypc.engine")
 
@@ -158,7 +154,7 @@ class Session:
                  close_clone: Callable[[int], None] | None = None,
                  workers: int | None = None, max_extra: int = MAX_EXTRA,
                  max_write: int = MAX_WRITE, deny_others: int | None = None,
-                 clone_delay: float = CLONE_DELAY, uring: str = "off", **pool_kw) -> None:
+                 clone_delay: float = CLONE_DELAY, **pool_kw) -> None:
         self.ops = ops
         self.fd = fd
         self._clone = clone
@@ -186,10 +182,6 @@ class Session:
         #: set when the connection has ended (the watch ends)
         self._stopped = False
         self._watcher: threading.Thread | None = None  # the pool's watch, while it runs
-        #: ``auto``: FUSE over io_uring when the kernel offers it (``uring``); ``off``
-        self.uring = uring
-        #: the io_uring queues, once INIT accepted them
-        self.rings: Rings | None = None
         ops.notifier = self.notifier
 
     # -- INIT ---------------------------------------------------------------------------------
@@ -236,26 +228,12 @@ class Session:
         conn.wanted = wanted
         self._setxattr_ext = bool(wanted & p.SETXATTR_EXT)
         max_write = min(conn.max_write, self.max_write)
-        if self.uring == "auto" and init.flags & p.OVER_IO_URING and init.flags & p.INIT_EXT:
-            # the rings are made before the reply: once it accepts the flag, the kernel
-            # holds every request back until each queue has an entry
-            from . import uring  # (only then: a mount without it imports none of it)
-            try:
-                self.rings = uring.Rings.create(self.fd, max(p.MIN_BUFFER, max_write))
-                wanted |= p.OVER_IO_URING
-            except OSError as e:
-                log.warning("FUSE over io_uring unavailable (%s): serving through /dev/fuse", e)
         out = p.InitOut(p.KERNEL_MAJOR, min(p.KERNEL_MINOR, init.minor),
                         min(conn.max_readahead, init.max_readahead), wanted,
                         conn.max_background, conn.max_background * 3 // 4, max_write,
                         conn.time_gran, max_write // p.PAGE if wanted & p.MAX_PAGES else 0,
                         conn.max_stack_depth)
         self._write(self.fd, unique, 0, (out.encode(),))
-        if self.rings is not None:
-            # FORGET and INTERRUPT still come by read(2): one classic worker reads them
-            self.pool = Pool.sized(1, 0)
-            self._writev = _reply_to
-            log.info("serving through FUSE over io_uring: %d queues", len(self.rings.queues))
         if wanted & p.PASSTHROUGH:
             conn.backing = Backing(self.fd)  # the ioctls work only after the INIT reply
         self.conn = conn
@@ -276,11 +254,6 @@ class Session:
         """Run until the connection ends. ``handshake`` must have run. ``ready`` is called
         once the first worker is started (the mount is served from then on)."""
         self.notifier.start()
-        if self.rings is not None:
-            for queue in self.rings.queues:
-                queue.thread = self._start_thread(
-                    self.rings.run, (queue, self.dispatch, self._read_fh, self.error_code),
-                    f"fuse-uring-{queue.qid}")
         if self.pool.bound > self.pool.base:
             self._watcher = threading.Thread(target=self._watch, name="fuse-pool-watch",
                                              daemon=True)
@@ -324,8 +297,6 @@ class Session:
                 alive[0].join(timeout=0.5)  # short waits: signal handlers run in between
         finally:
             self._end_threads()
-            if self.rings is not None:
-                log.info("the io_uring queues served %d requests", self.rings.served())
             try:
                 self.ops.destroy()
             except Exception:
@@ -338,10 +309,8 @@ class Session:
         self.notifier.stop()
 
     def _start_worker(self, fd: int, slot: Slot) -> threading.Thread:
-        return self._start_thread(self._worker, (fd, slot), f"fuse-worker-{next(self._names)}")
-
-    def _start_thread(self, target: Callable, args: tuple, name: str) -> threading.Thread:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t = threading.Thread(target=self._worker, args=(fd, slot),
+                             name=f"fuse-worker-{next(self._names)}", daemon=True)
         with self._threads_lock:
             self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)  # before it runs: ``serve``'s join loop must see it
@@ -594,22 +563,19 @@ class Session:
             log.exception("undoing an undelivered OPENDIR reply failed")
 
     def _failed(self, fd: int, unique: int, op: int, nodeid: int, e: Exception) -> None:
-        """A handler raised: answered with ``error_code``'s errno."""
-        self._write(fd, unique, -self.error_code(op, nodeid, e), ())
-
-    def error_code(self, op: int, nodeid: int, e: Exception) -> int:
-        """The errno a request that raised ``e`` is answered with: an ``OSError``'s own;
-        anything else is logged, counted and answered EIO."""
+        """A handler raised: ``OSError`` is answered with its errno, anything else is
+        logged, counted and answered EIO."""
         if isinstance(e, OSError):
             code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
             if log.isEnabledFor(logs.DEBUG):
                 log.debug("%s(%d) -> %s", p.OPCODE_NAMES.get(op, op), nodeid,
                           errno.errorcode.get(code, code))
-            return code
+            self._write(fd, unique, -code, ())
+            return
         log.error("unexpected error in %s (node %d); answering EIO", p.OPCODE_NAMES.get(op, op),
                   nodeid, exc_info=e)
         self.ops.count_error()
-        return errno.EIO
+        self._write(fd, unique, -errno.EIO, ())
 
     #: how a reply is written; the tests' fake kernel replaces it to fail one reply with
     #: ENOENT, as the kernel does for an interrupted request
@@ -917,15 +883,6 @@ class Session:
         n = self.ops.copy_file_range(self._req(hdr), hdr.nodeid, fh_in, off_in, node_out, fh_out,
                                      off_out, length, flags)
         return _Reply([p.WRITE_OUT.pack(n, 0)])
-
-
-def _reply_to(dest, parts) -> None:
-    """A reply's writer once io_uring serves the connection: to a /dev/fuse fd (FORGET
-    and INTERRUPT need none, but a request read before may) or into a ring entry."""
-    if dest.__class__ is int:
-        os.writev(dest, parts)
-    else:
-        dest.commit(parts)
 
 
 class Backing:
