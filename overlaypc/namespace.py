@@ -117,6 +117,10 @@ class Namespace:
     def __init__(self, fs: "OverlayFS") -> None:
         self.fs = fs
         self._names = itertools.count()
+        #: the daemon's own (effective) user and group, what a new object is made with:
+        #: read once (two system calls per creation otherwise; nothing in the daemon
+        #: changes its IDs, and a fork keeps them)
+        self._own_ids = (os.geteuid(), os.getegid())
 
     # -- helpers ------------------------------------------------------------------------------
     def _tmp(self) -> str:
@@ -280,7 +284,7 @@ class Namespace:
         if owner is None:
             return False
         uid, gid, mode = owner
-        return (uid, gid) != (os.geteuid(), os.getegid()) or bool(mode & 0o7000) \
+        return (uid, gid) != self._own_ids or bool(mode & 0o7000) \
             or self.fs.ownership.writes_override(upper, mode)
 
     def _unmake(self, layer, rel: str, is_dir: bool) -> None:

@@ -665,26 +665,33 @@ class OverlayOps(Operations):
         return on_file(inode)
 
     def getxattr(self, req: Request, nodeid: int, name: str) -> bytes:
+        if name == CAPABILITY_XATTR and not self.fs.config.noxattrs:
+            # asked before each write and chown of an open file (untar: twice per file):
+            # its open handle answers for its inode, named or not, so before any path is
+            # made (a path, and the rename check around its use, would serve nothing)
+            value = self._capability_open(nodeid)
+            if value is not None:
+                return value
         try:
-            return self._read_at(nodeid, lambda rel: self._getxattr(nodeid, rel, name))
+            return self._read_at(nodeid, lambda rel: self.fs.getxattr(rel, name))
         except NoNameLeft as e:
             return self._nameless(nodeid, e, lambda gone: self.fs.nameless.getxattr(gone, name),
                                   lambda inode: self.fs.files.getxattr_inode(inode, name))
 
-    def _getxattr(self, nodeid: int, rel: str, name: str) -> bytes:
-        if name == CAPABILITY_XATTR and not self.fs.config.noxattrs:
-            # asked before each write and chown of an open file (untar: twice per file):
-            # its open handle answers without a lookup of the name
-            for fh in self.nodes.handles(nodeid):
-                try:
-                    value = self.fs.files.capability(fh)
-                except OSError as e:
-                    if e.errno == errno.EBADF:  # released meanwhile
-                        continue
-                    raise
-                if value is not None:
-                    return value
-        return self.fs.getxattr(rel, name)
+    def _capability_open(self, nodeid: int) -> bytes | None:
+        """``security.capability`` of an open node through one of its handles (ENODATA
+        when absent: ``Files.capability``); None when none of them can answer (no handle,
+        or each on a backing that is not the inode's upper file): the name decides."""
+        for fh in self.nodes.handles(nodeid):
+            try:
+                value = self.fs.files.capability(fh)
+            except OSError as e:
+                if e.errno == errno.EBADF:  # released meanwhile
+                    continue
+                raise
+            if value is not None:
+                return value
+        return None
 
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
         try:

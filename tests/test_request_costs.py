@@ -13,7 +13,7 @@ import pytest
 
 import helpers
 from core_driver import REQ, CoreDriver
-from overlaypc import inumbers, layer, lookup
+from overlaypc import inumbers, layer, lookup, nodes
 from overlaypc.config import MountConfig, validate
 from overlaypc.engine import protocol as p
 from overlaypc.engine.ops import Request
@@ -436,3 +436,33 @@ def test_copy_up_after_a_change_since_the_callers_lookup_looks_again(env, monkey
     assert builds == ["ld/f6"]
     assert made.st.st_ino == os.lstat(tmp / "upper" / "ld" / "f6").st_ino
     assert os.listdir(tmp / "work" / "work") == []
+
+
+def test_capability_of_an_open_file_makes_no_path(env, calls, monkeypatch):
+    """GETXATTR ``security.capability`` of an open upper file (untar: before the write and
+    the chown of each file): its handle answers, so no path is made and nothing looked up;
+    the answers are the file's (ENODATA, then its capability once one is set)."""
+    drv, tmp = env
+    u = _node(drv, ROOT_ID, "u")
+    entry, opened = drv.ops.create(REQ, u, b"f", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                   stat.S_IFREG | 0o644)
+    paths: Counter[int] = Counter()
+    real_path = nodes.NodeTable.path
+
+    def path(self, nodeid):
+        paths[nodeid] += 1
+        return real_path(self, nodeid)
+    monkeypatch.setattr(nodes.NodeTable, "path", path)
+    calls.clear()
+    for _ in range(2):  # (the second: known clean, as the first found it)
+        with pytest.raises(OSError) as e:
+            drv.ops.getxattr(REQ, entry.nodeid, "security.capability")
+        assert e.value.errno == errno.ENODATA
+    assert paths == {} and calls["lookup"] == 0, (paths, calls)
+    cap = bytes.fromhex("0100000200000000000000000000000000000000")  # v2, no bits
+    os.setxattr(tmp / "upper" / "u" / "f", "security.capability", cap)
+    drv.ops.setxattr(REQ, entry.nodeid, "user.x", b"1", 0)  # (voids the clean mark)
+    assert drv.ops.getxattr(REQ, entry.nodeid, "security.capability") == cap
+    monkeypatch.undo()
+    drv.ops.release(REQ, entry.nodeid, opened.fh)
+    drv.ops.forget(entry.nodeid, 1)
