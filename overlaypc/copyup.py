@@ -690,9 +690,9 @@ class CopyUp:
             if self.inos is not None:  # what the copy's first GETATTR would decode
                 ctx.origin_ino = self.inos.copied(origin, st, src.layer)
         if ctx.metadata_only:
+            # (no redirect, as the kernel's: data found through a redirected parent is
+            # found again through it; a rename sets one, ``namespace._mark_moved``)
             self._set_private(tmp, self.prefix + "metacopy", b"", fd)
-            if src.rel != ctx.node.rel:  # data found through a redirected parent
-                self._set_private(tmp, self.prefix + "redirect", os.fsencode("/" + src.rel), fd)
         if ctx.kind != stat.S_IFLNK:
             # after the ACL (as in the kernel's copy-up): chmod sets the ACL mask to the
             # group bits, which for the lower's own mode are the lower's mask already

@@ -794,7 +794,9 @@ class Namespace:
         # (looked up again under the lock: not held while the copy-ups, whose lookups may
         # wait for fds at the limit, run; a merged directory holds an fd per layer: stall20)
         del onode, nnode
-        self.fs.copyup.ensure_upper(old)
+        # a regular file: metadata only under metacopy=on (its data stays below, found by
+        # the redirect ``_mark_moved`` sets), as the kernel's ``ovl_rename`` (compat41)
+        self.fs.copyup.ensure_upper(old, metadata_only=True)
         self.fs.copyup.ensure_parent(new)
         if replaces_file:
             self._index_before_removal(new)
@@ -887,9 +889,9 @@ class Namespace:
         if onode.is_dir and onode.lowers:
             if self.fs.config.redirect_dir != "on":
                 raise OSError(errno.EXDEV, "directory exists in a lower layer", onode.rel)
-            name, value = redirect, self._redirect_value(onode, new)  # kernel format
+            name, value = redirect, self._redirect_value(onode, new, onode.lowers[0].rel)
         elif onode.data is not None:
-            name, value = redirect, os.fsencode("/" + onode.data.rel)
+            name, value = redirect, self._redirect_value(onode, new, onode.data.rel)
         elif onode.is_dir and new_lower and not onode.opaque:
             name, value = opaque, b"y"
         else:
@@ -919,17 +921,19 @@ class Namespace:
         except OSError as e:
             log.error("cannot restore %s of %s/%s after a failed rename: %s", name, upper.path, rel, e)
 
-    def _redirect_value(self, onode: Node, new: str) -> bytes:
-        """``trusted.overlay.redirect`` as the kernel writes it: the lower name alone for a
-        rename within one directory, else the absolute path of the topmost lower dir."""
+    def _redirect_value(self, onode: Node, new: str, lower: str) -> bytes:
+        """``trusted.overlay.redirect`` as the kernel (6.x ``ovl_set_redirect``) writes it,
+        for a directory and a metacopy file alike: the lower name alone for a rename
+        within one directory (a redirect the object has already stays), else the absolute
+        path of ``lower`` (the topmost lower dir, or the file's data)."""
         upper = self.fs.stack.upper
         assert upper is not None and onode.upper is not None
         existing = upper.getxattr(onode.rel, self.fs.prefix + "redirect")
         if split(onode.rel)[0] == split(new)[0]:
             if existing:
                 return existing
-            return os.fsencode(split(onode.lowers[0].rel)[1])
-        return os.fsencode("/" + onode.lowers[0].rel)
+            return os.fsencode(split(lower)[1])
+        return os.fsencode("/" + lower)
 
     def _check_target(self, onode: Node, nnode: Node, flags: int) -> None:
         if not nnode.exists:

@@ -1,0 +1,175 @@
+"""A rename of a lower regular file under ``-o metacopy=on`` copies its metadata only, as
+the kernel overlay's (compat41): the upper file is sparse, marked
+``trusted.overlay.metacopy``, carries the lower file's ``origin`` and a redirect to its
+data, relative (the old name) for a rename within one directory and absolute across
+directories, as the kernel 6.x writes them. Cases: within a directory, across directories,
+over an existing lower name; with ``index=on`` also a lower hard link (the kernel copies it
+metadata-only into ``workdir/index`` too). Then an open for write and a truncate of renamed
+files (their data copy-up reads the data through the redirect and keeps it).
+
+Differential, the kernel overlay as the oracle: each side over its own copy of the same
+lower, the upper files' marks compared after the renames and after the writes; each
+side's upper is read back through the *other* implementation's mount after each phase.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import helpers
+from reliability_support import kill_at_pause
+from upper_support import stack_options
+
+pytestmark = [pytest.mark.mount]
+
+SIZE = 256 << 10
+DATA = {name: bytes((i * 7 + n) % 251 for i in range(SIZE)) for n, name in enumerate("fgse")}
+LOWER = {"f": DATA["f"], "g": DATA["g"], "s": DATA["s"], "t": "old target\n", "d": helpers.Dir(),
+         "c": {"e": DATA["e"]}, "hl": DATA["f"][:SIZE // 2], "hl2": helpers.HardLink("hl")}
+#: the renames of lower files (after ``c`` was renamed to ``c2``): (old, new, the redirect
+#: the kernel writes: the old name within one directory, else the data's absolute path)
+RENAMES = [("f", "f2", b"f"), ("g", "d/g", b"/g"), ("s", "t", b"s"), ("c2/e", "c2/e2", b"e")]
+#: run: (overlaypc's options, the kernel's, renames)
+RUNS = {"plain": ("metacopy=on", ("redirect_dir=on", "metacopy=on"), RENAMES)}
+OVL = "trusted.overlay."
+
+
+def _renamed(m: str, renames) -> None:
+    os.rename(f"{m}/c", f"{m}/c2")  # (a redirected directory: its files' data is below c)
+    for old, new, _ in renames:
+        os.rename(f"{m}/{old}", f"{m}/{new}")
+
+
+def _written(m: str) -> None:
+    """The data copy-ups of renamed metacopy files: an open for write, a truncate."""
+    with open(f"{m}/d/g", "r+b") as f:
+        f.seek(SIZE // 2)
+        f.write(b"W")
+    os.truncate(f"{m}/f2", 5)
+
+
+def _contents(m, renames) -> dict:
+    return {new: Path(m, new).read_bytes() for _, new, _ in renames} | \
+        {old: Path(m, old).exists() for old, _, _ in renames}
+
+
+def _marks(upper: Path, renames) -> dict:
+    """Each renamed upper file's overlay xattrs (``origin``'s presence only: handles of two
+    lower copies differ) and whether it is sparse (holds less than half its size)."""
+    out = {}
+    for _, new, _ in renames:
+        path = upper / new
+        st = os.lstat(path)
+        names = os.listxattr(path, follow_symlinks=False)
+        marks = {n[len(OVL):]: os.getxattr(path, n, follow_symlinks=False)
+                 for n in names if n.startswith(OVL) and n != OVL + "origin"
+                 and not n.startswith(OVL + "overlaypc.")}  # (overlaypc's own)
+        out[new] = (marks, OVL + "origin" in names, st.st_blocks * 512 < st.st_size // 2,
+                    st.st_nlink)
+    return out
+
+
+def _index(work: Path) -> list:
+    """The index entries: (metacopy mark, redirect, sparse) each."""
+    index = work / "index"
+    out = []
+    for name in sorted(os.listdir(index)) if index.is_dir() else ():
+        path = index / name
+        names = os.listxattr(path, follow_symlinks=False)
+        redirect = os.getxattr(path, OVL + "redirect") if OVL + "redirect" in names else None
+        st = os.lstat(path)
+        out.append((OVL + "metacopy" in names, redirect, st.st_blocks * 512 < st.st_size // 2))
+    return out
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_rename_of_lower_file_copies_metadata_only(run, tmp_path, overlay_mount, kernel_mount):
+    ours_opts, kernel_opts, renames = RUNS[run]
+    stacks = {}
+    for side in ("kernel", "ours"):
+        base = tmp_path / side
+        lower = helpers.build_layer(base / "lower", LOWER)
+        (base / "upper").mkdir()
+        (base / "work").mkdir()
+        stacks[side] = (lower, base / "upper", base / "work")
+
+    def mount(side: str, on: str):
+        """``side``'s implementation over ``on``'s layers: (mountpoint, unmount)."""
+        lower, upper, work = stacks[on]
+        if side == "kernel":
+            k = kernel_mount([lower], upper, work, kernel_opts)
+            return str(k), lambda: helpers.force_unmount(k)
+        m = overlay_mount(stack_options([lower], upper, work, ours_opts))
+        return str(m.path), m.unmount
+
+    def phase(step, check) -> None:
+        """``step`` by each side on its own layers, its upper marks compared; then both
+        uppers read through the other side's mount."""
+        got = {}
+        for side in ("kernel", "ours"):
+            m, unmount = mount(side, side)
+            step(m)
+            got[side] = (_contents(m, renames), _marks(stacks[side][1], renames),
+                         _index(stacks[side][2]))
+            unmount()
+        assert got["ours"][0] == got["kernel"][0] == check  # (the oracle reads what it wrote)
+        assert got["ours"][1] == got["kernel"][1]
+        assert got["ours"][2] == got["kernel"][2]
+        for side, other in (("kernel", "ours"), ("ours", "kernel")):
+            m, unmount = mount(side, other)
+            assert _contents(m, renames) == check, f"{side} reading {other}'s upper"
+            unmount()
+
+    expect = {"f2": DATA["f"], "d/g": DATA["g"], "t": DATA["s"], "c2/e2": DATA["e"],
+              "d/hl": DATA["f"][:SIZE // 2]}
+    expect = {new: expect[new] for _, new, _ in renames} | {old: False for old, _, _ in renames}
+    phase(lambda m: _renamed(m, renames), expect)
+    kernels = _marks(stacks["kernel"][1], renames)
+    # (the oracle: metadata-only copies with a redirect, relative within one directory)
+    assert {new: m[0].get("redirect") for new, m in kernels.items()} == \
+        {new: redirect for _, new, redirect in renames}
+    assert all(m[0].get("metacopy") == b"" and m[1] and m[2] for m in kernels.values())
+
+    g = bytearray(DATA["g"])
+    g[SIZE // 2] = ord("W")
+    phase(_written, expect | {"d/g": bytes(g), "f2": DATA["f"][:5]})
+
+
+#: kill -9 points of a rename: the metadata-only copy complete in the workdir, not yet at
+#: the old name (``copyup.rename``); at the old name with its redirect (which names its
+#: own data there), not yet moved (``layer.rename`` of the new name)
+KILLS = {"before-copy-up-lands": "copyup.rename~mvsrc=pause",
+         "before-the-move": "layer.rename~mvdst=pause"}
+
+
+@pytest.mark.parametrize("new", ["mvdst", "d/mvdst"], ids=["same-dir", "other-dir"])
+@pytest.mark.parametrize("kill", sorted(KILLS))
+def test_kill9_during_metacopy_rename(kill, new, tmp_path, overlay_mount, kernel_mount):
+    """After a kill -9 at either point the old name holds the lower data, read by a fresh
+    overlaypc and by the kernel over the upper left, and the new name does not exist."""
+    lower = helpers.build_layer(tmp_path / "lower", {"mvsrc": DATA["f"], "d": helpers.Dir()})
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    opts = stack_options([lower], upper, work, "metacopy=on")
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": KILLS[kill]})
+    rc, out, err = kill_at_pause(m, f"""
+        os.rename({str(m / 'mvsrc')!r}, {str(m / new)!r})
+        sys.exit(0)
+    """, KILLS[kill])
+    assert rc != 0, f"the rename blocked in the killed daemon succeeded: {out} {err}"
+    if kill == "before-the-move":  # (the case at hand: a metacopy file with its redirect)
+        assert os.getxattr(upper / "mvsrc", OVL + "metacopy") == b""
+        assert os.getxattr(upper / "mvsrc", OVL + "redirect") == \
+            (b"/mvsrc" if "/" in new else b"mvsrc")
+    m2 = overlay_mount(opts)
+    assert (m2 / "mvsrc").read_bytes() == DATA["f"] and not (m2 / new).exists()
+    m2.unmount()
+    k = kernel_mount([lower], upper, work, ("redirect_dir=on", "metacopy=on"))
+    assert (k / "mvsrc").read_bytes() == DATA["f"] and not (k / new).exists()
+    helpers.force_unmount(k)
+    m3 = overlay_mount(opts)  # the rename again, to its end
+    os.rename(m3 / "mvsrc", m3 / new)
+    assert (m3 / new).read_bytes() == DATA["f"]
