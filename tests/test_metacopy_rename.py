@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import helpers
+from coherence_support import dontneed
 from reliability_support import kill_at_pause
 from upper_support import stack_options
 
@@ -173,3 +174,33 @@ def test_kill9_during_metacopy_rename(kill, new, tmp_path, overlay_mount, kernel
     m3 = overlay_mount(opts)  # the rename again, to its end
     os.rename(m3 / "mvsrc", m3 / new)
     assert (m3 / new).read_bytes() == DATA["f"]
+
+
+@pytest.mark.parametrize("cache", ["kernel", "shared"])
+def test_reader_of_renamed_lower_file_sees_later_writes(cache, tmp_path, overlay_mount):
+    """A read handle opened on the lower file before its (metadata-only) rename reads the
+    lower data until a write through the new name copies the data up, then the write."""
+    lower = helpers.build_layer(tmp_path / "lower", {"f": DATA["f"], "d": helpers.Dir()})
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    m = overlay_mount(stack_options([lower], upper, work, f"metacopy=on,cache={cache}"))
+    fr = os.open(m / "f", os.O_RDONLY)
+    try:
+        assert os.pread(fr, 8, SIZE // 2) == DATA["f"][SIZE // 2:SIZE // 2 + 8]
+        os.rename(m / "f", m / "d/f2")
+        assert os.getxattr(upper / "d/f2", OVL + "metacopy") == b""
+        if cache == "kernel":
+            dontneed(fr)
+        assert os.pread(fr, 8, SIZE // 2) == DATA["f"][SIZE // 2:SIZE // 2 + 8]
+        with open(m / "d/f2", "r+b") as f:
+            f.seek(SIZE // 2)
+            f.write(b"WRITTEN!")
+        if cache == "kernel":
+            dontneed(fr)
+        assert os.pread(fr, 8, SIZE // 2) == b"WRITTEN!"
+    finally:
+        os.close(fr)
+    assert OVL + "metacopy" not in os.listxattr(upper / "d/f2")
+    assert os.getxattr(upper / "d/f2", OVL + "redirect") == b"/f"
+    assert (lower / "f").read_bytes() == DATA["f"]
