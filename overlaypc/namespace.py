@@ -315,7 +315,8 @@ class Namespace:
             return
         node = self.fs.lookup.lookup(rel)
         if node.exists and node.upper is None and (node.index is not None or index.eligible(node.top)):
-            self.fs.copyup.ensure_upper(rel)
+            # (metadata only under metacopy=on, as the kernel's: the name goes anyway)
+            self.fs.copyup.ensure_upper(rel, metadata_only=True)
 
     def _count_link(self, shared: Entry, delta: int, links: int | None = None) -> None:
         """index=on: record on the index entry ``shared`` that a name came or went, after
