@@ -890,9 +890,9 @@ class Namespace:
         if onode.is_dir and onode.lowers:
             if self.fs.config.redirect_dir != "on":
                 raise OSError(errno.EXDEV, "directory exists in a lower layer", onode.rel)
-            name, value = redirect, self._redirect_value(onode, new, onode.lowers[0].rel)
+            name, value = redirect, self._redirect_value(onode, new, onode.lowers[0])
         elif onode.data is not None:
-            name, value = redirect, self._redirect_value(onode, new, onode.data.rel)
+            name, value = redirect, self._redirect_value(onode, new, onode.data)
         elif onode.is_dir and new_lower and not onode.opaque:
             name, value = opaque, b"y"
         else:
@@ -922,19 +922,22 @@ class Namespace:
         except OSError as e:
             log.error("cannot restore %s of %s/%s after a failed rename: %s", name, upper.path, rel, e)
 
-    def _redirect_value(self, onode: Node, new: str, lower: str) -> bytes:
-        """``trusted.overlay.redirect`` as the kernel (6.x ``ovl_set_redirect``) writes it,
-        for a directory and a metacopy file alike: the lower name alone for a rename
-        within one directory (a redirect the object has already stays), else the absolute
-        path of ``lower`` (the topmost lower dir, or the file's data)."""
+    def _redirect_value(self, onode: Node, new: str, lower: Entry) -> bytes:
+        """``trusted.overlay.redirect`` as the kernel (``ovl_set_redirect``) writes it, for a
+        directory and a metacopy file alike: the lower name alone for a rename within one
+        directory (a redirect the object has already stays), else the absolute path of
+        ``lower`` (the topmost lower dir, or the file's data); absolute for a lower hard
+        link too (``ovl_need_absolute_redirect``: its other names, linked up later, share
+        the xattr from other directories)."""
         upper = self.fs.stack.upper
         assert upper is not None and onode.upper is not None
         existing = upper.getxattr(onode.rel, self.fs.prefix + "redirect")
-        if split(onode.rel)[0] == split(new)[0]:
+        hard_link = not onode.is_dir and lower.st.st_nlink > 1
+        if split(onode.rel)[0] == split(new)[0] and not hard_link:
             if existing:
                 return existing
-            return os.fsencode(split(lower)[1])
-        return os.fsencode("/" + lower)
+            return os.fsencode(split(lower.rel)[1])
+        return os.fsencode("/" + lower.rel)
 
     def _check_target(self, onode: Node, nnode: Node, flags: int) -> None:
         if not nnode.exists:

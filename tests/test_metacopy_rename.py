@@ -4,8 +4,10 @@ the kernel overlay's (compat41): the upper file is sparse, marked
 data, relative (the old name) for a rename within one directory and absolute across
 directories, as the kernel 6.x writes them. Cases: within a directory, across directories,
 over an existing lower name; with ``index=on`` also a lower hard link (the kernel copies it
-metadata-only into ``workdir/index`` too). Then an open for write and a truncate of renamed
-files (their data copy-up reads the data through the redirect and keeps it).
+metadata-only into ``workdir/index`` too), and a lower hard link within its directory (an
+absolute redirect: the kernel's ``ovl_need_absolute_redirect``). Then an open for write and
+a truncate of renamed files (their data copy-up reads the data through the redirect and
+keeps it).
 
 Differential, the kernel overlay as the oracle: each side over its own copy of the same
 lower, the upper files' marks compared after the renames and after the writes; each
@@ -30,10 +32,13 @@ SIZE = 256 << 10
 DATA = {name: bytes((i * 7 + n) % 251 for i in range(SIZE)) for n, name in enumerate("fgse")}
 LOWER = {"f": DATA["f"], "g": DATA["g"], "s": DATA["s"], "t": "old target\n", "d": helpers.Dir(),
          "c": {"e": DATA["e"]}, "hl": DATA["f"][:SIZE // 2], "hl2": helpers.HardLink("hl"),
-         "x": DATA["g"], "k": DATA["e"], "k2": helpers.HardLink("k")}
+         "x": DATA["g"], "k": DATA["e"], "k2": helpers.HardLink("k"), "j": DATA["s"],
+         "j2": helpers.HardLink("j")}
 #: the renames of lower files (after ``c`` was renamed to ``c2``): (old, new, the redirect
-#: the kernel writes: the old name within one directory, else the data's absolute path)
-RENAMES = [("f", "f2", b"f"), ("g", "d/g", b"/g"), ("s", "t", b"s"), ("c2/e", "c2/e2", b"e")]
+#: the kernel writes: the old name within one directory, else the data's absolute path; for
+#: a lower hard link always that, ``ovl_need_absolute_redirect``)
+RENAMES = [("f", "f2", b"f"), ("g", "d/g", b"/g"), ("s", "t", b"s"), ("c2/e", "c2/e2", b"e"),
+           ("j", "j3", b"/j")]
 #: run: (overlaypc's options, the kernel's, renames)
 RUNS = {"plain": ("metacopy=on", ("redirect_dir=on", "metacopy=on"), RENAMES),
         "index": ("metacopy=on,index=on", ("redirect_dir=on", "metacopy=on", "index=on"),
@@ -139,7 +144,7 @@ def test_rename_of_lower_file_copies_metadata_only(run, tmp_path, overlay_mount,
             assert _contents(m, renames) == check, f"{side} reading {other}'s upper"
             unmount()
 
-    expect = {"f2": DATA["f"], "d/g": DATA["g"], "t": DATA["s"], "c2/e2": DATA["e"],
+    expect = {"f2": DATA["f"], "d/g": DATA["g"], "t": DATA["s"], "c2/e2": DATA["e"], "j3": DATA["s"],
               "d/hl": DATA["f"][:SIZE // 2], "k2": DATA["g"]}
     expect = {new: expect[new] for _, new, _ in renames} | {old: False for old, _, _ in renames}
     phase(lambda m: _renamed(m, renames), expect)
@@ -147,7 +152,8 @@ def test_rename_of_lower_file_copies_metadata_only(run, tmp_path, overlay_mount,
     # (the oracle: metadata-only copies with a redirect, relative within one directory)
     assert {new: m[0].get("redirect") for new, m in kernels.items()} == \
         {new: redirect for _, new, redirect in renames}
-    assert all(m[0].get("metacopy") == b"" and m[1] and m[2] for m in kernels.values())
+    assert {new: (m[0].get("metacopy"), m[2]) for new, m in kernels.items()} == \
+        {new: (b"", True) for new in kernels}  # (origin: none on a broken lower hard link)
 
     g = bytearray(DATA["g"])
     g[SIZE // 2] = ord("W")
