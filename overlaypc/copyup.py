@@ -536,8 +536,9 @@ class CopyUp:
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode),
                                 empty=empty and stat.S_ISREG(node.st.st_mode))
             if self.index is not None and self.index.eligible(node.top):
+                # (a metadata-only copy too, as the kernel's: the index entry is the
+                # metacopy file, its data the lower file it indexes)
                 ctx.index_key = self.index.key(node.top)
-                ctx.metadata_only = False
             try:
                 self._build(ctx)
                 return self._install(ctx)
@@ -690,9 +691,9 @@ class CopyUp:
             if self.inos is not None:  # what the copy's first GETATTR would decode
                 ctx.origin_ino = self.inos.copied(origin, st, src.layer)
         if ctx.metadata_only:
+            # (no redirect, as the kernel's: data found through a redirected parent is
+            # found again through it; a rename sets one, ``namespace._mark_moved``)
             self._set_private(tmp, self.prefix + "metacopy", b"", fd)
-            if src.rel != ctx.node.rel:  # data found through a redirected parent
-                self._set_private(tmp, self.prefix + "redirect", os.fsencode("/" + src.rel), fd)
         if ctx.kind != stat.S_IFLNK:
             # after the ACL (as in the kernel's copy-up): chmod sets the ACL mask to the
             # group bits, which for the lower's own mode are the lower's mask already
@@ -841,18 +842,23 @@ class CopyUp:
         return self._link_index(ctx.node, index_rel)
 
     def _link_index(self, node: Node, index_rel: str) -> Entry:
+        """The name ``node.rel`` a hard link to the index entry ``index_rel``. One still
+        marked metacopy (a metadata-only copy-up's, overlaypc's or the kernel's) holds no
+        data yet: the name's inode keeps reading below (``_in_place``'s
+        ``metadata_only``) until its data copy-up, which drops the mark under this lock."""
         rel = node.rel
         with self._installing():
             now = self.lookup.lookup(rel)
             if now.upper is not None:
                 return now.upper
+            metadata_only = self.work.getxattr(index_rel, self.prefix + "metacopy") is not None
             # a name moved from lower to upper: the same overlay count, one more link of the
             # index inode; the count is relative to the lower file's links across the link
             lower = next(iter(node.lowers), None)
             impure.mark(self.upper, split(rel)[0], self.prefix)  # before the name: ``impure``
             if lower is not None:
                 self.index.before_link_up(index_rel, lower.st)
-            with self._in_place(self._key_of(node), rel) as placed:
+            with self._in_place(self._key_of(node), rel, metadata_only=metadata_only) as placed:
                 with self._parent_times_kept(rel):
                     do_link(self.work, index_rel, self.upper, rel)
                     placed()

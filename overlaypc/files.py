@@ -698,9 +698,16 @@ class Files:
 
     def _metacopy_attr(self, inode: OverlayInode, meta: MetaFile, blocks: int) -> Attr:
         """A metacopy file's attributes, from its upper file, whatever happened to its name
-        (nlink 0 when it has none left); ``blocks`` are its data's."""
+        (nlink 0 when it has none left; under index=on the index's count, when it is an
+        index entry: a lower hard link copied up metadata-only); ``blocks`` are its data's."""
         st = os.fstat(meta.fd)
-        attr = Attr(st, inode.ino, 0 if st.st_nlink == 0 else None, blocks)
+        nlink = 0 if st.st_nlink == 0 else None
+        index = self.fs.index
+        if nlink is None and index is not None and stat.S_ISREG(st.st_mode):
+            shared = index.of_upper(Entry(meta.layer, inode.meta_rel or inode.rel, st), meta.fd)
+            if shared is not None:
+                nlink = index.nlink(shared)
+        attr = Attr(st, inode.ino, nlink, blocks)
         own = self.fs.ownership
         return own.show(attr, own.stored_fd(meta.layer, st, meta.fd)) if own.active else attr
 

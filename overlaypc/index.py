@@ -89,8 +89,9 @@ class IndexDir:
         from the file open as ``fd`` if given (the name an open file was found by may be
         gone or name another file by now), else through the directory fd its lookup held
         (a directory above may have been renamed since: its path names nothing, or
-        another object), by path only for an entry found without one. An open file (``fd``)
-        with one link may be an index entry whose upper names are all gone."""
+        another object), by path only for an entry found without one. An open file (``fd``,
+        an ``O_PATH`` one too) with one link may be an index entry whose upper names are all
+        gone."""
         if stat.S_ISDIR(upper.st.st_mode) or upper.st.st_nlink < 2 and fd is None:
             return None
         if fd is None and upper.parent is None:
@@ -101,7 +102,13 @@ class IndexDir:
             where, follow, held = ((fd, True, None) if fd is not None else
                                    upper.layer.entry_xattr_path(upper.parent.fd, upper.name))
             try:
-                origin = os.getxattr(where, self.origin_xattr, follow_symlinks=follow)
+                try:
+                    origin = os.getxattr(where, self.origin_xattr, follow_symlinks=follow)
+                except OSError as e:
+                    if e.errno != errno.EBADF or fd is None:
+                        raise
+                    # an ``O_PATH`` fd (a nameless metacopy file's upper file, ``MetaFile``)
+                    origin = os.getxattr(f"/proc/self/fd/{fd}", self.origin_xattr)
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                     raise

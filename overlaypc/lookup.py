@@ -615,9 +615,20 @@ class Lookup:
                 break
             is_dir = stat.S_ISDIR(st.st_mode)
             if metacopy:
-                if stat.S_ISREG(st.st_mode):
-                    data = Entry(layer, lrel, st)
-                break
+                if not stat.S_ISREG(st.st_mode):
+                    break
+                found = self._below_metacopy(layer, lrel, st, pentry, name)
+                if not self._metacopy(found, pentry, name):
+                    data = found
+                    break
+                # metadata only here too (a former upper used as a lower): the data is
+                # further down, through this one's redirect if it has one, as the kernel's
+                # lookup goes on past each metacopy layer (before, this sparse file was
+                # taken for the data: zeros)
+                target = self._redirect(found) if self.follow_redirects else None
+                if target is not None:
+                    redirect, name = _followed(target, redirect, name)
+                continue
             if entries and not is_dir:
                 break  # a lower non-directory below a directory is not merged
             dirfd = None
@@ -654,15 +665,7 @@ class Lookup:
                 metacopy = True  # attributes here, data further down
             target = self._redirect(entry, xattrs) if self.follow_redirects else None
             if target is not None:
-                if target.startswith("/"):
-                    redirect = target.strip("/")  # absolute: from each lower layer's root
-                elif redirect is not None:
-                    # relative, met after an absolute one (a former upper used as a lower):
-                    # same parent as the path followed so far, other name (the kernel's
-                    # ovl_check_redirect prepends the parent path)
-                    redirect = join(split(redirect)[0], target)
-                else:
-                    name = target  # relative: same merged parent, other name
+                redirect, name = _followed(target, redirect, name)
         if self.index is not None and entries and not entries[0].layer.writable \
                 and self.index.eligible(entries[0]):
             shared = self.index.find(entries[0])
@@ -705,6 +708,15 @@ class Lookup:
         names = self.names.known(layer, entry.rel)  # held only once listed or looked in
         return _stat_listed(layer, entry.dirfd, whiteout.OCI_OPAQUE, names) is not None
 
+    def _below_metacopy(self, layer: Layer, lrel: str, st: os.stat_result, pentry: Entry | None,
+                        name: str) -> Entry:
+        """The regular file found below a metacopy file, with its xattr names where the
+        lookup of a lower file would list them (so ``_metacopy`` of it costs no call)."""
+        xattrs = None
+        if pentry is not None and pentry.dirfd is not None and not layer.writable:
+            xattrs = self.xattr_names.of(layer, pentry.dirfd, name, st)
+        return Entry(layer, lrel, st, None, None, xattrs)
+
     def _metacopy(self, entry: Entry, pentry: Entry | None, name: str) -> bool:
         """Whether the regular file ``entry`` is a metadata-only copy (kernel format)."""
         attr = self.prefix + "metacopy"
@@ -731,3 +743,15 @@ class Lookup:
         if not target.startswith("/") and len(parts) != 1:
             return None  # a relative redirect is one name
         return target
+
+
+def _followed(target: str, redirect: str | None, name: str) -> tuple[str | None, str]:
+    """The lookup's (``redirect``, ``name``) after a redirect ``target`` (``_redirect``)."""
+    if target.startswith("/"):
+        return target.strip("/"), name  # absolute: from each lower layer's root
+    if redirect is not None:
+        # relative, met after an absolute one (a former upper used as a lower): same
+        # parent as the path followed so far, other name (the kernel's ovl_check_redirect
+        # prepends the parent path)
+        return join(split(redirect)[0], target), name
+    return None, target  # relative: same merged parent, other name

@@ -319,7 +319,8 @@ class Namespace:
             return
         node = self.fs.lookup.lookup(rel)
         if node.exists and node.upper is None and (node.index is not None or index.eligible(node.top)):
-            self.fs.copyup.ensure_upper(rel)
+            # (metadata only under metacopy=on, as the kernel's: the name goes anyway)
+            self.fs.copyup.ensure_upper(rel, metadata_only=True)
 
     def _count_link(self, shared: Entry, delta: int, links: int | None = None) -> None:
         """index=on: record on the index entry ``shared`` that a name came or went, after
@@ -798,7 +799,9 @@ class Namespace:
         # (looked up again under the lock: not held while the copy-ups, whose lookups may
         # wait for fds at the limit, run; a merged directory holds an fd per layer: stall20)
         del onode, nnode
-        self.fs.copyup.ensure_upper(old)
+        # a regular file: metadata only under metacopy=on (its data stays below, found by
+        # the redirect ``_mark_moved`` sets), as the kernel's ``ovl_rename`` (compat41)
+        self.fs.copyup.ensure_upper(old, metadata_only=True)
         self.fs.copyup.ensure_parent(new)
         if replaces_file:
             self._index_before_removal(new)
@@ -891,9 +894,9 @@ class Namespace:
         if onode.is_dir and onode.lowers:
             if self.fs.config.redirect_dir != "on":
                 raise OSError(errno.EXDEV, "directory exists in a lower layer", onode.rel)
-            name, value = redirect, self._redirect_value(onode, new)  # kernel format
+            name, value = redirect, self._redirect_value(onode, new, onode.lowers[0])
         elif onode.data is not None:
-            name, value = redirect, os.fsencode("/" + onode.data.rel)
+            name, value = redirect, self._redirect_value(onode, new, onode.data)
         elif onode.is_dir and new_lower and not onode.opaque:
             name, value = opaque, b"y"
         else:
@@ -923,17 +926,22 @@ class Namespace:
         except OSError as e:
             log.error("cannot restore %s of %s/%s after a failed rename: %s", name, upper.path, rel, e)
 
-    def _redirect_value(self, onode: Node, new: str) -> bytes:
-        """``trusted.overlay.redirect`` as the kernel writes it: the lower name alone for a
-        rename within one directory, else the absolute path of the topmost lower dir."""
+    def _redirect_value(self, onode: Node, new: str, lower: Entry) -> bytes:
+        """``trusted.overlay.redirect`` as the kernel (``ovl_set_redirect``) writes it, for a
+        directory and a metacopy file alike: the lower name alone for a rename within one
+        directory (a redirect the object has already stays), else the absolute path of
+        ``lower`` (the topmost lower dir, or the file's data); absolute for a lower hard
+        link too (``ovl_need_absolute_redirect``: its other names, linked up later, share
+        the xattr from other directories)."""
         upper = self.fs.stack.upper
         assert upper is not None and onode.upper is not None
         existing = upper.getxattr(onode.rel, self.fs.prefix + "redirect")
-        if split(onode.rel)[0] == split(new)[0]:
+        hard_link = not onode.is_dir and lower.st.st_nlink > 1
+        if split(onode.rel)[0] == split(new)[0] and not hard_link:
             if existing:
                 return existing
-            return os.fsencode(split(onode.lowers[0].rel)[1])
-        return os.fsencode("/" + onode.lowers[0].rel)
+            return os.fsencode(split(lower.rel)[1])
+        return os.fsencode("/" + lower.rel)
 
     def _check_target(self, onode: Node, nnode: Node, flags: int) -> None:
         if not nnode.exists:

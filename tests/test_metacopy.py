@@ -231,11 +231,11 @@ def test_overlaypc_shows_kernel_metacopy_upper(lower, xfs_dir, overlay_mount, ke
     m = overlay_mount(os_.options("metacopy=on"))
     apply_meta_ops(m.path)
     assert_same(theirs, _meta_snapshot(m.path), ("kernel", "overlaypc"))
-    # the same files carry redirects; the kernel writes a relative one ("x") for a
-    # same-dir rename of a metacopy file, overlaypc always an absolute one ("/x"): both
-    # name the same lower file, and each side reads the other's (below)
-    assert set(upper_redirects(os_.upper)) == set(upper_redirects(ks.upper))
-    assert upper_redirects(os_.upper) == {"d/moved": b"/big", "x2": b"/x"}
+    # the same redirects: relative ("x") for a same-dir rename of a metacopy file,
+    # absolute across directories, as the kernel 6.x writes them (compat41; overlaypc
+    # wrote "/x" before, which names the same lower file)
+    assert upper_redirects(os_.upper) == upper_redirects(ks.upper) == \
+        {"d/moved": b"/big", "x2": b"x"}
     o_blocks = _blocks(m.path)
     m.unmount()
     helpers.force_unmount(k)
@@ -413,3 +413,35 @@ def test_rename_needing_a_redirect_past_redirect_max_is_exdev(tmp_path, overlay_
         assert (mnt / rel / "f").read_bytes() == b"deep data\n"
         assert not (mnt / "top").exists()
     assert results == [errno.EXDEV, errno.EXDEV]
+
+
+def test_metacopy_over_a_lower_metacopy_file_reads_the_data_further_down(tmp_path, overlay_mount,
+                                                                       kernel_mount):
+    """A former upper used as a lower holds a metacopy file ``x`` (the kernel's rename of
+    ``y``: relative redirect ``y``), its data in the layer below. An attribute change
+    through overlaypc makes an upper metacopy file over it: its data is still ``y`` two
+    layers down, through ``x``'s redirect, as the kernel's lookup finds it. Before: the
+    sparse ``x`` was taken for the data (zeros), and a write made them permanent."""
+    data = bytes(range(256)) * 400
+    l2, u1, w1 = (helpers.build_layer(tmp_path / "l2", {"y": data}), tmp_path / "u1",
+                  tmp_path / "w1")
+    u1.mkdir()
+    w1.mkdir()
+    k = kernel_mount([l2], u1, w1, KERNEL_METACOPY)
+    os.rename(k / "y", k / "x")
+    helpers.force_unmount(k)
+    assert ovl_xattr(u1 / "x", "metacopy") == b"" and ovl_xattr(u1 / "x", "redirect") == b"y"
+    s = new_stack([u1, l2], tmp_path, "chain")
+    m = overlay_mount(s.options("metacopy=on"))
+    os.chmod(m / "x", 0o600)
+    assert ovl_xattr(s.upper / "x", "metacopy") == b""
+    assert (m / "x").read_bytes() == data
+    m.unmount()
+    k = kernel_mount([u1, l2], s.upper, s.work, KERNEL_METACOPY)  # the kernel reads the same
+    assert (k / "x").read_bytes() == data and stat.S_IMODE(os.stat(k / "x").st_mode) == 0o600
+    helpers.force_unmount(k)
+    m = overlay_mount(s.options("metacopy=on"))
+    with open(m / "x", "r+b") as f:  # the data copy-up: the data from l2
+        f.write(b"W")
+    assert (s.upper / "x").read_bytes() == b"W" + data[1:]
+    assert (l2 / "y").read_bytes() == data
