@@ -591,7 +591,11 @@ class Lookup:
             names = None  # the parent's names in this layer, when held (lower layers)
             if redirect is not None:
                 lrel = redirect
-                st = layer.lstat(lrel)
+                walked = self._redirect_walk(layer, lrel) if "/" in lrel else (lrel, True)
+                if walked is None:
+                    break  # a whiteout or non-directory on the way: the kernel stops there
+                redirect, there = walked
+                st = layer.lstat(lrel) if there else None
             elif id(layer) in parent_in:
                 pentry = parent_in[id(layer)]
                 lrel = join(pentry.rel, name)
@@ -681,6 +685,36 @@ class Lookup:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
         return Node(rel, tuple(entries), opaque, upper_whiteout, data, upper_marker)
 
+    def _redirect_walk(self, layer: Layer, path: str) -> tuple[str, bool] | None:
+        """The directories on a redirected ``path`` (one the lookup follows from each lower
+        layer's root) in ``layer``, as the kernel's ``ovl_lookup_layer`` walks them: a
+        directory's own redirect rewrites the path for the layers below (the kernel's
+        ``ovl_check_redirect``; the walk here goes on by name). Return (the path for the
+        layers below, whether the walk reached the last name's directory here), or None
+        where a whiteout or a non-directory stops the lookup. (An opaque directory on the
+        way is not looked for: the layers below are still searched.)"""
+        parts = path.split("/")
+        below = path
+        for k in range(1, len(parts)):
+            rel = "/".join(parts[:k])
+            st = layer.lstat(rel)
+            if st is None:
+                return below, False
+            if not stat.S_ISDIR(st.st_mode):
+                return None  # (a whiteout too)
+            if not self.follow_redirects or layer.writable:
+                continue
+            target = redirect_target(layer.getxattr(rel, self.prefix + "redirect"))
+            if target is None:
+                continue
+            # (``below`` ends with the same names after this directory as ``path``: a
+            # redirect replaces what leads to them, the directory's own name at most)
+            kept = below.split("/")
+            here = "/".join(kept[:len(kept) - (len(parts) - k)])
+            head = target.strip("/") if target.startswith("/") else join(split(here)[0], target)
+            below = join(head, "/".join(parts[k:]))
+        return below, True
+
     def _oci_whiteout(self, layer: Layer, pentry: Entry | None, lrel: str, name: str,
                       names: frozenset[str] | None) -> bool:
         """Whether ``.wh.NAME`` marks NAME deleted in ``layer``. In a lower layer the
@@ -734,15 +768,21 @@ class Lookup:
             raw = entry.layer.getxattr_at(entry.dirfd, attr)
         else:
             raw = entry.layer.getxattr(entry.rel, attr)
-        if not raw:
-            return None
-        target = os.fsdecode(raw)
-        parts = [p for p in target.split("/") if p]
-        if not parts or any(p in (".", "..") for p in parts):
-            return None  # never let a redirect climb out of the layer
-        if not target.startswith("/") and len(parts) != 1:
-            return None  # a relative redirect is one name
-        return target
+        return redirect_target(raw)
+
+
+def redirect_target(raw: bytes | None) -> str | None:
+    """A ``redirect`` xattr's value as the lookup follows it, None where it follows none
+    (absent, empty, a ``.``/``..`` component, a relative one of more than one name)."""
+    if not raw:
+        return None
+    target = os.fsdecode(raw)
+    parts = [p for p in target.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        return None  # never let a redirect climb out of the layer
+    if not target.startswith("/") and len(parts) != 1:
+        return None  # a relative redirect is one name
+    return target
 
 
 def _followed(target: str, redirect: str | None, name: str) -> tuple[str | None, str]:
