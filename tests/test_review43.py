@@ -71,3 +71,172 @@ def test_rename_over_a_former_upper_metacopy_file_as_the_kernel(tmp_path, overla
         m = overlay_mount(s.options("metacopy=on"))
         assert {new: (m / new).read_bytes() for new in expect} == expect, side
         m.unmount()
+
+
+@pytest.mark.parametrize("cache", ["kernel", "shared"])
+def test_mmap_of_renamed_lower_file_sees_later_writes(cache, tmp_path, overlay_mount):
+    """A shared mapping of the lower file made before its metadata-only rename shows a write
+    through the new name (its data copy-up through the redirect), as does fstat's size."""
+    import mmap
+    lower = helpers.build_layer(tmp_path / "lower", {"f": DATA, "d": helpers.Dir()})
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    m = overlay_mount(f"lowerdir={lower},upperdir={upper},workdir={work},metacopy=on,cache={cache}")
+    fd = os.open(m / "f", os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, len(DATA), mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            assert mm[4096:4104] == DATA[4096:4104]
+            os.rename(m / "f", m / "d/f2")
+            assert ovl_xattr(upper / "d/f2", "metacopy") == b""
+            with open(m / "d/f2", "r+b") as f:
+                f.seek(4096)
+                f.write(b"WRITTEN!")
+                f.seek(0, os.SEEK_END)
+                f.write(b"tail")
+            assert mm[4096:4104] == b"WRITTEN!"
+            assert os.fstat(fd).st_size == len(DATA) + 4
+        finally:
+            mm.close()
+    finally:
+        os.close(fd)
+    assert (m / "d/f2").read_bytes()[4096:4104] == b"WRITTEN!"
+
+
+def _hard_link_steps(m: str) -> list:
+    """Steps over the lower hard link ``a``, ``b``, ``c``, ``e/a4`` (index=on, metacopy=on):
+    what each name shows after each (size, nlink, the first bytes), or None where gone."""
+    names = ("a", "b", "c", "e/a4", "d/a2", "d/b2")
+
+    def seen():
+        out = {}
+        for n in names:
+            try:
+                st = os.stat(f"{m}/{n}")
+            except FileNotFoundError:
+                out[n] = None
+                continue
+            with open(f"{m}/{n}", "rb") as f:
+                out[n] = (st.st_size, st.st_nlink, f.read(8))
+        return out
+
+    fd = os.open(f"{m}/c", os.O_RDONLY)
+    try:
+        got = [seen()]
+        os.rename(f"{m}/a", f"{m}/d/a2")  # metadata only: a metacopy index entry
+        got.append(seen())
+        os.chmod(f"{m}/e/a4", 0o600)
+        os.rename(f"{m}/b", f"{m}/d/b2")
+        os.unlink(f"{m}/e/a4")
+        got.append(seen())
+        with open(f"{m}/d/b2", "r+b") as f:  # the data copy-up, through a redirected name
+            f.write(b"WRITTEN!")
+        got.append(seen())
+        got.append((os.fstat(fd).st_nlink, os.pread(fd, 8, 0)))
+    finally:
+        os.close(fd)
+    os.unlink(f"{m}/d/a2")
+    got.append(seen())
+    return got
+
+
+def test_lower_hard_link_renames_and_unlinks_as_the_kernel(tmp_path, overlay_mount, kernel_mount):
+    spec = {"a": DATA, "b": helpers.HardLink("a"), "c": helpers.HardLink("a"),
+            "e": {"a4": helpers.HardLink("a")}, "d": helpers.Dir()}
+    got = {}
+    for side in ("kernel", "ours"):
+        lower = helpers.build_layer(tmp_path / side / "lower", spec)
+        s = new_stack([lower], tmp_path / side, side)
+        if side == "kernel":
+            k = kernel_mount([lower], s.upper, s.work, KERNEL_METACOPY + ("index=on",))
+            got[side] = _hard_link_steps(str(k))
+            helpers.force_unmount(k)
+        else:
+            m = overlay_mount(s.options("metacopy=on,index=on"))
+            got[side] = _hard_link_steps(str(m.path))
+            m.unmount()
+    assert got["ours"] == got["kernel"]
+
+
+def test_chain_of_metacopy_layers_as_the_kernel(tmp_path, overlay_mount, kernel_mount):
+    """Two former uppers of the kernel's renames (``y`` -> ``x`` over ``l3``, then ``x`` ->
+    ``d/w`` over both): overlaypc reads ``d/w`` through both redirects, renames it again
+    and writes it as the kernel; a mount without metacopy=on refuses it (EPERM)."""
+    l3 = helpers.build_layer(tmp_path / "l3", {"y": DATA, "d": helpers.Dir()})
+    u2, w2, u1, w1 = (tmp_path / n for n in ("u2", "w2", "u1", "w1"))
+    for p in (u2, w2, u1, w1):
+        p.mkdir()
+    k = kernel_mount([l3], u2, w2, KERNEL_METACOPY)
+    os.rename(k / "y", k / "x")
+    helpers.force_unmount(k)
+    k = kernel_mount([u2, l3], u1, w1, KERNEL_METACOPY)
+    os.rename(k / "x", k / "d/w")
+    helpers.force_unmount(k)
+    assert ovl_xattr(u1 / "d/w", "redirect") == b"/x"
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([u1, u2, l3], tmp_path, side)
+        if side == "kernel":
+            mnt = kernel_mount([u1, u2, l3], s.upper, s.work, KERNEL_METACOPY)
+        else:
+            m = overlay_mount(s.options("metacopy=on"))
+            mnt = m.path
+        seen = [(mnt / "d/w").read_bytes() == DATA]
+        os.rename(mnt / "d/w", mnt / "w2")
+        seen.append((mnt / "w2").read_bytes() == DATA)
+        seen.append(ovl_xattr(s.upper / "w2", "redirect"))
+        with open(mnt / "w2", "r+b") as f:
+            f.write(b"W")
+        seen.append((mnt / "w2").read_bytes() == b"W" + DATA[1:])
+        got[side] = seen
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    assert got["ours"] == got["kernel"] == [True, True, b"/d/w", True]
+    s = new_stack([u1, u2, l3], tmp_path, "off")
+    m = overlay_mount(s.options("redirect_dir=on"))
+    with pytest.raises(PermissionError):
+        (m / "d/w").read_bytes()
+    assert (l3 / "y").read_bytes() == DATA
+
+
+@pytest.mark.parametrize("middle", ["opaque", "whiteout"])
+def test_absolute_redirect_through_a_hiding_middle_layer_as_the_kernel(middle, tmp_path,
+                                                                       overlay_mount, kernel_mount):
+    """An upper metacopy file redirected to ``/p/z`` (the kernel's move of ``p/z``), put over
+    a middle layer where ``p`` is opaque (removed and made again) or whited out: the data
+    below is hidden there, and the kernel's lookup stops (EIO, no data); so does
+    overlaypc's. Before: the absolute path was looked up whole in each layer, past the
+    middle layer's ``p``, and the hidden ``l2/p/z`` was read."""
+    l2 = helpers.build_layer(tmp_path / "l2", {"p": {"z": DATA}})
+    top, middle_upper = new_stack([l2], tmp_path, "top"), new_stack([l2], tmp_path, "mid")
+    k = kernel_mount([l2], top.upper, top.work, KERNEL_METACOPY)
+    os.rename(k / "p/z", k / "w")
+    helpers.force_unmount(k)
+    assert ovl_xattr(top.upper / "w", "redirect") == b"/p/z"
+    k = kernel_mount([l2], middle_upper.upper, middle_upper.work, KERNEL_METACOPY)
+    os.unlink(k / "p/z")
+    os.rmdir(k / "p")
+    if middle == "opaque":
+        os.mkdir(k / "p")
+    helpers.force_unmount(k)
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([middle_upper.upper, l2], tmp_path, side)
+        os.link(top.upper / "w", s.upper / "w")  # (the file, read only: the same inode)
+        if side == "kernel":
+            mnt = kernel_mount([middle_upper.upper, l2], s.upper, s.work, KERNEL_METACOPY)
+        else:
+            m = overlay_mount(s.options("metacopy=on"))
+            mnt = m.path
+        try:
+            got[side] = (mnt / "w").read_bytes()[:4]
+        except OSError as e:
+            got[side] = e.errno
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    assert got["ours"] == got["kernel"]
