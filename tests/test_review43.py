@@ -8,6 +8,16 @@ metacopy file).
   kernel's ``ovl_get_redirect``: the dentry's name, or its path with the upper
   ancestors' redirects), whose lookup then follows ``u1/x``'s own redirect; not the data's
   path at the bottom layer (``y``), which the lookup meets in ``u1`` first: a whiteout.
+  And across directories the kernel's ``/q/z`` (``q`` redirected to ``p`` in ``u1``):
+  overlaypc's lookup of an absolute redirect has to walk ``u1``'s ``q`` and take its
+  redirect for the layers below, as the kernel's ``ovl_lookup_layer``.
+- Such a walk stops at an opaque directory (after its layer) or a whiteout on the way,
+  as the kernel's: before, a lower file hidden by a middle layer was read.
+- Checked, no defect found: a shared mapping and fstat of a lower file renamed
+  metadata-only, then written through its new name (cache=kernel, shared); renames,
+  unlinks and a write of an index=on lower hard link (four names) against the kernel,
+  with an open handle; a chain of two former uppers' metacopy renames, renamed again and
+  written (and refused, EPERM, without metacopy=on).
 """
 from __future__ import annotations
 
