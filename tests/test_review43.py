@@ -17,7 +17,8 @@ metacopy file).
   metadata-only, then written through its new name (cache=kernel, shared); renames,
   unlinks and a write of an index=on lower hard link (four names) against the kernel,
   with an open handle; a chain of two former uppers' metacopy renames, renamed again and
-  written (and refused, EPERM, without metacopy=on).
+  written (and refused, EPERM, without metacopy=on); a kill -9 during the rename of an
+  index=on lower hard link (before its copy lands in the index, before the move).
 """
 from __future__ import annotations
 
@@ -250,3 +251,43 @@ def test_absolute_redirect_through_a_hiding_middle_layer_as_the_kernel(middle, t
         else:
             m.unmount()
     assert got["ours"] == got["kernel"]
+
+
+@pytest.mark.parametrize("kill", ["copyup.rename~mvsrc=pause", "layer.rename~mvdst=pause"],
+                         ids=["before-copy-up-lands", "before-the-move"])
+def test_kill9_during_rename_of_lower_hard_link(kill, tmp_path, overlay_mount, kernel_mount):
+    """index=on + metacopy=on: a kill -9 while a lower hard link's name is renamed (its
+    metadata-only copy into the index) leaves both names reading the data, through a fresh
+    overlaypc and the kernel; the rename then, and a write through the other name, seen
+    through the new name."""
+    from reliability_support import kill_at_pause
+    lower = helpers.build_layer(tmp_path / "lower", {"mvsrc": DATA, "mvsrc2": helpers.HardLink("mvsrc"),
+                                                     "d": helpers.Dir()})
+    s = new_stack([lower], tmp_path, "s")
+    opts = s.options("metacopy=on,index=on")
+    m = overlay_mount(opts, env={"OVERLAYPC_FAULTS": kill})
+    rc, out, err = kill_at_pause(m, f"""
+        os.rename({str(m / 'mvsrc')!r}, {str(m / 'd/mvdst')!r})
+        sys.exit(0)
+    """, kill)
+    assert rc != 0, f"the rename blocked in the killed daemon succeeded: {out} {err}"
+    want = {"mvsrc": DATA, "mvsrc2": DATA}
+    m2 = overlay_mount(opts)
+    assert {n: (m2 / n).read_bytes() for n in want} == want and not (m2 / "d/mvdst").exists()
+    assert os.stat(m2 / "mvsrc").st_nlink == 2
+    m2.unmount()
+    k = kernel_mount([lower], s.upper, s.work, KERNEL_METACOPY + ("index=on",))
+    assert {n: (k / n).read_bytes() for n in want} == want and not (k / "d/mvdst").exists()
+    assert os.stat(k / "mvsrc").st_nlink == 2
+    helpers.force_unmount(k)
+    m3 = overlay_mount(opts)
+    os.rename(m3 / "mvsrc", m3 / "d/mvdst")
+    with open(m3 / "mvsrc2", "r+b") as f:
+        f.write(b"W")
+    assert (m3 / "d/mvdst").read_bytes() == b"W" + DATA[1:]
+    assert os.stat(m3 / "d/mvdst").st_nlink == 2
+    m3.unmount()
+    k = kernel_mount([lower], s.upper, s.work, KERNEL_METACOPY + ("index=on",))
+    assert (k / "d/mvdst").read_bytes() == (k / "mvsrc2").read_bytes() == b"W" + DATA[1:]
+    helpers.force_unmount(k)
+    assert (lower / "mvsrc").read_bytes() == DATA
