@@ -586,12 +586,21 @@ class Lookup:
         data: Entry | None = None
         redirect: str | None = None  # layer path to use in the layers below, once redirected
         metacopy = False
+        stop_at: int | None = None  # the last layer searched, when a redirect's walk ends it
         for i, layer in enumerate(layers):
+            if stop_at is not None and i > stop_at:
+                break
             pentry = None
             names = None  # the parent's names in this layer, when held (lower layers)
             if redirect is not None:
                 lrel = redirect
-                st = layer.lstat(lrel)
+                walked = self._redirect_walk(layer, lrel) if "/" in lrel else _Walked(lrel)
+                if walked is None:
+                    break  # a whiteout or non-directory on the way: the kernel stops there
+                redirect = walked.below
+                if walked.last:
+                    stop_at = i  # (an opaque directory on the way: the kernel's d->stop)
+                st = layer.lstat(lrel) if walked.there else None
             elif id(layer) in parent_in:
                 pentry = parent_in[id(layer)]
                 lrel = join(pentry.rel, name)
@@ -628,6 +637,7 @@ class Lookup:
                 target = self._redirect(found) if self.follow_redirects else None
                 if target is not None:
                     redirect, name = _followed(target, redirect, name)
+                    stop_at = None if target.startswith("/") else stop_at
                 continue
             if entries and not is_dir:
                 break  # a lower non-directory below a directory is not merged
@@ -666,6 +676,7 @@ class Lookup:
             target = self._redirect(entry, xattrs) if self.follow_redirects else None
             if target is not None:
                 redirect, name = _followed(target, redirect, name)
+                stop_at = None if target.startswith("/") else stop_at
         if self.index is not None and entries and not entries[0].layer.writable \
                 and self.index.eligible(entries[0]):
             shared = self.index.find(entries[0])
@@ -680,6 +691,43 @@ class Lookup:
         if metacopy and data is None:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
         return Node(rel, tuple(entries), opaque, upper_whiteout, data, upper_marker)
+
+    def _redirect_walk(self, layer: Layer, path: str) -> "_Walked | None":
+        """The directories on a redirected ``path`` (one the lookup follows from each lower
+        layer's root) in ``layer``, as the kernel's ``ovl_lookup_layer`` walks them: a
+        directory's own redirect rewrites the path for the layers below (the kernel's
+        ``ovl_check_redirect``; the walk here goes on by name), an opaque one ends the
+        search below this layer (an absolute redirect after it resumes it). None where a
+        whiteout or a non-directory on the way stops the lookup."""
+        parts = path.split("/")
+        walked = _Walked(path)
+        for k in range(1, len(parts)):
+            rel = "/".join(parts[:k])
+            st = layer.lstat(rel)
+            if st is None:
+                walked.there = False
+                return walked
+            if not stat.S_ISDIR(st.st_mode):
+                return None  # (a whiteout too)
+            if layer.writable:
+                continue
+            if whiteout.is_opaque(layer, rel, self.prefix):
+                walked.last = True  # (its own redirect not followed, as the kernel's)
+                continue
+            target = redirect_target(layer.getxattr(rel, self.prefix + "redirect")) \
+                if self.follow_redirects else None
+            if target is None:
+                continue
+            # (``below`` ends with the same names after this directory as ``path``: a
+            # redirect replaces what leads to them, the directory's own name at most)
+            kept = walked.below.split("/")
+            here = "/".join(kept[:len(kept) - (len(parts) - k)])
+            if target.startswith("/"):
+                head, walked.last = target.strip("/"), False
+            else:
+                head = join(split(here)[0], target)
+            walked.below = join(head, "/".join(parts[k:]))
+        return walked
 
     def _oci_whiteout(self, layer: Layer, pentry: Entry | None, lrel: str, name: str,
                       names: frozenset[str] | None) -> bool:
@@ -734,15 +782,31 @@ class Lookup:
             raw = entry.layer.getxattr_at(entry.dirfd, attr)
         else:
             raw = entry.layer.getxattr(entry.rel, attr)
-        if not raw:
-            return None
-        target = os.fsdecode(raw)
-        parts = [p for p in target.split("/") if p]
-        if not parts or any(p in (".", "..") for p in parts):
-            return None  # never let a redirect climb out of the layer
-        if not target.startswith("/") and len(parts) != 1:
-            return None  # a relative redirect is one name
-        return target
+        return redirect_target(raw)
+
+
+@record
+class _Walked:
+    """``Lookup._redirect_walk``'s answer: the redirected path for the layers below
+    (``below``), whether the walk reached the last name's directory in this layer
+    (``there``), whether an opaque directory on the way ends the search here (``last``)."""
+    below: str
+    there: bool = True
+    last: bool = False
+
+
+def redirect_target(raw: bytes | None) -> str | None:
+    """A ``redirect`` xattr's value as the lookup follows it, None where it follows none
+    (absent, empty, a ``.``/``..`` component, a relative one of more than one name)."""
+    if not raw:
+        return None
+    target = os.fsdecode(raw)
+    parts = [p for p in target.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        return None  # never let a redirect climb out of the layer
+    if not target.startswith("/") and len(parts) != 1:
+        return None  # a relative redirect is one name
+    return target
 
 
 def _followed(target: str, redirect: str | None, name: str) -> tuple[str | None, str]:

@@ -41,7 +41,7 @@ from . import acl, faults, impure, logs, sysapi, whiteout
 from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import do_link, do_rename, join, split
-from .lookup import Entry, Node, check_name
+from .lookup import Entry, Node, check_name, redirect_target
 from .readdir import merged_listing
 from .records import record
 from .typing_lite import TYPE_CHECKING
@@ -927,21 +927,34 @@ class Namespace:
             log.error("cannot restore %s of %s/%s after a failed rename: %s", name, upper.path, rel, e)
 
     def _redirect_value(self, onode: Node, new: str, lower: Entry) -> bytes:
-        """``trusted.overlay.redirect`` as the kernel (``ovl_set_redirect``) writes it, for a
-        directory and a metacopy file alike: the lower name alone for a rename within one
-        directory (a redirect the object has already stays), else the absolute path of
-        ``lower`` (the topmost lower dir, or the file's data); absolute for a lower hard
-        link too (``ovl_need_absolute_redirect``: its other names, linked up later, share
-        the xattr from other directories)."""
+        """``trusted.overlay.redirect`` as the kernel (``ovl_set_redirect``,
+        ``ovl_get_redirect``) writes it, for a directory and a metacopy file alike: the old
+        name alone for a rename within one directory, else the old merged path with each
+        upper ancestor's redirect in place of its name (up to an absolute one); a redirect
+        the object has already stays where it serves (a relative one within one directory,
+        an absolute one anywhere). Absolute for a lower hard link (``lower``, the file's
+        data) too (``ovl_need_absolute_redirect``: its other names, linked up later, share
+        the xattr from other directories). The merged path, not ``lower``'s own: the
+        lookup from the new name meets each layer's redirects on the way (a former upper's
+        metacopy file renamed there: its old name in that layer may be a whiteout)."""
         upper = self.fs.stack.upper
         assert upper is not None and onode.upper is not None
-        existing = upper.getxattr(onode.rel, self.fs.prefix + "redirect")
+        existing = redirect_target(upper.getxattr(onode.rel, self.fs.prefix + "redirect"))
         hard_link = not onode.is_dir and lower.st.st_nlink > 1
-        if split(onode.rel)[0] == split(new)[0] and not hard_link:
-            if existing:
-                return existing
-            return os.fsencode(split(lower.rel)[1])
-        return os.fsencode("/" + lower.rel)
+        absolute = split(onode.rel)[0] != split(new)[0] or hard_link
+        if existing is not None and (not absolute or existing.startswith("/")):
+            return os.fsencode(existing)
+        if not absolute:
+            return os.fsencode(split(onode.rel)[1])
+        parts, rel, target = [], onode.rel, existing
+        while rel:
+            if target is not None and target.startswith("/"):
+                parts.append(target.strip("/"))
+                break
+            parts.append(target if target is not None else split(rel)[1])
+            rel = split(rel)[0]
+            target = redirect_target(upper.getxattr(rel, self.fs.prefix + "redirect")) if rel else None
+        return os.fsencode("/" + "/".join(reversed(parts)))
 
     def _check_target(self, onode: Node, nnode: Node, flags: int) -> None:
         if not nnode.exists:
