@@ -300,37 +300,15 @@ def test_mount_start_up_leaves_out_modules_its_options_do_not_need(tmp_path, opt
     for d in ("lower", "upper", "work", "mnt"):
         (tmp_path / d).mkdir()
     opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work{options}"
-    code = "\n".join([
-        "import sys, " + ", ".join(("overlaypc.cli", "overlaypc.core", "overlaypc.engine.channel",
-                                    "overlaypc.engine.daemon", "overlaypc.mounting",
-                                    "overlaypc.overlay_ops")),
-        "from overlaypc import cli",
-        "from overlaypc.core import OverlayFS",
-        "from overlaypc.overlay_ops import OverlayOps",
-        f"cfg = cli.parse_mount_args(['-o', {opts!r}, {str(tmp_path / 'mnt')!r}])",
-        "cli.validate(cfg)",
-        "fs = OverlayFS(cfg)",
-        "fs.start()",
-        "OverlayOps(fs)",
-        "fs.close()",
-        f"print(' '.join(m for m in {NOT_AT_START!r} if m in sys.modules))",
-    ])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.split()
+    out = _start_up(["-o", opts, str(tmp_path / "mnt")],
+                    f"print(' '.join(m for m in {NOT_AT_START!r} if m in sys.modules))").split()
     assert out == ([] if not options else list(NOT_AT_START))
 
 
-@pytest.mark.parametrize("stack", [False, True])
-def test_stack_file_code_is_loaded_only_for_a_stack_file(tmp_path, stack):
-    """``stackfile`` (and with it ``yaml`` and ``re``) is imported by the command line that
-    names a stack file, not by a plain mount's options, validation and start-up (it was
-    part of ``config``, which every mount imports: its code and ``YAML_BOOLEANS`` table
-    were loaded at each start)."""
-    for d in ("lower", "upper", "work", "mnt"):
-        (tmp_path / d).mkdir()
-    opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work"
-    (tmp_path / "stack.yaml").write_text(f"lowers: [{tmp_path}/lower]\noptions: [{opts}]\n")
-    argv = (["--stack", str(tmp_path / "stack.yaml")] if stack else ["-o", opts]) + [str(tmp_path / "mnt")]
+def _start_up(argv: list[str], *then: str) -> str:
+    """The output of a fresh interpreter that runs a mount's start-up for the command line
+    ``argv`` (as ``cli.mount_main`` does before the kernel's first request: options,
+    validation, ``OverlayFS()``, ``start()``, ``OverlayOps()``), then the lines ``then``."""
     code = "\n".join([
         "import sys, " + ", ".join(("overlaypc.cli", "overlaypc.core", "overlaypc.engine.channel",
                                     "overlaypc.engine.daemon", "overlaypc.mounting",
@@ -344,11 +322,26 @@ def test_stack_file_code_is_loaded_only_for_a_stack_file(tmp_path, stack):
         "fs.start()",
         "OverlayOps(fs)",
         "fs.close()",
-        "print(cfg.lowers == [%r], cfg.writable)" % str(tmp_path / "lower"),
-        "print(' '.join(m for m in ('overlaypc.stackfile', 'yaml', 're') if m in sys.modules))",
+        *then,
     ])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=REPO)).stdout.splitlines()
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, PYTHONPATH=REPO)).stdout
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_stack_file_code_is_loaded_only_for_a_stack_file(tmp_path, stack):
+    """``stackfile`` (and with it ``yaml`` and ``re``) is imported by the command line that
+    names a stack file, not by a plain mount's options, validation and start-up (it was
+    part of ``config``, which every mount imports: its code and ``YAML_BOOLEANS`` table
+    were loaded at each start)."""
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work"
+    (tmp_path / "stack.yaml").write_text(f"lowers: [{tmp_path}/lower]\noptions: [{opts}]\n")
+    argv = (["--stack", str(tmp_path / "stack.yaml")] if stack else ["-o", opts]) + [str(tmp_path / "mnt")]
+    out = _start_up(argv, "print(cfg.lowers == [%r], cfg.writable)" % str(tmp_path / "lower"),
+                    "print(' '.join(m for m in ('overlaypc.stackfile', 'yaml', 're') if m in sys.modules))"
+                    ).splitlines()
     assert out[0] == "True True"
     assert out[1].split() == (["overlaypc.stackfile", "yaml", "re"] if stack else [])
 
