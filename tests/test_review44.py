@@ -353,3 +353,30 @@ def test_deep_renamed_tree_of_a_former_upper_as_the_kernel(tmp_path, overlay_mou
             m.unmount()
     assert sum(e.type == "file" for e in got["kernel"][1].values()) == DEPTH
     assert got["ours"] == got["kernel"]
+
+
+@pytest.mark.parametrize("where", ["on-the-way", "last"])
+def test_absolute_redirect_through_an_oci_whiteout(where, tmp_path, overlay_mount, kernel_mount):
+    """A middle layer whites ``w`` out in the OCI format (``.wh.w``; the kernel, which reads
+    no OCI markers, gets a 0/0 device there): an upper directory redirected to ``/w/b``
+    (or ``/w``) must not reach the hidden ``w`` of the layer below, as the kernel's
+    ``ovl_lookup_layer`` stops at the whiteout on the way."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {"w": {"b": {"f": "hidden"}, "f": "hidden"}})
+    target = b"/w/b" if where == "on-the-way" else b"/w"
+    got = {}
+    for side, mark in (("kernel", helpers.Whiteout()), ("ours", helpers.OciWhiteout())):
+        mid = helpers.build_layer(tmp_path / f"mid-{side}", {"w": mark, "keep": "k"})
+        s = new_stack([mid, bottom], tmp_path, side)
+        (s.upper / "n").mkdir()
+        os.setxattr(s.upper / "n", "trusted.overlay.redirect", target)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m = overlay_mount(s.options("redirect_dir=on"))
+            mnt = m.path
+        got[side] = (sorted(os.listdir(mnt / "n")), sorted(os.listdir(mnt)))
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    assert got["ours"] == got["kernel"] == ([], ["keep", "n"])
