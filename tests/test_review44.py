@@ -380,3 +380,30 @@ def test_absolute_redirect_through_an_oci_whiteout(where, tmp_path, overlay_moun
         else:
             m.unmount()
     assert got["ours"] == got["kernel"] == ([], ["keep", "n"])
+
+
+def test_absolute_redirect_through_an_oci_opaque_directory(tmp_path, overlay_mount, kernel_mount):
+    """The same with ``w`` opaque in the middle layer (``.wh..wh..opq`` for overlaypc, the
+    xattr for the kernel): the search ends below that layer."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {"w": {"b": {"f": "hidden"}}})
+    got = {}
+    for side in ("kernel", "ours"):
+        mid = helpers.build_layer(tmp_path / f"mid-{side}", {"w": helpers.Dir(), "keep": "k"})
+        if side == "kernel":
+            os.setxattr(mid / "w", "trusted.overlay.opaque", b"y")
+        else:
+            (mid / "w/.wh..wh..opq").write_bytes(b"")
+        s = new_stack([mid, bottom], tmp_path, side)
+        (s.upper / "n").mkdir()
+        os.setxattr(s.upper / "n", "trusted.overlay.redirect", b"/w/b")
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m = overlay_mount(s.options("redirect_dir=on"))
+            mnt = m.path
+        got[side] = (sorted(os.listdir(mnt / "n")), sorted(os.listdir(mnt / "w")))
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    assert got["ours"] == got["kernel"] == ([], [])
