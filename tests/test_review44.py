@@ -8,6 +8,17 @@ renamed directory of a former upper (its own redirect, an opaque or whited-out o
 in that layer); with a remount between the renames. Compared: the merged tree, each
 object's inode number class (which names share an inode, before and after the renames),
 and the upper as the other implementation mounts it.
+
+- Defect found: the walk took a lower layer's OCI whiteout (``.wh.w``) of a directory on
+  the way for an absent name, and merged in the hidden ``w`` of the layer below
+  (``test_absolute_redirect_through_an_oci_whiteout``).
+- Checked, no defect: odd redirects (a symlink on the way or at the end, a file on the
+  way or at the end, a missing path, 2000 bytes long, to a directory with its own
+  redirect, a loop of two, through an opaque or whited-out directory, OCI-opaque); a
+  20-deep chain of nested absolute redirects, also at 128 fds and in a former upper.
+- A known difference, documented: a malformed redirect (an empty component, a trailing
+  slash, ``.``/``..``, two relative names) makes the kernel's lookup fail; overlaypc
+  follows its names or ignores it (``test_malformed_redirects``).
 """
 from __future__ import annotations
 
