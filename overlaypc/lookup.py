@@ -698,13 +698,16 @@ class Lookup:
         directory's own redirect rewrites the path for the layers below (the kernel's
         ``ovl_check_redirect``; the walk here goes on by name), an opaque one ends the
         search below this layer (an absolute redirect after it resumes it). None where a
-        whiteout or a non-directory on the way stops the lookup."""
+        whiteout (either format: a lower layer's OCI ``.wh.NAME`` hides as the kernel's
+        device does) or a non-directory on the way stops the lookup."""
         parts = path.split("/")
         walked = _Walked(path)
         for k in range(1, len(parts)):
             rel = "/".join(parts[:k])
             st = layer.lstat(rel)
             if st is None:
+                if whiteout.has_oci_whiteout(layer, rel):
+                    return None  # (a ``.wh.NAME`` beside it: a whiteout, as a 0/0 device)
                 walked.there = False
                 return walked
             if not stat.S_ISDIR(st.st_mode):

@@ -1,0 +1,420 @@
+"""review44: review of review43's lookup change (an absolute redirect walked directory by
+directory in each lower layer, through the directories' own redirects, stopped at an
+opaque directory, a whiteout or a non-directory, as the kernel's ``ovl_lookup_layer``).
+
+Directory renames with redirect_dir=on (metacopy off) against the kernel: renamed within
+a directory and across, renamed again, a parent renamed; nested renamed directories; a
+renamed directory of a former upper (its own redirect, an opaque or whited-out old place
+in that layer); with a remount between the renames. Compared: the merged tree, each
+object's inode number class (which names share an inode, before and after the renames),
+and the upper as the other implementation mounts it.
+
+- Defect found: the walk took a lower layer's OCI whiteout (``.wh.w``) of a directory on
+  the way for an absent name, and merged in the hidden ``w`` of the layer below
+  (``test_absolute_redirect_through_an_oci_whiteout``).
+- Checked, no defect: odd redirects (a symlink on the way or at the end, a file on the
+  way or at the end, a missing path, 2000 bytes long, to a directory with its own
+  redirect, a loop of two, through an opaque or whited-out directory, OCI-opaque); a
+  20-deep chain of nested absolute redirects, also at 128 fds and in a former upper.
+- A known difference, documented: a malformed redirect (an empty component, a trailing
+  slash, ``.``/``..``, two relative names) makes the kernel's lookup fail; overlaypc
+  follows its names or ignores it (``test_malformed_redirects``).
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import helpers
+from features_support import new_stack, ovl_xattr
+
+pytestmark = [pytest.mark.mount]
+
+ON = ("redirect_dir=on",)
+
+BOTTOM = {"a": {"b": {"c": {"f": "cf", "d": {"g": "dg"}}, "h": "bh"}, "i": "ai"},
+          "x": {"y": "xy"}, "p": {"q": {"r": {"s": "pqrs"}}}}
+
+#: renames, in phases (a remount between phases)
+SCENARIOS = {
+    "within-across-again-parent": [[("a/b/c", "a/b/c2")], [("a/b/c2", "x/c3")],
+                                   [("x/c3", "x/c4"), ("x", "x2")], [("a", "a2")]],
+    "nested": [[("a/b", "x/b2")], [("x/b2/c", "x/b2/c5"), ("x/b2/c5", "p/c6")],
+               [("x", "z"), ("p", "p2")], [("p2/c6/d", "z/b2/d7")]],
+    "deep-then-parents": [[("p/q/r", "a/b/c/d/r2")], [("a/b/c", "x/c8")], [("x", "a/b/x9")],
+                          [("a", "p/q/a3")]],
+    "swap-names": [[("a/b", "x/t")], [("x/y", "a/b")], [("x/t", "x/y")], [("a", "x/y/a4")]],
+}
+
+
+def _renames(mnt, phases, remount):
+    seen = []
+    for k, phase in enumerate(phases):
+        if k:
+            mnt = remount()
+        for old, new in phase:
+            try:
+                os.rename(mnt / old, mnt / new)
+                seen.append(("ok", old, new))
+            except OSError as e:
+                seen.append(("err", old, new, e.errno))
+    return mnt, seen
+
+
+def _inodes(mnt):
+    """path -> inode class (the sorted names sharing its st_ino)."""
+    by = {}
+    for dirpath, dirs, files in os.walk(mnt):
+        for n in dirs + files + ["."]:
+            p = os.path.join(dirpath, n)
+            by.setdefault(os.lstat(p).st_ino, []).append(os.path.relpath(os.path.normpath(p), mnt))
+    return sorted(sorted(v) for v in by.values())
+
+
+def _run(side, lowers, phases, tmp_path, overlay_mount, kernel_mount):
+    s = new_stack(lowers, tmp_path, side)
+    state = {}
+
+    def mount():
+        if side == "kernel":
+            return kernel_mount(lowers, s.upper, s.work, ON)
+        state["m"] = overlay_mount(s.options("redirect_dir=on"))
+        return state["m"].path
+
+    def remount():
+        if side == "kernel":
+            helpers.force_unmount(state["mnt"])
+        else:
+            state["m"].unmount()
+        state["mnt"] = mount()
+        return state["mnt"]
+
+    state["mnt"] = mount()
+    before = {p: os.lstat(state["mnt"] / p).st_ino
+              for p in ("a/b/c/f", "a/b/c/d", "p/q/r/s", "x/y", "a/b", "x/b1/c/d", "r1/s")
+              if os.path.lexists(state["mnt"] / p)}
+    mnt, seen = _renames(state["mnt"], phases, remount)
+    snap = helpers.tree_snapshot(mnt, xattrs=False)
+    inos = _inodes(mnt)
+    kept = sorted(p for p, ino in before.items()
+                  if any(os.lstat(os.path.join(dp, n)).st_ino == ino
+                         for dp, ds, fs in os.walk(mnt) for n in ds + fs))
+    mnt = remount()
+    again = helpers.tree_snapshot(mnt, xattrs=False)
+    assert again == snap, helpers.diff_snapshots(snap, again, ("before remount", "after"))
+    if side == "kernel":
+        helpers.force_unmount(mnt)
+    else:
+        state["m"].unmount()
+    return s, (seen, snap, inos, kept)
+
+
+def _cross(side, s, tmp_path, overlay_mount, kernel_mount):
+    """The tree of ``s`` mounted by the other implementation than ``side``."""
+    if side == "kernel":
+        m = overlay_mount(s.options("redirect_dir=on"))
+        try:
+            return helpers.tree_snapshot(m.path, xattrs=False)
+        finally:
+            m.unmount()
+    mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+    try:
+        return helpers.tree_snapshot(mnt, xattrs=False)
+    finally:
+        helpers.force_unmount(mnt)
+
+
+def _compare(lowers, phases, tmp_path, overlay_mount, kernel_mount):
+    got, stacks = {}, {}
+    for side in ("kernel", "ours"):
+        stacks[side], got[side] = _run(side, lowers, phases, tmp_path, overlay_mount, kernel_mount)
+    for i, what in enumerate(("renames", "tree", "inode classes", "inodes kept")):
+        if what == "tree":
+            assert got["ours"][i] == got["kernel"][i], helpers.diff_snapshots(
+                got["kernel"][i], got["ours"][i], ("kernel", "ours"))
+        else:
+            assert got["ours"][i] == got["kernel"][i], what
+    for side in ("kernel", "ours"):
+        other = _cross(side, stacks[side], tmp_path, overlay_mount, kernel_mount)
+        assert other == got[side][1], helpers.diff_snapshots(got[side][1], other,
+                                                             (side, f"{side}'s upper, other mount"))
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_directory_renames_as_the_kernel(scenario, tmp_path, overlay_mount, kernel_mount):
+    lower = helpers.build_layer(tmp_path / "lower", BOTTOM)
+    _compare([lower], SCENARIOS[scenario], tmp_path, overlay_mount, kernel_mount)
+
+
+#: what the kernel does in a former upper (used as the top lower) over BOTTOM
+MIDDLE = {
+    "renamed": lambda k: (os.rename(k / "a/b", k / "x/b1"), os.rename(k / "p/q", k / "x/b1/q1")),
+    "renamed-old-place-opaque": lambda k: (
+        os.rename(k / "a/b", k / "x/b1"), os.rename(k / "a/i", k / "i"), os.rmdir(k / "a"),
+        os.mkdir(k / "a"), os.mkdir(k / "a/b")),
+    "renamed-old-place-whiteout": lambda k: (
+        os.rename(k / "p/q/r", k / "r1"), os.rename(k / "p/q", k / "a/q1"),
+        os.rename(k / "x", k / "p/q")),
+    "renamed-parent-renamed": lambda k: (
+        os.rename(k / "a/b/c", k / "x/c1"), os.rename(k / "x", k / "a/b/x1")),
+}
+
+MIDDLE_PHASES = {
+    "renamed": [[("x/b1", "b2")], [("b2/q1", "a/q2"), ("a", "x/a5")]],
+    "renamed-old-place-opaque": [[("x/b1", "a/b/b3")], [("a/b/b3/c", "c4")]],
+    "renamed-old-place-whiteout": [[("r1", "x9")], [("a/q1", "x9/q5")], [("p", "x9/p6")]],
+    "renamed-parent-renamed": [[("a/b/x1/c1", "c2")], [("a/b", "b7")], [("c2/d", "b7/d8")]],
+}
+
+
+@pytest.mark.parametrize("middle", sorted(MIDDLE))
+def test_renames_over_a_former_upper_as_the_kernel(middle, tmp_path, overlay_mount, kernel_mount):
+    lower = helpers.build_layer(tmp_path / "lower", BOTTOM)
+    mid = new_stack([lower], tmp_path, "mid")
+    k = kernel_mount([lower], mid.upper, mid.work, ON)
+    MIDDLE[middle](k)
+    helpers.force_unmount(k)
+    _compare([mid.upper, lower], MIDDLE_PHASES[middle], tmp_path, overlay_mount, kernel_mount)
+
+
+#: an upper directory ``n``'s redirect, odd ones included
+ODD = {
+    "plain": b"/a/b", "symlink-dir": b"/sl/b", "symlink-last": b"/a/bl",
+    "file-on-the-way": b"/a/i/b", "file-at-end": b"/a/i", "missing": b"/nope/b",
+    "long": b"/" + b"/".join([b"L" * 200] * 10), "relative": b"b",
+    "to-redirected": b"/m", "loop": b"/lp1", "through-opaque": b"/o/b", "through-whiteout": b"/w/b",
+}
+#: malformed ones (never written by the kernel or overlaypc): the kernel's lookup fails
+#: (EINVAL: an empty component or more than one relative name; EACCES: ``.``/``..``);
+#: overlaypc's follows the path its names make or, with ``.``/``..``, none (documented in
+#: DESIGN-NOTES: such a redirect is ignored): the same as ODD's "plain", or nothing below
+MALFORMED = {"trailing-slash": (b"/a/b/", "plain"), "double-slash": (b"//a/b", "plain"),
+             "inner-double": (b"/a//b", "plain"), "dot": (b"/a/./b", None),
+             "dotdot": (b"/a/../x", None), "relative-two": (b"a/b", None)}
+
+
+def _probe(mnt):
+    out = []
+    for p in ("n", "n/f", "n/c", "n/c/f"):
+        try:
+            st = os.lstat(mnt / p)
+            kind = "dir" if os.path.isdir(mnt / p) and not os.path.islink(mnt / p) else "other"
+            out.append((p, kind, sorted(os.listdir(mnt / p)) if kind == "dir" else
+                        (mnt / p).read_bytes() if os.path.isfile(mnt / p) else None))
+            del st
+        except OSError as e:
+            out.append((p, "err", e.errno))
+    return out
+
+
+def _odd_probe(value, tmp_path, overlay_mount, kernel_mount):
+    """{side: _probe} of an upper directory ``n`` redirected by ``value`` (layers in a new
+    directory of ``tmp_path``)."""
+    tmp_path = tmp_path / f"probe-{os.urandom(3).hex()}"
+    tmp_path.mkdir()
+    bottom = helpers.build_layer(tmp_path / "bottom", {
+        "a": {"b": {"f": "abf", "c": {"f": "abcf"}}, "i": "ai"}, "x": {"f": "xf"},
+        "out": {"b": {"f": "escaped"}}, "o": {"b": {"f": "hidden-o"}}, "w": {"b": {"f": "hidden-w"}},
+        "m2": {"f": "m2f"}, "lp2": {"f": "lp2f"}, "L" * 200: helpers.Dir()})
+    os.symlink(str(tmp_path / "bottom/out"), bottom / "sl")
+    os.symlink("b", bottom / "a/bl")
+    deep = bottom / "/".join(["L" * 200] * 10)
+    deep.mkdir(parents=True, exist_ok=True)
+    (deep / "f").write_text("long")
+    mid = helpers.build_layer(tmp_path / "mid", {"m": helpers.Dir(), "lp1": helpers.Dir(),
+                                                  "lp2": helpers.Dir(), "o": helpers.Dir(),
+                                                  "w": helpers.Dir()})
+    os.setxattr(mid / "m", "trusted.overlay.redirect", b"/m2")
+    os.setxattr(mid / "lp1", "trusted.overlay.redirect", b"/lp2")
+    os.setxattr(mid / "lp2", "trusted.overlay.redirect", b"/lp1")
+    os.setxattr(mid / "o", "trusted.overlay.opaque", b"y")
+    os.rmdir(mid / "w")
+    os.mknod(mid / "w", 0o600 | 0o020000, 0)
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([mid, bottom], tmp_path, side)
+        (s.upper / "n").mkdir()
+        os.setxattr(s.upper / "n", "trusted.overlay.redirect", value)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m = overlay_mount(s.options("redirect_dir=on"))
+            mnt = m.path
+        got[side] = _probe(mnt)
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    return got
+
+
+@pytest.mark.parametrize("odd", sorted(ODD))
+def test_odd_redirects_as_the_kernel(odd, tmp_path, overlay_mount, kernel_mount):
+    got = _odd_probe(ODD[odd], tmp_path, overlay_mount, kernel_mount)
+    assert got["ours"] == got["kernel"]
+
+
+@pytest.mark.parametrize("odd", sorted(MALFORMED))
+def test_malformed_redirects(odd, tmp_path, overlay_mount, kernel_mount):
+    value, like = MALFORMED[odd]
+    got = _odd_probe(value, tmp_path, overlay_mount, kernel_mount)
+    assert got["kernel"][0][1:] in (("err", errno.EINVAL), ("err", errno.EACCES))
+    if like is None:
+        assert got["ours"] == [("n", "dir", [])] + [(p, "err", errno.ENOENT)
+                                                   for p in ("n/f", "n/c", "n/c/f")]
+    else:
+        assert got["ours"] == _odd_probe(ODD[like], tmp_path, overlay_mount, kernel_mount)["kernel"]
+
+
+DEPTH = 20
+
+
+def _deep_moves(mnt):
+    """Each level of the chain ``d1/.../d20`` moved into a new sibling ``s<k>`` (absolute
+    redirects, each one level deeper than the last); the path of the innermost one."""
+    at = ""
+    for k in range(1, DEPTH + 1):
+        os.mkdir(mnt / at / f"s{k}")
+        os.rename(mnt / at / f"d{k}", mnt / at / f"s{k}/d{k}")
+        at = f"{at}s{k}/d{k}/"
+    return at
+
+
+@pytest.mark.parametrize("nofile", [None, 128])
+def test_deep_renamed_tree_as_the_kernel(nofile, tmp_path, overlay_mount, kernel_mount):
+    """A chain of 20 directories, each level moved across directories (20 nested absolute
+    redirects, the deepest 80 names long): the tree, before and after a remount, as the
+    kernel's; the daemon runs with 128 fds at most (the least it mounts with)."""
+    spec, at = {}, ""
+    for k in range(1, DEPTH + 1):
+        at = f"{at}d{k}/"
+        spec[f"{at}f{k}"] = f"file {k}"
+    lower = helpers.build_layer(tmp_path / "lower", spec)
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([lower], tmp_path, side)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m = overlay_mount(s.options("redirect_dir=on"), nofile=nofile)
+            mnt = m.path
+        inner = _deep_moves(mnt)
+        ino = os.lstat(mnt / inner / f"f{DEPTH}").st_ino
+        snap = helpers.tree_snapshot(mnt, xattrs=False)
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m.unmount()
+            m = overlay_mount(s.options("redirect_dir=on"), nofile=nofile)
+            mnt = m.path
+        assert helpers.tree_snapshot(mnt, xattrs=False) == snap
+        assert os.lstat(mnt / inner / f"f{DEPTH}").st_ino == ino
+        got[side] = (snap, ovl_xattr(s.upper / inner.rstrip("/"), "redirect"))
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    assert len(got["ours"][0]) == 2 * DEPTH + DEPTH + 1
+    assert got["ours"] == got["kernel"]
+
+
+def test_deep_renamed_tree_of_a_former_upper_as_the_kernel(tmp_path, overlay_mount, kernel_mount):
+    """The 20 nested moves made by the kernel in a former upper; over it the innermost
+    directory and then each level moved to the root: each lookup walks the former
+    upper's 20 redirects on the way, as the kernel's."""
+    spec, at = {}, ""
+    for k in range(1, DEPTH + 1):
+        at = f"{at}d{k}/"
+        spec[f"{at}f{k}"] = f"file {k}"
+    lower = helpers.build_layer(tmp_path / "lower", spec)
+    mid = new_stack([lower], tmp_path, "mid")
+    k = kernel_mount([lower], mid.upper, mid.work, ON)
+    inner = _deep_moves(k).rstrip("/")
+    helpers.force_unmount(k)
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([mid.upper, lower], tmp_path, side)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m = overlay_mount(s.options("redirect_dir=on"))
+            mnt = m.path
+        path, seen = inner, []
+        while "/" in path:
+            name = f"top{path.count('/')}"
+            os.rename(mnt / path, mnt / name)
+            seen.append(ovl_xattr(s.upper / name, "redirect"))
+            path = path.rsplit("/", 2)[0]
+        snap = helpers.tree_snapshot(mnt, xattrs=False)
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m.unmount()
+            m = overlay_mount(s.options("redirect_dir=on"))
+            mnt = m.path
+        assert helpers.tree_snapshot(mnt, xattrs=False) == snap
+        got[side] = (seen, snap)
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    assert sum(e.type == "file" for e in got["kernel"][1].values()) == DEPTH
+    assert got["ours"] == got["kernel"]
+
+
+@pytest.mark.parametrize("where", ["on-the-way", "last"])
+def test_absolute_redirect_through_an_oci_whiteout(where, tmp_path, overlay_mount, kernel_mount):
+    """A middle layer whites ``w`` out in the OCI format (``.wh.w``; the kernel, which reads
+    no OCI markers, gets a 0/0 device there): an upper directory redirected to ``/w/b``
+    (or ``/w``) must not reach the hidden ``w`` of the layer below, as the kernel's
+    ``ovl_lookup_layer`` stops at the whiteout on the way."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {"w": {"b": {"f": "hidden"}, "f": "hidden"}})
+    target = b"/w/b" if where == "on-the-way" else b"/w"
+    got = {}
+    for side, mark in (("kernel", helpers.Whiteout()), ("ours", helpers.OciWhiteout())):
+        mid = helpers.build_layer(tmp_path / f"mid-{side}", {"w": mark, "keep": "k"})
+        s = new_stack([mid, bottom], tmp_path, side)
+        (s.upper / "n").mkdir()
+        os.setxattr(s.upper / "n", "trusted.overlay.redirect", target)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m = overlay_mount(s.options("redirect_dir=on"))
+            mnt = m.path
+        got[side] = (sorted(os.listdir(mnt / "n")), sorted(os.listdir(mnt)))
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    assert got["ours"] == got["kernel"] == ([], ["keep", "n"])
+
+
+def test_absolute_redirect_through_an_oci_opaque_directory(tmp_path, overlay_mount, kernel_mount):
+    """The same with ``w`` opaque in the middle layer (``.wh..wh..opq`` for overlaypc, the
+    xattr for the kernel): the search ends below that layer."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {"w": {"b": {"f": "hidden"}}})
+    got = {}
+    for side in ("kernel", "ours"):
+        mid = helpers.build_layer(tmp_path / f"mid-{side}", {"w": helpers.Dir(), "keep": "k"})
+        if side == "kernel":
+            os.setxattr(mid / "w", "trusted.overlay.opaque", b"y")
+        else:
+            (mid / "w/.wh..wh..opq").write_bytes(b"")
+        s = new_stack([mid, bottom], tmp_path, side)
+        (s.upper / "n").mkdir()
+        os.setxattr(s.upper / "n", "trusted.overlay.redirect", b"/w/b")
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        else:
+            m = overlay_mount(s.options("redirect_dir=on"))
+            mnt = m.path
+        got[side] = (sorted(os.listdir(mnt / "n")), sorted(os.listdir(mnt / "w")))
+        if side == "kernel":
+            helpers.force_unmount(mnt)
+        else:
+            m.unmount()
+    assert got["ours"] == got["kernel"] == ([], [])
