@@ -232,22 +232,31 @@ def _odd_probe(value, tmp_path, overlay_mount, kernel_mount):
     os.setxattr(mid / "o", "trusted.overlay.opaque", b"y")
     os.rmdir(mid / "w")
     os.mknod(mid / "w", 0o600 | 0o020000, 0)
-    got = {}
-    for side in ("kernel", "ours"):
-        s = new_stack([mid, bottom], tmp_path, side)
-        (s.upper / "n").mkdir()
-        os.setxattr(s.upper / "n", "trusted.overlay.redirect", value)
-        if side == "kernel":
-            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
-        else:
-            m = overlay_mount(s.options("redirect_dir=on"))
-            mnt = m.path
-        got[side] = _probe(mnt)
-        if side == "kernel":
-            helpers.force_unmount(mnt)
-        else:
-            m.unmount()
-    return got
+    return {side: _through_redirected_n(side, new_stack([mid, bottom], tmp_path, side), value,
+                                        _probe, overlay_mount, kernel_mount)
+            for side in ("kernel", "ours")}
+
+
+def _through_redirected_n(side, s, value, probe, overlay_mount, kernel_mount):
+    """``probe(mnt)`` of stack ``s`` mounted by ``side`` (the kernel or overlaypc,
+    redirect_dir=on) with an upper directory ``n`` whose redirect is ``value``."""
+    (s.upper / "n").mkdir()
+    os.setxattr(s.upper / "n", "trusted.overlay.redirect", value)
+    mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
+    try:
+        return probe(mnt)
+    finally:
+        unmount()
+
+
+def _mount_side(side, s, overlay_mount, kernel_mount, **kw):
+    """(the mount point, its unmount) of stack ``s`` mounted by ``side``, the kernel or
+    overlaypc (``kw``: the ``overlay_mount`` fixture's), both with redirect_dir=on."""
+    if side == "kernel":
+        mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
+        return mnt, lambda: helpers.force_unmount(mnt)
+    m = overlay_mount(s.options("redirect_dir=on"), **kw)
+    return m.path, m.unmount
 
 
 @pytest.mark.parametrize("odd", sorted(ODD))
@@ -295,28 +304,16 @@ def test_deep_renamed_tree_as_the_kernel(nofile, tmp_path, overlay_mount, kernel
     got = {}
     for side in ("kernel", "ours"):
         s = new_stack([lower], tmp_path, side)
-        if side == "kernel":
-            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
-        else:
-            m = overlay_mount(s.options("redirect_dir=on"), nofile=nofile)
-            mnt = m.path
+        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount, nofile=nofile)
         inner = _deep_moves(mnt)
         ino = os.lstat(mnt / inner / f"f{DEPTH}").st_ino
         snap = helpers.tree_snapshot(mnt, xattrs=False)
-        if side == "kernel":
-            helpers.force_unmount(mnt)
-            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
-        else:
-            m.unmount()
-            m = overlay_mount(s.options("redirect_dir=on"), nofile=nofile)
-            mnt = m.path
+        unmount()
+        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount, nofile=nofile)
         assert helpers.tree_snapshot(mnt, xattrs=False) == snap
         assert os.lstat(mnt / inner / f"f{DEPTH}").st_ino == ino
         got[side] = (snap, ovl_xattr(s.upper / inner.rstrip("/"), "redirect"))
-        if side == "kernel":
-            helpers.force_unmount(mnt)
-        else:
-            m.unmount()
+        unmount()
     assert len(got["ours"][0]) == 2 * DEPTH + DEPTH + 1
     assert got["ours"] == got["kernel"]
 
@@ -337,11 +334,7 @@ def test_deep_renamed_tree_of_a_former_upper_as_the_kernel(tmp_path, overlay_mou
     got = {}
     for side in ("kernel", "ours"):
         s = new_stack([mid.upper, lower], tmp_path, side)
-        if side == "kernel":
-            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
-        else:
-            m = overlay_mount(s.options("redirect_dir=on"))
-            mnt = m.path
+        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
         path, seen = inner, []
         while "/" in path:
             name = f"top{path.count('/')}"
@@ -349,19 +342,11 @@ def test_deep_renamed_tree_of_a_former_upper_as_the_kernel(tmp_path, overlay_mou
             seen.append(ovl_xattr(s.upper / name, "redirect"))
             path = path.rsplit("/", 2)[0]
         snap = helpers.tree_snapshot(mnt, xattrs=False)
-        if side == "kernel":
-            helpers.force_unmount(mnt)
-            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
-        else:
-            m.unmount()
-            m = overlay_mount(s.options("redirect_dir=on"))
-            mnt = m.path
+        unmount()
+        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
         assert helpers.tree_snapshot(mnt, xattrs=False) == snap
         got[side] = (seen, snap)
-        if side == "kernel":
-            helpers.force_unmount(mnt)
-        else:
-            m.unmount()
+        unmount()
     assert sum(e.type == "file" for e in got["kernel"][1].values()) == DEPTH
     assert got["ours"] == got["kernel"]
 
@@ -377,19 +362,10 @@ def test_absolute_redirect_through_an_oci_whiteout(where, tmp_path, overlay_moun
     got = {}
     for side, mark in (("kernel", helpers.Whiteout()), ("ours", helpers.OciWhiteout())):
         mid = helpers.build_layer(tmp_path / f"mid-{side}", {"w": mark, "keep": "k"})
-        s = new_stack([mid, bottom], tmp_path, side)
-        (s.upper / "n").mkdir()
-        os.setxattr(s.upper / "n", "trusted.overlay.redirect", target)
-        if side == "kernel":
-            mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
-        else:
-            m = overlay_mount(s.options("redirect_dir=on"))
-            mnt = m.path
-        got[side] = (sorted(os.listdir(mnt / "n")), sorted(os.listdir(mnt)))
-        if side == "kernel":
-            helpers.force_unmount(mnt)
-        else:
-            m.unmount()
+        got[side] = _through_redirected_n(
+            side, new_stack([mid, bottom], tmp_path, side), target,
+            lambda mnt: (sorted(os.listdir(mnt / "n")), sorted(os.listdir(mnt))),
+            overlay_mount, kernel_mount)
     assert got["ours"] == got["kernel"] == ([], ["keep", "n"])
 
 
