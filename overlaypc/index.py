@@ -94,21 +94,16 @@ class IndexDir:
         gone."""
         if stat.S_ISDIR(upper.st.st_mode) or upper.st.st_nlink < 2 and fd is None:
             return None
-        if fd is None and upper.parent is None:
+        if fd is not None:  # (any fd, ``O_PATH`` too: a nameless metacopy file's ``MetaFile``)
+            origin = upper.layer.getxattr_fd(fd, self.origin_xattr)
+        elif upper.parent is None:
             origin = upper.layer.getxattr(upper.rel, self.origin_xattr)
         else:
             # (a name gone since its lookup raises, as a path would: nothing to show)
             # (by name: ``entry_xattr_path``, no read through a mount on the name)
-            where, follow, held = ((fd, True, None) if fd is not None else
-                                   upper.layer.entry_xattr_path(upper.parent.fd, upper.name))
+            where, follow, held = upper.layer.entry_xattr_path(upper.parent.fd, upper.name)
             try:
-                try:
-                    origin = os.getxattr(where, self.origin_xattr, follow_symlinks=follow)
-                except OSError as e:
-                    if e.errno != errno.EBADF or fd is None:
-                        raise
-                    # an ``O_PATH`` fd (a nameless metacopy file's upper file, ``MetaFile``)
-                    origin = os.getxattr(f"/proc/self/fd/{fd}", self.origin_xattr)
+                origin = os.getxattr(where, self.origin_xattr, follow_symlinks=follow)
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                     raise
