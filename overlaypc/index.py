@@ -77,12 +77,22 @@ class IndexDir:
         return f"{INDEX_DIR}/{key}"
 
     def find(self, lower: Entry) -> Entry | None:
-        """The index entry of a hard-linked lower file, if one of its names was copied up."""
+        """The index entry of a hard-linked lower file, if one of its names was copied up.
+        One that is a whiteout (the kernel leaves one for a file whose names all went,
+        under ``nfs_export``) or of another type than the lower file is never served in
+        its place: EIO, as the kernel's ``ovl_lookup_index`` ("bad index found")."""
         key = self.key(lower)
         if key is None:
             return None
-        st = self.work.lstat(self.rel(key))
-        return Entry(self.work, self.rel(key), st) if st is not None and not stat.S_ISDIR(st.st_mode) else None
+        rel = self.rel(key)
+        st = self.work.lstat(rel)
+        if st is None:
+            return None
+        if whiteout.is_whiteout(st) or stat.S_IFMT(st.st_mode) != stat.S_IFMT(lower.st.st_mode):
+            raise OSError(errno.EIO, f"bad index entry {self.work.path}/{rel} (type "
+                          f"{stat.S_IFMT(st.st_mode):o}, the lower file's "
+                          f"{stat.S_IFMT(lower.st.st_mode):o})", lower.rel)
+        return Entry(self.work, rel, st)
 
     def of_upper(self, upper: Entry, fd: int | None = None) -> Entry | None:
         """The index entry an upper file is a hard link of, if any. Its origin is read

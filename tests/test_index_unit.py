@@ -11,8 +11,10 @@ same relative to the lower inode ("L%+i"), and it updates only that xattr.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -157,7 +159,16 @@ def test_find_only_a_regular_index_file(s):
     assert (found.st.st_dev, found.st.st_ino) == (made.st.st_dev, made.st.st_ino)
     os.unlink(s.index_path(made))
     os.mkdir(s.index_path(made))
-    assert s.index.find(lower) is None  # a directory there is no index entry of a file
+    # a directory (or a whiteout) there is no index entry of a file, and no lower file to
+    # read in its place either: EIO, as the kernel's "bad index found" (index45)
+    with pytest.raises(OSError) as e:
+        s.index.find(lower)
+    assert e.value.errno == errno.EIO
+    os.rmdir(s.index_path(made))
+    os.mknod(s.index_path(made), stat.S_IFCHR | 0o600, 0)
+    with pytest.raises(OSError) as e:
+        s.index.find(lower)
+    assert e.value.errno == errno.EIO
     assert s.index.find(s.lower_entry("single")) is None
 
 
