@@ -185,6 +185,18 @@ class IndexDir:
         faults.hit("index.adjust", index.rel)  # test-only (faults.py)
         self._record(index.rel, delta, links=delta if links is None else links)
 
+    def drop_orphan(self, rel: str) -> bool:
+        """The index entry ``rel`` removed if no name of its file is left: no upper name
+        (one link, its own) and an overlay count of 0, as the kernel's
+        ``ovl_cleanup_index`` after the last unlink. Whether it went."""
+        st = self.work.lstat(rel)
+        if st is None or stat.S_ISDIR(st.st_mode) or st.st_nlink != 1:
+            return False
+        if self.nlink(Entry(self.work, rel, st)) > 0:
+            return False
+        self.work.do_unlink(rel)
+        return True
+
     def _record(self, rel: str, delta: int, *, links: int, lower: os.stat_result | None = None) -> None:
         # the count before the change, read with the index inode's links before it (the
         # caller's entry may predate the change: stat again)

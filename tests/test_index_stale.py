@@ -145,3 +145,58 @@ def test_unreadable_index_entry_refuses_the_mount(case, xfs_dir, layers_factory,
     line = overlaypc_refusal(tmp_path, tmp_path / "mnt", s.options("index=on"))
     assert line is not None and "index" in line, line
     assert {p: helpers.dir_state(p) for p in (s.upper, s.work)} == before, "a refused mount wrote"
+
+
+@pytest.mark.parametrize("change", ["unlink", "rename_over"])
+@pytest.mark.parametrize("written", [True, False])
+def test_last_name_gone_takes_the_index_entry(change, written, xfs_dir, layers_factory,
+                                              overlay_mount, kernel_mount):
+    """Every name of ``a`` goes (``a`` written first, or not: then the first removal
+    copies it up into the index); the kernel removes the entry with the last one."""
+    lowers = _lowers(layers_factory, xfs_dir)
+    labels = {_key(lowers[0] / n): n for n in ("a", "x", "y")}
+
+    def run(root: Path) -> dict:
+        if written:
+            with open(root / "a", "r+b") as f:
+                f.write(NEW)
+        for n in ("a", "b", "sub/c"):
+            if change == "unlink":
+                os.unlink(root / n)
+            else:
+                (root / "new").write_bytes(b"n\n")
+                os.rename(root / "new", root / n)
+        return _read(root)
+
+    ks, os_ = new_stack(lowers, xfs_dir, "k"), new_stack(lowers, xfs_dir, "o")
+    theirs = run(kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX))
+    assert _entries(ks.work, labels) == {}  # (the oracle)
+    m = overlay_mount(os_.options("index=on"))
+    assert run(m.path) == theirs
+    assert _entries(os_.work, labels) == {}
+
+
+def test_last_name_gone_while_open(xfs_dir, layers_factory, overlay_mount):
+    """The file is open when its last name goes: it keeps reading and writing through its
+    handle (its index entry stays while it is open: the handle may reopen it), and the
+    next mount removes the orphan entry, as the kernel's would."""
+    lowers = _lowers(layers_factory, xfs_dir)
+    labels = {_key(lowers[0] / n): n for n in ("a", "x", "y")}
+    s = new_stack(lowers, xfs_dir, "o")
+    m = overlay_mount(s.options("index=on"))
+    with open(m / "b", "r+b") as f:
+        f.write(NEW)
+        for n in ("a", "b", "sub/c"):
+            os.unlink(m / n)
+        f.seek(0)
+        assert f.read() == NEW
+        f.write(b"more")
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(0)
+        assert f.read() == NEW + b"more"
+        assert os.fstat(f.fileno()).st_nlink == 0
+    m.unmount()
+    m = overlay_mount(s.options("index=on"))
+    assert _entries(s.work, labels) == {}
+    assert _read(m.path)["a"] == "ENOENT"
