@@ -183,6 +183,12 @@ class OverlayFS:
             impure.first_mount_uuid(self.stack.upper, self.prefix)  # (before any copy-up)
         if self.index is not None:
             self.index.prepare()
+            # index entries are found, counted and linked by name in workdir/index: its fd,
+            # held as workdir/work's, spares each the walk from the workdir's root
+            from .index import INDEX_DIR
+            index_dir = self.stack.work.dir_fd(INDEX_DIR)
+            held = self.stack.work.dirs
+            self.stack.work.dirs = lambda head: index_dir if head == INDEX_DIR else held(head)
         if roots is not None:
             roots.record()
         if cleanup is not None:
