@@ -196,6 +196,7 @@ def test_last_name_gone_while_open(xfs_dir, layers_factory, overlay_mount):
         f.seek(0)
         assert f.read() == NEW + b"more"
         assert os.fstat(f.fileno()).st_nlink == 0
+        assert _entries(s.work, labels) == {"a": "file"}  # (kept while open)
     m.unmount()
     m = overlay_mount(s.options("index=on"))
     assert _entries(s.work, labels) == {}
