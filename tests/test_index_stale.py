@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from features_support import KERNEL_INDEX, make_lowers, new_stack
+from features_support import KERNEL_INDEX, KERNEL_METACOPY, make_lowers, new_stack
 from overlaypc import sysapi
 from test_index_roots import kernel_refusal, overlaypc_refusal
 
@@ -149,10 +149,12 @@ def test_unreadable_index_entry_refuses_the_mount(case, xfs_dir, layers_factory,
 
 @pytest.mark.parametrize("change", ["unlink", "rename_over"])
 @pytest.mark.parametrize("written", [True, False])
-def test_last_name_gone_takes_the_index_entry(change, written, xfs_dir, layers_factory,
-                                              overlay_mount, kernel_mount):
+@pytest.mark.parametrize("metacopy", [False, True])
+def test_last_name_gone_takes_the_index_entry(change, written, metacopy, xfs_dir,
+                                              layers_factory, overlay_mount, kernel_mount):
     """Every name of ``a`` goes (``a`` written first, or not: then the first removal
-    copies it up into the index); the kernel removes the entry with the last one."""
+    copies it up into the index, metadata only under ``metacopy``); the kernel removes
+    the entry with the last one."""
     lowers = _lowers(layers_factory, xfs_dir)
     labels = {_key(lowers[0] / n): n for n in ("a", "x", "y")}
 
@@ -169,9 +171,10 @@ def test_last_name_gone_takes_the_index_entry(change, written, xfs_dir, layers_f
         return _read(root)
 
     ks, os_ = new_stack(lowers, xfs_dir, "k"), new_stack(lowers, xfs_dir, "o")
-    theirs = run(kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX))
+    extra = KERNEL_METACOPY if metacopy else ()
+    theirs = run(kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX + extra))
     assert _entries(ks.work, labels) == {}  # (the oracle)
-    m = overlay_mount(os_.options("index=on"))
+    m = overlay_mount(os_.options(",".join(("index=on",) + extra)))
     assert run(m.path) == theirs
     assert _entries(os_.work, labels) == {}
 
