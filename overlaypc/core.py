@@ -158,13 +158,15 @@ class OverlayFS:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         """Lock upper/workdir against a second mount, check that an index belongs to this
-        stack (``indexroots``: refused before anything is written), clean leftovers in
-        workdir/work, and give a new upper its uuid (``impure.first_mount_uuid``)."""
+        stack (``indexroots``) and its entries (``indexclean``), refused before anything is
+        written, clean leftovers in workdir/work and stale index entries, and give a new
+        upper its uuid (``impure.first_mount_uuid``)."""
         self.stack.lock()
-        roots = None
+        roots = cleanup = None
         if self.index is not None:
-            from . import indexroots
+            from . import indexclean, indexroots
             roots = indexroots.verify(self.stack, self.prefix)
+            cleanup = indexclean.scan(self.stack, self.index)  # (refuses before any write too)
         if self.stack.work is not None:
             check_incompat(self.stack.work)
             with _naming(self.stack.work):
@@ -181,8 +183,16 @@ class OverlayFS:
             impure.first_mount_uuid(self.stack.upper, self.prefix)  # (before any copy-up)
         if self.index is not None:
             self.index.prepare()
+            # index entries are found, counted and linked by name in workdir/index: its fd,
+            # held as workdir/work's, spares each the walk from the workdir's root
+            from .index import INDEX_DIR
+            index_dir = self.stack.work.dir_fd(INDEX_DIR)
+            held = self.stack.work.dirs
+            self.stack.work.dirs = lambda head: index_dir if head == INDEX_DIR else held(head)
         if roots is not None:
             roots.record()
+        if cleanup is not None:
+            cleanup.clean()
 
     def close(self) -> None:
         if self.sharing is not None:

@@ -45,6 +45,12 @@ class IndexDir:
         self.origin_xattr = xattr_prefix + "origin"
         self.kernel_nlink_xattr = xattr_prefix + "nlink"
         self._keys: OrderedDict[tuple[int, int], str | None] = OrderedDict()
+        #: (dev, ino) of an upper file -> (its ctime, its origin xattr): ``_origin``
+        self._origins: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        #: (dev, ino) of an index entry -> ((ctime, nlink), its two counts): ``_counts``
+        self._nlinks: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        #: how many times counts were written (``_counts`` keeps none read across one)
+        self._written = 0
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
@@ -77,12 +83,22 @@ class IndexDir:
         return f"{INDEX_DIR}/{key}"
 
     def find(self, lower: Entry) -> Entry | None:
-        """The index entry of a hard-linked lower file, if one of its names was copied up."""
+        """The index entry of a hard-linked lower file, if one of its names was copied up.
+        One that is a whiteout (the kernel leaves one for a file whose names all went,
+        under ``nfs_export``) or of another type than the lower file is never served in
+        its place: EIO, as the kernel's ``ovl_lookup_index`` ("bad index found")."""
         key = self.key(lower)
         if key is None:
             return None
-        st = self.work.lstat(self.rel(key))
-        return Entry(self.work, self.rel(key), st) if st is not None and not stat.S_ISDIR(st.st_mode) else None
+        rel = self.rel(key)
+        st = self.work.lstat(rel)
+        if st is None:
+            return None
+        if whiteout.is_whiteout(st) or stat.S_IFMT(st.st_mode) != stat.S_IFMT(lower.st.st_mode):
+            raise OSError(errno.EIO, f"bad index entry {self.work.path}/{rel} (type "
+                          f"{stat.S_IFMT(st.st_mode):o}, the lower file's "
+                          f"{stat.S_IFMT(lower.st.st_mode):o})", lower.rel)
+        return Entry(self.work, rel, st)
 
     def of_upper(self, upper: Entry, fd: int | None = None) -> Entry | None:
         """The index entry an upper file is a hard link of, if any. Its origin is read
@@ -94,6 +110,25 @@ class IndexDir:
         gone."""
         if stat.S_ISDIR(upper.st.st_mode) or upper.st.st_nlink < 2 and fd is None:
             return None
+        origin = self._origin(upper, fd)
+        if not origin:
+            return None
+        st = self.work.lstat(self.rel(origin.hex()))
+        if st is None or not same_file(st, upper.st):
+            return None
+        return Entry(self.work, self.rel(origin.hex()), st)
+
+    def _origin(self, upper: Entry, fd: int | None) -> bytes | None:
+        """The ``origin`` xattr of the upper file ``upper``, kept per inode while its
+        ``st_ctime`` stays (a copy-up sets it before the file gets its name; any xattr
+        change moves the ctime). Only one found is kept: ``of_upper`` then checks that the
+        entry it names is this very inode, which a new file on a freed number is not."""
+        st = upper.st
+        ident = (st.st_dev, st.st_ino)
+        with self._lock:
+            kept = self._origins.get(ident)
+        if kept is not None and kept[0] == st.st_ctime_ns:
+            return kept[1]
         if fd is not None:  # (any fd, ``O_PATH`` too: a nameless metacopy file's ``MetaFile``)
             origin = upper.layer.getxattr_fd(fd, self.origin_xattr)
         elif upper.parent is None:
@@ -111,19 +146,52 @@ class IndexDir:
             finally:
                 if held is not None:
                     os.close(held)
-        if not origin:
-            return None
-        st = self.work.lstat(self.rel(origin.hex()))
-        if st is None or not same_file(st, upper.st):
-            return None
-        return Entry(self.work, self.rel(origin.hex()), st)
+        if origin:
+            self._keep(self._origins, ident, (st.st_ctime_ns, origin))
+        return origin
+
+    def _counts(self, index: Entry) -> tuple[bytes | None, bytes | None]:
+        """The kernel's and overlaypc's count xattrs of the index entry ``index``, kept per
+        inode while its ``st_ctime`` and link count stay (a link, an unlink and an xattr
+        change move them), and dropped after every count this mount writes (``_forget``: a
+        filesystem with coarse timestamps may give a change the ctime it had). Not kept
+        when a count was written while they were read (``_written``)."""
+        st = index.st
+        ident = (st.st_dev, st.st_ino)
+        with self._lock:
+            kept = self._nlinks.get(ident)
+            written = self._written
+        if kept is not None and kept[0] == (st.st_ctime_ns, st.st_nlink):
+            return kept[1]
+        counts = (self.work.getxattr(index.rel, self.kernel_nlink_xattr),
+                  self.work.getxattr(index.rel, self.nlink_xattr))
+        self._keep(self._nlinks, ident, ((st.st_ctime_ns, st.st_nlink), counts), written)
+        return counts
+
+    def _keep(self, cache: OrderedDict, ident: tuple[int, int], value: tuple,
+              written: int | None = None) -> None:
+        with self._lock:
+            if written is not None and written != self._written:
+                return
+            cache[ident] = value
+            cache.move_to_end(ident)
+            if len(cache) > KEYS_LIMIT:
+                cache.popitem(last=False)
+
+    def _forget(self, rel: str) -> None:
+        """The counts of index entry ``rel`` were just written: not kept any more."""
+        st = self.work.lstat(rel)
+        with self._lock:
+            self._written += 1
+            if st is not None:
+                self._nlinks.pop((st.st_dev, st.st_ino), None)
 
     def nlink(self, index: Entry, lower: os.stat_result | None = None, *, links: int = 0) -> int:
         """The overlay's link count: the kernel's relative one, which a kernel mounting the
         upper keeps current (it does not know ours), else ours, else the index inode's
         links less its own. ``links``: by how much the index inode's link count changed
         since the count was last written (a change made, whose count is being recorded)."""
-        kernel = self.work.getxattr(index.rel, self.kernel_nlink_xattr)
+        kernel, raw = self._counts(index)
         if kernel and kernel[:1] in (b"U", b"L"):
             try:
                 delta = int(kernel[1:])
@@ -134,7 +202,6 @@ class IndexDir:
                         else lower.st_nlink if lower else None)
                 if base is not None and base + delta > 0:
                     return base + delta
-        raw = self.work.getxattr(index.rel, self.nlink_xattr)
         if raw is not None and raw.isdigit():
             return int(raw)
         return max(index.st.st_nlink - links - 1, 1)
@@ -143,10 +210,14 @@ class IndexDir:
         """Record the overlay link count: ours (absolute) and the kernel's ("U%+d": relative
         to the index inode's own link count, which therefore must be current)."""
         value = max(value, 0)
-        self.work.do_setxattr(rel, self.nlink_xattr, str(value).encode())
-        st = self.work.lstat(rel)
-        if st is not None:
-            self.work.do_setxattr(rel, self.kernel_nlink_xattr, f"U{value - st.st_nlink:+d}".encode())
+        try:
+            self.work.do_setxattr(rel, self.nlink_xattr, str(value).encode())
+            st = self.work.lstat(rel)
+            if st is not None:
+                self.work.do_setxattr(rel, self.kernel_nlink_xattr,
+                                      f"U{value - st.st_nlink:+d}".encode())
+        finally:
+            self._forget(rel)
 
     def before_link_up(self, rel: str, lower: os.stat_result) -> None:
         """Before a name is linked to index entry ``rel`` with the overlay count unchanged
@@ -158,8 +229,11 @@ class IndexDir:
         if st is None:
             return
         count = self.nlink(Entry(self.work, rel, st), lower)
-        self.work.do_setxattr(rel, self.nlink_xattr, str(count).encode())
-        self.work.do_setxattr(rel, self.kernel_nlink_xattr, f"L{count - lower.st_nlink:+d}".encode())
+        try:
+            self.work.do_setxattr(rel, self.nlink_xattr, str(count).encode())
+            self.work.do_setxattr(rel, self.kernel_nlink_xattr, f"L{count - lower.st_nlink:+d}".encode())
+        finally:
+            self._forget(rel)
 
     def sync(self, rel: str, lower: os.stat_result | None = None) -> None:
         """A name was just linked to the index inode with the overlay count unchanged (the
@@ -174,6 +248,18 @@ class IndexDir:
         upper; 0 for a whiteout over a lower name not linked up)."""
         faults.hit("index.adjust", index.rel)  # test-only (faults.py)
         self._record(index.rel, delta, links=delta if links is None else links)
+
+    def drop_orphan(self, rel: str) -> bool:
+        """The index entry ``rel`` removed if no name of its file is left: no upper name
+        (one link, its own) and an overlay count of 0, as the kernel's
+        ``ovl_cleanup_index`` after the last unlink. Whether it went."""
+        st = self.work.lstat(rel)
+        if st is None or stat.S_ISDIR(st.st_mode) or st.st_nlink != 1:
+            return False
+        if self.nlink(Entry(self.work, rel, st)) > 0:
+            return False
+        self.work.do_unlink(rel)
+        return True
 
     def _record(self, rel: str, delta: int, *, links: int, lower: os.stat_result | None = None) -> None:
         # the count before the change, read with the index inode's links before it (the

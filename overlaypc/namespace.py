@@ -330,6 +330,16 @@ class Namespace:
         by one until the next change."""
         _cleanup(self.fs.adjust_nlink, shared, delta, links, what=f"record the link count of {shared.rel}")
 
+    def _drop_index_entry(self, shared: Entry, key: object) -> None:
+        """index=on: the name that just went was the last of the indexed file ``shared``
+        (its count 0, no upper name): its index entry goes too, as the kernel's
+        ``ovl_cleanup_index``. Not while the file is open (``key``'s live inode: its
+        handles may still reach the entry by path); the next mount's check removes it
+        then (``indexclean``). Cleanup: logged, never raised."""
+        if self.fs.inodes.get(key) is None:
+            _cleanup(self.fs.index.drop_orphan, shared.rel,
+                     what=f"remove the index entry {shared.rel} of a file with no name left")
+
     @staticmethod
     def _set_acls(layer, rel: str, new: acl.NewObject) -> None:
         """The inherited ACLs of an object built outside its parent (in workdir/work, whose
@@ -652,6 +662,7 @@ class Namespace:
                     # a lower name not linked up goes by a whiteout: the index inode keeps
                     # its links
                     self._count_link(shared, -1, -1 if node.upper is not None else 0)
+                    self._drop_index_entry(shared, key)
                 self.fs.unlinked(node, key)
                 if then is not None:  # (after the count: ``then`` may read it)
                     then(node)
@@ -863,6 +874,7 @@ class Namespace:
             _cleanup(upper.do_unlink, old, what=f"remove the whiteout {upper.path}/{old} after a rename")
         if replaced_shared is not None:
             self._count_link(replaced_shared, -1, -1 if nnode.upper is not None else 0)
+            self._drop_index_entry(replaced_shared, replaced)
         if nnode.exists:
             self.fs.unlinked(nnode, replaced)
         self.fs.renamed(old, new)

@@ -11,8 +11,10 @@ same relative to the lower inode ("L%+i"), and it updates only that xattr.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -157,7 +159,16 @@ def test_find_only_a_regular_index_file(s):
     assert (found.st.st_dev, found.st.st_ino) == (made.st.st_dev, made.st.st_ino)
     os.unlink(s.index_path(made))
     os.mkdir(s.index_path(made))
-    assert s.index.find(lower) is None  # a directory there is no index entry of a file
+    # a directory (or a whiteout) there is no index entry of a file, and no lower file to
+    # read in its place either: EIO, as the kernel's "bad index found" (index45)
+    with pytest.raises(OSError) as e:
+        s.index.find(lower)
+    assert e.value.errno == errno.EIO
+    os.rmdir(s.index_path(made))
+    os.mknod(s.index_path(made), stat.S_IFCHR | 0o600, 0)
+    with pytest.raises(OSError) as e:
+        s.index.find(lower)
+    assert e.value.errno == errno.EIO
     assert s.index.find(s.lower_entry("single")) is None
 
 
@@ -281,6 +292,63 @@ def test_count_follows_a_change_made_by_the_kernel(s):
 
 
 # --------------------------------------------------------------------------------------
+# Counts and origins kept between GETATTRs (index45)
+# --------------------------------------------------------------------------------------
+
+def _same_ctime(st: os.stat_result, like: os.stat_result) -> os.stat_result:
+    """``st`` with the ctime of ``like``: what a filesystem with coarse timestamps may show
+    after a change made within one tick."""
+    fields = list(st)
+    fields[9] = like.st_ctime
+    return os.stat_result(fields, {"st_ctime_ns": like.st_ctime_ns})
+
+
+def test_counts_kept_are_dropped_by_a_count_written(s):
+    """A count written through the index is read back, also where the entry's ctime and
+    links did not move (a coarse clock): kept counts go with every write."""
+    made = s.copy_up("a")
+    s.index.set_nlink(made.rel, 3)
+    before = s.entry(s.work, made.rel)
+    assert s.index.nlink(before) == 3
+    assert s.index.nlink(before) == 3  # (kept: the entry's stat is the same)
+    s.index.set_nlink(made.rel, 5)
+    after = Entry(s.work, made.rel, _same_ctime(s.entry(s.work, made.rel).st, before.st))
+    assert s.index.nlink(after) == 5
+    s.index.adjust(after, -1, links=0)  # (a whiteout over a lower name)
+    assert s.index.nlink(Entry(s.work, made.rel, _same_ctime(after.st, before.st))) == 4
+
+
+def test_counts_kept_follow_a_change_behind_the_index(s):
+    """A change the index did not write (the kernel's, on a later mount of the layers)
+    moves the entry's ctime or links: the count is read again."""
+    made = s.copy_up("a")
+    s.index.set_nlink(made.rel, 3)
+    assert s.index.nlink(s.entry(s.work, made.rel)) == 3
+    os.setxattr(s.index_path(made), KERNEL, kernel_value(7, 2))  # (moves the ctime)
+    assert s.index.nlink(s.entry(s.work, made.rel)) == 7
+    os.link(s.index_path(made), s.root / "upper/d")  # 3 links now: "U+5" says 8
+    assert s.index.nlink(s.entry(s.work, made.rel)) == 8
+
+
+def test_origin_kept_only_when_found(s):
+    """A kept origin is checked against the inode it names (``same_file``); a file
+    without one keeps nothing, so an origin it gets later is found."""
+    made = s.copy_up("a")
+    upper_a = s.entry(s.upper, "a")
+    assert s.index.of_upper(upper_a).rel == made.rel
+    assert s.index.of_upper(upper_a).rel == made.rel  # (kept)
+    (s.root / "upper/x").write_bytes(b"x")
+    os.link(s.root / "upper/x", s.root / "upper/y")
+    # none is kept for a file without origin: one set later is read, also where the
+    # file's ctime did not move (a coarse clock)
+    x = s.entry(s.upper, "x")
+    assert s.index.of_upper(x) is None
+    origin = bytes.fromhex(made.rel.split("/")[1])
+    os.setxattr(s.root / "upper/x", ORIGIN, origin)
+    assert s.index._origin(x, None) == origin
+
+
+# --------------------------------------------------------------------------------------
 # Bounds
 # --------------------------------------------------------------------------------------
 
@@ -292,3 +360,15 @@ def test_key_cache_is_bounded(s):
         fake = os.stat_result((real.st_mode, 10_000_000 + i, real.st_dev, 2, 0, 0, 1, 0, 0, 0))
         s.index.key(Entry(s.lower, "a", fake))
     assert len(s.index._keys) <= 65536
+
+
+def test_kept_counts_and_origins_are_bounded(s):
+    made = s.copy_up("a")
+    real = s.entry(s.work, made.rel).st
+    upper = s.entry(s.upper, "a").st
+    for i in range(20_000):
+        fake = os.stat_result((real.st_mode, 10_000_000 + i, real.st_dev, 2, 0, 0, 1, 0, 0, 0))
+        s.index.nlink(Entry(s.work, made.rel, fake))
+        fake = os.stat_result((upper.st_mode, 10_000_000 + i, upper.st_dev, 2, 0, 0, 1, 0, 0, 0))
+        s.index.of_upper(Entry(s.upper, "a", fake))
+    assert len(s.index._nlinks) <= 16384 and len(s.index._origins) <= 16384
