@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Profiles of run.py's small-file workloads (issue 17): where each one's time goes.
 
-    python benchmarks/profile_workloads.py [--workloads find_cold,...] [--modes plain,counts,pyspy,strace]
-                                           [--reps N] [--small] [--out profile.json]
+    python benchmarks/profile_workloads.py [--workloads find_cold,...] [--modes plain,counts,pyspy,strace,perf]
+                                           [--reps N] [--small] [--tree DIR] [--out profile.json]
 
 The same lower tree and tarball as ``run.py`` (its ``make_tree``/``make_tarball`` and sizes;
 ``--small`` takes its QUICK sizes), each workload on a fresh mount with an empty upper, after
@@ -18,7 +18,11 @@ chmod -R: the tree looked up first). Modes, each a separate mount per workload:
   ``PY_SPY``), folded into self samples per function and per module and inclusive samples
   per function (idle threads are not sampled: the shares are of the daemon's busy time);
 - ``strace``: ``strace -c -f -p PID`` on the daemon with the counter as well: system calls
-  per request (use it with ``--small``).
+  per request (use it with ``--small``);
+- ``perf``: ``perf record -F 2999 -p PID`` on each daemon (overlaypc and fuse-overlayfs):
+  the shares of the kernel, the interpreter and other objects, and the top symbols.
+
+``--tree DIR`` runs another overlaypc tree (e.g. ``git archive`` of main) than this checkout.
 
 Needs root (mounts, drop_caches). Prints a summary; ``--out`` keeps everything as JSON.
 """
