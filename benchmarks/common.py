@@ -237,6 +237,9 @@ class System:
                     env = None
                 else:
                     raise ValueError(self.kind)
+                # the mount point's device before the daemon starts: taken after, a daemon
+                # that mounted meanwhile (fuse-overlayfs, on a loaded machine) was never seen
+                below = os.stat(mnt).st_dev
                 with open(logfile, "ab") as lf:
                     proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -244,7 +247,6 @@ class System:
                 deadline = time.monotonic() + timeout
                 # one stat per millisecond (parsing mountinfo this often took CPU from the
                 # starting daemon on 2 vCPUs); the mount point's device changes at mount(2)
-                below = os.stat(mnt).st_dev
                 while os.stat(mnt).st_dev == below:
                     if proc.poll() is not None:
                         raise RuntimeError(f"{self.name} exited with {proc.returncode} before mounting:\n"

@@ -23,7 +23,8 @@ from overlaypc.cli import main  # noqa: E402
 from overlaypc.engine import protocol  # noqa: E402
 from overlaypc.engine.session import Session  # noqa: E402
 
-TRIGGER = "/tmp/overlaypc-count-ops.dump"
+#: the trigger file (``OVERLAYPC_COUNT_OPS_TRIGGER`` names another: one per concurrent user)
+TRIGGER = os.environ.get("OVERLAYPC_COUNT_OPS_TRIGGER", "/tmp/overlaypc-count-ops.dump")
 counts: collections.Counter = collections.Counter()
 lock = threading.Lock()
 

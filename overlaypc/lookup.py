@@ -38,7 +38,10 @@ it). A kept file counts only while ``_epoch`` is the one read *before* the looku
 read the layers, and is used under the namespace lock: a change that ran during the lookup
 voids it, and none can run between the check and the open. Changes to the upper layer behind
 the mount's back are not seen (as with the kernel's own dentry cache); the open checks the
-object it opened is the one kept, and looks the name up afresh when not.
+object it opened is the one kept, and looks the name up afresh when not. Names a lookup
+found absent, with nothing in the upper there, are kept the same way for the creation the
+kernel sends next (``absent``, taken once): it makes the object by a call that fails EEXIST
+if the name was taken behind the mount's back, and looks afresh then.
 
 Bound: a cached directory holds an ``O_PATH`` fd of itself in each layer that has it, so
 the cache is bounded by the fds it holds (``max_fds``, from ``fdbudget``, less what open files
@@ -69,6 +72,8 @@ from .stack import LayerStack
 NAME_MAX = 255
 #: the most regular files ``Lookup`` keeps for a later open (``recent``)
 RECENT_MAX = 4096
+#: the most absent names ``Lookup`` keeps for a creation that follows (``absent``)
+ABSENT_MAX = 64
 
 
 #: a kept regular file: from a lookup, (layer, path there, stat, xattr names or None); from
@@ -231,6 +236,9 @@ class Lookup:
         #: the current ``_epoch`` (stored only at it, emptied when it moves: both under _lock)
         self._recent: OrderedDict[str, dict[str, Kept]] = OrderedDict()
         self._recent_count = 0
+        #: names found absent (``absent``): merged path -> the lookup's node, oldest first;
+        #: all of the current ``_epoch``, as ``_recent``
+        self._absent: dict[str, Node] = {}
         #: names of lower-layer directories: absent names cost no system call
         self.names = LowerNames()
         #: xattr names of lower regular files: a lookup after the first lists none
@@ -293,6 +301,7 @@ class Lookup:
         self._epoch += 1
         self._recent.clear()
         self._recent_count = 0
+        self._absent.clear()
 
     def _keep_in(self, parent: str, files: dict[str, Kept]) -> None:
         """Add ``files`` (at most ``RECENT_MAX``) to directory ``parent``'s (lock held)."""
@@ -357,6 +366,25 @@ class Lookup:
             return Node(rel, (Entry(layer, f"{head}/{name}" if head else name, st),)), False
         layer, lrel, st, xattrs = kept
         return Node(rel, (Entry(layer, lrel, st, None, None, xattrs),)), True
+
+    def absent(self, rel: str) -> Node | None:
+        """The node of ``rel`` as the last lookup found it, absent with nothing in the upper
+        at its name (no whiteout, no marker), if no change of the namespace ran since (call
+        under the namespace lock, which every change holds); taken once. A creation after
+        the kernel's negative LOOKUP of its name (one per file of an untar, a create) need
+        not look again: it makes the object with a call that fails EEXIST if the name was
+        taken behind the mount's back, and then looks afresh (``Namespace._place_new``)."""
+        with self._lock:
+            return self._absent.pop(rel, None)
+
+    def _keep_absent(self, rel: str, epoch: int, node: Node) -> None:
+        with self._lock:
+            if epoch != self._epoch:
+                return
+            absent = self._absent
+            if len(absent) >= ABSENT_MAX and rel not in absent:
+                del absent[next(iter(absent))]
+            absent[rel] = node
 
     def forget_recent(self, rel: str) -> None:
         """``rel`` did not open as kept (changed behind the mount's back)."""
@@ -546,6 +574,8 @@ class Lookup:
             elif keep and stat.S_ISREG(mode) and len(entries) == 1 and node.data is None:
                 # kept for an open that follows (``recent``; no fd: not the entry's ``parent``)
                 self._keep(parent_rel, name, epoch, (top.layer, top.rel, top.st, top.xattrs))
+        elif keep and not node.upper_whiteout and not node.upper_marker:
+            self._keep_absent(rel, epoch, node)  # for a creation that follows (``absent``)
         return node
 
     def lower_exists(self, rel: str) -> bool:

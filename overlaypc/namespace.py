@@ -188,7 +188,12 @@ class Namespace:
         """Run ``make(layer, where, mode)`` to create the object at ``rel``, owned by
         ``caller`` (None: keep the owner and mode, for hard links); then ``then(its stat
         when the last step read it after every change — made in place, owner and mode
-        right as made — else None)``, what the request answers (``_named``)."""
+        right as made — else None)``, what the request answers (``_named``).
+
+        The name's lookup is the kernel's LOOKUP's when it found the name absent and no
+        change ran since (``Lookup.absent``); the object is then made in the upper by a call
+        that fails EEXIST if the name is taken there (made behind the mount's back
+        meanwhile), and that failure is decided again on a fresh lookup."""
         upper, work = self.fs.stack.upper, self.fs.stack.work
         assert upper is not None and work is not None
         new = owner = None
@@ -197,9 +202,22 @@ class Namespace:
             new = acl.inherit(default, mode, caller.umask)
             owner = (uid, gid, new.mode)
             mode = new.mode
+        node = self.fs.lookup.absent(rel)
+        if node is not None:
+            try:
+                return self._place(rel, make, mode, then, is_dir, new, owner, node)
+            except FileExistsError:
+                pass  # taken behind the mount's back: as a fresh lookup decides
         node = self.fs.lookup.lookup(rel)
         if node.exists:
             raise OSError(errno.EEXIST, "file exists", rel)
+        return self._place(rel, make, mode, then, is_dir, new, owner, node)
+
+    def _place(self, rel: str, make, mode: int, then: "Callable[[os.stat_result | None], T]",
+               is_dir: bool, new: "acl.NewObject | None", owner: tuple[int, int, int] | None,
+               node: Node) -> "T":
+        """``_place_new`` once the name is known to be free (``node``: its lookup)."""
+        upper, work = self.fs.stack.upper, self.fs.stack.work
         over_whiteout = node.upper_whiteout and not (node.upper_marker and not is_dir)
         if not over_whiteout and not self._owned_after(upper, owner):
             make(upper, rel, mode)  # in its real parent: the filesystem applies the default ACL

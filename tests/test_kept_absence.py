@@ -1,0 +1,88 @@
+"""A creation right after a lookup that found its name absent (the kernel's negative LOOKUP
+before a CREATE, MKDIR...: one per file of an untar) reuses that lookup (``Lookup.absent``)
+while no change of the namespace ran since; a name taken behind the mount's back meanwhile
+is decided as a fresh lookup decides it. Driven on a real ``OverlayFS`` over plain
+directories (no FUSE), as test_kept_lookups.py."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from test_kept_lookups import counting_lookups, fs_factory, read_all, write_new  # noqa: F401 (a fixture)
+
+
+def negative_lookup(fs, rel: str) -> None:
+    """What the kernel's LOOKUP of an absent name does."""
+    with pytest.raises(FileNotFoundError):
+        fs.lookup_attr(rel)
+
+
+CREATIONS = {
+    "create": lambda fs, rel: write_new(fs, rel, b"made\n"),
+    "mkdir": lambda fs, rel: fs.mkdir(rel, 0o755),
+    "symlink": lambda fs, rel: fs.symlink("target", rel),
+}
+
+
+@pytest.mark.parametrize("how", CREATIONS)
+def test_a_creation_after_a_negative_lookup_does_not_look_up_again(fs_factory, monkeypatch, how):
+    fs = fs_factory({"d/x": b"lower\n"}, upper={"d/keep": b"upper\n"})  # (d merged, in the upper)
+    negative_lookup(fs, "d/new")
+    seen = counting_lookups(fs, monkeypatch)
+    CREATIONS[how](fs, "d/new")
+    assert "d/new" not in seen
+    assert fs.lookup.lookup("d/new").exists
+
+
+def test_a_change_between_the_lookup_and_the_creation_voids_it(fs_factory, monkeypatch):
+    fs = fs_factory({"d/x": b"lower\n"}, upper={"d/keep": b"upper\n"})
+    negative_lookup(fs, "d/new")
+    write_new(fs, "d/other", b"other\n")  # a change of the namespace
+    seen = counting_lookups(fs, monkeypatch)
+    write_new(fs, "d/new", b"made\n")
+    assert "d/new" in seen
+    assert read_all(fs, "d/new") == b"made\n"
+
+
+def test_a_lookup_is_reused_once(fs_factory):
+    fs = fs_factory({"d/x": b"lower\n"})
+    negative_lookup(fs, "d/new")
+    assert fs.lookup.absent("d/new") is not None
+    assert fs.lookup.absent("d/new") is None
+
+
+@pytest.mark.parametrize("how", CREATIONS)
+def test_a_name_taken_behind_the_mounts_back_after_the_lookup_fails_eexist(fs_factory, how):
+    """As a fresh lookup would have found: the upper object made meanwhile is not touched."""
+    fs = fs_factory({"d/x": b"lower\n"}, upper={"d/keep": b"upper\n"})
+    negative_lookup(fs, "d/new")
+    (fs.root / "upper/d/new").write_bytes(b"theirs\n")
+    with pytest.raises(OSError) as e:
+        CREATIONS[how](fs, "d/new")
+    assert e.value.errno == errno.EEXIST
+    assert (fs.root / "upper/d/new").read_bytes() == b"theirs\n"
+
+
+def test_a_whiteout_made_behind_the_mounts_back_after_the_lookup_is_created_over(fs_factory):
+    """The name's whiteout (made in the upper meanwhile) makes the upper's create fail
+    EEXIST; decided afresh, the new file replaces the whiteout, as without the kept lookup."""
+    fs = fs_factory({"d/x": b"lower\n"}, upper={"d/keep": b"upper\n"})
+    negative_lookup(fs, "d/new")
+    os.mknod(fs.root / "upper/d/new", stat.S_IFCHR | 0o600, 0)
+    write_new(fs, "d/new", b"made\n")
+    assert read_all(fs, "d/new") == b"made\n"
+    assert stat.S_ISREG(os.lstat(fs.root / "upper/d/new").st_mode)
+
+
+def test_a_whiteout_found_by_the_lookup_is_not_kept(fs_factory):
+    """A name whose lower object is whited out is absent, but its creation replaces the
+    whiteout: that lookup is not kept (the creation looks again, under the lock)."""
+    fs = fs_factory({"d/x": b"lower\n", "d/gone": b"lower\n"})
+    fs.unlink("d/gone")
+    negative_lookup(fs, "d/gone")
+    assert fs.lookup.absent("d/gone") is None
+    write_new(fs, "d/gone", b"made\n")
+    assert read_all(fs, "d/gone") == b"made\n"
