@@ -604,7 +604,9 @@ class Namespace:
         # turn it is needs: limits23)
         del src
         self._prepare_new(dst_rel, check=True)  # a doomed link copies no source up
-        self.fs.copyup.ensure_data(src_rel)  # a metacopy file could not find its data elsewhere
+        # a metacopy file could not find its data elsewhere (its times kept: the kernel's
+        # link copies no data)
+        self.fs.copyup.ensure_data(src_rel, keep_times=True)
         upper = self.fs.stack.upper
         assert upper is not None
         with self._changing():
