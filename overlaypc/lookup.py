@@ -117,6 +117,18 @@ class Node:
     data: Entry | None = None
     #: the upper's whiteout is a ``.wh.NAME`` file: the name itself is free in the upper
     upper_marker: bool = False
+    #: metacopy: the first lower entry below the upper metadata-only copy when it is a
+    #: metacopy file itself (a former upper's; the kernel's ``ovl_dentry_lower``), else None
+    #: (``data`` is the first lower then)
+    meta_lower: Entry | None = None
+
+    @property
+    def first_lower(self) -> Entry | None:
+        """The topmost lower entry (the kernel's ``ovl_dentry_lower``), a metacopy file's
+        own metadata-only one included."""
+        if self.meta_lower is not None:
+            return self.meta_lower
+        return self.lowers[0] if self.lowers else self.data
 
     @property
     def exists(self) -> bool:
@@ -163,7 +175,9 @@ class Node:
         return Node(self.rel, tuple(Entry(e.layer, e.rel, e.st, None, None, e.xattrs) for e in self.entries),
                     self.opaque, self.upper_whiteout,
                     None if self.data is None else Entry(self.data.layer, self.data.rel, self.data.st),
-                    self.upper_marker)
+                    self.upper_marker,
+                    None if self.meta_lower is None else
+                    Entry(self.meta_lower.layer, self.meta_lower.rel, self.meta_lower.st))
 
     @property
     def merged_dir(self) -> bool:
@@ -584,6 +598,7 @@ class Lookup:
         entries: list[Entry] = []
         opaque = upper_whiteout = upper_marker = False
         data: Entry | None = None
+        meta_lower: Entry | None = None  # the first lower one below a metacopy file, itself one
         redirect: str | None = None  # layer path to use in the layers below, once redirected
         metacopy = False
         stop_at: int | None = None  # the last layer searched, when a redirect's walk ends it
@@ -630,6 +645,7 @@ class Lookup:
                 if not self._metacopy(found, pentry, name):
                     data = found
                     break
+                meta_lower = meta_lower or found
                 # metadata only here too (a former upper used as a lower): the data is
                 # further down, through this one's redirect if it has one, as the kernel's
                 # lookup goes on past each metacopy layer (before, this sparse file was
@@ -690,7 +706,7 @@ class Lookup:
                 entries.insert(0, shared)
         if metacopy and data is None:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
-        return Node(rel, tuple(entries), opaque, upper_whiteout, data, upper_marker)
+        return Node(rel, tuple(entries), opaque, upper_whiteout, data, upper_marker, meta_lower)
 
     def _redirect_walk(self, layer: Layer, path: str) -> "_Walked | None":
         """The directories on a redirected ``path`` (one the lookup follows from each lower
