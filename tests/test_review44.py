@@ -16,9 +16,11 @@ and the upper as the other implementation mounts it.
   way or at the end, a missing path, 2000 bytes long, to a directory with its own
   redirect, a loop of two, through an opaque or whited-out directory, OCI-opaque); a
   20-deep chain of nested absolute redirects, also at 128 fds and in a former upper.
-- A known difference, documented: a malformed redirect (an empty component, a trailing
-  slash, ``.``/``..``, two relative names) makes the kernel's lookup fail; overlaypc
-  follows its names or ignores it (``test_malformed_redirects``).
+- A malformed redirect (an empty component, a trailing slash, ``.``/``..``, two relative
+  names, a NUL, an over-long name; in a lower directory on the way, in the bottom layer, in
+  an upper-only parent, on a metacopy file) fails the lookup where the kernel's does, with
+  its errno (parity45; before: overlaypc followed its names or ignored it,
+  ``test_malformed_redirects_as_the_kernel``, ``test_malformed_redirect_places_as_the_kernel``).
 """
 from __future__ import annotations
 
@@ -186,13 +188,21 @@ ODD = {
     "long": b"/" + b"/".join([b"L" * 200] * 10), "relative": b"b",
     "to-redirected": b"/m", "loop": b"/lp1", "through-opaque": b"/o/b", "through-whiteout": b"/w/b",
 }
-#: malformed ones (never written by the kernel or overlaypc): the kernel's lookup fails
-#: (EINVAL: an empty component or more than one relative name; EACCES: ``.``/``..``);
-#: overlaypc's follows the path its names make or, with ``.``/``..``, none (documented in
-#: DESIGN-NOTES: such a redirect is ignored): the same as ODD's "plain", or nothing below
-MALFORMED = {"trailing-slash": (b"/a/b/", "plain"), "double-slash": (b"//a/b", "plain"),
-             "inner-double": (b"/a//b", "plain"), "dot": (b"/a/./b", None),
-             "dotdot": (b"/a/../x", None), "relative-two": (b"a/b", None)}
+#: malformed ones (never written by the kernel or overlaypc), and how the kernel's lookup
+#: of ``n`` answers (``ovl_get_redirect_xattr``: EINVAL for an empty value, an empty
+#: component of an absolute one, a ``/`` in a relative one, also in a lower directory on
+#: the way; the value ends at a NUL; then EACCES for a ``.``, ``..`` or empty name looked
+#: up in a lower layer; a name over 255 bytes is absent there)
+MALFORMED = {"trailing-slash": (b"/a/b/", errno.EINVAL), "double-slash": (b"//a/b", errno.EINVAL),
+             "inner-double": (b"/a//b", errno.EINVAL), "root": (b"/", errno.EINVAL),
+             "empty": (b"", errno.EINVAL), "relative-two": (b"a/b", errno.EINVAL),
+             "relative-slash": (b"b/", errno.EINVAL), "dot": (b"/a/./b", errno.EACCES),
+             "dotdot": (b"/a/../x", errno.EACCES), "relative-dot": (b".", errno.EACCES),
+             "relative-dotdot": (b"..", errno.EACCES), "nul-first": (b"\0b", errno.EACCES),
+             "nul-after": (b"/a/b\0/zz", None), "relative-nul": (b"x\0/y", None),
+             "long-name": (b"L" * 300, None), "long-last": (b"/a/" + b"L" * 300, None),
+             "malformed-on-the-way": (b"/bad/b", errno.EINVAL),
+             "malformed-in-the-bottom-layer": (b"/q", None)}
 
 
 def _probe(mnt):
@@ -217,7 +227,8 @@ def _odd_probe(value, tmp_path, overlay_mount, kernel_mount):
     bottom = helpers.build_layer(tmp_path / "bottom", {
         "a": {"b": {"f": "abf", "c": {"f": "abcf"}}, "i": "ai"}, "x": {"f": "xf"},
         "out": {"b": {"f": "escaped"}}, "o": {"b": {"f": "hidden-o"}}, "w": {"b": {"f": "hidden-w"}},
-        "m2": {"f": "m2f"}, "lp2": {"f": "lp2f"}, "L" * 200: helpers.Dir()})
+        "m2": {"f": "m2f"}, "lp2": {"f": "lp2f"}, "L" * 200: helpers.Dir(), "q": {"f": "qf"}})
+    os.setxattr(bottom / "q", "trusted.overlay.redirect", b"//")  # (the last layer: not read)
     os.symlink(str(tmp_path / "bottom/out"), bottom / "sl")
     os.symlink("b", bottom / "a/bl")
     deep = bottom / "/".join(["L" * 200] * 10)
@@ -225,7 +236,8 @@ def _odd_probe(value, tmp_path, overlay_mount, kernel_mount):
     (deep / "f").write_text("long")
     mid = helpers.build_layer(tmp_path / "mid", {"m": helpers.Dir(), "lp1": helpers.Dir(),
                                                   "lp2": helpers.Dir(), "o": helpers.Dir(),
-                                                  "w": helpers.Dir()})
+                                                  "w": helpers.Dir(), "bad": {"b": helpers.Dir()}})
+    os.setxattr(mid / "bad", "trusted.overlay.redirect", b"a//b")
     os.setxattr(mid / "m", "trusted.overlay.redirect", b"/m2")
     os.setxattr(mid / "lp1", "trusted.overlay.redirect", b"/lp2")
     os.setxattr(mid / "lp2", "trusted.overlay.redirect", b"/lp1")
@@ -266,15 +278,63 @@ def test_odd_redirects_as_the_kernel(odd, tmp_path, overlay_mount, kernel_mount)
 
 
 @pytest.mark.parametrize("odd", sorted(MALFORMED))
-def test_malformed_redirects(odd, tmp_path, overlay_mount, kernel_mount):
-    value, like = MALFORMED[odd]
+def test_malformed_redirects_as_the_kernel(odd, tmp_path, overlay_mount, kernel_mount):
+    """The lookup fails where the kernel's does (before: overlaypc followed the names an
+    empty component left, ignored the rest, and read a bottom layer's redirect)."""
+    value, refused = MALFORMED[odd]
     got = _odd_probe(value, tmp_path, overlay_mount, kernel_mount)
-    assert got["kernel"][0][1:] in (("err", errno.EINVAL), ("err", errno.EACCES))
-    if like is None:
-        assert got["ours"] == [("n", "dir", [])] + [(p, "err", errno.ENOENT)
-                                                   for p in ("n/f", "n/c", "n/c/f")]
+    if refused is not None:
+        assert got["kernel"][0] == ("n", "err", refused)
     else:
-        assert got["ours"] == _odd_probe(ODD[like], tmp_path, overlay_mount, kernel_mount)["kernel"]
+        assert got["kernel"][0][1] == "dir"
+    assert got["ours"] == got["kernel"]
+
+
+
+#: where a malformed redirect sits (a directory in a parent with no lower part, which the
+#: kernel reads all the same; an opaque directory's and a plain file's, which it never
+#: reads; a metacopy file's, metacopy=on), and the probed path
+PLACES = {"upper-only-parent": "u/n", "opaque": "n", "file": "n", "metacopy-file": "a/i"}
+
+
+def _place(where, upper, value):
+    if where == "upper-only-parent":
+        (upper / "u/n").mkdir(parents=True)
+    elif where == "opaque":
+        (upper / "n").mkdir()
+        os.setxattr(upper / "n", "trusted.overlay.opaque", b"y")
+    elif where == "file":
+        (upper / "n").write_text("upper n")
+    else:
+        (upper / "a").mkdir()
+        with open(upper / "a/i", "wb") as f:
+            f.truncate(2)
+        os.setxattr(upper / "a/i", "trusted.overlay.metacopy", b"")
+    os.setxattr(upper / PLACES[where], "trusted.overlay.redirect", value)
+
+
+@pytest.mark.parametrize("value", [b"", b"a/b", b"/a//b", b"..", b"i"], ids=repr)
+@pytest.mark.parametrize("where", sorted(PLACES))
+def test_malformed_redirect_places_as_the_kernel(where, value, tmp_path, overlay_mount, kernel_mount):
+    bottom = helpers.build_layer(tmp_path / "bottom", {"a": {"b": {"f": "abf"}, "i": "ai"}})
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([bottom], tmp_path, side)
+        _place(where, s.upper, value)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON + ("metacopy=on",))
+            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
+        else:
+            m = overlay_mount(s.options("redirect_dir=on,metacopy=on"))
+            mnt, unmount = m.path, m.unmount
+        try:
+            path = mnt / PLACES[where]
+            got[side] = (sorted(os.listdir(path)) if path.is_dir() else path.read_bytes())
+        except OSError as e:
+            got[side] = errno.errorcode[e.errno]
+        finally:
+            unmount()
+    assert got["ours"] == got["kernel"]
 
 
 DEPTH = 20
