@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -334,6 +335,40 @@ def test_malformed_redirect_places_as_the_kernel(where, value, tmp_path, overlay
             got[side] = errno.errorcode[e.errno]
         finally:
             unmount()
+    assert got["ours"] == got["kernel"]
+
+
+
+def test_rename_below_an_opaque_directory_with_a_redirect_as_the_kernel(tmp_path, overlay_mount,
+                                                                       kernel_mount):
+    """An opaque upper directory ``o`` with a (stale) redirect, which the kernel never reads
+    (``ovl_lookup_single`` stops at an opaque directory before ``ovl_check_redirect``, so
+    its inode holds none for ``ovl_get_redirect``): a directory below it with lower parts
+    (``o/c``, absolute redirect to ``/a/b``) and one in that (``o/c/d``) renamed across
+    directories get the same redirects from both (the walk up from ``o/c/d`` stops at
+    ``o/c``'s absolute one; an object below an opaque directory has lower parts only
+    through an absolute redirect of its own or of an ancestor below it, so the opaque
+    one's is never reached)."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {
+        "a": {"b": {"d": {"f": "abdf"}, "e": {"f": "abef"}}}, "zz": {"f": "zzf"}})
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([bottom], tmp_path, side)
+        (s.upper / "o/c").mkdir(parents=True)
+        os.setxattr(s.upper / "o", "trusted.overlay.opaque", b"y")
+        os.setxattr(s.upper / "o", "trusted.overlay.redirect", b"/zz")
+        os.setxattr(s.upper / "o/c", "trusted.overlay.redirect", b"/a/b")
+        (s.upper / "a").mkdir()
+        os.mknod(s.upper / "a/b", 0o600 | stat.S_IFCHR, 0)  # (moved: its old name whited out)
+        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
+        try:
+            os.rename(mnt / "o/c/d", mnt / "o/d2")
+            os.rename(mnt / "o/c/e", mnt / "e2")
+            snap = helpers.tree_snapshot(mnt, xattrs=False)
+        finally:
+            unmount()
+        got[side] = (snap, ovl_xattr(s.upper / "o/d2", "redirect"), ovl_xattr(s.upper / "e2", "redirect"))
+    assert got["kernel"][1:] == (b"/a/b/d", b"/a/b/e")
     assert got["ours"] == got["kernel"]
 
 
