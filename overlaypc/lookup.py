@@ -696,7 +696,12 @@ class Lookup:
                 raise OSError(errno.EPERM, "metacopy file in a mount without metacopy=on", rel)
             else:
                 metacopy = True  # attributes here, data further down
-            target = self._redirect(entry, xattrs) if self.follow_redirects and i < bottom else None
+            # (not following redirects, the kernel reads them where a layer below holds the
+            # parent, its d->last: and refuses the lookup then, "refusing to follow redirect")
+            target = self._redirect(entry, xattrs) \
+                if i < (bottom if self.follow_redirects else last) else None
+            if target is not None and not self.follow_redirects:
+                raise OSError(errno.EPERM, "redirect not followed (redirect_dir=nofollow)", rel)
             if target is not None:
                 redirect, name = _followed(target, redirect, name)
                 stop_at = None if target.startswith("/") else stop_at

@@ -372,6 +372,43 @@ def test_rename_below_an_opaque_directory_with_a_redirect_as_the_kernel(tmp_path
     assert got["ours"] == got["kernel"]
 
 
+
+#: redirect_dir=nofollow: where a directory with a redirect sits (its probed path)
+NOFOLLOW = {"upper": "n", "upper-only-parent": "u/n", "middle-layer": "n", "bottom-layer": "n"}
+
+
+@pytest.mark.parametrize("value", [b"x", b"/x", b"nope", b"..", b"a/b"], ids=repr)
+@pytest.mark.parametrize("where", sorted(NOFOLLOW))
+def test_nofollow_refuses_redirected_directories_as_the_kernel(where, value, tmp_path,
+                                                              overlay_mount, kernel_mount):
+    """Under redirect_dir=nofollow the kernel (6.18) fails the lookup of a directory whose
+    redirect it reads (one with a layer below holding its parent, ``d->last`` false):
+    EPERM, "refusing to follow redirect", whatever the redirect names; EINVAL for a
+    malformed one. overlaypc ignored the redirect (the directory without what it names)."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {"x": {"f": "xf"}, "n": {"own": "o"}})
+    got = {}
+    for side in ("kernel", "ours"):
+        mid = helpers.build_layer(tmp_path / f"mid-{side}", {"m": helpers.Dir()})
+        # (bottom-layer: ``mid`` the only lower, nothing below it)
+        s = new_stack([mid] if where == "bottom-layer" else [mid, bottom], tmp_path, side)
+        path = (s.upper if where.startswith("upper") else mid) / NOFOLLOW[where]
+        path.mkdir(parents=True)
+        os.setxattr(path, "trusted.overlay.redirect", value)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=nofollow",))
+            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
+        else:
+            m = overlay_mount(s.options("redirect_dir=nofollow"))
+            mnt, unmount = m.path, m.unmount
+        try:
+            got[side] = sorted(os.listdir(mnt / NOFOLLOW[where]))
+        except OSError as e:
+            got[side] = errno.errorcode[e.errno]
+        finally:
+            unmount()
+    assert got["ours"] == got["kernel"]
+
+
 DEPTH = 20
 
 
