@@ -150,7 +150,8 @@ class OverlayFS:
         self.attrs = Attributes(self)
         self.files = Files(self)
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new,
-        #: whether it is a directory); called under the namespace lock
+        #: whether its attributes changed with it: a directory's, a metacopy file's data
+        #: copy-up); called under the namespace lock
         self.on_rekey: Callable[[InodeKey, InodeKey, bool], None] = lambda old, new, attrs: None
         #: set by the node-based adapter: how many nodes the kernel references
         self.node_count: Callable[[], int] = lambda: 0
