@@ -28,7 +28,8 @@ from .records import field, record
 CACHE_MODES = ("kernel", "shared")
 HANDLE_MODES = ("reopen", "bind-at-open")
 #: on: create and follow redirects; follow / off: follow only (the kernel follows
-#: redirects under "off" too, with its default redirect_always_follow); nofollow: ignore
+#: redirects under "off" too, with its default redirect_always_follow); nofollow: refuse
+#: (a directory with one fails its lookup, EPERM, as the kernel's)
 REDIRECT_MODES = ("on", "follow", "off", "nofollow")
 DEFAULT_REDIRECT_DIR = "on"
 

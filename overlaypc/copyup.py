@@ -478,11 +478,12 @@ class CopyUp:
         return fdbudget.patiently(find, rel, letting_go=held.take)
 
     def ensure_data(self, rel: str, *, empty: bool = False,
-                    seen: "Seen | _Held | None" = None) -> Entry:
+                    seen: "Seen | _Held | None" = None, keep_times: bool = False) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left).
         ``empty``: for an open with ``O_TRUNC``, a regular file not in the upper yet is
         copied with no data (size 0), as the kernel overlay does; the open truncates it
-        anyway (and marks its times). ``seen``: as ``ensure_upper``'s."""
+        anyway (and marks its times). ``seen``: as ``ensure_upper``'s. ``keep_times``: a
+        metacopy file's data copy-up keeps its mtime (``_fill_metacopy``)."""
         try:
             entry = self._ensure(rel, empty=True) if empty else self.ensure_upper(rel, seen=seen)
             h = self._handover
@@ -502,10 +503,11 @@ class CopyUp:
                 node = self.lookup.lookup(rel)
                 if node.data is None or node.upper is None:
                     return node.upper or entry
-                return self._copy_data_in_place(node)
+                return self._copy_data_in_place(node, keep_times=keep_times)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
             first.copy = functools.partial(self.ensure_data, rel, empty=empty,
-                                           seen=seen if isinstance(seen, _Held) else None)
+                                           seen=seen if isinstance(seen, _Held) else None,
+                                           keep_times=keep_times)
             raise
 
     def ensure_parent(self, rel: str) -> Entry:
@@ -799,12 +801,13 @@ class CopyUp:
         return entry
 
     @scopes.contextmanager
-    def _in_place(self, key, rel: str, *, metadata_only: bool = False):
+    def _in_place(self, key, rel: str, *, metadata_only: bool = False, filled: bool = False):
         """Yields ``placed``, to call once the copy is at ``rel`` (the point of no return).
         From then on the name resolves to the copy, so the object's inode and kernel node
         move to it (``on_copied``) at the end of the block even if a later step fails (a
         parent's fsync, its times): open handles must follow the name, or one opened
-        before would keep reading the file below while writes go to the copy."""
+        before would keep reading the file below while writes go to the copy. ``filled``:
+        the data copy-up of a metacopy file, which changed its attributes (``on_copied``'s)."""
         placed = _Placed()
         try:
             yield placed
@@ -814,7 +817,7 @@ class CopyUp:
                 if stat.S_ISDIR(st.st_mode):
                     self.lookup.invalidate(rel)  # its cached node misses the upper dir
                 placed.entry = Entry(self.upper, rel, st)
-                self._on_copied(key, placed.entry, metadata_only=metadata_only)
+                self._on_copied(key, placed.entry, metadata_only=metadata_only, filled=filled)
 
     @scopes.contextmanager
     def _parent_times_kept(self, rel: str):
@@ -869,8 +872,9 @@ class CopyUp:
         log.debug("copy-up %s: linked to %s", rel, index_rel)
         return entry
 
-    def _copy_data_in_place(self, node: Node) -> Entry:
-        """Complete a metacopy upper file: data in, fsync, then drop the metacopy mark.
+    def _copy_data_in_place(self, node: Node, *, keep_times: bool = False) -> Entry:
+        """Complete a metacopy upper file: data in, fsync, then drop the metacopy mark
+        (``keep_times``: ``_fill_metacopy``'s).
 
         Until the mark is removed, lookups keep reading the lower data, which is the same,
         so a crash in between only leaves a metacopy file as before."""
@@ -885,8 +889,10 @@ class CopyUp:
                 # kernel's ``ln`` of a metacopy file; a nameless one, ``copy_data_nameless``),
                 # which may have been written since: not copied over again
                 if self.upper.getxattr_fd(dst_fd, self.prefix + "metacopy") is not None:
-                    self._fill_metacopy(ctx, dst_fd, durable=not self.volatile)
-                with self._installing(), self._in_place(self._key_of(node), upper.rel) as placed:
+                    self._fill_metacopy(ctx, dst_fd, durable=not self.volatile,
+                                        keep_times=keep_times)
+                with self._installing(), \
+                        self._in_place(self._key_of(node), upper.rel, filled=True) as placed:
                     # the mark alone goes: a redirect (a renamed file's, to its data) stays,
                     # as the kernel's (never followed from a file without the mark)
                     try:
@@ -910,12 +916,18 @@ class CopyUp:
         came, would overwrite that write. Under ``refusing`` as a stripe lock is."""
         return self._stripe(rel, fill=(st.st_dev, st.st_ino))
 
-    def _fill_metacopy(self, ctx: CopyUpContext, dst_fd: int, *, durable: bool) -> None:
+    def _fill_metacopy(self, ctx: CopyUpContext, dst_fd: int, *, durable: bool,
+                       keep_times: bool = False) -> None:
         """The data of ``ctx.src`` (a metacopy file's lower data) into its upper file, open
-        as ``dst_fd``, its times and ``security.capability`` kept; fsynced if ``durable``.
-        The metacopy mark stays: the caller drops it after (the crash argument above)."""
+        as ``dst_fd``, its ``security.capability`` kept; fsynced if ``durable``. Its mtime
+        is the copy's (a write of the file, the ctime's too), as the kernel's data copy-up
+        (``ovl_copy_up_meta_inode_data``, at an open for writing or a truncate) leaves it,
+        even if no byte is written after; ``keep_times``: set back (the data copy-up of a
+        hard link, which overlaypc makes and the kernel does not: the kernel's link keeps
+        the mtime). The metacopy mark stays: the caller drops it after (the crash argument
+        above)."""
         rel = ctx.tmp  # (the upper file's name, for messages)
-        kept = os.fstat(dst_fd)
+        kept = os.fstat(dst_fd) if keep_times else None
         # writing the data drops security.capability (a write kills privileges, even
         # the root daemon's): read before, set again after, as the kernel's
         # ``ovl_copy_up_meta_inode_data``, before the mark goes; after a failed copy
@@ -931,13 +943,13 @@ class CopyUp:
             raise
         if capability is not None:
             self.upper.do_fsetxattr(dst_fd, rel, CAPABILITY_XATTR, capability)
-        # copying the data in is no change of the file: its times stay (a hard link
-        # copies the data in first, and the kernel's link keeps the mtime)
-        os.utime(dst_fd, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+        if kept is not None:
+            os.utime(dst_fd, ns=(kept.st_atime_ns, kept.st_mtime_ns))
         if durable:
             os.fsync(dst_fd)
 
-    def copy_data_nameless(self, inode: OverlayInode, rebound: "Callable[[Entry], None]") -> None:
+    def copy_data_nameless(self, inode: OverlayInode, rebound: "Callable[[Entry], None]", *,
+                           keep_times: bool = False) -> None:
         """The data copy-up of an open metacopy file whose name went (its data still below,
         ``inode.meta_file`` its upper file): the data into that upper file, reached
         through its held ``O_PATH`` fd (it has no name to open it by), then its metacopy
@@ -970,7 +982,7 @@ class CopyUp:
                             raise OSError(errno.ESTALE, "the upper file of a metacopy file "
                                           "lost its mark behind the mount", rel)
                     ctx = CopyUpContext(Node(rel, (data,)), data, inode.key, rel)
-                    self._fill_metacopy(ctx, dst_fd,
+                    self._fill_metacopy(ctx, dst_fd, keep_times=keep_times,
                                         durable=not self.volatile and st.st_nlink > 0)
                     with self._installing():
                         try:  # (the mark alone, as ``_copy_data_in_place``)

@@ -150,8 +150,9 @@ class OverlayFS:
         self.attrs = Attributes(self)
         self.files = Files(self)
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new,
-        #: whether it is a directory); called under the namespace lock
-        self.on_rekey: Callable[[InodeKey, InodeKey, bool], None] = lambda old, new, is_dir: None
+        #: whether its attributes changed with it: a directory's, a metacopy file's data
+        #: copy-up); called under the namespace lock
+        self.on_rekey: Callable[[InodeKey, InodeKey, bool], None] = lambda old, new, attrs: None
         #: set by the node-based adapter: how many nodes the kernel references
         self.node_count: Callable[[], int] = lambda: 0
 
@@ -224,15 +225,17 @@ class OverlayFS:
         lower hard link is its own inode in a writable mount without index."""
         return key_of(node, split_links=self.writable and self.index is None)
 
-    def _copied(self, key: InodeKey, entry: Entry, *, metadata_only: bool = False) -> None:
+    def _copied(self, key: InodeKey, entry: Entry, *, metadata_only: bool = False,
+                filled: bool = False) -> None:
         """A copy-up installed ``entry`` for the object that was ``key``. Called under the
         namespace lock, so ``entry.rel`` names the new backing while handles reopen.
         ``metadata_only`` (metacopy): the inode is now the upper one, but its data, and so
-        its open handles, stay below until the data copy-up."""
+        its open handles, stay below until the data copy-up; ``filled``: that data copy-up
+        (its mtime, ctime and blocks the copy's)."""
         copied = Node(entry.rel, (entry,))
         new_key = self.identity(copied)
         # every copy-up (directories too) changes the identity the kernel's node has
-        self.on_rekey(key, new_key, entry.is_dir)
+        self.on_rekey(key, new_key, entry.is_dir or filled)
         inode = self.inodes.get(key)
         if inode is not None and self.inodes.hold(inode):
             try:
@@ -258,7 +261,9 @@ class OverlayFS:
         put its data into its upper file ``entry`` (``CopyUp.copy_data_nameless``, under
         the namespace lock): the inode moves there, its identity and shown inode number
         as they were (its key was the upper file's since the metadata copy-up), and its
-        handles follow it now, through the upper file's held fd (``open_backing``)."""
+        handles follow it now, through the upper file's held fd (``open_backing``). Its
+        attributes changed (``_copied``'s ``filled``)."""
+        self.on_rekey(inode.key, inode.key, True)
         inode.rebind(entry, inode.key, inode.ino)
         for handle in self.handles.for_inode(inode):
             if handle.offer():

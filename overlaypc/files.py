@@ -811,18 +811,19 @@ class Files:
         with inode.lock:
             inode.data_version += 1
 
-    def copy_data_nameless(self, inode: OverlayInode) -> None:
+    def copy_data_nameless(self, inode: OverlayInode, *, keep_times: bool = False) -> None:
         """The data copy-up of an open metacopy file whose name went, before a change of its
         data (an open for writing, a truncate): the lower data into its upper file, which
         the inode holds (``MetaFile``), as the kernel overlay copies it into the unlinked
         upper file; the inode and its handles move there (``OverlayFS.nameless_data_copied``),
-        so every handle reads what is written after. ENOENT when no handle holds it."""
+        so every handle reads what is written after. ENOENT when no handle holds it.
+        ``keep_times``: ``CopyUp.ensure_data``'s (a hard link's copy)."""
         fs = self.fs
         if not fs.inodes.hold(inode):
             raise OSError(errno.ENOENT, "file no longer open")
         try:
             fs.copyup.copy_data_nameless(
-                inode, lambda entry: fs.nameless_data_copied(inode, entry))
+                inode, lambda entry: fs.nameless_data_copied(inode, entry), keep_times=keep_times)
         finally:
             fs.inodes.release(inode)
 
@@ -834,7 +835,7 @@ class Files:
         none left the link fails anyway (ENOENT, the kernel's answer too)."""
         if not self._with_meta_file(inode, lambda meta: os.fstat(meta.fd).st_nlink > 0):
             return False
-        self.copy_data_nameless(inode)
+        self.copy_data_nameless(inode, keep_times=True)
         return True
 
     def open_inode(self, inode: OverlayInode, flags: int) -> OpenResult:

@@ -122,6 +122,18 @@ class Node:
     data: Entry | None = None
     #: the upper's whiteout is a ``.wh.NAME`` file: the name itself is free in the upper
     upper_marker: bool = False
+    #: metacopy: the first lower entry below the upper metadata-only copy when it is a
+    #: metacopy file itself (a former upper's; the kernel's ``ovl_dentry_lower``), else None
+    #: (``data`` is the first lower then)
+    meta_lower: Entry | None = None
+
+    @property
+    def first_lower(self) -> Entry | None:
+        """The topmost lower entry (the kernel's ``ovl_dentry_lower``), a metacopy file's
+        own metadata-only one included."""
+        if self.meta_lower is not None:
+            return self.meta_lower
+        return self.lowers[0] if self.lowers else self.data
 
     @property
     def exists(self) -> bool:
@@ -168,7 +180,9 @@ class Node:
         return Node(self.rel, tuple(Entry(e.layer, e.rel, e.st, None, None, e.xattrs) for e in self.entries),
                     self.opaque, self.upper_whiteout,
                     None if self.data is None else Entry(self.data.layer, self.data.rel, self.data.st),
-                    self.upper_marker)
+                    self.upper_marker,
+                    None if self.meta_lower is None else
+                    Entry(self.meta_lower.layer, self.meta_lower.rel, self.meta_lower.st))
 
     @property
     def merged_dir(self) -> bool:
@@ -614,9 +628,14 @@ class Lookup:
         entries: list[Entry] = []
         opaque = upper_whiteout = upper_marker = False
         data: Entry | None = None
+        meta_lower: Entry | None = None  # the first lower one below a metacopy file, itself one
         redirect: str | None = None  # layer path to use in the layers below, once redirected
+        merged_name = name  # (``name`` is a relative redirect's once one is followed)
         metacopy = False
         stop_at: int | None = None  # the last layer searched, when a redirect's walk ends it
+        # the bottom layer's redirects are never read (the kernel's d->last): nothing is
+        # searched below it, and a malformed one there fails no lookup
+        bottom = len(layers) - 1
         for i, layer in enumerate(layers):
             if stop_at is not None and i > stop_at:
                 break
@@ -630,11 +649,14 @@ class Lookup:
                 redirect = walked.below
                 if walked.last:
                     stop_at = i  # (an opaque directory on the way: the kernel's d->stop)
-                st = layer.lstat(lrel) if walked.there else None
+                there = walked.there and _redirected_name(split(lrel)[1], rel)
+                st = layer.lstat(lrel) if there else None
             elif id(layer) in parent_in:
                 pentry = parent_in[id(layer)]
                 lrel = join(pentry.rel, name)
-                if pentry.dirfd is None:
+                if name != merged_name and not _redirected_name(name, rel):
+                    st = None
+                elif pentry.dirfd is None:
                     st = layer.lstat(lrel)
                 else:
                     names = self.names.known(layer, pentry.rel)
@@ -660,11 +682,12 @@ class Lookup:
                 if not self._metacopy(found, pentry, name):
                     data = found
                     break
+                meta_lower = meta_lower or found
                 # metadata only here too (a former upper used as a lower): the data is
                 # further down, through this one's redirect if it has one, as the kernel's
                 # lookup goes on past each metacopy layer (before, this sparse file was
                 # taken for the data: zeros)
-                target = self._redirect(found) if self.follow_redirects else None
+                target = self._redirect(found) if self.follow_redirects and i < bottom else None
                 if target is not None:
                     redirect, name = _followed(target, redirect, name)
                     stop_at = None if target.startswith("/") else stop_at
@@ -703,7 +726,12 @@ class Lookup:
                 raise OSError(errno.EPERM, "metacopy file in a mount without metacopy=on", rel)
             else:
                 metacopy = True  # attributes here, data further down
-            target = self._redirect(entry, xattrs) if self.follow_redirects else None
+            # (not following redirects, the kernel reads them where a layer below holds the
+            # parent, its d->last: and refuses the lookup then, "refusing to follow redirect")
+            target = self._redirect(entry, xattrs) \
+                if i < (bottom if self.follow_redirects else last) else None
+            if target is not None and not self.follow_redirects:
+                raise OSError(errno.EPERM, "redirect not followed (redirect_dir=nofollow)", rel)
             if target is not None:
                 redirect, name = _followed(target, redirect, name)
                 stop_at = None if target.startswith("/") else stop_at
@@ -720,7 +748,7 @@ class Lookup:
                 entries.insert(0, shared)
         if metacopy and data is None:
             raise OSError(errno.EIO, "data of metacopy file not found in lower layers", rel)
-        return Node(rel, tuple(entries), opaque, upper_whiteout, data, upper_marker)
+        return Node(rel, tuple(entries), opaque, upper_whiteout, data, upper_marker, meta_lower)
 
     def _redirect_walk(self, layer: Layer, path: str) -> "_Walked | None":
         """The directories on a redirected ``path`` (one the lookup follows from each lower
@@ -729,11 +757,17 @@ class Lookup:
         ``ovl_check_redirect``; the walk here goes on by name), an opaque one ends the
         search below this layer (an absolute redirect after it resumes it). None where a
         whiteout (either format: a lower layer's OCI ``.wh.NAME`` hides as the kernel's
-        device does) or a non-directory on the way stops the lookup."""
+        device does) or a non-directory on the way stops the lookup. The bottom layer's
+        directories' marks are not read (the kernel's d->last). A ``.``, ``..`` or empty
+        name on the way fails (``_redirected_name``) once the walk reaches it."""
         parts = path.split("/")
         walked = _Walked(path)
+        bottom = layer is self.stack.layers[-1]
         for k in range(1, len(parts)):
             rel = "/".join(parts[:k])
+            if not _redirected_name(parts[k - 1], path):
+                walked.there = False
+                return walked
             st = layer.lstat(rel)
             if st is None:
                 if whiteout.has_oci_whiteout(layer, rel):
@@ -742,7 +776,7 @@ class Lookup:
                 return walked
             if not stat.S_ISDIR(st.st_mode):
                 return None  # (a whiteout too)
-            if layer.writable:
+            if layer.writable or bottom:
                 continue
             if whiteout.is_opaque(layer, rel, self.prefix):
                 walked.last = True  # (its own redirect not followed, as the kernel's)
@@ -753,13 +787,13 @@ class Lookup:
                 continue
             # (``below`` ends with the same names after this directory as ``path``: a
             # redirect replaces what leads to them, the directory's own name at most)
+            # (by components: an empty name a relative one may give stays one)
             kept = walked.below.split("/")
-            here = "/".join(kept[:len(kept) - (len(parts) - k)])
             if target.startswith("/"):
-                head, walked.last = target.strip("/"), False
+                head, walked.last = target[1:].split("/"), False
             else:
-                head = join(split(here)[0], target)
-            walked.below = join(head, "/".join(parts[k:]))
+                head = kept[:len(kept) - (len(parts) - k) - 1] + [target]
+            walked.below = "/".join(head + parts[k:])
         return walked
 
     def _oci_whiteout(self, layer: Layer, pentry: Entry | None, lrel: str, name: str,
@@ -829,17 +863,30 @@ class _Walked:
 
 
 def redirect_target(raw: bytes | None) -> str | None:
-    """A ``redirect`` xattr's value as the lookup follows it, None where it follows none
-    (absent, empty, a ``.``/``..`` component, a relative one of more than one name)."""
-    if not raw:
+    """A ``redirect`` xattr's value as the kernel reads it (``ovl_get_redirect_xattr``):
+    None when absent; the value up to its first NUL; EINVAL (the lookup fails) for an
+    empty value, an absolute one with an empty component (``//``, a trailing ``/``, ``/``
+    alone), a relative one with a ``/``. Its names are looked up in lower layers as they
+    are: a ``.``, ``..`` or empty one fails there (``_redirected_name``), and none climbs
+    out of a layer (``Layer`` resolves beneath its root, and never ``..``)."""
+    if raw is None:
         return None
-    target = os.fsdecode(raw)
-    parts = [p for p in target.split("/") if p]
-    if not parts or any(p in (".", "..") for p in parts):
-        return None  # never let a redirect climb out of the layer
-    if not target.startswith("/") and len(parts) != 1:
-        return None  # a relative redirect is one name
+    if not raw:
+        raise OSError(errno.EINVAL, "invalid redirect: empty")
+    target = os.fsdecode(raw.split(b"\0", 1)[0])
+    if "/" in target and (not target.startswith("/") or "" in target[1:].split("/")):
+        raise OSError(errno.EINVAL, f"invalid redirect {target!r}")
     return target
+
+
+def _redirected_name(name: str, rel: str) -> bool:
+    """Whether ``name``, which a redirect gave, is looked up in a lower layer: EACCES for
+    ``.``, ``..`` and an empty name (the kernel's ``lookup_one`` refuses them, and the
+    lookup of ``rel`` fails), False for one longer than NAME_MAX (ENAMETOOLONG: absent
+    there, as the kernel's ``ovl_lookup_single`` takes it)."""
+    if name in ("", ".", ".."):
+        raise OSError(errno.EACCES, f"redirect to {name!r}", rel)
+    return len(name) <= NAME_MAX // 4 or len(os.fsencode(name)) <= NAME_MAX
 
 
 def _followed(target: str, redirect: str | None, name: str) -> tuple[str | None, str]:

@@ -632,7 +632,9 @@ class Namespace:
         # turn it is needs: limits23)
         del src
         self._prepare_new(dst_rel, check=True)  # a doomed link copies no source up
-        self.fs.copyup.ensure_data(src_rel)  # a metacopy file could not find its data elsewhere
+        # a metacopy file could not find its data elsewhere (its times kept: the kernel's
+        # link copies no data)
+        self.fs.copyup.ensure_data(src_rel, keep_times=True)
         upper = self.fs.stack.upper
         assert upper is not None
         with self._changing():
@@ -926,7 +928,9 @@ class Namespace:
                 raise OSError(errno.EXDEV, "directory exists in a lower layer", onode.rel)
             name, value = redirect, self._redirect_value(onode, new, onode.lowers[0])
         elif onode.data is not None:
-            name, value = redirect, self._redirect_value(onode, new, onode.data)
+            first = onode.first_lower
+            assert first is not None
+            name, value = redirect, self._redirect_value(onode, new, first)
         elif onode.is_dir and new_lower and not onode.opaque:
             name, value = opaque, b"y"
         else:
@@ -963,8 +967,9 @@ class Namespace:
         upper ancestor's redirect in place of its name (up to an absolute one); a redirect
         the object has already stays where it serves (a relative one within one directory,
         an absolute one anywhere). Absolute for a lower hard link (``lower``, the file's
-        data) too (``ovl_need_absolute_redirect``: its other names, linked up later, share
-        the xattr from other directories). The merged path, not ``lower``'s own: the
+        first lower: its data, or a former upper's metacopy file above that) too
+        (``ovl_need_absolute_redirect``: its other names, linked up later, share the xattr
+        from other directories). The merged path, not ``lower``'s own: the
         lookup from the new name meets each layer's redirects on the way (a former upper's
         metacopy file renamed there: its old name in that layer may be a whiteout)."""
         upper = self.fs.stack.upper

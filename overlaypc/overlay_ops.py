@@ -153,14 +153,16 @@ class OverlayOps(Operations):
         self.opendir_zero = self._open_dirs.open
         self.releasedir_zero = self._open_dirs.release
 
-    def _copied_up(self, old: InodeKey, new: InodeKey, is_dir: bool) -> None:
+    def _copied_up(self, old: InodeKey, new: InodeKey, attrs: bool) -> None:
         """A copy-up (``OverlayFS.on_rekey``, under the namespace lock): the node follows
-        its new identity. A directory's attributes change with it (a lower-only one is
-        merged now: ``st_nlink`` 1), though nothing the kernel sent for it did: a copy-up of
-        a file below, or a chmod, copies its ancestors up. Its cached attributes go
-        (queued, attributes only)."""
+        its new identity. ``attrs``: its attributes change with it, though nothing the
+        kernel sent for it did: a directory's (a lower-only one is merged now: ``st_nlink``
+        1; a copy-up of a file below, or a chmod, copies its ancestors up), a metacopy
+        file's at its data copy-up (an open for writing: its mtime is the copy's, as in
+        the kernel, even with no write after). Its cached attributes go (queued,
+        attributes only)."""
         nodeid = self.nodes.rekey(old, new)
-        if is_dir and nodeid is not None:
+        if attrs and nodeid is not None:
             self.notifier.inval_inode(nodeid, -1)
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -273,3 +273,54 @@ def test_readers_of_renamed_lower_hard_link_see_later_writes(cache, tmp_path, ov
     assert os.getxattr(upper / "d/hl", OVL + "redirect") == b"/hl"
     assert stat.S_IMODE(os.stat(upper / "d/hl").st_mode) == 0o640
     assert (lower / "hl").read_bytes() == DATA["f"]
+
+
+def _metacopy_layer(mid: Path, name: str, size: int, links: int) -> None:
+    """A former upper's metacopy file ``name`` in layer ``mid`` (sparse, ``size`` bytes,
+    its data at the same path below), with ``links`` names (``name``, ``name``.2, ...,
+    one inode: each carries the absolute redirect to the data)."""
+    path = mid / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    os.setxattr(path, OVL + "metacopy", b"")
+    os.setxattr(path, OVL + "redirect", b"/" + name.encode())
+    for k in range(2, links + 1):
+        os.link(path, f"{path}.{k}")
+
+
+@pytest.mark.parametrize("linked", ["the-metacopy-lower", "the-data"])
+def test_redirect_of_renamed_file_over_a_lower_metacopy_file_as_the_kernel(
+        linked, tmp_path, overlay_mount, kernel_mount):
+    """A lower file with its data further down (a former upper's metacopy file ``d/f``
+    over the data file), copied up metadata-only (chmod), then renamed within its
+    directory: the kernel's redirect is absolute when its *first* lower is a hard link
+    (``ovl_need_absolute_redirect``: ``ovl_dentry_lower``, the metacopy file), else the old
+    name; overlaypc decided on the data file's link count."""
+    marks, contents = {}, {}
+    for side in ("kernel", "ours"):
+        base = tmp_path / side
+        bottom = helpers.build_layer(base / "bottom", {"d": {"f": DATA["f"]}})
+        if linked == "the-data":
+            os.link(bottom / "d/f", bottom / "d/f.9")
+        mid = base / "mid"
+        _metacopy_layer(mid, "d/f", SIZE, 2 if linked == "the-metacopy-lower" else 1)
+        (base / "upper").mkdir()
+        (base / "work").mkdir()
+        lowers = [mid, bottom]
+        if side == "kernel":
+            mnt = kernel_mount(lowers, base / "upper", base / "work", ("redirect_dir=on", "metacopy=on"))
+            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
+        else:
+            m = overlay_mount(stack_options(lowers, base / "upper", base / "work", "metacopy=on"))
+            mnt, unmount = m.path, m.unmount
+        os.chmod(mnt / "d/f", 0o600)
+        os.rename(mnt / "d/f", mnt / "d/g")
+        contents[side] = (mnt / "d/g").read_bytes() == DATA["f"], os.path.lexists(mnt / "d/f")
+        unmount()
+        g = base / "upper/d/g"
+        marks[side] = (OVL + "metacopy" in os.listxattr(g), os.getxattr(g, OVL + "redirect"))
+    assert contents["kernel"] == (True, False)
+    assert marks["kernel"] == (True, b"/d/f" if linked == "the-metacopy-lower" else b"f")
+    assert marks["ours"] == marks["kernel"]
+    assert contents["ours"] == contents["kernel"]

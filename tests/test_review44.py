@@ -16,14 +16,17 @@ and the upper as the other implementation mounts it.
   way or at the end, a missing path, 2000 bytes long, to a directory with its own
   redirect, a loop of two, through an opaque or whited-out directory, OCI-opaque); a
   20-deep chain of nested absolute redirects, also at 128 fds and in a former upper.
-- A known difference, documented: a malformed redirect (an empty component, a trailing
-  slash, ``.``/``..``, two relative names) makes the kernel's lookup fail; overlaypc
-  follows its names or ignores it (``test_malformed_redirects``).
+- A malformed redirect (an empty component, a trailing slash, ``.``/``..``, two relative
+  names, a NUL, an over-long name; in a lower directory on the way, in the bottom layer, in
+  an upper-only parent, on a metacopy file) fails the lookup where the kernel's does, with
+  its errno (parity45; before: overlaypc followed its names or ignored it,
+  ``test_malformed_redirects_as_the_kernel``, ``test_malformed_redirect_places_as_the_kernel``).
 """
 from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -186,13 +189,21 @@ ODD = {
     "long": b"/" + b"/".join([b"L" * 200] * 10), "relative": b"b",
     "to-redirected": b"/m", "loop": b"/lp1", "through-opaque": b"/o/b", "through-whiteout": b"/w/b",
 }
-#: malformed ones (never written by the kernel or overlaypc): the kernel's lookup fails
-#: (EINVAL: an empty component or more than one relative name; EACCES: ``.``/``..``);
-#: overlaypc's follows the path its names make or, with ``.``/``..``, none (documented in
-#: DESIGN-NOTES: such a redirect is ignored): the same as ODD's "plain", or nothing below
-MALFORMED = {"trailing-slash": (b"/a/b/", "plain"), "double-slash": (b"//a/b", "plain"),
-             "inner-double": (b"/a//b", "plain"), "dot": (b"/a/./b", None),
-             "dotdot": (b"/a/../x", None), "relative-two": (b"a/b", None)}
+#: malformed ones (never written by the kernel or overlaypc), and how the kernel's lookup
+#: of ``n`` answers (``ovl_get_redirect_xattr``: EINVAL for an empty value, an empty
+#: component of an absolute one, a ``/`` in a relative one, also in a lower directory on
+#: the way; the value ends at a NUL; then EACCES for a ``.``, ``..`` or empty name looked
+#: up in a lower layer; a name over 255 bytes is absent there)
+MALFORMED = {"trailing-slash": (b"/a/b/", errno.EINVAL), "double-slash": (b"//a/b", errno.EINVAL),
+             "inner-double": (b"/a//b", errno.EINVAL), "root": (b"/", errno.EINVAL),
+             "empty": (b"", errno.EINVAL), "relative-two": (b"a/b", errno.EINVAL),
+             "relative-slash": (b"b/", errno.EINVAL), "dot": (b"/a/./b", errno.EACCES),
+             "dotdot": (b"/a/../x", errno.EACCES), "relative-dot": (b".", errno.EACCES),
+             "relative-dotdot": (b"..", errno.EACCES), "nul-first": (b"\0b", errno.EACCES),
+             "nul-after": (b"/a/b\0/zz", None), "relative-nul": (b"x\0/y", None),
+             "long-name": (b"L" * 300, None), "long-last": (b"/a/" + b"L" * 300, None),
+             "malformed-on-the-way": (b"/bad/b", errno.EINVAL),
+             "malformed-in-the-bottom-layer": (b"/q", None)}
 
 
 def _probe(mnt):
@@ -217,7 +228,8 @@ def _odd_probe(value, tmp_path, overlay_mount, kernel_mount):
     bottom = helpers.build_layer(tmp_path / "bottom", {
         "a": {"b": {"f": "abf", "c": {"f": "abcf"}}, "i": "ai"}, "x": {"f": "xf"},
         "out": {"b": {"f": "escaped"}}, "o": {"b": {"f": "hidden-o"}}, "w": {"b": {"f": "hidden-w"}},
-        "m2": {"f": "m2f"}, "lp2": {"f": "lp2f"}, "L" * 200: helpers.Dir()})
+        "m2": {"f": "m2f"}, "lp2": {"f": "lp2f"}, "L" * 200: helpers.Dir(), "q": {"f": "qf"}})
+    os.setxattr(bottom / "q", "trusted.overlay.redirect", b"//")  # (the last layer: not read)
     os.symlink(str(tmp_path / "bottom/out"), bottom / "sl")
     os.symlink("b", bottom / "a/bl")
     deep = bottom / "/".join(["L" * 200] * 10)
@@ -225,7 +237,8 @@ def _odd_probe(value, tmp_path, overlay_mount, kernel_mount):
     (deep / "f").write_text("long")
     mid = helpers.build_layer(tmp_path / "mid", {"m": helpers.Dir(), "lp1": helpers.Dir(),
                                                   "lp2": helpers.Dir(), "o": helpers.Dir(),
-                                                  "w": helpers.Dir()})
+                                                  "w": helpers.Dir(), "bad": {"b": helpers.Dir()}})
+    os.setxattr(mid / "bad", "trusted.overlay.redirect", b"a//b")
     os.setxattr(mid / "m", "trusted.overlay.redirect", b"/m2")
     os.setxattr(mid / "lp1", "trusted.overlay.redirect", b"/lp2")
     os.setxattr(mid / "lp2", "trusted.overlay.redirect", b"/lp1")
@@ -266,15 +279,134 @@ def test_odd_redirects_as_the_kernel(odd, tmp_path, overlay_mount, kernel_mount)
 
 
 @pytest.mark.parametrize("odd", sorted(MALFORMED))
-def test_malformed_redirects(odd, tmp_path, overlay_mount, kernel_mount):
-    value, like = MALFORMED[odd]
+def test_malformed_redirects_as_the_kernel(odd, tmp_path, overlay_mount, kernel_mount):
+    """The lookup fails where the kernel's does (before: overlaypc followed the names an
+    empty component left, ignored the rest, and read a bottom layer's redirect)."""
+    value, refused = MALFORMED[odd]
     got = _odd_probe(value, tmp_path, overlay_mount, kernel_mount)
-    assert got["kernel"][0][1:] in (("err", errno.EINVAL), ("err", errno.EACCES))
-    if like is None:
-        assert got["ours"] == [("n", "dir", [])] + [(p, "err", errno.ENOENT)
-                                                   for p in ("n/f", "n/c", "n/c/f")]
+    if refused is not None:
+        assert got["kernel"][0] == ("n", "err", refused)
     else:
-        assert got["ours"] == _odd_probe(ODD[like], tmp_path, overlay_mount, kernel_mount)["kernel"]
+        assert got["kernel"][0][1] == "dir"
+    assert got["ours"] == got["kernel"]
+
+
+
+#: where a malformed redirect sits (a directory in a parent with no lower part, which the
+#: kernel reads all the same; an opaque directory's and a plain file's, which it never
+#: reads; a metacopy file's, metacopy=on), and the probed path
+PLACES = {"upper-only-parent": "u/n", "opaque": "n", "file": "n", "metacopy-file": "a/i"}
+
+
+def _place(where, upper, value):
+    if where == "upper-only-parent":
+        (upper / "u/n").mkdir(parents=True)
+    elif where == "opaque":
+        (upper / "n").mkdir()
+        os.setxattr(upper / "n", "trusted.overlay.opaque", b"y")
+    elif where == "file":
+        (upper / "n").write_text("upper n")
+    else:
+        (upper / "a").mkdir()
+        with open(upper / "a/i", "wb") as f:
+            f.truncate(2)
+        os.setxattr(upper / "a/i", "trusted.overlay.metacopy", b"")
+    os.setxattr(upper / PLACES[where], "trusted.overlay.redirect", value)
+
+
+@pytest.mark.parametrize("value", [b"", b"a/b", b"/a//b", b"..", b"i"], ids=repr)
+@pytest.mark.parametrize("where", sorted(PLACES))
+def test_malformed_redirect_places_as_the_kernel(where, value, tmp_path, overlay_mount, kernel_mount):
+    bottom = helpers.build_layer(tmp_path / "bottom", {"a": {"b": {"f": "abf"}, "i": "ai"}})
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([bottom], tmp_path, side)
+        _place(where, s.upper, value)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ON + ("metacopy=on",))
+            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
+        else:
+            m = overlay_mount(s.options("redirect_dir=on,metacopy=on"))
+            mnt, unmount = m.path, m.unmount
+        try:
+            path = mnt / PLACES[where]
+            got[side] = (sorted(os.listdir(path)) if path.is_dir() else path.read_bytes())
+        except OSError as e:
+            got[side] = errno.errorcode[e.errno]
+        finally:
+            unmount()
+    assert got["ours"] == got["kernel"]
+
+
+
+def test_rename_below_an_opaque_directory_with_a_redirect_as_the_kernel(tmp_path, overlay_mount,
+                                                                       kernel_mount):
+    """An opaque upper directory ``o`` with a (stale) redirect, which the kernel never reads
+    (``ovl_lookup_single`` stops at an opaque directory before ``ovl_check_redirect``, so
+    its inode holds none for ``ovl_get_redirect``): a directory below it with lower parts
+    (``o/c``, absolute redirect to ``/a/b``) and one in that (``o/c/d``) renamed across
+    directories get the same redirects from both (the walk up from ``o/c/d`` stops at
+    ``o/c``'s absolute one; an object below an opaque directory has lower parts only
+    through an absolute redirect of its own or of an ancestor below it, so the opaque
+    one's is never reached)."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {
+        "a": {"b": {"d": {"f": "abdf"}, "e": {"f": "abef"}}}, "zz": {"f": "zzf"}})
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([bottom], tmp_path, side)
+        (s.upper / "o/c").mkdir(parents=True)
+        os.setxattr(s.upper / "o", "trusted.overlay.opaque", b"y")
+        os.setxattr(s.upper / "o", "trusted.overlay.redirect", b"/zz")
+        os.setxattr(s.upper / "o/c", "trusted.overlay.redirect", b"/a/b")
+        (s.upper / "a").mkdir()
+        os.mknod(s.upper / "a/b", 0o600 | stat.S_IFCHR, 0)  # (moved: its old name whited out)
+        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
+        try:
+            os.rename(mnt / "o/c/d", mnt / "o/d2")
+            os.rename(mnt / "o/c/e", mnt / "e2")
+            snap = helpers.tree_snapshot(mnt, xattrs=False)
+        finally:
+            unmount()
+        got[side] = (snap, ovl_xattr(s.upper / "o/d2", "redirect"), ovl_xattr(s.upper / "e2", "redirect"))
+    assert got["kernel"][1:] == (b"/a/b/d", b"/a/b/e")
+    assert got["ours"] == got["kernel"]
+
+
+
+#: redirect_dir=nofollow: where a directory with a redirect sits (its probed path)
+NOFOLLOW = {"upper": "n", "upper-only-parent": "u/n", "middle-layer": "n", "bottom-layer": "n"}
+
+
+@pytest.mark.parametrize("value", [b"x", b"/x", b"nope", b"..", b"a/b"], ids=repr)
+@pytest.mark.parametrize("where", sorted(NOFOLLOW))
+def test_nofollow_refuses_redirected_directories_as_the_kernel(where, value, tmp_path,
+                                                              overlay_mount, kernel_mount):
+    """Under redirect_dir=nofollow the kernel (6.18) fails the lookup of a directory whose
+    redirect it reads (one with a layer below holding its parent, ``d->last`` false):
+    EPERM, "refusing to follow redirect", whatever the redirect names; EINVAL for a
+    malformed one. overlaypc ignored the redirect (the directory without what it names)."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {"x": {"f": "xf"}, "n": {"own": "o"}})
+    got = {}
+    for side in ("kernel", "ours"):
+        mid = helpers.build_layer(tmp_path / f"mid-{side}", {"m": helpers.Dir()})
+        # (bottom-layer: ``mid`` the only lower, nothing below it)
+        s = new_stack([mid] if where == "bottom-layer" else [mid, bottom], tmp_path, side)
+        path = (s.upper if where.startswith("upper") else mid) / NOFOLLOW[where]
+        path.mkdir(parents=True)
+        os.setxattr(path, "trusted.overlay.redirect", value)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=nofollow",))
+            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
+        else:
+            m = overlay_mount(s.options("redirect_dir=nofollow"))
+            mnt, unmount = m.path, m.unmount
+        try:
+            got[side] = sorted(os.listdir(mnt / NOFOLLOW[where]))
+        except OSError as e:
+            got[side] = errno.errorcode[e.errno]
+        finally:
+            unmount()
+    assert got["ours"] == got["kernel"]
 
 
 DEPTH = 20
