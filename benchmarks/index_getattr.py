@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import os
 import shutil
 import sys
@@ -36,32 +35,9 @@ ap.add_argument("--tree", default=os.path.dirname(os.path.dirname(os.path.abspat
 args = ap.parse_args()
 sys.path.insert(0, args.tree)
 
-from overlaypc import overlay_ops  # noqa: E402
-from overlaypc.config import MountConfig, validate  # noqa: E402
-from overlaypc.core import OverlayFS  # noqa: E402
+from inprocess import Harness, error  # noqa: E402 (imports overlaypc from --tree)
+from overlaypc.config import MountConfig  # noqa: E402
 from overlaypc.engine import protocol as p  # noqa: E402
-from overlaypc.engine import session as session_mod  # noqa: E402
-
-
-class FakeBacking:
-    """``ops.BackingFiles`` without a connection: ids only."""
-
-    def __init__(self, fd: int) -> None:
-        self._ids = itertools.count(1)
-
-    def open(self, fd: int) -> int:
-        return next(self._ids)
-
-    def close(self, backing_id: int) -> None:
-        pass
-
-
-session_mod.Backing = FakeBacking
-overlay_ops.raise_readahead = lambda mountpoint: None
-
-KERNEL_FLAGS = (p.ASYNC_READ | p.POSIX_LOCKS | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.DONT_MASK
-                | p.AUTO_INVAL_DATA | p.DO_READDIRPLUS | p.PARALLEL_DIROPS | p.HANDLE_KILLPRIV
-                | p.MAX_PAGES | p.EXPLICIT_INVAL_DATA | p.HANDLE_KILLPRIV_V2 | p.INIT_EXT)
 
 base = args.base or tempfile.mkdtemp(prefix="index-getattr-", dir="/dev/shm")
 shutil.rmtree(base, ignore_errors=True)
@@ -73,26 +49,13 @@ os.link(f"{base}/lower/f", f"{base}/lower/g")
 extra = {"redirect_dir": "on", "metacopy": True} if args.metacopy else {}
 cfg = MountConfig(lowers=[f"{base}/lower"], upper=f"{base}/upper", work=f"{base}/work",
                   mountpoint=f"{base}/mnt", index=True, **extra)
-validate(cfg)
-os.umask(0)
-fs = OverlayFS(cfg)
-fs.start()
-null = os.open(os.devnull, os.O_WRONLY)
-sess = session_mod.Session(overlay_ops.OverlayOps(fs), null, workers=1)
-replies: list[bytes] = []
-sess._writev = lambda fd, parts: replies.append(b"".join(bytes(x) for x in parts)) or 0
-sess._negotiate(1, p.InitIn(7, 45, 1 << 17, KERNEL_FLAGS))
-out = memoryview(bytearray(1 << 20))
-uniques = itertools.count(10, 2)
+harness = Harness(cfg)
 
 
-def send(op: int, nodeid: int, body: bytes = b"") -> bytes:
-    msg = memoryview(p.IN_HEADER.pack(p.IN_HEADER.size + len(body), op, next(uniques), nodeid,
-                                      0, 0, 4242, 0, 0) + body)
-    replies.clear()
-    sess.dispatch(null, msg, out)
-    assert replies and p.OUT_HEADER.unpack_from(replies[0])[1] == 0, replies
-    return replies[0]
+def send(op: int, nodeid: int, body: bytes = b"", tracer=None) -> bytes:
+    reply = harness.send(op, nodeid, body, tracer)
+    assert reply and error(reply) == 0, reply
+    return reply
 
 
 def lookup(name: str) -> int:
@@ -100,7 +63,7 @@ def lookup(name: str) -> int:
 
 
 F = lookup("f")
-fs.chmod("f", 0o600)  # copied up into the index (metadata only under metacopy)
+harness.fs.chmod("f", 0o600)  # copied up into the index (metadata only under metacopy)
 assert os.path.exists(f"{base}/upper/f") and len(os.listdir(f"{base}/work/index")) == 1
 G = lookup("g")
 FH = p.OPEN_OUT.unpack_from(send(p.OPEN, F, p.OPEN_IN.pack(os.O_RDONLY, 0)), 16)[0]
@@ -122,11 +85,7 @@ def traced(kind: str) -> None:
             OPS[kind] += 1
         return tracer
     op, nodeid, body = KINDS[kind]
-    sys.settrace(tracer)
-    try:
-        send(op, nodeid, body)
-    finally:
-        sys.settrace(None)
+    send(op, nodeid, body, tracer)
 
 
 print(f"tree {args.tree}, metacopy={args.metacopy}, n={args.n}")
@@ -144,5 +103,5 @@ for kind, (op, nodeid, body) in KINDS.items():
     print(f"{kind:16s} {best / args.n * 1e6:7.2f} us  {cpu / args.n * 1e6:7.2f} us cpu  "
           f"{OPS[kind]:5d} bytecodes  {CALLS[kind]:4d} calls")
 send(p.RELEASE, F, p.RELEASE_IN.pack(FH, 0, 0, 0))
-fs.close()
+harness.close()
 shutil.rmtree(base, ignore_errors=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import os
 import shutil
 import stat
@@ -35,54 +34,16 @@ ap.add_argument("--functions", metavar="REQUEST", default=None,
 args = ap.parse_args()
 sys.path.insert(0, args.tree)
 
-from overlaypc import overlay_ops  # noqa: E402
-from overlaypc.config import MountConfig, validate  # noqa: E402
-from overlaypc.core import OverlayFS  # noqa: E402
+from inprocess import Harness, error  # noqa: E402 (imports overlaypc from --tree)
+from overlaypc.config import MountConfig  # noqa: E402
 from overlaypc.engine import protocol as p  # noqa: E402
-from overlaypc.engine import session as session_mod  # noqa: E402
-
-
-class FakeBacking:
-    """``ops.BackingFiles`` without a connection: ids only (the ioctls are not counted)."""
-
-    def __init__(self, fd: int) -> None:
-        self._ids = itertools.count(1)
-
-    def open(self, fd: int) -> int:
-        return next(self._ids)
-
-    def close(self, backing_id: int) -> None:
-        pass
-
-
-session_mod.Backing = FakeBacking
-overlay_ops.raise_readahead = lambda mountpoint: None  # (nothing is mounted)
-
-#: what a 6.x kernel offers at INIT
-KERNEL_FLAGS = (p.ASYNC_READ | p.POSIX_LOCKS | p.ATOMIC_O_TRUNC | p.EXPORT_SUPPORT | p.BIG_WRITES
-                | p.DONT_MASK | p.AUTO_INVAL_DATA | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO
-                | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.HANDLE_KILLPRIV | p.POSIX_ACL
-                | p.ABORT_ERROR | p.MAX_PAGES | p.CACHE_SYMLINKS | p.NO_OPENDIR_SUPPORT
-                | p.EXPLICIT_INVAL_DATA | p.HANDLE_KILLPRIV_V2 | p.SETXATTR_EXT | p.INIT_EXT
-                | p.DIRECT_IO_ALLOW_MMAP | p.PASSTHROUGH)
 
 base = args.base or tempfile.mkdtemp(prefix="request-bytecodes-", dir="/dev/shm")
 shutil.rmtree(base, ignore_errors=True)
 for d in ("lower", "upper/d", "work", "mnt"):
     os.makedirs(os.path.join(base, d))
-cfg = MountConfig(lowers=[f"{base}/lower"], upper=f"{base}/upper", work=f"{base}/work",
-                  mountpoint=f"{base}/mnt")
-validate(cfg)
-os.umask(0)  # (as the daemon: the core applies each caller's umask)
-fs = OverlayFS(cfg)
-fs.start()
-null = os.open(os.devnull, os.O_WRONLY)
-sess = session_mod.Session(overlay_ops.OverlayOps(fs), null, workers=1)
-replies: list[bytes] = []
-sess._writev = lambda fd, parts: replies.append(b"".join(bytes(x) for x in parts)) or 0
-sess._negotiate(1, p.InitIn(7, 45, 1 << 17, KERNEL_FLAGS))
-out = memoryview(bytearray(1 << 20))
-uniques = itertools.count(10, 2)
+harness = Harness(MountConfig(lowers=[f"{base}/lower"], upper=f"{base}/upper", work=f"{base}/work",
+                              mountpoint=f"{base}/mnt"))
 
 OPS: collections.Counter = collections.Counter()
 CALLS: collections.Counter = collections.Counter()
@@ -105,23 +66,8 @@ def tracer(frame, event, arg):
 
 
 def send(label: str | None, op: int, nodeid: int, body: bytes = b"") -> bytes:
-    msg = memoryview(p.IN_HEADER.pack(p.IN_HEADER.size + len(body), op, next(uniques), nodeid,
-                                      0, 0, 4242, 0, 0) + body)
-    replies.clear()
-    if label is None:
-        sess.dispatch(null, msg, out)
-    else:
-        current[0] = label
-        sys.settrace(tracer)
-        try:
-            sess.dispatch(null, msg, out)
-        finally:
-            sys.settrace(None)
-    return replies[0] if replies else b""
-
-
-def error(reply: bytes) -> int:
-    return p.OUT_HEADER.unpack_from(reply)[1]
+    current[0] = label
+    return harness.send(op, nodeid, body, None if label is None else tracer)
 
 
 D = p.ENTRY_OUT.unpack_from(send(None, p.LOOKUP, p.ROOT_ID, b"d\0"), 16)[0]
@@ -188,5 +134,5 @@ if args.functions:
     rows = sorted(((c, f) for (k, f), c in FUNCS.items() if k == args.functions), reverse=True)
     for c, f in rows:
         print(f"    {f:50s} {c / n:7.1f}")
-fs.close()
+harness.close()
 shutil.rmtree(base, ignore_errors=True)

@@ -26,20 +26,13 @@ from pathlib import Path
 import pytest
 
 import helpers
-from features_support import KERNEL_INDEX, KERNEL_METACOPY, make_lowers, new_stack, ovl_xattr
+from features_support import KERNEL_INDEX, KERNEL_METACOPY, new_stack, ovl_xattr
+from test_index import make_linked_lower
 
 pytestmark = [pytest.mark.mount]
 
-OLD = b"lower data of a hard-linked file\n"
 NEW = b"NEW data written through the first name, longer than the old\n" * 2
 NAMES = ["a", "b", "sub/c"]
-
-
-def _lowers(layers_factory, base: Path) -> list[Path]:
-    lowers = make_lowers(layers_factory, base, {"l": {"a": OLD, "sub": {}, "other": "x"}})
-    os.link(lowers[0] / "a", lowers[0] / "b")
-    os.link(lowers[0] / "a", lowers[0] / "sub/c")
-    return lowers
 
 
 def _write(path: Path) -> None:
@@ -111,7 +104,7 @@ def _layout(upper: Path, work: Path) -> dict:
 
 
 def _both(op, tmp_base, layers_factory, overlay_mount, kernel_mount, opts=(), first=_write):
-    lowers = _lowers(layers_factory, tmp_base)
+    lowers = make_linked_lower(layers_factory, tmp_base)
     ks, os_ = new_stack(lowers, tmp_base, "k"), new_stack(lowers, tmp_base, "o")
     seen = {}
     k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX + tuple(opts))
