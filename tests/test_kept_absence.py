@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 
 import pytest
 
@@ -86,3 +87,60 @@ def test_a_whiteout_found_by_the_lookup_is_not_kept(fs_factory):
     assert fs.lookup.absent("d/gone") is None
     write_new(fs, "d/gone", b"made\n")
     assert read_all(fs, "d/gone") == b"made\n"
+
+
+def test_a_change_during_the_negative_lookup_voids_it(fs_factory, monkeypatch):
+    """Another thread makes the name while the kernel's LOOKUP of it runs (after that
+    lookup read the layers): the absence it found is not kept for the creation."""
+    fs = fs_factory({"d/x": b"lower\n"}, upper={"d/keep": b"upper\n"})
+    real = fs.lookup._lookup_in
+    raced = []
+
+    def racing(parent, rel):
+        node = real(parent, rel)
+        if rel == "d/new" and not raced:
+            raced.append(True)
+            other = threading.Thread(target=write_new, args=(fs, "d/new", b"theirs\n"))
+            other.start()
+            other.join()
+        return node
+
+    monkeypatch.setattr(fs.lookup, "_lookup_in", racing)
+    assert not fs.lookup.lookup("d/new").exists  # found absent, before the other's create
+    assert raced
+    monkeypatch.setattr(fs.lookup, "_lookup_in", real)
+    assert fs.lookup.absent("d/new") is None
+    with pytest.raises(OSError) as e:
+        fs.mkdir("d/new", 0o755)
+    assert e.value.errno == errno.EEXIST
+    assert read_all(fs, "d/new") == b"theirs\n"
+
+
+@pytest.mark.parametrize("how", CREATIONS)
+def test_a_parent_renamed_over_after_the_lookup_is_not_taken_for_the_new_one(fs_factory, how):
+    """The name was absent in an empty directory; a merged directory holding a lower
+    object of that name is then renamed over that directory (a redirect): the creation of
+    the name in it fails EEXIST and the lower object shows, as a fresh lookup decides."""
+    fs = fs_factory({"e/new": b"lower\n"}, upper={"d/.keep": b""}, redirect_dir="on")
+    fs.unlink("d/.keep")
+    negative_lookup(fs, "d/new")
+    fs.rename("e", "d")
+    with pytest.raises(OSError) as e:
+        CREATIONS[how](fs, "d/new")
+    assert e.value.errno == errno.EEXIST
+    assert read_all(fs, "d/new") == b"lower\n"
+
+
+def test_a_burst_of_negative_lookups_keeps_the_last_absent_max(fs_factory):
+    """The bound: a burst of lookups of distinct absent names keeps the last ``ABSENT_MAX``
+    of them, no more; each is taken by its creation."""
+    from overlaypc.lookup import ABSENT_MAX
+    fs = fs_factory({"d/x": b"lower\n"})
+    names = [f"d/n{i}" for i in range(3 * ABSENT_MAX)]
+    for rel in names:
+        negative_lookup(fs, rel)
+    assert len(fs.lookup._absent) == ABSENT_MAX
+    assert list(fs.lookup._absent) == names[-ABSENT_MAX:]
+    assert fs.lookup.absent(names[0]) is None
+    write_new(fs, names[-1], b"made\n")
+    assert read_all(fs, names[-1]) == b"made\n"
