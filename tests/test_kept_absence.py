@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from overlaypc.core import OverlayFS
 from test_kept_lookups import counting_lookups, fs_factory, read_all, write_new  # noqa: F401 (a fixture)
 
 
@@ -144,3 +145,54 @@ def test_a_burst_of_negative_lookups_keeps_the_last_absent_max(fs_factory):
     assert fs.lookup.absent(names[0]) is None
     write_new(fs, names[-1], b"made\n")
     assert read_all(fs, names[-1]) == b"made\n"
+
+
+def _two_lowers(tmp_path, hide: str) -> OverlayFS:
+    """Upper d (merged) over two lowers: the bottom holds directory d/n with a file; the top
+    hides it by ``hide``: a 0/0 device, an OCI ``.wh.n``, or an opaque d (OCI marker)."""
+    from overlaypc.config import MountConfig, validate
+    root = tmp_path / f"two-{hide}"
+    top, bottom, upper = root / "top", root / "bottom", root / "upper"
+    (bottom / "d/n").mkdir(parents=True)
+    (bottom / "d/n/f").write_bytes(b"hidden\n")
+    (bottom / "d/m").write_bytes(b"hidden too\n")
+    (top / "d").mkdir(parents=True)
+    (top / "d/x").write_bytes(b"top\n")
+    if hide == "device":
+        os.mknod(top / "d/n", stat.S_IFCHR | 0o600, 0)
+        os.mknod(top / "d/m", stat.S_IFCHR | 0o600, 0)
+    elif hide == "oci":
+        (top / "d/.wh.n").write_bytes(b"")
+        (top / "d/.wh.m").write_bytes(b"")
+    else:
+        (top / "d/.wh..wh..opq").write_bytes(b"")
+    (upper / "d").mkdir(parents=True)
+    for name in ("work", "mnt"):
+        (root / name).mkdir()
+    cfg = MountConfig(lowers=[str(top), str(bottom)], upper=str(upper), work=str(root / "work"),
+                      mountpoint=str(root / "mnt"))
+    validate(cfg)
+    fs = OverlayFS(cfg)
+    fs.start()
+    fs.root = root  # type: ignore[attr-defined]
+    return fs
+
+
+@pytest.mark.parametrize("hide", ["device", "oci", "opaque"])
+def test_a_name_hidden_below_is_created_as_a_fresh_lookup_would(tmp_path, hide):
+    """A name hidden by a lower layer (its whiteout, either format, or an opaque parent
+    there) is absent with nothing in the upper: its creations take the kept lookup, and
+    what is below stays hidden (the new directory lists nothing of the lower one)."""
+    fs = _two_lowers(tmp_path, hide)
+    try:
+        for rel in ("d/n", "d/m"):
+            negative_lookup(fs, rel)
+            assert fs.lookup._absent.get(rel) is not None
+        fs.mkdir("d/n", 0o755)
+        write_new(fs, "d/m", b"made\n")
+        assert [e.name for e in fs.readdir("d/n")] in ([], [".", ".."])
+        assert read_all(fs, "d/m") == b"made\n"
+        assert len(fs.lookup.lookup("d/n").entries) == 1
+        assert sorted(e.name for e in fs.readdir("d") if e.name not in (".", "..")) == ["m", "n", "x"]
+    finally:
+        fs.close()
