@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import stat
 import threading
 
@@ -196,3 +197,87 @@ def test_a_name_hidden_below_is_created_as_a_fresh_lookup_would(tmp_path, hide):
         assert sorted(e.name for e in fs.readdir("d") if e.name not in (".", "..")) == ["m", "n", "x"]
     finally:
         fs.close()
+
+
+def test_creations_answer_as_the_model_while_lookups_keep_absences(fs_factory):
+    """A random sequence of changes (creations, removals, renames of names and of their
+    directories: a redirect shows another lower directory's names), each after a lookup of
+    its name as the kernel's, while three threads look names up all along (keeping
+    absences): each creation answers EEXIST exactly when the name exists in a model of the
+    merged view (exact: the changes run one at a time), and the view ends as the model."""
+    rng = random.Random(45)
+    names = [f"n{i}" for i in range(6)]
+    dirs = ["d0", "d1", "d2"]
+    lower = {f"d0/{n}": b"lower\n" for n in names[:3]} | {f"d1/{n}": b"lower\n" for n in names[3:]}
+    fs = fs_factory(lower, redirect_dir="on")
+    model = {"d0": "d", "d1": "d"} | {rel: "f" for rel in lower}
+    stop = threading.Event()
+
+    def looker(k: int) -> None:
+        r = random.Random(k)
+        while not stop.is_set():
+            try:
+                fs.lookup.lookup(f"{r.choice(dirs)}/{r.choice(names)}")
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=looker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    wrong = []
+    try:
+        for step in range(800):
+            rel = f"{rng.choice([d for d in dirs if d in model])}/{rng.choice(names)}"
+            try:
+                fs.lookup.lookup(rel)
+            except OSError:
+                pass
+            op = rng.choice(["create", "create", "mkdir", "symlink", "unlink", "rename",
+                             "dirmove", "dirmove", "dirmove"])
+            exists = rel in model
+            try:
+                if op == "create":
+                    write_new(fs, rel, b"made\n")
+                elif op == "mkdir":
+                    fs.mkdir(rel, 0o755)
+                elif op == "symlink":
+                    fs.symlink("t", rel)
+                elif op == "unlink":
+                    if model.get(rel) not in ("f", "l"):
+                        continue
+                    fs.unlink(rel)
+                    del model[rel]
+                elif op == "rename":
+                    src = rng.choice(sorted(p for p in model if model[p] in ("f", "l")) or [rel])
+                    if src == rel or model.get(rel) == "d":
+                        continue
+                    fs.rename(src, rel)
+                    model[rel] = model.pop(src)
+                else:
+                    a = rng.choice([d for d in dirs if d in model])
+                    b = rng.choice([d for d in dirs if d not in model])
+                    fs.rename(a, b)
+                    for p in sorted(model):
+                        if p == a or p.startswith(a + "/"):
+                            model[b + p[len(a):]] = model.pop(p)
+                got = "ok"
+            except OSError as e:
+                got = errno.errorcode[e.errno]
+                assert op in CREATIONS, f"step {step}: {op} {rel}: {got}"
+            if op in ("create", "mkdir", "symlink"):
+                if got != ("EEXIST" if exists else "ok"):
+                    wrong.append(f"step {step}: {op} {rel}: {got} (exists: {exists})")
+                if got == "ok":
+                    model[rel] = {"create": "f", "mkdir": "d", "symlink": "l"}[op]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert wrong == []
+    for d in dirs:
+        for n in names:
+            try:
+                there = fs.lookup.lookup(f"{d}/{n}").exists
+            except OSError:
+                there = False
+            assert there == (f"{d}/{n}" in model), f"{d}/{n}"
