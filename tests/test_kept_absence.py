@@ -199,17 +199,20 @@ def test_a_name_hidden_below_is_created_as_a_fresh_lookup_would(tmp_path, hide):
         fs.close()
 
 
-def test_creations_answer_as_the_model_while_lookups_keep_absences(fs_factory):
+@pytest.mark.parametrize("devices", [True, False], ids=["devices", "markers"])
+def test_creations_answer_as_the_model_while_lookups_keep_absences(fs_factory, devices):
     """A random sequence of changes (creations, removals, renames of names and of their
     directories: a redirect shows another lower directory's names), each after a lookup of
     its name as the kernel's, while three threads look names up all along (keeping
     absences): each creation answers EEXIST exactly when the name exists in a model of the
-    merged view (exact: the changes run one at a time), and the view ends as the model."""
+    merged view (exact: the changes run one at a time), and the view ends as the model.
+    Whiteouts in either form (``.wh.NAME`` files: a name the creation must clear)."""
     rng = random.Random(45)
     names = [f"n{i}" for i in range(6)]
     dirs = ["d0", "d1", "d2"]
     lower = {f"d0/{n}": b"lower\n" for n in names[:3]} | {f"d1/{n}": b"lower\n" for n in names[3:]}
     fs = fs_factory(lower, redirect_dir="on")
+    fs.format.devices = devices  # False: whiteouts as .wh.NAME files (rootless, fuse-overlayfs)
     model = {"d0": "d", "d1": "d"} | {rel: "f" for rel in lower}
     stop = threading.Event()
 
