@@ -107,11 +107,15 @@ def _spoil(case: str, lowers, s, labels) -> None:
         (d / "junk").write_bytes(b"not a file handle\n")
     elif case == "no_origin":
         os.removexattr(d / key["a"], "trusted.overlay.origin")
+    elif case == "wrong_type":  # a regular entry (one link) whose origin decodes to a directory
+        sub = _key(lowers[0] / "sub")
+        (d / sub).write_bytes(b"the only copy of some data\n")
+        os.setxattr(d / sub, "trusted.overlay.origin", bytes.fromhex(sub))
     else:
         raise AssertionError(case)
 
 
-MOUNTED = ["mismatch", "leftover", "stale", "orphan", "whiteout", "fifo", "dir"]
+MOUNTED = ["mismatch", "leftover", "stale", "orphan", "whiteout", "fifo", "dir", "wrong_type"]
 
 
 @pytest.mark.parametrize("case", MOUNTED)
@@ -204,3 +208,49 @@ def test_last_name_gone_while_open(xfs_dir, layers_factory, overlay_mount):
     m = overlay_mount(s.options("index=on"))
     assert _entries(s.work, labels) == {}
     assert _read(m.path)["a"] == "ENOENT"
+
+
+@pytest.mark.parametrize("how", ["eio", "kill"])
+def test_index_clean_interrupted(how, xfs_dir, layers_factory, overlay_mount, kernel_mount,
+                                 tmp_path):
+    """The check's removals fail (EIO at the first) or the daemon is killed -9 there: no
+    mount is left, nothing went, and the next mount (overlaypc's, then the kernel's) comes
+    up and removes what the kernel's check removes."""
+    import signal
+    import subprocess
+
+    from reliability_support import wait_stopped
+    lowers = _lowers(layers_factory, xfs_dir)
+    ks, os_ = new_stack(lowers, xfs_dir, "k"), new_stack(lowers, xfs_dir, "o")
+    labels = [_written(lowers, s, kernel_mount) for s in (ks, os_)][0]
+    for s in (ks, os_):
+        _spoil("orphan", lowers, s, dict(labels))
+        _spoil("leftover", lowers, s, dict(labels))
+    labels["#1f"] = "#1f"
+    before = _entries(os_.work, labels)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = helpers.overlaypc_env({"OVERLAYPC_FAULTS": f"layer.unlink~index={'eio' if how == 'eio' else 'pause'}"})
+    proc = subprocess.Popen(helpers.overlaypc_cmd("-f", "-o", os_.options("index=on"), mnt),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        if how == "kill":
+            assert wait_stopped(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        helpers.force_unmount(mnt)
+    assert not helpers.mounts_at(mnt)
+    assert _entries(os_.work, labels) == before  # (the first removal failed or never ran)
+    k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX)
+    theirs = _read(k)
+    helpers.force_unmount(k)
+    m = overlay_mount(os_.options("index=on"))
+    assert _read(m.path) == theirs
+    assert _entries(os_.work, labels) == _entries(ks.work, labels)
+    m.unmount()
+    assert _read(kernel_mount(lowers, os_.upper, os_.work, KERNEL_INDEX)) == theirs
