@@ -254,3 +254,26 @@ def test_index_clean_interrupted(how, xfs_dir, layers_factory, overlay_mount, ke
     assert _entries(os_.work, labels) == _entries(ks.work, labels)
     m.unmount()
     assert _read(kernel_mount(lowers, os_.upper, os_.work, KERNEL_INDEX)) == theirs
+
+
+@pytest.mark.parametrize("reused", ["both", "upper", "work"])
+def test_layers_of_a_live_kernel_mount_refused(reused, xfs_dir, layers_factory, kernel_mount,
+                                               tmp_path):
+    """A kernel overlay mount holds upperdir and workdir: the kernel refuses an index=on
+    mount of either (EBUSY, "mount with '-o index=off' to override exclusive upperdir
+    protection"). overlaypc's flock keeps out a second overlaypc only: without this its
+    check at mount judged, and removed, entries a live mount changes (and its start
+    emptied the live mount's workdir/work)."""
+    lowers = _lowers(layers_factory, xfs_dir)
+    s = new_stack(lowers, xfs_dir, "k")
+    _written(lowers, s, kernel_mount)
+    other = new_stack(lowers, xfs_dir, "o")
+    upper, work = {"both": (s.upper, s.work), "upper": (s.upper, other.work),
+                   "work": (other.upper, s.work)}[reused]
+    kernel_mount(lowers, s.upper, s.work, KERNEL_INDEX)
+    assert kernel_refusal(tmp_path / "k2", lowers, upper, work) is not None  # (the oracle)
+    before = {p: helpers.dir_state(p) for p in (upper, work)}
+    opts = f"lowerdir={lowers[0]},upperdir={upper},workdir={work},index=on"
+    line = overlaypc_refusal(tmp_path, tmp_path / "mnt", opts)
+    assert line is not None and "in use" in line, line
+    assert {p: helpers.dir_state(p) for p in (upper, work)} == before, "a refused mount wrote"
