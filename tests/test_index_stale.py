@@ -277,3 +277,50 @@ def test_layers_of_a_live_kernel_mount_refused(reused, xfs_dir, layers_factory, 
     line = overlaypc_refusal(tmp_path, tmp_path / "mnt", opts)
     assert line is not None and "in use" in line, line
     assert {p: helpers.dir_state(p) for p in (upper, work)} == before, "a refused mount wrote"
+
+
+@pytest.mark.parametrize("later", ["top_only", "extra_layer"])
+def test_entries_of_a_layer_left_out_or_added(later, xfs_dir, layers_factory, overlay_mount,
+                                              kernel_mount):
+    """Two lowers on two filesystems (the second on tmp_path's), a hard link in each written
+    then its upper name removed (its entry the only copy of what its other name shows). A
+    mount that leaves the second layer out removes that entry (its origin decodes in no
+    layer: ESTALE), so the layer given back shows its own data again; one that adds a third
+    layer keeps both. As the kernel, step by step."""
+    top = layers_factory({"t": {"a": OLD}}, where={"t": xfs_dir}).paths[0]
+    bot = layers_factory({"u": {"p": OLD}}).paths[0]
+    extra = layers_factory({"e": {"e": b"e\n"}}, where={"e": xfs_dir}).paths[0]
+    os.link(top / "a", top / "b")
+    os.link(bot / "p", bot / "q")
+    stacks = ([top, bot], [top, bot], [top] if later == "top_only" else [top, bot, extra],
+              [top, bot])
+
+    def shown(root: Path, work: Path) -> tuple:
+        names = {}
+        for n in ("a", "b", "p", "q"):
+            try:
+                names[n] = (root / n).read_bytes()
+            except OSError as e:
+                names[n] = errno.errorcode[e.errno]
+        return names, sorted(n for n in os.listdir(work / "index") if not n.startswith("#"))
+
+    def steps(root: Path, i: int) -> None:
+        for n in ("a", "p"):
+            if i == 0:
+                with open(root / n, "r+b") as f:
+                    f.write(NEW)
+            elif i == 1:
+                os.unlink(root / n)
+
+    ks, os_ = new_stack(stacks[0], xfs_dir, "k"), new_stack(stacks[0], xfs_dir, "o")
+    for i, lowers in enumerate(stacks):
+        k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX)
+        steps(k, i)
+        theirs = shown(k, ks.work)
+        helpers.force_unmount(k)
+        m = overlay_mount(f"lowerdir={':'.join(map(str, lowers))},upperdir={os_.upper},"
+                          f"workdir={os_.work},index=on")
+        steps(m.path, i)
+        assert shown(m.path, os_.work) == theirs, i
+        m.unmount()
+    assert theirs[0]["q"] == (OLD if later == "top_only" else NEW)  # (the oracle)
