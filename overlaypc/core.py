@@ -165,7 +165,8 @@ class OverlayFS:
         self.stack.lock()
         roots = cleanup = None
         if self.index is not None:
-            from . import indexclean, indexroots
+            from . import indexclean, indexroots, inuse
+            inuse.refuse_held(self.stack)  # (a live kernel mount's: as the kernel, EBUSY)
             roots = indexroots.verify(self.stack, self.prefix)
             cleanup = indexclean.scan(self.stack, self.index)  # (refuses before any write too)
         if self.stack.work is not None:

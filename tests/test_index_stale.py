@@ -107,11 +107,15 @@ def _spoil(case: str, lowers, s, labels) -> None:
         (d / "junk").write_bytes(b"not a file handle\n")
     elif case == "no_origin":
         os.removexattr(d / key["a"], "trusted.overlay.origin")
+    elif case == "wrong_type":  # a regular entry (one link) whose origin decodes to a directory
+        sub = _key(lowers[0] / "sub")
+        (d / sub).write_bytes(b"the only copy of some data\n")
+        os.setxattr(d / sub, "trusted.overlay.origin", bytes.fromhex(sub))
     else:
         raise AssertionError(case)
 
 
-MOUNTED = ["mismatch", "leftover", "stale", "orphan", "whiteout", "fifo", "dir"]
+MOUNTED = ["mismatch", "leftover", "stale", "orphan", "whiteout", "fifo", "dir", "wrong_type"]
 
 
 @pytest.mark.parametrize("case", MOUNTED)
@@ -204,3 +208,119 @@ def test_last_name_gone_while_open(xfs_dir, layers_factory, overlay_mount):
     m = overlay_mount(s.options("index=on"))
     assert _entries(s.work, labels) == {}
     assert _read(m.path)["a"] == "ENOENT"
+
+
+@pytest.mark.parametrize("how", ["eio", "kill"])
+def test_index_clean_interrupted(how, xfs_dir, layers_factory, overlay_mount, kernel_mount,
+                                 tmp_path):
+    """The check's removals fail (EIO at the first) or the daemon is killed -9 there: no
+    mount is left, nothing went, and the next mount (overlaypc's, then the kernel's) comes
+    up and removes what the kernel's check removes."""
+    import signal
+    import subprocess
+
+    from reliability_support import wait_stopped
+    lowers = _lowers(layers_factory, xfs_dir)
+    ks, os_ = new_stack(lowers, xfs_dir, "k"), new_stack(lowers, xfs_dir, "o")
+    labels = [_written(lowers, s, kernel_mount) for s in (ks, os_)][0]
+    for s in (ks, os_):
+        _spoil("orphan", lowers, s, dict(labels))
+        _spoil("leftover", lowers, s, dict(labels))
+    labels["#1f"] = "#1f"
+    before = _entries(os_.work, labels)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = helpers.overlaypc_env({"OVERLAYPC_FAULTS": f"layer.unlink~index={'eio' if how == 'eio' else 'pause'}"})
+    proc = subprocess.Popen(helpers.overlaypc_cmd("-f", "-o", os_.options("index=on"), mnt),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        if how == "kill":
+            assert wait_stopped(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        helpers.force_unmount(mnt)
+    assert not helpers.mounts_at(mnt)
+    assert _entries(os_.work, labels) == before  # (the first removal failed or never ran)
+    k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX)
+    theirs = _read(k)
+    helpers.force_unmount(k)
+    m = overlay_mount(os_.options("index=on"))
+    assert _read(m.path) == theirs
+    assert _entries(os_.work, labels) == _entries(ks.work, labels)
+    m.unmount()
+    assert _read(kernel_mount(lowers, os_.upper, os_.work, KERNEL_INDEX)) == theirs
+
+
+@pytest.mark.parametrize("reused", ["both", "upper", "work"])
+def test_layers_of_a_live_kernel_mount_refused(reused, xfs_dir, layers_factory, kernel_mount,
+                                               tmp_path):
+    """A kernel overlay mount holds upperdir and workdir: the kernel refuses an index=on
+    mount of either (EBUSY, "mount with '-o index=off' to override exclusive upperdir
+    protection"). overlaypc's flock keeps out a second overlaypc only: without this its
+    check at mount judged, and removed, entries a live mount changes (and its start
+    emptied the live mount's workdir/work)."""
+    lowers = _lowers(layers_factory, xfs_dir)
+    s = new_stack(lowers, xfs_dir, "k")
+    _written(lowers, s, kernel_mount)
+    other = new_stack(lowers, xfs_dir, "o")
+    upper, work = {"both": (s.upper, s.work), "upper": (s.upper, other.work),
+                   "work": (other.upper, s.work)}[reused]
+    kernel_mount(lowers, s.upper, s.work, KERNEL_INDEX)
+    assert kernel_refusal(tmp_path / "k2", lowers, upper, work) is not None  # (the oracle)
+    before = {p: helpers.dir_state(p) for p in (upper, work)}
+    opts = f"lowerdir={lowers[0]},upperdir={upper},workdir={work},index=on"
+    line = overlaypc_refusal(tmp_path, tmp_path / "mnt", opts)
+    assert line is not None and "in use" in line, line
+    assert {p: helpers.dir_state(p) for p in (upper, work)} == before, "a refused mount wrote"
+
+
+@pytest.mark.parametrize("later", ["top_only", "extra_layer"])
+def test_entries_of_a_layer_left_out_or_added(later, xfs_dir, layers_factory, overlay_mount,
+                                              kernel_mount):
+    """Two lowers on two filesystems (the second on tmp_path's), a hard link in each written
+    then its upper name removed (its entry the only copy of what its other name shows). A
+    mount that leaves the second layer out removes that entry (its origin decodes in no
+    layer: ESTALE), so the layer given back shows its own data again; one that adds a third
+    layer keeps both. As the kernel, step by step."""
+    top = layers_factory({"t": {"a": OLD}}, where={"t": xfs_dir}).paths[0]
+    bot = layers_factory({"u": {"p": OLD}}).paths[0]
+    extra = layers_factory({"e": {"e": b"e\n"}}, where={"e": xfs_dir}).paths[0]
+    os.link(top / "a", top / "b")
+    os.link(bot / "p", bot / "q")
+    stacks = ([top, bot], [top, bot], [top] if later == "top_only" else [top, bot, extra],
+              [top, bot])
+
+    def shown(root: Path, work: Path) -> tuple:
+        names = {}
+        for n in ("a", "b", "p", "q"):
+            try:
+                names[n] = (root / n).read_bytes()
+            except OSError as e:
+                names[n] = errno.errorcode[e.errno]
+        return names, sorted(n for n in os.listdir(work / "index") if not n.startswith("#"))
+
+    def steps(root: Path, i: int) -> None:
+        for n in ("a", "p"):
+            if i == 0:
+                with open(root / n, "r+b") as f:
+                    f.write(NEW)
+            elif i == 1:
+                os.unlink(root / n)
+
+    ks, os_ = new_stack(stacks[0], xfs_dir, "k"), new_stack(stacks[0], xfs_dir, "o")
+    for i, lowers in enumerate(stacks):
+        k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX)
+        steps(k, i)
+        theirs = shown(k, ks.work)
+        helpers.force_unmount(k)
+        m = overlay_mount(f"lowerdir={':'.join(map(str, lowers))},upperdir={os_.upper},"
+                          f"workdir={os_.work},index=on")
+        steps(m.path, i)
+        assert shown(m.path, os_.work) == theirs, i
+        m.unmount()
+    assert theirs[0]["q"] == (OLD if later == "top_only" else NEW)  # (the oracle)

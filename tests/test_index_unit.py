@@ -372,3 +372,39 @@ def test_kept_counts_and_origins_are_bounded(s):
         fake = os.stat_result((upper.st_mode, 10_000_000 + i, upper.st_dev, 2, 0, 0, 1, 0, 0, 0))
         s.index.of_upper(Entry(s.upper, "a", fake))
     assert len(s.index._nlinks) <= 16384 and len(s.index._origins) <= 16384
+
+
+def test_inuse_reads_kernel_overlay_dirs_from_mountinfo(tmp_path):
+    """``inuse.refuse_held``: an overlay line's upperdir or workdir (octal escapes undone:
+    a comma, a space, a backslash) that is this stack's upperdir or workdir refuses it
+    (EBUSY); another fstype's, or a directory elsewhere, does not."""
+    from types import SimpleNamespace
+
+    from overlaypc import inuse
+    upper, work, elsewhere = tmp_path / "up, per\\x", tmp_path / "work", tmp_path / "other"
+    for d in (upper, work, elsewhere):
+        d.mkdir()
+
+    def layer(p):
+        st = os.stat(p)
+        return SimpleNamespace(dev=st.st_dev, root_ino=st.st_ino, path=str(p))
+    stack = SimpleNamespace(upper=layer(upper), work=layer(work))
+
+    def esc(p):
+        return str(p).replace("\\", "\\134").replace(",", "\\054").replace(" ", "\\040")
+
+    def refused(fstype, up, wk):
+        info = tmp_path / "mountinfo"
+        info.write_text(f"1 2 0:1 / /mnt\\040k rw - {fstype} overlay rw,lowerdir=/l,"
+                        f"upperdir={esc(up)},workdir={esc(wk)},index=on\n")
+        try:
+            inuse.refuse_held(stack, str(info))
+        except OSError as e:
+            assert e.errno == errno.EBUSY and "/mnt k" in str(e)
+            return True
+        return False
+
+    assert refused("overlay", upper, elsewhere)
+    assert refused("overlay", elsewhere, work)
+    assert not refused("overlay", elsewhere, elsewhere)
+    assert not refused("fuse.overlaypc", upper, work)
