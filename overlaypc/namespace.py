@@ -632,15 +632,17 @@ class Namespace:
         # turn it is needs: limits23)
         del src
         self._prepare_new(dst_rel, check=True)  # a doomed link copies no source up
-        # a metacopy file could not find its data elsewhere (its times kept: the kernel's
-        # link copies no data)
-        self.fs.copyup.ensure_data(src_rel, keep_times=True)
+        # a regular file: metadata only under metacopy=on, as the kernel's ``ovl_link``; its
+        # data stays below, found from every name by the absolute redirect set below
+        self.fs.copyup.ensure_upper(src_rel, metadata_only=True)
         upper = self.fs.stack.upper
         assert upper is not None
         with self._changing():
             src = self.fs.lookup.lookup(src_rel)
             if src.upper is None:
                 raise OSError(errno.ENOENT, "source changed during link", src_rel)
+            if src.data is not None:
+                self._set_link_redirect(src)
             # index=on: the entry is read before the link (the link changes no xattr of the
             # source), so that a failed read leaves nothing linked
             shared = self.fs.index_of(src)
@@ -649,6 +651,20 @@ class Namespace:
 
             return self._place_new(dst_rel, lambda layer, where, mode: do_link(upper, src_rel, layer, where),
                                    None, src.st.st_mode, self._then_linked(dst_rel, shared, then))
+
+    def _set_link_redirect(self, src: Node) -> None:
+        """Before a link to the metacopy file ``src`` (data below): an absolute redirect to
+        its data, as the kernel's ``ovl_set_link_redirect``, so that the new name, elsewhere,
+        finds it too (one it has already stays). Not undone if the link then fails (nor is
+        the kernel's): it names the same data from the old name."""
+        upper = self.fs.stack.upper
+        assert upper is not None and src.data is not None
+        name = self.fs.prefix + "redirect"
+        value = self._redirect_value(src, src.rel, src.data, absolute=True)
+        if len(value) > redirect_max():
+            raise OSError(errno.EXDEV, f"redirect longer than {redirect_max()} bytes", src.rel)
+        if upper.getxattr(src.rel, name) != value:
+            upper.do_setxattr(src.rel, name, value)
 
     # -- removal ------------------------------------------------------------------------------
     @staticmethod
@@ -960,7 +976,7 @@ class Namespace:
         except OSError as e:
             log.error("cannot restore %s of %s/%s after a failed rename: %s", name, upper.path, rel, e)
 
-    def _redirect_value(self, onode: Node, new: str, lower: Entry) -> bytes:
+    def _redirect_value(self, onode: Node, new: str, lower: Entry, *, absolute: bool = False) -> bytes:
         """``trusted.overlay.redirect`` as the kernel (``ovl_set_redirect``,
         ``ovl_get_redirect``) writes it, for a directory and a metacopy file alike: the old
         name alone for a rename within one directory, else the old merged path with each
@@ -969,14 +985,15 @@ class Namespace:
         an absolute one anywhere). Absolute for a lower hard link (``lower``, the file's
         first lower: its data, or a former upper's metacopy file above that) too
         (``ovl_need_absolute_redirect``: its other names, linked up later, share the xattr
-        from other directories). The merged path, not ``lower``'s own: the
+        from other directories), and where ``absolute`` asks (a link's:
+        ``_set_link_redirect``). The merged path, not ``lower``'s own: the
         lookup from the new name meets each layer's redirects on the way (a former upper's
         metacopy file renamed there: its old name in that layer may be a whiteout)."""
         upper = self.fs.stack.upper
         assert upper is not None and onode.upper is not None
         existing = redirect_target(upper.getxattr(onode.rel, self.fs.prefix + "redirect"))
         hard_link = not onode.is_dir and lower.st.st_nlink > 1
-        absolute = split(onode.rel)[0] != split(new)[0] or hard_link
+        absolute = absolute or split(onode.rel)[0] != split(new)[0] or hard_link
         if existing is not None and (not absolute or existing.startswith("/")):
             return os.fsencode(existing)
         if not absolute:

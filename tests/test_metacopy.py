@@ -416,6 +416,43 @@ def test_open_for_write_of_metacopy_file_moves_its_mtime_as_the_kernel(lower, st
     assert os.lstat(stack.upper / "small").st_mtime_ns != T  # on disk
 
 
+def test_link_of_lower_file_copies_metadata_only(lower, xfs_dir, stack, overlay_mount, kernel_mount):
+    """A hard link to a lower file is a metadata-only copy-up, as the kernel's ``ovl_link``:
+    the upper file (both names) stays a metacopy file, with an absolute redirect to its data
+    (``ovl_set_link_redirect``) so that the new name finds it too; the first write through
+    either name copies the data in place, seen through both. Found by unionmount-testsuite
+    (``--ov=2 --verify --meta``, hard-link: "Metacopy file blocks non-zero"): overlaypc
+    copied the 64 MiB at the link."""
+    root, digest = lower
+    ks = new_stack([root], xfs_dir, "kmlk")
+    k = kernel_mount([root], ks.upper, ks.work, KERNEL_METACOPY)
+    m = overlay_mount(stack.options("metacopy=on"))
+    for r, upper in ((k, ks.upper), (m.path, stack.upper)):
+        os.link(Path(r) / "big", Path(r) / "d/linked")
+        assert_metacopy(upper / "big", SIZE)
+        assert os.stat(upper / "big").st_ino == os.stat(upper / "d/linked").st_ino
+        assert sha256_of(Path(r) / "d/linked") == sha256_of(Path(r) / "big") == digest
+        assert os.stat(Path(r) / "d/linked").st_nlink == 2
+    assert upper_redirects(stack.upper) == upper_redirects(ks.upper) == \
+        {"big": b"/big", "d/linked": b"/big"}
+    m.unmount()
+    helpers.force_unmount(k)
+
+    k = kernel_mount([root], stack.upper, stack.work, KERNEL_METACOPY)  # reads our upper
+    assert sha256_of(k / "d/linked") == sha256_of(k / "big") == digest
+    helpers.force_unmount(k)
+    m = overlay_mount(stack.options("metacopy=on"))
+    assert sha256_of(m / "d/linked") == digest
+    with open(m / "big", "rb") as old, open(m / "d/linked", "r+b") as f:
+        f.seek(WHERE)
+        f.write(b"W")                             # data copy-up in place: both names
+        f.flush()
+        old.seek(WHERE)
+        assert old.read(2) == b"W" + (b"L%010d" % (WHERE // 4096))[1:2]
+    assert sha256_of(m / "big") == sha256_of(m / "d/linked") != digest
+    assert_full_copy(stack.upper / "big", sha256_of(m / "big"), b"/big")
+
+
 def test_rename_needing_a_redirect_past_redirect_max_is_exdev(tmp_path, overlay_mount, kernel_mount):
     """A metacopy file moved out of a deep directory needs an absolute redirect to its data;
     one longer than the kernel's ``redirect_max`` (256) the kernel refuses with EXDEV (mv
