@@ -1,0 +1,68 @@
+"""review45c: review of parity45 (a malformed redirect fails the lookup, EINVAL/EACCES;
+redirect_dir=nofollow refuses a redirected directory, EPERM; a metacopy file's data
+copy-up moves its mtime), with the kernel overlay as the oracle.
+
+- Defect found: a listing (READDIRPLUS) gave the attributes of a directory whose
+  lookup fails, so the kernel made its dentry with no LOOKUP, and ``stat`` of it then
+  succeeded where the kernel's fails: an empty ``redirect`` value (read as none:
+  ``if getxattr(...)``), and any redirect under ``redirect_dir=nofollow`` (not read at
+  all there) (``test_listed_then_looked_up_as_the_kernel``).
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import helpers
+from features_support import new_stack
+
+pytestmark = [pytest.mark.mount]
+
+#: (redirect_dir, where the directory ``n`` with the redirect is, the redirect's value)
+LISTED = {"on-empty-upper": ("on", "upper", b""), "on-empty-lower": ("on", "mid", b""),
+          "on-malformed-upper": ("on", "upper", b"a//b"),
+          "nofollow-upper": ("nofollow", "upper", b"/x"),
+          "nofollow-upper-new": ("nofollow", "upper-new", b"/x"),
+          "nofollow-lower": ("nofollow", "mid", b"/x"),
+          "nofollow-relative": ("nofollow", "upper", b"x")}
+
+
+def _attempt(f):
+    try:
+        return f()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+
+@pytest.mark.parametrize("case", sorted(LISTED))
+def test_listed_then_looked_up_as_the_kernel(case, tmp_path, overlay_mount, kernel_mount):
+    """The parent listed first (``os.scandir``: READDIRPLUS), then ``n`` looked up."""
+    mode, where, value = LISTED[case]
+    bottom = helpers.build_layer(tmp_path / "bottom", {"x": {"f": "xf"}, "n": {"own": "o"},
+                                                        "k": "k"})
+    got = {}
+    for side in ("kernel", "ours"):
+        mid = helpers.build_layer(tmp_path / f"mid-{side}", {"m": helpers.Dir()})
+        s = new_stack([mid, bottom], tmp_path, side)
+        path = (mid if where == "mid" else s.upper) / "n"
+        path.mkdir()
+        os.setxattr(path, "trusted.overlay.redirect", value)
+        if where == "upper-new":  # (a name no lower holds)
+            os.rename(path, s.upper / "z")
+        name = "z" if where == "upper-new" else "n"
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, (f"redirect_dir={mode}",))
+            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
+        else:
+            m = overlay_mount(s.options(f"redirect_dir={mode}"))
+            mnt, unmount = m.path, m.unmount
+        try:
+            listed = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(mnt))
+            got[side] = (listed, _attempt(lambda: os.lstat(mnt / name).st_mode & 0o170000),
+                         _attempt(lambda: sorted(os.listdir(mnt / name))))
+        finally:
+            unmount()
+    assert got["kernel"][1] in ("EINVAL", "EPERM")
+    assert got["ours"] == got["kernel"]
