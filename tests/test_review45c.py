@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -65,4 +67,57 @@ def test_listed_then_looked_up_as_the_kernel(case, tmp_path, overlay_mount, kern
         finally:
             unmount()
     assert got["kernel"][1] in ("EINVAL", "EPERM")
+    assert got["ours"] == got["kernel"]
+
+
+T_OLD = 1_000_000_000
+#: metacopy files opened for writing, one after the other
+OPENED = 300
+
+
+def _old_mtimes_at_open(mnt) -> list[int]:
+    """Each file made a metacopy file (chown), its attributes cached (stat), then opened
+    for writing (its data copy-up): the ones whose ``fstat`` or ``stat`` right after still
+    showed the old mtime."""
+    old = []
+    for i in range(OPENED):
+        path = mnt / "d" / f"f{i}"
+        os.chown(path, 1, 1)
+        os.stat(path)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            if T_OLD in (os.fstat(fd).st_mtime, os.stat(path).st_mtime):
+                old.append(i)
+        finally:
+            os.close(fd)
+    return old
+
+
+def test_metacopy_open_for_writing_then_stat_as_the_kernel(tmp_path, overlay_mount, kernel_mount):
+    """The data copy-up at an open for writing moves a metacopy file's mtime (parity45, the
+    kernel's); the kernel's cached attributes went through a queued invalidation, which
+    could come after the next ``stat``: that one showed the old mtime (some 1 in 12 with
+    the other CPU busy). The kernel's shows the new one every time."""
+    bottom = helpers.build_layer(tmp_path / "bottom", {"d": {f"f{i}": "data" for i in range(OPENED)}})
+    for i in range(OPENED):
+        os.utime(bottom / "d" / f"f{i}", (T_OLD, T_OLD))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    got = {}
+    try:
+        for side in ("kernel", "ours"):
+            s = new_stack([bottom], tmp_path, side)
+            if side == "kernel":
+                mnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=on", "metacopy=on"))
+                unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
+            else:
+                m = overlay_mount(s.options("metacopy=on"))
+                mnt, unmount = m.path, m.unmount
+            try:
+                got[side] = _old_mtimes_at_open(mnt)
+            finally:
+                unmount()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert got["kernel"] == []
     assert got["ours"] == got["kernel"]
