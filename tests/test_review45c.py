@@ -121,3 +121,43 @@ def test_metacopy_open_for_writing_then_stat_as_the_kernel(tmp_path, overlay_mou
         busy.wait()
     assert got["kernel"] == []
     assert got["ours"] == got["kernel"]
+
+
+#: lower files of a metacopy file opened for writing, no byte written: (size, where data is)
+SPARSE = {"holes-only": (1 << 20, None), "data-then-hole": (4 << 20, 1 << 20),
+          "empty": (0, None), "small": (5, 0)}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE))
+def test_metacopy_data_copy_up_of_holes_moves_mtime_as_the_kernel(case, tmp_path, overlay_mount,
+                                                                  kernel_mount):
+    """The data copy-up of a metacopy file whose data are all holes writes nothing (the
+    kernel's skips holes): its mtime stays, as the kernel's on a filesystem without
+    reflinks (with one, both clone the file, which moves it). overlaypc truncated the copy to
+    its size at the end, which it had already, and that moved the mtime."""
+    size, data_at = SPARSE[case]
+    bottom = tmp_path / "bottom"
+    bottom.mkdir()
+    with open(bottom / "f", "wb") as f:
+        if data_at is not None:
+            f.seek(data_at)
+            f.write(b"data")
+        f.truncate(size)
+    os.utime(bottom / "f", (T_OLD, T_OLD))
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([bottom], tmp_path, side)
+        if side == "kernel":
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=on", "metacopy=on"))
+            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
+        else:
+            m = overlay_mount(s.options("metacopy=on"))
+            mnt, unmount = m.path, m.unmount
+        try:
+            os.chown(mnt / "f", 1, 1)
+            os.close(os.open(mnt / "f", os.O_WRONLY))
+            st = os.stat(mnt / "f")
+            got[side] = (st.st_mtime == T_OLD, st.st_size, (mnt / "f").read_bytes().strip(b"\0"))
+        finally:
+            unmount()
+    assert got["ours"] == got["kernel"]
