@@ -7,6 +7,21 @@ copy-up moves its mtime), with the kernel overlay as the oracle.
   succeeded where the kernel's fails: an empty ``redirect`` value (read as none:
   ``if getxattr(...)``), and any redirect under ``redirect_dir=nofollow`` (not read at
   all there) (``test_listed_then_looked_up_as_the_kernel``).
+- Defect found: the data copy-up's invalidation of the kernel's cached attributes is
+  queued, and an ``fstat``/``stat`` right after the open for writing showed the old mtime
+  (68 of 300 with the other CPU busy; the kernel: none): metacopy files now get attribute
+  timeout 0 (``test_metacopy_open_for_writing_then_stat_as_the_kernel``).
+- Defect found: a metacopy file of holes only got a new mtime at its data copy-up (a
+  truncate of the copy to the size it had), the kernel's keeps it
+  (``test_metacopy_data_copy_up_of_holes_moves_mtime_as_the_kernel``).
+- Checked, no defect (scratch probes against the kernel): a malformed redirect does not
+  fail the listing of its parent, nor other names; rmdir/rename/unlink of the bad entry fail
+  as the kernel's (EINVAL/EACCES); under nofollow an opaque directory's, a file's, the
+  root's redirect are not read, an upper directory over a lower file's is (EPERM); mtime
+  after chown + open for writing, mmap, truncate(2), O_TRUNC, link (old times kept), an
+  empty file; renames of a former upper's (kernel-made) renamed metacopy files, hard links
+  and directories, with and without index=on (the one difference: overlaypc's link copies
+  the data up, documented).
 """
 from __future__ import annotations
 
