@@ -637,7 +637,10 @@ class CopyUp:
             if start < end:
                 break
             offset = end
-        if written != size:  # a hole at the end, or the source shrank (a new copy is empty)
+        # a hole at the end, or the source shrank (a new copy is empty); not where the copy
+        # has its size already (a metacopy file's upper file): a truncate moves the mtime
+        # even to the same size, and the kernel's data copy-up writes nothing for holes
+        if written != size and os.fstat(dst_fd).st_size != size:
             os.ftruncate(dst_fd, size)
 
     def _copy_range(self, ctx: CopyUpContext, src_fd: int, dst_fd: int, pos: int, count: int) -> int:

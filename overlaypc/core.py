@@ -437,8 +437,7 @@ class OverlayFS:
         # (hard links come without attributes: the name must be known for later invalidations)
         entries = merged_listing(self.lookup.directory(rel), self.inos, self.prefix, plus=plus,
                                  ownership=self.ownership if self.ownership.active else None,
-                                 names=self.lookup.names, files=files, metacopy=self.config.metacopy,
-                                 redirects=self.lookup.follow_redirects)
+                                 names=self.lookup.names, files=files, metacopy=self.config.metacopy)
         if files:  # kept for the opens that follow (``Lookup.recent``)
             self.lookup.keep_listing(rel, epoch, files)
         return entries

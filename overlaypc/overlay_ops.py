@@ -266,18 +266,25 @@ class OverlayOps(Operations):
                     return _MOVED
                 if self.nodes.epoch == epoch:
                     nodeid = self.nodes.take(key, parent, name, is_dir)
-                    return Entry(nodeid, file_attr(attr), self.timeout, self._attr_timeout(key))
+                    return Entry(nodeid, file_attr(attr), self.timeout,
+                                 self._attr_timeout(key, attr))
 
-    def _attr_timeout(self, key: InodeKey) -> float:
-        """How long the kernel may cache a node's attributes. A name of a lower hard link
-        that copy-up would split off (a writable mount without index) changes its link
-        count and inode number when an open for writing copies it up, with no request
-        that returns attributes: the kernel must ask every time until then."""
-        return 0.0 if key.name is not None else self.timeout
+    def _attr_timeout(self, key: InodeKey, attr: Attr | None = None) -> float:
+        """How long the kernel may cache a node's attributes (``attr``, the ones answered).
+        A name of a lower hard link that copy-up would split off (a writable mount without
+        index) changes its link count and inode number when an open for writing copies it
+        up, with no request that returns attributes; so does a metacopy file (its blocks
+        the lower data's, ``Attr.blocks``) its mtime, blocks and ctime at its data copy-up
+        (an open for writing, the kernel's mtime rule): the kernel must ask every time
+        until then (the queued invalidation, ``_copied_up``, may come after the next
+        ``stat``)."""
+        if key.name is not None or (attr is not None and attr.blocks is not None):
+            return 0.0
+        return self.timeout
 
-    def _node_attr_timeout(self, nodeid: int) -> float:
+    def _node_attr_timeout(self, nodeid: int, attr: Attr | None = None) -> float:
         key = self.nodes.node(nodeid).key
-        return self._attr_timeout(key) if isinstance(key, InodeKey) else self.timeout
+        return self._attr_timeout(key, attr) if isinstance(key, InodeKey) else self.timeout
 
     def _at_paths(self, change):
         """``change()``, which makes its paths from the node table and then one namespace
@@ -511,9 +518,10 @@ class OverlayOps(Operations):
                 raise
         else:
             if paths.moves == moves and not moves & 1 or not self._moved(moves):
-                return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
+                return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
         with self.fs.ns_lock:  # (again where no move lands)
-            return AttrReply(file_attr(self._attr(nodeid, fh)), self._node_attr_timeout(nodeid))
+            attr = self._attr(nodeid, fh)
+            return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
 
     @_changes
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
@@ -608,7 +616,7 @@ class OverlayOps(Operations):
             attr = fs.attrs.refreshed(seen, rel)
         if attr is None:
             attr = self._attr(nodeid, sa.fh)
-        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
+        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
 
     def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """``setattr`` of a named node without a size nor a handle (untar's utimens, chown
@@ -641,7 +649,7 @@ class OverlayOps(Operations):
         attr, killed = done
         if killed:
             self.notifier.inval_inode(nodeid, -1)
-        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
+        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
 
     def readlink(self, req: Request, nodeid: int) -> bytes:
         return os.fsencode(self._read_at(nodeid, self.fs.readlink))
@@ -811,9 +819,10 @@ class OverlayOps(Operations):
         the new name after the hold is the table's to follow, as any rename."""
         if faults.armed:
             faults.hit("ops.made", rel)  # test-only (faults.py)
-        attr = file_attr(self.fs.attrs.of_node(node, rel))
+        shown = self.fs.attrs.of_node(node, rel)
+        attr = file_attr(shown)
         key = self.fs.identity(node)
-        timeout = self._attr_timeout(key)
+        timeout = self._attr_timeout(key, shown)
         nodeid = self.nodes.take(key, parent, name, node.is_dir, linked)
         return Entry(nodeid, attr, self.timeout, timeout)
 

@@ -43,8 +43,8 @@ _new_tuple = tuple.__new__
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
                    plus: bool = False, ownership: "Ownership | None" = None,
                    names: "LowerNames | None" = None,
-                   files: "dict[str, Kept] | None" = None, metacopy: bool = False,
-                   redirects: bool = True) -> list[DirEntry]:
+                   files: "dict[str, Kept] | None" = None,
+                   metacopy: bool = False) -> list[DirEntry]:
     """The merged entries of directory ``node``: lower entries cost no stat (``d_type``
     and ``d_ino`` suffice); upper ones are stat'ed, as a copied-up object shows the
     inode number it recorded. ``plus`` (READDIRPLUS) stats every entry and gives its
@@ -60,8 +60,9 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
 
     A directory's attributes show ``st_nlink`` 1 where it is merged (``Node.merged_dir``,
     the kernel's): a directory of its name in a layer below, and the top one not opaque.
-    One that may be merged through a ``redirect`` xattr (``redirects``: the mount follows
-    them) instead comes without attributes: the kernel's LOOKUP decides."""
+    One with a ``redirect`` xattr (one the lookup may follow, or fail on: a malformed one,
+    any under ``redirect_dir=nofollow``) instead comes without attributes: the kernel's
+    LOOKUP decides (with them, the kernel makes its dentry without one)."""
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
@@ -134,8 +135,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
                 and not (metacopy and fmt == _S_IFREG):
             nlink = None
             if fmt == _S_IFDIR:
-                merged = _merged_dir(layer, dirfd, name, below, opaque, inos, xattr_prefix,
-                                     redirects)
+                merged = _merged_dir(layer, dirfd, name, below, opaque, inos, xattr_prefix)
                 if merged is None:
                     append(_new_tuple(DirEntry, (name, fmt, ino, None)))
                     continue
@@ -148,22 +148,21 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
 
 
 def _merged_dir(layer: "Layer", dirfd: DirFd, name: str, below: bool, opaque: bool | None,
-                inos: InodeNumbers, prefix: str, redirects: bool) -> bool | None:
+                inos: InodeNumbers, prefix: str) -> bool | None:
     """Whether the listed directory ``name`` (in ``layer``, listed through ``dirfd``) is
     merged, as its lookup would find it: ``below`` (a directory of its name in a lower
     layer below, not hidden) and it is not opaque (``opaque``: None if not read yet). None
-    where it has a ``redirect`` xattr (``redirects``: followed), a directory of its name
-    below or not: its lookup follows the redirect, not the name; only a LOOKUP tells. A
-    directory of the bottom layer is never merged."""
+    where it has a ``redirect`` xattr, a directory of its name below or not, an empty one
+    too: its lookup follows the redirect, not the name, or fails (a malformed one, EINVAL;
+    any one under ``redirect_dir=nofollow``, EPERM); only a LOOKUP tells. A directory of
+    the bottom layer is never merged (its redirect is never read)."""
     if below:
         if opaque is None:
             opaque = whiteout.is_opaque_at(layer, dirfd, name, prefix)
         if opaque:
             return False
-        if not redirects:
-            return True
-    elif not redirects or not inos.lowers or layer is inos.lowers[-1]:
+    elif not inos.lowers or layer is inos.lowers[-1]:
         return False
-    if layer.getxattr_name(dirfd, name, prefix + "redirect"):
+    if layer.getxattr_name(dirfd, name, prefix + "redirect") is not None:
         return None
     return below
