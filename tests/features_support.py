@@ -69,6 +69,18 @@ def new_stack(lowers: Sequence[Path], base: Path, tag: str) -> Stack:
 # Backing dirs
 # --------------------------------------------------------------------------------------
 
+def mount_side(side: str, s: Stack, overlay_mount, kernel_mount,
+               opts: Sequence[str] = KERNEL_REDIRECT, **kw):
+    """(the mount point, its unmount) of stack ``s`` mounted by ``side``, ``"kernel"`` or
+    overlaypc's, both with the mount options ``opts`` (``kw``: the ``overlay_mount``
+    fixture's), for tests that compare the two."""
+    if side == "kernel":
+        mnt = kernel_mount(s.lowers, s.upper, s.work, tuple(opts))
+        return mnt, lambda: helpers.force_unmount(mnt)
+    m = overlay_mount(s.options(",".join(opts)), **kw)
+    return m.path, m.unmount
+
+
 def ovl_xattr(path: PathLike, name: str) -> Optional[bytes]:
     """``trusted.overlay.<name>`` of a backing path (never followed), None if absent."""
     try:

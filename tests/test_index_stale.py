@@ -118,6 +118,18 @@ def _spoil(case: str, lowers, s, labels) -> None:
 MOUNTED = ["mismatch", "leftover", "stale", "orphan", "whiteout", "fifo", "dir", "wrong_type"]
 
 
+def _mounted_as_the_kernel(lowers, ks, os_, labels, overlay_mount, kernel_mount):
+    """The kernel mounts stack ``ks`` (its clean-up), then overlaypc ``os_``: the same view and
+    the same index entries left. (overlaypc's mount, the kernel's view)"""
+    k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX)
+    theirs = _read(k)
+    helpers.force_unmount(k)
+    m = overlay_mount(os_.options("index=on"))
+    assert _read(m.path) == theirs
+    assert _entries(os_.work, labels) == _entries(ks.work, labels)
+    return m, theirs
+
+
 @pytest.mark.parametrize("case", MOUNTED)
 def test_index_entries_at_mount_as_the_kernel(case, xfs_dir, layers_factory, overlay_mount,
                                               kernel_mount):
@@ -129,12 +141,7 @@ def test_index_entries_at_mount_as_the_kernel(case, xfs_dir, layers_factory, ove
         _spoil(case, lowers, s, dict(labels))
     if case == "leftover":
         labels["#1f"] = "#1f"
-    k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX)
-    theirs = _read(k)
-    helpers.force_unmount(k)
-    m = overlay_mount(os_.options("index=on"))
-    assert _read(m.path) == theirs
-    assert _entries(os_.work, labels) == _entries(ks.work, labels)
+    m, theirs = _mounted_as_the_kernel(lowers, ks, os_, labels, overlay_mount, kernel_mount)
 
 
 @pytest.mark.parametrize("case", ["junk", "no_origin"])
@@ -246,12 +253,7 @@ def test_index_clean_interrupted(how, xfs_dir, layers_factory, overlay_mount, ke
         helpers.force_unmount(mnt)
     assert not helpers.mounts_at(mnt)
     assert _entries(os_.work, labels) == before  # (the first removal failed or never ran)
-    k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX)
-    theirs = _read(k)
-    helpers.force_unmount(k)
-    m = overlay_mount(os_.options("index=on"))
-    assert _read(m.path) == theirs
-    assert _entries(os_.work, labels) == _entries(ks.work, labels)
+    m, theirs = _mounted_as_the_kernel(lowers, ks, os_, labels, overlay_mount, kernel_mount)
     m.unmount()
     assert _read(kernel_mount(lowers, os_.upper, os_.work, KERNEL_INDEX)) == theirs
 

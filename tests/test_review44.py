@@ -31,7 +31,7 @@ import stat
 import pytest
 
 import helpers
-from features_support import new_stack, ovl_xattr
+from features_support import mount_side, new_stack, ovl_xattr
 
 pytestmark = [pytest.mark.mount]
 
@@ -255,21 +255,11 @@ def _through_redirected_n(side, s, value, probe, overlay_mount, kernel_mount):
     redirect_dir=on) with an upper directory ``n`` whose redirect is ``value``."""
     (s.upper / "n").mkdir()
     os.setxattr(s.upper / "n", "trusted.overlay.redirect", value)
-    mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
+    mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
     try:
         return probe(mnt)
     finally:
         unmount()
-
-
-def _mount_side(side, s, overlay_mount, kernel_mount, **kw):
-    """(the mount point, its unmount) of stack ``s`` mounted by ``side``, the kernel or
-    overlaypc (``kw``: the ``overlay_mount`` fixture's), both with redirect_dir=on."""
-    if side == "kernel":
-        mnt = kernel_mount(s.lowers, s.upper, s.work, ON)
-        return mnt, lambda: helpers.force_unmount(mnt)
-    m = overlay_mount(s.options("redirect_dir=on"), **kw)
-    return m.path, m.unmount
 
 
 @pytest.mark.parametrize("odd", sorted(ODD))
@@ -360,7 +350,7 @@ def test_rename_below_an_opaque_directory_with_a_redirect_as_the_kernel(tmp_path
         os.setxattr(s.upper / "o/c", "trusted.overlay.redirect", b"/a/b")
         (s.upper / "a").mkdir()
         os.mknod(s.upper / "a/b", 0o600 | stat.S_IFCHR, 0)  # (moved: its old name whited out)
-        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
         try:
             os.rename(mnt / "o/c/d", mnt / "o/d2")
             os.rename(mnt / "o/c/e", mnt / "e2")
@@ -436,12 +426,12 @@ def test_deep_renamed_tree_as_the_kernel(nofile, tmp_path, overlay_mount, kernel
     got = {}
     for side in ("kernel", "ours"):
         s = new_stack([lower], tmp_path, side)
-        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount, nofile=nofile)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, nofile=nofile)
         inner = _deep_moves(mnt)
         ino = os.lstat(mnt / inner / f"f{DEPTH}").st_ino
         snap = helpers.tree_snapshot(mnt, xattrs=False)
         unmount()
-        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount, nofile=nofile)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, nofile=nofile)
         assert helpers.tree_snapshot(mnt, xattrs=False) == snap
         assert os.lstat(mnt / inner / f"f{DEPTH}").st_ino == ino
         got[side] = (snap, ovl_xattr(s.upper / inner.rstrip("/"), "redirect"))
@@ -466,7 +456,7 @@ def test_deep_renamed_tree_of_a_former_upper_as_the_kernel(tmp_path, overlay_mou
     got = {}
     for side in ("kernel", "ours"):
         s = new_stack([mid.upper, lower], tmp_path, side)
-        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
         path, seen = inner, []
         while "/" in path:
             name = f"top{path.count('/')}"
@@ -475,7 +465,7 @@ def test_deep_renamed_tree_of_a_former_upper_as_the_kernel(tmp_path, overlay_mou
             path = path.rsplit("/", 2)[0]
         snap = helpers.tree_snapshot(mnt, xattrs=False)
         unmount()
-        mnt, unmount = _mount_side(side, s, overlay_mount, kernel_mount)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
         assert helpers.tree_snapshot(mnt, xattrs=False) == snap
         got[side] = (seen, snap)
         unmount()

@@ -33,7 +33,7 @@ import sys
 import pytest
 
 import helpers
-from features_support import new_stack
+from features_support import KERNEL_METACOPY, mount_side, new_stack
 
 pytestmark = [pytest.mark.mount]
 
@@ -69,12 +69,7 @@ def test_listed_then_looked_up_as_the_kernel(case, tmp_path, overlay_mount, kern
         if where == "upper-new":  # (a name no lower holds)
             os.rename(path, s.upper / "z")
         name = "z" if where == "upper-new" else "n"
-        if side == "kernel":
-            mnt = kernel_mount(s.lowers, s.upper, s.work, (f"redirect_dir={mode}",))
-            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
-        else:
-            m = overlay_mount(s.options(f"redirect_dir={mode}"))
-            mnt, unmount = m.path, m.unmount
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, (f"redirect_dir={mode}",))
         try:
             listed = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(mnt))
             got[side] = (listed, _attempt(lambda: os.lstat(mnt / name).st_mode & 0o170000),
@@ -121,12 +116,7 @@ def test_metacopy_open_for_writing_then_stat_as_the_kernel(tmp_path, overlay_mou
     try:
         for side in ("kernel", "ours"):
             s = new_stack([bottom], tmp_path, side)
-            if side == "kernel":
-                mnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=on", "metacopy=on"))
-                unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
-            else:
-                m = overlay_mount(s.options("metacopy=on"))
-                mnt, unmount = m.path, m.unmount
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, KERNEL_METACOPY)
             try:
                 got[side] = _old_mtimes_at_open(mnt)
             finally:
@@ -162,12 +152,7 @@ def test_metacopy_data_copy_up_of_holes_moves_mtime_as_the_kernel(case, tmp_path
     got = {}
     for side in ("kernel", "ours"):
         s = new_stack([bottom], tmp_path, side)
-        if side == "kernel":
-            mnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=on", "metacopy=on"))
-            unmount = lambda: helpers.force_unmount(mnt)  # noqa: E731
-        else:
-            m = overlay_mount(s.options("metacopy=on"))
-            mnt, unmount = m.path, m.unmount
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, KERNEL_METACOPY)
         try:
             os.chown(mnt / "f", 1, 1)
             os.close(os.open(mnt / "f", os.O_WRONLY))
