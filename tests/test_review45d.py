@@ -421,3 +421,97 @@ def test_link_eexist_behind_the_back_after_the_redirect(lower, xfs_dir, overlay_
     k = kernel_mount([lower], s.upper, s.work, KERNEL_METACOPY)
     for src in ("f", "h1"):
         assert (k / src).read_bytes() == (lower / src).read_bytes()
+
+
+
+@pytest.mark.parametrize("index", ["off", "on"])
+def test_link_racing_a_data_copy_up(index, xfs_dir, overlay_mount, kernel_mount):
+    """A link of each lower file racing an open for writing of it (the data copy-up) and
+    a chmod: every pair of names shows the written data, and the kernel reads the upper
+    the same."""
+    import threading
+    n = 100
+    low = helpers.build_layer(xfs_dir / "l", {**{f"f{i}": f"data {i}\n" * 500 for i in range(n)},
+                                             "d": {}})
+    s = new_stack([low], xfs_dir, "o")
+    m = overlay_mount(s.options(f"metacopy=on,index={index}"))
+    errors = []
+
+    def linker():
+        for i in range(n):
+            try:
+                os.link(m / f"f{i}", m / f"d/n{i}")
+            except OSError as e:
+                errors.append(("link", i, e))
+
+    def writer():
+        for i in range(n):
+            try:
+                with open(m / f"f{i}", "r+b") as f:
+                    f.write(b"X")
+            except OSError as e:
+                errors.append(("write", i, e))
+
+    def chmodder():
+        for i in reversed(range(n)):
+            os.chmod(m / f"f{i}", 0o600)
+
+    threads = [threading.Thread(target=t) for t in (linker, writer, chmodder)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    mine = view(m.path)
+    for i in range(n):
+        want = hashlib.sha256(b"X" + (f"data {i}\n" * 500).encode()[1:]).hexdigest()[:12]
+        assert mine["files"][f"f{i}"] == mine["files"][f"d/n{i}"] == (want, 2, "0o600"), i
+    m.unmount()
+    k = kernel_mount([low], s.upper, s.work, KERNEL_METACOPY + (f"index={index}",))
+    assert view(k) == mine
+
+
+@pytest.mark.parametrize("index", ["off", "on"])
+def test_link_racing_a_rename_of_the_source(index, xfs_dir, overlay_mount, kernel_mount):
+    """A link of each lower file racing its rename to another directory: the link is made
+    (both names read the data) or fails ENOENT; the kernel reads the upper the same."""
+    import threading
+    n = 100
+    data = {i: f"data {i}\n".encode() * 500 for i in range(n)}
+    low = helpers.build_layer(xfs_dir / "l", {**{f"f{i}": data[i] for i in range(n)},
+                                             "d": {}, "e": {}})
+    s = new_stack([low], xfs_dir, "o")
+    m = overlay_mount(s.options(f"metacopy=on,index={index}"))
+    errors = []
+
+    def linker():
+        for i in range(n):
+            try:
+                os.link(m / f"f{i}", m / f"d/n{i}")
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                errors.append(("link", i, e))
+
+    def renamer():
+        for i in range(n):
+            os.rename(m / f"f{i}", m / f"e/g{i}")
+
+    threads = [threading.Thread(target=t) for t in (linker, renamer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    mine = view(m.path)
+    want = {i: hashlib.sha256(data[i]).hexdigest()[:12] for i in range(n)}
+    linked = 0
+    for i in range(n):
+        assert mine["files"][f"e/g{i}"][0] == want[i]
+        if f"d/n{i}" in mine["files"]:
+            linked += 1
+            assert mine["files"][f"d/n{i}"] == mine["files"][f"e/g{i}"] == (want[i], 2, "0o644")
+    print("linked", linked)
+    m.unmount()
+    k = kernel_mount([low], s.upper, s.work, KERNEL_METACOPY + (f"index={index}",))
+    assert view(k) == mine
