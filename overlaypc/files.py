@@ -829,10 +829,11 @@ class Files:
 
     def copy_data_to_link(self, inode: OverlayInode) -> bool:
         """Before LINK of an open metacopy file whose data is below and whose names the mount
-        knows all went: its data copied in (``copy_data_nameless``), as a link of a named
-        one copies it first, if its upper file has a name left (an upper hard link the
-        kernel's ``ln`` of a metacopy file made, never looked up); whether it has. With
-        none left the link fails anyway (ENOENT, the kernel's answer too)."""
+        knows all went: its data copied in (``copy_data_nameless``; the kernel overlay, and
+        a link of a named one since peer45, ``Namespace.link``, copy none), if its upper
+        file has a name left (an upper hard link the kernel's ``ln`` of a metacopy file
+        made, never looked up); whether it has. With none left the link fails anyway
+        (ENOENT, the kernel's answer too)."""
         if not self._with_meta_file(inode, lambda meta: os.fstat(meta.fd).st_nlink > 0):
             return False
         self.copy_data_nameless(inode, keep_times=True)

@@ -2,7 +2,7 @@
 the kernel overlay's (``ovl_copy_up_meta_inode_data`` removes only the metacopy mark; a
 redirect of a file without the mark is never followed, by either), with and without
 ``index=on``: a file written, one given a second name through the mount first (an upper
-hard link: overlaypc copies its data in at the link, the kernel at the write), and a
+hard link: its data copied in at the write, by both since peer45), and a
 lower hard link (without index: with it, overlaypc's copy-up of a lower hard link copies
 its data at once, the kernel's copies metadata only). left26: overlaypc removed it.
 Differential with the kernel overlay (``upper_support.on_both``): the upper files'

@@ -378,9 +378,10 @@ def _times_after_link(root: Path) -> dict:
 
 
 def test_link_to_metacopy_file_keeps_its_times(lower, stack, xfs_dir, overlay_mount, kernel_mount):
-    """A hard link to a metacopy file (overlaypc copies its data up first) keeps the
-    file's mtime, as in the kernel (found by a concurrency stress, hunt5: the data copy
-    in place wrote the upper file and left the time of the copy)."""
+    """A hard link to a metacopy file keeps the file's mtime, as in the kernel (found by a
+    concurrency stress, hunt5, when overlaypc copied the data in at a link: the copy in
+    place wrote the upper file and left the time of the copy; since peer45 the link
+    copies metadata only, as the kernel's)."""
     mine, theirs = _ours_and_kernels(_times_after_link, lower, stack, xfs_dir,
                                      overlay_mount, kernel_mount, "kmcl")
     assert mine == theirs == {"small": T, "small2": T}
@@ -407,8 +408,7 @@ def test_open_for_write_of_metacopy_file_moves_its_mtime_as_the_kernel(lower, st
     in the kernel too (``ovl_copy_up_meta_inode_data`` keeps no times): its mtime is the
     copy's, even when no byte is written after (a zero-byte write, or none). overlaypc
     set the old mtime back (seen in 3 of 1200 random differential sequences); a hard link,
-    where overlaypc copies the data and the kernel does not, keeps it
-    (``test_link_to_metacopy_file_keeps_its_times``)."""
+    which copies no data, keeps it (``test_link_to_metacopy_file_keeps_its_times``)."""
     mine, theirs = _ours_and_kernels(_times_after_open_for_write, lower, stack, xfs_dir,
                                      overlay_mount, kernel_mount, "kmcw")
     assert theirs == {"small": False, "d/inner": False}

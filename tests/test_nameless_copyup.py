@@ -506,7 +506,7 @@ def test_link_of_a_nameless_metacopy_file_with_an_upper_link(handles, tmp_path, 
     """review22: LINK through the fd of a metacopy file (data below) whose name went while
     its upper file keeps another (the kernel's ``ln`` made it): the kernel overlay links
     it, as README says overlaypc does (nameless21 dropped the caveat) (here its data is
-    copied in first, as overlaypc's own link of a metacopy file does); one with no name
+    copied in first, ``Files.copy_data_to_link``); one with no name
     left answers ENOENT on both. Failed before: ``At index 0 diff: ('f', 1, 'ENOENT', 1,
     ...) != ('f', 1, 'ok', 2, ...)``."""
     results = _on_both_kernel_linked(
