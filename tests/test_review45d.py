@@ -192,9 +192,11 @@ def s_link_into_renamed_dir(r):
     os.rename(r / "e", r / "e3")
 
 
-SCEN = {f.__name__[2:]: f for f in (s_link_into_renamed_dir, s_link_empty_and_symlink, s_chmod_other_name, s_relative_twice, s_hard_rename_unlink, s_hard_all_gone, s_link_over_renamed_lower, s_link_hardlink, s_link_rename, s_link_rename_new, s_link_unlink,
-                                    s_link_unlink_new, s_renamed_dir, s_renamed_dir_deep,
-                                    s_chmod_rename_link, s_link_twice, s_hard_both, s_link_write)}
+SCEN = {f.__name__[2:]: f for f in (
+    s_link_into_renamed_dir, s_link_empty_and_symlink, s_chmod_other_name, s_relative_twice,
+    s_hard_rename_unlink, s_hard_all_gone, s_link_over_renamed_lower, s_link_hardlink, s_link_rename,
+    s_link_rename_new, s_link_unlink, s_link_unlink_new, s_renamed_dir, s_renamed_dir_deep,
+    s_chmod_rename_link, s_link_twice, s_hard_both, s_link_write)}
 
 
 @pytest.mark.parametrize("index", ["off", "on"])
