@@ -450,23 +450,32 @@ def _stale_fuse_mount(path: str, mounts: list[tuple[str, str]], timeout: float =
 
 
 def _mounts() -> list[tuple[str, str]]:
-    """(mount point, fstype) of every mount in /proc/self/mountinfo. Its paths are bytes
-    (read as ``os.fsdecode`` would), with space, tab, newline and backslash written as
-    ``\\ooo``: only those four are unescaped, never other bytes or ``\\x`` sequences."""
+    """(mount point, fstype) of every mount in /proc/self/mountinfo (``unescape_mountinfo``)."""
     out = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            out.append((_unescape(left.split()[4]), right.split()[0] if right else ""))
+            out.append((unescape_mountinfo(left.split()[4]), right.split()[0] if right else ""))
     return out
 
 
-def _unescape(field_: str) -> str:
+def unescape_mountinfo(field_: str) -> str:
+    """A field of /proc/self/mountinfo as the path or value it shows. Its paths are bytes
+    (read as ``os.fsdecode`` would), with what the kernel escapes written as ``\\ooo``
+    (space, tab, newline and backslash; in a filesystem's options ``,`` and ``=`` too):
+    each ``\\ooo`` is undone, never ``\\x`` sequences (an escaped backslash comes first as
+    ``\\134``, so the digits after it stay)."""
     if "\\" not in field_:
         return field_
-    for code in ("\\040", "\\011", "\\012", "\\134"):  # the backslash last
-        field_ = field_.replace(code, chr(int(code[1:], 8)))
-    return field_
+    parts = field_.split("\\")
+    out = [parts[0]]
+    for part in parts[1:]:
+        code = part[:3]
+        if len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)) + part[3:])
+        else:
+            out.append("\\" + part)
+    return "".join(out)
 
 
 def _check_lowers_apart(lowers: list[str]) -> None:

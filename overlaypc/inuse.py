@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 
+from .config import unescape_mountinfo
 from .stack import LayerStack
 
 MOUNTINFO = "/proc/self/mountinfo"
-
-_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 def refuse_held(stack: LayerStack, mountinfo: str = MOUNTINFO) -> None:
@@ -58,13 +56,9 @@ def _kernel_dirs(mountinfo: str) -> list[tuple[str, str]]:
         fields = right.split()
         if len(fields) < 3 or fields[0] != "overlay":
             continue
-        mnt = _unescape(left.split()[4])
+        mnt = unescape_mountinfo(left.split()[4])
         for option in fields[2].split(","):  # (a comma in a path is escaped: \054)
             name, _, value = option.partition("=")
             if name in ("upperdir", "workdir") and value:
-                out.append((mnt, _unescape(value)))
+                out.append((mnt, unescape_mountinfo(value)))
     return out
-
-
-def _unescape(text: str) -> str:
-    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
