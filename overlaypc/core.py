@@ -46,6 +46,7 @@ from .typing_lite import TYPE_CHECKING
 if TYPE_CHECKING:
     from . import killpriv
     from .index import IndexDir
+    from .layer import DirFd
     from typing import TypeVar
 
     T = TypeVar("T")
@@ -164,6 +165,7 @@ class OverlayFS:
         upper its uuid (``impure.first_mount_uuid``)."""
         self.stack.lock()
         roots = cleanup = None
+        held: dict[str, DirFd | None] = {}  # workdir's directories held open (``Layer.dirs``)
         if self.index is not None:
             from . import indexclean, indexroots, inuse
             inuse.refuse_held(self.stack)  # (a live kernel mount's: as the kernel, EBUSY)
@@ -175,8 +177,8 @@ class OverlayFS:
                 clean_workdir(self.stack.work)
                 # copy-ups and new objects are built in workdir/work: its fd, held, spares
                 # them the walk from the workdir's root (nothing replaces it while mounted)
-                work_dir = self.stack.work.dir_fd(WORK_DIR)
-                self.stack.work.dirs = lambda head: work_dir if head == WORK_DIR else None
+                held[WORK_DIR] = self.stack.work.dir_fd(WORK_DIR)
+                self.stack.work.dirs = held.get
                 if self.writable:
                     whiteout.probe_devices(self.format, self.stack.work, WORK_DIR)
                 if self.config.volatile:
@@ -188,9 +190,7 @@ class OverlayFS:
             # index entries are found, counted and linked by name in workdir/index: its fd,
             # held as workdir/work's, spares each the walk from the workdir's root
             from .index import INDEX_DIR
-            index_dir = self.stack.work.dir_fd(INDEX_DIR)
-            held = self.stack.work.dirs
-            self.stack.work.dirs = lambda head: index_dir if head == INDEX_DIR else held(head)
+            held[INDEX_DIR] = self.stack.work.dir_fd(INDEX_DIR)
         if roots is not None:
             roots.record()
         if cleanup is not None:
