@@ -478,12 +478,11 @@ class CopyUp:
         return fdbudget.patiently(find, rel, letting_go=held.take)
 
     def ensure_data(self, rel: str, *, empty: bool = False,
-                    seen: "Seen | _Held | None" = None, keep_times: bool = False) -> Entry:
+                    seen: "Seen | _Held | None" = None) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left).
         ``empty``: for an open with ``O_TRUNC``, a regular file not in the upper yet is
         copied with no data (size 0), as the kernel overlay does; the open truncates it
-        anyway (and marks its times). ``seen``: as ``ensure_upper``'s. ``keep_times``: a
-        metacopy file's data copy-up keeps its mtime (``_fill_metacopy``)."""
+        anyway (and marks its times). ``seen``: as ``ensure_upper``'s."""
         try:
             entry = self._ensure(rel, empty=True) if empty else self.ensure_upper(rel, seen=seen)
             h = self._handover
@@ -503,11 +502,10 @@ class CopyUp:
                 node = self.lookup.lookup(rel)
                 if node.data is None or node.upper is None:
                     return node.upper or entry
-                return self._copy_data_in_place(node, keep_times=keep_times)
+                return self._copy_data_in_place(node)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
             first.copy = functools.partial(self.ensure_data, rel, empty=empty,
-                                           seen=seen if isinstance(seen, _Held) else None,
-                                           keep_times=keep_times)
+                                           seen=seen if isinstance(seen, _Held) else None)
             raise
 
     def ensure_parent(self, rel: str) -> Entry:
@@ -875,9 +873,8 @@ class CopyUp:
         log.debug("copy-up %s: linked to %s", rel, index_rel)
         return entry
 
-    def _copy_data_in_place(self, node: Node, *, keep_times: bool = False) -> Entry:
-        """Complete a metacopy upper file: data in, fsync, then drop the metacopy mark
-        (``keep_times``: ``_fill_metacopy``'s).
+    def _copy_data_in_place(self, node: Node) -> Entry:
+        """Complete a metacopy upper file: data in, fsync, then drop the metacopy mark.
 
         Until the mark is removed, lookups keep reading the lower data, which is the same,
         so a crash in between only leaves a metacopy file as before."""
@@ -892,8 +889,7 @@ class CopyUp:
                 # kernel's ``ln`` of a metacopy file; a nameless one, ``copy_data_nameless``),
                 # which may have been written since: not copied over again
                 if self.upper.getxattr_fd(dst_fd, self.prefix + "metacopy") is not None:
-                    self._fill_metacopy(ctx, dst_fd, durable=not self.volatile,
-                                        keep_times=keep_times)
+                    self._fill_metacopy(ctx, dst_fd, durable=not self.volatile)
                 with self._installing(), \
                         self._in_place(self._key_of(node), upper.rel, filled=True) as placed:
                     # the mark alone goes: a redirect (a renamed file's, to its data) stays,

@@ -817,7 +817,8 @@ class Files:
         the inode holds (``MetaFile``), as the kernel overlay copies it into the unlinked
         upper file; the inode and its handles move there (``OverlayFS.nameless_data_copied``),
         so every handle reads what is written after. ENOENT when no handle holds it.
-        ``keep_times``: ``CopyUp.ensure_data``'s (a hard link's copy)."""
+        ``keep_times``: ``CopyUp._fill_metacopy``'s (the copy before a hard link,
+        ``copy_data_to_link``)."""
         fs = self.fs
         if not fs.inodes.hold(inode):
             raise OSError(errno.ENOENT, "file no longer open")
