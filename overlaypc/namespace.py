@@ -656,13 +656,12 @@ class Namespace:
         """Before a link to the metacopy file ``src`` (data below): an absolute redirect to
         its data, as the kernel's ``ovl_set_link_redirect``, so that the new name, elsewhere,
         finds it too (one it has already stays). Not undone if the link then fails (nor is
-        the kernel's): it names the same data from the old name."""
+        the kernel's): it names the same data from the old name. EXDEV past the kernel's
+        ``redirect_max`` (``_redirect_value``)."""
         upper = self.fs.stack.upper
         assert upper is not None and src.data is not None
         name = self.fs.prefix + "redirect"
         value = self._redirect_value(src, src.rel, src.data, absolute=True)
-        if len(value) > redirect_max():
-            raise OSError(errno.EXDEV, f"redirect longer than {redirect_max()} bytes", src.rel)
         if upper.getxattr(src.rel, name) != value:
             upper.do_setxattr(src.rel, name, value)
 
@@ -951,10 +950,6 @@ class Namespace:
             name, value = opaque, b"y"
         else:
             return None
-        if name == redirect and len(value) > redirect_max():
-            # (a directory's, or a metacopy file's absolute one) the kernel refuses what it
-            # could not read back (its redirect_max): EXDEV, and mv copies instead
-            raise OSError(errno.EXDEV, f"redirect longer than {redirect_max()} bytes", onode.rel)
         previous = upper.getxattr(onode.rel, name)
         upper.do_setxattr(onode.rel, name, value)
         return name, previous
@@ -988,25 +983,33 @@ class Namespace:
         from other directories), and where ``absolute`` asks (a link's:
         ``_set_link_redirect``). The merged path, not ``lower``'s own: the
         lookup from the new name meets each layer's redirects on the way (a former upper's
-        metacopy file renamed there: its old name in that layer may be a whiteout)."""
+        metacopy file renamed there: its old name in that layer may be a whiteout). EXDEV
+        past the kernel's ``redirect_max``, which it could not read back (``mv`` copies)."""
         upper = self.fs.stack.upper
         assert upper is not None and onode.upper is not None
         existing = redirect_target(upper.getxattr(onode.rel, self.fs.prefix + "redirect"))
         hard_link = not onode.is_dir and lower.st.st_nlink > 1
         absolute = absolute or split(onode.rel)[0] != split(new)[0] or hard_link
         if existing is not None and (not absolute or existing.startswith("/")):
-            return os.fsencode(existing)
-        if not absolute:
-            return os.fsencode(split(onode.rel)[1])
-        parts, rel, target = [], onode.rel, existing
-        while rel:
-            if target is not None and target.startswith("/"):
-                parts.append(target.strip("/"))
-                break
-            parts.append(target if target is not None else split(rel)[1])
-            rel = split(rel)[0]
-            target = redirect_target(upper.getxattr(rel, self.fs.prefix + "redirect")) if rel else None
-        return os.fsencode("/" + "/".join(reversed(parts)))
+            value = existing
+        elif not absolute:
+            value = split(onode.rel)[1]
+        else:
+            parts, rel, target = [], onode.rel, existing
+            while rel:
+                if target is not None and target.startswith("/"):
+                    parts.append(target.strip("/"))
+                    break
+                parts.append(target if target is not None else split(rel)[1])
+                rel = split(rel)[0]
+                target = redirect_target(upper.getxattr(rel, self.fs.prefix + "redirect")) if rel else None
+            value = "/" + "/".join(reversed(parts))
+        raw = os.fsencode(value)
+        if len(raw) > redirect_max():
+            # (a directory's, or a metacopy file's absolute one) the kernel refuses what it
+            # could not read back (its redirect_max): EXDEV, and mv copies instead
+            raise OSError(errno.EXDEV, f"redirect longer than {redirect_max()} bytes", onode.rel)
+        return raw
 
     def _check_target(self, onode: Node, nnode: Node, flags: int) -> None:
         if not nnode.exists:
