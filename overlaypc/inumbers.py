@@ -9,8 +9,11 @@ Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr
     proven to lie beneath a layer root). A handle that does not decode (a stale origin,
     an upper copied with ``cp -a`` onto other lowers) is ignored;
   * a non-directory whose origin has ``st_nlink > 1`` shows the origin's number only
-    with ``index=on`` (any non-directory, as the kernel indexes): without an index, copy-up broke the hard link (overlaypc then
-    records no origin, as the kernel), and the copy shows its own upper number;
+    where it is indexed (``index=on``, the upper object a hard link of its index entry,
+    the kernel's ``OVL_INDEX``): without an index, copy-up broke the hard link (overlaypc
+    then records no origin, as the kernel), and the copy shows its own upper number; so
+    does a copy made with ``index=off`` from a file that gained lower links later, whose
+    origin's index entry, if any, is another file (fstests overlay/042);
   * a directory present in upper and a lower without an origin takes the topmost
     lower's number; not the root, which shows its top layer's root's own number (with an
     upper, the upper root's: the kernel gives the root no copy-up identity, even where
@@ -39,11 +42,15 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from . import sysapi, whiteout
 from .layer import UNKNOWN, Layer
 from .lookup import Entry, Node
 from .stack import LayerStack
+
+if TYPE_CHECKING:
+    from .index import IndexDir
 
 
 def _xattr(entry: Entry, name: str) -> bytes | None:
@@ -69,8 +76,11 @@ class InodeNumbers:
         for layer in stack.lowers:  # a null UUID (as the kernel writes on some filesystems) too
             self._by_uuid.setdefault(layer.uuid, []).append(layer)
         self._cache: OrderedDict[tuple[int, int, int], int | None] = OrderedDict()
-        #: (which xattr, file type, its bytes) -> number shown, for decoded origins only
-        self._decoded: OrderedDict[tuple[str, int, bytes], int] = OrderedDict()
+        #: (which xattr, file type, its bytes) -> (number shown, whether only an indexed
+        #: object shows it: a non-directory origin with more than one link), decoded only
+        self._decoded: OrderedDict[tuple[str, int, bytes], tuple[int, bool]] = OrderedDict()
+        #: index=on: the index directory (``IndexDir.holds`` tells an indexed object)
+        self.index_dir: IndexDir | None = None
         self._limit = limit
         self._lock = threading.Lock()
 
@@ -129,7 +139,8 @@ class InodeNumbers:
         (a decode tries each of them), and only for what ``_from_origin`` keeps. Returns
         that number (what ``recorded`` answers for the copy), None when not kept."""
         kind = stat.S_IFMT(source.st_mode)
-        if not (kind == stat.S_IFDIR or source.st_nlink == 1 or self.index):
+        shared = kind != stat.S_IFDIR and source.st_nlink > 1
+        if shared and not self.index:
             return None
         if any(other.dev != layer.dev for other in self._by_uuid.get(layer.uuid, ())) \
                 or sysapi.parse_ovl_origin(raw) is None:
@@ -137,7 +148,7 @@ class InodeNumbers:
         vkey = (self.origin_xattr, kind, raw)
         value = self.xino.ino(source.st_dev, source.st_ino)
         with self._lock:
-            self._decoded[vkey] = value
+            self._decoded[vkey] = (value, shared)  # (a shared one: the copy is indexed)
             if len(self._decoded) > self._limit:
                 self._decoded.popitem(last=False)
         return value
@@ -165,23 +176,38 @@ class InodeNumbers:
                 return None, True
         vkey = (name, kind, raw)
         with self._lock:
-            value = self._decoded.get(vkey)
-            if value is not None:
+            kept = self._decoded.get(vkey)
+            if kept is not None:
                 self._decoded.move_to_end(vkey)
-                return value, True
-        origin = self._decode(parsed) if parsed is not None else self._path_origin(raw)
-        if origin is None:
-            return None, False
-        if stat.S_IFMT(origin.st_mode) != kind:
+        if kept is None:
+            origin = self._decode(parsed) if parsed is not None else self._path_origin(raw)
+            if origin is None:
+                return None, False
+            if stat.S_IFMT(origin.st_mode) != kind:
+                return None, True
+            kept = (self.xino.ino(origin.st_dev, origin.st_ino),
+                    kind != stat.S_IFDIR and origin.st_nlink > 1)
+            with self._lock:
+                self._decoded[vkey] = kept
+                if len(self._decoded) > self._limit:
+                    self._decoded.popitem(last=False)
+        value, shared = kept
+        # (fuse-overlayfs's path origins are never indexed)
+        if shared and (parsed is None or not self._indexed(entry, raw)):
             return None, True
-        if not (kind == stat.S_IFDIR or origin.st_nlink == 1 or self.index):
-            return None, True
-        value = self.xino.ino(origin.st_dev, origin.st_ino)
-        with self._lock:
-            self._decoded[vkey] = value
-            if len(self._decoded) > self._limit:
-                self._decoded.popitem(last=False)
         return value, True
+
+    def _indexed(self, entry: Entry, raw: bytes) -> bool:
+        """Whether the upper non-directory ``entry``, whose origin (xattr ``raw``) has
+        other links, is indexed: a hard link of the index entry of that origin. Two upper
+        files may name one origin (one copied with ``index=off`` before the origin gained
+        links, the other indexed); only the indexed one shows the origin's number, as the
+        kernel's ``ovl_getattr`` (``OVL_INDEX``), so two files never show one."""
+        if not self.index:
+            return False
+        if self.index_dir is None:  # (no workdir: nothing was indexed by this mount)
+            return True
+        return self.index_dir.holds(entry.st, raw)
 
     def _decode(self, parsed: tuple[bytes, int, bytes]) -> os.stat_result | None:
         """``fstat`` of the lower object a parsed origin file handle decodes to."""
