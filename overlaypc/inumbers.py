@@ -18,6 +18,12 @@ Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr
     lower's number; not the root, which shows its top layer's root's own number (with an
     upper, the upper root's: the kernel gives the root no copy-up identity, even where
     ``index=on`` recorded the lower root as the upper root's origin);
+  * two upper objects naming one origin (an upper copied with ``cp -a`` while unmounted:
+    two files, or two directories redirected to one lower directory) never show one
+    number: the first the mount answers for shows the origin's, any other its own upper
+    number (the kernel fails the lookup of the other, ``ESTALE``: fstests overlay/049,
+    059), so ``diff`` and ``cmp`` never take them for one file. Which one is first may
+    differ between mounts;
   * anything else takes its own layer's real inode number;
   * each real number is mapped through the stack's ``xino`` scheme, so layers on
     different filesystems never collide.
@@ -79,13 +85,38 @@ class InodeNumbers:
         #: (which xattr, file type, its bytes) -> (number shown, whether only an indexed
         #: object shows it: a non-directory origin with more than one link), decoded only
         self._decoded: OrderedDict[tuple[str, int, bytes], tuple[int, bool]] = OrderedDict()
+        #: number shown because of a copy-up origin -> (st_dev, st_ino) of the upper object
+        #: that showed it first (``_unique``)
+        self._claims: OrderedDict[int, tuple[int, int]] = OrderedDict()
         #: index=on: the index directory (``IndexDir.holds`` tells an indexed object)
         self.index_dir: IndexDir | None = None
         self._limit = limit
         self._lock = threading.Lock()
 
     def recorded(self, entry: Entry) -> int | None:
-        """The number an upper object shows because of its copy-up origin, if any. A
+        """The number an upper object shows because of its copy-up origin, if any; its own
+        upper number when another object showed that origin's first (``_unique``)."""
+        return self._unique(entry, self._recorded(entry))
+
+    def _unique(self, entry: Entry, value: int | None) -> int | None:
+        """``value``, the origin's number for the upper ``entry``, if no other upper object
+        showed it yet, else ``entry``'s own number. An object keeps its (device, inode)
+        pair across renames, and a copy of data into it (metacopy) is made in place, so
+        the first object's claim stays its own; one whose object went is never taken
+        over, since no other object may name that origin (the lower layers do not
+        change under a mount, and its name is whited out)."""
+        if value is None:
+            return None
+        me = (entry.st.st_dev, entry.st.st_ino)
+        with self._lock:
+            first = self._claims.setdefault(value, me)
+            self._claims.move_to_end(value)
+            if len(self._claims) > self._limit:
+                self._claims.popitem(last=False)
+        return value if first == me else self.of_entry(entry)
+
+    def _recorded(self, entry: Entry) -> int | None:
+        """The number an upper object's copy-up origin gives, if any. A
         directory's answer is kept on the fd the lookup holds of it (``DirFd.origin_ino``),
         unless it came from a decode that failed (it may have failed for want of fds): a
         name made or removed in it changes its ctime, not its origin."""
