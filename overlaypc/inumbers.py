@@ -48,12 +48,12 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from . import sysapi, whiteout
 from .layer import UNKNOWN, Layer
 from .lookup import Entry, Node
 from .stack import LayerStack
+from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .index import IndexDir
