@@ -1,0 +1,128 @@
+"""parity46: kernel-parity items left open by index45/review45, each against the kernel.
+
+- An ``index=on`` entry with no upper name whose upper file lacks the kernel's count
+  (``trusted.overlay.nlink``): the kernel's ``ovl_get_nlink`` falls back to 0, an orphan,
+  and its clean-up removes the entry. overlaypc matches that where no count is there at all;
+  where only overlaypc's own count is (an older overlaypc wrote no other: before d5a0e4a
+  ``trusted.overlay.overlaypc.nlink``, before d71628d ``trusted.overlaypc.nlink``), that
+  count stands in, so the names the entry still serves keep their data, and the kernel's
+  count is written from it, so a kernel mounting the stack next keeps the entry too.
+- A handle that fails to decode with another error than ESTALE: the kernel's
+  ``ovl_indexdir_cleanup`` aborts the mount (only ESTALE and ENOENT, an orphan, are
+  cleaned); so does overlaypc, writing nothing.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+import helpers
+from features_support import KERNEL_INDEX, make_lowers, new_stack
+from overlaypc import sysapi
+from test_index_roots import kernel_refusal, overlaypc_refusal
+
+pytestmark = [pytest.mark.mount]
+
+OLD = b"lower data\n"
+NEW = b"new data, longer than the old\n" * 3
+READ = ("a", "b", "sub/c")
+
+
+def _lowers(layers_factory, base: Path) -> list[Path]:
+    lowers = make_lowers(layers_factory, base, {"l": {"a": OLD, "sub": {}}})
+    for dst in ("b", "sub/c"):
+        os.link(lowers[0] / "a", lowers[0] / dst)
+    return lowers
+
+
+def _key(lower_file: Path) -> str:
+    fd = os.open(lower_file, os.O_RDONLY)
+    try:
+        return sysapi.ovl_origin_xattr(fd, sysapi.fs_uuid(fd)).hex()
+    finally:
+        os.close(fd)
+
+
+def _read(root: Path) -> dict:
+    out = {}
+    for n in READ:
+        try:
+            out[n] = (root / n).read_bytes()
+        except OSError as e:
+            out[n] = errno.errorcode[e.errno]
+    return out
+
+
+def _served_by_the_index(s, overlay_mount) -> Path:
+    """overlaypc writes ``a`` (copied up into the index) and removes the name ``a``: the
+    entry, one link, is what ``b`` and ``sub/c`` show. Its path."""
+    m = overlay_mount(s.options("index=on"))
+    with open(m / "a", "r+b") as f:
+        f.write(NEW)
+    os.unlink(m / "a")
+    assert _read(m.path) == {"a": "ENOENT", "b": NEW, "sub/c": NEW}
+    m.unmount()
+    entry = s.work / "index" / _key(s.lowers[0] / "b")
+    assert os.stat(entry).st_nlink == 1
+    assert os.getxattr(entry, "trusted.overlay.nlink") == b"U+1"  # (2 names: b, sub/c)
+    return entry
+
+
+def _counts_as(entry: Path, written_by: str) -> None:
+    """Leave the entry's counts as ``written_by`` would have: none at all, overlaypc's own
+    only (d71628d..d5a0e4a), or the pre-d71628d own one only."""
+    own = os.getxattr(entry, "trusted.overlay.overlaypc.nlink")
+    assert own == b"2"
+    os.removexattr(entry, "trusted.overlay.nlink")
+    if written_by != "own":
+        os.removexattr(entry, "trusted.overlay.overlaypc.nlink")
+    if written_by == "pre_d71628d":
+        os.setxattr(entry, "trusted.overlaypc.nlink", own)
+
+
+@pytest.mark.parametrize("written_by", ["nothing", "own", "pre_d71628d"])
+def test_index_count_missing(written_by, xfs_dir, layers_factory, overlay_mount, kernel_mount):
+    lowers = _lowers(layers_factory, xfs_dir)
+    ks, os_ = new_stack(lowers, xfs_dir, "k"), new_stack(lowers, xfs_dir, "o")
+    for s in (ks, os_):
+        _counts_as(_served_by_the_index(s, overlay_mount), written_by)
+    k = kernel_mount(lowers, ks.upper, ks.work, KERNEL_INDEX)
+    theirs = _read(k)
+    helpers.force_unmount(k)
+    assert theirs == {"a": "ENOENT", "b": OLD, "sub/c": OLD}  # (the oracle: removed, count 0)
+    assert os.listdir(ks.work / "index") == []
+    m = overlay_mount(os_.options("index=on"))
+    ours = _read(m.path)
+    m.unmount()
+    if written_by == "nothing":
+        assert ours == theirs
+        assert os.listdir(os_.work / "index") == []
+        return
+    # an older overlaypc's count stands in: the data the entry holds stays shown ...
+    assert ours == {"a": "ENOENT", "b": NEW, "sub/c": NEW}
+    # ... and is the kernel's now: the kernel mounting the stack next keeps it too
+    k = kernel_mount(lowers, os_.upper, os_.work, KERNEL_INDEX)
+    assert _read(k) == ours
+    assert os.stat(k / "b").st_nlink == 2
+
+
+def test_index_decode_error_refuses_the_mount(xfs_dir, layers_factory, overlay_mount,
+                                              tmp_path, monkeypatch):
+    """The entry's origin fails to decode with EIO (injected; the kernel's exportfs answers
+    ESTALE or ENOMEM, and ``ovl_indexdir_cleanup`` aborts the mount on any error but ESTALE
+    and an orphan): refused, nothing written; the next mount keeps the entry."""
+    lowers = _lowers(layers_factory, xfs_dir)
+    s = new_stack(lowers, xfs_dir, "o")
+    _served_by_the_index(s, overlay_mount)
+    before = {p: helpers.dir_state(p) for p in (s.upper, s.work)}
+    monkeypatch.setenv("OVERLAYPC_FAULTS", "indexclean.decode=eio")
+    line = overlaypc_refusal(tmp_path, tmp_path / "mnt", s.options("index=on"))
+    assert line is not None and "index=on" in line and "Input/output error" in line, line
+    assert {p: helpers.dir_state(p) for p in (s.upper, s.work)} == before, "a refused mount wrote"
+    monkeypatch.delenv("OVERLAYPC_FAULTS")
+    m = overlay_mount(s.options("index=on"))
+    assert _read(m.path) == {"a": "ENOENT", "b": NEW, "sub/c": NEW}
+
