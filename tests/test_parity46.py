@@ -126,3 +126,32 @@ def test_index_decode_error_refuses_the_mount(xfs_dir, layers_factory, overlay_m
     m = overlay_mount(s.options("index=on"))
     assert _read(m.path) == {"a": "ENOENT", "b": NEW, "sub/c": NEW}
 
+
+@pytest.mark.parametrize("index", [True, False])
+@pytest.mark.parametrize("held", ["upper", "work"])
+def test_lower_of_a_live_kernel_mount(held, index, xfs_dir, layers_factory, overlay_mount,
+                                      kernel_mount, tmp_path):
+    """A lowerdir that a live kernel overlay holds as its upperdir or workdir: the kernel
+    refuses an index=on mount (``ovl_get_layers`` -> ``ovl_report_in_use``: EBUSY), and
+    only warns under index=off; so does overlaypc."""
+    lowers = _lowers(layers_factory, xfs_dir)
+    live = new_stack(lowers, xfs_dir, "live")
+    k = kernel_mount(lowers, live.upper, live.work, KERNEL_INDEX)
+    (k / "up").write_bytes(b"in the upper\n")
+    lower = live.upper if held == "upper" else live.work
+    s = new_stack([lower], xfs_dir, "o")
+    opts = "index=on" if index else "index=off"
+    got = kernel_refusal(tmp_path / "k2", [lower], s.upper, s.work, () if index else (opts,))
+    if index:  # (the oracle; mount(8) says EBUSY so)
+        assert got is not None and "already mounted" in got, got
+    else:
+        assert got is None, got
+    before = {p: helpers.dir_state(p) for p in (s.upper, s.work, lower)}
+    line = overlaypc_refusal(tmp_path, tmp_path / "mnt", s.options(opts))
+    if not index:
+        assert line is None, line
+        return
+    assert line is not None and "in use" in line and str(lower) in line, line
+    assert {p: helpers.dir_state(p) for p in (s.upper, s.work, lower)} == before, \
+        "a refused mount wrote"
+
