@@ -10,6 +10,10 @@
 - A handle that fails to decode with another error than ESTALE: the kernel's
   ``ovl_indexdir_cleanup`` aborts the mount (only ESTALE and ENOENT, an orphan, are
   cleaned); so does overlaypc, writing nothing.
+- A lowerdir that a live kernel overlay holds as its upperdir or workdir: EBUSY under
+  index=on (``ovl_report_in_use``), as for upperdir and workdir.
+- A metacopy file in a mount without metacopy=on: its redirect is read first (malformed:
+  EINVAL), then the lookup is refused (EPERM).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from features_support import KERNEL_INDEX, make_lowers, new_stack
+from features_support import KERNEL_INDEX, make_lowers, mount_side, new_stack
 from overlaypc import sysapi
 from test_index_roots import kernel_refusal, overlaypc_refusal
 
@@ -154,4 +158,56 @@ def test_lower_of_a_live_kernel_mount(held, index, xfs_dir, layers_factory, over
     assert line is not None and "in use" in line and str(lower) in line, line
     assert {p: helpers.dir_state(p) for p in (s.upper, s.work, lower)} == before, \
         "a refused mount wrote"
+
+
+
+#: a metacopy file (where, its redirect or None) in a mount without metacopy=on
+METACOPY_OFF = {"upper": ("u", "f", None), "upper-abs": ("u", "f", b"/g"),
+                "upper-rel": ("u", "f", b"g"), "upper-slash-in-rel": ("u", "f", b"a/b"),
+                "upper-empty": ("u", "f", b""), "upper-empty-part": ("u", "f", b"//g"),
+                "upper-trailing-slash": ("u", "f", b"/g/"), "upper-nul": ("u", "f", b"\0"),
+                "upper-only-dir": ("u", "d/f", None), "upper-only-dir-bad": ("u", "d/f", b"a/b"),
+                "mid": ("mid", "f", None), "mid-bad": ("mid", "f", b"a/b"),
+                "bottom": ("bottom", "h", None), "bottom-bad": ("bottom", "h", b"a/b")}
+
+
+@pytest.mark.parametrize("redirect_dir", ["on", "nofollow"])
+@pytest.mark.parametrize("case", sorted(METACOPY_OFF))
+def test_metacopy_without_metacopy_on_as_the_kernel(case, redirect_dir, tmp_path, overlay_mount,
+                                                    kernel_mount):
+    """The kernel's lookup (6.18) reads a metacopy file's redirect as any (a malformed one
+    fails it: EINVAL) and refuses the metacopy file only after its layers are searched
+    (EPERM, "refusing to follow metacopy origin"), before it searches the next layer;
+    overlaypc refused it before reading the redirect, EPERM where the kernel said EINVAL.
+    (A listing's READDIRPLUS still gives such a file attributes: see README.)"""
+    where, rel, redirect = METACOPY_OFF[case]
+    got: dict = {}
+    for side in ("kernel", "ours"):
+        mid = helpers.build_layer(tmp_path / f"mid-{side}", {"m": "m\n"})
+        bottom = helpers.build_layer(tmp_path / f"bottom-{side}", {"f": "lower f\n",
+                                                                    "g": "lower g\n"})
+        s = new_stack([mid, bottom], tmp_path, side)
+        base = {"u": s.upper, "mid": mid, "bottom": bottom}[where]
+        path = base / rel
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+        os.truncate(path, 7)
+        os.setxattr(path, "trusted.overlay.metacopy", b"")
+        if redirect is not None:
+            os.setxattr(path, "trusted.overlay.redirect", redirect)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount,
+                                  (f"redirect_dir={redirect_dir}", "metacopy=off"))
+        try:
+            got[side] = _attempt(lambda: os.stat(mnt / rel).st_size)
+        finally:
+            unmount()
+    assert got["kernel"] in ("EPERM", "EINVAL"), got  # (the oracle)
+    assert got["ours"] == got["kernel"]
+
+
+def _attempt(f):
+    try:
+        return f()
+    except OSError as e:
+        return errno.errorcode[e.errno]
 
