@@ -14,6 +14,7 @@
   index=on (``ovl_report_in_use``), as for upperdir and workdir.
 - A metacopy file in a mount without metacopy=on: its redirect is read first (malformed:
   EINVAL), then the lookup is refused (EPERM).
+- A redirect that cannot be written at a move or link: EXDEV (``ovl_set_redirect``).
 """
 from __future__ import annotations
 
@@ -211,3 +212,80 @@ def _attempt(f):
     except OSError as e:
         return errno.errorcode[e.errno]
 
+
+def _fill(tmpfs: Path) -> None:
+    """No inode and no xattr space left on ``tmpfs`` (mounted with ``nr_inodes``: its xattrs
+    take from the same space)."""
+    fill = tmpfs / "fill"
+    fill.mkdir()
+    i = 0
+    try:
+        while True:
+            (fill / str(i)).touch()
+            i += 1
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    for value in (b"x" * 64, b"x"):
+        try:
+            for j in range(10_000):
+                os.setxattr(fill / "0", f"trusted.f{len(value)}.{j}", value)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+
+
+#: a move whose redirect cannot be written: (mount options, prepared, the move)
+#: (``e/x`` copied up: ``e`` is impure already, which a move into it would write first)
+NO_ROOM = {"dir-same-dir": ("metacopy=off", "chmod d", "rename d d2"),
+           "dir-other-dir": ("metacopy=off", "chmod d; chmod e/x", "rename d e/d"),
+           "metacopy-file": ("metacopy=on", "chmod f; chmod e/x", "rename f e/f"),
+           "metacopy-link": ("metacopy=on", "chmod f; chmod e/x", "link f e/f")}
+
+
+@pytest.mark.parametrize("case", sorted(NO_ROOM))
+def test_redirect_not_written_answers_exdev(case, xfs_dir, tmpfs_factory, overlay_mount,
+                                           kernel_mount):
+    """The upper has no room for the redirect xattr (ENOSPC): the kernel's
+    ``ovl_set_redirect`` answers EXDEV whatever the error ("failed to set redirect"; "Fall
+    back to userspace copy-up"), so ``mv`` copies; overlaypc gave the raw errno. Both leave
+    the same view. (``ln`` fails too: a link of a metacopy file writes one first.)"""
+    opts, prepare, move = NO_ROOM[case]
+    lower = helpers.build_layer(xfs_dir / "l", {"d": {"sub": {"f": "deep\n"}}, "e": {"x": "x\n"},
+                                                "f": "file data\n"})
+    got = {}
+    for side in ("kernel", "ours"):
+        t = tmpfs_factory("16m", "nr_inodes=64")
+        (t / "u").mkdir()
+        (t / "w").mkdir()
+        s = new_stack([lower], xfs_dir, side)
+        s.upper, s.work = t / "u", t / "w"
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount,
+                                  ("redirect_dir=on", opts))
+        try:
+            for step in prepare.split("; "):
+                os.chmod(mnt / step.split()[1], 0o750)
+            _fill(t)
+            what, src, dst = move.split()
+            call = os.rename if what == "rename" else os.link
+            answer = _attempt(lambda: call(mnt / src, mnt / dst))
+            _free(t)
+            got[side] = (answer, _tree(mnt))
+        finally:
+            unmount()
+    assert got["kernel"][0] == "EXDEV", got  # (the oracle)
+    assert got["ours"] == got["kernel"]
+
+
+def _free(tmpfs: Path) -> None:
+    import shutil
+    shutil.rmtree(tmpfs / "fill")
+
+
+def _tree(root: Path) -> dict:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in sorted(files):
+            p = Path(dirpath) / n
+            out[str(p.relative_to(root))] = p.read_bytes()
+        for n in sorted(dirs):
+            out[str((Path(dirpath) / n).relative_to(root)) + "/"] = None
+    return out
