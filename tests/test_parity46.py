@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from features_support import KERNEL_INDEX, make_lowers, mount_side, new_stack
+from features_support import KERNEL_INDEX, KERNEL_METACOPY, make_lowers, mount_side, new_stack
 from overlaypc import sysapi
 from test_index_roots import kernel_refusal, overlaypc_refusal
 
@@ -289,3 +289,52 @@ def _tree(root: Path) -> dict:
         for n in sorted(dirs):
             out[str((Path(dirpath) / n).relative_to(root)) + "/"] = None
     return out
+
+
+def _made_by_the_kernel_link(base: Path, kernel_mount) -> None:
+    """``f`` a metacopy file (chown), and ``g`` a link of it, made by the kernel: its upper
+    file has the absolute redirect ``/f`` the kernel's link wrote."""
+    k = kernel_mount([base / "l"], base / "u", base / "w", KERNEL_METACOPY)
+    os.chown(k / "f", 1, 1)
+    os.link(k / "f", k / "g")
+    helpers.force_unmount(k)
+
+
+def test_link_of_an_open_nameless_metacopy_file_copies_no_data(tmp_path, overlay_mount,
+                                                               kernel_mount):
+    """``f`` opened, its name unlinked (its upper file keeps the name ``g``, which the mount
+    never looked up), then linked through its fd as ``d/h``: the kernel links the upper file
+    as it is, metadata only (it has an absolute redirect already: ``ovl_set_link_redirect``
+    writes nothing); overlaypc copied the data in first."""
+    got = {}
+    for side in ("kernel", "ours"):
+        base = tmp_path / side
+        helpers.build_layer(base / "l", {"f": "lower data\n" * 100, "d": {}})
+        (base / "u").mkdir()
+        (base / "w").mkdir()
+        _made_by_the_kernel_link(base, kernel_mount)
+        s = new_stack([base / "l"], tmp_path, side)
+        s.upper, s.work = base / "u", base / "w"
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, KERNEL_METACOPY)
+        try:
+            fd = os.open(mnt / "f", os.O_RDONLY)
+            try:
+                os.unlink(mnt / "f")
+                dfd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    linked = _attempt(lambda: os.link(f"/proc/self/fd/{fd}", "h", dst_dir_fd=dfd,
+                                                      follow_symlinks=True))
+                finally:
+                    os.close(dfd)
+                data = (mnt / "d/h").read_bytes(), os.pread(fd, 11, 0)
+            finally:
+                os.close(fd)
+        finally:
+            unmount()
+        marks = {n: sorted(x for x in os.listxattr(s.upper / n)
+                           if x.startswith("trusted.overlay.") and "overlaypc" not in x)
+                 for n in ("g", "d/h")}
+        got[side] = (linked, data, marks, os.getxattr(s.upper / "d/h", "trusted.overlay.redirect"))
+    assert got["kernel"][2]["d/h"] == ["trusted.overlay.metacopy", "trusted.overlay.origin",
+                                       "trusted.overlay.redirect"]  # (the oracle)
+    assert got["ours"] == got["kernel"]
