@@ -21,7 +21,9 @@ kernel:
   file is removed here);
 - a handle that fails to decode with another error than ESTALE fails the mount (the
   kernel's clean-up aborts on any error but ESTALE and an orphan: its exportfs answers
-  only ENOMEM so; here also EMFILE, EPERM...).
+  only ENOMEM so; here also EMFILE, ENFILE...), except EPERM: a process without
+  ``CAP_DAC_READ_SEARCH`` decodes no handle, and the kernel then has index off
+  (``ovl_can_decode_fh``), which overlaypc does not follow: such an entry is kept.
 
 One choice beyond the kernel: an entry without the kernel's count whose upper file has
 overlaypc's own (``IndexDir.own_count``: only an overlaypc older than d5a0e4a wrote no
@@ -136,6 +138,8 @@ def _verdict(stack: LayerStack, index: IndexDir, name: str, st: os.stat_result,
     try:
         lower = _decode(stack, origin, name)
     except OSError as e:
+        if e.errno == errno.EPERM:
+            return None  # (kept unjudged: without CAP_DAC_READ_SEARCH the kernel's is off)
         raise _refuse(work, name, e.errno, f"has an origin that fails to decode "
                       f"({os.strerror(e.errno)})") from e
     if lower is None:
