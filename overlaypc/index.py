@@ -166,8 +166,12 @@ class IndexDir:
             written = self._written
         if kept is not None and kept[0] == (st.st_ctime_ns, st.st_nlink):
             return kept[1]
-        counts = (self.work.getxattr(index.rel, self.kernel_nlink_xattr),
-                  self.own_count(index.rel))
+        kernel = self.work.getxattr(index.rel, self.kernel_nlink_xattr)
+        # (the pre-d71628d name is read only where no count of today is: never on an entry
+        # the kernel made)
+        own = self.work.getxattr(index.rel, self.nlink_xattr) if kernel is not None \
+            else self.own_count(index.rel)
+        counts = (kernel, own)
         self._keep(self._nlinks, ident, ((st.st_ctime_ns, st.st_nlink), counts), written)
         return counts
 
