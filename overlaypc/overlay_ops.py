@@ -761,8 +761,9 @@ class OverlayOps(Operations):
         asks), an index entry too (index=on: a lower hard link whose unlinked name was
         copied up into the index, its other lower names left; the kernel overlay links
         its index inode, ``Namespace.link_open`` moves the shared count), and a metacopy
-        file whose upper file has a name left, its data copied in first
-        (``Files.copy_data_to_link``; the kernel overlay links it as it is). None for any
+        file whose upper file has a name left, linked as it is where it has an absolute
+        redirect, as the kernel overlay's, else its data copied in first
+        (``Files.copy_data_to_link``). None for any
         other node (ENOENT then: a lower file, whose copy-up needs a name, as the
         kernel's), or one with none open."""
         for fh in self.nodes.handles(nodeid):
@@ -785,7 +786,7 @@ class OverlayOps(Operations):
         (``Namespace.link_open``); the new name's entry is the node's own (its key).
         The kernel refuses to link an ``O_EXCL`` one itself (ENOENT), and so does the
         upper filesystem, as one whose last link is gone."""
-        fd = self.fs.files.dup_fd(inode)  # (keeps the file: a RELEASE meanwhile frees nothing)
+        fd = self.fs.files.link_fd(inode)  # (keeps the file: a RELEASE meanwhile frees nothing)
         try:
             return self._new(new_parent, new_name,
                              lambda rel, then: self.fs.link_open(fd, rel, then), linked=nodeid)
