@@ -32,7 +32,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from . import faults, logs, scopes
+from . import acl, faults, logs, scopes
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -543,8 +543,9 @@ class OverlayOps(Operations):
         privilege removal (``file_remove_privs``, before a FALLOCATE: the kill flags, which
         it may set whoever owns the file). Done as a chown to -1, -1 (copy-up and ctime, as
         the kernel overlay's) with a regular file's kill (``killpriv``) where the caller owns
-        the file, has CAP_FOWNER or may write it; else EPERM, before anything, where the
-        kill would change the mode (``setattr_prepare``'s check of a chown's kill)."""
+        the file, has CAP_FOWNER or may write it (mode bits; any access ACL counts as
+        may); else EPERM, before anything, where the kill would change the mode
+        (``setattr_prepare``'s check of a chown's kill)."""
         valid = sa.valid | p.FATTR_UID | p.FATTR_GID
         attr = self._attr(nodeid, sa.fh)
         mode, uid, gid = attr.st_mode, attr.st_uid, attr.st_gid
@@ -554,8 +555,17 @@ class OverlayOps(Operations):
                     or has_capability(req.pid, CAP_FOWNER):
                 valid |= p.FATTR_KILL_SUIDGID
             elif stripped_mode(mode, gid, writer) != mode:
-                raise PermissionError(errno.EPERM, "operation not permitted")
+                if not self._has_access_acl(nodeid):
+                    raise PermissionError(errno.EPERM, "operation not permitted")
+                valid |= p.FATTR_KILL_SUIDGID  # (an ACL entry may let it write: not read)
         return SetAttr(valid, sa.fh, sa.size, sa.atime_ns, sa.mtime_ns, sa.mode, -1, -1)
+
+    def _has_access_acl(self, nodeid: int) -> bool:
+        try:
+            self._read_at(nodeid, lambda rel: self.fs.getxattr(rel, acl.ACCESS))
+        except OSError:
+            return False
+        return True
 
     def _setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         valid = sa.valid

@@ -785,3 +785,61 @@ def test_chown_to_minus_one_strips_privileges_as_kernel_overlay(tmp_path, overla
     assert o["other_suid.lo"][:2] == ("EPERM", oct(0o4755))
     assert o["root_sgid_noexec.up"][:2] == ("ok", oct(0o2644))
     assert o["own_dir.up"][:2] == ("ok", oct(0o3775)) and o["own_plain.up"][5]
+
+
+def _acl_writer_states(tmp_path: Path, which: str, mount) -> dict:
+    """A setuid file of root's that an ACL entry (not the mode bits) lets 65534 write, in
+    the lower and the upper: 65534's fallocate and write, then its chown(f, -1, -1)."""
+    from overlaypc import acl
+    base = tmp_path / which
+    lower, upper, work = base / "lower", base / "upper", base / "work"
+    for d in (lower, upper, work):
+        d.mkdir(parents=True)
+    value = acl.to_xattr([acl.AclEntry(acl.USER_OBJ, 7, 0xFFFFFFFF),
+                          acl.AclEntry(acl.USER, 6, NOBODY),
+                          acl.AclEntry(acl.GROUP_OBJ, 5, 0xFFFFFFFF),
+                          acl.AclEntry(acl.MASK, 7, 0xFFFFFFFF),
+                          acl.AclEntry(acl.OTHER, 5, 0xFFFFFFFF)])
+    for n in ("fallocate", "write", "chown"):
+        for where in ("lo", "up"):
+            p = (lower if where == "lo" else upper) / f"{n}.{where}"
+            p.write_bytes(b"#!/bin/sh\nexit 0\n")
+            os.chmod(p, 0o4775)
+            os.setxattr(p, "system.posix_acl_access", value)
+    mnt = mount(lower, upper, work)
+    out = json.loads(run_as("""
+        import json
+        out = {}
+        for n in sorted(os.listdir(".")):
+            try:
+                if n.startswith("chown"):
+                    os.chown(n, -1, -1)
+                else:
+                    fd = os.open(n, os.O_WRONLY)
+                    if n.startswith("fallocate"):
+                        os.posix_fallocate(fd, 0, 8192)
+                    else:
+                        os.pwrite(fd, b"#", 0)
+                    os.close(fd)
+                out[n] = "ok"
+            except OSError as e:
+                out[n] = e.errno
+        print(json.dumps(out))
+    """, cwd=mnt))
+    return {n: (r if r == "ok" else errno.errorcode[r], *_priv_state(mnt, n)) for n, r in out.items()}
+
+
+def test_setuid_file_an_acl_lets_write_as_kernel_overlay(tmp_path, overlay_mount, kernel_mount):
+    """The empty SETATTR the kernel sends before a FALLOCATE (and a write while its mode is
+    cached) of a setuid file comes from its writer, whom an ACL entry may let write where
+    the mode bits do not: its kill is done, never an EPERM (``_chown_unchanged``); a
+    chown(f, -1, -1) by that caller strips too there (Linux answers EPERM: the two cannot
+    be told apart), everything else as on the kernel's overlay."""
+    mounters = _mounters(overlay_mount, kernel_mount, extra="passthrough=off")
+    states = {w: _acl_writer_states(tmp_path, w, mounters[w]) for w in mounters}
+    k, o = states["kernel"], states["overlaypc"]
+    diff = {n: (k[n], o[n]) for n in k if k[n] != o[n] and not n.startswith("chown")}
+    assert not diff, diff
+    for n in ("fallocate.lo", "fallocate.up", "write.lo", "write.up"):
+        assert o[n][:2] == ("ok", oct(0o775)), (n, o[n])
+    assert k["chown.up"][0] == "EPERM" and o["chown.up"][:2] == ("ok", oct(0o775))
