@@ -16,7 +16,8 @@ its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there 
 kernel or filesystem that refuses them), ``namespace.rename_whiteout`` (``eperm``: an upper
 that refuses RENAME_WHITEOUT), ``namespace.place_whiteout`` (putting the whiteout at a
 renamed object's old name, in that case), ``index.adjust`` (the index's link count after
-link/unlink/rename), ``ops.lookup`` (a LOOKUP, with
+link/unlink/rename), ``indexclean.decode`` (the mount's check decoding an index entry's
+origin, with the entry's name), ``ops.lookup`` (a LOOKUP, with
 its merged path made, before the layers are read), ``ops.path`` (a request by nodeid:
 GETATTR, SETATTR, OPEN, OPENDIR, a listing without a handle, READLINK, ACCESS, the xattr
 requests, with the node's merged path made, before the layers are read or changed),

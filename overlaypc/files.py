@@ -830,15 +830,32 @@ class Files:
 
     def copy_data_to_link(self, inode: OverlayInode) -> bool:
         """Before LINK of an open metacopy file whose data is below and whose names the mount
-        knows all went: its data copied in (``copy_data_nameless``; the kernel overlay, and
-        a link of a named one since peer45, ``Namespace.link``, copy none), if its upper
-        file has a name left (an upper hard link the kernel's ``ln`` of a metacopy file
-        made, never looked up); whether it has. With none left the link fails anyway
-        (ENOENT, the kernel's answer too)."""
-        if not self._with_meta_file(inode, lambda meta: os.fstat(meta.fd).st_nlink > 0):
+        knows all went: whether it can be linked, that is whether its upper file has a name
+        left (an upper hard link the kernel's ``ln`` of a metacopy file made, never looked
+        up); with none left the link fails anyway (ENOENT, the kernel's answer too). Its
+        upper file is then linked as it is (``link_fd``), metadata only as the kernel
+        overlay's, where it has an absolute redirect (its data found from any name: the
+        kernel's ``ovl_set_link_redirect`` writes nothing then), as every link of a
+        metacopy file leaves one; else (one made otherwise: the kernel would write the
+        redirect of the name it was opened by, which the inode does not keep) its data is
+        copied in first (``copy_data_nameless``)."""
+        name = self.fs.prefix + "redirect"
+        linked, redirect = self._with_meta_file(inode, lambda meta: (
+            os.fstat(meta.fd).st_nlink > 0, meta.layer.getxattr_fd(meta.fd, name)))
+        if not linked:
             return False
-        self.copy_data_nameless(inode, keep_times=True)
+        if not (redirect or b"").startswith(b"/"):
+            self.copy_data_nameless(inode, keep_times=True)
         return True
+
+    def link_fd(self, inode: OverlayInode) -> int:
+        """A new fd of the open file ``inode`` for a LINK of it (``Namespace.link_open``): of
+        its upper file as it is (``O_PATH``) where that is a metacopy file's, its data below
+        (``copy_data_to_link``: never a handle's, which is on the lower data), else
+        ``dup_fd``'s."""
+        if not inode.in_upper and inode.meta_file is not None:
+            return self._with_meta_file(inode, lambda meta: os.dup(meta.fd))
+        return self.dup_fd(inode)
 
     def open_inode(self, inode: OverlayInode, flags: int) -> OpenResult:
         """OPEN of a file with no name left (``open("/proc/self/fd/N")`` of an unlinked,

@@ -12,7 +12,8 @@ count: initially the lower file's nlink, +1 per link and -1 per unlink through t
 rewritten after every change of either count, so a kernel mounting the upper with
 ``index=on`` shows the same count, and overlaypc the count after the kernel's changes. It
 is read before ``trusted.overlay.overlaypc.nlink`` (the same count, absolute), which only
-stands in when the kernel's is missing or unreadable. Each change is recorded from the
+stands in when the kernel's is missing or unreadable (and ``trusted.overlaypc.nlink``, where
+overlaypc before d71628d kept it, when that one is missing too). Each change is recorded from the
 count before it, read with the index inode's link count before it (``links``). Around a
 link-up (another name copied up: the index inode gains a link, the count stays) the
 kernel's count is written relative to the lower file's links ("L%+d", which the link does
@@ -42,6 +43,8 @@ class IndexDir:
     def __init__(self, work: Layer, xattr_prefix: str) -> None:
         self.work = work
         self.nlink_xattr = whiteout.own_xattr(xattr_prefix, "nlink")
+        #: where overlaypc before d71628d kept its count (outside the kernel's namespace)
+        self.legacy_nlink_xattr = xattr_prefix.replace("overlay.", "overlaypc.") + "nlink"
         self.origin_xattr = xattr_prefix + "origin"
         self.kernel_nlink_xattr = xattr_prefix + "nlink"
         self._keys: OrderedDict[tuple[int, int], str | None] = OrderedDict()
@@ -169,10 +172,20 @@ class IndexDir:
             written = self._written
         if kept is not None and kept[0] == (st.st_ctime_ns, st.st_nlink):
             return kept[1]
-        counts = (self.work.getxattr(index.rel, self.kernel_nlink_xattr),
-                  self.work.getxattr(index.rel, self.nlink_xattr))
+        kernel = self.work.getxattr(index.rel, self.kernel_nlink_xattr)
+        # (the pre-d71628d name is read only where no count of today is: never on an entry
+        # the kernel made)
+        own = self.work.getxattr(index.rel, self.nlink_xattr) if kernel is not None \
+            else self.own_count(index.rel)
+        counts = (kernel, own)
         self._keep(self._nlinks, ident, ((st.st_ctime_ns, st.st_nlink), counts), written)
         return counts
+
+    def own_count(self, rel: str) -> bytes | None:
+        """overlaypc's own count of index entry ``rel`` (absolute), where it is now or where
+        overlaypc before d71628d kept it; None when neither is there."""
+        own = self.work.getxattr(rel, self.nlink_xattr)
+        return own if own is not None else self.work.getxattr(rel, self.legacy_nlink_xattr)
 
     def _keep(self, cache: OrderedDict, ident: tuple[int, int], value: tuple,
               written: int | None = None) -> None:

@@ -1,9 +1,10 @@
 """``index=on``: the kernel's exclusive upperdir protection, as userspace can see it.
 
-Owns: whether a live kernel overlay mount holds this stack's upperdir or workdir. The
-kernel marks both roots of each of its mounts in use and refuses an ``index=on`` mount of
-either (EBUSY, "mount with '-o index=off' to override exclusive upperdir protection"; with
-``index=off`` it only warns). overlaypc's flock (``LayerStack.lock``) keeps out a second
+Owns: whether a live kernel overlay mount holds this stack's upperdir, workdir or a
+lowerdir. The kernel marks both roots of each of its mounts in use and refuses an
+``index=on`` mount with any of them as its upperdir, workdir or a lowerdir (EBUSY, "mount
+with '-o index=off' to override exclusive upperdir protection"; with ``index=off`` it only
+warns; ``ovl_report_in_use``). overlaypc's flock (``LayerStack.lock``) keeps out a second
 overlaypc, which the kernel's mark cannot see, and the kernel's mark keeps out nothing of
 ours: without this, an index=on mount checked, and removed, the index entries of a live
 kernel mount (``indexclean``) and emptied its workdir/work. Read from
@@ -26,10 +27,11 @@ MOUNTINFO = "/proc/self/mountinfo"
 
 
 def refuse_held(stack: LayerStack, mountinfo: str = MOUNTINFO) -> None:
-    """Raise OSError (EBUSY) when a kernel overlay mount uses this stack's upperdir or
-    workdir as its own upperdir or workdir."""
+    """Raise OSError (EBUSY) when a kernel overlay mount uses this stack's upperdir,
+    workdir or a lowerdir as its own upperdir or workdir."""
     ours = {(layer.dev, layer.root_ino): (what, layer.path)
-            for what, layer in (("upperdir", stack.upper), ("workdir", stack.work))
+            for what, layer in (("upperdir", stack.upper), ("workdir", stack.work),
+                                *(("lowerdir", lower) for lower in stack.lowers))
             if layer is not None}
     for mnt, path in _kernel_dirs(mountinfo):
         try:

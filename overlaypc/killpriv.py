@@ -17,6 +17,9 @@ of a non-directory, whatever the caller's capabilities, so a chown reads the cal
 ``CapEff`` too (``Writer.may_be_capable``); OPEN with ``O_TRUNC`` by such a writer.
 CREATE sets it for ``O_TRUNC`` too, but a CREATE always makes a new file here (``O_EXCL``
 on the layer), which keeps the mode it was created with, as on any local filesystem.
+A ``chown(f, -1, -1)`` comes without the flag (nor anything else: the kernel sets it for a
+chown only with an ID), though Linux strips then too: ``OverlayOps`` makes it a chown to
+-1, -1 with the flag (``_chown_unchanged``).
 
 Caveat: the FUSE protocol carries the writer's uid, gid and pid but not its supplementary
 groups (nor its capabilities): they are read from ``/proc/PID/status`` of the requester.
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from .ownership import Ownership
 
 CAPABILITY_XATTR = "security.capability"
+CAP_FOWNER = 3
 CAP_FSETID = 4
 PRIVILEGED_BITS = stat.S_ISUID | stat.S_ISGID
 
@@ -63,16 +67,21 @@ def killed_mode(mode: int, file_gid: int, writer_groups: frozenset[int]) -> int:
     return mode
 
 
-def has_fsetid(pid: int, proc: str = "/proc") -> bool:
-    """Whether process ``pid`` holds ``CAP_FSETID`` in its effective set (False if gone)."""
+def has_capability(pid: int, cap: int, proc: str = "/proc") -> bool:
+    """Whether process ``pid`` holds ``cap`` in its effective set (False if gone)."""
     try:
         with open(f"{proc}/{pid}/status", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+                    return bool(int(line.split()[1], 16) >> cap & 1)
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def has_fsetid(pid: int, proc: str = "/proc") -> bool:
+    """Whether process ``pid`` holds ``CAP_FSETID`` in its effective set (False if gone)."""
+    return has_capability(pid, CAP_FSETID, proc)
 
 
 @record
@@ -86,13 +95,29 @@ class Writer:
     may_be_capable: bool = False
     _groups: frozenset[int] | None = field(default=None, repr=False)
 
-    def keeps_sgid_of(self, file_gid: int) -> bool:
-        """The kernel's ``in_group_or_capable``."""
+    def in_group(self, file_gid: int) -> bool:
         if file_gid == self.gid:
             return True
         if self._groups is None:
             self._groups = groups_of(self.pid, self.gid)
-        return file_gid in self._groups or (self.may_be_capable and has_fsetid(self.pid))
+        return file_gid in self._groups
+
+    def keeps_sgid_of(self, file_gid: int) -> bool:
+        """The kernel's ``in_group_or_capable``."""
+        return self.in_group(file_gid) or (self.may_be_capable and has_fsetid(self.pid))
+
+    def may_write(self, mode: int, uid: int, gid: int) -> bool:
+        """Whether the mode bits let this writer write a file of ``mode``, ``uid``, ``gid``
+        (shown; an ACL's named entries are not read: the group class is its mask)."""
+        if self.uid == uid:
+            return bool(mode & stat.S_IWUSR)
+        return bool(mode & (stat.S_IWGRP if self.in_group(gid) else stat.S_IWOTH))
+
+
+def stripped_mode(mode: int, file_gid: int, writer: Writer) -> int:
+    """``mode`` (a regular file's, group ``file_gid`` as shown) after ``writer``'s kill."""
+    groups = frozenset((file_gid,)) if writer.keeps_sgid_of(file_gid) else frozenset()
+    return killed_mode(mode, file_gid, groups)
 
 
 @record(frozen=True)
@@ -111,9 +136,7 @@ def kill_fd(ownership: "Ownership", layer: "Layer", fd: int, writer: Writer) -> 
     stored = ownership.stored_fd(layer, st, fd)
     mode, changed = stored.mode, False
     if mode & PRIVILEGED_BITS:
-        gid = ownership.shown_gid(stored)
-        groups = frozenset((gid,)) if writer.keeps_sgid_of(gid) else frozenset()
-        new = killed_mode(mode, gid, groups)
+        new = stripped_mode(mode, ownership.shown_gid(stored), writer)
         if new != mode:
             ownership.chmod_fd(layer, fd, new)
             mode, changed = new, True

@@ -719,17 +719,21 @@ class Lookup:
                     break
             elif not (stat.S_ISREG(st.st_mode) and self._metacopy(entry, pentry, name)):
                 break
-            elif not self.follow_metacopy:
-                # its data is below, and nothing here may follow it (the kernel: EPERM,
-                # "refusing to follow metacopy origin"); reading the sparse copy would
-                # serve zeros, and a write would make them permanent
-                raise OSError(errno.EPERM, "metacopy file in a mount without metacopy=on", rel)
             else:
-                metacopy = True  # attributes here, data further down
+                # attributes here, data further down (without metacopy=on: refused once its
+                # redirect is read, below)
+                metacopy = True
             # (not following redirects, the kernel reads them where a layer below holds the
             # parent, its d->last: and refuses the lookup then, "refusing to follow redirect")
             target = self._redirect(entry, xattrs) \
                 if i < (bottom if self.follow_redirects else last) else None
+            if metacopy and not self.follow_metacopy:
+                # its data is below, and nothing here may follow it (the kernel: EPERM,
+                # "refusing to follow metacopy origin", before it searches the next layer or
+                # after the last, so this layer's malformed redirect fails first: EINVAL);
+                # reading the sparse copy would serve zeros, and a write would make them
+                # permanent
+                raise OSError(errno.EPERM, "metacopy file in a mount without metacopy=on", rel)
             if target is not None and not self.follow_redirects:
                 raise OSError(errno.EPERM, "redirect not followed (redirect_dir=nofollow)", rel)
             if target is not None:

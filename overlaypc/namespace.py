@@ -11,7 +11,8 @@ Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
     one whose owner or special bits differ from what the daemon's own creation gives
     (another user's), so that a kill -9 never leaves it the daemon's;
   * rename of a directory that exists in a lower layer gives EXDEV (the kernel's
-    default without ``redirect_dir``; ``mv`` then copies); ``RENAME_EXCHANGE`` is
+    default without ``redirect_dir``; ``mv`` then copies), and so does a move or link
+    whose redirect cannot be written (``ovl_set_redirect``); ``RENAME_EXCHANGE`` is
     refused with EINVAL (never run as a plain rename), ``RENAME_NOREPLACE`` is honoured.
 New objects belong to the caller (FUSE request context), with setgid-directory
 inheritance, and get the mode and POSIX ACLs Linux gives them (``acl.inherit``): the
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from . import acl, faults, impure, logs, sysapi, whiteout
 from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
-from .layer import do_link, do_rename, join, split
+from .layer import Layer, do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name, redirect_target
 from .readdir import merged_listing
 from .records import record
@@ -657,13 +658,13 @@ class Namespace:
         its data, as the kernel's ``ovl_set_link_redirect``, so that the new name, elsewhere,
         finds it too (one it has already stays). Not undone if the link then fails (nor is
         the kernel's): it names the same data from the old name. EXDEV past the kernel's
-        ``redirect_max`` (``_redirect_value``)."""
+        ``redirect_max`` (``_redirect_value``), or where it cannot be written (``_set_mark``)."""
         upper = self.fs.stack.upper
         assert upper is not None and src.data is not None
         name = self.fs.prefix + "redirect"
         value = self._redirect_value(src, src.rel, src.data, absolute=True)
         if upper.getxattr(src.rel, name) != value:
-            upper.do_setxattr(src.rel, name, value)
+            _set_mark(upper, src.rel, name, value, redirect=True)
 
     # -- removal ------------------------------------------------------------------------------
     @staticmethod
@@ -934,7 +935,8 @@ class Namespace:
         """Before a move, set the xattr the object needs at its new name: a redirect (a
         directory with lower parts, whose contents stay where they are; a metacopy file,
         whose data must stay findable) or the opaque mark (a directory landing over a
-        lower one). Return (xattr, previous value) for ``_unmark``, or None."""
+        lower one). Return (xattr, previous value) for ``_unmark``, or None (nothing
+        written). EXDEV where the mark cannot be written (``_set_mark``)."""
         upper = self.fs.stack.upper
         assert upper is not None
         redirect, opaque = self.fs.prefix + "redirect", self.fs.prefix + "opaque"
@@ -951,7 +953,9 @@ class Namespace:
         else:
             return None
         previous = upper.getxattr(onode.rel, name)
-        upper.do_setxattr(onode.rel, name, value)
+        if previous == value:
+            return None  # (a redirect it has already stays: the kernel writes nothing)
+        _set_mark(upper, onode.rel, name, value, redirect=name == redirect)
         return name, previous
 
     def _unmark(self, rel: str, mark: tuple[str, bytes | None] | None) -> None:
@@ -1087,3 +1091,18 @@ class Namespace:
                 log.error("cannot move %s/%s back to %s after a failed rename: %s",
                           upper.path, new, old, e)
             raise
+
+
+def _set_mark(upper: Layer, rel: str, name: str, value: bytes, *, redirect: bool) -> None:
+    """Set the redirect or opaque mark ``name`` of the upper object ``rel`` before a move or
+    link, failing as the kernel's: a redirect that cannot be written, for any reason, is
+    EXDEV (``ovl_set_redirect``: "failed to set redirect", so that ``mv`` copies instead);
+    an opaque mark only where the upper takes no xattrs (``ovl_set_opaque_xerr``)."""
+    try:
+        upper.do_setxattr(rel, name, value)
+    except OSError as e:
+        if not redirect and e.errno != errno.EOPNOTSUPP:
+            raise
+        log.warning("failed to set %s of %s/%s: %s", name, upper.path, rel, e.strerror)
+        raise OSError(errno.EXDEV, f"cannot set {name} ({e.strerror}): a move that needs it "
+                      "fails, as the kernel's", rel) from e

@@ -32,7 +32,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from . import faults, logs, scopes
+from . import acl, faults, logs, scopes
 from .attrs import UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -40,7 +40,8 @@ from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
-from .killpriv import CAPABILITY_XATTR, Writer, has_fsetid
+from .killpriv import (CAP_FOWNER, CAPABILITY_XATTR, Writer, has_capability, has_fsetid,
+                       stripped_mode)
 from .listings import KEY_BITS, OpenDirs, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
@@ -91,6 +92,8 @@ _MOVED: Entry = Entry(0, None, 0.0, 0.0)
 _FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.FATTR_MTIME
                   | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW)
+#: what a SETATTR can ask for; one asking for none of it is a ``chown(f, -1, -1)``
+_REQUESTS = _PATH_SETATTRS | p.FATTR_SIZE | p.FATTR_KILL_SUIDGID | p.FATTR_CTIME
 
 
 def _chown_ids(sa: SetAttr) -> tuple[int, int] | None:
@@ -528,9 +531,41 @@ class OverlayOps(Operations):
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes.
         By path in a namespace lock hold where the path is current (``_at_node``)."""
         try:
+            if not sa.valid & _REQUESTS:
+                sa = self._chown_unchanged(req, nodeid, sa)
             return self._setattr(req, nodeid, sa)
         except NoNameLeft as e:  # (before any step: the name went since it was looked at)
             return self._setattr_gone(nodeid, self._gone(nodeid, e), sa)
+
+    def _chown_unchanged(self, req: Request, nodeid: int, sa: SetAttr) -> SetAttr:
+        """A SETATTR asking for nothing: what ``fuse_setattr`` leaves of a ``chown(f, -1,
+        -1)`` (its ctime, and a non-directory's kill flags, dropped) and of a writer's
+        privilege removal (``file_remove_privs``, before a FALLOCATE: the kill flags, which
+        it may set whoever owns the file). Done as a chown to -1, -1 (copy-up and ctime, as
+        the kernel overlay's) with a regular file's kill (``killpriv``) where the caller owns
+        the file, has CAP_FOWNER or may write it (mode bits; any access ACL counts as
+        may); else EPERM, before anything, where the kill would change the mode
+        (``setattr_prepare``'s check of a chown's kill)."""
+        valid = sa.valid | p.FATTR_UID | p.FATTR_GID
+        attr = self._attr(nodeid, sa.fh)
+        mode, uid, gid = attr.st_mode, attr.st_uid, attr.st_gid
+        if stat.S_ISREG(mode):
+            writer = Writer(req.uid, req.gid, req.pid, may_be_capable=True)
+            if req.uid == uid or writer.may_write(mode, uid, gid) \
+                    or has_capability(req.pid, CAP_FOWNER):
+                valid |= p.FATTR_KILL_SUIDGID
+            elif stripped_mode(mode, gid, writer) != mode:
+                if not self._has_access_acl(nodeid):
+                    raise PermissionError(errno.EPERM, "operation not permitted")
+                valid |= p.FATTR_KILL_SUIDGID  # (an ACL entry may let it write: not read)
+        return SetAttr(valid, sa.fh, sa.size, sa.atime_ns, sa.mtime_ns, sa.mode, -1, -1)
+
+    def _has_access_acl(self, nodeid: int) -> bool:
+        try:
+            self._read_at(nodeid, lambda rel: self.fs.getxattr(rel, acl.ACCESS))
+        except OSError:
+            return False
+        return True
 
     def _setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         valid = sa.valid
@@ -761,8 +796,9 @@ class OverlayOps(Operations):
         asks), an index entry too (index=on: a lower hard link whose unlinked name was
         copied up into the index, its other lower names left; the kernel overlay links
         its index inode, ``Namespace.link_open`` moves the shared count), and a metacopy
-        file whose upper file has a name left, its data copied in first
-        (``Files.copy_data_to_link``; the kernel overlay links it as it is). None for any
+        file whose upper file has a name left, linked as it is where it has an absolute
+        redirect, as the kernel overlay's, else its data copied in first
+        (``Files.copy_data_to_link``). None for any
         other node (ENOENT then: a lower file, whose copy-up needs a name, as the
         kernel's), or one with none open."""
         for fh in self.nodes.handles(nodeid):
@@ -785,7 +821,7 @@ class OverlayOps(Operations):
         (``Namespace.link_open``); the new name's entry is the node's own (its key).
         The kernel refuses to link an ``O_EXCL`` one itself (ENOENT), and so does the
         upper filesystem, as one whose last link is gone."""
-        fd = self.fs.files.dup_fd(inode)  # (keeps the file: a RELEASE meanwhile frees nothing)
+        fd = self.fs.files.link_fd(inode)  # (keeps the file: a RELEASE meanwhile frees nothing)
         try:
             return self._new(new_parent, new_name,
                              lambda rel, then: self.fs.link_open(fd, rel, then), linked=nodeid)

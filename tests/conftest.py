@@ -177,15 +177,17 @@ def kernel_mount(mountpoint):
 # --------------------------------------------------------------------------------------
 @pytest.fixture
 def tmpfs_factory(tmp_path: Path):
-    """Factory: ``tmpfs_factory()`` -> Path of a fresh tmpfs mount (unmounted at teardown)."""
+    """Factory: ``tmpfs_factory(size, options)`` -> Path of a fresh tmpfs mount (unmounted
+    at teardown); ``options``: more mount options (``nr_inodes=N``)."""
     helpers.require("root")
     made: list[Path] = []
     counter = itertools.count()
 
-    def make(size: str = "64m") -> Path:
+    def make(size: str = "64m", options: str = "") -> Path:
         p = tmp_path / f"tmpfs{next(counter)}"
         p.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(p)],
+        opts = f"size={size},mode=0755" + (f",{options}" if options else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(p)],
                        check=True, capture_output=True)
         made.append(p)
         return p

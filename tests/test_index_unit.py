@@ -227,6 +227,24 @@ def test_nlink_reads_the_kernels_else_ours(s, own, kernel, lower_nlink, expected
     assert s.index.nlink(s.entry(s.work, made.rel), lower) == expected
 
 
+@pytest.mark.parametrize("own, legacy, kernel, expected", [
+    (None, b"7", None, 7),        # only the pre-d71628d count (user.overlaypc.nlink): it stands in
+    (b"5", b"7", None, 5),        # today's own count first
+    (None, b"7", b"U+1", 3),      # the kernel's wins
+    (None, b"bad", None, 1),      # unreadable: fallback (index links - 1)
+])
+def test_nlink_reads_the_count_of_an_older_overlaypc(s, own, legacy, kernel, expected):
+    """overlaypc before d71628d kept its count as ``<ns>.overlaypc.nlink`` (``user.`` here:
+    ``userxattr``), which nothing read after; it stands in where no other count is."""
+    made = s.copy_up("a")
+    assert s.index.legacy_nlink_xattr == "user.overlaypc.nlink"
+    for name, value in ((OWN, own), (s.index.legacy_nlink_xattr, legacy), (KERNEL, kernel)):
+        if value is not None:
+            os.setxattr(s.index_path(made), name, value)
+    lower = os.stat(s.root / "lower/a")
+    assert s.index.nlink(s.entry(s.work, made.rel), lower) == expected
+
+
 def test_copy_up_link_and_unlink_move_the_count(s):
     """The sequence overlaypc's copy-up, link and unlink use; after each step both xattrs
     say the overlay count, the kernel's relative to the index inode's own links."""
@@ -376,19 +394,20 @@ def test_kept_counts_and_origins_are_bounded(s):
 
 def test_inuse_reads_kernel_overlay_dirs_from_mountinfo(tmp_path):
     """``inuse.refuse_held``: an overlay line's upperdir or workdir (octal escapes undone:
-    a comma, a space, a backslash) that is this stack's upperdir or workdir refuses it
-    (EBUSY); another fstype's, or a directory elsewhere, does not."""
+    a comma, a space, a backslash) that is this stack's upperdir, workdir or a lowerdir
+    refuses it (EBUSY); another fstype's, or a directory elsewhere, does not."""
     from types import SimpleNamespace
 
     from overlaypc import inuse
     upper, work, elsewhere = tmp_path / "up, per\\x", tmp_path / "work", tmp_path / "other"
-    for d in (upper, work, elsewhere):
+    lower = tmp_path / "low er"
+    for d in (upper, work, elsewhere, lower):
         d.mkdir()
 
     def layer(p):
         st = os.stat(p)
         return SimpleNamespace(dev=st.st_dev, root_ino=st.st_ino, path=str(p))
-    stack = SimpleNamespace(upper=layer(upper), work=layer(work))
+    stack = SimpleNamespace(upper=layer(upper), work=layer(work), lowers=[layer(lower)])
 
     def esc(p):
         return str(p).replace("\\", "\\134").replace(",", "\\054").replace(" ", "\\040")
@@ -406,5 +425,7 @@ def test_inuse_reads_kernel_overlay_dirs_from_mountinfo(tmp_path):
 
     assert refused("overlay", upper, elsewhere)
     assert refused("overlay", elsewhere, work)
+    assert refused("overlay", lower, elsewhere)
+    assert refused("overlay", elsewhere, lower)
     assert not refused("overlay", elsewhere, elsewhere)
     assert not refused("fuse.overlaypc", upper, work)
