@@ -143,6 +143,7 @@ class OverlayFS:
             from . import index  # (only with index=on: not imported at a default mount)
             self.index = index.IndexDir(self.stack.work, self.prefix)
             self.lookup.index = self.index
+            self.inos.index_dir = self.index
             assert self.copyup is not None
             self.copyup.index = self.index
         self.sharing: ExtentMap | None = ExtentMap(max_fds=self.fd_budget.sharing) if config.sharing else None

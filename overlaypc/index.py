@@ -121,6 +121,12 @@ class IndexDir:
             return None
         return Entry(self.work, self.rel(origin.hex()), st)
 
+    def holds(self, upper: os.stat_result, origin: bytes) -> bool:
+        """Whether the upper object of stat ``upper``, whose ``origin`` xattr is ``origin``,
+        is the index entry of that origin (a hard link of it): an indexed inode."""
+        st = self.work.lstat(self.rel(origin.hex()))
+        return st is not None and same_file(st, upper)
+
     def _origin(self, upper: Entry, fd: int | None) -> bytes | None:
         """The ``origin`` xattr of the upper file ``upper``, kept per inode while its
         ``st_ctime`` stays (a copy-up sets it before the file gets its name; any xattr

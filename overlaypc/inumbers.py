@@ -9,12 +9,21 @@ Owns: ``ino_of(node)``, the ``st_ino`` shown. Rules, the kernel's (``ovl_getattr
     proven to lie beneath a layer root). A handle that does not decode (a stale origin,
     an upper copied with ``cp -a`` onto other lowers) is ignored;
   * a non-directory whose origin has ``st_nlink > 1`` shows the origin's number only
-    with ``index=on`` (any non-directory, as the kernel indexes): without an index, copy-up broke the hard link (overlaypc then
-    records no origin, as the kernel), and the copy shows its own upper number;
+    where it is indexed (``index=on``, the upper object a hard link of its index entry,
+    the kernel's ``OVL_INDEX``): without an index, copy-up broke the hard link (overlaypc
+    then records no origin, as the kernel), and the copy shows its own upper number; so
+    does a copy made with ``index=off`` from a file that gained lower links later, whose
+    origin's index entry, if any, is another file (fstests overlay/042);
   * a directory present in upper and a lower without an origin takes the topmost
     lower's number; not the root, which shows its top layer's root's own number (with an
     upper, the upper root's: the kernel gives the root no copy-up identity, even where
     ``index=on`` recorded the lower root as the upper root's origin);
+  * two upper objects naming one origin (an upper copied with ``cp -a`` while unmounted:
+    two files, or two directories redirected to one lower directory) never show one
+    number: the first the mount answers for shows the origin's, any other its own upper
+    number (the kernel fails the lookup of the other, ``ESTALE``: fstests overlay/049,
+    059), so ``diff`` and ``cmp`` never take them for one file. Which one is first may
+    differ between mounts;
   * anything else takes its own layer's real inode number;
   * each real number is mapped through the stack's ``xino`` scheme, so layers on
     different filesystems never collide.
@@ -44,6 +53,10 @@ from . import sysapi, whiteout
 from .layer import UNKNOWN, Layer
 from .lookup import Entry, Node
 from .stack import LayerStack
+from .typing_lite import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .index import IndexDir
 
 
 def _xattr(entry: Entry, name: str) -> bytes | None:
@@ -69,13 +82,41 @@ class InodeNumbers:
         for layer in stack.lowers:  # a null UUID (as the kernel writes on some filesystems) too
             self._by_uuid.setdefault(layer.uuid, []).append(layer)
         self._cache: OrderedDict[tuple[int, int, int], int | None] = OrderedDict()
-        #: (which xattr, file type, its bytes) -> number shown, for decoded origins only
-        self._decoded: OrderedDict[tuple[str, int, bytes], int] = OrderedDict()
+        #: (which xattr, file type, its bytes) -> (number shown, whether only an indexed
+        #: object shows it: a non-directory origin with more than one link), decoded only
+        self._decoded: OrderedDict[tuple[str, int, bytes], tuple[int, bool]] = OrderedDict()
+        #: number shown because of a copy-up origin -> (st_dev, st_ino) of the upper object
+        #: that showed it first (``_unique``)
+        self._claims: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        #: index=on: the index directory (``IndexDir.holds`` tells an indexed object)
+        self.index_dir: IndexDir | None = None
         self._limit = limit
         self._lock = threading.Lock()
 
     def recorded(self, entry: Entry) -> int | None:
-        """The number an upper object shows because of its copy-up origin, if any. A
+        """The number an upper object shows because of its copy-up origin, if any; its own
+        upper number when another object showed that origin's first (``_unique``)."""
+        return self._unique(entry, self._recorded(entry))
+
+    def _unique(self, entry: Entry, value: int | None) -> int | None:
+        """``value``, the origin's number for the upper ``entry``, if no other upper object
+        showed it yet, else ``entry``'s own number. An object keeps its (device, inode)
+        pair across renames, and a copy of data into it (metacopy) is made in place, so
+        the first object's claim stays its own; one whose object went is never taken
+        over, since no other object may name that origin (the lower layers do not
+        change under a mount, and its name is whited out)."""
+        if value is None:
+            return None
+        me = (entry.st.st_dev, entry.st.st_ino)
+        with self._lock:
+            first = self._claims.setdefault(value, me)
+            self._claims.move_to_end(value)
+            if len(self._claims) > self._limit:
+                self._claims.popitem(last=False)
+        return value if first == me else self.of_entry(entry)
+
+    def _recorded(self, entry: Entry) -> int | None:
+        """The number an upper object's copy-up origin gives, if any. A
         directory's answer is kept on the fd the lookup holds of it (``DirFd.origin_ino``),
         unless it came from a decode that failed (it may have failed for want of fds): a
         name made or removed in it changes its ctime, not its origin."""
@@ -129,7 +170,8 @@ class InodeNumbers:
         (a decode tries each of them), and only for what ``_from_origin`` keeps. Returns
         that number (what ``recorded`` answers for the copy), None when not kept."""
         kind = stat.S_IFMT(source.st_mode)
-        if not (kind == stat.S_IFDIR or source.st_nlink == 1 or self.index):
+        shared = kind != stat.S_IFDIR and source.st_nlink > 1
+        if shared and not self.index:
             return None
         if any(other.dev != layer.dev for other in self._by_uuid.get(layer.uuid, ())) \
                 or sysapi.parse_ovl_origin(raw) is None:
@@ -137,7 +179,7 @@ class InodeNumbers:
         vkey = (self.origin_xattr, kind, raw)
         value = self.xino.ino(source.st_dev, source.st_ino)
         with self._lock:
-            self._decoded[vkey] = value
+            self._decoded[vkey] = (value, shared)  # (a shared one: the copy is indexed)
             if len(self._decoded) > self._limit:
                 self._decoded.popitem(last=False)
         return value
@@ -165,23 +207,38 @@ class InodeNumbers:
                 return None, True
         vkey = (name, kind, raw)
         with self._lock:
-            value = self._decoded.get(vkey)
-            if value is not None:
+            kept = self._decoded.get(vkey)
+            if kept is not None:
                 self._decoded.move_to_end(vkey)
-                return value, True
-        origin = self._decode(parsed) if parsed is not None else self._path_origin(raw)
-        if origin is None:
-            return None, False
-        if stat.S_IFMT(origin.st_mode) != kind:
+        if kept is None:
+            origin = self._decode(parsed) if parsed is not None else self._path_origin(raw)
+            if origin is None:
+                return None, False
+            if stat.S_IFMT(origin.st_mode) != kind:
+                return None, True
+            kept = (self.xino.ino(origin.st_dev, origin.st_ino),
+                    kind != stat.S_IFDIR and origin.st_nlink > 1)
+            with self._lock:
+                self._decoded[vkey] = kept
+                if len(self._decoded) > self._limit:
+                    self._decoded.popitem(last=False)
+        value, shared = kept
+        # (fuse-overlayfs's path origins are never indexed)
+        if shared and (parsed is None or not self._indexed(entry, raw)):
             return None, True
-        if not (kind == stat.S_IFDIR or origin.st_nlink == 1 or self.index):
-            return None, True
-        value = self.xino.ino(origin.st_dev, origin.st_ino)
-        with self._lock:
-            self._decoded[vkey] = value
-            if len(self._decoded) > self._limit:
-                self._decoded.popitem(last=False)
         return value, True
+
+    def _indexed(self, entry: Entry, raw: bytes) -> bool:
+        """Whether the upper non-directory ``entry``, whose origin (xattr ``raw``) has
+        other links, is indexed: a hard link of the index entry of that origin. Two upper
+        files may name one origin (one copied with ``index=off`` before the origin gained
+        links, the other indexed); only the indexed one shows the origin's number, as the
+        kernel's ``ovl_getattr`` (``OVL_INDEX``), so two files never show one."""
+        if not self.index:
+            return False
+        if self.index_dir is None:  # (no workdir: nothing was indexed by this mount)
+            return True
+        return self.index_dir.holds(entry.st, raw)
 
     def _decode(self, parsed: tuple[bytes, int, bytes]) -> os.stat_result | None:
         """``fstat`` of the lower object a parsed origin file handle decodes to."""
