@@ -33,12 +33,12 @@ import sys
 from collections.abc import Iterator
 
 from . import faults, logs, scopes
-from .attrs import UTIME_NOW, UTIME_OMIT, Attr
+from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
-from .engine.protocol import FileAttr, SetAttr
+from .engine.protocol import FileAttr, SetAttr, pack_stat_attr_out
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR, Writer, has_fsetid
 from .listings import KEY_BITS, OpenDirs, Snapshot, Snapshots, split_cookie
@@ -152,6 +152,11 @@ class OverlayOps(Operations):
         #: count of open handles alone (``listings.OpenDirs``), as ``opendir``/``releasedir``
         self.opendir_zero = self._open_dirs.open
         self.releasedir_zero = self._open_dirs.release
+        #: GETATTR without a handle: the engine's short path for cached directories (not
+        #: where IDs are shown mapped: ``Ownership`` then has its say in every stat)
+        self.getattr_node = None if fs.ownership.active else self._cached_dir_attr
+        #: ``fuse_attr_out``'s timeout fields for ``timeout``
+        self._attr_valid = p.split_timeout(self.timeout)
 
     def _copied_up(self, old: InodeKey, new: InodeKey, attrs: bool) -> None:
         """A copy-up (``OverlayFS.on_rekey``, under the namespace lock): the node follows
@@ -522,6 +527,41 @@ class OverlayOps(Operations):
         with self.fs.ns_lock:  # (again where no move lands)
             attr = self._attr(nodeid, fh)
             return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
+
+    def _cached_dir_attr(self, nodeid: int) -> bytes | None:
+        """GETATTR (no handle) of a directory the lookup cache holds with its parent, as
+        ``getattr`` answers it, packed (``fuse_attr_out``): one per file of an untar or an
+        ``rm -rf``, the kernel having dropped the parent's attributes at the change. The
+        same path (the node table's, ``NodeTable.dir_path``), the same fresh ``fstatat``
+        checked against the held fds (``Lookup.fresh_dir``), the same ``pathguard`` rule,
+        the same number (``InodeNumbers.dir_ino``), link count (1 for a merged one) and
+        timeout (a directory's key never names a link), without the lookup's new node and
+        entry, ``Attr``, ``FileAttr`` and ``AttrReply``. None wherever ``getattr`` might
+        answer otherwise or do more, so that it answers: a node not a directory or without
+        a path, a directory not cached or changed behind the mount's back, an origin not
+        read yet, IDs shown mapped (``Ownership``), fault points armed, an error, or a move
+        since the path was made (then under the namespace lock). Not set where IDs are
+        shown mapped (``__init__``)."""
+        paths = self._paths
+        moves = paths.moves
+        if moves & 1 or faults.armed:
+            return None
+        rel = self.nodes.dir_path(nodeid)
+        if not rel:  # (the root's attributes come from every layer's root: ``getattr``)
+            return None
+        fs = self.fs
+        try:
+            found = fs.lookup.fresh_dir(rel)
+        except OSError:
+            return None
+        if found is None:
+            return None
+        node, st = found
+        ino = fs.inos.dir_ino(node)
+        if ino is None or paths.moves != moves:
+            return None
+        return pack_stat_attr_out(self._attr_valid, st, ino,
+                                  MERGED_DIR_NLINK if len(node.entries) > 1 else None)
 
     @_changes
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:

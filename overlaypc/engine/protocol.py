@@ -277,6 +277,37 @@ def pack_attr_out(attr: FileAttr, timeout: float) -> bytes:
     return ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr))
 
 
+def split_timeout(seconds: float) -> tuple[int, int]:
+    """A timeout as a reply's (seconds, nanoseconds) fields."""
+    return _timeout(seconds)
+
+
+#: ``fuse_attr_out`` with its three seconds fields signed: the same bytes as ``ATTR_OUT``
+#: given each one's two's complement (``_attr_fields``'s mask), without the masking
+_ATTR_OUT_SIGNED = struct.Struct("<QIIQQQqqqIIIIIIIIII")
+assert _ATTR_OUT_SIGNED.size == ATTR_OUT.size
+
+
+def pack_stat_attr_out(valid: tuple[int, int], st: os.stat_result, ino: int,
+                       nlink: int | None) -> bytes:
+    """``pack_attr_out(FileAttr.from_stat(st, ino), timeout)`` (``valid``: its
+    ``split_timeout``), ``st_nlink`` replaced by ``nlink`` unless None, in one ``pack``
+    with no object between (a directory's GETATTR after every change in it)."""
+    asec, ansec = divmod(st.st_atime_ns, 1_000_000_000)
+    msec, mnsec = divmod(st.st_mtime_ns, 1_000_000_000)
+    csec, cnsec = divmod(st.st_ctime_ns, 1_000_000_000)
+    return _ATTR_OUT_SIGNED.pack(valid[0], valid[1], 0, ino, st.st_size, st.st_blocks, asec, msec,
+                                 csec, ansec, mnsec, cnsec, st.st_mode,
+                                 st.st_nlink if nlink is None else nlink, st.st_uid & 0xFFFFFFFF,
+                                 st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+    msec, mnsec = divmod(st.st_mtime_ns, 1_000_000_000)
+    csec, cnsec = divmod(st.st_ctime_ns, 1_000_000_000)
+    return ATTR_OUT.pack(s, ns, 0, ino, st.st_size, st.st_blocks, asec & 0xFFFFFFFFFFFFFFFF,
+                         msec & 0xFFFFFFFFFFFFFFFF, csec & 0xFFFFFFFFFFFFFFFF, ansec, mnsec, cnsec,
+                         st.st_mode, st.st_nlink if nlink is None else nlink, st.st_uid & 0xFFFFFFFF,
+                         st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+
+
 def pack_open(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
     return OPEN_OUT.pack(fh, open_flags, backing_id)
 
