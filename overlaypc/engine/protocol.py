@@ -300,12 +300,6 @@ def pack_stat_attr_out(valid: tuple[int, int], st: os.stat_result, ino: int,
                                  csec, ansec, mnsec, cnsec, st.st_mode,
                                  st.st_nlink if nlink is None else nlink, st.st_uid & 0xFFFFFFFF,
                                  st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
-    msec, mnsec = divmod(st.st_mtime_ns, 1_000_000_000)
-    csec, cnsec = divmod(st.st_ctime_ns, 1_000_000_000)
-    return ATTR_OUT.pack(s, ns, 0, ino, st.st_size, st.st_blocks, asec & 0xFFFFFFFFFFFFFFFF,
-                         msec & 0xFFFFFFFFFFFFFFFF, csec & 0xFFFFFFFFFFFFFFFF, ansec, mnsec, cnsec,
-                         st.st_mode, st.st_nlink if nlink is None else nlink, st.st_uid & 0xFFFFFFFF,
-                         st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
 
 
 def pack_open(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
