@@ -223,6 +223,7 @@ class Session:
             conn.offered &= ~p.NO_OPENDIR_SUPPORT
         self.ops.init(conn)
         self._bind_zero_opendir()  # (the filesystem may set its hooks at ``init``)
+        self._getattr_node = self.ops.getattr_node
         wanted = conn.wanted & init.flags
         if wanted >> 32 and not init.flags & p.INIT_EXT:
             wanted &= 0xFFFFFFFF
@@ -859,9 +860,10 @@ class Session:
                 if entry is None or not entry.nodeid:
                     parts.append(pack(0, 0, None, 0.0, 0.0, item.name, item.ino, item.offset, item.mode))
                     continue
-                taken.append(entry.nodeid)
-                parts.append(pack(entry.nodeid, entry.generation, entry.attr, entry.entry_timeout,
-                                  entry.attr_timeout, item.name, item.ino, item.offset, item.mode))
+                nodeid, attr, entry_timeout, attr_timeout, generation = entry
+                taken.append(nodeid)
+                parts.append(pack(nodeid, generation, attr, entry_timeout, attr_timeout, item.name,
+                                  item.ino, item.offset, item.mode))
         except BaseException:
             for entry in [*entries]:  # (taken, not yet packed)
                 if entry is not None and entry.nodeid:
