@@ -89,7 +89,10 @@ class InodeNumbers:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
+                value = self._cache[key]
+                if dirfd is not None and value is not None:
+                    dirfd.origin_ino = value  # (a number is a decoded origin's: final)
+                return value
         value, final = self._from_origin(entry)
         if dirfd is not None and final:
             dirfd.origin_ino = value
