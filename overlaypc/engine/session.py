@@ -463,15 +463,16 @@ class Session:
             except OSError as e:
                 self._write_failed(e)
             return
-        # the parent's, after each change in a directory (one per file of an untar, an rm -rf)
-        if op == _GETATTR and not head[7] and self.deny_others is None:
-            self._getattr_short(fd, head, msg)
-            return
-        if op == _FORGET:  # one per file an ``rm -rf`` removes (no reply, no extensions)
+        # one per file an ``rm -rf`` removes, per entry a ``find`` listed (no reply, no extensions)
+        if op == _FORGET:
             try:
                 self.ops.forget(head[3], _unpack_nlookup(msg, _BODY)[0])
             except Exception:
                 log.exception("FORGET failed")
+            return
+        # the parent's, after each change in a directory (one per file of an untar, an rm -rf)
+        if op == _GETATTR and not head[7] and self.deny_others is None:
+            self._getattr_short(fd, head, msg)
             return
         # a directory opened and released with handle 0 (``Operations.opendir_zero``): one
         # of each per directory a warm ``find`` lists from the kernel's cache, so answered
