@@ -5,7 +5,8 @@ context switches per workload (a benchmarking aid for paired before/after checks
     python benchmarks/ab_mount.py --a TREE --b TREE [--rounds 8] [--workloads create,untar,rm_rf,grep_lower]
 
 Each round mounts each tree afresh (run.py's lower tree and tarball) and runs the workloads
-in order: ``create`` (run.py's create+write of ``create_files`` files), ``untar`` (of the
+in the order given: ``find_cold`` (run.py's find+stat of the lower tree after drop_caches;
+per entry), ``create`` (run.py's create+write of ``create_files`` files), ``untar`` (of the
 source tarball), ``rm_rf`` (of what untar made, after a sync), ``grep_lower`` (grep -r
 over the lower tree after drop_caches), ``chmod_r`` (run.py's). Per workload: the median
 over rounds of B's time over A's in the same round, and the daemons' CPU and voluntary
@@ -24,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import System, Workspace, drop_caches, loadavg, log, proc_cpu_ticks  # noqa: E402
 from profile_workloads import wait_cmd  # noqa: E402
-from run import FULL, QUICK, create_files, make_tarball, make_tree  # noqa: E402
+from run import FULL, QUICK, create_files, find_stat, make_tarball, make_tree  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -60,6 +61,9 @@ def one_round(system: System, ws: Workspace, lower: str, data: dict, cfg: dict, 
                     fn, files = (lambda: wait_cmd(["rm", "-rf", src])), data["tar_files"]
                 elif w == "create":
                     fn, files = (lambda: create_files(os.path.join(mnt, "new"), cfg["create_files"])), cfg["create_files"]
+                elif w == "find_cold":  # run.py's find+stat of the lower tree, cold (per entry)
+                    drop_caches()
+                    fn, files = (lambda: find_stat(os.path.join(mnt, "tree"))), cfg["tree_files"] + cfg["tree_dirs"] + 1
                 elif w == "grep_lower":
                     drop_caches()
                     fn, files = (lambda: wait_cmd(["grep", "-r", "-c", "x", os.path.join(mnt, "tree")])), cfg["tree_files"]

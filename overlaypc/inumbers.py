@@ -130,7 +130,10 @@ class InodeNumbers:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
+                value = self._cache[key]
+                if dirfd is not None and value is not None:
+                    dirfd.origin_ino = value  # (a number is a decoded origin's: final)
+                return value
         value, final = self._from_origin(entry)
         if dirfd is not None and final:
             dirfd.origin_ino = value
@@ -273,6 +276,31 @@ class InodeNumbers:
 
     def of_entry(self, entry: Entry) -> int:
         return self.xino.ino(entry.st.st_dev, entry.st.st_ino)
+
+    def dir_ino(self, node: Node) -> int | None:
+        """``ino_of`` a directory other than the root whose top entry holds an fd, when that
+        needs no system call: a lower top, or an upper one whose copy-up origin was read
+        through its fd already (``DirFd.origin_ino``, kept as long as the fd); else None
+        (ask ``ino_of``). Kept on that fd (``DirFd.dir_ino``)."""
+        top = node.entries[0]
+        dirfd = top.dirfd
+        known = dirfd.dir_ino  # type: ignore[union-attr]
+        if known is not UNKNOWN:
+            return known  # type: ignore[return-value]
+        if top.layer.writable:
+            recorded = dirfd.origin_ino  # type: ignore[union-attr]
+            if recorded is UNKNOWN:
+                return None
+            if recorded is not None:
+                dirfd.dir_ino = recorded  # type: ignore[union-attr]
+                return recorded  # type: ignore[return-value]
+            for lower in node.entries:  # no origin: the topmost lower's, else its own
+                if not lower.layer.writable:
+                    top = lower
+                    break
+        ino = self.xino.ino(top.st.st_dev, top.st.st_ino)
+        dirfd.dir_ino = ino  # type: ignore[union-attr]
+        return ino
 
     def ino_of(self, node: Node, lower_dir: Entry | None = None) -> int:
         """``st_ino`` of ``node``; ``lower_dir`` stands in for ``node.lowers[0]`` when known.

@@ -162,15 +162,18 @@ class DirFd:
     name (copy-up), so the answer holds as long as the fd. ``impure_settled``: an upper
     directory's ``impure`` mark was found or written through this fd, or the upper takes
     none (``impure.mark``); the mark is never removed under a mount, so that holds as long
-    as the fd too."""
+    as the fd too. ``dir_ino``: the number ``inumbers.dir_ino`` gave the merged directory
+    whose top entry holds this fd (UNKNOWN until then): a lookup opens new fds, so the fd
+    stands for that directory's layers, which its number depends on, as long as it lives."""
 
-    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled")
+    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino")
 
     def __init__(self, fd: int, owned: bool = True) -> None:
         self.fd = fd
         self._owned = owned
         self.origin_ino: object = UNKNOWN
         self.impure_settled = False
+        self.dir_ino: object = UNKNOWN
 
     def __del__(self) -> None:
         if self._owned:

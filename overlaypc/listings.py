@@ -108,7 +108,8 @@ def name_key(name: str) -> int:
 def ordered(entries: list[DirEntry]) -> tuple[list[DirEntry], list[int]]:
     """``entries`` in key order, and their keys (a name whose key an earlier one has
     takes the next free one: distinct within a snapshot)."""
-    keyed = sorted((name_key(e.name), e.name, e) for e in entries)
+    span = (1 << KEY_BITS) - _FIRST_KEY - _ROOM  # (``name_key`` inlined: one per entry)
+    keyed = sorted([(_FIRST_KEY + hash(e[0]) % span, e[0], e) for e in entries])
     keys: list[int] = []
     last = 0
     for key, _name, _e in keyed:

@@ -70,6 +70,7 @@ from .records import field, record
 from .stack import LayerStack
 
 NAME_MAX = 255
+_S_IFDIR = stat.S_IFDIR
 #: the most regular files ``Lookup`` keeps for a later open (``recent``)
 RECENT_MAX = 4096
 #: the most absent names ``Lookup`` keeps for a creation that follows (``absent``)
@@ -510,6 +511,53 @@ class Lookup:
             entries.append(Entry(e.layer, e.rel, st, e.dirfd))
         return Node(node.rel, tuple(entries), node.opaque, node.upper_whiteout, node.data,
                     node.upper_marker)
+
+    def fresh_dir(self, rel: str) -> tuple[Node, os.stat_result] | None:
+        """Directory ``rel`` (not the root) as ``lookup`` would find it when the cache holds
+        it and its parent, without making a node: the cached node (its structure; its
+        entries' stat data are the cached ones) and its top entry's fresh stat. The same
+        checks as ``_still_there`` (one ``fstatat`` of its name per layer holding it, each
+        still the directory the cache holds an fd of, at its plain name) and the same LRU
+        moves as ``_lookup``'s; None where ``lookup`` would do more (a miss, a redirect, a
+        change behind the mount's back): the caller looks it up then. A GETATTR of a
+        directory after every change in it (the kernel drops its attributes) comes here."""
+        parent_rel, _, name = rel.rpartition("/")
+        dirs = self._dirs
+        with self._lock:
+            hit = dirs.get(rel)
+            if hit is None:
+                return None
+            if parent_rel:
+                above = dirs.get(parent_rel)
+                if above is None:
+                    return None
+                dirs.move_to_end(parent_rel)
+                parent = above[0]
+            else:  # (set by the lookup that cached ``rel``)
+                parent = self._root_node
+                if parent is None:
+                    return None
+            dirs.move_to_end(rel)
+        node = hit[0]
+        entries = node.entries
+        if len(entries) > 1:
+            fresh = self._still_there(node, parent)
+            return None if fresh is None else (node, fresh.entries[0].st)
+        # one layer (an upper-only directory, the common case): ``_still_there``'s checks,
+        # its layer path the merged one (a redirected one: ``lookup``)
+        top = entries[0]
+        layer = top.layer
+        for p in parent.entries:
+            if p.layer is layer:
+                break
+        else:
+            return None
+        if p.dirfd is None or top.dirfd is None or p.rel != parent_rel or top.rel != rel:
+            return None
+        st = layer.stat_at(p.dirfd, name)
+        if st is None or st.st_ino != top.st.st_ino or st.st_mode & 0o170000 != _S_IFDIR:
+            return None
+        return node, st
 
     def directory(self, rel: str) -> Node:
         """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one. At the fd

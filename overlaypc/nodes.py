@@ -321,6 +321,19 @@ class NodeTable:
                         self._dirs_gen += 1
             return None
 
+    def dir_path(self, nodeid: int) -> str | None:
+        """``path`` of a directory's node, when its one name and the directories above are
+        known (its kept path, else walked and kept: ``_dir_path``); None otherwise, and for
+        a node not a directory (ask ``path``, which also drops names the kernel forgot)."""
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is None or not node.is_dir:
+                return None
+            kept = node.dir_path
+            if kept is not None and kept[0] == self._dirs_gen:
+                return kept[1]
+            return self._dir_path(nodeid)
+
     def _dir_path(self, nodeid: int) -> str | None:
         """The path of the directory ``nodeid`` (lock held) by first names up to the root
         (directories have one name each), or None if it or a directory on the way is gone

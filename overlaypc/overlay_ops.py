@@ -33,12 +33,12 @@ import sys
 from collections.abc import Iterator
 
 from . import acl, faults, logs, scopes
-from .attrs import UTIME_NOW, UTIME_OMIT, Attr
+from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
-from .engine.protocol import FileAttr, SetAttr
+from .engine.protocol import FileAttr, SetAttr, pack_stat_attr_out
 from .inodes import InodeKey, OverlayInode
 from .killpriv import (CAP_FOWNER, CAPABILITY_XATTR, Writer, has_capability, has_fsetid,
                        stripped_mode)
@@ -155,6 +155,11 @@ class OverlayOps(Operations):
         #: count of open handles alone (``listings.OpenDirs``), as ``opendir``/``releasedir``
         self.opendir_zero = self._open_dirs.open
         self.releasedir_zero = self._open_dirs.release
+        #: GETATTR without a handle: the engine's short path for cached directories (not
+        #: where IDs are shown mapped: ``Ownership`` then has its say in every stat)
+        self.getattr_node = None if fs.ownership.active else self._cached_dir_attr
+        #: ``fuse_attr_out``'s timeout fields for ``timeout``
+        self._attr_valid = p.split_timeout(self.timeout)
 
     def _copied_up(self, old: InodeKey, new: InodeKey, attrs: bool) -> None:
         """A copy-up (``OverlayFS.on_rekey``, under the namespace lock): the node follows
@@ -525,6 +530,41 @@ class OverlayOps(Operations):
         with self.fs.ns_lock:  # (again where no move lands)
             attr = self._attr(nodeid, fh)
             return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
+
+    def _cached_dir_attr(self, nodeid: int) -> bytes | None:
+        """GETATTR (no handle) of a directory the lookup cache holds with its parent, as
+        ``getattr`` answers it, packed (``fuse_attr_out``): one per file of an untar or an
+        ``rm -rf``, the kernel having dropped the parent's attributes at the change. The
+        same path (the node table's, ``NodeTable.dir_path``), the same fresh ``fstatat``
+        checked against the held fds (``Lookup.fresh_dir``), the same ``pathguard`` rule,
+        the same number (``InodeNumbers.dir_ino``), link count (1 for a merged one) and
+        timeout (a directory's key never names a link), without the lookup's new node and
+        entry, ``Attr``, ``FileAttr`` and ``AttrReply``. None wherever ``getattr`` might
+        answer otherwise or do more, so that it answers: a node not a directory or without
+        a path, a directory not cached or changed behind the mount's back, an origin not
+        read yet, IDs shown mapped (``Ownership``), fault points armed, an error, or a move
+        since the path was made (then under the namespace lock). Not set where IDs are
+        shown mapped (``__init__``)."""
+        paths = self._paths
+        moves = paths.moves
+        if moves & 1 or faults.armed:
+            return None
+        rel = self.nodes.dir_path(nodeid)
+        if not rel:  # (the root's attributes come from every layer's root: ``getattr``)
+            return None
+        fs = self.fs
+        try:
+            found = fs.lookup.fresh_dir(rel)
+        except OSError:
+            return None
+        if found is None:
+            return None
+        node, st = found
+        ino = fs.inos.dir_ino(node)
+        if ino is None or paths.moves != moves:
+            return None
+        return pack_stat_attr_out(self._attr_valid, st, ino,
+                                  MERGED_DIR_NLINK if len(node.entries) > 1 else None)
 
     @_changes
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
@@ -1101,34 +1141,38 @@ class OverlayOps(Operations):
         if pos >= len(snap.entries) + 2:
             self._snapshots.done(sid)
         return self._items(nodeid, snap.epoch, first, snap.entries, snap.dots, pos, plus,
-                           sid << KEY_BITS, snap.cookie_key)
+                           sid << KEY_BITS, snap.keys)
 
     def _items(self, nodeid: int, listed: tuple[int, int, int] | None, first: bool, entries,
-               dots, offset: int, plus: bool, base: int,
-               key: "Callable[[int], int]") -> Iterator[DirItem]:
-        """Items from position ``offset``; cookies are ``base | key(position)``.
-        ``listed``: the ``_listing_epoch`` before the listing was read, ``first``: read by
-        this request."""
+               dots, offset: int, plus: bool, base: int, keys: list[int]) -> Iterator[DirItem]:
+        """Items from position ``offset`` (0, 1: the dots; 2 on: ``entries``); cookies are
+        ``base`` ORed with the dots' keys 1 and 2, then the entries' ``keys``
+        (``Snapshot.cookie_key``). ``listed``: the ``_listing_epoch`` before the listing was
+        read, ``first``: read by this request."""
         for pos in range(offset, min(2, len(entries) + 2)):
             yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
         encoding, errors = _FS_ENCODING
-        for pos in range(max(offset, 2), len(entries) + 2):
-            name, mode, ino, attr = entries[pos - 2]
-            take = None if attr is None or not plus else _Take(self, nodeid, listed, first, name,
-                                                                attr)
-            yield DirItem(name.encode(encoding, errors), ino, mode, base | key(pos), take)
+        start = max(offset, 2) - 2
+        if not plus:
+            for (name, mode, ino, _attr), key in zip(entries[start:], keys[start:]):
+                yield DirItem(name.encode(encoding, errors), ino, mode, base | key)
+            return
+        listing = _Listing(self, nodeid, listed, first)  # (one for all its items' ``take``)
+        for (name, mode, ino, attr), key in zip(entries[start:], keys[start:]):
+            yield DirItem(name.encode(encoding, errors), ino, mode, base | key,
+                          None if attr is None else _Take(listing, name, attr))
 
     def take_entries(self, req: Request, parent: int, items: list[DirItem]) -> list[Entry | None]:
         """READDIRPLUS: one reply's items taken at once (``_take_listed``), when they are one
-        listing's; else each by its own ``take``."""
+        listing's of directory ``parent``; else each by its own ``take``."""
         takes = [item.take for item in items]
-        epoch = takes[0].epoch if takes else None
-        first = takes[0].first if takes else True
+        listing = takes[0].listing if takes and type(takes[0]) is _Take else None
+        if listing is None or listing.ops is not self or listing.parent != parent:
+            return super().take_entries(req, parent, items)
         for t in takes:
-            if type(t) is not _Take or t.ops is not self or t.parent != parent or \
-                    t.epoch != epoch or t.first is not first:
+            if type(t) is not _Take or t.listing is not listing:
                 return super().take_entries(req, parent, items)  # (not one listing's items)
-        return self._take_chunk(parent, epoch, first, takes)
+        return self._take_chunk(parent, listing.epoch, listing.first, takes)
 
     def _take_chunk(self, parent: int, epoch: tuple[int, int, int] | None, first: bool,
                     takes: list["_Take"]) -> list[Entry | None]:
@@ -1232,17 +1276,26 @@ class OverlayOps(Operations):
         return None if entry is _MOVED else entry
 
 
-class _Take:
-    """A READDIRPLUS item's ``take`` (a small object rather than a closure per entry)."""
-    __slots__ = ("ops", "parent", "epoch", "first", "name", "attr")
+class _Listing:
+    """What the ``take`` of every READDIRPLUS item of one request shares: the directory,
+    the ``_listing_epoch`` before its listing was read, and whether this request read it."""
+    __slots__ = ("ops", "parent", "epoch", "first")
 
     def __init__(self, ops: OverlayOps, parent: int, epoch: tuple[int, int, int] | None,
-                 first: bool, name: str, attr: Attr) -> None:
+                 first: bool) -> None:
         self.ops, self.parent, self.epoch, self.first = ops, parent, epoch, first
-        self.name, self.attr = name, attr
+
+
+class _Take:
+    """A READDIRPLUS item's ``take`` (a small object rather than a closure per entry)."""
+    __slots__ = ("listing", "name", "attr")
+
+    def __init__(self, listing: _Listing, name: str, attr: Attr) -> None:
+        self.listing, self.name, self.attr = listing, name, attr
 
     def __call__(self) -> Entry | None:
-        return self.ops._take_chunk(self.parent, self.epoch, self.first, [self])[0]
+        listing = self.listing
+        return listing.ops._take_chunk(listing.parent, listing.epoch, listing.first, [self])[0]
 
 
 def _time(valid: int, flag: int, now_flag: int, ns: int | None) -> int:

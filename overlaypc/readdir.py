@@ -105,6 +105,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
     out: list[DirEntry] = []
     append = out.append
     xino = inos.xino.ino
+    xbits = inos.xino.bits  # (0: real numbers as they are, ``Xino.ino`` not called)
     for name, (parent, item, dirfd) in tops.items():
         layer = parent.layer
         st = item.st
@@ -114,7 +115,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         below = name in lower_dir_ino
         opaque: bool | None = None  # (read once, where needed)
         if not layer.writable:  # a lower entry: its own number
-            ino = xino(layer.dev, item.ino)
+            ino = xino(layer.dev, item.ino) if xbits else item.ino
         else:
             assert st is not None
             # its xattrs through the listed directory's fd (one ``lgetxattr`` of dirfd/name

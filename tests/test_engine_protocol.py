@@ -322,6 +322,28 @@ def test_entry_and_attr_out_pack_the_attr_as_pack_attr():
     assert p.unpack_attr(entry, 40).uid == 2**32 - 1
 
 
+def test_attr_out_from_a_stat_packs_as_pack_attr_out(tmp_path):
+    """``pack_stat_attr_out`` (a cached directory's GETATTR) gives ``pack_attr_out``'s bytes
+    for the same stat, number and link count: pre-epoch times (its seconds packed signed,
+    not masked), a stat's -1 owner (Python's for ``(uid_t)-1``), a big device, 1e-9 s."""
+    d = tmp_path / "d"
+    d.mkdir()
+    os.utime(d, ns=(-1, -1_500_000_000))
+    st = os.lstat(d)
+    fields = list(st)
+    fields[4] = -1  # st_uid as Python shows uid 4294967295
+    fake = os.stat_result(fields, {"st_atime_ns": st.st_atime_ns, "st_mtime_ns": st.st_mtime_ns,
+                                   "st_ctime_ns": st.st_ctime_ns, "st_blocks": 7,
+                                   "st_blksize": 4096, "st_rdev": os.makedev(259, 300)})
+    for s, nlink in ((st, None), (st, 1), (fake, None)):
+        a = p.FileAttr.from_stat(s, 12345)
+        if nlink is not None:
+            a = a._replace(nlink=nlink)
+        for timeout in (1e-9, 86400.0, 0.0):
+            assert p.pack_stat_attr_out(p.split_timeout(timeout), s, 12345, nlink) == \
+                p.pack_attr_out(a, timeout)
+
+
 def test_attr_out_open_statfs():
     a = _attr()
     raw = p.pack_attr_out(a, 2.75)

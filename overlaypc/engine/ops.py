@@ -184,6 +184,13 @@ class Operations:
 
     lookup: Callable[[Request, int, bytes], Entry] = _nosys
     getattr: Callable[[Request, int, int | None], AttrReply] = _nosys
+    #: if set, a GETATTR without a handle (where every caller may ask: no ``deny_others``)
+    #: calls this first, with the node alone (no ``Request`` is made): the packed
+    #: ``fuse_attr_out``, or None to answer through ``getattr``. For a filesystem that
+    #: answers its common case without result objects: the kernel sends a directory's
+    #: GETATTR after each change in it (its attributes are dropped), one per file of an
+    #: untar or an ``rm -rf``
+    getattr_node: Callable[[int], bytes | None] | None = None
     setattr: Callable[[Request, int, SetAttr], AttrReply] = _nosys
     readlink: Callable[[Request, int], bytes] = _nosys
     symlink: Callable[[Request, int, bytes, bytes], Entry] = _nosys     # parent, name, target

@@ -277,6 +277,31 @@ def pack_attr_out(attr: FileAttr, timeout: float) -> bytes:
     return ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr))
 
 
+def split_timeout(seconds: float) -> tuple[int, int]:
+    """A timeout as a reply's (seconds, nanoseconds) fields."""
+    return _timeout(seconds)
+
+
+#: ``fuse_attr_out`` with its three seconds fields signed: the same bytes as ``ATTR_OUT``
+#: given each one's two's complement (``_attr_fields``'s mask), without the masking
+_ATTR_OUT_SIGNED = struct.Struct("<QIIQQQqqqIIIIIIIIII")
+assert _ATTR_OUT_SIGNED.size == ATTR_OUT.size
+
+
+def pack_stat_attr_out(valid: tuple[int, int], st: os.stat_result, ino: int,
+                       nlink: int | None) -> bytes:
+    """``pack_attr_out(FileAttr.from_stat(st, ino), timeout)`` (``valid``: its
+    ``split_timeout``), ``st_nlink`` replaced by ``nlink`` unless None, in one ``pack``
+    with no object between (a directory's GETATTR after every change in it)."""
+    asec, ansec = divmod(st.st_atime_ns, 1_000_000_000)
+    msec, mnsec = divmod(st.st_mtime_ns, 1_000_000_000)
+    csec, cnsec = divmod(st.st_ctime_ns, 1_000_000_000)
+    return _ATTR_OUT_SIGNED.pack(valid[0], valid[1], 0, ino, st.st_size, st.st_blocks, asec, msec,
+                                 csec, ansec, mnsec, cnsec, st.st_mode,
+                                 st.st_nlink if nlink is None else nlink, st.st_uid & 0xFFFFFFFF,
+                                 st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+
+
 def pack_open(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
     return OPEN_OUT.pack(fh, open_flags, backing_id)
 
@@ -305,8 +330,11 @@ def pack_direntplus(entry: bytes, name: bytes, ino: int, off: int, mode: int) ->
 
 
 #: ``fuse_direntplus`` (``fuse_entry_out``, ``fuse_dirent``, the name NUL-padded to 8 bytes)
-#: in one layout per padded name length ("Ns" pads with NULs): one ``pack`` per listed entry
-_DIRENTPLUS_FORMAT = ENTRY_OUT.format + DIRENT.format[1:]
+#: in one layout per padded name length ("Ns" pads with NULs): one ``pack`` per listed entry.
+#: The attribute's three seconds fields are signed ("q"): the same bytes as ``_attr_fields``'s
+#: two's-complement mask gives, without the masking
+_DIRENTPLUS_FORMAT = ENTRY_HEAD.format + "QQQqqqIIIIIIIIII" + DIRENT.format[1:]
+assert struct.calcsize(_DIRENTPLUS_FORMAT) == ENTRY_OUT.size + DIRENT.size
 _DIRENTPLUS: dict[int, struct.Struct] = {}
 _NO_ENTRY = (0,) * (len(ENTRY_OUT.format) - 1)
 _NO_ATTR = (0,) * (len(ATTR.format) - 1)
@@ -324,8 +352,11 @@ def _direntplus_layout(padded: int) -> struct.Struct:
 def pack_direntplus_entry(nodeid: int, generation: int, attr: FileAttr | None, entry_timeout: float,
                           attr_timeout: float, name: bytes, ino: int, off: int, mode: int) -> bytes:
     """One ``fuse_direntplus``: ``pack_direntplus(pack_entry(...), ...)`` in one ``pack``,
-    except that nodeid 0 makes an all-zero entry (none: the kernel looks the name up)."""
-    layout = _direntplus_layout((len(name) + 7) & ~7)
+    except that nodeid 0 makes an all-zero entry (none: the kernel looks the name up).
+    (``_attr_fields`` and ``_direntplus_layout``'s hit inlined: one per listed entry.)"""
+    layout = _DIRENTPLUS.get((len(name) + 7) & ~7)
+    if layout is None:
+        layout = _direntplus_layout((len(name) + 7) & ~7)
     if not nodeid:
         return layout.pack(*_NO_ENTRY, ino, off, len(name), (mode & 0o170000) >> 12, name)
     timeouts = _TIMEOUT_PAIRS.get((entry_timeout, attr_timeout))
@@ -334,9 +365,17 @@ def pack_direntplus_entry(nodeid: int, generation: int, attr: FileAttr | None, e
         timeouts = es, as_, ens, ans
         if len(_TIMEOUT_PAIRS) < 64:
             _TIMEOUT_PAIRS[entry_timeout, attr_timeout] = timeouts
-    fields = _NO_ATTR if attr is None else _attr_fields(attr)
-    return layout.pack(nodeid, generation, *timeouts, *fields, ino, off,
-                       len(name), (mode & 0o170000) >> 12, name)
+    if attr is None:
+        return layout.pack(nodeid, generation, *timeouts, *_NO_ATTR, ino, off,
+                           len(name), (mode & 0o170000) >> 12, name)
+    a_ino, size, blocks, atime, mtime, ctime, a_mode, nlink, uid, gid, rdev, blksize = attr
+    asec, ansec = divmod(atime, 1_000_000_000)
+    msec, mnsec = divmod(mtime, 1_000_000_000)
+    csec, cnsec = divmod(ctime, 1_000_000_000)
+    return layout.pack(nodeid, generation, *timeouts, a_ino, size, blocks, asec, msec, csec, ansec,
+                       mnsec, cnsec, a_mode, nlink, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF,
+                       rdev & 0xFFFFFFFF, blksize, 0, ino, off, len(name), (mode & 0o170000) >> 12,
+                       name)
 
 
 # -- request arguments ---------------------------------------------------------------------

@@ -175,6 +175,7 @@ class Session:
         self.clone_delay = clone_delay
         self._handlers = self._handler_table()
         self._read_fh = ops.read_fh
+        self._getattr_node = ops.getattr_node
         self._opendir_zero: Callable[[int], bool] | None = None
         self._releasedir_zero: Callable[[int], None] | None = None
         self._bind_zero_opendir()
@@ -222,6 +223,7 @@ class Session:
             conn.offered &= ~p.NO_OPENDIR_SUPPORT
         self.ops.init(conn)
         self._bind_zero_opendir()  # (the filesystem may set its hooks at ``init``)
+        self._getattr_node = self.ops.getattr_node
         wanted = conn.wanted & init.flags
         if wanted >> 32 and not init.flags & p.INIT_EXT:
             wanted &= 0xFFFFFFFF
@@ -461,11 +463,16 @@ class Session:
             except OSError as e:
                 self._write_failed(e)
             return
-        if op == _FORGET:  # one per file an ``rm -rf`` removes (no reply, no extensions)
+        # one per file an ``rm -rf`` removes, per entry a ``find`` listed (no reply, no extensions)
+        if op == _FORGET:
             try:
                 self.ops.forget(head[3], _unpack_nlookup(msg, _BODY)[0])
             except Exception:
                 log.exception("FORGET failed")
+            return
+        # the parent's, after each change in a directory (one per file of an untar, an rm -rf)
+        if op == _GETATTR and not head[7] and self.deny_others is None:
+            self._getattr_short(fd, head, msg)
             return
         # a directory opened and released with handle 0 (``Operations.opendir_zero``): one
         # of each per directory a warm ``find`` lists from the kernel's cache, so answered
@@ -485,9 +492,6 @@ class Session:
                 self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, head[2])])
             except OSError as e:
                 self._write_failed(e)
-            return
-        if op == _GETATTR and not head[7] and self.deny_others is None:
-            self._getattr_short(fd, head, msg)
             return
         # extensions (total_extlen, in 8-byte units) come only with SECURITY_CTX or
         # CREATE_SUPP_GROUP, neither negotiated: the common header is taken as read
@@ -526,13 +530,18 @@ class Session:
         """GETATTR as the generic path answers it, without its header object, handler
         table and reply object: one per file of an ``rm -rf`` or an untar (the parent's,
         whose attributes each change in it leaves stale in the kernel). Only for a request
-        without extensions, where every caller may ask (no ``deny_others``)."""
+        without extensions, where every caller may ask (no ``deny_others``). Without a
+        handle, ``Operations.getattr_node`` first, if set."""
         unique, nodeid = head[2], head[3]
+        fast = self._getattr_node
         try:
-            flags, _, fh = _unpack_getattr(msg, _BODY)
-            r = self.ops.getattr(_tuple_new(Request, (head[4], head[5], head[6], unique, 0)), nodeid,
-                                 fh if flags & _GETATTR_FH else None)
-            reply = p.pack_attr_out(r.attr, r.timeout)
+            # (getattr_flags is the body's first field: GETATTR_FH is its low bit)
+            reply = None if fast is None or msg[_BODY] & _GETATTR_FH else fast(nodeid)
+            if reply is None:
+                flags, _, fh = _unpack_getattr(msg, _BODY)
+                r = self.ops.getattr(_tuple_new(Request, (head[4], head[5], head[6], unique, 0)),
+                                     nodeid, fh if flags & _GETATTR_FH else None)
+                reply = p.pack_attr_out(r.attr, r.timeout)
         except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
             self._failed(fd, unique, _GETATTR, nodeid, e)
             return
@@ -852,9 +861,10 @@ class Session:
                 if entry is None or not entry.nodeid:
                     parts.append(pack(0, 0, None, 0.0, 0.0, item.name, item.ino, item.offset, item.mode))
                     continue
-                taken.append(entry.nodeid)
-                parts.append(pack(entry.nodeid, entry.generation, entry.attr, entry.entry_timeout,
-                                  entry.attr_timeout, item.name, item.ino, item.offset, item.mode))
+                nodeid, attr, entry_timeout, attr_timeout, generation = entry
+                taken.append(nodeid)
+                parts.append(pack(nodeid, generation, attr, entry_timeout, attr_timeout, item.name,
+                                  item.ino, item.offset, item.mode))
         except BaseException:
             for entry in [*entries]:  # (taken, not yet packed)
                 if entry is not None and entry.nodeid:
