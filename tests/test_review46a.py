@@ -7,7 +7,8 @@ import os
 import pytest
 
 import helpers
-from features_support import KERNEL_METACOPY, mount_side, new_stack
+from features_support import KERNEL_INDEX, KERNEL_METACOPY, mount_side, new_stack
+from test_index_roots import kernel_refusal, overlaypc_refusal
 
 pytestmark = [pytest.mark.mount]
 
@@ -106,3 +107,40 @@ def test_write_of_an_open_nameless_lower_metacopy_file(tmp_path, overlay_mount, 
             f"{side}: a lower layer changed"
         got[side] = (opened, truncated, changed, data, g)
     assert got["ours"] == got["kernel"]
+
+
+#: a layer of a new index=on stack, relative to a live kernel overlay's (index=on) dirs:
+#: (which layer, where), and whether the kernel refuses the mount (EBUSY)
+NEAR_A_LIVE_MOUNT = {"lowerdir-below-its-upperdir": ("lower", "upper/sub", True),
+                     "upperdir-below-its-upperdir": ("upper", "upper/sub/up", True),
+                     "lowerdir-below-its-workdir": ("lower", "work/sub", True),
+                     "lowerdir-above-its-upperdir": ("lower", ".", False),
+                     "lowerdir-its-lowerdir": ("lower", "lower", False)}
+
+
+@pytest.mark.parametrize("case", sorted(NEAR_A_LIVE_MOUNT))
+def test_near_a_live_kernel_mount(case, tmp_path, kernel_mount):
+    """The kernel's ``ovl_check_layer`` walks each layer's ancestors (``dget_parent``, up to
+    its filesystem's root) and reports one that a live overlay holds as its upperdir or
+    workdir as in use (EBUSY under index=on), as it does the layer itself; a layer above
+    one, or a lowerdir shared (podman's layers), mounts. overlaypc compared the layers
+    themselves only."""
+    which, where, refused = NEAR_A_LIVE_MOUNT[case]
+    live = tmp_path / "live"
+    lower = helpers.build_layer(live / "lower", {"f": "lower\n"})
+    (live / "upper").mkdir()
+    (live / "work").mkdir()
+    k = kernel_mount([lower], live / "upper", live / "work", KERNEL_INDEX)
+    (k / "sub").mkdir()
+    (k / "sub/up").mkdir()
+    (live / "work/sub").mkdir()
+    layer = live / where
+    s = new_stack([layer if which == "lower" else lower], tmp_path, "o")
+    if which == "upper":
+        s.upper = layer
+    got = kernel_refusal(tmp_path / "k2", s.lowers, s.upper, s.work)
+    assert (got is not None and "already mounted" in got) == refused, got  # (the oracle)
+    line = overlaypc_refusal(tmp_path, tmp_path / "mnt", s.options("index=on"))
+    assert (line is not None) == refused, line
+    if refused:
+        assert "in use" in line and str(layer) in line, line
