@@ -961,7 +961,7 @@ class CopyUp:
         has one (a name the kernel never looked up) stays a metacopy file until the mark
         goes."""
         meta, rel = inode.meta_file, inode.meta_rel
-        if meta is None or rel is None:
+        if meta is None or rel is None or not meta.layer.writable:  # (never a lower file)
             raise OSError(errno.EROFS, "a metacopy file whose upper file was not kept")
         with self._stripe(rel):
             if inode.in_upper:

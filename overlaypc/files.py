@@ -720,7 +720,7 @@ class Files:
         first on a read-only mount (every caller changes the file)."""
         self.fs.require_writable()
         if not inode.in_upper:
-            if inode.meta_file is None:
+            if not inode.upper_meta:  # (a lower file, or a lower layer's metacopy file)
                 raise _not_copied_up(inode)
             if flags == os.O_RDONLY:
                 return self._with_meta_file(
@@ -853,7 +853,7 @@ class Files:
         its upper file as it is (``O_PATH``) where that is a metacopy file's, its data below
         (``copy_data_to_link``: never a handle's, which is on the lower data), else
         ``dup_fd``'s."""
-        if not inode.in_upper and inode.meta_file is not None:
+        if not inode.in_upper and inode.upper_meta:
             return self._with_meta_file(inode, lambda meta: os.dup(meta.fd))
         return self.dup_fd(inode)
 
@@ -871,7 +871,7 @@ class Files:
         fs = self.fs
         if flags & _WRITE_INTENT:
             fs.require_writable()
-            if not inode.in_upper and inode.meta_file is None:
+            if not inode.in_upper and not inode.upper_meta:
                 raise _not_copied_up(inode)
         # creation flags mean nothing here (the file exists; O_TMPFILE would make another),
         # and O_NOFOLLOW would refuse the magic link itself

@@ -141,6 +141,14 @@ class OverlayInode:
     def in_upper(self) -> bool:
         return self.layer.writable
 
+    @property
+    def upper_meta(self) -> bool:
+        """A metacopy file whose held file (``meta_file``) is the upper layer's: one in a
+        lower layer (a former upper's metacopy file, its data further down) is read-only
+        as any lower file, never changed, filled or linked through that fd."""
+        meta = self.meta_file
+        return meta is not None and meta.layer.writable
+
     def rebind(self, entry: Entry, key: InodeKey, ino: int) -> int:
         """Point at a new backing (after copy-up); return the new generation."""
         with self.lock:

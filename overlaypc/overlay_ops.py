@@ -839,8 +839,8 @@ class OverlayOps(Operations):
         file whose upper file has a name left, linked as it is where it has an absolute
         redirect, as the kernel overlay's, else its data copied in first
         (``Files.copy_data_to_link``). None for any
-        other node (ENOENT then: a lower file, whose copy-up needs a name, as the
-        kernel's), or one with none open."""
+        other node (ENOENT then: a lower file, a lower layer's metacopy file too, whose
+        copy-up needs a name, as the kernel's), or one with none open."""
         for fh in self.nodes.handles(nodeid):
             try:
                 inode = self.fs.handles.get(fh).inode
@@ -848,7 +848,7 @@ class OverlayOps(Operations):
                 continue  # released meanwhile
             if inode.tmpfile or self.fs.writable and inode.in_upper:
                 return inode
-            if self.fs.writable and inode.meta_file is not None \
+            if self.fs.writable and inode.upper_meta \
                     and self.fs.files.copy_data_to_link(inode):
                 return inode
             return None
