@@ -20,6 +20,7 @@ Caveat: everything assumes root (the tests gate through the fixtures).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -163,3 +164,16 @@ def sha256_of(path: PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def link_through_fd(fd: int, directory: PathLike, name: str) -> Optional[str]:
+    """Link the open file ``fd`` as ``directory/name`` through ``/proc/self/fd`` (a linkat
+    of an fd, as for a file whose name is gone): None, or the errno's name."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    finally:
+        os.close(dfd)
+    return None

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 import helpers
-from features_support import KERNEL_INDEX, KERNEL_METACOPY, make_lowers, mount_side, new_stack
+from features_support import (KERNEL_INDEX, KERNEL_METACOPY, link_through_fd, make_lowers, mount_side,
+                              new_stack)
 from overlaypc import sysapi
 from test_index_roots import kernel_refusal, overlaypc_refusal
 
@@ -320,12 +321,7 @@ def test_link_of_an_open_nameless_metacopy_file_copies_no_data(tmp_path, overlay
             fd = os.open(mnt / "f", os.O_RDONLY)
             try:
                 os.unlink(mnt / "f")
-                dfd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    linked = _attempt(lambda: os.link(f"/proc/self/fd/{fd}", "h", dst_dir_fd=dfd,
-                                                      follow_symlinks=True))
-                finally:
-                    os.close(dfd)
+                linked = link_through_fd(fd, mnt / "d", "h")
                 data = (mnt / "d/h").read_bytes(), os.pread(fd, 11, 0)
             finally:
                 os.close(fd)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import helpers
-from features_support import KERNEL_INDEX, KERNEL_METACOPY, mount_side, new_stack
+from features_support import KERNEL_INDEX, KERNEL_METACOPY, link_through_fd, mount_side, new_stack
 from test_index_roots import kernel_refusal, overlaypc_refusal
 
 pytestmark = [pytest.mark.mount]
@@ -20,6 +20,17 @@ def _attempt(f):
         return errno.errorcode[e.errno]
 
 
+def _metacopy_top(base):
+    """A top lower layer with ``f`` a metacopy file (a former upper's) over the bottom
+    layer's data, and a directory ``d``."""
+    top = helpers.build_layer(base / "top", {"d": {}})
+    bottom = helpers.build_layer(base / "bottom", {"f": "lower data\n" * 100})
+    (top / "f").write_bytes(b"")
+    os.truncate(top / "f", 1100)
+    os.setxattr(top / "f", "trusted.overlay.metacopy", b"")
+    return top, bottom
+
+
 @pytest.mark.parametrize("redirect", [b"/f", None])
 def test_link_of_an_open_nameless_lower_metacopy_file(redirect, tmp_path, overlay_mount,
                                                       kernel_mount):
@@ -30,11 +41,7 @@ def test_link_of_an_open_nameless_lower_metacopy_file(redirect, tmp_path, overla
     got = {}
     for side in ("kernel", "ours"):
         base = tmp_path / side
-        top = helpers.build_layer(base / "top", {"d": {}})
-        bottom = helpers.build_layer(base / "bottom", {"f": "lower data\n" * 100})
-        (top / "f").write_bytes(b"")
-        os.truncate(top / "f", 1100)
-        os.setxattr(top / "f", "trusted.overlay.metacopy", b"")
+        top, bottom = _metacopy_top(base)
         if redirect is not None:
             os.setxattr(top / "f", "trusted.overlay.redirect", redirect)
         os.link(top / "f", top / "g")
@@ -45,12 +52,7 @@ def test_link_of_an_open_nameless_lower_metacopy_file(redirect, tmp_path, overla
             fd = os.open(mnt / "f", os.O_RDONLY)
             try:
                 os.unlink(mnt / "f")
-                dfd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    linked = _attempt(lambda: os.link(f"/proc/self/fd/{fd}", "h", dst_dir_fd=dfd,
-                                                      follow_symlinks=True))
-                finally:
-                    os.close(dfd)
+                linked = link_through_fd(fd, mnt / "d", "h")
                 if linked is None:
                     _attempt(lambda: os.chmod(mnt / "d/h", 0o600))
                 data = _attempt(lambda: (mnt / "d/h").read_bytes()[:11])
@@ -80,11 +82,7 @@ def test_write_of_an_open_nameless_lower_metacopy_file(tmp_path, overlay_mount, 
     got = {}
     for side in ("kernel", "ours"):
         base = tmp_path / side
-        top = helpers.build_layer(base / "top", {"d": {}})
-        bottom = helpers.build_layer(base / "bottom", {"f": "lower data\n" * 100})
-        (top / "f").write_bytes(b"")
-        os.truncate(top / "f", 1100)
-        os.setxattr(top / "f", "trusted.overlay.metacopy", b"")
+        top, bottom = _metacopy_top(base)
         os.link(top / "f", top / "g")
         top_before = helpers.dir_state(top), sorted(os.listxattr(top / "f"))
         s = new_stack([top, bottom], base, side)
