@@ -38,7 +38,7 @@ def _lowers(layers_factory, base: Path) -> list[Path]:
     return lowers
 
 
-def _key(lower_file: Path) -> str:
+def index_name(lower_file: Path) -> str:
     """The index name of a lower file: hex of its origin file handle."""
     fd = os.open(lower_file, os.O_RDONLY)
     try:
@@ -76,7 +76,7 @@ def _written(lowers, s, kernel_mount) -> dict[str, str]:
         with open(k / n, "r+b") as f:
             f.write(NEW)
     helpers.force_unmount(k)
-    return {_key(lowers[0] / n): n for n in ("a", "x", "y")}
+    return {index_name(lowers[0] / n): n for n in ("a", "x", "y")}
 
 
 def _spoil(case: str, lowers, s, labels) -> None:
@@ -108,7 +108,7 @@ def _spoil(case: str, lowers, s, labels) -> None:
     elif case == "no_origin":
         os.removexattr(d / key["a"], "trusted.overlay.origin")
     elif case == "wrong_type":  # a regular entry (one link) whose origin decodes to a directory
-        sub = _key(lowers[0] / "sub")
+        sub = index_name(lowers[0] / "sub")
         (d / sub).write_bytes(b"the only copy of some data\n")
         os.setxattr(d / sub, "trusted.overlay.origin", bytes.fromhex(sub))
     else:
@@ -167,7 +167,7 @@ def test_last_name_gone_takes_the_index_entry(change, written, metacopy, xfs_dir
     copies it up into the index, metadata only under ``metacopy``); the kernel removes
     the entry with the last one."""
     lowers = _lowers(layers_factory, xfs_dir)
-    labels = {_key(lowers[0] / n): n for n in ("a", "x", "y")}
+    labels = {index_name(lowers[0] / n): n for n in ("a", "x", "y")}
 
     def run(root: Path) -> dict:
         if written:
@@ -195,7 +195,7 @@ def test_last_name_gone_while_open(xfs_dir, layers_factory, overlay_mount):
     handle (its index entry stays while it is open: the handle may reopen it), and the
     next mount removes the orphan entry, as the kernel's would."""
     lowers = _lowers(layers_factory, xfs_dir)
-    labels = {_key(lowers[0] / n): n for n in ("a", "x", "y")}
+    labels = {index_name(lowers[0] / n): n for n in ("a", "x", "y")}
     s = new_stack(lowers, xfs_dir, "o")
     m = overlay_mount(s.options("index=on"))
     with open(m / "b", "r+b") as f:

@@ -27,8 +27,8 @@ import pytest
 import helpers
 from features_support import (KERNEL_INDEX, KERNEL_METACOPY, link_through_fd, make_lowers, mount_side,
                               new_stack)
-from overlaypc import sysapi
 from test_index_roots import kernel_refusal, overlaypc_refusal
+from test_index_stale import index_name
 
 pytestmark = [pytest.mark.mount]
 
@@ -42,14 +42,6 @@ def _lowers(layers_factory, base: Path) -> list[Path]:
     for dst in ("b", "sub/c"):
         os.link(lowers[0] / "a", lowers[0] / dst)
     return lowers
-
-
-def _key(lower_file: Path) -> str:
-    fd = os.open(lower_file, os.O_RDONLY)
-    try:
-        return sysapi.ovl_origin_xattr(fd, sysapi.fs_uuid(fd)).hex()
-    finally:
-        os.close(fd)
 
 
 def _read(root: Path) -> dict:
@@ -71,7 +63,7 @@ def _served_by_the_index(s, overlay_mount) -> Path:
     os.unlink(m / "a")
     assert _read(m.path) == {"a": "ENOENT", "b": NEW, "sub/c": NEW}
     m.unmount()
-    entry = s.work / "index" / _key(s.lowers[0] / "b")
+    entry = s.work / "index" / index_name(s.lowers[0] / "b")
     assert os.stat(entry).st_nlink == 1
     assert os.getxattr(entry, "trusted.overlay.nlink") == b"U+1"  # (2 names: b, sub/c)
     return entry
