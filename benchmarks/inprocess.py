@@ -3,11 +3,13 @@
 ``Harness(cfg)`` starts ``OverlayFS(cfg)`` and a ``Session`` negotiated as with a 6.x kernel,
 whose reply writes are kept in memory (``send`` returns the reply) and whose FUSE passthrough
 backing ids are numbers (no connection: the ioctls are neither made nor counted). Nothing is
-mounted. Import it after putting the tree to measure first on ``sys.path``: it imports
+mounted. ``Bytecodes`` counts the Python bytecodes and calls a request runs (its
+``tracer`` is ``Harness.send``'s). Import it after putting the tree to measure first on ``sys.path``: it imports
 ``overlaypc`` from there.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import sys
@@ -85,3 +87,24 @@ class Harness:
 def error(reply: bytes) -> int:
     """A reply's error (0 or a negative errno)."""
     return p.OUT_HEADER.unpack_from(reply)[1]
+
+
+class Bytecodes:
+    """Python bytecodes and calls per label (``sys.settrace`` with opcode events), and
+    bytecodes per (label, ``file:function``); set ``label`` before each traced request."""
+
+    def __init__(self) -> None:
+        self.ops: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+        self.funcs: collections.Counter = collections.Counter()
+        self.label = ""
+
+    def tracer(self, frame, event, arg):
+        if event == "call":
+            self.calls[self.label] += 1
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            self.ops[self.label] += 1
+            code = frame.f_code
+            self.funcs[self.label, f"{os.path.basename(code.co_filename)}:{code.co_name}"] += 1
+        return self.tracer

@@ -22,7 +22,6 @@ tree measured is the one this script is in unless ``--tree`` names another.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import shutil
 import sys
@@ -40,7 +39,7 @@ ap.add_argument("--functions", metavar="REQUEST", default=None,
 args = ap.parse_args()
 sys.path.insert(0, args.tree)
 
-from inprocess import Harness, error  # noqa: E402 (imports overlaypc from --tree)
+from inprocess import Bytecodes, Harness, error  # noqa: E402 (imports overlaypc from --tree)
 from overlaypc.config import MountConfig  # noqa: E402
 from overlaypc.engine import protocol as p  # noqa: E402
 
@@ -56,24 +55,8 @@ for d in range(args.dirs):  # (run.py's make_tree, without importing run.py's de
         with open(os.path.join(dp, f"f{i:05d}"), "wb") as f:
             f.write(b"x" * (64 + i % 512))
 
-OPS: collections.Counter = collections.Counter()
-CALLS: collections.Counter = collections.Counter()
-FUNCS: collections.Counter = collections.Counter()
-current = [""]
-
-
-def _where(frame) -> str:
-    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}"
-
-
-def tracer(frame, event, arg):
-    if event == "call":
-        CALLS[current[0]] += 1
-        frame.f_trace_opcodes = True
-    elif event == "opcode":
-        OPS[current[0]] += 1
-        FUNCS[current[0], _where(frame)] += 1
-    return tracer
+COUNTS = Bytecodes()
+OPS, CALLS, FUNCS = COUNTS.ops, COUNTS.calls, COUNTS.funcs
 
 
 KINDS = ("LOOKUP dir", "OPENDIR", "READDIRPLUS", "RELEASEDIR", "FORGET")
@@ -95,8 +78,8 @@ def entries(reply: bytes) -> list[tuple[bytes, int, int, bytes]]:
 def find(harness: Harness, count: bool) -> list[list[tuple[bytes, int, int, bytes]]]:
     """One cold ``find`` of the tree's directories through ``harness``; each listing."""
     def send(kind: str, op: int, nodeid: int, body: bytes = b"") -> bytes:
-        current[0] = kind
-        return harness.send(op, nodeid, body, tracer if count else None)
+        COUNTS.label = kind
+        return harness.send(op, nodeid, body, COUNTS.tracer if count else None)
 
     r = harness.send(p.LOOKUP, p.ROOT_ID, b"tree\0")
     top = ENTRY.unpack_from(r, 16)[0]

@@ -18,7 +18,6 @@ one this script is in unless ``--tree`` names another.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import shutil
 import stat
@@ -34,7 +33,7 @@ ap.add_argument("--functions", metavar="REQUEST", default=None,
 args = ap.parse_args()
 sys.path.insert(0, args.tree)
 
-from inprocess import Harness, error  # noqa: E402 (imports overlaypc from --tree)
+from inprocess import Bytecodes, Harness, error  # noqa: E402 (imports overlaypc from --tree)
 from overlaypc.config import MountConfig  # noqa: E402
 from overlaypc.engine import protocol as p  # noqa: E402
 
@@ -45,29 +44,13 @@ for d in ("lower", "upper/d", "work", "mnt"):
 harness = Harness(MountConfig(lowers=[f"{base}/lower"], upper=f"{base}/upper", work=f"{base}/work",
                               mountpoint=f"{base}/mnt"))
 
-OPS: collections.Counter = collections.Counter()
-CALLS: collections.Counter = collections.Counter()
-FUNCS: collections.Counter = collections.Counter()
-current = [""]
-
-
-def _where(frame) -> str:
-    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}"
-
-
-def tracer(frame, event, arg):
-    if event == "call":
-        CALLS[current[0]] += 1
-        frame.f_trace_opcodes = True
-    elif event == "opcode":
-        OPS[current[0]] += 1
-        FUNCS[current[0], _where(frame)] += 1
-    return tracer
+COUNTS = Bytecodes()
+OPS, CALLS, FUNCS = COUNTS.ops, COUNTS.calls, COUNTS.funcs
 
 
 def send(label: str | None, op: int, nodeid: int, body: bytes = b"") -> bytes:
-    current[0] = label
-    return harness.send(op, nodeid, body, None if label is None else tracer)
+    COUNTS.label = label
+    return harness.send(op, nodeid, body, None if label is None else COUNTS.tracer)
 
 
 D = p.ENTRY_OUT.unpack_from(send(None, p.LOOKUP, p.ROOT_ID, b"d\0"), 16)[0]
