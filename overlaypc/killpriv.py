@@ -32,6 +32,7 @@ import errno
 import os
 import stat
 
+from . import acl
 from .records import field, record
 from .typing_lite import TYPE_CHECKING
 
@@ -106,9 +107,11 @@ class Writer:
         """The kernel's ``in_group_or_capable``."""
         return self.in_group(file_gid) or (self.may_be_capable and has_fsetid(self.pid))
 
-    def may_write(self, mode: int, uid: int, gid: int) -> bool:
-        """Whether the mode bits let this writer write a file of ``mode``, ``uid``, ``gid``
-        (shown; an ACL's named entries are not read: the group class is its mask)."""
+    def may_write(self, mode: int, uid: int, gid: int, access_acl: bytes | None) -> bool:
+        """Whether this writer may write a file of ``mode``, ``uid``, ``gid`` (shown) whose
+        access ACL is ``access_acl`` (None: none, the mode bits decide), capabilities aside."""
+        if access_acl is not None:
+            return acl.permits(access_acl, self.uid, uid, gid, self.in_group, 0o2)
         if self.uid == uid:
             return bool(mode & stat.S_IWUSR)
         return bool(mode & (stat.S_IWGRP if self.in_group(gid) else stat.S_IWOTH))

@@ -543,29 +543,29 @@ class OverlayOps(Operations):
         privilege removal (``file_remove_privs``, before a FALLOCATE: the kill flags, which
         it may set whoever owns the file). Done as a chown to -1, -1 (copy-up and ctime, as
         the kernel overlay's) with a regular file's kill (``killpriv``) where the caller owns
-        the file, has CAP_FOWNER or may write it (mode bits; any access ACL counts as
-        may); else EPERM, before anything, where the kill would change the mode
-        (``setattr_prepare``'s check of a chown's kill)."""
+        the file, has CAP_FOWNER or may write it (its access ACL, else the mode bits); else
+        EPERM, before anything, where the kill would change the mode (``setattr_prepare``'s
+        check of a chown's kill)."""
         valid = sa.valid | p.FATTR_UID | p.FATTR_GID
         attr = self._attr(nodeid, sa.fh)
         mode, uid, gid = attr.st_mode, attr.st_uid, attr.st_gid
         if stat.S_ISREG(mode):
             writer = Writer(req.uid, req.gid, req.pid, may_be_capable=True)
-            if req.uid == uid or writer.may_write(mode, uid, gid) \
-                    or has_capability(req.pid, CAP_FOWNER):
+            if req.uid == uid or has_capability(req.pid, CAP_FOWNER) \
+                    or writer.may_write(mode, uid, gid, self._access_acl(nodeid)):
                 valid |= p.FATTR_KILL_SUIDGID
             elif stripped_mode(mode, gid, writer) != mode:
-                if not self._has_access_acl(nodeid):
-                    raise PermissionError(errno.EPERM, "operation not permitted")
-                valid |= p.FATTR_KILL_SUIDGID  # (an ACL entry may let it write: not read)
+                raise PermissionError(errno.EPERM, "operation not permitted")
         return SetAttr(valid, sa.fh, sa.size, sa.atime_ns, sa.mtime_ns, sa.mode, -1, -1)
 
-    def _has_access_acl(self, nodeid: int) -> bool:
+    def _access_acl(self, nodeid: int) -> bytes | None:
+        """The node's access ACL as shown; None without one (or where ACLs are off)."""
         try:
-            self._read_at(nodeid, lambda rel: self.fs.getxattr(rel, acl.ACCESS))
-        except OSError:
-            return False
-        return True
+            return self._xattr(nodeid, acl.ACCESS)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                return None
+            raise
 
     def _setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         valid = sa.valid
@@ -717,6 +717,10 @@ class OverlayOps(Operations):
             value = self._capability_open(nodeid)
             if value is not None:
                 return value
+        return self._xattr(nodeid, name)
+
+    def _xattr(self, nodeid: int, name: str) -> bytes:
+        """xattr ``name`` of the node, by name, else (no name left) as ``_nameless`` finds it."""
         try:
             return self._read_at(nodeid, lambda rel: self.fs.getxattr(rel, name))
         except NoNameLeft as e:

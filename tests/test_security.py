@@ -843,3 +843,63 @@ def test_setuid_file_an_acl_lets_write_as_kernel_overlay(tmp_path, overlay_mount
     for n in ("fallocate.lo", "fallocate.up", "write.lo", "write.up"):
         assert o[n][:2] == ("ok", oct(0o775)), (n, o[n])
     assert k["chown.up"][0] == "EPERM" and o["chown.up"][:2] == ("ok", oct(0o775))
+
+
+def _acl_no_writer_states(tmp_path: Path, which: str, mount) -> dict:
+    """Setuid files of root's (group ``GROUP``) whose access ACL does not let 65534 (a
+    member of ``GROUP``) write, though it names it or the mode's group bits (its mask)
+    have write: 65534's chown(f, -1, -1) of each, in the lower and the upper."""
+    from overlaypc import acl
+    base = tmp_path / which
+    lower, upper, work = base / "lower", base / "upper", base / "work"
+    for d in (lower, upper, work):
+        d.mkdir(parents=True)
+    any_id = 0xFFFFFFFF
+
+    def entries(named: list[acl.AclEntry], group: int, mask: int) -> bytes:
+        return acl.to_xattr(sorted([acl.AclEntry(acl.USER_OBJ, 7, any_id), *named,
+                                    acl.AclEntry(acl.GROUP_OBJ, group, any_id),
+                                    acl.AclEntry(acl.MASK, mask, any_id),
+                                    acl.AclEntry(acl.OTHER, 5, any_id)], key=lambda e: e.tag))
+    files = {
+        "named_ro": entries([acl.AclEntry(acl.USER, 5, NOBODY)], 5, 5),      # r-x for it
+        "named_masked": entries([acl.AclEntry(acl.USER, 7, NOBODY)], 5, 5),  # rwx, mask r-x
+        "group_obj_ro": entries([acl.AclEntry(acl.USER, 5, 1234)], 5, 7),   # mask rwx (g+w)
+        "named_group_ro": entries([acl.AclEntry(acl.GROUP, 5, GROUP)], 5, 7),
+    }
+    for n, value in files.items():
+        for where in ("lo", "up"):
+            p = (lower if where == "lo" else upper) / f"{n}.{where}"
+            p.write_bytes(b"#!/bin/sh\nexit 0\n")
+            os.chown(p, 0, GROUP if n == "group_obj_ro" else 0)
+            os.chmod(p, 0o4755)
+            os.setxattr(p, "system.posix_acl_access", value)
+    mnt = mount(lower, upper, work)
+    out = json.loads(run_as("""
+        import json
+        out = {}
+        for n in sorted(os.listdir(".")):
+            try:
+                os.chown(n, -1, -1)
+                out[n] = "ok"
+            except OSError as e:
+                out[n] = e.errno
+        print(json.dumps(out))
+    """, cwd=mnt, groups=[GROUP]))
+    return {n: (r if r == "ok" else errno.errorcode[r], *_priv_state(mnt, n),
+                os.path.exists(upper / n)) for n, r in out.items()}
+
+
+def test_setuid_file_an_acl_does_not_let_write_as_kernel_overlay(tmp_path, overlay_mount,
+                                                                 kernel_mount):
+    """chown(f, -1, -1) of someone else's setuid file by a caller its access ACL does not
+    let write (a named entry without write, or one the mask takes it from, its group
+    entries without write where the mode's group bits, the mask, have it) fails with
+    EPERM and leaves the bit and the lower file alone, as on the kernel's overlay: an ACL
+    is no licence to strip (``_chown_unchanged`` reads it)."""
+    mounters = _mounters(overlay_mount, kernel_mount)
+    states = {w: _acl_no_writer_states(tmp_path, w, mounters[w]) for w in mounters}
+    k, o = states["kernel"], states["overlaypc"]
+    diff = {n: (k[n], o[n]) for n in k if k[n] != o[n]}
+    assert not diff, "\n".join(f"{n}: kernel {k[n]} overlaypc {o[n]}" for n in sorted(diff))
+    assert o["named_ro.lo"][:2] == ("EPERM", oct(0o4755)) and not o["named_ro.lo"][5]
