@@ -24,7 +24,10 @@ chown only with an ID), though Linux strips then too: ``OverlayOps`` makes it a 
 Caveat: the FUSE protocol carries the writer's uid, gid and pid but not its supplementary
 groups (nor its capabilities): they are read from ``/proc/PID/status`` of the requester.
 If that process is gone (or the pid belongs to another pid namespace), only the primary
-gid counts and no capability, which can only clear more, never less.
+gid counts and no capability, which can only clear more, never less. A capability counts
+only for a process in the daemon's user namespace (``has_capability``): the kernel counts
+one of a process in a namespace below it over a file whose ids that namespace maps
+(``capable_wrt_inode_uidgid``), not read here (more cleared, an EPERM more, never less).
 """
 from __future__ import annotations
 
@@ -69,7 +72,11 @@ def killed_mode(mode: int, file_gid: int, writer_groups: frozenset[int]) -> int:
 
 
 def has_capability(pid: int, cap: int, proc: str = "/proc") -> bool:
-    """Whether process ``pid`` holds ``cap`` in its effective set (False if gone)."""
+    """Whether process ``pid`` holds ``cap`` in its effective set, in the daemon's own user
+    namespace (False if gone): ``CapEff`` says what a process may do in *its* namespace, and
+    root of one an unprivileged user made has them all there, over nothing of ours."""
+    if not same_user_ns(pid, proc):
+        return False
     try:
         with open(f"{proc}/{pid}/status", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -78,6 +85,15 @@ def has_capability(pid: int, cap: int, proc: str = "/proc") -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def same_user_ns(pid: int, proc: str = "/proc") -> bool:
+    """Whether process ``pid`` is in the daemon's user namespace (False if gone)."""
+    try:
+        theirs, ours = os.stat(f"{proc}/{pid}/ns/user"), os.stat(f"{proc}/self/ns/user")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def has_fsetid(pid: int, proc: str = "/proc") -> bool:

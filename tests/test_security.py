@@ -903,3 +903,48 @@ def test_setuid_file_an_acl_does_not_let_write_as_kernel_overlay(tmp_path, overl
     diff = {n: (k[n], o[n]) for n in k if k[n] != o[n]}
     assert not diff, "\n".join(f"{n}: kernel {k[n]} overlaypc {o[n]}" for n in sorted(diff))
     assert o["named_ro.lo"][:2] == ("EPERM", oct(0o4755)) and not o["named_ro.lo"][5]
+
+
+def _userns_root_states(tmp_path: Path, which: str, mount) -> dict:
+    """Root's setuid files, in the lower and the upper: 65534, as root of a user namespace
+    of its own (all capabilities there, none over root's files), does chown(f, -1, -1)."""
+    base = tmp_path / which
+    lower, upper, work = base / "lower", base / "upper", base / "work"
+    for d in (lower, upper, work):
+        d.mkdir(parents=True)
+    for where in (lower, upper):
+        p = where / f"suid.{where.name}"
+        p.write_bytes(b"#!/bin/sh\nexit 0\n")
+        os.chmod(p, 0o4755)
+    mnt = mount(lower, upper, work)
+    out = json.loads(run_as("""
+        import ctypes, json
+        if ctypes.CDLL(None, use_errno=True).unshare(0x10000000):  # CLONE_NEWUSER
+            raise OSError(ctypes.get_errno(), "unshare")
+        caps = [ln for ln in open("/proc/self/status") if ln.startswith("CapEff:")]
+        assert int(caps[0].split()[1], 16) >> 3 & 1  # CAP_FOWNER, in its namespace
+        out = {}
+        for n in sorted(os.listdir(".")):
+            try:
+                os.chown(n, -1, -1)
+                out[n] = "ok"
+            except OSError as e:
+                out[n] = e.errno
+        print(json.dumps(out))
+    """, cwd=mnt))
+    return {n: (r if r == "ok" else errno.errorcode[r], *_priv_state(mnt, n),
+                os.path.exists(upper / n)) for n, r in out.items()}
+
+
+def test_chown_to_minus_one_by_root_of_a_user_namespace_as_kernel_overlay(
+        tmp_path, overlay_mount, kernel_mount):
+    """A caller's capabilities count only in its own user namespace: root of one that an
+    unprivileged user made has CAP_FOWNER there (``CapEff`` says all), none over root's
+    files, so its chown(f, -1, -1) of root's setuid file fails with EPERM and copies
+    nothing up, as on the kernel's overlay (``killpriv.has_capability``)."""
+    mounters = _mounters(overlay_mount, kernel_mount)
+    states = {w: _userns_root_states(tmp_path, w, mounters[w]) for w in mounters}
+    k, o = states["kernel"], states["overlaypc"]
+    diff = {n: (k[n], o[n]) for n in k if k[n] != o[n]}
+    assert not diff, "\n".join(f"{n}: kernel {k[n]} overlaypc {o[n]}" for n in sorted(diff))
+    assert o["suid.lower"][:2] == ("EPERM", oct(0o4755)) and not o["suid.lower"][5]
