@@ -40,8 +40,8 @@ from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr
 from .inodes import InodeKey, OverlayInode
-from .killpriv import (CAP_FOWNER, CAPABILITY_XATTR, Writer, has_capability, has_fsetid,
-                       stripped_mode)
+from .killpriv import (CAP_FOWNER, CAP_SETFCAP, CAPABILITY_XATTR, Writer, has_capability,
+                       has_fsetid, stripped_mode)
 from .listings import KEY_BITS, OpenDirs, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
@@ -542,21 +542,28 @@ class OverlayOps(Operations):
         -1)`` (its ctime, and a non-directory's kill flags, dropped) and of a writer's
         privilege removal (``file_remove_privs``, before a FALLOCATE: the kill flags, which
         it may set whoever owns the file). Done as a chown to -1, -1 (copy-up and ctime, as
-        the kernel overlay's) with a regular file's kill (``killpriv``) where the caller owns
-        the file, has CAP_FOWNER or may write it (its access ACL, else the mode bits); else
-        EPERM, before anything, where the kill would change the mode (``setattr_prepare``'s
-        check of a chown's kill)."""
+        the kernel overlay's) with a regular file's kill where ``_may_strip`` allows it."""
         valid = sa.valid | p.FATTR_UID | p.FATTR_GID
-        attr = self._attr(nodeid, sa.fh)
-        mode, uid, gid = attr.st_mode, attr.st_uid, attr.st_gid
-        if stat.S_ISREG(mode):
-            writer = Writer(req.uid, req.gid, req.pid, may_be_capable=True)
-            if req.uid == uid or has_capability(req.pid, CAP_FOWNER) \
-                    or writer.may_write(mode, uid, gid, self._access_acl(nodeid)):
-                valid |= p.FATTR_KILL_SUIDGID
-            elif stripped_mode(mode, gid, writer) != mode:
-                raise PermissionError(errno.EPERM, "operation not permitted")
+        if self._may_strip(req, nodeid, sa.fh):
+            valid |= p.FATTR_KILL_SUIDGID
         return SetAttr(valid, sa.fh, sa.size, sa.atime_ns, sa.mtime_ns, sa.mode, -1, -1)
+
+    def _may_strip(self, req: Request, nodeid: int, fh: int | None = None) -> bool:
+        """Whether a chown(f, -1, -1) by ``req``'s caller strips the node (``killpriv``): a
+        regular file whose caller owns it, has CAP_FOWNER or may write it (its access ACL,
+        else the mode bits); EPERM, before anything, where it may not and the strip would
+        change the mode (``setattr_prepare``'s check of a chown's kill); else False."""
+        attr = self._attr(nodeid, fh)
+        mode, uid, gid = attr.st_mode, attr.st_uid, attr.st_gid
+        if not stat.S_ISREG(mode):
+            return False
+        writer = Writer(req.uid, req.gid, req.pid, may_be_capable=True)
+        if req.uid == uid or has_capability(req.pid, CAP_FOWNER) \
+                or writer.may_write(mode, uid, gid, self._access_acl(nodeid)):
+            return True
+        if stripped_mode(mode, gid, writer) != mode:
+            raise PermissionError(errno.EPERM, "operation not permitted")
+        return False
 
     def _access_acl(self, nodeid: int) -> bytes | None:
         """The node's access ACL as shown; None without one (or where ACLs are off)."""
@@ -766,6 +773,12 @@ class OverlayOps(Operations):
 
     @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
+        if name == CAPABILITY_XATTR and not has_capability(req.pid, CAP_SETFCAP):
+            # the kernel's own kill (``setattr_prepare``'s ``security_inode_killpriv``: a
+            # removexattr(2) of it needs CAP_SETFCAP), sent ahead of a chown(f, -1, -1)'s
+            # empty SETATTR: refused where that SETATTR will be (``_may_strip``), before
+            # anything, as the kernel overlay's chown refuses it
+            self._may_strip(req, nodeid)
         try:
             self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
         except NoNameLeft as e:

@@ -728,6 +728,8 @@ _CHOWN_NONE_FILES = {
     "other_suid": (0, 0, 0o4755, False),                   # not the owner: EPERM, kept
     "other_sgid_noexec": (0, 0, 0o2644, False),            # ... the same (outside the group)
     "other_plain": (0, 0, 0o644, False),                   # nothing to strip: allowed
+    "other_cap": (0, 0, 0o755, True),                      # ... but the capability: goes
+    "other_sgid_cap": (0, GROUP, 0o2755, True),            # EPERM: the capability kept too
     "root_suid": (NOBODY, NOBODY, 0o6755, False),          # root: both bits go (group-exec)
     "root_sgid_noexec": (NOBODY, NOBODY, 0o2644, False),   # root keeps it (CAP_FSETID)
 }
@@ -783,6 +785,9 @@ def test_chown_to_minus_one_strips_privileges_as_kernel_overlay(tmp_path, overla
     # spelled out
     assert o["own_suid.up"][:2] == ("ok", oct(0o555)) and o["own_cap.lo"][4] == "ENODATA"
     assert o["other_suid.lo"][:2] == ("EPERM", oct(0o4755))
+    # (the kernel's FUSE removes the capability itself, a REMOVEXATTR before the SETATTR)
+    assert o["other_sgid_cap.lo"][0] == "EPERM" and o["other_sgid_cap.lo"][4] != "ENODATA"
+    assert o["other_cap.lo"][:2] == ("ok", oct(0o755)) and o["other_cap.lo"][4] == "ENODATA"
     assert o["root_sgid_noexec.up"][:2] == ("ok", oct(0o2644))
     assert o["own_dir.up"][:2] == ("ok", oct(0o3775)) and o["own_plain.up"][5]
 
