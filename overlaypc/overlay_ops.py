@@ -551,8 +551,9 @@ class OverlayOps(Operations):
     def _may_strip(self, req: Request, nodeid: int, fh: int | None = None) -> bool:
         """Whether a chown(f, -1, -1) by ``req``'s caller strips the node (``killpriv``): a
         regular file whose caller owns it, has CAP_FOWNER or may write it (its access ACL,
-        else the mode bits); EPERM, before anything, where it may not and the strip would
-        change the mode (``setattr_prepare``'s check of a chown's kill); else False."""
+        else the mode bits) or (``_open_for_writing``) may have been let write; EPERM, before
+        anything, where it may not and the strip would change the mode (``setattr_prepare``'s
+        check of a chown's kill); else False."""
         attr = self._attr(nodeid, fh)
         mode, uid, gid = attr.st_mode, attr.st_uid, attr.st_gid
         if not stat.S_ISREG(mode):
@@ -561,8 +562,23 @@ class OverlayOps(Operations):
         if req.uid == uid or has_capability(req.pid, CAP_FOWNER) \
                 or writer.may_write(mode, uid, gid, self._access_acl(nodeid)):
             return True
-        if stripped_mode(mode, gid, writer) != mode:
-            raise PermissionError(errno.EPERM, "operation not permitted")
+        if stripped_mode(mode, gid, writer) == mode:
+            return False
+        if self._open_for_writing(nodeid):  # (a writer's, which must not fail: below)
+            return True
+        raise PermissionError(errno.EPERM, "operation not permitted")
+
+    def _open_for_writing(self, nodeid: int) -> bool:
+        """Whether a handle of the node is open for writing: a writer that opened it while
+        it might keeps writing after a chmod takes that away, and its ``file_remove_privs``
+        (the empty SETATTR, the REMOVEXATTR before it) is then told from a chown(f, -1, -1)
+        by no more than that (the kernel overlay strips, the write goes on)."""
+        for fh in self.nodes.handles(nodeid):
+            try:
+                if self.fs.handles.get(fh).writable:
+                    return True
+            except OSError:  # (released meanwhile)
+                continue
         return False
 
     def _access_acl(self, nodeid: int) -> bytes | None:

@@ -953,3 +953,63 @@ def test_chown_to_minus_one_by_root_of_a_user_namespace_as_kernel_overlay(
     diff = {n: (k[n], o[n]) for n in k if k[n] != o[n]}
     assert not diff, "\n".join(f"{n}: kernel {k[n]} overlaypc {o[n]}" for n in sorted(diff))
     assert o["suid.lower"][:2] == ("EPERM", oct(0o4755)) and not o["suid.lower"][5]
+
+
+@pytest.mark.parametrize("extra", ["", "passthrough=off"])
+def test_setuid_file_writer_that_lost_write_permission_as_kernel_overlay(
+        tmp_path, overlay_mount, kernel_mount, extra):
+    """A writer that opened root's setuid file while the mode let it write, then lost that
+    to a chmod, writes and fallocates on: the kernel's ``file_remove_privs`` before each (an
+    empty SETATTR) strips, never EPERM, as on the kernel's overlay (``_open_for_writing``:
+    such a SETATTR is a chown(f, -1, -1) but for an open writable handle)."""
+    res = {}
+    for which in ("kernel", "overlaypc"):
+        base = tmp_path / which
+        lower, upper, work = base / "lower", base / "upper", base / "work"
+        for d in (lower, upper, work):
+            d.mkdir(parents=True)
+        names = []
+        for n in ("write", "falloc"):
+            for w in (lower, upper):
+                p = w / f"{n}.{w.name}"
+                p.write_bytes(b"#!/bin/sh\nexit 0\n")
+                os.chmod(p, 0o4777)
+                names.append(p.name)
+        if which == "kernel":
+            mnt = kernel_mount([lower], upper, work)
+        else:
+            opts = ",".join(o for o in ("cache=kernel", extra) if o)
+            mnt = overlay_mount(stack_options([lower], upper, work, opts)).path
+        r1, w1 = os.pipe(); r2, w2 = os.pipe(); r3, w3 = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                os.chdir(mnt); os.setgroups([]); os.setgid(NOBODY); os.setuid(NOBODY)
+                fds = {n: os.open(n, os.O_WRONLY) for n in names}
+                os.write(w1, b"o")
+                os.read(r2, 1)
+                out = {}
+                for n, fd in fds.items():
+                    try:
+                        if n.startswith("falloc"):
+                            os.posix_fallocate(fd, 0, 8192)
+                        else:
+                            os.pwrite(fd, b"#", 0)
+                        out[n] = "ok"
+                    except OSError as e:
+                        out[n] = errno.errorcode[e.errno]
+                os.write(w3, json.dumps(out).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w1); os.close(w3)
+        assert os.read(r1, 1)
+        for n in names:
+            os.chmod(mnt / n, 0o4755)
+        os.write(w2, b"g")
+        out = json.loads(os.read(r3, 65536))
+        os.waitpid(pid, 0)
+        res[which] = {n: (out[n], oct(os.lstat(mnt / n).st_mode)) for n in names}
+    assert res["kernel"] == res["overlaypc"], res
+    assert res["overlaypc"]["falloc.lower"] == ("ok", oct(0o100755))
