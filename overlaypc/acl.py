@@ -1,4 +1,6 @@
-"""POSIX ACLs: the xattr format, and what a new object inherits from its parent.
+"""POSIX ACLs: the xattr format, what a new object inherits from its parent, and whom an
+access ACL lets do what (``permits``: the kernel checks access itself; the daemon asks only
+where a request does not say, an empty SETATTR's, see ``OverlayOps._chown_unchanged``).
 
 Owns ``inherit``, the creation rule of Linux (``posix_acl_create``): under a parent with a
 default ACL the caller's umask is *not* applied; the new object's access ACL is the
@@ -21,6 +23,10 @@ import stat
 import struct
 
 from .records import record
+from .typing_lite import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 ACCESS = "system.posix_acl_access"
 DEFAULT = "system.posix_acl_default"
@@ -98,3 +104,25 @@ def _create_masq(entries: list[AclEntry], mode: int) -> tuple[int, bool]:
     limiter.perm &= (mode >> 3) & 0o7
     mode &= (limiter.perm << 3) | ~0o070
     return mode, extended
+
+
+def permits(value: bytes, uid: int, file_uid: int, file_gid: int,
+            in_group: "Callable[[int], bool]", want: int) -> bool:
+    """Whether access ACL ``value`` of a file of ``file_uid``, ``file_gid`` grants ``want``
+    (rwx bits, 0o2 for write) to a caller of ``uid`` in the groups ``in_group`` says,
+    as ``posix_acl_permission`` decides it (no capability counts; EIO if malformed)."""
+    entries = from_xattr(value)
+    mask = next((e.perm for e in entries if e.tag == MASK), 0o7)
+    group_found = False
+    for e in entries:
+        if e.tag == USER_OBJ and uid == file_uid:
+            return e.perm & want == want
+        if e.tag == USER and uid == e.id:
+            return e.perm & mask & want == want
+        if e.tag in (GROUP_OBJ, GROUP) and in_group(file_gid if e.tag == GROUP_OBJ else e.id):
+            group_found = True
+            if e.perm & want == want:
+                return e.perm & mask & want == want
+        if e.tag == OTHER:
+            return not group_found and e.perm & want == want
+    return False

@@ -24,7 +24,10 @@ chown only with an ID), though Linux strips then too: ``OverlayOps`` makes it a 
 Caveat: the FUSE protocol carries the writer's uid, gid and pid but not its supplementary
 groups (nor its capabilities): they are read from ``/proc/PID/status`` of the requester.
 If that process is gone (or the pid belongs to another pid namespace), only the primary
-gid counts and no capability, which can only clear more, never less.
+gid counts and no capability, which can only clear more, never less. A capability counts
+only for a process in the daemon's user namespace (``has_capability``): the kernel counts
+one of a process in a namespace below it over a file whose ids that namespace maps
+(``capable_wrt_inode_uidgid``), not read here (more cleared, an EPERM more, never less).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import errno
 import os
 import stat
 
+from . import acl
 from .records import field, record
 from .typing_lite import TYPE_CHECKING
 
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
 CAPABILITY_XATTR = "security.capability"
 CAP_FOWNER = 3
 CAP_FSETID = 4
+CAP_SETFCAP = 31
 PRIVILEGED_BITS = stat.S_ISUID | stat.S_ISGID
 
 
@@ -68,7 +73,11 @@ def killed_mode(mode: int, file_gid: int, writer_groups: frozenset[int]) -> int:
 
 
 def has_capability(pid: int, cap: int, proc: str = "/proc") -> bool:
-    """Whether process ``pid`` holds ``cap`` in its effective set (False if gone)."""
+    """Whether process ``pid`` holds ``cap`` in its effective set, in the daemon's own user
+    namespace (False if gone): ``CapEff`` says what a process may do in *its* namespace, and
+    root of one an unprivileged user made has them all there, over nothing of ours."""
+    if not same_user_ns(pid, proc):
+        return False
     try:
         with open(f"{proc}/{pid}/status", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -77,6 +86,15 @@ def has_capability(pid: int, cap: int, proc: str = "/proc") -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def same_user_ns(pid: int, proc: str = "/proc") -> bool:
+    """Whether process ``pid`` is in the daemon's user namespace (False if gone)."""
+    try:
+        theirs, ours = os.stat(f"{proc}/{pid}/ns/user"), os.stat(f"{proc}/self/ns/user")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def has_fsetid(pid: int, proc: str = "/proc") -> bool:
@@ -106,9 +124,11 @@ class Writer:
         """The kernel's ``in_group_or_capable``."""
         return self.in_group(file_gid) or (self.may_be_capable and has_fsetid(self.pid))
 
-    def may_write(self, mode: int, uid: int, gid: int) -> bool:
-        """Whether the mode bits let this writer write a file of ``mode``, ``uid``, ``gid``
-        (shown; an ACL's named entries are not read: the group class is its mask)."""
+    def may_write(self, mode: int, uid: int, gid: int, access_acl: bytes | None) -> bool:
+        """Whether this writer may write a file of ``mode``, ``uid``, ``gid`` (shown) whose
+        access ACL is ``access_acl`` (None: none, the mode bits decide), capabilities aside."""
+        if access_acl is not None:
+            return acl.permits(access_acl, self.uid, uid, gid, self.in_group, 0o2)
         if self.uid == uid:
             return bool(mode & stat.S_IWUSR)
         return bool(mode & (stat.S_IWGRP if self.in_group(gid) else stat.S_IWOTH))

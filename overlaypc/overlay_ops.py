@@ -40,8 +40,8 @@ from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
 from .engine.protocol import FileAttr, SetAttr, pack_stat_attr_out
 from .inodes import InodeKey, OverlayInode
-from .killpriv import (CAP_FOWNER, CAPABILITY_XATTR, Writer, has_capability, has_fsetid,
-                       stripped_mode)
+from .killpriv import (CAP_FOWNER, CAP_SETFCAP, CAPABILITY_XATTR, Writer, has_capability,
+                       has_fsetid, stripped_mode)
 from .listings import KEY_BITS, OpenDirs, Snapshot, Snapshots, split_cookie
 from .lookup import Node
 from .mounting import raise_readahead
@@ -582,30 +582,53 @@ class OverlayOps(Operations):
         -1)`` (its ctime, and a non-directory's kill flags, dropped) and of a writer's
         privilege removal (``file_remove_privs``, before a FALLOCATE: the kill flags, which
         it may set whoever owns the file). Done as a chown to -1, -1 (copy-up and ctime, as
-        the kernel overlay's) with a regular file's kill (``killpriv``) where the caller owns
-        the file, has CAP_FOWNER or may write it (mode bits; any access ACL counts as
-        may); else EPERM, before anything, where the kill would change the mode
-        (``setattr_prepare``'s check of a chown's kill)."""
+        the kernel overlay's) with a regular file's kill where ``_may_strip`` allows it."""
         valid = sa.valid | p.FATTR_UID | p.FATTR_GID
-        attr = self._attr(nodeid, sa.fh)
-        mode, uid, gid = attr.st_mode, attr.st_uid, attr.st_gid
-        if stat.S_ISREG(mode):
-            writer = Writer(req.uid, req.gid, req.pid, may_be_capable=True)
-            if req.uid == uid or writer.may_write(mode, uid, gid) \
-                    or has_capability(req.pid, CAP_FOWNER):
-                valid |= p.FATTR_KILL_SUIDGID
-            elif stripped_mode(mode, gid, writer) != mode:
-                if not self._has_access_acl(nodeid):
-                    raise PermissionError(errno.EPERM, "operation not permitted")
-                valid |= p.FATTR_KILL_SUIDGID  # (an ACL entry may let it write: not read)
+        if self._may_strip(req, nodeid, sa.fh):
+            valid |= p.FATTR_KILL_SUIDGID
         return SetAttr(valid, sa.fh, sa.size, sa.atime_ns, sa.mtime_ns, sa.mode, -1, -1)
 
-    def _has_access_acl(self, nodeid: int) -> bool:
-        try:
-            self._read_at(nodeid, lambda rel: self.fs.getxattr(rel, acl.ACCESS))
-        except OSError:
+    def _may_strip(self, req: Request, nodeid: int, fh: int | None = None) -> bool:
+        """Whether a chown(f, -1, -1) by ``req``'s caller strips the node (``killpriv``): a
+        regular file whose caller owns it, has CAP_FOWNER or may write it (its access ACL,
+        else the mode bits) or (``_open_for_writing``) may have been let write; EPERM, before
+        anything, where it may not and the strip would change the mode (``setattr_prepare``'s
+        check of a chown's kill); else False."""
+        attr = self._attr(nodeid, fh)
+        mode, uid, gid = attr.st_mode, attr.st_uid, attr.st_gid
+        if not stat.S_ISREG(mode):
             return False
-        return True
+        writer = Writer(req.uid, req.gid, req.pid, may_be_capable=True)
+        if req.uid == uid or has_capability(req.pid, CAP_FOWNER) \
+                or writer.may_write(mode, uid, gid, self._access_acl(nodeid)):
+            return True
+        if stripped_mode(mode, gid, writer) == mode:
+            return False
+        if self._open_for_writing(nodeid):  # (a writer's, which must not fail: below)
+            return True
+        raise PermissionError(errno.EPERM, "operation not permitted")
+
+    def _open_for_writing(self, nodeid: int) -> bool:
+        """Whether a handle of the node is open for writing: a writer that opened it while
+        it might keeps writing after a chmod takes that away, and its ``file_remove_privs``
+        (the empty SETATTR, the REMOVEXATTR before it) is then told from a chown(f, -1, -1)
+        by no more than that (the kernel overlay strips, the write goes on)."""
+        for fh in self.nodes.handles(nodeid):
+            try:
+                if self.fs.handles.get(fh).writable:
+                    return True
+            except OSError:  # (released meanwhile)
+                continue
+        return False
+
+    def _access_acl(self, nodeid: int) -> bytes | None:
+        """The node's access ACL as shown; None without one (or where ACLs are off)."""
+        try:
+            return self._xattr(nodeid, acl.ACCESS)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                return None
+            raise
 
     def _setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         valid = sa.valid
@@ -757,6 +780,10 @@ class OverlayOps(Operations):
             value = self._capability_open(nodeid)
             if value is not None:
                 return value
+        return self._xattr(nodeid, name)
+
+    def _xattr(self, nodeid: int, name: str) -> bytes:
+        """xattr ``name`` of the node, by name, else (no name left) as ``_nameless`` finds it."""
         try:
             return self._read_at(nodeid, lambda rel: self.fs.getxattr(rel, name))
         except NoNameLeft as e:
@@ -802,6 +829,12 @@ class OverlayOps(Operations):
 
     @_changes
     def removexattr(self, req: Request, nodeid: int, name: str) -> None:
+        if name == CAPABILITY_XATTR and not has_capability(req.pid, CAP_SETFCAP):
+            # the kernel's own kill (``setattr_prepare``'s ``security_inode_killpriv``: a
+            # removexattr(2) of it needs CAP_SETFCAP), sent ahead of a chown(f, -1, -1)'s
+            # empty SETATTR: refused where that SETATTR will be (``_may_strip``), before
+            # anything, as the kernel overlay's chown refuses it
+            self._may_strip(req, nodeid)
         try:
             self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
         except NoNameLeft as e:

@@ -119,9 +119,18 @@ def test_writer_groups_and_capability_come_from_proc(tmp_path):
     status = tmp_path / "123" / "status"
     status.parent.mkdir()
     status.write_text("Name:\tx\nGroups:\t7 8 \nCapEff:\t0000000000000010\n")
+    for who, ns in (("123", "ns-a"), ("self", "ns-a")):  # (its user namespace, ours)
+        (tmp_path / ns).touch()
+        (tmp_path / who / "ns").mkdir(parents=True)
+        (tmp_path / who / "ns" / "user").symlink_to(tmp_path / ns)
     w = killpriv.Writer(1, 2, 123)
     assert killpriv.groups_of(123, 2, proc=str(tmp_path)) == {2, 7, 8}
     assert killpriv.has_fsetid(123, proc=str(tmp_path))
+    (tmp_path / "ns-b").touch()  # in a user namespace of its own: no capability of ours
+    (tmp_path / "123" / "ns" / "user").unlink()
+    (tmp_path / "123" / "ns" / "user").symlink_to(tmp_path / "ns-b")
+    assert not killpriv.has_fsetid(123, proc=str(tmp_path))
+    assert killpriv.same_user_ns(os.getpid()) and not killpriv.same_user_ns(999999)
     status.write_text("Groups:\nCapEff:\t00000000000000ef\n")
     assert not killpriv.has_fsetid(123, proc=str(tmp_path))
     assert not killpriv.has_fsetid(999999, proc=str(tmp_path))

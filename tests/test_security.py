@@ -728,6 +728,8 @@ _CHOWN_NONE_FILES = {
     "other_suid": (0, 0, 0o4755, False),                   # not the owner: EPERM, kept
     "other_sgid_noexec": (0, 0, 0o2644, False),            # ... the same (outside the group)
     "other_plain": (0, 0, 0o644, False),                   # nothing to strip: allowed
+    "other_cap": (0, 0, 0o755, True),                      # ... but the capability: goes
+    "other_sgid_cap": (0, GROUP, 0o2755, True),            # EPERM: the capability kept too
     "root_suid": (NOBODY, NOBODY, 0o6755, False),          # root: both bits go (group-exec)
     "root_sgid_noexec": (NOBODY, NOBODY, 0o2644, False),   # root keeps it (CAP_FSETID)
 }
@@ -783,6 +785,9 @@ def test_chown_to_minus_one_strips_privileges_as_kernel_overlay(tmp_path, overla
     # spelled out
     assert o["own_suid.up"][:2] == ("ok", oct(0o555)) and o["own_cap.lo"][4] == "ENODATA"
     assert o["other_suid.lo"][:2] == ("EPERM", oct(0o4755))
+    # (the kernel's FUSE removes the capability itself, a REMOVEXATTR before the SETATTR)
+    assert o["other_sgid_cap.lo"][0] == "EPERM" and o["other_sgid_cap.lo"][4] != "ENODATA"
+    assert o["other_cap.lo"][:2] == ("ok", oct(0o755)) and o["other_cap.lo"][4] == "ENODATA"
     assert o["root_sgid_noexec.up"][:2] == ("ok", oct(0o2644))
     assert o["own_dir.up"][:2] == ("ok", oct(0o3775)) and o["own_plain.up"][5]
 
@@ -843,3 +848,168 @@ def test_setuid_file_an_acl_lets_write_as_kernel_overlay(tmp_path, overlay_mount
     for n in ("fallocate.lo", "fallocate.up", "write.lo", "write.up"):
         assert o[n][:2] == ("ok", oct(0o775)), (n, o[n])
     assert k["chown.up"][0] == "EPERM" and o["chown.up"][:2] == ("ok", oct(0o775))
+
+
+def _acl_no_writer_states(tmp_path: Path, which: str, mount) -> dict:
+    """Setuid files of root's (group ``GROUP``) whose access ACL does not let 65534 (a
+    member of ``GROUP``) write, though it names it or the mode's group bits (its mask)
+    have write: 65534's chown(f, -1, -1) of each, in the lower and the upper."""
+    from overlaypc import acl
+    base = tmp_path / which
+    lower, upper, work = base / "lower", base / "upper", base / "work"
+    for d in (lower, upper, work):
+        d.mkdir(parents=True)
+    any_id = 0xFFFFFFFF
+
+    def entries(named: list[acl.AclEntry], group: int, mask: int) -> bytes:
+        return acl.to_xattr(sorted([acl.AclEntry(acl.USER_OBJ, 7, any_id), *named,
+                                    acl.AclEntry(acl.GROUP_OBJ, group, any_id),
+                                    acl.AclEntry(acl.MASK, mask, any_id),
+                                    acl.AclEntry(acl.OTHER, 5, any_id)], key=lambda e: e.tag))
+    files = {
+        "named_ro": entries([acl.AclEntry(acl.USER, 5, NOBODY)], 5, 5),      # r-x for it
+        "named_masked": entries([acl.AclEntry(acl.USER, 7, NOBODY)], 5, 5),  # rwx, mask r-x
+        "group_obj_ro": entries([acl.AclEntry(acl.USER, 5, 1234)], 5, 7),   # mask rwx (g+w)
+        "named_group_ro": entries([acl.AclEntry(acl.GROUP, 5, GROUP)], 5, 7),
+    }
+    for n, value in files.items():
+        for where in ("lo", "up"):
+            p = (lower if where == "lo" else upper) / f"{n}.{where}"
+            p.write_bytes(b"#!/bin/sh\nexit 0\n")
+            os.chown(p, 0, GROUP if n == "group_obj_ro" else 0)
+            os.chmod(p, 0o4755)
+            os.setxattr(p, "system.posix_acl_access", value)
+    mnt = mount(lower, upper, work)
+    out = json.loads(run_as("""
+        import json
+        out = {}
+        for n in sorted(os.listdir(".")):
+            try:
+                os.chown(n, -1, -1)
+                out[n] = "ok"
+            except OSError as e:
+                out[n] = e.errno
+        print(json.dumps(out))
+    """, cwd=mnt, groups=[GROUP]))
+    return {n: (r if r == "ok" else errno.errorcode[r], *_priv_state(mnt, n),
+                os.path.exists(upper / n)) for n, r in out.items()}
+
+
+def test_setuid_file_an_acl_does_not_let_write_as_kernel_overlay(tmp_path, overlay_mount,
+                                                                 kernel_mount):
+    """chown(f, -1, -1) of someone else's setuid file by a caller its access ACL does not
+    let write (a named entry without write, or one the mask takes it from, its group
+    entries without write where the mode's group bits, the mask, have it) fails with
+    EPERM and leaves the bit and the lower file alone, as on the kernel's overlay: an ACL
+    is no licence to strip (``_chown_unchanged`` reads it)."""
+    mounters = _mounters(overlay_mount, kernel_mount)
+    states = {w: _acl_no_writer_states(tmp_path, w, mounters[w]) for w in mounters}
+    k, o = states["kernel"], states["overlaypc"]
+    diff = {n: (k[n], o[n]) for n in k if k[n] != o[n]}
+    assert not diff, "\n".join(f"{n}: kernel {k[n]} overlaypc {o[n]}" for n in sorted(diff))
+    assert o["named_ro.lo"][:2] == ("EPERM", oct(0o4755)) and not o["named_ro.lo"][5]
+
+
+def _userns_root_states(tmp_path: Path, which: str, mount) -> dict:
+    """Root's setuid files, in the lower and the upper: 65534, as root of a user namespace
+    of its own (all capabilities there, none over root's files), does chown(f, -1, -1)."""
+    base = tmp_path / which
+    lower, upper, work = base / "lower", base / "upper", base / "work"
+    for d in (lower, upper, work):
+        d.mkdir(parents=True)
+    for where in (lower, upper):
+        p = where / f"suid.{where.name}"
+        p.write_bytes(b"#!/bin/sh\nexit 0\n")
+        os.chmod(p, 0o4755)
+    mnt = mount(lower, upper, work)
+    out = json.loads(run_as("""
+        import ctypes, json
+        if ctypes.CDLL(None, use_errno=True).unshare(0x10000000):  # CLONE_NEWUSER
+            raise OSError(ctypes.get_errno(), "unshare")
+        caps = [ln for ln in open("/proc/self/status") if ln.startswith("CapEff:")]
+        assert int(caps[0].split()[1], 16) >> 3 & 1  # CAP_FOWNER, in its namespace
+        out = {}
+        for n in sorted(os.listdir(".")):
+            try:
+                os.chown(n, -1, -1)
+                out[n] = "ok"
+            except OSError as e:
+                out[n] = e.errno
+        print(json.dumps(out))
+    """, cwd=mnt))
+    return {n: (r if r == "ok" else errno.errorcode[r], *_priv_state(mnt, n),
+                os.path.exists(upper / n)) for n, r in out.items()}
+
+
+def test_chown_to_minus_one_by_root_of_a_user_namespace_as_kernel_overlay(
+        tmp_path, overlay_mount, kernel_mount):
+    """A caller's capabilities count only in its own user namespace: root of one that an
+    unprivileged user made has CAP_FOWNER there (``CapEff`` says all), none over root's
+    files, so its chown(f, -1, -1) of root's setuid file fails with EPERM and copies
+    nothing up, as on the kernel's overlay (``killpriv.has_capability``)."""
+    mounters = _mounters(overlay_mount, kernel_mount)
+    states = {w: _userns_root_states(tmp_path, w, mounters[w]) for w in mounters}
+    k, o = states["kernel"], states["overlaypc"]
+    diff = {n: (k[n], o[n]) for n in k if k[n] != o[n]}
+    assert not diff, "\n".join(f"{n}: kernel {k[n]} overlaypc {o[n]}" for n in sorted(diff))
+    assert o["suid.lower"][:2] == ("EPERM", oct(0o4755)) and not o["suid.lower"][5]
+
+
+@pytest.mark.parametrize("extra", ["", "passthrough=off"])
+def test_setuid_file_writer_that_lost_write_permission_as_kernel_overlay(
+        tmp_path, overlay_mount, kernel_mount, extra):
+    """A writer that opened root's setuid file while the mode let it write, then lost that
+    to a chmod, writes and fallocates on: the kernel's ``file_remove_privs`` before each (an
+    empty SETATTR) strips, never EPERM, as on the kernel's overlay (``_open_for_writing``:
+    such a SETATTR is a chown(f, -1, -1) but for an open writable handle)."""
+    res = {}
+    for which in ("kernel", "overlaypc"):
+        base = tmp_path / which
+        lower, upper, work = base / "lower", base / "upper", base / "work"
+        for d in (lower, upper, work):
+            d.mkdir(parents=True)
+        names = []
+        for n in ("write", "falloc"):
+            for w in (lower, upper):
+                p = w / f"{n}.{w.name}"
+                p.write_bytes(b"#!/bin/sh\nexit 0\n")
+                os.chmod(p, 0o4777)
+                names.append(p.name)
+        if which == "kernel":
+            mnt = kernel_mount([lower], upper, work)
+        else:
+            opts = ",".join(o for o in ("cache=kernel", extra) if o)
+            mnt = overlay_mount(stack_options([lower], upper, work, opts)).path
+        r1, w1 = os.pipe(); r2, w2 = os.pipe(); r3, w3 = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                os.chdir(mnt); os.setgroups([]); os.setgid(NOBODY); os.setuid(NOBODY)
+                fds = {n: os.open(n, os.O_WRONLY) for n in names}
+                os.write(w1, b"o")
+                os.read(r2, 1)
+                out = {}
+                for n, fd in fds.items():
+                    try:
+                        if n.startswith("falloc"):
+                            os.posix_fallocate(fd, 0, 8192)
+                        else:
+                            os.pwrite(fd, b"#", 0)
+                        out[n] = "ok"
+                    except OSError as e:
+                        out[n] = errno.errorcode[e.errno]
+                os.write(w3, json.dumps(out).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w1); os.close(w3)
+        assert os.read(r1, 1)
+        for n in names:
+            os.chmod(mnt / n, 0o4755)
+        os.write(w2, b"g")
+        out = json.loads(os.read(r3, 65536))
+        os.waitpid(pid, 0)
+        res[which] = {n: (out[n], oct(os.lstat(mnt / n).st_mode)) for n in names}
+    assert res["kernel"] == res["overlaypc"], res
+    assert res["overlaypc"]["falloc.lower"] == ("ok", oct(0o100755))
