@@ -95,10 +95,6 @@ class Snapshot:
             return key
         return 2 + bisect_right(self.keys, key)
 
-    def cookie_key(self, pos: int) -> int:
-        """The key of position ``pos`` (as ``after`` counts)."""
-        return pos + 1 if pos < 2 else self.keys[pos - 2]
-
 
 def name_key(name: str) -> int:
     """The key of a name: from its hash alone, so any reading of the directory agrees."""
