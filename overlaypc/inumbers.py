@@ -281,7 +281,9 @@ class InodeNumbers:
         """``ino_of`` a directory other than the root whose top entry holds an fd, when that
         needs no system call: a lower top, or an upper one whose copy-up origin was read
         through its fd already (``DirFd.origin_ino``, kept as long as the fd); else None
-        (ask ``ino_of``). Kept on that fd (``DirFd.dir_ino``)."""
+        (ask ``ino_of``). Kept on that fd (``DirFd.dir_ino``), except an origin's number:
+        whether this directory shows it is ``_unique``'s say at each answer, as ``recorded``
+        (two upper directories naming one origin: the second shows its own number)."""
         top = node.entries[0]
         dirfd = top.dirfd
         known = dirfd.dir_ino  # type: ignore[union-attr]
@@ -292,8 +294,7 @@ class InodeNumbers:
             if recorded is UNKNOWN:
                 return None
             if recorded is not None:
-                dirfd.dir_ino = recorded  # type: ignore[union-attr]
-                return recorded  # type: ignore[return-value]
+                return self._unique(top, recorded)  # type: ignore[arg-type]
             for lower in node.entries:  # no origin: the topmost lower's, else its own
                 if not lower.layer.writable:
                     top = lower

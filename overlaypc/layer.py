@@ -163,8 +163,10 @@ class DirFd:
     directory's ``impure`` mark was found or written through this fd, or the upper takes
     none (``impure.mark``); the mark is never removed under a mount, so that holds as long
     as the fd too. ``dir_ino``: the number ``inumbers.dir_ino`` gave the merged directory
-    whose top entry holds this fd (UNKNOWN until then): a lookup opens new fds, so the fd
-    stands for that directory's layers, which its number depends on, as long as it lives."""
+    whose top entry holds this fd (UNKNOWN until then, and for one showing its origin's
+    number, which ``InodeNumbers._unique`` decides at each answer): a lookup opens new fds,
+    so the fd stands for that directory's layers, which its number depends on, as long as
+    it lives."""
 
     __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino")
 

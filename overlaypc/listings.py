@@ -13,7 +13,7 @@ there. Every listing request comes with handle 0. The listing's identity
 travels in the cookies instead: a listing read at
 offset 0 becomes a snapshot with an id, and each entry's cookie (the offset the kernel
 sends back for the next chunk, and telldir(3) gives) is ``id << KEY_BITS | key``, where
-the key comes from the entry's name alone (``name_key``; "." and ".." are 1 and 2) and a
+the key comes from the entry's name alone (``ordered``; "." and ".." are 1 and 2) and a
 snapshot lists its entries in key order. Every lister continues in its own snapshot, as
 with a handle, and the snapshot carries the epochs read before the listing (READDIRPLUS
 trusts a listed stat only while no identity moved and no name changed since).
@@ -95,20 +95,16 @@ class Snapshot:
             return key
         return 2 + bisect_right(self.keys, key)
 
-    def cookie_key(self, pos: int) -> int:
-        """The key of position ``pos`` (as ``after`` counts)."""
-        return pos + 1 if pos < 2 else self.keys[pos - 2]
 
-
-def name_key(name: str) -> int:
-    """The key of a name: from its hash alone, so any reading of the directory agrees."""
-    return _FIRST_KEY + hash(name) % ((1 << KEY_BITS) - _FIRST_KEY - _ROOM)
+#: a name's key is ``_FIRST_KEY + hash(name) % _KEY_SPAN``
+_KEY_SPAN = (1 << KEY_BITS) - _FIRST_KEY - _ROOM
 
 
 def ordered(entries: list[DirEntry]) -> tuple[list[DirEntry], list[int]]:
-    """``entries`` in key order, and their keys (a name whose key an earlier one has
-    takes the next free one: distinct within a snapshot)."""
-    span = (1 << KEY_BITS) - _FIRST_KEY - _ROOM  # (``name_key`` inlined: one per entry)
+    """``entries`` in key order, and their keys: a name's from its hash alone, so any
+    reading of the directory agrees (a name whose key an earlier one has takes the next
+    free one: distinct within a snapshot)."""
+    span = _KEY_SPAN
     keyed = sorted([(_FIRST_KEY + hash(e[0]) % span, e[0], e) for e in entries])
     keys: list[int] = []
     last = 0

@@ -1180,7 +1180,7 @@ class OverlayOps(Operations):
                dots, offset: int, plus: bool, base: int, keys: list[int]) -> Iterator[DirItem]:
         """Items from position ``offset`` (0, 1: the dots; 2 on: ``entries``); cookies are
         ``base`` ORed with the dots' keys 1 and 2, then the entries' ``keys``
-        (``Snapshot.cookie_key``). ``listed``: the ``_listing_epoch`` before the listing was
+        (``Snapshot.keys``). ``listed``: the ``_listing_epoch`` before the listing was
         read, ``first``: read by this request."""
         for pos in range(offset, min(2, len(entries) + 2)):
             yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))

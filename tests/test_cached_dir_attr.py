@@ -150,3 +150,33 @@ def test_items_of_two_listings_taken_at_once_are_each_their_own_listings(ops):
     assert [e.nodeid for e in taken] == [look(ops, "lo/f"), look(ops, "lo/g")]
     assert [e.attr for e in taken] == [ops.getattr(REQ, e.nodeid).attr for e in taken]
     assert [ops.nodes.nlookup(e.nodeid) for e in taken] == [2, 2]  # (taken, then looked up)
+
+
+def test_two_upper_directories_naming_one_origin_show_two_numbers(tree):
+    """``cp`` (copied up, its origin the lower ``cp``) and ``cp2``, given that origin as a
+    ``cp -a`` of the upper while unmounted gives it, name one origin. The first answered shows the origin's number, the
+    other its own upper number (``InodeNumbers._unique``, fstests overlay/049): the short
+    answer too, which read the origin kept on the directory's fd without that rule."""
+    ops, close = make_ops(tree)
+    try:
+        _chmod(ops, look(ops, "cp"), 0o700)
+    finally:
+        close()
+    os.mkdir(tree / "upper" / "cp2")
+    os.setxattr(tree / "upper" / "cp2", "trusted.overlay.origin",
+                os.getxattr(tree / "upper" / "cp", "trusted.overlay.origin"))
+    for order in (("cp", "cp2"), ("cp2", "cp")):
+        ops, close = make_ops(tree)
+        try:
+            shown = {}
+            for name in order:
+                nodeid = look(ops, name)
+                want = generic(ops, nodeid)
+                got = ops._cached_dir_attr(nodeid)
+                assert got is not None, "a cached directory went the generic way"
+                assert got == want, name
+                shown[name] = p.unpack_attr(got, 16).ino
+            assert shown[order[0]] == os.lstat(tree / "lower" / "cp").st_ino
+            assert shown[order[1]] == os.lstat(tree / "upper" / order[1]).st_ino
+        finally:
+            close()

@@ -12,7 +12,8 @@ have are not here (the fstests46 report lists them).
   files naming one copy-up origin, and two directories redirected to one lower directory.
   Two objects must never show one ``st_dev``/``st_ino`` (``diff`` and ``cmp`` then call
   them one file): the kernel fails the lookup of the second (``ESTALE``), overlaypc shows
-  it with its own upper number (``test_duplicated_origin_never_shares_an_inode_number``).
+  it with its own upper number (``test_duplicated_origin_never_shares_an_inode_number``);
+  so does a copy of a copied-up directory, at every request (LOOKUP, GETATTR, READDIRPLUS).
 
 Scenarios that pass on overlaypc, kept so that they keep passing:
 
@@ -112,14 +113,16 @@ def _stat_or_stale(path: Path):
 
 
 def _duplicated_origins(side, base: Path, layers_factory, overlay_mount, kernel_mount):
-    lowers = make_lowers(layers_factory, base, {"l": {"origin": b"", "dir": {"file": b""}}})
+    lowers = make_lowers(layers_factory, base, {"l": {"origin": b"", "dir": {"file": b""},
+                                                      "copied1": {"file": b""}}})
     s = new_stack(lowers, base, side)
     mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
     os.rename(mnt / "origin", mnt / "ref1")  # a copy-up with an origin
     os.utime(mnt / "dir" / "file")
     os.rename(mnt / "dir", mnt / "redirect1")  # a redirected directory, with an origin
+    os.chmod(mnt / "copied1", 0o750)  # a copied-up directory, with an origin
     unmount()
-    for one, two in (("ref1", "ref2"), ("redirect1", "redirect2")):
+    for one, two in (("ref1", "ref2"), ("redirect1", "redirect2"), ("copied1", "copied2")):
         subprocess.run(["cp", "-a", s.upper / one, s.upper / two], check=True)
     (s.upper / "ref1").write_text("right\n")
     (s.upper / "ref2").write_text("wrong\n")
@@ -127,8 +130,8 @@ def _duplicated_origins(side, base: Path, layers_factory, overlay_mount, kernel_
     (s.upper / "redirect2" / "file").write_text("wrong\n")
     mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
     out = {}
-    for one, two in (("ref1", "ref2"), ("redirect1", "redirect2"),
-                     ("redirect1/file", "redirect2/file")):
+    for one, two in (("copied1", "copied2"), ("ref1", "ref2"), ("redirect1", "redirect2"),
+                     ("redirect1/file", "redirect2/file")):  # (copied1 answered first)
         a, b = _stat_or_stale(mnt / one), _stat_or_stale(mnt / two)
         out[two] = a is not None and b is not None and \
             (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
@@ -137,6 +140,25 @@ def _duplicated_origins(side, base: Path, layers_factory, overlay_mount, kernel_
             out[two + " d_ino"] = (listed[one], listed[two]) == (a.st_ino, b.st_ino)
         out[two + " diff"] = subprocess.run(["diff", "-q", mnt / one, mnt / two],
                                             capture_output=True).returncode
+    # copied2 names copied1's origin without a lower directory at its name (the kernel
+    # shows it its own number): the same number at every request, a GETATTR after a change
+    # in it (the short one of a cached directory), after a listing, and an open fd's fstat
+    listed = {e.name: e.inode() for e in os.scandir(mnt)} if side == "overlaypc" else {}
+    numbers = {}
+    for name in ("copied1", "copied2"):
+        seen = [os.lstat(mnt / name).st_ino]  # (looked up above: a LOOKUP, then cached)
+        (mnt / name / "new").write_text("")  # (the kernel drops the directory's attributes)
+        seen.append(os.lstat(mnt / name).st_ino)  # GETATTR
+        os.unlink(mnt / name / "new")
+        fd = os.open(mnt / name, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            seen.append(os.fstat(fd).st_ino)  # GETATTR (no handle for a directory)
+        finally:
+            os.close(fd)
+        if listed:
+            seen.append(listed[name])
+        numbers[name] = set(seen)
+    out["copied2 numbers"] = numbers
     unmount()
     return out
 
@@ -152,6 +174,10 @@ def test_duplicated_origin_never_shares_an_inode_number(xfs_dir, layers_factory,
                                   kernel_mount)
         assert not got["ref2"] and not got["redirect2"] and not got["redirect2/file"], side
         assert got["ref2 diff"] != 0 and got["redirect2 diff"] != 0, side
+        numbers = got["copied2 numbers"]
+        assert [len(numbers["copied1"]), len(numbers["copied2"])] == [1, 1], (side, numbers)
+        assert numbers["copied1"] != numbers["copied2"], side
+        assert not got["copied2"] and got["copied2 diff"] != 0, side
         if side == "overlaypc":
             assert got["ref2 d_ino"] and got["redirect2 d_ino"]
             assert got["ref2 diff"] == got["redirect2 diff"] == 1
