@@ -899,3 +899,19 @@ def dir_state(root: Union[str, os.PathLike]) -> Optional[dict[str, tuple]]:
 def merged_names(root: Union[str, os.PathLike]) -> set[str]:
     """Relative paths of everything under root (not root itself)."""
     return {k for k in tree_snapshot(root, xattrs=False) if k != "."}
+
+
+def make_socket(path) -> Path:
+    """A unix socket file at ``path``, bound through ``/proc/self/fd`` of its directory, so
+    that a deep path (a long basetemp, a long test name) never passes ``sun_path``'s 108
+    bytes. The socket is closed; its file stays."""
+    import socket
+    path = Path(path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(f"/proc/self/fd/{dfd}/{path.name}")
+    finally:
+        s.close()
+        os.close(dfd)
+    return path

@@ -494,18 +494,10 @@ def test_too_many_layers_for_the_fd_limit(env: Env, tmp_path: Path):
     assert "/proc/self/fd" not in res.stderr
 
 
-def _socket(path: Path) -> Path:
-    import socket
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(str(path))
-    s.close()  # the socket file stays
-    return path
-
-
 @pytest.mark.parametrize("make", [
     lambda p: (os.mkfifo(p), p)[1],
     lambda p: (p.mkdir(), p)[1],
-    _socket,
+    helpers.make_socket,
     lambda p: Path("/dev/null"),
 ], ids=["fifo", "directory", "socket", "device"])
 def test_stack_file_not_a_regular_file(env: Env, make):

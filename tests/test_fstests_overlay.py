@@ -39,7 +39,6 @@ import errno
 import fcntl
 import os
 import shutil
-import socket
 import stat
 import time
 import subprocess
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from features_support import make_lowers, mount_side, new_stack
 
 pytestmark = [pytest.mark.mount]
@@ -333,11 +333,7 @@ def _every_type(layer: Path) -> None:
     os.mknod(layer / "chrdev", stat.S_IFCHR | 0o644, os.makedev(1, 1))
     os.mknod(layer / "blkdev", stat.S_IFBLK | 0o644, os.makedev(1, 1))
     os.mkfifo(layer / "fifo")
-    sock = socket.socket(socket.AF_UNIX)
-    try:
-        sock.bind(str(layer / "socket"))
-    finally:
-        sock.close()
+    helpers.make_socket(layer / "socket")
 
 
 def _numbers(d: Path) -> tuple[dict, dict]:
