@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import stat
+import textwrap
 import time
 from pathlib import Path
 
@@ -850,6 +851,24 @@ def test_setuid_file_an_acl_lets_write_as_kernel_overlay(tmp_path, overlay_mount
     assert k["chown.up"][0] == "EPERM" and o["chown.up"][:2] == ("ok", oct(0o775))
 
 
+def _chown_each(mnt: Path, upper: Path, prelude: str = "", **run_kw) -> dict:
+    """Each file of the mount's root chown'ed to -1, -1 by a child (``run_as``, after
+    ``prelude``): its answer, ``_priv_state`` and whether it is in ``upper`` now."""
+    out = json.loads(run_as(textwrap.dedent(prelude) + textwrap.dedent("""
+        import json
+        out = {}
+        for n in sorted(os.listdir(".")):
+            try:
+                os.chown(n, -1, -1)
+                out[n] = "ok"
+            except OSError as e:
+                out[n] = e.errno
+        print(json.dumps(out))
+    """), cwd=mnt, **run_kw))
+    return {n: (r if r == "ok" else errno.errorcode[r], *_priv_state(mnt, n),
+                os.path.exists(upper / n)) for n, r in out.items()}
+
+
 def _acl_no_writer_states(tmp_path: Path, which: str, mount) -> dict:
     """Setuid files of root's (group ``GROUP``) whose access ACL does not let 65534 (a
     member of ``GROUP``) write, though it names it or the mode's group bits (its mask)
@@ -880,19 +899,7 @@ def _acl_no_writer_states(tmp_path: Path, which: str, mount) -> dict:
             os.chmod(p, 0o4755)
             os.setxattr(p, "system.posix_acl_access", value)
     mnt = mount(lower, upper, work)
-    out = json.loads(run_as("""
-        import json
-        out = {}
-        for n in sorted(os.listdir(".")):
-            try:
-                os.chown(n, -1, -1)
-                out[n] = "ok"
-            except OSError as e:
-                out[n] = e.errno
-        print(json.dumps(out))
-    """, cwd=mnt, groups=[GROUP]))
-    return {n: (r if r == "ok" else errno.errorcode[r], *_priv_state(mnt, n),
-                os.path.exists(upper / n)) for n, r in out.items()}
+    return _chown_each(mnt, upper, groups=[GROUP])
 
 
 def test_setuid_file_an_acl_does_not_let_write_as_kernel_overlay(tmp_path, overlay_mount,
@@ -922,23 +929,13 @@ def _userns_root_states(tmp_path: Path, which: str, mount) -> dict:
         p.write_bytes(b"#!/bin/sh\nexit 0\n")
         os.chmod(p, 0o4755)
     mnt = mount(lower, upper, work)
-    out = json.loads(run_as("""
-        import ctypes, json
+    return _chown_each(mnt, upper, prelude="""
+        import ctypes
         if ctypes.CDLL(None, use_errno=True).unshare(0x10000000):  # CLONE_NEWUSER
             raise OSError(ctypes.get_errno(), "unshare")
         caps = [ln for ln in open("/proc/self/status") if ln.startswith("CapEff:")]
         assert int(caps[0].split()[1], 16) >> 3 & 1  # CAP_FOWNER, in its namespace
-        out = {}
-        for n in sorted(os.listdir(".")):
-            try:
-                os.chown(n, -1, -1)
-                out[n] = "ok"
-            except OSError as e:
-                out[n] = e.errno
-        print(json.dumps(out))
-    """, cwd=mnt))
-    return {n: (r if r == "ok" else errno.errorcode[r], *_priv_state(mnt, n),
-                os.path.exists(upper / n)) for n, r in out.items()}
+    """)
 
 
 def test_chown_to_minus_one_by_root_of_a_user_namespace_as_kernel_overlay(
