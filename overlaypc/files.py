@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+_S_IFREG = stat.S_IFREG
 #: the most one COPY_FILE_RANGE copies when it has to go through the daemon
 COPY_CHUNK = 1 << 20
 #: a read-only open asks the backing filesystem for this much of the file's start
@@ -475,11 +476,46 @@ class Files:
             fs.require_writable()
         if ids is not None:
             ids = fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is stripped
+        after, killed = self._setattr_steps_fd(inode, fd, st, mode, ids, times, writer)
+        return Attr(after, inode.ino), killed
+
+    def setattr_short(self, fh: int, mode: int | None, ids: tuple[int, int] | None,
+                      times: tuple[int, int] | None, writer: killpriv.Writer | None
+                      ) -> tuple[os.stat_result, int, bool] | None:
+        """``setattr_open`` for the engine's short SETATTR (``OverlayOps._setattr_short``,
+        never set where owners are shown mapped, nor on a read-only mount): the same checks
+        and steps, answering the file's stat after them, its inode number and whether
+        anything was stripped, with no ``Attr``; None, nothing done, wherever
+        ``setattr_open`` would go by name (or the handle was released meanwhile)."""
+        handle = self._find(fh)
+        if handle is None:
+            return None
+        inode = handle.inode
+        if not inode.layer.writable or inode.meta_rel is not None:
+            return None
+        return handle.with_fd(lambda fd: self._setattr_fd_short(inode, fd, mode, ids, times, writer))
+
+    def _setattr_fd_short(self, inode: OverlayInode, fd: int, mode: int | None,
+                          ids: tuple[int, int] | None, times: tuple[int, int] | None,
+                          writer: killpriv.Writer | None) -> tuple[os.stat_result, int, bool] | None:
+        st = os.fstat(fd)
+        if st.st_nlink != 1 or st.st_mode & 0o170000 != _S_IFREG:
+            return None
+        after, killed = self._setattr_steps_fd(inode, fd, st, mode, ids, times, writer)
+        return after, inode.ino, killed
+
+    def _setattr_steps_fd(self, inode: OverlayInode, fd: int, st: os.stat_result,
+                          mode: int | None, ids: tuple[int, int] | None,
+                          times: tuple[int, int] | None,
+                          writer: killpriv.Writer | None) -> tuple[os.stat_result, bool]:
+        """The steps of ``_setattr_fd`` and ``_setattr_fd_short`` once checked (``ids``
+        stored-side, ``st`` the file's stat before): the stat after, whether anything was
+        stripped."""
         killed = False
         if writer is not None:
             killed = self._kill(inode, lambda: fd, writer)
         if mode is not None:
-            os.chmod(fd, stat.S_IMODE(mode))
+            os.chmod(fd, mode & 0o7777)
             inode.privs_may_grow()
         if ids is not None:
             os.chown(fd, *ids)
@@ -488,7 +524,7 @@ class Files:
             os.utime(fd, ns=resolve_times(times, st))
         after = os.fstat(fd)
         self._numbered(inode, fd, st, after)
-        return Attr(after, inode.ino), killed
+        return after, killed
 
     def _numbered(self, inode: OverlayInode, fd: int, before: os.stat_result,
                   after: os.stat_result) -> None:
