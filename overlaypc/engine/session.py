@@ -525,8 +525,7 @@ class Session:
             return
         # an open file's SETATTR, GETXATTR of its capability and RELEASE (six of an untar's
         # ten requests per file): the filesystem's short answers (``_bind_shorts``)
-        short = self._shorts.get(op)
-        if short is not None and short(fd, head, msg):
+        if op in self._shorts and self._shorts[op](fd, head, msg):
             return
         # extensions (total_extlen, in 8-byte units) come only with SECURITY_CTX or
         # CREATE_SUPP_GROUP, neither negotiated: the common header is taken as read
