@@ -493,9 +493,9 @@ class Files:
         inode = handle.inode
         if not inode.layer.writable or inode.meta_rel is not None:
             return None
-        return handle.with_fd(lambda fd: self._setattr_fd_short(inode, fd, mode, ids, times, writer))
+        return handle.with_fd_call(self._setattr_fd_short, inode, mode, ids, times, writer)
 
-    def _setattr_fd_short(self, inode: OverlayInode, fd: int, mode: int | None,
+    def _setattr_fd_short(self, fd: int, inode: OverlayInode, mode: int | None,
                           ids: tuple[int, int] | None, times: tuple[int, int] | None,
                           writer: killpriv.Writer | None) -> tuple[os.stat_result, int, bool] | None:
         st = os.fstat(fd)
@@ -523,19 +523,17 @@ class Files:
             # (the stat before the chmod and chown: they change neither time)
             os.utime(fd, ns=resolve_times(times, st))
         after = os.fstat(fd)
-        self._numbered(inode, fd, st, after)
+        if not self.fs.inos.carry(st, after):  # (the number's answer, under the new ctime)
+            self._numbered_afresh(inode, fd, after)
         return after, killed
 
-    def _numbered(self, inode: OverlayInode, fd: int, before: os.stat_result,
-                  after: os.stat_result) -> None:
+    def _numbered_afresh(self, inode: OverlayInode, fd: int, after: os.stat_result) -> None:
         """Keep the inode-number answer of the changed upper file under its new ctime (as
-        a change by name does when it answers with ``of_node``): from the one kept under
-        ``before``, else read afresh through ``fd``, its xattr names listed first (absent
-        origin marks then cost no call). Never by ``inode.rel``: the name the file was
-        opened by may be gone, or another file's by now, whose origin would be kept as
-        this file's."""
-        if self.fs.inos.carry(before, after):
-            return
+        a change by name does when it answers with ``of_node``) where none was kept under
+        the stat before (``InodeNumbers.carry``, asked first): read afresh through ``fd``,
+        its xattr names listed first (absent origin marks then cost no call). Never by
+        ``inode.rel``: the name the file was opened by may be gone, or another file's by
+        now, whose origin would be kept as this file's."""
         try:
             names: frozenset[str] | None = frozenset(os.listxattr(fd))
         except OSError as e:
