@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 _S_IFREG = stat.S_IFREG
+_ENODATA = errno.ENODATA
 #: the most one COPY_FILE_RANGE copies when it has to go through the daemon
 COPY_CHUNK = 1 << 20
 #: a read-only open asks the backing filesystem for this much of the file's start
@@ -428,6 +429,26 @@ class Files:
             if inode.privs_clean == epoch:
                 raise OSError(errno.ENODATA, "no such attribute", killpriv.CAPABILITY_XATTR)
         return handle.with_fd(lambda fd: self._capability_fd(inode, fd, epoch))
+
+    def capability_short(self, fh: int) -> bytes | int | None:
+        """``capability`` for the engine's short GETXATTR (``OverlayOps._capability_short``):
+        ENODATA as an int where ``capability`` raises it, None where it answers None or
+        raises anything else (a handle released meanwhile: the caller asks ``capability``
+        of each handle then)."""
+        handle = self._find(fh)
+        if handle is None:
+            return None
+        inode = handle.inode
+        if not inode.layer.writable:  # (``in_upper``)
+            return None
+        with inode.lock:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
+                return _ENODATA
+        try:
+            return handle.with_fd(lambda fd: self._capability_fd(inode, fd, epoch))
+        except OSError as e:
+            return _ENODATA if e.errno == _ENODATA else None
 
     def _capability_fd(self, inode: OverlayInode, fd: int, epoch: int) -> bytes:
         """``capability`` read through ``fd``; when absent and the file has no setuid/setgid

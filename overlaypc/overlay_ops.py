@@ -86,7 +86,6 @@ def file_attr(attr: Attr) -> FileAttr:
 #: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
 _new_tuple = tuple.__new__
 _S_IFDIR = stat.S_IFDIR
-_ENODATA = errno.ENODATA
 #: ``_take``'s answer when a directory was renamed after the path it read was made
 _MOVED: Entry = Entry(0, None, 0.0, 0.0)
 #: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
@@ -880,16 +879,11 @@ class OverlayOps(Operations):
     def _capability_short(self, nodeid: int) -> bytes | int | None:
         """``getxattr`` of ``security.capability`` as ``_capability_open`` answers it through
         the node's first handle: the value, or ENODATA (an int) when absent; None where
-        that handle cannot answer (``Files.capability``: not on the inode's upper backing,
-        released meanwhile) or another error came (``getxattr`` then tries the others and
-        answers any error itself)."""
+        that handle cannot answer (``Files.capability_short``: not on the inode's upper
+        backing, released meanwhile) or another error came (``getxattr`` then tries the
+        others and answers any error itself)."""
         fh = self.nodes.first_handle(nodeid)
-        if fh is None:
-            return None
-        try:
-            return self.fs.files.capability(fh)
-        except OSError as e:
-            return _ENODATA if e.errno == _ENODATA else None
+        return None if fh is None else self.fs.files.capability_short(fh)
 
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
         try:

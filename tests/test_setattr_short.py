@@ -106,7 +106,7 @@ def test_the_short_setattr_answers_as_the_generic_one(drv, tmp_path):
         node, fh = drv.create(root, name, os.O_WRONLY, 0o644)
         drv.write(fh, b"data", 0)
         files[name] = node, fh
-    (short, fh_s), (generic, fh_g) = files["short"], files["generic"]
+    short, generic = files["short"][0], files["generic"][0]
     inodes = {n: drv.fs.handles.get(fh).inode for n, (_, fh) in files.items()}
     recorder = drv.ops.notifier
     times = True  # (False once an mtime was set to now: each file's own from then on)
