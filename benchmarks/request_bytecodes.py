@@ -7,7 +7,9 @@ Drives ``Session.dispatch`` in-process (no FUSE, reply writes kept in memory) ov
 stack under ``--base`` (default a new directory under /dev/shm) with the requests the kernel
 sends per file, in its order (``benchmarks/count_ops.py`` shows them): untar — parent
 GETATTR, LOOKUP (negative), CREATE, GETXATTR ``security.capability``, SETATTR (mtime),
-GETXATTR again, SETATTR (chown with the kill flag), SETATTR (mode), RELEASE; ``rm -rf`` —
+GETXATTR again, SETATTR (chown with the kill flag), SETATTR (mode), RELEASE (the SETATTRs
+without a handle, as the kernel sends tar's futimens, fchown and fchmod: ``fuse_setattr``
+sends FATTR_FH only with a size, ATTR_FILE coming from ``do_truncate``); ``rm -rf`` —
 UNLINK, FORGET, parent GETATTR. The data WRITE passes through (FUSE passthrough, faked
 here: backing ids are numbers), so it is not sent. For each request: Python bytecodes
 executed and Python calls made (``sys.settrace`` with opcode events), per file. Unlike

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+_S_IFREG = stat.S_IFREG
+_ENODATA = errno.ENODATA
 #: the most one COPY_FILE_RANGE copies when it has to go through the daemon
 COPY_CHUNK = 1 << 20
 #: a read-only open asks the backing filesystem for this much of the file's start
@@ -428,6 +430,26 @@ class Files:
                 raise OSError(errno.ENODATA, "no such attribute", killpriv.CAPABILITY_XATTR)
         return handle.with_fd(lambda fd: self._capability_fd(inode, fd, epoch))
 
+    def capability_short(self, fh: int) -> bytes | int | None:
+        """``capability`` for the engine's short GETXATTR (``OverlayOps._capability_short``):
+        ENODATA as an int where ``capability`` raises it, None where it answers None or
+        raises anything else (a handle released meanwhile: the caller asks ``capability``
+        of each handle then)."""
+        handle = self._find(fh)
+        if handle is None:
+            return None
+        inode = handle.inode
+        if not inode.layer.writable:  # (``in_upper``)
+            return None
+        with inode.lock:
+            epoch = inode.privs_epoch
+            if inode.privs_clean == epoch:
+                return _ENODATA
+        try:
+            return handle.with_fd(lambda fd: self._capability_fd(inode, fd, epoch))
+        except OSError as e:
+            return _ENODATA if e.errno == _ENODATA else None
+
     def _capability_fd(self, inode: OverlayInode, fd: int, epoch: int) -> bytes:
         """``capability`` read through ``fd``; when absent and the file has no setuid/setgid
         bit either, the file is known clean (``kill_privs``) from then on, so the next
@@ -475,11 +497,46 @@ class Files:
             fs.require_writable()
         if ids is not None:
             ids = fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is stripped
+        after, killed = self._setattr_steps_fd(inode, fd, st, mode, ids, times, writer)
+        return Attr(after, inode.ino), killed
+
+    def setattr_short(self, fh: int, mode: int | None, ids: tuple[int, int] | None,
+                      times: tuple[int, int] | None, writer: killpriv.Writer | None
+                      ) -> tuple[os.stat_result, int, bool] | None:
+        """``setattr_open`` for the engine's short SETATTR (``OverlayOps._setattr_short``,
+        never set where owners are shown mapped, nor on a read-only mount): the same checks
+        and steps, answering the file's stat after them, its inode number and whether
+        anything was stripped, with no ``Attr``; None, nothing done, wherever
+        ``setattr_open`` would go by name (or the handle was released meanwhile)."""
+        handle = self._find(fh)
+        if handle is None:
+            return None
+        inode = handle.inode
+        if not inode.layer.writable or inode.meta_rel is not None:
+            return None
+        return handle.with_fd_call(self._setattr_fd_short, inode, mode, ids, times, writer)
+
+    def _setattr_fd_short(self, fd: int, inode: OverlayInode, mode: int | None,
+                          ids: tuple[int, int] | None, times: tuple[int, int] | None,
+                          writer: killpriv.Writer | None) -> tuple[os.stat_result, int, bool] | None:
+        st = os.fstat(fd)
+        if st.st_nlink != 1 or st.st_mode & 0o170000 != _S_IFREG:
+            return None
+        after, killed = self._setattr_steps_fd(inode, fd, st, mode, ids, times, writer)
+        return after, inode.ino, killed
+
+    def _setattr_steps_fd(self, inode: OverlayInode, fd: int, st: os.stat_result,
+                          mode: int | None, ids: tuple[int, int] | None,
+                          times: tuple[int, int] | None,
+                          writer: killpriv.Writer | None) -> tuple[os.stat_result, bool]:
+        """The steps of ``_setattr_fd`` and ``_setattr_fd_short`` once checked (``ids``
+        stored-side, ``st`` the file's stat before): the stat after, whether anything was
+        stripped."""
         killed = False
         if writer is not None:
             killed = self._kill(inode, lambda: fd, writer)
         if mode is not None:
-            os.chmod(fd, stat.S_IMODE(mode))
+            os.chmod(fd, mode & 0o7777)
             inode.privs_may_grow()
         if ids is not None:
             os.chown(fd, *ids)
@@ -487,19 +544,17 @@ class Files:
             # (the stat before the chmod and chown: they change neither time)
             os.utime(fd, ns=resolve_times(times, st))
         after = os.fstat(fd)
-        self._numbered(inode, fd, st, after)
-        return Attr(after, inode.ino), killed
+        if not self.fs.inos.carry(st, after):  # (the number's answer, under the new ctime)
+            self._numbered_afresh(inode, fd, after)
+        return after, killed
 
-    def _numbered(self, inode: OverlayInode, fd: int, before: os.stat_result,
-                  after: os.stat_result) -> None:
+    def _numbered_afresh(self, inode: OverlayInode, fd: int, after: os.stat_result) -> None:
         """Keep the inode-number answer of the changed upper file under its new ctime (as
-        a change by name does when it answers with ``of_node``): from the one kept under
-        ``before``, else read afresh through ``fd``, its xattr names listed first (absent
-        origin marks then cost no call). Never by ``inode.rel``: the name the file was
-        opened by may be gone, or another file's by now, whose origin would be kept as
-        this file's."""
-        if self.fs.inos.carry(before, after):
-            return
+        a change by name does when it answers with ``of_node``) where none was kept under
+        the stat before (``InodeNumbers.carry``, asked first): read afresh through ``fd``,
+        its xattr names listed first (absent origin marks then cost no call). Never by
+        ``inode.rel``: the name the file was opened by may be gone, or another file's by
+        now, whose origin would be kept as this file's."""
         try:
             names: frozenset[str] | None = frozenset(os.listxattr(fd))
         except OSError as e:

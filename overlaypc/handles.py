@@ -116,6 +116,14 @@ class Handle:
                 return None
             return action(self.bound_fd)
 
+    def with_fd_call(self, action: Callable[..., T], *args) -> T | None:
+        """``with_fd`` (current backing) of ``action(fd, *args)``: no closure is made (the
+        short SETATTR of an open file, three per file of an untar)."""
+        with self._lock:
+            if self.closed or self.bound_generation != self.inode.generation:
+                return None
+            return action(self.bound_fd, *args)
+
     def close(self) -> None:
         with self._lock:
             self.closed = True

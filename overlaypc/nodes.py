@@ -421,3 +421,18 @@ class NodeTable:
         with self._lock:
             node = self._nodes.get(nodeid)
             return sorted(node.fhs) if node is not None and node.fhs else []
+
+    def first_handle(self, nodeid: int) -> int | None:
+        """``handles(nodeid)[0]`` (the one a request by node tries first), None for none."""
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            return min(node.fhs) if node is not None and node.fhs else None
+
+    def named_open(self, nodeid: int) -> tuple[int, Hashable] | None:
+        """``first_handle`` and the key of a node that also has a name (the short SETATTR
+        of an open file); None for a node without a name or without a handle."""
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is None or not node.names or not node.fhs:
+                return None
+            return min(node.fhs), node.key

@@ -94,6 +94,15 @@ _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.F
                   | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW)
 #: what a SETATTR can ask for; one asking for none of it is a ``chown(f, -1, -1)``
 _REQUESTS = _PATH_SETATTRS | p.FATTR_SIZE | p.FATTR_KILL_SUIDGID | p.FATTR_CTIME
+#: the SETATTR fields ``_setattr_short`` answers: no size (a truncate changes data, may
+#: copy up, and is the one the kernel sends a handle with: ``fuse_setattr``'s ATTR_FILE
+#: comes from ``do_truncate`` alone), no handle, no lock owner
+_SHORT_SETATTRS = _PATH_SETATTRS | p.FATTR_KILL_SUIDGID | p.FATTR_CTIME
+_FATTR_MODE, _FATTR_UID, _FATTR_GID = p.FATTR_MODE, p.FATTR_UID, p.FATTR_GID
+_FATTR_IDS, _FATTR_KILL = p.FATTR_UID | p.FATTR_GID, p.FATTR_KILL_SUIDGID
+_FATTR_ATIME, _FATTR_ATIME_NOW = p.FATTR_ATIME, p.FATTR_ATIME_NOW
+_FATTR_MTIME, _FATTR_MTIME_NOW = p.FATTR_MTIME, p.FATTR_MTIME_NOW
+_FATTR_TIMES = _FATTR_ATIME | _FATTR_ATIME_NOW | _FATTR_MTIME | _FATTR_MTIME_NOW
 
 
 def _chown_ids(sa: SetAttr) -> tuple[int, int] | None:
@@ -158,6 +167,17 @@ class OverlayOps(Operations):
         #: GETATTR without a handle: the engine's short path for cached directories (not
         #: where IDs are shown mapped: ``Ownership`` then has its say in every stat)
         self.getattr_node = None if fs.ownership.active else self._cached_dir_attr
+        #: SETATTR without a size of a named file open here (untar's utimens, chown and
+        #: chmod of each file): the engine's short path (``_setattr_short``), not where
+        #: ``Files.setattr_open`` never answers (IDs shown mapped) nor on a read-only mount
+        self.setattr_node = None if fs.ownership.active or not fs.writable \
+            or fs.copyup is None else self._setattr_short
+        #: GETXATTR of security.capability (before each write and chown of a file): the
+        #: engine's short path through an open handle (``_capability_short``); not with
+        #: noxattrs (the name then decides, ``_xattr``)
+        self.capability_node = None if fs.config.noxattrs else self._capability_short
+        #: RELEASE: the engine calls ``_release`` directly (a release needs no caller)
+        self.release_fh = self._release
         #: ``fuse_attr_out``'s timeout fields for ``timeout``
         self._attr_valid = p.split_timeout(self.timeout)
 
@@ -577,6 +597,57 @@ class OverlayOps(Operations):
         except NoNameLeft as e:  # (before any step: the name went since it was looked at)
             return self._setattr_gone(nodeid, self._gone(nodeid, e), sa)
 
+    def _setattr_short(self, uid: int, gid: int, pid: int, nodeid: int,
+                       fields: tuple) -> bytes | None:
+        """``setattr`` of a named, open, upper regular file with one link (untar's utimens,
+        chown and chmod of each file, before its close), packed (``fuse_attr_out``), from
+        the request's fields (``SETATTR_IN`` unpacked; the caller's IDs and pid): what
+        ``_setattr_named`` does through the handle (``Files.setattr_open``), with no
+        ``Request``, ``SetAttr``, path, ``Attr``, ``FileAttr`` nor ``AttrReply``. None, nothing
+        done, wherever ``setattr`` might answer otherwise or do more: a size, a handle or
+        a lock owner in the request, or nothing asked (a ``chown(f, -1, -1)``:
+        ``_may_strip``); a node without a name (unlinked: its inode's steps) or without an
+        open handle (by name: copy-up, lower files), a key that gives it no attribute
+        timeout (a lower hard link's name), fault points armed; and, as
+        ``Files.setattr_short`` checks under the handle's lock, a handle released or not on
+        its inode's current upper backing, a metacopy file, a file not regular or with
+        other links (their counts come from the name or the index)."""
+        valid = fields[0]
+        if valid & ~_SHORT_SETATTRS or not valid & _REQUESTS or faults.armed:
+            return None
+        found = self.nodes.named_open(nodeid)
+        if found is None:
+            return None
+        fh, key = found
+        if isinstance(key, InodeKey) and key.name is not None:
+            return None
+        # the request's values as ``SetAttr.decode``, ``_chown_ids`` and ``_time`` read them
+        mode = fields[11] if valid & _FATTR_MODE else None
+        ids = None
+        if valid & _FATTR_IDS:
+            ids = (fields[13] if valid & _FATTR_UID else -1, fields[14] if valid & _FATTR_GID else -1)
+        writer = None
+        if valid & _FATTR_KILL:  # any chown (see ``_kill_privs``)
+            writer = Writer(uid, gid, pid, may_be_capable=ids is not None)
+        times = None
+        if valid & _FATTR_TIMES:
+            times = (UTIME_OMIT if not valid & (_FATTR_ATIME | _FATTR_ATIME_NOW) else UTIME_NOW
+                     if valid & _FATTR_ATIME_NOW else fields[5] * 1_000_000_000 + fields[8],
+                     UTIME_OMIT if not valid & (_FATTR_MTIME | _FATTR_MTIME_NOW) else UTIME_NOW
+                     if valid & _FATTR_MTIME_NOW else fields[6] * 1_000_000_000 + fields[9])
+        try:
+            done = self.fs.files.setattr_short(fh, mode, ids, times, writer)
+        except BaseException:
+            self._changed()  # (as ``_changes``: a step may be done)
+            raise
+        if done is None:
+            return None
+        after, ino, killed = done
+        if killed:
+            self.notifier.inval_inode(nodeid, -1)
+        self._changed()
+        return pack_stat_attr_out(self._attr_valid, after, ino, None)
+
     def _chown_unchanged(self, req: Request, nodeid: int, sa: SetAttr) -> SetAttr:
         """A SETATTR asking for nothing: what ``fuse_setattr`` leaves of a ``chown(f, -1,
         -1)`` (its ctime, and a non-directory's kill flags, dropped) and of a writer's
@@ -804,6 +875,15 @@ class OverlayOps(Operations):
             if value is not None:
                 return value
         return None
+
+    def _capability_short(self, nodeid: int) -> bytes | int | None:
+        """``getxattr`` of ``security.capability`` as ``_capability_open`` answers it through
+        the node's first handle: the value, or ENODATA (an int) when absent; None where
+        that handle cannot answer (``Files.capability_short``: not on the inode's upper
+        backing, released meanwhile) or another error came (``getxattr`` then tries the
+        others and answers any error itself)."""
+        fh = self.nodes.first_handle(nodeid)
+        return None if fh is None else self.fs.files.capability_short(fh)
 
     def listxattr(self, req: Request, nodeid: int) -> list[str]:
         try:
@@ -1100,6 +1180,10 @@ class OverlayOps(Operations):
             self.notifier.inval_inode(nodeid, -1)
 
     def release(self, req: Request | None, nodeid: int, fh: int, flags: int = 0) -> None:
+        self._release(nodeid, fh, flags)
+
+    def _release(self, nodeid: int, fh: int, flags: int = 0) -> None:
+        """RELEASE (also the engine's ``release_fh``: no caller is needed)."""
         try:
             self.passthrough.release(fh)  # first: its bookkeeping reads the core's handle
             # a node with no name (O_TMPFILE, never linked) whose file this close frees

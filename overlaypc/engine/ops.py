@@ -192,6 +192,13 @@ class Operations:
     #: untar or an ``rm -rf``
     getattr_node: Callable[[int], bytes | None] | None = None
     setattr: Callable[[Request, int, SetAttr], AttrReply] = _nosys
+    #: if set, a SETATTR without extensions (where every caller may ask: no
+    #: ``deny_others``) calls this first with (uid, gid, pid, nodeid, ``SETATTR_IN``'s
+    #: fields as unpacked; no ``Request`` or ``SetAttr`` is made): the packed
+    #: ``fuse_attr_out``, or None, nothing done, to answer through ``setattr``. For a
+    #: filesystem that answers its common case without result objects: an untar's
+    #: utimens, chown and chmod of each file it makes (three per file)
+    setattr_node: Callable[[int, int, int, int, tuple], bytes | None] | None = None
     readlink: Callable[[Request, int], bytes] = _nosys
     symlink: Callable[[Request, int, bytes, bytes], Entry] = _nosys     # parent, name, target
     mknod: Callable[[Request, int, bytes, int, int], Entry] = _nosys    # parent, name, mode, rdev
@@ -215,12 +222,20 @@ class Operations:
     write: Callable[[Request, int, int, memoryview, int, int], int] = _nosys  # ..., write_flags
     flush: Callable[[Request, int, int], None] = _nosys
     release: Callable[[Request, int, int, int], None] = _nosys          # node, fh, flags
+    #: if set, RELEASE calls this instead of ``release``: (node, fh, flags), for a
+    #: filesystem whose release needs no caller (no ``Request`` is made: one per close)
+    release_fh: Callable[[int, int, int], None] | None = None
     fsync: Callable[[Request, int, int, bool], None] = _nosys           # node, fh, datasync
     #: an ``os.statvfs_result`` or a dict of its ``f_*`` fields (``protocol.pack_statfs``)
     statfs: Callable[[Request, int], object] = _nosys
     #: (node, name, value, flags[, setxattr_flags]): the last only with SETXATTR_EXT
     setxattr: Callable[..., None] = _nosys
     getxattr: Callable[[Request, int, str], bytes] = _nosys
+    #: if set, a GETXATTR of ``security.capability`` without extensions (no
+    #: ``deny_others``) calls this first with the node alone: the value, an errno to
+    #: answer (ENODATA: none), or None to answer through ``getxattr``. The kernel asks
+    #: for it before every write and chown of a file (untar: twice per file)
+    capability_node: Callable[[int], bytes | int | None] | None = None
     listxattr: Callable[[Request, int], list[str]] = _nosys
     removexattr: Callable[[Request, int, str], None] = _nosys
     access: Callable[[Request, int, int], None] = _nosys

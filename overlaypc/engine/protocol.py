@@ -292,14 +292,16 @@ def pack_stat_attr_out(valid: tuple[int, int], st: os.stat_result, ino: int,
                        nlink: int | None) -> bytes:
     """``pack_attr_out(FileAttr.from_stat(st, ino), timeout)`` (``valid``: its
     ``split_timeout``), ``st_nlink`` replaced by ``nlink`` unless None, in one ``pack``
-    with no object between (a directory's GETATTR after every change in it)."""
-    asec, ansec = divmod(st.st_atime_ns, 1_000_000_000)
-    msec, mnsec = divmod(st.st_mtime_ns, 1_000_000_000)
-    csec, cnsec = divmod(st.st_ctime_ns, 1_000_000_000)
-    return _ATTR_OUT_SIGNED.pack(valid[0], valid[1], 0, ino, st.st_size, st.st_blocks, asec, msec,
-                                 csec, ansec, mnsec, cnsec, st.st_mode,
-                                 st.st_nlink if nlink is None else nlink, st.st_uid & 0xFFFFFFFF,
-                                 st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+    with no object between (a directory's GETATTR after every change in it, an open file's
+    SETATTR). The seconds are the stat's integer fields 7-9 (``tv_sec``: the floor of the
+    ns value, as ``divmod`` gives it, negative times too), the nanoseconds the ns value's
+    remainder."""
+    return _ATTR_OUT_SIGNED.pack(valid[0], valid[1], 0, ino, st.st_size, st.st_blocks, st[7], st[8],
+                                 st[9], st.st_atime_ns % 1_000_000_000,
+                                 st.st_mtime_ns % 1_000_000_000, st.st_ctime_ns % 1_000_000_000,
+                                 st.st_mode, st.st_nlink if nlink is None else nlink,
+                                 st.st_uid & 0xFFFFFFFF, st.st_gid & 0xFFFFFFFF,
+                                 st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
 
 
 def pack_open(fh: int, open_flags: int, backing_id: int = 0) -> bytes:

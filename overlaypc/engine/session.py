@@ -70,6 +70,16 @@ _unpack_write = struct.Struct("<QQII").unpack_from
 _unpack_fh = _unpack_nlookup = struct.Struct("<Q").unpack_from
 #: a reply with no body (its header only)
 _EMPTY_SIZE = p.OUT_HEADER.size
+_SETATTR, _GETXATTR, _RELEASE = p.SETATTR, p.GETXATTR, p.RELEASE
+_unpack_setattr = p.SETATTR_IN.unpack_from
+#: fh, flags: the head of ``fuse_release_in``
+_unpack_release = struct.Struct("<QI").unpack_from
+#: where a GETXATTR's name starts, and the one ``Operations.capability_node`` answers
+_XATTR_NAME = _BODY + p.GETXATTR_IN.size
+_CAPABILITY = b"security.capability\0"
+_unpack_getxattr = p.GETXATTR_IN.unpack_from
+_pack_getxattr_out = p.GETXATTR_OUT.pack
+_GETXATTR_SIZE = p.OUT_HEADER.size + p.GETXATTR_OUT.size
 #: the replies to an OPENDIR through ``Operations.opendir_zero`` (handle 0): without and
 #: with the kernel's listing cache, and their length with the header
 _OPEN_ZERO = (p.pack_open(0, p.FOPEN_KEEP_CACHE),
@@ -180,6 +190,8 @@ class Session:
         self._releasedir_zero: Callable[[int], None] | None = None
         self._bind_zero_opendir()
         self._setxattr_ext = False
+        self._shorts: dict[int, Callable[[int, tuple, memoryview], bool]] = {}
+        self._bind_shorts()
         #: set when the connection has ended (the watch ends)
         self._stopped = False
         self._watcher: threading.Thread | None = None  # the pool's watch, while it runs
@@ -224,6 +236,7 @@ class Session:
         self.ops.init(conn)
         self._bind_zero_opendir()  # (the filesystem may set its hooks at ``init``)
         self._getattr_node = self.ops.getattr_node
+        self._bind_shorts()
         wanted = conn.wanted & init.flags
         if wanted >> 32 and not init.flags & p.INIT_EXT:
             wanted &= 0xFFFFFFFF
@@ -242,6 +255,23 @@ class Session:
         log.debug("INIT: kernel %d.%d, flags %#x of %#x", init.major, init.minor, wanted, init.flags)
         self.ops.initialized(conn)
         return conn
+
+    def _bind_shorts(self) -> None:
+        """The short handlers ``dispatch`` tries by opcode before the generic path (each
+        True when it answered, False to go on): those of the filesystem's hooks that are
+        set (``Operations.setattr_node``, ``capability_node``, ``release_fh``); SETATTR's and
+        GETXATTR's not with ``deny_others``, which refuses some callers of both."""
+        ops, shorts = self.ops, {}
+        self._setattr_node, self._capability_node = ops.setattr_node, ops.capability_node
+        self._release_fh = ops.release_fh
+        if self.deny_others is None:
+            if self._setattr_node is not None:
+                shorts[_SETATTR] = self._setattr_short
+            if self._capability_node is not None:
+                shorts[_GETXATTR] = self._capability_short
+        if self._release_fh is not None:  # (exempt from ``deny_others``)
+            shorts[_RELEASE] = self._release_short
+        self._shorts = shorts
 
     def _bind_zero_opendir(self) -> None:
         """Take the filesystem's ``opendir_zero``/``releasedir_zero`` hooks (both or
@@ -493,6 +523,10 @@ class Session:
             except OSError as e:
                 self._write_failed(e)
             return
+        # an open file's SETATTR, GETXATTR of its capability and RELEASE (six of an untar's
+        # ten requests per file): the filesystem's short answers (``_bind_shorts``)
+        if op in self._shorts and self._shorts[op](fd, head, msg):
+            return
         # extensions (total_extlen, in 8-byte units) come only with SECURITY_CTX or
         # CREATE_SUPP_GROUP, neither negotiated: the common header is taken as read
         hdr = _tuple_new(_InHeader, head[:8]) if not head[7] else _InHeader(*head[:7], head[7] * 8)
@@ -551,6 +585,86 @@ class Session:
             self._writev(fd, [_pack_out(_ATTR_REPLY_SIZE, 0, unique), reply])
         except OSError as e:
             self._write_failed(e)
+
+    def _setattr_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """SETATTR through ``Operations.setattr_node`` (no header object, ``Request``,
+        ``SetAttr`` nor reply object); False, nothing answered, for a request with
+        extensions or one the hook leaves to ``setattr``."""
+        if head[7]:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            reply = self._setattr_node(head[4], head[5], head[6], nodeid,
+                                       _unpack_setattr(msg, _BODY))
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _SETATTR, nodeid, e)
+            return True
+        if reply is None:
+            return False
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("SETATTR(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_ATTR_REPLY_SIZE, 0, unique), reply])
+        except OSError as e:
+            self._write_failed(e)
+        return True
+
+    def _capability_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """GETXATTR of ``security.capability`` through ``Operations.capability_node``,
+        answered as ``_getxattr`` and ``_failed`` answer it (size 0 asks for the length, a
+        short buffer is ERANGE); False, nothing answered, for another name, a request
+        with extensions, or one the hook leaves to ``getxattr``."""
+        if head[7] or msg[_XATTR_NAME:] != _CAPABILITY:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            value = self._capability_node(nodeid)
+        except Exception as e:  # noqa: BLE001
+            self._failed(fd, unique, _GETXATTR, nodeid, e)
+            return True
+        if value is None:
+            return False
+        if value.__class__ is int:  # (an errno: answered as ``_failed`` answers its OSError)
+            if log.isEnabledFor(logs.DEBUG):
+                log.debug("GETXATTR(%d) -> %s", nodeid, errno.errorcode.get(value, value))
+            try:
+                self._writev(fd, [_pack_out(_OUT_SIZE, -value, unique)])
+            except OSError as e:
+                self._write_failed(e)
+            return True
+        size = _unpack_getxattr(msg, _BODY)[0]
+        if size and len(value) > size:
+            self._failed(fd, unique, _GETXATTR, nodeid, OSError(errno.ERANGE, "buffer too small"))
+            return True
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("GETXATTR(%d) -> ok", nodeid)
+        try:
+            if size:
+                self._writev(fd, [_pack_out(_OUT_SIZE + len(value), 0, unique), value])
+            else:
+                self._writev(fd, [_pack_out(_GETXATTR_SIZE, 0, unique),
+                                  _pack_getxattr_out(len(value), 0)])
+        except OSError as e:
+            self._write_failed(e)
+        return True
+
+    def _release_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """RELEASE through ``Operations.release_fh`` (no header object, ``Request`` nor
+        reply object); always answers."""
+        nodeid = head[3]
+        try:
+            fh, flags = _unpack_release(msg, _BODY)
+            self._release_fh(nodeid, fh, flags)
+        except Exception as e:  # noqa: BLE001
+            self._failed(fd, head[2], _RELEASE, nodeid, e)
+            return True
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("RELEASE(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, head[2])])
+        except OSError as e:
+            self._write_failed(e)
+        return True
 
     def _open_zero(self, fd: int, head: tuple) -> None:
         """OPENDIR through ``opendir_zero``; released again if the reply never reaches
