@@ -559,6 +559,43 @@ class Lookup:
             return None
         return node, st
 
+    def upper_dir(self, rel: str) -> Entry | None:
+        """The upper entry of directory ``rel`` (not the root), with its held fd, when the
+        cache holds the directory as that entry alone at its own path: an upper-only or an
+        opaque directory, not one reached through a redirect. Only the upper holds names
+        in it: ``_lookup_in`` stats a name there in that fd and nowhere else (no layer
+        below holds the parent, so no whiteout is looked for either). None otherwise. The
+        LRU move of ``_cached``; no freshness check, as ``_directory``'s (changes through
+        the mount drop what they touch)."""
+        with self._lock:
+            hit = self._dirs.get(rel)
+            if hit is None:
+                return None
+            self._dirs.move_to_end(rel)
+        entries = hit[0].entries
+        if len(entries) != 1:
+            return None
+        top = entries[0]
+        layer = top.layer
+        if not layer.writable or layer.index or top.rel != rel or top.dirfd is None:
+            return None
+        return top
+
+    def absent_upper(self, parent_rel: str, name: str) -> bool:
+        """``lookup`` of ``name`` in directory ``parent_rel`` for its negative answer alone,
+        found and kept as ``_lookup`` does (``absent``, for the creation that follows):
+        True when the parent is ``upper_dir`` and its upper has nothing at the name (one
+        ``fstatat``). False where ``lookup`` would find something (an object, a whiteout)
+        or look elsewhere: the caller looks it up then. ``name`` is a plain one (neither
+        empty, ``.``, ``..``, an OCI marker's nor over NAME_MAX bytes: the caller's checks)."""
+        epoch = self._epoch  # read before the layers, so a racing change voids the store
+        top = self.upper_dir(parent_rel)
+        if top is None or top.layer.stat_at(top.dirfd, name) is not None:
+            return False
+        rel = f"{parent_rel}/{name}"
+        self._keep_absent(rel, epoch, Node(rel, ()))
+        return True
+
     def directory(self, rel: str) -> Node:
         """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one. At the fd
         limit the walk waits for fds (``fdbudget.patiently``, inlined)."""

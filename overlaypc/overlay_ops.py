@@ -32,7 +32,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from . import acl, faults, logs, scopes
+from . import acl, faults, logs, scopes, whiteout
 from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -43,7 +43,8 @@ from .inodes import InodeKey, OverlayInode
 from .killpriv import (CAP_FOWNER, CAP_SETFCAP, CAPABILITY_XATTR, Writer, has_capability,
                        has_fsetid, stripped_mode)
 from .listings import KEY_BITS, OpenDirs, Snapshot, Snapshots, split_cookie
-from .lookup import Node
+from .lookup import NAME_MAX, Node
+from .lookup import Entry as LayerEntry
 from .mounting import raise_readahead
 from .nameless import GoneDir
 from .namespace import Caller
@@ -117,6 +118,13 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+def _plain_name(name: str) -> bool:
+    """Whether a decoded name is one a short path may take as it is: not empty, no ``/``
+    (EINVAL), not ``.`` or ``..`` (EINVAL), not an OCI marker's (never shown)."""
+    return bool(name) and "/" not in name and name not in (".", "..") \
+        and not whiteout.is_oci_name(name)
+
+
 def _changes(method):
     """An operation that may change a file's data or attributes without a namespace
     change (those move the lookup's epoch): once it has run (failed too, a part may be
@@ -158,6 +166,14 @@ class OverlayOps(Operations):
         #: GETATTR without a handle: the engine's short path for cached directories (not
         #: where IDs are shown mapped: ``Ownership`` then has its say in every stat)
         self.getattr_node = None if fs.ownership.active else self._cached_dir_attr
+        #: a new name's negative LOOKUP and an UNLINK in an upper-only directory: the
+        #: engine's short paths (``_lookup_absent``, ``_unlink_name``)
+        self.lookup_absent = self._lookup_absent
+        self.unlink_name = self._unlink_name if fs.writable and fs.index is None else None
+        #: a negative entry (``lookup``'s), packed
+        self._negative_entry = p.pack_entry(0, 0, None, self.timeout, self.timeout)
+        #: the marks that make an upper file's lookup more than its stat (``_unlink_name``)
+        self._upper_file_marks = (fs.lookup.prefix + "metacopy", fs.lookup.prefix + "redirect")
         #: ``fuse_attr_out``'s timeout fields for ``timeout``
         self._attr_valid = p.split_timeout(self.timeout)
 
@@ -488,6 +504,39 @@ class OverlayOps(Operations):
         with self.fs.ns_lock:
             rel, decoded = self._child(parent, name)
             return self._take(parent, decoded, rel)
+
+    def _lookup_absent(self, parent: int, name: bytes) -> bytes | None:
+        """LOOKUP of a name absent from an upper-only directory (``Lookup.absent_upper``:
+        the kernel's LOOKUP before each creation, one per file of an untar), as ``lookup``
+        answers it, packed, the absence kept for the creation as ``lookup`` keeps it; the
+        same path (``NodeTable.dir_path``, the directory's path ``_path`` makes), the same
+        ``pathguard`` rule (a move since the path was made: ``lookup`` answers, under the
+        namespace lock). None wherever ``lookup`` might answer otherwise or do more: fault
+        points armed, a move in progress, a name ``lookup`` refuses or never shows (over
+        NAME_MAX, empty, ``/``, dots, an OCI marker's), a parent not a directory with a
+        path (the root: merged), not cached, not upper-only (a layer below may hold the
+        name), a name found (an object or a whiteout: ``lookup`` stats it again and
+        answers), an error."""
+        if faults.armed:
+            return None
+        paths = self._paths
+        moves = paths.moves
+        if moves & 1 or len(name) > NAME_MAX:
+            return None
+        prel = self.nodes.dir_path(parent)
+        if not prel:
+            return None
+        decoded = os.fsdecode(name)
+        if not _plain_name(decoded):
+            return None
+        try:
+            if not self.fs.lookup.absent_upper(prel, decoded):
+                return None
+        except OSError:
+            return None
+        if paths.moves != moves:
+            return None
+        return self._negative_entry
 
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
@@ -940,6 +989,69 @@ class OverlayOps(Operations):
 
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
         self._removal(parent, name, self.fs.rmdir)
+
+    def _unlink_name(self, parent: int, name: bytes) -> bool:
+        """UNLINK of a non-directory in an upper-only directory (one per file of an ``rm
+        -rf``), as ``unlink`` does it: in one namespace lock hold, the lookup of the name
+        (``Lookup.upper_dir``: only the upper holds it; its ``fstatat`` and, for a regular
+        file, its xattr names: a metacopy or redirect mark makes it more than its upper
+        file), the ``unlinkat`` in that directory's held fd (``Layer.unlink_at``, what
+        ``Namespace._remove`` does with no lower name to hide), counted in ``pathguard``
+        until the node table dropped the name (``keep_key`` for a file with other links),
+        an open file's inode told (``OverlayFS.unlinked``), and the lookup's epoch moved
+        at the end. False, with nothing changed and the lock released, wherever
+        ``unlink`` might do otherwise or more: fault points armed, a read-only mount or
+        index=on (not set then), a move in progress or since the path was made, a name
+        ``unlink`` refuses (over NAME_MAX, empty, ``/``, dots, an OCI marker's), a parent
+        not a directory with a path, not cached, not upper-only (a lower may hold the name:
+        a whiteout, a copy-up of the parent), the name absent, a directory, a whiteout, a
+        file with those marks or whose xattrs cannot be listed, an error before the
+        change. The change's own error (``unlinkat``'s) is the answer."""
+        fs = self.fs
+        if faults.armed or fs.index is not None or fs.copyup is None:
+            return False
+        paths = self._paths
+        moves = paths.moves
+        if moves & 1 or len(name) > NAME_MAX:
+            return False
+        prel = self.nodes.dir_path(parent)
+        if not prel:
+            return False
+        decoded = os.fsdecode(name)
+        if not _plain_name(decoded):
+            return False
+        lookup = fs.lookup
+        with fs.ns_lock:
+            if paths.moves != moves:
+                return False
+            top = lookup.upper_dir(prel)
+            if top is None:
+                return False
+            layer, dirfd = top.layer, top.dirfd
+            try:
+                st = layer.stat_at(dirfd, decoded)
+                if st is None:
+                    return False
+                mode = st.st_mode
+                if stat.S_ISDIR(mode) or whiteout.is_whiteout(st):
+                    return False
+                if stat.S_ISREG(mode):
+                    names = layer.xattr_names_at(dirfd, decoded)
+                    if names is None or not names.isdisjoint(self._upper_file_marks):
+                        return False
+            except OSError:
+                return False
+            rel = f"{prel}/{decoded}"
+            key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper object)
+            try:
+                with paths.moving():
+                    layer.unlink_at(dirfd, decoded, rel)
+                    if fs.inodes.get(key) is not None:  # (open: ``unlinked`` has its say)
+                        fs.unlinked(Node(rel, (LayerEntry(layer, rel, st),)), key)
+                    self.nodes.unlink(parent, decoded, keep_key=st.st_nlink > 1)
+            finally:
+                lookup.changed()
+        return True
 
     def _removal(self, parent: int, name: bytes,
                  remove: "Callable[[str, Callable[[Node], None]], object]") -> None:

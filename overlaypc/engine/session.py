@@ -55,6 +55,10 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
 
 _READ, _WRITE, _FORGET, _OPENDIR, _RELEASEDIR = p.READ, p.WRITE, p.FORGET, p.OPENDIR, p.RELEASEDIR
 _GETATTR, _GETATTR_FH = p.GETATTR, p.GETATTR_FH
+_LOOKUP, _UNLINK = p.LOOKUP, p.UNLINK
+_NAMED_SHORT = frozenset((_LOOKUP, _UNLINK))
+#: a LOOKUP's reply, its header included
+_ENTRY_REPLY_SIZE = p.OUT_HEADER.size + p.ENTRY_OUT.size
 _unpack_getattr = p.GETATTR_IN.unpack_from
 #: a GETATTR's reply, its header included
 _ATTR_REPLY_SIZE = p.OUT_HEADER.size + p.ATTR_OUT.size
@@ -176,6 +180,8 @@ class Session:
         self._handlers = self._handler_table()
         self._read_fh = ops.read_fh
         self._getattr_node = ops.getattr_node
+        self._lookup_absent = ops.lookup_absent
+        self._unlink_name = ops.unlink_name
         self._opendir_zero: Callable[[int], bool] | None = None
         self._releasedir_zero: Callable[[int], None] | None = None
         self._bind_zero_opendir()
@@ -224,6 +230,8 @@ class Session:
         self.ops.init(conn)
         self._bind_zero_opendir()  # (the filesystem may set its hooks at ``init``)
         self._getattr_node = self.ops.getattr_node
+        self._lookup_absent = self.ops.lookup_absent
+        self._unlink_name = self.ops.unlink_name
         wanted = conn.wanted & init.flags
         if wanted >> 32 and not init.flags & p.INIT_EXT:
             wanted &= 0xFFFFFFFF
@@ -474,6 +482,12 @@ class Session:
         if op == _GETATTR and not head[7] and self.deny_others is None:
             self._getattr_short(fd, head, msg)
             return
+        # a new name's negative LOOKUP (one per file of an untar) and an UNLINK (one per
+        # file of an rm -rf), answered without a header object, ``Request`` or reply
+        # object when the filesystem's short path takes them (else the generic way below)
+        if op in _NAMED_SHORT and not head[7] and self.deny_others is None \
+                and (self._lookup_short if op == _LOOKUP else self._unlink_short)(fd, head, msg):
+            return
         # a directory opened and released with handle 0 (``Operations.opendir_zero``): one
         # of each per directory a warm ``find`` lists from the kernel's cache, so answered
         # as READ is (neither carries extensions; RELEASEDIR is exempt from ``deny_others``,
@@ -551,6 +565,55 @@ class Session:
             self._writev(fd, [_pack_out(_ATTR_REPLY_SIZE, 0, unique), reply])
         except OSError as e:
             self._write_failed(e)
+
+    def _lookup_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """LOOKUP through ``Operations.lookup_absent``: True when it answered (a negative
+        entry, or its error), False to answer the generic way (nothing sent)."""
+        if self._lookup_absent is None:
+            return False
+        unique, nodeid = head[2], head[3]
+        raw = bytes(msg[_BODY:])
+        end = raw.find(0)
+        if end < 0:
+            return False  # (the generic way answers a name without its NUL)
+        try:
+            reply = self._lookup_absent(nodeid, raw[:end])
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _LOOKUP, nodeid, e)
+            return True
+        if reply is None:
+            return False
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("LOOKUP(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_ENTRY_REPLY_SIZE, 0, unique), reply])
+        except OSError as e:
+            self._write_failed(e)  # (a negative entry holds no reference: nothing to undo)
+        return True
+
+    def _unlink_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """UNLINK through ``Operations.unlink_name``: True when it answered (done, or its
+        error), False to answer the generic way (nothing done, nothing sent)."""
+        if self._unlink_name is None:
+            return False
+        unique, nodeid = head[2], head[3]
+        raw = bytes(msg[_BODY:])
+        end = raw.find(0)
+        if end < 0:
+            return False
+        try:
+            if not self._unlink_name(nodeid, raw[:end]):
+                return False
+        except Exception as e:  # noqa: BLE001
+            self._failed(fd, unique, _UNLINK, nodeid, e)
+            return True
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("UNLINK(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, unique)])
+        except OSError as e:
+            self._write_failed(e)
+        return True
 
     def _open_zero(self, fd: int, head: tuple) -> None:
         """OPENDIR through ``opendir_zero``; released again if the reply never reaches
