@@ -43,7 +43,7 @@ from .inodes import InodeKey, OverlayInode
 from .killpriv import (CAP_FOWNER, CAP_SETFCAP, CAPABILITY_XATTR, Writer, has_capability,
                        has_fsetid, stripped_mode)
 from .listings import KEY_BITS, OpenDirs, Snapshot, Snapshots, split_cookie
-from .lookup import NAME_MAX, Node
+from .lookup import NAME_MAX, Node, UpperName
 from .lookup import Entry as LayerEntry
 from .mounting import raise_readahead
 from .nameless import GoneDir
@@ -166,9 +166,9 @@ class OverlayOps(Operations):
         #: GETATTR without a handle: the engine's short path for cached directories (not
         #: where IDs are shown mapped: ``Ownership`` then has its say in every stat)
         self.getattr_node = None if fs.ownership.active else self._cached_dir_attr
-        #: a new name's negative LOOKUP and an UNLINK in an upper-only directory: the
-        #: engine's short paths (``_lookup_absent``, ``_unlink_name``)
-        self.lookup_absent = self._lookup_absent
+        #: a LOOKUP and an UNLINK in an upper-only directory: the engine's short paths
+        #: (``_lookup_name``, ``_unlink_name``)
+        self.lookup_name = self._lookup_name
         self.unlink_name = self._unlink_name if fs.writable and fs.index is None else None
         #: a negative entry (``lookup``'s), packed
         self._negative_entry = p.pack_entry(0, 0, None, self.timeout, self.timeout)
@@ -249,16 +249,19 @@ class OverlayOps(Operations):
             raise OSError(errno.EINVAL, "invalid name", decoded)
         return _join(self._path(parent), decoded), decoded
 
-    def _take(self, parent: int, name: str, rel: str, moves: int | None = None) -> Entry | None:
+    def _take(self, parent: int, name: str, rel: str, moves: int | None = None,
+              found: UpperName | None = None, table_epoch: int = 0) -> Entry | None:
         """Look ``rel`` up and take one reference to its node; None if it does not exist.
         ``moves``: ``PathGuard.moves`` read before ``rel`` was made; if a directory was
         renamed since (or was being renamed then), ``rel`` may be stale: ``_MOVED``,
-        nothing taken. (What a creation made: ``_made``.)"""
+        nothing taken. ``found``: the first look as ``Lookup.upper_name`` read it, with
+        ``table_epoch`` read before it (``_lookup_name``). (What a creation made: ``_made``.)"""
         fs = self.fs
         while True:
-            epoch = self.nodes.epoch
+            epoch = self.nodes.epoch if found is None else table_epoch
+            seen, found = found, None
             try:
-                node, attr = fs.lookup_attr(rel)
+                node, attr = fs.lookup_attr(rel, seen)
             except OSError as e:
                 # (ENOTDIR: a stale path whose component is no directory now, as a
                 # whiteout left at the old place of a moved directory, a file made there)
@@ -505,18 +508,19 @@ class OverlayOps(Operations):
             rel, decoded = self._child(parent, name)
             return self._take(parent, decoded, rel)
 
-    def _lookup_absent(self, parent: int, name: bytes) -> bytes | None:
-        """LOOKUP of a name absent from an upper-only directory (``Lookup.absent_upper``:
-        the kernel's LOOKUP before each creation, one per file of an untar), as ``lookup``
-        answers it, packed, the absence kept for the creation as ``lookup`` keeps it; the
-        same path (``NodeTable.dir_path``, the directory's path ``_path`` makes), the same
-        ``pathguard`` rule (a move since the path was made: ``lookup`` answers, under the
-        namespace lock). None wherever ``lookup`` might answer otherwise or do more: fault
-        points armed, a move in progress, a name ``lookup`` refuses or never shows (over
-        NAME_MAX, empty, ``/``, dots, an OCI marker's), a parent not a directory with a
-        path (the root: merged), not cached, not upper-only (a layer below may hold the
-        name), a name found (an object or a whiteout: ``lookup`` stats it again and
-        answers), an error."""
+    def _lookup_name(self, parent: int, name: bytes) -> bytes | Entry | None:
+        """LOOKUP of a name in an upper-only directory (``Lookup.upper_name``: one
+        ``fstatat`` in the directory's upper fd), as ``lookup`` answers it: absent (the
+        kernel's LOOKUP before each creation, one per file of an untar), the negative entry
+        packed, the absence kept for the creation as ``lookup`` keeps it; found, ``_take``
+        of the node made from that stat (``Lookup.found_upper``: not read again). The same
+        path (``NodeTable.dir_path``, the directory's path ``_path`` makes), the same
+        ``pathguard`` rule (a move since the path was made: again under the namespace
+        lock). None, with nothing taken, wherever ``lookup`` might answer otherwise or do
+        more: fault points armed, a move in progress, a name ``lookup`` refuses or never
+        shows (over NAME_MAX, empty, ``/``, dots, an OCI marker's), a parent not a
+        directory with a path (the root: merged), not cached, not upper-only (a layer
+        below may hold the name), an error of that ``fstatat``."""
         if faults.armed:
             return None
         paths = self._paths
@@ -529,14 +533,21 @@ class OverlayOps(Operations):
         decoded = os.fsdecode(name)
         if not _plain_name(decoded):
             return None
+        table_epoch = self.nodes.epoch  # (``_take``'s, read before the layers)
         try:
-            if not self.fs.lookup.absent_upper(prel, decoded):
-                return None
+            found = self.fs.lookup.upper_name(prel, decoded)
         except OSError:
             return None
-        if paths.moves != moves:
+        if found is None:
             return None
-        return self._negative_entry
+        if found.st is None:
+            return self._negative_entry if paths.moves == moves else None
+        entry = self._take(parent, decoded, f"{prel}/{decoded}", moves, found, table_epoch)
+        if entry is _MOVED:  # (``_take_current``'s second try)
+            with self.fs.ns_lock:
+                rel, decoded = self._child(parent, name)
+                entry = self._take(parent, decoded, rel)
+        return self._negative_entry if entry is None else entry
 
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
@@ -1024,9 +1035,10 @@ class OverlayOps(Operations):
         with fs.ns_lock:
             if paths.moves != moves:
                 return False
-            top = lookup.upper_dir(prel)
-            if top is None:
+            pnode = lookup.upper_dir(prel)
+            if pnode is None:
                 return False
+            top = pnode.entries[0]
             layer, dirfd = top.layer, top.dirfd
             try:
                 st = layer.stat_at(dirfd, decoded)

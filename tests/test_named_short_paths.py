@@ -1,5 +1,5 @@
 """The short negative LOOKUP and UNLINK of a name in an upper-only directory
-(``OverlayOps._lookup_absent`` and ``_unlink_name``, the engine's ``lookup_absent`` and
+(``OverlayOps._lookup_name`` and ``_unlink_name``, the engine's ``lookup_absent`` and
 ``unlink_name``) answer what ``lookup`` and ``unlink`` answer, or leave the request to them
 with nothing done.
 
@@ -66,39 +66,83 @@ def test_a_negative_lookup_answers_as_lookup_and_keeps_the_absence(ops, tree, pa
     for k in range(path.count("/") + 1):
         _made(ops, "/".join(path.split("/")[:k + 1]))
     d = look(ops, path)
-    got = ops._lookup_absent(d, b"new")
+    got = ops._lookup_name(d, b"new")
     assert got is not None, "an upper-only directory went the generic way"
     assert got == generic_lookup(ops, d, b"new")
     assert ops.fs.lookup.absent(f"{path}/new") is not None  # kept for the creation
     with ops.fs.ns_lock:
         ops.fs.lookup._absent.clear()
-    assert ops._lookup_absent(d, b"new") is not None
+    assert ops._lookup_name(d, b"new") is not None
     f = _create(ops, d, b"new")  # (takes the kept absence)
     assert (tree / "upper" / path / "new").is_file() and look(ops, f"{path}/new") == f
-    assert ops._lookup_absent(d, b"new") is None  # found: ``lookup`` answers
 
 
-def test_names_found_or_hidden_are_left_to_lookup(ops, tree):
+def _entry_bytes(e) -> bytes:
+    return p.pack_entry(e.nodeid, e.generation, e.attr, e.entry_timeout, e.attr_timeout)
+
+
+def _counting_stats(ops) -> list:
+    """Every ``fstatat`` of the upper layer from now on (its arguments)."""
+    upper = ops.fs.stack.upper
+    calls, real = [], upper.stat_at
+
+    def stat_at(parent, name):
+        calls.append(name)
+        return real(parent, name)
+    upper.stat_at = stat_at
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "directory", "cached directory", "hard link"])
+def test_a_name_found_is_looked_up_from_that_one_stat(ops, tree, kind):
+    """Found, the name's node is made from the short path's ``fstatat`` (``found_upper``),
+    not read again: the entry ``lookup`` answers (nodeid, attributes, timeouts), one
+    reference taken; a cached directory checked against its held fd from that stat."""
+    d = _made(ops, "up")
+    look(ops, "up")
+    up = tree / "upper" / "up"
+    if kind == "file":
+        (up / "x").write_text("made behind the mount's back")
+    elif kind == "symlink":
+        os.symlink("target", up / "x")
+    elif kind == "hard link":
+        (up / "o").write_text("o")
+        os.link(up / "o", up / "x")
+    else:
+        (up / "x").mkdir()
+        if kind == "cached directory":
+            look(ops, "up/x")
+    stats = _counting_stats(ops)
+    got = ops._lookup_name(d, b"x")
+    assert got is not None and got.nodeid
+    # (a directory found: its OCI opaque marker looked for in it, as ``lookup`` does)
+    assert stats == (["x", ".wh..wh..opq"] if kind == "directory" else ["x"])
+    assert ops.nodes.nlookup(got.nodeid) == (2 if kind == "cached directory" else 1)
+    assert _entry_bytes(got) == generic_lookup(ops, d, b"x")
+    if kind == "directory":
+        assert ops._lookup_name(got.nodeid, b"y") is not None  # cached by that lookup
+
+
+def test_names_found_or_hidden_answer_as_lookup(ops, tree):
     d = _made(ops, "up")
     (tree / "upper" / "up" / "behind").write_text("made behind the mount's back")
     os.mknod(tree / "upper" / "up" / "wh", stat.S_IFCHR, 0)  # a whiteout: absent, not kept
-    assert ops._lookup_absent(d, b"behind") is None
-    assert ops.lookup(REQ, d, b"behind").nodeid == look(ops, "up/behind")
-    assert ops._lookup_absent(d, b"wh") is None
-    assert ops.lookup(REQ, d, b"wh").nodeid == 0
-    assert ops.fs.lookup.absent("up/wh") is None
+    look(ops, "up")
+    assert _entry_bytes(ops._lookup_name(d, b"behind")) == generic_lookup(ops, d, b"behind")
+    assert ops._lookup_name(d, b"wh") == generic_lookup(ops, d, b"wh")  # negative
+    assert ops.fs.lookup.absent("up/wh") is None  # a whiteout: not kept
     for name in (b".wh.x", b".", b"..", b"a" * 256, b"", b"a/b"):
-        assert ops._lookup_absent(d, name) is None, name
+        assert ops._lookup_name(d, name) is None, name
 
 
 def test_merged_and_root_directories_are_left_to_lookup(ops, tree):
     mg = look(ops, "mg")
-    assert ops._lookup_absent(mg, b"new") is None  # a lower may hold the name
-    assert ops._lookup_absent(mg, b"lo") is None
+    assert ops._lookup_name(mg, b"new") is None  # a lower may hold the name
+    assert ops._lookup_name(mg, b"lo") is None
     assert ops.lookup(REQ, mg, b"lo").nodeid  # (the lower's)
-    assert ops._lookup_absent(ROOT_ID, b"new") is None
+    assert ops._lookup_name(ROOT_ID, b"new") is None
     f = _create(ops, look(ops, "mg"), b"f")  # a file is no directory
-    assert ops._lookup_absent(f, b"x") is None
+    assert ops._lookup_name(f, b"x") is None
 
 
 def test_an_opaque_directory_holds_names_in_the_upper_alone(ops, tree):
@@ -108,9 +152,9 @@ def test_an_opaque_directory_holds_names_in_the_upper_alone(ops, tree):
     ops.unlink(REQ, mg, b"lo")
     ops.rmdir(REQ, ROOT_ID, b"mg")
     mg = _made(ops, "mg")
-    assert ops._lookup_absent(mg, b"lo") is None  # not cached yet (MKDIR caches nothing)
+    assert ops._lookup_name(mg, b"lo") is None  # not cached yet (MKDIR caches nothing)
     assert ops.lookup(REQ, mg, b"x").nodeid == 0  # (the kernel's first LOOKUP in it)
-    got = ops._lookup_absent(mg, b"lo")
+    got = ops._lookup_name(mg, b"lo")
     assert got is not None and got == generic_lookup(ops, mg, b"lo")
 
 
@@ -118,34 +162,34 @@ def test_an_uncached_parent_or_a_move_takes_the_generic_lookup(ops):
     d = _made(ops, "up")
     look(ops, "up")
     ops.fs.lookup.invalidate()
-    assert ops._lookup_absent(d, b"x") is None  # not cached: ``lookup`` walks
+    assert ops._lookup_name(d, b"x") is None  # not cached: ``lookup`` walks
     assert ops.lookup(REQ, d, b"x").nodeid == 0
-    assert ops._lookup_absent(d, b"x") is not None  # cached by that walk
+    assert ops._lookup_name(d, b"x") is not None  # cached by that walk
     with ops._paths.moving():
-        assert ops._lookup_absent(d, b"x") is None
+        assert ops._lookup_name(d, b"x") is None
     faults.install("ops.nothing", lambda *a: None)
     try:
-        assert ops._lookup_absent(d, b"x") is None
+        assert ops._lookup_name(d, b"x") is None
     finally:
         faults.configure(None)
-    assert ops._lookup_absent(d, b"x") is not None
+    assert ops._lookup_name(d, b"x") is not None
 
 
 def test_a_parent_renamed_or_removed_meanwhile(ops, tree):
     d = _made(ops, "up")
     look(ops, "up")
-    assert ops._lookup_absent(d, b"x") is not None
+    assert ops._lookup_name(d, b"x") is not None
     ops.rename(REQ, ROOT_ID, b"up", ROOT_ID, b"moved")
-    assert ops._lookup_absent(d, b"x") is None  # (a rename drops the cached directory)
+    assert ops._lookup_name(d, b"x") is None  # (a rename drops the cached directory)
     assert ops.lookup(REQ, d, b"x").nodeid == 0  # cached again, at its new path
     (tree / "upper" / "moved" / "y").write_text("y")
-    assert ops._lookup_absent(d, b"y") is None  # found at the new path
-    assert ops._lookup_absent(d, b"x") == generic_lookup(ops, d, b"x")
+    assert ops._lookup_name(d, b"y").nodeid == look(ops, "moved/y")  # at the new path
+    assert ops._lookup_name(d, b"x") == generic_lookup(ops, d, b"x")
     assert ops.fs.lookup.absent("moved/x") is not None
     e = ops.mkdir(REQ, d, b"sub", 0o755).nodeid
     ops.lookup(REQ, e, b"x")
     ops.rmdir(REQ, d, b"sub")
-    assert ops._lookup_absent(e, b"x") is None  # no name left: ``lookup`` answers ENOENT
+    assert ops._lookup_name(e, b"x") is None  # no name left: ``lookup`` answers ENOENT
     with pytest.raises(FileNotFoundError):
         ops.lookup(REQ, e, b"x")
 
@@ -162,7 +206,7 @@ def test_an_upper_only_directory_moved_over_a_lower_one(tree):
         look(ops, "empty")
         ops.rename(REQ, ROOT_ID, b"up", ROOT_ID, b"empty")
         assert ops.lookup(REQ, d, b"x").nodeid == 0
-        got = ops._lookup_absent(d, b"x")
+        got = ops._lookup_name(d, b"x")
         assert got in (None, generic_lookup(ops, d, b"x"))
         assert (got is None) == (len(ops.fs.lookup._cached("empty").entries) > 1)
     finally:
@@ -280,6 +324,6 @@ def test_read_only_and_index_mounts_take_no_short_unlink(tree, options):
     ops, close = make_ops(tree, **options)
     try:
         assert ops.unlink_name is None
-        assert ops.lookup_absent is not None
+        assert ops.lookup_name is not None
     finally:
         close()

@@ -193,9 +193,10 @@ class Operations:
     getattr_node: Callable[[int], bytes | None] | None = None
     #: if set, a LOOKUP (where every caller may ask) calls this first, with the parent's
     #: node and the name alone (no ``Request``): the packed ``fuse_entry_out`` of a
-    #: *negative* entry, or None to answer through ``lookup``. The kernel sends a negative
-    #: LOOKUP before each creation of a new name (one per file of an untar)
-    lookup_absent: Callable[[int, bytes], bytes | None] | None = None
+    #: negative entry, the ``Entry`` ``lookup`` would answer (its reference taken), or
+    #: None to answer through ``lookup``. The kernel sends a negative LOOKUP before each
+    #: creation of a new name (one per file of an untar)
+    lookup_name: Callable[[int, bytes], "bytes | Entry | None"] | None = None
     setattr: Callable[[Request, int, SetAttr], AttrReply] = _nosys
     readlink: Callable[[Request, int], bytes] = _nosys
     symlink: Callable[[Request, int, bytes, bytes], Entry] = _nosys     # parent, name, target

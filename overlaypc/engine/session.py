@@ -180,7 +180,7 @@ class Session:
         self._handlers = self._handler_table()
         self._read_fh = ops.read_fh
         self._getattr_node = ops.getattr_node
-        self._lookup_absent = ops.lookup_absent
+        self._lookup_name = ops.lookup_name
         self._unlink_name = ops.unlink_name
         self._opendir_zero: Callable[[int], bool] | None = None
         self._releasedir_zero: Callable[[int], None] | None = None
@@ -230,7 +230,7 @@ class Session:
         self.ops.init(conn)
         self._bind_zero_opendir()  # (the filesystem may set its hooks at ``init``)
         self._getattr_node = self.ops.getattr_node
-        self._lookup_absent = self.ops.lookup_absent
+        self._lookup_name = self.ops.lookup_name
         self._unlink_name = self.ops.unlink_name
         wanted = conn.wanted & init.flags
         if wanted >> 32 and not init.flags & p.INIT_EXT:
@@ -567,9 +567,10 @@ class Session:
             self._write_failed(e)
 
     def _lookup_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
-        """LOOKUP through ``Operations.lookup_absent``: True when it answered (a negative
-        entry, or its error), False to answer the generic way (nothing sent)."""
-        if self._lookup_absent is None:
+        """LOOKUP through ``Operations.lookup_name``: True when it answered (a negative
+        entry, an entry, or its error), False to answer the generic way (nothing sent).
+        An entry whose reply the kernel never takes is forgotten again, as ``_entry``'s."""
+        if self._lookup_name is None:
             return False
         unique, nodeid = head[2], head[3]
         raw = bytes(msg[_BODY:])
@@ -577,7 +578,7 @@ class Session:
         if end < 0:
             return False  # (the generic way answers a name without its NUL)
         try:
-            reply = self._lookup_absent(nodeid, raw[:end])
+            reply = self._lookup_name(nodeid, raw[:end])
         except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
             self._failed(fd, unique, _LOOKUP, nodeid, e)
             return True
@@ -585,10 +586,18 @@ class Session:
             return False
         if log.isEnabledFor(logs.DEBUG):
             log.debug("LOOKUP(%d) -> ok", nodeid)
-        try:
-            self._writev(fd, [_pack_out(_ENTRY_REPLY_SIZE, 0, unique), reply])
-        except OSError as e:
-            self._write_failed(e)  # (a negative entry holds no reference: nothing to undo)
+        if reply.__class__ is bytes:  # (a negative entry holds no reference: nothing to undo)
+            try:
+                self._writev(fd, [_pack_out(_ENTRY_REPLY_SIZE, 0, unique), reply])
+            except OSError as e:
+                self._write_failed(e)
+            return True
+        entry = self._entry(reply)
+        if not self._write(fd, unique, 0, entry.parts) and entry.undo is not None:
+            try:
+                entry.undo()
+            except Exception:
+                log.exception("undoing an undelivered LOOKUP reply failed")
         return True
 
     def _unlink_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
