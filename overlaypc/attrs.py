@@ -34,7 +34,7 @@ import time
 
 from . import acl, faults, killpriv
 from .copyup import Seen, is_private_xattr
-from .lookup import Entry, Node
+from .lookup import Entry, Node, UpperName
 from .typing_lite import TYPE_CHECKING, NamedTuple
 from .whiteout import is_whiteout
 
@@ -152,9 +152,10 @@ class Attributes:
     def getattr(self, rel: str) -> Attr:
         return self.lookup_attr(rel)[1]
 
-    def lookup_attr(self, rel: str) -> tuple[Node, Attr]:
-        """The merged object at ``rel`` and its attributes, from one lookup."""
-        node = self.fs.lookup.lookup(rel)
+    def lookup_attr(self, rel: str, found: "UpperName | None" = None) -> tuple[Node, Attr]:
+        """The merged object at ``rel`` and its attributes, from one lookup (``found``: the
+        name as ``Lookup.upper_name`` found it, not read again: ``Lookup.found_upper``)."""
+        node = self.fs.lookup.lookup(rel) if found is None else self.fs.lookup.found_upper(rel, found)
         if not node.exists:
             raise OSError(errno.ENOENT, "no such file or directory", rel)
         if faults.armed:

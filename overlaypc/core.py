@@ -32,7 +32,7 @@ from .handles import HandleTable
 from .inodes import InodeKey, InodeTable, OverlayInode, key_of
 from .inumbers import InodeNumbers
 from .layer import Layer, join, moved, split
-from .lookup import Entry, Lookup, Node, check_name
+from .lookup import Entry, Lookup, Node, UpperName, check_name
 from .nameless import NamelessDirs
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
@@ -414,11 +414,11 @@ class OverlayFS:
         check_name(rel, last_only=True)
         return self.attrs.getattr(rel)
 
-    def lookup_attr(self, rel: str) -> tuple[Node, Attr]:
+    def lookup_attr(self, rel: str, found: "UpperName | None" = None) -> tuple[Node, Attr]:
         """The merged object at ``rel`` and its attributes (``getattr``'s), one lookup;
-        ENOENT when absent."""
+        ENOENT when absent. ``found``: its name as ``Lookup.upper_name`` found it."""
         check_name(rel, last_only=True)
-        return self.attrs.lookup_attr(rel)
+        return self.attrs.lookup_attr(rel, found)
 
     def readlink(self, rel: str) -> str:
         top = self.lookup.lookup(rel).top

@@ -577,6 +577,12 @@ class Layer:
         with self.parent(rel) as (dfd, name):
             os.unlink(name, dir_fd=dfd)
 
+    def unlink_at(self, parent: DirFd, name: str, rel: str) -> None:
+        """``do_unlink`` of entry ``name`` of an open directory of this layer (``rel``, its
+        path, for the log line and the fault points)."""
+        self._change("unlink", rel)
+        os.unlink(name, dir_fd=parent.fd)
+
     def do_rmdir(self, rel: str) -> None:
         self._change("rmdir", rel)
         head, name = split(rel)

@@ -218,6 +218,17 @@ def _stat_listed(layer: Layer, dirfd: DirFd, name: str,
     return layer.stat_at(dirfd, name)
 
 
+class UpperName:
+    """What ``Lookup.upper_name`` read of a name in an upper-only directory: the cached
+    directory (``parent``), the lookup epoch read before, the name's stat (None: absent)."""
+    __slots__ = ("parent", "epoch", "st")
+
+    def __init__(self, parent: Node, epoch: int, st: os.stat_result | None) -> None:
+        self.parent = parent
+        self.epoch = epoch
+        self.st = st
+
+
 def _fds_of(node: Node) -> int:
     return sum(1 for e in node.entries if e.dirfd is not None)
 
@@ -478,10 +489,11 @@ class Lookup:
         return root
 
     @staticmethod
-    def _still_there(node: Node, parent: Node) -> Node | None:
+    def _still_there(node: Node, parent: Node, seen: os.stat_result | None = None) -> Node | None:
         """Cached directory ``node`` with fresh stat data, one ``fstatat`` of its name per
         layer holding it; None (look it up afresh) unless each is still the directory the
-        cache holds an fd of (a layer changed behind the mount's back) at its plain name."""
+        cache holds an fd of (a layer changed behind the mount's back) at its plain name.
+        ``seen``: a directory of one layer, its name's stat there read already."""
         name = node.rel.rpartition("/")[2]
         if len(node.entries) == 1:
             # a directory of one layer (an upper-only one: each GETATTR of a parent after
@@ -494,7 +506,7 @@ class Lookup:
                 return None
             if p.dirfd is None or e.dirfd is None or e.rel != join(p.rel, name):
                 return None
-            st = e.layer.stat_at(p.dirfd, name)
+            st = e.layer.stat_at(p.dirfd, name) if seen is None else seen
             if st is None or st.st_ino != e.st.st_ino or not stat.S_ISDIR(st.st_mode):
                 return None
             return Node(node.rel, (Entry(e.layer, e.rel, st, e.dirfd),), node.opaque,
@@ -558,6 +570,74 @@ class Lookup:
         if st is None or st.st_ino != top.st.st_ino or st.st_mode & 0o170000 != _S_IFDIR:
             return None
         return node, st
+
+    def upper_dir(self, rel: str) -> Node | None:
+        """Directory ``rel`` (not the root) as the cache holds it, when that is one upper
+        entry at its own path with its fd: an upper-only or an opaque directory, not one
+        reached through a redirect. Only the upper holds names in it: ``_lookup_in`` stats
+        a name there in that fd and nowhere else (no layer below holds the parent, so no
+        whiteout is looked for either). None otherwise. The LRU move of ``_cached``; no
+        freshness check, as ``_directory``'s (changes through the mount drop what they
+        touch)."""
+        with self._lock:
+            hit = self._dirs.get(rel)
+            if hit is None:
+                return None
+            self._dirs.move_to_end(rel)
+        node = hit[0]
+        entries = node.entries
+        if len(entries) != 1:
+            return None
+        top = entries[0]
+        layer = top.layer
+        if not layer.writable or layer.index or top.rel != rel or top.dirfd is None:
+            return None
+        return node
+
+    def upper_name(self, parent_rel: str, name: str) -> "UpperName | None":
+        """``lookup`` of ``name`` in directory ``parent_rel`` when that is ``upper_dir``:
+        one ``fstatat`` of the name in its upper fd. Absent, it is kept as ``_lookup``
+        keeps it (``absent``, for the creation that follows: ``UpperName.st`` None); found,
+        ``found_upper`` makes its node from that stat. None (nothing read) for any other
+        parent. ``name`` is a plain one (neither empty, ``.``, ``..``, an OCI marker's nor
+        over NAME_MAX bytes: the caller's checks)."""
+        epoch = self._epoch  # read before the layers, so a racing change voids the store
+        parent = self.upper_dir(parent_rel)
+        if parent is None:
+            return None
+        top = parent.entries[0]
+        st = top.layer.stat_at(top.dirfd, name)  # type: ignore[arg-type]
+        if st is None:
+            rel = f"{parent_rel}/{name}"
+            self._keep_absent(rel, epoch, Node(rel, ()))
+        return UpperName(parent, epoch, st)
+
+    def found_upper(self, rel: str, found: "UpperName") -> Node:
+        """``lookup(rel)`` of a name ``upper_name`` found (``found.st``, read at
+        ``found.epoch`` in ``found.parent``'s upper fd), without reading it again: the
+        same node, cached and kept as ``_lookup`` does. Where that stat may be stale or
+        not the one ``lookup`` would use, ``lookup`` reads afresh: a change since (the
+        epoch moved), the fd limit (``lookup`` waits). A directory the cache holds is
+        checked by ``_still_there`` from that stat."""
+        st = found.st
+        if found.epoch != self._epoch:
+            return self.lookup(rel)
+        parent = found.parent
+        if st.st_mode & 0o170000 == _S_IFDIR:
+            cached = self._cached(rel)
+            if cached is not None:  # (``_lookup``'s check, from that stat for one layer's)
+                fresh = self._still_there(cached, parent, st if len(cached.entries) == 1 else None)
+                if fresh is not None:
+                    return fresh
+        try:
+            node = self._lookup_in(parent, rel, st)
+        except OSError as e:
+            if e.errno not in fdbudget.EXHAUSTED:
+                raise
+            return self.lookup(rel)
+        parent_rel, name = split(rel)
+        self._keep_found(rel, parent_rel, name, found.epoch, node, True)
+        return node
 
     def directory(self, rel: str) -> Node:
         """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one. At the fd
@@ -626,6 +706,14 @@ class Lookup:
             if fresh is not None:
                 return fresh
         node = self._lookup_in(parent, rel)
+        self._keep_found(rel, parent_rel, name, epoch, node, keep)
+        return node
+
+    def _keep_found(self, rel: str, parent_rel: str, name: str, epoch: int, node: Node,
+                    keep: bool) -> None:
+        """What a lookup read at ``epoch`` found at ``rel`` (``node``), kept for the next
+        requests: a directory's structure, a regular file for an open, an absence for a
+        creation (unless ``keep`` is False: a removal's lookup)."""
         entries = node.entries
         if entries:
             top = entries[0]
@@ -638,7 +726,6 @@ class Lookup:
                 self._keep(parent_rel, name, epoch, (top.layer, top.rel, top.st, top.xattrs))
         elif keep and not node.upper_whiteout and not node.upper_marker:
             self._keep_absent(rel, epoch, node)  # for a creation that follows (``absent``)
-        return node
 
     def lower_exists(self, rel: str) -> bool:
         """Whether a lower layer shows something at ``rel`` (below whatever the upper has):
@@ -662,8 +749,10 @@ class Lookup:
             return not whiteout.is_whiteout(st)
         return False
 
-    def _lookup_in(self, parent: Node, rel: str) -> Node:
-        """The merged object at ``rel`` inside the merged directory ``parent``."""
+    def _lookup_in(self, parent: Node, rel: str, seen: os.stat_result | None = None) -> Node:
+        """The merged object at ``rel`` inside the merged directory ``parent``. ``seen``:
+        the name's stat in the parent's first layer, read through its fd already
+        (``found_upper``)."""
         name = split(rel)[1]
         if _never_there(name, rel):
             return Node(rel, ())
@@ -704,6 +793,8 @@ class Lookup:
                 lrel = join(pentry.rel, name)
                 if name != merged_name and not _redirected_name(name, rel):
                     st = None
+                elif seen is not None:
+                    st, seen = seen, None
                 elif pentry.dirfd is None:
                     st = layer.lstat(lrel)
                 else:

@@ -32,7 +32,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from . import acl, faults, logs, scopes
+from . import acl, faults, logs, scopes, whiteout
 from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -43,7 +43,8 @@ from .inodes import InodeKey, OverlayInode
 from .killpriv import (CAP_FOWNER, CAP_SETFCAP, CAPABILITY_XATTR, Writer, has_capability,
                        has_fsetid, stripped_mode)
 from .listings import KEY_BITS, OpenDirs, Snapshot, Snapshots, split_cookie
-from .lookup import Node
+from .lookup import NAME_MAX, Node, UpperName
+from .lookup import Entry as LayerEntry
 from .mounting import raise_readahead
 from .nameless import GoneDir
 from .namespace import Caller
@@ -126,6 +127,13 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+def _plain_name(name: str) -> bool:
+    """Whether a decoded name is one a short path may take as it is: not empty, no ``/``
+    (EINVAL), not ``.`` or ``..`` (EINVAL), not an OCI marker's (never shown)."""
+    return bool(name) and "/" not in name and name not in (".", "..") \
+        and not whiteout.is_oci_name(name)
+
+
 def _changes(method):
     """An operation that may change a file's data or attributes without a namespace
     change (those move the lookup's epoch): once it has run (failed too, a part may be
@@ -178,6 +186,14 @@ class OverlayOps(Operations):
         self.capability_node = None if fs.config.noxattrs else self._capability_short
         #: RELEASE: the engine calls ``_release`` directly (a release needs no caller)
         self.release_fh = self._release
+        #: a LOOKUP and an UNLINK in an upper-only directory: the engine's short paths
+        #: (``_lookup_name``, ``_unlink_name``)
+        self.lookup_name = self._lookup_name
+        self.unlink_name = self._unlink_name if fs.writable and fs.index is None else None
+        #: a negative entry (``lookup``'s), packed
+        self._negative_entry = p.pack_entry(0, 0, None, self.timeout, self.timeout)
+        #: the marks that make an upper file's lookup more than its stat (``_unlink_name``)
+        self._upper_file_marks = (fs.lookup.prefix + "metacopy", fs.lookup.prefix + "redirect")
         #: ``fuse_attr_out``'s timeout fields for ``timeout``
         self._attr_valid = p.split_timeout(self.timeout)
 
@@ -253,16 +269,19 @@ class OverlayOps(Operations):
             raise OSError(errno.EINVAL, "invalid name", decoded)
         return _join(self._path(parent), decoded), decoded
 
-    def _take(self, parent: int, name: str, rel: str, moves: int | None = None) -> Entry | None:
+    def _take(self, parent: int, name: str, rel: str, moves: int | None = None,
+              found: UpperName | None = None, table_epoch: int = 0) -> Entry | None:
         """Look ``rel`` up and take one reference to its node; None if it does not exist.
         ``moves``: ``PathGuard.moves`` read before ``rel`` was made; if a directory was
         renamed since (or was being renamed then), ``rel`` may be stale: ``_MOVED``,
-        nothing taken. (What a creation made: ``_made``.)"""
+        nothing taken. ``found``: the first look as ``Lookup.upper_name`` read it, with
+        ``table_epoch`` read before it (``_lookup_name``). (What a creation made: ``_made``.)"""
         fs = self.fs
         while True:
-            epoch = self.nodes.epoch
+            epoch = self.nodes.epoch if found is None else table_epoch
+            seen, found = found, None
             try:
-                node, attr = fs.lookup_attr(rel)
+                node, attr = fs.lookup_attr(rel, seen)
             except OSError as e:
                 # (ENOTDIR: a stale path whose component is no directory now, as a
                 # whiteout left at the old place of a moved directory, a file made there)
@@ -508,6 +527,47 @@ class OverlayOps(Operations):
         with self.fs.ns_lock:
             rel, decoded = self._child(parent, name)
             return self._take(parent, decoded, rel)
+
+    def _lookup_name(self, parent: int, name: bytes) -> bytes | Entry | None:
+        """LOOKUP of a name in an upper-only directory (``Lookup.upper_name``: one
+        ``fstatat`` in the directory's upper fd), as ``lookup`` answers it: absent (the
+        kernel's LOOKUP before each creation, one per file of an untar), the negative entry
+        packed, the absence kept for the creation as ``lookup`` keeps it; found, ``_take``
+        of the node made from that stat (``Lookup.found_upper``: not read again). The same
+        path (``NodeTable.dir_path``, the directory's path ``_path`` makes), the same
+        ``pathguard`` rule (a move since the path was made: again under the namespace
+        lock). None, with nothing taken, wherever ``lookup`` might answer otherwise or do
+        more: fault points armed, a move in progress, a name ``lookup`` refuses or never
+        shows (over NAME_MAX, empty, ``/``, dots, an OCI marker's), a parent not a
+        directory with a path (the root: merged), not cached, not upper-only (a layer
+        below may hold the name), an error of that ``fstatat``."""
+        if faults.armed:
+            return None
+        paths = self._paths
+        moves = paths.moves
+        if moves & 1 or len(name) > NAME_MAX:
+            return None
+        prel = self.nodes.dir_path(parent)
+        if not prel:
+            return None
+        decoded = os.fsdecode(name)
+        if not _plain_name(decoded):
+            return None
+        table_epoch = self.nodes.epoch  # (``_take``'s, read before the layers)
+        try:
+            found = self.fs.lookup.upper_name(prel, decoded)
+        except OSError:
+            return None
+        if found is None:
+            return None
+        if found.st is None:
+            return self._negative_entry if paths.moves == moves else None
+        entry = self._take(parent, decoded, f"{prel}/{decoded}", moves, found, table_epoch)
+        if entry is _MOVED:  # (``_take_current``'s second try)
+            with self.fs.ns_lock:
+                rel, decoded = self._child(parent, name)
+                entry = self._take(parent, decoded, rel)
+        return self._negative_entry if entry is None else entry
 
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
@@ -1020,6 +1080,70 @@ class OverlayOps(Operations):
 
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
         self._removal(parent, name, self.fs.rmdir)
+
+    def _unlink_name(self, parent: int, name: bytes) -> bool:
+        """UNLINK of a non-directory in an upper-only directory (one per file of an ``rm
+        -rf``), as ``unlink`` does it: in one namespace lock hold, the lookup of the name
+        (``Lookup.upper_dir``: only the upper holds it; its ``fstatat`` and, for a regular
+        file, its xattr names: a metacopy or redirect mark makes it more than its upper
+        file), the ``unlinkat`` in that directory's held fd (``Layer.unlink_at``, what
+        ``Namespace._remove`` does with no lower name to hide), counted in ``pathguard``
+        until the node table dropped the name (``keep_key`` for a file with other links),
+        an open file's inode told (``OverlayFS.unlinked``), and the lookup's epoch moved
+        at the end. False, with nothing changed and the lock released, wherever
+        ``unlink`` might do otherwise or more: fault points armed, a read-only mount or
+        index=on (not set then), a move in progress or since the path was made, a name
+        ``unlink`` refuses (over NAME_MAX, empty, ``/``, dots, an OCI marker's), a parent
+        not a directory with a path, not cached, not upper-only (a lower may hold the name:
+        a whiteout, a copy-up of the parent), the name absent, a directory, a whiteout, a
+        file with those marks or whose xattrs cannot be listed, an error before the
+        change. The change's own error (``unlinkat``'s) is the answer."""
+        fs = self.fs
+        if faults.armed or fs.index is not None or fs.copyup is None:
+            return False
+        paths = self._paths
+        moves = paths.moves
+        if moves & 1 or len(name) > NAME_MAX:
+            return False
+        prel = self.nodes.dir_path(parent)
+        if not prel:
+            return False
+        decoded = os.fsdecode(name)
+        if not _plain_name(decoded):
+            return False
+        lookup = fs.lookup
+        with fs.ns_lock:
+            if paths.moves != moves:
+                return False
+            pnode = lookup.upper_dir(prel)
+            if pnode is None:
+                return False
+            top = pnode.entries[0]
+            layer, dirfd = top.layer, top.dirfd
+            try:
+                st = layer.stat_at(dirfd, decoded)
+                if st is None:
+                    return False
+                mode = st.st_mode
+                if stat.S_ISDIR(mode) or whiteout.is_whiteout(st):
+                    return False
+                if stat.S_ISREG(mode):
+                    names = layer.xattr_names_at(dirfd, decoded)
+                    if names is None or not names.isdisjoint(self._upper_file_marks):
+                        return False
+            except OSError:
+                return False
+            rel = f"{prel}/{decoded}"
+            key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper object)
+            try:
+                with paths.moving():
+                    layer.unlink_at(dirfd, decoded, rel)
+                    if fs.inodes.get(key) is not None:  # (open: ``unlinked`` has its say)
+                        fs.unlinked(Node(rel, (LayerEntry(layer, rel, st),)), key)
+                    self.nodes.unlink(parent, decoded, keep_key=st.st_nlink > 1)
+            finally:
+                lookup.changed()
+        return True
 
     def _removal(self, parent: int, name: bytes,
                  remove: "Callable[[str, Callable[[Node], None]], object]") -> None:

@@ -982,3 +982,93 @@ def test_getattr_short_path_answers_as_the_generic_one(kernel):
     assert fk.request(p.GETATTR, 12345, p.GETATTR_IN.pack(0, 0, 0)).error == -errno.ESTALE
     assert fk.request(p.GETATTR, f, b"\0\0\0").error == -errno.EIO
     assert fk.ok(p.GETATTR, f, p.GETATTR_IN.pack(0, 0, 0)) == short
+
+
+class _NamedShortOps(MemoryOps):
+    """``lookup_name`` and ``unlink_name`` set: a name starting ``gen`` is left to the
+    generic handlers (None, False), ``bad`` raises OSError, ``bug`` RuntimeError, one
+    starting ``pos`` is looked up as ``lookup`` does (an ``Entry``); any other name is
+    answered short (a negative entry; removed)."""
+
+    NEGATIVE = p.pack_entry(0, 0, None, 1.0, 1.0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookup_name = self._named
+        self.unlink_name = self._unlink_name
+
+    def _named(self, parent: int, name: bytes):
+        self._rec("lookup_name", parent, name)
+        self._raise_for(name)
+        if name.startswith(b"pos"):
+            return super().lookup(None, parent, name)
+        return None if name.startswith(b"gen") else self.NEGATIVE
+
+    def _unlink_name(self, parent: int, name: bytes) -> bool:
+        self._rec("unlink_name", parent, name)
+        self._raise_for(name)
+        if name.startswith(b"gen"):
+            return False
+        with self.lock:
+            self._node(parent).children.pop(name)
+        return True
+
+    @staticmethod
+    def _raise_for(name: bytes) -> None:
+        if name == b"bad":
+            raise OSError(errno.EACCES, "refused")
+        if name == b"bug":
+            raise RuntimeError("a bug in the short path")
+
+
+def test_named_short_paths_answer_or_leave_the_request_to_the_handlers(kernel):
+    """LOOKUP and UNLINK ask ``lookup_name`` / ``unlink_name`` first (speed47b: one per
+    file of an untar, an rm -rf): their answer is the reply (the negative entry's bytes,
+    an empty reply), None/False leaves the request to ``lookup``/``unlink`` with nothing
+    sent, an OSError is answered with its errno, anything else EIO (counted); never with
+    ``deny_others`` (the caller is checked) nor for a request with extensions."""
+    ops = _NamedShortOps()
+    fk = kernel(ops)
+    d = ops.add(1, b"d", stat.S_IFDIR | 0o755)
+    assert fk.ok(p.LOOKUP, d, b"x\0") == _NamedShortOps.NEGATIVE
+    assert ops.called("lookup_name") == [(d, b"x")] and ops.called("lookup") == []
+    f = ops.add(d, b"gen-f", stat.S_IFREG)
+    entry = fk.ok(p.LOOKUP, d, b"gen-f\0")
+    assert p.ENTRY_OUT.unpack_from(entry)[0] == f and ops.called("lookup") == [(d, b"gen-f")]
+    assert fk.request(p.LOOKUP, d, b"bad\0").error == -errno.EACCES
+    assert fk.request(p.LOOKUP, d, b"bug\0").error == -errno.EIO and ops.errors == 1
+    assert ops.called("lookup") == [(d, b"gen-f")]
+    # an entry answered short: its reference taken once, forgotten if never delivered
+    g = ops.add(d, b"pos-g", stat.S_IFREG)
+    assert p.ENTRY_OUT.unpack_from(fk.ok(p.LOOKUP, d, b"pos-g\0"))[0] == g
+    assert ops.nodes[g].nlookup == 1
+    fk.request(p.LOOKUP, d, b"pos-g\0", fail=True)
+    assert ops.nodes[g].nlookup == 1
+    ops.add(d, b"s", stat.S_IFREG)
+    assert fk.ok(p.UNLINK, d, b"s\0") == b""
+    assert ops.called("unlink_name")[-1] == (d, b"s") and ops.called("unlink") == []
+    assert b"s" not in ops.nodes[d].children
+    assert fk.ok(p.UNLINK, d, b"gen-f\0") == b"" and ops.called("unlink") == [(d, b"gen-f")]
+    assert fk.request(p.UNLINK, d, b"bad\0").error == -errno.EACCES
+    assert fk.request(p.UNLINK, d, b"gen-none\0").error == -errno.ENOENT  # (the handler's)
+    # a request with extensions (total_extlen 1: 8 bytes after the body): the handlers
+    before = len(ops.called("lookup_name"))
+    unique = fk.next_unique()
+    msg = p.IN_HEADER.pack(p.IN_HEADER.size + 2 + 8, p.LOOKUP, unique, d, 0, 0, 1, 1, 0)
+    fk.kernel_socks[0].send(msg + b"y\0" + bytes(8))
+    r = fk.receive()
+    assert r.unique == unique and ops.called("lookup")[-1] == (d, b"y")
+    assert len(ops.called("lookup_name")) == before
+
+
+def test_named_short_paths_not_used_with_deny_others(kernel):
+    ops = _NamedShortOps()
+    fk = kernel(ops, session_kw={"deny_others": 1000})
+    d = ops.add(1, b"d", stat.S_IFDIR | 0o755)
+    ops.add(d, b"s", stat.S_IFREG)
+    assert fk.request(p.LOOKUP, d, b"x\0", uid=2000).error == -errno.EACCES
+    assert fk.request(p.UNLINK, d, b"s\0", uid=2000).error == -errno.EACCES
+    fk.request(p.LOOKUP, d, b"x\0", uid=1000)
+    assert fk.ok(p.UNLINK, d, b"s\0", uid=1000) == b""
+    assert ops.called("lookup_name") == [] and ops.called("unlink_name") == []
+    assert ops.called("lookup") == [(d, b"x")] and ops.called("unlink") == [(d, b"s")]

@@ -191,6 +191,12 @@ class Operations:
     #: GETATTR after each change in it (its attributes are dropped), one per file of an
     #: untar or an ``rm -rf``
     getattr_node: Callable[[int], bytes | None] | None = None
+    #: if set, a LOOKUP (where every caller may ask) calls this first, with the parent's
+    #: node and the name alone (no ``Request``): the packed ``fuse_entry_out`` of a
+    #: negative entry, the ``Entry`` ``lookup`` would answer (its reference taken), or
+    #: None to answer through ``lookup``. The kernel sends a negative LOOKUP before each
+    #: creation of a new name (one per file of an untar)
+    lookup_name: Callable[[int, bytes], "bytes | Entry | None"] | None = None
     setattr: Callable[[Request, int, SetAttr], AttrReply] = _nosys
     #: if set, a SETATTR without extensions (where every caller may ask: no
     #: ``deny_others``) calls this first with (uid, gid, pid, nodeid, ``SETATTR_IN``'s
@@ -204,6 +210,11 @@ class Operations:
     mknod: Callable[[Request, int, bytes, int, int], Entry] = _nosys    # parent, name, mode, rdev
     mkdir: Callable[[Request, int, bytes, int], Entry] = _nosys         # parent, name, mode
     unlink: Callable[[Request, int, bytes], None] = _nosys
+    #: if set, an UNLINK (where every caller may ask) calls this first, with the parent's
+    #: node and the name alone (no ``Request``): True once the name is removed, False to
+    #: answer through ``unlink`` (nothing done); an error raised is the answer. One per
+    #: file of an ``rm -rf``
+    unlink_name: Callable[[int, bytes], bool] | None = None
     rmdir: Callable[[Request, int, bytes], None] = _nosys
     rename: Callable[[Request, int, bytes, int, bytes, int], None] = _nosys  # ..., flags
     link: Callable[[Request, int, int, bytes], Entry] = _nosys          # node, newparent, name

@@ -55,6 +55,9 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
 
 _READ, _WRITE, _FORGET, _OPENDIR, _RELEASEDIR = p.READ, p.WRITE, p.FORGET, p.OPENDIR, p.RELEASEDIR
 _GETATTR, _GETATTR_FH = p.GETATTR, p.GETATTR_FH
+_LOOKUP, _UNLINK = p.LOOKUP, p.UNLINK
+#: a LOOKUP's reply, its header included
+_ENTRY_REPLY_SIZE = p.OUT_HEADER.size + p.ENTRY_OUT.size
 _unpack_getattr = p.GETATTR_IN.unpack_from
 #: a GETATTR's reply, its header included
 _ATTR_REPLY_SIZE = p.OUT_HEADER.size + p.ATTR_OUT.size
@@ -259,12 +262,18 @@ class Session:
     def _bind_shorts(self) -> None:
         """The short handlers ``dispatch`` tries by opcode before the generic path (each
         True when it answered, False to go on): those of the filesystem's hooks that are
-        set (``Operations.setattr_node``, ``capability_node``, ``release_fh``); SETATTR's and
-        GETXATTR's not with ``deny_others``, which refuses some callers of both."""
+        set (``Operations.lookup_name``, ``unlink_name``, ``setattr_node``, ``capability_node``,
+        ``release_fh``); all but RELEASE's not with ``deny_others``, which refuses some
+        callers of the others."""
         ops, shorts = self.ops, {}
         self._setattr_node, self._capability_node = ops.setattr_node, ops.capability_node
         self._release_fh = ops.release_fh
+        self._lookup_name, self._unlink_name = ops.lookup_name, ops.unlink_name
         if self.deny_others is None:
+            if self._lookup_name is not None:
+                shorts[_LOOKUP] = self._lookup_short
+            if self._unlink_name is not None:
+                shorts[_UNLINK] = self._unlink_short
             if self._setattr_node is not None:
                 shorts[_SETATTR] = self._setattr_short
             if self._capability_node is not None:
@@ -524,7 +533,9 @@ class Session:
                 self._write_failed(e)
             return
         # an open file's SETATTR, GETXATTR of its capability and RELEASE (six of an untar's
-        # ten requests per file): the filesystem's short answers (``_bind_shorts``)
+        # ten requests per file), a new name's negative LOOKUP (one per file of an untar)
+        # and an UNLINK (one per file of an rm -rf): the filesystem's short answers
+        # (``_bind_shorts``), else the generic way below
         if op in self._shorts and self._shorts[op](fd, head, msg):
             return
         # extensions (total_extlen, in 8-byte units) come only with SECURITY_CTX or
@@ -662,6 +673,64 @@ class Session:
             log.debug("RELEASE(%d) -> ok", nodeid)
         try:
             self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, head[2])])
+        except OSError as e:
+            self._write_failed(e)
+        return True
+
+    def _lookup_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """LOOKUP through ``Operations.lookup_name``: True when it answered (a negative
+        entry, an entry, or its error), False to answer the generic way (nothing sent).
+        An entry whose reply the kernel never takes is forgotten again, as ``_entry``'s."""
+        if head[7] or self._lookup_name is None:
+            return False
+        unique, nodeid = head[2], head[3]
+        raw = bytes(msg[_BODY:])
+        end = raw.find(0)
+        if end < 0:
+            return False  # (the generic way answers a name without its NUL)
+        try:
+            reply = self._lookup_name(nodeid, raw[:end])
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _LOOKUP, nodeid, e)
+            return True
+        if reply is None:
+            return False
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("LOOKUP(%d) -> ok", nodeid)
+        if reply.__class__ is bytes:  # (a negative entry holds no reference: nothing to undo)
+            try:
+                self._writev(fd, [_pack_out(_ENTRY_REPLY_SIZE, 0, unique), reply])
+            except OSError as e:
+                self._write_failed(e)
+            return True
+        entry = self._entry(reply)
+        if not self._write(fd, unique, 0, entry.parts) and entry.undo is not None:
+            try:
+                entry.undo()
+            except Exception:
+                log.exception("undoing an undelivered LOOKUP reply failed")
+        return True
+
+    def _unlink_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """UNLINK through ``Operations.unlink_name``: True when it answered (done, or its
+        error), False to answer the generic way (nothing done, nothing sent)."""
+        if head[7] or self._unlink_name is None:
+            return False
+        unique, nodeid = head[2], head[3]
+        raw = bytes(msg[_BODY:])
+        end = raw.find(0)
+        if end < 0:
+            return False
+        try:
+            if not self._unlink_name(nodeid, raw[:end]):
+                return False
+        except Exception as e:  # noqa: BLE001
+            self._failed(fd, unique, _UNLINK, nodeid, e)
+            return True
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("UNLINK(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, unique)])
         except OSError as e:
             self._write_failed(e)
         return True
