@@ -34,6 +34,7 @@ from .inumbers import InodeNumbers
 from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
 from .nameless import NamelessDirs
+from .protection import Protection
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
 from .pathguard import PathGuard
@@ -148,6 +149,8 @@ class OverlayFS:
             self.copyup.index = self.index
         self.sharing: ExtentMap | None = ExtentMap(max_fds=self.fd_budget.sharing) if config.sharing else None
         self.lookup.fd_room = lambda: self.open_file_fds - self.open_fds()
+        #: immutable/append-only flags of the objects a change changes
+        self.protection = Protection(self.prefix)
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.files = Files(self)
@@ -408,6 +411,15 @@ class OverlayFS:
                                   cache_mode=self.config.cache)
 
     # -- the operations ---------------------------------------------------------------------------
+    def protection_at(self, rel: str, is_dir: bool) -> int | None:
+        """The immutable/append-only flags of the object at ``rel`` (``protection``); None
+        where it cannot be looked up (the change then fails, or not, as it would)."""
+        try:
+            node = self.lookup.directory(rel) if is_dir else self.lookup.lookup(rel)
+        except OSError:
+            return None
+        return self.protection.of_node(node)
+
     def getattr(self, rel: str, fh: int | None = None) -> Attr:
         if fh is not None:
             return self.files.getattr(fh)

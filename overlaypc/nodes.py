@@ -43,7 +43,7 @@ _KEPT_PATH = 4096
 
 class Node:
     """One node of the table (``__slots__``: there may be hundreds of thousands)."""
-    __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path", "gone")
+    __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path", "gone", "prot")
 
     def __init__(self, nodeid: int, key: Hashable, is_dir: bool) -> None:
         self.nodeid = nodeid
@@ -60,6 +60,11 @@ class Node:
         #: the kernel still holds it (opaque here; ``nameless.GoneDir``: its attributes then
         #: and the fd its changes go through), released at FORGET; None otherwise
         self.gone: object | None = None
+        #: the immutable/append-only flags (``protattr``) the adapter enforces on changes of
+        #: the node itself (SETATTR, SETXATTR, REMOVEXATTR, OPEN for writing): -1 until a
+        #: change asks (``OverlayOps._protected``), 0 for what a creation made; a short path
+        #: of those requests must check it too (and fall back while it is -1)
+        self.prot = -1
 
     def __repr__(self) -> str:
         return f"Node({self.nodeid}, {self.key!r}, nlookup={self.nlookup}, names={self.names})"

@@ -32,7 +32,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from . import acl, faults, logs, scopes
+from . import acl, faults, logs, protattr, scopes
 from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -262,6 +262,7 @@ class OverlayOps(Operations):
                     return None
                 raise
             key, is_dir = fs.identity(node), node.is_dir
+            prot = fs.protection.known(node)
             # not held while waiting for the lock: a directory's node holds an fd in each
             # layer, and the lock's holder may be a change waiting at the fd limit for
             # those (``fdbudget.patiently``: it would wait in vain, all others behind it)
@@ -274,6 +275,8 @@ class OverlayOps(Operations):
                     return _MOVED
                 if self.nodes.epoch == epoch:
                     nodeid = self.nodes.take(key, parent, name, is_dir)
+                    if prot >= 0:
+                        self.nodes.node(nodeid).prot = prot
                     return Entry(nodeid, file_attr(attr), self.timeout,
                                  self._attr_timeout(key, attr))
 
@@ -569,13 +572,55 @@ class OverlayOps(Operations):
     @_changes
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes.
-        By path in a namespace lock hold where the path is current (``_at_node``)."""
+        By path in a namespace lock hold where the path is current (``_at_node``). EPERM
+        first for what the node's immutable/append-only flags refuse (``_check_setattr``)."""
+        self._check_setattr(nodeid, sa)
         try:
             if not sa.valid & _REQUESTS:
                 sa = self._chown_unchanged(req, nodeid, sa)
             return self._setattr(req, nodeid, sa)
         except NoNameLeft as e:  # (before any step: the name went since it was looked at)
             return self._setattr_gone(nodeid, self._gone(nodeid, e), sa)
+
+    def _protected(self, nodeid: int) -> int:
+        """The node's immutable/append-only flags (``protattr``), read at the first change
+        that asks and kept on the node (``nodes.Node.prot``: the kernel overlay keeps them
+        on its inode). 0 for a node with no name left (not read: a caveat)."""
+        node = self.nodes.node(nodeid)
+        flags = node.prot
+        if flags >= 0:
+            return flags
+        rel = self.nodes.path(nodeid)
+        if rel is None:
+            return 0
+        flags = self.fs.protection_at(rel, node.is_dir)
+        if flags is not None:
+            node.prot = flags
+        return flags or 0
+
+    def _check_setattr(self, nodeid: int, sa: SetAttr) -> None:
+        """EPERM for a SETATTR the node's flags refuse (``protattr.check_setattr``): a
+        mode, owner, size or explicit times, or (immutable) times set to now. An empty one
+        (a chown(f, -1, -1), a writer's privilege removal) goes on, as the kernel's."""
+        valid = sa.valid
+        if not valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE
+                        | p.FATTR_ATIME | p.FATTR_MTIME):
+            return
+        flags = self._protected(nodeid)
+        if flags:
+            explicit = bool(valid & p.FATTR_ATIME and not valid & p.FATTR_ATIME_NOW
+                            or valid & p.FATTR_MTIME and not valid & p.FATTR_MTIME_NOW)
+            protattr.check_setattr(
+                flags, self.nodes.path(nodeid) or "",
+                owner_mode_or_times=bool(valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID)) or explicit,
+                size=bool(valid & p.FATTR_SIZE),
+                touch=bool(valid & (p.FATTR_ATIME | p.FATTR_MTIME)))
+
+    def _check_changed(self, nodeid: int) -> None:
+        """EPERM for a change of the node's xattrs when it is immutable or append-only."""
+        flags = self._protected(nodeid)
+        if flags:
+            protattr.check_changed(flags, self.nodes.path(nodeid) or "")
 
     def _chown_unchanged(self, req: Request, nodeid: int, sa: SetAttr) -> SetAttr:
         """A SETATTR asking for nothing: what ``fuse_setattr`` leaves of a ``chown(f, -1,
@@ -815,6 +860,8 @@ class OverlayOps(Operations):
     @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
                  setxattr_flags: int = 0) -> None:
+        self._check_changed(nodeid)
+
         def act(rel: str) -> None:
             self.fs.setxattr(rel, name, value, flags)
             if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
@@ -835,6 +882,7 @@ class OverlayOps(Operations):
             # empty SETATTR: refused where that SETATTR will be (``_may_strip``), before
             # anything, as the kernel overlay's chown refuses it
             self._may_strip(req, nodeid)
+        self._check_changed(nodeid)
         try:
             self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
         except NoNameLeft as e:
@@ -933,6 +981,10 @@ class OverlayOps(Operations):
         key = self.fs.identity(node)
         timeout = self._attr_timeout(key, shown)
         nodeid = self.nodes.take(key, parent, name, node.is_dir, linked)
+        made = self.nodes.node(nodeid)
+        if made.prot < 0:
+            # no flags: a new object, or a hard link of one whose flags allowed the link
+            made.prot = 0
         return Entry(nodeid, attr, self.timeout, timeout)
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
@@ -988,6 +1040,10 @@ class OverlayOps(Operations):
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
+        if flags & (os.O_ACCMODE | os.O_TRUNC):  # (a read-only open asks nothing)
+            prot = self._protected(nodeid)
+            if prot:
+                protattr.check_open(prot, flags, self.nodes.path(nodeid) or "")
         # admitted once, before anything is done: ``_at_node`` runs the open again after
         # a copy-up it ran first, and an O_TRUNC open's copy-up holds no data, so a refusal
         # then would lose the lower data for an open that failed

@@ -200,6 +200,16 @@ def mount_root_at(dirfd: int, name: str) -> tuple[int, int, bool] | None:
     return os.makedev(major, minor), ino, bool(attributes & _STATX_ATTR_MOUNT_ROOT)
 
 
+def statx_attributes(dirfd: int, name: str) -> int:
+    """``stx_attributes`` of entry ``name`` of directory ``dirfd`` (``""``: of ``dirfd``
+    itself, an ``O_PATH`` fd will do), not followed: immutable, append-only and the other
+    ``STATX_ATTR_*`` bits, which an ``fstatat`` does not report. OSError with the errno."""
+    buf = _StatxBuf()
+    flags = _AT_SYMLINK_NOFOLLOW | _AT_STATX_DONT_SYNC | (_AT_EMPTY_PATH if not name else 0)
+    _check(_libc.statx(dirfd, os.fsencode(name), flags, 0, buf), "statx", name)
+    return _STATX_FIELDS.unpack_from(bytes(buf))[0]
+
+
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
     """``renameat2`` through glibc; ENOSYS where this libc has no wrapper (callers fall
     back or refuse the flags, never guess a syscall number)."""

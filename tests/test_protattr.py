@@ -1,0 +1,263 @@
+"""Immutable and append-only flags through the mount, the kernel overlay as the oracle
+(fstests overlay/075's ground): every change of a flagged object, or in a flagged
+directory, answers as the kernel overlay's (EPERM where its VFS refuses), for objects
+whose flags are a lower object's own (``lower``), or in the ``overlay.protattr`` xattr of
+an upper the kernel overlay wrote: a lower object copied up by ``chattr`` through it
+(``copied``), an object made through it (``upper``). The upper trees after the changes
+are compared too: nothing is copied up for a refused change."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from features_support import mount_side, new_stack, ovl_xattr
+
+pytestmark = [pytest.mark.mount]
+
+SIDES = ("kernel", "overlaypc")
+FLAGS = {"immutable": "i", "append": "a"}
+KINDS = ("lower", "copied", "upper")
+
+
+def _open(flags: int, data: bytes | None = None):
+    def run(p: Path, mnt: Path) -> None:
+        fd = os.open(p, flags)
+        try:
+            if data is not None:
+                os.write(fd, data)
+            else:
+                os.read(fd, 10) if flags & os.O_ACCMODE != os.O_WRONLY else None
+        finally:
+            os.close(fd)
+    return run
+
+
+def _then(first, second):
+    def run(p: Path, mnt: Path) -> None:
+        try:
+            first(p, mnt)
+        except OSError:
+            pass
+        second(p, mnt)
+    return run
+
+
+#: changes of a flagged file itself (``p``: the file, ``mnt``: the mount's root)
+FILE_OPS = {
+    "open_r": _open(os.O_RDONLY),
+    "open_w": _open(os.O_WRONLY),
+    "open_rw": _open(os.O_RDWR),
+    "open_append": _open(os.O_WRONLY | os.O_APPEND, b"more\n"),
+    "open_trunc": _open(os.O_WRONLY | os.O_TRUNC),
+    "open_append_trunc": _open(os.O_WRONLY | os.O_APPEND | os.O_TRUNC),
+    "truncate": lambda p, mnt: os.truncate(p, 0),
+    "chmod": lambda p, mnt: os.chmod(p, 0o600),
+    "chown": lambda p, mnt: os.chown(p, 1000, 1000),
+    "chown_none": lambda p, mnt: os.chown(p, -1, -1),
+    "utime_set": lambda p, mnt: os.utime(p, (1, 1)),
+    "utime_now": lambda p, mnt: os.utime(p, None),
+    "getxattr": lambda p, mnt: os.getxattr(p, "user.x"),
+    "setxattr": lambda p, mnt: os.setxattr(p, "user.k", b"v"),
+    "removexattr": lambda p, mnt: os.removexattr(p, "user.x"),
+    "rename": lambda p, mnt: os.rename(p, mnt / ("r_" + p.name)),
+    "unlink": lambda p, mnt: os.unlink(p),
+    "link": lambda p, mnt: os.link(p, mnt / ("l_" + p.name)),
+    # an append copies an append-only file up: its flags go with it
+    "append_then_chmod": _then(_open(os.O_WRONLY | os.O_APPEND, b"more\n"),
+                               lambda p, mnt: os.chmod(p, 0o600)),
+    "append_then_unlink": _then(_open(os.O_WRONLY | os.O_APPEND, b"more\n"),
+                                lambda p, mnt: os.unlink(p)),
+}
+
+#: changes of a flagged directory or in it (``p``: the directory, holding file ``c``)
+DIR_OPS = {
+    "chmod": lambda p, mnt: os.chmod(p, 0o700),
+    "chown": lambda p, mnt: os.chown(p, 1000, 1000),
+    "utime_set": lambda p, mnt: os.utime(p, (1, 1)),
+    "utime_now": lambda p, mnt: os.utime(p, None),
+    "setxattr": lambda p, mnt: os.setxattr(p, "user.k", b"v"),
+    "removexattr": lambda p, mnt: os.removexattr(p, "user.x"),
+    "listdir": lambda p, mnt: os.listdir(p),
+    "create": lambda p, mnt: os.close(os.open(p / "new", os.O_CREAT | os.O_WRONLY, 0o644)),
+    "mkdir": lambda p, mnt: os.mkdir(p / "newd"),
+    "symlink": lambda p, mnt: os.symlink("t", p / "s"),
+    "mkfifo": lambda p, mnt: os.mkfifo(p / "fifo"),
+    "unlink_child": lambda p, mnt: os.unlink(p / "c"),
+    "rename_child": lambda p, mnt: os.rename(p / "c", p / "c2"),
+    "rename_child_out": lambda p, mnt: os.rename(p / "c", mnt / ("out_" + p.name)),
+    "rename_into": lambda p, mnt: os.rename(mnt / ("x_" + p.name), p / "x"),
+    "rename_over_child": lambda p, mnt: os.rename(mnt / ("x_" + p.name), p / "c"),
+    "link_into": lambda p, mnt: os.link(mnt / ("x_" + p.name), p / "x"),
+    "link_child_out": lambda p, mnt: os.link(p / "c", mnt / ("lo_" + p.name)),
+    "rename_dir": lambda p, mnt: os.rename(p, mnt / ("rd_" + p.name)),
+    "rename_dir_away": lambda p, mnt: os.rename(p, mnt / "away" / p.name),
+    "rmdir_child": lambda p, mnt: os.rmdir(p / "e"),
+    "rmdir": lambda p, mnt: os.rmdir(p),
+    # a change of a child copies the directory up: its flags go with it
+    "chmod_child": lambda p, mnt: os.chmod(p / "c", 0o600),
+    "chmod_child_then_create": _then(lambda p, mnt: os.chmod(p / "c", 0o600),
+                                     lambda p, mnt: os.mkdir(p / "newd")),
+    "chmod_child_then_chmod": _then(lambda p, mnt: os.chmod(p / "c", 0o600),
+                                    lambda p, mnt: os.chmod(p, 0o700)),
+}
+
+
+def _errno(op, p: Path, mnt: Path) -> int:
+    try:
+        op(p, mnt)
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+def _lower_spec() -> dict:
+    spec: dict = {"away": {}}
+    for op in FILE_OPS:
+        spec["f_" + op] = b"data\n"
+    for op in DIR_OPS:
+        spec["d_" + op] = {"c": b"child\n", "e": {}} if op != "rmdir" else {}
+        spec["x_d_" + op] = b"x\n"
+    return spec
+
+
+def _objects() -> list[str]:
+    return ["f_" + op for op in FILE_OPS] + ["d_" + op for op in DIR_OPS]
+
+
+def _xattrs(root: Path) -> None:
+    for name in _objects():
+        os.setxattr(root / name, "user.x", b"1")
+
+
+def _chattr(mode: str, *paths: Path) -> None:
+    subprocess.run(["chattr", mode, *map(str, paths)], check=True, capture_output=True)
+
+
+def _unflag_all(*roots: Path) -> None:
+    """Teardown: no immutable/append-only object may stay (the cleanup removes them)."""
+    for root in roots:
+        if root.exists():
+            subprocess.run(["chattr", "-R", "-f", "-i", "-a", str(root)], capture_output=True)
+
+
+def _tree(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            out.append(os.path.relpath(os.path.join(dirpath, n), root))
+    return sorted(out)
+
+
+def _prepare(kind: str, letter: str, lower: Path, s, kernel_mount) -> None:
+    """Flag the objects: on the lower itself, or through a kernel overlay mount of the
+    stack (``copied``: lower objects copied up by the chattr; ``upper``: objects made
+    through the mount first)."""
+    if kind == "lower":
+        return
+    mnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=on",))
+    try:
+        if kind == "upper":
+            for name in _objects():
+                os.rename(mnt / name, mnt / ("old_" + name))
+                if name.startswith("f_"):
+                    (mnt / name).write_bytes(b"data\n")
+                else:
+                    (mnt / name).mkdir()
+                    if not name.endswith("_rmdir"):
+                        (mnt / name / "c").write_bytes(b"child\n")
+                        (mnt / name / "e").mkdir()
+                os.setxattr(mnt / name, "user.x", b"1")
+        _chattr("+" + letter, *(mnt / n for n in _objects()))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _run_side(side: str, kind: str, letter: str, lower: Path, base: Path,
+              overlay_mount, kernel_mount):
+    s = new_stack([lower], base, side)
+    _prepare(kind, letter, lower, s, kernel_mount)
+    mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+    try:
+        got = {}
+        for op, fn in FILE_OPS.items():
+            got["file " + op] = _errno(fn, mnt / ("f_" + op), mnt)
+        for op, fn in DIR_OPS.items():
+            got["dir " + op] = _errno(fn, mnt / ("d_" + op), mnt)
+    finally:
+        unmount()
+    return got, _tree(s.upper)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("flag", FLAGS)
+def test_flagged_objects_refuse_changes_as_the_kernel(kind, flag, tmp_path, layers_factory,
+                                                       overlay_mount, kernel_mount):
+    letter = FLAGS[flag]
+    lower = layers_factory({"l": _lower_spec()}, where={"l": tmp_path}).paths[0]
+    _xattrs(lower)
+    try:
+        if kind == "lower":
+            _chattr("+" + letter, *(lower / n for n in _objects()))
+        got, trees = {}, {}
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            got[side], trees[side] = _run_side(side, kind, letter, lower, tmp_path / side,
+                                               overlay_mount, kernel_mount)
+    finally:
+        _unflag_all(tmp_path)
+    refused = sorted(k for k, v in got["kernel"].items() if v == errno.EPERM)
+    assert refused, "the kernel refused nothing: the flags were not set"
+    diff = {k: (v, got["overlaypc"][k]) for k, v in got["kernel"].items() if got["overlaypc"][k] != v}
+    assert diff == {}, f"(kernel, overlaypc) errno where they differ; kernel refused {refused}"
+    ours, theirs = set(trees["overlaypc"]), set(trees["kernel"])
+    assert (sorted(ours - theirs), sorted(theirs - ours)) == ([], [])
+
+
+FS_IOC_GETFLAGS = 0x80086601
+
+
+def _flags_of(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)[:4])[0]
+    finally:
+        os.close(fd)
+
+
+def test_copy_up_keeps_the_flags_in_protattr_for_the_kernel(tmp_path, layers_factory,
+                                                            overlay_mount, kernel_mount):
+    """A copy-up through overlaypc of an immutable directory (a change of its child) and
+    of an append-only file (an append) writes ``overlay.protattr`` as the kernel's does:
+    the kernel overlay, mounting that upper over a lower without the flags, shows them
+    and refuses what they refuse."""
+    lower = layers_factory({"l": {"d": {"c": b"c\n"}, "f": b"f\n"}}, where={"l": tmp_path}).paths[0]
+    try:
+        _chattr("+i", lower / "d")
+        _chattr("+a", lower / "f")
+        s = new_stack([lower], tmp_path, "overlaypc")
+        mnt, unmount = mount_side("overlaypc", s, overlay_mount, kernel_mount)
+        try:
+            os.chmod(mnt / "d" / "c", 0o600)
+            with open(mnt / "f", "a") as f:
+                f.write("more\n")
+        finally:
+            unmount()
+        assert ovl_xattr(s.upper / "d", "protattr") == b"i"
+        assert ovl_xattr(s.upper / "f", "protattr") == b"a"
+        assert _flags_of(s.upper / "d") & 0x30 == 0  # (not on the real copies)
+        assert _flags_of(s.upper / "f") & 0x30 == 0
+        _unflag_all(lower)
+        kmnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=on",))
+        assert _flags_of(kmnt / "d") & 0x30 == 0x10
+        assert _flags_of(kmnt / "f") & 0x30 == 0x20
+        assert _errno(lambda p, m: os.mkdir(p / "x"), kmnt / "d", kmnt) == errno.EPERM
+        assert _errno(lambda p, m: os.truncate(p, 0), kmnt / "f", kmnt) == errno.EPERM
+    finally:
+        _unflag_all(tmp_path)
