@@ -34,6 +34,7 @@ from .inumbers import InodeNumbers
 from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, check_name
 from .nameless import NamelessDirs
+from .fileattrs import FileAttrs
 from .protection import Protection
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
@@ -153,6 +154,7 @@ class OverlayFS:
         self.protection = Protection(self.prefix)
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
+        self.fileattrs = FileAttrs(self)
         self.files = Files(self)
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new,
         #: whether its attributes changed with it: a directory's, a metacopy file's data

@@ -29,10 +29,11 @@ import errno
 import itertools
 import os
 import stat
+import struct
 import sys
 from collections.abc import Iterator
 
-from . import acl, faults, logs, protattr, scopes
+from . import acl, faults, logs, protattr, scopes, sysapi
 from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -888,6 +889,33 @@ class OverlayOps(Operations):
         except NoNameLeft as e:
             self._nameless(nodeid, e, lambda gone: self.fs.nameless.removexattr(gone, name),
                            lambda inode: self.fs.files.removexattr_inode(inode, name))
+
+    # -- file attribute flags (chattr, lsattr) ---------------------------------------------------
+    def ioctl(self, req: Request, nodeid: int, fh: int, flags: int, cmd: int, data: bytes,
+              out_size: int) -> bytes:
+        """FS_IOC_GETFLAGS/SETFLAGS and FS_IOC_FSGETXATTR/FSSETXATTR (``fileattrs``), by
+        the node's name; any other ioctl answers ENOTTY, as before."""
+        attrs = self.fs.fileattrs
+        if cmd == sysapi.FS_IOC_GETFLAGS and out_size >= 4:
+            return struct.pack("<I", self._read_at(nodeid, attrs.get_flags) & 0xFFFFFFFF)[:out_size]
+        if cmd == sysapi.FS_IOC_FSGETXATTR and out_size >= sysapi.FSXATTR.size:
+            return self._read_at(nodeid, attrs.get_fsxattr)
+        if cmd == sysapi.FS_IOC_SETFLAGS and len(data) >= 4:
+            value = struct.unpack_from("<I", data)[0]
+            return self._set_fileattr(nodeid, lambda rel: attrs.set_flags(rel, value))
+        if cmd == sysapi.FS_IOC_FSSETXATTR and len(data) >= sysapi.FSXATTR.size:
+            raw = data[:sysapi.FSXATTR.size]
+            return self._set_fileattr(nodeid, lambda rel: attrs.set_fsxattr(rel, raw))
+        raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} not supported")
+
+    @_changes
+    def _set_fileattr(self, nodeid: int, act: "Callable[[str], int]") -> bytes:
+        """A set (``act(path)``, returning the enforced flags then), kept on the node
+        (``_protected``); the kernel drops its cached attributes (ctime moved)."""
+        prot = self._at_node(nodeid, act)
+        self.nodes.node(nodeid).prot = prot
+        self.notifier.inval_inode(nodeid, -1)
+        return b""
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:

@@ -31,6 +31,11 @@ PROTECTED = FS_IMMUTABLE_FL | FS_APPEND_FL
 STATX_ATTR_IMMUTABLE = 0x00000010
 STATX_ATTR_APPEND = 0x00000020
 
+#: ``struct fsxattr``'s ``fsx_xflags`` bits of the same flags (FS_IOC_FSGETXATTR)
+FS_XFLAG_IMMUTABLE = 0x00000008
+FS_XFLAG_APPEND = 0x00000010
+XFLAGS_PROTECTED = FS_XFLAG_IMMUTABLE | FS_XFLAG_APPEND
+
 #: the xattr's name after the mount's prefix (``trusted.overlay.`` or ``user.overlay.``)
 XATTR = "protattr"
 #: the kernel reads at most this many bytes of it (OVL_PROTATTR_MAX)
@@ -64,6 +69,18 @@ def value_of(flags: int) -> bytes:
 def from_statx(attributes: int) -> int:
     """The enforced flags a ``statx`` ``stx_attributes`` reports."""
     return attributes & (STATX_ATTR_IMMUTABLE | STATX_ATTR_APPEND)
+
+
+def to_xflags(flags: int) -> int:
+    """The ``fsx_xflags`` bits of the enforced ``flags``."""
+    return (FS_XFLAG_IMMUTABLE if flags & FS_IMMUTABLE_FL else 0) \
+        | (FS_XFLAG_APPEND if flags & FS_APPEND_FL else 0)
+
+
+def from_xflags(xflags: int) -> int:
+    """The enforced flags ``fsx_xflags`` names."""
+    return (FS_IMMUTABLE_FL if xflags & FS_XFLAG_IMMUTABLE else 0) \
+        | (FS_APPEND_FL if xflags & FS_XFLAG_APPEND else 0)
 
 
 def _refuse(what: str, rel: str) -> OSError:

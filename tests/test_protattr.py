@@ -221,6 +221,7 @@ def test_flagged_objects_refuse_changes_as_the_kernel(kind, flag, tmp_path, laye
 
 
 FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
 
 
 def _flags_of(path: Path) -> int:
@@ -261,3 +262,130 @@ def test_copy_up_keeps_the_flags_in_protattr_for_the_kernel(tmp_path, layers_fac
         assert _errno(lambda p, m: os.truncate(p, 0), kmnt / "f", kmnt) == errno.EPERM
     finally:
         _unflag_all(tmp_path)
+
+
+#: the flags compared: sync, immutable, append, nodump, noatime
+SHOWN = 0x08 | 0x10 | 0x20 | 0x40 | 0x80
+
+
+def _lsattr(mnt: Path, names) -> dict:
+    return {n: _flags_of(mnt / n) & SHOWN for n in names}
+
+
+def _chattr_errno(mode: str, path: Path) -> int:
+    r = subprocess.run(["chattr", mode, str(path)], capture_output=True, text=True)
+    if r.returncode == 0:
+        return 0
+    return errno.EPERM if "not permitted" in r.stderr else -1
+
+
+def _immutable_as(uid: int, path: Path) -> int:
+    """The errno of FS_IOC_SETFLAGS adding immutable by a process of ``uid`` without
+    capabilities (opened first as root: the layers' parents are not searchable)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            flags = _flags_of(path)
+            os.setgid(uid)
+            os.setuid(uid)  # (all capabilities go)
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags | 0x10) + b"\0" * 4)
+        except OSError as e:
+            code = e.errno
+        except BaseException:
+            code = 255
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _chattr_session(mnt: Path) -> dict:
+    out = {"before": _lsattr(mnt, ["f", "d", "g", "n"])}
+    out["chattr"] = {
+        "+i f": _chattr_errno("+i", mnt / "f"),
+        "+a d": _chattr_errno("+a", mnt / "d"),
+        "+A g": _chattr_errno("+A", mnt / "g"),     # with its own lower +a: both kept
+        "+S n": _chattr_errno("+S", mnt / "n"),
+        "-i u (not flagged)": _chattr_errno("-i", mnt / "u"),
+        "+i u by its owner": _immutable_as(1000, mnt / "u"),
+    }
+    out["after"] = _lsattr(mnt, ["f", "d", "g", "n", "u"])
+    out["changes"] = {
+        "write f": _errno(_open(os.O_WRONLY), mnt / "f", mnt),
+        "create in d": _errno(lambda p, m: os.mkdir(p / "new"), mnt / "d", mnt),
+        "unlink d/c": _errno(lambda p, m: os.unlink(p / "c"), mnt / "d", mnt),
+        "append g": _errno(_open(os.O_WRONLY | os.O_APPEND, b"g\n"), mnt / "g", mnt),
+    }
+    out["chattr"]["-i f"] = _chattr_errno("-i", mnt / "f")
+    out["changes"]["write f after -i"] = _errno(_open(os.O_WRONLY), mnt / "f", mnt)
+    out["last"] = _lsattr(mnt, ["f", "d", "g", "n"])
+    return out
+
+
+def test_chattr_and_lsattr_as_the_kernel(tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """``lsattr``/``chattr`` through the mount (FS_IOC_GETFLAGS/SETFLAGS, sent as
+    FUSE_IOCTL) answer as the kernel overlay's: a set copies up, immutable/append-only go
+    to ``overlay.protattr``, the others onto the real copy; the caller needs
+    CAP_LINUX_IMMUTABLE for i/a. Each side's upper then mounted by the other shows the
+    same flags (layers move freely both ways)."""
+    lower = layers_factory({"l": {"f": b"f\n", "d": {"c": b"c\n"}, "g": b"g\n", "n": b"n\n",
+                                  "u": b"u\n"}}, where={"l": tmp_path}).paths[0]
+    os.chown(lower / "u", 1000, 1000)
+    try:
+        _chattr("+a", lower / "g")
+        got, stacks = {}, {}
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = stacks[side] = new_stack([lower], tmp_path / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _chattr_session(mnt)
+            finally:
+                unmount()
+        assert got["overlaypc"] == got["kernel"]
+        assert got["kernel"]["after"]["f"] & 0x10 and got["kernel"]["after"]["d"] & 0x20
+        assert got["kernel"]["chattr"]["+i u by its owner"] == errno.EPERM
+        for side in SIDES:
+            up = stacks[side].upper
+            got[side] = {n: ovl_xattr(up / n, "protattr") for n in ("f", "d", "g", "n")}
+            got[side]["real"] = {n: _flags_of(up / n) & SHOWN for n in ("d", "g", "n")}
+        assert got["overlaypc"] == got["kernel"]
+        # each side's upper under the other
+        for side, other in (("overlaypc", "kernel"), ("kernel", "overlaypc")):
+            s = stacks[side]
+            mnt, unmount = mount_side(other, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _lsattr(mnt, ["f", "d", "g", "n"])
+                got[side]["mkdir in d"] = _errno(lambda p, m: os.mkdir(p / "new2"), mnt / "d", mnt)
+                got[side]["unlink d/c"] = _errno(lambda p, m: os.unlink(p / "c"), mnt / "d", mnt)
+            finally:
+                unmount()
+        assert got["overlaypc"] == got["kernel"]
+    finally:
+        _unflag_all(tmp_path)
+
+
+@pytest.mark.parametrize("value", [b"x", b"", b"ia!", b"a" * 40])
+def test_malformed_protattr_is_ignored_as_the_kernel(value, tmp_path, layers_factory,
+                                                     overlay_mount, kernel_mount):
+    """An upper's ``protattr`` the kernel cannot read (empty, another letter, too long)
+    counts as no flags, there as here (logged, never a failed request nor a crash)."""
+    lower = layers_factory({"l": {"x": b"x\n"}}, where={"l": tmp_path}).paths[0]
+    got = {}
+    for side in SIDES:
+        (tmp_path / side).mkdir()
+        s = new_stack([lower], tmp_path / side, side)
+        for name in ("d", "f"):
+            (s.upper / name).mkdir() if name == "d" else (s.upper / name).write_bytes(b"f\n")
+            os.setxattr(s.upper / name, "trusted.overlay.protattr", value)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+        try:
+            got[side] = {
+                "mkdir in d": _errno(lambda p, m: os.mkdir(p / "new"), mnt / "d", mnt),
+                "write f": _errno(_open(os.O_WRONLY), mnt / "f", mnt),
+                "flags": _lsattr(mnt, ["d", "f"]),
+            }
+        finally:
+            unmount()
+    assert got["overlaypc"] == got["kernel"] == {"mkdir in d": 0, "write f": 0,
+                                                  "flags": {"d": 0, "f": 0}}
