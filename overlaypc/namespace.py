@@ -175,14 +175,17 @@ class Namespace:
             return True
         dnode = self.fs.lookup.directory(parent)
         if check is not None:
-            check(self.fs.protection.of_node(dnode), parent)
+            flags = self.fs.protection.of_node(dnode)
+            if flags:
+                check(flags, parent)
         return not parent or dnode.upper is not None
 
     def _check_protected(self, node: Node) -> None:
         """EPERM for a change of ``node`` itself (its removal, a rename or hard link of it)
         when it is immutable or append-only."""
-        if node.exists:
-            protattr.check_changed(self.fs.protection.of_node(node), node.rel)
+        flags = self.fs.protection.of_node(node)
+        if flags:
+            protattr.check_changed(flags, node.rel)
 
     def _prepare_new(self, rel: str, *, check: bool = False) -> None:
         """Checks for a new name; copies up the parent (an existing name fails first).

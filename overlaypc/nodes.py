@@ -86,12 +86,14 @@ class NodeTable:
 
     # -- references ------------------------------------------------------------------------
     def take(self, key: Hashable, parent: int, name: str, is_dir: bool,
-             linked: int | None = None) -> int:
+             linked: int | None = None, prot: int = -1) -> int:
         """The node of the object ``key`` found at (``parent``, ``name``), created if new,
         with one more kernel reference and that name recorded. ``linked``: the node a
         LINK of a node with no name names (its file held open by the LINK), taken back
         into the key index if ``dying`` took it out (its last handle's RELEASE racing the
-        LINK, review27): the kernel links that inode, not a new one."""
+        LINK, review27): the kernel links that inode, not a new one. ``prot``: its
+        immutable/append-only flags where the caller knows them (``Node.prot``), kept if
+        the node had none known."""
         with self._lock:
             nodeid = self._by_key.get(key)
             if nodeid is None and linked is not None:
@@ -115,6 +117,8 @@ class NodeTable:
                 node.names.append(where)
                 self._by_name[where] = nodeid
             node.nlookup += 1
+            if node.prot < 0:
+                node.prot = prot
             return nodeid
 
     def take_unnamed(self, key: Hashable) -> int:

@@ -97,6 +97,11 @@ _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.F
 _REQUESTS = _PATH_SETATTRS | p.FATTR_SIZE | p.FATTR_KILL_SUIDGID | p.FATTR_CTIME
 
 
+#: the SETATTRs an immutable or append-only node may refuse (``_check_setattr``)
+_PROTECTED_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE
+                       | p.FATTR_ATIME | p.FATTR_MTIME)
+
+
 def _chown_ids(sa: SetAttr) -> tuple[int, int] | None:
     """The (uid, gid) a SETATTR sets, -1 for the one it leaves; None when it sets neither."""
     valid = sa.valid
@@ -275,9 +280,7 @@ class OverlayOps(Operations):
                 if moves is not None and self._paths.moves != moves:
                     return _MOVED
                 if self.nodes.epoch == epoch:
-                    nodeid = self.nodes.take(key, parent, name, is_dir)
-                    if prot >= 0:
-                        self.nodes.node(nodeid).prot = prot
+                    nodeid = self.nodes.take(key, parent, name, is_dir, prot=prot)
                     return Entry(nodeid, file_attr(attr), self.timeout,
                                  self._attr_timeout(key, attr))
 
@@ -575,7 +578,8 @@ class OverlayOps(Operations):
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes.
         By path in a namespace lock hold where the path is current (``_at_node``). EPERM
         first for what the node's immutable/append-only flags refuse (``_check_setattr``)."""
-        self._check_setattr(nodeid, sa)
+        if sa.valid & _PROTECTED_SETATTRS and self.nodes.node(nodeid).prot:  # (-1: unknown)
+            self._check_setattr(nodeid, sa)
         try:
             if not sa.valid & _REQUESTS:
                 sa = self._chown_unchanged(req, nodeid, sa)
@@ -604,9 +608,6 @@ class OverlayOps(Operations):
         mode, owner, size or explicit times, or (immutable) times set to now. An empty one
         (a chown(f, -1, -1), a writer's privilege removal) goes on, as the kernel's."""
         valid = sa.valid
-        if not valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE
-                        | p.FATTR_ATIME | p.FATTR_MTIME):
-            return
         flags = self._protected(nodeid)
         if flags:
             explicit = bool(valid & p.FATTR_ATIME and not valid & p.FATTR_ATIME_NOW
@@ -1008,11 +1009,8 @@ class OverlayOps(Operations):
         attr = file_attr(shown)
         key = self.fs.identity(node)
         timeout = self._attr_timeout(key, shown)
-        nodeid = self.nodes.take(key, parent, name, node.is_dir, linked)
-        made = self.nodes.node(nodeid)
-        if made.prot < 0:
-            # no flags: a new object, or a hard link of one whose flags allowed the link
-            made.prot = 0
+        # (no flags: a new object, or a hard link of one whose flags allowed the link)
+        nodeid = self.nodes.take(key, parent, name, node.is_dir, linked, prot=0)
         return Entry(nodeid, attr, self.timeout, timeout)
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
