@@ -97,6 +97,7 @@ _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.F
 _REQUESTS = _PATH_SETATTRS | p.FATTR_SIZE | p.FATTR_KILL_SUIDGID | p.FATTR_CTIME
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
 #: the SETATTRs an immutable or append-only node may refuse (``_check_setattr``)
 _PROTECTED_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE
                        | p.FATTR_ATIME | p.FATTR_MTIME)
@@ -1200,6 +1201,12 @@ class OverlayOps(Operations):
     @_changes
     def fallocate(self, req: Request, nodeid: int, fh: int, offset: int, length: int,
                   mode: int) -> None:
+        if mode & ~_FALLOC_FL_KEEP_SIZE and self.nodes.node(nodeid).prot:  # (-1: unknown)
+            # an append-only file's fd (O_APPEND) may only grow it (``vfs_fallocate``)
+            prot = self._protected(nodeid)
+            if prot & protattr.FS_APPEND_FL:
+                raise OSError(errno.EPERM, "operation not permitted (append-only)",
+                              self.nodes.path(nodeid) or "")
         self.fs.fallocate(fh, mode, offset, length)
 
     def lseek(self, req: Request, nodeid: int, fh: int, offset: int, whence: int) -> int:

@@ -39,6 +39,25 @@ def _open(flags: int, data: bytes | None = None):
     return run
 
 
+def _with_fd(flags: int, act):
+    def run(p: Path, mnt: Path) -> None:
+        fd = os.open(p, flags)
+        try:
+            act(fd)
+        finally:
+            os.close(fd)
+    return run
+
+
+def _punch(fd: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if libc.fallocate(fd, 0x02 | 0x01, ctypes.c_long(0), ctypes.c_long(2)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def _then(first, second):
     def run(p: Path, mnt: Path) -> None:
         try:
@@ -58,6 +77,10 @@ FILE_OPS = {
     "open_trunc": _open(os.O_WRONLY | os.O_TRUNC),
     "open_append_trunc": _open(os.O_WRONLY | os.O_APPEND | os.O_TRUNC),
     "truncate": lambda p, mnt: os.truncate(p, 0),
+    "ftruncate_appending": _with_fd(os.O_WRONLY | os.O_APPEND, lambda fd: os.ftruncate(fd, 0)),
+    "fallocate_appending": _with_fd(os.O_WRONLY | os.O_APPEND,
+                                    lambda fd: os.posix_fallocate(fd, 0, 1 << 20)),
+    "punch_appending": _with_fd(os.O_WRONLY | os.O_APPEND, lambda fd: _punch(fd)),
     "chmod": lambda p, mnt: os.chmod(p, 0o600),
     "chown": lambda p, mnt: os.chown(p, 1000, 1000),
     "chown_none": lambda p, mnt: os.chown(p, -1, -1),
