@@ -551,12 +551,14 @@ class OverlayFS:
 
     def setattr(self, rel: str, *, mode: int | None = None, ids: tuple[int, int] | None = None,
                 times: tuple[int, int] | None = None,
-                writer: killpriv.Writer | None = None) -> tuple[Attr | None, bool]:
+                writer: killpriv.Writer | None = None,
+                check: "Callable[[int], None] | None" = None) -> tuple[Attr | None, bool]:
         """``kill_privs`` (``writer`` given; ``ids`` its chown's), ``chmod``, ``chown``,
         ``utimens`` of ``rel`` in that order, from one lookup; the attributes after them
-        (None: ask ``getattr``) and whether privileges were stripped (``Attributes.setattr``)."""
+        (None: ask ``getattr``) and whether privileges were stripped (``Attributes.setattr``).
+        ``check(the object's immutable/append-only flags)`` first (may refuse)."""
         check_name(rel, last_only=True)
-        return self.attrs.setattr(rel, mode=mode, ids=ids, times=times, writer=writer)
+        return self.attrs.setattr(rel, mode=mode, ids=ids, times=times, writer=writer, check=check)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
         self.attrs.utimens(rel, times)

@@ -98,7 +98,7 @@ _REQUESTS = _PATH_SETATTRS | p.FATTR_SIZE | p.FATTR_KILL_SUIDGID | p.FATTR_CTIME
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01
-#: the SETATTRs an immutable or append-only node may refuse (``_check_setattr``)
+#: the SETATTRs an immutable or append-only node may refuse (``_refuse_setattr``)
 _PROTECTED_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE
                        | p.FATTR_ATIME | p.FATTR_MTIME)
 
@@ -578,13 +578,18 @@ class OverlayOps(Operations):
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes.
         By path in a namespace lock hold where the path is current (``_at_node``). EPERM
-        first for what the node's immutable/append-only flags refuse (``_check_setattr``)."""
-        if sa.valid & _PROTECTED_SETATTRS and self.nodes.node(nodeid).prot:  # (-1: unknown)
-            self._check_setattr(nodeid, sa)
+        first for what the node's immutable/append-only flags refuse (``_refuse_setattr``)."""
+        check = None
+        if sa.valid & _PROTECTED_SETATTRS:
+            node = self.nodes.node(nodeid)
+            if node.prot > 0:
+                self._refuse_setattr(node.prot, nodeid, sa)
+            elif node.prot < 0:  # (asked of the lookup the change makes: ``_setattr_check``)
+                check = self._setattr_check(node, sa)
         try:
             if not sa.valid & _REQUESTS:
                 sa = self._chown_unchanged(req, nodeid, sa)
-            return self._setattr(req, nodeid, sa)
+            return self._setattr(req, nodeid, sa, check)
         except NoNameLeft as e:  # (before any step: the name went since it was looked at)
             return self._setattr_gone(nodeid, self._gone(nodeid, e), sa)
 
@@ -604,12 +609,21 @@ class OverlayOps(Operations):
             node.prot = flags
         return flags or 0
 
-    def _check_setattr(self, nodeid: int, sa: SetAttr) -> None:
+    def _setattr_check(self, node, sa: SetAttr) -> "Callable[[int], None]":
+        """For a node whose flags are not known yet: what the SETATTR's own lookup calls
+        with them (``Attributes.copy_up_for_setattr``'s ``check``, before any copy-up),
+        keeping them on the node; so a lower file's costs no second lookup."""
+        def check(flags: int) -> None:
+            node.prot = flags
+            if flags:
+                self._refuse_setattr(flags, node.nodeid, sa)
+        return check
+
+    def _refuse_setattr(self, flags: int, nodeid: int, sa: SetAttr) -> None:
         """EPERM for a SETATTR the node's flags refuse (``protattr.check_setattr``): a
         mode, owner, size or explicit times, or (immutable) times set to now. An empty one
         (a chown(f, -1, -1), a writer's privilege removal) goes on, as the kernel's."""
         valid = sa.valid
-        flags = self._protected(nodeid)
         if flags:
             explicit = bool(valid & p.FATTR_ATIME and not valid & p.FATTR_ATIME_NOW
                             or valid & p.FATTR_MTIME and not valid & p.FATTR_MTIME_NOW)
@@ -678,7 +692,9 @@ class OverlayOps(Operations):
                 return None
             raise
 
-    def _setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
+    def _setattr(self, req: Request, nodeid: int, sa: SetAttr,
+                 check: "Callable[[int], None] | None" = None) -> AttrReply:
+        """``check``: the flags check the change's lookup makes (``_setattr_check``)."""
         valid = sa.valid
         rel = self.nodes.path(nodeid)
         if rel is None:  # no name left: through one of its handles
@@ -687,10 +703,11 @@ class OverlayOps(Operations):
                 return self._setattr_gone(nodeid, gone, sa)
             return self._setattr_steps(req, nodeid, None, sa, self._open_inode(nodeid)[1])
         if sa.fh is None and not valid & p.FATTR_SIZE:
-            return self._setattr_named(req, nodeid, sa)
+            return self._setattr_named(req, nodeid, sa, check)
         if sa.fh is not None and not valid & (_PATH_SETATTRS | p.FATTR_KILL_SUIDGID):
-            return self._setattr_steps(req, nodeid, rel, sa, None)  # an ftruncate: no path
-        return self._at_node(nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None))
+            # an ftruncate: no path
+            return self._setattr_steps(req, nodeid, rel, sa, None, check)
+        return self._at_node(nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None, check))
 
     def _setattr_gone(self, nodeid: int, gone: GoneDir, sa: SetAttr) -> AttrReply:
         """``setattr`` of a removed directory the kernel still holds (``nameless``): the
@@ -709,7 +726,8 @@ class OverlayOps(Operations):
         return AttrReply(file_attr(nameless.attr(gone)), self._node_attr_timeout(nodeid))
 
     def _setattr_steps(self, req: Request, nodeid: int, rel: str | None, sa: SetAttr,
-                       inode: OverlayInode | None) -> AttrReply:
+                       inode: OverlayInode | None,
+                       check: "Callable[[int], None] | None" = None) -> AttrReply:
         """``setattr``'s steps, by ``rel`` or (no name left) on ``inode``. By ``rel``, the
         copy-up all of them need comes first (``Attributes.copy_up_for_setattr``): the
         steps then find the object in the upper (a step's own copy-up would come between
@@ -724,7 +742,7 @@ class OverlayOps(Operations):
             copy = fs.attrs.copy_up_for_setattr(
                 rel, changes=bool(valid & _PATH_SETATTRS) or data,
                 kill=bool(valid & p.FATTR_KILL_SUIDGID), ids=_chown_ids(sa), data=data,
-                seen=seen)
+                seen=seen, check=check)
             if copy is not None:  # (in ``_at_node``: ``CopyUpFirst``, nothing done)
                 seen = None
                 copy()
@@ -764,7 +782,8 @@ class OverlayOps(Operations):
             attr = self._attr(nodeid, sa.fh)
         return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
 
-    def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
+    def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr,
+                       check: "Callable[[int], None] | None" = None) -> AttrReply:
         """``setattr`` of a named node without a size nor a handle (untar's utimens, chown
         and chmod of every file): the same steps in the same order, from one lookup."""
         valid = sa.valid
@@ -780,6 +799,9 @@ class OverlayOps(Operations):
         done = None
         fhs = self.nodes.handles(nodeid)
         if fhs:  # an open file: through its handle, no lookup (``Files.setattr_open``)
+            if check is not None:
+                check(self._protected(nodeid))
+                check = None
             try:
                 done = self.fs.files.setattr_open(fhs[0], mode=mode, ids=ids, times=times,
                                                   writer=writer)
@@ -789,7 +811,7 @@ class OverlayOps(Operations):
         if done is None:
             def by_path(rel: str) -> tuple[Attr, bool]:
                 attr, killed = self.fs.setattr(rel, mode=mode, ids=ids, times=times,
-                                               writer=writer)
+                                               writer=writer, check=check)
                 return (self._attr(nodeid, None) if attr is None else attr), killed
             done = self._at_node(nodeid, by_path)
         attr, killed = done

@@ -66,6 +66,19 @@ class Protection:
             return 0
         return -1
 
+    def of_upper_path(self, upper, rel: str) -> int:
+        """The flags of the upper object at ``rel`` (known there), its ``protattr`` read
+        by path (one ``lgetxattr`` through the held parent fd)."""
+        raw = upper.getxattr_entry(rel, self.xattr)
+        if raw is None:
+            return 0
+        flags = protattr.parse(raw)
+        if flags is None:
+            log.warning("incompatible %s of %s/%s (%r): ignored", self.xattr, upper.path, rel,
+                        raw[:protattr.MAX_LEN + 1])
+            return 0
+        return flags
+
     def of_entry(self, entry) -> int:
         """The flags of one layer's object (the top entry of a node)."""
         dirfd = entry.dirfd
