@@ -470,8 +470,9 @@ class OverlayFS:
     def access(self, rel: str, mode: int) -> None:
         self.attrs.access(rel, mode)
 
-    def open(self, rel: str, flags: int, *, admitted: bool = False) -> OpenResult:
-        return self.files.open(rel, flags, admitted=admitted)
+    def open(self, rel: str, flags: int, *, admitted: bool = False,
+             check: "Callable[[int], None] | None" = None) -> OpenResult:
+        return self.files.open(rel, flags, admitted=admitted, check=check)
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller = ROOT) -> OpenResult:
         return self.files.create(rel, flags, mode, caller)[0]

@@ -1089,17 +1089,21 @@ class OverlayOps(Operations):
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
+        check = None
         if flags & (os.O_ACCMODE | os.O_TRUNC):  # (a read-only open asks nothing)
-            prot = self._protected(nodeid)
-            if prot:
-                protattr.check_open(prot, flags, self.nodes.path(nodeid) or "")
+            node = self.nodes.node(nodeid)
+            if node.prot > 0:
+                protattr.check_open(node.prot, flags, self.nodes.path(nodeid) or "")
+            elif node.prot < 0:  # (from the lookup the open makes: as ``_setattr_check``)
+                check = self._open_check(node, flags)
         # admitted once, before anything is done: ``_at_node`` runs the open again after
         # a copy-up it ran first, and an O_TRUNC open's copy-up holds no data, so a refusal
         # then would lose the lower data for an open that failed
         self.fs.room_for_open(None)
         try:
             try:
-                result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True))
+                result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True,
+                                                                        check=check))
             except NoNameLeft:  # (raised before anything was done)
                 result = self._open_nameless(nodeid, flags)
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
@@ -1115,6 +1119,15 @@ class OverlayOps(Operations):
                 self._changed()
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
+
+    def _open_check(self, node, flags: int) -> "Callable[[int], None]":
+        """What an open for writing's lookup calls with the node's flags (not known yet),
+        keeping them on the node."""
+        def check(prot: int) -> None:
+            node.prot = prot
+            if prot:
+                protattr.check_open(prot, flags, self.nodes.path(node.nodeid) or "")
+        return check
 
     def _open_nameless(self, nodeid: int, flags: int):
         """OPEN of a node with no name left (``open("/proc/self/fd/N")``): a new handle of
