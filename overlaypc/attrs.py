@@ -220,14 +220,14 @@ class Attributes:
             return lambda: copyup.ensure_data(rel, seen=held)
         return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=held)
 
-    def copy_up_for_xattr(self, rel: str, name: str, *,
-                          removed: bool = False) -> "Callable[[], Entry] | None":
+    def copy_up_for_xattr(self, rel: str, name: str, *, removed: bool = False,
+                          check: "Callable[[int], None] | None" = None) -> "Callable[[], Entry] | None":
         """``copy_up_for_setattr`` of a SETXATTR (REMOVEXATTR: ``removed``): none for one
         refused first (xattrs off, a private name); a removed xattr must exist first
         (ENODATA, before any copy-up)."""
         if self.fs.config.noxattrs or is_private_xattr(name):
             return None
-        copy = self.copy_up_for_setattr(rel)
+        copy = self.copy_up_for_setattr(rel, check=check)
         if copy is not None and removed:
             top = self.fs.lookup.lookup(rel).top
             top.layer.getxattr_strict(top.rel, name)
@@ -467,20 +467,24 @@ class Attributes:
         top = self.fs.lookup.lookup(rel).top
         return [n for n in top.layer.listxattr(top.rel) if not is_private_xattr(n)]
 
-    def setxattr(self, rel: str, name: str, value: bytes, flags: int) -> None:
+    def setxattr(self, rel: str, name: str, value: bytes, flags: int,
+                 check: "Callable[[int], None] | None" = None) -> None:
+        """``check``: as ``copy_up_for_setattr``'s."""
         self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
-        copy = self.copy_up_for_xattr(rel, name)  # (None on a read-only mount: EROFS below)
+        # (None on a read-only mount: EROFS below)
+        copy = self.copy_up_for_xattr(rel, name, check=check)
         entry = self._after(rel, copy)
         entry.layer.do_setxattr(entry.rel, name, value, flags)
         self._privs_may_grow(entry)
 
-    def removexattr(self, rel: str, name: str) -> None:
+    def removexattr(self, rel: str, name: str,
+                    check: "Callable[[int], None] | None" = None) -> None:
         self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
-        copy = self.copy_up_for_xattr(rel, name, removed=True)  # (ENODATA before it)
+        copy = self.copy_up_for_xattr(rel, name, removed=True, check=check)  # (ENODATA before it)
         if copy is None:
             top = self.fs.lookup.lookup(rel).top
             top.layer.getxattr_strict(top.rel, name)  # ENODATA

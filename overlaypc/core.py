@@ -570,11 +570,12 @@ class OverlayFS:
     def listxattr(self, rel: str) -> list[str]:
         return self.attrs.listxattr(rel)
 
-    def setxattr(self, rel: str, name: str, value: bytes, flags: int = 0) -> None:
-        self.attrs.setxattr(rel, name, value, flags)
+    def setxattr(self, rel: str, name: str, value: bytes, flags: int = 0,
+                 check: "Callable[[int], None] | None" = None) -> None:
+        self.attrs.setxattr(rel, name, value, flags, check)
 
-    def removexattr(self, rel: str, name: str) -> None:
-        self.attrs.removexattr(rel, name)
+    def removexattr(self, rel: str, name: str, check: "Callable[[int], None] | None" = None) -> None:
+        self.attrs.removexattr(rel, name, check)
 
     # a creation answers ``then(the new object's node)``, run in the lock hold that made
     # it; if ``then`` fails, the object goes again (``Namespace._named``)

@@ -633,11 +633,21 @@ class OverlayOps(Operations):
                 size=bool(valid & p.FATTR_SIZE),
                 touch=bool(valid & (p.FATTR_ATIME | p.FATTR_MTIME)))
 
-    def _check_changed(self, nodeid: int) -> None:
-        """EPERM for a change of the node's xattrs when it is immutable or append-only."""
-        flags = self._protected(nodeid)
-        if flags:
-            protattr.check_changed(flags, self.nodes.path(nodeid) or "")
+    def _xattr_check(self, nodeid: int) -> "Callable[[int], None] | None":
+        """EPERM for a change of the node's xattrs when it is immutable or append-only;
+        where its flags are not known yet, what the change's lookup calls with them
+        (``Attributes.copy_up_for_xattr``'s ``check``; None: nothing to check)."""
+        node = self.nodes.node(nodeid)
+        if node.prot == 0:
+            return None
+
+        def check(flags: int) -> None:
+            node.prot = flags
+            if flags:
+                protattr.check_changed(flags, self.nodes.path(nodeid) or "")
+        if node.prot > 0:
+            check(node.prot)
+        return check
 
     def _chown_unchanged(self, req: Request, nodeid: int, sa: SetAttr) -> SetAttr:
         """A SETATTR asking for nothing: what ``fuse_setattr`` leaves of a ``chown(f, -1,
@@ -885,10 +895,10 @@ class OverlayOps(Operations):
     @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
                  setxattr_flags: int = 0) -> None:
-        self._check_changed(nodeid)
+        check = self._xattr_check(nodeid)
 
         def act(rel: str) -> None:
-            self.fs.setxattr(rel, name, value, flags)
+            self.fs.setxattr(rel, name, value, flags, check)
             if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
                 self.fs.attrs.kill_sgid(rel)
         try:
@@ -907,9 +917,9 @@ class OverlayOps(Operations):
             # empty SETATTR: refused where that SETATTR will be (``_may_strip``), before
             # anything, as the kernel overlay's chown refuses it
             self._may_strip(req, nodeid)
-        self._check_changed(nodeid)
+        check = self._xattr_check(nodeid)
         try:
-            self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
+            self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name, check))
         except NoNameLeft as e:
             self._nameless(nodeid, e, lambda gone: self.fs.nameless.removexattr(gone, name),
                            lambda inode: self.fs.files.removexattr_inode(inode, name))
