@@ -19,13 +19,12 @@ none, logged once per object read, as the kernel warns and ignores it.
 """
 from __future__ import annotations
 
-import logging
 import stat
 
-from . import protattr, sysapi
+from . import logs, protattr, sysapi
 from .layer import UNKNOWN
 
-log = logging.getLogger("overlaypc.protection")
+log = logs.get("overlaypc.protection")
 
 
 class Protection:
