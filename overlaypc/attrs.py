@@ -180,7 +180,8 @@ class Attributes:
     # -- which copy-up a change makes first ------------------------------------------------------
     def copy_up_for_setattr(self, rel: str, *, changes: bool = True, kill: bool = False,
                             ids: tuple[int, int] | None = None, data: bool = False,
-                            seen: Seen | None = None) -> "Callable[[], Entry] | None":
+                            seen: Seen | None = None,
+                            check: "Callable[[int], None] | None" = None) -> "Callable[[], Entry] | None":
         """The copy-up a SETATTR (or any attribute change) by path of ``rel`` makes before it
         changes anything: a call that makes it and returns the upper entry, or None. None for
         an object in the upper already (with its data, for ``data``: a truncate), one that
@@ -189,17 +190,24 @@ class Attributes:
         copied up (metadata only where allowed) before its privileges are looked at. The
         errors the change answers before a copy-up are answered here first (a chown's IDs the
         kill flag checks: EOVERFLOW). ``seen``: ``rel`` as the change just looked it up;
-        without it, one ``fstatat`` answers for an upper object (``known_upper``)."""
+        without it, one ``fstatat`` answers for an upper object (``known_upper``).
+        ``check(the object's immutable/append-only flags)`` first, before any copy-up (it
+        may refuse the change; a lower object's from this lookup, an upper one's
+        ``protattr``: ``protection``)."""
         fs = self.fs
         copyup = fs.copyup
         if not fs.writable or copyup is None:
             return None
         if seen is None:
             if self.known_upper(rel, data):
+                if check is not None:
+                    check(fs.protection.of_upper_path(fs.stack.upper, rel))
                 return None
             epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
             seen = Seen(fs.lookup.lookup(rel), epoch)
         node = seen.node
+        if check is not None and node.exists:
+            check(fs.protection.of_node(node))
         if not node.exists or node.upper is not None and not (data and node.data is not None):
             return None
         if not changes and not (kill and stat.S_ISREG(node.st.st_mode)):
@@ -213,14 +221,14 @@ class Attributes:
             return lambda: copyup.ensure_data(rel, seen=held)
         return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=held)
 
-    def copy_up_for_xattr(self, rel: str, name: str, *,
-                          removed: bool = False) -> "Callable[[], Entry] | None":
+    def copy_up_for_xattr(self, rel: str, name: str, *, removed: bool = False,
+                          check: "Callable[[int], None] | None" = None) -> "Callable[[], Entry] | None":
         """``copy_up_for_setattr`` of a SETXATTR (REMOVEXATTR: ``removed``): none for one
         refused first (xattrs off, a private name); a removed xattr must exist first
         (ENODATA, before any copy-up)."""
         if self.fs.config.noxattrs or is_private_xattr(name):
             return None
-        copy = self.copy_up_for_setattr(rel)
+        copy = self.copy_up_for_setattr(rel, check=check)
         if copy is not None and removed:
             top = self.fs.lookup.lookup(rel).top
             top.layer.getxattr_strict(top.rel, name)
@@ -315,7 +323,8 @@ class Attributes:
 
     def setattr(self, rel: str, *, mode: int | None = None, ids: tuple[int, int] | None = None,
                 times: tuple[int, int] | None = None,
-                writer: "killpriv.Writer | None" = None) -> tuple[Attr | None, bool]:
+                writer: "killpriv.Writer | None" = None,
+                check: "Callable[[int], None] | None" = None) -> tuple[Attr | None, bool]:
         """A SETATTR by path without a size: strip privileges as ``writer``'s chown or
         write would (``writer`` given), then chmod, chown (shown-side ``ids``, -1:
         unchanged), utimens (``times``: ``utimens``'s), each as its own method does, from
@@ -343,7 +352,7 @@ class Attributes:
             fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is copied up or stripped
         entry = node.upper
         copy = self.copy_up_for_setattr(rel, changes=changes, kill=writer is not None, ids=ids,
-                                        seen=Seen(node, epoch))
+                                        seen=Seen(node, epoch), check=check)
         if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
             node = None  # copied up: its structure changed (and not held while it may wait)
             entry = copy()
@@ -459,20 +468,24 @@ class Attributes:
         top = self.fs.lookup.lookup(rel).top
         return [n for n in top.layer.listxattr(top.rel) if not is_private_xattr(n)]
 
-    def setxattr(self, rel: str, name: str, value: bytes, flags: int) -> None:
+    def setxattr(self, rel: str, name: str, value: bytes, flags: int,
+                 check: "Callable[[int], None] | None" = None) -> None:
+        """``check``: as ``copy_up_for_setattr``'s."""
         self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
-        copy = self.copy_up_for_xattr(rel, name)  # (None on a read-only mount: EROFS below)
+        # (None on a read-only mount: EROFS below)
+        copy = self.copy_up_for_xattr(rel, name, check=check)
         entry = self._after(rel, copy)
         entry.layer.do_setxattr(entry.rel, name, value, flags)
         self._privs_may_grow(entry)
 
-    def removexattr(self, rel: str, name: str) -> None:
+    def removexattr(self, rel: str, name: str,
+                    check: "Callable[[int], None] | None" = None) -> None:
         self._xattrs_allowed()
         if is_private_xattr(name):
             raise OSError(errno.EPERM, "overlay-private attribute", name)
-        copy = self.copy_up_for_xattr(rel, name, removed=True)  # (ENODATA before it)
+        copy = self.copy_up_for_xattr(rel, name, removed=True, check=check)  # (ENODATA before it)
         if copy is None:
             top = self.fs.lookup.lookup(rel).top
             top.layer.getxattr_strict(top.rel, name)  # ENODATA

@@ -67,13 +67,14 @@ import stat
 import threading
 import time
 
-from . import faults, fdbudget, impure, logs, scopes, sysapi
+from . import faults, fdbudget, impure, logs, protattr, scopes, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
 from .layer import Layer, do_link, do_rename, join, same_file, split
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
 from .ownership import Ownership, is_override_xattr
+from .protection import Protection
 from .records import field, record
 from .stack import LayerStack
 from .stats import Stats
@@ -294,6 +295,7 @@ class CopyUp:
         self.ns_lock = ns_lock
         self.stats = stats
         self.prefix = xattr_prefix
+        self.protection = Protection(xattr_prefix)
         self.volatile = volatile
         self._key_of = key_of
         self._on_copied = on_copied
@@ -693,6 +695,8 @@ class CopyUp:
             self._set_private(tmp, self.prefix + "origin", origin, fd)
             if self.inos is not None:  # what the copy's first GETATTR would decode
                 ctx.origin_ino = self.inos.copied(origin, st, src.layer)
+        if ctx.kind in (stat.S_IFREG, stat.S_IFDIR):
+            self._copy_protattr(ctx, fd, src_fd)
         if ctx.metadata_only:
             # (no redirect, as the kernel's: data found through a redirected parent is
             # found again through it; a rename sets one, ``namespace._mark_moved``)
@@ -741,6 +745,17 @@ class CopyUp:
                                   f"{e.strerror}", ctx.node.rel) from None
                 log.info("copy-up of %s: xattr %s not supported by the upper, not copied",
                          src.rel, name)
+
+    def _copy_protattr(self, ctx: CopyUpContext, fd: int | None, src_fd: int | None) -> None:
+        """The source's immutable/append-only flags go to the copy's ``protattr`` xattr,
+        as the kernel's ``ovl_copy_fileattr`` (not onto the copy itself: it could then not
+        be renamed into place, nor its xattrs set), so the mount keeps refusing what they
+        refuse. One ``statx`` of the source. Its sync/noatime flags are not copied (the
+        kernel sets them on the copy; a caveat, README)."""
+        src = ctx.src
+        flags = Protection.real_fd(src_fd) if src_fd is not None else self.protection.of_entry(src)
+        if flags & protattr.PROTECTED:
+            self._set_private(ctx.tmp, self.prefix + protattr.XATTR, protattr.value_of(flags), fd)
 
     def _set_private(self, rel: str, name: str, value: bytes, fd: int | None = None) -> None:
         try:

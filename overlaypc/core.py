@@ -34,6 +34,8 @@ from .inumbers import InodeNumbers
 from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, UpperName, check_name
 from .nameless import NamelessDirs
+from .fileattrs import FileAttrs
+from .protection import Protection
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
 from .pathguard import PathGuard
@@ -148,8 +150,11 @@ class OverlayFS:
             self.copyup.index = self.index
         self.sharing: ExtentMap | None = ExtentMap(max_fds=self.fd_budget.sharing) if config.sharing else None
         self.lookup.fd_room = lambda: self.open_file_fds - self.open_fds()
+        #: immutable/append-only flags of the objects a change changes
+        self.protection = Protection(self.prefix)
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
+        self.fileattrs = FileAttrs(self)
         self.files = Files(self)
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new,
         #: whether its attributes changed with it: a directory's, a metacopy file's data
@@ -408,6 +413,15 @@ class OverlayFS:
                                   cache_mode=self.config.cache)
 
     # -- the operations ---------------------------------------------------------------------------
+    def protection_at(self, rel: str, is_dir: bool) -> int | None:
+        """The immutable/append-only flags of the object at ``rel`` (``protection``); None
+        where it cannot be looked up (the change then fails, or not, as it would)."""
+        try:
+            node = self.lookup.directory(rel) if is_dir else self.lookup.lookup(rel)
+        except OSError:
+            return None
+        return self.protection.of_node(node)
+
     def getattr(self, rel: str, fh: int | None = None) -> Attr:
         if fh is not None:
             return self.files.getattr(fh)
@@ -456,8 +470,9 @@ class OverlayFS:
     def access(self, rel: str, mode: int) -> None:
         self.attrs.access(rel, mode)
 
-    def open(self, rel: str, flags: int, *, admitted: bool = False) -> OpenResult:
-        return self.files.open(rel, flags, admitted=admitted)
+    def open(self, rel: str, flags: int, *, admitted: bool = False,
+             check: "Callable[[int], None] | None" = None) -> OpenResult:
+        return self.files.open(rel, flags, admitted=admitted, check=check)
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller = ROOT) -> OpenResult:
         return self.files.create(rel, flags, mode, caller)[0]
@@ -537,12 +552,14 @@ class OverlayFS:
 
     def setattr(self, rel: str, *, mode: int | None = None, ids: tuple[int, int] | None = None,
                 times: tuple[int, int] | None = None,
-                writer: killpriv.Writer | None = None) -> tuple[Attr | None, bool]:
+                writer: killpriv.Writer | None = None,
+                check: "Callable[[int], None] | None" = None) -> tuple[Attr | None, bool]:
         """``kill_privs`` (``writer`` given; ``ids`` its chown's), ``chmod``, ``chown``,
         ``utimens`` of ``rel`` in that order, from one lookup; the attributes after them
-        (None: ask ``getattr``) and whether privileges were stripped (``Attributes.setattr``)."""
+        (None: ask ``getattr``) and whether privileges were stripped (``Attributes.setattr``).
+        ``check(the object's immutable/append-only flags)`` first (may refuse)."""
         check_name(rel, last_only=True)
-        return self.attrs.setattr(rel, mode=mode, ids=ids, times=times, writer=writer)
+        return self.attrs.setattr(rel, mode=mode, ids=ids, times=times, writer=writer, check=check)
 
     def utimens(self, rel: str, times: tuple[int, int] | None) -> None:
         self.attrs.utimens(rel, times)
@@ -553,11 +570,12 @@ class OverlayFS:
     def listxattr(self, rel: str) -> list[str]:
         return self.attrs.listxattr(rel)
 
-    def setxattr(self, rel: str, name: str, value: bytes, flags: int = 0) -> None:
-        self.attrs.setxattr(rel, name, value, flags)
+    def setxattr(self, rel: str, name: str, value: bytes, flags: int = 0,
+                 check: "Callable[[int], None] | None" = None) -> None:
+        self.attrs.setxattr(rel, name, value, flags, check)
 
-    def removexattr(self, rel: str, name: str) -> None:
-        self.attrs.removexattr(rel, name)
+    def removexattr(self, rel: str, name: str, check: "Callable[[int], None] | None" = None) -> None:
+        self.attrs.removexattr(rel, name, check)
 
     # a creation answers ``then(the new object's node)``, run in the lock hold that made
     # it; if ``then`` fails, the object goes again (``Namespace._named``)

@@ -104,12 +104,15 @@ class Files:
             return lambda: copyup.ensure_data(rel, empty=True)
         return lambda: copyup.ensure_data(rel)
 
-    def open(self, rel: str, flags: int, *, admitted: bool = False) -> OpenResult:
+    def open(self, rel: str, flags: int, *, admitted: bool = False,
+             check: "Callable[[int], None] | None" = None) -> OpenResult:
         """Open ``rel``. Every check that needs no upper copy comes before the copy-up an
         open for writing makes (an ``O_TRUNC`` one copies no data: failing after it would
         lose the lower data for an open that failed). ``admitted``: the open-file budget
         (``room_for_open``) was checked for this request already (``OverlayOps.open``,
-        which runs this again after a copy-up it ran first: not refused then)."""
+        which runs this again after a copy-up it ran first: not refused then). ``check(the
+        object's immutable/append-only flags)`` before any copy-up (may refuse; an open for
+        writing only)."""
         fs = self.fs
         if not admitted:
             fs.room_for_open(rel)
@@ -120,6 +123,8 @@ class Files:
             fs.require_writable()
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)
+            if check is not None:
+                check(fs.protection.of_node(node))
             copy = self.copy_up_for_open(rel, flags, node)
             node = None  # (not held while the copy-up may wait for fds: limits23)
             if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)

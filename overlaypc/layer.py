@@ -166,9 +166,10 @@ class DirFd:
     whose top entry holds this fd (UNKNOWN until then, and for one showing its origin's
     number, which ``InodeNumbers._unique`` decides at each answer): a lookup opens new fds,
     so the fd stands for that directory's layers, which its number depends on, as long as
-    it lives."""
+    it lives. ``prot``: the directory's immutable/append-only flags as ``protection``
+    read them (UNKNOWN until a change in it asks)."""
 
-    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino")
+    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot")
 
     def __init__(self, fd: int, owned: bool = True) -> None:
         self.fd = fd
@@ -176,6 +177,7 @@ class DirFd:
         self.origin_ino: object = UNKNOWN
         self.impure_settled = False
         self.dir_ino: object = UNKNOWN
+        self.prot: object = UNKNOWN
 
     def __del__(self) -> None:
         if self._owned:

@@ -240,6 +240,7 @@ class Lookup:
         self.prefix = xattr_prefix
         #: the copy-up origin marks ``inumbers`` reads (kernel's, fuse-overlayfs's)
         self._origins = frozenset((xattr_prefix + "origin", whiteout.FOO_ORIGIN))
+        self._protattr = xattr_prefix + "protattr"
         self.follow_redirects = follow_redirects
         self.index = None  # an index.IndexDir under -o index=on
         self.follow_metacopy = follow_metacopy
@@ -853,6 +854,8 @@ class Lookup:
                     # no copy-up origin: what ``inumbers`` would read of it, known now
                     # (one pinned by the fd; a new upper dir, e.g. one MKDIR made)
                     dirfd.origin_ino = None  # type: ignore[union-attr]
+                if xattrs is not None and layer.writable and self._protattr not in xattrs:
+                    dirfd.prot = 0  # type: ignore[union-attr]  # (``protection``: no flags)
                 if self._opaque(entry, xattrs):
                     opaque = True
                     break

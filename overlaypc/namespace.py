@@ -38,7 +38,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from . import acl, faults, impure, logs, sysapi, whiteout
+from . import acl, faults, impure, logs, protattr, sysapi, whiteout
 from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import Layer, do_link, do_rename, join, split
@@ -164,12 +164,28 @@ class Namespace:
         """Whether a lower layer shows something at ``rel`` (below whatever upper has)."""
         return self.fs.lookup.lower_exists(rel)
 
-    def _parent_in_upper(self, rel: str) -> bool:
+    def _parent_in_upper(self, rel: str, check: "Callable[[int, str], None] | None" = None) -> bool:
         """Whether the parent of ``rel`` has its upper copy (from the lookup's cache of
         directories; ENOENT/ENOTDIR when it is not a directory): then a change in it copies
-        nothing up, and the lookup under the namespace lock is the only check needed."""
+        nothing up, and the lookup under the namespace lock is the only check needed.
+        ``check(the parent's immutable/append-only flags, its path)`` first (``protattr``:
+        EPERM before anything is copied up, as the kernel overlay's VFS refuses)."""
         parent = split(rel)[0]
-        return not parent or self.fs.lookup.directory(parent).upper is not None
+        if check is None and not parent:
+            return True
+        dnode = self.fs.lookup.directory(parent)
+        if check is not None:
+            flags = self.fs.protection.of_node(dnode)
+            if flags:
+                check(flags, parent)
+        return not parent or dnode.upper is not None
+
+    def _check_protected(self, node: Node) -> None:
+        """EPERM for a change of ``node`` itself (its removal, a rename or hard link of it)
+        when it is immutable or append-only."""
+        flags = self.fs.protection.of_node(node)
+        if flags:
+            protattr.check_changed(flags, node.rel)
 
     def _prepare_new(self, rel: str, *, check: bool = False) -> None:
         """Checks for a new name; copies up the parent (an existing name fails first).
@@ -177,7 +193,7 @@ class Namespace:
         that copies something else up before it takes the lock (link: its source)."""
         self.fs.require_writable()
         self._check_new_name(rel)
-        if not check and self._parent_in_upper(rel):
+        if self._parent_in_upper(rel, protattr.check_dir_add) and not check:
             return  # _place_new's lookup under the lock decides
         node = self.fs.lookup.lookup(rel)
         if node.exists:
@@ -510,8 +526,13 @@ class Namespace:
         fs = self.fs
         fs.require_writable()
         check_name(rel, last_only=True)
-        if fs.lookup.directory(rel).upper is None:  # (ENOENT/ENOTDIR for no directory)
+        dnode = fs.lookup.directory(rel)  # (ENOENT/ENOTDIR for no directory)
+        protattr.check_dir_add(fs.protection.of_node(dnode), rel)
+        if dnode.upper is None:
+            del dnode
             fs.copyup.ensure_upper(rel)
+        else:
+            del dnode
         upper = fs.stack.upper
         assert upper is not None
         access = flags & OPEN_FLAGS & ~(os.O_CREAT | os.O_TRUNC | os.O_TMPFILE | os.O_NOCTTY
@@ -628,6 +649,7 @@ class Namespace:
             raise OSError(errno.ENOENT, "no such file", src_rel)
         if src.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory", src_rel)
+        self._check_protected(src)  # (after the new name's parent: EPERM either way)
         # (looked up again under the lock: not held while the new name's lookup and the
         # copy-ups, which may wait for fds, run; its parent's fd may be what the thread whose
         # turn it is needs: limits23)
@@ -679,13 +701,17 @@ class Namespace:
         ``then(that node)``: after the removal, under the namespace lock hold that made it
         (the adapter's node table drops the name there, as ``rename``'s ``then``)."""
         self.fs.require_writable()
-        if not self._parent_in_upper(rel):
-            self._check_unlink(self.fs.lookup.lookup(rel))  # before copying the parent up
+        if not self._parent_in_upper(rel, protattr.check_dir_remove):
+            node = self.fs.lookup.lookup(rel)
+            self._check_unlink(node)  # before copying the parent up
+            self._check_protected(node)
+            del node
             self.fs.copyup.ensure_parent(rel)
         self._index_before_removal(rel)
         with self._changing():
             node = self.fs.lookup.lookup(rel, keep=False)
             self._check_unlink(node)
+            self._check_protected(node)
             shared = self.fs.index_of(node)
             key = self.fs.identity(node)  # before the name is gone
             # a lower entry in the node: a lower layer shows the name (no need to ask again);
@@ -716,12 +742,16 @@ class Namespace:
         self.fs.require_writable()
         if not rel:
             raise OSError(errno.EBUSY, "cannot remove the mount root")
-        if not self._parent_in_upper(rel):
-            self._check_rmdir(self.fs.lookup.lookup(rel))  # before copying the parent up
+        if not self._parent_in_upper(rel, protattr.check_dir_remove):
+            node = self.fs.lookup.lookup(rel)
+            self._check_rmdir(node)  # before copying the parent up
+            self._check_protected(node)
+            del node
             self.fs.copyup.ensure_parent(rel)
         with self._changing():
             node = self.fs.lookup.lookup(rel)
             self._check_rmdir(node)
+            self._check_protected(node)
             with self.fs.paths.moving():  # (``pathguard``: as an unlink's)
                 try:
                     lower_exists = bool(node.lowers) or self.lower_exists(rel)
@@ -838,9 +868,10 @@ class Namespace:
         onode = self.fs.lookup.lookup(old).without_fds()
         if not onode.exists:
             raise OSError(errno.ENOENT, "no such file", old)
+        nnode = self.fs.lookup.lookup(new)
+        self._check_rename_protected(old, new, onode, nnode)
         if onode.is_dir and onode.lowers and not self.fs.config.redirect_dir == "on":
             raise OSError(errno.EXDEV, "directory exists in a lower layer (redirect_dir=off)", old)
-        nnode = self.fs.lookup.lookup(new)
         self._check_target(onode, nnode, flags)
         replaces_file = nnode.exists and not nnode.is_dir
         # (looked up again under the lock: not held while the copy-ups, whose lookups may
@@ -877,6 +908,21 @@ class Namespace:
                 if then is not None:
                     then(nnode)
         return nnode
+
+    def _check_rename_protected(self, old: str, new: str, onode: Node, nnode: Node) -> None:
+        """The immutable/append-only flags a rename meets, in the VFS's order (EPERM,
+        before anything is copied up): the old name's directory and the object
+        (``may_delete``), the new name's directory and any object there (``may_create``,
+        ``may_delete``), a directory moved to another parent (its ``..``)."""
+        self._parent_in_upper(old, protattr.check_dir_remove)
+        self._check_protected(onode)
+        if nnode.exists:
+            self._parent_in_upper(new, protattr.check_dir_remove)
+            self._check_protected(nnode)
+        else:
+            self._parent_in_upper(new, protattr.check_dir_add)
+        if onode.is_dir and split(old)[0] != split(new)[0]:
+            protattr.check_moved_dir(self.fs.protection.of_node(onode), old)
 
     def _rename_locked(self, old: str, new: str, onode: Node, nnode: Node) -> None:
         """The move itself, under the namespace lock (``rename`` checked the target)."""

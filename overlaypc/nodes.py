@@ -43,7 +43,7 @@ _KEPT_PATH = 4096
 
 class Node:
     """One node of the table (``__slots__``: there may be hundreds of thousands)."""
-    __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path", "gone")
+    __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path", "gone", "prot")
 
     def __init__(self, nodeid: int, key: Hashable, is_dir: bool) -> None:
         self.nodeid = nodeid
@@ -60,6 +60,11 @@ class Node:
         #: the kernel still holds it (opaque here; ``nameless.GoneDir``: its attributes then
         #: and the fd its changes go through), released at FORGET; None otherwise
         self.gone: object | None = None
+        #: the immutable/append-only flags (``protattr``) the adapter enforces on changes of
+        #: the node itself (SETATTR, SETXATTR, REMOVEXATTR, OPEN for writing): -1 until a
+        #: change asks (``OverlayOps._protected``), 0 for what a creation made; a short path
+        #: of those requests must check it too (and fall back while it is -1)
+        self.prot = -1
 
     def __repr__(self) -> str:
         return f"Node({self.nodeid}, {self.key!r}, nlookup={self.nlookup}, names={self.names})"
@@ -81,12 +86,14 @@ class NodeTable:
 
     # -- references ------------------------------------------------------------------------
     def take(self, key: Hashable, parent: int, name: str, is_dir: bool,
-             linked: int | None = None) -> int:
+             linked: int | None = None, prot: int = -1) -> int:
         """The node of the object ``key`` found at (``parent``, ``name``), created if new,
         with one more kernel reference and that name recorded. ``linked``: the node a
         LINK of a node with no name names (its file held open by the LINK), taken back
         into the key index if ``dying`` took it out (its last handle's RELEASE racing the
-        LINK, review27): the kernel links that inode, not a new one."""
+        LINK, review27): the kernel links that inode, not a new one. ``prot``: its
+        immutable/append-only flags where the caller knows them (``Node.prot``), kept if
+        the node had none known."""
         with self._lock:
             nodeid = self._by_key.get(key)
             if nodeid is None and linked is not None:
@@ -110,6 +117,8 @@ class NodeTable:
                 node.names.append(where)
                 self._by_name[where] = nodeid
             node.nlookup += 1
+            if node.prot < 0:
+                node.prot = prot
             return nodeid
 
     def take_unnamed(self, key: Hashable) -> int:
@@ -430,9 +439,11 @@ class NodeTable:
 
     def named_open(self, nodeid: int) -> tuple[int, Hashable] | None:
         """``first_handle`` and the key of a node that also has a name (the short SETATTR
-        of an open file); None for a node without a name or without a handle."""
+        of an open file); None for a node without a name or without a handle, and for one
+        whose immutable/append-only flags are set or not known yet (``Node.prot``: the
+        generic SETATTR checks them)."""
         with self._lock:
             node = self._nodes.get(nodeid)
-            if node is None or not node.names or not node.fhs:
+            if node is None or not node.names or not node.fhs or node.prot:
                 return None
             return min(node.fhs), node.key

@@ -29,10 +29,11 @@ import errno
 import itertools
 import os
 import stat
+import struct
 import sys
 from collections.abc import Iterator
 
-from . import acl, faults, logs, scopes, whiteout
+from . import acl, faults, logs, protattr, scopes, sysapi, whiteout
 from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -104,6 +105,12 @@ _FATTR_IDS, _FATTR_KILL = p.FATTR_UID | p.FATTR_GID, p.FATTR_KILL_SUIDGID
 _FATTR_ATIME, _FATTR_ATIME_NOW = p.FATTR_ATIME, p.FATTR_ATIME_NOW
 _FATTR_MTIME, _FATTR_MTIME_NOW = p.FATTR_MTIME, p.FATTR_MTIME_NOW
 _FATTR_TIMES = _FATTR_ATIME | _FATTR_ATIME_NOW | _FATTR_MTIME | _FATTR_MTIME_NOW
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+#: the SETATTRs an immutable or append-only node may refuse (``_refuse_setattr``)
+_PROTECTED_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE
+                       | p.FATTR_ATIME | p.FATTR_MTIME)
 
 
 def _chown_ids(sa: SetAttr) -> tuple[int, int] | None:
@@ -193,7 +200,9 @@ class OverlayOps(Operations):
         #: a negative entry (``lookup``'s), packed
         self._negative_entry = p.pack_entry(0, 0, None, self.timeout, self.timeout)
         #: the marks that make an upper file's lookup more than its stat (``_unlink_name``)
-        self._upper_file_marks = (fs.lookup.prefix + "metacopy", fs.lookup.prefix + "redirect")
+        #: (and ``protattr``: an immutable or append-only file is refused by ``unlink``)
+        self._upper_file_marks = (fs.lookup.prefix + "metacopy", fs.lookup.prefix + "redirect",
+                                  fs.lookup.prefix + "protattr")
         #: ``fuse_attr_out``'s timeout fields for ``timeout``
         self._attr_valid = p.split_timeout(self.timeout)
 
@@ -301,6 +310,7 @@ class OverlayOps(Operations):
                     return None
                 raise
             key, is_dir = fs.identity(node), node.is_dir
+            prot = fs.protection.known(node)
             # not held while waiting for the lock: a directory's node holds an fd in each
             # layer, and the lock's holder may be a change waiting at the fd limit for
             # those (``fdbudget.patiently``: it would wait in vain, all others behind it)
@@ -312,7 +322,7 @@ class OverlayOps(Operations):
                 if moves is not None and self._paths.moves != moves:
                     return _MOVED
                 if self.nodes.epoch == epoch:
-                    nodeid = self.nodes.take(key, parent, name, is_dir)
+                    nodeid = self.nodes.take(key, parent, name, is_dir, prot=prot)
                     return Entry(nodeid, file_attr(attr), self.timeout,
                                  self._attr_timeout(key, attr))
 
@@ -649,11 +659,19 @@ class OverlayOps(Operations):
     @_changes
     def setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
         """chmod, chown, truncate, utimens, in that order (libfuse's), then fresh attributes.
-        By path in a namespace lock hold where the path is current (``_at_node``)."""
+        By path in a namespace lock hold where the path is current (``_at_node``). EPERM
+        first for what the node's immutable/append-only flags refuse (``_refuse_setattr``)."""
+        check = None
+        if sa.valid & _PROTECTED_SETATTRS:
+            node = self.nodes.node(nodeid)
+            if node.prot > 0:
+                self._refuse_setattr(node.prot, nodeid, sa)
+            elif node.prot < 0:  # (asked of the lookup the change makes: ``_setattr_check``)
+                check = self._setattr_check(node, sa)
         try:
             if not sa.valid & _REQUESTS:
                 sa = self._chown_unchanged(req, nodeid, sa)
-            return self._setattr(req, nodeid, sa)
+            return self._setattr(req, nodeid, sa, check)
         except NoNameLeft as e:  # (before any step: the name went since it was looked at)
             return self._setattr_gone(nodeid, self._gone(nodeid, e), sa)
 
@@ -708,6 +726,62 @@ class OverlayOps(Operations):
         self._changed()
         return pack_stat_attr_out(self._attr_valid, after, ino, None)
 
+    def _protected(self, nodeid: int) -> int:
+        """The node's immutable/append-only flags (``protattr``), read at the first change
+        that asks and kept on the node (``nodes.Node.prot``: the kernel overlay keeps them
+        on its inode). 0 for a node with no name left (not read: a caveat)."""
+        node = self.nodes.node(nodeid)
+        flags = node.prot
+        if flags >= 0:
+            return flags
+        rel = self.nodes.path(nodeid)
+        if rel is None:
+            return 0
+        flags = self.fs.protection_at(rel, node.is_dir)
+        if flags is not None:
+            node.prot = flags
+        return flags or 0
+
+    def _setattr_check(self, node, sa: SetAttr) -> "Callable[[int], None]":
+        """For a node whose flags are not known yet: what the SETATTR's own lookup calls
+        with them (``Attributes.copy_up_for_setattr``'s ``check``, before any copy-up),
+        keeping them on the node; so a lower file's costs no second lookup."""
+        def check(flags: int) -> None:
+            node.prot = flags
+            if flags:
+                self._refuse_setattr(flags, node.nodeid, sa)
+        return check
+
+    def _refuse_setattr(self, flags: int, nodeid: int, sa: SetAttr) -> None:
+        """EPERM for a SETATTR the node's flags refuse (``protattr.check_setattr``): a
+        mode, owner, size or explicit times, or (immutable) times set to now. An empty one
+        (a chown(f, -1, -1), a writer's privilege removal) goes on, as the kernel's."""
+        valid = sa.valid
+        if flags:
+            explicit = bool(valid & p.FATTR_ATIME and not valid & p.FATTR_ATIME_NOW
+                            or valid & p.FATTR_MTIME and not valid & p.FATTR_MTIME_NOW)
+            protattr.check_setattr(
+                flags, self.nodes.path(nodeid) or "",
+                owner_mode_or_times=bool(valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID)) or explicit,
+                size=bool(valid & p.FATTR_SIZE),
+                touch=bool(valid & (p.FATTR_ATIME | p.FATTR_MTIME)))
+
+    def _xattr_check(self, nodeid: int) -> "Callable[[int], None] | None":
+        """EPERM for a change of the node's xattrs when it is immutable or append-only;
+        where its flags are not known yet, what the change's lookup calls with them
+        (``Attributes.copy_up_for_xattr``'s ``check``; None: nothing to check)."""
+        node = self.nodes.node(nodeid)
+        if node.prot == 0:
+            return None
+
+        def check(flags: int) -> None:
+            node.prot = flags
+            if flags:
+                protattr.check_changed(flags, self.nodes.path(nodeid) or "")
+        if node.prot > 0:
+            check(node.prot)
+        return check
+
     def _chown_unchanged(self, req: Request, nodeid: int, sa: SetAttr) -> SetAttr:
         """A SETATTR asking for nothing: what ``fuse_setattr`` leaves of a ``chown(f, -1,
         -1)`` (its ctime, and a non-directory's kill flags, dropped) and of a writer's
@@ -761,7 +835,9 @@ class OverlayOps(Operations):
                 return None
             raise
 
-    def _setattr(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
+    def _setattr(self, req: Request, nodeid: int, sa: SetAttr,
+                 check: "Callable[[int], None] | None" = None) -> AttrReply:
+        """``check``: the flags check the change's lookup makes (``_setattr_check``)."""
         valid = sa.valid
         rel = self.nodes.path(nodeid)
         if rel is None:  # no name left: through one of its handles
@@ -770,10 +846,11 @@ class OverlayOps(Operations):
                 return self._setattr_gone(nodeid, gone, sa)
             return self._setattr_steps(req, nodeid, None, sa, self._open_inode(nodeid)[1])
         if sa.fh is None and not valid & p.FATTR_SIZE:
-            return self._setattr_named(req, nodeid, sa)
+            return self._setattr_named(req, nodeid, sa, check)
         if sa.fh is not None and not valid & (_PATH_SETATTRS | p.FATTR_KILL_SUIDGID):
-            return self._setattr_steps(req, nodeid, rel, sa, None)  # an ftruncate: no path
-        return self._at_node(nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None))
+            # an ftruncate: no path
+            return self._setattr_steps(req, nodeid, rel, sa, None, check)
+        return self._at_node(nodeid, lambda rel: self._setattr_steps(req, nodeid, rel, sa, None, check))
 
     def _setattr_gone(self, nodeid: int, gone: GoneDir, sa: SetAttr) -> AttrReply:
         """``setattr`` of a removed directory the kernel still holds (``nameless``): the
@@ -792,7 +869,8 @@ class OverlayOps(Operations):
         return AttrReply(file_attr(nameless.attr(gone)), self._node_attr_timeout(nodeid))
 
     def _setattr_steps(self, req: Request, nodeid: int, rel: str | None, sa: SetAttr,
-                       inode: OverlayInode | None) -> AttrReply:
+                       inode: OverlayInode | None,
+                       check: "Callable[[int], None] | None" = None) -> AttrReply:
         """``setattr``'s steps, by ``rel`` or (no name left) on ``inode``. By ``rel``, the
         copy-up all of them need comes first (``Attributes.copy_up_for_setattr``): the
         steps then find the object in the upper (a step's own copy-up would come between
@@ -807,7 +885,7 @@ class OverlayOps(Operations):
             copy = fs.attrs.copy_up_for_setattr(
                 rel, changes=bool(valid & _PATH_SETATTRS) or data,
                 kill=bool(valid & p.FATTR_KILL_SUIDGID), ids=_chown_ids(sa), data=data,
-                seen=seen)
+                seen=seen, check=check)
             if copy is not None:  # (in ``_at_node``: ``CopyUpFirst``, nothing done)
                 seen = None
                 copy()
@@ -847,7 +925,8 @@ class OverlayOps(Operations):
             attr = self._attr(nodeid, sa.fh)
         return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
 
-    def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr) -> AttrReply:
+    def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr,
+                       check: "Callable[[int], None] | None" = None) -> AttrReply:
         """``setattr`` of a named node without a size nor a handle (untar's utimens, chown
         and chmod of every file): the same steps in the same order, from one lookup."""
         valid = sa.valid
@@ -863,6 +942,9 @@ class OverlayOps(Operations):
         done = None
         fhs = self.nodes.handles(nodeid)
         if fhs:  # an open file: through its handle, no lookup (``Files.setattr_open``)
+            if check is not None:
+                check(self._protected(nodeid))
+                check = None
             try:
                 done = self.fs.files.setattr_open(fhs[0], mode=mode, ids=ids, times=times,
                                                   writer=writer)
@@ -872,7 +954,7 @@ class OverlayOps(Operations):
         if done is None:
             def by_path(rel: str) -> tuple[Attr, bool]:
                 attr, killed = self.fs.setattr(rel, mode=mode, ids=ids, times=times,
-                                               writer=writer)
+                                               writer=writer, check=check)
                 return (self._attr(nodeid, None) if attr is None else attr), killed
             done = self._at_node(nodeid, by_path)
         attr, killed = done
@@ -955,8 +1037,10 @@ class OverlayOps(Operations):
     @_changes
     def setxattr(self, req: Request, nodeid: int, name: str, value: bytes, flags: int,
                  setxattr_flags: int = 0) -> None:
+        check = self._xattr_check(nodeid)
+
         def act(rel: str) -> None:
-            self.fs.setxattr(rel, name, value, flags)
+            self.fs.setxattr(rel, name, value, flags, check)
             if setxattr_flags & p.SETXATTR_ACL_KILL_SGID:
                 self.fs.attrs.kill_sgid(rel)
         try:
@@ -975,11 +1059,39 @@ class OverlayOps(Operations):
             # empty SETATTR: refused where that SETATTR will be (``_may_strip``), before
             # anything, as the kernel overlay's chown refuses it
             self._may_strip(req, nodeid)
+        check = self._xattr_check(nodeid)
         try:
-            self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name))
+            self._at_node(nodeid, lambda rel: self.fs.removexattr(rel, name, check))
         except NoNameLeft as e:
             self._nameless(nodeid, e, lambda gone: self.fs.nameless.removexattr(gone, name),
                            lambda inode: self.fs.files.removexattr_inode(inode, name))
+
+    # -- file attribute flags (chattr, lsattr) ---------------------------------------------------
+    def ioctl(self, req: Request, nodeid: int, fh: int, flags: int, cmd: int, data: bytes,
+              out_size: int) -> bytes:
+        """FS_IOC_GETFLAGS/SETFLAGS and FS_IOC_FSGETXATTR/FSSETXATTR (``fileattrs``), by
+        the node's name; any other ioctl answers ENOTTY, as before."""
+        attrs = self.fs.fileattrs
+        if cmd == sysapi.FS_IOC_GETFLAGS and out_size >= 4:
+            return struct.pack("<I", self._read_at(nodeid, attrs.get_flags) & 0xFFFFFFFF)[:out_size]
+        if cmd == sysapi.FS_IOC_FSGETXATTR and out_size >= sysapi.FSXATTR.size:
+            return self._read_at(nodeid, attrs.get_fsxattr)
+        if cmd == sysapi.FS_IOC_SETFLAGS and len(data) >= 4:
+            value = struct.unpack_from("<I", data)[0]
+            return self._set_fileattr(nodeid, lambda rel: attrs.set_flags(rel, value))
+        if cmd == sysapi.FS_IOC_FSSETXATTR and len(data) >= sysapi.FSXATTR.size:
+            raw = data[:sysapi.FSXATTR.size]
+            return self._set_fileattr(nodeid, lambda rel: attrs.set_fsxattr(rel, raw))
+        raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} not supported")
+
+    @_changes
+    def _set_fileattr(self, nodeid: int, act: "Callable[[str], int]") -> bytes:
+        """A set (``act(path)``, returning the enforced flags then), kept on the node
+        (``_protected``); the kernel drops its cached attributes (ctime moved)."""
+        prot = self._at_node(nodeid, act)
+        self.nodes.node(nodeid).prot = prot
+        self.notifier.inval_inode(nodeid, -1)
+        return b""
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
@@ -1072,7 +1184,8 @@ class OverlayOps(Operations):
         attr = file_attr(shown)
         key = self.fs.identity(node)
         timeout = self._attr_timeout(key, shown)
-        nodeid = self.nodes.take(key, parent, name, node.is_dir, linked)
+        # (no flags: a new object, or a hard link of one whose flags allowed the link)
+        nodeid = self.nodes.take(key, parent, name, node.is_dir, linked, prot=0)
         return Entry(nodeid, attr, self.timeout, timeout)
 
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
@@ -1116,10 +1229,11 @@ class OverlayOps(Operations):
             if paths.moves != moves:
                 return False
             pnode = lookup.upper_dir(prel)
-            if pnode is None:
-                return False
+            if pnode is None or fs.protection.of_node(pnode):
+                return False  # (a flagged parent: ``unlink``'s EPERM)
             top = pnode.entries[0]
             layer, dirfd = top.layer, top.dirfd
+            rel = f"{prel}/{decoded}"
             try:
                 st = layer.stat_at(dirfd, decoded)
                 if st is None:
@@ -1131,9 +1245,10 @@ class OverlayOps(Operations):
                     names = layer.xattr_names_at(dirfd, decoded)
                     if names is None or not names.isdisjoint(self._upper_file_marks):
                         return False
+                elif fs.protection.of_entry(LayerEntry(layer, rel, st)):
+                    return False  # (another kind's flags, read as ``unlink`` reads them)
             except OSError:
                 return False
-            rel = f"{prel}/{decoded}"
             key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper object)
             try:
                 with paths.moving():
@@ -1192,13 +1307,21 @@ class OverlayOps(Operations):
     # -- files ------------------------------------------------------------------------------------
     def open(self, req: Request, nodeid: int, flags: int, open_flags: int = 0) -> Opened:
         era = self.passthrough.era
+        check = None
+        if flags & (os.O_ACCMODE | os.O_TRUNC):  # (a read-only open asks nothing)
+            node = self.nodes.node(nodeid)
+            if node.prot > 0:
+                protattr.check_open(node.prot, flags, self.nodes.path(nodeid) or "")
+            elif node.prot < 0:  # (from the lookup the open makes: as ``_setattr_check``)
+                check = self._open_check(node, flags)
         # admitted once, before anything is done: ``_at_node`` runs the open again after
         # a copy-up it ran first, and an O_TRUNC open's copy-up holds no data, so a refusal
         # then would lose the lower data for an open that failed
         self.fs.room_for_open(None)
         try:
             try:
-                result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True))
+                result = self._at_node(nodeid, lambda rel: self.fs.open(rel, flags, admitted=True,
+                                                                        check=check))
             except NoNameLeft:  # (raised before anything was done)
                 result = self._open_nameless(nodeid, flags)
             if open_flags & p.OPEN_KILL_SUIDGID:  # O_TRUNC without CAP_FSETID
@@ -1214,6 +1337,15 @@ class OverlayOps(Operations):
                 self._changed()
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
+
+    def _open_check(self, node, flags: int) -> "Callable[[int], None]":
+        """What an open for writing's lookup calls with the node's flags (not known yet),
+        keeping them on the node."""
+        def check(prot: int) -> None:
+            node.prot = prot
+            if prot:
+                protattr.check_open(prot, flags, self.nodes.path(node.nodeid) or "")
+        return check
 
     def _open_nameless(self, nodeid: int, flags: int):
         """OPEN of a node with no name left (``open("/proc/self/fd/N")``): a new handle of
@@ -1326,6 +1458,12 @@ class OverlayOps(Operations):
     @_changes
     def fallocate(self, req: Request, nodeid: int, fh: int, offset: int, length: int,
                   mode: int) -> None:
+        if mode & ~_FALLOC_FL_KEEP_SIZE and self.nodes.node(nodeid).prot:  # (-1: unknown)
+            # an append-only file's fd (O_APPEND) may only grow it (``vfs_fallocate``)
+            prot = self._protected(nodeid)
+            if prot & protattr.FS_APPEND_FL:
+                raise OSError(errno.EPERM, "operation not permitted (append-only)",
+                              self.nodes.path(nodeid) or "")
         self.fs.fallocate(fh, mode, offset, length)
 
     def lseek(self, req: Request, nodeid: int, fh: int, offset: int, whence: int) -> int:

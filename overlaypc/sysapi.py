@@ -200,6 +200,16 @@ def mount_root_at(dirfd: int, name: str) -> tuple[int, int, bool] | None:
     return os.makedev(major, minor), ino, bool(attributes & _STATX_ATTR_MOUNT_ROOT)
 
 
+def statx_attributes(dirfd: int, name: str) -> int:
+    """``stx_attributes`` of entry ``name`` of directory ``dirfd`` (``""``: of ``dirfd``
+    itself, an ``O_PATH`` fd will do), not followed: immutable, append-only and the other
+    ``STATX_ATTR_*`` bits, which an ``fstatat`` does not report. OSError with the errno."""
+    buf = _StatxBuf()
+    flags = _AT_SYMLINK_NOFOLLOW | _AT_STATX_DONT_SYNC | (_AT_EMPTY_PATH if not name else 0)
+    _check(_libc.statx(dirfd, os.fsencode(name), flags, 0, buf), "statx", name)
+    return _STATX_FIELDS.unpack_from(bytes(buf))[0]
+
+
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
     """``renameat2`` through glibc; ENOSYS where this libc has no wrapper (callers fall
     back or refuse the flags, never guess a syscall number)."""
@@ -328,3 +338,35 @@ _libc.fallocate.argtypes = [cbind.c_int, cbind.c_int, cbind.c_int64, cbind.c_int
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """``fallocate(2)`` with any mode (``os.posix_fallocate`` only knows mode 0)."""
     _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+
+# -- file attribute flags (chattr/lsattr) ------------------------------------------------------
+FS_IOC_GETFLAGS = 0x80086601      # _IOR('f', 1, long): the kernel reads and writes an int
+FS_IOC_SETFLAGS = 0x40086602
+FS_IOC_FSGETXATTR = 0x801C581F    # _IOR('X', 31, struct fsxattr)
+FS_IOC_FSSETXATTR = 0x401C5820
+FSXATTR = struct.Struct("<IIIII8x")  # xflags extsize nextents projid cowextsize pad
+
+
+def get_flags(fd: int) -> int:
+    """The ``FS_*_FL`` flags of the object open as ``fd`` (not ``O_PATH``)."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    return struct.unpack_from("<I", buf)[0]
+
+
+def set_flags(fd: int, flags: int) -> None:
+    buf = bytearray(8)
+    struct.pack_into("<I", buf, 0, flags & 0xFFFFFFFF)
+    fcntl.ioctl(fd, FS_IOC_SETFLAGS, buf)
+
+
+def fsgetxattr(fd: int) -> bytes:
+    """The ``struct fsxattr`` (28 bytes) of the object open as ``fd``."""
+    buf = bytearray(FSXATTR.size)
+    fcntl.ioctl(fd, FS_IOC_FSGETXATTR, buf)
+    return bytes(buf)
+
+
+def fssetxattr(fd: int, raw: bytes) -> None:
+    fcntl.ioctl(fd, FS_IOC_FSSETXATTR, bytearray(raw))

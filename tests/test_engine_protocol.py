@@ -68,6 +68,8 @@ LAYOUTS = {
     "LSEEK_OUT": ("fuse_lseek_out", "offset", False),
     "COPY_FILE_RANGE_IN": ("fuse_copy_file_range_in", "fh_in off_in nodeid_out fh_out off_out len "
                                                       "flags", False),
+    "IOCTL_IN": ("fuse_ioctl_in", "fh flags cmd arg in_size out_size", False),
+    "IOCTL_OUT": ("fuse_ioctl_out", "result flags in_iovs out_iovs", False),
     "NOTIFY_INVAL_INODE_OUT": ("fuse_notify_inval_inode_out", "ino off len", False),
     "NOTIFY_INVAL_ENTRY_OUT": ("fuse_notify_inval_entry_out", "parent namelen flags", False),
     "NOTIFY_DELETE_OUT": ("fuse_notify_delete_out", "parent child namelen padding", False),

@@ -817,6 +817,25 @@ def test_unknown_opcodes_are_enosys(kernel, opcode):
     fk.ok(p.STATFS, 1)
 
 
+def test_ioctl_reply_is_padded_to_its_size(kernel):
+    """FUSE_IOCTL (restricted: the kernel's FS_IOC_GETFLAGS/SETFLAGS): the input after
+    ``fuse_ioctl_in`` reaches the filesystem; the reply is ``fuse_ioctl_out`` and exactly
+    ``out_size`` bytes (the kernel refuses another size), longer answers are EIO."""
+    class Ops(MemoryOps):
+        def ioctl(self, req, nodeid, fh, flags, cmd, data, out_size):
+            self._rec("ioctl", nodeid, fh, flags, cmd, data, out_size)
+            return {1: b"\x10", 2: b"", 3: b"toolong"}[cmd]
+    ops = Ops()
+    fk = kernel(ops)
+    body = fk.ok(p.IOCTL, 1, p.IOCTL_IN.pack(7, p.IOCTL_DIR, 1, 0, 0, 4))
+    assert body == p.IOCTL_OUT.pack(0, 0, 0, 0) + b"\x10\0\0\0"
+    assert fk.ok(p.IOCTL, 1, p.IOCTL_IN.pack(7, 0, 2, 0, 4, 0) + b"abcd") == p.IOCTL_OUT.pack(0, 0, 0, 0)
+    assert ops.called("ioctl") == [(1, 7, p.IOCTL_DIR, 1, b"", 4), (1, 7, 0, 2, b"abcd", 0)]
+    assert fk.request(p.IOCTL, 1, p.IOCTL_IN.pack(7, 0, 3, 0, 0, 4)).error == -errno.EIO
+    assert fk.request(p.IOCTL, 1, p.IOCTL_IN.pack(7, 0, 2, 0, 8, 0) + b"ab").error == -errno.EINVAL
+    fk.ok(p.STATFS, 1)
+
+
 def test_unimplemented_operation_is_enosys(kernel):
     fk = kernel()   # MemoryOps has no fallocate, lseek or access
     assert fk.request(p.FALLOCATE, 1, p.FALLOCATE_IN.pack(0, 0, 10, 0, 0)).error == -errno.ENOSYS

@@ -808,6 +808,7 @@ class Session:
             p.CREATE: self._create, p.INTERRUPT: lambda *a: None, p.FALLOCATE: self._fallocate,
             p.LSEEK: self._lseek, p.DESTROY: lambda *a: _EMPTY,
             p.COPY_FILE_RANGE: self._copy_file_range, p.TMPFILE: self._tmpfile,
+            p.IOCTL: self._ioctl,
         }
 
     @staticmethod
@@ -1076,6 +1077,17 @@ class Session:
         n = self.ops.copy_file_range(self._req(hdr), hdr.nodeid, fh_in, off_in, node_out, fh_out,
                                      off_out, length, flags)
         return _Reply([p.WRITE_OUT.pack(n, 0)])
+
+    def _ioctl(self, hdr, body, out):
+        fh, flags, cmd, _arg, in_size, out_size = p.IOCTL_IN.unpack_from(body)
+        data = bytes(body[p.IOCTL_IN.size:p.IOCTL_IN.size + in_size])
+        if len(data) != in_size:
+            raise OSError(errno.EINVAL, "short ioctl input")
+        value = self.ops.ioctl(self._req(hdr), hdr.nodeid, fh, flags, cmd, data, out_size)
+        if len(value) > out_size:
+            raise OSError(errno.EIO, f"ioctl {cmd:#x} answer longer than {out_size} bytes")
+        # (a restricted ioctl's reply is exactly its size: the kernel refuses a shorter one)
+        return _Reply([p.IOCTL_OUT.pack(0, 0, 0, 0), value + bytes(out_size - len(value))])
 
 
 class Backing:

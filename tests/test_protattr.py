@@ -1,0 +1,475 @@
+"""Immutable and append-only flags through the mount, the kernel overlay as the oracle
+(fstests overlay/075's ground): every change of a flagged object, or in a flagged
+directory, answers as the kernel overlay's (EPERM where its VFS refuses), for objects
+whose flags are a lower object's own (``lower``), or in the ``overlay.protattr`` xattr of
+an upper the kernel overlay wrote: a lower object copied up by ``chattr`` through it
+(``copied``), an object made through it (``upper``). The upper trees after the changes
+are compared too: nothing is copied up for a refused change."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from features_support import mount_side, new_stack, ovl_xattr
+
+pytestmark = [pytest.mark.mount]
+
+SIDES = ("kernel", "overlaypc")
+FLAGS = {"immutable": "i", "append": "a"}
+KINDS = ("lower", "copied", "upper")
+
+
+def _open(flags: int, data: bytes | None = None):
+    def run(p: Path, mnt: Path) -> None:
+        fd = os.open(p, flags)
+        try:
+            if data is not None:
+                os.write(fd, data)
+            else:
+                os.read(fd, 10) if flags & os.O_ACCMODE != os.O_WRONLY else None
+        finally:
+            os.close(fd)
+    return run
+
+
+def _with_fd(flags: int, act):
+    def run(p: Path, mnt: Path) -> None:
+        fd = os.open(p, flags)
+        try:
+            act(fd)
+        finally:
+            os.close(fd)
+    return run
+
+
+def _punch(fd: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if libc.fallocate(fd, 0x02 | 0x01, ctypes.c_long(0), ctypes.c_long(2)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _then(first, second):
+    def run(p: Path, mnt: Path) -> None:
+        try:
+            first(p, mnt)
+        except OSError:
+            pass
+        second(p, mnt)
+    return run
+
+
+#: changes of a flagged file itself (``p``: the file, ``mnt``: the mount's root)
+FILE_OPS = {
+    "open_r": _open(os.O_RDONLY),
+    "open_w": _open(os.O_WRONLY),
+    "open_rw": _open(os.O_RDWR),
+    "open_append": _open(os.O_WRONLY | os.O_APPEND, b"more\n"),
+    "open_trunc": _open(os.O_WRONLY | os.O_TRUNC),
+    "open_append_trunc": _open(os.O_WRONLY | os.O_APPEND | os.O_TRUNC),
+    "truncate": lambda p, mnt: os.truncate(p, 0),
+    "ftruncate_appending": _with_fd(os.O_WRONLY | os.O_APPEND, lambda fd: os.ftruncate(fd, 0)),
+    "fallocate_appending": _with_fd(os.O_WRONLY | os.O_APPEND,
+                                    lambda fd: os.posix_fallocate(fd, 0, 1 << 20)),
+    "punch_appending": _with_fd(os.O_WRONLY | os.O_APPEND, lambda fd: _punch(fd)),
+    "chmod": lambda p, mnt: os.chmod(p, 0o600),
+    "chown": lambda p, mnt: os.chown(p, 1000, 1000),
+    "chown_none": lambda p, mnt: os.chown(p, -1, -1),
+    "utime_set": lambda p, mnt: os.utime(p, (1, 1)),
+    "utime_now": lambda p, mnt: os.utime(p, None),
+    "getxattr": lambda p, mnt: os.getxattr(p, "user.x"),
+    "setxattr": lambda p, mnt: os.setxattr(p, "user.k", b"v"),
+    "removexattr": lambda p, mnt: os.removexattr(p, "user.x"),
+    "rename": lambda p, mnt: os.rename(p, mnt / ("r_" + p.name)),
+    "unlink": lambda p, mnt: os.unlink(p),
+    "link": lambda p, mnt: os.link(p, mnt / ("l_" + p.name)),
+    # an append copies an append-only file up: its flags go with it
+    "append_then_chmod": _then(_open(os.O_WRONLY | os.O_APPEND, b"more\n"),
+                               lambda p, mnt: os.chmod(p, 0o600)),
+    "append_then_unlink": _then(_open(os.O_WRONLY | os.O_APPEND, b"more\n"),
+                                lambda p, mnt: os.unlink(p)),
+}
+
+#: changes of a flagged directory or in it (``p``: the directory, holding file ``c``)
+DIR_OPS = {
+    "chmod": lambda p, mnt: os.chmod(p, 0o700),
+    "chown": lambda p, mnt: os.chown(p, 1000, 1000),
+    "utime_set": lambda p, mnt: os.utime(p, (1, 1)),
+    "utime_now": lambda p, mnt: os.utime(p, None),
+    "setxattr": lambda p, mnt: os.setxattr(p, "user.k", b"v"),
+    "removexattr": lambda p, mnt: os.removexattr(p, "user.x"),
+    "listdir": lambda p, mnt: os.listdir(p),
+    "create": lambda p, mnt: os.close(os.open(p / "new", os.O_CREAT | os.O_WRONLY, 0o644)),
+    "mkdir": lambda p, mnt: os.mkdir(p / "newd"),
+    "symlink": lambda p, mnt: os.symlink("t", p / "s"),
+    "mkfifo": lambda p, mnt: os.mkfifo(p / "fifo"),
+    "unlink_child": lambda p, mnt: os.unlink(p / "c"),
+    "rename_child": lambda p, mnt: os.rename(p / "c", p / "c2"),
+    "rename_child_out": lambda p, mnt: os.rename(p / "c", mnt / ("out_" + p.name)),
+    "rename_into": lambda p, mnt: os.rename(mnt / ("x_" + p.name), p / "x"),
+    "rename_over_child": lambda p, mnt: os.rename(mnt / ("x_" + p.name), p / "c"),
+    "link_into": lambda p, mnt: os.link(mnt / ("x_" + p.name), p / "x"),
+    "link_child_out": lambda p, mnt: os.link(p / "c", mnt / ("lo_" + p.name)),
+    "rename_dir": lambda p, mnt: os.rename(p, mnt / ("rd_" + p.name)),
+    "rename_dir_away": lambda p, mnt: os.rename(p, mnt / "away" / p.name),
+    "rmdir_child": lambda p, mnt: os.rmdir(p / "e"),
+    "rmdir": lambda p, mnt: os.rmdir(p),
+    # a change of a child copies the directory up: its flags go with it
+    "chmod_child": lambda p, mnt: os.chmod(p / "c", 0o600),
+    "chmod_child_then_create": _then(lambda p, mnt: os.chmod(p / "c", 0o600),
+                                     lambda p, mnt: os.mkdir(p / "newd")),
+    "chmod_child_then_chmod": _then(lambda p, mnt: os.chmod(p / "c", 0o600),
+                                    lambda p, mnt: os.chmod(p, 0o700)),
+}
+
+
+def _errno(op, p: Path, mnt: Path) -> int:
+    try:
+        op(p, mnt)
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+def _lower_spec() -> dict:
+    spec: dict = {"away": {}}
+    for op in FILE_OPS:
+        spec["f_" + op] = b"data\n"
+    for op in DIR_OPS:
+        spec["d_" + op] = {"c": b"child\n", "e": {}} if op != "rmdir" else {}
+        spec["x_d_" + op] = b"x\n"
+    return spec
+
+
+def _objects() -> list[str]:
+    return ["f_" + op for op in FILE_OPS] + ["d_" + op for op in DIR_OPS]
+
+
+def _xattrs(root: Path) -> None:
+    for name in _objects():
+        os.setxattr(root / name, "user.x", b"1")
+
+
+def _chattr(mode: str, *paths: Path) -> None:
+    subprocess.run(["chattr", mode, *map(str, paths)], check=True, capture_output=True)
+
+
+def _unflag_all(*roots: Path) -> None:
+    """Teardown: no immutable/append-only object may stay (the cleanup removes them)."""
+    for root in roots:
+        if root.exists():
+            subprocess.run(["chattr", "-R", "-f", "-i", "-a", str(root)], capture_output=True)
+
+
+def _tree(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            out.append(os.path.relpath(os.path.join(dirpath, n), root))
+    return sorted(out)
+
+
+def _prepare(kind: str, letter: str, lower: Path, s, kernel_mount) -> None:
+    """Flag the objects: on the lower itself, or through a kernel overlay mount of the
+    stack (``copied``: lower objects copied up by the chattr; ``upper``: objects made
+    through the mount first)."""
+    if kind == "lower":
+        return
+    mnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=on",))
+    try:
+        if kind == "upper":
+            for name in _objects():
+                os.rename(mnt / name, mnt / ("old_" + name))
+                if name.startswith("f_"):
+                    (mnt / name).write_bytes(b"data\n")
+                else:
+                    (mnt / name).mkdir()
+                    if not name.endswith("_rmdir"):
+                        (mnt / name / "c").write_bytes(b"child\n")
+                        (mnt / name / "e").mkdir()
+                os.setxattr(mnt / name, "user.x", b"1")
+        _chattr("+" + letter, *(mnt / n for n in _objects()))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _run_side(side: str, kind: str, letter: str, lower: Path, base: Path,
+              overlay_mount, kernel_mount):
+    s = new_stack([lower], base, side)
+    _prepare(kind, letter, lower, s, kernel_mount)
+    mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+    try:
+        got = {}
+        for op, fn in FILE_OPS.items():
+            got["file " + op] = _errno(fn, mnt / ("f_" + op), mnt)
+        for op, fn in DIR_OPS.items():
+            got["dir " + op] = _errno(fn, mnt / ("d_" + op), mnt)
+    finally:
+        unmount()
+    return got, _tree(s.upper)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("flag", FLAGS)
+def test_flagged_objects_refuse_changes_as_the_kernel(kind, flag, tmp_path, layers_factory,
+                                                       overlay_mount, kernel_mount):
+    letter = FLAGS[flag]
+    lower = layers_factory({"l": _lower_spec()}, where={"l": tmp_path}).paths[0]
+    _xattrs(lower)
+    try:
+        if kind == "lower":
+            _chattr("+" + letter, *(lower / n for n in _objects()))
+        got, trees = {}, {}
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            got[side], trees[side] = _run_side(side, kind, letter, lower, tmp_path / side,
+                                               overlay_mount, kernel_mount)
+    finally:
+        _unflag_all(tmp_path)
+    refused = sorted(k for k, v in got["kernel"].items() if v == errno.EPERM)
+    assert refused, "the kernel refused nothing: the flags were not set"
+    diff = {k: (v, got["overlaypc"][k]) for k, v in got["kernel"].items() if got["overlaypc"][k] != v}
+    assert diff == {}, f"(kernel, overlaypc) errno where they differ; kernel refused {refused}"
+    ours, theirs = set(trees["overlaypc"]), set(trees["kernel"])
+    assert (sorted(ours - theirs), sorted(theirs - ours)) == ([], [])
+
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+
+
+def _flags_of(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)[:4])[0]
+    finally:
+        os.close(fd)
+
+
+def test_copy_up_keeps_the_flags_in_protattr_for_the_kernel(tmp_path, layers_factory,
+                                                            overlay_mount, kernel_mount):
+    """A copy-up through overlaypc of an immutable directory (a change of its child) and
+    of an append-only file (an append) writes ``overlay.protattr`` as the kernel's does:
+    the kernel overlay, mounting that upper over a lower without the flags, shows them
+    and refuses what they refuse."""
+    lower = layers_factory({"l": {"d": {"c": b"c\n"}, "f": b"f\n"}}, where={"l": tmp_path}).paths[0]
+    try:
+        _chattr("+i", lower / "d")
+        _chattr("+a", lower / "f")
+        s = new_stack([lower], tmp_path, "overlaypc")
+        mnt, unmount = mount_side("overlaypc", s, overlay_mount, kernel_mount)
+        try:
+            os.chmod(mnt / "d" / "c", 0o600)
+            with open(mnt / "f", "a") as f:
+                f.write("more\n")
+        finally:
+            unmount()
+        assert ovl_xattr(s.upper / "d", "protattr") == b"i"
+        assert ovl_xattr(s.upper / "f", "protattr") == b"a"
+        assert _flags_of(s.upper / "d") & 0x30 == 0  # (not on the real copies)
+        assert _flags_of(s.upper / "f") & 0x30 == 0
+        _unflag_all(lower)
+        kmnt = kernel_mount(s.lowers, s.upper, s.work, ("redirect_dir=on",))
+        assert _flags_of(kmnt / "d") & 0x30 == 0x10
+        assert _flags_of(kmnt / "f") & 0x30 == 0x20
+        assert _errno(lambda p, m: os.mkdir(p / "x"), kmnt / "d", kmnt) == errno.EPERM
+        assert _errno(lambda p, m: os.truncate(p, 0), kmnt / "f", kmnt) == errno.EPERM
+    finally:
+        _unflag_all(tmp_path)
+
+
+#: the flags compared: sync, immutable, append, nodump, noatime
+SHOWN = 0x08 | 0x10 | 0x20 | 0x40 | 0x80
+
+
+def _lsattr(mnt: Path, names) -> dict:
+    return {n: _flags_of(mnt / n) & SHOWN for n in names}
+
+
+def _chattr_errno(mode: str, path: Path) -> int:
+    r = subprocess.run(["chattr", mode, str(path)], capture_output=True, text=True)
+    if r.returncode == 0:
+        return 0
+    return errno.EPERM if "not permitted" in r.stderr else -1
+
+
+def _immutable_as(uid: int, path: Path) -> int:
+    """The errno of FS_IOC_SETFLAGS adding immutable by a process of ``uid`` without
+    capabilities (opened first as root: the layers' parents are not searchable)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            flags = _flags_of(path)
+            os.setgid(uid)
+            os.setuid(uid)  # (all capabilities go)
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags | 0x10) + b"\0" * 4)
+        except OSError as e:
+            code = e.errno
+        except BaseException:
+            code = 255
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _chattr_session(mnt: Path) -> dict:
+    out = {"before": _lsattr(mnt, ["f", "d", "g", "n"])}
+    out["chattr"] = {
+        "+i f": _chattr_errno("+i", mnt / "f"),
+        "+a d": _chattr_errno("+a", mnt / "d"),
+        "+A g": _chattr_errno("+A", mnt / "g"),     # with its own lower +a: both kept
+        "+S n": _chattr_errno("+S", mnt / "n"),
+        "-i u (not flagged)": _chattr_errno("-i", mnt / "u"),
+        "+i u by its owner": _immutable_as(1000, mnt / "u"),
+    }
+    out["after"] = _lsattr(mnt, ["f", "d", "g", "n", "u"])
+    out["changes"] = {
+        "write f": _errno(_open(os.O_WRONLY), mnt / "f", mnt),
+        "create in d": _errno(lambda p, m: os.mkdir(p / "new"), mnt / "d", mnt),
+        "unlink d/c": _errno(lambda p, m: os.unlink(p / "c"), mnt / "d", mnt),
+        "append g": _errno(_open(os.O_WRONLY | os.O_APPEND, b"g\n"), mnt / "g", mnt),
+    }
+    out["chattr"]["-i f"] = _chattr_errno("-i", mnt / "f")
+    out["changes"]["write f after -i"] = _errno(_open(os.O_WRONLY), mnt / "f", mnt)
+    out["last"] = _lsattr(mnt, ["f", "d", "g", "n"])
+    return out
+
+
+def test_chattr_and_lsattr_as_the_kernel(tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """``lsattr``/``chattr`` through the mount (FS_IOC_GETFLAGS/SETFLAGS, sent as
+    FUSE_IOCTL) answer as the kernel overlay's: a set copies up, immutable/append-only go
+    to ``overlay.protattr``, the others onto the real copy; the caller needs
+    CAP_LINUX_IMMUTABLE for i/a. Each side's upper then mounted by the other shows the
+    same flags (layers move freely both ways)."""
+    lower = layers_factory({"l": {"f": b"f\n", "d": {"c": b"c\n"}, "g": b"g\n", "n": b"n\n",
+                                  "u": b"u\n"}}, where={"l": tmp_path}).paths[0]
+    os.chown(lower / "u", 1000, 1000)
+    try:
+        _chattr("+a", lower / "g")
+        got, stacks = {}, {}
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = stacks[side] = new_stack([lower], tmp_path / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _chattr_session(mnt)
+            finally:
+                unmount()
+        assert got["overlaypc"] == got["kernel"]
+        assert got["kernel"]["after"]["f"] & 0x10 and got["kernel"]["after"]["d"] & 0x20
+        assert got["kernel"]["chattr"]["+i u by its owner"] == errno.EPERM
+        for side in SIDES:
+            up = stacks[side].upper
+            got[side] = {n: ovl_xattr(up / n, "protattr") for n in ("f", "d", "g", "n")}
+            got[side]["real"] = {n: _flags_of(up / n) & SHOWN for n in ("d", "g", "n")}
+        assert got["overlaypc"] == got["kernel"]
+        # each side's upper under the other
+        for side, other in (("overlaypc", "kernel"), ("kernel", "overlaypc")):
+            s = stacks[side]
+            mnt, unmount = mount_side(other, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _lsattr(mnt, ["f", "d", "g", "n"])
+                got[side]["mkdir in d"] = _errno(lambda p, m: os.mkdir(p / "new2"), mnt / "d", mnt)
+                got[side]["unlink d/c"] = _errno(lambda p, m: os.unlink(p / "c"), mnt / "d", mnt)
+            finally:
+                unmount()
+        assert got["overlaypc"] == got["kernel"]
+    finally:
+        _unflag_all(tmp_path)
+
+
+@pytest.mark.parametrize("value", [b"x", b"", b"ia!", b"a" * 40])
+def test_malformed_protattr_is_ignored_as_the_kernel(value, tmp_path, layers_factory,
+                                                     overlay_mount, kernel_mount):
+    """An upper's ``protattr`` the kernel cannot read (empty, another letter, too long)
+    counts as no flags, there as here (logged, never a failed request nor a crash)."""
+    lower = layers_factory({"l": {"x": b"x\n"}}, where={"l": tmp_path}).paths[0]
+    got = {}
+    for side in SIDES:
+        (tmp_path / side).mkdir()
+        s = new_stack([lower], tmp_path / side, side)
+        for name in ("d", "f"):
+            (s.upper / name).mkdir() if name == "d" else (s.upper / name).write_bytes(b"f\n")
+            os.setxattr(s.upper / name, "trusted.overlay.protattr", value)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+        try:
+            got[side] = {
+                "mkdir in d": _errno(lambda p, m: os.mkdir(p / "new"), mnt / "d", mnt),
+                "write f": _errno(_open(os.O_WRONLY), mnt / "f", mnt),
+                "flags": _lsattr(mnt, ["d", "f"]),
+            }
+        finally:
+            unmount()
+    assert got["overlaypc"] == got["kernel"] == {"mkdir in d": 0, "write f": 0,
+                                                  "flags": {"d": 0, "f": 0}}
+
+
+def _upper_only_session(mnt: Path) -> dict:
+    """Changes in an upper-only directory ``u`` of flagged objects: through an open
+    append-only file's fd (fchmod, fchown, futimens: SETATTRs of an open upper file) and
+    removals of flagged files and of files in flagged directories (UNLINKs where only the
+    upper can hold the name): the requests overlaypc answers by its short paths."""
+    got = {}
+    fd = os.open(mnt / "u" / "app", os.O_WRONLY | os.O_APPEND)
+    try:
+        for name, act in (("fchmod", lambda: os.chmod(fd, 0o600)),
+                          ("fchown", lambda: os.chown(fd, 1000, 1000)),
+                          ("futimens", lambda: os.utime(fd, (1, 1))),
+                          ("append", lambda: os.write(fd, b"more\n"))):
+            try:
+                act()
+                got[name] = 0
+            except OSError as e:
+                got[name] = e.errno
+    finally:
+        os.close(fd)
+    for rel in ("u/imm", "u/app", "u/idir/c", "u/adir/c", "u/plain"):
+        got["unlink " + rel] = _errno(lambda p, m: os.unlink(p), mnt / rel, mnt)
+    return got
+
+
+def test_flagged_objects_in_an_upper_only_directory_as_the_kernel(tmp_path, layers_factory,
+                                                                    overlay_mount, kernel_mount):
+    """Objects the kernel overlay made and flagged in a directory only the upper holds:
+    fd-based SETATTRs of an open append-only file and UNLINKs of flagged files, or of files
+    in flagged directories, are refused as the kernel refuses them (overlaypc answers these
+    requests by short paths in such a directory: they must see the flags too)."""
+    lower = layers_factory({"l": {"keep": b"x\n"}}, where={"l": tmp_path}).paths[0]
+    got, trees = {}, {}
+    try:
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = new_stack([lower], tmp_path / side, side)
+            mnt = kernel_mount(s.lowers, s.upper, s.work, ())
+            try:
+                (mnt / "u").mkdir()
+                for name in ("imm", "app", "plain"):
+                    (mnt / "u" / name).write_bytes(b"data\n")
+                for name in ("idir", "adir"):
+                    (mnt / "u" / name).mkdir()
+                    (mnt / "u" / name / "c").write_bytes(b"child\n")
+                _chattr("+i", mnt / "u" / "imm", mnt / "u" / "idir")
+                _chattr("+a", mnt / "u" / "app", mnt / "u" / "adir")
+            finally:
+                subprocess.run(["umount", str(mnt)], check=True)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _upper_only_session(mnt)
+            finally:
+                unmount()
+            trees[side] = _tree(s.upper)
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["fchmod"] == errno.EPERM and got["kernel"]["unlink u/imm"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]
+    assert trees["overlaypc"] == trees["kernel"]
