@@ -44,10 +44,11 @@ def _tarball(path) -> None:
 
 def _lower(base) -> None:
     lower = base / "lower"
-    for d in ("mg/sub", "gone", "cp"):
+    for d in ("mg/sub", "mg2", "gone", "cp"):
         (lower / d).mkdir(parents=True)
     (lower / "mg" / "lo").write_bytes(b"lower lo\n")
     (lower / "mg" / "sub" / "x").write_bytes(b"x\n")
+    (lower / "mg2" / "lo").write_bytes(b"lower lo2\n")
     (lower / "gone" / "a").write_bytes(b"lower a\n")
     (lower / "gone" / "b").write_bytes(b"lower b\n")
     (lower / "cp" / "f").write_bytes(b"copied\n")
@@ -85,6 +86,13 @@ def _run(base, mount, tarball) -> tuple[list, dict]:
     log.append(("untar", r.returncode, r.stderr))
     for name in ("f1", "f2", "d", "d/f3", "d/f4", "d/f2link", "sym", "fifo"):
         step(f"stat {name}", lambda: shown(up / name))
+    # again over what is there: tar removes each name before it makes it anew
+    step("chmod f2", lambda: os.chmod(up / "f2", 0o600))
+    r = subprocess.run(["tar", "-x", "-p", "--same-owner", "-f", str(tarball), "-C", str(up)],
+                       capture_output=True, text=True)
+    log.append(("untar again", r.returncode, r.stderr))
+    for name in ("f1", "f2", "d/f2link", "sym", "fifo"):
+        step(f"stat {name} again", lambda: shown(up / name))
     # chmod, chown, touch by name of what the untar made
     step("chmod f1", lambda: os.chmod(up / "f1", 0o6711))
     step("chown f1", lambda: os.chown(up / "f1", 7, 8))
@@ -140,6 +148,10 @@ def _run(base, mount, tarball) -> tuple[list, dict]:
     step("lookup gone/a again", lambda: shown(m / "gone" / "a"))
     step("unlink gone/b", lambda: os.unlink(m / "gone" / "b"))
     step("list gone", lambda: sorted(os.listdir(m / "gone")))
+    step("untar in gone", lambda: subprocess.run(
+        ["tar", "-x", "-f", str(tarball), "-C", str(m / "gone")], check=True).returncode)
+    step("rm -rf gone/d", lambda: subprocess.run(["rm", "-rf", str(m / "gone" / "d")]).returncode)
+    step("list gone after", lambda: sorted(os.listdir(m / "gone")))
 
     # copied-up files moved into the upper-only directory, then removed
     step("chmod cp/f", lambda: os.chmod(m / "cp" / "f", 0o600))
@@ -158,6 +170,25 @@ def _run(base, mount, tarball) -> tuple[list, dict]:
     step("unlink up/mg/lo", lambda: os.unlink(up / "mg" / "lo"))
     step("lookup up/mg/lo again", lambda: shown(up / "mg" / "lo"))
     step("list up/mg", lambda: sorted(os.listdir(up / "mg")) if up.joinpath("mg").is_dir() else None)
+
+    # an upper-only directory a merged one is renamed over (EXDEV without redirect_dir), a
+    # process still in the old one
+    step("mkdir u2", lambda: os.mkdir(m / "u2"))
+    step("create u2/z", lambda: os.close(os.open(m / "u2" / "z", os.O_CREAT | os.O_WRONLY, 0o644)))
+    step("unlink u2/z", lambda: os.unlink(m / "u2" / "z"))
+    old = os.open(m / "u2", os.O_RDONLY | os.O_DIRECTORY)
+    step("lookup u2/lo before", lambda: shown(m / "u2" / "lo"))
+    step("mv mg2 over u2", lambda: os.rename(m / "mg2", m / "u2"))
+    step("lookup u2/lo", lambda: shown(m / "u2" / "lo"))
+    step("lookup old/lo", lambda: os.stat("lo", dir_fd=old, follow_symlinks=False).st_size)
+    step("create old/q", lambda: os.close(os.open("q", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=old)))
+    step("unlink old/z", lambda: os.unlink("z", dir_fd=old))
+    os.close(old)
+    step("create u2/new", lambda: os.close(os.open(m / "u2" / "new", os.O_CREAT | os.O_WRONLY, 0o644)))
+    step("unlink u2/new", lambda: os.unlink(m / "u2" / "new"))
+    step("unlink u2/lo", lambda: os.unlink(m / "u2" / "lo"))
+    step("lookup u2/lo again", lambda: shown(m / "u2" / "lo"))
+    step("list u2", lambda: sorted(os.listdir(m / "u2")))
 
     snap = helpers.tree_snapshot(m, ignore_vanished=True)
     step("rm -rf up", lambda: subprocess.run(["rm", "-rf", str(up)], capture_output=True).returncode)
