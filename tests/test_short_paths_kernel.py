@@ -3,10 +3,12 @@ mounts, against the kernel overlay (review47a): untar, chmod/chown/touch, rm -rf
 upper-only and an opaque directory, open files unlinked and changed through their fds,
 hard links losing names between the requests, names made again after their removal, a
 merged directory and copied-up files moved into an upper-only directory. Every step's
-answer (a value or an errno) and the merged tree after the sequence must match.
+answer (a value or an errno), the merged tree after the sequence and the upper layer left
+on disk must match.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import subprocess
@@ -40,6 +42,18 @@ def _tarball(path) -> None:
     with tarfile.open(path, "w") as tar:
         for name in ("f1", "f2", "d", "sym", "fifo"):
             tar.add(src / name, arcname=name)
+
+
+#: xattrs whose values name the other side's own lower copy or mount: compared by name
+_OWN_VALUES = ("trusted.overlay.origin", "trusted.overlay.uuid")
+
+
+def _upper(base) -> dict:
+    """The upper layer as left on disk, xattr values naming the lower copy left out."""
+    snap = helpers.tree_snapshot(base / "upper")
+    return {n: dataclasses.replace(e, xattrs=tuple((k, b"*" if k in _OWN_VALUES else v)
+                                                   for k, v in e.xattrs))
+            for n, e in snap.items()}
 
 
 def _lower(base) -> None:
@@ -221,3 +235,9 @@ def test_short_paths_answer_as_the_kernel_overlay(tmp_path, overlay_mount, kerne
     trees = {n: (ksnap.get(n), osnap.get(n)) for n in set(ksnap) | set(osnap)
              if ksnap.get(n) != osnap.get(n)}
     assert not trees, "\n".join(f"{n}:\n kernel    {k}\n overlaypc {o}" for n, (k, o) in sorted(trees.items()))
+    # the same state on disk: names, whiteouts, modes, owners, contents, overlay marks
+    ku, ou = (_upper(tmp_path / who) for who in ("kernel", "overlaypc"))
+    assert "gone/f1" in ku and "cp" in ku  # (what the sequence leaves in the upper)
+    uppers = {n: (ku.get(n), ou.get(n)) for n in set(ku) | set(ou) if ku.get(n) != ou.get(n)}
+    assert not uppers, "\n".join(f"upper {n}:\n kernel    {k}\n overlaypc {o}"
+                                  for n, (k, o) in sorted(uppers.items()))
