@@ -538,6 +538,21 @@ class OverlayOps(Operations):
             rel, decoded = self._child(parent, name)
             return self._take(parent, decoded, rel)
 
+    def _short_named(self, parent: int, name: bytes, moves: int) -> tuple[str, str] | None:
+        """The parent's path and the decoded name for a short path in a directory
+        (``_lookup_name``, ``_unlink_name``): None where the generic request must decide:
+        a move in progress (``pathguard``'s odd count), a name over NAME_MAX or one it
+        refuses or never shows (``_plain_name``), a parent without a directory path."""
+        if moves & 1 or len(name) > NAME_MAX:
+            return None
+        prel = self.nodes.dir_path(parent)
+        if not prel:
+            return None
+        decoded = os.fsdecode(name)
+        if not _plain_name(decoded):
+            return None
+        return prel, decoded
+
     def _lookup_name(self, parent: int, name: bytes) -> bytes | Entry | None:
         """LOOKUP of a name in an upper-only directory (``Lookup.upper_name``: one
         ``fstatat`` in the directory's upper fd), as ``lookup`` answers it: absent (the
@@ -555,14 +570,10 @@ class OverlayOps(Operations):
             return None
         paths = self._paths
         moves = paths.moves
-        if moves & 1 or len(name) > NAME_MAX:
+        named = self._short_named(parent, name, moves)
+        if named is None:
             return None
-        prel = self.nodes.dir_path(parent)
-        if not prel:
-            return None
-        decoded = os.fsdecode(name)
-        if not _plain_name(decoded):
-            return None
+        prel, decoded = named
         table_epoch = self.nodes.epoch  # (``_take``'s, read before the layers)
         try:
             found = self.fs.lookup.upper_name(prel, decoded)
@@ -1216,14 +1227,10 @@ class OverlayOps(Operations):
             return False
         paths = self._paths
         moves = paths.moves
-        if moves & 1 or len(name) > NAME_MAX:
+        named = self._short_named(parent, name, moves)
+        if named is None:
             return False
-        prel = self.nodes.dir_path(parent)
-        if not prel:
-            return False
-        decoded = os.fsdecode(name)
-        if not _plain_name(decoded):
-            return False
+        prel, decoded = named
         lookup = fs.lookup
         with fs.ns_lock:
             if paths.moves != moves:
