@@ -1458,11 +1458,13 @@ class OverlayOps(Operations):
     @_changes
     def fallocate(self, req: Request, nodeid: int, fh: int, offset: int, length: int,
                   mode: int) -> None:
-        if mode & ~_FALLOC_FL_KEEP_SIZE and self.nodes.node(nodeid).prot:  # (-1: unknown)
-            # an append-only file's fd (O_APPEND) may only grow it (``vfs_fallocate``)
+        if self.nodes.node(nodeid).prot:  # (-1: unknown)
+            # none on an immutable file, even through an fd opened before its chattr; an
+            # append-only file's fd (O_APPEND) may only grow it (``vfs_fallocate``)
             prot = self._protected(nodeid)
-            if prot & protattr.FS_APPEND_FL:
-                raise OSError(errno.EPERM, "operation not permitted (append-only)",
+            if prot & protattr.FS_IMMUTABLE_FL \
+                    or mode & ~_FALLOC_FL_KEEP_SIZE and prot & protattr.FS_APPEND_FL:
+                raise OSError(errno.EPERM, "operation not permitted (immutable or append-only)",
                               self.nodes.path(nodeid) or "")
         self.fs.fallocate(fh, mode, offset, length)
 
@@ -1476,6 +1478,10 @@ class OverlayOps(Operations):
         if flags:
             raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
         self.fs.require_writable()
+        if self.nodes.node(node_out).prot and self._protected(node_out) & protattr.FS_IMMUTABLE_FL:
+            # (the kernel's ``generic_copy_file_checks``: an fd opened before its chattr)
+            raise OSError(errno.EPERM, "operation not permitted (immutable)",
+                          self.nodes.path(node_out) or "")
         # the kernel sends no kill flag with a copy (its file_remove_privs leaves it to
         # the daemon under handle_killpriv_v2): strip as a write by this caller would
         if not has_fsetid(req.pid):

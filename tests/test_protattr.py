@@ -473,3 +473,75 @@ def test_flagged_objects_in_an_upper_only_directory_as_the_kernel(tmp_path, laye
     assert got["kernel"]["fchmod"] == errno.EPERM and got["kernel"]["unlink u/imm"] == errno.EPERM
     assert got["overlaypc"] == got["kernel"]
     assert trees["overlaypc"] == trees["kernel"]
+
+
+def _fallocate(mode: int):
+    def run(fd: int) -> None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.fallocate(fd, mode, ctypes.c_long(0), ctypes.c_long(4096)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    return run
+
+
+#: changes through an fd opened for writing (O_RDWR) before ``chattr``: the flags are checked
+#: by ``vfs_fallocate`` and ``copy_file_range`` on the inode, not only at open
+FD_OPS = {
+    "fallocate": _fallocate(0),
+    "fallocate_keep_size": _fallocate(0x01),
+    "punch": _fallocate(0x02 | 0x01),
+    "zero_range": _fallocate(0x10),
+    "write": lambda fd: os.write(fd, b"w"),
+}
+
+
+def _fd_session(mnt: Path, letter: str) -> dict:
+    got = {}
+    src = os.open(mnt / "src", os.O_RDONLY)
+    try:
+        for kind in ("lower", "upper"):
+            if kind == "upper":
+                for op in [*FD_OPS, "copy_file_range"]:
+                    (mnt / f"upper_{op}").write_bytes(b"0123456789")
+            for op in [*FD_OPS, "copy_file_range"]:
+                p = mnt / f"{kind}_{op}"
+                fd = os.open(p, os.O_RDWR)
+                try:
+                    _chattr("+" + letter, p)
+                    act = FD_OPS.get(op) or (lambda fd: os.copy_file_range(src, fd, 3, 0, 0))
+                    got[f"{kind} {op}"] = _errno(lambda p, m: act(fd), p, mnt)
+                finally:
+                    os.close(fd)
+                _chattr("-" + letter, p)
+                got[f"{kind} {op} data"] = p.read_bytes()
+    finally:
+        os.close(src)
+    return got
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_changes_through_an_fd_opened_before_chattr_as_the_kernel(flag, tmp_path, layers_factory,
+                                                                  overlay_mount, kernel_mount):
+    """An fd opened for writing before ``chattr +i``/``+a`` through the mount: fallocate
+    (any mode) and copy_file_range into the file are refused once it is immutable, a hole
+    punched or a range zeroed once it is append-only, a write goes on (the kernel overlay
+    checks its inode's flags in ``vfs_fallocate`` and ``generic_copy_file_checks``, not at
+    write); for a lower file (copied up by the open) and one made through the mount."""
+    spec = {"src": b"SRC"}
+    spec.update({f"lower_{op}": b"0123456789" for op in [*FD_OPS, "copy_file_range"]})
+    lower = layers_factory({"l": spec}, where={"l": tmp_path}).paths[0]
+    got = {}
+    try:
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = new_stack([lower], tmp_path / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _fd_session(mnt, FLAGS[flag])
+            finally:
+                unmount()
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["lower punch"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]
