@@ -545,3 +545,44 @@ def test_changes_through_an_fd_opened_before_chattr_as_the_kernel(flag, tmp_path
         _unflag_all(tmp_path)
     assert got["kernel"]["lower punch"] == errno.EPERM
     assert got["overlaypc"] == got["kernel"]
+
+
+def test_the_roots_protattr_lasts_one_mount_as_the_kernel(tmp_path, layers_factory, overlay_mount,
+                                                          kernel_mount):
+    """``chattr +a`` of the mount's root writes the upper root's ``protattr`` and holds for
+    that mount; the kernel overlay's root inode does not read it at the next mount (its
+    root is not made by ``ovl_get_inode``, where ``protattr`` is read), so a root flagged
+    by either side is not flagged at the next mount of either: lsattr shows no flag and
+    the root's entries can be removed."""
+    pairs = (("kernel", "kernel"), ("kernel", "overlaypc"), ("overlaypc", "overlaypc"))
+    spec = {"f": b"f\n", **{f"g_{a}_{b}": b"g\n" for a, b in pairs}}
+    lower = layers_factory({"l": spec}, where={"l": tmp_path}).paths[0]
+    got, stacks = {}, {}
+    try:
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = stacks[side] = new_stack([lower], tmp_path / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = {"chattr +a /": _chattr_errno("+a", mnt),
+                             "flags /": _flags_of(mnt) & SHOWN,
+                             "unlink f": _errno(lambda p, m: os.unlink(p), mnt / "f", mnt)}
+            finally:
+                unmount()
+        assert got["overlaypc"] == got["kernel"]
+        assert got["kernel"]["unlink f"] == errno.EPERM
+        for side in SIDES:
+            assert ovl_xattr(stacks[side].upper, "protattr") == b"a"
+        for side, other in pairs:
+            mnt, unmount = mount_side(other, stacks[side], overlay_mount, kernel_mount)
+            try:
+                got[f"{side} upper, {other}"] = {
+                    "flags /": _flags_of(mnt) & SHOWN,
+                    "unlink g": _errno(lambda p, m: os.unlink(p), mnt / f"g_{side}_{other}", mnt)}
+            finally:
+                unmount()
+        assert got["kernel upper, kernel"] == {"flags /": 0, "unlink g": 0}
+        assert got["kernel upper, overlaypc"] == got["kernel upper, kernel"]
+        assert got["overlaypc upper, overlaypc"] == got["kernel upper, kernel"]
+    finally:
+        _unflag_all(tmp_path)
