@@ -1067,19 +1067,25 @@ class OverlayOps(Operations):
                            lambda inode: self.fs.files.removexattr_inode(inode, name))
 
     # -- file attribute flags (chattr, lsattr) ---------------------------------------------------
-    def ioctl(self, req: Request, nodeid: int, fh: int, flags: int, cmd: int, data: bytes,
-              out_size: int) -> bytes:
+    def ioctl(self, req: Request, nodeid: int, fh: int, flags: int, cmd: int, arg: int,
+              data: bytes, out_size: int) -> bytes:
         """FS_IOC_GETFLAGS/SETFLAGS and FS_IOC_FSGETXATTR/FSSETXATTR (``fileattrs``), by
-        the node's name; any other ioctl answers ENOTTY, as before."""
+        the node's name; any other ioctl answers ENOTTY, as before. A set only as the
+        kernel's fileattr operation sends it (``fuse_priv_ioctl``: ``arg`` 0, the flags as
+        4 bytes), after its VFS checked the caller (owner, CAP_LINUX_IMMUTABLE): a kernel
+        without them (before 5.13) hands a caller's own ioctl over unchecked, with its
+        buffer's address and FS_IOC_SETFLAGS's 8 bytes."""
         attrs = self.fs.fileattrs
         if cmd == sysapi.FS_IOC_GETFLAGS and out_size >= 4:
             return struct.pack("<I", self._read_at(nodeid, attrs.get_flags) & 0xFFFFFFFF)[:out_size]
         if cmd == sysapi.FS_IOC_FSGETXATTR and out_size >= sysapi.FSXATTR.size:
             return self._read_at(nodeid, attrs.get_fsxattr)
-        if cmd == sysapi.FS_IOC_SETFLAGS and len(data) >= 4:
+        if arg:
+            raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} from a caller, not the kernel's")
+        if cmd == sysapi.FS_IOC_SETFLAGS and len(data) == 4:
             value = struct.unpack_from("<I", data)[0]
             return self._set_fileattr(nodeid, lambda rel: attrs.set_flags(rel, value))
-        if cmd == sysapi.FS_IOC_FSSETXATTR and len(data) >= sysapi.FSXATTR.size:
+        if cmd == sysapi.FS_IOC_FSSETXATTR and len(data) == sysapi.FSXATTR.size:
             raw = data[:sysapi.FSXATTR.size]
             return self._set_fileattr(nodeid, lambda rel: attrs.set_fsxattr(rel, raw))
         raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} not supported")

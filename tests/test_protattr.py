@@ -586,3 +586,35 @@ def test_the_roots_protattr_lasts_one_mount_as_the_kernel(tmp_path, layers_facto
         assert got["overlaypc upper, overlaypc"] == got["kernel upper, kernel"]
     finally:
         _unflag_all(tmp_path)
+
+
+def test_a_callers_own_setflags_ioctl_is_not_served(tmp_path):
+    """Before FUSE's fileattr operations (kernel 5.13; overlaypc speaks FUSE 7.31 and up,
+    5.2) the VFS hands a caller's own FS_IOC_SETFLAGS/FSSETXATTR ioctl to FUSE as it came,
+    with neither the owner check nor CAP_LINUX_IMMUTABLE's: any user who can open a file
+    could clear or set its flags through the root daemon. Only the kernel's fileattr form
+    is served (``fuse_priv_ioctl``: ``arg`` 0, the flags as 4 bytes); a caller's ioctl
+    (``arg``: its buffer's address; FS_IOC_SETFLAGS's ``_IOC_SIZE`` is 8 bytes) answers
+    ENOTTY, as before flags47, and changes nothing."""
+    import helpers
+    from core_driver import CoreDriver
+    from engine_support import FakeKernel
+    from overlaypc.engine import protocol as p
+    helpers.require("root")
+    (tmp_path / "lower").mkdir()
+    (tmp_path / "lower" / "f").write_bytes(b"f\n")
+    drv = CoreDriver.in_dir(tmp_path)
+    fk = FakeKernel(drv.ops)
+    try:
+        fk.start()
+        entry = p.ENTRY_OUT.unpack_from(fk.ok(p.LOOKUP, p.ROOT_ID, b"f\0"))
+        nodeid, user_buffer = entry[0], 0x7FFD_2000_0000
+        raw = [p.IOCTL_IN.pack(0, 0, FS_IOC_SETFLAGS, user_buffer, 8, 0) + struct.pack("<Q", 0x10),
+               p.IOCTL_IN.pack(0, 0, 0x401C5820, user_buffer, 28, 0) + struct.pack("<I24x", 0x8)]
+        assert [fk.request(p.IOCTL, nodeid, body).error for body in raw] == [-errno.ENOTTY] * 2
+        assert ovl_xattr(tmp_path / "upper" / "f", "protattr") is None
+        fk.ok(p.IOCTL, nodeid, p.IOCTL_IN.pack(0, 0, FS_IOC_SETFLAGS, 0, 4, 0) + struct.pack("<I", 0x10))
+        assert ovl_xattr(tmp_path / "upper" / "f", "protattr") == b"i"
+    finally:
+        fk.close()
+        drv.close()
