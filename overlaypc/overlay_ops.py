@@ -1093,9 +1093,13 @@ class OverlayOps(Operations):
     @_changes
     def _set_fileattr(self, nodeid: int, act: "Callable[[str], int]") -> bytes:
         """A set (``act(path)``, returning the enforced flags then), kept on the node
-        (``_protected``); the kernel drops its cached attributes (ctime moved)."""
+        (``_protected``); the kernel drops its cached attributes (ctime moved). Unknown
+        meanwhile: a set failing after it wrote ``protattr`` (the upper refused the other
+        flags) keeps the flags written, as the kernel's inode keeps those it was given."""
+        node = self.nodes.node(nodeid)
+        node.prot = -1
         prot = self._at_node(nodeid, act)
-        self.nodes.node(nodeid).prot = prot
+        node.prot = prot
         self.notifier.inval_inode(nodeid, -1)
         return b""
 

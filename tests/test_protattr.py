@@ -618,3 +618,41 @@ def test_a_callers_own_setflags_ioctl_is_not_served(tmp_path):
     finally:
         fk.close()
         drv.close()
+
+
+def _half_set_session(mnt: Path) -> dict:
+    got = {}
+    for name in ("lower", "upper"):
+        p = mnt / name
+        if name == "upper":
+            p.write_bytes(b"u\n")
+        got[name + " open_w before"] = _errno(_open(os.O_WRONLY), p, mnt)  # (its flags read)
+        # casefold on a regular file: the upper refuses it after protattr was written
+        got[name + " chattr +iF"] = _chattr_errno("+iF", p)
+        got[name + " flags"] = _flags_of(p) & SHOWN
+        got[name + " open_w"] = _errno(_open(os.O_WRONLY), p, mnt)
+        got[name + " chmod"] = _errno(lambda p, m: os.chmod(p, 0o600), p, mnt)
+    return got
+
+
+def test_a_chattr_failing_after_its_protattr_keeps_the_flags_as_the_kernel(
+        tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """A set whose other flags the real upper refuses fails after ``protattr`` was
+    written (the kernel's ``ovl_set_protattr`` first, then ``ovl_real_fileattr_set``):
+    the kernel's inode keeps the immutable flag it set, and lsattr shows it on both; the
+    changes it refuses are refused here too (the node's kept flags were the old ones)."""
+    lower = layers_factory({"l": {"lower": b"l\n"}}, where={"l": tmp_path}).paths[0]
+    got = {}
+    try:
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = new_stack([lower], tmp_path / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _half_set_session(mnt)
+            finally:
+                unmount()
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["lower chattr +iF"] != 0 and got["kernel"]["lower open_w"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]
