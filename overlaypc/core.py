@@ -152,6 +152,11 @@ class OverlayFS:
         self.lookup.fd_room = lambda: self.open_file_fds - self.open_fds()
         #: immutable/append-only flags of the objects a change changes
         self.protection = Protection(self.prefix)
+        if self.stack.upper is not None:
+            # the root starts with none: the kernel overlay's root inode is not made where
+            # ``protattr`` is read (``ovl_get_inode``); a chattr through the mount sets them
+            # for this mount (``fileattrs``: then read from the xattr it wrote)
+            self.stack.upper.root.prot = 0
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.fileattrs = FileAttrs(self)

@@ -1078,19 +1078,25 @@ class OverlayOps(Operations):
                            lambda inode: self.fs.files.removexattr_inode(inode, name))
 
     # -- file attribute flags (chattr, lsattr) ---------------------------------------------------
-    def ioctl(self, req: Request, nodeid: int, fh: int, flags: int, cmd: int, data: bytes,
-              out_size: int) -> bytes:
+    def ioctl(self, req: Request, nodeid: int, fh: int, flags: int, cmd: int, arg: int,
+              data: bytes, out_size: int) -> bytes:
         """FS_IOC_GETFLAGS/SETFLAGS and FS_IOC_FSGETXATTR/FSSETXATTR (``fileattrs``), by
-        the node's name; any other ioctl answers ENOTTY, as before."""
+        the node's name; any other ioctl answers ENOTTY, as before. A set only as the
+        kernel's fileattr operation sends it (``fuse_priv_ioctl``: ``arg`` 0, the flags as
+        4 bytes), after its VFS checked the caller (owner, CAP_LINUX_IMMUTABLE): a kernel
+        without them (before 5.13) hands a caller's own ioctl over unchecked, with its
+        buffer's address and FS_IOC_SETFLAGS's 8 bytes."""
         attrs = self.fs.fileattrs
         if cmd == sysapi.FS_IOC_GETFLAGS and out_size >= 4:
             return struct.pack("<I", self._read_at(nodeid, attrs.get_flags) & 0xFFFFFFFF)[:out_size]
         if cmd == sysapi.FS_IOC_FSGETXATTR and out_size >= sysapi.FSXATTR.size:
             return self._read_at(nodeid, attrs.get_fsxattr)
-        if cmd == sysapi.FS_IOC_SETFLAGS and len(data) >= 4:
+        if arg:
+            raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} from a caller, not the kernel's")
+        if cmd == sysapi.FS_IOC_SETFLAGS and len(data) == 4:
             value = struct.unpack_from("<I", data)[0]
             return self._set_fileattr(nodeid, lambda rel: attrs.set_flags(rel, value))
-        if cmd == sysapi.FS_IOC_FSSETXATTR and len(data) >= sysapi.FSXATTR.size:
+        if cmd == sysapi.FS_IOC_FSSETXATTR and len(data) == sysapi.FSXATTR.size:
             raw = data[:sysapi.FSXATTR.size]
             return self._set_fileattr(nodeid, lambda rel: attrs.set_fsxattr(rel, raw))
         raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} not supported")
@@ -1098,9 +1104,13 @@ class OverlayOps(Operations):
     @_changes
     def _set_fileattr(self, nodeid: int, act: "Callable[[str], int]") -> bytes:
         """A set (``act(path)``, returning the enforced flags then), kept on the node
-        (``_protected``); the kernel drops its cached attributes (ctime moved)."""
+        (``_protected``); the kernel drops its cached attributes (ctime moved). Unknown
+        meanwhile: a set failing after it wrote ``protattr`` (the upper refused the other
+        flags) keeps the flags written, as the kernel's inode keeps those it was given."""
+        node = self.nodes.node(nodeid)
+        node.prot = -1
         prot = self._at_node(nodeid, act)
-        self.nodes.node(nodeid).prot = prot
+        node.prot = prot
         self.notifier.inval_inode(nodeid, -1)
         return b""
 
@@ -1465,11 +1475,13 @@ class OverlayOps(Operations):
     @_changes
     def fallocate(self, req: Request, nodeid: int, fh: int, offset: int, length: int,
                   mode: int) -> None:
-        if mode & ~_FALLOC_FL_KEEP_SIZE and self.nodes.node(nodeid).prot:  # (-1: unknown)
-            # an append-only file's fd (O_APPEND) may only grow it (``vfs_fallocate``)
+        if self.nodes.node(nodeid).prot:  # (-1: unknown)
+            # none on an immutable file, even through an fd opened before its chattr; an
+            # append-only file's fd (O_APPEND) may only grow it (``vfs_fallocate``)
             prot = self._protected(nodeid)
-            if prot & protattr.FS_APPEND_FL:
-                raise OSError(errno.EPERM, "operation not permitted (append-only)",
+            if prot & protattr.FS_IMMUTABLE_FL \
+                    or mode & ~_FALLOC_FL_KEEP_SIZE and prot & protattr.FS_APPEND_FL:
+                raise OSError(errno.EPERM, "operation not permitted (immutable or append-only)",
                               self.nodes.path(nodeid) or "")
         self.fs.fallocate(fh, mode, offset, length)
 
@@ -1483,6 +1495,10 @@ class OverlayOps(Operations):
         if flags:
             raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
         self.fs.require_writable()
+        if self.nodes.node(node_out).prot and self._protected(node_out) & protattr.FS_IMMUTABLE_FL:
+            # (the kernel's ``generic_copy_file_checks``: an fd opened before its chattr)
+            raise OSError(errno.EPERM, "operation not permitted (immutable)",
+                          self.nodes.path(node_out) or "")
         # the kernel sends no kill flag with a copy (its file_remove_privs leaves it to
         # the daemon under handle_killpriv_v2): strip as a write by this caller would
         if not has_fsetid(req.pid):

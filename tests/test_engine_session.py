@@ -822,15 +822,15 @@ def test_ioctl_reply_is_padded_to_its_size(kernel):
     ``fuse_ioctl_in`` reaches the filesystem; the reply is ``fuse_ioctl_out`` and exactly
     ``out_size`` bytes (the kernel refuses another size), longer answers are EIO."""
     class Ops(MemoryOps):
-        def ioctl(self, req, nodeid, fh, flags, cmd, data, out_size):
-            self._rec("ioctl", nodeid, fh, flags, cmd, data, out_size)
+        def ioctl(self, req, nodeid, fh, flags, cmd, arg, data, out_size):
+            self._rec("ioctl", nodeid, fh, flags, cmd, arg, data, out_size)
             return {1: b"\x10", 2: b"", 3: b"toolong"}[cmd]
     ops = Ops()
     fk = kernel(ops)
     body = fk.ok(p.IOCTL, 1, p.IOCTL_IN.pack(7, p.IOCTL_DIR, 1, 0, 0, 4))
     assert body == p.IOCTL_OUT.pack(0, 0, 0, 0) + b"\x10\0\0\0"
-    assert fk.ok(p.IOCTL, 1, p.IOCTL_IN.pack(7, 0, 2, 0, 4, 0) + b"abcd") == p.IOCTL_OUT.pack(0, 0, 0, 0)
-    assert ops.called("ioctl") == [(1, 7, p.IOCTL_DIR, 1, b"", 4), (1, 7, 0, 2, b"abcd", 0)]
+    assert fk.ok(p.IOCTL, 1, p.IOCTL_IN.pack(7, 0, 2, 9, 4, 0) + b"abcd") == p.IOCTL_OUT.pack(0, 0, 0, 0)
+    assert ops.called("ioctl") == [(1, 7, p.IOCTL_DIR, 1, 0, b"", 4), (1, 7, 0, 2, 9, b"abcd", 0)]
     assert fk.request(p.IOCTL, 1, p.IOCTL_IN.pack(7, 0, 3, 0, 0, 4)).error == -errno.EIO
     assert fk.request(p.IOCTL, 1, p.IOCTL_IN.pack(7, 0, 2, 0, 8, 0) + b"ab").error == -errno.EINVAL
     fk.ok(p.STATFS, 1)

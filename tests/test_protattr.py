@@ -473,3 +473,186 @@ def test_flagged_objects_in_an_upper_only_directory_as_the_kernel(tmp_path, laye
     assert got["kernel"]["fchmod"] == errno.EPERM and got["kernel"]["unlink u/imm"] == errno.EPERM
     assert got["overlaypc"] == got["kernel"]
     assert trees["overlaypc"] == trees["kernel"]
+
+
+def _fallocate(mode: int):
+    def run(fd: int) -> None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.fallocate(fd, mode, ctypes.c_long(0), ctypes.c_long(4096)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    return run
+
+
+#: changes through an fd opened for writing (O_RDWR) before ``chattr``: the flags are checked
+#: by ``vfs_fallocate`` and ``copy_file_range`` on the inode, not only at open
+FD_OPS = {
+    "fallocate": _fallocate(0),
+    "fallocate_keep_size": _fallocate(0x01),
+    "punch": _fallocate(0x02 | 0x01),
+    "zero_range": _fallocate(0x10),
+    "write": lambda fd: os.write(fd, b"w"),
+}
+
+
+def _fd_session(mnt: Path, letter: str) -> dict:
+    got = {}
+    src = os.open(mnt / "src", os.O_RDONLY)
+    try:
+        for kind in ("lower", "upper"):
+            if kind == "upper":
+                for op in [*FD_OPS, "copy_file_range"]:
+                    (mnt / f"upper_{op}").write_bytes(b"0123456789")
+            for op in [*FD_OPS, "copy_file_range"]:
+                p = mnt / f"{kind}_{op}"
+                fd = os.open(p, os.O_RDWR)
+                try:
+                    _chattr("+" + letter, p)
+                    act = FD_OPS.get(op) or (lambda fd: os.copy_file_range(src, fd, 3, 0, 0))
+                    got[f"{kind} {op}"] = _errno(lambda p, m: act(fd), p, mnt)
+                finally:
+                    os.close(fd)
+                _chattr("-" + letter, p)
+                got[f"{kind} {op} data"] = p.read_bytes()
+    finally:
+        os.close(src)
+    return got
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_changes_through_an_fd_opened_before_chattr_as_the_kernel(flag, tmp_path, layers_factory,
+                                                                  overlay_mount, kernel_mount):
+    """An fd opened for writing before ``chattr +i``/``+a`` through the mount: fallocate
+    (any mode) and copy_file_range into the file are refused once it is immutable, a hole
+    punched or a range zeroed once it is append-only, a write goes on (the kernel overlay
+    checks its inode's flags in ``vfs_fallocate`` and ``generic_copy_file_checks``, not at
+    write); for a lower file (copied up by the open) and one made through the mount."""
+    spec = {"src": b"SRC"}
+    spec.update({f"lower_{op}": b"0123456789" for op in [*FD_OPS, "copy_file_range"]})
+    lower = layers_factory({"l": spec}, where={"l": tmp_path}).paths[0]
+    got = {}
+    try:
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = new_stack([lower], tmp_path / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _fd_session(mnt, FLAGS[flag])
+            finally:
+                unmount()
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["lower punch"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]
+
+
+def test_the_roots_protattr_lasts_one_mount_as_the_kernel(tmp_path, layers_factory, overlay_mount,
+                                                          kernel_mount):
+    """``chattr +a`` of the mount's root writes the upper root's ``protattr`` and holds for
+    that mount; the kernel overlay's root inode does not read it at the next mount (its
+    root is not made by ``ovl_get_inode``, where ``protattr`` is read), so a root flagged
+    by either side is not flagged at the next mount of either: lsattr shows no flag and
+    the root's entries can be removed."""
+    pairs = (("kernel", "kernel"), ("kernel", "overlaypc"), ("overlaypc", "overlaypc"))
+    spec = {"f": b"f\n", **{f"g_{a}_{b}": b"g\n" for a, b in pairs}}
+    lower = layers_factory({"l": spec}, where={"l": tmp_path}).paths[0]
+    got, stacks = {}, {}
+    try:
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = stacks[side] = new_stack([lower], tmp_path / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = {"chattr +a /": _chattr_errno("+a", mnt),
+                             "flags /": _flags_of(mnt) & SHOWN,
+                             "unlink f": _errno(lambda p, m: os.unlink(p), mnt / "f", mnt)}
+            finally:
+                unmount()
+        assert got["overlaypc"] == got["kernel"]
+        assert got["kernel"]["unlink f"] == errno.EPERM
+        for side in SIDES:
+            assert ovl_xattr(stacks[side].upper, "protattr") == b"a"
+        for side, other in pairs:
+            mnt, unmount = mount_side(other, stacks[side], overlay_mount, kernel_mount)
+            try:
+                got[f"{side} upper, {other}"] = {
+                    "flags /": _flags_of(mnt) & SHOWN,
+                    "unlink g": _errno(lambda p, m: os.unlink(p), mnt / f"g_{side}_{other}", mnt)}
+            finally:
+                unmount()
+        assert got["kernel upper, kernel"] == {"flags /": 0, "unlink g": 0}
+        assert got["kernel upper, overlaypc"] == got["kernel upper, kernel"]
+        assert got["overlaypc upper, overlaypc"] == got["kernel upper, kernel"]
+    finally:
+        _unflag_all(tmp_path)
+
+
+def test_a_callers_own_setflags_ioctl_is_not_served(tmp_path):
+    """Before FUSE's fileattr operations (kernel 5.13; overlaypc speaks FUSE 7.31 and up,
+    5.2) the VFS hands a caller's own FS_IOC_SETFLAGS/FSSETXATTR ioctl to FUSE as it came,
+    with neither the owner check nor CAP_LINUX_IMMUTABLE's: any user who can open a file
+    could clear or set its flags through the root daemon. Only the kernel's fileattr form
+    is served (``fuse_priv_ioctl``: ``arg`` 0, the flags as 4 bytes); a caller's ioctl
+    (``arg``: its buffer's address; FS_IOC_SETFLAGS's ``_IOC_SIZE`` is 8 bytes) answers
+    ENOTTY, as before flags47, and changes nothing."""
+    import helpers
+    from core_driver import CoreDriver
+    from engine_support import FakeKernel
+    from overlaypc.engine import protocol as p
+    helpers.require("root")
+    (tmp_path / "lower").mkdir()
+    (tmp_path / "lower" / "f").write_bytes(b"f\n")
+    drv = CoreDriver.in_dir(tmp_path)
+    fk = FakeKernel(drv.ops)
+    try:
+        fk.start()
+        entry = p.ENTRY_OUT.unpack_from(fk.ok(p.LOOKUP, p.ROOT_ID, b"f\0"))
+        nodeid, user_buffer = entry[0], 0x7FFD_2000_0000
+        raw = [p.IOCTL_IN.pack(0, 0, FS_IOC_SETFLAGS, user_buffer, 8, 0) + struct.pack("<Q", 0x10),
+               p.IOCTL_IN.pack(0, 0, 0x401C5820, user_buffer, 28, 0) + struct.pack("<I24x", 0x8)]
+        assert [fk.request(p.IOCTL, nodeid, body).error for body in raw] == [-errno.ENOTTY] * 2
+        assert ovl_xattr(tmp_path / "upper" / "f", "protattr") is None
+        fk.ok(p.IOCTL, nodeid, p.IOCTL_IN.pack(0, 0, FS_IOC_SETFLAGS, 0, 4, 0) + struct.pack("<I", 0x10))
+        assert ovl_xattr(tmp_path / "upper" / "f", "protattr") == b"i"
+    finally:
+        fk.close()
+        drv.close()
+
+
+def _half_set_session(mnt: Path) -> dict:
+    got = {}
+    for name in ("lower", "upper"):
+        p = mnt / name
+        if name == "upper":
+            p.write_bytes(b"u\n")
+        got[name + " open_w before"] = _errno(_open(os.O_WRONLY), p, mnt)  # (its flags read)
+        # casefold on a regular file: the upper refuses it after protattr was written
+        got[name + " chattr +iF"] = _chattr_errno("+iF", p)
+        got[name + " flags"] = _flags_of(p) & SHOWN
+        got[name + " open_w"] = _errno(_open(os.O_WRONLY), p, mnt)
+        got[name + " chmod"] = _errno(lambda p, m: os.chmod(p, 0o600), p, mnt)
+    return got
+
+
+def test_a_chattr_failing_after_its_protattr_keeps_the_flags_as_the_kernel(
+        tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """A set whose other flags the real upper refuses fails after ``protattr`` was
+    written (the kernel's ``ovl_set_protattr`` first, then ``ovl_real_fileattr_set``):
+    the kernel's inode keeps the immutable flag it set, and lsattr shows it on both; the
+    changes it refuses are refused here too (the node's kept flags were the old ones)."""
+    lower = layers_factory({"l": {"lower": b"l\n"}}, where={"l": tmp_path}).paths[0]
+    got = {}
+    try:
+        for side in SIDES:
+            (tmp_path / side).mkdir()
+            s = new_stack([lower], tmp_path / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _half_set_session(mnt)
+            finally:
+                unmount()
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["lower chattr +iF"] != 0 and got["kernel"]["lower open_w"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]

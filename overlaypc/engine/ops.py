@@ -266,10 +266,11 @@ class Operations:
     fsyncdir: Callable[[Request, int, int, bool], None] = _nosys
     fallocate: Callable[[Request, int, int, int, int, int], None] = _nosys  # node fh off len mode
     lseek: Callable[[Request, int, int, int, int], int] = _nosys        # node fh off whence
-    #: (node, fh, ioctl flags, cmd, input bytes, output size) -> the output (at most that
-    #: size; the session pads it). Restricted ioctls only (no retry); ENOSYS: the kernel
-    #: answers ENOTTY. The kernel sends FS_IOC_GETFLAGS/SETFLAGS and FSGETXATTR/FSSETXATTR
-    #: (``chattr``, ``lsattr``) this way, on a handle it opened for the purpose
-    ioctl: Callable[[Request, int, int, int, int, bytes, int], bytes] = _nosys
+    #: (node, fh, ioctl flags, cmd, arg, input bytes, output size) -> the output (at most
+    #: that size; the session pads it). Restricted ioctls only (no retry); ENOSYS: the
+    #: kernel answers ENOTTY. The kernel sends FS_IOC_GETFLAGS/SETFLAGS and FSGETXATTR/
+    #: FSSETXATTR (``chattr``, ``lsattr``) this way, on a handle it opened for the purpose,
+    #: with ``arg`` 0; a caller's own ioctl comes with its buffer's address as ``arg``
+    ioctl: Callable[[Request, int, int, int, int, int, bytes, int], bytes] = _nosys
     #: (node_in, fh_in, off_in, node_out, fh_out, off_out, length, flags) -> bytes copied
     copy_file_range: Callable[[Request, int, int, int, int, int, int, int, int], int] = _nosys

@@ -1079,11 +1079,11 @@ class Session:
         return _Reply([p.WRITE_OUT.pack(n, 0)])
 
     def _ioctl(self, hdr, body, out):
-        fh, flags, cmd, _arg, in_size, out_size = p.IOCTL_IN.unpack_from(body)
+        fh, flags, cmd, arg, in_size, out_size = p.IOCTL_IN.unpack_from(body)
         data = bytes(body[p.IOCTL_IN.size:p.IOCTL_IN.size + in_size])
         if len(data) != in_size:
             raise OSError(errno.EINVAL, "short ioctl input")
-        value = self.ops.ioctl(self._req(hdr), hdr.nodeid, fh, flags, cmd, data, out_size)
+        value = self.ops.ioctl(self._req(hdr), hdr.nodeid, fh, flags, cmd, arg, data, out_size)
         if len(value) > out_size:
             raise OSError(errno.EIO, f"ioctl {cmd:#x} answer longer than {out_size} bytes")
         # (a restricted ioctl's reply is exactly its size: the kernel refuses a shorter one)
