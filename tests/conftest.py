@@ -230,3 +230,16 @@ def xfs_dir(xfs_fs: Path, request: pytest.FixtureRequest) -> Path:
     """A fresh directory of this test's own on the session XFS."""
     prefix = "".join(c if c.isalnum() else "_" for c in request.node.name)[:60] + "-"
     return Path(tempfile.mkdtemp(prefix=prefix, dir=xfs_fs))
+
+
+@pytest.fixture(autouse=True)
+def _umask_unchanged():
+    """A test leaves the process umask as it found it: cores made in-process set it to 0
+    (as the daemon does) and restore it at close, so cores closed in the wrong order leaked
+    0 to the tests after them (a later differential test then built its two sides' lower
+    layers with different modes). The test that changes it fails, not a later one."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    after = os.umask(before)
+    assert after == before, f"the test left the umask {after:#o} (it found {before:#o})"
