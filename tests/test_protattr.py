@@ -202,6 +202,24 @@ def _prepare(kind: str, letter: str, lower: Path, s, kernel_mount) -> None:
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def _each_side(tmp_path: Path, lower: Path, session, overlay_mount, kernel_mount,
+               stacks: dict | None = None) -> dict:
+    """``session(mount root)`` on a fresh stack over ``lower`` per side (kernel, then
+    overlaypc), each mounted for it alone; ``stacks`` gets each side's stack."""
+    got = {}
+    for side in SIDES:
+        (tmp_path / side).mkdir()
+        s = new_stack([lower], tmp_path / side, side)
+        if stacks is not None:
+            stacks[side] = s
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+        try:
+            got[side] = session(mnt)
+        finally:
+            unmount()
+    return got
+
+
 def _run_side(side: str, kind: str, letter: str, lower: Path, base: Path,
               overlay_mount, kernel_mount):
     s = new_stack([lower], base, side)
@@ -356,15 +374,8 @@ def test_chattr_and_lsattr_as_the_kernel(tmp_path, layers_factory, overlay_mount
     os.chown(lower / "u", 1000, 1000)
     try:
         _chattr("+a", lower / "g")
-        got, stacks = {}, {}
-        for side in SIDES:
-            (tmp_path / side).mkdir()
-            s = stacks[side] = new_stack([lower], tmp_path / side, side)
-            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
-            try:
-                got[side] = _chattr_session(mnt)
-            finally:
-                unmount()
+        stacks: dict = {}
+        got = _each_side(tmp_path, lower, _chattr_session, overlay_mount, kernel_mount, stacks)
         assert got["overlaypc"] == got["kernel"]
         assert got["kernel"]["after"]["f"] & 0x10 and got["kernel"]["after"]["d"] & 0x20
         assert got["kernel"]["chattr"]["+i u by its owner"] == errno.EPERM
@@ -531,16 +542,9 @@ def test_changes_through_an_fd_opened_before_chattr_as_the_kernel(flag, tmp_path
     spec = {"src": b"SRC"}
     spec.update({f"lower_{op}": b"0123456789" for op in [*FD_OPS, "copy_file_range"]})
     lower = layers_factory({"l": spec}, where={"l": tmp_path}).paths[0]
-    got = {}
     try:
-        for side in SIDES:
-            (tmp_path / side).mkdir()
-            s = new_stack([lower], tmp_path / side, side)
-            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
-            try:
-                got[side] = _fd_session(mnt, FLAGS[flag])
-            finally:
-                unmount()
+        got = _each_side(tmp_path, lower, lambda mnt: _fd_session(mnt, FLAGS[flag]),
+                         overlay_mount, kernel_mount)
     finally:
         _unflag_all(tmp_path)
     assert got["kernel"]["lower punch"] == errno.EPERM
@@ -557,18 +561,13 @@ def test_the_roots_protattr_lasts_one_mount_as_the_kernel(tmp_path, layers_facto
     pairs = (("kernel", "kernel"), ("kernel", "overlaypc"), ("overlaypc", "overlaypc"))
     spec = {"f": b"f\n", **{f"g_{a}_{b}": b"g\n" for a, b in pairs}}
     lower = layers_factory({"l": spec}, where={"l": tmp_path}).paths[0]
-    got, stacks = {}, {}
+    stacks: dict = {}
     try:
-        for side in SIDES:
-            (tmp_path / side).mkdir()
-            s = stacks[side] = new_stack([lower], tmp_path / side, side)
-            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
-            try:
-                got[side] = {"chattr +a /": _chattr_errno("+a", mnt),
-                             "flags /": _flags_of(mnt) & SHOWN,
-                             "unlink f": _errno(lambda p, m: os.unlink(p), mnt / "f", mnt)}
-            finally:
-                unmount()
+        got = _each_side(tmp_path, lower,
+                         lambda mnt: {"chattr +a /": _chattr_errno("+a", mnt),
+                                      "flags /": _flags_of(mnt) & SHOWN,
+                                      "unlink f": _errno(lambda p, m: os.unlink(p), mnt / "f", mnt)},
+                         overlay_mount, kernel_mount, stacks)
         assert got["overlaypc"] == got["kernel"]
         assert got["kernel"]["unlink f"] == errno.EPERM
         for side in SIDES:
@@ -642,16 +641,8 @@ def test_a_chattr_failing_after_its_protattr_keeps_the_flags_as_the_kernel(
     the kernel's inode keeps the immutable flag it set, and lsattr shows it on both; the
     changes it refuses are refused here too (the node's kept flags were the old ones)."""
     lower = layers_factory({"l": {"lower": b"l\n"}}, where={"l": tmp_path}).paths[0]
-    got = {}
     try:
-        for side in SIDES:
-            (tmp_path / side).mkdir()
-            s = new_stack([lower], tmp_path / side, side)
-            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
-            try:
-                got[side] = _half_set_session(mnt)
-            finally:
-                unmount()
+        got = _each_side(tmp_path, lower, _half_set_session, overlay_mount, kernel_mount)
     finally:
         _unflag_all(tmp_path)
     assert got["kernel"]["lower chattr +iF"] != 0 and got["kernel"]["lower open_w"] == errno.EPERM
