@@ -42,6 +42,15 @@ def _open_real(entry: "Entry") -> int:
         return entry.layer.open(entry.rel, flags)
 
 
+def _on_real(entry: "Entry", call, *args):
+    """``call(fd, *args)`` on the real object (``_open_real``), its fd closed after."""
+    fd = _open_real(entry)
+    try:
+        return call(fd, *args)
+    finally:
+        os.close(fd)
+
+
 class FileAttrs:
     def __init__(self, fs: "OverlayFS") -> None:
         self.fs = fs
@@ -55,45 +64,27 @@ class FileAttrs:
     def get_flags(self, rel: str) -> int:
         """FS_IOC_GETFLAGS: the real top object's flags and the overlay's."""
         node = self._top(rel)
-        fd = _open_real(node.top)
-        try:
-            real = sysapi.get_flags(fd)
-        finally:
-            os.close(fd)
-        return real | self.fs.protection.of_node(node)
+        return _on_real(node.top, sysapi.get_flags) | self.fs.protection.of_node(node)
 
     def get_fsxattr(self, rel: str) -> bytes:
         """FS_IOC_FSGETXATTR: the real top object's ``struct fsxattr``, its ``fsx_xflags``
         with the overlay's immutable/append-only."""
         node = self._top(rel)
-        fd = _open_real(node.top)
-        try:
-            raw = sysapi.fsgetxattr(fd)
-        finally:
-            os.close(fd)
-        xflags, *rest = sysapi.FSXATTR.unpack(raw)
+        xflags, *rest = sysapi.FSXATTR.unpack(_on_real(node.top, sysapi.fsgetxattr))
         xflags |= protattr.to_xflags(self.fs.protection.of_node(node))
         return sysapi.FSXATTR.pack(xflags, *rest)
 
     def set_flags(self, rel: str, flags: int) -> int:
         """FS_IOC_SETFLAGS; returns the enforced flags now (``protattr.PROTECTED`` bits)."""
         entry, prot = self._set_protected(rel, flags & protattr.PROTECTED)
-        fd = _open_real(entry)
-        try:
-            sysapi.set_flags(fd, flags & ~protattr.PROTECTED)
-        finally:
-            os.close(fd)
+        _on_real(entry, sysapi.set_flags, flags & ~protattr.PROTECTED)
         return prot
 
     def set_fsxattr(self, rel: str, raw: bytes) -> int:
         """FS_IOC_FSSETXATTR (``raw``: a ``struct fsxattr``), as ``set_flags``."""
         xflags, *rest = sysapi.FSXATTR.unpack(raw)
         entry, prot = self._set_protected(rel, protattr.from_xflags(xflags))
-        fd = _open_real(entry)
-        try:
-            sysapi.fssetxattr(fd, sysapi.FSXATTR.pack(xflags & ~protattr.XFLAGS_PROTECTED, *rest))
-        finally:
-            os.close(fd)
+        _on_real(entry, sysapi.fssetxattr, sysapi.FSXATTR.pack(xflags & ~protattr.XFLAGS_PROTECTED, *rest))
         return prot
 
     def _set_protected(self, rel: str, prot: int) -> tuple["Entry", int]:
