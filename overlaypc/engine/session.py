@@ -684,12 +684,8 @@ class Session:
         if head[7] or self._lookup_name is None:
             return False
         unique, nodeid = head[2], head[3]
-        raw = bytes(msg[_BODY:])
-        end = raw.find(0)
-        if end < 0:
-            return False  # (the generic way answers a name without its NUL)
-        try:
-            reply = self._lookup_name(nodeid, raw[:end])
+        try:  # (a name without its NUL: ``_name``'s error, answered as the generic way's)
+            reply = self._lookup_name(nodeid, self._name(msg, _BODY))
         except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
             self._failed(fd, unique, _LOOKUP, nodeid, e)
             return True
@@ -717,12 +713,8 @@ class Session:
         if head[7] or self._unlink_name is None:
             return False
         unique, nodeid = head[2], head[3]
-        raw = bytes(msg[_BODY:])
-        end = raw.find(0)
-        if end < 0:
-            return False
         try:
-            if not self._unlink_name(nodeid, raw[:end]):
+            if not self._unlink_name(nodeid, self._name(msg, _BODY)):
                 return False
         except Exception as e:  # noqa: BLE001
             self._failed(fd, unique, _UNLINK, nodeid, e)
