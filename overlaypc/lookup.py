@@ -62,7 +62,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from . import fdbudget, whiteout
+from . import fdbudget, protattr, whiteout
 from .dirnames import LowerNames
 from .xattrnames import LowerXattrs
 from .layer import DirFd, Layer, join, split
@@ -240,7 +240,7 @@ class Lookup:
         self.prefix = xattr_prefix
         #: the copy-up origin marks ``inumbers`` reads (kernel's, fuse-overlayfs's)
         self._origins = frozenset((xattr_prefix + "origin", whiteout.FOO_ORIGIN))
-        self._protattr = xattr_prefix + "protattr"
+        self._protattr = xattr_prefix + protattr.XATTR
         self.follow_redirects = follow_redirects
         self.index = None  # an index.IndexDir under -o index=on
         self.follow_metacopy = follow_metacopy

@@ -202,7 +202,7 @@ class OverlayOps(Operations):
         #: the marks that make an upper file's lookup more than its stat (``_unlink_name``)
         #: (and ``protattr``: an immutable or append-only file is refused by ``unlink``)
         self._upper_file_marks = (fs.lookup.prefix + "metacopy", fs.lookup.prefix + "redirect",
-                                  fs.lookup.prefix + "protattr")
+                                  fs.protection.xattr)
         #: ``fuse_attr_out``'s timeout fields for ``timeout``
         self._attr_valid = p.split_timeout(self.timeout)
 
