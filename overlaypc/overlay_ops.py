@@ -753,15 +753,21 @@ class OverlayOps(Operations):
             node.prot = flags
         return flags or 0
 
-    def _setattr_check(self, node, sa: SetAttr) -> "Callable[[int], None]":
-        """For a node whose flags are not known yet: what the SETATTR's own lookup calls
-        with them (``Attributes.copy_up_for_setattr``'s ``check``, before any copy-up),
-        keeping them on the node; so a lower file's costs no second lookup."""
+    @staticmethod
+    def _kept_check(node, refuse: "Callable[[int], None]") -> "Callable[[int], None]":
+        """For a node whose flags are not known yet: what a change's own lookup calls with
+        them before any copy-up (``Attributes.copy_up_for_setattr``/``copy_up_for_xattr``'s,
+        ``Files.open``'s ``check``), keeping them on the node, then ``refuse(flags)`` when
+        there are any; so a lower object's cost no second lookup."""
         def check(flags: int) -> None:
             node.prot = flags
             if flags:
-                self._refuse_setattr(flags, node.nodeid, sa)
+                refuse(flags)
         return check
+
+    def _setattr_check(self, node, sa: SetAttr) -> "Callable[[int], None]":
+        """``_kept_check`` of a SETATTR (``_refuse_setattr``)."""
+        return self._kept_check(node, lambda flags: self._refuse_setattr(flags, node.nodeid, sa))
 
     def _refuse_setattr(self, flags: int, nodeid: int, sa: SetAttr) -> None:
         """EPERM for a SETATTR the node's flags refuse (``protattr.check_setattr``): a
@@ -784,11 +790,8 @@ class OverlayOps(Operations):
         node = self.nodes.node(nodeid)
         if node.prot == 0:
             return None
-
-        def check(flags: int) -> None:
-            node.prot = flags
-            if flags:
-                protattr.check_changed(flags, self.nodes.path(nodeid) or "")
+        check = self._kept_check(
+            node, lambda flags: protattr.check_changed(flags, self.nodes.path(nodeid) or ""))
         if node.prot > 0:
             check(node.prot)
         return check
@@ -1356,13 +1359,9 @@ class OverlayOps(Operations):
         return self._opened(nodeid, result, era, req, flags)
 
     def _open_check(self, node, flags: int) -> "Callable[[int], None]":
-        """What an open for writing's lookup calls with the node's flags (not known yet),
-        keeping them on the node."""
-        def check(prot: int) -> None:
-            node.prot = prot
-            if prot:
-                protattr.check_open(prot, flags, self.nodes.path(node.nodeid) or "")
-        return check
+        """``_kept_check`` of an open for writing (``protattr.check_open``)."""
+        return self._kept_check(
+            node, lambda prot: protattr.check_open(prot, flags, self.nodes.path(node.nodeid) or ""))
 
     def _open_nameless(self, nodeid: int, flags: int):
         """OPEN of a node with no name left (``open("/proc/self/fd/N")``): a new handle of
