@@ -27,6 +27,9 @@ FS_NODUMP_FL = 0x00000040
 FS_NOATIME_FL = 0x00000080
 #: the flags the overlay enforces, kept in ``protattr`` (the kernel's OVL_PROT_FS_FLAGS_MASK)
 PROTECTED = FS_IMMUTABLE_FL | FS_APPEND_FL
+#: the flags a copy-up puts on the real upper copy (the kernel's OVL_COPY_FS_FLAGS_MASK;
+#: not nodump, nor any other)
+COPIED = FS_SYNC_FL | FS_NOATIME_FL
 #: ``statx`` attribute bits of the same meaning (equal values, ``include/uapi/linux/stat.h``)
 STATX_ATTR_IMMUTABLE = 0x00000010
 STATX_ATTR_APPEND = 0x00000020

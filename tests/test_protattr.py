@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from features_support import mount_side, new_stack, ovl_xattr
+from features_support import KERNEL_METACOPY, KERNEL_REDIRECT, mount_side, new_stack, ovl_xattr
 
 pytestmark = [pytest.mark.mount]
 
@@ -203,16 +203,17 @@ def _prepare(kind: str, letter: str, lower: Path, s, kernel_mount) -> None:
 
 
 def _each_side(tmp_path: Path, lower: Path, session, overlay_mount, kernel_mount,
-               stacks: dict | None = None) -> dict:
+               stacks: dict | None = None, opts=KERNEL_REDIRECT) -> dict:
     """``session(mount root)`` on a fresh stack over ``lower`` per side (kernel, then
-    overlaypc), each mounted for it alone; ``stacks`` gets each side's stack."""
+    overlaypc), each mounted for it alone with ``opts``, its upper and workdir under
+    ``tmp_path``; ``stacks`` gets each side's stack."""
     got = {}
     for side in SIDES:
         (tmp_path / side).mkdir()
         s = new_stack([lower], tmp_path / side, side)
         if stacks is not None:
             stacks[side] = s
-        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, opts)
         try:
             got[side] = session(mnt)
         finally:
@@ -646,4 +647,82 @@ def test_a_chattr_failing_after_its_protattr_keeps_the_flags_as_the_kernel(
     finally:
         _unflag_all(tmp_path)
     assert got["kernel"]["lower chattr +iF"] != 0 and got["kernel"]["lower open_w"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]
+
+
+#: lower objects flagged sync (S), noatime (A), nodump (d) and mixes; ``aS``: append-only too
+COPIED_FLAGS = {"S": "+S", "A": "+A", "d": "+d", "SA": "+SA", "Sd": "+Sd", "Ad": "+Ad",
+                "aS": "+aS", "none": "-S"}
+
+
+def _copy_up_flags_session(mnt: Path) -> dict:
+    """Copy each lower object up (a chmod of a file, of a directory's child, an append to
+    the append-only file), each side's answer and then the flags lsattr shows."""
+    got = {}
+    for n in COPIED_FLAGS:
+        if n == "aS":
+            got["append f_aS"] = _errno(_open(os.O_WRONLY | os.O_APPEND, b"more\n"), mnt / "f_aS", mnt)
+        else:
+            got["chmod f_" + n] = _errno(lambda p, m: os.chmod(p, 0o600), mnt / ("f_" + n), mnt)
+        got["chmod d_" + n + "/c"] = _errno(lambda p, m: os.chmod(p, 0o600), mnt / ("d_" + n) / "c", mnt)
+    got["lsattr"] = _lsattr(mnt, [p + n for n in COPIED_FLAGS for p in ("f_", "d_")])
+    return got
+
+
+def _copy_up_flags_lower(tmp_path: Path, layers_factory) -> Path:
+    spec = {}
+    for n in COPIED_FLAGS:
+        spec["f_" + n] = b"data\n"
+        spec["d_" + n] = {"c": b"child\n"}
+    lower = layers_factory({"l": spec}, where={"l": tmp_path}).paths[0]
+    for n, mode in COPIED_FLAGS.items():
+        _chattr(mode, lower / ("f_" + n), lower / ("d_" + n))
+    return lower
+
+
+@pytest.mark.parametrize("opts", [KERNEL_REDIRECT, KERNEL_METACOPY], ids=["plain", "metacopy"])
+def test_copy_up_carries_sync_and_noatime_as_the_kernel(opts, tmp_path, layers_factory,
+                                                        overlay_mount, kernel_mount):
+    """A copy-up puts the lower object's sync and noatime flags on the real upper copy,
+    as the kernel's ``ovl_copy_fileattr`` (``OVL_COPY_FS_FLAGS_MASK``), not nodump;
+    immutable/append-only go to ``protattr``. Files (data, or metadata only under
+    metacopy=on) and directories: lsattr through the mount, the upper's real flags and
+    ``protattr`` the same on both sides."""
+    lower = _copy_up_flags_lower(tmp_path, layers_factory)
+    stacks: dict = {}
+    try:
+        got = _each_side(tmp_path, lower, _copy_up_flags_session, overlay_mount, kernel_mount,
+                         stacks, opts)
+        for side in SIDES:
+            up = stacks[side].upper
+            names = sorted(os.listdir(up))
+            got[side]["upper"] = {n: (_flags_of(up / n) & SHOWN, ovl_xattr(up / n, "protattr"))
+                                  for n in names}
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["upper"]["f_SA"][0] == 0x88 and got["kernel"]["upper"]["d_Sd"][0] == 0x08
+    assert got["overlaypc"] == got["kernel"]
+
+
+def test_copy_up_of_a_sync_file_to_an_upper_without_it_fails_as_the_kernel(
+        tmp_path, layers_factory, tmpfs_factory, overlay_mount, kernel_mount):
+    """An upper that cannot hold the sync flag (tmpfs) fails the copy-up of a lower file
+    or directory flagged sync, as the kernel's (``ovl_real_fileattr_set``'s EOPNOTSUPP);
+    noatime, which tmpfs holds, goes on."""
+    lower = _copy_up_flags_lower(tmp_path, layers_factory)
+    upper_fs = tmpfs_factory("16m")
+    got = {}
+    try:
+        for side in SIDES:
+            (upper_fs / side).mkdir()
+            s = new_stack([lower], upper_fs / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _copy_up_flags_session(mnt)
+            finally:
+                unmount()
+            got[side]["upper"] = sorted(os.listdir(s.upper))
+    finally:
+        _unflag_all(tmp_path, upper_fs)
+    assert got["kernel"]["chmod f_S"] == errno.EOPNOTSUPP and got["kernel"]["chmod f_A"] == 0
     assert got["overlaypc"] == got["kernel"]
