@@ -771,8 +771,9 @@ class OverlayOps(Operations):
 
     def _refuse_setattr(self, flags: int, nodeid: int, sa: SetAttr) -> None:
         """EPERM for a SETATTR the node's flags refuse (``protattr.check_setattr``): a
-        mode, owner, size or explicit times, or (immutable) times set to now. An empty one
-        (a chown(f, -1, -1), a writer's privilege removal) goes on, as the kernel's."""
+        mode, owner, size or explicit times, or (immutable) times set to now; through a
+        handle (an ftruncate) only a size, and only when append-only. An empty one (a
+        chown(f, -1, -1), a writer's privilege removal) goes on, as the kernel's."""
         valid = sa.valid
         if flags:
             explicit = bool(valid & p.FATTR_ATIME and not valid & p.FATTR_ATIME_NOW
@@ -781,7 +782,8 @@ class OverlayOps(Operations):
                 flags, self.nodes.path(nodeid) or "",
                 owner_mode_or_times=bool(valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID)) or explicit,
                 size=bool(valid & p.FATTR_SIZE),
-                touch=bool(valid & (p.FATTR_ATIME | p.FATTR_MTIME)))
+                touch=bool(valid & (p.FATTR_ATIME | p.FATTR_MTIME)),
+                by_fd=sa.fh is not None)
 
     def _xattr_check(self, nodeid: int) -> "Callable[[int], None] | None":
         """EPERM for a change of the node's xattrs when it is immutable or append-only;

@@ -132,11 +132,19 @@ def check_open(flags: int, open_flags: int, rel: str) -> None:
 
 
 def check_setattr(flags: int, rel: str, *, owner_mode_or_times: bool, size: bool,
-                  touch: bool) -> None:
+                  touch: bool, by_fd: bool = False) -> None:
     """A SETATTR (``notify_change``, truncate): mode, owner, explicit times
     (``owner_mode_or_times``) or a size refused by either flag; times set to now
-    (``touch``: ``utimes(NULL)``) refused when immutable."""
+    (``touch``: ``utimes(NULL)``) refused when immutable. ``by_fd``: a truncate through an
+    open file (``ftruncate``: FUSE's FATTR_FH), which ``do_ftruncate`` refuses only when
+    append-only; an fd open for writing before ``chattr +i`` truncates the file (neither
+    ``notify_change`` nor the kernel overlay's ``ovl_setattr`` looks at immutable for a
+    size, nor for the times a truncate sets)."""
     if not flags & PROTECTED:
+        return
+    if by_fd:
+        if size and flags & FS_APPEND_FL:
+            raise _refuse("append-only", rel)
         return
     if owner_mode_or_times or size:
         raise _refuse("immutable or append-only", rel)

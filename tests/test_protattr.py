@@ -505,6 +505,11 @@ FD_OPS = {
     "punch": _fallocate(0x02 | 0x01),
     "zero_range": _fallocate(0x10),
     "write": lambda fd: os.write(fd, b"w"),
+    "pwrite": lambda fd: os.pwrite(fd, b"w", 0),
+    "ftruncate": lambda fd: os.ftruncate(fd, 4),
+    "ftruncate_grow": lambda fd: os.ftruncate(fd, 20),
+    "futimens_now": lambda fd: os.utime(fd, None),
+    "fchmod": lambda fd: os.chmod(fd, 0o600),
 }
 
 
