@@ -731,3 +731,65 @@ def test_copy_up_of_a_sync_file_to_an_upper_without_it_fails_as_the_kernel(
         _unflag_all(tmp_path, upper_fs)
     assert got["kernel"]["chmod f_S"] == errno.EOPNOTSUPP and got["kernel"]["chmod f_A"] == 0
     assert got["overlaypc"] == got["kernel"]
+
+
+def _ioctl_flags(fd: int, value: int | None = None) -> int | str:
+    """FS_IOC_GETFLAGS of ``fd`` (the shown flags), or (as chattr) FS_IOC_SETFLAGS of its
+    flags with the shown ones ``value`` (0); the errno's name when refused."""
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)[:4])[0]
+        if value is None:
+            return flags & SHOWN
+        value |= flags & ~SHOWN  # (ext4's extents flag, which it may not clear: EOPNOTSUPP)
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", value) + b"\0" * 4)
+        return 0
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+
+def _nameless_flags_session(mnt: Path) -> dict:
+    """lsattr/chattr (the ioctls, through the fd) of open files and directories whose name
+    went: a lower file open read-only (its copy-up needs the name), one open for writing
+    (copied up by the open), a file and a directory made through the mount, a lower
+    directory; each flagged sync, then immutable, then unflagged, its flags read after each."""
+    got = {}
+    (mnt / "up").write_bytes(b"u\n")
+    (mnt / "updir").mkdir()
+    for name, flags in (("lo", os.O_RDONLY), ("lo_w", os.O_RDWR), ("up", os.O_RDWR),
+                        ("lodir", os.O_RDONLY | os.O_DIRECTORY),
+                        ("updir", os.O_RDONLY | os.O_DIRECTORY)):
+        p = mnt / name
+        fd = os.open(p, flags)
+        try:
+            os.rmdir(p) if name.endswith("dir") else os.unlink(p)
+            got[name + " get"] = _ioctl_flags(fd)
+            for step, value in (("S", 0x08), ("i", 0x18), ("none", 0)):
+                got[f"{name} set {step}"] = _ioctl_flags(fd, value)
+                got[f"{name} get after {step}"] = _ioctl_flags(fd)
+                if step == "i" and flags & os.O_RDWR:
+                    got[name + " fchmod when immutable"] = _errno(lambda p, m: os.chmod(fd, 0o600), p, mnt)
+        finally:
+            os.close(fd)
+    return got
+
+
+def test_chattr_and_lsattr_of_a_file_with_no_name_left_as_the_kernel(tmp_path, layers_factory,
+                                                                     overlay_mount, kernel_mount):
+    """lsattr of an open file or directory whose name went answers from the open object,
+    as the kernel overlay's (``ovl_fileattr_get`` of the real file it keeps): not ENOENT;
+    chattr of an upper one sets its flags (``protattr`` on the unlinked upper file), of a
+    lower file EEXIST (its copy-up needs the name). One answer differs, kept apart: a set
+    of a removed lower directory (the kernel's copy-up meets the whiteout: ENOTDIR;
+    overlaypc ESTALE, as for every change of one, ``nameless``)."""
+    lower = layers_factory({"l": {"lo": b"l\n", "lo_w": b"w\n", "lodir": {}}},
+                           where={"l": tmp_path}).paths[0]
+    try:
+        got = _each_side(tmp_path, lower, _nameless_flags_session, overlay_mount, kernel_mount)
+    finally:
+        _unflag_all(tmp_path)
+    apart = {side: {k: got[side].pop(k) for k in list(got[side]) if k.startswith("lodir set")}
+             for side in SIDES}
+    assert got["kernel"]["lo_w get after i"] == 0x18 and got["kernel"]["lo set S"] == "EEXIST"
+    assert got["overlaypc"] == got["kernel"]
+    assert apart == {"kernel": dict.fromkeys(apart["kernel"], "ENOTDIR"),
+                     "overlaypc": dict.fromkeys(apart["kernel"], "ESTALE")}
