@@ -5,11 +5,12 @@ Owns: the answers to FS_IOC_GETFLAGS/SETFLAGS and FS_IOC_FSGETXATTR/FSSETXATTR (
 kernel's FUSE sends them as FUSE_IOCTL, on regular files and directories, after its VFS
 checked the caller: the owner or CAP_FOWNER, and CAP_LINUX_IMMUTABLE to change the
 immutable or append-only flag). A get reads the real top object's flags and adds the
-overlay's immutable/append-only ones (``protection``). A set copies the object up (data
-too, as the kernel's), puts immutable/append-only in the upper's ``overlay.protattr``
-(``protattr``; removed when both are cleared) and the other flags on the real upper
-object itself, in that order; an xattr the upper cannot hold refuses the set (EPERM, as
-the kernel's ``ovl_check_setxattr``).
+overlay's immutable/append-only ones (``protection``). A set copies the object up (its
+metadata only under metacopy=on, as the kernel's ``ovl_copy_up``), puts
+immutable/append-only in the upper's ``overlay.protattr`` (``protattr``; removed when
+both are cleared) and the other flags on the real upper object itself, in that order; an
+xattr the upper cannot hold refuses the set (EPERM, as the kernel's
+``ovl_check_setxattr``).
 
 An object with no name left (an open file unlinked, a removed directory the kernel still
 holds) is answered from the real object the mount keeps open for it (``*_fd``: an fd of it
@@ -155,7 +156,7 @@ class FileAttrs:
         fs = self.fs
         fs.require_writable()
         assert fs.copyup is not None and fs.stack.upper is not None
-        fs.copyup.ensure_upper(rel)
+        fs.copyup.ensure_upper(rel, metadata_only=True)  # (under metacopy=on, as the kernel's)
         node = self._top(rel)
         entry = node.upper
         if entry is None:

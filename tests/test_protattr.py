@@ -793,3 +793,52 @@ def test_chattr_and_lsattr_of_a_file_with_no_name_left_as_the_kernel(tmp_path, l
     assert got["overlaypc"] == got["kernel"]
     assert apart == {"kernel": dict.fromkeys(apart["kernel"], "ENOTDIR"),
                      "overlaypc": dict.fromkeys(apart["kernel"], "ESTALE")}
+
+
+def _metacopy_chattr_session(mnt: Path) -> dict:
+    got = {}
+    for name, mode in (("f_S", "+S"), ("f_i", "+i"), ("f_a", "+a"), ("f_A", "+A")):
+        got["chattr " + name] = _chattr_errno(mode, mnt / name)
+    got["flags"] = _lsattr(mnt, ["f_S", "f_i", "f_a", "f_A"])
+    got["data"] = {n: (mnt / n).read_bytes() for n in ("f_S", "f_i", "f_a", "f_A")}
+    got["append f_a"] = _errno(_open(os.O_WRONLY | os.O_APPEND, b"more\n"), mnt / "f_a", mnt)
+    got["data f_a after"] = (mnt / "f_a").read_bytes()
+    return got
+
+
+def _holds_data(path: Path) -> bool:
+    """Whether a file has any data extent (SEEK_DATA; a metacopy file has none)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+        return True
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+def test_chattr_under_metacopy_copies_metadata_only_as_the_kernel(tmp_path, layers_factory,
+                                                                 overlay_mount, kernel_mount):
+    """``chattr`` of a lower file with metacopy=on copies its metadata only, as the kernel's
+    ``ovl_fileattr_set`` (``ovl_copy_up``: a metadata copy-up): the upper file is the sparse
+    metacopy file, its data stays below (read through the mount the same); an append to an
+    append-only one then copies the data in, keeping the flags."""
+    lower = layers_factory({"l": {n: b"data\n" * 1000 for n in ("f_S", "f_i", "f_a", "f_A")}},
+                           where={"l": tmp_path}).paths[0]
+    stacks: dict = {}
+    try:
+        got = _each_side(tmp_path, lower, _metacopy_chattr_session, overlay_mount, kernel_mount,
+                         stacks, KERNEL_METACOPY)
+        for side in SIDES:
+            up = stacks[side].upper
+            got[side]["upper"] = {n: (ovl_xattr(up / n, "metacopy") is not None,
+                                      _holds_data(up / n), ovl_xattr(up / n, "protattr"),
+                                      _flags_of(up / n) & SHOWN)
+                                  for n in sorted(os.listdir(up))}
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["upper"]["f_S"] == (True, False, None, 0x08)
+    assert got["overlaypc"] == got["kernel"]
