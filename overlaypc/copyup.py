@@ -564,7 +564,7 @@ class CopyUp:
         src = ctx.src
         dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600)
         try:
-            src_fd = src.layer.open(src.rel, os.O_PATH if ctx.metadata_only else os.O_RDONLY)
+            src_fd = self._open_source(src, ctx.metadata_only)
             try:
                 if ctx.metadata_only:
                     os.ftruncate(dst_fd, src.st.st_size)  # sparse: the data stays below
@@ -582,6 +582,18 @@ class CopyUp:
                 os.fsync(dst_fd)
         finally:
             os.close(dst_fd)
+
+    @staticmethod
+    def _open_source(src: Entry, metadata_only: bool) -> int:
+        """The source's fd, read-only (its data; its flags, asked by ioctl); for a
+        metadata-only copy, which reads no data, ``O_PATH`` where the daemon may not read
+        the file (its flags are then what ``statx`` shows)."""
+        try:
+            return src.layer.open(src.rel, os.O_RDONLY)
+        except PermissionError:
+            if not metadata_only:
+                raise
+            return src.layer.open(src.rel, os.O_PATH)
 
     def _create_other(self, ctx: CopyUpContext) -> None:
         src, kind = ctx.src, ctx.kind
@@ -696,7 +708,7 @@ class CopyUp:
             if self.inos is not None:  # what the copy's first GETATTR would decode
                 ctx.origin_ino = self.inos.copied(origin, st, src.layer)
         if ctx.kind in (stat.S_IFREG, stat.S_IFDIR):
-            self._copy_protattr(ctx, fd, src_fd)
+            self._copy_fileattr(ctx, fd, src_fd)
         if ctx.metadata_only:
             # (no redirect, as the kernel's: data found through a redirected parent is
             # found again through it; a rename sets one, ``namespace._mark_moved``)
@@ -746,16 +758,44 @@ class CopyUp:
                 log.info("copy-up of %s: xattr %s not supported by the upper, not copied",
                          src.rel, name)
 
-    def _copy_protattr(self, ctx: CopyUpContext, fd: int | None, src_fd: int | None) -> None:
-        """The source's immutable/append-only flags go to the copy's ``protattr`` xattr,
-        as the kernel's ``ovl_copy_fileattr`` (not onto the copy itself: it could then not
-        be renamed into place, nor its xattrs set), so the mount keeps refusing what they
-        refuse. One ``statx`` of the source. Its sync/noatime flags are not copied (the
-        kernel sets them on the copy; a caveat, README)."""
-        src = ctx.src
-        flags = Protection.real_fd(src_fd) if src_fd is not None else self.protection.of_entry(src)
+    def _copy_fileattr(self, ctx: CopyUpContext, fd: int | None, src_fd: int | None) -> None:
+        """The source's file attribute flags, as the kernel's ``ovl_copy_fileattr``:
+        immutable/append-only to the copy's ``protattr`` xattr (not onto the copy itself:
+        it could then not be renamed into place, nor its xattrs set), so the mount keeps
+        refusing what they refuse; sync/noatime onto the real copy (``protattr.COPIED``;
+        nodump and the others stay behind). One FS_IOC_GETFLAGS of the source (through
+        its fd, else one opened for it: a directory); the copy's flags are asked and set
+        only for a source with sync or noatime."""
+        flags = self.protection.real_all(ctx.src, src_fd)
         if flags & protattr.PROTECTED:
             self._set_private(ctx.tmp, self.prefix + protattr.XATTR, protattr.value_of(flags), fd)
+        if flags & protattr.COPIED:
+            self._copy_real_flags(ctx, fd, flags & protattr.COPIED)
+
+    def _copy_real_flags(self, ctx: CopyUpContext, fd: int | None, copied: int) -> None:
+        """The copy's own flags with its sync/noatime bits those of the source
+        (``copied``), through ``fd`` (a regular file's) or an fd opened for it (a
+        directory's). An upper without the flags ioctl leaves them (the kernel warns
+        once, "no support on upper"); one refusing a flag fails the copy-up with its
+        errno (tmpfs: EOPNOTSUPP for sync), as the kernel's ``ovl_real_fileattr_set``."""
+        own = fd if fd is not None else self.work.open(
+            ctx.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            try:
+                current = sysapi.get_flags(own)
+            except OSError as e:
+                if e.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                log.info("copy-up of %s: the upper has no file attribute flags, sync/noatime "
+                         "not copied", ctx.node.rel)
+                return
+            wanted = current & ~protattr.COPIED | copied
+            if wanted != current:
+                log.debug("set_flags(%s, %#x)", ctx.tmp, wanted)
+                sysapi.set_flags(own, wanted)
+        finally:
+            if own != fd:
+                os.close(own)
 
     def _set_private(self, rel: str, name: str, value: bytes, fd: int | None = None) -> None:
         try:

@@ -5,11 +5,18 @@ Owns: the answers to FS_IOC_GETFLAGS/SETFLAGS and FS_IOC_FSGETXATTR/FSSETXATTR (
 kernel's FUSE sends them as FUSE_IOCTL, on regular files and directories, after its VFS
 checked the caller: the owner or CAP_FOWNER, and CAP_LINUX_IMMUTABLE to change the
 immutable or append-only flag). A get reads the real top object's flags and adds the
-overlay's immutable/append-only ones (``protection``). A set copies the object up (data
-too, as the kernel's), puts immutable/append-only in the upper's ``overlay.protattr``
-(``protattr``; removed when both are cleared) and the other flags on the real upper
-object itself, in that order; an xattr the upper cannot hold refuses the set (EPERM, as
-the kernel's ``ovl_check_setxattr``).
+overlay's immutable/append-only ones (``protection``). A set copies the object up (its
+metadata only under metacopy=on, as the kernel's ``ovl_copy_up``), puts
+immutable/append-only in the upper's ``overlay.protattr`` (``protattr``; removed when
+both are cleared) and the other flags on the real upper object itself, in that order; an
+xattr the upper cannot hold refuses the set (EPERM, as the kernel's
+``ovl_check_setxattr``).
+
+An object with no name left (an open file unlinked, a removed directory the kernel still
+holds) is answered from the real object the mount keeps open for it (``*_fd``: an fd of it
+and its layer, as ``files``/``nameless`` reach it), as the kernel overlay answers from the
+real file its open file keeps: its flags, and in the upper its ``protattr``; a set goes
+to an upper one (a lower one cannot be copied up without a name: EEXIST, ``files``).
 
 Caveats: the real object is opened to be asked (``O_NOATIME`` where allowed); flags the
 upper filesystem does not know fail there (EOPNOTSUPP), as on the kernel overlay.
@@ -25,7 +32,10 @@ from .protection import forget_dir
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .core import OverlayFS
+    from .layer import Layer
     from .lookup import Entry
 
 
@@ -87,13 +97,66 @@ class FileAttrs:
         _on_real(entry, sysapi.fssetxattr, sysapi.FSXATTR.pack(xflags & ~protattr.XFLAGS_PROTECTED, *rest))
         return prot
 
+    # -- through an fd of the real object (an object with no name left) ------------------
+    def _stored(self, fd: int, layer: "Layer") -> int:
+        """The overlay's immutable/append-only flags of the real object open as ``fd``:
+        what its ``protattr`` names in the upper; none in a lower layer (its real flags
+        are those). A malformed value counts as none (``protection``)."""
+        if not layer.writable:
+            return 0
+        try:
+            raw = os.getxattr(fd, self.fs.protection.xattr)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return 0
+            raise
+        return protattr.parse(raw) or 0
+
+    def get_flags_fd(self, fd: int, layer: "Layer") -> int:
+        """``get_flags`` of the real object open as ``fd``."""
+        return sysapi.get_flags(fd) | self._stored(fd, layer)
+
+    def get_fsxattr_fd(self, fd: int, layer: "Layer") -> bytes:
+        """``get_fsxattr`` of the real object open as ``fd``."""
+        xflags, *rest = sysapi.FSXATTR.unpack(sysapi.fsgetxattr(fd))
+        return sysapi.FSXATTR.pack(xflags | protattr.to_xflags(self._stored(fd, layer)), *rest)
+
+    def set_flags_fd(self, flags: int) -> "Callable[[int, Layer], None]":
+        """``set_flags`` on the real upper object an fd is open on (``act(fd, layer)``)."""
+        def act(fd: int, layer: "Layer") -> None:
+            self._protect_fd(fd, layer, flags & protattr.PROTECTED)
+            sysapi.set_flags(fd, flags & ~protattr.PROTECTED)
+        return act
+
+    def set_fsxattr_fd(self, raw: bytes) -> "Callable[[int, Layer], None]":
+        """``set_fsxattr`` on the real upper object an fd is open on."""
+        xflags, *rest = sysapi.FSXATTR.unpack(raw)
+
+        def act(fd: int, layer: "Layer") -> None:
+            self._protect_fd(fd, layer, protattr.from_xflags(xflags))
+            sysapi.fssetxattr(fd, sysapi.FSXATTR.pack(xflags & ~protattr.XFLAGS_PROTECTED, *rest))
+        return act
+
+    def _protect_fd(self, fd: int, layer: "Layer", prot: int) -> None:
+        """``_set_protected``'s write or removal of ``protattr``, through ``fd``."""
+        name = self.fs.protection.xattr
+        if prot:
+            try:
+                layer.do_fsetxattr(fd, "(no name left)", name, protattr.value_of(prot))
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+                    raise OSError(errno.EPERM, "the upper cannot hold overlay xattrs") from None
+                raise
+        elif self._stored(fd, layer):
+            os.removexattr(fd, name)
+
     def _set_protected(self, rel: str, prot: int) -> tuple["Entry", int]:
         """Copy ``rel`` up (under ``OverlayOps._at_node``: ``CopyUpFirst``), then write
         or remove its ``protattr``; the upper entry and ``prot``."""
         fs = self.fs
         fs.require_writable()
         assert fs.copyup is not None and fs.stack.upper is not None
-        fs.copyup.ensure_upper(rel)
+        fs.copyup.ensure_upper(rel, metadata_only=True)  # (under metacopy=on, as the kernel's)
         node = self._top(rel)
         entry = node.upper
         if entry is None:

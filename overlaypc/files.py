@@ -20,7 +20,7 @@ from .attrs import Attr, getxattr_at, listxattr_at, resolve_times, setxattr_fd
 from .copyup import is_private_xattr
 from .handles import Handle
 from .inodes import OPEN_FLAGS, MetaFile, OverlayInode, StaleBacking
-from .layer import DirFd, same_file
+from .layer import DirFd, Layer, same_file
 from .lookup import Entry, Node
 from .namespace import Caller
 from .records import record
@@ -834,6 +834,20 @@ class Files:
             return self._with_meta_file(inode, lambda meta: read(f"/proc/self/fd/{meta.fd}"))
         return self._with_handle_fd(inode, lambda fd: read(f"/proc/self/fd/{fd}"))
 
+    def read_real_inode(self, inode: OverlayInode, action: Callable[[int, Layer], T]) -> T:
+        """``action(fd, layer)`` on a new read-only fd of the real file a nameless file
+        shows (as ``_nameless_xattr_read``: its upper file, a metacopy one's whose data is
+        still below too, else its lower file): its flags, for lsattr."""
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+        if not inode.in_upper and inode.meta_file is not None:
+            return self._with_meta_file(inode, lambda meta: _reopened(meta.fd, flags, action, meta.layer))
+        return self._with_handle_fd(inode, lambda fd: _reopened(fd, flags, action, inode.layer))
+
+    def change_real_inode(self, inode: OverlayInode, action: Callable[[int, Layer], None]) -> None:
+        """``action(fd, layer)`` on a new read-only fd of a nameless file's upper file (EEXIST
+        for a lower one, as the kernel overlay's copy-up answers: ``_on_nameless``): chattr."""
+        self._on_nameless(inode, action)
+
     def getxattr_inode(self, inode: OverlayInode, name: str) -> bytes:
         if is_private_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute", name)
@@ -1066,12 +1080,12 @@ def _links(fd: int) -> int | None:
         return None
 
 
-def _reopened(fd: int, flags: int, action, layer) -> None:
+def _reopened(fd: int, flags: int, action, layer):
     """``action(new_fd, layer)`` on a new fd (``flags``) of the file open as ``fd`` (or
     held as an ``O_PATH`` fd): through the /proc magic link, which also reaches a file
-    with no name left."""
+    with no name left. Its result."""
     new = os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
     try:
-        action(new, layer)
+        return action(new, layer)
     finally:
         os.close(new)

@@ -38,9 +38,12 @@ from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import TypeVar
 
     from .core import OverlayFS
     from .lookup import Node
+
+    T = TypeVar("T")
 
 
 #: removed directories hold at most one in this many of the open files' fds
@@ -122,6 +125,21 @@ class NamelessDirs:
     def listxattr(self, gone: GoneDir) -> list[str]:
         self._xattrs_allowed()
         return listxattr_at(f"/proc/self/fd/{self._held(gone).fd}")
+
+    def read_real(self, gone: GoneDir, action: "Callable[[int, Layer], T]") -> "T":
+        """``action(fd, layer)`` on a new read-only fd of the removed directory's top
+        directory (upper or lower), opened through the held one: its flags, for lsattr."""
+        held = self._held(gone)
+        assert gone.layer is not None
+        fd = os.open(f"/proc/self/fd/{held.fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return action(fd, gone.layer)
+        finally:
+            os.close(fd)
+
+    def change_real(self, gone: GoneDir, action: "Callable[[int, Layer], None]") -> None:
+        """``action(fd, layer)`` on the removed upper directory (``_change``): chattr."""
+        self._change(gone, action)
 
     def _xattrs_allowed(self) -> None:
         if self.fs.config.noxattrs:

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import TypeVar
 
+    from .layer import Layer
+
     T = TypeVar("T")
 
 log = logs.get("overlaypc.fuse")
@@ -771,8 +773,9 @@ class OverlayOps(Operations):
 
     def _refuse_setattr(self, flags: int, nodeid: int, sa: SetAttr) -> None:
         """EPERM for a SETATTR the node's flags refuse (``protattr.check_setattr``): a
-        mode, owner, size or explicit times, or (immutable) times set to now. An empty one
-        (a chown(f, -1, -1), a writer's privilege removal) goes on, as the kernel's."""
+        mode, owner, size or explicit times, or (immutable) times set to now; through a
+        handle (an ftruncate) only a size, and only when append-only. An empty one (a
+        chown(f, -1, -1), a writer's privilege removal) goes on, as the kernel's."""
         valid = sa.valid
         if flags:
             explicit = bool(valid & p.FATTR_ATIME and not valid & p.FATTR_ATIME_NOW
@@ -781,7 +784,8 @@ class OverlayOps(Operations):
                 flags, self.nodes.path(nodeid) or "",
                 owner_mode_or_times=bool(valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID)) or explicit,
                 size=bool(valid & p.FATTR_SIZE),
-                touch=bool(valid & (p.FATTR_ATIME | p.FATTR_MTIME)))
+                touch=bool(valid & (p.FATTR_ATIME | p.FATTR_MTIME)),
+                by_fd=sa.fh is not None)
 
     def _xattr_check(self, nodeid: int) -> "Callable[[int], None] | None":
         """EPERM for a change of the node's xattrs when it is immutable or append-only;
@@ -1091,28 +1095,48 @@ class OverlayOps(Operations):
         buffer's address and FS_IOC_SETFLAGS's 8 bytes."""
         attrs = self.fs.fileattrs
         if cmd == sysapi.FS_IOC_GETFLAGS and out_size >= 4:
-            return struct.pack("<I", self._read_at(nodeid, attrs.get_flags) & 0xFFFFFFFF)[:out_size]
+            flags = self._fileattr_read(nodeid, attrs.get_flags, attrs.get_flags_fd)
+            return struct.pack("<I", flags & 0xFFFFFFFF)[:out_size]
         if cmd == sysapi.FS_IOC_FSGETXATTR and out_size >= sysapi.FSXATTR.size:
-            return self._read_at(nodeid, attrs.get_fsxattr)
+            return self._fileattr_read(nodeid, attrs.get_fsxattr, attrs.get_fsxattr_fd)
         if arg:
             raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} from a caller, not the kernel's")
         if cmd == sysapi.FS_IOC_SETFLAGS and len(data) == 4:
             value = struct.unpack_from("<I", data)[0]
-            return self._set_fileattr(nodeid, lambda rel: attrs.set_flags(rel, value))
+            return self._set_fileattr(nodeid, lambda rel: attrs.set_flags(rel, value),
+                                      attrs.set_flags_fd(value), value & protattr.PROTECTED)
         if cmd == sysapi.FS_IOC_FSSETXATTR and len(data) == sysapi.FSXATTR.size:
             raw = data[:sysapi.FSXATTR.size]
-            return self._set_fileattr(nodeid, lambda rel: attrs.set_fsxattr(rel, raw))
+            return self._set_fileattr(nodeid, lambda rel: attrs.set_fsxattr(rel, raw),
+                                      attrs.set_fsxattr_fd(raw),
+                                      protattr.from_xflags(sysapi.FSXATTR.unpack(raw)[0]))
         raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} not supported")
 
+    def _fileattr_read(self, nodeid: int, named: "Callable[[str], T]",
+                       on_fd: "Callable[[int, Layer], T]") -> "T":
+        """A get by the node's name; with no name left, ``on_fd`` of the real object the
+        mount keeps for it (``_nameless``), as the kernel overlay answers from its file."""
+        try:
+            return self._read_at(nodeid, named)
+        except NoNameLeft as e:
+            return self._nameless(nodeid, e, lambda gone: self.fs.nameless.read_real(gone, on_fd),
+                                  lambda inode: self.fs.files.read_real_inode(inode, on_fd))
+
     @_changes
-    def _set_fileattr(self, nodeid: int, act: "Callable[[str], int]") -> bytes:
-        """A set (``act(path)``, returning the enforced flags then), kept on the node
+    def _set_fileattr(self, nodeid: int, act: "Callable[[str], int]",
+                      on_fd: "Callable[[int, Layer], None]", prot: int) -> bytes:
+        """A set (``act(path)``, returning the enforced flags then; with no name left,
+        ``on_fd`` on the real upper object, setting ``prot``), kept on the node
         (``_protected``); the kernel drops its cached attributes (ctime moved). Unknown
         meanwhile: a set failing after it wrote ``protattr`` (the upper refused the other
         flags) keeps the flags written, as the kernel's inode keeps those it was given."""
         node = self.nodes.node(nodeid)
         node.prot = -1
-        prot = self._at_node(nodeid, act)
+        try:
+            prot = self._at_node(nodeid, act)
+        except NoNameLeft as e:
+            self._nameless(nodeid, e, lambda gone: self.fs.nameless.change_real(gone, on_fd),
+                           lambda inode: self.fs.files.change_real_inode(inode, on_fd))
         node.prot = prot
         self.notifier.inval_inode(nodeid, -1)
         return b""

@@ -27,6 +27,9 @@ FS_NODUMP_FL = 0x00000040
 FS_NOATIME_FL = 0x00000080
 #: the flags the overlay enforces, kept in ``protattr`` (the kernel's OVL_PROT_FS_FLAGS_MASK)
 PROTECTED = FS_IMMUTABLE_FL | FS_APPEND_FL
+#: the flags a copy-up puts on the real upper copy (the kernel's OVL_COPY_FS_FLAGS_MASK;
+#: not nodump, nor any other)
+COPIED = FS_SYNC_FL | FS_NOATIME_FL
 #: ``statx`` attribute bits of the same meaning (equal values, ``include/uapi/linux/stat.h``)
 STATX_ATTR_IMMUTABLE = 0x00000010
 STATX_ATTR_APPEND = 0x00000020
@@ -129,11 +132,19 @@ def check_open(flags: int, open_flags: int, rel: str) -> None:
 
 
 def check_setattr(flags: int, rel: str, *, owner_mode_or_times: bool, size: bool,
-                  touch: bool) -> None:
+                  touch: bool, by_fd: bool = False) -> None:
     """A SETATTR (``notify_change``, truncate): mode, owner, explicit times
     (``owner_mode_or_times``) or a size refused by either flag; times set to now
-    (``touch``: ``utimes(NULL)``) refused when immutable."""
+    (``touch``: ``utimes(NULL)``) refused when immutable. ``by_fd``: a truncate through an
+    open file (``ftruncate``: FUSE's FATTR_FH), which ``do_ftruncate`` refuses only when
+    append-only; an fd open for writing before ``chattr +i`` truncates the file (neither
+    ``notify_change`` nor the kernel overlay's ``ovl_setattr`` looks at immutable for a
+    size, nor for the times a truncate sets)."""
     if not flags & PROTECTED:
+        return
+    if by_fd:
+        if size and flags & FS_APPEND_FL:
+            raise _refuse("append-only", rel)
         return
     if owner_mode_or_times or size:
         raise _refuse("immutable or append-only", rel)

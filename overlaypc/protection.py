@@ -19,6 +19,7 @@ none, logged once per object read, as the kernel warns and ignores it.
 """
 from __future__ import annotations
 
+import os
 import stat
 
 from . import logs, protattr, sysapi
@@ -135,6 +136,29 @@ class Protection:
     def real_fd(fd: int) -> int:
         """The flags of the real object an fd (``O_PATH`` will do) refers to."""
         return protattr.from_statx(sysapi.statx_attributes(fd, ""))
+
+    def real_all(self, entry, fd: int | None = None) -> int:
+        """All ``FS_*_FL`` flags of one layer's regular file or directory (a copy-up's
+        source): FS_IOC_GETFLAGS through ``fd`` (an ``O_PATH`` one will not do), or through
+        an fd opened read-only for it. Where that fails (a filesystem without the ioctl, an
+        object the daemon may not open), the immutable/append-only flags as ``of_entry``
+        reads them (``statx``): the kernel reads its inode's flags, which it has either way."""
+        try:
+            if fd is not None:
+                return sysapi.get_flags(fd)
+            mode = entry.st.st_mode
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC \
+                | (os.O_DIRECTORY if stat.S_ISDIR(mode) else 0)
+            own = entry.layer.open(entry.rel, flags)
+            try:
+                return sysapi.get_flags(own)
+            finally:
+                os.close(own)
+        except OSError as e:
+            log.debug("flags of %s/%s not asked: %s", entry.layer.path, entry.rel, e)
+        if fd is not None:
+            return self.real_fd(fd)
+        return self.of_entry(entry)
 
 
 def forget_dir(dirfd) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from features_support import mount_side, new_stack, ovl_xattr
+from features_support import KERNEL_METACOPY, KERNEL_REDIRECT, mount_side, new_stack, ovl_xattr
 
 pytestmark = [pytest.mark.mount]
 
@@ -203,16 +203,17 @@ def _prepare(kind: str, letter: str, lower: Path, s, kernel_mount) -> None:
 
 
 def _each_side(tmp_path: Path, lower: Path, session, overlay_mount, kernel_mount,
-               stacks: dict | None = None) -> dict:
+               stacks: dict | None = None, opts=KERNEL_REDIRECT) -> dict:
     """``session(mount root)`` on a fresh stack over ``lower`` per side (kernel, then
-    overlaypc), each mounted for it alone; ``stacks`` gets each side's stack."""
+    overlaypc), each mounted for it alone with ``opts``, its upper and workdir under
+    ``tmp_path``; ``stacks`` gets each side's stack."""
     got = {}
     for side in SIDES:
         (tmp_path / side).mkdir()
         s = new_stack([lower], tmp_path / side, side)
         if stacks is not None:
             stacks[side] = s
-        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, opts)
         try:
             got[side] = session(mnt)
         finally:
@@ -504,6 +505,11 @@ FD_OPS = {
     "punch": _fallocate(0x02 | 0x01),
     "zero_range": _fallocate(0x10),
     "write": lambda fd: os.write(fd, b"w"),
+    "pwrite": lambda fd: os.pwrite(fd, b"w", 0),
+    "ftruncate": lambda fd: os.ftruncate(fd, 4),
+    "ftruncate_grow": lambda fd: os.ftruncate(fd, 20),
+    "futimens_now": lambda fd: os.utime(fd, None),
+    "fchmod": lambda fd: os.chmod(fd, 0o600),
 }
 
 
@@ -646,4 +652,193 @@ def test_a_chattr_failing_after_its_protattr_keeps_the_flags_as_the_kernel(
     finally:
         _unflag_all(tmp_path)
     assert got["kernel"]["lower chattr +iF"] != 0 and got["kernel"]["lower open_w"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]
+
+
+#: lower objects flagged sync (S), noatime (A), nodump (d) and mixes; ``aS``: append-only too
+COPIED_FLAGS = {"S": "+S", "A": "+A", "d": "+d", "SA": "+SA", "Sd": "+Sd", "Ad": "+Ad",
+                "aS": "+aS", "none": "-S"}
+
+
+def _copy_up_flags_session(mnt: Path) -> dict:
+    """Copy each lower object up (a chmod of a file, of a directory's child, an append to
+    the append-only file), each side's answer and then the flags lsattr shows."""
+    got = {}
+    for n in COPIED_FLAGS:
+        if n == "aS":
+            got["append f_aS"] = _errno(_open(os.O_WRONLY | os.O_APPEND, b"more\n"), mnt / "f_aS", mnt)
+        else:
+            got["chmod f_" + n] = _errno(lambda p, m: os.chmod(p, 0o600), mnt / ("f_" + n), mnt)
+        got["chmod d_" + n + "/c"] = _errno(lambda p, m: os.chmod(p, 0o600), mnt / ("d_" + n) / "c", mnt)
+    got["lsattr"] = _lsattr(mnt, [p + n for n in COPIED_FLAGS for p in ("f_", "d_")])
+    return got
+
+
+def _copy_up_flags_lower(tmp_path: Path, layers_factory) -> Path:
+    spec = {}
+    for n in COPIED_FLAGS:
+        spec["f_" + n] = b"data\n"
+        spec["d_" + n] = {"c": b"child\n"}
+    lower = layers_factory({"l": spec}, where={"l": tmp_path}).paths[0]
+    for n, mode in COPIED_FLAGS.items():
+        _chattr(mode, lower / ("f_" + n), lower / ("d_" + n))
+    return lower
+
+
+@pytest.mark.parametrize("opts", [KERNEL_REDIRECT, KERNEL_METACOPY], ids=["plain", "metacopy"])
+def test_copy_up_carries_sync_and_noatime_as_the_kernel(opts, tmp_path, layers_factory,
+                                                        overlay_mount, kernel_mount):
+    """A copy-up puts the lower object's sync and noatime flags on the real upper copy,
+    as the kernel's ``ovl_copy_fileattr`` (``OVL_COPY_FS_FLAGS_MASK``), not nodump;
+    immutable/append-only go to ``protattr``. Files (data, or metadata only under
+    metacopy=on) and directories: lsattr through the mount, the upper's real flags and
+    ``protattr`` the same on both sides."""
+    lower = _copy_up_flags_lower(tmp_path, layers_factory)
+    stacks: dict = {}
+    try:
+        got = _each_side(tmp_path, lower, _copy_up_flags_session, overlay_mount, kernel_mount,
+                         stacks, opts)
+        for side in SIDES:
+            up = stacks[side].upper
+            names = sorted(os.listdir(up))
+            got[side]["upper"] = {n: (_flags_of(up / n) & SHOWN, ovl_xattr(up / n, "protattr"))
+                                  for n in names}
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["upper"]["f_SA"][0] == 0x88 and got["kernel"]["upper"]["d_Sd"][0] == 0x08
+    assert got["overlaypc"] == got["kernel"]
+
+
+def test_copy_up_of_a_sync_file_to_an_upper_without_it_fails_as_the_kernel(
+        tmp_path, layers_factory, tmpfs_factory, overlay_mount, kernel_mount):
+    """An upper that cannot hold the sync flag (tmpfs) fails the copy-up of a lower file
+    or directory flagged sync, as the kernel's (``ovl_real_fileattr_set``'s EOPNOTSUPP);
+    noatime, which tmpfs holds, goes on."""
+    lower = _copy_up_flags_lower(tmp_path, layers_factory)
+    upper_fs = tmpfs_factory("16m")
+    got = {}
+    try:
+        for side in SIDES:
+            (upper_fs / side).mkdir()
+            s = new_stack([lower], upper_fs / side, side)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount)
+            try:
+                got[side] = _copy_up_flags_session(mnt)
+            finally:
+                unmount()
+            got[side]["upper"] = sorted(os.listdir(s.upper))
+    finally:
+        _unflag_all(tmp_path, upper_fs)
+    assert got["kernel"]["chmod f_S"] == errno.EOPNOTSUPP and got["kernel"]["chmod f_A"] == 0
+    assert got["overlaypc"] == got["kernel"]
+
+
+def _ioctl_flags(fd: int, value: int | None = None) -> int | str:
+    """FS_IOC_GETFLAGS of ``fd`` (the shown flags), or (as chattr) FS_IOC_SETFLAGS of its
+    flags with the shown ones ``value`` (0); the errno's name when refused."""
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)[:4])[0]
+        if value is None:
+            return flags & SHOWN
+        value |= flags & ~SHOWN  # (ext4's extents flag, which it may not clear: EOPNOTSUPP)
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", value) + b"\0" * 4)
+        return 0
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+
+def _nameless_flags_session(mnt: Path) -> dict:
+    """lsattr/chattr (the ioctls, through the fd) of open files and directories whose name
+    went: a lower file open read-only (its copy-up needs the name), one open for writing
+    (copied up by the open), a file and a directory made through the mount, a lower
+    directory; each flagged sync, then immutable, then unflagged, its flags read after each."""
+    got = {}
+    (mnt / "up").write_bytes(b"u\n")
+    (mnt / "updir").mkdir()
+    for name, flags in (("lo", os.O_RDONLY), ("lo_w", os.O_RDWR), ("up", os.O_RDWR),
+                        ("lodir", os.O_RDONLY | os.O_DIRECTORY),
+                        ("updir", os.O_RDONLY | os.O_DIRECTORY)):
+        p = mnt / name
+        fd = os.open(p, flags)
+        try:
+            os.rmdir(p) if name.endswith("dir") else os.unlink(p)
+            got[name + " get"] = _ioctl_flags(fd)
+            for step, value in (("S", 0x08), ("i", 0x18), ("none", 0)):
+                got[f"{name} set {step}"] = _ioctl_flags(fd, value)
+                got[f"{name} get after {step}"] = _ioctl_flags(fd)
+                if step == "i" and flags & os.O_RDWR:
+                    got[name + " fchmod when immutable"] = _errno(lambda p, m: os.chmod(fd, 0o600), p, mnt)
+        finally:
+            os.close(fd)
+    return got
+
+
+def test_chattr_and_lsattr_of_a_file_with_no_name_left_as_the_kernel(tmp_path, layers_factory,
+                                                                     overlay_mount, kernel_mount):
+    """lsattr of an open file or directory whose name went answers from the open object,
+    as the kernel overlay's (``ovl_fileattr_get`` of the real file it keeps): not ENOENT;
+    chattr of an upper one sets its flags (``protattr`` on the unlinked upper file), of a
+    lower file EEXIST (its copy-up needs the name). One answer differs, kept apart: a set
+    of a removed lower directory (the kernel's copy-up meets the whiteout: ENOTDIR;
+    overlaypc ESTALE, as for every change of one, ``nameless``)."""
+    lower = layers_factory({"l": {"lo": b"l\n", "lo_w": b"w\n", "lodir": {}}},
+                           where={"l": tmp_path}).paths[0]
+    try:
+        got = _each_side(tmp_path, lower, _nameless_flags_session, overlay_mount, kernel_mount)
+    finally:
+        _unflag_all(tmp_path)
+    apart = {side: {k: got[side].pop(k) for k in list(got[side]) if k.startswith("lodir set")}
+             for side in SIDES}
+    assert got["kernel"]["lo_w get after i"] == 0x18 and got["kernel"]["lo set S"] == "EEXIST"
+    assert got["overlaypc"] == got["kernel"]
+    assert apart == {"kernel": dict.fromkeys(apart["kernel"], "ENOTDIR"),
+                     "overlaypc": dict.fromkeys(apart["kernel"], "ESTALE")}
+
+
+def _metacopy_chattr_session(mnt: Path) -> dict:
+    got = {}
+    for name, mode in (("f_S", "+S"), ("f_i", "+i"), ("f_a", "+a"), ("f_A", "+A")):
+        got["chattr " + name] = _chattr_errno(mode, mnt / name)
+    got["flags"] = _lsattr(mnt, ["f_S", "f_i", "f_a", "f_A"])
+    got["data"] = {n: (mnt / n).read_bytes() for n in ("f_S", "f_i", "f_a", "f_A")}
+    got["append f_a"] = _errno(_open(os.O_WRONLY | os.O_APPEND, b"more\n"), mnt / "f_a", mnt)
+    got["data f_a after"] = (mnt / "f_a").read_bytes()
+    return got
+
+
+def _holds_data(path: Path) -> bool:
+    """Whether a file has any data extent (SEEK_DATA; a metacopy file has none)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+        return True
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+def test_chattr_under_metacopy_copies_metadata_only_as_the_kernel(tmp_path, layers_factory,
+                                                                 overlay_mount, kernel_mount):
+    """``chattr`` of a lower file with metacopy=on copies its metadata only, as the kernel's
+    ``ovl_fileattr_set`` (``ovl_copy_up``: a metadata copy-up): the upper file is the sparse
+    metacopy file, its data stays below (read through the mount the same); an append to an
+    append-only one then copies the data in, keeping the flags."""
+    lower = layers_factory({"l": {n: b"data\n" * 1000 for n in ("f_S", "f_i", "f_a", "f_A")}},
+                           where={"l": tmp_path}).paths[0]
+    stacks: dict = {}
+    try:
+        got = _each_side(tmp_path, lower, _metacopy_chattr_session, overlay_mount, kernel_mount,
+                         stacks, KERNEL_METACOPY)
+        for side in SIDES:
+            up = stacks[side].upper
+            got[side]["upper"] = {n: (ovl_xattr(up / n, "metacopy") is not None,
+                                      _holds_data(up / n), ovl_xattr(up / n, "protattr"),
+                                      _flags_of(up / n) & SHOWN)
+                                  for n in sorted(os.listdir(up))}
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["upper"]["f_S"] == (True, False, None, 0x08)
     assert got["overlaypc"] == got["kernel"]

@@ -78,9 +78,12 @@ def test_directory_rules():
     (dict(owner_mode_or_times=False, size=True, touch=False), errno.EPERM, errno.EPERM),
     (dict(owner_mode_or_times=False, size=False, touch=True), errno.EPERM, 0),
     (dict(owner_mode_or_times=False, size=False, touch=False), 0, 0),
+    # an ftruncate (``do_ftruncate``): append-only refuses it, immutable does not
+    (dict(owner_mode_or_times=False, size=True, touch=True, by_fd=True), 0, errno.EPERM),
+    (dict(owner_mode_or_times=False, size=False, touch=True, by_fd=True), 0, 0),
 ])
 def test_setattr_rules(kw, immutable, append):
     """``notify_change``: mode, owner, explicit times and size refused by either flag;
-    ``utimes(NULL)`` only by immutable."""
+    ``utimes(NULL)`` only by immutable; a truncate through an fd only by append-only."""
     assert _errno(protattr.check_setattr, I, "f", **kw) == immutable
     assert _errno(protattr.check_setattr, A, "f", **kw) == append

@@ -176,14 +176,16 @@ def _mount_fusermount(mountpoint: str, opts: MountOptions, flags: int, rest: lis
     words += [f"fsname={opts.fsname}", f"subtype={opts.subtype}"]
     if opts.max_read:
         words.append(f"max_read={opts.max_read}")
+    program = _fusermount()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # with auto_unmount fusermount3 outlives this command: its output goes to a file of
+    # its own, never to our stdout/stderr (a caller reading them to EOF would wait for
+    # the mount to end); closed here whatever happens, as ``theirs`` (fusermount3's end)
+    errors = None
     try:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-        # with auto_unmount fusermount3 outlives this command: its output goes to a file of
-        # its own, never to our stdout/stderr (a caller reading them to EOF would wait for
-        # the mount to end)
         errors = tempfile.TemporaryFile()
-        proc = subprocess.Popen([_fusermount(), "-o", ",".join(words), "--", mountpoint],
+        proc = subprocess.Popen([program, "-o", ",".join(words), "--", mountpoint],
                                 env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=errors)
         theirs.close()
@@ -194,7 +196,6 @@ def _mount_fusermount(mountpoint: str, opts: MountOptions, flags: int, rest: lis
             why = errors.read().decode(errors="replace").strip() or f"status {status}"
             raise OSError(errno.EPERM, f"fusermount3 could not mount {mountpoint}: {why}",
                           mountpoint)
-        errors.close()
         if "auto_unmount" not in words:
             proc.wait()
             ours.close()
@@ -206,3 +207,7 @@ def _mount_fusermount(mountpoint: str, opts: MountOptions, flags: int, rest: lis
     except BaseException:
         ours.close()
         raise
+    finally:
+        theirs.close()
+        if errors is not None:
+            errors.close()
