@@ -260,6 +260,14 @@ class Operations:
     #: with ``opendir_zero``: a RELEASEDIR of handle 0 calls this (with the node) instead
     #: of ``releasedir``, also when an OPENDIR reply never reached the kernel
     releasedir_zero: Callable[[int], None] | None = None
+    #: if set, a READDIRPLUS without extensions (exempt from ``deny_others``) calls this
+    #: first with (nodeid, fh, offset, size; no ``Request``): the packed ``fuse_direntplus``
+    #: entries that fit in ``size`` bytes and the nodeids whose reference it took (one
+    #: each, as ``take_entries`` would: only for entries with attributes, never for ``.``
+    #: and ``..``; forgotten by the session if the reply never reaches the kernel), or
+    #: None, nothing done, to answer through ``readdir``. One per directory a cold
+    #: ``find`` lists, ~100 entries each
+    readdirplus_node: Callable[[int, int, int, int], "tuple[bytes, list[int]] | None"] | None = None
     #: entries from cookie ``offset`` on, lazily; ``plus``: items carry ``take``
     readdir: Callable[[Request, int, int, int, bool], Iterable[DirItem]] = _nosys
     releasedir: Callable[[Request, int, int], None] = _nosys

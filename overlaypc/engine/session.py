@@ -73,7 +73,7 @@ _unpack_write = struct.Struct("<QQII").unpack_from
 _unpack_fh = _unpack_nlookup = struct.Struct("<Q").unpack_from
 #: a reply with no body (its header only)
 _EMPTY_SIZE = p.OUT_HEADER.size
-_SETATTR, _GETXATTR, _RELEASE = p.SETATTR, p.GETXATTR, p.RELEASE
+_SETATTR, _GETXATTR, _RELEASE, _READDIRPLUS = p.SETATTR, p.GETXATTR, p.RELEASE, p.READDIRPLUS
 _unpack_setattr = p.SETATTR_IN.unpack_from
 #: fh, flags: the head of ``fuse_release_in``
 _unpack_release = struct.Struct("<QI").unpack_from
@@ -263,8 +263,8 @@ class Session:
         """The short handlers ``dispatch`` tries by opcode before the generic path (each
         True when it answered, False to go on): those of the filesystem's hooks that are
         set (``Operations.lookup_name``, ``unlink_name``, ``setattr_node``, ``capability_node``,
-        ``release_fh``); all but RELEASE's not with ``deny_others``, which refuses some
-        callers of the others."""
+        ``release_fh``, ``readdirplus_node``); all but RELEASE's and READDIRPLUS's not with
+        ``deny_others``, which refuses some callers of the others."""
         ops, shorts = self.ops, {}
         self._setattr_node, self._capability_node = ops.setattr_node, ops.capability_node
         self._release_fh = ops.release_fh
@@ -280,6 +280,9 @@ class Session:
                 shorts[_GETXATTR] = self._capability_short
         if self._release_fh is not None:  # (exempt from ``deny_others``)
             shorts[_RELEASE] = self._release_short
+        self._readdirplus_node = ops.readdirplus_node
+        if self._readdirplus_node is not None:  # (exempt from ``deny_others``)
+            shorts[_READDIRPLUS] = self._readdirplus_short
         self._shorts = shorts
 
     def _bind_zero_opendir(self) -> None:
@@ -725,6 +728,36 @@ class Session:
             self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, unique)])
         except OSError as e:
             self._write_failed(e)
+        return True
+
+    def _readdirplus_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """READDIRPLUS through ``Operations.readdirplus_node`` (no header object,
+        ``Request``, items nor reply object); False, nothing answered, for a request with
+        extensions or one the hook leaves to ``readdir``. The references the hook took are
+        forgotten if the reply never reaches the kernel, as ``_listing``'s undo does."""
+        if head[7]:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            fh, offset, size = _unpack_read(msg, _BODY)
+            got = self._readdirplus_node(nodeid, fh, offset, size)
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _READDIRPLUS, nodeid, e)
+            return True
+        if got is None:
+            return False
+        data, taken = got
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("READDIRPLUS(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_OUT_SIZE + len(data), 0, unique), data])
+        except OSError as e:
+            self._write_failed(e)
+            try:
+                for child in taken:
+                    self.ops.forget(child, 1)
+            except Exception:
+                log.exception("undoing an undelivered READDIRPLUS reply failed")
         return True
 
     def _open_zero(self, fd: int, head: tuple) -> None:
