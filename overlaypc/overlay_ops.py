@@ -112,6 +112,8 @@ _FATTR_TIMES = _FATTR_ATIME | _FATTR_ATIME_NOW | _FATTR_MTIME | _FATTR_MTIME_NOW
 _FALLOC_FL_KEEP_SIZE = 0x01
 #: a ``fuse_direntplus``'s size less its name, plus the 7 its padding may add
 _DIRENTPLUS_ROOM = p.DIRENT.size + 7 + p.ENTRY_OUT_SIZE
+#: an OPEN ``_open_short`` leaves to ``open`` (``files``' write intent)
+_OPEN_WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 #: the names of a listing's positions 0 and 1
 _DOT_NAMES = (b".", b"..")
 #: the SETATTRs an immutable or append-only node may refuse (``_refuse_setattr``)
@@ -214,6 +216,8 @@ class OverlayOps(Operations):
         #: ``fuse_entry_out``'s four timeout fields, ``timeout`` for both (a listed entry's)
         self._entry_timeouts = (self._attr_valid[0], self._attr_valid[0], self._attr_valid[1],
                                 self._attr_valid[1])
+        #: OPEN for reading: the engine's short path (``_open_short``)
+        self.open_node = self._open_short
         #: READDIRPLUS: the engine's short path (``_readdirplus_short``), not where IDs are
         #: shown mapped (a listed attribute then carries ``Ownership.show``'s overrides)
         self.readdirplus_node = None if fs.ownership.active else self._readdirplus_short
@@ -1369,6 +1373,33 @@ class OverlayOps(Operations):
                 self._changed()
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
+
+    def _open_short(self, nodeid: int, flags: int, open_flags: int) -> Opened | None:
+        """OPEN for reading (no O_WRONLY, O_RDWR, O_TRUNC: no flags of the node to check,
+        no copy-up, no kill flag, no change) as ``open`` answers it, without its closure and
+        ``_at_node``'s copy-up hand-over: the engine's short path (``Operations.open_node``).
+        The same budget check first (``room_for_open``: ENFILE), then the node's path
+        (ESTALE for an unknown node) and the core's open under the namespace lock, where
+        that path is current; the node's handle and the passthrough's say as ``open``'s.
+        None, nothing done, for a node with no name left (``_open_nameless``), a directory
+        moved between the path and the lock (``_at_node`` then makes it under the lock),
+        or while a fault is armed (the generic path's hooks)."""
+        if flags & _OPEN_WRITE_INTENT or faults.armed:
+            return None
+        fs = self.fs
+        era = self.passthrough.era
+        fs.room_for_open(None)
+        paths = self._paths
+        moves = paths.moves
+        rel = self.nodes.path(nodeid)
+        if rel is None:
+            return None
+        with fs.ns_lock:
+            if paths.moves != moves:
+                return None
+            result = fs.open(rel, flags, admitted=True)
+        self.nodes.opened(nodeid, result.fh)
+        return self._opened(nodeid, result, era)
 
     def _open_check(self, node, flags: int) -> "Callable[[int], None]":
         """``_kept_check`` of an open for writing (``protattr.check_open``)."""

@@ -54,9 +54,9 @@ class AttrReply:
     timeout: float
 
 
-@record(frozen=True)
-class Opened:
-    """An open file or directory: its handle and how the kernel caches it."""
+class Opened(NamedTuple):
+    """An open file or directory: its handle and how the kernel caches it. A named tuple:
+    one is made per OPEN (a frozen record sets each field through ``object.__setattr__``)."""
     fh: int
     direct_io: bool = False
     keep_cache: bool = False
@@ -219,6 +219,12 @@ class Operations:
     rename: Callable[[Request, int, bytes, int, bytes, int], None] = _nosys  # ..., flags
     link: Callable[[Request, int, int, bytes], Entry] = _nosys          # node, newparent, name
     open: Callable[[Request, int, int, int], Opened] = _nosys           # node, flags, open_flags
+    #: if set (with ``release_fh``), an OPEN without extensions (no ``deny_others``)
+    #: calls this first with (node, flags, open_flags; no ``Request``): the ``Opened``
+    #: ``open`` would answer, or None, nothing done, to answer through ``open``. An
+    #: undelivered reply's handle is released through ``release_fh``. One per file a
+    #: ``grep -r`` reads
+    open_node: Callable[[int, int, int], Opened | None] | None = None
     #: (parent, name, flags, mode, open_flags) -> the new node and its open handle
     create: Callable[[Request, int, bytes, int, int, int], tuple[Entry, Opened]] = _nosys
     #: O_TMPFILE: (directory, flags, mode, open_flags) -> a new node with no name and its

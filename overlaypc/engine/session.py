@@ -74,6 +74,11 @@ _unpack_fh = _unpack_nlookup = struct.Struct("<Q").unpack_from
 #: a reply with no body (its header only)
 _EMPTY_SIZE = p.OUT_HEADER.size
 _SETATTR, _GETXATTR, _RELEASE, _READDIRPLUS = p.SETATTR, p.GETXATTR, p.RELEASE, p.READDIRPLUS
+_OPEN = p.OPEN
+_unpack_open = p.OPEN_IN.unpack_from
+_pack_open = p.OPEN_OUT.pack
+#: an OPEN's reply, its header included
+_OPEN_REPLY_SIZE = p.OUT_HEADER.size + p.OPEN_OUT.size
 _unpack_setattr = p.SETATTR_IN.unpack_from
 #: fh, flags: the head of ``fuse_release_in``
 _unpack_release = struct.Struct("<QI").unpack_from
@@ -263,8 +268,9 @@ class Session:
         """The short handlers ``dispatch`` tries by opcode before the generic path (each
         True when it answered, False to go on): those of the filesystem's hooks that are
         set (``Operations.lookup_name``, ``unlink_name``, ``setattr_node``, ``capability_node``,
-        ``release_fh``, ``readdirplus_node``); all but RELEASE's and READDIRPLUS's not with
-        ``deny_others``, which refuses some callers of the others."""
+        ``release_fh``, ``open_node`` with ``release_fh``, ``readdirplus_node``); all but
+        RELEASE's and READDIRPLUS's not with ``deny_others``, which refuses some callers of
+        the others."""
         ops, shorts = self.ops, {}
         self._setattr_node, self._capability_node = ops.setattr_node, ops.capability_node
         self._release_fh = ops.release_fh
@@ -280,6 +286,10 @@ class Session:
                 shorts[_GETXATTR] = self._capability_short
         if self._release_fh is not None:  # (exempt from ``deny_others``)
             shorts[_RELEASE] = self._release_short
+        self._open_node = ops.open_node
+        if self._open_node is not None and self._release_fh is not None \
+                and self.deny_others is None:  # (its undo is ``release_fh``)
+            shorts[_OPEN] = self._open_short
         self._readdirplus_node = ops.readdirplus_node
         if self._readdirplus_node is not None:  # (exempt from ``deny_others``)
             shorts[_READDIRPLUS] = self._readdirplus_short
@@ -728,6 +738,35 @@ class Session:
             self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, unique)])
         except OSError as e:
             self._write_failed(e)
+        return True
+
+    def _open_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """OPEN through ``Operations.open_node`` (no header object, ``Request`` nor reply
+        object); False, nothing answered, for a request with extensions or one the hook
+        leaves to ``open``. A handle whose reply never reaches the kernel is released
+        again (``release_fh``), as ``_open``'s undo does."""
+        if head[7]:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            flags, open_flags = _unpack_open(msg, _BODY)
+            o = self._open_node(nodeid, flags, open_flags)
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _OPEN, nodeid, e)
+            return True
+        if o is None:
+            return False
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("OPEN(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_OPEN_REPLY_SIZE, 0, unique),
+                              _pack_open(o.fh, self._open_flags(o), o.backing_id)])
+        except OSError as e:
+            self._write_failed(e)
+            try:
+                self._release_fh(nodeid, o.fh, flags)
+            except Exception:
+                log.exception("undoing an undelivered OPEN reply failed")
         return True
 
     def _readdirplus_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
