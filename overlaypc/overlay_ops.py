@@ -181,6 +181,10 @@ class OverlayOps(Operations):
         self._paths = fs.paths
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
+        #: FORGET: the node table's own (``Operations.forget``; a node's kept state goes
+        #: with it), and BATCH_FORGET's pairs under one lock hold (``forget_nodes``)
+        self.forget = self.nodes.forget
+        self.forget_nodes = self.nodes.forget_all
         #: READ: the engine calls the core directly (a read needs only the handle)
         self.read_fh = fs.files.readinto
         #: OPENDIR and RELEASEDIR (handle 0 in every mode): the engine's short path, the
@@ -257,9 +261,6 @@ class OverlayOps(Operations):
 
     def destroy(self) -> None:
         log.info("unmounting %s", self.fs.config.mountpoint)
-
-    def forget(self, nodeid: int, nlookup: int) -> None:
-        self.nodes.forget(nodeid, nlookup)
 
     def count_error(self) -> None:
         self.fs.stats.add("errors")

@@ -163,6 +163,11 @@ class Operations:
     def forget(self, nodeid: int, nlookup: int) -> None:
         """The kernel dropped ``nlookup`` references to ``nodeid`` (no reply)."""
 
+    #: if set, a BATCH_FORGET calls this once with its (nodeid, nlookup) pairs (an
+    #: iterable, read once, in order) instead of ``forget`` per pair: the kernel queues
+    #: its forgets and sends them batched, thousands after a cache drop
+    forget_nodes: Callable[[Iterable[tuple[int, int]]], None] | None = None
+
     def count_error(self) -> None:
         """An operation raised something other than OSError (answered EIO, logged)."""
 
