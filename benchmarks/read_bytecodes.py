@@ -8,7 +8,8 @@ Drives ``Session.dispatch`` in-process (``inprocess.Harness``: no FUSE, replies 
 memory) over a fresh writable stack under ``--base`` (default a new directory under
 /dev/shm) whose lower layer holds run.py's tree (``make_tree``: ``--dirs`` directories of
 ``--files`` small files each). Per file, the requests the kernel sends ``grep -r`` once the
-listing gave each file's entry (READDIRPLUS: ``listing_bytecodes.py`` counts those): OPEN
+listing gave each file's entry (READDIRPLUS, sent but not counted: ``listing_bytecodes.py``
+counts those; the OPEN then finds the file the listing kept, ``Lookup.recent``): OPEN
 read-only (O_RDONLY|O_NOFOLLOW|O_NOCTTY|O_LARGEFILE, a lower file: a daemon handle), READ
 of 128 KiB at 0 (the file's data), with ``--cache shared`` (direct io) a READ at its end
 (the empty read that ends grep's loop: elsewhere the kernel answers it from the size it
@@ -61,6 +62,28 @@ READ_SIZE = 128 << 10
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_LARGEFILE
 
 
+def listing(harness: Harness, dnode: int) -> dict[bytes, int]:
+    """The nodeid of each file READDIRPLUS of directory ``dnode`` gave (a reference each)."""
+    assert error(harness.send(p.OPENDIR, dnode, p.OPEN_IN.pack(os.O_RDONLY, 0))) == 0
+    listed, offset = {}, 0
+    while True:
+        r = harness.send(p.READDIRPLUS, dnode, p.READ_IN.pack(0, offset, 32768, 0, 0, 0, 0))
+        assert error(r) == 0, r
+        pos = p.OUT_HEADER.size
+        if pos == len(r):
+            break
+        while pos < len(r):
+            nodeid = ENTRY.unpack_from(r, pos)[0]
+            _ino, offset, namelen, _type = p.DIRENT.unpack_from(r, pos + ENTRY.size)
+            start = pos + ENTRY.size + p.DIRENT.size
+            if nodeid:
+                listed[r[start:start + namelen]] = nodeid
+            pos = start + ((namelen + 7) & ~7)
+    harness.send(p.RELEASEDIR, dnode, p.RELEASE_IN.pack(0, 0, 0, 0))
+    assert len(listed) == args.files, len(listed)
+    return listed
+
+
 def grep(harness: Harness, count: bool) -> list[bytes]:
     """One pass over the tree's files through ``harness``: each file's data read."""
     def send(kind: str, op: int, nodeid: int, body: bytes = b"") -> bytes:
@@ -73,10 +96,9 @@ def grep(harness: Harness, count: bool) -> list[bytes]:
     for d in range(args.dirs):
         r = harness.send(p.LOOKUP, top, b"d%03d\0" % d)
         dnode = ENTRY.unpack_from(r, 16)[0]
+        listed = listing(harness, dnode)  # (not counted: listing_bytecodes.py's)
         for i in range(args.files):
-            r = harness.send(p.LOOKUP, dnode, b"f%05d\0" % i)  # (READDIRPLUS's, not counted)
-            assert error(r) == 0, r
-            node = ENTRY.unpack_from(r, 16)[0]
+            node = listed[b"f%05d" % i]
             r = send(KINDS[0], p.OPEN, node, p.OPEN_IN.pack(OPEN_FLAGS, 0))
             assert error(r) == 0, r
             fh = p.OPEN_OUT.unpack_from(r, 16)[0]
@@ -92,8 +114,9 @@ def grep(harness: Harness, count: bool) -> list[bytes]:
                 assert error(harness.send(p.FLUSH, node, p.FLUSH_IN.pack(fh, 0, 0, 0))) == -errno.ENOSYS
             r = send(KINDS[3], p.RELEASE, node, p.RELEASE_IN.pack(fh, OPEN_FLAGS, 0, 0))
             assert error(r) == 0, r
-            harness.send(p.FORGET, node, p.FORGET_IN.pack(1))
             datas.append(data)
+        harness.send(p.BATCH_FORGET, 0, p.BATCH_FORGET_IN.pack(len(listed), 0)
+                     + b"".join(p.FORGET_ONE.pack(nodeid, 1) for nodeid in listed.values()))
         harness.send(p.FORGET, dnode, p.FORGET_IN.pack(1))
     harness.send(p.FORGET, top, p.FORGET_IN.pack(1))
     return datas
