@@ -1385,8 +1385,8 @@ class OverlayOps(Operations):
         None, nothing done, for a node with no name left (``_open_nameless``), a directory
         moved between the path and the lock (``_at_node`` then makes it under the lock),
         or while a fault is armed (the generic path's hooks)."""
-        if flags & _OPEN_WRITE_INTENT or faults.armed:
-            return None
+        if flags & _OPEN_WRITE_INTENT or open_flags & p.OPEN_KILL_SUIDGID or faults.armed:
+            return None  # (the kernel asks the kill with O_TRUNC alone)
         fs = self.fs
         era = self.passthrough.era
         fs.room_for_open(None)

@@ -55,9 +55,9 @@ class Side:
     def lookup(self, parent: int, name: bytes) -> int:
         return p.ENTRY_HEAD.unpack_from(self.fk.ok(p.LOOKUP, parent, name + b"\0"))[0]
 
-    def open(self, nodeid: int, flags: int, fail: bool = False) -> tuple:
+    def open(self, nodeid: int, flags: int, fail: bool = False, open_flags: int = 0) -> tuple:
         """(errno, fh, open flags, passed through)."""
-        r = self.fk.request(p.OPEN, nodeid, p.OPEN_IN.pack(flags, 0), fail=fail)
+        r = self.fk.request(p.OPEN, nodeid, p.OPEN_IN.pack(flags, open_flags), fail=fail)
         if r.error or fail:
             return (r.error, None, None, None)
         fh, oflags, backing = p.OPEN_OUT.unpack(r.body)
@@ -149,6 +149,10 @@ def test_the_short_path_answers_reads_and_leaves_writes(sides):
         _, fh, _, _ = side.open(node, os.O_WRONLY)
         side.release(node, fh, os.O_WRONLY)
         assert side.generic_opens == reads + 1
+        # (a kill flag comes with O_TRUNC alone; one without is the generic path's too)
+        _, fh, _, _ = side.open(node, os.O_RDONLY, open_flags=p.OPEN_KILL_SUIDGID)
+        side.release(node, fh, os.O_RDONLY)
+        assert side.generic_opens == reads + 2
 
 
 @pytest.mark.parametrize("handles", ["reopen", "keep"])
