@@ -1,11 +1,12 @@
 """The short OPEN (``OverlayOps._open_short``, the session's ``_open_short``) answers a
 read-only open as the generic path (``Session._open``, ``OverlayOps.open``) and leaves the
-same state; every case its guard tells apart: an open for writing or with O_TRUNC, a fault
-armed, a node with no name left (generic); a lower file copied up between the OPEN and a
-READ through another handle, an immutable lower file, the open-file budget full (ENFILE),
-an undelivered reply (its handle released), an unknown node (ESTALE). Two cores over trees
-built alike, one session asking the short path, the other with the hook unset; each
-``OverlayOps.open`` call counted. Driven through the fake kernel, without FUSE.
+same state; every case its guard tells apart: an open for writing, with O_TRUNC or with the
+kill flag, a fault armed, a node with no name left (generic); a lower file copied up between
+the OPEN and a READ through another handle, an immutable lower file, the open-file budget
+full (ENFILE), the process's fd limit (EMFILE), an undelivered reply (its handle released),
+an unknown node (ESTALE). Two cores over trees built alike, one session asking the short
+path, the other with the hook unset; each ``OverlayOps.open`` call counted. Driven through
+the fake kernel, without FUSE.
 """
 from __future__ import annotations
 
@@ -250,3 +251,37 @@ def test_a_fault_armed_or_no_name_left_goes_the_generic_way(sides):
         return seen, armed, side.generic_opens - armed, again[0], data, side.state()
     got = _both((short, generic), run)
     assert got[0][:3] == (["d/b"], 1, 1) and got[0][4] == (0, b"lower b")
+
+
+def test_at_the_process_fd_limit_the_open_answers_as_open(sides):
+    """EMFILE from the system (the soft fd limit at the lowest free fd number: no new fd):
+    the core's open sheds its cached fds and tries once more (``fdbudget.retrying``), in
+    the short path as in the generic one; the same answers, nothing left open by a failed
+    one (the node table, handles and fds compared)."""
+    import resource
+
+    def run(side):
+        d = side.lookup(ROOT_ID, b"d")
+        nodes = [side.lookup(d, name) for name in (b"a", b"b", b"c")]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        got = []
+        try:
+            for node in nodes:
+                free = os.open(os.devnull, os.O_RDONLY)  # (the lowest free fd number)
+                os.close(free)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))  # (no new fd)
+                try:
+                    answer = side.open(node, os.O_RDONLY)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                got.append(answer[0])
+                if answer[0] == 0:
+                    assert side.read(node, answer[1]) == (0, b"lower " + b"abc"[len(got) - 1:len(got)])
+                    side.release(node, answer[1], os.O_RDONLY)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        return got, side.state()
+    short, generic = sides()
+    got = _both((short, generic), run)
+    assert -errno.EMFILE in got[0][0]  # (here: the first opens once the caches are shed)
+    assert short.generic_opens == 0
