@@ -2,7 +2,7 @@
 """Python work per listed entry of a cold ``find``+stat, counted, not timed (a benchmarking aid).
 
     python benchmarks/listing_bytecodes.py [--dirs N] [--files N] [--size BYTES] [--layer lower|upper]
-                                           [--base DIR] [--tree TREE] [--functions REQUEST]
+                                           [--batch] [--base DIR] [--tree TREE] [--functions REQUEST]
 
 Drives ``Session.dispatch`` in-process (``inprocess.Harness``: no FUSE, replies kept in
 memory) over a fresh stack under ``--base`` (default a new directory under /dev/shm) whose
@@ -10,7 +10,9 @@ memory) over a fresh stack under ``--base`` (default a new directory under /dev/
 files each) with the requests the kernel sends a cold ``find`` per directory, in its
 order: LOOKUP of the directory, OPENDIR, READDIRPLUS of ``--size`` bytes from each reply's
 last cookie until an empty reply, RELEASEDIR; then one FORGET per entry taken (the kernel
-drops them later, with its dentries). The stat of each entry needs no request: every
+drops them later, with its dentries), or with ``--batch`` one BATCH_FORGET of the directory's
+entries (how the kernel sends the forgets it queued, after a cache drop: counted per entry
+under the FORGET label). The stat of each entry needs no request: every
 listed file comes with its attributes. For each request kind: Python bytecodes executed
 and Python calls made (``sys.settrace`` with opcode events), per listed entry (files, "."
 and ".." not counted). Each reply is checked (the names, attributes for every file) and
@@ -32,6 +34,7 @@ ap.add_argument("--dirs", type=int, default=10)
 ap.add_argument("--files", type=int, default=100, help="files per directory")
 ap.add_argument("--size", type=int, default=32768, help="READDIRPLUS reply size asked for")
 ap.add_argument("--layer", choices=("lower", "upper"), default="lower")
+ap.add_argument("--batch", action="store_true", help="one BATCH_FORGET per directory")
 ap.add_argument("--base", default=None)
 ap.add_argument("--tree", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ap.add_argument("--functions", metavar="REQUEST", default=None,
@@ -102,8 +105,12 @@ def find(harness: Harness, count: bool) -> list[list[tuple[bytes, int, int, byte
         assert names == [b".", b".."] + [b"f%05d" % i for i in range(args.files)], names[:5]
         assert all(nodeid for n, nodeid, *_ in listed if n not in (b".", b"..")), "a file without attributes"
         send(KINDS[3], p.RELEASEDIR, node, p.RELEASE_IN.pack(0, 0, 0, 0))
-        for n, nodeid, *_ in listed:
-            if nodeid:
+        taken = [nodeid for n, nodeid, *_ in listed if nodeid]
+        if args.batch:
+            send(KINDS[4], p.BATCH_FORGET, 0, p.BATCH_FORGET_IN.pack(len(taken), 0)
+                 + b"".join(p.FORGET_ONE.pack(nodeid, 1) for nodeid in taken))
+        else:
+            for nodeid in taken:
                 send(KINDS[4], p.FORGET, nodeid, p.FORGET_IN.pack(1))
         send(None, p.FORGET, node, p.FORGET_IN.pack(1))
         listings.append(listed)

@@ -23,9 +23,8 @@ from .inodes import OPEN_FLAGS, MetaFile, OverlayInode, StaleBacking
 from .layer import DirFd, Layer, same_file
 from .lookup import Entry, Node
 from .namespace import Caller
-from .records import record
 from .sharing import NOT_SHARED, Canonical, Piece, changing, map_file
-from .typing_lite import TYPE_CHECKING
+from .typing_lite import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,8 +65,9 @@ def prefetch(fd: int, st: os.stat_result) -> None:
             pass
 
 
-@record(frozen=True)
-class OpenResult:
+class OpenResult(NamedTuple):
+    """A core open's handle and how the kernel may cache its data (a named tuple: one is
+    made per OPEN)."""
     fh: int
     keep_cache: bool
     direct_io: bool

@@ -39,7 +39,8 @@ from .copyup import CopyUpFirst
 from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
-from .engine.protocol import FileAttr, SetAttr, pack_stat_attr_out
+from .engine.protocol import (FileAttr, SetAttr, pack_direntplus_entry, pack_direntplus_stat,
+                              pack_stat_attr_out)
 from .inodes import InodeKey, OverlayInode
 from .killpriv import (CAP_FOWNER, CAP_SETFCAP, CAPABILITY_XATTR, Writer, has_capability,
                        has_fsetid, stripped_mode)
@@ -52,6 +53,7 @@ from .namespace import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 from .pathguard import PathsMoved
+from .readdir import DirEntry
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -110,6 +112,12 @@ _FATTR_TIMES = _FATTR_ATIME | _FATTR_ATIME_NOW | _FATTR_MTIME | _FATTR_MTIME_NOW
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01
+#: a ``fuse_direntplus``'s size less its name, plus the 7 its padding may add
+_DIRENTPLUS_ROOM = p.DIRENT.size + 7 + p.ENTRY_OUT_SIZE
+#: an OPEN ``_open_short`` leaves to ``open`` (``files``' write intent)
+_OPEN_WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+#: the names of a listing's positions 0 and 1
+_DOT_NAMES = (b".", b"..")
 #: the SETATTRs an immutable or append-only node may refuse (``_refuse_setattr``)
 _PROTECTED_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_SIZE
                        | p.FATTR_ATIME | p.FATTR_MTIME)
@@ -175,6 +183,10 @@ class OverlayOps(Operations):
         self._paths = fs.paths
         fs.node_count = lambda: len(self.nodes)
         self.passthrough = PassthroughOpens(fs)
+        #: FORGET: the node table's own (``Operations.forget``; a node's kept state goes
+        #: with it), and BATCH_FORGET's pairs under one lock hold (``forget_nodes``)
+        self.forget = self.nodes.forget
+        self.forget_nodes = self.nodes.forget_all
         #: READ: the engine calls the core directly (a read needs only the handle)
         self.read_fh = fs.files.readinto
         #: OPENDIR and RELEASEDIR (handle 0 in every mode): the engine's short path, the
@@ -207,6 +219,14 @@ class OverlayOps(Operations):
                                   fs.protection.xattr)
         #: ``fuse_attr_out``'s timeout fields for ``timeout``
         self._attr_valid = p.split_timeout(self.timeout)
+        #: ``fuse_entry_out``'s four timeout fields, ``timeout`` for both (a listed entry's)
+        self._entry_timeouts = (self._attr_valid[0], self._attr_valid[0], self._attr_valid[1],
+                                self._attr_valid[1])
+        #: OPEN for reading: the engine's short path (``_open_short``)
+        self.open_node = self._open_short
+        #: READDIRPLUS: the engine's short path (``_readdirplus_short``), not where IDs are
+        #: shown mapped (a listed attribute then carries ``Ownership.show``'s overrides)
+        self.readdirplus_node = None if fs.ownership.active else self._readdirplus_short
 
     def _copied_up(self, old: InodeKey, new: InodeKey, attrs: bool) -> None:
         """A copy-up (``OverlayFS.on_rekey``, under the namespace lock): the node follows
@@ -243,9 +263,6 @@ class OverlayOps(Operations):
 
     def destroy(self) -> None:
         log.info("unmounting %s", self.fs.config.mountpoint)
-
-    def forget(self, nodeid: int, nlookup: int) -> None:
-        self.nodes.forget(nodeid, nlookup)
 
     def count_error(self) -> None:
         self.fs.stats.add("errors")
@@ -1382,6 +1399,33 @@ class OverlayOps(Operations):
         self.nodes.opened(nodeid, result.fh)
         return self._opened(nodeid, result, era, req, flags)
 
+    def _open_short(self, nodeid: int, flags: int, open_flags: int) -> Opened | None:
+        """OPEN for reading (no O_WRONLY, O_RDWR, O_TRUNC: no flags of the node to check,
+        no copy-up, no kill flag, no change) as ``open`` answers it, without its closure and
+        ``_at_node``'s copy-up hand-over: the engine's short path (``Operations.open_node``).
+        The same budget check first (``room_for_open``: ENFILE), then the node's path
+        (ESTALE for an unknown node) and the core's open under the namespace lock, where
+        that path is current; the node's handle and the passthrough's say as ``open``'s.
+        None, nothing done, for a node with no name left (``_open_nameless``), a directory
+        moved between the path and the lock (``_at_node`` then makes it under the lock),
+        or while a fault is armed (the generic path's hooks)."""
+        if flags & _OPEN_WRITE_INTENT or open_flags & p.OPEN_KILL_SUIDGID or faults.armed:
+            return None  # (the kernel asks the kill with O_TRUNC alone)
+        fs = self.fs
+        era = self.passthrough.era
+        fs.room_for_open(None)
+        paths = self._paths
+        moves = paths.moves
+        rel = self.nodes.path(nodeid)
+        if rel is None:
+            return None
+        with fs.ns_lock:
+            if paths.moves != moves:
+                return None
+            result = fs.open(rel, flags, admitted=True)
+        self.nodes.opened(nodeid, result.fh)
+        return self._opened(nodeid, result, era)
+
     def _open_check(self, node, flags: int) -> "Callable[[int], None]":
         """``_kept_check`` of an open for writing (``protattr.check_open``)."""
         return self._kept_check(
@@ -1551,9 +1595,112 @@ class OverlayOps(Operations):
         entries of a later chunk than the one that read the listing: ``_take_later``."""
         return self._unopened_items(nodeid, offset, plus)
 
+    def _readdirplus_short(self, nodeid: int, fh: int, offset: int,
+                           size: int) -> tuple[bytes, list[int]]:
+        """READDIRPLUS as ``readdir`` (``plus``), ``take_entries`` and the session's
+        ``_listing`` answer it, without their objects per entry (``DirItem``, ``_Take``,
+        ``Entry``, ``FileAttr``): the engine's short path (``Operations.readdirplus_node``).
+        The same snapshot and position (``_snapshot_at``), the same items that fit in
+        ``size`` bytes, references taken for the fitting entries with attributes only (never
+        for the dots) under one lock hold (``_take_listed_ids``; later chunks:
+        ``_take_later``), each packed from the listing's stat (``pack_direntplus_stat``:
+        no overrides but ``st_nlink`` where IDs are not shown mapped, the only case this is
+        bound for). The packed entries and the nodeids taken (forgotten again by the
+        session if the reply never reaches the kernel, here if anything fails)."""
+        snap, first, pos, base = self._snapshot_at(nodeid, offset, True)
+        entries, keys = snap.entries, snap.keys
+        parts: list[bytes] = []
+        room = size
+        for i in range(pos, min(2, len(entries) + 2)):  # the dots, never taken
+            name = _DOT_NAMES[i]
+            need = (_DIRENTPLUS_ROOM + len(name)) & ~7
+            if need > room:
+                return b"".join(parts), []
+            room -= need
+            parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, snap.dots[i],
+                                               base | (i + 1), _S_IFDIR))
+        encoding, errors = _FS_ENCODING
+        fit: list[tuple[DirEntry, bytes, int]] = []
+        takes: list[DirEntry] = []
+        for i in range(max(pos, 2) - 2, len(entries)):
+            e = entries[i]
+            name = e[0].encode(encoding, errors)
+            need = (_DIRENTPLUS_ROOM + len(name)) & ~7
+            if need > room:
+                break
+            room -= need
+            fit.append((e, name, base | keys[i]))
+            if e[3] is not None:
+                takes.append(e)
+        if not takes:
+            for e, name, off in fit:
+                parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
+            return b"".join(parts), []
+        if not first:
+            return self._pack_later(nodeid, snap.epoch, parts, fit, takes)
+        taken: list[int] = []
+        ids = self._take_listed_ids(nodeid, snap.epoch, takes)
+        j = 0
+        timeouts = self._entry_timeouts
+        try:
+            for e, name, off in fit:
+                attr = e[3]
+                if attr is None:
+                    parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
+                    continue
+                child = ids[j]
+                j += 1
+                if child:
+                    taken.append(child)
+                    parts.append(pack_direntplus_stat(child, timeouts, attr[0], attr[1], attr[2],
+                                                      name, e[2], off, e[1]))
+                    continue
+                entry = self._take_afresh(nodeid, e[0])  # rare: identities moved since
+                if entry is None or not entry.nodeid:
+                    parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
+                    continue
+                taken.append(entry.nodeid)
+                parts.append(pack_direntplus_entry(entry.nodeid, entry.generation, entry.attr,
+                                                   entry.entry_timeout, entry.attr_timeout,
+                                                   name, e[2], off, e[1]))
+        except BaseException:
+            self._forget_taken(taken + ids[j:])
+            raise
+        return b"".join(parts), taken
+
+    def _pack_later(self, nodeid: int, epoch: tuple[int, int, int] | None, parts: list[bytes],
+                    fit: "list[tuple[DirEntry, bytes, int]]",
+                    takes: "list[DirEntry]") -> tuple[bytes, list[int]]:
+        """``_readdirplus_short``'s entries of a later chunk (``_take_later``)."""
+        got = iter(self._take_later(nodeid, epoch, takes))
+        taken: list[int] = []
+        try:
+            for e, name, off in fit:
+                entry = None if e[3] is None else next(got)
+                if entry is None or not entry.nodeid:
+                    parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
+                    continue
+                taken.append(entry.nodeid)
+                parts.append(pack_direntplus_entry(entry.nodeid, entry.generation, entry.attr,
+                                                   entry.entry_timeout, entry.attr_timeout,
+                                                   name, e[2], off, e[1]))
+        except BaseException:
+            self._forget_taken(taken + [e.nodeid for e in got if e is not None])
+            raise
+        return b"".join(parts), taken
+
     def _unopened_items(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirItem]:
         """Items after cookie ``offset`` (``listings``): of its snapshot, or of a fresh
         reading after its key when that snapshot is gone."""
+        snap, first, pos, base = self._snapshot_at(nodeid, offset, plus)
+        return self._items(nodeid, snap.epoch, first, snap.entries, snap.dots, pos, plus,
+                           base, snap.keys)
+
+    def _snapshot_at(self, nodeid: int, offset: int, plus: bool) -> tuple[Snapshot, bool, int, int]:
+        """(snapshot, read by this request, position, cookie base) of a listing request at
+        cookie ``offset``: its kept snapshot, or a fresh reading after its key when that
+        snapshot is gone (then ``first``); the position of the first item after the key
+        (0, 1: the dots; 2 on: the entries); a snapshot whose end is reached is dropped."""
         sid, key = split_cookie(offset)
         snap = self._snapshots.get(sid, nodeid) if key else None
         first = snap is None  # (else a snapshot read by an earlier request)
@@ -1565,8 +1712,7 @@ class OverlayOps(Operations):
         pos = snap.after(key)
         if pos >= len(snap.entries) + 2:
             self._snapshots.done(sid)
-        return self._items(nodeid, snap.epoch, first, snap.entries, snap.dots, pos, plus,
-                           sid << KEY_BITS, snap.keys)
+        return snap, first, pos, sid << KEY_BITS
 
     def _items(self, nodeid: int, listed: tuple[int, int, int] | None, first: bool, entries,
                dots, offset: int, plus: bool, base: int, keys: list[int]) -> Iterator[DirItem]:
@@ -1630,17 +1776,10 @@ class OverlayOps(Operations):
         namespace changed since the listing was read (``epoch``: ``_listing_epoch`` then;
         None: not known): then the name is looked up afresh. For a listing read by this
         request: a later chunk's go through ``_take_later``."""
-        listed = []
-        for t in takes:
-            st = t.attr.st
-            # (a named tuple from its fields, without its Python-level ``__new__``)
-            listed.append((t.name, _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
-                           st.st_mode & 0o170000 == _S_IFDIR))
         out: list[Entry | None] = []
         nodeids = [0] * len(takes)
         try:
-            with self.fs.ns_lock:  # (epoch None: names the table holds only)
-                nodeids = self.nodes.take_listed(parent, listed, self._table_epoch(epoch))
+            nodeids = self._take_listed_ids(parent, epoch, takes)
             timeout = self.timeout
             for t, nodeid in zip(takes, nodeids):
                 if nodeid:
@@ -1651,6 +1790,21 @@ class OverlayOps(Operations):
             self._forget_taken([e.nodeid for e in out if e is not None] + nodeids[len(out):])
             raise
         return out
+
+    def _take_listed_ids(self, parent: int, epoch: tuple[int, int, int] | None,
+                         takes: "list[_Take] | list[DirEntry]") -> list[int]:
+        """``_take_listed``'s references, under one hold of the namespace lock and one of the
+        node table's: the nodeid of each of ``takes`` (a ``_Take`` or the listing's own
+        ``DirEntry``: its ``name`` and ``attr``), 0 where the listing's stat may name
+        another object now (the caller looks the name up afresh)."""
+        listed = []
+        for t in takes:
+            st = t.attr.st
+            # (a named tuple from its fields, without its Python-level ``__new__``)
+            listed.append((t.name, _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
+                           st.st_mode & 0o170000 == _S_IFDIR))
+        with self.fs.ns_lock:  # (epoch None: names the table holds only)
+            return self.nodes.take_listed(parent, listed, self._table_epoch(epoch))
 
     def _forget_taken(self, nodeids: list[int]) -> None:
         """The references a failed READDIRPLUS took (0: none taken there) are given back."""

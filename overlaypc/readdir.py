@@ -63,6 +63,10 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
     One with a ``redirect`` xattr (one the lookup may follow, or fail on: a malformed one,
     any under ``redirect_dir=nofollow``) instead comes without attributes: the kernel's
     LOOKUP decides (with them, the kernel makes its dentry without one)."""
+    if plus and len(node.entries) == 1 and not node.entries[0].layer.writable:
+        one = _lower_only_plus(node, inos, xattr_prefix, ownership, names, files, metacopy)
+        if one is not None:
+            return one
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
@@ -144,6 +148,63 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
             attr = _new_tuple(Attr, (st, ino, nlink, None, None, None, None))
             if ownership is not None:
                 attr = ownership.show(attr, ownership.stored_at(layer, st, dirfd.fd, name))
+        append(_new_tuple(DirEntry, (name, fmt, ino, attr)))
+    return out
+
+
+def _lower_only_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
+                     ownership: "Ownership | None", names: "LowerNames | None",
+                     files: "dict[str, Kept] | None", metacopy: bool) -> list[DirEntry] | None:
+    """``merged_listing(plus=True)`` of a directory found in one lower layer only (a cold
+    ``find`` of a lower tree lists nothing else), in one pass over its entries: nothing
+    above hides a name and no name repeats, so there is nothing to merge; whiteouts and
+    OCI names are left out, no directory is merged (its ``st_nlink`` as listed; one with
+    a ``redirect`` xattr comes without attributes, ``_merged_dir``). The same entries in
+    the same order as the general pass (``tests/test_listing_one_lower.py``; None would
+    leave the listing to that pass)."""
+    parent = node.entries[0]
+    layer = parent.layer
+    dirfd = parent.dirfd or layer.dir_fd(parent.rel)
+    if dirfd is None:
+        return []  # removed underneath us
+    items = layer.scandir(dirfd, stat_all=True)
+    rel = parent.rel
+    if names is not None:
+        names.offer(layer, rel, [item.name for item in items])
+    if faults.armed:
+        faults.hit("readdir.scanned", node.rel)  # test-only (faults.py)
+    out: list[DirEntry] = []
+    append = out.append
+    oci_prefix = whiteout.OCI_PREFIX
+    xino, dev = inos.xino.ino, layer.dev
+    xbits = inos.xino.bits  # (0: real numbers as they are, ``Xino.ino`` not called)
+    # (a directory of the bottom layer is never merged: no redirect is read)
+    bottom = not inos.lowers or layer is inos.lowers[-1]
+    for name, fmt, ino, st in items:
+        if name.startswith(oci_prefix) or fmt == _S_IFCHR and st.st_rdev == 0:
+            continue  # (an OCI name, a whiteout: a 0/0 character device)
+        if xbits:
+            ino = xino(dev, ino)
+        if fmt == _S_IFREG:
+            if st.st_nlink != 1:  # (a hard link: a LOOKUP decides)
+                append(_new_tuple(DirEntry, (name, fmt, ino, None)))
+                continue
+            if files is not None:
+                files[name] = (layer, rel, st)
+            if metacopy:
+                append(_new_tuple(DirEntry, (name, fmt, ino, None)))
+                continue
+        elif fmt == _S_IFDIR:
+            if not bottom and layer.getxattr_name(dirfd, name, xattr_prefix + "redirect") \
+                    is not None:
+                append(_new_tuple(DirEntry, (name, fmt, ino, None)))
+                continue
+        elif st.st_nlink != 1:
+            append(_new_tuple(DirEntry, (name, fmt, ino, None)))
+            continue
+        attr = _new_tuple(Attr, (st, ino, None, None, None, None, None))
+        if ownership is not None:
+            attr = ownership.show(attr, ownership.stored_at(layer, st, dirfd.fd, name))
         append(_new_tuple(DirEntry, (name, fmt, ino, attr)))
     return out
 

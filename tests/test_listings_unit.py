@@ -13,6 +13,7 @@ import os
 import pytest
 
 from overlaypc.engine import protocol as p
+from overlaypc import listings
 from overlaypc.engine.ops import ConnInfo
 from overlaypc.listings import Snapshot, Snapshots, split_cookie
 from overlaypc.readdir import DirEntry
@@ -255,3 +256,29 @@ def test_two_listings_past_the_entry_bound_read_in_turns(tmp_path, plus):
         assert sorted(got["e"]) == sorted([".", ".."] + [f"e{i}" for i in range(41)])
     finally:
         close()
+
+
+def _ordered_by_loop(entries, span):
+    """``listings.ordered`` as written before it was built with ``map`` (the reference)."""
+    keyed = sorted([(listings._FIRST_KEY + hash(e[0]) % span, e[0], e) for e in entries])
+    keys, last = [], 0
+    for key, _name, _e in keyed:
+        last = key if key > last else last + 1
+        keys.append(last)
+    return [e for _k, _n, e in keyed], keys
+
+
+@pytest.mark.parametrize("span", [None, 7, 1])
+def test_ordered_keys_are_the_loops_keys_with_collisions_too(monkeypatch, span):
+    """Every name's key from its hash, a later one of a key taken the next free one: the
+    same entries and keys as the per-entry loop; strictly ascending keys. A small key
+    span makes names share keys (1 in 2**43 a pair in a real one)."""
+    if span is not None:
+        monkeypatch.setattr(listings, "_KEY_SPAN", span)
+    span = listings._KEY_SPAN
+    for n in (0, 1, 2, 50, 300):
+        entries = [DirEntry(f"name{i}", 0o100000, i) for i in range(n)]
+        got = listings.ordered(entries)
+        assert got == _ordered_by_loop(entries, span)
+        assert all(a < b for a, b in zip(got[1], got[1][1:]))
+        assert sorted(e.name for e in got[0]) == sorted(e.name for e in entries)

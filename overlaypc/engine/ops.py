@@ -54,9 +54,9 @@ class AttrReply:
     timeout: float
 
 
-@record(frozen=True)
-class Opened:
-    """An open file or directory: its handle and how the kernel caches it."""
+class Opened(NamedTuple):
+    """An open file or directory: its handle and how the kernel caches it. A named tuple:
+    one is made per OPEN (a frozen record sets each field through ``object.__setattr__``)."""
     fh: int
     direct_io: bool = False
     keep_cache: bool = False
@@ -163,6 +163,11 @@ class Operations:
     def forget(self, nodeid: int, nlookup: int) -> None:
         """The kernel dropped ``nlookup`` references to ``nodeid`` (no reply)."""
 
+    #: if set, a BATCH_FORGET calls this once with its (nodeid, nlookup) pairs (an
+    #: iterable, read once, in order) instead of ``forget`` per pair: the kernel queues
+    #: its forgets and sends them batched, thousands after a cache drop
+    forget_nodes: Callable[[Iterable[tuple[int, int]]], None] | None = None
+
     def count_error(self) -> None:
         """An operation raised something other than OSError (answered EIO, logged)."""
 
@@ -219,6 +224,12 @@ class Operations:
     rename: Callable[[Request, int, bytes, int, bytes, int], None] = _nosys  # ..., flags
     link: Callable[[Request, int, int, bytes], Entry] = _nosys          # node, newparent, name
     open: Callable[[Request, int, int, int], Opened] = _nosys           # node, flags, open_flags
+    #: if set (with ``release_fh``), an OPEN without extensions (no ``deny_others``)
+    #: calls this first with (node, flags, open_flags; no ``Request``): the ``Opened``
+    #: ``open`` would answer, or None, nothing done, to answer through ``open``. An
+    #: undelivered reply's handle is released through ``release_fh``. One per file a
+    #: ``grep -r`` reads
+    open_node: Callable[[int, int, int], Opened | None] | None = None
     #: (parent, name, flags, mode, open_flags) -> the new node and its open handle
     create: Callable[[Request, int, bytes, int, int, int], tuple[Entry, Opened]] = _nosys
     #: O_TMPFILE: (directory, flags, mode, open_flags) -> a new node with no name and its
@@ -260,6 +271,14 @@ class Operations:
     #: with ``opendir_zero``: a RELEASEDIR of handle 0 calls this (with the node) instead
     #: of ``releasedir``, also when an OPENDIR reply never reached the kernel
     releasedir_zero: Callable[[int], None] | None = None
+    #: if set, a READDIRPLUS without extensions (exempt from ``deny_others``) calls this
+    #: first with (nodeid, fh, offset, size; no ``Request``): the packed ``fuse_direntplus``
+    #: entries that fit in ``size`` bytes and the nodeids whose reference it took (one
+    #: each, as ``take_entries`` would: only for entries with attributes, never for ``.``
+    #: and ``..``; forgotten by the session if the reply never reaches the kernel), or
+    #: None, nothing done, to answer through ``readdir``. One per directory a cold
+    #: ``find`` lists, ~100 entries each
+    readdirplus_node: Callable[[int, int, int, int], "tuple[bytes, list[int]] | None"] | None = None
     #: entries from cookie ``offset`` on, lazily; ``plus``: items carry ``take``
     readdir: Callable[[Request, int, int, int, bool], Iterable[DirItem]] = _nosys
     releasedir: Callable[[Request, int, int], None] = _nosys

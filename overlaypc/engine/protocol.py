@@ -383,6 +383,25 @@ def pack_direntplus_entry(nodeid: int, generation: int, attr: FileAttr | None, e
                        name)
 
 
+def pack_direntplus_stat(nodeid: int, timeouts: tuple[int, int, int, int], st: os.stat_result,
+                         ino: int, nlink: int | None, name: bytes, d_ino: int, off: int,
+                         mode: int) -> bytes:
+    """``pack_direntplus_entry(nodeid, 0, FileAttr.from_stat(st, ino) with st_nlink
+    replaced by nlink unless None, ...)`` with no object between (a READDIRPLUS entry
+    taken from its listing's stat): ``timeouts`` are ``fuse_entry_out``'s four fields
+    (entry s, attr s, entry ns, attr ns); the times split as ``pack_stat_attr_out`` does."""
+    layout = _DIRENTPLUS.get((len(name) + 7) & ~7)
+    if layout is None:
+        layout = _direntplus_layout((len(name) + 7) & ~7)
+    es, as_, ens, ans = timeouts
+    return layout.pack(nodeid, 0, es, as_, ens, ans, ino, st.st_size, st.st_blocks, st[7], st[8],
+                       st[9], st.st_atime_ns % 1_000_000_000, st.st_mtime_ns % 1_000_000_000,
+                       st.st_ctime_ns % 1_000_000_000, st.st_mode,
+                       st.st_nlink if nlink is None else nlink, st.st_uid & 0xFFFFFFFF,
+                       st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0, d_ino,
+                       off, len(name), (mode & 0o170000) >> 12, name)
+
+
 # -- request arguments ---------------------------------------------------------------------
 def cstrings(body, count: int) -> list[bytes]:
     """The first ``count`` NUL-terminated strings of ``body``."""

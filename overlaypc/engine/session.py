@@ -73,7 +73,18 @@ _unpack_write = struct.Struct("<QQII").unpack_from
 _unpack_fh = _unpack_nlookup = struct.Struct("<Q").unpack_from
 #: a reply with no body (its header only)
 _EMPTY_SIZE = p.OUT_HEADER.size
-_SETATTR, _GETXATTR, _RELEASE = p.SETATTR, p.GETXATTR, p.RELEASE
+_SETATTR, _GETXATTR, _RELEASE, _READDIRPLUS = p.SETATTR, p.GETXATTR, p.RELEASE, p.READDIRPLUS
+_OPEN = p.OPEN
+_BATCH_FORGET = p.BATCH_FORGET
+_unpack_batch_count = p.BATCH_FORGET_IN.unpack_from
+#: where a BATCH_FORGET's (nodeid, nlookup) pairs start, and each one's size
+_BATCH_PAIRS = _BODY + p.BATCH_FORGET_IN.size
+_FORGET_ONE_SIZE = p.FORGET_ONE.size
+_iter_forget_one = p.FORGET_ONE.iter_unpack
+_unpack_open = p.OPEN_IN.unpack_from
+_pack_open = p.OPEN_OUT.pack
+#: an OPEN's reply, its header included
+_OPEN_REPLY_SIZE = p.OUT_HEADER.size + p.OPEN_OUT.size
 _unpack_setattr = p.SETATTR_IN.unpack_from
 #: fh, flags: the head of ``fuse_release_in``
 _unpack_release = struct.Struct("<QI").unpack_from
@@ -263,8 +274,9 @@ class Session:
         """The short handlers ``dispatch`` tries by opcode before the generic path (each
         True when it answered, False to go on): those of the filesystem's hooks that are
         set (``Operations.lookup_name``, ``unlink_name``, ``setattr_node``, ``capability_node``,
-        ``release_fh``); all but RELEASE's not with ``deny_others``, which refuses some
-        callers of the others."""
+        ``release_fh``, ``forget_nodes``, ``open_node`` with ``release_fh``,
+        ``readdirplus_node``); all but RELEASE's, BATCH_FORGET's and READDIRPLUS's not with
+        ``deny_others``, which refuses some callers of the others."""
         ops, shorts = self.ops, {}
         self._setattr_node, self._capability_node = ops.setattr_node, ops.capability_node
         self._release_fh = ops.release_fh
@@ -280,6 +292,16 @@ class Session:
                 shorts[_GETXATTR] = self._capability_short
         if self._release_fh is not None:  # (exempt from ``deny_others``)
             shorts[_RELEASE] = self._release_short
+        self._forget_nodes = ops.forget_nodes
+        if self._forget_nodes is not None:  # (exempt from ``deny_others``)
+            shorts[_BATCH_FORGET] = self._batch_forget_short
+        self._open_node = ops.open_node
+        if self._open_node is not None and self._release_fh is not None \
+                and self.deny_others is None:  # (its undo is ``release_fh``)
+            shorts[_OPEN] = self._open_short
+        self._readdirplus_node = ops.readdirplus_node
+        if self._readdirplus_node is not None:  # (exempt from ``deny_others``)
+            shorts[_READDIRPLUS] = self._readdirplus_short
         self._shorts = shorts
 
     def _bind_zero_opendir(self) -> None:
@@ -533,9 +555,10 @@ class Session:
                 self._write_failed(e)
             return
         # an open file's SETATTR, GETXATTR of its capability and RELEASE (six of an untar's
-        # ten requests per file), a new name's negative LOOKUP (one per file of an untar)
-        # and an UNLINK (one per file of an rm -rf): the filesystem's short answers
-        # (``_bind_shorts``), else the generic way below
+        # ten requests per file), a new name's negative LOOKUP (one per file of an untar),
+        # an UNLINK (one per file of an rm -rf), a read-only OPEN (one per file of a grep
+        # -r), READDIRPLUS and BATCH_FORGET (a cold find's, a cache drop's): the
+        # filesystem's short answers (``_bind_shorts``), else the generic way below
         if op in self._shorts and self._shorts[op](fd, head, msg):
             return
         # extensions (total_extlen, in 8-byte units) come only with SECURITY_CTX or
@@ -725,6 +748,79 @@ class Session:
             self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, unique)])
         except OSError as e:
             self._write_failed(e)
+        return True
+
+    def _batch_forget_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """BATCH_FORGET (the kernel's queued forgets: thousands after a cache drop) through
+        ``Operations.forget_nodes``: its pairs read in place, no header object, no call per
+        pair; no reply. False for a message shorter than its count says: the generic way
+        (``_batch_forget``: the whole pairs, then its error logged)."""
+        try:
+            end = _BATCH_PAIRS + _unpack_batch_count(msg, _BODY)[0] * _FORGET_ONE_SIZE
+            if end > len(msg):
+                return False
+            self._forget_nodes(_iter_forget_one(msg[_BATCH_PAIRS:end]))
+        except Exception:
+            log.exception("BATCH_FORGET failed")
+        return True
+
+    def _open_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """OPEN through ``Operations.open_node`` (no header object, ``Request`` nor reply
+        object); False, nothing answered, for a request with extensions or one the hook
+        leaves to ``open``. A handle whose reply never reaches the kernel is released
+        again (``release_fh``), as ``_open``'s undo does."""
+        if head[7]:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            flags, open_flags = _unpack_open(msg, _BODY)
+            o = self._open_node(nodeid, flags, open_flags)
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _OPEN, nodeid, e)
+            return True
+        if o is None:
+            return False
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("OPEN(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_OPEN_REPLY_SIZE, 0, unique),
+                              _pack_open(o.fh, self._open_flags(o), o.backing_id)])
+        except OSError as e:
+            self._write_failed(e)
+            try:
+                self._release_fh(nodeid, o.fh, flags)
+            except Exception:
+                log.exception("undoing an undelivered OPEN reply failed")
+        return True
+
+    def _readdirplus_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """READDIRPLUS through ``Operations.readdirplus_node`` (no header object,
+        ``Request``, items nor reply object); False, nothing answered, for a request with
+        extensions or one the hook leaves to ``readdir``. The references the hook took are
+        forgotten if the reply never reaches the kernel, as ``_listing``'s undo does."""
+        if head[7]:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            fh, offset, size = _unpack_read(msg, _BODY)
+            got = self._readdirplus_node(nodeid, fh, offset, size)
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _READDIRPLUS, nodeid, e)
+            return True
+        if got is None:
+            return False
+        data, taken = got
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("READDIRPLUS(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_OUT_SIZE + len(data), 0, unique), data])
+        except OSError as e:
+            self._write_failed(e)
+            try:
+                for child in taken:
+                    self.ops.forget(child, 1)
+            except Exception:
+                log.exception("undoing an undelivered READDIRPLUS reply failed")
         return True
 
     def _open_zero(self, fd: int, head: tuple) -> None:
