@@ -90,6 +90,7 @@ def made_in(fs: "OverlayFS", pnode: Node, name: str, rel: str, flags: int,
         fs.namespace._unmake_new(rel, made, hides=False)
         raise
     try:
+        fs.files.made_clean(inode, st, names)
         fs.inodes.forget_version(key)
         result = fs.files._register(inode, flags, rel, fd, inode.generation)
     except BaseException:

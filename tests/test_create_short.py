@@ -307,3 +307,39 @@ def test_an_undelivered_short_create_reply_is_undone(ops, tree, monkeypatch):
     assert (tree / "upper" / "up" / "new").is_file()
     assert (sorted(ops.nodes._nodes), len(ops.fs.handles)) == before
     assert not ops.fs.inodes.live()
+
+
+CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("short", [True, False])
+def test_a_new_file_is_known_clean_until_a_change_may_add_privileges(ops, tree, monkeypatch, short):
+    """A file a CREATE made (short or generic) with no capability and no setuid/setgid bit
+    is known clean at once: the kernel's first GETXATTR of ``security.capability`` reads
+    nothing (ENODATA); a SETXATTR of one voids the mark (the value is read and answered),
+    as does a chmod adding setuid; a file made with setgid is not marked."""
+    from overlaypc.engine.protocol import SetAttr
+    from overlaypc.killpriv import CAPABILITY_XATTR
+    reads = []
+    real = os.getxattr
+
+    def getxattr(path, name, *a, **kw):
+        if name == CAPABILITY_XATTR:
+            reads.append(path)
+        return real(path, name, *a, **kw)
+    monkeypatch.setattr(os, "getxattr", getxattr)
+    d = _up(ops)
+    made = {}
+    for name, mode in ((b"plain", 0o100644), (b"sgid", 0o102755), (b"later", 0o100644)):
+        _negative(ops, d, name)
+        got = _short(ops, d, name, mode) if short else None
+        assert (got is not None) == (short and name != b"sgid")  # (special bits: generic)
+        if got is None:
+            got = (ops.create(REQ, d, name, FLAGS, mode, 0)[0].nodeid,)
+        made[name] = got[0]
+    assert ops.capability_node(made[b"plain"]) == errno.ENODATA and reads == []
+    assert ops.capability_node(made[b"sgid"]) == errno.ENODATA and len(reads) == 1
+    ops.setxattr(REQ, made[b"plain"], CAPABILITY_XATTR, CAP, 0)
+    assert ops.capability_node(made[b"plain"]) == CAP and len(reads) == 2
+    ops.setattr(REQ, made[b"later"], SetAttr(p.FATTR_MODE, None, 0, None, None, 0o104755, 0, 0))
+    assert ops.capability_node(made[b"later"]) == errno.ENODATA and len(reads) == 3
