@@ -343,3 +343,26 @@ def test_a_new_file_is_known_clean_until_a_change_may_add_privileges(ops, tree, 
     assert ops.capability_node(made[b"plain"]) == CAP and len(reads) == 2
     ops.setattr(REQ, made[b"later"], SetAttr(p.FATTR_MODE, None, 0, None, None, 0o104755, 0, 0))
     assert ops.capability_node(made[b"later"]) == errno.ENODATA and len(reads) == 3
+
+
+def test_a_directory_mkdir_made_is_cached_as_its_first_lookup_would_cache_it(ops, tree):
+    """MKDIR in an upper-only directory caches the new directory (``Lookup.made_dir``): the
+    kernel's first LOOKUP and CREATE in it take the short paths at once, and the cached
+    node is the one a lookup of it makes (entries and stat, marks, the flags and origin
+    kept on its fd). Not below the root (merged), nor what a MKDIR in a merged directory
+    made."""
+    d = _up(ops)
+    sub = ops.mkdir(REQ, d, b"sub", 0o755).nodeid
+    lk = ops.fs.lookup
+    cached = lk._dirs["up/sub"][0]
+    assert ops.lookup_name(sub, b"new") is not None and _short(ops, sub, b"new") is not None
+    lk.invalidate("up/sub")
+    fresh = lk.lookup("up/sub")
+    assert cached == fresh and cached.opaque == fresh.opaque
+    (c,), (f,) = cached.entries, fresh.entries
+    assert (c.dirfd.prot, c.dirfd.origin_ino) == (f.dirfd.prot, f.dirfd.origin_ino) == (0, None)
+    assert os.path.samestat(os.fstat(c.dirfd.fd), os.fstat(f.dirfd.fd))
+    mg = look(ops, "mg")
+    ops.mkdir(REQ, mg, b"sub", 0o755)
+    ops.mkdir(REQ, ROOT_ID, b"top", 0o755)
+    assert "mg/sub" not in lk._dirs and "top" not in lk._dirs
