@@ -12,7 +12,8 @@ marker can be at a name a lookup found absent), the caller's IDs are the daemon'
 (``Namespace._owned_after``: no ``workdir/work`` route; the hook is not set where IDs are
 mapped or owners kept in xattrs: ``Ownership.active``), the mode has no special bits, and
 the kernel's negative LOOKUP of the name kept its absence (``Lookup.absent``, taken once).
-``None``, with nothing done, where the generic path must decide: a parent with
+``None``, with nothing done, where the generic path must decide: a read of the parent
+failing (the generic path's own reads answer it), a parent with
 immutable/append-only flags (``Protection.of_node``: EPERM, or an append-only parent's
 creation), a default ACL (``acl.inherit``, read here as ``_owner_in`` reads it) or the
 setgid bit (``_owner_in``'s fresh ``fstat``), no kept absence (a fresh lookup decides),
@@ -49,11 +50,15 @@ def made_in(fs: "OverlayFS", pnode: Node, name: str, rel: str, flags: int,
     """Make and open the regular file ``name`` (at merged path ``rel``) in ``pnode``
     (``Lookup.upper_dir``'s node), ``mode`` its type and permission bits with the umask
     applied (no special bits); under the namespace lock, whose holder moves the lookup's
-    epoch at its end, as ``Namespace._changing`` (a raise here too, not a None)."""
+    epoch at its end, as ``Namespace._changing``, after a raise too (only the creation and
+    what follows it raise), not after a None."""
     top = pnode.entries[0]
     upper, parent = top.layer, top.dirfd
-    if fs.protection.of_node(pnode) or upper.getxattr_at(parent, acl.DEFAULT) is not None \
-            or os.fstat(parent.fd).st_mode & stat.S_ISGID:
+    try:  # (a read failing: the generic path reads again and answers it)
+        if fs.protection.of_node(pnode) or upper.getxattr_at(parent, acl.DEFAULT) is not None \
+                or os.fstat(parent.fd).st_mode & stat.S_ISGID:
+            return None
+    except OSError:
         return None
     if fs.lookup.absent(rel) is None:
         return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 
@@ -118,8 +119,7 @@ def _setgid_parent(tree):
 
 
 def _acl_parent(tree):
-    helpers.require(subprocess.run(["which", "setfacl"], capture_output=True).returncode == 0,
-                    "needs setfacl (Debian package acl)")
+    helpers.require(shutil.which("setfacl") is not None, "needs setfacl (Debian package acl)")
     subprocess.run(["setfacl", "-d", "-m", "u:65534:rw", str(tree / "upper" / "up")], check=True)
 
 
@@ -366,3 +366,21 @@ def test_a_directory_mkdir_made_is_cached_as_its_first_lookup_would_cache_it(ops
     ops.mkdir(REQ, mg, b"sub", 0o755)
     ops.mkdir(REQ, ROOT_ID, b"top", 0o755)
     assert "mg/sub" not in lk._dirs and "top" not in lk._dirs
+
+
+def test_a_failing_read_of_the_parent_declines_with_nothing_done(ops, tree, monkeypatch):
+    """The parent's default ACL (or flags, or stat) unreadable: no epoch moved, the absence
+    kept, and the generic path reads again and answers the error."""
+    d = _up(ops)
+    _negative(ops, d, b"new")
+    upper = ops.fs.stack.upper
+
+    def eio(*a):
+        raise OSError(errno.EIO, "injected")
+    monkeypatch.setattr(upper, "getxattr_at", eio)
+    state = _state(ops, tree)
+    assert _short(ops, d, b"new") is None
+    assert _state(ops, tree) == state
+    with pytest.raises(OSError) as raised:
+        ops.create(REQ, d, b"new", FLAGS, 0o100644, 0)
+    assert raised.value.errno == errno.EIO
