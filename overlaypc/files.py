@@ -249,6 +249,7 @@ class Files:
             try:
                 if tmpfile:
                     inode.tmpfile = True
+                self.made_clean(inode, node.top.st, node.top.xattrs)
                 fs.inodes.forget_version(key)
                 result = self._register(inode, flags, node.rel, fd, inode.generation)
             except BaseException:
@@ -414,6 +415,26 @@ class Files:
         inode = self.fs.handles.get(fh).inode
         with inode.lock:
             return inode.privs_clean == inode.privs_epoch
+
+    def made_clean(self, inode: OverlayInode, st: os.stat_result,
+                   names: frozenset[str] | None) -> None:
+        """The file a creation just made (its stat ``st`` and xattr names ``names`` read
+        through its fd after every change made to it, in the creation's lock hold) is
+        known clean, as ``_capability_fd`` marks it at its first GETXATTR of
+        ``security.capability`` (which then reads nothing: untar asks before the write and
+        again before the chown), when neither shows anything a write would strip (no
+        capability, no setuid/setgid bit) and ``inode`` is the new one: its only reference,
+        so no handle of another object shares it and no chmod or setxattr moved its
+        ``privs_epoch`` since those reads (changes by name wait for the lock; a new file
+        has no other handle). Not under an ownership mapping or override (the stored mode
+        decides: ``_capability_fd``'s rule). A later chmod, setxattr or copy-up voids the
+        mark as any (``privs_may_grow``, ``rebind``)."""
+        if names is None or killpriv.CAPABILITY_XATTR in names \
+                or st.st_mode & killpriv.PRIVILEGED_BITS or self.fs.ownership.active:
+            return
+        with inode.lock:
+            if inode.refs == 1:
+                inode.privs_clean = inode.privs_epoch
 
     def capability(self, fh: int) -> bytes | None:
         """``security.capability`` of the file open as ``fh``, read through the handle's

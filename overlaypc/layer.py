@@ -624,6 +624,12 @@ class Layer:
         self._change("create", rel, oct(mode))
         return self.open(rel, flags | os.O_CREAT, mode)
 
+    def create_at(self, parent: DirFd, name: str, rel: str, flags: int, mode: int) -> int:
+        """``do_create`` of entry ``name`` of an open directory of this layer (``rel``, its
+        path, for the log line and the fault points): ``open``'s call in the held fd."""
+        self._change("create", rel, oct(mode))
+        return retrying(sysapi.openat2, parent.fd, name, flags | os.O_CREAT | os.O_NOFOLLOW, mode)
+
     def do_tmpfile(self, rel: str, flags: int, mode: int) -> int:
         """An unnamed regular file in the directory ``rel`` (``O_TMPFILE``), open with
         ``flags``: it goes with its last fd unless ``do_link_fd`` names it (never one

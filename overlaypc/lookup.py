@@ -640,6 +640,30 @@ class Lookup:
         self._keep_found(rel, parent_rel, name, found.epoch, node, True)
         return node
 
+    def made_dir(self, rel: str, st: os.stat_result) -> None:
+        """The directory a MKDIR just made at ``rel`` (``st``: its stat, read after every
+        change made to it), cached as the first ``lookup`` below it would cache it
+        (``_lookup_in`` from that stat: its fd, the marks its xattr names show, the OCI
+        opaque marker looked for), where its parent is ``upper_dir`` (only the upper holds
+        it, so that lookup reads nothing else): the kernel's first LOOKUP and CREATE in it
+        (an untar's, per directory) then take the short paths. Called in the creation's
+        namespace lock hold, at the epoch read here (a change since voids the store, as
+        every lookup's). Nothing is cached, and nothing raised, where that lookup fails (the
+        fd limit: the next lookup does it) or finds another object."""
+        parent_rel, name = split(rel)
+        if not parent_rel:
+            return
+        epoch = self._epoch
+        parent = self.upper_dir(parent_rel)
+        if parent is None:
+            return
+        try:
+            node = self._lookup_in(parent, rel, st)
+        except OSError:
+            return
+        if node.entries and node.entries[0].dirfd is not None:
+            self._store(rel, epoch, node)
+
     def directory(self, rel: str) -> Node:
         """The merged directory at ``rel``; ENOENT/ENOTDIR when it is not one. At the fd
         limit the walk waits for fds (``fdbudget.patiently``, inlined)."""

@@ -630,7 +630,17 @@ class Namespace:
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
         with self._changing():
             return self._place_new(rel, lambda layer, where, mode: layer.do_mkdir(where, stat.S_IMODE(mode)),
-                                   caller, mode, self._then_made(rel, then), is_dir=True)
+                                   caller, mode, self._then_made_dir(rel, then), is_dir=True)
+
+    def _then_made_dir(self, rel: str, then: "Callable[[Node], T] | None"):
+        """``_then_made`` of mkdir: the new directory cached as the first lookup below it
+        would cache it (``Lookup.made_dir``), before ``then`` (if that fails, the
+        directory's removal drops it again: ``_unmake_new``)."""
+        def made(st: os.stat_result | None) -> "T | None":
+            node = self._made_node(rel, st)
+            self.fs.lookup.made_dir(rel, node.st)
+            return None if then is None else then(node)
+        return made
 
     def symlink(self, target: str, rel: str, caller: Caller,
                 then: "Callable[[Node], T] | None" = None) -> "T | None":

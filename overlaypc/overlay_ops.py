@@ -33,7 +33,7 @@ import struct
 import sys
 from collections.abc import Iterator
 
-from . import acl, faults, logs, protattr, scopes, sysapi, whiteout
+from . import acl, faults, logs, protattr, scopes, shortcreate, sysapi, whiteout
 from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -211,6 +211,11 @@ class OverlayOps(Operations):
         #: (``_lookup_name``, ``_unlink_name``)
         self.lookup_name = self._lookup_name
         self.unlink_name = self._unlink_name if fs.writable and fs.index is None else None
+        #: a CREATE in an upper-only directory: the engine's short path (``_create_name``);
+        #: not on a read-only mount, nor where IDs are mapped or owners kept in xattrs
+        #: (``Ownership.active``: ``Namespace._owner_in`` and ``_owned_after`` have their say)
+        self.create_name = None if not fs.writable or fs.copyup is None or fs.ownership.active \
+            else self._create_name
         #: a negative entry (``lookup``'s), packed
         self._negative_entry = p.pack_entry(0, 0, None, self.timeout, self.timeout)
         #: the marks that make an upper file's lookup more than its stat (``_unlink_name``)
@@ -1474,6 +1479,75 @@ class OverlayOps(Operations):
             self.forget(entry.nodeid, 1)
             raise
         return entry, opened
+
+    def _create_name(self, uid: int, gid: int, parent: int, name: bytes, flags: int, mode: int,
+                     umask: int) -> "tuple[int, int, bytes] | None":
+        """CREATE of a regular file in an upper-only directory (one per file of an untar, a
+        create+write), as ``create`` does it, from the request's fields (the caller's IDs,
+        ``CREATE_IN``'s): (the new nodeid, its handle, the packed ``fuse_entry_out`` and
+        ``fuse_open_out``), with no ``Request``, ``Caller``, closures, path checks of
+        ``_at_paths``, ``Attr``, ``FileAttr`` nor ``Entry``. In one namespace lock hold with
+        the ``pathguard`` count compared there (``Namespace._changing``'s check): the
+        parent as ``Lookup.upper_dir`` holds it, the file made and opened
+        (``shortcreate.made_in``: the generic steps where they make it in place), its node
+        taken (``_made``'s reference, ``prot`` 0), the lookup's epoch moved at the end; then
+        the handle recorded on the node and offered to passthrough (``_opened``), as
+        ``create``. None, with nothing done, wherever ``create`` might answer otherwise or do
+        more: fault points armed, a move in progress or since the path was made, a name
+        ``create`` refuses (over NAME_MAX, empty, ``/``, dots, an OCI marker's), a parent
+        not a directory with a path, not cached or not upper-only, special mode bits, a
+        caller with other IDs than the daemon's (``_owned_after``: built in
+        ``workdir/work``), open files at their share of fds (``room_for_open``: ENFILE), and
+        ``made_in``'s: a flagged, default-ACL or setgid parent, no kept absence, the name
+        taken behind the mount's back. A failure once the file is made removes it and is
+        the answer."""
+        if faults.armed:
+            return None
+        mode = (stat.S_IFREG | stat.S_IMODE(mode)) & ~(umask & 0o777)  # (``acl.inherit``'s)
+        fs = self.fs
+        paths = self._paths
+        moves = paths.moves
+        named = self._short_named(parent, name, moves)
+        if named is None or mode & 0o7000 or (uid, gid) != fs.namespace._own_ids \
+                or fs.open_fds() >= fs.open_file_fds:
+            return None
+        prel, decoded = named
+        rel = f"{prel}/{decoded}"
+        lookup = fs.lookup
+        with fs.ns_lock:
+            if paths.moves != moves:
+                return None
+            pnode = lookup.upper_dir(prel)
+            if pnode is None:
+                return None
+            try:
+                made = shortcreate.made_in(fs, pnode, decoded, rel, flags, mode)
+            except BaseException:
+                lookup.changed()
+                raise
+            if made is None:
+                return None
+            result, st, ino, key = made
+            try:
+                # (``_made``'s: no flags, a new object)
+                nodeid = self.nodes.take(key, parent, decoded, False, prot=0)
+            except BaseException:
+                shortcreate.unmade(fs, rel, result, st)
+                raise
+            finally:
+                lookup.changed()
+        fh = result.fh
+        self.nodes.opened(nodeid, fh)
+        try:
+            opened = self._opened(nodeid, result, None)
+        except BaseException:
+            self.forget(nodeid, 1)
+            raise
+        backing_id = opened.backing_id
+        return nodeid, fh, p.pack_stat_created(
+            nodeid, self._attr_valid, st, ino, fh,
+            (p.FOPEN_DIRECT_IO if opened.direct_io else 0) | (p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
+            | (p.FOPEN_PASSTHROUGH if backing_id else 0), backing_id)
 
     def tmpfile(self, req: Request, parent: int, flags: int, mode: int,
                 open_flags: int = 0) -> tuple[Entry, Opened]:

@@ -210,6 +210,10 @@ def test_a_capability_question_answered_absent_makes_the_file_known_clean(drv, t
     reads: list[str] = []
     real_getxattr = os.getxattr
     monkeypatch.setattr(os, "getxattr", lambda *a, **k: reads.append(a[1]) or real_getxattr(*a, **k))
+    # (a new file is known clean from its creation on, ``Files.made_clean``: nothing read;
+    # a chmod voids that, and the question is answered from the file again)
+    assert _capability(drv, node.nodeid) is None and reads == []
+    drv.setattr(node, mode=0o755)
     assert _capability(drv, node.nodeid) is None
     assert reads == ["security.capability"]
     assert _capability(drv, node.nodeid) is None
@@ -249,6 +253,7 @@ def test_a_change_while_the_capability_is_read_voids_the_mark(drv, tmp_path, kil
     a killing write strips what it set."""
     node, fh = drv.create(drv.root(), "new", os.O_WRONLY, 0o755)
     upper = tmp_path / "upper" / "new"
+    drv.setattr(node, mode=0o755)  # (voids the mark of its creation: ``Files.made_clean``)
     inode = drv.fs.handles.get(fh).inode
     real_fstat = os.fstat
     fired: list[bool] = []

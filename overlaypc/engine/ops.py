@@ -232,6 +232,14 @@ class Operations:
     open_node: Callable[[int, int, int], Opened | None] | None = None
     #: (parent, name, flags, mode, open_flags) -> the new node and its open handle
     create: Callable[[Request, int, bytes, int, int, int], tuple[Entry, Opened]] = _nosys
+    #: if set, a CREATE without extensions (where every caller may ask: no ``deny_others``;
+    #: and only with ``release_fh``) calls this first with (uid, gid, parent, name, flags,
+    #: mode, umask; no ``Request`` is made): (the new nodeid, its handle, the packed
+    #: ``fuse_entry_out`` and ``fuse_open_out``), or None, nothing done, to answer through
+    #: ``create``; an error raised is the answer. An undelivered reply is undone through
+    #: ``release_fh`` and ``forget``. One per file of an untar
+    create_name: Callable[[int, int, int, bytes, int, int, int], "tuple[int, int, bytes] | None"] \
+        | None = None
     #: O_TMPFILE: (directory, flags, mode, open_flags) -> a new node with no name and its
     #: open handle (the entry's reference as a CREATE's; LINK may name the node later)
     tmpfile: Callable[[Request, int, int, int, int], tuple[Entry, Opened]] = _nosys

@@ -311,6 +311,27 @@ def pack_open(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
     return OPEN_OUT.pack(fh, open_flags, backing_id)
 
 
+#: ``fuse_entry_out`` then ``fuse_open_out`` (a CREATE's reply), the attribute's three
+#: seconds fields signed as ``_ATTR_OUT_SIGNED``'s
+_CREATE_OUT_SIGNED = struct.Struct(ENTRY_HEAD.format + "QQQqqqIIIIIIIIII" + OPEN_OUT.format[1:])
+assert _CREATE_OUT_SIGNED.size == ENTRY_OUT.size + OPEN_OUT.size
+CREATE_OUT_SIZE = _CREATE_OUT_SIGNED.size
+
+
+def pack_stat_created(nodeid: int, valid: tuple[int, int], st: os.stat_result, ino: int, fh: int,
+                      open_flags: int, backing_id: int) -> bytes:
+    """``pack_entry(nodeid, 0, FileAttr.from_stat(st, ino), t, t) + pack_open(fh,
+    open_flags, backing_id)`` (``valid``: ``split_timeout(t)``) in one ``pack`` with no
+    object between: a short CREATE's reply (the seconds as ``pack_stat_attr_out``'s)."""
+    return _CREATE_OUT_SIGNED.pack(nodeid, 0, valid[0], valid[0], valid[1], valid[1], ino,
+                                   st.st_size, st.st_blocks, st[7], st[8], st[9],
+                                   st.st_atime_ns % 1_000_000_000, st.st_mtime_ns % 1_000_000_000,
+                                   st.st_ctime_ns % 1_000_000_000, st.st_mode, st.st_nlink,
+                                   st.st_uid & 0xFFFFFFFF, st.st_gid & 0xFFFFFFFF,
+                                   st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0, fh, open_flags,
+                                   backing_id)
+
+
 def pack_statfs(st) -> bytes:
     """``fuse_statfs_out`` from an ``os.statvfs_result`` or a dict of its fields."""
     get = st.__getitem__ if isinstance(st, dict) else st.__getattribute__

@@ -85,6 +85,11 @@ _unpack_open = p.OPEN_IN.unpack_from
 _pack_open = p.OPEN_OUT.pack
 #: an OPEN's reply, its header included
 _OPEN_REPLY_SIZE = p.OUT_HEADER.size + p.OPEN_OUT.size
+_CREATE = p.CREATE
+_unpack_create = p.CREATE_IN.unpack_from
+#: where a CREATE's name starts; its reply's size, the header included
+_CREATE_NAME = _BODY + p.CREATE_IN.size
+_CREATE_REPLY_SIZE = p.OUT_HEADER.size + p.CREATE_OUT_SIZE
 _unpack_setattr = p.SETATTR_IN.unpack_from
 #: fh, flags: the head of ``fuse_release_in``
 _unpack_release = struct.Struct("<QI").unpack_from
@@ -274,14 +279,18 @@ class Session:
         """The short handlers ``dispatch`` tries by opcode before the generic path (each
         True when it answered, False to go on): those of the filesystem's hooks that are
         set (``Operations.lookup_name``, ``unlink_name``, ``setattr_node``, ``capability_node``,
-        ``release_fh``, ``forget_nodes``, ``open_node`` with ``release_fh``,
-        ``readdirplus_node``); all but RELEASE's, BATCH_FORGET's and READDIRPLUS's not with
-        ``deny_others``, which refuses some callers of the others."""
+        ``release_fh``, ``forget_nodes``, ``open_node`` and ``create_name`` with ``release_fh``
+        (which undoes an undelivered reply), ``readdirplus_node``); all but RELEASE's,
+        BATCH_FORGET's and READDIRPLUS's not with ``deny_others``, which refuses some callers
+        of the others."""
         ops, shorts = self.ops, {}
         self._setattr_node, self._capability_node = ops.setattr_node, ops.capability_node
         self._release_fh = ops.release_fh
         self._lookup_name, self._unlink_name = ops.lookup_name, ops.unlink_name
+        self._create_name = ops.create_name
         if self.deny_others is None:
+            if self._create_name is not None and self._release_fh is not None:
+                shorts[_CREATE] = self._create_short
             if self._lookup_name is not None:
                 shorts[_LOOKUP] = self._lookup_short
             if self._unlink_name is not None:
@@ -821,6 +830,40 @@ class Session:
                     self.ops.forget(child, 1)
             except Exception:
                 log.exception("undoing an undelivered READDIRPLUS reply failed")
+        return True
+
+    def _create_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """CREATE through ``Operations.create_name``: True when it answered (the entry and
+        the open, or its error), False to answer the generic way (nothing done, nothing
+        sent). A reply the kernel never takes is undone as ``_created``'s: the handle
+        released (``release_fh``), the reference forgotten."""
+        if head[7]:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            flags, mode, umask, _ = _unpack_create(msg, _BODY)
+            made = self._create_name(head[4], head[5], nodeid, self._name(msg, _CREATE_NAME),
+                                     flags, mode, umask)
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _CREATE, nodeid, e)
+            return True
+        if made is None:
+            return False
+        new, fh, reply = made
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("CREATE(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_CREATE_REPLY_SIZE, 0, unique), reply])
+            return True
+        except OSError as e:
+            self._write_failed(e)
+        try:
+            try:
+                self._release_fh(new, fh, flags)
+            finally:
+                self.ops.forget(new, 1)
+        except Exception:
+            log.exception("undoing an undelivered CREATE reply failed")
         return True
 
     def _open_zero(self, fd: int, head: tuple) -> None:
