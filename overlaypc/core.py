@@ -39,7 +39,6 @@ from .protection import Protection
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
 from .pathguard import PathGuard
-from .readdir import DirEntry, merged_listing
 from .stack import LayerStack
 from .sharing import Canonical, ExtentMap, changing, map_file
 from .stats import Stats
@@ -49,11 +48,26 @@ if TYPE_CHECKING:
     from . import killpriv
     from .index import IndexDir
     from .layer import DirFd
+    from .readdir import DirEntry
     from typing import TypeVar
 
     T = TypeVar("T")
 
 log = logs.get("overlaypc.core")
+
+
+def _first_listing(*args, **kwargs) -> "list[DirEntry]":
+    """``merged_listing`` until the first listing: ``readdir`` is imported then, not at
+    start-up (no mount needs it before a request lists a directory), and its function
+    takes this name (unless something else was put there), so later calls cost nothing."""
+    global merged_listing
+    from .readdir import merged_listing as listing
+    if merged_listing is _first_listing:
+        merged_listing = listing
+    return listing(*args, **kwargs)
+
+
+merged_listing = _first_listing
 
 
 @scopes.contextmanager
