@@ -34,7 +34,6 @@ from .inumbers import InodeNumbers
 from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, UpperName, check_name
 from .nameless import NamelessDirs
-from .fileattrs import FileAttrs
 from .protection import Protection
 from .namespace import ROOT, Caller, Namespace
 from .ownership import Ownership
@@ -46,6 +45,7 @@ from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from . import killpriv
+    from .fileattrs import FileAttrs
     from .index import IndexDir
     from .layer import DirFd
     from .readdir import DirEntry
@@ -173,7 +173,6 @@ class OverlayFS:
             self.stack.upper.root.prot = 0
         self.namespace = Namespace(self)
         self.attrs = Attributes(self)
-        self.fileattrs = FileAttrs(self)
         self.files = Files(self)
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new,
         #: whether its attributes changed with it: a directory's, a metacopy file's data
@@ -181,6 +180,13 @@ class OverlayFS:
         self.on_rekey: Callable[[InodeKey, InodeKey, bool], None] = lambda old, new, attrs: None
         #: set by the node-based adapter: how many nodes the kernel references
         self.node_count: Callable[[], int] = lambda: 0
+
+    @functools.cached_property
+    def fileattrs(self) -> FileAttrs:
+        """The file-flag requests (``fileattrs``: lsattr/chattr's ioctls), made at the
+        first: no mount needs the module before one."""
+        from .fileattrs import FileAttrs
+        return FileAttrs(self)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
