@@ -35,8 +35,7 @@ from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, UpperName, check_name
 from .nameless import NamelessDirs
 from .protection import Protection
-from .namespace import ROOT, Caller, Namespace
-from .ownership import Ownership
+from .ownership import ROOT, Caller, Ownership
 from .pathguard import PathGuard
 from .stack import LayerStack
 from .sharing import Canonical, ExtentMap, changing, map_file
@@ -47,6 +46,7 @@ if TYPE_CHECKING:
     from . import killpriv
     from .fileattrs import FileAttrs
     from .index import IndexDir
+    from .namespace import Namespace
     from .layer import DirFd
     from .readdir import DirEntry
     from typing import TypeVar
@@ -171,7 +171,6 @@ class OverlayFS:
             # ``protattr`` is read (``ovl_get_inode``); a chattr through the mount sets them
             # for this mount (``fileattrs``: then read from the xattr it wrote)
             self.stack.upper.root.prot = 0
-        self.namespace = Namespace(self)
         self.attrs = Attributes(self)
         self.files = Files(self)
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new,
@@ -180,6 +179,14 @@ class OverlayFS:
         self.on_rekey: Callable[[InodeKey, InodeKey, bool], None] = lambda old, new, attrs: None
         #: set by the node-based adapter: how many nodes the kernel references
         self.node_count: Callable[[], int] = lambda: 0
+
+    @functools.cached_property
+    def namespace(self) -> Namespace:
+        """Creations, removals, links and renames (``namespace``), made at the first: the
+        module is the package's largest to import (~1 ms), and no mount needs it before a
+        request changes a name."""
+        from .namespace import Namespace
+        return Namespace(self)
 
     @functools.cached_property
     def fileattrs(self) -> FileAttrs:

@@ -43,7 +43,7 @@ from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import Layer, do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name, redirect_target
-from .records import record
+from .ownership import Caller
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -89,19 +89,6 @@ def _cleanup(call, *args: object, what: str) -> None:
         call(*args)
     except OSError as e:
         log.warning("cannot %s: %s", what, e)
-
-
-@record(frozen=True)
-class Caller:
-    """Who asks: uid/gid of the process behind a FUSE request, and its umask (for
-    creations; the kernel does not apply it, see ``acl``)."""
-    uid: int = 0
-    gid: int = 0
-    pid: int = 0
-    umask: int = 0
-
-
-ROOT = Caller()
 
 
 class _Changing:

@@ -49,7 +49,7 @@ from .lookup import NAME_MAX, Node, UpperName
 from .lookup import Entry as LayerEntry
 from .mounting import raise_readahead
 from .nameless import GoneDir
-from .namespace import Caller
+from .ownership import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 from .pathguard import PathsMoved

@@ -290,13 +290,14 @@ def test_named_tuple_construction_matches_collections(phase, monkeypatch):
 #: modules a mount imports only when its options need them (``core``)
 NOT_AT_START = ("overlaypc.index", "overlaypc.indexroots")
 #: modules no mount's start-up imports, whatever its options: each is imported where a
-#: request first needs it (``readdir``: the first listing or removal of a directory,
-#: ``core``/``namespace``; ``extents``: the first FIEMAP, ``sharing``; ``fileattrs``: the
-#: first lsattr/chattr, ``core``), or only for a command line that asks (``stackfile``:
+#: request first needs it (``namespace``: the first change of a name, ``core``;
+#: ``readdir``: the first listing or removal of a directory, ``core``/``namespace``;
+#: ``extents``: the first FIEMAP, ``sharing``; ``fileattrs``: the first lsattr/chattr,
+#: ``core``), or only for a command line that asks (``stackfile``:
 #: --stack; ``argparse``: help, errors, unusual command lines; ``logging``: the first
 #: record, after the first reply)
-NEVER_AT_START = ("overlaypc.readdir", "overlaypc.extents", "overlaypc.fileattrs",
-                  "overlaypc.stackfile", "argparse", "logging")
+NEVER_AT_START = ("overlaypc.namespace", "overlaypc.readdir", "overlaypc.extents",
+                  "overlaypc.fileattrs", "overlaypc.stackfile", "argparse", "logging")
 
 
 @pytest.mark.parametrize("options", ["", ",index=on"])
