@@ -29,7 +29,7 @@ import errno
 import itertools
 import os
 import stat
-import struct
+import _struct as struct  # (struct.py only re-exports _struct: ~0.15 ms of a start)
 import sys
 from collections.abc import Iterator
 

@@ -29,7 +29,7 @@ import errno
 import fcntl
 import mmap
 import os
-import struct
+import _struct as struct  # (struct.py only re-exports _struct: ~0.15 ms of a start)
 import threading
 import time
 from collections.abc import Callable
