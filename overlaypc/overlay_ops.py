@@ -53,7 +53,6 @@ from .ownership import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 from .pathguard import PathsMoved
-from .readdir import DirEntry
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
     from typing import TypeVar
 
     from .layer import Layer
+    from .readdir import DirEntry
 
     T = TypeVar("T")
 
