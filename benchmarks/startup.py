@@ -21,7 +21,7 @@ microseconds per mark, and once per step, nothing to requests after the first.
 Warm page cache (one unmeasured mount per tree first), trees alternated, a fresh upper and
 workdir per mount, ``-f``, one lower file. Printed: the median (min-max) of each step per
 tree, the total, ``python3 -I -c pass`` and the daemon's CPU time until its first reply.
-Used for RESULTS.md's start-up breakdown (eleventh round).
+Used for RESULTS.md's start-up breakdowns (eleventh and fifteenth rounds).
 """
 from __future__ import annotations
 

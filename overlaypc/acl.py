@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import stat
-import struct
+import _struct as struct  # (struct.py only re-exports _struct: ~0.15 ms of a start)
 
 from .records import record
 from .typing_lite import TYPE_CHECKING

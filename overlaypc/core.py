@@ -34,12 +34,9 @@ from .inumbers import InodeNumbers
 from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, UpperName, check_name
 from .nameless import NamelessDirs
-from .fileattrs import FileAttrs
 from .protection import Protection
-from .namespace import ROOT, Caller, Namespace
-from .ownership import Ownership
+from .ownership import ROOT, Caller, Ownership
 from .pathguard import PathGuard
-from .readdir import DirEntry, merged_listing
 from .stack import LayerStack
 from .sharing import Canonical, ExtentMap, changing, map_file
 from .stats import Stats
@@ -47,13 +44,30 @@ from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from . import killpriv
+    from .fileattrs import FileAttrs
     from .index import IndexDir
+    from .namespace import Namespace
     from .layer import DirFd
+    from .readdir import DirEntry
     from typing import TypeVar
 
     T = TypeVar("T")
 
 log = logs.get("overlaypc.core")
+
+
+def _first_listing(*args, **kwargs) -> "list[DirEntry]":
+    """``merged_listing`` until the first listing: ``readdir`` is imported then, not at
+    start-up (no mount needs it before a request lists a directory), and its function
+    takes this name (unless something else was put there), so later calls cost nothing."""
+    global merged_listing
+    from .readdir import merged_listing as listing
+    if merged_listing is _first_listing:
+        merged_listing = listing
+    return listing(*args, **kwargs)
+
+
+merged_listing = _first_listing
 
 
 @scopes.contextmanager
@@ -157,9 +171,7 @@ class OverlayFS:
             # ``protattr`` is read (``ovl_get_inode``); a chattr through the mount sets them
             # for this mount (``fileattrs``: then read from the xattr it wrote)
             self.stack.upper.root.prot = 0
-        self.namespace = Namespace(self)
         self.attrs = Attributes(self)
-        self.fileattrs = FileAttrs(self)
         self.files = Files(self)
         #: set by the node-based adapter: a copy-up changed an object's identity (old, new,
         #: whether its attributes changed with it: a directory's, a metacopy file's data
@@ -167,6 +179,21 @@ class OverlayFS:
         self.on_rekey: Callable[[InodeKey, InodeKey, bool], None] = lambda old, new, attrs: None
         #: set by the node-based adapter: how many nodes the kernel references
         self.node_count: Callable[[], int] = lambda: 0
+
+    @functools.cached_property
+    def namespace(self) -> Namespace:
+        """Creations, removals, links and renames (``namespace``), made at the first: the
+        module is the package's largest to import (~1 ms), and no mount needs it before a
+        request changes a name."""
+        from .namespace import Namespace
+        return Namespace(self)
+
+    @functools.cached_property
+    def fileattrs(self) -> FileAttrs:
+        """The file-flag requests (``fileattrs``: lsattr/chattr's ioctls), made at the
+        first: no mount needs the module before one."""
+        from .fileattrs import FileAttrs
+        return FileAttrs(self)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:

@@ -22,7 +22,7 @@ from .handles import Handle
 from .inodes import OPEN_FLAGS, MetaFile, OverlayInode, StaleBacking
 from .layer import DirFd, Layer, same_file
 from .lookup import Entry, Node
-from .namespace import Caller
+from .ownership import Caller
 from .sharing import NOT_SHARED, Canonical, Piece, changing, map_file
 from .typing_lite import TYPE_CHECKING, NamedTuple
 

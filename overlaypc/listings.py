@@ -52,8 +52,11 @@ from _bisect import bisect_right  # bisect.py itself adds ~0.06 ms to a mount's 
 from collections import OrderedDict
 from operator import itemgetter
 
-from .readdir import DirEntry
 from .records import record
+from .typing_lite import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .readdir import DirEntry
 
 #: at most this many listings are kept between READDIR requests
 MAX_SNAPSHOTS = 64

@@ -43,8 +43,7 @@ from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import Layer, do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name, redirect_target
-from .readdir import merged_listing
-from .records import record
+from .ownership import Caller
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,6 +52,20 @@ if TYPE_CHECKING:
     from .core import OverlayFS
 
     T = TypeVar("T")
+
+
+def _first_listing(*args, **kwargs) -> list:
+    """``merged_listing`` (a removal's emptiness check) until the first call imports
+    ``readdir`` (not needed at start-up); its function then takes this name (unless
+    something else was put there), so later calls cost nothing (as ``core``'s)."""
+    global merged_listing
+    from .readdir import merged_listing as listing
+    if merged_listing is _first_listing:
+        merged_listing = listing
+    return listing(*args, **kwargs)
+
+
+merged_listing = _first_listing
 
 log = logs.get("overlaypc.namespace")
 
@@ -76,19 +89,6 @@ def _cleanup(call, *args: object, what: str) -> None:
         call(*args)
     except OSError as e:
         log.warning("cannot %s: %s", what, e)
-
-
-@record(frozen=True)
-class Caller:
-    """Who asks: uid/gid of the process behind a FUSE request, and its umask (for
-    creations; the kernel does not apply it, see ``acl``)."""
-    uid: int = 0
-    gid: int = 0
-    pid: int = 0
-    umask: int = 0
-
-
-ROOT = Caller()
 
 
 class _Changing:

@@ -29,7 +29,7 @@ import errno
 import itertools
 import os
 import stat
-import struct
+import _struct as struct  # (struct.py only re-exports _struct: ~0.15 ms of a start)
 import sys
 from collections.abc import Iterator
 
@@ -49,11 +49,10 @@ from .lookup import NAME_MAX, Node, UpperName
 from .lookup import Entry as LayerEntry
 from .mounting import raise_readahead
 from .nameless import GoneDir
-from .namespace import Caller
+from .ownership import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 from .pathguard import PathsMoved
-from .readdir import DirEntry
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
     from typing import TypeVar
 
     from .layer import Layer
+    from .readdir import DirEntry
 
     T = TypeVar("T")
 

@@ -69,6 +69,21 @@ OVERRIDE_NAMES = (OVERRIDE_CONTAINERS, OVERRIDE_PRIVILEGED, OVERRIDE_USER)
 WRITTEN_NAME = {1: OVERRIDE_PRIVILEGED, 2: OVERRIDE_USER}
 
 
+#: (``Caller`` lives here, not in ``namespace`` whose changes take it: every mount's
+#: start-up imports it, and ``namespace`` is imported at the first change)
+@record(frozen=True)
+class Caller:
+    """Who asks: uid/gid of the process behind a FUSE request, and its umask (for
+    creations; the kernel does not apply it, see ``acl``)."""
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0
+
+
+ROOT = Caller()
+
+
 def is_override_xattr(name: str) -> bool:
     """Override xattrs are private: never listed, read, set or copied through the mount."""
     return name in OVERRIDE_NAMES

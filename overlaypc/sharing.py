@@ -51,15 +51,32 @@ from _bisect import bisect_right  # bisect.py itself adds ~0.06 ms to a mount's 
 from collections import OrderedDict
 
 from . import logs, sysapi
-from .extents import FIEMAP_EXTENT_SHARED, Extent, fiemap
 from .layer import Layer
 from .records import field, record
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .extents import Extent
     from .inodes import OverlayInode
 
 log = logs.get("overlaypc.sharing")
+
+
+def _first_fiemap(fd: int, **kw) -> "list[Extent]":
+    """``fiemap`` until the first mapping: ``extents`` is imported then, not at start-up
+    (no mount maps a file before a request opens one; a mount over ext4 or tmpfs never
+    does), and its function takes this name (unless something else was put there), so
+    later calls cost nothing."""
+    global fiemap
+    from .extents import fiemap as real
+    if fiemap is _first_fiemap:
+        fiemap = real
+    return real(fd, **kw)
+
+
+fiemap = _first_fiemap
+#: (``extents.FIEMAP_EXTENT_SHARED``)
+FIEMAP_EXTENT_SHARED = 0x2000
 
 
 #: How many lower files' mappings are remembered (each a few hundred bytes at most).
@@ -110,10 +127,10 @@ class FileExtents:
                 kept.append(e)
                 continue
             if e.logical < start:
-                kept.append(Extent(e.logical, e.physical, start - e.logical, e.flags))
+                kept.append(type(e)(e.logical, e.physical, start - e.logical, e.flags))
             if e.end > end:
                 cut = end - e.logical
-                kept.append(Extent(end, e.physical + cut, e.end - end, e.flags))
+                kept.append(type(e)(end, e.physical + cut, e.end - end, e.flags))
         return FileExtents(self.dev, self.ino, new_size, kept)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
+import _struct as struct  # (struct.py only re-exports _struct: ~0.15 ms of a start)
 import sys
 
 from . import cbind

@@ -442,7 +442,7 @@ def test_a_first_worker_that_cannot_start_leaves_no_thread_running(monkeypatch):
     monkeypatch.setattr(fk.session, "_start_worker", no_thread)
     with pytest.raises(RuntimeError):
         fk.session.serve()
-    threads = (fk.session.notifier._thread, fk.session._watcher)
+    threads = [t for t in (fk.session.notifier._thread, fk.session._watcher) if t is not None]
     assert helpers.wait_until(lambda: not any(t.is_alive() for t in threads), 10), threads
     fk.close()
 

@@ -351,3 +351,24 @@ def test_covers_needs_every_byte_at_its_physical_offset():
     assert not _covers(ext, 0, 2000, 10)      # the canonical's blocks moved
     assert not _covers(ext, 190, 5040, 20)    # past its last extent
     assert not _covers([Extent(0, 1000, 100, 0x800)], 0, 1000, 10)  # unwritten: not plain
+
+
+def test_sharing_takes_extents_at_its_first_mapping(tmp_path):
+    """``sharing`` imports ``extents`` at its first FIEMAP, not at import (start-up): the
+    stand-in ``fiemap`` then gives its name to ``extents.fiemap`` (later calls go straight
+    there), and the SHARED flag ``map_file`` tests is ``extents``' own."""
+    import subprocess
+    (tmp_path / "f").write_bytes(b"x" * 8192)
+    code = "\n".join([
+        "import os, sys",
+        "from overlaypc import sharing",
+        "print('overlaypc.extents' in sys.modules, sharing.fiemap is sharing._first_fiemap)",
+        f"fd = os.open({str(tmp_path / 'f')!r}, os.O_RDONLY)",
+        "sharing.map_file(fd)",  # (None where the filesystem has no FIEMAP: imported all the same)
+        "from overlaypc import extents",
+        "print(sharing.fiemap is extents.fiemap, sharing.FIEMAP_EXTENT_SHARED == extents.FIEMAP_EXTENT_SHARED)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+                         ).stdout.split("\n")
+    assert out[:2] == ["False True", "True True"]

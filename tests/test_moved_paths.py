@@ -28,7 +28,7 @@ from overlaypc import faults
 from overlaypc.config import MountConfig, validate
 from overlaypc.engine import protocol as p
 from overlaypc.engine.protocol import SetAttr
-from overlaypc.namespace import Caller
+from overlaypc.ownership import Caller
 
 
 @pytest.fixture
