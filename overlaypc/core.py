@@ -34,6 +34,7 @@ from .inumbers import InodeNumbers
 from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, UpperName, check_name
 from .nameless import NamelessDirs
+from .once import made_once
 from .protection import Protection
 from .ownership import ROOT, Caller, Ownership
 from .pathguard import PathGuard
@@ -180,7 +181,7 @@ class OverlayFS:
         #: set by the node-based adapter: how many nodes the kernel references
         self.node_count: Callable[[], int] = lambda: 0
 
-    @functools.cached_property
+    @made_once
     def namespace(self) -> Namespace:
         """Creations, removals, links and renames (``namespace``), made at the first: the
         module is the package's largest to import (~1 ms), and no mount needs it before a
@@ -188,7 +189,7 @@ class OverlayFS:
         from .namespace import Namespace
         return Namespace(self)
 
-    @functools.cached_property
+    @made_once
     def fileattrs(self) -> FileAttrs:
         """The file-flag requests (``fileattrs``: lsattr/chattr's ioctls), made at the
         first: no mount needs the module before one."""
