@@ -12,7 +12,9 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 
 from overlaypc import overlay_ops
 from overlaypc.config import MountConfig, validate
@@ -27,6 +29,27 @@ KERNEL_FLAGS = (p.ASYNC_READ | p.POSIX_LOCKS | p.ATOMIC_O_TRUNC | p.EXPORT_SUPPO
                 | p.ABORT_ERROR | p.MAX_PAGES | p.CACHE_SYMLINKS | p.NO_OPENDIR_SUPPORT
                 | p.EXPLICIT_INVAL_DATA | p.HANDLE_KILLPRIV_V2 | p.SETXATTR_EXT | p.INIT_EXT
                 | p.DIRECT_IO_ALLOW_MMAP | p.PASSTHROUGH)
+
+
+def workspace(base: str | None, prefix: str, dirs: tuple[str, ...] = ("lower", "upper", "work", "mnt")) -> str:
+    """A fresh workspace for a mount's layers: ``base`` emptied (or a new directory under
+    /dev/shm named ``prefix``) holding ``dirs``."""
+    base = base or tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")
+    shutil.rmtree(base, ignore_errors=True)
+    for d in dirs:
+        os.makedirs(os.path.join(base, d))
+    return base
+
+
+def make_tree(tree: str, dirs: int, files: int) -> None:
+    """``dirs`` directories of ``files`` small files each under ``tree`` (run.py's
+    ``make_tree``, without importing run.py's dependencies)."""
+    for d in range(dirs):
+        dp = os.path.join(tree, f"d{d:03d}")
+        os.makedirs(dp)
+        for i in range(files):
+            with open(os.path.join(dp, f"f{i:05d}"), "wb") as f:
+                f.write(b"x" * (64 + i % 512))
 
 
 class FakeBacking:

@@ -25,7 +25,6 @@ import errno
 import os
 import shutil
 import sys
-import tempfile
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--dirs", type=int, default=10)
@@ -38,21 +37,13 @@ ap.add_argument("--functions", metavar="REQUEST", default=None,
 args = ap.parse_args()
 sys.path.insert(0, args.tree)
 
-from inprocess import Bytecodes, Harness, error  # noqa: E402 (imports overlaypc from --tree)
+from inprocess import Bytecodes, Harness, error, make_tree, workspace  # noqa: E402 (imports overlaypc from --tree)
 from overlaypc.config import MountConfig  # noqa: E402
 from overlaypc.engine import protocol as p  # noqa: E402
 
-base = args.base or tempfile.mkdtemp(prefix="read-bytecodes-", dir="/dev/shm")
-shutil.rmtree(base, ignore_errors=True)
-for d in ("lower", "upper", "work", "mnt"):
-    os.makedirs(os.path.join(base, d))
+base = workspace(args.base, "read-bytecodes-")
 tree = os.path.join(base, "lower", "tree")
-for d in range(args.dirs):  # (run.py's make_tree, without importing run.py's dependencies)
-    dp = os.path.join(tree, f"d{d:03d}")
-    os.makedirs(dp)
-    for i in range(args.files):
-        with open(os.path.join(dp, f"f{i:05d}"), "wb") as f:
-            f.write(b"x" * (64 + i % 512))
+make_tree(tree, args.dirs, args.files)
 
 COUNTS = Bytecodes()
 OPS, CALLS, FUNCS = COUNTS.ops, COUNTS.calls, COUNTS.funcs

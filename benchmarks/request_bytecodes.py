@@ -24,7 +24,6 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--files", type=int, default=200)
@@ -35,14 +34,11 @@ ap.add_argument("--functions", metavar="REQUEST", default=None,
 args = ap.parse_args()
 sys.path.insert(0, args.tree)
 
-from inprocess import Bytecodes, Harness, error  # noqa: E402 (imports overlaypc from --tree)
+from inprocess import Bytecodes, Harness, error, workspace  # noqa: E402 (imports overlaypc from --tree)
 from overlaypc.config import MountConfig  # noqa: E402
 from overlaypc.engine import protocol as p  # noqa: E402
 
-base = args.base or tempfile.mkdtemp(prefix="request-bytecodes-", dir="/dev/shm")
-shutil.rmtree(base, ignore_errors=True)
-for d in ("lower", "upper/d", "work", "mnt"):
-    os.makedirs(os.path.join(base, d))
+base = workspace(args.base, "request-bytecodes-", ("lower", "upper/d", "work", "mnt"))
 harness = Harness(MountConfig(lowers=[f"{base}/lower"], upper=f"{base}/upper", work=f"{base}/work",
                               mountpoint=f"{base}/mnt"))
 

@@ -151,6 +151,17 @@ def _plain_name(name: str) -> bool:
         and not whiteout.is_oci_name(name)
 
 
+def _packed_taken(entry: Entry | None, name: bytes, e: DirEntry, off: int,
+                  taken: list[int]) -> bytes:
+    """A short READDIRPLUS's entry for ``e`` from the reference ``entry`` took (its nodeid
+    added to ``taken``), or the name alone (no node: the kernel looks it up) without one."""
+    if entry is None or not entry.nodeid:
+        return pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1])
+    taken.append(entry.nodeid)
+    return pack_direntplus_entry(entry.nodeid, entry.generation, entry.attr, entry.entry_timeout,
+                                 entry.attr_timeout, name, e[2], off, e[1])
+
+
 def _changes(method):
     """An operation that may change a file's data or attributes without a namespace
     change (those move the lookup's epoch): once it has run (failed too, a part may be
@@ -1730,13 +1741,7 @@ class OverlayOps(Operations):
                                                       name, e[2], off, e[1]))
                     continue
                 entry = self._take_afresh(nodeid, e[0])  # rare: identities moved since
-                if entry is None or not entry.nodeid:
-                    parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
-                    continue
-                taken.append(entry.nodeid)
-                parts.append(pack_direntplus_entry(entry.nodeid, entry.generation, entry.attr,
-                                                   entry.entry_timeout, entry.attr_timeout,
-                                                   name, e[2], off, e[1]))
+                parts.append(_packed_taken(entry, name, e, off, taken))
         except BaseException:
             self._forget_taken(taken + ids[j:])
             raise
@@ -1751,13 +1756,7 @@ class OverlayOps(Operations):
         try:
             for e, name, off in fit:
                 entry = None if e[3] is None else next(got)
-                if entry is None or not entry.nodeid:
-                    parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
-                    continue
-                taken.append(entry.nodeid)
-                parts.append(pack_direntplus_entry(entry.nodeid, entry.generation, entry.attr,
-                                                   entry.entry_timeout, entry.attr_timeout,
-                                                   name, e[2], off, e[1]))
+                parts.append(_packed_taken(entry, name, e, off, taken))
         except BaseException:
             self._forget_taken(taken + [e.nodeid for e in got if e is not None])
             raise
