@@ -656,6 +656,46 @@ def test_a_chattr_failing_after_its_protattr_keeps_the_flags_as_the_kernel(
     assert got["overlaypc"] == got["kernel"]
 
 
+def _half_set_nameless_session(mnt: Path) -> dict:
+    """As ``_half_set_session``, through the fd of a file made through the mount, named
+    and with no name left (chattr of a nameless file: d7ec31d)."""
+    got = {}
+    for kind in ("named", "nameless"):
+        p = mnt / kind
+        p.write_bytes(b"u\n")
+        fd = os.open(p, os.O_RDWR)
+        try:
+            got[kind + " fchmod before"] = _errno(lambda p, m: os.chmod(fd, 0o640), p, mnt)
+            if kind == "nameless":
+                os.unlink(p)
+            got[kind + " set +iF"] = _ioctl_flags(fd, 0x10 | 0x40000000)  # (casefold: refused)
+            got[kind + " get"] = _ioctl_flags(fd)
+            got[kind + " fchmod"] = _errno(lambda p, m: os.chmod(fd, 0o600), p, mnt)
+            got[kind + " fchown"] = _errno(lambda p, m: os.chown(fd, 5, 5), p, mnt)
+            got[kind + " setxattr"] = _errno(lambda p, m: os.setxattr(fd, "user.x", b"1"), p, mnt)
+            got[kind + " set none"] = _ioctl_flags(fd, 0)
+            got[kind + " fchmod after"] = _errno(lambda p, m: os.chmod(fd, 0o600), p, mnt)
+        finally:
+            os.close(fd)
+    return got
+
+
+def test_a_chattr_failing_after_its_protattr_keeps_the_flags_with_no_name_left_as_the_kernel(
+        tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """review48a: a set of an open file with no name left whose other flags the upper
+    refuses fails after ``protattr`` was written, as by name; the kernel's inode keeps the
+    immutable flag (``ovl_set_protattr`` set it), so fchmod, fchown and fsetxattr through
+    the fd are refused. The node's flags were left unknown, which for a node with no name
+    counts as none (``_protected``): they went on."""
+    lower = layers_factory({"l": {"lo": b"l\n"}}, where={"l": tmp_path}).paths[0]
+    try:
+        got = _each_side(tmp_path, lower, _half_set_nameless_session, overlay_mount, kernel_mount)
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["nameless set +iF"] != 0 and got["kernel"]["nameless fchmod"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]
+
+
 #: lower objects flagged sync (S), noatime (A), nodump (d) and mixes; ``aS``: append-only too
 COPIED_FLAGS = {"S": "+S", "A": "+A", "d": "+d", "SA": "+SA", "Sd": "+Sd", "Ad": "+Ad",
                 "aS": "+aS", "none": "-S"}
