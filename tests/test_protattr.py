@@ -855,6 +855,9 @@ def _flagged_nameless_link_session(mnt: Path) -> dict:
         try:
             got[f"tmp set {letter}"] = _ioctl_flags(fd, value)
             got[f"tmp link {letter}"] = _errno(lambda p, m: _linkat_fd(fd, p), mnt / f"t{letter}", mnt)
+            # into a lower directory: refused before it is copied up
+            got[f"tmp link lodir {letter}"] = _errno(lambda p, m: _linkat_fd(fd, p),
+                                                     mnt / "lodir" / f"t{letter}", mnt)
             got[f"tmp get after link {letter}"] = _ioctl_flags(fd)
             got[f"tmp unset {letter}"] = _ioctl_flags(fd, 0)
         finally:
@@ -868,14 +871,18 @@ def test_a_file_flagged_with_no_name_left_is_not_linked_as_the_kernel(tmp_path, 
     """review48a: chattr +i/+a of an open file with no name (d7ec31d) makes its inode
     immutable/append-only on the kernel overlay, whose ``vfs_link`` then refuses to give it
     a name (EPERM); overlaypc linked it (``Namespace.link_open`` read no flags)."""
-    lower = layers_factory({"l": {"lo": b"l\n"}}, where={"l": tmp_path}).paths[0]
+    lower = layers_factory({"l": {"lo": b"l\n", "lodir": {"x": b"x\n"}}},
+                           where={"l": tmp_path}).paths[0]
+    stacks: dict = {}
     try:
         got = _each_side(tmp_path, lower, _flagged_nameless_link_session, overlay_mount,
-                         kernel_mount)
+                         kernel_mount, stacks)
     finally:
         _unflag_all(tmp_path)
     assert got["kernel"]["tmp link i"] == errno.EPERM and got["kernel"]["tmp set a"] == 0
     assert got["overlaypc"] == got["kernel"]
+    uppers = {side: [n for n in _tree(stacks[side].upper) if n != "d"] for side in SIDES}
+    assert uppers["overlaypc"] == uppers["kernel"] == []  # (nothing copied up, nothing linked)
 
 
 def _metacopy_chattr_session(mnt: Path) -> dict:
