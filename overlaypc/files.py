@@ -242,6 +242,9 @@ class Files:
         def opened(fd: int, node: Node):
             try:
                 key = fs.identity(node)
+                # (before ``acquire``, which would take it: a former file of this inode
+                # number left its versions, never this new file's)
+                fs.inodes.forget_version(key)
                 inode = fs.inodes.acquire(key, fs.inos.ino_of(node), node.top)
             except BaseException:
                 os.close(fd)
@@ -250,7 +253,6 @@ class Files:
                 if tmpfile:
                     inode.tmpfile = True
                 self.made_clean(inode, node.top.st, node.top.xattrs)
-                fs.inodes.forget_version(key)
                 result = self._register(inode, flags, node.rel, fd, inode.generation)
             except BaseException:
                 fs.inodes.release(inode)  # (before its fd closes: ``release``)

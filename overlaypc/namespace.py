@@ -564,11 +564,16 @@ class Namespace:
         name gone. index=on: an index entry, or an upper link of one, moves the shared
         count as ``link`` does; one whose count is 0 (every name gone) answers ENOENT, as
         the kernel's link of a file with no link left (the index keeps its entry
-        linked)."""
+        linked). EPERM for an immutable or append-only one (its ``protattr``), as ``link``."""
         self.fs.require_writable()
-        self._prepare_new(dst_rel)
         upper = self.fs.stack.upper
         assert upper is not None
+        # its own flags (a chattr through the fd of a file with no name sets them:
+        # ``protattr`` on the file), before the new name's parent is copied up: the kernel's
+        # ``vfs_link`` refuses (EPERM) before its overlay copies anything; ``link`` checks
+        # its source's first too
+        protattr.check_changed(self.fs.protection.of_upper_fd(upper, fd), dst_rel)
+        self._prepare_new(dst_rel)
         with self._changing():
             st = os.fstat(fd)
             # index=on: the entry is read before the link, so that a failed read leaves

@@ -1162,17 +1162,36 @@ class OverlayOps(Operations):
         ``on_fd`` on the real upper object, setting ``prot``), kept on the node
         (``_protected``); the kernel drops its cached attributes (ctime moved). Unknown
         meanwhile: a set failing after it wrote ``protattr`` (the upper refused the other
-        flags) keeps the flags written, as the kernel's inode keeps those it was given."""
+        flags) keeps the flags written, as the kernel's inode keeps those it was given (by
+        name the next change reads them; with no name left they are read back here through
+        the real object: ``_protected`` has no path to read them by)."""
         node = self.nodes.node(nodeid)
         node.prot = -1
         try:
             prot = self._at_node(nodeid, act)
         except NoNameLeft as e:
-            self._nameless(nodeid, e, lambda gone: self.fs.nameless.change_real(gone, on_fd),
-                           lambda inode: self.fs.files.change_real_inode(inode, on_fd))
+            try:
+                self._nameless(nodeid, e, lambda gone: self.fs.nameless.change_real(gone, on_fd),
+                               lambda inode: self.fs.files.change_real_inode(inode, on_fd))
+            except BaseException:
+                node.prot = self._nameless_protected(nodeid, e)
+                raise
         node.prot = prot
         self.notifier.inval_inode(nodeid, -1)
         return b""
+
+    def _nameless_protected(self, nodeid: int, error: NoNameLeft) -> int:
+        """The immutable/append-only flags of a node with no name left as its real object
+        holds them now (an upper one's ``protattr``, a lower one's own), -1 where they
+        cannot be read."""
+        attrs = self.fs.fileattrs
+        try:
+            flags = self._nameless(nodeid, error,
+                                   lambda gone: self.fs.nameless.read_real(gone, attrs.get_flags_fd),
+                                   lambda inode: self.fs.files.read_real_inode(inode, attrs.get_flags_fd))
+        except OSError:
+            return -1
+        return flags & protattr.PROTECTED
 
     # -- namespace ------------------------------------------------------------------------------
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:

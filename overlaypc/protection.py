@@ -79,6 +79,19 @@ class Protection:
             return 0
         return flags
 
+    def of_upper_fd(self, upper, fd: int) -> int:
+        """The flags of the upper object open as ``fd`` (one with no name the mount knows:
+        LINK of an open file), its ``protattr`` read through the fd."""
+        raw = upper.getxattr_fd(fd, self.xattr)
+        if raw is None:
+            return 0
+        flags = protattr.parse(raw)
+        if flags is None:
+            log.warning("incompatible %s of an open file of %s (%r): ignored", self.xattr,
+                        upper.path, raw[:protattr.MAX_LEN + 1])
+            return 0
+        return flags
+
     def of_entry(self, entry) -> int:
         """The flags of one layer's object (the top entry of a node)."""
         dirfd = entry.dirfd

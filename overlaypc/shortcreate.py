@@ -89,6 +89,7 @@ def made_in(fs: "OverlayFS", pnode: Node, name: str, rel: str, flags: int,
         else:
             ino = inos.ino_of(Node(rel, (Entry(upper, rel, st, None, parent, names),)))
         key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper object)
+        fs.inodes.forget_version(key)  # (before ``acquire``: as ``Files._opened_new``)
         inode = fs.inodes.acquire(key, ino, Entry(upper, rel, st))
     except BaseException:
         os.close(fd)
@@ -96,7 +97,6 @@ def made_in(fs: "OverlayFS", pnode: Node, name: str, rel: str, flags: int,
         raise
     try:
         fs.files.made_clean(inode, st, names)
-        fs.inodes.forget_version(key)
         result = fs.files._register(inode, flags, rel, fd, inode.generation)
     except BaseException:
         fs.inodes.release(inode)  # (before its fd closes: ``release``)

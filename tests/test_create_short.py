@@ -29,6 +29,7 @@ from overlaypc import faults, sysapi
 from overlaypc.engine import protocol as p
 from overlaypc.engine import session as session_mod
 from overlaypc.engine.ops import Request
+from overlaypc.inodes import InodeKey
 from overlaypc.nodes import ROOT_ID
 
 from test_nodes_unit import REQ, look, make_ops
@@ -384,3 +385,38 @@ def test_a_failing_read_of_the_parent_declines_with_nothing_done(ops, tree, monk
     with pytest.raises(OSError) as raised:
         ops.create(REQ, d, b"new", FLAGS, 0o100644, 0)
     assert raised.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("short", [True, False])
+def test_a_new_file_takes_no_cache_kept_for_a_former_file_of_its_number(ops, tree, monkeypatch,
+                                                                       short):
+    """review48a: a file whose last handle went leaves its data version and the one the
+    kernel's cache holds (``Inodes.release``: ``_versions``, kept by its (dev, ino)); a new
+    file the upper gives the same inode number (ext4 reuses a freed number at once) is
+    another file, whose first open must not tell the kernel to keep a cache (KEEP_CACHE).
+    Both CREATEs called ``forget_version`` after ``acquire``, which had already taken the
+    kept versions: a number reused right after an open of the former file answered
+    KEEP_CACHE. Here the former file's versions are put in place as its release leaves
+    them, for whatever number the new file gets."""
+    d = _up(ops)
+    _negative(ops, d, b"new")
+    inodes, upper = ops.fs.inodes, ops.fs.stack.upper
+
+    def former(make):  # (the versions a former file of the new one's number left)
+        def made(*args):
+            fd = make(*args)
+            st = os.fstat(fd)
+            inodes._versions[InodeKey(st.st_dev, st.st_ino)] = (3, 3)
+            return fd
+        return made
+    monkeypatch.setattr(upper, "create_at", former(upper.create_at))
+    monkeypatch.setattr(upper, "do_create", former(upper.do_create))
+    if short:
+        nodeid, fh, reply = _short(ops, d, b"new")
+        open_flags = p.OPEN_OUT.unpack_from(reply, p.ENTRY_OUT.size)[1]
+    else:
+        entry, opened = ops.create(Request(0, 0, 1, 0, 0), d, b"new", FLAGS, 0o100644, 0)
+        nodeid, fh = entry.nodeid, opened.fh
+        open_flags = session_mod.Session._open_flags(opened)
+    assert not open_flags & p.FOPEN_KEEP_CACHE
+    ops.release(REQ, nodeid, fh)

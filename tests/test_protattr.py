@@ -8,6 +8,7 @@ are compared too: nothing is copied up for a refused change."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -655,6 +656,46 @@ def test_a_chattr_failing_after_its_protattr_keeps_the_flags_as_the_kernel(
     assert got["overlaypc"] == got["kernel"]
 
 
+def _half_set_nameless_session(mnt: Path) -> dict:
+    """As ``_half_set_session``, through the fd of a file made through the mount, named
+    and with no name left (chattr of a nameless file: d7ec31d)."""
+    got = {}
+    for kind in ("named", "nameless"):
+        p = mnt / kind
+        p.write_bytes(b"u\n")
+        fd = os.open(p, os.O_RDWR)
+        try:
+            got[kind + " fchmod before"] = _errno(lambda p, m: os.chmod(fd, 0o640), p, mnt)
+            if kind == "nameless":
+                os.unlink(p)
+            got[kind + " set +iF"] = _ioctl_flags(fd, 0x10 | 0x40000000)  # (casefold: refused)
+            got[kind + " get"] = _ioctl_flags(fd)
+            got[kind + " fchmod"] = _errno(lambda p, m: os.chmod(fd, 0o600), p, mnt)
+            got[kind + " fchown"] = _errno(lambda p, m: os.chown(fd, 5, 5), p, mnt)
+            got[kind + " setxattr"] = _errno(lambda p, m: os.setxattr(fd, "user.x", b"1"), p, mnt)
+            got[kind + " set none"] = _ioctl_flags(fd, 0)
+            got[kind + " fchmod after"] = _errno(lambda p, m: os.chmod(fd, 0o600), p, mnt)
+        finally:
+            os.close(fd)
+    return got
+
+
+def test_a_chattr_failing_after_its_protattr_keeps_the_flags_with_no_name_left_as_the_kernel(
+        tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """review48a: a set of an open file with no name left whose other flags the upper
+    refuses fails after ``protattr`` was written, as by name; the kernel's inode keeps the
+    immutable flag (``ovl_set_protattr`` set it), so fchmod, fchown and fsetxattr through
+    the fd are refused. The node's flags were left unknown, which for a node with no name
+    counts as none (``_protected``): they went on."""
+    lower = layers_factory({"l": {"lo": b"l\n"}}, where={"l": tmp_path}).paths[0]
+    try:
+        got = _each_side(tmp_path, lower, _half_set_nameless_session, overlay_mount, kernel_mount)
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["nameless set +iF"] != 0 and got["kernel"]["nameless fchmod"] == errno.EPERM
+    assert got["overlaypc"] == got["kernel"]
+
+
 #: lower objects flagged sync (S), noatime (A), nodump (d) and mixes; ``aS``: append-only too
 COPIED_FLAGS = {"S": "+S", "A": "+A", "d": "+d", "SA": "+SA", "Sd": "+Sd", "Ad": "+Ad",
                 "aS": "+aS", "none": "-S"}
@@ -793,6 +834,55 @@ def test_chattr_and_lsattr_of_a_file_with_no_name_left_as_the_kernel(tmp_path, l
     assert got["overlaypc"] == got["kernel"]
     assert apart == {"kernel": dict.fromkeys(apart["kernel"], "ENOTDIR"),
                      "overlaypc": dict.fromkeys(apart["kernel"], "ESTALE")}
+
+
+def _linkat_fd(fd: int, dst: Path) -> None:
+    """``linkat(fd, "", AT_FDCWD, dst, AT_EMPTY_PATH)``: a name for an open file."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", -100, os.fsencode(dst), 0x1000) != 0:  # AT_FDCWD, AT_EMPTY_PATH
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(dst))
+
+
+def _flagged_nameless_link_session(mnt: Path) -> dict:
+    """Files flagged through their fd while they had no name (an ``O_TMPFILE`` one, an
+    upper file whose names went but one the mount never looked up), then given a name by
+    ``linkat`` of that fd; what the name allows after."""
+    got = {}
+    (mnt / "d").mkdir()
+    for letter, value in (("i", 0x10), ("a", 0x20)):
+        fd = os.open(mnt / "d", os.O_TMPFILE | os.O_RDWR, 0o644)
+        try:
+            got[f"tmp set {letter}"] = _ioctl_flags(fd, value)
+            got[f"tmp link {letter}"] = _errno(lambda p, m: _linkat_fd(fd, p), mnt / f"t{letter}", mnt)
+            # into a lower directory: refused before it is copied up
+            got[f"tmp link lodir {letter}"] = _errno(lambda p, m: _linkat_fd(fd, p),
+                                                     mnt / "lodir" / f"t{letter}", mnt)
+            got[f"tmp get after link {letter}"] = _ioctl_flags(fd)
+            got[f"tmp unset {letter}"] = _ioctl_flags(fd, 0)
+        finally:
+            os.close(fd)
+        got[f"tmp names {letter}"] = sorted(os.listdir(mnt))
+    return got
+
+
+def test_a_file_flagged_with_no_name_left_is_not_linked_as_the_kernel(tmp_path, layers_factory,
+                                                                     overlay_mount, kernel_mount):
+    """review48a: chattr +i/+a of an open file with no name (d7ec31d) makes its inode
+    immutable/append-only on the kernel overlay, whose ``vfs_link`` then refuses to give it
+    a name (EPERM); overlaypc linked it (``Namespace.link_open`` read no flags)."""
+    lower = layers_factory({"l": {"lo": b"l\n", "lodir": {"x": b"x\n"}}},
+                           where={"l": tmp_path}).paths[0]
+    stacks: dict = {}
+    try:
+        got = _each_side(tmp_path, lower, _flagged_nameless_link_session, overlay_mount,
+                         kernel_mount, stacks)
+    finally:
+        _unflag_all(tmp_path)
+    assert got["kernel"]["tmp link i"] == errno.EPERM and got["kernel"]["tmp set a"] == 0
+    assert got["overlaypc"] == got["kernel"]
+    uppers = {side: [n for n in _tree(stacks[side].upper) if n != "d"] for side in SIDES}
+    assert uppers["overlaypc"] == uppers["kernel"] == []  # (nothing copied up, nothing linked)
 
 
 def _metacopy_chattr_session(mnt: Path) -> dict:
