@@ -271,6 +271,12 @@ class OverlayOps(Operations):
         raise_readahead(self.fs.config.mountpoint)  # the INIT reply is applied by now
 
     def served(self) -> None:
+        # the package's modules only requests need, left out of start-up (the first reply
+        # did not wait for them): imported now, not at the first request of their kind
+        # (maybe hours later, when the package's files may be gone or another version's:
+        # that import would fail its request with EIO, or mix two versions' code)
+        from . import extents, fileattrs, namespace, readdir
+        del extents, fileattrs, namespace, readdir  # (loaded: that is all)
         # not in ``initialized``: the first record imports ``logging`` (~5 ms, ``logs``),
         # which the mount's first reply (the caller's stat that waited for INIT) need not wait for
         log.info("mounted %s", self.fs.config.mountpoint)

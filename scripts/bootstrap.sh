@@ -180,9 +180,12 @@ install_python_packages() {
 # was visible instead of 35 (benchmarks/startup.py, clean checkout). Every run: up to date
 # it only reads the headers (~40 ms); a module edited since is compiled again at each
 # start until the next run (Python checks each .pyc against its source's mtime and size).
+# Only a saving: where it cannot be written (a read-only tree, another user's __pycache__)
+# or a module does not compile, say so and go on, as before this step existed.
 compile_bytecode() {
     [ -x "$VENV/bin/python" ] && [ -f overlaypc/__init__.py ] || return 0
-    quietly "$VENV/bin/python" -m compileall -q overlaypc
+    quietly "$VENV/bin/python" -m compileall -q overlaypc ||
+        log "warning: bytecode not written (above); a mount compiles what is missing at each start"
 }
 
 # mount(8) runs helpers (mount.fuse3 -> `sh -c overlaypc ...`) with a default PATH, so

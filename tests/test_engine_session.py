@@ -431,6 +431,50 @@ def test_unmount_before_any_request_clones_nothing(kernel):
     assert len(fk.kernel_socks) == 1
 
 
+class _NotifyingOps(MemoryOps):
+    """STATFS queues a notification first, then (with ``hold``) waits until it is set."""
+
+    def __init__(self, hold: threading.Event | None = None) -> None:
+        super().__init__()
+        self.hold = hold
+
+    def statfs(self, req, nodeid):
+        self.notifier.inval_inode(5, 0, -1)
+        if self.hold is not None:
+            assert self.hold.wait(20)
+        return super().statfs(req, nodeid)
+
+
+def _next_notification(fk: FakeKernel) -> bytes:
+    """The next notification on the channel's socket (its timeout, 20 s, fails the test)."""
+    if fk.notifications:
+        return fk.notifications.pop(0)
+    return fk.kernel_socks[0].recv(4096)
+
+
+def test_a_notification_the_first_request_queues_is_written_once_it_is_answered(kernel):
+    """The notifier starts with the clones, after the first reply: a notification the
+    first request queued before then waits in the queue and is written, not lost."""
+    ops = _NotifyingOps()
+    fk = kernel(ops, workers=2, session_kw={"clone_delay": 60})
+    assert not fk.session.notifier._thread.is_alive()  # (not before the first reply)
+    fk.ok(p.STATFS, 1)
+    assert _next_notification(fk) == p.notify_inval_inode(5, 0, -1)
+
+
+def test_a_first_request_that_blocks_holds_no_notification_back(kernel):
+    """A first request that gets no reply (it blocks) does not keep the notifier from
+    starting: after ``clone_delay`` it starts and writes what that request queued."""
+    hold = threading.Event()
+    fk = kernel(_NotifyingOps(hold), workers=2, session_kw={"clone_delay": 0.1})
+    fk.send(p.STATFS, 1)
+    try:
+        assert _next_notification(fk) == p.notify_inval_inode(5, 0, -1)  # while it blocks
+    finally:
+        hold.set()
+    assert fk.receive().error == 0
+
+
 def test_a_first_worker_that_cannot_start_leaves_no_thread_running(monkeypatch):
     """Before: ``serve`` started the notifier and the pool's watch, then raised from the
     first worker's start without stopping them (two threads left per failed session)."""

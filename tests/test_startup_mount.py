@@ -6,6 +6,7 @@ would not see it."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,24 +15,33 @@ import helpers
 from test_startup_unit import NEVER_AT_START, NOT_AT_START, SLOW_STDLIB
 
 #: the ``overlaypc`` command (``entry.main``, as bin/overlaypc runs it) with the session's
-#: ``dispatch`` wrapped: at the first request it writes the names in ``sys.modules`` to
-#: the file given as its first argument. (``session`` is imported first here: the mount
-#: imports it before its first request anyway.)
+#: ``dispatch`` and ``OverlayOps.served`` wrapped: at the first request, or at ``served``
+#: if no request came before (``clone_delay``: it imports the request-only modules), it
+#: writes the names in ``sys.modules`` to the file given as its first argument.
+#: (``session`` and ``overlay_ops`` are imported first here: the mount imports them
+#: before its first request anyway.)
 PROBE = r"""
 import sys
 from overlaypc.engine.session import Session
+from overlaypc.overlay_ops import OverlayOps
 out = sys.argv.pop(1)
-dispatch = Session.dispatch
+dispatch, served = Session.dispatch, OverlayOps.served
 seen = []
-def first(self, *args, **kwargs):
+def snapshot():
     if not seen:
         seen.append(1)
         with open(out + ".tmp", "w") as f:
             f.write(" ".join(sorted(sys.modules)))
         import os
         os.rename(out + ".tmp", out)
+def first(self, *args, **kwargs):
+    snapshot()
     return dispatch(self, *args, **kwargs)
+def first_served(self):
+    snapshot()
+    return served(self)
 Session.dispatch = first
+OverlayOps.served = first_served
 from overlaypc.entry import main
 sys.argv[0] = "overlaypc"
 sys.exit(main())
@@ -42,7 +52,8 @@ def test_the_first_request_finds_no_module_start_up_does_not_need(tmp_path):
     """A default mount, run as the command runs it (``-f``), answers the first request of
     its caller (a ``stat`` of the mount point) having imported none of ``NEVER_AT_START``,
     ``NOT_AT_START`` (index=on only) or ``SLOW_STDLIB``: INIT, the first worker and the
-    request itself included."""
+    request itself included (or, if no request came within ``clone_delay``, at ``served``,
+    which imports the request-only modules)."""
     helpers.require_fuse_mount()
     for d in ("lower", "upper", "work", "mnt"):
         (tmp_path / d).mkdir()
@@ -72,3 +83,49 @@ def test_the_first_request_finds_no_module_start_up_does_not_need(tmp_path):
     loaded = set(out.read_text().split())
     assert "overlaypc.overlay_ops" in loaded           # (the probe saw the mount's imports)
     assert sorted(loaded & set(NEVER_AT_START + NOT_AT_START + SLOW_STDLIB)) == []
+
+
+def test_a_running_mount_needs_no_file_of_its_package(tmp_path):
+    """The modules made lazy for start-up (``NEVER_AT_START``'s of the package) are
+    imported once the first request is answered (``OverlayOps.served``), not at the first
+    request of their kind, which may come hours later: by then the package's files may be
+    gone or another version's (an upgrade, a ``git checkout``, a removed worktree), and
+    the import would fail that request with EIO (a listing: ``merged_listing``'s stand-in
+    tried again at every one) or mix two versions' code. Here the daemon runs from a copy
+    of the package moved away once the mount says it is mounted."""
+    helpers.require_fuse_mount()
+    pkg = tmp_path / "pkg"
+    shutil.copytree(helpers.REPO_ROOT / "overlaypc", pkg / "overlaypc",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "lower" / "f").write_bytes(b"x")
+    (tmp_path / "lower" / "d").mkdir()
+    mnt, err_path = tmp_path / "mnt", tmp_path / "stderr"
+    opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work"
+    env = dict(helpers.overlaypc_env(), PYTHONPATH=str(pkg))
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "overlaypc", "-f", "-o", opts, str(mnt)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                env=env, cwd=str(tmp_path), start_new_session=True)
+    try:
+        assert helpers.wait_until(lambda: "mounted " in err_path.read_text()
+                                  or proc.poll() is not None, 60), "not mounted within 60 s"
+        assert proc.poll() is None, err_path.read_text()
+        pkg.rename(tmp_path / "pkg-gone")                  # the package's files are gone
+        assert sorted(os.listdir(mnt)) == ["d", "f"]      # READDIR: readdir
+        (mnt / "new").write_bytes(b"y")                   # CREATE: namespace
+        os.rmdir(mnt / "d")                               # RMDIR: namespace, readdir
+        os.unlink(mnt / "f")
+        assert sorted(os.listdir(mnt)) == ["new"]
+    finally:
+        if helpers.is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            helpers.force_unmount(mnt)
+    assert proc.returncode == 0, err_path.read_text()
+    assert helpers.unexpected_log_lines(err_path.read_text()) == []
