@@ -162,6 +162,24 @@ def _packed_taken(entry: Entry | None, name: bytes, e: DirEntry, off: int,
                                  entry.attr_timeout, name, e[2], off, e[1])
 
 
+def _load_request_modules() -> None:
+    """Import the package's modules only requests use (left out of start-up)."""
+    from . import extents, fileattrs, namespace, readdir
+    del extents, fileattrs, namespace, readdir  # (loaded: that is all)
+
+
+def _code_below(mountpoint: str) -> bool:
+    """Whether this package's files lie below ``mountpoint`` (a mount over a lower
+    directory that holds the daemon's own code). Its imports once mounted would read
+    through the mount it serves: the first worker, answering the request that needs a
+    module (an IOCTL's ``fileattrs``: Python asks ``isatty`` of every file it opens), waits
+    for that import, which waits for a worker: the mount hung. Such a mount loads them
+    before mount(2)."""
+    pkg = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    top = os.path.realpath(mountpoint)
+    return pkg == top or pkg.startswith(top.rstrip("/") + "/")
+
+
 def _changes(method):
     """An operation that may change a file's data or attributes without a namespace
     change (those move the lookup's epoch): once it has run (failed too, a part may be
@@ -181,6 +199,8 @@ class OverlayOps(Operations):
     def __init__(self, fs: OverlayFS) -> None:
         self.fs = fs
         self.timeout = fs.config.timeout
+        if _code_below(fs.config.mountpoint):
+            _load_request_modules()  # now, before mount(2): see ``served``
         self.nodes = NodeTable(fs.identity(fs.lookup.lookup("")))
         #: listings, served with handle 0 from snapshots (``listings``)
         self._snapshots = Snapshots()
@@ -275,8 +295,8 @@ class OverlayOps(Operations):
         # did not wait for them): imported now, not at the first request of their kind
         # (maybe hours later, when the package's files may be gone or another version's:
         # that import would fail its request with EIO, or mix two versions' code)
-        from . import extents, fileattrs, namespace, readdir
-        del extents, fileattrs, namespace, readdir  # (loaded: that is all)
+        # (a package below its own mount point was loaded before mount(2): ``_code_below``)
+        _load_request_modules()
         # not in ``initialized``: the first record imports ``logging`` (~5 ms, ``logs``),
         # which the mount's first reply (the caller's stat that waited for INIT) need not wait for
         log.info("mounted %s", self.fs.config.mountpoint)

@@ -5,6 +5,7 @@ import moved up, a new eager use) while the in-process tests, which stop before 
 would not see it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -127,5 +128,86 @@ def test_a_running_mount_needs_no_file_of_its_package(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             helpers.force_unmount(mnt)
+    assert proc.returncode == 0, err_path.read_text()
+    assert helpers.unexpected_log_lines(err_path.read_text()) == []
+
+
+def _fuse_connection(mnt) -> str | None:
+    """The FUSE connection number of the mount at ``mnt`` (its device's minor number in
+    /proc/self/mountinfo), read before any request can hang on it."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mnt) and " - fuse" in line:
+                return fields[2].split(":")[1]
+    return None
+
+
+def _abort_connection(conn: str, scratch) -> None:
+    """Abort FUSE connection ``conn`` through a private fusectl mount (a daemon waiting on
+    its own mount cannot be killed otherwise: its request waits for itself)."""
+    ctl = scratch / "fusectl"
+    ctl.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "fusectl", "none", str(ctl)], check=False).returncode:
+        return
+    try:
+        with open(ctl / conn / "abort", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+    finally:
+        subprocess.run(["umount", str(ctl)], check=False)
+
+
+def test_a_mount_over_the_directory_holding_its_own_code_is_served(tmp_path):
+    """The daemon's package lies in the lower directory the mount covers (mounted over
+    its own code): the request-only modules are loaded before mount(2) there, not once
+    mounted, where their import reads through the mount it serves (Python asks ``isatty``
+    of each file it opens: an IOCTL, whose ``fileattrs`` import then waited for itself).
+    Before, the first listing hung (the client's ``ls`` timed out, the daemon stuck in
+    its own ioctl until the connection was aborted). The client runs in a subprocess with
+    a timeout, and a hung connection is aborted, so a failure cannot hang the suite."""
+    helpers.require_fuse_mount()
+    lower = tmp_path / "lower"
+    shutil.copytree(helpers.REPO_ROOT / "overlaypc", lower / "pkg" / "overlaypc",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (lower / "d").mkdir()
+    (lower / "f").write_bytes(b"x")
+    for d in ("upper", "work"):
+        (tmp_path / d).mkdir()
+    err_path = tmp_path / "stderr"
+    opts = f"lowerdir={lower},upperdir={tmp_path}/upper,workdir={tmp_path}/work"
+    env = dict(helpers.overlaypc_env(), PYTHONPATH=str(lower / "pkg"))
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "overlaypc", "-f", "-o", opts, str(lower)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                env=env, cwd=str(tmp_path), start_new_session=True)
+    conn = None
+    try:
+        assert helpers.wait_until(lambda: helpers.is_mounted(lower) or proc.poll() is not None,
+                                  60), "not mounted within 60 s"
+        conn = _fuse_connection(lower)
+        assert proc.poll() is None, err_path.read_text()
+        try:
+            client = subprocess.run(
+                ["sh", "-c", f"ls {lower} && echo y > {lower}/new && rmdir {lower}/d && "
+                             f"lsattr {lower}/f >/dev/null && ls {lower}"],
+                capture_output=True, text=True, timeout=30, check=False)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the client's requests hung (30 s)") from None
+        assert (client.returncode, client.stdout) == (0, "d\nf\npkg\nf\nnew\npkg\n"), \
+            client.stderr
+    finally:
+        if helpers.is_mounted(lower):
+            with contextlib.suppress(subprocess.SubprocessError):
+                subprocess.run(["fusermount3", "-u", str(lower)], check=False, timeout=30)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            if conn is not None:
+                _abort_connection(conn, tmp_path)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            helpers.force_unmount(lower)
     assert proc.returncode == 0, err_path.read_text()
     assert helpers.unexpected_log_lines(err_path.read_text()) == []
