@@ -169,15 +169,15 @@ def _load_request_modules() -> None:
 
 
 def _code_below(mountpoint: str) -> bool:
-    """Whether this package's files lie below ``mountpoint`` (a mount over a lower
-    directory that holds the daemon's own code). Its imports once mounted would read
-    through the mount it serves: the first worker, answering the request that needs a
-    module (an IOCTL's ``fileattrs``: Python asks ``isatty`` of every file it opens), waits
-    for that import, which waits for a worker: the mount hung. Such a mount loads them
-    before mount(2)."""
-    pkg = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
-    top = os.path.realpath(mountpoint)
-    return pkg == top or pkg.startswith(top.rstrip("/") + "/")
+    """Whether this package's files, or the standard library's, lie below ``mountpoint``
+    (a mount over a lower directory that holds the daemon's own code). Imports once
+    mounted would read through the mount it serves: the first worker, answering the
+    request that needs a module (an IOCTL's ``fileattrs``: Python asks ``isatty`` of every
+    file it opens), waits for that import, which waits for a worker: the mount hung. Such
+    a mount loads them before mount(2)."""
+    top = os.path.realpath(mountpoint).rstrip("/") + "/"
+    return any((os.path.realpath(os.path.dirname(os.path.abspath(f))) + "/").startswith(top)
+               for f in (__file__, os.__file__))
 
 
 def _changes(method):

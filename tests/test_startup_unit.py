@@ -457,3 +457,17 @@ def test_a_mount_reads_the_mount_table_once_to_validate_and_once_to_open_its_lay
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=REPO)).stdout.split()
     assert out == ["1", "1"]
+
+
+def test_code_below_a_mount_point_is_the_package_or_the_standard_library(tmp_path):
+    """``overlay_ops._code_below``: a mount over the package's directory, one above it,
+    or over the standard library's loads the request-only modules before mount(2); a
+    mount elsewhere (or at a sibling whose name the package's path merely starts with) does
+    not."""
+    from overlaypc import overlay_ops
+    pkg = os.path.dirname(os.path.realpath(overlay_ops.__file__))
+    stdlib = os.path.dirname(os.path.realpath(os.__file__))
+    assert overlay_ops._code_below(pkg) and overlay_ops._code_below(os.path.dirname(pkg))
+    assert overlay_ops._code_below("/") and overlay_ops._code_below(stdlib)
+    assert not overlay_ops._code_below(str(tmp_path))
+    assert not overlay_ops._code_below(pkg + "-sibling") and not overlay_ops._code_below(pkg[:-1])
