@@ -72,14 +72,7 @@ def test_the_first_request_finds_no_module_start_up_does_not_need(tmp_path):
         assert os.listdir(mnt) == ["f"]             # the first requests
         assert helpers.wait_until(out.exists, 10)
     finally:
-        if helpers.is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            helpers.force_unmount(mnt)
+        _stop(proc, mnt)
     assert proc.returncode == 0, (tmp_path / "stderr").read_text()
     loaded = set(out.read_text().split())
     assert "overlaypc.overlay_ops" in loaded           # (the probe saw the mount's imports)
@@ -120,16 +113,26 @@ def test_a_running_mount_needs_no_file_of_its_package(tmp_path):
         os.unlink(mnt / "f")
         assert sorted(os.listdir(mnt)) == ["new"]
     finally:
-        if helpers.is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            helpers.force_unmount(mnt)
+        _stop(proc, mnt)
     assert proc.returncode == 0, err_path.read_text()
     assert helpers.unexpected_log_lines(err_path.read_text()) == []
+
+
+def _stop(proc: subprocess.Popen, mnt, conn: str | None = None, scratch=None) -> None:
+    """Unmount ``mnt`` and wait for its daemon ``proc``; one that does not end is killed
+    (its FUSE connection ``conn`` aborted first through ``scratch``: a daemon waiting on
+    its own mount cannot be killed otherwise) and the mount removed."""
+    if helpers.is_mounted(mnt):
+        with contextlib.suppress(subprocess.SubprocessError):
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False, timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        if conn is not None:
+            _abort_connection(conn, scratch)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        helpers.force_unmount(mnt)
 
 
 def _fuse_connection(mnt) -> str | None:
@@ -198,16 +201,6 @@ def test_a_mount_over_the_directory_holding_its_own_code_is_served(tmp_path):
         assert (client.returncode, client.stdout) == (0, "d\nf\npkg\nf\nnew\npkg\n"), \
             client.stderr
     finally:
-        if helpers.is_mounted(lower):
-            with contextlib.suppress(subprocess.SubprocessError):
-                subprocess.run(["fusermount3", "-u", str(lower)], check=False, timeout=30)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            if conn is not None:
-                _abort_connection(conn, tmp_path)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            helpers.force_unmount(lower)
+        _stop(proc, lower, conn, tmp_path)
     assert proc.returncode == 0, err_path.read_text()
     assert helpers.unexpected_log_lines(err_path.read_text()) == []
