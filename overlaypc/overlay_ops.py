@@ -38,7 +38,8 @@ from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
 from .engine import protocol as p
-from .engine.ops import AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request
+from .engine.ops import (AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request,
+                         fopen_flags)
 from .engine.protocol import (FileAttr, SetAttr, pack_direntplus_entry, pack_direntplus_stat,
                               pack_stat_attr_out)
 from .inodes import InodeKey, OverlayInode
@@ -1599,11 +1600,8 @@ class OverlayOps(Operations):
         except BaseException:
             self.forget(nodeid, 1)
             raise
-        backing_id = opened.backing_id
-        return nodeid, fh, p.pack_stat_created(
-            nodeid, self._attr_valid, st, ino, fh,
-            (p.FOPEN_DIRECT_IO if opened.direct_io else 0) | (p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
-            | (p.FOPEN_PASSTHROUGH if backing_id else 0), backing_id)
+        return nodeid, fh, p.pack_stat_created(nodeid, self._attr_valid, st, ino, fh,
+                                               fopen_flags(opened), opened.backing_id)
 
     def tmpfile(self, req: Request, parent: int, flags: int, mode: int,
                 open_flags: int = 0) -> tuple[Entry, Opened]:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 
 from ..records import record
 from ..typing_lite import NamedTuple, Protocol
+from . import protocol as p
 from .protocol import FileAttr, SetAttr
 
 
@@ -68,6 +69,15 @@ class Opened(NamedTuple):
     #: reads and writes that backing file itself; only DIRECT_IO, NOFLUSH and
     #: PARALLEL_DIRECT_WRITES may be combined with it (KEEP_CACHE makes the open fail)
     backing_id: int = 0
+
+
+def fopen_flags(o: Opened) -> int:
+    """``fuse_open_out``'s ``open_flags`` for ``o`` (an OPEN's, a CREATE's, an OPENDIR's)."""
+    return ((p.FOPEN_DIRECT_IO if o.direct_io else 0) | (p.FOPEN_KEEP_CACHE if o.keep_cache else 0)
+            | (p.FOPEN_CACHE_DIR if o.cache_dir else 0) | (p.FOPEN_NOFLUSH if o.noflush else 0)
+            | (p.FOPEN_NONSEEKABLE if o.nonseekable else 0)
+            | (p.FOPEN_PARALLEL_DIRECT_WRITES if o.parallel_direct_writes else 0)
+            | (p.FOPEN_PASSTHROUGH if o.backing_id else 0))
 
 
 @record

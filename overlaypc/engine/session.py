@@ -38,7 +38,7 @@ from _queue import SimpleQueue  # queue.SimpleQueue itself: queue.py (and heapq)
 from . import protocol as p
 from .. import logs
 from ..records import field, record
-from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request
+from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request, fopen_flags
 from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
 
 log = logs.get("overlaypc.engine")
@@ -1027,13 +1027,7 @@ class Session:
         name = self._name(body, p.LINK_IN.size)
         return self._entry(self.ops.link(self._req(hdr), oldnode, hdr.nodeid, name))
 
-    @staticmethod
-    def _open_flags(o: Opened) -> int:
-        return ((p.FOPEN_DIRECT_IO if o.direct_io else 0) | (p.FOPEN_KEEP_CACHE if o.keep_cache else 0)
-                | (p.FOPEN_CACHE_DIR if o.cache_dir else 0) | (p.FOPEN_NOFLUSH if o.noflush else 0)
-                | (p.FOPEN_NONSEEKABLE if o.nonseekable else 0)
-                | (p.FOPEN_PARALLEL_DIRECT_WRITES if o.parallel_direct_writes else 0)
-                | (p.FOPEN_PASSTHROUGH if o.backing_id else 0))
+    _open_flags = staticmethod(fopen_flags)
 
     def _open(self, hdr, body, out):
         flags, open_flags = p.OPEN_IN.unpack_from(body)
