@@ -69,28 +69,12 @@ class Protection:
     def of_upper_path(self, upper, rel: str) -> int:
         """The flags of the upper object at ``rel`` (known there), its ``protattr`` read
         by path (one ``lgetxattr`` through the held parent fd)."""
-        raw = upper.getxattr_entry(rel, self.xattr)
-        if raw is None:
-            return 0
-        flags = protattr.parse(raw)
-        if flags is None:
-            log.warning("incompatible %s of %s/%s (%r): ignored", self.xattr, upper.path, rel,
-                        raw[:protattr.MAX_LEN + 1])
-            return 0
-        return flags
+        return self._parsed(upper.getxattr_entry(rel, self.xattr), upper, rel)
 
     def of_upper_fd(self, upper, fd: int) -> int:
         """The flags of the upper object open as ``fd`` (one with no name the mount knows:
         LINK of an open file), its ``protattr`` read through the fd."""
-        raw = upper.getxattr_fd(fd, self.xattr)
-        if raw is None:
-            return 0
-        flags = protattr.parse(raw)
-        if flags is None:
-            log.warning("incompatible %s of an open file of %s (%r): ignored", self.xattr,
-                        upper.path, raw[:protattr.MAX_LEN + 1])
-            return 0
-        return flags
+        return self._parsed(upper.getxattr_fd(fd, self.xattr), upper, "(an open file)")
 
     def of_entry(self, entry) -> int:
         """The flags of one layer's object (the top entry of a node)."""
@@ -126,10 +110,15 @@ class Protection:
             raw = layer.getxattr_name(entry.parent, entry.name, self.xattr)
         else:
             raw = layer.getxattr(entry.rel, self.xattr)
+        return self._parsed(raw, layer, entry.rel)
+
+    def _parsed(self, raw: bytes | None, layer, rel: str) -> int:
+        """The flags a ``protattr`` value read from ``layer``'s object at ``rel`` names: 0
+        for none, and for a malformed one, warned about and ignored as the kernel does."""
         flags = protattr.parse(raw)
         if flags is None:
-            log.warning("incompatible %s of %s/%s (%r): ignored", self.xattr, layer.path,
-                        entry.rel, raw[:protattr.MAX_LEN + 1] if raw else raw)
+            log.warning("incompatible %s of %s/%s (%r): ignored", self.xattr, layer.path, rel,
+                        raw[:protattr.MAX_LEN + 1] if raw else raw)
             return 0
         return flags
 
