@@ -101,16 +101,9 @@ class FileAttrs:
     def _stored(self, fd: int, layer: "Layer") -> int:
         """The overlay's immutable/append-only flags of the real object open as ``fd``:
         what its ``protattr`` names in the upper; none in a lower layer (its real flags
-        are those). A malformed value counts as none (``protection``)."""
-        if not layer.writable:
-            return 0
-        try:
-            raw = os.getxattr(fd, self.fs.protection.xattr)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
-                return 0
-            raise
-        return protattr.parse(raw) or 0
+        are those). As ``Protection.of_upper_fd`` reads it (a malformed value warned about
+        and counted as none)."""
+        return self.fs.protection.of_upper_fd(layer, fd) if layer.writable else 0
 
     def get_flags_fd(self, fd: int, layer: "Layer") -> int:
         """``get_flags`` of the real object open as ``fd``."""
