@@ -44,6 +44,7 @@ from .inodes import OPEN_FLAGS
 from .layer import Layer, do_link, do_rename, join, split
 from .lookup import Entry, Node, check_name, redirect_target
 from .ownership import Caller
+from .readdir import merged_listing
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,19 +54,6 @@ if TYPE_CHECKING:
 
     T = TypeVar("T")
 
-
-def _first_listing(*args, **kwargs) -> list:
-    """``merged_listing`` (a removal's emptiness check) until the first call imports
-    ``readdir`` (not needed at start-up); its function then takes this name (unless
-    something else was put there), so later calls cost nothing (as ``core``'s)."""
-    global merged_listing
-    from .readdir import merged_listing as listing
-    if merged_listing is _first_listing:
-        merged_listing = listing
-    return listing(*args, **kwargs)
-
-
-merged_listing = _first_listing
 
 log = logs.get("overlaypc.namespace")
 
