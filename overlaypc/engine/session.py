@@ -464,6 +464,7 @@ class Session:
         grows = pool.bound > pool.base
         monotonic = time.monotonic
         slot.tid = threading.get_native_id()
+        answered = False  # (this worker's first answer sets ``first_done``)
         while True:
             slot.since = 0.0  # waiting: the others see a free worker
             try:
@@ -483,13 +484,19 @@ class Session:
                     log.error("a %d-byte request: no FUSE connection; worker stops", n)
                 return
             now = slot.since = monotonic()
-            if grows and pool.wants_more(now):
-                self._grow(now)  # before this request, which may block as well
+            if grows:
+                for other in pool.slots:
+                    if not other.since:
+                        break  # a worker waits: ``wants_more`` would say no, without a call
+                else:
+                    if pool.wants_more(now):
+                        self._grow(now)  # before this request, which may block as well
             try:
                 dispatch(fd, view[:n], out)
             except Exception:
                 log.exception("request dispatch failed")
-            if not first_done.is_set():
+            if not answered:  # (a local: ``Event.is_set`` is a Python call per request)
+                answered = True
                 first_done.set()
             if slot.extra and pool.should_retire(slot, monotonic()):
                 # answered, and nothing blocks: a spare no longer needed. Its fd holds no
