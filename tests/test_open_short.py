@@ -365,3 +365,18 @@ def test_a_listed_lower_file_is_marked_unshared_where_nothing_shares(sides):
     for node, fh in ((listed[b"a"], fh), (listed[b"b"], fh2), (listed[b"frozen"], fh3)):
         assert short.release(node, fh, os.O_RDONLY) == 0
     assert short.generic_opens == 0
+
+
+def test_the_short_open_flags_are_fopen_flags():
+    """``Session._short_open_flags`` (a table by ``Opened``'s booleans) answers
+    ``fopen_flags`` for every combination, with and without a backing id, twice (the table
+    filled, then read)."""
+    import itertools
+
+    from overlaypc.engine.ops import Opened, fopen_flags
+    from overlaypc.engine.session import Session
+    for _ in range(2):
+        for bools in itertools.product((False, True), repeat=6):
+            for backing in (0, 7):
+                o = Opened(3, *bools, backing_id=backing)
+                assert Session._short_open_flags(None, o) == fopen_flags(o), o
