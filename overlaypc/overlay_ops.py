@@ -1482,7 +1482,7 @@ class OverlayOps(Operations):
         fs.room_for_open(None)
         paths = self._paths
         moves = paths.moves
-        rel = self.nodes.path(nodeid)
+        rel = self.nodes.file_path(nodeid)
         if rel is None:
             return None
         with fs.ns_lock:
