@@ -29,7 +29,7 @@ from .copyup import WORK_DIR, CopyUp, Seen, check_incompat, clean_workdir, mark_
 from .fdbudget import DEFAULT_WORKERS, WALK_FDS_PER_LAYER, FdBudget, open_count
 from .files import Files, OpenResult
 from .handles import HandleTable
-from .inodes import InodeKey, InodeTable, OverlayInode, key_of
+from .inodes import InodeKey, InodeTable, OverlayInode, key_of_top
 from .inumbers import InodeNumbers
 from .layer import Layer, join, moved, split
 from .lookup import Entry, Lookup, Node, UpperName, check_name
@@ -263,7 +263,11 @@ class OverlayFS:
     def identity(self, node: Node) -> InodeKey:
         """Which overlay inode the existing ``node`` is (see ``inodes``): each name of a
         lower hard link is its own inode in a writable mount without index."""
-        return key_of(node, split_links=self.writable and self.index is None)
+        return self.identity_top(node.top)
+
+    def identity_top(self, top: Entry) -> InodeKey:
+        """``identity`` of an existing object from its top entry (``key_of_top``)."""
+        return key_of_top(top, split_links=self.writable and self.index is None)
 
     def _copied(self, key: InodeKey, entry: Entry, *, metadata_only: bool = False,
                 filled: bool = False) -> None:

@@ -65,6 +65,10 @@ def prefetch(fd: int, st: os.stat_result) -> None:
             pass
 
 
+#: a named tuple made from all its fields without its ``__new__`` (``OpenResult``: one per OPEN)
+_tuple_new = tuple.__new__
+
+
 class OpenResult(NamedTuple):
     """A core open's handle and how the kernel may cache its data (a named tuple: one is
     made per OPEN)."""
@@ -159,6 +163,96 @@ class Files:
             self._prefetch(inode, fd, (node.data or node.top).st)
         return self._register(inode, flags, rel, fd, generation)
 
+    def open_read(self, rel: str, flags: int) -> tuple[OpenResult, OverlayInode]:
+        """``open`` of a read-only open (no ``O_WRONLY``, ``O_RDWR``, ``O_TRUNC``: the
+        caller's guard) whose budget was checked (``admitted``), called under the namespace
+        lock, and the handle's inode: the kept object of the kernel's last lookup or
+        listing of ``rel`` (``Lookup.recent_entry``) opened without ``open``'s branches for
+        writers (a lower one without a ``Node``: ``_open_lower_kept``); else ``open``
+        itself. The same prefetch rule and handle as ``open``'s, and an inode on a
+        filesystem that never shares extents is marked so (``_unshared``): its first READ
+        then maps nothing (``_map`` would store the same)."""
+        fs = self.fs
+        found = fs.lookup.recent_entry(rel)
+        opened = None
+        if found is not None:
+            entry, checked = found
+            if entry.layer.writable:
+                opened = self._open_kept(rel, flags, Node(rel, (entry,)), checked)
+            else:
+                opened = self._open_lower_kept(rel, flags, entry, checked)
+        if opened is None:
+            result = self.open(rel, flags, admitted=True)
+            return result, fs.handles.get(result.fh).inode
+        inode, fd, generation = opened
+        if inode.extents is None:  # (first: ``_prefetch`` then needs no device look-up)
+            self._unshared(inode)
+        if not flags & os.O_DIRECT:
+            self._prefetch(inode, fd, entry.st)  # (``open``'s ``(node.data or node.top).st``)
+        return self._register_read(inode, flags, rel, fd, generation), inode
+
+    def _open_lower_kept(self, rel: str, flags: int, entry: Entry,
+                         checked: bool) -> tuple[OverlayInode, int, int] | None:
+        """``_open_kept`` of a kept lower file, ``entry``, without its ``Node``: the node's
+        one entry is its top, whose identity and number (``InodeNumbers.ino_of`` of a
+        lower top: ``of_entry``) are the node's; no metacopy data entry (a kept node has
+        none), no truncation (a read-only open). None, nothing left open, as
+        ``_open_kept``'s."""
+        fs = self.fs
+        inode = fs.inodes.acquire(fs.identity_top(entry), fs.inos.of_entry(entry), entry)
+        try:
+            fd, generation = inode.open_backing(flags, via=entry)
+        except OSError as e:
+            fs.inodes.release(inode)
+            if e.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            fs.lookup.forget_recent(rel)
+            return None
+        except BaseException:
+            fs.inodes.release(inode)
+            raise
+        if not checked and self._metacopy_marked(fd):
+            fs.inodes.release(inode)  # (before its fd closes: ``release``)
+            os.close(fd)
+            fs.lookup.forget_recent(rel)
+            return None
+        return inode, fd, generation
+
+    def _metacopy_marked(self, fd: int) -> bool:
+        """Whether the file just opened as ``fd`` has a metacopy mark, or its names could
+        not be listed (``_open_kept``'s check of a listed file)."""
+        try:
+            names = os.listxattr(fd)  # (of the fd just opened: no path walk)
+        except OSError as e:
+            names = () if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
+        return names is None or self.fs.prefix + "metacopy" in names
+
+    def _register_read(self, inode: OverlayInode, flags: int, rel: str, fd: int,
+                       generation: int) -> OpenResult:
+        """``_register`` of a read-only open (no ``O_TRUNC``): the same handle and the same
+        KEEP_CACHE rule, in one lock hold of the inode."""
+        fs = self.fs
+        config = fs.config
+        cache = config.cache
+        handle = fs.handles.add(inode, flags, rel, fd, generation, follow=config.handles == "reopen")
+        with inode.lock:  # (one hold: the version compared is the one recorded)
+            keep = cache == "kernel" and inode.cached_version == inode.data_version
+            inode.cached_version = inode.data_version
+        return _tuple_new(OpenResult, (handle.fh, keep, cache == "shared"))
+
+    def _unshared(self, inode: OverlayInode) -> None:
+        """Mark ``inode``'s backing as mapped, nothing shared, when its filesystem is known
+        never to share extents (``ExtentMap.never_shares``): what ``_map`` stores at the
+        first READ, under the same rule (no data change in flight; the backing read in the
+        same lock hold, so a copy-up's rebind, which clears ``extents``, is seen)."""
+        sharing = self._sharing
+        if sharing is None:
+            return
+        with inode.lock:
+            if inode.extents is None and not inode.extents_busy \
+                    and sharing.never_shares(inode.dev):
+                inode.extents = NOT_SHARED
+
     def _prefetch(self, inode: OverlayInode, fd: int, st: os.stat_result) -> None:
         """``prefetch`` a file opened for reading whose reads come from its own pages: not
         one whose extents may be shared with another file (page-cache sharing serves those
@@ -199,16 +293,11 @@ class Files:
                 raise
             self.fs.lookup.forget_recent(rel)
             return None
-        if not checked:
-            try:
-                names = os.listxattr(fd)  # (of the fd just opened: no path walk)
-            except OSError as e:
-                names = () if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
-            if names is None or self.fs.prefix + "metacopy" in names:
-                self.fs.inodes.release(inode)  # (before its fd closes: ``release``)
-                os.close(fd)
-                self.fs.lookup.forget_recent(rel)
-                return None
+        if not checked and self._metacopy_marked(fd):
+            self.fs.inodes.release(inode)  # (before its fd closes: ``release``)
+            os.close(fd)
+            self.fs.lookup.forget_recent(rel)
+            return None
         return inode, fd, generation
 
     def create(self, rel: str, flags: int, mode: int, caller: Caller,

@@ -70,7 +70,11 @@ class InodeKey(NamedTuple):
 def key_of(node: Node, *, split_links: bool) -> InodeKey:
     """The identity of the existing merged object ``node``. ``split_links``: a writable
     mount without index, where each name of a lower hard link is its own inode."""
-    top = node.top  # the upper, an index entry, or the topmost lower
+    return key_of_top(node.top, split_links=split_links)  # (the upper, an index entry, or the topmost lower)
+
+
+def key_of_top(top: Entry, *, split_links: bool) -> InodeKey:
+    """``key_of`` a merged object from its top entry alone (all the identity needs)."""
     st = top.st
     if split_links and not top.layer.writable and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
         return InodeKey(st.st_dev, st.st_ino, (top.layer.index, top.rel))

@@ -383,6 +383,12 @@ class Lookup:
         """The regular file last found at ``rel`` if no change of the namespace ran since
         (call under the namespace lock, which every change holds), and whether its xattrs
         were checked (False: the caller rules out a metacopy mark itself); else None."""
+        found = self.recent_entry(rel)
+        return None if found is None else (Node(rel, (found[0],)), found[1])
+
+    def recent_entry(self, rel: str) -> tuple[Entry, bool] | None:
+        """``recent`` without its ``Node``: the kept file's one entry (the node's top, and
+        only entry) and whether its xattrs were checked; the same rule."""
         parent, name = split(rel)
         held = self._recent.get(parent)
         kept = None if held is None else held.get(name)
@@ -390,9 +396,9 @@ class Lookup:
             return None
         if len(kept) == 3:  # a listing's
             layer, head, st = kept
-            return Node(rel, (Entry(layer, f"{head}/{name}" if head else name, st),)), False
+            return Entry(layer, f"{head}/{name}" if head else name, st), False
         layer, lrel, st, xattrs = kept
-        return Node(rel, (Entry(layer, lrel, st, None, None, xattrs),)), True
+        return Entry(layer, lrel, st, None, None, xattrs), True
 
     def absent(self, rel: str) -> Node | None:
         """The node of ``rel`` as the last lookup found it, absent with nothing in the upper

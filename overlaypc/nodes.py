@@ -359,6 +359,22 @@ class NodeTable:
                 return kept[1]
             return self._dir_path(nodeid)
 
+    def file_path(self, nodeid: int) -> str | None:
+        """``path`` of a node, first for its common case without the walk's call: one name,
+        in a directory whose path is kept (``_dir_path``'s ``dir_path``) or in the root;
+        anything else is ``path``'s (the same answer, ESTALE for an unknown node)."""
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is not None and nodeid != ROOT_ID and len(node.names) == 1:
+                up, name = node.names[0]
+                if up == ROOT_ID:
+                    return name
+                parent = self._nodes.get(up)
+                kept = None if parent is None else parent.dir_path
+                if kept is not None and kept[0] == self._dirs_gen:
+                    return f"{kept[1]}/{name}" if kept[1] else name
+        return self.path(nodeid)
+
     def _dir_path(self, nodeid: int) -> str | None:
         """The path of the directory ``nodeid`` (lock held) by first names up to the root
         (directories have one name each), or None if it or a directory on the way is gone

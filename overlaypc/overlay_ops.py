@@ -1466,8 +1466,12 @@ class OverlayOps(Operations):
         no copy-up, no kill flag, no change) as ``open`` answers it, without its closure and
         ``_at_node``'s copy-up hand-over: the engine's short path (``Operations.open_node``).
         The same budget check first (``room_for_open``: ENFILE), then the node's path
-        (ESTALE for an unknown node) and the core's open under the namespace lock, where
-        that path is current; the node's handle and the passthrough's say as ``open``'s.
+        (ESTALE for an unknown node) and the core's read-only open under the namespace
+        lock, where that path is current (``Files.open_read``: the kept object of the last
+        lookup or listing, else ``Files.open``); the node's handle, and the passthrough's
+        say as ``open``'s (``PassthroughOpens.open_lower``: a lower file of a writable mount
+        is counted without looking for a backing file to offer, which ``_choose`` never
+        offers there).
         None, nothing done, for a node with no name left (``_open_nameless``), a directory
         moved between the path and the lock (``_at_node`` then makes it under the lock),
         or while a fault is armed (the generic path's hooks)."""
@@ -1478,15 +1482,19 @@ class OverlayOps(Operations):
         fs.room_for_open(None)
         paths = self._paths
         moves = paths.moves
-        rel = self.nodes.path(nodeid)
+        rel = self.nodes.file_path(nodeid)
         if rel is None:
             return None
         with fs.ns_lock:
             if paths.moves != moves:
                 return None
-            result = fs.open(rel, flags, admitted=True)
+            result, inode = fs.files.open_read(rel, flags)
         self.nodes.opened(nodeid, result.fh)
-        return self._opened(nodeid, result, era)
+        try:  # (``_opened``'s, through the lean count of a handle offered nothing)
+            return self.passthrough.open_lower(nodeid, result, era, inode, flags)
+        except BaseException:
+            self.release(None, nodeid, result.fh)
+            raise
 
     def _open_check(self, node, flags: int) -> "Callable[[int], None]":
         """``_kept_check`` of an open for writing (``protattr.check_open``)."""

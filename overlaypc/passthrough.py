@@ -93,6 +93,20 @@ class Passthrough:
             modes.cached += 1
             return 0
 
+    def open_unoffered(self, key: Hashable) -> int:
+        """``open`` of an open offered nothing (``offer`` False): one more passthrough open
+        if the inode passes through already (its backing id), else one more cached open (0)."""
+        with self._lock:
+            modes = self._modes.get(key)
+            if modes is None:
+                self._modes[key] = OpenModes(0, 0, 1)
+                return 0
+            if modes.passthrough:
+                modes.passthrough += 1  # (a read-only open: ``wrote`` stays)
+                return modes.backing_id
+            modes.cached += 1
+            return 0
+
     def release(self, key: Hashable, backing_id: int) -> bool:
         """Uncount one open (``backing_id`` as ``open`` returned). True when the inode's
         last passthrough open that could write has ended (its data may have changed
@@ -112,6 +126,17 @@ class Passthrough:
             if modes.passthrough <= 0 and modes.cached <= 0:
                 del self._modes[key]
             return changed
+
+    def release_unoffered(self, key: Hashable) -> None:
+        """``release`` of a cached open (backing id 0: nothing passed through, so no
+        change to report)."""
+        with self._lock:
+            modes = self._modes.get(key)
+            if modes is None:
+                return
+            modes.cached -= 1
+            if modes.cached <= 0 and modes.passthrough <= 0:
+                del self._modes[key]
 
     def _register(self, fd: int, dev: int) -> int:
         try:

@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 _Open = tuple
 
 
+#: a named tuple made from all its fields without its ``__new__`` (``Opened``: one per OPEN)
+_tuple_new = tuple.__new__
+
 #: ``_choose``: pass through to the handle's own backing file
 _OWN = object()
 
@@ -130,6 +133,27 @@ class PassthroughOpens:
                 os.close(fd)  # the kernel holds its own reference to a registered file
         return self._answer(result, backing_id, keep, inode)
 
+    def open_lower(self, nodeid: int, result: OpenResult, era: int | None,
+                   inode: OverlayInode, flags: int) -> Opened:
+        """``open`` of a read-only open ``result`` (the open's ``flags``) of ``inode``, for
+        the engine's short OPEN: where ``_choose`` offers nothing, a file not in the upper
+        layer of a writable mount (a copy-up may come under it), counted as ``open``
+        counts an open it offered nothing (the inode's modes: a cached open, or one more
+        of a passthrough in use), without looking the handle up; anything else is
+        ``open``'s."""
+        if not self._counting:
+            return _tuple_new(Opened, (result.fh, result.direct_io, result.keep_cache,
+                                       False, False, False, False, 0))
+        if not self.fs.writable or inode.layer.writable:
+            return self.open(nodeid, result, era)
+        with self._lock:
+            backing_id = self.modes.open_unoffered(nodeid)
+            keep = result.keep_cache and not backing_id and (era is None or era == self._era_ends)
+            self._opens[result.fh] = (nodeid, backing_id, inode, None)  # (not writable)
+        if backing_id:
+            return self._answer(result, backing_id, keep, inode, flags & os.O_APPEND)
+        return _tuple_new(Opened, (result.fh, result.direct_io, keep, False, False, False, False, 0))
+
     def _answer(self, result: OpenResult, backing_id: int, keep: bool, inode: OverlayInode,
                 append: int = 0) -> Opened:
         """``append``: an ``O_APPEND`` open, passing through only because its inode does
@@ -153,6 +177,9 @@ class PassthroughOpens:
             if o is None:
                 return
             nodeid, backing_id, inode, writing = o
+            if not backing_id:  # a cached open (every daemon handle): nothing changed unseen
+                self.modes.release_unoffered(nodeid)
+                return  # (``writing`` is None: held for a passthrough open only)
             changed = self.modes.release(nodeid, backing_id)
             if changed:  # the data may have changed without the daemon seeing it
                 self._era_ends += 1

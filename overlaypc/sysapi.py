@@ -23,6 +23,8 @@ import sys
 from . import cbind
 
 _libc = cbind.Library()
+#: how ``os.fsencode`` encodes a str (its own two calls, made once)
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _libc.syscall.restype = cbind.c_long
 
 # openat2 has one number on every architecture Linux added it to after the syscall tables
@@ -91,7 +93,8 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
         how = cbind.byref(_OpenHow(flags | os.O_CLOEXEC, mode, resolve))  # (keeps it alive)
         if len(_hows) < _HOWS_MAX:
             _hows[key] = how
-    raw = os.fsencode(path)
+    # (``os.fsencode`` inlined for a str: it is Python code, one call per open of a file)
+    raw = path.encode(_FS_ENCODING, _FS_ERRORS) if path.__class__ is str else os.fsencode(path)
     while True:
         ret = _libc.syscall(_SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)
         if ret >= 0:

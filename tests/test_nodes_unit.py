@@ -499,3 +499,58 @@ def test_flush_answers_enosys(ops_factory):
     with pytest.raises(OSError) as e:
         ops.flush(REQ, look(ops, "f"), fh)
     assert e.value.errno == errno.ENOSYS
+
+
+def test_file_path_is_path():
+    """``NodeTable.file_path`` (the short OPEN's: one name in a kept directory or the root
+    without the walk) answers ``path`` through every change of the kept-paths test above:
+    renames of a grandparent, a parent, the file; an unlinked name, a hard link whose first
+    directory was forgotten, a directory replaced; ESTALE for an unknown node."""
+    t = NodeTable(K(0))
+    made: list[int] = []
+
+    def same():
+        for n in made:
+            got = t.file_path(n)
+            assert got == t.path(n), n
+    a = t.take(K(1), ROOT_ID, "a", True)
+    b = t.take(K(2), a, "b", True)
+    c = t.take(K(3), b, "c", True)
+    f = t.take(K(4), c, "f", False)
+    top = t.take(K(11), ROOT_ID, "top", False)
+    made += [a, b, c, f, top]
+    same()
+    assert t.file_path(f) == "a/b/c/f" and t.file_path(top) == "top"
+    t.rename(ROOT_ID, "a", ROOT_ID, "a2")
+    same()
+    assert t.file_path(f) == "a2/b/c/f"
+    t.rename(a, "b", ROOT_ID, "b2")
+    same()
+    t.rename(c, "f", b, "f2")
+    same()
+    assert t.file_path(f) == "b2/f2"
+    t.unlink(b, "c", keep_key=True)
+    same()
+    assert t.file_path(c) is None
+    t.take(K(3), ROOT_ID, "c3", True)
+    g = t.take(K(5), c, "x", False)
+    assert t.take(K(5), ROOT_ID, "y", False) == g
+    e = t.take(K(9), c, "e", True)
+    i = t.take(K(10), e, "i", False)
+    made += [g, e, i]
+    same()
+    t.forget(c, 2)
+    made.remove(c)
+    assert t.file_path(g) == "y" and t.file_path(i) is None
+    same()
+    d = t.take(K(6), ROOT_ID, "d", True)
+    h = t.take(K(7), d, "h", False)
+    made += [d, h]
+    same()
+    t.take(K(8), ROOT_ID, "d", True)
+    assert t.file_path(h) is None
+    same()
+    for probe in (t.file_path, t.path):
+        with pytest.raises(OSError) as err:
+            probe(99999)
+        assert err.value.errno == errno.ESTALE

@@ -285,3 +285,98 @@ def test_at_the_process_fd_limit_the_open_answers_as_open(sides):
     got = _both((short, generic), run)
     assert -errno.EMFILE in got[0][0]  # (here: the first opens once the caches are shed)
     assert short.generic_opens == 0
+
+
+def _listed(side, d: int) -> dict[bytes, int]:
+    """The nodeid of each entry READDIRPLUS of directory ``d`` gave (a reference each)."""
+    r = side.fk.ok(p.READDIRPLUS, d, p.READ_IN.pack(0, 0, 32768, 0, 0, 0, 0))
+    listed, pos = {}, 0
+    while pos < len(r):
+        nodeid = p.ENTRY_OUT.unpack_from(r, pos)[0]
+        _ino, _off, namelen, _type = p.DIRENT.unpack_from(r, pos + p.ENTRY_OUT.size)
+        start = pos + p.ENTRY_OUT.size + p.DIRENT.size
+        if nodeid:
+            listed[bytes(r[start:start + namelen])] = nodeid
+        pos = start + ((namelen + 7) & ~7)
+    return listed
+
+
+@pytest.mark.parametrize("options", [{}, {"passthrough": False}, {"cache": "shared"},
+                                     {"handles": "keep"}])
+def test_a_listed_lower_file_opens_as_open(sides, options):
+    """grep -r's case: OPEN of a lower file the listing gave (no LOOKUP: its xattrs not read,
+    ``Files._open_lower_kept``), also one with a metacopy mark (the kept object is not
+    used: generic lookup), one replaced and one removed behind the mount's back after the
+    listing (the kept object is stale: looked up afresh), an upper one: the same answers,
+    data and state as the generic path, every one answered by the short path."""
+    short, generic = sides(**options)
+    for side in (short, generic):
+        lower = side.base / "lower" / "d"
+        os.setxattr(lower / "c", side.ops.fs.prefix + "metacopy", b"")
+
+    def run(side):
+        d = side.lookup(ROOT_ID, b"d")
+        listed = _listed(side, d)
+        lower = side.base / "lower" / "d"
+        (lower / "b").unlink()
+        (lower / "b").write_bytes(b"new b")  # (another inode: the kept stat is stale)
+        (lower / "frozen").unlink()
+        out = []
+        for name in (b"a", b"b", b"c", b"frozen", b"up"):
+            got = side.open(listed[name], os.O_RDONLY | os.O_LARGEFILE)
+            pt = side.ops.passthrough  # (what it counts: as ``open`` counts it)
+            counted = ({fh: o[:2] for fh, o in pt._opens.items()},
+                       {k: repr(m) for k, m in pt.modes._modes.items()})
+            out.append((name, got[0], got[2:],
+                        side.read(listed[name], got[1]) if got[0] == 0 else None, counted))
+            if got[0] == 0:
+                assert side.release(listed[name], got[1], os.O_RDONLY) == 0
+        return out, side.state()
+    got = _both((short, generic), run)
+    answers = {name: (err, data) for name, err, _, data, _ in got[0][0]}
+    if options.get("passthrough", True) and short.ops.passthrough._counting:
+        assert got[0][0][0][4][1]  # (the lower file's open was counted, as a cached one)
+    assert answers[b"a"] == (0, (0, b"lower a")) and answers[b"b"] == (0, (0, b"new b"))
+    assert answers[b"frozen"][0] == -errno.ENOENT and answers[b"up"] == (0, (0, b"upper file"))
+    assert short.generic_opens == 0
+
+
+def test_a_listed_lower_file_is_marked_unshared_where_nothing_shares(sides):
+    """``Files._unshared``: the short OPEN of a lower file on a filesystem that never shares
+    extents (here /tmp's, once the device is known) stores what its first READ's ``_map``
+    would (``NOT_SHARED``); where the device may share, nothing (the READ maps it)."""
+    from overlaypc.sharing import NOT_SHARED
+    short, _ = sides()
+    d = short.lookup(ROOT_ID, b"d")
+    listed = _listed(short, d)
+    fs = short.ops.fs
+    if fs.sharing is None:
+        pytest.fail("no extent map in the default configuration: nothing to check")
+    _, fh, _, _ = short.open(listed[b"a"], os.O_RDONLY)
+    inode = fs.handles.get(fh).inode
+    if not fs.sharing.never_shares(inode.dev):
+        pytest.fail(f"the test's filesystem may share extents (device {inode.dev})")
+    _, fh2, _, _ = short.open(listed[b"b"], os.O_RDONLY)  # (the device is known by now)
+    assert fs.handles.get(fh2).inode.extents is NOT_SHARED
+    fs.sharing.never_shares = lambda dev: False  # (a device that may share: left to the READ)
+    _, fh3, _, _ = short.open(listed[b"frozen"], os.O_RDONLY)
+    assert fs.handles.get(fh3).inode.extents is None
+    assert short.read(listed[b"frozen"], fh3) == (0, b"lower frozen")
+    for node, fh in ((listed[b"a"], fh), (listed[b"b"], fh2), (listed[b"frozen"], fh3)):
+        assert short.release(node, fh, os.O_RDONLY) == 0
+    assert short.generic_opens == 0
+
+
+def test_the_short_open_flags_are_fopen_flags():
+    """``Session._short_open_flags`` (a table by ``Opened``'s booleans) answers
+    ``fopen_flags`` for every combination, with and without a backing id, twice (the table
+    filled, then read)."""
+    import itertools
+
+    from overlaypc.engine.ops import Opened, fopen_flags
+    from overlaypc.engine.session import Session
+    for _ in range(2):
+        for bools in itertools.product((False, True), repeat=6):
+            for backing in (0, 7):
+                o = Opened(3, *bools, backing_id=backing)
+                assert Session._short_open_flags(None, o) == fopen_flags(o), o

@@ -111,3 +111,26 @@ def test_not_negotiated():
     assert opener(pt) == 0 and not pt.enabled
     pt.release("k", 0)
     assert len(pt) == 0
+
+
+def test_the_unoffered_count_is_an_open_offered_nothing():
+    """``open_unoffered``/``release_unoffered`` (the short OPEN of a lower file and its
+    RELEASE) count as ``open(offer=False)``/``release(key, 0)``: a cached open that keeps
+    passthrough away, and, while the inode passes through, one more open of its id."""
+    reg = Registry()
+    pt, twin = Passthrough(reg), Passthrough(Registry())
+    assert pt.open_unoffered("k") == 0 == opener(twin, offer=False)
+    assert opener(pt) == 0 == opener(twin)  # (offered, but a cached open is live)
+    assert pt._modes["k"] == twin._modes["k"]
+    pt.release_unoffered("k")
+    twin.release("k", 0)
+    assert pt._modes["k"] == twin._modes["k"]
+    pt.release("k", 0)
+    twin.release("k", 0)
+    assert len(pt) == 0 == len(twin)
+    pt.release_unoffered("k")  # (nothing counted: nothing to do, as ``release``)
+    first = opener(pt)
+    assert first and pt.open_unoffered("k") == first  # (the kernel takes only that id now)
+    assert pt._modes["k"].passthrough == 2 and not pt._modes["k"].wrote
+    pt.release("k", first)
+    assert not pt.release("k", first) and reg.live == {} and len(pt) == 0

@@ -85,6 +85,9 @@ _unpack_open = p.OPEN_IN.unpack_from
 _pack_open = p.OPEN_OUT.pack
 #: an OPEN's reply, its header included
 _OPEN_REPLY_SIZE = p.OUT_HEADER.size + p.OPEN_OUT.size
+#: ``fopen_flags`` by ``Opened``'s six booleans (``Session._short_open_flags``; filled as met)
+_OPEN_FLAGS_BY_BOOLS: dict[tuple, int] = {}
+_FOPEN_PASSTHROUGH = p.FOPEN_PASSTHROUGH
 _CREATE = p.CREATE
 _unpack_create = p.CREATE_IN.unpack_from
 #: where a CREATE's name starts; its reply's size, the header included
@@ -464,6 +467,7 @@ class Session:
         grows = pool.bound > pool.base
         monotonic = time.monotonic
         slot.tid = threading.get_native_id()
+        answered = False  # (this worker's first answer sets ``first_done``)
         while True:
             slot.since = 0.0  # waiting: the others see a free worker
             try:
@@ -483,13 +487,19 @@ class Session:
                     log.error("a %d-byte request: no FUSE connection; worker stops", n)
                 return
             now = slot.since = monotonic()
-            if grows and pool.wants_more(now):
-                self._grow(now)  # before this request, which may block as well
+            if grows:
+                for other in pool.slots:
+                    if not other.since:
+                        break  # a worker waits: ``wants_more`` would say no, without a call
+                else:
+                    if pool.wants_more(now):
+                        self._grow(now)  # before this request, which may block as well
             try:
                 dispatch(fd, view[:n], out)
             except Exception:
                 log.exception("request dispatch failed")
-            if not first_done.is_set():
+            if not answered:  # (a local: ``Event.is_set`` is a Python call per request)
+                answered = True
                 first_done.set()
             if slot.extra and pool.should_retire(slot, monotonic()):
                 # answered, and nothing blocks: a spare no longer needed. Its fd holds no
@@ -797,7 +807,7 @@ class Session:
             log.debug("OPEN(%d) -> ok", nodeid)
         try:
             self._writev(fd, [_pack_out(_OPEN_REPLY_SIZE, 0, unique),
-                              _pack_open(o.fh, self._open_flags(o), o.backing_id)])
+                              _pack_open(o.fh, self._short_open_flags(o), o.backing_id)])
         except OSError as e:
             self._write_failed(e)
             try:
@@ -1028,6 +1038,17 @@ class Session:
         return self._entry(self.ops.link(self._req(hdr), oldnode, hdr.nodeid, name))
 
     _open_flags = staticmethod(fopen_flags)
+
+    def _short_open_flags(self, o: Opened) -> int:
+        """``fopen_flags`` of the short OPEN's ``o``, from a table of the flags its six
+        booleans make (at most 64 entries), and PASSTHROUGH for a backing id."""
+        key = o[1:7]  # (direct_io ... parallel_direct_writes: ``Opened``'s booleans)
+        flags = _OPEN_FLAGS_BY_BOOLS.get(key)
+        if flags is None:
+            flags = fopen_flags(o._replace(backing_id=0))
+            if len(_OPEN_FLAGS_BY_BOOLS) < 64:  # (a bound, whatever values the fields hold)
+                _OPEN_FLAGS_BY_BOOLS[key] = flags
+        return flags | _FOPEN_PASSTHROUGH if o[7] else flags
 
     def _open(self, hdr, body, out):
         flags, open_flags = p.OPEN_IN.unpack_from(body)
