@@ -1596,7 +1596,11 @@ class OverlayOps(Operations):
         fh = result.fh
         self.nodes.opened(nodeid, fh)
         try:
-            opened = self._opened(nodeid, result, None)
+            try:  # (``_opened``, for a file just made: ``PassthroughOpens.open_made``)
+                opened = self.passthrough.open_made(nodeid, result)
+            except BaseException:
+                self.release(None, nodeid, fh)
+                raise
         except BaseException:
             self.forget(nodeid, 1)
             raise
