@@ -88,6 +88,36 @@ class PassthroughOpens:
         """Read before the core's open: ``open`` compares it to decide KEEP_CACHE."""
         return self._era_ends
 
+    def open_made(self, nodeid: int, result: OpenResult) -> Opened:
+        """``open`` (``era`` None) of the file a short CREATE just made and registered
+        (``OverlayOps._create_name``; one per file of an untar, a create+write), with what
+        such a file is known to be taken as known: an upper file whose handle is on its
+        current backing (``_choose``'s ``_OWN`` but for the checks kept below), the node's
+        first open (``Passthrough.open_first``: its own fd registered, no callable, the
+        handle table not asked twice). The same counts, records and answer as ``open``,
+        which answers itself wherever any of that is not so: nothing counted
+        (``_counting``), an ``O_APPEND`` open, a map of shared extents to ask
+        (``cache=shared`` with ``sharing``), a file not in the upper or a handle not on its
+        inode's current backing, opens of the node counted already, passthrough off."""
+        handle = self.fs.handles.find(result.fh)
+        if not self._counting or handle is None or handle.flags & os.O_APPEND \
+                or not self._own_backing:
+            return self.open(nodeid, result, None)
+        inode = handle.inode
+        if not inode.in_upper or handle.bound_generation != inode.generation:
+            return self.open(nodeid, result, None)
+        writable = handle.flags & os.O_ACCMODE != os.O_RDONLY
+        with self._lock:
+            backing_id = self.modes.open_first(nodeid, inode.dev, handle.bound_fd, writable)
+            if backing_id is not None:
+                writing = changing(inode) if backing_id and writable else None
+                if writing is not None:
+                    writing.__enter__()
+                self._opens[result.fh] = (nodeid, backing_id, inode, writing)
+        if backing_id is None:
+            return self.open(nodeid, result, None)
+        return self._answer(result, backing_id, result.keep_cache and not backing_id, inode)
+
     def open(self, nodeid: int, result: OpenResult, era: int | None) -> Opened:
         """Count the core's new open ``result`` of ``nodeid`` and say how the kernel
         serves it. ``era``: ``self.era`` read before the core opened (None: a new file)."""
@@ -133,36 +163,6 @@ class PassthroughOpens:
             for fd in temp:
                 os.close(fd)  # the kernel holds its own reference to a registered file
         return self._answer(result, backing_id, keep, inode)
-
-    def open_made(self, nodeid: int, result: OpenResult) -> Opened:
-        """``open`` (``era`` None) of the file a short CREATE just made and registered
-        (``OverlayOps._create_name``; one per file of an untar, a create+write), with what
-        such a file is known to be taken as known: an upper file whose handle is on its
-        current backing (``_choose``'s ``_OWN`` but for the checks kept below), the node's
-        first open (``Passthrough.open_first``: its own fd registered, no callable, the
-        handle table not asked twice). The same counts, records and answer as ``open``,
-        which answers itself wherever any of that is not so: nothing counted
-        (``_counting``), an ``O_APPEND`` open, a map of shared extents to ask
-        (``cache=shared`` with ``sharing``), a file not in the upper or a handle not on its
-        inode's current backing, opens of the node counted already, passthrough off."""
-        handle = self.fs.handles.find(result.fh)
-        if not self._counting or handle is None or handle.flags & os.O_APPEND \
-                or not self._own_backing:
-            return self.open(nodeid, result, None)
-        inode = handle.inode
-        if not inode.in_upper or handle.bound_generation != inode.generation:
-            return self.open(nodeid, result, None)
-        writable = handle.flags & os.O_ACCMODE != os.O_RDONLY
-        with self._lock:
-            backing_id = self.modes.open_first(nodeid, inode.dev, handle.bound_fd, writable)
-            if backing_id is not None:
-                writing = changing(inode) if backing_id and writable else None
-                if writing is not None:
-                    writing.__enter__()
-                self._opens[result.fh] = (nodeid, backing_id, inode, writing)
-        if backing_id is None:
-            return self.open(nodeid, result, None)
-        return self._answer(result, backing_id, result.keep_cache and not backing_id, inode)
 
     def _answer(self, result: OpenResult, backing_id: int, keep: bool, inode: OverlayInode,
                 append: int = 0) -> Opened:
