@@ -347,7 +347,7 @@ def test_a_cached_directory_found_again_answers_as_lookup(ops, tree, kind):
     ancestor, revalidated with ``LOOKUP_EXCL``): packed from the one ``fstatat`` the short
     path makes, the entry ``lookup`` answers (nodeid, number, attributes, timeouts), one
     more reference, the node's flags as ``lookup`` leaves them."""
-    d = _made(ops, "up")
+    _made(ops, "up")
     look(ops, "up")
     up = tree / "upper" / "up"
     path = "up/x"
