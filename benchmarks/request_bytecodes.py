@@ -10,7 +10,9 @@ GETATTR, LOOKUP (negative), CREATE, GETXATTR ``security.capability``, SETATTR (m
 GETXATTR again, SETATTR (chown with the kill flag), SETATTR (mode), RELEASE (the SETATTRs
 without a handle, as the kernel sends tar's futimens, fchown and fchmod: ``fuse_setattr``
 sends FATTR_FH only with a size, ATTR_FILE coming from ``do_truncate``); ``rm -rf`` —
-UNLINK, FORGET, parent GETATTR. The data WRITE passes through (FUSE passthrough, faked
+UNLINK, FORGET, parent GETATTR; per new directory (``files // 8`` of them), as tar makes
+one: its negative LOOKUP, the LOOKUP of each ancestor (found: two), the name again, MKDIR.
+The data WRITE passes through (FUSE passthrough, faked
 here: backing ids are numbers), so it is not sent. For each request: Python bytecodes
 executed and Python calls made (``sys.settrace`` with opcode events), per file. Unlike
 time on a shared 2-vCPU VM these counts are the same from run to run, so two trees compare
@@ -62,6 +64,10 @@ def setattr_in(valid: int, *, mode: int = 0, mtime: int = 0) -> bytes:
     return p.SETATTR_IN.pack(valid, 0, 0, 0, 0, 0, mtime, 0, 0, 0, 0, mode, 0, 0, 0, 0)
 
 
+#: per new directory of an untar (tar's ``mkdirat`` of each ancestor once a file's open found
+#: its directory missing; the kernel revalidates each existing one with ``LOOKUP_EXCL``)
+NEWDIR = ("LOOKUP new directory", "LOOKUP ancestor (found)", "LOOKUP new directory again",
+          "MKDIR")
 UNTAR = ("GETATTR parent", "LOOKUP negative", "CREATE", "GETXATTR capability",
          "SETATTR mtime", "GETXATTR capability again", "SETATTR chown+kill", "SETATTR mode",
          "RELEASE")
@@ -98,12 +104,34 @@ def rm(made: list[tuple[bytes, int]], count: bool) -> None:
         send(lbl(RM[2]), p.GETATTR, D, GETATTR)
 
 
+MKDIR = p.MKDIR_IN.pack(0o755, 0o022)
+
+
+def new_dirs(run: int, count: bool) -> None:
+    """``args.files // 8`` new directories, each at ``d/a<run>/b/`` (two ancestors below
+    ``d``, an upper-only directory), as tar makes them: a negative LOOKUP, the ancestors
+    found again, the name looked up again, MKDIR. ``rm`` leaves them."""
+    lbl = (lambda k: k) if count else (lambda k: None)
+    a = p.ENTRY_OUT.unpack_from(send(None, p.MKDIR, D, MKDIR + b"a%d\0" % run), 16)[0]
+    b = p.ENTRY_OUT.unpack_from(send(None, p.MKDIR, a, MKDIR + b"b\0"), 16)[0]
+    for i in range(args.files // 8):
+        name = b"new_%05d\0" % i
+        assert p.ENTRY_OUT.unpack_from(send(lbl(NEWDIR[0]), p.LOOKUP, b, name), 16)[0] == 0
+        for parent, child, node in ((D, b"a%d\0" % run, a), (a, b"b\0", b)):
+            r = send(lbl(NEWDIR[1]), p.LOOKUP, parent, child)
+            assert p.ENTRY_OUT.unpack_from(r, 16)[0] == node, r
+        assert p.ENTRY_OUT.unpack_from(send(lbl(NEWDIR[2]), p.LOOKUP, b, name), 16)[0] == 0
+        assert error(send(lbl(NEWDIR[3]), p.MKDIR, b, MKDIR + name)) == 0
+
+
 def names(run: int) -> list[bytes]:
     return [b"file_%d_%05d.py" % (run, i) for i in range(args.files)]
 
 
 rm(untar(names(0), False), False)  # warm: caches and records compiled as in a running daemon
 rm(untar(names(1), True), True)
+new_dirs(0, False)
+new_dirs(1, True)
 n = args.files
 print(f"tree {args.tree}, {n} files; per file")
 for label in UNTAR + RM:
@@ -111,6 +139,12 @@ for label in UNTAR + RM:
 for what, labels in (("untar", UNTAR), ("rm -rf", RM)):
     print(f"  {what + ' (all of the above)':28s} {sum(OPS[k] for k in labels) / n:8.1f} bytecodes "
           f"{sum(CALLS[k] for k in labels) / n:6.1f} calls")
+nd = args.files // 8
+print(f"{nd} new directories (two ancestors each); per directory")
+for label in NEWDIR:
+    print(f"  {label:28s} {OPS[label] / nd:8.1f} bytecodes {CALLS[label] / nd:6.1f} calls")
+print(f"  {'new directory (all)':28s} {sum(OPS[k] for k in NEWDIR) / nd:8.1f} bytecodes "
+      f"{sum(CALLS[k] for k in NEWDIR) / nd:6.1f} calls")
 if args.functions:
     rows = sorted(((c, f) for (k, f), c in FUNCS.items() if k == args.functions), reverse=True)
     for c, f in rows:

@@ -646,6 +646,27 @@ class Lookup:
         self._keep_found(rel, parent_rel, name, found.epoch, node, True)
         return node
 
+    def found_dir(self, rel: str, found: "UpperName") -> Node | None:
+        """``found_upper`` of a directory the cache holds (one upper entry: only the upper
+        holds names in ``found.parent``), where ``_still_there``'s checks pass from
+        ``found.st`` (its held fd's inode, a directory, at its plain name), without a new
+        ``Node`` or ``Entry``: the cached node (its structure; its entries' stat the cached
+        one: the caller answers ``found.st``, which ``found_upper``'s node would carry),
+        with ``_cached``'s LRU move. None wherever ``found_upper`` would do more (a change
+        since: the epoch moved; not cached; the checks failing: ``_lookup_in``)."""
+        if found.epoch != self._epoch:
+            return None
+        cached = self._cached(rel)
+        if cached is None or len(cached.entries) != 1:
+            return None
+        e = cached.entries[0]
+        p = found.parent.entries[0]
+        st = found.st
+        if e.layer is not p.layer or p.dirfd is None or e.dirfd is None or e.rel != rel \
+                or st.st_ino != e.st.st_ino or st.st_mode & 0o170000 != _S_IFDIR:
+            return None
+        return cached
+
     def made_dir(self, rel: str, st: os.stat_result) -> None:
         """The directory a MKDIR just made at ``rel`` (``st``: its stat, read after every
         change made to it), cached as the first ``lookup`` below it would cache it

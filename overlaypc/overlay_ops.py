@@ -259,6 +259,9 @@ class OverlayOps(Operations):
         #: ``fuse_entry_out``'s four timeout fields, ``timeout`` for both (a listed entry's)
         self._entry_timeouts = (self._attr_valid[0], self._attr_valid[0], self._attr_valid[1],
                                 self._attr_valid[1])
+        #: a LOOKUP finding a directory the lookup cache holds answers packed
+        #: (``_found_dir``), not where IDs are shown mapped (``Ownership.show_entry``)
+        self._found_dirs = not fs.ownership.active
         #: OPEN for reading: the engine's short path (``_open_short``)
         self.open_node = self._open_short
         #: READDIRPLUS: the engine's short path (``_readdirplus_short``), not where IDs are
@@ -643,14 +646,52 @@ class OverlayOps(Operations):
             return None
         if found is None:
             return None
-        if found.st is None:
+        st = found.st
+        if st is None:
             return self._negative_entry if paths.moves == moves else None
+        if st.st_mode & 0o170000 == _S_IFDIR and self._found_dirs:
+            known = self._found_dir(parent, decoded, f"{prel}/{decoded}", moves, found,
+                                    table_epoch)
+            if known is not None:
+                return known
         entry = self._take(parent, decoded, f"{prel}/{decoded}", moves, found, table_epoch)
         if entry is _MOVED:  # (``_take_current``'s second try)
             with self.fs.ns_lock:
                 rel, decoded = self._child(parent, name)
                 entry = self._take(parent, decoded, rel)
         return self._negative_entry if entry is None else entry
+
+    def _found_dir(self, parent: int, name: str, rel: str, moves: int, found: UpperName,
+                   table_epoch: int) -> tuple[int, bytes] | None:
+        """``_take`` of a directory ``Lookup.upper_name`` found (``found``), when the lookup
+        cache holds it (``Lookup.found_dir``: ``_still_there``'s checks from that stat), as
+        ``_take`` answers it, packed: (its nodeid, ``fuse_entry_out``), without the fresh
+        ``Node`` and ``Entry``, ``Attr``, ``FileAttr`` and the engine's ``Entry``: the
+        kernel's LOOKUP of each directory on the path of a new one (``mkdirat`` of every
+        ancestor tar makes, each revalidated with ``LOOKUP_EXCL``: ~0.85 per file of an
+        untar). The same key (an upper object's: ``identity``), flags known
+        (``Protection.known``, from the held fd), number (``InodeNumbers.dir_ino``, as the
+        short GETATTR answers it), link count (its own: one layer), timeouts (a directory's
+        key names no link; no metacopy blocks) and the node table's reference under the
+        namespace lock with ``_take``'s epoch and ``pathguard`` checks. None, nothing
+        taken, wherever ``_take`` might answer otherwise or do more: ``found_dir``'s
+        cases, an origin not read yet through the fd, a move or a node-table change since
+        the path was made (``_take`` reads afresh then)."""
+        fs = self.fs
+        node = fs.lookup.found_dir(rel, found)
+        if node is None:
+            return None
+        ino = fs.inos.dir_ino(node)
+        if ino is None:
+            return None
+        st = found.st
+        key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper directory)
+        prot = fs.protection.known(node)
+        with fs.ns_lock:
+            if self._paths.moves != moves or self.nodes.epoch != table_epoch:
+                return None
+            nodeid = self.nodes.take(key, parent, name, True, prot=prot)
+        return nodeid, p.pack_stat_entry(nodeid, self._entry_timeouts, st, ino)
 
     # -- attributes ---------------------------------------------------------------------------
     def _attr(self, nodeid: int, fh: int | None) -> Attr:
@@ -1604,7 +1645,11 @@ class OverlayOps(Operations):
         fh = result.fh
         self.nodes.opened(nodeid, fh)
         try:
-            opened = self._opened(nodeid, result, None)
+            try:  # (``_opened``, for a file just made: ``PassthroughOpens.open_made``)
+                opened = self.passthrough.open_made(nodeid, result)
+            except BaseException:
+                self.release(None, nodeid, fh)
+                raise
         except BaseException:
             self.forget(nodeid, 1)
             raise

@@ -70,6 +70,20 @@ class Passthrough:
             return False
         return self.enabled and dev not in self._off_devs
 
+    def open_first(self, key: Hashable, dev: int, fd: int, writable: bool) -> int | None:
+        """``open`` offered (``offer=True``) for a ``key`` with no open counted, ``fd`` the
+        backing file itself (a file a CREATE just made: ``PassthroughOpens.open_made``):
+        the same count and answer, no per-inode record looked up twice, no callable. None,
+        nothing counted, where ``open`` may decide otherwise: ``key`` has opens counted,
+        passthrough is off (for the mount or for ``dev``)."""
+        with self._lock:
+            if key in self._modes or not self.enabled or dev in self._off_devs:
+                return None
+            backing_id = self._register(fd, dev)
+            self._modes[key] = OpenModes(backing_id, 1, 0, writable) if backing_id \
+                else OpenModes(cached=1)
+            return backing_id
+
     def open(self, key: Hashable, *, offer: bool, dev: int, fd: Callable[[], int],
              writable: bool) -> int:
         """Count one open of the inode ``key``; return a backing id to pass through, or 0.

@@ -73,6 +73,7 @@ class PassthroughOpens:
         self._counting = False
         #: ends of writing passthrough eras; a cached open that saw one begin gets no keep
         self._era_ends = 0
+        self._own_backing = False  # (``start``)
 
     def start(self, backing) -> None:
         """After INIT: ``backing`` registers files (None: passthrough not negotiated)."""
@@ -81,11 +82,44 @@ class PassthroughOpens:
         # (``_choose`` offers nothing under bind-at-open; a refusal found later, EPERM,
         # still counts: opens counted before it are released as counted)
         self._counting = self.modes.enabled and cfg.handles == "reopen"
+        #: ``_choose`` answers ``_OWN`` for an upper file not opened ``O_APPEND`` without
+        #: asking for its extents (``open_made``)
+        self._own_backing = self.fs.sharing is None or cfg.cache != "shared"
 
     @property
     def era(self) -> int:
         """Read before the core's open: ``open`` compares it to decide KEEP_CACHE."""
         return self._era_ends
+
+    def open_made(self, nodeid: int, result: OpenResult) -> Opened:
+        """``open`` (``era`` None) of the file a short CREATE just made and registered
+        (``OverlayOps._create_name``; one per file of an untar, a create+write), with what
+        such a file is known to be taken as known: an upper file whose handle is on its
+        current backing (``_choose``'s ``_OWN`` but for the checks kept below), the node's
+        first open (``Passthrough.open_first``: its own fd registered, no callable, the
+        handle table not asked twice). The same counts, records and answer as ``open``,
+        which answers itself wherever any of that is not so: nothing counted
+        (``_counting``), an ``O_APPEND`` open, a map of shared extents to ask
+        (``cache=shared`` with ``sharing``), a file not in the upper or a handle not on its
+        inode's current backing, opens of the node counted already, passthrough off."""
+        handle = self.fs.handles.find(result.fh)
+        if not self._counting or handle is None or handle.flags & os.O_APPEND \
+                or not self._own_backing:
+            return self.open(nodeid, result, None)
+        inode = handle.inode
+        if not inode.in_upper or handle.bound_generation != inode.generation:
+            return self.open(nodeid, result, None)
+        writable = handle.flags & os.O_ACCMODE != os.O_RDONLY
+        with self._lock:
+            backing_id = self.modes.open_first(nodeid, inode.dev, handle.bound_fd, writable)
+            if backing_id is not None:
+                writing = changing(inode) if backing_id and writable else None
+                if writing is not None:
+                    writing.__enter__()
+                self._opens[result.fh] = (nodeid, backing_id, inode, writing)
+        if backing_id is None:
+            return self.open(nodeid, result, None)
+        return self._answer(result, backing_id, result.keep_cache and not backing_id, inode)
 
     def open(self, nodeid: int, result: OpenResult, era: int | None) -> Opened:
         """Count the core's new open ``result`` of ``nodeid`` and say how the kernel

@@ -114,13 +114,16 @@ def test_a_name_found_is_looked_up_from_that_one_stat(ops, tree, kind):
             look(ops, "up/x")
     stats = _counting_stats(ops)
     got = ops._lookup_name(d, b"x")
-    assert got is not None and got.nodeid
+    assert got is not None
+    # (a cached directory: its entry packed, ``_found_dir``)
+    nodeid, packed = got if kind == "cached directory" else (got.nodeid, _entry_bytes(got))
+    assert nodeid
     # (a directory found: its OCI opaque marker looked for in it, as ``lookup`` does)
     assert stats == (["x", ".wh..wh..opq"] if kind == "directory" else ["x"])
-    assert ops.nodes.nlookup(got.nodeid) == (2 if kind == "cached directory" else 1)
-    assert _entry_bytes(got) == generic_lookup(ops, d, b"x")
+    assert ops.nodes.nlookup(nodeid) == (2 if kind == "cached directory" else 1)
+    assert packed == generic_lookup(ops, d, b"x")
     if kind == "directory":
-        assert ops._lookup_name(got.nodeid, b"y") is not None  # cached by that lookup
+        assert ops._lookup_name(nodeid, b"y") is not None  # cached by that lookup
 
 
 def test_names_found_or_hidden_answer_as_lookup(ops, tree):
@@ -327,3 +330,154 @@ def test_read_only_and_index_mounts_take_no_short_unlink(tree, options):
         assert ops.lookup_name is not None
     finally:
         close()
+
+
+# -- a directory the lookup cache holds, found again (``OverlayOps._found_dir``) --------------
+
+def _found_again(ops, parent: int, name: bytes):
+    """The short LOOKUP's packed entry of a cached directory: (nodeid, bytes)."""
+    got = ops._lookup_name(parent, name)
+    assert type(got) is tuple, f"not answered packed: {got!r}"
+    return got
+
+
+@pytest.mark.parametrize("kind", ["made", "nested", "looked up", "with an origin", "immutable"])
+def test_a_cached_directory_found_again_answers_as_lookup(ops, tree, kind):
+    """The kernel's LOOKUP of each directory on a new one's path (tar's ``mkdirat`` of every
+    ancestor, revalidated with ``LOOKUP_EXCL``): packed from the one ``fstatat`` the short
+    path makes, the entry ``lookup`` answers (nodeid, number, attributes, timeouts), one
+    more reference, the node's flags as ``lookup`` leaves them."""
+    _made(ops, "up")
+    look(ops, "up")
+    up = tree / "upper" / "up"
+    path = "up/x"
+    if kind == "nested":
+        _made(ops, "up/x")
+        _made(ops, "up/x/y")
+        path = "up/x/y"
+    elif kind == "made":
+        _made(ops, "up/x")  # (cached by MKDIR: ``Lookup.made_dir``)
+    else:
+        (up / "x").mkdir()
+        if kind == "with an origin":
+            # a ``cp -a`` of a copied-up directory: it names the lower ``cp`` as its origin
+            (tree / "lower" / "cp").mkdir()
+            ops.setattr(REQ, look(ops, "cp"), p.SetAttr(p.FATTR_MODE, None, 0, None, None,
+                                                       stat.S_IFDIR | 0o700, 0, 0))
+            os.setxattr(up / "x", "trusted.overlay.origin",
+                        os.getxattr(tree / "upper" / "cp", "trusted.overlay.origin"))
+        elif kind == "immutable":  # (as the kernel overlay keeps the flag: ``protattr``)
+            os.setxattr(up / "x", ops.fs.protection.xattr, b"i")
+        look(ops, path)  # (cached by that lookup)
+    parent = look(ops, path.rpartition("/")[0])
+    name = path.rpartition("/")[2].encode()
+    first = look(ops, path)
+    if kind == "immutable":
+        assert ops._protected(first) > 0  # (read by a change that asks: kept on the node)
+    before = ops.nodes.nlookup(first)
+    stats = _counting_stats(ops)
+    nodeid, packed = _found_again(ops, parent, name)
+    assert stats == [name.decode()]  # one ``fstatat``, nothing else read
+    assert nodeid == first and ops.nodes.nlookup(nodeid) == before + 1
+    prot = ops.nodes.node(nodeid).prot
+    assert packed == generic_lookup(ops, parent, name)
+    assert ops.nodes.node(nodeid).prot == prot
+    attr = p.unpack_attr(packed, p.ENTRY_HEAD.size)
+    st = os.lstat(tree / "upper" / path)
+    assert (attr.mode, attr.mtime_ns, attr.nlink) == (st.st_mode, st.st_mtime_ns, st.st_nlink)
+    if kind == "with an origin":  # (``cp``, shown first, shows the origin's: ``_unique``)
+        assert attr.ino == st.st_ino
+    if kind == "immutable":
+        assert prot > 0
+
+
+def test_a_found_directory_the_cache_cannot_vouch_for_is_left_to_take(ops, tree):
+    """Where ``_take`` would read more or answer otherwise, nothing is taken and ``lookup``
+    answers: a directory replaced behind the mount's back (another inode at the name), not
+    cached, an origin not read through its fd yet, a change (the lookup epoch, the node
+    table's epoch) or a move since the name was read, IDs shown mapped."""
+    from overlaypc.layer import UNKNOWN
+    from overlaypc.lookup import UpperName
+    d = _made(ops, "up")
+    look(ops, "up")
+    x = _made(ops, "up/x")
+    _found_again(ops, d, b"x")
+    # replaced behind the mount's back: looked up afresh (and cached again)
+    os.rename(tree / "upper" / "up" / "x", tree / "upper" / "up" / "x.old")
+    os.mkdir(tree / "upper" / "up" / "x")
+    got = ops._lookup_name(d, b"x")
+    assert type(got) is not tuple and got.nodeid != x
+    assert got.attr.ino == os.lstat(tree / "upper" / "up" / "x").st_ino
+    assert type(ops._lookup_name(d, b"x")) is tuple  # (the new one, cached by that lookup)
+    # not cached
+    ops.fs.lookup.invalidate()
+    look(ops, "up")
+    got = ops._lookup_name(d, b"x")
+    assert got is not None and type(got) is not tuple
+    # an origin not read through the (new) fd yet
+    dirfd = ops.fs.lookup._cached("up/x").entries[0].dirfd
+    dirfd.origin_ino = dirfd.dir_ino = UNKNOWN
+    got = ops._lookup_name(d, b"x")
+    assert got is not None and type(got) is not tuple
+    assert dirfd.origin_ino is None  # (read by that lookup)
+    nodeid, _ = _found_again(ops, d, b"x")
+    # a change or a move since the name was read: nothing taken
+    lk = ops.fs.lookup
+    parent = lk.upper_dir("up")
+    st = os.lstat(tree / "upper" / "up" / "x")
+    assert lk.found_dir("up/x", UpperName(parent, lk._epoch - 1, st)) is None
+    n = ops.nodes.nlookup(nodeid)
+    found = UpperName(parent, lk._epoch, st)
+    moves, epoch = ops._paths.moves, ops.nodes.epoch
+    assert ops._found_dir(d, "x", "up/x", moves + 2, found, epoch) is None
+    assert ops._found_dir(d, "x", "up/x", moves, found, epoch - 1) is None
+    assert ops.nodes.nlookup(nodeid) == n
+    assert ops._found_dir(d, "x", "up/x", moves, found, epoch)[0] == nodeid
+    assert ops.nodes.nlookup(nodeid) == n + 1
+
+
+def test_ids_shown_mapped_answer_a_found_directory_with_lookups_entry(tree):
+    ops, close = make_ops(tree, squash_to_uid=1000)
+    try:
+        d = _made(ops, "up")
+        look(ops, "up")
+        _made(ops, "up/x")
+        look(ops, "up/x")
+        got = ops._lookup_name(d, b"x")
+        assert type(got) is not tuple and got.attr.uid == 1000
+    finally:
+        close()
+
+
+def test_an_undelivered_packed_entry_is_forgotten(ops, tree):
+    """Through the engine: the kernel never took the reply (ENOENT: an interrupted
+    request), so the reference the short LOOKUP took is forgotten, as ``_entry``'s undo."""
+    from overlaypc.engine import session as session_mod
+    d = _made(ops, "up")
+    look(ops, "up")
+    x = _made(ops, "up/x")
+    null = os.open(os.devnull, os.O_WRONLY)
+    s = session_mod.Session(ops, null, workers=1)
+    s._negotiate(1, p.InitIn(7, 45, 1 << 17, p.ASYNC_READ | p.DO_READDIRPLUS))
+    fail = [False]
+    replies = []
+
+    def writev(fd, parts):
+        if fail[0]:
+            raise OSError(errno.ENOENT, "interrupted")
+        replies.append(b"".join(bytes(part) for part in parts))
+        return 0
+    s._writev = writev
+    out = memoryview(bytearray(1 << 16))
+    msg = memoryview(p.IN_HEADER.pack(p.IN_HEADER.size + 2, p.LOOKUP, 2, d, 0, 0, os.getpid(),
+                                      0, 0) + b"x\0")
+    try:
+        n = ops.nodes.nlookup(x)
+        s.dispatch(null, msg, out)
+        assert p.ENTRY_OUT.unpack_from(replies[-1], 16)[0] == x
+        assert ops.nodes.nlookup(x) == n + 1
+        fail[0] = True
+        s.dispatch(null, msg, out)
+        assert ops.nodes.nlookup(x) == n + 1
+    finally:
+        os.close(null)

@@ -55,6 +55,10 @@ class Side:
         self._took("lookup")
         if isinstance(got, bytes):
             return (p.ENTRY_OUT.unpack_from(got)[0], None)
+        if type(got) is tuple:  # (a cached directory's entry, packed; an ``Entry`` is a named tuple)
+            nodeid, packed = got
+            assert p.ENTRY_OUT.unpack_from(packed)[0] == nodeid
+            return (nodeid, _attr(p.unpack_attr(packed, p.ENTRY_HEAD.size)))
         return (got.nodeid, _attr(got.attr))
 
     def create(self, parent: int, name: str, flags: int, mode: int, umask: int = 0):

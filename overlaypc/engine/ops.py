@@ -208,10 +208,11 @@ class Operations:
     getattr_node: Callable[[int], bytes | None] | None = None
     #: if set, a LOOKUP (where every caller may ask) calls this first, with the parent's
     #: node and the name alone (no ``Request``): the packed ``fuse_entry_out`` of a
-    #: negative entry, the ``Entry`` ``lookup`` would answer (its reference taken), or
-    #: None to answer through ``lookup``. The kernel sends a negative LOOKUP before each
-    #: creation of a new name (one per file of an untar)
-    lookup_name: Callable[[int, bytes], "bytes | Entry | None"] | None = None
+    #: negative entry, the ``Entry`` ``lookup`` would answer (its reference taken), that
+    #: entry packed as (its nodeid, ``fuse_entry_out``; the reference forgotten again if
+    #: the reply is not delivered), or None to answer through ``lookup``. The kernel sends
+    #: a negative LOOKUP before each creation of a new name (one per file of an untar)
+    lookup_name: Callable[[int, bytes], "bytes | Entry | tuple[int, bytes] | None"] | None = None
     setattr: Callable[[Request, int, SetAttr], AttrReply] = _nosys
     #: if set, a SETATTR without extensions (where every caller may ask: no
     #: ``deny_others``) calls this first with (uid, gid, pid, nodeid, ``SETATTR_IN``'s

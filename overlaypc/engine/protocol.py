@@ -423,6 +423,25 @@ def pack_direntplus_stat(nodeid: int, timeouts: tuple[int, int, int, int], st: o
                        off, len(name), (mode & 0o170000) >> 12, name)
 
 
+
+#: ``fuse_entry_out`` with the attribute's three seconds fields signed (as ``_ATTR_OUT_SIGNED``)
+_ENTRY_OUT_SIGNED = struct.Struct(ENTRY_HEAD.format + "QQQqqqIIIIIIIIII")
+assert _ENTRY_OUT_SIGNED.size == ENTRY_OUT.size
+
+
+def pack_stat_entry(nodeid: int, timeouts: tuple[int, int, int, int], st: os.stat_result,
+                    ino: int) -> bytes:
+    """``pack_entry(nodeid, 0, FileAttr.from_stat(st, ino), ...)`` in one ``pack`` with no
+    object between (a LOOKUP of a directory the lookup cache holds, found again):
+    ``timeouts`` as ``pack_direntplus_stat``'s, the times split as ``pack_stat_attr_out``
+    does."""
+    es, as_, ens, ans = timeouts
+    return _ENTRY_OUT_SIGNED.pack(nodeid, 0, es, as_, ens, ans, ino, st.st_size, st.st_blocks,
+                                  st[7], st[8], st[9], st.st_atime_ns % 1_000_000_000,
+                                  st.st_mtime_ns % 1_000_000_000, st.st_ctime_ns % 1_000_000_000,
+                                  st.st_mode, st.st_nlink, st.st_uid & 0xFFFFFFFF,
+                                  st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+
 # -- request arguments ---------------------------------------------------------------------
 def cstrings(body, count: int) -> list[bytes]:
     """The first ``count`` NUL-terminated strings of ``body``."""

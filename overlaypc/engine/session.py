@@ -745,6 +745,17 @@ class Session:
             except OSError as e:
                 self._write_failed(e)
             return True
+        if reply.__class__ is tuple:  # (a node's entry, packed: (nodeid, ``fuse_entry_out``))
+            try:
+                self._writev(fd, [_pack_out(_ENTRY_REPLY_SIZE, 0, unique), reply[1]])
+                return True
+            except OSError as e:
+                self._write_failed(e)
+            try:  # (the kernel never took the reference: ``_entry``'s undo)
+                self.ops.forget(reply[0], 1)
+            except Exception:
+                log.exception("undoing an undelivered LOOKUP reply failed")
+            return True
         entry = self._entry(reply)
         if not self._write(fd, unique, 0, entry.parts) and entry.undo is not None:
             try:
