@@ -626,17 +626,25 @@ class CopyUp:
                     # the filesystems' answer, not the file's: not asked again
                     self._no_reflink.add(layer.index)
         ctx.method = "copy_file_range"
+        # a source with no room for a hole (as many bytes allocated as its size: every small
+        # file written whole) is one data segment: no SEEK_DATA/SEEK_HOLE asked. A block
+        # counted there that holds no data (an ext4 xattr block, a preallocated one) at most
+        # has a hole copied as the zeros it reads as: the same content
+        dense = size <= ctx.src.st.st_blocks * 512
         done = offset = written = 0
         while offset < size:
-            try:
-                start = os.lseek(src_fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break  # only a hole remains
-                raise
-            if start >= size:
-                break
-            end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+            if dense:
+                start, end = offset, size
+            else:
+                try:
+                    start = os.lseek(src_fd, offset, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        break  # only a hole remains
+                    raise
+                if start >= size:
+                    break
+                end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
             while start < end:
                 n = self._copy_range(ctx, src_fd, dst_fd, start, min(end - start, _CHUNK))
                 if n == 0:
