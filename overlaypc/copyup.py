@@ -195,6 +195,10 @@ class Seen(NamedTuple):
     layers do not change under a mount), so a lookup now would find the same object."""
     node: Node
     epoch: int
+    #: the overlay-private xattr names of ``node``'s top entry where known: a copy handed
+    #: over (``CopyUp.handing_over``), the names its copy-up wrote; None: unknown (only
+    #: private names: an LSM may label a new file, and copied names are not kept)
+    private: tuple[str, ...] | None = None
 
 
 class _Held:
@@ -231,6 +235,9 @@ class CopyUpContext:
     #: the number ``inumbers`` shows for the copy because of the origin written
     #: (``InodeNumbers.copied``), None when none is known that way
     origin_ino: int | None = None
+    #: the overlay-private xattr names written to the copy (``_set_private``); None: not
+    #: known (an override xattr's, ``ownership``)
+    private: tuple[str, ...] | None = ()
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -267,6 +274,8 @@ class _Handover(threading.local):
         self.epoch = -1
         #: the copy handed over, offered to the change the request makes in that hold
         self.offered: Seen | None = None
+        #: the copy's overlay-private xattr names (``Seen.private``)
+        self.private: tuple[str, ...] | None = None
 
 
 class _Refusing:
@@ -349,7 +358,7 @@ class CopyUp:
         if not h.held:
             return None
         h.held = False
-        return Seen(Node(rel, (entry,)), h.epoch)
+        return Seen(Node(rel, (entry,)), h.epoch, h.private)
 
     def offer(self, seen: Seen | None) -> None:
         """``handing_over``'s answer, offered (None: withdrawn) to the change this thread
@@ -386,6 +395,7 @@ class CopyUp:
         self.ns_lock.acquire()
         h.held = True
         h.entry = Entry(entry.layer, entry.rel, entry.st, None, parent)
+        h.private = ctx.private
         return True
 
     @scopes.contextmanager
@@ -522,7 +532,7 @@ class CopyUp:
             # let go of first (``_Held``: the lookup may wait for fds)
             seen = held.take() if held is not None else None
             if seen is not None and seen.epoch == self.lookup.epoch:
-                node, epoch = seen
+                node, epoch, _ = seen
             else:
                 seen = None
                 epoch = self.lookup.epoch  # (read before the layers: ``Seen``)
@@ -692,6 +702,7 @@ class CopyUp:
         owner = self.ownership.on_disk(self.ownership.stored_entry(src))
         override = self.ownership.writes_override(work, owner.mode)
         if override:
+            ctx.private = None  # (names ``ownership`` chooses)
             self.ownership.set_override(work, tmp, owner.uid, owner.gid, owner.mode)
         elif fd is not None:
             # chown first: chown(2) drops security.capability (even for root), and the
@@ -712,7 +723,7 @@ class CopyUp:
         # one name of a lower hard link whose link this copy-up breaks (index off).
         breaks_link = ctx.kind != stat.S_IFDIR and st.st_nlink > 1 and ctx.index_key is None
         if origin is not None and not breaks_link:
-            self._set_private(tmp, self.prefix + "origin", origin, fd)
+            self._set_private(ctx, self.prefix + "origin", origin, fd)
             if self.inos is not None:  # what the copy's first GETATTR would decode
                 ctx.origin_ino = self.inos.copied(origin, st, src.layer)
         if ctx.kind in (stat.S_IFREG, stat.S_IFDIR):
@@ -720,7 +731,7 @@ class CopyUp:
         if ctx.metadata_only:
             # (no redirect, as the kernel's: data found through a redirected parent is
             # found again through it; a rename sets one, ``namespace._mark_moved``)
-            self._set_private(tmp, self.prefix + "metacopy", b"", fd)
+            self._set_private(ctx, self.prefix + "metacopy", b"", fd)
         if ctx.kind != stat.S_IFLNK:
             # after the ACL (as in the kernel's copy-up): chmod sets the ACL mask to the
             # group bits, which for the lower's own mode are the lower's mask already
@@ -776,7 +787,7 @@ class CopyUp:
         only for a source with sync or noatime."""
         flags = self.protection.real_all(ctx.src, src_fd)
         if flags & protattr.PROTECTED:
-            self._set_private(ctx.tmp, self.prefix + protattr.XATTR, protattr.value_of(flags), fd)
+            self._set_private(ctx, self.prefix + protattr.XATTR, protattr.value_of(flags), fd)
         if flags & protattr.COPIED:
             self._copy_real_flags(ctx, fd, flags & protattr.COPIED)
 
@@ -805,12 +816,16 @@ class CopyUp:
             if own != fd:
                 os.close(own)
 
-    def _set_private(self, rel: str, name: str, value: bytes, fd: int | None = None) -> None:
+    def _set_private(self, ctx: CopyUpContext, name: str, value: bytes, fd: int | None = None) -> None:
+        """Set the overlay-private xattr ``name`` of the copy, counted in ``ctx.private``
+        (first: one refused leaves the name counted, which only costs a read)."""
+        if ctx.private is not None:
+            ctx.private += (name,)
         try:
             if fd is not None:
-                self.work.do_fsetxattr(fd, rel, name, value)
+                self.work.do_fsetxattr(fd, ctx.tmp, name, value)
             else:
-                self.work.do_setxattr(rel, name, value)
+                self.work.do_setxattr(ctx.tmp, name, value)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise  # symlinks refuse user.* xattrs; origin is then simply not recorded
