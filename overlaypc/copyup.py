@@ -69,7 +69,7 @@ import time
 
 from . import faults, fdbudget, impure, logs, protattr, scopes, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
-from .layer import Layer, do_link, do_rename, join, same_file, split
+from .layer import Layer, debugging, do_link, do_rename, join, same_file, split
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
@@ -235,6 +235,8 @@ class CopyUpContext:
     #: the number ``inumbers`` shows for the copy because of the origin written
     #: (``InodeNumbers.copied``), None when none is known that way
     origin_ino: int | None = None
+    #: ``layer.debugging()`` read once for the copy-up's changes (``Layer._change``)
+    debug: bool = True
     #: the overlay-private xattr names written to the copy (``_set_private``); None: not
     #: known (an override xattr's, ``ownership``)
     private: tuple[str, ...] | None = ()
@@ -546,7 +548,7 @@ class CopyUp:
             ctx = CopyUpContext(node, node.top, self._key_of(node),
                                 join(WORK_DIR, f"#ovlpc-{_Pid.value}-{next(self._names)}"), epoch,
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode),
-                                empty=empty and stat.S_ISREG(node.st.st_mode))
+                                empty=empty and stat.S_ISREG(node.st.st_mode), debug=debugging())
             if self.index is not None and self.index.eligible(node.top):
                 # (a metadata-only copy too, as the kernel's: the index entry is the
                 # metacopy file, its data the lower file it indexes)
@@ -572,7 +574,7 @@ class CopyUp:
         source (its data, xattrs and file handle): no path walk per step. The fsync comes
         last, so it makes data and metadata durable together, before the rename."""
         src = ctx.src
-        dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600)
+        dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600, ctx.debug)
         try:
             src_fd = self._open_source(src, ctx.metadata_only)
             try:
@@ -707,7 +709,7 @@ class CopyUp:
         elif fd is not None:
             # chown first: chown(2) drops security.capability (even for root), and the
             # kernel's copy-up keeps it
-            work.do_fchown(fd, tmp, owner.uid, owner.gid)
+            work.do_fchown(fd, tmp, owner.uid, owner.gid, ctx.debug)
         else:
             work.do_chown(tmp, owner.uid, owner.gid, by_name=True)
         self._copy_xattrs(ctx, fd, src_fd)
@@ -737,11 +739,11 @@ class CopyUp:
             # group bits, which for the lower's own mode are the lower's mask already
             mode = stat.S_IMODE(owner.mode) & (0o777 if override else 0o7777)
             if fd is not None:
-                work.do_fchmod(fd, tmp, mode)
+                work.do_fchmod(fd, tmp, mode, ctx.debug)
             else:
                 work.do_chmod(tmp, mode, by_name=True)
         if fd is not None:
-            work.do_futime(fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
+            work.do_futime(fd, tmp, (st.st_atime_ns, st.st_mtime_ns), ctx.debug)
         else:
             work.do_utime(tmp, (st.st_atime_ns, st.st_mtime_ns), by_name=True)
 
@@ -861,8 +863,8 @@ class CopyUp:
                 return self._install_indexed(ctx)
             impure.mark(self.upper, split(rel)[0], self.prefix)  # before the name: ``impure``
             with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only) as placed:
-                with self._parent_times_kept(rel):
-                    do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
+                with self._parent_times_kept(rel, ctx.debug):
+                    do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
                     placed()
                 if not self.volatile:
                     self.upper.fsync_dir(split(rel)[0])
@@ -899,14 +901,14 @@ class CopyUp:
                 self._on_copied(key, placed.entry, metadata_only=metadata_only, filled=filled)
 
     @scopes.contextmanager
-    def _parent_times_kept(self, rel: str):
+    def _parent_times_kept(self, rel: str, debug: bool = True):
         """Copy-up is not a change of the parent directory: keep its atime and mtime
-        (the kernel's ``ovl_set_timestamps``)."""
+        (the kernel's ``ovl_set_timestamps``). ``debug``: ``Layer._change``'s."""
         parent = split(rel)[0]
         st = self.upper.lstat(parent)
         yield
         if st is not None:
-            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True)
+            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True, debug=debug)
 
     def _install_indexed(self, ctx: CopyUpContext) -> Entry:
         """index=on: the copy becomes ``index/<key>``, and the name a hard link to it.

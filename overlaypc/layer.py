@@ -77,6 +77,12 @@ def _getxattr_or_none(fd: int, name: str, child: str | None = None) -> bytes | N
         raise
 
 
+def debugging() -> bool:
+    """Whether layer changes are logged (``Layer._change``'s debug line): read once by a
+    caller that makes several, passed to them as ``debug`` (a copy-up)."""
+    return log.isEnabledFor(logs.DEBUG)
+
+
 def split(rel: str) -> tuple[str, str]:
     """``"a/b/c"`` -> ``("a/b", "c")``; ``"c"`` -> ``("", "c")``."""
     head, _, tail = rel.rpartition("/")
@@ -545,13 +551,16 @@ class Layer:
             os.close(fd)
 
     # -- changes ------------------------------------------------------------------------
-    def _change(self, what: str, rel: str, *args: object) -> None:
+    def _change(self, what: str, rel: str, *args: object, debug: bool = True) -> None:
+        """A change of ``rel`` about to be made: refused in a read-only layer, a fault
+        point, a debug line. ``debug`` False: the caller read the debug level as off (a
+        copy-up, once for its ~7 changes: ``debugging``)."""
         if not self.writable:
             raise OSError(errno.EROFS, "layer is read-only", rel)
         # (the point's name and the log line made only where used: ~7 changes per copy-up)
         if faults.armed:
             faults.hit(f"layer.{what}", self, rel)
-        if log.isEnabledFor(logs.DEBUG):
+        if debug and log.isEnabledFor(logs.DEBUG):
             log.debug("%s: %s %s %s", self.name, what, rel, " ".join(map(str, args)))
 
     def do_mkdir(self, rel: str, mode: int) -> None:
@@ -620,8 +629,8 @@ class Layer:
         for name, _ in self.listdir(rel):
             self.do_remove_tree(join(rel, name))
 
-    def do_create(self, rel: str, flags: int, mode: int) -> int:
-        self._change("create", rel, oct(mode))
+    def do_create(self, rel: str, flags: int, mode: int, debug: bool = True) -> int:
+        self._change("create", rel, oct(mode), debug=debug)
         return self.open(rel, flags | os.O_CREAT, mode)
 
     def create_at(self, parent: DirFd, name: str, rel: str, flags: int, mode: int) -> int:
@@ -686,8 +695,9 @@ class Layer:
         finally:
             os.close(fd)
 
-    def do_utime(self, rel: str, ns: tuple[int, int], *, by_name: bool = False) -> None:
-        self._change("utime", rel, ns)
+    def do_utime(self, rel: str, ns: tuple[int, int], *, by_name: bool = False,
+                 debug: bool = True) -> None:
+        self._change("utime", rel, ns, debug=debug)
         if not rel:  # the layer root has no parent inside the layer
             os.utime(f"/proc/self/fd/{self.root_fd}", ns=ns)
             return
@@ -703,16 +713,16 @@ class Layer:
 
     # -- changes through an open fd of the object (``rel``: its path, for faults and the
     # debug log); for a file the daemon just opened through this layer, so no path walk
-    def do_fchown(self, fd: int, rel: str, uid: int, gid: int) -> None:
-        self._change("chown", rel, uid, gid)
+    def do_fchown(self, fd: int, rel: str, uid: int, gid: int, debug: bool = True) -> None:
+        self._change("chown", rel, uid, gid, debug=debug)
         os.chown(fd, uid, gid)
 
-    def do_fchmod(self, fd: int, rel: str, mode: int) -> None:
-        self._change("chmod", rel, oct(mode))
+    def do_fchmod(self, fd: int, rel: str, mode: int, debug: bool = True) -> None:
+        self._change("chmod", rel, oct(mode), debug=debug)
         os.chmod(fd, mode)
 
-    def do_futime(self, fd: int, rel: str, ns: tuple[int, int]) -> None:
-        self._change("utime", rel, ns)
+    def do_futime(self, fd: int, rel: str, ns: tuple[int, int], debug: bool = True) -> None:
+        self._change("utime", rel, ns, debug=debug)
         os.utime(fd, ns=ns)
 
     def getxattr_entry(self, rel: str, name: str) -> bytes | None:
@@ -869,9 +879,14 @@ class _TreeRemoval:
         return deepest.fd
 
 
-def do_rename(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int = 0) -> None:
-    """``renameat2`` between two layers on one filesystem (workdir -> upper, or within one)."""
-    dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
+def do_rename(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int = 0,
+              debug: bool = True) -> None:
+    """``renameat2`` between two layers on one filesystem (workdir -> upper, or within one).
+    ``debug``: as ``Layer._change``'s."""
+    if debug:  # (its log line's parts made only where it may be written)
+        dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
+    else:
+        dst._change("rename", dst_rel, debug=False)
     with src.parent(src_rel) as (sfd, sname), dst.parent(dst_rel) as (dfd, dname):
         if flags:
             sysapi.renameat2(sfd, sname, dfd, dname, flags)
