@@ -69,7 +69,7 @@ import time
 
 from . import faults, fdbudget, impure, logs, protattr, scopes, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
-from .layer import Layer, debugging, do_link, do_rename, join, same_file, split
+from .layer import DirFd, Layer, debugging, do_link, do_rename, join, same_file, split
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
@@ -861,13 +861,20 @@ class CopyUp:
                 raise OSError(errno.ENOENT, "changed during copy-up", rel)
             if ctx.index_key is not None:
                 return self._install_indexed(ctx)
-            impure.mark(self.upper, split(rel)[0], self.prefix)  # before the name: ``impure``
+            parent = split(rel)[0]
+            impure.mark(self.upper, parent, self.prefix)  # before the name: ``impure``
+            # the parent's fd the lookup cache holds (in this hold: where it says), its
+            # readable one kept beside it for the times and the fsync (``readable_dir``)
+            held = self.upper.held_dir(parent)
             with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only) as placed:
-                with self._parent_times_kept(rel, ctx.debug):
+                with self._parent_times_kept(rel, ctx.debug, held):
                     do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
                     placed()
                 if not self.volatile:
-                    self.upper.fsync_dir(split(rel)[0])
+                    if held is not None:
+                        os.fsync(self.upper.readable_dir(held, parent))
+                    else:
+                        self.upper.fsync_dir(parent)
             entry = placed.result()
             if ctx.origin_ino is not None and self.inos is not None:
                 # the copy's number, kept under its stat: its first GETATTR (or a change's
@@ -901,14 +908,23 @@ class CopyUp:
                 self._on_copied(key, placed.entry, metadata_only=metadata_only, filled=filled)
 
     @scopes.contextmanager
-    def _parent_times_kept(self, rel: str, debug: bool = True):
+    def _parent_times_kept(self, rel: str, debug: bool = True, held: DirFd | None = None):
         """Copy-up is not a change of the parent directory: keep its atime and mtime
-        (the kernel's ``ovl_set_timestamps``). ``debug``: ``Layer._change``'s."""
+        (the kernel's ``ovl_set_timestamps``). ``debug``: ``Layer._change``'s; ``held``: the
+        parent's fd a cache holds, found in this lock hold: its times read and set through
+        it (``fstat``, ``futimens`` of its readable fd: ``Layer.readable_dir``)."""
         parent = split(rel)[0]
-        st = self.upper.lstat(parent)
+        upper = self.upper
+        if held is not None:
+            st = os.fstat(held.fd)
+            yield
+            upper.do_futime(upper.readable_dir(held, parent), parent,
+                            (st.st_atime_ns, st.st_mtime_ns), debug)
+            return
+        st = upper.lstat(parent)
         yield
         if st is not None:
-            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True, debug=debug)
+            upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True, debug=debug)
 
     def _install_indexed(self, ctx: CopyUpContext) -> Entry:
         """index=on: the copy becomes ``index/<key>``, and the name a hard link to it.

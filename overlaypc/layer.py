@@ -173,9 +173,13 @@ class DirFd:
     number, which ``InodeNumbers._unique`` decides at each answer): a lookup opens new fds,
     so the fd stands for that directory's layers, which its number depends on, as long as
     it lives. ``prot``: the directory's immutable/append-only flags as ``protection``
-    read them (UNKNOWN until a change in it asks)."""
+    read them (UNKNOWN until a change in it asks). ``readable``: a readable fd of the same
+    directory (-1: none yet), for what an ``O_PATH`` fd cannot do: the fsync and the times
+    of a copy-up's parent (``Layer.readable_dir``: opened at the first copy-up into it,
+    counted by the cache holding this, closed with ``fd``; the root's: the layer's
+    ``mount_fd``)."""
 
-    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot")
+    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot", "readable")
 
     def __init__(self, fd: int, owned: bool = True) -> None:
         self.fd = fd
@@ -184,10 +188,13 @@ class DirFd:
         self.impure_settled = False
         self.dir_ino: object = UNKNOWN
         self.prot: object = UNKNOWN
+        self.readable = -1
 
     def __del__(self) -> None:
         if self._owned:
             os.close(self.fd)
+            if self.readable >= 0:
+                os.close(self.readable)
 
 
 class Layer:
@@ -212,9 +219,13 @@ class Layer:
         self.mount_fd = os.open(f"/proc/self/fd/{self.root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.uuid = sysapi.fs_uuid(self.mount_fd)
         self.root = DirFd(self.root_fd, owned=False)
+        self.root.readable = self.mount_fd  # (not owned either: ``close``)
         #: directory fds of this layer that a cache holds (the lookup cache's), by layer
         #: path: ``rel -> DirFd | None``; operations act relative to them (``parent``)
         self.dirs: Callable[[str], DirFd | None] | None = None
+        #: told ``(rel, dirfd)`` when ``readable_dir`` opened a readable fd for a held
+        #: directory: the cache that holds it counts that fd (``Lookup.count_readable``)
+        self.readable_opened: Callable[[str, DirFd], None] | None = None
 
     def __repr__(self) -> str:
         return f"Layer({self.index}, {self.path!r}, {'rw' if self.writable else 'ro'})"
@@ -766,6 +777,22 @@ class Layer:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def readable_dir(self, held: DirFd, rel: str) -> int:
+        """A readable fd of the held directory ``rel`` (``held``: a cache's, ``held_dir``),
+        kept with it (``DirFd.readable``): the first call opens it (through the held fd:
+        no path walk) and has the cache count it (``readable_opened``). Called under the
+        namespace lock (a copy-up's install: no two threads open one for the same
+        directory at once). A directory removed or renamed since still answers: the fd
+        is of its inode (the caller found ``held`` in this lock hold, where the cache holds
+        only directories that are where it says)."""
+        fd = held.readable
+        if fd < 0:
+            fd = retrying(sysapi.openat2, held.fd, ".", os.O_RDONLY | os.O_DIRECTORY)
+            held.readable = fd
+            if self.readable_opened is not None:
+                self.readable_opened(rel, held)
+        return fd
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(f"/proc/self/fd/{self.root_fd}")
