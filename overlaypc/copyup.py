@@ -69,7 +69,7 @@ import time
 
 from . import faults, fdbudget, impure, logs, protattr, scopes, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
-from .layer import DirFd, Layer, debugging, do_link, do_rename, join, same_file, split
+from .layer import DirFd, Layer, debugging, do_link, do_rename, join, rename_at, same_file, split
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
@@ -86,6 +86,8 @@ if TYPE_CHECKING:
 log = logs.get("overlaypc.copyup")
 
 WORK_DIR = "work"
+#: where a copy's name starts in its path in the workdir (``WORK_DIR/name``)
+_WORK_PREFIX = len(WORK_DIR) + 1
 _CHUNK = 8 << 20
 
 
@@ -378,19 +380,19 @@ class CopyUp:
         h.offered = None
         return seen
 
-    def _hand_over(self, ctx: CopyUpContext, entry: Entry) -> bool:
+    def _hand_over(self, ctx: CopyUpContext, entry: Entry, parent: DirFd | None) -> bool:
         """In ``_install``'s namespace lock hold, once the copy is in place: if this
         thread's request asked for ``ctx``'s path (``handing_over``) and the copy is what a
         lookup finds whole at the name (no directory, whose node merges layers; no
         metadata-only copy, whose data is below), one more level of the lock, kept past the
         hold's end, and the copy's entry as a lookup gives it: relative to the parent's fd
-        the lookup holds (its xattr names not listed: unknown)."""
+        the lookup holds (``parent``, found in this hold; its xattr names not listed:
+        unknown, its private ones known: ``Seen.private``)."""
         h = self._handover
         if h.rel != ctx.node.rel or h.held or ctx.metadata_only or ctx.kind == stat.S_IFDIR:
             return False
-        parent = self.upper.held_dir(split(entry.rel)[0])  # (the root's own, or the cache's)
         if parent is None:
-            return False  # (evicted: the request looks it up)
+            return False  # (not cached: the request looks it up)
         # (held by this thread already, in ``_installing``: one more level never waits. The
         # order is every copy-up's: this copy's stripe lock, taken first, is let go of on the
         # way out with the namespace lock still held, and a release waits for nothing)
@@ -573,8 +575,13 @@ class CopyUp:
         """A regular file, built through the fd it is created with and one fd of the
         source (its data, xattrs and file handle): no path walk per step. The fsync comes
         last, so it makes data and metadata durable together, before the rename."""
-        src = ctx.src
-        dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600, ctx.debug)
+        src, work = ctx.src, self.work
+        held = work.held_dir(WORK_DIR)  # (held for the mount: ``OverlayFS``)
+        if held is not None:
+            dst_fd = work.create_at(held, ctx.tmp[_WORK_PREFIX:], ctx.tmp, os.O_WRONLY | os.O_EXCL,
+                                    0o600, ctx.debug)
+        else:
+            dst_fd = work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600, ctx.debug)
         try:
             src_fd = self._open_source(src, ctx.metadata_only)
             try:
@@ -599,8 +606,11 @@ class CopyUp:
     def _open_source(src: Entry, metadata_only: bool) -> int:
         """The source's fd, read-only (its data; its flags, asked by ioctl); for a
         metadata-only copy, which reads no data, ``O_PATH`` where the daemon may not read
-        the file (its flags are then what ``statx`` shows)."""
+        the file (its flags are then what ``statx`` shows). Through the parent's fd the
+        lookup found it in, where it has one."""
         try:
+            if src.parent is not None:
+                return src.layer.open_at(src.parent, src.name, os.O_RDONLY)
             return src.layer.open(src.rel, os.O_RDONLY)
         except PermissionError:
             if not metadata_only:
@@ -861,14 +871,23 @@ class CopyUp:
                 raise OSError(errno.ENOENT, "changed during copy-up", rel)
             if ctx.index_key is not None:
                 return self._install_indexed(ctx)
-            parent = split(rel)[0]
-            impure.mark(self.upper, parent, self.prefix)  # before the name: ``impure``
-            # the parent's fd the lookup cache holds (in this hold: where it says), its
-            # readable one kept beside it for the times and the fsync (``readable_dir``)
+            parent, name = split(rel)
+            # the parent's fd the lookup cache holds (in this hold: where it says), passed to
+            # each step (no lookup of it per step); its readable one kept beside it for the
+            # times and the fsync (``readable_dir``)
             held = self.upper.held_dir(parent)
-            with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only) as placed:
+            if held is None or not held.impure_settled:
+                impure.mark(self.upper, parent, self.prefix)  # before the name: ``impure``
+            work = self.work.held_dir(WORK_DIR) if held is not None else None
+            with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only,
+                                held=held, name=name) as placed:
                 with self._parent_times_kept(rel, ctx.debug, held):
-                    do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
+                    if work is not None:
+                        rename_at(self.work, work, ctx.tmp[_WORK_PREFIX:], ctx.tmp, self.upper, held,
+                                  name, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
+                    else:
+                        do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE,
+                                  ctx.debug)
                     placed()
                 if not self.volatile:
                     if held is not None:
@@ -880,7 +899,7 @@ class CopyUp:
                 # the copy's number, kept under its stat: its first GETATTR (or a change's
                 # reply, ``InodeNumbers.carry``) reads no origin xattr
                 self.inos.known(entry.st, ctx.origin_ino)
-            handed = self._hand_over(ctx, entry)
+            handed = self._hand_over(ctx, entry, held)
         if handed:  # (the epoch ``lookup.changed`` moved to as the hold ended)
             self._handover.epoch = self.lookup.epoch
         elapsed = time.monotonic() - ctx.started
@@ -889,18 +908,26 @@ class CopyUp:
         return entry
 
     @scopes.contextmanager
-    def _in_place(self, key, rel: str, *, metadata_only: bool = False, filled: bool = False):
+    def _in_place(self, key, rel: str, *, metadata_only: bool = False, filled: bool = False,
+                  held: DirFd | None = None, name: str = ""):
         """Yields ``placed``, to call once the copy is at ``rel`` (the point of no return).
         From then on the name resolves to the copy, so the object's inode and kernel node
         move to it (``on_copied``) at the end of the block even if a later step fails (a
         parent's fsync, its times): open handles must follow the name, or one opened
         before would keep reading the file below while writes go to the copy. ``filled``:
-        the data copy-up of a metacopy file, which changed its attributes (``on_copied``'s)."""
+        the data copy-up of a metacopy file, which changed its attributes (``on_copied``'s).
+        ``held``: the parent's fd (found in this lock hold), the copy's stat read through it
+        as entry ``name``."""
         placed = _Placed()
         try:
             yield placed
         finally:
-            st = self.upper.lstat(rel) if placed.done else None
+            if not placed.done:
+                st = None
+            elif held is not None:
+                st = self.upper.stat_at(held, name)
+            else:
+                st = self.upper.lstat(rel)
             if st is not None:
                 if stat.S_ISDIR(st.st_mode):
                     self.lookup.invalidate(rel)  # its cached node misses the upper dir

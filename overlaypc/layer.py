@@ -255,6 +255,11 @@ class Layer:
             return retrying(sysapi.openat2, held.fd, name, flags | os.O_NOFOLLOW, mode)
         return openat_beneath(self.root_fd, rel or ".", flags | os.O_NOFOLLOW, mode)
 
+    def open_at(self, parent: DirFd, name: str, flags: int) -> int:
+        """``open`` of entry ``name`` of an open directory of this layer (a cache's: no
+        lookup of it), the final component not followed."""
+        return retrying(sysapi.openat2, parent.fd, name, flags | os.O_NOFOLLOW)
+
     def path_fd(self, rel: str) -> int:
         return self.open(rel, os.O_PATH)
 
@@ -644,10 +649,12 @@ class Layer:
         self._change("create", rel, oct(mode), debug=debug)
         return self.open(rel, flags | os.O_CREAT, mode)
 
-    def create_at(self, parent: DirFd, name: str, rel: str, flags: int, mode: int) -> int:
+    def create_at(self, parent: DirFd, name: str, rel: str, flags: int, mode: int,
+                  debug: bool = True) -> int:
         """``do_create`` of entry ``name`` of an open directory of this layer (``rel``, its
-        path, for the log line and the fault points): ``open``'s call in the held fd."""
-        self._change("create", rel, oct(mode))
+        path, for the log line and the fault points): ``open``'s call in the held fd.
+        ``debug``: ``_change``'s."""
+        self._change("create", rel, oct(mode), debug=debug)
         return retrying(sysapi.openat2, parent.fd, name, flags | os.O_CREAT | os.O_NOFOLLOW, mode)
 
     def do_tmpfile(self, rel: str, flags: int, mode: int) -> int:
@@ -919,6 +926,17 @@ def do_rename(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int = 0
             sysapi.renameat2(sfd, sname, dfd, dname, flags)
         else:
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+
+def rename_at(src: Layer, src_dir: DirFd, src_name: str, src_rel: str, dst: Layer, dst_dir: DirFd,
+              dst_name: str, dst_rel: str, flags: int, debug: bool = True) -> None:
+    """``do_rename`` between entries of two open directories (a copy-up's: ``workdir/work``
+    and the upper parent, held by caches; the paths for ``_change``): no lookup of them."""
+    if debug:
+        dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
+    else:
+        dst._change("rename", dst_rel, debug=False)
+    sysapi.renameat2(src_dir.fd, src_name, dst_dir.fd, dst_name, flags)
 
 
 def do_link(src: Layer, src_rel: str, dst: Layer, dst_rel: str) -> None:

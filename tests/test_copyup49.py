@@ -177,3 +177,43 @@ def test_copy_ups_at_the_fd_limit(tmp_path, slack):
         for j in range(3):
             with open(tmp_path / "upper" / f"d{i}" / f"f{j}", "rb") as f:
                 assert f.read() == b"%d/%d" % (i, j)
+
+
+def _state(path: str, lower: str) -> dict:
+    """What a copy-up leaves of a file: content, mode, owner, times (the lower's), xattrs
+    (origin compared by presence: it names the source)."""
+    st, lst = os.lstat(path), os.lstat(lower)
+    names = sorted(os.listxattr(path, follow_symlinks=False))
+    with open(path, "rb") as f:
+        data = f.read()
+    return {"data": data, "mode": st.st_mode, "owner": (st.st_uid, st.st_gid),
+            "times": (st.st_atime_ns, st.st_mtime_ns) == (lst.st_atime_ns, lst.st_mtime_ns),
+            "xattrs": names}
+
+
+def test_a_copy_up_whose_parent_is_not_cached_leaves_the_same_copy(drv, monkeypatch):
+    """The steps through held fds (the upper parent's, ``workdir/work``'s) and the steps by
+    path where no cache holds the parent (evicted) make the same copy, keep the parent's
+    times and fsync the same objects."""
+    fs = drv.fs
+    fs.copyup.ensure_upper("d/f")  # (d copied up; d/f through the held fds)
+    upper = fs.stack.upper
+    os.utime(_upper(drv, "d"), ns=(1_000_000_000_000_000_000, 1_100_000_000_000_000_000))
+    before = os.stat(_upper(drv, "d"))
+    synced = _fsyncs(monkeypatch)
+    fs.copyup.ensure_upper("d/g")
+    held_syncs = list(synced)
+    synced.clear()
+    real = upper.dirs
+    monkeypatch.setattr(upper, "dirs", lambda rel: None if rel == "d" else real(rel))
+    fs.copyup.ensure_upper("d/h")
+    assert synced == [os.stat(_upper(drv, "d/h")).st_ino, before.st_ino]
+    assert held_syncs == [os.stat(_upper(drv, "d/g")).st_ino, before.st_ino]
+    after = os.stat(_upper(drv, "d"))
+    assert (after.st_atime_ns, after.st_mtime_ns) == (before.st_atime_ns, before.st_mtime_ns)
+    lower = os.path.join(str(drv.fs.stack.lowers[0].path), "d")
+    got = {n: _state(_upper(drv, "d/" + n), os.path.join(lower, n)) for n in "fgh"}
+    for n in "fgh":
+        got[n]["data"] = got[n]["data"].replace(n.encode(), b"?")
+    assert got["f"] == got["g"] == got["h"]
+    assert fs.lookup.lookup("d/h").upper is not None
