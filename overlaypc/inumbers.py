@@ -50,7 +50,7 @@ import threading
 from collections import OrderedDict
 
 from . import sysapi, whiteout
-from .layer import UNKNOWN, Layer
+from .layer import UNKNOWN, DirFd, Layer, Listed, join
 from .lookup import Entry, Node
 from .stack import LayerStack
 from .typing_lite import TYPE_CHECKING
@@ -97,6 +97,37 @@ class InodeNumbers:
         """The number an upper object shows because of its copy-up origin, if any; its own
         upper number when another object showed that origin's first (``_unique``)."""
         return self._unique(entry, self._recorded(entry))
+
+    def upper_listed(self, layer: Layer, dirfd: DirFd, rel: str, items: "list[Listed]") -> list[int]:
+        """The number each upper object listed (stat'ed) in directory ``rel`` of ``layer``
+        shows, as ``recorded``, else ``of_entry``, of its entry at ``join(rel, name)``
+        through the directory's fd ``dirfd`` would answer (``merged_listing``'s rule): the
+        answers kept under the objects' stats with no origin (what the mount made, a change
+        carried, an earlier listing read) in one lock hold, with the same LRU moves; an
+        ``Entry`` and ``recorded`` for the others only (an origin: ``_unique`` decides; not
+        kept: its xattrs are read)."""
+        cache, missing = self._cache, UNKNOWN
+        kept = []
+        with self._lock:
+            for item in items:
+                st = item[3]
+                key = (st.st_dev, st.st_ino, st.st_ctime_ns)
+                value = cache.get(key, missing)
+                if value is None:
+                    cache.move_to_end(key)
+                kept.append(value)
+        xino = self.xino.ino
+        out = []
+        for item, value in zip(items, kept):
+            st = item[3]
+            if value is not None:  # (an origin's number, or nothing kept)
+                entry = Entry(layer, join(rel, item[0]), st, None, dirfd)
+                value = self.recorded(entry)
+                if value is not None:
+                    out.append(value)
+                    continue
+            out.append(xino(st.st_dev, st.st_ino))
+        return out
 
     def _unique(self, entry: Entry, value: int | None) -> int | None:
         """``value``, the origin's number for the upper ``entry``, if no other upper object
