@@ -10,7 +10,7 @@ the open handles of it. Two indexes: key -> nodeid and (parent nodeid, name) -> 
 A node's merged path is its first remaining name joined to its parent's path, up to the
 root (``""``). A directory keeps the path it was last given (``Node.dir_path``) while no
 directory's name changed since (``_dirs_gen``: bumped when a directory loses or changes
-a name or leaves the table): every LOOKUP, GETATTR and OPEN asks for a path, and the walk
+a name or leaves the table with one): every LOOKUP, GETATTR and OPEN asks for a path, and the walk
 up to the root cost 0.6-1.2 us at depths 1-8. A file's name change moves no other path.
 A name removed (unlink, rmdir, renamed over) leaves the node; a node with no names left
 (names in directories the kernel forgot count as none) also leaves the key index (a later
@@ -154,30 +154,40 @@ class NodeTable:
         names already, else, if the table's epoch is still ``epoch``, ``take``'s; 0 where
         neither (the key may be stale: the caller looks the name up)."""
         out: list[int] = []
+        append = out.append
         nodes, by_name, by_key = self._nodes, self._by_name, self._by_key
         with self._lock:
+            fresh = self.epoch == epoch  # (nothing below moves it)
             for name, key, is_dir in listed:
                 where = (parent, name)
                 holder = by_name.get(where)
-                node = None if holder is None else nodes.get(holder)
-                if node is None:
-                    if self.epoch != epoch:  # (``take`` itself may move it)
-                        out.append(0)
+                if holder is not None:
+                    node = nodes.get(holder)
+                    if node is not None:
+                        node.nlookup += 1
+                        append(holder)
                         continue
-                    nodeid = by_key.get(key)
-                    if nodeid is None:
-                        nodeid = next(self._ids)
-                        node = nodes[nodeid] = Node(nodeid, key, is_dir)
-                        by_key[key] = nodeid
-                    else:
-                        node = nodes[nodeid]
-                    if holder != nodeid:  # (``forget`` leaves no name of a node gone)
-                        if is_dir and node.names:
-                            self._one_dir_name(node)
-                        node.names.append(where)
-                        by_name[where] = nodeid
+                if not fresh:
+                    append(0)
+                    continue
+                nodeid = by_key.get(key)
+                if nodeid is None:  # (a new node: its one name and reference)
+                    nodeid = next(self._ids)
+                    node = nodes[nodeid] = Node(nodeid, key, is_dir)
+                    by_key[key] = nodeid
+                    node.names.append(where)
+                    by_name[where] = nodeid
+                    node.nlookup = 1
+                    append(nodeid)
+                    continue
+                node = nodes[nodeid]
+                if holder != nodeid:  # (``forget`` leaves no name of a node gone)
+                    if is_dir and node.names:
+                        self._one_dir_name(node)
+                    node.names.append(where)
+                    by_name[where] = nodeid
                 node.nlookup += 1
-                out.append(node.nodeid)
+                append(nodeid)
         return out
 
     def ref(self, nodeid: int) -> bool:
@@ -201,25 +211,42 @@ class NodeTable:
 
     def forget_all(self, pairs: "Iterable[tuple[int, int]]") -> None:
         """``forget`` of each (nodeid, count), in order, under one lock hold (a
-        BATCH_FORGET: the kernel's queued forgets, thousands after a cache drop)."""
-        nodes = self._nodes
+        BATCH_FORGET: the kernel's queued forgets, thousands after a cache drop); each
+        node that leaves, as ``_leave`` (inlined: one per pair after a cache drop)."""
+        nodes, by_name, by_key = self._nodes, self._by_name, self._by_key
         with self._lock:
             for nodeid, count in pairs:
                 node = nodes.get(nodeid)
                 if node is None or nodeid == ROOT_ID:
                     continue
                 node.nlookup -= count
-                if node.nlookup <= 0:
-                    self._leave(nodeid, node)
+                if node.nlookup > 0:
+                    continue
+                del nodes[nodeid]
+                names = node.names
+                if names:
+                    if node.is_dir:
+                        self._dirs_gen += 1
+                    for where in names:
+                        if by_name.get(where) == nodeid:
+                            del by_name[where]
+                if by_key.get(node.key) == nodeid:
+                    del by_key[node.key]
 
     def _leave(self, nodeid: int, node: Node) -> None:
-        """A node the kernel no longer references leaves the table (lock held)."""
+        """A node the kernel no longer references leaves the table (lock held). A
+        directory's leaving voids the kept paths (``_dirs_gen``) only while it has a name:
+        one that lost its last (an ``rm -rf``'s RMDIR before its FORGET) is on no kept path
+        since, as that loss moved ``_dirs_gen`` and a walk through a nameless directory
+        keeps nothing (``forget_all`` inlines this)."""
         del self._nodes[nodeid]
-        if node.is_dir:  # the names below it no longer resolve
-            self._dirs_gen += 1
-        for where in node.names:
-            if self._by_name.get(where) == nodeid:
-                del self._by_name[where]
+        names = node.names
+        if names:
+            if node.is_dir:  # the names below it no longer resolve
+                self._dirs_gen += 1
+            for where in names:
+                if self._by_name.get(where) == nodeid:
+                    del self._by_name[where]
         if self._by_key.get(node.key) == nodeid:
             del self._by_key[node.key]
 
