@@ -107,26 +107,26 @@ class InodeNumbers:
         ``Entry`` and ``recorded`` for the others only (an origin: ``_unique`` decides; not
         kept: its xattrs are read)."""
         cache, missing = self._cache, UNKNOWN
-        kept = []
+        xino, xbits = self.xino.ino, self.xino.bits  # (0: real numbers as they are)
+        out: list = []
+        append = out.append
+        rest = False
         with self._lock:
             for item in items:
                 st = item[3]
                 key = (st.st_dev, st.st_ino, st.st_ctime_ns)
-                value = cache.get(key, missing)
-                if value is None:
+                if cache.get(key, missing) is None:
                     cache.move_to_end(key)
-                kept.append(value)
-        xino = self.xino.ino
-        out = []
-        for item, value in zip(items, kept):
-            st = item[3]
-            if value is not None:  # (an origin's number, or nothing kept)
-                entry = Entry(layer, join(rel, item[0]), st, None, dirfd)
-                value = self.recorded(entry)
-                if value is not None:
-                    out.append(value)
-                    continue
-            out.append(xino(st.st_dev, st.st_ino))
+                    append(xino(st.st_dev, st.st_ino) if xbits else st.st_ino)
+                else:
+                    append(missing)
+                    rest = True
+        if rest:  # (an origin's number, or nothing kept)
+            for i, item in enumerate(items):
+                if out[i] is missing:
+                    st = item[3]
+                    value = self.recorded(Entry(layer, join(rel, item[0]), st, None, dirfd))
+                    out[i] = xino(st.st_dev, st.st_ino) if value is None else value
         return out
 
     def _unique(self, entry: Entry, value: int | None) -> int | None:

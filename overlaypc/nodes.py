@@ -45,13 +45,14 @@ class Node:
     """One node of the table (``__slots__``: there may be hundreds of thousands)."""
     __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path", "gone", "prot")
 
-    def __init__(self, nodeid: int, key: Hashable, is_dir: bool) -> None:
+    def __init__(self, nodeid: int, key: Hashable, is_dir: bool, names: "list[Name]",
+                 nlookup: int) -> None:
         self.nodeid = nodeid
         self.key = key
-        self.nlookup = 0
+        self.nlookup = nlookup
         self.is_dir = is_dir
         #: current names, the first one giving the path
-        self.names: list[Name] = []
+        self.names = names
         #: open file handles of this node (None: none, the common case)
         self.fhs: set[int] | None = None
         #: a directory's path as last walked: (``NodeTable._dirs_gen`` then, path)
@@ -74,8 +75,7 @@ class NodeTable:
     def __init__(self, root_key: Hashable) -> None:
         self._lock = threading.Lock()
         self._ids = itertools.count(ROOT_ID + 1)
-        root = Node(ROOT_ID, root_key, True)
-        root.nlookup = 1  # the kernel's reference from the mount; never dropped
+        root = Node(ROOT_ID, root_key, True, [], 1)  # (the mount's reference: never dropped)
         self._nodes: dict[int, Node] = {ROOT_ID: root}
         self._by_key: dict[Hashable, int] = {root_key: ROOT_ID}
         self._by_name: dict[Name, int] = {}
@@ -102,7 +102,7 @@ class NodeTable:
                     nodeid = self._by_key[key] = linked
             if nodeid is None:
                 nodeid = next(self._ids)
-                node = Node(nodeid, key, is_dir)
+                node = Node(nodeid, key, is_dir, [], 0)
                 self._nodes[nodeid] = node
                 self._by_key[key] = nodeid
             else:
@@ -129,9 +129,8 @@ class NodeTable:
         with that identity is this new file."""
         with self._lock:
             nodeid = next(self._ids)
-            node = self._nodes[nodeid] = Node(nodeid, key, False)
+            self._nodes[nodeid] = Node(nodeid, key, False, [], 1)
             self._by_key[key] = nodeid
-            node.nlookup = 1
             return nodeid
 
     def _one_dir_name(self, node: Node) -> None:
@@ -173,11 +172,9 @@ class NodeTable:
                 nodeid = by_key.get(key)
                 if nodeid is None:  # (a new node: its one name and reference)
                     nodeid = next(self._ids)
-                    node = nodes[nodeid] = Node(nodeid, key, is_dir)
+                    nodes[nodeid] = Node(nodeid, key, is_dir, [where], 1)
                     by_key[key] = nodeid
-                    node.names.append(where)
                     by_name[where] = nodeid
-                    node.nlookup = 1
                     append(nodeid)
                     continue
                 node = nodes[nodeid]
@@ -253,21 +250,25 @@ class NodeTable:
     # -- names -------------------------------------------------------------------------------
     def _drop_name(self, node: Node, where: Name, *, keep_key: bool,
                    gone: object | None = None) -> None:
-        try:
-            node.names.remove(where)
-        except ValueError:
-            pass
-        if node.names:  # names in directories the kernel forgot are no names (see ``path``)
-            for stale in [n for n in node.names if n[0] not in self._nodes]:
-                node.names.remove(stale)
-                if self._by_name.get(stale) == node.nodeid:
-                    del self._by_name[stale]
-        if not node.names and node.is_dir and gone is not None:
+        names, nodeid, by_name = node.names, node.nodeid, self._by_name
+        if len(names) == 1 and names[0] == where:  # (its one name: an unlink's common case)
+            del names[0]
+        else:
+            try:
+                names.remove(where)
+            except ValueError:
+                pass
+            if names:  # names in directories the kernel forgot are no names (see ``path``)
+                for stale in [n for n in names if n[0] not in self._nodes]:
+                    names.remove(stale)
+                    if by_name.get(stale) == nodeid:
+                        del by_name[stale]
+        if not names and node.is_dir and gone is not None:
             node.gone = gone
-        if self._by_name.get(where) == node.nodeid:
-            del self._by_name[where]
-        if not node.names and not keep_key and self._by_key.get(node.key) == node.nodeid \
-                and node.nodeid != ROOT_ID:
+        if by_name.get(where) == nodeid:
+            del by_name[where]
+        if not names and not keep_key and nodeid != ROOT_ID \
+                and self._by_key.get(node.key) == nodeid:
             del self._by_key[node.key]
         if node.is_dir:
             self._dirs_gen += 1

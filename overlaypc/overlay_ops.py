@@ -610,7 +610,7 @@ class OverlayOps(Operations):
         prel = self.nodes.dir_path(parent)
         if not prel:
             return None
-        decoded = os.fsdecode(name)
+        decoded = name.decode(*_FS_ENCODING)  # (``os.fsdecode``'s, without its Python frame)
         if not _plain_name(decoded):
             return None
         return prel, decoded
@@ -1372,7 +1372,8 @@ class OverlayOps(Operations):
                     return False  # (another kind's flags, read as ``unlink`` reads them)
             except OSError:
                 return False
-            key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper object)
+            # (``identity`` of an upper object; a named tuple without its ``__new__``)
+            key = _new_tuple(InodeKey, (st.st_dev, st.st_ino, None))
             try:
                 with paths.moving():
                     layer.unlink_at(dirfd, decoded, rel)
@@ -1751,19 +1752,19 @@ class OverlayOps(Operations):
         fit: list[tuple[DirEntry, bytes, int]] = []
         #: (name, identity, is_dir) of each fitting entry with attributes (``_take_ids``'s)
         listed: list[tuple[str, InodeKey, bool]] = []
-        for i in range(max(pos, 2) - 2, len(entries)):
-            e = entries[i]
+        start = max(pos, 2) - 2
+        for e, key in zip(entries[start:], keys[start:]):
             name = e[0].encode(encoding, errors)
             need = (_DIRENTPLUS_ROOM + len(name)) & ~7
             if need > room:
                 break
             room -= need
-            fit.append((e, name, base | keys[i]))
+            fit.append((e, name, base | key))
             attr = e[3]
-            if attr is not None:
+            if attr is not None:  # (its ``mode``: the listed stat's type bits)
                 st = attr[0]
                 listed.append((e[0], _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
-                               st.st_mode & 0o170000 == _S_IFDIR))
+                               e[1] == _S_IFDIR))
         if not listed:
             for e, name, off in fit:
                 parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))

@@ -8,6 +8,7 @@ no duplicates, no whiteout entries and no OCI marker names. A whiteout (or OCI
 from __future__ import annotations
 
 import stat
+from operator import itemgetter
 
 from . import faults, whiteout
 from .attrs import MERGED_DIR_NLINK, Attr
@@ -38,6 +39,8 @@ class DirEntry(NamedTuple):
 
 #: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
 _new_tuple = tuple.__new__
+#: a ``Listed``'s name (``map``ped: no Python code per entry)
+_first = itemgetter(0)
 
 
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
@@ -174,7 +177,7 @@ def _one_layer_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
     rel = parent.rel
     upper = layer.writable
     if names is not None and not upper:
-        names.offer(layer, rel, [item.name for item in items])
+        names.offer(layer, rel, list(map(_first, items)))
     if faults.armed:
         faults.hit("readdir.scanned", node.rel)  # test-only (faults.py)
     out: list[DirEntry] = []
