@@ -71,6 +71,10 @@ def _xattr(entry: Entry, name: str) -> bytes | None:
     return entry.layer.getxattr(entry.rel, name)
 
 
+#: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
+_new_tuple = tuple.__new__
+
+
 class InodeNumbers:
     def __init__(self, stack: LayerStack, prefix: str, limit: int = 65536, *,
                  index: bool = False) -> None:
@@ -98,14 +102,15 @@ class InodeNumbers:
         upper number when another object showed that origin's first (``_unique``)."""
         return self._unique(entry, self._recorded(entry))
 
-    def upper_listed(self, layer: Layer, dirfd: DirFd, rel: str, items: "list[Listed]") -> list[int]:
-        """The number each upper object listed (stat'ed) in directory ``rel`` of ``layer``
-        shows, as ``recorded``, else ``of_entry``, of its entry at ``join(rel, name)``
-        through the directory's fd ``dirfd`` would answer (``merged_listing``'s rule): the
-        answers kept under the objects' stats with no origin (what the mount made, a change
-        carried, an earlier listing read) in one lock hold, with the same LRU moves; an
-        ``Entry`` and ``recorded`` for the others only (an origin: ``_unique`` decides; not
-        kept: its xattrs are read)."""
+    def upper_listed(self, layer: Layer, dirfd: DirFd, rel: str,
+                     items: "list[Listed]") -> "list[Listed]":
+        """``items``, upper objects listed (stat'ed) in directory ``rel`` of ``layer``, each
+        with the number it shows for ``ino``: as ``recorded``, else ``of_entry``, of its
+        entry at ``join(rel, name)`` through the directory's fd ``dirfd`` would answer
+        (``merged_listing``'s rule). The answers kept under the objects' stats with no
+        origin (what the mount made, a change carried, an earlier listing read) in one lock
+        hold, with the same LRU moves; an ``Entry`` and ``recorded`` for the others only (an
+        origin: ``_unique`` decides; not kept: its xattrs are read)."""
         cache, missing = self._cache, UNKNOWN
         xino, xbits = self.xino.ino, self.xino.bits  # (0: real numbers as they are)
         out: list = []
@@ -117,16 +122,18 @@ class InodeNumbers:
                 key = (st.st_dev, st.st_ino, st.st_ctime_ns)
                 if cache.get(key, missing) is None:
                     cache.move_to_end(key)
-                    append(xino(st.st_dev, st.st_ino) if xbits else st.st_ino)
+                    append(_new_tuple(Listed, (item[0], item[1],
+                                               xino(st.st_dev, st.st_ino) if xbits else st.st_ino, st)))
                 else:
-                    append(missing)
+                    append(None)
                     rest = True
         if rest:  # (an origin's number, or nothing kept)
             for i, item in enumerate(items):
-                if out[i] is missing:
+                if out[i] is None:
                     st = item[3]
                     value = self.recorded(Entry(layer, join(rel, item[0]), st, None, dirfd))
-                    out[i] = xino(st.st_dev, st.st_ino) if value is None else value
+                    out[i] = _new_tuple(Listed, (item[0], item[1], xino(st.st_dev, st.st_ino)
+                                                 if value is None else value, st))
         return out
 
     def _unique(self, entry: Entry, value: int | None) -> int | None:

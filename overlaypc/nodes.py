@@ -154,7 +154,7 @@ class NodeTable:
         neither (the key may be stale: the caller looks the name up)."""
         out: list[int] = []
         append = out.append
-        nodes, by_name, by_key = self._nodes, self._by_name, self._by_key
+        nodes, by_name, by_key, new_id = self._nodes, self._by_name, self._by_key, self._ids.__next__
         with self._lock:
             fresh = self.epoch == epoch  # (nothing below moves it)
             for name, key, is_dir in listed:
@@ -171,7 +171,7 @@ class NodeTable:
                     continue
                 nodeid = by_key.get(key)
                 if nodeid is None:  # (a new node: its one name and reference)
-                    nodeid = next(self._ids)
+                    nodeid = new_id()
                     nodes[nodeid] = Node(nodeid, key, is_dir, [where], 1)
                     by_key[key] = nodeid
                     by_name[where] = nodeid

@@ -40,7 +40,8 @@ from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import (AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request,
                          fopen_flags)
-from .engine.protocol import (FileAttr, SetAttr, pack_direntplus_entry, pack_direntplus_stat,
+from .engine.protocol import (DIRENTPLUS_BY_LEN, FileAttr, SetAttr, direntplus_layout,
+                              pack_direntplus_entry, pack_direntplus_stat,
                               pack_stat_attr_out)
 from .inodes import InodeKey, OverlayInode
 from .killpriv import (CAP_FOWNER, CAP_SETFCAP, CAPABILITY_XATTR, Writer, has_capability,
@@ -1749,43 +1750,47 @@ class OverlayOps(Operations):
             parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, snap.dots[i],
                                                base | (i + 1), _S_IFDIR))
         encoding, errors = _FS_ENCODING
-        fit: list[tuple[DirEntry, bytes, int]] = []
+        fit: list[tuple[DirEntry, bytes, int, struct.Struct]] = []  # (entry, name, cookie, layout)
         #: (name, identity, is_dir) of each fitting entry with attributes (``_take_ids``'s)
         listed: list[tuple[str, InodeKey, bool]] = []
         start = max(pos, 2) - 2
+        layout_of = DIRENTPLUS_BY_LEN.get
         for e, key in zip(entries[start:], keys[start:]):
             name = e[0].encode(encoding, errors)
-            need = (_DIRENTPLUS_ROOM + len(name)) & ~7
+            layout = layout_of(len(name))
+            if layout is None:
+                layout = direntplus_layout(len(name))
+            need = layout.size  # (the entry's room, padded)
             if need > room:
                 break
             room -= need
-            fit.append((e, name, base | key))
+            fit.append((e, name, base | key, layout))
             attr = e[3]
             if attr is not None:  # (its ``mode``: the listed stat's type bits)
                 st = attr[0]
                 listed.append((e[0], _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
                                e[1] == _S_IFDIR))
         if not listed:
-            for e, name, off in fit:
+            for e, name, off, _layout in fit:
                 parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
             return b"".join(parts), []
         if not first:
             return self._pack_later(nodeid, snap.epoch, parts, fit,
-                                    [e for e, _name, _off in fit if e[3] is not None])
+                                    [e for e, _name, _off, _layout in fit if e[3] is not None])
         ids = self._take_ids(nodeid, snap.epoch, listed)
         next_id = iter(ids).__next__
         timeouts = self._entry_timeouts
         afresh: list[int] | None = None  # (the references ``_take_afresh`` took)
         try:
-            for e, name, off in fit:
+            for e, name, off, layout in fit:
                 attr = e[3]
                 if attr is None:
                     parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
                     continue
                 child = next_id()
                 if child:
-                    parts.append(pack_direntplus_stat(child, timeouts, attr[0], attr[1], attr[2],
-                                                      name, e[2], off, e[1]))
+                    parts.append(pack_direntplus_stat(layout, child, timeouts, attr[0], attr[1],
+                                                      attr[2], name, e[2], off, e[1]))
                     continue
                 entry = self._take_afresh(nodeid, e[0])  # rare: identities moved since
                 if afresh is None:
@@ -1799,13 +1804,13 @@ class OverlayOps(Operations):
         return b"".join(parts), [child for child in ids if child] + afresh
 
     def _pack_later(self, nodeid: int, epoch: tuple[int, int, int] | None, parts: list[bytes],
-                    fit: "list[tuple[DirEntry, bytes, int]]",
+                    fit: "list[tuple[DirEntry, bytes, int, struct.Struct]]",
                     takes: "list[DirEntry]") -> tuple[bytes, list[int]]:
         """``_readdirplus_short``'s entries of a later chunk (``_take_later``)."""
         got = iter(self._take_later(nodeid, epoch, takes))
         taken: list[int] = []
         try:
-            for e, name, off in fit:
+            for e, name, off, _layout in fit:
                 entry = None if e[3] is None else next(got)
                 parts.append(_packed_taken(entry, name, e, off, taken))
         except BaseException:

@@ -185,22 +185,20 @@ def _one_layer_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
     oci_prefix = whiteout.OCI_PREFIX
     xino, dev = inos.xino.ino, layer.dev
     xbits = inos.xino.bits  # (0: real numbers as they are, ``Xino.ino`` not called)
-    if upper:
-        items = [item for item in items
-                 if not (item[0].startswith(oci_prefix) or item[1] == _S_IFCHR and item[3].st_rdev == 0)]
-        numbers = inos.upper_listed(layer, dirfd, rel, items)
+    if upper:  # (each with the number it shows; none of the loop's own below)
+        items = inos.upper_listed(layer, dirfd, rel, [
+            item for item in items
+            if not (item[0].startswith(oci_prefix) or item[1] == _S_IFCHR and item[3].st_rdev == 0)])
+        xbits = 0
         # (an upper directory's redirect is read where a lower layer is below it)
         bottom = not inos.lowers
     else:
-        numbers = None
         # (a directory of the bottom layer is never merged: no redirect is read)
         bottom = not inos.lowers or layer is inos.lowers[-1]
-    for i, (name, fmt, ino, st) in enumerate(items):
-        if numbers is not None:
-            ino = numbers[i]
-        elif name.startswith(oci_prefix) or fmt == _S_IFCHR and st.st_rdev == 0:
+    for name, fmt, ino, st in items:
+        if name.startswith(oci_prefix) or fmt == _S_IFCHR and st.st_rdev == 0:
             continue  # (an OCI name, a whiteout: a 0/0 character device)
-        elif xbits:
+        if xbits:
             ino = xino(dev, ino)
         if fmt == _S_IFREG:
             if st.st_nlink != 1:  # (a hard link: a LOOKUP decides)
