@@ -151,8 +151,6 @@ class _Listxattrat:
 #: the list ``listxattr_at`` reads in one call (an upper file's names: none, or a few marks)
 _XATTR_LIST_SHORT = 256
 _XattrList = cbind.c_ubyte * _XATTR_LIST_SHORT
-#: ``os.fsencode``'s codec (one name per ``listxattr_at``: one per file an ``rm -rf`` removes)
-_FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 def listxattr_at(dirfd: int, name: str) -> list[str] | None:
@@ -165,8 +163,8 @@ def listxattr_at(dirfd: int, name: str) -> list[str] | None:
     if not _Listxattrat.present:
         return None
     buf = _XattrList()
-    n = _libc.syscall(_SYS_LISTXATTRAT, dirfd, name.encode(*_FS_ENCODING), _AT_SYMLINK_NOFOLLOW, buf,
-                      _XATTR_LIST_SHORT)
+    raw = name.encode(_FS_ENCODING, _FS_ERRORS)  # (``os.fsencode``'s, without its frame)
+    n = _libc.syscall(_SYS_LISTXATTRAT, dirfd, raw, _AT_SYMLINK_NOFOLLOW, buf, _XATTR_LIST_SHORT)
     if n > 0:
         return [os.fsdecode(x) for x in bytes(buf)[:n - 1].split(b"\0")]  # (NUL-terminated names)
     if n == 0:
