@@ -207,7 +207,9 @@ class Attributes:
             seen = Seen(fs.lookup.lookup(rel), epoch)
         node = seen.node
         if check is not None and node.exists:
-            check(fs.protection.of_node(node))
+            # (a copy handed over: the private xattr names its copy-up wrote, ``Seen.private``)
+            private = seen.private
+            check(fs.protection.of_node(node) if private is None else fs.protection.of_copy(node, private))
         if not node.exists or node.upper is not None and not (data and node.data is not None):
             return None
         if not changes and not (kill and stat.S_ISREG(node.st.st_mode)):
@@ -338,7 +340,7 @@ class Attributes:
         fs = self.fs
         handed = fs.copyup.handed(rel) if fs.copyup is not None else None
         if handed is not None:
-            node, epoch = handed
+            node, epoch, _ = handed
         else:
             epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
             node = fs.lookup.lookup(rel)
@@ -352,7 +354,7 @@ class Attributes:
             fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is copied up or stripped
         entry = node.upper
         copy = self.copy_up_for_setattr(rel, changes=changes, kill=writer is not None, ids=ids,
-                                        seen=Seen(node, epoch), check=check)
+                                        seen=handed or Seen(node, epoch), check=check)
         if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
             node = None  # copied up: its structure changed (and not held while it may wait)
             entry = copy()

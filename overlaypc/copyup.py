@@ -69,7 +69,7 @@ import time
 
 from . import faults, fdbudget, impure, logs, protattr, scopes, sysapi
 from .acl import ACCESS as ACL_ACCESS, DEFAULT as ACL_DEFAULT
-from .layer import Layer, do_link, do_rename, join, same_file, split
+from .layer import DirFd, Layer, debugging, do_link, do_rename, join, rename_at, same_file, split
 from .inodes import InodeKey, OverlayInode
 from .killpriv import CAPABILITY_XATTR
 from .lookup import Entry, Lookup, Node
@@ -86,6 +86,8 @@ if TYPE_CHECKING:
 log = logs.get("overlaypc.copyup")
 
 WORK_DIR = "work"
+#: where a copy's name starts in its path in the workdir (``WORK_DIR/name``)
+_WORK_PREFIX = len(WORK_DIR) + 1
 _CHUNK = 8 << 20
 
 
@@ -195,6 +197,10 @@ class Seen(NamedTuple):
     layers do not change under a mount), so a lookup now would find the same object."""
     node: Node
     epoch: int
+    #: the overlay-private xattr names of ``node``'s top entry where known: a copy handed
+    #: over (``CopyUp.handing_over``), the names its copy-up wrote; None: unknown (only
+    #: private names: an LSM may label a new file, and copied names are not kept)
+    private: tuple[str, ...] | None = None
 
 
 class _Held:
@@ -231,6 +237,11 @@ class CopyUpContext:
     #: the number ``inumbers`` shows for the copy because of the origin written
     #: (``InodeNumbers.copied``), None when none is known that way
     origin_ino: int | None = None
+    #: ``layer.debugging()`` read once for the copy-up's changes (``Layer._change``)
+    debug: bool = True
+    #: the overlay-private xattr names written to the copy (``_set_private``); None: not
+    #: known (an override xattr's, ``ownership``)
+    private: tuple[str, ...] | None = ()
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -267,6 +278,8 @@ class _Handover(threading.local):
         self.epoch = -1
         #: the copy handed over, offered to the change the request makes in that hold
         self.offered: Seen | None = None
+        #: the copy's overlay-private xattr names (``Seen.private``)
+        self.private: tuple[str, ...] | None = None
 
 
 class _Refusing:
@@ -349,7 +362,7 @@ class CopyUp:
         if not h.held:
             return None
         h.held = False
-        return Seen(Node(rel, (entry,)), h.epoch)
+        return Seen(Node(rel, (entry,)), h.epoch, h.private)
 
     def offer(self, seen: Seen | None) -> None:
         """``handing_over``'s answer, offered (None: withdrawn) to the change this thread
@@ -367,25 +380,26 @@ class CopyUp:
         h.offered = None
         return seen
 
-    def _hand_over(self, ctx: CopyUpContext, entry: Entry) -> bool:
+    def _hand_over(self, ctx: CopyUpContext, entry: Entry, parent: DirFd | None) -> bool:
         """In ``_install``'s namespace lock hold, once the copy is in place: if this
         thread's request asked for ``ctx``'s path (``handing_over``) and the copy is what a
         lookup finds whole at the name (no directory, whose node merges layers; no
         metadata-only copy, whose data is below), one more level of the lock, kept past the
         hold's end, and the copy's entry as a lookup gives it: relative to the parent's fd
-        the lookup holds (its xattr names not listed: unknown)."""
+        the lookup holds (``parent``, found in this hold; its xattr names not listed:
+        unknown, its private ones known: ``Seen.private``)."""
         h = self._handover
         if h.rel != ctx.node.rel or h.held or ctx.metadata_only or ctx.kind == stat.S_IFDIR:
             return False
-        parent = self.upper.held_dir(split(entry.rel)[0])  # (the root's own, or the cache's)
         if parent is None:
-            return False  # (evicted: the request looks it up)
+            return False  # (not cached: the request looks it up)
         # (held by this thread already, in ``_installing``: one more level never waits. The
         # order is every copy-up's: this copy's stripe lock, taken first, is let go of on the
         # way out with the namespace lock still held, and a release waits for nothing)
         self.ns_lock.acquire()
         h.held = True
         h.entry = Entry(entry.layer, entry.rel, entry.st, None, parent)
+        h.private = ctx.private
         return True
 
     @scopes.contextmanager
@@ -522,7 +536,7 @@ class CopyUp:
             # let go of first (``_Held``: the lookup may wait for fds)
             seen = held.take() if held is not None else None
             if seen is not None and seen.epoch == self.lookup.epoch:
-                node, epoch = seen
+                node, epoch, _ = seen
             else:
                 seen = None
                 epoch = self.lookup.epoch  # (read before the layers: ``Seen``)
@@ -536,7 +550,7 @@ class CopyUp:
             ctx = CopyUpContext(node, node.top, self._key_of(node),
                                 join(WORK_DIR, f"#ovlpc-{_Pid.value}-{next(self._names)}"), epoch,
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode),
-                                empty=empty and stat.S_ISREG(node.st.st_mode))
+                                empty=empty and stat.S_ISREG(node.st.st_mode), debug=debugging())
             if self.index is not None and self.index.eligible(node.top):
                 # (a metadata-only copy too, as the kernel's: the index entry is the
                 # metacopy file, its data the lower file it indexes)
@@ -561,8 +575,13 @@ class CopyUp:
         """A regular file, built through the fd it is created with and one fd of the
         source (its data, xattrs and file handle): no path walk per step. The fsync comes
         last, so it makes data and metadata durable together, before the rename."""
-        src = ctx.src
-        dst_fd = self.work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600)
+        src, work = ctx.src, self.work
+        held = work.held_dir(WORK_DIR)  # (held for the mount: ``OverlayFS``)
+        if held is not None:
+            dst_fd = work.create_at(held, ctx.tmp[_WORK_PREFIX:], ctx.tmp, os.O_WRONLY | os.O_EXCL,
+                                    0o600, ctx.debug)
+        else:
+            dst_fd = work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600, ctx.debug)
         try:
             src_fd = self._open_source(src, ctx.metadata_only)
             try:
@@ -587,8 +606,11 @@ class CopyUp:
     def _open_source(src: Entry, metadata_only: bool) -> int:
         """The source's fd, read-only (its data; its flags, asked by ioctl); for a
         metadata-only copy, which reads no data, ``O_PATH`` where the daemon may not read
-        the file (its flags are then what ``statx`` shows)."""
+        the file (its flags are then what ``statx`` shows). Through the parent's fd the
+        lookup found it in, where it has one."""
         try:
+            if src.parent is not None:
+                return src.layer.open_at(src.parent, src.name, os.O_RDONLY)
             return src.layer.open(src.rel, os.O_RDONLY)
         except PermissionError:
             if not metadata_only:
@@ -626,17 +648,25 @@ class CopyUp:
                     # the filesystems' answer, not the file's: not asked again
                     self._no_reflink.add(layer.index)
         ctx.method = "copy_file_range"
+        # a source with no room for a hole (as many bytes allocated as its size: every small
+        # file written whole) is one data segment: no SEEK_DATA/SEEK_HOLE asked. A block
+        # counted there that holds no data (an ext4 xattr block, a preallocated one) at most
+        # has a hole copied as the zeros it reads as: the same content
+        dense = size <= ctx.src.st.st_blocks * 512
         done = offset = written = 0
         while offset < size:
-            try:
-                start = os.lseek(src_fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break  # only a hole remains
-                raise
-            if start >= size:
-                break
-            end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+            if dense:
+                start, end = offset, size
+            else:
+                try:
+                    start = os.lseek(src_fd, offset, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        break  # only a hole remains
+                    raise
+                if start >= size:
+                    break
+                end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
             while start < end:
                 n = self._copy_range(ctx, src_fd, dst_fd, start, min(end - start, _CHUNK))
                 if n == 0:
@@ -684,11 +714,12 @@ class CopyUp:
         owner = self.ownership.on_disk(self.ownership.stored_entry(src))
         override = self.ownership.writes_override(work, owner.mode)
         if override:
+            ctx.private = None  # (names ``ownership`` chooses)
             self.ownership.set_override(work, tmp, owner.uid, owner.gid, owner.mode)
         elif fd is not None:
             # chown first: chown(2) drops security.capability (even for root), and the
             # kernel's copy-up keeps it
-            work.do_fchown(fd, tmp, owner.uid, owner.gid)
+            work.do_fchown(fd, tmp, owner.uid, owner.gid, ctx.debug)
         else:
             work.do_chown(tmp, owner.uid, owner.gid, by_name=True)
         self._copy_xattrs(ctx, fd, src_fd)
@@ -704,7 +735,7 @@ class CopyUp:
         # one name of a lower hard link whose link this copy-up breaks (index off).
         breaks_link = ctx.kind != stat.S_IFDIR and st.st_nlink > 1 and ctx.index_key is None
         if origin is not None and not breaks_link:
-            self._set_private(tmp, self.prefix + "origin", origin, fd)
+            self._set_private(ctx, self.prefix + "origin", origin, fd)
             if self.inos is not None:  # what the copy's first GETATTR would decode
                 ctx.origin_ino = self.inos.copied(origin, st, src.layer)
         if ctx.kind in (stat.S_IFREG, stat.S_IFDIR):
@@ -712,17 +743,17 @@ class CopyUp:
         if ctx.metadata_only:
             # (no redirect, as the kernel's: data found through a redirected parent is
             # found again through it; a rename sets one, ``namespace._mark_moved``)
-            self._set_private(tmp, self.prefix + "metacopy", b"", fd)
+            self._set_private(ctx, self.prefix + "metacopy", b"", fd)
         if ctx.kind != stat.S_IFLNK:
             # after the ACL (as in the kernel's copy-up): chmod sets the ACL mask to the
             # group bits, which for the lower's own mode are the lower's mask already
             mode = stat.S_IMODE(owner.mode) & (0o777 if override else 0o7777)
             if fd is not None:
-                work.do_fchmod(fd, tmp, mode)
+                work.do_fchmod(fd, tmp, mode, ctx.debug)
             else:
                 work.do_chmod(tmp, mode, by_name=True)
         if fd is not None:
-            work.do_futime(fd, tmp, (st.st_atime_ns, st.st_mtime_ns))
+            work.do_futime(fd, tmp, (st.st_atime_ns, st.st_mtime_ns), ctx.debug)
         else:
             work.do_utime(tmp, (st.st_atime_ns, st.st_mtime_ns), by_name=True)
 
@@ -768,7 +799,7 @@ class CopyUp:
         only for a source with sync or noatime."""
         flags = self.protection.real_all(ctx.src, src_fd)
         if flags & protattr.PROTECTED:
-            self._set_private(ctx.tmp, self.prefix + protattr.XATTR, protattr.value_of(flags), fd)
+            self._set_private(ctx, self.prefix + protattr.XATTR, protattr.value_of(flags), fd)
         if flags & protattr.COPIED:
             self._copy_real_flags(ctx, fd, flags & protattr.COPIED)
 
@@ -797,12 +828,16 @@ class CopyUp:
             if own != fd:
                 os.close(own)
 
-    def _set_private(self, rel: str, name: str, value: bytes, fd: int | None = None) -> None:
+    def _set_private(self, ctx: CopyUpContext, name: str, value: bytes, fd: int | None = None) -> None:
+        """Set the overlay-private xattr ``name`` of the copy, counted in ``ctx.private``
+        (first: one refused leaves the name counted, which only costs a read)."""
+        if ctx.private is not None:
+            ctx.private += (name,)
         try:
             if fd is not None:
-                self.work.do_fsetxattr(fd, rel, name, value)
+                self.work.do_fsetxattr(fd, ctx.tmp, name, value)
             else:
-                self.work.do_setxattr(rel, name, value)
+                self.work.do_setxattr(ctx.tmp, name, value)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise  # symlinks refuse user.* xattrs; origin is then simply not recorded
@@ -836,19 +871,35 @@ class CopyUp:
                 raise OSError(errno.ENOENT, "changed during copy-up", rel)
             if ctx.index_key is not None:
                 return self._install_indexed(ctx)
-            impure.mark(self.upper, split(rel)[0], self.prefix)  # before the name: ``impure``
-            with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only) as placed:
-                with self._parent_times_kept(rel):
-                    do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE)
+            parent, name = split(rel)
+            # the parent's fd the lookup cache holds (in this hold: where it says), passed to
+            # each step (no lookup of it per step); its readable one kept beside it for the
+            # times and the fsync (``readable_dir``)
+            held = self.upper.held_dir(parent)
+            if held is None or not held.impure_settled:
+                impure.mark(self.upper, parent, self.prefix)  # before the name: ``impure``
+            work = self.work.held_dir(WORK_DIR) if held is not None else None
+            with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only,
+                                held=held, name=name) as placed:
+                with self._parent_times_kept(rel, ctx.debug, held):
+                    if work is not None:
+                        rename_at(self.work, work, ctx.tmp[_WORK_PREFIX:], ctx.tmp, self.upper, held,
+                                  name, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
+                    else:
+                        do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE,
+                                  ctx.debug)
                     placed()
                 if not self.volatile:
-                    self.upper.fsync_dir(split(rel)[0])
+                    if held is not None:
+                        os.fsync(self.upper.readable_dir(held, parent))
+                    else:
+                        self.upper.fsync_dir(parent)
             entry = placed.result()
             if ctx.origin_ino is not None and self.inos is not None:
                 # the copy's number, kept under its stat: its first GETATTR (or a change's
                 # reply, ``InodeNumbers.carry``) reads no origin xattr
                 self.inos.known(entry.st, ctx.origin_ino)
-            handed = self._hand_over(ctx, entry)
+            handed = self._hand_over(ctx, entry, held)
         if handed:  # (the epoch ``lookup.changed`` moved to as the hold ended)
             self._handover.epoch = self.lookup.epoch
         elapsed = time.monotonic() - ctx.started
@@ -857,18 +908,26 @@ class CopyUp:
         return entry
 
     @scopes.contextmanager
-    def _in_place(self, key, rel: str, *, metadata_only: bool = False, filled: bool = False):
+    def _in_place(self, key, rel: str, *, metadata_only: bool = False, filled: bool = False,
+                  held: DirFd | None = None, name: str = ""):
         """Yields ``placed``, to call once the copy is at ``rel`` (the point of no return).
         From then on the name resolves to the copy, so the object's inode and kernel node
         move to it (``on_copied``) at the end of the block even if a later step fails (a
         parent's fsync, its times): open handles must follow the name, or one opened
         before would keep reading the file below while writes go to the copy. ``filled``:
-        the data copy-up of a metacopy file, which changed its attributes (``on_copied``'s)."""
+        the data copy-up of a metacopy file, which changed its attributes (``on_copied``'s).
+        ``held``: the parent's fd (found in this lock hold), the copy's stat read through it
+        as entry ``name``."""
         placed = _Placed()
         try:
             yield placed
         finally:
-            st = self.upper.lstat(rel) if placed.done else None
+            if not placed.done:
+                st = None
+            elif held is not None:
+                st = self.upper.stat_at(held, name)
+            else:
+                st = self.upper.lstat(rel)
             if st is not None:
                 if stat.S_ISDIR(st.st_mode):
                     self.lookup.invalidate(rel)  # its cached node misses the upper dir
@@ -876,14 +935,23 @@ class CopyUp:
                 self._on_copied(key, placed.entry, metadata_only=metadata_only, filled=filled)
 
     @scopes.contextmanager
-    def _parent_times_kept(self, rel: str):
+    def _parent_times_kept(self, rel: str, debug: bool = True, held: DirFd | None = None):
         """Copy-up is not a change of the parent directory: keep its atime and mtime
-        (the kernel's ``ovl_set_timestamps``)."""
+        (the kernel's ``ovl_set_timestamps``). ``debug``: ``Layer._change``'s; ``held``: the
+        parent's fd a cache holds, found in this lock hold: its times read and set through
+        it (``fstat``, ``futimens`` of its readable fd: ``Layer.readable_dir``)."""
         parent = split(rel)[0]
-        st = self.upper.lstat(parent)
+        upper = self.upper
+        if held is not None:
+            st = os.fstat(held.fd)
+            yield
+            upper.do_futime(upper.readable_dir(held, parent), parent,
+                            (st.st_atime_ns, st.st_mtime_ns), debug)
+            return
+        st = upper.lstat(parent)
         yield
         if st is not None:
-            self.upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True)
+            upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True, debug=debug)
 
     def _install_indexed(self, ctx: CopyUpContext) -> Entry:
         """index=on: the copy becomes ``index/<key>``, and the name a hard link to it.

@@ -128,6 +128,7 @@ class OverlayFS:
                              follow_metacopy=config.metacopy)
         for layer in self.stack.layers:  # changes act relative to the cache's directory fds
             layer.dirs = functools.partial(self.lookup.held_dir, layer)
+            layer.readable_opened = self.lookup.count_readable
         self.inos = InodeNumbers(self.stack, self.prefix, index=config.index)
         self.inodes = InodeTable()
         self.handles = HandleTable()

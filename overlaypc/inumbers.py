@@ -50,7 +50,7 @@ import threading
 from collections import OrderedDict
 
 from . import sysapi, whiteout
-from .layer import UNKNOWN, Layer
+from .layer import UNKNOWN, DirFd, Layer, Listed, join
 from .lookup import Entry, Node
 from .stack import LayerStack
 from .typing_lite import TYPE_CHECKING
@@ -69,6 +69,10 @@ def _xattr(entry: Entry, name: str) -> bytes | None:
     if entry.parent is not None:
         return entry.layer.getxattr_name(entry.parent, entry.name, name)
     return entry.layer.getxattr(entry.rel, name)
+
+
+#: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
+_new_tuple = tuple.__new__
 
 
 class InodeNumbers:
@@ -97,6 +101,40 @@ class InodeNumbers:
         """The number an upper object shows because of its copy-up origin, if any; its own
         upper number when another object showed that origin's first (``_unique``)."""
         return self._unique(entry, self._recorded(entry))
+
+    def upper_listed(self, layer: Layer, dirfd: DirFd, rel: str,
+                     items: "list[Listed]") -> "list[Listed]":
+        """``items``, upper objects listed (stat'ed) in directory ``rel`` of ``layer``, each
+        with the number it shows for ``ino``: as ``recorded``, else ``of_entry``, of its
+        entry at ``join(rel, name)`` through the directory's fd ``dirfd`` would answer
+        (``merged_listing``'s rule). The answers kept under the objects' stats with no
+        origin (what the mount made, a change carried, an earlier listing read) in one lock
+        hold, with the same LRU moves; an ``Entry`` and ``recorded`` for the others only (an
+        origin: ``_unique`` decides; not kept: its xattrs are read)."""
+        cache, missing = self._cache, UNKNOWN
+        xino, xbits = self.xino.ino, self.xino.bits  # (0: real numbers as they are)
+        out: list = []
+        append = out.append
+        rest = False
+        with self._lock:
+            for item in items:
+                st = item[3]
+                key = (st.st_dev, st.st_ino, st.st_ctime_ns)
+                if cache.get(key, missing) is None:
+                    cache.move_to_end(key)
+                    append(_new_tuple(Listed, (item[0], item[1],
+                                               xino(st.st_dev, st.st_ino) if xbits else st.st_ino, st)))
+                else:
+                    append(None)
+                    rest = True
+        if rest:  # (an origin's number, or nothing kept)
+            for i, item in enumerate(items):
+                if out[i] is None:
+                    st = item[3]
+                    value = self.recorded(Entry(layer, join(rel, item[0]), st, None, dirfd))
+                    out[i] = _new_tuple(Listed, (item[0], item[1], xino(st.st_dev, st.st_ino)
+                                                 if value is None else value, st))
+        return out
 
     def _unique(self, entry: Entry, value: int | None) -> int | None:
         """``value``, the origin's number for the upper ``entry``, if no other upper object

@@ -77,6 +77,12 @@ def _getxattr_or_none(fd: int, name: str, child: str | None = None) -> bytes | N
         raise
 
 
+def debugging() -> bool:
+    """Whether layer changes are logged (``Layer._change``'s debug line): read once by a
+    caller that makes several, passed to them as ``debug`` (a copy-up)."""
+    return log.isEnabledFor(logs.DEBUG)
+
+
 def split(rel: str) -> tuple[str, str]:
     """``"a/b/c"`` -> ``("a/b", "c")``; ``"c"`` -> ``("", "c")``."""
     head, _, tail = rel.rpartition("/")
@@ -167,9 +173,13 @@ class DirFd:
     number, which ``InodeNumbers._unique`` decides at each answer): a lookup opens new fds,
     so the fd stands for that directory's layers, which its number depends on, as long as
     it lives. ``prot``: the directory's immutable/append-only flags as ``protection``
-    read them (UNKNOWN until a change in it asks)."""
+    read them (UNKNOWN until a change in it asks). ``readable``: a readable fd of the same
+    directory (-1: none yet), for what an ``O_PATH`` fd cannot do: the fsync and the times
+    of a copy-up's parent (``Layer.readable_dir``: opened at the first copy-up into it,
+    counted by the cache holding this, closed with ``fd``; the root's: the layer's
+    ``mount_fd``)."""
 
-    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot")
+    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot", "readable")
 
     def __init__(self, fd: int, owned: bool = True) -> None:
         self.fd = fd
@@ -178,10 +188,13 @@ class DirFd:
         self.impure_settled = False
         self.dir_ino: object = UNKNOWN
         self.prot: object = UNKNOWN
+        self.readable = -1
 
     def __del__(self) -> None:
         if self._owned:
             os.close(self.fd)
+            if self.readable >= 0:
+                os.close(self.readable)
 
 
 class Layer:
@@ -206,9 +219,13 @@ class Layer:
         self.mount_fd = os.open(f"/proc/self/fd/{self.root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.uuid = sysapi.fs_uuid(self.mount_fd)
         self.root = DirFd(self.root_fd, owned=False)
+        self.root.readable = self.mount_fd  # (not owned either: ``close``)
         #: directory fds of this layer that a cache holds (the lookup cache's), by layer
         #: path: ``rel -> DirFd | None``; operations act relative to them (``parent``)
         self.dirs: Callable[[str], DirFd | None] | None = None
+        #: told ``(rel, dirfd)`` when ``readable_dir`` opened a readable fd for a held
+        #: directory: the cache that holds it counts that fd (``Lookup.count_readable``)
+        self.readable_opened: Callable[[str, DirFd], None] | None = None
 
     def __repr__(self) -> str:
         return f"Layer({self.index}, {self.path!r}, {'rw' if self.writable else 'ro'})"
@@ -237,6 +254,11 @@ class Layer:
         if held is not None:  # ``held`` keeps its fd open for the call
             return retrying(sysapi.openat2, held.fd, name, flags | os.O_NOFOLLOW, mode)
         return openat_beneath(self.root_fd, rel or ".", flags | os.O_NOFOLLOW, mode)
+
+    def open_at(self, parent: DirFd, name: str, flags: int) -> int:
+        """``open`` of entry ``name`` of an open directory of this layer (a cache's: no
+        lookup of it), the final component not followed."""
+        return retrying(sysapi.openat2, parent.fd, name, flags | os.O_NOFOLLOW)
 
     def path_fd(self, rel: str) -> int:
         return self.open(rel, os.O_PATH)
@@ -545,13 +567,16 @@ class Layer:
             os.close(fd)
 
     # -- changes ------------------------------------------------------------------------
-    def _change(self, what: str, rel: str, *args: object) -> None:
+    def _change(self, what: str, rel: str, *args: object, debug: bool = True) -> None:
+        """A change of ``rel`` about to be made: refused in a read-only layer, a fault
+        point, a debug line. ``debug`` False: the caller read the debug level as off (a
+        copy-up, once for its ~7 changes: ``debugging``)."""
         if not self.writable:
             raise OSError(errno.EROFS, "layer is read-only", rel)
         # (the point's name and the log line made only where used: ~7 changes per copy-up)
         if faults.armed:
             faults.hit(f"layer.{what}", self, rel)
-        if log.isEnabledFor(logs.DEBUG):
+        if debug and log.isEnabledFor(logs.DEBUG):
             log.debug("%s: %s %s %s", self.name, what, rel, " ".join(map(str, args)))
 
     def do_mkdir(self, rel: str, mode: int) -> None:
@@ -620,14 +645,16 @@ class Layer:
         for name, _ in self.listdir(rel):
             self.do_remove_tree(join(rel, name))
 
-    def do_create(self, rel: str, flags: int, mode: int) -> int:
-        self._change("create", rel, oct(mode))
+    def do_create(self, rel: str, flags: int, mode: int, debug: bool = True) -> int:
+        self._change("create", rel, oct(mode), debug=debug)
         return self.open(rel, flags | os.O_CREAT, mode)
 
-    def create_at(self, parent: DirFd, name: str, rel: str, flags: int, mode: int) -> int:
+    def create_at(self, parent: DirFd, name: str, rel: str, flags: int, mode: int,
+                  debug: bool = True) -> int:
         """``do_create`` of entry ``name`` of an open directory of this layer (``rel``, its
-        path, for the log line and the fault points): ``open``'s call in the held fd."""
-        self._change("create", rel, oct(mode))
+        path, for the log line and the fault points): ``open``'s call in the held fd.
+        ``debug``: ``_change``'s."""
+        self._change("create", rel, oct(mode), debug=debug)
         return retrying(sysapi.openat2, parent.fd, name, flags | os.O_CREAT | os.O_NOFOLLOW, mode)
 
     def do_tmpfile(self, rel: str, flags: int, mode: int) -> int:
@@ -686,8 +713,9 @@ class Layer:
         finally:
             os.close(fd)
 
-    def do_utime(self, rel: str, ns: tuple[int, int], *, by_name: bool = False) -> None:
-        self._change("utime", rel, ns)
+    def do_utime(self, rel: str, ns: tuple[int, int], *, by_name: bool = False,
+                 debug: bool = True) -> None:
+        self._change("utime", rel, ns, debug=debug)
         if not rel:  # the layer root has no parent inside the layer
             os.utime(f"/proc/self/fd/{self.root_fd}", ns=ns)
             return
@@ -703,16 +731,16 @@ class Layer:
 
     # -- changes through an open fd of the object (``rel``: its path, for faults and the
     # debug log); for a file the daemon just opened through this layer, so no path walk
-    def do_fchown(self, fd: int, rel: str, uid: int, gid: int) -> None:
-        self._change("chown", rel, uid, gid)
+    def do_fchown(self, fd: int, rel: str, uid: int, gid: int, debug: bool = True) -> None:
+        self._change("chown", rel, uid, gid, debug=debug)
         os.chown(fd, uid, gid)
 
-    def do_fchmod(self, fd: int, rel: str, mode: int) -> None:
-        self._change("chmod", rel, oct(mode))
+    def do_fchmod(self, fd: int, rel: str, mode: int, debug: bool = True) -> None:
+        self._change("chmod", rel, oct(mode), debug=debug)
         os.chmod(fd, mode)
 
-    def do_futime(self, fd: int, rel: str, ns: tuple[int, int]) -> None:
-        self._change("utime", rel, ns)
+    def do_futime(self, fd: int, rel: str, ns: tuple[int, int], debug: bool = True) -> None:
+        self._change("utime", rel, ns, debug=debug)
         os.utime(fd, ns=ns)
 
     def getxattr_entry(self, rel: str, name: str) -> bytes | None:
@@ -756,6 +784,22 @@ class Layer:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def readable_dir(self, held: DirFd, rel: str) -> int:
+        """A readable fd of the held directory ``rel`` (``held``: a cache's, ``held_dir``),
+        kept with it (``DirFd.readable``): the first call opens it (through the held fd:
+        no path walk) and has the cache count it (``readable_opened``). Called under the
+        namespace lock (a copy-up's install: no two threads open one for the same
+        directory at once). A directory removed or renamed since still answers: the fd
+        is of its inode (the caller found ``held`` in this lock hold, where the cache holds
+        only directories that are where it says)."""
+        fd = held.readable
+        if fd < 0:
+            fd = retrying(sysapi.openat2, held.fd, ".", os.O_RDONLY | os.O_DIRECTORY)
+            held.readable = fd
+            if self.readable_opened is not None:
+                self.readable_opened(rel, held)
+        return fd
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(f"/proc/self/fd/{self.root_fd}")
@@ -869,14 +913,30 @@ class _TreeRemoval:
         return deepest.fd
 
 
-def do_rename(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int = 0) -> None:
-    """``renameat2`` between two layers on one filesystem (workdir -> upper, or within one)."""
-    dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
+def do_rename(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int = 0,
+              debug: bool = True) -> None:
+    """``renameat2`` between two layers on one filesystem (workdir -> upper, or within one).
+    ``debug``: as ``Layer._change``'s."""
+    if debug:  # (its log line's parts made only where it may be written)
+        dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
+    else:
+        dst._change("rename", dst_rel, debug=False)
     with src.parent(src_rel) as (sfd, sname), dst.parent(dst_rel) as (dfd, dname):
         if flags:
             sysapi.renameat2(sfd, sname, dfd, dname, flags)
         else:
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+
+def rename_at(src: Layer, src_dir: DirFd, src_name: str, src_rel: str, dst: Layer, dst_dir: DirFd,
+              dst_name: str, dst_rel: str, flags: int, debug: bool = True) -> None:
+    """``do_rename`` between entries of two open directories (a copy-up's: ``workdir/work``
+    and the upper parent, held by caches; the paths for ``_change``): no lookup of them."""
+    if debug:
+        dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
+    else:
+        dst._change("rename", dst_rel, debug=False)
+    sysapi.renameat2(src_dir.fd, src_name, dst_dir.fd, dst_name, flags)
 
 
 def do_link(src: Layer, src_rel: str, dst: Layer, dst_rel: str) -> None:

@@ -230,7 +230,9 @@ class UpperName:
 
 
 def _fds_of(node: Node) -> int:
-    return sum(1 for e in node.entries if e.dirfd is not None)
+    """The fds ``node``'s entries hold: each directory's, and its readable one if opened
+    (``DirFd.readable``: an upper directory a copy-up went into)."""
+    return sum(1 if e.dirfd.readable < 0 else 2 for e in node.entries if e.dirfd is not None)
 
 
 class Lookup:
@@ -436,6 +438,18 @@ class Lookup:
             self._fds = 0
         return dropped
 
+    def count_readable(self, rel: str, dirfd: DirFd) -> None:
+        """``dirfd``, of directory ``rel`` (``Layer.readable_opened``), holds a readable fd
+        now too: counted with the node holding it while this cache holds that, so its
+        eviction, invalidation or shedding lets go of both, and the bound sees it."""
+        with self._lock:
+            hit = self._dirs.get(rel)
+            if hit is None or not any(e.dirfd is dirfd for e in hit[0].entries):
+                return  # (not cached: the fd goes with the DirFd, soon)
+            self._dirs[rel] = (hit[0], hit[1] + 1)
+            self._fds += 1
+            self._bound()
+
     def _cached(self, rel: str) -> Node | None:
         # an entry stored before a later change is still good unless that change dropped
         # it: changes drop the subtrees they touch, and nothing else depends on them
@@ -472,13 +486,17 @@ class Lookup:
                 self._count(rel, 1)
             self._dirs[rel] = (node, fds)
             self._fds += fds
-            bound = self.max_fds
-            if self.fd_room is not None:  # (a length and an int read: no lock taken)
-                bound = max(fdbudget.LOOKUP_FLOOR, min(bound, fdbudget.LOOKUP_FLOOR + self.fd_room()))
-            while self._fds > bound and self._dirs:
-                key, (_, held) = self._dirs.popitem(last=False)
-                self._fds -= held
-                self._count(key, -1)
+            self._bound()
+
+    def _bound(self) -> None:
+        """Evict the least recently used directories past the bound (lock held)."""
+        bound = self.max_fds
+        if self.fd_room is not None:  # (a length and an int read: no lock taken)
+            bound = max(fdbudget.LOOKUP_FLOOR, min(bound, fdbudget.LOOKUP_FLOOR + self.fd_room()))
+        while self._fds > bound and self._dirs:
+            key, (_, held) = self._dirs.popitem(last=False)
+            self._fds -= held
+            self._count(key, -1)
 
     def _root(self) -> Node:
         entries = []

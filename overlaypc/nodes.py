@@ -10,7 +10,7 @@ the open handles of it. Two indexes: key -> nodeid and (parent nodeid, name) -> 
 A node's merged path is its first remaining name joined to its parent's path, up to the
 root (``""``). A directory keeps the path it was last given (``Node.dir_path``) while no
 directory's name changed since (``_dirs_gen``: bumped when a directory loses or changes
-a name or leaves the table): every LOOKUP, GETATTR and OPEN asks for a path, and the walk
+a name or leaves the table with one): every LOOKUP, GETATTR and OPEN asks for a path, and the walk
 up to the root cost 0.6-1.2 us at depths 1-8. A file's name change moves no other path.
 A name removed (unlink, rmdir, renamed over) leaves the node; a node with no names left
 (names in directories the kernel forgot count as none) also leaves the key index (a later
@@ -45,13 +45,14 @@ class Node:
     """One node of the table (``__slots__``: there may be hundreds of thousands)."""
     __slots__ = ("nodeid", "key", "nlookup", "is_dir", "names", "fhs", "dir_path", "gone", "prot")
 
-    def __init__(self, nodeid: int, key: Hashable, is_dir: bool) -> None:
+    def __init__(self, nodeid: int, key: Hashable, is_dir: bool, names: "list[Name]",
+                 nlookup: int) -> None:
         self.nodeid = nodeid
         self.key = key
-        self.nlookup = 0
+        self.nlookup = nlookup
         self.is_dir = is_dir
         #: current names, the first one giving the path
-        self.names: list[Name] = []
+        self.names = names
         #: open file handles of this node (None: none, the common case)
         self.fhs: set[int] | None = None
         #: a directory's path as last walked: (``NodeTable._dirs_gen`` then, path)
@@ -74,8 +75,7 @@ class NodeTable:
     def __init__(self, root_key: Hashable) -> None:
         self._lock = threading.Lock()
         self._ids = itertools.count(ROOT_ID + 1)
-        root = Node(ROOT_ID, root_key, True)
-        root.nlookup = 1  # the kernel's reference from the mount; never dropped
+        root = Node(ROOT_ID, root_key, True, [], 1)  # (the mount's reference: never dropped)
         self._nodes: dict[int, Node] = {ROOT_ID: root}
         self._by_key: dict[Hashable, int] = {root_key: ROOT_ID}
         self._by_name: dict[Name, int] = {}
@@ -102,7 +102,7 @@ class NodeTable:
                     nodeid = self._by_key[key] = linked
             if nodeid is None:
                 nodeid = next(self._ids)
-                node = Node(nodeid, key, is_dir)
+                node = Node(nodeid, key, is_dir, [], 0)
                 self._nodes[nodeid] = node
                 self._by_key[key] = nodeid
             else:
@@ -129,9 +129,8 @@ class NodeTable:
         with that identity is this new file."""
         with self._lock:
             nodeid = next(self._ids)
-            node = self._nodes[nodeid] = Node(nodeid, key, False)
+            self._nodes[nodeid] = Node(nodeid, key, False, [], 1)
             self._by_key[key] = nodeid
-            node.nlookup = 1
             return nodeid
 
     def _one_dir_name(self, node: Node) -> None:
@@ -154,30 +153,38 @@ class NodeTable:
         names already, else, if the table's epoch is still ``epoch``, ``take``'s; 0 where
         neither (the key may be stale: the caller looks the name up)."""
         out: list[int] = []
-        nodes, by_name, by_key = self._nodes, self._by_name, self._by_key
+        append = out.append
+        nodes, by_name, by_key, new_id = self._nodes, self._by_name, self._by_key, self._ids.__next__
         with self._lock:
+            fresh = self.epoch == epoch  # (nothing below moves it)
             for name, key, is_dir in listed:
                 where = (parent, name)
                 holder = by_name.get(where)
-                node = None if holder is None else nodes.get(holder)
-                if node is None:
-                    if self.epoch != epoch:  # (``take`` itself may move it)
-                        out.append(0)
+                if holder is not None:
+                    node = nodes.get(holder)
+                    if node is not None:
+                        node.nlookup += 1
+                        append(holder)
                         continue
-                    nodeid = by_key.get(key)
-                    if nodeid is None:
-                        nodeid = next(self._ids)
-                        node = nodes[nodeid] = Node(nodeid, key, is_dir)
-                        by_key[key] = nodeid
-                    else:
-                        node = nodes[nodeid]
-                    if holder != nodeid:  # (``forget`` leaves no name of a node gone)
-                        if is_dir and node.names:
-                            self._one_dir_name(node)
-                        node.names.append(where)
-                        by_name[where] = nodeid
+                if not fresh:
+                    append(0)
+                    continue
+                nodeid = by_key.get(key)
+                if nodeid is None:  # (a new node: its one name and reference)
+                    nodeid = new_id()
+                    nodes[nodeid] = Node(nodeid, key, is_dir, [where], 1)
+                    by_key[key] = nodeid
+                    by_name[where] = nodeid
+                    append(nodeid)
+                    continue
+                node = nodes[nodeid]
+                if holder != nodeid:  # (``forget`` leaves no name of a node gone)
+                    if is_dir and node.names:
+                        self._one_dir_name(node)
+                    node.names.append(where)
+                    by_name[where] = nodeid
                 node.nlookup += 1
-                out.append(node.nodeid)
+                append(nodeid)
         return out
 
     def ref(self, nodeid: int) -> bool:
@@ -201,46 +208,67 @@ class NodeTable:
 
     def forget_all(self, pairs: "Iterable[tuple[int, int]]") -> None:
         """``forget`` of each (nodeid, count), in order, under one lock hold (a
-        BATCH_FORGET: the kernel's queued forgets, thousands after a cache drop)."""
-        nodes = self._nodes
+        BATCH_FORGET: the kernel's queued forgets, thousands after a cache drop); each
+        node that leaves, as ``_leave`` (inlined: one per pair after a cache drop)."""
+        nodes, by_name, by_key = self._nodes, self._by_name, self._by_key
         with self._lock:
             for nodeid, count in pairs:
                 node = nodes.get(nodeid)
                 if node is None or nodeid == ROOT_ID:
                     continue
                 node.nlookup -= count
-                if node.nlookup <= 0:
-                    self._leave(nodeid, node)
+                if node.nlookup > 0:
+                    continue
+                del nodes[nodeid]
+                names = node.names
+                if names:
+                    if node.is_dir:
+                        self._dirs_gen += 1
+                    for where in names:
+                        if by_name.get(where) == nodeid:
+                            del by_name[where]
+                if by_key.get(node.key) == nodeid:
+                    del by_key[node.key]
 
     def _leave(self, nodeid: int, node: Node) -> None:
-        """A node the kernel no longer references leaves the table (lock held)."""
+        """A node the kernel no longer references leaves the table (lock held). A
+        directory's leaving voids the kept paths (``_dirs_gen``) only while it has a name:
+        one that lost its last (an ``rm -rf``'s RMDIR before its FORGET) is on no kept path
+        since, as that loss moved ``_dirs_gen`` and a walk through a nameless directory
+        keeps nothing (``forget_all`` inlines this)."""
         del self._nodes[nodeid]
-        if node.is_dir:  # the names below it no longer resolve
-            self._dirs_gen += 1
-        for where in node.names:
-            if self._by_name.get(where) == nodeid:
-                del self._by_name[where]
+        names = node.names
+        if names:
+            if node.is_dir:  # the names below it no longer resolve
+                self._dirs_gen += 1
+            for where in names:
+                if self._by_name.get(where) == nodeid:
+                    del self._by_name[where]
         if self._by_key.get(node.key) == nodeid:
             del self._by_key[node.key]
 
     # -- names -------------------------------------------------------------------------------
     def _drop_name(self, node: Node, where: Name, *, keep_key: bool,
                    gone: object | None = None) -> None:
-        try:
-            node.names.remove(where)
-        except ValueError:
-            pass
-        if node.names:  # names in directories the kernel forgot are no names (see ``path``)
-            for stale in [n for n in node.names if n[0] not in self._nodes]:
-                node.names.remove(stale)
-                if self._by_name.get(stale) == node.nodeid:
-                    del self._by_name[stale]
-        if not node.names and node.is_dir and gone is not None:
+        names, nodeid, by_name = node.names, node.nodeid, self._by_name
+        if len(names) == 1 and names[0] == where:  # (its one name: an unlink's common case)
+            del names[0]
+        else:
+            try:
+                names.remove(where)
+            except ValueError:
+                pass
+            if names:  # names in directories the kernel forgot are no names (see ``path``)
+                for stale in [n for n in names if n[0] not in self._nodes]:
+                    names.remove(stale)
+                    if by_name.get(stale) == nodeid:
+                        del by_name[stale]
+        if not names and node.is_dir and gone is not None:
             node.gone = gone
-        if self._by_name.get(where) == node.nodeid:
-            del self._by_name[where]
-        if not node.names and not keep_key and self._by_key.get(node.key) == node.nodeid \
-                and node.nodeid != ROOT_ID:
+        if by_name.get(where) == nodeid:
+            del by_name[where]
+        if not names and not keep_key and nodeid != ROOT_ID \
+                and self._by_key.get(node.key) == nodeid:
             del self._by_key[node.key]
         if node.is_dir:
             self._dirs_gen += 1

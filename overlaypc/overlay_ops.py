@@ -40,7 +40,8 @@ from .core import OverlayFS
 from .engine import protocol as p
 from .engine.ops import (AttrReply, ConnInfo, DirItem, Entry, Opened, Operations, Request,
                          fopen_flags)
-from .engine.protocol import (FileAttr, SetAttr, pack_direntplus_entry, pack_direntplus_stat,
+from .engine.protocol import (DIRENTPLUS_BY_LEN, FileAttr, SetAttr, direntplus_layout,
+                              pack_direntplus_entry, pack_direntplus_stat,
                               pack_stat_attr_out)
 from .inodes import InodeKey, OverlayInode
 from .killpriv import (CAP_FOWNER, CAP_SETFCAP, CAPABILITY_XATTR, Writer, has_capability,
@@ -613,7 +614,7 @@ class OverlayOps(Operations):
         prel = self.nodes.dir_path(parent)
         if not prel:
             return None
-        decoded = os.fsdecode(name)
+        decoded = name.decode(*_FS_ENCODING)  # (``os.fsdecode``'s, without its Python frame)
         if not _plain_name(decoded):
             return None
         return prel, decoded
@@ -1414,7 +1415,8 @@ class OverlayOps(Operations):
                     return False  # (another kind's flags, read as ``unlink`` reads them)
             except OSError:
                 return False
-            key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper object)
+            # (``identity`` of an upper object; a named tuple without its ``__new__``)
+            key = _new_tuple(InodeKey, (st.st_dev, st.st_ino, None))
             try:
                 with paths.moving():
                     layer.unlink_at(dirfd, decoded, rel)
@@ -1784,7 +1786,7 @@ class OverlayOps(Operations):
         ``Entry``, ``FileAttr``): the engine's short path (``Operations.readdirplus_node``).
         The same snapshot and position (``_snapshot_at``), the same items that fit in
         ``size`` bytes, references taken for the fitting entries with attributes only (never
-        for the dots) under one lock hold (``_take_listed_ids``; later chunks:
+        for the dots) under one lock hold (``_take_ids``; later chunks:
         ``_take_later``), each packed from the listing's stat (``pack_direntplus_stat``:
         no overrides but ``st_nlink`` where IDs are not shown mapped, the only case this is
         bound for). The packed entries and the nodeids taken (forgotten again by the
@@ -1802,56 +1804,67 @@ class OverlayOps(Operations):
             parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, snap.dots[i],
                                                base | (i + 1), _S_IFDIR))
         encoding, errors = _FS_ENCODING
-        fit: list[tuple[DirEntry, bytes, int]] = []
-        takes: list[DirEntry] = []
-        for i in range(max(pos, 2) - 2, len(entries)):
-            e = entries[i]
+        fit: list[tuple[DirEntry, bytes, int, struct.Struct]] = []  # (entry, name, cookie, layout)
+        #: (name, identity, is_dir) of each fitting entry with attributes (``_take_ids``'s)
+        listed: list[tuple[str, InodeKey, bool]] = []
+        start = max(pos, 2) - 2
+        layout_of = DIRENTPLUS_BY_LEN.get
+        for e, key in zip(entries[start:], keys[start:]):
             name = e[0].encode(encoding, errors)
-            need = (_DIRENTPLUS_ROOM + len(name)) & ~7
+            layout = layout_of(len(name))
+            if layout is None:
+                layout = direntplus_layout(len(name))
+            need = layout.size  # (the entry's room, padded)
             if need > room:
                 break
             room -= need
-            fit.append((e, name, base | keys[i]))
-            if e[3] is not None:
-                takes.append(e)
-        if not takes:
-            for e, name, off in fit:
+            fit.append((e, name, base | key, layout))
+            attr = e[3]
+            if attr is not None:  # (its ``mode``: the listed stat's type bits)
+                st = attr[0]
+                listed.append((e[0], _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
+                               e[1] == _S_IFDIR))
+        if not listed:
+            for e, name, off, _layout in fit:
                 parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
             return b"".join(parts), []
         if not first:
-            return self._pack_later(nodeid, snap.epoch, parts, fit, takes)
-        taken: list[int] = []
-        ids = self._take_listed_ids(nodeid, snap.epoch, takes)
-        j = 0
+            return self._pack_later(nodeid, snap.epoch, parts, fit,
+                                    [e for e, _name, _off, _layout in fit if e[3] is not None])
+        ids = self._take_ids(nodeid, snap.epoch, listed)
+        next_id = iter(ids).__next__
         timeouts = self._entry_timeouts
+        afresh: list[int] | None = None  # (the references ``_take_afresh`` took)
         try:
-            for e, name, off in fit:
+            for e, name, off, layout in fit:
                 attr = e[3]
                 if attr is None:
                     parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, e[2], off, e[1]))
                     continue
-                child = ids[j]
-                j += 1
+                child = next_id()
                 if child:
-                    taken.append(child)
-                    parts.append(pack_direntplus_stat(child, timeouts, attr[0], attr[1], attr[2],
-                                                      name, e[2], off, e[1]))
+                    parts.append(pack_direntplus_stat(layout, child, timeouts, attr[0], attr[1],
+                                                      attr[2], name, e[2], off, e[1]))
                     continue
                 entry = self._take_afresh(nodeid, e[0])  # rare: identities moved since
-                parts.append(_packed_taken(entry, name, e, off, taken))
+                if afresh is None:
+                    afresh = []
+                parts.append(_packed_taken(entry, name, e, off, afresh))
         except BaseException:
-            self._forget_taken(taken + ids[j:])
+            self._forget_taken(ids + (afresh or []))  # (0: none taken there)
             raise
-        return b"".join(parts), taken
+        if afresh is None:  # (every one of ``ids`` taken)
+            return b"".join(parts), ids
+        return b"".join(parts), [child for child in ids if child] + afresh
 
     def _pack_later(self, nodeid: int, epoch: tuple[int, int, int] | None, parts: list[bytes],
-                    fit: "list[tuple[DirEntry, bytes, int]]",
+                    fit: "list[tuple[DirEntry, bytes, int, struct.Struct]]",
                     takes: "list[DirEntry]") -> tuple[bytes, list[int]]:
         """``_readdirplus_short``'s entries of a later chunk (``_take_later``)."""
         got = iter(self._take_later(nodeid, epoch, takes))
         taken: list[int] = []
         try:
-            for e, name, off in fit:
+            for e, name, off, _layout in fit:
                 entry = None if e[3] is None else next(got)
                 parts.append(_packed_taken(entry, name, e, off, taken))
         except BaseException:
@@ -1963,16 +1976,23 @@ class OverlayOps(Operations):
 
     def _take_listed_ids(self, parent: int, epoch: tuple[int, int, int] | None,
                          takes: "list[_Take] | list[DirEntry]") -> list[int]:
-        """``_take_listed``'s references, under one hold of the namespace lock and one of the
-        node table's: the nodeid of each of ``takes`` (a ``_Take`` or the listing's own
-        ``DirEntry``: its ``name`` and ``attr``), 0 where the listing's stat may name
-        another object now (the caller looks the name up afresh)."""
+        """``_take_listed``'s references (``_take_ids``) of ``takes`` (a ``_Take`` or the
+        listing's own ``DirEntry``), each by its ``name`` and the identity and type its
+        listed stat (``attr``) gives."""
         listed = []
         for t in takes:
             st = t.attr.st
             # (a named tuple from its fields, without its Python-level ``__new__``)
             listed.append((t.name, _new_tuple(InodeKey, (st.st_dev, st.st_ino, None)),
                            st.st_mode & 0o170000 == _S_IFDIR))
+        return self._take_ids(parent, epoch, listed)
+
+    def _take_ids(self, parent: int, epoch: tuple[int, int, int] | None,
+                  listed: "list[tuple[str, InodeKey, bool]]") -> list[int]:
+        """One reference each to the node of the (name, identity, is_dir) ``listed`` in
+        directory ``parent``, under one hold of the namespace lock and one of the node
+        table's (``NodeTable.take_listed``): the nodeid of each, 0 where the listing's stat
+        may name another object now (the caller looks the name up afresh)."""
         with self.fs.ns_lock:  # (epoch None: names the table holds only)
             return self.nodes.take_listed(parent, listed, self._table_epoch(epoch))
 

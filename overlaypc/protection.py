@@ -52,6 +52,14 @@ class Protection:
             return 0
         return self.of_entry(entry)
 
+    def of_copy(self, node, private: tuple[str, ...]) -> int:
+        """``of_node`` of a copy this mount just made (a copy-up's, handed over), whose
+        overlay-private xattr names are ``private`` (what its copy-up wrote): without
+        ``protattr`` none, known without a call."""
+        if self.xattr not in private:
+            return 0
+        return self.of_node(node)
+
     def known(self, node) -> int:
         """The flags of a lookup's node where known without a system call (a directory's
         read before, an upper regular file whose listed xattr names lack ``protattr``),

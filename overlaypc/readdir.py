@@ -8,6 +8,7 @@ no duplicates, no whiteout entries and no OCI marker names. A whiteout (or OCI
 from __future__ import annotations
 
 import stat
+from operator import itemgetter
 
 from . import faults, whiteout
 from .attrs import MERGED_DIR_NLINK, Attr
@@ -38,6 +39,8 @@ class DirEntry(NamedTuple):
 
 #: makes a named tuple from a tuple of its fields without its Python-level ``__new__``
 _new_tuple = tuple.__new__
+#: a ``Listed``'s name (``map``ped: no Python code per entry)
+_first = itemgetter(0)
 
 
 def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
@@ -63,8 +66,8 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
     One with a ``redirect`` xattr (one the lookup may follow, or fail on: a malformed one,
     any under ``redirect_dir=nofollow``) instead comes without attributes: the kernel's
     LOOKUP decides (with them, the kernel makes its dentry without one)."""
-    if plus and len(node.entries) == 1 and not node.entries[0].layer.writable:
-        one = _lower_only_plus(node, inos, xattr_prefix, ownership, names, files, metacopy)
+    if plus and len(node.entries) == 1:
+        one = _one_layer_plus(node, inos, xattr_prefix, ownership, names, files, metacopy)
         if one is not None:
             return one
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
@@ -152,14 +155,17 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
     return out
 
 
-def _lower_only_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
-                     ownership: "Ownership | None", names: "LowerNames | None",
-                     files: "dict[str, Kept] | None", metacopy: bool) -> list[DirEntry] | None:
-    """``merged_listing(plus=True)`` of a directory found in one lower layer only (a cold
-    ``find`` of a lower tree lists nothing else), in one pass over its entries: nothing
-    above hides a name and no name repeats, so there is nothing to merge; whiteouts and
-    OCI names are left out, no directory is merged (its ``st_nlink`` as listed; one with
-    a ``redirect`` xattr comes without attributes, ``_merged_dir``). The same entries in
+def _one_layer_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
+                    ownership: "Ownership | None", names: "LowerNames | None",
+                    files: "dict[str, Kept] | None", metacopy: bool) -> list[DirEntry] | None:
+    """``merged_listing(plus=True)`` of a directory found in one layer only, in one pass
+    over its entries: a lower one (a cold ``find`` of a lower tree lists nothing else) or
+    an upper one (upper-only or opaque: what an untar made, listed twice per directory by
+    an ``rm -rf``). Nothing above hides a name and no name repeats, so there is nothing to
+    merge; whiteouts and OCI names are left out, no directory is merged (its ``st_nlink``
+    as listed; one with a ``redirect`` xattr comes without attributes, ``_merged_dir``). A
+    lower entry shows its own number (``d_ino``, through xino), an upper one its
+    ``recorded`` number, else its own (``InodeNumbers.upper_listed``). The same entries in
     the same order as the general pass (``tests/test_listing_one_lower.py``; None would
     leave the listing to that pass)."""
     parent = node.entries[0]
@@ -169,8 +175,9 @@ def _lower_only_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
         return []  # removed underneath us
     items = layer.scandir(dirfd, stat_all=True)
     rel = parent.rel
-    if names is not None:
-        names.offer(layer, rel, [item.name for item in items])
+    upper = layer.writable
+    if names is not None and not upper:
+        names.offer(layer, rel, list(map(_first, items)))
     if faults.armed:
         faults.hit("readdir.scanned", node.rel)  # test-only (faults.py)
     out: list[DirEntry] = []
@@ -178,8 +185,16 @@ def _lower_only_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
     oci_prefix = whiteout.OCI_PREFIX
     xino, dev = inos.xino.ino, layer.dev
     xbits = inos.xino.bits  # (0: real numbers as they are, ``Xino.ino`` not called)
-    # (a directory of the bottom layer is never merged: no redirect is read)
-    bottom = not inos.lowers or layer is inos.lowers[-1]
+    if upper:  # (each with the number it shows; none of the loop's own below)
+        items = inos.upper_listed(layer, dirfd, rel, [
+            item for item in items
+            if not (item[0].startswith(oci_prefix) or item[1] == _S_IFCHR and item[3].st_rdev == 0)])
+        xbits = 0
+        # (an upper directory's redirect is read where a lower layer is below it)
+        bottom = not inos.lowers
+    else:
+        # (a directory of the bottom layer is never merged: no redirect is read)
+        bottom = not inos.lowers or layer is inos.lowers[-1]
     for name, fmt, ino, st in items:
         if name.startswith(oci_prefix) or fmt == _S_IFCHR and st.st_rdev == 0:
             continue  # (an OCI name, a whiteout: a 0/0 character device)

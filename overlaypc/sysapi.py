@@ -163,8 +163,8 @@ def listxattr_at(dirfd: int, name: str) -> list[str] | None:
     if not _Listxattrat.present:
         return None
     buf = _XattrList()
-    n = _libc.syscall(_SYS_LISTXATTRAT, dirfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW, buf,
-                      _XATTR_LIST_SHORT)
+    raw = name.encode(_FS_ENCODING, _FS_ERRORS)  # (``os.fsencode``'s, without its frame)
+    n = _libc.syscall(_SYS_LISTXATTRAT, dirfd, raw, _AT_SYMLINK_NOFOLLOW, buf, _XATTR_LIST_SHORT)
     if n > 0:
         return [os.fsdecode(x) for x in bytes(buf)[:n - 1].split(b"\0")]  # (NUL-terminated names)
     if n == 0:

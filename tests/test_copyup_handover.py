@@ -210,3 +210,43 @@ def test_the_copys_number_is_known_without_reading_its_origin(drv, monkeypatch):
     reply = drv.ops.setattr(REQ, nodeid, SETATTRS["chmod"]).attr
     assert read == []
     assert reply.ino == before.ino
+
+
+def _set_flags(path, flags: int) -> None:
+    from overlaypc import sysapi
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sysapi.set_flags(fd, flags)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("append_only", [False, True])
+def test_the_handed_copy_names_the_private_xattrs_its_copy_up_wrote(drv, tmp_path, append_only):
+    """copyup49: the handed copy's overlay-private xattr names (``Seen.private``) are those
+    the upper file has, so its flags check (``Protection.of_copy``) answers as a lookup's
+    would: none without ``protattr`` (no call), the copy's ``protattr`` where its source
+    was append-only."""
+    from overlaypc import protattr
+    from overlaypc.copyup import is_private_xattr
+    fs = drv.fs
+    lower = tmp_path / "lower" / "d" / "g"
+    if append_only:
+        _set_flags(lower, protattr.FS_APPEND_FL)
+    try:
+        copy = fs.attrs.copy_up_for_setattr("d/g")
+        assert copy is not None
+        seen = fs.copyup.handing_over(copy, "d/g")
+        try:
+            assert seen is not None and seen.private is not None
+            on_disk = {n for n in os.listxattr(tmp_path / "upper" / "d" / "g") if is_private_xattr(n)}
+            assert set(seen.private) == on_disk
+            assert (fs.protection.xattr in on_disk) == append_only
+            flags = fs.protection.of_copy(seen.node, seen.private)
+            assert flags == fs.protection.of_node(fs.lookup.lookup("d/g"))
+            assert flags == (protattr.FS_APPEND_FL if append_only else 0)
+        finally:
+            fs.ns_lock.release()
+    finally:
+        if append_only:
+            _set_flags(lower, 0)

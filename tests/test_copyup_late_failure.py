@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -17,21 +18,42 @@ def _eio(*_args, **_kwargs):
     raise OSError(errno.EIO, "injected")
 
 
-def _reader_then_failing_copy_up(fs, monkeypatch, rel: str, fail: tuple) -> int:
+def _reader_then_failing_copy_up(fs, monkeypatch, rel: str, fail: tuple, uncached: str = "") -> int:
     write_new(fs, "d/other", b"")  # its parent is copied up before, without a failure
     reader = fs.open(rel, os.O_RDONLY).fh
     assert fs.read(reader, 100, 0) == b"old\n"
-    monkeypatch.setattr(*fail, _eio)
+    if len(fail) == 2:
+        monkeypatch.setattr(*fail, _eio)
+    else:
+        monkeypatch.setattr(*fail)
+    if uncached:  # (the copy-up finds no cached fd of that upper directory: steps by path)
+        upper = fs.stack.upper
+        real = upper.dirs
+        monkeypatch.setattr(upper, "dirs", lambda rel: None if rel == uncached else real(rel))
     with pytest.raises(OSError):
         fs.open(rel, os.O_RDWR)
     monkeypatch.undo()
     return reader
 
 
-@pytest.mark.parametrize("step", ["fsync_dir", "do_utime"])
+def _fsync_of_a_directory_fails(fd: int, _real=os.fsync) -> None:
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        raise OSError(errno.EIO, "injected")
+    _real(fd)
+
+
+#: the steps after the rename: through the parent's fd the lookup cache holds (its
+#: readable fd, opened at the first copy-up into it: copyup49), or by path where none is
+STEPS = {"readable_dir": ("readable_dir", ""), "do_futime": ("do_futime", ""),
+         "fsync": ("fsync", ""), "fsync_dir": ("fsync_dir", "d"), "do_utime": ("do_utime", "d")}
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
 def test_handle_opened_before_a_copy_up_failing_after_its_rename(fs_factory, monkeypatch, step):
     fs = fs_factory({"d/x": b"old\n"})
-    reader = _reader_then_failing_copy_up(fs, monkeypatch, "d/x", (fs.stack.upper, step))
+    name, uncached = STEPS[step]
+    fail = (os, "fsync", _fsync_of_a_directory_fails) if name == "fsync" else (fs.stack.upper, name)
+    reader = _reader_then_failing_copy_up(fs, monkeypatch, "d/x", fail, uncached)
     assert (fs.root / "upper/d/x").exists()
     assert write_then_read(fs, "d/x", reader) == b"new\n"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -132,10 +133,14 @@ def test_handle_opened_after_a_copy_up_that_failed_late_sees_later_writes(fs_fac
     write_new(fs, "d/other", b"")
     fs.getattr("d/x")
 
-    def failing(rel):
-        raise OSError(5, "injected: fsync of the parent failed")
+    real = os.fsync
 
-    monkeypatch.setattr(fs.stack.upper, "fsync_dir", failing)
+    def failing(fd):  # (the parent's, through its readable fd kept: copyup49)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "injected: fsync of the parent failed")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
     with pytest.raises(OSError):
         fs.chmod("d/x", 0o600)
     monkeypatch.undo()

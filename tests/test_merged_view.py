@@ -563,6 +563,55 @@ def test_signal_unmounts_cleanly(layers_factory, overlay_mount, sig):
     m.unmount()  # nothing left to unmount: checks exit status 0 and a clean log
 
 
+#: a ``sitecustomize`` for the daemon: the main thread's first ``import logging`` (the mount's
+#: first record, "mounted", in ``served``) sends the daemon SIGTERM before the module's body
+#: runs, so the signal's handler runs while ``logging`` is half made
+_SIGNAL_DURING_LOGGING_IMPORT = """
+import importlib.machinery, os, signal, sys, threading
+
+class _SignalDuringImport:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "logging" or threading.current_thread() is not threading.main_thread():
+            return None
+        sys.meta_path.remove(cls)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        real = spec.loader.exec_module
+
+        def exec_module(module):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100000):  # the handler runs at one of these bytecodes' ends
+                pass
+            real(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _SignalDuringImport)
+"""
+
+
+def test_a_signal_while_logging_is_imported_unmounts_cleanly(layers_factory, overlay_mount,
+                                                             tmp_path):
+    """A SIGTERM that came while the daemon's main thread imported ``logging`` for its first
+    record: the handler's own record met the half-made module (AttributeError raised into the
+    import), the handler never reached its unmount, and the daemon served on (15 s later:
+    still running; found by a suite run under load)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SIGNAL_DURING_LOGGING_IMPORT)
+    layers = layers_factory(RO_SPEC)
+    path = os.pathsep.join([helpers.overlaypc_env()["PYTHONPATH"], str(hook)])
+    m = overlay_mount(f"lowerdir={layers.lowerdir}", env={"PYTHONPATH": path})
+    assert m.proc is not None
+    try:
+        m.proc.wait(timeout=helpers.EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail("daemon still running 15 s after a SIGTERM during its logging import")
+    assert helpers.wait_until(lambda: not helpers.is_mounted(m.path), 5), "still mounted"
+    m.unmount()  # nothing left to unmount: checks exit status 0 and a clean log
+    assert "stopped by signal" in m.log_text()
+
+
 # --- the sample stack shipped in layers/ --------------------------------------------------------
 
 def test_sample_readonly_stack(overlay_mount):

@@ -157,6 +157,32 @@ def test_kept_directory_paths_follow_every_name_change():
     assert t.path(h) is None
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_directory_forgotten_voids_kept_paths_only_while_it_has_a_name(batch):
+    """A directory leaving the table voids the kept paths (its descendants' go through it)
+    while it still has a name; one whose last name went first (an ``rm -rf``: RMDIR, then
+    its FORGET) is on no kept path since, so the others stay kept (not walked again), by
+    FORGET and by BATCH_FORGET alike."""
+    t = NodeTable(K(0))
+    forget = (lambda n, c: t.forget_all([(n, c)])) if batch else t.forget
+    a = t.take(K(1), ROOT_ID, "a", True)
+    b = t.take(K(2), a, "b", True)
+    gone = t.take(K(3), a, "gone", True)
+    below = t.take(K(4), gone, "below", True)
+    assert t.dir_path(b) == "a/b" and t.dir_path(below) == "a/gone/below"
+    t.unlink(gone, "below")
+    t.unlink(a, "gone")                          # nameless now: the loss voided the kept paths
+    assert t.dir_path(below) is None and t.dir_path(b) == "a/b"
+    kept = t._nodes[b].dir_path
+    forget(below, 1)
+    forget(gone, 1)
+    assert gone not in t and t.dir_path(b) == "a/b" and t._nodes[b].dir_path is kept
+    c = t.take(K(5), b, "c", True)
+    assert t.dir_path(c) == "a/b/c"
+    forget(b, 1)                                 # named: what is below it goes too
+    assert t.dir_path(c) is None and t.path(c) is None
+
+
 def test_very_long_directory_paths_are_walked_not_kept():
     t = NodeTable(K(0))
     parent = ROOT_ID

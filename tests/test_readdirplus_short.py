@@ -193,13 +193,20 @@ def test_an_undelivered_reply_takes_no_reference(sides):
 
 @pytest.mark.parametrize("ns", [0, 1_700_000_000_123_456_789, -1_500_000_001, -1])
 @pytest.mark.parametrize("nlink", [None, 1, 7])
-def test_the_stat_packing_is_the_generic_packing(tmp_path, ns, nlink):
+@pytest.mark.parametrize("owner", [0, 4294967294])  # (the highest valid uid_t/gid_t: no mask)
+def test_the_stat_packing_is_the_generic_packing(tmp_path, ns, nlink, owner):
     f = tmp_path / "f"
     f.write_bytes(b"z" * 5000)
+    os.chown(f, owner, owner)
     os.utime(f, ns=(ns, ns + 7))
     st = os.lstat(f)
     attr = Attr(st, 99, nlink, None, None, None, None)
     timeouts = p.split_timeout(1.5)
-    assert p.pack_direntplus_stat(12, (timeouts[0], timeouts[0], timeouts[1], timeouts[1]), st,
-                                  99, nlink, b"name", 98, 1 << 50, stat.S_IFREG) == \
-        p.pack_direntplus_entry(12, 0, file_attr(attr), 1.5, 1.5, b"name", 98, 1 << 50, stat.S_IFREG)
+    for name in (b"n", b"name", b"x" * 8, b"y" * 9, b"z" * 255):
+        layout = p.direntplus_layout(len(name))
+        packed = p.pack_direntplus_stat(layout, 12,
+                                        (timeouts[0], timeouts[0], timeouts[1], timeouts[1]), st,
+                                        99, nlink, name, 98, 1 << 50, stat.S_IFREG)
+        assert len(packed) == layout.size == p.dirent_size(name, True)
+        assert packed == p.pack_direntplus_entry(12, 0, file_attr(attr), 1.5, 1.5, name, 98,
+                                                 1 << 50, stat.S_IFREG)

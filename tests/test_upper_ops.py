@@ -425,6 +425,38 @@ def test_sparse_file_stays_sparse(layers_factory, overlay_mount, trigger):
     assert_clean_work(s)
 
 
+def _small_sparse_prepare(layers):
+    """Two files at the edge of copy-up's "no room for a hole" test (``_copy_data``): one
+    block of data then a hole of two (fewer bytes allocated than its size: its holes are
+    looked for), and three blocks written whole (no room for a hole: copied as one segment)."""
+    with open(layers.paths[0] / "holey.bin", "wb") as f:
+        f.write(b"\xcd" * 4096)
+        f.truncate(3 * 4096)
+    with open(layers.paths[0] / "dense.bin", "wb") as f:
+        f.write(b"\xef" * (3 * 4096 - 5))
+
+
+def test_small_sparse_file_stays_sparse_dense_one_whole(layers_factory, overlay_mount):
+    """copyup49's dense test skips SEEK_DATA/SEEK_HOLE only where the source's blocks cover
+    its size: a small file with a hole still gets a copy with the hole."""
+    s = make_stack(layers_factory, overlay_mount, {"lower": {}}, prepare=_small_sparse_prepare)
+    holey = os.stat(s.lo("holey.bin"))
+    assert holey.st_blocks * 512 < holey.st_size, "test set-up: the lower file has no hole"
+    dense = os.stat(s.lo("dense.bin"))
+    assert dense.st_blocks * 512 >= dense.st_size, "test set-up: the lower file has a hole"
+    for name in ("holey.bin", "dense.bin"):
+        os.chmod(s.m(name), 0o600)
+    ust = os.stat(s.u("holey.bin"))
+    assert ust.st_size == 3 * 4096
+    with open(s.u("holey.bin"), "rb") as f:  # the hole is where the source's is
+        fd = f.fileno()
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 4096, "copy-up filled the small file's hole"
+    for name in ("holey.bin", "dense.bin"):
+        assert _sha(s.m(name)) == _sha(s.lo(name)) == _sha(s.u(name))
+        assert os.stat(s.u(name)).st_size == os.stat(s.lo(name)).st_size
+    assert_clean_work(s)
+
+
 # ======================================================================================
 # Ownership
 # ======================================================================================

@@ -61,13 +61,17 @@ def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: 
     stopping = []
 
     def stop(signum, _frame) -> None:
+        # No record made here: the handler runs in the main thread between two of its
+        # bytecodes, which may be inside its first record's ``import logging`` (``served``:
+        # the module half made) or inside ``logs``' set-up lock: a record would raise into
+        # that import or wait for itself, and the mount was never unmounted. Records come
+        # after ``serve`` returns, or from a thread of their own (``_log_aside``).
         if not stopping:
             stopping.append(signum)
-            log.info("signal %d: unmounting %s", signum, chan.mountpoint)
             try:
                 chan.unmount()
             except OSError as e:
-                log.error("unmount of %s failed: %s", chan.mountpoint, e)
+                _log_aside("signal %d: unmount of %s failed: %s", signum, chan.mountpoint, e)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
@@ -98,10 +102,21 @@ def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: 
 
         session.serve(ready)
         if stopping:
-            log.info("stopped by signal; %s unmounted", chan.mountpoint)
+            log.info("stopped by signal %d; %s unmounted", stopping[0], chan.mountpoint)
         return 0
     finally:
         chan.close()
+
+
+def _log_aside(msg: str, *args) -> None:
+    """An error record made by a thread of its own (from a signal handler: ``run.stop``);
+    it waits there for whatever the main thread was doing with ``logging``."""
+    import threading  # (loaded already: the session's workers are threads)
+    try:
+        threading.Thread(target=log.error, args=(msg, *args), name="log-aside",
+                         daemon=True).start()
+    except RuntimeError:  # no thread to be had: the record is lost, the daemon goes on
+        pass
 
 
 def _daemonize() -> int:

@@ -375,6 +375,20 @@ def _direntplus_layout(padded: int) -> struct.Struct:
     return layout
 
 
+#: ``direntplus_layout``'s, by name length (at most 1,024 entries, each one of ``_DIRENTPLUS``)
+DIRENTPLUS_BY_LEN: dict[int, struct.Struct] = {}
+
+
+def direntplus_layout(namelen: int) -> struct.Struct:
+    """The layout of a ``fuse_direntplus`` whose name is ``namelen`` bytes long (its
+    ``size``: the entry's room in a reply, padded); ``DIRENTPLUS_BY_LEN.get`` first where
+    one entry per listed name matters (``pack_direntplus_stat``'s callers)."""
+    layout = DIRENTPLUS_BY_LEN.get(namelen)
+    if layout is None:
+        layout = DIRENTPLUS_BY_LEN[namelen] = _direntplus_layout((namelen + 7) & ~7)
+    return layout
+
+
 def pack_direntplus_entry(nodeid: int, generation: int, attr: FileAttr | None, entry_timeout: float,
                           attr_timeout: float, name: bytes, ino: int, off: int, mode: int) -> bytes:
     """One ``fuse_direntplus``: ``pack_direntplus(pack_entry(...), ...)`` in one ``pack``,
@@ -404,23 +418,22 @@ def pack_direntplus_entry(nodeid: int, generation: int, attr: FileAttr | None, e
                        name)
 
 
-def pack_direntplus_stat(nodeid: int, timeouts: tuple[int, int, int, int], st: os.stat_result,
-                         ino: int, nlink: int | None, name: bytes, d_ino: int, off: int,
-                         mode: int) -> bytes:
+def pack_direntplus_stat(layout: struct.Struct, nodeid: int, timeouts: tuple[int, int, int, int],
+                         st: os.stat_result, ino: int, nlink: int | None, name: bytes, d_ino: int,
+                         off: int, mode: int) -> bytes:
     """``pack_direntplus_entry(nodeid, 0, FileAttr.from_stat(st, ino) with st_nlink
     replaced by nlink unless None, ...)`` with no object between (a READDIRPLUS entry
-    taken from its listing's stat): ``timeouts`` are ``fuse_entry_out``'s four fields
-    (entry s, attr s, entry ns, attr ns); the times split as ``pack_stat_attr_out`` does."""
-    layout = _DIRENTPLUS.get((len(name) + 7) & ~7)
-    if layout is None:
-        layout = _direntplus_layout((len(name) + 7) & ~7)
+    taken from its listing's stat): ``layout`` is ``direntplus_layout(len(name))`` (the
+    caller fitted the entry by its ``size``), ``timeouts`` ``fuse_entry_out``'s four fields
+    (entry s, attr s, entry ns, attr ns); the times split as ``pack_stat_attr_out`` does.
+    (An ``os.stat_result``'s owner fits its 32 bits: no mask, as ``uid_t``/``gid_t``.)"""
     es, as_, ens, ans = timeouts
     return layout.pack(nodeid, 0, es, as_, ens, ans, ino, st.st_size, st.st_blocks, st[7], st[8],
                        st[9], st.st_atime_ns % 1_000_000_000, st.st_mtime_ns % 1_000_000_000,
                        st.st_ctime_ns % 1_000_000_000, st.st_mode,
-                       st.st_nlink if nlink is None else nlink, st.st_uid & 0xFFFFFFFF,
-                       st.st_gid & 0xFFFFFFFF, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0, d_ino,
-                       off, len(name), (mode & 0o170000) >> 12, name)
+                       st.st_nlink if nlink is None else nlink, st.st_uid, st.st_gid,
+                       st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0, d_ino, off, len(name),
+                       (mode & 0o170000) >> 12, name)
 
 
 
