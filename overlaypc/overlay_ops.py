@@ -688,6 +688,7 @@ class OverlayOps(Operations):
         st = found.st
         key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper directory)
         prot = fs.protection.known(node)
+        del node  # (``_take``'s: no fd of it held while waiting for the lock)
         with fs.ns_lock:
             if self._paths.moves != moves or self.nodes.epoch != table_epoch:
                 return None

@@ -481,3 +481,48 @@ def test_an_undelivered_packed_entry_is_forgotten(ops, tree):
         assert ops.nodes.nlookup(x) == n + 1
     finally:
         os.close(null)
+
+
+@pytest.mark.parametrize("found_dirs", [True, False])
+def test_a_found_directory_waiting_for_the_namespace_lock_holds_no_fd_of_it(ops, found_dirs):
+    """While the LOOKUP of a cached directory found again waits for the namespace lock (to
+    take its node's reference), it holds no fd of that directory: ``_take``'s rule (review19,
+    ``test_limits``'s test of a merged directory), the lock's holder may be a change waiting
+    at the fd limit, which sheds the lookup cache and waits for fds to be let go. The
+    packed path (``_found_dir``) as the generic one (``_take``, ``found_dirs`` False)."""
+    import threading
+    d = _made(ops, "up")
+    look(ops, "up")
+    _made(ops, "up/x")  # (cached by MKDIR)
+    ops._found_dirs = found_dirs
+    held = ops.fs.lookup._cached("up/x").entries[0].dirfd
+    fd, ino = held.fd, os.fstat(held.fd).st_ino
+    del held
+    lock = ops.fs.ns_lock
+    waiting = threading.Event()
+
+    class Watched:  # the namespace lock, telling when the LOOKUP's thread waits for it
+        def __enter__(self):
+            if threading.current_thread() is not threading.main_thread():
+                waiting.set()
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+    ops.fs.ns_lock = Watched()
+    got = []
+    try:
+        with lock:  # a change's hold, at the fd limit: the cache shed
+            looker = threading.Thread(target=lambda: got.append(ops._lookup_name(d, b"x")))
+            looker.start()
+            assert waiting.wait(60)
+            ops.fs.lookup.shed_fds()
+            try:
+                still = os.fstat(fd).st_ino == ino
+            except OSError:
+                still = False
+        looker.join(60)
+    finally:
+        ops.fs.ns_lock = lock
+    assert got and got[0] is not None
+    assert not still, "the LOOKUP waiting for the namespace lock holds the directory's fd"
