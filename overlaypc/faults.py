@@ -31,7 +31,8 @@ after the change on disk, before it reads whether the object has other links),
 ``files.opening`` (an open for writing or with ``O_TRUNC``, its copy-up done, under the
 namespace lock before the upper copy is opened), ``readdir.scanned`` (a listing with its layers' directories read, before its entries are
 numbered), ``attrs.found`` (a lookup for attributes with the object found, before its
-attributes are made).
+attributes are made), ``notify.queued`` (a queued notification, on the notifier's thread,
+before it is written: ``eio`` drops it, a notifier that never gets to it).
 """
 from __future__ import annotations
 

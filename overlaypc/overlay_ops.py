@@ -275,8 +275,8 @@ class OverlayOps(Operations):
         kernel sent for it did: a directory's (a lower-only one is merged now: ``st_nlink``
         1; a copy-up of a file below, or a chmod, copies its ancestors up), a metacopy
         file's at its data copy-up (an open for writing: its mtime is the copy's, as in
-        the kernel, even with no write after). Its cached attributes go (queued,
-        attributes only)."""
+        the kernel, even with no write after). Its cached attributes go (attributes only:
+        written by the request's worker before its reply, ``Notifications.inval_inode``)."""
         nodeid = self.nodes.rekey(old, new)
         if attrs and nodeid is not None:
             self.notifier.inval_inode(nodeid, -1)
@@ -399,8 +399,8 @@ class OverlayOps(Operations):
         up, with no request that returns attributes; so does a metacopy file (its blocks
         the lower data's, ``Attr.blocks``) its mtime, blocks and ctime at its data copy-up
         (an open for writing, the kernel's mtime rule): the kernel must ask every time
-        until then (the queued invalidation, ``_copied_up``, may come after the next
-        ``stat``)."""
+        until then (kept from when the invalidation, ``_copied_up``'s, was queued and could
+        come after the next ``stat``; it now comes before the copy-up's reply)."""
         if key.name is not None or (attr is not None and attr.blocks is not None):
             return 0.0
         return self.timeout

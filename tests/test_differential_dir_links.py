@@ -393,6 +393,26 @@ def test_a_directory_copied_up_by_a_write_below_it_shows_merged_at_once(
     up by a write to a file two levels below it: a merged directory from then on, shown
     with ``st_nlink`` 1 at once, as the kernel overlay (no attribute cache may keep the
     count it had while lower-only)."""
+    seen = _copied_up_by_a_write_below(tmp_path, layers_factory, overlay_mount, kernel_mount)
+    assert seen["ours"] == seen["kernel"]
+
+
+def test_a_copy_up_drops_cached_attributes_before_its_reply(
+        tmp_path, layers_factory, overlay_mount, kernel_mount):
+    """notify49: the same, with the notifier's thread dropping whatever it is given
+    (``notify.queued=eio``: a notifier that never gets to it, where under load it got to
+    it after the OPEN's reply, and 1 run in 12 saw the lower count). The copy-up's
+    invalidation of ``lo`` and ``lo/sub`` (attributes only) is written by the OPEN's own
+    worker before its reply, so the ``lstat`` right after finds no cached attributes."""
+    seen = _copied_up_by_a_write_below(tmp_path, layers_factory, overlay_mount, kernel_mount,
+                                       env={"OVERLAYPC_FAULTS": "notify.queued=eio"})
+    assert seen["ours"] == seen["kernel"]
+
+
+def _copied_up_by_a_write_below(tmp_path, layers_factory, overlay_mount, kernel_mount,
+                                env=None) -> dict:
+    """``st_nlink`` of ``lo`` and ``lo/sub`` before and after ``lo/sub/f`` is appended to,
+    on each side (``env``: our daemon's)."""
     spec = {"l": {"lo": Dir({"sub": Dir({"f": File("f"), "d": Dir()}), "e": Dir()})}}
     seen = {}
     for side in ("kernel", "ours"):
@@ -400,7 +420,7 @@ def test_a_directory_copied_up_by_a_write_below_it_shows_merged_at_once(
         upper = layers_factory.empty_dir(f"upper-{side}")
         work = layers_factory.empty_dir(f"work-{side}")
         mnt = kernel_mount([lower], upper, work) if side == "kernel" else \
-            overlay_mount(stack_options([lower], upper, work)).path
+            overlay_mount(stack_options([lower], upper, work), env=env).path
         before = [os.lstat(mnt / rel).st_nlink for rel in ("lo", "lo/sub")]
         os.listdir(mnt)  # (READDIRPLUS attributes of lo too)
         os.listdir(mnt / "lo")
@@ -408,4 +428,4 @@ def test_a_directory_copied_up_by_a_write_below_it_shows_merged_at_once(
             f.write(b"more")
         after = [os.lstat(mnt / rel).st_nlink for rel in ("lo", "lo/sub")]
         seen[side] = (before, after)
-    assert seen["ours"] == seen["kernel"]
+    return seen

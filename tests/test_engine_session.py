@@ -475,6 +475,29 @@ def test_a_first_request_that_blocks_holds_no_notification_back(kernel):
     assert fk.receive().error == 0
 
 
+class _AttrInvalOps(MemoryOps):
+    """STATFS drops node 5's cached attributes (attributes only: offset -1) first."""
+
+    def statfs(self, req, nodeid):
+        self.notifier.inval_inode(5, -1)
+        return super().statfs(req, nodeid)
+
+
+def test_an_attribute_invalidation_reaches_the_kernel_before_the_reply(kernel):
+    """notify49: an attribute-only INVAL_INODE a request caused (a copy-up's, a chmod that
+    killed a bit) was queued for the notifier's thread, so the request's reply could reach
+    the kernel first, and the caller's next ``stat`` was answered from the attributes it
+    should have dropped. It is written by the request's own worker, before the reply (the
+    kernel takes no inode lock for one); the notifier here never starts (the first
+    request's reply starts it, ``clone_delay`` is long), so nothing else could write it."""
+    fk = kernel(_AttrInvalOps(), workers=2, session_kw={"clone_delay": 60})
+    unique = fk.send(p.STATFS, 1)
+    first = fk.kernel_socks[0].recv(1 << 16)
+    assert first == p.notify_inval_inode(5, -1), p.OUT_HEADER.unpack_from(first)
+    second = fk.kernel_socks[0].recv(1 << 16)
+    assert p.OUT_HEADER.unpack_from(second)[1:] == (0, unique)
+
+
 def test_a_first_worker_that_cannot_start_leaves_no_thread_running(monkeypatch):
     """Before: ``serve`` started the notifier and the pool's watch, then raised from the
     first worker's start without stopping them (two threads left per failed session)."""

@@ -122,8 +122,10 @@ class BackingFiles(Protocol):
 
 
 class Notifier(Protocol):
-    """Unsolicited messages to the kernel, queued and written by the session's own
-    thread (never from inside a request: the kernel may hold the lock the request holds)."""
+    """Unsolicited messages to the kernel. An attribute-only ``inval_inode`` (``offset`` < 0)
+    is written before the asking request's reply (the kernel takes no inode lock for it);
+    the others are queued and written by the session's own thread (never from inside a
+    request: the kernel may hold the lock the request holds)."""
 
     def inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> None: ...
 

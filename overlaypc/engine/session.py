@@ -16,7 +16,8 @@ reference is forgotten and an opened handle released, since no FORGET or RELEASE
 come. READDIRPLUS takes references only for the entries that fit in the reply, never for
 ``.``/``..``, all in one ``Operations.take_entries`` call per reply. INTERRUPT is ignored
 (every operation runs to completion, so no EINTR is ever answered after a side effect).
-Notifications go through a queue to their own thread: written from inside a request they
+An attribute-only INVAL_INODE is written by the request's worker before its reply; other
+notifications go through a queue to their own thread: written from inside a request they
 could wait on a lock the kernel holds for that request. The loop ends when reads fail
 with ENODEV (unmounted, or the connection aborted).
 
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from _queue import SimpleQueue  # queue.SimpleQueue itself: queue.py (and heapq) add ~0.25 ms to a start
 
 from . import protocol as p
-from .. import logs
+from .. import faults, logs
 from ..records import field, record
 from .ops import ConnInfo, DirItem, Entry, Opened, Operations, Request, fopen_flags
 from .pool import MAX_EXTRA, Pool, Slot, usable_cpus
@@ -131,7 +132,12 @@ _DOTS = (b".", b"..")
 
 
 class Notifications:
-    """The ``ops.Notifier`` of a session: messages queued, written by one thread."""
+    """The ``ops.Notifier`` of a session. An attribute-only INVAL_INODE (``offset`` < 0) is
+    written at once by the thread that asks, the request's worker, so it reaches the kernel
+    before that request's reply: the kernel takes no inode lock for it (``killsb`` read,
+    the inode's attribute version and validity, its cached ACLs), so it cannot wait on the
+    lock the kernel holds for the very request. Every other notification (pages, entries,
+    deletions: those take inode or directory locks) is queued, written by one thread."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -147,7 +153,10 @@ class Notifications:
             self._thread.join(timeout=5)
 
     def inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> None:
-        self._queue.put(p.notify_inval_inode(nodeid, offset, length))
+        if offset < 0:
+            self._write(p.notify_inval_inode(nodeid, offset, length))
+        else:
+            self._queue.put(p.notify_inval_inode(nodeid, offset, length))
 
     def inval_entry(self, parent: int, name: bytes) -> None:
         self._queue.put(p.notify_inval_entry(parent, name))
@@ -161,13 +170,25 @@ class Notifications:
             if msg is None:
                 return
             try:
-                os.write(self._fd, msg)
+                if faults.armed:
+                    faults.hit("notify.queued")
             except OSError as e:
-                if e.errno == errno.ENODEV:
-                    return
-                # ENOENT: the kernel does not cache that inode or name; nothing to drop
-                if e.errno != errno.ENOENT:
-                    log.debug("notification failed: %s", e)
+                log.debug("notification failed: %s", e)
+                continue
+            if not self._write(msg):
+                return
+
+    def _write(self, msg: bytes) -> bool:
+        """Write one notification; False once the connection has ended (ENODEV)."""
+        try:
+            os.write(self._fd, msg)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return False
+            # ENOENT: the kernel does not cache that inode or name; nothing to drop
+            if e.errno != errno.ENOENT:
+                log.debug("notification failed: %s", e)
+        return True
 
 
 def _buffer(size: int) -> memoryview:
