@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 from . import autounmount
@@ -111,7 +112,6 @@ def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: 
 def _log_aside(msg: str, *args) -> None:
     """An error record made by a thread of its own (from a signal handler: ``run.stop``);
     it waits there for whatever the main thread was doing with ``logging``."""
-    import threading  # (loaded already: the session's workers are threads)
     try:
         threading.Thread(target=log.error, args=(msg, *args), name="log-aside",
                          daemon=True).start()
