@@ -876,8 +876,7 @@ class CopyUp:
             # each step (no lookup of it per step); its readable one kept beside it for the
             # times and the fsync (``readable_dir``)
             held = self.upper.held_dir(parent)
-            if held is None or not held.impure_settled:
-                impure.mark(self.upper, parent, self.prefix)  # before the name: ``impure``
+            impure.mark(self.upper, parent, self.prefix, held)  # before the name: ``impure``
             work = self.work.held_dir(WORK_DIR) if held is not None else None
             with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only,
                                 held=held, name=name) as placed:

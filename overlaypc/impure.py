@@ -27,7 +27,7 @@ import errno
 import os
 
 from . import logs
-from .layer import Layer
+from .layer import DirFd, Layer
 
 log = logs.get("overlaypc.impure")
 
@@ -36,14 +36,16 @@ ORIGIN = "origin"
 UUID = "uuid"
 
 
-def mark(upper: Layer, dir_rel: str, prefix: str) -> None:
+def mark(upper: Layer, dir_rel: str, prefix: str, held: DirFd | None = None) -> None:
     """Mark upper directory ``dir_rel`` impure unless it is already (one read, and one write
     the first time; no open where a cache holds its parent). Where a cache holds the
     directory's own fd, through that fd, and only once per fd (``DirFd.impure_settled``:
     the fd pins the inode the answer is about, and nothing removes the mark under a mount:
-    a ``chmod -R`` of lower files read it once per copy-up)."""
+    a ``chmod -R`` of lower files read it once per copy-up). ``held``: that fd where the
+    caller found it in this lock hold already (None: looked for here)."""
     name = prefix + IMPURE
-    held = upper.held_dir(dir_rel)
+    if held is None:
+        held = upper.held_dir(dir_rel)
     if held is not None:
         if held.impure_settled:
             return
