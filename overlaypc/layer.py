@@ -917,10 +917,7 @@ def do_rename(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int = 0
               debug: bool = True) -> None:
     """``renameat2`` between two layers on one filesystem (workdir -> upper, or within one).
     ``debug``: as ``Layer._change``'s."""
-    if debug:  # (its log line's parts made only where it may be written)
-        dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
-    else:
-        dst._change("rename", dst_rel, debug=False)
+    _renaming(src, src_rel, dst, dst_rel, flags, debug)
     with src.parent(src_rel) as (sfd, sname), dst.parent(dst_rel) as (dfd, dname):
         if flags:
             sysapi.renameat2(sfd, sname, dfd, dname, flags)
@@ -932,11 +929,17 @@ def rename_at(src: Layer, src_dir: DirFd, src_name: str, src_rel: str, dst: Laye
               dst_name: str, dst_rel: str, flags: int, debug: bool = True) -> None:
     """``do_rename`` between entries of two open directories (a copy-up's: ``workdir/work``
     and the upper parent, held by caches; the paths for ``_change``): no lookup of them."""
+    _renaming(src, src_rel, dst, dst_rel, flags, debug)
+    sysapi.renameat2(src_dir.fd, src_name, dst_dir.fd, dst_name, flags)
+
+
+def _renaming(src: Layer, src_rel: str, dst: Layer, dst_rel: str, flags: int, debug: bool) -> None:
+    """A rename's ``_change`` (``do_rename``, ``rename_at``): its log line's parts made only
+    where it may be written."""
     if debug:
         dst._change("rename", dst_rel, f"from {src.name}:{src_rel}", f"flags={flags}")
     else:
         dst._change("rename", dst_rel, debug=False)
-    sysapi.renameat2(src_dir.fd, src_name, dst_dir.fd, dst_name, flags)
 
 
 def do_link(src: Layer, src_rel: str, dst: Layer, dst_rel: str) -> None:
