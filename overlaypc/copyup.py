@@ -938,17 +938,25 @@ class CopyUp:
         """Copy-up is not a change of the parent directory: keep its atime and mtime
         (the kernel's ``ovl_set_timestamps``). ``debug``: ``Layer._change``'s; ``held``: the
         parent's fd a cache holds, found in this lock hold: its times read and set through
-        it (``fstat``, ``futimens`` of its readable fd: ``Layer.readable_dir``)."""
+        it (``fstat``, ``futimens`` of its readable fd: ``Layer.readable_dir``). A plain
+        user's daemon may not open its own upper directory of mode 0300 for reading (EACCES):
+        then by name, as where no cache holds it (and no readable fd kept or counted)."""
         parent = split(rel)[0]
         upper = self.upper
         if held is not None:
             st = os.fstat(held.fd)
             yield
-            upper.do_futime(upper.readable_dir(held, parent), parent,
-                            (st.st_atime_ns, st.st_mtime_ns), debug)
-            return
-        st = upper.lstat(parent)
-        yield
+            try:
+                fd = upper.readable_dir(held, parent)
+            except OSError as e:
+                if e.errno != errno.EACCES:
+                    raise
+            else:
+                upper.do_futime(fd, parent, (st.st_atime_ns, st.st_mtime_ns), debug)
+                return
+        else:
+            st = upper.lstat(parent)
+            yield
         if st is not None:
             upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True, debug=debug)
 

@@ -223,9 +223,10 @@ def nobody_setup():
         yield root, py
 
 
-def _mount_as_nobody(root: Path, py) -> subprocess.CompletedProcess:
+def _mount_as_nobody(root: Path, py, extra: str = "") -> subprocess.CompletedProcess:
     python, env = py
     opts = f"lowerdir={root}/low,upperdir={root}/upper,workdir={root}/work,logfile={root}/log"
+    opts += "," + extra if extra else ""
     return subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + [python, "-m", "overlaypc", "-o", opts,
                                                               str(root / "mnt")],
                           env=env, cwd=str(root), capture_output=True, text=True, timeout=60)
@@ -312,6 +313,42 @@ def test_plain_user_killed_daemon_leaves_no_mount(nobody_setup):
         subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + ["fusermount3", "-u", str(mnt)],
                        capture_output=True)
         helpers.force_unmount(mnt)
+
+
+@pytest.mark.parametrize("mode", [0o300, 0o333], ids=oct)
+def test_plain_user_volatile_copy_up_into_an_unreadable_upper_directory(nobody_setup, mode):
+    """A copy-up keeps its parent's times; through a cached parent it sets them through a
+    readable fd of it (``Layer.readable_dir``, copyup49), which a plain user's daemon may
+    not open on an upper directory of its own without read permission (mode 0300). With
+    ``volatile`` (no fsync of the parent, which needs that fd) the times are set by name
+    there, as before copyup49: the copy-up succeeds and the times stay."""
+    root, py = nobody_setup
+    mnt, upper_dir = root / "mnt", root / "upper/img/dir"
+    upper_dir.parent.mkdir()
+    upper_dir.mkdir()
+    rs.make_tree(root / "upper", rs.NOBODY, rs.NOBODY)
+    os.chmod(upper_dir, mode)
+    os.utime(upper_dir, ns=(1_000_000_000_000_000_000, 1_100_000_000_000_000_000))
+    r = _mount_as_nobody(root, py, "volatile")
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        # the first copy-up into it caches its fds, the second uses them
+        for name in ("a", "b"):
+            r = subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY)
+                               + ["sh", "-c", f"echo more >> {mnt}/img/dir/{name}"],
+                               cwd="/", capture_output=True, text=True)
+            assert r.returncode == 0, (r.stderr, sorted(os.listdir(upper_dir)),
+                                       (root / "log").read_text()[-3000:])
+            assert (upper_dir / name).read_text() == f"{name}more\n"
+            st = os.stat(upper_dir)
+            assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000_000_000_000,
+                                                        1_100_000_000_000_000_000), name
+    finally:
+        subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + ["fusermount3", "-u", str(mnt)],
+                       capture_output=True)
+        helpers.force_unmount(mnt)
+    log = (root / "log").read_text()
+    assert not helpers.unexpected_log_lines(log), log
 
 
 # --------------------------------------------------------------------------------------
