@@ -413,6 +413,27 @@ def test_injected_errno_during_copyup_and_write_leaves_no_trace(spec, tmp_path, 
     assert helpers.dir_state(lower) == lower_state
 
 
+@pytest.mark.parametrize("action", ["eio", "eperm"])
+def test_a_copy_up_is_done_when_its_parents_times_cannot_be_set(action, tmp_path, overlay_mount):
+    """A copy-up sets its parent's times back after the copy took its name; the kernel
+    does that as best effort (``ovl_set_timestamps``' error ignored), so a failure there
+    (injected at ``layer.utime`` of the parent, ``keep``) is no failure of the copy-up:
+    the open for writing succeeds, the copy holds the write, the parent's mtime moved."""
+    lower, upper, work = _stack(tmp_path / "s", {"keep/f.bin": b"lower\n", "keep/g": b"g\n"})
+    (upper / "keep").mkdir()  # (merged: the copy-up of f goes into it at once)
+    os.utime(upper / "keep", ns=(10**18, 10**18))
+    m = overlay_mount(stack_options([lower], upper, work),
+                      env={"OVERLAYPC_FAULTS": f"layer.utime~keep={action}"})
+    with open(m / "keep/f.bin", "ab") as f:
+        f.write(b"more\n")
+    assert (upper / "keep/f.bin").read_bytes() == b"lower\nmore\n"
+    assert _read(m / "keep/f.bin") == b"lower\nmore\n"
+    assert os.stat(upper / "keep").st_mtime_ns != 10**18  # (the injected failure was hit)
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+
+
 def test_rmdir_is_done_when_the_workdir_cleanup_fails(tmp_path, overlay_mount):
     """rmdir moves the upper directory into workdir/work, then removes it there. When that
     cleanup fails (injected EIO) the directory is gone from the merged view all the same:
