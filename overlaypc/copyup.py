@@ -610,7 +610,7 @@ class CopyUp:
         lookup found it in, where it has one."""
         try:
             if src.parent is not None:
-                return src.layer.open_at(src.parent, src.name, os.O_RDONLY)
+                return src.layer.open_at(src.parent, src.name, src.rel, os.O_RDONLY)
             return src.layer.open(src.rel, os.O_RDONLY)
         except PermissionError:
             if not metadata_only:

@@ -59,6 +59,8 @@ KILL_POINTS = {
     f"copyup.data@{24 * MiB}": "temp holds a partial copy",
     "copyup.fsync": "temp complete, not yet fsynced",
     "copyup.rename": "temp complete and fsynced, not yet renamed",
+    # the source's open (through its parent's held fd since copyup49: Layer.open_at)
+    "layer.open": "temp created, its source not opened yet",
 }
 
 
@@ -82,7 +84,7 @@ def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory,
         if point.startswith("copyup.data@") and not point.endswith("@0"):
             threshold = int(point.split("@")[1])
             assert threshold <= tmp_size < BIG, f"{KILL_POINTS[point]}: temp size {tmp_size}"
-        elif point == "copyup.data@0":
+        elif point in ("copyup.data@0", "layer.open"):
             assert tmp_size == 0
         else:
             assert tmp_size == BIG and sha256_file(work / "work" / temps[0]) == lower_hash
@@ -432,6 +434,31 @@ def test_a_copy_up_is_done_when_its_parents_times_cannot_be_set(action, tmp_path
     _assert_alive(m)
     m.unmount()
     assert m.returncode == 0
+
+
+def test_eio_at_the_sources_open_fails_the_copy_up_and_leaves_no_trace(tmp_path, overlay_mount):
+    """The copy-up opens its source through the parent's fd its lookup found it in
+    (``Layer.open_at``, copyup49), at ``layer.open``'s fault point as every layer open:
+    EIO there fails the open for writing, leaves no copy and no temp, and other copy-ups
+    work (the file itself stays unreadable through the mount while the fault is armed)."""
+    data = pattern(3 * MiB, 7)
+    lower, upper, work = _stack(tmp_path / "s", {"dir/nospace.bin": data, "dir/other.bin": b"other\n"})
+    lower_state = helpers.dir_state(lower)
+    m = overlay_mount(stack_options([lower], upper, work),
+                      env={"OVERLAYPC_FAULTS": "layer.open~nospace=eio"})
+    assert sorted(os.listdir(m / "dir")) == ["nospace.bin", "other.bin"]
+    with pytest.raises(OSError) as ei:
+        with open(m / "dir/nospace.bin", "r+b", buffering=0) as f:
+            f.write(b"W")
+    assert ei.value.errno == errno.EIO, errno_name(ei.value)
+    assert work_leftovers(work) == []
+    assert not (upper / "dir/nospace.bin").exists()
+    with open(m / "dir/other.bin", "r+b") as f:
+        f.write(b"O")
+    assert _read(upper / "dir/other.bin") == b"Other\n"
+    _assert_alive(m)
+    m.unmount()
+    assert helpers.dir_state(lower) == lower_state
 
 
 def test_rmdir_is_done_when_the_workdir_cleanup_fails(tmp_path, overlay_mount):
