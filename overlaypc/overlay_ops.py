@@ -393,15 +393,17 @@ class OverlayOps(Operations):
                                  self._attr_timeout(key, attr))
 
     def _attr_timeout(self, key: InodeKey, attr: Attr | None = None) -> float:
-        """How long the kernel may cache a node's attributes (``attr``, the ones answered).
-        A name of a lower hard link that copy-up would split off (a writable mount without
-        index) changes its link count and inode number when an open for writing copies it
-        up, with no request that returns attributes; so does a metacopy file (its blocks
-        the lower data's, ``Attr.blocks``) its mtime, blocks and ctime at its data copy-up
-        (an open for writing, the kernel's mtime rule): the kernel must ask every time
-        until then (kept from when the invalidation, ``_copied_up``'s, was queued and could
-        come after the next ``stat``; it now comes before the copy-up's reply)."""
-        if key.name is not None or (attr is not None and attr.blocks is not None):
+        """How long the kernel may cache a node's attributes (``attr``, the ones answered:
+        not read since fix50, the signature kept for the callers of this round). A name of
+        a lower hard link that copy-up would split off (a writable mount without index)
+        changes its link count and inode number when an open for writing copies it up,
+        with no request that returns attributes and no invalidation: the kernel must ask
+        every time until then. A metacopy file's data copy-up (an open for writing)
+        changes its mtime, blocks and ctime too, but invalidates its cached attributes
+        before the copy-up's reply (``_copied_up``, since notify49): the mount's timeout
+        (it was 0 while that invalidation was queued and could come after the next
+        ``stat``: review45c; fix50)."""
+        if key.name is not None:
             return 0.0
         return self.timeout
 
