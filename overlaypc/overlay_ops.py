@@ -30,7 +30,6 @@ import itertools
 import os
 import stat
 import _struct as struct  # (struct.py only re-exports _struct: ~0.15 ms of a start)
-import sys
 from collections.abc import Iterator
 
 from . import acl, faults, logs, protattr, scopes, shortcreate, sysapi, whiteout
@@ -55,6 +54,7 @@ from .ownership import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 from .pathguard import PathsMoved
+from .sysapi import FS_ENCODING, FS_ERRORS
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -96,8 +96,6 @@ _new_tuple = tuple.__new__
 _S_IFDIR = stat.S_IFDIR
 #: ``_take``'s answer when a directory was renamed after the path it read was made
 _MOVED: Entry = Entry(0, None, 0.0, 0.0)
-#: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
-_FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.FATTR_MTIME
                   | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW)
 #: what a SETATTR can ask for; one asking for none of it is a ``chown(f, -1, -1)``
@@ -616,7 +614,7 @@ class OverlayOps(Operations):
         prel = self.nodes.dir_path(parent)
         if not prel:
             return None
-        decoded = name.decode(*_FS_ENCODING)  # (``os.fsdecode``'s, without its Python frame)
+        decoded = name.decode(FS_ENCODING, FS_ERRORS)  # (``os.fsdecode``'s, without its Python frame)
         if not _plain_name(decoded):
             return None
         return prel, decoded
@@ -1805,7 +1803,7 @@ class OverlayOps(Operations):
             room -= need
             parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, snap.dots[i],
                                                base | (i + 1), _S_IFDIR))
-        encoding, errors = _FS_ENCODING
+        encoding, errors = FS_ENCODING, FS_ERRORS
         fit: list[tuple[DirEntry, bytes, int, struct.Struct]] = []  # (entry, name, cookie, layout)
         #: (name, identity, is_dir) of each fitting entry with attributes (``_take_ids``'s)
         listed: list[tuple[str, InodeKey, bool]] = []
@@ -1907,7 +1905,7 @@ class OverlayOps(Operations):
         read, ``first``: read by this request."""
         for pos in range(offset, min(2, len(entries) + 2)):
             yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
-        encoding, errors = _FS_ENCODING
+        encoding, errors = FS_ENCODING, FS_ERRORS
         start = max(offset, 2) - 2
         if not plus:
             for (name, mode, ino, _attr), key in zip(entries[start:], keys[start:]):
