@@ -614,7 +614,7 @@ class OverlayOps(Operations):
         prel = self.nodes.dir_path(parent)
         if not prel:
             return None
-        decoded = name.decode(FS_ENCODING, FS_ERRORS)  # (``os.fsdecode``'s, without its Python frame)
+        decoded = name.decode(FS_ENCODING, FS_ERRORS)  # (``os.fsdecode``'s, no Python frame)
         if not _plain_name(decoded):
             return None
         return prel, decoded
