@@ -610,7 +610,7 @@ class CopyUp:
         lookup found it in, where it has one."""
         try:
             if src.parent is not None:
-                return src.layer.open_at(src.parent, src.name, os.O_RDONLY)
+                return src.layer.open_at(src.parent, src.name, src.rel, os.O_RDONLY)
             return src.layer.open(src.rel, os.O_RDONLY)
         except PermissionError:
             if not metadata_only:
@@ -938,19 +938,35 @@ class CopyUp:
         """Copy-up is not a change of the parent directory: keep its atime and mtime
         (the kernel's ``ovl_set_timestamps``). ``debug``: ``Layer._change``'s; ``held``: the
         parent's fd a cache holds, found in this lock hold: its times read and set through
-        it (``fstat``, ``futimens`` of its readable fd: ``Layer.readable_dir``)."""
+        it (``fstat``, ``futimens`` of its readable fd: ``Layer.readable_dir``). A plain
+        user's daemon may not open its own upper directory of mode 0300 for reading (EACCES):
+        then by name, as where no cache holds it (and no readable fd kept or counted).
+        Setting them is best effort, as the kernel's (which ignores the error: a parent
+        owned by another user, an append-only one, EIO): the copy is in place by then and
+        the copy-up done; only the read of them before it fails it."""
         parent = split(rel)[0]
         upper = self.upper
         if held is not None:
             st = os.fstat(held.fd)
-            yield
-            upper.do_futime(upper.readable_dir(held, parent), parent,
-                            (st.st_atime_ns, st.st_mtime_ns), debug)
-            return
-        st = upper.lstat(parent)
+        else:
+            st = upper.lstat(parent)
         yield
-        if st is not None:
-            upper.do_utime(parent, (st.st_atime_ns, st.st_mtime_ns), by_name=True, debug=debug)
+        if st is None:
+            return
+        ns = (st.st_atime_ns, st.st_mtime_ns)
+        try:
+            if held is not None:
+                try:
+                    fd = upper.readable_dir(held, parent)
+                except OSError as e:
+                    if e.errno != errno.EACCES:
+                        raise
+                else:
+                    upper.do_futime(fd, parent, ns, debug)
+                    return
+            upper.do_utime(parent, ns, by_name=True, debug=debug)
+        except OSError as e:
+            log.debug("copy-up %s: the parent's times not kept: %s", rel, e)
 
     def _install_indexed(self, ctx: CopyUpContext) -> Entry:
         """index=on: the copy becomes ``index/<key>``, and the name a hard link to it.

@@ -51,18 +51,29 @@ def mark(upper: Layer, dir_rel: str, prefix: str, held: DirFd | None = None) -> 
             return
         # (the object the fd holds, not the name: a flag set on it says what it read)
         _mark(upper, dir_rel, name, lambda: upper.getxattr_fd(held.fd, name),
-              lambda: upper.do_setxattr_held(held.fd, dir_rel, name, b"y"))
+              lambda: upper.do_setxattr_held(held.fd, dir_rel, name, b"y"),
+              lambda: os.listxattr(f"/proc/self/fd/{held.fd}"))
         held.impure_settled = True
         return
     _mark(upper, dir_rel, name, lambda: upper.getxattr_entry(dir_rel, name),
-          lambda: upper.do_setxattr_entry(dir_rel, name, b"y"))
+          lambda: upper.do_setxattr_entry(dir_rel, name, b"y"),
+          lambda: upper.listxattr(dir_rel))
 
 
-def _mark(upper: Layer, dir_rel: str, name: str, read, write) -> None:
+def _mark(upper: Layer, dir_rel: str, name: str, read, write, listed) -> None:
     """``mark``'s read, then its write if no mark was found (none where the upper takes
-    no such xattr, as the kernel)."""
-    if read() is not None:
-        return
+    no such xattr, as the kernel). A ``user.*`` xattr of a directory is read only with
+    read permission on it, which a plain user's daemon lacks on an upper directory of
+    its own of mode 0300 (it may still write one: write permission): there whether the
+    mark is there is read from the directory's xattr names (``listed``), which need none."""
+    try:
+        if read() is not None:
+            return
+    except OSError as e:
+        if e.errno != errno.EACCES:
+            raise
+        if name in listed():
+            return
     try:
         write()
     except OSError as e:

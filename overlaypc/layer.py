@@ -255,9 +255,12 @@ class Layer:
             return retrying(sysapi.openat2, held.fd, name, flags | os.O_NOFOLLOW, mode)
         return openat_beneath(self.root_fd, rel or ".", flags | os.O_NOFOLLOW, mode)
 
-    def open_at(self, parent: DirFd, name: str, flags: int) -> int:
+    def open_at(self, parent: DirFd, name: str, rel: str, flags: int) -> int:
         """``open`` of entry ``name`` of an open directory of this layer (a cache's: no
-        lookup of it), the final component not followed."""
+        lookup of it), the final component not followed. ``rel``: its path, for
+        ``open``'s fault point (the same: ``layer.open``)."""
+        if faults.armed:
+            faults.hit("layer.open", self, rel)
         return retrying(sysapi.openat2, parent.fd, name, flags | os.O_NOFOLLOW)
 
     def path_fd(self, rel: str) -> int:

@@ -30,7 +30,6 @@ import itertools
 import os
 import stat
 import _struct as struct  # (struct.py only re-exports _struct: ~0.15 ms of a start)
-import sys
 from collections.abc import Iterator
 
 from . import acl, faults, logs, protattr, scopes, shortcreate, sysapi, whiteout
@@ -55,6 +54,7 @@ from .ownership import Caller
 from .nodes import ROOT_ID, NodeTable
 from .passthrough_opens import PassthroughOpens
 from .pathguard import PathsMoved
+from .sysapi import FS_ENCODING, FS_ERRORS
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -96,8 +96,6 @@ _new_tuple = tuple.__new__
 _S_IFDIR = stat.S_IFDIR
 #: ``_take``'s answer when a directory was renamed after the path it read was made
 _MOVED: Entry = Entry(0, None, 0.0, 0.0)
-#: what ``os.fsencode`` encodes with (its function call costs more than the encoding)
-_FS_ENCODING = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _PATH_SETATTRS = (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID | p.FATTR_ATIME | p.FATTR_MTIME
                   | p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW)
 #: what a SETATTR can ask for; one asking for none of it is a ``chown(f, -1, -1)``
@@ -393,15 +391,17 @@ class OverlayOps(Operations):
                                  self._attr_timeout(key, attr))
 
     def _attr_timeout(self, key: InodeKey, attr: Attr | None = None) -> float:
-        """How long the kernel may cache a node's attributes (``attr``, the ones answered).
-        A name of a lower hard link that copy-up would split off (a writable mount without
-        index) changes its link count and inode number when an open for writing copies it
-        up, with no request that returns attributes; so does a metacopy file (its blocks
-        the lower data's, ``Attr.blocks``) its mtime, blocks and ctime at its data copy-up
-        (an open for writing, the kernel's mtime rule): the kernel must ask every time
-        until then (kept from when the invalidation, ``_copied_up``'s, was queued and could
-        come after the next ``stat``; it now comes before the copy-up's reply)."""
-        if key.name is not None or (attr is not None and attr.blocks is not None):
+        """How long the kernel may cache a node's attributes (``attr``, the ones answered:
+        not read since fix50, the signature kept for the callers of this round). A name of
+        a lower hard link that copy-up would split off (a writable mount without index)
+        changes its link count and inode number when an open for writing copies it up,
+        with no request that returns attributes and no invalidation: the kernel must ask
+        every time until then. A metacopy file's data copy-up (an open for writing)
+        changes its mtime, blocks and ctime too, but invalidates its cached attributes
+        before the copy-up's reply (``_copied_up``, since notify49): the mount's timeout
+        (it was 0 while that invalidation was queued and could come after the next
+        ``stat``: review45c; fix50)."""
+        if key.name is not None:
             return 0.0
         return self.timeout
 
@@ -614,7 +614,7 @@ class OverlayOps(Operations):
         prel = self.nodes.dir_path(parent)
         if not prel:
             return None
-        decoded = name.decode(*_FS_ENCODING)  # (``os.fsdecode``'s, without its Python frame)
+        decoded = name.decode(FS_ENCODING, FS_ERRORS)  # (``os.fsdecode``'s, no Python frame)
         if not _plain_name(decoded):
             return None
         return prel, decoded
@@ -1803,7 +1803,7 @@ class OverlayOps(Operations):
             room -= need
             parts.append(pack_direntplus_entry(0, 0, None, 0.0, 0.0, name, snap.dots[i],
                                                base | (i + 1), _S_IFDIR))
-        encoding, errors = _FS_ENCODING
+        encoding, errors = FS_ENCODING, FS_ERRORS
         fit: list[tuple[DirEntry, bytes, int, struct.Struct]] = []  # (entry, name, cookie, layout)
         #: (name, identity, is_dir) of each fitting entry with attributes (``_take_ids``'s)
         listed: list[tuple[str, InodeKey, bool]] = []
@@ -1905,7 +1905,7 @@ class OverlayOps(Operations):
         read, ``first``: read by this request."""
         for pos in range(offset, min(2, len(entries) + 2)):
             yield DirItem(b"." * (pos + 1), dots[pos], stat.S_IFDIR, base | (pos + 1))
-        encoding, errors = _FS_ENCODING
+        encoding, errors = FS_ENCODING, FS_ERRORS
         start = max(offset, 2) - 2
         if not plus:
             for (name, mode, ino, _attr), key in zip(entries[start:], keys[start:]):

@@ -23,8 +23,10 @@ import sys
 from . import cbind
 
 _libc = cbind.Library()
-#: how ``os.fsencode`` encodes a str (its own two calls, made once)
-_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+#: how ``os.fsencode`` and ``os.fsdecode`` encode and decode a name (their own two calls,
+#: made once): the one pair of the package (``overlay_ops`` too), public so no module makes
+#: its own (two private ones, merged, clashed: e714d8a)
+FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _libc.syscall.restype = cbind.c_long
 
 # openat2 has one number on every architecture Linux added it to after the syscall tables
@@ -94,7 +96,7 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
         if len(_hows) < _HOWS_MAX:
             _hows[key] = how
     # (``os.fsencode`` inlined for a str: it is Python code, one call per open of a file)
-    raw = path.encode(_FS_ENCODING, _FS_ERRORS) if path.__class__ is str else os.fsencode(path)
+    raw = path.encode(FS_ENCODING, FS_ERRORS) if path.__class__ is str else os.fsencode(path)
     while True:
         ret = _libc.syscall(_SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)
         if ret >= 0:
@@ -163,7 +165,7 @@ def listxattr_at(dirfd: int, name: str) -> list[str] | None:
     if not _Listxattrat.present:
         return None
     buf = _XattrList()
-    raw = name.encode(_FS_ENCODING, _FS_ERRORS)  # (``os.fsencode``'s, without its frame)
+    raw = name.encode(FS_ENCODING, FS_ERRORS)  # (``os.fsencode``'s, without its frame)
     n = _libc.syscall(_SYS_LISTXATTRAT, dirfd, raw, _AT_SYMLINK_NOFOLLOW, buf, _XATTR_LIST_SHORT)
     if n > 0:
         return [os.fsdecode(x) for x in bytes(buf)[:n - 1].split(b"\0")]  # (NUL-terminated names)

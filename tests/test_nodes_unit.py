@@ -386,6 +386,24 @@ def test_rename_of_an_open_file_to_a_fuse_hidden_name_is_a_rename(stack):
         close()
 
 
+def test_metacopy_files_are_attribute_cached_and_invalidated_at_their_data_copy_up(ops_factory):
+    """A metacopy file's data copy-up (an open for writing) changes its mtime, blocks and
+    ctime, and invalidates its cached attributes before the open's reply (``_copied_up``,
+    notify49): its attributes are cached for the mount's timeout (fix50; 0 before, from
+    when that invalidation was queued and could come after the next ``stat``: review45c)."""
+    ops = ops_factory(metacopy=True)
+    ops.fs.chmod("f", 0o600)  # a metadata-only copy
+    assert os.getxattr(ops.fs.stack.upper.path + "/f", "trusted.overlay.metacopy") == b""
+    entry = ops.lookup(REQ, ROOT_ID, b"f")
+    assert entry.attr_timeout == ops.timeout > 0
+    assert ops.getattr(REQ, entry.nodeid).timeout == ops.timeout
+    ops.notifier.inval.clear()
+    fh = ops.open(REQ, entry.nodeid, os.O_WRONLY).fh
+    assert ops.notifier.inval == [entry.nodeid]  # (written before the reply: notify49)
+    ops.release(REQ, entry.nodeid, fh)
+    assert ops.getattr(REQ, entry.nodeid).timeout == ops.timeout
+
+
 def test_split_hard_link_names_are_never_attribute_cached(ops_factory):
     """An open for writing copies up a split lower hard-link name and changes its st_nlink
     and st_ino with no reply carrying attributes: the kernel must not cache them. Merged

@@ -59,6 +59,8 @@ KILL_POINTS = {
     f"copyup.data@{24 * MiB}": "temp holds a partial copy",
     "copyup.fsync": "temp complete, not yet fsynced",
     "copyup.rename": "temp complete and fsynced, not yet renamed",
+    # the source's open (through its parent's held fd since copyup49: Layer.open_at)
+    "layer.open": "temp created, its source not opened yet",
 }
 
 
@@ -82,7 +84,7 @@ def test_kill9_during_copyup_leaves_lower_or_complete_copy(point, tmpfs_factory,
         if point.startswith("copyup.data@") and not point.endswith("@0"):
             threshold = int(point.split("@")[1])
             assert threshold <= tmp_size < BIG, f"{KILL_POINTS[point]}: temp size {tmp_size}"
-        elif point == "copyup.data@0":
+        elif point in ("copyup.data@0", "layer.open"):
             assert tmp_size == 0
         else:
             assert tmp_size == BIG and sha256_file(work / "work" / temps[0]) == lower_hash
@@ -408,6 +410,52 @@ def test_injected_errno_during_copyup_and_write_leaves_no_trace(spec, tmp_path, 
     with open(m / "other.bin", "r+b") as f:  # other copy-ups are unaffected
         f.write(b"O")
     assert _read(upper / "other.bin") == b"Other\n"
+    _assert_alive(m)
+    m.unmount()
+    assert helpers.dir_state(lower) == lower_state
+
+
+@pytest.mark.parametrize("action", ["eio", "eperm"])
+def test_a_copy_up_is_done_when_its_parents_times_cannot_be_set(action, tmp_path, overlay_mount):
+    """A copy-up sets its parent's times back after the copy took its name; the kernel
+    does that as best effort (``ovl_set_timestamps``' error ignored), so a failure there
+    (injected at ``layer.utime`` of the parent, ``keep``) is no failure of the copy-up:
+    the open for writing succeeds, the copy holds the write, the parent's mtime moved."""
+    lower, upper, work = _stack(tmp_path / "s", {"keep/f.bin": b"lower\n", "keep/g": b"g\n"})
+    (upper / "keep").mkdir()  # (merged: the copy-up of f goes into it at once)
+    os.utime(upper / "keep", ns=(10**18, 10**18))
+    m = overlay_mount(stack_options([lower], upper, work),
+                      env={"OVERLAYPC_FAULTS": f"layer.utime~keep={action}"})
+    with open(m / "keep/f.bin", "ab") as f:
+        f.write(b"more\n")
+    assert (upper / "keep/f.bin").read_bytes() == b"lower\nmore\n"
+    assert _read(m / "keep/f.bin") == b"lower\nmore\n"
+    assert os.stat(upper / "keep").st_mtime_ns != 10**18  # (the injected failure was hit)
+    _assert_alive(m)
+    m.unmount()
+    assert m.returncode == 0
+
+
+def test_eio_at_the_sources_open_fails_the_copy_up_and_leaves_no_trace(tmp_path, overlay_mount):
+    """The copy-up opens its source through the parent's fd its lookup found it in
+    (``Layer.open_at``, copyup49), at ``layer.open``'s fault point as every layer open:
+    EIO there fails the open for writing, leaves no copy and no temp, and other copy-ups
+    work (the file itself stays unreadable through the mount while the fault is armed)."""
+    data = pattern(3 * MiB, 7)
+    lower, upper, work = _stack(tmp_path / "s", {"dir/nospace.bin": data, "dir/other.bin": b"other\n"})
+    lower_state = helpers.dir_state(lower)
+    m = overlay_mount(stack_options([lower], upper, work),
+                      env={"OVERLAYPC_FAULTS": "layer.open~nospace=eio"})
+    assert sorted(os.listdir(m / "dir")) == ["nospace.bin", "other.bin"]
+    with pytest.raises(OSError) as ei:
+        with open(m / "dir/nospace.bin", "r+b", buffering=0) as f:
+            f.write(b"W")
+    assert ei.value.errno == errno.EIO, errno_name(ei.value)
+    assert work_leftovers(work) == []
+    assert not (upper / "dir/nospace.bin").exists()
+    with open(m / "dir/other.bin", "r+b") as f:
+        f.write(b"O")
+    assert _read(upper / "dir/other.bin") == b"Other\n"
     _assert_alive(m)
     m.unmount()
     assert helpers.dir_state(lower) == lower_state

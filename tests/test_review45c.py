@@ -10,7 +10,9 @@ copy-up moves its mtime), with the kernel overlay as the oracle.
 - Defect found: the data copy-up's invalidation of the kernel's cached attributes is
   queued, and an ``fstat``/``stat`` right after the open for writing showed the old mtime
   (68 of 300 with the other CPU busy; the kernel: none): metacopy files now get attribute
-  timeout 0 (``test_metacopy_open_for_writing_then_stat_as_the_kernel``).
+  timeout 0 (``test_metacopy_open_for_writing_then_stat_as_the_kernel``). Since notify49
+  that invalidation is written before the open's reply, and fix50 gave them the mount's
+  timeout back (``test_metacopy_data_copy_up_through_another_handle_then_stat_as_the_kernel``).
 - Defect found: a metacopy file of holes only got a new mtime at its data copy-up (a
   truncate of the copy to the size it had), the kernel's keeps it
   (``test_metacopy_data_copy_up_of_holes_moves_mtime_as_the_kernel``).
@@ -125,6 +127,56 @@ def test_metacopy_open_for_writing_then_stat_as_the_kernel(tmp_path, overlay_mou
         busy.kill()
         busy.wait()
     assert got["kernel"] == []
+    assert got["ours"] == got["kernel"]
+
+
+#: metacopy files whose data a second open copies up while a first one is open
+THROUGH = 20
+
+
+def _seen_through_the_first_handle(mnt, upper=None) -> list[tuple]:
+    """Each file made a metacopy file (chown), opened read-only and its attributes cached
+    (``fstat``, ``stat``: the mount's attribute timeout since fix50), then opened for
+    writing (its data copy-up) and closed: what the first handle's ``fstat`` and a
+    ``stat`` show then (whether the mtime moved, blocks, the two alike), and, given the
+    upper, whether that is the copy's mtime."""
+    seen = []
+    for i in range(THROUGH):
+        path = mnt / "d" / f"f{i}"
+        os.chown(path, 1, 1)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fstat(fd)
+            os.stat(path)
+            os.close(os.open(path, os.O_WRONLY))
+            by_fd, by_name = os.fstat(fd), os.stat(path)
+        finally:
+            os.close(fd)
+        same = [(s.st_mtime_ns, s.st_ctime_ns, s.st_blocks, s.st_size) for s in (by_fd, by_name)]
+        copied = upper is None or os.stat(upper / "d" / f"f{i}").st_mtime_ns == by_fd.st_mtime_ns
+        seen.append((by_fd.st_mtime != T_OLD, same[0] == same[1], by_fd.st_size, copied))
+    return seen
+
+
+def test_metacopy_data_copy_up_through_another_handle_then_stat_as_the_kernel(
+        tmp_path, overlay_mount, kernel_mount):
+    """A metacopy file's attributes are cached for the mount's timeout again (fix50; 0
+    from review45c until then): its data copy-up invalidates them before its reply
+    (notify49), so a handle opened before, and the name, show the copy's mtime right after
+    the open for writing that copied it, as the kernel's."""
+    bottom = helpers.build_layer(tmp_path / "bottom",
+                                 {"d": {f"f{i}": "data" * 1000 for i in range(THROUGH)}})
+    for i in range(THROUGH):
+        os.utime(bottom / "d" / f"f{i}", (T_OLD, T_OLD))
+    got = {}
+    for side in ("kernel", "ours"):
+        s = new_stack([bottom], tmp_path, side)
+        mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, KERNEL_METACOPY)
+        try:
+            got[side] = _seen_through_the_first_handle(mnt, s.upper)
+        finally:
+            unmount()
+    assert got["kernel"] == [(True, True, 4000, True)] * THROUGH
     assert got["ours"] == got["kernel"]
 
 

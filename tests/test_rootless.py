@@ -223,9 +223,10 @@ def nobody_setup():
         yield root, py
 
 
-def _mount_as_nobody(root: Path, py) -> subprocess.CompletedProcess:
+def _mount_as_nobody(root: Path, py, extra: str = "") -> subprocess.CompletedProcess:
     python, env = py
     opts = f"lowerdir={root}/low,upperdir={root}/upper,workdir={root}/work,logfile={root}/log"
+    opts += "," + extra if extra else ""
     return subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + [python, "-m", "overlaypc", "-o", opts,
                                                               str(root / "mnt")],
                           env=env, cwd=str(root), capture_output=True, text=True, timeout=60)
@@ -312,6 +313,101 @@ def test_plain_user_killed_daemon_leaves_no_mount(nobody_setup):
         subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + ["fusermount3", "-u", str(mnt)],
                        capture_output=True)
         helpers.force_unmount(mnt)
+
+
+@pytest.mark.parametrize("mode", [0o300, 0o333], ids=oct)
+def test_plain_user_volatile_copy_up_into_an_unreadable_upper_directory(nobody_setup, mode):
+    """A copy-up keeps its parent's times; through a cached parent it sets them through a
+    readable fd of it (``Layer.readable_dir``, copyup49), which a plain user's daemon may
+    not open on an upper directory of its own without read permission (mode 0300). With
+    ``volatile`` (no fsync of the parent, which needs that fd) the times are set by name
+    there, as before copyup49: the copy-up succeeds and the times stay."""
+    root, py = nobody_setup
+    mnt, upper_dir = root / "mnt", root / "upper/img/dir"
+    upper_dir.parent.mkdir()
+    upper_dir.mkdir()
+    rs.make_tree(root / "upper", rs.NOBODY, rs.NOBODY)
+    os.chmod(upper_dir, mode)
+    os.utime(upper_dir, ns=(1_000_000_000_000_000_000, 1_100_000_000_000_000_000))
+    r = _mount_as_nobody(root, py, "volatile")
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        # the first copy-up into it caches its fds, the second uses them
+        for name in ("a", "b"):
+            r = subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY)
+                               + ["sh", "-c", f"echo more >> {mnt}/img/dir/{name}"],
+                               cwd="/", capture_output=True, text=True)
+            assert r.returncode == 0, (r.stderr, sorted(os.listdir(upper_dir)),
+                                       (root / "log").read_text()[-3000:])
+            assert (upper_dir / name).read_text() == f"{name}more\n"
+            st = os.stat(upper_dir)
+            assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000_000_000_000,
+                                                        1_100_000_000_000_000_000), name
+    finally:
+        subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + ["fusermount3", "-u", str(mnt)],
+                       capture_output=True)
+        helpers.force_unmount(mnt)
+    log = (root / "log").read_text()
+    assert not helpers.unexpected_log_lines(log), log
+
+
+T_PARENT = 1_100_000_000_000_000_000
+
+
+def _kernel_copy_up_as_nobody(root: Path, upper: Path, work: Path, mnt: Path) -> tuple:
+    """The kernel overlay mounted by uid 65534 in a user namespace of its own (where it
+    is root, and root's files are nobody's), then ``echo more >> img/dir/a`` in it: the
+    shell's status, the file's content, the parent's mtime in the upper."""
+    script = (f"mount -t overlay overlay -o userxattr,lowerdir={root}/low,upperdir={upper},"
+              f"workdir={work} {mnt} || exit 99; echo more >> {mnt}/img/dir/a; echo $?; "
+              f"cat {mnt}/img/dir/a")
+    r = subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + ["unshare", "-Urm", "sh", "-c", script],
+                       cwd="/", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    status, content = r.stdout.split("\n", 1)
+    return int(status), content, os.stat(upper / "img/dir").st_mtime_ns != T_PARENT
+
+
+def test_plain_user_copy_up_into_an_upper_directory_of_another_user_as_the_kernel(nobody_setup):
+    """The kernel sets a copy-up's parent's times back as best effort
+    (``ovl_set_timestamps``' error ignored). An upper directory owned by root, mode 0777,
+    whose times a plain user may not set (EPERM): the kernel overlay mounted by that user
+    (in a user namespace) copies up into it and leaves its mtime moved; so does
+    overlaypc (before: EPERM to the caller, the copy already in place)."""
+    helpers.require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
+    root, py = nobody_setup
+    got = {}
+    for side in ("kernel", "ours"):
+        upper, work, mnt = ((root / "upper", root / "work", root / "mnt") if side == "ours" else
+                            (root / "kupper", root / "kwork", root / "kmnt"))
+        for d in (upper, work, mnt):
+            d.mkdir(exist_ok=True)
+            os.chown(d, rs.NOBODY, rs.NOBODY)
+        (upper / "img").mkdir()
+        os.chown(upper / "img", rs.NOBODY, rs.NOBODY)
+        (upper / "img/dir").mkdir(mode=0o777)
+        os.chmod(upper / "img/dir", 0o777)  # (root's, as mkdir made it)
+        os.utime(upper / "img/dir", ns=(T_PARENT, T_PARENT))
+        if side == "kernel":
+            got[side] = _kernel_copy_up_as_nobody(root, upper, work, mnt)
+            continue
+        r = _mount_as_nobody(root, py)
+        assert r.returncode == 0, r.stdout + r.stderr
+        try:
+            r = subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY)
+                               + ["sh", "-c", f"echo more >> {mnt}/img/dir/a; echo $?; "
+                                              f"cat {mnt}/img/dir/a"],
+                               cwd="/", capture_output=True, text=True)
+            status, content = r.stdout.split("\n", 1)
+            got[side] = (int(status), content, os.stat(upper / "img/dir").st_mtime_ns != T_PARENT)
+        finally:
+            subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + ["fusermount3", "-u", str(mnt)],
+                           capture_output=True)
+            helpers.force_unmount(mnt)
+    assert got["kernel"] == (0, "amore\n", True)
+    assert got["ours"] == got["kernel"]
+    log = (root / "log").read_text()
+    assert not helpers.unexpected_log_lines(log), log
 
 
 # --------------------------------------------------------------------------------------

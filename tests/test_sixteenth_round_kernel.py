@@ -122,3 +122,47 @@ def test_copy_ups_into_moved_and_replaced_directories_as_the_kernel(opts, tmp_pa
                      kernel_mount, opts=opts)
     assert got["kernel"]["p after second"] == T2
     assert got["overlaypc"] == got["kernel"]
+
+
+def _append(path: Path, data: bytes) -> int:
+    with open(path, "ab") as f:
+        return f.write(data)
+
+
+def test_copy_up_into_an_append_only_upper_directory_as_the_kernel(tmp_path, overlay_mount,
+                                                                  kernel_mount):
+    """fix50: the parent's times set back after a copy-up are best effort, as the kernel's
+    (``ovl_set_timestamps``' error ignored). Into an append-only upper directory (``chattr
+    +a``: entries may be added, its times set from user space may not: ``utimensat`` is
+    EPERM there) the copy-up succeeds for both; only the parent's mtime differs: the
+    kernel sets it without ``ATTR_TIMES_SET`` (which ``may_setattr`` refuses for an
+    append-only inode) and keeps it, overlaypc cannot (before: EPERM to the caller, the
+    copy already in place)."""
+    from features_support import mount_side, new_stack
+    from helpers import require
+    lower = tmp_path / "lower"
+    (lower / "d").mkdir(parents=True)
+    (lower / "d" / "f").write_bytes(b"lower\n")
+    got, upper_dirs = {}, []
+    try:
+        for side in ("kernel", "overlaypc"):
+            s = new_stack([lower], tmp_path, side)
+            d = s.upper / "d"
+            d.mkdir()
+            os.setxattr(d, "trusted.overlay.impure", b"y")  # (the kernel sets none on +a)
+            os.utime(d, ns=T1)
+            r = subprocess.run(["chattr", "+a", str(d)], capture_output=True, text=True)
+            require(r.returncode == 0, f"chattr +a on {tmp_path}: {r.stderr.strip()}")
+            upper_dirs.append(d)
+            mnt, unmount = mount_side(side, s, overlay_mount, kernel_mount, KERNEL_REDIRECT)
+            try:
+                got[side] = [_err(lambda: _append(mnt / "d" / "f", b"more\n")),
+                             (mnt / "d" / "f").read_bytes(), (s.upper / "d" / "f").read_bytes()]
+            finally:
+                unmount()
+            got[side].append(_times(d)[1] == T1[1])
+    finally:
+        for d in upper_dirs:
+            subprocess.run(["chattr", "-a", str(d)], capture_output=True)
+    assert got["kernel"] == [5, b"lower\nmore\n", b"lower\nmore\n", True]
+    assert got["overlaypc"] == got["kernel"][:3] + [False]
