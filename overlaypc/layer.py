@@ -179,7 +179,9 @@ class DirFd:
     counted by the cache holding this, closed with ``fd``; the root's: the layer's
     ``mount_fd``)."""
 
-    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot", "readable")
+    #: (``__weakref__``: a listing's kept files name their directory's fd weakly, ``lookup.ListedDir``)
+    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot", "readable",
+                 "__weakref__")
 
     def __init__(self, fd: int, owned: bool = True) -> None:
         self.fd = fd
