@@ -198,9 +198,12 @@ class Files:
             return result, fs.handles.get(result.fh).inode
         inode, fd, generation = opened
         if inode.extents is None:  # (first: ``_prefetch`` then needs no device look-up)
-            self._unshared(inode)
-        if not flags & os.O_DIRECT:
-            self._prefetch(inode, fd, st)  # (``open``'s ``(node.data or node.top).st``)
+            self._unshared(inode)  # (a listed one's was asked in its open's hold)
+        if not flags & os.O_DIRECT:  # (``open``'s ``(node.data or node.top).st``)
+            if inode.extents is NOT_SHARED:  # (``_prefetch``'s first answer)
+                prefetch(fd, st)
+            else:
+                self._prefetch(inode, fd, st)
         return self._register_read(inode, flags, rel, fd, generation), inode
 
     def _open_listed(self, rel: str, flags: int, layer: Layer, lrel: str, st: os.stat_result,
@@ -219,7 +222,9 @@ class Files:
         inode = fs.inodes.acquire_listed(_tuple_new(InodeKey, (dev, ino, None)),
                                          fs.inos.xino.ino(dev, ino), layer, lrel, st)
         try:
-            fd, generation = inode.open_listed(flags, layer, lrel, dirfd, name)
+            sharing = self._sharing
+            fd, generation = inode.open_listed(flags, layer, lrel, dirfd, name,
+                                               None if sharing is None else sharing.never_shares)
         except OSError as e:
             fs.inodes.release(inode)
             if e.errno not in (errno.ENOENT, errno.ESTALE):
