@@ -199,3 +199,44 @@ def test_kept_files_hold_no_fds_past_the_lookup_caches_bound(sides):
     through = [by_fd for _, by_fd in short.listed_opens]
     assert len(through) == 3 * dirs and not all(through) and any(through)
     assert short.generic_opens == 0
+
+
+def test_at_the_process_fd_limit_a_listed_file_answers_as_open(sides):
+    """EMFILE from the system (the soft limit at the lowest free fd number) at the open of a
+    listed file: ``retrying`` sheds the caches and tries once more, as the generic path
+    does; each answer an open or EMFILE (which one depends on the fds the shed frees in the
+    whole process, both sides' caches and what earlier tests left: not compared), nothing
+    left open by a failed open (fds, handles), and every file opens and reads as by the
+    generic path once the limit is back (by its path where the shed closed its directory's fd),
+    with the same state after."""
+    import resource
+
+    def run(side):
+        fdbudget.shed()  # (every cache in the process: the other side's too)
+        l0 = side.lookup(ROOT_ID, b"l0")
+        listed = _listed(side, l0)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        got = []
+        before = _fds()
+        try:
+            for name in _NAMES:
+                free = os.open(os.devnull, os.O_RDONLY)  # (the lowest free fd number)
+                os.close(free)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))  # (no new fd)
+                try:
+                    answer = side.open(listed[name], _FLAGS)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                got.append(answer[0])
+                if answer[0] == 0:
+                    assert side.release(listed[name], answer[1], _FLAGS) == 0
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert _fds() <= before and len(side.ops.fs.handles) == 0
+        assert set(got) <= {0, -errno.EMFILE}, got
+        # (not the open flags: KEEP_CACHE follows whether a limited open of the file passed)
+        return [(name, err, data) for name, err, _, data in _open_all(side, listed)], side.state()
+    short, generic = sides()
+    got = _both((short, generic), run)
+    assert [data for _, _, data in got[0][0]] == [(0, b"l0 " + n) for n in _NAMES]
+    assert short.generic_opens == 0
