@@ -183,7 +183,9 @@ class Files:
                 head = where.head
                 lrel = f"{head}/{name}" if head else name
                 if not layer.writable:
-                    opened = self._open_listed(rel, flags, layer, lrel, st, where.dirfd(), name)
+                    held = where.entry()  # (held here: its ``dirfd`` stays open for the open)
+                    opened = self._open_listed(rel, flags, layer, lrel, st,
+                                               None if held is None else held.dirfd, name)
                 else:
                     opened = self._open_kept(rel, flags, Node(rel, (Entry(layer, lrel, st),)), False)
             else:  # a lookup's: (layer, path, stat, xattr names)

@@ -179,9 +179,7 @@ class DirFd:
     counted by the cache holding this, closed with ``fd``; the root's: the layer's
     ``mount_fd``)."""
 
-    #: (``__weakref__``: a listing's kept files name their directory's fd weakly, ``lookup.ListedDir``)
-    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot", "readable",
-                 "__weakref__")
+    __slots__ = ("fd", "_owned", "origin_ino", "impure_settled", "dir_ino", "prot", "readable")
 
     def __init__(self, fd: int, owned: bool = True) -> None:
         self.fd = fd

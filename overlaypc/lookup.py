@@ -87,28 +87,38 @@ Kept = tuple
 
 class ListedDir:
     """The directory a listing's kept files were read from, shared by all of them: its
-    ``layer``, its path there (``head``) and the ``DirFd`` it was listed through, held
-    *weakly* (``dirfd()``: None once nothing holds that fd any more: the lookup cache
-    evicted or shed the directory, or the listing opened an fd of its own). Kept files hold
-    no fds: an open of one goes through that fd while a cache (which counts it) or a request
-    still holds it, else resolves the path as before (``files.Files.open_read``)."""
-    __slots__ = ("layer", "head", "dirfd")
+    ``layer``, its path there (``head``) and, held *weakly*, the lookup's ``Entry`` of it
+    whose ``dirfd`` the listing read it through (``entry()``: None once no one holds that
+    entry any more: the lookup cache evicted, shed or replaced the directory's node; also
+    None where the listing used an fd of its own). Kept files hold no fds: an open of one
+    goes through that entry's fd while a cache (which counts it) or a request still holds
+    it, else resolves the path as before (``files.Files.open_read``). (The entry, not the
+    ``DirFd``: a ``DirFd`` closes its fd in ``__del__``, which CPython runs *before* it
+    clears the weak references to it, so another thread could still reach one whose fd is
+    closing; an ``Entry`` has no finalizer, its weak references are cleared before it lets
+    go of its ``DirFd``, and a thread that reached it holds that ``DirFd`` open.)"""
+    __slots__ = ("layer", "head", "entry")
 
-    def __init__(self, layer: Layer, head: str, dirfd: "DirFd") -> None:
+    def __init__(self, layer: Layer, head: str, entry: "Entry | None") -> None:
         self.layer = layer
         self.head = head
-        self.dirfd: Callable[[], DirFd | None] = _weakref(dirfd)
+        self.entry: Callable[[], Entry | None] = _gone if entry is None else _weakref(entry)
 
     def __eq__(self, other: object) -> bool:
-        """The same directory of the same layer, through the same fd (the references compare
-        their fds while both live: by identity)."""
+        """The same directory of the same layer, through the same entry (references compare
+        their entries while both live)."""
         return other.__class__ is ListedDir and self.layer is other.layer \
-            and self.head == other.head and self.dirfd == other.dirfd  # type: ignore[attr-defined]
+            and self.head == other.head and self.entry() is other.entry()  # type: ignore[attr-defined]
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"ListedDir({self.layer.name!r}, {self.head!r}, {self.dirfd()!r})"
+        return f"ListedDir({self.layer.name!r}, {self.head!r}, {self.entry()!r})"
+
+
+def _gone() -> None:
+    """``ListedDir.entry`` of a listing through an fd no entry holds."""
+    return None
 
 
 @record(frozen=True)

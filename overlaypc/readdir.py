@@ -82,7 +82,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         if dirfd is None:
             continue  # removed underneath us
         if files is not None:
-            wheres[layer.index] = ListedDir(layer, parent.rel, dirfd)
+            wheres[layer.index] = ListedDir(layer, parent.rel, parent if dirfd is parent.dirfd else None)
         hides: set[str] = set()
         items = layer.scandir(dirfd, stat_all=plus or layer.writable)
         if names is not None and not layer.writable:
@@ -184,7 +184,8 @@ def _one_layer_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
         names.offer(layer, rel, list(map(_first, items)))
     if faults.armed:
         faults.hit("readdir.scanned", node.rel)  # test-only (faults.py)
-    where = None if files is None else ListedDir(layer, rel, dirfd)  # (its kept files')
+    where = None if files is None else \
+        ListedDir(layer, rel, parent if dirfd is parent.dirfd else None)  # (its kept files')
     out: list[DirEntry] = []
     append = out.append
     oci_prefix = whiteout.OCI_PREFIX

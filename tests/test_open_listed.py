@@ -1,5 +1,5 @@
 """The short OPEN of a lower file a listing kept goes through the fd its directory was listed
-through (``Files._open_listed``, ``lookup.ListedDir``: held weakly), and answers as the generic
+through (``Files._open_listed``, ``lookup.ListedDir``: its entry held weakly), and answers as the generic
 path in every case its guard tells apart: the fd still held (opened relative to it); the
 parent renamed, copied up or removed, the entry whited out, a file made in the parent after
 the listing (the kept files voided: generic); the fd shed at the fd budget or evicted by the
@@ -147,20 +147,20 @@ def test_a_change_after_the_listing_sends_the_open_the_generic_way(sides, change
 
 def test_the_directorys_fd_shed_between_listing_and_open(sides):
     """The process out of fds between the listing and the opens (``fdbudget.shed``): the
-    lookup cache lets go of the directory's fd and the kept files do not hold it (their
-    reference is weak), so it is closed; the opens resolve the path from the layer's root
+    lookup cache lets go of the directory's node and the kept files do not hold it (their
+    reference to its entry is weak), so its fd is closed; the opens resolve the path from the layer's root
     instead, with the same answers and nothing left open."""
     def run(side):
         l0 = side.lookup(ROOT_ID, b"l0")
         listed = _listed(side, l0)
         kept = side.ops.fs.lookup._recent.get("l0")
         where = None if kept is None else kept[b"a".decode()][0]
-        held = None if where is None else where.dirfd()
-        fd = None if held is None else held.fd
+        held = None if where is None else where.entry()
+        fd = None if held is None else held.dirfd.fd
         del held
         fdbudget.shed()
         if fd is not None:
-            assert where.dirfd() is None  # (closed: nothing else held it)
+            assert where.entry() is None  # (gone with the cache's node, its fd closed)
             with pytest.raises(OSError) as e:
                 os.fstat(fd)
             assert e.value.errno == errno.EBADF
@@ -240,3 +240,28 @@ def test_at_the_process_fd_limit_a_listed_file_answers_as_open(sides):
     got = _both((short, generic), run)
     assert [data for _, _, data in got[0][0]] == [(0, b"l0 " + n) for n in _NAMES]
     assert short.generic_opens == 0
+
+
+def test_a_kept_directory_is_gone_before_its_fd_closes(monkeypatch):
+    """``ListedDir.entry`` is a weak reference to the lookup's ``Entry``, not to its
+    ``DirFd``: when the last holder lets go, the reference is already dead by the time
+    ``DirFd.__del__`` closes the fd (a weak reference to the ``DirFd`` itself would still
+    answer while its finalizer runs, and another thread could take an fd being closed)."""
+    from overlaypc.layer import DirFd
+    from overlaypc.lookup import Entry, ListedDir
+
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    entry = Entry(None, "x", os.fstat(fd), DirFd(fd))
+    where = ListedDir(None, "x", entry)
+    assert where.entry() is entry
+    seen = []
+    close = os.close
+
+    def closing(n: int) -> None:
+        if n == fd:
+            seen.append(where.entry())
+        close(n)
+    monkeypatch.setattr(os, "close", closing)
+    del entry
+    assert seen == [None]
+    assert ListedDir(None, "x", None).entry() is None
