@@ -167,9 +167,10 @@ class Files:
         """``open`` of a read-only open (no ``O_WRONLY``, ``O_RDWR``, ``O_TRUNC``: the
         caller's guard) whose budget was checked (``admitted``), called under the namespace
         lock, and the handle's inode: the kept object of the kernel's last lookup or
-        listing of ``rel`` (``Lookup.recent_entry``) opened without ``open``'s branches for
-        writers (a lower one without a ``Node``: ``_open_lower_kept``); else ``open``
-        itself. The same prefetch rule and handle as ``open``'s, and an inode on a
+        listing of ``rel`` (``Lookup.recent_kept``) opened without ``open``'s branches for
+        writers (a lower one without a ``Node``: ``_open_lower_kept``, and a listed one
+        relative to its directory's fd, without an ``Entry``: ``_open_listed``); else
+        ``open`` itself. The same prefetch rule and handle as ``open``'s, and an inode on a
         filesystem that never shares extents is marked so (``_unshared``): its first READ
         then maps nothing (``_map`` would store the same)."""
         fs = self.fs
