@@ -2,7 +2,7 @@
 """Python work per file of a cold ``grep -r`` over lower files, counted, not timed (a benchmarking aid).
 
     python benchmarks/read_bytecodes.py [--dirs N] [--files N] [--base DIR] [--tree TREE]
-                                        [--cache auto|shared] [--functions REQUEST]
+                                        [--cache auto|shared] [--functions REQUEST] [--time PASSES]
 
 Drives ``Session.dispatch`` in-process (``inprocess.Harness``: no FUSE, replies kept in
 memory) over a fresh writable stack under ``--base`` (default a new directory under
@@ -17,6 +17,8 @@ knows), RELEASE. No FLUSH: overlaypc answers the first ENOSYS, the kernel sends 
 (sent once, in the warm-up pass). For each: Python bytecodes executed and calls made
 (``sys.settrace`` opcode events), per file. Each reply is checked (the data read is the file's). The counts repeat exactly, so
 two trees compare exactly; the tree measured is this script's unless ``--tree`` names another.
+``--time N``: also the thread CPU time per file of N untraced passes, the listings (LOOKUP,
+OPENDIR, READDIRPLUS, RELEASEDIR, FORGETs) included (timed, so noisy: compare trees alternated).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import argparse
 import errno
 import os
 import shutil
+import statistics
 import sys
+import time
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--dirs", type=int, default=10)
@@ -32,6 +36,8 @@ ap.add_argument("--files", type=int, default=100, help="files per directory")
 ap.add_argument("--base", default=None)
 ap.add_argument("--cache", default="auto")
 ap.add_argument("--tree", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ap.add_argument("--time", type=int, default=0, metavar="PASSES",
+                help="also time this many untraced passes (thread CPU time per file)")
 ap.add_argument("--functions", metavar="REQUEST", default=None,
                 help="also list bytecodes per file by function for this request")
 args = ap.parse_args()
@@ -118,6 +124,11 @@ warm = Harness(MountConfig(lowers=[f"{base}/lower"], upper=f"{base}/upper", work
 first = grep(warm, False)  # a warm-up pass: the records compiled, as in a running daemon
 second = grep(warm, True)
 assert first == second
+per_file = []
+for _ in range(args.time):
+    t0 = time.thread_time()
+    assert grep(warm, False) == first
+    per_file.append((time.thread_time() - t0) / (args.dirs * args.files) * 1e6)
 assert not os.listdir(f"{base}/upper"), "a read copied something up"
 warm.close()
 n = args.dirs * args.files
@@ -129,4 +140,7 @@ if args.functions:
     rows = sorted(((c, f) for (k, f), c in FUNCS.items() if k == args.functions), reverse=True)
     for c, f in rows:
         print(f"    {f:50s} {c / n:7.1f}")
+if per_file:
+    print(f"  thread CPU per file, untraced, with its listing: median {statistics.median(per_file):.1f} us "
+          f"(range {min(per_file):.1f}-{max(per_file):.1f}, {args.time} passes)")
 shutil.rmtree(base, ignore_errors=True)

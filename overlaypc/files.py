@@ -19,7 +19,7 @@ from . import faults, killpriv, scopes, sysapi
 from .attrs import Attr, getxattr_at, listxattr_at, resolve_times, setxattr_fd
 from .copyup import is_private_xattr
 from .handles import Handle
-from .inodes import OPEN_FLAGS, MetaFile, OverlayInode, StaleBacking
+from .inodes import OPEN_FLAGS, InodeKey, MetaFile, OverlayInode, StaleBacking
 from .layer import DirFd, Layer, same_file
 from .lookup import Entry, Node
 from .ownership import Caller
@@ -167,29 +167,82 @@ class Files:
         """``open`` of a read-only open (no ``O_WRONLY``, ``O_RDWR``, ``O_TRUNC``: the
         caller's guard) whose budget was checked (``admitted``), called under the namespace
         lock, and the handle's inode: the kept object of the kernel's last lookup or
-        listing of ``rel`` (``Lookup.recent_entry``) opened without ``open``'s branches for
-        writers (a lower one without a ``Node``: ``_open_lower_kept``); else ``open``
-        itself. The same prefetch rule and handle as ``open``'s, and an inode on a
+        listing of ``rel`` (``Lookup.recent_kept``) opened without ``open``'s branches for
+        writers (a lower one without a ``Node``: ``_open_lower_kept``, and a listed one
+        relative to its directory's fd, without an ``Entry``: ``_open_listed``); else
+        ``open`` itself. The same prefetch rule and handle as ``open``'s, and an inode on a
         filesystem that never shares extents is marked so (``_unshared``): its first READ
         then maps nothing (``_map`` would store the same)."""
         fs = self.fs
-        found = fs.lookup.recent_entry(rel)
+        parent, _, name = rel.rpartition("/")  # (``split``)
+        kept = fs.lookup.recent_kept(parent, name)
         opened = None
-        if found is not None:
-            entry, checked = found
-            if entry.layer.writable:
-                opened = self._open_kept(rel, flags, Node(rel, (entry,)), checked)
-            else:
-                opened = self._open_lower_kept(rel, flags, entry, checked)
+        if kept is not None:
+            if len(kept) == 2:  # a listing's: (``ListedDir``, stat)
+                where, st = kept
+                layer = where.layer
+                head = where.head
+                lrel = f"{head}/{name}" if head else name
+                if not layer.writable:
+                    held = where.entry()  # (held here: its ``dirfd`` stays open for the open)
+                    opened = self._open_listed(rel, flags, layer, lrel, st,
+                                               None if held is None else held.dirfd, name)
+                else:
+                    opened = self._open_kept(rel, flags, Node(rel, (Entry(layer, lrel, st),)), False)
+            else:  # a lookup's: (layer, path, stat, xattr names)
+                entry = Entry(kept[0], kept[1], kept[2], None, None, kept[3])
+                st = entry.st
+                if entry.layer.writable:
+                    opened = self._open_kept(rel, flags, Node(rel, (entry,)), True)
+                else:
+                    opened = self._open_lower_kept(rel, flags, entry, True)
         if opened is None:
             result = self.open(rel, flags, admitted=True)
             return result, fs.handles.get(result.fh).inode
         inode, fd, generation = opened
         if inode.extents is None:  # (first: ``_prefetch`` then needs no device look-up)
-            self._unshared(inode)
-        if not flags & os.O_DIRECT:
-            self._prefetch(inode, fd, entry.st)  # (``open``'s ``(node.data or node.top).st``)
+            self._unshared(inode)  # (a listed one's was asked in its open's hold)
+        if not flags & os.O_DIRECT:  # (``open``'s ``(node.data or node.top).st``)
+            if inode.extents is NOT_SHARED:  # (``_prefetch``'s first answer)
+                prefetch(fd, st)
+            else:
+                self._prefetch(inode, fd, st)
         return self._register_read(inode, flags, rel, fd, generation), inode
+
+    def _open_listed(self, rel: str, flags: int, layer: Layer, lrel: str, st: os.stat_result,
+                     dirfd: DirFd | None, name: str) -> tuple[OverlayInode, int, int] | None:
+        """``_open_lower_kept`` of a lower file a listing kept (``lrel`` in ``layer``, its
+        stat ``st``) without an ``Entry``: its identity is ``key_of_top``'s for a file of
+        one link (a listing keeps no other), its number ``of_entry``'s; opened as ``name``
+        in its directory's fd ``dirfd`` where that is still held (``ListedDir.dirfd``), else
+        by its path (``_open_lower_kept`` itself). The same checks: the object opened is
+        the one listed (else ENOENT/ESTALE: looked up afresh), no metacopy mark (read
+        through the new fd)."""
+        if dirfd is None:  # (no fd held of the directory any more: by its path)
+            return self._open_lower_kept(rel, flags, Entry(layer, lrel, st), False)
+        fs = self.fs
+        dev, ino = st.st_dev, st.st_ino
+        inode = fs.inodes.acquire_listed(_tuple_new(InodeKey, (dev, ino, None)),
+                                         fs.inos.xino.ino(dev, ino), layer, lrel, st)
+        try:
+            sharing = self._sharing
+            fd, generation = inode.open_listed(flags, layer, lrel, dirfd, name,
+                                               None if sharing is None else sharing.never_shares)
+        except OSError as e:
+            fs.inodes.release(inode)
+            if e.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            fs.lookup.forget_recent(rel)
+            return None
+        except BaseException:
+            fs.inodes.release(inode)
+            raise
+        if self._metacopy_marked(fd):
+            fs.inodes.release(inode)  # (before its fd closes: ``release``)
+            os.close(fd)
+            fs.lookup.forget_recent(rel)
+            return None
+        return inode, fd, generation
 
     def _open_lower_kept(self, rel: str, flags: int, entry: Entry,
                          checked: bool) -> tuple[OverlayInode, int, int] | None:

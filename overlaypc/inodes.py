@@ -37,10 +37,14 @@ import stat
 import threading
 from collections import OrderedDict
 
-from .layer import Layer, same_file
+from .layer import DirFd, Layer, same_file
 from .lookup import Entry, Node
 from .records import field, record
-from .typing_lite import NamedTuple
+from .sharing import NOT_SHARED
+from .typing_lite import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: The flags a backing fd is opened with: those ``openat2`` accepts (its
 #: ``VALID_OPEN_FLAGS``; it refuses any other bit with EINVAL where open(2) ignores it, and
@@ -218,6 +222,31 @@ class OverlayInode:
                 self.layer, self.rel = layer, rel
             return fd, self.generation
 
+    def open_listed(self, flags: int, layer: Layer, rel: str, dirfd: DirFd, name: str,
+                    never_shares: "Callable[[int], bool] | None") -> tuple[int, int]:
+        """``open_backing`` via a listed file (``rel`` in ``layer``), opened as entry ``name``
+        of its directory's open fd ``dirfd`` (``Layer.open_at``: confined and not followed,
+        as ``Layer.open`` relative to a held parent): no look-up of that directory by path.
+        The same identity check (``StaleBacking``) and the path kept for later reopens. In
+        the same hold, ``files.Files._unshared``'s mark where ``never_shares`` (the extent
+        map's) knows the backing's device shares nothing: ``NOT_SHARED`` stored under its
+        rule (not mapped yet, no data change in flight)."""
+        with self.lock:
+            fd = layer.open_at(dirfd, name, flags & _REOPEN_FLAGS | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if st.st_ino != self.backing_ino or st.st_dev != self.dev:
+                os.close(fd)
+                raise StaleBacking(errno.ESTALE, "backing file moved", rel)
+            self.layer, self.rel = layer, rel
+            if self.extents is None and never_shares is not None and not self.extents_busy \
+                    and never_shares(self.dev):
+                self.extents = NOT_SHARED
+            return fd, self.generation
+
+
+#: ``open_backing``'s mask of the flags an open passes (creation flags mean nothing there)
+_REOPEN_FLAGS = OPEN_FLAGS & ~(os.O_CREAT | os.O_EXCL)
+
 
 class InodeTable:
     def __init__(self, retain: int = 4096) -> None:
@@ -238,6 +267,21 @@ class InodeTable:
             if inode is None:
                 inode = OverlayInode(key, ino, entry.layer, entry.rel, entry.st.st_dev, entry.st.st_ino,
                                      linked=entry.st.st_nlink > 1)
+                kept = self._versions.pop(key, None)
+                if kept is not None:
+                    inode.data_version, inode.cached_version = kept
+                self._live[key] = inode
+            inode.refs += 1
+            return inode
+
+    def acquire_listed(self, key: InodeKey, ino: int, layer: Layer, rel: str,
+                       st: os.stat_result) -> OverlayInode:
+        """``acquire`` of a file a listing kept (``rel`` in ``layer``, its stat ``st``, one
+        link: a listing keeps no other), without its ``Entry``."""
+        with self._lock:
+            inode = self._live.get(key)
+            if inode is None:
+                inode = OverlayInode(key, ino, layer, rel, st.st_dev, st.st_ino)
                 kept = self._versions.pop(key, None)
                 if kept is not None:
                     inode.data_version, inode.cached_version = kept

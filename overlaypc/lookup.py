@@ -50,7 +50,8 @@ of fds. Eviction is always safe: a ``DirFd`` closes on its last reference, so an
 operation holding a node keeps its fds. A directory missing from the cache is found by
 walking down from its deepest cached ancestor one level at a time, holding only the
 parent, so a path thousands of levels deep costs neither recursion nor more fds. Kept files
-hold no fds (an ``Entry`` without ``parent``): at most ``RECENT_MAX``, oldest dropped first.
+hold no fds (an ``Entry`` without ``parent``; a listing's names its directory's fd weakly,
+``ListedDir``): at most ``RECENT_MAX``, oldest dropped first.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ import itertools
 import os
 import stat
 import threading
+from _weakref import ref as _weakref  # (weakref.py itself adds import time: fdbudget)
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -78,9 +80,45 @@ ABSENT_MAX = 64
 
 
 #: a kept regular file: from a lookup, (layer, path there, stat, xattr names or None); from
-#: a listing, (layer, its *directory's* path there, stat): its xattrs were not read, so a
-#: metacopy mark is not ruled out (and the path is joined only if it is opened)
+#: a listing, (``ListedDir``, stat): its xattrs were not read, so a metacopy mark is not ruled
+#: out (and the path is joined only if it is opened)
 Kept = tuple
+
+
+class ListedDir:
+    """The directory a listing's kept files were read from, shared by all of them: its
+    ``layer``, its path there (``head``) and, held *weakly*, the lookup's ``Entry`` of it
+    whose ``dirfd`` the listing read it through (``entry()``: None once no one holds that
+    entry any more: the lookup cache evicted, shed or replaced the directory's node; also
+    None where the listing used an fd of its own). Kept files hold no fds: an open of one
+    goes through that entry's fd while a cache (which counts it) or a request still holds
+    it, else resolves the path as before (``files.Files.open_read``). (The entry, not the
+    ``DirFd``: a ``DirFd`` closes its fd in ``__del__``, which CPython runs *before* it
+    clears the weak references to it, so another thread could still reach one whose fd is
+    closing; an ``Entry`` has no finalizer, its weak references are cleared before it lets
+    go of its ``DirFd``, and a thread that reached it holds that ``DirFd`` open.)"""
+    __slots__ = ("layer", "head", "entry")
+
+    def __init__(self, layer: Layer, head: str, entry: "Entry | None") -> None:
+        self.layer = layer
+        self.head = head
+        self.entry: Callable[[], Entry | None] = _gone if entry is None else _weakref(entry)
+
+    def __eq__(self, other: object) -> bool:
+        """The same directory of the same layer, through the same entry (references compare
+        their entries while both live)."""
+        return other.__class__ is ListedDir and self.layer is other.layer \
+            and self.head == other.head and self.entry() is other.entry()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ListedDir({self.layer.name!r}, {self.head!r}, {self.entry()!r})"
+
+
+def _gone() -> None:
+    """``ListedDir.entry`` of a listing through an fd no entry holds."""
+    return None
 
 
 @record(frozen=True)
@@ -396,11 +434,19 @@ class Lookup:
         kept = None if held is None else held.get(name)
         if kept is None:
             return None
-        if len(kept) == 3:  # a listing's
-            layer, head, st = kept
-            return Entry(layer, f"{head}/{name}" if head else name, st), False
+        if len(kept) == 2:  # a listing's
+            where, st = kept
+            head = where.head
+            return Entry(where.layer, f"{head}/{name}" if head else name, st), False
         layer, lrel, st, xattrs = kept
         return Entry(layer, lrel, st, None, None, xattrs), True
+
+    def recent_kept(self, parent: str, name: str) -> Kept | None:
+        """``recent_entry``'s kept file ``name`` of merged directory ``parent`` as kept (no
+        ``Entry``), the same rule: a listing's ``(ListedDir, stat)`` or a lookup's
+        ``(layer, path, stat, xattr names)``; None."""
+        held = self._recent.get(parent)
+        return None if held is None else held.get(name)
 
     def absent(self, rel: str) -> Node | None:
         """The node of ``rel`` as the last lookup found it, absent with nothing in the upper

@@ -14,7 +14,7 @@ from . import faults, whiteout
 from .attrs import MERGED_DIR_NLINK, Attr
 from .inumbers import InodeNumbers
 from .layer import DirFd, Listed, join
-from .lookup import Entry, Kept, Node
+from .lookup import Entry, Kept, ListedDir, Node
 from .typing_lite import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -71,6 +71,8 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         if one is not None:
             return one
     tops: dict[str, tuple[Entry, Listed, DirFd]] = {}
+    #: each layer's directory as ``files``' kept entries name it (one per layer listed)
+    wheres: dict[int, ListedDir] = {}  # (by layer index)
     lower_dir_ino: dict[str, int] = {}
     hidden: set[str] = set()
     oci_prefix = whiteout.OCI_PREFIX
@@ -79,6 +81,8 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         dirfd = parent.dirfd or layer.dir_fd(parent.rel)
         if dirfd is None:
             continue  # removed underneath us
+        if files is not None:
+            wheres[layer.index] = ListedDir(layer, parent.rel, parent if dirfd is parent.dirfd else None)
         hides: set[str] = set()
         items = layer.scandir(dirfd, stat_all=plus or layer.writable)
         if names is not None and not layer.writable:
@@ -118,7 +122,7 @@ def merged_listing(node: Node, inos: InodeNumbers, xattr_prefix: str, *,
         st = item.st
         fmt = item.fmt
         if files is not None and fmt == _S_IFREG and st is not None and st.st_nlink == 1:
-            files[name] = (layer, parent.rel, st)
+            files[name] = (wheres[layer.index], st)
         below = name in lower_dir_ino
         opaque: bool | None = None  # (read once, where needed)
         if not layer.writable:  # a lower entry: its own number
@@ -180,6 +184,8 @@ def _one_layer_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
         names.offer(layer, rel, list(map(_first, items)))
     if faults.armed:
         faults.hit("readdir.scanned", node.rel)  # test-only (faults.py)
+    where = None if files is None else \
+        ListedDir(layer, rel, parent if dirfd is parent.dirfd else None)  # (its kept files')
     out: list[DirEntry] = []
     append = out.append
     oci_prefix = whiteout.OCI_PREFIX
@@ -205,7 +211,7 @@ def _one_layer_plus(node: Node, inos: InodeNumbers, xattr_prefix: str,
                 append(_new_tuple(DirEntry, (name, fmt, ino, None)))
                 continue
             if files is not None:
-                files[name] = (layer, rel, st)
+                files[name] = (where, st)
             if metacopy:
                 append(_new_tuple(DirEntry, (name, fmt, ino, None)))
                 continue
