@@ -232,7 +232,7 @@ class OverlayInode:
         map's) knows the backing's device shares nothing: ``NOT_SHARED`` stored under its
         rule (not mapped yet, no data change in flight)."""
         with self.lock:
-            fd = layer.open_at(dirfd, name, flags & _REOPEN_FLAGS | os.O_CLOEXEC)
+            fd = layer.open_at(dirfd, name, rel, flags & _REOPEN_FLAGS | os.O_CLOEXEC)
             st = os.fstat(fd)
             if st.st_ino != self.backing_ino or st.st_dev != self.dev:
                 os.close(fd)
