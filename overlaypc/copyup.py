@@ -56,6 +56,16 @@ the kernel holds the inode's lock over a SETATTR, which keeps its own node's wri
 changes out meanwhile. Handed over: a regular file, symlink or special file copied
 whole by plain rename (a directory merges layers; a metadata-only copy has its data
 below; an ``index=on`` copy is linked, and may take another name's copy).
+
+One pass (copyup50): a chmod alone of a lower regular file gives its mode to the refused call
+(``ensure_upper``'s ``mode``), which puts it in the ``fchmod`` every copy gets, after the ACL
+copy (the mask follows the group bits, as a later chmod sets it) and before the times and the
+fsync; the handed copy says so (``Seen.mode``) and the request answers from it
+(``CopyUpFirst.answer``) with no second try. Only where the copy is made of the request's own
+lookup at an unmoved epoch, without an override xattr, a hard-linked source or a source flagged
+immutable/append-only: elsewhere the change chmods after the copy-up as before. A kill -9
+before the rename leaves the lower file (the chmod unanswered); after it, the copy with the
+new mode (the chmod made, unanswered: as a kill between a generic chmod and its reply).
 """
 from __future__ import annotations
 
