@@ -33,7 +33,7 @@ import stat
 import time
 
 from . import acl, faults, killpriv
-from .copyup import Seen, is_private_xattr
+from .copyup import CopyUpFirst, Seen, is_private_xattr
 from .lookup import Entry, Node, UpperName
 from .typing_lite import TYPE_CHECKING, NamedTuple
 from .whiteout import is_whiteout
@@ -181,7 +181,8 @@ class Attributes:
     def copy_up_for_setattr(self, rel: str, *, changes: bool = True, kill: bool = False,
                             ids: tuple[int, int] | None = None, data: bool = False,
                             seen: Seen | None = None,
-                            check: "Callable[[int], None] | None" = None) -> "Callable[[], Entry] | None":
+                            check: "Callable[[int], None] | None" = None,
+                            mode: int | None = None) -> "Callable[[], Entry] | None":
         """The copy-up a SETATTR (or any attribute change) by path of ``rel`` makes before it
         changes anything: a call that makes it and returns the upper entry, or None. None for
         an object in the upper already (with its data, for ``data``: a truncate), one that
@@ -193,7 +194,8 @@ class Attributes:
         without it, one ``fstatat`` answers for an upper object (``known_upper``).
         ``check(the object's immutable/append-only flags)`` first, before any copy-up (it
         may refuse the change; a lower object's from this lookup, an upper one's
-        ``protattr``: ``protection``)."""
+        ``protattr``: ``protection``). ``mode``: a chmod the copy-up may make itself
+        (``one_pass``, ``CopyUp.ensure_upper``)."""
         fs = self.fs
         copyup = fs.copyup
         if not fs.writable or copyup is None:
@@ -221,7 +223,25 @@ class Attributes:
         del seen, node
         if data:
             return lambda: copyup.ensure_data(rel, seen=held)
-        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=held)
+        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=held, mode=mode)
+
+    def one_pass(self, node: Node) -> bool:
+        """Whether the copy-up of ``node`` (found, not in the upper) for a chmod that asks
+        for nothing else may make that chmod itself (``CopyUp.ensure_upper``'s ``mode``:
+        the mode in the ``fchmod`` every copy gets, after its ACLs, before its times and
+        its install; ``setattr`` then answers from the copy handed over to it): a regular
+        file with one link, on a mount where the mode bits alone hold the mode and a copy is
+        renamed into place whole: no ID mapping, squashing or override xattrs
+        (``Ownership.active``: the mode shown is not the one stored), no ``metacopy=on``
+        (metadata-only copies are not handed over), no ``index=on`` (linked, maybe to
+        another name's copy). The copy-up declines it where it finds more (``_copy_one``,
+        ``_copy_metadata``): the chmod is then the change's, as for everything else. The
+        caller's permission and the setgid bit of a caller outside the file's group are
+        the kernel's (``default_permissions``: ``setattr_prepare``), before the request."""
+        fs = self.fs
+        st = node.st
+        return st.st_nlink == 1 and stat.S_ISREG(st.st_mode) and not fs.ownership.active \
+            and not fs.config.metacopy and fs.copyup.index is None
 
     def copy_up_for_xattr(self, rel: str, name: str, *, removed: bool = False,
                           check: "Callable[[int], None] | None" = None) -> "Callable[[], Entry] | None":
@@ -336,11 +356,14 @@ class Attributes:
         shrink: security.capability); None when that cannot be had (the object was
         copied up or replaced meanwhile: the caller looks it up afresh). A copy of ``rel``
         its copy-up handed over to this lock hold (``CopyUp.handing_over``: the request's
-        retry after a refused copy-up) is that lookup."""
+        retry after a refused copy-up) is that lookup. A chmod alone of a lower regular
+        file (``one_pass``) has its copy-up make it: refused, its ``CopyUpFirst`` carries the
+        mode in its ``copy`` and this change's answer from the copy (``answer``), which the
+        request gives once that copy is handed over made so (``Seen.mode``): no second try."""
         fs = self.fs
         handed = fs.copyup.handed(rel) if fs.copyup is not None else None
         if handed is not None:
-            node, epoch, _ = handed
+            node, epoch = handed.node, handed.epoch
         else:
             epoch = fs.lookup.epoch  # (read before the layers: ``copyup.Seen``)
             node = fs.lookup.lookup(rel)
@@ -353,11 +376,20 @@ class Attributes:
         if writer is not None and ids is not None:
             fs.ownership.chown_ids(*ids)  # EOVERFLOW before anything is copied up or stripped
         entry = node.upper
+        one = None  # (a chmod alone of a lower file: the copy-up's, ``one_pass``)
+        if entry is None and mode is not None and ids is None and times is None \
+                and writer is None and handed is None and self.one_pass(node):
+            one = mode
         copy = self.copy_up_for_setattr(rel, changes=changes, kill=writer is not None, ids=ids,
-                                        seen=handed or Seen(node, epoch), check=check)
+                                        seen=handed or Seen(node, epoch), check=check, mode=one)
         if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
             node = None  # copied up: its structure changed (and not held while it may wait)
-            entry = copy()
+            try:
+                entry = copy()
+            except CopyUpFirst as first:
+                if one is not None:
+                    first.answer = lambda seen: self.made(seen, rel)
+                raise
         killed = False
         if writer is not None:
             killed = self.kill_privs(rel, writer, None if node is None else Seen(node, epoch))
@@ -375,6 +407,13 @@ class Attributes:
         if times is not None:
             entry.layer.do_utime(entry.rel, resolve_times(times, entry.st))
         return (None if node is None else self._refreshed(node, rel)), killed
+
+    def made(self, seen: Seen, rel: str) -> tuple[Attr, bool]:
+        """``setattr``'s answer for a chmod its copy-up made (``one_pass``): the attributes
+        of the copy handed over (``seen``), as its install read them after the rename, and
+        nothing stripped. No ``_privs_may_grow``: the install's ``rebind`` of the inode
+        voided its mark after the mode was in place."""
+        return self.of_node(seen.node, rel), False
 
     def refreshed(self, seen: Seen, rel: str) -> Attr | None:
         """The attributes of ``seen``'s node after a change in this lock hold (``setattr``'s

@@ -56,6 +56,16 @@ the kernel holds the inode's lock over a SETATTR, which keeps its own node's wri
 changes out meanwhile. Handed over: a regular file, symlink or special file copied
 whole by plain rename (a directory merges layers; a metadata-only copy has its data
 below; an ``index=on`` copy is linked, and may take another name's copy).
+
+One pass (copyup50): a chmod alone of a lower regular file gives its mode to the refused call
+(``ensure_upper``'s ``mode``), which puts it in the ``fchmod`` every copy gets, after the ACL
+copy (the mask follows the group bits, as a later chmod sets it) and before the times and the
+fsync; the handed copy says so (``Seen.mode``) and the request answers from it
+(``CopyUpFirst.answer``) with no second try. Only where the copy is made of the request's own
+lookup at an unmoved epoch, without an override xattr, a hard-linked source or a source flagged
+immutable/append-only: elsewhere the change chmods after the copy-up as before. A kill -9
+before the rename leaves the lower file (the chmod unanswered); after it, the copy with the
+new mode (the chmod made, unanswered: as a kill between a generic chmod and its reply).
 """
 from __future__ import annotations
 
@@ -201,6 +211,10 @@ class Seen(NamedTuple):
     #: over (``CopyUp.handing_over``), the names its copy-up wrote; None: unknown (only
     #: private names: an LSM may label a new file, and copied names are not kept)
     private: tuple[str, ...] | None = None
+    #: a copy handed over: the mode its copy-up gave it for the request (a one-pass chmod,
+    #: ``CopyUpContext.mode``), the change then done; None: the source's (none asked, or
+    #: not applied)
+    mode: int | None = None
 
 
 class _Held:
@@ -242,6 +256,9 @@ class CopyUpContext:
     #: the overlay-private xattr names written to the copy (``_set_private``); None: not
     #: known (an override xattr's, ``ownership``)
     private: tuple[str, ...] | None = ()
+    #: a chmod's mode for the copy in place of the source's (``ensure_upper``'s ``mode``:
+    #: a one-pass chmod), None once ``_copy_metadata`` finds it may not apply it there
+    mode: int | None = None
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -253,11 +270,14 @@ class CopyUpFirst(Exception):
     """A copy-up was asked for in a thread that holds the namespace lock (``refusing``),
     and refused (``here`` False, or its stripe lock held): nothing was copied. ``copy``:
     the refused ``ensure_*`` call, for the caller to run without the lock before it runs
-    its change again."""
+    its change again. ``answer``: set by a change that gave ``copy`` a chmod to make
+    (``ensure_upper``'s ``mode``): its answer from the copy handed over made so
+    (``Seen.mode``), given instead of running the change again."""
 
     def __init__(self, rel: str, copy: "Callable[[], Entry] | None" = None) -> None:
         super().__init__(rel)
         self.copy = copy
+        self.answer: "Callable[[Seen], object] | None" = None
 
 
 class _Refused(threading.local):
@@ -280,6 +300,8 @@ class _Handover(threading.local):
         self.offered: Seen | None = None
         #: the copy's overlay-private xattr names (``Seen.private``)
         self.private: tuple[str, ...] | None = None
+        #: the mode the copy-up gave the copy for the request (``Seen.mode``)
+        self.mode: int | None = None
 
 
 class _Refusing:
@@ -362,7 +384,7 @@ class CopyUp:
         if not h.held:
             return None
         h.held = False
-        return Seen(Node(rel, (entry,)), h.epoch, h.private)
+        return Seen(Node(rel, (entry,)), h.epoch, h.private, h.mode)
 
     def offer(self, seen: Seen | None) -> None:
         """``handing_over``'s answer, offered (None: withdrawn) to the change this thread
@@ -399,7 +421,7 @@ class CopyUp:
         self.ns_lock.acquire()
         h.held = True
         h.entry = Entry(entry.layer, entry.rel, entry.st, None, parent)
-        h.private = ctx.private
+        h.private, h.mode = ctx.private, ctx.mode
         return True
 
     @scopes.contextmanager
@@ -436,20 +458,23 @@ class CopyUp:
         return _Held(seen)
 
     def ensure_upper(self, rel: str, *, metadata_only: bool = False,
-                     seen: "Seen | _Held | None" = None) -> Entry:
+                     seen: "Seen | _Held | None" = None, mode: int | None = None) -> Entry:
         """Return the upper entry of merged path ``rel``, copying it up if needed.
 
         ``metadata_only`` (``-o metacopy=on``, for attribute changes): a regular file gets
         a sparse upper copy marked ``trusted.overlay.metacopy`` whose data stays below;
         ``ensure_data`` completes it before anything writes data. ``seen``: ``rel`` as the
         caller just looked it up, not looked up again while no change ran since (``holding``:
-        in a box)."""
+        in a box). ``mode``: a chmod's (``Attributes.setattr``'s one pass), given to the copy
+        in place of the source's where that is the chmod's whole effect (``_copy_one``,
+        ``_copy_metadata``) and told to the change it is handed over to (``Seen.mode``);
+        anywhere else the change makes its chmod itself, as without it."""
         if isinstance(seen, _Held):
-            return self._ensure(rel, metadata_only=metadata_only, held=seen)
-        return self._ensure(rel, metadata_only=metadata_only, seen=seen)
+            return self._ensure(rel, metadata_only=metadata_only, held=seen, mode=mode)
+        return self._ensure(rel, metadata_only=metadata_only, seen=seen, mode=mode)
 
     def _ensure(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None,
-                empty: bool = False, held: _Held | None = None) -> Entry:
+                empty: bool = False, held: _Held | None = None, mode: int | None = None) -> Entry:
         """``ensure_upper``; ``empty``: a regular file copied without its data; ``held``:
         ``seen`` in a box (the refused call of a ``CopyUpFirst``: ``_Held``)."""
         if held is None:
@@ -478,11 +503,12 @@ class CopyUp:
                 held.take()  # (stale once an ancestor is copied: each copy moves the epoch)
             for path in reversed(missing):
                 self._copy_one(path)
-            return self._copy_one(rel, metadata_only and self.metacopy, held, empty=empty)
+            return self._copy_one(rel, metadata_only and self.metacopy, held, empty=empty,
+                                  mode=mode)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
-            if first.copy is None:
+            if first.copy is None:  # (the mode rides in it: ``ensure_upper``)
                 first.copy = functools.partial(self._ensure, rel, metadata_only=metadata_only,
-                                               empty=empty, held=held)
+                                               empty=empty, held=held, mode=mode)
             raise
 
     @staticmethod
@@ -529,16 +555,19 @@ class CopyUp:
 
     # -- step 2: one object, under its lock -----------------------------------------------
     def _copy_one(self, rel: str, metadata_only: bool = False, held: _Held | None = None,
-                  empty: bool = False) -> Entry:
+                  empty: bool = False, mode: int | None = None) -> Entry:
+        """``mode``: ``ensure_upper``'s, given to the copy only where it is made of the
+        caller's own lookup (``held``, the epoch unmoved): what the name resolves to then is
+        the object the chmod is for; looked up again, it may be another (a rename landed)."""
         with self._stripe(rel, held):
             # under the object's lock: a copy-up of it that finished meanwhile (or any other
             # change) moved the epoch, and then the name is looked up again, the node seen
             # let go of first (``_Held``: the lookup may wait for fds)
             seen = held.take() if held is not None else None
             if seen is not None and seen.epoch == self.lookup.epoch:
-                node, epoch, _ = seen
+                node, epoch = seen.node, seen.epoch
             else:
-                seen = None
+                seen = mode = None
                 epoch = self.lookup.epoch  # (read before the layers: ``Seen``)
                 node = self.lookup.lookup(rel)
             if not node.exists:
@@ -550,11 +579,13 @@ class CopyUp:
             ctx = CopyUpContext(node, node.top, self._key_of(node),
                                 join(WORK_DIR, f"#ovlpc-{_Pid.value}-{next(self._names)}"), epoch,
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode),
-                                empty=empty and stat.S_ISREG(node.st.st_mode), debug=debugging())
+                                empty=empty and stat.S_ISREG(node.st.st_mode), debug=debugging(),
+                                mode=mode)
             if self.index is not None and self.index.eligible(node.top):
                 # (a metadata-only copy too, as the kernel's: the index entry is the
                 # metacopy file, its data the lower file it indexes)
                 ctx.index_key = self.index.key(node.top)
+                ctx.mode = None  # (linked, not handed over: the change chmods)
             try:
                 self._build(ctx)
                 return self._install(ctx)
@@ -738,8 +769,9 @@ class CopyUp:
             self._set_private(ctx, self.prefix + "origin", origin, fd)
             if self.inos is not None:  # what the copy's first GETATTR would decode
                 ctx.origin_ino = self.inos.copied(origin, st, src.layer)
+        flags = 0
         if ctx.kind in (stat.S_IFREG, stat.S_IFDIR):
-            self._copy_fileattr(ctx, fd, src_fd)
+            flags = self._copy_fileattr(ctx, fd, src_fd)
         if ctx.metadata_only:
             # (no redirect, as the kernel's: data found through a redirected parent is
             # found again through it; a rename sets one, ``namespace._mark_moved``)
@@ -748,6 +780,16 @@ class CopyUp:
             # after the ACL (as in the kernel's copy-up): chmod sets the ACL mask to the
             # group bits, which for the lower's own mode are the lower's mask already
             mode = stat.S_IMODE(owner.mode) & (0o777 if override else 0o7777)
+            if ctx.mode is not None:
+                # a chmod's (one pass): its whole effect here, in the chmod the copy gets
+                # anyway, where nothing else decides the mode (an override xattr), no other
+                # name shares the source and no flag refuses the chmod (immutable,
+                # append-only: the change's check answers EPERM); else the change chmods
+                if override or fd is None or ctx.metadata_only or st.st_nlink != 1 \
+                        or flags & protattr.PROTECTED:
+                    ctx.mode = None
+                else:
+                    mode = stat.S_IMODE(ctx.mode)
             if fd is not None:
                 work.do_fchmod(fd, tmp, mode, ctx.debug)
             else:
@@ -789,19 +831,20 @@ class CopyUp:
                 log.info("copy-up of %s: xattr %s not supported by the upper, not copied",
                          src.rel, name)
 
-    def _copy_fileattr(self, ctx: CopyUpContext, fd: int | None, src_fd: int | None) -> None:
+    def _copy_fileattr(self, ctx: CopyUpContext, fd: int | None, src_fd: int | None) -> int:
         """The source's file attribute flags, as the kernel's ``ovl_copy_fileattr``:
         immutable/append-only to the copy's ``protattr`` xattr (not onto the copy itself:
         it could then not be renamed into place, nor its xattrs set), so the mount keeps
         refusing what they refuse; sync/noatime onto the real copy (``protattr.COPIED``;
         nodump and the others stay behind). One FS_IOC_GETFLAGS of the source (through
         its fd, else one opened for it: a directory); the copy's flags are asked and set
-        only for a source with sync or noatime."""
+        only for a source with sync or noatime. Returns the source's flags."""
         flags = self.protection.real_all(ctx.src, src_fd)
         if flags & protattr.PROTECTED:
             self._set_private(ctx, self.prefix + protattr.XATTR, protattr.value_of(flags), fd)
         if flags & protattr.COPIED:
             self._copy_real_flags(ctx, fd, flags & protattr.COPIED)
+        return flags
 
     def _copy_real_flags(self, ctx: CopyUpContext, fd: int | None, copied: int) -> None:
         """The copy's own flags with its sync/noatime bits those of the source

@@ -493,7 +493,11 @@ class OverlayOps(Operations):
         under over to the next try (``CopyUp.handing_over``): that try starts in it, with
         no other request's change between the install and ``act`` (each holds the lock),
         and ``act`` may take the copy as its lookup (``CopyUp.handed``, ``offer``ed for
-        this hold only). The path is checked as in any hold (a move before the install)."""
+        this hold only). The path is checked as in any hold (a move before the install).
+        A copy handed over with the change made (``Seen.mode``: a one-pass chmod,
+        ``Attributes.one_pass``) is answered by the refused change's ``answer`` in that hold
+        instead of ``act``: once a move landed, ``act`` runs again (the chmod again: the
+        same mode)."""
         fs = self.fs
         if not fs.writable:
             return act(self._node_path(nodeid))
@@ -502,6 +506,7 @@ class OverlayOps(Operations):
         lock = fs.ns_lock
         stale = False
         handed = None  # (with one, this thread holds ``lock`` already: the install's hold)
+        done = None  # (the refused change's ``answer`` once its copy-up made it, with ``handed``)
         while True:
             if handed is None:
                 moves = paths.moves
@@ -516,6 +521,8 @@ class OverlayOps(Operations):
                 elif paths.moves != moves:
                     stale = True
                     continue
+                if done is not None:
+                    return done(handed)
                 copyup.offer(handed)
                 try:
                     with copyup.refusing(here=stale):
@@ -524,10 +531,10 @@ class OverlayOps(Operations):
                     if first.copy is None:  # (refused outside the ``ensure_*`` calls: a bug)
                         raise OSError(errno.EDEADLK, "copy-up refused under the namespace "
                                       "lock with nothing to run first", rel) from first
-                    copy = first.copy
+                    copy, answer = first.copy, first.answer
             finally:
                 if handed is not None:
-                    handed = None
+                    handed = done = None
                     copyup.offer(None)
                 lock.release()
             # (of what ``rel`` names now: if a move lands first, another object's copy-up,
@@ -538,6 +545,9 @@ class OverlayOps(Operations):
                 if not self._moved(moves):
                     raise
                 stale = True  # (a rename during the copy-up failed it: where none lands)
+            else:
+                if answer is not None and handed is not None and handed.mode is not None:
+                    done = answer
 
     def _changed(self) -> None:
         """A change of data or attributes is done (``_changes``): ``_change`` takes a new
