@@ -191,6 +191,7 @@ class System:
     option: str = ""               # overlaypc: extra -o options (e.g. cache=shared)
     python: str = sys.executable
     tree: str = REPO               # overlaypc: the checkout the daemon runs
+    env: dict = field(default_factory=dict)  # overlaypc: more environment for the daemon
 
     def available(self) -> tuple[bool, str]:
         if self.kind == "overlaypc":
@@ -227,7 +228,7 @@ class System:
                     if self.option:
                         opts += "," + self.option
                     cmd = [self.python, *_pc_command(self.tree), "-f", "-o", opts, mnt]
-                    env = _pc_env(self.tree)
+                    env = {**_pc_env(self.tree), **self.env}
                 elif self.kind == "fuse-overlayfs":
                     cmd = ["fuse-overlayfs", "-f", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt]
                     env = None

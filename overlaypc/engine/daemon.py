@@ -15,6 +15,11 @@ the one thing that option changes in the daemon: a root mount is ``allow_other``
 so tests reach that mode without a plain user's mount (which needs ``user_allow_other`` in
 /etc/fuse.conf). It only ever refuses more.
 
+Benchmark-only: ``OVERLAYPC_BENCH_WORKERS=N`` sets the session's base worker count to N,
+at most one per usable CPU (the default), so a benchmark pairs one tree's daemon with one
+and with two base workers (``benchmarks/ab_mount.py --env-a``/``--env-b``). It only ever
+lowers the count, so the fd bound the command checked (``cli._fds_needed``) still holds.
+
 Caveat: fork happens before any thread starts (the session's threads start after it);
 callers must not start threads before ``run``.
 """
@@ -30,6 +35,7 @@ from . import autounmount
 from . import channel as ch
 from .. import logs
 from .ops import Operations
+from .pool import usable_cpus
 from .session import ProtocolError, Session
 
 try:  # CPython's ``signal`` is this module with enums added: enum costs a start ~1.3 ms
@@ -41,6 +47,8 @@ log = logs.get("overlaypc.engine")
 
 #: test-only: the owner uid a root daemon serves as (module docstring)
 DENY_OTHERS_ENV = "OVERLAYPC_DENY_OTHERS"
+#: benchmark-only: the base worker count, lowered (module docstring)
+WORKERS_ENV = "OVERLAYPC_BENCH_WORKERS"
 
 
 def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: bool = True,
@@ -57,6 +65,8 @@ def run(ops: Operations, mountpoint: str, opts: ch.MountOptions, *, foreground: 
     deny = os.getuid() if opts.has("allow_root") and os.getuid() != 0 else None
     if deny is None and os.environ.get(DENY_OTHERS_ENV):  # test-only (above)
         deny = int(os.environ[DENY_OTHERS_ENV])
+    if os.environ.get(WORKERS_ENV):  # benchmark-only (above)
+        workers = max(1, min(int(os.environ[WORKERS_ENV]), workers or usable_cpus()))
     session = Session(ops, chan.fd, clone=chan.clone, close_clone=chan.close_clone, workers=workers,
                       deny_others=deny)
     stopping = []
