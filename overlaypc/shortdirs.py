@@ -11,7 +11,8 @@ directory, in the same order and with the same system calls, results and state, 
 makes it in place: the caller's IDs are the daemon's own (``Namespace._owned_after``: no
 ``workdir/work`` route; the hook is not set where IDs are mapped or owners kept in xattrs:
 ``Ownership.active``), the mode has no special bits, and the kernel's negative LOOKUP of the
-name kept its absence (``Lookup.absent``, taken once). None, with nothing done, where the
+name kept its absence (``Lookup.absent``, taken once; looked at first with
+``Lookup.absent_kept``, so that a MKDIR with none reads nothing twice). None, with nothing done, where the
 generic path must decide: a read of the parent failing, a parent with immutable/append-only
 flags (``Protection.of_node``: EPERM, as ``protattr.check_dir_add``), a default ACL
 (``acl.inherit``) or the setgid bit (``_owner_in``: the new directory takes the group and
@@ -59,6 +60,8 @@ def made_dir_in(fs: "OverlayFS", pnode: Node, name: str, rel: str,
     is undone by ``unmade_dir``). Under the
     namespace lock, whose holder moves the lookup's epoch at its end (after a raise too:
     only the creation and what follows it raise), not after a None."""
+    if not fs.lookup.absent_kept(rel):
+        return None  # (before the reads below: the generic path would make them again)
     top = pnode.entries[0]
     upper, parent = top.layer, top.dirfd
     try:  # (``_parent_in_upper``'s check, then ``_owner_in``'s reads, in their order)
