@@ -38,7 +38,6 @@ import stat
 
 from . import acl
 from .lookup import Entry, Lookup, Node
-from .readdir import merged_listing
 from .typing_lite import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,9 +56,9 @@ def made_dir_in(fs: "OverlayFS", pnode: Node, name: str, rel: str,
     """Make the directory ``name`` (at merged path ``rel``) in ``pnode`` (``Lookup.upper_dir``'s
     node), ``mode`` its permission bits with the umask applied (no special bits), cached as
     ``Lookup.made_dir`` caches it (``MadeDir``; a failure of the caller's steps that follow
-    is undone by ``unmade_dir``). Under the
-    namespace lock, whose holder moves the lookup's epoch at its end (after a raise too:
-    only the creation and what follows it raise), not after a None."""
+    is undone by ``unmade_dir``). Under the namespace lock, whose holder moves the lookup's
+    epoch at its end (after a raise too: only the creation and what follows it raise), not
+    after a None."""
     if not fs.lookup.absent_kept(rel):
         return None  # (before the reads below: the generic path would make them again)
     top = pnode.entries[0]
@@ -120,9 +119,10 @@ def removed_dir_in(fs: "OverlayFS", pnode: Node, name: str, rel: str,
     (``Lookup.upper_dir``'s node) when the lookup cache holds it as ``upper_dir`` too and it
     is still there; then ``gone(its node as found)`` (the node table's part), in the
     caller's namespace lock hold, counted in ``pathguard`` as ``rmdir``'s removal, the
-    lookup's epoch moved at the end (after a raise too). False, nothing changed nor moved, where ``rmdir``'s lookup must decide: not cached so,
-    not found again, its flags not read or set (``_check_protected``: EPERM). The removal's
-    own error is the answer (ENOTEMPTY, a failed ``rmdir``)."""
+    lookup's epoch moved at the end (after a raise too). False, nothing changed nor moved,
+    where ``rmdir``'s lookup must decide: not cached so, not found again, its flags not read
+    or set (``_check_protected``: EPERM). The removal's own error is the answer (ENOTEMPTY,
+    a failed ``rmdir``)."""
     cached = fs.lookup.upper_dir(rel)
     if cached is None:
         return False
@@ -141,7 +141,9 @@ def removed_dir_in(fs: "OverlayFS", pnode: Node, name: str, rel: str,
                 except OSError as e:
                     if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                         raise
-                    # (whiteouts, markers or real entries: the merged listing decides)
+                    # (whiteouts, markers or real entries: the merged listing decides;
+                    # ``readdir`` imported here, not at start-up: ``test_startup_unit``)
+                    from .readdir import merged_listing
                     if merged_listing(node, fs.inos, fs.prefix):
                         raise OSError(errno.ENOTEMPTY, "directory not empty", rel) from None
                     fs.namespace._remove(node, False)
