@@ -12,8 +12,9 @@ makes it in place: the caller's IDs are the daemon's own (``Namespace._owned_aft
 ``workdir/work`` route; the hook is not set where IDs are mapped or owners kept in xattrs:
 ``Ownership.active``), the mode has no special bits, and the kernel's negative LOOKUP of the
 name kept its absence (``Lookup.absent``, taken once; looked at first with
-``Lookup.absent_kept``, so that a MKDIR with none reads nothing twice). None, with nothing done, where the
-generic path must decide: a read of the parent failing, a parent with immutable/append-only
+``Lookup.absent_kept``, so that a MKDIR with none reads nothing twice). None, with nothing
+done, where the generic path must decide: a read of the parent failing, a parent with
+immutable/append-only
 flags (``Protection.of_node``: EPERM, as ``protattr.check_dir_add``), a default ACL
 (``acl.inherit``) or the setgid bit (``_owner_in``: the new directory takes the group and
 the bit), no kept absence, the name taken behind the mount's back (``mkdirat``'s EEXIST:
