@@ -5,21 +5,20 @@ generic machinery (``OverlayOps._mkdir_name`` and ``_rmdir_name`` hold the names
 around these, the node table and the reply are theirs). One MKDIR per new directory of an
 untar, one RMDIR per directory of an ``rm -rf``.
 
-Owns ``made_dir_in``: what ``Namespace.mkdir`` (``_prepare_new``, ``_place_new``,
-``_owner_in``, ``_place``, ``_set_owner``, ``_named``, ``_then_made_dir``) does for such a
-directory, in the same order and with the same system calls, results and state, where it
-makes it in place: the caller's IDs are the daemon's own (``Namespace._owned_after``: no
-``workdir/work`` route; the hook is not set where IDs are mapped or owners kept in xattrs:
-``Ownership.active``), the mode has no special bits, and the kernel's negative LOOKUP of the
-name kept its absence (``Lookup.absent``, taken once; looked at first with
-``Lookup.absent_kept``, so that a MKDIR with none reads nothing twice). None, with nothing
-done, where the generic path must decide: a read of the parent failing, a parent with
-immutable/append-only
-flags (``Protection.of_node``: EPERM, as ``protattr.check_dir_add``), a default ACL
-(``acl.inherit``) or the setgid bit (``_owner_in``: the new directory takes the group and
-the bit), no kept absence, the name taken behind the mount's back (``mkdirat``'s EEXIST:
-``_place_new`` looks afresh). A failure once the directory is made removes it again
-(``Namespace._unmake`` before it is named, ``_unmake_new`` after) and is the answer.
+Owns ``made_dir_in``: what ``Namespace.mkdir`` (``_prepare_new``, ``_place_new``, ``_owner_in``,
+``_place``, ``_set_owner``, ``_named``, ``_then_made_dir``) does for such a directory, in the
+same order and with the same system calls, results and state, where it makes it in place: the
+caller's IDs are the daemon's own (``Namespace._owned_after``: no ``workdir/work`` route; the
+hook is not set where IDs are mapped or owners kept in xattrs: ``Ownership.active``), the mode
+has no special bits, and the kernel's negative LOOKUP of the name kept its absence
+(``Lookup.absent``, taken once; looked at first with ``Lookup.absent_kept``, so that a MKDIR
+with none reads nothing twice). None, with nothing done, where the generic path must decide: a
+read of the parent failing, a parent with immutable/append-only flags (``Protection.of_node``:
+EPERM, as ``protattr.check_dir_add``), a default ACL (``acl.inherit``) or the setgid bit
+(``_owner_in``: the new directory takes the group and the bit), no kept absence, the name taken
+behind the mount's back (``mkdirat``'s EEXIST: ``_place_new`` looks afresh). A failure once the
+directory is made removes it again (``Namespace._unmake`` before it is named, ``_unmake_new``
+after) and is the answer.
 
 Owns ``removed_dir_in``: what ``Namespace.rmdir`` (``_check_rmdir``, ``_check_protected``,
 ``_rmdir_if_empty``, the merged listing's ENOTEMPTY, ``_remove``, ``_done``) does for a
