@@ -587,6 +587,12 @@ class Layer:
         with self.parent(rel) as (dfd, name):
             os.mkdir(name, mode, dir_fd=dfd)
 
+    def mkdir_at(self, parent: DirFd, name: str, rel: str, mode: int) -> None:
+        """``do_mkdir`` of entry ``name`` of an open directory of this layer (``rel``, its
+        path, for the log line and the fault points)."""
+        self._change("mkdir", rel, oct(mode))
+        os.mkdir(name, mode, dir_fd=parent.fd)
+
     def do_mknod(self, rel: str, mode: int, device: int = 0) -> None:
         self._change("mknod", rel, oct(mode), device)
         with self.parent(rel) as (dfd, name):
@@ -622,6 +628,12 @@ class Layer:
             return
         with self.parent(rel) as (dfd, name):
             os.rmdir(name, dir_fd=dfd)
+
+    def rmdir_at(self, parent: DirFd, name: str, rel: str) -> None:
+        """``do_rmdir`` of entry ``name`` of an open directory of this layer (as
+        ``unlink_at``)."""
+        self._change("rmdir", rel)
+        os.rmdir(name, dir_fd=parent.fd)
 
     def do_remove_tree(self, rel: str) -> None:
         """Remove ``rel`` and, for a directory, everything beneath it (no-op if absent):

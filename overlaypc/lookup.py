@@ -458,6 +458,11 @@ class Lookup:
         with self._lock:
             return self._absent.pop(rel, None)
 
+    def absent_kept(self, rel: str) -> bool:
+        """Whether ``absent`` would answer ``rel`` now (a peek: nothing taken; the lock-free
+        read of one dict, which a lookup racing with it may change: ``absent`` decides)."""
+        return rel in self._absent
+
     def _keep_absent(self, rel: str, epoch: int, node: Node) -> None:
         with self._lock:
             if epoch != self._epoch:

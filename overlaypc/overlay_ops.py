@@ -32,7 +32,7 @@ import stat
 import _struct as struct  # (struct.py only re-exports _struct: ~0.15 ms of a start)
 from collections.abc import Iterator
 
-from . import acl, faults, logs, protattr, scopes, shortcreate, sysapi, whiteout
+from . import acl, faults, logs, protattr, scopes, shortcreate, shortdirs, sysapi, whiteout
 from .attrs import MERGED_DIR_NLINK, UTIME_NOW, UTIME_OMIT, Attr
 from .copyup import CopyUpFirst
 from .core import OverlayFS
@@ -247,6 +247,11 @@ class OverlayOps(Operations):
         #: (``Ownership.active``: ``Namespace._owner_in`` and ``_owned_after`` have their say)
         self.create_name = None if not fs.writable or fs.copyup is None or fs.ownership.active \
             else self._create_name
+        #: a MKDIR and an RMDIR in an upper-only directory: the engine's short paths
+        #: (``_mkdir_name``, ``_rmdir_name``); MKDIR's not where ``create_name`` is not set
+        #: (the same reasons), RMDIR's not where ``unlink_name`` is not
+        self.mkdir_name = None if self.create_name is None else self._mkdir_name
+        self.rmdir_name = None if self.unlink_name is None else self._rmdir_name
         #: a negative entry (``lookup``'s), packed
         self._negative_entry = p.pack_entry(0, 0, None, self.timeout, self.timeout)
         #: the marks that make an upper file's lookup more than its stat (``_unlink_name``)
@@ -1436,6 +1441,103 @@ class OverlayOps(Operations):
             finally:
                 lookup.changed()
         return True
+
+    def _mkdir_name(self, uid: int, gid: int, parent: int, name: bytes, mode: int,
+                    umask: int) -> "tuple[int, bytes] | None":
+        """MKDIR in an upper-only directory (one per new directory of an untar), as ``mkdir``
+        does it, from the request's fields (the caller's IDs, ``MKDIR_IN``'s): (the new
+        nodeid, the packed ``fuse_entry_out``), with no ``Request``, ``Caller``, closures,
+        path checks of ``_at_paths``, ``Attr``, ``FileAttr`` nor ``Entry``. In one namespace
+        lock hold with the ``pathguard`` count compared there (``Namespace._changing``'s
+        check): the parent as ``Lookup.upper_dir`` holds it, the directory made and cached
+        (``shortdirs.made_dir_in``: the generic steps where they make it in place), its node
+        taken (``_made``'s reference, ``prot`` 0) with ``Attrs.of_node``'s answer for one
+        upper directory (its own link count, ``ino_of``'s number, no overrides: not set
+        where ``Ownership`` is active), the lookup's epoch moved at the end. None, with
+        nothing done, wherever ``mkdir`` might answer otherwise or do more: fault points
+        armed, a move in progress or since the path was made, a name ``mkdir`` refuses
+        (over NAME_MAX, empty, ``/``, dots, an OCI marker's), a parent not a directory with a
+        path, not cached or not upper-only, special mode bits, a caller with other IDs than
+        the daemon's (``_owned_after``: built in ``workdir/work``), and ``made_dir_in``'s: a
+        flagged, default-ACL or setgid parent, no kept absence, the name taken behind the
+        mount's back. A failure once the directory is made removes it and is the answer."""
+        if faults.armed:
+            return None
+        mode = stat.S_IMODE(mode) & ~(umask & 0o777)  # (``acl.inherit``'s)
+        fs = self.fs
+        paths = self._paths
+        moves = paths.moves
+        named = self._short_named(parent, name, moves)
+        if named is None or mode & 0o7000 or (uid, gid) != fs.namespace._own_ids:
+            return None
+        prel, decoded = named
+        rel = f"{prel}/{decoded}"
+        lookup = fs.lookup
+        with fs.ns_lock:
+            if paths.moves != moves:
+                return None
+            pnode = lookup.upper_dir(prel)
+            if pnode is None:
+                return None
+            try:
+                made = shortdirs.made_dir_in(fs, pnode, decoded, rel, mode)
+            except BaseException:
+                lookup.changed()
+                raise
+            if made is None:
+                return None
+            try:
+                node = made[0]
+                st = node.entries[0].st
+                ino = fs.inos.ino_of(node)
+                key = InodeKey(st.st_dev, st.st_ino)  # (``identity`` of an upper directory)
+                # (``_made``'s: no flags, a new object)
+                nodeid = self.nodes.take(key, parent, decoded, True, prot=0)
+            except BaseException:
+                shortdirs.unmade_dir(fs, rel, made)
+                raise
+            finally:
+                lookup.changed()
+        return nodeid, p.pack_stat_entry(nodeid, self._entry_timeouts, st, ino)
+
+    def _rmdir_name(self, parent: int, name: bytes) -> bool:
+        """RMDIR of a directory in an upper-only directory (one per directory of an ``rm
+        -rf``), as ``rmdir`` does it: in one namespace lock hold with the ``pathguard``
+        count compared there, the parent as ``Lookup.upper_dir`` holds it, its flags
+        (``_parent_in_upper``'s ``check_dir_remove``), the directory removed
+        (``shortdirs.removed_dir_in``: cached as ``upper_dir`` too, found again with one
+        ``fstatat``, its flags, the ``rmdir`` in the parent's held fd, the merged listing
+        where that finds it not empty) and the node table's name dropped with what its node
+        keeps (``_gone_dir``; a directory's key is never kept: ``_keeps_key``). False, with
+        nothing changed and the lock released, wherever ``rmdir`` might do otherwise or
+        more: fault points armed, a read-only mount or index=on (not set then), a move in
+        progress or since the path was made, a name ``rmdir`` refuses, a parent not a
+        directory with a path, not cached, not upper-only, flagged, and ``removed_dir_in``'s
+        cases. The removal's own error is the answer."""
+        fs = self.fs
+        if faults.armed or fs.copyup is None:
+            return False
+        paths = self._paths
+        moves = paths.moves
+        named = self._short_named(parent, name, moves)
+        if named is None:
+            return False
+        prel, decoded = named
+        nodes, gone_dir = self.nodes, self._gone_dir
+        with fs.ns_lock:
+            if paths.moves != moves:
+                return False
+            pnode = fs.lookup.upper_dir(prel)
+            if pnode is None:
+                return False
+            try:
+                if fs.protection.of_node(pnode):
+                    return False  # (a flagged parent: ``rmdir``'s EPERM)
+            except OSError:
+                return False
+            return shortdirs.removed_dir_in(
+                fs, pnode, decoded, f"{prel}/{decoded}",
+                lambda node: nodes.unlink(parent, decoded, keep_key=False, gone=gone_dir(node)))
 
     def _removal(self, parent: int, name: bytes,
                  remove: "Callable[[str, Callable[[Node], None]], object]") -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import time
 
 import pytest
@@ -28,7 +29,8 @@ from test_nodes_unit import make_ops
 
 #: the hooks a session binds short handlers for (``Session._bind_shorts``)
 _HOOKS = ("lookup_name", "unlink_name", "create_name", "setattr_node", "capability_node",
-          "release_fh", "forget_nodes", "open_node", "readdirplus_node")
+          "release_fh", "forget_nodes", "open_node", "readdirplus_node", "mkdir_name",
+          "rmdir_name")
 _KEY_MASK = (1 << KEY_BITS) - 1
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 
@@ -47,6 +49,7 @@ def _tree(base) -> None:
 
 class Side:
     def __init__(self, base, short: bool, options: dict) -> None:
+        self.base = base
         self.ops, self._close = make_ops(base, **options)
         #: the requests each short hook answered
         self.answered: dict[str, int] = {}
@@ -262,6 +265,28 @@ def _run(side: Side) -> list:
     step("releasedir e", p.RELEASEDIR, e3, p.RELEASE_IN.pack(0, 0, 0, 0))
     forget("forget e's listing and e", [(e[3], 1) for e in listed if e[3]] + [(e3, 1), (y, 1)])
     step("lookup e/y again", p.LOOKUP, e3, b"y\0")
+    # MKDIR and RMDIR in an upper-only directory (speed50b), and where the short ones leave
+    # it to the generic paths: a umask, a sticky mode (special bits), a name taken (no kept
+    # absence: EEXIST), a file (ENOTDIR), an absent name, a directory not empty (ENOTEMPTY),
+    # one holding only a whiteout (a former mount's: empty in the merged view, removed)
+    step("lookup d/m", p.LOOKUP, d, b"m\0")
+    m = step("mkdir d/m (umask)", p.MKDIR, d, p.MKDIR_IN.pack(0o777, 0o027) + b"m\0")[0]
+    step("mkdir d/m again", p.MKDIR, d, p.MKDIR_IN.pack(0o755, 0) + b"m\0")
+    step("lookup d/t", p.LOOKUP, d, b"t\0")
+    step("mkdir d/t (sticky)", p.MKDIR, d, p.MKDIR_IN.pack(0o1777, 0) + b"t\0")
+    step("lookup m/f", p.LOOKUP, m, b"f\0")
+    f, _, (ffh, _, _) = step("create m/f", p.CREATE, m, _create(os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                                                0o100644, 0, b"f"))
+    step("release m/f", p.RELEASE, f, p.RELEASE_IN.pack(ffh, os.O_WRONLY, 0, 0))
+    step("rmdir d/m (not empty)", p.RMDIR, d, b"m\0")
+    step("rmdir d/a (a file)", p.RMDIR, d, b"a\0")
+    step("rmdir d/nothing", p.RMDIR, d, b"nothing\0")
+    step("unlink m/f", p.UNLINK, m, b"f\0")
+    forget("forget m/f", [(f, 1)])
+    os.mknod(side.base / "upper" / "up" / "d" / "m" / "w", stat.S_IFCHR, 0)  # (a whiteout)
+    step("rmdir d/m (a whiteout in it)", p.RMDIR, d, b"m\0")
+    step("lookup d/m gone", p.LOOKUP, d, b"m\0")
+    step("rmdir d/t", p.RMDIR, d, b"t\0")
     # an rm -rf of an upper-only directory as fts and the kernel send it (speed49c): listed
     # twice (the emptiness check's one reply, then in full after a GETATTR), each file
     # unlinked and forgotten, the parent's GETATTR after each; among the files one copied
@@ -380,3 +405,5 @@ def test_the_short_paths_together_answer_and_leave_what_the_generic_ones_do(tmp_
         assert sides[0].answered.get(hook), f"{hook} never answered"
     if name != "index":  # (not bound with an index: ``OverlayOps.unlink_name``)
         assert sides[0].answered.get("unlink_name"), "unlink_name never answered"
+        assert sides[0].answered.get("rmdir_name"), "rmdir_name never answered"
+    assert sides[0].answered.get("mkdir_name"), "mkdir_name never answered"

@@ -227,6 +227,13 @@ class Operations:
     symlink: Callable[[Request, int, bytes, bytes], Entry] = _nosys     # parent, name, target
     mknod: Callable[[Request, int, bytes, int, int], Entry] = _nosys    # parent, name, mode, rdev
     mkdir: Callable[[Request, int, bytes, int], Entry] = _nosys         # parent, name, mode
+    #: if set, a MKDIR without extensions (where every caller may ask: no ``deny_others``)
+    #: calls this first with (uid, gid, parent, name, mode, umask; no ``Request``): (the
+    #: new nodeid, the packed ``fuse_entry_out``; the reference forgotten again if the reply
+    #: is not delivered), or None, nothing done, to answer through ``mkdir``; an error
+    #: raised is the answer. One per new directory of an untar
+    mkdir_name: Callable[[int, int, int, bytes, int, int], "tuple[int, bytes] | None"] \
+        | None = None
     unlink: Callable[[Request, int, bytes], None] = _nosys
     #: if set, an UNLINK (where every caller may ask) calls this first, with the parent's
     #: node and the name alone (no ``Request``): True once the name is removed, False to
@@ -234,6 +241,11 @@ class Operations:
     #: file of an ``rm -rf``
     unlink_name: Callable[[int, bytes], bool] | None = None
     rmdir: Callable[[Request, int, bytes], None] = _nosys
+    #: if set, an RMDIR (where every caller may ask) calls this first, with the parent's
+    #: node and the name alone (no ``Request``): True once the directory is removed, False
+    #: to answer through ``rmdir`` (nothing done); an error raised is the answer. One per
+    #: directory of an ``rm -rf``
+    rmdir_name: Callable[[int, bytes], bool] | None = None
     rename: Callable[[Request, int, bytes, int, bytes, int], None] = _nosys  # ..., flags
     link: Callable[[Request, int, int, bytes], Entry] = _nosys          # node, newparent, name
     open: Callable[[Request, int, int, int], Opened] = _nosys           # node, flags, open_flags

@@ -57,6 +57,10 @@ _DENY_EXEMPT = frozenset((p.INIT, p.READ, p.WRITE, p.FSYNC, p.RELEASE, p.READDIR
 _READ, _WRITE, _FORGET, _OPENDIR, _RELEASEDIR = p.READ, p.WRITE, p.FORGET, p.OPENDIR, p.RELEASEDIR
 _GETATTR, _GETATTR_FH = p.GETATTR, p.GETATTR_FH
 _LOOKUP, _UNLINK = p.LOOKUP, p.UNLINK
+_MKDIR, _RMDIR = p.MKDIR, p.RMDIR
+_unpack_mkdir = p.MKDIR_IN.unpack_from
+#: where a MKDIR's name starts
+_MKDIR_NAME = p.IN_HEADER.size + p.MKDIR_IN.size
 #: a LOOKUP's reply, its header included
 _ENTRY_REPLY_SIZE = p.OUT_HEADER.size + p.ENTRY_OUT.size
 _unpack_getattr = p.GETATTR_IN.unpack_from
@@ -303,7 +307,8 @@ class Session:
     def _bind_shorts(self) -> None:
         """The short handlers ``dispatch`` tries by opcode before the generic path (each
         True when it answered, False to go on): those of the filesystem's hooks that are
-        set (``Operations.lookup_name``, ``unlink_name``, ``setattr_node``, ``capability_node``,
+        set (``Operations.lookup_name``, ``unlink_name``, ``mkdir_name``, ``rmdir_name``,
+        ``setattr_node``, ``capability_node``,
         ``release_fh``, ``forget_nodes``, ``open_node`` and ``create_name`` with ``release_fh``
         (which undoes an undelivered reply), ``readdirplus_node``); all but RELEASE's,
         BATCH_FORGET's and READDIRPLUS's not with ``deny_others``, which refuses some callers
@@ -313,6 +318,7 @@ class Session:
         self._release_fh = ops.release_fh
         self._lookup_name, self._unlink_name = ops.lookup_name, ops.unlink_name
         self._create_name = ops.create_name
+        self._mkdir_name, self._rmdir_name = ops.mkdir_name, ops.rmdir_name
         if self.deny_others is None:
             if self._create_name is not None and self._release_fh is not None:
                 shorts[_CREATE] = self._create_short
@@ -320,6 +326,10 @@ class Session:
                 shorts[_LOOKUP] = self._lookup_short
             if self._unlink_name is not None:
                 shorts[_UNLINK] = self._unlink_short
+            if self._mkdir_name is not None:
+                shorts[_MKDIR] = self._mkdir_short
+            if self._rmdir_name is not None:
+                shorts[_RMDIR] = self._rmdir_short
             if self._setattr_node is not None:
                 shorts[_SETATTR] = self._setattr_short
             if self._capability_node is not None:
@@ -799,6 +809,54 @@ class Session:
             return True
         if log.isEnabledFor(logs.DEBUG):
             log.debug("UNLINK(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, unique)])
+        except OSError as e:
+            self._write_failed(e)
+        return True
+
+    def _mkdir_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """MKDIR through ``Operations.mkdir_name``: True when it answered (the entry, or its
+        error), False to answer the generic way (nothing done, nothing sent). An entry the
+        kernel never takes is forgotten again, as ``_entry``'s undo."""
+        if head[7]:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            mode, umask = _unpack_mkdir(msg, _BODY)
+            made = self._mkdir_name(head[4], head[5], nodeid, self._name(msg, _MKDIR_NAME),
+                                    mode, umask)
+        except Exception as e:  # noqa: BLE001 (answered, as every handler's failure)
+            self._failed(fd, unique, _MKDIR, nodeid, e)
+            return True
+        if made is None:
+            return False
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("MKDIR(%d) -> ok", nodeid)
+        try:
+            self._writev(fd, [_pack_out(_ENTRY_REPLY_SIZE, 0, unique), made[1]])
+            return True
+        except OSError as e:
+            self._write_failed(e)
+        try:  # (the kernel never took the reference: ``_entry``'s undo)
+            self.ops.forget(made[0], 1)
+        except Exception:
+            log.exception("undoing an undelivered MKDIR reply failed")
+        return True
+
+    def _rmdir_short(self, fd: int, head: tuple, msg: memoryview) -> bool:
+        """RMDIR through ``Operations.rmdir_name``, as ``_unlink_short``."""
+        if head[7]:
+            return False
+        unique, nodeid = head[2], head[3]
+        try:
+            if not self._rmdir_name(nodeid, self._name(msg, _BODY)):
+                return False
+        except Exception as e:  # noqa: BLE001
+            self._failed(fd, unique, _RMDIR, nodeid, e)
+            return True
+        if log.isEnabledFor(logs.DEBUG):
+            log.debug("RMDIR(%d) -> ok", nodeid)
         try:
             self._writev(fd, [_pack_out(_EMPTY_SIZE, 0, unique)])
         except OSError as e:
