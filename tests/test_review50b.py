@@ -3,15 +3,19 @@ each side by side with the generic path (two cores over trees built alike, one s
 the hook set, the other without; driven through the fake kernel, without FUSE).
 
 - ``speed50a`` (a listed lower file opened through its directory's fd): a copy-up by another
-  handle between the listing and the open, and after it (no stale read through any handle:
-  the open reaches the upper file); a directory merged through a redirect (its lower part
-  at another path); threads shedding the caches while listed files open (the directory's fd
-  never closed under an open).
+  handle between the listing and the open, and after it, and one by a SETATTR of the node
+  (no stale read through any handle: the open reaches the upper file; the SETATTR case fails
+  with the lookup's kept files not voided at a change); a directory merged through a
+  redirect (its lower part at another path); threads shedding the caches while listed files
+  open (the directory's fd never closed under an open); the open-foo scenario through a
+  mount with a listing before each open.
 - ``speed50b`` (short MKDIR and RMDIR in an upper-only directory): the node table, the
   lookup cache and the replies after an RMDIR (the old node's attributes, a LOOKUP, MKDIR and
   CREATE of the same name, an inode number the filesystem hands out again); RMDIR of a
-  directory removed or replaced by a file behind the mount, of an opaque one over a lower
-  directory, of one holding only an OCI opaque marker and whiteouts.
+  directory removed or replaced by a file behind the mount or a mount point, of an opaque
+  one over a lower directory, of one holding only an OCI opaque marker and whiteouts; each
+  hook's short answers counted. Against the kernel overlay (mounted): directories removed
+  while held open, a mount point, an upper-only directory moved over a removed lower one.
 """
 from __future__ import annotations
 
@@ -41,11 +45,22 @@ class Side:
     def __init__(self, base, short: bool, hooks: tuple[str, ...], **options) -> None:
         self.base = base
         self.ops, self._close = make_ops(base, **options)
-        if not short:
-            for hook in hooks:
-                setattr(self.ops, hook, None)  # (before the session binds its hooks)
+        #: each hook's answers that took the short path (not None, not False)
+        self.taken: dict[str, int] = dict.fromkeys(hooks, 0)
+        for hook in hooks:  # (before the session binds its hooks)
+            setattr(self.ops, hook, self._counted(hook, getattr(self.ops, hook)) if short else None)
         self.fk = FakeKernel(self.ops)
         self.fk.start()
+
+    def _counted(self, hook: str, call):
+        assert call is not None, hook
+
+        def counted(*args):
+            got = call(*args)
+            if got is not None and got is not False:
+                self.taken[hook] += 1
+            return got
+        return counted
 
     def close(self) -> None:
         self.fk.close()
@@ -186,6 +201,29 @@ def test_a_copy_up_by_another_handle_reaches_every_later_open(sides, options, dn
     assert got[0][:4] == [(0, (0, f"lower {name} a".encode())), (0, new), (0, (0, new)),
                           (True, 0, (0, new))]
     assert got[0][4] == (0, (0, f"lower {name} b".encode()))
+
+
+@pytest.mark.parametrize("options", [{}, {"cache": "shared"}])
+def test_a_copy_up_by_setattr_between_the_listing_and_the_open(sides, options):
+    """``a`` listed, then copied up by a SETATTR of its node (a chmod: no LOOKUP keeps the
+    upper file in its place), then opened for reading: that open must reach the upper file
+    (the kept lower one voided), so a write through another handle after it is read through
+    it; were the listed lower file opened, its handle would be on an inode of its own,
+    never told of the upper file's writes."""
+    def run(side):
+        d = side.lookup(ROOT_ID, b"l0")[1]
+        a = _listed(side, d)[b"a"]
+        side.fk.ok(p.SETATTR, a, p.SetAttr(p.FATTR_MODE, None, 0, None, None, 0o100600, 0, 0).encode())
+        err, reader = side.open(a, _RD)
+        assert err == 0
+        err, writer = side.open(a, os.O_RDWR | os.O_LARGEFILE)
+        assert err == 0 and side.write(a, writer, b"upper!") == 0
+        got = side.read(a, reader)
+        assert side.release(a, reader, _RD) == 0 and side.release(a, writer, os.O_RDWR) == 0
+        return got, side.ops.fs.open_fds(), len(side.ops.fs.handles)
+    short, generic = sides(_lower_tree, ("open_node",), **options)
+    got = _both((short, generic), run)
+    assert got[0][0] == (0, b"upper!l0 a")
 
 
 def _redirect_tree(base) -> None:
@@ -339,6 +377,9 @@ def test_after_a_short_rmdir_the_name_and_the_old_node_answer_as_rmdirs(sides):
     short, generic = sides(_upper_tree, _DIR_HOOKS)
     got = _both((short, generic), run)
     assert -errno.ENOTEMPTY in got[0] and -errno.ENOTDIR in got[0]
+    # (every MKDIR below ``u``; an RMDIR's ENOTEMPTY drops ``u/x`` from the lookup cache,
+    # as the generic one's, so ``x/y`` goes the generic way, which caches ``u/x`` again)
+    assert short.taken == {"mkdir_name": 7, "rmdir_name": 3}, short.taken
 
 
 @pytest.mark.parametrize("behind", ["removed", "a file", "another directory", "emptied",
@@ -361,6 +402,7 @@ def test_an_rmdir_after_a_change_behind_the_mount(sides, behind):
         u = side.mkdir(ROOT_ID, b"u")[1]
         side.lookup(u, b"x")
         x = side.mkdir(u, b"x")[1]
+        side.lookup(x, b"y")
         side.mkdir(x, b"y")
         path = side.base / "upper" / "u" / "x"
         os.rmdir(path / "y")
@@ -377,7 +419,9 @@ def test_an_rmdir_after_a_change_behind_the_mount(sides, behind):
         out = [side.rmdir(u, b"x"), side.lookup(u, b"x")]
         out.append(sorted(os.listdir(side.base / "upper" / "u")))
         return out
-    got = _both(sides(_upper_tree, _DIR_HOOKS), run)
+    short, generic = sides(_upper_tree, _DIR_HOOKS)
+    got = _both((short, generic), run)
+    assert short.taken == {"mkdir_name": 2, "rmdir_name": int(behind == "emptied")}, short.taken
     assert got[0][0] == {"removed": -errno.ENOENT, "a file": -errno.ENOTDIR, "emptied": 0,
                          "another directory": -errno.ENOTEMPTY, "a mount point": -errno.EBUSY}[behind]
 
@@ -411,7 +455,9 @@ def test_an_opaque_directory_over_a_lower_one_made_and_removed_again(sides):
                     sorted(n for n in os.listxattr(upper) if n.startswith("trusted.overlay."))))
         out.append(side.table())
         return out
-    _both(sides(_upper_tree, _DIR_HOOKS), run)
+    short, generic = sides(_upper_tree, _DIR_HOOKS)
+    _both((short, generic), run)
+    assert short.taken == {"mkdir_name": 4, "rmdir_name": 4}, short.taken
 
 
 def test_a_directory_holding_an_oci_opaque_marker_and_whiteouts_goes(sides):
@@ -434,8 +480,10 @@ def test_a_directory_holding_an_oci_opaque_marker_and_whiteouts_goes(sides):
         out.append(sorted(os.listdir(side.base / "upper" / "u")))
         out.append(os.listdir(side.base / "work" / "work"))
         return out
-    got = _both(sides(_upper_tree, _DIR_HOOKS), run)
+    short, generic = sides(_upper_tree, _DIR_HOOKS)
+    got = _both((short, generic), run)
     assert got[0][:2] == [0, -errno.ENOTEMPTY]
+    assert short.taken == {"mkdir_name": 2, "rmdir_name": 1}, short.taken
 
 
 # -- speed50b against the kernel overlay -----------------------------------------------------
@@ -569,3 +617,39 @@ def test_an_upper_only_directory_moved_over_a_lower_one_as_the_kernel(tmp_path, 
     assert got["kernel"]["ls moved"] == ["ld", "x"]
     assert got["overlaypc"] == got["kernel"]
     assert _upper_marks(stacks["overlaypc"].upper) == _upper_marks(stacks["kernel"].upper)
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("cache", ["kernel", "shared"])
+def test_listed_files_read_fresh_across_a_copy_up_through_a_mount(overlay_mount, layers_factory,
+                                                                  tmp_path, cache):
+    """The open-foo scenario where each open follows a listing (``ls``: READDIRPLUS keeps the
+    lower files for the short OPEN through the directory's fd): a reader opened that way,
+    a writer's copy-up and write, then the reader's reads (its own pages dropped), an open
+    after a new listing and one after every fd closed and the caches dropped read the new
+    data; the other listed file its own."""
+    from coherence_support import NEW, NEW_HEAD, OLD, Fds, dontneed, drop_caches, make_stack, pread_all
+
+    st = make_stack(layers_factory, tmp_path, {"d/a": OLD, "d/b": OLD})
+    m = overlay_mount(st.options(cache, "reopen")).path
+    d = m / "d"
+    with Fds() as fds:
+        assert sorted(os.listdir(d)) == ["a", "b"]
+        fr = fds.open(d / "a", os.O_RDONLY)
+        assert pread_all(fr) == OLD
+        assert sorted(os.listdir(d)) == ["a", "b"]
+        fw = fds.open(d / "a", os.O_RDWR)
+        os.pwrite(fw, NEW_HEAD, 0)
+        dontneed(fr)
+        assert pread_all(fr) == NEW
+        late = fds.open(d / "a", os.O_RDONLY)  # (no listing since the copy-up)
+        dontneed(late)
+        assert pread_all(late) == NEW
+        assert sorted(os.listdir(d)) == ["a", "b"]
+        assert pread_all(fds.open(d / "a", os.O_RDONLY)) == NEW
+        assert pread_all(fds.open(d / "b", os.O_RDONLY)) == OLD
+    drop_caches()
+    assert sorted(os.listdir(d)) == ["a", "b"]
+    with Fds() as fds:
+        assert pread_all(fds.open(d / "a", os.O_RDONLY)) == NEW
+    assert (st.upper / "d" / "a").read_bytes() == NEW and (st.lower / "d" / "a").read_bytes() == OLD
