@@ -921,21 +921,27 @@ class CopyUp:
             held = self.upper.held_dir(parent)
             impure.mark(self.upper, parent, self.prefix, held)  # before the name: ``impure``
             work = self.work.held_dir(WORK_DIR) if held is not None else None
-            with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only,
-                                held=held, name=name) as placed:
-                with self._parent_times_kept(rel, ctx.debug, held):
-                    if work is not None:
-                        rename_at(self.work, work, ctx.tmp[_WORK_PREFIX:], ctx.tmp, self.upper, held,
-                                  name, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
-                    else:
-                        do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE,
-                                  ctx.debug)
-                    placed()
-                if not self.volatile:
-                    if held is not None:
-                        os.fsync(self.upper.readable_dir(held, parent))
-                    else:
-                        self.upper.fsync_dir(parent)
+            placed = None
+            try:
+                with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only,
+                                    held=held, name=name) as placed:
+                    with self._parent_times_kept(rel, ctx.debug, held):
+                        if work is not None:
+                            rename_at(self.work, work, ctx.tmp[_WORK_PREFIX:], ctx.tmp, self.upper,
+                                      held, name, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
+                        else:
+                            do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE,
+                                      ctx.debug)
+                        placed()
+                    if not self.volatile:
+                        if held is not None:
+                            os.fsync(self.upper.readable_dir(held, parent))
+                        else:
+                            self.upper.fsync_dir(parent)
+            except BaseException:
+                if placed is not None and placed.done and ctx.mode is not None:
+                    self._mode_back(ctx, rel)
+                raise
             entry = placed.result()
             if ctx.origin_ino is not None and self.inos is not None:
                 # the copy's number, kept under its stat: its first GETATTR (or a change's
@@ -948,6 +954,19 @@ class CopyUp:
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
         return entry
+
+    def _mode_back(self, ctx: CopyUpContext, rel: str) -> None:
+        """A copy-up that made a chmod (``ctx.mode``: one pass) failed after its rename (the
+        parent's fsync, its readable fd at the fd limit): the copy in place gets the source's
+        mode back, so the error the chmod answers comes with no chmod made, as the generic
+        path's (whose chmod never ran). Best effort: a failure here is logged, the copy-up's
+        own error answered (the copy keeps the chmod's mode then, as after a kill -9)."""
+        mode = stat.S_IMODE(self.ownership.on_disk(self.ownership.stored_entry(ctx.src)).mode)
+        try:
+            self.upper.do_chmod(rel, mode, by_name=True)
+        except OSError as e:
+            log.warning("copy-up of %s failed after its rename; the chmod made by it not undone: %s",
+                        rel, e)
 
     @scopes.contextmanager
     def _in_place(self, key, rel: str, *, metadata_only: bool = False, filled: bool = False,
