@@ -1001,8 +1001,9 @@ class CopyUp:
         (the kernel's ``ovl_set_timestamps``). ``debug``: ``Layer._change``'s; ``held``: the
         parent's fd a cache holds, found in this lock hold: its times read and set through
         it (``fstat``, ``futimens`` of its readable fd: ``Layer.readable_dir``). A plain
-        user's daemon may not open its own upper directory of mode 0300 for reading (EACCES):
-        then by name, as where no cache holds it (and no readable fd kept or counted).
+        user's daemon may not open its own upper directory of mode 0300 for reading (EACCES),
+        nor any daemon one at the fd limit (EMFILE): then by name, as where no cache holds it
+        (and no readable fd kept or counted).
         Setting them is best effort, as the kernel's (which ignores the error: a parent
         owned by another user, an append-only one, EIO): the copy is in place by then and
         the copy-up done; only the read of them before it fails it."""
@@ -1020,9 +1021,8 @@ class CopyUp:
             if held is not None:
                 try:
                     fd = upper.readable_dir(held, parent)
-                except OSError as e:
-                    if e.errno != errno.EACCES:
-                        raise
+                except OSError as e:  # (EACCES; EMFILE after ``retrying``: none needed by name)
+                    log.debug("copy-up %s: the parent's times by name: %s", rel, e)
                 else:
                     upper.do_futime(fd, parent, ns, debug)
                     return
