@@ -316,6 +316,10 @@ def _during_install(change):
 RACES = {
     "another change before the copy-up": ("d/plain", _stale_epoch, False),
     "not handed over": ("d/plain", _not_handed, False),
+    # (review50a) a change of another name while the copy is built (the epoch moved): the install
+    # looks the name up again, finds the same lower file there and installs; the answer is given
+    "another change during the copy-up": ("d/plain", _during_install(
+        lambda side: side.fs.lookup.changed()), True),
     # a directory moved elsewhere while the copy is built: its install lands, the answer not
     # given (the move count moved), the change runs again in a new hold
     "a move elsewhere during the copy-up": ("d/plain", _during_install(
