@@ -65,7 +65,9 @@ fsync; the handed copy says so (``Seen.mode``) and the request answers from it
 lookup at an unmoved epoch, without an override xattr, a hard-linked source or a source flagged
 immutable/append-only: elsewhere the change chmods after the copy-up as before. A kill -9
 before the rename leaves the lower file (the chmod unanswered); after it, the copy with the
-new mode (the chmod made, unanswered: as a kill between a generic chmod and its reply).
+new mode (the chmod made, unanswered: as a kill between a generic chmod and its reply). A step
+after the rename that fails the copy-up (the parent's fsync) gives the copy the source's mode
+back first (``_mode_back``): the chmod's error comes with no chmod made (review50a).
 """
 from __future__ import annotations
 
