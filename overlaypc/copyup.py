@@ -65,7 +65,9 @@ fsync; the handed copy says so (``Seen.mode``) and the request answers from it
 lookup at an unmoved epoch, without an override xattr, a hard-linked source or a source flagged
 immutable/append-only: elsewhere the change chmods after the copy-up as before. A kill -9
 before the rename leaves the lower file (the chmod unanswered); after it, the copy with the
-new mode (the chmod made, unanswered: as a kill between a generic chmod and its reply).
+new mode (the chmod made, unanswered: as a kill between a generic chmod and its reply). A step
+after the rename that fails the copy-up (the parent's fsync) gives the copy the source's mode
+back first (``_mode_back``): the chmod's error comes with no chmod made (review50a).
 """
 from __future__ import annotations
 
@@ -921,21 +923,27 @@ class CopyUp:
             held = self.upper.held_dir(parent)
             impure.mark(self.upper, parent, self.prefix, held)  # before the name: ``impure``
             work = self.work.held_dir(WORK_DIR) if held is not None else None
-            with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only,
-                                held=held, name=name) as placed:
-                with self._parent_times_kept(rel, ctx.debug, held):
-                    if work is not None:
-                        rename_at(self.work, work, ctx.tmp[_WORK_PREFIX:], ctx.tmp, self.upper, held,
-                                  name, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
-                    else:
-                        do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE,
-                                  ctx.debug)
-                    placed()
-                if not self.volatile:
-                    if held is not None:
-                        os.fsync(self.upper.readable_dir(held, parent))
-                    else:
-                        self.upper.fsync_dir(parent)
+            placed = None
+            try:
+                with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only,
+                                    held=held, name=name) as placed:
+                    with self._parent_times_kept(rel, ctx.debug, held):
+                        if work is not None:
+                            rename_at(self.work, work, ctx.tmp[_WORK_PREFIX:], ctx.tmp, self.upper,
+                                      held, name, rel, sysapi.RENAME_NOREPLACE, ctx.debug)
+                        else:
+                            do_rename(self.work, ctx.tmp, self.upper, rel, sysapi.RENAME_NOREPLACE,
+                                      ctx.debug)
+                        placed()
+                    if not self.volatile:
+                        if held is not None:
+                            os.fsync(self.upper.readable_dir(held, parent))
+                        else:
+                            self.upper.fsync_dir(parent)
+            except BaseException:
+                if placed is not None and placed.done and ctx.mode is not None:
+                    self._mode_back(ctx, rel)
+                raise
             entry = placed.result()
             if ctx.origin_ino is not None and self.inos is not None:
                 # the copy's number, kept under its stat: its first GETATTR (or a change's
@@ -948,6 +956,19 @@ class CopyUp:
         self.stats.copy_up(ctx.method if ctx.kind == stat.S_IFREG else "metadata")
         log.debug("copy-up %s: %d bytes by %s in %.3f s", rel, ctx.src.st.st_size, ctx.method, elapsed)
         return entry
+
+    def _mode_back(self, ctx: CopyUpContext, rel: str) -> None:
+        """A copy-up that made a chmod (``ctx.mode``: one pass) failed after its rename (the
+        parent's fsync, its readable fd at the fd limit): the copy in place gets the source's
+        mode back, so the error the chmod answers comes with no chmod made, as the generic
+        path's (whose chmod never ran). Best effort: a failure here is logged, the copy-up's
+        own error answered (the copy keeps the chmod's mode then, as after a kill -9)."""
+        mode = stat.S_IMODE(self.ownership.on_disk(self.ownership.stored_entry(ctx.src)).mode)
+        try:
+            self.upper.do_chmod(rel, mode, by_name=True)
+        except OSError as e:
+            log.warning("copy-up of %s failed after its rename; the chmod made by it not undone: %s",
+                        rel, e)
 
     @scopes.contextmanager
     def _in_place(self, key, rel: str, *, metadata_only: bool = False, filled: bool = False,
@@ -982,8 +1003,9 @@ class CopyUp:
         (the kernel's ``ovl_set_timestamps``). ``debug``: ``Layer._change``'s; ``held``: the
         parent's fd a cache holds, found in this lock hold: its times read and set through
         it (``fstat``, ``futimens`` of its readable fd: ``Layer.readable_dir``). A plain
-        user's daemon may not open its own upper directory of mode 0300 for reading (EACCES):
-        then by name, as where no cache holds it (and no readable fd kept or counted).
+        user's daemon may not open its own upper directory of mode 0300 for reading (EACCES),
+        nor any daemon one at the fd limit (EMFILE): then by name, as where no cache holds it
+        (and no readable fd kept or counted).
         Setting them is best effort, as the kernel's (which ignores the error: a parent
         owned by another user, an append-only one, EIO): the copy is in place by then and
         the copy-up done; only the read of them before it fails it."""
@@ -1001,9 +1023,8 @@ class CopyUp:
             if held is not None:
                 try:
                     fd = upper.readable_dir(held, parent)
-                except OSError as e:
-                    if e.errno != errno.EACCES:
-                        raise
+                except OSError as e:  # (EACCES; EMFILE after ``retrying``: none needed by name)
+                    log.debug("copy-up %s: the parent's times by name: %s", rel, e)
                 else:
                     upper.do_futime(fd, parent, ns, debug)
                     return

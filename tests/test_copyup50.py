@@ -316,6 +316,10 @@ def _during_install(change):
 RACES = {
     "another change before the copy-up": ("d/plain", _stale_epoch, False),
     "not handed over": ("d/plain", _not_handed, False),
+    # (review50a) a change of another name while the copy is built (the epoch moved): the install
+    # looks the name up again, finds the same lower file there and installs; the answer is given
+    "another change during the copy-up": ("d/plain", _during_install(
+        lambda side: side.fs.lookup.changed()), True),
     # a directory moved elsewhere while the copy is built: its install lands, the answer not
     # given (the move count moved), the change runs again in a new hold
     "a move elsewhere during the copy-up": ("d/plain", _during_install(
@@ -417,3 +421,56 @@ def test_the_one_pass_makes_no_chmod_and_reads_no_stat_after_the_install(lower, 
         assert side.made == 1 and side.chmods == 0
     finally:
         side.close()
+
+
+# -- review50a: a copy-up failing after its rename ------------------------------------------------
+def _fsync_dir_fails(side: Side, monkeypatch) -> None:
+    """The parent's fsync after the rename fails (EIO): the copy is in place, the copy-up fails."""
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "injected")
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _readable_dir_fails(side: Side, monkeypatch) -> None:
+    """The parent's readable fd cannot be opened (EMFILE) after the rename: its times are not
+    kept (best effort), its fsync fails the copy-up."""
+    def readable_dir(held, rel):
+        raise OSError(errno.EMFILE, "injected")
+    monkeypatch.setattr(side.fs.stack.upper, "readable_dir", readable_dir)
+
+
+@pytest.mark.parametrize("fail", [_fsync_dir_fails, _readable_dir_fails])
+def test_a_chmod_whose_copy_up_fails_after_its_rename_leaves_the_mode_as_the_generic_path(
+        fail, lower, tmp_path, monkeypatch):
+    """review50a: a step of the install after the rename fails (the parent's fsync, its fd at
+    the fd limit): the copy is in place and the chmod answers the error. The generic path's
+    copy has the lower file's mode (its chmod never ran); the one pass's must not have the
+    chmod's mode either (an error answered for a chmod that was made)."""
+    sides = _sides(tmp_path, lower, {})
+    try:
+        got = []
+        for side in sides:
+            side.setattr("d", CHMOD_D)
+            nodeid = side.node("d/plain")
+            with monkeypatch.context() as m:
+                fail(side, m)
+                try:
+                    reply = _attr(side.ops.setattr(REQ, nodeid, CHMOD).attr)
+                except OSError as e:
+                    reply = errno.errorcode[e.errno]
+            assert not side.fs.ns_lock._is_owned() and side.fs.copyup._handover.offered is None
+            got.append((reply, side.state("d/plain"), _attr(side.ops.getattr(REQ, nodeid).attr)))
+        # (one pass, generic): the copy's mode on disk, the mode a GETATTR shows after
+        assert [(g[1]["upper"][1], stat.S_IMODE(g[2][1])) for g in got] == [(0o644, 0o644)] * 2
+        if fail is _readable_dir_fails:  # (the parent's times not kept on either side: now)
+            for g in got:
+                g[1]["parent"] = g[1]["parent"][:2]
+        assert got[0] == got[1]
+        assert isinstance(got[0][0], str)
+    finally:
+        for side in reversed(sides):
+            side.close()

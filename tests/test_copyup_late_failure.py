@@ -129,3 +129,29 @@ def test_handle_opened_before_a_metacopy_data_copy_up_failing_at_the_mark(fs_fac
     assert tried == ["trusted.overlay.metacopy"]
     assert os.getxattr(fs.root / "upper/d/x", "trusted.overlay.metacopy") == b""
     assert write_then_read(fs, "d/x", reader) == b"new\n"
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.EIO])
+def test_a_copy_ups_parent_times_kept_by_name_when_no_readable_fd_can_be_had(fs_factory,
+                                                                             monkeypatch, code):
+    """review50a: the parent's readable fd refused for another reason than EACCES (EMFILE
+    once ``retrying`` shed the caches, EIO): its times are set back by name, which needs no
+    fd, as where no cache holds the parent; the kernel keeps them. Volatile: no fsync
+    needs that fd after, so the copy-up is done."""
+    fs = fs_factory({"d/x": b"old\n"}, volatile=True)
+    write_new(fs, "d/other", b"")  # (d copied up and cached)
+    parent = fs.root / "upper/d"
+    times = (1_500_000_000_000_000_001, 1_400_000_000_000_000_002)
+    os.utime(parent, ns=times)
+    tried = []
+
+    def readable_dir(*args):
+        tried.append(args[1])
+        raise OSError(code, "injected")
+    monkeypatch.setattr(fs.stack.upper, "readable_dir", readable_dir)
+    fs.release(fs.open("d/x", os.O_RDWR).fh)
+    monkeypatch.undo()
+    assert tried == ["d"]
+    st = os.stat(parent)
+    assert (st.st_atime_ns, st.st_mtime_ns) == times
+    assert (fs.root / "upper/d/x").read_bytes() == b"old\n"

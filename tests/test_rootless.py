@@ -351,6 +351,35 @@ def test_plain_user_volatile_copy_up_into_an_unreadable_upper_directory(nobody_s
     assert not helpers.unexpected_log_lines(log), log
 
 
+def test_plain_user_chmod_failing_after_its_copy_up_took_its_name_leaves_the_mode(nobody_setup):
+    """review50a: without ``volatile`` a copy-up's parent's fsync needs a readable fd, which
+    a plain user's daemon may not open on an upper directory of its own of mode 0300: EACCES
+    reaches the caller after the copy took its name (fix50's difference left; the kernel
+    overlay fsyncs nothing there). A chmod's copy-up makes the chmod (copyup50's one pass):
+    the error comes with the lower's mode on the copy, as the generic path leaves it, not
+    the mode asked for."""
+    root, py = nobody_setup
+    mnt, upper_dir = root / "mnt", root / "upper/img/dir"
+    upper_dir.parent.mkdir()
+    upper_dir.mkdir()
+    rs.make_tree(root / "upper", rs.NOBODY, rs.NOBODY)
+    os.chmod(upper_dir, 0o300)
+    lower_mode = stat.S_IMODE(os.stat(root / "low/img/dir/a").st_mode)
+    assert lower_mode != 0o600
+    r = _mount_as_nobody(root, py)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        r = subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + ["chmod", "600", f"{mnt}/img/dir/a"],
+                           cwd="/", capture_output=True, text=True)
+        copied = sorted(os.listdir(upper_dir))
+        assert (r.returncode, "Permission denied" in r.stderr, copied) == (1, True, ["a"]), r.stderr
+        assert oct(stat.S_IMODE(os.stat(upper_dir / "a").st_mode)) == oct(lower_mode)
+    finally:
+        subprocess.run(rs.as_user(rs.NOBODY, rs.NOBODY) + ["fusermount3", "-u", str(mnt)],
+                       capture_output=True)
+        helpers.force_unmount(mnt)
+
+
 T_PARENT = 1_100_000_000_000_000_000
 
 
