@@ -393,11 +393,10 @@ class OverlayOps(Operations):
                 if self.nodes.epoch == epoch:
                     nodeid = self.nodes.take(key, parent, name, is_dir, prot=prot)
                     return Entry(nodeid, file_attr(attr), self.timeout,
-                                 self._attr_timeout(key, attr))
+                                 self._attr_timeout(key))
 
-    def _attr_timeout(self, key: InodeKey, attr: Attr | None = None) -> float:
-        """How long the kernel may cache a node's attributes (``attr``, the ones answered:
-        not read since fix50, the signature kept for the callers of this round). A name of
+    def _attr_timeout(self, key: InodeKey) -> float:
+        """How long the kernel may cache a node's attributes. A name of
         a lower hard link that copy-up would split off (a writable mount without index)
         changes its link count and inode number when an open for writing copies it up,
         with no request that returns attributes and no invalidation: the kernel must ask
@@ -410,9 +409,9 @@ class OverlayOps(Operations):
             return 0.0
         return self.timeout
 
-    def _node_attr_timeout(self, nodeid: int, attr: Attr | None = None) -> float:
+    def _node_attr_timeout(self, nodeid: int) -> float:
         key = self.nodes.node(nodeid).key
-        return self._attr_timeout(key, attr) if isinstance(key, InodeKey) else self.timeout
+        return self._attr_timeout(key) if isinstance(key, InodeKey) else self.timeout
 
     def _at_paths(self, change):
         """``change()``, which makes its paths from the node table and then one namespace
@@ -747,10 +746,10 @@ class OverlayOps(Operations):
                 raise
         else:
             if paths.moves == moves and not moves & 1 or not self._moved(moves):
-                return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
+                return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
         with self.fs.ns_lock:  # (again where no move lands)
             attr = self._attr(nodeid, fh)
-            return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
+            return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
 
     def _cached_dir_attr(self, nodeid: int) -> bytes | None:
         """GETATTR (no handle) of a directory the lookup cache holds with its parent, as
@@ -1059,7 +1058,7 @@ class OverlayOps(Operations):
             attr = fs.attrs.refreshed(seen, rel)
         if attr is None:
             attr = self._attr(nodeid, sa.fh)
-        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
+        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
 
     def _setattr_named(self, req: Request, nodeid: int, sa: SetAttr,
                        check: "Callable[[int], None] | None" = None) -> AttrReply:
@@ -1096,7 +1095,7 @@ class OverlayOps(Operations):
         attr, killed = done
         if killed:
             self.notifier.inval_inode(nodeid, -1)
-        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid, attr))
+        return AttrReply(file_attr(attr), self._node_attr_timeout(nodeid))
 
     def readlink(self, req: Request, nodeid: int) -> bytes:
         return os.fsencode(self._read_at(nodeid, self.fs.readlink))
@@ -1368,7 +1367,7 @@ class OverlayOps(Operations):
         shown = self.fs.attrs.of_node(node, rel)
         attr = file_attr(shown)
         key = self.fs.identity(node)
-        timeout = self._attr_timeout(key, shown)
+        timeout = self._attr_timeout(key)
         # (no flags: a new object, or a hard link of one whose flags allowed the link)
         nodeid = self.nodes.take(key, parent, name, node.is_dir, linked, prot=0)
         return Entry(nodeid, attr, self.timeout, timeout)
