@@ -262,26 +262,17 @@ class InodeTable:
 
     def acquire(self, key: InodeKey, ino: int, entry: Entry) -> OverlayInode:
         """Take a reference on the inode ``key``, creating it on ``entry`` if new."""
-        with self._lock:
-            inode = self._live.get(key)
-            if inode is None:
-                inode = OverlayInode(key, ino, entry.layer, entry.rel, entry.st.st_dev, entry.st.st_ino,
-                                     linked=entry.st.st_nlink > 1)
-                kept = self._versions.pop(key, None)
-                if kept is not None:
-                    inode.data_version, inode.cached_version = kept
-                self._live[key] = inode
-            inode.refs += 1
-            return inode
+        st = entry.st
+        return self.acquire_listed(key, ino, entry.layer, entry.rel, st, st.st_nlink > 1)
 
     def acquire_listed(self, key: InodeKey, ino: int, layer: Layer, rel: str,
-                       st: os.stat_result) -> OverlayInode:
-        """``acquire`` of a file a listing kept (``rel`` in ``layer``, its stat ``st``, one
-        link: a listing keeps no other), without its ``Entry``."""
+                       st: os.stat_result, linked: bool = False) -> OverlayInode:
+        """``acquire`` without an ``Entry``: of ``rel`` in ``layer``, its stat ``st``
+        (a file a listing kept: one link, a listing keeps no other)."""
         with self._lock:
             inode = self._live.get(key)
             if inode is None:
-                inode = OverlayInode(key, ino, layer, rel, st.st_dev, st.st_ino)
+                inode = OverlayInode(key, ino, layer, rel, st.st_dev, st.st_ino, linked=linked)
                 kept = self._versions.pop(key, None)
                 if kept is not None:
                     inode.data_version, inode.cached_version = kept
