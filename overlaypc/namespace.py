@@ -139,7 +139,7 @@ class Namespace:
                   dnode: Node | None = None) -> tuple[int, int, int, bytes | None]:
         """``_owner`` of a new object in the directory ``parent_rel`` (``dnode``: its node,
         if looked up in this lock hold already)."""
-        top = (dnode or self.fs.lookup.directory(parent_rel)).top
+        top = (self.fs.lookup.directory(parent_rel) if dnode is None else dnode).top
         upper = self.fs.stack.upper
         assert upper is not None
         if top.layer is upper and top.dirfd is not None:
