@@ -32,6 +32,7 @@ OPTIONS = {
     "redirect_on": ("redirect_dir=on",),
     "xino_on": ("redirect_dir=off", "xino=on"),
     "index": ("redirect_dir=on", "index=on"),
+    "metacopy": ("redirect_dir=on", "metacopy=on"),
     "userxattr": ("userxattr", "redirect_dir=nofollow"),
     "userxattr_xino_on": ("userxattr", "redirect_dir=nofollow", "xino=on"),
 }
