@@ -11,7 +11,8 @@ GETXATTR again, SETATTR (chown with the kill flag), SETATTR (mode), RELEASE (the
 without a handle, as the kernel sends tar's futimens, fchown and fchmod: ``fuse_setattr``
 sends FATTR_FH only with a size, ATTR_FILE coming from ``do_truncate``); ``rm -rf`` —
 UNLINK, FORGET, parent GETATTR; per new directory (``files // 8`` of them), as tar makes
-one: its negative LOOKUP, the LOOKUP of each ancestor (found: two), the name again, MKDIR.
+one: its negative LOOKUP, the LOOKUP of each ancestor (found: two), the name again, MKDIR;
+and as many made in a merged parent (the root: the generic MKDIR): its negative LOOKUP, MKDIR.
 The data WRITE passes through (FUSE passthrough, faked
 here: backing ids are numbers), so it is not sent. For each request: Python bytecodes
 executed and Python calls made (``sys.settrace`` with opcode events), per file. Unlike
@@ -124,6 +125,20 @@ def new_dirs(run: int, count: bool) -> None:
         assert error(send(lbl(NEWDIR[3]), p.MKDIR, b, MKDIR + name)) == 0
 
 
+#: per new directory in a merged parent (the root), as ``mkdir NAME`` makes it
+MERGED_NEWDIR = ("LOOKUP new directory (merged)", "MKDIR (merged parent)")
+
+
+def merged_dirs(run: int, count: bool) -> None:
+    """``args.files // 8`` new directories in the root, a merged directory (the lower
+    layer's root below): a negative LOOKUP, MKDIR. ``rm`` leaves them."""
+    lbl = (lambda k: k) if count else (lambda k: None)
+    for i in range(args.files // 8):
+        name = b"merged_%d_%05d\0" % (run, i)
+        assert p.ENTRY_OUT.unpack_from(send(lbl(MERGED_NEWDIR[0]), p.LOOKUP, p.ROOT_ID, name), 16)[0] == 0
+        assert error(send(lbl(MERGED_NEWDIR[1]), p.MKDIR, p.ROOT_ID, MKDIR + name)) == 0
+
+
 def names(run: int) -> list[bytes]:
     return [b"file_%d_%05d.py" % (run, i) for i in range(args.files)]
 
@@ -132,6 +147,8 @@ rm(untar(names(0), False), False)  # warm: caches and records compiled as in a r
 rm(untar(names(1), True), True)
 new_dirs(0, False)
 new_dirs(1, True)
+merged_dirs(0, False)
+merged_dirs(1, True)
 n = args.files
 print(f"tree {args.tree}, {n} files; per file")
 for label in UNTAR + RM:
@@ -145,6 +162,9 @@ for label in NEWDIR:
     print(f"  {label:28s} {OPS[label] / nd:8.1f} bytecodes {CALLS[label] / nd:6.1f} calls")
 print(f"  {'new directory (all)':28s} {sum(OPS[k] for k in NEWDIR) / nd:8.1f} bytecodes "
       f"{sum(CALLS[k] for k in NEWDIR) / nd:6.1f} calls")
+print(f"{nd} new directories in a merged parent (the root); per directory")
+for label in MERGED_NEWDIR:
+    print(f"  {label:28s} {OPS[label] / nd:8.1f} bytecodes {CALLS[label] / nd:6.1f} calls")
 if args.functions:
     rows = sorted(((c, f) for (k, f), c in FUNCS.items() if k == args.functions), reverse=True)
     for c, f in rows:

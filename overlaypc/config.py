@@ -60,6 +60,9 @@ class MountConfig:
     redirect_dir: str | None = None  # None: "on" with metacopy, else the default
     index: bool = False
     metacopy: bool = False
+    #: as given (off, auto, on): inode numbers are the same under each (``stack``), but
+    #: ``xino=on`` forbids offline changes of the lower layers (``allows_offline_changes``)
+    xino: str = "off"
     generic: list[str] = field(default_factory=list)
     # fuse-overlayfs options (see README, "fuse-overlayfs options")
     uidmapping: IdMap | None = None
@@ -248,11 +251,21 @@ def _set_logfile(cfg: MountConfig, value: str | None) -> None:
     cfg.logfile = value
 
 
-def _off_only(name: str) -> Callable[[MountConfig, str | None], None]:
-    def apply(cfg: MountConfig, value: str | None) -> None:
-        if value not in ("off", None) and not (name == "xino" and value in ("auto", "on")):
-            raise ConfigError(f"option {name}={value} is not supported yet (only {name}=off)")
-    return apply
+def _xino(cfg: MountConfig, value: str | None) -> None:
+    if value is None:
+        return  # (a bare ``xino`` was always taken as no change)
+    if value not in ("off", "auto", "on"):
+        raise ConfigError(f"option xino={value} is not supported (off, auto or on)")
+    cfg.xino = value
+
+
+def allows_offline_changes(cfg: MountConfig) -> bool:
+    """The kernel's ``ovl_allow_offline_changes``: whether the lower layers may change while
+    unmounted, i.e. none of redirect_dir=on, index=on, metacopy=on, xino=on is used (the
+    options as they take effect: metacopy implies redirect_dir=on; an index the upper
+    cannot keep is off). Where they may not, the kernel makes a directory made in a merged
+    parent opaque (``Namespace.mkdir``)."""
+    return not (cfg.index or cfg.metacopy or cfg.redirect_dir == "on" or cfg.xino == "on")
 
 
 #: The one table of overlay options: name -> how it changes the config.
@@ -275,7 +288,7 @@ OPTIONS: dict[str, Callable[[MountConfig, str | None], None]] = {
     "redirect_dir": _choice("redirect_dir", REDIRECT_MODES),
     "index": _on_off("index"),
     "metacopy": _on_off("metacopy"),
-    "xino": _off_only("xino"),
+    "xino": _xino,
     # -- fuse-overlayfs's options (containers/storage passes them as mount_program options) --
     "uidmapping": _idmap("uidmapping", "uid"),
     "gidmapping": _idmap("gidmapping", "gid"),

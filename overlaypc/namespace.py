@@ -10,6 +10,11 @@ Owns: the on-disk result of each change, in the kernel's format (``dir.c``):
     directory made there is opaque, so an emptied merged dir recreated stays empty; so is
     one whose owner or special bits differ from what the daemon's own creation gives
     (another user's), so that a kill -9 never leaves it the daemon's;
+  * a directory made in a merged parent is opaque too where the options forbid offline
+    changes of the lower layers (``config.allows_offline_changes``), as the kernel's
+    ``ovl_create_upper`` makes it ("just an optimization": best effort, a failure to mark
+    it is ignored); so is an upper-only directory moved into a merged parent, whatever the
+    options (``ovl_rename``; EXDEV where the mark cannot be written);
   * rename of a directory that exists in a lower layer gives EXDEV (the kernel's
     default without ``redirect_dir``; ``mv`` then copies), and so does a move or link
     whose redirect cannot be written (``ovl_set_redirect``); ``RENAME_EXCHANGE`` is
@@ -39,6 +44,7 @@ import stat
 from collections.abc import Callable
 
 from . import acl, faults, impure, logs, protattr, sysapi, whiteout
+from .config import allows_offline_changes
 from .copyup import WORK_DIR
 from .inodes import OPEN_FLAGS
 from .layer import Layer, do_link, do_rename, join, split
@@ -110,6 +116,9 @@ class Namespace:
         #: read once (two system calls per creation otherwise; nothing in the daemon
         #: changes its IDs, and a fork keeps them)
         self._own_ids = (os.geteuid(), os.getegid())
+        #: a directory made in a merged parent is made opaque (the kernel's, where the
+        #: lower layers may not change offline: ``ovl_create_upper``)
+        self._opaque_made_dirs = not allows_offline_changes(fs.config)
 
     # -- helpers ------------------------------------------------------------------------------
     def _tmp(self) -> str:
@@ -126,10 +135,11 @@ class Namespace:
         the parent's default ACL (the upper parent's, read through the fd the lookup holds)."""
         return self._owner_in(split(rel)[0], caller, mode)
 
-    def _owner_in(self, parent_rel: str, caller: Caller,
-                  mode: int) -> tuple[int, int, int, bytes | None]:
-        """``_owner`` of a new object in the directory ``parent_rel``."""
-        top = self.fs.lookup.directory(parent_rel).top
+    def _owner_in(self, parent_rel: str, caller: Caller, mode: int,
+                  dnode: Node | None = None) -> tuple[int, int, int, bytes | None]:
+        """``_owner`` of a new object in the directory ``parent_rel`` (``dnode``: its node,
+        if looked up in this lock hold already)."""
+        top = (self.fs.lookup.directory(parent_rel) if dnode is None else dnode).top
         upper = self.fs.stack.upper
         assert upper is not None
         if top.layer is upper and top.dirfd is not None:
@@ -202,32 +212,43 @@ class Namespace:
         upper, work = self.fs.stack.upper, self.fs.stack.work
         assert upper is not None and work is not None
         new = owner = None
+        opaque = False
         if caller is not None:
-            uid, gid, mode, default = self._owner(rel, caller, mode)
+            parent_rel = split(rel)[0]
+            dnode = self.fs.lookup.directory(parent_rel)
+            uid, gid, mode, default = self._owner_in(parent_rel, caller, mode, dnode)
             new = acl.inherit(default, mode, caller.umask)
             owner = (uid, gid, new.mode)
             mode = new.mode
+            # (``dnode.merged_dir``: the kernel's ``ovl_type_merge`` of the parent, which
+            # has its upper part here: ``_prepare_new``)
+            opaque = is_dir and self._opaque_made_dirs and dnode.merged_dir
         node = self.fs.lookup.absent(rel)
         if node is not None:
             try:
-                return self._place(rel, make, mode, then, is_dir, new, owner, node)
+                return self._place(rel, make, mode, then, is_dir, new, owner, node, opaque)
             except FileExistsError:
                 pass  # taken behind the mount's back: as a fresh lookup decides
         node = self.fs.lookup.lookup(rel)
         if node.exists:
             raise OSError(errno.EEXIST, "file exists", rel)
-        return self._place(rel, make, mode, then, is_dir, new, owner, node)
+        return self._place(rel, make, mode, then, is_dir, new, owner, node, opaque)
 
     def _place(self, rel: str, make, mode: int, then: "Callable[[os.stat_result | None], T]",
                is_dir: bool, new: "acl.NewObject | None", owner: tuple[int, int, int] | None,
-               node: Node) -> "T":
-        """``_place_new`` once the name is known to be free (``node``: its lookup)."""
+               node: Node, opaque: bool = False) -> "T":
+        """``_place_new`` once the name is known to be free (``node``: its lookup);
+        ``opaque``: a directory made opaque (``_opaque_made_dirs``; over a whiteout one is
+        made opaque anyway)."""
         upper, work = self.fs.stack.upper, self.fs.stack.work
         over_whiteout = node.upper_whiteout and not (node.upper_marker and not is_dir)
+        opaque = opaque and not over_whiteout
         if not over_whiteout and not self._owned_after(upper, owner):
             make(upper, rel, mode)  # in its real parent: the filesystem applies the default ACL
             made = None
             try:
+                if opaque:  # (before the owner's steps: the stat they read follows it)
+                    self._mark_made_opaque(upper, rel)
                 if owner:
                     made = self._set_owner(upper, rel, *owner)
             except BaseException:
@@ -244,6 +265,8 @@ class Namespace:
             if owner:
                 self._set_owner(work, tmp, *owner)
             if not over_whiteout:  # the name is free in the upper
+                if opaque:
+                    self._mark_made_opaque(work, tmp)
                 do_rename(work, tmp, upper, rel, sysapi.RENAME_NOREPLACE)
                 if node.upper_marker:
                     self._drop_marker(rel)
@@ -259,6 +282,20 @@ class Namespace:
         finally:
             self._discard(tmp)  # the displaced whiteout, or a failed attempt
         return self._named(rel, None, node, then)
+
+    def _merged(self, dir_rel: str) -> bool:
+        """Whether the directory ``dir_rel`` (with its upper part: after ``ensure_parent``)
+        is merged, an upper part over a lower one (the kernel's ``ovl_type_merge``)."""
+        return self.fs.lookup.directory(dir_rel).merged_dir
+
+    def _mark_made_opaque(self, layer: Layer, rel: str) -> None:
+        """Mark the directory just made at ``rel`` opaque (``_opaque_made_dirs``). Best
+        effort, as the kernel's: the mark only spares lookups below (nothing below the new
+        name exists), so a failure is logged and the creation goes on."""
+        try:
+            layer.do_setxattr_entry(rel, self.fs.prefix + "opaque", b"y")
+        except OSError as e:
+            log.debug("not marking %s/%s opaque: %s", layer.path, rel, e.strerror)
 
     def _named(self, rel: str, made: os.stat_result | None, before: Node,
                then: "Callable[[os.stat_result | None], T]") -> "T":
@@ -983,8 +1020,10 @@ class Namespace:
     def _mark_moved(self, onode: Node, new: str, new_lower: bool) -> tuple[str, bytes | None] | None:
         """Before a move, set the xattr the object needs at its new name: a redirect (a
         directory with lower parts, whose contents stay where they are; a metacopy file,
-        whose data must stay findable) or the opaque mark (a directory landing over a
-        lower one). Return (xattr, previous value) for ``_unmark``, or None (nothing
+        whose data must stay findable) or the opaque mark (an upper-only directory landing
+        in a merged parent: over a lower one it must hide it; elsewhere there it spares
+        lookups below, and the kernel's ``ovl_rename`` sets it all the same, within one
+        parent too). Return (xattr, previous value) for ``_unmark``, or None (nothing
         written). EXDEV where the mark cannot be written (``_set_mark``)."""
         upper = self.fs.stack.upper
         assert upper is not None
@@ -997,7 +1036,7 @@ class Namespace:
             first = onode.first_lower
             assert first is not None
             name, value = redirect, self._redirect_value(onode, new, first)
-        elif onode.is_dir and new_lower and not onode.opaque:
+        elif onode.is_dir and not onode.opaque and (new_lower or self._merged(split(new)[0])):
             name, value = opaque, b"y"
         else:
             return None

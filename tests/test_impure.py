@@ -11,6 +11,7 @@ overlaypc, then mounts both uppers with the kernel and compares.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -190,3 +191,41 @@ def test_the_mark_is_read_once_per_directory_the_lookup_holds(tmp_path, monkeypa
         assert os.getxattr(root / "upper" / rel, "trusted.overlay.impure") == b"y", rel
     for rel in ("d/f0", "d/f1", "d/f2", "d/sub/g0", "d/sub/g1"):
         assert (root / "upper" / rel).stat().st_mode & 0o777 == 0o600, rel
+
+
+def test_a_mark_left_unneeded_is_the_kernels_to_drop(tmp_path, layers_factory, overlay_mount):
+    """The kernel (6.18) removes an upper-only directory's ``impure`` mark once a listing
+    of it finds no entry with a copy-up origin left (``ovl_cache_get_impure``); overlaypc
+    keeps it (parity50, docs/DESIGN-NOTES.md: a hint, not a format the kernel relies on).
+    What it costs the layers' moves: nothing. The kernel mounting overlaypc's upper lists
+    every entry with ``d_ino`` equal to ``st_ino`` and drops the mark at that listing, as
+    over its own upper."""
+    lower = layers_factory({"l": LOWER})["l"]
+    opts = ("redirect_dir=on",)
+    uppers = {}
+    for side in ("kernel", "ours"):
+        upper = layers_factory.empty_dir(f"upper-{side}")
+        work = layers_factory.empty_dir(f"work-{side}")
+        uppers[side] = upper
+        with contextlib.ExitStack() as stack:
+            if side == "kernel":
+                mnt = stack.enter_context(
+                    helpers.kernel_overlay(tmp_path / "kbuild", [lower], upper, work, opts))
+            else:
+                m = overlay_mount(stack_options([lower], upper, work, ",".join(opts)))
+                stack.callback(m.unmount)
+                mnt = m.path
+            os.mkdir(mnt / "nd")
+            os.rename(mnt / "a", mnt / "nd/a")  # a copy-up (an origin): nd marked
+            assert "trusted.overlay.impure" in os.listxattr(upper / "nd")
+            os.rename(mnt / "nd/a", mnt / "a2")  # nothing with an origin left in nd
+            os.mkdir(mnt / "nd/sub")
+            (mnt / "nd/f").write_bytes(b"f")
+            assert sorted(os.listdir(mnt / "nd")) == ["f", "sub"]
+            assert _mismatches(mnt) == []
+    impure = {side: "trusted.overlay.impure" in os.listxattr(uppers[side] / "nd") for side in uppers}
+    assert impure == {"kernel": False, "ours": True}
+    work = layers_factory.empty_dir("work-view")
+    with helpers.kernel_overlay(tmp_path / "kview", [lower], uppers["ours"], work, opts) as mnt:
+        assert _mismatches(mnt) == []
+    assert "trusted.overlay.impure" not in os.listxattr(uppers["ours"] / "nd")

@@ -118,17 +118,20 @@ def _session(mnt: Path, tarball: Path) -> dict:
 
 
 def _made_in_upper(upper: Path) -> list:
-    """The upper layer's directories below ``u`` and ``p`` (what MKDIR made in upper-only
-    and opaque parents, the short paths' cases): mode and overlay xattr names. Not ``u``
-    itself, made in the merged root by the generic path, where the kernel (6.18) sets
-    ``opaque`` on a new directory (``ovl_create_upper``'s optimization, not overlaypc's)
-    and clears ``impure`` once a listing finds no entry with an origin left."""
+    """The upper layer's directories (what MKDIR made in upper-only and opaque parents, the
+    short paths' cases, and ``u``, made in the merged root by the generic path: opaque, as
+    the kernel's, parity50): mode and overlay xattr names. ``u``'s ``impure`` is left out:
+    the kernel (6.18) clears it once a listing finds no entry with an origin left
+    (``ovl_cache_get_impure``), overlaypc keeps it (a hint the kernel does not rely on:
+    ``test_impure.py``, docs/DESIGN-NOTES.md parity50)."""
     out = []
     for p in sorted(upper.rglob("*")):
-        if p.is_dir() and not p.is_symlink() and str(p.relative_to(upper)) != "u":
+        if p.is_dir() and not p.is_symlink():
+            rel = str(p.relative_to(upper))
             names = sorted(n for n in os.listxattr(p) if n.startswith("trusted.overlay.")
-                           and n != "trusted.overlay.origin")
-            out.append((str(p.relative_to(upper)), oct(os.lstat(p).st_mode), names))
+                           and n != "trusted.overlay.origin"
+                           and not (rel == "u" and n == "trusted.overlay.impure"))
+            out.append((rel, oct(os.lstat(p).st_mode), names))
     return out
 
 
