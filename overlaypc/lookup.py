@@ -423,27 +423,20 @@ class Lookup:
         """The regular file last found at ``rel`` if no change of the namespace ran since
         (call under the namespace lock, which every change holds), and whether its xattrs
         were checked (False: the caller rules out a metacopy mark itself); else None."""
-        found = self.recent_entry(rel)
-        return None if found is None else (Node(rel, (found[0],)), found[1])
-
-    def recent_entry(self, rel: str) -> tuple[Entry, bool] | None:
-        """``recent`` without its ``Node``: the kept file's one entry (the node's top, and
-        only entry) and whether its xattrs were checked; the same rule."""
         parent, name = split(rel)
-        held = self._recent.get(parent)
-        kept = None if held is None else held.get(name)
+        kept = self.recent_kept(parent, name)
         if kept is None:
             return None
         if len(kept) == 2:  # a listing's
             where, st = kept
             head = where.head
-            return Entry(where.layer, f"{head}/{name}" if head else name, st), False
+            return Node(rel, (Entry(where.layer, f"{head}/{name}" if head else name, st),)), False
         layer, lrel, st, xattrs = kept
-        return Entry(layer, lrel, st, None, None, xattrs), True
+        return Node(rel, (Entry(layer, lrel, st, None, None, xattrs),)), True
 
     def recent_kept(self, parent: str, name: str) -> Kept | None:
-        """``recent_entry``'s kept file ``name`` of merged directory ``parent`` as kept (no
-        ``Entry``), the same rule: a listing's ``(ListedDir, stat)`` or a lookup's
+        """``recent``'s kept file ``name`` of merged directory ``parent`` as kept (no
+        ``Node``), the same rule: a listing's ``(ListedDir, stat)`` or a lookup's
         ``(layer, path, stat, xattr names)``; None."""
         held = self._recent.get(parent)
         return None if held is None else held.get(name)
