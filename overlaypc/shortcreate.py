@@ -45,6 +45,29 @@ _NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP)
 Made = tuple
 
 
+def free_in(fs: "OverlayFS", pnode: Node, rel: str) -> bool:
+    """Whether a short creation (``made_in``, ``shortdirs.made_dir_in``) may make ``rel`` in
+    ``pnode`` (``Lookup.upper_dir``'s node): the kernel's negative LOOKUP kept its absence
+    (looked at first, ``Lookup.absent_kept``, so that a creation with none reads nothing the
+    generic path reads again; then taken, ``Lookup.absent``) and the parent asks for nothing
+    the generic path does: no immutable/append-only flags (``Protection.of_node``: EPERM,
+    as ``protattr.check_dir_add``), no default ACL (``acl.inherit``), no setgid bit
+    (``Namespace._owner_in``: the new object takes the group, a directory the bit). False
+    where a read fails too (the generic path reads again and answers it). The one place of
+    these rules for both short creations."""
+    if not fs.lookup.absent_kept(rel):
+        return False
+    top = pnode.entries[0]
+    upper, parent = top.layer, top.dirfd
+    try:
+        if fs.protection.of_node(pnode) or upper.getxattr_at(parent, acl.DEFAULT) is not None \
+                or os.fstat(parent.fd).st_mode & stat.S_ISGID:
+            return False
+    except OSError:
+        return False
+    return fs.lookup.absent(rel) is not None
+
+
 def made_in(fs: "OverlayFS", pnode: Node, name: str, rel: str, flags: int,
             mode: int) -> "Made | None":
     """Make and open the regular file ``name`` (at merged path ``rel``) in ``pnode``
@@ -52,16 +75,10 @@ def made_in(fs: "OverlayFS", pnode: Node, name: str, rel: str, flags: int,
     applied (no special bits); under the namespace lock, whose holder moves the lookup's
     epoch at its end, as ``Namespace._changing``, after a raise too (only the creation and
     what follows it raise), not after a None."""
+    if not free_in(fs, pnode, rel):
+        return None
     top = pnode.entries[0]
     upper, parent = top.layer, top.dirfd
-    try:  # (a read failing: the generic path reads again and answers it)
-        if fs.protection.of_node(pnode) or upper.getxattr_at(parent, acl.DEFAULT) is not None \
-                or os.fstat(parent.fd).st_mode & stat.S_ISGID:
-            return None
-    except OSError:
-        return None
-    if fs.lookup.absent(rel) is None:
-        return None
     try:
         fd = upper.create_at(parent, name, rel, flags & _ACCESS | os.O_EXCL, stat.S_IMODE(mode))
     except FileExistsError:
@@ -115,4 +132,4 @@ def unmade(fs: "OverlayFS", rel: str, result: OpenResult, st: os.stat_result) ->
         fs.namespace._unmake_new(rel, st, hides=False)
 
 
-__all__ = ["Made", "made_in", "unmade"]
+__all__ = ["Made", "free_in", "made_in", "unmade"]

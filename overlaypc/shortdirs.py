@@ -33,10 +33,9 @@ kernel answers EBUSY for a mount point itself (no RMDIR is sent).
 from __future__ import annotations
 
 import errno
-import os
 import stat
 
-from . import acl
+from . import shortcreate
 from .lookup import Entry, Lookup, Node
 from .typing_lite import TYPE_CHECKING
 
@@ -59,18 +58,10 @@ def made_dir_in(fs: "OverlayFS", pnode: Node, name: str, rel: str,
     is undone by ``unmade_dir``). Under the namespace lock, whose holder moves the lookup's
     epoch at its end (after a raise too: only the creation and what follows it raise), not
     after a None."""
-    if not fs.lookup.absent_kept(rel):
-        return None  # (before the reads below: the generic path would make them again)
+    if not shortcreate.free_in(fs, pnode, rel):  # (the checks ``made_in``'s are)
+        return None
     top = pnode.entries[0]
     upper, parent = top.layer, top.dirfd
-    try:  # (``_parent_in_upper``'s check, then ``_owner_in``'s reads, in their order)
-        if fs.protection.of_node(pnode) or upper.getxattr_at(parent, acl.DEFAULT) is not None \
-                or os.fstat(parent.fd).st_mode & stat.S_ISGID:
-            return None
-    except OSError:
-        return None
-    if fs.lookup.absent(rel) is None:
-        return None
     try:
         upper.mkdir_at(parent, name, rel, mode)
     except FileExistsError:
