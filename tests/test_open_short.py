@@ -11,6 +11,7 @@ the fake kernel, without FUSE.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import subprocess
 
@@ -263,7 +264,11 @@ def test_at_the_process_fd_limit_the_open_answers_as_open(sides):
     def run(side):
         # every cache in the process shed first (the other side's, and earlier tests' not
         # yet collected: the retry's ``fdbudget.shed`` frees theirs too, which made the
-        # first open's answer depend on what ran before), then this side's lookups
+        # first open's answer depend on what ran before), then this side's lookups; and
+        # before that earlier tests' garbage collected: an fd object in a reference cycle
+        # closes only when a collection runs, which could happen inside the open's retry
+        # and free the fd it was short of (a short-side 0 in one full run, 2026-12-02)
+        gc.collect()
         fdbudget.shed()
         d = side.lookup(ROOT_ID, b"d")
         nodes = [side.lookup(d, name) for name in (b"a", b"b", b"c")]
