@@ -2,7 +2,7 @@
 """Python work per file of a cold ``grep -r`` over lower files, counted, not timed (a benchmarking aid).
 
     python benchmarks/read_bytecodes.py [--dirs N] [--files N] [--base DIR] [--tree TREE]
-                                        [--cache auto|shared] [--functions REQUEST] [--time PASSES]
+                                        [--cache kernel|shared] [--functions REQUEST] [--time PASSES]
 
 Drives ``Session.dispatch`` in-process (``inprocess.Harness``: no FUSE, replies kept in
 memory) over a fresh writable stack under ``--base`` (default a new directory under
@@ -34,7 +34,7 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--dirs", type=int, default=10)
 ap.add_argument("--files", type=int, default=100, help="files per directory")
 ap.add_argument("--base", default=None)
-ap.add_argument("--cache", default="auto")
+ap.add_argument("--cache", default="kernel", choices=("kernel", "shared"))
 ap.add_argument("--tree", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ap.add_argument("--time", type=int, default=0, metavar="PASSES",
                 help="also time this many untraced passes (thread CPU time per file)")

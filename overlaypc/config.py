@@ -528,6 +528,13 @@ def validate(cfg: MountConfig) -> None:
     lose before as well: one snapshot moves their moment by well under a millisecond."""
     if not cfg.lowers:
         raise ConfigError("no lower layer: give -o lowerdir=DIR[:DIR...] or --stack FILE")
+    for name, choices in (("cache", CACHE_MODES), ("handles", HANDLE_MODES)):
+        if getattr(cfg, name) not in choices:  # (options and stack files check at parsing)
+            raise ConfigError(f"bad value {name}={getattr(cfg, name)!r}: expected one of "
+                              f"{', '.join(choices)}")
+    if cfg.redirect_dir is not None and cfg.redirect_dir not in REDIRECT_MODES:
+        raise ConfigError(f"bad value redirect_dir={cfg.redirect_dir!r}: expected one of "
+                          f"{', '.join(REDIRECT_MODES)}")
     if (cfg.upper is None) != (cfg.work is None):
         missing = "workdir" if cfg.work is None else "upperdir"
         raise ConfigError(f"{missing} is missing: upperdir and workdir go together")

@@ -152,3 +152,15 @@ def test_stack_file_option_strings_split_as_dash_o(base):
     (base / "s.yaml").write_text("lowers: [a]\noptions: ['upperdir=u,workdir=w', ',cache=shared,']\n")
     cfg = _config(["--stack", str(base / "s.yaml"), "m"])
     assert (cfg.upper, cfg.work, cfg.cache) == (str(base / "u"), str(base / "w"), "shared")
+
+
+@pytest.mark.parametrize("field, value", [("cache", "keep"), ("handles", "keep"), ("cache", None),
+                                          ("redirect_dir", "yes")])
+def test_a_config_built_in_code_with_a_bad_choice_is_refused(base, field, value):
+    """A ``MountConfig`` made by a program, not parsed from options or a stack file (whose
+    parsers check each choice), is checked by ``validate`` too: ``handles="keep"`` was
+    accepted and ran as bind-at-open (anything but "reopen" did)."""
+    from overlaypc.config import MountConfig
+    cfg = MountConfig(lowers=["a"], upper="u", work="w", mountpoint="m", **{field: value})
+    with pytest.raises(ConfigError, match=f"bad value {field}="):
+        validate(cfg)

@@ -157,7 +157,7 @@ def test_the_short_path_answers_reads_and_leaves_writes(sides):
         assert side.generic_opens == reads + 2
 
 
-@pytest.mark.parametrize("handles", ["reopen", "keep"])
+@pytest.mark.parametrize("handles", ["reopen", "bind-at-open"])
 def test_a_lower_file_copied_up_between_open_and_read(sides, handles):
     """Open read-only (on the lower file), then another handle opens it for writing
     (its copy-up) and writes: the first handle's READ as the generic path answers it."""
@@ -311,7 +311,7 @@ def _listed(side, d: int) -> dict[bytes, int]:
 
 
 @pytest.mark.parametrize("options", [{}, {"passthrough": False}, {"cache": "shared"},
-                                     {"handles": "keep"}])
+                                     {"handles": "bind-at-open"}])
 def test_a_listed_lower_file_opens_as_open(sides, options):
     """grep -r's case: OPEN of a lower file the listing gave (no LOOKUP: its xattrs not read,
     ``Files._open_lower_kept``), also one with a metacopy mark (the kept object is not

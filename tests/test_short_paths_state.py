@@ -216,7 +216,7 @@ def _run(side: Side) -> list:
     step("unlink fifo", lambda: side.unlink(d, "f"))
     mg = step("lookup mg", lambda: side.lookup(ROOT_ID, "mg")[0])
     step("lookup mg/new (merged)", lambda: side.lookup(mg, "new"))
-    # a lower file open read-only, then for writing (a copy-up: under handles=keep the first
+    # a lower file open read-only, then for writing (a copy-up: under handles=bind-at-open the first
     # handle stays on the lower file), changed through the node
     lo = step("lookup mg/lo", lambda: side.lookup(mg, "lo")[0])
     ro = step("open lo ro", lambda: ops.open(REQ, lo, os.O_RDONLY).fh)
@@ -253,7 +253,7 @@ OPTIONS = {
     "cache=shared": ({"cache": "shared"},
                      {"lookup": 13, "create": 3, "unlink": 6, "setattr": 6, "capability": 7}),
     # (the read-only handle left on the lower file, the first one asked, answers nothing)
-    "handles=keep": ({"handles": "keep"},
+    "handles=bind-at-open": ({"handles": "bind-at-open"},
                      {"lookup": 13, "create": 3, "unlink": 6, "setattr": 5, "capability": 5}),
 }
 
