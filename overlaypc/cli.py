@@ -277,10 +277,22 @@ def _too_many_layers(cfg: MountConfig, limit: int, workers: int) -> str:
             f"raise the hard limit (ulimit -Hn, LimitNOFILE=) or mount fewer layers")
 
 
+def _check_bench_workers() -> None:
+    """``OVERLAYPC_BENCH_WORKERS`` (benchmark-only, read by ``engine.daemon`` after the
+    mount) is a whole number, checked before anything is mounted."""
+    value = os.environ.get("OVERLAYPC_BENCH_WORKERS")
+    if value:
+        try:
+            int(value)
+        except ValueError:
+            raise ConfigError(f"OVERLAYPC_BENCH_WORKERS={value!r} is not a whole number") from None
+
+
 def mount_main(argv: list[str]) -> int:
     try:
         cfg = parse_mount_args(argv)
         validate(cfg)
+        _check_bench_workers()
     except ConfigError as e:
         print(f"overlaypc: error: {e}", file=sys.stderr)
         return 2

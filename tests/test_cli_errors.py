@@ -180,6 +180,14 @@ def test_unknown_or_bad_option(env: Env, option: str, bad: str):
                                    f"workdir={env.work}", option), env.mnt], [bad])
 
 
+def test_bench_workers_not_a_number(env: Env):
+    """The benchmark-only ``OVERLAYPC_BENCH_WORKERS`` not a number: refused before the mount
+    (it was read after it: a ValueError's traceback, and the mount left to the caller)."""
+    check_refused(env, ["-o", opts(f"lowerdir={env.lower}", f"upperdir={env.upper}",
+                                   f"workdir={env.work}"), env.mnt],
+                  ["OVERLAYPC_BENCH_WORKERS='two'"], prefix=("env", "OVERLAYPC_BENCH_WORKERS=two"))
+
+
 # --- mountpoint and exclusivity ----------------------------------------------------------
 
 def test_mountpoint_already_a_mount(env: Env):
