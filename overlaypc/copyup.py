@@ -936,10 +936,9 @@ class CopyUp:
                                       ctx.debug)
                         placed()
                     if not self.volatile:
-                        if held is not None:
-                            os.fsync(self.upper.readable_dir(held, parent))
-                        else:
-                            self.upper.fsync_dir(parent)
+                        if faults.armed:
+                            faults.hit("copyup.parent_fsync", rel)
+                        self.upper.fsync_dir(parent, held)
             except BaseException:
                 if placed is not None and placed.done and ctx.mode is not None:
                     self._mode_back(ctx, rel)

@@ -9,6 +9,7 @@ so a test can kill -9 it exactly there), ``eio`` (raise EIO), ``enospc``, ``eper
 Points may carry a byte threshold (``copyup.data@1048576=pause``) and a path filter
 (``file.read~broken=eio``: only when the path involved contains "broken").
 Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.rename``,
+``copyup.parent_fsync`` (a copy in place, before its parent's fsync),
 ``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``,
 ``namespace.changing`` (a namespace change about to take the namespace lock, its paths
 made), ``files.nameless`` (a change of an open file with no name left, on the fd of one of

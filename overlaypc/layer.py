@@ -793,8 +793,23 @@ class Layer:
         finally:
             os.close(fd)
 
-    def fsync_dir(self, rel: str) -> None:
-        fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
+    def fsync_dir(self, rel: str, held: DirFd | None = None) -> None:
+        """fsync of directory ``rel``, through ``held``'s readable fd where given (a cache's,
+        ``readable_dir``). One the daemon may not open for reading (EACCES: a plain user's
+        daemon and an upper directory of its own of mode 0300, which root's never meets) is
+        made durable by ``sync`` instead: every filesystem's, not this directory's alone,
+        but the copy-up is durable as everywhere else rather than failed after its rename."""
+        try:
+            if held is not None:
+                fd = self.readable_dir(held, rel)
+            else:
+                fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
+        except PermissionError:
+            os.sync()
+            return
+        if held is not None:
+            os.fsync(fd)
+            return
         try:
             os.fsync(fd)
         finally:

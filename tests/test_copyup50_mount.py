@@ -7,6 +7,7 @@ file's mode after a fresh mount, no leftover, and the chmod then made.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -147,3 +148,25 @@ def test_kill9_during_a_chmods_copy_up_leaves_the_lower_mode(point, tmp_path, ov
     after = os.lstat(lower / "d" / "victim")
     assert (after.st_mode, after.st_ino, after.st_mtime_ns) == \
         (before.st_mode, before.st_ino, before.st_mtime_ns)
+
+
+@pytest.mark.daemon_errors_ok
+def test_a_chmods_copy_up_failing_at_its_parents_fsync_leaves_the_lower_mode(tmp_path, overlay_mount):
+    """A chmod's copy-up (one pass: the copy made with the chmod's mode) that fails after its
+    rename, at the parent's fsync (EIO injected there): the chmod answers the error and the
+    copy in place has the lower file's mode back (``CopyUp._mode_back``, review50a; its
+    rootless test, an unreadable upper directory, no longer fails there: ``Layer.fsync_dir``
+    falls back to ``sync``)."""
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for q in (lower / "d", upper, work):
+        q.mkdir(parents=True)
+    (lower / "d" / "victim").write_bytes(b"lower data")
+    os.chmod(lower / "d" / "victim", 0o644)
+    m = overlay_mount(stack_options([lower], upper, work),
+                      env={"OVERLAYPC_FAULTS": "copyup.parent_fsync~victim=eio"})
+    with pytest.raises(OSError) as got:
+        os.chmod(m / "d" / "victim", 0o600)
+    assert got.value.errno == errno.EIO
+    assert stat.S_IMODE(os.lstat(upper / "d" / "victim").st_mode) == 0o644
+    assert stat.S_IMODE(os.lstat(m / "d" / "victim").st_mode) == 0o644
+    assert (m / "d" / "victim").read_bytes() == b"lower data"
