@@ -74,7 +74,7 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.parametrize("options", [{}, {"cache": "shared"}, {"handles": "keep"}])
+@pytest.mark.parametrize("options", [{}, {"cache": "shared"}, {"handles": "bind-at-open"}])
 def test_a_listed_lower_file_opens_through_its_directorys_fd(sides, options):
     """A lower-only directory (one-layer listing) and a merged one (the merging listing):
     each listed lower file is opened relative to the fd its directory was listed through;
