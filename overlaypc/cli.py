@@ -336,6 +336,8 @@ def mount_main(argv: list[str]) -> int:
     flags += ["default_permissions"] + [name for name, on in mode.items() if on]
     ops = OverlayOps(fs)
     opts = channel.MountOptions(fsname=cfg.source.replace(",", "_"), options=flags)
+    from . import ownmount
+    ownmount.shield(cfg.mountpoint)  # (its fds stay open while the mount is served)
     resume_gc()  # before the mount: requests run with the collector on
     try:
         return daemon.run(ops, cfg.mountpoint, opts, foreground=cfg.foreground)

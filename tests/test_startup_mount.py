@@ -162,25 +162,63 @@ def _abort_connection(conn: str, scratch) -> None:
         subprocess.run(["umount", str(ctl)], check=False)
 
 
+#: a ``sitecustomize`` for a daemon mounted over its own code: once the mount at
+#: ``OWN_MOUNT`` is up, it writes to stderr each import searched while a ``sys.path``
+#: entry lies under the mount and each file opened there (what Python does by itself: an
+#: import's directory scan, a traceback's source lines), as a line with ``ERROR``.
+OWN_MOUNT_AUDIT = r"""
+import os, sys
+top = os.environ["OWN_MOUNT"]
+busy = []
+def mounted():
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == top for line in f)
+def under(path):
+    return isinstance(path, str) and (path == top or path.startswith(top + "/"))
+def hook(event, args):
+    if busy or event not in ("import", "open"):
+        return
+    busy.append(1)
+    try:
+        if event == "import" and any(map(under, args[2] or ())):
+            what = "import " + args[0]
+        elif event == "open" and under(args[0]):
+            what = "open " + args[0]
+        else:
+            return
+        if mounted():
+            sys.stderr.write(f"ERROR through its own mount: {what}\n")
+    finally:
+        busy.pop()
+sys.addaudithook(hook)
+"""
+
+
 def test_a_mount_over_the_directory_holding_its_own_code_is_served(tmp_path):
     """The daemon's package lies in the lower directory the mount covers (mounted over
-    its own code): the request-only modules are loaded before mount(2) there, not once
-    mounted, where their import reads through the mount it serves (Python asks ``isatty``
-    of each file it opens: an IOCTL, whose ``fileattrs`` import then waited for itself).
-    Before, the first listing hung (the client's ``ls`` timed out, the daemon stuck in
-    its own ioctl until the connection was aborted). The client runs in a subprocess with
-    a timeout, and a hung connection is aborted, so a failure cannot hang the suite."""
+    its own code): the request-only modules are loaded before mount(2) there, and no
+    later import nor a logged traceback's source reads through the mount it serves
+    (``ownmount``: ``sys.path`` re-pointed at the covered directory, the loaded modules'
+    source kept). Such a read waits for a worker of the same daemon: a hang when none is
+    free or the read holds a lock the lookup needs (Python asks ``isatty`` of each file
+    it opens: an IOCTL, whose ``fileattrs`` import then waited for itself; a suite run
+    hung with its daemon importing ``logging`` for its first record). A crash injected
+    into one LOOKUP makes a traceback. The client runs in a subprocess with a timeout,
+    and a hung connection is aborted before the client is killed, so a failure cannot
+    hang the suite."""
     helpers.require_fuse_mount()
     lower = tmp_path / "lower"
     shutil.copytree(helpers.REPO_ROOT / "overlaypc", lower / "pkg" / "overlaypc",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (lower / "d").mkdir()
     (lower / "f").write_bytes(b"x")
-    for d in ("upper", "work"):
+    for d in ("upper", "work", "site"):
         (tmp_path / d).mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(OWN_MOUNT_AUDIT)
     err_path = tmp_path / "stderr"
     opts = f"lowerdir={lower},upperdir={tmp_path}/upper,workdir={tmp_path}/work"
-    env = dict(helpers.overlaypc_env(), PYTHONPATH=str(lower / "pkg"))
+    env = dict(helpers.overlaypc_env(), PYTHONPATH=f"{lower / 'pkg'}:{tmp_path / 'site'}",
+               OWN_MOUNT=str(lower), OVERLAYPC_FAULTS="ops.lookup~crashes=crash")
     with open(err_path, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "overlaypc", "-f", "-o", opts, str(lower)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
@@ -191,16 +229,32 @@ def test_a_mount_over_the_directory_holding_its_own_code_is_served(tmp_path):
                                   60), "not mounted within 60 s"
         conn = _fuse_connection(lower)
         assert proc.poll() is None, err_path.read_text()
-        try:
-            client = subprocess.run(
-                ["sh", "-c", f"ls {lower} && echo y > {lower}/new && rmdir {lower}/d && "
-                             f"lsattr {lower}/f >/dev/null && ls {lower}"],
-                capture_output=True, text=True, timeout=30, check=False)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the client's requests hung (30 s)") from None
+        client = _client(["sh", "-c", f"ls {lower} && echo y > {lower}/new && rmdir {lower}/d && "
+                                      f"lsattr {lower}/f >/dev/null && ! stat {lower}/crashes "
+                                      f"2>/dev/null && ls {lower}"], conn, tmp_path)
         assert (client.returncode, client.stdout) == (0, "d\nf\npkg\nf\nnew\npkg\n"), \
             client.stderr
     finally:
         _stop(proc, lower, conn, tmp_path)
     assert proc.returncode == 0, err_path.read_text()
-    assert helpers.unexpected_log_lines(err_path.read_text()) == []
+    log = err_path.read_text()
+    assert "injected crash at ops.lookup" in log and "faults.hit(" in log  # (source shown)
+    assert [line for line in helpers.unexpected_log_lines(log)
+            if "in LOOKUP" not in line and not line.startswith("Traceback")] == []
+
+
+def _client(argv: list[str], conn: str | None, scratch) -> subprocess.CompletedProcess:
+    """Run ``argv`` (requests to a mount on FUSE connection ``conn``) for at most 30 s. On
+    timeout the connection is aborted before the client is killed: a client waiting for
+    an answer already sent to the daemon is not ended by SIGKILL, and waiting for it would
+    hang the suite."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        if conn is not None:
+            _abort_connection(conn, scratch)
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the client's requests hung (30 s)") from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
