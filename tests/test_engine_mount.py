@@ -7,7 +7,6 @@ fusermount3's ``auto_unmount``."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import subprocess
