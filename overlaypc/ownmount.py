@@ -6,13 +6,15 @@ mountpoint. A request that reads through its own mount waits for a worker of the
 daemon: slow at best, a hang when every worker waits or the request holds a lock the
 lookup needs. Before ``mount(2)``, ``shield`` re-points each ``sys.path`` entry under the
 mountpoint at the directory it names now (an ``O_PATH`` fd, ``/proc/self/fd/N``: the
-covered directory, never the mount) and caches, for good, the source of each loaded
-module that lies there (``linecache`` does not look again at an entry whose mtime is
-None). Nothing is done, and no fd held, for the usual mount over a directory that holds
+covered directory, never the mount), and ``linecache`` reads the source of a module
+loaded from there before the mount through that fd, once, when a traceback first needs
+it. Nothing is done, and no fd held, for the usual mount over a directory that holds
 none of the daemon's code.
 
-Caveats: a module imported through a re-pointed entry is named by its fd path in a
-traceback; a ``sys.path`` entry added after the mount is not shielded.
+Caveats: ``linecache.updatecache`` is wrapped for that (only in a mount over its own
+code); a module imported through a re-pointed entry is named by its fd path in a
+traceback; a ``sys.path`` entry added after the mount, or a zip archive on ``sys.path``
+under the mountpoint, is not shielded.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def shield(mountpoint: str) -> list[int]:
     fds it holds for that (to stay open while the mount is served)."""
     top = os.path.realpath(mountpoint)
     held: list[int] = []
-    moved: list[str] = []  # the entries re-pointed, as modules' file names spell them
+    moved: dict[str, str] = {}  # an entry re-pointed, as file names spell it -> its fd path
     for i, entry in enumerate(sys.path):
         real = os.path.realpath(entry or os.curdir)
         if not _under(real, top) or not os.path.isdir(real):
@@ -38,27 +40,34 @@ def shield(mountpoint: str) -> list[int]:
         held.append(fd)
         sys.path[i] = f"/proc/self/fd/{fd}"
         sys.path_importer_cache.pop(entry, None)
-        moved.append(os.path.abspath(entry or os.curdir))
-    if moved:  # (a module's file lies under the sys.path entry it was found through)
-        for module in list(sys.modules.values()):
-            name = getattr(module, "__file__", None)
-            if isinstance(name, str) and any(_under(name, m) for m in moved):
-                _keep_source(name)
+        moved[os.path.abspath(entry or os.curdir)] = sys.path[i]
+    if moved:
+        _read_source_through(moved)
     return held
 
 
-def _keep_source(filename: str) -> None:
-    """Cache the source lines of ``filename`` (a module's file) so that a traceback
-    through it never reads the file again."""
+def _read_source_through(moved: dict[str, str]) -> None:
+    """Make ``linecache`` read a source file named under a re-pointed entry (a module
+    loaded before the mount: its code names the file by the old path) through that
+    entry's fd, and keep it for good (an mtime of None is never checked again): a
+    traceback through it shows its lines and never looks at the mount."""
     import linecache  # (only here: it imports tokenize, re and enum, not at a usual start)
+    import tokenize
 
-    source = filename[:-1] if filename.endswith((".pyc", ".pyo")) else filename
-    try:
-        with open(source, encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        lines = []
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    # (size, mtime, lines, fullname): an mtime of None is never checked again
-    linecache.cache[source] = (sum(map(len, lines)), None, lines, source)
+    update = linecache.updatecache
+
+    def updatecache(filename: str, module_globals: object = None) -> list[str]:
+        for old, new in moved.items():
+            if _under(filename, old):
+                try:
+                    with tokenize.open(new + filename[len(old):]) as f:
+                        lines = f.readlines()
+                except (OSError, SyntaxError, UnicodeDecodeError):
+                    return []
+                if lines and not lines[-1].endswith("\n"):
+                    lines[-1] += "\n"
+                linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+                return lines
+        return update(filename, module_globals)
+
+    linecache.updatecache = updatecache
