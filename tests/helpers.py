@@ -33,7 +33,7 @@ import threading
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import pytest
 
@@ -226,6 +226,34 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def cache_shrinks() -> int:
+    """A machine-wide count that moves whenever the kernel shrank its dentry and inode
+    caches: /proc/vmstat's ``drop_slab`` (``echo 2 > /proc/sys/vm/drop_caches``, by any
+    test or process on the machine) plus ``slabs_scanned`` (any shrinker run: memory
+    pressure, a drop). It does not move on a quiet machine."""
+    counts = dict(line.split() for line in _read("/proc/vmstat").splitlines()
+                  if line.startswith(("drop_slab ", "slabs_scanned ")))
+    return sum(int(v) for v in counts.values())
+
+
+T = TypeVar("T")
+
+
+def undisturbed(measure: Callable[[], T], attempts: int = 10) -> T:
+    """``measure()``'s result from a run during which the kernel shrank no cache
+    (``cache_shrinks``), tried up to ``attempts`` times. For a count of what the kernel
+    asks the daemon (LOOKUPs after a listing): a drop meanwhile makes it FORGET entries and
+    look them up again, more requests from the same code. ``measure`` starts from a cold
+    kernel cache each time (a fresh mount). Raises if every attempt was disturbed."""
+    for _ in range(attempts):
+        before = cache_shrinks()
+        result = measure()
+        if cache_shrinks() == before:
+            return result
+    raise AssertionError(f"the kernel shrank its caches during each of {attempts} attempts "
+                         "(drop_caches or memory pressure elsewhere on the machine)")
 
 
 def evict(path: Union[str, os.PathLike]) -> None:
