@@ -228,6 +228,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def file_extents(path: Union[str, os.PathLike], sync: bool = True) -> list:
+    """The extents of ``path`` (``overlaypc.extents.Extent``, logical order) by the FIEMAP
+    ioctl, in-process (``overlaypc.extents.fiemap``); ``sync`` flushes dirty data first,
+    as ``xfs_io -c fiemap`` does. Not xfs_io: it stats every mount on the machine at
+    start and hangs on any stuck FUSE mount (another test's daemon stopped or hung)."""
+    from overlaypc.extents import fiemap
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return fiemap(fd, sync=sync)
+    finally:
+        os.close(fd)
+
+
 def cache_shrinks() -> int:
     """A machine-wide count that moves whenever the kernel shrank its dentry and inode
     caches: /proc/vmstat's ``drop_slab`` (``echo 2 > /proc/sys/vm/drop_caches``, by any
