@@ -109,7 +109,7 @@ def test_extents_are_read_while_a_fuse_mount_on_the_machine_is_stuck(xfs_dir, la
                                                                      overlay_mount):
     """flake53: FIEMAP for these tests came from ``xfs_io``, which stats every mount on the
     machine at start: one FUSE mount whose daemon is stopped or hung (another test's,
-    anywhere) hung it. Failed before: still waiting after 10 s (xfs_io in the stopped
+    anywhere) hung it. Failed before: still waiting after 5 s (xfs_io in the stopped
     daemon's mount); the in-process ioctl touches no other mount."""
     plain = xfs_dir / "plain"
     _fill(plain, 1 << 20)
@@ -121,7 +121,7 @@ def test_extents_are_read_while_a_fuse_mount_on_the_machine_is_stuck(xfs_dir, la
     os.kill(m.proc.pid, signal.SIGSTOP)
     try:
         reader.start()
-        reader.join(10)
+        reader.join(5)  # short: a stuck mount delays any xfs_io on the machine meanwhile
         stuck = reader.is_alive()
     finally:
         os.kill(m.proc.pid, signal.SIGCONT)
