@@ -8,7 +8,8 @@ What this module owns:
 - ``build_layer()`` and the spec types (``File``, ``Dir``, ``Symlink``, ``Whiteout``,
   ``OciWhiteout``, ``Fifo``, ``Device``, ``HardLink``): layer trees, including both whiteout
   formats, all opaque-dir forms and hard links.
-- ``kernel_overlay()``: the kernel's overlayfs as an oracle, with pinned options.
+- ``kernel_overlay()``: the kernel's overlayfs as an oracle, with pinned options; it waits
+  while another mount namespace holds its upper or work dir (``overlay_holders()``).
 - ``tree_snapshot()``: a comparable picture of a merged tree.
 - ``run_overlaypc()``: one CLI invocation that is expected to fail, cleaned up if it mounts.
 
@@ -32,7 +33,7 @@ import threading
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import pytest
 
@@ -225,6 +226,47 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def file_extents(path: Union[str, os.PathLike], sync: bool = True) -> list:
+    """The extents of ``path`` (``overlaypc.extents.Extent``, logical order) by the FIEMAP
+    ioctl, in-process (``overlaypc.extents.fiemap``); ``sync`` flushes dirty data first,
+    as ``xfs_io -c fiemap`` does. Not xfs_io: it stats every mount on the machine at
+    start and hangs on any stuck FUSE mount (another test's daemon stopped or hung)."""
+    from overlaypc.extents import fiemap
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return fiemap(fd, sync=sync)
+    finally:
+        os.close(fd)
+
+
+def cache_shrinks() -> int:
+    """A machine-wide count that moves whenever the kernel shrank its dentry and inode
+    caches: /proc/vmstat's ``drop_slab`` (``echo 2 > /proc/sys/vm/drop_caches``, by any
+    test or process on the machine) plus ``slabs_scanned`` (any shrinker run: memory
+    pressure, a drop). It does not move on a quiet machine."""
+    counts = dict(line.split() for line in _read("/proc/vmstat").splitlines()
+                  if line.startswith(("drop_slab ", "slabs_scanned ")))
+    return sum(int(v) for v in counts.values())
+
+
+T = TypeVar("T")
+
+
+def undisturbed(measure: Callable[[], T], attempts: int = 10) -> T:
+    """``measure()``'s result from a run during which the kernel shrank no cache
+    (``cache_shrinks``), tried up to ``attempts`` times. For a count of what the kernel
+    asks the daemon (LOOKUPs after a listing): a drop meanwhile makes it FORGET entries and
+    look them up again, more requests from the same code. ``measure`` starts from a cold
+    kernel cache each time (a fresh mount). Raises if every attempt was disturbed."""
+    for _ in range(attempts):
+        before = cache_shrinks()
+        result = measure()
+        if cache_shrinks() == before:
+            return result
+    raise AssertionError(f"the kernel shrank its caches during each of {attempts} attempts "
+                         "(drop_caches or memory pressure elsewhere on the machine)")
 
 
 def evict(path: Union[str, os.PathLike]) -> None:
@@ -748,12 +790,143 @@ class Layers:
 KERNEL_PINNED_OPTIONS = "redirect_dir=off,index=off,metacopy=off,xino=off"
 
 
+#: How long ``kernel_overlay`` waits for another mount namespace to let go of the upper
+#: and work dirs (``KERNEL_BUSY_WAIT`` overrides, seconds): a podman test's holder
+#: namespace lives for minutes
+KERNEL_BUSY_WAIT = 150.0
+#: After the last holder is gone the kernel may still hold the superblock a moment (a
+#: dead namespace's mounts are put asynchronously): busy with no holder seen is retried
+#: this long before it fails
+KERNEL_BUSY_GRACE = 2.0
+
+#: The texts of EBUSY from ``mount -t overlay``: util-linux's for mount(2)'s EBUSY (2.38:
+#: "overlay already mounted on M" when any mount of source "overlay" is in our mount
+#: table, M the first such, seldom the holder; "overlay already mounted or mount point
+#: busy" otherwise), strerror's, and the kernel's own (util-linux >= 2.39 shows the
+#: fsconfig message; dmesg has it otherwise)
+_BUSY_TEXTS = ("device or resource busy", "already mounted on ",
+               "already mounted or mount point busy", "in-use as upperdir/workdir",
+               "upperdir in use", "workdir in use")
+
+
+def overlay_mount_busy(stderr: str) -> bool:
+    """Whether a failed ``mount -t overlay``'s message says EBUSY (another mount holds
+    the upper or work dir, or the mount point is busy), as opposed to any other error."""
+    text = stderr.lower()
+    return any(t in text for t in _BUSY_TEXTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlayHolder:
+    """A kernel overlay mount, in one mount namespace, whose upperdir or workdir is one
+    of the dirs asked about (the kernel locks both: "in-use as upperdir/workdir")."""
+    ns: str                  # readlink of /proc/PID/ns/mnt, "mnt:[4026531841]"
+    pids: tuple[int, ...]    # processes in that namespace (the first few)
+    mountpoint: str          # as that namespace sees it
+    ours: bool               # this process's own namespace
+
+    def __str__(self) -> str:
+        where = "this mount namespace" if self.ours else \
+            f"{self.ns} (pids {', '.join(map(str, self.pids))})"
+        return f"overlay on {self.mountpoint} in {where}"
+
+
+def _super_option_dirs(super_options: str) -> set[str]:
+    """The upperdir and workdir values of an overlay's super options (mountinfo's last
+    field: the kernel escapes ',', '=', whitespace and '\\' in them as \\ooo)."""
+    found = set()
+    for opt in super_options.split(","):
+        key, _, value = opt.partition("=")
+        if key in ("upperdir", "workdir") and value:
+            found.add(os.path.normpath(_unescape_mountinfo(value)))
+    return found
+
+
+def _namespaces() -> dict[str, list[int]]:
+    """Every mount namespace with a process in it: its pids, in /proc order."""
+    spaces: dict[str, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                spaces.setdefault(os.readlink(f"/proc/{entry}/ns/mnt"), []).append(int(entry))
+    return spaces
+
+
+def overlay_holders(upper: Union[str, os.PathLike],
+                    work: Optional[Union[str, os.PathLike]] = None) -> list[OverlayHolder]:
+    """The overlay mounts using ``upper`` or ``work`` as their upperdir or workdir, in every
+    mount namespace that has a process (``/proc/*/mountinfo``, one read per namespace).
+
+    Caveats: a namespace kept only by a bind mount of its nsfs file, or an overlay
+    detached by ``umount -l`` but still in use, holds the dirs unseen. Paths are compared
+    as strings after ``realpath`` of ours (the kernel shows the paths it was given)."""
+    wanted = {os.path.realpath(d) for d in (upper, work) if d is not None}
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        mine = ""
+    holders = []
+    for ns, pids in _namespaces().items():
+        for pid in pids:  # the first whose mountinfo reads (a process may exit meanwhile)
+            text = _read(f"/proc/{pid}/mountinfo")
+            if text:
+                break
+        for line in text.splitlines():
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) < 5 or len(rfields) < 3 or rfields[0] != "overlay":
+                continue
+            if _super_option_dirs(rfields[2]) & wanted:
+                holders.append(OverlayHolder(ns, tuple(pids[:5]), _unescape_mountinfo(fields[4]),
+                                             ns == mine))
+    return holders
+
+
+def _busy_wait() -> float:
+    return float(os.environ.get("KERNEL_BUSY_WAIT", KERNEL_BUSY_WAIT))
+
+
+def _mount_kernel_overlay(mnt: Path, opts: list[str], upper, work) -> None:
+    """``mount -t overlay``; on EBUSY, waits while only other mount namespaces hold the
+    upper or work dir (``overlay_holders``: a podman test's holder namespace, a namespace
+    copied while another test's overlay was up), polling up to ``KERNEL_BUSY_WAIT``
+    seconds. A holder in our own namespace (a leftover mount) fails at once, named."""
+    cmd = ["mount", "-t", "overlay", "overlay", "-o", ",".join(opts), str(mnt)]
+    start = last_held = time.monotonic()
+    seen: list[OverlayHolder] = []
+    while True:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        failed = f"kernel overlay mount failed: {r.stderr.strip()} (options {opts})"
+        if upper is None or not overlay_mount_busy(r.stderr):
+            raise AssertionError(failed)
+        holders = overlay_holders(upper, work)
+        own = [h for h in holders if h.ours]
+        if own:
+            raise AssertionError(f"{failed}; held in this mount namespace by "
+                                 f"{'; '.join(map(str, own))}")
+        now = time.monotonic()
+        waited = now - start
+        if holders:
+            seen, last_held = holders, now
+        elif now - last_held >= KERNEL_BUSY_GRACE:
+            raise AssertionError(f"{failed}; no overlay in any mount namespace holds "
+                                 f"{upper} or {work}" + (f" any more (held before by "
+                                 f"{'; '.join(map(str, seen))})" if seen else ""))
+        if waited >= _busy_wait():
+            raise AssertionError(f"{failed}; still held after {waited:.0f} s by "
+                                 f"{'; '.join(map(str, holders))}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def kernel_overlay(mountpoint: Union[str, os.PathLike], lowers: Sequence[Union[str, os.PathLike]],
                    upper: Optional[Union[str, os.PathLike]] = None,
                    work: Optional[Union[str, os.PathLike]] = None,
                    extra_options: Sequence[str] = ()) -> Iterator[Path]:
-    """Mount the kernel's overlayfs with pinned options; always unmount."""
+    """Mount the kernel's overlayfs with pinned options; always unmount. Waits while
+    another mount namespace holds the upper or work dir (``_mount_kernel_overlay``)."""
     require("root")
     require("kernel_overlay")
     mnt = Path(mountpoint)
@@ -762,10 +935,7 @@ def kernel_overlay(mountpoint: Union[str, os.PathLike], lowers: Sequence[Union[s
     if upper is not None:
         opts += [f"upperdir={upper}", f"workdir={work}"]
     opts += [KERNEL_PINNED_OPTIONS, *extra_options]
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(opts), str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} (options {opts})")
+    _mount_kernel_overlay(mnt, opts, upper, work)
     try:
         yield mnt
     finally:

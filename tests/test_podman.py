@@ -281,16 +281,29 @@ def _daemons_in(ns: str) -> list[int]:
     return pids
 
 
+#: Run first in the holder's new namespace: detaches its copies of the mounts it does
+#: not need that would pin another test's state (``_holder``). /proc/self/mounts escapes
+#: space, tab, newline and backslash as \ooo: awk's ``un`` turns them back.
+DETACH_COPIES = (
+    "awk 'function un(s, out) { out = \"\"; while (match(s, /\\\\[0-7][0-7][0-7]/)) {"
+    " out = out substr(s, 1, RSTART - 1) sprintf(\"%c\", substr(s, RSTART + 1, 1) * 64"
+    " + substr(s, RSTART + 2, 1) * 8 + substr(s, RSTART + 3, 1)); s = substr(s, RSTART + 4) }"
+    " return out s }"
+    " $3 ~ /^fuse/ || ($3 == \"overlay\" && $2 ~ /^\\/tmp\\//) {print un($2)}' /proc/self/mounts | "
+    "while read -r m; do umount -l \"$m\" 2>/dev/null; done")
+
+
 @contextlib.contextmanager
 def _holder() -> Iterator[int]:
     """A process in a new private mount namespace with tmpfs over ``PRIVATE_DIRS``.
 
-    The namespace starts with a copy of every mount there is, FUSE mounts of other test
-    runs on this machine included: a copy keeps its FUSE connection alive after the
-    owner unmounts it, so that daemon would never see the unmount. They are detached."""
-    detach = ("awk '$3 ~ /^fuse/ {print $2}' /proc/self/mounts | "
-              "while read -r m; do umount -l \"$m\" 2>/dev/null; done")
-    script = detach + "; " + "; ".join(f"if [ -d {d} ]; then mount -t tmpfs -o mode={'1777' if d == '/var/tmp' else '0755'} "
+    The namespace starts with a copy of every mount there is, other test runs' on this
+    machine included; copies that would pin their state are detached (``DETACH_COPIES``):
+    a FUSE mount's copy keeps its connection alive after the owner unmounts it, so that
+    daemon would never see the unmount; a kernel overlay's copy under /tmp keeps its
+    superblock, and with it the kernel's lock on its upperdir and workdir, so that test's
+    next mount over them failed EBUSY (index=on) for as long as this namespace lived."""
+    script = DETACH_COPIES + "; " + "; ".join(f"if [ -d {d} ]; then mount -t tmpfs -o mode={'1777' if d == '/var/tmp' else '0755'} "
                        f"tmpfs {d} || exit 1; fi" for d in PRIVATE_DIRS)
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--",
                              "sh", "-c", script + "; echo ready; exec sleep 86400"],
@@ -360,6 +373,20 @@ def engine(podman_session) -> Iterator[Engine]:
     yield e
     bad = helpers.unexpected_log_lines(e.daemon_log()[before:])
     assert not bad, "daemon errors:\n" + "\n".join(bad[:20])
+
+
+def test_the_holder_keeps_no_copy_of_a_kernel_overlay_under_tmp(tmp_path):
+    """A kernel overlay (index=on) up when the holder starts: the holder's namespace
+    keeps no copy of it, so its upper and work are free again once it is unmounted here
+    (failed before: the copy was found in the holder's namespace). No podman needed."""
+    lower, upper, work = (tmp_path / n for n in ("lower", "up per", "work"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    with helpers.kernel_overlay(tmp_path / "m 1", [lower], upper, work, ("index=on",)):
+        with _holder() as pid:
+            held = helpers.overlay_holders(upper, work)
+            assert [h.ours for h in held] == [True], [str(h) for h in held]
+            assert _ns_of(pid) != os.readlink("/proc/self/ns/mnt")
 
 
 # --------------------------------------------------------------------------------------

@@ -2,15 +2,15 @@
 ``xfs_fs`` fixture): a 256 MiB lower file opened O_RDWR through the mount is copied up
 without copying its data. Three independent witnesses: the daemon's copy-up counter
 says "reflink", FIEMAP of the upper file flags its extents shared, and the filesystem's
-used space barely grows. No timing asserts."""
+used space barely grows. No timing asserts (the stuck-mount test bounds a wait: it
+would otherwise hang)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
-import shutil
-import subprocess
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,39 +45,12 @@ def _used_bytes(path: Path) -> int:
 
 
 def fiemap_extents(path: Path) -> list[tuple[int, int, int]]:
-    """(logical offset, length, flags) of each extent, in bytes, via xfs_io (or filefrag)."""
-    if shutil.which("xfs_io"):
-        out = subprocess.run(["xfs_io", "-r", "-c", "fiemap -v", str(path)], check=True,
-                             capture_output=True, text=True).stdout
-        extents = []
-        # "   0: [0..520519]:     524368..1044887  520520 0x2000" (flags last; holes have none)
-        for line in out.splitlines():
-            m = re.match(r"\s*\d+:\s*\[(\d+)\.\.(\d+)\]:\s*(.*)$", line)
-            if not m:
-                continue
-            rest = m.group(3).split()
-            if not rest or rest[0] == "hole":
-                continue
-            start, end = int(m.group(1)), int(m.group(2))
-            flags = int(rest[-1], 16) if rest[-1].startswith("0x") else 0
-            extents.append((start * 512, (end - start + 1) * 512, flags))
-        if not extents:
-            raise AssertionError(f"no extents parsed from xfs_io output:\n{out}")
-        return extents
-    out = subprocess.run(["filefrag", "-v", "-b1", str(path)], check=True, capture_output=True,
-                         text=True).stdout
-    extents = []
-    for line in out.splitlines():
-        m = re.match(r"\s*\d+:\s*(\d+)\.\.\s*(\d+):.*?:\s*(\d+):\s*(.*)$", line)
-        if m:
-            flags = FIEMAP_EXTENT_SHARED if "shared" in m.group(4) else 0
-            extents.append((int(m.group(1)), int(m.group(3)), flags))
-    return extents
+    """(logical offset, length, flags) of each extent, in bytes (``helpers.file_extents``:
+    FIEMAP with SYNC in-process; xfs_io hung on any stuck FUSE mount on the machine)."""
+    return [(e.logical, e.length, e.flags) for e in helpers.file_extents(path)]
 
 
 def test_copy_up_uses_reflink_on_xfs(xfs_dir, layers_factory, overlay_mount):
-    helpers.require(shutil.which("xfs_io") is not None or shutil.which("filefrag") is not None,
-                    "needs xfs_io or filefrag for FIEMAP")
     digest = {}
 
     def prepare(layers):
@@ -107,10 +80,9 @@ def test_copy_up_uses_reflink_on_xfs(xfs_dir, layers_factory, overlay_mount):
     covered = sum(length for _, length, _ in upper_extents)
     shared = sum(length for _, length, f in upper_extents if f & FIEMAP_EXTENT_SHARED)
     if not (covered >= SIZE and shared == covered):
-        raw = subprocess.run(["xfs_io", "-r", "-c", "fiemap -v", str(s.u("big.bin"))],
-                             capture_output=True, text=True).stdout
         raise AssertionError(f"upper extents not all shared: {shared} of {covered} bytes; "
-                             f"fiemap:\n{raw}")
+                             "fiemap (offset, length, flags):\n"
+                             + "\n".join(f"{o} {n} {f:#x}" for o, n, f in upper_extents))
     assert any(f & FIEMAP_EXTENT_SHARED for _, _, f in fiemap_extents(s.lo("big.bin")))
     assert grown < 16 << 20, f"filesystem grew by {grown} bytes for a reflink copy-up of 256 MiB"
     assert work_leftovers(s.work) == []
@@ -131,3 +103,28 @@ def test_copy_up_uses_reflink_on_xfs(xfs_dir, layers_factory, overlay_mount):
     unshared = sum(length for _, length, f in fiemap_extents(s.u("big.bin"))
                    if not f & FIEMAP_EXTENT_SHARED)
     assert 0 < unshared < 16 << 20
+
+
+def test_extents_are_read_while_a_fuse_mount_on_the_machine_is_stuck(xfs_dir, layers_factory,
+                                                                     overlay_mount):
+    """flake53: FIEMAP for these tests came from ``xfs_io``, which stats every mount on the
+    machine at start: one FUSE mount whose daemon is stopped or hung (another test's,
+    anywhere) hung it. Failed before: still waiting after 5 s (xfs_io in the stopped
+    daemon's mount); the in-process ioctl touches no other mount."""
+    plain = xfs_dir / "plain"
+    _fill(plain, 1 << 20)
+    layers = layers_factory({"low": {"f": "x"}})
+    m = overlay_mount(f"lowerdir={layers.lowerdir}")
+    assert m.proc is not None  # foreground: the process we started is the daemon
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(fiemap_extents(plain)), daemon=True)
+    os.kill(m.proc.pid, signal.SIGSTOP)
+    try:
+        reader.start()
+        reader.join(5)  # short: a stuck mount delays any xfs_io on the machine meanwhile
+        stuck = reader.is_alive()
+    finally:
+        os.kill(m.proc.pid, signal.SIGCONT)
+        reader.join(30)
+    assert not stuck, "reading extents waited on a stuck FUSE mount"
+    assert got and sum(length for _, length, _ in got[0]) >= 1 << 20
