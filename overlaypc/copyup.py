@@ -516,9 +516,6 @@ class CopyUp:
         try:
             if self._refuses():
                 raise CopyUpFirst(rel)
-            if check is not None and not stat.S_ISREG(node.st.st_mode):
-                check(self.protection.of_node(node))  # (the copy-up reads none it could use)
-                check = None
             del node
             # the ancestors without an upper copy, found bottom-up and copied top-down (a
             # loop, not recursion: a path may be thousands of levels deep)
@@ -610,19 +607,26 @@ class CopyUp:
                 node = self.lookup.lookup(rel)
             if not node.exists:
                 raise OSError(errno.ENOENT, "vanished during copy-up", rel)
-            if check is not None and (node.upper is not None or node.index is not None
-                                      or not stat.S_ISREG(node.st.st_mode)):
-                check(self.protection.of_node(node))  # (no source of its own read here)
-                check = None
-            if node.upper is not None:
-                return node.upper
+            # (``check`` where no source of its own is read here: of what the name is now)
+            upper = node.upper
+            if upper is not None:
+                if check is not None:
+                    check(self.protection.of_node(node))
+                return upper
             if node.index is not None:  # index=on: another name was copied up already
+                if check is not None:
+                    check(self.protection.of_node(node))
                 return self._link_index(node, node.index.rel)
             ctx = CopyUpContext(node, node.top, self._key_of(node),
                                 join(WORK_DIR, f"#ovlpc-{_Pid.value}-{next(self._names)}"), epoch,
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode),
                                 empty=empty and stat.S_ISREG(node.st.st_mode), debug=debugging(),
-                                mode=mode, check=check)
+                                mode=mode)
+            if check is not None:
+                if ctx.kind == stat.S_IFREG:
+                    ctx.check = check  # (``_build_file``: with the flags it reads)
+                else:
+                    check(self.protection.of_node(node))
             if self.index is not None and self.index.eligible(node.top):
                 # (a metadata-only copy too, as the kernel's: the index entry is the
                 # metacopy file, its data the lower file it indexes)
