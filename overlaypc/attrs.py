@@ -182,7 +182,8 @@ class Attributes:
                             ids: tuple[int, int] | None = None, data: bool = False,
                             seen: Seen | None = None,
                             check: "Callable[[int], None] | None" = None,
-                            mode: int | None = None) -> "Callable[[], Entry] | None":
+                            mode: int | None = None,
+                            deferred: bool = True) -> "Callable[[], Entry] | None":
         """The copy-up a SETATTR (or any attribute change) by path of ``rel`` makes before it
         changes anything: a call that makes it and returns the upper entry, or None. None for
         an object in the upper already (with its data, for ``data``: a truncate), one that
@@ -194,8 +195,12 @@ class Attributes:
         without it, one ``fstatat`` answers for an upper object (``known_upper``).
         ``check(the object's immutable/append-only flags)`` first, before any copy-up (it
         may refuse the change; a lower object's from this lookup, an upper one's
-        ``protattr``: ``protection``). ``mode``: a chmod the copy-up may make itself
-        (``one_pass``, ``CopyUp.ensure_upper``)."""
+        ``protattr``: ``protection``); for a lower regular file that is copied up, made by its
+        copy-up with the flags it reads of the source anyway (``CopyUp.ensure_upper``'s
+        ``check``: no ``statx`` of its own), unless ``deferred`` is False (an error the caller
+        answers after this and before the copy-up must not come first: a removed xattr's
+        ENODATA). ``mode``: a chmod the copy-up may make itself (``one_pass``,
+        ``CopyUp.ensure_upper``)."""
         fs = self.fs
         copyup = fs.copyup
         if not fs.writable or copyup is None:
@@ -209,9 +214,15 @@ class Attributes:
             seen = Seen(fs.lookup.lookup(rel), epoch)
         node = seen.node
         if check is not None and node.exists:
-            # (a copy handed over: the private xattr names its copy-up wrote, ``Seen.private``)
-            private = seen.private
-            check(fs.protection.of_node(node) if private is None else fs.protection.of_copy(node, private))
+            if deferred and node.upper is None and stat.S_ISREG(node.st.st_mode) \
+                    and (changes or kill):
+                pass  # (copied up: by its copy-up, copyup53)
+            else:
+                # (a copy handed over: the private xattr names its copy-up wrote, ``Seen.private``)
+                private = seen.private
+                check(fs.protection.of_node(node) if private is None
+                      else fs.protection.of_copy(node, private))
+                check = None
         if not node.exists or node.upper is not None and not (data and node.data is not None):
             return None
         if not changes and not (kill and stat.S_ISREG(node.st.st_mode)):
@@ -222,8 +233,9 @@ class Attributes:
         held = copyup.holding(seen)
         del seen, node
         if data:
-            return lambda: copyup.ensure_data(rel, seen=held)
-        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=held, mode=mode)
+            return lambda: copyup.ensure_data(rel, seen=held, check=check)
+        return lambda: copyup.ensure_upper(rel, metadata_only=True, seen=held, mode=mode,
+                                           check=check)
 
     def one_pass(self, node: Node) -> bool:
         """Whether the copy-up of ``node`` (found, not in the upper) for a chmod that asks
@@ -250,7 +262,7 @@ class Attributes:
         (ENODATA, before any copy-up)."""
         if self.fs.config.noxattrs or is_private_xattr(name):
             return None
-        copy = self.copy_up_for_setattr(rel, check=check)
+        copy = self.copy_up_for_setattr(rel, check=check, deferred=not removed)
         if copy is not None and removed:
             top = self.fs.lookup.lookup(rel).top
             top.layer.getxattr_strict(top.rel, name)

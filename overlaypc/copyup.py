@@ -261,6 +261,15 @@ class CopyUpContext:
     #: a chmod's mode for the copy in place of the source's (``ensure_upper``'s ``mode``:
     #: a one-pass chmod), None once ``_copy_metadata`` finds it may not apply it there
     mode: int | None = None
+    #: the change's flags check (``ensure_upper``'s ``check``), made by ``_build_file`` with
+    #: the source's flags before the copy is created; None: none asked, or made already
+    check: "Callable[[int], None] | None" = None
+    #: the source's FS_IOC_GETFLAGS flags, read once (``_build_file``) for the check and
+    #: for ``_copy_fileattr``; None: not read yet
+    flags: int | None = None
+    #: the owner (uid, gid) the copy was left with, its chown not made (created so:
+    #: ``CopyUp._created``); None: chowned (or an override xattr holds it)
+    owned: tuple[int, int] | None = None
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -352,6 +361,11 @@ class CopyUp:
         self._refusings = (_Refusing(self._refused, False), _Refusing(self._refused, True))
         #: ``handing_over``'s state, per thread
         self._handover = _Handover()
+        #: the owner (uid, gid) a regular file this daemon creates in ``workdir/work`` gets,
+        #: from the first copy's ``fstat`` (the daemon's fsuid and fsgid, or the group of a
+        #: setgid ``work``: fixed for the mount); a copy whose source has that owner is not
+        #: chowned (``_copy_metadata``; checked by the stat after its install, ``_in_place``)
+        self._created: tuple[int, int] | None = None
 
     def refusing(self, here: bool = True) -> _Refusing:
         """A context: copy-ups asked for in this thread (which holds the namespace lock)
@@ -460,7 +474,8 @@ class CopyUp:
         return _Held(seen)
 
     def ensure_upper(self, rel: str, *, metadata_only: bool = False,
-                     seen: "Seen | _Held | None" = None, mode: int | None = None) -> Entry:
+                     seen: "Seen | _Held | None" = None, mode: int | None = None,
+                     check: "Callable[[int], None] | None" = None) -> Entry:
         """Return the upper entry of merged path ``rel``, copying it up if needed.
 
         ``metadata_only`` (``-o metacopy=on``, for attribute changes): a regular file gets
@@ -470,13 +485,19 @@ class CopyUp:
         in a box). ``mode``: a chmod's (``Attributes.setattr``'s one pass), given to the copy
         in place of the source's where that is the chmod's whole effect (``_copy_one``,
         ``_copy_metadata``) and told to the change it is handed over to (``Seen.mode``);
-        anywhere else the change makes its chmod itself, as without it."""
+        anywhere else the change makes its chmod itself, as without it. ``check``: the
+        change's flags check (``Attributes.copy_up_for_setattr``'s), called once with the
+        object's immutable/append-only flags before anything is copied for it (its ancestors
+        neither: it may refuse the change); a lower regular file's are the copy-up's one
+        FS_IOC_GETFLAGS of its source (``_build_file``), which it copies too (copyup53)."""
         if isinstance(seen, _Held):
-            return self._ensure(rel, metadata_only=metadata_only, held=seen, mode=mode)
-        return self._ensure(rel, metadata_only=metadata_only, seen=seen, mode=mode)
+            return self._ensure(rel, metadata_only=metadata_only, held=seen, mode=mode,
+                                check=check)
+        return self._ensure(rel, metadata_only=metadata_only, seen=seen, mode=mode, check=check)
 
     def _ensure(self, rel: str, *, metadata_only: bool = False, seen: Seen | None = None,
-                empty: bool = False, held: _Held | None = None, mode: int | None = None) -> Entry:
+                empty: bool = False, held: _Held | None = None, mode: int | None = None,
+                check: "Callable[[int], None] | None" = None) -> Entry:
         """``ensure_upper``; ``empty``: a regular file copied without its data; ``held``:
         ``seen`` in a box (the refused call of a ``CopyUpFirst``: ``_Held``)."""
         if held is None:
@@ -489,11 +510,13 @@ class CopyUp:
             # (the box let go of: ``ensure_data`` looks the name up next, which may wait
             # for fds, and a refused call of it runs again with the box, after a change)
             held.take()
+            if check is not None:
+                check(self.protection.of_node(node))
             return node.upper
-        del node
         try:
             if self._refuses():
                 raise CopyUpFirst(rel)
+            del node
             # the ancestors without an upper copy, found bottom-up and copied top-down (a
             # loop, not recursion: a path may be thousands of levels deep)
             missing = []
@@ -502,15 +525,19 @@ class CopyUp:
                 missing.append(parent)
                 parent = split(parent)[0]
             if missing:
+                if check is not None:  # (before any ancestor is copied: by ``statx``, as before)
+                    found = held.seen.node if held.seen is not None else self.lookup.lookup(rel)
+                    check(self.protection.of_node(found))
+                    check = found = None
                 held.take()  # (stale once an ancestor is copied: each copy moves the epoch)
             for path in reversed(missing):
                 self._copy_one(path)
             return self._copy_one(rel, metadata_only and self.metacopy, held, empty=empty,
-                                  mode=mode)
+                                  mode=mode, check=check)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
-            if first.copy is None:  # (the mode rides in it: ``ensure_upper``)
+            if first.copy is None:  # (the mode and the check ride in it: ``ensure_upper``)
                 first.copy = functools.partial(self._ensure, rel, metadata_only=metadata_only,
-                                               empty=empty, held=held, mode=mode)
+                                               empty=empty, held=held, mode=mode, check=check)
             raise
 
     @staticmethod
@@ -522,13 +549,16 @@ class CopyUp:
         return fdbudget.patiently(find, rel, letting_go=held.take)
 
     def ensure_data(self, rel: str, *, empty: bool = False,
-                    seen: "Seen | _Held | None" = None) -> Entry:
+                    seen: "Seen | _Held | None" = None,
+                    check: "Callable[[int], None] | None" = None) -> Entry:
         """Like ``ensure_upper``, and the upper holds the data (no metacopy left).
         ``empty``: for an open with ``O_TRUNC``, a regular file not in the upper yet is
         copied with no data (size 0), as the kernel overlay does; the open truncates it
-        anyway (and marks its times). ``seen``: as ``ensure_upper``'s."""
+        anyway (and marks its times). ``seen``, ``check``: as ``ensure_upper``'s."""
         try:
-            entry = self._ensure(rel, empty=True) if empty else self.ensure_upper(rel, seen=seen)
+            entry = self._ensure(rel, empty=True, check=check) if empty \
+                else self.ensure_upper(rel, seen=seen, check=check)
+            check = None  # (made: by the copy-up, or of the upper found)
             h = self._handover
             if h.held and h.rel == rel:
                 return entry  # (copied whole by this call, which hands its hold over)
@@ -549,7 +579,8 @@ class CopyUp:
                 return self._copy_data_in_place(node)
         except CopyUpFirst as first:  # (``refusing``) what the caller runs without the lock
             first.copy = functools.partial(self.ensure_data, rel, empty=empty,
-                                           seen=seen if isinstance(seen, _Held) else None)
+                                           seen=seen if isinstance(seen, _Held) else None,
+                                           check=check)
             raise
 
     def ensure_parent(self, rel: str) -> Entry:
@@ -557,10 +588,12 @@ class CopyUp:
 
     # -- step 2: one object, under its lock -----------------------------------------------
     def _copy_one(self, rel: str, metadata_only: bool = False, held: _Held | None = None,
-                  empty: bool = False, mode: int | None = None) -> Entry:
+                  empty: bool = False, mode: int | None = None,
+                  check: "Callable[[int], None] | None" = None) -> Entry:
         """``mode``: ``ensure_upper``'s, given to the copy only where it is made of the
         caller's own lookup (``held``, the epoch unmoved): what the name resolves to then is
-        the object the chmod is for; looked up again, it may be another (a rename landed)."""
+        the object the chmod is for; looked up again, it may be another (a rename landed).
+        ``check``: ``ensure_upper``'s, of what the name resolves to under the lock."""
         with self._stripe(rel, held):
             # under the object's lock: a copy-up of it that finished meanwhile (or any other
             # change) moved the epoch, and then the name is looked up again, the node seen
@@ -574,15 +607,26 @@ class CopyUp:
                 node = self.lookup.lookup(rel)
             if not node.exists:
                 raise OSError(errno.ENOENT, "vanished during copy-up", rel)
-            if node.upper is not None:
-                return node.upper
+            # (``check`` where no source of its own is read here: of what the name is now)
+            upper = node.upper
+            if upper is not None:
+                if check is not None:
+                    check(self.protection.of_node(node))
+                return upper
             if node.index is not None:  # index=on: another name was copied up already
+                if check is not None:
+                    check(self.protection.of_node(node))
                 return self._link_index(node, node.index.rel)
             ctx = CopyUpContext(node, node.top, self._key_of(node),
                                 join(WORK_DIR, f"#ovlpc-{_Pid.value}-{next(self._names)}"), epoch,
                                 metadata_only=metadata_only and stat.S_ISREG(node.st.st_mode),
                                 empty=empty and stat.S_ISREG(node.st.st_mode), debug=debugging(),
                                 mode=mode)
+            if check is not None:
+                if ctx.kind == stat.S_IFREG:
+                    ctx.check = check  # (``_build_file``: with the flags it reads)
+                else:
+                    check(self.protection.of_node(node))
             if self.index is not None and self.index.eligible(node.top):
                 # (a metadata-only copy too, as the kernel's: the index entry is the
                 # metacopy file, its data the lower file it indexes)
@@ -606,18 +650,31 @@ class CopyUp:
 
     def _build_file(self, ctx: CopyUpContext) -> None:
         """A regular file, built through the fd it is created with and one fd of the
-        source (its data, xattrs and file handle): no path walk per step. The fsync comes
-        last, so it makes data and metadata durable together, before the rename."""
+        source (its data, flags, xattrs and file handle): no path walk per step. The source
+        is opened and its flags read first (one FS_IOC_GETFLAGS: ``ctx.flags``), for the
+        change's check (``ctx.check``: it may refuse, nothing created yet) and the copy's
+        flags. The fsync comes last, so it makes data and metadata durable together, before
+        the rename."""
         src, work = ctx.src, self.work
-        held = work.held_dir(WORK_DIR)  # (held for the mount: ``OverlayFS``)
-        if held is not None:
-            dst_fd = work.create_at(held, ctx.tmp[_WORK_PREFIX:], ctx.tmp, os.O_WRONLY | os.O_EXCL,
-                                    0o600, ctx.debug)
-        else:
-            dst_fd = work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600, ctx.debug)
+        src_fd = self._open_source(src, ctx.metadata_only, ctx.check, self.protection)
         try:
-            src_fd = self._open_source(src, ctx.metadata_only)
+            ctx.flags = self.protection.real_all(src, src_fd)
+            if ctx.check is not None:
+                ctx.check(ctx.flags & protattr.PROTECTED)
+            held = work.held_dir(WORK_DIR)  # (held for the mount: ``OverlayFS``)
+            if held is not None:
+                dst_fd = work.create_at(held, ctx.tmp[_WORK_PREFIX:], ctx.tmp,
+                                        os.O_WRONLY | os.O_EXCL, 0o600, ctx.debug)
+            else:
+                dst_fd = work.do_create(ctx.tmp, os.O_WRONLY | os.O_EXCL, 0o600, ctx.debug)
+        except BaseException:
+            os.close(src_fd)
+            raise
+        try:
             try:
+                if self._created is None:  # (the mount's first copy: ``_created``)
+                    st = os.fstat(dst_fd)
+                    self._created = (st.st_uid, st.st_gid)
                 if ctx.metadata_only:
                     os.ftruncate(dst_fd, src.st.st_size)  # sparse: the data stays below
                     ctx.method = "metacopy"
@@ -636,17 +693,23 @@ class CopyUp:
             os.close(dst_fd)
 
     @staticmethod
-    def _open_source(src: Entry, metadata_only: bool) -> int:
+    def _open_source(src: Entry, metadata_only: bool, check: "Callable[[int], None] | None" = None,
+                     protection: Protection | None = None) -> int:
         """The source's fd, read-only (its data; its flags, asked by ioctl); for a
         metadata-only copy, which reads no data, ``O_PATH`` where the daemon may not read
         the file (its flags are then what ``statx`` shows). Through the parent's fd the
-        lookup found it in, where it has one."""
+        lookup found it in, where it has one. Where it cannot be opened, ``check`` (the
+        change's: ``CopyUpContext.check``) is made first with the flags ``statx`` shows
+        (``protection``), so a flag's EPERM comes before the open's error, as before the
+        check was made in the copy-up."""
         try:
             if src.parent is not None:
                 return src.layer.open_at(src.parent, src.name, src.rel, os.O_RDONLY)
             return src.layer.open(src.rel, os.O_RDONLY)
-        except PermissionError:
-            if not metadata_only:
+        except OSError as e:
+            if check is not None and protection is not None:
+                check(protection.of_entry(src))
+            if not metadata_only or not isinstance(e, PermissionError):
                 raise
             return src.layer.open(src.rel, os.O_PATH)
 
@@ -750,9 +813,18 @@ class CopyUp:
             ctx.private = None  # (names ``ownership`` chooses)
             self.ownership.set_override(work, tmp, owner.uid, owner.gid, owner.mode)
         elif fd is not None:
-            # chown first: chown(2) drops security.capability (even for root), and the
-            # kernel's copy-up keeps it
-            work.do_fchown(fd, tmp, owner.uid, owner.gid, ctx.debug)
+            ids = (owner.uid, owner.gid)
+            if ids == self._created and ctx.index_key is None:
+                # created so (``_created``): a chown to the same owner changes nothing but
+                # the ctime (nothing to drop on a new 0600 file); the stat after the install
+                # checks it (``_in_place``). Its fault point and debug line kept
+                ctx.owned = ids
+                if ctx.debug or faults.armed:
+                    work.chown_kept(tmp, owner.uid, owner.gid, ctx.debug)
+            else:
+                # chown first: chown(2) drops security.capability (even for root), and the
+                # kernel's copy-up keeps it
+                work.do_fchown(fd, tmp, owner.uid, owner.gid, ctx.debug)
         else:
             work.do_chown(tmp, owner.uid, owner.gid, by_name=True)
         self._copy_xattrs(ctx, fd, src_fd)
@@ -841,7 +913,9 @@ class CopyUp:
         nodump and the others stay behind). One FS_IOC_GETFLAGS of the source (through
         its fd, else one opened for it: a directory); the copy's flags are asked and set
         only for a source with sync or noatime. Returns the source's flags."""
-        flags = self.protection.real_all(ctx.src, src_fd)
+        flags = ctx.flags
+        if flags is None:  # (not a regular file's: ``_build_file`` read those)
+            flags = self.protection.real_all(ctx.src, src_fd)
         if flags & protattr.PROTECTED:
             self._set_private(ctx, self.prefix + protattr.XATTR, protattr.value_of(flags), fd)
         if flags & protattr.COPIED:
@@ -926,7 +1000,7 @@ class CopyUp:
             placed = None
             try:
                 with self._in_place(ctx.key, rel, metadata_only=ctx.metadata_only,
-                                    held=held, name=name) as placed:
+                                    held=held, name=name, ctx=ctx) as placed:
                     with self._parent_times_kept(rel, ctx.debug, held):
                         if work is not None:
                             rename_at(self.work, work, ctx.tmp[_WORK_PREFIX:], ctx.tmp, self.upper,
@@ -971,7 +1045,7 @@ class CopyUp:
 
     @scopes.contextmanager
     def _in_place(self, key, rel: str, *, metadata_only: bool = False, filled: bool = False,
-                  held: DirFd | None = None, name: str = ""):
+                  held: DirFd | None = None, name: str = "", ctx: CopyUpContext | None = None):
         """Yields ``placed``, to call once the copy is at ``rel`` (the point of no return).
         From then on the name resolves to the copy, so the object's inode and kernel node
         move to it (``on_copied``) at the end of the block even if a later step fails (a
@@ -979,7 +1053,8 @@ class CopyUp:
         before would keep reading the file below while writes go to the copy. ``filled``:
         the data copy-up of a metacopy file, which changed its attributes (``on_copied``'s).
         ``held``: the parent's fd (found in this lock hold), the copy's stat read through it
-        as entry ``name``."""
+        as entry ``name``. ``ctx``: the copy-up's, whose copy's owner that stat checks where
+        its chown was not made (``CopyUpContext.owned``: ``_owner_fixed``)."""
         placed = _Placed()
         try:
             yield placed
@@ -990,11 +1065,46 @@ class CopyUp:
                 st = self.upper.stat_at(held, name)
             else:
                 st = self.upper.lstat(rel)
+            if st is not None and ctx is not None and ctx.owned is not None \
+                    and (st.st_uid, st.st_gid) != ctx.owned:
+                st = self._owner_fixed(ctx, rel, st) or st
             if st is not None:
                 if stat.S_ISDIR(st.st_mode):
                     self.lookup.invalidate(rel)  # its cached node misses the upper dir
                 placed.entry = Entry(self.upper, rel, st)
                 self._on_copied(key, placed.entry, metadata_only=metadata_only, filled=filled)
+
+    def _owner_fixed(self, ctx: CopyUpContext, rel: str, st: os.stat_result) -> os.stat_result | None:
+        """The copy at ``rel`` (stat ``st``), installed without its chown (``ctx.owned``), was
+        not created with the owner the mount's first copy was (``workdir/work`` given another
+        group or the setgid bit behind the mount's back): chowned now, with what a chown
+        drops put back (the setuid/setgid bits, ``security.capability``), made durable, and
+        the creation owner learnt again. Returns its stat; None where that failed (logged:
+        the copy-up is in place, and its rename not undone)."""
+        uid, gid = ctx.owned  # type: ignore[misc]
+        log.warning("copy-up of %s: the copy was created owned by %d:%d, not %d:%d as before: "
+                    "chowned after its install (%s/%s changed?)", rel, st.st_uid, st.st_gid,
+                    uid, gid, self.work.path, WORK_DIR)
+        self._created = (st.st_uid, st.st_gid)
+        upper, src = self.upper, ctx.src
+        try:
+            upper.do_chown(rel, uid, gid, by_name=True)
+            names = src.xattrs if src.xattrs is not None else src.layer.listxattr(src.rel)
+            if CAPABILITY_XATTR in names:
+                value = src.layer.getxattr(src.rel, CAPABILITY_XATTR)
+                if value is not None:
+                    upper.do_setxattr(rel, CAPABILITY_XATTR, value)
+            upper.do_chmod(rel, stat.S_IMODE(st.st_mode), by_name=True)
+            if not self.volatile:
+                fd = upper.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            return upper.lstat(rel)
+        except OSError as e:
+            log.error("copy-up of %s: its owner not set to %d:%d: %s", rel, uid, gid, e)
+            return None
 
     @scopes.contextmanager
     def _parent_times_kept(self, rel: str, debug: bool = True, held: DirFd | None = None):

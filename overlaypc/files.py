@@ -85,13 +85,14 @@ class Files:
         self._sharing = fs.sharing
         self._served = fs.stats.served
 
-    def copy_up_for_open(self, rel: str, flags: int,
-                         node: Node | None = None) -> "Callable[[], Entry] | None":
+    def copy_up_for_open(self, rel: str, flags: int, node: Node | None = None,
+                         check: "Callable[[int], None] | None" = None) -> "Callable[[], Entry] | None":
         """The copy-up ``open`` makes first (``Attributes.copy_up_for_setattr``'s kind): the
         file with its data, for an open that may change it (write access or ``O_TRUNC``) of
         a file not in the upper or whose data is still below (metacopy); None otherwise (a
         read-only open, a read-only mount, an absent object or a directory: the open fails
-        first). ``node``: ``rel`` as the open just looked it up."""
+        first). ``node``: ``rel`` as the open just looked it up. ``check``: the open's flags
+        check, made by the copy-up (``CopyUp.ensure_upper``'s)."""
         fs = self.fs
         if not flags & _WRITE_INTENT or not fs.writable or fs.copyup is None:
             return None
@@ -105,8 +106,8 @@ class Files:
         if flags & os.O_TRUNC and node.upper is None and stat.S_ISREG(node.st.st_mode):
             # the open empties it: a copy without the data the truncate would drop (the
             # kernel overlay's copy-up for O_TRUNC too)
-            return lambda: copyup.ensure_data(rel, empty=True)
-        return lambda: copyup.ensure_data(rel)
+            return lambda: copyup.ensure_data(rel, empty=True, check=check)
+        return lambda: copyup.ensure_data(rel, check=check)
 
     def open(self, rel: str, flags: int, *, admitted: bool = False,
              check: "Callable[[int], None] | None" = None) -> OpenResult:
@@ -127,9 +128,13 @@ class Files:
             fs.require_writable()
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", rel)
-            if check is not None:
+            if check is not None and (node.upper is not None or not stat.S_ISREG(node.st.st_mode)):
                 check(fs.protection.of_node(node))
-            copy = self.copy_up_for_open(rel, flags, node)
+                check = None
+            # (a lower regular file's flags read by its copy-up, which copies them: copyup53)
+            copy = self.copy_up_for_open(rel, flags, node, check)
+            if copy is None and check is not None:
+                check(fs.protection.of_node(node))
             node = None  # (not held while the copy-up may wait for fds: limits23)
             if copy is not None:  # (under the namespace lock: ``CopyUpFirst``, nothing done)
                 # (a copy-up that breaks a lower hard link changes this name's st_nlink and

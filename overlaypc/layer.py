@@ -750,6 +750,11 @@ class Layer:
         self._change("chown", rel, uid, gid, debug=debug)
         os.chown(fd, uid, gid)
 
+    def chown_kept(self, rel: str, uid: int, gid: int, debug: bool = True) -> None:
+        """A ``do_fchown`` not made: ``rel`` was created with that owner (a copy-up's,
+        ``CopyUp._created``). Its fault point and debug line, as the chown's."""
+        self._change("chown", rel, uid, gid, "(created so: not made)", debug=debug)
+
     def do_fchmod(self, fd: int, rel: str, mode: int, debug: bool = True) -> None:
         self._change("chmod", rel, oct(mode), debug=debug)
         os.chmod(fd, mode)
