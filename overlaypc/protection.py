@@ -10,7 +10,9 @@ Cost: nothing on the read path. A change reads the flags of the objects it chang
 upper regular file's from the xattr names its lookup listed (none: no call), a
 directory's once per cached directory fd (``DirFd.prot``; the short paths of a change
 in a cached directory read them there too), a lower object's by one ``statx`` (it is
-then copied up or whited out, which costs far more).
+then copied up or whited out, which costs far more); a lower regular file a change copies
+up, by none here: its copy-up reads them (``real_all``, once, through the source's fd) and
+makes the change's check with them (``CopyUp.ensure_upper``'s ``check``, copyup53).
 
 Caveats: the cached flags of a directory change only through ``set_dir`` (a ``chattr``
 through the mount); an upper changed behind the mount's back is not seen while the
