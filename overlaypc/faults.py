@@ -5,12 +5,14 @@ lookup (a hot path checks ``armed`` first: not even that). Tests arm it through 
 ``OVERLAYPC_FAULTS`` environment variable, read once at mount:
 ``point=action[,point=action]`` where action is ``pause`` (stop the daemon with SIGSTOP
 so a test can kill -9 it exactly there), ``eio`` (raise EIO), ``enospc``, ``eperm``, or
-``crash`` (raise RuntimeError, to test that unexpected errors become EIO).
+``crash`` (raise RuntimeError, to test that unexpected errors become EIO), or ``delay``
+(sleep ``DELAY`` seconds and go on: a request held in the daemon while a test acts).
 Points may carry a byte threshold (``copyup.data@1048576=pause``) and a path filter
 (``file.read~broken=eio``: only when the path involved contains "broken").
 Points: ``copyup.data`` (with progress in bytes), ``copyup.fsync``, ``copyup.rename``,
 ``copyup.parent_fsync`` (a copy in place, before its parent's fsync),
-``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``,
+``layer.<call>`` (open, mkdir, create, rename, unlink, ...), ``file.read``, ``file.write``
+(with the write's offset as its progress),
 ``namespace.changing`` (a namespace change about to take the namespace lock, its paths
 made), ``files.nameless`` (a change of an open file with no name left, on the fd of one of
 its handles), ``whiteout.mknod`` (making a 0/0 whiteout device: ``eperm`` there stands for a
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from collections.abc import Callable
 
 _hooks: dict[str, Callable[..., None]] = {}
@@ -46,6 +49,8 @@ _hooks: dict[str, Callable[..., None]] = {}
 armed = False
 _thresholds: dict[str, int] = {}
 _filters: dict[str, str] = {}
+#: seconds the ``delay`` action holds its request
+DELAY = 0.5
 
 
 def hit(point: str, *args: object, progress: int | None = None) -> None:
@@ -77,7 +82,10 @@ def _action(name: str) -> Callable[..., None]:
     def crash(point: str, *args: object) -> None:
         raise RuntimeError(f"injected crash at {point}")
 
-    table = {"pause": pause, "eio": raise_errno(errno.EIO), "enospc": raise_errno(errno.ENOSPC),
+    def delay(point: str, *args: object) -> None:
+        time.sleep(DELAY)
+
+    table = {"delay": delay, "pause": pause, "eio": raise_errno(errno.EIO), "enospc": raise_errno(errno.ENOSPC),
              "eperm": raise_errno(errno.EPERM), "crash": crash}
     if name not in table:
         raise ValueError(f"unknown fault action {name!r}")

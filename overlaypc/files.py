@@ -552,7 +552,7 @@ class Files:
         handle = self.fs.handles.get(fh)
         fd = self._fd(handle)
         if faults.armed:
-            faults.hit("file.write", handle.inode.rel)
+            faults.hit("file.write", handle.inode.rel, progress=offset)
         with self._unshare(handle, offset, len(data)):
             n = os.pwrite(fd, data, offset)
         self.fs.stats.add("bytes_written", n)
@@ -802,7 +802,7 @@ class Files:
         copy may grow the file, and its data version moves."""
         src, dst = self.fs.handles.get(fh_in), self.fs.handles.get(fh_out)
         fd_in, fd_out = self._fd(src), self._fd(dst)
-        faults.hit("file.write", dst.inode.rel)
+        faults.hit("file.write", dst.inode.rel, progress=off_out)
         grows = off_out + length > os.fstat(fd_out).st_size
         with changing(dst.inode) if grows else changing(dst.inode, off_out, off_out + length):
             try:

@@ -69,13 +69,18 @@ if TYPE_CHECKING:
 log = logs.get("overlaypc.fuse")
 
 #: what overlaypc asks of the kernel at INIT (ACLs added by ``_negotiate_acls``). No
-#: WRITEBACK_CACHE (a hard link's other names would read stale data until writeback),
+#: WRITEBACK_CACHE (a hard link's other names would read stale data until writeback), no
+#: AUTO_INVAL_DATA (every read then asks for attributes, and a newer mtime drops every
+#: cached page, a page whose WRITE is in flight too: a read racing that write cached the
+#: older bytes, and kept them after the write returned when both writes had one mtime;
+#: every change goes through the mount, whose page cache holds it, and what changes under
+#: it, the daemon invalidates: test_coherence's c9_write_in_flight),
 #: no READDIRPLUS_AUTO (every listing chunk carries attributes), no EXPORT_SUPPORT
 #: (nodeids are not stable across a FORGET). HANDLE_KILLPRIV_V2: the daemon strips
 #: setuid/setgid/capabilities itself (``killpriv``: the kernel's own fallback ignores the
 #: writer's groups, and direct-io writes skip it); SETXATTR_EXT carries the ACL's kill flag.
 WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.MAX_PAGES | p.PARALLEL_DIROPS
-          | p.AUTO_INVAL_DATA | p.ASYNC_DIO | p.DO_READDIRPLUS | p.HANDLE_KILLPRIV_V2
+          | p.ASYNC_DIO | p.DO_READDIRPLUS | p.HANDLE_KILLPRIV_V2
           | p.SETXATTR_EXT)
 
 

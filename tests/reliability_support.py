@@ -34,7 +34,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import helpers
 
@@ -77,8 +77,10 @@ def outcome(fn: Callable[[], object]) -> str:
 # --------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def loop_fs(base: Path, size_mib: int = 32, fstype: str = "ext4") -> Iterator[Path]:
-    """A fresh ``fstype`` of ``size_mib`` MiB on a loop device we attach (and detach)."""
+def loop_fs(base: Path, size_mib: int = 32, fstype: str = "ext4",
+            mkfs_args: Sequence[str] = ()) -> Iterator[Path]:
+    """A fresh ``fstype`` of ``size_mib`` MiB on a loop device we attach (and detach);
+    ``mkfs_args``: more options for its mkfs."""
     helpers.require("root")
     mkfs = f"mkfs.{fstype}"
     helpers.require(shutil.which(mkfs) is not None and shutil.which("losetup")
@@ -94,7 +96,7 @@ def loop_fs(base: Path, size_mib: int = 32, fstype: str = "ext4") -> Iterator[Pa
     dev = r.stdout.strip()
     try:
         args = ["-q", "-F", "-m", "0"] if fstype == "ext4" else ["-q", "-f"]
-        subprocess.run([mkfs, *args, dev], check=True, capture_output=True)
+        subprocess.run([mkfs, *args, *mkfs_args, dev], check=True, capture_output=True)
         subprocess.run(["mount", "-t", fstype, dev, str(mnt)], check=True, capture_output=True)
         try:
             yield mnt
